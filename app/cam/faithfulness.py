@@ -1,0 +1,401 @@
+"""Faithfulness metrics for saliency maps: does the map reflect what the model uses?
+
+* :func:`deletion_curve`, :func:`insertion_curve`, :func:`deletion_auc`,
+  :func:`insertion_auc` -- the causal metrics of Petsiuk et al., "RISE: Randomized Input
+  Sampling for Explanation of Black-box Models", BMVC 2018, Sec. 4.1.
+* :func:`spearman_correlation`, :func:`randomize_model`, :func:`randomization_check` --
+  the model-parameter randomisation test of Adebayo et al., "Sanity Checks for Saliency
+  Maps", NeurIPS 2018, Sec. 3.
+
+All functions are batched and device-agnostic (tensors stay on the device of their
+inputs); the model is used as given (put it in ``eval()`` mode first), and its forwards
+for the deletion/insertion curves run under :func:`torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MapFn",
+    "auc",
+    "deletion_auc",
+    "deletion_curve",
+    "gaussian_blur",
+    "insertion_auc",
+    "insertion_curve",
+    "perturbation_curve",
+    "randomization_check",
+    "randomize_model",
+    "rankdata",
+    "spearman_correlation",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``map_fn(model, images, class_idx) -> maps (N, h, w)`` for :func:`randomization_check`.
+MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------
+# Deletion / insertion (RISE)
+# --------------------------------------------------------------------------------------
+
+
+def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Blur ``(N, C, H, W)`` images with a separable Gaussian (replicate padding).
+
+    The defaults (11x11 kernel, sigma 5) are the blur RISE uses as the insertion start.
+    """
+    if kernel_size % 2 != 1:
+        raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+    c = images.shape[1]
+    r = kernel_size // 2
+    t = torch.arange(kernel_size, device=images.device, dtype=images.dtype) - r
+    k = torch.exp(-(t**2) / (2.0 * sigma**2))
+    k = k / k.sum()
+    x = F.pad(images, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _saliency_ranks(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Rank of every pixel in decreasing saliency order: ``(N, H*W)``, 0 = most salient."""
+    if saliency.dim() == 4:
+        saliency = saliency[:, 0]
+    sal = saliency.float()
+    if tuple(sal.shape[-2:]) != tuple(size):
+        sal = F.interpolate(sal[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    order = torch.argsort(sal.flatten(1), dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ar = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    ranks.scatter_(1, order, ar)
+    return ranks
+
+
+def perturbation_curve(
+    model: nn.Module,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    class_idx: torch.Tensor | list[int],
+    mode: str,
+    n_steps: int = 32,
+    baseline: torch.Tensor | str | None = None,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class probability while pixels are deleted from / inserted into the image (RISE).
+
+    Pixels are ordered by decreasing saliency (the map upsampled bilinearly to the image
+    size; ties keep row-major order) and all channels of a pixel move together. With
+    ``M = H*W`` pixels, step ``k = 0..n_steps`` changes the ``m_k = round(k*M/n_steps)``
+    most salient pixels:
+
+    * ``mode="deletion"``: ``x_k = x`` with those pixels replaced by the baseline;
+      default baseline ``"zeros"`` -- zero in the *normalised* input space, i.e. the
+      data-set mean colour (RISE deleted to zero / grey).
+    * ``mode="insertion"``: ``x_k`` = the baseline with those pixels copied from ``x``;
+      default baseline ``"blur"`` -- the image blurred with an 11x11, sigma-5 Gaussian,
+      as in RISE.
+
+    ``p_k = softmax(model(x_k))[c]`` for the class ``c`` being explained. The
+    ``N * (n_steps + 1)`` perturbed inputs are built chunk by chunk and forwarded in
+    batches of ``batch_size`` under :func:`torch.inference_mode`.
+
+    Args:
+        model: classifier returning logits ``(B, K)``; used as given (call ``eval()``).
+        images: model inputs ``(N, C, H, W)`` (already normalised).
+        saliency: maps ``(N, h, w)`` or ``(N, 1, h, w)``.
+        class_idx: class per sample, ``(N,)``.
+        mode: ``"deletion"`` or ``"insertion"``.
+        n_steps: number of steps (RISE's curve has ``n_steps + 1`` points); ``>= 1``.
+        baseline: ``"zeros"``, ``"blur"``, or a tensor broadcastable to ``images``;
+            ``None`` picks the mode's default.
+        batch_size: forwards per model call.
+
+    Returns:
+        ``(fractions, probs)``: ``fractions`` ``(n_steps + 1,)`` is ``m_k / M`` and
+        ``probs`` ``(N, n_steps + 1)`` holds ``p_k``.
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    n, c, h, w = images.shape
+    device = images.device
+    cls = torch.as_tensor(class_idx, device=device, dtype=torch.long).flatten()
+    if cls.numel() != n or saliency.shape[0] != n:
+        raise ValueError("images, saliency and class_idx must have the same batch size")
+    if baseline is None:
+        baseline = "zeros" if mode == "deletion" else "blur"
+    if isinstance(baseline, str):
+        if baseline == "zeros":
+            base = torch.zeros_like(images)
+        elif baseline == "blur":
+            base = gaussian_blur(images)
+        else:
+            raise ValueError(f"unknown baseline {baseline!r}")
+    else:
+        base = baseline.to(device=device, dtype=images.dtype).expand_as(images)
+
+    m = h * w
+    ranks = _saliency_ranks(saliency.to(device), (h, w))
+    counts = torch.round(torch.linspace(0, m, n_steps + 1, dtype=torch.float64)).long()
+    counts = counts.to(device)
+    fractions = counts.double().div(m).float()
+    steps = n_steps + 1
+    total = n * steps
+    probs = torch.empty(total, device=device, dtype=torch.float32)
+    with torch.inference_mode():
+        for start in range(0, total, batch_size):
+            items = torch.arange(start, min(start + batch_size, total), device=device)
+            img_i = torch.div(items, steps, rounding_mode="floor")
+            step_i = items % steps
+            changed = (ranks[img_i] < counts[step_i][:, None]).view(-1, 1, h, w)
+            if mode == "deletion":
+                x = torch.where(changed, base[img_i], images[img_i])
+            else:
+                x = torch.where(changed, images[img_i], base[img_i])
+            p = torch.softmax(model(x).float(), dim=1)
+            probs[start : start + len(items)] = p.gather(1, cls[img_i][:, None])[:, 0]
+    return fractions, probs.view(n, steps).clone()
+
+
+def deletion_curve(
+    model: nn.Module,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    class_idx: torch.Tensor | list[int],
+    n_steps: int = 32,
+    baseline: torch.Tensor | str = "zeros",
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deletion curve (RISE): :func:`perturbation_curve` with ``mode="deletion"``."""
+    return perturbation_curve(
+        model, images, saliency, class_idx, "deletion", n_steps, baseline, batch_size
+    )
+
+
+def insertion_curve(
+    model: nn.Module,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    class_idx: torch.Tensor | list[int],
+    n_steps: int = 32,
+    baseline: torch.Tensor | str = "blur",
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Insertion curve (RISE): :func:`perturbation_curve` with ``mode="insertion"``."""
+    return perturbation_curve(
+        model, images, saliency, class_idx, "insertion", n_steps, baseline, batch_size
+    )
+
+
+def auc(fractions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Area under ``probs`` (``(N, S)``) over ``fractions`` (``(S,)``) by the trapezoid rule.
+
+    ``AUC = sum_k (f_{k+1} - f_k) * (p_k + p_{k+1}) / 2``; with fractions running from 0
+    to 1 the AUC lies in ``[0, 1]``.
+    """
+    return torch.trapezoid(probs, x=fractions.to(probs.device, probs.dtype), dim=-1)
+
+
+def deletion_auc(
+    model: nn.Module,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    class_idx: torch.Tensor | list[int],
+    n_steps: int = 32,
+    baseline: torch.Tensor | str = "zeros",
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Deletion AUC per sample (Petsiuk et al., BMVC 2018) -- lower is better.
+
+    A faithful map puts first the pixels the prediction depends on, so deleting them
+    makes the class probability drop fast and the area under the curve small.
+    See :func:`perturbation_curve` for the protocol and :func:`auc` for the integral.
+    """
+    return auc(*deletion_curve(model, images, saliency, class_idx, n_steps, baseline, batch_size))
+
+
+def insertion_auc(
+    model: nn.Module,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    class_idx: torch.Tensor | list[int],
+    n_steps: int = 32,
+    baseline: torch.Tensor | str = "blur",
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Insertion AUC per sample (Petsiuk et al., BMVC 2018) -- higher is better.
+
+    Restoring the most salient pixels first into a blurred copy should bring the class
+    probability back quickly, giving a large area under the curve.
+    See :func:`perturbation_curve` for the protocol and :func:`auc` for the integral.
+    """
+    return auc(*insertion_curve(model, images, saliency, class_idx, n_steps, baseline, batch_size))
+
+
+# --------------------------------------------------------------------------------------
+# Model-parameter randomisation test (Adebayo et al.)
+# --------------------------------------------------------------------------------------
+
+
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dimension, 1-based, ties given their average rank.
+
+    E.g. ``[10, 20, 20, 5] -> [2, 3.5, 3.5, 1]`` (as ``scipy.stats.rankdata``'s
+    ``"average"`` method). Works on any leading batch shape; returns float64.
+    """
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1]) if x.dim() > 0 else x.reshape(1, 1)
+    rows, length = flat.shape
+    if length == 0:
+        return torch.empty(shape, dtype=torch.float64, device=x.device)
+    sorted_vals, order = torch.sort(flat, dim=1, stable=True)
+    new_group = torch.ones_like(sorted_vals, dtype=torch.bool)
+    new_group[:, 1:] = sorted_vals[:, 1:] != sorted_vals[:, :-1]
+    group = torch.cumsum(new_group.long(), dim=1) - 1  # group id within a row
+    gid = group + torch.arange(rows, device=x.device)[:, None] * length  # unique over rows
+    pos = torch.arange(length, device=x.device, dtype=torch.float64).expand(rows, -1)
+    n_groups = rows * length
+    first = torch.full((n_groups,), float("inf"), dtype=torch.float64, device=x.device)
+    last = torch.full((n_groups,), -float("inf"), dtype=torch.float64, device=x.device)
+    first = first.scatter_reduce(0, gid.flatten(), pos.flatten(), reduce="amin")
+    last = last.scatter_reduce(0, gid.flatten(), pos.flatten(), reduce="amax")
+    avg_sorted = (first[gid] + last[gid]) / 2.0 + 1.0
+    ranks = torch.empty_like(avg_sorted)
+    ranks.scatter_(1, order, avg_sorted)
+    return ranks.reshape(shape)
+
+
+def spearman_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation per sample between two batches of maps.
+
+    Each sample's values are flattened and ranked (:func:`rankdata`, ties averaged);
+    ``rho = cov(R_a, R_b) / (std(R_a) * std(R_b))``, the Pearson correlation of the ranks
+    (which equals ``1 - 6 sum d^2 / (n (n^2 - 1))`` when there are no ties). A constant
+    map has no ranking; its correlation is defined as 0 here (no shared structure).
+
+    Args:
+        a, b: tensors of the same shape ``(N, ...)``.
+
+    Returns:
+        Float tensor ``(N,)`` in ``[-1, 1]``.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    ra = rankdata(a.reshape(a.shape[0], -1).to(b.device))
+    rb = rankdata(b.reshape(b.shape[0], -1))
+    ra = ra - ra.mean(dim=1, keepdim=True)
+    rb = rb - rb.mean(dim=1, keepdim=True)
+    num = (ra * rb).sum(dim=1)
+    den = torch.sqrt((ra * ra).sum(dim=1) * (rb * rb).sum(dim=1))
+    rho = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+    return rho.clamp(-1.0, 1.0).float()
+
+
+def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters directly, in registration (roughly forward) order."""
+    return [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if any(True for _ in mod.parameters(recurse=False))
+    ]
+
+
+def _reset(name: str, module: nn.Module) -> None:
+    reset = getattr(module, "reset_parameters", None)
+    if callable(reset):
+        with torch.no_grad():
+            reset()
+    else:
+        logger.warning("module %r has parameters but no reset_parameters(); left as is", name)
+
+
+def randomize_model(model: nn.Module, seed: int = 0, modules: list[str] | None = None) -> nn.Module:
+    """A deep copy of ``model`` with re-initialised weights (the original is untouched).
+
+    Every module that owns parameters (or only those named in ``modules``) is reset with
+    its own ``reset_parameters()`` -- PyTorch's default initialisation for that layer
+    type (Kaiming-uniform for conv/linear; BatchNorm to weight 1, bias 0 and fresh
+    running statistics) -- under ``torch.manual_seed(seed)`` inside a forked RNG, so the
+    result is reproducible and the global RNG state is unchanged. ``requires_grad`` flags
+    and the train/eval mode are kept.
+    """
+    rnd = copy.deepcopy(model)
+    targets = _param_modules(rnd)
+    if modules is not None:
+        wanted = set(modules)
+        unknown = wanted - {name for name, _ in targets}
+        if unknown:
+            raise ValueError(f"no parameterised modules named {sorted(unknown)}")
+        targets = [(name, mod) for name, mod in targets if name in wanted]
+    devices = sorted({p.device.index or 0 for p in rnd.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for name, mod in targets:
+            _reset(name, mod)
+    return rnd
+
+
+def randomization_check(
+    model: nn.Module,
+    map_fn: MapFn,
+    images: torch.Tensor,
+    class_idx: torch.Tensor | list[int],
+    mode: str = "full",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Model-parameter randomisation test (Adebayo et al., NeurIPS 2018).
+
+    The maps of the trained model, ``S = map_fn(model, images, c)``, are compared with the
+    maps of the same architecture with re-initialised weights, ``S' = map_fn(model', images,
+    c)``, for the same classes ``c``, by the per-sample Spearman rank correlation
+    (:func:`spearman_correlation`). A method that explains the *model* gives maps that
+    change when the weights are destroyed, i.e. a low correlation; a high correlation
+    means the map mostly reflects the input (an edge detector passes this test badly).
+
+    * ``mode="full"``: every parameterised module is re-initialised at once
+      (:func:`randomize_model`, seeded). Returns ``{"full": rho}``.
+    * ``mode="cascading"``: as in Adebayo et al., modules are re-initialised one after
+      another from the top (logits) down, cumulatively; returns one entry per module, in
+      that order, with the correlation after that module and all above it were reset.
+      "Top" is the reverse of the module registration order, which matches the forward
+      order for sequential architectures such as ResNets.
+
+    Args:
+        model: the trained classifier (left untouched).
+        map_fn: ``map_fn(model, images, class_idx) -> (N, h, w)`` maps; it must set up
+            whatever the method needs (hooks, grad mode).
+        images: model inputs ``(N, C, H, W)``.
+        class_idx: class per sample ``(N,)``, the same for both models.
+        mode: ``"full"`` or ``"cascading"``.
+        seed: seed of the re-initialisation.
+
+    Returns:
+        Dict of name -> Spearman correlations ``(N,)``.
+    """
+    if mode not in ("full", "cascading"):
+        raise ValueError(f"mode must be 'full' or 'cascading', got {mode!r}")
+    cls = torch.as_tensor(class_idx, dtype=torch.long, device=images.device).flatten()
+    reference = map_fn(model, images, cls).detach()
+    if mode == "full":
+        rnd = randomize_model(model, seed=seed)
+        return {"full": spearman_correlation(reference, map_fn(rnd, images, cls).detach())}
+    out: dict[str, torch.Tensor] = {}
+    rnd = copy.deepcopy(model)
+    names = [name for name, _ in _param_modules(rnd)][::-1]
+    modules = dict(rnd.named_modules())
+    devices = sorted({p.device.index or 0 for p in rnd.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for name in names:
+            _reset(name, modules[name])
+            out[name] = spearman_correlation(reference, map_fn(rnd, images, cls).detach())
+    return out

@@ -1,0 +1,219 @@
+"""Hand-checkable cases for app.cam.faithfulness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from app.cam.faithfulness import (
+    auc,
+    deletion_auc,
+    deletion_curve,
+    gaussian_blur,
+    insertion_auc,
+    insertion_curve,
+    randomization_check,
+    randomize_model,
+    rankdata,
+    spearman_correlation,
+)
+
+
+class CountingModel(nn.Module):
+    """Two-class model with p(class 0) = (k + 1) / (n + 2), k = kept pixels in a region.
+
+    A pixel is "kept" when it is non-zero. Logits are log(k + 1) and log(n - k + 1), so
+    the softmax gives exactly (k + 1) / (n + 2) for class 0.
+    """
+
+    def __init__(self, region: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("region", region.bool())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = ((x[:, 0] != 0) & self.region).flatten(1).sum(dim=1).float()
+        n = float(self.region.sum())
+        return torch.stack([torch.log(kept + 1), torch.log(n - kept + 1)], dim=1)
+
+
+def _ramp_map(h: int, w: int) -> torch.Tensor:
+    """Saliency decreasing in row-major order: pixel 0 most salient."""
+    return torch.arange(h * w, 0, -1, dtype=torch.float32).view(1, h, w)
+
+
+def test_deletion_and_insertion_curves_count_pixels() -> None:
+    model = CountingModel(torch.ones(4, 4))
+    image = torch.ones(1, 1, 4, 4)
+    sal = _ramp_map(4, 4)
+    f, p = deletion_curve(model, image, sal, [0], n_steps=4, baseline="zeros")
+    assert torch.allclose(f, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    # kept pixels 16, 12, 8, 4, 0 -> p = (k + 1) / 18
+    assert torch.allclose(p, torch.tensor([[17.0, 13.0, 9.0, 5.0, 1.0]]) / 18)
+    # trapezoid: 0.25 * ((17 + 1) / 2 + 13 + 9 + 5) / 18 = 0.5
+    assert torch.allclose(auc(f, p), torch.tensor([0.5]))
+    f, p = insertion_curve(model, image, sal, [0], n_steps=4, baseline=torch.zeros(1))
+    assert torch.allclose(p, torch.tensor([[1.0, 5.0, 9.0, 13.0, 17.0]]) / 18)
+
+
+def test_order_matters_good_map_beats_reversed_map() -> None:
+    region = torch.zeros(4, 4)
+    region[:2, :2] = 1  # the model only looks at the top-left 2x2 block
+    model = CountingModel(region)
+    image = torch.ones(1, 1, 4, 4)
+    good = region[None] + 0.01 * _ramp_map(4, 4) / 16  # block first, ties by ramp
+    bad = -good
+    # good: block deleted in the first step -> p = [5, 1, 1, 1, 1] / 6 -> AUC 0.25
+    assert torch.allclose(deletion_auc(model, image, good, [0], n_steps=4), torch.tensor([0.25]))
+    # bad: block deleted last -> p = [5, 5, 5, 5, 1] / 6 -> AUC 0.75
+    assert torch.allclose(deletion_auc(model, image, bad, [0], n_steps=4), torch.tensor([0.75]))
+    zeros = torch.zeros(1)
+    ins_good = insertion_auc(model, image, good, [0], n_steps=4, baseline=zeros)
+    ins_bad = insertion_auc(model, image, bad, [0], n_steps=4, baseline=zeros)
+    assert torch.allclose(ins_good, torch.tensor([0.75]))
+    assert torch.allclose(ins_bad, torch.tensor([0.25]))
+
+
+def test_low_resolution_map_is_upsampled_and_batches_are_chunked() -> None:
+    region = torch.zeros(4, 4)
+    region[:2, :2] = 1
+    model = CountingModel(region)
+    images = torch.ones(3, 1, 4, 4)
+    low = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).expand(3, 2, 2)  # points at the block
+    cls = torch.tensor([0, 1, 0])
+    f1, p1 = deletion_curve(model, images, low, cls, n_steps=4, batch_size=2)
+    f2, p2 = deletion_curve(model, images, low, cls, n_steps=4, batch_size=100)
+    assert torch.equal(p1, p2)
+    expected0 = torch.tensor([5.0, 1.0, 1.0, 1.0, 1.0]) / 6
+    assert torch.allclose(p1[0], expected0)
+    assert torch.allclose(p1[1], 1 - expected0)  # class 1 probability
+    assert torch.allclose(p1[2], expected0)
+
+
+def test_insertion_default_baseline_is_blur() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    images = torch.randn(2, 3, 16, 16)
+    sal = torch.rand(2, 4, 4)
+    _, p = insertion_curve(model, images, sal, [1, 2], n_steps=20)
+    assert p.shape == (2, 21)
+    with torch.no_grad():
+        p_blur = torch.softmax(model(gaussian_blur(images)), dim=1)[[0, 1], [1, 2]]
+        p_full = torch.softmax(model(images), dim=1)[[0, 1], [1, 2]]
+    assert torch.allclose(p[:, 0], p_blur, atol=1e-6)
+    assert torch.allclose(p[:, -1], p_full, atol=1e-6)
+    _, d = deletion_curve(model, images, sal, [1, 2], n_steps=20)
+    assert torch.allclose(d[:, 0], p_full, atol=1e-6)
+
+
+def test_gaussian_blur_preserves_constants_and_mass() -> None:
+    x = torch.full((1, 3, 9, 9), 2.5)
+    assert torch.allclose(gaussian_blur(x), x)
+    with pytest.raises(ValueError):
+        gaussian_blur(x, kernel_size=4)
+
+
+def test_perturbation_rejects_bad_arguments() -> None:
+    model = CountingModel(torch.ones(2, 2))
+    with pytest.raises(ValueError):
+        deletion_curve(model, torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2), [0], n_steps=0)
+    with pytest.raises(ValueError):
+        deletion_curve(model, torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2), [0], baseline="x")
+
+
+def test_rankdata_averages_ties() -> None:
+    x = torch.tensor([[10.0, 20.0, 20.0, 5.0], [1.0, 1.0, 1.0, 1.0]])
+    expected = torch.tensor([[2.0, 3.5, 3.5, 1.0], [2.5, 2.5, 2.5, 2.5]], dtype=torch.float64)
+    assert torch.equal(rankdata(x), expected)
+    assert torch.equal(rankdata(torch.tensor([3.0, 1.0, 2.0])), torch.tensor([3.0, 1, 2]).double())
+
+
+def test_spearman_by_hand() -> None:
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]] * 3)
+    b = torch.tensor([[2.0, 1.0, 4.0, 3.0, 5.0], [10.0, 20.0, 30.0, 40.0, 50.0], [5.0, 4, 3, 2, 1]])
+    # row 0: d = [-1, 1, -1, 1, 0], 1 - 6 * 4 / (5 * 24) = 0.8
+    rho = spearman_correlation(a, b)
+    assert torch.allclose(rho, torch.tensor([0.8, 1.0, -1.0]))
+
+
+def test_spearman_with_ties_and_constant_map() -> None:
+    a = torch.tensor([[1.0, 2.0, 2.0, 3.0]])
+    b = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    # ranks a = [1, 2.5, 2.5, 4] (mean 2.5): centred [-1.5, 0, 0, 1.5]
+    # ranks b = [1, 2, 3, 4]: centred [-1.5, -0.5, 0.5, 1.5]
+    # rho = 4.5 / sqrt(4.5 * 5) = sqrt(0.9)
+    assert torch.allclose(spearman_correlation(a, b), torch.tensor([math.sqrt(0.9)]))
+    # maps of shape (N, h, w) are flattened; a constant map gets 0
+    const = torch.ones(1, 2, 2)
+    assert spearman_correlation(const, b.view(1, 2, 2)).item() == 0.0
+    with pytest.raises(ValueError):
+        spearman_correlation(torch.ones(1, 4), torch.ones(1, 5))
+
+
+def _tiny_model() -> nn.Sequential:
+    torch.manual_seed(123)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 1, 3, padding=1)
+    ).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_randomize_model_is_seeded_and_leaves_original_alone() -> None:
+    model = _tiny_model()
+    before = [p.clone() for p in model.parameters()]
+    state = torch.get_rng_state()
+    r1 = randomize_model(model, seed=7)
+    r2 = randomize_model(model, seed=7)
+    r3 = randomize_model(model, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    for p, q, s in zip(r1.parameters(), r2.parameters(), r3.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert not torch.equal(p, s)
+        assert not p.requires_grad
+    assert not r1.training
+    only_top = randomize_model(model, seed=7, modules=["2"])
+    assert torch.equal(only_top[0].weight, model[0].weight)
+    assert not torch.equal(only_top[2].weight, model[2].weight)
+    with pytest.raises(ValueError):
+        randomize_model(model, modules=["nope"])
+
+
+def test_randomization_check_input_only_map_fails_sanity() -> None:
+    """A map that ignores the model (like an edge detector) correlates perfectly."""
+    model = _tiny_model()
+    images = torch.rand(4, 1, 6, 6)
+
+    def input_map(m: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return x[:, 0].abs()
+
+    out = randomization_check(model, input_map, images, [0, 0, 0, 0], mode="full", seed=0)
+    assert list(out) == ["full"]
+    assert torch.allclose(out["full"], torch.ones(4))
+
+
+def test_randomization_check_model_map_and_cascading_order() -> None:
+    model = _tiny_model()
+    torch.manual_seed(0)
+    images = torch.rand(4, 1, 6, 6)
+
+    def first_layer_map(m: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return m[0](x).sum(dim=1)  # depends only on the bottom conv
+
+    full = randomization_check(model, first_layer_map, images, [0] * 4, mode="full", seed=1)
+    assert (full["full"].abs() < 0.99).all()
+    casc = randomization_check(model, first_layer_map, images, [0] * 4, mode="cascading", seed=1)
+    assert list(casc) == ["2", "0"]  # top (output side) first
+    # resetting only the top conv leaves the map unchanged; resetting the bottom one too
+    # changes it
+    assert torch.allclose(casc["2"], torch.ones(4))
+    assert (casc["0"].abs() < 0.99).all()
+    again = randomization_check(model, first_layer_map, images, [0] * 4, mode="cascading", seed=1)
+    assert torch.equal(again["0"], casc["0"])
+    with pytest.raises(ValueError):
+        randomization_check(model, first_layer_map, images, [0] * 4, mode="layer")
