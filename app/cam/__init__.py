@@ -1,0 +1,56 @@
+"""camserve's CAM engine: class activation maps for PyTorch classifiers.
+
+from app.cam import GradCAM
+with GradCAM(model, target_layer="layer4") as extractor:
+    scores = model(batch)
+    maps = extractor(scores.argmax(1).tolist(), scores)   # one (N, H, W) tensor per layer
+"""
+
+from app.cam.activation import CAM, ISCAM, SSCAM, ScoreCAM, find_fc_layer
+from app.cam.colormaps import COLORMAPS, apply_colormap
+from app.cam.core import _CAM, normalize_maps, resize_maps
+from app.cam.gradient import GradCAM, GradCAMpp, LayerCAM, SmoothGradCAMpp, XGradCAM
+from app.cam.layers import locate_candidate_layer
+from app.cam.metrics import ClassificationMetric
+from app.cam.overlay import heatmap, overlay_mask
+from app.cam.vit import TokensToGrid, ViTTarget, vit_target
+
+METHODS: dict[str, type[_CAM]] = {
+    cls.__name__: cls
+    for cls in (
+        CAM,
+        GradCAM,
+        GradCAMpp,
+        XGradCAM,
+        LayerCAM,
+        SmoothGradCAMpp,
+        ScoreCAM,
+        SSCAM,
+        ISCAM,
+    )
+}
+
+__all__ = [
+    "CAM",
+    "COLORMAPS",
+    "GradCAM",
+    "GradCAMpp",
+    "ISCAM",
+    "LayerCAM",
+    "METHODS",
+    "SSCAM",
+    "ClassificationMetric",
+    "ScoreCAM",
+    "SmoothGradCAMpp",
+    "TokensToGrid",
+    "ViTTarget",
+    "XGradCAM",
+    "apply_colormap",
+    "find_fc_layer",
+    "heatmap",
+    "locate_candidate_layer",
+    "normalize_maps",
+    "overlay_mask",
+    "resize_maps",
+    "vit_target",
+]

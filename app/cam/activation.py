@@ -1,0 +1,414 @@
+"""Activation-based methods: CAM and the Score-CAM family (Score-CAM, SS-CAM, IS-CAM).
+
+None of them needs gradients, so the forward may run under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from app.cam.core import _CAM, hooks_silenced, normalize_maps, resize_maps
+from app.cam.layers import LayerSpec, resolve_layer
+
+logger = logging.getLogger(__name__)
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def resolve_fc_layer(
+    model: nn.Module, fc_layer: str | nn.Module | None = None
+) -> tuple[str, nn.Linear]:
+    """The classification head CAM reads its weights from: ``fc_layer`` if given, else the
+    model's only ``nn.Linear``. Raises ``ValueError`` saying why CAM does not apply otherwise."""
+    if fc_layer is not None:
+        name, module = resolve_layer(model, fc_layer)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"fc_layer {name!r} is a {type(module).__name__}, not an nn.Linear: CAM reads the "
+                "class weights of a Linear head fed by global average pooling."
+            )
+        return name, module
+    linears = _linear_layers(model)
+    if not linears:
+        raise ValueError(
+            "CAM does not apply: the model has no nn.Linear classification head (e.g. "
+            "SqueezeNet's convolutional head). Use GradCAM, LayerCAM or ScoreCAM instead, or pass "
+            "a compatible fc_layer."
+        )
+    if len(linears) > 1:
+        names = [n for n, _ in linears]
+        raise ValueError(
+            f"CAM does not apply: the model has {len(linears)} nn.Linear layers ({names}), so the "
+            "class weights are not those of a single head fed by global pooling (e.g. VGG, "
+            "MobileNet v3). Use GradCAM, LayerCAM or ScoreCAM instead, or pass fc_layer="
+            "explicitly if one of them is a Linear head fed by global average pooling."
+        )
+    return linears[0]
+
+
+def find_fc_layer(
+    model: nn.Module,
+    target_layer: LayerSpec = None,
+    input_shape: Sequence[int] = (3, 224, 224),
+) -> str:
+    """Name of the Linear head CAM would use with ``target_layer``, checked by a dummy forward:
+    its input must be the global average of the target layer's output. Raises ``ValueError``
+    with the reason when CAM does not apply to this model and layer."""
+    with CAM(model, target_layer, input_shape) as extractor:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                model(torch.zeros((1, *extractor.input_shape), device=device, dtype=dtype))
+                extractor._check_head(extractor._activations_for_use())
+        finally:
+            model.train(was_training)
+        return extractor.fc_name
+
+
+class CAM(_CAM):
+    """CAM (Zhou et al., CVPR 2016, arXiv:1512.04150).
+
+    w_k = W_fc[c, k], the head's weight of class c for channel k;  L = ReLU(sum_k w_k A_k).
+    Needs a single nn.Linear head fed by global average pooling of the target layer.
+
+    Args:
+        fc_layer: the Linear head (name or module); ``None`` resolves the model's only Linear.
+    """
+
+    option_names = ("fc_layer",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec = None,
+        input_shape: Sequence[int] = (3, 224, 224),
+        reshape_transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        fc_layer: str | nn.Module | None = None,
+        enable_hooks: bool = True,
+    ) -> None:
+        self._explicit_fc = fc_layer is not None
+        self.fc_name, self.fc = resolve_fc_layer(model, fc_layer)
+        self._fc_input: Tensor | None = None
+        super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
+        if len(self.target_names) != 1:
+            raise ValueError("CAM takes exactly one target layer: the one the head pools.")
+
+    def _register_hooks(self) -> None:
+        super()._register_hooks()
+        self._handles.append(self.fc.register_forward_pre_hook(self._record_fc_input))
+
+    def _record_fc_input(self, _module: nn.Module, args: tuple) -> None:
+        if self._recording() and args and isinstance(args[0], Tensor):
+            self._fc_input = args[0]
+
+    def reset_hooks(self) -> None:
+        super().reset_hooks()
+        self._fc_input = None
+
+    def _check_head(self, activations: list[Tensor]) -> None:
+        activation = activations[0]
+        channels = activation.shape[1]
+        if self.fc.in_features != channels:
+            raise ValueError(
+                f"CAM does not apply to target layer {self.target_names[0]!r}: it has {channels} "
+                f"channels but fc_layer {self.fc_name!r} takes {self.fc.in_features} features. "
+                "Use the layer whose output the head pools (e.g. 'layer4' on a ResNet)."
+            )
+        fed = self._fc_input
+        if fed is None or fed.shape != (activation.shape[0], channels):
+            return
+        pooled = activation.float().mean(dim=tuple(range(2, activation.ndim)))
+        scale = pooled.abs().max().clamp_min(1e-12)
+        if not torch.allclose(pooled, fed.float(), rtol=1e-3, atol=1e-4 * float(scale)):
+            message = (
+                f"fc_layer {self.fc_name!r} is not fed by the global average pool of target "
+                f"layer {self.target_names[0]!r}, so CAM's weights do not apply to its channels."
+            )
+            if self._explicit_fc:
+                logger.warning("%s Using it because it was passed explicitly.", message)
+            else:
+                raise ValueError(message + " Use GradCAM, LayerCAM or ScoreCAM instead.")
+
+    def _get_weights(
+        self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
+    ) -> list[Tensor]:
+        self._check_range(class_idx, self.fc.out_features)
+        self._check_head(self._activations_for_use())
+        weight = self.fc.weight.detach()
+        return [weight.index_select(0, class_idx.to(weight.device))]
+
+
+class _ScoreFamily(_CAM):
+    """Family base: channel weights from the class probability of the input masked by each
+    channel's upsampled, min-max normalised activation, softmaxed over the channels.
+
+    A channel whose activation is flat has a zero mask; those channels share one masked input
+    (per noise draw), so they cost one forward in all instead of one each. Masked forwards run
+    in chunks of ``batch_size`` with every extractor's hooks off; masks are built per chunk, so
+    memory grows with ``batch_size`` and not with the number of channels.
+    """
+
+    uses_scores = True
+    uses_input = True
+    option_names: tuple[str, ...] = ("batch_size",)
+    #: masked inputs per (sample, channel): noise draws or integration steps.
+    _variants = 1
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec = None,
+        input_shape: Sequence[int] = (3, 224, 224),
+        reshape_transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        batch_size: int = 32,
+        enable_hooks: bool = True,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
+        self.batch_size = batch_size
+
+    # --- what a method says
+    def _masked_inputs(
+        self, inputs: Tensor, masks: Tensor, sample_idx: Tensor, variant_idx: Tensor
+    ) -> Tensor:
+        """Inputs (B, C, *S) multiplied by their masks (B, *S) for the given variants."""
+        return inputs * masks.unsqueeze(1)
+
+    def _flat_input_is_shared(self) -> bool:
+        """Whether a zero mask gives the same masked input for every sample and variant."""
+        return True
+
+    def _prepare_call(self, inputs: Tensor) -> None:
+        """Per-call state (noise) before the masked forwards."""
+
+    # --- shared machinery
+    def _masks(self, activation_maps: Tensor, size: Sequence[int]) -> Tensor:
+        """(B, *s) activation maps → (B, *S) upsampled masks in [0, 1]."""
+        return normalize_maps(resize_maps(activation_maps.float(), size))
+
+    def _class_probabilities(self, masked: Tensor, classes: Tensor) -> Tensor:
+        with torch.inference_mode(), hooks_silenced():
+            logits = self.model(masked)
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.gather(1, classes[:, None].to(probs.device))[:, 0]
+
+    def _chunks(self, total: int) -> Iterator[slice]:
+        for start in range(0, total, self.batch_size):
+            yield slice(start, min(start + self.batch_size, total))
+
+    def _channel_scores(self, activation: Tensor, inputs: Tensor, classes: Tensor) -> Tensor:
+        """Mean class probability over variants for every (sample, channel): (N, K)."""
+        n_samples, n_channels = activation.shape[:2]
+        size = inputs.shape[2:]
+        if activation.ndim != inputs.ndim:
+            raise ValueError(
+                f"The target layer's activation {tuple(activation.shape)} and the model input "
+                f"{tuple(inputs.shape)} do not have the same number of spatial dimensions."
+            )
+        # Pass 1: which channels are flat (their normalised mask is all zeros).
+        flat = torch.zeros(n_samples, n_channels, dtype=torch.bool, device=activation.device)
+        per_chunk = max(1, self.batch_size // n_samples)
+        for start in range(0, n_channels, per_chunk):
+            block = activation[:, start : start + per_chunk]
+            masks = self._masks(block.flatten(0, 1), size)
+            flat[:, start : start + per_chunk] = (
+                masks.flatten(1).amax(dim=1).reshape(n_samples, -1) == 0
+            )
+        variants = self._variants
+        totals = torch.zeros(n_samples, n_channels, dtype=torch.float32, device=activation.device)
+        # Pass 2: one masked forward per (sample, live channel, variant), in chunks.
+        live = torch.nonzero(~flat)  # (J, 2)
+        jobs = live.repeat_interleave(variants, dim=0)
+        job_variants = torch.arange(variants, device=live.device).repeat(live.shape[0])
+        for part in self._chunks(jobs.shape[0]):
+            sample_idx, channel_idx = jobs[part, 0], jobs[part, 1]
+            variant_idx = job_variants[part]
+            masks = self._masks(activation[sample_idx, channel_idx], size)
+            masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
+            probs = self._class_probabilities(masked, classes[sample_idx])
+            totals.index_put_((sample_idx, channel_idx), probs, accumulate=True)
+        # Flat channels: a zero mask, one shared masked input per (sample, variant) at most.
+        if bool(flat.any()):
+            totals += flat * self._flat_scores(inputs, classes)[:, None]
+        return totals / variants
+
+    def _flat_scores(self, inputs: Tensor, classes: Tensor) -> Tensor:
+        """Summed class probability over variants of the zero-mask input, per sample: (N,)."""
+        n_samples = inputs.shape[0]
+        zero_masks = torch.zeros((1, *inputs.shape[2:]), device=inputs.device)
+        if self._flat_input_is_shared():
+            masked = self._masked_inputs(
+                inputs[:1], zero_masks, torch.zeros(1, dtype=torch.long), torch.zeros(1)
+            )
+            with torch.inference_mode(), hooks_silenced():
+                logits = self.model(masked)
+            probs = torch.softmax(logits.float(), dim=1)[0]
+            return probs[classes.to(probs.device)] * self._variants
+        sums = torch.zeros(n_samples, device=inputs.device)
+        pairs = torch.cartesian_prod(
+            torch.arange(n_samples, device=inputs.device),
+            torch.arange(self._variants, device=inputs.device),
+        ).reshape(-1, 2)
+        for part in self._chunks(pairs.shape[0]):
+            sample_idx, variant_idx = pairs[part, 0], pairs[part, 1]
+            masks = zero_masks.expand(sample_idx.shape[0], *zero_masks.shape[1:])
+            masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
+            probs = self._class_probabilities(masked, classes[sample_idx])
+            sums.index_put_((sample_idx,), probs, accumulate=True)
+        return sums
+
+    def _get_weights(
+        self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
+    ) -> list[Tensor]:
+        if self._input is None:
+            raise RuntimeError(
+                f"{type(self).__name__} recorded no model input: run the forward of the model "
+                "with the extractor's hooks enabled before calling it."
+            )
+        with torch.inference_mode(False):
+            inputs = self._input.detach().clone()
+        self._prepare_call(inputs)
+        weights = []
+        for activation in self._activations_for_use():
+            channel_scores = self._channel_scores(activation, inputs, class_idx)
+            weights.append(torch.softmax(channel_scores, dim=1))
+        return weights
+
+
+class ScoreCAM(_ScoreFamily):
+    """Score-CAM (Wang et al., CVPR-W 2020, arXiv:1910.01279), Algorithm 1.
+
+    M_k = minmax(Up(A_k)); S_k = softmax(f(x * M_k))_c; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
+
+    Args:
+        batch_size: masked inputs per forward (memory grows with it; the result does not).
+    """
+
+
+def _noise_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class SSCAM(_ScoreFamily):
+    """SS-CAM, Smoothed Score-CAM (Wang et al., 2020, arXiv:2006.14255), noise on the masks.
+
+    S_k = mean_s softmax(f(x * (M_k + e_s)))_c with e_s ~ N(0, std^2), one noise map per draw s
+    shared by the channels; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
+
+    Args:
+        batch_size: masked inputs per forward.
+        num_samples: noise draws per mask.
+        std: standard deviation of the noise added to the [0, 1] masks.
+        seed: seeds the noise of every call (``None``: torch's global generator).
+    """
+
+    option_names = ("batch_size", "num_samples", "std", "seed")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec = None,
+        input_shape: Sequence[int] = (3, 224, 224),
+        reshape_transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        batch_size: int = 32,
+        num_samples: int = 35,
+        std: float = 2.0,
+        seed: int | None = None,
+        enable_hooks: bool = True,
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+        if not std >= 0 or math.isinf(std):
+            raise ValueError(f"std must be a finite number >= 0, got {std!r}.")
+        super().__init__(
+            model,
+            target_layer,
+            input_shape,
+            reshape_transform,
+            batch_size=batch_size,
+            enable_hooks=enable_hooks,
+        )
+        self.num_samples = num_samples
+        self._variants = num_samples
+        self.std = float(std)
+        self.seed = seed
+        self._noise: Tensor | None = None
+
+    def _prepare_call(self, inputs: Tensor) -> None:
+        generator = _noise_generator(self.seed, inputs.device)
+        shape = (inputs.shape[0], self.num_samples, *inputs.shape[2:])
+        self._noise = self.std * torch.randn(
+            shape, generator=generator, device=inputs.device, dtype=torch.float32
+        )
+
+    def _flat_input_is_shared(self) -> bool:
+        return False
+
+    def _masked_inputs(
+        self, inputs: Tensor, masks: Tensor, sample_idx: Tensor, variant_idx: Tensor
+    ) -> Tensor:
+        noise = self._noise[sample_idx.to(self._noise.device), variant_idx.long()]  # type: ignore[index]
+        return inputs * (masks + noise).unsqueeze(1).to(inputs.dtype)
+
+
+class ISCAM(_ScoreFamily):
+    """IS-CAM, Integrated Score-CAM (Naidu et al., 2020, arXiv:2010.03023).
+
+    S_k = mean_{i=1..n} softmax(f(x * (i/n) M_k))_c, the score integrated along the path from the
+    zero mask to M_k; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
+
+    Args:
+        batch_size: masked inputs per forward.
+        num_samples: integration steps.
+    """
+
+    option_names = ("batch_size", "num_samples")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec = None,
+        input_shape: Sequence[int] = (3, 224, 224),
+        reshape_transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        batch_size: int = 32,
+        num_samples: int = 10,
+        enable_hooks: bool = True,
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+        super().__init__(
+            model,
+            target_layer,
+            input_shape,
+            reshape_transform,
+            batch_size=batch_size,
+            enable_hooks=enable_hooks,
+        )
+        self.num_samples = num_samples
+        self._variants = num_samples
+
+    def _masked_inputs(
+        self, inputs: Tensor, masks: Tensor, sample_idx: Tensor, variant_idx: Tensor
+    ) -> Tensor:
+        steps = (variant_idx.to(masks.device, torch.float32) + 1) / self.num_samples
+        scaled = masks * steps.reshape(-1, *([1] * (masks.ndim - 1)))
+        return inputs * scaled.unsqueeze(1).to(inputs.dtype)

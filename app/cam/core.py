@@ -1,0 +1,322 @@
+"""The base extractor shared by every CAM method.
+
+It owns the target layers and their hooks, the checks made before a map is computed, the weighted
+sum of activations, the ReLU, the normalisation and the fusion of several layers. A concrete method
+only says how its channel weights are computed (``_get_weights``) and what it needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from app.cam.layers import LayerSpec, locate_candidate_layer, resolve_layers
+
+logger = logging.getLogger(__name__)
+
+ClassIndex = int | Sequence[int] | Tensor
+
+_state = threading.local()
+_NOBODY = object()
+
+
+@contextmanager
+def hooks_only_for(owner: object) -> Iterator[None]:
+    """Within this block, on this thread, only ``owner``'s hooks record (``_NOBODY``: none do).
+
+    The extractors' own extra forwards (masked inputs, noisy inputs) must not overwrite what other
+    extractors hooked on the same model have recorded from the user's forward.
+    """
+    previous = getattr(_state, "owner", None)
+    _state.owner = owner
+    try:
+        yield
+    finally:
+        _state.owner = previous
+
+
+def hooks_silenced() -> AbstractContextManager[None]:
+    """Within this block, on this thread, no extractor's hooks record."""
+    return hooks_only_for(_NOBODY)
+
+
+def normalize_maps(cams: Tensor) -> Tensor:
+    """Min-max normalise each map of a batch ``(N, *S)`` to [0, 1]; a flat map becomes zeros."""
+    flat = cams.flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - low
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
+    scaled = torch.where(span > 0, (flat - low) / safe_span, torch.zeros_like(flat))
+    return scaled.clamp_(0.0, 1.0).reshape(cams.shape)
+
+
+def resize_maps(cams: Tensor, size: Sequence[int]) -> Tensor:
+    """Resize maps ``(N, *S)`` to ``size`` (bilinear in 2D, trilinear in 3D)."""
+    if tuple(cams.shape[1:]) == tuple(size):
+        return cams
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(cams.unsqueeze(1), size=tuple(size), mode=mode, align_corners=False)[:, 0]
+
+
+class _CAM:
+    """Base class of all extractors. Not used directly: pick a method such as ``GradCAM``.
+
+    Args:
+        model: the classifier; its forward returns logits of shape (N, num_classes).
+        target_layer: a layer name, a module of the model, a list of either, or ``None`` to pick
+            the last layer with spatial output by a dummy forward of ``input_shape``.
+        input_shape: the shape of one input without the batch dimension, (C, H, W) or (C, D, H, W).
+        reshape_transform: applied to activations and gradients before use, to turn token-shaped
+            outputs (N, tokens, dim) into grids (N, dim, H, W); see ``app.cam.vit``.
+        enable_hooks: whether the hooks record from the start.
+    """
+
+    requires_grad: ClassVar[bool] = False
+    uses_scores: ClassVar[bool] = False
+    uses_input: ClassVar[bool] = False
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec = None,
+        input_shape: Sequence[int] = (3, 224, 224),
+        reshape_transform: Callable[[Tensor], Tensor] | None = None,
+        enable_hooks: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, not {type(model).__name__}.")
+        self.model = model
+        self.input_shape = tuple(int(s) for s in input_shape)
+        if len(self.input_shape) not in (3, 4):
+            raise ValueError(
+                f"input_shape must be (C, H, W) or (C, D, H, W), got {self.input_shape}."
+            )
+        if reshape_transform is not None and not callable(reshape_transform):
+            raise TypeError("reshape_transform must be callable or None.")
+        self.reshape_transform = reshape_transform
+        if target_layer is None:
+            found = locate_candidate_layer(model, self.input_shape)
+            if found is None:
+                raise ValueError(
+                    "No layer with a spatial output was found by a dummy forward of shape "
+                    f"(1, *{self.input_shape}). Give target_layer explicitly; for a Vision "
+                    "Transformer use app.cam.vit_target(model)."
+                )
+            logger.info("%s: target layer resolved automatically to %r", type(self).__name__, found)
+            target_layer = found
+        resolved = resolve_layers(model, target_layer)
+        self.target_names: list[str] = [name for name, _ in resolved]
+        self._target_modules: list[nn.Module] = [module for _, module in resolved]
+        self._activations: list[Tensor | None] = [None] * len(resolved)
+        self._input: Tensor | None = None
+        self._hooks_enabled = enable_hooks
+        self._handles: list[Any] = []
+        self._register_hooks()
+
+    # ----------------------------------------------------------------------------- hooks
+    def _register_hooks(self) -> None:
+        for idx, module in enumerate(self._target_modules):
+            self._handles.append(module.register_forward_hook(partial(self._record, idx)))
+        if self.uses_input:
+            self._handles.append(self.model.register_forward_pre_hook(self._record_input))
+
+    def _recording(self) -> bool:
+        owner = getattr(_state, "owner", None)
+        return self._hooks_enabled and (owner is None or owner is self)
+
+    def _record_input(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._recording() and args and isinstance(args[0], Tensor):
+            self._input = args[0]
+
+    def _record(self, idx: int, module: nn.Module, _inputs: Any, output: Any) -> Tensor | None:
+        if not self._recording():
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"Target layer {self.target_names[idx]!r} returned a {type(output).__name__}, "
+                "not a tensor: hook a layer that outputs a single tensor, or wrap it."
+            )
+        if self.requires_grad and torch.is_grad_enabled() and not output.requires_grad:
+            # Frozen model or plain input: start recording the graph here, so that only the part
+            # after the target layer is recorded. The clone is returned in place of the output so
+            # that an in-place op that follows (ReLU(inplace=True)) acts on a non-leaf tensor.
+            output = output.detach().requires_grad_(True).clone()
+            self._activations[idx] = output
+            return output
+        self._activations[idx] = output
+        return None
+
+    def enable_hooks(self) -> None:
+        """Let the hooks record activations again."""
+        self._hooks_enabled = True
+
+    def disable_hooks(self) -> None:
+        """Stop recording activations; the hooks stay registered."""
+        self._hooks_enabled = False
+
+    def reset_hooks(self) -> None:
+        """Forget what the hooks have recorded."""
+        self._activations = [None] * len(self._target_modules)
+        self._input = None
+
+    def remove_hooks(self) -> None:
+        """Unregister every hook from the model (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset_hooks()
+
+    def __enter__(self) -> _CAM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove_hooks()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(target_layer={self.target_names})"
+
+    # ----------------------------------------------------------------------------- checks
+    def _batch_size(self) -> int:
+        missing = [
+            n for n, a in zip(self.target_names, self._activations, strict=True) if a is None
+        ]
+        if missing:
+            raise RuntimeError(
+                f"No activation recorded for {missing}: run a forward pass of the model with the "
+                "extractor's hooks enabled before calling it."
+            )
+        return int(self._activations[0].shape[0])
+
+    def _class_tensor(self, class_idx: ClassIndex, batch: int, device: torch.device) -> Tensor:
+        if isinstance(class_idx, Tensor):
+            if class_idx.is_floating_point() or class_idx.is_complex():
+                raise TypeError("class_idx must hold integers.")
+            values = class_idx.flatten().tolist()
+            if class_idx.ndim == 0:
+                values = values * batch
+        elif isinstance(class_idx, bool):
+            raise TypeError("class_idx must be an int or a list of ints, not a bool.")
+        elif isinstance(class_idx, int):
+            values = [class_idx] * batch
+        elif isinstance(class_idx, Sequence) and not isinstance(class_idx, str):
+            values = list(class_idx)
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+                raise TypeError("class_idx must be an int or a list of ints.")
+        else:
+            raise TypeError(f"class_idx must be an int or a list of ints, not {type(class_idx)}.")
+        if len(values) != batch:
+            raise ValueError(
+                f"class_idx has {len(values)} entries but the batch has {batch} samples: "
+                "pass one class index per sample, or a single int for all of them."
+            )
+        if any(v < 0 for v in values):
+            raise ValueError(f"class_idx must be non-negative, got {values}.")
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    @staticmethod
+    def _check_range(class_idx: Tensor, num_classes: int) -> None:
+        if class_idx.numel() and int(class_idx.max()) >= num_classes:
+            raise ValueError(
+                f"class_idx {class_idx.tolist()} out of range: the model has {num_classes} "
+                f"classes (valid indices 0..{num_classes - 1})."
+            )
+
+    def _check_scores(self, scores: Tensor | None, batch: int) -> Tensor:
+        if scores is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the model's output: call extractor(class_idx, scores)"
+                " with scores = model(input)."
+            )
+        if not isinstance(scores, Tensor) or scores.ndim != 2:
+            raise ValueError("scores must be the model's logits, a tensor of shape (N, classes).")
+        if scores.shape[0] != batch:
+            raise ValueError(
+                f"scores hold {scores.shape[0]} samples but the hooked forward had {batch}: pass "
+                "the output of the same forward."
+            )
+        return scores
+
+    # ----------------------------------------------------------------------------- compute
+    def _get_weights(
+        self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
+    ) -> list[Tensor]:
+        """Per layer, weights broadcastable to its activation (N, K, *S)."""
+        raise NotImplementedError
+
+    def _transformed(self, tensor: Tensor) -> Tensor:
+        return self.reshape_transform(tensor) if self.reshape_transform is not None else tensor
+
+    def _activations_for_use(self) -> list[Tensor]:
+        return [self._transformed(a.detach()) for a in self._activations]  # type: ignore[union-attr]
+
+    def __call__(
+        self,
+        class_idx: ClassIndex,
+        scores: Tensor | None = None,
+        normalized: bool = True,
+        retain_graph: bool = False,
+    ) -> list[Tensor]:
+        """Class activation maps for ``class_idx``: one tensor (N, *S) per target layer.
+
+        Args:
+            class_idx: the class to explain, one int for every sample or one per sample.
+            scores: the logits of the forward that was hooked (required by gradient methods and
+                the Score-CAM family, ignored by CAM and SmoothGradCAMpp).
+            normalized: min-max normalise each map to [0, 1] (else the raw ReLU'd weighted sum).
+            retain_graph: keep the autograd graph, to call the extractor again on the same forward.
+        """
+        batch = self._batch_size()
+        device = self._activations[0].device  # type: ignore[union-attr]
+        classes = self._class_tensor(class_idx, batch, device)
+        if self.uses_scores:
+            scores = self._check_scores(scores, batch)
+            self._check_range(classes, scores.shape[1])
+        weights = self._get_weights(classes, scores, retain_graph)
+        cams = []
+        with torch.no_grad():
+            for weight, activation in zip(weights, self._activations_for_use(), strict=True):
+                cam = self._combine(weight, activation)
+                cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+                cams.append(normalize_maps(cam) if normalized else cam)
+        return cams
+
+    @staticmethod
+    def _combine(weights: Tensor, activation: Tensor) -> Tensor:
+        """ReLU of the weighted sum over channels: (N, K, *S) → (N, *S)."""
+        if weights.ndim == 2:
+            spatial = activation.ndim - 2
+            weights = weights.reshape(*weights.shape, *([1] * spatial))
+        return torch.relu((weights.to(activation.dtype) * activation).sum(dim=1))
+
+    # ----------------------------------------------------------------------------- fusion
+    @classmethod
+    def fuse_cams(cls, cams: Sequence[Tensor], target_shape: Sequence[int] | None = None) -> Tensor:
+        """Fuse maps of several layers into one: each resized to ``target_shape`` (default: the
+        largest), then the element-wise maximum, normalised to [0, 1]."""
+        if isinstance(cams, Tensor):
+            cams = [cams]
+        if len(cams) == 0:
+            raise ValueError("fuse_cams needs at least one map.")
+        if any(not isinstance(c, Tensor) for c in cams):
+            raise TypeError("fuse_cams expects a list of tensors.")
+        if len({c.ndim for c in cams}) != 1:
+            raise ValueError("All maps must have the same number of dimensions to be fused.")
+        if target_shape is None:
+            target_shape = max(
+                (tuple(c.shape[1:]) for c in cams), key=lambda s: torch.Size(s).numel()
+            )
+        scaled = [cls._scale_cams(resize_maps(c.float(), target_shape)) for c in cams]
+        return normalize_maps(torch.stack(scaled).amax(dim=0))
+
+    @staticmethod
+    def _scale_cams(cams: Tensor) -> Tensor:
+        return cams
