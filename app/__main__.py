@@ -1,0 +1,35 @@
+"""``python -m app``: serve the model store with uvicorn, configured from CAMSERVE_* variables."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from app.logs import configure_logging
+from app.settings import ConfigurationError, load_settings
+
+
+def main() -> int:
+    """Validate the settings, set up logging and run the server until interrupted."""
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        print(f"camserve: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    from app.main import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

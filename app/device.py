@@ -1,0 +1,56 @@
+"""Pick the torch device once at startup; everything else receives it."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from app.settings import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Map a ``CAMSERVE_DEVICE`` value to a usable device, or raise ConfigurationError."""
+    spec = spec.strip().lower()
+    if spec == "cpu":
+        return torch.device("cpu")
+    cuda_ok = torch.cuda.is_available()
+    if spec == "auto":
+        if not cuda_ok:
+            return torch.device("cpu")
+        return torch.device("cuda", _most_free_cuda_device())
+    if not cuda_ok:
+        raise ConfigurationError(
+            f"CAMSERVE_DEVICE={spec}: CUDA is not available on this machine "
+            "(use auto or cpu, or install a CUDA build of torch and a driver)"
+        )
+    if spec == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    index = int(spec.removeprefix("cuda:"))
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigurationError(
+            f"CAMSERVE_DEVICE={spec}: no such device; this machine has {count} CUDA "
+            f"device(s), cuda:0..cuda:{count - 1}"
+        )
+    return torch.device("cuda", index)
+
+
+def _most_free_cuda_device() -> int:
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    return max(range(len(free)), key=free.__getitem__)
+
+
+def describe_device(device: torch.device) -> str:
+    """A human-readable name: ``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels so that stage timings measure the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

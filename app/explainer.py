@@ -1,0 +1,424 @@
+"""Run predictions and CAM explanations off the event loop, one batched pass per request."""
+
+from __future__ import annotations
+
+import difflib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import torch
+from PIL import Image
+
+from app.device import synchronize
+from app.errors import (
+    InvalidParameter,
+    MethodNotApplicable,
+    ModelUnavailable,
+    UnsupportedMethod,
+)
+from app.imaging import (
+    OUTPUT_FORMATS,
+    Box,
+    decode_image,
+    encode_image,
+    map_to_image,
+    preprocess,
+    to_base64,
+)
+from app.jobs import JobLimiter
+from app.registry import LoadedModel, ModelRegistry
+from app.schemas import (
+    ExplainResponse,
+    ExplainResult,
+    ExplainTimings,
+    Explanation,
+    MapOutput,
+    Prediction,
+    PredictResponse,
+    PredictResult,
+    PredictTimings,
+    RawMap,
+)
+
+OUTPUT_KINDS = ("overlay", "heatmap", "raw")
+FUSED = "fused"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file, already read and size-checked."""
+
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExplainParams:
+    """Validated-by-type explain parameters; the explainer checks them against the model."""
+
+    method: str | None = None
+    class_idx: tuple[int, ...] = ()
+    top_k: int = 5
+    target_layers: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ("overlay",)
+    colormap: str = "jet"
+    alpha: float = 0.7
+    image_format: str = "png"
+    normalized: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Decoded:
+    images: list[Image.Image]
+    batch: torch.Tensor
+    boxes: list[Box]
+    seconds: float
+
+
+@dataclass
+class _CamRun:
+    logits: torch.Tensor
+    class_idx: list[int]
+    cams: list[torch.Tensor]
+    fused: torch.Tensor | None
+    queue_s: float
+    forward_s: float
+    cam_s: float
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _engine() -> Any:
+    try:
+        import app.cam as cam
+    except ImportError as error:
+        raise ModelUnavailable(f"The CAM engine is not available: {error}") from None
+    return cam
+
+
+def colormap_names() -> tuple[str, ...]:
+    """The colormaps the engine can draw."""
+    return tuple(_engine().COLORMAPS)
+
+
+class Explainer:
+    """Turns uploads into predictions and explanations for one registry of models."""
+
+    def __init__(self, registry: ModelRegistry, limiter: JobLimiter, max_pixels: int) -> None:
+        self.registry = registry
+        self.limiter = limiter
+        self.max_pixels = max_pixels
+
+    async def _decode(self, model: LoadedModel, uploads: Sequence[Upload]) -> _Decoded:
+        def work() -> _Decoded:
+            started = time.perf_counter()
+            images = [decode_image(u.data, u.filename, self.max_pixels) for u in uploads]
+            batch, boxes = preprocess(images, model.spec)
+            return _Decoded(images, batch, boxes, time.perf_counter() - started)
+
+        return await anyio.to_thread.run_sync(work)
+
+    def _predictions(self, model: LoadedModel, logits: torch.Tensor, k: int) -> list[Prediction]:
+        probs = logits.softmax(-1)
+        top = probs.topk(min(k, logits.numel()))
+        return [
+            Prediction(
+                class_idx=int(i),
+                label=model.labels[int(i)],
+                logit=float(logits[int(i)]),
+                probability=float(p),
+            )
+            for p, i in zip(top.values, top.indices, strict=True)
+        ]
+
+    async def predict(
+        self, model_name: str | None, uploads: Sequence[Upload], top_k: int
+    ) -> PredictResponse:
+        """Top-k classes for each upload, from one batched forward."""
+        started = time.perf_counter()
+        model = self.registry.get(model_name)
+        decoded = await self._decode(model, uploads)
+        submitted = time.perf_counter()
+
+        def work() -> tuple[torch.Tensor, float, float]:
+            with model.lock:
+                queued = time.perf_counter() - submitted
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    logits = model.module(decoded.batch.to(model.device))
+                synchronize(model.device)
+                return logits.float().cpu(), queued, time.perf_counter() - t0
+
+        logits, queued, forward = await self.limiter.run(work)
+        results = [
+            PredictResult(
+                filename=upload.filename,
+                width=image.width,
+                height=image.height,
+                predictions=self._predictions(model, row, top_k),
+            )
+            for upload, image, row in zip(uploads, decoded.images, logits, strict=True)
+        ]
+        timings = PredictTimings(
+            decode_ms=_ms(decoded.seconds),
+            queue_ms=_ms(queued),
+            forward_ms=_ms(forward),
+            total_ms=_ms(time.perf_counter() - started),
+        )
+        return PredictResponse(
+            model=model.spec.name, device=str(model.device), timings=timings, results=results
+        )
+
+    def resolve_method(self, model: LoadedModel, name: str | None) -> tuple[str, type]:
+        """Case-insensitive method lookup, checked against what applies to the model."""
+        methods = _engine().METHODS
+        wanted = (name or model.spec.default_method).strip()
+        canonical = {key.lower(): key for key in methods}
+        applicable = model.applicable_methods
+        if wanted.lower() not in canonical:
+            close = difflib.get_close_matches(wanted, list(methods), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise UnsupportedMethod(
+                f"Unknown method {wanted!r}.{hint} Methods for model {model.spec.name!r}: "
+                f"{', '.join(applicable)}.",
+                details={"methods": applicable},
+            )
+        method = canonical[wanted.lower()]
+        reason = model.methods.get(method)
+        if reason is not None:
+            if not reason.startswith(method):
+                reason = f"{method} does not apply to model {model.spec.name!r}: {reason}"
+            raise MethodNotApplicable(
+                f"{reason} Methods that apply to {model.spec.name!r}: {', '.join(applicable)}.",
+                details={"methods": applicable, "reason": reason},
+            )
+        return method, methods[method]
+
+    def _check_options(self, method: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
+        methods = _engine().METHODS
+        taken = tuple(getattr(cls, "option_names", ()))
+        for option in options:
+            if option not in taken:
+                takers = [n for n, c in methods.items() if option in getattr(c, "option_names", ())]
+                raise InvalidParameter(
+                    f"{method} does not take the option {option!r}; "
+                    f"{', '.join(takers) or 'no method'} take(s) it. "
+                    f"Drop {option!r} or choose one of those methods.",
+                    details={"option": option, "methods": takers},
+                )
+        return dict(options)
+
+    def _check_layers(self, model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
+        if not layers:
+            return model.target_layers
+        for layer in layers:
+            if layer not in model.layer_names:
+                close = difflib.get_close_matches(layer, sorted(model.layer_names), n=5)
+                raise InvalidParameter(
+                    f"Model {model.spec.name!r} has no layer {layer!r}."
+                    + (f" Close matches: {', '.join(close)}." if close else "")
+                    + f" Candidate layers: {', '.join(model.candidate_layers)}.",
+                    details={"close_matches": close},
+                )
+        return tuple(dict.fromkeys(layers))
+
+    def _check_classes(self, model: LoadedModel, class_idx: Sequence[int], count: int) -> None:
+        if class_idx and len(class_idx) not in (1, count):
+            raise InvalidParameter(
+                f"Got {len(class_idx)} class_idx values for {count} images; give one for all "
+                "images or one per image, in upload order."
+            )
+        for idx in class_idx:
+            if not 0 <= idx < model.spec.num_classes:
+                raise InvalidParameter(
+                    f"class_idx {idx} is out of range: model {model.spec.name!r} has "
+                    f"{model.spec.num_classes} classes (0..{model.spec.num_classes - 1})."
+                )
+
+    def _check_rendering(self, params: ExplainParams) -> None:
+        unknown = [o for o in params.outputs if o not in OUTPUT_KINDS]
+        if unknown or not params.outputs:
+            raise InvalidParameter(
+                f"output must be any of {', '.join(OUTPUT_KINDS)} (repeat it or separate by "
+                f"commas); got {', '.join(unknown) or 'nothing'}."
+            )
+        if params.image_format not in OUTPUT_FORMATS:
+            raise InvalidParameter(f"image_format must be one of {', '.join(OUTPUT_FORMATS)}.")
+        if ({"overlay", "heatmap"} & set(params.outputs)) and (
+            params.colormap not in colormap_names()
+        ):
+            raise InvalidParameter(
+                f"Unknown colormap {params.colormap!r}; choose one of "
+                f"{', '.join(colormap_names())}."
+            )
+
+    async def explain(
+        self, model_name: str | None, uploads: Sequence[Upload], params: ExplainParams
+    ) -> ExplainResponse:
+        """Predictions and class activation maps for every upload, from one batched pass."""
+        started = time.perf_counter()
+        model = self.registry.get(model_name)
+        method, cls = self.resolve_method(model, params.method)
+        options = self._check_options(method, cls, params.options)
+        if "fc_layer" in getattr(cls, "option_names", ()) and model.spec.fc_layer:
+            options.setdefault("fc_layer", model.spec.fc_layer)
+        layers = self._check_layers(model, params.target_layers)
+        self._check_classes(model, params.class_idx, len(uploads))
+        self._check_rendering(params)
+
+        decoded = await self._decode(model, uploads)
+        submitted = time.perf_counter()
+        run = await self.limiter.run(
+            lambda: self._run_cam(model, cls, decoded.batch, layers, params, options, submitted)
+        )
+
+        encode_started = time.perf_counter()
+        results = await anyio.to_thread.run_sync(
+            lambda: self._render(model, uploads, decoded, run, layers, params)
+        )
+        encoded = time.perf_counter() - encode_started
+        timings = ExplainTimings(
+            decode_ms=_ms(decoded.seconds),
+            queue_ms=_ms(run.queue_s),
+            forward_ms=_ms(run.forward_s),
+            cam_ms=_ms(run.cam_s),
+            encode_ms=_ms(encoded),
+            total_ms=_ms(time.perf_counter() - started),
+        )
+        public_options = {k: v for k, v in options.items() if k in params.options}
+        return ExplainResponse(
+            model=model.spec.name,
+            device=str(model.device),
+            method=method,
+            target_layers=list(layers),
+            options=public_options,
+            image_format=params.image_format,
+            media_type=OUTPUT_FORMATS[params.image_format][1],
+            timings=timings,
+            results=results,
+        )
+
+    @staticmethod
+    def _run_cam(
+        model: LoadedModel,
+        cls: type,
+        batch: torch.Tensor,
+        layers: tuple[str, ...],
+        params: ExplainParams,
+        options: dict[str, Any],
+        submitted: float,
+    ) -> _CamRun:
+        with model.lock:
+            queued = time.perf_counter() - submitted
+            x = batch.to(model.device)
+            mode = torch.enable_grad() if cls.requires_grad else torch.inference_mode()
+            try:
+                extractor = cls(
+                    model.module,
+                    target_layer=list(layers),
+                    input_shape=model.spec.input_shape,
+                    **options,
+                )
+            except ValueError as error:
+                raise MethodNotApplicable(f"{cls.__name__} cannot run here: {error}") from None
+            with extractor, mode:
+                t0 = time.perf_counter()
+                scores = model.module(x)
+                synchronize(model.device)
+                t1 = time.perf_counter()
+                if params.class_idx:
+                    idx = list(params.class_idx) * (len(x) if len(params.class_idx) == 1 else 1)
+                else:
+                    idx = scores.argmax(dim=1).tolist()
+                try:
+                    cams = extractor(idx, scores, normalized=params.normalized)
+                    fused = extractor.fuse_cams(cams) if len(cams) > 1 else None
+                except (ValueError, IndexError) as error:
+                    raise InvalidParameter(f"The CAM could not be computed: {error}") from None
+                synchronize(model.device)
+                t2 = time.perf_counter()
+                return _CamRun(
+                    logits=scores.detach().float().cpu(),
+                    class_idx=idx,
+                    cams=[c.detach().float().cpu() for c in cams],
+                    fused=None if fused is None else fused.detach().float().cpu(),
+                    queue_s=queued,
+                    forward_s=t1 - t0,
+                    cam_s=t2 - t1,
+                )
+
+    def _render(
+        self,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        decoded: _Decoded,
+        run: _CamRun,
+        layers: tuple[str, ...],
+        params: ExplainParams,
+    ) -> list[ExplainResult]:
+        heatmap, overlay_mask = _engine().heatmap, _engine().overlay_mask
+
+        named = [
+            (layer, "layer", cams, params.normalized)
+            for layer, cams in zip(layers, run.cams, strict=True)
+        ]
+        if run.fused is not None:
+            named.append((FUSED, "fused", run.fused, True))
+        results = []
+        for i, (upload, image, box) in enumerate(
+            zip(uploads, decoded.images, decoded.boxes, strict=True)
+        ):
+            maps = []
+            for layer, kind, cams, is_normalized in named:
+                cam = cams[i]
+                output = MapOutput(layer=layer, kind=kind)
+                if "raw" in params.outputs:
+                    output.raw = RawMap(
+                        shape=list(cam.shape), normalized=is_normalized, values=cam.tolist()
+                    )
+                if {"overlay", "heatmap"} & set(params.outputs):
+                    mask = cam if is_normalized else _min_max(cam)
+                    if (round(box.left), round(box.top)) != (0, 0) or (
+                        round(box.right),
+                        round(box.bottom),
+                    ) != image.size:
+                        mask = map_to_image(mask, box, image.size)
+                    if "overlay" in params.outputs:
+                        picture = overlay_mask(image, mask, params.colormap, params.alpha)
+                        output.overlay = to_base64(encode_image(picture, params.image_format))
+                    if "heatmap" in params.outputs:
+                        picture = heatmap(mask, image.size, params.colormap)
+                        output.heatmap = to_base64(encode_image(picture, params.image_format))
+                maps.append(output)
+            logits = run.logits[i]
+            target = run.class_idx[i]
+            probability = float(logits.softmax(-1)[target])
+            explanation = Explanation(
+                class_idx=target,
+                label=model.labels[target],
+                logit=float(logits[target]),
+                probability=probability,
+                maps=maps,
+            )
+            results.append(
+                ExplainResult(
+                    filename=upload.filename,
+                    width=image.width,
+                    height=image.height,
+                    predictions=self._predictions(model, logits, params.top_k),
+                    logits=logits.tolist(),
+                    explanations=[explanation],
+                )
+            )
+        return results
+
+
+def _min_max(cam: torch.Tensor) -> torch.Tensor:
+    low, high = cam.min(), cam.max()
+    return (cam - low) / (high - low) if high > low else torch.zeros_like(cam)

@@ -1,0 +1,154 @@
+"""Decode and validate uploads, preprocess them for a model, and encode images for answers."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from app.manifest import ModelSpec
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+OUTPUT_FORMATS = {
+    "png": ("PNG", "image/png"),
+    "jpeg": ("JPEG", "image/jpeg"),
+    "webp": ("WEBP", "image/webp"),
+}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where the model's input crop lies in the original image, in original pixels."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
+def decode_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
+    """Bytes -> upright RGB image; raises InvalidImage, UnsupportedMediaType or ImageTooLarge."""
+    name = filename or "upload"
+    if not data:
+        raise InvalidImage(f"{name}: the file is empty; attach the image's bytes.")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnsupportedMediaType(
+            f"{name}: not a recognised image; send {', '.join(ACCEPTED_FORMATS)}."
+        ) from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(
+            f"{name}: the image declares far more pixels than allowed; downscale it."
+        ) from None
+    except Exception:
+        raise InvalidImage(f"{name}: the image header is corrupt; re-export the image.") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise UnsupportedMediaType(
+            f"{name}: {image.format} images are not supported; send {', '.join(ACCEPTED_FORMATS)}."
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
+            f"{max_pixels} (CAMSERVE_MAX_IMAGE_PIXELS); downscale the image."
+        )
+    try:
+        image.load()
+    except Exception:
+        raise InvalidImage(
+            f"{name}: the image data is truncated or corrupt; upload the complete file."
+        ) from None
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = Image.fromarray(_to_uint8(np.asarray(image)), "L")
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    values = array.astype(np.float64)
+    if array.dtype.kind == "f":
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
+    elif values.max(initial=0) <= 255:
+        scaled = values
+    elif values.max() <= 65535:
+        scaled = values / 257.0
+    else:
+        scaled = values / values.max() * 255
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def preprocess(images: list[Image.Image], spec: ModelSpec) -> tuple[torch.Tensor, list[Box]]:
+    """Resize (shorter side), centre-crop and normalise into one (N, C, H, W) float batch."""
+    tensors, boxes = [], []
+    crop_h, crop_w = spec.crop
+    mean = torch.tensor(spec.mean).view(-1, 1, 1)
+    std = torch.tensor(spec.std).view(-1, 1, 1)
+    for image in images:
+        width, height = image.size
+        scale = max(spec.resize / min(width, height), crop_h / height, crop_w / width)
+        new_w, new_h = max(crop_w, round(width * scale)), max(crop_h, round(height * scale))
+        left, top = round((new_w - crop_w) / 2), round((new_h - crop_h) / 2)
+        resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        cropped = resized.crop((left, top, left + crop_w, top + crop_h))
+        if spec.input_shape[0] == 1:
+            cropped = cropped.convert("L")
+        array = np.asarray(cropped, dtype=np.float32) / 255.0
+        if array.ndim == 2:
+            array = array[:, :, None]
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+        tensors.append((tensor - mean) / std)
+        sx, sy = new_w / width, new_h / height
+        boxes.append(Box(left / sx, top / sy, (left + crop_w) / sx, (top + crop_h) / sy))
+    return torch.stack(tensors), boxes
+
+
+def map_to_image(cam: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
+    """A (h, w) map over the model's crop -> a (H, W) map over the original image (0 outside)."""
+    width, height = size
+    left, top = round(box.left), round(box.top)
+    right, bottom = min(width, round(box.right)), min(height, round(box.bottom))
+    left, top = max(0, left), max(0, top)
+    out_w, out_h = max(1, right - left), max(1, bottom - top)
+    resized = torch.nn.functional.interpolate(
+        cam[None, None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False
+    )[0, 0]
+    if (left, top, out_w, out_h) == (0, 0, width, height):
+        return resized
+    full = torch.zeros(height, width, dtype=resized.dtype)
+    full[top : top + out_h, left : left + out_w] = resized[: height - top, : width - left]
+    return full
+
+
+def encode_image(image: Image.Image, image_format: str) -> bytes:
+    """Encode as png, jpeg or webp."""
+    pil_format, _ = OUTPUT_FORMATS[image_format]
+    buffer = io.BytesIO()
+    if pil_format == "PNG":
+        image.save(buffer, format="PNG", compress_level=3)
+    else:
+        image.convert("RGB").save(buffer, format=pil_format, quality=90)
+    return buffer.getvalue()
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

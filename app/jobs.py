@@ -1,0 +1,56 @@
+"""Bound the model jobs running at once, and refuse work beyond a queue bound."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio.to_thread
+
+from app.errors import Overloaded
+
+T = TypeVar("T")
+
+
+class JobLimiter:
+    """At most ``max_running`` jobs in worker threads; ``max_waiting`` more may wait for a slot."""
+
+    def __init__(self, max_running: int, max_waiting: int) -> None:
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._slots = asyncio.Semaphore(max_running)
+        self._admitted = 0
+        self._mean_seconds = 0.5
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs running or waiting."""
+        return self._admitted
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: roughly the time to drain the queue."""
+        backlog = self._admitted / self.max_running
+        return max(1, math.ceil(backlog * self._mean_seconds))
+
+    async def run(self, func: Callable[[], T]) -> T:
+        """Run ``func`` in a worker thread once a slot is free; Overloaded if the queue is full."""
+        if self._admitted >= self.max_running + self.max_waiting:
+            raise Overloaded(
+                f"The service is busy ({self._admitted} jobs running or queued); "
+                "retry after the number of seconds in Retry-After.",
+                headers={"Retry-After": str(self.retry_after())},
+            )
+        self._admitted += 1
+        try:
+            async with self._slots:
+                started = time.perf_counter()
+                # Not abandoned on cancel: the slot stays taken until the thread really ends.
+                result = await anyio.to_thread.run_sync(func)
+                elapsed = time.perf_counter() - started
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
+                return result
+        finally:
+            self._admitted -= 1

@@ -1,0 +1,78 @@
+"""Application factory: ``create_app(settings)`` builds the service; the lifespan starts it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import __version__
+from app.device import describe_device, resolve_device
+from app.errors import install_error_handlers
+from app.explainer import Explainer
+from app.jobs import JobLimiter
+from app.middleware import BodyLimitMiddleware
+from app.registry import ModelRegistry
+from app.routes import explain, health, models, predict
+from app.settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Predictions and class activation maps (CAM, Grad-CAM, Score-CAM and relatives) for the
+PyTorch image classifiers of a model store. Errors are always
+`{"error": {"code": ..., "message": ...}}`.
+"""
+_FORM_OVERHEAD = 1024 * 1024
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Decide the device, discover the store, and load the models in the background."""
+    settings: Settings = app.state.settings
+    device = resolve_device(settings.device)
+    logger.info("camserve %s on device %s", __version__, describe_device(device))
+    registry = ModelRegistry(settings.model_store, device, settings.default_model)
+    registry.discover()
+    limiter = JobLimiter(settings.max_concurrent_jobs, settings.queue_size)
+    app.state.device = device
+    app.state.registry = registry
+    app.state.explainer = Explainer(registry, limiter, settings.max_image_pixels)
+    # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
+    loading = asyncio.ensure_future(asyncio.to_thread(registry.load_all))
+    try:
+        yield
+    finally:
+        await loading
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the FastAPI application; settings come from the environment when not given."""
+    settings = settings or load_settings()
+    app = FastAPI(
+        title="camserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for router in (health.router, models.router, predict.router, explain.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type", "Accept"],
+            expose_headers=["Retry-After", "X-Camserve-Method", "X-Camserve-Class"],
+        )
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
+    )
+    return app

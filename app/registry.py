@@ -1,0 +1,367 @@
+"""The model store: discover manifests, load models once, and look them up by name."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from app.errors import ModelNotFound, ModelUnavailable
+from app.manifest import ManifestError, ModelSpec, parse_manifest
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "failed"]
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode on the service device, with what the CAM routes need to know."""
+
+    spec: ModelSpec
+    module: nn.Module
+    device: torch.device
+    labels: tuple[str, ...]
+    target_layers: tuple[str, ...]
+    candidate_layers: tuple[str, ...]
+    layer_names: frozenset[str]
+    methods: dict[str, str | None]
+    """Every CAM method name -> None when it applies, else the reason it does not."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held for every forward: extractors hook the shared module, so runs must not overlap."""
+
+    @property
+    def applicable_methods(self) -> list[str]:
+        return [name for name, reason in self.methods.items() if reason is None]
+
+
+@dataclass
+class ModelEntry:
+    """One folder of the store and how far its loading got."""
+
+    name: str
+    status: Status = "loading"
+    spec: ModelSpec | None = None
+    error: str | None = None
+    model: LoadedModel | None = None
+    load_seconds: float | None = None
+
+
+def close_first(name: str, candidates: list[str] | tuple[str, ...]) -> list[str]:
+    """All candidates, the ones that look like ``name`` first."""
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+    return close + sorted(c for c in candidates if c not in close)
+
+
+class ModelRegistry:
+    """Models of one store, keyed by folder name; a broken model never hides the others."""
+
+    def __init__(self, store: Path, device: torch.device, default_model: str) -> None:
+        self.store = store
+        self.device = device
+        self.default_model = default_model
+        self.entries: dict[str, ModelEntry] = {}
+        self._loaded = threading.Event()
+
+    def discover(self) -> None:
+        """List the store's folders; every folder with files is a model entry."""
+        if not self.store.is_dir():
+            logger.error("model store %s does not exist; no models are served", self.store)
+            self._loaded.set()
+            return
+        for folder in sorted(p for p in self.store.iterdir() if p.is_dir()):
+            if folder.name.startswith((".", "_")):
+                continue
+            self.entries[folder.name] = ModelEntry(name=folder.name)
+        if self.default_model not in self.entries:
+            logger.warning(
+                "default model %r is not in %s (found: %s)",
+                self.default_model,
+                self.store,
+                ", ".join(self.entries) or "nothing",
+            )
+
+    def load_all(self) -> None:
+        """Load every discovered model; record failures instead of raising."""
+        try:
+            for entry in self.entries.values():
+                self._load_entry(entry)
+        finally:
+            self._loaded.set()
+
+    def _load_entry(self, entry: ModelEntry) -> None:
+        started = time.perf_counter()
+        folder = self.store / entry.name
+        try:
+            entry.spec = parse_manifest(folder)
+            entry.model = load_model(entry.spec, self.device)
+        except Exception as error:  # a broken model is reported, never fatal
+            entry.status = "failed"
+            entry.error = _reason(error)
+            level = logging.WARNING if isinstance(error, ManifestError) else logging.ERROR
+            logger.log(
+                level,
+                "model %s failed to load: %s",
+                entry.name,
+                entry.error,
+                exc_info=not isinstance(error, ManifestError),
+            )
+            return
+        entry.load_seconds = time.perf_counter() - started
+        entry.status = "ready"
+        logger.info(
+            "model %s loaded on %s in %.2f s (%s, layers %s)",
+            entry.name,
+            self.device,
+            entry.load_seconds,
+            entry.spec.architecture,
+            ", ".join(entry.model.target_layers),
+        )
+
+    @property
+    def ready(self) -> bool:
+        """True once every model has either loaded or failed."""
+        return self._loaded.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def entry(self, name: str | None) -> ModelEntry:
+        """The entry called ``name`` (the default model when None), or ModelNotFound."""
+        name = name or self.default_model
+        try:
+            return self.entries[name]
+        except KeyError:
+            available = close_first(name, self.names())
+            raise ModelNotFound(
+                f"Unknown model {name!r}. Available models: {', '.join(available) or 'none'}."
+                + (" Pick one with the `model` parameter." if available else ""),
+                details={"available": available},
+            ) from None
+
+    def get(self, name: str | None) -> LoadedModel:
+        """The loaded model called ``name``, or an error saying why it cannot serve."""
+        entry = self.entry(name)
+        if entry.status == "loading":
+            raise ModelUnavailable(
+                f"Model {entry.name!r} is still loading; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
+        if entry.status == "failed" or entry.model is None:
+            raise ModelUnavailable(
+                f"Model {entry.name!r} failed to load: {entry.error}. "
+                "Fix its folder in the model store and restart the service."
+            )
+        return entry.model
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text if isinstance(error, ManifestError) else f"{type(error).__name__}: {text}"
+
+
+def _resolve_factory(architecture: str) -> Callable[..., nn.Module]:
+    module_name, _, attribute = architecture.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ManifestError(
+            f"architecture {architecture!r}: cannot import {module_name}: {error}"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ManifestError(f"architecture {architecture!r}: {module_name} has no {attribute}")
+    return factory
+
+
+def build_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...] | None]:
+    """Instantiate the architecture and load its weights; returns the labels the weights carry."""
+    import torchvision.models as tvm
+
+    kwargs: dict[str, Any] = dict(spec.kwargs)
+    categories: tuple[str, ...] | None = None
+    if ":" in spec.architecture:
+        if spec.weights_path is None:
+            raise ManifestError(
+                f"weights {spec.weights!r} names torchvision weights, which only torchvision "
+                "architectures take; point weights at a state_dict file instead"
+            )
+        model = _resolve_factory(spec.architecture)(**kwargs)
+    else:
+        try:
+            builder = tvm.get_model_builder(spec.architecture)
+        except ValueError:
+            known = tvm.list_models(module=tvm)
+            close = difflib.get_close_matches(spec.architecture, known, n=3)
+            raise ManifestError(
+                f"unknown torchvision architecture {spec.architecture!r}"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+                + " (or use package.module:factory)"
+            ) from None
+        if spec.weights_path is None:
+            # Torchvision downloads these into TORCH_HOME on first use; that needs internet.
+            try:
+                weights = tvm.get_model_weights(spec.architecture)[spec.weights]
+            except KeyError:
+                enum = tvm.get_model_weights(spec.architecture)
+                raise ManifestError(
+                    f"{spec.architecture} has no weights {spec.weights!r}; "
+                    f"known: {', '.join(enum.__members__)}"
+                ) from None
+            categories = tuple(weights.meta.get("categories") or ()) or None
+            model = builder(weights=weights, **kwargs)
+        else:
+            model = builder(weights=None, **kwargs)
+    if spec.weights_path is not None:
+        model.load_state_dict(_read_state_dict(spec.weights_path))
+    return model, categories
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ManifestError(
+                f"{path.name} needs the safetensors package (pip install safetensors)"
+            ) from None
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ManifestError(f"cannot read weights {path.name}: {error}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ManifestError(f"{path.name} does not hold a state_dict")
+    return state
+
+
+def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
+    """Build, freeze, move and warm up one model, and work out which CAM methods apply."""
+    module, categories = build_model(spec)
+    module.eval().requires_grad_(False).to(device)
+    labels = spec.labels or categories or tuple(f"class_{i}" for i in range(spec.num_classes))
+    if len(labels) != spec.num_classes:
+        raise ManifestError(f"{len(labels)} labels but num_classes is {spec.num_classes}")
+
+    shapes = _warm_up(module, spec, device)
+    layer_names = frozenset(name for name, _ in module.named_modules() if name)
+    candidates = tuple(
+        name for name, shape in shapes.items() if len(shape) == 4 and name.count(".") <= 1
+    )
+    missing = [name for name in spec.target_layers if name not in layer_names]
+    if missing:
+        close = difflib.get_close_matches(missing[0], sorted(layer_names), n=3)
+        raise ManifestError(
+            f"[cam] target layer {missing[0]!r} is not a module of the model"
+            + (f"; close matches: {', '.join(close)}" if close else "")
+        )
+    if spec.fc_layer is not None and spec.fc_layer not in layer_names:
+        raise ManifestError(f"[cam] fc_layer {spec.fc_layer!r} is not a module of the model")
+    target_layers = spec.target_layers or _default_layers(module, spec, candidates)
+    methods = applicable_methods(module, spec, target_layers)
+    return LoadedModel(
+        spec=spec,
+        module=module,
+        device=device,
+        labels=labels,
+        target_layers=target_layers,
+        candidate_layers=candidates,
+        layer_names=layer_names,
+        methods=methods,
+    )
+
+
+def _warm_up(module: nn.Module, spec: ModelSpec, device: torch.device) -> dict[str, tuple]:
+    """One forward on zeros; records every submodule's output shape and checks the logits."""
+    shapes: dict[str, tuple] = {}
+
+    def record(name: str, _module: nn.Module, _inputs: object, output: object) -> None:
+        shapes.setdefault(name, tuple(output.shape) if isinstance(output, torch.Tensor) else ())
+
+    handles = [
+        sub.register_forward_hook(partial(record, name))
+        for name, sub in module.named_modules()
+        if name
+    ]
+    try:
+        with torch.inference_mode():
+            out = module(torch.zeros(1, *spec.input_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ManifestError(
+            f"the model returns {got} for one image but num_classes is {spec.num_classes}"
+        )
+    return shapes
+
+
+def _default_layers(
+    module: nn.Module, spec: ModelSpec, candidates: tuple[str, ...]
+) -> tuple[str, ...]:
+    try:
+        from app.cam import locate_candidate_layer
+
+        layer = locate_candidate_layer(module, spec.input_shape)
+    except ImportError:
+        layer = None
+    if layer is None and candidates:
+        layer = candidates[-1]
+    if layer is None:
+        raise ManifestError("no [cam] target_layers given and no convolutional layer was found")
+    return (layer,)
+
+
+def applicable_methods(
+    module: nn.Module, spec: ModelSpec, target_layers: tuple[str, ...]
+) -> dict[str, str | None]:
+    """Method name -> None when it applies to this model, else the reason it does not."""
+    try:
+        from app.cam import METHODS, find_fc_layer
+    except ImportError:
+        logger.warning("the CAM engine (app.cam) is not installed; /explain is unavailable")
+        return {}
+    result: dict[str, str | None] = {}
+    layer: str | list[str] = target_layers[0] if len(target_layers) == 1 else list(target_layers)
+    for name, cls in METHODS.items():
+        reason = None
+        if "fc_layer" in getattr(cls, "option_names", ()) and spec.fc_layer is None:
+            try:
+                find_fc_layer(module, layer, spec.input_shape)
+            except ValueError as error:
+                reason = str(error)
+        result[name] = reason
+    if spec.allowed_methods is not None:
+        canonical = {name.lower(): name for name in METHODS}
+        unknown = [m for m in spec.allowed_methods if m.lower() not in canonical]
+        if unknown:
+            raise ManifestError(
+                f"[cam] allowed_methods names unknown method(s) {', '.join(unknown)}; "
+                f"known: {', '.join(METHODS)}"
+            )
+        allowed = {canonical[m.lower()] for m in spec.allowed_methods}
+        for name in result:
+            if name not in allowed and result[name] is None:
+                result[name] = f"not in this model's allowed_methods ({', '.join(sorted(allowed))})"
+    default = spec.default_method.lower()
+    if default not in {name.lower() for name in METHODS}:
+        raise ManifestError(
+            f"[cam] default_method {spec.default_method!r} is unknown; known: {', '.join(METHODS)}"
+        )
+    return result

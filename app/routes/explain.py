@@ -1,0 +1,139 @@
+"""Class activation maps for uploaded images."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import Response
+
+from app.deps import get_explainer, get_settings, read_uploads, require_api_key
+from app.errors import CamserveError, InvalidParameter
+from app.explainer import Explainer, ExplainParams
+from app.routes import error_responses
+from app.schemas import ExplainResponse
+from app.settings import Settings
+
+router = APIRouter(tags=["explanation"], dependencies=[Depends(require_api_key)])
+
+OPTION_BOUNDS = {
+    "num_samples": (1, 64),
+    "std": (0.0, 10.0),
+    "batch_size": (1, 256),
+    "seed": (0, 2**32 - 1),
+}
+
+
+class NotAcceptable(CamserveError):
+    status_code = 406
+    code = "not_acceptable"
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+def _class_indices(values: list[str] | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in _split(values))
+    except ValueError:
+        raise InvalidParameter(
+            "class_idx must be integers: one for all images or one per image "
+            "(repeat the field or separate by commas)."
+        ) from None
+
+
+def _wants_png(request: Request) -> bool:
+    for item in request.headers.get("accept", "").split(","):
+        media = item.split(";")[0].strip().lower()
+        if media in ("image/png", "image/*"):
+            return True
+        if media in ("application/json", "application/*"):
+            return False
+    return False
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    responses={
+        200: {
+            "content": {"image/png": {}},
+            "description": "JSON, or with `Accept: image/png` and one image the overlay itself",
+        },
+        **error_responses(401, 404, 406, 413, 415, 422, 503),
+    },
+)
+async def explain_images(
+    request: Request,
+    file: Annotated[list[UploadFile], File(description="one or more images (repeat the part)")],
+    model: Annotated[str | None, Form(description="model name; default: the default model")] = None,
+    method: Annotated[
+        str | None, Form(description="CAM method, case-insensitive; default: the model's")
+    ] = None,
+    class_idx: Annotated[
+        list[str] | None,
+        Form(description="class to explain: one for all images or one per image; default top-1"),
+    ] = None,
+    top_k: Annotated[int, Form(ge=1, le=1000, description="predictions returned per image")] = 5,
+    target_layer: Annotated[
+        list[str] | None,
+        Form(description="layer(s) to explain (repeatable); several add a fused map"),
+    ] = None,
+    output: Annotated[
+        list[str] | None, Form(description="any of overlay, heatmap, raw (repeat or comma list)")
+    ] = None,
+    colormap: Annotated[str, Form(description="jet, viridis, inferno, turbo, hot, ...")] = "jet",
+    alpha: Annotated[float, Form(ge=0, le=1, description="weight of the image in overlays")] = 0.5,
+    image_format: Annotated[Literal["png", "jpeg", "webp"], Form()] = "png",
+    normalized: Annotated[bool, Form(description="raw maps min-max scaled to [0, 1]")] = True,
+    num_samples: Annotated[int | None, Form(ge=1, le=64, description="noise samples")] = None,
+    std: Annotated[float | None, Form(ge=0, le=10, description="noise standard deviation")] = None,
+    batch_size: Annotated[int | None, Form(ge=1, le=256, description="masks per forward")] = None,
+    seed: Annotated[int | None, Form(ge=0, le=2**32 - 1, description="noise seed")] = None,
+    explainer: Explainer = Depends(get_explainer),
+    settings: Settings = Depends(get_settings),
+) -> ExplainResponse | Response:
+    """Predict and explain the uploaded images with a class activation map method."""
+    as_png = _wants_png(request)
+    if as_png and len(file) != 1:
+        raise NotAcceptable(
+            "An image/png answer holds one image; send one file or accept application/json."
+        )
+    options = {
+        name: value
+        for name, value in {
+            "num_samples": num_samples,
+            "std": std,
+            "batch_size": batch_size,
+            "seed": seed,
+        }.items()
+        if value is not None
+    }
+    params = ExplainParams(
+        method=method or None,
+        class_idx=_class_indices(class_idx),
+        top_k=top_k,
+        target_layers=tuple(_split(target_layer)),
+        outputs=("overlay",) if as_png else tuple(o.lower() for o in _split(output) or ["overlay"]),
+        colormap=colormap.strip().lower(),
+        alpha=alpha,
+        image_format="png" if as_png else image_format,
+        normalized=normalized,
+        options=options,
+    )
+    uploads = await read_uploads(file, settings)
+    answer = await explainer.explain(model or None, uploads, params)
+    if as_png:
+        overlay = answer.results[0].explanations[0].maps[-1].overlay or ""
+        return Response(
+            base64.b64decode(overlay),
+            media_type="image/png",
+            headers={
+                "X-Camserve-Method": answer.method,
+                "X-Camserve-Class": str(answer.results[0].explanations[0].class_idx),
+                "X-Camserve-Label": answer.results[0].explanations[0].label,
+            },
+        )
+    return answer

@@ -1,0 +1,47 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torchvision
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.deps import get_registry
+from app.device import describe_device
+from app.registry import ModelRegistry
+from app.schemas import HealthResponse, ReadyResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthResponse)
+def get_health(request: Request, registry: ModelRegistry = Depends(get_registry)) -> HealthResponse:
+    """Report that the process is alive, its device and library versions."""
+    return HealthResponse(
+        version=__version__,
+        device=describe_device(request.app.state.device),
+        versions={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+        },
+        models_loaded=registry.ready,
+    )
+
+
+@router.get(
+    "/ready",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "models are still loading"}},
+)
+def get_ready(registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
+    """Answer 200 once every model has loaded (or failed), 503 before."""
+    body = ReadyResponse(
+        ready=registry.ready,
+        models={name: entry.status for name, entry in registry.entries.items()},
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)

@@ -1,0 +1,268 @@
+"""Request and response bodies, with the examples shown on /docs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def _example(example: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": [example]})
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code")
+    message: str = Field(description="what went wrong and how to fix it")
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the service returns has this shape."""
+
+    model_config = _example(
+        {
+            "error": {
+                "code": "model_not_found",
+                "message": "Unknown model 'shape'. Available models: shapes.",
+                "details": {"available": ["shapes"]},
+            }
+        }
+    )
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    model_config = _example(
+        {
+            "status": "ok",
+            "version": "0.1.0",
+            "device": "cpu",
+            "versions": {"python": "3.11.7", "torch": "2.5.1", "torchvision": "0.20.1"},
+            "models_loaded": True,
+        }
+    )
+    status: Literal["ok"] = "ok"
+    version: str
+    device: str
+    versions: dict[str, str]
+    models_loaded: bool
+
+
+class ReadyResponse(BaseModel):
+    model_config = _example({"ready": True, "models": {"shapes": "ready"}})
+    ready: bool
+    models: dict[str, Literal["loading", "ready", "failed"]]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    status: Literal["loading", "ready", "failed"]
+    description: str = ""
+    error: str | None = Field(None, description="why the model failed to load")
+    architecture: str | None = None
+    num_classes: int | None = None
+    input_shape: list[int] | None = None
+
+
+class ModelList(BaseModel):
+    model_config = _example(
+        {
+            "default_model": "shapes",
+            "models": [
+                {
+                    "name": "shapes",
+                    "status": "ready",
+                    "description": "ResNet for 8 synthetic shapes",
+                    "error": None,
+                    "architecture": "app.zoo.shapes_resnet:build",
+                    "num_classes": 8,
+                    "input_shape": [3, 128, 128],
+                }
+            ],
+        }
+    )
+    default_model: str
+    models: list[ModelSummary]
+
+
+class Preprocess(BaseModel):
+    resize: int
+    crop: list[int]
+    mean: list[float]
+    std: list[float]
+
+
+class ModelDetail(ModelSummary):
+    model_config = _example(
+        {
+            "name": "shapes",
+            "status": "ready",
+            "description": "ResNet for 8 synthetic shapes",
+            "architecture": "app.zoo.shapes_resnet:build",
+            "num_classes": 8,
+            "input_shape": [3, 128, 128],
+            "device": "cpu",
+            "weights": "weights.pt",
+            "labels": ["circle", "square", "triangle"],
+            "preprocess": {"resize": 128, "crop": [128, 128], "mean": [0.5] * 3, "std": [0.25] * 3},
+            "target_layers": ["layer3"],
+            "candidate_layers": ["conv1", "layer1", "layer2", "layer3"],
+            "default_method": "GradCAM",
+            "methods": ["CAM", "GradCAM", "GradCAMpp", "ScoreCAM"],
+            "not_applicable": {},
+        }
+    )
+    device: str
+    weights: str
+    labels: list[str]
+    preprocess: Preprocess
+    target_layers: list[str] = Field(description="layers explained when none is asked for")
+    candidate_layers: list[str] = Field(description="layers with spatial outputs worth trying")
+    default_method: str
+    methods: list[str] = Field(description="CAM methods that apply to this model")
+    not_applicable: dict[str, str] = Field(description="method -> why it does not apply")
+
+
+class Prediction(BaseModel):
+    class_idx: int
+    label: str
+    logit: float
+    probability: float
+
+
+class PredictResult(BaseModel):
+    filename: str
+    width: int
+    height: int
+    predictions: list[Prediction] = Field(description="top-k classes, most probable first")
+
+
+class PredictTimings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    forward_ms: float
+    total_ms: float
+
+
+class PredictResponse(BaseModel):
+    model_config = _example(
+        {
+            "model": "shapes",
+            "device": "cpu",
+            "timings": {"decode_ms": 1.2, "queue_ms": 0.1, "forward_ms": 4.8, "total_ms": 6.5},
+            "results": [
+                {
+                    "filename": "circle.png",
+                    "width": 128,
+                    "height": 128,
+                    "predictions": [
+                        {"class_idx": 0, "label": "circle", "logit": 9.1, "probability": 0.99}
+                    ],
+                }
+            ],
+        }
+    )
+    model: str
+    device: str
+    timings: PredictTimings
+    results: list[PredictResult]
+
+
+class RawMap(BaseModel):
+    shape: list[int] = Field(description="[h, w] of the map at the layer's resolution")
+    normalized: bool
+    values: list[list[float]]
+
+
+class MapOutput(BaseModel):
+    layer: str = Field(description="target layer name, or 'fused' for the fusion of all layers")
+    kind: Literal["layer", "fused"]
+    overlay: str | None = Field(None, description="base64 image at the original size")
+    heatmap: str | None = Field(None, description="base64 coloured map at the original size")
+    raw: RawMap | None = None
+
+
+class Explanation(BaseModel):
+    class_idx: int
+    label: str
+    logit: float
+    probability: float
+    maps: list[MapOutput] = Field(description="one per target layer, then 'fused' if several")
+
+
+class ExplainResult(BaseModel):
+    filename: str
+    width: int
+    height: int
+    predictions: list[Prediction]
+    logits: list[float]
+    explanations: list[Explanation]
+
+
+class ExplainTimings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    forward_ms: float
+    cam_ms: float
+    encode_ms: float
+    total_ms: float
+
+
+class ExplainResponse(BaseModel):
+    model_config = _example(
+        {
+            "model": "shapes",
+            "device": "cpu",
+            "method": "GradCAM",
+            "target_layers": ["layer3"],
+            "options": {},
+            "image_format": "png",
+            "media_type": "image/png",
+            "timings": {
+                "decode_ms": 1.1,
+                "queue_ms": 0.1,
+                "forward_ms": 5.3,
+                "cam_ms": 3.9,
+                "encode_ms": 6.0,
+                "total_ms": 16.6,
+            },
+            "results": [
+                {
+                    "filename": "circle.png",
+                    "width": 128,
+                    "height": 128,
+                    "predictions": [
+                        {"class_idx": 0, "label": "circle", "logit": 9.1, "probability": 0.99}
+                    ],
+                    "logits": [9.1, -1.2, 0.3, -2.0, -0.4, 1.1, -3.3, 0.2],
+                    "explanations": [
+                        {
+                            "class_idx": 0,
+                            "label": "circle",
+                            "logit": 9.1,
+                            "probability": 0.99,
+                            "maps": [
+                                {
+                                    "layer": "layer3",
+                                    "kind": "layer",
+                                    "overlay": "iVBORw0KGgoAAAANSUhEUgAA...",
+                                    "heatmap": None,
+                                    "raw": None,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    model: str
+    device: str
+    method: str
+    target_layers: list[str]
+    options: dict[str, Any]
+    image_format: str
+    media_type: str
+    timings: ExplainTimings
+    results: list[ExplainResult]

@@ -1,0 +1,105 @@
+"""Service configuration, read once from ``CAMSERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CAMSERVE_"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class ConfigurationError(RuntimeError):
+    """A setting or the environment it describes is unusable; the service must not start."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field maps to ``CAMSERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, protected_namespaces=()
+    )
+
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    model_store: Path = Field(Path("model_store"), description="folder with one folder per model")
+    default_model: str = Field("shapes", min_length=1, description="model used when none is named")
+    host: str = Field("127.0.0.1", min_length=1, description="address `python -m app` binds")
+    port: int = Field(8000, ge=1, le=65535, description="port `python -m app` binds")
+    max_upload_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, le=1024**3, description="largest accepted file part"
+    )
+    max_image_pixels: int = Field(
+        40_000_000, ge=64, le=500_000_000, description="largest accepted width x height"
+    )
+    max_images: int = Field(16, ge=1, le=256, description="most images in one request")
+    max_concurrent_jobs: int = Field(
+        2, ge=1, le=32, description="model jobs (forward + CAM) running at once"
+    )
+    queue_size: int = Field(
+        32, ge=0, le=10_000, description="jobs allowed to wait; more are refused with 503"
+    )
+    api_key: SecretStr | None = Field(None, description="if set, required in X-API-Key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS, or *"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.match(value):
+            raise ValueError("must be one of auto, cpu, cuda, cuda:N (N a device index)")
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _normalise_case(cls, value: object) -> object:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn pydantic's report into lines naming the environment variable and what is allowed."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else "?"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {message}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment, raising ConfigurationError with a clear message."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigurationError(describe_validation_error(error)) from None

@@ -1,0 +1,124 @@
+"""Shared fixtures: a seeded model store in a tmp folder, apps and clients built on it."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+from tests.fixtures_models import build_tiny, build_vgg_like, write_model
+
+for _name in [k for k in os.environ if k.startswith("CAMSERVE_")]:
+    del os.environ[_name]  # a developer's shell must not change what the tests see
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny (all methods), resnet (torchvision resnet18, 5 classes), vgg (no CAM), broken."""
+    root = tmp_path_factory.mktemp("store")
+    torch.manual_seed(0)
+    write_model(
+        root,
+        "tiny",
+        build_tiny(),
+        architecture="tests.fixtures_models:build_tiny",
+        num_classes=3,
+        input_size=32,
+        target_layers=["features.2"],
+    )
+    write_model(
+        root,
+        "resnet",
+        torchvision.models.resnet18(num_classes=5),
+        architecture="resnet18",
+        kwargs="kwargs = { num_classes = 5 }",
+        num_classes=5,
+        input_size=64,
+        target_layers=["layer3"],
+    )
+    write_model(
+        root,
+        "vgg",
+        build_vgg_like(),
+        architecture="tests.fixtures_models:build_vgg_like",
+        num_classes=3,
+        input_size=32,
+        target_layers=["features.0"],
+    )
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "model.toml").write_text('[model]\narchitecture = "resnet18"\n')
+    return root
+
+
+@pytest.fixture(scope="session")
+def settings(store: Path) -> Settings:
+    return Settings(model_store=store, default_model="tiny", device="cpu")
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+    """Poll /ready until every model has loaded (or failed)."""
+    deadline = time.monotonic() + timeout
+    while client.get("/ready").status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError("models did not load in time")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session")
+def client(app: FastAPI) -> Iterator[TestClient]:
+    """One started service shared by the tests that do not change settings."""
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.fixture
+def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
+    """Start a separate service with some settings changed; closed after the test."""
+    opened: list[TestClient] = []
+
+    def factory(**changes: object) -> TestClient:
+        test_client = TestClient(create_app(settings.model_copy(update=changes)))
+        test_client.__enter__()
+        opened.append(test_client)
+        wait_ready(test_client)
+        return test_client
+
+    yield factory
+    for test_client in opened:
+        test_client.__exit__(None, None, None)
+
+
+def image_bytes(
+    size: tuple[int, int] = (40, 32), mode: str = "RGB", fmt: str = "PNG", seed: int = 0, **save
+) -> bytes:
+    """A seeded random image in ``mode``, encoded as ``fmt``."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    image = rgb if mode == "RGB" else rgb.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def files(*images: bytes, name: str = "img.png") -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart ``file`` parts for TestClient."""
+    return [("file", (f"{i}-{name}", data, "image/png")) for i, data in enumerate(images)]

@@ -1,0 +1,95 @@
+"""Tiny seeded models and a helper that writes them into a model store folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """conv-relu-conv-relu, global average pooling, one Linear head: every CAM method applies."""
+
+    def __init__(self, num_classes: int = 3, width: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class VGGLike(nn.Module):
+    """Two Linear layers after a 2x2 pooling: CAM does not apply, gradient methods do."""
+
+    def __init__(self, num_classes: int = 3, width: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Sequential(
+            nn.Linear(width * 4, 8), nn.ReLU(), nn.Linear(8, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def build_tiny(num_classes: int = 3, width: int = 4) -> nn.Module:
+    return TinyNet(num_classes, width)
+
+
+def build_vgg_like(num_classes: int = 3, width: int = 4) -> nn.Module:
+    return VGGLike(num_classes, width)
+
+
+def write_model(
+    store: Path,
+    name: str,
+    model: nn.Module,
+    *,
+    architecture: str,
+    num_classes: int,
+    input_size: int,
+    target_layers: list[str],
+    kwargs: str = "",
+    extra_cam: str = "",
+    description: str = "test model",
+) -> Path:
+    """Save ``model``'s state_dict, labels and a manifest as ``store/name``."""
+    folder = store / name
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "weights.pt")
+    labels = "\n".join(f"{name}_class{i}" for i in range(num_classes))
+    (folder / "labels.txt").write_text(labels + "\n")
+    layers = ", ".join(f'"{layer}"' for layer in target_layers)
+    (folder / "model.toml").write_text(
+        f"""description = "{description}"
+
+[model]
+architecture = "{architecture}"
+{kwargs}
+weights = "weights.pt"
+num_classes = {num_classes}
+labels = "labels.txt"
+
+[preprocess]
+resize = {input_size}
+crop = {input_size}
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+input_shape = [3, {input_size}, {input_size}]
+
+[cam]
+target_layers = [{layers}]
+default_method = "GradCAM"
+{extra_cam}
+"""
+    )
+    return folder
