@@ -67,8 +67,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     CAMSERVE_PORT=8000 \
     CAMSERVE_MODEL_STORE=/app/model_store
 
-RUN groupadd --system --gid 10001 camserve \
- && useradd --system --no-log-init --uid 10001 --gid camserve --home-dir /app --shell /usr/sbin/nologin camserve
+RUN groupadd --gid 10001 camserve \
+ && useradd --no-log-init --no-create-home --uid 10001 --gid 10001 --home-dir /app \
+        --shell /usr/sbin/nologin camserve
 
 COPY --from=builder /opt/venv /opt/venv
 
