@@ -310,7 +310,7 @@ class SSCAM(_ScoreFamily):
     """SS-CAM, Smoothed Score-CAM (Wang et al., 2020, arXiv:2006.14255), noise on the masks.
 
     S_k = mean_s softmax(f(x * (M_k + e_s)))_c with e_s ~ N(0, std^2), one noise map per draw s
-    shared by the channels; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
+    shared by the channels and the samples of a batch; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
 
     Args:
         batch_size: masked inputs per forward.
@@ -354,7 +354,9 @@ class SSCAM(_ScoreFamily):
 
     def _prepare_call(self, inputs: Tensor) -> None:
         generator = _noise_generator(self.seed, inputs.device)
-        shape = (inputs.shape[0], self.num_samples, *inputs.shape[2:])
+        # One noise map per draw, shared by every channel and every sample of the batch: a sample's
+        # map then does not depend on the batch it came in.
+        shape = (self.num_samples, *inputs.shape[2:])
         self._noise = self.std * torch.randn(
             shape, generator=generator, device=inputs.device, dtype=torch.float32
         )
@@ -365,7 +367,7 @@ class SSCAM(_ScoreFamily):
     def _masked_inputs(
         self, inputs: Tensor, masks: Tensor, sample_idx: Tensor, variant_idx: Tensor
     ) -> Tensor:
-        noise = self._noise[sample_idx.to(self._noise.device), variant_idx.long()]  # type: ignore[index]
+        noise = self._noise[variant_idx.to(self._noise.device).long()]  # type: ignore[index]
         return inputs * (masks + noise).unsqueeze(1).to(inputs.dtype)
 
 

@@ -215,8 +215,12 @@ class SmoothGradCAMpp(_GradientCAM):
             with torch.inference_mode(False), torch.enable_grad():
                 base = clean_input.detach().clone()
                 for _ in range(self.num_samples):
+                    # One noise draw shared by the batch: a sample's map does not depend on its batch.
                     noise = torch.randn(
-                        base.shape, generator=generator, device=base.device, dtype=base.dtype
+                        (1, *base.shape[1:]),
+                        generator=generator,
+                        device=base.device,
+                        dtype=base.dtype,
                     )
                     with hooks_only_for(self):
                         out = self.model(base + self.std * noise)
