@@ -175,8 +175,13 @@ class Explainer:
             model=model.spec.name, device=str(model.device), timings=timings, results=results
         )
 
-    def resolve_method(self, model: LoadedModel, name: str | None) -> tuple[str, type]:
-        """Case-insensitive method lookup, checked against what applies to the model."""
+    def resolve_method(
+        self, model: LoadedModel, name: str | None, own_layers: bool = False
+    ) -> tuple[str, type]:
+        """Case-insensitive method lookup, checked against what applies to the model.
+
+        With ``own_layers`` (the client picked target layers) a method that does not apply to
+        the default layers is still tried: the extractor then says whether it applies."""
         methods = _engine().METHODS
         wanted = (name or model.spec.default_method).strip()
         canonical = {key.lower(): key for key in methods}
@@ -191,6 +196,8 @@ class Explainer:
             )
         method = canonical[wanted.lower()]
         reason = model.methods.get(method)
+        if method in model.allowed_methods and own_layers:
+            reason = None
         if reason is not None:
             if not reason.startswith(method):
                 reason = f"{method} does not apply to model {model.spec.name!r}: {reason}"
@@ -264,7 +271,10 @@ class Explainer:
         """Predictions and class activation maps for every upload, from one batched pass."""
         started = time.perf_counter()
         model = self.registry.get(model_name)
-        method, cls = self.resolve_method(model, params.method)
+        own_layers = bool(params.target_layers) and (
+            tuple(dict.fromkeys(params.target_layers)) != model.target_layers
+        )
+        method, cls = self.resolve_method(model, params.method, own_layers)
         options = self._check_options(method, cls, params.options)
         if "fc_layer" in getattr(cls, "option_names", ()) and model.spec.fc_layer:
             options.setdefault("fc_layer", model.spec.fc_layer)
@@ -339,8 +349,11 @@ class Explainer:
                 try:
                     cams = extractor(idx, scores, normalized=params.normalized)
                     fused = extractor.fuse_cams(cams) if len(cams) > 1 else None
-                except (ValueError, IndexError) as error:
-                    raise InvalidParameter(f"The CAM could not be computed: {error}") from None
+                except ValueError as error:
+                    # Class indices were checked before: what is left is about the layers/head.
+                    raise MethodNotApplicable(
+                        f"{cls.__name__} cannot explain {', '.join(layers)}: {error}"
+                    ) from None
                 synchronize(model.device)
                 t2 = time.perf_counter()
                 return _CamRun(

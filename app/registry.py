@@ -37,6 +37,8 @@ class LoadedModel:
     layer_names: frozenset[str]
     methods: dict[str, str | None]
     """Every CAM method name -> None when it applies, else the reason it does not."""
+    allowed_methods: frozenset[str] = frozenset()
+    """Methods the manifest permits (all by default), whatever the target layer."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     """Held for every forward: extractors hook the shared module, so runs must not overlap."""
 
@@ -273,7 +275,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     if spec.fc_layer is not None and spec.fc_layer not in layer_names:
         raise ManifestError(f"[cam] fc_layer {spec.fc_layer!r} is not a module of the model")
     target_layers = spec.target_layers or _default_layers(module, spec, candidates)
-    methods = applicable_methods(module, spec, target_layers)
+    methods, allowed = applicable_methods(module, spec, target_layers)
     return LoadedModel(
         spec=spec,
         module=module,
@@ -283,6 +285,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         candidate_layers=candidates,
         layer_names=layer_names,
         methods=methods,
+        allowed_methods=allowed,
     )
 
 
@@ -330,13 +333,14 @@ def _default_layers(
 
 def applicable_methods(
     module: nn.Module, spec: ModelSpec, target_layers: tuple[str, ...]
-) -> dict[str, str | None]:
-    """Method name -> None when it applies to this model, else the reason it does not."""
+) -> tuple[dict[str, str | None], frozenset[str]]:
+    """Method name -> None when it applies to this model, else the reason it does not; and the
+    methods the manifest allows."""
     try:
         from app.cam import METHODS, find_fc_layer
     except ImportError:
         logger.warning("the CAM engine (app.cam) is not installed; /explain is unavailable")
-        return {}
+        return {}, frozenset()
     result: dict[str, str | None] = {}
     layer: str | list[str] = target_layers[0] if len(target_layers) == 1 else list(target_layers)
     for name, cls in METHODS.items():
@@ -359,9 +363,11 @@ def applicable_methods(
         for name in result:
             if name not in allowed and result[name] is None:
                 result[name] = f"not in this model's allowed_methods ({', '.join(sorted(allowed))})"
+    else:
+        allowed = set(METHODS)
     default = spec.default_method.lower()
     if default not in {name.lower() for name in METHODS}:
         raise ManifestError(
             f"[cam] default_method {spec.default_method!r} is unknown; known: {', '.join(METHODS)}"
         )
-    return result
+    return result, frozenset(allowed)

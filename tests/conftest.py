@@ -36,7 +36,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         architecture="tests.fixtures_models:build_tiny",
         num_classes=3,
         input_size=32,
-        target_layers=["features.2"],
+        target_layers=["features"],
     )
     write_model(
         root,

@@ -1,0 +1,141 @@
+"""Uploads in every common mode decode to upright RGB; bad ones raise the right error."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from app.imaging import decode_image, encode_image, map_to_image, preprocess, to_rgb
+from app.manifest import parse_manifest
+from tests.conftest import image_bytes
+
+LIMIT = 10_000_000
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_rgb_png_roundtrip() -> None:
+    data = image_bytes((40, 32))
+    image = decode_image(data, "a.png", LIMIT)
+    assert image.mode == "RGB" and image.size == (40, 32)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data))))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1", "LA"])
+def test_modes_become_rgb(mode: str) -> None:
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    image = decode_image(image_bytes((20, 10), mode=mode, fmt=fmt), "x", LIMIT)
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+def test_grayscale_keeps_values() -> None:
+    gray = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), "L")
+    image = decode_image(encode(gray), "g.png", LIMIT)
+    assert np.array_equal(np.asarray(image)[..., 0], np.asarray(gray))
+
+
+def test_rgba_is_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    image = decode_image(encode(rgba), "t.png", LIMIT)
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert image.getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_palette_transparency_is_composited_on_white() -> None:
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 0, 255, 0])
+    palette.putpixel((1, 0), 1)
+    data = encode(palette, transparency=0)
+    assert decode_image(data, "p.png", LIMIT).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_image(data, "p.png", LIMIT).getpixel((1, 0)) == (0, 255, 0)
+
+
+def test_sixteen_bit_is_scaled_to_eight() -> None:
+    values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    sixteen = Image.fromarray(values)
+    assert sixteen.mode == "I;16"
+    image = decode_image(encode(sixteen), "16.png", LIMIT)
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_float_images_are_scaled() -> None:
+    image = to_rgb(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F"))
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_exif_orientation_is_applied() -> None:
+    upright = Image.open(io.BytesIO(image_bytes((30, 20))))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a rotated camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image = decode_image(encode(stored, "PNG", exif=exif), "r.png", LIMIT)
+    assert image.size == (30, 20)
+    assert np.array_equal(np.asarray(image), np.asarray(upright.convert("RGB")))
+
+
+def test_empty_file() -> None:
+    with pytest.raises(InvalidImage, match="empty"):
+        decode_image(b"", "e.png", LIMIT)
+
+
+def test_not_an_image() -> None:
+    with pytest.raises(UnsupportedMediaType, match="not a recognised image"):
+        decode_image(b"hello, world" * 10, "t.txt", LIMIT)
+
+
+def test_unsupported_format() -> None:
+    data = encode(Image.new("RGB", (4, 4)), "PPM")
+    with pytest.raises(UnsupportedMediaType, match="PPM images are not supported"):
+        decode_image(data, "x.ppm", LIMIT)
+
+
+def test_truncated() -> None:
+    data = image_bytes((64, 64), fmt="JPEG")
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(data[: len(data) // 2], "t.jpg", LIMIT)
+
+
+def test_too_many_pixels_is_refused_before_decoding() -> None:
+    data = encode(Image.new("L", (4000, 4000)))  # compresses to a few KB
+    assert len(data) < 100_000
+    with pytest.raises(ImageTooLarge, match="16000000 pixels"):
+        decode_image(data, "bomb.png", 1_000_000)
+
+
+def test_encode_formats() -> None:
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    for fmt, magic in (("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")):
+        assert encode_image(image, fmt).startswith(magic)
+
+
+def test_preprocess_resizes_and_crops(store) -> None:  # type: ignore[no-untyped-def]
+    spec = parse_manifest(store / "tiny")  # resize 32, crop 32
+    wide = Image.new("RGB", (80, 40), (255, 255, 255))
+    batch, boxes = preprocess([wide, Image.new("RGB", (32, 32))], spec)
+    assert batch.shape == (2, 3, 32, 32)
+    assert torch.allclose(batch[0], torch.full((3, 32, 32), 2.0))  # (1 - 0.5) / 0.25
+    assert boxes[0].left == pytest.approx(20) and boxes[0].right == pytest.approx(60)
+    assert (boxes[0].top, boxes[0].bottom) == (0, 40)
+    assert (boxes[1].left, boxes[1].top, boxes[1].right, boxes[1].bottom) == (0, 0, 32, 32)
+
+
+def test_map_to_image_places_the_crop() -> None:
+    from app.imaging import Box
+
+    full = map_to_image(torch.ones(4, 4), Box(20, 0, 60, 40), (80, 40))
+    assert full.shape == (40, 80)
+    assert (
+        float(full[:, 20:60].min()) == pytest.approx(1)
+        and full[:, :20].max() == 0
+        and full[:, 60:].max() == 0
+    )

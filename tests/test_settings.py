@@ -1,0 +1,65 @@
+"""Settings come from CAMSERVE_* variables and bad values stop startup with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.settings import ConfigurationError, Settings, load_settings
+
+
+def test_defaults() -> None:
+    settings = Settings()
+    assert settings.device == "auto"
+    assert settings.model_store == Path("model_store")
+    assert settings.default_model == "shapes"
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.api_key is None
+    assert settings.cors_origins == []
+    assert settings.log_format == "text"
+
+
+def test_reads_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMSERVE_DEVICE", "CUDA:1")
+    monkeypatch.setenv("CAMSERVE_PORT", "9001")
+    monkeypatch.setenv("CAMSERVE_CORS_ORIGINS", "http://a.test, http://b.test")
+    monkeypatch.setenv("CAMSERVE_API_KEY", "s3cret")
+    monkeypatch.setenv("CAMSERVE_LOG_LEVEL", "debug")
+    monkeypatch.setenv("CAMSERVE_LOG_FORMAT", "JSON")
+    settings = load_settings()
+    assert settings.device == "cuda:1"
+    assert settings.port == 9001
+    assert settings.cors_origins == ["http://a.test", "http://b.test"]
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+
+
+def test_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMSERVE_API_KEY", "")
+    assert load_settings().api_key is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("CAMSERVE_DEVICE", "gpu", "auto, cpu, cuda, cuda:N"),
+        ("CAMSERVE_PORT", "70000", "less than or equal to 65535"),
+        ("CAMSERVE_PORT", "http", "valid integer"),
+        ("CAMSERVE_LOG_FORMAT", "xml", "'text' or 'json'"),
+        ("CAMSERVE_LOG_LEVEL", "loud", "'DEBUG'"),
+        ("CAMSERVE_MAX_CONCURRENT_JOBS", "0", "greater than or equal to 1"),
+        ("CAMSERVE_MAX_IMAGES", "-3", "greater than or equal to 1"),
+    ],
+)
+def test_invalid_value_names_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert variable in message
+    assert expected in message
+    assert repr(value) in message or value.upper() in message
