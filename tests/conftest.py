@@ -96,7 +96,7 @@ def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
     opened: list[TestClient] = []
 
     def factory(**changes: object) -> TestClient:
-        test_client = TestClient(create_app(settings.model_copy(update=changes)))
+        test_client = TestClient(create_app(Settings(**{**settings.model_dump(), **changes})))
         test_client.__enter__()
         opened.append(test_client)
         wait_ready(test_client)
@@ -122,3 +122,13 @@ def image_bytes(
 def files(*images: bytes, name: str = "img.png") -> list[tuple[str, tuple[str, bytes, str]]]:
     """Multipart ``file`` parts for TestClient."""
     return [("file", (f"{i}-{name}", data, "image/png")) for i, data in enumerate(images)]
+
+
+def assert_error(response, status: int, code: str) -> str:  # type: ignore[no-untyped-def]
+    """Check the status and the JSON error shape; return the message."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["message"], body
+    return body["error"]["message"]

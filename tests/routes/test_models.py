@@ -1,0 +1,78 @@
+"""/models lists the store (broken ones with their reason); /models/{name} describes one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi.testclient import TestClient
+
+from tests.conftest import assert_error
+
+
+def test_list_models(client: TestClient) -> None:
+    body = client.get("/models").json()
+    assert body["default_model"] == "tiny"
+    by_name = {m["name"]: m for m in body["models"]}
+    assert set(by_name) == {"broken", "resnet", "tiny", "vgg"}
+    assert by_name["tiny"]["status"] == "ready"
+    assert by_name["tiny"]["input_shape"] == [3, 32, 32]
+    assert by_name["broken"]["status"] == "failed"
+    assert "weights is required" in by_name["broken"]["error"]
+
+
+def test_model_detail(client: TestClient) -> None:
+    body = client.get("/models/resnet").json()
+    assert body["device"] == "cpu"
+    assert body["labels"] == [f"resnet_class{i}" for i in range(5)]
+    assert body["target_layers"] == ["layer3"]
+    assert {"layer1", "layer4"} <= set(body["candidate_layers"])
+    assert body["input_shape"] == [3, 64, 64]
+    assert body["default_method"] == "GradCAM"
+    assert "GradCAM" in body["methods"] and "CAM" not in body["methods"]
+    assert "layer4" in body["not_applicable"]["CAM"]
+    assert body["preprocess"] == {
+        "resize": 64,
+        "crop": [64, 64],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+    }
+
+
+def test_cam_applies_only_where_a_head_resolves(client: TestClient) -> None:
+    assert "CAM" in client.get("/models/tiny").json()["methods"]
+    vgg = client.get("/models/vgg").json()
+    assert "CAM" not in vgg["methods"]
+    assert "Linear" in vgg["not_applicable"]["CAM"]
+
+
+def test_unknown_model_is_404_listing_models(client: TestClient) -> None:
+    response = client.get("/models/tiy")
+    message = assert_error(response, 404, "model_not_found")
+    assert message.index("tiny") < message.index("broken")
+    assert response.json()["error"]["details"]["available"][0] == "tiny"
+
+
+def test_broken_model_detail_is_503_with_reason(client: TestClient) -> None:
+    message = assert_error(client.get("/models/broken"), 503, "model_unavailable")
+    assert "weights is required" in message
+
+
+def test_api_key(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(api_key="s3cret")
+    assert_error(client.get("/models"), 401, "unauthorized")
+    response = client.get("/models", headers={"X-API-Key": "wrong"})
+    assert_error(response, 401, "unauthorized")
+    assert client.get("/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.get("/health").status_code == 200  # probes stay open
+    assert client.get("/ready").status_code == 200
+
+
+def test_cors(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(cors_origins=["http://app.test"])
+    response = client.options(
+        "/explain",
+        headers={"Origin": "http://app.test", "Access-Control-Request-Method": "POST"},
+    )
+    assert response.headers["access-control-allow-origin"] == "http://app.test"
+    other = client.get("/health", headers={"Origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in other.headers
