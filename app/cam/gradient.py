@@ -215,7 +215,7 @@ class SmoothGradCAMpp(_GradientCAM):
             with torch.inference_mode(False), torch.enable_grad():
                 base = clean_input.detach().clone()
                 for _ in range(self.num_samples):
-                    # One noise draw shared by the batch: a sample's map does not depend on its batch.
+                    # One noise draw shared by the batch: a map does not depend on its batch.
                     noise = torch.randn(
                         (1, *base.shape[1:]),
                         generator=generator,

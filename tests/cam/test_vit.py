@@ -1,0 +1,94 @@
+"""The Vision Transformer helper: CAM methods on token-shaped layers in two lines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from app.cam import METHODS, GradCAM, TokensToGrid, vit_target
+
+
+@pytest.fixture(scope="module")
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=5,
+    ).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head
+    return model
+
+
+@pytest.mark.parametrize("name", ["GradCAM", "GradCAMpp", "XGradCAM", "LayerCAM", "ScoreCAM"])
+def test_methods_run_on_torchvision_vit(vit, name):
+    target = vit_target(vit)
+    assert target.layer_name == "encoder.layers.encoder_layer_1.ln_1"
+    extractor = METHODS[name](
+        vit, target.layer, input_shape=(3, 32, 32), reshape_transform=target.reshape_transform
+    )
+    with extractor:
+        context = torch.enable_grad() if extractor.requires_grad else torch.inference_mode()
+        with context:
+            scores = vit(torch.randn(2, 3, 32, 32))
+        maps = extractor([1, 3], scores)[0]
+    assert maps.shape == (2, 4, 4)
+    assert torch.isfinite(maps).all()
+    assert maps.amax(dim=(1, 2)).gt(0).all()  # the class score does depend on these tokens
+
+
+def test_tokens_to_grid_drops_prefix_tokens():
+    tokens = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+    grid = TokensToGrid(prefix_tokens=2)(tokens)
+    assert grid.shape == (2, 3, 2, 2)
+    torch.testing.assert_close(grid[0, :, 0, 0], tokens[0, 2])
+    with pytest.raises(ValueError, match="grid"):
+        TokensToGrid(prefix_tokens=1)(tokens)
+
+
+class TimmLike(nn.Module):
+    """The attributes a timm ViT exposes: blocks[i].norm1, num_prefix_tokens, patch_embed."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, 8, 4, 4)
+        self.patch_embed.grid_size = (2, 3)
+        self.num_prefix_tokens = 2
+        self.prefix = nn.Parameter(torch.randn(1, 2, 8))
+        block = nn.Module()
+        block.norm1 = nn.LayerNorm(8)
+        block.mix = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList([block])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.prefix.expand(x.shape[0], -1, -1), t], 1)
+        block = self.blocks[0]
+        h = block.norm1(t)
+        t = t + block.mix(h.mean(1, keepdim=True) + h)
+        return self.head(t[:, 0] + t[:, 2:].mean(1))
+
+
+def test_timm_style_vit():
+    torch.manual_seed(0)
+    model = TimmLike().eval()
+    target = vit_target(model)
+    assert target.layer_name == "blocks.0.norm1"
+    assert target.reshape_transform.prefix_tokens == 2
+    with GradCAM(
+        model, target.layer, input_shape=(3, 8, 12), reshape_transform=target.reshape_transform
+    ) as extractor:
+        maps = extractor(0, model(torch.randn(1, 3, 8, 12)))[0]
+    assert maps.shape == (1, 2, 3)
+
+
+def test_not_a_vit():
+    with pytest.raises(ValueError, match="not a recognised Vision Transformer"):
+        vit_target(nn.Sequential(nn.Linear(2, 2)))
