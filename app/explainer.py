@@ -187,8 +187,8 @@ class Explainer:
         canonical = {key.lower(): key for key in methods}
         applicable = model.applicable_methods
         if wanted.lower() not in canonical:
-            close = difflib.get_close_matches(wanted, list(methods), n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]}?" if close else ""
+            close = difflib.get_close_matches(wanted.lower(), list(canonical), n=1, cutoff=0.6)
+            hint = f" Did you mean {canonical[close[0]]}?" if close else ""
             raise UnsupportedMethod(
                 f"Unknown method {wanted!r}.{hint} Methods for model {model.spec.name!r}: "
                 f"{', '.join(applicable)}.",

@@ -48,7 +48,9 @@ def decode_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
             f"{name}: the image declares far more pixels than allowed; downscale it."
         ) from None
     except Exception:
-        raise InvalidImage(f"{name}: the image header is corrupt; re-export the image.") from None
+        raise InvalidImage(
+            f"{name}: the image header is truncated or corrupt; upload the complete file."
+        ) from None
     if image.format not in ACCEPTED_FORMATS:
         raise UnsupportedMediaType(
             f"{name}: {image.format} images are not supported; send {', '.join(ACCEPTED_FORMATS)}."

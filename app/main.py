@@ -27,7 +27,7 @@ Predictions and class activation maps (CAM, Grad-CAM, Score-CAM and relatives) f
 PyTorch image classifiers of a model store. Errors are always
 `{"error": {"code": ..., "message": ...}}`.
 """
-_FORM_OVERHEAD = 1024 * 1024
+_FORM_OVERHEAD = 64 * 1024  # room for the form fields and part headers
 
 
 @asynccontextmanager
