@@ -18,7 +18,7 @@ from app.jobs import JobLimiter
 from app.middleware import BodyLimitMiddleware
 from app.registry import ModelRegistry
 from app.routes import explain, health, models, predict
-from app.settings import Settings, load_settings
+from app.settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,11 @@ _FORM_OVERHEAD = 64 * 1024  # room for the form fields and part headers
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Decide the device, discover the store, and load the models in the background."""
     settings: Settings = app.state.settings
-    device = resolve_device(settings.device)
+    try:
+        device = resolve_device(settings.device)
+    except ConfigurationError as error:
+        logger.critical("cannot start: %s", error)
+        raise
     logger.info("camserve %s on device %s", __version__, describe_device(device))
     registry = ModelRegistry(settings.model_store, device, settings.default_model)
     registry.discover()
