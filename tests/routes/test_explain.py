@@ -189,7 +189,8 @@ def test_concurrent_requests_equal_sequential(client: TestClient) -> None:
     cases = []
     for i in range(12):
         method = ["GradCAM", "ScoreCAM", "LayerCAM", "GradCAMpp", "CAM", "XGradCAM"][i % 6]
-        model = "resnet" if i % 4 == 3 and method != "CAM" else "tiny"
+        # Score-CAM on resnet18 would mean hundreds of forwards: keep it to the tiny model.
+        model = "resnet" if i % 4 == 3 and "Grad" in method else "tiny"
         form = {
             "model": model,
             "method": method,
