@@ -200,6 +200,12 @@ class _ScoreFamily(_CAM):
         return normalize_maps(resize_maps(activation_maps.float(), size))
 
     def _class_probabilities(self, masked: Tensor, classes: Tensor) -> Tensor:
+        if masked.device.type == "cpu" and masked.ndim in (4, 5):
+            # oneDNN's CPU convolutions run about twice as fast on channels-last batches (measured
+            # in bench/cam_latency.py); the values agree with the contiguous layout to float
+            # rounding.
+            layout = torch.channels_last if masked.ndim == 4 else torch.channels_last_3d
+            masked = masked.contiguous(memory_format=layout)
         with torch.inference_mode(), hooks_silenced():
             logits = self.model(masked)
         probs = torch.softmax(logits.float(), dim=1)
