@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ OUTPUT_FORMATS = {
     "webp": ("WEBP", "image/webp"),
 }
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,16 @@ def decode_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
         raise InvalidImage(
             f"{name}: the image data is truncated or corrupt; upload the complete file."
         ) from None
-    return to_rgb(ImageOps.exif_transpose(image))
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block is no reason to refuse the pixels
+        logger.debug("%s: ignoring unreadable EXIF orientation", name)
+    try:
+        return to_rgb(image)
+    except Exception:
+        raise UnsupportedMediaType(
+            f"{name}: images in mode {image.mode} are not supported; save it as 8-bit RGB."
+        ) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

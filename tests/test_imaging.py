@@ -139,3 +139,14 @@ def test_map_to_image_places_the_crop() -> None:
         and full[:, :20].max() == 0
         and full[:, 60:].max() == 0
     )
+
+
+@pytest.mark.parametrize("cut", [8, 30, 100, 1000])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_any_damage_is_a_client_error(fmt: str, cut: int) -> None:
+    data = image_bytes((48, 40), fmt=fmt)
+    for damaged in (data[:cut], data[:cut] + bytes(64), bytes(reversed(data[:cut])) + data[cut:]):
+        try:
+            decode_image(damaged, "d", LIMIT)
+        except (InvalidImage, UnsupportedMediaType):
+            pass  # anything else (a crash) fails the test
