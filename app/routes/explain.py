@@ -68,21 +68,36 @@ def _wants_png(request: Request) -> bool:
 async def explain_images(
     request: Request,
     file: Annotated[list[UploadFile], File(description="one or more images (repeat the part)")],
-    model: Annotated[str | None, Form(description="model name; default: the default model")] = None,
+    model: Annotated[
+        str | None, Form(description="model name; default: the default model", examples=["shapes"])
+    ] = None,
     method: Annotated[
-        str | None, Form(description="CAM method, case-insensitive; default: the model's")
+        str | None,
+        Form(
+            description="CAM method, case-insensitive; default: the model's", examples=["GradCAM"]
+        ),
     ] = None,
     class_idx: Annotated[
         list[str] | None,
-        Form(description="class to explain: one for all images or one per image; default top-1"),
+        Form(
+            description="class to explain: one for all images or one per image; default top-1",
+            examples=[["3"]],
+        ),
     ] = None,
     top_k: Annotated[int, Form(ge=1, le=1000, description="predictions returned per image")] = 5,
     target_layer: Annotated[
         list[str] | None,
-        Form(description="layer(s) to explain (repeatable); several add a fused map"),
+        Form(
+            description="layer(s) to explain (repeatable); several add a fused map",
+            examples=[["layer3"]],
+        ),
     ] = None,
     output: Annotated[
-        list[str] | None, Form(description="any of overlay, heatmap, raw (repeat or comma list)")
+        list[str] | None,
+        Form(
+            description="any of overlay, heatmap, raw (repeat or comma list)",
+            examples=[["overlay", "raw"]],
+        ),
     ] = None,
     colormap: Annotated[str, Form(description="jet, viridis, inferno, turbo, hot, ...")] = "jet",
     alpha: Annotated[float, Form(ge=0, le=1, description="weight of the image in overlays")] = 0.5,
