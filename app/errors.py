@@ -63,6 +63,13 @@ class ImageTooLarge(CamserveError):
     code = "image_too_large"
 
 
+class NotAcceptable(CamserveError):
+    """The Accept header asks for something this request cannot produce."""
+
+    status_code = 406
+    code = "not_acceptable"
+
+
 class PayloadTooLarge(CamserveError):
     status_code = 413
     code = "payload_too_large"

@@ -1,12 +1,8 @@
 """HTTP routers, one per concern."""
 
-from app.errors import CamserveError
 from app.schemas import ErrorResponse
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:
     """OpenAPI entries for the error statuses a route can answer."""
     return {status: {"model": ErrorResponse} for status in statuses}
-
-
-__all__ = ["CamserveError", "error_responses"]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.deps import get_explainer, get_settings, read_uploads, require_api_key
-from app.errors import CamserveError, InvalidParameter
+from app.errors import InvalidParameter, NotAcceptable
 from app.explainer import Explainer, ExplainParams
 from app.routes import error_responses
 from app.schemas import ExplainResponse
@@ -23,11 +23,6 @@ OPTION_BOUNDS = {
     "batch_size": (1, 256),
     "seed": (0, 2**32 - 1),
 }
-
-
-class NotAcceptable(CamserveError):
-    status_code = 406
-    code = "not_acceptable"
 
 
 def _split(values: list[str] | None) -> list[str]:
