@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM, hooks_silenced, normalize_maps, resize_maps
+from app.cam.core import (
+    _CAM,
+    hooks_silenced,
+    normalize_maps,
+    positive_int,
+    resize_maps,
+    seeded_generator,
+)
 from app.cam.layers import LayerSpec, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -175,8 +182,7 @@ class _ScoreFamily(_CAM):
         batch_size: int = 32,
         enable_hooks: bool = True,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        positive_int("batch_size", batch_size)
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.batch_size = batch_size
 
@@ -304,14 +310,6 @@ class ScoreCAM(_ScoreFamily):
     """
 
 
-def _noise_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
-
-
 class SSCAM(_ScoreFamily):
     """SS-CAM, Smoothed Score-CAM (Wang et al., 2020, arXiv:2006.14255), noise on the masks.
 
@@ -340,8 +338,7 @@ class SSCAM(_ScoreFamily):
         seed: int | None = None,
         enable_hooks: bool = True,
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+        positive_int("num_samples", num_samples)
         if not std >= 0 or math.isinf(std):
             raise ValueError(f"std must be a finite number >= 0, got {std!r}.")
         super().__init__(
@@ -359,7 +356,7 @@ class SSCAM(_ScoreFamily):
         self._noise: Tensor | None = None
 
     def _prepare_call(self, inputs: Tensor) -> None:
-        generator = _noise_generator(self.seed, inputs.device)
+        generator = seeded_generator(self.seed, inputs.device)
         # One noise map per draw, shared by every channel and every sample of the batch: a sample's
         # map then does not depend on the batch it came in.
         shape = (self.num_samples, *inputs.shape[2:])
@@ -401,8 +398,7 @@ class ISCAM(_ScoreFamily):
         num_samples: int = 10,
         enable_hooks: bool = True,
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+        positive_int("num_samples", num_samples)
         super().__init__(
             model,
             target_layer,

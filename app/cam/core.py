@@ -48,6 +48,22 @@ def hooks_silenced() -> AbstractContextManager[None]:
     return hooks_only_for(_NOBODY)
 
 
+def positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1, else a ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return value
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device``; ``None`` (torch's global one) without."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
 def normalize_maps(cams: Tensor) -> Tensor:
     """Min-max normalise each map of a batch ``(N, *S)`` to [0, 1]; a flat map becomes zeros."""
     flat = cams.flatten(1)

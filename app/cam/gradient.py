@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM, hooks_only_for
+from app.cam.core import _CAM, hooks_only_for, positive_int, seeded_generator
 from app.cam.layers import LayerSpec
 
 _FREED_GRAPH_HINTS = ("second time", "already been freed", "saved tensors after they have")
@@ -182,21 +182,13 @@ class SmoothGradCAMpp(_GradientCAM):
         seed: int | None = None,
         enable_hooks: bool = True,
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}.")
+        positive_int("num_samples", num_samples)
         if not std >= 0:
             raise ValueError(f"std must be >= 0, got {std!r}.")
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.num_samples = num_samples
         self.std = float(std)
         self.seed = seed
-
-    def _noise_generator(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed)
-        return generator
 
     def _get_weights(
         self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
@@ -208,7 +200,7 @@ class SmoothGradCAMpp(_GradientCAM):
             )
         clean_input = self._input
         clean_activations = list(self._activations)
-        generator = self._noise_generator(clean_input.device)
+        generator = seeded_generator(self.seed, clean_input.device)
         n_layers = len(clean_activations)
         moments: list[list[Tensor | None]] = [[None, None, None] for _ in range(n_layers)]
         try:
