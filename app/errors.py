@@ -90,6 +90,13 @@ class InvalidParameter(CamserveError):
     code = "invalid_parameter"
 
 
+class OverBudget(CamserveError):
+    """The request would run more masked forwards than one request may."""
+
+    status_code = 422
+    code = "over_budget"
+
+
 class Unauthorized(CamserveError):
     status_code = 401
     code = "unauthorized"

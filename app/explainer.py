@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from app.errors import (
     InvalidParameter,
     MethodNotApplicable,
     ModelUnavailable,
+    OverBudget,
     UnsupportedMethod,
 )
 from app.imaging import (
@@ -110,10 +112,17 @@ def colormap_names() -> tuple[str, ...]:
 class Explainer:
     """Turns uploads into predictions and explanations for one registry of models."""
 
-    def __init__(self, registry: ModelRegistry, limiter: JobLimiter, max_pixels: int) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        limiter: JobLimiter,
+        max_pixels: int,
+        max_cam_forwards: int = 20_000,
+    ) -> None:
         self.registry = registry
         self.limiter = limiter
         self.max_pixels = max_pixels
+        self.max_cam_forwards = max_cam_forwards
 
     async def _decode(self, model: LoadedModel, uploads: Sequence[Upload]) -> _Decoded:
         def work() -> _Decoded:
@@ -248,6 +257,35 @@ class Explainer:
                     f"{model.spec.num_classes} classes (0..{model.spec.num_classes - 1})."
                 )
 
+    def _check_budget(
+        self,
+        model: LoadedModel,
+        method: str,
+        cls: type,
+        layers: Sequence[str],
+        options: dict[str, Any],
+        images: int,
+    ) -> None:
+        """Refuse Score-CAM-family requests whose masked forwards exceed the budget."""
+        names = getattr(cls, "option_names", ())
+        if "batch_size" not in names:  # only the score family runs one forward per mask
+            return
+        samples = 1
+        if "num_samples" in names:
+            default = inspect.signature(cls).parameters.get("num_samples")
+            fallback = default.default if default is not None else 1
+            samples = int(options.get("num_samples", fallback))
+        channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
+        forwards = images * channels * samples
+        if forwards > self.max_cam_forwards:
+            raise OverBudget(
+                f"{method} would run {forwards} masked forwards ({images} image(s) x {channels} "
+                f"channels x {samples} sample(s)); the limit is {self.max_cam_forwards} "
+                "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
+                "layer with fewer channels, or use a gradient method such as GradCAM.",
+                details={"forwards": forwards, "limit": self.max_cam_forwards},
+            )
+
     def _check_rendering(self, params: ExplainParams) -> None:
         unknown = [o for o in params.outputs if o not in OUTPUT_KINDS]
         if unknown or not params.outputs:
@@ -281,6 +319,7 @@ class Explainer:
         layers = self._check_layers(model, params.target_layers)
         self._check_classes(model, params.class_idx, len(uploads))
         self._check_rendering(params)
+        self._check_budget(model, method, cls, layers, options, len(uploads))
 
         decoded = await self._decode(model, uploads)
         submitted = time.perf_counter()
@@ -430,6 +469,10 @@ class Explainer:
                 )
             )
         return results
+
+
+def _channels(shape: tuple[int, ...]) -> int:
+    return shape[1] if len(shape) >= 2 else 1
 
 
 def _min_max(cam: torch.Tensor) -> torch.Tensor:

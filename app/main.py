@@ -45,7 +45,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     limiter = JobLimiter(settings.max_concurrent_jobs, settings.queue_size)
     app.state.device = device
     app.state.registry = registry
-    app.state.explainer = Explainer(registry, limiter, settings.max_image_pixels)
+    app.state.explainer = Explainer(
+        registry, limiter, settings.max_image_pixels, settings.max_cam_forwards
+    )
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.ensure_future(asyncio.to_thread(registry.load_all))
     try:

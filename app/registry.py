@@ -37,6 +37,8 @@ class LoadedModel:
     layer_names: frozenset[str]
     methods: dict[str, str | None]
     """Every CAM method name -> None when it applies, else the reason it does not."""
+    layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Output shape of every submodule for one warm-up image, e.g. (1, 256, 16, 16)."""
     allowed_methods: frozenset[str] = frozenset()
     """Methods the manifest permits (all by default), whatever the target layer."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -286,6 +288,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         layer_names=layer_names,
         methods=methods,
         allowed_methods=allowed,
+        layer_shapes=shapes,
     )
 
 

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     queue_size: int = Field(
         32, ge=0, le=10_000, description="jobs allowed to wait; more are refused with 503"
     )
+    max_cam_forwards: int = Field(
+        20_000,
+        ge=1,
+        le=10_000_000,
+        description="most masked forwards (images x channels x samples) of one Score-CAM request",
+    )
     api_key: SecretStr | None = Field(None, description="if set, required in X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS, or *"

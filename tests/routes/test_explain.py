@@ -348,6 +348,17 @@ def test_options_out_of_bounds(client: TestClient, form: dict[str, str]) -> None
     assert_error(explain(client, image_bytes(), **form), 422, "validation_error")
 
 
+def test_score_cam_budget(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_cam_forwards=16)  # tiny's "features" has 4 channels
+    images = [image_bytes(seed=s) for s in range(3)]
+    assert explain(client, *images[:2], method="ScoreCAM").status_code == 200  # 8 forwards
+    message = assert_error(explain(client, *images, method="ISCAM"), 422, "over_budget")
+    assert "120 masked forwards (3 image(s) x 4 channels x 10 sample(s))" in message
+    response = explain(client, images[0], method="SSCAM", num_samples="4")  # 16: allowed
+    assert response.status_code == 200, response.text
+    assert explain(client, *images, method="GradCAM").status_code == 200  # not counted
+
+
 def test_option_the_method_does_not_take(client: TestClient) -> None:
     response = explain(client, image_bytes(), method="GradCAM", num_samples="4")
     message = assert_error(response, 422, "invalid_parameter")
