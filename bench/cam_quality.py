@@ -96,19 +96,6 @@ class LoadedModel:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def _find_key(data: Any, names: tuple[str, ...]) -> Any:
-    """Depth-first search of a nested TOML table for the first key in ``names``."""
-    if isinstance(data, dict):
-        for name in names:
-            if name in data:
-                return data[name]
-        for value in data.values():
-            found = _find_key(value, names)
-            if found is not None:
-                return found
-    return None
-
-
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -116,46 +103,43 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def load_model(model_dir: Path) -> LoadedModel:
-    """Build the architecture named in ``model.toml`` and load ``weights.pt`` into it."""
+    """Build the model a ``model.toml`` manifest describes and load its weights.
+
+    Reads ``[model] architecture`` ("module:function", imported with :mod:`importlib`),
+    ``kwargs``, ``num_classes`` and ``weights`` (loaded with ``torch.load(weights_only=True)``),
+    ``[preprocess] mean``, ``std`` and ``input_shape``, and ``[cam] target_layers`` (the first
+    one is the benchmark's target layer). The model is put in eval mode with frozen parameters.
+    """
     manifest_path = model_dir / "model.toml"
     with manifest_path.open("rb") as fh:
         manifest = tomllib.load(fh)
-    entry = _find_key(manifest, ("entry_point", "architecture", "builder", "build"))
-    if not isinstance(entry, str) or ":" not in entry:
-        raise ValueError(f"{manifest_path}: no 'module:function' architecture entry point")
+    spec, pre, cam = manifest["model"], manifest["preprocess"], manifest.get("cam", {})
+    entry = spec["architecture"]
     module_name, func_name = entry.split(":", 1)
-    kwargs = _find_key(manifest, ("kwargs", "architecture_kwargs", "build_kwargs")) or {}
-    num_classes = _find_key(manifest, ("num_classes",))
-    labels = _find_key(manifest, ("labels", "classes", "class_names"))
-    if num_classes is None and isinstance(labels, list):
-        num_classes = len(labels)
-    if num_classes is not None and "num_classes" not in kwargs:
-        kwargs = {**kwargs, "num_classes": int(num_classes)}
-    builder = getattr(importlib.import_module(module_name), func_name)
-    model = builder(**kwargs)
-    weights_name = _find_key(manifest, ("weights", "weights_file", "checkpoint")) or "weights.pt"
-    if not isinstance(weights_name, str):
-        weights_name = "weights.pt"
-    state = torch.load(model_dir / weights_name, map_location="cpu", weights_only=True)
+    kwargs = dict(spec.get("kwargs", {}))
+    kwargs.setdefault("num_classes", int(spec["num_classes"]))
+    model = getattr(importlib.import_module(module_name), func_name)(**kwargs)
+    state = torch.load(model_dir / spec["weights"], map_location="cpu", weights_only=True)
     model.load_state_dict(state)
-    mean = tuple(float(v) for v in _find_key(manifest, ("mean",)))
-    std = tuple(float(v) for v in _find_key(manifest, ("std",)))
-    target = _find_key(manifest, ("target_layer", "cam_target_layer")) or "layer3"
-    if isinstance(target, list):
-        target = target[0]
-    size = _find_key(manifest, ("image_size", "input_size", "size")) or 128
-    if isinstance(size, list):
-        size = size[-1]
-    out_features = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    input_shape = [int(v) for v in pre["input_shape"]]
+    if input_shape[1] != input_shape[2]:
+        raise ValueError(f"square inputs expected, got input_shape {input_shape}")
     return LoadedModel(
         model=_freeze(model),
-        mean=mean,
-        std=std,
-        target_layer=str(target),
-        image_size=int(size),
-        num_classes=int(num_classes or out_features),
-        source=f"{model_dir} ({entry}, {weights_name})",
+        mean=tuple(float(v) for v in pre["mean"]),
+        std=tuple(float(v) for v in pre["std"]),
+        target_layer=str(cam.get("target_layers", ["layer3"])[0]),
+        image_size=input_shape[1],
+        num_classes=int(spec["num_classes"]),
+        source=f"{_rel(model_dir)} ({entry}, {spec['weights']})",
         manifest=manifest,
     )
 
@@ -185,14 +169,17 @@ def preprocess(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ..
 
 
 def training_seeds(model_dir: Path) -> list[int]:
-    """Integers following the word 'seed' in TRAINING.md (best effort, for a guard)."""
+    """Every integer on the lines of TRAINING.md that mention a seed (a guard, not a parser)."""
     import re
 
     path = model_dir / "TRAINING.md"
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    return [int(s) for s in re.findall(r"seed[^0-9\n]{0,40}?(\d+)", text, flags=re.IGNORECASE)]
+    found: list[int] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if "seed" in line.lower():
+            found += [int(v) for v in re.findall(r"(?<![\w.])(\d+)(?![\w.])", line)]
+    return sorted(set(found))
 
 
 # --------------------------------------------------------------------------------------
@@ -300,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
-    model_dir = ROOT / args.model_dir
+    model_dir = (ROOT / args.model_dir).resolve()
     if args.stand_in or not (model_dir / "model.toml").exists():
         if not args.stand_in:
             logger.warning("%s/model.toml not found: using the random-weight stand-in", model_dir)
