@@ -69,16 +69,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, models.router, predict.router, explain.router):
         app.include_router(router)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
+    )
+    # Added last, so outermost: even a 413 from the body limit carries the CORS headers.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["X-API-Key", "Content-Type", "Accept"],
-            expose_headers=["Retry-After", "X-Camserve-Method", "X-Camserve-Class"],
+            expose_headers=[
+                "Retry-After",
+                "X-Camserve-Method",
+                "X-Camserve-Class",
+                "X-Camserve-Label",
+            ],
         )
-    app.add_middleware(
-        BodyLimitMiddleware,
-        max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
-    )
     return app

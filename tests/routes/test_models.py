@@ -76,3 +76,14 @@ def test_cors(make_client: Callable[..., TestClient]) -> None:
     assert response.headers["access-control-allow-origin"] == "http://app.test"
     other = client.get("/health", headers={"Origin": "http://evil.test"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_cors_headers_on_body_limit_errors(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(cors_origins=["http://app.test"], max_upload_bytes=1024, max_images=1)
+    response = client.post(
+        "/explain",
+        content=b"x" * 200_000,
+        headers={"Origin": "http://app.test", "Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert response.status_code == 413
+    assert response.headers["access-control-allow-origin"] == "http://app.test"
