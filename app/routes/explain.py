@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
@@ -143,7 +144,8 @@ async def explain_images(
             headers={
                 "X-Camserve-Method": answer.method,
                 "X-Camserve-Class": str(answer.results[0].explanations[0].class_idx),
-                "X-Camserve-Label": answer.results[0].explanations[0].label,
+                # Percent-encoded: header values must be latin-1, labels need not be.
+                "X-Camserve-Label": quote(answer.results[0].explanations[0].label),
             },
         )
     return answer
