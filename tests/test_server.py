@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -74,7 +75,9 @@ def server(store: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             output = process.communicate()[0]
-        assert "Traceback" not in output.replace("weights is required", ""), output
+        assert "Traceback" not in output, output
+        records = [json.loads(line) for line in output.splitlines() if line.strip()]  # json logs
+        assert sum("camserve 0.1.0 on device cpu" in r["message"] for r in records) == 1
 
 
 def test_health_and_explain_over_http(server: str) -> None:
