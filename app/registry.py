@@ -265,7 +265,9 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     shapes = _warm_up(module, spec, device)
     layer_names = frozenset(name for name, _ in module.named_modules() if name)
     candidates = tuple(
-        name for name, shape in shapes.items() if len(shape) == 4 and name.count(".") <= 1
+        name
+        for name, shape in shapes.items()
+        if len(shape) == 4 and shape[2] * shape[3] > 1 and name.count(".") <= 1
     )
     missing = [name for name in spec.target_layers if name not in layer_names]
     if missing:
