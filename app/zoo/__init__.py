@@ -1,0 +1,1 @@
+"""Model architectures shipped with camserve (loaded through manifest entry points)."""
