@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -403,3 +404,17 @@ def test_still_serving_after_errors(client: TestClient) -> None:
     explain(client, b"junk")
     explain(client, b"")
     assert explain(client, image_bytes()).status_code == 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_answers_match_cpu(client: TestClient, make_client: Callable[..., TestClient]) -> None:
+    gpu = make_client(device="cuda")
+    assert gpu.get("/health").json()["device"].startswith("cuda:")
+    images = [image_bytes(seed=s) for s in range(2)]
+    for method in ("GradCAM", "ScoreCAM"):
+        form = {"method": method, "output": "raw", "class_idx": "1"}
+        on_gpu = explain(gpu, *images, **form).json()
+        on_cpu = explain(client, *images, **form).json()
+        assert on_gpu["device"].startswith("cuda")
+        for a, b in zip(raw_maps(on_cpu), raw_maps(on_gpu), strict=True):
+            assert np.allclose(a, b, atol=1e-3)
