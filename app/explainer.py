@@ -387,7 +387,12 @@ class Explainer:
                     idx = scores.argmax(dim=1).tolist()
                 try:
                     cams = extractor(idx, scores, normalized=params.normalized)
-                    fused = extractor.fuse_cams(cams) if len(cams) > 1 else None
+                    fused = None
+                    if len(cams) > 1:
+                        # Fusion takes the per-pixel max, which only means something on a
+                        # common scale: fuse normalised maps even when raw ones were asked for.
+                        scaled = cams if params.normalized else [_min_max(c) for c in cams]
+                        fused = extractor.fuse_cams(scaled)
                 except ValueError as error:
                     # Class indices were checked before: what is left is about the layers/head.
                     raise MethodNotApplicable(
@@ -475,6 +480,9 @@ def _channels(shape: tuple[int, ...]) -> int:
     return shape[1] if len(shape) >= 2 else 1
 
 
-def _min_max(cam: torch.Tensor) -> torch.Tensor:
-    low, high = cam.min(), cam.max()
-    return (cam - low) / (high - low) if high > low else torch.zeros_like(cam)
+def _min_max(cams: torch.Tensor) -> torch.Tensor:
+    """Scale each map of a (..., h, w) stack to [0, 1] (flat maps become zeros)."""
+    flat = cams.flatten(-2)
+    low = flat.min(-1, keepdim=True).values.unsqueeze(-1)
+    span = (flat.max(-1, keepdim=True).values.unsqueeze(-1) - low).clamp_min(1e-12)
+    return torch.where(span > 1e-12, (cams - low) / span, torch.zeros_like(cams))

@@ -418,3 +418,11 @@ def test_cuda_answers_match_cpu(client: TestClient, make_client: Callable[..., T
         assert on_gpu["device"].startswith("cuda")
         for a, b in zip(raw_maps(on_cpu), raw_maps(on_gpu), strict=True):
             assert np.allclose(a, b, atol=1e-3)
+
+
+def test_fused_map_does_not_depend_on_normalized(client: TestClient) -> None:
+    form = {"target_layer": ["features.1", "features"], "output": "raw", "class_idx": "0"}
+    scaled = raw_maps(explain(client, image_bytes(), **form).json())
+    plain = raw_maps(explain(client, image_bytes(), normalized="false", **form).json())
+    assert np.allclose(scaled[-1], plain[-1], atol=1e-5)
+    assert plain[0].max() > 1 or not np.allclose(plain[0], scaled[0])
