@@ -333,6 +333,11 @@ print(
     f"overlay PNG {len(overlay)} bytes, timings {answer['timings']}"
 )
 
+if images:
+    stem = Path(image_name).stem
+    top1 = result["predictions"][0]["label"]
+    print(f"  top-1 label matches the file name ({stem}): {top1 == stem}")
+
 headers["Accept"] = "image/png"
 status, ctype, raw = call("POST", "/explain", body, headers)
 print(f"POST /explain (Accept: image/png): HTTP {status} {ctype}, {len(raw)} bytes")
