@@ -23,13 +23,16 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
 
 __all__ = [
     "CLASSES",
     "DEFAULT_MEAN",
     "DEFAULT_STD",
     "ShapeSample",
+    "ShapesDataset",
     "generate_sample",
     "make_dataset",
     "shape_polygons",
@@ -338,13 +341,11 @@ def to_tensor_batch(
     images: np.ndarray,
     mean: tuple[float, ...] | list[float] = DEFAULT_MEAN,
     std: tuple[float, ...] | list[float] = DEFAULT_STD,
-):  # -> torch.Tensor (torch imported lazily so the generator works without it)
+) -> torch.Tensor:
     """Convert uint8 images ``(N, H, W, 3)`` to a normalised float tensor ``(N, 3, H, W)``.
 
     Applies exactly the service preprocessing: ``(x / 255 - mean) / std``.
     """
-    import torch
-
     arr = np.ascontiguousarray(images)
     if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays
         arr = arr.copy()
@@ -352,3 +353,31 @@ def to_tensor_batch(
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+class ShapesDataset(Dataset):
+    """In-memory torch ``Dataset`` over :func:`make_dataset`.
+
+    Items are ``(image, label, mask)``: a normalised float tensor ``(3, H, W)``, an int64
+    label and a bool mask tensor ``(H, W)``. The data is generated once at construction.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        image_size: int = 128,
+        mean: tuple[float, ...] = DEFAULT_MEAN,
+        std: tuple[float, ...] = DEFAULT_STD,
+    ) -> None:
+        self.images, self.masks, self.labels = make_dataset(n, seed, image_size)
+        self.mean = mean
+        self.std = std
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = to_tensor_batch(self.images[index : index + 1], self.mean, self.std)[0]
+        label = torch.tensor(self.labels[index], dtype=torch.int64)
+        return image, label, torch.from_numpy(self.masks[index].copy())

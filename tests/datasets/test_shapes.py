@@ -11,6 +11,7 @@ from app.datasets.shapes import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     ShapeSample,
+    ShapesDataset,
     generate_sample,
     make_dataset,
     to_tensor_batch,
@@ -108,3 +109,14 @@ def test_to_tensor_batch_matches_service_preprocessing() -> None:
     assert x.shape == (2, 3, 128, 128) and x.dtype == torch.float32
     expected = (images[1, 5, 7, 2] / 255.0 - DEFAULT_MEAN[2]) / DEFAULT_STD[2]
     assert float(x[1, 2, 5, 7]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_torch_dataset_wrapper() -> None:
+    ds = ShapesDataset(3, seed=9, image_size=96)
+    images, masks, labels = make_dataset(3, seed=9, image_size=96)
+    assert len(ds) == 3
+    x, y, m = ds[2]
+    assert x.shape == (3, 96, 96) and x.dtype == torch.float32
+    assert int(y) == labels[2] and m.dtype == torch.bool
+    assert np.array_equal(m.numpy(), masks[2])
+    torch.testing.assert_close(x, to_tensor_batch(images[2:3])[0])
