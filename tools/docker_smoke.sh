@@ -97,6 +97,9 @@ cleanup() {
         fi
         wait "$DOCKERD_PID" 2>/dev/null
         echo "dockerd (pid $DOCKERD_PID) stopped"
+        # dockerd leaves its netns/default bind mount behind; drop it (and anything else left).
+        awk -v dir="$SMOKE_DIR/" 'index($2, dir) == 1 {print $2}' /proc/mounts | sort -r \
+            | while read -r mnt; do umount "$mnt" 2>/dev/null || umount -l "$mnt"; done
     fi
     rm -rf "$CONTEXT"
     if ((CLEAN)); then
