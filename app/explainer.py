@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,13 +11,10 @@ import anyio.to_thread
 import torch
 from PIL import Image
 
+from app import checks
 from app.device import synchronize
 from app.errors import (
-    InvalidParameter,
     MethodNotApplicable,
-    ModelUnavailable,
-    OverBudget,
-    UnsupportedMethod,
 )
 from app.imaging import (
     OUTPUT_FORMATS,
@@ -31,7 +26,8 @@ from app.imaging import (
     to_base64,
 )
 from app.jobs import JobLimiter
-from app.registry import LoadedModel, ModelRegistry
+from app.loading import LoadedModel
+from app.registry import ModelRegistry
 from app.schemas import (
     ExplainResponse,
     ExplainResult,
@@ -45,7 +41,6 @@ from app.schemas import (
     RawMap,
 )
 
-OUTPUT_KINDS = ("overlay", "heatmap", "raw")
 FUSED = "fused"
 
 
@@ -94,19 +89,6 @@ class _CamRun:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
-
-
-def _engine() -> Any:
-    try:
-        import app.cam as cam
-    except ImportError as error:
-        raise ModelUnavailable(f"The CAM engine is not available: {error}") from None
-    return cam
-
-
-def colormap_names() -> tuple[str, ...]:
-    """The colormaps the engine can draw."""
-    return tuple(_engine().COLORMAPS)
 
 
 class Explainer:
@@ -184,125 +166,6 @@ class Explainer:
             model=model.spec.name, device=str(model.device), timings=timings, results=results
         )
 
-    def resolve_method(
-        self, model: LoadedModel, name: str | None, own_layers: bool = False
-    ) -> tuple[str, type]:
-        """Case-insensitive method lookup, checked against what applies to the model.
-
-        With ``own_layers`` (the client picked target layers) a method that does not apply to
-        the default layers is still tried: the extractor then says whether it applies."""
-        methods = _engine().METHODS
-        wanted = (name or model.spec.default_method).strip()
-        canonical = {key.lower(): key for key in methods}
-        applicable = model.applicable_methods
-        if wanted.lower() not in canonical:
-            close = difflib.get_close_matches(wanted.lower(), list(canonical), n=1, cutoff=0.6)
-            hint = f" Did you mean {canonical[close[0]]}?" if close else ""
-            raise UnsupportedMethod(
-                f"Unknown method {wanted!r}.{hint} Methods for model {model.spec.name!r}: "
-                f"{', '.join(applicable)}.",
-                details={"methods": applicable},
-            )
-        method = canonical[wanted.lower()]
-        reason = model.methods.get(method)
-        if method in model.allowed_methods and own_layers:
-            reason = None
-        if reason is not None:
-            if not reason.startswith(method):
-                reason = f"{method} does not apply to model {model.spec.name!r}: {reason}"
-            raise MethodNotApplicable(
-                f"{reason} Methods that apply to {model.spec.name!r}: {', '.join(applicable)}.",
-                details={"methods": applicable, "reason": reason},
-            )
-        return method, methods[method]
-
-    def _check_options(self, method: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
-        methods = _engine().METHODS
-        taken = tuple(getattr(cls, "option_names", ()))
-        for option in options:
-            if option not in taken:
-                takers = [n for n, c in methods.items() if option in getattr(c, "option_names", ())]
-                raise InvalidParameter(
-                    f"{method} does not take the option {option!r}; "
-                    f"{', '.join(takers) or 'no method'} take(s) it. "
-                    f"Drop {option!r} or choose one of those methods.",
-                    details={"option": option, "methods": takers},
-                )
-        return dict(options)
-
-    def _check_layers(self, model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
-        if not layers:
-            return model.target_layers
-        for layer in layers:
-            if layer not in model.layer_names:
-                close = difflib.get_close_matches(layer, sorted(model.layer_names), n=5)
-                raise InvalidParameter(
-                    f"Model {model.spec.name!r} has no layer {layer!r}."
-                    + (f" Close matches: {', '.join(close)}." if close else "")
-                    + f" Candidate layers: {', '.join(model.candidate_layers)}.",
-                    details={"close_matches": close},
-                )
-        return tuple(dict.fromkeys(layers))
-
-    def _check_classes(self, model: LoadedModel, class_idx: Sequence[int], count: int) -> None:
-        if class_idx and len(class_idx) not in (1, count):
-            raise InvalidParameter(
-                f"Got {len(class_idx)} class_idx values for {count} images; give one for all "
-                "images or one per image, in upload order."
-            )
-        for idx in class_idx:
-            if not 0 <= idx < model.spec.num_classes:
-                raise InvalidParameter(
-                    f"class_idx {idx} is out of range: model {model.spec.name!r} has "
-                    f"{model.spec.num_classes} classes (0..{model.spec.num_classes - 1})."
-                )
-
-    def _check_budget(
-        self,
-        model: LoadedModel,
-        method: str,
-        cls: type,
-        layers: Sequence[str],
-        options: dict[str, Any],
-        images: int,
-    ) -> None:
-        """Refuse Score-CAM-family requests whose masked forwards exceed the budget."""
-        names = getattr(cls, "option_names", ())
-        if "batch_size" not in names:  # only the score family runs one forward per mask
-            return
-        samples = 1
-        if "num_samples" in names:
-            default = inspect.signature(cls).parameters.get("num_samples")
-            fallback = default.default if default is not None else 1
-            samples = int(options.get("num_samples", fallback))
-        channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
-        forwards = images * channels * samples
-        if forwards > self.max_cam_forwards:
-            raise OverBudget(
-                f"{method} would run {forwards} masked forwards ({images} image(s) x {channels} "
-                f"channels x {samples} sample(s)); the limit is {self.max_cam_forwards} "
-                "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
-                "layer with fewer channels, or use a gradient method such as GradCAM.",
-                details={"forwards": forwards, "limit": self.max_cam_forwards},
-            )
-
-    def _check_rendering(self, params: ExplainParams) -> None:
-        unknown = [o for o in params.outputs if o not in OUTPUT_KINDS]
-        if unknown or not params.outputs:
-            raise InvalidParameter(
-                f"output must be any of {', '.join(OUTPUT_KINDS)} (repeat it or separate by "
-                f"commas); got {', '.join(unknown) or 'nothing'}."
-            )
-        if params.image_format not in OUTPUT_FORMATS:
-            raise InvalidParameter(f"image_format must be one of {', '.join(OUTPUT_FORMATS)}.")
-        if ({"overlay", "heatmap"} & set(params.outputs)) and (
-            params.colormap not in colormap_names()
-        ):
-            raise InvalidParameter(
-                f"Unknown colormap {params.colormap!r}; choose one of "
-                f"{', '.join(colormap_names())}."
-            )
-
     async def explain(
         self, model_name: str | None, uploads: Sequence[Upload], params: ExplainParams
     ) -> ExplainResponse:
@@ -312,14 +175,16 @@ class Explainer:
         own_layers = bool(params.target_layers) and (
             tuple(dict.fromkeys(params.target_layers)) != model.target_layers
         )
-        method, cls = self.resolve_method(model, params.method, own_layers)
-        options = self._check_options(method, cls, params.options)
+        method, cls = checks.resolve_method(model, params.method, own_layers)
+        options = checks.check_options(method, cls, params.options)
         if "fc_layer" in getattr(cls, "option_names", ()) and model.spec.fc_layer:
             options.setdefault("fc_layer", model.spec.fc_layer)
-        layers = self._check_layers(model, params.target_layers)
-        self._check_classes(model, params.class_idx, len(uploads))
-        self._check_rendering(params)
-        self._check_budget(model, method, cls, layers, options, len(uploads))
+        layers = checks.check_layers(model, params.target_layers)
+        checks.check_classes(model, params.class_idx, len(uploads))
+        checks.check_rendering(params.outputs, params.image_format, params.colormap)
+        checks.check_budget(
+            model, method, cls, layers, options, len(uploads), self.max_cam_forwards
+        )
 
         decoded = await self._decode(model, uploads)
         submitted = time.perf_counter()
@@ -419,7 +284,7 @@ class Explainer:
         layers: tuple[str, ...],
         params: ExplainParams,
     ) -> list[ExplainResult]:
-        heatmap, overlay_mask = _engine().heatmap, _engine().overlay_mask
+        heatmap, overlay_mask = checks.engine().heatmap, checks.engine().overlay_mask
 
         named = [
             (layer, "layer", cams, params.normalized)
@@ -474,10 +339,6 @@ class Explainer:
                 )
             )
         return results
-
-
-def _channels(shape: tuple[int, ...]) -> int:
-    return shape[1] if len(shape) >= 2 else 1
 
 
 def _min_max(cams: torch.Tensor) -> torch.Tensor:

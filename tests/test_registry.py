@@ -10,8 +10,9 @@ import torch
 import torchvision
 
 from app.errors import ModelNotFound, ModelUnavailable
+from app.loading import build_model
 from app.manifest import parse_manifest
-from app.registry import ModelRegistry, build_model
+from app.registry import ModelRegistry
 
 
 @pytest.fixture(scope="module")

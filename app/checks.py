@@ -1,0 +1,164 @@
+"""Checks of explain parameters against a loaded model, each raising the matching domain error."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from app.errors import (
+    InvalidParameter,
+    MethodNotApplicable,
+    ModelUnavailable,
+    OverBudget,
+    UnsupportedMethod,
+)
+from app.imaging import OUTPUT_FORMATS
+from app.loading import LoadedModel
+
+OUTPUT_KINDS = ("overlay", "heatmap", "raw")
+
+
+def engine() -> Any:
+    """The CAM engine package (imported on first use, so that nothing heavy runs at import)."""
+    try:
+        import app.cam as cam
+    except ImportError as error:
+        raise ModelUnavailable(f"The CAM engine is not available: {error}") from None
+    return cam
+
+
+def colormap_names() -> tuple[str, ...]:
+    """The colormaps the engine can draw."""
+    return tuple(engine().COLORMAPS)
+
+
+def resolve_method(
+    model: LoadedModel, name: str | None, own_layers: bool = False
+) -> tuple[str, type]:
+    """Case-insensitive method lookup, checked against what applies to the model.
+
+    With ``own_layers`` (the client picked target layers) a method that does not apply to
+    the default layers is still tried: the extractor then says whether it applies."""
+    methods = engine().METHODS
+    wanted = (name or model.spec.default_method).strip()
+    canonical = {key.lower(): key for key in methods}
+    applicable = model.applicable_methods
+    if wanted.lower() not in canonical:
+        close = difflib.get_close_matches(wanted.lower(), list(canonical), n=1, cutoff=0.6)
+        hint = f" Did you mean {canonical[close[0]]}?" if close else ""
+        raise UnsupportedMethod(
+            f"Unknown method {wanted!r}.{hint} Methods for model {model.spec.name!r}: "
+            f"{', '.join(applicable)}.",
+            details={"methods": applicable},
+        )
+    method = canonical[wanted.lower()]
+    reason = model.methods.get(method)
+    if method in model.allowed_methods and own_layers:
+        reason = None
+    if reason is not None:
+        if not reason.startswith(method):
+            reason = f"{method} does not apply to model {model.spec.name!r}: {reason}"
+        raise MethodNotApplicable(
+            f"{reason} Methods that apply to {model.spec.name!r}: {', '.join(applicable)}.",
+            details={"methods": applicable, "reason": reason},
+        )
+    return method, methods[method]
+
+
+def check_options(method: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """Refuse options the method does not take, naming the methods that do."""
+    methods = engine().METHODS
+    taken = tuple(getattr(cls, "option_names", ()))
+    for option in options:
+        if option not in taken:
+            takers = [n for n, c in methods.items() if option in getattr(c, "option_names", ())]
+            raise InvalidParameter(
+                f"{method} does not take the option {option!r}; "
+                f"{', '.join(takers) or 'no method'} take(s) it. "
+                f"Drop {option!r} or choose one of those methods.",
+                details={"option": option, "methods": takers},
+            )
+    return dict(options)
+
+
+def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
+    """The requested layers (deduplicated), or the model's defaults; unknown names refused."""
+    if not layers:
+        return model.target_layers
+    for layer in layers:
+        if layer not in model.layer_names:
+            close = difflib.get_close_matches(layer, sorted(model.layer_names), n=5)
+            raise InvalidParameter(
+                f"Model {model.spec.name!r} has no layer {layer!r}."
+                + (f" Close matches: {', '.join(close)}." if close else "")
+                + f" Candidate layers: {', '.join(model.candidate_layers)}.",
+                details={"close_matches": close},
+            )
+    return tuple(dict.fromkeys(layers))
+
+
+def check_classes(model: LoadedModel, class_idx: Sequence[int], count: int) -> None:
+    """One class index for all images or one per image, each within the model's classes."""
+    if class_idx and len(class_idx) not in (1, count):
+        raise InvalidParameter(
+            f"Got {len(class_idx)} class_idx values for {count} images; give one for all "
+            "images or one per image, in upload order."
+        )
+    for idx in class_idx:
+        if not 0 <= idx < model.spec.num_classes:
+            raise InvalidParameter(
+                f"class_idx {idx} is out of range: model {model.spec.name!r} has "
+                f"{model.spec.num_classes} classes (0..{model.spec.num_classes - 1})."
+            )
+
+
+def check_budget(
+    model: LoadedModel,
+    method: str,
+    cls: type,
+    layers: Sequence[str],
+    options: dict[str, Any],
+    images: int,
+    limit: int,
+) -> None:
+    """Refuse Score-CAM-family requests whose masked forwards exceed the budget."""
+    names = getattr(cls, "option_names", ())
+    if "batch_size" not in names:  # only the score family runs one forward per mask
+        return
+    samples = 1
+    if "num_samples" in names:
+        default = inspect.signature(cls).parameters.get("num_samples")
+        fallback = default.default if default is not None else 1
+        samples = int(options.get("num_samples", fallback))
+    channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
+    forwards = images * channels * samples
+    if forwards > limit:
+        raise OverBudget(
+            f"{method} would run {forwards} masked forwards ({images} image(s) x {channels} "
+            f"channels x {samples} sample(s)); the limit is {limit} "
+            "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
+            "layer with fewer channels, or use a gradient method such as GradCAM.",
+            details={"forwards": forwards, "limit": limit},
+        )
+
+
+def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) -> None:
+    """Known output kinds, image format and (when images are drawn) colormap."""
+    unknown = [o for o in outputs if o not in OUTPUT_KINDS]
+    if unknown or not outputs:
+        raise InvalidParameter(
+            f"output must be any of {', '.join(OUTPUT_KINDS)} (repeat it or separate by "
+            f"commas); got {', '.join(unknown) or 'nothing'}."
+        )
+    if image_format not in OUTPUT_FORMATS:
+        raise InvalidParameter(f"image_format must be one of {', '.join(OUTPUT_FORMATS)}.")
+    if ({"overlay", "heatmap"} & set(outputs)) and (colormap not in colormap_names()):
+        raise InvalidParameter(
+            f"Unknown colormap {colormap!r}; choose one of {', '.join(colormap_names())}."
+        )
+
+
+def _channels(shape: tuple[int, ...]) -> int:
+    return shape[1] if len(shape) >= 2 else 1
