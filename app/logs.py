@@ -23,8 +23,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Route every logger (uvicorn's included) to one stderr handler in the chosen format."""
+def configure_logging(level: str, log_format: str, take_over_uvicorn: bool = True) -> None:
+    """Route every logger to one stderr handler in the chosen format; uvicorn's loggers too
+    unless ``take_over_uvicorn`` is False (uvicorn started us and configured its own)."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -33,6 +34,8 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if not take_over_uvicorn:
+        return
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

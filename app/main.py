@@ -15,6 +15,7 @@ from app.device import describe_device, resolve_device
 from app.errors import install_error_handlers
 from app.explainer import Explainer
 from app.jobs import JobLimiter
+from app.logs import configure_logging
 from app.middleware import BodyLimitMiddleware
 from app.registry import ModelRegistry
 from app.routes import explain, health, models, predict
@@ -34,6 +35,8 @@ _FORM_OVERHEAD = 64 * 1024  # room for the form fields and part headers
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Decide the device, discover the store, and load the models in the background."""
     settings: Settings = app.state.settings
+    if not logging.getLogger().handlers:  # started by `uvicorn --factory`, not `python -m app`
+        configure_logging(settings.log_level, settings.log_format, take_over_uvicorn=False)
     try:
         device = resolve_device(settings.device)
     except ConfigurationError as error:
