@@ -259,7 +259,7 @@ def main() -> None:
                     }
                     run["fast"].append(row)
                     print(f"  {name:16s} {med:9.1f} ms  {med / base:6.2f}x fwd", flush=True)
-        for model_name in args.score_models.split(","):
+        for model_name in filter(None, args.score_models.split(",")):
             if model_name == "shapes":
                 loaded = load_shapes_model(device)
                 if loaded is None:
