@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import logging
@@ -94,6 +95,7 @@ class LoadedModel:
     num_classes: int
     source: str
     manifest: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -141,6 +143,7 @@ def load_model(model_dir: Path) -> LoadedModel:
         num_classes=int(spec["num_classes"]),
         source=f"{_rel(model_dir)} ({entry}, {spec['weights']})",
         manifest=manifest,
+        weights_sha256=hashlib.sha256((model_dir / spec["weights"]).read_bytes()).hexdigest(),
     )
 
 
@@ -341,7 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         (
             "SmoothGradCAMpp",
-            "Smooth Grad-CAM++ (num_samples=4, std=0.3)",
+            "Smooth Grad-CAM++ (num_samples=4, std=0.3, seed 0)",
             cam_lib.SmoothGradCAMpp,
             tl,
             {"seed": NOISE_SEED},
@@ -359,7 +362,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         (
             "SSCAM",
-            f"SS-CAM (num_samples={args.sscam_samples}, std=2.0)",
+            f"SS-CAM (num_samples={args.sscam_samples}"
+            + (", lowered from the default 35 for cost" if args.sscam_samples != 35 else "")
+            + ", std=2.0, seed 0)",
             cam_lib.SSCAM,
             tl,
             {"num_samples": args.sscam_samples, "seed": NOISE_SEED},
@@ -368,7 +373,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         (
             "ISCAM",
-            f"IS-CAM (num_samples={args.iscam_samples})",
+            f"IS-CAM (num_samples={args.iscam_samples}"
+            + (", default" if args.iscam_samples == 10 else ", default 10")
+            + ")",
             cam_lib.ISCAM,
             tl,
             {"num_samples": args.iscam_samples},
@@ -435,6 +442,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cam_lib, model, images, preds, tl, shape, results, args.crosscheck_images
     )
 
+    identities = identity_checks(results)
+
     elapsed = time.perf_counter() - t_start
     common = common_subset_table(results)
     report = {
@@ -453,6 +462,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         },
         "model": loaded.source,
+        "weights_sha256": loaded.weights_sha256,
         "target_layer": tl,
         "held_out": {
             "dataset": "app.datasets.shapes.make_dataset",
@@ -482,11 +492,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": results,
         "common_subset": common,
         "classification_metric_crosscheck": crosscheck,
+        "identity_checks": identities,
         "wall_seconds": round(elapsed, 1),
         "quick": bool(args.quick),
         "stand_in_model": loaded.source.startswith("STAND-IN"),
     }
     return report
+
+
+#: Pairs of methods that coincide for a model whose head is global average pooling followed by one
+#: linear layer: dS_c/dA_k(i,j) = w_ck / (h w) is constant, so Grad-CAM's weights are CAM's up to
+#: a factor, XGrad-CAM's weights sum_ij A/sum(A) * g equal Grad-CAM's, and Smooth Grad-CAM++
+#: averages gradients that do not depend on the (noisy) input, which gives Grad-CAM++.
+IDENTITIES = (("CAM", "GradCAM"), ("GradCAM", "XGradCAM"), ("GradCAMpp", "SmoothGradCAMpp"))
+
+
+def identity_checks(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Largest absolute difference between the maps of method pairs expected to coincide."""
+    maps = {r["name"]: r["_maps"] for r in results}
+    out = {}
+    for a, b in IDENTITIES:
+        k = min(maps[a].shape[0], maps[b].shape[0])
+        out[f"max_abs_diff_{a}_vs_{b}"] = float((maps[a][:k] - maps[b][:k]).abs().max())
+    logger.info("identity checks (up to 64 maps per pair): %s", out)
+    return out
 
 
 def crosscheck_classification_metric(
@@ -611,6 +640,7 @@ def evaluate_row(
     t_sanity = time.perf_counter() - t_sanity
 
     mean_sweep = sweep.mean(dim=0)
+    keep = min(n, 64)
     best_idx = int(mean_sweep.argmax())
     return {
         "name": row.name,
@@ -634,6 +664,7 @@ def evaluate_row(
         "seconds_maps": round(t_maps, 1),
         "seconds_faithfulness": round(t_faith, 1),
         "seconds_sanity": round(t_sanity, 1),
+        "_maps": m[:keep],  # in memory only, for the identity checks; not written
         "per_image": {
             "pointing_game": pg0.int().tolist(),
             "energy_pointing_game": [round(v, 5) for v in epg.tolist()],
@@ -746,6 +777,20 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             "| " + " | ".join([r["name"], *[_cell(r, k, f) for k, _, f in COLUMNS]]) + " |"
         )
+    lines += ["", "Rows:", ""]
+    lines += [f"- `{r['name']}`: {r['description']}" for r in report["rows"]]
+    cc = report["classification_metric_crosscheck"]
+    ids = ", ".join(
+        f"{k[len('max_abs_diff_') :]} {v:.1e}" for k, v in report["identity_checks"].items()
+    )
+    lines += [
+        "",
+        f"Checks: AD/IC of Grad-CAM on {cc['n_images']} images by the engine's "
+        f"`ClassificationMetric` {cc['engine_average_drop']:.2f} / "
+        f"{cc['engine_increase_in_confidence']:.2f} vs this script "
+        f"{cc['bench_average_drop']:.2f} / {cc['bench_increase_in_confidence']:.2f}; "
+        f"largest map differences of pairs that coincide for a GAP + linear head: {ids}.",
+    ]
     lines += [
         "",
         "PG: pointing game, map maximum inside the mask (0 px tolerance). EPG: share of the "
@@ -768,11 +813,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="held-out dataset seed")
     p.add_argument("--n-images", type=int, default=500, help="images for the cheap methods")
     p.add_argument("--n-faith", type=int, default=200, help="deletion/insertion images (cheap)")
-    p.add_argument("--n-sanity", type=int, default=200, help="randomisation-check images (cheap)")
-    p.add_argument("--n-score", type=int, default=100, help="images for ScoreCAM")
-    p.add_argument("--n-noise", type=int, default=25, help="images for SSCAM and ISCAM")
+    p.add_argument("--n-sanity", type=int, default=500, help="randomisation-check images (cheap)")
+    p.add_argument("--n-score", type=int, default=150, help="images for ScoreCAM")
+    p.add_argument("--n-noise", type=int, default=40, help="images for SSCAM and ISCAM")
     p.add_argument(
-        "--n-sanity-expensive", type=int, default=10, help="randomisation images, Score family"
+        "--n-sanity-expensive", type=int, default=20, help="randomisation images, Score family"
     )
     p.add_argument(
         "--sscam-samples", type=int, default=10, help="SSCAM num_samples (library default 35)"
@@ -811,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "_quick" if args.quick else ""
     md = markdown(report)
     for row in report["rows"]:
+        row.pop("_maps", None)
         row["per_image"].pop("iou_sweep", None)  # large; the sweep means are in the tables
     (out_dir / f"cam_quality{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / f"cam_quality{suffix}.md").write_text(md)
