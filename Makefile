@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.camserve-installed
 
-.PHONY: install serve test test-fast lint format bench clean
+.PHONY: install serve test lint lint-deploy format bench bench-quality docker-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,21 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format app tests bench tools
 	$(VENV)/bin/ruff check --fix app tests bench tools
 
-test: $(STAMP) lint
+lint-deploy: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" tools/lint_deploy.sh
+
+test: $(STAMP) lint lint-deploy
 	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) bench/cam_latency.py
+
+bench-quality: $(STAMP)
+	$(PY) bench/cam_quality.py
+
+# Builds and runs the Docker image end to end (minutes, GBs); not part of `make test`.
+docker-smoke:
+	tools/docker_smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
