@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -151,7 +150,7 @@ def naive_score_map(model, layer_module, x, classes, method: str, batch_size: in
                     masks = masks * (s + 1) / samples
                 elif method == "SSCAM":
                     masks = masks + noise[s]
-                probs = F.softmax(model(x[i : i + 1] * masks[:, None]), dim=1)[:, classes[i]]
+                probs = model(x[i : i + 1] * masks[:, None])[:, classes[i]]
                 scores[i, start : start + batch_size] += probs / samples
     weights = torch.softmax(scores, dim=1)
     return normalize_maps(torch.relu((weights[:, :, None, None] * activation).sum(1)))

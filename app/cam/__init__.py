@@ -9,8 +9,18 @@ with GradCAM(model, target_layer="layer4") as extractor:
 from app.cam.activation import CAM, ISCAM, SSCAM, ScoreCAM, find_fc_layer
 from app.cam.colormaps import COLORMAPS, apply_colormap
 from app.cam.core import _CAM, normalize_maps, resize_maps
+from app.cam.faithfulness import (
+    deletion_auc,
+    deletion_curve,
+    insertion_auc,
+    insertion_curve,
+    randomization_check,
+    randomize_model,
+    spearman_correlation,
+)
 from app.cam.gradient import GradCAM, GradCAMpp, LayerCAM, SmoothGradCAMpp, XGradCAM
 from app.cam.layers import locate_candidate_layer
+from app.cam.localization import best_iou, energy_pointing_game, iou_sweep, mask_iou, pointing_game
 from app.cam.metrics import ClassificationMetric
 from app.cam.overlay import heatmap, overlay_mask
 from app.cam.vit import TokensToGrid, ViTTarget, vit_target
@@ -46,6 +56,18 @@ __all__ = [
     "ViTTarget",
     "XGradCAM",
     "apply_colormap",
+    "best_iou",
+    "deletion_auc",
+    "deletion_curve",
+    "energy_pointing_game",
+    "insertion_auc",
+    "insertion_curve",
+    "iou_sweep",
+    "mask_iou",
+    "pointing_game",
+    "randomization_check",
+    "randomize_model",
+    "spearman_correlation",
     "find_fc_layer",
     "heatmap",
     "locate_candidate_layer",

@@ -157,8 +157,12 @@ class CAM(_CAM):
 
 
 class _ScoreFamily(_CAM):
-    """Family base: channel weights from the class probability of the input masked by each
+    """Family base: channel weights from the class score (logit) of the input masked by each
     channel's upsampled, min-max normalised activation, softmaxed over the channels.
+
+    The logit, not the probability: a softmax over channels of probabilities, which lie in [0, 1],
+    gives weights within a factor e of each other, so the map barely depends on the class. The
+    baseline score f_c(X_b) of the paper is the same for every channel and cancels in the softmax.
 
     A channel whose activation is flat has a zero mask; those channels share one masked input
     (per noise draw), so they cost one forward in all instead of one each. Masked forwards run
@@ -205,7 +209,8 @@ class _ScoreFamily(_CAM):
         """(B, *s) activation maps → (B, *S) upsampled masks in [0, 1]."""
         return normalize_maps(resize_maps(activation_maps.float(), size))
 
-    def _class_probabilities(self, masked: Tensor, classes: Tensor) -> Tensor:
+    def _class_scores(self, masked: Tensor, classes: Tensor) -> Tensor:
+        """The logit of each sample's class on the masked inputs: (B,)."""
         if masked.device.type == "cpu" and masked.ndim in (4, 5):
             # oneDNN's CPU convolutions run about twice as fast on channels-last batches (measured
             # in bench/cam_latency.py); the values agree with the contiguous layout to float
@@ -213,16 +218,15 @@ class _ScoreFamily(_CAM):
             layout = torch.channels_last if masked.ndim == 4 else torch.channels_last_3d
             masked = masked.contiguous(memory_format=layout)
         with torch.inference_mode(), hooks_silenced():
-            logits = self.model(masked)
-        probs = torch.softmax(logits.float(), dim=1)
-        return probs.gather(1, classes[:, None].to(probs.device))[:, 0]
+            logits = self.model(masked).float()
+        return logits.gather(1, classes[:, None].to(logits.device))[:, 0]
 
     def _chunks(self, total: int) -> Iterator[slice]:
         for start in range(0, total, self.batch_size):
             yield slice(start, min(start + self.batch_size, total))
 
     def _channel_scores(self, activation: Tensor, inputs: Tensor, classes: Tensor) -> Tensor:
-        """Mean class probability over variants for every (sample, channel): (N, K)."""
+        """Mean class score over variants for every (sample, channel): (N, K)."""
         n_samples, n_channels = activation.shape[:2]
         size = inputs.shape[2:]
         if activation.ndim != inputs.ndim:
@@ -250,15 +254,15 @@ class _ScoreFamily(_CAM):
             variant_idx = job_variants[part]
             masks = self._masks(activation[sample_idx, channel_idx], size)
             masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
-            probs = self._class_probabilities(masked, classes[sample_idx])
-            totals.index_put_((sample_idx, channel_idx), probs, accumulate=True)
+            scores = self._class_scores(masked, classes[sample_idx])
+            totals.index_put_((sample_idx, channel_idx), scores, accumulate=True)
         # Flat channels: a zero mask, one shared masked input per (sample, variant) at most.
         if bool(flat.any()):
             totals += flat * self._flat_scores(inputs, classes)[:, None]
         return totals / variants
 
     def _flat_scores(self, inputs: Tensor, classes: Tensor) -> Tensor:
-        """Summed class probability over variants of the zero-mask input, per sample: (N,)."""
+        """Summed class score over variants of the zero-mask input, per sample: (N,)."""
         n_samples = inputs.shape[0]
         zero_masks = torch.zeros((1, *inputs.shape[2:]), device=inputs.device)
         if self._flat_input_is_shared():
@@ -266,9 +270,8 @@ class _ScoreFamily(_CAM):
                 inputs[:1], zero_masks, torch.zeros(1, dtype=torch.long), torch.zeros(1)
             )
             with torch.inference_mode(), hooks_silenced():
-                logits = self.model(masked)
-            probs = torch.softmax(logits.float(), dim=1)[0]
-            return probs[classes.to(probs.device)] * self._variants
+                logits = self.model(masked).float()[0]
+            return logits[classes.to(logits.device)] * self._variants
         sums = torch.zeros(n_samples, device=inputs.device)
         pairs = torch.cartesian_prod(
             torch.arange(n_samples, device=inputs.device),
@@ -278,8 +281,8 @@ class _ScoreFamily(_CAM):
             sample_idx, variant_idx = pairs[part, 0], pairs[part, 1]
             masks = zero_masks.expand(sample_idx.shape[0], *zero_masks.shape[1:])
             masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
-            probs = self._class_probabilities(masked, classes[sample_idx])
-            sums.index_put_((sample_idx,), probs, accumulate=True)
+            scores = self._class_scores(masked, classes[sample_idx])
+            sums.index_put_((sample_idx,), scores, accumulate=True)
         return sums
 
     def _get_weights(
@@ -303,7 +306,8 @@ class _ScoreFamily(_CAM):
 class ScoreCAM(_ScoreFamily):
     """Score-CAM (Wang et al., CVPR-W 2020, arXiv:1910.01279), Algorithm 1.
 
-    M_k = minmax(Up(A_k)); S_k = softmax(f(x * M_k))_c; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
+    M_k = minmax(Up(A_k)); S_k = f_c(x * M_k) (the logit); w = softmax_k(S);
+    L = ReLU(sum_k w_k A_k).
 
     Args:
         batch_size: masked inputs per forward (memory grows with it; the result does not).
@@ -313,7 +317,7 @@ class ScoreCAM(_ScoreFamily):
 class SSCAM(_ScoreFamily):
     """SS-CAM, Smoothed Score-CAM (Wang et al., 2020, arXiv:2006.14255), noise on the masks.
 
-    S_k = mean_s softmax(f(x * (M_k + e_s)))_c with e_s ~ N(0, std^2), one noise map per draw s
+    S_k = mean_s f_c(x * (M_k + e_s)) with e_s ~ N(0, std^2), one noise map per draw s
     shared by the channels and the samples of a batch; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
 
     Args:
@@ -377,7 +381,7 @@ class SSCAM(_ScoreFamily):
 class ISCAM(_ScoreFamily):
     """IS-CAM, Integrated Score-CAM (Naidu et al., 2020, arXiv:2010.03023).
 
-    S_k = mean_{i=1..n} softmax(f(x * (i/n) M_k))_c, the score integrated along the path from the
+    S_k = mean_{i=1..n} f_c(x * (i/n) M_k), the class score integrated along the path from the
     zero mask to M_k; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
 
     Args:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
+
+from app.cam.core import normalize_maps, resize_maps
 
 __all__ = [
     "DEFAULT_IOU_THRESHOLDS",
@@ -66,28 +67,13 @@ def _as_masks(masks: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def upsample_maps(cams: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Upsample maps ``(N, h, w)`` to ``(N, *size)`` bilinearly (``align_corners=False``).
-
-    Maps that already have the target size are returned unchanged (as float).
-    """
-    cams = _as_maps(cams)
-    if tuple(cams.shape[-2:]) == tuple(size):
-        return cams
-    return F.interpolate(cams[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    """Upsample maps ``(N, h, w)`` to ``(N, *size)`` bilinearly (``align_corners=False``)."""
+    return resize_maps(_as_maps(cams), size)
 
 
 def minmax_normalize(cams: torch.Tensor) -> torch.Tensor:
-    """Rescale each map to ``[0, 1]``: ``(L - min L) / (max L - min L)``.
-
-    A constant map (``max L == min L``) becomes all zeros.
-    """
-    cams = _as_maps(cams)
-    flat = cams.flatten(1)
-    lo = flat.min(dim=1).values[:, None, None]
-    hi = flat.max(dim=1).values[:, None, None]
-    span = hi - lo
-    out = (cams - lo) / span.clamp_min(_EPS)
-    return torch.where(span > 0, out, torch.zeros_like(out))
+    """Rescale each map to ``[0, 1]``; a constant map becomes all zeros."""
+    return normalize_maps(_as_maps(cams))
 
 
 def pointing_game(cams: torch.Tensor, masks: torch.Tensor, tolerance: float = 0.0) -> torch.Tensor:

@@ -44,7 +44,7 @@ def _naive_channel_scores(model, x, classes, method, **opts) -> torch.Tensor:
                 variants = [mask * (s + 1) / steps for s in range(steps)]
             else:
                 variants = [mask + noise[s] for s in range(opts["num_samples"])]
-            probs = [torch.softmax(model(x[i : i + 1] * v), dim=1)[0, classes[i]] for v in variants]
+            probs = [model(x[i : i + 1] * v)[0, classes[i]] for v in variants]
             scores[i, c] = torch.stack(probs).double().mean()
     return scores
 
