@@ -148,10 +148,14 @@ class CAM(_CAM):
                 raise ValueError(message + " Use GradCAM, LayerCAM or ScoreCAM instead.")
 
     def _get_weights(
-        self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
+        self,
+        class_idx: Tensor,
+        scores: Tensor | None,
+        retain_graph: bool,
+        activations: list[Tensor],
     ) -> list[Tensor]:
         self._check_range(class_idx, self.fc.out_features)
-        self._check_head(self._activations_for_use())
+        self._check_head(activations)
         weight = self.fc.weight.detach()
         return [weight.index_select(0, class_idx.to(weight.device))]
 
@@ -286,7 +290,11 @@ class _ScoreFamily(_CAM):
         return sums
 
     def _get_weights(
-        self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
+        self,
+        class_idx: Tensor,
+        scores: Tensor | None,
+        retain_graph: bool,
+        activations: list[Tensor],
     ) -> list[Tensor]:
         if self._input is None:
             raise RuntimeError(
@@ -297,7 +305,7 @@ class _ScoreFamily(_CAM):
             inputs = self._input.detach().clone()
         self._prepare_call(inputs)
         weights = []
-        for activation in self._activations_for_use():
+        for activation in activations:
             channel_scores = self._channel_scores(activation, inputs, class_idx)
             weights.append(torch.softmax(channel_scores, dim=1))
         return weights

@@ -263,9 +263,14 @@ class _CAM:
 
     # ----------------------------------------------------------------------------- compute
     def _get_weights(
-        self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
+        self,
+        class_idx: Tensor,
+        scores: Tensor | None,
+        retain_graph: bool,
+        activations: list[Tensor],
     ) -> list[Tensor]:
-        """Per layer, weights broadcastable to its activation (N, K, *S)."""
+        """Per layer, weights broadcastable to its activation (N, K, *S); ``activations`` are
+        the recorded ones, detached and reshape-transformed."""
         raise NotImplementedError
 
     def _transformed(self, tensor: Tensor) -> Tensor:
@@ -296,10 +301,11 @@ class _CAM:
         if self.uses_scores:
             scores = self._check_scores(scores, batch)
             self._check_range(classes, scores.shape[1])
-        weights = self._get_weights(classes, scores, retain_graph)
+        activations = self._activations_for_use()
+        weights = self._get_weights(classes, scores, retain_graph, activations)
         cams = []
         with torch.no_grad():
-            for weight, activation in zip(weights, self._activations_for_use(), strict=True):
+            for weight, activation in zip(weights, activations, strict=True):
                 cam = self._combine(weight, activation)
                 cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
                 cams.append(normalize_maps(cam) if normalized else cam)

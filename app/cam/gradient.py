@@ -67,14 +67,15 @@ class _GradientCAM(_CAM):
         ]
 
     def _get_weights(
-        self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
+        self,
+        class_idx: Tensor,
+        scores: Tensor | None,
+        retain_graph: bool,
+        activations: list[Tensor],
     ) -> list[Tensor]:
         grads = self._backprop(scores, class_idx, retain_graph)  # type: ignore[arg-type]
         with torch.no_grad():
-            return [
-                self._weights_from(g, a)
-                for g, a in zip(grads, self._activations_for_use(), strict=True)
-            ]
+            return [self._weights_from(g, a) for g, a in zip(grads, activations, strict=True)]
 
     def _weights_from(self, grad: Tensor, activation: Tensor) -> Tensor:
         raise NotImplementedError
@@ -191,7 +192,11 @@ class SmoothGradCAMpp(_GradientCAM):
         self.seed = seed
 
     def _get_weights(
-        self, class_idx: Tensor, scores: Tensor | None, retain_graph: bool
+        self,
+        class_idx: Tensor,
+        scores: Tensor | None,
+        retain_graph: bool,
+        activations: list[Tensor],
     ) -> list[Tensor]:
         if self._input is None:
             raise RuntimeError(
@@ -233,7 +238,7 @@ class SmoothGradCAMpp(_GradientCAM):
             self._activations = clean_activations
         weights = []
         with torch.no_grad():
-            for (d1, d2, d3), activation in zip(moments, self._activations_for_use(), strict=True):
+            for (d1, d2, d3), activation in zip(moments, activations, strict=True):
                 d1, d2, d3 = (d / self.num_samples for d in (d1, d2, d3))  # type: ignore[operator]
                 dims = _spatial_dims(activation)
                 activation_sum = activation.sum(dim=dims, keepdim=True)
