@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 
 from app import __version__
 from app.device import describe_device, resolve_device
@@ -59,6 +60,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await loading
 
 
+def _document_open_access(app: FastAPI) -> None:
+    """Without CAMSERVE_API_KEY no route asks for a key: say so in the OpenAPI schema too, so that
+    clients and generated SDKs do not send (or demand) an X-API-Key header."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+            schema.get("components", {}).pop("securitySchemes", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the FastAPI application; settings come from the environment when not given."""
     settings = settings or load_settings()
@@ -72,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, models.router, predict.router, explain.router):
         app.include_router(router)
+    if settings.api_key is None:
+        _document_open_access(app)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,

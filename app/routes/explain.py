@@ -63,7 +63,13 @@ def _wants_png(request: Request) -> bool:
 )
 async def explain_images(
     request: Request,
-    file: Annotated[list[UploadFile], File(description="one or more images (repeat the part)")],
+    file: Annotated[
+        list[UploadFile],
+        File(
+            description="one or more images (repeat the part)",
+            json_schema_extra={"minItems": 1},
+        ),
+    ],
     model: Annotated[
         str | None, Form(description="model name; default: the default model", examples=["shapes"])
     ] = None,

@@ -21,7 +21,13 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     responses=error_responses(401, 404, 413, 415, 422, 503),
 )
 async def predict_images(
-    file: Annotated[list[UploadFile], File(description="one or more images (repeat the part)")],
+    file: Annotated[
+        list[UploadFile],
+        File(
+            description="one or more images (repeat the part)",
+            json_schema_extra={"minItems": 1},
+        ),
+    ],
     model: Annotated[str | None, Form(description="model name; default: the default model")] = None,
     top_k: Annotated[int, Form(ge=1, le=1000, description="classes returned per image")] = 5,
     explainer: Explainer = Depends(get_explainer),
