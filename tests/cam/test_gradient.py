@@ -266,3 +266,17 @@ def test_smoothgrad_batch_maps_equal_single_sample_maps(quadratic):
         torch.testing.assert_close(
             batch[i : i + 1], run(a[i : i + 1], [classes[i]]), rtol=1e-5, atol=1e-6
         )
+
+
+def test_smoothgrad_result_does_not_depend_on_how_draws_are_batched(quadratic):
+    a = torch.rand(2, 4, 5, 6) + 0.1
+    maps = []
+    for max_batch in (1, 3, 64):
+        with SmoothGradCAMpp(
+            quadratic, "feat", input_shape=(4, 5, 6), num_samples=5, seed=9
+        ) as extractor:
+            extractor.max_batch = max_batch
+            quadratic(a)
+            maps.append(extractor([0, 1], normalized=False)[0])
+    torch.testing.assert_close(maps[0], maps[1], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(maps[0], maps[2], rtol=1e-5, atol=1e-9)
