@@ -7,10 +7,10 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+from app.cam import COLORMAPS, METHODS
 from app.errors import (
     InvalidParameter,
     MethodNotApplicable,
-    ModelUnavailable,
     OverBudget,
     UnsupportedMethod,
 )
@@ -20,20 +20,6 @@ from app.loading import LoadedModel
 OUTPUT_KINDS = ("overlay", "heatmap", "raw")
 
 
-def engine() -> Any:
-    """The CAM engine package (imported on first use, so that nothing heavy runs at import)."""
-    try:
-        import app.cam as cam
-    except ImportError as error:
-        raise ModelUnavailable(f"The CAM engine is not available: {error}") from None
-    return cam
-
-
-def colormap_names() -> tuple[str, ...]:
-    """The colormaps the engine can draw."""
-    return tuple(engine().COLORMAPS)
-
-
 def resolve_method(
     model: LoadedModel, name: str | None, own_layers: bool = False
 ) -> tuple[str, type]:
@@ -41,9 +27,9 @@ def resolve_method(
 
     With ``own_layers`` (the client picked target layers) a method that does not apply to
     the default layers is still tried: the extractor then says whether it applies."""
-    methods = engine().METHODS
+
     wanted = (name or model.spec.default_method).strip()
-    canonical = {key.lower(): key for key in methods}
+    canonical = {key.lower(): key for key in METHODS}
     applicable = model.applicable_methods
     if wanted.lower() not in canonical:
         close = difflib.get_close_matches(wanted.lower(), list(canonical), n=1, cutoff=0.6)
@@ -64,16 +50,16 @@ def resolve_method(
             f"{reason} Methods that apply to {model.spec.name!r}: {', '.join(applicable)}.",
             details={"methods": applicable, "reason": reason},
         )
-    return method, methods[method]
+    return method, METHODS[method]
 
 
 def check_options(method: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
     """Refuse options the method does not take, naming the methods that do."""
-    methods = engine().METHODS
+
     taken = tuple(getattr(cls, "option_names", ()))
     for option in options:
         if option not in taken:
-            takers = [n for n, c in methods.items() if option in getattr(c, "option_names", ())]
+            takers = [n for n, c in METHODS.items() if option in getattr(c, "option_names", ())]
             raise InvalidParameter(
                 f"{method} does not take the option {option!r}; "
                 f"{', '.join(takers) or 'no method'} take(s) it. "
@@ -154,9 +140,9 @@ def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) ->
         )
     if image_format not in OUTPUT_FORMATS:
         raise InvalidParameter(f"image_format must be one of {', '.join(OUTPUT_FORMATS)}.")
-    if ({"overlay", "heatmap"} & set(outputs)) and (colormap not in colormap_names()):
+    if ({"overlay", "heatmap"} & set(outputs)) and (colormap not in COLORMAPS):
         raise InvalidParameter(
-            f"Unknown colormap {colormap!r}; choose one of {', '.join(colormap_names())}."
+            f"Unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}."
         )
 
 

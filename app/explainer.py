@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from app import checks
+from app.cam import heatmap, overlay_mask
 from app.device import synchronize
 from app.errors import (
     MethodNotApplicable,
@@ -284,8 +285,6 @@ class Explainer:
         layers: tuple[str, ...],
         params: ExplainParams,
     ) -> list[ExplainResult]:
-        heatmap, overlay_mask = checks.engine().heatmap, checks.engine().overlay_mask
-
         named = [
             (layer, "layer", cams, params.normalized)
             for layer, cams in zip(layers, run.cams, strict=True)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.cam import METHODS, find_fc_layer, locate_candidate_layer
 from app.manifest import ManifestError, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -195,12 +196,7 @@ def _warm_up(module: nn.Module, spec: ModelSpec, device: torch.device) -> dict[s
 def _default_layers(
     module: nn.Module, spec: ModelSpec, candidates: tuple[str, ...]
 ) -> tuple[str, ...]:
-    try:
-        from app.cam import locate_candidate_layer
-
-        layer = locate_candidate_layer(module, spec.input_shape)
-    except ImportError:
-        layer = None
+    layer = locate_candidate_layer(module, spec.input_shape)
     if layer is None and candidates:
         layer = candidates[-1]
     if layer is None:
@@ -213,11 +209,6 @@ def applicable_methods(
 ) -> tuple[dict[str, str | None], frozenset[str]]:
     """Method name -> None when it applies to this model, else the reason it does not; and the
     methods the manifest allows."""
-    try:
-        from app.cam import METHODS, find_fc_layer
-    except ImportError:
-        logger.warning("the CAM engine (app.cam) is not installed; /explain is unavailable")
-        return {}, frozenset()
     result: dict[str, str | None] = {}
     layer: str | list[str] = target_layers[0] if len(target_layers) == 1 else list(target_layers)
     for name, cls in METHODS.items():
