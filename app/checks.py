@@ -27,7 +27,6 @@ def resolve_method(
 
     With ``own_layers`` (the client picked target layers) a method that does not apply to
     the default layers is still tried: the extractor then says whether it applies."""
-
     wanted = (name or model.spec.default_method).strip()
     canonical = {key.lower(): key for key in METHODS}
     applicable = model.applicable_methods
