@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from app import checks
-from app.cam import heatmap, overlay_mask
+from app.cam import heatmap, normalize_maps, overlay_mask
 from app.device import synchronize
 from app.errors import (
     MethodNotApplicable,
@@ -257,7 +257,7 @@ class Explainer:
                     if len(cams) > 1:
                         # Fusion takes the per-pixel max, which only means something on a
                         # common scale: fuse normalised maps even when raw ones were asked for.
-                        scaled = cams if params.normalized else [_min_max(c) for c in cams]
+                        scaled = cams if params.normalized else [normalize_maps(c) for c in cams]
                         fused = extractor.fuse_cams(scaled)
                 except ValueError as error:
                     # Class indices were checked before: what is left is about the layers/head.
@@ -304,7 +304,7 @@ class Explainer:
                         shape=list(cam.shape), normalized=is_normalized, values=cam.tolist()
                     )
                 if {"overlay", "heatmap"} & set(params.outputs):
-                    mask = cam if is_normalized else _min_max(cam)
+                    mask = cam if is_normalized else normalize_maps(cam[None])[0]
                     if (round(box.left), round(box.top)) != (0, 0) or (
                         round(box.right),
                         round(box.bottom),
@@ -338,11 +338,3 @@ class Explainer:
                 )
             )
         return results
-
-
-def _min_max(cams: torch.Tensor) -> torch.Tensor:
-    """Scale each map of a (..., h, w) stack to [0, 1] (flat maps become zeros)."""
-    flat = cams.flatten(-2)
-    low = flat.min(-1, keepdim=True).values.unsqueeze(-1)
-    span = (flat.max(-1, keepdim=True).values.unsqueeze(-1) - low).clamp_min(1e-12)
-    return torch.where(span > 1e-12, (cams - low) / span, torch.zeros_like(cams))
