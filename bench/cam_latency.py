@@ -31,6 +31,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.cam import METHODS, normalize_maps, resize_maps  # noqa: E402
+from app.loading import build_model as build_from_spec  # noqa: E402
+from app.manifest import parse_manifest  # noqa: E402
 
 TARGETS = {"resnet18": "layer4", "resnet50": "layer4", "mobilenet_v2": "features"}
 FAST_METHODS = ["CAM", "GradCAM", "GradCAMpp", "XGradCAM", "LayerCAM", "SmoothGradCAMpp"]
@@ -75,22 +77,13 @@ def build_model(name: str, device: torch.device, trainable: bool) -> torch.nn.Mo
 
 def load_shapes_model(device: torch.device):
     """The service's default model, if it has been trained and shipped."""
-    import importlib
-
-    import tomllib
-
     root = Path(__file__).resolve().parents[1] / "model_store" / "shapes"
     if not (root / "model.toml").exists() or not (root / "weights.pt").exists():
         return None
-    manifest = tomllib.loads((root / "model.toml").read_text())
-    module_name, factory = manifest["model"]["architecture"].split(":")
-    model = getattr(importlib.import_module(module_name), factory)(
-        **manifest["model"].get("kwargs", {})
-    )
-    model.load_state_dict(torch.load(root / "weights.pt", weights_only=True, map_location="cpu"))
+    spec = parse_manifest(root)
+    model, _ = build_from_spec(spec)
     model = model.eval().to(device).requires_grad_(False)
-    shape = tuple(manifest["preprocess"]["input_shape"])
-    return model, manifest["cam"]["target_layers"][0], shape
+    return model, spec.target_layers[0], spec.input_shape
 
 
 def time_fast_methods(model, layer, x, methods, repeats, device) -> dict[str, list[float]]:

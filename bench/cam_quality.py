@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import logging
 import math
@@ -39,12 +38,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +64,8 @@ from app.cam.localization import (  # noqa: E402
     mask_iou,
     pointing_game,
 )
+from app.loading import build_model  # noqa: E402
+from app.manifest import parse_manifest  # noqa: E402
 
 logger = logging.getLogger("bench.cam_quality")
 
@@ -94,7 +94,6 @@ class LoadedModel:
     image_size: int
     num_classes: int
     source: str
-    manifest: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = None
 
 
@@ -113,37 +112,24 @@ def _rel(path: Path) -> str:
 
 
 def load_model(model_dir: Path) -> LoadedModel:
-    """Build the model a ``model.toml`` manifest describes and load its weights.
-
-    Reads ``[model] architecture`` ("module:function", imported with :mod:`importlib`),
-    ``kwargs``, ``num_classes`` and ``weights`` (loaded with ``torch.load(weights_only=True)``),
-    ``[preprocess] mean``, ``std`` and ``input_shape``, and ``[cam] target_layers`` (the first
-    one is the benchmark's target layer). The model is put in eval mode with frozen parameters.
+    """Build the model a ``model.toml`` manifest describes, with the service's own manifest
+    parser and loader (weights through ``torch.load(weights_only=True)``), in eval mode with
+    frozen parameters; the first ``[cam] target_layers`` entry is the benchmark's target layer.
     """
-    manifest_path = model_dir / "model.toml"
-    with manifest_path.open("rb") as fh:
-        manifest = tomllib.load(fh)
-    spec, pre, cam = manifest["model"], manifest["preprocess"], manifest.get("cam", {})
-    entry = spec["architecture"]
-    module_name, func_name = entry.split(":", 1)
-    kwargs = dict(spec.get("kwargs", {}))
-    kwargs.setdefault("num_classes", int(spec["num_classes"]))
-    model = getattr(importlib.import_module(module_name), func_name)(**kwargs)
-    state = torch.load(model_dir / spec["weights"], map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    input_shape = [int(v) for v in pre["input_shape"]]
-    if input_shape[1] != input_shape[2]:
-        raise ValueError(f"square inputs expected, got input_shape {input_shape}")
+    spec = parse_manifest(model_dir)
+    model, _ = build_model(spec)
+    _, height, width = spec.input_shape
+    if height != width:
+        raise ValueError(f"square inputs expected, got input_shape {spec.input_shape}")
     return LoadedModel(
         model=_freeze(model),
-        mean=tuple(float(v) for v in pre["mean"]),
-        std=tuple(float(v) for v in pre["std"]),
-        target_layer=str(cam.get("target_layers", ["layer3"])[0]),
-        image_size=input_shape[1],
-        num_classes=int(spec["num_classes"]),
-        source=f"{_rel(model_dir)} ({entry}, {spec['weights']})",
-        manifest=manifest,
-        weights_sha256=hashlib.sha256((model_dir / spec["weights"]).read_bytes()).hexdigest(),
+        mean=spec.mean,
+        std=spec.std,
+        target_layer=spec.target_layers[0] if spec.target_layers else "layer3",
+        image_size=height,
+        num_classes=spec.num_classes,
+        source=f"{_rel(model_dir)} ({spec.architecture}, {spec.weights})",
+        weights_sha256=hashlib.sha256((model_dir / spec.weights).read_bytes()).hexdigest(),
     )
 
 
