@@ -150,8 +150,9 @@ def naive_score_map(model, layer_module, x, classes, method: str, batch_size: in
 
 
 def time_score_methods(
-    model, layer, x, samples: dict[str, int], batch_size: int, device
+    model, layer, x, samples: dict[str, int], batch_size: int, device, rounds: int = 1
 ) -> list[dict]:
+    """Ours and the naive loop alternate for ``rounds`` rounds; medians are reported."""
     rows = []
     classes = list(range(x.shape[0]))
     module = dict(model.named_modules())[layer]
@@ -175,9 +176,16 @@ def time_score_methods(
         def naive(name=name, naive_opts=naive_opts):
             return naive_score_map(model, module, x, classes, name, batch_size, **naive_opts)
 
-        ours_ms, ours_map = _timed_result(ours, device)
+        ours_times, naive_times = [], []
+        for _ in range(rounds):
+            ours_ms, ours_map = _timed_result(ours, device)
+            extractor.disable_hooks()
+            naive_ms, naive_map = _timed_result(naive, device)
+            extractor.enable_hooks()
+            ours_times.append(ours_ms)
+            naive_times.append(naive_ms)
         extractor.remove_hooks()
-        naive_ms, naive_map = _timed_result(naive, device)
+        ours_ms, naive_ms = statistics.median(ours_times), statistics.median(naive_times)
         a = _activation(model, module, x)
         flat = (a.flatten(2).amax(2) == a.flatten(2).amin(2)).float().mean().item()
         rows.append(
@@ -217,6 +225,9 @@ def main() -> None:
     parser.add_argument("--score-samples", type=int, default=2, help="SSCAM/ISCAM draws/steps")
     parser.add_argument("--shapes-samples", type=int, default=0, help="0: the methods' defaults")
     parser.add_argument("--score-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--shapes-rounds", type=int, default=5, help="timing rounds on the (cheap) shapes model"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--out", default="bench/results/cam_latency.json")
     args = parser.parse_args()
@@ -230,7 +241,7 @@ def main() -> None:
     for device in devices:
         print(f"## {machine(device)}", flush=True)
         run = {"device": machine(device), "fast": [], "score": []}
-        for model_name in args.models.split(","):
+        for model_name in filter(None, args.models.split(",")):
             model = build_model(model_name, device, args.trainable)
             for batch in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(batch, 3, args.size, args.size, device=device)
@@ -267,7 +278,10 @@ def main() -> None:
             x = torch.randn(1, 3, *size, device=device)
             per_method = {"SSCAM": samples or 35, "ISCAM": samples or 10}
             print(f"{model_name} Score-CAM family, num_samples {per_method}:", flush=True)
-            rows = time_score_methods(model, layer, x, per_method, args.score_batch_size, device)
+            rounds = args.shapes_rounds if model_name == "shapes" else 1
+            rows = time_score_methods(
+                model, layer, x, per_method, args.score_batch_size, device, rounds
+            )
             for row in rows:
                 row["model"] = model_name
             run["score"].extend(rows)
