@@ -16,8 +16,7 @@ from app.errors import (
 )
 from app.imaging import OUTPUT_FORMATS
 from app.loading import LoadedModel
-
-OUTPUT_KINDS = ("overlay", "heatmap", "raw")
+from app.rendering import OUTPUT_KINDS
 
 
 def resolve_method(
@@ -110,7 +109,7 @@ def check_budget(
 ) -> None:
     """Refuse Score-CAM-family requests whose masked forwards exceed the budget."""
     names = getattr(cls, "option_names", ())
-    if "batch_size" not in names:  # only the score family runs one forward per mask
+    if not getattr(cls, "masked_forwards", False):
         return
     samples = 1
     if "num_samples" in names:
@@ -135,11 +134,13 @@ def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) ->
     if unknown or not outputs:
         raise InvalidParameter(
             f"output must be any of {', '.join(OUTPUT_KINDS)} (repeat it or separate by "
-            f"commas); got {', '.join(unknown) or 'nothing'}."
+            f"commas); got {', '.join(o[:40] for o in unknown) or 'nothing'}.",
+            details={"allowed": list(OUTPUT_KINDS)},
         )
     if image_format not in OUTPUT_FORMATS:
         raise InvalidParameter(f"image_format must be one of {', '.join(OUTPUT_FORMATS)}.")
-    if ({"overlay", "heatmap"} & set(outputs)) and (colormap not in COLORMAPS):
+    draws = any(OUTPUT_KINDS[name].picture for name in outputs)
+    if draws and colormap not in COLORMAPS:
         raise InvalidParameter(
             f"Unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}."
         )

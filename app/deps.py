@@ -7,8 +7,9 @@ import secrets
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
+from app.decoding import Upload
 from app.errors import InvalidParameter, PayloadTooLarge, Unauthorized
-from app.explainer import Explainer, Upload
+from app.explainer import Explainer
 from app.registry import ModelRegistry
 from app.settings import Settings
 

@@ -112,6 +112,13 @@ class NotReady(CamserveError):
     code = "not_ready"
 
 
+class ClientClosedRequest(CamserveError):
+    """The client went away before its answer was ready; nobody reads this answer."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """The one JSON error shape: ``{"error": {"code": ..., "message": ...}}``."""
     error: dict[str, Any] = {"code": code, "message": message}
@@ -153,6 +160,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(request: Request, exc: CamserveError) -> JSONResponse:
         if exc.status_code >= 500 and not isinstance(exc, Overloaded | NotReady):
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        elif isinstance(exc, ClientClosedRequest):
+            logger.info("%s %s: %s", request.method, request.url.path, exc.message)
         return JSONResponse(
             error_body(exc.code, exc.message, exc.details),
             status_code=exc.status_code,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 from app.manifest import ModelSpec
@@ -37,6 +37,11 @@ class Box:
 
 def decode_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     """Bytes -> upright RGB image; raises InvalidImage, UnsupportedMediaType or ImageTooLarge."""
+    return load_image(open_image(data, filename, max_pixels), filename)
+
+
+def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
+    """Read the header only: the format and size are checked before any pixel is decoded."""
     name = filename or "upload"
     if not data:
         raise InvalidImage(f"{name}: the file is empty; attach the image's bytes.")
@@ -64,6 +69,22 @@ def decode_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
             f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
             f"{max_pixels} (CAMSERVE_MAX_IMAGE_PIXELS); downscale the image."
         )
+    return image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # an unreadable EXIF block is ignored by load_image as well
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def load_image(image: Image.Image, filename: str) -> Image.Image:
+    """Decode an opened image (at the scale a JPEG draft chose) -> upright 8-bit RGB."""
+    name = filename or "upload"
     try:
         image.load()
     except Exception:
@@ -113,27 +134,33 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 def preprocess(images: list[Image.Image], spec: ModelSpec) -> tuple[torch.Tensor, list[Box]]:
     """Resize (shorter side), centre-crop and normalise into one (N, C, H, W) float batch."""
-    tensors, boxes = [], []
+    prepared = [preprocess_image(image, spec) for image in images]
+    return torch.stack([tensor for tensor, _ in prepared]), [box for _, box in prepared]
+
+
+def preprocess_image(image: Image.Image, spec: ModelSpec) -> tuple[torch.Tensor, Box]:
+    """Resize (shorter side), centre-crop and normalise one image: (C, H, W) and the crop box."""
     crop_h, crop_w = spec.crop
+    width, height = image.size
+    scale = max(spec.resize / min(width, height), crop_h / height, crop_w / width)
+    new_w, new_h = max(crop_w, round(width * scale)), max(crop_h, round(height * scale))
+    left, top = round((new_w - crop_w) / 2), round((new_h - crop_h) / 2)
+    sx, sy = new_w / width, new_h / height
+    box = Box(left / sx, top / sy, (left + crop_w) / sx, (top + crop_h) / sy)
+    # Resampling only the crop's source region gives the pixels of resize-then-crop (to one level
+    # of rounding) without resizing what the crop throws away: 33 ms instead of 54 ms at 12 MP.
+    cropped = image.resize(
+        (crop_w, crop_h), Image.Resampling.BILINEAR, box=(box.left, box.top, box.right, box.bottom)
+    )
+    if spec.input_shape[0] == 1:
+        cropped = cropped.convert("L")
+    array = np.asarray(cropped, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
     mean = torch.tensor(spec.mean).view(-1, 1, 1)
     std = torch.tensor(spec.std).view(-1, 1, 1)
-    for image in images:
-        width, height = image.size
-        scale = max(spec.resize / min(width, height), crop_h / height, crop_w / width)
-        new_w, new_h = max(crop_w, round(width * scale)), max(crop_h, round(height * scale))
-        left, top = round((new_w - crop_w) / 2), round((new_h - crop_h) / 2)
-        resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-        cropped = resized.crop((left, top, left + crop_w, top + crop_h))
-        if spec.input_shape[0] == 1:
-            cropped = cropped.convert("L")
-        array = np.asarray(cropped, dtype=np.float32) / 255.0
-        if array.ndim == 2:
-            array = array[:, :, None]
-        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
-        tensors.append((tensor - mean) / std)
-        sx, sy = new_w / width, new_h / height
-        boxes.append(Box(left / sx, top / sy, (left + crop_w) / sx, (top + crop_h) / sy))
-    return torch.stack(tensors), boxes
+    return (tensor - mean) / std, box
 
 
 def map_to_image(cam: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
@@ -154,11 +181,18 @@ def map_to_image(cam: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Te
 
 
 def encode_image(image: Image.Image, image_format: str) -> bytes:
-    """Encode as png, jpeg or webp."""
+    """Encode as png, jpeg or webp, with the settings bench/output_formats.py chose."""
     pil_format, _ = OUTPUT_FORMATS[image_format]
     buffer = io.BytesIO()
-    if pil_format == "PNG":
+    if pil_format == "PNG" and image.mode == "P":
+        # A palette heatmap: 1 byte a pixel, lossless, about 5x faster than RGB at level 3.
         image.save(buffer, format="PNG", compress_level=3)
+    elif pil_format == "PNG":
+        # Huffman-only deflate: 0.4x the time of level 3 on overlays at 0.9x the size.
+        image.save(buffer, format="PNG", compress_level=1, compress_type=2)
+    elif pil_format == "JPEG":
+        # 4:4:4: chroma subsampling smears the saturated colours of a colour map.
+        image.convert("RGB").save(buffer, format="JPEG", quality=90, subsampling=0)
     else:
         image.convert("RGB").save(buffer, format=pil_format, quality=90)
     return buffer.getvalue()

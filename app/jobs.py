@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import anyio.to_thread
@@ -16,7 +17,11 @@ T = TypeVar("T")
 
 
 class JobLimiter:
-    """At most ``max_running`` jobs in worker threads; ``max_waiting`` more may wait for a slot."""
+    """At most ``max_running`` jobs in worker threads; ``max_waiting`` more may wait for a slot.
+
+    A request is *admitted* (counted, or refused with 503) for as long as it waits for or takes
+    part in model work; the work itself runs in a *slot*. With cross-request batching several
+    admitted requests share one slot."""
 
     def __init__(self, max_running: int, max_waiting: int) -> None:
         self.max_running = max_running
@@ -35,8 +40,9 @@ class JobLimiter:
         backlog = self._admitted / self.max_running
         return max(1, math.ceil(backlog * self._mean_seconds))
 
-    async def run(self, func: Callable[[], T]) -> T:
-        """Run ``func`` in a worker thread once a slot is free; Overloaded if the queue is full."""
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count one request as in flight for the block; Overloaded if the queue is full."""
         if self._admitted >= self.max_running + self.max_waiting:
             raise Overloaded(
                 f"The service is busy ({self._admitted} jobs running or queued); "
@@ -45,12 +51,21 @@ class JobLimiter:
             )
         self._admitted += 1
         try:
-            async with self._slots:
-                started = time.perf_counter()
-                # Not abandoned on cancel: the slot stays taken until the thread really ends.
-                result = await anyio.to_thread.run_sync(func)
-                elapsed = time.perf_counter() - started
-                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
-                return result
+            yield
         finally:
             self._admitted -= 1
+
+    async def run_in_slot(self, func: Callable[[], T]) -> T:
+        """Run ``func`` in a worker thread once a slot is free (no admission of its own)."""
+        async with self._slots:
+            started = time.perf_counter()
+            # Not abandoned on cancel: the slot stays taken until the thread really ends.
+            result = await anyio.to_thread.run_sync(func)
+            elapsed = time.perf_counter() - started
+            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
+            return result
+
+    async def run(self, func: Callable[[], T]) -> T:
+        """Admit one job and run ``func`` in a worker thread once a slot is free."""
+        with self.admit():
+            return await self.run_in_slot(func)

@@ -49,14 +49,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     limiter = JobLimiter(settings.max_concurrent_jobs, settings.queue_size)
     app.state.device = device
     app.state.registry = registry
-    app.state.explainer = Explainer(
-        registry, limiter, settings.max_image_pixels, settings.max_cam_forwards
+    explainer = Explainer(
+        registry,
+        limiter,
+        settings.max_image_pixels,
+        settings.max_cam_forwards,
+        max_output_side=settings.max_output_side,
+        max_batch_size=settings.max_batch_size,
+        batch_timeout_s=settings.batch_timeout_ms / 1000,
     )
+    app.state.explainer = explainer
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.ensure_future(asyncio.to_thread(registry.load_all))
     try:
         yield
     finally:
+        await explainer.close()
         await loading
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from app.rendering import OUTPUT_KINDS, RawMap
+
+__all__ = ["RawMap"]
 
 
 def _example(example: dict[str, Any]) -> ConfigDict:
@@ -143,6 +147,9 @@ class PredictTimings(BaseModel):
     queue_ms: float
     forward_ms: float
     total_ms: float
+    batch_images: int = Field(
+        description="images in the forward this request shared with others (its own included)"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -150,7 +157,13 @@ class PredictResponse(BaseModel):
         {
             "model": "shapes",
             "device": "cpu",
-            "timings": {"decode_ms": 1.2, "queue_ms": 0.1, "forward_ms": 4.8, "total_ms": 6.5},
+            "timings": {
+                "decode_ms": 1.2,
+                "queue_ms": 0.1,
+                "forward_ms": 4.8,
+                "total_ms": 6.5,
+                "batch_images": 1,
+            },
             "results": [
                 {
                     "filename": "circle.png",
@@ -169,18 +182,29 @@ class PredictResponse(BaseModel):
     results: list[PredictResult]
 
 
-class RawMap(BaseModel):
-    shape: list[int] = Field(description="[h, w] of the map at the layer's resolution")
-    normalized: bool
-    values: list[list[float]]
-
-
-class MapOutput(BaseModel):
+class _MapBase(BaseModel):
     layer: str = Field(description="target layer name, or 'fused' for the fusion of all layers")
     kind: Literal["layer", "fused"]
-    overlay: str | None = Field(None, description="base64 image at the original size")
-    heatmap: str | None = Field(None, description="base64 coloured map at the original size")
-    raw: RawMap | None = None
+    width: int | None = Field(
+        None, description="width of the overlay/heatmap pictures; null when none was asked for"
+    )
+    height: int | None = Field(None, description="height of the overlay/heatmap pictures")
+    region: list[int] | None = Field(
+        None,
+        description="[left, top, right, bottom] of the pictures that the map covers (the model's "
+        "crop of the upload), in the pictures' pixels",
+    )
+
+
+# One optional field per output kind, declared once in app.rendering.OUTPUT_KINDS.
+MapOutput = create_model(  # type: ignore[call-overload]
+    "MapOutput",
+    __base__=_MapBase,
+    **{
+        kind.name: (kind.value_type | None, Field(None, description=kind.description))
+        for kind in OUTPUT_KINDS.values()
+    },
+)
 
 
 class Explanation(BaseModel):
@@ -207,6 +231,9 @@ class ExplainTimings(BaseModel):
     cam_ms: float
     encode_ms: float
     total_ms: float
+    batch_images: int = Field(
+        description="images in the pass this request shared with others (its own included)"
+    )
 
 
 class ExplainResponse(BaseModel):
@@ -226,6 +253,7 @@ class ExplainResponse(BaseModel):
                 "cam_ms": 3.9,
                 "encode_ms": 6.0,
                 "total_ms": 16.6,
+                "batch_images": 1,
             },
             "results": [
                 {
@@ -246,6 +274,9 @@ class ExplainResponse(BaseModel):
                                 {
                                     "layer": "layer3",
                                     "kind": "layer",
+                                    "width": 128,
+                                    "height": 128,
+                                    "region": [0, 0, 128, 128],
                                     "overlay": "iVBORw0KGgoAAAANSUhEUgAA...",
                                     "heatmap": None,
                                     "raw": None,

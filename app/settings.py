@@ -48,6 +48,26 @@ class Settings(BaseSettings):
         le=10_000_000,
         description="most masked forwards (images x channels x samples) of one Score-CAM request",
     )
+    max_output_side: int = Field(
+        1024,
+        ge=16,
+        le=16_384,
+        description="longest side of overlays and heatmaps when `size` is not sent; "
+        "larger uploads get smaller pictures, aspect kept",
+    )
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="most images one cross-request batch holds; 1 turns batching off; "
+        "default by device type: 8 on CPU, 32 on CUDA",
+    )
+    batch_timeout_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="how long a batch that is already forming waits for more requests",
+    )
     api_key: SecretStr | None = Field(None, description="if set, required in X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS, or *"
@@ -62,6 +82,11 @@ class Settings(BaseSettings):
         if not _DEVICE_RE.match(value):
             raise ValueError("must be one of auto, cpu, cuda, cuda:N (N a device index)")
         return value
+
+    @field_validator("max_batch_size", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("api_key", mode="before")
     @classmethod

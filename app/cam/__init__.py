@@ -7,7 +7,7 @@ with GradCAM(model, target_layer="layer4") as extractor:
 """
 
 from app.cam.activation import CAM, ISCAM, SSCAM, ScoreCAM, find_fc_layer
-from app.cam.colormaps import COLORMAPS, apply_colormap
+from app.cam.colormaps import COLORMAPS, apply_colormap, colormap_lut
 from app.cam.core import _CAM, normalize_maps, resize_maps
 from app.cam.faithfulness import (
     deletion_auc,
@@ -22,7 +22,7 @@ from app.cam.gradient import GradCAM, GradCAMpp, LayerCAM, SmoothGradCAMpp, XGra
 from app.cam.layers import locate_candidate_layer
 from app.cam.localization import best_iou, energy_pointing_game, iou_sweep, mask_iou, pointing_game
 from app.cam.metrics import ClassificationMetric
-from app.cam.overlay import heatmap, overlay_mask
+from app.cam.overlay import blend, colorize, heatmap, mask_levels, overlay_mask, palette_image
 from app.cam.vit import TokensToGrid, ViTTarget, vit_target
 
 METHODS: dict[str, type[_CAM]] = {
@@ -56,6 +56,9 @@ __all__ = [
     "ViTTarget",
     "XGradCAM",
     "apply_colormap",
+    "blend",
+    "colorize",
+    "colormap_lut",
     "best_iou",
     "deletion_auc",
     "deletion_curve",
@@ -71,8 +74,10 @@ __all__ = [
     "find_fc_layer",
     "heatmap",
     "locate_candidate_layer",
+    "mask_levels",
     "normalize_maps",
     "overlay_mask",
+    "palette_image",
     "resize_maps",
     "vit_target",
 ]

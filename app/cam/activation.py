@@ -179,6 +179,7 @@ class _ScoreFamily(_CAM):
 
     uses_scores = True
     uses_input = True
+    masked_forwards = True
     option_names: tuple[str, ...] = ("batch_size",)
     #: masked inputs per (sample, channel): noise draws or integration steps.
     _variants = 1

@@ -7,6 +7,8 @@ anchor colours sampled along the published maps (close to, not identical with, m
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 
 _ANCHORS: dict[str, list[tuple[float, float, float]]] = {
@@ -91,3 +93,14 @@ def apply_colormap(values: np.ndarray, name: str = "jet") -> np.ndarray:
     else:
         raise ValueError(f"Unknown colormap {name!r}; choose one of {list(COLORMAPS)}.")
     return np.round(rgb * 255).astype(np.uint8)
+
+
+@cache
+def colormap_lut(name: str = "jet") -> bytes:
+    """The colour map sampled at the 256 levels ``i / 255``: a 768-byte RGB palette.
+
+    Colouring a uint8 map through this table gives ``apply_colormap(level / 255)`` exactly, at the
+    cost of one table look-up per pixel."""
+    if name not in COLORMAPS:
+        raise ValueError(f"Unknown colormap {name!r}; choose one of {list(COLORMAPS)}.")
+    return apply_colormap(np.arange(256, dtype=np.float32) / 255.0, name).tobytes()

@@ -98,6 +98,8 @@ class _CAM:
     requires_grad: ClassVar[bool] = False
     uses_scores: ClassVar[bool] = False
     uses_input: ClassVar[bool] = False
+    #: runs one extra (masked) forward per channel and image: its cost does not shrink in a batch
+    masked_forwards: ClassVar[bool] = False
     option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(

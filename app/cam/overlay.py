@@ -1,39 +1,81 @@
-"""Overlay a class activation map on the image it explains."""
+"""Overlay a class activation map on the image it explains.
+
+The fast path works on 8-bit levels: the map is resized once, straight to the picture's size,
+quantised to 256 levels, coloured through a 256-entry palette and blended with one rounding.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
+from torch.nn import functional as F
 
-from app.cam.colormaps import apply_colormap
+from app.cam.colormaps import colormap_lut
+
+MaskLike = Image.Image | Tensor | np.ndarray
 
 
-def _mask_array(mask: Image.Image | Tensor | np.ndarray) -> np.ndarray:
+def _mask_tensor(mask: MaskLike) -> Tensor:
+    """Any 2D map (with leading singleton axes, e.g. (1, 1, h, w)) -> float32 (h, w) tensor."""
     if isinstance(mask, Tensor):
-        array = mask.detach().float().cpu().numpy()
+        values = mask.detach().float().cpu()
     elif isinstance(mask, Image.Image):
-        array = np.asarray(mask.convert("F"), dtype=np.float32)
+        values = torch.from_numpy(np.asarray(mask.convert("F"), dtype=np.float32).copy())
         if mask.mode in ("L", "P", "RGB", "RGBA", "I;16"):
-            array = array / (65535.0 if mask.mode == "I;16" else 255.0)
+            values = values / (65535.0 if mask.mode == "I;16" else 255.0)
     else:
-        array = np.asarray(mask, dtype=np.float32)
-    array = np.squeeze(array)
-    if array.ndim != 2:
-        raise ValueError(f"The mask must be a single 2D map, got shape {array.shape}.")
-    return np.nan_to_num(array)
+        values = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+    # Only leading axes go: a 1-pixel-high map of a thin image is still a 2D map.
+    while values.ndim > 2 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != 2:
+        raise ValueError(f"The mask must be a single 2D map, got shape {tuple(values.shape)}.")
+    return torch.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
 
 
-def heatmap(mask: Image.Image | Tensor | np.ndarray, size: tuple[int, int], colormap: str = "jet"):
+def mask_levels(mask: MaskLike, size: tuple[int, int]) -> np.ndarray:
+    """A map with values in [0, 1] resized (bilinear) to ``size`` (width, height): uint8 levels."""
+    width, height = size
+    values = _mask_tensor(mask)
+    if tuple(values.shape) != (height, width):
+        values = F.interpolate(
+            values[None, None], size=(height, width), mode="bilinear", align_corners=False
+        )[0, 0]
+    return values.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8).numpy()
+
+
+def palette_image(levels: np.ndarray, colormap: str = "jet") -> Image.Image:
+    """uint8 levels (H, W) -> palette ("P") image whose palette is the colour map."""
+    picture = Image.fromarray(np.ascontiguousarray(levels, dtype=np.uint8), mode="L")
+    picture.putpalette(colormap_lut(colormap))
+    return picture
+
+
+def colorize(levels: np.ndarray, colormap: str = "jet") -> Image.Image:
+    """uint8 levels (H, W) -> RGB image through the colour map's 256-entry palette."""
+    return palette_image(levels, colormap).convert("RGB")
+
+
+def blend(img: Image.Image, colored: Image.Image, alpha: float) -> Image.Image:
+    """``alpha * img + (1 - alpha) * colored``, rounded to the nearest level (RGB images)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
+    base = torch.from_numpy(np.asarray(img.convert("RGB")).copy())
+    heat = torch.from_numpy(np.asarray(colored.convert("RGB")).copy())
+    mixed = torch.lerp(heat.float(), base.float(), alpha).round_().to(torch.uint8)
+    return Image.fromarray(mixed.numpy(), mode="RGB")
+
+
+def heatmap(mask: MaskLike, size: tuple[int, int], colormap: str = "jet") -> Image.Image:
     """The mask (values in [0, 1]) resized to ``size`` (width, height) and coloured: RGB image."""
-    values = Image.fromarray(_mask_array(mask).astype(np.float32), mode="F")
-    values = values.resize(size, resample=Image.Resampling.BICUBIC)
-    return Image.fromarray(apply_colormap(np.asarray(values), colormap), mode="RGB")
+    return colorize(mask_levels(mask, size), colormap)
 
 
 def overlay_mask(
     img: Image.Image,
-    mask: Image.Image | Tensor | np.ndarray,
+    mask: MaskLike,
     colormap: str = "jet",
     alpha: float = 0.7,
 ) -> Image.Image:
@@ -49,9 +91,5 @@ def overlay_mask(
         raise TypeError("img must be a PIL image.")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
-    base = img.convert("RGB")
-    colored = heatmap(mask, base.size, colormap)
-    blended = alpha * np.asarray(base, dtype=np.float32) + (1 - alpha) * np.asarray(
-        colored, dtype=np.float32
-    )
-    return Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8), mode="RGB")
+    colored = heatmap(mask, img.size, colormap)
+    return blend(img, colored, alpha)

@@ -10,8 +10,17 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from app.deps import get_explainer, get_settings, read_uploads, require_api_key
+from app.disconnect import unless_disconnected
 from app.errors import InvalidParameter, NotAcceptable
 from app.explainer import Explainer, ExplainParams
+from app.rendering import (
+    DEFAULT_ALPHA,
+    DEFAULT_COLORMAP,
+    DEFAULT_IMAGE_FORMAT,
+    MAX_SIDE,
+    MIN_SIDE,
+    OUTPUT_KINDS,
+)
 from app.routes import error_responses
 from app.schemas import ExplainResponse
 from app.settings import Settings
@@ -97,13 +106,29 @@ async def explain_images(
     output: Annotated[
         list[str] | None,
         Form(
-            description="any of overlay, heatmap, raw (repeat or comma list)",
+            description=f"any of {', '.join(OUTPUT_KINDS)} (repeat or comma list)",
             examples=[["overlay", "raw"]],
         ),
     ] = None,
-    colormap: Annotated[str, Form(description="jet, viridis, inferno, turbo, hot, ...")] = "jet",
-    alpha: Annotated[float, Form(ge=0, le=1, description="weight of the image in overlays")] = 0.5,
-    image_format: Annotated[Literal["png", "jpeg", "webp"], Form()] = "png",
+    colormap: Annotated[
+        str, Form(description="jet, viridis, inferno, turbo, hot, ...")
+    ] = DEFAULT_COLORMAP,
+    alpha: Annotated[
+        float, Form(ge=0, le=1, description="weight of the image in overlays")
+    ] = DEFAULT_ALPHA,
+    image_format: Annotated[
+        Literal["png", "jpeg", "webp"],
+        Form(description="encoding of overlays and heatmaps; png is lossless"),
+    ] = DEFAULT_IMAGE_FORMAT,
+    size: Annotated[
+        str | None,
+        Form(
+            description="size of overlays and heatmaps: 'original', 'input' (the model's crop) "
+            f"or a longest side in pixels ({MIN_SIDE}-{MAX_SIDE}); default: the upload's size, "
+            "scaled down to CAMSERVE_MAX_OUTPUT_SIDE",
+            examples=["512"],
+        ),
+    ] = None,
     normalized: Annotated[bool, Form(description="raw maps min-max scaled to [0, 1]")] = True,
     num_samples: Annotated[int | None, Form(ge=1, le=64, description="noise samples")] = None,
     std: Annotated[float | None, Form(ge=0, le=10, description="noise standard deviation")] = None,
@@ -138,10 +163,11 @@ async def explain_images(
         alpha=alpha,
         image_format="png" if as_png else image_format,
         normalized=normalized,
+        size=size,
         options=options,
     )
     uploads = await read_uploads(file, settings)
-    answer = await explainer.explain(model or None, uploads, params)
+    answer = await unless_disconnected(request, explainer.explain(model or None, uploads, params))
     if as_png:
         overlay = answer.results[0].explanations[0].maps[-1].overlay or ""
         return Response(

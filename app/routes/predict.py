@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from app.deps import get_explainer, get_settings, read_uploads, require_api_key
+from app.disconnect import unless_disconnected
 from app.explainer import Explainer
 from app.routes import error_responses
 from app.schemas import PredictResponse
@@ -21,6 +22,7 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     responses=error_responses(401, 404, 413, 415, 422, 503),
 )
 async def predict_images(
+    request: Request,
     file: Annotated[
         list[UploadFile],
         File(
@@ -35,4 +37,4 @@ async def predict_images(
 ) -> PredictResponse:
     """Classify the uploaded images with one batched forward: top-k labels per image."""
     uploads = await read_uploads(file, settings)
-    return await explainer.predict(model or None, uploads, top_k)
+    return await unless_disconnected(request, explainer.predict(model or None, uploads, top_k))

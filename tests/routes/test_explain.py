@@ -14,8 +14,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app import explainer as explainer_module
 from app.cam import METHODS
-from app.explainer import Explainer
 from tests.conftest import assert_error, files, image_bytes
 
 TINY_OPTIONS = {
@@ -50,7 +50,9 @@ def test_every_method(client: TestClient, method: str) -> None:
         "cam_ms",
         "encode_ms",
         "total_ms",
+        "batch_images",
     }
+    assert body["timings"]["batch_images"] == 1
     result = body["results"][0]
     assert len(result["logits"]) == 3
     explanation = result["explanations"][0]
@@ -58,6 +60,7 @@ def test_every_method(client: TestClient, method: str) -> None:
     (layer_map,) = explanation["maps"]
     assert layer_map["layer"] == "features"
     assert decode_png(layer_map["overlay"]).size == (40, 32)  # the original size
+    assert (layer_map["width"], layer_map["height"]) == (40, 32)
     raw = np.array(layer_map["raw"]["values"])
     assert layer_map["raw"]["shape"] == [32, 32] == list(raw.shape)
     assert raw.min() >= 0 and raw.max() <= 1 + 1e-6
@@ -216,14 +219,14 @@ def test_overload_is_503_with_retry_after(
 ) -> None:
     client = make_client(max_concurrent_jobs=1, queue_size=0)
     started, release = threading.Event(), threading.Event()
-    original = Explainer._run_cam
+    original = explainer_module.run_cam_pass
 
     def slow(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         started.set()
         release.wait(10)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(Explainer, "_run_cam", staticmethod(slow))
+    monkeypatch.setattr(explainer_module, "run_cam_pass", slow)
     with ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(explain, client, image_bytes())
         assert started.wait(10)
@@ -389,7 +392,7 @@ def test_unexpected_error_is_an_opaque_500(
     async def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(Explainer, "explain", boom)
+    monkeypatch.setattr(explainer_module.Explainer, "explain", boom)
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         wait_ready(client)
         response = explain(client, image_bytes())

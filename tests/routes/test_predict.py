@@ -19,7 +19,13 @@ def test_predict_one(client: TestClient) -> None:
     probabilities = [p["probability"] for p in result["predictions"]]
     assert probabilities == sorted(probabilities, reverse=True)
     assert result["predictions"][0]["label"].startswith("tiny_class")
-    assert set(body["timings"]) == {"decode_ms", "queue_ms", "forward_ms", "total_ms"}
+    assert set(body["timings"]) == {
+        "decode_ms",
+        "queue_ms",
+        "forward_ms",
+        "total_ms",
+        "batch_images",
+    }
 
 
 def test_batch_equals_single_requests(client: TestClient) -> None:

@@ -1,0 +1,152 @@
+"""The model work of one pass: one forward (and one CAM call) over the images of several requests.
+
+These functions run in a worker thread and hold the model's lock, since extractors hook the
+shared module. The caller (the batcher) decides which requests share a pass; here each request's
+rows are taken from the batched results by position.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.cam import normalize_maps
+from app.device import synchronize
+from app.errors import MethodNotApplicable
+from app.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class CamPlan:
+    """What every request of a CAM pass shares; equal plans may share a pass."""
+
+    method: str
+    cls: type
+    layers: tuple[str, ...]
+    options: tuple[tuple[str, Any], ...]
+    normalized: bool
+
+    @property
+    def batchable(self) -> bool:
+        """The Score-CAM family costs one forward per channel and image whatever the batch, so
+        batching gains nothing there and only makes a request wait for others' channels."""
+        return not getattr(self.cls, "masked_forwards", False)
+
+
+@dataclass(frozen=True)
+class CamItem:
+    """One request's share of a CAM pass."""
+
+    batch: torch.Tensor
+    """(n, C, H, W) on the CPU."""
+    class_idx: tuple[int, ...] = ()
+    """Empty: each image's top-1; one value: for all its images; else one per image."""
+
+
+@dataclass(frozen=True)
+class CamOutcome:
+    """One request's share of a CAM pass's results, on the CPU."""
+
+    logits: torch.Tensor
+    class_idx: list[int]
+    cams: list[torch.Tensor]
+    """One (n, h, w) tensor per layer."""
+    fused: torch.Tensor | None
+    forward_s: float
+    cam_s: float
+
+
+@dataclass(frozen=True)
+class ForwardOutcome:
+    logits: torch.Tensor
+    forward_s: float
+
+
+def _offsets(sizes: Sequence[int]) -> list[slice]:
+    slices, start = [], 0
+    for size in sizes:
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
+def run_forward_pass(model: LoadedModel, items: Sequence[torch.Tensor]) -> list[ForwardOutcome]:
+    """Logits for the images of every item, from one inference-mode forward."""
+    with model.lock:
+        batch = torch.cat(list(items)).to(model.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            logits = model.module(batch)
+        synchronize(model.device)
+        elapsed = time.perf_counter() - started
+        logits = logits.float().cpu()
+    return [ForwardOutcome(logits[part], elapsed) for part in _offsets([len(t) for t in items])]
+
+
+def _classes(item: CamItem, top1: list[int]) -> list[int]:
+    if not item.class_idx:
+        return top1
+    if len(item.class_idx) == 1:
+        return list(item.class_idx) * len(top1)
+    return list(item.class_idx)
+
+
+def run_cam_pass(model: LoadedModel, plan: CamPlan, items: Sequence[CamItem]) -> list[CamOutcome]:
+    """One forward and one CAM call with per-image classes over the images of every item."""
+    parts = _offsets([len(item.batch) for item in items])
+    with model.lock:
+        x = torch.cat([item.batch for item in items]).to(model.device)
+        mode = torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode()
+        try:
+            extractor = plan.cls(
+                model.module,
+                target_layer=list(plan.layers),
+                input_shape=model.spec.input_shape,
+                **dict(plan.options),
+            )
+        except ValueError as error:
+            raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
+        with extractor, mode:
+            t0 = time.perf_counter()
+            scores = model.module(x)
+            synchronize(model.device)
+            t1 = time.perf_counter()
+            top1 = scores.argmax(dim=1).tolist()
+            idx = [
+                c
+                for item, part in zip(items, parts, strict=True)
+                for c in _classes(item, top1[part])
+            ]
+            try:
+                cams = extractor(idx, scores, normalized=plan.normalized)
+                fused = None
+                if len(cams) > 1:
+                    # Fusion takes the per-pixel max, which only means something on a common
+                    # scale: fuse normalised maps even when raw ones were asked for.
+                    scaled = cams if plan.normalized else [normalize_maps(c) for c in cams]
+                    fused = extractor.fuse_cams(scaled)
+            except ValueError as error:
+                # Class indices were checked before: what is left is about the layers/head.
+                raise MethodNotApplicable(
+                    f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
+                ) from None
+            synchronize(model.device)
+            t2 = time.perf_counter()
+        logits = scores.detach().float().cpu()
+        cams = [c.detach().float().cpu() for c in cams]
+        fused = None if fused is None else fused.detach().float().cpu()
+    return [
+        CamOutcome(
+            logits=logits[part],
+            class_idx=idx[part],
+            cams=[c[part] for c in cams],
+            fused=None if fused is None else fused[part],
+            forward_s=t1 - t0,
+            cam_s=t2 - t1,
+        )
+        for part in parts
+    ]
