@@ -57,9 +57,16 @@ def decode_upload(
     return DecodedImage(upload.filename, image, original, tensor, box)
 
 
+# Pictures may be drawn from a decode up to this much smaller than their size (a 4000-px photo
+# decoded at 1/4 to 1000 px for a 1024-px overlay): invisible there, and 2x faster than 1/2.
+_PICTURE_UPSCALE = 1.25
+
+
 def _needed_scale(size: tuple[int, int], spec: ModelSpec, picture_side: int) -> float:
-    """The smallest fraction of the upload's size that still serves the model and the pictures."""
+    """The smallest fraction of the upload's size that still serves the model and the pictures.
+
+    The model's input is never upscaled from a reduced decode: its need is exact."""
     shortest, longest = min(size), max(size)
     for_model = max(spec.resize, *spec.crop) / shortest
-    for_pictures = picture_side / longest
+    for_pictures = picture_side / longest / _PICTURE_UPSCALE
     return max(for_model, for_pictures)
