@@ -36,6 +36,20 @@ def test_reads_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
 
 
+def test_batching_and_output_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings()
+    assert (defaults.max_batch_size, defaults.batch_timeout_ms) == (None, 5.0)
+    assert defaults.max_output_side == 1024
+    monkeypatch.setenv("CAMSERVE_MAX_BATCH_SIZE", "1")
+    monkeypatch.setenv("CAMSERVE_BATCH_TIMEOUT_MS", "2.5")
+    monkeypatch.setenv("CAMSERVE_MAX_OUTPUT_SIDE", "640")
+    settings = load_settings()
+    assert (settings.max_batch_size, settings.batch_timeout_ms) == (1, 2.5)
+    assert settings.max_output_side == 640
+    monkeypatch.setenv("CAMSERVE_MAX_BATCH_SIZE", " ")  # empty: the device's default
+    assert load_settings().max_batch_size is None
+
+
 def test_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAMSERVE_API_KEY", "")
     assert load_settings().api_key is None
@@ -51,6 +65,9 @@ def test_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CAMSERVE_LOG_LEVEL", "loud", "'DEBUG'"),
         ("CAMSERVE_MAX_CONCURRENT_JOBS", "0", "greater than or equal to 1"),
         ("CAMSERVE_MAX_IMAGES", "-3", "greater than or equal to 1"),
+        ("CAMSERVE_MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
+        ("CAMSERVE_BATCH_TIMEOUT_MS", "-1", "greater than or equal to 0"),
+        ("CAMSERVE_MAX_OUTPUT_SIDE", "8", "greater than or equal to 16"),
     ],
 )
 def test_invalid_value_names_variable(

@@ -210,8 +210,9 @@ def test_concurrent_requests_equal_sequential(client: TestClient) -> None:
         assert response.status_code == 200, response.text
         got = response.json()
         assert got["method"] == expected["method"]
+        # Requests with the same settings may share a batched pass: equal to float rounding.
         for a, b in zip(raw_maps(expected), raw_maps(got), strict=True):
-            assert np.array_equal(a, b)
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_overload_is_503_with_retry_after(
@@ -429,3 +430,47 @@ def test_fused_map_does_not_depend_on_normalized(client: TestClient) -> None:
     plain = raw_maps(explain(client, image_bytes(), normalized="false", **form).json())
     assert np.allclose(scaled[-1], plain[-1], atol=1e-5)
     assert plain[0].max() > 1 or not np.allclose(plain[0], scaled[0])
+
+
+# ---------------------------------------------------------------------------- picture sizes
+
+
+def test_size_field_and_the_default_cap(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_output_side=64)
+    big = image_bytes((200, 100))
+    cases = {None: (64, 32), "original": (200, 100), "input": (32, 32), "50": (50, 25)}
+    for size, expected in cases.items():
+        form = {"output": "overlay,heatmap,raw"} | ({"size": size} if size else {})
+        body = explain(client, big, **form).json()
+        (layer_map,) = body["results"][0]["explanations"][0]["maps"]
+        assert decode_png(layer_map["overlay"]).size == expected
+        assert decode_png(layer_map["heatmap"]).size == expected
+        assert (layer_map["width"], layer_map["height"]) == expected
+        assert layer_map["raw"]["shape"] == [32, 32]  # raw maps keep the layer's resolution
+        assert (body["results"][0]["width"], body["results"][0]["height"]) == (200, 100)
+    # Small uploads are not scaled up by the default.
+    body = explain(client, image_bytes((40, 32))).json()
+    assert body["results"][0]["explanations"][0]["maps"][0]["width"] == 40
+
+
+@pytest.mark.parametrize("size", ["0", "huge", "99999", "-1"])
+def test_bad_size(client: TestClient, size: str) -> None:
+    message = assert_error(explain(client, image_bytes(), size=size), 422, "invalid_parameter")
+    assert "original" in message and "input" in message
+
+
+def test_default_format_is_jpeg_and_png_on_request(client: TestClient) -> None:
+    body = explain(client, image_bytes()).json()
+    assert (body["image_format"], body["media_type"]) == ("jpeg", "image/jpeg")
+    layer_map = body["results"][0]["explanations"][0]["maps"][0]
+    assert decode_png(layer_map["overlay"]).format == "JPEG"
+    png = explain(client, image_bytes(), image_format="png").json()
+    assert decode_png(png["results"][0]["explanations"][0]["maps"][0]["overlay"]).format == "PNG"
+
+
+@pytest.mark.parametrize("size", [(200, 1), (1, 200)])
+def test_thin_images_are_explained(client: TestClient, size: tuple[int, int]) -> None:
+    response = explain(client, image_bytes(size), output="overlay,heatmap,raw")
+    assert response.status_code == 200, response.text
+    layer_map = response.json()["results"][0]["explanations"][0]["maps"][0]
+    assert decode_png(layer_map["overlay"]).size == size
