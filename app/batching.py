@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,9 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._forming = False
         self._worker: asyncio.Task[None] | None = None
+        # One thread runs every pass of this model: passes take turns anyway, and torch's
+        # OpenMP team then stays with one thread instead of one per pool thread.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pass-{name}")
 
     @property
     def waiting(self) -> int:
@@ -104,6 +108,7 @@ class Batcher:
             if pending.live:
                 pending.future.cancel()
         self._queue.clear()
+        self._thread.shutdown(wait=False)
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
@@ -185,7 +190,7 @@ class Batcher:
             return started, group[0].run([p.item for p in group])
 
         try:
-            return await self.limiter.run_in_slot(work)
+            return await self.limiter.run_in_slot(work, self._thread)
         except Exception as error:  # handed to the requests, which turn it into their answer
             return error
 

@@ -18,7 +18,7 @@ import torch
 
 from app import checks
 from app.batching import Batcher
-from app.decoding import DecodedImage, Upload, decode_upload
+from app.decoding import DecodedImage, Upload, decode_upload, stack_inputs
 from app.device import default_batch_size
 from app.imaging import OUTPUT_FORMATS
 from app.jobs import JobLimiter
@@ -131,7 +131,7 @@ class Explainer:
         started = time.perf_counter()
         model = self.registry.get(model_name)
         decoded, decode_s = await self._decode(model, uploads, picture_side=0)
-        batch = torch.stack([d.tensor for d in decoded])
+        batch = stack_inputs(decoded)
         outcome, info = await self.batcher(model).submit(
             ("forward",), batch, len(batch), partial(run_forward_pass, model)
         )
@@ -168,7 +168,7 @@ class Explainer:
         decoded, decode_s = await self._decode(
             model, uploads, style.size.decode_side if style.draws_pictures else 0
         )
-        item = CamItem(torch.stack([d.tensor for d in decoded]), params.class_idx)
+        item = CamItem(stack_inputs(decoded), params.class_idx)
         outcome, info = await self.batcher(model).submit(
             ("cam", plan),
             item,

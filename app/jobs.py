@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -55,12 +56,22 @@ class JobLimiter:
         finally:
             self._admitted -= 1
 
-    async def run_in_slot(self, func: Callable[[], T]) -> T:
-        """Run ``func`` in a worker thread once a slot is free (no admission of its own)."""
+    async def run_in_slot(self, func: Callable[[], T], executor: Executor | None = None) -> T:
+        """Run ``func`` in a worker thread (of ``executor`` if given) once a slot is free.
+
+        No admission of its own. Not abandoned on cancel: the slot stays taken until the thread
+        really ends."""
         async with self._slots:
             started = time.perf_counter()
-            # Not abandoned on cancel: the slot stays taken until the thread really ends.
-            result = await anyio.to_thread.run_sync(func)
+            if executor is None:
+                result = await anyio.to_thread.run_sync(func)
+            else:
+                future = asyncio.get_running_loop().run_in_executor(executor, func)
+                try:
+                    result = await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    await asyncio.wait({future})
+                    raise
             elapsed = time.perf_counter() - started
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
             return result
