@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +60,14 @@ class _Pending:
 class Batcher:
     """Cross-request batching for one model; its passes run one at a time, each in a job slot."""
 
-    def __init__(self, name: str, limiter: JobLimiter, max_images: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        limiter: JobLimiter,
+        max_images: int,
+        timeout_s: float,
+        executor: Executor | None = None,
+    ) -> None:
         self.name = name
         self.limiter = limiter
         self.max_images = max(1, max_images)
@@ -69,9 +76,8 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._forming = False
         self._worker: asyncio.Task[None] | None = None
-        # One thread runs every pass of this model: passes take turns anyway, and torch's
-        # OpenMP team then stays with one thread instead of one per pool thread.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pass-{name}")
+        self.executor = executor
+        """Threads for the passes (the service's model threads); None: anyio's pool."""
 
     @property
     def waiting(self) -> int:
@@ -108,7 +114,6 @@ class Batcher:
             if pending.live:
                 pending.future.cancel()
         self._queue.clear()
-        self._thread.shutdown(wait=False)
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
@@ -190,7 +195,7 @@ class Batcher:
             return started, group[0].run([p.item for p in group])
 
         try:
-            return await self.limiter.run_in_slot(work, self._thread)
+            return await self.limiter.run_in_slot(work, self.executor)
         except Exception as error:  # handed to the requests, which turn it into their answer
             return error
 

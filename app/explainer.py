@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -86,6 +87,7 @@ class Explainer:
         max_output_side: int = 1024,
         max_batch_size: int | None = None,
         batch_timeout_s: float = 0.005,
+        model_threads: Executor | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -94,6 +96,7 @@ class Explainer:
         self.max_output_side = max_output_side
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
+        self.model_threads = model_threads
         self._batchers: dict[str, Batcher] = {}
 
     def batcher(self, model: LoadedModel) -> Batcher:
@@ -101,7 +104,9 @@ class Explainer:
         batcher = self._batchers.get(model.spec.name)
         if batcher is None:
             size = self.max_batch_size or default_batch_size(model.device)
-            batcher = Batcher(model.spec.name, self.limiter, size, self.batch_timeout_s)
+            batcher = Batcher(
+                model.spec.name, self.limiter, size, self.batch_timeout_s, self.model_threads
+            )
             self._batchers[model.spec.name] = batcher
         return batcher
 
