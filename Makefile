@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.camserve-installed
 
-.PHONY: install serve test lint lint-deploy format bench bench-quality docker-smoke clean
+.PHONY: install serve test lint lint-deploy format bench bench-quality bench-serving docker-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) bench/cam_quality.py
+
+# Starts the service twice (batching on/off) and loads it over loopback; about 70 s on 2 cores.
+bench-serving: $(STAMP)
+	$(PY) bench/service_load.py
 
 # Builds and runs the Docker image end to end (minutes, GBs); not part of `make test`.
 docker-smoke:
