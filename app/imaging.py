@@ -165,23 +165,6 @@ def preprocess_image(image: Image.Image, spec: ModelSpec) -> tuple[torch.Tensor,
     return torch.from_numpy(np.ascontiguousarray(normalised)), box
 
 
-def map_to_image(cam: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
-    """A (h, w) map over the model's crop -> a (H, W) map over the original image (0 outside)."""
-    width, height = size
-    left, top = round(box.left), round(box.top)
-    right, bottom = min(width, round(box.right)), min(height, round(box.bottom))
-    left, top = max(0, left), max(0, top)
-    out_w, out_h = max(1, right - left), max(1, bottom - top)
-    resized = torch.nn.functional.interpolate(
-        cam[None, None].float(), size=(out_h, out_w), mode="bilinear", align_corners=False
-    )[0, 0]
-    if (left, top, out_w, out_h) == (0, 0, width, height):
-        return resized
-    full = torch.zeros(height, width, dtype=resized.dtype)
-    full[top : top + out_h, left : left + out_w] = resized[: height - top, : width - left]
-    return full
-
-
 def encode_image(image: Image.Image, image_format: str) -> bytes:
     """Encode as png, jpeg or webp, with the settings bench/output_formats.py chose."""
     pil_format, _ = OUTPUT_FORMATS[image_format]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
-from app.imaging import decode_image, encode_image, map_to_image, preprocess, to_rgb
+from app.imaging import decode_image, encode_image, preprocess, to_rgb
 from app.manifest import parse_manifest
 from tests.conftest import image_bytes
 
@@ -127,18 +127,6 @@ def test_preprocess_resizes_and_crops(store) -> None:  # type: ignore[no-untyped
     assert boxes[0].left == pytest.approx(20) and boxes[0].right == pytest.approx(60)
     assert (boxes[0].top, boxes[0].bottom) == (0, 40)
     assert (boxes[1].left, boxes[1].top, boxes[1].right, boxes[1].bottom) == (0, 0, 32, 32)
-
-
-def test_map_to_image_places_the_crop() -> None:
-    from app.imaging import Box
-
-    full = map_to_image(torch.ones(4, 4), Box(20, 0, 60, 40), (80, 40))
-    assert full.shape == (40, 80)
-    assert (
-        float(full[:, 20:60].min()) == pytest.approx(1)
-        and full[:, :20].max() == 0
-        and full[:, 60:].max() == 0
-    )
 
 
 @pytest.mark.parametrize("cut", [8, 30, 100, 1000])
