@@ -173,7 +173,7 @@ class Batcher:
 
     async def _run_group(self, group: list[_Pending]) -> None:
         outcome = await self._run(group)
-        if not isinstance(outcome, BaseException) or len(group) == 1:
+        if not isinstance(outcome, Exception) or len(group) == 1:
             self._settle(group, outcome)
             return
         logger.warning(

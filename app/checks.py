@@ -16,7 +16,7 @@ from app.errors import (
 )
 from app.imaging import OUTPUT_FORMATS
 from app.loading import LoadedModel
-from app.rendering import OUTPUT_KINDS
+from app.rendering import OUTPUT_KINDS, draws_pictures
 
 
 def resolve_method(
@@ -139,8 +139,7 @@ def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) ->
         )
     if image_format not in OUTPUT_FORMATS:
         raise InvalidParameter(f"image_format must be one of {', '.join(OUTPUT_FORMATS)}.")
-    draws = any(OUTPUT_KINDS[name].picture for name in outputs)
-    if draws and colormap not in COLORMAPS:
+    if draws_pictures(outputs) and colormap not in COLORMAPS:
         raise InvalidParameter(
             f"Unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}."
         )

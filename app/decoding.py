@@ -58,15 +58,15 @@ def decode_upload(
     return DecodedImage(upload.filename, image, original, tensor, box)
 
 
-# Pictures may be drawn from a decode up to this much smaller than their size (a 4000-px photo
-# decoded at 1/4 to 1000 px for a 1024-px overlay): invisible there, and 2x faster than 1/2.
-_PICTURE_UPSCALE = 1.25
-
-
 def stack_inputs(decoded: list[DecodedImage]) -> torch.Tensor:
     """The model inputs of a request as one (N, C, H, W) batch (stacked by numpy: no torch
     thread pool is started outside the pass thread)."""
     return torch.from_numpy(np.stack([d.tensor.numpy() for d in decoded]))
+
+
+# Pictures may be drawn from a decode up to this much smaller than their size (a 4000-px photo
+# decoded at 1/4 to 1000 px for a 1024-px overlay): invisible there, and 2x faster than 1/2.
+_PICTURE_UPSCALE = 1.25
 
 
 def _needed_scale(size: tuple[int, int], spec: ModelSpec, picture_side: int) -> float:

@@ -47,8 +47,6 @@ from app.schemas import (
     PredictTimings,
 )
 
-__all__ = ["ExplainParams", "Explainer", "Upload"]
-
 FUSED = "fused"
 
 

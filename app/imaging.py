@@ -132,12 +132,6 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def preprocess(images: list[Image.Image], spec: ModelSpec) -> tuple[torch.Tensor, list[Box]]:
-    """Resize (shorter side), centre-crop and normalise into one (N, C, H, W) float batch."""
-    prepared = [preprocess_image(image, spec) for image in images]
-    return torch.stack([tensor for tensor, _ in prepared]), [box for _, box in prepared]
-
-
 def preprocess_image(image: Image.Image, spec: ModelSpec) -> tuple[torch.Tensor, Box]:
     """Resize (shorter side), centre-crop and normalise one image: (C, H, W) and the crop box."""
     crop_h, crop_w = spec.crop

@@ -75,8 +75,3 @@ class JobLimiter:
             elapsed = time.perf_counter() - started
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
             return result
-
-    async def run(self, func: Callable[[], T]) -> T:
-        """Admit one job and run ``func`` in a worker thread once a slot is free."""
-        with self.admit():
-            return await self.run_in_slot(func)

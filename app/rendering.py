@@ -97,7 +97,7 @@ class RenderStyle:
 
     @property
     def draws_pictures(self) -> bool:
-        return any(OUTPUT_KINDS[name].picture for name in self.outputs)
+        return draws_pictures(self.outputs)
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,11 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
         ),
     )
 }
+
+
+def draws_pictures(outputs: Sequence[str]) -> bool:
+    """Whether any of these (known) output kinds is drawn as an image."""
+    return any(OUTPUT_KINDS[name].picture for name in outputs)
 
 
 @dataclass(frozen=True)

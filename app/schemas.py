@@ -6,9 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from app.rendering import OUTPUT_KINDS, RawMap
-
-__all__ = ["RawMap"]
+from app.rendering import OUTPUT_KINDS
 
 
 def _example(example: dict[str, Any]) -> ConfigDict:

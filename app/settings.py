@@ -83,14 +83,9 @@ class Settings(BaseSettings):
             raise ValueError("must be one of auto, cpu, cuda, cuda:N (N a device index)")
         return value
 
-    @field_validator("max_batch_size", mode="before")
+    @field_validator("api_key", "max_batch_size", mode="before")
     @classmethod
-    def _empty_is_default(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _empty_key_is_none(cls, value: object) -> object:
+    def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cors_origins", mode="before")

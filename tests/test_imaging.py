@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
-from app.imaging import decode_image, encode_image, preprocess, to_rgb
+from app.imaging import decode_image, encode_image, preprocess_image, to_rgb
 from app.manifest import parse_manifest
 from tests.conftest import image_bytes
 
@@ -121,7 +121,9 @@ def test_encode_formats() -> None:
 def test_preprocess_resizes_and_crops(store) -> None:  # type: ignore[no-untyped-def]
     spec = parse_manifest(store / "tiny")  # resize 32, crop 32
     wide = Image.new("RGB", (80, 40), (255, 255, 255))
-    batch, boxes = preprocess([wide, Image.new("RGB", (32, 32))], spec)
+    prepared = [preprocess_image(image, spec) for image in (wide, Image.new("RGB", (32, 32)))]
+    batch = torch.stack([tensor for tensor, _ in prepared])
+    boxes = [box for _, box in prepared]
     assert batch.shape == (2, 3, 32, 32)
     assert torch.allclose(batch[0], torch.full((3, 32, 32), 2.0))  # (1 - 0.5) / 0.25
     assert boxes[0].left == pytest.approx(20) and boxes[0].right == pytest.approx(60)

@@ -30,7 +30,7 @@ def _mask_array(mask: MaskLike) -> np.ndarray:
         values = values[0]
     if values.ndim != 2:
         raise ValueError(f"The mask must be a single 2D map, got shape {tuple(values.shape)}.")
-    return np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    return np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def mask_levels(mask: MaskLike, size: tuple[int, int]) -> np.ndarray:
@@ -90,7 +90,4 @@ def overlay_mask(
     """
     if not isinstance(img, Image.Image):
         raise TypeError("img must be a PIL image.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
-    colored = heatmap(mask, img.size, colormap)
-    return blend(img, colored, alpha)
+    return blend(img, heatmap(mask, img.size, colormap), alpha)
