@@ -39,6 +39,13 @@ async def _wait_until(condition, timeout: float = 10.0) -> None:  # type: ignore
         await asyncio.sleep(0.005)
 
 
+async def _hold(batcher: Batcher, run: Recorder, name: str = "x") -> asyncio.Future:
+    """Start a pass that keeps the model busy until ``run.release`` is set; its task."""
+    first = asyncio.ensure_future(batcher.submit("k", name, 1, run))
+    await _wait_until(run.started.is_set)
+    return first
+
+
 def _batcher(max_images: int = 8, timeout_s: float = 0.0, queue: int = 100) -> Batcher:
     return Batcher("m", JobLimiter(max_running=2, max_waiting=queue), max_images, timeout_s)
 
@@ -58,8 +65,7 @@ def test_requests_queued_behind_a_pass_share_the_next_one() -> None:
     async def scenario() -> None:
         batcher = _batcher(max_images=8)
         run = Recorder(hold_first=True)
-        first = asyncio.ensure_future(batcher.submit("k", "first", 1, run))
-        await _wait_until(run.started.is_set)
+        first = await _hold(batcher, run, "first")
         others = [asyncio.ensure_future(batcher.submit("k", name, 1, run)) for name in "bcd"]
         other_key = asyncio.ensure_future(batcher.submit("other", "e", 1, run))
         await _wait_until(lambda: batcher.waiting == 4)
@@ -79,8 +85,7 @@ def test_a_pass_holds_at_most_max_images() -> None:
     async def scenario() -> None:
         batcher = _batcher(max_images=4)
         run = Recorder(hold_first=True)
-        first = asyncio.ensure_future(batcher.submit("k", "x", 1, run))
-        await _wait_until(run.started.is_set)
+        first = await _hold(batcher, run)
         # 3 + 2 images would exceed 4: the pass closes there, in arrival order (a later small
         # request does not overtake "two").
         tasks = [
@@ -103,8 +108,7 @@ def test_unbatchable_requests_run_alone() -> None:
     async def scenario() -> None:
         batcher = _batcher()
         run = Recorder(hold_first=True)
-        first = asyncio.ensure_future(batcher.submit("k", "x", 1, run))
-        await _wait_until(run.started.is_set)
+        first = await _hold(batcher, run)
         tasks = [
             asyncio.ensure_future(batcher.submit("k", n, 1, run, batchable=False)) for n in "ab"
         ]
@@ -121,8 +125,7 @@ def test_batch_size_one_turns_batching_off() -> None:
     async def scenario() -> None:
         batcher = _batcher(max_images=1)
         run = Recorder(hold_first=True)
-        first = asyncio.ensure_future(batcher.submit("k", "x", 1, run))
-        await _wait_until(run.started.is_set)
+        first = await _hold(batcher, run)
         tasks = [asyncio.ensure_future(batcher.submit("k", n, 1, run)) for n in "ab"]
         await _wait_until(lambda: batcher.waiting == 2)
         run.release.set()
@@ -137,8 +140,7 @@ def test_a_forming_batch_waits_for_company_until_the_timeout() -> None:
     async def scenario() -> None:
         batcher = _batcher(max_images=8, timeout_s=0.5)
         run = Recorder(hold_first=True)
-        first = asyncio.ensure_future(batcher.submit("k", "x", 1, run))
-        await _wait_until(run.started.is_set)
+        first = await _hold(batcher, run)
         early = asyncio.ensure_future(batcher.submit("k", "early", 1, run))
         await _wait_until(lambda: batcher.waiting == 1)
         run.release.set()
@@ -158,8 +160,7 @@ def test_a_request_cancelled_before_its_pass_is_dropped() -> None:
     async def scenario() -> None:
         batcher = _batcher()
         run = Recorder(hold_first=True)
-        first = asyncio.ensure_future(batcher.submit("k", "x", 1, run))
-        await _wait_until(run.started.is_set)
+        first = await _hold(batcher, run)
         gone = asyncio.ensure_future(batcher.submit("k", "gone", 1, run))
         stays = asyncio.ensure_future(batcher.submit("k", "stays", 1, run))
         await _wait_until(lambda: batcher.waiting == 2)
@@ -179,8 +180,7 @@ def test_a_request_that_breaks_a_batch_fails_alone() -> None:
     async def scenario() -> None:
         batcher = _batcher()
         run = Recorder(hold_first=True)
-        first = asyncio.ensure_future(batcher.submit("k", "x", 1, run))
-        await _wait_until(run.started.is_set)
+        first = await _hold(batcher, run)
         tasks = [asyncio.ensure_future(batcher.submit("k", n, 1, run)) for n in ("a", "bad", "c")]
         await _wait_until(lambda: batcher.waiting == 3)
         run.release.set()

@@ -40,6 +40,17 @@ class HeldPasses:
         return self.original(model, *args)
 
 
+def _hold_passes(
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    wrapped: Callable | None = None,  # type: ignore[type-arg]
+) -> HeldPasses:
+    """Replace the explainer's pass function ``name`` (run_cam_pass or run_forward_pass)."""
+    held = HeldPasses(wrapped or getattr(explainer_module, name))
+    monkeypatch.setattr(explainer_module, name, held)
+    return held
+
+
 def _post(client: TestClient, route: str, images: list[bytes], form: dict) -> object:
     return client.post(route, files=files(*images), data=form)
 
@@ -77,8 +88,7 @@ def test_batched_answers_equal_answers_alone(
         (images, {"method": method, "output": "raw", **options, **form}) for images, form in cases
     ]
     alone = [_post(client, "/explain", images, form).json() for images, form in cases]  # type: ignore[attr-defined]
-    held = HeldPasses(explainer_module.run_cam_pass)
-    monkeypatch.setattr(explainer_module, "run_cam_pass", held)
+    held = _hold_passes(monkeypatch, "run_cam_pass")
     batched = _run_held(client, "/explain", cases, held)
     batchable = not METHODS[method].masked_forwards
     for expected, response in zip(alone, batched, strict=True):
@@ -105,8 +115,7 @@ def test_predict_requests_share_a_forward(
     client = make_client(max_batch_size=8)
     cases = [([image_bytes(seed=s)], {"top_k": "3"}) for s in range(4)]
     alone = [_post(client, "/predict", images, form).json() for images, form in cases]  # type: ignore[attr-defined]
-    held = HeldPasses(explainer_module.run_forward_pass)
-    monkeypatch.setattr(explainer_module, "run_forward_pass", held)
+    held = _hold_passes(monkeypatch, "run_forward_pass")
     batched = _run_held(client, "/predict", cases, held)
     for expected, response in zip(alone, batched, strict=True):
         got = response.json()
@@ -120,8 +129,7 @@ def test_different_settings_do_not_share_a_pass(
     make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = make_client(max_batch_size=8)
-    held = HeldPasses(explainer_module.run_cam_pass)
-    monkeypatch.setattr(explainer_module, "run_cam_pass", held)
+    held = _hold_passes(monkeypatch, "run_cam_pass")
     cases = [
         ([image_bytes(seed=1)], {"method": "GradCAM"}),
         ([image_bytes(seed=2)], {"method": "LayerCAM"}),
@@ -135,8 +143,7 @@ def test_batching_off_runs_each_request_alone(
     make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = make_client(max_batch_size=1)
-    held = HeldPasses(explainer_module.run_cam_pass)
-    monkeypatch.setattr(explainer_module, "run_cam_pass", held)
+    held = _hold_passes(monkeypatch, "run_cam_pass")
     answers = _run_held(client, "/explain", [([image_bytes(seed=s)], {}) for s in range(3)], held)
     assert [a.json()["timings"]["batch_images"] for a in answers] == [1, 1, 1]
     assert held.sizes[1:] == [1, 1, 1]
@@ -153,8 +160,7 @@ def test_a_request_that_breaks_its_batch_fails_alone(
             raise InvalidParameter("this pass cannot explain a flat image")
         return original(model, plan, items)
 
-    held = HeldPasses(refuses_flat_images)
-    monkeypatch.setattr(explainer_module, "run_cam_pass", held)
+    held = _hold_passes(monkeypatch, "run_cam_pass", refuses_flat_images)
     buffer = io.BytesIO()
     Image.new("RGB", (40, 32), (120, 120, 120)).save(buffer, format="PNG")
     flat = buffer.getvalue()
