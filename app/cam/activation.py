@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from app.cam.core import (
     seeded_generator,
 )
 from app.cam.layers import LayerSpec, resolve_layer
+from app.cam.targets import Objective, take_rows
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +34,38 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def _pointwise(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return False
+    padding = module.padding
+    no_padding = padding == "valid" or (not isinstance(padding, str) and not any(padding))
+    return (
+        all(k == 1 for k in module.kernel_size)
+        and all(s == 1 for s in module.stride)
+        and module.groups == 1
+        and no_padding
+    )
+
+
+def head_weight(head: nn.Module) -> Tensor:
+    """The class weights (classes, channels) of a Linear head or a 1x1-convolution head."""
+    weight = head.weight.detach()
+    return weight.reshape(weight.shape[0], weight.shape[1])
+
+
 def resolve_fc_layer(
     model: nn.Module, fc_layer: str | nn.Module | None = None
-) -> tuple[str, nn.Linear]:
-    """The classification head CAM reads its weights from: ``fc_layer`` if given, else the
+) -> tuple[str, nn.Module]:
+    """The classification head CAM reads its weights from: ``fc_layer`` if given (an
+    ``nn.Linear`` or a 1x1 convolution, the same linear map applied before the pooling), else the
     model's only ``nn.Linear``. Raises ``ValueError`` saying why CAM does not apply otherwise."""
     if fc_layer is not None:
         name, module = resolve_layer(model, fc_layer)
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) and not _pointwise(module):
             raise ValueError(
-                f"fc_layer {name!r} is a {type(module).__name__}, not an nn.Linear: CAM reads the "
-                "class weights of a Linear head fed by global average pooling."
+                f"fc_layer {name!r} is a {type(module).__name__} that is not an nn.Linear nor a "
+                "1x1 convolution (stride 1, no padding, one group): CAM reads the class weights "
+                "of a linear head and global average pooling."
             )
         return name, module
     linears = _linear_layers(model)
@@ -89,12 +112,16 @@ class CAM(_CAM):
     """CAM (Zhou et al., CVPR 2016, arXiv:1512.04150).
 
     w_k = W_fc[c, k], the head's weight of class c for channel k;  L = ReLU(sum_k w_k A_k).
-    Needs a single nn.Linear head fed by global average pooling of the target layer.
+    Needs a single nn.Linear head fed by global average pooling of the target layer, or a 1x1
+    convolution head (given as ``fc_layer``) followed by global pooling. It reads the class's
+    own head weights, so it explains class indices only (no ``targets``).
 
     Args:
-        fc_layer: the Linear head (name or module); ``None`` resolves the model's only Linear.
+        fc_layer: the head (name or module): an ``nn.Linear`` or a 1x1 convolution; ``None``
+            resolves the model's only Linear.
     """
 
+    supports_targets = False
     option_names = ("fc_layer",)
 
     def __init__(
@@ -129,13 +156,17 @@ class CAM(_CAM):
     def _check_head(self, activations: list[Tensor]) -> None:
         activation = activations[0]
         channels = activation.shape[1]
-        if self.fc.in_features != channels:
+        in_features = head_weight(self.fc).shape[1]
+        if in_features != channels:
             raise ValueError(
                 f"CAM does not apply to target layer {self.target_names[0]!r}: it has {channels} "
-                f"channels but fc_layer {self.fc_name!r} takes {self.fc.in_features} features. "
+                f"channels but fc_layer {self.fc_name!r} takes {in_features} features. "
                 "Use the layer whose output the head pools (e.g. 'layer4' on a ResNet)."
             )
         fed = self._fc_input
+        if fed is not None and fed.ndim > 2:
+            # A 1x1-convolution head sees the map itself (or its pool); pooling commutes with it.
+            fed = fed.mean(dim=tuple(range(2, fed.ndim)))
         if fed is None or fed.shape != (activation.shape[0], channels):
             return
         pooled = activation.float().mean(dim=tuple(range(2, activation.ndim)))
@@ -152,15 +183,16 @@ class CAM(_CAM):
 
     def _get_weights(
         self,
-        class_idx: Tensor,
-        scores: Tensor | None,
+        objective: Objective | None,
+        scores: Any,
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
-        self._check_range(class_idx, self.fc.out_features)
+        class_idx = objective.classes  # type: ignore[union-attr]
+        weight = head_weight(self.fc)
+        self._check_range(class_idx, weight.shape[0])  # type: ignore[arg-type]
         self._check_head(activations)
-        weight = self.fc.weight.detach()
-        return [weight.index_select(0, class_idx.to(weight.device))]
+        return [weight.index_select(0, class_idx.to(weight.device))]  # type: ignore[union-attr]
 
 
 class _ScoreFamily(_CAM):
@@ -178,6 +210,7 @@ class _ScoreFamily(_CAM):
     """
 
     uses_scores = True
+    scores_optional = True
     uses_input = True
     masked_forwards = True
     option_names: tuple[str, ...] = ("batch_size",)
@@ -217,8 +250,8 @@ class _ScoreFamily(_CAM):
         """(B, *s) activation maps → (B, *S) upsampled masks in [0, 1]."""
         return normalize_maps(resize_maps(activation_maps.float(), size))
 
-    def _logits(self, masked: Tensor) -> Tensor:
-        """The model's logits on masked inputs, with every extractor's hooks off."""
+    def _logits(self, masked: Tensor) -> Any:
+        """The model's output on masked inputs, with every extractor's hooks off."""
         if (
             masked.device.type == "cpu"
             and masked.ndim in (4, 5)
@@ -230,18 +263,18 @@ class _ScoreFamily(_CAM):
             layout = torch.channels_last if masked.ndim == 4 else torch.channels_last_3d
             masked = masked.contiguous(memory_format=layout)
         with torch.inference_mode(), hooks_silenced():
-            return self.model(masked).float()
+            return self.model(masked)
 
-    def _class_scores(self, masked: Tensor, classes: Tensor) -> Tensor:
-        """The logit of each sample's class on the masked inputs: (B,)."""
-        logits = self._logits(masked)
-        return logits.gather(1, classes[:, None].to(logits.device))[:, 0]
+    def _class_scores(self, masked: Tensor, objective: Objective, samples: Tensor) -> Tensor:
+        """The score to explain (the class logit) of each masked input's sample: (B,)."""
+        with torch.inference_mode():
+            return objective(self._logits(masked), samples)
 
     def _chunks(self, total: int) -> Iterator[slice]:
         for start in range(0, total, self.batch_size):
             yield slice(start, min(start + self.batch_size, total))
 
-    def _channel_scores(self, activation: Tensor, inputs: Tensor, classes: Tensor) -> Tensor:
+    def _channel_scores(self, activation: Tensor, inputs: Tensor, objective: Objective) -> Tensor:
         """Mean class score over variants for every (sample, channel): (N, K)."""
         n_samples, n_channels = activation.shape[:2]
         size = inputs.shape[2:]
@@ -272,15 +305,15 @@ class _ScoreFamily(_CAM):
             variant_idx = job_variants[part]
             masks = self._masks(activation[sample_idx, channel_idx], size)
             masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
-            scores = self._class_scores(masked, classes[sample_idx])
-            totals.index_put_((sample_idx, channel_idx), scores, accumulate=True)
+            scores = self._class_scores(masked, objective, sample_idx)
+            totals.index_put_((sample_idx, channel_idx), scores.to(totals.device), accumulate=True)
             self._work.advance(sample_idx.shape[0])
         # Flat channels: a zero mask, one shared masked input per (sample, variant) at most.
         if bool(flat.any()):
-            totals += flat * self._flat_scores(inputs, classes)[:, None]
+            totals += flat * self._flat_scores(inputs, objective)[:, None]
         return totals / variants
 
-    def _flat_scores(self, inputs: Tensor, classes: Tensor) -> Tensor:
+    def _flat_scores(self, inputs: Tensor, objective: Objective) -> Tensor:
         """Summed class score over variants of the zero-mask input, per sample: (N,)."""
         n_samples = inputs.shape[0]
         zero_masks = torch.zeros((1, *inputs.shape[2:]), device=inputs.device)
@@ -288,8 +321,10 @@ class _ScoreFamily(_CAM):
             masked = self._masked_inputs(
                 inputs[:1], zero_masks, torch.zeros(1, dtype=torch.long), torch.zeros(1)
             )
-            logits = self._logits(masked)[0]
-            return logits[classes.to(logits.device)] * self._variants
+            everyone = torch.arange(n_samples)
+            shared = take_rows(self._logits(masked), torch.zeros(n_samples, dtype=torch.long))
+            with torch.inference_mode():
+                return objective(shared, everyone).to(inputs.device) * self._variants
         sums = torch.zeros(n_samples, device=inputs.device)
         pairs = torch.cartesian_prod(
             torch.arange(n_samples, device=inputs.device),
@@ -299,14 +334,14 @@ class _ScoreFamily(_CAM):
             sample_idx, variant_idx = pairs[part, 0], pairs[part, 1]
             masks = zero_masks.expand(sample_idx.shape[0], *zero_masks.shape[1:])
             masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
-            scores = self._class_scores(masked, classes[sample_idx])
-            sums.index_put_((sample_idx,), scores, accumulate=True)
+            scores = self._class_scores(masked, objective, sample_idx)
+            sums.index_put_((sample_idx,), scores.to(sums.device), accumulate=True)
         return sums
 
     def _get_weights(
         self,
-        class_idx: Tensor,
-        scores: Tensor | None,
+        objective: Objective | None,
+        scores: Any,
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
@@ -321,7 +356,7 @@ class _ScoreFamily(_CAM):
         self._work.begin(sum(a.shape[0] * a.shape[1] for a in activations) * self._variants)
         weights = []
         for activation in activations:
-            channel_scores = self._channel_scores(activation, inputs, class_idx)
+            channel_scores = self._channel_scores(activation, inputs, objective)  # type: ignore[arg-type]
             weights.append(torch.softmax(channel_scores, dim=1))
         return weights
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.cam.layers import LayerSpec, locate_candidate_layer, resolve_layers
+from app.cam.targets import Objective, Target, output_length, target_list
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +137,23 @@ class _CAM:
         enable_hooks: whether the hooks record from the start.
     """
 
+    #: needs a forward with gradients enabled (else one under ``torch.inference_mode()`` will do)
     requires_grad: ClassVar[bool] = False
+    #: reads the model's output (``scores``) of the hooked forward
     uses_scores: ClassVar[bool] = False
+    #: a missing ``scores`` is recomputed by re-running the recorded input
+    scores_optional: ClassVar[bool] = False
+    #: records the model's input (for its own extra forwards)
     uses_input: ClassVar[bool] = False
-    #: runs one extra (masked) forward per channel and image: its cost does not shrink in a batch
+    #: runs one extra (masked or ablated) forward per channel and image: its cost does not shrink
+    #: in a batch
     masked_forwards: ClassVar[bool] = False
+    #: runs extra forwards and backwards on noisy copies of the input
+    noisy_forwards: ClassVar[bool] = False
+    #: explains ``targets=`` callables as well as class indices
+    supports_targets: ClassVar[bool] = True
+    #: the map does not depend on the class: ``class_idx`` and ``targets`` are ignored
+    class_agnostic: ClassVar[bool] = False
     option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -290,32 +303,92 @@ class _CAM:
                 f"classes (valid indices 0..{num_classes - 1})."
             )
 
-    def _check_scores(self, scores: Tensor | None, batch: int) -> Tensor:
+    def _objective(
+        self,
+        class_idx: ClassIndex | None,
+        targets: Target | Sequence[Target] | None,
+        batch: int,
+        device: torch.device,
+    ) -> Objective | None:
+        """What to explain, from exactly one of ``class_idx`` and ``targets``."""
+        if self.class_agnostic:
+            return None
+        name = type(self).__name__
+        if targets is not None:
+            if class_idx is not None:
+                raise ValueError(f"{name}: pass either class_idx or targets, not both.")
+            if not self.supports_targets:
+                raise ValueError(
+                    f"{name} explains class indices only (it reads the class's own weights or "
+                    "logits), so it does not take targets=: pass class_idx."
+                )
+            return Objective(targets=target_list(targets, batch))
+        if class_idx is None:
+            raise ValueError(
+                f"{name} needs what to explain: a class_idx (an int, or one per sample) or "
+                "targets= (callables that turn each sample's output into a score)."
+            )
+        return Objective(classes=self._class_tensor(class_idx, batch, device))
+
+    def _rerun_input(self) -> Any:
+        """The model's output on the recorded input, with every extractor's hooks off."""
+        if self._input is None:
+            raise RuntimeError(
+                f"{type(self).__name__} recorded no model input: run the forward of the model "
+                "with the extractor's hooks enabled before calling it."
+            )
+        with torch.inference_mode(), hooks_silenced():
+            return self.model(self._input)
+
+    def _check_scores(self, scores: Any, batch: int, objective: Objective | None) -> Any:
+        if scores is None and self.scores_optional:
+            scores = self._rerun_input()
         if scores is None:
             raise ValueError(
                 f"{type(self).__name__} needs the model's output: call extractor(class_idx, scores)"
                 " with scores = model(input)."
             )
-        if not isinstance(scores, Tensor) or scores.ndim != 2:
-            raise ValueError("scores must be the model's logits, a tensor of shape (N, classes).")
-        if scores.shape[0] != batch:
+        if objective is not None and objective.classes is not None:
+            if not isinstance(scores, Tensor) or scores.ndim != 2:
+                raise ValueError(
+                    "scores must be the model's logits, a tensor of shape (N, classes); for "
+                    "other outputs pass targets= callables that turn each sample's output into "
+                    "a score."
+                )
+        held = output_length(scores)
+        if held != batch:
             raise ValueError(
-                f"scores hold {scores.shape[0]} samples but the hooked forward had {batch}: pass "
+                f"scores hold {held} samples but the hooked forward had {batch}: pass "
                 "the output of the same forward."
             )
+        if objective is not None:
+            objective.check_output(scores)
         return scores
 
     # ----------------------------------------------------------------------------- compute
     def _get_weights(
         self,
-        class_idx: Tensor,
-        scores: Tensor | None,
+        objective: Objective | None,
+        scores: Any,
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
         """Per layer, weights broadcastable to its activation (N, K, *S); ``activations`` are
-        the recorded ones, detached and reshape-transformed."""
+        the recorded ones, detached and reshape-transformed. ``objective`` scores an output per
+        sample (``None`` for a class-agnostic method)."""
         raise NotImplementedError
+
+    def _maps(
+        self,
+        objective: Objective | None,
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[Tensor]:
+        """The raw maps (N, *S), one per layer: ReLU(sum_k w_k A_k) unless a method says else."""
+        weights = self._get_weights(objective, scores, retain_graph, activations)
+        with torch.no_grad():
+            return [self._combine(w, a) for w, a in zip(weights, activations, strict=True)]
 
     def _transformed(self, tensor: Tensor) -> Tensor:
         return self.reshape_transform(tensor) if self.reshape_transform is not None else tensor
@@ -325,24 +398,29 @@ class _CAM:
 
     def __call__(
         self,
-        class_idx: ClassIndex,
-        scores: Tensor | None = None,
+        class_idx: ClassIndex | None = None,
+        scores: Any = None,
         normalized: bool = True,
         retain_graph: bool = False,
         *,
+        targets: Target | Sequence[Target] | None = None,
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
     ) -> list[Tensor]:
-        """Class activation maps for ``class_idx``: one tensor (N, *S) per target layer.
+        """Class activation maps for ``class_idx`` (or ``targets``): one (N, *S) per target layer.
 
         Args:
             class_idx: the class to explain, one int for every sample or one per sample.
-            scores: the logits of the forward that was hooked (required by gradient methods and
-                the Score-CAM family, ignored by CAM and SmoothGradCAMpp).
+            scores: the output of the forward that was hooked (required by gradient methods and
+                Ablation-CAM; optional for the Score-CAM family, which re-runs the recorded input
+                without it; ignored by CAM, SmoothGradCAMpp and the Eigen methods).
             normalized: min-max normalise each map to [0, 1] (else the raw ReLU'd weighted sum).
             retain_graph: keep the autograd graph, to call the extractor again on the same forward.
+            targets: instead of ``class_idx``, a callable (or one per sample) that turns one
+                sample's output (a row of ``scores``, or an item of a per-sample list) into the
+                scalar tensor to explain. Exactly one of ``class_idx`` and ``targets`` is given.
             progress: ``progress(done, total)``, called between chunks of the extra forwards of the
-                Score-CAM family and SmoothGradCAMpp (counted in masked or noisy inputs).
+                Score-CAM family, Ablation-CAM and SmoothGradCAMpp (counted in extra inputs).
             should_stop: asked before the work and between those chunks; when it answers
                 ``True`` the call raises ``CamInterrupted`` and returns no map.
         """
@@ -350,16 +428,14 @@ class _CAM:
         self._work.check()
         batch = self._batch_size()
         device = self._activations[0].device  # type: ignore[union-attr]
-        classes = self._class_tensor(class_idx, batch, device)
+        objective = self._objective(class_idx, targets, batch, device)
         if self.uses_scores:
-            scores = self._check_scores(scores, batch)
-            self._check_range(classes, scores.shape[1])
+            scores = self._check_scores(scores, batch, objective)
         activations = self._activations_for_use()
-        weights = self._get_weights(classes, scores, retain_graph, activations)
+        raw = self._maps(objective, scores, retain_graph, activations)
         cams = []
         with torch.no_grad():
-            for weight, activation in zip(weights, activations, strict=True):
-                cam = self._combine(weight, activation)
+            for cam in raw:
                 cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
                 cams.append(normalize_maps(cam) if normalized else cam)
         return cams
@@ -377,8 +453,11 @@ class _CAM:
     def fuse_cams(cls, cams: Sequence[Tensor], target_shape: Sequence[int] | None = None) -> Tensor:
         """Fuse maps of several layers into one: each resized to ``target_shape`` (default: the
         largest), then the element-wise maximum, normalised to [0, 1]."""
-        if isinstance(cams, Tensor):
-            cams = [cams]
+        if isinstance(cams, Tensor) or not isinstance(cams, Sequence):
+            raise TypeError(
+                f"fuse_cams expects a list of maps (one tensor per layer), not a "
+                f"{type(cams).__name__}: pass the list the extractor returned."
+            )
         if len(cams) == 0:
             raise ValueError("fuse_cams needs at least one map.")
         if any(not isinstance(c, Tensor) for c in cams):

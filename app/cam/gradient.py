@@ -8,12 +8,14 @@ recorded during the forward.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from app.cam.core import _CAM, hooks_only_for, positive_int, seeded_generator
 from app.cam.layers import LayerSpec
+from app.cam.targets import Objective
 
 _FREED_GRAPH_HINTS = ("second time", "already been freed", "saved tensors after they have")
 
@@ -28,27 +30,37 @@ class _GradientCAM(_CAM):
     requires_grad = True
     uses_scores = True
 
-    def _check_graph(self, scores: Tensor) -> None:
+    def _check_graph(self, scores: Any) -> None:
         activations = [a for a in self._activations if a is not None]
-        if scores.is_inference() or any(a.is_inference() for a in activations):
+        outputs = [scores] if isinstance(scores, Tensor) else []
+        if any(t.is_inference() for t in outputs + activations):
             raise RuntimeError(
                 f"{type(self).__name__} needs gradients, but the forward ran under "
                 "torch.inference_mode(). Run the forward with gradients enabled (no "
                 "inference_mode / no_grad; the model's parameters may stay frozen), or use an "
                 "activation-based method (CAM, ScoreCAM, SSCAM, ISCAM)."
             )
-        if not scores.requires_grad or any(not a.requires_grad for a in activations):
+        if any(not t.requires_grad for t in outputs + activations):
             raise RuntimeError(
                 f"{type(self).__name__} needs gradients, but the scores carry no autograd graph "
                 "to the target layer: the forward ran under torch.no_grad() (or the extractor's "
                 "hooks were disabled). Run `scores = model(x)` with gradients enabled."
             )
 
-    def _backprop(self, scores: Tensor, class_idx: Tensor, retain_graph: bool) -> list[Tensor]:
-        """Gradients of the summed class scores with respect to each hooked activation."""
+    def _backprop(
+        self, scores: Any, objective: Objective, samples: Tensor, retain_graph: bool
+    ) -> list[Tensor]:
+        """Gradients of the summed objective (row ``i`` of ``scores`` scored for sample
+        ``samples[i]``) with respect to each hooked activation."""
         self._check_graph(scores)
         activations = list(self._activations)
-        target = scores.gather(1, class_idx.to(scores.device)[:, None]).sum()
+        target = objective(scores, samples).sum()
+        if not target.requires_grad:
+            raise RuntimeError(
+                f"{type(self).__name__} needs gradients, but the score to explain carries no "
+                "autograd graph to the target layer: run the forward with gradients enabled, and "
+                "let targets return a tensor computed from the output (not a Python number)."
+            )
         try:
             grads = torch.autograd.grad(
                 target, activations, retain_graph=retain_graph, allow_unused=True
@@ -68,12 +80,13 @@ class _GradientCAM(_CAM):
 
     def _get_weights(
         self,
-        class_idx: Tensor,
-        scores: Tensor | None,
+        objective: Objective | None,
+        scores: Any,
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
-        grads = self._backprop(scores, class_idx, retain_graph)  # type: ignore[arg-type]
+        samples = torch.arange(len(objective))  # type: ignore[arg-type]
+        grads = self._backprop(scores, objective, samples, retain_graph)  # type: ignore[arg-type]
         with torch.no_grad():
             return [self._weights_from(g, a) for g, a in zip(grads, activations, strict=True)]
 
@@ -153,6 +166,31 @@ class LayerCAM(_GradientCAM):
         return torch.tanh(2 * cams / safe)
 
 
+class HiResCAM(_GradientCAM):
+    """HiResCAM (Draelos & Carin, 2020, arXiv:2011.08891).
+
+    Position-wise gradients times activations, without averaging: L = ReLU(sum_k g_k * A_k),
+    g = dS_c/dA. For a last conv layer followed by pooling and a linear head it is exactly the
+    part of the score each position contributes.
+    """
+
+    def _weights_from(self, grad: Tensor, activation: Tensor) -> Tensor:
+        return grad
+
+
+class GradCAMElementWise(_GradientCAM):
+    """Element-wise Grad-CAM (as in the pytorch-grad-cam guide; cf. HiResCAM, arXiv:2011.08891).
+
+    L = sum_k ReLU(g_k * A_k), g = dS_c/dA: the ReLU acts on each channel's product before the sum,
+    so a channel that counts against the class cannot cancel one that counts for it.
+    """
+
+    def _weights_from(self, grad: Tensor, activation: Tensor) -> Tensor:
+        # w = g where g*A > 0, else 0: then sum_k w_k A_k = sum_k ReLU(g_k A_k) and the outer ReLU
+        # of the base does nothing.
+        return torch.where(grad * activation > 0, grad, torch.zeros_like(grad))
+
+
 class SmoothGradCAMpp(_GradientCAM):
     """Smooth Grad-CAM++ (Omeiza et al., 2019, arXiv:1908.01224).
 
@@ -170,6 +208,7 @@ class SmoothGradCAMpp(_GradientCAM):
 
     uses_scores = False
     uses_input = True
+    noisy_forwards = True
     option_names = ("num_samples", "std", "seed")
     #: most noisy inputs per forward (several draws share one batched forward and backward);
     #: None picks by device: 8 on CPU, where larger batches stop paying, 64 on accelerators.
@@ -197,8 +236,8 @@ class SmoothGradCAMpp(_GradientCAM):
 
     def _get_weights(
         self,
-        class_idx: Tensor,
-        scores: Tensor | None,
+        objective: Objective | None,
+        scores: Any,
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
@@ -237,13 +276,8 @@ class SmoothGradCAMpp(_GradientCAM):
                     noisy = (base.unsqueeze(0) + self.std * noise.unsqueeze(1)).flatten(0, 1)
                     with hooks_only_for(self):
                         out = self.model(noisy)
-                    if out.ndim != 2:
-                        raise ValueError(
-                            "The model's output must be logits of shape (N, classes), got "
-                            f"{tuple(out.shape)}."
-                        )
-                    self._check_range(class_idx, out.shape[1])
-                    grads = self._backprop(out, class_idx.repeat(draws), retain_graph=False)
+                    samples = torch.arange(batch).repeat(draws)
+                    grads = self._backprop(out, objective, samples, retain_graph=False)  # type: ignore[arg-type]
                     with torch.no_grad():
                         for layer, grad in enumerate(grads):
                             grad = grad.unflatten(0, (draws, batch))

@@ -148,11 +148,18 @@ def test_flat_channels_share_one_forward(tiny_net):
     assert recorder.calls - calls_before == 4
 
 
-def test_score_family_needs_scores(tiny_net):
-    with ScoreCAM(tiny_net, "feat", input_shape=(3, 16, 16)) as extractor:
-        tiny_net(torch.randn(1, 3, 16, 16))
-        with pytest.raises(ValueError, match="scores"):
-            extractor(0)
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_score_family_without_scores_reruns_the_recorded_input(tiny_net, method):
+    x = torch.randn(2, 3, 16, 16)
+    opts = {"seed": 0} if method is SSCAM else {}
+    with method(tiny_net, "feat", input_shape=(3, 16, 16), **opts) as extractor:
+        with torch.inference_mode():
+            scores = tiny_net(x)
+        given = extractor([0, 2], scores)[0]
+        rerun = extractor([0, 2])[0]
+        torch.testing.assert_close(rerun, given)
+        with pytest.raises(ValueError, match="out of range"):
+            extractor([0, 3])
 
 
 @pytest.mark.parametrize("method", SCORE_METHODS)
