@@ -6,8 +6,10 @@ with GradCAM(model, target_layer="layer4") as extractor:
     maps = extractor(scores.argmax(1).tolist(), scores)   # one (N, H, W) tensor per layer
 """
 
+from app.cam.ablation import AblationCAM
 from app.cam.activation import CAM, ISCAM, SSCAM, ScoreCAM, find_fc_layer
 from app.cam.colormaps import COLORMAPS, apply_colormap, colormap_lut
+from app.cam.composite import FinerCAM, RefineCAM
 from app.cam.core import (
     _CAM,
     CamInterrupted,
@@ -16,6 +18,7 @@ from app.cam.core import (
     normalize_maps,
     resize_maps,
 )
+from app.cam.eigen import EigenCAM, EigenGradCAM
 from app.cam.faithfulness import (
     deletion_auc,
     deletion_curve,
@@ -25,11 +28,21 @@ from app.cam.faithfulness import (
     randomize_model,
     spearman_correlation,
 )
-from app.cam.gradient import GradCAM, GradCAMpp, LayerCAM, SmoothGradCAMpp, XGradCAM
+from app.cam.gradient import (
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMpp,
+    HiResCAM,
+    LayerCAM,
+    SmoothGradCAMpp,
+    XGradCAM,
+)
 from app.cam.layers import locate_candidate_layer
+from app.cam.legrad import LeGrad
 from app.cam.localization import best_iou, energy_pointing_game, iou_sweep, mask_iou, pointing_game
 from app.cam.metrics import ClassificationMetric
 from app.cam.overlay import blend, colorize, heatmap, mask_levels, overlay_mask, palette_image
+from app.cam.targets import Target
 from app.cam.vit import TokensToGrid, ViTTarget, vit_target
 
 METHODS: dict[str, type[_CAM]] = {
@@ -44,11 +57,28 @@ METHODS: dict[str, type[_CAM]] = {
         ScoreCAM,
         SSCAM,
         ISCAM,
+        HiResCAM,
+        GradCAMElementWise,
+        EigenCAM,
+        EigenGradCAM,
+        AblationCAM,
+        RefineCAM,
+        FinerCAM,
+        LeGrad,
     )
 }
 
 __all__ = [
+    "AblationCAM",
     "CAM",
+    "EigenCAM",
+    "EigenGradCAM",
+    "FinerCAM",
+    "GradCAMElementWise",
+    "HiResCAM",
+    "LeGrad",
+    "RefineCAM",
+    "Target",
     "CamInterrupted",
     "ProgressCallback",
     "StopCheck",

@@ -5,20 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.cam import METHODS, GradCAM, ScoreCAM, normalize_maps
+from app.cam import METHODS, GradCAM, LeGrad, ScoreCAM, normalize_maps
 from app.cam.core import _CAM
 
-ALL = list(METHODS.values())
+# LeGrad reads the attention of transformer blocks: its generic checks run on a ViT
+# (tests/cam/test_legrad.py).
+ALL = [m for m in METHODS.values() if m is not LeGrad]
 OPTIONS = {
     "SmoothGradCAMpp": {"num_samples": 2, "seed": 0},
     "SSCAM": {"num_samples": 2, "seed": 0},
     "ISCAM": {"num_samples": 2},
+    "AblationCAM": {"batch_size": 3},
 }
+#: RefineCAM multiplies the maps of several layers.
+LAYERS = {"RefineCAM": ["conv", "feat"]}
 
 
 def _run(method, model, x, classes, layer="feat", **kwargs):
     shape = tuple(x.shape[1:])
     opts = OPTIONS.get(method.__name__, {})
+    layer = LAYERS.get(method.__name__, layer)
     with method(model, layer, input_shape=shape, **opts) as extractor:
         context = torch.enable_grad() if method.requires_grad else torch.inference_mode()
         with context:
@@ -37,6 +43,14 @@ def test_methods_registry_names():
         "ScoreCAM",
         "SSCAM",
         "ISCAM",
+        "HiResCAM",
+        "GradCAMElementWise",
+        "EigenCAM",
+        "EigenGradCAM",
+        "AblationCAM",
+        "RefineCAM",
+        "FinerCAM",
+        "LeGrad",
     ]
     assert all(issubclass(cls, _CAM) for cls in METHODS.values())
 
@@ -60,7 +74,7 @@ def test_maps_are_finite_and_normalised(tiny_net, method):
     assert maps.min() >= 0 and maps.max() <= 1
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", [m for m in ALL if not m.class_agnostic])
 def test_class_idx_checks(tiny_net, method):
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(ValueError, match="one class index per sample"):
@@ -105,8 +119,10 @@ def test_several_layers_one_map_each_and_fusion():
     for method in ALL:
         if method.__name__ == "CAM":
             continue  # CAM reads the head's weights: only the pooled layer applies
-        if method.__name__ in {"ScoreCAM", "SSCAM", "ISCAM", "SmoothGradCAMpp"}:
+        if method.masked_forwards or method.noisy_forwards:
             continue  # covered on the tiny model; too slow on a ResNet for a unit test
+        if method.__name__ == "RefineCAM":
+            continue  # one fused map for all its layers: tests/cam/test_composite.py
         with method(model, layers, input_shape=(3, 64, 64)) as extractor:
             maps = extractor([0, 1], model(x))
             assert [m.shape for m in maps] == [(2, 8, 8), (2, 4, 4), (2, 2, 2)]
@@ -114,6 +130,20 @@ def test_several_layers_one_map_each_and_fusion():
             assert fused.shape == (2, 8, 8)
             assert method.fuse_cams(maps, target_shape=(16, 16)).shape == (2, 16, 16)
             assert fused.min() >= 0 and fused.max() <= 1
+
+
+def test_class_agnostic_methods_ignore_the_class(tiny_net):
+    x = torch.randn(2, 3, 16, 16)
+    for method in [m for m in ALL if m.class_agnostic]:
+        first = _run(method, tiny_net, x, [0, 1])[0]
+        torch.testing.assert_close(_run(method, tiny_net, x, [2, 2])[0], first)
+        torch.testing.assert_close(_run(method, tiny_net, x, None)[0], first)
+
+
+def test_fuse_cams_refuses_a_tensor():
+    maps = torch.rand(3, 4, 4)
+    with pytest.raises(TypeError, match="list of maps"):
+        GradCAM.fuse_cams(maps)
 
 
 def test_fusion_is_the_max_of_resized_maps():

@@ -7,7 +7,16 @@ import torch
 import torchvision
 from torch import nn
 
-from app.cam import GradCAM, GradCAMpp, LayerCAM, SmoothGradCAMpp, XGradCAM, normalize_maps
+from app.cam import (
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMpp,
+    HiResCAM,
+    LayerCAM,
+    SmoothGradCAMpp,
+    XGradCAM,
+    normalize_maps,
+)
 
 GRADIENT_METHODS = [GradCAM, GradCAMpp, XGradCAM, LayerCAM, SmoothGradCAMpp]
 
@@ -28,6 +37,10 @@ def _expected(method: type, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return _relu_sum((a * g).sum((2, 3)) / total, a)
     if method is LayerCAM:
         return torch.relu((torch.relu(g) * a).sum(1))
+    if method is HiResCAM:
+        return torch.relu((g * a).sum(1))
+    if method is GradCAMElementWise:
+        return torch.relu(g * a).sum(1)
     if method is GradCAMpp:
         s = a.sum((2, 3), keepdim=True)
         num = g**2
@@ -37,7 +50,9 @@ def _expected(method: type, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", [GradCAM, GradCAMpp, XGradCAM, LayerCAM])
+@pytest.mark.parametrize(
+    "method", [GradCAM, GradCAMpp, XGradCAM, LayerCAM, HiResCAM, GradCAMElementWise]
+)
 @pytest.mark.parametrize("scale", [1.0, 1e-4])
 def test_map_matches_paper_formula(quadratic, method, scale):
     with torch.no_grad():

@@ -1,0 +1,111 @@
+"""Ablation-CAM: channel weights from the drop of the class score when a channel is zeroed.
+
+Gradient-free, like the Score-CAM family: the forward may run under ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from app.cam.core import _CAM, hooks_silenced, positive_int
+from app.cam.layers import LayerSpec
+from app.cam.targets import Objective
+
+
+class AblationCAM(_CAM):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
+
+    w_k = (y_c - y_c^(k)) / y_c, with y_c^(k) the class score when channel k of the target
+    activation is set to zero (0 where y_c = 0); L = ReLU(sum_k w_k A_k).
+
+    The ablated forwards replace the target layer's output by a hook with the recorded activation,
+    one channel zeroed per input, and run in chunks of ``batch_size`` inputs with every extractor's
+    hooks off: one forward input per (sample, channel). ``scores`` may be left out: the recorded
+    input is re-run to read y_c.
+
+    Args:
+        batch_size: ablated inputs per forward (memory grows with it; the result does not).
+    """
+
+    uses_scores = True
+    scores_optional = True
+    uses_input = True
+    masked_forwards = True
+    option_names = ("batch_size",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec = None,
+        input_shape: Sequence[int] = (3, 224, 224),
+        reshape_transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        batch_size: int = 32,
+        enable_hooks: bool = True,
+    ) -> None:
+        positive_int("batch_size", batch_size)
+        super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
+        self.batch_size = batch_size
+
+    def _channel_positions(self, raw: Tensor) -> Tensor:
+        """(K, P): the flat positions, in one sample of the raw output, of each channel of the
+        transformed activation (a reshape transform only moves elements, so indices follow)."""
+        index = torch.arange(raw[0].numel(), dtype=torch.float64, device=raw.device)
+        grid = self._transformed(index.reshape(1, *raw.shape[1:]))
+        return grid[0].flatten(1).round().long()
+
+    def _ablated_scores(
+        self, module: nn.Module, raw: Tensor, inputs: Tensor, objective: Objective
+    ) -> Tensor:
+        """y_c^(k) for every (sample, channel): (N, K)."""
+        positions = self._channel_positions(raw)
+        n_samples, n_channels = raw.shape[0], positions.shape[0]
+        scores = torch.zeros(n_samples, n_channels, dtype=torch.float32, device=raw.device)
+        jobs = torch.cartesian_prod(
+            torch.arange(n_samples, device=raw.device), torch.arange(n_channels, device=raw.device)
+        ).reshape(-1, 2)
+        for start in range(0, jobs.shape[0], self.batch_size):
+            samples, channels = jobs[start : start + self.batch_size].unbind(1)
+            ablated = raw.index_select(0, samples).flatten(1).clone()
+            ablated.scatter_(1, positions.index_select(0, channels), 0)
+            ablated = ablated.reshape(samples.shape[0], *raw.shape[1:])
+            handle = module.register_forward_hook(lambda _m, _i, _o, out=ablated: out)
+            try:
+                with torch.inference_mode(), hooks_silenced():
+                    output = self.model(inputs.index_select(0, samples.to(inputs.device)))
+                    values = objective(output, samples)
+            finally:
+                handle.remove()
+            scores[samples, channels] = values.to(scores.device)
+            self._work.advance(samples.shape[0])
+        return scores
+
+    def _get_weights(
+        self,
+        objective: Objective | None,
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[Tensor]:
+        if self._input is None:
+            raise RuntimeError(
+                "AblationCAM recorded no model input: run the forward of the model with the "
+                "extractor's hooks enabled before calling it."
+            )
+        assert objective is not None
+        inputs = self._input.detach()
+        n_samples = inputs.shape[0]
+        with torch.no_grad():
+            base = objective(scores, torch.arange(n_samples))
+        self._work.begin(sum(a.shape[0] * a.shape[1] for a in activations))
+        weights = []
+        for module, raw in zip(self._target_modules, self._activations, strict=True):
+            ablated = self._ablated_scores(module, raw.detach(), inputs, objective)  # type: ignore[union-attr]
+            y = base.to(ablated.device)[:, None]
+            safe = torch.where(y != 0, y, torch.ones_like(y))
+            weights.append(torch.where(y != 0, (y - ablated) / safe, torch.zeros_like(ablated)))
+        return weights
