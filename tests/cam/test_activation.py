@@ -254,3 +254,33 @@ def test_cam_class_index_out_of_range(tiny_net):
         tiny_net(torch.randn(1, 3, 16, 16))
         with pytest.raises(ValueError, match="out of range"):
             extractor(3)
+
+
+def test_cam_takes_a_1x1_convolution_head():
+    class FullyConvolutional(nn.Module):
+        """A 1x1-conv classifier on the map, then global pooling (same linear map as a Linear)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+            self.classifier = nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.classifier(self.body(x)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = FullyConvolutional().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        CAM(model, "body", input_shape=(3, 8, 8))
+    with CAM(model, "body", input_shape=(3, 8, 8), fc_layer="classifier") as extractor:
+        with torch.inference_mode():
+            model(x)
+        raw = extractor([3, 1], normalized=False)[0]
+    w = model.classifier.weight.detach()[[3, 1], :, 0, 0]
+    expected = torch.relu(torch.einsum("nk,nkhw->nhw", w, model.body(x).detach()))
+    torch.testing.assert_close(raw, expected)
+    strided = nn.Conv2d(6, 4, 1, stride=2)
+    model.classifier = strided
+    with pytest.raises(ValueError, match="1x1 convolution"):
+        CAM(model, "body", input_shape=(3, 8, 8), fc_layer=strided)

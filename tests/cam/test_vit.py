@@ -26,7 +26,19 @@ def vit() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", ["GradCAM", "GradCAMpp", "XGradCAM", "LayerCAM", "ScoreCAM"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GradCAM",
+        "GradCAMpp",
+        "XGradCAM",
+        "LayerCAM",
+        "ScoreCAM",
+        "HiResCAM",
+        "EigenCAM",
+        "AblationCAM",
+    ],
+)
 def test_methods_run_on_torchvision_vit(vit, name):
     target = vit_target(vit)
     assert target.layer_name == "encoder.layers.encoder_layer_1.ln_1"
