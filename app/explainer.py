@@ -241,10 +241,9 @@ class Explainer:
         style: RenderStyle,
         top_k: int,
     ) -> list[ExplainResult]:
-        maps = [
-            NamedMap(layer, "layer", cams, plan.normalized)
-            for layer, cams in zip(plan.layers, outcome.cams, strict=True)
-        ]
+        # A one-map method (RefineCAM, LeGrad) has no per-layer maps, only the fused one.
+        per_layer = zip(plan.layers, outcome.cams, strict=True) if outcome.cams else ()
+        maps = [NamedMap(layer, "layer", cams, plan.normalized) for layer, cams in per_layer]
         if outcome.fused is not None:
             maps.append(NamedMap(FUSED, "fused", outcome.fused, True))
         results = []

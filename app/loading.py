@@ -218,7 +218,7 @@ def applicable_methods(
                 find_fc_layer(module, layer, spec.input_shape)
             except ValueError as error:
                 reason = str(error)
-        result[name] = reason
+        result[name] = reason or cls.unavailable_reason(module, layer, spec.input_shape)
     if spec.allowed_methods is not None:
         canonical = {name.lower(): name for name in METHODS}
         unknown = [m for m in spec.allowed_methods if m.lower() not in canonical]

@@ -102,9 +102,10 @@ def run_cam_pass(model: LoadedModel, plan: CamPlan, items: Sequence[CamItem]) ->
         x = torch.cat([item.batch for item in items]).to(model.device)
         mode = torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode()
         try:
+            # Layers go positionally: composite methods name them layers/layer/blocks.
             extractor = plan.cls(
                 model.module,
-                target_layer=list(plan.layers),
+                list(plan.layers),
                 input_shape=model.spec.input_shape,
                 **dict(plan.options),
             )
@@ -124,7 +125,10 @@ def run_cam_pass(model: LoadedModel, plan: CamPlan, items: Sequence[CamItem]) ->
             try:
                 cams = extractor(idx, scores, normalized=plan.normalized)
                 fused = None
-                if len(cams) > 1:
+                if plan.cls.one_map:
+                    # One map for all the layers (RefineCAM, LeGrad): it is the fused map.
+                    fused, cams = normalize_maps(cams[0]), []
+                elif len(cams) > 1:
                     # Fusion takes the per-pixel max, which only means something on a common
                     # scale: fuse normalised maps even when raw ones were asked for.
                     scaled = cams if plan.normalized else [normalize_maps(c) for c in cams]

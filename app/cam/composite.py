@@ -94,6 +94,7 @@ class RefineCAM(_Composite):
 
     requires_grad = GradCAMpp.requires_grad
     uses_scores = GradCAMpp.uses_scores
+    one_map = True
 
     def __init__(
         self,
@@ -112,6 +113,18 @@ class RefineCAM(_Composite):
         for name in _CAPABILITIES:
             setattr(self, name, getattr(base_method, name))
         self.supports_targets = base_method.supports_targets
+
+    @classmethod
+    def unavailable_reason(
+        cls, model: nn.Module, target_layer: LayerSpec, input_shape: Sequence[int]
+    ) -> str | None:
+        if (
+            isinstance(target_layer, str | nn.Module)
+            or target_layer is None
+            or len(target_layer) < 2
+        ):
+            return "RefineCAM multiplies the maps of several layers: it needs at least two."
+        return None
 
     def __call__(
         self,

@@ -154,6 +154,8 @@ class _CAM:
     supports_targets: ClassVar[bool] = True
     #: the map does not depend on the class: ``class_idx`` and ``targets`` are ignored
     class_agnostic: ClassVar[bool] = False
+    #: returns one map for all its target layers (a list of one tensor), not one per layer
+    one_map: ClassVar[bool] = False
     option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -194,6 +196,14 @@ class _CAM:
         self._hooks_enabled = enable_hooks
         self._handles: list[Any] = []
         self._register_hooks()
+
+    @classmethod
+    def unavailable_reason(
+        cls, model: nn.Module, target_layer: LayerSpec, input_shape: Sequence[int]
+    ) -> str | None:
+        """Why this method cannot run on ``model`` with ``target_layer`` (``None``: it can),
+        decided from the model's structure, without a forward."""
+        return None
 
     # ----------------------------------------------------------------------------- hooks
     def _register_hooks(self) -> None:

@@ -65,6 +65,7 @@ class LeGrad(_CAM):
     requires_grad = True
     uses_scores = True
     supports_targets = False
+    one_map = True
 
     def __init__(
         self,
@@ -101,6 +102,17 @@ class LeGrad(_CAM):
         self._attention_modules: list[nn.MultiheadAttention] = []
         self._attentions: list[Tensor | None] = []
         super().__init__(model, blocks, input_shape, None, enable_hooks)
+
+    @classmethod
+    def unavailable_reason(
+        cls, model: nn.Module, target_layer: LayerSpec, input_shape: Sequence[int]
+    ) -> str | None:
+        if _is_torchvision_vit(model):
+            return None
+        return (
+            "LeGrad reads the attention of a Vision Transformer's blocks (torchvision's "
+            "VisionTransformer built in); this model is not one."
+        )
 
     def _register_hooks(self) -> None:
         super()._register_hooks()

@@ -35,7 +35,11 @@ def explain(client: TestClient, *images: bytes, **form: object):  # type: ignore
     return client.post("/explain", files=files(*images), data=form)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+#: one map for several layers (RefineCAM) or for a transformer's blocks (LeGrad): own tests below
+PER_LAYER = [name for name, cls in METHODS.items() if not cls.one_map]
+
+
+@pytest.mark.parametrize("method", PER_LAYER)
 def test_every_method(client: TestClient, method: str) -> None:
     form = {"method": method.lower(), "output": "overlay,raw", **TINY_OPTIONS.get(method, {})}
     response = explain(client, image_bytes((40, 32)), **form)
@@ -474,3 +478,22 @@ def test_thin_images_are_explained(client: TestClient, size: tuple[int, int]) ->
     assert response.status_code == 200, response.text
     layer_map = response.json()["results"][0]["explanations"][0]["maps"][0]
     assert decode_png(layer_map["overlay"]).size == size
+
+
+def test_refinecam_gives_one_fused_map_for_two_layers(client: TestClient) -> None:
+    form = {"method": "refinecam", "output": "raw", "target_layer": "features.1,features.3"}
+    response = explain(client, image_bytes((40, 32)), **form)
+    assert response.status_code == 200, response.text
+    (layer_map,) = response.json()["results"][0]["explanations"][0]["maps"]
+    assert layer_map["layer"] == "fused"
+    raw = np.array(layer_map["raw"]["values"])
+    assert raw.min() >= 0 and raw.max() <= 1 + 1e-6
+    one_layer = explain(client, image_bytes((40, 32)), method="RefineCAM")
+    assert "at least two" in assert_error(one_layer, 422, "method_not_applicable")
+
+
+def test_legrad_is_refused_on_a_cnn_with_the_reason(client: TestClient) -> None:
+    message = assert_error(
+        explain(client, image_bytes((40, 32)), method="LeGrad"), 422, "method_not_applicable"
+    )
+    assert "Vision Transformer" in message
