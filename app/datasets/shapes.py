@@ -31,10 +31,13 @@ __all__ = [
     "CLASSES",
     "DEFAULT_MEAN",
     "DEFAULT_STD",
+    "PairSample",
     "ShapeSample",
     "ShapesDataset",
+    "generate_pair",
     "generate_sample",
     "make_dataset",
+    "make_pairs",
     "shape_polygons",
     "to_tensor_batch",
 ]
@@ -286,6 +289,20 @@ def generate_sample(rng: np.random.Generator, image_size: int = 128) -> ShapeSam
     radius = rng.uniform(0.2, 0.34) * size
     margin = radius * 1.3
     cx, cy = rng.uniform(margin, size - margin, size=2)
+    image, mask = _draw_object(rng, background, name, cx, cy, radius)
+    return ShapeSample(image=image, mask=mask, label=label, label_name=name, background=background)
+
+
+def _draw_object(
+    rng: np.random.Generator,
+    background: np.ndarray,
+    name: str,
+    cx: float,
+    cy: float,
+    radius: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Composite one class shape centred on (cx, cy) over ``background``: (image, mask)."""
+    size = background.shape[0]
     angle = rng.uniform(0, 2 * math.pi)
     aspect = rng.uniform(0.9, 1.1)
     polys = [p * np.array([aspect, 1 / aspect]) for p in _UNIT_POLYGONS[name]]
@@ -311,7 +328,57 @@ def generate_sample(rng: np.random.Generator, image_size: int = 128) -> ShapeSam
     alpha = coverage[..., None]
     image = background.astype(np.float32) * (1 - alpha) + fg * alpha
     image = np.where(alpha > 0, np.clip(np.rint(image), 0, 255), background).astype(np.uint8)
-    return ShapeSample(image=image, mask=mask, label=label, label_name=name, background=background)
+    return image, mask
+
+
+@dataclass(frozen=True)
+class PairSample:
+    """One image holding two shapes of different classes, with each one's exact mask."""
+
+    image: np.ndarray  # uint8, (H, W, 3)
+    masks: np.ndarray  # bool, (2, H, W), disjoint
+    labels: tuple[int, int]
+
+
+def generate_pair(rng: np.random.Generator, image_size: int = 128) -> PairSample:
+    """Two shapes of two different classes, one in each half (left/right or top/bottom) of
+    one textured background, smaller than in :func:`generate_sample` so that both fit."""
+    if image_size < 64:
+        raise ValueError("image_size must be >= 64")
+    size = image_size
+    first, second = (int(v) for v in rng.choice(len(CLASSES), size=2, replace=False))
+    bg = _background(rng, size)
+    canvas = Image.fromarray(bg.astype(np.uint8), mode="RGB")
+    _draw_distractors(rng, canvas, size)
+    image = np.asarray(canvas)
+    vertical = bool(rng.integers(0, 2))
+    masks = []
+    for half, label in enumerate((first, second)):
+        radius = rng.uniform(0.16, 0.2) * size
+        margin = radius * 1.15
+        along = rng.uniform(margin, size / 2 - margin) + half * size / 2
+        across = rng.uniform(margin, size - margin)
+        cx, cy = (across, along) if vertical else (along, across)
+        image, mask = _draw_object(rng, image, CLASSES[label], cx, cy, radius)
+        masks.append(mask)
+    own = np.stack(masks)
+    own[0] &= ~own[1]  # the second is drawn on top (the halves keep them apart anyway)
+    return PairSample(image=image, masks=own, labels=(first, second))
+
+
+def make_pairs(
+    n: int, seed: int, image_size: int = 128
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` two-shape images from ``seed``: images (n, H, W, 3) uint8, masks (n, 2, H, W) bool,
+    labels (n, 2) int64 (two different classes per image)."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    masks = np.empty((n, 2, image_size, image_size), dtype=bool)
+    labels = np.empty((n, 2), dtype=np.int64)
+    for i in range(n):
+        sample = generate_pair(rng, image_size)
+        images[i], masks[i], labels[i] = sample.image, sample.masks, sample.labels
+    return images, masks, labels
 
 
 def make_dataset(

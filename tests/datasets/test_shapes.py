@@ -120,3 +120,16 @@ def test_torch_dataset_wrapper() -> None:
     assert int(y) == labels[2] and m.dtype == torch.bool
     assert np.array_equal(m.numpy(), masks[2])
     torch.testing.assert_close(x, to_tensor_batch(images[2:3])[0])
+
+
+def test_pairs_hold_two_different_shapes_with_disjoint_exact_masks() -> None:
+    from app.datasets.shapes import make_pairs
+
+    images, masks, labels = make_pairs(6, 5, 96)
+    again = make_pairs(6, 5, 96)
+    assert images.tobytes() == again[0].tobytes() and masks.tobytes() == again[1].tobytes()
+    assert images.shape == (6, 96, 96, 3) and masks.shape == (6, 2, 96, 96)
+    assert (labels[:, 0] != labels[:, 1]).all()
+    assert not (masks[:, 0] & masks[:, 1]).any()
+    assert masks.sum(axis=(2, 3)).min() > 100  # both objects are there
+    assert not masks[:, :, 0, :].any() and not masks[:, :, :, -1].any()  # not cut by the border
