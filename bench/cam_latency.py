@@ -35,8 +35,27 @@ from app.loading import build_model as build_from_spec  # noqa: E402
 from app.manifest import parse_manifest  # noqa: E402
 
 TARGETS = {"resnet18": "layer4", "resnet50": "layer4", "mobilenet_v2": "features"}
-FAST_METHODS = ["CAM", "GradCAM", "GradCAMpp", "XGradCAM", "LayerCAM", "SmoothGradCAMpp"]
-SCORE_METHODS = ["ScoreCAM", "SSCAM", "ISCAM"]
+FAST_METHODS = [
+    "CAM",
+    "GradCAM",
+    "GradCAMpp",
+    "XGradCAM",
+    "LayerCAM",
+    "SmoothGradCAMpp",
+    "HiResCAM",
+    "GradCAMElementWise",
+    "EigenCAM",
+    "EigenGradCAM",
+    "FinerCAM",
+    "RefineCAM",
+]
+#: RefineCAM multiplies the maps of several layers: the last two stages.
+REFINE_TARGETS = {
+    "resnet18": ["layer3", "layer4"],
+    "resnet50": ["layer3", "layer4"],
+    "mobilenet_v2": ["features.13", "features"],
+}
+SCORE_METHODS = ["ScoreCAM", "SSCAM", "ISCAM", "AblationCAM"]
 
 
 def _sync(device: torch.device) -> None:
@@ -86,10 +105,17 @@ def load_shapes_model(device: torch.device):
     return model, spec.target_layers[0], spec.input_shape
 
 
-def time_fast_methods(model, layer, x, methods, repeats, device) -> dict[str, list[float]]:
+def time_fast_methods(
+    model, layer, x, methods, repeats, device, refine_layers=None
+) -> dict[str, list[float]]:
     shape = tuple(x.shape[1:])
     classes = list(range(x.shape[0]))
-    extractors = {name: METHODS[name](model, layer, input_shape=shape) for name in methods}
+    extractors = {
+        name: METHODS[name](
+            model, refine_layers if name == "RefineCAM" else layer, input_shape=shape
+        )
+        for name in methods
+    }
     for extractor in extractors.values():
         extractor.disable_hooks()
     times: dict[str, list[float]] = {"forward": [], **{name: [] for name in methods}}
@@ -150,17 +176,25 @@ def naive_score_map(model, layer_module, x, classes, method: str, batch_size: in
 
 
 def time_score_methods(
-    model, layer, x, samples: dict[str, int], batch_size: int, device, rounds: int = 1
+    model,
+    layer,
+    x,
+    samples: dict[str, int],
+    batch_size: int,
+    device,
+    rounds: int = 1,
+    methods: list[str] | None = None,
 ) -> list[dict]:
-    """Ours and the naive loop alternate for ``rounds`` rounds; medians are reported."""
+    """Ours and the naive loop alternate for ``rounds`` rounds; medians are reported.
+    AblationCAM has no naive counterpart here: its own time only."""
     rows = []
     classes = list(range(x.shape[0]))
     module = dict(model.named_modules())[layer]
     with torch.inference_mode():
         model(x)  # warm-up
-    for name in SCORE_METHODS:
+    for name in methods or SCORE_METHODS:
         opts: dict = {"batch_size": batch_size}
-        if name != "ScoreCAM":
+        if name not in ("ScoreCAM", "AblationCAM"):
             opts["num_samples"] = samples[name]
         if name == "SSCAM":
             opts.update(std=2.0, seed=0)
@@ -177,15 +211,19 @@ def time_score_methods(
             return naive_score_map(model, module, x, classes, name, batch_size, **naive_opts)
 
         ours_times, naive_times = [], []
+        naive_map = None
         for _ in range(rounds):
             ours_ms, ours_map = _timed_result(ours, device)
+            ours_times.append(ours_ms)
+            if name == "AblationCAM":
+                continue
             extractor.disable_hooks()
             naive_ms, naive_map = _timed_result(naive, device)
             extractor.enable_hooks()
-            ours_times.append(ours_ms)
             naive_times.append(naive_ms)
         extractor.remove_hooks()
-        ours_ms, naive_ms = statistics.median(ours_times), statistics.median(naive_times)
+        ours_ms = statistics.median(ours_times)
+        naive_ms = statistics.median(naive_times) if naive_times else None
         a = _activation(model, module, x)
         flat = (a.flatten(2).amax(2) == a.flatten(2).amin(2)).float().mean().item()
         rows.append(
@@ -195,9 +233,11 @@ def time_score_methods(
                 "channels": int(a.shape[1]),
                 "flat_share": round(flat, 3),
                 "ours_ms": round(ours_ms, 1),
-                "naive_ms": round(naive_ms, 1),
-                "speedup": round(naive_ms / ours_ms, 2),
-                "max_abs_diff": float((ours_map - naive_map).abs().max()),
+                "naive_ms": None if naive_ms is None else round(naive_ms, 1),
+                "speedup": None if naive_ms is None else round(naive_ms / ours_ms, 2),
+                "max_abs_diff": None
+                if naive_map is None
+                else float((ours_map - naive_map).abs().max()),
             }
         )
         print(f"    {rows[-1]}", flush=True)
@@ -229,6 +269,8 @@ def main() -> None:
         "--shapes-rounds", type=int, default=5, help="timing rounds on the (cheap) shapes model"
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--methods", default=",".join(FAST_METHODS), help="gradient & cheap ones")
+    parser.add_argument("--score-methods", default=",".join(SCORE_METHODS))
     parser.add_argument("--out", default="bench/results/cam_latency.json")
     args = parser.parse_args()
     if args.quick:
@@ -245,12 +287,19 @@ def main() -> None:
             model = build_model(model_name, device, args.trainable)
             for batch in (int(b) for b in args.batches.split(",")):
                 x = torch.randn(batch, 3, args.size, args.size, device=device)
+                methods = [m for m in args.methods.split(",") if m]
                 times = time_fast_methods(
-                    model, TARGETS[model_name], x, FAST_METHODS, args.repeats, device
+                    model,
+                    TARGETS[model_name],
+                    x,
+                    methods,
+                    args.repeats,
+                    device,
+                    REFINE_TARGETS[model_name],
                 )
                 base = statistics.median(times["forward"])
                 print(f"{model_name} B={batch}: forward {base:.1f} ms", flush=True)
-                for name in FAST_METHODS:
+                for name in methods:
                     med = statistics.median(times[name])
                     row = {
                         "model": model_name,
@@ -280,7 +329,14 @@ def main() -> None:
             print(f"{model_name} Score-CAM family, num_samples {per_method}:", flush=True)
             rounds = args.shapes_rounds if model_name == "shapes" else 1
             rows = time_score_methods(
-                model, layer, x, per_method, args.score_batch_size, device, rounds
+                model,
+                layer,
+                x,
+                per_method,
+                args.score_batch_size,
+                device,
+                rounds,
+                [m for m in args.score_methods.split(",") if m],
             )
             for row in rows:
                 row["model"] = model_name

@@ -1,0 +1,1 @@
+"""The CAM quality benchmark in parts: data, evaluation, class sensitivity, report."""
