@@ -207,7 +207,9 @@ class Batcher:
     async def _run_group(self, group: list[_Pending]) -> None:
         outcome = await self._run(group)
         if isinstance(outcome, CamInterrupted) or not any(p.live for p in group):
-            return  # stopped because every caller left: nobody to answer
+            if isinstance(outcome, CamInterrupted):
+                logger.info("%s: pass stopped early, its callers are gone (%s)", self.name, outcome)
+            return  # nobody is left to answer
         if not isinstance(outcome, Exception) or len(group) == 1:
             self._settle(group, outcome)
             return

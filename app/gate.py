@@ -31,7 +31,7 @@ class GateMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        routes: Callable[[], Sequence[BaseRoute]],
+        routes: Sequence[BaseRoute],
         api_key: str | None,
         lifecycle: Lifecycle,
     ) -> None:
@@ -42,7 +42,7 @@ class GateMiddleware:
         self._guarded: dict[int, bool] = {}
 
     def _is_model_route(self, scope: Scope) -> bool:
-        for route in self.routes():
+        for route in self.routes:
             match, _ = route.matches(scope)
             if match is Match.FULL:
                 known = self._guarded.get(id(route))

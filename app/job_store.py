@@ -216,7 +216,11 @@ class JobStore:
                     model, uploads, params, progress=report, admit=False
                 )
             except asyncio.CancelledError:
-                return  # cancelled by DELETE or the shutdown, which set the status
+                # Cancelled by DELETE or the shutdown, which set the status.
+                logger.info(
+                    "job %s cancelled (%s)", job.id[:8], job.error.code if job.error else ""
+                )
+                return
             except CamserveError as error:
                 detail = error_body(error.code, error.message, error.details)["error"]
                 job.finish("failed", self.ttl_s, error=ErrorDetail(**detail))

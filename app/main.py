@@ -127,8 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.lifecycle = Lifecycle(settings.shutdown_grace_s)
     install_error_handlers(app)
-    for router in (health.router, models.router, predict.router, explain.router, jobs.router):
-        app.include_router(router)
+    routers = (health.router, models.router, predict.router, explain.router, jobs.router)
+    for router in routers:
+        app.include_router(router)  # no prefix: the gate matches these routes as they are
     _install_openapi(app, open_access=settings.api_key is None)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -139,7 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # its headers, before a byte of its body is read.
     app.add_middleware(
         GateMiddleware,
-        routes=lambda: app.routes,
+        routes=[route for router in routers for route in router.routes],
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         lifecycle=app.state.lifecycle,
     )
