@@ -41,6 +41,8 @@ from app.cam.layers import locate_candidate_layer
 from app.cam.legrad import LeGrad
 from app.cam.localization import best_iou, energy_pointing_game, iou_sweep, mask_iou, pointing_game
 from app.cam.metrics import ClassificationMetric
+from app.cam.names import close_matches, did_you_mean
+from app.cam.options import MethodOption
 from app.cam.overlay import blend, colorize, heatmap, mask_levels, overlay_mask, palette_image
 from app.cam.targets import Target
 from app.cam.vit import TokensToGrid, ViTTarget, vit_target
@@ -68,6 +70,27 @@ METHODS: dict[str, type[_CAM]] = {
     )
 }
 
+
+class UnknownMethod(ValueError):
+    """A name ``METHODS`` does not hold; ``suggestion``: the closest one, or ``None``."""
+
+    def __init__(self, name: str) -> None:
+        found = close_matches(name, METHODS, n=1, fold_case=True)
+        self.suggestion = found[0] if found else None
+        hint = f" Did you mean {self.suggestion}?" if self.suggestion else ""
+        super().__init__(f"Unknown CAM method {name[:100]!r}.{hint} Known: {', '.join(METHODS)}.")
+
+
+def find_method(name: str) -> tuple[str, type[_CAM]]:
+    """The method called ``name`` (case-insensitive): its canonical name and class. Raises
+    ``UnknownMethod`` (a ``ValueError``) with the closest name otherwise."""
+    wanted = name.strip().lower()
+    for canonical, cls in METHODS.items():
+        if canonical.lower() == wanted:
+            return canonical, cls
+    raise UnknownMethod(name.strip())
+
+
 __all__ = [
     "AblationCAM",
     "CAM",
@@ -77,6 +100,11 @@ __all__ = [
     "GradCAMElementWise",
     "HiResCAM",
     "LeGrad",
+    "MethodOption",
+    "UnknownMethod",
+    "close_matches",
+    "did_you_mean",
+    "find_method",
     "RefineCAM",
     "Target",
     "CamInterrupted",

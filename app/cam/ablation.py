@@ -6,6 +6,7 @@ Gradient-free, like the Score-CAM family: the forward may run under ``torch.infe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from app.cam.core import _CAM, hooks_silenced, positive_int
 from app.cam.layers import LayerSpec
+from app.cam.options import BATCH_SIZE
 from app.cam.targets import Objective
 
 
@@ -35,7 +37,7 @@ class AblationCAM(_CAM):
     scores_optional = True
     uses_input = True
     masked_forwards = True
-    option_names = ("batch_size",)
+    options = (replace(BATCH_SIZE, help="ablated inputs per forward (memory, not the result)"),)
 
     def __init__(
         self,

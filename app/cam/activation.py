@@ -22,6 +22,7 @@ from app.cam.core import (
     seeded_generator,
 )
 from app.cam.layers import LayerSpec, resolve_layer
+from app.cam.options import BATCH_SIZE, FC_LAYER, SEED, noise_std, num_samples
 from app.cam.targets import Objective, take_rows
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ class CAM(_CAM):
     """
 
     supports_targets = False
-    option_names = ("fc_layer",)
+    reads_head = True
+    options = (FC_LAYER,)
 
     def __init__(
         self,
@@ -213,7 +215,7 @@ class _ScoreFamily(_CAM):
     scores_optional = True
     uses_input = True
     masked_forwards = True
-    option_names: tuple[str, ...] = ("batch_size",)
+    options = (BATCH_SIZE,)
     #: masked inputs per (sample, channel): noise draws or integration steps.
     _variants = 1
 
@@ -385,7 +387,12 @@ class SSCAM(_ScoreFamily):
         seed: seeds the noise of every call (``None``: torch's global generator).
     """
 
-    option_names = ("batch_size", "num_samples", "std", "seed")
+    options = (
+        BATCH_SIZE,
+        num_samples(35, "noise draws per mask"),
+        noise_std(2.0, "standard deviation of the noise added to the [0, 1] masks"),
+        SEED,
+    )
 
     def __init__(
         self,
@@ -447,7 +454,7 @@ class ISCAM(_ScoreFamily):
         num_samples: integration steps.
     """
 
-    option_names = ("batch_size", "num_samples")
+    options = (BATCH_SIZE, num_samples(10, "integration steps from the zero mask to the mask"))
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from app.cam.core import (
 )
 from app.cam.gradient import GradCAM, GradCAMpp, _GradientCAM
 from app.cam.layers import LayerSpec
+from app.cam.options import COMPARISON_IDX, GAMMA, NUM_REFERENCES
 from app.cam.targets import Target
 
 _CAPABILITIES = (
@@ -171,7 +172,7 @@ class FinerCAM(_Composite):
     requires_grad = True
     uses_scores = True
     supports_targets = False
-    option_names = ("gamma", "num_references")
+    options = (GAMMA, NUM_REFERENCES, COMPARISON_IDX)
 
     def __init__(
         self,

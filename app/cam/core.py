@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.cam.layers import LayerSpec, locate_candidate_layer, resolve_layers
+from app.cam.options import MethodOption
 from app.cam.targets import Objective, Target, output_length, target_list
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,21 @@ class _CAM:
     class_agnostic: ClassVar[bool] = False
     #: returns one map for all its target layers (a list of one tensor), not one per layer
     one_map: ClassVar[bool] = False
+    #: reads the class weights of the model's head (CAM): the manifest's ``fc_layer`` applies
+    reads_head: ClassVar[bool] = False
+    #: the method's options, declared once (see ``app.cam.options``)
+    options: ClassVar[tuple[MethodOption, ...]] = ()
+    #: the names of ``options`` (derived)
     option_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.option_names = tuple(option.name for option in cls.options)
+
+    @classmethod
+    def option(cls, name: str) -> MethodOption | None:
+        """The declared option ``name``, or ``None`` when the method does not take it."""
+        return next((o for o in cls.options if o.name == name), None)
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from app.cam.core import _CAM, hooks_only_for, positive_int, seeded_generator
 from app.cam.layers import LayerSpec
+from app.cam.options import SEED, noise_std, num_samples
 from app.cam.targets import Objective
 
 _FREED_GRAPH_HINTS = ("second time", "already been freed", "saved tensors after they have")
@@ -209,7 +210,11 @@ class SmoothGradCAMpp(_GradientCAM):
     uses_scores = False
     uses_input = True
     noisy_forwards = True
-    option_names = ("num_samples", "std", "seed")
+    options = (
+        num_samples(4, "noisy copies of the input"),
+        noise_std(0.3, "standard deviation of the noise added to the input"),
+        SEED,
+    )
     #: most noisy inputs per forward (several draws share one batched forward and backward);
     #: None picks by device: 8 on CPU, where larger batches stop paying, 64 on accelerators.
     max_batch: int | None = None

@@ -1,0 +1,118 @@
+"""A method's options, declared once: name, type, default, bounds and help.
+
+Each extractor class lists its ``options`` (``_CAM.option_names`` is derived from them); the
+service derives from that one declaration its form fields, their checks, the budget,
+``/models/{name}`` and the OpenAPI schema. The defaults are the constructors' (a test holds them
+equal); the bounds are what the service accepts, the constructors only refuse invalid values.
+``at="call"`` marks an option given when the extractor is called (FinerCAM's ``comparison_idx``)
+rather than when it is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """One option of a CAM method."""
+
+    name: str
+    type: type  # int, float, str, or list (of ints)
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    #: ``"init"``: a keyword of the constructor; ``"call"``: a keyword of the call
+    at: Literal["init", "call"] = "init"
+    #: whether a client of the service may set it (``fc_layer`` comes from the model's manifest)
+    public: bool = True
+
+    def check(self, value: Any) -> Any:
+        """``value`` if it has the option's type and lies within its bounds, else a
+        ``ValueError`` (``TypeError`` for a wrong type) that names the option."""
+        if value is None and self.default is None:
+            return None
+        if self.type is list:
+            items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+            if not isinstance(items, list | tuple) or any(
+                isinstance(v, bool) or not isinstance(v, int) for v in items
+            ):
+                raise TypeError(f"{self.name} must be an int or a list of ints, got {value!r}.")
+            for item in items:
+                self._check_bounds(item)
+            return list(items)
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, self.type):
+            raise TypeError(f"{self.name} must be {self.type.__name__}, got {value!r}.")
+        if self.type is float and not math.isfinite(value):
+            raise ValueError(f"{self.name} must be a finite number, got {value!r}.")
+        if self.type in (int, float):
+            self._check_bounds(value)
+        return value
+
+    def _check_bounds(self, value: float) -> None:
+        if (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high
+        ):
+            raise ValueError(f"{self.name} must lie in [{self.bounds_text()}], got {value!r}.")
+
+    def bounds_text(self) -> str:
+        low = "-inf" if self.low is None else _number(self.low)
+        high = "inf" if self.high is None else _number(self.high)
+        return f"{low}, {high}"
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for an API: name, type, default, bounds, help."""
+        return {
+            "name": self.name,
+            "type": {int: "integer", float: "number", str: "string", list: "integer list"}[
+                self.type
+            ],
+            "default": self.default,
+            "minimum": self.low,
+            "maximum": self.high,
+            "help": self.help,
+        }
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def num_samples(default: int, what: str) -> MethodOption:
+    return MethodOption("num_samples", int, default, what, low=1, high=64)
+
+
+def noise_std(default: float, what: str) -> MethodOption:
+    return MethodOption("std", float, default, what, low=0.0, high=10.0)
+
+
+SEED = MethodOption(
+    "seed", int, None, "seeds the noise of every call (none: torch's global one)", 0, 2**32 - 1
+)
+BATCH_SIZE = MethodOption(
+    "batch_size", int, 32, "masked inputs per forward (memory, not the result)", 1, 256
+)
+FC_LAYER = MethodOption(
+    "fc_layer",
+    str,
+    None,
+    "the head CAM reads its class weights from: an nn.Linear or a 1x1 convolution",
+    public=False,
+)
+GAMMA = MethodOption("gamma", float, 0.6, "weight of the reference classes' mean logit", 0.0, 10.0)
+NUM_REFERENCES = MethodOption(
+    "num_references", int, 3, "nearest classes to contrast with when none are given", 1, 64
+)
+COMPARISON_IDX = MethodOption(
+    "comparison_idx",
+    list,
+    None,
+    "the classes to contrast with, shared by the images (default: the nearest logits)",
+    low=0,
+    at="call",
+)
