@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
-from app.cam import COLORMAPS, METHODS
+from app.cam import COLORMAPS, METHODS, UnknownMethod, close_matches, find_method
 from app.errors import (
     InvalidParameter,
     MethodNotApplicable,
@@ -28,17 +26,16 @@ def resolve_method(
     With ``own_layers`` (the client picked target layers) a method that does not apply to
     the default layers is still tried: the extractor then says whether it applies."""
     wanted = (name or model.spec.default_method).strip()
-    canonical = {key.lower(): key for key in METHODS}
     applicable = model.applicable_methods
-    if wanted.lower() not in canonical:
-        close = difflib.get_close_matches(wanted.lower()[:100], list(canonical), n=1, cutoff=0.6)
-        hint = f" Did you mean {canonical[close[0]]}?" if close else ""
+    try:
+        method, cls = find_method(wanted)
+    except UnknownMethod as error:
+        hint = f" Did you mean {error.suggestion}?" if error.suggestion else ""
         raise UnsupportedMethod(
             f"Unknown method {clip(wanted)}.{hint} Methods for model {model.spec.name!r}: "
             f"{', '.join(applicable)}.",
             details={"methods": applicable},
-        )
-    method = canonical[wanted.lower()]
+        ) from None
     reason = model.methods.get(method)
     if method in model.allowed_methods and own_layers:
         reason = None
@@ -49,23 +46,30 @@ def resolve_method(
             f"{reason} Methods that apply to {model.spec.name!r}: {', '.join(applicable)}.",
             details={"methods": applicable, "reason": reason},
         )
-    return method, METHODS[method]
+    return method, cls
 
 
 def check_options(method: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """Refuse options the method does not take, naming the methods that do."""
-
-    taken = tuple(getattr(cls, "option_names", ()))
-    for option in options:
-        if option not in taken:
-            takers = [n for n, c in METHODS.items() if option in getattr(c, "option_names", ())]
+    """Each option against the method's declaration (``cls.options``): refuse the ones it does
+    not take, naming the methods that do, and values outside the declared type or bounds."""
+    checked = {}
+    for name, value in options.items():
+        declared = cls.option(name)
+        if declared is None or not declared.public:
+            takers = [
+                n for n, c in METHODS.items() if (o := c.option(name)) is not None and o.public
+            ]
             raise InvalidParameter(
-                f"{method} does not take the option {clip(option)}; "
+                f"{method} does not take the option {clip(name)}; "
                 f"{', '.join(takers) or 'no method'} take(s) it. "
-                f"Drop {clip(option)} or choose one of those methods.",
-                details={"option": option[:40], "methods": takers},
+                f"Drop {clip(name)} or choose one of those methods.",
+                details={"option": name[:40], "methods": takers},
             )
-    return dict(options)
+        try:
+            checked[name] = declared.check(value)
+        except (TypeError, ValueError) as error:
+            raise InvalidParameter(f"{method}: {error}", details={"option": name}) from None
+    return checked
 
 
 def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
@@ -74,7 +78,7 @@ def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
         return model.target_layers
     for layer in layers:
         if layer not in model.layer_names:
-            close = difflib.get_close_matches(layer[:200], sorted(model.layer_names), n=5)
+            close = close_matches(layer, sorted(model.layer_names), n=5)
             raise InvalidParameter(
                 f"Model {model.spec.name!r} has no layer {clip(layer)}."
                 + (f" Close matches: {', '.join(close)}." if close else "")
@@ -108,20 +112,21 @@ def check_budget(
     images: int,
     limit: int,
 ) -> None:
-    """Refuse Score-CAM-family requests whose masked forwards exceed the budget."""
-    names = getattr(cls, "option_names", ())
-    if not getattr(cls, "masked_forwards", False):
+    """Refuse requests whose extra forwards exceed the budget: the methods that say they run
+    masked forwards (one per image, channel and sample: the Score-CAM family, Ablation-CAM) or
+    noisy ones (one forward and backward per image and sample: SmoothGradCAMpp)."""
+    if not (cls.masked_forwards or cls.noisy_forwards):
         return
-    samples = 1
-    if "num_samples" in names:
-        default = inspect.signature(cls).parameters.get("num_samples")
-        fallback = default.default if default is not None else 1
-        samples = int(options.get("num_samples", fallback))
-    channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
+    declared = cls.option("num_samples")
+    samples = int(options.get("num_samples", declared.default)) if declared else 1
+    channels = 1
+    if cls.masked_forwards:
+        channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
     forwards = images * channels * samples
     if forwards > limit:
+        kind = "masked" if cls.masked_forwards else "noisy"
         raise OverBudget(
-            f"{method} would run {forwards} masked forwards ({images} image(s) x {channels} "
+            f"{method} would run {forwards} {kind} forwards ({images} image(s) x {channels} "
             f"channels x {samples} sample(s)); the limit is {limit} "
             "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
             "layer with fewer channels, or use a gradient method such as GradCAM.",

@@ -250,7 +250,7 @@ class Explainer:
         )
         method, cls = checks.resolve_method(model, params.method, own_layers)
         options = checks.check_options(method, cls, params.options)
-        if "fc_layer" in getattr(cls, "option_names", ()) and model.spec.fc_layer:
+        if cls.reads_head and model.spec.fc_layer:
             options.setdefault("fc_layer", model.spec.fc_layer)
         layers = checks.check_layers(model, params.target_layers)
         checks.check_classes(model, params.class_idx, images)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from app.cam import METHODS, find_fc_layer, locate_candidate_layer
+from app.cam import (
+    METHODS,
+    UnknownMethod,
+    close_matches,
+    find_fc_layer,
+    find_method,
+    locate_candidate_layer,
+)
+from app.cam.layers import trace_forward
 from app.manifest import ManifestError, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -78,7 +84,7 @@ def build_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...] | None]:
             builder = tvm.get_model_builder(spec.architecture)
         except ValueError:
             known = tvm.list_models(module=tvm)
-            close = difflib.get_close_matches(spec.architecture, known, n=3)
+            close = close_matches(spec.architecture, known)
             raise ManifestError(
                 f"unknown torchvision architecture {spec.architecture!r}"
                 + (f"; did you mean {', '.join(close)}?" if close else "")
@@ -135,7 +141,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     if len(labels) != spec.num_classes:
         raise ManifestError(f"{len(labels)} labels but num_classes is {spec.num_classes}")
 
-    shapes = _warm_up(module, spec, device)
+    shapes = _warm_up(module, spec)
     layer_names = frozenset(name for name, _ in module.named_modules() if name)
     candidates = tuple(
         name
@@ -144,7 +150,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     )
     missing = [name for name in spec.target_layers if name not in layer_names]
     if missing:
-        close = difflib.get_close_matches(missing[0], sorted(layer_names), n=3)
+        close = close_matches(missing[0], sorted(layer_names))
         raise ManifestError(
             f"[cam] target layer {missing[0]!r} is not a module of the model"
             + (f"; close matches: {', '.join(close)}" if close else "")
@@ -167,24 +173,13 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     )
 
 
-def _warm_up(module: nn.Module, spec: ModelSpec, device: torch.device) -> dict[str, tuple]:
-    """One forward on zeros; records every submodule's output shape and checks the logits."""
+def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple]:
+    """One forward on zeros (on the module's device); records every submodule's output shape
+    (its first call's) and checks the logits."""
+    order, out = trace_forward(module, spec.input_shape)
     shapes: dict[str, tuple] = {}
-
-    def record(name: str, _module: nn.Module, _inputs: object, output: object) -> None:
-        shapes.setdefault(name, tuple(output.shape) if isinstance(output, torch.Tensor) else ())
-
-    handles = [
-        sub.register_forward_hook(partial(record, name))
-        for name, sub in module.named_modules()
-        if name
-    ]
-    try:
-        with torch.inference_mode():
-            out = module(torch.zeros(1, *spec.input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for name, shape in order:
+        shapes.setdefault(name, shape or ())
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ManifestError(
@@ -213,29 +208,26 @@ def applicable_methods(
     layer: str | list[str] = target_layers[0] if len(target_layers) == 1 else list(target_layers)
     for name, cls in METHODS.items():
         reason = None
-        if "fc_layer" in getattr(cls, "option_names", ()) and spec.fc_layer is None:
+        if cls.reads_head and spec.fc_layer is None:
             try:
                 find_fc_layer(module, layer, spec.input_shape)
             except ValueError as error:
                 reason = str(error)
         result[name] = reason or cls.unavailable_reason(module, layer, spec.input_shape)
     if spec.allowed_methods is not None:
-        canonical = {name.lower(): name for name in METHODS}
-        unknown = [m for m in spec.allowed_methods if m.lower() not in canonical]
-        if unknown:
-            raise ManifestError(
-                f"[cam] allowed_methods names unknown method(s) {', '.join(unknown)}; "
-                f"known: {', '.join(METHODS)}"
-            )
-        allowed = {canonical[m.lower()] for m in spec.allowed_methods}
+        allowed = set()
+        for wanted in spec.allowed_methods:
+            try:
+                allowed.add(find_method(wanted)[0])
+            except UnknownMethod as error:
+                raise ManifestError(f"[cam] allowed_methods: {error}") from None
         for name in result:
             if name not in allowed and result[name] is None:
                 result[name] = f"not in this model's allowed_methods ({', '.join(sorted(allowed))})"
     else:
         allowed = set(METHODS)
-    default = spec.default_method.lower()
-    if default not in {name.lower() for name in METHODS}:
-        raise ManifestError(
-            f"[cam] default_method {spec.default_method!r} is unknown; known: {', '.join(METHODS)}"
-        )
+    try:
+        find_method(spec.default_method)
+    except UnknownMethod as error:
+        raise ManifestError(f"[cam] default_method: {error}") from None
     return result, frozenset(allowed)

@@ -147,13 +147,15 @@ def run_cam_pass(
     with model.lock, model_faults(model):
         x = torch.cat([item.batch for item in items]).to(model.device)
         mode = torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode()
+        at_call = {o.name for o in plan.cls.options if o.at == "call"}
+        call_options = {k: v for k, v in plan.options if k in at_call}
         try:
             # Layers go positionally: composite methods name them layers/layer/blocks.
             extractor = plan.cls(
                 model.module,
                 list(plan.layers),
                 input_shape=model.spec.input_shape,
-                **dict(plan.options),
+                **{k: v for k, v in plan.options if k not in at_call},
             )
         except ValueError as error:
             raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
@@ -170,7 +172,7 @@ def run_cam_pass(
                 for c in _classes(item, top1[part])
             ]
             try:
-                cams = extractor(idx, scores, normalized=plan.normalized, **hooks)
+                cams = extractor(idx, scores, normalized=plan.normalized, **call_options, **hooks)
                 fused = None
                 if plan.cls.one_map:
                     # One map for all the layers (RefineCAM, LeGrad): it is the fused map.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import threading
 import time
@@ -12,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from app.cam.names import close_matches
 from app.errors import ModelNotFound, ModelUnavailable, clip
 from app.loading import LoadedModel, load_model
 from app.manifest import ManifestError, ModelSpec, parse_manifest
@@ -35,7 +35,7 @@ class ModelEntry:
 
 def close_first(name: str, candidates: list[str] | tuple[str, ...]) -> list[str]:
     """All candidates, the ones that look like ``name`` first."""
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+    close = close_matches(name, candidates, n=5, cutoff=0.5)
     return close + sorted(c for c in candidates if c not in close)
 
 

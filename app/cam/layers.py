@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,13 @@ def trace_output_shapes(
     The model is put in eval mode for the pass (so BatchNorm statistics are not updated) and
     restored afterwards.
     """
+    return trace_forward(model, input_shape)[0]
+
+
+def trace_forward(
+    model: nn.Module, input_shape: Sequence[int]
+) -> tuple[list[tuple[str, tuple[int, ...] | None]], Any]:
+    """``trace_output_shapes`` and the model's own output on the dummy input."""
     device, dtype = _model_device_dtype(model)
     order: list[tuple[str, tuple[int, ...] | None]] = []
     handles = []
@@ -104,12 +112,12 @@ def trace_output_shapes(
     model.eval()
     try:
         with torch.inference_mode():
-            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+            output = model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return order
+    return order, output
 
 
 def locate_candidate_layer(

@@ -43,7 +43,7 @@ class MethodOption:
                 raise TypeError(f"{self.name} must be an int or a list of ints, got {value!r}.")
             for item in items:
                 self._check_bounds(item)
-            return list(items)
+            return tuple(items)
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, self.type):

@@ -32,7 +32,7 @@ def test_option_checks_type_and_bounds():
     with pytest.raises(ValueError, match="finite"):
         SSCAM.option("std").check(float("nan"))
     comparison = FinerCAM.option("comparison_idx")
-    assert comparison.at == "call" and comparison.check([3, 4]) == [3, 4]
+    assert comparison.at == "call" and comparison.check([3, 4]) == (3, 4)
     with pytest.raises(ValueError):
         comparison.check([-1])
     assert SSCAM.option("fc_layer") is None
