@@ -97,6 +97,17 @@ class Preprocess(BaseModel):
     std: list[float]
 
 
+class MethodOptionInfo(BaseModel):
+    """One option of a method, as the method declares it (``app.cam.options``)."""
+
+    name: str
+    type: Literal["integer", "number", "string", "integer list"]
+    default: int | float | str | None = Field(description="the method's default")
+    minimum: float | None = Field(description="lowest value accepted")
+    maximum: float | None = Field(description="highest value accepted")
+    help: str
+
+
 class ModelDetail(ModelSummary):
     model_config = _example(
         {
@@ -115,6 +126,18 @@ class ModelDetail(ModelSummary):
             "default_method": "GradCAM",
             "methods": ["CAM", "GradCAM", "GradCAMpp", "ScoreCAM"],
             "not_applicable": {},
+            "method_options": {
+                "ScoreCAM": [
+                    {
+                        "name": "batch_size",
+                        "type": "integer",
+                        "default": 32,
+                        "minimum": 1,
+                        "maximum": 256,
+                        "help": "masked inputs per forward (memory, not the result)",
+                    }
+                ]
+            },
         }
     )
     device: str
@@ -126,6 +149,10 @@ class ModelDetail(ModelSummary):
     default_method: str
     methods: list[str] = Field(description="CAM methods that apply to this model")
     not_applicable: dict[str, str] = Field(description="method -> why it does not apply")
+    method_options: dict[str, list[MethodOptionInfo]] = Field(
+        default_factory=dict,
+        description="method -> the options a request may set for it (form fields of /explain)",
+    )
 
 
 class Prediction(BaseModel):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import File, Form, Request, UploadFile
+from fastapi import Depends, File, Form, Request, UploadFile
 
+from app.cam import METHODS, MethodOption
 from app.errors import InvalidParameter, NotAcceptable
 from app.explainer import ExplainParams
 from app.rendering import (
@@ -52,6 +55,68 @@ def _wants_png(request: Request) -> bool:
         if media in ("application/json", "application/*"):
             return False
     return False
+
+
+def _takers(name: str) -> list[tuple[str, MethodOption]]:
+    return [
+        (method, option)
+        for method, cls in METHODS.items()
+        if (option := cls.option(name)) is not None and option.public
+    ]
+
+
+def _option_field(name: str) -> inspect.Parameter:
+    """One form field for an option, from every method's declaration of it."""
+    takers = _takers(name)
+    first = takers[0][1]
+    lows = [o.low for _, o in takers if o.low is not None]
+    highs = [o.high for _, o in takers if o.high is not None]
+    taken_by = ", ".join(
+        method + ("" if option.default is None else f" ({option.default})")
+        for method, option in takers
+    )
+    description = f"{first.help}; taken by {taken_by}"
+    if first.type is list:
+        annotation: Any = Annotated[
+            list[str] | None,
+            Form(description=description + " (ints, repeat or comma list)", examples=[["3"]]),
+        ]
+    else:
+        bounds = {"ge": min(lows)} if lows else {}
+        if highs:
+            bounds["le"] = max(highs)
+        annotation = Annotated[first.type | None, Form(description=description, **bounds)]
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
+    )
+
+
+def _options_form() -> Callable[..., dict[str, Any]]:
+    """A dependency whose form fields are the public options every method declares."""
+    names = list(dict.fromkeys(o.name for cls in METHODS.values() for o in cls.options if o.public))
+    lists = {n for n in names if _takers(n)[0][1].type is list}
+
+    def method_options(**values: Any) -> dict[str, Any]:
+        options = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            if name in lists:
+                try:
+                    value = tuple(int(v) for v in _split(value))
+                except ValueError:
+                    raise InvalidParameter(f"{name} must be integers.") from None
+            options[name] = value
+        return options
+
+    method_options.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [_option_field(name) for name in names], return_annotation=dict[str, Any]
+    )
+    return method_options
+
+
+#: The methods' options as form fields (num_samples, std, batch_size, seed, gamma, ...).
+method_options = _options_form()
 
 
 async def explain_form(
@@ -114,10 +179,7 @@ async def explain_form(
         ),
     ] = None,
     normalized: Annotated[bool, Form(description="raw maps min-max scaled to [0, 1]")] = True,
-    num_samples: Annotated[int | None, Form(ge=1, le=64, description="noise samples")] = None,
-    std: Annotated[float | None, Form(ge=0, le=10, description="noise standard deviation")] = None,
-    batch_size: Annotated[int | None, Form(ge=1, le=256, description="masks per forward")] = None,
-    seed: Annotated[int | None, Form(ge=0, le=2**32 - 1, description="noise seed")] = None,
+    options: Annotated[dict[str, Any], Depends(method_options)] = None,  # type: ignore[assignment]
 ) -> ExplainForm:
     """Parse and type-check the form; the explainer checks it against the model."""
     as_png = _wants_png(request)
@@ -125,16 +187,6 @@ async def explain_form(
         raise NotAcceptable(
             "An image/png answer holds one image; send one file or accept application/json."
         )
-    options = {
-        name: value
-        for name, value in {
-            "num_samples": num_samples,
-            "std": std,
-            "batch_size": batch_size,
-            "seed": seed,
-        }.items()
-        if value is not None
-    }
     params = ExplainParams(
         method=method or None,
         class_idx=_class_indices(class_idx),

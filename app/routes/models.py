@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from app.cam import METHODS
 from app.deps import get_registry, require_api_key
 from app.registry import ModelEntry, ModelRegistry
 from app.routes import error_responses
-from app.schemas import ModelDetail, ModelList, ModelSummary, Preprocess
+from app.schemas import MethodOptionInfo, ModelDetail, ModelList, ModelSummary, Preprocess
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 
@@ -52,4 +53,12 @@ def get_model(name: str, registry: ModelRegistry = Depends(get_registry)) -> Mod
         default_method=spec.default_method,
         methods=model.applicable_methods,
         not_applicable={k: v for k, v in model.methods.items() if v is not None},
+        method_options={
+            method: [
+                MethodOptionInfo(**option.describe())
+                for option in METHODS[method].options
+                if option.public
+            ]
+            for method in model.applicable_methods
+        },
     )

@@ -509,3 +509,39 @@ def test_degenerate_aspect_ratios_are_refused_before_decoding(
     error = response.json()["error"]
     assert error["code"] == "invalid_image"
     assert "aspect ratio" in error["message"] and "crop or pad" in error["message"]
+
+
+def test_finercam_takes_comparison_idx_and_its_options(client: TestClient) -> None:
+    form = {"method": "FinerCAM", "output": "raw", "class_idx": "0"}
+    plain = explain(client, image_bytes((40, 32)), **form, gamma="0")
+    assert plain.status_code == 200, plain.text
+    gradcam = explain(client, image_bytes((40, 32)), **{**form, "method": "GradCAM"})
+    np.testing.assert_allclose(raw_maps(plain.json())[0], raw_maps(gradcam.json())[0], atol=1e-5)
+    contrasted = explain(client, image_bytes((40, 32)), **form, comparison_idx="1,2")
+    assert contrasted.status_code == 200, contrasted.text
+    assert contrasted.json()["options"] == {"comparison_idx": [1, 2]}
+    for bad, code in [
+        ({"comparison_idx": "0"}, "invalid_parameter"),  # the explained class itself
+        ({"comparison_idx": "x"}, "invalid_parameter"),
+        ({"gamma": "11"}, None),
+    ]:
+        response = explain(client, image_bytes((40, 32)), **form, **bad)
+        assert response.status_code in (400, 422), response.text
+        if code:
+            assert response.json()["error"]["code"] in (code, "method_not_applicable")
+    refused = explain(client, image_bytes((40, 32)), method="GradCAM", comparison_idx="1")
+    assert "FinerCAM" in assert_error(refused, 422, "invalid_parameter")
+
+
+def test_ablation_and_noisy_forwards_count_towards_the_budget(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(max_cam_forwards=16)  # tiny's "features" has 4 channels
+    images = [image_bytes(seed=s) for s in range(5)]
+    assert explain(client, *images[:4], method="AblationCAM").status_code == 200  # 16
+    message = assert_error(explain(client, *images, method="AblationCAM"), 422, "over_budget")
+    assert "20 masked forwards (5 image(s) x 4 channels x 1 sample(s))" in message
+    message = assert_error(
+        explain(client, *images, method="SmoothGradCAMpp"), 422, "over_budget"
+    )  # 5 images x 4 noisy samples
+    assert "20 noisy forwards" in message

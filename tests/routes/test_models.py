@@ -87,3 +87,38 @@ def test_cors_headers_on_body_limit_errors(make_client: Callable[..., TestClient
     )
     assert response.status_code == 413
     assert response.headers["access-control-allow-origin"] == "http://app.test"
+
+
+def test_model_detail_lists_each_methods_declared_options(client: TestClient) -> None:
+    from app.cam import METHODS
+
+    body = client.get("/models/tiny").json()
+    options = body["method_options"]
+    assert set(options) == set(body["methods"])
+    assert options["GradCAM"] == []
+    assert options["SSCAM"] == [
+        {
+            "name": o.name,
+            "type": o.describe()["type"],
+            "default": o.default,
+            "minimum": o.low,
+            "maximum": o.high,
+            "help": o.help,
+        }
+        for o in METHODS["SSCAM"].options
+    ]
+    assert [o["name"] for o in options["FinerCAM"]] == ["gamma", "num_references", "comparison_idx"]
+    assert "fc_layer" not in str(options["CAM"])  # from the manifest, not the request
+
+
+def test_openapi_form_fields_come_from_the_declarations(client: TestClient) -> None:
+    from app.cam import METHODS
+
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    body = next(s for name, s in schemas.items() if "explain" in name)["properties"]
+    declared = {o.name for cls in METHODS.values() for o in cls.options if o.public}
+    assert declared <= set(body)
+    assert body["num_samples"]["maximum"] == 64 and body["num_samples"]["minimum"] == 1
+    assert "SSCAM (35)" in body["num_samples"]["description"]
+    assert body["gamma"]["type"] == "number" and "FinerCAM" in body["gamma"]["description"]
+    assert body["comparison_idx"]["type"] == "array"
