@@ -250,3 +250,24 @@ def test_sigterm_drains_then_cuts_late_work_with_json(store: Path) -> None:
     messages = [json.loads(line)["message"] for line in output.splitlines() if line.strip()]
     assert any(m.startswith("draining") for m in messages)
     assert any("cutting them with 503 shutting_down" in m for m in messages)
+
+
+def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
+    from app.server import DrainingServer, HeaderDeadlineProtocol, build_server
+    from app.settings import Settings
+
+    settings = Settings(
+        model_store=store,
+        device="cpu",
+        max_connections=123,
+        keep_alive_s=3,
+        header_timeout_s=7,
+        shutdown_grace_s=9,
+    )
+    server = build_server(settings)
+    assert isinstance(server, DrainingServer)
+    config = server.config
+    assert config.limit_concurrency == 123 and config.timeout_keep_alive == 3
+    assert issubclass(config.http, HeaderDeadlineProtocol)  # type: ignore[arg-type]
+    assert config.http.header_timeout_s == 7  # type: ignore[union-attr]
+    assert server.lifecycle.grace_s == 9
