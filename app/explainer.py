@@ -253,7 +253,8 @@ class Explainer:
         options = checks.check_options(method, cls, params.options)
         if cls.reads_head and model.spec.fc_layer:
             options.setdefault("fc_layer", model.spec.fc_layer)
-        layers = checks.check_layers(model, params.target_layers)
+        own_default = None if params.target_layers else cls.default_layers(model.module)
+        layers = checks.check_layers(model, params.target_layers or own_default or ())
         checks.check_classes(model, params.class_idx, images)
         checks.check_rendering(params.outputs, params.image_format, params.colormap)
         checks.check_budget(model, method, cls, layers, options, images, self.max_cam_forwards)

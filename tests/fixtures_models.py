@@ -93,3 +93,18 @@ default_method = "GradCAM"
 """
     )
     return folder
+
+
+def build_tiny_vit(num_classes: int = 3) -> nn.Module:
+    """A two-block torchvision VisionTransformer on 32x32 images (a 4x4 patch grid)."""
+    import torchvision
+
+    return torchvision.models.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
+        num_classes=num_classes,
+    )

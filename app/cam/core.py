@@ -220,6 +220,12 @@ class _CAM:
         decided from the model's structure, without a forward."""
         return None
 
+    @classmethod
+    def default_layers(cls, model: nn.Module) -> list[str] | None:
+        """The layers this method explains when none are given, if it has its own (LeGrad:
+        a ViT's blocks); ``None``: the caller's default target layers."""
+        return None
+
     # ----------------------------------------------------------------------------- hooks
     def _register_hooks(self) -> None:
         for idx, module in enumerate(self._target_modules):

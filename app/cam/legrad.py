@@ -114,6 +114,13 @@ class LeGrad(_CAM):
             "VisionTransformer built in); this model is not one."
         )
 
+    @classmethod
+    def default_layers(cls, model: nn.Module) -> list[str] | None:
+        if not _is_torchvision_vit(model):
+            return None
+        layers = model.encoder.layers  # type: ignore[union-attr]
+        return [name for name, m in model.named_modules() if m in set(layers.children())]
+
     def _register_hooks(self) -> None:
         super()._register_hooks()
         self._attention_modules = [

@@ -7,6 +7,7 @@ import io
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -556,3 +557,32 @@ def test_ablation_and_noisy_forwards_count_towards_the_budget(
         explain(client, *images, method="SmoothGradCAMpp"), 422, "over_budget"
     )  # 5 images x 4 noisy samples
     assert "20 noisy forwards" in message
+
+
+def test_legrad_explains_a_served_vit_over_its_blocks(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    from tests.fixtures_models import build_tiny_vit, write_model
+
+    torch.manual_seed(0)
+    vit = build_tiny_vit()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head
+    write_model(
+        tmp_path,
+        "vit",
+        vit,
+        architecture="tests.fixtures_models:build_tiny_vit",
+        num_classes=3,
+        input_size=32,
+        target_layers=["encoder.layers.encoder_layer_1.ln_1"],
+    )
+    client = make_client(model_store=tmp_path, default_model="vit")
+    response = explain(client, image_bytes((40, 32)), method="LeGrad", output="raw")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["target_layers"] == [
+        "encoder.layers.encoder_layer_0",
+        "encoder.layers.encoder_layer_1",
+    ]
+    (layer_map,) = body["results"][0]["explanations"][0]["maps"]
+    assert layer_map["layer"] == "fused" and layer_map["raw"]["shape"] == [4, 4]
