@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -10,13 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from app.cam.names import close_matches
+
 logger = logging.getLogger(__name__)
 
 LayerSpec = str | nn.Module | Sequence[str | nn.Module] | None
 
 
 def _close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
-    matches = difflib.get_close_matches(name, candidates, n=n, cutoff=0.5)
+    matches = close_matches(name, candidates, n=n, cutoff=0.5)
     if not matches:
         # Wrapping a model shifts every name under a prefix: suggest the names that end like it.
         matches = [c for c in candidates if c.endswith("." + name) or c.endswith(name)][:n]
