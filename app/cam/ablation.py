@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from app.cam.core import _CAM, hooks_silenced, positive_int
 from app.cam.layers import LayerSpec
 from app.cam.options import BATCH_SIZE
+from app.cam.tail import model_tail
 from app.cam.targets import Objective
 
 
@@ -26,11 +27,14 @@ class AblationCAM(_CAM):
 
     The ablated forwards replace the target layer's output by a hook with the recorded activation,
     one channel zeroed per input, and run in chunks of ``batch_size`` inputs with every extractor's
-    hooks off: one forward input per (sample, channel). ``scores`` may be left out: the recorded
-    input is re-run to read y_c.
+    hooks off: one forward input per (sample, channel). Where it is exact (``app.cam.tail``: the
+    output depends on the input only through the layer, as after a ResNet's ``layer4``), only the
+    part of the model after the layer runs, from the ablated activation. ``scores`` may be left
+    out: the recorded input is re-run to read y_c.
 
     Args:
         batch_size: ablated inputs per forward (memory grows with it; the result does not).
+        fast_path: run only the model's tail after the layer when that is exact (torch.fx).
     """
 
     uses_scores = True
@@ -47,11 +51,23 @@ class AblationCAM(_CAM):
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
         *,
         batch_size: int = 32,
+        fast_path: bool = True,
         enable_hooks: bool = True,
     ) -> None:
         positive_int("batch_size", batch_size)
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.batch_size = batch_size
+        self.fast_path = fast_path
+        self._tails: dict[str, nn.Module | None] = {}
+
+    def _tail(self, name: str) -> nn.Module | None:
+        if not self.fast_path:
+            return None
+        if name not in self._tails:
+            # The trace runs the forward's Python with proxies: extractors' hooks must not record.
+            with hooks_silenced():
+                self._tails[name] = model_tail(self.model, name)
+        return self._tails[name]
 
     def _channel_positions(self, raw: Tensor) -> Tensor:
         """(K, P): the flat positions, in one sample of the raw output, of each channel of the
@@ -61,10 +77,11 @@ class AblationCAM(_CAM):
         return grid[0].flatten(1).round().long()
 
     def _ablated_scores(
-        self, module: nn.Module, raw: Tensor, inputs: Tensor, objective: Objective
+        self, name: str, module: nn.Module, raw: Tensor, inputs: Tensor, objective: Objective
     ) -> Tensor:
         """y_c^(k) for every (sample, channel): (N, K)."""
         positions = self._channel_positions(raw)
+        tail = self._tail(name)
         n_samples, n_channels = raw.shape[0], positions.shape[0]
         scores = torch.zeros(n_samples, n_channels, dtype=torch.float32, device=raw.device)
         jobs = torch.cartesian_prod(
@@ -75,13 +92,17 @@ class AblationCAM(_CAM):
             ablated = raw.index_select(0, samples).flatten(1).clone()
             ablated.scatter_(1, positions.index_select(0, channels), 0)
             ablated = ablated.reshape(samples.shape[0], *raw.shape[1:])
-            handle = module.register_forward_hook(lambda _m, _i, _o, out=ablated: out)
-            try:
+            if tail is not None:
                 with torch.inference_mode(), hooks_silenced():
-                    output = self.model(inputs.index_select(0, samples.to(inputs.device)))
-                    values = objective(output, samples)
-            finally:
-                handle.remove()
+                    values = objective(tail(ablated), samples)
+            else:
+                handle = module.register_forward_hook(lambda _m, _i, _o, out=ablated: out)
+                try:
+                    with torch.inference_mode(), hooks_silenced():
+                        output = self.model(inputs.index_select(0, samples.to(inputs.device)))
+                        values = objective(output, samples)
+                finally:
+                    handle.remove()
             scores[samples, channels] = values.to(scores.device)
             self._work.advance(samples.shape[0])
         return scores
@@ -105,8 +126,9 @@ class AblationCAM(_CAM):
             base = objective(scores, torch.arange(n_samples))
         self._work.begin(sum(a.shape[0] * a.shape[1] for a in activations))
         weights = []
-        for module, raw in zip(self._target_modules, self._activations, strict=True):
-            ablated = self._ablated_scores(module, raw.detach(), inputs, objective)  # type: ignore[union-attr]
+        layers = zip(self.target_names, self._target_modules, self._activations, strict=True)
+        for name, module, raw in layers:
+            ablated = self._ablated_scores(name, module, raw.detach(), inputs, objective)  # type: ignore[union-attr]
             y = base.to(ablated.device)[:, None]
             safe = torch.where(y != 0, y, torch.ones_like(y))
             weights.append(torch.where(y != 0, (y - ablated) / safe, torch.zeros_like(ablated)))

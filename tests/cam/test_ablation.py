@@ -78,3 +78,25 @@ def test_ablationcam_zeroes_the_channel_through_a_reshape_transform():
     grid = tokens[1:].T.reshape(3, 2, 2)
     expected = torch.relu(((drop / y)[:, None, None] * grid).sum(0))
     torch.testing.assert_close(raw[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fx_tail_gives_the_hooked_forwards_results():
+    import torchvision
+
+    from app.cam.tail import model_tail
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    maps = {}
+    for fast in (True, False):
+        with AblationCAM(model, ["layer3", "layer4"], (3, 64, 64), fast_path=fast) as cam:
+            with torch.inference_mode():
+                scores = model(x)
+            maps[fast] = cam([0, 3], scores, normalized=False)
+            assert (cam._tails.get("layer4") is not None) == fast
+    for fast_map, hooked_map in zip(maps[True], maps[False], strict=True):
+        torch.testing.assert_close(fast_map, hooked_map, rtol=1e-4, atol=1e-5)
+    # A skip connection goes around layer4.0.conv1: no tail, the hooked forward is used.
+    assert model_tail(model, "layer4.0.conv1") is None
+    assert model_tail(model, "layer4.0.relu") is None  # called twice per block

@@ -17,7 +17,7 @@ from app.cam import (
 )
 
 CHUNKED = {
-    AblationCAM: {"batch_size": 3},
+    AblationCAM: {"batch_size": 3, "fast_path": False},  # counts whole-model forwards
     ScoreCAM: {"batch_size": 2},
     SSCAM: {"batch_size": 4, "num_samples": 3, "seed": 0},
     ISCAM: {"batch_size": 4, "num_samples": 3},
