@@ -13,14 +13,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app import __version__
+from app.access import AccessMiddleware
 from app.device import describe_device, resolve_device
 from app.errors import install_error_handlers
 from app.explainer import Explainer
 from app.jobs import JobLimiter
 from app.logs import configure_logging
+from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware
 from app.registry import ModelRegistry
-from app.routes import explain, health, models, predict
+from app.routes import explain, health, metrics, models, predict
 from app.settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch_size=settings.max_batch_size,
         batch_timeout_s=settings.batch_timeout_ms / 1000,
         model_threads=model_threads,
+        on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
     )
     app.state.explainer = explainer
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
@@ -109,27 +112,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics(app.state) if settings.metrics else None
     install_error_handlers(app)
     for router in (health.router, models.router, predict.router, explain.router):
         app.include_router(router)
+    if settings.metrics:
+        app.include_router(metrics.router)
     if settings.api_key is None:
         _document_open_access(app)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
     )
-    # Added last, so outermost: even a 413 from the body limit carries the CORS headers.
+    # Outside the body limit: even its 413 carries the CORS headers.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["X-API-Key", "Content-Type", "Accept"],
+            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
             expose_headers=[
                 "Retry-After",
+                "X-Request-ID",
                 "X-Camserve-Method",
                 "X-Camserve-Class",
                 "X-Camserve-Label",
             ],
         )
+    # Outermost of all: every answer, a CORS preflight or a 413 included, carries the id.
+    app.add_middleware(AccessMiddleware, metrics=app.state.metrics)
     return app

@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    metrics: bool = Field(True, description="serve Prometheus metrics on GET /metrics")
 
     @field_validator("device")
     @classmethod
