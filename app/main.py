@@ -21,8 +21,9 @@ from app.jobs import JobLimiter
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware
+from app.protocol import PREFIXES, json_body_limit
 from app.registry import ModelRegistry
-from app.routes import explain, health, metrics, models, predict
+from app.routes import explain, health, kserve, metrics, models, oip, predict
 from app.settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, models.router, predict.router, explain.router):
         app.include_router(router)
+    app.include_router(oip.router)
+    app.include_router(kserve.router)
     if settings.metrics:
         app.include_router(metrics.router)
     if settings.api_key is None:
@@ -123,6 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
+        protocol_prefixes=PREFIXES,
+        protocol_max_bytes=json_body_limit(
+            settings.max_upload_bytes, settings.max_images, _FORM_OVERHEAD
+        ),
     )
     # Outside the body limit: even its 413 carries the CORS headers.
     if settings.cors_origins:
