@@ -11,6 +11,7 @@ import logging
 import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID = 128
@@ -35,7 +36,7 @@ class RequestInfo:
 _current: ContextVar[RequestInfo | None] = ContextVar("camserve_request", default=None)
 
 
-def valid_request_id(value: str | None) -> bool:
+def valid_request_id(value: str | None) -> TypeGuard[str]:
     """1 to 128 visible ASCII characters (no spaces or control characters)."""
     return (
         value is not None

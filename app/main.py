@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -85,7 +86,7 @@ def _document_open_access(app: FastAPI) -> None:
     """Without CAMSERVE_API_KEY no route asks for a key: say so in the OpenAPI schema too, so that
     clients and generated SDKs do not send (or demand) an X-API-Key header."""
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
                 title=app.title,

@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.cam.core import _CAM
 from app.context import STAGES, RequestInfo
 
 # Seconds: a tiny model's forward (~1 ms) up to a Score-CAM family request (~minutes).
@@ -51,7 +52,7 @@ UNMATCHED_ROUTE = "unmatched"
 
 
 def cam_forwards(
-    cls: type, layer_shapes: Iterable[tuple[int, ...]], options: dict[str, Any], images: int
+    cls: type[_CAM], layer_shapes: Iterable[tuple[int, ...]], options: dict[str, Any], images: int
 ) -> int:
     """The forwards a CAM call runs besides the model's own forward; ``layer_shapes`` are the
     output shapes (N, C, ...) of its target layers.
@@ -59,8 +60,8 @@ def cam_forwards(
     Score-CAM family: one masked forward per image, channel (of the target layers) and sample.
     Noise-averaging gradient methods (SmoothGrad-CAM++): one noisy forward per image and sample.
     Others: none."""
-    names = getattr(cls, "option_names", ())
-    masked = bool(getattr(cls, "masked_forwards", False))
+    names = cls.option_names
+    masked = cls.masked_forwards
     if not masked and "num_samples" not in names:
         return 0
     samples = 1

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from app.cam import normalize_maps
+from app.cam.core import _CAM
 from app.device import synchronize
 from app.errors import MethodNotApplicable
 from app.loading import LoadedModel
@@ -25,7 +26,7 @@ class CamPlan:
     """What every request of a CAM pass shares; equal plans may share a pass."""
 
     method: str
-    cls: type
+    cls: type[_CAM]
     layers: tuple[str, ...]
     options: tuple[tuple[str, Any], ...]
     normalized: bool

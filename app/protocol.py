@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -27,6 +27,13 @@ PREFIXES = ("/v1/", "/v2/")
 """Paths of the protocol routes (the body limit and the error shape follow them)."""
 
 
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"content": {"application/json": {"example": {"error": "what went wrong"}}}}
+    for status in (400, 401, 404, 413, 415, 422, 503)
+}
+"""OpenAPI entries for the refusals of a protocol route."""
+
+
 class BadProtocolRequest(CamserveError):
     """The body is not what the protocol (or camserve's use of it) allows."""
 
@@ -34,7 +41,7 @@ class BadProtocolRequest(CamserveError):
     code = "bad_request"
 
 
-def protocol_error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+def protocol_error(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 

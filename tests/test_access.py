@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from app import explainer as explainer_module
 from app.context import RequestIdFilter, valid_request_id
 from app.logs import JsonFormatter, TextFormatter
+from app.settings import Settings
 from tests.conftest import files, image_bytes, wait_ready
 
 HEX32 = r"[0-9a-f]{32}"
@@ -86,7 +87,7 @@ def test_body_limit_413_carries_the_id(make_client: Callable[..., TestClient]) -
     assert response.json()["error"]["details"]["request_id"] == "big-1"
 
 
-def test_an_opaque_500_carries_the_id(settings, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_opaque_500_carries_the_id(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.main import create_app
 
     async def boom(*args: object, **kwargs: object) -> None:

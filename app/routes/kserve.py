@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.deps import get_explainer, get_registry, get_settings, require_api_key
 from app.disconnect import unless_disconnected
 from app.explainer import Explainer, ExplainParams
-from app.protocol import ProtocolRoute, decode_images
+from app.protocol import ERROR_RESPONSES, ProtocolRoute, decode_images
 from app.registry import ModelRegistry
 from app.rendering import DEFAULT_ALPHA, DEFAULT_COLORMAP, DEFAULT_IMAGE_FORMAT, MAX_SIDE, MIN_SIDE
 from app.schemas import ExplainResult, PredictResult
@@ -24,10 +24,6 @@ router = APIRouter(
     route_class=ProtocolRoute,
     dependencies=[Depends(require_api_key)],
 )
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"content": {"application/json": {"example": {"error": "what went wrong"}}}}
-    for status in (400, 401, 404, 413, 415, 422, 503)
-}
 _B64 = "iVBORw0KGgoAAAANSUhEUgAA..."
 
 
@@ -163,7 +159,7 @@ def list_models(registry: ModelRegistry = Depends(get_registry)) -> dict[str, li
     return {"models": registry.names()}
 
 
-@router.get("/{name}", responses=_ERRORS)
+@router.get("/{name}", responses=ERROR_RESPONSES)
 def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
     """Whether the model can serve (200) or is loading or failed (503)."""
     entry = registry.entry(name)
@@ -171,7 +167,7 @@ def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) 
     return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
 
 
-@router.post("/{name}:predict", response_model=PredictAnswer, responses=_ERRORS)
+@router.post("/{name}:predict", response_model=PredictAnswer, responses=ERROR_RESPONSES)
 async def predict_instances(
     name: str,
     body: PredictRequest,
@@ -195,7 +191,7 @@ async def predict_instances(
     return PredictAnswer(predictions=[results[i] for i in range(len(uploads))])
 
 
-@router.post("/{name}:explain", response_model=ExplainAnswer, responses=_ERRORS)
+@router.post("/{name}:explain", response_model=ExplainAnswer, responses=ERROR_RESPONSES)
 async def explain_instances(
     name: str,
     body: ExplainRequest,

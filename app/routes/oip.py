@@ -12,7 +12,7 @@ from app import __version__
 from app.deps import get_explainer, get_registry, get_settings, require_api_key
 from app.disconnect import unless_disconnected
 from app.explainer import Explainer
-from app.protocol import BadProtocolRequest, ProtocolRoute, decode_images
+from app.protocol import ERROR_RESPONSES, BadProtocolRequest, ProtocolRoute, decode_images
 from app.registry import ModelRegistry
 from app.settings import Settings
 
@@ -22,10 +22,6 @@ PLATFORM = "pytorch"
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=ProtocolRoute)
 guarded = [Depends(require_api_key)]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"content": {"application/json": {"example": {"error": "what went wrong"}}}}
-    for status in (400, 401, 404, 413, 415, 422, 503)
-}
 
 
 class TensorMetadata(BaseModel):
@@ -153,7 +149,7 @@ def get_server_metadata() -> ServerMetadata:
     "/models/{name}",
     response_model=ModelMetadata,
     dependencies=guarded,
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 def get_model_metadata(name: str, registry: ModelRegistry = Depends(get_registry)) -> ModelMetadata:
     """The model's input (base64 images) and output (logits, one row per image)."""
@@ -170,7 +166,7 @@ def get_model_metadata(name: str, registry: ModelRegistry = Depends(get_registry
 @router.get(
     "/models/{name}/ready",
     dependencies=guarded,
-    responses={**_ERRORS, 503: {"description": "the model is loading or failed"}},
+    responses={**ERROR_RESPONSES, 503: {"description": "the model is loading or failed"}},
 )
 def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
     """Answer 200 when the model can serve, 503 while it loads or when it failed."""
@@ -218,7 +214,7 @@ def _images(body: InferenceRequest) -> list[tuple[str, str]]:
     response_model=InferenceResponse,
     response_model_exclude_none=True,
     dependencies=guarded,
-    responses=_ERRORS,
+    responses=ERROR_RESPONSES,
 )
 async def infer_model(
     name: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -31,7 +32,7 @@ def infer_body(*images: bytes, name: str = "image", shape: list[int] | None = No
     }
 
 
-def assert_protocol_error(response, status: int) -> str:  # type: ignore[no-untyped-def]
+def assert_protocol_error(response: httpx.Response, status: int) -> str:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
@@ -131,7 +132,9 @@ def test_the_specification_example_is_refused_clearly(client: TestClient) -> Non
         ),
     ],
 )
-def test_bad_bodies_are_400_in_the_protocol_shape(client: TestClient, body, words: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_bodies_are_400_in_the_protocol_shape(
+    client: TestClient, body: object, words: str
+) -> None:
     message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 400)
     assert words in message
 
