@@ -8,17 +8,52 @@ rows are taken from the batched results by position.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from app.cam import normalize_maps
 from app.cam.core import _CAM
 from app.device import synchronize
-from app.errors import MethodNotApplicable
+from app.errors import MethodNotApplicable, ModelError, OutOfMemory
 from app.loading import LoadedModel
+
+
+class Control(Protocol):
+    """What a pass asks of the requests it serves (``app.batching.PassControl``)."""
+
+    def should_stop(self) -> bool: ...
+
+    def progress(self, done: int, total: int) -> None: ...
+
+
+@contextmanager
+def model_faults(model: LoadedModel) -> Iterator[None]:
+    """Turn an accelerator's out-of-memory error into a 503 that names it, after freeing the
+    allocator's cache, so that the next request starts from a clean device."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemory(
+            f"The {model.device.type.upper()} ran out of memory for model {model.spec.name!r}; "
+            "its cache was freed. Retry, with fewer images or a smaller batch_size.",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+def check_finite(model: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` if every value is finite; else a model error (the schema has no NaN)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelError(
+            f"Model {model.spec.name!r} produced NaN or infinite logits for this input; "
+            "the model (weights or numerics) is at fault, not the request."
+        )
+    return logits
 
 
 @dataclass(frozen=True)
@@ -75,16 +110,18 @@ def _offsets(sizes: Sequence[int]) -> list[slice]:
     return slices
 
 
-def run_forward_pass(model: LoadedModel, items: Sequence[torch.Tensor]) -> list[ForwardOutcome]:
+def run_forward_pass(
+    model: LoadedModel, items: Sequence[torch.Tensor], control: Control | None = None
+) -> list[ForwardOutcome]:
     """Logits for the images of every item, from one inference-mode forward."""
-    with model.lock:
+    with model.lock, model_faults(model):
         batch = torch.cat(list(items)).to(model.device)
         started = time.perf_counter()
         with torch.inference_mode():
             logits = model.module(batch)
         synchronize(model.device)
         elapsed = time.perf_counter() - started
-        logits = logits.float().cpu()
+        logits = check_finite(model, logits.float().cpu())
     return [ForwardOutcome(logits[part], elapsed) for part in _offsets([len(t) for t in items])]
 
 
@@ -96,10 +133,19 @@ def _classes(item: CamItem, top1: list[int]) -> list[int]:
     return list(item.class_idx)
 
 
-def run_cam_pass(model: LoadedModel, plan: CamPlan, items: Sequence[CamItem]) -> list[CamOutcome]:
-    """One forward and one CAM call with per-image classes over the images of every item."""
+def run_cam_pass(
+    model: LoadedModel, plan: CamPlan, items: Sequence[CamItem], control: Control | None = None
+) -> list[CamOutcome]:
+    """One forward and one CAM call with per-image classes over the images of every item.
+
+    ``control`` reports the progress of the extra forwards and stops them between chunks."""
     parts = _offsets([len(item.batch) for item in items])
-    with model.lock:
+    hooks: dict[str, Any] = (
+        {}
+        if control is None
+        else {"progress": control.progress, "should_stop": control.should_stop}
+    )
+    with model.lock, model_faults(model):
         x = torch.cat([item.batch for item in items]).to(model.device)
         mode = torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode()
         try:
@@ -116,6 +162,7 @@ def run_cam_pass(model: LoadedModel, plan: CamPlan, items: Sequence[CamItem]) ->
             scores = model.module(x)
             synchronize(model.device)
             t1 = time.perf_counter()
+            check_finite(model, scores.detach())
             top1 = scores.argmax(dim=1).tolist()
             idx = [
                 c
@@ -123,7 +170,7 @@ def run_cam_pass(model: LoadedModel, plan: CamPlan, items: Sequence[CamItem]) ->
                 for c in _classes(item, top1[part])
             ]
             try:
-                cams = extractor(idx, scores, normalized=plan.normalized)
+                cams = extractor(idx, scores, normalized=plan.normalized, **hooks)
                 fused = None
                 if len(cams) > 1:
                     # Fusion takes the per-pixel max, which only means something on a common

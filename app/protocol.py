@@ -29,7 +29,7 @@ PREFIXES = ("/v1/", "/v2/")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"content": {"application/json": {"example": {"error": "what went wrong"}}}}
-    for status in (400, 401, 404, 413, 415, 422, 503)
+    for status in (400, 401, 404, 408, 413, 415, 422, 499, 503, 504)
 }
 """OpenAPI entries for the refusals of a protocol route."""
 

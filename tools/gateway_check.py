@@ -88,7 +88,7 @@ def gateway_conf(ports: list[int], listen: int, work: Path) -> str:
         text,
         flags=re.S,
     )
-    if count != 1:
+    if count == 0:
         raise SystemExit(f"{CONF}: no replicas:begin/end block")
     text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
     return text.replace("/var/log/nginx/access.log", str(work / "access.log"))

@@ -9,8 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.deps import get_explainer, get_registry, get_settings, require_api_key
-from app.disconnect import unless_disconnected
+from app.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
 from app.explainer import Explainer, ExplainParams
 from app.protocol import ERROR_RESPONSES, ProtocolRoute, decode_images
 from app.registry import ModelRegistry
@@ -180,14 +179,17 @@ async def predict_instances(
         list(zip(_names(len(body.instances)), [i.image.b64 for i in body.instances], strict=True)),
         settings,
     )
-    results: dict[int, PredictResult] = {}
-    for group in _groups([instance.top_k for instance in body.instances]):
-        top_k = body.instances[group[0]].top_k
-        answer = await unless_disconnected(
-            request, explainer.predict(name, [uploads[i] for i in group], top_k)
-        )
-        for index, result in zip(group, answer.results, strict=True):
-            results[index] = result
+
+    async def run() -> dict[int, PredictResult]:
+        results: dict[int, PredictResult] = {}
+        for group in _groups([instance.top_k for instance in body.instances]):
+            top_k = body.instances[group[0]].top_k
+            answer = await explainer.predict(name, [uploads[i] for i in group], top_k)
+            results.update(zip(group, answer.results, strict=True))
+        return results
+
+    # One deadline (CAMSERVE_REQUEST_TIMEOUT_S) for the whole request, whatever its groups.
+    results = await within_limits(request, run())
     return PredictAnswer(predictions=[results[i] for i in range(len(uploads))])
 
 
@@ -208,22 +210,25 @@ async def explain_instances(
     keys = [
         (i.model_dump_json(exclude={"image", "class_idx"}), i.class_idx is None) for i in instances
     ]
-    explanations: dict[int, InstanceExplanation] = {}
-    for group in _groups(keys):
-        first = instances[group[0]]
-        class_idx = tuple(c for i in group if (c := instances[i].class_idx) is not None)
-        answer = await unless_disconnected(
-            request,
-            explainer.explain(name, [uploads[i] for i in group], first.params(class_idx)),
-        )
-        for index, result in zip(group, answer.results, strict=True):
-            explanations[index] = InstanceExplanation(
-                **result.model_dump(),
-                model=answer.model,
-                method=answer.method,
-                target_layers=answer.target_layers,
-                options=answer.options,
-                image_format=answer.image_format,
-                media_type=answer.media_type,
-            )
+
+    async def run() -> dict[int, InstanceExplanation]:
+        explanations: dict[int, InstanceExplanation] = {}
+        for group in _groups(keys):
+            first = instances[group[0]]
+            class_idx = tuple(c for i in group if (c := instances[i].class_idx) is not None)
+            params = first.params(class_idx)
+            answer = await explainer.explain(name, [uploads[i] for i in group], params)
+            for index, result in zip(group, answer.results, strict=True):
+                explanations[index] = InstanceExplanation(
+                    **result.model_dump(),
+                    model=answer.model,
+                    method=answer.method,
+                    target_layers=answer.target_layers,
+                    options=answer.options,
+                    image_format=answer.image_format,
+                    media_type=answer.media_type,
+                )
+        return explanations
+
+    explanations = await within_limits(request, run())
     return ExplainAnswer(explanations=[explanations[i] for i in range(len(instances))])

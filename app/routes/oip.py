@@ -9,8 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import __version__
-from app.deps import get_explainer, get_registry, get_settings, require_api_key
-from app.disconnect import unless_disconnected
+from app.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
 from app.explainer import Explainer
 from app.protocol import ERROR_RESPONSES, BadProtocolRequest, ProtocolRoute, decode_images
 from app.registry import ModelRegistry
@@ -227,7 +226,7 @@ async def infer_model(
     """Logits for base64-encoded images, through the same batched forward as /predict."""
     classes = registry.get(name).spec.num_classes
     uploads = decode_images(_images(body), settings)
-    answer = await unless_disconnected(request, explainer.predict(name, uploads, top_k=classes))
+    answer = await within_limits(request, explainer.predict(name, uploads, top_k=classes))
     data: list[float] = []
     for result in answer.results:
         row = [0.0] * classes

@@ -22,8 +22,9 @@ def test_gateway_conf_swaps_replicas_listen_and_log(tmp_path: Path) -> None:
         assert f"server 127.0.0.1:{port} max_fails=2 fail_timeout=10s;" in text
     assert "listen 127.0.0.1:9100;" in text and "listen 8080;" not in text
     assert f"access_log {tmp_path}/access.log camserve;" in text
-    # Everything else is the shipped file.
-    assert text.count("\n") == CONF.read_text().count("\n") + 2
+    # Both upstreams (models, jobs) get the replicas; everything else is the shipped file.
+    assert text.count("server 127.0.0.1:9001 ") == 2
+    assert text.count("\n") == CONF.read_text().count("\n") + 4
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
