@@ -175,6 +175,36 @@ def send(client: httpx.Client, index: int, images: list[bytes]) -> Outcome:
     )
 
 
+JOBS = 5
+
+
+def follow_jobs(client: httpx.Client, images: list[bytes], timeout: float = 60.0) -> list[str]:
+    """POST explanation jobs and poll each one to its end through the gateway: the jobs upstream
+    must send the polls to the replica that holds the job. Each job's final status (or the
+    HTTP status that stopped it)."""
+    statuses = []
+    for image in images:
+        files = {"file": ("shape.png", image, "image/png")}
+        created = client.post("/jobs", files=files, data={"method": "ScoreCAM", "output": "raw"})
+        if created.status_code != 202:
+            statuses.append(f"POST {created.status_code}")
+            continue
+        url = created.json()["url"]
+        deadline = time.monotonic() + timeout
+        status = "timed out"
+        while time.monotonic() < deadline:
+            polled = client.get(url)
+            if polled.status_code != 200:
+                status = f"GET {polled.status_code}"
+                break
+            status = polled.json()["status"]
+            if status not in ("queued", "running"):
+                break
+            time.sleep(0.05)
+        statuses.append(status)
+    return statuses
+
+
 def access_ids(log: Path) -> list[str]:
     """Request ids of the access lines of a replica's JSON log."""
     ids = []
@@ -241,6 +271,13 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
         replicas[victim].wait()
         time.sleep(0.5)  # the last access lines
         report(outcomes, ports, victim, killed_at, kill_time, closed_time, elapsed, work, nginx)
+        with httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=60) as client:
+            jobs = follow_jobs(client, images[:JOBS])
+        print(
+            f"jobs after the kill: {sum(s == 'succeeded' for s in jobs)}/{len(jobs)} POST /jobs "
+            "followed to 'succeeded' with GET /jobs/{id} through the gateway "
+            f"({', '.join(sorted(set(jobs)))})"
+        )
         return 0
     finally:
         if gateway is not None:
@@ -308,8 +345,15 @@ def report(
             f"{upstream or '?'} (upstream status {entry.get('upstream_status')})"
         )
     retried = [e for e in gateway.values() if "," in e.get("upstream", "")]
-    rescued = sum(1 for e in retried if e["status"] < 500)
-    print(f"refused by the dead replica and answered by another (the gateway's retry): {rescued}")
+    print(
+        f"sent to a failing replica, then answered by another (the gateway's retry): {len(retried)}"
+    )
+    for entry in retried:
+        chain = " -> ".join(name.get(a.strip(), a.strip()) for a in entry["upstream"].split(","))
+        print(
+            f"  {entry['method']} {entry['uri']} id {entry['request_id']}: {chain} "
+            f"(upstream statuses {entry['upstream_status']}), answered {entry['status']}"
+        )
 
     answered = [o for o in outcomes if o.status is not None and o.status < 500]
     seen = Counter(i for ids in per_replica for i in ids)
