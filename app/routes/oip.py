@@ -132,10 +132,16 @@ def get_live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/health/ready", responses={503: {"description": "models are still loading"}})
-def get_server_ready(registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
-    """Answer 200 once every model has loaded (or failed), 503 before."""
-    return JSONResponse({"ready": registry.ready}, status_code=200 if registry.ready else 503)
+@router.get(
+    "/health/ready",
+    responses={503: {"description": "models are still loading, or the service drains"}},
+)
+def get_server_ready(
+    request: Request, registry: ModelRegistry = Depends(get_registry)
+) -> JSONResponse:
+    """Answer 200 once every model has loaded (or failed); 503 before, and once draining."""
+    ready = registry.ready and not request.app.state.lifecycle.draining
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
 @router.get("", response_model=ServerMetadata)
