@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app import __version__
 from app.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
+from app.errors import clip
 from app.explainer import Explainer
 from app.protocol import ERROR_RESPONSES, BadProtocolRequest, ProtocolRoute, decode_images
 from app.registry import ModelRegistry
@@ -186,13 +187,13 @@ def _images(body: InferenceRequest) -> list[tuple[str, str]]:
     if names != [INPUT]:
         raise BadProtocolRequest(
             f"Expected one input named {INPUT!r} (BYTES, base64-encoded images); got "
-            f"{', '.join(repr(n) for n in names)}."
+            f"{', '.join(clip(n) for n in names[:5])}{' ...' if len(names) > 5 else ''}."
         )
     tensor = body.inputs[0]
     if tensor.datatype != "BYTES":
         raise BadProtocolRequest(
             f"Input {INPUT!r} must have datatype BYTES (base64-encoded images); "
-            f"got {tensor.datatype!r}."
+            f"got {clip(tensor.datatype)}."
         )
     # Row-major data may come flat or nested one level per row.
     flat = [part for item in tensor.data for part in (item if isinstance(item, list) else [item])]
@@ -204,13 +205,16 @@ def _images(body: InferenceRequest) -> list[tuple[str, str]]:
     for dim in tensor.shape:
         rows *= dim if dim >= 0 else len(flat)
     if not tensor.shape or rows != len(flat):
+        shown = tensor.shape if len(tensor.shape) <= 8 else f"of {len(tensor.shape)} dimensions"
         raise BadProtocolRequest(
-            f"Input {INPUT!r} has shape {tensor.shape} but {len(flat)} element(s); use shape "
+            f"Input {INPUT!r} has shape {shown} but {len(flat)} element(s); use shape "
             f"[{len(flat)}] for {len(flat)} image(s)."
         )
     for output in body.outputs or []:
         if output.name != OUTPUT:
-            raise BadProtocolRequest(f"Unknown output {output.name!r}; this model has {OUTPUT!r}.")
+            raise BadProtocolRequest(
+                f"Unknown output {clip(output.name)}; this model has {OUTPUT!r}."
+            )
     return [(f"image{i}", text) for i, text in enumerate(flat)]
 
 
