@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.camserve-installed
 
-.PHONY: install serve test lint lint-deploy format bench bench-quality bench-serving bench-soak docker-smoke clean
+.PHONY: install serve test lint typecheck lint-deploy format bench bench-quality bench-serving bench-soak docker-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format app tests bench tools
 	$(VENV)/bin/ruff check --fix app tests bench tools
 
+# mypy on app/ (settings in pyproject.toml: [tool.mypy]).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
 lint-deploy: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" tools/lint_deploy.sh
 
-test: $(STAMP) lint lint-deploy
+test: $(STAMP) lint typecheck lint-deploy
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.cam import COLORMAPS, METHODS
+from app.cam.core import _CAM
 from app.errors import (
     InvalidParameter,
     MethodNotApplicable,
@@ -22,7 +23,7 @@ from app.rendering import OUTPUT_KINDS, draws_pictures
 
 def resolve_method(
     model: LoadedModel, name: str | None, own_layers: bool = False
-) -> tuple[str, type]:
+) -> tuple[str, type[_CAM]]:
     """Case-insensitive method lookup, checked against what applies to the model.
 
     With ``own_layers`` (the client picked target layers) a method that does not apply to

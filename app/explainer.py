@@ -21,11 +21,13 @@ import torch
 from app import checks
 from app.batching import Batcher
 from app.cam import ProgressCallback
+from app.context import note_work
 from app.decoding import DecodedImage, Upload, decode_upload, stack_inputs
 from app.device import default_batch_size
 from app.imaging import OUTPUT_FORMATS
 from app.jobs import JobLimiter
 from app.loading import LoadedModel
+from app.metrics import cam_forwards
 from app.passes import CamItem, CamOutcome, CamPlan, run_cam_pass, run_forward_pass
 from app.registry import ModelRegistry
 from app.rendering import (
@@ -90,6 +92,7 @@ class Explainer:
         batch_timeout_s: float = 0.005,
         model_threads: Executor | None = None,
         image_threads: Executor | None = None,
+        on_pass: Callable[[str, int], None] | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -102,17 +105,30 @@ class Explainer:
         self.image_threads = image_threads
         """Bounded threads for decoding and rendering (None: the event loop's default pool)."""
         self._batchers: dict[str, Batcher] = {}
+        self.on_pass = on_pass
+        """Told (model, images) for every pass that ran."""
 
     def batcher(self, model: LoadedModel) -> Batcher:
         """The model's batcher, made on first use (inside the running event loop)."""
         batcher = self._batchers.get(model.spec.name)
         if batcher is None:
             size = self.max_batch_size or default_batch_size(model.device)
+            on_pass = None if self.on_pass is None else partial(self.on_pass, model.spec.name)
             batcher = Batcher(
-                model.spec.name, self.limiter, size, self.batch_timeout_s, self.model_threads
+                model.spec.name,
+                self.limiter,
+                size,
+                self.batch_timeout_s,
+                self.model_threads,
+                on_pass=on_pass,
             )
             self._batchers[model.spec.name] = batcher
         return batcher
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a pass, over all models."""
+        return sum(batcher.waiting for batcher in self._batchers.values())
 
     async def close(self) -> None:
         """Stop every batcher (at shutdown)."""
@@ -174,6 +190,12 @@ class Explainer:
             total_ms=_ms(time.perf_counter() - started),
             batch_images=info.batch_images,
         )
+        note_work(
+            model.spec.name,
+            None,
+            len(decoded),
+            {"decode": decode_s, "queue": info.queue_s, "forward": outcome.forward_s},
+        )
         return PredictResponse(
             model=model.spec.name, device=str(model.device), timings=timings, results=results
         )
@@ -221,12 +243,27 @@ class Explainer:
         results = await self._on_image_thread(
             lambda: self._results(model, decoded, outcome, plan, style, params.top_k)
         )
+        encode_s = time.perf_counter() - encode_started
+        shapes = [model.layer_shapes.get(layer, ()) for layer in plan.layers]
+        note_work(
+            model.spec.name,
+            plan.method,
+            len(decoded),
+            {
+                "decode": decode_s,
+                "queue": info.queue_s,
+                "forward": outcome.forward_s,
+                "cam": outcome.cam_s,
+                "encode": encode_s,
+            },
+            cam_forwards(plan.cls, shapes, dict(plan.options), len(decoded)),
+        )
         timings = ExplainTimings(
             decode_ms=_ms(decode_s),
             queue_ms=_ms(info.queue_s),
             forward_ms=_ms(outcome.forward_s),
             cam_ms=_ms(outcome.cam_s),
-            encode_ms=_ms(time.perf_counter() - encode_started),
+            encode_ms=_ms(encode_s),
             total_ms=_ms(time.perf_counter() - started),
             batch_images=info.batch_images,
         )

@@ -167,9 +167,11 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     )
 
 
-def _warm_up(module: nn.Module, spec: ModelSpec, device: torch.device) -> dict[str, tuple]:
+def _warm_up(
+    module: nn.Module, spec: ModelSpec, device: torch.device
+) -> dict[str, tuple[int, ...]]:
     """One forward on zeros; records every submodule's output shape and checks the logits."""
-    shapes: dict[str, tuple] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str, _module: nn.Module, _inputs: object, output: object) -> None:
         shapes.setdefault(name, tuple(output.shape) if isinstance(output, torch.Tensor) else ())

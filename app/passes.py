@@ -8,7 +8,7 @@ rows are taken from the batched results by position.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from app.cam import normalize_maps
+from app.cam.core import _CAM
 from app.device import release_cached_memory, synchronize
 from app.errors import MethodNotApplicable, ModelError, OutOfMemory
 from app.loading import LoadedModel
@@ -59,7 +60,7 @@ class CamPlan:
     """What every request of a CAM pass shares; equal plans may share a pass."""
 
     method: str
-    cls: type
+    cls: type[_CAM]
     layers: tuple[str, ...]
     options: tuple[tuple[str, Any], ...]
     normalized: bool
@@ -138,7 +139,7 @@ def run_cam_pass(
 
     ``control`` reports the progress of the extra forwards and stops them between chunks."""
     parts = _offsets([len(item.batch) for item in items])
-    hooks: dict[str, Callable[..., Any]] = (
+    hooks: dict[str, Any] = (
         {}
         if control is None
         else {"progress": control.progress, "should_stop": control.should_stop}

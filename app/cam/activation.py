@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -118,7 +119,7 @@ class CAM(_CAM):
         super()._register_hooks()
         self._handles.append(self.fc.register_forward_pre_hook(self._record_fc_input))
 
-    def _record_fc_input(self, _module: nn.Module, args: tuple) -> None:
+    def _record_fc_input(self, _module: nn.Module, args: tuple[object, ...]) -> None:
         if self._recording() and args and isinstance(args[0], Tensor):
             self._fc_input = args[0]
 
@@ -180,7 +181,7 @@ class _ScoreFamily(_CAM):
     uses_scores = True
     uses_input = True
     masked_forwards = True
-    option_names: tuple[str, ...] = ("batch_size",)
+    option_names: ClassVar[tuple[str, ...]] = ("batch_size",)
     #: masked inputs per (sample, channel): noise draws or integration steps.
     _variants = 1
 
@@ -397,7 +398,9 @@ class SSCAM(_ScoreFamily):
     def _masked_inputs(
         self, inputs: Tensor, masks: Tensor, sample_idx: Tensor, variant_idx: Tensor
     ) -> Tensor:
-        noise = self._noise[variant_idx.to(self._noise.device).long()]  # type: ignore[index]
+        if self._noise is None:
+            raise RuntimeError("SSCAM's noise is drawn when it is called; call the extractor.")
+        noise = self._noise[variant_idx.to(self._noise.device).long()]
         return inputs * (masks + noise).unsqueeze(1).to(inputs.dtype)
 
 

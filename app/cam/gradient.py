@@ -8,6 +8,7 @@ recorded during the forward.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,7 @@ class _GradientCAM(_CAM):
     def _backprop(self, scores: Tensor, class_idx: Tensor, retain_graph: bool) -> list[Tensor]:
         """Gradients of the summed class scores with respect to each hooked activation."""
         self._check_graph(scores)
-        activations = list(self._activations)
+        activations = self._recorded()
         target = scores.gather(1, class_idx.to(scores.device)[:, None]).sum()
         try:
             grads = torch.autograd.grad(
@@ -73,7 +74,9 @@ class _GradientCAM(_CAM):
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
-        grads = self._backprop(scores, class_idx, retain_graph)  # type: ignore[arg-type]
+        if scores is None:  # uses_scores: __call__ has already refused a call without them
+            raise ValueError(f"{type(self).__name__} needs the model's scores.")
+        grads = self._backprop(scores, class_idx, retain_graph)
         with torch.no_grad():
             return [self._weights_from(g, a) for g, a in zip(grads, activations, strict=True)]
 
@@ -259,8 +262,9 @@ class SmoothGradCAMpp(_GradientCAM):
             self._input = clean_input
         weights = []
         with torch.no_grad():
-            for (d1, d2, d3), activation in zip(moments, activations, strict=True):
-                d1, d2, d3 = (d / self.num_samples for d in (d1, d2, d3))  # type: ignore[operator]
+            for sums, activation in zip(moments, activations, strict=True):
+                # num_samples >= 1: every sum was accumulated at least once.
+                d1, d2, d3 = (cast(Tensor, s) / self.num_samples for s in sums)
                 dims = _spatial_dims(activation)
                 activation_sum = activation.sum(dim=dims, keepdim=True)
                 alpha = _gradcampp_alpha(d2, d3, activation_sum)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +90,7 @@ def trace_output_shapes(
     order: list[tuple[str, tuple[int, ...] | None]] = []
     handles = []
 
-    def make_hook(name: str):
+    def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             shape = tuple(output.shape) if isinstance(output, Tensor) else None
             order.append((name, shape))
