@@ -21,6 +21,8 @@ from app.logs import configure_logging
 from app.middleware import BodyLimitMiddleware
 from app.registry import ModelRegistry
 from app.routes import explain, health, models, predict
+from app.routes.docs import install_docs
+from app.routes.ui import install_ui
 from app.settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -107,11 +109,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app.routes.docs serves them with local assets
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
     for router in (health.router, models.router, predict.router, explain.router):
         app.include_router(router)
+    install_docs(app)
+    if settings.ui:
+        install_ui(app)
     if settings.api_key is None:
         _document_open_access(app)
     app.add_middleware(

@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    ui: bool = Field(True, description="serve the explanation page at GET /")
 
     @field_validator("device")
     @classmethod
