@@ -8,7 +8,14 @@ with GradCAM(model, target_layer="layer4") as extractor:
 
 from app.cam.activation import CAM, ISCAM, SSCAM, ScoreCAM, find_fc_layer
 from app.cam.colormaps import COLORMAPS, apply_colormap, colormap_lut
-from app.cam.core import _CAM, normalize_maps, resize_maps
+from app.cam.core import (
+    _CAM,
+    CamInterrupted,
+    ProgressCallback,
+    StopCheck,
+    normalize_maps,
+    resize_maps,
+)
 from app.cam.faithfulness import (
     deletion_auc,
     deletion_curve,
@@ -42,6 +49,9 @@ METHODS: dict[str, type[_CAM]] = {
 
 __all__ = [
     "CAM",
+    "CamInterrupted",
+    "ProgressCallback",
+    "StopCheck",
     "COLORMAPS",
     "GradCAM",
     "GradCAMpp",

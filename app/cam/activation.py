@@ -261,6 +261,8 @@ class _ScoreFamily(_CAM):
             )
         variants = self._variants
         totals = torch.zeros(n_samples, n_channels, dtype=torch.float32, device=activation.device)
+        # Flat channels cost at most one shared input each; they count as done at once.
+        self._work.advance(int(flat.sum()) * variants)
         # Pass 2: one masked forward per (sample, live channel, variant), in chunks.
         live = torch.nonzero(~flat)  # (J, 2)
         jobs = live.repeat_interleave(variants, dim=0)
@@ -272,6 +274,7 @@ class _ScoreFamily(_CAM):
             masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
             scores = self._class_scores(masked, classes[sample_idx])
             totals.index_put_((sample_idx, channel_idx), scores, accumulate=True)
+            self._work.advance(sample_idx.shape[0])
         # Flat channels: a zero mask, one shared masked input per (sample, variant) at most.
         if bool(flat.any()):
             totals += flat * self._flat_scores(inputs, classes)[:, None]
@@ -315,6 +318,7 @@ class _ScoreFamily(_CAM):
         with torch.inference_mode(False):
             inputs = self._input.detach().clone()
         self._prepare_call(inputs)
+        self._work.begin(sum(a.shape[0] * a.shape[1] for a in activations) * self._variants)
         weights = []
         for activation in activations:
             channel_scores = self._channel_scores(activation, inputs, class_idx)

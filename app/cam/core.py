@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
@@ -23,6 +24,10 @@ from app.cam.layers import LayerSpec, locate_candidate_layer, resolve_layers
 logger = logging.getLogger(__name__)
 
 ClassIndex = int | Sequence[int] | Tensor
+#: ``progress(done, total)``: called between chunks with the extra forwards' inputs done so far.
+ProgressCallback = Callable[[int, int], None]
+#: ``should_stop()``: asked between chunks; ``True`` ends the call with ``CamInterrupted``.
+StopCheck = Callable[[], bool]
 
 _state = threading.local()
 _NOBODY = object()
@@ -46,6 +51,42 @@ def hooks_only_for(owner: object) -> Iterator[None]:
 def hooks_silenced() -> AbstractContextManager[None]:
     """Within this block, on this thread, no extractor's hooks record."""
     return hooks_only_for(_NOBODY)
+
+
+class CamInterrupted(RuntimeError):
+    """An extractor call stopped early because its ``should_stop`` check said so."""
+
+
+@dataclass
+class Work:
+    """The progress of one extractor call over its extra forwards (masked or noisy inputs).
+
+    Methods that run such forwards size the work once (``begin``) and ``advance`` it after each
+    chunk; both report to the caller's ``progress`` and ask its ``should_stop``. The others never
+    touch it, so a call of theirs reports nothing and is only checked before it starts.
+    """
+
+    progress: ProgressCallback | None = None
+    should_stop: StopCheck | None = None
+    total: int = 0
+    done: int = 0
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise CamInterrupted(f"stopped by the caller after {self.done} of {self.total} inputs")
+
+    def begin(self, total: int) -> None:
+        self.total += total
+        self._report()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+        self.check()
 
 
 def positive_int(name: str, value: object) -> int:
@@ -136,6 +177,7 @@ class _CAM:
         self._target_modules: list[nn.Module] = [module for _, module in resolved]
         self._activations: list[Tensor | None] = [None] * len(resolved)
         self._input: Tensor | None = None
+        self._work = Work()
         self._hooks_enabled = enable_hooks
         self._handles: list[Any] = []
         self._register_hooks()
@@ -287,6 +329,9 @@ class _CAM:
         scores: Tensor | None = None,
         normalized: bool = True,
         retain_graph: bool = False,
+        *,
+        progress: ProgressCallback | None = None,
+        should_stop: StopCheck | None = None,
     ) -> list[Tensor]:
         """Class activation maps for ``class_idx``: one tensor (N, *S) per target layer.
 
@@ -296,7 +341,13 @@ class _CAM:
                 the Score-CAM family, ignored by CAM and SmoothGradCAMpp).
             normalized: min-max normalise each map to [0, 1] (else the raw ReLU'd weighted sum).
             retain_graph: keep the autograd graph, to call the extractor again on the same forward.
+            progress: ``progress(done, total)``, called between chunks of the extra forwards of the
+                Score-CAM family and SmoothGradCAMpp (counted in masked or noisy inputs).
+            should_stop: asked before the work and between those chunks; when it answers
+                ``True`` the call raises ``CamInterrupted`` and returns no map.
         """
+        self._work = Work(progress, should_stop)
+        self._work.check()
         batch = self._batch_size()
         device = self._activations[0].device  # type: ignore[union-attr]
         classes = self._class_tensor(class_idx, batch, device)

@@ -218,6 +218,7 @@ class SmoothGradCAMpp(_GradientCAM):
                 batch = base.shape[0]
                 limit = self.max_batch or (8 if base.device.type == "cpu" else 64)
                 per_pass = max(1, limit // batch)
+                self._work.begin(self.num_samples * batch)
                 for first in range(0, self.num_samples, per_pass):
                     draws = min(per_pass, self.num_samples - first)
                     # One noise draw per sample, shared by the batch: a map does not depend on
@@ -250,8 +251,12 @@ class SmoothGradCAMpp(_GradientCAM):
                                 term = (grad ** (power + 1)).sum(dim=0)
                                 acc = moments[layer][power]
                                 moments[layer][power] = term if acc is None else acc + term
+                    self._work.advance(draws * batch)
         finally:
+            # The noisy forwards were recorded by this extractor's hooks: put the clean forward
+            # back, so that a second call (retain_graph=True) starts from the user's input again.
             self._activations = clean_activations
+            self._input = clean_input
         weights = []
         with torch.no_grad():
             for (d1, d2, d3), activation in zip(moments, activations, strict=True):

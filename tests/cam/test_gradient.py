@@ -280,3 +280,13 @@ def test_smoothgrad_result_does_not_depend_on_how_draws_are_batched(quadratic):
             maps.append(extractor([0, 1], normalized=False)[0])
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(maps[0], maps[2], rtol=1e-5, atol=1e-9)
+
+
+def test_smoothgradcampp_second_call_starts_from_the_users_input(tiny_net):
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with SmoothGradCAMpp(tiny_net, "feat", num_samples=4, seed=0) as extractor:
+        scores = tiny_net(x)
+        first = extractor(0, scores, retain_graph=True)[0]
+        second = extractor(0, scores)[0]
+    assert second.shape == first.shape == (1, 4, 4)
+    torch.testing.assert_close(second, first)
