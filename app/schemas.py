@@ -206,10 +206,12 @@ MapOutput = create_model(  # type: ignore[call-overload]
 
 
 class Explanation(BaseModel):
+    method: str = Field(description="the CAM method of these maps")
     class_idx: int
     label: str
     logit: float
     probability: float
+    cam_ms: float = Field(description="milliseconds this method's maps took (all images)")
     maps: list[MapOutput] = Field(description="one per target layer, then 'fused' if several")
 
 
@@ -264,10 +266,12 @@ class ExplainResponse(BaseModel):
                     "logits": [9.1, -1.2, 0.3, -2.0, -0.4, 1.1, -3.3, 0.2],
                     "explanations": [
                         {
+                            "method": "GradCAM",
                             "class_idx": 0,
                             "label": "circle",
                             "logit": 9.1,
                             "probability": 0.99,
+                            "cam_ms": 3.9,
                             "maps": [
                                 {
                                     "layer": "layer3",
@@ -288,7 +292,10 @@ class ExplainResponse(BaseModel):
     )
     model: str
     device: str
-    method: str
+    method: str = Field(
+        description="the method; several (in the order asked) are joined by commas, and each "
+        "explanation names its own"
+    )
     target_layers: list[str]
     options: dict[str, Any]
     image_format: str

@@ -83,9 +83,11 @@ async def explain_images(
         str | None, Form(description="model name; default: the default model", examples=["shapes"])
     ] = None,
     method: Annotated[
-        str | None,
+        list[str] | None,
         Form(
-            description="CAM method, case-insensitive; default: the model's", examples=["GradCAM"]
+            description="CAM method, case-insensitive; default: the model's. Several (repeat "
+            "the field or separate by commas) give one explanation per method",
+            examples=[["GradCAM"]],
         ),
     ] = None,
     class_idx: Annotated[
@@ -143,6 +145,12 @@ async def explain_images(
         raise NotAcceptable(
             "An image/png answer holds one image; send one file or accept application/json."
         )
+    methods = list(dict.fromkeys(m.lower() for m in _split(method)))
+    if as_png and len(methods) > 1:
+        raise NotAcceptable(
+            "An image/png answer holds one method's overlay; send one method or accept "
+            "application/json."
+        )
     options = {
         name: value
         for name, value in {
@@ -154,7 +162,7 @@ async def explain_images(
         if value is not None
     }
     params = ExplainParams(
-        method=method or None,
+        method=",".join(_split(method)) or None,
         class_idx=_class_indices(class_idx),
         top_k=top_k,
         target_layers=tuple(_split(target_layer)),
