@@ -74,7 +74,7 @@ def _stop(process: subprocess.Popen[str]) -> str:
         return process.communicate()[0]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def servers() -> Iterator[dict[str, str]]:
     """Two services on model_store/shapes, started together: open, and one that wants a key."""
     started = {"open": _start(), "keyed": _start(CAMSERVE_API_KEY=API_KEY)}
@@ -88,13 +88,15 @@ def servers() -> Iterator[dict[str, str]]:
             assert "Traceback" not in output, output
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(servers: dict[str, str]) -> str:
     return servers["open"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """Module-scoped: Playwright's sync API keeps an asyncio loop running on this thread until it
+    stops, and the later tests call asyncio.run()."""
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.fail(
             f"chromium not found at {CHROMIUM}; install it with `make browser-deps` "
