@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.camserve-installed
 
-.PHONY: install serve test lint lint-deploy browser-deps format bench bench-quality bench-serving docker-smoke clean
+.PHONY: install serve test lint lint-deploy browser-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench-quality: $(STAMP)
 # Starts the service twice (batching on/off) and loads it over loopback; about 70 s on 2 cores.
 bench-serving: $(STAMP)
 	$(PY) bench/service_load.py
+
+# 10 min of mixed load at concurrency 16, an overload burst, abandoned requests, idle; about 14 min.
+bench-soak: $(STAMP)
+	$(PY) bench/soak.py
 
 # Builds and runs the Docker image end to end (minutes, GBs); not part of `make test`.
 docker-smoke:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import uvicorn
-
 from app.logs import configure_logging
 from app.settings import ConfigurationError, load_settings
 
@@ -18,16 +16,9 @@ def main() -> int:
         print(f"camserve: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    from app.main import create_app
+    from app.server import build_server
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
-    )
+    build_server(settings).run()
     return 0
 
 

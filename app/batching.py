@@ -7,26 +7,47 @@ alone. While a pass runs, newcomers queue; when it ends, the oldest waiting requ
 ones with the same key form the next pass, up to ``max_images`` images, waiting at most
 ``timeout_s`` after the oldest arrived for more company.
 
-A request whose caller is cancelled (its client went away) before its pass starts is dropped. A
-pass that fails is run again one request at a time, so a request that breaks a batch fails alone,
-with its own error, and the others still get their answers.
+A request whose caller is cancelled (its client went away, its deadline passed, its job was
+cancelled) before its pass starts is dropped; once its pass runs, the pass stops at its next chunk
+if every request in it was cancelled (``PassControl.should_stop``). A pass that fails is run again
+one request at a time, so a request that breaks a batch fails alone, with its own error, and the
+others still get their answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.cam import CamInterrupted, ProgressCallback
 from app.jobs import JobLimiter
 
 logger = logging.getLogger(__name__)
 
-RunPass = Callable[[Sequence[Any]], Sequence[Any]]
+
+class PassControl:
+    """What a running pass may ask of its requests, from its worker thread: whether all of them
+    were cancelled (then it stops at its next chunk) and where to report its progress."""
+
+    def __init__(self, pending: Sequence[_Pending]) -> None:
+        self._pending = list(pending)
+
+    def should_stop(self) -> bool:
+        return all(p.abandoned.is_set() for p in self._pending)
+
+    def progress(self, done: int, total: int) -> None:
+        for pending in self._pending:
+            if pending.progress is not None and not pending.abandoned.is_set():
+                pending.progress(done, total)
+
+
+RunPass = Callable[[Sequence[Any], PassControl], Sequence[Any]]
 """Runs one pass over the items of several requests, in a worker thread: one result per item."""
 
 _IDLE_EXIT_S = 60.0
@@ -50,7 +71,11 @@ class _Pending:
     batchable: bool
     run: RunPass
     future: asyncio.Future[tuple[Any, PassInfo]]
+    progress: ProgressCallback | None = None
+    """Called from the worker thread between chunks of the pass (must be thread-safe)."""
     submitted: float = field(default_factory=time.perf_counter)
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    """Set when the caller is gone; read by the pass's thread."""
 
     @property
     def live(self) -> bool:
@@ -85,25 +110,33 @@ class Batcher:
         return sum(1 for p in self._queue if p.live)
 
     async def submit(
-        self, key: Hashable, item: Any, images: int, run: RunPass, batchable: bool = True
+        self,
+        key: Hashable,
+        item: Any,
+        images: int,
+        run: RunPass,
+        batchable: bool = True,
+        progress: ProgressCallback | None = None,
     ) -> tuple[Any, PassInfo]:
         """Run ``item`` in a pass with compatible requests: its result and how it ran.
 
-        Admission (503 beyond the queue bound) is decided here, before anything waits."""
-        with self.limiter.admit():
-            future: asyncio.Future[tuple[Any, PassInfo]] = (
-                asyncio.get_running_loop().create_future()
-            )
-            pending = _Pending(key, item, images, batchable and self.max_images > 1, run, future)
-            self._queue.append(pending)
-            self._arrived.set()
-            self._ensure_worker()
-            try:
-                return await future
-            finally:
-                # Cancelled before its pass: dropped. Once started, the pass ends and is ignored.
-                if pending in self._queue:
-                    self._queue.remove(pending)
+        Admission is the caller's (before it decodes anything). Cancelling the caller drops a
+        request still queued, and stops a running pass at its next chunk once none of its
+        requests is left."""
+        future: asyncio.Future[tuple[Any, PassInfo]] = asyncio.get_running_loop().create_future()
+        pending = _Pending(
+            key, item, images, batchable and self.max_images > 1, run, future, progress
+        )
+        self._queue.append(pending)
+        self._arrived.set()
+        self._ensure_worker()
+        try:
+            return await future
+        finally:
+            if not future.done() or future.cancelled():
+                pending.abandoned.set()
+            if pending in self._queue:
+                self._queue.remove(pending)
 
     async def close(self) -> None:
         """Stop the worker; requests still queued fail with a cancellation."""
@@ -173,6 +206,10 @@ class Batcher:
 
     async def _run_group(self, group: list[_Pending]) -> None:
         outcome = await self._run(group)
+        if isinstance(outcome, CamInterrupted) or not any(p.live for p in group):
+            if isinstance(outcome, CamInterrupted):
+                logger.info("%s: pass stopped early, its callers are gone (%s)", self.name, outcome)
+            return  # nobody is left to answer
         if not isinstance(outcome, Exception) or len(group) == 1:
             self._settle(group, outcome)
             return
@@ -190,9 +227,14 @@ class Batcher:
     async def _run(self, group: list[_Pending]) -> tuple[float, Sequence[Any]] | Exception:
         """(start time, results) of one pass, or the exception it raised."""
 
+        control = PassControl(group)
+
         def work() -> tuple[float, Sequence[Any]]:
             started = time.perf_counter()
-            return started, group[0].run([p.item for p in group])
+            if control.should_stop():  # every caller left while the pass waited for its slot
+                raise CamInterrupted("every request of the pass was cancelled")
+            control.progress(0, 0)  # the pass has started; its size is the method's to say
+            return started, group[0].run([p.item for p in group], control)
 
         try:
             return await self.limiter.run_in_slot(work, self.executor)

@@ -13,6 +13,7 @@ from app.errors import (
     MethodNotApplicable,
     OverBudget,
     UnsupportedMethod,
+    clip,
 )
 from app.imaging import OUTPUT_FORMATS
 from app.loading import LoadedModel
@@ -30,10 +31,10 @@ def resolve_method(
     canonical = {key.lower(): key for key in METHODS}
     applicable = model.applicable_methods
     if wanted.lower() not in canonical:
-        close = difflib.get_close_matches(wanted.lower(), list(canonical), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(wanted.lower()[:100], list(canonical), n=1, cutoff=0.6)
         hint = f" Did you mean {canonical[close[0]]}?" if close else ""
         raise UnsupportedMethod(
-            f"Unknown method {wanted!r}.{hint} Methods for model {model.spec.name!r}: "
+            f"Unknown method {clip(wanted)}.{hint} Methods for model {model.spec.name!r}: "
             f"{', '.join(applicable)}.",
             details={"methods": applicable},
         )
@@ -92,10 +93,10 @@ def check_options(method: str, cls: type, options: dict[str, Any]) -> dict[str, 
         if option not in taken:
             takers = [n for n, c in METHODS.items() if option in getattr(c, "option_names", ())]
             raise InvalidParameter(
-                f"{method} does not take the option {option!r}; "
+                f"{method} does not take the option {clip(option)}; "
                 f"{', '.join(takers) or 'no method'} take(s) it. "
-                f"Drop {option!r} or choose one of those methods.",
-                details={"option": option, "methods": takers},
+                f"Drop {clip(option)} or choose one of those methods.",
+                details={"option": option[:40], "methods": takers},
             )
     return dict(options)
 
@@ -106,9 +107,9 @@ def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
         return model.target_layers
     for layer in layers:
         if layer not in model.layer_names:
-            close = difflib.get_close_matches(layer, sorted(model.layer_names), n=5)
+            close = difflib.get_close_matches(layer[:200], sorted(model.layer_names), n=5)
             raise InvalidParameter(
-                f"Model {model.spec.name!r} has no layer {layer!r}."
+                f"Model {model.spec.name!r} has no layer {clip(layer)}."
                 + (f" Close matches: {', '.join(close)}." if close else "")
                 + f" Candidate layers: {', '.join(model.candidate_layers)}.",
                 details={"close_matches": close},
@@ -205,14 +206,14 @@ def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) ->
     if unknown or not outputs:
         raise InvalidParameter(
             f"output must be any of {', '.join(OUTPUT_KINDS)} (repeat it or separate by "
-            f"commas); got {', '.join(o[:40] for o in unknown) or 'nothing'}.",
+            f"commas); got {', '.join(clip(o) for o in unknown[:3]) or 'nothing'}.",
             details={"allowed": list(OUTPUT_KINDS)},
         )
     if image_format not in OUTPUT_FORMATS:
         raise InvalidParameter(f"image_format must be one of {', '.join(OUTPUT_FORMATS)}.")
     if draws_pictures(outputs) and colormap not in COLORMAPS:
         raise InvalidParameter(
-            f"Unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}."
+            f"Unknown colormap {clip(colormap)}; choose one of {', '.join(COLORMAPS)}."
         )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
@@ -10,6 +12,7 @@ from fastapi.security import APIKeyHeader
 from app.decoding import Upload
 from app.errors import InvalidParameter, PayloadTooLarge, Unauthorized
 from app.explainer import Explainer
+from app.guard import guarded
 from app.registry import ModelRegistry
 from app.settings import Settings
 
@@ -17,6 +20,7 @@ _api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="required when CAMSERVE_API_KEY is set"
 )
 _CHUNK = 1024 * 1024
+T = TypeVar("T")
 
 
 def get_settings(request: Request) -> Settings:
@@ -72,4 +76,15 @@ def _too_large(name: str, limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"{name} is over the upload limit of {limit} bytes (CAMSERVE_MAX_UPLOAD_BYTES); "
         "send a smaller image."
+    )
+
+
+async def within_limits(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run a synchronous request's work under its deadline, its client's presence and the
+    shutdown's grace period (``app.guard``)."""
+    return await guarded(
+        request,
+        work,
+        timeout_s=get_settings(request).request_timeout_s,
+        lifecycle=request.app.state.lifecycle,
     )

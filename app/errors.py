@@ -112,11 +112,61 @@ class NotReady(CamserveError):
     code = "not_ready"
 
 
+class RequestTimeout(CamserveError):
+    """A synchronous request ran past CAMSERVE_REQUEST_TIMEOUT_S; its work was stopped."""
+
+    status_code = 504
+    code = "timeout"
+
+
+class ShuttingDown(CamserveError):
+    """The service is draining after SIGTERM: new work is refused, late work is cut."""
+
+    status_code = 503
+    code = "shutting_down"
+
+
+class OutOfMemory(CamserveError):
+    """The accelerator ran out of memory for this request; its cache was freed."""
+
+    status_code = 503
+    code = "out_of_memory"
+
+
+class ModelError(CamserveError):
+    """The model itself misbehaved (non-finite logits, say): not the client's fault."""
+
+    status_code = 500
+    code = "model_error"
+
+
+class JobNotFound(CamserveError):
+    status_code = 404
+    code = "job_not_found"
+
+
+class TooManyJobs(CamserveError):
+    status_code = 503
+    code = "too_many_jobs"
+
+
 class ClientClosedRequest(CamserveError):
     """The client went away before its answer was ready; nobody reads this answer."""
 
     status_code = 499
     code = "client_closed_request"
+
+
+ECHO_LIMIT = 40
+
+
+def clip(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr`` of client input for a message, cut to ``limit`` characters: an error names what
+    it refuses without echoing a megabyte back."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        return repr(text[:limit]) + f"... ({len(text)} characters)"
+    return repr(text)
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -158,7 +208,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CamserveError)
     async def _domain(request: Request, exc: CamserveError) -> JSONResponse:
-        if exc.status_code >= 500 and not isinstance(exc, Overloaded | NotReady):
+        if exc.status_code >= 500 and not isinstance(exc, Overloaded | NotReady | ShuttingDown):
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
         elif isinstance(exc, ClientClosedRequest):
             logger.info("%s %s: %s", request.method, request.url.path, exc.message)

@@ -7,18 +7,20 @@ the answer together.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
-import anyio.to_thread
 import torch
 
 from app import checks
 from app.batching import Batcher
+from app.cam import ProgressCallback
 from app.decoding import DecodedImage, Upload, decode_upload, stack_inputs
 from app.device import default_batch_size
 from app.imaging import OUTPUT_FORMATS
@@ -56,6 +58,7 @@ from app.schemas import (
 )
 
 FUSED = "fused"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Explainer:
         max_batch_size: int | None = None,
         batch_timeout_s: float = 0.005,
         model_threads: Executor | None = None,
+        image_threads: Executor | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -103,6 +107,8 @@ class Explainer:
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
         self.model_threads = model_threads
+        self.image_threads = image_threads
+        """Bounded threads for decoding and rendering (None: the event loop's default pool)."""
         self._batchers: dict[str, Batcher] = {}
 
     def batcher(self, model: LoadedModel) -> Batcher:
@@ -121,6 +127,16 @@ class Explainer:
         for batcher in self._batchers.values():
             await batcher.close()
 
+    async def _on_image_thread(self, func: Callable[[], T]) -> T:
+        """Run image work (decode, render) on the bounded image threads. A cancelled caller does
+        not leave it running unseen: the thread finishes its image first."""
+        future = asyncio.get_running_loop().run_in_executor(self.image_threads, func)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait({future})
+            raise
+
     # ------------------------------------------------------------------ phase 1: decode
 
     async def _decode(
@@ -131,21 +147,24 @@ class Explainer:
             decoded = [decode_upload(u, model.spec, self.max_pixels, picture_side) for u in uploads]
             return decoded, time.perf_counter() - started
 
-        return await anyio.to_thread.run_sync(work)
+        return await self._on_image_thread(work)
 
     # ------------------------------------------------------------------ /predict
 
     async def predict(
         self, model_name: str | None, uploads: Sequence[Upload], top_k: int
     ) -> PredictResponse:
-        """Top-k classes for each upload, from one (possibly shared) batched forward."""
+        """Top-k classes for each upload, from one (possibly shared) batched forward.
+
+        Admission (503 when the queue is full) comes before any pixel is decoded."""
         started = time.perf_counter()
         model = self.registry.get(model_name)
-        decoded, decode_s = await self._decode(model, uploads, picture_side=0)
-        batch = stack_inputs(decoded)
-        outcome, info = await self.batcher(model).submit(
-            ("forward",), batch, len(batch), partial(run_forward_pass, model)
-        )
+        with self.limiter.admit():
+            decoded, decode_s = await self._decode(model, uploads, picture_side=0)
+            batch = stack_inputs(decoded)
+            outcome, info = await self.batcher(model).submit(
+                ("forward",), batch, len(batch), partial(run_forward_pass, model)
+            )
         results = [
             PredictResult(
                 filename=d.filename,
@@ -168,48 +187,67 @@ class Explainer:
 
     # ------------------------------------------------------------------ /explain
 
+    def check(self, model_name: str | None, params: ExplainParams, images: int) -> None:
+        """Every error an explanation can be refused with before its images are read (a job
+        checks this when it is created, so that it cannot fail later for a bad parameter)."""
+        self._check(self.registry.get(model_name), params, images)
+
     async def explain(
-        self, model_name: str | None, uploads: Sequence[Upload], params: ExplainParams
+        self,
+        model_name: str | None,
+        uploads: Sequence[Upload],
+        params: ExplainParams,
+        *,
+        progress: ProgressCallback | None = None,
+        admit: bool = True,
     ) -> ExplainResponse:
-        """Predictions and class activation maps for every upload, with one or several methods."""
+        """Predictions and class activation maps for every upload, with one or several methods.
+
+        ``progress(done, total)`` hears from the pass thread how far the masked or noisy forwards
+        got (each pass of a several-method request counts its own). ``admit=False`` skips the
+        admission check (jobs, bounded by their own count, wait for a slot instead of being
+        refused)."""
         started = time.perf_counter()
         model = self.registry.get(model_name)
         plans, style = self._check(model, params, len(uploads))
 
-        decoded, decode_s = await self._decode(
-            model, uploads, style.size.decode_side if style.draws_pictures else 0
-        )
-        item = CamItem(stack_inputs(decoded), params.class_idx)
-        outcomes: dict[CamPlan, CamOutcome] = {}
-        queue_s = forward_s = 0.0
-        batch_images = 0
-        # Decoded once; the methods that can share a forward run in one pass, the others alone.
-        for group in group_plans(plans):
-            if len(group) == 1:
-                plan = group[0]
-                outcome, info = await self.batcher(model).submit(
-                    ("cam", plan),
-                    item,
-                    len(decoded),
-                    partial(run_cam_pass, model, plan),
-                    batchable=plan.batchable,
-                )
-                shared = [outcome]
-            else:
-                shared, info = await self.batcher(model).submit(
-                    ("cam", group),
-                    item,
-                    len(decoded),
-                    partial(run_shared_cam_pass, model, group),
-                    batchable=all(plan.batchable for plan in group),
-                )
-            outcomes.update(zip(group, shared, strict=True))
-            queue_s += info.queue_s
-            forward_s += shared[0].forward_s
-            batch_images = max(batch_images, info.batch_images)
+        with self.limiter.admit() if admit else nullcontext():
+            decoded, decode_s = await self._decode(
+                model, uploads, style.size.decode_side if style.draws_pictures else 0
+            )
+            item = CamItem(stack_inputs(decoded), params.class_idx)
+            outcomes: dict[CamPlan, CamOutcome] = {}
+            queue_s = forward_s = 0.0
+            batch_images = 0
+            # Decoded once; the methods that can share a forward run in one pass, others alone.
+            for group in group_plans(plans):
+                if len(group) == 1:
+                    plan = group[0]
+                    outcome, info = await self.batcher(model).submit(
+                        ("cam", plan),
+                        item,
+                        len(decoded),
+                        partial(run_cam_pass, model, plan),
+                        batchable=plan.batchable,
+                        progress=progress,
+                    )
+                    shared = [outcome]
+                else:
+                    shared, info = await self.batcher(model).submit(
+                        ("cam", group),
+                        item,
+                        len(decoded),
+                        partial(run_shared_cam_pass, model, group),
+                        batchable=all(plan.batchable for plan in group),
+                        progress=progress,
+                    )
+                outcomes.update(zip(group, shared, strict=True))
+                queue_s += info.queue_s
+                forward_s += shared[0].forward_s
+                batch_images = max(batch_images, info.batch_images)
 
         encode_started = time.perf_counter()
-        results = await anyio.to_thread.run_sync(
+        results = await self._on_image_thread(
             lambda: self._results(model, decoded, outcomes, plans, style, params.top_k)
         )
         timings = ExplainTimings(

@@ -21,6 +21,9 @@ OUTPUT_FORMATS = {
     "webp": ("WEBP", "image/webp"),
 }
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+#: Longest side / shortest side beyond which an upload is refused: past it the model's square crop
+#: sees under 1 % of the image, and the answer's pictures would be a line of pixels.
+MAX_ASPECT_RATIO = 100
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,11 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
             f"{name}: {image.format} images are not supported; send {', '.join(ACCEPTED_FORMATS)}."
         )
     width, height = image.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidImage(
+            f"{name}: {width}x{height} is a degenerate aspect ratio (over {MAX_ASPECT_RATIO}:1); "
+            "crop or pad the image to a shape the model can see."
+        )
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"{name}: {width}x{height} = {width * height} pixels is over the limit of "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -16,11 +17,15 @@ from app import __version__
 from app.device import describe_device, resolve_device
 from app.errors import install_error_handlers
 from app.explainer import Explainer
+from app.gate import GateMiddleware
+from app.job_store import JobStore
 from app.jobs import JobLimiter
+from app.lifecycle import Lifecycle
 from app.logs import configure_logging
 from app.middleware import BodyLimitMiddleware
+from app.openapi import form_fields_without_null
 from app.registry import ModelRegistry
-from app.routes import explain, health, models, predict
+from app.routes import explain, health, jobs, models, predict
 from app.routes.docs import install_docs
 from app.routes.ui import install_ui
 from app.settings import ConfigurationError, Settings, load_settings
@@ -56,6 +61,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     model_threads = ThreadPoolExecutor(
         max_workers=settings.max_concurrent_jobs, thread_name_prefix="camserve-model"
     )
+    # Decoding and rendering get their own bounded pool: a burst of uploads waits here instead of
+    # growing the event loop's default pool by a thread (and its memory arena) per request.
+    image_threads = ThreadPoolExecutor(
+        max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-image"
+    )
     app.state.device = device
     app.state.registry = registry
     explainer = Explainer(
@@ -67,21 +77,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch_size=settings.max_batch_size,
         batch_timeout_s=settings.batch_timeout_ms / 1000,
         model_threads=model_threads,
+        image_threads=image_threads,
     )
     app.state.explainer = explainer
+    app.state.jobs = JobStore(explainer, settings.max_jobs, settings.job_ttl_s, app.state.lifecycle)
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
     try:
         yield
     finally:
+        await app.state.jobs.close()
         await explainer.close()
         await loading
         model_threads.shutdown(wait=True)
+        image_threads.shutdown(wait=True)
 
 
-def _document_open_access(app: FastAPI) -> None:
-    """Without CAMSERVE_API_KEY no route asks for a key: say so in the OpenAPI schema too, so that
-    clients and generated SDKs do not send (or demand) an X-API-Key header."""
+def _install_openapi(app: FastAPI, open_access: bool) -> None:
+    """The schema as clients should read it: no ``null`` for form fields (a multipart field
+    cannot carry one), and, without CAMSERVE_API_KEY, no route asking for a key, so that clients
+    and generated SDKs do not send (or demand) an X-API-Key header."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -91,11 +106,12 @@ def _document_open_access(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
-                    operation.pop("security", None)
-            schema.get("components", {}).pop("securitySchemes", None)
-            app.openapi_schema = schema
+            if open_access:
+                for operations in schema.get("paths", {}).values():
+                    for operation in operations.values():
+                        operation.pop("security", None)
+                schema.get("components", {}).pop("securitySchemes", None)
+            app.openapi_schema = form_fields_without_null(schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -113,17 +129,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.lifecycle = Lifecycle(settings.shutdown_grace_s)
     install_error_handlers(app)
-    for router in (health.router, models.router, predict.router, explain.router):
-        app.include_router(router)
+    routers = (health.router, models.router, predict.router, explain.router, jobs.router)
+    for router in routers:
+        app.include_router(router)  # no prefix: the gate matches these routes as they are
     install_docs(app)
     if settings.ui:
         install_ui(app)
-    if settings.api_key is None:
-        _document_open_access(app)
+    _install_openapi(app, open_access=settings.api_key is None)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
+        body_timeout_s=settings.body_timeout_s,
+    )
+    # Outside the body limit: a request without its key, or during the drain, is refused on
+    # its headers, before a byte of its body is read.
+    app.add_middleware(
+        GateMiddleware,
+        routes=[route for router in routers for route in router.routes],
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        lifecycle=app.state.lifecycle,
     )
     # Added last, so outermost: even a 413 from the body limit carries the CORS headers.
     if settings.cors_origins:

@@ -1,7 +1,8 @@
-"""ASGI middleware that stops oversized request bodies while they stream in."""
+"""ASGI middleware that bounds how a request body streams in: its size and its pace."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -9,16 +10,32 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import error_body
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyRefused(Exception):
+    """Raised into the app's body read; the middleware answers in its place."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
 
 class BodyLimitMiddleware:
-    """Answer 413 once a body exceeds ``max_bytes``, from Content-Length or from counting."""
+    """Answer 413 once a body exceeds ``max_bytes`` (from Content-Length or from counting), and
+    408 when the client leaves ``body_timeout_s`` between two pieces of its body."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
+
+    def _too_large(self) -> _BodyRefused:
+        return _BodyRefused(
+            413,
+            "payload_too_large",
+            f"The request body is over {self.max_bytes} bytes; send fewer or smaller "
+            "images (CAMSERVE_MAX_UPLOAD_BYTES x CAMSERVE_MAX_IMAGES bounds it).",
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -26,55 +43,63 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await _answer(send, self._too_large())
             return
 
         received = 0
-        exceeded = False
+        refused: _BodyRefused | None = None
         started = False
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+            nonlocal received, refused, body_done
+            if body_done:  # after the body, only a disconnect is left to hear: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                refused = _BodyRefused(
+                    408,
+                    "body_timeout",
+                    f"No part of the request body came for {self.body_timeout_s:g} s "
+                    "(CAMSERVE_BODY_TIMEOUT_S); send the body without pausing.",
+                )
+                raise refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge
+                    refused = self._too_large()
+                    raise refused
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded:
-                return  # the app's answer to the aborted read is replaced by our 413
+            if refused is not None:
+                return  # the app's answer to the aborted read is replaced by ours
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if refused is None:
                 raise
-        if exceeded and not started:
-            await self._reject(send)
+        if refused is not None and not started:
+            await _answer(send, refused)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            error_body(
-                "payload_too_large",
-                f"The request body is over {self.max_bytes} bytes; send fewer or smaller "
-                "images (CAMSERVE_MAX_UPLOAD_BYTES x CAMSERVE_MAX_IMAGES bounds it).",
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+async def _answer(send: Send, refused: _BodyRefused) -> None:
+    body = json.dumps(error_body(refused.code, refused.message)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": refused.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -8,17 +8,51 @@ rows are taken from the batched results by position.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from app.cam import normalize_maps
 from app.device import synchronize
-from app.errors import MethodNotApplicable
+from app.errors import MethodNotApplicable, ModelError, OutOfMemory
 from app.loading import LoadedModel
+
+
+class Control(Protocol):
+    """What a pass asks of the requests it serves (``app.batching.PassControl``)."""
+
+    def should_stop(self) -> bool: ...
+
+    def progress(self, done: int, total: int) -> None: ...
+
+
+@contextmanager
+def model_faults(model: LoadedModel) -> Iterator[None]:
+    """Turn an accelerator's out-of-memory error into a 503 that names it, after freeing the
+    allocator's cache, so that the next request starts from a clean device."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemory(
+            f"The {model.device.type.upper()} ran out of memory for model {model.spec.name!r}; "
+            "its cache was freed. Retry, with fewer images or a smaller batch_size.",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+def check_finite(model: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` if every value is finite; else a model error (the schema has no NaN)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelError(
+            f"Model {model.spec.name!r} produced NaN or infinite logits for this input; "
+            "the model (weights or numerics) is at fault, not the request."
+        )
+    return logits
 
 
 @dataclass(frozen=True)
@@ -91,16 +125,18 @@ def _offsets(sizes: Sequence[int]) -> list[slice]:
     return slices
 
 
-def run_forward_pass(model: LoadedModel, items: Sequence[torch.Tensor]) -> list[ForwardOutcome]:
+def run_forward_pass(
+    model: LoadedModel, items: Sequence[torch.Tensor], control: Control | None = None
+) -> list[ForwardOutcome]:
     """Logits for the images of every item, from one inference-mode forward."""
-    with model.lock:
+    with model.lock, model_faults(model):
         batch = torch.cat(list(items)).to(model.device)
         started = time.perf_counter()
         with torch.inference_mode():
             logits = model.module(batch)
         synchronize(model.device)
         elapsed = time.perf_counter() - started
-        logits = logits.float().cpu()
+        logits = check_finite(model, logits.float().cpu())
     return [ForwardOutcome(logits[part], elapsed) for part in _offsets([len(t) for t in items])]
 
 
@@ -112,9 +148,13 @@ def _classes(item: CamItem, top1: list[int]) -> list[int]:
     return list(item.class_idx)
 
 
-def run_cam_pass(model: LoadedModel, plan: CamPlan, items: Sequence[CamItem]) -> list[CamOutcome]:
-    """One forward and one CAM call with per-image classes over the images of every item."""
-    return [outcomes[0] for outcomes in run_shared_cam_pass(model, (plan,), items)]
+def run_cam_pass(
+    model: LoadedModel, plan: CamPlan, items: Sequence[CamItem], control: Control | None = None
+) -> list[CamOutcome]:
+    """One forward and one CAM call with per-image classes over the images of every item.
+
+    ``control`` reports the progress of the extra forwards and stops them between chunks."""
+    return [outcomes[0] for outcomes in run_shared_cam_pass(model, (plan,), items, control)]
 
 
 def _extractor(model: LoadedModel, plan: CamPlan) -> Any:
@@ -130,15 +170,23 @@ def _extractor(model: LoadedModel, plan: CamPlan) -> Any:
 
 
 def run_shared_cam_pass(
-    model: LoadedModel, plans: Sequence[CamPlan], items: Sequence[CamItem]
+    model: LoadedModel,
+    plans: Sequence[CamPlan],
+    items: Sequence[CamItem],
+    control: Control | None = None,
 ) -> list[list[CamOutcome]]:
     """One forward, then one CAM call per plan, over the images of every item: per item, one
     outcome per plan. Several plans must all share a forward (``CamPlan.shares_forward``)."""
     assert len(plans) == 1 or all(plan.shares_forward for plan in plans)
     parts = _offsets([len(item.batch) for item in items])
+    calls: dict[str, Callable[..., Any]] = (
+        {}
+        if control is None
+        else {"progress": control.progress, "should_stop": control.should_stop}
+    )
     needs_grad = any(plan.cls.requires_grad for plan in plans)
     last_grad = max((i for i, p in enumerate(plans) if p.cls.requires_grad), default=-1)
-    with model.lock, ExitStack() as hooks:
+    with model.lock, model_faults(model), ExitStack() as hooks:
         x = torch.cat([item.batch for item in items]).to(model.device)
         # Every extractor hooks the same forward: the first gradient one makes the layer's output
         # require grad and hands that tensor on, so the later ones record the very same tensor.
@@ -148,6 +196,7 @@ def run_shared_cam_pass(
             scores = model.module(x)
             synchronize(model.device)
             forward_s = time.perf_counter() - t0
+            check_finite(model, scores.detach())
             top1 = scores.argmax(dim=1).tolist()
             idx = [
                 c
@@ -158,7 +207,7 @@ def run_shared_cam_pass(
             for number, (plan, extractor) in enumerate(zip(plans, extractors, strict=True)):
                 started = time.perf_counter()
                 # The graph of the shared forward serves every gradient method's backward.
-                cams, fused = _maps(plan, extractor, idx, scores, number < last_grad)
+                cams, fused = _maps(plan, extractor, idx, scores, number < last_grad, calls)
                 synchronize(model.device)
                 computed.append((cams, fused, time.perf_counter() - started))
         logits = scores.detach().float().cpu()
@@ -179,11 +228,18 @@ def run_shared_cam_pass(
 
 
 def _maps(
-    plan: CamPlan, extractor: Any, idx: list[int], scores: torch.Tensor, retain_graph: bool
+    plan: CamPlan,
+    extractor: Any,
+    idx: list[int],
+    scores: torch.Tensor,
+    retain_graph: bool,
+    calls: dict[str, Callable[..., Any]],
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The plan's maps (one per layer, on the CPU) and their fusion when there are several."""
     try:
-        cams = extractor(idx, scores, normalized=plan.normalized, retain_graph=retain_graph)
+        cams = extractor(
+            idx, scores, normalized=plan.normalized, retain_graph=retain_graph, **calls
+        )
         fused = None
         if len(cams) > 1:
             # Fusion takes the per-pixel max, which only means something on a common

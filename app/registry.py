@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from app.errors import ModelNotFound, ModelUnavailable
+from app.errors import ModelNotFound, ModelUnavailable, clip
 from app.loading import LoadedModel, load_model
 from app.manifest import ManifestError, ModelSpec, parse_manifest
 
@@ -83,7 +83,7 @@ class ModelRegistry:
             entry.model = load_model(entry.spec, self.device)
         except Exception as error:  # a broken model is reported, never fatal
             entry.status = "failed"
-            entry.error = _reason(error)
+            entry.error = self._relative(_reason(error))
             level = logging.WARNING if isinstance(error, ManifestError) else logging.ERROR
             logger.log(
                 level,
@@ -104,6 +104,14 @@ class ModelRegistry:
             ", ".join(entry.model.target_layers),
         )
 
+    def _relative(self, text: str) -> str:
+        """``text`` with the store's location cut off its paths: clients see ``shapes/model.toml``
+        and never where the store lives on the server."""
+        for root in {str(self.store.resolve()), str(self.store.absolute()), str(self.store)}:
+            if root not in (".", ""):
+                text = text.replace(root.rstrip("/") + "/", "")
+        return text
+
     @property
     def ready(self) -> bool:
         """True once every model has either loaded or failed."""
@@ -121,9 +129,9 @@ class ModelRegistry:
         try:
             return self.entries[name]
         except KeyError:
-            available = close_first(name, self.names())
+            available = close_first(name[:100], self.names())
             raise ModelNotFound(
-                f"Unknown model {name!r}. Available models: {', '.join(available) or 'none'}."
+                f"Unknown model {clip(name)}. Available models: {', '.join(available) or 'none'}."
                 + (" Pick one with the `model` parameter." if available else ""),
                 details={"available": available},
             ) from None

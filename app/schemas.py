@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -54,6 +55,7 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     model_config = _example({"ready": True, "models": {"shapes": "ready"}})
     ready: bool
+    draining: bool = Field(False, description="the service got SIGTERM and takes no new work")
     models: dict[str, Literal["loading", "ready", "failed"]]
 
 
@@ -302,3 +304,40 @@ class ExplainResponse(BaseModel):
     media_type: str
     timings: ExplainTimings
     results: list[ExplainResult]
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobProgress(BaseModel):
+    done: int = Field(description="masked or noisy forwards done (inputs, not batches)")
+    total: int = Field(description="masked or noisy forwards in all; 0 for methods that run none")
+    eta_s: float | None = Field(None, description="seconds left at the pace so far")
+
+
+class JobCreated(BaseModel):
+    model_config = _example(
+        {
+            "id": "6tWq0mD1xK9vR3pZ8yL2cJ4a",
+            "status": "queued",
+            "url": "/jobs/6tWq0mD1xK9vR3pZ8yL2cJ4a",
+        }
+    )
+
+    id: str = Field(description="unguessable job id")
+    status: JobStatus
+    url: str = Field(description="where to follow the job (also in the Location header)")
+
+
+class JobView(BaseModel):
+    """A job's state; ``result`` is exactly the body /explain would have answered."""
+
+    id: str
+    status: JobStatus
+    url: str
+    created: datetime
+    started: datetime | None = None
+    finished: datetime | None = None
+    progress: JobProgress
+    result: ExplainResponse | None = None
+    error: ErrorDetail | None = Field(None, description="why the job failed or was cancelled")

@@ -68,6 +68,40 @@ class Settings(BaseSettings):
         le=1000,
         description="how long a batch that is already forming waits for more requests",
     )
+    request_timeout_s: float | None = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="deadline of a synchronous /predict or /explain (504 past it; empty: none); "
+        "longer work goes through /jobs",
+    )
+    max_jobs: int = Field(
+        64, ge=1, le=100_000, description="most jobs kept at once, queued, running or finished"
+    )
+    job_ttl_s: float = Field(
+        3600.0, gt=0, le=7 * 86_400, description="how long a finished job's result is kept"
+    )
+    shutdown_grace_s: float = Field(
+        25.0,
+        ge=0,
+        le=3600,
+        description="after SIGTERM, how long in-flight work may take before it is cut with 503",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="open connections and in-flight requests uvicorn allows; more get 503",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="time a client has to send a request's headers"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="longest wait for the next piece of a request body"
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, le=600, description="how long an idle keep-alive connection stays open"
+    )
     api_key: SecretStr | None = Field(None, description="if set, required in X-API-Key")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS, or *"
@@ -84,7 +118,7 @@ class Settings(BaseSettings):
             raise ValueError("must be one of auto, cpu, cuda, cuda:N (N a device index)")
         return value
 
-    @field_validator("api_key", "max_batch_size", mode="before")
+    @field_validator("api_key", "max_batch_size", "request_timeout_s", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

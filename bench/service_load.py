@@ -37,32 +37,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import io
 import json
 import os
-import platform
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
-import torchvision
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import serving  # noqa: E402  (bench/, this script's own folder)
+from serving import (  # noqa: E402
+    machine_info,
+    markdown_table,
+    percentile,
+    photo_jpeg,
+    raise_on_sigterm,
+    rounded,
+    running_server,
+    table_of,
+    timed_step,
+    warn_if_busy,
+)
 
 from app.cam import GradCAM  # noqa: E402
 from app.manifest import ModelSpec, parse_manifest  # noqa: E402
@@ -80,9 +85,6 @@ TIMING_FIELDS = (
     "total_ms",
     "batch_images",
 )
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-READY_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 300.0
 _TIMINGS_RE = re.compile(rb'"timings"\s*:\s*(\{[^{}]*\})')
 
@@ -113,157 +115,9 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------- model store
-
-
-def _manifest_text(architecture: str) -> str:
-    return f"""description = "Random-weight {architecture} (seed 0) for the load benchmark."
-
-[model]
-architecture = "{architecture}"
-weights = "weights.pt"
-num_classes = 1000
-labels = "labels.txt"
-
-[preprocess]
-resize = 256
-crop = 224
-mean = {list(IMAGENET_MEAN)}
-std = {list(IMAGENET_STD)}
-input_shape = [3, 224, 224]
-
-[cam]
-target_layers = ["layer4"]
-fc_layer = "fc"
-default_method = "GradCAM"
-"""
-
-
-def write_torchvision_model(folder: Path, architecture: str, seed: int = 0) -> None:
-    """A model folder with a seeded random-init state_dict, generated labels and a manifest."""
-    folder.mkdir(parents=True)
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, architecture)(weights=None, num_classes=1000)
-    torch.save(model.state_dict(), folder / "weights.pt")
-    labels = "\n".join(f"class_{i:04d}" for i in range(1000))
-    (folder / "labels.txt").write_text(labels + "\n", encoding="utf-8")
-    (folder / "model.toml").write_text(_manifest_text(architecture), encoding="utf-8")
-
-
 def build_store(root: Path) -> Path:
     """shapes (a link to the shipped one) plus random resnet18 and resnet50."""
-    store = root / "store"
-    store.mkdir()
-    (store / "shapes").symlink_to(REPO / "model_store" / "shapes", target_is_directory=True)
-    for architecture in TORCHVISION_MODELS:
-        write_torchvision_model(store / architecture, architecture)
-    return store
-
-
-# --------------------------------------------------------------------------- test images
-
-
-def photo_jpeg(width: int, height: int, seed: int, quality: int = 90) -> bytes:
-    """A photo-like JPEG: a smooth colour field, mid-frequency texture, waves and pixel noise."""
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
-    image = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.float32)
-    grain = rng.integers(0, 256, (max(height // 16, 1), max(width // 16, 1)), dtype=np.uint8)
-    texture = np.asarray(
-        Image.fromarray(grain).resize((width, height), Image.BILINEAR), dtype=np.float32
-    )
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    waves = 12 * np.sin(xx * (18 * np.pi / width)) * np.cos(yy * (14 * np.pi / height))
-    image = image + (0.25 * (texture - 128) + waves)[..., None]
-    image += rng.normal(0.0, 1.0, image.shape).astype(np.float32)
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------- server process
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def server_env(store: Path, port: int, device: str, overrides: dict[str, str]) -> dict[str, str]:
-    """The calling environment without its CAMSERVE_* variables, plus the benchmark's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAMSERVE_")}
-    env.update(
-        CAMSERVE_MODEL_STORE=str(store),
-        CAMSERVE_HOST="127.0.0.1",
-        CAMSERVE_PORT=str(port),
-        CAMSERVE_DEVICE=device,
-        CAMSERVE_DEFAULT_MODEL="shapes",
-        CAMSERVE_QUEUE_SIZE="256",
-        CAMSERVE_LOG_LEVEL="WARNING",
-    )
-    env.update(overrides)
-    return env
-
-
-def _log_tail(path: Path, lines: int = 30) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def wait_ready(process: subprocess.Popen, url: str, log: Path) -> dict[str, str]:
-    """Poll GET /ready until 200; returns model -> status. Raises if the server dies or hangs."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{_log_tail(log)}")
-        with contextlib.suppress(httpx.TransportError):
-            answer = httpx.get(f"{url}/ready", timeout=5)
-            if answer.status_code == 200:
-                return dict(answer.json().get("models", {}))
-        time.sleep(0.25)
-    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f} s:\n{_log_tail(log)}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGINT (uvicorn's graceful shutdown), then SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@contextlib.contextmanager
-def running_server(
-    store: Path, device: str, overrides: dict[str, str], log: Path, needed: Sequence[str]
-) -> Iterator[str]:
-    """Run ``python -m app`` until the block ends; yields its base URL once the models are up."""
-    port = free_port()
-    env = server_env(store, port, device, overrides)
-    with log.open("wb") as log_file:
-        # Own session: a Ctrl-C in the terminal reaches only us, and we stop the server.
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app"],
-            cwd=REPO,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        models = wait_ready(process, url, log)
-        broken = {name: models.get(name, "missing") for name in needed}
-        broken = {name: status for name, status in broken.items() if status != "ready"}
-        if broken:
-            raise RuntimeError(f"models not ready: {broken}\n{_log_tail(log)}")
-        yield url
-    finally:
-        stop_server(process)
+    return serving.build_store(root, TORCHVISION_MODELS)
 
 
 # --------------------------------------------------------------------------- HTTP client
@@ -330,21 +184,6 @@ async def closed_loop(
 # --------------------------------------------------------------------------- statistics
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _rounded(value: float | None, digits: int = 1) -> float | None:
-    return None if value is None else round(value, digits)
-
-
 def summarize_level(outcomes: Sequence[Outcome], elapsed_s: float) -> dict[str, Any]:
     """Throughput of the 200s, their latency percentiles, errors, and the mean batch size."""
     ok = [o for o in outcomes if o.status == 200]
@@ -357,9 +196,9 @@ def summarize_level(outcomes: Sequence[Outcome], elapsed_s: float) -> dict[str, 
         "errors_503": sum(o.status == 503 for o in outcomes),
         "elapsed_s": round(elapsed_s, 2),
         "throughput_rps": round(len(ok) / elapsed_s, 2),
-        "p50_ms": _rounded(percentile(latencies, 50)),
-        "p95_ms": _rounded(percentile(latencies, 95)),
-        "p99_ms": _rounded(percentile(latencies, 99)),
+        "p50_ms": rounded(percentile(latencies, 50)),
+        "p95_ms": rounded(percentile(latencies, 95)),
+        "p99_ms": rounded(percentile(latencies, 99)),
         "mean_batch_images": round(statistics.fmean(batches), 2) if batches else None,
     }
 
@@ -549,54 +388,6 @@ def batching_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- report
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        )
-        return done.stdout.strip() or None
-    return None
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "device": str(device),
-        "git_commit": git_commit(),
-        "load_average_before": [round(v, 2) for v in os.getloadavg()],
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(value: Any) -> str:
-        return "-" if value is None else str(value)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _table_of(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
-    return markdown_table(keys, [[row.get(k) for k in keys] for row in rows])
-
-
 def render_report(report: dict[str, Any]) -> str:
     """The markdown printed at the end of a run."""
     machine = report["machine"]
@@ -604,7 +395,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"## camserve service load ({machine['device']}, {machine['cpu']}, "
         f"{machine['cores']} cores, torch {machine['torch']}, {machine['date']})",
         "### Closed-loop load: GradCAM, 640x480 JPEG",
-        _table_of(
+        table_of(
             report["load"],
             (
                 "mode",
@@ -621,14 +412,14 @@ def render_report(report: dict[str, Any]) -> str:
             ),
         ),
         "### Batching: throughput(on) / throughput(off)",
-        _table_of(report["batching_ratio"], ("model", "concurrency", "on", "off", "ratio")),
+        table_of(report["batching_ratio"], ("model", "concurrency", "on", "off", "ratio")),
         "### Sequential request (default fields, 640x480 JPEG) / engine alone (forward + GradCAM)",
-        _table_of(
+        table_of(
             report["reference"],
             ("model", "engine_ms", "request_ms", "server_total_ms", "ratio", "target"),
         ),
         "### Stages of one shapes request (default fields, medians)",
-        _table_of(report["stages"], ("image", "upload_bytes", "wall_ms", *TIMING_FIELDS)),
+        table_of(report["stages"], ("image", "upload_bytes", "wall_ms", *TIMING_FIELDS)),
         markdown_table(
             ("12 MP / 640x480 wall", "target", "12 MP answer bytes", "target"),
             [
@@ -705,29 +496,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
 
 
-def _raise_on_sigterm() -> None:
-    def handler(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-def _timed_step(label: str, step: Callable[[], Any]) -> Any:
-    print(f"# {label} ...", flush=True)
-    started = time.perf_counter()
-    result = step()
-    print(f"# {label}: {time.perf_counter() - started:.1f} s", flush=True)
-    return result
-
-
 def run(config: Config) -> dict[str, Any]:
     device = torch.device(config.device)
     report: dict[str, Any] = {"machine": machine_info(device), "config": _config_json(config)}
     needed = sorted({*config.models, *REFERENCE_TARGETS})
     with tempfile.TemporaryDirectory(prefix="camserve-load-") as tmp:
         root = Path(tmp)
-        store = _timed_step("model store", lambda: build_store(root))
-        images = _timed_step(
+        store = timed_step("model store", lambda: build_store(root))
+        images = timed_step(
             "images",
             lambda: {"640x480": photo_jpeg(640, 480, 1), "4000x3000": photo_jpeg(4000, 3000, 2)},
         )
@@ -740,12 +516,12 @@ def run(config: Config) -> dict[str, Any]:
                 )
                 for mode, env in (("on", config.extra_env), ("off", off_env))
             }
-            load = _timed_step("load, batching on/off", lambda: run_load(urls, small, config))
-            report["reference"] = _timed_step(
+            load = timed_step("load, batching on/off", lambda: run_load(urls, small, config))
+            report["reference"] = timed_step(
                 "engine alone vs sequential requests (batching on)",
                 lambda: run_references(urls["on"], small, store, device, config.reference_repeats),
             )
-            report["stages"] = _timed_step(
+            report["stages"] = timed_step(
                 "stages (batching on)", lambda: run_stages(urls["on"], images, config.stage_repeats)
             )
     report["load"] = load
@@ -769,20 +545,8 @@ def _config_json(config: Config) -> dict[str, Any]:
     }
 
 
-def warn_if_busy() -> None:
-    """Two-thread CPU runs stall badly when other processes want the cores: say so up front."""
-    load = os.getloadavg()[0]
-    cores = os.cpu_count() or 1
-    if load > 0.5 * cores:
-        print(
-            f"warning: load average {load:.2f} on {cores} cores before the run; "
-            "other processes will distort the timings",
-            flush=True,
-        )
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    _raise_on_sigterm()
+    raise_on_sigterm()
     config = parse_args(argv)
     warn_if_busy()
     started = time.perf_counter()

@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from app.batching import Batcher
-from app.errors import InvalidParameter, Overloaded
+from app.batching import Batcher, PassControl
+from app.cam import CamInterrupted
+from app.errors import InvalidParameter
 from app.jobs import JobLimiter
 
 
@@ -23,7 +24,7 @@ class Recorder:
         if not hold_first:
             self.release.set()
 
-    def __call__(self, items: Sequence[str]) -> list[str]:
+    def __call__(self, items: Sequence[str], control: PassControl) -> list[str]:
         self.passes.append(list(items))
         self.started.set()
         self.release.wait(10)
@@ -194,17 +195,70 @@ def test_a_request_that_breaks_a_batch_fails_alone() -> None:
     asyncio.run(scenario())
 
 
-def test_admission_refuses_beyond_the_queue_bound() -> None:
+class Chunked:
+    """A pass of ``chunks`` chunks that reports progress and honours the stop check."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.ran = 0
+        self.started = threading.Event()
+        self.step = threading.Semaphore(0)
+
+    def __call__(self, items: Sequence[str], control: PassControl) -> list[str]:
+        self.started.set()
+        for chunk in range(self.chunks):
+            self.step.acquire(timeout=10)
+            self.ran += 1
+            control.progress(chunk + 1, self.chunks)
+            if control.should_stop():
+                raise CamInterrupted("stopped")
+        return [item.upper() for item in items]
+
+
+def test_a_running_pass_stops_at_its_next_chunk_once_its_caller_is_gone() -> None:
     async def scenario() -> None:
-        batcher = _batcher(queue=0)  # 2 running + 0 waiting
-        run = Recorder(hold_first=True)
-        held = [asyncio.ensure_future(batcher.submit("k", n, 1, run)) for n in "ab"]
-        await _wait_until(lambda: batcher.limiter.in_flight == 2)
-        with pytest.raises(Overloaded):
-            await batcher.submit("k", "c", 1, run)
-        run.release.set()
-        await asyncio.gather(*held)
+        batcher = _batcher()
+        run = Chunked(chunks=100)
+        heard: list[tuple[int, int]] = []
+        task = asyncio.ensure_future(
+            batcher.submit("k", "a", 1, run, progress=lambda d, t: heard.append((d, t)))
+        )
+        await _wait_until(run.started.is_set)
+        run.step.release(2)
+        await _wait_until(lambda: len(heard) == 3)
+        task.cancel()  # what a disconnect, a deadline or a job's DELETE does
+        await asyncio.gather(task, return_exceptions=True)
+        run.step.release(100)
+        await _wait_until(lambda: batcher._worker is not None and not batcher.waiting)
+        await asyncio.sleep(0.05)
+        assert run.ran == 3  # the chunk under way when the caller left ends the pass
+        assert heard == [(0, 0), (1, 100), (2, 100)]  # start, chunks; nothing after leaving
         assert batcher.limiter.in_flight == 0
+        # The model is free again for the next request.
+        result, _ = await asyncio.wait_for(batcher.submit("k", "b", 1, Recorder()), 10)
+        assert result == "B"
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_shared_pass_goes_on_while_one_of_its_callers_remains() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        hold = Recorder(hold_first=True)
+        first = await _hold(batcher, hold)
+        run = Chunked(chunks=3)
+        leaves = asyncio.ensure_future(batcher.submit("k", "a", 1, run))
+        stays = asyncio.ensure_future(batcher.submit("k", "b", 1, run))
+        await _wait_until(lambda: batcher.waiting == 2)
+        hold.release.set()
+        await first
+        await _wait_until(run.started.is_set)
+        leaves.cancel()
+        await asyncio.gather(leaves, return_exceptions=True)
+        run.step.release(3)
+        result, info = await asyncio.wait_for(stays, 10)
+        assert result == "B" and info.batch_images == 2 and run.ran == 3
         await batcher.close()
 
     asyncio.run(scenario())

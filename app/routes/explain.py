@@ -3,60 +3,19 @@
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from app.deps import get_explainer, get_settings, read_uploads, require_api_key
-from app.disconnect import unless_disconnected
-from app.errors import InvalidParameter, NotAcceptable
-from app.explainer import Explainer, ExplainParams
-from app.rendering import (
-    DEFAULT_ALPHA,
-    DEFAULT_COLORMAP,
-    DEFAULT_IMAGE_FORMAT,
-    MAX_SIDE,
-    MIN_SIDE,
-    OUTPUT_KINDS,
-)
+from app.deps import get_explainer, get_settings, read_uploads, require_api_key, within_limits
+from app.explainer import Explainer
 from app.routes import error_responses
+from app.routes.forms import ExplainForm, explain_form
 from app.schemas import ExplainResponse
 from app.settings import Settings
 
 router = APIRouter(tags=["explanation"], dependencies=[Depends(require_api_key)])
-
-OPTION_BOUNDS = {
-    "num_samples": (1, 64),
-    "std": (0.0, 10.0),
-    "batch_size": (1, 256),
-    "seed": (0, 2**32 - 1),
-}
-
-
-def _split(values: list[str] | None) -> list[str]:
-    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
-
-
-def _class_indices(values: list[str] | None) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in _split(values))
-    except ValueError:
-        raise InvalidParameter(
-            "class_idx must be integers: one for all images or one per image "
-            "(repeat the field or separate by commas)."
-        ) from None
-
-
-def _wants_png(request: Request) -> bool:
-    for item in request.headers.get("accept", "").split(","):
-        media = item.split(";")[0].strip().lower()
-        if media in ("image/png", "image/*"):
-            return True
-        if media in ("application/json", "application/*"):
-            return False
-    return False
 
 
 @router.post(
@@ -67,116 +26,19 @@ def _wants_png(request: Request) -> bool:
             "content": {"image/png": {}},
             "description": "JSON, or with `Accept: image/png` and one image the overlay itself",
         },
-        **error_responses(401, 404, 406, 413, 415, 422, 503),
+        **error_responses(400, 401, 404, 406, 413, 415, 422, 499, 500, 503, 504),
     },
 )
 async def explain_images(
     request: Request,
-    file: Annotated[
-        list[UploadFile],
-        File(
-            description="one or more images (repeat the part)",
-            json_schema_extra={"minItems": 1},
-        ),
-    ],
-    model: Annotated[
-        str | None, Form(description="model name; default: the default model", examples=["shapes"])
-    ] = None,
-    method: Annotated[
-        list[str] | None,
-        Form(
-            description="CAM method, case-insensitive; default: the model's. Several (repeat "
-            "the field or separate by commas) give one explanation per method",
-            examples=[["GradCAM"]],
-        ),
-    ] = None,
-    class_idx: Annotated[
-        list[str] | None,
-        Form(
-            description="class to explain: one for all images or one per image; default top-1",
-            examples=[["3"]],
-        ),
-    ] = None,
-    top_k: Annotated[int, Form(ge=1, le=1000, description="predictions returned per image")] = 5,
-    target_layer: Annotated[
-        list[str] | None,
-        Form(
-            description="layer(s) to explain (repeatable); several add a fused map",
-            examples=[["layer3"]],
-        ),
-    ] = None,
-    output: Annotated[
-        list[str] | None,
-        Form(
-            description=f"any of {', '.join(OUTPUT_KINDS)} (repeat or comma list)",
-            examples=[["overlay", "raw"]],
-        ),
-    ] = None,
-    colormap: Annotated[
-        str, Form(description="jet, viridis, inferno, turbo, hot, ...")
-    ] = DEFAULT_COLORMAP,
-    alpha: Annotated[
-        float, Form(ge=0, le=1, description="weight of the image in overlays")
-    ] = DEFAULT_ALPHA,
-    image_format: Annotated[
-        Literal["png", "jpeg", "webp"],
-        Form(description="encoding of overlays and heatmaps; png is lossless"),
-    ] = DEFAULT_IMAGE_FORMAT,
-    size: Annotated[
-        str | None,
-        Form(
-            description="size of overlays and heatmaps: 'original', 'input' (the model's crop) "
-            f"or a longest side in pixels ({MIN_SIDE}-{MAX_SIDE}); default: the upload's size, "
-            "scaled down to CAMSERVE_MAX_OUTPUT_SIDE",
-            examples=["512"],
-        ),
-    ] = None,
-    normalized: Annotated[bool, Form(description="raw maps min-max scaled to [0, 1]")] = True,
-    num_samples: Annotated[int | None, Form(ge=1, le=64, description="noise samples")] = None,
-    std: Annotated[float | None, Form(ge=0, le=10, description="noise standard deviation")] = None,
-    batch_size: Annotated[int | None, Form(ge=1, le=256, description="masks per forward")] = None,
-    seed: Annotated[int | None, Form(ge=0, le=2**32 - 1, description="noise seed")] = None,
+    form: ExplainForm = Depends(explain_form),
     explainer: Explainer = Depends(get_explainer),
     settings: Settings = Depends(get_settings),
 ) -> ExplainResponse | Response:
     """Predict and explain the uploaded images with a class activation map method."""
-    as_png = _wants_png(request)
-    if as_png and len(file) != 1:
-        raise NotAcceptable(
-            "An image/png answer holds one image; send one file or accept application/json."
-        )
-    methods = list(dict.fromkeys(m.lower() for m in _split(method)))
-    if as_png and len(methods) > 1:
-        raise NotAcceptable(
-            "An image/png answer holds one method's overlay; send one method or accept "
-            "application/json."
-        )
-    options = {
-        name: value
-        for name, value in {
-            "num_samples": num_samples,
-            "std": std,
-            "batch_size": batch_size,
-            "seed": seed,
-        }.items()
-        if value is not None
-    }
-    params = ExplainParams(
-        method=",".join(_split(method)) or None,
-        class_idx=_class_indices(class_idx),
-        top_k=top_k,
-        target_layers=tuple(_split(target_layer)),
-        outputs=("overlay",) if as_png else tuple(o.lower() for o in _split(output) or ["overlay"]),
-        colormap=colormap.strip().lower(),
-        alpha=alpha,
-        image_format="png" if as_png else image_format,
-        normalized=normalized,
-        size=size,
-        options=options,
-    )
-    uploads = await read_uploads(file, settings)
-    answer = await unless_disconnected(request, explainer.explain(model or None, uploads, params))
-    if as_png:
+    uploads = await read_uploads(form.files, settings)
+    answer = await within_limits(request, explainer.explain(form.model, uploads, form.params))
+    if form.as_png:
         overlay = answer.results[0].explanations[0].maps[-1].overlay or ""
         return Response(
             base64.b64decode(overlay),

@@ -36,12 +36,19 @@ def get_health(request: Request, registry: ModelRegistry = Depends(get_registry)
 @router.get(
     "/ready",
     response_model=ReadyResponse,
-    responses={503: {"model": ReadyResponse, "description": "models are still loading"}},
+    responses={
+        503: {
+            "model": ReadyResponse,
+            "description": "models are still loading, or the service drains after SIGTERM",
+        }
+    },
 )
-def get_ready(registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
-    """Answer 200 once every model has loaded (or failed), 503 before."""
+def get_ready(request: Request, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
+    """Answer 200 once every model has loaded (or failed); 503 before, and once draining."""
+    draining = request.app.state.lifecycle.draining
     body = ReadyResponse(
-        ready=registry.ready,
+        ready=registry.ready and not draining,
+        draining=draining,
         models={name: entry.status for name, entry in registry.entries.items()},
     )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)

@@ -6,8 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
-from app.deps import get_explainer, get_settings, read_uploads, require_api_key
-from app.disconnect import unless_disconnected
+from app.deps import get_explainer, get_settings, read_uploads, require_api_key, within_limits
 from app.explainer import Explainer
 from app.routes import error_responses
 from app.schemas import PredictResponse
@@ -19,7 +18,7 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
 @router.post(
     "/predict",
     response_model=PredictResponse,
-    responses=error_responses(401, 404, 413, 415, 422, 503),
+    responses=error_responses(400, 401, 404, 413, 415, 422, 499, 500, 503, 504),
 )
 async def predict_images(
     request: Request,
@@ -37,4 +36,4 @@ async def predict_images(
 ) -> PredictResponse:
     """Classify the uploaded images with one batched forward: top-k labels per image."""
     uploads = await read_uploads(file, settings)
-    return await unless_disconnected(request, explainer.predict(model or None, uploads, top_k))
+    return await within_limits(request, explainer.predict(model or None, uploads, top_k))

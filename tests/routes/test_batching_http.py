@@ -30,7 +30,7 @@ class HeldPasses:
         self.sizes: list[int] = []
 
     def __call__(self, model, *args):  # type: ignore[no-untyped-def]
-        items = args[-1]
+        items = args[-2]  # (plan,) items, control
         self.sizes.append(
             sum(len(item.batch if hasattr(item, "batch") else item) for item in items)
         )
@@ -155,10 +155,10 @@ def test_a_request_that_breaks_its_batch_fails_alone(
     client = make_client(max_batch_size=8)
     original = explainer_module.run_cam_pass
 
-    def refuses_flat_images(model, plan, items):  # type: ignore[no-untyped-def]
+    def refuses_flat_images(model, plan, items, control):  # type: ignore[no-untyped-def]
         if any(float(item.batch.std()) == 0.0 for item in items):
             raise InvalidParameter("this pass cannot explain a flat image")
-        return original(model, plan, items)
+        return original(model, plan, items, control)
 
     held = _hold_passes(monkeypatch, "run_cam_pass", refuses_flat_images)
     buffer = io.BytesIO()

@@ -468,9 +468,21 @@ def test_default_format_is_jpeg_and_png_on_request(client: TestClient) -> None:
     assert decode_png(png["results"][0]["explanations"][0]["maps"][0]["overlay"]).format == "PNG"
 
 
-@pytest.mark.parametrize("size", [(200, 1), (1, 200)])
+@pytest.mark.parametrize("size", [(100, 1), (1, 100)])
 def test_thin_images_are_explained(client: TestClient, size: tuple[int, int]) -> None:
     response = explain(client, image_bytes(size), output="overlay,heatmap,raw")
     assert response.status_code == 200, response.text
     layer_map = response.json()["results"][0]["explanations"][0]["maps"][0]
     assert decode_png(layer_map["overlay"]).size == size
+
+
+@pytest.mark.parametrize("route", ["/explain", "/predict"])
+@pytest.mark.parametrize("size", [(101, 1), (1, 50_000)])
+def test_degenerate_aspect_ratios_are_refused_before_decoding(
+    client: TestClient, route: str, size: tuple[int, int]
+) -> None:
+    response = client.post(route, files={"file": ("thin.png", image_bytes(size), "image/png")})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image"
+    assert "aspect ratio" in error["message"] and "crop or pad" in error["message"]

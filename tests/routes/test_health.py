@@ -28,6 +28,7 @@ def test_ready_when_loaded(client: TestClient) -> None:
     assert response.status_code == 200
     assert response.json() == {
         "ready": True,
+        "draining": False,
         "models": {"broken": "failed", "resnet": "ready", "tiny": "ready", "vgg": "ready"},
     }
 

@@ -1,0 +1,29 @@
+"""Touches to the generated OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def form_fields_without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """Drop ``null`` from the form bodies' optional fields.
+
+    An optional form field is declared ``X | None`` in Python, which pydantic renders as
+    ``anyOf: [X, {type: null}]`` with ``default: null``. A multipart part cannot carry a null:
+    the field is simply left out. So the schema offers ``X``, and the default only when it is a
+    value."""
+    for name, component in schema.get("components", {}).get("schemas", {}).items():
+        if not name.startswith("Body_"):
+            continue
+        for prop in component.get("properties", {}).values():
+            options = prop.get("anyOf")
+            if options and {"type": "null"} in options:
+                kept = [o for o in options if o != {"type": "null"}]
+                del prop["anyOf"]
+                if len(kept) == 1:
+                    prop.update(kept[0])
+                else:
+                    prop["anyOf"] = kept
+            if "default" in prop and prop["default"] is None:
+                del prop["default"]
+    return schema
