@@ -219,6 +219,7 @@ class Explainer:
             outcomes: dict[CamPlan, CamOutcome] = {}
             queue_s = forward_s = 0.0
             batch_images = 0
+            chained = None if progress is None else _ChainedProgress(progress)
             # Decoded once; the methods that can share a forward run in one pass, others alone.
             for group in group_plans(plans):
                 if len(group) == 1:
@@ -229,7 +230,7 @@ class Explainer:
                         len(decoded),
                         partial(run_cam_pass, model, plan),
                         batchable=plan.batchable,
-                        progress=progress,
+                        progress=chained,
                     )
                     shared = [outcome]
                 else:
@@ -239,12 +240,14 @@ class Explainer:
                         len(decoded),
                         partial(run_shared_cam_pass, model, group),
                         batchable=all(plan.batchable for plan in group),
-                        progress=progress,
+                        progress=chained,
                     )
                 outcomes.update(zip(group, shared, strict=True))
                 queue_s += info.queue_s
                 forward_s += shared[0].forward_s
                 batch_images = max(batch_images, info.batch_images)
+                if chained is not None:
+                    chained.next_pass()
 
         encode_started = time.perf_counter()
         results = await self._on_image_thread(
@@ -349,6 +352,24 @@ class Explainer:
                 )
             )
         return results
+
+
+class _ChainedProgress:
+    """The progress of the passes of one request, one after the other, as one count: each
+    report adds what the passes before it did (their totals are known once they ran)."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self.progress = progress
+        self.before = 0
+        self.total = 0
+
+    def __call__(self, done: int, total: int) -> None:  # called in the pass thread
+        self.total = total
+        self.progress(self.before + done, self.before + total)
+
+    def next_pass(self) -> None:
+        self.before += self.total
+        self.total = 0
 
 
 def _named_maps(plan: CamPlan, outcome: CamOutcome) -> list[NamedMap]:

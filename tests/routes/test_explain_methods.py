@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -146,3 +147,21 @@ def test_a_single_method_answer_names_its_method(client: TestClient) -> None:
     assert body["method"] == "GradCAM"
     (explanation,) = body["results"][0]["explanations"]
     assert explanation["method"] == "GradCAM"
+
+
+def test_a_job_with_several_methods_counts_their_forwards_as_one(client: TestClient) -> None:
+    channels = client.app.state.registry.get("tiny").layer_shapes["features"][1]  # type: ignore[attr-defined]
+    created = client.post(
+        "/jobs",
+        files=files(image_bytes()),
+        data={"method": "ScoreCAM,GradCAM,ISCAM", "num_samples": "2", "batch_size": "8"},
+    )
+    assert created.status_code == 202, created.text
+    deadline = time.monotonic() + 30
+    while (view := client.get(created.json()["url"]).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert view["status"] == "succeeded", view
+    assert view["progress"]["done"] == view["progress"]["total"] == 3 * channels
+    methods = [e["method"] for e in view["result"]["results"][0]["explanations"]]
+    assert methods == ["ScoreCAM", "GradCAM", "ISCAM"]
