@@ -62,3 +62,9 @@ def default_batch_size(device: torch.device) -> int:
     On CPU a batch of 8 costs about 6x one image (resnet18, 2 cores), so larger batches only
     lengthen the wait; on an accelerator one image leaves most of the chip idle."""
     return 8 if device.type == "cpu" else 32
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back to the device (after an out-of-memory error)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

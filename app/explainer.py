@@ -135,6 +135,7 @@ class Explainer:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             await asyncio.wait({future})
+            _ = future.exception()  # retrieved: the caller is gone, not the error
             raise
 
     # ------------------------------------------------------------------ phase 1: decode

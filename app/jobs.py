@@ -71,6 +71,7 @@ class JobLimiter:
                     result = await asyncio.shield(future)
                 except asyncio.CancelledError:
                     await asyncio.wait({future})
+                    _ = future.exception()  # retrieved: the caller is gone, not the error
                     raise
             elapsed = time.perf_counter() - started
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from app.cam import normalize_maps
-from app.device import synchronize
+from app.device import release_cached_memory, synchronize
 from app.errors import MethodNotApplicable, ModelError, OutOfMemory
 from app.loading import LoadedModel
 
@@ -36,8 +36,7 @@ def model_faults(model: LoadedModel) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError:
-        if model.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_cached_memory(model.device)
         raise OutOfMemory(
             f"The {model.device.type.upper()} ran out of memory for model {model.spec.name!r}; "
             "its cache was freed. Retry, with fewer images or a smaller batch_size.",

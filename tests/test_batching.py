@@ -6,8 +6,6 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
-import pytest
-
 from app.batching import Batcher, PassControl
 from app.cam import CamInterrupted
 from app.errors import InvalidParameter

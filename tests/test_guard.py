@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from app.guard import guarded
 from app.errors import ClientClosedRequest, RequestTimeout, ShuttingDown
+from app.guard import guarded
 from app.lifecycle import Lifecycle
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +52,8 @@ def server(store: Path) -> Iterator[str]:
             CAMSERVE_API_KEY="key",
             CAMSERVE_MAX_UPLOAD_BYTES="65536",
             CAMSERVE_MAX_IMAGES="2",
+            CAMSERVE_HEADER_TIMEOUT_S="0.5",
+            CAMSERVE_BODY_TIMEOUT_S="0.5",
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -140,3 +144,130 @@ def test_missing_cuda_device_stops_startup(store: Path) -> None:
     )
     assert result.returncode != 0
     assert "CAMSERVE_DEVICE=cuda:7" in result.stdout + result.stderr
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_key_is_checked_before_the_body_is_read(server: str) -> None:
+    """Headers announcing 150 MB without a key: the 401 comes before one body byte is sent."""
+    with _raw(server) as sock:
+        sock.sendall(
+            b"POST /explain HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 150000000\r\n\r\n"
+        )
+        answer = _read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401")
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+
+
+def test_half_sent_headers_are_closed_with_408(server: str) -> None:
+    with _raw(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        started = time.monotonic()
+        answer = _read_all(sock)
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_timeout"
+    assert waited < 9  # closed by the 0.5 s deadline, not by the socket's own timeout
+    with _raw(server) as idle:  # a connection that sends nothing is closed too
+        assert _read_all(idle).startswith(b"HTTP/1.1 408")
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_a_stalled_body_is_answered_408(server: str) -> None:
+    with _raw(server) as sock:
+        sock.sendall(
+            b"POST /explain HTTP/1.1\r\nHost: x\r\nX-API-Key: key\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 5000\r\n\r\n--x\r\n"
+        )
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_timeout"
+
+
+def test_sigterm_drains_then_cuts_late_work_with_json(store: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=environment(store, CAMSERVE_PORT=str(port), CAMSERVE_SHUTDOWN_GRACE_S="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "did not start"
+            time.sleep(0.1)
+        slow = {"model": "resnet", "method": "SSCAM", "num_samples": "32", "batch_size": "1"}
+        image = [("file", ("a.png", image_bytes((40, 32)), "image/png"))]
+        with httpx.Client(base_url=url, timeout=30) as client:
+            answers: list[httpx.Response] = []
+            worker = threading.Thread(
+                target=lambda: answers.append(client.post("/explain", files=image, data=slow))
+            )
+            worker.start()
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            ready = client.get("/ready")
+            assert ready.status_code == 503 and ready.json()["draining"] is True
+            refused = client.post("/predict", files=image)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "shutting_down"
+            worker.join(30)
+        (cut,) = answers
+        assert cut.status_code == 503, cut.text
+        assert cut.headers["content-type"] == "application/json"
+        assert cut.json()["error"]["code"] == "shutting_down"
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "Traceback" not in output and "Internal Server Error" not in output
+    messages = [json.loads(line)["message"] for line in output.splitlines() if line.strip()]
+    assert any(m.startswith("draining") for m in messages)
+    assert any("cutting them with 503 shutting_down" in m for m in messages)
+
+
+def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
+    from app.server import DrainingServer, HeaderDeadlineProtocol, build_server
+    from app.settings import Settings
+
+    settings = Settings(
+        model_store=store,
+        device="cpu",
+        max_connections=123,
+        keep_alive_s=3,
+        header_timeout_s=7,
+        shutdown_grace_s=9,
+    )
+    server = build_server(settings)
+    assert isinstance(server, DrainingServer)
+    config = server.config
+    assert config.limit_concurrency == 123 and config.timeout_keep_alive == 3
+    assert issubclass(config.http, HeaderDeadlineProtocol)  # type: ignore[arg-type]
+    assert config.http.header_timeout_s == 7  # type: ignore[union-attr]
+    assert server.lifecycle.grace_s == 9

@@ -68,6 +68,12 @@ def test_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CAMSERVE_MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
         ("CAMSERVE_BATCH_TIMEOUT_MS", "-1", "greater than or equal to 0"),
         ("CAMSERVE_MAX_OUTPUT_SIDE", "8", "greater than or equal to 16"),
+        ("CAMSERVE_REQUEST_TIMEOUT_S", "0", "greater than 0"),
+        ("CAMSERVE_MAX_JOBS", "0", "greater than or equal to 1"),
+        ("CAMSERVE_JOB_TTL_S", "-5", "greater than 0"),
+        ("CAMSERVE_SHUTDOWN_GRACE_S", "-1", "greater than or equal to 0"),
+        ("CAMSERVE_MAX_CONNECTIONS", "0", "greater than or equal to 1"),
+        ("CAMSERVE_HEADER_TIMEOUT_S", "0", "greater than 0"),
     ],
 )
 def test_invalid_value_names_variable(
@@ -80,3 +86,15 @@ def test_invalid_value_names_variable(
     assert variable in message
     assert expected in message
     assert repr(value) in message or value.upper() in message
+
+
+def test_job_and_connection_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = Settings()
+    assert defaults.request_timeout_s == 60.0
+    assert (defaults.max_jobs, defaults.job_ttl_s, defaults.shutdown_grace_s) == (64, 3600.0, 25.0)
+    monkeypatch.setenv("CAMSERVE_REQUEST_TIMEOUT_S", "")
+    monkeypatch.setenv("CAMSERVE_MAX_CONNECTIONS", "50")
+    monkeypatch.setenv("CAMSERVE_KEEP_ALIVE_S", "2.5")
+    settings = load_settings()
+    assert settings.request_timeout_s is None  # empty: no deadline
+    assert (settings.max_connections, settings.keep_alive_s) == (50, 2.5)

@@ -227,15 +227,26 @@ def test_overload_is_503_with_retry_after(
         release.wait(10)
         return original(*args, **kwargs)
 
+    decoded: list[str] = []
+    original_decode = explainer_module.decode_upload
+
+    def counting_decode(upload, *args):  # type: ignore[no-untyped-def]
+        decoded.append(upload.filename)
+        return original_decode(upload, *args)
+
     monkeypatch.setattr(explainer_module, "run_cam_pass", slow)
+    monkeypatch.setattr(explainer_module, "decode_upload", counting_decode)
     with ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(explain, client, image_bytes())
         assert started.wait(10)
-        refused = explain(client, image_bytes())
+        refused = client.post(
+            "/explain", files=[("file", ("refused.png", image_bytes(), "image/png"))]
+        )
         release.set()
         assert first.result().status_code == 200
     assert_error(refused, 503, "overloaded")
     assert int(refused.headers["retry-after"]) >= 1
+    assert "refused.png" not in decoded  # refused before a pixel of it was decoded
 
 
 # ---------------------------------------------------------------------------- bad input
