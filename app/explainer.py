@@ -262,6 +262,7 @@ class Explainer:
             encode_ms=_ms(time.perf_counter() - encode_started),
             total_ms=_ms(time.perf_counter() - started),
             batch_images=batch_images,
+            cam_ms_by_method={plan.method: _ms(outcomes[plan].cam_s) for plan in plans},
         )
         return ExplainResponse(
             model=model.spec.name,
@@ -338,7 +339,6 @@ class Explainer:
                         label=model.labels[target],
                         logit=float(outcome.logits[i][target]),
                         probability=float(outcome.logits[i].softmax(-1)[target]),
-                        cam_ms=_ms(outcome.cam_s),
                         maps=[MapOutput(**fields) for fields in rendered],
                     )
                 )

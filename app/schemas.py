@@ -213,7 +213,6 @@ class Explanation(BaseModel):
     label: str
     logit: float
     probability: float
-    cam_ms: float = Field(description="milliseconds this method's maps took (all images)")
     maps: list[MapOutput] = Field(description="one per target layer, then 'fused' if several")
 
 
@@ -236,6 +235,9 @@ class ExplainTimings(BaseModel):
     batch_images: int = Field(
         description="images in the pass this request shared with others (its own included)"
     )
+    cam_ms_by_method: dict[str, float] = Field(
+        description="cam_ms of each method, in the order asked (they add up to cam_ms)"
+    )
 
 
 class ExplainResponse(BaseModel):
@@ -256,6 +258,7 @@ class ExplainResponse(BaseModel):
                 "encode_ms": 6.0,
                 "total_ms": 16.6,
                 "batch_images": 1,
+                "cam_ms_by_method": {"GradCAM": 3.9},
             },
             "results": [
                 {
@@ -273,7 +276,6 @@ class ExplainResponse(BaseModel):
                             "label": "circle",
                             "logit": 9.1,
                             "probability": 0.99,
-                            "cam_ms": 3.9,
                             "maps": [
                                 {
                                     "layer": "layer3",

@@ -260,7 +260,7 @@ async function showAnswer(answer) {
   const base = state.image;
   for (const explanation of result.explanations) {
     const method = explanation.method || answer.method;
-    const camMs = explanation.cam_ms ?? answer.timings.cam_ms;
+    const camMs = (answer.timings.cam_ms_by_method || {})[method] ?? answer.timings.cam_ms;
     for (const map of explanation.maps) {
       const heat = await decodePng(map.heatmap);
       const { width, height } = map;
