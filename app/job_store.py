@@ -86,13 +86,19 @@ class Job:
             self.done, self.total = done, total
         self._touch()
 
-    def finish(self, status: JobStatus, ttl_s: float, **outcome: object) -> None:
+    def finish(
+        self,
+        status: JobStatus,
+        ttl_s: float,
+        result: ExplainResponse | None = None,
+        error: ErrorDetail | None = None,
+    ) -> None:
         if self.is_finished:
             return
         self.status = status
         self.finished = _now()
-        self.result = outcome.get("result")  # type: ignore[assignment]
-        self.error = outcome.get("error")  # type: ignore[assignment]
+        self.result = result
+        self.error = error
         if status == "succeeded":
             self.done = self.total
         self.expires = time.monotonic() + ttl_s

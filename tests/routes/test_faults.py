@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,28 @@ def test_echoed_input_is_cut_short(client: TestClient, field: str) -> None:
     response = client.post("/explain", files=files(image_bytes()), data={field: value})
     assert 400 <= response.status_code < 500, response.text
     assert len(response.content) < 2_000, (field, len(response.content))
+
+
+def test_decoding_runs_on_a_bounded_pool_of_image_threads(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(queue_size=64)
+    pool = client.app.state.explainer.image_threads  # type: ignore[attr-defined]
+    threads: set[threading.Thread] = set()
+    original = explainer_module.decode_upload
+
+    def noting_thread(*args):  # type: ignore[no-untyped-def]
+        threads.add(threading.current_thread())
+        return original(*args)
+
+    monkeypatch.setattr(explainer_module, "decode_upload", noting_thread)
+    with ThreadPoolExecutor(max_workers=24) as senders:
+        answers = list(
+            senders.map(
+                lambda seed: client.post("/predict", files=files(image_bytes(seed=seed))),
+                range(24),
+            )
+        )
+    assert all(a.status_code == 200 for a in answers)
+    assert threads <= set(pool._threads)  # 24 concurrent uploads, decoded on the pool alone
+    assert 1 <= len(threads) <= pool._max_workers <= 8
