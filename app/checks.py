@@ -53,6 +53,39 @@ def resolve_method(
     return method, METHODS[method]
 
 
+def resolve_methods(
+    model: LoadedModel, names: str | None, own_layers: bool = False
+) -> list[tuple[str, type]]:
+    """One or several methods (``GradCAM,ScoreCAM``), each checked by ``resolve_method``, in the
+    order given, without repeats; none given: the model's default method."""
+    wanted: list[str | None] = [p.strip() for p in (names or "").split(",") if p.strip()]
+    resolved = [resolve_method(model, name, own_layers) for name in wanted or [None]]
+    return list({method: (method, cls) for method, cls in resolved}.values())
+
+
+def split_options(
+    methods: Sequence[tuple[str, type]], options: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per method, the options it takes. One method must take every option sent; of several,
+    each option must be taken by at least one of them (it then goes to those only)."""
+    if len(methods) == 1:
+        return [check_options(*methods[0], options)]
+    names = [method for method, _ in methods]
+    for option in options:
+        if not any(option in getattr(cls, "option_names", ()) for _, cls in methods):
+            takers = [n for n, c in METHODS.items() if option in getattr(c, "option_names", ())]
+            raise InvalidParameter(
+                f"None of {', '.join(names)} takes the option {option!r}; "
+                f"{', '.join(takers) or 'no method'} take(s) it. "
+                f"Drop {option!r} or add one of those methods.",
+                details={"option": option, "methods": takers},
+            )
+    return [
+        {k: v for k, v in options.items() if k in getattr(cls, "option_names", ())}
+        for _, cls in methods
+    ]
+
+
 def check_options(method: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
     """Refuse options the method does not take, naming the methods that do."""
 
@@ -100,6 +133,27 @@ def check_classes(model: LoadedModel, class_idx: Sequence[int], count: int) -> N
             )
 
 
+def masked_forwards(
+    model: LoadedModel,
+    cls: type,
+    layers: Sequence[str],
+    options: dict[str, Any],
+    images: int,
+) -> tuple[int, int, int]:
+    """Masked forwards a Score-CAM-family method would run (0 for the others), with the
+    channels and samples per image that make them up."""
+    names = getattr(cls, "option_names", ())
+    if not getattr(cls, "masked_forwards", False):
+        return 0, 0, 0
+    samples = 1
+    if "num_samples" in names:
+        default = inspect.signature(cls).parameters.get("num_samples")
+        fallback = default.default if default is not None else 1
+        samples = int(options.get("num_samples", fallback))
+    channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
+    return images * channels * samples, channels, samples
+
+
 def check_budget(
     model: LoadedModel,
     method: str,
@@ -110,16 +164,7 @@ def check_budget(
     limit: int,
 ) -> None:
     """Refuse Score-CAM-family requests whose masked forwards exceed the budget."""
-    names = getattr(cls, "option_names", ())
-    if not getattr(cls, "masked_forwards", False):
-        return
-    samples = 1
-    if "num_samples" in names:
-        default = inspect.signature(cls).parameters.get("num_samples")
-        fallback = default.default if default is not None else 1
-        samples = int(options.get("num_samples", fallback))
-    channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
-    forwards = images * channels * samples
+    forwards, channels, samples = masked_forwards(model, cls, layers, options, images)
     if forwards > limit:
         raise OverBudget(
             f"{method} would run {forwards} masked forwards ({images} image(s) x {channels} "
@@ -127,6 +172,32 @@ def check_budget(
             "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
             "layer with fewer channels, or use a gradient method such as GradCAM.",
             details={"forwards": forwards, "limit": limit},
+        )
+
+
+def check_total_budget(
+    model: LoadedModel,
+    methods: Sequence[tuple[str, type, dict[str, Any]]],
+    layers: Sequence[str],
+    images: int,
+    limit: int,
+) -> None:
+    """Several methods in one request: their masked forwards count together."""
+    if len(methods) == 1:
+        check_budget(model, methods[0][0], methods[0][1], layers, methods[0][2], images, limit)
+        return
+    counts = {
+        method: masked_forwards(model, cls, layers, options, images)[0]
+        for method, cls, options in methods
+    }
+    total = sum(counts.values())
+    if total > limit:
+        parts = ", ".join(f"{method} {count}" for method, count in counts.items() if count)
+        raise OverBudget(
+            f"These methods would run {total} masked forwards together ({parts}); the limit is "
+            f"{limit} (CAMSERVE_MAX_CAM_FORWARDS). Send fewer images or methods, lower "
+            "num_samples, or pick a layer with fewer channels.",
+            details={"forwards": total, "limit": limit, "per_method": counts},
         )
 
 

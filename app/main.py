@@ -30,6 +30,8 @@ from app.openapi import form_fields_without_null
 from app.protocol import PREFIXES, json_body_limit
 from app.registry import ModelRegistry
 from app.routes import explain, health, jobs, kserve, metrics, models, oip, predict
+from app.routes.docs import install_docs
+from app.routes.ui import install_ui
 from app.settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -128,6 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app.routes.docs serves them with local assets
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics(app.state) if settings.metrics else None
@@ -146,6 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)  # no prefix: the gate matches these routes as they are
     if settings.metrics:
         app.include_router(metrics.router)
+    install_docs(app)
+    if settings.ui:
+        install_ui(app)
     _install_openapi(app, open_access=settings.api_key is None)
     app.add_middleware(
         BodyLimitMiddleware,

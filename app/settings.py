@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     metrics: bool = Field(True, description="serve Prometheus metrics on GET /metrics")
+    ui: bool = Field(True, description="serve the explanation page at GET /")
 
     @field_validator("device")
     @classmethod

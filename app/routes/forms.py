@@ -67,9 +67,11 @@ async def explain_form(
         str | None, Form(description="model name; default: the default model", examples=["shapes"])
     ] = None,
     method: Annotated[
-        str | None,
+        list[str] | None,
         Form(
-            description="CAM method, case-insensitive; default: the model's", examples=["GradCAM"]
+            description="CAM method, case-insensitive; default: the model's. Several (repeat "
+            "the field or separate by commas) give one explanation per method",
+            examples=[["GradCAM"]],
         ),
     ] = None,
     class_idx: Annotated[
@@ -125,6 +127,12 @@ async def explain_form(
         raise NotAcceptable(
             "An image/png answer holds one image; send one file or accept application/json."
         )
+    methods = _split(method)
+    if as_png and len({m.lower() for m in methods}) > 1:
+        raise NotAcceptable(
+            "An image/png answer holds one method's overlay; send one method or accept "
+            "application/json."
+        )
     options = {
         name: value
         for name, value in {
@@ -136,7 +144,7 @@ async def explain_form(
         if value is not None
     }
     params = ExplainParams(
-        method=method or None,
+        method=",".join(methods) or None,
         class_idx=_class_indices(class_idx),
         top_k=top_k,
         target_layers=tuple(_split(target_layer)),
