@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.camserve-installed
 
-.PHONY: install serve test lint lint-deploy format bench bench-quality bench-serving bench-soak docker-smoke clean
+.PHONY: install serve test lint typecheck lint-deploy browser-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,20 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format app tests bench tools
 	$(VENV)/bin/ruff check --fix app tests bench tools
 
+# mypy on app/ (settings in pyproject.toml: [tool.mypy]).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
 lint-deploy: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" tools/lint_deploy.sh
 
-test: $(STAMP) lint lint-deploy
+# The browser tests (tests/browser) drive Debian's chromium through Playwright; they fail, never
+# skip, without it. Installs it when missing (needs root and Debian's package index).
+CHROMIUM ?= /usr/bin/chromium
+browser-deps:
+	@test -x $(CHROMIUM) || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: $(STAMP) lint typecheck lint-deploy browser-deps
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -92,6 +92,7 @@ class Batcher:
         max_images: int,
         timeout_s: float,
         executor: Executor | None = None,
+        on_pass: Callable[[int], None] | None = None,
     ) -> None:
         self.name = name
         self.limiter = limiter
@@ -103,6 +104,8 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self.executor = executor
         """Threads for the passes (the service's model threads); None: anyio's pool."""
+        self.on_pass = on_pass
+        """Told the number of images of every pass that ran (the metrics' batch histogram)."""
 
     @property
     def waiting(self) -> int:
@@ -237,9 +240,12 @@ class Batcher:
             return started, group[0].run([p.item for p in group], control)
 
         try:
-            return await self.limiter.run_in_slot(work, self.executor)
+            outcome = await self.limiter.run_in_slot(work, self.executor)
         except Exception as error:  # handed to the requests, which turn it into their answer
             return error
+        if self.on_pass is not None:
+            self.on_pass(sum(p.images for p in group))
+        return outcome
 
     @staticmethod
     def _settle(group: list[_Pending], outcome: tuple[float, Sequence[Any]] | Exception) -> None:

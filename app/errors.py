@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.context import REQUEST_ID_HEADER, current_request_id
+
 logger = logging.getLogger(__name__)
 
 
@@ -170,8 +172,12 @@ def clip(value: object, limit: int = ECHO_LIMIT) -> str:
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The one JSON error shape: ``{"error": {"code": ..., "message": ...}}``."""
+    """The one JSON error shape: ``{"error": {"code": ..., "message": ...}}``; ``details`` also
+    carries the request's id during a request."""
     error: dict[str, Any] = {"code": code, "message": message}
+    request_id = current_request_id()
+    if request_id is not None:
+        details = {**(details or {}), "request_id": request_id}
     if details:
         error["details"] = details
     return {"error": error}
@@ -243,4 +249,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body("internal_error", "Internal server error; the details are in the log."),
             status_code=500,
+            # Rendered outside the access middleware, which tags every other answer.
+            headers={REQUEST_ID_HEADER: request_id}
+            if (request_id := current_request_id())
+            else None,
         )

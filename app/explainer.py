@@ -21,12 +21,22 @@ import torch
 from app import checks
 from app.batching import Batcher
 from app.cam import ProgressCallback
+from app.context import note_work
 from app.decoding import DecodedImage, Upload, decode_upload, stack_inputs
 from app.device import default_batch_size
 from app.imaging import OUTPUT_FORMATS
 from app.jobs import JobLimiter
 from app.loading import LoadedModel
-from app.passes import CamItem, CamOutcome, CamPlan, run_cam_pass, run_forward_pass
+from app.metrics import cam_forwards
+from app.passes import (
+    CamItem,
+    CamOutcome,
+    CamPlan,
+    group_plans,
+    run_cam_pass,
+    run_forward_pass,
+    run_shared_cam_pass,
+)
 from app.registry import ModelRegistry
 from app.rendering import (
     DEFAULT_ALPHA,
@@ -90,6 +100,7 @@ class Explainer:
         batch_timeout_s: float = 0.005,
         model_threads: Executor | None = None,
         image_threads: Executor | None = None,
+        on_pass: Callable[[str, int], None] | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -102,17 +113,30 @@ class Explainer:
         self.image_threads = image_threads
         """Bounded threads for decoding and rendering (None: the event loop's default pool)."""
         self._batchers: dict[str, Batcher] = {}
+        self.on_pass = on_pass
+        """Told (model, images) for every pass that ran."""
 
     def batcher(self, model: LoadedModel) -> Batcher:
         """The model's batcher, made on first use (inside the running event loop)."""
         batcher = self._batchers.get(model.spec.name)
         if batcher is None:
             size = self.max_batch_size or default_batch_size(model.device)
+            on_pass = None if self.on_pass is None else partial(self.on_pass, model.spec.name)
             batcher = Batcher(
-                model.spec.name, self.limiter, size, self.batch_timeout_s, self.model_threads
+                model.spec.name,
+                self.limiter,
+                size,
+                self.batch_timeout_s,
+                self.model_threads,
+                on_pass=on_pass,
             )
             self._batchers[model.spec.name] = batcher
         return batcher
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a pass, over all models."""
+        return sum(batcher.waiting for batcher in self._batchers.values())
 
     async def close(self) -> None:
         """Stop every batcher (at shutdown)."""
@@ -174,6 +198,12 @@ class Explainer:
             total_ms=_ms(time.perf_counter() - started),
             batch_images=info.batch_images,
         )
+        note_work(
+            model.spec.name,
+            None,
+            len(decoded),
+            {"decode": decode_s, "queue": info.queue_s, "forward": outcome.forward_s},
+        )
         return PredictResponse(
             model=model.spec.name, device=str(model.device), timings=timings, results=results
         )
@@ -194,48 +224,90 @@ class Explainer:
         progress: ProgressCallback | None = None,
         admit: bool = True,
     ) -> ExplainResponse:
-        """Predictions and class activation maps for every upload.
+        """Predictions and class activation maps for every upload, with one or several methods.
 
         ``progress(done, total)`` hears from the pass thread how far the masked or noisy forwards
-        got. ``admit=False`` skips the admission check (jobs, bounded by their own count, wait
-        for a slot instead of being refused)."""
+        got (each pass of a several-method request counts its own). ``admit=False`` skips the
+        admission check (jobs, bounded by their own count, wait for a slot instead of being
+        refused)."""
         started = time.perf_counter()
         model = self.registry.get(model_name)
-        plan, style = self._check(model, params, len(uploads))
+        plans, style = self._check(model, params, len(uploads))
 
         with self.limiter.admit() if admit else nullcontext():
             decoded, decode_s = await self._decode(
                 model, uploads, style.size.decode_side if style.draws_pictures else 0
             )
             item = CamItem(stack_inputs(decoded), params.class_idx)
-            outcome, info = await self.batcher(model).submit(
-                ("cam", plan),
-                item,
-                len(decoded),
-                partial(run_cam_pass, model, plan),
-                batchable=plan.batchable,
-                progress=progress,
-            )
+            outcomes: dict[CamPlan, CamOutcome] = {}
+            queue_s = forward_s = 0.0
+            batch_images = 0
+            chained = None if progress is None else _ChainedProgress(progress)
+            # Decoded once; the methods that can share a forward run in one pass, others alone.
+            for group in group_plans(plans):
+                if len(group) == 1:
+                    plan = group[0]
+                    outcome, info = await self.batcher(model).submit(
+                        ("cam", plan),
+                        item,
+                        len(decoded),
+                        partial(run_cam_pass, model, plan),
+                        batchable=plan.batchable,
+                        progress=chained,
+                    )
+                    shared = [outcome]
+                else:
+                    shared, info = await self.batcher(model).submit(
+                        ("cam", group),
+                        item,
+                        len(decoded),
+                        partial(run_shared_cam_pass, model, group),
+                        batchable=all(plan.batchable for plan in group),
+                        progress=chained,
+                    )
+                outcomes.update(zip(group, shared, strict=True))
+                queue_s += info.queue_s
+                forward_s += shared[0].forward_s
+                batch_images = max(batch_images, info.batch_images)
+                if chained is not None:
+                    chained.next_pass()
 
         encode_started = time.perf_counter()
         results = await self._on_image_thread(
-            lambda: self._results(model, decoded, outcome, plan, style, params.top_k)
+            lambda: self._results(model, decoded, outcomes, plans, style, params.top_k)
+        )
+        encode_s = time.perf_counter() - encode_started
+        cam_s = sum(outcome.cam_s for outcome in outcomes.values())
+        shapes = [model.layer_shapes.get(layer, ()) for layer in plans[0].layers]
+        note_work(
+            model.spec.name,
+            ",".join(plan.method for plan in plans),
+            len(decoded),
+            {
+                "decode": decode_s,
+                "queue": queue_s,
+                "forward": forward_s,
+                "cam": cam_s,
+                "encode": encode_s,
+            },
+            sum(cam_forwards(plan.cls, shapes, dict(plan.options), len(decoded)) for plan in plans),
         )
         timings = ExplainTimings(
             decode_ms=_ms(decode_s),
-            queue_ms=_ms(info.queue_s),
-            forward_ms=_ms(outcome.forward_s),
-            cam_ms=_ms(outcome.cam_s),
-            encode_ms=_ms(time.perf_counter() - encode_started),
+            queue_ms=_ms(queue_s),
+            forward_ms=_ms(forward_s),
+            cam_ms=_ms(cam_s),
+            encode_ms=_ms(encode_s),
             total_ms=_ms(time.perf_counter() - started),
-            batch_images=info.batch_images,
+            batch_images=batch_images,
+            cam_ms_by_method={plan.method: _ms(outcomes[plan].cam_s) for plan in plans},
         )
         return ExplainResponse(
             model=model.spec.name,
             device=str(model.device),
-            method=plan.method,
-            target_layers=list(plan.layers),
-            options={k: v for k, v in plan.options if k in params.options},
+            method=",".join(plan.method for plan in plans),
+            target_layers=list(plans[0].layers),
+            options={k: v for plan in plans for k, v in plan.options if k in params.options},
             image_format=style.image_format,
             media_type=OUTPUT_FORMATS[style.image_format][1],
             timings=timings,
@@ -244,20 +316,30 @@ class Explainer:
 
     def _check(
         self, model: LoadedModel, params: ExplainParams, images: int
-    ) -> tuple[CamPlan, RenderStyle]:
-        """Every parameter against the model, before any pixel is decoded."""
+    ) -> tuple[list[CamPlan], RenderStyle]:
+        """Every parameter against the model, before any pixel is decoded: one plan per method."""
         own_layers = bool(params.target_layers) and (
             tuple(dict.fromkeys(params.target_layers)) != model.target_layers
         )
-        method, cls = checks.resolve_method(model, params.method, own_layers)
-        options = checks.check_options(method, cls, params.options)
-        if cls.reads_head and model.spec.fc_layer:
-            options.setdefault("fc_layer", model.spec.fc_layer)
-        own_default = None if params.target_layers else cls.default_layers(model.module)
+        methods = checks.resolve_methods(model, params.method, own_layers)
+        per_method = checks.split_options(methods, params.options)
+        for (_, cls), options in zip(methods, per_method, strict=True):
+            if cls.reads_head and model.spec.fc_layer:
+                options.setdefault("fc_layer", model.spec.fc_layer)
+        own_default = None
+        if not params.target_layers and len(methods) == 1:
+            # A method with layers of its own (LeGrad: a ViT's blocks) explains those by default.
+            own_default = methods[0][1].default_layers(model.module)
         layers = checks.check_layers(model, params.target_layers or own_default or ())
         checks.check_classes(model, params.class_idx, images)
         checks.check_rendering(params.outputs, params.image_format, params.colormap)
-        checks.check_budget(model, method, cls, layers, options, images, self.max_cam_forwards)
+        checks.check_total_budget(
+            model,
+            [(m, cls, o) for (m, cls), o in zip(methods, per_method, strict=True)],
+            layers,
+            images,
+            self.max_cam_forwards,
+        )
         style = RenderStyle(
             outputs=tuple(dict.fromkeys(params.outputs)),
             colormap=params.colormap,
@@ -265,8 +347,11 @@ class Explainer:
             image_format=params.image_format,
             size=PictureSize.parse(params.size, self.max_output_side),
         )
-        plan = CamPlan(method, cls, layers, tuple(sorted(options.items())), params.normalized)
-        return plan, style
+        plans = [
+            CamPlan(method, cls, layers, tuple(sorted(options.items())), params.normalized)
+            for (method, cls), options in zip(methods, per_method, strict=True)
+        ]
+        return plans, style
 
     # ------------------------------------------------------------------ phase 3: render
 
@@ -274,28 +359,31 @@ class Explainer:
         self,
         model: LoadedModel,
         decoded: Sequence[DecodedImage],
-        outcome: CamOutcome,
-        plan: CamPlan,
+        outcomes: dict[CamPlan, CamOutcome],
+        plans: Sequence[CamPlan],
         style: RenderStyle,
         top_k: int,
     ) -> list[ExplainResult]:
-        # A one-map method (RefineCAM, LeGrad) has no per-layer maps, only the fused one.
-        per_layer = zip(plan.layers, outcome.cams, strict=True) if outcome.cams else ()
-        maps = [NamedMap(layer, "layer", cams, plan.normalized) for layer, cams in per_layer]
-        if outcome.fused is not None:
-            maps.append(NamedMap(FUSED, "fused", outcome.fused, True))
+        named = {plan: _named_maps(plan, outcomes[plan]) for plan in plans}
+        first = outcomes[plans[0]]
         results = []
         for i, image in enumerate(decoded):
-            logits = outcome.logits[i]
-            target = outcome.class_idx[i]
-            rendered = render_image(image, i, maps, style, model.spec.crop)
-            explanation = Explanation(
-                class_idx=target,
-                label=model.labels[target],
-                logit=float(logits[target]),
-                probability=float(logits.softmax(-1)[target]),
-                maps=[MapOutput(**fields) for fields in rendered],
-            )
+            logits = first.logits[i]
+            explanations = []
+            for plan in plans:
+                outcome = outcomes[plan]
+                target = outcome.class_idx[i]
+                rendered = render_image(image, i, named[plan], style, model.spec.crop)
+                explanations.append(
+                    Explanation(
+                        method=plan.method,
+                        class_idx=target,
+                        label=model.labels[target],
+                        logit=float(outcome.logits[i][target]),
+                        probability=float(outcome.logits[i].softmax(-1)[target]),
+                        maps=[MapOutput(**fields) for fields in rendered],
+                    )
+                )
             results.append(
                 ExplainResult(
                     filename=image.filename,
@@ -303,10 +391,37 @@ class Explainer:
                     height=image.original_size[1],
                     predictions=_predictions(model, logits, top_k),
                     logits=logits.tolist(),
-                    explanations=[explanation],
+                    explanations=explanations,
                 )
             )
         return results
+
+
+class _ChainedProgress:
+    """The progress of the passes of one request, one after the other, as one count: each
+    report adds what the passes before it did (their totals are known once they ran)."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self.progress = progress
+        self.before = 0
+        self.total = 0
+
+    def __call__(self, done: int, total: int) -> None:  # called in the pass thread
+        self.total = total
+        self.progress(self.before + done, self.before + total)
+
+    def next_pass(self) -> None:
+        self.before += self.total
+        self.total = 0
+
+
+def _named_maps(plan: CamPlan, outcome: CamOutcome) -> list[NamedMap]:
+    # A one-map method (RefineCAM, LeGrad) has no per-layer maps, only the fused one.
+    per_layer = zip(plan.layers, outcome.cams, strict=True) if outcome.cams else ()
+    maps = [NamedMap(layer, "layer", cams, plan.normalized) for layer, cams in per_layer]
+    if outcome.fused is not None:
+        maps.append(NamedMap(FUSED, "fused", outcome.fused, True))
+    return maps
 
 
 def _predictions(model: LoadedModel, logits: torch.Tensor, k: int) -> list[Prediction]:

@@ -26,7 +26,9 @@ def _depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
 
 
 class GateMiddleware:
-    """Refuse a model request on its headers alone: no key (when one is set), or draining."""
+    """Refuse a model request on its headers alone: no key (when one is set), or draining.
+
+    Under ``protocol_prefixes`` (the inference-protocol routes) refusals are ``{"error": ...}``."""
 
     def __init__(
         self,
@@ -34,11 +36,13 @@ class GateMiddleware:
         routes: Sequence[BaseRoute],
         api_key: str | None,
         lifecycle: Lifecycle,
+        protocol_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.routes = routes
         self.api_key = api_key.encode() if api_key is not None else None
         self.lifecycle = lifecycle
+        self.protocol_prefixes = protocol_prefixes
         self._guarded: dict[int, bool] = {}
 
     def _is_model_route(self, scope: Scope) -> bool:
@@ -61,8 +65,12 @@ class GateMiddleware:
             self._is_model_route(scope)
         )
         if needs_gate:
+            protocol = bool(self.protocol_prefixes) and scope["path"].startswith(
+                self.protocol_prefixes
+            )
             if self.api_key is not None and not self._key_ok(scope):
                 await _answer(
+                    protocol,
                     send,
                     401,
                     "unauthorized",
@@ -72,6 +80,7 @@ class GateMiddleware:
                 return
             if self.lifecycle.draining and scope["method"] == "POST":
                 await _answer(
+                    protocol,
                     send,
                     503,
                     "shutting_down",
@@ -87,9 +96,15 @@ class GateMiddleware:
 
 
 async def _answer(
-    send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]]
+    protocol: bool,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: list[tuple[bytes, bytes]],
 ) -> None:
-    body = json.dumps(error_body(code, message)).encode()
+    shaped = {"error": message} if protocol else error_body(code, message)
+    body = json.dumps(shaped).encode()
     await send(
         {
             "type": "http.response.start",

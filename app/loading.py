@@ -173,11 +173,11 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     )
 
 
-def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple]:
+def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """One forward on zeros (on the module's device); records every submodule's output shape
     (its first call's) and checks the logits."""
     order, out = trace_forward(module, spec.input_shape)
-    shapes: dict[str, tuple] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in order:
         shapes.setdefault(name, shape or ())
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):

@@ -8,12 +8,14 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app import __version__
+from app.access import AccessMiddleware
 from app.device import describe_device, resolve_device
 from app.errors import install_error_handlers
 from app.explainer import Explainer
@@ -22,10 +24,14 @@ from app.job_store import JobStore
 from app.jobs import JobLimiter
 from app.lifecycle import Lifecycle
 from app.logs import configure_logging
+from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware
 from app.openapi import form_fields_without_null
+from app.protocol import PREFIXES, json_body_limit
 from app.registry import ModelRegistry
-from app.routes import explain, health, jobs, models, predict
+from app.routes import explain, health, jobs, kserve, metrics, models, oip, predict
+from app.routes.docs import install_docs
+from app.routes.ui import install_ui
 from app.settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +82,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batch_timeout_s=settings.batch_timeout_ms / 1000,
         model_threads=model_threads,
         image_threads=image_threads,
+        on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
     )
     app.state.explainer = explainer
     app.state.jobs = JobStore(explainer, settings.max_jobs, settings.job_ttl_s, app.state.lifecycle)
@@ -96,7 +103,7 @@ def _install_openapi(app: FastAPI, open_access: bool) -> None:
     cannot carry one), and, without CAMSERVE_API_KEY, no route asking for a key, so that clients
     and generated SDKs do not send (or demand) an X-API-Key header."""
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
                 title=app.title,
@@ -123,18 +130,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # app.routes.docs serves them with local assets
+        redoc_url=None,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics(app.state) if settings.metrics else None
     app.state.lifecycle = Lifecycle(settings.shutdown_grace_s)
     install_error_handlers(app)
-    routers = (health.router, models.router, predict.router, explain.router, jobs.router)
+    routers = (
+        health.router,
+        models.router,
+        predict.router,
+        explain.router,
+        jobs.router,
+        oip.router,
+        kserve.router,
+    )
     for router in routers:
         app.include_router(router)  # no prefix: the gate matches these routes as they are
+    if settings.metrics:
+        app.include_router(metrics.router)
+    install_docs(app)
+    if settings.ui:
+        install_ui(app)
     _install_openapi(app, open_access=settings.api_key is None)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
         body_timeout_s=settings.body_timeout_s,
+        protocol_prefixes=PREFIXES,
+        protocol_max_bytes=json_body_limit(
+            settings.max_upload_bytes, settings.max_images, _FORM_OVERHEAD
+        ),
     )
     # Outside the body limit: a request without its key, or during the drain, is refused on
     # its headers, before a byte of its body is read.
@@ -143,19 +170,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         routes=[route for router in routers for route in router.routes],
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         lifecycle=app.state.lifecycle,
+        protocol_prefixes=PREFIXES,
     )
-    # Added last, so outermost: even a 413 from the body limit carries the CORS headers.
+    # Outside the body limit: even its 413 carries the CORS headers.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["X-API-Key", "Content-Type", "Accept"],
+            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
             expose_headers=[
                 "Retry-After",
+                "X-Request-ID",
                 "X-Camserve-Method",
                 "X-Camserve-Class",
                 "X-Camserve-Label",
             ],
         )
+    # Outermost of all: every answer, a CORS preflight or a 413 included, carries the id.
+    app.add_middleware(AccessMiddleware, metrics=app.state.metrics)
     return app

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:
     import tomli as tomllib
 
 MANIFEST_NAME = "model.toml"
@@ -37,7 +38,7 @@ class ModelSpec:
     folder: Path
     description: str
     architecture: str
-    kwargs: MappingProxyType
+    kwargs: MappingProxyType[str, Any]
     weights: str
     num_classes: int
     labels: tuple[str, ...] | None

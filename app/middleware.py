@@ -22,18 +22,31 @@ class _BodyRefused(Exception):
 
 class BodyLimitMiddleware:
     """Answer 413 once a body exceeds ``max_bytes`` (from Content-Length or from counting), and
-    408 when the client leaves ``body_timeout_s`` between two pieces of its body."""
+    408 when the client leaves ``body_timeout_s`` between two pieces of its body.
 
-    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float = 30.0) -> None:
+    Paths under ``protocol_prefixes`` (the inference-protocol routes, whose images come base64
+    in JSON) get ``protocol_max_bytes`` instead, and their refusals the protocols' shape."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        body_timeout_s: float = 30.0,
+        protocol_prefixes: tuple[str, ...] = (),
+        protocol_max_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
+        self.protocol_prefixes = protocol_prefixes
+        self.protocol_max_bytes = protocol_max_bytes or max_bytes
 
-    def _too_large(self) -> _BodyRefused:
+    @staticmethod
+    def _too_large(limit: int) -> _BodyRefused:
         return _BodyRefused(
             413,
             "payload_too_large",
-            f"The request body is over {self.max_bytes} bytes; send fewer or smaller "
+            f"The request body is over {limit} bytes; send fewer or smaller "
             "images (CAMSERVE_MAX_UPLOAD_BYTES x CAMSERVE_MAX_IMAGES bounds it).",
         )
 
@@ -41,9 +54,11 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        protocol = bool(self.protocol_prefixes) and scope["path"].startswith(self.protocol_prefixes)
+        limit = self.protocol_max_bytes if protocol else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _answer(send, self._too_large())
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _answer(send, self._too_large(limit), protocol)
             return
 
         received = 0
@@ -68,8 +83,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_done = not message.get("more_body", False)
-                if received > self.max_bytes:
-                    refused = self._too_large()
+                if received > limit:
+                    refused = self._too_large(limit)
                     raise refused
             return message
 
@@ -86,11 +101,12 @@ class BodyLimitMiddleware:
             if refused is None:
                 raise
         if refused is not None and not started:
-            await _answer(send, refused)
+            await _answer(send, refused, protocol)
 
 
-async def _answer(send: Send, refused: _BodyRefused) -> None:
-    body = json.dumps(error_body(refused.code, refused.message)).encode()
+async def _answer(send: Send, refused: _BodyRefused, protocol: bool = False) -> None:
+    shaped = {"error": refused.message} if protocol else error_body(refused.code, refused.message)
+    body = json.dumps(shaped).encode()
     await send(
         {
             "type": "http.response.start",

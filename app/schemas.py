@@ -235,6 +235,7 @@ MapOutput = create_model(  # type: ignore[call-overload]
 
 
 class Explanation(BaseModel):
+    method: str = Field(description="the CAM method of these maps")
     class_idx: int
     label: str
     logit: float
@@ -261,6 +262,9 @@ class ExplainTimings(BaseModel):
     batch_images: int = Field(
         description="images in the pass this request shared with others (its own included)"
     )
+    cam_ms_by_method: dict[str, float] = Field(
+        description="cam_ms of each method, in the order asked (they add up to cam_ms)"
+    )
 
 
 class ExplainResponse(BaseModel):
@@ -281,6 +285,7 @@ class ExplainResponse(BaseModel):
                 "encode_ms": 6.0,
                 "total_ms": 16.6,
                 "batch_images": 1,
+                "cam_ms_by_method": {"GradCAM": 3.9},
             },
             "results": [
                 {
@@ -293,6 +298,7 @@ class ExplainResponse(BaseModel):
                     "logits": [9.1, -1.2, 0.3, -2.0, -0.4, 1.1, -3.3, 0.2],
                     "explanations": [
                         {
+                            "method": "GradCAM",
                             "class_idx": 0,
                             "label": "circle",
                             "logit": 9.1,
@@ -317,7 +323,10 @@ class ExplainResponse(BaseModel):
     )
     model: str
     device: str
-    method: str
+    method: str = Field(
+        description="the method; several (in the order asked) are joined by commas, and each "
+        "explanation names its own"
+    )
     target_layers: list[str]
     options: dict[str, Any]
     image_format: str

@@ -45,7 +45,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     header_timeout_s = 10.0
     _last_limit_log = 0.0
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._header_timer: Any = None
         self._arm_header_timer()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    metrics: bool = Field(True, description="serve Prometheus metrics on GET /metrics")
+    ui: bool = Field(True, description="serve the explanation page at GET /")
 
     @field_validator("device")
     @classmethod
@@ -157,7 +159,7 @@ def describe_validation_error(error: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read the settings from the environment, raising ConfigurationError with a clear message."""
     try:
         return Settings(**overrides)

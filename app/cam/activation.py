@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,7 @@ from app.cam.core import (
     seeded_generator,
 )
 from app.cam.layers import LayerSpec, resolve_layer
-from app.cam.options import BATCH_SIZE, FC_LAYER, SEED, noise_std, num_samples
+from app.cam.options import BATCH_SIZE, FC_LAYER, SEED, MethodOption, noise_std, num_samples
 from app.cam.targets import Objective, take_rows
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _pointwise(module: nn.Module) -> bool:
 
 def head_weight(head: nn.Module) -> Tensor:
     """The class weights (classes, channels) of a Linear head or a 1x1-convolution head."""
-    weight = head.weight.detach()
+    weight = cast(Tensor, head.weight).detach()
     return weight.reshape(weight.shape[0], weight.shape[1])
 
 
@@ -147,7 +147,7 @@ class CAM(_CAM):
         super()._register_hooks()
         self._handles.append(self.fc.register_forward_pre_hook(self._record_fc_input))
 
-    def _record_fc_input(self, _module: nn.Module, args: tuple) -> None:
+    def _record_fc_input(self, _module: nn.Module, args: tuple[object, ...]) -> None:
         if self._recording() and args and isinstance(args[0], Tensor):
             self._fc_input = args[0]
 
@@ -215,7 +215,7 @@ class _ScoreFamily(_CAM):
     scores_optional = True
     uses_input = True
     masked_forwards = True
-    options = (BATCH_SIZE,)
+    options: ClassVar[tuple[MethodOption, ...]] = (BATCH_SIZE,)
     #: masked inputs per (sample, channel): noise draws or integration steps.
     _variants = 1
 
@@ -439,7 +439,9 @@ class SSCAM(_ScoreFamily):
     def _masked_inputs(
         self, inputs: Tensor, masks: Tensor, sample_idx: Tensor, variant_idx: Tensor
     ) -> Tensor:
-        noise = self._noise[variant_idx.to(self._noise.device).long()]  # type: ignore[index]
+        if self._noise is None:
+            raise RuntimeError("SSCAM's noise is drawn when it is called; call the extractor.")
+        noise = self._noise[variant_idx.to(self._noise.device).long()]
         return inputs * (masks + noise).unsqueeze(1).to(inputs.dtype)
 
 

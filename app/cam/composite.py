@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ _CAPABILITIES = (
     "masked_forwards",
     "noisy_forwards",
     "class_agnostic",
+    "supports_targets",
 )
 
 
@@ -76,7 +77,7 @@ def _check_base(
         raise TypeError(
             f"base_method must be a CAM extractor class such as {example}, not {base_method!r}."
         )
-    return base_method
+    return cast(type[_CAM], base_method)
 
 
 class RefineCAM(_Composite):
@@ -113,7 +114,6 @@ class RefineCAM(_Composite):
         self._adopt(base_method(model, list(layers), **base_kwargs))
         for name in _CAPABILITIES:
             setattr(self, name, getattr(base_method, name))
-        self.supports_targets = base_method.supports_targets
 
     @classmethod
     def unavailable_reason(

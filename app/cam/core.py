@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from app.cam.options import MethodOption
 from app.cam.targets import Objective, Target, output_length, target_list
 
 logger = logging.getLogger(__name__)
+_Self = TypeVar("_Self", bound="_CAM")
 
 ClassIndex = int | Sequence[int] | Tensor
 #: ``progress(done, total)``: called between chunks with the extra forwards' inputs done so far.
@@ -279,7 +280,7 @@ class _CAM:
         self._handles.clear()
         self.reset_hooks()
 
-    def __enter__(self) -> _CAM:
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -289,16 +290,21 @@ class _CAM:
         return f"{type(self).__name__}(target_layer={self.target_names})"
 
     # ----------------------------------------------------------------------------- checks
-    def _batch_size(self) -> int:
-        missing = [
-            n for n, a in zip(self.target_names, self._activations, strict=True) if a is None
-        ]
-        if missing:
+    def _recorded(self) -> list[Tensor]:
+        """The activations the hooks recorded, one per target layer; RuntimeError if missing."""
+        recorded = [a for a in self._activations if a is not None]
+        if len(recorded) != len(self._activations):
+            missing = [
+                n for n, a in zip(self.target_names, self._activations, strict=True) if a is None
+            ]
             raise RuntimeError(
                 f"No activation recorded for {missing}: run a forward pass of the model with the "
                 "extractor's hooks enabled before calling it."
             )
-        return int(self._activations[0].shape[0])
+        return recorded
+
+    def _batch_size(self) -> int:
+        return int(self._recorded()[0].shape[0])
 
     def _class_tensor(self, class_idx: ClassIndex, batch: int, device: torch.device) -> Tensor:
         if isinstance(class_idx, Tensor):
@@ -425,7 +431,7 @@ class _CAM:
         return self.reshape_transform(tensor) if self.reshape_transform is not None else tensor
 
     def _activations_for_use(self) -> list[Tensor]:
-        return [self._transformed(a.detach()) for a in self._activations]  # type: ignore[union-attr]
+        return [self._transformed(a.detach()) for a in self._recorded()]
 
     def __call__(
         self,
@@ -458,7 +464,7 @@ class _CAM:
         self._work = Work(progress, should_stop)
         self._work.check()
         batch = self._batch_size()
-        device = self._activations[0].device  # type: ignore[union-attr]
+        device = self._recorded()[0].device
         objective = self._objective(class_idx, targets, batch, device)
         if self.uses_scores:
             scores = self._check_scores(scores, batch, objective)

@@ -8,7 +8,7 @@ recorded during the forward.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +54,7 @@ class _GradientCAM(_CAM):
         """Gradients of the summed objective (row ``i`` of ``scores`` scored for sample
         ``samples[i]``) with respect to each hooked activation."""
         self._check_graph(scores)
-        activations = list(self._activations)
+        activations = self._recorded()
         target = objective(scores, samples).sum()
         if not target.requires_grad:
             raise RuntimeError(
@@ -86,8 +86,10 @@ class _GradientCAM(_CAM):
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
-        samples = torch.arange(len(objective))  # type: ignore[arg-type]
-        grads = self._backprop(scores, objective, samples, retain_graph)  # type: ignore[arg-type]
+        if scores is None or objective is None:  # uses_scores: __call__ refused a call without
+            raise ValueError(f"{type(self).__name__} needs the model's scores.")
+        samples = torch.arange(len(objective))
+        grads = self._backprop(scores, objective, samples, retain_graph)
         with torch.no_grad():
             return [self._weights_from(g, a) for g, a in zip(grads, activations, strict=True)]
 
@@ -298,8 +300,9 @@ class SmoothGradCAMpp(_GradientCAM):
             self._input = clean_input
         weights = []
         with torch.no_grad():
-            for (d1, d2, d3), activation in zip(moments, activations, strict=True):
-                d1, d2, d3 = (d / self.num_samples for d in (d1, d2, d3))  # type: ignore[operator]
+            for sums, activation in zip(moments, activations, strict=True):
+                # num_samples >= 1: every sum was accumulated at least once.
+                d1, d2, d3 = (cast(Tensor, s) / self.num_samples for s in sums)
                 dims = _spatial_dims(activation)
                 activation_sum = activation.sum(dim=dims, keepdim=True)
                 alpha = _gradcampp_alpha(d2, d3, activation_sum)

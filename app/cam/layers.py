@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -99,7 +99,7 @@ def trace_forward(
     order: list[tuple[str, tuple[int, ...] | None]] = []
     handles = []
 
-    def make_hook(name: str):
+    def make_hook(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             shape = tuple(output.shape) if isinstance(output, Tensor) else None
             order.append((name, shape))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -118,8 +118,8 @@ class LeGrad(_CAM):
     def default_layers(cls, model: nn.Module) -> list[str] | None:
         if not _is_torchvision_vit(model):
             return None
-        layers = model.encoder.layers  # type: ignore[union-attr]
-        return [name for name, m in model.named_modules() if m in set(layers.children())]
+        blocks = set(cast(Any, model).encoder.layers.children())
+        return [name for name, m in model.named_modules() if m in blocks]
 
     def _register_hooks(self) -> None:
         super()._register_hooks()
@@ -197,13 +197,14 @@ class LeGrad(_CAM):
         samples = torch.arange(len(objective))
         relevance = []
         last = len(attentions) - 1
-        for i, (tokens, attention) in enumerate(zip(self._activations, attentions, strict=True)):
-            score = objective(self.score_projection(tokens), samples).sum()  # type: ignore[arg-type]
+        recorded = zip(self._recorded(), cast(list[Tensor], attentions), strict=True)
+        for i, (tokens, attention) in enumerate(recorded):
+            score = objective(self.score_projection(tokens), samples).sum()
             (grad,) = torch.autograd.grad(
                 score, attention, retain_graph=retain_graph or i < last, allow_unused=True
             )
             if grad is None:
-                grad = torch.zeros_like(attention)  # type: ignore[arg-type]
+                grad = torch.zeros_like(attention)
             with torch.no_grad():
                 relevance.append(torch.relu(grad).mean(dim=(1, 2))[:, self.prefix_tokens :])
         with torch.no_grad():

@@ -135,7 +135,7 @@ def energy_pointing_game(cams: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
     """
     cams = _as_maps(cams)
     masks = _as_masks(masks, cams.shape[0])
-    up = upsample_maps(cams.to(masks.device), tuple(masks.shape[-2:])).clamp_min(0.0)
+    up = upsample_maps(cams.to(masks.device), (masks.shape[-2], masks.shape[-1])).clamp_min(0.0)
     total = up.flatten(1).sum(dim=1)
     inside = (up * masks).flatten(1).sum(dim=1)
     area = masks.flatten(1).float().mean(dim=1)
@@ -149,7 +149,9 @@ def _binary_iou(pred: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def _normalized_upsampled(cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    return minmax_normalize(upsample_maps(cams.to(masks.device), tuple(masks.shape[-2:])))
+    return minmax_normalize(
+        upsample_maps(cams.to(masks.device), (masks.shape[-2], masks.shape[-1]))
+    )
 
 
 def mask_iou(cams: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -230,6 +232,6 @@ def best_iou(
         idx = ious.argmax(dim=1)  # first maximum: the lowest threshold among ties
         return ious.gather(1, idx[:, None])[:, 0], ts[idx]
     mean = ious.mean(dim=0)
-    idx = int(mean.argmax())
+    best = int(mean.argmax())
     logger.debug("best_iou: mean IoU per threshold %s", mean.tolist())
-    return mean[idx], ts[idx]
+    return mean[best], ts[best]

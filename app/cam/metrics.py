@@ -38,7 +38,9 @@ class ClassificationMetric:
         self.increase = 0.0
         self.total = 0
 
-    def _explain(self, input_tensor: Tensor, class_idx: int | list[int] | None):
+    def _explain(
+        self, input_tensor: Tensor, class_idx: int | list[int] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         extractor = self.cam_extractor
         model = extractor.model
         grad_context = torch.enable_grad() if extractor.requires_grad else torch.inference_mode()

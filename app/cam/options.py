@@ -48,9 +48,9 @@ class MethodOption:
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, self.type):
             raise TypeError(f"{self.name} must be {self.type.__name__}, got {value!r}.")
-        if self.type is float and not math.isfinite(value):
-            raise ValueError(f"{self.name} must be a finite number, got {value!r}.")
-        if self.type in (int, float):
+        if isinstance(value, int | float):
+            if not math.isfinite(value):
+                raise ValueError(f"{self.name} must be a finite number, got {value!r}.")
             self._check_bounds(value)
         return value
 

@@ -39,8 +39,9 @@ def mask_levels(mask: MaskLike, size: tuple[int, int]) -> np.ndarray:
     Pillow's single-threaded C code, not torch: rendering runs beside model passes, and torch's
     thread pool, shared with them, made this 20x slower under load (measured)."""
     picture = Image.fromarray(np.ascontiguousarray(_mask_array(mask)), mode="F")
-    if picture.size != tuple(size):
-        picture = picture.resize(tuple(size), Image.Resampling.BILINEAR)
+    target = (int(size[0]), int(size[1]))
+    if picture.size != target:
+        picture = picture.resize(target, Image.Resampling.BILINEAR)
     # 255 v + 0.5, truncated and clipped to 0..255 by the conversion: round to the nearest level.
     return np.asarray(picture.point(lambda v: v * 255 + 0.5).convert("L"))
 

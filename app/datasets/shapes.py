@@ -217,8 +217,9 @@ def _draw_distractors(rng: np.random.Generator, canvas: Image.Image, size: int) 
         else:  # cluster of dots
             for _ in range(int(rng.integers(3, 8))):
                 dx, dy = rng.normal(0, 0.05 * size, size=2)
-                r = rng.uniform(0.5, 1.8)
-                draw.ellipse([cx + dx - r, cy + dy - r, cx + dx + r, cy + dy + r], fill=colour)
+                radius = rng.uniform(0.5, 1.8)
+                box = [cx + dx - radius, cy + dy - radius, cx + dx + radius, cy + dy + radius]
+                draw.ellipse(box, fill=colour)
 
 
 # ----------------------------------------------------------------------------- object
@@ -422,7 +423,7 @@ def to_tensor_batch(
     return (x - m) / s
 
 
-class ShapesDataset(Dataset):
+class ShapesDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """In-memory torch ``Dataset`` over :func:`make_dataset`.
 
     Items are ``(image, label, mask)``: a normalised float tensor ``(3, H, W)``, an int64

@@ -82,10 +82,14 @@ def _option_field(name: str) -> inspect.Parameter:
             Form(description=description + " (ints, repeat or comma list)", examples=[["3"]]),
         ]
     else:
-        bounds = {"ge": min(lows)} if lows else {}
-        if highs:
-            bounds["le"] = max(highs)
-        annotation = Annotated[first.type | None, Form(description=description, **bounds)]
+        annotation = Annotated[
+            first.type | None,
+            Form(
+                description=description,
+                ge=min(lows) if lows else None,
+                le=max(highs) if highs else None,
+            ),
+        ]
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
     )
@@ -132,9 +136,11 @@ async def explain_form(
         str | None, Form(description="model name; default: the default model", examples=["shapes"])
     ] = None,
     method: Annotated[
-        str | None,
+        list[str] | None,
         Form(
-            description="CAM method, case-insensitive; default: the model's", examples=["GradCAM"]
+            description="CAM method, case-insensitive; default: the model's. Several (repeat "
+            "the field or separate by commas) give one explanation per method",
+            examples=[["GradCAM"]],
         ),
     ] = None,
     class_idx: Annotated[
@@ -187,8 +193,14 @@ async def explain_form(
         raise NotAcceptable(
             "An image/png answer holds one image; send one file or accept application/json."
         )
+    methods = _split(method)
+    if as_png and len({m.lower() for m in methods}) > 1:
+        raise NotAcceptable(
+            "An image/png answer holds one method's overlay; send one method or accept "
+            "application/json."
+        )
     params = ExplainParams(
-        method=method or None,
+        method=",".join(methods) or None,
         class_idx=_class_indices(class_idx),
         top_k=top_k,
         target_layers=tuple(_split(target_layer)),

@@ -56,6 +56,7 @@ def test_every_method(client: TestClient, method: str) -> None:
         "encode_ms",
         "total_ms",
         "batch_images",
+        "cam_ms_by_method",
     }
     assert body["timings"]["batch_images"] == 1
     result = body["results"][0]

@@ -199,11 +199,18 @@ def test_echoed_input_is_cut_short(client: TestClient, field: str) -> None:
 
 
 def test_decoding_runs_on_a_bounded_pool_of_image_threads(
-    make_client: Callable[..., TestClient],
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = make_client(queue_size=64)
     pool = client.app.state.explainer.image_threads  # type: ignore[attr-defined]
-    assert pool is not None and pool._max_workers <= 8
+    threads: set[threading.Thread] = set()
+    original = explainer_module.decode_upload
+
+    def noting_thread(*args):  # type: ignore[no-untyped-def]
+        threads.add(threading.current_thread())
+        return original(*args)
+
+    monkeypatch.setattr(explainer_module, "decode_upload", noting_thread)
     with ThreadPoolExecutor(max_workers=24) as senders:
         answers = list(
             senders.map(
@@ -212,6 +219,5 @@ def test_decoding_runs_on_a_bounded_pool_of_image_threads(
             )
         )
     assert all(a.status_code == 200 for a in answers)
-    # This app's pool only: the session-wide test app keeps image threads of its own.
-    image_threads = [t for t in pool._threads if t.name.startswith("camserve-image")]
-    assert 1 <= len(image_threads) <= pool._max_workers
+    assert threads <= set(pool._threads)  # 24 concurrent uploads, decoded on the pool alone
+    assert 1 <= len(threads) <= pool._max_workers <= 8

@@ -1,0 +1,49 @@
+"""GET / serves the page and its assets; CAMSERVE_UI=false leaves it out."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from fastapi.testclient import TestClient
+
+from app.cam import COLORMAPS, colormap_lut
+from tests.conftest import assert_error
+
+
+def test_page_and_its_assets(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    # Everything the page loads is relative to the service: no CDN, no absolute URL.
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert sources and all(not re.match(r"[a-z]+://|//", s) for s in sources), sources
+    for asset, media in (("ui/page.js", "javascript"), ("ui/page.css", "text/css")):
+        assert f'"{asset}"' in page.text
+        response = client.get(f"/{asset}")
+        assert response.status_code == 200 and media in response.headers["content-type"]
+    assert re.search(r"https?://", client.get("/ui/page.js").text) is None
+
+
+def test_colormaps_are_the_servers_own(client: TestClient) -> None:
+    tables = client.get("/ui/colormaps.json").json()
+    assert list(tables) == list(COLORMAPS)
+    assert all(bytes(tables[name]) == colormap_lut(name) for name in COLORMAPS)
+
+
+def test_the_page_is_not_part_of_the_api_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not {"/", "/ui/colormaps.json", "/docs", "/redoc"} & set(paths)
+
+
+def test_ui_can_be_switched_off(make_client: Callable[..., TestClient]) -> None:
+    off = make_client(ui=False)
+    assert_error(off.get("/"), 404, "not_found")
+    assert_error(off.get("/ui/page.js"), 404, "not_found")
+    assert off.get("/docs").status_code == 200  # the API docs stay
+
+
+def test_page_is_open_when_a_key_is_set(make_client: Callable[..., TestClient]) -> None:
+    keyed = make_client(api_key="k")
+    assert keyed.get("/").status_code == 200  # the page asks for the key itself
+    assert_error(keyed.get("/models"), 401, "unauthorized")

@@ -1,0 +1,62 @@
+"""The gateway check's nginx config and the KServe predictor pod, as the deploy lint uses them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tools.gateway_check import CONF, gateway_conf
+from tools.kserve_pod import predictor_pod
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gateway_conf_swaps_replicas_listen_and_log(tmp_path: Path) -> None:
+    text = gateway_conf([9001, 9002, 9003], 9100, tmp_path)
+    assert "camserve-replica:8000" not in text
+    for port in (9001, 9002, 9003):
+        assert f"server 127.0.0.1:{port} max_fails=2 fail_timeout=10s;" in text
+    assert "listen 127.0.0.1:9100;" in text and "listen 8080;" not in text
+    assert f"access_log {tmp_path}/access.log camserve;" in text
+    # Both upstreams (models, jobs) get the replicas; everything else is the shipped file.
+    assert text.count("server 127.0.0.1:9001 ") == 2
+    assert text.count("\n") == CONF.read_text().count("\n") + 4
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
+def test_the_shipped_gateway_conf_is_valid_nginx(tmp_path: Path) -> None:
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(gateway_conf([9001, 9002, 9003], 9100, tmp_path))
+    directives = f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"
+    result = subprocess.run(
+        ["nginx", "-t", "-p", str(tmp_path), "-c", str(conf), "-g", directives],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_predictor_pod_keeps_the_pod_spec_only() -> None:
+    document = yaml.safe_load((ROOT / "deploy/kserve/inferenceservice.yaml").read_text())
+    pod = predictor_pod(document)
+    assert pod["kind"] == "Pod" and pod["metadata"]["name"] == "camserve"
+    assert {"minReplicas", "maxReplicas", "timeout", "containerConcurrency"}.isdisjoint(pod["spec"])
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"apiVersion": "v1", "kind": "Pod"},
+        {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "spec": {}},
+    ],
+)
+def test_predictor_pod_refuses_other_documents(document: dict) -> None:
+    with pytest.raises(ValueError):
+        predictor_pod(document)

@@ -1,0 +1,389 @@
+"""Run the gateway topology here and break it: nginx in front of 3 replicas, one killed midway.
+
+Starts 3 ``python -m app`` replicas on local ports (JSON logs to files) and nginx with
+deploy/gateway/nginx.conf (its upstream, listen and log lines swapped for local ones), sends
+mixed requests through the gateway a few at a time, kills one replica with SIGKILL once half of
+them are answered, and reports: requests per replica, the client-side errors (and which replica
+the gateway had sent them to), and the request ids found in each replica's log.
+
+    tools/gateway_check.sh            # installs nginx from apt if missing, then runs this
+    python tools/gateway_check.py --requests 200 --concurrency 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.datasets.shapes import generate_sample  # noqa: E402
+
+CONF = ROOT / "deploy" / "gateway" / "nginx.conf"
+MODEL = "shapes"
+KINDS = (
+    "predict",
+    "explain",
+    "oip-infer",
+    "v1-predict",
+    "v1-explain",
+    "models",
+    "health",
+    "bad-method",
+)
+
+
+@dataclass
+class Outcome:
+    index: int
+    kind: str
+    sent_id: str | None
+    status: int | None
+    returned_id: str | None
+    error: str | None = None
+    sent_at: float = 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(generate_sample(np.random.default_rng(seed)).image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def gateway_conf(ports: list[int], listen: int, work: Path) -> str:
+    """The shipped nginx.conf with local replicas, port and log."""
+    text = CONF.read_text()
+    servers = "".join(
+        f"        server 127.0.0.1:{port} max_fails=2 fail_timeout=10s;\n" for port in ports
+    )
+    text, count = re.subn(
+        r"( *# replicas:begin\n).*?( *# replicas:end\n)",
+        lambda m: m.group(1) + servers + m.group(2),
+        text,
+        flags=re.S,
+    )
+    if count == 0:
+        raise SystemExit(f"{CONF}: no replicas:begin/end block")
+    text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
+    return text.replace("/var/log/nginx/access.log", str(work / "access.log"))
+
+
+def start_replica(port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "CAMSERVE_PORT": str(port),
+        "CAMSERVE_HOST": "127.0.0.1",
+        "CAMSERVE_LOG_FORMAT": "json",
+        "CAMSERVE_LOG_LEVEL": "INFO",
+        "CAMSERVE_DEVICE": "cpu",
+        "CAMSERVE_MAX_CONCURRENT_JOBS": "1",
+        # Three replicas on a small machine: one torch thread each.
+        "OMP_NUM_THREADS": "1",
+    }
+    handle = log.open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=handle, stderr=handle
+    )
+
+
+def wait_refused(port: int, timeout: float = 10.0) -> float | None:
+    """When the port stops accepting connections (a killed process holds its listening socket
+    until the kernel has torn it down, and the kernel accepts into the backlog until then)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                pass
+        except OSError:
+            return time.perf_counter()
+        time.sleep(0.002)
+    return None
+
+
+def wait_ready(url: str, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"not ready in {timeout:.0f} s: {url}")
+
+
+def send(client: httpx.Client, index: int, images: list[bytes]) -> Outcome:
+    kind = KINDS[index % len(KINDS)]
+    sent_id = f"gw-{index:03d}" if index % 2 == 0 else None
+    headers = {"X-Request-ID": sent_id} if sent_id else {}
+    image = images[index % len(images)]
+    b64 = base64.b64encode(image).decode()
+    files = {"file": ("shape.png", image, "image/png")}
+    sent_at = time.perf_counter()
+    try:
+        if kind == "predict":
+            r = client.post("/predict", files=files, data={"top_k": "3"}, headers=headers)
+        elif kind == "explain":
+            data = {"method": "GradCAM", "size": "input"}
+            r = client.post("/explain", files=files, data=data, headers=headers)
+        elif kind == "oip-infer":
+            body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]}
+            r = client.post(f"/v2/models/{MODEL}/infer", json=body, headers=headers)
+        elif kind == "v1-predict":
+            body = {"instances": [{"image": {"b64": b64}, "top_k": 2}]}
+            r = client.post(f"/v1/models/{MODEL}:predict", json=body, headers=headers)
+        elif kind == "v1-explain":
+            body = {"instances": [{"image": {"b64": b64}, "method": "LayerCAM", "output": "raw"}]}
+            r = client.post(f"/v1/models/{MODEL}:explain", json=body, headers=headers)
+        elif kind == "models":
+            r = client.get("/models", headers=headers)
+        elif kind == "health":
+            r = client.get("/health", headers=headers)
+        else:
+            r = client.post("/explain", files=files, data={"method": "nope"}, headers=headers)
+    except httpx.HTTPError as error:
+        message = f"{type(error).__name__}: {error}"
+        return Outcome(index, kind, sent_id, None, None, message, sent_at)
+    return Outcome(
+        index, kind, sent_id, r.status_code, r.headers.get("x-request-id"), None, sent_at
+    )
+
+
+JOBS = 5
+
+
+def follow_jobs(client: httpx.Client, images: list[bytes], timeout: float = 60.0) -> list[str]:
+    """POST explanation jobs and poll each one to its end through the gateway: the jobs upstream
+    must send the polls to the replica that holds the job. Each job's final status (or the
+    HTTP status that stopped it)."""
+    statuses = []
+    for image in images:
+        files = {"file": ("shape.png", image, "image/png")}
+        created = client.post("/jobs", files=files, data={"method": "ScoreCAM", "output": "raw"})
+        if created.status_code != 202:
+            statuses.append(f"POST {created.status_code}")
+            continue
+        url = created.json()["url"]
+        deadline = time.monotonic() + timeout
+        status = "timed out"
+        while time.monotonic() < deadline:
+            polled = client.get(url)
+            if polled.status_code != 200:
+                status = f"GET {polled.status_code}"
+                break
+            status = polled.json()["status"]
+            if status not in ("queued", "running"):
+                break
+            time.sleep(0.05)
+        statuses.append(status)
+    return statuses
+
+
+def access_ids(log: Path) -> list[str]:
+    """Request ids of the access lines of a replica's JSON log."""
+    ids = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("logger") == "app.access" and entry.get("request_id"):
+            ids.append(entry["request_id"])
+    return ids
+
+
+def gateway_lines(log: Path) -> dict[str, dict]:
+    entries = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        entries[entry["request_id"]] = entry
+    return entries
+
+
+def run(requests: int, concurrency: int, kill_after: int) -> int:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    work = Path(tempfile.mkdtemp(prefix="camserve-gateway-"))
+    ports = [free_port() for _ in range(3)]
+    listen = free_port()
+    replicas = [start_replica(port, work / f"replica{i + 1}.log") for i, port in enumerate(ports)]
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        for port in ports:
+            wait_ready(f"http://127.0.0.1:{port}/ready")
+        (work / "nginx.conf").write_text(gateway_conf(ports, listen, work))
+        directives = f"daemon off; pid {work}/nginx.pid; error_log {work}/error.log;"
+        gateway = subprocess.Popen(
+            [nginx, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", directives]
+        )
+        wait_ready(f"http://127.0.0.1:{listen}/gateway/health", timeout=20)
+
+        images = [png(seed) for seed in range(16)]
+        victim = 1
+        killed_at = None
+        kill_time = None
+        started = time.perf_counter()
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=60) as client,
+            ThreadPoolExecutor(concurrency) as pool,
+            ThreadPoolExecutor(1) as pool_watch,
+        ):
+            futures: list[Future[Outcome]] = [
+                pool.submit(send, client, i, images) for i in range(requests)
+            ]
+            while killed_at is None:
+                done = sum(f.done() for f in futures)
+                if done >= kill_after:
+                    replicas[victim].send_signal(signal.SIGKILL)
+                    kill_time = time.perf_counter()
+                    killed_at = done
+                    closed = pool_watch.submit(wait_refused, ports[victim])
+                time.sleep(0.005)
+            wait(futures)
+            closed_time = closed.result()
+        elapsed = time.perf_counter() - started
+        outcomes = [f.result() for f in futures]
+        replicas[victim].wait()
+        time.sleep(0.5)  # the last access lines
+        report(outcomes, ports, victim, killed_at, kill_time, closed_time, elapsed, work, nginx)
+        with httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=60) as client:
+            jobs = follow_jobs(client, images[:JOBS])
+        print(
+            f"jobs after the kill: {sum(s == 'succeeded' for s in jobs)}/{len(jobs)} POST /jobs "
+            "followed to 'succeeded' with GET /jobs/{id} through the gateway "
+            f"({', '.join(sorted(set(jobs)))})"
+        )
+        return 0
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=10)
+        for process in replicas:
+            if process.poll() is None:
+                process.terminate()
+        for process in replicas:
+            process.wait(timeout=20)
+        if os.environ.get("KEEP_WORK"):
+            print(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def report(
+    outcomes: list[Outcome],
+    ports: list[int],
+    victim: int,
+    killed_at: int | None,
+    kill_time: float | None,
+    closed_time: float | None,
+    elapsed: float,
+    work: Path,
+    nginx: str,
+) -> None:
+    version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
+    gateway = gateway_lines(work / "access.log")
+    # Only what came through the gateway (not this script's own /ready polls).
+    per_replica = [
+        [i for i in access_ids(work / f"replica{n + 1}.log") if i in gateway] for n in range(3)
+    ]
+    name = {f"127.0.0.1:{port}": f"replica{i + 1}" for i, port in enumerate(ports)}
+
+    print(
+        f"gateway_check: {version.removeprefix('nginx version: ')} in front of 3 replicas "
+        f"(python -m app, ports {', '.join(map(str, ports))}); {len(outcomes)} mixed requests "
+        f"in turn ({', '.join(KINDS)}), half with a client X-Request-ID; replica{victim + 1} "
+        f"killed (SIGKILL) after {killed_at} answers; {elapsed:.1f} s"
+    )
+    print("requests per replica (access lines in its log):")
+    for i, ids in enumerate(per_replica):
+        note = "  <- killed" if i == victim else ""
+        print(f"  replica{i + 1}: {len(ids)}{note}")
+    statuses = Counter(str(o.status) if o.status is not None else "no answer" for o in outcomes)
+    print("answers: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
+
+    if kill_time is not None and closed_time is not None:
+        print(
+            f"replica{victim + 1}'s port refused connections {(closed_time - kill_time) * 1000:.0f}"
+            " ms after the SIGKILL (until then the kernel still queued connections for it)"
+        )
+    failed = [o for o in outcomes if o.status is None or o.status >= 500]
+    print(f"client-side errors: {len(failed)}")
+    for o in failed:
+        entry = gateway.get(o.returned_id or o.sent_id or "", {})
+        upstream = ", ".join(
+            name.get(a.strip(), a.strip()) for a in entry.get("upstream", "").split(",")
+        )
+        offset = (o.sent_at - kill_time) * 1000 if kill_time is not None else float("nan")
+        print(
+            f"  request #{o.index} ({o.kind}, sent {offset:+.0f} ms from the kill): "
+            f"{o.status or o.error}, id {o.returned_id}; the gateway had sent it to "
+            f"{upstream or '?'} (upstream status {entry.get('upstream_status')})"
+        )
+    retried = [e for e in gateway.values() if "," in e.get("upstream", "")]
+    print(
+        f"sent to a failing replica, then answered by another (the gateway's retry): {len(retried)}"
+    )
+    for entry in retried:
+        chain = " -> ".join(name.get(a.strip(), a.strip()) for a in entry["upstream"].split(","))
+        print(
+            f"  {entry['method']} {entry['uri']} id {entry['request_id']}: {chain} "
+            f"(upstream statuses {entry['upstream_status']}), answered {entry['status']}"
+        )
+
+    answered = [o for o in outcomes if o.status is not None and o.status < 500]
+    seen = Counter(i for ids in per_replica for i in ids)
+    in_one = sum(1 for o in answered if seen.get(o.returned_id or "") == 1)
+    kept = sum(1 for o in outcomes if o.sent_id and o.returned_id == o.sent_id)
+    sent = sum(1 for o in outcomes if o.sent_id)
+    in_gateway = sum(1 for o in outcomes if (o.returned_id or "") in gateway)
+    print(
+        f"ids: {in_one}/{len(answered)} answered requests' X-Request-ID found in exactly one "
+        f"replica's log; {in_gateway}/{len(outcomes)} in the gateway's log; client-chosen ids "
+        f"kept: {kept}/{sent}"
+    )
+    print("ids seen in each replica's log:")
+    for i, ids in enumerate(per_replica):
+        chosen = sum(1 for x in ids if x.startswith("gw-"))
+        sample = ", ".join(ids[:3])
+        print(
+            f"  replica{i + 1}: {len(set(ids))} ids ({chosen} client-chosen, "
+            f"{len(set(ids)) - chosen} made by the gateway), e.g. {sample}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--kill-after", type=int, default=None, help="default: half")
+    args = parser.parse_args()
+    return run(args.requests, args.concurrency, args.kill_after or args.requests // 2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
