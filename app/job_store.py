@@ -141,6 +141,15 @@ class JobStore:
     def unfinished(self) -> int:
         return sum(1 for job in self._jobs.values() if not job.is_finished)
 
+    def counts(self) -> dict[JobStatus, int]:
+        """How many jobs are kept, by status (every status listed, zeros included)."""
+        counts: dict[JobStatus, int] = dict.fromkeys(
+            ("queued", "running", "succeeded", "failed", "cancelled"), 0
+        )
+        for job in self._jobs.values():
+            counts[job.status] += 1
+        return counts
+
     def purge(self) -> None:
         """Forget finished jobs whose time is up."""
         now = time.monotonic()

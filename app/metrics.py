@@ -92,6 +92,16 @@ class _StateCollector(Collector):
         jobs.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
         yield jobs
 
+        store = getattr(self.state, "jobs", None)
+        background = GaugeMetricFamily(
+            "camserve_background_jobs",
+            "Jobs of /jobs kept by this process, by status (finished ones until they expire).",
+            labels=["status"],
+        )
+        for status, count in (store.counts() if store is not None else {}).items():
+            background.add_metric([status], count)
+        yield background
+
         ready = GaugeMetricFamily(
             "camserve_model_ready",
             "1 when the model is loaded and serving, else 0.",

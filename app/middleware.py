@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_body
+
+logger = logging.getLogger(__name__)
 
 
 class _BodyRefused(Exception):
@@ -73,6 +76,13 @@ class BodyLimitMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout_s)
             except asyncio.TimeoutError:
+                logger.info(
+                    "%s %s: no body data for %.0f s after %d bytes; answering 408",
+                    scope["method"],
+                    scope["path"],
+                    self.body_timeout_s,
+                    received,
+                )
                 refused = _BodyRefused(
                     408,
                     "body_timeout",

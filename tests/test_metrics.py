@@ -118,3 +118,14 @@ def test_gpu_memory_gauges(make_client: Callable[..., TestClient]) -> None:
     samples = scrape(client)
     assert value(samples, "camserve_gpu_memory_allocated_bytes", device="cuda:0") > 0
     assert value(samples, "camserve_gpu_memory_reserved_bytes", device="cuda:0") > 0
+
+
+def test_background_jobs_are_counted_by_status(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    assert value(scrape(client), "camserve_background_jobs", status="succeeded") == 0
+    job = client.post("/jobs", files=files(image_bytes()), data={"method": "GradCAM"}).json()
+    while client.get(job["url"]).json()["status"] not in ("succeeded", "failed"):
+        pass
+    samples = scrape(client)
+    assert value(samples, "camserve_background_jobs", status="succeeded") == 1
+    assert value(samples, "camserve_background_jobs", status="running") == 0

@@ -40,37 +40,42 @@ def environment(store: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def server(store: Path) -> Iterator[str]:
+def start_server(store: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """``python -m app`` on a free port with these settings, once ``/ready`` says 200."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "app"],
         cwd=ROOT,
-        env=environment(
-            store,
-            CAMSERVE_PORT=str(port),
-            CAMSERVE_API_KEY="key",
-            CAMSERVE_MAX_UPLOAD_BYTES="65536",
-            CAMSERVE_MAX_IMAGES="2",
-            CAMSERVE_HEADER_TIMEOUT_S="0.5",
-            CAMSERVE_BODY_TIMEOUT_S="0.5",
-        ),
+        env=environment(store, CAMSERVE_PORT=str(port), **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"server did not start:\n{process.communicate()[0]}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(store: Path) -> Iterator[str]:
+    process, url = start_server(
+        store,
+        CAMSERVE_API_KEY="key",
+        CAMSERVE_MAX_UPLOAD_BYTES="65536",
+        CAMSERVE_MAX_IMAGES="2",
+        CAMSERVE_HEADER_TIMEOUT_S="0.5",
+        CAMSERVE_BODY_TIMEOUT_S="0.5",
+    )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{process.communicate()[0]}")
-            time.sleep(0.1)
         yield url
     finally:
         process.terminate()
@@ -176,12 +181,9 @@ def test_the_key_is_checked_before_the_body_is_read(server: str) -> None:
 def test_half_sent_headers_are_closed_with_408(server: str) -> None:
     with _raw(server) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
-        started = time.monotonic()
-        answer = _read_all(sock)
-        waited = time.monotonic() - started
+        answer = _read_all(sock)  # a socket timeout would raise here, not read a 408
     assert answer.startswith(b"HTTP/1.1 408")
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_timeout"
-    assert waited < 9  # closed by the 0.5 s deadline, not by the socket's own timeout
     with _raw(server) as idle:  # a connection that sends nothing is closed too
         assert _read_all(idle).startswith(b"HTTP/1.1 408")
     assert httpx.get(f"{server}/health").status_code == 200
@@ -200,26 +202,8 @@ def test_a_stalled_body_is_answered_408(server: str) -> None:
 
 
 def test_sigterm_drains_then_cuts_late_work_with_json(store: Path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app"],
-        cwd=ROOT,
-        env=environment(store, CAMSERVE_PORT=str(port), CAMSERVE_SHUTDOWN_GRACE_S="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process, url = start_server(store, CAMSERVE_SHUTDOWN_GRACE_S="1")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "did not start"
-            time.sleep(0.1)
         slow = {"model": "resnet", "method": "SSCAM", "num_samples": "32", "batch_size": "1"}
         image = [("file", ("a.png", image_bytes((40, 32)), "image/png"))]
         with httpx.Client(base_url=url, timeout=30) as client:
