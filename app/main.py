@@ -24,6 +24,7 @@ from app.job_store import JobStore
 from app.jobs import JobLimiter
 from app.lifecycle import Lifecycle
 from app.logs import configure_logging
+from app.memory import trim_periodically
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware
 from app.openapi import form_fields_without_null
@@ -42,6 +43,7 @@ PyTorch image classifiers of a model store. Errors are always
 `{"error": {"code": ..., "message": ...}}`.
 """
 _FORM_OVERHEAD = 64 * 1024  # room for the form fields and part headers
+_TRIM_EVERY_S = 10.0  # how often freed heap pages go back to the system (app.memory)
 
 
 @asynccontextmanager
@@ -88,9 +90,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.jobs = JobStore(explainer, settings.max_jobs, settings.job_ttl_s, app.state.lifecycle)
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
+    trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))
     try:
         yield
     finally:
+        trimming.cancel()
+        await asyncio.gather(trimming, return_exceptions=True)
         await app.state.jobs.close()
         await explainer.close()
         await loading
