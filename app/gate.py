@@ -1,5 +1,6 @@
 """The gate in front of the model routes, decided from the headers before any body is read:
-the API key (401) and the drain after SIGTERM (503 ``shutting_down`` for new work).
+the API key (401) and the drain after SIGTERM (503 ``shutting_down`` for new work). It also
+counts the model routes' POSTs as in flight for the drain, from their headers to their answer.
 
 A route is a model route when it depends on ``require_api_key``; that dependency stays on the
 routes too, so the OpenAPI schema documents the key, and it is then checked a second time.
@@ -61,10 +62,8 @@ class GateMiddleware:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        needs_gate = (self.api_key is not None or self.lifecycle.draining) and (
-            self._is_model_route(scope)
-        )
-        if needs_gate:
+        model_route = self._is_model_route(scope)
+        if model_route and (self.api_key is not None or self.lifecycle.draining):
             protocol = bool(self.protocol_prefixes) and scope["path"].startswith(
                 self.protocol_prefixes
             )
@@ -88,6 +87,12 @@ class GateMiddleware:
                     [(b"retry-after", b"1")],
                 )
                 return
+        if model_route and scope["method"] == "POST":
+            # Work counts as in flight from its headers on, so a drain that starts while its
+            # body is still arriving waits for it.
+            with self.lifecycle.track():
+                await self.app(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
     def _key_ok(self, scope: Scope) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
-from contextlib import nullcontext
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -32,16 +31,15 @@ async def guarded(
     task = asyncio.ensure_future(work)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        with lifecycle.track() if lifecycle is not None else nullcontext():
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=POLL_S)
-                if done:
-                    return task.result()
-                stop = await _reason_to_stop(request, deadline, timeout_s, lifecycle)
-                if stop is not None:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-                    raise stop
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=POLL_S)
+            if done:
+                return task.result()
+            stop = await _reason_to_stop(request, deadline, timeout_s, lifecycle)
+            if stop is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise stop
     finally:
         if not task.done():
             task.cancel()
