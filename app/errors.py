@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from app.context import REQUEST_ID_HEADER, current_request_id
 
@@ -181,6 +184,35 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
     if details:
         error["details"] = details
     return {"error": error}
+
+
+async def send_refusal(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    protocol: bool = False,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer from ASGI middleware, before (or instead of) the app: the error in our shape, or in
+    the inference protocols' (``{"error": message}``). The request body was not read through, so
+    the connection is closed after the answer."""
+    shaped = {"error": message} if protocol else error_body(code, message)
+    body = json.dumps(shaped).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 _HTTP_CODES = {

@@ -7,7 +7,6 @@ the answer together.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -25,7 +24,7 @@ from app.context import note_work
 from app.decoding import DecodedImage, Upload, decode_upload, stack_inputs
 from app.device import default_batch_size
 from app.imaging import OUTPUT_FORMATS
-from app.jobs import JobLimiter
+from app.jobs import JobLimiter, run_to_the_end
 from app.loading import LoadedModel
 from app.metrics import cam_forwards
 from app.passes import (
@@ -144,15 +143,8 @@ class Explainer:
             await batcher.close()
 
     async def _on_image_thread(self, func: Callable[[], T]) -> T:
-        """Run image work (decode, render) on the bounded image threads. A cancelled caller does
-        not leave it running unseen: the thread finishes its image first."""
-        future = asyncio.get_running_loop().run_in_executor(self.image_threads, func)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            await asyncio.wait({future})
-            _ = future.exception()  # retrieved: the caller is gone, not the error
-            raise
+        """Run image work (decode, render) on the bounded image threads, to the end."""
+        return await run_to_the_end(self.image_threads, func)
 
     # ------------------------------------------------------------------ phase 1: decode
 

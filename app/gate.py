@@ -8,7 +8,6 @@ routes too, so the OpenAPI schema documents the key, and it is then checked a se
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,7 +17,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.deps import require_api_key
-from app.errors import error_body
+from app.errors import send_refusal
 from app.lifecycle import Lifecycle
 
 
@@ -68,23 +67,23 @@ class GateMiddleware:
                 self.protocol_prefixes
             )
             if self.api_key is not None and not self._key_ok(scope):
-                await _answer(
-                    protocol,
+                await send_refusal(
                     send,
                     401,
                     "unauthorized",
                     "Missing or wrong API key; send it in the X-API-Key header.",
-                    [(b"www-authenticate", b"ApiKey")],
+                    protocol=protocol,
+                    headers=[(b"www-authenticate", b"ApiKey")],
                 )
                 return
             if self.lifecycle.draining and scope["method"] == "POST":
-                await _answer(
-                    protocol,
+                await send_refusal(
                     send,
                     503,
                     "shutting_down",
                     "The service is shutting down and takes no new work; retry on another replica.",
-                    [(b"retry-after", b"1")],
+                    protocol=protocol,
+                    headers=[(b"retry-after", b"1")],
                 )
                 return
         if model_route and scope["method"] == "POST":
@@ -98,29 +97,3 @@ class GateMiddleware:
     def _key_ok(self, scope: Scope) -> bool:
         sent = dict(scope["headers"]).get(b"x-api-key")
         return sent is not None and secrets.compare_digest(sent, self.api_key or b"")
-
-
-async def _answer(
-    protocol: bool,
-    send: Send,
-    status: int,
-    code: str,
-    message: str,
-    headers: list[tuple[bytes, bytes]],
-) -> None:
-    shaped = {"error": message} if protocol else error_body(code, message)
-    body = json.dumps(shaped).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                # The body was not read: the connection cannot be reused for another request.
-                (b"connection", b"close"),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

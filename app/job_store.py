@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import get_args
 
 from app.decoding import Upload
 from app.errors import CamserveError, JobNotFound, ShuttingDown, TooManyJobs, clip, error_body
@@ -143,9 +144,7 @@ class JobStore:
 
     def counts(self) -> dict[JobStatus, int]:
         """How many jobs are kept, by status (every status listed, zeros included)."""
-        counts: dict[JobStatus, int] = dict.fromkeys(
-            ("queued", "running", "succeeded", "failed", "cancelled"), 0
-        )
+        counts: dict[JobStatus, int] = dict.fromkeys(get_args(JobStatus), 0)
         for job in self._jobs.values():
             counts[job.status] += 1
         return counts

@@ -17,6 +17,19 @@ from app.errors import Overloaded
 T = TypeVar("T")
 
 
+async def run_to_the_end(executor: Executor | None, func: Callable[[], T]) -> T:
+    """``func`` on one of ``executor``'s threads (None: the loop's default pool). A cancelled
+    caller waits for the thread to finish before it goes, so no work runs on unseen (and the
+    work's own error, if any, is retrieved: nobody is left to read it)."""
+    future = asyncio.get_running_loop().run_in_executor(executor, func)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        _ = future.exception()
+        raise
+
+
 class JobLimiter:
     """At most ``max_running`` jobs in worker threads; ``max_waiting`` more may wait for a slot.
 
@@ -66,13 +79,7 @@ class JobLimiter:
             if executor is None:
                 result = await anyio.to_thread.run_sync(func)
             else:
-                future = asyncio.get_running_loop().run_in_executor(executor, func)
-                try:
-                    result = await asyncio.shield(future)
-                except asyncio.CancelledError:
-                    await asyncio.wait({future})
-                    _ = future.exception()  # retrieved: the caller is gone, not the error
-                    raise
+                result = await run_to_the_end(executor, func)
             elapsed = time.perf_counter() - started
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * elapsed
             return result

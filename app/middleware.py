@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body
+from app.errors import send_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ class BodyLimitMiddleware:
         limit = self.protocol_max_bytes if protocol else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _answer(send, self._too_large(limit), protocol)
+            await _refuse(send, self._too_large(limit), protocol)
             return
 
         received = 0
@@ -111,21 +110,8 @@ class BodyLimitMiddleware:
             if refused is None:
                 raise
         if refused is not None and not started:
-            await _answer(send, refused, protocol)
+            await _refuse(send, refused, protocol)
 
 
-async def _answer(send: Send, refused: _BodyRefused, protocol: bool = False) -> None:
-    shaped = {"error": refused.message} if protocol else error_body(refused.code, refused.message)
-    body = json.dumps(shaped).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": refused.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(send: Send, refused: _BodyRefused, protocol: bool) -> None:
+    await send_refusal(send, refused.status, refused.code, refused.message, protocol=protocol)

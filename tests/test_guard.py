@@ -22,20 +22,20 @@ class FakeRequest:
         return self.polls > self.gone_after
 
 
+async def _cancellable(cancelled: asyncio.Event) -> str:
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+    return "done"
+
+
 def test_work_is_cancelled_when_the_client_leaves() -> None:
     async def scenario() -> None:
         cancelled = asyncio.Event()
-
-        async def work() -> str:
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-            return "done"
-
         with pytest.raises(ClientClosedRequest):
-            await guarded(FakeRequest(gone_after=1), work())  # type: ignore[arg-type]
+            await guarded(FakeRequest(gone_after=1), _cancellable(cancelled))  # type: ignore[arg-type]
         assert cancelled.is_set()
 
     asyncio.run(scenario())
@@ -52,15 +52,6 @@ def test_work_finishes_while_the_client_stays() -> None:
         assert request.polls >= 1
 
     asyncio.run(scenario())
-
-
-async def _cancellable(cancelled: asyncio.Event) -> str:
-    try:
-        await asyncio.sleep(30)
-    except asyncio.CancelledError:
-        cancelled.set()
-        raise
-    return "done"
 
 
 def test_work_past_its_deadline_is_cancelled_with_a_timeout_naming_jobs() -> None:
