@@ -61,8 +61,9 @@ class GateMiddleware:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        model_route = self._is_model_route(scope)
-        if model_route and (self.api_key is not None or self.lifecycle.draining):
+        checks = self.api_key is not None or self.lifecycle.draining
+        model_route = (checks or scope["method"] == "POST") and self._is_model_route(scope)
+        if model_route and checks:
             protocol = bool(self.protocol_prefixes) and scope["path"].startswith(
                 self.protocol_prefixes
             )
