@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from app.logs import configure_logging
+from app.observability.logs import configure_logging
 from app.settings import ConfigurationError, load_settings
 
 
@@ -16,7 +16,7 @@ def main() -> int:
         print(f"camserve: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    from app.server import build_server
+    from app.http.server import build_server
 
     build_server(settings).run()
     return 0

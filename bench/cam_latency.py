@@ -31,8 +31,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.cam import METHODS, normalize_maps, resize_maps  # noqa: E402
-from app.loading import build_model as build_from_spec  # noqa: E402
-from app.manifest import parse_manifest  # noqa: E402
+from app.models.loading import build_model as build_from_spec  # noqa: E402
+from app.models.manifest import parse_manifest  # noqa: E402
 
 TARGETS = {"resnet18": "layer4", "resnet50": "layer4", "mobilenet_v2": "features"}
 FAST_METHODS = [

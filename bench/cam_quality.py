@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:
 
 import app.cam as cam_lib  # noqa: E402
 from app.cam.localization import DEFAULT_IOU_THRESHOLDS  # noqa: E402
-from app.datasets.shapes import CLASSES, make_dataset  # noqa: E402
+from app.models.zoo.shapes_dataset import CLASSES, make_dataset  # noqa: E402
 from bench.quality.data import (  # noqa: E402
     HELD_OUT_SEED,
     PAIRS_SEED,
@@ -218,7 +218,7 @@ def run_quality(args: argparse.Namespace, bench: BenchModel, seeds: list[int]) -
         "weights_sha256": loaded.weights_sha256,
         "target_layer": tl,
         "held_out": {
-            "dataset": "app.datasets.shapes.make_dataset",
+            "dataset": "app.models.zoo.shapes_dataset.make_dataset",
             "seed": args.seed,
             "training_seeds_in_TRAINING_md": seeds,
             "n_images": n_total,
@@ -305,7 +305,7 @@ def run_sensitivity(args: argparse.Namespace, bench: BenchModel) -> dict[str, An
     predicted_present = (predicted[:, None] == pairs.labels[: args.n_pairs]).any(1)
     return {
         "pairs": {
-            "dataset": "app.datasets.shapes.make_pairs",
+            "dataset": "app.models.zoo.shapes_dataset.make_pairs",
             "seed": args.pairs_seed,
             "image_size": bench.image_size,
             "n_images": n_total,

@@ -70,7 +70,7 @@ from serving import (  # noqa: E402
 )
 
 from app.cam import GradCAM  # noqa: E402
-from app.manifest import ModelSpec, parse_manifest  # noqa: E402
+from app.models.manifest import ModelSpec, parse_manifest  # noqa: E402
 
 TORCHVISION_MODELS = ("resnet18", "resnet50")
 REFERENCE_TARGETS = {"resnet50": 1.3, "shapes": 8.0}  # request / engine alone, at most
@@ -230,11 +230,11 @@ def _sync(device: torch.device) -> None:
 def load_frozen(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
     """The model as the service holds it (eval, frozen, channels-last on CPU, warmed up)."""
     try:
-        from app.loading import load_model
+        from app.models.loading import load_model
 
         return load_model(spec, device).module
     except (ImportError, AttributeError, TypeError):  # the loader's API moved: do it by hand
-        from app.loading import build_model
+        from app.models.loading import build_model
 
         module, _ = build_model(spec)
         module.eval().requires_grad_(False).to(device)

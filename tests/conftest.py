@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
+from app.http.app import create_app
 from app.settings import Settings
 from tests.fixtures_models import build_tiny, build_vgg_like, write_model
 

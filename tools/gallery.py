@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from app.main import create_app  # noqa: E402
+from app.http.app import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 logger = logging.getLogger("gallery")

@@ -37,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.datasets.shapes import generate_sample  # noqa: E402
+from app.models.zoo.shapes_dataset import generate_sample  # noqa: E402
 
 CONF = ROOT / "deploy" / "gateway" / "nginx.conf"
 MODEL = "shapes"
@@ -213,7 +213,7 @@ def access_ids(log: Path) -> list[str]:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("logger") == "app.access" and entry.get("request_id"):
+        if entry.get("logger") == "app.http.middleware.access" and entry.get("request_id"):
             ids.append(entry["request_id"])
     return ids
 

@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs \
-    tests/cam/test_cuda.py tests/routes/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.txt" | tail -25
+    tests/cam/test_cuda.py tests/http/routes/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.txt" | tail -25
 timeout "${BENCH_TIMEOUT:-300}" python3 bench/service_load.py --device cuda --models resnet50 \
     --concurrency "${LEVELS:-1,8,32}" --seconds "${SECONDS_PER_LEVEL:-15}" --repeats 5 \
     --out "$OUT/service_load_cuda.json" 2>&1 | tee "$OUT/service_load_cuda.txt" | tail -40

@@ -31,14 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from app.datasets.shapes import (  # noqa: E402
+from app.models.zoo.shapes_dataset import (  # noqa: E402
     CLASSES,
     DEFAULT_MEAN,
     DEFAULT_STD,
     make_dataset,
     to_tensor_batch,
 )
-from app.zoo.shapes_resnet import build  # noqa: E402
+from app.models.zoo.shapes_resnet import build  # noqa: E402
 
 IMAGE_SIZE = 128
 MANIFEST = """\
@@ -46,7 +46,7 @@ description = "Small ResNet trained on the synthetic shapes dataset (8 classes),
 default model."
 
 [model]
-architecture = "app.zoo.shapes_resnet:build"
+architecture = "app.models.zoo.shapes_resnet:build"
 kwargs = {{ num_classes = {num_classes} }}
 weights = "weights.pt"
 num_classes = {num_classes}
@@ -233,12 +233,12 @@ Trained by `tools/train_shapes.py`; reproduce with:
 | machine | 2 CPU cores (shared), torch {torch.__version__}, {platform.python_version()} |
 | seeds | torch/numpy/python {args.seed}; train set {args.train_seed}; \
 held-out set {args.heldout_seed} |
-| dataset | `app.datasets.shapes`, {IMAGE_SIZE}x{IMAGE_SIZE}, {len(CLASSES)} classes \
+| dataset | `app.models.zoo.shapes_dataset`, {IMAGE_SIZE}x{IMAGE_SIZE}, {len(CLASSES)} classes \
 ({", ".join(CLASSES)}) |
 | train / held-out images | {args.n_train} / {args.n_heldout} (generated once, in memory) |
 | augmentation | random 90 degree rotations and horizontal flips |
 | preprocessing | uint8 / 255, then (x - {list(DEFAULT_MEAN)}) / {list(DEFAULT_STD)} |
-| architecture | `app.zoo.shapes_resnet:build`, {result["n_params"]} parameters, \
+| architecture | `app.models.zoo.shapes_resnet:build`, {result["n_params"]} parameters, \
 weights.pt {size_mb:.2f} MB |
 | optimiser | AdamW lr {args.lr} (OneCycle), weight decay {args.weight_decay}, \
 batch {args.batch_size}, label smoothing 0.05 |

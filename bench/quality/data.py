@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.loading import build_model
-from app.manifest import parse_manifest
+from app.models.loading import build_model
+from app.models.manifest import parse_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,7 +79,7 @@ def open_bench_model(model_dir: Path) -> BenchModel:
 
 def stand_in_model() -> BenchModel:
     """Random-weight shapes ResNet, to debug the benchmark before the trained model exists."""
-    from app.zoo.shapes_resnet import build
+    from app.models.zoo.shapes_resnet import build
 
     torch.manual_seed(0)
     return BenchModel(
@@ -89,7 +89,9 @@ def stand_in_model() -> BenchModel:
         target_layer="layer3",
         image_size=128,
         num_classes=8,
-        source="STAND-IN: app.zoo.shapes_resnet:build(num_classes=8), random weights (seed 0)",
+        source=(
+            "STAND-IN: app.models.zoo.shapes_resnet:build(num_classes=8), random weights (seed 0)"
+        ),
     )
 
 

@@ -46,7 +46,7 @@ class PairSet:
 
 
 def pair_set(bench: BenchModel, n: int, seed: int) -> PairSet:
-    from app.datasets.shapes import make_pairs
+    from app.models.zoo.shapes_dataset import make_pairs
 
     images, masks, labels = make_pairs(n, seed, bench.image_size)
     return PairSet(

@@ -209,7 +209,8 @@ def test_api_docs_load_offline(browser: object, server: str, path: str, title: s
     page.wait_for_load_state("networkidle")
     outside = [r for r in watched.requests if server not in r and " blob:" not in r]
     if path == "/redoc":
-        # Its CDN logo, refused by the page's own policy before any connection (app/routes/docs.py).
+        # Its CDN logo, refused by the page's own policy before any connection
+        # (app/http/routes/docs.py).
         logo = "https://cdn.redoc.ly/redoc/logo-mini.svg"
         assert outside == [f"GET {logo}"]
         assert watched.failed == [f"{logo} csp"]

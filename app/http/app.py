@@ -1,0 +1,198 @@
+"""Application factory: ``create_app(settings)`` builds the service; the lifespan starts it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+
+from app import __version__
+from app.http.errors import install_error_handlers
+from app.http.middleware.access import AccessMiddleware
+from app.http.middleware.body_limit import BodyLimitMiddleware
+from app.http.middleware.gate import GateMiddleware
+from app.http.openapi import form_fields_without_null
+from app.http.protocols import kserve, oip
+from app.http.protocols.base import PREFIXES, json_body_limit
+from app.http.routes import explain, health, jobs, metrics, models, predict
+from app.http.routes.docs import install_docs
+from app.http.routes.ui import install_ui
+from app.lifecycle import Lifecycle
+from app.models.device import describe_device, resolve_device
+from app.models.memory import trim_periodically
+from app.models.registry import ModelRegistry
+from app.observability.logs import configure_logging
+from app.observability.metrics import Metrics
+from app.pipeline.admission import JobLimiter
+from app.pipeline.explainer import Explainer
+from app.pipeline.jobs import JobStore
+from app.settings import ConfigurationError, Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Predictions and class activation maps (CAM, Grad-CAM, Score-CAM and relatives) for the
+PyTorch image classifiers of a model store. Errors are always
+`{"error": {"code": ..., "message": ...}}`.
+"""
+_FORM_OVERHEAD = 64 * 1024  # room for the form fields and part headers
+_TRIM_EVERY_S = 10.0  # how often freed heap pages go back to the system (app.models.memory)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Decide the device, discover the store, and load the models in the background."""
+    settings: Settings = app.state.settings
+    if not logging.getLogger().handlers:  # started by `uvicorn --factory`, not `python -m app`
+        configure_logging(settings.log_level, settings.log_format, take_over_uvicorn=False)
+    try:
+        device = resolve_device(settings.device)
+    except ConfigurationError as error:
+        logger.critical("cannot start: %s", error)
+        raise
+    logger.info("camserve %s on device %s", __version__, describe_device(device))
+    registry = ModelRegistry(settings.model_store, device, settings.default_model)
+    registry.discover()
+    limiter = JobLimiter(settings.max_concurrent_jobs, settings.queue_size)
+    # Every torch call of the service (loading, warm-up, passes) runs on these threads. Each
+    # thread that runs torch ops gets its own OpenMP team, and two teams on a CPU slow each other
+    # down: resnet50's forward took 79 ms instead of 68 ms once a second thread had run one.
+    model_threads = ThreadPoolExecutor(
+        max_workers=settings.max_concurrent_jobs, thread_name_prefix="camserve-model"
+    )
+    # Decoding and rendering get their own bounded pool: a burst of uploads waits here instead of
+    # growing the event loop's default pool by a thread (and its memory arena) per request.
+    image_threads = ThreadPoolExecutor(
+        max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-image"
+    )
+    app.state.device = device
+    app.state.registry = registry
+    explainer = Explainer(
+        registry,
+        limiter,
+        settings.max_image_pixels,
+        settings.max_cam_forwards,
+        max_output_side=settings.max_output_side,
+        max_batch_size=settings.max_batch_size,
+        batch_timeout_s=settings.batch_timeout_ms / 1000,
+        model_threads=model_threads,
+        image_threads=image_threads,
+        on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
+    )
+    app.state.explainer = explainer
+    app.state.jobs = JobStore(explainer, settings.max_jobs, settings.job_ttl_s, app.state.lifecycle)
+    # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
+    loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
+    trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))
+    try:
+        yield
+    finally:
+        trimming.cancel()
+        await asyncio.gather(trimming, return_exceptions=True)
+        await app.state.jobs.close()
+        await explainer.close()
+        await loading
+        model_threads.shutdown(wait=True)
+        image_threads.shutdown(wait=True)
+
+
+def _install_openapi(app: FastAPI, open_access: bool) -> None:
+    """The schema as clients should read it: no ``null`` for form fields (a multipart field
+    cannot carry one), and, without CAMSERVE_API_KEY, no route asking for a key, so that clients
+    and generated SDKs do not send (or demand) an X-API-Key header."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            if open_access:
+                for operations in schema.get("paths", {}).values():
+                    for operation in operations.values():
+                        operation.pop("security", None)
+                schema.get("components", {}).pop("securitySchemes", None)
+            app.openapi_schema = form_fields_without_null(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the FastAPI application; settings come from the environment when not given."""
+    settings = settings or load_settings()
+    app = FastAPI(
+        title="camserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # app.http.routes.docs serves them with local assets
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics(app.state) if settings.metrics else None
+    app.state.lifecycle = Lifecycle(settings.shutdown_grace_s)
+    install_error_handlers(app)
+    routers = (
+        health.router,
+        models.router,
+        predict.router,
+        explain.router,
+        jobs.router,
+        oip.router,
+        kserve.router,
+    )
+    for router in routers:
+        app.include_router(router)  # no prefix: the gate matches these routes as they are
+    if settings.metrics:
+        app.include_router(metrics.router)
+    install_docs(app)
+    if settings.ui:
+        install_ui(app)
+    _install_openapi(app, open_access=settings.api_key is None)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
+        body_timeout_s=settings.body_timeout_s,
+        protocol_prefixes=PREFIXES,
+        protocol_max_bytes=json_body_limit(
+            settings.max_upload_bytes, settings.max_images, _FORM_OVERHEAD
+        ),
+    )
+    # Outside the body limit: a request without its key, or during the drain, is refused on
+    # its headers, before a byte of its body is read.
+    app.add_middleware(
+        GateMiddleware,
+        routes=[route for router in routers for route in router.routes],
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        lifecycle=app.state.lifecycle,
+        protocol_prefixes=PREFIXES,
+    )
+    # Outside the body limit: even its 413 carries the CORS headers.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
+            expose_headers=[
+                "Retry-After",
+                "X-Request-ID",
+                "X-Camserve-Method",
+                "X-Camserve-Class",
+                "X-Camserve-Label",
+            ],
+        )
+    # Outermost of all: every answer, a CORS preflight or a 413 included, carries the id.
+    app.add_middleware(AccessMiddleware, metrics=app.state.metrics)
+    return app

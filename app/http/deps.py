@@ -1,0 +1,90 @@
+"""Request-scoped dependencies: app state, the API key check and upload reading."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from fastapi import Depends, Request, UploadFile
+from fastapi.security import APIKeyHeader
+
+from app.errors import InvalidParameter, PayloadTooLarge, Unauthorized
+from app.http.cutoff import guarded
+from app.models.registry import ModelRegistry
+from app.pipeline.decoding import Upload
+from app.pipeline.explainer import Explainer
+from app.settings import Settings
+
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="required when CAMSERVE_API_KEY is set"
+)
+_CHUNK = 1024 * 1024
+T = TypeVar("T")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def get_explainer(request: Request) -> Explainer:
+    return request.app.state.explainer
+
+
+async def require_api_key(request: Request, api_key: str | None = Depends(_api_key_header)) -> None:
+    """Reject the request unless it carries the configured key (no-op when none is set)."""
+    expected = get_settings(request).api_key
+    if expected is None:
+        return
+    if api_key is None or not secrets.compare_digest(
+        api_key.encode(), expected.get_secret_value().encode()
+    ):
+        raise Unauthorized(
+            "Missing or wrong API key; send it in the X-API-Key header.",
+            headers={"WWW-Authenticate": "ApiKey"},
+        )
+
+
+async def read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
+    """Read the file parts, refusing too many files or any file over the size limit."""
+    if len(files) > settings.max_images:
+        raise InvalidParameter(
+            f"{len(files)} files sent but at most {settings.max_images} are accepted per "
+            "request (CAMSERVE_MAX_IMAGES); split the batch."
+        )
+    limit = settings.max_upload_bytes
+    uploads = []
+    for number, file in enumerate(files):
+        name = file.filename or f"image{number}"
+        if file.size is not None and file.size > limit:
+            raise _too_large(name, limit)
+        chunks, total = [], 0
+        while chunk := await file.read(_CHUNK):
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(name, limit)
+            chunks.append(chunk)
+        uploads.append(Upload(filename=name, data=b"".join(chunks)))
+    return uploads
+
+
+def _too_large(name: str, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"{name} is over the upload limit of {limit} bytes (CAMSERVE_MAX_UPLOAD_BYTES); "
+        "send a smaller image."
+    )
+
+
+async def within_limits(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run a synchronous request's work under its deadline, its client's presence and the
+    shutdown's grace period (``app.http.cutoff``)."""
+    return await guarded(
+        request,
+        work,
+        timeout_s=get_settings(request).request_timeout_s,
+        lifecycle=request.app.state.lifecycle,
+    )

@@ -1,0 +1,129 @@
+"""The single place that turns every error into a JSON response: the app's exception handlers
+and the refusals that ASGI middleware sends before the app."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
+
+from app.errors import (
+    CamserveError,
+    ClientClosedRequest,
+    NotReady,
+    Overloaded,
+    ShuttingDown,
+    error_body,
+)
+from app.observability.context import REQUEST_ID_HEADER, current_request_id
+
+logger = logging.getLogger(__name__)
+
+
+async def send_refusal(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    protocol: bool = False,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer from ASGI middleware, before (or instead of) the app: the error in our shape, or in
+    the inference protocols' (``{"error": message}``). The request body was not read through, so
+    the connection is closed after the answer."""
+    shaped = {"error": message} if protocol else error_body(code, message)
+    body = json.dumps(shaped).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    problems = []
+    for item in exc.errors():
+        loc = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path")]
+        where = ".".join(loc) or "request"
+        message = item.get("msg", "invalid")
+        if item.get("type") == "missing":
+            message = "is required" if where != "file" else "is required: attach an image file"
+        problems.append({"field": where, "problem": message})
+    text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+    return f"Invalid request: {text}. See /docs for the accepted parameters.", problems
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render domain errors, validation errors, HTTP errors and crashes in one shape."""
+
+    @app.exception_handler(CamserveError)
+    async def _domain(request: Request, exc: CamserveError) -> JSONResponse:
+        if exc.status_code >= 500 and not isinstance(exc, Overloaded | NotReady | ShuttingDown):
+            logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        elif isinstance(exc, ClientClosedRequest):
+            logger.info("%s %s: %s", request.method, request.url.path, exc.message)
+        return JSONResponse(
+            error_body(exc.code, exc.message, exc.details),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, problems = _describe_validation(exc)
+        return JSONResponse(
+            error_body("validation_error", message, {"problems": problems}), status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"No route {request.url.path}; see /docs for the API."
+        elif exc.status_code == 400 and "parsing the body" in message:
+            message = "The request body could not be parsed; send multipart/form-data."
+        return JSONResponse(
+            error_body(code, message), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            error_body("internal_error", "Internal server error; the details are in the log."),
+            status_code=500,
+            # Rendered outside the access middleware, which tags every other answer.
+            headers={REQUEST_ID_HEADER: request_id}
+            if (request_id := current_request_id())
+            else None,
+        )

@@ -1,0 +1,1 @@
+"""ASGI middleware: request ids and access logs, the headers-first gate, the body limit."""

@@ -1,0 +1,240 @@
+"""KServe v1 protocol: ``:predict`` and ``:explain`` with base64 images as instances."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
+from app.http.protocols.base import ERROR_RESPONSES, ProtocolRoute, decode_images
+from app.models.registry import ModelRegistry
+from app.pipeline.explainer import Explainer, ExplainParams
+from app.pipeline.rendering import (
+    DEFAULT_ALPHA,
+    DEFAULT_COLORMAP,
+    DEFAULT_IMAGE_FORMAT,
+    MAX_SIDE,
+    MIN_SIDE,
+)
+from app.pipeline.results import ExplainResult, PredictResult
+from app.settings import Settings
+
+router = APIRouter(
+    prefix="/v1/models",
+    tags=["kserve v1 protocol"],
+    route_class=ProtocolRoute,
+    dependencies=[Depends(require_api_key)],
+)
+_B64 = "iVBORw0KGgoAAAANSUhEUgAA..."
+
+
+class B64(BaseModel):
+    """Binary data as in TensorFlow Serving's REST API: ``{"b64": "..."}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    b64: str
+
+
+class PredictInstance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: B64
+    top_k: int = Field(5, ge=1, le=1000, description="classes returned for this image")
+
+
+class ExplainInstance(BaseModel):
+    """An image and the options of /explain, as fields (lists for the repeatable ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: B64
+    method: str | None = None
+    class_idx: int | None = Field(None, ge=0, description="class to explain; default top-1")
+    top_k: int = Field(5, ge=1, le=1000)
+    target_layer: str | list[str] | None = None
+    output: str | list[str] | None = None
+    colormap: str = DEFAULT_COLORMAP
+    alpha: float = Field(DEFAULT_ALPHA, ge=0, le=1)
+    image_format: Literal["png", "jpeg", "webp"] = DEFAULT_IMAGE_FORMAT
+    size: str | int | None = Field(
+        None, description=f"'original', 'input' or a longest side ({MIN_SIDE}-{MAX_SIDE})"
+    )
+    normalized: bool = True
+    num_samples: int | None = Field(None, ge=1, le=64)
+    std: float | None = Field(None, ge=0, le=10)
+    batch_size: int | None = Field(None, ge=1, le=256)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+    def params(self, class_idx: tuple[int, ...]) -> ExplainParams:
+        options = {
+            name: value
+            for name in ("num_samples", "std", "batch_size", "seed")
+            if (value := getattr(self, name)) is not None
+        }
+        return ExplainParams(
+            method=self.method or None,
+            class_idx=class_idx,
+            top_k=self.top_k,
+            target_layers=tuple(_listed(self.target_layer)),
+            outputs=tuple(o.lower() for o in _listed(self.output) or ["overlay"]),
+            colormap=self.colormap.strip().lower(),
+            alpha=self.alpha,
+            image_format=self.image_format,
+            normalized=self.normalized,
+            size=None if self.size is None else str(self.size),
+            options=options,
+        )
+
+
+class _Instances(BaseModel):
+    """``instances`` (or its synonym ``inputs``): one object per image."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "inputs" in value:
+            if "instances" in value:
+                raise ValueError("send either 'instances' or 'inputs', not both")
+            value = {**value, "instances": value["inputs"]}
+            del value["inputs"]
+        return value
+
+
+class PredictRequest(_Instances):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"instances": [{"image": {"b64": _B64}}]}]},
+    )
+    instances: list[PredictInstance] = Field(min_length=1)
+
+
+class ExplainRequest(_Instances):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"instances": [{"image": {"b64": _B64}, "method": "GradCAM", "output": "overlay"}]}
+            ]
+        },
+    )
+    instances: list[ExplainInstance] = Field(min_length=1)
+
+
+class PredictAnswer(BaseModel):
+    predictions: list[PredictResult]
+
+
+class InstanceExplanation(ExplainResult):
+    """camserve's explanation of one image, with what the method ran on."""
+
+    model: str
+    method: str
+    target_layers: list[str]
+    options: dict[str, Any]
+    image_format: str
+    media_type: str
+
+
+class ExplainAnswer(BaseModel):
+    explanations: list[InstanceExplanation]
+
+
+def _listed(value: str | list[str] | None) -> list[str]:
+    values = [value] if isinstance(value, str) else value or []
+    return [part.strip() for item in values for part in item.split(",") if part.strip()]
+
+
+def _groups(keys: Sequence[Any]) -> list[list[int]]:
+    """Indices of equal keys, in order of first appearance: one explainer call per group."""
+    groups: dict[Any, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+def _names(count: int) -> list[str]:
+    return [f"instance{i}" for i in range(count)]
+
+
+@router.get("")
+def list_models(registry: ModelRegistry = Depends(get_registry)) -> dict[str, list[str]]:
+    """The names of the models of the store."""
+    return {"models": registry.names()}
+
+
+@router.get("/{name}", responses=ERROR_RESPONSES)
+def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
+    """Whether the model can serve (200) or is loading or failed (503)."""
+    entry = registry.entry(name)
+    ready = entry.status == "ready"
+    return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
+
+
+@router.post("/{name}:predict", response_model=PredictAnswer, responses=ERROR_RESPONSES)
+async def predict_instances(
+    name: str,
+    body: PredictRequest,
+    request: Request,
+    explainer: Explainer = Depends(get_explainer),
+    settings: Settings = Depends(get_settings),
+) -> PredictAnswer:
+    """Top-k classes per instance, through the same batched forward as /predict."""
+    uploads = decode_images(
+        list(zip(_names(len(body.instances)), [i.image.b64 for i in body.instances], strict=True)),
+        settings,
+    )
+
+    async def run() -> dict[int, PredictResult]:
+        results: dict[int, PredictResult] = {}
+        for group in _groups([instance.top_k for instance in body.instances]):
+            top_k = body.instances[group[0]].top_k
+            answer = await explainer.predict(name, [uploads[i] for i in group], top_k)
+            results.update(zip(group, answer.results, strict=True))
+        return results
+
+    # One deadline (CAMSERVE_REQUEST_TIMEOUT_S) for the whole request, whatever its groups.
+    results = await within_limits(request, run())
+    return PredictAnswer(predictions=[results[i] for i in range(len(uploads))])
+
+
+@router.post("/{name}:explain", response_model=ExplainAnswer, responses=ERROR_RESPONSES)
+async def explain_instances(
+    name: str,
+    body: ExplainRequest,
+    request: Request,
+    explainer: Explainer = Depends(get_explainer),
+    settings: Settings = Depends(get_settings),
+) -> ExplainAnswer:
+    """camserve's explanation of each instance; its fields are /explain's options."""
+    instances = body.instances
+    uploads = decode_images(
+        list(zip(_names(len(instances)), [i.image.b64 for i in instances], strict=True)), settings
+    )
+    # Instances with equal options (and all with or all without class_idx) share one call.
+    keys = [
+        (i.model_dump_json(exclude={"image", "class_idx"}), i.class_idx is None) for i in instances
+    ]
+
+    async def run() -> dict[int, InstanceExplanation]:
+        explanations: dict[int, InstanceExplanation] = {}
+        for group in _groups(keys):
+            first = instances[group[0]]
+            class_idx = tuple(c for i in group if (c := instances[i].class_idx) is not None)
+            params = first.params(class_idx)
+            answer = await explainer.explain(name, [uploads[i] for i in group], params)
+            for index, result in zip(group, answer.results, strict=True):
+                explanations[index] = InstanceExplanation(
+                    **result.model_dump(),
+                    model=answer.model,
+                    method=answer.method,
+                    target_layers=answer.target_layers,
+                    options=answer.options,
+                    image_format=answer.image_format,
+                    media_type=answer.media_type,
+                )
+        return explanations
+
+    explanations = await within_limits(request, run())
+    return ExplainAnswer(explanations=[explanations[i] for i in range(len(instances))])

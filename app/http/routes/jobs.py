@@ -1,0 +1,96 @@
+"""Explanations as jobs: submit, follow (JSON or Server-Sent Events), cancel."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.http.deps import get_settings, read_uploads, require_api_key
+from app.http.routes import error_responses
+from app.http.routes.forms import ExplainForm, explain_form
+from app.http.schemas import JobCreated
+from app.pipeline.jobs import Job, JobStore
+from app.pipeline.results import JobView
+from app.settings import Settings
+
+router = APIRouter(tags=["jobs"], dependencies=[Depends(require_api_key)])
+
+#: A comment line this often keeps proxies from closing a quiet event stream.
+KEEP_ALIVE_S = 15.0
+
+
+def get_jobs(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobCreated,
+    responses=error_responses(400, 401, 404, 413, 415, 422, 503),
+)
+async def create_job(
+    form: ExplainForm = Depends(explain_form),
+    jobs: JobStore = Depends(get_jobs),
+    settings: Settings = Depends(get_settings),
+) -> JSONResponse:
+    """Run an explanation in the background (same form as /explain); follow it at `url`."""
+    uploads = await read_uploads(form.files, settings)
+    job = jobs.create(form.model, uploads, form.params)
+    body = JobCreated(id=job.id, status=job.status, url=job.url)
+    return JSONResponse(body.model_dump(), status_code=202, headers={"Location": job.url})
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, responses=error_responses(401, 404))
+async def get_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JobView:
+    """A job's status, progress with ETA, times, and its result or error once finished."""
+    return jobs.get(job_id).view()
+
+
+@router.delete("/jobs/{job_id}", response_model=JobView, responses=error_responses(401, 404))
+async def cancel_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JobView:
+    """Cancel a queued or running job (its work stops at the next chunk); forget a finished one."""
+    return jobs.cancel(job_id).view()
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "`progress` events, then one event named after the final status "
+            "whose data is the whole job",
+        },
+        **error_responses(401, 404),
+    },
+)
+async def follow_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> StreamingResponse:
+    """Stream a job's progress as Server-Sent Events, ending with its final status."""
+    job = jobs.get(job_id)
+    return StreamingResponse(
+        _events(job),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(job: Job) -> AsyncIterator[str]:
+    last = None
+    while True:
+        if job.is_finished:
+            yield _event(job.status, job.view().model_dump_json())
+            return
+        state = job.view(with_result=False).model_dump(mode="json", include={"status", "progress"})
+        if state != last:
+            yield _event("progress", json.dumps(state))
+            last = state
+        if not await job.changed(KEEP_ALIVE_S):
+            yield ": keep-alive\n\n"
+
+
+def _event(name: str, data: str) -> str:
+    return f"event: {name}\ndata: {data}\n\n"

@@ -1,0 +1,39 @@
+"""The page for people at ``GET /``: static HTML, CSS and JavaScript from ``app/http/ui/``.
+
+The page only calls the public API (``/models``, ``/models/{name}``, ``/explain``) from the
+browser, so it needs nothing from the server beyond these files. ``CAMSERVE_UI=false`` leaves
+it out (``GET /`` is then a 404).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from app.cam import COLORMAPS, colormap_lut
+
+UI_DIR = Path(__file__).resolve().parents[1] / "ui"
+UI_ASSETS_PATH = "/ui"
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+def get_page() -> FileResponse:
+    """The explanation page."""
+    return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/ui/colormaps.json")
+def get_colormaps() -> dict[str, list[int]]:
+    """The server's colour maps as 768-entry RGB tables, so the page re-colours maps exactly."""
+    return {name: list(colormap_lut(name)) for name in COLORMAPS}
+
+
+def install_ui(app: FastAPI) -> None:
+    """Add the page at / and its assets under /ui (the routes first: the mount takes the rest)."""
+    app.include_router(router)
+    app.mount(UI_ASSETS_PATH, StaticFiles(directory=UI_DIR), name="ui-assets")

@@ -1,0 +1,158 @@
+"""Request and response bodies, with the examples shown on /docs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from app.pipeline.results import ErrorDetail, JobStatus, with_example
+
+
+class ErrorResponse(BaseModel):
+    """Every error the service returns has this shape."""
+
+    model_config = with_example(
+        {
+            "error": {
+                "code": "model_not_found",
+                "message": "Unknown model 'shape'. Available models: shapes.",
+                "details": {"available": ["shapes"]},
+            }
+        }
+    )
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    model_config = with_example(
+        {
+            "status": "ok",
+            "version": "0.1.0",
+            "device": "cpu",
+            "versions": {"python": "3.11.7", "torch": "2.5.1", "torchvision": "0.20.1"},
+            "models_loaded": True,
+        }
+    )
+    status: Literal["ok"] = "ok"
+    version: str
+    device: str
+    versions: dict[str, str]
+    models_loaded: bool
+
+
+class ReadyResponse(BaseModel):
+    model_config = with_example({"ready": True, "models": {"shapes": "ready"}})
+    ready: bool
+    draining: bool = Field(False, description="the service got SIGTERM and takes no new work")
+    models: dict[str, Literal["loading", "ready", "failed"]]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    status: Literal["loading", "ready", "failed"]
+    description: str = ""
+    error: str | None = Field(None, description="why the model failed to load")
+    architecture: str | None = None
+    num_classes: int | None = None
+    input_shape: list[int] | None = None
+
+
+class ModelList(BaseModel):
+    model_config = with_example(
+        {
+            "default_model": "shapes",
+            "models": [
+                {
+                    "name": "shapes",
+                    "status": "ready",
+                    "description": "ResNet for 8 synthetic shapes",
+                    "error": None,
+                    "architecture": "app.models.zoo.shapes_resnet:build",
+                    "num_classes": 8,
+                    "input_shape": [3, 128, 128],
+                }
+            ],
+        }
+    )
+    default_model: str
+    models: list[ModelSummary]
+
+
+class Preprocess(BaseModel):
+    resize: int
+    crop: list[int]
+    mean: list[float]
+    std: list[float]
+
+
+class MethodOptionInfo(BaseModel):
+    """One option of a method, as the method declares it (``app.cam.options``)."""
+
+    name: str
+    type: Literal["integer", "number", "string", "integer list"]
+    default: int | float | str | None = Field(description="the method's default")
+    minimum: float | None = Field(description="lowest value accepted")
+    maximum: float | None = Field(description="highest value accepted")
+    help: str
+
+
+class ModelDetail(ModelSummary):
+    model_config = with_example(
+        {
+            "name": "shapes",
+            "status": "ready",
+            "description": "ResNet for 8 synthetic shapes",
+            "architecture": "app.models.zoo.shapes_resnet:build",
+            "num_classes": 8,
+            "input_shape": [3, 128, 128],
+            "device": "cpu",
+            "weights": "weights.pt",
+            "labels": ["circle", "square", "triangle"],
+            "preprocess": {"resize": 128, "crop": [128, 128], "mean": [0.5] * 3, "std": [0.25] * 3},
+            "target_layers": ["layer3"],
+            "candidate_layers": ["conv1", "layer1", "layer2", "layer3"],
+            "default_method": "GradCAM",
+            "methods": ["CAM", "GradCAM", "GradCAMpp", "ScoreCAM"],
+            "not_applicable": {},
+            "method_options": {
+                "ScoreCAM": [
+                    {
+                        "name": "batch_size",
+                        "type": "integer",
+                        "default": 32,
+                        "minimum": 1,
+                        "maximum": 256,
+                        "help": "masked inputs per forward (memory, not the result)",
+                    }
+                ]
+            },
+        }
+    )
+    device: str
+    weights: str
+    labels: list[str]
+    preprocess: Preprocess
+    target_layers: list[str] = Field(description="layers explained when none is asked for")
+    candidate_layers: list[str] = Field(description="layers with spatial outputs worth trying")
+    default_method: str
+    methods: list[str] = Field(description="CAM methods that apply to this model")
+    not_applicable: dict[str, str] = Field(description="method -> why it does not apply")
+    method_options: dict[str, list[MethodOptionInfo]] = Field(
+        default_factory=dict,
+        description="method -> the options a request may set for it (form fields of /explain)",
+    )
+
+
+class JobCreated(BaseModel):
+    model_config = with_example(
+        {
+            "id": "6tWq0mD1xK9vR3pZ8yL2cJ4a",
+            "status": "queued",
+            "url": "/jobs/6tWq0mD1xK9vR3pZ8yL2cJ4a",
+        }
+    )
+
+    id: str = Field(description="unguessable job id")
+    status: JobStatus
+    url: str = Field(description="where to follow the job (also in the Location header)")

@@ -1,0 +1,1 @@
+"""Models: manifests, loading, the registry, the device and memory."""

@@ -1,0 +1,67 @@
+"""Logging setup: plain text or one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from app.observability.context import RequestIdFilter
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger [request id]: message``; the id only for a request's records."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s%(request_tag)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, with the traceback as a string when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            entry["request_id"] = request_id
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            entry.update(access)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, log_format: str, take_over_uvicorn: bool = True) -> None:
+    """Route every logger to one stderr handler in the chosen format; uvicorn's loggers too
+    unless ``take_over_uvicorn`` is False (uvicorn started us and configured its own)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    if not take_over_uvicorn:
+        return
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    # app.http.middleware.access writes one line per request, with the id, model and sizes;
+    # uvicorn's own line would be a second, poorer one. (`disabled` survives uvicorn.run, which
+    # resets levels.)
+    logging.getLogger("uvicorn.access").disabled = True

@@ -1,0 +1,191 @@
+"""Prometheus metrics of one app: request counts and stage times, batches, queue, models, GPU.
+
+Each app has its own ``CollectorRegistry`` (tests build many apps in one process). Counters and
+histograms are fed as requests end; gauges are read from the app's state at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.cam.core import _CAM
+from app.observability.context import STAGES, RequestInfo
+
+# Seconds: a tiny model's forward (~1 ms) up to a Score-CAM family request (~minutes).
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+UNMATCHED_ROUTE = "unmatched"
+
+
+def cam_forwards(
+    cls: type[_CAM], layer_shapes: Iterable[tuple[int, ...]], options: dict[str, Any], images: int
+) -> int:
+    """The forwards a CAM call runs besides the model's own forward; ``layer_shapes`` are the
+    output shapes (N, C, ...) of its target layers.
+
+    Methods with ``masked_forwards`` (the Score-CAM family, Ablation-CAM): one per image, channel
+    (of the target layers) and sample. With ``noisy_forwards`` (SmoothGrad-CAM++): one per image
+    and sample. Others: none. ``num_samples`` defaults to the method's declared default."""
+    masked = cls.masked_forwards
+    if not (masked or cls.noisy_forwards):
+        return 0
+    declared = cls.option("num_samples")
+    samples = int(options.get("num_samples", declared.default)) if declared else 1
+    channels = sum(shape[1] if len(shape) >= 2 else 1 for shape in layer_shapes)
+    return images * samples * (channels if masked else 1)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the app at scrape time."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def collect(self) -> Iterable[Metric]:
+        explainer = getattr(self.state, "explainer", None)
+        registry = getattr(self.state, "registry", None)
+        device = getattr(self.state, "device", None)
+
+        queue = GaugeMetricFamily(
+            "camserve_queue_depth", "Requests waiting for a model pass (all models)."
+        )
+        queue.add_metric([], explainer.waiting if explainer is not None else 0)
+        yield queue
+
+        jobs = GaugeMetricFamily(
+            "camserve_jobs_in_flight",
+            "Model jobs admitted: running or waiting for a slot (503 beyond the queue bound).",
+        )
+        jobs.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
+        yield jobs
+
+        store = getattr(self.state, "jobs", None)
+        background = GaugeMetricFamily(
+            "camserve_background_jobs",
+            "Jobs of /jobs kept by this process, by status (finished ones until they expire).",
+            labels=["status"],
+        )
+        for status, count in (store.counts() if store is not None else {}).items():
+            background.add_metric([status], count)
+        yield background
+
+        ready = GaugeMetricFamily(
+            "camserve_model_ready",
+            "1 when the model is loaded and serving, else 0.",
+            labels=["model"],
+        )
+        for name, entry in (registry.entries if registry is not None else {}).items():
+            ready.add_metric([name], 1.0 if entry.status == "ready" else 0.0)
+        yield ready
+
+        if device is not None and device.type == "cuda":
+            yield from _gpu_memory()
+
+
+def _gpu_memory() -> Iterable[Metric]:
+    allocated = GaugeMetricFamily(
+        "camserve_gpu_memory_allocated_bytes",
+        "GPU memory held by tensors (torch.cuda.memory_allocated).",
+        labels=["device"],
+    )
+    reserved = GaugeMetricFamily(
+        "camserve_gpu_memory_reserved_bytes",
+        "GPU memory held by torch's caching allocator (torch.cuda.memory_reserved).",
+        labels=["device"],
+    )
+    for index in range(torch.cuda.device_count()):
+        name = f"cuda:{index}"
+        allocated.add_metric([name], float(torch.cuda.memory_allocated(index)))
+        reserved.add_metric([name], float(torch.cuda.memory_reserved(index)))
+    yield allocated
+    yield reserved
+
+
+class Metrics:
+    """The metrics of one app; ``state`` is its ``app.state`` (read at scrape time)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, state: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "camserve_requests",
+            "HTTP requests answered, by route template, model, CAM method and status.",
+            ["route", "model", "method", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "camserve_request_duration_seconds",
+            "Seconds per stage of a request; stage 'total' is the whole request as served.",
+            ["route", "model", "method", "stage"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_images = Histogram(
+            "camserve_batch_images",
+            "Images in each model pass (several requests share one when batched).",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.cam_forwards = Counter(
+            "camserve_cam_forwards",
+            "Masked (Score-CAM family) and noisy (SmoothGrad-CAM++) forwards run by CAM calls.",
+            ["model", "method"],
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(state))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+
+    def observe_request(self, route: str, status: int, seconds: float, info: RequestInfo) -> None:
+        """Count one answered request and its stage times."""
+        labels = (route, info.model, info.method)
+        self.requests.labels(*labels, str(status)).inc()
+        for stage in STAGES:
+            if stage in info.stages:
+                self.duration.labels(*labels, stage).observe(info.stages[stage])
+        self.duration.labels(*labels, "total").observe(seconds)
+        if info.cam_forwards:
+            self.cam_forwards.labels(info.model, info.method).inc(info.cam_forwards)
+
+    def observe_pass(self, model: str, images: int) -> None:
+        """One model pass of ``images`` images ran."""
+        self.batch_images.labels(model).observe(images)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""The pipeline: upload -> tensor -> (batch) -> pass -> maps -> answer, with no web framework."""

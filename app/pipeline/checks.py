@@ -1,0 +1,234 @@
+"""Checks of explain parameters against a loaded model, each raising the matching domain error."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from app.cam import COLORMAPS, METHODS, UnknownMethod, close_matches, find_method
+from app.cam.core import _CAM
+from app.errors import (
+    InvalidParameter,
+    MethodNotApplicable,
+    OverBudget,
+    UnsupportedMethod,
+    clip,
+)
+from app.models.loading import LoadedModel
+from app.pipeline.rendering import OUTPUT_FORMATS, OUTPUT_KINDS, draws_pictures
+
+
+def resolve_method(
+    model: LoadedModel, name: str | None, own_layers: bool = False
+) -> tuple[str, type[_CAM]]:
+    """Case-insensitive method lookup, checked against what applies to the model.
+
+    With ``own_layers`` (the client picked target layers) a method that does not apply to
+    the default layers is still tried: the extractor then says whether it applies."""
+    wanted = (name or model.spec.default_method).strip()
+    applicable = model.applicable_methods
+    try:
+        method, cls = find_method(wanted)
+    except UnknownMethod as error:
+        hint = f" Did you mean {error.suggestion}?" if error.suggestion else ""
+        raise UnsupportedMethod(
+            f"Unknown method {clip(wanted)}.{hint} Methods for model {model.spec.name!r}: "
+            f"{', '.join(applicable)}.",
+            details={"methods": applicable},
+        ) from None
+    reason = model.methods.get(method)
+    if method in model.allowed_methods and own_layers:
+        reason = None
+    if reason is not None:
+        if not reason.startswith(method):
+            reason = f"{method} does not apply to model {model.spec.name!r}: {reason}"
+        raise MethodNotApplicable(
+            f"{reason} Methods that apply to {model.spec.name!r}: {', '.join(applicable)}.",
+            details={"methods": applicable, "reason": reason},
+        )
+    return method, cls
+
+
+def _takers(option: str) -> list[str]:
+    """The methods that let a request set ``option``."""
+    return [n for n, c in METHODS.items() if (o := c.option(option)) is not None and o.public]
+
+
+def _takes(cls: type[_CAM], option: str) -> bool:
+    declared = cls.option(option)
+    return declared is not None and declared.public
+
+
+def resolve_methods(
+    model: LoadedModel, names: str | None, own_layers: bool = False
+) -> list[tuple[str, type[_CAM]]]:
+    """One or several methods (``GradCAM,ScoreCAM``), each checked by ``resolve_method``, in the
+    order given, without repeats; none given: the model's default method."""
+    wanted: list[str | None] = [p.strip() for p in (names or "").split(",") if p.strip()]
+    resolved = [resolve_method(model, name, own_layers) for name in wanted or [None]]
+    return list({method: (method, cls) for method, cls in resolved}.values())
+
+
+def split_options(
+    methods: Sequence[tuple[str, type[_CAM]]], options: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Per method, the options it takes. One method must take every option sent; of several,
+    each option must be taken by at least one of them (it then goes to those only)."""
+    if len(methods) == 1:
+        return [check_options(*methods[0], options)]
+    names = [method for method, _ in methods]
+    for option in options:
+        if not any(_takes(cls, option) for _, cls in methods):
+            takers = _takers(option)
+            raise InvalidParameter(
+                f"None of {', '.join(names)} takes the option {option!r}; "
+                f"{', '.join(takers) or 'no method'} take(s) it. "
+                f"Drop {option!r} or add one of those methods.",
+                details={"option": option, "methods": takers},
+            )
+    return [
+        check_options(method, cls, {k: v for k, v in options.items() if _takes(cls, k)})
+        for method, cls in methods
+    ]
+
+
+def check_options(method: str, cls: type[_CAM], options: dict[str, Any]) -> dict[str, Any]:
+    """Each option against the method's declaration (``cls.options``): refuse the ones it does
+    not take, naming the methods that do, and values outside the declared type or bounds."""
+    checked = {}
+    for name, value in options.items():
+        declared = cls.option(name)
+        if declared is None or not declared.public:
+            takers = _takers(name)
+            raise InvalidParameter(
+                f"{method} does not take the option {clip(name)}; "
+                f"{', '.join(takers) or 'no method'} take(s) it. "
+                f"Drop {clip(name)} or choose one of those methods.",
+                details={"option": name[:40], "methods": takers},
+            )
+        try:
+            checked[name] = declared.check(value)
+        except (TypeError, ValueError) as error:
+            raise InvalidParameter(f"{method}: {error}", details={"option": name}) from None
+    return checked
+
+
+def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
+    """The requested layers (deduplicated), or the model's defaults; unknown names refused."""
+    if not layers:
+        return model.target_layers
+    for layer in layers:
+        if layer not in model.layer_names:
+            close = close_matches(layer, sorted(model.layer_names), n=5)
+            raise InvalidParameter(
+                f"Model {model.spec.name!r} has no layer {clip(layer)}."
+                + (f" Close matches: {', '.join(close)}." if close else "")
+                + f" Candidate layers: {', '.join(model.candidate_layers)}.",
+                details={"close_matches": close},
+            )
+    return tuple(dict.fromkeys(layers))
+
+
+def check_classes(model: LoadedModel, class_idx: Sequence[int], count: int) -> None:
+    """One class index for all images or one per image, each within the model's classes."""
+    if class_idx and len(class_idx) not in (1, count):
+        raise InvalidParameter(
+            f"Got {len(class_idx)} class_idx values for {count} images; give one for all "
+            "images or one per image, in upload order."
+        )
+    for idx in class_idx:
+        if not 0 <= idx < model.spec.num_classes:
+            raise InvalidParameter(
+                f"class_idx {idx} is out of range: model {model.spec.name!r} has "
+                f"{model.spec.num_classes} classes (0..{model.spec.num_classes - 1})."
+            )
+
+
+def masked_forwards(
+    model: LoadedModel,
+    cls: type[_CAM],
+    layers: Sequence[str],
+    options: dict[str, Any],
+    images: int,
+) -> tuple[int, int, int]:
+    """Extra forwards a method says it runs (0 for the others), with the channels and samples
+    per image that make them up: masked ones, one per image, channel and sample (the Score-CAM
+    family, Ablation-CAM); noisy ones, one forward and backward per image and sample
+    (SmoothGradCAMpp; channels count 1)."""
+    if not (cls.masked_forwards or cls.noisy_forwards):
+        return 0, 0, 0
+    declared = cls.option("num_samples")
+    samples = int(options.get("num_samples", declared.default)) if declared else 1
+    channels = 1
+    if cls.masked_forwards:
+        channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
+    return images * channels * samples, channels, samples
+
+
+def check_budget(
+    model: LoadedModel,
+    method: str,
+    cls: type[_CAM],
+    layers: Sequence[str],
+    options: dict[str, Any],
+    images: int,
+    limit: int,
+) -> None:
+    """Refuse requests whose masked or noisy forwards exceed the budget."""
+    forwards, channels, samples = masked_forwards(model, cls, layers, options, images)
+    if forwards > limit:
+        kind = "masked" if cls.masked_forwards else "noisy"
+        raise OverBudget(
+            f"{method} would run {forwards} {kind} forwards ({images} image(s) x {channels} "
+            f"channels x {samples} sample(s)); the limit is {limit} "
+            "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
+            "layer with fewer channels, or use a gradient method such as GradCAM.",
+            details={"forwards": forwards, "limit": limit},
+        )
+
+
+def check_total_budget(
+    model: LoadedModel,
+    methods: Sequence[tuple[str, type, dict[str, Any]]],
+    layers: Sequence[str],
+    images: int,
+    limit: int,
+) -> None:
+    """Several methods in one request: their masked forwards count together."""
+    if len(methods) == 1:
+        check_budget(model, methods[0][0], methods[0][1], layers, methods[0][2], images, limit)
+        return
+    counts = {
+        method: masked_forwards(model, cls, layers, options, images)[0]
+        for method, cls, options in methods
+    }
+    total = sum(counts.values())
+    if total > limit:
+        parts = ", ".join(f"{method} {count}" for method, count in counts.items() if count)
+        raise OverBudget(
+            f"These methods would run {total} masked forwards together ({parts}); the limit is "
+            f"{limit} (CAMSERVE_MAX_CAM_FORWARDS). Send fewer images or methods, lower "
+            "num_samples, or pick a layer with fewer channels.",
+            details={"forwards": total, "limit": limit, "per_method": counts},
+        )
+
+
+def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) -> None:
+    """Known output kinds, image format and (when images are drawn) colormap."""
+    unknown = [o for o in outputs if o not in OUTPUT_KINDS]
+    if unknown or not outputs:
+        raise InvalidParameter(
+            f"output must be any of {', '.join(OUTPUT_KINDS)} (repeat it or separate by "
+            f"commas); got {', '.join(clip(o) for o in unknown[:3]) or 'nothing'}.",
+            details={"allowed": list(OUTPUT_KINDS)},
+        )
+    if image_format not in OUTPUT_FORMATS:
+        raise InvalidParameter(f"image_format must be one of {', '.join(OUTPUT_FORMATS)}.")
+    if draws_pictures(outputs) and colormap not in COLORMAPS:
+        raise InvalidParameter(
+            f"Unknown colormap {clip(colormap)}; choose one of {', '.join(COLORMAPS)}."
+        )
+
+
+def _channels(shape: tuple[int, ...]) -> int:
+    return shape[1] if len(shape) >= 2 else 1

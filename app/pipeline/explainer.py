@@ -1,0 +1,430 @@
+"""Answer /predict and /explain: check, then decode -> batch and run -> render, off the event loop.
+
+Each phase lives in its own module (``decoding``, ``batching`` with ``passes``, ``rendering``);
+this one checks the parameters against the model, moves each phase off the event loop and puts
+the answer together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+import torch
+
+from app.cam import ProgressCallback
+from app.models.device import default_batch_size
+from app.models.loading import LoadedModel
+from app.models.registry import ModelRegistry
+from app.observability.context import note_work
+from app.observability.metrics import cam_forwards
+from app.pipeline import checks
+from app.pipeline.admission import JobLimiter, run_to_the_end
+from app.pipeline.batching import Batcher
+from app.pipeline.decoding import DecodedImage, Upload, decode_upload, stack_inputs
+from app.pipeline.passes import (
+    CamItem,
+    CamOutcome,
+    CamPlan,
+    group_plans,
+    run_cam_pass,
+    run_forward_pass,
+    run_shared_cam_pass,
+)
+from app.pipeline.rendering import (
+    DEFAULT_ALPHA,
+    DEFAULT_COLORMAP,
+    DEFAULT_IMAGE_FORMAT,
+    OUTPUT_FORMATS,
+    NamedMap,
+    PictureSize,
+    RenderStyle,
+    render_image,
+)
+from app.pipeline.results import (
+    ExplainResponse,
+    ExplainResult,
+    ExplainTimings,
+    Explanation,
+    MapOutput,
+    Prediction,
+    PredictResponse,
+    PredictResult,
+    PredictTimings,
+)
+
+FUSED = "fused"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ExplainParams:
+    """Validated-by-type explain parameters; the explainer checks them against the model."""
+
+    method: str | None = None
+    class_idx: tuple[int, ...] = ()
+    top_k: int = 5
+    target_layers: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ("overlay",)
+    colormap: str = DEFAULT_COLORMAP
+    alpha: float = DEFAULT_ALPHA
+    image_format: str = DEFAULT_IMAGE_FORMAT
+    normalized: bool = True
+    size: str | None = None
+    """``original``, ``input`` or a longest side; None: CAMSERVE_MAX_OUTPUT_SIDE as a cap."""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+class Explainer:
+    """Turns uploads into predictions and explanations for one registry of models."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        limiter: JobLimiter,
+        max_pixels: int,
+        max_cam_forwards: int = 20_000,
+        *,
+        max_output_side: int = 1024,
+        max_batch_size: int | None = None,
+        batch_timeout_s: float = 0.005,
+        model_threads: Executor | None = None,
+        image_threads: Executor | None = None,
+        on_pass: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.limiter = limiter
+        self.max_pixels = max_pixels
+        self.max_cam_forwards = max_cam_forwards
+        self.max_output_side = max_output_side
+        self.max_batch_size = max_batch_size
+        self.batch_timeout_s = batch_timeout_s
+        self.model_threads = model_threads
+        self.image_threads = image_threads
+        """Bounded threads for decoding and rendering (None: the event loop's default pool)."""
+        self._batchers: dict[str, Batcher] = {}
+        self.on_pass = on_pass
+        """Told (model, images) for every pass that ran."""
+
+    def batcher(self, model: LoadedModel) -> Batcher:
+        """The model's batcher, made on first use (inside the running event loop)."""
+        batcher = self._batchers.get(model.spec.name)
+        if batcher is None:
+            size = self.max_batch_size or default_batch_size(model.device)
+            on_pass = None if self.on_pass is None else partial(self.on_pass, model.spec.name)
+            batcher = Batcher(
+                model.spec.name,
+                self.limiter,
+                size,
+                self.batch_timeout_s,
+                self.model_threads,
+                on_pass=on_pass,
+            )
+            self._batchers[model.spec.name] = batcher
+        return batcher
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a pass, over all models."""
+        return sum(batcher.waiting for batcher in self._batchers.values())
+
+    async def close(self) -> None:
+        """Stop every batcher (at shutdown)."""
+        for batcher in self._batchers.values():
+            await batcher.close()
+
+    async def _on_image_thread(self, func: Callable[[], T]) -> T:
+        """Run image work (decode, render) on the bounded image threads, to the end."""
+        return await run_to_the_end(self.image_threads, func)
+
+    # ------------------------------------------------------------------ phase 1: decode
+
+    async def _decode(
+        self, model: LoadedModel, uploads: Sequence[Upload], picture_side: int | None
+    ) -> tuple[list[DecodedImage], float]:
+        def work() -> tuple[list[DecodedImage], float]:
+            started = time.perf_counter()
+            decoded = [decode_upload(u, model.spec, self.max_pixels, picture_side) for u in uploads]
+            return decoded, time.perf_counter() - started
+
+        return await self._on_image_thread(work)
+
+    # ------------------------------------------------------------------ /predict
+
+    async def predict(
+        self, model_name: str | None, uploads: Sequence[Upload], top_k: int
+    ) -> PredictResponse:
+        """Top-k classes for each upload, from one (possibly shared) batched forward.
+
+        Admission (503 when the queue is full) comes before any pixel is decoded."""
+        started = time.perf_counter()
+        model = self.registry.get(model_name)
+        with self.limiter.admit():
+            decoded, decode_s = await self._decode(model, uploads, picture_side=0)
+            batch = stack_inputs(decoded)
+            outcome, info = await self.batcher(model).submit(
+                ("forward",), batch, len(batch), partial(run_forward_pass, model)
+            )
+        results = [
+            PredictResult(
+                filename=d.filename,
+                width=d.original_size[0],
+                height=d.original_size[1],
+                predictions=_predictions(model, row, top_k),
+            )
+            for d, row in zip(decoded, outcome.logits, strict=True)
+        ]
+        timings = PredictTimings(
+            decode_ms=_ms(decode_s),
+            queue_ms=_ms(info.queue_s),
+            forward_ms=_ms(outcome.forward_s),
+            total_ms=_ms(time.perf_counter() - started),
+            batch_images=info.batch_images,
+        )
+        note_work(
+            model.spec.name,
+            None,
+            len(decoded),
+            {"decode": decode_s, "queue": info.queue_s, "forward": outcome.forward_s},
+        )
+        return PredictResponse(
+            model=model.spec.name, device=str(model.device), timings=timings, results=results
+        )
+
+    # ------------------------------------------------------------------ /explain
+
+    def check(self, model_name: str | None, params: ExplainParams, images: int) -> None:
+        """Every error an explanation can be refused with before its images are read (a job
+        checks this when it is created, so that it cannot fail later for a bad parameter)."""
+        self._check(self.registry.get(model_name), params, images)
+
+    async def explain(
+        self,
+        model_name: str | None,
+        uploads: Sequence[Upload],
+        params: ExplainParams,
+        *,
+        progress: ProgressCallback | None = None,
+        admit: bool = True,
+    ) -> ExplainResponse:
+        """Predictions and class activation maps for every upload, with one or several methods.
+
+        ``progress(done, total)`` hears from the pass thread how far the masked or noisy forwards
+        got (each pass of a several-method request counts its own). ``admit=False`` skips the
+        admission check (jobs, bounded by their own count, wait for a slot instead of being
+        refused)."""
+        started = time.perf_counter()
+        model = self.registry.get(model_name)
+        plans, style = self._check(model, params, len(uploads))
+
+        with self.limiter.admit() if admit else nullcontext():
+            decoded, decode_s = await self._decode(
+                model, uploads, style.size.decode_side if style.draws_pictures else 0
+            )
+            item = CamItem(stack_inputs(decoded), params.class_idx)
+            outcomes: dict[CamPlan, CamOutcome] = {}
+            queue_s = forward_s = 0.0
+            batch_images = 0
+            chained = None if progress is None else _ChainedProgress(progress)
+            # Decoded once; the methods that can share a forward run in one pass, others alone.
+            for group in group_plans(plans):
+                if len(group) == 1:
+                    plan = group[0]
+                    outcome, info = await self.batcher(model).submit(
+                        ("cam", plan),
+                        item,
+                        len(decoded),
+                        partial(run_cam_pass, model, plan),
+                        batchable=plan.batchable,
+                        progress=chained,
+                    )
+                    shared = [outcome]
+                else:
+                    shared, info = await self.batcher(model).submit(
+                        ("cam", group),
+                        item,
+                        len(decoded),
+                        partial(run_shared_cam_pass, model, group),
+                        batchable=all(plan.batchable for plan in group),
+                        progress=chained,
+                    )
+                outcomes.update(zip(group, shared, strict=True))
+                queue_s += info.queue_s
+                forward_s += shared[0].forward_s
+                batch_images = max(batch_images, info.batch_images)
+                if chained is not None:
+                    chained.next_pass()
+
+        encode_started = time.perf_counter()
+        results = await self._on_image_thread(
+            lambda: self._results(model, decoded, outcomes, plans, style, params.top_k)
+        )
+        encode_s = time.perf_counter() - encode_started
+        cam_s = sum(outcome.cam_s for outcome in outcomes.values())
+        shapes = [model.layer_shapes.get(layer, ()) for layer in plans[0].layers]
+        note_work(
+            model.spec.name,
+            ",".join(plan.method for plan in plans),
+            len(decoded),
+            {
+                "decode": decode_s,
+                "queue": queue_s,
+                "forward": forward_s,
+                "cam": cam_s,
+                "encode": encode_s,
+            },
+            sum(cam_forwards(plan.cls, shapes, dict(plan.options), len(decoded)) for plan in plans),
+        )
+        timings = ExplainTimings(
+            decode_ms=_ms(decode_s),
+            queue_ms=_ms(queue_s),
+            forward_ms=_ms(forward_s),
+            cam_ms=_ms(cam_s),
+            encode_ms=_ms(encode_s),
+            total_ms=_ms(time.perf_counter() - started),
+            batch_images=batch_images,
+            cam_ms_by_method={plan.method: _ms(outcomes[plan].cam_s) for plan in plans},
+        )
+        return ExplainResponse(
+            model=model.spec.name,
+            device=str(model.device),
+            method=",".join(plan.method for plan in plans),
+            target_layers=list(plans[0].layers),
+            options={k: v for plan in plans for k, v in plan.options if k in params.options},
+            image_format=style.image_format,
+            media_type=OUTPUT_FORMATS[style.image_format][1],
+            timings=timings,
+            results=results,
+        )
+
+    def _check(
+        self, model: LoadedModel, params: ExplainParams, images: int
+    ) -> tuple[list[CamPlan], RenderStyle]:
+        """Every parameter against the model, before any pixel is decoded: one plan per method."""
+        own_layers = bool(params.target_layers) and (
+            tuple(dict.fromkeys(params.target_layers)) != model.target_layers
+        )
+        methods = checks.resolve_methods(model, params.method, own_layers)
+        per_method = checks.split_options(methods, params.options)
+        for (_, cls), options in zip(methods, per_method, strict=True):
+            if cls.reads_head and model.spec.fc_layer:
+                options.setdefault("fc_layer", model.spec.fc_layer)
+        own_default = None
+        if not params.target_layers and len(methods) == 1:
+            # A method with layers of its own (LeGrad: a ViT's blocks) explains those by default.
+            own_default = methods[0][1].default_layers(model.module)
+        layers = checks.check_layers(model, params.target_layers or own_default or ())
+        checks.check_classes(model, params.class_idx, images)
+        checks.check_rendering(params.outputs, params.image_format, params.colormap)
+        checks.check_total_budget(
+            model,
+            [(m, cls, o) for (m, cls), o in zip(methods, per_method, strict=True)],
+            layers,
+            images,
+            self.max_cam_forwards,
+        )
+        style = RenderStyle(
+            outputs=tuple(dict.fromkeys(params.outputs)),
+            colormap=params.colormap,
+            alpha=params.alpha,
+            image_format=params.image_format,
+            size=PictureSize.parse(params.size, self.max_output_side),
+        )
+        plans = [
+            CamPlan(method, cls, layers, tuple(sorted(options.items())), params.normalized)
+            for (method, cls), options in zip(methods, per_method, strict=True)
+        ]
+        return plans, style
+
+    # ------------------------------------------------------------------ phase 3: render
+
+    def _results(
+        self,
+        model: LoadedModel,
+        decoded: Sequence[DecodedImage],
+        outcomes: dict[CamPlan, CamOutcome],
+        plans: Sequence[CamPlan],
+        style: RenderStyle,
+        top_k: int,
+    ) -> list[ExplainResult]:
+        named = {plan: _named_maps(plan, outcomes[plan]) for plan in plans}
+        first = outcomes[plans[0]]
+        results = []
+        for i, image in enumerate(decoded):
+            logits = first.logits[i]
+            explanations = []
+            for plan in plans:
+                outcome = outcomes[plan]
+                target = outcome.class_idx[i]
+                rendered = render_image(image, i, named[plan], style, model.spec.crop)
+                explanations.append(
+                    Explanation(
+                        method=plan.method,
+                        class_idx=target,
+                        label=model.labels[target],
+                        logit=float(outcome.logits[i][target]),
+                        probability=float(outcome.logits[i].softmax(-1)[target]),
+                        maps=[MapOutput(**fields) for fields in rendered],
+                    )
+                )
+            results.append(
+                ExplainResult(
+                    filename=image.filename,
+                    width=image.original_size[0],
+                    height=image.original_size[1],
+                    predictions=_predictions(model, logits, top_k),
+                    logits=logits.tolist(),
+                    explanations=explanations,
+                )
+            )
+        return results
+
+
+class _ChainedProgress:
+    """The progress of the passes of one request, one after the other, as one count: each
+    report adds what the passes before it did (their totals are known once they ran)."""
+
+    def __init__(self, progress: ProgressCallback) -> None:
+        self.progress = progress
+        self.before = 0
+        self.total = 0
+
+    def __call__(self, done: int, total: int) -> None:  # called in the pass thread
+        self.total = total
+        self.progress(self.before + done, self.before + total)
+
+    def next_pass(self) -> None:
+        self.before += self.total
+        self.total = 0
+
+
+def _named_maps(plan: CamPlan, outcome: CamOutcome) -> list[NamedMap]:
+    # A one-map method (RefineCAM, LeGrad) has no per-layer maps, only the fused one.
+    per_layer = zip(plan.layers, outcome.cams, strict=True) if outcome.cams else ()
+    maps = [NamedMap(layer, "layer", cams, plan.normalized) for layer, cams in per_layer]
+    if outcome.fused is not None:
+        maps.append(NamedMap(FUSED, "fused", outcome.fused, True))
+    return maps
+
+
+def _predictions(model: LoadedModel, logits: torch.Tensor, k: int) -> list[Prediction]:
+    probs = logits.softmax(-1)
+    top = probs.topk(min(k, logits.numel()))
+    return [
+        Prediction(
+            class_idx=int(i),
+            label=model.labels[int(i)],
+            logit=float(logits[int(i)]),
+            probability=float(p),
+        )
+        for p, i in zip(top.values, top.indices, strict=True)
+    ]

@@ -1,0 +1,267 @@
+"""The model work of one pass: one forward (and one CAM call) over the images of several requests.
+
+These functions run in a worker thread and hold the model's lock, since extractors hook the
+shared module. The caller (the batcher) decides which requests share a pass; here each request's
+rows are taken from the batched results by position.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from app.cam import normalize_maps
+from app.cam.core import _CAM
+from app.errors import MethodNotApplicable, ModelError, OutOfMemory
+from app.models.device import release_cached_memory, synchronize
+from app.models.loading import LoadedModel
+
+
+class Control(Protocol):
+    """What a pass asks of the requests it serves (``app.pipeline.batching.PassControl``)."""
+
+    def should_stop(self) -> bool: ...
+
+    def progress(self, done: int, total: int) -> None: ...
+
+
+@contextmanager
+def model_faults(model: LoadedModel) -> Iterator[None]:
+    """Turn an accelerator's out-of-memory error into a 503 that names it, after freeing the
+    allocator's cache, so that the next request starts from a clean device."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        release_cached_memory(model.device)
+        raise OutOfMemory(
+            f"The {model.device.type.upper()} ran out of memory for model {model.spec.name!r}; "
+            "its cache was freed. Retry, with fewer images or a smaller batch_size.",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+def check_finite(model: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` if every value is finite; else a model error (the schema has no NaN)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelError(
+            f"Model {model.spec.name!r} produced NaN or infinite logits for this input; "
+            "the model (weights or numerics) is at fault, not the request."
+        )
+    return logits
+
+
+@dataclass(frozen=True)
+class CamPlan:
+    """What every request of a CAM pass shares; equal plans may share a pass."""
+
+    method: str
+    cls: type[_CAM]
+    layers: tuple[str, ...]
+    options: tuple[tuple[str, Any], ...]
+    normalized: bool
+
+    @property
+    def batchable(self) -> bool:
+        """The Score-CAM family costs one forward per channel and image whatever the batch, so
+        batching gains nothing there and only makes a request wait for others' channels."""
+        return not getattr(self.cls, "masked_forwards", False)
+
+    @property
+    def shares_forward(self) -> bool:
+        """Whether the method works from the one hooked forward (and its scores) alone: CAM and
+        the gradient methods. The Score-CAM family and SmoothGradCAMpp run forwards of their own."""
+        return not (
+            getattr(self.cls, "masked_forwards", False) or getattr(self.cls, "uses_input", False)
+        )
+
+
+def group_plans(plans: Sequence[CamPlan]) -> list[tuple[CamPlan, ...]]:
+    """The passes that several methods of one request take: the methods that can share a forward
+    together, in one pass, then every other method alone."""
+    shared = tuple(plan for plan in plans if plan.shares_forward)
+    alone = [(plan,) for plan in plans if not plan.shares_forward]
+    return ([shared] if shared else []) + alone
+
+
+@dataclass(frozen=True)
+class CamItem:
+    """One request's share of a CAM pass."""
+
+    batch: torch.Tensor
+    """(n, C, H, W) on the CPU."""
+    class_idx: tuple[int, ...] = ()
+    """Empty: each image's top-1; one value: for all its images; else one per image."""
+
+
+@dataclass(frozen=True)
+class CamOutcome:
+    """One request's share of a CAM pass's results, on the CPU."""
+
+    logits: torch.Tensor
+    class_idx: list[int]
+    cams: list[torch.Tensor]
+    """One (n, h, w) tensor per layer."""
+    fused: torch.Tensor | None
+    forward_s: float
+    cam_s: float
+
+
+@dataclass(frozen=True)
+class ForwardOutcome:
+    logits: torch.Tensor
+    forward_s: float
+
+
+def _offsets(sizes: Sequence[int]) -> list[slice]:
+    slices, start = [], 0
+    for size in sizes:
+        slices.append(slice(start, start + size))
+        start += size
+    return slices
+
+
+def run_forward_pass(
+    model: LoadedModel, items: Sequence[torch.Tensor], control: Control | None = None
+) -> list[ForwardOutcome]:
+    """Logits for the images of every item, from one inference-mode forward."""
+    with model.lock, model_faults(model):
+        batch = torch.cat(list(items)).to(model.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            logits = model.module(batch)
+        synchronize(model.device)
+        elapsed = time.perf_counter() - started
+        logits = check_finite(model, logits.float().cpu())
+    return [ForwardOutcome(logits[part], elapsed) for part in _offsets([len(t) for t in items])]
+
+
+def _classes(item: CamItem, top1: list[int]) -> list[int]:
+    if not item.class_idx:
+        return top1
+    if len(item.class_idx) == 1:
+        return list(item.class_idx) * len(top1)
+    return list(item.class_idx)
+
+
+def run_cam_pass(
+    model: LoadedModel, plan: CamPlan, items: Sequence[CamItem], control: Control | None = None
+) -> list[CamOutcome]:
+    """One forward and one CAM call with per-image classes over the images of every item.
+
+    ``control`` reports the progress of the extra forwards and stops them between chunks."""
+    return [outcomes[0] for outcomes in run_shared_cam_pass(model, (plan,), items, control)]
+
+
+def _extractor(model: LoadedModel, plan: CamPlan) -> Any:
+    at_call = {o.name for o in plan.cls.options if o.at == "call"}
+    try:
+        # Layers go positionally: composite methods name them layers/layer/blocks.
+        return plan.cls(
+            model.module,
+            list(plan.layers),
+            input_shape=model.spec.input_shape,
+            **{k: v for k, v in plan.options if k not in at_call},
+        )
+    except ValueError as error:
+        raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
+
+
+def run_shared_cam_pass(
+    model: LoadedModel,
+    plans: Sequence[CamPlan],
+    items: Sequence[CamItem],
+    control: Control | None = None,
+) -> list[list[CamOutcome]]:
+    """One forward, then one CAM call per plan, over the images of every item: per item, one
+    outcome per plan. Several plans must all share a forward (``CamPlan.shares_forward``)."""
+    assert len(plans) == 1 or all(plan.shares_forward for plan in plans)
+    parts = _offsets([len(item.batch) for item in items])
+    calls: dict[str, Any] = (
+        {}
+        if control is None
+        else {"progress": control.progress, "should_stop": control.should_stop}
+    )
+    needs_grad = any(plan.cls.requires_grad for plan in plans)
+    last_grad = max((i for i, p in enumerate(plans) if p.cls.requires_grad), default=-1)
+    with model.lock, model_faults(model), ExitStack() as hooks:
+        x = torch.cat([item.batch for item in items]).to(model.device)
+        # Every extractor hooks the same forward: the first gradient one makes the layer's output
+        # require grad and hands that tensor on, so the later ones record the very same tensor.
+        extractors = [hooks.enter_context(_extractor(model, plan)) for plan in plans]
+        with torch.enable_grad() if needs_grad else torch.inference_mode():
+            t0 = time.perf_counter()
+            scores = model.module(x)
+            synchronize(model.device)
+            forward_s = time.perf_counter() - t0
+            check_finite(model, scores.detach())
+            top1 = scores.argmax(dim=1).tolist()
+            idx = [
+                c
+                for item, part in zip(items, parts, strict=True)
+                for c in _classes(item, top1[part])
+            ]
+            computed = []
+            for number, (plan, extractor) in enumerate(zip(plans, extractors, strict=True)):
+                started = time.perf_counter()
+                # The graph of the shared forward serves every gradient method's backward.
+                cams, fused = _maps(plan, extractor, idx, scores, number < last_grad, calls)
+                synchronize(model.device)
+                computed.append((cams, fused, time.perf_counter() - started))
+        logits = scores.detach().float().cpu()
+    return [
+        [
+            CamOutcome(
+                logits=logits[part],
+                class_idx=idx[part],
+                cams=[c[part] for c in cams],
+                fused=None if fused is None else fused[part],
+                forward_s=forward_s,
+                cam_s=cam_s,
+            )
+            for cams, fused, cam_s in computed
+        ]
+        for part in parts
+    ]
+
+
+def _maps(
+    plan: CamPlan,
+    extractor: Any,
+    idx: list[int],
+    scores: torch.Tensor,
+    retain_graph: bool,
+    calls: dict[str, Any],
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The plan's maps (one per layer, on the CPU) and their fusion when there are several."""
+    at_call = {o.name for o in plan.cls.options if o.at == "call"}
+    call_options = {k: v for k, v in plan.options if k in at_call}
+    try:
+        cams = extractor(
+            idx,
+            scores,
+            normalized=plan.normalized,
+            retain_graph=retain_graph,
+            **call_options,
+            **calls,
+        )
+        fused = None
+        if plan.cls.one_map:
+            # One map for all the layers (RefineCAM, LeGrad): it is the fused map.
+            fused, cams = normalize_maps(cams[0]), []
+        elif len(cams) > 1:
+            # Fusion takes the per-pixel max, which only means something on a common
+            # scale: fuse normalised maps even when raw ones were asked for.
+            scaled = cams if plan.normalized else [normalize_maps(c) for c in cams]
+            fused = extractor.fuse_cams(scaled)
+    except ValueError as error:
+        # Class indices were checked before: what is left is about the layers/head.
+        raise MethodNotApplicable(
+            f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
+        ) from None
+    cams = [c.detach().float().cpu() for c in cams]
+    return cams, None if fused is None else fused.detach().float().cpu()

@@ -1,0 +1,303 @@
+"""Phase 3 of a request: explanation maps -> the outputs the client asked for.
+
+Every output kind (``overlay``, ``heatmap``, ``raw``) is declared once in ``OUTPUT_KINDS``; the
+checks, the route's help text and the response schema derive from it. Pictures are drawn at the
+size ``size`` asks for, straight from the map at the layer's resolution: one resize, 8-bit levels,
+a 256-entry colour table and one blend.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Final, Literal
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from app.cam import blend, colormap_lut, mask_levels, normalize_maps, palette_image
+from app.errors import InvalidParameter
+from app.pipeline.decoding import DecodedImage
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_COLORMAP = "jet"
+# Overlays are photos under a colour map: JPEG (q90, 4:4:4) encodes them ~30x faster than PNG at a
+# fifth of the size, 44 dB PSNR (bench/results/output_formats.md). png stays one field away.
+DEFAULT_IMAGE_FORMAT: Final = "jpeg"
+MIN_SIDE, MAX_SIDE = 16, 4096
+_SIDE_RE = re.compile(r"^\d{1,6}$")
+_ALPHA_FORMATS = ("png", "webp")
+
+
+OUTPUT_FORMATS = {
+    "png": ("PNG", "image/png"),
+    "jpeg": ("JPEG", "image/jpeg"),
+    "webp": ("WEBP", "image/webp"),
+}
+
+
+class RawMap(BaseModel):
+    shape: list[int] = Field(description="[h, w] of the map at the layer's resolution")
+    normalized: bool
+    values: list[list[float]]
+
+
+@dataclass(frozen=True)
+class PictureSize:
+    """The ``size`` field: ``original``, ``input`` (the model's crop) or a longest side.
+
+    ``upscale`` is False for the default (``CAMSERVE_MAX_OUTPUT_SIDE``), which only ever scales
+    large uploads down; an explicit side is the exact longest side of the pictures."""
+
+    kind: Literal["original", "input", "side"]
+    side: int = 0
+    upscale: bool = True
+
+    @classmethod
+    def parse(cls, value: str | None, default_side: int) -> PictureSize:
+        """Read the form value; ``None`` or empty gives the default. InvalidParameter if bad."""
+        text = (value or "").strip().lower()
+        if not text:
+            return cls("side", default_side, upscale=False)
+        if text in ("original", "input"):
+            return cls("original" if text == "original" else "input")
+        if _SIDE_RE.match(text) and MIN_SIDE <= int(text) <= MAX_SIDE:
+            return cls("side", int(text))
+        raise InvalidParameter(
+            f"size must be 'original', 'input' or a longest side in pixels from {MIN_SIDE} to "
+            f"{MAX_SIDE}; got {(value or '')[:40]!r}.",
+            details={"allowed": ["original", "input", f"{MIN_SIDE}..{MAX_SIDE}"]},
+        )
+
+    @property
+    def decode_side(self) -> int | None:
+        """The longest side the pictures need from the upload (None: all of it)."""
+        if self.kind == "original":
+            return None
+        return 0 if self.kind == "input" else self.side
+
+    def canvas_size(self, original: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the pictures for an upload of size ``original``."""
+        if self.kind == "input":
+            return crop[1], crop[0]
+        width, height = original
+        longest = max(width, height)
+        if self.kind == "original" or (not self.upscale and longest <= self.side):
+            return width, height
+        scale = self.side / longest
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@dataclass(frozen=True)
+class RenderStyle:
+    """How the maps of one request are drawn."""
+
+    outputs: tuple[str, ...] = ("overlay",)
+    colormap: str = DEFAULT_COLORMAP
+    alpha: float = DEFAULT_ALPHA
+    image_format: str = DEFAULT_IMAGE_FORMAT
+    size: PictureSize = field(default_factory=lambda: PictureSize("side", 1024, upscale=False))
+
+    @property
+    def draws_pictures(self) -> bool:
+        return draws_pictures(self.outputs)
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """The upload at the pictures' size, and where the model's crop (the map) lies on it."""
+
+    picture: Image.Image
+    region: tuple[int, int, int, int]
+    """(left, top, right, bottom) in the picture's pixels."""
+
+    @property
+    def covers_all(self) -> bool:
+        return self.region == (0, 0, *self.picture.size)
+
+    @classmethod
+    def build(cls, decoded: DecodedImage, size: PictureSize, crop: tuple[int, int]) -> Canvas:
+        box = decoded.box
+        width, height = size.canvas_size(decoded.original_size, crop)
+        if size.kind == "input":
+            picture = decoded.image.resize(
+                (width, height),
+                Image.Resampling.BILINEAR,
+                box=(box.left, box.top, box.right, box.bottom),
+            )
+            return cls(picture, (0, 0, width, height))
+        picture = decoded.image
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        sx, sy = width / decoded.image.width, height / decoded.image.height
+        left, top = max(0, round(box.left * sx)), max(0, round(box.top * sy))
+        right, bottom = min(width, round(box.right * sx)), min(height, round(box.bottom * sy))
+        return cls(picture, (left, top, max(right, left + 1), max(bottom, top + 1)))
+
+
+@dataclass
+class MapJob:
+    """One map of one image, with what every output kind needs to draw it."""
+
+    cam: torch.Tensor
+    normalized: bool
+    canvas: Canvas | None
+    style: RenderStyle
+
+    @cached_property
+    def palette(self) -> Image.Image:
+        """The map over the canvas's region as a palette image (shared by every picture)."""
+        assert self.canvas is not None
+        left, top, right, bottom = self.canvas.region
+        cam = self.cam if self.normalized else normalize_maps(self.cam[None])[0]
+        return palette_image(mask_levels(cam, (right - left, bottom - top)), self.style.colormap)
+
+    @cached_property
+    def colored(self) -> Image.Image:
+        """The coloured map over the canvas's region, RGB."""
+        return self.palette.convert("RGB")
+
+    def encode(self, picture: Image.Image) -> str:
+        return to_base64(encode_image(picture, self.style.image_format))
+
+
+def _render_overlay(job: MapJob) -> str:
+    canvas = job.canvas
+    assert canvas is not None
+    if canvas.covers_all:
+        return job.encode(blend(canvas.picture, job.colored, job.style.alpha))
+    # Outside the model's crop there is no map: the picture shows the plain image there.
+    picture = canvas.picture.copy()
+    inside = blend(canvas.picture.crop(canvas.region), job.colored, job.style.alpha)
+    picture.paste(inside, canvas.region[:2])
+    return job.encode(picture)
+
+
+def _render_heatmap(job: MapJob) -> str:
+    canvas = job.canvas
+    assert canvas is not None
+    if canvas.covers_all:
+        # A palette PNG is lossless and about 5x faster to encode than RGB.
+        return job.encode(job.palette if job.style.image_format == "png" else job.colored)
+    # Outside the crop there is no map: transparent where the format has alpha, else the
+    # colour map's zero.
+    if job.style.image_format in _ALPHA_FORMATS:
+        picture = Image.new("RGBA", canvas.picture.size, (0, 0, 0, 0))
+    else:
+        picture = Image.new("RGB", canvas.picture.size, tuple(colormap_lut(job.style.colormap)[:3]))
+    picture.paste(job.colored, canvas.region[:2])
+    return job.encode(picture)
+
+
+def _render_raw(job: MapJob) -> RawMap:
+    return RawMap(shape=list(job.cam.shape), normalized=job.normalized, values=job.cam.tolist())
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One thing the client may ask for with ``output``."""
+
+    name: str
+    description: str
+    picture: bool
+    """Drawn as an image: takes ``colormap``, ``alpha``, ``image_format`` and ``size``."""
+    value_type: Any
+    render: Callable[[MapJob], Any]
+
+
+OUTPUT_KINDS: dict[str, OutputKind] = {
+    kind.name: kind
+    for kind in (
+        OutputKind(
+            "overlay",
+            "base64 image: the map coloured and blended over the upload, at the `size` asked for; "
+            "outside the model's crop the upload shows plain",
+            picture=True,
+            value_type=str,
+            render=_render_overlay,
+        ),
+        OutputKind(
+            "heatmap",
+            "base64 image: the coloured map alone at the `size` asked for; outside the model's "
+            "crop transparent (png, webp) or the colour map's zero (jpeg)",
+            picture=True,
+            value_type=str,
+            render=_render_heatmap,
+        ),
+        OutputKind(
+            "raw",
+            "the map's values at the layer's resolution",
+            picture=False,
+            value_type=RawMap,
+            render=_render_raw,
+        ),
+    )
+}
+
+
+def draws_pictures(outputs: Sequence[str]) -> bool:
+    """Whether any of these (known) output kinds is drawn as an image."""
+    return any(OUTPUT_KINDS[name].picture for name in outputs)
+
+
+@dataclass(frozen=True)
+class NamedMap:
+    """The maps of one layer (or of the fusion) for every image of a request."""
+
+    layer: str
+    kind: Literal["layer", "fused"]
+    cams: torch.Tensor
+    """(N, h, w) on the CPU."""
+    normalized: bool
+
+
+def render_image(
+    decoded: DecodedImage,
+    index: int,
+    maps: Sequence[NamedMap],
+    style: RenderStyle,
+    crop: tuple[int, int],
+) -> list[dict[str, Any]]:
+    """The outputs of every map of image ``index``, as the fields of ``MapOutput``."""
+    canvas = Canvas.build(decoded, style.size, crop) if style.draws_pictures else None
+    rendered = []
+    for named in maps:
+        job = MapJob(named.cams[index], named.normalized, canvas, style)
+        fields: dict[str, Any] = {
+            "layer": named.layer,
+            "kind": named.kind,
+            "width": canvas.picture.width if canvas else None,
+            "height": canvas.picture.height if canvas else None,
+            "region": list(canvas.region) if canvas else None,
+        }
+        for name in style.outputs:
+            fields[name] = OUTPUT_KINDS[name].render(job)
+        rendered.append(fields)
+    return rendered
+
+
+def encode_image(image: Image.Image, image_format: str) -> bytes:
+    """Encode as png, jpeg or webp, with the settings bench/output_formats.py chose."""
+    pil_format, _ = OUTPUT_FORMATS[image_format]
+    buffer = io.BytesIO()
+    if pil_format == "PNG" and image.mode == "P":
+        # A palette heatmap: 1 byte a pixel, lossless, about 5x faster than RGB at level 3.
+        image.save(buffer, format="PNG", compress_level=3)
+    elif pil_format == "PNG":
+        # Huffman-only deflate: 0.4x the time of level 3 on overlays at 0.9x the size.
+        image.save(buffer, format="PNG", compress_level=1, compress_type=2)
+    elif pil_format == "JPEG":
+        # 4:4:4: chroma subsampling smears the saturated colours of a colour map.
+        image.convert("RGB").save(buffer, format="JPEG", quality=90, subsampling=0)
+    else:
+        image.convert("RGB").save(buffer, format=pil_format, quality=90)
+    return buffer.getvalue()
+
+
+def to_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

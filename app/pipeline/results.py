@@ -1,0 +1,224 @@
+"""The answers the pipeline builds (predictions, explanations, timings, jobs), as pydantic models
+shared by every protocol and shown with examples on /docs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from app.pipeline.rendering import OUTPUT_KINDS
+
+
+def with_example(example: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": [example]})
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code")
+    message: str = Field(description="what went wrong and how to fix it")
+    details: dict[str, Any] | None = None
+
+
+class Prediction(BaseModel):
+    class_idx: int
+    label: str
+    logit: float
+    probability: float
+
+
+class PredictResult(BaseModel):
+    filename: str
+    width: int
+    height: int
+    predictions: list[Prediction] = Field(description="top-k classes, most probable first")
+
+
+class PredictTimings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    forward_ms: float
+    total_ms: float
+    batch_images: int = Field(
+        description="images in the forward this request shared with others (its own included)"
+    )
+
+
+class PredictResponse(BaseModel):
+    model_config = with_example(
+        {
+            "model": "shapes",
+            "device": "cpu",
+            "timings": {
+                "decode_ms": 1.2,
+                "queue_ms": 0.1,
+                "forward_ms": 4.8,
+                "total_ms": 6.5,
+                "batch_images": 1,
+            },
+            "results": [
+                {
+                    "filename": "circle.png",
+                    "width": 128,
+                    "height": 128,
+                    "predictions": [
+                        {"class_idx": 0, "label": "circle", "logit": 9.1, "probability": 0.99}
+                    ],
+                }
+            ],
+        }
+    )
+    model: str
+    device: str
+    timings: PredictTimings
+    results: list[PredictResult]
+
+
+class _MapBase(BaseModel):
+    layer: str = Field(description="target layer name, or 'fused' for the fusion of all layers")
+    kind: Literal["layer", "fused"]
+    width: int | None = Field(
+        None, description="width of the overlay/heatmap pictures; null when none was asked for"
+    )
+    height: int | None = Field(None, description="height of the overlay/heatmap pictures")
+    region: list[int] | None = Field(
+        None,
+        description="[left, top, right, bottom] of the pictures that the map covers (the model's "
+        "crop of the upload), in the pictures' pixels",
+    )
+
+
+# One optional field per output kind, declared once in app.pipeline.rendering.OUTPUT_KINDS.
+MapOutput = create_model(  # type: ignore[call-overload]
+    "MapOutput",
+    __base__=_MapBase,
+    **{
+        kind.name: (kind.value_type | None, Field(None, description=kind.description))
+        for kind in OUTPUT_KINDS.values()
+    },
+)
+
+
+class Explanation(BaseModel):
+    method: str = Field(description="the CAM method of these maps")
+    class_idx: int
+    label: str
+    logit: float
+    probability: float
+    maps: list[MapOutput] = Field(description="one per target layer, then 'fused' if several")
+
+
+class ExplainResult(BaseModel):
+    filename: str
+    width: int
+    height: int
+    predictions: list[Prediction]
+    logits: list[float]
+    explanations: list[Explanation]
+
+
+class ExplainTimings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    forward_ms: float
+    cam_ms: float
+    encode_ms: float
+    total_ms: float
+    batch_images: int = Field(
+        description="images in the pass this request shared with others (its own included)"
+    )
+    cam_ms_by_method: dict[str, float] = Field(
+        description="cam_ms of each method, in the order asked (they add up to cam_ms)"
+    )
+
+
+class ExplainResponse(BaseModel):
+    model_config = with_example(
+        {
+            "model": "shapes",
+            "device": "cpu",
+            "method": "GradCAM",
+            "target_layers": ["layer3"],
+            "options": {},
+            "image_format": "png",
+            "media_type": "image/png",
+            "timings": {
+                "decode_ms": 1.1,
+                "queue_ms": 0.1,
+                "forward_ms": 5.3,
+                "cam_ms": 3.9,
+                "encode_ms": 6.0,
+                "total_ms": 16.6,
+                "batch_images": 1,
+                "cam_ms_by_method": {"GradCAM": 3.9},
+            },
+            "results": [
+                {
+                    "filename": "circle.png",
+                    "width": 128,
+                    "height": 128,
+                    "predictions": [
+                        {"class_idx": 0, "label": "circle", "logit": 9.1, "probability": 0.99}
+                    ],
+                    "logits": [9.1, -1.2, 0.3, -2.0, -0.4, 1.1, -3.3, 0.2],
+                    "explanations": [
+                        {
+                            "method": "GradCAM",
+                            "class_idx": 0,
+                            "label": "circle",
+                            "logit": 9.1,
+                            "probability": 0.99,
+                            "maps": [
+                                {
+                                    "layer": "layer3",
+                                    "kind": "layer",
+                                    "width": 128,
+                                    "height": 128,
+                                    "region": [0, 0, 128, 128],
+                                    "overlay": "iVBORw0KGgoAAAANSUhEUgAA...",
+                                    "heatmap": None,
+                                    "raw": None,
+                                }
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    model: str
+    device: str
+    method: str = Field(
+        description="the method; several (in the order asked) are joined by commas, and each "
+        "explanation names its own"
+    )
+    target_layers: list[str]
+    options: dict[str, Any]
+    image_format: str
+    media_type: str
+    timings: ExplainTimings
+    results: list[ExplainResult]
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class JobProgress(BaseModel):
+    done: int = Field(description="masked or noisy forwards done (inputs, not batches)")
+    total: int = Field(description="masked or noisy forwards in all; 0 for methods that run none")
+    eta_s: float | None = Field(None, description="seconds left at the pace so far")
+
+
+class JobView(BaseModel):
+    """A job's state; ``result`` is exactly the body /explain would have answered."""
+
+    id: str
+    status: JobStatus
+    url: str
+    created: datetime
+    started: datetime | None = None
+    finished: datetime | None = None
+    progress: JobProgress
+    result: ExplainResponse | None = None
+    error: ErrorDetail | None = Field(None, description="why the job failed or was cancelled")

@@ -1,0 +1,85 @@
+"""The service on a CUDA device: same answers as on the CPU, a real out-of-memory error, and a
+job's progress and cancellation. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from app.cam import METHODS
+from tests.conftest import assert_error, files, image_bytes
+from tests.http.routes.test_explain import TINY_OPTIONS, raw_maps
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+NOISY = {"SmoothGradCAMpp", "SSCAM"}  # per-device generators: same seed, other noise
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_on_cuda_answers_as_on_the_cpu(
+    client: TestClient, make_client: Callable[..., TestClient], method: str
+) -> None:
+    gpu = make_client(device="cuda")
+    form = {"method": method, "output": "raw,overlay", **TINY_OPTIONS.get(method, {})}
+    images = files(image_bytes(seed=1), image_bytes(seed=2))
+    on_cpu = client.post("/explain", files=images, data=form).json()
+    on_gpu = gpu.post("/explain", files=images, data=form)
+    assert on_gpu.status_code == 200, on_gpu.text
+    body = on_gpu.json()
+    assert body["device"].startswith("cuda")
+    np.testing.assert_allclose(
+        [r["logits"] for r in body["results"]],
+        [r["logits"] for r in on_cpu["results"]],
+        atol=1e-4,
+    )
+    if method not in NOISY:
+        for a, b in zip(raw_maps(body), raw_maps(on_cpu), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-3)
+
+
+def test_a_real_cuda_out_of_memory_is_503_and_the_next_request_works(
+    make_client: Callable[..., TestClient],
+) -> None:
+    gpu = make_client(device="cuda")
+    module = gpu.app.state.registry.get("tiny").module  # type: ignore[attr-defined]
+    calls = []
+
+    def allocate_too_much(mod, args, out):  # type: ignore[no-untyped-def]
+        calls.append(None)
+        if len(calls) == 1:
+            torch.empty(1 << 50, dtype=torch.uint8, device=out.device)  # 1 PiB
+        return out
+
+    handle = module.register_forward_hook(allocate_too_much)
+    try:
+        refused = gpu.post("/explain", files=files(image_bytes()))
+        after = gpu.post("/explain", files=files(image_bytes()))
+    finally:
+        handle.remove()
+    assert_error(refused, 503, "out_of_memory")
+    assert refused.headers["retry-after"]
+    assert after.status_code == 200, after.text
+
+
+def test_a_job_on_cuda_reports_progress_and_stops_when_deleted(
+    make_client: Callable[..., TestClient],
+) -> None:
+    gpu = make_client(device="cuda")
+    form = {"model": "resnet", "method": "SSCAM", "num_samples": "64", "batch_size": "4"}
+    job = gpu.post("/jobs", files=files(image_bytes()), data=form).json()
+    deadline = time.monotonic() + 60
+    while (view := gpu.get(job["url"]).json())["progress"]["done"] == 0:
+        assert time.monotonic() < deadline and view["status"] in ("queued", "running"), view
+        time.sleep(0.01)
+    total = view["progress"]["total"]
+    assert total == 256 * 64
+    stopped = gpu.delete(job["url"]).json()
+    assert stopped["status"] == "cancelled"
+    quick = gpu.post("/explain", files=files(image_bytes()), data={"model": "resnet"})
+    assert quick.status_code == 200
+    assert gpu.get(job["url"]).json()["progress"]["done"] < total

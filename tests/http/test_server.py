@@ -1,0 +1,257 @@
+"""The real thing: ``python -m app`` under uvicorn in a subprocess, talked to with httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import image_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def environment(store: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAMSERVE_")}
+    env.update(
+        CAMSERVE_MODEL_STORE=str(store),
+        CAMSERVE_DEFAULT_MODEL="tiny",
+        CAMSERVE_DEVICE="cpu",
+        CAMSERVE_LOG_FORMAT="json",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
+
+
+def start_server(store: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """``python -m app`` on a free port with these settings, once ``/ready`` says 200."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=environment(store, CAMSERVE_PORT=str(port), **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"server did not start:\n{process.communicate()[0]}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(store: Path) -> Iterator[str]:
+    process, url = start_server(
+        store,
+        CAMSERVE_API_KEY="key",
+        CAMSERVE_MAX_UPLOAD_BYTES="65536",
+        CAMSERVE_MAX_IMAGES="2",
+        CAMSERVE_HEADER_TIMEOUT_S="0.5",
+        CAMSERVE_BODY_TIMEOUT_S="0.5",
+    )
+    try:
+        yield url
+    finally:
+        process.terminate()
+        try:
+            output = process.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0]
+        assert "Traceback" not in output, output
+        records = [json.loads(line) for line in output.splitlines() if line.strip()]  # json logs
+        assert sum("camserve 0.1.0 on device cpu" in r["message"] for r in records) == 1
+
+
+def test_health_and_explain_over_http(server: str) -> None:
+    assert httpx.get(f"{server}/health").json()["device"] == "cpu"
+    headers = {"X-API-Key": "key"}
+    assert httpx.get(f"{server}/models").status_code == 401
+    files = [("file", ("a.png", image_bytes((40, 32)), "image/png"))]
+    response = httpx.post(
+        f"{server}/explain",
+        files=files,
+        data={"method": "scorecam", "output": ["overlay", "raw"], "batch_size": "4"},
+        headers=headers,
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["method"] == "ScoreCAM"
+    png = httpx.post(
+        f"{server}/explain",
+        files=files,
+        headers={**headers, "Accept": "image/png"},
+        timeout=30,
+    )
+    assert png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG")
+
+
+def test_oversized_upload_is_refused_over_http(server: str) -> None:
+    body = b"x" * (1024 * 1024)  # over 2 images x 64 KiB + the form allowance
+    response = httpx.post(
+        f"{server}/explain",
+        content=body,
+        headers={"X-API-Key": "key", "Content-Type": "multipart/form-data; boundary=x"},
+        timeout=30,
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_bad_setting_stops_startup(store: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=environment(store, CAMSERVE_PORT="eighty"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "CAMSERVE_PORT" in result.stderr and "valid integer" in result.stderr
+
+
+def test_missing_cuda_device_stops_startup(store: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=environment(store, CAMSERVE_DEVICE="cuda:7", CAMSERVE_PORT=str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "CAMSERVE_DEVICE=cuda:7" in result.stdout + result.stderr
+
+
+def _raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_the_key_is_checked_before_the_body_is_read(server: str) -> None:
+    """Headers announcing 150 MB without a key: the 401 comes before one body byte is sent."""
+    with _raw(server) as sock:
+        sock.sendall(
+            b"POST /explain HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 150000000\r\n\r\n"
+        )
+        answer = _read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401")
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+
+
+def test_half_sent_headers_are_closed_with_408(server: str) -> None:
+    with _raw(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        answer = _read_all(sock)  # a socket timeout would raise here, not read a 408
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_timeout"
+    with _raw(server) as idle:  # a connection that sends nothing is closed too
+        assert _read_all(idle).startswith(b"HTTP/1.1 408")
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_a_stalled_body_is_answered_408(server: str) -> None:
+    with _raw(server) as sock:
+        sock.sendall(
+            b"POST /explain HTTP/1.1\r\nHost: x\r\nX-API-Key: key\r\n"
+            b"Content-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 5000\r\n\r\n--x\r\n"
+        )
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_timeout"
+
+
+def test_sigterm_drains_then_cuts_late_work_with_json(store: Path) -> None:
+    process, url = start_server(store, CAMSERVE_SHUTDOWN_GRACE_S="1")
+    try:
+        slow = {"model": "resnet", "method": "SSCAM", "num_samples": "32", "batch_size": "1"}
+        image = [("file", ("a.png", image_bytes((40, 32)), "image/png"))]
+        with httpx.Client(base_url=url, timeout=30) as client:
+            answers: list[httpx.Response] = []
+            worker = threading.Thread(
+                target=lambda: answers.append(client.post("/explain", files=image, data=slow))
+            )
+            worker.start()
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            ready = client.get("/ready")
+            assert ready.status_code == 503 and ready.json()["draining"] is True
+            refused = client.post("/predict", files=image)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "shutting_down"
+            worker.join(30)
+        (cut,) = answers
+        assert cut.status_code == 503, cut.text
+        assert cut.headers["content-type"] == "application/json"
+        assert cut.json()["error"]["code"] == "shutting_down"
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "Traceback" not in output and "Internal Server Error" not in output
+    messages = [json.loads(line)["message"] for line in output.splitlines() if line.strip()]
+    assert any(m.startswith("draining") for m in messages)
+    assert any("cutting them with 503 shutting_down" in m for m in messages)
+
+
+def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
+    from app.http.server import DrainingServer, HeaderDeadlineProtocol, build_server
+    from app.settings import Settings
+
+    settings = Settings(
+        model_store=store,
+        device="cpu",
+        max_connections=123,
+        keep_alive_s=3,
+        header_timeout_s=7,
+        shutdown_grace_s=9,
+    )
+    server = build_server(settings)
+    assert isinstance(server, DrainingServer)
+    config = server.config
+    assert config.limit_concurrency == 123 and config.timeout_keep_alive == 3
+    assert issubclass(config.http, HeaderDeadlineProtocol)  # type: ignore[arg-type]
+    assert config.http.header_timeout_s == 7  # type: ignore[union-attr]
+    assert server.lifecycle.grace_s == 9

@@ -1,0 +1,88 @@
+"""model.toml parsing: the documented keys, nothing else, and clear reasons for problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.models.manifest import ManifestError, parse_manifest
+
+GOOD = """description = "demo"
+[model]
+architecture = "resnet18"
+kwargs = { num_classes = 2 }
+weights = "weights.pt"
+num_classes = 2
+labels = "labels.txt"
+[preprocess]
+resize = 72
+crop = 64
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+input_shape = [3, 64, 64]
+[cam]
+target_layers = ["layer3", "layer4"]
+fc_layer = "fc"
+default_method = "GradCAM"
+allowed_methods = ["GradCAM", "ScoreCAM"]
+"""
+
+
+def write(tmp_path: Path, text: str, labels: str = "cat\ndog\n") -> Path:
+    folder = tmp_path / "demo"
+    folder.mkdir(exist_ok=True)
+    (folder / "model.toml").write_text(text)
+    (folder / "weights.pt").write_bytes(b"")
+    (folder / "labels.txt").write_text(labels)
+    return folder
+
+
+def test_parses_every_key(tmp_path: Path) -> None:
+    spec = parse_manifest(write(tmp_path, GOOD))
+    assert spec.name == "demo"
+    assert spec.architecture == "resnet18"
+    assert dict(spec.kwargs) == {"num_classes": 2}
+    assert spec.labels == ("cat", "dog")
+    assert (spec.resize, spec.crop, spec.input_shape) == (72, (64, 64), (3, 64, 64))
+    assert spec.target_layers == ("layer3", "layer4")
+    assert spec.fc_layer == "fc"
+    assert spec.allowed_methods == ("GradCAM", "ScoreCAM")
+    assert spec.weights_path == tmp_path / "demo" / "weights.pt"
+    with pytest.raises(AttributeError):
+        spec.name = "other"  # frozen
+
+
+def test_torchvision_weights_name(tmp_path: Path) -> None:
+    spec = parse_manifest(write(tmp_path, GOOD.replace('"weights.pt"', '"IMAGENET1K_V1"')))
+    assert spec.weights == "IMAGENET1K_V1"
+    assert spec.weights_path is None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("num_classes = 2\n", "num_classes = 2\ncolour = 1\n", "unknown key(s) in [model]: colour"),
+        ('weights = "weights.pt"', 'weights = "other.pt"', "other.pt does not exist"),
+        ('weights = "weights.pt"', 'weights = "some weights"', "neither a file"),
+        ("crop = 64", "crop = 60", "must equal input_shape"),
+        ("input_shape = [3, 64, 64]", "input_shape = [4, 64, 64]", "C = 1 or 3"),
+        ("std = [0.25, 0.25, 0.25]", "std = [0.25, 0.25]", "std must be a list of 3"),
+        ('architecture = "resnet18"\n', "", "architecture is required"),
+        ("[cam]", "[cam]\nextra = 1", "unknown key(s) in [cam]"),
+        ("num_classes = 2", "num_classes = 3", "has 2 labels but num_classes is 3"),
+        ("resize = 72", "resize = 10", "resize must be"),
+    ],
+)
+def test_rejects_with_reason(tmp_path: Path, old: str, new: str, reason: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(write(tmp_path, GOOD.replace(old, new)))
+    assert reason in str(caught.value)
+
+
+def test_missing_and_invalid_toml(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="model.toml is missing"):
+        parse_manifest(tmp_path / "empty")
+    with pytest.raises(ManifestError, match="not valid TOML"):
+        parse_manifest(write(tmp_path, "description = "))

@@ -1,0 +1,131 @@
+"""/metrics: request counts and stage times, batches, CAM forwards, model and queue gauges."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.cam import METHODS
+from app.observability.metrics import cam_forwards
+from tests.conftest import files, image_bytes
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(client: TestClient) -> Samples:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_counts_and_stages_of_predict_and_explain(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    assert client.post("/predict", files=files(image_bytes(), image_bytes(seed=1))).is_success
+    form = {"method": "ScoreCAM", "batch_size": "8", "output": "raw"}
+    assert client.post("/explain", files=files(image_bytes()), data=form).is_success
+    assert client.post("/predict", files=files(image_bytes()), data={"model": "nope"}).is_error
+    samples = scrape(client)
+
+    predict = {"route": "/predict", "model": "tiny", "method": ""}
+    explain = {"route": "/explain", "model": "tiny", "method": "ScoreCAM"}
+    assert value(samples, "camserve_requests_total", **predict, status="200") == 1
+    assert value(samples, "camserve_requests_total", **explain, status="200") == 1
+    # An unknown model is not a label value: a client cannot grow the series without bound.
+    unknown = {"route": "/predict", "model": "", "method": "", "status": "404"}
+    assert value(samples, "camserve_requests_total", **unknown) == 1
+
+    duration = "camserve_request_duration_seconds_count"
+    for stage in ("decode", "queue", "forward", "total"):
+        assert value(samples, duration, **predict, stage=stage) == 1, stage
+    assert value(samples, duration, **predict, stage="cam") is None
+    for stage in ("decode", "queue", "forward", "cam", "encode", "total"):
+        assert value(samples, duration, **explain, stage=stage) == 1, stage
+    assert value(samples, "camserve_request_duration_seconds_sum", **explain, stage="cam") > 0
+
+    # One pass of 2 images (the predict) and one of 1 (the explain).
+    assert value(samples, "camserve_batch_images_count", model="tiny") == 2
+    assert value(samples, "camserve_batch_images_sum", model="tiny") == 3
+    # ScoreCAM on tiny's `features` (4 channels): one masked forward per channel.
+    assert value(samples, "camserve_cam_forwards_total", model="tiny", method="ScoreCAM") == 4
+
+    assert value(samples, "camserve_model_ready", model="tiny") == 1
+    assert value(samples, "camserve_model_ready", model="broken") == 0
+    assert value(samples, "camserve_queue_depth") == 0
+    assert value(samples, "camserve_jobs_in_flight") == 0
+    assert value(samples, "process_resident_memory_bytes") > 0
+    assert value(samples, "camserve_gpu_memory_allocated_bytes", device="cuda:0") is None
+
+
+def test_scrapes_are_counted_under_their_route(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    client.get("/metrics")
+    samples = scrape(client)
+    labels = {"route": "/metrics", "model": "", "method": "", "status": "200"}
+    assert value(samples, "camserve_requests_total", **labels) == 1
+
+
+def test_unmatched_paths_share_one_route_label(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    for path in ("/a", "/b", "/c"):
+        assert client.get(path).status_code == 404
+    labels = {"route": "unmatched", "model": "", "method": "", "status": "404"}
+    assert value(scrape(client), "camserve_requests_total", **labels) == 3
+
+
+def test_metrics_can_be_turned_off(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(metrics=False)
+    assert client.get("/metrics").status_code == 404
+    assert client.post("/predict", files=files(image_bytes())).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "expected"),
+    [
+        ("GradCAM", {}, 0),
+        ("CAM", {}, 0),
+        ("ScoreCAM", {}, 2 * 64),
+        ("SSCAM", {}, 2 * 64 * 35),
+        ("SSCAM", {"num_samples": 4}, 2 * 64 * 4),
+        ("ISCAM", {}, 2 * 64 * 10),
+        ("SmoothGradCAMpp", {}, 2 * 4),
+        ("SmoothGradCAMpp", {"num_samples": 8}, 2 * 8),
+    ],
+)
+def test_cam_forwards_counts_masked_and_noisy_forwards(
+    method: str, options: dict[str, int], expected: int
+) -> None:
+    shapes = [(1, 48, 8, 8), (1, 16, 4, 4)]
+    assert cam_forwards(METHODS[method], shapes, options, images=2) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_gauges(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(device="cuda")
+    assert client.post("/predict", files=files(image_bytes())).status_code == 200
+    samples = scrape(client)
+    assert value(samples, "camserve_gpu_memory_allocated_bytes", device="cuda:0") > 0
+    assert value(samples, "camserve_gpu_memory_reserved_bytes", device="cuda:0") > 0
+
+
+def test_background_jobs_are_counted_by_status(make_client: Callable[..., TestClient]) -> None:
+    client = make_client()
+    assert value(scrape(client), "camserve_background_jobs", status="succeeded") == 0
+    job = client.post("/jobs", files=files(image_bytes()), data={"method": "GradCAM"}).json()
+    while client.get(job["url"]).json()["status"] not in ("succeeded", "failed"):
+        pass
+    samples = scrape(client)
+    assert value(samples, "camserve_background_jobs", status="succeeded") == 1
+    assert value(samples, "camserve_background_jobs", status="running") == 0

@@ -1,0 +1,262 @@
+"""The cross-request batcher: who shares a pass, who waits, who is dropped, who fails."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+from app.cam import CamInterrupted
+from app.errors import InvalidParameter
+from app.pipeline.admission import JobLimiter
+from app.pipeline.batching import Batcher, PassControl
+
+
+class Recorder:
+    """A pass function that records the items of each pass and can hold the first one."""
+
+    def __init__(self, hold_first: bool = False) -> None:
+        self.passes: list[list[str]] = []
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def __call__(self, items: Sequence[str], control: PassControl) -> list[str]:
+        self.passes.append(list(items))
+        self.started.set()
+        self.release.wait(10)
+        if any(item.startswith("bad") for item in items):
+            raise InvalidParameter(f"cannot run {', '.join(i for i in items if i[:3] == 'bad')}")
+        return [item.upper() for item in items]
+
+
+async def _wait_until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never became true"
+        await asyncio.sleep(0.005)
+
+
+async def _hold(batcher: Batcher, run: Recorder, name: str = "x") -> asyncio.Future:
+    """Start a pass that keeps the model busy until ``run.release`` is set; its task."""
+    first = asyncio.ensure_future(batcher.submit("k", name, 1, run))
+    await _wait_until(run.started.is_set)
+    return first
+
+
+def _batcher(max_images: int = 8, timeout_s: float = 0.0, queue: int = 100) -> Batcher:
+    return Batcher("m", JobLimiter(max_running=2, max_waiting=queue), max_images, timeout_s)
+
+
+def test_a_lone_request_on_an_idle_model_does_not_wait_for_the_timeout() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(timeout_s=60.0)
+        run = Recorder()
+        result, info = await asyncio.wait_for(batcher.submit("k", "a", 1, run), timeout=10)
+        assert result == "A" and info.batch_images == 1 and run.passes == [["a"]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_requests_queued_behind_a_pass_share_the_next_one() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(max_images=8)
+        run = Recorder(hold_first=True)
+        first = await _hold(batcher, run, "first")
+        others = [asyncio.ensure_future(batcher.submit("k", name, 1, run)) for name in "bcd"]
+        other_key = asyncio.ensure_future(batcher.submit("other", "e", 1, run))
+        await _wait_until(lambda: batcher.waiting == 4)
+        run.release.set()
+        assert (await first)[0] == "FIRST"
+        answers = await asyncio.gather(*others)
+        assert [result for result, _ in answers] == ["B", "C", "D"]
+        assert all(info.batch_images == 3 for _, info in answers)
+        assert (await other_key)[1].batch_images == 1
+        assert run.passes == [["first"], ["b", "c", "d"], ["e"]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_pass_holds_at_most_max_images() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(max_images=4)
+        run = Recorder(hold_first=True)
+        first = await _hold(batcher, run)
+        # 3 + 2 images would exceed 4: the pass closes there, in arrival order (a later small
+        # request does not overtake "two").
+        tasks = [
+            asyncio.ensure_future(batcher.submit("k", "three", 3, run)),
+            asyncio.ensure_future(batcher.submit("k", "two", 2, run)),
+            asyncio.ensure_future(batcher.submit("k", "one", 1, run)),
+        ]
+        await _wait_until(lambda: batcher.waiting == 3)
+        run.release.set()
+        await first
+        infos = [info for _, info in await asyncio.gather(*tasks)]
+        assert run.passes[1:] == [["three"], ["two", "one"]]
+        assert [i.batch_images for i in infos] == [3, 3, 3]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_unbatchable_requests_run_alone() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        run = Recorder(hold_first=True)
+        first = await _hold(batcher, run)
+        tasks = [
+            asyncio.ensure_future(batcher.submit("k", n, 1, run, batchable=False)) for n in "ab"
+        ]
+        await _wait_until(lambda: batcher.waiting == 2)
+        run.release.set()
+        await asyncio.gather(first, *tasks)
+        assert run.passes == [["x"], ["a"], ["b"]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_batch_size_one_turns_batching_off() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(max_images=1)
+        run = Recorder(hold_first=True)
+        first = await _hold(batcher, run)
+        tasks = [asyncio.ensure_future(batcher.submit("k", n, 1, run)) for n in "ab"]
+        await _wait_until(lambda: batcher.waiting == 2)
+        run.release.set()
+        await asyncio.gather(first, *tasks)
+        assert run.passes == [["x"], ["a"], ["b"]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_forming_batch_waits_for_company_until_the_timeout() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(max_images=8, timeout_s=0.5)
+        run = Recorder(hold_first=True)
+        first = await _hold(batcher, run)
+        early = asyncio.ensure_future(batcher.submit("k", "early", 1, run))
+        await _wait_until(lambda: batcher.waiting == 1)
+        run.release.set()
+        await first
+        # "early" queued behind a pass, so its batch is forming: a newcomer within the
+        # timeout joins it.
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(batcher.submit("k", "late", 1, run))
+        await asyncio.gather(early, late)
+        assert run.passes == [["x"], ["early", "late"]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_cancelled_before_its_pass_is_dropped() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        run = Recorder(hold_first=True)
+        first = await _hold(batcher, run)
+        gone = asyncio.ensure_future(batcher.submit("k", "gone", 1, run))
+        stays = asyncio.ensure_future(batcher.submit("k", "stays", 1, run))
+        await _wait_until(lambda: batcher.waiting == 2)
+        gone.cancel()  # what a client disconnect does to its request
+        await asyncio.gather(gone, return_exceptions=True)
+        assert batcher.waiting == 1
+        run.release.set()
+        await asyncio.gather(first, stays)
+        assert run.passes == [["x"], ["stays"]]
+        assert batcher.limiter.in_flight == 0
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_breaks_a_batch_fails_alone() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        run = Recorder(hold_first=True)
+        first = await _hold(batcher, run)
+        tasks = [asyncio.ensure_future(batcher.submit("k", n, 1, run)) for n in ("a", "bad", "c")]
+        await _wait_until(lambda: batcher.waiting == 3)
+        run.release.set()
+        await first
+        good_a, failed, good_c = await asyncio.gather(*tasks, return_exceptions=True)
+        assert good_a[0] == "A" and good_c[0] == "C"  # type: ignore[index]
+        assert isinstance(failed, InvalidParameter) and "bad" in failed.message
+        assert run.passes[1:] == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+class Chunked:
+    """A pass of ``chunks`` chunks that reports progress and honours the stop check."""
+
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+        self.ran = 0
+        self.started = threading.Event()
+        self.step = threading.Semaphore(0)
+
+    def __call__(self, items: Sequence[str], control: PassControl) -> list[str]:
+        self.started.set()
+        for chunk in range(self.chunks):
+            self.step.acquire(timeout=10)
+            self.ran += 1
+            control.progress(chunk + 1, self.chunks)
+            if control.should_stop():
+                raise CamInterrupted("stopped")
+        return [item.upper() for item in items]
+
+
+def test_a_running_pass_stops_at_its_next_chunk_once_its_caller_is_gone() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        run = Chunked(chunks=100)
+        heard: list[tuple[int, int]] = []
+        task = asyncio.ensure_future(
+            batcher.submit("k", "a", 1, run, progress=lambda d, t: heard.append((d, t)))
+        )
+        await _wait_until(run.started.is_set)
+        run.step.release(2)
+        await _wait_until(lambda: len(heard) == 3)
+        task.cancel()  # what a disconnect, a deadline or a job's DELETE does
+        await asyncio.gather(task, return_exceptions=True)
+        run.step.release(100)
+        await _wait_until(lambda: batcher._worker is not None and not batcher.waiting)
+        await asyncio.sleep(0.05)
+        assert run.ran == 3  # the chunk under way when the caller left ends the pass
+        assert heard == [(0, 0), (1, 100), (2, 100)]  # start, chunks; nothing after leaving
+        assert batcher.limiter.in_flight == 0
+        # The model is free again for the next request.
+        result, _ = await asyncio.wait_for(batcher.submit("k", "b", 1, Recorder()), 10)
+        assert result == "B"
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_shared_pass_goes_on_while_one_of_its_callers_remains() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        hold = Recorder(hold_first=True)
+        first = await _hold(batcher, hold)
+        run = Chunked(chunks=3)
+        leaves = asyncio.ensure_future(batcher.submit("k", "a", 1, run))
+        stays = asyncio.ensure_future(batcher.submit("k", "b", 1, run))
+        await _wait_until(lambda: batcher.waiting == 2)
+        hold.release.set()
+        await first
+        await _wait_until(run.started.is_set)
+        leaves.cancel()
+        await asyncio.gather(leaves, return_exceptions=True)
+        run.step.release(3)
+        result, info = await asyncio.wait_for(stays, 10)
+        assert result == "B" and info.batch_images == 2 and run.ran == 3
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,197 @@
+"""Decoding uploads: opening and checking images, converting them to RGB, large JPEGs decoded at
+reduced scale, and the model input that stays exact."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from app.models.manifest import parse_manifest
+from app.pipeline.decoding import Upload, decode_image, decode_upload, preprocess_image, to_rgb
+from tests.conftest import image_bytes
+
+LIMIT = 10_000_000
+SHAPES = Path(__file__).resolve().parents[2] / "model_store" / "shapes"
+
+
+def _jpeg(size: tuple[int, int], **save: object) -> bytes:
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    small.resize(size, Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90, **save)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def spec():  # type: ignore[no-untyped-def]
+    return parse_manifest(SHAPES)  # resize 128, crop 128
+
+
+def test_large_jpeg_decodes_at_reduced_scale(spec) -> None:  # type: ignore[no-untyped-def]
+    decoded = decode_upload(Upload("big.jpg", _jpeg((4000, 3000))), spec, 10**8, 1024)
+    assert decoded.original_size == (4000, 3000)
+    assert decoded.image.size == (1000, 750)  # 1/4: enough for a 1024-px picture (<= 1.25x)
+    assert tuple(decoded.tensor.shape) == (3, 128, 128)
+    # The crop box is in the reduced image's pixels: about the centred 750x750 square (the
+    # crop is rounded to whole pixels of the 171x128 resized image).
+    assert abs(decoded.box.left - 125) < 6 and abs(decoded.box.right - decoded.box.left - 750) < 2
+
+
+def test_the_model_input_never_comes_from_too_small_a_decode(spec) -> None:  # type: ignore[no-untyped-def]
+    decoded = decode_upload(Upload("big.jpg", _jpeg((4000, 3000))), spec, 10**8, 0)
+    assert min(decoded.image.size) >= 128
+    full = Image.open(io.BytesIO(_jpeg((4000, 3000)))).convert("RGB")
+    exact, _ = preprocess_image(full, spec)
+    # A DCT-scaled decode differs from a full decode + resize by a little, not by a lot.
+    assert float((decoded.tensor - exact).abs().mean()) < 0.05
+
+
+def test_original_size_decodes_the_whole_image(spec) -> None:  # type: ignore[no-untyped-def]
+    decoded = decode_upload(Upload("big.jpg", _jpeg((4000, 3000))), spec, 10**8, None)
+    assert decoded.image.size == (4000, 3000)
+
+
+def test_small_and_non_jpeg_uploads_decode_whole(spec) -> None:  # type: ignore[no-untyped-def]
+    assert decode_upload(Upload("s.jpg", _jpeg((640, 480))), spec, 10**8, 1024).image.size == (
+        640,
+        480,
+    )
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 2000)).save(buffer, format="PNG")
+    png = decode_upload(Upload("p.png", buffer.getvalue()), spec, 10**8, 1024)
+    assert png.image.size == (3000, 2000)
+
+
+def test_rotated_jpeg_reports_its_upright_size(spec) -> None:  # type: ignore[no-untyped-def]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    data = _jpeg((4000, 3000), exif=exif.tobytes())
+    decoded = decode_upload(Upload("r.jpg", data), spec, 10**8, 1024)
+    assert decoded.original_size == (3000, 4000)
+    assert decoded.image.size == (750, 1000)
+
+
+# Opening, checking and converting uploads.
+def encode(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def test_rgb_png_roundtrip() -> None:
+    data = image_bytes((40, 32))
+    image = decode_image(data, "a.png", LIMIT)
+    assert image.mode == "RGB" and image.size == (40, 32)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data))))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1", "LA"])
+def test_modes_become_rgb(mode: str) -> None:
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    image = decode_image(image_bytes((20, 10), mode=mode, fmt=fmt), "x", LIMIT)
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+def test_grayscale_keeps_values() -> None:
+    gray = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16), "L")
+    image = decode_image(encode(gray), "g.png", LIMIT)
+    assert np.array_equal(np.asarray(image)[..., 0], np.asarray(gray))
+
+
+def test_rgba_is_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    image = decode_image(encode(rgba), "t.png", LIMIT)
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    assert image.getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_palette_transparency_is_composited_on_white() -> None:
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 0, 255, 0])
+    palette.putpixel((1, 0), 1)
+    data = encode(palette, transparency=0)
+    assert decode_image(data, "p.png", LIMIT).getpixel((0, 0)) == (255, 255, 255)
+    assert decode_image(data, "p.png", LIMIT).getpixel((1, 0)) == (0, 255, 0)
+
+
+def test_sixteen_bit_is_scaled_to_eight() -> None:
+    values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    sixteen = Image.fromarray(values)
+    assert sixteen.mode == "I;16"
+    image = decode_image(encode(sixteen), "16.png", LIMIT)
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_float_images_are_scaled() -> None:
+    image = to_rgb(Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F"))
+    assert np.asarray(image)[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_exif_orientation_is_applied() -> None:
+    upright = Image.open(io.BytesIO(image_bytes((30, 20))))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a rotated camera writes
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image = decode_image(encode(stored, "PNG", exif=exif), "r.png", LIMIT)
+    assert image.size == (30, 20)
+    assert np.array_equal(np.asarray(image), np.asarray(upright.convert("RGB")))
+
+
+def test_empty_file() -> None:
+    with pytest.raises(InvalidImage, match="empty"):
+        decode_image(b"", "e.png", LIMIT)
+
+
+def test_not_an_image() -> None:
+    with pytest.raises(UnsupportedMediaType, match="not a recognised image"):
+        decode_image(b"hello, world" * 10, "t.txt", LIMIT)
+
+
+def test_unsupported_format() -> None:
+    data = encode(Image.new("RGB", (4, 4)), "PPM")
+    with pytest.raises(UnsupportedMediaType, match="PPM images are not supported"):
+        decode_image(data, "x.ppm", LIMIT)
+
+
+def test_truncated() -> None:
+    data = image_bytes((64, 64), fmt="JPEG")
+    with pytest.raises(InvalidImage, match="truncated"):
+        decode_image(data[: len(data) // 2], "t.jpg", LIMIT)
+
+
+def test_too_many_pixels_is_refused_before_decoding() -> None:
+    data = encode(Image.new("L", (4000, 4000)))  # compresses to a few KB
+    assert len(data) < 100_000
+    with pytest.raises(ImageTooLarge, match="16000000 pixels"):
+        decode_image(data, "bomb.png", 1_000_000)
+
+
+def test_preprocess_resizes_and_crops(store) -> None:  # type: ignore[no-untyped-def]
+    spec = parse_manifest(store / "tiny")  # resize 32, crop 32
+    wide = Image.new("RGB", (80, 40), (255, 255, 255))
+    prepared = [preprocess_image(image, spec) for image in (wide, Image.new("RGB", (32, 32)))]
+    batch = torch.stack([tensor for tensor, _ in prepared])
+    boxes = [box for _, box in prepared]
+    assert batch.shape == (2, 3, 32, 32)
+    assert torch.allclose(batch[0], torch.full((3, 32, 32), 2.0))  # (1 - 0.5) / 0.25
+    assert boxes[0].left == pytest.approx(20) and boxes[0].right == pytest.approx(60)
+    assert (boxes[0].top, boxes[0].bottom) == (0, 40)
+    assert (boxes[1].left, boxes[1].top, boxes[1].right, boxes[1].bottom) == (0, 0, 32, 32)
+
+
+@pytest.mark.parametrize("cut", [8, 30, 100, 1000])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_any_damage_is_a_client_error(fmt: str, cut: int) -> None:
+    data = image_bytes((48, 40), fmt=fmt)
+    for damaged in (data[:cut], data[:cut] + bytes(64), bytes(reversed(data[:cut])) + data[cut:]):
+        try:
+            decode_image(damaged, "d", LIMIT)
+        except (InvalidImage, UnsupportedMediaType):
+            pass  # anything else (a crash) fails the test
