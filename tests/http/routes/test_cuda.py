@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,19 +14,46 @@ from fastapi.testclient import TestClient
 
 from app.cam import METHODS
 from tests.conftest import assert_error, files, image_bytes
-from tests.http.routes.test_explain import TINY_OPTIONS, raw_maps
+from tests.fixtures_models import build_tiny_vit, write_model
+from tests.http.routes.test_explain import PER_LAYER, TINY_OPTIONS, raw_maps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
 NOISY = {"SmoothGradCAMpp", "SSCAM"}  # per-device generators: same seed, other noise
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+#: The one-map methods need their own models or layers: RefineCAM two layers, LeGrad a ViT.
+ONE_MAP = {"RefineCAM": {"target_layer": "features.1,features.3"}, "LeGrad": {}}
+
+
+@pytest.mark.parametrize("method", PER_LAYER + list(ONE_MAP))
 def test_every_method_on_cuda_answers_as_on_the_cpu(
-    client: TestClient, make_client: Callable[..., TestClient], method: str
+    client: TestClient, make_client: Callable[..., TestClient], method: str, tmp_path: Path
 ) -> None:
-    gpu = make_client(device="cuda")
-    form = {"method": method, "output": "raw,overlay", **TINY_OPTIONS.get(method, {})}
+    assert set(PER_LAYER) | set(ONE_MAP) == set(METHODS)
+    if method == "LeGrad":
+        torch.manual_seed(0)
+        vit = build_tiny_vit()
+        torch.nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head
+        write_model(
+            tmp_path,
+            "vit",
+            vit,
+            architecture="tests.fixtures_models:build_tiny_vit",
+            num_classes=3,
+            input_size=32,
+            target_layers=["encoder.layers.encoder_layer_1.ln_1"],
+        )
+        client = make_client(model_store=tmp_path, default_model="vit")
+        gpu = make_client(model_store=tmp_path, default_model="vit", device="cuda")
+    else:
+        gpu = make_client(device="cuda")
+    form = {
+        "method": method,
+        "output": "raw,overlay",
+        **TINY_OPTIONS.get(method, {}),
+        **ONE_MAP.get(method, {}),
+    }
     images = files(image_bytes(seed=1), image_bytes(seed=2))
     on_cpu = client.post("/explain", files=images, data=form).json()
     on_gpu = gpu.post("/explain", files=images, data=form)
