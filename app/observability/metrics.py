@@ -23,7 +23,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.cam.core import _CAM
 from app.observability.context import STAGES, RequestInfo
 
 # Seconds: a tiny model's forward (~1 ms) up to a Score-CAM family request (~minutes).
@@ -48,24 +47,6 @@ DURATION_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED_ROUTE = "unmatched"
-
-
-def cam_forwards(
-    cls: type[_CAM], layer_shapes: Iterable[tuple[int, ...]], options: dict[str, Any], images: int
-) -> int:
-    """The forwards a CAM call runs besides the model's own forward; ``layer_shapes`` are the
-    output shapes (N, C, ...) of its target layers.
-
-    Methods with ``masked_forwards`` (the Score-CAM family, Ablation-CAM): one per image, channel
-    (of the target layers) and sample. With ``noisy_forwards`` (SmoothGrad-CAM++): one per image
-    and sample. Others: none. ``num_samples`` defaults to the method's declared default."""
-    masked = cls.masked_forwards
-    if not (masked or cls.noisy_forwards):
-        return 0
-    declared = cls.option("num_samples")
-    samples = int(options.get("num_samples", declared.default)) if declared else 1
-    channels = sum(shape[1] if len(shape) >= 2 else 1 for shape in layer_shapes)
-    return images * samples * (channels if masked else 1)
 
 
 class _StateCollector(Collector):

@@ -22,7 +22,6 @@ from app.models.device import default_batch_size
 from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.observability.context import note_work
-from app.observability.metrics import cam_forwards
 from app.pipeline import checks
 from app.pipeline.admission import JobLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
@@ -282,7 +281,10 @@ class Explainer:
                 "cam": cam_s,
                 "encode": encode_s,
             },
-            sum(cam_forwards(plan.cls, shapes, dict(plan.options), len(decoded)) for plan in plans),
+            sum(
+                plan.cls.extra_forwards(shapes, dict(plan.options), len(decoded)).total
+                for plan in plans
+            ),
         )
         timings = ExplainTimings(
             decode_ms=_ms(decode_s),
