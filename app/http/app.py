@@ -31,10 +31,10 @@ from app.models.memory import trim_periodically
 from app.models.registry import ModelRegistry
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
-from app.pipeline.admission import JobLimiter
+from app.pipeline.admission import SlotLimiter
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import JobStore
-from app.settings import ConfigurationError, Settings, load_settings
+from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.critical("cannot start: %s", error)
         raise
     logger.info("camserve %s on device %s", __version__, describe_device(device))
+    warn_renamed(os.environ)
     registry = ModelRegistry(settings.model_store, device, settings.default_model)
     registry.discover()
-    limiter = JobLimiter(settings.max_concurrent_jobs, settings.queue_size)
+    limiter = SlotLimiter(settings.max_model_slots, settings.queue_size)
     # Every torch call of the service (loading, warm-up, passes) runs on these threads. Each
     # thread that runs torch ops gets its own OpenMP team, and two teams on a CPU slow each other
     # down: resnet50's forward took 79 ms instead of 68 ms once a second thread had run one.
     model_threads = ThreadPoolExecutor(
-        max_workers=settings.max_concurrent_jobs, thread_name_prefix="camserve-model"
+        max_workers=settings.max_model_slots, thread_name_prefix="camserve-model"
     )
     # Decoding and rendering get their own bounded pool: a burst of uploads waits here instead of
     # growing the event loop's default pool by a thread (and its memory arena) per request.

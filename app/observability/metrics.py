@@ -66,12 +66,13 @@ class _StateCollector(Collector):
         queue.add_metric([], explainer.waiting if explainer is not None else 0)
         yield queue
 
-        jobs = GaugeMetricFamily(
-            "camserve_jobs_in_flight",
-            "Model jobs admitted: running or waiting for a slot (503 beyond the queue bound).",
+        admitted = GaugeMetricFamily(
+            "camserve_admitted_requests",
+            "Requests admitted to model work: running in a model slot or waiting for one "
+            "(503 beyond CAMSERVE_MAX_MODEL_SLOTS + CAMSERVE_QUEUE_SIZE).",
         )
-        jobs.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
-        yield jobs
+        admitted.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
+        yield admitted
 
         store = getattr(self.state, "jobs", None)
         background = GaugeMetricFamily(

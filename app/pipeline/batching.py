@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.cam import CamInterrupted, ProgressCallback
-from app.pipeline.admission import JobLimiter
+from app.pipeline.admission import SlotLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Batcher:
     def __init__(
         self,
         name: str,
-        limiter: JobLimiter,
+        limiter: SlotLimiter,
         max_images: int,
         timeout_s: float,
         executor: Executor | None = None,

@@ -23,7 +23,7 @@ from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.observability.context import note_work
 from app.pipeline import checks
-from app.pipeline.admission import JobLimiter, run_to_the_end
+from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
 from app.pipeline.decoding import DecodedImage, Upload, decode_upload, stack_inputs
 from app.pipeline.passes import (
@@ -89,7 +89,7 @@ class Explainer:
     def __init__(
         self,
         registry: ModelRegistry,
-        limiter: JobLimiter,
+        limiter: SlotLimiter,
         max_pixels: int,
         max_cam_forwards: int = 20_000,
         *,

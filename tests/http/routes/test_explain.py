@@ -224,7 +224,7 @@ def test_concurrent_requests_equal_sequential(client: TestClient) -> None:
 def test_overload_is_503_with_retry_after(
     make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = make_client(max_concurrent_jobs=1, queue_size=0)
+    client = make_client(max_model_slots=1, queue_size=0)
     started, release = threading.Event(), threading.Event()
     original = explainer_module.run_cam_pass
 
