@@ -174,10 +174,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # its headers, before a byte of its body is read.
     app.add_middleware(
         GateMiddleware,
-        routes=[route for router in routers for route in router.routes],
+        routes=app.router.routes,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         lifecycle=app.state.lifecycle,
-        protocol_prefixes=PREFIXES,
     )
     # Outside the body limit: even its 413 carries the CORS headers.
     if settings.cors_origins:
