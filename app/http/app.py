@@ -144,7 +144,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(app.state) if settings.metrics else None
     app.state.lifecycle = Lifecycle(settings.shutdown_grace_s)
     install_error_handlers(app)
-    routers = (
+    _include_routes(app, settings)
+    _install_openapi(app, open_access=settings.api_key is None)
+    _add_middleware(app, settings)
+    return app
+
+
+def _include_routes(app: FastAPI, settings: Settings) -> None:
+    """Every route of the service; the gate finds the model routes among them by itself."""
+    for router in (
         health.router,
         models.router,
         predict.router,
@@ -152,15 +160,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         oip.router,
         kserve.router,
-    )
-    for router in routers:
-        app.include_router(router)  # no prefix: the gate matches these routes as they are
+    ):
+        app.include_router(router)
     if settings.metrics:
         app.include_router(metrics.router)
     install_docs(app)
     if settings.ui:
         install_ui(app)
-    _install_openapi(app, open_access=settings.api_key is None)
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    """From the inside out: the body limit, the gate, CORS, the access log and request id."""
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
@@ -171,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
     )
     # Outside the body limit: a request without its key, or during the drain, is refused on
-    # its headers, before a byte of its body is read.
+    # its headers, before a byte of its body is read. It reads the app's live route list.
     app.add_middleware(
         GateMiddleware,
         routes=app.router.routes,
@@ -195,4 +205,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # Outermost of all: every answer, a CORS preflight or a 413 included, carries the id.
     app.add_middleware(AccessMiddleware, metrics=app.state.metrics)
-    return app

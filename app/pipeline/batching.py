@@ -83,7 +83,7 @@ class _Pending:
 
 
 class Batcher:
-    """Cross-request batching for one model; its passes run one at a time, each in a job slot."""
+    """Cross-request batching for one model; its passes run one at a time, each in a model slot."""
 
     def __init__(
         self,
