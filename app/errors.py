@@ -1,8 +1,14 @@
-"""Domain errors: what went wrong, with a public message; ``app.http.errors`` maps them to HTTP."""
+"""Domain errors: what went wrong, with a public message; ``app.http.errors`` maps them to HTTP.
+
+The classes are the one table of error codes: each declares its ``code`` and HTTP
+``status_code`` once, and every layer (the routes, the middleware, the raw server, the
+protocols, the job store) raises or renders a class instead of typing a code. ``ERROR_CODES``
+indexes them; a second class with a taken code fails at import.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from app.observability.context import current_request_id
 
@@ -10,8 +16,17 @@ from app.observability.context import current_request_id
 class CamserveError(Exception):
     """Base of every error the service reports on purpose; the message is shown to clients."""
 
-    status_code = 500
-    code = "internal_error"
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__ or "status_code" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must declare its own code and status_code.")
+        taken = ERROR_CODES.get(cls.code)
+        if taken is not None and taken.__qualname__ != cls.__qualname__:  # not a module reload
+            raise TypeError(f"{cls.__name__}: code {cls.code!r} is taken by {taken.__name__}.")
+        ERROR_CODES[cls.code] = cls
 
     def __init__(
         self,
@@ -24,6 +39,10 @@ class CamserveError(Exception):
         self.message = message
         self.details = details
         self.headers = headers
+
+
+ERROR_CODES: dict[str, type[CamserveError]] = {CamserveError.code: CamserveError}
+"""Every error code -> the class that declares it (filled as the classes are defined)."""
 
 
 class ModelNotFound(CamserveError):
@@ -149,6 +168,58 @@ class ClientClosedRequest(CamserveError):
 
     status_code = 499
     code = "client_closed_request"
+
+
+class BadRequest(CamserveError):
+    """The body is not what the route (or the inference protocol) allows."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class InvalidRequest(CamserveError):
+    """The request does not match the route's declared parameters (FastAPI's validation)."""
+
+    status_code = 422
+    code = "validation_error"
+
+
+class RouteNotFound(CamserveError):
+    status_code = 404
+    code = "not_found"
+
+
+class HttpMethodNotAllowed(CamserveError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class HttpError(CamserveError):
+    """Any other refusal of the web framework; it is answered with the framework's status."""
+
+    status_code = 400
+    code = "http_error"
+
+
+class HeaderTimeout(CamserveError):
+    """The request headers did not arrive within CAMSERVE_HEADER_TIMEOUT_S."""
+
+    status_code = 408
+    code = "header_timeout"
+
+
+class BodyTimeout(CamserveError):
+    """The client paused its body longer than CAMSERVE_BODY_TIMEOUT_S."""
+
+    status_code = 408
+    code = "body_timeout"
+
+
+class JobCancelled(CamserveError):
+    """The background job was cancelled by DELETE /jobs/{id} (its error, never an answer)."""
+
+    status_code = 409
+    code = "cancelled"
 
 
 ECHO_LIMIT = 40

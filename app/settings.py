@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CAMSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+logger = logging.getLogger(__name__)
+
+RENAMED = {"max_model_slots": "MAX_CONCURRENT_JOBS"}
+"""Fields whose variable was renamed -> the old variable's name (without the prefix): it is still
+read, when the new one is not set, with a deprecation warning in the log."""
+
+
+def _new_or_old(field: str) -> AliasChoices:
+    """Read ``field`` from its own variable, else from its old one (a keyword argument may name
+    the field)."""
+    return AliasChoices(f"{ENV_PREFIX}{field.upper()}", f"{ENV_PREFIX}{RENAMED[field]}")
 
 
 class ConfigurationError(RuntimeError):
@@ -21,7 +34,11 @@ class Settings(BaseSettings):
     """Every knob of the service; each field maps to ``CAMSERVE_<FIELD>``."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, protected_namespaces=()
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        protected_namespaces=(),
+        populate_by_name=True,
     )
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -36,11 +53,19 @@ class Settings(BaseSettings):
         40_000_000, ge=64, le=500_000_000, description="largest accepted width x height"
     )
     max_images: int = Field(16, ge=1, le=256, description="most images in one request")
-    max_concurrent_jobs: int = Field(
-        2, ge=1, le=32, description="model jobs (forward + CAM) running at once"
+    max_model_slots: int = Field(
+        2,
+        ge=1,
+        le=32,
+        validation_alias=_new_or_old("max_model_slots"),
+        description="model slots: model work (forward + CAM) running at once; "
+        "formerly CAMSERVE_MAX_CONCURRENT_JOBS",
     )
     queue_size: int = Field(
-        32, ge=0, le=10_000, description="jobs allowed to wait; more are refused with 503"
+        32,
+        ge=0,
+        le=10_000,
+        description="requests allowed to wait for a model slot; more are refused with 503",
     )
     max_cam_forwards: int = Field(
         20_000,
@@ -151,11 +176,14 @@ def describe_validation_error(error: ValidationError) -> str:
     """Turn pydantic's report into lines naming the environment variable and what is allowed."""
     lines = []
     for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else "?"
+        field = str(item["loc"][0]).upper() if item["loc"] else "?"
+        field = field.removeprefix(ENV_PREFIX)  # a renamed field reports its variable's name
+        old = RENAMED.get(field.lower())
+        name = f"{ENV_PREFIX}{field}" + (f" (formerly {ENV_PREFIX}{old})" if old else "")
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{ENV_PREFIX}{field.upper()}: {message}{shown}")
+        lines.append(f"{name}: {message}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -165,3 +193,21 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as error:
         raise ConfigurationError(describe_validation_error(error)) from None
+
+
+def warn_renamed(environ: Mapping[str, str]) -> list[str]:
+    """Log a deprecation warning for each old variable name set in ``environ``; returns the
+    warnings. Called once logging is set up (the settings are read before it)."""
+    present = {name.upper() for name in environ}
+    warnings = []
+    for field, old_name in RENAMED.items():
+        old, new = f"{ENV_PREFIX}{old_name}", f"{ENV_PREFIX}{field.upper()}"
+        if old not in present:
+            continue
+        if new in present:
+            warnings.append(f"{old} is deprecated and ignored: {new} is set too; unset {old}.")
+        else:
+            warnings.append(f"{old} is deprecated: rename it {new} (its value is used for now).")
+    for warning in warnings:
+        logger.warning(warning)
+    return warnings

@@ -24,7 +24,7 @@ What it does, in order:
    12 MP upload to shapes (default fields, alternating, medians). Both servers are stopped.
 
 Both servers get ``CAMSERVE_QUEUE_SIZE=256`` so that no level is refused for queue space, and
-``CAMSERVE_LOG_LEVEL=WARNING``; every other setting (``CAMSERVE_MAX_CONCURRENT_JOBS``,
+``CAMSERVE_LOG_LEVEL=WARNING``; every other setting (``CAMSERVE_MAX_MODEL_SLOTS``,
 ``CAMSERVE_BATCH_TIMEOUT_MS``, ``CAMSERVE_MAX_OUTPUT_SIDE``, ...) keeps the service's default
 unless given with ``--env``. ``CAMSERVE_*`` variables of the calling shell are not passed on.
 The servers are stopped at the end, on an exception, on Ctrl-C and on SIGTERM.

@@ -3,7 +3,7 @@ slow requests, then idle; watches the server process's memory and threads throug
 
     python bench/soak.py                      # CPU, 600 s at concurrency 16 (about 14 minutes)
     python bench/soak.py --quick              # smoke run, about 2-3 minutes
-    python bench/soak.py --duration 1800 --env CAMSERVE_MAX_CONCURRENT_JOBS=4
+    python bench/soak.py --duration 1800 --env CAMSERVE_MAX_MODEL_SLOTS=4
 
 What it does, in order, against one ``python -m app`` on 127.0.0.1 and a free port (a temporary
 model store: ``shapes`` plus a seeded random-weight torchvision ``resnet18``, as in

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
 
-from app.settings import ConfigurationError, Settings, load_settings
+from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
 
 
 def test_defaults() -> None:
@@ -63,6 +65,7 @@ def test_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CAMSERVE_PORT", "http", "valid integer"),
         ("CAMSERVE_LOG_FORMAT", "xml", "'text' or 'json'"),
         ("CAMSERVE_LOG_LEVEL", "loud", "'DEBUG'"),
+        ("CAMSERVE_MAX_MODEL_SLOTS", "0", "greater than or equal to 1"),
         ("CAMSERVE_MAX_CONCURRENT_JOBS", "0", "greater than or equal to 1"),
         ("CAMSERVE_MAX_IMAGES", "-3", "greater than or equal to 1"),
         ("CAMSERVE_MAX_BATCH_SIZE", "0", "greater than or equal to 1"),
@@ -98,3 +101,34 @@ def test_job_and_connection_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.request_timeout_s is None  # empty: no deadline
     assert (settings.max_connections, settings.keep_alive_s) == (50, 2.5)
+
+
+def test_model_slots_read_the_old_variable_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert Settings().max_model_slots == 2
+    assert Settings(max_model_slots=3).max_model_slots == 3
+    monkeypatch.setenv("CAMSERVE_MAX_CONCURRENT_JOBS", "4")
+    assert load_settings().max_model_slots == 4
+    with caplog.at_level(logging.WARNING, logger="app.settings"):
+        warnings = warn_renamed(os.environ)
+    assert warnings == [
+        "CAMSERVE_MAX_CONCURRENT_JOBS is deprecated: rename it CAMSERVE_MAX_MODEL_SLOTS "
+        "(its value is used for now)."
+    ]
+    assert [r.getMessage() for r in caplog.records] == warnings
+    monkeypatch.setenv("CAMSERVE_MAX_MODEL_SLOTS", "5")  # the new name wins
+    assert load_settings().max_model_slots == 5
+    assert "ignored: CAMSERVE_MAX_MODEL_SLOTS is set too" in warn_renamed(os.environ)[0]
+
+
+def test_new_names_alone_warn_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMSERVE_MAX_MODEL_SLOTS", "3")
+    assert load_settings().max_model_slots == 3
+    assert warn_renamed(os.environ) == []
+
+
+def test_a_bad_old_variable_names_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMSERVE_MAX_CONCURRENT_JOBS", "0")
+    with pytest.raises(ConfigurationError, match="formerly CAMSERVE_MAX_CONCURRENT_JOBS"):
+        load_settings()

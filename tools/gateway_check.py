@@ -102,7 +102,7 @@ def start_replica(port: int, log: Path) -> subprocess.Popen[bytes]:
         "CAMSERVE_LOG_FORMAT": "json",
         "CAMSERVE_LOG_LEVEL": "INFO",
         "CAMSERVE_DEVICE": "cpu",
-        "CAMSERVE_MAX_CONCURRENT_JOBS": "1",
+        "CAMSERVE_MAX_MODEL_SLOTS": "1",
         # Three replicas on a small machine: one torch thread each.
         "OMP_NUM_THREADS": "1",
     }

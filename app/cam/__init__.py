@@ -13,6 +13,7 @@ from app.cam.composite import FinerCAM, RefineCAM
 from app.cam.core import (
     _CAM,
     CamInterrupted,
+    ExtraForwards,
     ProgressCallback,
     StopCheck,
     normalize_maps,
@@ -108,6 +109,7 @@ __all__ = [
     "RefineCAM",
     "Target",
     "CamInterrupted",
+    "ExtraForwards",
     "ProgressCallback",
     "StopCheck",
     "COLORMAPS",

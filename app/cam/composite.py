@@ -61,9 +61,8 @@ class _Composite(_CAM):
         self.base.remove_hooks()
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({type(self.base).__name__}, target_layer={self.target_names})"
-        )
+        base = type(self.base).__name__
+        return f"{type(self).__name__}(base_method={base}, target_layer={self.target_names})"
 
 
 def _check_base(

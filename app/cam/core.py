@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,20 @@ ClassIndex = int | Sequence[int] | Tensor
 ProgressCallback = Callable[[int, int], None]
 #: ``should_stop()``: asked between chunks; ``True`` ends the call with ``CamInterrupted``.
 StopCheck = Callable[[], bool]
+
+
+class ExtraForwards(NamedTuple):
+    """The forwards a CAM call runs besides the model's own: one per image, channel and sample
+    (``channels`` is 1 for noisy forwards; everything 0 for a method that runs none)."""
+
+    images: int
+    channels: int
+    samples: int
+
+    @property
+    def total(self) -> int:
+        return self.images * self.channels * self.samples
+
 
 _state = threading.local()
 _NOBODY = object()
@@ -173,6 +187,24 @@ class _CAM:
     def option(cls, name: str) -> MethodOption | None:
         """The declared option ``name``, or ``None`` when the method does not take it."""
         return next((o for o in cls.options if o.name == name), None)
+
+    @classmethod
+    def extra_forwards(
+        cls, layer_shapes: Sequence[Sequence[int]], options: Mapping[str, Any], images: int
+    ) -> ExtraForwards:
+        """What a call on ``images`` images would run besides the model's forward, from the
+        output shapes (N, C, ...) of its target layers and its options: with
+        ``masked_forwards`` one forward per image, channel and sample; with ``noisy_forwards``
+        one forward and backward per image and sample; none otherwise. ``num_samples`` defaults
+        to the declared default."""
+        if not (cls.masked_forwards or cls.noisy_forwards):
+            return ExtraForwards(0, 0, 0)
+        declared = cls.option("num_samples")
+        samples = int(options.get("num_samples", declared.default)) if declared else 1
+        channels = 1
+        if cls.masked_forwards:
+            channels = sum(shape[1] if len(shape) >= 2 else 1 for shape in layer_shapes)
+        return ExtraForwards(images, channels, samples)
 
     def __init__(
         self,
@@ -489,7 +521,8 @@ class _CAM:
     @classmethod
     def fuse_cams(cls, cams: Sequence[Tensor], target_shape: Sequence[int] | None = None) -> Tensor:
         """Fuse maps of several layers into one: each resized to ``target_shape`` (default: the
-        largest), then the element-wise maximum, normalised to [0, 1]."""
+        largest), then the element-wise maximum, normalised to [0, 1]. A single map is returned
+        unchanged, as TorchCAM does: there is nothing to fuse (nor to rescale, for LayerCAM)."""
         if isinstance(cams, Tensor) or not isinstance(cams, Sequence):
             raise TypeError(
                 f"fuse_cams expects a list of maps (one tensor per layer), not a "
@@ -499,6 +532,8 @@ class _CAM:
             raise ValueError("fuse_cams needs at least one map.")
         if any(not isinstance(c, Tensor) for c in cams):
             raise TypeError("fuse_cams expects a list of tensors.")
+        if len(cams) == 1:
+            return cams[0]
         if len({c.ndim for c in cams}) != 1:
             raise ValueError("All maps must have the same number of dimensions to be fused.")
         if target_shape is None:

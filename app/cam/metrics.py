@@ -52,7 +52,7 @@ class ClassificationMetric:
         else:
             classes = extractor._class_tensor(class_idx, input_tensor.shape[0], probs.device)
         cams = extractor(classes.tolist(), scores)
-        cam = cams[0] if len(cams) == 1 else extractor.fuse_cams(cams)
+        cam = extractor.fuse_cams(cams)
         return probs, classes, cam
 
     def update(self, input_tensor: Tensor, class_idx: int | list[int] | None = None) -> None:

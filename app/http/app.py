@@ -31,10 +31,10 @@ from app.models.memory import trim_periodically
 from app.models.registry import ModelRegistry
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
-from app.pipeline.admission import JobLimiter
+from app.pipeline.admission import SlotLimiter
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import JobStore
-from app.settings import ConfigurationError, Settings, load_settings
+from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.critical("cannot start: %s", error)
         raise
     logger.info("camserve %s on device %s", __version__, describe_device(device))
+    warn_renamed(os.environ)
     registry = ModelRegistry(settings.model_store, device, settings.default_model)
     registry.discover()
-    limiter = JobLimiter(settings.max_concurrent_jobs, settings.queue_size)
+    limiter = SlotLimiter(settings.max_model_slots, settings.queue_size)
     # Every torch call of the service (loading, warm-up, passes) runs on these threads. Each
     # thread that runs torch ops gets its own OpenMP team, and two teams on a CPU slow each other
     # down: resnet50's forward took 79 ms instead of 68 ms once a second thread had run one.
     model_threads = ThreadPoolExecutor(
-        max_workers=settings.max_concurrent_jobs, thread_name_prefix="camserve-model"
+        max_workers=settings.max_model_slots, thread_name_prefix="camserve-model"
     )
     # Decoding and rendering get their own bounded pool: a burst of uploads waits here instead of
     # growing the event loop's default pool by a thread (and its memory arena) per request.
@@ -143,7 +144,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics(app.state) if settings.metrics else None
     app.state.lifecycle = Lifecycle(settings.shutdown_grace_s)
     install_error_handlers(app)
-    routers = (
+    _include_routes(app, settings)
+    _install_openapi(app, open_access=settings.api_key is None)
+    _add_middleware(app, settings)
+    return app
+
+
+def _include_routes(app: FastAPI, settings: Settings) -> None:
+    """Every route of the service; the gate finds the model routes among them by itself."""
+    for router in (
         health.router,
         models.router,
         predict.router,
@@ -151,15 +160,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs.router,
         oip.router,
         kserve.router,
-    )
-    for router in routers:
-        app.include_router(router)  # no prefix: the gate matches these routes as they are
+    ):
+        app.include_router(router)
     if settings.metrics:
         app.include_router(metrics.router)
     install_docs(app)
     if settings.ui:
         install_ui(app)
-    _install_openapi(app, open_access=settings.api_key is None)
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    """From the inside out: the body limit, the gate, CORS, the access log and request id."""
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
@@ -170,13 +181,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ),
     )
     # Outside the body limit: a request without its key, or during the drain, is refused on
-    # its headers, before a byte of its body is read.
+    # its headers, before a byte of its body is read. It reads the app's live route list.
     app.add_middleware(
         GateMiddleware,
-        routes=[route for router in routers for route in router.routes],
+        routes=app.router.routes,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         lifecycle=app.state.lifecycle,
-        protocol_prefixes=PREFIXES,
     )
     # Outside the body limit: even its 413 carries the CORS headers.
     if settings.cors_origins:
@@ -195,4 +205,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # Outermost of all: every answer, a CORS preflight or a 413 included, carries the id.
     app.add_middleware(AccessMiddleware, metrics=app.state.metrics)
-    return app

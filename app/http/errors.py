@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,11 +15,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
 from app.errors import (
+    BadRequest,
     CamserveError,
     ClientClosedRequest,
+    HttpError,
+    HttpMethodNotAllowed,
+    InvalidRequest,
+    NotAcceptable,
     NotReady,
     Overloaded,
+    PayloadTooLarge,
+    RouteNotFound,
     ShuttingDown,
+    Unauthorized,
+    UnsupportedMediaType,
     error_body,
 )
 from app.observability.context import REQUEST_ID_HEADER, current_request_id
@@ -27,53 +36,66 @@ from app.observability.context import REQUEST_ID_HEADER, current_request_id
 logger = logging.getLogger(__name__)
 
 
-async def send_refusal(
-    send: Send,
-    status: int,
-    code: str,
-    message: str,
-    *,
-    protocol: bool = False,
-    headers: Sequence[tuple[bytes, bytes]] = (),
-) -> None:
-    """Answer from ASGI middleware, before (or instead of) the app: the error in our shape, or in
-    the inference protocols' (``{"error": message}``). The request body was not read through, so
-    the connection is closed after the answer."""
-    shaped = {"error": message} if protocol else error_body(code, message)
-    body = json.dumps(shaped).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-                *headers,
-            ],
-        }
+def _refusal(error: CamserveError, protocol: bool) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Body and headers of an answer sent outside the app: the error in our shape, or in the
+    inference protocols' (``{"error": message}``). The request body was not read through, so the
+    connection is closed after the answer."""
+    shaped = (
+        {"error": error.message}
+        if protocol
+        else error_body(error.code, error.message, error.details)
     )
+    body = json.dumps(shaped).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *((name.lower().encode(), value.encode()) for name, value in (error.headers or {}).items()),
+    ]
+    return body, headers
+
+
+async def send_refusal(send: Send, error: CamserveError, *, protocol: bool = False) -> None:
+    """Answer ``error`` from ASGI middleware, before (or instead of) the app."""
+    body, headers = _refusal(error, protocol)
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    406: "not_acceptable",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    429: "too_many_requests",
+def raw_refusal(error: CamserveError) -> bytes:
+    """``error`` as the bytes of a whole HTTP/1.1 response, for the server's own protocol
+    (a refusal before there is a request for the app)."""
+    body, headers = _refusal(error, protocol=False)
+    status = HTTPStatus(error.status_code)
+    head = f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return head + b"\r\n" + body
+
+
+#: The web framework's own refusals (unknown route, unparsable body, ...) by status.
+_FRAMEWORK_ERRORS: dict[int, type[CamserveError]] = {
+    cls.status_code: cls
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        RouteNotFound,
+        HttpMethodNotAllowed,
+        NotAcceptable,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+    )
 }
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+def describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    """FastAPI's validation errors as one message naming each field and its problem, and the
+    problems as a list."""
     problems = []
     for item in exc.errors():
-        loc = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path")]
-        where = ".".join(loc) or "request"
+        place = [str(part) for part in item.get("loc", ())]
+        # "file", "inputs.0.data": the field, without its place; the place for a whole body
+        where = ".".join(p for p in place if p not in ("body", "query", "path"))
+        where = where or (place[0] if place else "request")
         message = item.get("msg", "invalid")
         if item.get("type") == "missing":
             message = "is required" if where != "file" else "is required: attach an image file"
@@ -99,14 +121,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, problems = _describe_validation(exc)
+        message, problems = describe_validation(exc)
         return JSONResponse(
-            error_body("validation_error", message, {"problems": problems}), status_code=422
+            error_body(InvalidRequest.code, message, {"problems": problems}),
+            status_code=InvalidRequest.status_code,
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        code = _FRAMEWORK_ERRORS.get(exc.status_code, HttpError).code
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"No route {request.url.path}; see /docs for the API."
@@ -120,7 +143,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(
-            error_body("internal_error", "Internal server error; the details are in the log."),
+            error_body(CamserveError.code, "Internal server error; the details are in the log."),
             status_code=500,
             # Rendered outside the access middleware, which tags every other answer.
             headers={REQUEST_ID_HEADER: request_id}

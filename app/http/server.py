@@ -8,7 +8,6 @@ once ``CAMSERVE_HEADER_TIMEOUT_S`` has passed without complete headers.
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -18,7 +17,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.errors import error_body
+from app.errors import HeaderTimeout
+from app.http.errors import raw_refusal
 from app.lifecycle import Lifecycle
 from app.settings import Settings
 
@@ -27,15 +27,6 @@ logger = logging.getLogger(__name__)
 #: uvicorn's own wait for open connections after our drain (which already waited for the work).
 UVICORN_SHUTDOWN_S = 5
 _LIMIT_LOG_EVERY_S = 10.0
-
-
-def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
-    body = json.dumps(error_body(code, message)).encode()
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
@@ -89,15 +80,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is being answered; its body has its own deadline
-        self.transport.write(
-            _raw_error(
-                408,
-                "Request Timeout",
-                "header_timeout",
-                f"The request headers did not arrive within {self.header_timeout_s:g} s "
-                "(CAMSERVE_HEADER_TIMEOUT_S).",
-            )
+        late = HeaderTimeout(
+            f"The request headers did not arrive within {self.header_timeout_s:g} s "
+            "(CAMSERVE_HEADER_TIMEOUT_S)."
         )
+        self.transport.write(raw_refusal(late))
         self.transport.close()
 
 

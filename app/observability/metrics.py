@@ -23,7 +23,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.cam.core import _CAM
 from app.observability.context import STAGES, RequestInfo
 
 # Seconds: a tiny model's forward (~1 ms) up to a Score-CAM family request (~minutes).
@@ -50,24 +49,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED_ROUTE = "unmatched"
 
 
-def cam_forwards(
-    cls: type[_CAM], layer_shapes: Iterable[tuple[int, ...]], options: dict[str, Any], images: int
-) -> int:
-    """The forwards a CAM call runs besides the model's own forward; ``layer_shapes`` are the
-    output shapes (N, C, ...) of its target layers.
-
-    Methods with ``masked_forwards`` (the Score-CAM family, Ablation-CAM): one per image, channel
-    (of the target layers) and sample. With ``noisy_forwards`` (SmoothGrad-CAM++): one per image
-    and sample. Others: none. ``num_samples`` defaults to the method's declared default."""
-    masked = cls.masked_forwards
-    if not (masked or cls.noisy_forwards):
-        return 0
-    declared = cls.option("num_samples")
-    samples = int(options.get("num_samples", declared.default)) if declared else 1
-    channels = sum(shape[1] if len(shape) >= 2 else 1 for shape in layer_shapes)
-    return images * samples * (channels if masked else 1)
-
-
 class _StateCollector(Collector):
     """Gauges read from the app at scrape time."""
 
@@ -85,12 +66,13 @@ class _StateCollector(Collector):
         queue.add_metric([], explainer.waiting if explainer is not None else 0)
         yield queue
 
-        jobs = GaugeMetricFamily(
-            "camserve_jobs_in_flight",
-            "Model jobs admitted: running or waiting for a slot (503 beyond the queue bound).",
+        admitted = GaugeMetricFamily(
+            "camserve_admitted_requests",
+            "Requests admitted to model work: running in a model slot or waiting for one "
+            "(503 beyond CAMSERVE_MAX_MODEL_SLOTS + CAMSERVE_QUEUE_SIZE).",
         )
-        jobs.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
-        yield jobs
+        admitted.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
+        yield admitted
 
         store = getattr(self.state, "jobs", None)
         background = GaugeMetricFamily(

@@ -1,4 +1,6 @@
-"""Bound the model jobs running at once, and refuse work beyond a queue bound."""
+"""Model slots: bound the model work running at once, and refuse requests beyond a queue bound.
+
+(Background jobs, ``/jobs``, are ``app.pipeline.jobs``.)"""
 
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ async def run_to_the_end(executor: Executor | None, func: Callable[[], T]) -> T:
         raise
 
 
-class JobLimiter:
-    """At most ``max_running`` jobs in worker threads; ``max_waiting`` more may wait for a slot.
+class SlotLimiter:
+    """At most ``max_running`` model slots busy in worker threads; ``max_waiting`` more
+    requests may wait for one.
 
     A request is *admitted* (counted, or refused with 503) for as long as it waits for or takes
     part in model work; the work itself runs in a *slot*. With cross-request batching several
@@ -46,7 +49,7 @@ class JobLimiter:
 
     @property
     def in_flight(self) -> int:
-        """Jobs running or waiting."""
+        """Requests admitted: running in a slot or waiting for one."""
         return self._admitted
 
     def retry_after(self) -> int:
@@ -59,7 +62,7 @@ class JobLimiter:
         """Count one request as in flight for the block; Overloaded if the queue is full."""
         if self._admitted >= self.max_running + self.max_waiting:
             raise Overloaded(
-                f"The service is busy ({self._admitted} jobs running or queued); "
+                f"The service is busy ({self._admitted} requests running or queued); "
                 "retry after the number of seconds in Retry-After.",
                 headers={"Retry-After": str(self.retry_after())},
             )

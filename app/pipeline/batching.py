@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.cam import CamInterrupted, ProgressCallback
-from app.pipeline.admission import JobLimiter
+from app.pipeline.admission import SlotLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +83,12 @@ class _Pending:
 
 
 class Batcher:
-    """Cross-request batching for one model; its passes run one at a time, each in a job slot."""
+    """Cross-request batching for one model; its passes run one at a time, each in a model slot."""
 
     def __init__(
         self,
         name: str,
-        limiter: JobLimiter,
+        limiter: SlotLimiter,
         max_images: int,
         timeout_s: float,
         executor: Executor | None = None,

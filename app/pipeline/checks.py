@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.cam import COLORMAPS, METHODS, UnknownMethod, close_matches, find_method
-from app.cam.core import _CAM
+from app.cam.core import _CAM, ExtraForwards
 from app.errors import (
     InvalidParameter,
     MethodNotApplicable,
@@ -144,25 +144,12 @@ def check_classes(model: LoadedModel, class_idx: Sequence[int], count: int) -> N
             )
 
 
-def masked_forwards(
-    model: LoadedModel,
-    cls: type[_CAM],
-    layers: Sequence[str],
-    options: dict[str, Any],
-    images: int,
-) -> tuple[int, int, int]:
-    """Extra forwards a method says it runs (0 for the others), with the channels and samples
-    per image that make them up: masked ones, one per image, channel and sample (the Score-CAM
-    family, Ablation-CAM); noisy ones, one forward and backward per image and sample
-    (SmoothGradCAMpp; channels count 1)."""
-    if not (cls.masked_forwards or cls.noisy_forwards):
-        return 0, 0, 0
-    declared = cls.option("num_samples")
-    samples = int(options.get("num_samples", declared.default)) if declared else 1
-    channels = 1
-    if cls.masked_forwards:
-        channels = sum(_channels(model.layer_shapes.get(layer, ())) for layer in layers)
-    return images * channels * samples, channels, samples
+def extra_forwards(
+    model: LoadedModel, cls: type[_CAM], layers: Sequence[str], options: dict[str, Any], images: int
+) -> ExtraForwards:
+    """The forwards ``cls`` would run on ``layers`` of ``model`` besides the model's own."""
+    shapes = [model.layer_shapes.get(layer, ()) for layer in layers]
+    return cls.extra_forwards(shapes, options, images)
 
 
 def check_budget(
@@ -175,7 +162,8 @@ def check_budget(
     limit: int,
 ) -> None:
     """Refuse requests whose masked or noisy forwards exceed the budget."""
-    forwards, channels, samples = masked_forwards(model, cls, layers, options, images)
+    count = extra_forwards(model, cls, layers, options, images)
+    forwards, channels, samples = count.total, count.channels, count.samples
     if forwards > limit:
         kind = "masked" if cls.masked_forwards else "noisy"
         raise OverBudget(
@@ -199,7 +187,7 @@ def check_total_budget(
         check_budget(model, methods[0][0], methods[0][1], layers, methods[0][2], images, limit)
         return
     counts = {
-        method: masked_forwards(model, cls, layers, options, images)[0]
+        method: extra_forwards(model, cls, layers, options, images).total
         for method, cls, options in methods
     }
     total = sum(counts.values())
@@ -228,7 +216,3 @@ def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) ->
         raise InvalidParameter(
             f"Unknown colormap {clip(colormap)}; choose one of {', '.join(COLORMAPS)}."
         )
-
-
-def _channels(shape: tuple[int, ...]) -> int:
-    return shape[1] if len(shape) >= 2 else 1

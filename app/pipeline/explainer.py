@@ -22,9 +22,8 @@ from app.models.device import default_batch_size
 from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.observability.context import note_work
-from app.observability.metrics import cam_forwards
 from app.pipeline import checks
-from app.pipeline.admission import JobLimiter, run_to_the_end
+from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
 from app.pipeline.decoding import DecodedImage, Upload, decode_upload, stack_inputs
 from app.pipeline.passes import (
@@ -90,7 +89,7 @@ class Explainer:
     def __init__(
         self,
         registry: ModelRegistry,
-        limiter: JobLimiter,
+        limiter: SlotLimiter,
         max_pixels: int,
         max_cam_forwards: int = 20_000,
         *,
@@ -282,7 +281,10 @@ class Explainer:
                 "cam": cam_s,
                 "encode": encode_s,
             },
-            sum(cam_forwards(plan.cls, shapes, dict(plan.options), len(decoded)) for plan in plans),
+            sum(
+                plan.cls.extra_forwards(shapes, dict(plan.options), len(decoded)).total
+                for plan in plans
+            ),
         )
         timings = ExplainTimings(
             decode_ms=_ms(decode_s),

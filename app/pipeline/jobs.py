@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import get_args
 
-from app.errors import CamserveError, JobNotFound, ShuttingDown, TooManyJobs, clip, error_body
+from app.errors import (
+    CamserveError,
+    JobCancelled,
+    JobNotFound,
+    ShuttingDown,
+    TooManyJobs,
+    clip,
+    error_body,
+)
 from app.lifecycle import Lifecycle
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -190,7 +198,7 @@ class JobStore:
         if job.is_finished:
             del self._jobs[job.id]
             return job
-        self._stop(job, "cancelled", "Cancelled by DELETE /jobs/{id}.")
+        self._stop(job, JobCancelled.code, "Cancelled by DELETE /jobs/{id}.")
         return job
 
     def _stop(self, job: Job, code: str, message: str) -> None:
@@ -244,7 +252,7 @@ class JobStore:
                     "failed",
                     self.ttl_s,
                     error=ErrorDetail(
-                        code="internal_error",
+                        code=CamserveError.code,
                         message="Internal server error; the details are in the log.",
                     ),
                 )

@@ -142,3 +142,11 @@ def test_finercam_checks(quadratic6):
             extractor(scores=scores, targets=lambda o: o[0])
         with pytest.raises(ValueError, match="logits"):
             extractor(0)
+
+
+def test_composite_repr_names_the_base_method_and_the_layers():
+    model = TwoStages().eval()
+    refine = RefineCAM(model, ["a", "b"], input_shape=(3, 16, 16))
+    assert repr(refine) == "RefineCAM(base_method=GradCAMpp, target_layer=['a', 'b'])"
+    finer = FinerCAM(model, "b", input_shape=(3, 16, 16))
+    assert repr(finer) == "FinerCAM(base_method=GradCAM, target_layer=['b'])"

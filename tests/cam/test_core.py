@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.cam import METHODS, GradCAM, LeGrad, ScoreCAM, normalize_maps
+from app.cam import METHODS, GradCAM, LayerCAM, LeGrad, ScoreCAM, normalize_maps
 from app.cam.core import _CAM
 
 # LeGrad reads the attention of transformer blocks: its generic checks run on a ViT
@@ -199,3 +199,34 @@ def test_two_extractors_on_one_model_do_not_corrupt_each_other(tiny_net):
         scores = tiny_net(x)
         score([1, 1], scores)  # runs many masked forwards through the same hooked layer
         torch.testing.assert_close(grad([0, 1], scores)[0], expected)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "expected"),
+    [
+        ("GradCAM", {}, 0),
+        ("CAM", {}, 0),
+        ("ScoreCAM", {}, 2 * 64),
+        ("SSCAM", {}, 2 * 64 * 35),
+        ("SSCAM", {"num_samples": 4}, 2 * 64 * 4),
+        ("ISCAM", {}, 2 * 64 * 10),
+        ("SmoothGradCAMpp", {}, 2 * 4),
+        ("SmoothGradCAMpp", {"num_samples": 8}, 2 * 8),
+    ],
+)
+def test_extra_forwards_count_masked_and_noisy_forwards(
+    method: str, options: dict[str, int], expected: int
+) -> None:
+    shapes = [(1, 48, 8, 8), (1, 16, 4, 4)]
+    count = METHODS[method].extra_forwards(shapes, options, images=2)
+    assert count.total == expected
+    if expected:
+        assert count.images == 2
+        assert count.channels == (64 if METHODS[method].masked_forwards else 1)
+
+
+@pytest.mark.parametrize("method", [GradCAM, LayerCAM])
+def test_fuse_cams_of_one_map_returns_it_unchanged(method):
+    # LayerCAM rescales the maps it fuses; a single map is not fused, so not rescaled either.
+    only = torch.tensor([[[0.0, 3.0], [1.5, 0.5]]])
+    assert method.fuse_cams([only]) is only

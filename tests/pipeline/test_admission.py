@@ -1,4 +1,4 @@
-"""The job limiter bounds concurrent model work and refuses work beyond its queue."""
+"""The slot limiter bounds concurrent model work and refuses requests beyond its queue."""
 
 from __future__ import annotations
 
@@ -9,23 +9,23 @@ import time
 import pytest
 
 from app.errors import Overloaded
-from app.pipeline.admission import JobLimiter
+from app.pipeline.admission import SlotLimiter
 
 
-async def run_job(limiter: JobLimiter, func):  # type: ignore[no-untyped-def]
+async def run_request(limiter: SlotLimiter, func):  # type: ignore[no-untyped-def]
     """What the batcher does for a request: admit it, then run its work in a slot."""
     with limiter.admit():
         return await limiter.run_in_slot(func)
 
 
-def test_bounds_running_jobs_and_refuses_beyond_queue() -> None:
+def test_bounds_busy_slots_and_refuses_beyond_queue() -> None:
     async def scenario() -> None:
-        limiter = JobLimiter(max_running=2, max_waiting=1)
+        limiter = SlotLimiter(max_running=2, max_waiting=1)
         running, peak = 0, 0
         lock = threading.Lock()
         release = threading.Event()
 
-        def job() -> int:
+        def work() -> int:
             nonlocal running, peak
             with lock:
                 running += 1
@@ -35,11 +35,11 @@ def test_bounds_running_jobs_and_refuses_beyond_queue() -> None:
                 running -= 1
             return 1
 
-        tasks = [asyncio.ensure_future(run_job(limiter, job)) for _ in range(3)]
+        tasks = [asyncio.ensure_future(run_request(limiter, work)) for _ in range(3)]
         await asyncio.sleep(0.1)
         assert limiter.in_flight == 3
         with pytest.raises(Overloaded) as caught:
-            await run_job(limiter, job)
+            await run_request(limiter, work)
         assert int(caught.value.headers["Retry-After"]) >= 1
         release.set()
         assert await asyncio.gather(*tasks) == [1, 1, 1]
@@ -51,13 +51,13 @@ def test_bounds_running_jobs_and_refuses_beyond_queue() -> None:
 
 def test_errors_free_the_slot() -> None:
     async def scenario() -> None:
-        limiter = JobLimiter(max_running=1, max_waiting=0)
+        limiter = SlotLimiter(max_running=1, max_waiting=0)
 
         def fail() -> None:
             raise ValueError("bad")
 
         with pytest.raises(ValueError):
-            await run_job(limiter, fail)
-        assert await run_job(limiter, lambda: time.sleep(0) or 5) == 5
+            await run_request(limiter, fail)
+        assert await run_request(limiter, lambda: time.sleep(0) or 5) == 5
 
     asyncio.run(scenario())

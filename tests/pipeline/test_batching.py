@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from app.cam import CamInterrupted
 from app.errors import InvalidParameter
-from app.pipeline.admission import JobLimiter
+from app.pipeline.admission import SlotLimiter
 from app.pipeline.batching import Batcher, PassControl
 
 
@@ -46,7 +46,7 @@ async def _hold(batcher: Batcher, run: Recorder, name: str = "x") -> asyncio.Fut
 
 
 def _batcher(max_images: int = 8, timeout_s: float = 0.0, queue: int = 100) -> Batcher:
-    return Batcher("m", JobLimiter(max_running=2, max_waiting=queue), max_images, timeout_s)
+    return Batcher("m", SlotLimiter(max_running=2, max_waiting=queue), max_images, timeout_s)
 
 
 def test_a_lone_request_on_an_idle_model_does_not_wait_for_the_timeout() -> None:

@@ -7,19 +7,18 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import BodyTimeout, CamserveError, PayloadTooLarge
 from app.http.errors import send_refusal
 
 logger = logging.getLogger(__name__)
 
 
 class _BodyRefused(Exception):
-    """Raised into the app's body read; the middleware answers in its place."""
+    """Raised into the app's body read; the middleware answers ``error`` in its place."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+    def __init__(self, error: CamserveError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class BodyLimitMiddleware:
@@ -46,10 +45,10 @@ class BodyLimitMiddleware:
     @staticmethod
     def _too_large(limit: int) -> _BodyRefused:
         return _BodyRefused(
-            413,
-            "payload_too_large",
-            f"The request body is over {limit} bytes; send fewer or smaller "
-            "images (CAMSERVE_MAX_UPLOAD_BYTES x CAMSERVE_MAX_IMAGES bounds it).",
+            PayloadTooLarge(
+                f"The request body is over {limit} bytes; send fewer or smaller "
+                "images (CAMSERVE_MAX_UPLOAD_BYTES x CAMSERVE_MAX_IMAGES bounds it)."
+            )
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,10 +82,10 @@ class BodyLimitMiddleware:
                     received,
                 )
                 refused = _BodyRefused(
-                    408,
-                    "body_timeout",
-                    f"No part of the request body came for {self.body_timeout_s:g} s "
-                    "(CAMSERVE_BODY_TIMEOUT_S); send the body without pausing.",
+                    BodyTimeout(
+                        f"No part of the request body came for {self.body_timeout_s:g} s "
+                        "(CAMSERVE_BODY_TIMEOUT_S); send the body without pausing."
+                    )
                 )
                 raise refused from None
             if message["type"] == "http.request":
@@ -114,4 +113,4 @@ class BodyLimitMiddleware:
 
 
 async def _refuse(send: Send, refused: _BodyRefused, protocol: bool) -> None:
-    await send_refusal(send, refused.status, refused.code, refused.message, protocol=protocol)
+    await send_refusal(send, refused.error, protocol=protocol)

@@ -2,22 +2,28 @@
 the API key (401) and the drain after SIGTERM (503 ``shutting_down`` for new work). It also
 counts the model routes' POSTs as in flight for the drain, from their headers to their answer.
 
-A route is a model route when it depends on ``require_api_key``; that dependency stays on the
-routes too, so the OpenAPI schema documents the key, and it is then checked a second time.
+Which routes it covers is read from the routes themselves, the app's live list, so there is no
+second list to forget: a route is gated when it takes a POST (every POST of the service starts
+model work) or depends on ``require_api_key``. That dependency stays on the routes too, so the
+OpenAPI schema documents the key, and it is then checked a second time. A ``ProtocolRoute``
+(KServe v1, OIP v2) gets its refusals in the protocols' shape.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import fastapi.routing
 from fastapi.dependencies.models import Dependant
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.errors import ShuttingDown, Unauthorized
 from app.http.deps import require_api_key
 from app.http.errors import send_refusal
+from app.http.protocols.base import ProtocolRoute
 from app.lifecycle import Lifecycle
 
 
@@ -25,10 +31,30 @@ def _depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
     return any(d.call is call or _depends_on(d, call) for d in dependant.dependencies)
 
 
+def endpoints(routes: Sequence[BaseRoute]) -> Iterator[tuple[Any, BaseRoute]]:
+    """Every route of ``routes`` with what matches a request to it, routes of included routers
+    too: recent FastAPI keeps an included router whole in the app's list (one entry holding
+    its routes), older ones copy its routes into the list."""
+    walk = getattr(fastapi.routing, "iter_route_contexts", None)
+    if walk is None:
+        yield from ((route, route) for route in routes)
+        return
+    for context in walk(routes):
+        yield context, context.original_route
+
+
+def is_gated(route: BaseRoute) -> bool:
+    """Whether the gate covers ``route``: it takes a POST, or it depends on the API key."""
+    if "POST" in (getattr(route, "methods", None) or ()):
+        return True
+    dependant = getattr(route, "dependant", None)
+    return dependant is not None and _depends_on(dependant, require_api_key)
+
+
 class GateMiddleware:
     """Refuse a model request on its headers alone: no key (when one is set), or draining.
 
-    Under ``protocol_prefixes`` (the inference-protocol routes) refusals are ``{"error": ...}``."""
+    ``routes`` is the app's own route list (read at each request, so routes added later count)."""
 
     def __init__(
         self,
@@ -36,56 +62,46 @@ class GateMiddleware:
         routes: Sequence[BaseRoute],
         api_key: str | None,
         lifecycle: Lifecycle,
-        protocol_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.routes = routes
         self.api_key = api_key.encode() if api_key is not None else None
         self.lifecycle = lifecycle
-        self.protocol_prefixes = protocol_prefixes
-        self._guarded: dict[int, bool] = {}
+        self._gated: dict[int, bool] = {}
 
-    def _is_model_route(self, scope: Scope) -> bool:
-        for route in self.routes:
-            match, _ = route.matches(scope)
+    def _gated_route(self, scope: Scope) -> BaseRoute | None:
+        """The route ``scope`` goes to, when the gate covers it."""
+        for matcher, route in endpoints(self.routes):
+            match, _ = matcher.matches(scope)
             if match is Match.FULL:
-                known = self._guarded.get(id(route))
-                if known is None:
-                    dependant = getattr(route, "dependant", None)
-                    known = dependant is not None and _depends_on(dependant, require_api_key)
-                    self._guarded[id(route)] = known
-                return known
-        return False
+                gated = self._gated.get(id(route))
+                if gated is None:
+                    gated = self._gated[id(route)] = is_gated(route)
+                return route if gated else None
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
         checks = self.api_key is not None or self.lifecycle.draining
-        model_route = (checks or scope["method"] == "POST") and self._is_model_route(scope)
+        route = self._gated_route(scope) if checks or scope["method"] == "POST" else None
+        model_route = route is not None
         if model_route and checks:
-            protocol = bool(self.protocol_prefixes) and scope["path"].startswith(
-                self.protocol_prefixes
-            )
+            protocol = isinstance(route, ProtocolRoute)
             if self.api_key is not None and not self._key_ok(scope):
-                await send_refusal(
-                    send,
-                    401,
-                    "unauthorized",
+                unauthorized = Unauthorized(
                     "Missing or wrong API key; send it in the X-API-Key header.",
-                    protocol=protocol,
-                    headers=[(b"www-authenticate", b"ApiKey")],
+                    headers={"WWW-Authenticate": "ApiKey"},
                 )
+                await send_refusal(send, unauthorized, protocol=protocol)
                 return
             if self.lifecycle.draining and scope["method"] == "POST":
-                await send_refusal(
-                    send,
-                    503,
-                    "shutting_down",
+                draining = ShuttingDown(
                     "The service is shutting down and takes no new work; retry on another replica.",
-                    protocol=protocol,
-                    headers=[(b"retry-after", b"1")],
+                    headers={"Retry-After": "1"},
                 )
+                await send_refusal(send, draining, protocol=protocol)
                 return
         if model_route and scope["method"] == "POST":
             # Work counts as in flight from its headers on, so a drain that starts while its

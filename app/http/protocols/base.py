@@ -13,13 +13,16 @@ import math
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import CamserveError, InvalidParameter, PayloadTooLarge
+from app.errors import BadRequest, CamserveError, InvalidParameter, PayloadTooLarge
+from app.http.deps import get_registry
+from app.http.errors import describe_validation
+from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.settings import Settings
 
@@ -34,29 +37,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 """OpenAPI entries for the refusals of a protocol route."""
 
 
-class BadProtocolRequest(CamserveError):
-    """The body is not what the protocol (or camserve's use of it) allows."""
-
-    status_code = 400
-    code = "bad_request"
-
-
 def protocol_error(message: str, status: int, headers: Mapping[str, str] | None = None) -> Response:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
+    """Answer 200 when the model can serve, 503 while it loads or when it failed."""
+    entry = registry.entry(name)
+    ready = entry.status == "ready"
+    return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
 
 
 def json_body_limit(max_upload_bytes: int, max_images: int, overhead: int) -> int:
     """Largest protocol body: every image at the upload limit, base64-encoded, plus room for
     the JSON around them."""
     return 4 * math.ceil(max_upload_bytes / 3) * max_images + overhead
-
-
-def describe_validation(error: RequestValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
-        problems.append(f"{where or 'body'}: {item.get('msg', 'invalid')}")
-    return "Invalid request body: " + "; ".join(problems) + "."
 
 
 class ProtocolRoute(APIRoute):
@@ -71,7 +66,7 @@ class ProtocolRoute(APIRoute):
             except CamserveError as error:
                 return protocol_error(error.message, error.status_code, error.headers)
             except RequestValidationError as error:
-                return protocol_error(describe_validation(error), 400)
+                return protocol_error(describe_validation(error)[0], BadRequest.status_code)
             except StarletteHTTPException as error:
                 return protocol_error(str(error.detail), error.status_code, error.headers)
 
@@ -81,7 +76,7 @@ class ProtocolRoute(APIRoute):
 def decode_images(encoded: Sequence[tuple[str, str]], settings: Settings) -> list[Upload]:
     """``(name, base64 text)`` pairs -> uploads, with the limits of the multipart routes."""
     if not encoded:
-        raise BadProtocolRequest("No image sent; send at least one base64-encoded image.")
+        raise BadRequest("No image sent; send at least one base64-encoded image.")
     if len(encoded) > settings.max_images:
         raise InvalidParameter(
             f"{len(encoded)} images sent but at most {settings.max_images} are accepted per "
@@ -99,7 +94,7 @@ def decode_images(encoded: Sequence[tuple[str, str]], settings: Settings) -> lis
         try:
             data = base64.b64decode(compact, validate=True)
         except (binascii.Error, ValueError):
-            raise BadProtocolRequest(
+            raise BadRequest(
                 f"{name} is not valid base64 (standard alphabet, with padding)."
             ) from None
         if len(data) > limit:

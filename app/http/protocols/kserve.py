@@ -6,11 +6,15 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
-from app.http.protocols.base import ERROR_RESPONSES, ProtocolRoute, decode_images
+from app.http.protocols.base import (
+    ERROR_RESPONSES,
+    ProtocolRoute,
+    decode_images,
+    get_model_ready,
+)
 from app.models.registry import ModelRegistry
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.rendering import (
@@ -164,12 +168,7 @@ def list_models(registry: ModelRegistry = Depends(get_registry)) -> dict[str, li
     return {"models": registry.names()}
 
 
-@router.get("/{name}", responses=ERROR_RESPONSES)
-def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
-    """Whether the model can serve (200) or is loading or failed (503)."""
-    entry = registry.entry(name)
-    ready = entry.status == "ready"
-    return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
+router.add_api_route("/{name}", get_model_ready, methods=["GET"], responses=ERROR_RESPONSES)
 
 
 @router.post("/{name}:predict", response_model=PredictAnswer, responses=ERROR_RESPONSES)

@@ -9,13 +9,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import __version__
-from app.errors import clip
+from app.errors import BadRequest, clip
 from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
 from app.http.protocols.base import (
     ERROR_RESPONSES,
-    BadProtocolRequest,
     ProtocolRoute,
     decode_images,
+    get_model_ready,
 )
 from app.models.registry import ModelRegistry
 from app.pipeline.explainer import Explainer
@@ -174,52 +174,45 @@ def get_model_metadata(name: str, registry: ModelRegistry = Depends(get_registry
     )
 
 
-@router.get(
+router.add_api_route(
     "/models/{name}/ready",
+    get_model_ready,
+    methods=["GET"],
     dependencies=guarded,
     responses={**ERROR_RESPONSES, 503: {"description": "the model is loading or failed"}},
 )
-def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
-    """Answer 200 when the model can serve, 503 while it loads or when it failed."""
-    entry = registry.entry(name)
-    ready = entry.status == "ready"
-    return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
 
 
 def _images(body: InferenceRequest) -> list[tuple[str, str]]:
     """The base64 images of the ``image`` input, checked against its shape and datatype."""
     names = [tensor.name for tensor in body.inputs]
     if names != [INPUT]:
-        raise BadProtocolRequest(
+        raise BadRequest(
             f"Expected one input named {INPUT!r} (BYTES, base64-encoded images); got "
             f"{', '.join(clip(n) for n in names[:5])}{' ...' if len(names) > 5 else ''}."
         )
     tensor = body.inputs[0]
     if tensor.datatype != "BYTES":
-        raise BadProtocolRequest(
+        raise BadRequest(
             f"Input {INPUT!r} must have datatype BYTES (base64-encoded images); "
             f"got {clip(tensor.datatype)}."
         )
     # Row-major data may come flat or nested one level per row.
     flat = [part for item in tensor.data for part in (item if isinstance(item, list) else [item])]
     if not all(isinstance(item, str) for item in flat):
-        raise BadProtocolRequest(
-            f"Input {INPUT!r} must hold base64 strings, one image per batch row."
-        )
+        raise BadRequest(f"Input {INPUT!r} must hold base64 strings, one image per batch row.")
     rows = 1
     for dim in tensor.shape:
         rows *= dim if dim >= 0 else len(flat)
     if not tensor.shape or rows != len(flat):
         shown = tensor.shape if len(tensor.shape) <= 8 else f"of {len(tensor.shape)} dimensions"
-        raise BadProtocolRequest(
+        raise BadRequest(
             f"Input {INPUT!r} has shape {shown} but {len(flat)} element(s); use shape "
             f"[{len(flat)}] for {len(flat)} image(s)."
         )
     for output in body.outputs or []:
         if output.name != OUTPUT:
-            raise BadProtocolRequest(
-                f"Unknown output {clip(output.name)}; this model has {OUTPUT!r}."
-            )
+            raise BadRequest(f"Unknown output {clip(output.name)}; this model has {OUTPUT!r}.")
     return [(f"image{i}", text) for i, text in enumerate(flat)]
 
 

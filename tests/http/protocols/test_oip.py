@@ -190,17 +190,3 @@ def test_shares_the_batcher_and_the_request_id(client: TestClient) -> None:
     assert response.headers["x-request-id"] == "oip-1"
     bad = client.post("/v2/models/tiny/infer", json={}, headers={"X-Request-ID": "oip-2"})
     assert bad.headers["x-request-id"] == "oip-2"
-
-
-def test_the_drain_refuses_new_work_in_the_protocol_shape(
-    make_client: Callable[..., TestClient],
-) -> None:
-    client = make_client()
-    client.app.state.lifecycle.begin_drain()  # type: ignore[attr-defined]
-    response = client.post("/v2/models/tiny/infer", json=infer_body(image_bytes()))
-    assert "shutting down" in assert_protocol_error(response, 503)
-    assert response.headers["retry-after"] == "1"
-    assert_protocol_error(
-        client.post("/v1/models/tiny:predict", json={"instances": [{"image": {"b64": "x"}}]}), 503
-    )
-    assert client.get("/v2/health/ready").status_code == 503  # probes see the drain too

@@ -1,0 +1,176 @@
+"""The gate: the API key and the drain, decided on the headers, for every route that runs model
+work; its coverage is read from the app's routes, so no route can be left out of it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
+
+from app.http.app import create_app
+from app.http.middleware.gate import GateMiddleware
+from app.lifecycle import Lifecycle
+from app.settings import Settings
+from tests.conftest import image_bytes
+from tests.http.protocols.test_oip import assert_protocol_error, infer_body
+
+KEY = "s3cret"
+
+
+class Inner:
+    """The app behind the gate: records whether a request got through, and the drain count."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+        self.calls: list[str] = []
+        self.in_flight_seen: list[int] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.calls.append(scope["path"])
+        self.in_flight_seen.append(self.lifecycle.in_flight)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def gate_of(app: FastAPI) -> tuple[GateMiddleware, Inner, Lifecycle]:
+    """The gate exactly as ``create_app`` configured it, in front of a recording app."""
+    [middleware] = [m for m in app.user_middleware if m.cls is GateMiddleware]
+    lifecycle: Lifecycle = middleware.kwargs["lifecycle"]
+    inner = Inner(lifecycle)
+    return GateMiddleware(inner, *middleware.args, **middleware.kwargs), inner, lifecycle
+
+
+def call(gate: GateMiddleware, method: str, path: str, key: str | None = None) -> dict[str, Any]:
+    """One request through ``gate``: its status, headers and (JSON) body."""
+    headers = [(b"host", b"test")] + ([(b"x-api-key", key.encode())] if key else [])
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        raise AssertionError("the gate must decide before reading the body")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(gate(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return {
+        "status": sent[0]["status"],
+        "headers": dict(sent[0]["headers"]),
+        "body": json.loads(body) if body else None,
+    }
+
+
+def concrete(path: str) -> str:
+    """A path template with every parameter filled in."""
+    return re.sub(r"\{[^}]+\}", "x", path)
+
+
+@pytest.fixture
+def keyed_app(store: Path) -> FastAPI:
+    return create_app(Settings(model_store=store, device="cpu", api_key=KEY))
+
+
+def model_work(app: FastAPI) -> list[tuple[str, str, bool]]:
+    """(method, path, keyed) of every operation the OpenAPI schema (FastAPI's own walk over the
+    routes) lists as a POST or as asking for the API key."""
+    found = []
+    for path, operations in app.openapi()["paths"].items():
+        for method, operation in operations.items():
+            keyed = "security" in operation
+            if method == "post" or keyed:
+                found.append((method.upper(), path, keyed))
+    return found
+
+
+def test_every_post_and_every_keyed_route_is_refused_without_the_key(
+    keyed_app: FastAPI,
+) -> None:
+    gate, inner, _ = gate_of(keyed_app)
+    operations = model_work(keyed_app)
+    posts = {path for method, path, _ in operations if method == "POST"}
+    # A floor for the walk itself (an empty walk would prove nothing).
+    assert {"/predict", "/explain", "/jobs", "/v2/models/{name}/infer"} <= posts
+    assert {"/v1/models/{name}:predict", "/v1/models/{name}:explain"} <= posts
+    for method, path, _ in operations:
+        answer = call(gate, method, concrete(path))
+        assert answer["status"] == 401, (method, path)
+        assert answer["headers"][b"www-authenticate"] == b"ApiKey"
+    assert inner.calls == []
+
+
+def test_every_post_is_refused_during_the_drain(keyed_app: FastAPI) -> None:
+    gate, inner, lifecycle = gate_of(keyed_app)
+    lifecycle.begin_drain()
+    posts = [path for method, path, _ in model_work(keyed_app) if method == "POST"]
+    for path in posts:
+        answer = call(gate, "POST", concrete(path), key=KEY)
+        assert answer["status"] == 503, path
+        assert answer["headers"][b"retry-after"] == b"1"
+    assert inner.calls == []
+    assert call(gate, "GET", "/models", key=KEY)["status"] == 204  # reads still answer
+
+
+def test_refusals_take_the_shape_of_the_route(keyed_app: FastAPI) -> None:
+    gate, _, _ = gate_of(keyed_app)
+    native = call(gate, "POST", "/explain")["body"]
+    assert native["error"]["code"] == "unauthorized"
+    protocol = call(gate, "POST", "/v2/models/tiny/infer")["body"]
+    assert set(protocol) == {"error"} and "X-API-Key" in protocol["error"]
+
+
+def test_open_routes_and_the_right_key_pass(keyed_app: FastAPI) -> None:
+    gate, inner, _ = gate_of(keyed_app)
+    assert call(gate, "GET", "/health")["status"] == 204
+    assert call(gate, "GET", "/")["status"] == 204  # the page; its API calls carry the key
+    assert call(gate, "POST", "/explain", key=KEY)["status"] == 204
+    assert inner.calls == ["/health", "/", "/explain"]
+
+
+def test_a_route_added_later_is_covered_too(keyed_app: FastAPI) -> None:
+    gate, inner, _ = gate_of(keyed_app)
+
+    @keyed_app.post("/late")
+    def late() -> None:  # no require_api_key: being a POST is enough
+        """A route added after the middleware was configured."""
+
+    assert call(gate, "POST", "/late")["status"] == 401
+    assert inner.calls == []
+
+
+def test_posts_count_as_in_flight_while_they_run(store: Path) -> None:
+    gate, inner, lifecycle = gate_of(create_app(Settings(model_store=store, device="cpu")))
+    call(gate, "POST", "/explain")
+    call(gate, "GET", "/models")
+    assert inner.in_flight_seen == [1, 0]
+    assert lifecycle.in_flight == 0
+
+
+def test_the_drain_refuses_new_work_in_the_protocol_shape(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client()
+    client.app.state.lifecycle.begin_drain()  # type: ignore[attr-defined]
+    response = client.post("/v2/models/tiny/infer", json=infer_body(image_bytes()))
+    assert "shutting down" in assert_protocol_error(response, 503)
+    assert response.headers["retry-after"] == "1"
+    assert_protocol_error(
+        client.post("/v1/models/tiny:predict", json={"instances": [{"image": {"b64": "x"}}]}), 503
+    )
+    assert client.get("/v2/health/ready").status_code == 503  # probes see the drain too
