@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import annotated_types
-from pydantic import SecretStr
+from pydantic import AliasChoices, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -75,19 +75,21 @@ def _types(annotation: Any) -> tuple[list[Any], bool]:
 
 
 def _bounds(field: FieldInfo) -> str:
-    low = high = ""
+    """``1 to 32``, ``over 0 to 600``, ``at least 1``, ``up to 5``, or ``a number``."""
+    low = high = alone = ""
     for item in field.metadata:
         if isinstance(item, annotated_types.Ge):
             low = _number(item.ge)  # type: ignore[arg-type]
+            alone = f"at least {low}"
         elif isinstance(item, annotated_types.Gt):
-            low = f"over {_number(item.gt)}"  # type: ignore[arg-type]
+            low = alone = f"over {_number(item.gt)}"  # type: ignore[arg-type]
         elif isinstance(item, annotated_types.Le):
             high = _number(item.le)  # type: ignore[arg-type]
         elif isinstance(item, annotated_types.Lt):
             high = f"under {_number(item.lt)}"  # type: ignore[arg-type]
     if low and high:
         return f"{low} to {high}"
-    return low or (f"up to {high}" if high else "a number")
+    return alone or (f"up to {high}" if high else "a number")
 
 
 def _allowed(field: FieldInfo) -> str:
@@ -112,6 +114,20 @@ def _allowed(field: FieldInfo) -> str:
     return f"{allowed}, or empty" if optional else allowed
 
 
+def _variables(name: str, field: FieldInfo) -> str:
+    """The variable, and the older names still read (an ``AliasChoices`` lists the current name
+    first: pydantic-settings reads an alias as the whole variable name, without the prefix)."""
+    alias = field.validation_alias
+    if isinstance(alias, str):
+        return f"`{alias.upper()}`"
+    if isinstance(alias, AliasChoices):
+        names = [choice.upper() for choice in alias.choices if isinstance(choice, str)]
+        if names:
+            older = ", ".join(f"`{n}`" for n in names[1:])
+            return f"`{names[0]}`" + (f" (formerly {older})" if older else "")
+    return f"`{ENV_PREFIX}{name.upper()}`"
+
+
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
@@ -121,7 +137,7 @@ def settings_table() -> str:
     lines = ["| Variable | Default | Allowed | Meaning |", "| --- | --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         cells = (
-            f"`{ENV_PREFIX}{name.upper()}`",
+            _variables(name, field),
             _default(field),
             _allowed(field),
             field.description or "",

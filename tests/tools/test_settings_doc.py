@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings
 
 from app.settings import ENV_PREFIX, Settings
@@ -33,6 +33,12 @@ class _Example(BaseSettings):
     mode: Literal["a", "b"] = Field("a", description="Which.")
     on: bool = Field(True, description="Whether.")
     names: list[str] = Field(default_factory=list, description="Who.")
+    slots: int = Field(
+        2,
+        ge=1,
+        validation_alias=AliasChoices("CAMSERVE_SLOTS", "CAMSERVE_OLD_SLOTS"),
+        description="Renamed.",
+    )
 
 
 def test_rows_come_from_names_defaults_bounds_and_descriptions(
@@ -45,6 +51,7 @@ def test_rows_come_from_names_defaults_bounds_and_descriptions(
         "| `CAMSERVE_MODE` | `a` | `a`, `b` | Which. |",
         "| `CAMSERVE_ON` | `true` | `true`, `false` | Whether. |",
         "| `CAMSERVE_NAMES` | empty | a list | Who. |",
+        "| `CAMSERVE_SLOTS` (formerly `CAMSERVE_OLD_SLOTS`) | `2` | at least 1 | Renamed. |",
     ]
 
 
