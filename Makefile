@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.camserve-installed
 
-.PHONY: install serve test lint typecheck lint-deploy browser-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
+.PHONY: install serve test lint typecheck lint-deploy docs browser-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,13 +35,18 @@ typecheck: $(STAMP)
 lint-deploy: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" tools/lint_deploy.sh
 
+# The documentation site (mkdocs.yml): strict, so a broken link or anchor fails; offline (no
+# fonts, plugins or analytics fetched). Output in site/ (git-ignored).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 # The browser tests (tests/browser) drive Debian's chromium through Playwright; they fail, never
 # skip, without it. Installs it when missing (needs root and Debian's package index).
 CHROMIUM ?= /usr/bin/chromium
 browser-deps:
 	@test -x $(CHROMIUM) || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-test: $(STAMP) lint typecheck lint-deploy browser-deps
+test: $(STAMP) lint typecheck lint-deploy docs browser-deps
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -63,4 +68,4 @@ docker-smoke:
 	tools/docker_smoke.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site

@@ -41,100 +41,157 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    model_store: Path = Field(Path("model_store"), description="folder with one folder per model")
-    default_model: str = Field("shapes", min_length=1, description="model used when none is named")
-    host: str = Field("127.0.0.1", min_length=1, description="address `python -m app` binds")
-    port: int = Field(8000, ge=1, le=65535, description="port `python -m app` binds")
+    device: str = Field(
+        "auto",
+        description="`auto` picks the CUDA device with the most free memory, else the CPU. Asking "
+        "for a CUDA device that does not exist stops startup. The device is decided once, logged, "
+        "and reported by `/health`.",
+        json_schema_extra={"allowed": "`auto`, `cpu`, `cuda`, `cuda:N`"},
+    )
+    model_store: Path = Field(Path("model_store"), description="One subfolder per model.")
+    default_model: str = Field(
+        "shapes",
+        min_length=1,
+        description="Used when a request names no model.",
+        json_schema_extra={"allowed": "a folder name"},
+    )
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Where `python -m app` binds. Use `0.0.0.0` in a container.",
+        json_schema_extra={"allowed": "an address"},
+    )
+    port: int = Field(8000, ge=1, le=65535, description="The port `python -m app` binds.")
     max_upload_bytes: int = Field(
-        10 * 1024 * 1024, ge=1024, le=1024**3, description="largest accepted file part"
+        10 * 1024 * 1024, ge=1024, le=1024**3, description="Largest file part (default 10 MiB)."
     )
     max_image_pixels: int = Field(
-        40_000_000, ge=64, le=500_000_000, description="largest accepted width x height"
+        40_000_000, ge=64, le=500_000_000, description="Largest width x height."
     )
-    max_images: int = Field(16, ge=1, le=256, description="most images in one request")
+    max_images: int = Field(16, ge=1, le=256, description="Most files in one request.")
     max_model_slots: int = Field(
         2,
         ge=1,
         le=32,
         validation_alias=_new_or_old("max_model_slots"),
-        description="model slots: model work (forward + CAM) running at once; "
-        "formerly CAMSERVE_MAX_CONCURRENT_JOBS",
+        description="Model slots: model work (forward + CAM) running at once. Work on the same "
+        "model also takes turns on that model's lock.",
     )
     queue_size: int = Field(
         32,
         ge=0,
         le=10_000,
-        description="requests allowed to wait for a model slot; more are refused with 503",
+        description="Requests allowed to wait for a model slot. Beyond that the answer is 503 "
+        "with `Retry-After`.",
     )
     max_cam_forwards: int = Field(
         20_000,
         ge=1,
         le=10_000_000,
-        description="most masked forwards (images x channels x samples) of one Score-CAM request",
+        description="Budget for the methods that run extra forwards: masked ones (Score-CAM "
+        "family, Ablation-CAM: images x target-layer channels x `num_samples`) and noisy ones "
+        "(SmoothGradCAMpp: images x `num_samples`) in one request, all its methods together. "
+        "Beyond it the answer is 422 `over_budget`. (ScoreCAM on resnet18's `layer4` costs 512 "
+        "forwards per image.)",
     )
     max_output_side: int = Field(
         1024,
         ge=16,
         le=16_384,
-        description="longest side of overlays and heatmaps when `size` is not sent; "
-        "larger uploads get smaller pictures, aspect kept",
+        description="Longest side of overlays and heatmaps when a request sends no `size`; larger "
+        "uploads get smaller pictures, aspect kept.",
     )
     max_batch_size: int | None = Field(
         None,
         ge=1,
         le=256,
-        description="most images one cross-request batch holds; 1 turns batching off; "
-        "default by device type: 8 on CPU, 32 on CUDA",
+        description="Most images one cross-request batch holds. `1` turns batching off. Unset: by "
+        "device, `8` on CPU and `32` on CUDA.",
     )
     batch_timeout_ms: float = Field(
         5.0,
         ge=0,
         le=1000,
-        description="how long a batch that is already forming waits for more requests",
+        description="How long a batch that is already forming waits for more requests after its "
+        "first one arrived. A request on an idle model never waits.",
     )
     request_timeout_s: float | None = Field(
         60.0,
         gt=0,
         le=86_400,
-        description="deadline of a synchronous /predict or /explain (504 past it; empty: none); "
-        "longer work goes through /jobs",
+        description="Deadline of a synchronous `/predict` or `/explain`: past it the work stops "
+        "and the answer is 504 `timeout`. Empty: no deadline. Jobs have none.",
     )
     max_jobs: int = Field(
-        64, ge=1, le=100_000, description="most jobs kept at once, queued, running or finished"
+        64,
+        ge=1,
+        le=100_000,
+        description="Jobs kept at once: queued, running, or finished and not yet expired. Beyond "
+        "it `POST /jobs` answers 503 `too_many_jobs`.",
     )
     job_ttl_s: float = Field(
-        3600.0, gt=0, le=7 * 86_400, description="how long a finished job's result is kept"
+        3600.0,
+        gt=0,
+        le=7 * 86_400,
+        description="How long a finished job (and its result) is kept.",
     )
     shutdown_grace_s: float = Field(
         25.0,
         ge=0,
         le=3600,
-        description="after SIGTERM, how long in-flight work may take before it is cut with 503",
+        description="After SIGTERM, how long work in flight may still take. Then it is cut with "
+        "503 `shutting_down`. Keep it under the orchestrator's grace period (Kubernetes: 30 s).",
     )
     max_connections: int = Field(
         1000,
         ge=1,
         le=1_000_000,
-        description="open connections and in-flight requests uvicorn allows; more get 503",
+        description="Open connections and requests uvicorn allows; more get 503 (logged). The "
+        "open-file limit is raised to fit.",
     )
     header_timeout_s: float = Field(
-        10.0, gt=0, le=600, description="time a client has to send a request's headers"
+        10.0,
+        gt=0,
+        le=600,
+        description="Time a connection has to send a request's headers. Then 408 and the "
+        "connection is closed.",
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="longest wait for the next piece of a request body"
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest pause between two pieces of a request body. Then 408.",
     )
     keep_alive_s: float = Field(
-        5.0, gt=0, le=600, description="how long an idle keep-alive connection stays open"
+        5.0,
+        gt=0,
+        le=600,
+        description="How long an idle keep-alive connection stays open. Clients that pool "
+        "connections should drop idle ones sooner (httpx's default is also 5 s, which races: see "
+        "the soak benchmark).",
     )
-    api_key: SecretStr | None = Field(None, description="if set, required in X-API-Key")
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, `/models`, `/predict`, `/explain`, `/jobs` and the protocol routes "
+        "need `X-API-Key`. It is checked on the headers, before the body is read. `/health`, "
+        "`/ready`, `/metrics`, `/v2/health/*`, `/v2`, `/docs`, `/redoc` and the page at `/` "
+        "(which then asks for the key) stay open.",
+        json_schema_extra={"allowed": "any string"},
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="comma-separated origins allowed by CORS, or *"
+        default_factory=list,
+        description="Origins a browser page may call from.",
+        json_schema_extra={"allowed": "comma-separated origins or `*`"},
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["text", "json"] = "text"
-    metrics: bool = Field(True, description="serve Prometheus metrics on GET /metrics")
-    ui: bool = Field(True, description="serve the explanation page at GET /")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="The least severe log lines written."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="`json` writes one object per line, with the traceback as a field.",
+    )
+    metrics: bool = Field(True, description="Serve Prometheus metrics on `GET /metrics`.")
+    ui: bool = Field(True, description="Serve the page for people at `GET /`.")
 
     @field_validator("device")
     @classmethod

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the README's browser `fetch` example in headless Chromium against a real camserve, from
+# Runs the browser `fetch` example of docs/api.md in headless Chromium against a real camserve, from
 # another origin (so CORS is exercised), and prints what the page shows. Needs Debian's chromium
 # (`apt-get install chromium`); loopback only. Not part of `make test`.
 set -euo pipefail

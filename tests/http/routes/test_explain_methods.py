@@ -79,7 +79,7 @@ def test_gradient_methods_share_one_forward(client: TestClient, forwards: list[i
     assert response.status_code == 200, response.text
     assert forwards == [2]  # one forward of both images for all five methods
     got = raw_maps(response.json())
-    # On GAP + linear, CAM, Grad-CAM and XGrad-CAM are the same map (see the README).
+    # On GAP + linear, CAM, Grad-CAM and XGrad-CAM are the same map (see docs/benchmarks.md).
     for a, b, c in zip(got["CAM"], got["GradCAM"], got["XGradCAM"], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
         np.testing.assert_allclose(a, c, atol=1e-5)
