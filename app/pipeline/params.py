@@ -81,7 +81,7 @@ class ExplainParameter:
     def read(self, value: Any) -> Any:
         """The raw value as ``ExplainParams`` holds it; ``InvalidParameter`` names the problem."""
         read = _READERS[self.kind](self.name, value)
-        if self.kind in ("int", "float") and not self.option:
+        if isinstance(read, int | float) and not self.option:
             self._check_bounds(read)
         return read
 

@@ -49,10 +49,12 @@ def _form_field(parameter: ExplainParameter) -> inspect.Parameter:
     description = parameter.help + (
         " (ints, repeat or comma list)" if parameter.option and repeated else ""
     )
-    annotation = Annotated[
-        _FORM_TYPES[parameter.kind] | None,
-        Form(description=description, json_schema_extra=parameter.hints() or None),
-    ]
+    annotation = Annotated.__class_getitem__(  # type: ignore[attr-defined]
+        (
+            _FORM_TYPES[parameter.kind] | None,
+            Form(description=description, json_schema_extra=parameter.hints() or None),
+        )
+    )
     return inspect.Parameter(
         parameter.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
     )

@@ -53,7 +53,10 @@ def test_model_metadata_and_ready(client: TestClient) -> None:
         "versions": ["1"],
         "platform": "pytorch",
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 3]},
+            {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]},
+        ],
     }
     assert client.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
     broken = client.get("/v2/models/broken/ready")
