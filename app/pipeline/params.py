@@ -108,7 +108,7 @@ def _refuse(name: str, wanted: str, value: Any) -> InvalidParameter:
     )
 
 
-def _parts(name: str, value: Any, item: type) -> list[Any]:
+def _parts(name: str, value: Any, item: type, what: str) -> list[Any]:
     """A repeated or comma-separated value, split: strings are split at commas."""
     values = value if isinstance(value, list | tuple) else [value]
     parts: list[Any] = []
@@ -118,7 +118,7 @@ def _parts(name: str, value: Any, item: type) -> list[Any]:
         elif isinstance(one, item) and not isinstance(one, bool):
             parts.append(one)
         else:
-            raise _refuse(name, f"a {item.__name__} or a list of them", value)
+            raise _refuse(name, what, value)
     return parts
 
 
@@ -129,7 +129,7 @@ def _read_str(name: str, value: Any) -> str:
 
 
 def _read_strs(name: str, value: Any) -> tuple[str, ...]:
-    return tuple(_parts(name, value, str))
+    return tuple(_parts(name, value, str, "a string or a list of strings"))
 
 
 def _read_int(name: str, value: Any) -> int:
@@ -140,7 +140,9 @@ def _read_int(name: str, value: Any) -> int:
 
 def _read_ints(name: str, value: Any) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in _parts(name, value, int))
+        return tuple(
+            int(part) for part in _parts(name, value, int, "an integer or a list of integers")
+        )
     except ValueError:
         raise _refuse(
             name, "integers (repeat the field, separate by commas or send a list)", value
