@@ -74,6 +74,8 @@ class ExplainParameter:
     def json_schema(self) -> dict[str, Any]:
         """The parameter's JSON schema as a JSON body (KServe's instance, OIP's parameters)."""
         schema = {**_JSON_TYPES[self.kind], "description": self.help, **self.hints()}
+        if self.kind == "ints" and self.example is not None:
+            schema["examples"] = [[int(v) for v in self.example]]  # the form's are strings
         if self.default not in (None, ()):
             schema["default"] = self.default
         return schema
