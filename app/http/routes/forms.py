@@ -49,6 +49,8 @@ def _form_field(parameter: ExplainParameter) -> inspect.Parameter:
     description = parameter.help + (
         " (ints, repeat or comma list)" if parameter.option and repeated else ""
     )
+    # Subscripted at runtime: the type is chosen by the parameter's kind, which a checker
+    # cannot follow inside ``Annotated[...]``.
     annotation = Annotated.__class_getitem__(  # type: ignore[attr-defined]
         (
             _FORM_TYPES[parameter.kind] | None,
