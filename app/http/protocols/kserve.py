@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,13 +17,7 @@ from app.http.protocols.base import (
 )
 from app.models.registry import ModelRegistry
 from app.pipeline.explainer import Explainer, ExplainParams
-from app.pipeline.rendering import (
-    DEFAULT_ALPHA,
-    DEFAULT_COLORMAP,
-    DEFAULT_IMAGE_FORMAT,
-    MAX_SIDE,
-    MIN_SIDE,
-)
+from app.pipeline.params import PARAMETERS, build_params
 from app.pipeline.results import ExplainResult, PredictResult
 from app.settings import Settings
 
@@ -49,46 +43,29 @@ class PredictInstance(BaseModel):
     top_k: int = Field(5, ge=1, le=1000, description="classes returned for this image")
 
 
-class ExplainInstance(BaseModel):
-    """An image and the options of /explain, as fields (lists for the repeatable ones)."""
+#: The general parameters an instance takes (its own ``class_idx`` is one per image).
+_INSTANCE_PARAMETERS = tuple(name for name in PARAMETERS if name != "class_idx")
 
-    model_config = ConfigDict(extra="forbid")
+
+def _document_parameters(schema: dict[str, Any]) -> None:
+    """The instance's explain parameters in its JSON schema (they are read by ``build_params``)."""
+    properties = schema.setdefault("properties", {})
+    for name in _INSTANCE_PARAMETERS:
+        properties[name] = {"title": name, **PARAMETERS[name].json_schema()}
+    schema["additionalProperties"] = False
+
+
+class ExplainInstance(BaseModel):
+    """An image and the explain parameters of /explain, as fields (lists for the repeatable
+    ones); the parameters go to ``build_params`` as sent, like the form's and OIP's."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_document_parameters)
     image: B64
-    method: str | None = None
-    class_idx: int | None = Field(None, ge=0, description="class to explain; default top-1")
-    top_k: int = Field(5, ge=1, le=1000)
-    target_layer: str | list[str] | None = None
-    output: str | list[str] | None = None
-    colormap: str = DEFAULT_COLORMAP
-    alpha: float = Field(DEFAULT_ALPHA, ge=0, le=1)
-    image_format: Literal["png", "jpeg", "webp"] = DEFAULT_IMAGE_FORMAT
-    size: str | int | None = Field(
-        None, description=f"'original', 'input' or a longest side ({MIN_SIDE}-{MAX_SIDE})"
-    )
-    normalized: bool = True
-    num_samples: int | None = Field(None, ge=1, le=64)
-    std: float | None = Field(None, ge=0, le=10)
-    batch_size: int | None = Field(None, ge=1, le=256)
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    class_idx: int | None = Field(None, description="class to explain; default top-1")
 
     def params(self, class_idx: tuple[int, ...]) -> ExplainParams:
-        options = {
-            name: value
-            for name in ("num_samples", "std", "batch_size", "seed")
-            if (value := getattr(self, name)) is not None
-        }
-        return ExplainParams(
-            method=self.method or None,
-            class_idx=class_idx,
-            top_k=self.top_k,
-            target_layers=tuple(_listed(self.target_layer)),
-            outputs=tuple(o.lower() for o in _listed(self.output) or ["overlay"]),
-            colormap=self.colormap.strip().lower(),
-            alpha=self.alpha,
-            image_format=self.image_format,
-            normalized=self.normalized,
-            size=None if self.size is None else str(self.size),
-            options=options,
+        return build_params(
+            self.model_extra or {}, accepted=_INSTANCE_PARAMETERS, fixed={"class_idx": class_idx}
         )
 
 
@@ -143,11 +120,6 @@ class InstanceExplanation(ExplainResult):
 
 class ExplainAnswer(BaseModel):
     explanations: list[InstanceExplanation]
-
-
-def _listed(value: str | list[str] | None) -> list[str]:
-    values = [value] if isinstance(value, str) else value or []
-    return [part.strip() for item in values for part in item.split(",") if part.strip()]
 
 
 def _groups(keys: Sequence[Any]) -> list[list[int]]:

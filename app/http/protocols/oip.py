@@ -1,4 +1,8 @@
-"""Open Inference Protocol (KServe v2): health, metadata and ``infer`` returning the logits."""
+"""Open Inference Protocol (KServe v2): health, metadata and ``infer`` returning the logits and,
+when the output ``cam`` is asked for, each image's class activation map.
+
+An explanation's parameters (``method``, ``class_idx``, ``target_layer``, ``normalized`` and
+every method option) come in the request's ``parameters`` and go to ``build_params`` as sent."""
 
 from __future__ import annotations
 
@@ -18,11 +22,17 @@ from app.http.protocols.base import (
     get_model_ready,
 )
 from app.models.registry import ModelRegistry
-from app.pipeline.explainer import Explainer
+from app.pipeline.explainer import Explainer, ExplainParams
+from app.pipeline.params import OPTION_NAMES, build_params
+from app.pipeline.results import ExplainResponse, Prediction
 from app.settings import Settings
 
 INPUT = "image"
 OUTPUT = "logits"
+CAM = "cam"
+OUTPUTS = (OUTPUT, CAM)
+#: The general explain parameters ``infer`` takes; the map is always raw (``output`` fixed).
+EXPLAIN_PARAMETERS = ("method", "class_idx", "target_layer", "normalized")
 PLATFORM = "pytorch"
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=ProtocolRoute)
@@ -104,6 +114,7 @@ class ResponseOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: Literal["FP32"]
+    parameters: dict[str, Any] | None = None
     data: list[float] = Field(description="row-major")
 
 
@@ -170,7 +181,10 @@ def get_model_metadata(name: str, registry: ModelRegistry = Depends(get_registry
         versions=["1"],
         platform=PLATFORM,
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
-        outputs=[TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, model.spec.num_classes])],
+        outputs=[
+            TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, model.spec.num_classes]),
+            TensorMetadata(name=CAM, datatype="FP32", shape=[-1, -1, -1]),
+        ],
     )
 
 
@@ -211,9 +225,63 @@ def _images(body: InferenceRequest) -> list[tuple[str, str]]:
             f"[{len(flat)}] for {len(flat)} image(s)."
         )
     for output in body.outputs or []:
-        if output.name != OUTPUT:
-            raise BadRequest(f"Unknown output {clip(output.name)}; this model has {OUTPUT!r}.")
+        if output.name not in OUTPUTS:
+            raise BadRequest(
+                f"Unknown output {clip(output.name)}; this model has {' and '.join(OUTPUTS)}."
+            )
     return [(f"image{i}", text) for i, text in enumerate(flat)]
+
+
+def _explain_params(body: InferenceRequest) -> ExplainParams | None:
+    """The explanation the request asks for (output ``cam``), from its ``parameters``; None
+    when it asks for the logits only (explain parameters are then refused, not ignored)."""
+    parameters = body.parameters or {}
+    if CAM not in {output.name for output in body.outputs or []}:
+        explaining = [name for name in parameters if name in (*EXPLAIN_PARAMETERS, *OPTION_NAMES)]
+        if explaining:
+            raise BadRequest(
+                f"Parameter {explaining[0]!r} is for an explanation; add the output {CAM!r} "
+                "to the request's outputs."
+            )
+        return None
+    params = build_params(parameters, accepted=EXPLAIN_PARAMETERS, fixed={"output": "raw"})
+    if params.method is not None and "," in params.method:
+        raise BadRequest(f"The output {CAM!r} holds one map per image; send one method.")
+    return params
+
+
+def _logits(rows: list[list[float]]) -> ResponseOutput:
+    return ResponseOutput(
+        name=OUTPUT,
+        shape=[len(rows), len(rows[0]) if rows else 0],
+        datatype="FP32",
+        data=[value for row in rows for value in row],
+    )
+
+
+def _cams(answer: ExplainResponse) -> ResponseOutput:
+    """Each image's map (the fused one when there are several layers), stacked, with what
+    made it as the output's parameters."""
+    maps = [result.explanations[0].maps[-1] for result in answer.results]
+    raws = [m.model_dump(include={"raw"})["raw"] for m in maps]
+    options = {
+        name: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+        for name, value in answer.options.items()
+    }
+    return ResponseOutput(
+        name=CAM,
+        shape=[len(raws), *raws[0]["shape"]],
+        datatype="FP32",
+        parameters={
+            "method": answer.method,
+            "layer": maps[0].layer,
+            "target_layers": ",".join(answer.target_layers),
+            "class_idx": ",".join(str(r.explanations[0].class_idx) for r in answer.results),
+            "normalized": raws[0]["normalized"],
+            **options,
+        },
+        data=[value for raw in raws for row in raw["values"] for value in row],
+    )
 
 
 @router.post(
@@ -231,23 +299,32 @@ async def infer_model(
     explainer: Explainer = Depends(get_explainer),
     settings: Settings = Depends(get_settings),
 ) -> InferenceResponse:
-    """Logits for base64-encoded images, through the same batched forward as /predict."""
-    classes = registry.get(name).spec.num_classes
+    """Logits for base64-encoded images, through the same batched forward as /predict; with
+    the output `cam`, their class activation maps too (explain parameters in `parameters`)."""
     uploads = decode_images(_images(body), settings)
-    answer = await within_limits(request, explainer.predict(name, uploads, top_k=classes))
-    data: list[float] = []
-    for result in answer.results:
-        row = [0.0] * classes
-        for prediction in result.predictions:
-            row[prediction.class_idx] = prediction.logit
-        data.extend(row)
+    params = _explain_params(body)
+    outputs: dict[str, ResponseOutput] = {}
+    if params is None:
+        classes = registry.get(name).spec.num_classes
+        answer = await within_limits(request, explainer.predict(name, uploads, top_k=classes))
+        model_name = answer.model
+        outputs[OUTPUT] = _logits([_row(r.predictions, classes) for r in answer.results])
+    else:
+        explained = await within_limits(request, explainer.explain(name, uploads, params))
+        model_name = explained.model
+        outputs[OUTPUT] = _logits([result.logits for result in explained.results])
+        outputs[CAM] = _cams(explained)
+    wanted = [output.name for output in body.outputs or []] or [OUTPUT]
     return InferenceResponse(
-        model_name=answer.model,
+        model_name=model_name,
         model_version="1",
         id=body.id,
-        outputs=[
-            ResponseOutput(
-                name=OUTPUT, shape=[len(answer.results), classes], datatype="FP32", data=data
-            )
-        ],
+        outputs=[outputs[name] for name in dict.fromkeys(wanted)],
     )
+
+
+def _row(predictions: list[Prediction], classes: int) -> list[float]:
+    row = [0.0] * classes
+    for prediction in predictions:
+        row[prediction.class_idx] = prediction.logit
+    return row

@@ -91,15 +91,31 @@ def test_explain_in_camserve_shape_with_options_as_fields(client: TestClient) ->
         (":predict", {"instances": [{"image": {"bytes": "abc"}}]}, "b64"),
         (":predict", {"instances": [{"image": {"b64": "%%%"}}]}, "not valid base64"),
         (":predict", {"instances": [instance(b"x", top_k=0)]}, "top_k"),
-        (":explain", {"instances": [instance(b"x", colour="red")]}, "colour"),
-        (":explain", {"instances": [instance(b"x", alpha=2)]}, "alpha"),
-        (":explain", {"instances": [instance(b"x", image_format="gif")]}, "image_format"),
-        (":explain", {"instances": [instance(b"x", num_samples=0)]}, "num_samples"),
-        (":explain", {"instances": [instance(b"x", class_idx=-1)]}, "class_idx"),
+        (":explain", {"instances": [{"image": {"b64": "%%%"}}]}, "not valid base64"),
+        (":explain", {"instances": [instance(b"x", class_idx="one")]}, "class_idx"),
     ],
 )
 def test_bad_bodies_are_400(client: TestClient, route: str, body: dict, words: str) -> None:
     message = assert_protocol_error(client.post(f"/v1/models/tiny{route}", json=body), 400)
+    assert words in message
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"colour": "red"}, "Unknown explain parameter 'colour'; the parameters are method,"),
+        ({"alpha": 2}, "alpha must lie in [0, 1], got 2.0."),
+        ({"alpha": "high"}, "alpha must be a number, got 'high'."),
+        ({"image_format": "gif"}, "image_format must be one of png, jpeg, webp"),
+        ({"method": "SSCAM", "num_samples": 0}, "SSCAM: num_samples must lie in [1, 64], got 0."),
+        ({"class_idx": -1}, "class_idx -1 is out of range"),
+    ],
+)
+def test_bad_explain_parameters_are_422_with_the_pipelines_message(
+    client: TestClient, fields: dict, words: str
+) -> None:
+    body = {"instances": [instance(image_bytes(), **fields)]}
+    message = assert_protocol_error(client.post("/v1/models/tiny:explain", json=body), 422)
     assert words in message
 
 

@@ -6,6 +6,7 @@ import base64
 from collections.abc import Callable
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -53,7 +54,10 @@ def test_model_metadata_and_ready(client: TestClient) -> None:
         "versions": ["1"],
         "platform": "pytorch",
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 3]},
+            {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]},
+        ],
     }
     assert client.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
     broken = client.get("/v2/models/broken/ready")
@@ -190,3 +194,84 @@ def test_shares_the_batcher_and_the_request_id(client: TestClient) -> None:
     assert response.headers["x-request-id"] == "oip-1"
     bad = client.post("/v2/models/tiny/infer", json={}, headers={"X-Request-ID": "oip-2"})
     assert bad.headers["x-request-id"] == "oip-2"
+
+
+def explain_body(*images: bytes, outputs: tuple[str, ...] = ("logits", "cam"), **params) -> dict:
+    return {**infer_body(*images), "outputs": [{"name": n} for n in outputs], "parameters": params}
+
+
+def test_the_cam_output_holds_the_maps_of_explain(client: TestClient) -> None:
+    images = [image_bytes(seed=1), image_bytes((64, 48), seed=2)]
+    params = {"method": "ScoreCAM", "class_idx": [1, 2], "batch_size": 2, "normalized": False}
+    response = client.post("/v2/models/tiny/infer", json=explain_body(*images, **params))
+    assert response.status_code == 200, response.text
+    logits, cam = response.json()["outputs"]
+    assert (logits["name"], logits["shape"], cam["name"]) == ("logits", [2, 3], "cam")
+    assert cam["parameters"] == {
+        "method": "ScoreCAM",
+        "layer": "features",
+        "target_layers": "features",
+        "class_idx": "1,2",
+        "normalized": False,
+        "batch_size": 2,
+    }
+    form = {"method": "ScoreCAM", "class_idx": "1,2", "batch_size": "2"}
+    native = client.post(
+        "/explain", files=files(*images), data={**form, "output": "raw", "normalized": "false"}
+    ).json()
+    maps = np.array([r["explanations"][0]["maps"][-1]["raw"]["values"] for r in native["results"]])
+    assert cam["shape"] == list(maps.shape) and cam["datatype"] == "FP32"
+    np.testing.assert_allclose(np.array(cam["data"]).reshape(maps.shape), maps, atol=1e-5)
+    native_logits = [r["logits"] for r in native["results"]]
+    np.testing.assert_allclose(np.array(logits["data"]).reshape(2, 3), native_logits, atol=1e-5)
+
+
+def test_outputs_come_in_the_order_asked_and_several_layers_give_the_fused_map(
+    client: TestClient,
+) -> None:
+    body = explain_body(image_bytes(), outputs=("cam",), target_layer=["layer2", "layer3"])
+    (cam,) = client.post("/v2/models/resnet/infer", json=body).json()["outputs"]
+    assert cam["parameters"]["layer"] == "fused"
+    assert cam["parameters"]["target_layers"] == "layer2,layer3"
+    assert cam["parameters"]["method"] == "GradCAM"  # the model's default
+    both = explain_body(image_bytes(), outputs=("cam", "logits"))
+    outputs = client.post("/v2/models/tiny/infer", json=both).json()["outputs"]
+    assert [output["name"] for output in outputs] == ["cam", "logits"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (
+            explain_body(image_bytes(), outputs=("logits",), method="GradCAM"),
+            400,
+            "Parameter 'method' is for an explanation; add the output 'cam'",
+        ),
+        (
+            explain_body(image_bytes(), method="GradCAM,ScoreCAM"),
+            400,
+            "The output 'cam' holds one map per image; send one method.",
+        ),
+        (
+            explain_body(image_bytes(), colormap="jet"),
+            422,
+            "Unknown explain parameter 'colormap'; the parameters are method, class_idx, "
+            "target_layer, normalized, num_samples",
+        ),
+        (
+            explain_body(image_bytes(), method="FinerCAM", gamma="high"),
+            422,
+            "gamma must be a number, got 'high'.",
+        ),
+        (explain_body(image_bytes(), class_idx=[9]), 422, "class_idx 9 is out of range"),
+    ],
+)
+def test_explain_parameters_are_checked(
+    client: TestClient, body: dict, status: int, words: str
+) -> None:
+    assert words in assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), status)
+
+
+def test_parameters_of_other_extensions_are_ignored_without_cam(client: TestClient) -> None:
+    body = explain_body(image_bytes(), outputs=("logits",), priority=1, binary_data_output=False)
+    assert client.post("/v2/models/tiny/infer", json=body).status_code == 200

@@ -125,14 +125,6 @@ def test_the_store_keeps_at_most_max_jobs(make_client: Callable[..., TestClient]
     submit(client, method="GradCAM")
 
 
-def test_finished_jobs_expire_after_the_ttl(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(job_ttl_s=0.2)
-    job = submit(client, method="GradCAM")
-    wait_for(client, job["id"], finished)
-    time.sleep(0.3)
-    assert_error(client.get(f"/jobs/{job['id']}"), 404, "job_not_found")
-
-
 def test_jobs_need_the_api_key_like_every_model_route(
     make_client: Callable[..., TestClient],
 ) -> None:
