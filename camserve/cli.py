@@ -66,10 +66,10 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except (ClientError, CamserveError, Failed) as error:
-        err.print(f"[red]camserve: error[/] [bold]{error.code}[/]: {error.message}", highlight=False)
+        err.print(f"[red]camserve: error[/] [bold]{error.code}[/]: {error.message}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except ConfigurationError as error:
-        err.print(f"[red]camserve: error[/] [bold]configuration[/]: {error}", highlight=False)
+        err.print(f"[red]camserve: error[/] [bold]configuration[/]: {error}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("camserve: interrupted")
@@ -340,7 +340,7 @@ def _summary(path: Path, explained: Explained) -> None:
         f"{m.method}: {m.label}" + ("" if m.class_idx == top.class_idx else " (asked)")
         for m in explained.methods.values()
     )
-    out.print(f"{path}  {top.label} {top.probability:.2f}  [{methods}]", highlight=False)
+    out.print(f"{path}  {top.label} {top.probability:.2f}  [{methods}]", highlight=False, soft_wrap=True)
 
 
 def _image_failed(folder: OutputFolder, path: Path, error: ClientError | CamserveError) -> None:
@@ -348,7 +348,7 @@ def _image_failed(folder: OutputFolder, path: Path, error: ClientError | Camserv
     if error.code not in IMAGE_ERRORS:
         raise error
     folder.write_error(str(path), error.code, error.message)
-    err.print(f"[red]camserve: {path}:[/] [bold]{error.code}[/]: {error.message}", highlight=False)
+    err.print(f"[red]camserve: {path}:[/] [bold]{error.code}[/]: {error.message}", highlight=False, soft_wrap=True)
 
 
 async def _explain_local(
@@ -501,7 +501,7 @@ def submit_job(
             raise Failed("file_not_found", f"no such file: {image}")
         with Client(_server(url), api_key=api_key) as client:
             job = client.submit(image, request)
-        out.print(job.id, highlight=False)
+        out.print(job.id, highlight=False, soft_wrap=True)
 
 
 @jobs.command("watch")
@@ -538,7 +538,7 @@ def cancel_job(job_id: str, url: str | None, api_key: str | None) -> None:
     with reported_errors():
         with Client(_server(url), api_key=api_key) as client:
             view = client.job(job_id).cancel()
-        out.print(f"{view.id} {view.status}", highlight=False)
+        out.print(f"{view.id} {view.status}", highlight=False, soft_wrap=True)
 
 
 def run() -> None:
@@ -552,5 +552,6 @@ def run() -> None:
             f"[red]camserve: internal error[/] {type(error).__name__}: {error} "
             "(set CAMSERVE_DEBUG=1 for the traceback)",
             highlight=False,
+            soft_wrap=True,
         )
         sys.exit(1)

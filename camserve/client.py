@@ -15,6 +15,7 @@ when the connection broke mid-call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -38,6 +39,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "CAMSERVE_URL"
 API_KEY_ENV = "CAMSERVE_API_KEY"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+# The service refuses a request on its headers (a wrong key, a drain) and closes the connection
+# without reading the body: a client still sending it may see the connection reset instead of
+# the answer. After a broken upload, this idempotent call asks again, to report that refusal.
+_PROBE = "/models"
 _FINAL = frozenset({"succeeded", "failed", "cancelled"})
 #: The service sends a comment every 15 s on a quiet event stream: 4 missed ones mean it is gone.
 _EVENTS_TIMEOUT = httpx.Timeout(30.0, read=60.0)
@@ -51,7 +56,7 @@ Files = list[tuple[str, tuple[str, bytes, str]]]
 class RetryPolicy:
     """How often and how long to wait before trying a call again."""
 
-    attempts: int = 5
+    attempts: int = 4
     """Tries in all, the first one included."""
     backoff_s: float = 0.5
     """The first wait when the service names none; each further wait doubles it."""
@@ -222,6 +227,9 @@ class Client:
                 response = self._http.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as error:
                 if last or not _retryable_failure(method, error):
+                    if method not in _IDEMPOTENT and not isinstance(error, httpx.ConnectError):
+                        with contextlib.suppress(httpx.TransportError):
+                            raise_for_error(self._http.get(_PROBE, headers=headers))
                     raise Unreachable(self.url, str(error) or type(error).__name__) from None
                 time.sleep(retry.wait_s(attempt))
                 continue
@@ -401,6 +409,9 @@ class AsyncClient:
                 response = await self._http.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as error:
                 if last or not _retryable_failure(method, error):
+                    if method not in _IDEMPOTENT and not isinstance(error, httpx.ConnectError):
+                        with contextlib.suppress(httpx.TransportError):
+                            raise_for_error(await self._http.get(_PROBE, headers=headers))
                     raise Unreachable(self.url, str(error) or type(error).__name__) from None
                 await asyncio.sleep(retry.wait_s(attempt))
                 continue
