@@ -66,10 +66,18 @@ def reported_errors() -> Iterator[None]:
     try:
         yield
     except (ClientError, CamserveError, Failed) as error:
-        err.print(f"[red]camserve: error[/] [bold]{error.code}[/]: {error.message}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[red]camserve: error[/] [bold]{error.code}[/]: {error.message}",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
     except ConfigurationError as error:
-        err.print(f"[red]camserve: error[/] [bold]configuration[/]: {error}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[red]camserve: error[/] [bold]configuration[/]: {error}",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("camserve: interrupted")
@@ -266,16 +274,26 @@ class Display:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @request_options
 @click.option(
-    "-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("out"),
+    show_default=True,
     help="folder for the overlays, raw maps and results.jsonl",
 )
 @server_options
 @click.option(
-    "--concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
     help="images in flight at once on a server",
 )
 @click.option(
-    "--jobs", "use_jobs", type=click.Choice(["auto", "always", "never"]), default="auto",
+    "--jobs",
+    "use_jobs",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
     show_default=True,
     help="on a server, send images as /jobs: auto does for methods that run many forwards per "
     "image (Score-CAM family, Ablation-CAM, SmoothGrad-CAM++), which could outlast the "
@@ -340,7 +358,9 @@ def _summary(path: Path, explained: Explained) -> None:
         f"{m.method}: {m.label}" + ("" if m.class_idx == top.class_idx else " (asked)")
         for m in explained.methods.values()
     )
-    out.print(f"{path}  {top.label} {top.probability:.2f}  [{methods}]", highlight=False, soft_wrap=True)
+    out.print(
+        f"{path}  {top.label} {top.probability:.2f}  [{methods}]", highlight=False, soft_wrap=True
+    )
 
 
 def _image_failed(folder: OutputFolder, path: Path, error: ClientError | CamserveError) -> None:
@@ -348,7 +368,11 @@ def _image_failed(folder: OutputFolder, path: Path, error: ClientError | Camserv
     if error.code not in IMAGE_ERRORS:
         raise error
     folder.write_error(str(path), error.code, error.message)
-    err.print(f"[red]camserve: {path}:[/] [bold]{error.code}[/]: {error.message}", highlight=False, soft_wrap=True)
+    err.print(
+        f"[red]camserve: {path}:[/] [bold]{error.code}[/]: {error.message}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 async def _explain_local(
@@ -431,7 +455,9 @@ def models(
     """List the models with their status, target layers and the methods that apply."""
     with reported_errors():
         _quiet_logs(False)
-        rows = _remote_models(url, api_key) if url else asyncio.run(_local_models(model_store, device))
+        rows = (
+            _remote_models(url, api_key) if url else asyncio.run(_local_models(model_store, device))
+        )
         table = Table("model", "status", "layers", "methods")
         for row in rows:
             status = row.status if row.error is None else f"{row.status}: {row.error}"
@@ -507,7 +533,11 @@ def submit_job(
 @jobs.command("watch")
 @click.argument("job_id")
 @click.option(
-    "-o", "--out", type=click.Path(path_type=Path), default=Path("out"), show_default=True,
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("out"),
+    show_default=True,
     help="folder for the job's overlays, raw maps and results.jsonl",
 )
 @server_options

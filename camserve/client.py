@@ -28,12 +28,12 @@ import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 from pydantic import BaseModel
 
+from app.http.schemas import JobCreated, ModelDetail, ModelList
+from app.pipeline.results import ExplainResponse, JobProgress, JobView, PredictResponse
 from camserve.answers import Explained
 from camserve.errors import ServiceError, Unreachable
 from camserve.images import ImageInput, as_upload
 from camserve.request import ExplainRequest
-from app.http.schemas import JobCreated, ModelDetail, ModelList
-from app.pipeline.results import ExplainResponse, JobProgress, JobView, PredictResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "CAMSERVE_URL"
@@ -64,7 +64,7 @@ class RetryPolicy:
     """No wait is longer, whatever Retry-After asks for."""
 
     def wait_s(self, attempt: int, retry_after: str | None = None) -> float:
-        wait = self.backoff_s * 2**attempt
+        wait = self.backoff_s * float(2**attempt)
         if retry_after is not None:
             try:
                 wait = max(0.0, float(retry_after))
@@ -209,7 +209,10 @@ class Client:
         return self
 
     def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -391,7 +394,10 @@ class AsyncClient:
         return self
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 

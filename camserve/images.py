@@ -43,7 +43,8 @@ def _as_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.floating):
-        return (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        scaled: np.ndarray = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return scaled
     raise ValueError(f"an image array is uint8 or floats in [0, 1]; got {array.dtype}")
 
 
@@ -52,9 +53,7 @@ def find_images(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(
-                sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            )
+            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
         else:
             found.append(path)
     return found

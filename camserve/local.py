@@ -74,7 +74,10 @@ class LocalService:
     ) -> ExplainResponse:
         """What ``POST /explain`` answers for this one image and request."""
         return await self.explainer.explain(
-            request.model, [Upload(filename=filename, data=data)], request.params(), progress=progress
+            request.model,
+            [Upload(filename=filename, data=data)],
+            request.params(),
+            progress=progress,
         )
 
     def models(self) -> list[ModelRow]:

@@ -54,8 +54,18 @@ def test_in_process_and_url_give_what_explain_gives(
     for name, where in runs.items():
         folder = tmp_path / name
         result = camserve(
-            "explain", path, "-m", "GradCAM,ScoreCAM", "--raw", "--format", "png", "-o", folder,
-            "--jobs", "never", *where,
+            "explain",
+            path,
+            "-m",
+            "GradCAM,ScoreCAM",
+            "--raw",
+            "--format",
+            "png",
+            "-o",
+            folder,
+            "--jobs",
+            "never",
+            *where,
         )
         assert result.exit_code == 0, result.output
         (line,) = lines(folder)
@@ -75,32 +85,43 @@ def test_in_process_and_url_give_what_explain_gives(
 def test_a_folder_gives_one_overlay_per_image_and_method(
     store: Path, images: Path, tmp_path: Path
 ) -> None:
-    result = camserve("explain", images, "-m", "GradCAM", "-m", "CAM", "-o", tmp_path,
-                      *in_process(store))
+    result = camserve(
+        "explain", images, "-m", "GradCAM", "-m", "CAM", "-o", tmp_path, *in_process(store)
+    )
     # notes.txt is not picked from the folder: only image files are.
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["a.CAM.jpg", "a.GradCAM.jpg", "b.CAM.jpg", "b.GradCAM.jpg", "results.jsonl"]
-    assert [line["file"] for line in lines(tmp_path)] == [str(images / "a.png"),
-                                                          str(images / "b.png")]
+    assert [line["file"] for line in lines(tmp_path)] == [
+        str(images / "a.png"),
+        str(images / "b.png"),
+    ]
     assert "2 of 2 images explained" in result.output
 
 
 @pytest.mark.parametrize("where", ["in-process", "url"])
 def test_a_long_method_reports_its_own_progress(
-    store: Path, server: str, images: Path, tmp_path: Path, where: str,
+    store: Path,
+    server: str,
+    images: Path,
+    tmp_path: Path,
+    where: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     reports: list[tuple[int, int]] = []
     report = cli.Display.report
     monkeypatch.setattr(
-        cli.Display, "report",
-        lambda self, task, done, total: (reports.append((done, total)), report(self, task, done,
-                                                                              total)),
+        cli.Display,
+        "report",
+        lambda self, task, done, total: (
+            reports.append((done, total)),
+            report(self, task, done, total),
+        ),
     )
     args = in_process(store) if where == "in-process" else remote(server)
-    result = camserve("explain", images / "a.png", "-m", "ScoreCAM", "-O", "batch_size=1",
-                      "-o", tmp_path, *args)
+    result = camserve(
+        "explain", images / "a.png", "-m", "ScoreCAM", "-O", "batch_size=1", "-o", tmp_path, *args
+    )
     assert result.exit_code == 0, result.output
     assert reports and reports[-1] == (4, 4)  # a masked forward per channel of `features`
     assert lines(tmp_path)[0]["via"] == ("in-process" if where == "in-process" else "job")
@@ -115,17 +136,32 @@ def test_models_lists_the_same_models_here_and_on_the_server(store: Path, server
 
 
 def test_jobs_submit_watch_and_cancel(server: str, images: Path, tmp_path: Path) -> None:
-    submitted = camserve("jobs", "submit", images / "b.png", "-m", "ScoreCAM", "--raw",
-                         *remote(server))
+    submitted = camserve(
+        "jobs", "submit", images / "b.png", "-m", "ScoreCAM", "--raw", *remote(server)
+    )
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.output.strip()
     watched = camserve("jobs", "watch", job_id, "-o", tmp_path, *remote(server))
     assert watched.exit_code == 0, watched.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "b.ScoreCAM.jpg", "b.ScoreCAM.npy", "results.jsonl"
+        "b.ScoreCAM.jpg",
+        "b.ScoreCAM.npy",
+        "results.jsonl",
     ]
-    slow = camserve("jobs", "submit", images / "a.png", "-m", "SSCAM", "--model", "resnet",
-                    "-O", "num_samples=64", "-O", "batch_size=1", *remote(server))
+    slow = camserve(
+        "jobs",
+        "submit",
+        images / "a.png",
+        "-m",
+        "SSCAM",
+        "--model",
+        "resnet",
+        "-O",
+        "num_samples=64",
+        "-O",
+        "batch_size=1",
+        *remote(server),
+    )
     cancelled = camserve("jobs", "cancel", slow.output.strip(), *remote(server))
     assert cancelled.exit_code == 0 and cancelled.output.strip().endswith("cancelled")
 
@@ -170,27 +206,43 @@ def bad_inputs(store: Path, server: str, busy: str, images: Path) -> dict[str, t
     image = images / "a.png"
     return {
         "missing file": (("explain", images / "nope.png", *in_process(store)), "file_not_found"),
-        "unknown method here": (("explain", image, "-m", "Nope", *in_process(store)),
-                                "unsupported_method"),
-        "unknown method there": (("explain", image, "-m", "Nope", *remote(server)),
-                                 "unsupported_method"),
-        "unknown option": (("explain", image, "-O", "nope=1", *in_process(store)),
-                           "invalid_parameter"),
-        "unreachable server": (("explain", image, "--url", f"http://127.0.0.1:{free_port()}"),
-                               "unreachable"),
+        "unknown method here": (
+            ("explain", image, "-m", "Nope", *in_process(store)),
+            "unsupported_method",
+        ),
+        "unknown method there": (
+            ("explain", image, "-m", "Nope", *remote(server)),
+            "unsupported_method",
+        ),
+        "unknown option": (
+            ("explain", image, "-O", "nope=1", *in_process(store)),
+            "invalid_parameter",
+        ),
+        "unreachable server": (
+            ("explain", image, "--url", f"http://127.0.0.1:{free_port()}"),
+            "unreachable",
+        ),
         "wrong key": (("explain", image, "--url", server, "--api-key", "wrong"), "unauthorized"),
         "no key": (("models", "--url", server), "unauthorized"),
-        "a model that failed": (("explain", image, "--model", "broken", *remote(server)),
-                                "model_unavailable"),
+        "a model that failed": (
+            ("explain", image, "--model", "broken", *remote(server)),
+            "model_unavailable",
+        ),
         "a 503 that persists": (("explain", image, "--url", busy), "overloaded"),
-        "missing store": (("explain", image, "--model-store", images / "nothing"),
-                          "model_store_missing"),
+        "missing store": (
+            ("explain", image, "--model-store", images / "nothing"),
+            "model_store_missing",
+        ),
         "jobs without a server": (("jobs", "cancel", "x"), "no_server"),
     }
 
 
 def test_bad_inputs_end_in_a_message_and_exit_1(
-    store: Path, server: str, always_busy: str, images: Path, tmp_path: Path,
+    store: Path,
+    server: str,
+    always_busy: str,
+    images: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("CAMSERVE_URL", raising=False)
@@ -219,7 +271,10 @@ def test_one_bad_image_of_a_folder_is_recorded_and_the_rest_explained(
 def test_the_console_script_prints_no_traceback(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "camserve", "explain", str(tmp_path / "missing.png")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 1
     assert "file_not_found" in done.stderr and "missing.png" in done.stderr
@@ -235,7 +290,12 @@ def test_help_explains_every_option() -> None:
 
     found = list(commands(cli.main, []))
     assert {" ".join(p) for p, _ in found} >= {
-        "serve", "explain", "models", "jobs submit", "jobs watch", "jobs cancel"
+        "serve",
+        "explain",
+        "models",
+        "jobs submit",
+        "jobs watch",
+        "jobs cancel",
     }
     for path, command in found:
         shown = camserve(*path, "--help")
