@@ -209,7 +209,19 @@ def test_a_reset_is_retried_for_idempotent_calls_only() -> None:
     with Client("http://camserve", retry=FAST, transport=transport) as client:
         with pytest.raises(Unreachable, match="connection reset"):
             client.explain(b"png", "GradCAM")  # a POST may have been half done: not resent
-    assert len(calls) == 1
+    assert [c.method for c in calls] == ["POST", "GET"]  # the GET asks why it broke
+
+
+def test_a_refusal_lost_in_a_reset_upload_is_still_reported() -> None:
+    # The service answers 401 on the headers and closes without reading the body: the client,
+    # still uploading, may see a reset instead. It asks once more with a GET, which gets the 401.
+    refused = {"error": {"code": "unauthorized", "message": "Missing or wrong API key."}}
+    transport, calls = stub([httpx.ReadError("reset"), httpx.Response(401, json=refused)])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        with pytest.raises(ServiceError) as raised:
+            client.explain(b"png", "GradCAM")
+    assert (raised.value.status, raised.value.code) == (401, "unauthorized")
+    assert [c.method for c in calls] == ["POST", "GET"]
 
 
 def test_the_wait_is_bounded_and_follows_retry_after() -> None:
