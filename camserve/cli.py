@@ -254,7 +254,7 @@ class Display:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=err,
-            disable=quiet,
+            disable=quiet or not err.is_terminal,  # no bars in logs and pipes
         )
         self.images = self.progress.add_task("images", total=images)
 
