@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 from PIL import Image
 
 from camserve import cli
+from camserve.cli.common import Display
 from tests.camserve.conftest import API_KEY
 from tests.camserve.test_client import explain_over_http
 from tests.http.test_server import ROOT, free_port
@@ -109,9 +110,9 @@ def test_a_long_method_reports_its_own_progress(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     reports: list[tuple[int, int]] = []
-    report = cli.Display.report
+    report = Display.report
     monkeypatch.setattr(
-        cli.Display,
+        Display,
         "report",
         lambda self, task, done, total: (
             reports.append((done, total)),
