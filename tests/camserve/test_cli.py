@@ -4,14 +4,17 @@ every bad input ends in a message and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import click
+import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
@@ -21,7 +24,7 @@ from camserve import cli
 from camserve.cli.common import Display
 from tests.camserve.conftest import API_KEY
 from tests.camserve.test_client import explain_over_http
-from tests.http.test_server import ROOT, free_port
+from tests.http.test_server import ROOT, environment, free_port
 
 
 def camserve(*args: str | Path) -> Result:
@@ -267,6 +270,75 @@ def test_one_bad_image_of_a_folder_is_recorded_and_the_rest_explained(
     bad, good = lines(tmp_path / "out")
     assert bad["error"]["code"] == "unsupported_media_type" and good["predictions"]
     assert_no_traceback(result)
+
+
+def test_concurrency_bounds_the_images_in_flight_on_a_server(tmp_path: Path) -> None:
+    in_flight, most = 0, 0
+    lock = threading.Lock()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            nonlocal in_flight, most
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            with lock:
+                in_flight += 1
+                most = max(most, in_flight)
+            time.sleep(0.2)
+            with lock:
+                in_flight -= 1
+            body = json.dumps({"error": {"code": "invalid_image", "message": "bad"}}).encode()
+            self.send_response(422)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(6):
+        (folder / f"{number}.png").write_bytes(b"png")
+    try:
+        result = camserve(
+            "explain", folder, "--concurrency", "2", "-o", tmp_path / "out",
+            "--url", f"http://127.0.0.1:{httpd.server_address[1]}",
+        )  # fmt: skip
+    finally:
+        httpd.shutdown()
+    assert result.exit_code == 1  # every image refused: recorded, and the run goes on
+    assert len(lines(tmp_path / "out")) == 6
+    assert most == 2
+
+
+def test_serve_runs_the_service_and_stops_cleanly(store: Path) -> None:
+    port = free_port()
+    env = environment(store)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "camserve", "serve", "--port", str(port), "--device", "cpu"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        models = httpx.get(f"http://127.0.0.1:{port}/models", timeout=5).json()
+        assert models["default_model"] == "tiny"
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
 
 
 def test_the_console_script_prints_no_traceback(tmp_path: Path) -> None:
