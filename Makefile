@@ -3,9 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-STAMP  := $(VENV)/.camserve-installed
+# Two installs: serving needs the package and its dependencies only; `make test` and the other
+# developer targets add the dev extras (pytest, ruff, mypy, playwright, ...). The dev install is
+# a superset: a venv that has it serves without installing anything.
+STAMP       := $(VENV)/.camserve-installed
+SERVE_STAMP := $(VENV)/.camserve-serve-installed
 
-.PHONY: install serve test lint typecheck lint-deploy docs browser-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
+.PHONY: install dev serve test lint typecheck lint-deploy docs browser-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,19 +18,28 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --disable-pip-version-check -q -e '.[dev]'
 	touch $(STAMP)
 
+$(SERVE_STAMP): pyproject.toml | $(PY)
+	@if [ ! $(STAMP) -nt pyproject.toml ]; then \
+		$(PIP) install --disable-pip-version-check -q -e . ; fi
+	touch $(SERVE_STAMP)
+
 install: $(STAMP)
 
-serve: $(STAMP)
+# The developer venv (dev extras included): the `camserve` command, the tests and the linters.
+dev: $(STAMP)
+
+# `python -m app` drains on Ctrl-C or SIGTERM and exits 0, so make reports no failure.
+serve: $(SERVE_STAMP)
 	$(PY) -m app
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check app tests bench tools
-	$(VENV)/bin/ruff format --check app tests bench tools
+	$(VENV)/bin/ruff check app camserve tests bench tools
+	$(VENV)/bin/ruff format --check app camserve tests bench tools
 	$(VENV)/bin/lint-imports  # the layer contract: [tool.importlinter] in pyproject.toml
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format app tests bench tools
-	$(VENV)/bin/ruff check --fix app tests bench tools
+	$(VENV)/bin/ruff format app camserve tests bench tools
+	$(VENV)/bin/ruff check --fix app camserve tests bench tools
 
 # mypy on app/ (settings in pyproject.toml: [tool.mypy]).
 typecheck: $(STAMP)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from app.observability.logs import configure_logging
 from app.settings import ConfigurationError, load_settings
 
 
-def main() -> int:
-    """Validate the settings, set up logging and run the server until interrupted."""
+def main(**overrides: Any) -> int:
+    """Validate the settings (``overrides`` win over the environment), set up logging and run
+    the server until interrupted."""
     try:
-        settings = load_settings()
+        settings = load_settings(**overrides)
     except ConfigurationError as error:
         print(f"camserve: {error}", file=sys.stderr)
         return 2

@@ -255,3 +255,11 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
     assert issubclass(config.http, HeaderDeadlineProtocol)  # type: ignore[arg-type]
     assert config.http.header_timeout_s == 7  # type: ignore[union-attr]
     assert server.lifecycle.grace_s == 9
+
+
+def test_a_drained_server_exits_0_so_make_serve_reports_no_failure(store: Path) -> None:
+    # Dying by the signal (uvicorn re-raises it) made `make serve` print "*** Terminated".
+    process, _ = start_server(store)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, output

@@ -1,0 +1,5 @@
+"""``python -m camserve``: the ``camserve`` command line."""
+
+from camserve.cli import run
+
+run()

@@ -1,0 +1,169 @@
+"""What ``Client`` and ``AsyncClient`` share: where the service is and which headers it gets,
+when a call is tried again, how an error answer or a job's event reads, how a request becomes a
+multipart form."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from httpx_sse import ServerSentEvent
+from pydantic import BaseModel
+
+from app.pipeline.results import JobProgress, JobView
+from camserve.answers import Explained
+from camserve.errors import ServiceError
+from camserve.images import ImageInput, as_upload
+from camserve.request import ExplainRequest
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+URL_ENV = "CAMSERVE_URL"
+API_KEY_ENV = "CAMSERVE_API_KEY"
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+# The service refuses a request on its headers (a wrong key, a drain) and closes the connection
+# without reading the body: a client still sending it may see the connection reset instead of
+# the answer. After a broken upload, this idempotent call asks again, to report that refusal.
+PROBE = "/models"
+FINAL = frozenset({"succeeded", "failed", "cancelled"})
+#: The service sends a comment every 15 s on a quiet event stream: 4 missed ones mean it is gone.
+EVENTS_TIMEOUT = httpx.Timeout(30.0, read=60.0)
+
+M = TypeVar("M", bound=BaseModel)
+ProgressHandler = Callable[[JobProgress], None]
+Files = list[tuple[str, tuple[str, bytes, str]]]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait before trying a call again."""
+
+    attempts: int = 4
+    """Tries in all, the first one included."""
+    backoff_s: float = 0.5
+    """The first wait when the service names none; each further wait doubles it."""
+    max_wait_s: float = 10.0
+    """No wait is longer, whatever Retry-After asks for."""
+
+    def wait_s(self, attempt: int, retry_after: str | None = None) -> float:
+        wait = self.backoff_s * float(2**attempt)
+        if retry_after is not None:
+            try:
+                wait = max(0.0, float(retry_after))
+            except ValueError:
+                pass  # an HTTP date: keep the backoff
+        return min(wait, self.max_wait_s)
+
+
+def retryable_status(response: httpx.Response) -> bool:
+    return response.status_code == 503 and "retry-after" in response.headers
+
+
+def retryable_failure(method: str, error: httpx.TransportError) -> bool:
+    # A refused connection sent nothing; a broken one may have: only idempotent calls go again.
+    return isinstance(error, httpx.ConnectError) or method in IDEMPOTENT
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """``ServiceError`` with the service's code and message for any answer that is not 2xx."""
+    if response.is_success:
+        return
+    request_id = response.headers.get("x-request-id")
+    try:
+        error = response.json()["error"]
+        code, message, details = error["code"], error["message"], error.get("details")
+    except (ValueError, KeyError, TypeError):
+        code, details = f"http_{response.status_code}", None
+        message = response.text.strip()[:300] or response.reason_phrase
+    raise ServiceError(response.status_code, code, message, details, request_id)
+
+
+def parse(response: httpx.Response, model: type[M]) -> M:
+    raise_for_error(response)
+    return model.model_validate_json(response.content)
+
+
+def file_parts(images: Iterable[ImageInput]) -> Files:
+    parts = []
+    for number, image in enumerate(images):
+        name, data = as_upload(image, None if not isinstance(image, bytes) else f"image{number}")
+        parts.append(("file", (name, data, "application/octet-stream")))
+    return parts
+
+
+def form_data(fields: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    form: dict[str, list[str]] = {}
+    for name, value in fields:
+        form.setdefault(name, []).append(value)
+    return form
+
+
+def build_request(
+    methods: Sequence[str] | str | None,
+    model: str | None,
+    class_idx: int | Sequence[int] | None,
+    target_layers: Sequence[str] | str | None,
+    outputs: Sequence[str],
+    image_format: str | None,
+    size: str | int | None,
+    options: dict[str, Any],
+) -> ExplainRequest:
+    base = ExplainRequest()
+    return ExplainRequest(
+        methods=(methods,) if isinstance(methods, str) else tuple(methods or ()),
+        model=model,
+        class_idx=(class_idx,) if isinstance(class_idx, int) else tuple(class_idx or ()),
+        target_layers=(
+            (target_layers,) if isinstance(target_layers, str) else tuple(target_layers or ())
+        ),
+        outputs=tuple(outputs),
+        image_format=image_format or base.image_format,
+        size=None if size is None else str(size),
+        fields=options,
+    )
+
+
+def job_event(event: ServerSentEvent, progress: ProgressHandler | None) -> JobView | None:
+    """The final view from a job's event stream; progress events go to ``progress``."""
+    if event.event == "progress":
+        if progress is not None:
+            progress(JobProgress.model_validate(json.loads(event.data)["progress"]))
+        return None
+    if event.event in FINAL:
+        return JobView.model_validate_json(event.data)
+    return None
+
+
+def outcome(view: JobView) -> Explained:
+    if view.status == "succeeded" and view.result is not None:
+        return Explained(view.result)
+    error = view.error
+    code = error.code if error else view.status
+    raise ServiceError(None, code, error.message if error else f"the job {view.status}")
+
+
+class Connection:
+    """What both clients share: the address, the headers and the retry policy."""
+
+    def __init__(
+        self,
+        url: str | None,
+        api_key: str | None,
+        request_id: str | None,
+        retry: RetryPolicy,
+    ) -> None:
+        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self.request_id = request_id
+        self.retry = retry
+
+    def headers(self, request_id: str | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.api_key:
+            headers["X-API-Key"] = self.api_key
+        if request_id or self.request_id:
+            headers["X-Request-ID"] = request_id or self.request_id or ""
+        return headers

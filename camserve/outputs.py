@@ -1,0 +1,83 @@
+"""Where ``camserve explain`` puts its answers: one picture (and ``.npy`` raw map) per image and
+method, and one ``results.jsonl`` line per image with its predictions and timings."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from camserve.answers import Explained
+
+_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
+RESULTS = "results.jsonl"
+
+
+class OutputFolder:
+    """The output folder of one run; ``results.jsonl`` is started afresh."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.results = folder / RESULTS
+        self.results.write_text("")
+        self._stems: set[str] = set()
+
+    def _stem(self, source: str) -> str:
+        """A file name stem for ``source`` not used yet in this run (``a``, ``a-2``, ...)."""
+        base = Path(source).stem or "image"
+        stem, number = base, 1
+        while stem in self._stems:
+            number += 1
+            stem = f"{base}-{number}"
+        self._stems.add(stem)
+        return stem
+
+    def write(self, source: str, explained: Explained, via: str) -> dict[str, Any]:
+        """Write the pictures and raw maps of ``explained``; return its ``results.jsonl`` line."""
+        stem = self._stem(source)
+        response = explained.response
+        suffix = _SUFFIXES.get(response.image_format, f".{response.image_format}")
+        explanations = []
+        for method, maps in explained.methods.items():
+            files: dict[str, str] = {}
+            overlay = maps.map_fields()["overlay"]
+            if overlay is not None:
+                path = self.folder / f"{stem}.{method}{suffix}"
+                path.write_bytes(base64.b64decode(overlay))
+                files["overlay"] = path.name
+            raw = maps.raw
+            if raw is not None:
+                path = self.folder / f"{stem}.{method}.npy"
+                np.save(path, raw)
+                files["raw"] = path.name
+            explanations.append(
+                {
+                    "method": method,
+                    "class_idx": maps.class_idx,
+                    "label": maps.label,
+                    "probability": maps.probability,
+                    **files,
+                }
+            )
+        line = {
+            "file": source,
+            "via": via,
+            "model": response.model,
+            "device": response.device,
+            "predictions": [p.model_dump() for p in explained.predictions],
+            "explanations": explanations,
+            "timings": response.timings.model_dump(),
+        }
+        self._append(line)
+        return line
+
+    def write_error(self, source: str, code: str, message: str) -> None:
+        self._append({"file": source, "error": {"code": code, "message": message}})
+
+    def _append(self, line: dict[str, Any]) -> None:
+        with self.results.open("a") as stream:
+            stream.write(json.dumps(line) + "\n")

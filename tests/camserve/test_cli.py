@@ -1,0 +1,386 @@
+"""``camserve`` end to end: in-process and against a real server, the same answers as /explain;
+every bad input ends in a message and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import click
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+from camserve import cli
+from camserve.cli.common import Display
+from tests.camserve.conftest import API_KEY
+from tests.camserve.test_client import explain_over_http
+from tests.http.test_server import ROOT, environment, free_port
+
+
+def camserve(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+def in_process(store: Path) -> list[str | Path]:
+    return ["--model-store", store, "--device", "cpu", "--model", "tiny"]
+
+
+def remote(url: str) -> list[str | Path]:
+    return ["--url", url, "--api-key", API_KEY]
+
+
+def lines(folder: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def assert_no_traceback(result: Result) -> None:
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_in_process_and_url_give_what_explain_gives(
+    store: Path, server: str, images: Path, tmp_path: Path
+) -> None:
+    path = images / "a.png"
+    answer = explain_over_http(server, path, method="GradCAM,ScoreCAM")
+    (expected,) = answer["results"]
+    runs = {"in-process": in_process(store), "url": remote(server)}
+    for name, where in runs.items():
+        folder = tmp_path / name
+        result = camserve(
+            "explain",
+            path,
+            "-m",
+            "GradCAM,ScoreCAM",
+            "--raw",
+            "--format",
+            "png",
+            "-o",
+            folder,
+            "--jobs",
+            "never",
+            *where,
+        )
+        assert result.exit_code == 0, result.output
+        (line,) = lines(folder)
+        got = {p["class_idx"]: p["logit"] for p in line["predictions"]}
+        for prediction in expected["predictions"]:
+            assert got[prediction["class_idx"]] == pytest.approx(prediction["logit"], abs=1e-5)
+        for explanation in expected["explanations"]:
+            method = explanation["method"]
+            final = explanation["maps"][-1]
+            raw = np.load(folder / f"a.{method}.npy")
+            np.testing.assert_allclose(raw, final["raw"]["values"], atol=1e-5, err_msg=name)
+            overlay = Image.open(folder / f"a.{method}.png")
+            assert overlay.size == (final["width"], final["height"])
+        assert line["via"] == ("in-process" if name == "in-process" else "explain")
+
+
+def test_a_folder_gives_one_overlay_per_image_and_method(
+    store: Path, images: Path, tmp_path: Path
+) -> None:
+    result = camserve(
+        "explain", images, "-m", "GradCAM", "-m", "CAM", "-o", tmp_path, *in_process(store)
+    )
+    # notes.txt is not picked from the folder: only image files are.
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["a.CAM.jpg", "a.GradCAM.jpg", "b.CAM.jpg", "b.GradCAM.jpg", "results.jsonl"]
+    assert [line["file"] for line in lines(tmp_path)] == [
+        str(images / "a.png"),
+        str(images / "b.png"),
+    ]
+    assert "2 of 2 images explained" in result.output
+
+
+@pytest.mark.parametrize("where", ["in-process", "url"])
+def test_a_long_method_reports_its_own_progress(
+    store: Path,
+    server: str,
+    images: Path,
+    tmp_path: Path,
+    where: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reports: list[tuple[int, int]] = []
+    report = Display.report
+    monkeypatch.setattr(
+        Display,
+        "report",
+        lambda self, task, done, total: (
+            reports.append((done, total)),
+            report(self, task, done, total),
+        ),
+    )
+    args = in_process(store) if where == "in-process" else remote(server)
+    result = camserve(
+        "explain", images / "a.png", "-m", "ScoreCAM", "-O", "batch_size=1", "-o", tmp_path, *args
+    )
+    assert result.exit_code == 0, result.output
+    assert reports and reports[-1] == (4, 4)  # a masked forward per channel of `features`
+    assert lines(tmp_path)[0]["via"] == ("in-process" if where == "in-process" else "job")
+
+
+def test_models_lists_the_same_models_here_and_on_the_server(store: Path, server: str) -> None:
+    here, there = camserve("models", "--model-store", store), camserve("models", *remote(server))
+    assert here.exit_code == there.exit_code == 0, here.output + there.output
+    for output in (here.output, there.output):
+        assert "tiny" in output and "features" in output and "GradCAM" in output
+        assert "broken" in output and "failed" in output
+
+
+def test_jobs_submit_watch_and_cancel(server: str, images: Path, tmp_path: Path) -> None:
+    submitted = camserve(
+        "jobs", "submit", images / "b.png", "-m", "ScoreCAM", "--raw", *remote(server)
+    )
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.output.strip()
+    watched = camserve("jobs", "watch", job_id, "-o", tmp_path, *remote(server))
+    assert watched.exit_code == 0, watched.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "b.ScoreCAM.jpg",
+        "b.ScoreCAM.npy",
+        "results.jsonl",
+    ]
+    slow = camserve(
+        "jobs",
+        "submit",
+        images / "a.png",
+        "-m",
+        "SSCAM",
+        "--model",
+        "resnet",
+        "-O",
+        "num_samples=64",
+        "-O",
+        "batch_size=1",
+        *remote(server),
+    )
+    cancelled = camserve("jobs", "cancel", slow.output.strip(), *remote(server))
+    assert cancelled.exit_code == 0 and cancelled.output.strip().endswith("cancelled")
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture(scope="module")
+def always_busy() -> Iterator[str]:
+    """A server that answers every request with 503 overloaded and Retry-After: 0."""
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.refuse()
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.refuse()
+
+        def refuse(self) -> None:
+            body = json.dumps(
+                {"error": {"code": "overloaded", "message": "Too many requests wait already."}}
+            ).encode()
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def bad_inputs(store: Path, server: str, busy: str, images: Path) -> dict[str, tuple]:  # type: ignore[type-arg]
+    image = images / "a.png"
+    return {
+        "missing file": (("explain", images / "nope.png", *in_process(store)), "file_not_found"),
+        "unknown method here": (
+            ("explain", image, "-m", "Nope", *in_process(store)),
+            "unsupported_method",
+        ),
+        "unknown method there": (
+            ("explain", image, "-m", "Nope", *remote(server)),
+            "unsupported_method",
+        ),
+        "unknown option": (
+            ("explain", image, "-O", "nope=1", *in_process(store)),
+            "invalid_parameter",
+        ),
+        "unreachable server": (
+            ("explain", image, "--url", f"http://127.0.0.1:{free_port()}"),
+            "unreachable",
+        ),
+        "wrong key": (("explain", image, "--url", server, "--api-key", "wrong"), "unauthorized"),
+        "no key": (("models", "--url", server), "unauthorized"),
+        "a model that failed": (
+            ("explain", image, "--model", "broken", *remote(server)),
+            "model_unavailable",
+        ),
+        "a 503 that persists": (("explain", image, "--url", busy), "overloaded"),
+        "missing store": (
+            ("explain", image, "--model-store", images / "nothing"),
+            "model_store_missing",
+        ),
+        "jobs without a server": (("jobs", "cancel", "x"), "no_server"),
+    }
+
+
+def test_bad_inputs_end_in_a_message_and_exit_1(
+    store: Path,
+    server: str,
+    always_busy: str,
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CAMSERVE_URL", raising=False)
+    for case, (args, code) in bad_inputs(store, server, always_busy, images).items():
+        result = camserve(*args, "-o", tmp_path) if args[0] == "explain" else camserve(*args)
+        assert result.exit_code == 1, (case, result.output)
+        assert f"error {code}:" in result.output, (case, result.output)
+        assert_no_traceback(result)
+
+
+def test_one_bad_image_of_a_folder_is_recorded_and_the_rest_explained(
+    store: Path, images: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.png").write_bytes((images / "a.png").read_bytes())
+    (folder / "bad.png").write_bytes(b"not a png")
+    result = camserve("explain", folder, "-o", tmp_path / "out", *in_process(store))
+    assert result.exit_code == 1, result.output
+    assert "bad.png: unsupported_media_type" in result.output
+    bad, good = lines(tmp_path / "out")
+    assert bad["error"]["code"] == "unsupported_media_type" and good["predictions"]
+    assert_no_traceback(result)
+
+
+def test_concurrency_bounds_the_images_in_flight_on_a_server(tmp_path: Path) -> None:
+    in_flight, most = 0, 0
+    lock = threading.Lock()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            nonlocal in_flight, most
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            with lock:
+                in_flight += 1
+                most = max(most, in_flight)
+            time.sleep(0.2)
+            with lock:
+                in_flight -= 1
+            body = json.dumps({"error": {"code": "invalid_image", "message": "bad"}}).encode()
+            self.send_response(422)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(6):
+        (folder / f"{number}.png").write_bytes(b"png")
+    try:
+        result = camserve(
+            "explain", folder, "--concurrency", "2", "-o", tmp_path / "out",
+            "--url", f"http://127.0.0.1:{httpd.server_address[1]}",
+        )  # fmt: skip
+    finally:
+        httpd.shutdown()
+    assert result.exit_code == 1  # every image refused: recorded, and the run goes on
+    assert len(lines(tmp_path / "out")) == 6
+    assert most == 2
+
+
+def test_serve_runs_the_service_and_stops_cleanly(store: Path) -> None:
+    port = free_port()
+    env = environment(store)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "camserve", "serve", "--port", str(port), "--device", "cpu"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        models = httpx.get(f"http://127.0.0.1:{port}/models", timeout=5).json()
+        assert models["default_model"] == "tiny"
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
+
+
+def test_the_console_script_prints_no_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "camserve", "explain", str(tmp_path / "missing.png")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "file_not_found" in done.stderr and "missing.png" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_help_explains_every_option() -> None:
+    def commands(group: click.Group, path: list[str]) -> Iterator[tuple[list[str], click.Command]]:
+        for name, command in group.commands.items():
+            yield [*path, name], command
+            if isinstance(command, click.Group):
+                yield from commands(command, [*path, name])
+
+    found = list(commands(cli.main, []))
+    assert {" ".join(p) for p, _ in found} >= {
+        "serve",
+        "explain",
+        "models",
+        "jobs submit",
+        "jobs watch",
+        "jobs cancel",
+    }
+    for path, command in found:
+        shown = camserve(*path, "--help")
+        assert shown.exit_code == 0 and command.help, path
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help and param.help.split()[0] in shown.output, (path, param.name)
+
+
+def test_the_client_and_the_cli_never_import_the_web_framework() -> None:
+    code = (
+        "import sys, camserve, camserve.local, camserve.cli; "
+        "assert not {'fastapi', 'starlette'} & set(sys.modules), 'fastapi imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

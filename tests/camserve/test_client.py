@@ -1,0 +1,240 @@
+"""``camserve.client`` against a real server process, and its retries against a stub transport."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.http.schemas import ModelList
+from app.pipeline.results import JobProgress
+from camserve import AsyncClient, Client, RetryPolicy, ServiceError, Unreachable
+from tests.camserve.conftest import API_KEY
+from tests.http.test_server import free_port
+
+METHODS = ["GradCAM", "ScoreCAM"]
+
+
+def explain_over_http(url: str, path: Path, **form: str | list[str]) -> dict:
+    """What POST /explain answers, sent by hand."""
+    response = httpx.post(
+        f"{url}/explain",
+        files=[("file", (path.name, path.read_bytes(), "image/png"))],
+        data={"output": ["overlay", "raw"], "image_format": "png", **form},
+        headers={"X-API-Key": API_KEY},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def assert_same_as_endpoint(explained, answer: dict) -> None:  # type: ignore[no-untyped-def]
+    (result,) = answer["results"]
+    np.testing.assert_allclose(explained.result.logits, result["logits"], atol=1e-5)
+    assert [p.class_idx for p in explained.predictions] == [
+        p["class_idx"] for p in result["predictions"]
+    ]
+    for expected in result["explanations"]:
+        maps = explained[expected["method"]]
+        assert maps.class_idx == expected["class_idx"]
+        raw = np.asarray(expected["maps"][-1]["raw"]["values"], dtype=np.float32)
+        np.testing.assert_allclose(maps.raw, raw, atol=1e-5)
+        assert maps.overlay is not None and maps.overlay.size == (
+            expected["maps"][-1]["width"],
+            expected["maps"][-1]["height"],
+        )
+
+
+def test_explain_gives_what_the_endpoint_gives(server: str, images: Path) -> None:
+    path = images / "a.png"
+    with Client(server, api_key=API_KEY) as client:
+        explained = client.explain(path, methods=METHODS, image_format="png")
+    assert_same_as_endpoint(explained, explain_over_http(server, path, method="GradCAM,ScoreCAM"))
+    assert isinstance(explained.overlay, Image.Image)
+    assert explained.raw is not None and explained.raw.dtype == np.float32
+    assert explained.response.method == "GradCAM,ScoreCAM"
+
+
+def test_explain_takes_a_path_bytes_a_pil_image_or_an_array(server: str, images: Path) -> None:
+    path = images / "a.png"
+    picture = Image.open(path).convert("RGB")
+    inputs = [path, str(path), path.read_bytes(), picture, np.asarray(picture)]
+    with Client(server, api_key=API_KEY) as client:
+        answers = [client.explain(image, "GradCAM") for image in inputs]
+    for answer in answers[1:]:
+        np.testing.assert_allclose(answer.raw, answers[0].raw, atol=1e-5)
+        np.testing.assert_allclose(answer.result.logits, answers[0].result.logits, atol=1e-5)
+    with pytest.raises(TypeError, match="pass a path, bytes, a PIL image or a numpy array"):
+        Client(server).explain(3.5)  # type: ignore[arg-type]
+
+
+def test_options_reach_the_methods(server: str, images: Path) -> None:
+    with Client(server, api_key=API_KEY) as client:
+        explained = client.explain(images / "b.png", "SSCAM", num_samples=2, seed=3, top_k=2)
+    assert explained.response.options == {"num_samples": 2, "seed": 3}
+    assert len(explained.predictions) == 2
+
+
+def test_models_and_predict(server: str, images: Path) -> None:
+    with Client(server, api_key=API_KEY) as client:
+        listing = client.models()
+        detail = client.model("tiny")
+        predicted = client.predict([images / "a.png", images / "b.png"], top_k=3)
+    assert isinstance(listing, ModelList) and listing.default_model == "tiny"
+    assert {m.name: m.status for m in listing.models}["broken"] == "failed"
+    assert "GradCAM" in detail.methods and detail.target_layers == ["features"]
+    assert [r.filename for r in predicted.results] == ["a.png", "b.png"]
+    assert all(len(r.predictions) == 3 for r in predicted.results)
+
+
+def test_a_job_reports_progress_and_gives_the_explanation(server: str, images: Path) -> None:
+    path = images / "a.png"
+    seen: list[JobProgress] = []
+    with Client(server, api_key=API_KEY) as client:
+        job = client.submit_job(path, "ScoreCAM", image_format="png", batch_size=1)
+        explained = job.wait(progress=seen.append)
+        assert job.status().status == "succeeded"
+    assert seen and seen[-1].total == 4  # one masked forward per channel of the 4 of `features`
+    assert_same_as_endpoint(explained, explain_over_http(server, path, method="ScoreCAM"))
+
+
+def test_a_cancelled_job_raises_its_error(server: str, images: Path) -> None:
+    with Client(server, api_key=API_KEY) as client:
+        job = client.submit_job(
+            images / "a.png", "SSCAM", model="resnet", num_samples=64, batch_size=1
+        )
+        assert job.cancel().status == "cancelled"
+        with pytest.raises(ServiceError) as raised:
+            job.wait()
+    assert raised.value.code == "cancelled"
+
+
+def test_async_client_gives_the_same_answers(server: str, images: Path) -> None:
+    path = images / "b.png"
+
+    async def run() -> tuple:  # type: ignore[type-arg]
+        async with AsyncClient(server, api_key=API_KEY) as client:
+            explained = await client.explain(path, METHODS, image_format="png")
+            seen: list[JobProgress] = []
+            job = await client.submit_job(path, "ScoreCAM", image_format="png")
+            from_job = await job.wait(progress=seen.append)
+            return explained, from_job, seen, await client.models()
+
+    explained, from_job, seen, listing = asyncio.run(run())
+    assert_same_as_endpoint(explained, explain_over_http(server, path, method="GradCAM,ScoreCAM"))
+    np.testing.assert_allclose(from_job.raw, explained["ScoreCAM"].raw, atol=1e-5)
+    assert seen and listing.default_model == "tiny"
+
+
+def test_a_wrong_key_is_the_services_401_with_the_request_id(server: str) -> None:
+    with Client(server, api_key="wrong", request_id="rid-1") as client:
+        with pytest.raises(ServiceError) as raised:
+            client.models()
+    error = raised.value
+    assert (error.status, error.code, error.request_id) == (401, "unauthorized", "rid-1")
+    assert "X-API-Key" in error.message
+
+
+def test_the_url_and_the_key_come_from_the_environment(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAMSERVE_URL", server)
+    monkeypatch.setenv("CAMSERVE_API_KEY", API_KEY)
+    with Client() as client:
+        assert client.url == server
+        assert client.models().default_model == "tiny"
+
+
+# ------------------------------------------------------------------ retries (stub transport)
+
+MODELS = {"default_model": "tiny", "models": []}
+OVERLOADED = {"error": {"code": "overloaded", "message": "Too many requests are waiting."}}
+FAST = RetryPolicy(attempts=3, backoff_s=0.0)
+
+
+def stub(answers: list) -> tuple[httpx.MockTransport, list[httpx.Request]]:  # type: ignore[type-arg]
+    """A transport that gives these answers in turn (an exception is raised)."""
+    calls: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        answer = answers[min(len(calls), len(answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    return httpx.MockTransport(handle), calls
+
+
+def busy() -> httpx.Response:
+    return httpx.Response(503, json=OVERLOADED, headers={"Retry-After": "0"})
+
+
+def test_a_503_with_retry_after_is_retried() -> None:
+    transport, calls = stub([busy(), busy(), httpx.Response(200, json=MODELS)])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        assert client.models().default_model == "tiny"
+    assert len(calls) == 3
+
+
+def test_a_503_that_persists_ends_in_the_services_error() -> None:
+    transport, calls = stub([busy()])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        with pytest.raises(ServiceError) as raised:
+            client.explain(b"\x89PNG...", "GradCAM")
+    assert (raised.value.status, raised.value.code) == (503, "overloaded")
+    assert len(calls) == FAST.attempts
+
+
+def test_a_503_without_retry_after_is_not_retried() -> None:
+    failed = {"error": {"code": "model_unavailable", "message": "Model 'x' failed to load."}}
+    transport, calls = stub([httpx.Response(503, json=failed)])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        with pytest.raises(ServiceError, match="model_unavailable"):
+            client.models()
+    assert len(calls) == 1
+
+
+def test_a_reset_is_retried_for_idempotent_calls_only() -> None:
+    reset = httpx.ReadError("connection reset by peer")
+    transport, calls = stub([reset, httpx.Response(200, json=MODELS)])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        assert client.models().default_model == "tiny"
+    assert len(calls) == 2
+    transport, calls = stub([reset, httpx.Response(200, json=MODELS)])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        with pytest.raises(Unreachable, match="connection reset"):
+            client.explain(b"png", "GradCAM")  # a POST may have been half done: not resent
+    assert [c.method for c in calls] == ["POST", "GET"]  # the GET asks why it broke
+
+
+def test_a_refusal_lost_in_a_reset_upload_is_still_reported() -> None:
+    # The service answers 401 on the headers and closes without reading the body: the client,
+    # still uploading, may see a reset instead. It asks once more with a GET, which gets the 401.
+    refused = {"error": {"code": "unauthorized", "message": "Missing or wrong API key."}}
+    transport, calls = stub([httpx.ReadError("reset"), httpx.Response(401, json=refused)])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        with pytest.raises(ServiceError) as raised:
+            client.explain(b"png", "GradCAM")
+    assert (raised.value.status, raised.value.code) == (401, "unauthorized")
+    assert [c.method for c in calls] == ["POST", "GET"]
+
+
+def test_the_wait_is_bounded_and_follows_retry_after() -> None:
+    policy = RetryPolicy(attempts=5, backoff_s=0.5, max_wait_s=4.0)
+    assert [policy.wait_s(n) for n in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert policy.wait_s(0, "3") == 3.0
+    assert policy.wait_s(0, "600") == 4.0
+    assert policy.wait_s(2, "Wed, 21 Oct 2015 07:28:00 GMT") == 2.0
+
+
+def test_no_server_is_unreachable() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url, retry=RetryPolicy(attempts=2, backoff_s=0.0)) as client:
+        with pytest.raises(Unreachable) as raised:
+            client.models()
+    assert raised.value.code == "unreachable" and url in raised.value.message
