@@ -8,17 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.cam import METHODS
-from app.errors import InvalidParameter
 from app.pipeline.explainer import ExplainParams
+from app.pipeline.params import build_params, read_text
 from app.pipeline.rendering import DEFAULT_IMAGE_FORMAT
-
-#: The form fields of /explain that are not method options, with their ExplainParams names.
-_FIELDS = {
-    "top_k": "top_k",
-    "colormap": "colormap",
-    "alpha": "alpha",
-    "normalized": "normalized",
-}
 
 
 @dataclass(frozen=True)
@@ -47,20 +39,19 @@ class ExplainRequest:
         return form
 
     def params(self) -> ExplainParams:
-        """The same request for the pipeline: each field typed as the form would type it.
-        Raises ``InvalidParameter`` for a field /explain does not have."""
-        plain = {_FIELDS[k]: _typed_field(k, v) for k, v in self.fields.items() if k in _FIELDS}
-        options = {k: _typed_option(k, v) for k, v in self.fields.items() if k not in _FIELDS}
-        return ExplainParams(
-            method=",".join(self.methods) or None,
-            class_idx=self.class_idx,
-            target_layers=self.target_layers,
-            outputs=tuple(o.strip().lower() for o in self.outputs),
-            image_format=self.image_format,
-            size=self.size,
-            options=options,
-            **plain,
-        )
+        """The same request for the pipeline, built by the one builder every protocol uses
+        (``app.pipeline.params``). Raises ``InvalidParameter`` for a field /explain does not have
+        or a value it would refuse."""
+        values: dict[str, Any] = {
+            "method": list(self.methods) or None,
+            "class_idx": list(self.class_idx) or None,
+            "target_layer": list(self.target_layers) or None,
+            "output": list(self.outputs),
+            "image_format": self.image_format,
+            "size": self.size,
+            **self.fields,
+        }
+        return build_params(read_text(values))
 
     @property
     def runs_long(self) -> bool:
@@ -81,51 +72,6 @@ def _form_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return ",".join(str(v) for v in value)
     return str(value)
-
-
-def _typed_field(name: str, value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        if name == "top_k":
-            return int(value)
-        if name == "alpha":
-            return float(value)
-    except ValueError:
-        raise InvalidParameter(f"{name} must be a number, got {value!r}.") from None
-    if name == "normalized":
-        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            raise InvalidParameter(f"normalized must be true or false, got {value!r}.")
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    return value.strip().lower() if name == "colormap" else value
-
-
-def _typed_option(name: str, value: Any) -> Any:
-    """A method option's value with the type its declaration gives (``"8"`` -> 8)."""
-    declared = next(
-        (o for cls in METHODS.values() if (o := cls.option(name)) is not None and o.public), None
-    )
-    if declared is None:
-        known = sorted({o.name for c in METHODS.values() for o in c.options if o.public})
-        raise InvalidParameter(
-            f"No method takes the option {name!r}. Options: {', '.join(known)}, and the fields "
-            f"{', '.join(_FIELDS)}.",
-            details={"option": name},
-        )
-    if not isinstance(value, str):
-        return tuple(value) if isinstance(value, list) else value
-    try:
-        if declared.type is list:
-            return tuple(int(v) for v in value.split(",") if v.strip())
-        return declared.type(value.strip())
-    except ValueError:
-        raise InvalidParameter(
-            f"{name} must be {_type_name(declared.type)}, got {value!r}.", details={"option": name}
-        ) from None
-
-
-def _type_name(kind: type) -> str:
-    return {int: "an integer", float: "a number", list: "integers"}.get(kind, "text")
 
 
 def split_names(values: Sequence[str]) -> tuple[str, ...]:

@@ -171,6 +171,37 @@ def _read_size(name: str, value: Any) -> str:
     return str(value)
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _from_text(name: str, kind: Kind, text: str) -> Any:
+    try:
+        if kind == "int":
+            return int(text.strip())
+        if kind == "float":
+            return float(text.strip())
+    except ValueError:
+        raise _refuse(name, "an integer" if kind == "int" else "a number", text) from None
+    if kind == "bool":
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise _refuse(name, "true or false", text)
+        return word in _TRUE
+    return text
+
+
+def read_text(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values that arrive as text (a command line, a query string), typed by each parameter's
+    kind as the form's fields are, so that ``build_params`` reads them like any protocol's.
+    Unknown names pass through for ``build_params`` to refuse."""
+    return {
+        name: _from_text(name, PARAMETERS[name].kind, value)
+        if isinstance(value, str) and name in PARAMETERS
+        else value
+        for name, value in values.items()
+    }
+
+
 _READERS = {
     "str": _read_str,
     "strs": _read_strs,

@@ -58,7 +58,7 @@ def test_params_type_each_field_as_the_form_does() -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"nope": "1"}, "No method takes the option 'nope'"),
+        ({"nope": "1"}, "Unknown explain parameter 'nope'"),
         ({"num_samples": "many"}, "num_samples must be an integer"),
         ({"alpha": "half"}, "alpha must be a number"),
         ({"normalized": "maybe"}, "normalized must be true or false"),

@@ -9,7 +9,7 @@ import pytest
 from app.cam import METHODS
 from app.errors import InvalidParameter
 from app.pipeline.explainer import ExplainParams
-from app.pipeline.params import GENERAL, OPTION_NAMES, PARAMETERS, build_params
+from app.pipeline.params import GENERAL, OPTION_NAMES, PARAMETERS, build_params, read_text
 
 
 def test_nothing_sent_gives_the_defaults() -> None:
@@ -114,3 +114,25 @@ def test_json_schema_documents_types_bounds_and_defaults() -> None:
     gamma = PARAMETERS["gamma"].json_schema()
     assert gamma["type"] == "number" and "FinerCAM (0.6)" in gamma["description"]
     assert PARAMETERS["image_format"].json_schema()["enum"] == ["png", "jpeg", "webp"]
+
+
+def test_text_values_are_typed_by_their_kind_as_the_form_types_them() -> None:
+    text = {"top_k": " 3", "alpha": "0.25", "normalized": "off", "batch_size": "8", "nope": "x"}
+    assert read_text(text) == {
+        "top_k": 3,
+        "alpha": 0.25,
+        "normalized": False,
+        "batch_size": 8,
+        "nope": "x",
+    }
+    assert build_params(read_text({"batch_size": "8", "comparison_idx": "1,2"})).options == {
+        "batch_size": 8,
+        "comparison_idx": (1, 2),
+    }
+    for values, message in [
+        ({"top_k": "three"}, "top_k must be an integer"),
+        ({"alpha": "half"}, "alpha must be a number"),
+        ({"normalized": "maybe"}, "normalized must be true or false"),
+    ]:
+        with pytest.raises(InvalidParameter, match=message):
+            read_text(values)
