@@ -27,9 +27,12 @@ from app.models.manifest import ManifestError, ModelSpec
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
-    """A model in eval mode on the service device, with what the CAM routes need to know."""
+    """A model in eval mode on the service device, with what the CAM routes need to know.
+
+    Compared and hashed by identity: a reload makes a new one beside the old, and work keyed by
+    the model (its batcher) must not mix the two."""
 
     spec: ModelSpec
     module: nn.Module

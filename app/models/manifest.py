@@ -19,7 +19,7 @@ WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _ENUM_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 _ALLOWED_KEYS: dict[str, set[str]] = {
-    "": {"description", "model", "preprocess", "cam"},
+    "": {"description", "model", "preprocess", "cam", "version_policy"},
     "model": {"architecture", "kwargs", "weights", "num_classes", "labels"},
     "preprocess": {"resize", "crop", "mean", "std", "input_shape"},
     "cam": {"target_layers", "fc_layer", "default_method", "allowed_methods"},
@@ -51,6 +51,8 @@ class ModelSpec:
     fc_layer: str | None
     default_method: str
     allowed_methods: tuple[str, ...] | None
+    version: int = 1
+    """The version folder's number (1 for a model folder without version folders)."""
 
     @property
     def weights_path(self) -> Path | None:
@@ -58,6 +60,56 @@ class ModelSpec:
         if self.weights.endswith(WEIGHT_FILE_SUFFIXES):
             return self.folder / self.weights
         return None
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which numbered versions of a model are served."""
+
+    latest: int | None = 1
+    all: bool = False
+    specific: tuple[int, ...] = ()
+
+    def select(self, numbers: list[int]) -> list[int]:
+        """The served numbers among ``numbers``, ascending."""
+        ordered = sorted(numbers)
+        if self.all:
+            return ordered
+        if self.specific:
+            return [n for n in ordered if n in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+    def describe(self) -> str:
+        if self.all:
+            return "all"
+        if self.specific:
+            return "specific " + ", ".join(map(str, self.specific))
+        return f"latest {self.latest or 1}"
+
+
+class PolicyError(ValueError):
+    """The ``[version_policy]`` table is malformed; the message says how."""
+
+
+def parse_policy(value: Any) -> VersionPolicy:
+    """A ``[version_policy]`` table: exactly one of ``latest = N``, ``all = true``,
+    ``specific = [numbers]``."""
+    usage = "[version_policy] takes one of latest = N, all = true or specific = [1, 2]"
+    if not isinstance(value, dict) or len(value) != 1:
+        raise PolicyError(usage)
+    (key, item), *_ = value.items()
+    if key == "latest" and isinstance(item, int) and not isinstance(item, bool) and item >= 1:
+        return VersionPolicy(latest=item)
+    if key == "all" and item is True:
+        return VersionPolicy(latest=None, all=True)
+    if (
+        key == "specific"
+        and isinstance(item, list)
+        and item
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in item)
+    ):
+        return VersionPolicy(latest=None, specific=tuple(sorted(set(item))))
+    raise PolicyError(f"{usage}; got {key} = {item!r}")
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -112,8 +164,10 @@ def read_labels(path: Path, num_classes: int) -> tuple[str, ...]:
     return labels
 
 
-def parse_manifest(folder: Path) -> ModelSpec:
-    """Read ``folder/model.toml``; raise ManifestError naming the first problem found."""
+def parse_manifest(folder: Path, name: str | None = None, version: int = 1) -> ModelSpec:
+    """Read ``folder/model.toml``; raise ManifestError naming the first problem found.
+
+    ``name`` is the model's (default: the folder's name); a version folder passes its model's."""
     path = folder / MANIFEST_NAME
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -126,8 +180,13 @@ def parse_manifest(folder: Path) -> ModelSpec:
     if unknown:
         raise ManifestError(
             f"unknown top-level key(s): {', '.join(sorted(unknown))}; "
-            "allowed: description, [model], [preprocess], [cam]"
+            "allowed: description, [model], [preprocess], [cam], [version_policy]"
         )
+    if "version_policy" in data:
+        try:
+            parse_policy(data["version_policy"])
+        except PolicyError as error:
+            raise ManifestError(str(error)) from None
     description = data.get("description", "")
     if not isinstance(description, str):
         raise ManifestError("description must be a string")
@@ -198,7 +257,7 @@ def parse_manifest(folder: Path) -> ModelSpec:
         allowed = _strings(cam["allowed_methods"], "cam", "allowed_methods")
 
     return ModelSpec(
-        name=folder.name,
+        name=name or folder.name,
         folder=folder,
         description=description,
         architecture=architecture,
@@ -215,4 +274,5 @@ def parse_manifest(folder: Path) -> ModelSpec:
         fc_layer=fc_layer,
         default_method=default_method,
         allowed_methods=allowed,
+        version=version,
     )

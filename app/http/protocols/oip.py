@@ -164,10 +164,27 @@ def get_server_metadata() -> ServerMetadata:
 )
 def get_model_metadata(name: str, registry: ModelRegistry = Depends(get_registry)) -> ModelMetadata:
     """The model's input (base64 images) and output (logits, one row per image)."""
-    model = registry.get(name)
+    return _metadata(registry, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=ModelMetadata,
+    dependencies=guarded,
+    responses=ERROR_RESPONSES,
+)
+def get_model_version_metadata(
+    name: str, version: int, registry: ModelRegistry = Depends(get_registry)
+) -> ModelMetadata:
+    """One version's input (base64 images) and output (logits, one row per image)."""
+    return _metadata(registry, name, version)
+
+
+def _metadata(registry: ModelRegistry, name: str, version: int | None) -> ModelMetadata:
+    model = registry.get(name, version)
     return ModelMetadata(
         name=model.spec.name,
-        versions=["1"],
+        versions=[str(number) for number in sorted(registry.entry(name).versions)],
         platform=PLATFORM,
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=[TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, model.spec.num_classes])],
@@ -184,6 +201,24 @@ def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) 
     entry = registry.entry(name)
     ready = entry.status == "ready"
     return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    dependencies=guarded,
+    responses={**ERROR_RESPONSES, 503: {"description": "the version is loading or failed"}},
+)
+def get_model_version_ready(
+    name: str, version: int, registry: ModelRegistry = Depends(get_registry)
+) -> JSONResponse:
+    """Answer 200 when this version can serve, 503 while it loads or when it failed."""
+    entry = registry.entry(name)
+    chosen = entry.versions.get(version)
+    ready = chosen is not None and chosen.model is not None
+    return JSONResponse(
+        {"name": entry.name, "version": str(version), "ready": ready},
+        status_code=200 if ready else 503,
+    )
 
 
 def _images(body: InferenceRequest) -> list[tuple[str, str]]:
@@ -239,9 +274,43 @@ async def infer_model(
     settings: Settings = Depends(get_settings),
 ) -> InferenceResponse:
     """Logits for base64-encoded images, through the same batched forward as /predict."""
-    classes = registry.get(name).spec.num_classes
+    return await _infer(request, name, None, body, registry, explainer, settings)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    response_model=InferenceResponse,
+    response_model_exclude_none=True,
+    dependencies=guarded,
+    responses=ERROR_RESPONSES,
+)
+async def infer_model_version(
+    name: str,
+    version: int,
+    body: InferenceRequest,
+    request: Request,
+    registry: ModelRegistry = Depends(get_registry),
+    explainer: Explainer = Depends(get_explainer),
+    settings: Settings = Depends(get_settings),
+) -> InferenceResponse:
+    """Logits of this version of the model for base64-encoded images."""
+    return await _infer(request, name, version, body, registry, explainer, settings)
+
+
+async def _infer(
+    request: Request,
+    name: str,
+    version: int | None,
+    body: InferenceRequest,
+    registry: ModelRegistry,
+    explainer: Explainer,
+    settings: Settings,
+) -> InferenceResponse:
+    classes = registry.get(name, version).spec.num_classes
     uploads = decode_images(_images(body), settings)
-    answer = await within_limits(request, explainer.predict(name, uploads, top_k=classes))
+    answer = await within_limits(
+        request, explainer.predict(name, uploads, top_k=classes, version=version)
+    )
     data: list[float] = []
     for result in answer.results:
         row = [0.0] * classes
@@ -250,7 +319,7 @@ async def infer_model(
         data.extend(row)
     return InferenceResponse(
         model_name=answer.model,
-        model_version="1",
+        model_version=str(answer.version),
         id=body.id,
         outputs=[
             ResponseOutput(
