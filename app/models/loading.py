@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -22,7 +25,7 @@ from app.cam import (
     locate_candidate_layer,
 )
 from app.cam.layers import trace_forward
-from app.models.manifest import ManifestError, ModelSpec
+from app.models.manifest import TIMM_PREFIX, ManifestError, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,12 @@ def build_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...] | None]:
 
     kwargs: dict[str, Any] = dict(spec.kwargs)
     categories: tuple[str, ...] | None = None
-    if ":" in spec.architecture:
+    if spec.architecture.startswith(TIMM_PREFIX):
+        from app.models.timm_models import build_timm, pretrained_source
+
+        with downloads(spec, pretrained_source(spec) if spec.pretrained else None):
+            model = build_timm(spec)
+    elif ":" in spec.architecture:
         if spec.weights_path is None:
             raise ManifestError(
                 f"weights {spec.weights!r} names torchvision weights, which only torchvision "
@@ -104,12 +112,46 @@ def build_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...] | None]:
                     f"known: {', '.join(enum.__members__)}"
                 ) from None
             categories = tuple(weights.meta.get("categories") or ()) or None
-            model = builder(weights=weights, **kwargs)
+            with downloads(spec, torchvision_source(weights.url)):
+                model = builder(weights=weights, **kwargs)
         else:
             model = builder(weights=None, **kwargs)
     if spec.weights_path is not None:
         model.load_state_dict(_read_state_dict(spec.weights_path))
     return model, categories
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where downloaded weights come from and the file that, put in place, spares the download."""
+
+    url: str
+    file: str
+
+
+def torchvision_source(url: str) -> WeightsSource:
+    """torch.hub keeps a download as ``$TORCH_HOME/hub/checkpoints/<the URL's file name>``."""
+    name = os.path.basename(urlparse(url).path)
+    return WeightsSource(url, str(Path(torch.hub.get_dir()) / "checkpoints" / name))
+
+
+@contextmanager
+def downloads(spec: ModelSpec, source: WeightsSource | None) -> Iterator[None]:
+    """Turn a failed weights download into a ManifestError naming the file to put in place
+    (for machines without internet) and the URL it comes from."""
+    try:
+        yield
+    except ManifestError:
+        raise
+    except Exception as error:
+        if source is None:
+            raise
+        raise ManifestError(
+            f"cannot download the weights of {spec.architecture} "
+            f"({type(error).__name__}: {str(error).strip() or 'no details'}). Without internet, "
+            f"put the file {source.file} in place, downloaded from {source.url}, or point "
+            "weights at a local state_dict file."
+        ) from None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
