@@ -11,7 +11,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --disable-pip-version-check -q -e '.[dev]'
+	$(PIP) install --disable-pip-version-check -q -e '.[dev,timm]'
 	touch $(STAMP)
 
 install: $(STAMP)

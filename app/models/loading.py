@@ -259,6 +259,15 @@ def applicable_methods(
             except ValueError as error:
                 reason = str(error)
         result[name] = reason or cls.unavailable_reason(module, layer, spec.input_shape)
+    if result.get("LeGrad") and spec.architecture.startswith(TIMM_PREFIX):
+        if hasattr(module, "blocks") and hasattr(module, "patch_embed"):
+            result["LeGrad"] = (
+                "LeGrad reads the attention of torchvision's VisionTransformer blocks "
+                "(nn.MultiheadAttention); this timm ViT computes attention in timm's own "
+                "Attention module, which LeGrad cannot read. To use LeGrad, serve the ViT as a "
+                'torchvision architecture in model.toml ([model] architecture = "vit_b_16" or '
+                "another torchvision ViT)."
+            )
     if spec.allowed_methods is not None:
         allowed = set()
         for wanted in spec.allowed_methods:

@@ -4,6 +4,7 @@ added, changed under concurrent load without a failed request, broken, removed; 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -241,6 +242,11 @@ def test_versions_through_native_and_oip_routes(tmp_path: Path) -> None:
     put_tiny(store, "tiny", seed=0)
     put_tiny(store, "ver", seed=1, version=1)
     put_tiny(store, "ver", seed=2, version=2, policy="[version_policy]\nall = true")
+    timm_served = importlib.util.find_spec("timm") is not None
+    if timm_served:
+        from tests.models.test_timm_models import put_timm
+
+        put_timm(store, "effnet", "efficientnet_b0", size=64)
     server = Server(store, tmp_path / "log.jsonl")
     url = server.url
     try:
@@ -274,5 +280,7 @@ def test_versions_through_native_and_oip_routes(tmp_path: Path) -> None:
         assert 'camserve_model_ready{model="ver",version="1"} 1.0' in metrics
         served = 'method="",model="ver",route="/predict",status="200",version="1"} 1.0'
         assert f"camserve_requests_total{{{served}" in metrics
+        if timm_served:  # a timm model through the real server too
+            assert predict(url, "effnet").json()["model"] == "effnet"
     finally:
         assert "Traceback" not in server.stop()
