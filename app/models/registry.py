@@ -227,13 +227,19 @@ class ModelRegistry:
         folder = self.store / name
         if not folder.is_dir() or name != folder.name or folder.name.startswith((".", "_")):
             raise self._not_found(name, in_store=True)
-        old = self.entries.get(name)
-        if old is not None and old.unloaded:
-            old = None
+        before = self.entries.get(name)
+        old = before if before is not None and not before.unloaded else None
         if old is None:  # a new model shows as loading until it is done
             self._put(ModelEntry(name))
-        folder_print = fingerprint(folder)
-        layout = read_layout(folder)
+        try:
+            folder_print = fingerprint(folder)
+            layout = read_layout(folder)
+        except OSError:  # the folder went away while we looked: leave things as they were
+            entries = {k: v for k, v in self.entries.items() if k != name}
+            if before is not None:
+                entries[name] = before
+            self.entries = entries
+            raise
         entry = ModelEntry(
             name, versioned=layout.versioned, problem=layout.problem, fingerprint=folder_print
         )
