@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from app.errors import ModelBusy, ModelControlMode
 from app.models.control import ModelControl
-from app.models.registry import ModelRegistry
+from app.models.registry import ModelEntry, ModelRegistry
 from tests.models.store_helpers import new_weights, put_tiny
 
 
@@ -59,15 +60,29 @@ def test_the_api_needs_explicit_mode(tmp_path: Path, mode: str) -> None:
         asyncio.run(control(tmp_path, mode).load("tiny"))
 
 
-def test_an_api_load_holds_the_model_until_it_ends(tmp_path: Path) -> None:
+def test_an_api_load_holds_the_model_until_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     put_tiny(tmp_path, "tiny", seed=0)
     explicit = control(tmp_path, "explicit")
+    registry = explicit.registry
+    release = threading.Event()
+    load = registry.load
+
+    def slow_load(name: str) -> ModelEntry:
+        release.wait(10)
+        return load(name)
+
+    monkeypatch.setattr(registry, "load", slow_load)
 
     async def two_loads() -> None:
         first = asyncio.create_task(explicit.load("tiny"))
-        await asyncio.sleep(0)  # the first load holds tiny now
+        await asyncio.sleep(0)  # the first load runs (and waits) on its thread, holding tiny
         with pytest.raises(ModelBusy):
             await explicit.load("tiny")
+        with pytest.raises(ModelBusy):
+            await explicit.unload("tiny")
+        release.set()
         await first
 
     asyncio.run(two_loads())
