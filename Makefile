@@ -15,7 +15,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --disable-pip-version-check -q -e '.[dev]'
+	$(PIP) install --disable-pip-version-check -q -e '.[dev,timm]'
 	touch $(STAMP)
 
 $(SERVE_STAMP): pyproject.toml | $(PY)

@@ -222,6 +222,34 @@ class JobCancelled(CamserveError):
     code = "cancelled"
 
 
+class ModelBusy(CamserveError):
+    """Another load or unload of the same model is running (the repository API, or a poll)."""
+
+    status_code = 409
+    code = "model_busy"
+
+
+class RepositoryOff(CamserveError):
+    """The repository API is disabled: CAMSERVE_ADMIN_KEY is not set."""
+
+    status_code = 403
+    code = "repository_off"
+
+
+class ModelControlMode(CamserveError):
+    """Loads and unloads through the API need CAMSERVE_MODEL_CONTROL=explicit."""
+
+    status_code = 409
+    code = "model_control_mode"
+
+
+class ModelLoadFailed(CamserveError):
+    """A load through the repository API ended with the model (or a version) failing."""
+
+    status_code = 422
+    code = "model_load_failed"
+
+
 ECHO_LIMIT = 40
 
 

@@ -8,7 +8,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CAMSERVE_"
@@ -192,6 +199,18 @@ class Settings(BaseSettings):
     )
     metrics: bool = Field(True, description="Serve Prometheus metrics on `GET /metrics`.")
     ui: bool = Field(True, description="Serve the page for people at `GET /`.")
+    model_control: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="How models change without a restart: `none` (load the store once), `poll` "
+        "(re-scan it every `CAMSERVE_MODEL_POLL_S`) or `explicit` (only the repository API).",
+    )
+    model_poll_s: float = Field(
+        15.0, gt=0, le=86_400, description="Seconds between two scans of the store in `poll` mode."
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Key of the repository API (`X-Admin-Key`). Unset: that API is off (403).",
+    )
 
     @field_validator("device")
     @classmethod
@@ -227,6 +246,15 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_format(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("admin_key", "model_control", mode="before")
+    @classmethod
+    def _blank_admin_fields(cls, value: object, info: ValidationInfo) -> object:
+        if not isinstance(value, str):
+            return value
+        if info.field_name == "model_control":
+            return value.strip().lower()
+        return value if value.strip() else None
 
 
 def describe_validation_error(error: ValidationError) -> str:

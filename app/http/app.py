@@ -20,12 +20,13 @@ from app.http.middleware.access import AccessMiddleware
 from app.http.middleware.body_limit import BodyLimitMiddleware
 from app.http.middleware.gate import GateMiddleware
 from app.http.openapi import form_fields_without_null
-from app.http.protocols import kserve, oip
+from app.http.protocols import kserve, oip, repository
 from app.http.protocols.base import PREFIXES, json_body_limit
 from app.http.routes import explain, health, jobs, metrics, models, predict
 from app.http.routes.docs import install_docs
 from app.http.routes.ui import install_ui
 from app.lifecycle import Lifecycle
+from app.models.control import ModelControl
 from app.models.device import describe_device, resolve_device
 from app.models.memory import trim_periodically
 from app.models.registry import ModelRegistry
@@ -60,7 +61,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     logger.info("camserve %s on device %s", __version__, describe_device(device))
     warn_renamed(os.environ)
-    registry = ModelRegistry(settings.model_store, device, settings.default_model)
+    registry = ModelRegistry(
+        settings.model_store, device, settings.default_model, settings.model_control
+    )
     registry.discover()
     limiter = SlotLimiter(settings.max_model_slots, settings.queue_size)
     # Every torch call of the service (loading, warm-up, passes) runs on these threads. Each
@@ -89,15 +92,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
     )
     app.state.explainer = explainer
+    app.state.control = ModelControl(
+        registry, settings.model_control, settings.model_poll_s, model_threads
+    )
     app.state.jobs = JobStore(explainer, settings.max_jobs, settings.job_ttl_s, app.state.lifecycle)
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
     trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))
+    background = [trimming]
+    if settings.model_control == "poll":
+        background.append(asyncio.create_task(app.state.control.watch()))
     try:
         yield
     finally:
-        trimming.cancel()
-        await asyncio.gather(trimming, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await app.state.jobs.close()
         await explainer.close()
         await loading
@@ -160,6 +170,8 @@ def _include_routes(app: FastAPI, settings: Settings) -> None:
         jobs.router,
         oip.router,
         kserve.router,
+        models.admin_router,
+        repository.router,
     ):
         app.include_router(router)
     if settings.metrics:

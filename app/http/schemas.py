@@ -41,18 +41,42 @@ class HealthResponse(BaseModel):
     models_loaded: bool
 
 
+ModelStatus = Literal["loading", "ready", "failed", "unloaded"]
+
+
 class ReadyResponse(BaseModel):
     model_config = with_example({"ready": True, "models": {"shapes": "ready"}})
     ready: bool
     draining: bool = Field(False, description="the service got SIGTERM and takes no new work")
-    models: dict[str, Literal["loading", "ready", "failed"]]
+    models: dict[str, ModelStatus]
+
+
+class VersionSummary(BaseModel):
+    version: int
+    status: ModelStatus
+    error: str | None = Field(None, description="why this version failed to load")
+    reload_error: str | None = Field(
+        None, description="why its last reload failed (the previous load goes on serving)"
+    )
 
 
 class ModelSummary(BaseModel):
     name: str
-    status: Literal["loading", "ready", "failed"]
+    status: ModelStatus
     description: str = ""
     error: str | None = Field(None, description="why the model failed to load")
+    reload_error: str | None = Field(
+        None,
+        description="why the last reload failed while the previous load goes on serving",
+    )
+    version: int | None = Field(
+        None, description="the version `model=name` gets: the newest ready one"
+    )
+    versions: list[VersionSummary] = Field(
+        default_factory=list,
+        description="the versions served by the folder's version_policy (one, numbered 1, for "
+        "a folder without version folders)",
+    )
     architecture: str | None = None
     num_classes: int | None = None
     input_shape: list[int] | None = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,18 @@ from app.cam import (
     locate_candidate_layer,
 )
 from app.cam.layers import trace_forward
-from app.models.manifest import ManifestError, ModelSpec
+from app.models.manifest import TIMM_PREFIX, ManifestError, ModelSpec
+from app.models.weights import WeightsSource, torchvision_source
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
-    """A model in eval mode on the service device, with what the CAM routes need to know."""
+    """A model in eval mode on the service device, with what the CAM routes need to know.
+
+    Compared and hashed by identity: a reload makes a new one beside the old, and work keyed by
+    the model (its batcher) must not mix the two."""
 
     spec: ModelSpec
     module: nn.Module
@@ -72,7 +77,12 @@ def build_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...] | None]:
 
     kwargs: dict[str, Any] = dict(spec.kwargs)
     categories: tuple[str, ...] | None = None
-    if ":" in spec.architecture:
+    if spec.architecture.startswith(TIMM_PREFIX):
+        from app.models.timm_models import build_timm, pretrained_source
+
+        with downloads(spec, pretrained_source(spec) if spec.pretrained else None):
+            model = build_timm(spec)
+    elif ":" in spec.architecture:
         if spec.weights_path is None:
             raise ManifestError(
                 f"weights {spec.weights!r} names torchvision weights, which only torchvision "
@@ -101,12 +111,32 @@ def build_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...] | None]:
                     f"known: {', '.join(enum.__members__)}"
                 ) from None
             categories = tuple(weights.meta.get("categories") or ()) or None
-            model = builder(weights=weights, **kwargs)
+            with downloads(spec, torchvision_source(weights.url)):
+                model = builder(weights=weights, **kwargs)
         else:
             model = builder(weights=None, **kwargs)
     if spec.weights_path is not None:
         model.load_state_dict(_read_state_dict(spec.weights_path))
     return model, categories
+
+
+@contextmanager
+def downloads(spec: ModelSpec, source: WeightsSource | None) -> Iterator[None]:
+    """Turn a failed weights download into a ManifestError naming the file to put in place
+    (for machines without internet) and the URL it comes from."""
+    try:
+        yield
+    except ManifestError:
+        raise
+    except Exception as error:
+        if source is None:
+            raise
+        raise ManifestError(
+            f"cannot download the weights of {spec.architecture} "
+            f"({type(error).__name__}: {str(error).strip() or 'no details'}). Without internet, "
+            f"put the file {source.file} in place, downloaded from {source.url}, or point "
+            "weights at a local state_dict file."
+        ) from None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -214,6 +244,15 @@ def applicable_methods(
             except ValueError as error:
                 reason = str(error)
         result[name] = reason or cls.unavailable_reason(module, layer, spec.input_shape)
+    if result.get("LeGrad") and spec.architecture.startswith(TIMM_PREFIX):
+        if hasattr(module, "blocks") and hasattr(module, "patch_embed"):
+            result["LeGrad"] = (
+                "LeGrad reads the attention of torchvision's VisionTransformer blocks "
+                "(nn.MultiheadAttention); this timm ViT computes attention in timm's own "
+                "Attention module, which LeGrad cannot read. To use LeGrad, serve the ViT as a "
+                'torchvision architecture in model.toml ([model] architecture = "vit_b_16" or '
+                "another torchvision ViT)."
+            )
     if spec.allowed_methods is not None:
         allowed = set()
         for wanted in spec.allowed_methods:

@@ -1,4 +1,9 @@
-"""Parse and validate ``model_store/<name>/model.toml`` into a frozen ModelSpec."""
+"""Parse and validate ``model_store/<name>/model.toml`` into a frozen ModelSpec.
+
+The manifest is a pydantic model (``Manifest``); its errors read like the settings' errors, one
+``[table] key: problem`` per problem. Checks that need the folder (the weights and labels files
+exist) and the defaults a timm model brings (its preprocessing) come after, in ``parse_manifest``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from app.models.timm_config import TimmError, pretrained_preprocess
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -18,12 +35,8 @@ MANIFEST_NAME = "model.toml"
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _ENUM_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
-_ALLOWED_KEYS: dict[str, set[str]] = {
-    "": {"description", "model", "preprocess", "cam"},
-    "model": {"architecture", "kwargs", "weights", "num_classes", "labels"},
-    "preprocess": {"resize", "crop", "mean", "std", "input_shape"},
-    "cam": {"target_layers", "fc_layer", "default_method", "allowed_methods"},
-}
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+TIMM_PREFIX = "timm:"
 
 
 class ManifestError(ValueError):
@@ -51,51 +64,220 @@ class ModelSpec:
     fc_layer: str | None
     default_method: str
     allowed_methods: tuple[str, ...] | None
+    version: int = 1
+    """The version folder's number (1 for a model folder without version folders)."""
+    interpolation: Interpolation = "bilinear"
+    pretrained: bool = False
+    """timm only: the weights come from timm's pretrained checkpoint (downloaded once)."""
 
     @property
     def weights_path(self) -> Path | None:
-        """The weights file, or None when ``weights`` names a torchvision weights enum."""
+        """The weights file, or None when ``weights`` names a torchvision weights enum (or a
+        timm model uses its pretrained weights)."""
         if self.weights.endswith(WEIGHT_FILE_SUFFIXES):
             return self.folder / self.weights
         return None
 
 
-def _table(data: dict[str, Any], key: str) -> dict[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise ManifestError(f"[{key}] must be a table")
-    unknown = set(value) - _ALLOWED_KEYS[key]
-    if unknown:
-        raise ManifestError(
-            f"unknown key(s) in [{key}]: {', '.join(sorted(unknown))}; "
-            f"allowed: {', '.join(sorted(_ALLOWED_KEYS[key]))}"
-        )
-    return value
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which numbered versions of a model are served."""
+
+    latest: int | None = 1
+    all: bool = False
+    specific: tuple[int, ...] = ()
+
+    def select(self, numbers: list[int]) -> list[int]:
+        """The served numbers among ``numbers``, ascending."""
+        ordered = sorted(numbers)
+        if self.all:
+            return ordered
+        if self.specific:
+            return [n for n in ordered if n in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+    def describe(self) -> str:
+        if self.all:
+            return "all"
+        if self.specific:
+            return "specific " + ", ".join(map(str, self.specific))
+        return f"latest {self.latest or 1}"
 
 
-def _require(table: dict[str, Any], section: str, key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in table:
-        raise ManifestError(f"[{section}] {key} is required")
-    value = table[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ManifestError(f"[{section}] {key} has the wrong type ({type(value).__name__})")
-    return value
+class PolicyError(ValueError):
+    """The ``[version_policy]`` table is malformed; the message says how."""
 
 
-def _numbers(value: Any, section: str, key: str, length: int) -> tuple[float, ...]:
+def parse_policy(value: Any) -> VersionPolicy:
+    """A ``[version_policy]`` table: exactly one of ``latest = N``, ``all = true``,
+    ``specific = [numbers]``."""
+    usage = "[version_policy] takes one of latest = N, all = true or specific = [1, 2]"
+    if not isinstance(value, dict) or len(value) != 1:
+        raise PolicyError(usage)
+    (key, item), *_ = value.items()
+    if key == "latest" and isinstance(item, int) and not isinstance(item, bool) and item >= 1:
+        return VersionPolicy(latest=item)
+    if key == "all" and item is True:
+        return VersionPolicy(latest=None, all=True)
     if (
-        not isinstance(value, list)
-        or len(value) != length
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        key == "specific"
+        and isinstance(item, list)
+        and item
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in item)
     ):
-        raise ManifestError(f"[{section}] {key} must be a list of {length} numbers")
-    return tuple(float(v) for v in value)
+        return VersionPolicy(latest=None, specific=tuple(sorted(set(item))))
+    raise PolicyError(f"{usage}; got {key} = {item!r}")
 
 
-def _strings(value: Any, section: str, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ManifestError(f"[{section}] {key} must be a non-empty list of strings")
-    return tuple(value)
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelTable(_Table):
+    architecture: str = Field(min_length=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = False
+    weights: str | None = Field(None, validate_default=True)
+    num_classes: int = Field(ge=1)
+    labels: str | None = None
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_is_timm(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not str(info.data.get("architecture", "")).startswith(TIMM_PREFIX):
+            raise ValueError(
+                "pretrained = true is for timm architectures; torchvision ones name their "
+                'weights, e.g. weights = "IMAGENET1K_V1"'
+            )
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str | None, info: ValidationInfo) -> str | None:
+        timm = str(info.data.get("architecture", "")).startswith(TIMM_PREFIX)
+        if value is None:
+            if info.data.get("pretrained"):
+                return value
+            raise ValueError(
+                "weights is required: a state_dict file"
+                + (", or pretrained = true" if timm else " or a torchvision weights name")
+            )
+        if not value.endswith(WEIGHT_FILE_SUFFIXES) and (timm or not _ENUM_RE.match(value)):
+            raise ValueError(
+                f"neither a file ({', '.join(WEIGHT_FILE_SUFFIXES)})"
+                + (
+                    " nor pretrained = true"
+                    if timm
+                    else " nor a torchvision weights name such as IMAGENET1K_V2 or DEFAULT"
+                )
+            )
+        return value
+
+
+class PreprocessTable(_Table):
+    input_shape: list[int]
+    resize: int | None = None
+    crop: int | list[int] | None = None
+    mean: list[float]
+    std: list[float]
+    interpolation: Interpolation = "bilinear"
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, value: list[int]) -> list[int]:
+        if len(value) != 3 or any(v <= 0 for v in value) or value[0] not in (1, 3):
+            raise ValueError("must be [C, H, W] with C = 1 or 3")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessTable:
+        channels, height, width = self.input_shape
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != channels:
+                raise ValueError(f"{key} must be a list of {channels} numbers")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        if self.crop_size != (height, width):
+            raise ValueError(
+                f"crop {list(self.crop_size)} must equal input_shape's H, W {[height, width]}"
+            )
+        if self.resize is not None and self.resize < min(self.crop_size):
+            raise ValueError(
+                f"resize must be an integer >= the crop's shorter side ({min(self.crop_size)})"
+            )
+        return self
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        if self.crop is None:
+            return self.input_shape[1], self.input_shape[2]
+        if isinstance(self.crop, int):
+            return self.crop, self.crop
+        if len(self.crop) != 2:
+            raise ValueError("crop must be an integer or [H, W]")
+        return self.crop[0], self.crop[1]
+
+
+class CamTable(_Table):
+    target_layers: list[str] = Field(default_factory=list)
+    fc_layer: str | None = None
+    default_method: str = "GradCAM"
+    allowed_methods: list[str] | None = Field(None, min_length=1)
+
+
+class Manifest(_Table):
+    """``model.toml``: the tables a model folder's manifest may hold."""
+
+    description: str = ""
+    model: ModelTable
+    preprocess: PreprocessTable | None = None
+    cam: CamTable = Field(default_factory=CamTable)
+    version_policy: dict[str, Any] | None = None
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            parse_policy(value)
+        return value
+
+
+def describe_manifest_error(error: ValidationError) -> str:
+    """pydantic's report as ``[table] key: problem`` phrases; unknown keys grouped per table
+    with the keys allowed there."""
+    problems: list[str] = []
+    unknown: dict[str, list[str]] = {}
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        section = f"[{loc[0]}]" if loc and loc[0] in _TABLES else ""
+        keys = loc[1:] if section else loc
+        where = " ".join(part for part in (section, ".".join(keys)) if part)
+        if item["type"] == "extra_forbidden":
+            unknown.setdefault(section, []).append(".".join(keys))
+            continue
+        if item["type"] == "missing":
+            problems.append(f"{where} is required")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict | list) and keys else ""
+        problems.append(f"{where}: {message}{shown}" if keys else f"{where} {message}")
+    for section, keys in unknown.items():
+        allowed = _TABLES[section.strip("[]")] if section else _TOP_LEVEL
+        where = f"key(s) in {section}" if section else "top-level key(s)"
+        problems.append(
+            f"unknown {where}: {', '.join(sorted(keys))}; allowed: {', '.join(allowed)}"
+        )
+    return "; ".join(problems)
+
+
+_TABLES: dict[str, tuple[str, ...]] = {
+    "model": tuple(ModelTable.model_fields),
+    "preprocess": tuple(PreprocessTable.model_fields),
+    "cam": tuple(CamTable.model_fields),
+    "version_policy": ("latest", "all", "specific"),
+}
+_TOP_LEVEL = ("description", "[model]", "[preprocess]", "[cam]", "[version_policy]")
 
 
 def read_labels(path: Path, num_classes: int) -> tuple[str, ...]:
@@ -112,8 +294,10 @@ def read_labels(path: Path, num_classes: int) -> tuple[str, ...]:
     return labels
 
 
-def parse_manifest(folder: Path) -> ModelSpec:
-    """Read ``folder/model.toml``; raise ManifestError naming the first problem found."""
+def parse_manifest(folder: Path, name: str | None = None, version: int = 1) -> ModelSpec:
+    """Read ``folder/model.toml``; raise ManifestError naming every problem found.
+
+    ``name`` is the model's (default: the folder's name); a version folder passes its model's."""
     path = folder / MANIFEST_NAME
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -121,98 +305,54 @@ def parse_manifest(folder: Path) -> ModelSpec:
         raise ManifestError(f"{MANIFEST_NAME} is missing") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{MANIFEST_NAME} is not valid TOML: {error}") from None
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as error:
+        raise ManifestError(describe_manifest_error(error)) from None
+    return _spec(manifest, folder, name or folder.name, version)
 
-    unknown = set(data) - _ALLOWED_KEYS[""]
-    if unknown:
-        raise ManifestError(
-            f"unknown top-level key(s): {', '.join(sorted(unknown))}; "
-            "allowed: description, [model], [preprocess], [cam]"
-        )
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise ManifestError("description must be a string")
-    model = _table(data, "model")
-    pre = _table(data, "preprocess")
-    cam = _table(data, "cam")
 
-    architecture = _require(model, "model", "architecture", str)
-    kwargs = model.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ManifestError("[model] kwargs must be a table")
-    weights = _require(model, "model", "weights", str)
-    num_classes = _require(model, "model", "num_classes", int)
-    if num_classes < 1:
-        raise ManifestError("[model] num_classes must be at least 1")
-    if weights.endswith(WEIGHT_FILE_SUFFIXES):
-        if not (folder / weights).is_file():
-            raise ManifestError(f"weights file {weights} does not exist in {folder}")
-    elif not _ENUM_RE.match(weights):
-        raise ManifestError(
-            f"[model] weights={weights!r} is neither a file ({', '.join(WEIGHT_FILE_SUFFIXES)}) "
-            "nor a torchvision weights name such as IMAGENET1K_V2 or DEFAULT"
-        )
+def _spec(manifest: Manifest, folder: Path, name: str, version: int) -> ModelSpec:
+    model, cam = manifest.model, manifest.cam
+    if model.weights is not None and model.weights.endswith(WEIGHT_FILE_SUFFIXES):
+        if not (folder / model.weights).is_file():
+            raise ManifestError(f"weights file {model.weights} does not exist in {folder}")
     labels = None
-    if "labels" in model:
-        labels = read_labels(folder / _require(model, "model", "labels", str), num_classes)
-
-    shape = _require(pre, "preprocess", "input_shape", list)
-    if (
-        len(shape) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
-        or shape[0] not in (1, 3)
-    ):
-        raise ManifestError("[preprocess] input_shape must be [C, H, W] with C = 1 or 3")
-    input_shape = (shape[0], shape[1], shape[2])
-    crop_value = pre.get("crop", [input_shape[1], input_shape[2]])
-    if isinstance(crop_value, int) and not isinstance(crop_value, bool):
-        crop = (crop_value, crop_value)
-    elif isinstance(crop_value, list) and len(crop_value) == 2:
-        crop = (int(crop_value[0]), int(crop_value[1]))
-    else:
-        raise ManifestError("[preprocess] crop must be an integer or [H, W]")
-    if crop != input_shape[1:]:
-        raise ManifestError(
-            f"[preprocess] crop {list(crop)} must equal input_shape's H, W {list(input_shape[1:])}"
-        )
-    resize = pre.get("resize", min(crop))
-    if not isinstance(resize, int) or isinstance(resize, bool) or resize < min(crop):
-        raise ManifestError(
-            f"[preprocess] resize must be an integer >= the crop's shorter side ({min(crop)})"
-        )
-    mean = _numbers(_require(pre, "preprocess", "mean", list), "preprocess", "mean", shape[0])
-    std = _numbers(_require(pre, "preprocess", "std", list), "preprocess", "std", shape[0])
-    if any(s <= 0 for s in std):
-        raise ManifestError("[preprocess] std values must be positive")
-
-    target_layers: tuple[str, ...] = ()
-    if "target_layers" in cam:
-        target_layers = _strings(cam["target_layers"], "cam", "target_layers")
-    fc_layer = cam.get("fc_layer")
-    if fc_layer is not None and not isinstance(fc_layer, str):
-        raise ManifestError("[cam] fc_layer must be a string")
-    default_method = cam.get("default_method", "GradCAM")
-    if not isinstance(default_method, str):
-        raise ManifestError("[cam] default_method must be a string")
-    allowed = None
-    if "allowed_methods" in cam:
-        allowed = _strings(cam["allowed_methods"], "cam", "allowed_methods")
-
+    if model.labels is not None:
+        labels = read_labels(folder / model.labels, model.num_classes)
+    pre = manifest.preprocess
+    if pre is None:
+        if not model.architecture.startswith(TIMM_PREFIX):
+            raise ManifestError(
+                "[preprocess] is required (only timm models take it from their pretrained "
+                "config): set input_shape, mean and std"
+            )
+        try:
+            table = pretrained_preprocess(model.architecture.removeprefix(TIMM_PREFIX))
+        except TimmError as error:
+            raise ManifestError(str(error)) from None
+        pre = PreprocessTable.model_validate(table)
+    channels, height, width = pre.input_shape
+    crop = pre.crop_size
     return ModelSpec(
-        name=folder.name,
+        name=name,
         folder=folder,
-        description=description,
-        architecture=architecture,
-        kwargs=MappingProxyType(dict(kwargs)),
-        weights=weights,
-        num_classes=num_classes,
+        description=manifest.description,
+        architecture=model.architecture,
+        kwargs=MappingProxyType(dict(model.kwargs)),
+        weights=model.weights or "",
+        num_classes=model.num_classes,
         labels=labels,
-        resize=resize,
+        resize=pre.resize if pre.resize is not None else min(crop),
         crop=crop,
-        mean=mean,
-        std=std,
-        input_shape=input_shape,
-        target_layers=target_layers,
-        fc_layer=fc_layer,
-        default_method=default_method,
-        allowed_methods=allowed,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
+        input_shape=(channels, height, width),
+        target_layers=tuple(cam.target_layers),
+        fc_layer=cam.fc_layer,
+        default_method=cam.default_method,
+        allowed_methods=tuple(cam.allowed_methods) if cam.allowed_methods else None,
+        version=version,
+        interpolation=pre.interpolation,
+        pretrained=model.pretrained,
     )

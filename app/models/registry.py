@@ -1,36 +1,135 @@
-"""The model store: discover manifests, load models once, and look them up by name."""
+"""The model store: discover its models, load, reload and unload them, look them up by name.
+
+Loading is copy-on-write: a (re)load builds and warms the new versions beside the serving ones,
+then swaps one new ``ModelEntry`` in. A request holds the ``LoadedModel`` it got from ``get`` for
+its whole run, so it finishes on the model it started on; the old model is freed when the last
+such request lets go of it. A reload that fails keeps the old version serving and records why.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from app.cam.names import close_matches
-from app.errors import ModelNotFound, ModelUnavailable, clip
+from app.errors import ModelBusy, ModelNotFound, ModelUnavailable, clip
 from app.models.loading import LoadedModel, load_model
 from app.models.manifest import ManifestError, ModelSpec, parse_manifest
+from app.models.store import Fingerprint, fingerprint, model_folders, read_layout
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["loading", "ready", "failed"]
+Status = Literal["loading", "ready", "failed", "unloaded"]
+Control = Literal["none", "poll", "explicit"]
+
+_FIX_HINT: dict[str, str] = {
+    "none": "Fix its folder in the model store and restart the service.",
+    "poll": "Fix its folder in the model store; it is reloaded at the next scan.",
+    "explicit": "Fix its folder in the model store, then POST /models/{name}/load.",
+}
+
+
+@dataclass
+class ModelVersion:
+    """One version of a model and how far its loading got."""
+
+    number: int
+    status: Status = "loading"
+    spec: ModelSpec | None = None
+    error: str | None = None
+    """Why it failed to load (status ``failed``)."""
+    reload_error: str | None = None
+    """Why its last reload failed while the previous load goes on serving (status ``ready``)."""
+    model: LoadedModel | None = None
+    load_seconds: float | None = None
+    fingerprint: Fingerprint = ()
 
 
 @dataclass
 class ModelEntry:
-    """One folder of the store and how far its loading got."""
+    """One folder of the store: its versions, and whether it is loaded at all."""
 
     name: str
-    status: Status = "loading"
-    spec: ModelSpec | None = None
-    error: str | None = None
-    model: LoadedModel | None = None
-    load_seconds: float | None = None
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    versioned: bool = False
+    problem: str | None = None
+    """Why no version could be tried (an empty folder, a broken ``[version_policy]``)."""
+    unloaded: bool = False
+    fingerprint: Fingerprint = ()
+    """Of the whole folder when it was last (re)loaded: the poll compares it with the disk."""
+
+    @property
+    def serving(self) -> ModelVersion | None:
+        """The newest ready version (the one ``model=name`` gets), or None."""
+        ready = [v for v in self.versions.values() if v.status == "ready"]
+        return max(ready, key=lambda v: v.number) if ready else None
+
+    @property
+    def newest(self) -> ModelVersion | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+    @property
+    def status(self) -> Status:
+        if self.unloaded:
+            return "unloaded"
+        if self.serving is not None:
+            return "ready"
+        if self.problem is None and (
+            not self.versions or any(v.status == "loading" for v in self.versions.values())
+        ):
+            return "loading"
+        return "failed"
+
+    @property
+    def shown(self) -> ModelVersion | None:
+        """The version ``/models`` describes: the serving one, else the newest."""
+        return self.serving or self.newest
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        shown = self.shown
+        return shown.spec if shown else None
+
+    @property
+    def model(self) -> LoadedModel | None:
+        serving = self.serving
+        return serving.model if serving else None
+
+    @property
+    def error(self) -> str | None:
+        """Why the model cannot serve (None while a version serves)."""
+        if self.problem is not None:
+            return self.problem
+        if self.serving is not None or self.unloaded:
+            return None
+        failed = [f"version {v.number}: {v.error}" for v in self.versions.values() if v.error]
+        if not self.versioned:
+            return self.newest.error if self.newest else None
+        return "; ".join(failed) or None
+
+    @property
+    def reload_error(self) -> str | None:
+        """Why the last reload failed while older loads keep serving."""
+        failed = [
+            (f"version {v.number}: " if self.versioned else "") + v.reload_error
+            for v in self.versions.values()
+            if v.reload_error
+        ]
+        return "; ".join(failed) or None
+
+    @property
+    def load_seconds(self) -> float | None:
+        shown = self.shown
+        return shown.load_seconds if shown else None
 
 
 def close_first(name: str, candidates: list[str] | tuple[str, ...]) -> list[str]:
@@ -42,23 +141,30 @@ def close_first(name: str, candidates: list[str] | tuple[str, ...]) -> list[str]
 class ModelRegistry:
     """Models of one store, keyed by folder name; a broken model never hides the others."""
 
-    def __init__(self, store: Path, device: torch.device, default_model: str) -> None:
+    def __init__(
+        self, store: Path, device: torch.device, default_model: str, control: Control = "none"
+    ) -> None:
         self.store = store
         self.device = device
         self.default_model = default_model
+        self.control = control
         self.entries: dict[str, ModelEntry] = {}
+        """Replaced, never changed in place, by a (re)load: readers iterate a stable dict."""
         self._loaded = threading.Event()
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ startup
 
     def discover(self) -> None:
-        """List the store's folders; every folder with files is a model entry."""
+        """List the store's folders; every folder is a model entry, loading."""
         if not self.store.is_dir():
             logger.error("model store %s does not exist; no models are served", self.store)
             self._loaded.set()
             return
-        for folder in sorted(p for p in self.store.iterdir() if p.is_dir()):
-            if folder.name.startswith((".", "_")):
-                continue
-            self.entries[folder.name] = ModelEntry(name=folder.name)
+        self.entries = {
+            folder.name: ModelEntry(folder.name) for folder in model_folders(self.store)
+        }
         if self.default_model not in self.entries:
             logger.warning(
                 "default model %r is not in %s (found: %s)",
@@ -70,39 +176,160 @@ class ModelRegistry:
     def load_all(self) -> None:
         """Load every discovered model; record failures instead of raising."""
         try:
-            for entry in self.entries.values():
-                self._load_entry(entry)
+            for name in list(self.entries):
+                with self.claim(name):
+                    self.load(name)
         finally:
             self._loaded.set()
 
-    def _load_entry(self, entry: ModelEntry) -> None:
-        started = time.perf_counter()
-        folder = self.store / entry.name
+    # ------------------------------------------------------------------ changes
+
+    @contextmanager
+    def claim(self, name: str) -> Iterator[None]:
+        """Hold ``name`` for one load or unload in this block; ModelBusy (409) while another
+        holds it."""
+        self.acquire(name)
         try:
-            entry.spec = parse_manifest(folder)
-            entry.model = load_model(entry.spec, self.device)
-        except Exception as error:  # a broken model is reported, never fatal
-            entry.status = "failed"
-            entry.error = self._relative(_reason(error))
-            level = logging.WARNING if isinstance(error, ManifestError) else logging.ERROR
-            logger.log(
-                level,
-                "model %s failed to load: %s",
-                entry.name,
-                entry.error,
-                exc_info=not isinstance(error, ManifestError),
-            )
+            yield
+        finally:
+            self.release(name)
+
+    def acquire(self, name: str) -> None:
+        """Hold ``name`` until ``release``; ModelBusy (409) while a load or unload holds it."""
+        with self._busy_lock:
+            if name in self._busy:
+                raise ModelBusy(
+                    f"Model {clip(name)} is being loaded or unloaded already; retry once that "
+                    f"is done (GET /models/{name} shows its state).",
+                    headers={"Retry-After": "1"},
+                )
+            self._busy.add(name)
+
+    def release(self, name: str) -> None:
+        with self._busy_lock:
+            self._busy.discard(name)
+
+    def changes(self) -> tuple[list[str], list[str]]:
+        """What a poll should do: (folders new or changed since their load, entries whose
+        folder is gone)."""
+        on_disk = {folder.name: fingerprint(folder) for folder in model_folders(self.store)}
+        changed = [
+            name
+            for name, print_ in on_disk.items()
+            if name not in self.entries or self.entries[name].fingerprint != print_
+        ]
+        gone = [name for name in self.entries if name not in on_disk]
+        return changed, gone
+
+    def load(self, name: str) -> ModelEntry:
+        """(Re)load the folder ``name``: new and changed versions are built and warmed beside
+        the serving ones, then swapped in; unchanged ones are kept. Call it under ``claim``."""
+        folder = self.store / name
+        if not folder.is_dir() or name != folder.name or folder.name.startswith((".", "_")):
+            raise self._not_found(name, in_store=True)
+        before = self.entries.get(name)
+        old = before if before is not None and not before.unloaded else None
+        if old is None:  # a new model shows as loading until it is done
+            self._put(ModelEntry(name))
+        try:
+            folder_print = fingerprint(folder)
+            layout = read_layout(folder)
+        except OSError:  # the folder went away while we looked: leave things as they were
+            entries = {k: v for k, v in self.entries.items() if k != name}
+            if before is not None:
+                entries[name] = before
+            self.entries = entries
+            raise
+        entry = ModelEntry(
+            name, versioned=layout.versioned, problem=layout.problem, fingerprint=folder_print
+        )
+        for number, version_folder in layout.versions.items():
+            previous = old.versions.get(number) if old is not None else None
+            version_print = fingerprint(version_folder) if layout.versioned else folder_print
+            if previous is not None and previous.fingerprint == version_print:
+                entry.versions[number] = previous
+                continue
+            fresh = self._load_version(name, number, version_folder, version_print)
+            if fresh.status == "failed" and previous is not None and previous.model is not None:
+                logger.error(
+                    "model %s version %d failed to reload; the previous load goes on serving",
+                    name,
+                    number,
+                )
+                fresh = replace(previous, reload_error=fresh.error, fingerprint=version_print)
+            entry.versions[number] = fresh
+        if layout.problem:
+            logger.warning("model %s cannot be served: %s", name, layout.problem)
+        self._put(entry)
+        self._retire(old, entry)
+        return entry
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name``; the folder stays listed as unloaded while it exists. Requests
+        running on it finish first; its memory goes when the last one is done."""
+        old = self.entries.get(name)
+        if old is None:
+            raise self._not_found(name)
+        entries = dict(self.entries)
+        if (self.store / name).is_dir():
+            entries[name] = ModelEntry(name, unloaded=True)
+        else:
+            del entries[name]
+        self.entries = entries
+        self._retire(old, entries.get(name))
+        logger.info("model %s unloaded", name)
+
+    def _put(self, entry: ModelEntry) -> None:
+        self.entries = {**self.entries, entry.name: entry}
+
+    def _retire(self, old: ModelEntry | None, new: ModelEntry | None) -> None:
+        """Log when each model no longer served is freed (after its last request)."""
+        if old is None:
             return
-        entry.load_seconds = time.perf_counter() - started
-        entry.status = "ready"
+        kept = {id(v.model) for v in (new.versions.values() if new else ()) if v.model}
+        for version in old.versions.values():
+            if version.model is not None and id(version.model) not in kept:
+                weakref.finalize(
+                    version.model,
+                    logger.info,
+                    "model %s version %d freed (its last request ended)",
+                    old.name,
+                    version.number,
+                )
+
+    def _load_version(
+        self, name: str, number: int, folder: Path, print_: Fingerprint
+    ) -> ModelVersion:
+        started = time.perf_counter()
+        version = ModelVersion(number, fingerprint=print_)
+        label = name if folder.name == name else f"{name} version {number}"
+        try:
+            version.spec = parse_manifest(folder, name=name, version=number)
+            version.model = load_model(version.spec, self.device)
+        except Exception as error:  # a broken model is reported, never fatal
+            version.status = "failed"
+            version.model = None
+            version.error = self._relative(_reason(error))
+            manifest = isinstance(error, ManifestError)
+            logger.log(
+                logging.WARNING if manifest else logging.ERROR,
+                "model %s failed to load: %s",
+                label,
+                version.error,
+                exc_info=not manifest,
+            )
+            return version
+        version.load_seconds = time.perf_counter() - started
+        version.status = "ready"
         logger.info(
             "model %s loaded on %s in %.2f s (%s, layers %s)",
-            entry.name,
+            label,
             self.device,
-            entry.load_seconds,
-            entry.spec.architecture,
-            ", ".join(entry.model.target_layers),
+            version.load_seconds,
+            version.spec.architecture,
+            ", ".join(version.model.target_layers),
         )
+        return version
 
     def _relative(self, text: str) -> str:
         """``text`` with the store's location cut off its paths: clients see ``shapes/model.toml``
@@ -112,9 +339,11 @@ class ModelRegistry:
                 text = text.replace(root.rstrip("/") + "/", "")
         return text
 
+    # ------------------------------------------------------------------ lookups
+
     @property
     def ready(self) -> bool:
-        """True once every model has either loaded or failed."""
+        """True once every model of the first scan has either loaded or failed."""
         return self._loaded.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -123,33 +352,61 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self.entries)
 
+    def _not_found(self, name: str, in_store: bool = False) -> ModelNotFound:
+        known = self.names()
+        if in_store:
+            known = sorted(set(known) | {f.name for f in model_folders(self.store)})
+        available = close_first(name[:100], known)
+        where = " in the model store" if in_store else ""
+        listed = ", ".join(available) or "none"
+        return ModelNotFound(
+            f"Unknown model {clip(name)}{where}. Available models: {listed}."
+            + (" Pick one with the `model` parameter." if available and not in_store else ""),
+            details={"available": available},
+        )
+
     def entry(self, name: str | None) -> ModelEntry:
         """The entry called ``name`` (the default model when None), or ModelNotFound."""
         name = name or self.default_model
         try:
             return self.entries[name]
         except KeyError:
-            available = close_first(name[:100], self.names())
-            raise ModelNotFound(
-                f"Unknown model {clip(name)}. Available models: {', '.join(available) or 'none'}."
-                + (" Pick one with the `model` parameter." if available else ""),
-                details={"available": available},
-            ) from None
+            raise self._not_found(name) from None
 
-    def get(self, name: str | None) -> LoadedModel:
-        """The loaded model called ``name``, or an error saying why it cannot serve."""
+    def get(self, name: str | None, version: int | None = None) -> LoadedModel:
+        """The loaded model called ``name`` (its newest ready version unless ``version`` is
+        given), or an error saying why it cannot serve."""
         entry = self.entry(name)
-        if entry.status == "loading":
+        if version is not None:
+            chosen = entry.versions.get(version)
+            if chosen is None:
+                served = ", ".join(str(n) for n in sorted(entry.versions)) or "none"
+                raise ModelNotFound(
+                    f"Model {entry.name!r} has no version {version} (served: {served}).",
+                    details={"versions": sorted(entry.versions)},
+                )
+            if chosen.model is not None:
+                return chosen.model
+            if chosen.status == "failed":
+                raise self._unavailable(
+                    entry.name, f"version {version} failed to load: {chosen.error}"
+                )
+        elif entry.model is not None:
+            return entry.model
+        if entry.status == "unloaded":
             raise ModelUnavailable(
-                f"Model {entry.name!r} is still loading; retry shortly.",
-                headers={"Retry-After": "1"},
+                f"Model {entry.name!r} is unloaded; load it with POST /models/{entry.name}/load."
             )
-        if entry.status == "failed" or entry.model is None:
-            raise ModelUnavailable(
-                f"Model {entry.name!r} failed to load: {entry.error}. "
-                "Fix its folder in the model store and restart the service."
-            )
-        return entry.model
+        if entry.status == "failed":
+            raise self._unavailable(entry.name, f"failed to load: {entry.error}")
+        raise ModelUnavailable(
+            f"Model {entry.name!r} is still loading; retry shortly.",
+            headers={"Retry-After": "1"},
+        )
+
+    def _unavailable(self, name: str, why: str) -> ModelUnavailable:
+        hint = _FIX_HINT[self.control].format(name=name)
+        return ModelUnavailable(f"Model {name!r} {why}. {hint}")
 
 
 def _reason(error: BaseException) -> str:

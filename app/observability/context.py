@@ -24,6 +24,8 @@ class RequestInfo:
 
     request_id: str
     model: str = ""
+    version: str = ""
+    """The model's version that served it (empty for routes without model work)."""
     method: str = ""
     """The CAM method; empty for routes that draw no map."""
     images: int = 0
@@ -71,12 +73,14 @@ def note_work(
     images: int,
     stages: dict[str, float],
     cam_forwards: int = 0,
+    version: int | None = None,
 ) -> None:
     """Record what the model work of the current request did (nothing outside a request)."""
     info = _current.get()
     if info is None:
         return
     info.model = model
+    info.version = "" if version is None else str(version)
     info.method = method or ""
     info.images = images
     info.stages = dict(stages)

@@ -86,11 +86,12 @@ class _StateCollector(Collector):
 
         ready = GaugeMetricFamily(
             "camserve_model_ready",
-            "1 when the model is loaded and serving, else 0.",
-            labels=["model"],
+            "1 when the model's version is loaded and serving, else 0.",
+            labels=["model", "version"],
         )
         for name, entry in (registry.entries if registry is not None else {}).items():
-            ready.add_metric([name], 1.0 if entry.status == "ready" else 0.0)
+            for number, version in entry.versions.items():
+                ready.add_metric([name, str(number)], 1.0 if version.model is not None else 0.0)
         yield ready
 
         if device is not None and device.type == "cuda":
@@ -125,28 +126,28 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "camserve_requests",
-            "HTTP requests answered, by route template, model, CAM method and status.",
-            ["route", "model", "method", "status"],
+            "HTTP requests answered, by route template, model, version, CAM method and status.",
+            ["route", "model", "version", "method", "status"],
             registry=self.registry,
         )
         self.duration = Histogram(
             "camserve_request_duration_seconds",
             "Seconds per stage of a request; stage 'total' is the whole request as served.",
-            ["route", "model", "method", "stage"],
+            ["route", "model", "version", "method", "stage"],
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
         self.batch_images = Histogram(
             "camserve_batch_images",
             "Images in each model pass (several requests share one when batched).",
-            ["model"],
+            ["model", "version"],
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         self.cam_forwards = Counter(
             "camserve_cam_forwards",
             "Masked (Score-CAM family) and noisy (SmoothGrad-CAM++) forwards run by CAM calls.",
-            ["model", "method"],
+            ["model", "version", "method"],
             registry=self.registry,
         )
         self.registry.register(_StateCollector(state))
@@ -156,18 +157,18 @@ class Metrics:
 
     def observe_request(self, route: str, status: int, seconds: float, info: RequestInfo) -> None:
         """Count one answered request and its stage times."""
-        labels = (route, info.model, info.method)
+        labels = (route, info.model, info.version, info.method)
         self.requests.labels(*labels, str(status)).inc()
         for stage in STAGES:
             if stage in info.stages:
                 self.duration.labels(*labels, stage).observe(info.stages[stage])
         self.duration.labels(*labels, "total").observe(seconds)
         if info.cam_forwards:
-            self.cam_forwards.labels(info.model, info.method).inc(info.cam_forwards)
+            self.cam_forwards.labels(info.model, info.version, info.method).inc(info.cam_forwards)
 
-    def observe_pass(self, model: str, images: int) -> None:
-        """One model pass of ``images`` images ran."""
-        self.batch_images.labels(model).observe(images)
+    def observe_pass(self, model: str, version: int, images: int) -> None:
+        """One model pass of ``images`` images ran on that version of the model."""
+        self.batch_images.labels(model, str(version)).observe(images)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -170,6 +170,7 @@ class Batcher:
                 await self._run_group(group)
                 # Whatever queued while that pass ran is a batch already forming.
                 self._forming = any(p.live for p in self._queue)
+            del group  # its requests hold their model: a model swapped out is freed now
 
     async def _wait_for_arrival(self, timeout: float) -> bool:
         self._arrived.clear()

@@ -150,7 +150,9 @@ def preprocess_image(image: Image.Image, spec: ModelSpec) -> tuple[torch.Tensor,
     # Resampling only the crop's source region gives the pixels of resize-then-crop (to one level
     # of rounding) without resizing what the crop throws away: 33 ms instead of 54 ms at 12 MP.
     cropped = image.resize(
-        (crop_w, crop_h), Image.Resampling.BILINEAR, box=(box.left, box.top, box.right, box.bottom)
+        (crop_w, crop_h),
+        Image.Resampling[spec.interpolation.upper()],
+        box=(box.left, box.top, box.right, box.bottom),
     )
     if spec.input_shape[0] == 1:
         cropped = cropped.convert("L")

@@ -8,6 +8,7 @@ the answer together.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import nullcontext
@@ -98,7 +99,7 @@ class Explainer:
         batch_timeout_s: float = 0.005,
         model_threads: Executor | None = None,
         image_threads: Executor | None = None,
-        on_pass: Callable[[str, int], None] | None = None,
+        on_pass: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -110,16 +111,24 @@ class Explainer:
         self.model_threads = model_threads
         self.image_threads = image_threads
         """Bounded threads for decoding and rendering (None: the event loop's default pool)."""
-        self._batchers: dict[str, Batcher] = {}
+        self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
+            weakref.WeakKeyDictionary()
+        )
+        """One per loaded model, not per name: during a swap the old and the new model of a
+        name never share a pass, and a retired model's batcher goes with it."""
         self.on_pass = on_pass
-        """Told (model, images) for every pass that ran."""
+        """Told (model, version, images) for every pass that ran."""
 
     def batcher(self, model: LoadedModel) -> Batcher:
         """The model's batcher, made on first use (inside the running event loop)."""
-        batcher = self._batchers.get(model.spec.name)
+        batcher = self._batchers.get(model)
         if batcher is None:
             size = self.max_batch_size or default_batch_size(model.device)
-            on_pass = None if self.on_pass is None else partial(self.on_pass, model.spec.name)
+            on_pass = (
+                None
+                if self.on_pass is None
+                else partial(self.on_pass, model.spec.name, model.spec.version)
+            )
             batcher = Batcher(
                 model.spec.name,
                 self.limiter,
@@ -128,17 +137,17 @@ class Explainer:
                 self.model_threads,
                 on_pass=on_pass,
             )
-            self._batchers[model.spec.name] = batcher
+            self._batchers[model] = batcher
         return batcher
 
     @property
     def waiting(self) -> int:
         """Requests waiting for a pass, over all models."""
-        return sum(batcher.waiting for batcher in self._batchers.values())
+        return sum(batcher.waiting for batcher in list(self._batchers.values()))
 
     async def close(self) -> None:
         """Stop every batcher (at shutdown)."""
-        for batcher in self._batchers.values():
+        for batcher in list(self._batchers.values()):
             await batcher.close()
 
     async def _on_image_thread(self, func: Callable[[], T]) -> T:
@@ -160,13 +169,17 @@ class Explainer:
     # ------------------------------------------------------------------ /predict
 
     async def predict(
-        self, model_name: str | None, uploads: Sequence[Upload], top_k: int
+        self,
+        model_name: str | None,
+        uploads: Sequence[Upload],
+        top_k: int,
+        version: int | None = None,
     ) -> PredictResponse:
         """Top-k classes for each upload, from one (possibly shared) batched forward.
 
         Admission (503 when the queue is full) comes before any pixel is decoded."""
         started = time.perf_counter()
-        model = self.registry.get(model_name)
+        model = self.registry.get(model_name, version)
         with self.limiter.admit():
             decoded, decode_s = await self._decode(model, uploads, picture_side=0)
             batch = stack_inputs(decoded)
@@ -194,17 +207,28 @@ class Explainer:
             None,
             len(decoded),
             {"decode": decode_s, "queue": info.queue_s, "forward": outcome.forward_s},
+            version=model.spec.version,
         )
         return PredictResponse(
-            model=model.spec.name, device=str(model.device), timings=timings, results=results
+            model=model.spec.name,
+            version=model.spec.version,
+            device=str(model.device),
+            timings=timings,
+            results=results,
         )
 
     # ------------------------------------------------------------------ /explain
 
-    def check(self, model_name: str | None, params: ExplainParams, images: int) -> None:
+    def check(
+        self,
+        model_name: str | None,
+        params: ExplainParams,
+        images: int,
+        version: int | None = None,
+    ) -> None:
         """Every error an explanation can be refused with before its images are read (a job
         checks this when it is created, so that it cannot fail later for a bad parameter)."""
-        self._check(self.registry.get(model_name), params, images)
+        self._check(self.registry.get(model_name, version), params, images)
 
     async def explain(
         self,
@@ -214,6 +238,7 @@ class Explainer:
         *,
         progress: ProgressCallback | None = None,
         admit: bool = True,
+        version: int | None = None,
     ) -> ExplainResponse:
         """Predictions and class activation maps for every upload, with one or several methods.
 
@@ -222,7 +247,7 @@ class Explainer:
         admission check (jobs, bounded by their own count, wait for a slot instead of being
         refused)."""
         started = time.perf_counter()
-        model = self.registry.get(model_name)
+        model = self.registry.get(model_name, version)
         plans, style = self._check(model, params, len(uploads))
 
         with self.limiter.admit() if admit else nullcontext():
@@ -285,6 +310,7 @@ class Explainer:
                 plan.cls.extra_forwards(shapes, dict(plan.options), len(decoded)).total
                 for plan in plans
             ),
+            version=model.spec.version,
         )
         timings = ExplainTimings(
             decode_ms=_ms(decode_s),
@@ -298,6 +324,7 @@ class Explainer:
         )
         return ExplainResponse(
             model=model.spec.name,
+            version=model.spec.version,
             device=str(model.device),
             method=",".join(plan.method for plan in plans),
             target_layers=list(plans[0].layers),

@@ -163,7 +163,13 @@ class JobStore:
         for job_id in [i for i, job in self._jobs.items() if job.expires <= now]:
             del self._jobs[job_id]
 
-    def create(self, model: str | None, uploads: Sequence[Upload], params: ExplainParams) -> Job:
+    def create(
+        self,
+        model: str | None,
+        uploads: Sequence[Upload],
+        params: ExplainParams,
+        version: int | None = None,
+    ) -> Job:
         """Check the parameters, then start the job; TooManyJobs when the store is full."""
         self.purge()
         if len(self._jobs) >= self.max_jobs:
@@ -172,11 +178,11 @@ class JobStore:
                 "retry later, or DELETE finished jobs you no longer need.",
                 headers={"Retry-After": str(self._retry_after())},
             )
-        self.explainer.check(model, params, len(uploads))
+        self.explainer.check(model, params, len(uploads), version)
         job = Job(id=secrets.token_urlsafe(18))
         self._jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(
-            self._run(job, model, list(uploads), params), name=f"job-{job.id[:8]}"
+            self._run(job, model, list(uploads), params, version), name=f"job-{job.id[:8]}"
         )
         logger.info("job %s created (%d image(s))", job.id[:8], len(uploads))
         return job
@@ -225,7 +231,12 @@ class JobStore:
         )
 
     async def _run(
-        self, job: Job, model: str | None, uploads: list[Upload], params: ExplainParams
+        self,
+        job: Job,
+        model: str | None,
+        uploads: list[Upload],
+        params: ExplainParams,
+        version: int | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
 
@@ -235,7 +246,7 @@ class JobStore:
         with self.lifecycle.track():
             try:
                 result = await self.explainer.explain(
-                    model, uploads, params, progress=report, admit=False
+                    model, uploads, params, progress=report, admit=False, version=version
                 )
             except asyncio.CancelledError:
                 # Cancelled by DELETE or the shutdown, which set the status.

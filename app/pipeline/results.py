@@ -49,6 +49,7 @@ class PredictResponse(BaseModel):
     model_config = with_example(
         {
             "model": "shapes",
+            "version": 1,
             "device": "cpu",
             "timings": {
                 "decode_ms": 1.2,
@@ -70,6 +71,9 @@ class PredictResponse(BaseModel):
         }
     )
     model: str
+    version: int = Field(
+        1, description="the model's version that answered (1 for a folder without versions)"
+    )
     device: str
     timings: PredictTimings
     results: list[PredictResult]
@@ -137,6 +141,7 @@ class ExplainResponse(BaseModel):
     model_config = with_example(
         {
             "model": "shapes",
+            "version": 1,
             "device": "cpu",
             "method": "GradCAM",
             "target_layers": ["layer3"],
@@ -188,6 +193,9 @@ class ExplainResponse(BaseModel):
         }
     )
     model: str
+    version: int = Field(
+        1, description="the model's version that answered (1 for a folder without versions)"
+    )
     device: str
     method: str = Field(
         description="the method; several (in the order asked) are joined by commas, and each "

@@ -86,3 +86,38 @@ def test_missing_and_invalid_toml(tmp_path: Path) -> None:
         parse_manifest(tmp_path / "empty")
     with pytest.raises(ManifestError, match="not valid TOML"):
         parse_manifest(write(tmp_path, "description = "))
+
+
+def test_every_problem_is_named_at_once_like_the_settings(tmp_path: Path) -> None:
+    text = GOOD.replace("num_classes = 2\n", "num_classes = true\ncolour = 1\n").replace(
+        "crop = 64", "crop = 60"
+    )
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(write(tmp_path, 'flavour = "x"\n' + text))
+    assert str(caught.value).split("; ") == [
+        "[model] num_classes: Input should be a valid integer (got True)",
+        "[preprocess] crop [60, 60] must equal input_shape's H, W [64, 64]",
+        "unknown key(s) in [model]: colour",
+        "allowed: architecture, kwargs, pretrained, weights, num_classes, labels",
+        "unknown top-level key(s): flavour",
+        "allowed: description, [model], [preprocess], [cam], [version_policy]",
+    ]
+
+
+def test_interpolation_and_pretrained_keys(tmp_path: Path) -> None:
+    spec = parse_manifest(
+        write(tmp_path, GOOD.replace("crop = 64", 'crop = 64\ninterpolation = "bicubic"'))
+    )
+    assert spec.interpolation == "bicubic" and not spec.pretrained
+    with pytest.raises(ManifestError, match="pretrained = true is for timm architectures"):
+        parse_manifest(
+            write(
+                tmp_path, GOOD.replace("num_classes = 2\n", "num_classes = 2\npretrained = true\n")
+            )
+        )
+
+
+def test_preprocess_is_required_for_torchvision_models(tmp_path: Path) -> None:
+    start, end = GOOD.index("[preprocess]"), GOOD.index("[cam]")
+    with pytest.raises(ManifestError, match="only timm models take it from their pretrained"):
+        parse_manifest(write(tmp_path, GOOD[:start] + GOOD[end:]))

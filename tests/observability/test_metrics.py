@@ -37,12 +37,12 @@ def test_counts_and_stages_of_predict_and_explain(make_client: Callable[..., Tes
     assert client.post("/predict", files=files(image_bytes()), data={"model": "nope"}).is_error
     samples = scrape(client)
 
-    predict = {"route": "/predict", "model": "tiny", "method": ""}
-    explain = {"route": "/explain", "model": "tiny", "method": "ScoreCAM"}
+    predict = {"route": "/predict", "model": "tiny", "version": "1", "method": ""}
+    explain = {"route": "/explain", "model": "tiny", "version": "1", "method": "ScoreCAM"}
     assert value(samples, "camserve_requests_total", **predict, status="200") == 1
     assert value(samples, "camserve_requests_total", **explain, status="200") == 1
     # An unknown model is not a label value: a client cannot grow the series without bound.
-    unknown = {"route": "/predict", "model": "", "method": "", "status": "404"}
+    unknown = {"route": "/predict", "model": "", "version": "", "method": "", "status": "404"}
     assert value(samples, "camserve_requests_total", **unknown) == 1
 
     duration = "camserve_request_duration_seconds_count"
@@ -54,13 +54,14 @@ def test_counts_and_stages_of_predict_and_explain(make_client: Callable[..., Tes
     assert value(samples, "camserve_request_duration_seconds_sum", **explain, stage="cam") > 0
 
     # One pass of 2 images (the predict) and one of 1 (the explain).
-    assert value(samples, "camserve_batch_images_count", model="tiny") == 2
-    assert value(samples, "camserve_batch_images_sum", model="tiny") == 3
+    assert value(samples, "camserve_batch_images_count", model="tiny", version="1") == 2
+    assert value(samples, "camserve_batch_images_sum", model="tiny", version="1") == 3
     # ScoreCAM on tiny's `features` (4 channels): one masked forward per channel.
-    assert value(samples, "camserve_cam_forwards_total", model="tiny", method="ScoreCAM") == 4
+    forwards = {"model": "tiny", "version": "1", "method": "ScoreCAM"}
+    assert value(samples, "camserve_cam_forwards_total", **forwards) == 4
 
-    assert value(samples, "camserve_model_ready", model="tiny") == 1
-    assert value(samples, "camserve_model_ready", model="broken") == 0
+    assert value(samples, "camserve_model_ready", model="tiny", version="1") == 1
+    assert value(samples, "camserve_model_ready", model="broken", version="1") == 0
     assert value(samples, "camserve_queue_depth") == 0
     assert value(samples, "camserve_admitted_requests") == 0
     assert value(samples, "process_resident_memory_bytes") > 0
@@ -71,7 +72,7 @@ def test_scrapes_are_counted_under_their_route(make_client: Callable[..., TestCl
     client = make_client()
     client.get("/metrics")
     samples = scrape(client)
-    labels = {"route": "/metrics", "model": "", "method": "", "status": "200"}
+    labels = {"route": "/metrics", "model": "", "version": "", "method": "", "status": "200"}
     assert value(samples, "camserve_requests_total", **labels) == 1
 
 
@@ -79,7 +80,7 @@ def test_unmatched_paths_share_one_route_label(make_client: Callable[..., TestCl
     client = make_client()
     for path in ("/a", "/b", "/c"):
         assert client.get(path).status_code == 404
-    labels = {"route": "unmatched", "model": "", "method": "", "status": "404"}
+    labels = {"route": "unmatched", "model": "", "version": "", "method": "", "status": "404"}
     assert value(scrape(client), "camserve_requests_total", **labels) == 3
 
 

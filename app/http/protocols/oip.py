@@ -175,10 +175,27 @@ def get_server_metadata() -> ServerMetadata:
 )
 def get_model_metadata(name: str, registry: ModelRegistry = Depends(get_registry)) -> ModelMetadata:
     """The model's input (base64 images) and output (logits, one row per image)."""
-    model = registry.get(name)
+    return _metadata(registry, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=ModelMetadata,
+    dependencies=guarded,
+    responses=ERROR_RESPONSES,
+)
+def get_model_version_metadata(
+    name: str, version: int, registry: ModelRegistry = Depends(get_registry)
+) -> ModelMetadata:
+    """One version's input (base64 images) and output (logits, one row per image)."""
+    return _metadata(registry, name, version)
+
+
+def _metadata(registry: ModelRegistry, name: str, version: int | None) -> ModelMetadata:
+    model = registry.get(name, version)
     return ModelMetadata(
         name=model.spec.name,
-        versions=["1"],
+        versions=[str(number) for number in sorted(registry.entry(name).versions)],
         platform=PLATFORM,
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=[
@@ -195,6 +212,24 @@ router.add_api_route(
     dependencies=guarded,
     responses={**ERROR_RESPONSES, 503: {"description": "the model is loading or failed"}},
 )
+
+
+@router.get(
+    "/models/{name}/versions/{version}/ready",
+    dependencies=guarded,
+    responses={**ERROR_RESPONSES, 503: {"description": "the version is loading or failed"}},
+)
+def get_model_version_ready(
+    name: str, version: int, registry: ModelRegistry = Depends(get_registry)
+) -> JSONResponse:
+    """Answer 200 when this version can serve, 503 while it loads or when it failed."""
+    entry = registry.entry(name)
+    chosen = entry.versions.get(version)
+    ready = chosen is not None and chosen.model is not None
+    return JSONResponse(
+        {"name": entry.name, "version": str(version), "ready": ready},
+        status_code=200 if ready else 503,
+    )
 
 
 def _images(body: InferenceRequest) -> list[tuple[str, str]]:
@@ -301,23 +336,59 @@ async def infer_model(
 ) -> InferenceResponse:
     """Logits for base64-encoded images, through the same batched forward as /predict; with
     the output `cam`, their class activation maps too (explain parameters in `parameters`)."""
+    return await _infer(request, name, None, body, registry, explainer, settings)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    response_model=InferenceResponse,
+    response_model_exclude_none=True,
+    dependencies=guarded,
+    responses=ERROR_RESPONSES,
+)
+async def infer_model_version(
+    name: str,
+    version: int,
+    body: InferenceRequest,
+    request: Request,
+    registry: ModelRegistry = Depends(get_registry),
+    explainer: Explainer = Depends(get_explainer),
+    settings: Settings = Depends(get_settings),
+) -> InferenceResponse:
+    """The same as `/v2/models/{name}/infer`, on this version of the model."""
+    return await _infer(request, name, version, body, registry, explainer, settings)
+
+
+async def _infer(
+    request: Request,
+    name: str,
+    version: int | None,
+    body: InferenceRequest,
+    registry: ModelRegistry,
+    explainer: Explainer,
+    settings: Settings,
+) -> InferenceResponse:
     uploads = decode_images(_images(body), settings)
     params = _explain_params(body)
     outputs: dict[str, ResponseOutput] = {}
     if params is None:
-        classes = registry.get(name).spec.num_classes
-        answer = await within_limits(request, explainer.predict(name, uploads, top_k=classes))
-        model_name = answer.model
+        classes = registry.get(name, version).spec.num_classes
+        answer = await within_limits(
+            request, explainer.predict(name, uploads, top_k=classes, version=version)
+        )
+        model_name, served = answer.model, answer.version
         outputs[OUTPUT] = _logits([_row(r.predictions, classes) for r in answer.results])
     else:
-        explained = await within_limits(request, explainer.explain(name, uploads, params))
-        model_name = explained.model
+        explained = await within_limits(
+            request, explainer.explain(name, uploads, params, version=version)
+        )
+        model_name, served = explained.model, explained.version
         outputs[OUTPUT] = _logits([result.logits for result in explained.results])
         outputs[CAM] = _cams(explained)
     wanted = [output.name for output in body.outputs or []] or [OUTPUT]
     return InferenceResponse(
         model_name=model_name,
-        model_version="1",
+        model_version=str(served),
         id=body.id,
         outputs=[outputs[name] for name in dict.fromkeys(wanted)],
     )

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from app.http.deps import get_explainer, get_settings, read_uploads, require_api_key, within_limits
-from app.http.routes import error_responses
+from app.http.routes import VersionField, error_responses
 from app.http.routes.forms import ExplainForm, explain_form
 from app.pipeline.explainer import Explainer
 from app.pipeline.results import ExplainResponse
@@ -32,12 +32,15 @@ router = APIRouter(tags=["explanation"], dependencies=[Depends(require_api_key)]
 async def explain_images(
     request: Request,
     form: ExplainForm = Depends(explain_form),
+    version: VersionField = None,
     explainer: Explainer = Depends(get_explainer),
     settings: Settings = Depends(get_settings),
 ) -> ExplainResponse | Response:
     """Predict and explain the uploaded images with a class activation map method."""
     uploads = await read_uploads(form.files, settings)
-    answer = await within_limits(request, explainer.explain(form.model, uploads, form.params))
+    answer = await within_limits(
+        request, explainer.explain(form.model, uploads, form.params, version=version)
+    )
     if form.as_png:
         # MapOutput's fields are made from OUTPUT_KINDS at runtime; a checker cannot see them.
         last = answer.results[0].explanations[0].maps[-1]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.http.deps import get_settings, read_uploads, require_api_key
-from app.http.routes import error_responses
+from app.http.routes import VersionField, error_responses
 from app.http.routes.forms import ExplainForm, explain_form
 from app.http.schemas import JobCreated
 from app.pipeline.jobs import Job, JobStore
@@ -34,12 +34,13 @@ def get_jobs(request: Request) -> JobStore:
 )
 async def create_job(
     form: ExplainForm = Depends(explain_form),
+    version: VersionField = None,
     jobs: JobStore = Depends(get_jobs),
     settings: Settings = Depends(get_settings),
 ) -> JSONResponse:
     """Run an explanation in the background (same form as /explain); follow it at `url`."""
     uploads = await read_uploads(form.files, settings)
-    job = jobs.create(form.model, uploads, form.params)
+    job = jobs.create(form.model, uploads, form.params, version)
     body = JobCreated(id=job.id, status=job.status, url=job.url)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": job.url})
 

@@ -1,25 +1,46 @@
-"""Model listing and details."""
+"""Model listing and details, and the native repository API (load, unload)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from app.cam import METHODS
+from app.errors import ModelLoadFailed
+from app.http.admin import get_control, require_admin_key
 from app.http.deps import get_registry, require_api_key
 from app.http.routes import error_responses
-from app.http.schemas import MethodOptionInfo, ModelDetail, ModelList, ModelSummary, Preprocess
+from app.http.schemas import (
+    MethodOptionInfo,
+    ModelDetail,
+    ModelList,
+    ModelSummary,
+    Preprocess,
+    VersionSummary,
+)
+from app.models.control import ModelControl
 from app.models.registry import ModelEntry, ModelRegistry
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
+admin_router = APIRouter(tags=["model repository"], dependencies=[Depends(require_admin_key)])
 
 
-def _summary(entry: ModelEntry) -> ModelSummary:
+def summarize(entry: ModelEntry) -> ModelSummary:
+    """What ``/models`` says about one folder of the store."""
     spec = entry.spec
+    serving = entry.serving
     return ModelSummary(
         name=entry.name,
         status=entry.status,
         description=spec.description if spec else "",
         error=entry.error,
+        reload_error=entry.reload_error,
+        version=serving.number if serving else None,
+        versions=[
+            VersionSummary(
+                version=v.number, status=v.status, error=v.error, reload_error=v.reload_error
+            )
+            for v in sorted(entry.versions.values(), key=lambda v: v.number)
+        ],
         architecture=spec.architecture if spec else None,
         num_classes=spec.num_classes if spec else None,
         input_shape=list(spec.input_shape) if spec else None,
@@ -31,17 +52,22 @@ def list_models(registry: ModelRegistry = Depends(get_registry)) -> ModelList:
     """List every model of the store with its status (and the reason when it failed)."""
     return ModelList(
         default_model=registry.default_model,
-        models=[_summary(entry) for entry in registry.entries.values()],
+        models=[summarize(entry) for entry in registry.entries.values()],
     )
 
 
 @router.get("/models/{name}", response_model=ModelDetail, responses=error_responses(401, 404, 503))
-def get_model(name: str, registry: ModelRegistry = Depends(get_registry)) -> ModelDetail:
+def get_model(
+    name: str,
+    version: int | None = Query(None, ge=1, description="a version; default: the newest ready"),
+    registry: ModelRegistry = Depends(get_registry),
+) -> ModelDetail:
     """Describe one loaded model: labels, input size, target layers and the methods that apply."""
-    model = registry.get(name)
+    model = registry.get(name, version)
     spec = model.spec
     return ModelDetail(
-        **_summary(registry.entry(name)).model_dump(),
+        **summarize(registry.entry(name)).model_dump(exclude={"version"}),
+        version=spec.version,
         device=str(model.device),
         weights=spec.weights,
         labels=list(model.labels),
@@ -62,3 +88,42 @@ def get_model(name: str, registry: ModelRegistry = Depends(get_registry)) -> Mod
             for method in model.applicable_methods
         },
     )
+
+
+def loaded_or_refused(entry: ModelEntry) -> ModelEntry:
+    """``entry`` when the load left every version serving; else ModelLoadFailed with why."""
+    why = entry.reload_error or entry.error
+    if why is None and entry.status != "ready":
+        why = f"the model is {entry.status}"
+    if why is not None:
+        raise ModelLoadFailed(
+            f"Loading model {entry.name!r} failed: {why}",
+            details={"status": entry.status, "serving_version": summarize(entry).version},
+        )
+    return entry
+
+
+@admin_router.post(
+    "/models/{name}/load",
+    response_model=ModelSummary,
+    responses=error_responses(401, 403, 404, 409, 422),
+)
+async def load_model(name: str, control: ModelControl = Depends(get_control)) -> ModelSummary:
+    """Load the model's folder, or reload it beside the serving one and swap (explicit mode)."""
+    return summarize(loaded_or_refused(await control.load(name)))
+
+
+@admin_router.post(
+    "/models/{name}/unload",
+    response_model=ModelSummary | None,
+    responses=error_responses(401, 403, 404, 409),
+)
+async def unload_model(
+    name: str,
+    control: ModelControl = Depends(get_control),
+    registry: ModelRegistry = Depends(get_registry),
+) -> ModelSummary | None:
+    """Stop serving the model; running requests finish on it (explicit mode)."""
+    await control.unload(name)
+    entry = registry.entries.get(name)
+    return summarize(entry) if entry is not None else None

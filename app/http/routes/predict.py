@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from app.http.deps import get_explainer, get_settings, read_uploads, require_api_key, within_limits
-from app.http.routes import error_responses
+from app.http.routes import VersionField, error_responses
 from app.pipeline.explainer import Explainer
 from app.pipeline.results import PredictResponse
 from app.settings import Settings
@@ -31,9 +31,10 @@ async def predict_images(
     ],
     model: Annotated[str | None, Form(description="model name; default: the default model")] = None,
     top_k: Annotated[int, Form(ge=1, le=1000, description="classes returned per image")] = 5,
+    version: VersionField = None,
     explainer: Explainer = Depends(get_explainer),
     settings: Settings = Depends(get_settings),
 ) -> PredictResponse:
     """Classify the uploaded images with one batched forward: top-k labels per image."""
     uploads = await read_uploads(file, settings)
-    return await within_limits(request, explainer.predict(model or None, uploads, top_k))
+    return await within_limits(request, explainer.predict(model or None, uploads, top_k, version))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from tests.conftest import assert_error
+from tests.conftest import assert_error, files, image_bytes
 
 
 def test_list_models(client: TestClient) -> None:
@@ -122,3 +123,31 @@ def test_openapi_form_fields_come_from_the_declarations(client: TestClient) -> N
     assert "SSCAM (35)" in body["num_samples"]["description"]
     assert body["gamma"]["type"] == "number" and "FinerCAM" in body["gamma"]["description"]
     assert body["comparison_idx"]["type"] == "array"
+
+
+def test_the_version_field_picks_a_version_on_every_model_route(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    from tests.http.routes.test_jobs import finished, submit, wait_for
+    from tests.models.store_helpers import put_tiny
+
+    put_tiny(tmp_path, "tiny", seed=0, version=1)
+    put_tiny(tmp_path, "tiny", seed=1, version=2, policy="[version_policy]\nall = true")
+    client = make_client(model_store=tmp_path)
+    image = files(image_bytes())
+    for version in (1, 2):
+        form = {"version": str(version), "output": "raw"}
+        explained = client.post("/explain", files=image, data=form).json()
+        assert explained["version"] == version
+        predicted = client.post("/predict", files=image, data={"version": str(version)}).json()
+        assert predicted["version"] == version
+        job = wait_for(client, submit(client, image_bytes(), **form)["id"], finished)
+        assert job["result"]["version"] == version
+        assert client.get("/models/tiny", params={"version": version}).json()["version"] == version
+    assert client.post("/predict", files=image).json()["version"] == 2
+    assert_error(
+        client.post("/predict", files=image, data={"version": "3"}), 404, "model_not_found"
+    )
+    assert_error(
+        client.post("/predict", files=image, data={"version": "0"}), 422, "validation_error"
+    )

@@ -1,0 +1,286 @@
+"""Models that change while a real server runs (``python -m app``), in poll and explicit mode:
+added, changed under concurrent load without a failed request, broken, removed; versions."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import image_bytes
+from tests.http.test_server import ROOT, environment, free_port
+from tests.models.store_helpers import break_weights, new_weights, put_tiny
+
+CLIENTS = 8
+ADMIN = {"X-Admin-Key": "admin"}
+IMAGE = image_bytes((32, 32), seed=3)
+
+
+class Server:
+    def __init__(self, store: Path, log: Path, **env: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        with log.open("w") as out:  # a file, not a pipe: the access log must never block it
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "app"],
+                cwd=ROOT,
+                env=environment(store, CAMSERVE_PORT=str(port), **env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        until(lambda: self.ready(), 60, f"server did not start:\n{self.output()}")
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(self.output())
+        try:
+            return httpx.get(f"{self.url}/ready", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return self.output()
+
+
+def until(check: Callable[[], bool], timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(message)
+        time.sleep(0.05)
+
+
+def predict(url: str, model: str, version: int | None = None) -> httpx.Response:
+    data = {"model": model, "top_k": "3"} | ({"version": str(version)} if version else {})
+    return httpx.post(
+        f"{url}/predict", files=[("file", ("a.png", IMAGE, "image/png"))], data=data, timeout=30
+    )
+
+
+def logits(response: httpx.Response) -> tuple[float, ...]:
+    assert response.status_code == 200, response.text
+    predictions = sorted(response.json()["results"][0]["predictions"], key=lambda p: p["class_idx"])
+    return tuple(round(p["logit"], 5) for p in predictions)
+
+
+def model_state(url: str, name: str) -> dict[str, Any] | None:
+    for model in httpx.get(f"{url}/models", timeout=5).json()["models"]:
+        if model["name"] == name:
+            return model
+    return None
+
+
+class Load:
+    """``CLIENTS`` threads predicting on one model without pause, each recording its answers."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.answers: list[list[tuple[int, tuple[float, ...] | str]]] = [[] for _ in range(CLIENTS)]
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(url, model, i)) for i in range(CLIENTS)
+        ]
+
+    def _run(self, url: str, model: str, index: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                response = client.post(
+                    f"{url}/predict",
+                    files=[("file", ("a.png", IMAGE, "image/png"))],
+                    data={"model": model, "top_k": "3"},
+                )
+                if response.status_code == 200:
+                    self.answers[index].append((200, logits(response)))
+                else:
+                    self.answers[index].append((response.status_code, response.text))
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def seen(self) -> set[tuple[float, ...] | str]:
+        return {answer for client in self.answers for _, answer in client}
+
+
+def check_swap(load: Load, old: tuple[float, ...], new: tuple[float, ...]) -> None:
+    """No request failed; every answer is the old or the new model's; each client saw the old
+    model, then the new one, never the old one again."""
+    failures = [a for client in load.answers for a in client if a[0] != 200]
+    assert not failures, failures[:3]
+    assert load.seen() == {old, new}
+    for client in load.answers:
+        sequence = [answer for _, answer in client]
+        assert sequence, "a client got no answer"
+        switched = sequence.index(new) if new in sequence else len(sequence)
+        assert all(a == old for a in sequence[:switched]) and all(
+            a == new for a in sequence[switched:]
+        )
+
+
+def changed_under_load(url: str, folder: Path, swap: Callable[[], None]) -> None:
+    old = logits(predict(url, folder.name))
+    with Load(url, folder.name) as load:
+        until(lambda: sum(map(len, load.answers)) >= 2 * CLIENTS, 30, "no load ran")
+        new_weights(folder, seed=11)
+        swap()
+        until(lambda: len(load.seen()) > 1, 30, "the new weights never answered")
+        settled = sum(map(len, load.answers))
+        until(lambda: sum(map(len, load.answers)) >= settled + 2 * CLIENTS, 30, "load stalled")
+    new = logits(predict(url, folder.name))
+    assert new != old
+    check_swap(load, old, new)
+
+
+@pytest.fixture
+def poll_server(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    store = tmp_path / "store"
+    put_tiny(store, "tiny", seed=0)
+    server = Server(
+        store, tmp_path / "log.jsonl", CAMSERVE_MODEL_CONTROL="poll", CAMSERVE_MODEL_POLL_S="0.1"
+    )
+    yield server, store
+    assert "Traceback" not in server.stop()
+
+
+@pytest.fixture
+def explicit_server(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    store = tmp_path / "store"
+    put_tiny(store, "tiny", seed=0)
+    server = Server(
+        store, tmp_path / "log.jsonl", CAMSERVE_MODEL_CONTROL="explicit", CAMSERVE_ADMIN_KEY="admin"
+    )
+    yield server, store
+    assert "Traceback" not in server.stop()
+
+
+def test_poll_adds_changes_and_removes_models(poll_server: tuple[Server, Path]) -> None:
+    server, store = poll_server
+    url = server.url
+    assert predict(url, "added").status_code == 404
+    put_tiny(store, "added", seed=5)
+    until(lambda: predict(url, "added").status_code == 200, 20, "the new folder never served")
+
+    changed_under_load(url, store / "tiny", swap=lambda: None)  # the poll notices on its own
+    until(lambda: "model tiny version 1 freed" in server.output(), 20, "the old model lingers")
+
+    serving = logits(predict(url, "tiny"))
+    break_weights(store / "tiny")
+    until(
+        lambda: bool((model_state(url, "tiny") or {}).get("reload_error")),
+        20,
+        "the failed reload is not shown",
+    )
+    detail = httpx.get(f"{url}/models/tiny", timeout=5).json()
+    assert detail["status"] == "ready" and "cannot read weights" in detail["reload_error"]
+    assert logits(predict(url, "tiny")) == serving
+
+    shutil.rmtree(store / "added")
+    until(lambda: predict(url, "added").status_code == 404, 20, "the removed folder still serves")
+    assert model_state(url, "added") is None
+
+
+def test_explicit_mode_changes_models_only_on_request(
+    explicit_server: tuple[Server, Path],
+) -> None:
+    server, store = explicit_server
+    url = server.url
+    put_tiny(store, "added", seed=5)
+    time.sleep(0.3)
+    assert predict(url, "added").status_code == 404  # nobody asked
+    loaded = httpx.post(f"{url}/models/added/load", headers=ADMIN, timeout=30)
+    assert loaded.status_code == 200 and loaded.json()["status"] == "ready"
+    assert predict(url, "added").status_code == 200
+
+    def reload() -> None:
+        answer = httpx.post(f"{url}/v2/repository/models/tiny/load", headers=ADMIN, timeout=30)
+        assert answer.status_code == 200, answer.text
+
+    changed_under_load(url, store / "tiny", swap=reload)
+
+    serving = logits(predict(url, "tiny"))
+    break_weights(store / "tiny")
+    failed = httpx.post(f"{url}/models/tiny/load", headers=ADMIN, timeout=30)
+    assert failed.status_code == 422 and "cannot read weights" in failed.json()["error"]["message"]
+    assert "cannot read weights" in httpx.get(f"{url}/models/tiny").json()["reload_error"]
+    assert logits(predict(url, "tiny")) == serving
+
+    shutil.rmtree(store / "added")
+    time.sleep(0.3)
+    assert predict(url, "added").status_code == 200  # still served until unloaded
+    unloaded = httpx.post(f"{url}/v2/repository/models/added/unload", headers=ADMIN, timeout=30)
+    assert unloaded.status_code == 200
+    assert predict(url, "added").status_code == 404
+
+
+def test_versions_through_native_and_oip_routes(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    put_tiny(store, "tiny", seed=0)
+    put_tiny(store, "ver", seed=1, version=1)
+    put_tiny(store, "ver", seed=2, version=2, policy="[version_policy]\nall = true")
+    timm_served = importlib.util.find_spec("timm") is not None
+    if timm_served:
+        from tests.models.test_timm_models import put_timm
+
+        put_timm(store, "effnet", "efficientnet_b0", size=64)
+    server = Server(store, tmp_path / "log.jsonl")
+    url = server.url
+    try:
+        newest, first = predict(url, "ver"), predict(url, "ver", version=1)
+        assert newest.json()["version"] == 2 and first.json()["version"] == 1
+        assert logits(newest) != logits(first)
+        missing = predict(url, "ver", version=3)
+        assert missing.status_code == 404 and "has no version 3" in missing.text
+
+        body = {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "data": [base64.b64encode(IMAGE).decode()],
+                }
+            ]
+        }
+        oip = httpx.post(f"{url}/v2/models/ver/versions/1/infer", json=body, timeout=30).json()
+        assert oip["model_version"] == "1"
+        assert tuple(round(v, 5) for v in oip["outputs"][0]["data"]) == logits(first)
+        assert httpx.post(f"{url}/v2/models/ver/infer", json=body).json()["model_version"] == "2"
+        assert httpx.get(f"{url}/v2/models/ver").json()["versions"] == ["1", "2"]
+        assert httpx.get(f"{url}/v2/models/ver/versions/2/ready").status_code == 200
+        assert httpx.get(f"{url}/v2/models/ver/versions/3/ready").status_code == 503
+
+        listed = model_state(url, "ver") or {}
+        assert listed["version"] == 2 and [v["version"] for v in listed["versions"]] == [1, 2]
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'camserve_model_ready{model="ver",version="1"} 1.0' in metrics
+        served = 'method="",model="ver",route="/predict",status="200",version="1"} 1.0'
+        assert f"camserve_requests_total{{{served}" in metrics
+        if timm_served:  # a timm model through the real server too
+            assert predict(url, "effnet").json()["model"] == "effnet"
+    finally:
+        assert "Traceback" not in server.stop()

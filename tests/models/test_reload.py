@@ -1,0 +1,144 @@
+"""Reloads, unloads and versions in the registry: swaps beside the old model, failures kept."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.errors import ModelBusy, ModelNotFound, ModelUnavailable
+from app.models.registry import ModelRegistry
+from tests.models.store_helpers import break_weights, new_weights, put_tiny
+
+X = torch.ones(1, 3, 32, 32)
+
+
+def started(store: Path) -> ModelRegistry:
+    registry = ModelRegistry(store, torch.device("cpu"), "tiny", control="explicit")
+    registry.discover()
+    registry.load_all()
+    return registry
+
+
+def logits(registry: ModelRegistry, name: str = "tiny", version: int | None = None) -> torch.Tensor:
+    return registry.get(name, version).module(X)
+
+
+def test_reload_swaps_and_frees_the_old_model_after_its_last_user(tmp_path: Path) -> None:
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    registry = started(tmp_path)
+    in_flight = registry.get("tiny")  # a request that started on the old model
+    old_answer = in_flight.module(X)
+    gone = weakref.ref(in_flight)
+
+    new_weights(folder, seed=1)
+    assert registry.changes() == (["tiny"], [])
+    registry.load("tiny")
+    assert registry.changes() == ([], [])
+    assert not torch.equal(logits(registry), old_answer)
+    assert torch.equal(in_flight.module(X), old_answer)  # it finishes on its own model
+    del in_flight
+    gc.collect()
+    assert gone() is None
+
+
+def test_unchanged_versions_are_kept_not_rebuilt(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    registry = started(tmp_path)
+    before = registry.get("tiny")
+    registry.load("tiny")
+    assert registry.get("tiny") is before
+
+
+def test_a_failed_reload_keeps_the_old_model_serving(tmp_path: Path) -> None:
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    registry = started(tmp_path)
+    before = logits(registry)
+    break_weights(folder)
+    entry = registry.load("tiny")
+    assert entry.status == "ready"
+    assert "cannot read weights weights.pt" in (entry.reload_error or "")
+    assert torch.equal(logits(registry), before)
+    assert registry.changes() == ([], [])  # the broken files are not retried until they change
+    new_weights(folder, seed=2)
+    entry = registry.load("tiny")
+    assert entry.reload_error is None and not torch.equal(logits(registry), before)
+
+
+def test_a_new_model_that_fails_shows_how_to_fix_it(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    registry = started(tmp_path)
+    break_weights(put_tiny(tmp_path, "other", seed=1))
+    assert registry.load("other").status == "failed"
+    with pytest.raises(ModelUnavailable, match="then POST /models/other/load"):
+        registry.get("other")
+
+
+def test_unload_keeps_the_folder_listed_and_removal_forgets_it(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    put_tiny(tmp_path, "other", seed=1)
+    registry = started(tmp_path)
+    registry.unload("other")
+    assert registry.entry("other").status == "unloaded"
+    with pytest.raises(ModelUnavailable, match="POST /models/other/load"):
+        registry.get("other")
+    registry.load("other")
+    assert registry.entry("other").status == "ready"
+    shutil.rmtree(tmp_path / "other")
+    assert registry.changes() == ([], ["other"])
+    registry.unload("other")
+    with pytest.raises(ModelNotFound):
+        registry.entry("other")
+    with pytest.raises(ModelNotFound, match="in the model store"):
+        registry.load("other")
+
+
+def test_one_load_at_a_time_per_model(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    registry = started(tmp_path)
+    with registry.claim("tiny"):
+        with pytest.raises(ModelBusy, match="being loaded or unloaded already") as caught:
+            registry.acquire("tiny")
+        registry.acquire("other")  # another model is not held
+    assert caught.value.status_code == 409
+    registry.acquire("tiny")  # released with the block
+
+
+def test_versions_newest_by_default_each_on_request(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    put_tiny(tmp_path, "v", seed=1, version=1)
+    put_tiny(tmp_path, "v", seed=2, version=2, policy="[version_policy]\nall = true")
+    registry = started(tmp_path)
+    entry = registry.entry("v")
+    assert entry.versioned and sorted(entry.versions) == [1, 2]
+    assert registry.get("v").spec.version == 2
+    assert registry.get("v", 1).spec.version == 1 and registry.get("v", 1).spec.name == "v"
+    assert not torch.equal(logits(registry, "v", 1), logits(registry, "v", 2))
+    with pytest.raises(ModelNotFound, match="has no version 3 \\(served: 1, 2\\)"):
+        registry.get("v", 3)
+
+
+def test_a_broken_newest_version_leaves_the_older_one_serving(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    put_tiny(tmp_path, "v", seed=1, version=1)
+    break_weights(put_tiny(tmp_path, "v", seed=2, version=2, policy="[version_policy]\nlatest = 2"))
+    registry = started(tmp_path)
+    assert registry.entry("v").status == "ready"
+    assert registry.get("v").spec.version == 1
+    with pytest.raises(ModelUnavailable, match="version 2 failed to load"):
+        registry.get("v", 2)
+
+
+def test_a_new_version_folder_is_picked_up_and_the_old_one_retired(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    put_tiny(tmp_path, "v", seed=1, version=1)
+    registry = started(tmp_path)
+    put_tiny(tmp_path, "v", seed=2, version=2)
+    assert registry.changes() == (["v"], [])
+    registry.load("v")
+    assert sorted(registry.entry("v").versions) == [2]  # latest 1 by default
+    assert registry.get("v").spec.version == 2

@@ -1,0 +1,71 @@
+"""The store's layout: version folders, the version policy, fingerprints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.models.manifest import ManifestError, VersionPolicy, parse_manifest, parse_policy
+from app.models.store import fingerprint, model_folders, read_layout
+from tests.models.store_helpers import new_weights, put_tiny
+
+
+def test_a_folder_without_versions_is_version_one(tmp_path: Path) -> None:
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    layout = read_layout(folder)
+    assert not layout.versioned
+    assert layout.versions == {1: folder}
+    assert model_folders(tmp_path) == [folder]  # the staging folder is gone, `_` ones skipped
+
+
+@pytest.mark.parametrize(
+    ("policy", "served"),
+    [
+        ("", [3]),
+        ("[version_policy]\nlatest = 2", [2, 3]),
+        ("[version_policy]\nall = true", [1, 2, 3]),
+        ("[version_policy]\nspecific = [1, 3]", [1, 3]),
+    ],
+)
+def test_the_newest_manifest_picks_the_served_versions(
+    tmp_path: Path, policy: str, served: list[int]
+) -> None:
+    for number in (1, 2):
+        put_tiny(tmp_path, "m", seed=number, version=number)
+    put_tiny(tmp_path, "m", seed=3, version=3, policy=policy)
+    layout = read_layout(tmp_path / "m")
+    assert layout.versioned and layout.available == (1, 2, 3)
+    assert sorted(layout.versions) == served
+    assert layout.problem is None
+
+
+def test_a_policy_that_selects_nothing_says_so(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "m", seed=1, version=1, policy="[version_policy]\nspecific = [7]")
+    layout = read_layout(tmp_path / "m")
+    assert layout.versions == {}
+    assert layout.problem == "version_policy (specific 7) selects none of the versions 1"
+
+
+@pytest.mark.parametrize(
+    "table",
+    [{}, {"latest": 0}, {"all": False}, {"specific": []}, {"latest": 1, "all": True}, {"x": 1}],
+)
+def test_bad_policies_are_refused_with_the_usage(table: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="takes one of latest = N, all = true or specific"):
+        parse_policy(table)
+
+
+def test_the_manifest_checks_its_policy(tmp_path: Path) -> None:
+    folder = put_tiny(tmp_path, "m", seed=1, version=1, policy="[version_policy]\nlatest = 0")
+    with pytest.raises(ManifestError, match="got latest = 0"):
+        parse_manifest(folder, name="m", version=1)
+    assert parse_policy({"latest": 2}) == VersionPolicy(latest=2)
+
+
+def test_fingerprint_changes_with_new_weights(tmp_path: Path) -> None:
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    before = fingerprint(folder)
+    assert fingerprint(folder) == before
+    new_weights(folder, seed=1)
+    assert fingerprint(folder) != before
