@@ -5,8 +5,9 @@ counts the model routes' POSTs as in flight for the drain, from their headers to
 Which routes it covers is read from the routes themselves, the app's live list, so there is no
 second list to forget: a route is gated when it takes a POST (every POST of the service starts
 model work) or depends on ``require_api_key``. That dependency stays on the routes too, so the
-OpenAPI schema documents the key, and it is then checked a second time. A ``ProtocolRoute``
-(KServe v1, OIP v2) gets its refusals in the protocols' shape.
+OpenAPI schema documents the key, and it is then checked a second time. The repository API's
+routes (``require_admin_key``) have a key of their own instead of the API key; the drain still
+covers them. A ``ProtocolRoute`` (KServe v1, OIP v2) gets its refusals in the protocols' shape.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import ShuttingDown, Unauthorized
+from app.http.admin import require_admin_key
 from app.http.deps import require_api_key
 from app.http.errors import send_refusal
 from app.http.protocols.base import ProtocolRoute
@@ -51,6 +53,13 @@ def is_gated(route: BaseRoute) -> bool:
     return dependant is not None and _depends_on(dependant, require_api_key)
 
 
+def takes_api_key(route: BaseRoute) -> bool:
+    """Whether a gated ``route`` asks for the API key: all do but the repository API's, which
+    asks for the admin key (``require_admin_key``) instead."""
+    dependant = getattr(route, "dependant", None)
+    return not (dependant is not None and _depends_on(dependant, require_admin_key))
+
+
 class GateMiddleware:
     """Refuse a model request on its headers alone: no key (when one is set), or draining.
 
@@ -67,17 +76,18 @@ class GateMiddleware:
         self.routes = routes
         self.api_key = api_key.encode() if api_key is not None else None
         self.lifecycle = lifecycle
-        self._gated: dict[int, bool] = {}
+        self._gated: dict[int, tuple[bool, bool]] = {}
 
-    def _gated_route(self, scope: Scope) -> BaseRoute | None:
-        """The route ``scope`` goes to, when the gate covers it."""
+    def _gated_route(self, scope: Scope) -> tuple[BaseRoute, bool] | None:
+        """The route ``scope`` goes to, when the gate covers it, and whether it takes the API
+        key."""
         for matcher, route in endpoints(self.routes):
             match, _ = matcher.matches(scope)
             if match is Match.FULL:
                 gated = self._gated.get(id(route))
                 if gated is None:
-                    gated = self._gated[id(route)] = is_gated(route)
-                return route if gated else None
+                    gated = self._gated[id(route)] = (is_gated(route), takes_api_key(route))
+                return (route, gated[1]) if gated[0] else None
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,11 +95,12 @@ class GateMiddleware:
             await self.app(scope, receive, send)
             return
         checks = self.api_key is not None or self.lifecycle.draining
-        route = self._gated_route(scope) if checks or scope["method"] == "POST" else None
-        model_route = route is not None
-        if model_route and checks:
+        gated = self._gated_route(scope) if checks or scope["method"] == "POST" else None
+        model_route = gated is not None
+        if gated is not None and checks:
+            route, keyed = gated
             protocol = isinstance(route, ProtocolRoute)
-            if self.api_key is not None and not self._key_ok(scope):
+            if keyed and self.api_key is not None and not self._key_ok(scope):
                 unauthorized = Unauthorized(
                     "Missing or wrong API key; send it in the X-API-Key header.",
                     headers={"WWW-Authenticate": "ApiKey"},
