@@ -97,7 +97,10 @@ class Settings(BaseSettings):
         10.0, gt=0, le=600, description="time a client has to send a request's headers"
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, le=3600, description="longest wait for the next piece of a request body"
+        60.0,
+        gt=0,
+        le=3600,
+        description="time a client has to send a request's whole body, from its headers on (408)",
     )
     keep_alive_s: float = Field(
         5.0, gt=0, le=600, description="how long an idle keep-alive connection stays open"
@@ -110,6 +113,23 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     metrics: bool = Field(True, description="serve Prometheus metrics on GET /metrics")
     ui: bool = Field(True, description="serve the explanation page at GET /")
+    body_min_rate: float = Field(
+        1024.0,
+        ge=0,
+        le=1024**3,
+        description="slowest average pace, in bytes per second, of a request body once "
+        "CAMSERVE_BODY_GRACE_S has passed (408 below it; 0: only the whole-body deadline)",
+    )
+    body_grace_s: float = Field(
+        10.0, ge=0, le=3600, description="time a request body may take before its pace counts"
+    )
+    probe_connections: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="requests to /health, /ready and /metrics answered beyond "
+        "CAMSERVE_MAX_CONNECTIONS, so that probes pass while the service is full",
+    )
 
     @field_validator("device")
     @classmethod

@@ -164,6 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
         body_timeout_s=settings.body_timeout_s,
+        min_rate=settings.body_min_rate,
+        grace_s=settings.body_grace_s,
         protocol_prefixes=PREFIXES,
         protocol_max_bytes=json_body_limit(
             settings.max_upload_bytes, settings.max_images, _FORM_OVERHEAD

@@ -247,6 +247,7 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
         keep_alive_s=3,
         header_timeout_s=7,
         shutdown_grace_s=9,
+        probe_connections=5,
     )
     server = build_server(settings)
     assert isinstance(server, DrainingServer)
@@ -254,4 +255,60 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
     assert config.limit_concurrency == 123 and config.timeout_keep_alive == 3
     assert issubclass(config.http, HeaderDeadlineProtocol)  # type: ignore[arg-type]
     assert config.http.header_timeout_s == 7  # type: ignore[union-attr]
+    assert config.http.probes.bound == 5  # type: ignore[union-attr]
     assert server.lifecycle.grace_s == 9
+
+
+def _keep_open(url: str) -> socket.socket:
+    """A connection that asked for /health and now idles (kept alive), holding its place."""
+    sock = _raw(url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+def test_probes_pass_and_refusals_are_json_at_the_connection_cap(store: Path) -> None:
+    process, url = start_server(
+        store, CAMSERVE_MAX_CONNECTIONS="3", CAMSERVE_KEEP_ALIVE_S="60", CAMSERVE_METRICS="true"
+    )
+    held = [_keep_open(url) for _ in range(3)]
+    try:
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(url + path, timeout=10).status_code == 200, path
+        refused = httpx.post(url + "/predict", files=[("file", ("a.png", image_bytes()))])
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == "application/json"
+        assert refused.headers["retry-after"] == "1"
+        assert "CAMSERVE_MAX_CONNECTIONS" in refused.json()["error"]["message"]
+        assert httpx.get(url + "/models", timeout=10).status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_bytes_that_are_not_http_get_a_json_400(server: str) -> None:
+    for request in (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nBad\x01Header: y\r\n\r\n",
+        b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        with _raw(server) as sock:
+            sock.sendall(request)
+            answer = _read_all(sock)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+def test_a_long_url_gets_json(server: str) -> None:
+    with _raw(server) as sock:
+        sock.sendall(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer[:300]
+    json.loads(body)
