@@ -130,6 +130,13 @@ class Settings(BaseSettings):
         description="requests to /health, /ready and /metrics answered beyond "
         "CAMSERVE_MAX_CONNECTIONS, so that probes pass while the service is full",
     )
+    max_jobs_per_client: int = Field(
+        16,
+        ge=1,
+        le=100_000,
+        description="most jobs one client (API key, or address without one) may have queued "
+        "or running",
+    )
 
     @field_validator("device")
     @classmethod

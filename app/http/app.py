@@ -88,7 +88,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
     )
     app.state.explainer = explainer
-    app.state.jobs = JobStore(explainer, settings.max_jobs, settings.job_ttl_s, app.state.lifecycle)
+    app.state.jobs = JobStore(
+        explainer,
+        settings.max_jobs,
+        settings.job_ttl_s,
+        app.state.lifecycle,
+        max_per_client=settings.max_jobs_per_client,
+    )
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
     trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))

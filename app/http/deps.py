@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -47,6 +48,15 @@ async def require_api_key(request: Request, api_key: str | None = Depends(_api_k
             "Missing or wrong API key; send it in the X-API-Key header.",
             headers={"WWW-Authenticate": "ApiKey"},
         )
+
+
+def client_identity(request: Request) -> str:
+    """Who sent the request, for per-client caps: a digest of its API key when the service
+    requires one, else its address (a key nobody checks would let a client be anyone)."""
+    key = request.headers.get("x-api-key")
+    if key and get_settings(request).api_key is not None:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "address:" + (request.client.host if request.client else "unknown")
 
 
 async def read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:

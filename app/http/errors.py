@@ -20,6 +20,7 @@ from app.errors import (
     NotReady,
     Overloaded,
     ShuttingDown,
+    TooManyJobs,
     error_body,
 )
 from app.observability.context import REQUEST_ID_HEADER, current_request_id
@@ -87,7 +88,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(CamserveError)
     async def _domain(request: Request, exc: CamserveError) -> JSONResponse:
-        if exc.status_code >= 500 and not isinstance(exc, Overloaded | NotReady | ShuttingDown):
+        # TooManyJobs logs its refusals itself, at a bounded rate.
+        quiet = Overloaded | NotReady | ShuttingDown | TooManyJobs
+        if exc.status_code >= 500 and not isinstance(exc, quiet):
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
         elif isinstance(exc, ClientClosedRequest):
             logger.info("%s %s: %s", request.method, request.url.path, exc.message)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.pipeline.decoding import Upload
+from app.pipeline.explainer import ExplainParams
 from tests.conftest import assert_error, files, image_bytes
 
 #: ~2,000 masked forwards of resnet18 at 64x64: seconds of work, stopped early by the tests.
@@ -114,15 +117,53 @@ def test_events_stream_progress_then_the_final_job(client: TestClient) -> None:
     assert done == sorted(done)
 
 
-def test_the_store_keeps_at_most_max_jobs(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(max_jobs=1)
-    first = submit(client, method="GradCAM")
-    response = client.post("/jobs", files=files(image_bytes()), data={"method": "GradCAM"})
-    assert_error(response, 503, "too_many_jobs")
-    assert int(response.headers["retry-after"]) >= 1
-    wait_for(client, first["id"], finished)
-    client.delete(f"/jobs/{first['id']}")  # forgetting it makes room
+def test_finished_jobs_never_block_a_new_one(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_jobs=2)
+    ids = []
+    for _ in range(4):  # the fourth and fifth evict the oldest finished ones
+        ids.append(submit(client, method="GradCAM")["id"])
+        wait_for(client, ids[-1], finished)
+    assert [client.get(f"/jobs/{i}").status_code for i in ids] == [404, 404, 200, 200]
+    assert client.app.state.jobs.counts()["succeeded"] == 2  # type: ignore[attr-defined]
+
+
+def test_unfinished_jobs_are_bounded_with_an_honest_retry_after(
+    make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client(max_jobs=1, job_ttl_s=3600)
+    job = submit(client, **SLOW)
+    wait_for(client, job["id"], lambda v: v["progress"]["done"] > 0)
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            response = client.post("/jobs", files=files(image_bytes()), data={"method": "GradCAM"})
+            message = assert_error(response, 503, "too_many_jobs")
+    assert "queued or running" in message
+    eta = client.get(f"/jobs/{job['id']}").json()["progress"]["eta_s"]
+    assert 1 <= int(response.headers["retry-after"]) <= max(1, eta) + 5  # not the TTL
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name in ("app.pipeline.jobs", "app.http.errors")
+    ]
+    assert len(warnings) == 1 and "refusing jobs" in warnings[0].getMessage()
+    client.delete(f"/jobs/{job['id']}")
     submit(client, method="GradCAM")
+
+
+def test_one_client_cannot_take_every_place(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_jobs=8, max_jobs_per_client=1)
+    job = submit(client, **SLOW)
+    response = client.post("/jobs", files=files(image_bytes()), data={"method": "GradCAM"})
+    assert "CAMSERVE_MAX_JOBS_PER_CLIENT" in assert_error(response, 503, "too_many_jobs")
+    # Another client still gets in.
+    store = client.app.state.jobs  # type: ignore[attr-defined]
+    upload = Upload("a.png", image_bytes())
+    other = client.portal.call(  # type: ignore[union-attr]
+        lambda: store.create(None, [upload], ExplainParams(method="GradCAM"), client="other")
+    )
+    assert other.client == "other"
+    wait_for(client, other.id, finished)
+    client.delete(f"/jobs/{job['id']}")
 
 
 def test_finished_jobs_expire_after_the_ttl(make_client: Callable[..., TestClient]) -> None:
