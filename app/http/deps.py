@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
+import hmac
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -36,14 +36,20 @@ def get_explainer(request: Request) -> Explainer:
     return request.app.state.explainer
 
 
+def api_key_matches(sent: bytes | None, expected: str) -> bool:
+    """The one comparison of a sent X-API-Key with the configured key, for the gate and the
+    routes alike: the header's raw bytes against the key's UTF-8 bytes, in constant time."""
+    return sent is not None and hmac.compare_digest(sent, expected.encode("utf-8"))
+
+
 async def require_api_key(request: Request, api_key: str | None = Depends(_api_key_header)) -> None:
     """Reject the request unless it carries the configured key (no-op when none is set)."""
     expected = get_settings(request).api_key
     if expected is None:
         return
-    if api_key is None or not secrets.compare_digest(
-        api_key.encode(), expected.get_secret_value().encode()
-    ):
+    # Starlette decodes header values as latin-1: encoding them back gives the bytes sent.
+    sent = None if api_key is None else api_key.encode("latin-1")
+    if not api_key_matches(sent, expected.get_secret_value()):
         raise Unauthorized(
             "Missing or wrong API key; send it in the X-API-Key header.",
             headers={"WWW-Authenticate": "ApiKey"},

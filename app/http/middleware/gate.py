@@ -8,7 +8,6 @@ routes too, so the OpenAPI schema documents the key, and it is then checked a se
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ from fastapi.dependencies.models import Dependant
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.http.deps import require_api_key
+from app.http.deps import api_key_matches, require_api_key
 from app.http.errors import send_refusal
 from app.lifecycle import Lifecycle
 
@@ -40,7 +39,7 @@ class GateMiddleware:
     ) -> None:
         self.app = app
         self.routes = routes
-        self.api_key = api_key.encode() if api_key is not None else None
+        self.api_key = api_key
         self.lifecycle = lifecycle
         self.protocol_prefixes = protocol_prefixes
         self._guarded: dict[int, bool] = {}
@@ -97,4 +96,4 @@ class GateMiddleware:
 
     def _key_ok(self, scope: Scope) -> bool:
         sent = dict(scope["headers"]).get(b"x-api-key")
-        return sent is not None and secrets.compare_digest(sent, self.api_key or b"")
+        return self.api_key is not None and api_key_matches(sent, self.api_key)
