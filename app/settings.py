@@ -137,6 +137,34 @@ class Settings(BaseSettings):
         description="most jobs one client (API key, or address without one) may have queued "
         "or running",
     )
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=64,
+        le=10_000_000_000,
+        description="most pixels the images of one request may decode to, summed (a large "
+        "JPEG counts at the reduced scale it is decoded at); read from the headers (413)",
+    )
+    decode_budget_bytes: int = Field(
+        1024**3,
+        ge=1024**2,
+        le=1024**4,
+        description="memory all requests and jobs together may hold in decoded images; a "
+        "request waits for its share, and one needing more than all of it is refused (413)",
+    )
+    body_budget_bytes: int = Field(
+        512 * 1024**2,
+        ge=1024**2,
+        le=1024**4,
+        description="request bodies all requests together may be sending or holding at once "
+        "(503 with Retry-After beyond it)",
+    )
+    job_upload_budget_bytes: int = Field(
+        256 * 1024**2,
+        ge=1024**2,
+        le=1024**4,
+        description="upload bytes that queued and running jobs may keep, in all (503 "
+        "too_many_jobs beyond it)",
+    )
 
     @field_validator("device")
     @classmethod

@@ -32,6 +32,7 @@ from app.models.registry import ModelRegistry
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.pipeline.admission import JobLimiter
+from app.pipeline.budget import MemoryBudget
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import JobStore
 from app.settings import ConfigurationError, Settings, load_settings
@@ -86,6 +87,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_threads=model_threads,
         image_threads=image_threads,
         on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
+        max_request_pixels=settings.max_request_pixels,
+        decode_budget=MemoryBudget(settings.decode_budget_bytes),
     )
     app.state.explainer = explainer
     app.state.jobs = JobStore(
@@ -94,6 +97,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.job_ttl_s,
         app.state.lifecycle,
         max_per_client=settings.max_jobs_per_client,
+        max_upload_bytes=settings.job_upload_budget_bytes,
     )
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
@@ -172,6 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_timeout_s=settings.body_timeout_s,
         min_rate=settings.body_min_rate,
         grace_s=settings.body_grace_s,
+        budget=settings.body_budget_bytes,
         protocol_prefixes=PREFIXES,
         protocol_max_bytes=json_body_limit(
             settings.max_upload_bytes, settings.max_images, _FORM_OVERHEAD

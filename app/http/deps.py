@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
-from app.errors import InvalidParameter, PayloadTooLarge, Unauthorized
+from app.errors import Unauthorized
+from app.http import uploads
 from app.http.cutoff import guarded
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
@@ -67,32 +68,19 @@ def client_identity(request: Request) -> str:
 
 async def read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
     """Read the file parts, refusing too many files or any file over the size limit."""
-    if len(files) > settings.max_images:
-        raise InvalidParameter(
-            f"{len(files)} files sent but at most {settings.max_images} are accepted per "
-            "request (CAMSERVE_MAX_IMAGES); split the batch."
-        )
-    limit = settings.max_upload_bytes
-    uploads = []
+    uploads.check_count(len(files), settings)
+    read = []
     for number, file in enumerate(files):
         name = file.filename or f"image{number}"
-        if file.size is not None and file.size > limit:
-            raise _too_large(name, limit)
+        if file.size is not None:
+            uploads.check_size(name, file.size, settings)
         chunks, total = [], 0
         while chunk := await file.read(_CHUNK):
             total += len(chunk)
-            if total > limit:
-                raise _too_large(name, limit)
+            uploads.check_size(name, total, settings)
             chunks.append(chunk)
-        uploads.append(Upload(filename=name, data=b"".join(chunks)))
-    return uploads
-
-
-def _too_large(name: str, limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"{name} is over the upload limit of {limit} bytes (CAMSERVE_MAX_UPLOAD_BYTES); "
-        "send a smaller image."
-    )
+        read.append(Upload(filename=name, data=b"".join(chunks)))
+    return read
 
 
 async def within_limits(request: Request, work: Coroutine[Any, Any, T]) -> T:

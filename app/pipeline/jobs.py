@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NoReturn, get_args
 
-from app.errors import CamserveError, JobNotFound, ShuttingDown, TooManyJobs, clip, error_body
+from app.errors import (
+    CamserveError,
+    JobNotFound,
+    PayloadTooLarge,
+    ShuttingDown,
+    TooManyJobs,
+    clip,
+    error_body,
+)
 from app.lifecycle import Lifecycle
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -57,6 +65,8 @@ class Job:
     task: asyncio.Task[None] | None = None
     client: str = ""
     """Who submitted it (the per-client cap counts by this)."""
+    upload_bytes: int = 0
+    """Bytes of its uploads, kept until it ends."""
     _progress_since: float | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -147,12 +157,15 @@ class JobStore:
         ttl_s: float,
         lifecycle: Lifecycle,
         max_per_client: int | None = None,
+        max_upload_bytes: int | None = None,
     ) -> None:
         self.explainer = explainer
         self.max_jobs = max_jobs
         self.ttl_s = ttl_s
         self.lifecycle = lifecycle
         self.max_per_client = max_per_client or max_jobs
+        self.max_upload_bytes = max_upload_bytes
+        """Upload bytes that unfinished jobs may keep in all (None: no bound)."""
         self._jobs: dict[str, Job] = {}
         self._turns = asyncio.Semaphore(explainer.limiter.max_running)
         self._refusals = 0
@@ -176,15 +189,16 @@ class JobStore:
         for job_id in [i for i, job in self._jobs.items() if job.expires <= now]:
             del self._jobs[job_id]
 
-    def create(
+    async def create(
         self,
         model: str | None,
         uploads: Sequence[Upload],
         params: ExplainParams,
         client: str = "",
     ) -> Job:
-        """Check the parameters, then start the job; TooManyJobs when ``max_jobs`` jobs (or
-        the client's ``max_per_client``) are queued or running."""
+        """Check the parameters and the uploads' headers, then start the job; TooManyJobs when
+        ``max_jobs`` jobs (or the client's ``max_per_client``) are queued or running, or their
+        uploads fill ``max_upload_bytes``."""
         self.purge()
         active = [job for job in self._jobs.values() if not job.is_finished]
         mine = [job for job in active if job.client == client]
@@ -200,9 +214,24 @@ class JobStore:
                 f"You have {len(mine)} jobs queued or running, the most one client may "
                 "(CAMSERVE_MAX_JOBS_PER_CLIENT); wait for one to finish, or cancel one.",
             )
-        self.explainer.check(model, params, len(uploads))
+        size = sum(len(upload.data) for upload in uploads)
+        if self.max_upload_bytes is not None:
+            if size > self.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"The job's uploads are {size} bytes, over the {self.max_upload_bytes} all "
+                    "jobs may keep (CAMSERVE_JOB_UPLOAD_BUDGET_BYTES); send fewer images."
+                )
+            kept = sum(job.upload_bytes for job in active)
+            if kept + size > self.max_upload_bytes:
+                self._refuse(
+                    active,
+                    f"Queued and running jobs keep {kept} bytes of uploads; this job's {size} "
+                    "would go over CAMSERVE_JOB_UPLOAD_BUDGET_BYTES. Retry after the seconds in "
+                    "Retry-After.",
+                )
+        await self.explainer.check_uploads(model, uploads, params)
         self._make_room()
-        job = Job(id=secrets.token_urlsafe(18), client=client)
+        job = Job(id=secrets.token_urlsafe(18), client=client, upload_bytes=size)
         self._jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(
             self._run(job, model, list(uploads), params), name=f"job-{job.id[:8]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
+from PIL import Image
 
 from tests.conftest import image_bytes
 
@@ -312,3 +315,60 @@ def test_a_long_url_gets_json(server: str) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-type: application/json" in head.lower(), answer[:300]
     json.loads(body)
+
+
+def _flat_png(side: int) -> bytes:
+    """An all-black RGB PNG: a few KB that decode to ``side`` x ``side`` pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_resident_memory_stays_within_the_decode_budget(store: Path) -> None:
+    """Requests of small flat PNGs that decode to ~50 MB each arrive eight at a time while the
+    one model slot is busy: with a budget of one request's worth, the server's resident memory
+    grows by about that, not by eight requests' worth."""
+    image = _flat_png(1800)  # 3.24 MP: 26 MB decoded (8 bytes a pixel at the peak)
+    per_request = 2 * 1800 * 1800 * 8
+    process, url = start_server(
+        store,
+        CAMSERVE_DECODE_BUDGET_BYTES=str(per_request + 1024**2),
+        CAMSERVE_MAX_IMAGE_PIXELS=str(1800 * 1800),
+        CAMSERVE_REQUEST_TIMEOUT_S="120",
+        CAMSERVE_MAX_CONCURRENT_JOBS="1",
+    )
+    try:
+        server = psutil.Process(process.pid)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            assert client.post("/predict", files=[("file", ("w.png", _flat_png(64)))]).is_success
+            slow = {"model": "resnet", "method": "SSCAM", "num_samples": "64", "batch_size": "1"}
+            job = client.post("/jobs", files=[("file", ("s.png", image_bytes()))], data=slow)
+            job_url = job.json()["url"]
+            while client.get(job_url).json()["progress"]["done"] == 0:  # the slot is taken
+                time.sleep(0.05)
+            baseline = server.memory_info().rss
+            peak = baseline
+            statuses: list[int] = []
+
+            def send() -> None:
+                parts = [("file", (f"{i}.png", image, "image/png")) for i in range(2)]
+                statuses.append(httpx.post(f"{url}/predict", files=parts, timeout=120).status_code)
+
+            senders = [threading.Thread(target=send) for _ in range(8)]
+            for sender in senders:
+                sender.start()
+            until = time.monotonic() + 7  # all eight have decoded by now (~4 s), unless they wait
+            while time.monotonic() < until:
+                peak = max(peak, server.memory_info().rss)
+                time.sleep(0.005)
+            client.delete(job_url)
+            while any(sender.is_alive() for sender in senders):
+                peak = max(peak, server.memory_info().rss)
+                time.sleep(0.005)
+        assert statuses == [200] * 8, statuses
+        grown = peak - baseline
+        # One request's decoding (~70 MB measured), plus slack; without the budget: 224 MB.
+        assert grown < per_request + 48 * 1024**2, f"grew {grown / 1024**2:.0f} MiB"
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

@@ -9,7 +9,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import clip
+from app.errors import Overloaded, clip
 from app.http.errors import send_refusal
 
 logger = logging.getLogger(__name__)
@@ -18,11 +18,18 @@ logger = logging.getLogger(__name__)
 class _BodyRefused(Exception):
     """Raised into the app's body read; the middleware answers in its place."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or []
 
 
 class BodyLimitMiddleware:
@@ -30,6 +37,10 @@ class BodyLimitMiddleware:
     408 once it is late: not all there ``body_timeout_s`` after the headers, or arriving slower
     than ``min_rate`` bytes per second on average once ``grace_s`` has passed (so a client that
     trickles a few bytes every second cannot hold its connection until the deadline).
+
+    The bodies of all requests in flight share ``budget`` bytes: a body is counted from its
+    Content-Length (or as it arrives) until its request is answered, and refused with 503 when
+    it does not fit.
 
     Paths under ``protocol_prefixes`` (the inference-protocol routes, whose images come base64
     in JSON) get ``protocol_max_bytes`` instead, and their refusals the protocols' shape."""
@@ -43,6 +54,7 @@ class BodyLimitMiddleware:
         protocol_max_bytes: int | None = None,
         min_rate: float = 0.0,
         grace_s: float = 10.0,
+        budget: int | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -51,6 +63,9 @@ class BodyLimitMiddleware:
         self.protocol_max_bytes = protocol_max_bytes or max_bytes
         self.min_rate = min_rate
         self.grace_s = grace_s
+        self.budget = budget
+        """Bytes of the bodies of all requests in flight, at most (None: no bound)."""
+        self.held = 0
 
     @staticmethod
     def _too_large(limit: int) -> _BodyRefused:
@@ -59,6 +74,15 @@ class BodyLimitMiddleware:
             "payload_too_large",
             f"The request body is over {limit} bytes; send fewer or smaller "
             "images (CAMSERVE_MAX_UPLOAD_BYTES x CAMSERVE_MAX_IMAGES bounds it).",
+        )
+
+    def _no_room(self) -> _BodyRefused:
+        return _BodyRefused(
+            503,
+            Overloaded.code,
+            f"The service holds as many request bodies as it may ({self.budget} bytes, "
+            "CAMSERVE_BODY_BUDGET_BYTES); retry after the seconds in Retry-After.",
+            headers=[(b"retry-after", b"1")],
         )
 
     def _late(self, received: int, elapsed: float) -> _BodyRefused:
@@ -93,9 +117,22 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _refuse(send, self._too_large(limit), protocol)
             return
+        reserved = int(declared) if declared is not None and declared.isdigit() else 0
+        if self.budget is not None and self.held + reserved > self.budget:
+            await _refuse(send, self._no_room(), protocol)
+            return
+        self.held += reserved
+        try:
+            await self._limited(scope, receive, send, limit, protocol, reserved)
+        finally:
+            self.held -= reserved
 
+    async def _limited(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, protocol: bool, reserved: int
+    ) -> None:
         started = time.monotonic()
         received = 0
+        counted: list[int] = []  # bytes beyond the reservation, held until the answer
         refused: _BodyRefused | None = None
         answered = False
         body_done = False
@@ -121,11 +158,19 @@ class BodyLimitMiddleware:
                 refused = self._late(received, elapsed)
                 raise refused from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                piece = len(message.get("body", b""))
+                received += piece
                 body_done = not message.get("more_body", False)
                 if received > limit:
                     refused = self._too_large(limit)
                     raise refused
+                if received > reserved:  # no Content-Length, or more than it said
+                    extra = min(piece, received - reserved)
+                    if self.budget is not None and self.held + extra > self.budget:
+                        refused = self._no_room()
+                        raise refused
+                    self.held += extra
+                    counted.append(extra)
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -140,9 +185,18 @@ class BodyLimitMiddleware:
         except Exception:
             if refused is None:
                 raise
+        finally:
+            self.held -= sum(counted)
         if refused is not None and not answered:
             await _refuse(send, refused, protocol)
 
 
 async def _refuse(send: Send, refused: _BodyRefused, protocol: bool) -> None:
-    await send_refusal(send, refused.status, refused.code, refused.message, protocol=protocol)
+    await send_refusal(
+        send,
+        refused.status,
+        refused.code,
+        refused.message,
+        protocol=protocol,
+        headers=refused.headers,
+    )

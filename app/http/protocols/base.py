@@ -23,7 +23,8 @@ from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import CamserveError, InvalidParameter, PayloadTooLarge, clip
+from app.errors import CamserveError, clip
+from app.http import uploads
 from app.pipeline.decoding import Upload
 from app.settings import Settings
 
@@ -124,30 +125,17 @@ def decode_images(encoded: Sequence[tuple[str, str]], settings: Settings) -> lis
     """``(name, base64 text)`` pairs -> uploads, with the limits of the multipart routes."""
     if not encoded:
         raise BadProtocolRequest("No image sent; send at least one base64-encoded image.")
-    if len(encoded) > settings.max_images:
-        raise InvalidParameter(
-            f"{len(encoded)} images sent but at most {settings.max_images} are accepted per "
-            "request (CAMSERVE_MAX_IMAGES); split the batch."
-        )
-    limit = settings.max_upload_bytes
-    uploads = []
+    uploads.check_count(len(encoded), settings)
+    decoded = []
     for name, text in encoded:
         compact = "".join(text.split())
-        if len(compact) // 4 * 3 > limit + 2:
-            raise PayloadTooLarge(
-                f"{name} is over the upload limit of {limit} bytes (CAMSERVE_MAX_UPLOAD_BYTES); "
-                "send a smaller image."
-            )
+        uploads.check_size(name, len(compact) // 4 * 3 - 2, settings)  # before decoding it
         try:
             data = base64.b64decode(compact, validate=True)
         except (binascii.Error, ValueError):
             raise BadProtocolRequest(
-                f"{name} is not valid base64 (standard alphabet, with padding)."
+                f"{clip(name)} is not valid base64 (standard alphabet, with padding)."
             ) from None
-        if len(data) > limit:
-            raise PayloadTooLarge(
-                f"{name} is over the upload limit of {limit} bytes (CAMSERVE_MAX_UPLOAD_BYTES); "
-                "send a smaller image."
-            )
-        uploads.append(Upload(filename=name, data=data))
-    return uploads
+        uploads.check_size(name, len(data), settings)
+        decoded.append(Upload(filename=name, data=data))
+    return decoded

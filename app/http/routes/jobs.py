@@ -40,7 +40,7 @@ async def create_job(
 ) -> JSONResponse:
     """Run an explanation in the background (same form as /explain); follow it at `url`."""
     uploads = await read_uploads(form.files, settings)
-    job = jobs.create(form.model, uploads, form.params, client=client_identity(request))
+    job = await jobs.create(form.model, uploads, form.params, client=client_identity(request))
     body = JobCreated(id=job.id, status=job.status, url=job.url)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": job.url})
 

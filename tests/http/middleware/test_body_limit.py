@@ -74,3 +74,47 @@ def test_a_pause_is_cut_at_the_pace_without_waiting_for_the_deadline() -> None:
     limit = BodyLimitMiddleware(_read_all, 10**6, body_timeout_s=60, min_rate=1000, grace_s=0.2)
     status, _, seconds = _run(limit, pieces=2, every_s=30)
     assert status == 408 and seconds < 5
+
+
+def test_bodies_in_flight_share_one_budget() -> None:
+    async def main() -> tuple[list[Message], list[Message], int]:
+        release = asyncio.Event()
+
+        async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+            await receive()
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        limit = BodyLimitMiddleware(slow_app, 10**6, budget=100)
+
+        def call(length: int) -> tuple[Any, list[Message]]:
+            sent: list[Message] = []
+
+            async def receive() -> Message:
+                return {"type": "http.request", "body": b"x" * length, "more_body": False}
+
+            async def send(message: Message) -> None:
+                sent.append(message)
+
+            headers = [(b"content-length", str(length).encode())]
+            scope = {"type": "http", "method": "POST", "path": "/p", "headers": headers}
+            return limit(scope, receive, send), sent
+
+        work, first = call(60)
+        running = asyncio.create_task(work)
+        await asyncio.sleep(0.01)
+        work, second = call(60)
+        await work  # 60 + 60 > 100: refused while the first holds its body
+        release.set()
+        await running
+        held = limit.held
+        work, third = call(60)
+        await work
+        return first + third, second, held
+
+    answered, refused, held = asyncio.run(main())
+    assert [m["status"] for m in answered if m["type"] == "http.response.start"] == [200, 200]
+    assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert "CAMSERVE_BODY_BUDGET_BYTES" in json.loads(refused[1]["body"])["error"]["message"]
+    assert held == 0

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 from fastapi.testclient import TestClient
 
+from app.pipeline import explainer as explainer_module
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
 from tests.conftest import assert_error, files, image_bytes
@@ -74,10 +75,14 @@ def test_bad_parameters_are_refused_when_the_job_is_created(client: TestClient) 
 
 
 def test_an_undecodable_upload_fails_the_job_with_the_usual_error(client: TestClient) -> None:
-    job = submit(client, b"this is text, not a png")
+    # What the header tells is refused when the job is created ...
+    response = client.post("/jobs", files=files(b"this is text, not a png"))
+    assert_error(response, 415, "unsupported_media_type")
+    # ... damage past the header when the job decodes.
+    job = submit(client, image_bytes((64, 64))[:200])
     view = wait_for(client, job["id"], finished)
     assert view["status"] == "failed" and view["result"] is None
-    assert view["error"]["code"] == "unsupported_media_type"
+    assert view["error"]["code"] == "invalid_image"
 
 
 def test_delete_stops_a_running_job_within_a_chunk(client: TestClient) -> None:
@@ -159,7 +164,7 @@ def test_one_client_cannot_take_every_place(make_client: Callable[..., TestClien
     store = client.app.state.jobs  # type: ignore[attr-defined]
     upload = Upload("a.png", image_bytes())
     other = client.portal.call(  # type: ignore[union-attr]
-        lambda: store.create(None, [upload], ExplainParams(method="GradCAM"), client="other")
+        store.create, None, [upload], ExplainParams(method="GradCAM"), "other"
     )
     assert other.client == "other"
     wait_for(client, other.id, finished)
@@ -203,3 +208,39 @@ def test_shutdown_cut_cancels_running_jobs_with_that_reason(
     client.portal.call(lambda: lifecycle.ready_to_exit())  # type: ignore[union-attr]
     view = wait_for(client, job["id"], finished)
     assert view["status"] == "cancelled" and view["error"]["code"] == "shutting_down"
+
+
+def test_a_queued_job_decodes_only_when_its_turn_comes(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[str] = []
+    real = explainer_module.decode_upload
+
+    def counting(upload: Upload, *args: object, **kwargs: object) -> object:
+        decoded.append(upload.filename)
+        return real(upload, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(explainer_module, "decode_upload", counting)
+    client = make_client(max_concurrent_jobs=1)
+    first = submit(client, **SLOW)
+    wait_for(client, first["id"], lambda v: v["progress"]["done"] > 0)
+    response = client.post("/jobs", files=[("file", ("late.png", image_bytes(), "image/png"))])
+    second = response.json()
+    time.sleep(0.3)
+    assert client.get(f"/jobs/{second['id']}").json()["status"] == "queued"
+    assert "late.png" not in decoded  # only its bytes are kept while it waits
+    client.delete(f"/jobs/{first['id']}")
+    assert wait_for(client, second["id"], finished)["status"] == "succeeded"
+    assert "late.png" in decoded
+
+
+def test_the_upload_bytes_jobs_keep_are_bounded(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(job_upload_budget_bytes=1024**2)
+    heavy = image_bytes((420, 420))  # ~530 KB of random pixels
+    assert 500_000 < len(heavy) < 1024**2 // 2 + 100_000
+    first = submit(client, heavy, **SLOW)
+    response = client.post("/jobs", files=files(heavy), data={"method": "GradCAM"})
+    assert "CAMSERVE_JOB_UPLOAD_BUDGET_BYTES" in assert_error(response, 503, "too_many_jobs")
+    response = client.post("/jobs", files=files(heavy, heavy, heavy))
+    assert_error(response, 413, "payload_too_large")
+    client.delete(f"/jobs/{first['id']}")
