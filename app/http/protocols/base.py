@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import CamserveError, clip
@@ -30,6 +31,28 @@ from app.settings import Settings
 
 PREFIXES = ("/v1/", "/v2/")
 """Paths of the protocol routes (the body limit and the error shape follow them)."""
+
+EXAMPLE_IMAGE_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8ISfHgA0wMeAAg1MCANDKARQfGKMRAAAAAElF"
+    "TkSuQmCC"
+)
+"""A whole 8x8 PNG, base64: the request examples of the schema work when sent as they are."""
+
+
+class ModelNameConvertor(Convertor[str]):
+    """A model name in a path: no ``/`` and no ``:``, so that ``/v1/models/{name}`` does not
+    swallow ``/v1/models/{name}:predict`` (a GET there is a 405, not an unknown model)."""
+
+    regex = "[^/:]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("model", ModelNameConvertor())
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

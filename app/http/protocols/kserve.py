@@ -10,7 +10,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
-from app.http.protocols.base import ERROR_RESPONSES, ProtocolRoute, decode_images
+from app.http.protocols.base import (
+    ERROR_RESPONSES,
+    EXAMPLE_IMAGE_B64,
+    ProtocolRoute,
+    decode_images,
+)
 from app.models.registry import ModelRegistry
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.rendering import (
@@ -29,7 +34,6 @@ router = APIRouter(
     route_class=ProtocolRoute,
     dependencies=[Depends(require_api_key)],
 )
-_B64 = "iVBORw0KGgoAAAANSUhEUgAA..."
 
 
 class B64(BaseModel):
@@ -105,7 +109,7 @@ class _Instances(BaseModel):
 class PredictRequest(_Instances):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"instances": [{"image": {"b64": _B64}}]}]},
+        json_schema_extra={"examples": [{"instances": [{"image": {"b64": EXAMPLE_IMAGE_B64}}]}]},
     )
     instances: list[PredictInstance] = Field(min_length=1)
 
@@ -115,7 +119,15 @@ class ExplainRequest(_Instances):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"instances": [{"image": {"b64": _B64}, "method": "GradCAM", "output": "overlay"}]}
+                {
+                    "instances": [
+                        {
+                            "image": {"b64": EXAMPLE_IMAGE_B64},
+                            "method": "GradCAM",
+                            "output": "overlay",
+                        }
+                    ]
+                }
             ]
         },
     )
@@ -164,7 +176,7 @@ def list_models(registry: ModelRegistry = Depends(get_registry)) -> dict[str, li
     return {"models": registry.names()}
 
 
-@router.get("/{name}", responses=ERROR_RESPONSES)
+@router.get("/{name:model}", responses=ERROR_RESPONSES)
 def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
     """Whether the model can serve (200) or is loading or failed (503)."""
     entry = registry.entry(name)
@@ -181,6 +193,7 @@ async def predict_instances(
     settings: Settings = Depends(get_settings),
 ) -> PredictAnswer:
     """Top-k classes per instance, through the same batched forward as /predict."""
+    explainer.registry.get(name)  # an unknown model is named before any image is looked at
     uploads = decode_images(
         list(zip(_names(len(body.instances)), [i.image.b64 for i in body.instances], strict=True)),
         settings,
@@ -208,6 +221,7 @@ async def explain_instances(
     settings: Settings = Depends(get_settings),
 ) -> ExplainAnswer:
     """camserve's explanation of each instance; its fields are /explain's options."""
+    explainer.registry.get(name)  # an unknown model is named before any image is looked at
     instances = body.instances
     uploads = decode_images(
         list(zip(_names(len(instances)), [i.image.b64 for i in instances], strict=True)), settings

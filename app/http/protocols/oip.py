@@ -13,6 +13,7 @@ from app.errors import clip
 from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
 from app.http.protocols.base import (
     ERROR_RESPONSES,
+    EXAMPLE_IMAGE_B64,
     BadProtocolRequest,
     ProtocolRoute,
     decode_images,
@@ -108,7 +109,7 @@ class InferenceRequest(BaseModel):
                             "name": INPUT,
                             "shape": [1],
                             "datatype": "BYTES",
-                            "data": ["iVBORw0KGgoAAAANSUhEUgAA..."],
+                            "data": [EXAMPLE_IMAGE_B64],
                         }
                     ],
                     "outputs": [{"name": OUTPUT}],
