@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import Send
 
 from app.errors import (
@@ -83,6 +84,27 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[st
     return f"Invalid request: {text}. See /docs for the accepted parameters.", problems
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes on this path (Starlette's 405 names only the first route's,
+    so GET /jobs/{id} hid DELETE /jobs/{id})."""
+    methods: set[str] = set()
+    for route in _flat(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+def _flat(routes: Sequence[Any]) -> Iterator[Any]:
+    # FastAPI 0.16x keeps an included router as one entry (its routes on `original_router`).
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat(inner.routes)
+        else:
+            yield route
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render domain errors, validation errors, HTTP errors and crashes in one shape."""
 
@@ -111,13 +133,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = str(exc.detail)
+        headers = exc.headers
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request)
+            headers = {**(headers or {}), "Allow": allowed}
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}."
         if exc.status_code == 404 and message == "Not Found":
             message = f"No route {request.url.path}; see /docs for the API."
         elif exc.status_code == 400 and "parsing the body" in message:
             message = "The request body could not be parsed; send multipart/form-data."
-        return JSONResponse(
-            error_body(code, message), status_code=exc.status_code, headers=exc.headers
-        )
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -244,3 +244,10 @@ def test_the_upload_bytes_jobs_keep_are_bounded(make_client: Callable[..., TestC
     response = client.post("/jobs", files=files(heavy, heavy, heavy))
     assert_error(response, 413, "payload_too_large")
     client.delete(f"/jobs/{first['id']}")
+
+
+def test_a_wrong_method_names_every_method_of_the_path(client: TestClient) -> None:
+    response = client.request("OPTIONS", "/jobs/some-id")
+    assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "DELETE, GET"
+    assert "use DELETE, GET" in response.json()["error"]["message"]
