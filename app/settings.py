@@ -152,7 +152,7 @@ class Settings(BaseSettings):
         "request waits for its share, and one needing more than all of it is refused (413)",
     )
     body_budget_bytes: int = Field(
-        512 * 1024**2,
+        256 * 1024**2,
         ge=1024**2,
         le=1024**4,
         description="request bodies all requests together may be sending or holding at once "
