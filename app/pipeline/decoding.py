@@ -254,7 +254,9 @@ def decode_cost(
     pixels = peak = 0
     for upload in uploads:
         opened = open_image(upload.data, upload.filename, max_pixels)
-        _draft(opened, upright_size(opened), spec, picture_side)
+        # Not upright_size: Pillow reads a PNG's EXIF by decoding the whole image, and the
+        # scale depends on the shorter and longer side only, which a rotation keeps.
+        _draft(opened, opened.size, spec, picture_side)
         width, height = opened.size
         has_alpha = "transparency" in opened.info
         per_pixel = (

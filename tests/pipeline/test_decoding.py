@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 from app.models.manifest import parse_manifest
@@ -239,3 +239,18 @@ def test_a_long_filename_is_clipped_in_errors() -> None:
     with pytest.raises(UnsupportedMediaType) as caught:
         decode_image(b"not an image", "x" * 1000, LIMIT)
     assert len(caught.value.message) < 200 and "1000 characters" in caught.value.message
+
+
+def test_the_decode_cost_decodes_no_pixel(monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded: list[str] = []
+    real = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile) -> object:
+        loaded.append(self.format or "")
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    spec = parse_manifest(SHAPES)
+    uploads = [Upload("a.png", _flat((300, 200))), Upload("b.jpg", _jpeg((400, 300)))]
+    decode_cost(uploads, spec, LIMIT, picture_side=None)
+    assert loaded == []
