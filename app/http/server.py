@@ -68,12 +68,13 @@ class _Probes:
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
         async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+            # Counted while it runs (a pipelined request whose connection drops never does).
+            self.in_flight += 1
             try:
                 await app(scope, receive, send)
             finally:
                 self.in_flight -= 1
 
-        self.in_flight += 1
         return counted
 
 
