@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 STAMP       := $(VENV)/.camserve-installed
 SERVE_STAMP := $(VENV)/.camserve-serve-installed
 
-.PHONY: install dev serve test lint typecheck lint-deploy docs browser-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
+.PHONY: install dev serve test lint typecheck lint-deploy docs browser-deps format bench bench-quality bench-serving bench-soak docker-smoke fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,12 @@ bench-serving: $(STAMP)
 # 10 min of mixed load at concurrency 16, an overload burst, abandoned requests, idle; about 14 min.
 bench-soak: $(STAMP)
 	$(PY) bench/soak.py
+
+# schemathesis, every check and phase (stateful included), for 10 min against `python -m app`
+# (tools/fuzz.py); `make test` runs the same for about a minute (tests/tools/test_fuzz.py).
+FUZZ_S ?= 600
+fuzz: $(STAMP)
+	$(PY) tools/fuzz.py --max-time $(FUZZ_S)
 
 # Builds and runs the Docker image end to end (minutes, GBs); not part of `make test`.
 docker-smoke:

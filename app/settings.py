@@ -133,8 +133,8 @@ class Settings(BaseSettings):
         64,
         ge=1,
         le=100_000,
-        description="Jobs kept at once: queued, running, or finished and not yet expired. Beyond "
-        "it `POST /jobs` answers 503 `too_many_jobs`.",
+        description="Jobs queued or running at once. Beyond it `POST /jobs` answers 503 "
+        "`too_many_jobs`; finished jobs never block it (the oldest are forgotten to make room).",
     )
     job_ttl_s: float = Field(
         3600.0,
@@ -164,10 +164,11 @@ class Settings(BaseSettings):
         "connection is closed.",
     )
     body_timeout_s: float = Field(
-        30.0,
+        60.0,
         gt=0,
         le=3600,
-        description="Longest pause between two pieces of a request body. Then 408.",
+        description="Time a client has to send a request's whole body, from its headers on. "
+        "Then 408.",
     )
     keep_alive_s: float = Field(
         5.0,
@@ -210,6 +211,58 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None,
         description="Key of the repository API (`X-Admin-Key`). Unset: that API is off (403).",
+    )
+    body_min_rate: float = Field(
+        1024.0,
+        ge=0,
+        le=1024**3,
+        description="Slowest average pace, in bytes per second, of a request body once "
+        "`CAMSERVE_BODY_GRACE_S` has passed (408 below it; 0: only the whole-body deadline).",
+    )
+    body_grace_s: float = Field(
+        10.0, ge=0, le=3600, description="Time a request body may take before its pace counts."
+    )
+    probe_connections: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="Requests to `/health`, `/ready` and `/metrics` answered beyond "
+        "`CAMSERVE_MAX_CONNECTIONS`, so that probes pass while the service is full.",
+    )
+    max_jobs_per_client: int = Field(
+        16,
+        ge=1,
+        le=100_000,
+        description="Most jobs one client (API key, or address without one) may have queued "
+        "or running.",
+    )
+    max_request_pixels: int = Field(
+        64_000_000,
+        ge=64,
+        le=10_000_000_000,
+        description="Most pixels the images of one request may decode to, summed (a large "
+        "JPEG counts at the reduced scale it is decoded at); read from the headers (413).",
+    )
+    decode_budget_bytes: int = Field(
+        1024**3,
+        ge=1024**2,
+        le=1024**4,
+        description="Memory all requests and jobs together may hold in decoded images; a "
+        "request waits for its share, and one needing more than all of it is refused (413).",
+    )
+    body_budget_bytes: int = Field(
+        256 * 1024**2,
+        ge=1024**2,
+        le=1024**4,
+        description="Request bodies all requests together may be sending or holding at once "
+        "(503 with `Retry-After` beyond it).",
+    )
+    job_upload_budget_bytes: int = Field(
+        256 * 1024**2,
+        ge=1024**2,
+        le=1024**4,
+        description="Upload bytes that queued and running jobs may keep, in all (503 "
+        "`too_many_jobs` beyond it).",
     )
 
     @field_validator("device")

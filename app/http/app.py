@@ -33,6 +33,7 @@ from app.models.registry import ModelRegistry
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.pipeline.admission import SlotLimiter
+from app.pipeline.budget import MemoryBudget
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import JobStore
 from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
@@ -90,12 +91,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_threads=model_threads,
         image_threads=image_threads,
         on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
+        max_request_pixels=settings.max_request_pixels,
+        decode_budget=MemoryBudget(settings.decode_budget_bytes),
     )
     app.state.explainer = explainer
     app.state.control = ModelControl(
         registry, settings.model_control, settings.model_poll_s, model_threads
     )
-    app.state.jobs = JobStore(explainer, settings.max_jobs, settings.job_ttl_s, app.state.lifecycle)
+    app.state.jobs = JobStore(
+        explainer,
+        settings.max_jobs,
+        settings.job_ttl_s,
+        app.state.lifecycle,
+        max_per_client=settings.max_jobs_per_client,
+        max_upload_bytes=settings.job_upload_budget_bytes,
+    )
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
     trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))
@@ -187,6 +197,9 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,
         body_timeout_s=settings.body_timeout_s,
+        min_rate=settings.body_min_rate,
+        grace_s=settings.body_grace_s,
+        budget=settings.body_budget_bytes,
         protocol_prefixes=PREFIXES,
         protocol_max_bytes=json_body_limit(
             settings.max_upload_bytes, settings.max_images, _FORM_OVERHEAD

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import secrets
+import hashlib
+import hmac
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
-from app.errors import InvalidParameter, PayloadTooLarge, Unauthorized
+from app.errors import Unauthorized
+from app.http import uploads
 from app.http.cutoff import guarded
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
@@ -35,48 +37,50 @@ def get_explainer(request: Request) -> Explainer:
     return request.app.state.explainer
 
 
+def api_key_matches(sent: bytes | None, expected: str) -> bool:
+    """The one comparison of a sent X-API-Key with the configured key, for the gate and the
+    routes alike: the header's raw bytes against the key's UTF-8 bytes, in constant time."""
+    return sent is not None and hmac.compare_digest(sent, expected.encode("utf-8"))
+
+
 async def require_api_key(request: Request, api_key: str | None = Depends(_api_key_header)) -> None:
     """Reject the request unless it carries the configured key (no-op when none is set)."""
     expected = get_settings(request).api_key
     if expected is None:
         return
-    if api_key is None or not secrets.compare_digest(
-        api_key.encode(), expected.get_secret_value().encode()
-    ):
+    # Starlette decodes header values as latin-1: encoding them back gives the bytes sent.
+    sent = None if api_key is None else api_key.encode("latin-1")
+    if not api_key_matches(sent, expected.get_secret_value()):
         raise Unauthorized(
             "Missing or wrong API key; send it in the X-API-Key header.",
             headers={"WWW-Authenticate": "ApiKey"},
         )
 
 
+def client_identity(request: Request) -> str:
+    """Who sent the request, for per-client caps: a digest of its API key when the service
+    requires one, else its address (a key nobody checks would let a client be anyone)."""
+    key = request.headers.get("x-api-key")
+    if key and get_settings(request).api_key is not None:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "address:" + (request.client.host if request.client else "unknown")
+
+
 async def read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
     """Read the file parts, refusing too many files or any file over the size limit."""
-    if len(files) > settings.max_images:
-        raise InvalidParameter(
-            f"{len(files)} files sent but at most {settings.max_images} are accepted per "
-            "request (CAMSERVE_MAX_IMAGES); split the batch."
-        )
-    limit = settings.max_upload_bytes
-    uploads = []
+    uploads.check_count(len(files), settings)
+    read = []
     for number, file in enumerate(files):
         name = file.filename or f"image{number}"
-        if file.size is not None and file.size > limit:
-            raise _too_large(name, limit)
+        if file.size is not None:
+            uploads.check_size(name, file.size, settings)
         chunks, total = [], 0
         while chunk := await file.read(_CHUNK):
             total += len(chunk)
-            if total > limit:
-                raise _too_large(name, limit)
+            uploads.check_size(name, total, settings)
             chunks.append(chunk)
-        uploads.append(Upload(filename=name, data=b"".join(chunks)))
-    return uploads
-
-
-def _too_large(name: str, limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"{name} is over the upload limit of {limit} bytes (CAMSERVE_MAX_UPLOAD_BYTES); "
-        "send a smaller image."
-    )
+        read.append(Upload(filename=name, data=b"".join(chunks)))
+    return read
 
 
 async def within_limits(request: Request, work: Coroutine[Any, Any, T]) -> T:

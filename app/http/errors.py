@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import Send
 
 from app.errors import (
@@ -27,6 +29,7 @@ from app.errors import (
     PayloadTooLarge,
     RouteNotFound,
     ShuttingDown,
+    TooManyJobs,
     Unauthorized,
     UnsupportedMediaType,
     error_body,
@@ -104,12 +107,35 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str
     return f"Invalid request: {text}. See /docs for the accepted parameters.", problems
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes on this path (Starlette's 405 names only the first route's,
+    so GET /jobs/{id} hid DELETE /jobs/{id})."""
+    methods: set[str] = set()
+    for route in _flat(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+def _flat(routes: Sequence[Any]) -> Iterator[Any]:
+    # FastAPI 0.16x keeps an included router as one entry (its routes on `original_router`).
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat(inner.routes)
+        else:
+            yield route
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render domain errors, validation errors, HTTP errors and crashes in one shape."""
 
     @app.exception_handler(CamserveError)
     async def _domain(request: Request, exc: CamserveError) -> JSONResponse:
-        if exc.status_code >= 500 and not isinstance(exc, Overloaded | NotReady | ShuttingDown):
+        # TooManyJobs logs its refusals itself, at a bounded rate.
+        quiet = Overloaded | NotReady | ShuttingDown | TooManyJobs
+        if exc.status_code >= 500 and not isinstance(exc, quiet):
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
         elif isinstance(exc, ClientClosedRequest):
             logger.info("%s %s: %s", request.method, request.url.path, exc.message)
@@ -131,13 +157,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _FRAMEWORK_ERRORS.get(exc.status_code, HttpError).code
         message = str(exc.detail)
+        headers = exc.headers
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request)
+            headers = {**(headers or {}), "Allow": allowed}
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}."
         if exc.status_code == 404 and message == "Not Found":
             message = f"No route {request.url.path}; see /docs for the API."
         elif exc.status_code == 400 and "parsing the body" in message:
             message = "The request body could not be parsed; send multipart/form-data."
-        return JSONResponse(
-            error_body(code, message), status_code=exc.status_code, headers=exc.headers
-        )
+        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

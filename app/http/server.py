@@ -4,6 +4,11 @@ request headers, and a drain on SIGTERM before uvicorn's own shutdown.
 uvicorn has no header timeout: a connection that sends half a request line holds a file handle
 for ever (20,000 of them locked everyone out). ``HeaderDeadlineProtocol`` closes it, with a 408,
 once ``CAMSERVE_HEADER_TIMEOUT_S`` has passed without complete headers.
+
+It also answers at the connection cap (``CAMSERVE_MAX_CONNECTIONS``) itself: JSON with
+Retry-After instead of uvicorn's plain text, and the probes (``/health``, ``/ready``,
+``/metrics``) still served, up to ``CAMSERVE_PROBE_CONNECTIONS`` of them at once, so that a few
+slow clients filling the cap do not get a healthy pod killed.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import time
 from types import FrameType
 from typing import Any
 
+import httptools
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from app.errors import HeaderTimeout
-from app.http.errors import raw_refusal
+from app.errors import BadRequest, HeaderTimeout, Overloaded
+from app.http.errors import raw_refusal, send_refusal
 from app.lifecycle import Lifecycle
 from app.settings import Settings
 
@@ -27,13 +34,47 @@ logger = logging.getLogger(__name__)
 #: uvicorn's own wait for open connections after our drain (which already waited for the work).
 UVICORN_SHUTDOWN_S = 5
 _LIMIT_LOG_EVERY_S = 10.0
+PROBE_PATHS = frozenset({b"/health", b"/ready", b"/metrics"})
+"""Raw paths served past the connection cap (up to ``probe_connections`` at once)."""
+
+
+async def _at_capacity(scope: Scope, receive: Receive, send: Send) -> None:
+    await send_refusal(
+        send,
+        Overloaded(
+            "The service has as many connections as it accepts (CAMSERVE_MAX_CONNECTIONS); "
+            "retry shortly.",
+            headers={"Retry-After": "1"},
+        ),
+    )
+
+
+class _Probes:
+    """The probe requests in flight past the connection cap, and the app that counts them."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.in_flight = 0
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        async def counted(scope: Scope, receive: Receive, send: Send) -> None:
+            # Counted while it runs (a pipelined request whose connection drops never does).
+            self.in_flight += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+
+        return counted
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with a deadline for each request's headers, and a warning in the
-    log when the connection limit turns requests away."""
+    """uvicorn's HTTP protocol with a deadline for each request's headers, JSON refusals, and
+    the connection cap decided here (probes exempt, a warning in the log when it turns
+    requests away)."""
 
     header_timeout_s = 10.0
+    probes = _Probes(8)
     _last_limit_log = 0.0
 
     def connection_made(self, transport: Any) -> None:
@@ -57,18 +98,50 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
         limit = self.limit_concurrency
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-            now = time.monotonic()
-            if now - HeaderDeadlineProtocol._last_limit_log > _LIMIT_LOG_EVERY_S:
-                HeaderDeadlineProtocol._last_limit_log = now
-                logger.warning(
-                    "connection limit reached (%d connections, %d requests; "
-                    "CAMSERVE_MAX_CONNECTIONS=%d): answering 503",
-                    len(self.connections),
-                    len(self.tasks),
-                    limit,
-                )
-        super().on_headers_complete()
+        if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
+            super().on_headers_complete()
+            return
+        if self._is_probe() and self.probes.in_flight < self.probes.bound:
+            app = self.probes.wrap(self.app)
+        else:
+            app = _at_capacity
+            self._log_at_capacity(limit)
+        # uvicorn picks the app (or its own plain-text 503) in the middle of this method: it is
+        # handed ours, with its cap lifted for this one call.
+        own_app = self.app
+        self.app, self.limit_concurrency = app, None
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app, self.limit_concurrency = own_app, limit
+
+    def _is_probe(self) -> bool:
+        try:
+            return httptools.parse_url(self.url).path in PROBE_PATHS
+        except httptools.HttpParserInvalidURLError:
+            return False
+
+    def _log_at_capacity(self, limit: int) -> None:
+        now = time.monotonic()
+        if now - HeaderDeadlineProtocol._last_limit_log > _LIMIT_LOG_EVERY_S:
+            HeaderDeadlineProtocol._last_limit_log = now
+            logger.warning(
+                "connection limit reached (%d connections, %d requests; "
+                "CAMSERVE_MAX_CONNECTIONS=%d): answering 503",
+                len(self.connections),
+                len(self.tasks),
+                limit,
+            )
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP (a bad header, an overlong line), as
+        JSON."""
+        bad = BadRequest(
+            "The request is not valid HTTP/1.1 (a malformed or overlong request line or "
+            "header); check the client."
+        )
+        self.transport.write(raw_refusal(bad))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
@@ -150,7 +223,10 @@ def build_server(settings: Settings) -> DrainingServer:
     protocol = type(
         "CamserveHttpProtocol",
         (HeaderDeadlineProtocol,),
-        {"header_timeout_s": settings.header_timeout_s},
+        {
+            "header_timeout_s": settings.header_timeout_s,
+            "probes": _Probes(settings.probe_connections),
+        },
     )
     config = uvicorn.Config(
         app,

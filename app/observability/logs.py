@@ -1,12 +1,26 @@
-"""Logging setup: plain text or one JSON object per line."""
+"""Logging setup: plain text or one JSON object per line.
+
+Every field a client can reach (a path, a filename, a header) is written with its control
+characters escaped, in both formats: a percent-encoded CR LF in a path would otherwise start a
+forged line of its own.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 from app.observability.context import RequestIdFilter
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each control character (and Unicode line separator) written as its
+    Python escape (``\\r``, ``\\x1b``, ``\\u2028``): one record, one line."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 
 class TextFormatter(logging.Formatter):
@@ -17,8 +31,14 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None)
-        record.request_tag = f" [{request_id}]" if request_id else ""
-        return super().format(record)
+        record.request_tag = f" [{escape_controls(request_id)}]" if request_id else ""
+        # The message is escaped, not the traceback after it (its lines are ours).
+        saved = record.msg, record.args
+        record.msg, record.args = escape_controls(record.getMessage()), None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args = saved
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,14 +50,16 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escape_controls(record.getMessage()),
         }
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
-            entry["request_id"] = request_id
+            entry["request_id"] = escape_controls(request_id)
         access = getattr(record, "access", None)
         if isinstance(access, dict):
-            entry.update(access)
+            entry.update(
+                {k: escape_controls(v) if isinstance(v, str) else v for k, v in access.items()}
+            )
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry)

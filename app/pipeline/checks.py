@@ -8,6 +8,7 @@ from typing import Any
 from app.cam import COLORMAPS, METHODS, UnknownMethod, close_matches, find_method
 from app.cam.core import _CAM, ExtraForwards
 from app.errors import (
+    ImageTooLarge,
     InvalidParameter,
     MethodNotApplicable,
     OverBudget,
@@ -15,6 +16,7 @@ from app.errors import (
     clip,
 )
 from app.models.loading import LoadedModel
+from app.pipeline.decoding import DecodeCost
 from app.pipeline.rendering import OUTPUT_FORMATS, OUTPUT_KINDS, draws_pictures
 
 
@@ -215,4 +217,21 @@ def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) ->
     if draws_pictures(outputs) and colormap not in COLORMAPS:
         raise InvalidParameter(
             f"Unknown colormap {clip(colormap)}; choose one of {', '.join(COLORMAPS)}."
+        )
+
+
+def check_decode_cost(cost: DecodeCost, max_pixels: int | None, budget: int | None) -> None:
+    """A request's images, read from their headers, against the pixels one request may decode
+    and the memory the whole process may spend decoding."""
+    if max_pixels is not None and cost.pixels > max_pixels:
+        raise ImageTooLarge(
+            f"The images of this request decode to {cost.pixels} pixels in all, over the "
+            f"{max_pixels} one request may (CAMSERVE_MAX_REQUEST_PIXELS); send fewer or "
+            "smaller images, or split the batch."
+        )
+    if budget is not None and cost.bytes > budget:
+        raise ImageTooLarge(
+            f"Decoding the images of this request takes about {cost.bytes} bytes of memory, "
+            f"over the {budget} the service spends on decoding at once "
+            "(CAMSERVE_DECODE_BUDGET_BYTES); send fewer or smaller images."
         )

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
-from contextlib import nullcontext
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -26,7 +26,15 @@ from app.observability.context import note_work
 from app.pipeline import checks
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
-from app.pipeline.decoding import DecodedImage, Upload, decode_upload, stack_inputs
+from app.pipeline.budget import MemoryBudget
+from app.pipeline.decoding import (
+    DecodeCost,
+    DecodedImage,
+    Upload,
+    decode_cost,
+    decode_upload,
+    stack_inputs,
+)
 from app.pipeline.passes import (
     CamItem,
     CamOutcome,
@@ -100,10 +108,16 @@ class Explainer:
         model_threads: Executor | None = None,
         image_threads: Executor | None = None,
         on_pass: Callable[[str, int, int], None] | None = None,
+        max_request_pixels: int | None = None,
+        decode_budget: MemoryBudget | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
         self.max_pixels = max_pixels
+        self.max_request_pixels = max_request_pixels
+        """Most pixels the images of one request may decode to (None: no bound)."""
+        self.decode_budget = decode_budget
+        """Memory that decoding may hold at once, shared by all requests (None: no bound)."""
         self.max_cam_forwards = max_cam_forwards
         self.max_output_side = max_output_side
         self.max_batch_size = max_batch_size
@@ -166,6 +180,47 @@ class Explainer:
 
         return await self._on_image_thread(work)
 
+    async def _decode_cost(
+        self, model: LoadedModel, uploads: Sequence[Upload], picture_side: int | None
+    ) -> DecodeCost:
+        """What decoding the uploads takes, from their headers; refused when over a limit."""
+        cost = await self._on_image_thread(
+            lambda: decode_cost(uploads, model.spec, self.max_pixels, picture_side)
+        )
+        capacity = None if self.decode_budget is None else self.decode_budget.capacity
+        checks.check_decode_cost(cost, self.max_request_pixels, capacity)
+        return cost
+
+    async def check_uploads(
+        self,
+        model_name: str | None,
+        uploads: Sequence[Upload],
+        params: ExplainParams,
+        version: int | None = None,
+    ) -> None:
+        """Every error an explanation can be refused with before its images are decoded: the
+        parameters, and the uploads' headers (a job checks this when it is created, so that it
+        cannot fail later for a bad parameter or an image over a limit)."""
+        model = self.registry.get(model_name, version)
+        _, style = self._check(model, params, len(uploads))
+        await self._decode_cost(
+            model, uploads, style.size.decode_side if style.draws_pictures else 0
+        )
+
+    @asynccontextmanager
+    async def _room_to_decode(
+        self, model: LoadedModel, uploads: Sequence[Upload], picture_side: int | None
+    ) -> AsyncIterator[None]:
+        """Read the uploads' headers (every per-image check), refuse a request whose images
+        decode to too many pixels or bytes, then hold the bytes their decoding takes in the
+        process's decode budget for the block."""
+        cost = await self._decode_cost(model, uploads, picture_side)
+        if self.decode_budget is None:
+            yield
+            return
+        async with self.decode_budget.hold(cost.bytes):
+            yield
+
     # ------------------------------------------------------------------ /predict
 
     async def predict(
@@ -177,9 +232,16 @@ class Explainer:
     ) -> PredictResponse:
         """Top-k classes for each upload, from one (possibly shared) batched forward.
 
-        Admission (503 when the queue is full) comes before any pixel is decoded."""
+        The memory its decoding takes is held first, then admission (503 when the queue is
+        full) comes, both before any pixel is decoded."""
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
+        async with self._room_to_decode(model, uploads, picture_side=0):
+            return await self._predict(model, uploads, top_k, started)
+
+    async def _predict(
+        self, model: LoadedModel, uploads: Sequence[Upload], top_k: int, started: float
+    ) -> PredictResponse:
         with self.limiter.admit():
             decoded, decode_s = await self._decode(model, uploads, picture_side=0)
             batch = stack_inputs(decoded)
@@ -219,17 +281,6 @@ class Explainer:
 
     # ------------------------------------------------------------------ /explain
 
-    def check(
-        self,
-        model_name: str | None,
-        params: ExplainParams,
-        images: int,
-        version: int | None = None,
-    ) -> None:
-        """Every error an explanation can be refused with before its images are read (a job
-        checks this when it is created, so that it cannot fail later for a bad parameter)."""
-        self._check(self.registry.get(model_name, version), params, images)
-
     async def explain(
         self,
         model_name: str | None,
@@ -249,11 +300,26 @@ class Explainer:
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
         plans, style = self._check(model, params, len(uploads))
-
-        with self.limiter.admit() if admit else nullcontext():
-            decoded, decode_s = await self._decode(
-                model, uploads, style.size.decode_side if style.draws_pictures else 0
+        picture_side = style.size.decode_side if style.draws_pictures else 0
+        async with self._room_to_decode(model, uploads, picture_side):
+            return await self._explain(
+                model, uploads, params, plans, style, picture_side, started, progress, admit
             )
+
+    async def _explain(
+        self,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        params: ExplainParams,
+        plans: list[CamPlan],
+        style: RenderStyle,
+        picture_side: int | None,
+        started: float,
+        progress: ProgressCallback | None,
+        admit: bool,
+    ) -> ExplainResponse:
+        with self.limiter.admit() if admit else nullcontext():
+            decoded, decode_s = await self._decode(model, uploads, picture_side)
             item = CamItem(stack_inputs(decoded), params.class_idx)
             outcomes: dict[CamPlan, CamOutcome] = {}
             queue_s = forward_s = 0.0

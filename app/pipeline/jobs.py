@@ -1,9 +1,15 @@
 """Explanations run as jobs: created at once, followed by id, cancelled on request, kept a while.
 
 A job runs ``Explainer.explain`` as an asyncio task without admission (jobs are bounded by their
-own count, ``CAMSERVE_MAX_JOBS``, and wait for a model slot instead of being refused). The pass
-thread reports progress through ``call_soon_threadsafe``; every change wakes the job's followers
-(``GET /jobs/{id}/events``). Cancelling the task stops the pass at its next chunk.
+own count, ``CAMSERVE_MAX_JOBS``, and wait for a model slot instead of being refused). Only as
+many jobs as there are model slots go past their turn at once: a queued job holds its upload
+bytes only, and decodes them once its turn comes. The pass thread reports progress through
+``call_soon_threadsafe``; every change wakes the job's followers (``GET /jobs/{id}/events``).
+Cancelling the task stops the pass at its next chunk.
+
+Admission counts queued and running jobs only: finished ones are kept for ``ttl_s`` while there
+is room, the oldest forgotten first when a new job needs its place. One client (an API key, or
+an address when no key is sent) may have at most ``max_per_client`` jobs unfinished.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import get_args
+from typing import NoReturn, get_args
 
 from app.errors import (
     CamserveError,
     JobCancelled,
     JobNotFound,
+    PayloadTooLarge,
     ShuttingDown,
     TooManyJobs,
     clip,
@@ -57,6 +64,10 @@ class Job:
     expires: float = math.inf
     """Monotonic time after which a finished job is forgotten."""
     task: asyncio.Task[None] | None = None
+    client: str = ""
+    """Who submitted it (the per-client cap counts by this)."""
+    upload_bytes: int = 0
+    """Bytes of its uploads, kept until it ends."""
     _progress_since: float | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -133,17 +144,33 @@ class Job:
         )
 
 
+_REFUSAL_LOG_EVERY_S = 10.0
+
+
 class JobStore:
-    """At most ``max_jobs`` jobs (queued, running or finished and kept for ``ttl_s``)."""
+    """At most ``max_jobs`` jobs kept: queued or running ones (``max_per_client`` of them per
+    client), and finished ones for ``ttl_s`` while they leave room."""
 
     def __init__(
-        self, explainer: Explainer, max_jobs: int, ttl_s: float, lifecycle: Lifecycle
+        self,
+        explainer: Explainer,
+        max_jobs: int,
+        ttl_s: float,
+        lifecycle: Lifecycle,
+        max_per_client: int | None = None,
+        max_upload_bytes: int | None = None,
     ) -> None:
         self.explainer = explainer
         self.max_jobs = max_jobs
         self.ttl_s = ttl_s
         self.lifecycle = lifecycle
+        self.max_per_client = max_per_client or max_jobs
+        self.max_upload_bytes = max_upload_bytes
+        """Upload bytes that unfinished jobs may keep in all (None: no bound)."""
         self._jobs: dict[str, Job] = {}
+        self._turns = asyncio.Semaphore(explainer.limiter.max_running)
+        self._refusals = 0
+        self._refusal_logged = -math.inf
         lifecycle.on_cut(self._cut)
 
     @property
@@ -163,29 +190,81 @@ class JobStore:
         for job_id in [i for i, job in self._jobs.items() if job.expires <= now]:
             del self._jobs[job_id]
 
-    def create(
+    async def create(
         self,
         model: str | None,
         uploads: Sequence[Upload],
         params: ExplainParams,
         version: int | None = None,
+        client: str = "",
     ) -> Job:
-        """Check the parameters, then start the job; TooManyJobs when the store is full."""
+        """Check the parameters and the uploads' headers, then start the job; TooManyJobs when
+        ``max_jobs`` jobs (or the client's ``max_per_client``) are queued or running, or their
+        uploads fill ``max_upload_bytes``."""
         self.purge()
-        if len(self._jobs) >= self.max_jobs:
-            raise TooManyJobs(
-                f"{len(self._jobs)} jobs exist, the most kept at once (CAMSERVE_MAX_JOBS); "
-                "retry later, or DELETE finished jobs you no longer need.",
-                headers={"Retry-After": str(self._retry_after())},
+        active = [job for job in self._jobs.values() if not job.is_finished]
+        mine = [job for job in active if job.client == client]
+        if len(active) >= self.max_jobs:
+            self._refuse(
+                active,
+                f"{len(active)} jobs are queued or running, the most at once "
+                "(CAMSERVE_MAX_JOBS); retry after the seconds in Retry-After.",
             )
-        self.explainer.check(model, params, len(uploads), version)
-        job = Job(id=secrets.token_urlsafe(18))
+        if len(mine) >= self.max_per_client:
+            self._refuse(
+                mine,
+                f"You have {len(mine)} jobs queued or running, the most one client may "
+                "(CAMSERVE_MAX_JOBS_PER_CLIENT); wait for one to finish, or cancel one.",
+            )
+        size = sum(len(upload.data) for upload in uploads)
+        if self.max_upload_bytes is not None:
+            if size > self.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"The job's uploads are {size} bytes, over the {self.max_upload_bytes} all "
+                    "jobs may keep (CAMSERVE_JOB_UPLOAD_BUDGET_BYTES); send fewer images."
+                )
+            kept = sum(job.upload_bytes for job in active)
+            if kept + size > self.max_upload_bytes:
+                self._refuse(
+                    active,
+                    f"Queued and running jobs keep {kept} bytes of uploads; this job's {size} "
+                    "would go over CAMSERVE_JOB_UPLOAD_BUDGET_BYTES. Retry after the seconds in "
+                    "Retry-After.",
+                )
+        await self.explainer.check_uploads(model, uploads, params, version)
+        self._make_room()
+        job = Job(id=secrets.token_urlsafe(18), client=client, upload_bytes=size)
         self._jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(
             self._run(job, model, list(uploads), params, version), name=f"job-{job.id[:8]}"
         )
         logger.info("job %s created (%d image(s))", job.id[:8], len(uploads))
         return job
+
+    def _make_room(self) -> None:
+        """Forget the oldest finished jobs until a new one fits."""
+        finished = sorted(
+            (job for job in self._jobs.values() if job.is_finished), key=lambda job: job.expires
+        )
+        for job in finished[: max(0, len(self._jobs) - self.max_jobs + 1)]:
+            del self._jobs[job.id]
+
+    def _refuse(self, blocking: Sequence[Job], message: str) -> NoReturn:
+        """TooManyJobs, with Retry-After from when the first of the ``blocking`` jobs should
+        end; logged at most once per ``_REFUSAL_LOG_EVERY_S``."""
+        self._refusals += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
+            logger.warning(
+                "refusing jobs: %s (%d refusal(s) since the last such line)",
+                message,
+                self._refusals,
+            )
+            self._refusal_logged = now
+            self._refusals = 0
+        etas = [eta for job in blocking if (eta := job.eta_s()) is not None]
+        retry = math.ceil(min(etas)) if etas else self.explainer.limiter.retry_after()
+        raise TooManyJobs(message, headers={"Retry-After": str(max(1, retry))})
 
     def get(self, job_id: str) -> Job:
         self.purge()
@@ -223,13 +302,6 @@ class JobStore:
         tasks = [job.task for job in self._jobs.values() if job.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _retry_after(self) -> int:
-        now = time.monotonic()
-        ends = [job.expires - now for job in self._jobs.values() if job.is_finished]
-        return (
-            max(1, math.ceil(min(ends))) if ends else max(1, self.explainer.limiter.retry_after())
-        )
-
     async def _run(
         self,
         job: Job,
@@ -245,9 +317,10 @@ class JobStore:
 
         with self.lifecycle.track():
             try:
-                result = await self.explainer.explain(
-                    model, uploads, params, progress=report, admit=False, version=version
-                )
+                async with self._turns:  # decoded only once the job can go on to its pass
+                    result = await self.explainer.explain(
+                        model, uploads, params, progress=report, admit=False, version=version
+                    )
             except asyncio.CancelledError:
                 # Cancelled by DELETE or the shutdown, which set the status.
                 logger.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
+from PIL import Image
 
 from tests.conftest import image_bytes
 
@@ -247,6 +250,7 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
         keep_alive_s=3,
         header_timeout_s=7,
         shutdown_grace_s=9,
+        probe_connections=5,
     )
     server = build_server(settings)
     assert isinstance(server, DrainingServer)
@@ -254,6 +258,7 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
     assert config.limit_concurrency == 123 and config.timeout_keep_alive == 3
     assert issubclass(config.http, HeaderDeadlineProtocol)  # type: ignore[arg-type]
     assert config.http.header_timeout_s == 7  # type: ignore[union-attr]
+    assert config.http.probes.bound == 5  # type: ignore[union-attr]
     assert server.lifecycle.grace_s == 9
 
 
@@ -263,3 +268,115 @@ def test_a_drained_server_exits_0_so_make_serve_reports_no_failure(store: Path) 
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
+
+
+def _keep_open(url: str) -> socket.socket:
+    """A connection that asked for /health and now idles (kept alive), holding its place."""
+    sock = _raw(url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+def test_probes_pass_and_refusals_are_json_at_the_connection_cap(store: Path) -> None:
+    process, url = start_server(
+        store, CAMSERVE_MAX_CONNECTIONS="3", CAMSERVE_KEEP_ALIVE_S="60", CAMSERVE_METRICS="true"
+    )
+    held = [_keep_open(url) for _ in range(3)]
+    try:
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(url + path, timeout=10).status_code == 200, path
+        refused = httpx.post(url + "/predict", files=[("file", ("a.png", image_bytes()))])
+        assert refused.status_code == 503
+        assert refused.headers["content-type"] == "application/json"
+        assert refused.headers["retry-after"] == "1"
+        assert "CAMSERVE_MAX_CONNECTIONS" in refused.json()["error"]["message"]
+        assert httpx.get(url + "/models", timeout=10).status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_bytes_that_are_not_http_get_a_json_400(server: str) -> None:
+    for request in (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nBad\x01Header: y\r\n\r\n",
+        b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        with _raw(server) as sock:
+            sock.sendall(request)
+            answer = _read_all(sock)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"]["code"] == "bad_request"
+
+
+def test_a_long_url_gets_json(server: str) -> None:
+    with _raw(server) as sock:
+        sock.sendall(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer[:300]
+    json.loads(body)
+
+
+def _flat_png(side: int) -> bytes:
+    """An all-black RGB PNG: a few KB that decode to ``side`` x ``side`` pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_resident_memory_stays_within_the_decode_budget(store: Path) -> None:
+    """Requests of small flat PNGs that decode to ~50 MB each arrive eight at a time while the
+    one model slot is busy: with a budget of one request's worth, the server's resident memory
+    grows by about that, not by eight requests' worth."""
+    image = _flat_png(1800)  # 3.24 MP: 26 MB decoded (8 bytes a pixel at the peak)
+    per_request = 2 * 1800 * 1800 * 8
+    process, url = start_server(
+        store,
+        CAMSERVE_DECODE_BUDGET_BYTES=str(per_request + 1024**2),
+        CAMSERVE_MAX_IMAGE_PIXELS=str(1800 * 1800),
+        CAMSERVE_REQUEST_TIMEOUT_S="120",
+        CAMSERVE_MAX_MODEL_SLOTS="1",
+    )
+    try:
+        server = psutil.Process(process.pid)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            assert client.post("/predict", files=[("file", ("w.png", _flat_png(64)))]).is_success
+            slow = {"model": "resnet", "method": "SSCAM", "num_samples": "64", "batch_size": "1"}
+            job = client.post("/jobs", files=[("file", ("s.png", image_bytes()))], data=slow)
+            job_url = job.json()["url"]
+            while client.get(job_url).json()["progress"]["done"] == 0:  # the slot is taken
+                time.sleep(0.05)
+            baseline = server.memory_info().rss
+            peak = baseline
+            statuses: list[int] = []
+
+            def send() -> None:
+                parts = [("file", (f"{i}.png", image, "image/png")) for i in range(2)]
+                statuses.append(httpx.post(f"{url}/predict", files=parts, timeout=120).status_code)
+
+            senders = [threading.Thread(target=send) for _ in range(8)]
+            for sender in senders:
+                sender.start()
+            until = time.monotonic() + 7  # all eight have decoded by now (~4 s), unless they wait
+            while time.monotonic() < until:
+                peak = max(peak, server.memory_info().rss)
+                time.sleep(0.005)
+            client.delete(job_url)
+            while any(sender.is_alive() for sender in senders):
+                peak = max(peak, server.memory_info().rss)
+                time.sleep(0.005)
+        assert statuses == [200] * 8, statuses
+        grown = peak - baseline
+        # One request's decoding (~70 MB measured), plus slack; without the budget: 224 MB.
+        assert grown < per_request + 48 * 1024**2, f"grew {grown / 1024**2:.0f} MiB"
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

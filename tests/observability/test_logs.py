@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
 import pytest
+from fastapi.testclient import TestClient
 
-from app.observability.logs import JsonFormatter, configure_logging
+from app.observability.context import RequestIdFilter
+from app.observability.logs import JsonFormatter, TextFormatter, configure_logging, escape_controls
 
 
 def test_json_formatter_includes_traceback() -> None:
@@ -37,3 +40,39 @@ def test_configure_logging_sets_level_and_format(monkeypatch: pytest.MonkeyPatch
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+FORGED = "/nope%0d%0a2026-12-02%2003:30:00,000%20INFO%20app.access%20GET%20/admin%20200"
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()], ids=["text", "json"])
+def test_a_client_cannot_forge_a_log_line(client: TestClient, formatter: logging.Formatter) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    saved = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        assert client.get(FORGED).status_code == 404
+        upload = [("file", ("a\r\nb\x1b[31m.png", b"text", "image/png"))]
+        assert client.post("/predict", files=upload).status_code == 415
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved)
+    lines = stream.getvalue().splitlines()
+    access = [line for line in lines if "app.http.middleware.access" in line and "/nope" in line]
+    assert len(access) == 1, lines
+    if isinstance(formatter, JsonFormatter):
+        assert json.loads(access[0])["path"].startswith("/nope\\r\\n2026-12-02")
+    else:
+        assert "GET /nope\\r\\n2026-12-02 03:30:00,000 INFO" in access[0]
+    assert not any(line.startswith("2026-12-02") for line in lines)
+    assert all("\x1b" not in line and "\r" not in line for line in lines)
+
+
+def test_escape_controls_keeps_text_and_escapes_the_rest() -> None:
+    assert escape_controls("plain é ✓") == "plain é ✓"
+    assert escape_controls("a\r\nb\x00\x1b\x7f\u2028") == "a\\r\\nb\\x00\\x1b\\x7f\\u2028"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -108,3 +109,29 @@ def test_background_jobs_are_counted_by_status(make_client: Callable[..., TestCl
     samples = scrape(client)
     assert value(samples, "camserve_background_jobs", status="succeeded") == 1
     assert value(samples, "camserve_background_jobs", status="running") == 0
+
+
+def test_method_orders_do_not_grow_the_series(make_client: Callable[..., TestClient]) -> None:
+    """50 requests, each listing methods in another order: one series, and each method counted
+    under its own name."""
+    client = make_client()
+    names = ["GradCAM", "GradCAMpp", "XGradCAM", "LayerCAM", "HiResCAM"]
+    orders = list(itertools.permutations(names, 3))[:50]
+    assert len(orders) == 50
+    for order in orders:
+        form = {"method": ",".join(order), "output": "raw"}
+        response = client.post("/explain", files=files(image_bytes()), data=form)
+        assert response.status_code == 200, response.text
+    samples = scrape(client)
+    methods = {
+        dict(labels)["method"]
+        for (name, labels) in samples
+        if name == "camserve_requests_total" and dict(labels)["route"] == "/explain"
+    }
+    assert methods == {"several"}
+    counted = {
+        dict(labels)["method"]: count
+        for (name, labels), count in samples.items()
+        if name == "camserve_explanations_total"
+    }
+    assert set(counted) == set(names) and sum(counted.values()) == 150

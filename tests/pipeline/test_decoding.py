@@ -9,11 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 from app.models.manifest import parse_manifest
-from app.pipeline.decoding import Upload, decode_image, decode_upload, preprocess_image, to_rgb
+from app.pipeline.decoding import (
+    Upload,
+    decode_cost,
+    decode_image,
+    decode_upload,
+    preprocess_image,
+    to_rgb,
+)
 from tests.conftest import image_bytes
 
 LIMIT = 10_000_000
@@ -195,3 +202,55 @@ def test_any_damage_is_a_client_error(fmt: str, cut: int) -> None:
             decode_image(damaged, "d", LIMIT)
         except (InvalidImage, UnsupportedMediaType):
             pass  # anything else (a crash) fails the test
+
+
+def _flat(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_the_decode_cost_comes_from_the_headers_by_mode() -> None:
+    spec = parse_manifest(SHAPES)
+    uploads = [
+        Upload("rgb.png", _flat((300, 200))),
+        Upload("l.png", _flat((100, 100), "L")),
+        Upload("rgba.png", _flat((100, 100), "RGBA")),
+    ]
+    cost = decode_cost(uploads, spec, LIMIT, picture_side=None)
+    assert cost.pixels == 300 * 200 + 2 * 100 * 100
+    assert cost.bytes == 300 * 200 * 8 + 100 * 100 * 6 + 100 * 100 * 16
+    with pytest.raises(ImageTooLarge, match="CAMSERVE_MAX_IMAGE_PIXELS"):
+        decode_cost(uploads, spec, 300 * 200 - 1, picture_side=None)
+
+
+def test_a_large_jpeg_costs_what_its_reduced_decode_takes() -> None:
+    spec = parse_manifest(SHAPES)
+    photo = Upload("photo.jpg", _jpeg((4000, 3000)))
+    small = decode_cost([photo], spec, 20_000_000, picture_side=0)
+    full = decode_cost([photo], spec, 20_000_000, picture_side=None)
+    assert full.pixels == 4000 * 3000
+    assert small.pixels <= 4000 * 3000 // 16  # decoded at 1/4 or 1/8
+    decoded = decode_upload(photo, spec, 20_000_000, picture_side=0)
+    assert decoded.image.size[0] * decoded.image.size[1] == small.pixels
+
+
+def test_a_long_filename_is_clipped_in_errors() -> None:
+    with pytest.raises(UnsupportedMediaType) as caught:
+        decode_image(b"not an image", "x" * 1000, LIMIT)
+    assert len(caught.value.message) < 200 and "1000 characters" in caught.value.message
+
+
+def test_the_decode_cost_decodes_no_pixel(monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded: list[str] = []
+    real = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile) -> object:
+        loaded.append(self.format or "")
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    spec = parse_manifest(SHAPES)
+    uploads = [Upload("a.png", _flat((300, 200))), Upload("b.jpg", _jpeg((400, 300)))]
+    decode_cost(uploads, spec, LIMIT, picture_side=None)
+    assert loaded == []

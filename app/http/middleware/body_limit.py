@@ -1,13 +1,15 @@
-"""ASGI middleware that bounds how a request body streams in: its size and its pace."""
+"""ASGI middleware that bounds how a request body streams in: its size, its total time and its
+pace."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import BodyTimeout, CamserveError, PayloadTooLarge
+from app.errors import BodyTimeout, CamserveError, Overloaded, PayloadTooLarge, clip
 from app.http.errors import send_refusal
 
 logger = logging.getLogger(__name__)
@@ -23,7 +25,13 @@ class _BodyRefused(Exception):
 
 class BodyLimitMiddleware:
     """Answer 413 once a body exceeds ``max_bytes`` (from Content-Length or from counting), and
-    408 when the client leaves ``body_timeout_s`` between two pieces of its body.
+    408 once it is late: not all there ``body_timeout_s`` after the headers, or arriving slower
+    than ``min_rate`` bytes per second on average once ``grace_s`` has passed (so a client that
+    trickles a few bytes every second cannot hold its connection until the deadline).
+
+    The bodies of all requests in flight share ``budget`` bytes: a body is counted from its
+    Content-Length (or as it arrives) until its request is answered, and refused with 503 when
+    it does not fit.
 
     Paths under ``protocol_prefixes`` (the inference-protocol routes, whose images come base64
     in JSON) get ``protocol_max_bytes`` instead, and their refusals the protocols' shape."""
@@ -32,15 +40,23 @@ class BodyLimitMiddleware:
         self,
         app: ASGIApp,
         max_bytes: int,
-        body_timeout_s: float = 30.0,
+        body_timeout_s: float = 60.0,
         protocol_prefixes: tuple[str, ...] = (),
         protocol_max_bytes: int | None = None,
+        min_rate: float = 0.0,
+        grace_s: float = 10.0,
+        budget: int | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.body_timeout_s = body_timeout_s
         self.protocol_prefixes = protocol_prefixes
         self.protocol_max_bytes = protocol_max_bytes or max_bytes
+        self.min_rate = min_rate
+        self.grace_s = grace_s
+        self.budget = budget
+        """Bytes of the bodies of all requests in flight, at most (None: no bound)."""
+        self.held = 0
 
     @staticmethod
     def _too_large(limit: int) -> _BodyRefused:
@@ -50,6 +66,37 @@ class BodyLimitMiddleware:
                 "images (CAMSERVE_MAX_UPLOAD_BYTES x CAMSERVE_MAX_IMAGES bounds it)."
             )
         )
+
+    def _no_room(self) -> _BodyRefused:
+        return _BodyRefused(
+            Overloaded(
+                f"The service holds as many request bodies as it may ({self.budget} bytes, "
+                "CAMSERVE_BODY_BUDGET_BYTES); retry after the seconds in Retry-After.",
+                headers={"Retry-After": "1"},
+            )
+        )
+
+    def _late(self, received: int, elapsed: float) -> _BodyRefused:
+        if elapsed >= self.body_timeout_s:
+            why = (
+                f"The request body was not complete {self.body_timeout_s:g} s after its headers "
+                "(CAMSERVE_BODY_TIMEOUT_S)"
+            )
+        else:
+            why = (
+                f"The request body arrived at {received / elapsed:.0f} bytes/s, under the "
+                f"{self.min_rate:g} bytes/s allowed after {self.grace_s:g} s "
+                "(CAMSERVE_BODY_MIN_RATE)"
+            )
+        return _BodyRefused(BodyTimeout(why + "; send the body at once."))
+
+    def _wait_s(self, received: int, elapsed: float) -> float:
+        """How long the next piece may take: to the deadline, or to when the average rate
+        would fall under the minimum."""
+        until = self.body_timeout_s
+        if self.min_rate > 0:
+            until = min(until, max(self.grace_s, received / self.min_rate))
+        return until - elapsed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,46 +108,67 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _refuse(send, self._too_large(limit), protocol)
             return
+        reserved = int(declared) if declared is not None and declared.isdigit() else 0
+        if self.budget is not None and self.held + reserved > self.budget:
+            await _refuse(send, self._no_room(), protocol)
+            return
+        self.held += reserved
+        try:
+            await self._limited(scope, receive, send, limit, protocol, reserved)
+        finally:
+            self.held -= reserved
 
+    async def _limited(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, protocol: bool, reserved: int
+    ) -> None:
+        started = time.monotonic()
         received = 0
+        counted: list[int] = []  # bytes beyond the reservation, held until the answer
         refused: _BodyRefused | None = None
-        started = False
+        answered = False
         body_done = False
 
         async def limited_receive() -> Message:
             nonlocal received, refused, body_done
             if body_done:  # after the body, only a disconnect is left to hear: no deadline
                 return await receive()
+            elapsed = time.monotonic() - started
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                message = await asyncio.wait_for(
+                    receive(), max(0.0, self._wait_s(received, elapsed))
+                )
             except asyncio.TimeoutError:
+                elapsed = time.monotonic() - started
                 logger.info(
-                    "%s %s: no body data for %.0f s after %d bytes; answering 408",
+                    "%s %s: body late (%d bytes in %.1f s); answering 408",
                     scope["method"],
-                    scope["path"],
-                    self.body_timeout_s,
+                    clip(scope["path"], 80),
                     received,
+                    elapsed,
                 )
-                refused = _BodyRefused(
-                    BodyTimeout(
-                        f"No part of the request body came for {self.body_timeout_s:g} s "
-                        "(CAMSERVE_BODY_TIMEOUT_S); send the body without pausing."
-                    )
-                )
+                refused = self._late(received, elapsed)
                 raise refused from None
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                piece = len(message.get("body", b""))
+                received += piece
                 body_done = not message.get("more_body", False)
                 if received > limit:
                     refused = self._too_large(limit)
                     raise refused
+                if received > reserved:  # no Content-Length, or more than it said
+                    extra = min(piece, received - reserved)
+                    if self.budget is not None and self.held + extra > self.budget:
+                        refused = self._no_room()
+                        raise refused
+                    self.held += extra
+                    counted.append(extra)
             return message
 
         async def guarded_send(message: Message) -> None:
-            nonlocal started
+            nonlocal answered
             if refused is not None:
                 return  # the app's answer to the aborted read is replaced by ours
-            started = started or message["type"] == "http.response.start"
+            answered = answered or message["type"] == "http.response.start"
             await send(message)
 
         try:
@@ -108,7 +176,9 @@ class BodyLimitMiddleware:
         except Exception:
             if refused is None:
                 raise
-        if refused is not None and not started:
+        finally:
+            self.held -= sum(counted)
+        if refused is not None and not answered:
             await _refuse(send, refused, protocol)
 
 

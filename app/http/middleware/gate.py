@@ -12,7 +12,6 @@ covers them. A ``ProtocolRoute`` (KServe v1, OIP v2) gets its refusals in the pr
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import ShuttingDown, Unauthorized
 from app.http.admin import require_admin_key
-from app.http.deps import require_api_key
+from app.http.deps import api_key_matches, require_api_key
 from app.http.errors import send_refusal
 from app.http.protocols.base import ProtocolRoute
 from app.lifecycle import Lifecycle
@@ -74,7 +73,7 @@ class GateMiddleware:
     ) -> None:
         self.app = app
         self.routes = routes
-        self.api_key = api_key.encode() if api_key is not None else None
+        self.api_key = api_key
         self.lifecycle = lifecycle
         self._gated: dict[int, tuple[bool, bool]] = {}
 
@@ -124,4 +123,4 @@ class GateMiddleware:
 
     def _key_ok(self, scope: Scope) -> bool:
         sent = dict(scope["headers"]).get(b"x-api-key")
-        return sent is not None and secrets.compare_digest(sent, self.api_key or b"")
+        return self.api_key is not None and api_key_matches(sent, self.api_key)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
 from app.http.protocols.base import (
     ERROR_RESPONSES,
+    EXAMPLE_IMAGE_B64,
     ProtocolRoute,
     decode_images,
     get_model_ready,
@@ -27,7 +28,6 @@ router = APIRouter(
     route_class=ProtocolRoute,
     dependencies=[Depends(require_api_key)],
 )
-_B64 = "iVBORw0KGgoAAAANSUhEUgAA..."
 
 
 class B64(BaseModel):
@@ -86,7 +86,7 @@ class _Instances(BaseModel):
 class PredictRequest(_Instances):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"instances": [{"image": {"b64": _B64}}]}]},
+        json_schema_extra={"examples": [{"instances": [{"image": {"b64": EXAMPLE_IMAGE_B64}}]}]},
     )
     instances: list[PredictInstance] = Field(min_length=1)
 
@@ -96,7 +96,15 @@ class ExplainRequest(_Instances):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"instances": [{"image": {"b64": _B64}, "method": "GradCAM", "output": "overlay"}]}
+                {
+                    "instances": [
+                        {
+                            "image": {"b64": EXAMPLE_IMAGE_B64},
+                            "method": "GradCAM",
+                            "output": "overlay",
+                        }
+                    ]
+                }
             ]
         },
     )
@@ -140,7 +148,7 @@ def list_models(registry: ModelRegistry = Depends(get_registry)) -> dict[str, li
     return {"models": registry.names()}
 
 
-router.add_api_route("/{name}", get_model_ready, methods=["GET"], responses=ERROR_RESPONSES)
+router.add_api_route("/{name:model}", get_model_ready, methods=["GET"], responses=ERROR_RESPONSES)
 
 
 @router.post("/{name}:predict", response_model=PredictAnswer, responses=ERROR_RESPONSES)
@@ -152,6 +160,7 @@ async def predict_instances(
     settings: Settings = Depends(get_settings),
 ) -> PredictAnswer:
     """Top-k classes per instance, through the same batched forward as /predict."""
+    explainer.registry.get(name)  # an unknown model is named before any image is looked at
     uploads = decode_images(
         list(zip(_names(len(body.instances)), [i.image.b64 for i in body.instances], strict=True)),
         settings,
@@ -179,6 +188,7 @@ async def explain_instances(
     settings: Settings = Depends(get_settings),
 ) -> ExplainAnswer:
     """camserve's explanation of each instance; its fields are /explain's options."""
+    explainer.registry.get(name)  # an unknown model is named before any image is looked at
     instances = body.instances
     uploads = decode_images(
         list(zip(_names(len(instances)), [i.image.b64 for i in instances], strict=True)), settings

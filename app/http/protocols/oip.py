@@ -6,17 +6,18 @@ every method option) come in the request's ``parameters`` and go to ``build_para
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app import __version__
 from app.errors import BadRequest, clip
 from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
 from app.http.protocols.base import (
     ERROR_RESPONSES,
+    EXAMPLE_IMAGE_B64,
     ProtocolRoute,
     decode_images,
     get_model_ready,
@@ -34,6 +35,12 @@ OUTPUTS = (OUTPUT, CAM)
 #: The general explain parameters ``infer`` takes; the map is always raw (``output`` fixed).
 EXPLAIN_PARAMETERS = ("method", "class_idx", "target_layer", "normalized")
 PLATFORM = "pytorch"
+MAX_RANK = 8
+"""Most dimensions of an input's shape (images need two: the batch, and rows of it)."""
+MAX_ELEMENTS = 256
+"""Most elements of an input's data (CAMSERVE_MAX_IMAGES allows at most 256 images)."""
+MAX_ID = 256
+"""Longest request ``id``: it is echoed in the answer."""
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=ProtocolRoute)
 guarded = [Depends(require_api_key)]
@@ -74,10 +81,26 @@ class ModelMetadata(BaseModel):
 
 class RequestInput(BaseModel):
     name: str
-    shape: list[int]
+    shape: list[Annotated[int, Field(ge=-1)]] = Field(
+        max_length=MAX_RANK, description="at most one -1 (the batch size, from the data)"
+    )
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] = Field(max_length=MAX_ELEMENTS, description="flat, or one list per row")
+
+    @field_validator("shape")
+    @classmethod
+    def _one_wildcard(cls, shape: list[int]) -> list[int]:
+        if shape.count(-1) > 1:
+            raise ValueError(f"at most one dimension may be -1; got {shape}")
+        return shape
+
+    @field_validator("data")
+    @classmethod
+    def _short_rows(cls, data: list[Any]) -> list[Any]:
+        if any(isinstance(row, list) and len(row) > MAX_ELEMENTS for row in data):
+            raise ValueError(f"a row of data may hold at most {MAX_ELEMENTS} elements")
+        return data
 
 
 class RequestOutput(BaseModel):
@@ -96,7 +119,7 @@ class InferenceRequest(BaseModel):
                             "name": INPUT,
                             "shape": [1],
                             "datatype": "BYTES",
-                            "data": ["iVBORw0KGgoAAAANSUhEUgAA..."],
+                            "data": [EXAMPLE_IMAGE_B64],
                         }
                     ],
                     "outputs": [{"name": OUTPUT}],
@@ -104,10 +127,10 @@ class InferenceRequest(BaseModel):
             ]
         }
     )
-    id: str | None = None
+    id: str | None = Field(None, max_length=MAX_ID)
     parameters: dict[str, Any] | None = None
-    inputs: list[RequestInput] = Field(min_length=1)
-    outputs: list[RequestOutput] | None = None
+    inputs: list[RequestInput] = Field(min_length=1, max_length=MAX_ELEMENTS)
+    outputs: list[RequestOutput] | None = Field(None, max_length=MAX_ELEMENTS)
 
 
 class ResponseOutput(BaseModel):
@@ -232,6 +255,18 @@ def get_model_version_ready(
     )
 
 
+def _fits(shape: list[int], elements: int) -> bool:
+    """Whether ``elements`` fill ``shape``, whose one -1 (if any) takes what the others leave."""
+    if not shape:
+        return False
+    known = 1
+    for dim in shape:
+        known *= dim if dim >= 0 else 1
+    if -1 in shape:
+        return known > 0 and elements % known == 0
+    return known == elements
+
+
 def _images(body: InferenceRequest) -> list[tuple[str, str]]:
     """The base64 images of the ``image`` input, checked against its shape and datatype."""
     names = [tensor.name for tensor in body.inputs]
@@ -250,13 +285,9 @@ def _images(body: InferenceRequest) -> list[tuple[str, str]]:
     flat = [part for item in tensor.data for part in (item if isinstance(item, list) else [item])]
     if not all(isinstance(item, str) for item in flat):
         raise BadRequest(f"Input {INPUT!r} must hold base64 strings, one image per batch row.")
-    rows = 1
-    for dim in tensor.shape:
-        rows *= dim if dim >= 0 else len(flat)
-    if not tensor.shape or rows != len(flat):
-        shown = tensor.shape if len(tensor.shape) <= 8 else f"of {len(tensor.shape)} dimensions"
+    if not _fits(tensor.shape, len(flat)):
         raise BadRequest(
-            f"Input {INPUT!r} has shape {shown} but {len(flat)} element(s); use shape "
+            f"Input {INPUT!r} has shape {tensor.shape} but {len(flat)} element(s); use shape "
             f"[{len(flat)}] for {len(flat)} image(s)."
         )
     for output in body.outputs or []:

@@ -26,6 +26,9 @@ router = APIRouter(
     dependencies=[Depends(require_admin_key)],
 )
 
+#: The protocol refusals, and the repository API's own: off (403), a load that races (409).
+RESPONSES = {**ERROR_RESPONSES, **{status: ERROR_RESPONSES[400] for status in (403, 409)}}
+
 State = Literal["READY", "LOADING", "UNAVAILABLE"]
 _STATES: dict[str, State] = {"ready": "READY", "loading": "LOADING"}
 
@@ -63,7 +66,7 @@ def _rows(entry: ModelEntry) -> list[IndexEntry]:
     ]
 
 
-@router.post("/index", response_model=list[IndexEntry], responses=ERROR_RESPONSES)
+@router.post("/index", response_model=list[IndexEntry], responses=RESPONSES)
 def get_repository_index(
     body: IndexRequest | None = Body(None),
     registry: ModelRegistry = Depends(get_registry),
@@ -82,7 +85,7 @@ def get_repository_index(
     return sorted(rows, key=lambda row: (row.name, int(row.version or 0)))
 
 
-@router.post("/models/{name}/load", responses=ERROR_RESPONSES)
+@router.post("/models/{name}/load", responses=RESPONSES)
 async def load_repository_model(
     name: str,
     body: LoadRequest | None = Body(None),
@@ -93,7 +96,7 @@ async def load_repository_model(
     return {}
 
 
-@router.post("/models/{name}/unload", responses=ERROR_RESPONSES)
+@router.post("/models/{name}/unload", responses=RESPONSES)
 async def unload_repository_model(
     name: str,
     body: LoadRequest | None = Body(None),

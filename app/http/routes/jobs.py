@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.http.deps import get_settings, read_uploads, require_api_key
+from app.http.deps import client_identity, get_settings, read_uploads, require_api_key
 from app.http.routes import VersionField, error_responses
 from app.http.routes.forms import ExplainForm, explain_form
 from app.http.schemas import JobCreated
@@ -33,6 +33,7 @@ def get_jobs(request: Request) -> JobStore:
     responses=error_responses(400, 401, 404, 413, 415, 422, 503),
 )
 async def create_job(
+    request: Request,
     form: ExplainForm = Depends(explain_form),
     version: VersionField = None,
     jobs: JobStore = Depends(get_jobs),
@@ -40,7 +41,9 @@ async def create_job(
 ) -> JSONResponse:
     """Run an explanation in the background (same form as /explain); follow it at `url`."""
     uploads = await read_uploads(form.files, settings)
-    job = jobs.create(form.model, uploads, form.params, version)
+    job = await jobs.create(
+        form.model, uploads, form.params, version, client=client_identity(request)
+    )
     body = JobCreated(id=job.id, status=job.status, url=job.url)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": job.url})
 

@@ -1,10 +1,12 @@
-"""The body limit: 413 past the size (declared or counted), 408 when the body stalls, in the
-shape of the route's family; bodies within the limits pass untouched."""
+"""The body limit: 413 past the size (declared or counted), 408 when the body stalls, comes too
+late as a whole or too slowly, in the shape of the route's family; bodies within the limits pass
+untouched."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,3 +118,111 @@ def test_streamed_body_over_limit_is_cut(make_client: Callable[..., TestClient])
         "/explain", content=chunks(), headers={"Content-Type": "multipart/form-data; boundary=x"}
     )
     assert_error(response, 413, "payload_too_large")
+
+
+async def _read_all(scope: Scope, receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if not message.get("more_body", False):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _run(middleware: BodyLimitMiddleware, pieces: int, every_s: float) -> tuple[int, Any, float]:
+    """Send ``pieces`` pieces of 4 bytes, one every ``every_s`` s; the status, body, seconds."""
+    sent: list[Message] = []
+
+    async def main() -> float:
+        count = 0
+
+        async def receive() -> Message:
+            nonlocal count
+            await asyncio.sleep(every_s)
+            count += 1
+            return {"type": "http.request", "body": b"abcd", "more_body": count < pieces}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
+        started = time.monotonic()
+        await middleware(scope, receive, send)
+        return time.monotonic() - started
+
+    seconds = asyncio.run(main())
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    status = sent[0]["status"]
+    return status, json.loads(body) if status != 200 else body, seconds
+
+
+def test_a_trickle_is_cut_once_its_pace_is_too_slow() -> None:
+    # 4 bytes every 20 ms (200 B/s) never pauses long, but is under 1000 B/s after 0.2 s.
+    limit = BodyLimitMiddleware(_read_all, 10**6, body_timeout_s=60, min_rate=1000, grace_s=0.2)
+    status, body, seconds = _run(limit, pieces=1000, every_s=0.02)
+    assert status == 408 and body["error"]["code"] == "body_timeout"
+    assert "bytes/s" in body["error"]["message"]
+    assert "CAMSERVE_BODY_MIN_RATE" in body["error"]["message"]
+    assert seconds < 5  # cut long before its 1000 pieces (20 s) were sent
+
+
+def test_the_whole_body_has_a_deadline() -> None:
+    limit = BodyLimitMiddleware(_read_all, 10**6, body_timeout_s=0.3, min_rate=0)
+    status, body, seconds = _run(limit, pieces=1000, every_s=0.02)
+    assert status == 408 and "CAMSERVE_BODY_TIMEOUT_S" in body["error"]["message"]
+    assert seconds < 5
+
+
+def test_a_steady_body_passes() -> None:
+    limit = BodyLimitMiddleware(_read_all, 10**6, body_timeout_s=10, min_rate=100, grace_s=0.1)
+    assert _run(limit, pieces=10, every_s=0.01)[0] == 200
+
+
+def test_a_pause_is_cut_at_the_pace_without_waiting_for_the_deadline() -> None:
+    limit = BodyLimitMiddleware(_read_all, 10**6, body_timeout_s=60, min_rate=1000, grace_s=0.2)
+    status, _, seconds = _run(limit, pieces=2, every_s=30)
+    assert status == 408 and seconds < 5
+
+
+def test_bodies_in_flight_share_one_budget() -> None:
+    async def main() -> tuple[list[Message], list[Message], int]:
+        release = asyncio.Event()
+
+        async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+            await receive()
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        limit = BodyLimitMiddleware(slow_app, 10**6, budget=100)
+
+        def call(length: int) -> tuple[Any, list[Message]]:
+            sent: list[Message] = []
+
+            async def receive() -> Message:
+                return {"type": "http.request", "body": b"x" * length, "more_body": False}
+
+            async def send(message: Message) -> None:
+                sent.append(message)
+
+            headers = [(b"content-length", str(length).encode())]
+            scope = {"type": "http", "method": "POST", "path": "/p", "headers": headers}
+            return limit(scope, receive, send), sent
+
+        work, first = call(60)
+        running = asyncio.create_task(work)
+        await asyncio.sleep(0.01)
+        work, second = call(60)
+        await work  # 60 + 60 > 100: refused while the first holds its body
+        release.set()
+        await running
+        held = limit.held
+        work, third = call(60)
+        await work
+        return first + third, second, held
+
+    answered, refused, held = asyncio.run(main())
+    assert [m["status"] for m in answered if m["type"] == "http.response.start"] == [200, 200]
+    assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert "CAMSERVE_BODY_BUDGET_BYTES" in json.loads(refused[1]["body"])["error"]["message"]
+    assert held == 0

@@ -1,5 +1,6 @@
 """What the inference protocols share: base64 images to uploads, the body limit, the
-``{"error": ...}`` shape of every refusal, and one readiness answer for KServe v1 and OIP v2."""
+``{"error": ...}`` shape of every refusal, one readiness answer for KServe v1 and OIP v2, and
+bodies parsed and checked off the event loop before FastAPI."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_what_the_protocols_refuse(limits: Settings) -> None:
         decode_images([], limits)
     with pytest.raises(InvalidParameter, match="CAMSERVE_MAX_IMAGES"):
         decode_images([("a", "")] * 3, limits)
-    with pytest.raises(BadRequest, match="a is not valid base64"):
+    with pytest.raises(BadRequest, match="'a' is not valid base64"):
         decode_images([("a", "not base64!")], limits)
     with pytest.raises(PayloadTooLarge, match="CAMSERVE_MAX_UPLOAD_BYTES"):
         decode_images([("a", b64(b"x" * 1025))], limits)

@@ -152,3 +152,38 @@ def test_api_key_and_limits(make_client: Callable[..., TestClient]) -> None:
     assert "at most 1" in assert_protocol_error(
         client.post("/v1/models/tiny:predict", json=two, headers=key), 422
     )
+
+
+def test_a_get_on_a_verb_route_is_405_not_an_unknown_model(client: TestClient) -> None:
+    for verb in ("predict", "explain"):
+        response = client.get(f"/v1/models/tiny:{verb}")
+        assert response.status_code == 405, response.text
+        assert response.headers["allow"] == "POST"
+        assert client.options(f"/v1/models/tiny:{verb}").headers["allow"] == "POST"
+    assert client.get("/v1/models/tiny").json() == {"name": "tiny", "ready": True}
+
+
+def test_an_unknown_model_is_named_before_the_images_are_read(client: TestClient) -> None:
+    body = {"instances": [{"image": {"b64": "%%% not base64"}}]}
+    for verb in ("predict", "explain"):
+        response = client.post(f"/v1/models/nope:{verb}", json=body)
+        assert response.status_code == 404 and "Unknown model 'nope'" in response.json()["error"]
+
+
+def test_the_schema_examples_are_accepted_as_they_are(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    posted = 0
+    for path in (
+        "/v1/models/{name}:predict",
+        "/v1/models/{name}:explain",
+        "/v2/models/{name}/infer",
+    ):
+        content = paths[path]["post"]["requestBody"]["content"]["application/json"]
+        schema = content["schema"]
+        ref = schema["$ref"].rsplit("/", 1)[-1]
+        components = client.get("/openapi.json").json()["components"]["schemas"]
+        for example in components[ref]["examples"]:
+            response = client.post(path.replace("{name}", "tiny"), json=example)
+            assert response.status_code == 200, (path, response.text)
+            posted += 1
+    assert posted == 3

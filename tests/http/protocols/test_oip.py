@@ -275,3 +275,41 @@ def test_explain_parameters_are_checked(
 def test_parameters_of_other_extensions_are_ignored_without_cam(client: TestClient) -> None:
     body = explain_body(image_bytes(), outputs=("logits",), priority=1, binary_data_output=False)
     assert client.post("/v2/models/tiny/infer", json=body).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("shape", "images", "words"),
+    [
+        ([-1] * 600_000, 2, "over the 65536 allowed"),  # the hostile repro: a 2.5 MB shape
+        ([-1] * 60_000, 2, "at most 8 items"),
+        ([-1, -1], 1, "at most one dimension may be -1"),
+        ([1, -1, 1], 2, None),
+        ([3, -1], 2, "shape [3, -1] but 2 element(s)"),
+        ([-2], 1, "greater than or equal to -1"),
+    ],
+)
+def test_shapes_have_a_small_rank_and_one_wildcard(
+    client: TestClient, shape: list[int], images: int, words: str | None
+) -> None:
+    body = infer_body(*[image_bytes(seed=i) for i in range(images)], shape=shape)
+    response = client.post("/v2/models/tiny/infer", json=body)
+    if words is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert words in assert_protocol_error(response, 400)
+
+
+def test_an_id_is_bounded_before_it_is_echoed(client: TestClient) -> None:
+    body = {**infer_body(image_bytes()), "id": "x" * 100_000}
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 400)
+    assert "id" in message and len(message) < 300
+    body["id"] = "x" * 256
+    assert client.post("/v2/models/tiny/infer", json=body).json()["id"] == body["id"]
+
+
+def test_rows_of_data_are_bounded(client: TestClient) -> None:
+    body = infer_body(image_bytes(), shape=[1, -1])
+    body["inputs"][0]["data"] = [["a"] * 10_000]
+    assert "at most 256 elements" in assert_protocol_error(
+        client.post("/v2/models/tiny/infer", json=body), 400
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -59,3 +61,17 @@ def test_predict_errors(client: TestClient) -> None:
         422,
         "validation_error",
     )
+
+
+def test_the_pixels_of_a_request_are_bounded_from_the_headers(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(max_request_pixels=100_000, decode_budget_bytes=1024**2)
+    three = files(*[image_bytes((200, 200), seed=i) for i in range(3)])
+    message = assert_error(client.post("/predict", files=three), 413, "image_too_large")
+    assert "120000 pixels" in message and "CAMSERVE_MAX_REQUEST_PIXELS" in message
+    assert client.post("/predict", files=three[:2]).status_code == 200
+    # One image whose decoding needs more memory than the whole budget (1 MiB).
+    big = files(image_bytes((300, 300), mode="RGBA"))  # 16 bytes a pixel at the peak
+    message = assert_error(client.post("/predict", files=big), 413, "image_too_large")
+    assert "CAMSERVE_DECODE_BUDGET_BYTES" in message
