@@ -27,7 +27,10 @@ router = APIRouter(
 )
 
 #: The protocol refusals, and the repository API's own: off (403), a load that races (409).
-RESPONSES = {**ERROR_RESPONSES, **{status: ERROR_RESPONSES[400] for status in (403, 409)}}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    **{status: ERROR_RESPONSES[400] for status in (403, 409)},
+}
 
 State = Literal["READY", "LOADING", "UNAVAILABLE"]
 _STATES: dict[str, State] = {"ready": "READY", "loading": "LOADING"}
