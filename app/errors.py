@@ -151,6 +151,20 @@ class ClientClosedRequest(CamserveError):
     code = "client_closed_request"
 
 
+class JobStoreUnavailable(CamserveError):
+    """The shared job store (Redis) does not answer; jobs cannot be created or read now."""
+
+    status_code = 503
+    code = "job_store_unavailable"
+
+
+class ResultTooLarge(CamserveError):
+    """A job's result would be larger than the job store keeps."""
+
+    status_code = 413
+    code = "result_too_large"
+
+
 ECHO_LIMIT = 40
 
 

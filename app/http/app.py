@@ -33,7 +33,7 @@ from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.pipeline.admission import JobLimiter
 from app.pipeline.explainer import Explainer
-from app.pipeline.jobs import JobStore
+from app.pipeline.jobs import open_job_store
 from app.settings import ConfigurationError, Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -88,13 +88,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
     )
     app.state.explainer = explainer
-    app.state.jobs = JobStore(
-        explainer,
-        settings.max_jobs,
-        settings.job_ttl_s,
-        app.state.lifecycle,
-        max_per_client=settings.max_jobs_per_client,
-    )
+    app.state.jobs = open_job_store(settings, explainer, app.state.lifecycle)
+    await app.state.jobs.start()
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
     trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))

@@ -41,11 +41,21 @@ class HealthResponse(BaseModel):
     models_loaded: bool
 
 
+class JobStoreState(BaseModel):
+    backend: Literal["memory", "redis"]
+    available: bool = Field(description="whether the store answers (always true in memory)")
+
+
 class ReadyResponse(BaseModel):
     model_config = with_example({"ready": True, "models": {"shapes": "ready"}})
     ready: bool
     draining: bool = Field(False, description="the service got SIGTERM and takes no new work")
     models: dict[str, Literal["loading", "ready", "failed"]]
+    job_store: JobStoreState | None = Field(
+        None,
+        description="the job store's state; Redis being down fails /jobs (503) but not "
+        "readiness, since /predict and /explain still work",
+    )
 
 
 class ModelSummary(BaseModel):
