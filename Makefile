@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.camserve-installed
 
-.PHONY: install serve test lint typecheck lint-deploy browser-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
+.PHONY: install serve test lint typecheck lint-deploy browser-deps redis-deps format bench bench-quality bench-serving bench-soak docker-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,13 @@ CHROMIUM ?= /usr/bin/chromium
 browser-deps:
 	@test -x $(CHROMIUM) || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-test: $(STAMP) lint typecheck lint-deploy browser-deps
+# The job-store tests run a real redis-server (Debian's package) on a free loopback port; they
+# fail, never skip, without it. Installs it when missing (needs root and Debian's package index).
+REDIS_SERVER ?= /usr/bin/redis-server
+redis-deps:
+	@test -x $(REDIS_SERVER) || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+test: $(STAMP) lint typecheck lint-deploy browser-deps redis-deps
 	$(PY) -m pytest
 
 bench: $(STAMP)

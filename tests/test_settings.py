@@ -98,3 +98,22 @@ def test_job_and_connection_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     assert settings.request_timeout_s is None  # empty: no deadline
     assert (settings.max_connections, settings.keep_alive_s) == (50, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("memory", "memory"),
+        (" Memory ", "memory"),
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("rediss://:pw@redis.example:6380/2", "rediss://:pw@redis.example:6380/2"),
+    ],
+)
+def test_job_store_takes_memory_or_a_redis_url(value: str, kept: str) -> None:
+    assert Settings(job_store=value).job_store == kept
+
+
+@pytest.mark.parametrize("value", ["http://redis:6379", "redis://", "redis:///0", "postgres://x"])
+def test_job_store_refuses_anything_else_naming_the_choices(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="CAMSERVE_JOB_STORE: must be memory, redis://"):
+        load_settings(job_store=value)

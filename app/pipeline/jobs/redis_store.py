@@ -299,6 +299,14 @@ class RedisJobStore(JobStore):
         return await _aw(self._scripts[name](keys=list(keys), args=list(args)))
 
     async def start(self) -> None:
+        """Learn whether Redis answers (a second at most: the service starts either way), then
+        start the watcher and one reader per model slot."""
+        try:
+            await asyncio.wait_for(_aw(self._redis.ping()), min(1.0, self.op_timeout_s))
+            await self._ensure_group()
+            self._available = True
+        except _DOWN as error:
+            self._lost(error)
         self._tasks.append(asyncio.create_task(self._watch(), name="jobs-redis-watch"))
         for slot in range(self.workers):
             self._tasks.append(asyncio.create_task(self._work(), name=f"jobs-redis-{slot}"))
@@ -536,11 +544,11 @@ class RedisJobStore(JobStore):
         return bool(finished)
 
     async def _work(self) -> None:
-        """One slot's reader: take a job when the slot is free, run it, repeat; stop taking
-        jobs once the service drains."""
+        """One slot's reader: take a job when the slot is free (and the models are loaded),
+        run it, repeat; stop taking jobs once the service drains."""
         while not self._closing and not self.lifecycle.draining:
-            if not self._available:
-                await asyncio.sleep(0.5)
+            if not self._available or not self.explainer.registry.ready:
+                await asyncio.sleep(0.2)  # no job taken before the models are loaded
                 continue
             try:
                 entry = await self._next_entry()
