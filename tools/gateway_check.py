@@ -103,7 +103,9 @@ def gateway_conf(ports: list[int], listen: int, work: Path, memory_jobs: bool = 
     return text.replace("/var/log/nginx/access.log", str(work / "access.log"))
 
 
-def start_replica(port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_replica(
+    port: int, log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "CAMSERVE_PORT": str(port),
@@ -114,8 +116,9 @@ def start_replica(port: int, log: Path) -> subprocess.Popen[bytes]:
         "CAMSERVE_MAX_CONCURRENT_JOBS": "1",
         # Three replicas on a small machine: one torch thread each.
         "OMP_NUM_THREADS": "1",
+        **(extra_env or {}),
     }
-    handle = log.open("wb")
+    handle = log.open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=handle, stderr=handle
     )
