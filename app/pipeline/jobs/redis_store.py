@@ -37,7 +37,7 @@ from typing import Any, TypeVar, cast, get_args
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from app.errors import JobStoreUnavailable
+from app.errors import JobNotFound, JobStoreUnavailable
 from app.lifecycle import Lifecycle
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -513,10 +513,13 @@ class RedisJobStore(JobStore):
                     view = await self.get(job_id)
                     yield JobEvent(after, view.status, view.model_dump_json())
                     return
-        except _DOWN as error:
+        except (*_DOWN, JobStoreUnavailable) as error:
             # The client reconnects with Last-Event-ID and goes on from here.
-            self._lost(error)
+            if not isinstance(error, JobStoreUnavailable):
+                self._lost(error)
             logger.info("job %s: event stream ended, the job store is unavailable", job_id[:8])
+        except JobNotFound:
+            return  # forgotten (DELETE) or expired while followed
 
     # ------------------------------------------------------------------ workers
 
@@ -557,9 +560,11 @@ class RedisJobStore(JobStore):
                 continue
             except redis_errors.ResponseError as error:
                 if "NOGROUP" in str(error):  # Redis restarted empty
-                    await self._ensure_group()
-                    continue
-                raise
+                    await asyncio.gather(self._ensure_group(), return_exceptions=True)
+                else:
+                    logger.error("job store: reading the queue failed: %s", error)
+                    await asyncio.sleep(1.0)
+                continue
             if entry is None:
                 continue
             entry_id, job_id = entry
@@ -569,11 +574,16 @@ class RedisJobStore(JobStore):
             with self.lifecycle.track():
                 try:
                     await self._run_entry(entry_id, job_id)
-                except _DOWN as error:
-                    self._lost(error)
+                except (*_DOWN, JobStoreUnavailable) as error:
+                    if not isinstance(error, JobStoreUnavailable):
+                        self._lost(error)
+                    # Its entry stays pending: it runs again once Redis is back and the lease
+                    # is over.
                     logger.warning("job %s: the job store went away while it ran", job_id[:8])
-                except JobStoreUnavailable:
-                    logger.warning("job %s: the job store went away while it ran", job_id[:8])
+                except Exception:
+                    # A bug must not cost the slot its reader; the lease brings the job back.
+                    logger.exception("job %s: its run failed in the job store", job_id[:8])
+                    await asyncio.sleep(1.0)
 
     async def _next_entry(self) -> tuple[str, str] | None:
         """An entry whose worker died (idle past the lease), else a new one (None after a
