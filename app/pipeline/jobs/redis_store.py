@@ -278,7 +278,7 @@ class RedisJobStore(JobStore):
 
     def _lost(self, error: BaseException) -> None:
         if self._available or self._down_since is None:
-            logger.warning("job store unavailable: %s", error or type(error).__name__)
+            logger.warning("job store unavailable: %s", str(error) or type(error).__name__)
             self._down_since = time.monotonic()
         self._available = False
 
@@ -704,8 +704,12 @@ class RedisJobStore(JobStore):
         last_beat = time.monotonic()
         written = -1
         ttl_ms = UNFINISHED_TTL_S * 1000
-        while True:
+        # Python 3.11's wait_for (in Job.changed) may swallow a cancel that arrives as the wait
+        # ends: the end of the run is checked too, or this loop would outlive the job.
+        while not run.task.done():
             await job.changed(min(1.0, beat_every))
+            if run.task.done():
+                return
             view = data = ""
             if job.version != written:
                 written = job.version

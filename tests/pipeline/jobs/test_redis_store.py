@@ -3,6 +3,7 @@ attempts are bounded, a draining replica hands its jobs back, Redis may go away 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,9 @@ from fastapi.testclient import TestClient
 
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
-from app.pipeline.jobs.redis_store import GROUP, QUEUE, RedisJobStore
+from app.pipeline.jobs.record import Job
+from app.pipeline.jobs.redis_store import GROUP, QUEUE, RedisJobStore, _Running
+from app.pipeline.jobs.work import Outcome
 from tests.conftest import assert_error, files, image_bytes
 from tests.http.routes.test_jobs import SLOW, finished, submit, wait_for
 from tests.redis_server import RedisServer
@@ -136,6 +139,29 @@ def test_a_draining_replica_hands_its_job_back_to_another(
     view = wait_for(second, job["id"], finished)
     assert view["status"] == "succeeded", view["error"]
     assert store_of(second).jobs_run == 1 and store_of(first).jobs_run == 0
+
+
+def test_a_jobs_follower_ends_with_its_run_even_without_a_cancel(
+    replicas: Callable[..., TestClient], redis_server: RedisServer
+) -> None:
+    """Python 3.11's wait_for may swallow the cancel sent to the follower as its wait ends; the
+    follower must still stop once the run is over, or the job stays 'running' for ever."""
+    client = replicas()
+    store = store_of(client)
+    job = Job(id="f" * 24)
+    redis_server.client(db_of(client)).hset(
+        f"camserve:job:{job.id}", mapping={"status": "running", "owner": store.consumer}
+    )
+
+    async def scenario() -> None:
+        async def run() -> Outcome:
+            return Outcome("succeeded")
+
+        task = asyncio.create_task(run())
+        await task
+        await asyncio.wait_for(store._follow(_Running(job, "0-0", task)), 5)
+
+    client.portal.call(scenario)  # type: ignore[union-attr]
 
 
 def test_results_too_large_to_keep_are_refused_at_creation(
