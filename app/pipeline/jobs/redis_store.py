@@ -331,7 +331,7 @@ class RedisJobStore(JobStore):
 
     async def _watch(self) -> None:
         """Ping Redis every 2 s (every second while it is down); keep the counts fresh."""
-        while True:
+        while not self._closing:  # not only the cancel: wait_for may swallow it
             try:
                 await asyncio.wait_for(_aw(self._redis.ping()), self.op_timeout_s)
                 await self._ensure_group()
