@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 STAMP       := $(VENV)/.camserve-installed
 SERVE_STAMP := $(VENV)/.camserve-serve-installed
 
-.PHONY: install dev serve test lint typecheck lint-deploy docs browser-deps format bench bench-quality bench-serving bench-soak docker-smoke fuzz clean
+.PHONY: install dev serve test lint typecheck lint-deploy docs browser-deps redis-deps format bench bench-quality bench-serving bench-soak docker-smoke fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +59,13 @@ CHROMIUM ?= /usr/bin/chromium
 browser-deps:
 	@test -x $(CHROMIUM) || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-test: $(STAMP) lint typecheck lint-deploy docs browser-deps
+# The job-store tests run a real redis-server (Debian's package) on a free loopback port; they
+# fail, never skip, without it. Installs it when missing (needs root and Debian's package index).
+REDIS_SERVER ?= /usr/bin/redis-server
+redis-deps:
+	@test -x $(REDIS_SERVER) || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+test: $(STAMP) lint typecheck lint-deploy docs browser-deps redis-deps
 	$(PY) -m pytest
 
 bench: $(STAMP)

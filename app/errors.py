@@ -250,6 +250,20 @@ class ModelLoadFailed(CamserveError):
     code = "model_load_failed"
 
 
+class JobStoreUnavailable(CamserveError):
+    """The shared job store (Redis) does not answer; jobs cannot be created or read now."""
+
+    status_code = 503
+    code = "job_store_unavailable"
+
+
+class ResultTooLarge(CamserveError):
+    """A job's result would be larger than the job store keeps."""
+
+    status_code = 413
+    code = "result_too_large"
+
+
 ECHO_LIMIT = 40
 
 

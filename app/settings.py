@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CAMSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_JOB_STORE_RE = re.compile(r"^rediss?://[^/\s]*[^/\s:@](:\d{1,5})?(/\d{1,5})?(\?\S*)?$")
+
 logger = logging.getLogger(__name__)
 
 RENAMED = {"max_model_slots": "MAX_CONCURRENT_JOBS"}
@@ -264,6 +266,32 @@ class Settings(BaseSettings):
         description="Upload bytes that queued and running jobs may keep, in all (503 "
         "`too_many_jobs` beyond it).",
     )
+    job_store: str = Field(
+        "memory",
+        description="Where jobs live: `memory` (this process) or `redis://host:port/db`, "
+        "`rediss://host:port/db` for TLS (shared by every replica).",
+        json_schema_extra={"allowed": "`memory`, `redis://...`, `rediss://...`"},
+    )
+    job_store_password: SecretStr | None = Field(
+        None, description="The Redis password, when the URL of `CAMSERVE_JOB_STORE` has none."
+    )
+    job_lease_s: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="With Redis: a running job whose replica gave no sign of life for this long "
+        "is run again by another replica.",
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, le=100, description="With Redis: most times a job is started before it fails."
+    )
+    job_max_result_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        le=512 * 1024 * 1024,
+        description="With Redis: largest result a job may keep; larger ones are refused "
+        "when the job is created (413).",
+    )
 
     @field_validator("device")
     @classmethod
@@ -273,7 +301,9 @@ class Settings(BaseSettings):
             raise ValueError("must be one of auto, cpu, cuda, cuda:N (N a device index)")
         return value
 
-    @field_validator("api_key", "max_batch_size", "request_timeout_s", mode="before")
+    @field_validator(
+        "api_key", "max_batch_size", "request_timeout_s", "job_store_password", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -283,6 +313,22 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("job_store", mode="before")
+    @classmethod
+    def _check_job_store(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if value.lower() == "memory":
+            return "memory"
+        if not _JOB_STORE_RE.match(value):
+            raise ValueError(
+                "must be memory, redis://host:port/db or rediss://host:port/db (TLS); "
+                "a password may be in the URL (redis://:password@host:6379/0) or in "
+                "CAMSERVE_JOB_STORE_PASSWORD"
+            )
         return value
 
     @field_validator("log_level", "log_format", mode="before")

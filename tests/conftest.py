@@ -19,6 +19,7 @@ from PIL import Image
 from app.http.app import create_app
 from app.settings import Settings
 from tests.fixtures_models import build_tiny, build_vgg_like, write_model
+from tests.redis_server import RedisServer
 
 for _name in [k for k in os.environ if k.startswith("CAMSERVE_")]:
     del os.environ[_name]  # a developer's shell must not change what the tests see
@@ -132,3 +133,12 @@ def assert_error(response, status: int, code: str) -> str:  # type: ignore[no-un
     assert body["error"]["code"] == code, body
     assert body["error"]["message"], body
     return body["error"]["message"]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (``apt-get install redis-server``; never skipped)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -132,3 +132,22 @@ def test_a_bad_old_variable_names_both(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAMSERVE_MAX_CONCURRENT_JOBS", "0")
     with pytest.raises(ConfigurationError, match="formerly CAMSERVE_MAX_CONCURRENT_JOBS"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("memory", "memory"),
+        (" Memory ", "memory"),
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("rediss://:pw@redis.example:6380/2", "rediss://:pw@redis.example:6380/2"),
+    ],
+)
+def test_job_store_takes_memory_or_a_redis_url(value: str, kept: str) -> None:
+    assert Settings(job_store=value).job_store == kept
+
+
+@pytest.mark.parametrize("value", ["http://redis:6379", "redis://", "redis:///0", "postgres://x"])
+def test_job_store_refuses_anything_else_naming_the_choices(value: str) -> None:
+    with pytest.raises(ConfigurationError, match="CAMSERVE_JOB_STORE: must be memory, redis://"):
+        load_settings(job_store=value)

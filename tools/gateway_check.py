@@ -76,8 +76,9 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def gateway_conf(ports: list[int], listen: int, work: Path) -> str:
-    """The shipped nginx.conf with local replicas, port and log."""
+def gateway_conf(ports: list[int], listen: int, work: Path, memory_jobs: bool = True) -> str:
+    """The shipped nginx.conf with local replicas, port and log (and, for replicas that keep
+    their jobs in memory, /jobs hashed by client address)."""
     text = CONF.read_text()
     servers = "".join(
         f"        server 127.0.0.1:{port} max_fails=2 fail_timeout=10s;\n" for port in ports
@@ -90,11 +91,21 @@ def gateway_conf(ports: list[int], listen: int, work: Path) -> str:
     )
     if count == 0:
         raise SystemExit(f"{CONF}: no replicas:begin/end block")
+    if memory_jobs:
+        if "proxy_pass http://camserve;  # jobs:upstream" in text:
+            # These replicas keep their jobs in memory: /jobs by client address.
+            text = text.replace(
+                "proxy_pass http://camserve;  # jobs:upstream", "proxy_pass http://camserve_jobs;"
+            )
+        else:
+            raise SystemExit(f"{CONF}: no '# jobs:upstream' line in location /jobs")
     text = text.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
     return text.replace("/var/log/nginx/access.log", str(work / "access.log"))
 
 
-def start_replica(port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_replica(
+    port: int, log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "CAMSERVE_PORT": str(port),
@@ -105,8 +116,9 @@ def start_replica(port: int, log: Path) -> subprocess.Popen[bytes]:
         "CAMSERVE_MAX_MODEL_SLOTS": "1",
         # Three replicas on a small machine: one torch thread each.
         "OMP_NUM_THREADS": "1",
+        **(extra_env or {}),
     }
-    handle = log.open("wb")
+    handle = log.open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "app"], cwd=ROOT, env=env, stdout=handle, stderr=handle
     )

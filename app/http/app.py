@@ -35,7 +35,7 @@ from app.observability.metrics import Metrics
 from app.pipeline.admission import SlotLimiter
 from app.pipeline.budget import MemoryBudget
 from app.pipeline.explainer import Explainer
-from app.pipeline.jobs import JobStore
+from app.pipeline.jobs import open_job_store
 from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
 
 logger = logging.getLogger(__name__)
@@ -98,14 +98,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.control = ModelControl(
         registry, settings.model_control, settings.model_poll_s, model_threads
     )
-    app.state.jobs = JobStore(
-        explainer,
-        settings.max_jobs,
-        settings.job_ttl_s,
-        app.state.lifecycle,
-        max_per_client=settings.max_jobs_per_client,
-        max_upload_bytes=settings.job_upload_budget_bytes,
-    )
+    app.state.jobs = open_job_store(settings, explainer, app.state.lifecycle)
+    await app.state.jobs.start()
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
     trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))

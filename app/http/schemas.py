@@ -44,11 +44,21 @@ class HealthResponse(BaseModel):
 ModelStatus = Literal["loading", "ready", "failed", "unloaded"]
 
 
+class JobStoreState(BaseModel):
+    backend: Literal["memory", "redis"]
+    available: bool = Field(description="whether the store answers (always true in memory)")
+
+
 class ReadyResponse(BaseModel):
     model_config = with_example({"ready": True, "models": {"shapes": "ready"}})
     ready: bool
     draining: bool = Field(False, description="the service got SIGTERM and takes no new work")
     models: dict[str, ModelStatus]
+    job_store: JobStoreState | None = Field(
+        None,
+        description="the job store's state; Redis being down fails /jobs (503) but not "
+        "readiness, since /predict and /explain still work",
+    )
 
 
 class VersionSummary(BaseModel):

@@ -27,10 +27,23 @@ def test_gateway_conf_swaps_replicas_listen_and_log(tmp_path: Path) -> None:
     assert text.count("\n") == CONF.read_text().count("\n") + 4
 
 
+def test_jobs_are_hashed_by_client_only_for_replicas_that_keep_them_in_memory(
+    tmp_path: Path,
+) -> None:
+    def jobs_location(text: str) -> str:
+        return text.split("location /jobs {", 1)[1].split("}", 1)[0]
+
+    shipped = jobs_location(gateway_conf([9001], 9100, tmp_path, memory_jobs=False))
+    assert "proxy_pass http://camserve;" in shipped and "camserve_jobs;" not in shipped
+    memory = jobs_location(gateway_conf([9001], 9100, tmp_path, memory_jobs=True))
+    assert "\n            proxy_pass http://camserve_jobs;" in memory
+
+
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
-def test_the_shipped_gateway_conf_is_valid_nginx(tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory_jobs", [True, False])
+def test_the_shipped_gateway_conf_is_valid_nginx(tmp_path: Path, memory_jobs: bool) -> None:
     conf = tmp_path / "nginx.conf"
-    conf.write_text(gateway_conf([9001, 9002, 9003], 9100, tmp_path))
+    conf.write_text(gateway_conf([9001, 9002, 9003], 9100, tmp_path, memory_jobs))
     directives = f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"
     result = subprocess.run(
         ["nginx", "-t", "-p", str(tmp_path), "-c", str(conf), "-g", directives],

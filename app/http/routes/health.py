@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from app import __version__
 from app.http.deps import get_registry
-from app.http.schemas import HealthResponse, ReadyResponse
+from app.http.schemas import HealthResponse, JobStoreState, ReadyResponse
 from app.models.device import describe_device
 from app.models.registry import ModelRegistry
 
@@ -46,9 +46,14 @@ def get_health(request: Request, registry: ModelRegistry = Depends(get_registry)
 def get_ready(request: Request, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
     """Answer 200 once every model has loaded (or failed); 503 before, and once draining."""
     draining = request.app.state.lifecycle.draining
+    jobs = getattr(request.app.state, "jobs", None)
+    store = jobs.state() if jobs is not None else None
     body = ReadyResponse(
         ready=registry.ready and not draining,
         draining=draining,
         models={name: entry.status for name, entry in registry.entries.items()},
+        job_store=JobStoreState(backend=store.backend, available=store.available)
+        if store
+        else None,
     )
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)

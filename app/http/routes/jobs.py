@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.http.deps import client_identity, get_settings, read_uploads, require_api_key
 from app.http.routes import VersionField, error_responses
 from app.http.routes.forms import ExplainForm, explain_form
 from app.http.schemas import JobCreated
-from app.pipeline.jobs import Job, JobStore
+from app.pipeline.jobs import JobEvent, JobStore
 from app.pipeline.results import JobView
 from app.settings import Settings
 
@@ -48,16 +48,16 @@ async def create_job(
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": job.url})
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, responses=error_responses(401, 404))
+@router.get("/jobs/{job_id}", response_model=JobView, responses=error_responses(401, 404, 503))
 async def get_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JobView:
     """A job's status, progress with ETA, times, and its result or error once finished."""
-    return jobs.get(job_id).view()
+    return await jobs.get(job_id)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobView, responses=error_responses(401, 404))
+@router.delete("/jobs/{job_id}", response_model=JobView, responses=error_responses(401, 404, 503))
 async def cancel_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JobView:
     """Cancel a queued or running job (its work stops at the next chunk); forget a finished one."""
-    return jobs.cancel(job_id).view()
+    return await jobs.cancel(job_id)
 
 
 @router.get(
@@ -67,34 +67,29 @@ async def cancel_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> JobView
         200: {
             "content": {"text/event-stream": {}},
             "description": "`progress` events, then one event named after the final status "
-            "whose data is the whole job",
+            "whose data is the whole job; each has an `id` to send back in Last-Event-ID",
         },
-        **error_responses(401, 404),
+        **error_responses(401, 404, 503),
     },
 )
-async def follow_job(job_id: str, jobs: JobStore = Depends(get_jobs)) -> StreamingResponse:
-    """Stream a job's progress as Server-Sent Events, ending with its final status."""
-    job = jobs.get(job_id)
+async def follow_job(
+    job_id: str,
+    jobs: JobStore = Depends(get_jobs),
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> StreamingResponse:
+    """Stream a job's progress as Server-Sent Events, ending with its final status; resumable
+    with Last-Event-ID."""
+    await jobs.get(job_id)  # 404 before the stream starts
     return StreamingResponse(
-        _events(job),
+        _sse(jobs.events(job_id, last_event_id, KEEP_ALIVE_S)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
-async def _events(job: Job) -> AsyncIterator[str]:
-    last = None
-    while True:
-        if job.is_finished:
-            yield _event(job.status, job.view().model_dump_json())
-            return
-        state = job.view(with_result=False).model_dump(mode="json", include={"status", "progress"})
-        if state != last:
-            yield _event("progress", json.dumps(state))
-            last = state
-        if not await job.changed(KEEP_ALIVE_S):
+async def _sse(events: AsyncIterator[JobEvent | None]) -> AsyncIterator[str]:
+    async for event in events:
+        if event is None:
             yield ": keep-alive\n\n"
-
-
-def _event(name: str, data: str) -> str:
-    return f"event: {name}\ndata: {data}\n\n"
+        else:
+            yield f"id: {event.id}\nevent: {event.name}\ndata: {event.data}\n\n"

@@ -1,20 +1,68 @@
-"""/jobs through HTTP: submit, follow, stream, cancel, expire, refuse."""
+"""/jobs through HTTP: submit, follow, stream, cancel, expire, refuse.
+
+The contract of every job store: each test runs on the in-memory store and on Redis (a real
+redis-server; each app gets a database of its own, so that no other app's workers take its jobs).
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.http.app import create_app
 from app.pipeline import explainer as explainer_module
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
-from tests.conftest import assert_error, files, image_bytes
+from app.settings import Settings
+from tests.conftest import assert_error, files, image_bytes, wait_ready
+from tests.redis_server import RedisServer
+
+_databases = itertools.cycle(range(1, 64))
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def store_setting(backend: str, server: RedisServer) -> str:
+    """The CAMSERVE_JOB_STORE of a new app: memory, or an emptied database of its own."""
+    if backend == "memory":
+        return "memory"
+    db = next(_databases)
+    server.client(db).flushdb()
+    return server.url(db)
+
+
+@pytest.fixture(scope="module")
+def client(backend: str, settings: Settings, redis_server: RedisServer) -> Iterator[TestClient]:
+    """One started service per backend, shared by the tests that do not change settings."""
+    changed = Settings(
+        **{**settings.model_dump(), "job_store": store_setting(backend, redis_server)}
+    )
+    with TestClient(create_app(changed)) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.fixture
+def make_client(
+    backend: str, make_client: Callable[..., TestClient], redis_server: RedisServer
+) -> Callable[..., TestClient]:
+    """conftest's factory, on this module's backend."""
+
+    def factory(**changes: object) -> TestClient:
+        return make_client(**{"job_store": store_setting(backend, redis_server), **changes})
+
+    return factory
+
 
 #: ~2,000 masked forwards of resnet18 at 64x64: seconds of work, stopped early by the tests.
 SLOW = {"model": "resnet", "method": "SSCAM", "num_samples": "8", "batch_size": "1", "seed": "0"}
@@ -104,17 +152,31 @@ def test_delete_stops_a_running_job_within_a_chunk(client: TestClient) -> None:
     assert_error(client.get(f"/jobs/{job['id']}"), 404, "job_not_found")
 
 
-def test_events_stream_progress_then_the_final_job(client: TestClient) -> None:
-    job = submit(client, method="SSCAM", num_samples="4", batch_size="4", seed="0")
-    events = []
-    with client.stream("GET", f"/jobs/{job['id']}/events") as stream:
+def read_events(
+    client: TestClient, job_id: str, last_event_id: str | None = None, stop_after: int = 0
+) -> list[tuple[str, str, dict]]:
+    """(id, name, data) of the job's events, all of them or the first ``stop_after``."""
+    events: list[tuple[str, str, dict]] = []
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with client.stream("GET", f"/jobs/{job_id}/events", headers=headers) as stream:
+        assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
-        name = None
+        event_id = name = ""
         for line in stream.iter_lines():
-            if line.startswith("event: "):
+            if line.startswith("id: "):
+                event_id = line.removeprefix("id: ")
+            elif line.startswith("event: "):
                 name = line.removeprefix("event: ")
             elif line.startswith("data: "):
-                events.append((name, json.loads(line.removeprefix("data: "))))
+                events.append((event_id, name, json.loads(line.removeprefix("data: "))))
+                if len(events) == stop_after:
+                    break
+    return events
+
+
+def test_events_stream_progress_then_the_final_job(client: TestClient) -> None:
+    job = submit(client, method="SSCAM", num_samples="4", batch_size="4", seed="0")
+    events = [(name, data) for _, name, data in read_events(client, job["id"])]
     names = [name for name, _ in events]
     assert names[-1] == "succeeded" and set(names[:-1]) <= {"progress"}
     final = events[-1][1]
@@ -130,7 +192,11 @@ def test_finished_jobs_never_block_a_new_one(make_client: Callable[..., TestClie
         ids.append(submit(client, method="GradCAM")["id"])
         wait_for(client, ids[-1], finished)
     assert [client.get(f"/jobs/{i}").status_code for i in ids] == [404, 404, 200, 200]
-    assert client.app.state.jobs.counts()["succeeded"] == 2  # type: ignore[attr-defined]
+    store = client.app.state.jobs  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10  # Redis' counts are refreshed every 2 s
+    while store.counts()["succeeded"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.counts()["succeeded"] == 2
 
 
 def test_unfinished_jobs_are_bounded_with_an_honest_retry_after(
@@ -149,7 +215,8 @@ def test_unfinished_jobs_are_bounded_with_an_honest_retry_after(
     warnings = [
         r
         for r in caplog.records
-        if r.levelno >= logging.WARNING and r.name in ("app.pipeline.jobs", "app.http.errors")
+        if r.levelno >= logging.WARNING
+        and (r.name.startswith("app.pipeline.jobs") or r.name == "app.http.errors")
     ]
     assert len(warnings) == 1 and "refusing jobs" in warnings[0].getMessage()
     client.delete(f"/jobs/{job['id']}")
@@ -167,8 +234,8 @@ def test_one_client_cannot_take_every_place(make_client: Callable[..., TestClien
     other = client.portal.call(  # type: ignore[union-attr]
         partial(store.create, None, [upload], ExplainParams(method="GradCAM"), client="other")
     )
-    assert other.client == "other"
-    wait_for(client, other.id, finished)
+    assert other.status == "queued"
+    assert wait_for(client, other.id, finished)["status"] == "succeeded"
     client.delete(f"/jobs/{job['id']}")
 
 
@@ -186,9 +253,11 @@ def test_jobs_need_the_api_key_like_every_model_route(
 
 
 @pytest.mark.parametrize("route", ["/explain", "/jobs"])
-def test_shutdown_cut_cancels_running_jobs_with_that_reason(
-    make_client: Callable[..., TestClient], route: str
+def test_shutdown_cut_stops_running_jobs_without_dropping_them(
+    make_client: Callable[..., TestClient], route: str, backend: str
 ) -> None:
+    """In memory a cut job is cancelled with that reason; with Redis it goes back to the queue
+    for another replica (this one takes nothing new while it drains)."""
     client = make_client()
     job = submit(client, **SLOW)
     wait_for(client, job["id"], lambda v: v["progress"]["done"] > 0)
@@ -199,8 +268,12 @@ def test_shutdown_cut_cancels_running_jobs_with_that_reason(
     assert_error(client.post(route, files=files(image_bytes())), 503, "shutting_down")
     assert client.get("/ready").status_code == 503
     client.portal.call(lambda: lifecycle.ready_to_exit())  # type: ignore[union-attr]
-    view = wait_for(client, job["id"], finished)
-    assert view["status"] == "cancelled" and view["error"]["code"] == "shutting_down"
+    if backend == "memory":
+        view = wait_for(client, job["id"], finished)
+        assert view["status"] == "cancelled" and view["error"]["code"] == "shutting_down"
+    else:
+        view = wait_for(client, job["id"], lambda v: v["status"] == "queued")
+        assert view["started"] is None and view["progress"]["done"] == 0
 
 
 def test_a_queued_job_decodes_only_when_its_turn_comes(
@@ -227,7 +300,11 @@ def test_a_queued_job_decodes_only_when_its_turn_comes(
     assert "late.png" in decoded
 
 
-def test_the_upload_bytes_jobs_keep_are_bounded(make_client: Callable[..., TestClient]) -> None:
+def test_the_upload_bytes_jobs_keep_are_bounded(
+    make_client: Callable[..., TestClient], backend: str
+) -> None:
+    if backend == "redis":
+        pytest.skip("with Redis, queued jobs keep their uploads in Redis, not in this process")
     client = make_client(job_upload_budget_bytes=1024**2)
     heavy = image_bytes((420, 420))  # ~530 KB of random pixels
     assert 500_000 < len(heavy) < 1024**2 // 2 + 100_000
@@ -244,3 +321,38 @@ def test_a_wrong_method_names_every_method_of_the_path(client: TestClient) -> No
     assert_error(response, 405, "method_not_allowed")
     assert response.headers["allow"] == "DELETE, GET"
     assert "use DELETE, GET" in response.json()["error"]["message"]
+
+
+def test_events_resume_after_the_last_event_id(client: TestClient) -> None:
+    job = submit(client, method="SSCAM", num_samples="8", batch_size="2", seed="0")
+    first = read_events(client, job["id"], stop_after=2)
+    seen_id, _, seen = first[-1]
+    rest = read_events(client, job["id"], last_event_id=seen_id)
+    assert rest[-1][1] == "succeeded"
+    assert seen_id not in [event_id for event_id, _, _ in rest]
+    done = [data["progress"]["done"] for _, name, data in rest if name == "progress"]
+    assert all(d >= seen["progress"]["done"] for d in done)
+    # A finished job's stream is its final event only, whatever the client saw before.
+    assert [name for _, name, _ in read_events(client, job["id"])] == ["succeeded"]
+    again = read_events(client, job["id"], last_event_id=rest[-1][0])
+    assert [name for _, name, _ in again] == ["succeeded"]
+
+
+def test_a_queued_job_cancelled_never_runs(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_model_slots=1)
+    slow = submit(client, **SLOW)
+    wait_for(client, slow["id"], lambda v: v["progress"]["done"] > 0)
+    queued = submit(client, method="GradCAM")
+    cancelled = client.delete(f"/jobs/{queued['id']}").json()
+    assert cancelled["status"] == "cancelled" and cancelled["started"] is None
+    client.delete(f"/jobs/{slow['id']}")
+    submit_after = submit(client, method="GradCAM")  # the slot is free again
+    assert wait_for(client, submit_after["id"], finished)["status"] == "succeeded"
+    view = client.get(f"/jobs/{queued['id']}").json()
+    assert view["status"] == "cancelled" and view["started"] is None and view["result"] is None
+
+
+def test_ready_names_the_job_store_in_use(client: TestClient, backend: str) -> None:
+    body = client.get("/ready").json()
+    assert body["ready"] is True
+    assert body["job_store"] == {"backend": backend, "available": True}

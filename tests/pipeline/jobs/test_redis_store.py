@@ -1,0 +1,227 @@
+"""The Redis job store across replicas: any replica answers, a dead replica's job runs again,
+attempts are bounded, a draining replica hands its jobs back, Redis may go away and return."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.pipeline.decoding import Upload
+from app.pipeline.explainer import ExplainParams
+from app.pipeline.jobs.record import Job
+from app.pipeline.jobs.redis_store import GROUP, QUEUE, RedisJobStore, _Running
+from app.pipeline.jobs.work import Outcome
+from tests.conftest import assert_error, files, image_bytes
+from tests.http.routes.test_jobs import SLOW, finished, submit, wait_for
+from tests.redis_server import RedisServer
+
+#: 256 masked forwards of resnet18, one per chunk: a second or two of work.
+MEDIUM = {"model": "resnet", "method": "ScoreCAM", "batch_size": "1"}
+_databases = itertools.cycle(range(1, 64))
+
+
+@pytest.fixture
+def replicas(
+    make_client: Callable[..., TestClient], redis_server: RedisServer
+) -> Callable[..., TestClient]:
+    """Start replicas sharing one emptied Redis database (``replicas(**settings)``)."""
+    db = next(_databases)
+    redis_server.client(db).flushdb()
+
+    def start(**changes: object) -> TestClient:
+        return make_client(job_store=redis_server.url(db), **changes)
+
+    return start
+
+
+def store_of(client: TestClient) -> RedisJobStore:
+    store = client.app.state.jobs  # type: ignore[attr-defined]
+    assert isinstance(store, RedisJobStore)
+    return store
+
+
+def until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_any_replica_answers_follows_and_cancels_any_job(
+    replicas: Callable[..., TestClient],
+) -> None:
+    a, b = replicas(), replicas()
+    job = submit(a, **SLOW)
+    running = wait_for(b, job["id"], lambda v: v["progress"]["done"] > 0)
+    assert running["status"] == "running"
+    with b.stream("GET", f"/jobs/{job['id']}/events") as stream:
+        first = next(line for line in stream.iter_lines() if line.startswith("event: "))
+    assert first == "event: progress"
+    cancelled = b.delete(f"/jobs/{job['id']}").json()
+    assert cancelled["status"] == "cancelled" and cancelled["error"]["code"] == "cancelled"
+    # The replica that ran it stops at its next chunk and frees its slot.
+    until(lambda: not store_of(a)._running and not store_of(b)._running, timeout=10)
+    assert a.get(f"/jobs/{job['id']}").json()["progress"]["done"] < 256 * 8
+    quick = submit(b, method="GradCAM")
+    assert wait_for(a, quick["id"], finished)["status"] == "succeeded"
+
+
+def queue_without_running(client: TestClient) -> str:
+    """A job queued by ``client``'s store while none of its readers takes jobs."""
+    store = store_of(client)
+    client.app.state.lifecycle.begin_drain()  # type: ignore[attr-defined]
+    until(lambda: all(task.done() for task in store._tasks[1:]), timeout=10)
+    upload = Upload("a.png", image_bytes())
+    view = client.portal.call(  # type: ignore[union-attr]
+        partial(store.create, None, [upload], ExplainParams(method="GradCAM"), client="x")
+    )
+    return view.id
+
+
+def claim_as_dead_replica(server: RedisServer, db: int, job_id: str, attempts: int) -> None:
+    """Take the job's entry as a replica that dies at once (it never acknowledges it)."""
+    redis = server.client(db)
+    read = redis.xreadgroup(GROUP, "dead-replica", {QUEUE: ">"}, count=1)
+    assert read and read[0][1][0][1][b"id"].decode() == job_id
+    redis.hset(
+        f"camserve:job:{job_id}",
+        mapping={"status": "running", "owner": "dead-replica", "attempts": attempts},
+    )
+
+
+def db_of(client: TestClient) -> int:
+    return int(client.app.state.settings.job_store.rsplit("/", 1)[1])  # type: ignore[attr-defined]
+
+
+def test_a_dead_replicas_job_runs_again_after_the_lease(
+    replicas: Callable[..., TestClient], redis_server: RedisServer
+) -> None:
+    first = replicas()
+    job_id = queue_without_running(first)
+    claim_as_dead_replica(redis_server, db_of(first), job_id, attempts=1)
+    second = replicas(job_lease_s=1)
+    view = wait_for(second, job_id, finished)
+    assert view["status"] == "succeeded" and view["result"]["method"] == "GradCAM"
+    record = redis_server.client(db_of(first)).hgetall(f"camserve:job:{job_id}")
+    assert record[b"attempts"] == b"2" and record[b"owner"].decode() == store_of(second).consumer
+
+
+def test_a_job_started_too_often_fails_with_that_reason(
+    replicas: Callable[..., TestClient], redis_server: RedisServer
+) -> None:
+    first = replicas()
+    job_id = queue_without_running(first)
+    claim_as_dead_replica(redis_server, db_of(first), job_id, attempts=2)
+    second = replicas(job_lease_s=1, job_max_attempts=2)
+    view = wait_for(second, job_id, finished)
+    assert view["status"] == "failed" and view["error"]["code"] == "job_attempts_exhausted"
+    assert "CAMSERVE_JOB_MAX_ATTEMPTS=2" in view["error"]["message"]
+
+
+def test_a_draining_replica_hands_its_job_back_to_another(
+    replicas: Callable[..., TestClient],
+) -> None:
+    first = replicas(max_concurrent_jobs=1)
+    job = submit(first, **MEDIUM)
+    wait_for(first, job["id"], lambda v: v["progress"]["done"] > 0)
+    lifecycle = first.app.state.lifecycle  # type: ignore[attr-defined]
+    lifecycle.grace_s = 0.0
+    lifecycle.begin_drain()
+    first.portal.call(lambda: lifecycle.ready_to_exit())  # type: ignore[union-attr]
+    assert wait_for(first, job["id"], lambda v: v["status"] == "queued")["started"] is None
+    second = replicas()
+    view = wait_for(second, job["id"], finished)
+    assert view["status"] == "succeeded", view["error"]
+    assert store_of(second).jobs_run == 1 and store_of(first).jobs_run == 0
+
+
+def test_a_jobs_follower_ends_with_its_run_even_without_a_cancel(
+    replicas: Callable[..., TestClient], redis_server: RedisServer
+) -> None:
+    """Python 3.11's wait_for may swallow the cancel sent to the follower as its wait ends; the
+    follower must still stop once the run is over, or the job stays 'running' for ever."""
+    client = replicas()
+    store = store_of(client)
+    job = Job(id="f" * 24)
+    redis_server.client(db_of(client)).hset(
+        f"camserve:job:{job.id}", mapping={"status": "running", "owner": store.consumer}
+    )
+
+    async def scenario() -> None:
+        async def run() -> Outcome:
+            return Outcome("succeeded")
+
+        task = asyncio.create_task(run())
+        await task
+        await asyncio.wait_for(store._follow(_Running(job, "0-0", task)), 5)
+
+    client.portal.call(scenario)  # type: ignore[union-attr]
+
+
+def test_results_too_large_to_keep_are_refused_at_creation(
+    replicas: Callable[..., TestClient],
+) -> None:
+    client = replicas(job_max_result_bytes=4096)
+    response = client.post(
+        "/jobs",
+        files=files(image_bytes(size=(400, 300))),
+        data={"output": "overlay,heatmap", "image_format": "png"},
+    )
+    message = assert_error(response, 413, "result_too_large")
+    assert "CAMSERVE_JOB_MAX_RESULT_BYTES" in message
+    body = response.json()["error"]["details"]
+    assert body["estimate_bytes"] > body["limit_bytes"] == 4096
+    # Small enough: accepted.
+    assert client.post("/jobs", files=files(image_bytes()), data={"output": "raw"}).status_code
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_down_fails_jobs_fast_but_not_explain_and_comes_back(
+    make_client: Callable[..., TestClient], own_server: RedisServer
+) -> None:
+    client = make_client(job_store=own_server.url())
+    job = submit(client, method="GradCAM")
+    wait_for(client, job["id"], finished)
+    own_server.stop()
+    response = client.post("/jobs", files=files(image_bytes()), data={"method": "GradCAM"})
+    message = assert_error(response, 503, "job_store_unavailable")
+    assert "POST /explain still works" in message and response.headers["retry-after"] == "5"
+    assert_error(client.get(f"/jobs/{job['id']}"), 503, "job_store_unavailable")
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["job_store"]["available"] is False
+    assert client.post("/explain", files=files(image_bytes())).status_code == 200
+    own_server.start()  # empty: its jobs are gone, the queue is made again
+    until(lambda: client.get("/ready").json()["job_store"]["available"], timeout=20)
+    again = submit(client, method="GradCAM")
+    assert wait_for(client, again["id"], finished)["status"] == "succeeded"
+
+
+def test_a_password_outside_the_url_is_used(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path, password="s3cret")
+    server.start()
+    try:
+        client = make_client(job_store=server.url(), job_store_password="s3cret")
+        job = submit(client, method="GradCAM")
+        assert wait_for(client, job["id"], finished)["status"] == "succeeded"
+        wrong = make_client(job_store=server.url(), job_store_password="nope")
+        assert wrong.get("/ready").json()["job_store"]["available"] is False
+        response = wrong.post("/jobs", files=files(image_bytes()))
+        assert_error(response, 503, "job_store_unavailable")
+    finally:
+        server.stop()
