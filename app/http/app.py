@@ -86,6 +86,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_threads=model_threads,
         image_threads=image_threads,
         on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
+        background_every=settings.background_every,
+        on_wait=app.state.metrics.observe_wait if app.state.metrics else None,
+        on_yield=app.state.metrics.observe_yield if app.state.metrics else None,
     )
     app.state.explainer = explainer
     app.state.jobs = JobStore(explainer, settings.max_jobs, settings.job_ttl_s, app.state.lifecycle)

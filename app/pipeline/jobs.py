@@ -1,7 +1,9 @@
 """Explanations run as jobs: created at once, followed by id, cancelled on request, kept a while.
 
 A job runs ``Explainer.explain`` as an asyncio task without admission (jobs are bounded by their
-own count, ``CAMSERVE_MAX_JOBS``, and wait for a model slot instead of being refused). The pass
+own count, ``CAMSERVE_MAX_JOBS``, and wait for a model slot instead of being refused), in the
+background priority class: interactive requests on its model go first, at its chunk boundaries
+(``app.pipeline.scheduling``). The pass
 thread reports progress through ``call_soon_threadsafe``; every change wakes the job's followers
 (``GET /jobs/{id}/events``). Cancelling the task stops the pass at its next chunk.
 """
@@ -227,7 +229,7 @@ class JobStore:
         with self.lifecycle.track():
             try:
                 result = await self.explainer.explain(
-                    model, uploads, params, progress=report, admit=False
+                    model, uploads, params, progress=report, admit=False, priority="background"
                 )
             except asyncio.CancelledError:
                 # Cancelled by DELETE or the shutdown, which set the status.
