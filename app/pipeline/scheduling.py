@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Priority = Literal["interactive", "background"]
@@ -41,7 +41,8 @@ class Guest:
     """Runs the pass on the host's thread; it delivers its own outcome and must not raise."""
     decline: Callable[[], None]
     """Told that the host ended before the pass could run (it then runs elsewhere)."""
-    asked: int = field(default_factory=lambda: next(_asked))
+    asked: int = -1
+    """When it asked for its turn: set when it is offered."""
 
 
 class Host:
@@ -79,6 +80,7 @@ class Host:
         with self._lock:
             if self._closed:
                 return False
+            guest.asked = next(_asked)
             self._guests.append(guest)
             return True
 
