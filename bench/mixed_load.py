@@ -1,0 +1,267 @@
+"""The ``mixed`` scenario of ``bench/service_load.py``: short requests beside a long job.
+
+    python bench/service_load.py --scenario mixed --quick          # CPU, resnet18 and resnet50
+    python bench/service_load.py --scenario mixed --device cuda --models resnet50
+
+One server (default settings, batching on) on a temporary store (``shapes`` plus random-weight
+resnet18/resnet50, as the load scenario builds it) and one 640x480 JPEG. For each model M:
+
+1. GradCAM on M alone, closed loop at concurrency 1: p50/p95 (the idle reference).
+2. A Score-CAM job (``POST /jobs``, ``batch_size`` 32, M's ``layer4``) alone: its duration, and
+   from it one chunk's time (duration / chunks of 32 masked forwards).
+3. The same job again, with GradCAM on M at concurrency 1, then at concurrency 4, for as long as
+   the job runs: GradCAM p50/p95 and the job's duration beside that load.
+4. GradCAM on M at concurrency 1 while Score-CAM jobs run one after the other on ``shapes``
+   (another model: only the CPU is shared).
+
+A job's duration runs from its ``POST`` to its end; with ``--job-forwards N`` (``--quick``: 512)
+it ends once N masked forwards are done (its progress), and is then cancelled, so that resnet50's
+2,048-channel job fits a smoke run. The targets are checked side by side in this one run:
+same-model GradCAM p95 <= 3 x idle p95 + one chunk; the job's duration beside GradCAM at c=1
+<= 1.25 x alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from service_load import Outcome, build_store, new_client, post_explain
+from serving import machine_info, percentile, photo_jpeg, rounded, running_server, table_of
+
+JOB_BATCH = 32
+OTHER_MODEL = "shapes"
+P95_FACTOR = 3.0  # same-model p95 beside a job <= this x idle p95 + one chunk
+JOB_GROWTH = 1.25  # the job's duration beside GradCAM at c=1 <= this x alone
+POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    device: str
+    models: tuple[str, ...]
+    requests: int
+    """GradCAM requests of the idle level (the levels beside a job run as long as it runs)."""
+    job_forwards: int | None
+    """End a job after this many masked forwards (None: the whole job)."""
+    extra_env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class JobRun:
+    seconds: float
+    forwards: int
+
+
+async def _gradcam_until(
+    client: httpx.AsyncClient,
+    url: str,
+    image: bytes,
+    model: str,
+    concurrency: int,
+    stop: asyncio.Event,
+    total: int | None = None,
+) -> list[Outcome]:
+    """Closed-loop GradCAM on ``model`` until ``stop`` is set (or ``total`` requests)."""
+    fields = {"model": model, "method": "GradCAM"}
+    outcomes: list[Outcome] = []
+    sent = 0
+
+    async def loop() -> None:
+        nonlocal sent
+        while not stop.is_set() and (total is None or sent < total):
+            sent += 1
+            outcomes.append(await post_explain(client, url, image, fields))
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return outcomes
+
+
+async def _job(
+    client: httpx.AsyncClient,
+    url: str,
+    image: bytes,
+    model: str,
+    goal: int | None,
+    running: asyncio.Event | None = None,
+) -> JobRun:
+    """One Score-CAM job on ``model``, followed to its end (or to ``goal`` forwards)."""
+    started = time.perf_counter()
+    answer = await client.post(
+        f"{url}/jobs",
+        files={"file": ("image.jpg", image, "image/jpeg")},
+        data={"model": model, "method": "ScoreCAM", "batch_size": str(JOB_BATCH)},
+    )
+    answer.raise_for_status()
+    job_url = f"{url}/jobs/{answer.json()['id']}"
+    while True:
+        view = (await client.get(job_url)).json()
+        done = int(view["progress"]["done"])
+        if running is not None and done > 0:
+            running.set()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            if view["status"] != "succeeded":
+                raise RuntimeError(f"the job ended {view['status']}: {view.get('error')}")
+            break
+        if goal is not None and done >= goal:
+            await client.delete(job_url)
+            break
+        await asyncio.sleep(POLL_S)
+    return JobRun(time.perf_counter() - started, done)
+
+
+async def _beside_job(
+    url: str, image: bytes, model: str, job_model: str, concurrency: int, goal: int | None
+) -> tuple[list[Outcome], JobRun]:
+    """GradCAM on ``model`` at ``concurrency`` for as long as a job runs on ``job_model``."""
+    async with new_client(concurrency + 1) as client:
+        stop, running = asyncio.Event(), asyncio.Event()
+        job = asyncio.ensure_future(_job(client, url, image, job_model, goal, running))
+        await running.wait()  # the job's first chunk is done: it holds the model
+        load = asyncio.ensure_future(_gradcam_until(client, url, image, model, concurrency, stop))
+        run = await job
+        stop.set()
+        return await load, run
+
+
+async def _beside_other_model(url: str, image: bytes, model: str, requests: int) -> list[Outcome]:
+    """GradCAM on ``model`` at c=1 while jobs run one after the other on another model."""
+    async with new_client(2) as client:
+        stop = asyncio.Event()
+
+        async def jobs() -> None:
+            while not stop.is_set():
+                await _job(client, url, image, OTHER_MODEL, None)
+
+        background = asyncio.ensure_future(jobs())
+        await asyncio.sleep(0.2)
+        outcomes = await _gradcam_until(client, url, image, model, 1, stop, requests)
+        stop.set()
+        with contextlib.suppress(Exception):
+            await background
+        return outcomes
+
+
+async def _alone(url: str, image: bytes, model: str, requests: int) -> list[Outcome]:
+    async with new_client(1) as client:
+        return await _gradcam_until(client, url, image, model, 1, asyncio.Event(), requests)
+
+
+async def _job_alone(url: str, image: bytes, model: str, goal: int | None) -> JobRun:
+    async with new_client(1) as client:
+        return await _job(client, url, image, model, goal)
+
+
+def _latency(outcomes: list[Outcome]) -> dict[str, Any]:
+    ok = [o.wall_ms for o in outcomes if o.status == 200]
+    return {
+        "requests": len(outcomes),
+        "errors": len(outcomes) - len(ok),
+        "p50_ms": rounded(percentile(ok, 50)),
+        "p95_ms": rounded(percentile(ok, 95)),
+    }
+
+
+def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> dict[str, Any]:
+    """Every level of the scenario for one model, in order."""
+    asyncio.run(_alone(url, image, model, 3))  # warm-up
+    idle = _latency(asyncio.run(_alone(url, image, model, config.requests)))
+    alone = asyncio.run(_job_alone(url, image, model, config.job_forwards))
+    chunk_ms = alone.seconds * 1000 / max(1, math.ceil(alone.forwards / JOB_BATCH))
+    rows: list[dict[str, Any]] = [
+        {"level": "GradCAM alone, c=1", **idle},
+        {"level": "Score-CAM job alone", "job_s": round(alone.seconds, 2)},
+    ]
+    beside: dict[int, tuple[dict[str, Any], JobRun]] = {}
+    for concurrency in (1, 4):
+        outcomes, run = asyncio.run(
+            _beside_job(url, image, model, model, concurrency, config.job_forwards)
+        )
+        beside[concurrency] = (_latency(outcomes), run)
+        rows.append(
+            {
+                "level": f"GradCAM beside the job (same model), c={concurrency}",
+                **beside[concurrency][0],
+                "job_s": round(run.seconds, 2),
+                "job_growth": round(run.seconds / alone.seconds, 2),
+            }
+        )
+    other = _latency(asyncio.run(_beside_other_model(url, image, model, config.requests)))
+    rows.append({"level": f"GradCAM beside jobs on {OTHER_MODEL}, c=1", **other})
+    same_p95 = beside[1][0]["p95_ms"]
+    limit = None if idle["p95_ms"] is None else P95_FACTOR * idle["p95_ms"] + chunk_ms
+    growth = beside[1][1].seconds / alone.seconds
+    return {
+        "model": model,
+        "job_forwards": alone.forwards,
+        "chunk_ms": round(chunk_ms, 1),
+        "rows": rows,
+        "targets": {
+            "same_model_p95_ms": same_p95,
+            "p95_limit_ms": rounded(limit),
+            "p95_met": same_p95 is not None and limit is not None and same_p95 <= limit,
+            "job_growth_c1": round(growth, 2),
+            "job_growth_limit": JOB_GROWTH,
+            "growth_met": growth <= JOB_GROWTH,
+        },
+    }
+
+
+def run_mixed(config: MixedConfig) -> dict[str, Any]:
+    import torch
+
+    report: dict[str, Any] = {"machine": machine_info(torch.device(config.device))}
+    with tempfile.TemporaryDirectory(prefix="camserve-mixed-") as tmp:
+        root = Path(tmp)
+        store = build_store(root)
+        image = photo_jpeg(640, 480, 1)
+        needed = sorted({*config.models, OTHER_MODEL})
+        with running_server(
+            store, config.device, config.extra_env, root / "server.log", needed
+        ) as url:
+            report["models"] = []
+            for model in config.models:
+                result = measure_model(url, image, model, config)
+                print(f"  mixed {model}: {result['targets']}", flush=True)
+                report["models"].append(result)
+    return report
+
+
+def render_mixed(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    parts = [
+        f"## camserve mixed load ({machine['device']}, {machine['cpu']}, {machine['cores']} "
+        f"cores, torch {machine['torch']}, {machine['date']})"
+    ]
+    columns = ("level", "requests", "errors", "p50_ms", "p95_ms", "job_s", "job_growth")
+    targets = []
+    for result in report["models"]:
+        parts.append(
+            f"### {result['model']}: Score-CAM job of {result['job_forwards']} masked forwards, "
+            f"one chunk ~{result['chunk_ms']} ms"
+        )
+        parts.append(table_of(result["rows"], columns))
+        targets.append({"model": result["model"], **result["targets"]})
+    parts.append("### Targets (same run)")
+    parts.append(
+        table_of(
+            targets,
+            (
+                "model",
+                "same_model_p95_ms",
+                "p95_limit_ms",
+                "p95_met",
+                "job_growth_c1",
+                "job_growth_limit",
+                "growth_met",
+            ),
+        )
+    )
+    return "\n\n".join(parts)
