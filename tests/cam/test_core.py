@@ -199,3 +199,24 @@ def test_two_extractors_on_one_model_do_not_corrupt_each_other(tiny_net):
         scores = tiny_net(x)
         score([1, 1], scores)  # runs many masked forwards through the same hooked layer
         torch.testing.assert_close(grad([0, 1], scores)[0], expected)
+
+
+def test_hooks_record_only_the_forwards_of_their_own_scope(tiny_net):
+    from app.cam.core import hook_scope
+
+    mine, other = object(), object()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with hook_scope(mine):
+        extractor = GradCAM(tiny_net, "feat", input_shape=(3, 8, 8))
+    with extractor, torch.enable_grad():
+        with hook_scope(mine):
+            scores = tiny_net(x)
+        recorded = extractor._activations[0]
+        with hook_scope(other):
+            tiny_net(y)  # another pass's forward, while this extractor's hooks stay on
+        tiny_net(y)  # and one outside every scope
+        assert extractor._activations[0] is recorded
+        with hook_scope(mine):
+            maps = extractor([0, 1], scores)
+    torch.testing.assert_close(maps[0], _run(GradCAM, tiny_net, x, [0, 1])[0])

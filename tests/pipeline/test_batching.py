@@ -278,7 +278,8 @@ class Turns:
             self.waiting.set()
             go.wait(10)
             self.log.append(f"{self.name}{number}")
-            control.at_boundary()
+            if control.at_boundary():
+                raise CamInterrupted(f"stopped after chunk {number}")
         return [item.upper() for item in items]
 
 
@@ -392,6 +393,28 @@ def test_a_guest_whose_caller_left_does_not_run_and_the_host_goes_on() -> None:
             go.set()
         assert (await asyncio.wait_for(job, 10))[0] == "J"
         assert log == ["job0", "job1"]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_host_serves_its_waiting_guests_then_stops_at_that_boundary() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        log: list[str] = []
+        long = Turns(log, "job", 3)
+        job = asyncio.ensure_future(
+            batcher.submit("s", "j", 1, long, False, priority="background", chunked=True)
+        )
+        await _wait_until(long.waiting.is_set)
+        short = asyncio.ensure_future(batcher.submit("k", "a", 1, Short(log)))
+        await asyncio.sleep(0.05)
+        job.cancel()
+        await asyncio.sleep(0.05)
+        long.go[0].set()
+        assert (await asyncio.wait_for(short, 10))[0] == "A"
+        await _wait_until(lambda: not batcher._hosting)
+        assert log == ["job0", "a"]  # no second chunk ran
         await batcher.close()
 
     asyncio.run(scenario())
