@@ -14,7 +14,7 @@ resnet18/resnet50, as the load scenario builds it) and one 640x480 JPEG. For eac
 4. GradCAM on M at concurrency 1 while Score-CAM jobs run one after the other on ``shapes``
    (another model: only the CPU is shared).
 
-A job's duration runs from its ``POST`` to its end; with ``--job-forwards N`` (``--quick``: 512)
+A job's duration runs from its ``POST`` to its end; with ``--job-forwards N`` (``--quick``: 256)
 it ends once N masked forwards are done (its progress), and is then cancelled, so that resnet50's
 2,048-channel job fits a smoke run. The targets are checked side by side in this one run:
 same-model GradCAM p95 <= 3 x idle p95 + one chunk; the job's duration beside GradCAM at c=1
