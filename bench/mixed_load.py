@@ -11,8 +11,10 @@ resnet18/resnet50, as the load scenario builds it) and one 640x480 JPEG. For eac
    from it one chunk's time (duration / chunks of 32 masked forwards).
 3. The same job again, with GradCAM on M at concurrency 1, then at concurrency 4, for as long as
    the job runs: GradCAM p50/p95 and the job's duration beside that load.
-4. GradCAM on M at concurrency 1 while Score-CAM jobs run one after the other on ``shapes``
-   (another model: only the CPU is shared).
+4. The same job on M's twin (another model folder with the same weights, so another model with
+   its own scheduler) with GradCAM on M at concurrency 1: only the CPU is shared, no turns are
+   taken. This splits the job's growth at level 3 into what the CPU sharing costs (here) and
+   what the turns add (the rest).
 
 A job's duration runs from its ``POST`` to its end; with ``--job-forwards N`` (``--quick``: 256)
 it ends once N masked forwards are done (its progress), and is then cancelled, so that resnet50's
@@ -24,7 +26,6 @@ same-model GradCAM p95 <= 3 x idle p95 + one chunk; the job's duration beside Gr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import tempfile
 import time
@@ -37,7 +38,6 @@ from service_load import Outcome, build_store, new_client, post_explain
 from serving import machine_info, percentile, photo_jpeg, rounded, running_server, table_of
 
 JOB_BATCH = 32
-OTHER_MODEL = "shapes"
 P95_FACTOR = 3.0  # same-model p95 beside a job <= this x idle p95 + one chunk
 JOB_GROWTH = 1.25  # the job's duration beside GradCAM at c=1 <= this x alone
 POLL_S = 0.02
@@ -131,24 +131,6 @@ async def _beside_job(
         return await load, run
 
 
-async def _beside_other_model(url: str, image: bytes, model: str, requests: int) -> list[Outcome]:
-    """GradCAM on ``model`` at c=1 while jobs run one after the other on another model."""
-    async with new_client(2) as client:
-        stop = asyncio.Event()
-
-        async def jobs() -> None:
-            while not stop.is_set():
-                await _job(client, url, image, OTHER_MODEL, None)
-
-        background = asyncio.ensure_future(jobs())
-        await asyncio.sleep(0.2)
-        outcomes = await _gradcam_until(client, url, image, model, 1, stop, requests)
-        stop.set()
-        with contextlib.suppress(Exception):
-            await background
-        return outcomes
-
-
 async def _alone(url: str, image: bytes, model: str, requests: int) -> list[Outcome]:
     async with new_client(1) as client:
         return await _gradcam_until(client, url, image, model, 1, asyncio.Event(), requests)
@@ -157,6 +139,10 @@ async def _alone(url: str, image: bytes, model: str, requests: int) -> list[Outc
 async def _job_alone(url: str, image: bytes, model: str, goal: int | None) -> JobRun:
     async with new_client(1) as client:
         return await _job(client, url, image, model, goal)
+
+
+def twin(model: str) -> str:
+    return f"{model}-twin"
 
 
 def _latency(outcomes: list[Outcome]) -> dict[str, Any]:
@@ -193,8 +179,15 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
                 "job_growth": round(run.seconds / alone.seconds, 2),
             }
         )
-    other = _latency(asyncio.run(_beside_other_model(url, image, model, config.requests)))
-    rows.append({"level": f"GradCAM beside jobs on {OTHER_MODEL}, c=1", **other})
+    outcomes, run = asyncio.run(_beside_job(url, image, model, twin(model), 1, config.job_forwards))
+    rows.append(
+        {
+            "level": "GradCAM beside the job on a twin model, c=1",
+            **_latency(outcomes),
+            "job_s": round(run.seconds, 2),
+            "job_growth": round(run.seconds / alone.seconds, 2),
+        }
+    )
     same_p95 = beside[1][0]["p95_ms"]
     limit = None if idle["p95_ms"] is None else P95_FACTOR * idle["p95_ms"] + chunk_ms
     growth = beside[1][1].seconds / alone.seconds
@@ -222,7 +215,9 @@ def run_mixed(config: MixedConfig) -> dict[str, Any]:
         root = Path(tmp)
         store = build_store(root)
         image = photo_jpeg(640, 480, 1)
-        needed = sorted({*config.models, OTHER_MODEL})
+        for model in config.models:
+            (store / twin(model)).symlink_to(store / model, target_is_directory=True)
+        needed = sorted({*config.models, *map(twin, config.models)})
         with running_server(
             store, config.device, config.extra_env, root / "server.log", needed
         ) as url:
