@@ -467,7 +467,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "--job-forwards",
         type=int,
         default=None,
-        help="mixed: end each Score-CAM job after this many masked forwards (--quick: 512)",
+        help="mixed: end each Score-CAM job after this many masked forwards (--quick: 256)",
     )
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     parser.add_argument(
@@ -497,7 +497,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     requests, seconds, repeats = args.requests, args.seconds, args.repeats
     if args.quick:
         concurrency = tuple(c for c in concurrency if c <= 4) or (1,)
-        quick_requests = 20 if args.scenario == "mixed" else 8
+        quick_requests = 15 if args.scenario == "mixed" else 8
         requests, seconds, repeats = requests or quick_requests, min(seconds, 15.0), 3
     return Config(
         device=args.device,
@@ -511,7 +511,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         out=args.out or REPO / "bench" / "results" / OUT_NAMES[args.scenario],
         quick=args.quick,
         scenario=args.scenario,
-        job_forwards=args.job_forwards or (512 if args.quick else None),
+        job_forwards=args.job_forwards or (256 if args.quick else None),
     )
 
 
