@@ -147,11 +147,13 @@ def twin(model: str) -> str:
 
 def _latency(outcomes: list[Outcome]) -> dict[str, Any]:
     ok = [o.wall_ms for o in outcomes if o.status == 200]
+    queued = [o.timings["queue_ms"] for o in outcomes if "queue_ms" in o.timings]
     return {
         "requests": len(outcomes),
         "errors": len(outcomes) - len(ok),
         "p50_ms": rounded(percentile(ok, 50)),
         "p95_ms": rounded(percentile(ok, 95)),
+        "queue_p95_ms": rounded(percentile(queued, 95)),
     }
 
 
@@ -160,7 +162,8 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
     asyncio.run(_alone(url, image, model, 3))  # warm-up
     idle = _latency(asyncio.run(_alone(url, image, model, config.requests)))
     alone = asyncio.run(_job_alone(url, image, model, config.job_forwards))
-    chunk_ms = alone.seconds * 1000 / max(1, math.ceil(alone.forwards / JOB_BATCH))
+    chunks = max(1, math.ceil(alone.forwards / JOB_BATCH))
+    chunk_ms = alone.seconds * 1000 / chunks
     rows: list[dict[str, Any]] = [
         {"level": "GradCAM alone, c=1", **idle},
         {"level": "Score-CAM job alone", "job_s": round(alone.seconds, 2)},
@@ -188,19 +191,30 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
             "job_growth": round(run.seconds / alone.seconds, 2),
         }
     )
+    # One chunk under the same CPU load but without turns (the twin level): the wait a request
+    # beside the job can see, which CPU sharing alone already stretches on a small machine.
+    loaded_chunk_ms = run.seconds * 1000 / chunks
     same_p95 = beside[1][0]["p95_ms"]
-    limit = None if idle["p95_ms"] is None else P95_FACTOR * idle["p95_ms"] + chunk_ms
+    idle_p95 = idle["p95_ms"] or 0.0
+    limit = P95_FACTOR * idle_p95 + chunk_ms
+    loaded_limit = P95_FACTOR * idle_p95 + loaded_chunk_ms
     growth = beside[1][1].seconds / alone.seconds
+    shared = run.seconds / alone.seconds
     return {
         "model": model,
         "job_forwards": alone.forwards,
         "chunk_ms": round(chunk_ms, 1),
+        "loaded_chunk_ms": round(loaded_chunk_ms, 1),
         "rows": rows,
         "targets": {
             "same_model_p95_ms": same_p95,
             "p95_limit_ms": rounded(limit),
-            "p95_met": same_p95 is not None and limit is not None and same_p95 <= limit,
+            "p95_met": same_p95 is not None and same_p95 <= limit,
+            "p95_limit_loaded_chunk_ms": rounded(loaded_limit),
+            "p95_met_loaded_chunk": same_p95 is not None and same_p95 <= loaded_limit,
             "job_growth_c1": round(growth, 2),
+            "job_growth_cpu_sharing_only": round(shared, 2),
+            "job_growth_from_turns": round(growth / shared, 2),
             "job_growth_limit": JOB_GROWTH,
             "growth_met": growth <= JOB_GROWTH,
         },
@@ -224,8 +238,8 @@ def run_mixed(config: MixedConfig) -> dict[str, Any]:
             report["models"] = []
             for model in config.models:
                 result = measure_model(url, image, model, config)
-                print(f"  mixed {model}: {result['targets']}", flush=True)
                 report["models"].append(result)
+                print(render_mixed(report), flush=True)  # as it goes: a long run may be cut
     return report
 
 
@@ -235,12 +249,22 @@ def render_mixed(report: dict[str, Any]) -> str:
         f"## camserve mixed load ({machine['device']}, {machine['cpu']}, {machine['cores']} "
         f"cores, torch {machine['torch']}, {machine['date']})"
     ]
-    columns = ("level", "requests", "errors", "p50_ms", "p95_ms", "job_s", "job_growth")
+    columns = (
+        "level",
+        "requests",
+        "errors",
+        "p50_ms",
+        "p95_ms",
+        "queue_p95_ms",
+        "job_s",
+        "job_growth",
+    )
     targets = []
     for result in report["models"]:
         parts.append(
             f"### {result['model']}: Score-CAM job of {result['job_forwards']} masked forwards, "
-            f"one chunk ~{result['chunk_ms']} ms"
+            f"one chunk ~{result['chunk_ms']} ms alone, ~{result['loaded_chunk_ms']} ms beside "
+            "GradCAM on the twin"
         )
         parts.append(table_of(result["rows"], columns))
         targets.append({"model": result["model"], **result["targets"]})
@@ -253,7 +277,11 @@ def render_mixed(report: dict[str, Any]) -> str:
                 "same_model_p95_ms",
                 "p95_limit_ms",
                 "p95_met",
+                "p95_limit_loaded_chunk_ms",
+                "p95_met_loaded_chunk",
                 "job_growth_c1",
+                "job_growth_cpu_sharing_only",
+                "job_growth_from_turns",
                 "job_growth_limit",
                 "growth_met",
             ),
