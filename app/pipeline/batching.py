@@ -149,8 +149,10 @@ class Batcher:
 
     @property
     def waiting(self) -> int:
-        """Requests queued for a pass (not counting those running)."""
-        return sum(1 for p in self._queue if p.live)
+        """Requests queued for a pass (not counting those running), those offered to the running
+        chunked pass included."""
+        hosted = self._host.waiting if self._host is not None else 0
+        return sum(1 for p in self._queue if p.live) + hosted
 
     async def submit(
         self,
@@ -347,7 +349,7 @@ class Batcher:
         guest = host is None and self._host is not None and not group[0].chunked
         if guest:
             assert self._host is not None
-            outcome = await self._as_guest(self._host, group[0].priority, work)
+            outcome = await self._as_guest(self._host, group[0].priority, len(group), work)
             guest = outcome is not None
         if outcome is None:  # alone, as the host, or declined by a host that ended
             try:
@@ -367,7 +369,10 @@ class Batcher:
 
     @staticmethod
     async def _as_guest(
-        host: Host, priority: Priority, work: Callable[[], tuple[float, Sequence[Any]]]
+        host: Host,
+        priority: Priority,
+        requests: int,
+        work: Callable[[], tuple[float, Sequence[Any]]],
     ) -> tuple[float, Sequence[Any]] | Exception | None:
         """``work``'s outcome once ``host`` ran it at a boundary; None if the host ended first."""
         loop = asyncio.get_running_loop()
@@ -389,7 +394,7 @@ class Batcher:
         def decline() -> None:
             loop.call_soon_threadsafe(deliver, None)
 
-        if not host.offer(Guest(priority, run, decline)):
+        if not host.offer(Guest(priority, run, decline, requests)):
             return None
         # Not abandoned on cancel: the host may be running it, and delivers its outcome anyway.
         return await asyncio.shield(done)

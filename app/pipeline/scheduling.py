@@ -41,6 +41,8 @@ class Guest:
     """Runs the pass on the host's thread; it delivers its own outcome and must not raise."""
     decline: Callable[[], None]
     """Told that the host ended before the pass could run (it then runs elsewhere)."""
+    requests: int = 1
+    """The requests the pass answers (for the queue gauge)."""
     asked: int = -1
     """When it asked for its turn: set when it is offered."""
 
@@ -72,8 +74,9 @@ class Host:
 
     @property
     def waiting(self) -> int:
+        """Requests of the guests waiting for a boundary."""
         with self._lock:
-            return len(self._guests)
+            return sum(guest.requests for guest in self._guests)
 
     def offer(self, guest: Guest) -> bool:
         """Queue ``guest`` for the next boundary; False once the host has ended."""

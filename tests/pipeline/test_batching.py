@@ -316,6 +316,7 @@ def test_a_short_request_runs_at_the_next_chunk_boundary_not_after_the_long_pass
         short = asyncio.ensure_future(batcher.submit("k", "a", 1, Short(log)))
         await asyncio.sleep(0.05)
         assert not short.done() and log == []  # nothing runs inside a chunk
+        assert batcher.waiting == 1  # offered to the job, waiting for its boundary
         long.go[0].set()
         result, info = await asyncio.wait_for(short, 10)
         assert (result, info.guest) == ("A", True)
