@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class MixedConfig:
     """GradCAM requests of the idle level (the levels beside a job run as long as it runs)."""
     job_forwards: int | None
     """End a job after this many masked forwards (None: the whole job)."""
+    rounds: int
     extra_env: dict[str, str]
 
 
@@ -157,52 +159,69 @@ def _latency(outcomes: list[Outcome]) -> dict[str, Any]:
     }
 
 
+LEVELS = (
+    ("same1", "GradCAM beside the job (same model), c=1", "same", 1),
+    ("same4", "GradCAM beside the job (same model), c=4", "same", 4),
+    ("twin1", "GradCAM beside the job on a twin model, c=1", "twin", 1),
+)
+
+
 def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> dict[str, Any]:
-    """Every level of the scenario for one model, in order."""
+    """Every level of the scenario for one model, in rounds: each round runs every level once,
+    so that the machine's drift hits them alike; latencies are pooled over the rounds, job
+    durations and growths are the medians of the rounds (a growth compares a level with the job
+    alone of its own round)."""
     asyncio.run(_alone(url, image, model, 3))  # warm-up
-    idle = _latency(asyncio.run(_alone(url, image, model, config.requests)))
-    alone = asyncio.run(_job_alone(url, image, model, config.job_forwards))
-    chunks = max(1, math.ceil(alone.forwards / JOB_BATCH))
-    chunk_ms = alone.seconds * 1000 / chunks
-    rows: list[dict[str, Any]] = [
-        {"level": "GradCAM alone, c=1", **idle},
-        {"level": "Score-CAM job alone", "job_s": round(alone.seconds, 2)},
-    ]
-    beside: dict[int, tuple[dict[str, Any], JobRun]] = {}
-    for concurrency in (1, 4):
-        outcomes, run = asyncio.run(
-            _beside_job(url, image, model, model, concurrency, config.job_forwards)
+    idle: list[Outcome] = []
+    alone: list[JobRun] = []
+    beside: dict[str, list[Outcome]] = {key: [] for key, *_ in LEVELS}
+    runs: dict[str, list[JobRun]] = {key: [] for key, *_ in LEVELS}
+    per_round = max(1, config.requests // config.rounds)
+    for _ in range(config.rounds):
+        idle += asyncio.run(_alone(url, image, model, per_round))
+        alone.append(asyncio.run(_job_alone(url, image, model, config.job_forwards)))
+        for key, _label, where, concurrency in LEVELS:
+            job_model = model if where == "same" else twin(model)
+            outcomes, run = asyncio.run(
+                _beside_job(url, image, model, job_model, concurrency, config.job_forwards)
+            )
+            beside[key] += outcomes
+            runs[key].append(run)
+    alone_s = statistics.median(run.seconds for run in alone)
+    chunks = max(1, math.ceil(alone[0].forwards / JOB_BATCH))
+    chunk_ms = alone_s * 1000 / chunks
+
+    def growth(key: str) -> float:
+        return statistics.median(
+            run.seconds / base.seconds for run, base in zip(runs[key], alone, strict=True)
         )
-        beside[concurrency] = (_latency(outcomes), run)
+
+    rows: list[dict[str, Any]] = [
+        {"level": "GradCAM alone, c=1", **_latency(idle)},
+        {"level": "Score-CAM job alone", "job_s": round(alone_s, 2)},
+    ]
+    for key, label, *_ in LEVELS:
+        job_s = statistics.median(run.seconds for run in runs[key])
         rows.append(
             {
-                "level": f"GradCAM beside the job (same model), c={concurrency}",
-                **beside[concurrency][0],
-                "job_s": round(run.seconds, 2),
-                "job_growth": round(run.seconds / alone.seconds, 2),
+                "level": label,
+                **_latency(beside[key]),
+                "job_s": round(job_s, 2),
+                "job_growth": round(growth(key), 2),
             }
         )
-    outcomes, run = asyncio.run(_beside_job(url, image, model, twin(model), 1, config.job_forwards))
-    rows.append(
-        {
-            "level": "GradCAM beside the job on a twin model, c=1",
-            **_latency(outcomes),
-            "job_s": round(run.seconds, 2),
-            "job_growth": round(run.seconds / alone.seconds, 2),
-        }
-    )
     # One chunk under the same CPU load but without turns (the twin level): the wait a request
     # beside the job can see, which CPU sharing alone already stretches on a small machine.
-    loaded_chunk_ms = run.seconds * 1000 / chunks
-    same_p95 = beside[1][0]["p95_ms"]
-    idle_p95 = idle["p95_ms"] or 0.0
+    loaded_chunk_ms = statistics.median(run.seconds for run in runs["twin1"]) * 1000 / chunks
+    same_p95 = rows[2]["p95_ms"]
+    idle_p95 = rows[0]["p95_ms"] or 0.0
     limit = P95_FACTOR * idle_p95 + chunk_ms
     loaded_limit = P95_FACTOR * idle_p95 + loaded_chunk_ms
-    growth = beside[1][1].seconds / alone.seconds
-    shared = run.seconds / alone.seconds
+    same, shared = growth("same1"), growth("twin1")
     return {
         "model": model,
-        "job_forwards": alone.forwards,
+        "rounds": config.rounds,
+        "job_forwards": alone[0].forwards,
         "chunk_ms": round(chunk_ms, 1),
         "loaded_chunk_ms": round(loaded_chunk_ms, 1),
         "rows": rows,
@@ -212,11 +231,11 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
             "p95_met": same_p95 is not None and same_p95 <= limit,
             "p95_limit_loaded_chunk_ms": rounded(loaded_limit),
             "p95_met_loaded_chunk": same_p95 is not None and same_p95 <= loaded_limit,
-            "job_growth_c1": round(growth, 2),
+            "job_growth_c1": round(same, 2),
             "job_growth_cpu_sharing_only": round(shared, 2),
-            "job_growth_from_turns": round(growth / shared, 2),
+            "job_growth_from_turns": round(same / shared, 2),
             "job_growth_limit": JOB_GROWTH,
-            "growth_met": growth <= JOB_GROWTH,
+            "growth_met": same <= JOB_GROWTH,
         },
     }
 
@@ -263,6 +282,7 @@ def render_mixed(report: dict[str, Any]) -> str:
     for result in report["models"]:
         parts.append(
             f"### {result['model']}: Score-CAM job of {result['job_forwards']} masked forwards, "
+            f"{result['rounds']} rounds (medians), "
             f"one chunk ~{result['chunk_ms']} ms alone, ~{result['loaded_chunk_ms']} ms beside "
             "GradCAM on the twin"
         )

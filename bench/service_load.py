@@ -474,7 +474,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         "--requests", type=int, default=None, help="requests per level (default max(100, 4 x c))"
     )
     parser.add_argument("--seconds", type=float, default=45.0, help="time cap per level")
-    parser.add_argument("--repeats", type=int, default=10, help="sequential/engine repeats")
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="sequential/engine repeats; mixed: rounds"
+    )
     parser.add_argument(
         "--env",
         action="append",
@@ -497,8 +499,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     requests, seconds, repeats = args.requests, args.seconds, args.repeats
     if args.quick:
         concurrency = tuple(c for c in concurrency if c <= 4) or (1,)
-        quick_requests = 15 if args.scenario == "mixed" else 8
-        requests, seconds, repeats = requests or quick_requests, min(seconds, 15.0), 3
+        quick_requests = 16 if args.scenario == "mixed" else 8
+        quick_repeats = 2 if args.scenario == "mixed" else 3
+        requests, seconds, repeats = requests or quick_requests, min(seconds, 15.0), quick_repeats
     return Config(
         device=args.device,
         models=models,
@@ -573,11 +576,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mixed_load import MixedConfig, render_mixed, run_mixed
 
         mixed = MixedConfig(
-            config.device,
-            config.models,
-            config.requests or 40,
-            config.job_forwards,
-            config.extra_env,
+            device=config.device,
+            models=config.models,
+            requests=config.requests or 40,
+            job_forwards=config.job_forwards,
+            rounds=config.reference_repeats,
+            extra_env=config.extra_env,
         )
         report, render = run_mixed(mixed), render_mixed
     else:
