@@ -171,7 +171,10 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
     so that the machine's drift hits them alike; latencies are pooled over the rounds, job
     durations and growths are the medians of the rounds (a growth compares a level with the job
     alone of its own round)."""
-    asyncio.run(_alone(url, image, model, 3))  # warm-up
+    # Warm-up: the first GradCAM requests and the first masked chunks of a model are slower
+    # (allocator, oneDNN primitives for the chunk's batch); a job alone measured cold ran 2x long.
+    asyncio.run(_alone(url, image, model, 3))
+    asyncio.run(_job_alone(url, image, model, 2 * JOB_BATCH))
     idle: list[Outcome] = []
     alone: list[JobRun] = []
     beside: dict[str, list[Outcome]] = {key: [] for key, *_ in LEVELS}
