@@ -68,13 +68,6 @@ class Settings(BaseSettings):
         le=1000,
         description="how long a batch that is already forming waits for more requests",
     )
-    background_every: int = Field(
-        4,
-        ge=2,
-        le=1000,
-        description="while /jobs work waits for a model that interactive requests keep busy, "
-        "at least one turn (a chunk or a short pass) in every N goes to it",
-    )
     request_timeout_s: float | None = Field(
         60.0,
         gt=0,
@@ -117,6 +110,13 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     metrics: bool = Field(True, description="serve Prometheus metrics on GET /metrics")
     ui: bool = Field(True, description="serve the explanation page at GET /")
+    background_every: int = Field(
+        4,
+        ge=2,
+        le=1000,
+        description="while /jobs work waits for a model that interactive requests keep busy, "
+        "at least one turn (a chunk or a short pass) in every N goes to it",
+    )
 
     @field_validator("device")
     @classmethod
