@@ -475,7 +475,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     parser.add_argument("--seconds", type=float, default=45.0, help="time cap per level")
     parser.add_argument(
-        "--repeats", type=int, default=10, help="sequential/engine repeats; mixed: rounds"
+        "--repeats",
+        type=int,
+        default=None,
+        help="sequential/engine repeats, mixed: rounds (default 10; --quick: 3, mixed 2)",
     )
     parser.add_argument(
         "--env",
@@ -496,12 +499,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         parser.error("--env takes CAMSERVE_NAME=VALUE")
     extra = dict(item.split("=", 1) for item in args.env)
     concurrency = tuple(int(c) for c in args.concurrency.split(",") if c)
-    requests, seconds, repeats = args.requests, args.seconds, args.repeats
+    requests, seconds, repeats = args.requests, args.seconds, args.repeats or 10
     if args.quick:
         concurrency = tuple(c for c in concurrency if c <= 4) or (1,)
         quick_requests = 16 if args.scenario == "mixed" else 8
         quick_repeats = 2 if args.scenario == "mixed" else 3
-        requests, seconds, repeats = requests or quick_requests, min(seconds, 15.0), quick_repeats
+        repeats = args.repeats or quick_repeats
+        requests, seconds = requests or quick_requests, min(seconds, 15.0)
     return Config(
         device=args.device,
         models=models,
