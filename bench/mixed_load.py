@@ -26,7 +26,6 @@ same-model GradCAM p95 <= 3 x idle p95 + one chunk; the job's duration beside Gr
 from __future__ import annotations
 
 import asyncio
-import math
 import statistics
 import tempfile
 import time
@@ -199,8 +198,6 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
             beside[key] += outcomes
             runs[key].append(run)
     alone_s = statistics.median(run.seconds for run in alone)
-    chunks = max(1, math.ceil(alone[0].forwards / JOB_BATCH))
-    chunk_ms = alone_s * 1000 / chunks
 
     def growth(key: str) -> float:
         return statistics.median(
@@ -225,10 +222,15 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
         "model": model,
         "rounds": config.rounds,
         "job_forwards": alone[0].forwards,
-        "chunk_ms": round(chunk_ms, 1),
         "rows": rows,
     }
     return {**result, **targets(result)}
+
+
+def chunks_of(forwards: int) -> int:
+    """The masked chunks behind a job's progress: it counts the flat channels (whose masks are
+    all zeros: fewer than a chunk on these models) at once, then ``JOB_BATCH`` per chunk."""
+    return max(1, forwards // JOB_BATCH)
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
@@ -237,15 +239,17 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     "One chunk" is taken two ways: as the job's chunks ran alone, and as they ran beside the
     same-model GradCAM load at c=1 (that level's job duration over its chunks, the turns
     included), which is the chunk a request there actually waits for."""
-    idle, _alone, same1, _same4, twin1 = result["rows"]
-    chunks = max(1, math.ceil(result["job_forwards"] / JOB_BATCH))
+    idle, alone, same1, _same4, twin1 = result["rows"]
+    chunks = chunks_of(result["job_forwards"])
+    chunk_ms = alone["job_s"] * 1000 / chunks
     loaded_chunk_ms = same1["job_s"] * 1000 / chunks
     idle_p95 = idle["p95_ms"] or 0.0
     same_p95 = same1["p95_ms"]
-    limit = P95_FACTOR * idle_p95 + result["chunk_ms"]
+    limit = P95_FACTOR * idle_p95 + chunk_ms
     loaded_limit = P95_FACTOR * idle_p95 + loaded_chunk_ms
     growth, shared = same1["job_growth"], twin1["job_growth"]
     return {
+        "chunk_ms": round(chunk_ms, 1),
         "loaded_chunk_ms": round(loaded_chunk_ms, 1),
         "targets": {
             "same_model_p95_ms": same_p95,
