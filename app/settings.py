@@ -292,6 +292,13 @@ class Settings(BaseSettings):
         description="With Redis: largest result a job may keep; larger ones are refused "
         "when the job is created (413).",
     )
+    background_every: int = Field(
+        4,
+        ge=2,
+        le=1000,
+        description="While `/jobs` work waits for a model that interactive requests keep busy, "
+        "at least one turn (a chunk or a short pass) in every N goes to it.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -3,6 +3,10 @@
     python bench/service_load.py                     # CPU, resnet18, concurrency 1,4,16,64
     python bench/service_load.py --quick             # smoke run, about 1-2 minutes
     python bench/service_load.py --device cuda --models resnet18,resnet50 --concurrency 1,8,32
+    python bench/service_load.py --scenario mixed --quick   # GradCAM beside a Score-CAM job
+
+The ``mixed`` scenario (short requests beside a long job, one server) is ``bench/mixed_load.py``;
+what follows is the default ``load`` scenario.
 
 What it does, in order:
 
@@ -29,7 +33,8 @@ Both servers get ``CAMSERVE_QUEUE_SIZE=256`` so that no level is refused for que
 unless given with ``--env``. ``CAMSERVE_*`` variables of the calling shell are not passed on.
 The servers are stopped at the end, on an exception, on Ctrl-C and on SIGTERM.
 
-Markdown tables go to stdout and everything to ``bench/results/service_load.json`` (``--out``).
+Markdown tables go to stdout and everything to ``bench/results/service_load.json`` (``--out``;
+``service_load_mixed.json`` for the mixed scenario).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ TIMING_FIELDS = (
     "batch_images",
 )
 REQUEST_TIMEOUT_S = 300.0
+OUT_NAMES = {"load": "service_load.json", "mixed": "service_load_mixed.json"}
 _TIMINGS_RE = re.compile(rb'"timings"\s*:\s*(\{[^{}]*\})')
 
 
@@ -103,6 +109,8 @@ class Config:
     extra_env: dict[str, str]
     out: Path
     quick: bool
+    scenario: str = "load"
+    job_forwards: int | None = None
 
 
 @dataclass(frozen=True)
@@ -448,16 +456,30 @@ def stage_checks(stages: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=("load", "mixed"), default="load")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
-        "--models", default="resnet18", help="load-test models: resnet18, resnet50, shapes"
+        "--models",
+        default=None,
+        help="load-test models: resnet18, resnet50, shapes (load: resnet18; mixed: both resnets)",
+    )
+    parser.add_argument(
+        "--job-forwards",
+        type=int,
+        default=None,
+        help="mixed: end each Score-CAM job after this many masked forwards (--quick: 256)",
     )
     parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     parser.add_argument(
         "--requests", type=int, default=None, help="requests per level (default max(100, 4 x c))"
     )
     parser.add_argument("--seconds", type=float, default=45.0, help="time cap per level")
-    parser.add_argument("--repeats", type=int, default=10, help="sequential/engine repeats")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="sequential/engine repeats, mixed: rounds (default 10; --quick: 3, mixed 2)",
+    )
     parser.add_argument(
         "--env",
         action="append",
@@ -466,11 +488,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         help="extra server setting for both servers (repeatable)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny counts for a smoke run")
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "bench" / "results" / "service_load.json"
-    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    models = tuple(m for m in args.models.split(",") if m)
+    default_models = "resnet18,resnet50" if args.scenario == "mixed" else "resnet18"
+    models = tuple(m for m in (args.models or default_models).split(",") if m)
     unknown = set(models) - {"shapes", *TORCHVISION_MODELS}
     if unknown:
         parser.error(f"unknown model(s) {', '.join(sorted(unknown))}")
@@ -478,10 +499,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         parser.error("--env takes CAMSERVE_NAME=VALUE")
     extra = dict(item.split("=", 1) for item in args.env)
     concurrency = tuple(int(c) for c in args.concurrency.split(",") if c)
-    requests, seconds, repeats = args.requests, args.seconds, args.repeats
+    requests, seconds, repeats = args.requests, args.seconds, args.repeats or 10
     if args.quick:
         concurrency = tuple(c for c in concurrency if c <= 4) or (1,)
-        requests, seconds, repeats = requests or 8, min(seconds, 15.0), 3
+        quick_requests = 16 if args.scenario == "mixed" else 8
+        quick_repeats = 2 if args.scenario == "mixed" else 3
+        repeats = args.repeats or quick_repeats
+        requests, seconds = requests or quick_requests, min(seconds, 15.0)
     return Config(
         device=args.device,
         models=models,
@@ -491,8 +515,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         reference_repeats=repeats,
         stage_repeats=max(2, repeats // 2),
         extra_env=extra,
-        out=args.out,
+        out=args.out or REPO / "bench" / "results" / OUT_NAMES[args.scenario],
         quick=args.quick,
+        scenario=args.scenario,
+        job_forwards=args.job_forwards or (256 if args.quick else None),
     )
 
 
@@ -550,12 +576,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
     warn_if_busy()
     started = time.perf_counter()
-    report = run(config)
+    if config.scenario == "mixed":
+        from mixed_load import MixedConfig, render_mixed, run_mixed
+
+        mixed = MixedConfig(
+            device=config.device,
+            models=config.models,
+            requests=config.requests or 40,
+            job_forwards=config.job_forwards,
+            rounds=config.reference_repeats,
+            extra_env=config.extra_env,
+        )
+        report, render = run_mixed(mixed), render_mixed
+    else:
+        report, render = run(config), render_report
     report["wall_s"] = round(time.perf_counter() - started, 1)
     report["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     config.out.parent.mkdir(parents=True, exist_ok=True)
     config.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(render_report(report))
+    print(render(report))
     print(f"\nwrote {config.out} ({report['wall_s']} s)")
 
 

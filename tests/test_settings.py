@@ -77,6 +77,7 @@ def test_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CAMSERVE_SHUTDOWN_GRACE_S", "-1", "greater than or equal to 0"),
         ("CAMSERVE_MAX_CONNECTIONS", "0", "greater than or equal to 1"),
         ("CAMSERVE_HEADER_TIMEOUT_S", "0", "greater than 0"),
+        ("CAMSERVE_BACKGROUND_EVERY", "1", "greater than or equal to 2"),
     ],
 )
 def test_invalid_value_names_variable(

@@ -70,6 +70,24 @@ def hooks_silenced() -> AbstractContextManager[None]:
     return hooks_only_for(_NOBODY)
 
 
+@contextmanager
+def hook_scope(scope: object) -> Iterator[None]:
+    """Within this block, on this thread, extractors belong to ``scope``: those created here
+    record only the forwards run here, and the extractors of other scopes record none of them.
+
+    A caller that runs a second pass on a model between two chunks of a first one (on the same
+    thread, while the first's hooks stay registered) gives each pass its own scope, so that
+    activations and inputs never cross from one pass to the other. Outside every scope (the
+    default) extractors record every forward of their thread, as before.
+    """
+    previous = getattr(_state, "scope", None), getattr(_state, "owner", None)
+    _state.scope, _state.owner = scope, None
+    try:
+        yield
+    finally:
+        _state.scope, _state.owner = previous
+
+
 class CamInterrupted(RuntimeError):
     """An extractor call stopped early because its ``should_stop`` check said so."""
 
@@ -241,6 +259,7 @@ class _CAM:
         self._activations: list[Tensor | None] = [None] * len(resolved)
         self._input: Tensor | None = None
         self._work = Work()
+        self._scope = getattr(_state, "scope", None)
         self._hooks_enabled = enable_hooks
         self._handles: list[Any] = []
         self._register_hooks()
@@ -268,7 +287,11 @@ class _CAM:
 
     def _recording(self) -> bool:
         owner = getattr(_state, "owner", None)
-        return self._hooks_enabled and (owner is None or owner is self)
+        return (
+            self._hooks_enabled
+            and getattr(_state, "scope", None) is self._scope
+            and (owner is None or owner is self)
+        )
 
     def _record_input(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._recording() and args and isinstance(args[0], Tensor):

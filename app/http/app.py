@@ -93,6 +93,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
         max_request_pixels=settings.max_request_pixels,
         decode_budget=MemoryBudget(settings.decode_budget_bytes),
+        background_every=settings.background_every,
+        on_wait=app.state.metrics.observe_wait if app.state.metrics else None,
+        on_yield=app.state.metrics.observe_yield if app.state.metrics else None,
     )
     app.state.explainer = explainer
     app.state.control = ModelControl(

@@ -49,8 +49,9 @@ class LoadedModel:
     """Output shape of every submodule for one warm-up image, e.g. (1, 256, 16, 16)."""
     allowed_methods: frozenset[str] = frozenset()
     """Methods the manifest permits (all by default), whatever the target layer."""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    """Held for every forward: extractors hook the shared module, so runs must not overlap."""
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    """Held for every pass: extractors hook the shared module, so passes of two threads must not
+    overlap. Reentrant: a short pass may run between two chunks of a long one, on its thread."""
 
     @property
     def applicable_methods(self) -> list[str]:

@@ -166,6 +166,21 @@ class Metrics:
             ["model", "version", "method"],
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "camserve_queue_wait_seconds",
+            "Seconds from a request's arrival at its model to the start of its pass, by priority "
+            "class (interactive: /explain, /predict, protocol routes; background: /jobs).",
+            ["model", "priority"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.yields = Counter(
+            "camserve_pass_yields",
+            "Chunk boundaries at which a long pass (Score-CAM family, Ablation-CAM, "
+            "SmoothGrad-CAM++) let other passes on its model run.",
+            ["model"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(state))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -189,6 +204,14 @@ class Metrics:
     def observe_pass(self, model: str, version: int, images: int) -> None:
         """One model pass of ``images`` images ran on that version of the model."""
         self.batch_images.labels(model, str(version)).observe(images)
+
+    def observe_wait(self, model: str, priority: str, seconds: float) -> None:
+        """A request of class ``priority`` waited ``seconds`` for its pass on ``model``."""
+        self.queue_wait.labels(model, priority).observe(seconds)
+
+    def observe_yield(self, model: str) -> None:
+        """A long pass on ``model`` let other passes run (called from its thread)."""
+        self.yields.labels(model).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

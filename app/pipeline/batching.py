@@ -7,6 +7,15 @@ alone. While a pass runs, newcomers queue; when it ends, the oldest waiting requ
 ones with the same key form the next pass, up to ``max_images`` images, waiting at most
 ``timeout_s`` after the oldest arrived for more company.
 
+Every request has a priority class (``app.pipeline.scheduling``): the oldest waiting interactive
+request goes first, then the oldest background one; a batch holds requests of one class.
+
+A chunked pass (``submit(chunked=True)``: the Score-CAM family, Ablation-CAM, SmoothGrad-CAM++)
+does not keep the model to itself: while it runs it is the model's ``Host``, and the next short
+passes are formed as usual and offered to it; it runs them on its thread at its next chunk
+boundary (``PassControl.at_boundary``) in the scheduler's order, then resumes. A second chunked
+pass waits until the first one ends.
+
 A request whose caller is cancelled (its client went away, its deadline passed, its job was
 cancelled) before its pass starts is dropped; once its pass runs, the pass stops at its next chunk
 if every request in it was cancelled (``PassControl.should_stop``). A pass that fails is run again
@@ -20,13 +29,15 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from app.cam import CamInterrupted, ProgressCallback
 from app.pipeline.admission import SlotLimiter
+from app.pipeline.scheduling import Guest, Host, Priority
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +46,18 @@ class PassControl:
     """What a running pass may ask of its requests, from its worker thread: whether all of them
     were cancelled (then it stops at its next chunk) and where to report its progress."""
 
-    def __init__(self, pending: Sequence[_Pending]) -> None:
+    def __init__(self, pending: Sequence[_Pending], host: Host | None = None) -> None:
         self._pending = list(pending)
+        self._host = host
 
     def should_stop(self) -> bool:
         return all(p.abandoned.is_set() for p in self._pending)
+
+    def at_boundary(self) -> bool:
+        """Between two chunks: a host runs the passes whose turn it is, then asks to stop."""
+        if self._host is not None:
+            self._host.boundary()
+        return self.should_stop()
 
     def progress(self, done: int, total: int) -> None:
         for pending in self._pending:
@@ -61,6 +79,8 @@ class PassInfo:
     """From submission to the start of its pass."""
     batch_images: int
     """Images in that pass, its own included."""
+    guest: bool = False
+    """Whether it ran between two chunks of a chunked pass, on that pass's thread."""
 
 
 @dataclass(eq=False)
@@ -72,6 +92,9 @@ class _Pending:
     run: RunPass
     future: asyncio.Future[tuple[Any, PassInfo]]
     progress: ProgressCallback | None = None
+    priority: Priority = "interactive"
+    chunked: bool = False
+    """Its pass has chunk boundaries (and may host other passes)."""
     """Called from the worker thread between chunks of the pass (must be thread-safe)."""
     submitted: float = field(default_factory=time.perf_counter)
     abandoned: threading.Event = field(default_factory=threading.Event)
@@ -81,9 +104,14 @@ class _Pending:
     def live(self) -> bool:
         return not self.future.done()
 
+    @property
+    def order(self) -> tuple[int, float]:
+        return (0 if self.priority == "interactive" else 1, self.submitted)
+
 
 class Batcher:
-    """Cross-request batching for one model; its passes run one at a time, each in a model slot."""
+    """Cross-request batching and turns for one model; each pass runs in a model slot, except the
+    short passes that run between two chunks of a chunked one, on its thread and in its slot."""
 
     def __init__(
         self,
@@ -93,24 +121,38 @@ class Batcher:
         timeout_s: float,
         executor: Executor | None = None,
         on_pass: Callable[[int], None] | None = None,
+        *,
+        background_every: int = 4,
+        on_wait: Callable[[Priority, float], None] | None = None,
+        on_yield: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.limiter = limiter
         self.max_images = max(1, max_images)
         self.timeout_s = max(0.0, timeout_s)
+        self.background_every = background_every
+        """While background work waits, it gets at least one turn in every this many."""
         self._queue: list[_Pending] = []
         self._arrived = asyncio.Event()
         self._forming = False
         self._worker: asyncio.Task[None] | None = None
+        self._host: Host | None = None
+        self._hosting: set[asyncio.Task[None]] = set()
         self.executor = executor
         """Threads for the passes (the service's model threads); None: anyio's pool."""
         self.on_pass = on_pass
         """Told the number of images of every pass that ran (the metrics' batch histogram)."""
+        self.on_wait = on_wait
+        """Told (priority, seconds) for every request whose pass started (the queue wait)."""
+        self.on_yield = on_yield
+        """Told (from a pass thread) whenever a chunked pass let other passes run."""
 
     @property
     def waiting(self) -> int:
-        """Requests queued for a pass (not counting those running)."""
-        return sum(1 for p in self._queue if p.live)
+        """Requests queued for a pass (not counting those running), those offered to the running
+        chunked pass included."""
+        hosted = self._host.waiting if self._host is not None else 0
+        return sum(1 for p in self._queue if p.live) + hosted
 
     async def submit(
         self,
@@ -120,15 +162,27 @@ class Batcher:
         run: RunPass,
         batchable: bool = True,
         progress: ProgressCallback | None = None,
+        *,
+        priority: Priority = "interactive",
+        chunked: bool = False,
     ) -> tuple[Any, PassInfo]:
         """Run ``item`` in a pass with compatible requests: its result and how it ran.
 
-        Admission is the caller's (before it decodes anything). Cancelling the caller drops a
-        request still queued, and stops a running pass at its next chunk once none of its
-        requests is left."""
+        ``chunked``: the pass reports chunk boundaries (``PassControl.at_boundary``), where the
+        model's other passes run. Admission is the caller's (before it decodes anything).
+        Cancelling the caller drops a request still queued, and stops a running pass at its next
+        chunk once none of its requests is left."""
         future: asyncio.Future[tuple[Any, PassInfo]] = asyncio.get_running_loop().create_future()
         pending = _Pending(
-            key, item, images, batchable and self.max_images > 1, run, future, progress
+            key,
+            item,
+            images,
+            batchable and self.max_images > 1,
+            run,
+            future,
+            progress,
+            priority,
+            chunked,
         )
         self._queue.append(pending)
         self._arrived.set()
@@ -143,9 +197,10 @@ class Batcher:
 
     async def close(self) -> None:
         """Stop the worker; requests still queued fail with a cancellation."""
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        tasks = [t for t in (self._worker, *self._hosting) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for pending in self._queue:
             if pending.live:
                 pending.future.cancel()
@@ -160,17 +215,41 @@ class Batcher:
     async def _work(self) -> None:
         while True:
             self._queue = [p for p in self._queue if p.live]
-            if not self._queue:
+            if not self._eligible():
                 self._forming = False
                 if not await self._wait_for_arrival(_IDLE_EXIT_S):
-                    return  # idle: the next submit starts a new worker
+                    if self._host is None and not self._queue:
+                        return  # idle: the next submit starts a new worker
                 continue
             group = await self._form_group()
-            if group:
+            if not group:
+                continue
+            if self._host is not None and not group[0].chunked:
+                # Runs at the host's next boundary; later arrivals gather meanwhile.
+                started = asyncio.Event()
+                self._start(self._run_group(group, started=started))
+                await started.wait()
+            elif group[0].chunked:
+                host = Host(group[0].priority, self.background_every, self.on_yield)
+                self._host = host
+                task = self._start(self._run_group(group, host=host))
+                task.add_done_callback(partial(self._unhost, host))
+            else:
                 await self._run_group(group)
                 # Whatever queued while that pass ran is a batch already forming.
                 self._forming = any(p.live for p in self._queue)
             del group  # its requests hold their model: a model swapped out is freed now
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._hosting.add(task)
+        task.add_done_callback(self._hosting.discard)
+        return task
+
+    def _unhost(self, host: Host, _task: object = None) -> None:
+        if self._host is host:
+            self._host = None
+            self._arrived.set()  # a chunked pass may be waiting for the model
 
     async def _wait_for_arrival(self, timeout: float) -> bool:
         self._arrived.clear()
@@ -180,13 +259,21 @@ class Batcher:
             return False
         return True
 
+    def _eligible(self) -> list[_Pending]:
+        """Live requests that may start now, in turn order: while a chunked pass holds the
+        model, a second chunked one waits for it to end."""
+        live = [p for p in self._queue if p.live and not (self._host and p.chunked)]
+        return sorted(live, key=lambda p: p.order)
+
     def _compatible(self, first: _Pending) -> list[_Pending]:
         group = [first]
         if not first.batchable:
             return group
         images = first.images
-        for other in self._queue[self._queue.index(first) + 1 :]:
-            if not (other.live and other.batchable and other.key == first.key):
+        for other in self._eligible():
+            if other is first or not (
+                other.batchable and other.key == first.key and other.priority == first.priority
+            ):
                 continue
             if images + other.images > self.max_images:
                 break
@@ -195,7 +282,10 @@ class Batcher:
         return group
 
     async def _form_group(self) -> list[_Pending]:
-        first = self._queue[0]
+        eligible = self._eligible()
+        if not eligible:
+            return []
+        first = eligible[0]
         group = self._compatible(first)
         # A lone request on an idle model goes at once: only a forming batch waits for company.
         while self._forming and first.live and sum(p.images for p in group) < self.max_images:
@@ -208,8 +298,13 @@ class Batcher:
             self._queue.remove(pending)
         return group
 
-    async def _run_group(self, group: list[_Pending]) -> None:
-        outcome = await self._run(group)
+    async def _run_group(
+        self,
+        group: list[_Pending],
+        host: Host | None = None,
+        started: asyncio.Event | None = None,
+    ) -> None:
+        outcome = await self._run(group, host, started)
         if isinstance(outcome, CamInterrupted) or not any(p.live for p in group):
             if isinstance(outcome, CamInterrupted):
                 logger.info("%s: pass stopped early, its callers are gone (%s)", self.name, outcome)
@@ -228,36 +323,98 @@ class Batcher:
             if pending.live:
                 self._settle([pending], await self._run([pending]))
 
-    async def _run(self, group: list[_Pending]) -> tuple[float, Sequence[Any]] | Exception:
-        """(start time, results) of one pass, or the exception it raised."""
-
-        control = PassControl(group)
+    async def _run(
+        self,
+        group: list[_Pending],
+        host: Host | None = None,
+        started: asyncio.Event | None = None,
+    ) -> _Outcome:
+        """One pass: as the model's ``host``, as a guest of the running host, or alone."""
+        control = PassControl(group, host)
+        loop = asyncio.get_running_loop()
 
         def work() -> tuple[float, Sequence[Any]]:
-            started = time.perf_counter()
-            if control.should_stop():  # every caller left while the pass waited for its slot
-                raise CamInterrupted("every request of the pass was cancelled")
-            control.progress(0, 0)  # the pass has started; its size is the method's to say
-            return started, group[0].run([p.item for p in group], control)
+            began = time.perf_counter()
+            if started is not None:
+                loop.call_soon_threadsafe(started.set)
+            try:
+                if control.should_stop():  # every caller left while the pass waited for its turn
+                    raise CamInterrupted("every request of the pass was cancelled")
+                control.progress(0, 0)  # the pass has started; its size is the method's to say
+                return began, group[0].run([p.item for p in group], control)
+            finally:
+                if host is not None:
+                    host.close()  # passes offered too late run on their own
 
-        try:
-            outcome = await self.limiter.run_in_slot(work, self.executor)
-        except Exception as error:  # handed to the requests, which turn it into their answer
-            return error
+        outcome: tuple[float, Sequence[Any]] | Exception | None = None
+        guest = host is None and self._host is not None and not group[0].chunked
+        if guest:
+            assert self._host is not None
+            outcome = await self._as_guest(self._host, group[0].priority, len(group), work)
+            guest = outcome is not None
+        if outcome is None:  # alone, as the host, or declined by a host that ended
+            try:
+                outcome = await self.limiter.run_in_slot(work, self.executor)
+            except Exception as error:  # handed to the requests, which turn it into their answer
+                outcome = error
+            finally:
+                if host is not None:
+                    host.close()
+                if started is not None:
+                    started.set()
+        if isinstance(outcome, Exception):
+            return outcome
         if self.on_pass is not None:
             self.on_pass(sum(p.images for p in group))
-        return outcome
+        return outcome[0], outcome[1], guest
 
     @staticmethod
-    def _settle(group: list[_Pending], outcome: tuple[float, Sequence[Any]] | Exception) -> None:
+    async def _as_guest(
+        host: Host,
+        priority: Priority,
+        requests: int,
+        work: Callable[[], tuple[float, Sequence[Any]]],
+    ) -> tuple[float, Sequence[Any]] | Exception | None:
+        """``work``'s outcome once ``host`` ran it at a boundary; None if the host ended first."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[float, Sequence[Any]] | Exception | None]
+        done = loop.create_future()
+
+        def deliver(outcome: tuple[float, Sequence[Any]] | Exception | None) -> None:
+            if not done.done():
+                done.set_result(outcome)
+
+        def run() -> None:  # on the host's thread
+            outcome: tuple[float, Sequence[Any]] | Exception
+            try:
+                outcome = work()
+            except Exception as error:
+                outcome = error
+            loop.call_soon_threadsafe(deliver, outcome)
+
+        def decline() -> None:
+            loop.call_soon_threadsafe(deliver, None)
+
+        if not host.offer(Guest(priority, run, decline, requests)):
+            return None
+        # Not abandoned on cancel: the host may be running it, and delivers its outcome anyway.
+        return await asyncio.shield(done)
+
+    def _settle(self, group: list[_Pending], outcome: _Outcome) -> None:
         if isinstance(outcome, Exception):
             for pending in group:
                 if pending.live:
                     pending.future.set_exception(outcome)
             return
-        started, results = outcome
+        started, results, guest = outcome
         images = sum(p.images for p in group)
         for pending, result in zip(group, results, strict=True):
             if pending.live:
-                info = PassInfo(queue_s=started - pending.submitted, batch_images=images)
+                info = PassInfo(started - pending.submitted, images, guest)
+                if self.on_wait is not None:
+                    self.on_wait(pending.priority, info.queue_s)
                 pending.future.set_result((result, info))
+
+
+_Outcome = tuple[float, Sequence[Any], bool] | Exception
+"""(start time, one result per item, whether it ran as a guest), or the error the pass raised."""

@@ -65,6 +65,7 @@ from app.pipeline.results import (
     PredictResult,
     PredictTimings,
 )
+from app.pipeline.scheduling import Priority
 
 FUSED = "fused"
 T = TypeVar("T")
@@ -110,6 +111,9 @@ class Explainer:
         on_pass: Callable[[str, int, int], None] | None = None,
         max_request_pixels: int | None = None,
         decode_budget: MemoryBudget | None = None,
+        background_every: int = 4,
+        on_wait: Callable[[str, Priority, float], None] | None = None,
+        on_yield: Callable[[str], None] | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -132,24 +136,33 @@ class Explainer:
         name never share a pass, and a retired model's batcher goes with it."""
         self.on_pass = on_pass
         """Told (model, version, images) for every pass that ran."""
+        self.background_every = background_every
+        """While background work waits on a model, it gets at least one turn in this many."""
+        self.on_wait = on_wait
+        """Told (model, priority, seconds) for every request's wait for its pass."""
+        self.on_yield = on_yield
+        """Told (model), from a pass thread, whenever a chunked pass let other passes run."""
 
     def batcher(self, model: LoadedModel) -> Batcher:
         """The model's batcher, made on first use (inside the running event loop)."""
         batcher = self._batchers.get(model)
         if batcher is None:
             size = self.max_batch_size or default_batch_size(model.device)
-            on_pass = (
-                None
-                if self.on_pass is None
-                else partial(self.on_pass, model.spec.name, model.spec.version)
-            )
+            name = model.spec.name
             batcher = Batcher(
-                model.spec.name,
+                name,
                 self.limiter,
                 size,
                 self.batch_timeout_s,
                 self.model_threads,
-                on_pass=on_pass,
+                on_pass=(
+                    None
+                    if self.on_pass is None
+                    else partial(self.on_pass, name, model.spec.version)
+                ),
+                background_every=self.background_every,
+                on_wait=None if self.on_wait is None else partial(self.on_wait, name),
+                on_yield=None if self.on_yield is None else partial(self.on_yield, name),
             )
             self._batchers[model] = batcher
         return batcher
@@ -290,20 +303,21 @@ class Explainer:
         progress: ProgressCallback | None = None,
         admit: bool = True,
         version: int | None = None,
+        priority: Priority = "interactive",
     ) -> ExplainResponse:
         """Predictions and class activation maps for every upload, with one or several methods.
 
         ``progress(done, total)`` hears from the pass thread how far the masked or noisy forwards
         got (each pass of a several-method request counts its own). ``admit=False`` skips the
         admission check (jobs, bounded by their own count, wait for a slot instead of being
-        refused)."""
+        refused). ``priority``: the request's class on the model (``app.pipeline.scheduling``)."""
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
         plans, style = self._check(model, params, len(uploads))
-        picture_side = style.size.decode_side if style.draws_pictures else 0
-        async with self._room_to_decode(model, uploads, picture_side):
+        side = style.size.decode_side if style.draws_pictures else 0
+        async with self._room_to_decode(model, uploads, side):
             return await self._explain(
-                model, uploads, params, plans, style, picture_side, started, progress, admit
+                model, uploads, params, plans, style, side, started, progress, admit, priority
             )
 
     async def _explain(
@@ -313,81 +327,112 @@ class Explainer:
         params: ExplainParams,
         plans: list[CamPlan],
         style: RenderStyle,
-        picture_side: int | None,
+        side: int | None,
         started: float,
         progress: ProgressCallback | None,
         admit: bool,
+        priority: Priority,
     ) -> ExplainResponse:
+        """The explanation once its decoding memory is held: phases 1 to 3 and the answer."""
         with self.limiter.admit() if admit else nullcontext():
-            decoded, decode_s = await self._decode(model, uploads, picture_side)
+            decoded, decode_s = await self._decode(model, uploads, side)
             item = CamItem(stack_inputs(decoded), params.class_idx)
-            outcomes: dict[CamPlan, CamOutcome] = {}
-            queue_s = forward_s = 0.0
-            batch_images = 0
-            chained = None if progress is None else _ChainedProgress(progress)
-            # Decoded once; the methods that can share a forward run in one pass, others alone.
-            for group in group_plans(plans):
-                if len(group) == 1:
-                    plan = group[0]
-                    outcome, info = await self.batcher(model).submit(
-                        ("cam", plan),
-                        item,
-                        len(decoded),
-                        partial(run_cam_pass, model, plan),
-                        batchable=plan.batchable,
-                        progress=chained,
-                    )
-                    shared = [outcome]
-                else:
-                    shared, info = await self.batcher(model).submit(
-                        ("cam", group),
-                        item,
-                        len(decoded),
-                        partial(run_shared_cam_pass, model, group),
-                        batchable=all(plan.batchable for plan in group),
-                        progress=chained,
-                    )
-                outcomes.update(zip(group, shared, strict=True))
-                queue_s += info.queue_s
-                forward_s += shared[0].forward_s
-                batch_images = max(batch_images, info.batch_images)
-                if chained is not None:
-                    chained.next_pass()
+            ran = await self._run_plans(model, plans, item, progress, priority)
+        results, encode_s = await self._render(model, decoded, ran.outcomes, plans, style, params)
+        cam_s = sum(outcome.cam_s for outcome in ran.outcomes.values())
+        stages = {"decode": decode_s, "queue": ran.queue_s, "forward": ran.forward_s}
+        self._note(model, plans, len(decoded), {**stages, "cam": cam_s, "encode": encode_s})
+        timings = ExplainTimings(
+            decode_ms=_ms(decode_s),
+            queue_ms=_ms(ran.queue_s),
+            forward_ms=_ms(ran.forward_s),
+            cam_ms=_ms(cam_s),
+            encode_ms=_ms(encode_s),
+            total_ms=_ms(time.perf_counter() - started),
+            batch_images=ran.batch_images,
+            cam_ms_by_method={plan.method: _ms(ran.outcomes[plan].cam_s) for plan in plans},
+        )
+        return self._explain_response(model, plans, params, style, timings, results)
 
-        encode_started = time.perf_counter()
+    async def _run_plans(
+        self,
+        model: LoadedModel,
+        plans: Sequence[CamPlan],
+        item: CamItem,
+        progress: ProgressCallback | None,
+        priority: Priority,
+    ) -> _PlansRun:
+        """Phase 2: the passes of every plan, one after the other (the methods that can share a
+        forward in one pass, every other method alone), each batched with other requests."""
+        ran = _PlansRun()
+        chained = None if progress is None else _ChainedProgress(progress)
+        for group in group_plans(plans):
+            run = (
+                partial(run_cam_pass, model, group[0])
+                if len(group) == 1
+                else partial(run_shared_cam_pass, model, group)
+            )
+            outcome, info = await self.batcher(model).submit(
+                ("cam", group[0] if len(group) == 1 else group),
+                item,
+                len(item.batch),
+                run,
+                batchable=all(plan.batchable for plan in group),
+                progress=chained,
+                priority=priority,
+                chunked=any(plan.chunked for plan in group),
+            )
+            shared = [outcome] if len(group) == 1 else outcome
+            ran.outcomes.update(zip(group, shared, strict=True))
+            ran.queue_s += info.queue_s
+            ran.forward_s += shared[0].forward_s
+            ran.batch_images = max(ran.batch_images, info.batch_images)
+            if chained is not None:
+                chained.next_pass()
+        return ran
+
+    async def _render(
+        self,
+        model: LoadedModel,
+        decoded: Sequence[DecodedImage],
+        outcomes: dict[CamPlan, CamOutcome],
+        plans: Sequence[CamPlan],
+        style: RenderStyle,
+        params: ExplainParams,
+    ) -> tuple[list[ExplainResult], float]:
+        """Phase 3, on the image threads: the results and the seconds they took."""
+        started = time.perf_counter()
         results = await self._on_image_thread(
             lambda: self._results(model, decoded, outcomes, plans, style, params.top_k)
         )
-        encode_s = time.perf_counter() - encode_started
-        cam_s = sum(outcome.cam_s for outcome in outcomes.values())
+        return results, time.perf_counter() - started
+
+    @staticmethod
+    def _note(
+        model: LoadedModel, plans: Sequence[CamPlan], images: int, stages: dict[str, float]
+    ) -> None:
+        """What the request did, for its access log line and the metrics."""
         shapes = [model.layer_shapes.get(layer, ()) for layer in plans[0].layers]
         note_work(
             model.spec.name,
             ",".join(plan.method for plan in plans),
-            len(decoded),
-            {
-                "decode": decode_s,
-                "queue": queue_s,
-                "forward": forward_s,
-                "cam": cam_s,
-                "encode": encode_s,
-            },
+            images,
+            stages,
             sum(
-                plan.cls.extra_forwards(shapes, dict(plan.options), len(decoded)).total
-                for plan in plans
+                plan.cls.extra_forwards(shapes, dict(plan.options), images).total for plan in plans
             ),
             version=model.spec.version,
         )
-        timings = ExplainTimings(
-            decode_ms=_ms(decode_s),
-            queue_ms=_ms(queue_s),
-            forward_ms=_ms(forward_s),
-            cam_ms=_ms(cam_s),
-            encode_ms=_ms(encode_s),
-            total_ms=_ms(time.perf_counter() - started),
-            batch_images=batch_images,
-            cam_ms_by_method={plan.method: _ms(outcomes[plan].cam_s) for plan in plans},
-        )
+
+    @staticmethod
+    def _explain_response(
+        model: LoadedModel,
+        plans: Sequence[CamPlan],
+        params: ExplainParams,
+        style: RenderStyle,
+        timings: ExplainTimings,
+        results: list[ExplainResult],
+    ) -> ExplainResponse:
         return ExplainResponse(
             model=model.spec.name,
             version=model.spec.version,
@@ -482,6 +527,16 @@ class Explainer:
                 )
             )
         return results
+
+
+@dataclass
+class _PlansRun:
+    """What the passes of one request gave: an outcome per plan, and how they ran."""
+
+    outcomes: dict[CamPlan, CamOutcome] = field(default_factory=dict)
+    queue_s: float = 0.0
+    forward_s: float = 0.0
+    batch_images: int = 0
 
 
 class _ChainedProgress:

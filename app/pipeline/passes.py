@@ -1,8 +1,11 @@
 """The model work of one pass: one forward (and one CAM call) over the images of several requests.
 
-These functions run in a worker thread and hold the model's lock, since extractors hook the
-shared module. The caller (the batcher) decides which requests share a pass; here each request's
-rows are taken from the batched results by position.
+These functions run in a worker thread and hold the model's lock. Each pass runs in a hook scope
+of its own (``app.cam.core.hook_scope``) and from a clean autograd state, because a short pass may
+run on the thread of a chunked one, between two of its chunks (``Control.at_boundary``, see
+``app.pipeline.scheduling``), while that pass's hooks stay on the shared module. The caller (the
+batcher) decides which requests share a pass; here each request's rows are taken from the batched
+results by position.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from app.cam import normalize_maps
-from app.cam.core import _CAM
+from app.cam.core import _CAM, hook_scope
 from app.errors import MethodNotApplicable, ModelError, OutOfMemory
 from app.models.device import release_cached_memory, synchronize
 from app.models.loading import LoadedModel
@@ -27,7 +30,20 @@ class Control(Protocol):
 
     def should_stop(self) -> bool: ...
 
+    def at_boundary(self) -> bool:
+        """Between two chunks: let the passes whose turn it is run, then ``should_stop()``."""
+        ...
+
     def progress(self, done: int, total: int) -> None: ...
+
+
+@contextmanager
+def own_pass(model: LoadedModel) -> Iterator[None]:
+    """The model's lock, a hook scope of the pass's own and a clean autograd state (no inference
+    mode, no gradients) for one pass, whatever pass it interrupts; accelerator OOM as a 503."""
+    with model.lock, hook_scope(object()), torch.inference_mode(False), torch.no_grad():
+        with model_faults(model):
+            yield
 
 
 @contextmanager
@@ -70,6 +86,13 @@ class CamPlan:
         """The Score-CAM family costs one forward per channel and image whatever the batch, so
         batching gains nothing there and only makes a request wait for others' channels."""
         return not getattr(self.cls, "masked_forwards", False)
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the pass runs extra forwards in chunks, between which other passes on the
+        model may run (``app.pipeline.scheduling``): the Score-CAM family, Ablation-CAM and
+        SmoothGrad-CAM++."""
+        return bool(self.cls.masked_forwards or self.cls.noisy_forwards)
 
     @property
     def shares_forward(self) -> bool:
@@ -129,7 +152,7 @@ def run_forward_pass(
     model: LoadedModel, items: Sequence[torch.Tensor], control: Control | None = None
 ) -> list[ForwardOutcome]:
     """Logits for the images of every item, from one inference-mode forward."""
-    with model.lock, model_faults(model):
+    with own_pass(model):
         batch = torch.cat(list(items)).to(model.device)
         started = time.perf_counter()
         with torch.inference_mode():
@@ -184,11 +207,11 @@ def run_shared_cam_pass(
     calls: dict[str, Any] = (
         {}
         if control is None
-        else {"progress": control.progress, "should_stop": control.should_stop}
+        else {"progress": control.progress, "should_stop": control.at_boundary}
     )
     needs_grad = any(plan.cls.requires_grad for plan in plans)
     last_grad = max((i for i, p in enumerate(plans) if p.cls.requires_grad), default=-1)
-    with model.lock, model_faults(model), ExitStack() as hooks:
+    with own_pass(model), ExitStack() as hooks:
         x = torch.cat([item.batch for item in items]).to(model.device)
         # Every extractor hooks the same forward: the first gradient one makes the layer's output
         # require grad and hands that tensor on, so the later ones record the very same tensor.

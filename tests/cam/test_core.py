@@ -230,3 +230,24 @@ def test_fuse_cams_of_one_map_returns_it_unchanged(method):
     # LayerCAM rescales the maps it fuses; a single map is not fused, so not rescaled either.
     only = torch.tensor([[[0.0, 3.0], [1.5, 0.5]]])
     assert method.fuse_cams([only]) is only
+
+
+def test_hooks_record_only_the_forwards_of_their_own_scope(tiny_net):
+    from app.cam.core import hook_scope
+
+    mine, other = object(), object()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with hook_scope(mine):
+        extractor = GradCAM(tiny_net, "feat", input_shape=(3, 8, 8))
+    with extractor, torch.enable_grad():
+        with hook_scope(mine):
+            scores = tiny_net(x)
+        recorded = extractor._activations[0]
+        with hook_scope(other):
+            tiny_net(y)  # another pass's forward, while this extractor's hooks stay on
+        tiny_net(y)  # and one outside every scope
+        assert extractor._activations[0] is recorded
+        with hook_scope(mine):
+            maps = extractor([0, 1], scores)
+    torch.testing.assert_close(maps[0], _run(GradCAM, tiny_net, x, [0, 1])[0])

@@ -260,3 +260,162 @@ def test_a_shared_pass_goes_on_while_one_of_its_callers_remains() -> None:
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------- turns
+
+
+class Turns:
+    """A chunked pass: ``chunks`` chunks, each waiting for the test's go, a boundary after each."""
+
+    def __init__(self, log: list[str], name: str, chunks: int = 3) -> None:
+        self.log, self.name, self.chunks = log, name, chunks
+        self.go = [threading.Event() for _ in range(chunks)]
+        self.waiting = threading.Event()
+
+    def __call__(self, items: Sequence[str], control: PassControl) -> list[str]:
+        for number, go in enumerate(self.go):
+            self.waiting.set()
+            go.wait(10)
+            self.log.append(f"{self.name}{number}")
+            if control.at_boundary():
+                raise CamInterrupted(f"stopped after chunk {number}")
+        return [item.upper() for item in items]
+
+
+class Short:
+    """A short pass that logs the items it ran."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def __call__(self, items: Sequence[str], control: PassControl) -> list[str]:
+        self.log.append("+".join(items))
+        return [item.upper() for item in items]
+
+
+def test_a_short_request_runs_at_the_next_chunk_boundary_not_after_the_long_pass() -> None:
+    async def scenario() -> None:
+        waits: list[tuple[str, float]] = []
+        yields: list[int] = []
+        batcher = Batcher(
+            "m",
+            SlotLimiter(max_running=1, max_waiting=10),
+            8,
+            0.0,
+            on_wait=lambda priority, s: waits.append((priority, s)),
+            on_yield=lambda: yields.append(1),
+        )
+        log: list[str] = []
+        long = Turns(log, "job")
+        job = asyncio.ensure_future(
+            batcher.submit("s", "j", 1, long, False, priority="background", chunked=True)
+        )
+        await _wait_until(long.waiting.is_set)
+        # One slot only, and the job holds it: the short pass still runs, on the job's thread.
+        short = asyncio.ensure_future(batcher.submit("k", "a", 1, Short(log)))
+        await asyncio.sleep(0.05)
+        assert not short.done() and log == []  # nothing runs inside a chunk
+        assert batcher.waiting == 1  # offered to the job, waiting for its boundary
+        long.go[0].set()
+        result, info = await asyncio.wait_for(short, 10)
+        assert (result, info.guest) == ("A", True)
+        assert log == ["job0", "a"] and not job.done()  # the job is still at its second chunk
+        for go in long.go[1:]:
+            go.set()
+        assert (await asyncio.wait_for(job, 10))[0] == "J"
+        assert log == ["job0", "a", "job1", "job2"]
+        assert yields == [1]
+        assert sorted(priority for priority, _ in waits) == ["background", "interactive"]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_waiting_interactive_work_goes_first_and_batches_within_its_class() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(max_images=8)
+        log: list[str] = []
+        hold = Recorder(hold_first=True)
+        first = await _hold(batcher, hold)
+        run = Short(log)
+        submitted = [
+            asyncio.ensure_future(batcher.submit("k", name, 1, run, priority=priority))
+            for name, priority in (
+                ("b1", "background"),
+                ("i1", "interactive"),
+                ("b2", "background"),
+                ("i2", "interactive"),
+            )
+        ]
+        await asyncio.sleep(0.05)
+        hold.release.set()
+        await asyncio.wait_for(asyncio.gather(first, *submitted), 10)
+        assert log == ["i1+i2", "b1+b2"]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_second_chunked_pass_waits_for_the_first_while_short_ones_go_between() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        log: list[str] = []
+        one, two = Turns(log, "one", 2), Turns(log, "two", 1)
+        first = asyncio.ensure_future(batcher.submit("s", "x", 1, one, False, chunked=True))
+        await _wait_until(one.waiting.is_set)
+        second = asyncio.ensure_future(batcher.submit("s", "y", 1, two, False, chunked=True))
+        short = asyncio.ensure_future(batcher.submit("k", "a", 1, Short(log)))
+        await asyncio.sleep(0.05)
+        one.go[0].set()
+        await asyncio.wait_for(short, 10)
+        assert not two.waiting.is_set()  # not started beside the first one
+        one.go[1].set()
+        two.go[0].set()
+        await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert log == ["one0", "a", "one1", "two0"]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_guest_whose_caller_left_does_not_run_and_the_host_goes_on() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        log: list[str] = []
+        long = Turns(log, "job", 2)
+        job = asyncio.ensure_future(batcher.submit("s", "j", 1, long, False, chunked=True))
+        await _wait_until(long.waiting.is_set)
+        short = asyncio.ensure_future(batcher.submit("k", "a", 1, Short(log)))
+        await asyncio.sleep(0.05)
+        short.cancel()
+        await asyncio.sleep(0)
+        for go in long.go:
+            go.set()
+        assert (await asyncio.wait_for(job, 10))[0] == "J"
+        assert log == ["job0", "job1"]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_host_serves_its_waiting_guests_then_stops_at_that_boundary() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        log: list[str] = []
+        long = Turns(log, "job", 3)
+        job = asyncio.ensure_future(
+            batcher.submit("s", "j", 1, long, False, priority="background", chunked=True)
+        )
+        await _wait_until(long.waiting.is_set)
+        short = asyncio.ensure_future(batcher.submit("k", "a", 1, Short(log)))
+        await asyncio.sleep(0.05)
+        job.cancel()
+        await asyncio.sleep(0.05)
+        long.go[0].set()
+        assert (await asyncio.wait_for(short, 10))[0] == "A"
+        await _wait_until(lambda: not batcher._hosting)
+        assert log == ["job0", "a"]  # no second chunk ran
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -47,10 +47,18 @@ async def run_job(
     model_version: int | None = None,
 ) -> Outcome:
     """Run the explanation without admission (a job waits for its slot instead of being
-    refused). A cancellation propagates: the caller knows why it cancelled."""
+    refused), in the background priority class: interactive requests on its model go first, at
+    its chunk boundaries (``app.pipeline.scheduling``). A cancellation propagates: the caller
+    knows why it cancelled."""
     try:
         result = await explainer.explain(
-            model, uploads, params, progress=progress, admit=False, version=model_version
+            model,
+            uploads,
+            params,
+            progress=progress,
+            admit=False,
+            version=model_version,
+            priority="background",
         )
     except asyncio.CancelledError:
         raise

@@ -152,6 +152,34 @@ def test_delete_stops_a_running_job_within_a_chunk(client: TestClient) -> None:
     assert_error(client.get(f"/jobs/{job['id']}"), 404, "job_not_found")
 
 
+def test_explain_on_the_model_of_a_running_job_answers_between_its_chunks(
+    client: TestClient,
+) -> None:
+    image = image_bytes(seed=7)
+    form = {"model": "resnet", "method": "GradCAM", "output": "raw", "class_idx": "1"}
+    alone = client.post("/explain", files=files(image), data=form).json()
+    job = submit(client, **SLOW)
+    wait_for(client, job["id"], lambda v: v["progress"]["done"] > 0)
+    beside = client.post("/explain", files=files(image), data=form)
+    assert beside.status_code == 200, beside.text
+    # Answered while the job still runs (it would need seconds more), with the same map.
+    view = client.get(f"/jobs/{job['id']}").json()
+    assert view["status"] == "running" and view["progress"]["done"] < 256 * 8
+    got, want = (
+        b["results"][0]["explanations"][0]["maps"][0]["raw"] for b in (beside.json(), alone)
+    )
+    assert got["shape"] == want["shape"]
+    flat = [v for row in got["values"] for v in row]
+    assert flat == pytest.approx([v for row in want["values"] for v in row], abs=1e-5)
+    client.delete(f"/jobs/{job['id']}")
+    metrics = client.get("/metrics").text
+    yields = [
+        line for line in metrics.splitlines() if line.startswith("camserve_pass_yields_total")
+    ]
+    assert any('model="resnet"' in line and float(line.split()[-1]) >= 1 for line in yields)
+    assert 'camserve_queue_wait_seconds_count{model="resnet",priority="interactive"}' in metrics
+
+
 def read_events(
     client: TestClient, job_id: str, last_event_id: str | None = None, stop_after: int = 0
 ) -> list[tuple[str, str, dict]]:

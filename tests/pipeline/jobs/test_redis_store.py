@@ -128,7 +128,7 @@ def test_a_job_started_too_often_fails_with_that_reason(
 def test_a_draining_replica_hands_its_job_back_to_another(
     replicas: Callable[..., TestClient],
 ) -> None:
-    first = replicas(max_concurrent_jobs=1)
+    first = replicas(max_model_slots=1)
     job = submit(first, **MEDIUM)
     wait_for(first, job["id"], lambda v: v["progress"]["done"] > 0)
     lifecycle = first.app.state.lifecycle  # type: ignore[attr-defined]

@@ -1,0 +1,336 @@
+"""The ``mixed`` scenario of ``bench/service_load.py``: short requests beside a long job.
+
+    python bench/service_load.py --scenario mixed --quick          # CPU, resnet18 and resnet50
+    python bench/service_load.py --scenario mixed --device cuda --models resnet50
+
+One server (default settings, batching on) on a temporary store (``shapes`` plus random-weight
+resnet18/resnet50, as the load scenario builds it) and one 640x480 JPEG. For each model M:
+
+1. GradCAM on M alone, closed loop at concurrency 1: p50/p95 (the idle reference).
+2. A Score-CAM job (``POST /jobs``, ``batch_size`` 32, M's ``layer4``) alone: its duration, and
+   from it one chunk's time (duration / chunks of 32 masked forwards).
+3. The same job again, with GradCAM on M at concurrency 1, then at concurrency 4, for as long as
+   the job runs: GradCAM p50/p95 and the job's duration beside that load.
+4. The same job on M's twin (another model folder with the same weights, so another model with
+   its own scheduler) with GradCAM on M at concurrency 1: only the CPU is shared, no turns are
+   taken. This splits the job's growth at level 3 into what the CPU sharing costs (here) and
+   what the turns add (the rest).
+
+A job's duration runs from its ``POST`` to its end; with ``--job-forwards N`` (``--quick``: 256)
+it ends once N masked forwards are done (its progress), and is then cancelled, so that resnet50's
+2,048-channel job fits a smoke run. The targets are checked side by side in this one run:
+same-model GradCAM p95 <= 3 x idle p95 + one chunk; the job's duration beside GradCAM at c=1
+<= 1.25 x alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from service_load import Outcome, build_store, new_client, post_explain
+from serving import machine_info, percentile, photo_jpeg, rounded, running_server, table_of
+
+JOB_BATCH = 32
+P95_FACTOR = 3.0  # same-model p95 beside a job <= this x idle p95 + one chunk
+JOB_GROWTH = 1.25  # the job's duration beside GradCAM at c=1 <= this x alone
+POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class MixedConfig:
+    device: str
+    models: tuple[str, ...]
+    requests: int
+    """GradCAM requests of the idle level (the levels beside a job run as long as it runs)."""
+    job_forwards: int | None
+    """End a job after this many masked forwards (None: the whole job)."""
+    rounds: int
+    extra_env: dict[str, str]
+
+
+@dataclass(frozen=True)
+class JobRun:
+    seconds: float
+    forwards: int
+
+
+async def _gradcam_until(
+    client: httpx.AsyncClient,
+    url: str,
+    image: bytes,
+    model: str,
+    concurrency: int,
+    stop: asyncio.Event,
+    total: int | None = None,
+) -> list[Outcome]:
+    """Closed-loop GradCAM on ``model`` until ``stop`` is set (or ``total`` requests)."""
+    fields = {"model": model, "method": "GradCAM"}
+    outcomes: list[Outcome] = []
+    sent = 0
+
+    async def loop() -> None:
+        nonlocal sent
+        while not stop.is_set() and (total is None or sent < total):
+            sent += 1
+            outcomes.append(await post_explain(client, url, image, fields))
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return outcomes
+
+
+async def _job(
+    client: httpx.AsyncClient,
+    url: str,
+    image: bytes,
+    model: str,
+    goal: int | None,
+    running: asyncio.Event | None = None,
+) -> JobRun:
+    """One Score-CAM job on ``model``, followed to its end (or to ``goal`` forwards)."""
+    started = time.perf_counter()
+    answer = await client.post(
+        f"{url}/jobs",
+        files={"file": ("image.jpg", image, "image/jpeg")},
+        data={"model": model, "method": "ScoreCAM", "batch_size": str(JOB_BATCH)},
+    )
+    answer.raise_for_status()
+    job_url = f"{url}/jobs/{answer.json()['id']}"
+    while True:
+        view = (await client.get(job_url)).json()
+        done = int(view["progress"]["done"])
+        if running is not None and done > 0:
+            running.set()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            if view["status"] != "succeeded":
+                raise RuntimeError(f"the job ended {view['status']}: {view.get('error')}")
+            break
+        if goal is not None and done >= goal:
+            seconds = time.perf_counter() - started
+            await client.delete(job_url)
+            # The pass stops at its next boundary, after the passes waiting there: once a
+            # /predict on the model is answered, the model is free for the next level.
+            await client.post(
+                f"{url}/predict",
+                files={"file": ("image.jpg", image, "image/jpeg")},
+                data={"model": model},
+            )
+            return JobRun(seconds, done)
+        await asyncio.sleep(POLL_S)
+    return JobRun(time.perf_counter() - started, done)
+
+
+async def _beside_job(
+    url: str, image: bytes, model: str, job_model: str, concurrency: int, goal: int | None
+) -> tuple[list[Outcome], JobRun]:
+    """GradCAM on ``model`` at ``concurrency`` for as long as a job runs on ``job_model``."""
+    async with new_client(concurrency + 1) as client:
+        stop, running = asyncio.Event(), asyncio.Event()
+        job = asyncio.ensure_future(_job(client, url, image, job_model, goal, running))
+        await running.wait()  # the job's first chunk is done: it holds the model
+        load = asyncio.ensure_future(_gradcam_until(client, url, image, model, concurrency, stop))
+        run = await job
+        stop.set()
+        return await load, run
+
+
+async def _alone(url: str, image: bytes, model: str, requests: int) -> list[Outcome]:
+    async with new_client(1) as client:
+        return await _gradcam_until(client, url, image, model, 1, asyncio.Event(), requests)
+
+
+async def _job_alone(url: str, image: bytes, model: str, goal: int | None) -> JobRun:
+    async with new_client(1) as client:
+        return await _job(client, url, image, model, goal)
+
+
+def twin(model: str) -> str:
+    return f"{model}-twin"
+
+
+def _latency(outcomes: list[Outcome]) -> dict[str, Any]:
+    ok = [o.wall_ms for o in outcomes if o.status == 200]
+    queued = [o.timings["queue_ms"] for o in outcomes if "queue_ms" in o.timings]
+    return {
+        "requests": len(outcomes),
+        "errors": len(outcomes) - len(ok),
+        "p50_ms": rounded(percentile(ok, 50)),
+        "p95_ms": rounded(percentile(ok, 95)),
+        "queue_p95_ms": rounded(percentile(queued, 95)),
+    }
+
+
+LEVELS = (
+    ("same1", "GradCAM beside the job (same model), c=1", "same", 1),
+    ("same4", "GradCAM beside the job (same model), c=4", "same", 4),
+    ("twin1", "GradCAM beside the job on a twin model, c=1", "twin", 1),
+)
+
+
+def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> dict[str, Any]:
+    """Every level of the scenario for one model, in rounds: each round runs every level once,
+    so that the machine's drift hits them alike; latencies are pooled over the rounds, job
+    durations and growths are the medians of the rounds (a growth compares a level with the job
+    alone of its own round)."""
+    # Warm-up: the first GradCAM requests and the first masked chunks of a model are slower
+    # (allocator, oneDNN primitives for the chunk's batch); a job alone measured cold ran 2x long.
+    asyncio.run(_alone(url, image, model, 3))
+    asyncio.run(_job_alone(url, image, model, 2 * JOB_BATCH))
+    idle: list[Outcome] = []
+    alone: list[JobRun] = []
+    beside: dict[str, list[Outcome]] = {key: [] for key, *_ in LEVELS}
+    runs: dict[str, list[JobRun]] = {key: [] for key, *_ in LEVELS}
+    per_round = max(1, config.requests // config.rounds)
+    for _ in range(config.rounds):
+        idle += asyncio.run(_alone(url, image, model, per_round))
+        alone.append(asyncio.run(_job_alone(url, image, model, config.job_forwards)))
+        for key, _label, where, concurrency in LEVELS:
+            job_model = model if where == "same" else twin(model)
+            outcomes, run = asyncio.run(
+                _beside_job(url, image, model, job_model, concurrency, config.job_forwards)
+            )
+            beside[key] += outcomes
+            runs[key].append(run)
+    alone_s = statistics.median(run.seconds for run in alone)
+
+    def growth(key: str) -> float:
+        return statistics.median(
+            run.seconds / base.seconds for run, base in zip(runs[key], alone, strict=True)
+        )
+
+    rows: list[dict[str, Any]] = [
+        {"level": "GradCAM alone, c=1", **_latency(idle)},
+        {"level": "Score-CAM job alone", "job_s": round(alone_s, 2)},
+    ]
+    for key, label, *_ in LEVELS:
+        job_s = statistics.median(run.seconds for run in runs[key])
+        rows.append(
+            {
+                "level": label,
+                **_latency(beside[key]),
+                "job_s": round(job_s, 2),
+                "job_growth": round(growth(key), 2),
+            }
+        )
+    result = {
+        "model": model,
+        "rounds": config.rounds,
+        "job_forwards": alone[0].forwards,
+        "rows": rows,
+    }
+    return {**result, **targets(result)}
+
+
+def chunks_of(forwards: int) -> int:
+    """The masked chunks behind a job's progress: it counts the flat channels (whose masks are
+    all zeros: fewer than a chunk on these models) at once, then ``JOB_BATCH`` per chunk."""
+    return max(1, forwards // JOB_BATCH)
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The targets of one model's levels (``rows`` in ``measure_model``'s order).
+
+    "One chunk" is taken two ways: as the job's chunks ran alone, and as they ran beside the
+    same-model GradCAM load at c=1 (that level's job duration over its chunks, the turns
+    included), which is the chunk a request there actually waits for."""
+    idle, alone, same1, _same4, twin1 = result["rows"]
+    chunks = chunks_of(result["job_forwards"])
+    chunk_ms = alone["job_s"] * 1000 / chunks
+    loaded_chunk_ms = same1["job_s"] * 1000 / chunks
+    idle_p95 = idle["p95_ms"] or 0.0
+    same_p95 = same1["p95_ms"]
+    limit = P95_FACTOR * idle_p95 + chunk_ms
+    loaded_limit = P95_FACTOR * idle_p95 + loaded_chunk_ms
+    growth, shared = same1["job_growth"], twin1["job_growth"]
+    return {
+        "chunk_ms": round(chunk_ms, 1),
+        "loaded_chunk_ms": round(loaded_chunk_ms, 1),
+        "targets": {
+            "same_model_p95_ms": same_p95,
+            "p95_limit_ms": rounded(limit),
+            "p95_met": same_p95 is not None and same_p95 <= limit,
+            "p95_limit_loaded_chunk_ms": rounded(loaded_limit),
+            "p95_met_loaded_chunk": same_p95 is not None and same_p95 <= loaded_limit,
+            "job_growth_c1": growth,
+            "job_growth_cpu_sharing_only": shared,
+            "job_growth_from_turns": round(growth / shared, 2),
+            "job_growth_limit": JOB_GROWTH,
+            "growth_met": growth <= JOB_GROWTH,
+        },
+    }
+
+
+def run_mixed(config: MixedConfig) -> dict[str, Any]:
+    import torch
+
+    report: dict[str, Any] = {"machine": machine_info(torch.device(config.device))}
+    with tempfile.TemporaryDirectory(prefix="camserve-mixed-") as tmp:
+        root = Path(tmp)
+        store = build_store(root)
+        image = photo_jpeg(640, 480, 1)
+        for model in config.models:
+            (store / twin(model)).symlink_to(store / model, target_is_directory=True)
+        needed = sorted({*config.models, *map(twin, config.models)})
+        with running_server(
+            store, config.device, config.extra_env, root / "server.log", needed
+        ) as url:
+            report["models"] = []
+            for model in config.models:
+                result = measure_model(url, image, model, config)
+                report["models"].append(result)
+                print(render_mixed(report), flush=True)  # as it goes: a long run may be cut
+    return report
+
+
+def render_mixed(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    parts = [
+        f"## camserve mixed load ({machine['device']}, {machine['cpu']}, {machine['cores']} "
+        f"cores, torch {machine['torch']}, {machine['date']})"
+    ]
+    columns = (
+        "level",
+        "requests",
+        "errors",
+        "p50_ms",
+        "p95_ms",
+        "queue_p95_ms",
+        "job_s",
+        "job_growth",
+    )
+    targets = []
+    for result in report["models"]:
+        parts.append(
+            f"### {result['model']}: Score-CAM job of {result['job_forwards']} masked forwards, "
+            f"{result['rounds']} rounds (medians), "
+            f"one chunk ~{result['chunk_ms']} ms alone, ~{result['loaded_chunk_ms']} ms beside "
+            "GradCAM on the same model at c=1"
+        )
+        parts.append(table_of(result["rows"], columns))
+        targets.append({"model": result["model"], **result["targets"]})
+    parts.append("### Targets (same run)")
+    parts.append(
+        table_of(
+            targets,
+            (
+                "model",
+                "same_model_p95_ms",
+                "p95_limit_ms",
+                "p95_met",
+                "p95_limit_loaded_chunk_ms",
+                "p95_met_loaded_chunk",
+                "job_growth_c1",
+                "job_growth_cpu_sharing_only",
+                "job_growth_from_turns",
+                "job_growth_limit",
+                "growth_met",
+            ),
+        )
+    )
+    return "\n\n".join(parts)

@@ -1,0 +1,312 @@
+"""Turns at chunk boundaries: the order of the policy, and answers equal to a pass run alone.
+
+The interleaving tests are deterministic: a guest pass runs at *every* chunk boundary of the host
+(so at each position an interleaving could put it), on the host's thread, through the real
+``Host``; every answer must equal the same pass run alone to 1e-5, for every registered method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from app.cam import METHODS
+from app.models.loading import LoadedModel
+from app.models.registry import ModelRegistry
+from app.pipeline.admission import SlotLimiter
+from app.pipeline.explainer import Explainer, ExplainParams
+from app.pipeline.passes import CamItem, CamOutcome, CamPlan, run_cam_pass, run_forward_pass
+from app.pipeline.scheduling import Guest, Host, Priority
+from tests.fixtures_models import build_tiny, build_tiny_vit, write_model
+
+# ---------------------------------------------------------------------------- the policy
+
+
+def _guest(log: list[str], name: str, priority: Priority) -> Guest:
+    return Guest(priority, lambda: log.append(name), lambda: log.append(f"declined {name}"))
+
+
+def _chunks(host: Host, log: list[str], count: int) -> None:
+    """The host runs ``count`` chunks, with a boundary after each."""
+    for number in range(count):
+        log.append(f"chunk{number}")
+        host.boundary()
+
+
+def test_interactive_guests_run_at_the_next_boundary_of_a_background_host() -> None:
+    log: list[str] = []
+    host = Host("background", background_every=4)
+    for name in ("a", "b"):
+        assert host.offer(_guest(log, name, "interactive"))
+    _chunks(host, log, 2)
+    assert log == ["chunk0", "a", "b", "chunk1"]
+    assert host.yields == 1
+
+
+def test_a_background_host_keeps_one_turn_in_n_while_interactive_work_waits() -> None:
+    log: list[str] = []
+    host = Host("background", background_every=3)
+    for name in "abcde":
+        host.offer(_guest(log, name, "interactive"))
+    _chunks(host, log, 3)
+    # At most N - 1 = 2 interactive turns in a row; then the host's chunk.
+    assert log == ["chunk0", "a", "b", "chunk1", "c", "d", "chunk2", "e"]
+
+
+def test_within_a_class_turns_go_in_the_order_they_were_asked_for() -> None:
+    log: list[str] = []
+    host = Host("interactive", background_every=4)
+    host.offer(_guest(log, "early", "interactive"))
+    log.append("chunk0")
+    # A guest offered while the boundary is being served asks after the host: it waits a chunk.
+    late = _guest(log, "late", "interactive")
+    host._guests[0].run = lambda: (log.append("early"), host.offer(late))  # type: ignore[assignment]
+    host.boundary()
+    log.append("chunk1")
+    host.boundary()
+    assert log == ["chunk0", "early", "chunk1", "late"]
+
+
+def test_interactive_work_goes_before_background_work_at_a_boundary() -> None:
+    log: list[str] = []
+    host = Host("interactive", background_every=10)
+    host.offer(_guest(log, "job", "background"))
+    host.offer(_guest(log, "click", "interactive"))
+    _chunks(host, log, 1)
+    # The interactive guest asked before the host's next chunk; the background one waits.
+    assert log == ["chunk0", "click"]
+    assert host.waiting == 1
+
+
+def test_background_guests_of_an_interactive_host_are_not_starved() -> None:
+    log: list[str] = []
+    host = Host("interactive", background_every=3)
+    log.append("chunk0")  # the host's first turn, before the job asked
+    host.offer(_guest(log, "job", "background"))
+    for number in (1, 2, 3):
+        host.boundary()
+        log.append(f"chunk{number}")
+    # Of the turns since the job asked (chunk1, chunk2, job), one in N = 3 is the job's.
+    assert log == ["chunk0", "chunk1", "chunk2", "job", "chunk3"]
+
+
+def test_a_closed_host_declines_what_still_waits_and_refuses_more() -> None:
+    log: list[str] = []
+    host = Host("background", background_every=4)
+    host.offer(_guest(log, "a", "interactive"))
+    assert len(host.close()) == 1
+    assert log == ["declined a"]
+    assert not host.offer(_guest(log, "b", "interactive"))
+
+
+def test_the_guard_needs_room_for_the_host() -> None:
+    with pytest.raises(ValueError, match="background_every"):
+        Host("background", background_every=1)
+
+
+# ---------------------------------------------------------------------------- interleavings
+
+#: Small chunks, so that a pass has many boundaries; seeds where a method draws noise.
+OPTIONS: dict[str, dict[str, object]] = {
+    "ScoreCAM": {"batch_size": 3},
+    "SSCAM": {"batch_size": 5, "num_samples": 3, "seed": 1},
+    "ISCAM": {"batch_size": 5, "num_samples": 3},
+    "AblationCAM": {"batch_size": 3},
+    "SmoothGradCAMpp": {"num_samples": 4, "seed": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
+    """tiny (every method but LeGrad) and vit (LeGrad), loaded as the service loads them."""
+    root = tmp_path_factory.mktemp("interleaving")
+    torch.manual_seed(0)
+    write_model(
+        root,
+        "tiny",
+        build_tiny(width=6),
+        architecture="tests.fixtures_models:build_tiny",
+        kwargs="kwargs = { width = 6 }",
+        num_classes=3,
+        input_size=16,
+        target_layers=["features"],
+    )
+    vit = build_tiny_vit()
+    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head
+    write_model(
+        root,
+        "vit",
+        vit,
+        architecture="tests.fixtures_models:build_tiny_vit",
+        num_classes=3,
+        input_size=32,
+        target_layers=["encoder.layers.encoder_layer_1.ln_1"],
+    )
+    registry = ModelRegistry(root, torch.device("cpu"), "tiny")
+    registry.discover()
+    registry.load_all()
+    return {name: registry.get(name) for name in ("tiny", "vit")}
+
+
+#: Layers of their own where the model's default (one layer) does not do.
+LAYERS = {"RefineCAM": ("features.0", "features.2")}
+
+
+def _plan(model: LoadedModel, method: str, layers: tuple[str, ...] = ()) -> CamPlan:
+    """The method's plan as the explainer makes it (raw maps: any mixing shows)."""
+    layers = layers or LAYERS.get(method, ())
+    explainer = Explainer(None, SlotLimiter(1, 0), 10**8)  # type: ignore[arg-type]
+    params = ExplainParams(
+        method=method, options=dict(OPTIONS.get(method, {})), target_layers=layers
+    )
+    plans, _ = explainer._check(model, params, 2)
+    return CamPlan(**{**plans[0].__dict__, "normalized": False})
+
+
+def _model_for(models: dict[str, LoadedModel], method: str) -> LoadedModel:
+    return models["vit" if method == "LeGrad" else "tiny"]
+
+
+def _item(model: LoadedModel, seed: int, class_idx: tuple[int, ...] = ()) -> CamItem:
+    shape = model.spec.input_shape
+    batch = torch.rand(2, *shape, generator=torch.Generator().manual_seed(seed))
+    return CamItem(batch, class_idx)
+
+
+class _Hosting:
+    """A pass's control that makes it the model's host (``Host.boundary`` at each boundary)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.boundaries = 0
+
+    def should_stop(self) -> bool:
+        return False
+
+    def at_boundary(self) -> bool:
+        self.boundaries += 1
+        self.host.boundary()
+        return False
+
+    def progress(self, done: int, total: int) -> None:
+        pass
+
+
+def _every_boundary(host: Host, run: Callable[[], object], seen: list[object]) -> None:
+    """Offer ``run`` to ``host`` so that it runs at every one of its boundaries."""
+
+    def again() -> None:
+        seen.append(run())
+        host.offer(Guest("interactive", again, lambda: None))
+
+    host.offer(Guest("interactive", again, lambda: None))
+
+
+def _assert_same(got: CamOutcome, alone: CamOutcome) -> None:
+    torch.testing.assert_close(got.logits, alone.logits, rtol=1e-5, atol=1e-5)
+    assert got.class_idx == alone.class_idx
+    for a, b in zip(got.cams, alone.cams, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if alone.fused is None:
+        assert got.fused is None
+    else:
+        assert got.fused is not None
+        torch.testing.assert_close(got.fused, alone.fused, rtol=1e-5, atol=1e-5)
+
+
+def _hosted(
+    model: LoadedModel, host_plan: CamPlan, host_item: CamItem, guest: Callable[[], object]
+) -> tuple[CamOutcome, list[object], int]:
+    """The host's answer with ``guest`` run at each of its boundaries; the guests' answers."""
+    host = Host("background", background_every=2)
+    seen: list[object] = []
+    _every_boundary(host, guest, seen)
+    control = _Hosting(host)
+    (outcome,) = run_cam_pass(model, host_plan, [host_item], control)
+    host.close()
+    return outcome, seen, control.boundaries
+
+
+def _host_plan(model: LoadedModel) -> CamPlan:
+    """A chunked pass on two layers where the model has them (a per-layer loop is the place
+    where a host re-reads what its hooks recorded)."""
+    if model.spec.name == "vit":
+        return _plan(model, "SmoothGradCAMpp")
+    return _plan(model, "AblationCAM", ("features.0", "features.2"))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_pass_between_the_chunks_of_another_answers_as_if_alone(
+    models: dict[str, LoadedModel], method: str
+) -> None:
+    model = _model_for(models, method)
+    plan, item = _plan(model, method), _item(model, seed=1, class_idx=(2,))
+    host_plan, host_item = _host_plan(model), _item(model, seed=2)
+    (guest_alone,) = run_cam_pass(model, plan, [item])
+    (host_alone,) = run_cam_pass(model, host_plan, [host_item])
+
+    host_outcome, seen, boundaries = _hosted(
+        model, host_plan, host_item, lambda: run_cam_pass(model, plan, [item])[0]
+    )
+
+    assert boundaries >= 3 and len(seen) == boundaries  # the guest ran at every boundary
+    _assert_same(host_outcome, host_alone)
+    for outcome in seen:
+        assert isinstance(outcome, CamOutcome)
+        _assert_same(outcome, guest_alone)
+
+
+CHUNKED = [name for name, cls in METHODS.items() if cls.masked_forwards or cls.noisy_forwards]
+
+
+@pytest.mark.parametrize("method", CHUNKED)
+def test_a_chunked_pass_hosting_others_answers_as_if_alone(
+    models: dict[str, LoadedModel], method: str
+) -> None:
+    model = models["tiny"]
+    plan, item = _plan(model, method), _item(model, seed=3)
+    guest_plan, guest_item = _plan(model, "GradCAM"), _item(model, seed=4, class_idx=(1,))
+    (alone,) = run_cam_pass(model, plan, [item])
+    (guest_alone,) = run_cam_pass(model, guest_plan, [guest_item])
+    (logits_alone,) = run_forward_pass(model, [guest_item.batch])
+
+    def guests() -> tuple[CamOutcome, torch.Tensor]:
+        (cam,) = run_cam_pass(model, guest_plan, [guest_item])
+        (forward,) = run_forward_pass(model, [guest_item.batch])
+        return cam, forward.logits
+
+    outcome, seen, boundaries = _hosted(model, plan, item, guests)
+
+    assert boundaries >= 3 and len(seen) == boundaries
+    _assert_same(outcome, alone)
+    for cam, logits in seen:  # type: ignore[misc]
+        _assert_same(cam, guest_alone)
+        torch.testing.assert_close(logits, logits_alone.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def no_hook_scopes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every pass in the default scope, as before passes had scopes of their own."""
+    from contextlib import nullcontext
+
+    import app.pipeline.passes as passes
+
+    monkeypatch.setattr(passes, "hook_scope", lambda _scope: nullcontext())
+    yield
+
+
+def test_without_pass_scopes_a_guest_corrupts_its_host(
+    models: dict[str, LoadedModel], no_hook_scopes: None
+) -> None:
+    """The check above can fail: without scopes, the host's hooks record the guest's forward."""
+    model = models["tiny"]
+    host_plan, host_item = _host_plan(model), _item(model, seed=2)
+    guest_plan, guest_item = _plan(model, "GradCAM"), _item(model, seed=5)
+    (host_alone,) = run_cam_pass(model, host_plan, [host_item])
+    outcome, _, _ = _hosted(
+        model, host_plan, host_item, lambda: run_cam_pass(model, guest_plan, [guest_item])
+    )
+    with pytest.raises(AssertionError):
+        _assert_same(outcome, host_alone)
