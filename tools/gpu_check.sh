@@ -19,3 +19,7 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addop
 timeout "${BENCH_TIMEOUT:-300}" python3 bench/service_load.py --device cuda --models resnet50 \
     --concurrency "${LEVELS:-1,8,32}" --seconds "${SECONDS_PER_LEVEL:-15}" --repeats 5 \
     --out "$OUT/service_load_cuda.json" 2>&1 | tee "$OUT/service_load_cuda.txt" | tail -40
+# Short work beside a long job on the same model (#16's mixed scenario), on CUDA.
+timeout "${MIXED_TIMEOUT:-240}" python3 bench/service_load.py --scenario mixed --device cuda \
+    --models resnet50 --quick --out "$OUT/service_load_mixed_cuda.json" 2>&1 \
+    | tee "$OUT/service_load_mixed_cuda.txt" | tail -40
