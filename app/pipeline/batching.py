@@ -253,11 +253,14 @@ class Batcher:
 
     async def _wait_for_arrival(self, timeout: float) -> bool:
         self._arrived.clear()
+        # Not asyncio.wait_for: on Python 3.11 it can swallow a cancel that lands as the event
+        # is set, and close() then waited out the whole idle timeout for this worker.
+        waiter = asyncio.ensure_future(self._arrived.wait())
         try:
-            await asyncio.wait_for(self._arrived.wait(), timeout=timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+            done, _ = await asyncio.wait({waiter}, timeout=timeout)
+        finally:
+            waiter.cancel()
+        return bool(done)
 
     def _eligible(self) -> list[_Pending]:
         """Live requests that may start now, in turn order: while a chunked pass holds the
@@ -364,8 +367,7 @@ class Batcher:
                     started.set()
         if isinstance(outcome, Exception):
             return outcome
-        if self.on_pass is not None:
-            self.on_pass(sum(p.images for p in group))
+        _observe(self.on_pass, sum(p.images for p in group))
         return outcome[0], outcome[1], guest
 
     @staticmethod
@@ -411,10 +413,20 @@ class Batcher:
         for pending, result in zip(group, results, strict=True):
             if pending.live:
                 info = PassInfo(started - pending.submitted, images, guest)
-                if self.on_wait is not None:
-                    self.on_wait(pending.priority, info.queue_s)
+                _observe(self.on_wait, pending.priority, info.queue_s)
                 pending.future.set_result((result, info))
 
 
 _Outcome = tuple[float, Sequence[Any], bool] | Exception
 """(start time, one result per item, whether it ran as a guest), or the error the pass raised."""
+
+
+def _observe(observer: Callable[..., None] | None, *args: Any) -> None:
+    """Tell an observer (the metrics) what happened; one that fails is logged, never allowed to
+    break the pass or leave its requests waiting."""
+    if observer is None:
+        return
+    try:
+        observer(*args)
+    except Exception:
+        logger.exception("an observer of the batcher failed")

@@ -33,7 +33,8 @@ class Seen:
         self.passes: list[tuple[str, int]] = []
         self.waits: list[tuple[str, Priority, float]] = []
 
-    def on_pass(self, model: str, images: int) -> None:
+    def on_pass(self, model: str, version: int, images: int) -> None:
+        assert version == 1  # the tiny model's folder has no versions
         self.passes.append((model, images))
 
     def on_wait(self, model: str, priority: Priority, seconds: float) -> None:
