@@ -153,10 +153,12 @@ class MemoryJobStore(JobStore):
             if job.is_finished:
                 yield JobEvent(str(job.revision), job.status, job.view().model_dump_json())
                 return
+            revision = job.revision
             state = job.view(with_result=False).model_dump_json(include={"status", "progress"})
-            if job.revision > seen and state != last_state:
-                yield JobEvent(str(job.revision), "progress", state)
-                seen, last_state = job.revision, state
+            if revision > seen and state != last_state:
+                yield JobEvent(str(revision), "progress", state)
+                seen, last_state = revision, state
+                continue  # the job may have changed while the follower had the event
             if not await job.changed(keep_alive_s):
                 yield None
 
