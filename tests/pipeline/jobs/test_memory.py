@@ -128,8 +128,10 @@ class FakeExplainer:
         progress: ProgressCallback | None = None,
         admit: bool = True,
         version: int | None = None,
+        priority: str = "interactive",
     ) -> ExplainResponse:
         assert progress is not None
+        assert priority == "background"  # a job never goes before interactive requests
         run = Run(model, len(uploads), params, admit, version, progress)
         self.runs.put_nowait(run)
         try:
