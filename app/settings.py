@@ -371,11 +371,20 @@ def describe_validation_error(error: ValidationError) -> str:
         field = field.removeprefix(ENV_PREFIX)  # a renamed field reports its variable's name
         old = RENAMED.get(field.lower())
         name = f"{ENV_PREFIX}{field}" + (f" (formerly {ENV_PREFIX}{old})" if old else "")
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        shown = _shown(item.get("input"))
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{name}: {message}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _shown(value: object) -> str:
+    """The refused value for the message, without the password a URL may hold
+    (``redis://:***@host``)."""
+    if isinstance(value, dict):
+        return ""
+    if isinstance(value, str):
+        value = re.sub(r"(://[^:/@\s]*:)[^@/\s]*@", r"\1***@", value)
+    return f" (got {value!r})"
 
 
 def load_settings(**overrides: Any) -> Settings:

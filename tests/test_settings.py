@@ -152,3 +152,11 @@ def test_job_store_takes_memory_or_a_redis_url(value: str, kept: str) -> None:
 def test_job_store_refuses_anything_else_naming_the_choices(value: str) -> None:
     with pytest.raises(ConfigurationError, match="CAMSERVE_JOB_STORE: must be memory, redis://"):
         load_settings(job_store=value)
+
+
+def test_refused_values_never_echo_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMSERVE_JOB_STORE", "redis://:hunter2@/0")  # no host: refused
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings()
+    assert "hunter2" not in str(refused.value)
+    assert "redis://:***@/0" in str(refused.value)

@@ -87,7 +87,8 @@ class _StateCollector(Collector):
         store = getattr(self.state, "jobs", None)
         background = GaugeMetricFamily(
             "camserve_background_jobs",
-            "Jobs of /jobs kept by this process, by status (finished ones until they expire).",
+            "Jobs of /jobs in the job store, by status (finished ones until they expire; with "
+            "Redis, those of every replica).",
             labels=["status"],
         )
         for status, count in (store.counts() if store is not None else {}).items():
