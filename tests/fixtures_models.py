@@ -108,3 +108,19 @@ def build_tiny_vit(num_classes: int = 3) -> nn.Module:
         mlp_dim=32,
         num_classes=num_classes,
     )
+
+
+def write_tiny_vit(store: Path, name: str = "vit") -> None:
+    """A served tiny ViT (seeded, with a head that is not zero) in ``store``/``name``."""
+    torch.manual_seed(0)
+    vit = build_tiny_vit()
+    nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head
+    write_model(
+        store,
+        name,
+        vit,
+        architecture="tests.fixtures_models:build_tiny_vit",
+        num_classes=3,
+        input_size=32,
+        target_layers=["encoder.layers.encoder_layer_1.ln_1"],
+    )

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.cam import METHODS
 from tests.conftest import assert_error, files, image_bytes
-from tests.fixtures_models import build_tiny_vit, write_model
+from tests.fixtures_models import write_tiny_vit
 from tests.http.routes.test_explain import PER_LAYER, TINY_OPTIONS, raw_maps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -32,18 +32,7 @@ def test_every_method_on_cuda_answers_as_on_the_cpu(
 ) -> None:
     assert set(PER_LAYER) | set(ONE_MAP) == set(METHODS)
     if method == "LeGrad":
-        torch.manual_seed(0)
-        vit = build_tiny_vit()
-        torch.nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head
-        write_model(
-            tmp_path,
-            "vit",
-            vit,
-            architecture="tests.fixtures_models:build_tiny_vit",
-            num_classes=3,
-            input_size=32,
-            target_layers=["encoder.layers.encoder_layer_1.ln_1"],
-        )
+        write_tiny_vit(tmp_path)
         client = make_client(model_store=tmp_path, default_model="vit")
         gpu = make_client(model_store=tmp_path, default_model="vit", device="cuda")
     else:

@@ -557,20 +557,9 @@ def test_ablation_and_noisy_forwards_count_towards_the_budget(
 def test_legrad_explains_a_served_vit_over_its_blocks(
     make_client: Callable[..., TestClient], tmp_path: Path
 ) -> None:
-    from tests.fixtures_models import build_tiny_vit, write_model
+    from tests.fixtures_models import write_tiny_vit
 
-    torch.manual_seed(0)
-    vit = build_tiny_vit()
-    torch.nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head
-    write_model(
-        tmp_path,
-        "vit",
-        vit,
-        architecture="tests.fixtures_models:build_tiny_vit",
-        num_classes=3,
-        input_size=32,
-        target_layers=["encoder.layers.encoder_layer_1.ln_1"],
-    )
+    write_tiny_vit(tmp_path)
     client = make_client(model_store=tmp_path, default_model="vit")
     response = explain(client, image_bytes((40, 32)), method="LeGrad", output="raw")
     assert response.status_code == 200, response.text
