@@ -127,13 +127,19 @@ def build_request(
 
 
 def job_event(event: ServerSentEvent, progress: ProgressHandler | None) -> JobView | None:
-    """The final view from a job's event stream; progress events go to ``progress``."""
+    """The final view from a job's event stream; progress events, and the final count, go to
+    ``progress``."""
     if event.event == "progress":
         if progress is not None:
             progress(JobProgress.model_validate(json.loads(event.data)["progress"]))
         return None
     if event.event in FINAL:
-        return JobView.model_validate_json(event.data)
+        view = JobView.model_validate_json(event.data)
+        if progress is not None:
+            # The last count too: a job that ended before the stream was read (a short one)
+            # sends its final event only, and a progress bar still ends where the job did.
+            progress(view.progress)
+        return view
     return None
 
 
