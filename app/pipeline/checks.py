@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from app.cam import COLORMAPS, METHODS, UnknownMethod, close_matches, find_method
+from app.cam import (
+    COLORMAPS,
+    METHODS,
+    MethodOption,
+    UnknownMethod,
+    close_matches,
+    find_method,
+)
 from app.cam.core import _CAM, ExtraForwards
 from app.errors import (
     ImageTooLarge,
@@ -51,9 +58,17 @@ def resolve_method(
     return method, cls
 
 
+def option_takers(option: str) -> list[tuple[str, MethodOption]]:
+    """The methods that let a request set ``option``, each with its declaration of it."""
+    return [
+        (name, declared)
+        for name, cls in METHODS.items()
+        if (declared := cls.option(option)) is not None and declared.public
+    ]
+
+
 def _takers(option: str) -> list[str]:
-    """The methods that let a request set ``option``."""
-    return [n for n, c in METHODS.items() if (o := c.option(option)) is not None and o.public]
+    return [name for name, _ in option_takers(option)]
 
 
 def _takes(cls: type[_CAM], option: str) -> bool:

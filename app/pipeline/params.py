@@ -17,8 +17,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from app.cam import METHODS, MethodOption
+from app.cam import METHODS
 from app.errors import InvalidParameter, clip
+from app.pipeline.checks import option_takers
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.rendering import (
     DEFAULT_ALPHA,
@@ -265,17 +266,9 @@ GENERAL: tuple[ExplainParameter, ...] = (
 )
 
 
-def _takers(name: str) -> list[tuple[str, MethodOption]]:
-    return [
-        (method, option)
-        for method, cls in METHODS.items()
-        if (option := cls.option(name)) is not None and option.public
-    ]
-
-
 def _from_option(name: str) -> ExplainParameter:
     """One parameter for a method option, from every method's declaration of it."""
-    takers = _takers(name)
+    takers = option_takers(name)
     first = takers[0][1]
     lows = [o.low for _, o in takers if o.low is not None]
     highs = [o.high for _, o in takers if o.high is not None]
