@@ -299,6 +299,12 @@ class Settings(BaseSettings):
         description="While `/jobs` work waits for a model that interactive requests keep busy, "
         "at least one turn (a chunk or a short pass) in every N goes to it.",
     )
+    pause_in_forwards: bool = Field(
+        True,
+        description="Short passes on a model run inside a long pass's chunk forwards, before "
+        "each leaf module (they wait for one layer, not a whole chunk); off: between chunks "
+        "only. Turn off for a model whose forward keeps per-call state on its modules.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -8,7 +8,7 @@ resnet18/resnet50, as the load scenario builds it) and one 640x480 JPEG. For eac
 
 1. GradCAM on M alone, closed loop at concurrency 1: p50/p95 (the idle reference).
 2. A Score-CAM job (``POST /jobs``, ``batch_size`` 32, M's ``layer4``) alone: its duration, and
-   from it one chunk's time (duration / chunks of 32 masked forwards).
+   one chunk's time (32 masked forwards): the median time between two rises of its progress.
 3. The same job again, with GradCAM on M at concurrency 1, then at concurrency 4, for as long as
    the job runs: GradCAM p50/p95 and the job's duration beside that load.
 4. The same job on M's twin (another model folder with the same weights, so another model with
@@ -26,6 +26,7 @@ same-model GradCAM p95 <= 3 x idle p95 + one chunk; the job's duration beside Gr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -59,6 +60,17 @@ class MixedConfig:
 class JobRun:
     seconds: float
     forwards: int
+    chunk_s: float | None = None
+    """The median time between two progress steps of its masked chunks (None: fewer than two
+    steps were seen)."""
+
+
+def chunk_seconds(steps: list[float]) -> float | None:
+    """One chunk's time from the times at which a job's progress rose: the first rise is the
+    flat channels (counted at once, before any masked forward) and the last may be cut short by
+    the goal, so the chunks are the intervals between the rises after the first."""
+    intervals = [b - a for a, b in itertools.pairwise(steps)]
+    return statistics.median(intervals) if intervals else None
 
 
 async def _gradcam_until(
@@ -102,9 +114,14 @@ async def _job(
     )
     answer.raise_for_status()
     job_url = f"{url}/jobs/{answer.json()['id']}"
+    steps: list[float] = []  # when the progress rose
+    last = 0
     while True:
         view = (await client.get(job_url)).json()
         done = int(view["progress"]["done"])
+        if done > last:
+            steps.append(time.perf_counter())
+            last = done
         if running is not None and done > 0:
             running.set()
         if view["status"] in ("succeeded", "failed", "cancelled"):
@@ -121,9 +138,9 @@ async def _job(
                 files={"file": ("image.jpg", image, "image/jpeg")},
                 data={"model": model},
             )
-            return JobRun(seconds, done)
+            return JobRun(seconds, done, chunk_seconds(steps))
         await asyncio.sleep(POLL_S)
-    return JobRun(time.perf_counter() - started, done)
+    return JobRun(time.perf_counter() - started, done, chunk_seconds(steps))
 
 
 async def _beside_job(
@@ -206,7 +223,7 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
 
     rows: list[dict[str, Any]] = [
         {"level": "GradCAM alone, c=1", **_latency(idle)},
-        {"level": "Score-CAM job alone", "job_s": round(alone_s, 2)},
+        {"level": "Score-CAM job alone", "job_s": round(alone_s, 2), "chunk_ms": chunk_ms(alone)},
     ]
     for key, label, *_ in LEVELS:
         job_s = statistics.median(run.seconds for run in runs[key])
@@ -216,6 +233,7 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
                 **_latency(beside[key]),
                 "job_s": round(job_s, 2),
                 "job_growth": round(growth(key), 2),
+                "chunk_ms": chunk_ms(runs[key]),
             }
         )
     result = {
@@ -227,30 +245,28 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
     return {**result, **targets(result)}
 
 
-def chunks_of(forwards: int) -> int:
-    """The masked chunks behind a job's progress: it counts the flat channels (whose masks are
-    all zeros: fewer than a chunk on these models) at once, then ``JOB_BATCH`` per chunk."""
-    return max(1, forwards // JOB_BATCH)
+def chunk_ms(runs: list[JobRun]) -> float | None:
+    """The median over ``runs`` of their chunk's time, in ms."""
+    chunks = [run.chunk_s for run in runs if run.chunk_s is not None]
+    return rounded(statistics.median(chunks) * 1000) if chunks else None
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
     """The targets of one model's levels (``rows`` in ``measure_model``'s order).
 
-    "One chunk" is taken two ways: as the job's chunks ran alone, and as they ran beside the
-    same-model GradCAM load at c=1 (that level's job duration over its chunks, the turns
-    included), which is the chunk a request there actually waits for."""
+    "One chunk" is measured from the job's progress (the median time between two of its steps)
+    two ways: as the job's chunks ran alone, and as they ran beside the same-model GradCAM load
+    at c=1 (the turns included), which is the chunk a request there actually waits for."""
     idle, alone, same1, _same4, twin1 = result["rows"]
-    chunks = chunks_of(result["job_forwards"])
-    chunk_ms = alone["job_s"] * 1000 / chunks
-    loaded_chunk_ms = same1["job_s"] * 1000 / chunks
+    chunk, loaded_chunk = alone["chunk_ms"] or 0.0, same1["chunk_ms"] or 0.0
     idle_p95 = idle["p95_ms"] or 0.0
     same_p95 = same1["p95_ms"]
-    limit = P95_FACTOR * idle_p95 + chunk_ms
-    loaded_limit = P95_FACTOR * idle_p95 + loaded_chunk_ms
+    limit = P95_FACTOR * idle_p95 + chunk
+    loaded_limit = P95_FACTOR * idle_p95 + loaded_chunk
     growth, shared = same1["job_growth"], twin1["job_growth"]
     return {
-        "chunk_ms": round(chunk_ms, 1),
-        "loaded_chunk_ms": round(loaded_chunk_ms, 1),
+        "chunk_ms": chunk,
+        "loaded_chunk_ms": loaded_chunk,
         "targets": {
             "same_model_p95_ms": same_p95,
             "p95_limit_ms": rounded(limit),
@@ -303,6 +319,7 @@ def render_mixed(report: dict[str, Any]) -> str:
         "queue_p95_ms",
         "job_s",
         "job_growth",
+        "chunk_ms",
     )
     targets = []
     for result in report["models"]:

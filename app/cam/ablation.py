@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -76,6 +77,11 @@ class AblationCAM(_CAM):
         grid = self._transformed(index.reshape(1, *raw.shape[1:]))
         return grid[0].flatten(1).round().long()
 
+    def _ablate(self, ablated: Tensor, _module: nn.Module, _inputs: Any, _output: Any) -> Any:
+        """The target layer's output in an ablated forward: ``ablated`` (None, the layer's own
+        output, in the forward of another pass that runs in a pause of it)."""
+        return ablated if self._in_scope() else None
+
     def _ablated_scores(
         self, name: str, module: nn.Module, raw: Tensor, inputs: Tensor, objective: Objective
     ) -> Tensor:
@@ -93,12 +99,12 @@ class AblationCAM(_CAM):
             ablated.scatter_(1, positions.index_select(0, channels), 0)
             ablated = ablated.reshape(samples.shape[0], *raw.shape[1:])
             if tail is not None:
-                with torch.inference_mode(), hooks_silenced():
+                with torch.inference_mode(), hooks_silenced(), self._work.pausable():
                     values = objective(tail(ablated), samples)
             else:
-                handle = module.register_forward_hook(lambda _m, _i, _o, out=ablated: out)
+                handle = module.register_forward_hook(partial(self._ablate, ablated))
                 try:
-                    with torch.inference_mode(), hooks_silenced():
+                    with torch.inference_mode(), hooks_silenced(), self._work.pausable():
                         output = self.model(inputs.index_select(0, samples.to(inputs.device)))
                         values = objective(output, samples)
                 finally:

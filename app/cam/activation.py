@@ -264,7 +264,7 @@ class _ScoreFamily(_CAM):
             # with the contiguous layout to float rounding.
             layout = torch.channels_last if masked.ndim == 4 else torch.channels_last_3d
             masked = masked.contiguous(memory_format=layout)
-        with torch.inference_mode(), hooks_silenced():
+        with torch.inference_mode(), hooks_silenced(), self._work.pausable():
             return self.model(masked)
 
     def _class_scores(self, masked: Tensor, objective: Objective, samples: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from app.cam.core import (
     _CAM,
     ClassIndex,
+    PauseCallback,
     ProgressCallback,
     StopCheck,
     normalize_maps,
@@ -136,6 +137,7 @@ class RefineCAM(_Composite):
         targets: Target | Sequence[Target] | None = None,
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
+        pause: PauseCallback | None = None,
     ) -> list[Tensor]:
         """One fused map (N, *S) in a list: the product of the layers' normalised maps."""
         maps = self.base(
@@ -146,6 +148,7 @@ class RefineCAM(_Composite):
             targets=targets,
             progress=progress,
             should_stop=should_stop,
+            pause=pause,
         )
         size = max((tuple(m.shape[1:]) for m in maps), key=lambda s: math.prod(s))
         product = torch.stack([resize_maps(m.float(), size) for m in maps]).prod(dim=0)
@@ -240,6 +243,7 @@ class FinerCAM(_Composite):
         targets: Target | Sequence[Target] | None = None,
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
+        pause: PauseCallback | None = None,
     ) -> list[Tensor]:
         """Maps of y_c - gamma * mean(y_refs); ``comparison_idx``: an int, a list shared by the
         batch, or one list per sample (``None``: the ``num_references`` nearest logits)."""
@@ -272,6 +276,7 @@ class FinerCAM(_Composite):
             targets=contrasts,
             progress=progress,
             should_stop=should_stop,
+            pause=pause,
         )
 
 

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
@@ -31,6 +31,10 @@ ClassIndex = int | Sequence[int] | Tensor
 ProgressCallback = Callable[[int, int], None]
 #: ``should_stop()``: asked between chunks; ``True`` ends the call with ``CamInterrupted``.
 StopCheck = Callable[[], bool]
+#: ``pause()``: called inside the extra forwards, before each of the model's leaf modules runs,
+#: on the caller's thread. The caller may run other passes on the model there, each in a hook
+#: scope of its own (``hook_scope``); the forward then resumes where it stopped.
+PauseCallback = Callable[[], None]
 
 
 class ExtraForwards(NamedTuple):
@@ -103,8 +107,11 @@ class Work:
 
     progress: ProgressCallback | None = None
     should_stop: StopCheck | None = None
+    pause: PauseCallback | None = None
     total: int = 0
     done: int = 0
+    _armed: bool = field(default=False, repr=False)
+    """Whether an extra forward is running now (``pausable``): only those pause."""
 
     def check(self) -> None:
         if self.should_stop is not None and self.should_stop():
@@ -122,6 +129,42 @@ class Work:
         if self.progress is not None:
             self.progress(self.done, self.total)
         self.check()
+
+    @contextmanager
+    def pause_points(self, model: nn.Module) -> Iterator[None]:
+        """For one extractor call: ``pause`` before each leaf module of ``model`` that runs in an
+        extra forward (``pausable``) on this thread. The forwards of whatever runs inside a
+        pause (other passes, on this thread) do not pause again."""
+        if self.pause is None:
+            yield
+            return
+        pause, thread = self.pause, threading.get_ident()
+
+        def before(_module: nn.Module, _args: Any) -> None:
+            if not self._armed or threading.get_ident() != thread:
+                return
+            self._armed = False
+            try:
+                pause()
+            finally:
+                self._armed = True
+
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        handles = [leaf.register_forward_pre_hook(before) for leaf in leaves]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def pausable(self) -> Iterator[None]:
+        """Within this block (one extra forward) the pause points are live."""
+        armed, self._armed = self._armed, self.pause is not None
+        try:
+            yield
+        finally:
+            self._armed = armed
 
 
 def positive_int(name: str, value: object) -> int:
@@ -285,13 +328,14 @@ class _CAM:
         if self.uses_input:
             self._handles.append(self.model.register_forward_pre_hook(self._record_input))
 
+    def _in_scope(self) -> bool:
+        """Whether the forward running on this thread is one of this extractor's scope (not
+        another pass's, run in a pause of it)."""
+        return getattr(_state, "scope", None) is self._scope
+
     def _recording(self) -> bool:
         owner = getattr(_state, "owner", None)
-        return (
-            self._hooks_enabled
-            and getattr(_state, "scope", None) is self._scope
-            and (owner is None or owner is self)
-        )
+        return self._hooks_enabled and self._in_scope() and (owner is None or owner is self)
 
     def _record_input(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
         if self._recording() and args and isinstance(args[0], Tensor):
@@ -498,6 +542,7 @@ class _CAM:
         targets: Target | Sequence[Target] | None = None,
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
+        pause: PauseCallback | None = None,
     ) -> list[Tensor]:
         """Class activation maps for ``class_idx`` (or ``targets``): one (N, *S) per target layer.
 
@@ -515,8 +560,13 @@ class _CAM:
                 Score-CAM family, Ablation-CAM and SmoothGradCAMpp (counted in extra inputs).
             should_stop: asked before the work and between those chunks; when it answers
                 ``True`` the call raises ``CamInterrupted`` and returns no map.
+            pause: called inside those extra forwards, before each of the model's leaf modules
+                runs (on this thread): other passes on the model may run there, each in a
+                ``hook_scope`` of its own, and leave the model as they found it. The forward
+                then resumes; the maps do not change.
         """
-        self._work = Work(progress, should_stop)
+        extra = self.masked_forwards or self.noisy_forwards
+        self._work = Work(progress, should_stop, pause if extra else None)
         self._work.check()
         batch = self._batch_size()
         device = self._recorded()[0].device
@@ -524,7 +574,8 @@ class _CAM:
         if self.uses_scores:
             scores = self._check_scores(scores, batch, objective)
         activations = self._activations_for_use()
-        raw = self._maps(objective, scores, retain_graph, activations)
+        with self._work.pause_points(self.model):
+            raw = self._maps(objective, scores, retain_graph, activations)
         cams = []
         with torch.no_grad():
             for cam in raw:

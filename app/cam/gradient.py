@@ -281,7 +281,7 @@ class SmoothGradCAMpp(_GradientCAM):
                         ]
                     )
                     noisy = (base.unsqueeze(0) + self.std * noise.unsqueeze(1)).flatten(0, 1)
-                    with hooks_only_for(self):
+                    with hooks_only_for(self), self._work.pausable():
                         out = self.model(noisy)
                     samples = torch.arange(batch).repeat(draws)
                     grads = self._backprop(out, objective, samples, retain_graph=False)  # type: ignore[arg-type]

@@ -96,6 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         background_every=settings.background_every,
         on_wait=app.state.metrics.observe_wait if app.state.metrics else None,
         on_yield=app.state.metrics.observe_yield if app.state.metrics else None,
+        pause_in_forwards=settings.pause_in_forwards,
     )
     app.state.explainer = explainer
     app.state.control = ModelControl(

@@ -59,6 +59,11 @@ class PassControl:
             self._host.boundary()
         return self.should_stop()
 
+    def at_pause(self) -> None:
+        """Inside a chunk's forward: a host runs the passes whose turn it is."""
+        if self._host is not None:
+            self._host.pause()
+
     def progress(self, done: int, total: int) -> None:
         for pending in self._pending:
             if pending.progress is not None and not pending.abandoned.is_set():
@@ -125,6 +130,7 @@ class Batcher:
         background_every: int = 4,
         on_wait: Callable[[Priority, float], None] | None = None,
         on_yield: Callable[[], None] | None = None,
+        pause_in_forwards: bool = True,
     ) -> None:
         self.name = name
         self.limiter = limiter
@@ -146,6 +152,9 @@ class Batcher:
         """Told (priority, seconds) for every request whose pass started (the queue wait)."""
         self.on_yield = on_yield
         """Told (from a pass thread) whenever a chunked pass let other passes run."""
+        self.pause_in_forwards = pause_in_forwards
+        """Whether short passes also run inside a chunked pass's forwards (else between chunks
+        only)."""
 
     @property
     def waiting(self) -> int:
@@ -230,7 +239,12 @@ class Batcher:
                 self._start(self._run_group(group, started=started))
                 await started.wait()
             elif group[0].chunked:
-                host = Host(group[0].priority, self.background_every, self.on_yield)
+                host = Host(
+                    group[0].priority,
+                    self.background_every,
+                    self.on_yield,
+                    pauses=self.pause_in_forwards,
+                )
                 self._host = host
                 task = self._start(self._run_group(group, host=host))
                 task.add_done_callback(partial(self._unhost, host))

@@ -114,6 +114,7 @@ class Explainer:
         background_every: int = 4,
         on_wait: Callable[[str, Priority, float], None] | None = None,
         on_yield: Callable[[str], None] | None = None,
+        pause_in_forwards: bool = True,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -142,6 +143,8 @@ class Explainer:
         """Told (model, priority, seconds) for every request's wait for its pass."""
         self.on_yield = on_yield
         """Told (model), from a pass thread, whenever a chunked pass let other passes run."""
+        self.pause_in_forwards = pause_in_forwards
+        """Whether short passes also run in the pauses inside a chunked pass's forwards."""
 
     def batcher(self, model: LoadedModel) -> Batcher:
         """The model's batcher, made on first use (inside the running event loop)."""
@@ -163,6 +166,7 @@ class Explainer:
                 background_every=self.background_every,
                 on_wait=None if self.on_wait is None else partial(self.on_wait, name),
                 on_yield=None if self.on_yield is None else partial(self.on_yield, name),
+                pause_in_forwards=self.pause_in_forwards,
             )
             self._batchers[model] = batcher
         return batcher

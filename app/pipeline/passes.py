@@ -2,8 +2,9 @@
 
 These functions run in a worker thread and hold the model's lock. Each pass runs in a hook scope
 of its own (``app.cam.core.hook_scope``) and from a clean autograd state, because a short pass may
-run on the thread of a chunked one, between two of its chunks (``Control.at_boundary``, see
-``app.pipeline.scheduling``), while that pass's hooks stay on the shared module. The caller (the
+run on the thread of a chunked one, between two of its chunks (``Control.at_boundary``) or in a
+pause inside a chunk's forward (``Control.at_pause``, see ``app.pipeline.scheduling``), while that
+pass's hooks stay on the shared module. The caller (the
 batcher) decides which requests share a pass; here each request's rows are taken from the batched
 results by position.
 """
@@ -32,6 +33,10 @@ class Control(Protocol):
 
     def at_boundary(self) -> bool:
         """Between two chunks: let the passes whose turn it is run, then ``should_stop()``."""
+        ...
+
+    def at_pause(self) -> None:
+        """Inside a chunk's forward (before a leaf module): let the passes whose turn it is run."""
         ...
 
     def progress(self, done: int, total: int) -> None: ...
@@ -207,7 +212,11 @@ def run_shared_cam_pass(
     calls: dict[str, Any] = (
         {}
         if control is None
-        else {"progress": control.progress, "should_stop": control.at_boundary}
+        else {
+            "progress": control.progress,
+            "should_stop": control.at_boundary,
+            "pause": control.at_pause,
+        }
     )
     needs_grad = any(plan.cls.requires_grad for plan in plans)
     last_grad = max((i for i, p in enumerate(plans) if p.cls.requires_grad), default=-1)

@@ -7,7 +7,14 @@ to it as *guests*, and the host runs them on its own thread at its next chunk bo
 resumes. No second thread and no second slot touch the model, and each pass runs in its own hook
 scope (``app.cam.core.hook_scope``), so activations never cross between passes.
 
-At a boundary every waiting pass, the host's next chunk included, asks for a *turn*:
+The host also *pauses* inside its chunks' forwards, before each of the model's leaf modules
+(``app.cam.core.Work.pause_points``): a guest whose turn comes before the host's runs there, so
+that a short pass waits for one layer of a chunk rather than the whole chunk. The host's own turn
+is counted at its boundaries only, so the starvation guard below still gives a background host
+at least one whole chunk in every ``background_every`` turns.
+
+At a boundary (and at a pause) every waiting pass, the host's next chunk included, asks for a
+*turn*:
 
 - interactive work (``/explain``, ``/predict``, the protocol routes) goes before background work
   (``/jobs``);
@@ -58,13 +65,17 @@ class Host:
         priority: Priority,
         background_every: int,
         on_yield: Callable[[], None] | None = None,
+        *,
+        pauses: bool = True,
     ) -> None:
         if background_every < 2:
             raise ValueError(f"background_every must be >= 2, got {background_every!r}.")
         self.priority = priority
         self.background_every = background_every
         self.on_yield = on_yield
-        """Told every time the host let at least one guest run at a boundary."""
+        """Told every time the host let at least one guest run (at a boundary or a pause)."""
+        self.pauses = pauses
+        """Whether guests run at the pauses inside the host's chunks (else at boundaries only)."""
         self.yields = 0
         self._lock = threading.Lock()
         self._guests: list[Guest] = []
@@ -90,9 +101,18 @@ class Host:
     def boundary(self) -> None:
         """Between two chunks, on the host's thread: run the guests whose turn comes before the
         host's next chunk."""
+        self._serve(pause=False)
+
+    def pause(self) -> None:
+        """Inside a chunk's forward, on the host's thread: run the guests whose turn comes before
+        the rest of the chunk (a cheap no-op while none waits)."""
+        if self.pauses and self._guests:
+            self._serve(pause=True)
+
+    def _serve(self, pause: bool) -> None:
         own = next(_asked)
         served = 0
-        while (guest := self._next_guest(own)) is not None:
+        while (guest := self._next_guest(own, pause)) is not None:
             served += 1
             guest.run()
         if served:
@@ -110,11 +130,13 @@ class Host:
             guest.decline()
         return left
 
-    def _next_guest(self, own: int) -> Guest | None:
-        """The guest whose turn is next, taken off the queue; None: the host's own turn."""
+    def _next_guest(self, own: int, pause: bool = False) -> Guest | None:
+        """The guest whose turn is next, taken off the queue; None: the host's own turn (which
+        counts as a turn at a boundary only: at a pause the host merely goes on with its chunk)."""
         with self._lock:
             if not self._guests:
-                self._took(self.priority, background_waits=False)
+                if not pause:
+                    self._took(self.priority, background_waits=False)
                 return None
             turns: list[tuple[Priority, int, Guest | None]] = [
                 (g.priority, g.asked, g) for g in self._guests
@@ -125,8 +147,10 @@ class Host:
                 chosen = min(background, key=lambda t: t[1])
             else:
                 chosen = min(turns, key=lambda t: (_RANK[t[0]], t[1]))
-            self._took(chosen[0], background_waits=bool(background))
             guest = chosen[2]
+            if guest is None and pause:
+                return None
+            self._took(chosen[0], background_waits=bool(background))
             if guest is not None:
                 self._guests.remove(guest)
             return guest

@@ -251,3 +251,123 @@ def test_hooks_record_only_the_forwards_of_their_own_scope(tiny_net):
         with hook_scope(mine):
             maps = extractor([0, 1], scores)
     torch.testing.assert_close(maps[0], _run(GradCAM, tiny_net, x, [0, 1])[0])
+
+
+# ------------------------------------------------------------------------------------ pauses
+#: The methods whose calls run extra forwards, where a call may pause.
+EXTRA = [m for m in ALL if m.masked_forwards or m.noisy_forwards]
+#: Several chunks per call, so that it pauses in several forwards.
+SMALL_CHUNKS = {"SmoothGradCAMpp": {"num_samples": 10}, "AblationCAM": {"batch_size": 3}}
+
+
+def _hosted(method, model, x, pause=None, **options):
+    """``method``'s maps of ``x`` for classes [0, 1], with ``pause`` given to the call; the
+    options of ``OPTIONS`` and ``SMALL_CHUNKS`` with ``options`` on top."""
+    name = method.__name__
+    opts = {**OPTIONS.get(name, {}), **SMALL_CHUNKS.get(name, {}), **options}
+    with method(model, "feat", input_shape=tuple(x.shape[1:]), **opts) as extractor:
+        context = torch.enable_grad() if method.requires_grad else torch.inference_mode()
+        with context:
+            scores = model(x)
+        return extractor([0, 1], scores, pause=pause)
+
+
+def _guest_gradcam(model, x):
+    """A GradCAM pass of its own (its scope, its forward), as a caller runs one in a pause; an
+    error is returned, not raised."""
+    from app.cam.core import hook_scope
+
+    try:
+        with hook_scope(object()), torch.inference_mode(False):
+            return _run(GradCAM, model, x, [2, 1])[0]
+    except ValueError as error:
+        return error
+
+
+def _inputs():
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return x, y
+
+
+@pytest.mark.parametrize("method", EXTRA, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("fast_path", [True, False], ids=["", "slow"])
+def test_a_call_pauses_before_each_leaf_module_its_extra_forwards_run(tiny_net, method, fast_path):
+    if not fast_path and method is not METHODS["AblationCAM"]:
+        pytest.skip("only Ablation-CAM has a fast path")
+    options = {} if fast_path else {"fast_path": False}
+    x, _ = _inputs()
+    calls = []  # the leaf modules' calls during the extractor's call
+    leaves = [m for m in tiny_net.modules() if next(m.children(), None) is None]
+    with method(
+        tiny_net,
+        "feat",
+        input_shape=(3, 8, 8),
+        **{**OPTIONS.get(method.__name__, {}), **SMALL_CHUNKS.get(method.__name__, {}), **options},
+    ) as extractor:
+        context = torch.enable_grad() if method.requires_grad else torch.inference_mode()
+        with context:
+            scores = tiny_net(x)
+        counters = [
+            leaf.register_forward_pre_hook(lambda _m, _a: calls.append(1)) for leaf in leaves
+        ]
+        pauses = []
+        try:
+            extractor([0, 1], scores, pause=lambda: pauses.append(1))
+        finally:
+            for counter in counters:
+                counter.remove()
+    assert len(calls) >= 2 * 2  # at least two extra forwards (the tail: pool and fc)
+    assert len(pauses) == len(calls)
+
+
+@pytest.mark.parametrize("method", [m for m in ALL if m not in EXTRA], ids=lambda m: m.__name__)
+def test_a_call_without_extra_forwards_never_pauses(tiny_net, method):
+    x, _ = _inputs()
+    pauses = []
+    _run(method, tiny_net, x, [0, 1], pause=lambda: pauses.append(1))
+    assert pauses == []
+
+
+@pytest.mark.parametrize("method", EXTRA, ids=lambda m: m.__name__)
+@pytest.mark.parametrize("fast_path", [True, False], ids=["", "slow"])
+def test_a_pass_run_in_every_pause_leaves_both_answers_as_if_alone(tiny_net, method, fast_path):
+    """Another pass (GradCAM, in its own hook scope) runs at every pause of the call, so at
+    every position inside the extra forwards where a scheduler could put it."""
+    if not fast_path and method is not METHODS["AblationCAM"]:
+        pytest.skip("only Ablation-CAM has a fast path")
+    options = {} if fast_path else {"fast_path": False}
+    x, y = _inputs()
+    guest_alone = _guest_gradcam(tiny_net, y)
+    alone = _hosted(method, tiny_net, x, **options)
+    seen = []
+    hosted = _hosted(
+        method, tiny_net, x, pause=lambda: seen.append(_guest_gradcam(tiny_net, y)), **options
+    )
+    assert len(seen) >= 4
+    for a, b in zip(hosted, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for maps in seen:
+        torch.testing.assert_close(maps, guest_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unscoped_ablation_hook_would_corrupt_a_pass_run_in_a_pause(tiny_net, monkeypatch):
+    """The check above can fail: Ablation-CAM's hook that swaps in the ablated activation must
+    leave the forwards of other scopes alone."""
+    ablation = METHODS["AblationCAM"]
+    monkeypatch.setattr(ablation, "_ablate", lambda _self, ablated, *_args: ablated)
+    x, y = _inputs()
+    guest_alone = _guest_gradcam(tiny_net, y)
+    seen = []
+    _hosted(
+        ablation,
+        tiny_net,
+        x,
+        pause=lambda: seen.append(_guest_gradcam(tiny_net, y)),
+        fast_path=False,
+    )
+    assert seen
+    assert any(
+        isinstance(maps, ValueError) or not torch.allclose(maps, guest_alone, atol=1e-5)
+        for maps in seen
+    )

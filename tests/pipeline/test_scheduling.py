@@ -1,8 +1,9 @@
 """Turns at chunk boundaries: the order of the policy, and answers equal to a pass run alone.
 
 The interleaving tests are deterministic: a guest pass runs at *every* chunk boundary of the host
-(so at each position an interleaving could put it), on the host's thread, through the real
-``Host``; every answer must equal the same pass run alone to 1e-5, for every registered method.
+and at every pause inside its chunks' forwards (so at each position an interleaving could put it),
+on the host's thread, through the real ``Host``; every answer must equal the same pass run alone
+to 1e-5, for every registered method.
 """
 
 from __future__ import annotations
@@ -92,6 +93,52 @@ def test_background_guests_of_an_interactive_host_are_not_starved() -> None:
     assert log == ["chunk0", "chunk1", "chunk2", "job", "chunk3"]
 
 
+def _chunk_with_pauses(host: Host, log: list[str], number: int, pauses: int) -> None:
+    """One chunk of the host: ``pauses`` pauses inside its forwards, then its boundary."""
+    log.append(f"chunk{number}")
+    for _ in range(pauses):
+        host.pause()
+    host.boundary()
+
+
+def test_interactive_guests_run_at_a_pause_inside_the_chunk_of_a_background_host() -> None:
+    log: list[str] = []
+    host = Host("background", background_every=4)
+    log.append("chunk0")
+    host.pause()  # nobody waits: the chunk goes on
+    host.offer(_guest(log, "a", "interactive"))
+    host.pause()
+    log.append("rest of chunk0")
+    host.boundary()
+    assert log == ["chunk0", "a", "rest of chunk0"]
+    assert host.yields == 1
+
+
+def test_pauses_keep_a_background_host_one_whole_chunk_in_n() -> None:
+    """An interactive guest always waits: of every N = 3 turns, the host's chunk is one, however
+    many pauses the chunk has (the host going on at a pause is not a turn)."""
+    log: list[str] = []
+    host = Host("background", background_every=3)
+    guests = iter(range(100))
+
+    def offer_one() -> None:
+        name = f"g{next(guests)}"
+        host.offer(Guest("interactive", lambda: (log.append(name), offer_one()), lambda: None))
+
+    offer_one()
+    for number in range(3):
+        _chunk_with_pauses(host, log, number, pauses=5)
+    assert log == ["chunk0", "g0", "g1", "chunk1", "g2", "g3", "chunk2", "g4", "g5"]
+
+
+def test_a_host_without_pauses_serves_its_guests_at_boundaries_only() -> None:
+    log: list[str] = []
+    host = Host("background", background_every=4, pauses=False)
+    host.offer(_guest(log, "a", "interactive"))
+    _chunk_with_pauses(host, log, 0, pauses=3)
+    assert log == ["chunk0", "a"]
+
+
 def test_a_closed_host_declines_what_still_waits_and_refuses_more() -> None:
     log: list[str] = []
     host = Host("background", background_every=4)
@@ -176,11 +223,13 @@ def _item(model: LoadedModel, seed: int, class_idx: tuple[int, ...] = ()) -> Cam
 
 
 class _Hosting:
-    """A pass's control that makes it the model's host (``Host.boundary`` at each boundary)."""
+    """A pass's control that makes it the model's host (``Host.boundary`` at each boundary,
+    ``Host.pause`` at each pause inside its chunks' forwards)."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
         self.boundaries = 0
+        self.pauses = 0
 
     def should_stop(self) -> bool:
         return False
@@ -190,12 +239,16 @@ class _Hosting:
         self.host.boundary()
         return False
 
+    def at_pause(self) -> None:
+        self.pauses += 1
+        self.host.pause()
+
     def progress(self, done: int, total: int) -> None:
         pass
 
 
-def _every_boundary(host: Host, run: Callable[[], object], seen: list[object]) -> None:
-    """Offer ``run`` to ``host`` so that it runs at every one of its boundaries."""
+def _every_turn(host: Host, run: Callable[[], object], seen: list[object]) -> None:
+    """Offer ``run`` to ``host`` so that it runs at every one of its boundaries and pauses."""
 
     def again() -> None:
         seen.append(run())
@@ -218,15 +271,17 @@ def _assert_same(got: CamOutcome, alone: CamOutcome) -> None:
 
 def _hosted(
     model: LoadedModel, host_plan: CamPlan, host_item: CamItem, guest: Callable[[], object]
-) -> tuple[CamOutcome, list[object], int]:
-    """The host's answer with ``guest`` run at each of its boundaries; the guests' answers."""
-    host = Host("background", background_every=2)
+) -> tuple[CamOutcome, list[object], _Hosting]:
+    """The host's answer with ``guest`` run at each of its boundaries and pauses (an interactive
+    host: a guest asked before the host's turn goes first, once per boundary or pause); the
+    guests' answers; the control (its counts)."""
+    host = Host("interactive", background_every=2)
     seen: list[object] = []
-    _every_boundary(host, guest, seen)
+    _every_turn(host, guest, seen)
     control = _Hosting(host)
     (outcome,) = run_cam_pass(model, host_plan, [host_item], control)
     host.close()
-    return outcome, seen, control.boundaries
+    return outcome, seen, control
 
 
 def _host_plan(model: LoadedModel) -> CamPlan:
@@ -247,11 +302,13 @@ def test_a_pass_between_the_chunks_of_another_answers_as_if_alone(
     (guest_alone,) = run_cam_pass(model, plan, [item])
     (host_alone,) = run_cam_pass(model, host_plan, [host_item])
 
-    host_outcome, seen, boundaries = _hosted(
+    host_outcome, seen, control = _hosted(
         model, host_plan, host_item, lambda: run_cam_pass(model, plan, [item])[0]
     )
 
-    assert boundaries >= 3 and len(seen) == boundaries  # the guest ran at every boundary
+    # The guest ran at every boundary and every pause.
+    assert control.boundaries >= 3 and control.pauses >= 3
+    assert len(seen) == control.boundaries + control.pauses
     _assert_same(host_outcome, host_alone)
     for outcome in seen:
         assert isinstance(outcome, CamOutcome)
@@ -277,9 +334,10 @@ def test_a_chunked_pass_hosting_others_answers_as_if_alone(
         (forward,) = run_forward_pass(model, [guest_item.batch])
         return cam, forward.logits
 
-    outcome, seen, boundaries = _hosted(model, plan, item, guests)
+    outcome, seen, control = _hosted(model, plan, item, guests)
 
-    assert boundaries >= 3 and len(seen) == boundaries
+    assert control.boundaries >= 3 and control.pauses >= 3
+    assert len(seen) == control.boundaries + control.pauses
     _assert_same(outcome, alone)
     for cam, logits in seen:  # type: ignore[misc]
         _assert_same(cam, guest_alone)
@@ -300,13 +358,21 @@ def no_hook_scopes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_without_pass_scopes_a_guest_corrupts_its_host(
     models: dict[str, LoadedModel], no_hook_scopes: None
 ) -> None:
-    """The check above can fail: without scopes, the host's hooks record the guest's forward."""
+    """The checks above can fail: without scopes, the host's hooks record the guest's forwards
+    at its boundaries, and a guest in a pause records nothing (the host silenced every hook)."""
     model = models["tiny"]
     host_plan, host_item = _host_plan(model), _item(model, seed=2)
     guest_plan, guest_item = _plan(model, "GradCAM"), _item(model, seed=5)
     (host_alone,) = run_cam_pass(model, host_plan, [host_item])
-    outcome, _, _ = _hosted(
-        model, host_plan, host_item, lambda: run_cam_pass(model, guest_plan, [guest_item])
-    )
+
+    def guest() -> CamOutcome | RuntimeError:
+        try:
+            return run_cam_pass(model, guest_plan, [guest_item])[0]
+        except RuntimeError as error:
+            return error
+
+    outcome, seen, _ = _hosted(model, host_plan, host_item, guest)
     with pytest.raises(AssertionError):
         _assert_same(outcome, host_alone)
+    broken = [o for o in seen if isinstance(o, RuntimeError)]
+    assert broken and "No activation recorded" in str(broken[0])
