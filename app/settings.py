@@ -293,7 +293,7 @@ class Settings(BaseSettings):
         "when the job is created (413).",
     )
     background_every: int = Field(
-        4,
+        3,
         ge=2,
         le=1000,
         description="While `/jobs` work waits for a model that interactive requests keep busy, "

@@ -131,13 +131,11 @@ async def _job(
         if goal is not None and done >= goal:
             seconds = time.perf_counter() - started
             await client.delete(job_url)
-            # The pass stops at its next boundary, after the passes waiting there: once a
-            # /predict on the model is answered, the model is free for the next level.
-            await client.post(
-                f"{url}/predict",
-                files={"file": ("image.jpg", image, "image/jpeg")},
-                data={"model": model},
-            )
+            # The pass stops at its next boundary (a request on the model would be answered
+            # in a pause before that, so it cannot tell): wait out the longest chunk seen, so
+            # that the next level starts on a free model slot and an idle CPU.
+            longest = max((b - a for a, b in itertools.pairwise(steps)), default=1.0)
+            await asyncio.sleep(1.5 * longest)
             return JobRun(seconds, done, chunk_seconds(steps))
         await asyncio.sleep(POLL_S)
     return JobRun(time.perf_counter() - started, done, chunk_seconds(steps))

@@ -127,7 +127,7 @@ class Batcher:
         executor: Executor | None = None,
         on_pass: Callable[[int], None] | None = None,
         *,
-        background_every: int = 4,
+        background_every: int = 3,
         on_wait: Callable[[Priority, float], None] | None = None,
         on_yield: Callable[[], None] | None = None,
         pause_in_forwards: bool = True,

@@ -111,7 +111,7 @@ class Explainer:
         on_pass: Callable[[str, int, int], None] | None = None,
         max_request_pixels: int | None = None,
         decode_budget: MemoryBudget | None = None,
-        background_every: int = 4,
+        background_every: int = 3,
         on_wait: Callable[[str, Priority, float], None] | None = None,
         on_yield: Callable[[str], None] | None = None,
         pause_in_forwards: bool = True,

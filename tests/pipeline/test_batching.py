@@ -6,6 +6,8 @@ import asyncio
 import threading
 from collections.abc import Sequence
 
+import pytest
+
 from app.cam import CamInterrupted
 from app.errors import InvalidParameter
 from app.pipeline.admission import SlotLimiter
@@ -327,6 +329,65 @@ def test_a_short_request_runs_at_the_next_chunk_boundary_not_after_the_long_pass
         assert log == ["job0", "a", "job1", "job2"]
         assert yields == [1]
         assert sorted(priority for priority, _ in waits) == ["background", "interactive"]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+class Halves:
+    """A chunked pass of one chunk in two halves, with a pause inside the chunk between them
+    (where an engine's forward pauses before a layer), each half waiting for the test's go."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.go = [threading.Event(), threading.Event()]
+        self.waiting = threading.Event()
+
+    def __call__(self, items: Sequence[str], control: PassControl) -> list[str]:
+        self.waiting.set()
+        self.go[0].wait(10)
+        self.log.append("first half")
+        control.at_pause()
+        self.go[1].wait(10)
+        self.log.append("second half")
+        control.at_boundary()
+        return [item.upper() for item in items]
+
+
+@pytest.mark.parametrize(
+    ("pause_in_forwards", "order"),
+    [
+        (True, ["first half", "a", "second half"]),
+        (False, ["first half", "second half", "a"]),
+    ],
+)
+def test_a_short_request_runs_at_a_pause_inside_the_chunk_unless_pauses_are_off(
+    pause_in_forwards: bool, order: list[str]
+) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(
+            "m",
+            SlotLimiter(max_running=1, max_waiting=10),
+            8,
+            0.0,
+            pause_in_forwards=pause_in_forwards,
+        )
+        log: list[str] = []
+        long = Halves(log)
+        job = asyncio.ensure_future(
+            batcher.submit("s", "j", 1, long, False, priority="background", chunked=True)
+        )
+        await _wait_until(long.waiting.is_set)
+        short = asyncio.ensure_future(batcher.submit("k", "a", 1, Short(log)))
+        await _wait_until(lambda: batcher.waiting == 1)  # offered to the job
+        long.go[0].set()
+        if pause_in_forwards:
+            result, info = await asyncio.wait_for(short, 10)
+            assert (result, info.guest) == ("A", True)
+            assert not job.done()  # answered before the chunk's second half
+        long.go[1].set()
+        await asyncio.wait_for(asyncio.gather(job, short), 10)
+        assert log == order
         await batcher.close()
 
     asyncio.run(scenario())
