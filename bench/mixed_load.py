@@ -8,7 +8,7 @@ resnet18/resnet50, as the load scenario builds it) and one 640x480 JPEG. For eac
 
 1. GradCAM on M alone, closed loop at concurrency 1: p50/p95 (the idle reference).
 2. A Score-CAM job (``POST /jobs``, ``batch_size`` 32, M's ``layer4``) alone: its duration, and
-   one chunk's time (32 masked forwards): the median time between two rises of its progress.
+   one chunk's time (32 masked forwards), from the times at which its progress rose.
 3. The same job again, with GradCAM on M at concurrency 1, then at concurrency 4, for as long as
    the job runs: GradCAM p50/p95 and the job's duration beside that load.
 4. The same job on M's twin (another model folder with the same weights, so another model with
@@ -61,16 +61,19 @@ class JobRun:
     seconds: float
     forwards: int
     chunk_s: float | None = None
-    """The median time between two progress steps of its masked chunks (None: fewer than two
+    """Its chunk's time, from its progress (``chunk_seconds``; None: fewer than two
     steps were seen)."""
 
 
-def chunk_seconds(steps: list[float]) -> float | None:
-    """One chunk's time from the times at which a job's progress rose: the first rise is the
-    flat channels (counted at once, before any masked forward) and the last may be cut short by
-    the goal, so the chunks are the intervals between the rises after the first."""
-    intervals = [b - a for a, b in itertools.pairwise(steps)]
-    return statistics.median(intervals) if intervals else None
+def chunk_seconds(steps: list[tuple[float, int]]) -> float | None:
+    """One chunk's time from the (time, done) pairs at which a job's progress rose: the first
+    rise is the flat channels (counted at once, before any masked forward), so the time from it
+    to the last rise over the chunks of ``JOB_BATCH`` done meanwhile (robust to a poll that sees
+    several chunks at once, as on a GPU)."""
+    if len(steps) < 2:
+        return None
+    (first_s, first_done), (last_s, last_done) = steps[0], steps[-1]
+    return (last_s - first_s) * JOB_BATCH / (last_done - first_done)
 
 
 async def _gradcam_until(
@@ -114,13 +117,13 @@ async def _job(
     )
     answer.raise_for_status()
     job_url = f"{url}/jobs/{answer.json()['id']}"
-    steps: list[float] = []  # when the progress rose
+    steps: list[tuple[float, int]] = []  # when the progress rose, and to what
     last = 0
     while True:
         view = (await client.get(job_url)).json()
         done = int(view["progress"]["done"])
         if done > last:
-            steps.append(time.perf_counter())
+            steps.append((time.perf_counter(), done))
             last = done
         if running is not None and done > 0:
             running.set()
@@ -134,7 +137,7 @@ async def _job(
             # The pass stops at its next boundary (a request on the model would be answered
             # in a pause before that, so it cannot tell): wait out the longest chunk seen, so
             # that the next level starts on a free model slot and an idle CPU.
-            longest = max((b - a for a, b in itertools.pairwise(steps)), default=1.0)
+            longest = max((b[0] - a[0] for a, b in itertools.pairwise(steps)), default=1.0)
             await asyncio.sleep(1.5 * longest)
             return JobRun(seconds, done, chunk_seconds(steps))
         await asyncio.sleep(POLL_S)
@@ -252,7 +255,7 @@ def chunk_ms(runs: list[JobRun]) -> float | None:
 def targets(result: dict[str, Any]) -> dict[str, Any]:
     """The targets of one model's levels (``rows`` in ``measure_model``'s order).
 
-    "One chunk" is measured from the job's progress (the median time between two of its steps)
+    "One chunk" is measured from the job's progress (``chunk_seconds``, the median of the rounds)
     two ways: as the job's chunks ran alone, and as they ran beside the same-model GradCAM load
     at c=1 (the turns included), which is the chunk a request there actually waits for."""
     idle, alone, same1, _same4, twin1 = result["rows"]

@@ -28,8 +28,9 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.cam import METHODS, CamInterrupted  # noqa: E402
 from serving import machine_info, table_of  # noqa: E402
+
+from app.cam import METHODS, CamInterrupted  # noqa: E402
 
 MODELS = {"resnet18": "layer4", "resnet50": "layer4"}
 BATCH = 32

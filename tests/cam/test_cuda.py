@@ -38,3 +38,40 @@ def test_maps_stay_on_the_gpu_and_match_the_cpu(tiny_net, name):
         results[device] = maps
     if name not in ("SmoothGradCAMpp", "SSCAM"):  # their noise comes from per-device generators
         torch.testing.assert_close(results["cuda"].cpu(), results["cpu"], rtol=1e-4, atol=1e-4)
+
+
+EXTRA = [name for name, cls in METHODS.items() if cls.masked_forwards or cls.noisy_forwards]
+
+
+@pytest.mark.parametrize("name", EXTRA)
+def test_a_pass_run_in_every_pause_on_the_gpu_leaves_both_answers_as_if_alone(tiny_net, name):
+    """The CUDA twin of tests/cam/test_core.py's pause test: kernels of the paused forward are
+    still queued when the other pass's are, on the same stream."""
+    from app.cam import GradCAM
+    from app.cam.core import hook_scope
+
+    model, shape = tiny_net.to("cuda"), (3, 16, 16)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).cuda()
+    y = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1)).cuda()
+
+    def guest() -> torch.Tensor:
+        with hook_scope(object()), torch.inference_mode(False):
+            with GradCAM(model, "feat", input_shape=shape) as ext, torch.enable_grad():
+                return ext([2, 1], model(y))[0]
+
+    def host(pause=None) -> torch.Tensor:
+        options = {"batch_size": 2} if name != "SmoothGradCAMpp" else {"num_samples": 20}
+        options = {**OPTIONS.get(name, {}), **options}
+        with METHODS[name](model, "feat", input_shape=shape, **options) as ext:
+            context = torch.enable_grad() if ext.requires_grad else torch.inference_mode()
+            with context:
+                scores = model(x)
+            return ext([0, 2], scores, pause=pause)[0]
+
+    guest_alone, alone = guest(), host()
+    seen: list[torch.Tensor] = []
+    hosted = host(pause=lambda: seen.append(guest()))
+    assert len(seen) >= 4
+    torch.testing.assert_close(hosted, alone, rtol=1e-5, atol=1e-5)
+    for maps in seen:
+        torch.testing.assert_close(maps, guest_alone, rtol=1e-5, atol=1e-5)
