@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from app.cam import ProgressCallback
 from app.models.device import resolve_device
 from app.models.registry import ModelRegistry
-from app.pipeline.admission import SlotLimiter
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer
 from app.pipeline.results import ExplainResponse
@@ -43,15 +42,8 @@ class LocalService:
         )
         # One thread runs every torch call, as the service's model threads do.
         self._model_threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve")
-        self.explainer = Explainer(
-            self.registry,
-            SlotLimiter(settings.max_model_slots, settings.queue_size),
-            settings.max_image_pixels,
-            settings.max_cam_forwards,
-            max_output_side=settings.max_output_side,
-            max_batch_size=settings.max_batch_size,
-            batch_timeout_s=settings.batch_timeout_ms / 1000,
-            model_threads=self._model_threads,
+        self.explainer = Explainer.from_settings(
+            settings, self.registry, model_threads=self._model_threads
         )
 
     async def __aenter__(self) -> LocalService:

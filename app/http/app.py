@@ -32,8 +32,6 @@ from app.models.memory import trim_periodically
 from app.models.registry import ModelRegistry
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
-from app.pipeline.admission import SlotLimiter
-from app.pipeline.budget import MemoryBudget
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import open_job_store
 from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
@@ -66,7 +64,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.model_store, device, settings.default_model, settings.model_control
     )
     registry.discover()
-    limiter = SlotLimiter(settings.max_model_slots, settings.queue_size)
     # Every torch call of the service (loading, warm-up, passes) runs on these threads. Each
     # thread that runs torch ops gets its own OpenMP team, and two teams on a CPU slow each other
     # down: resnet50's forward took 79 ms instead of 68 ms once a second thread had run one.
@@ -80,23 +77,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.device = device
     app.state.registry = registry
-    explainer = Explainer(
+    explainer = Explainer.from_settings(
+        settings,
         registry,
-        limiter,
-        settings.max_image_pixels,
-        settings.max_cam_forwards,
-        max_output_side=settings.max_output_side,
-        max_batch_size=settings.max_batch_size,
-        batch_timeout_s=settings.batch_timeout_ms / 1000,
         model_threads=model_threads,
         image_threads=image_threads,
-        on_pass=app.state.metrics.observe_pass if app.state.metrics else None,
-        max_request_pixels=settings.max_request_pixels,
-        decode_budget=MemoryBudget(settings.decode_budget_bytes),
-        background_every=settings.background_every,
-        on_wait=app.state.metrics.observe_wait if app.state.metrics else None,
-        on_yield=app.state.metrics.observe_yield if app.state.metrics else None,
-        pause_in_forwards=settings.pause_in_forwards,
+        metrics=app.state.metrics,
     )
     app.state.explainer = explainer
     app.state.control = ModelControl(

@@ -177,8 +177,8 @@ class Metrics:
         )
         self.yields = Counter(
             "camserve_pass_yields",
-            "Chunk boundaries at which a long pass (Score-CAM family, Ablation-CAM, "
-            "SmoothGrad-CAM++) let other passes on its model run.",
+            "Chunk boundaries and pauses inside chunks at which a long pass (Score-CAM "
+            "family, Ablation-CAM, SmoothGrad-CAM++) let other passes on its model run.",
             ["model"],
             registry=self.registry,
         )

@@ -13,7 +13,8 @@ request goes first, then the oldest background one; a batch holds requests of on
 A chunked pass (``submit(chunked=True)``: the Score-CAM family, Ablation-CAM, SmoothGrad-CAM++)
 does not keep the model to itself: while it runs it is the model's ``Host``, and the next short
 passes are formed as usual and offered to it; it runs them on its thread at its next chunk
-boundary (``PassControl.at_boundary``) in the scheduler's order, then resumes. A second chunked
+boundary (``PassControl.at_boundary``), or at a pause inside a chunk's forward
+(``PassControl.at_pause``), in the scheduler's order, then resumes. A second chunked
 pass waits until the first one ends.
 
 A request whose caller is cancelled (its client went away, its deadline passed, its job was
@@ -234,7 +235,7 @@ class Batcher:
             if not group:
                 continue
             if self._host is not None and not group[0].chunked:
-                # Runs at the host's next boundary; later arrivals gather meanwhile.
+                # Runs at the host's next pause or boundary; later arrivals gather meanwhile.
                 started = asyncio.Event()
                 self._start(self._run_group(group, started=started))
                 await started.wait()
@@ -391,7 +392,8 @@ class Batcher:
         requests: int,
         work: Callable[[], tuple[float, Sequence[Any]]],
     ) -> tuple[float, Sequence[Any]] | Exception | None:
-        """``work``'s outcome once ``host`` ran it at a boundary; None if the host ended first."""
+        """``work``'s outcome once ``host`` ran it (at a pause or boundary); None if the host
+        ended first."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[float, Sequence[Any]] | Exception | None]
         done = loop.create_future()

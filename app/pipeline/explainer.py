@@ -23,6 +23,7 @@ from app.models.device import default_batch_size
 from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.observability.context import note_work
+from app.observability.metrics import Metrics
 from app.pipeline import checks
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
@@ -66,6 +67,7 @@ from app.pipeline.results import (
     PredictTimings,
 )
 from app.pipeline.scheduling import Priority
+from app.settings import Settings
 
 FUSED = "fused"
 T = TypeVar("T")
@@ -145,6 +147,37 @@ class Explainer:
         """Told (model), from a pass thread, whenever a chunked pass let other passes run."""
         self.pause_in_forwards = pause_in_forwards
         """Whether short passes also run in the pauses inside a chunked pass's forwards."""
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        registry: ModelRegistry,
+        *,
+        model_threads: Executor,
+        image_threads: Executor | None = None,
+        metrics: Metrics | None = None,
+    ) -> Explainer:
+        """The explainer ``settings`` describe: the service's lifespan and the local pipeline of
+        ``camserve explain`` both build theirs here, so they answer alike."""
+        return cls(
+            registry,
+            SlotLimiter(settings.max_model_slots, settings.queue_size),
+            settings.max_image_pixels,
+            settings.max_cam_forwards,
+            max_output_side=settings.max_output_side,
+            max_batch_size=settings.max_batch_size,
+            batch_timeout_s=settings.batch_timeout_ms / 1000,
+            model_threads=model_threads,
+            image_threads=image_threads,
+            on_pass=metrics.observe_pass if metrics else None,
+            max_request_pixels=settings.max_request_pixels,
+            decode_budget=MemoryBudget(settings.decode_budget_bytes),
+            background_every=settings.background_every,
+            on_wait=metrics.observe_wait if metrics else None,
+            on_yield=metrics.observe_yield if metrics else None,
+            pause_in_forwards=settings.pause_in_forwards,
+        )
 
     def batcher(self, model: LoadedModel) -> Batcher:
         """The model's batcher, made on first use (inside the running event loop)."""

@@ -1,11 +1,11 @@
-"""Who runs next on a model while a chunked pass holds it: turns at chunk boundaries.
+"""Who runs next on a model while a chunked pass holds it: turns at boundaries and pauses.
 
 A *chunked* pass (the Score-CAM family, Ablation-CAM, SmoothGrad-CAM++) is a hooked forward
 followed by chunks of masked, ablated or noisy forwards. While it runs, it is the model's *host*:
 the other passes for that model (short ones: a forward, or a forward and a backward) are offered
-to it as *guests*, and the host runs them on its own thread at its next chunk boundary, then
-resumes. No second thread and no second slot touch the model, and each pass runs in its own hook
-scope (``app.cam.core.hook_scope``), so activations never cross between passes.
+to it as *guests*, and the host runs them on its own thread at its next chunk boundary or pause
+(below), then resumes. No second thread and no second slot touch the model, and each pass runs
+in its own hook scope (``app.cam.core.hook_scope``), so activations never cross between passes.
 
 The host also *pauses* inside its chunks' forwards, before each of the model's leaf modules
 (``app.cam.core.Work.pause_points``): a guest whose turn comes before the host's runs there, so

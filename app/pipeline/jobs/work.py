@@ -48,8 +48,8 @@ async def run_job(
 ) -> Outcome:
     """Run the explanation without admission (a job waits for its slot instead of being
     refused), in the background priority class: interactive requests on its model go first, at
-    its chunk boundaries (``app.pipeline.scheduling``). A cancellation propagates: the caller
-    knows why it cancelled."""
+    its pauses and chunk boundaries (``app.pipeline.scheduling``). A cancellation propagates:
+    the caller knows why it cancelled."""
     try:
         result = await explainer.explain(
             model,
