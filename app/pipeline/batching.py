@@ -14,7 +14,8 @@ A chunked pass (``submit(chunked=True)``: the Score-CAM family, Ablation-CAM, Sm
 does not keep the model to itself: while it runs it is the model's ``Host``, and the next short
 passes are formed as usual and offered to it; it runs them on its thread at its next chunk
 boundary (``PassControl.at_boundary``), or at a pause inside a chunk's forward
-(``PassControl.at_pause``), in the scheduler's order, then resumes. A second chunked
+(``PassControl.at_pause``), in the scheduler's order, then resumes. Until its turn comes, a short
+pass offered to the host still takes the compatible requests that arrive. A second chunked
 pass waits until the first one ends.
 
 A request whose caller is cancelled (its client went away, its deadline passed, its job was
@@ -113,6 +114,19 @@ class _Pending:
     @property
     def order(self) -> tuple[int, float]:
         return (0 if self.priority == "interactive" else 1, self.submitted)
+
+
+class _Seal:
+    """Whether a formed group still takes newcomers: open while it waits for a host's turn,
+    sealed (from the pass's thread, under the lock) when its pass starts."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sealed = False
+
+    def close(self) -> None:
+        with self.lock:
+            self.sealed = True
 
 
 class Batcher:
@@ -235,10 +249,11 @@ class Batcher:
             if not group:
                 continue
             if self._host is not None and not group[0].chunked:
-                # Runs at the host's next pause or boundary; later arrivals gather meanwhile.
-                started = asyncio.Event()
-                self._start(self._run_group(group, started=started))
-                await started.wait()
+                # Runs at the host's next pause or boundary; until then the compatible requests
+                # that arrive join it, and the others gather for the next group.
+                started, seal = asyncio.Event(), _Seal()
+                self._start(self._run_group(group, started=started, seal=seal))
+                await self._join_until_started(group, seal, started)
             elif group[0].chunked:
                 host = Host(
                     group[0].priority,
@@ -316,13 +331,50 @@ class Batcher:
             self._queue.remove(pending)
         return group
 
+    async def _join_until_started(
+        self, group: list[_Pending], seal: _Seal, started: asyncio.Event
+    ) -> None:
+        """While ``group`` waits for its turn, the compatible requests that arrive join it."""
+        while not started.is_set():
+            self._arrived.clear()
+            self._join(group, seal)
+            arrival = asyncio.ensure_future(self._arrived.wait())
+            start = asyncio.ensure_future(started.wait())
+            try:
+                await asyncio.wait({arrival, start}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                arrival.cancel()
+                start.cancel()
+
+    def _join(self, group: list[_Pending], seal: _Seal) -> None:
+        """Move the queued requests that may share ``group``'s pass into it, unless its pass
+        has started."""
+        first = group[0]
+        if not first.batchable:
+            return
+        images = sum(p.images for p in group)
+        for other in self._eligible():
+            if not (
+                other.batchable and other.key == first.key and other.priority == first.priority
+            ):
+                continue
+            if images + other.images > self.max_images:
+                break
+            with seal.lock:
+                if seal.sealed:
+                    return
+                group.append(other)
+            self._queue.remove(other)
+            images += other.images
+
     async def _run_group(
         self,
         group: list[_Pending],
         host: Host | None = None,
         started: asyncio.Event | None = None,
+        seal: _Seal | None = None,
     ) -> None:
-        outcome = await self._run(group, host, started)
+        outcome = await self._run(group, host, started, seal)
         if isinstance(outcome, CamInterrupted) or not any(p.live for p in group):
             if isinstance(outcome, CamInterrupted):
                 logger.info("%s: pass stopped early, its callers are gone (%s)", self.name, outcome)
@@ -346,13 +398,17 @@ class Batcher:
         group: list[_Pending],
         host: Host | None = None,
         started: asyncio.Event | None = None,
+        seal: _Seal | None = None,
     ) -> _Outcome:
-        """One pass: as the model's ``host``, as a guest of the running host, or alone."""
-        control = PassControl(group, host)
+        """One pass: as the model's ``host``, as a guest of the running host, or alone. An open
+        ``seal``: requests may join ``group`` until the pass starts."""
         loop = asyncio.get_running_loop()
 
         def work() -> tuple[float, Sequence[Any]]:
             began = time.perf_counter()
+            if seal is not None:
+                seal.close()  # the group is final from here on
+            control = PassControl(group, host)
             if started is not None:
                 loop.call_soon_threadsafe(started.set)
             try:
@@ -368,7 +424,7 @@ class Batcher:
         guest = host is None and self._host is not None and not group[0].chunked
         if guest:
             assert self._host is not None
-            outcome = await self._as_guest(self._host, group[0].priority, len(group), work)
+            outcome = await self._as_guest(self._host, group[0].priority, group.__len__, work)
             guest = outcome is not None
         if outcome is None:  # alone, as the host, or declined by a host that ended
             try:
@@ -389,7 +445,7 @@ class Batcher:
     async def _as_guest(
         host: Host,
         priority: Priority,
-        requests: int,
+        requests: Callable[[], int],
         work: Callable[[], tuple[float, Sequence[Any]]],
     ) -> tuple[float, Sequence[Any]] | Exception | None:
         """``work``'s outcome once ``host`` ran it (at a pause or boundary); None if the host

@@ -48,8 +48,8 @@ class Guest:
     """Runs the pass on the host's thread; it delivers its own outcome and must not raise."""
     decline: Callable[[], None]
     """Told that the host ended before the pass could run (it then runs elsewhere)."""
-    requests: int = 1
-    """The requests the pass answers (for the queue gauge)."""
+    requests: Callable[[], int] = lambda: 1
+    """How many requests the pass answers now (for the queue gauge; a waiting guest may grow)."""
     asked: int = -1
     """When it asked for its turn: set when it is offered."""
 
@@ -87,7 +87,7 @@ class Host:
     def waiting(self) -> int:
         """Requests of the guests waiting for a boundary."""
         with self._lock:
-            return sum(guest.requests for guest in self._guests)
+            return sum(guest.requests() for guest in self._guests)
 
     def offer(self, guest: Guest) -> bool:
         """Queue ``guest`` for the next boundary; False once the host has ended."""

@@ -393,6 +393,36 @@ def test_a_short_request_runs_at_a_pause_inside_the_chunk_unless_pauses_are_off(
     asyncio.run(scenario())
 
 
+def test_requests_that_arrive_while_a_guest_waits_for_its_turn_join_it() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(max_images=3)
+        log: list[str] = []
+        long = Turns(log, "job", 2)
+        job = asyncio.ensure_future(
+            batcher.submit("s", "j", 1, long, False, priority="background", chunked=True)
+        )
+        await _wait_until(long.waiting.is_set)
+        run = Short(log)
+        first = asyncio.ensure_future(batcher.submit("k", "a", 1, run))
+        await _wait_until(lambda: batcher.waiting == 1)  # offered, waiting for the boundary
+        later = [
+            asyncio.ensure_future(batcher.submit(key, name, 1, run))
+            for key, name in (("k", "b"), ("other", "x"), ("k", "c"), ("k", "d"))
+        ]
+        await _wait_until(lambda: batcher.waiting == 5)
+        for go in long.go:
+            go.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, *later), 10)
+        await asyncio.wait_for(job, 10)
+        # a, b and c shared one guest pass (at most 3 images); x and d went in later ones.
+        assert log[:2] == ["job0", "a+b+c"]
+        assert sorted(log[2:]) == ["d", "job1", "x"]
+        assert [info.batch_images for _, info in answers] == [3, 3, 1, 3, 1]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_waiting_interactive_work_goes_first_and_batches_within_its_class() -> None:
     async def scenario() -> None:
         batcher = _batcher(max_images=8)
