@@ -111,6 +111,9 @@ class Host:
 
     def _serve(self, pause: bool) -> None:
         own = next(_asked)
+        if not pause and self.priority == "background":
+            with self._lock:
+                self._interactive_turns = 0  # its chunk, a background turn, has just ended
         served = 0
         while (guest := self._next_guest(own, pause)) is not None:
             served += 1
@@ -131,8 +134,12 @@ class Host:
         return left
 
     def _next_guest(self, own: int, pause: bool = False) -> Guest | None:
-        """The guest whose turn is next, taken off the queue; None: the host's own turn (which
-        counts as a turn at a boundary only: at a pause the host merely goes on with its chunk)."""
+        """The guest whose turn is next, taken off the queue; None: the host's own turn.
+
+        The host's turn is its next whole chunk. A background host's is counted when the chunk
+        ends (``_serve`` at a boundary), so that the guests served at that boundary and at the
+        pauses of the next chunk are N - 1 at most together; an interactive host's is counted
+        when it is chosen at a boundary. At a pause the host merely goes on with its chunk."""
         with self._lock:
             if not self._guests:
                 if not pause:
@@ -148,11 +155,12 @@ class Host:
             else:
                 chosen = min(turns, key=lambda t: (_RANK[t[0]], t[1]))
             guest = chosen[2]
-            if guest is None and pause:
+            if guest is None:
+                if not pause and self.priority == "interactive":
+                    self._took(self.priority, background_waits=bool(background))
                 return None
             self._took(chosen[0], background_waits=bool(background))
-            if guest is not None:
-                self._guests.remove(guest)
+            self._guests.remove(guest)
             return guest
 
     def _took(self, priority: Priority, background_waits: bool) -> None:
