@@ -107,8 +107,11 @@ async def _job(
     model: str,
     goal: int | None,
     running: asyncio.Event | None = None,
+    ended: asyncio.Event | None = None,
 ) -> JobRun:
-    """One Score-CAM job on ``model``, followed to its end (or to ``goal`` forwards)."""
+    """One Score-CAM job on ``model``, followed to its end (or to ``goal`` forwards);
+    ``running`` is set once it has made progress, ``ended`` once it has ended or reached its
+    goal (before it is cancelled: the load beside it stops there)."""
     started = time.perf_counter()
     answer = await client.post(
         f"{url}/jobs",
@@ -127,7 +130,10 @@ async def _job(
             last = done
         if running is not None and done > 0:
             running.set()
-        if view["status"] in ("succeeded", "failed", "cancelled"):
+        finished = view["status"] in ("succeeded", "failed", "cancelled")
+        if ended is not None and (finished or (goal is not None and done >= goal)):
+            ended.set()
+        if finished:
             if view["status"] != "succeeded":
                 raise RuntimeError(f"the job ended {view['status']}: {view.get('error')}")
             break
@@ -150,11 +156,10 @@ async def _beside_job(
     """GradCAM on ``model`` at ``concurrency`` for as long as a job runs on ``job_model``."""
     async with new_client(concurrency + 1) as client:
         stop, running = asyncio.Event(), asyncio.Event()
-        job = asyncio.ensure_future(_job(client, url, image, job_model, goal, running))
+        job = asyncio.ensure_future(_job(client, url, image, job_model, goal, running, stop))
         await running.wait()  # the job's first chunk is done: it holds the model
         load = asyncio.ensure_future(_gradcam_until(client, url, image, model, concurrency, stop))
-        run = await job
-        stop.set()
+        run = await job  # it set ``stop`` when it reached its goal, before its cancellation
         return await load, run
 
 
