@@ -299,20 +299,26 @@ class Batcher:
         return sorted(live, key=lambda p: p.order)
 
     def _compatible(self, first: _Pending) -> list[_Pending]:
-        group = [first]
+        return [first, *self._joiners([first])]
+
+    def _joiners(self, group: list[_Pending]) -> list[_Pending]:
+        """The eligible requests that may share ``group``'s pass, in turn order, as long as the
+        pass stays within ``max_images``."""
+        first = group[0]
         if not first.batchable:
-            return group
-        images = first.images
+            return []
+        images = sum(p.images for p in group)
+        joiners = []
         for other in self._eligible():
-            if other is first or not (
+            if other in group or not (
                 other.batchable and other.key == first.key and other.priority == first.priority
             ):
                 continue
             if images + other.images > self.max_images:
                 break
-            group.append(other)
+            joiners.append(other)
             images += other.images
-        return group
+        return joiners
 
     async def _form_group(self) -> list[_Pending]:
         eligible = self._eligible()
@@ -349,23 +355,12 @@ class Batcher:
     def _join(self, group: list[_Pending], seal: _Seal) -> None:
         """Move the queued requests that may share ``group``'s pass into it, unless its pass
         has started."""
-        first = group[0]
-        if not first.batchable:
-            return
-        images = sum(p.images for p in group)
-        for other in self._eligible():
-            if not (
-                other.batchable and other.key == first.key and other.priority == first.priority
-            ):
-                continue
-            if images + other.images > self.max_images:
-                break
+        for other in self._joiners(group):
             with seal.lock:
                 if seal.sealed:
                     return
                 group.append(other)
             self._queue.remove(other)
-            images += other.images
 
     async def _run_group(
         self,
