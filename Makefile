@@ -15,7 +15,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --disable-pip-version-check -q -e '.[dev,timm]'
+	$(PIP) install --disable-pip-version-check -q -e '.[dev,timm,clients]'
 	touch $(STAMP)
 
 $(SERVE_STAMP): pyproject.toml | $(PY)
