@@ -206,10 +206,7 @@ function methodChoice(method, checked) {
   const hint = document.createElement("span");
   hint.className = "hint";
   hint.id = `hint-${method}`;
-  const cites = method === name.textContent ? summary : `${method}: ${summary}`;
-  hint.textContent = slow
-    ? `${cites} Runs about ${forwards} forwards of its own per image at the default layers.`
-    : cites;
+  hint.textContent = slow ? `${summary} About ${forwards} extra forwards per image.` : summary;
   input.setAttribute("aria-describedby", hint.id);
   item.append(label, hint);
   return item;
@@ -354,12 +351,13 @@ function stopRun() {
 }
 
 function finishRun() {
-  if ($("job").contains(document.activeElement)) $("explain").focus();
+  const focusInJob = $("job").contains(document.activeElement);
   state.busy = false;
   state.abort = null;
   state.job = null;
   $("explain").disabled = false;
   $("job").hidden = true;
+  if (focusInJob) $("explain").focus(); // the panel goes: the keyboard keeps a place
 }
 
 async function explain(event) {
@@ -441,11 +439,12 @@ async function runJob(method, index, count, run, signal) {
   const label = `${methodLabel(method)}${count > 1 ? ` (${index + 1} of ${count})` : ""}`;
   setStatus(`Explaining ${state.file.name} with ${labels([method])}, as a job…`);
   showJob(label, null);
-  $("cancel").disabled = true; // until there is a job to cancel
+  // Until there is a job to cancel. aria-disabled, not disabled: that would drop the focus.
+  $("cancel").setAttribute("aria-disabled", "true");
   const created = await api("jobs", { method: "POST", body: explainForm([method]), signal });
   if (run !== state.run) return { status: "cancelled", progress: { done: 0, total: 0 } };
   state.job = { id: created.id, label, cancelled: false };
-  $("cancel").disabled = false;
+  $("cancel").removeAttribute("aria-disabled");
   const view = await followJob(state.job, signal);
   const job = state.job;
   state.job = null;
@@ -510,10 +509,18 @@ async function readEvents(body, onEvent) {
       if (!data.length) continue;
       const result = onEvent(name, data.join("\n"), id);
       if (result) {
-        reader.cancel().catch(() => {});
+        drain(reader); // the server ends the stream after the final event
         return result;
       }
     }
+  }
+}
+
+async function drain(reader) {
+  try {
+    while (!(await reader.read()).done);
+  } catch {
+    // aborted with its run: nothing was waiting for it
   }
 }
 
@@ -548,7 +555,7 @@ async function cancelJob() {
   const job = state.job;
   if (!job || job.cancelled) return;
   job.cancelled = true;
-  $("cancel").disabled = true;
+  $("cancel").setAttribute("aria-disabled", "true");
   $("job-text").textContent = `${job.label}: cancelling…`;
   try {
     await api(`jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
