@@ -180,7 +180,7 @@ function info(method) {
   return known || { summary: "", forwards: 0, slow: false };
 }
 
-// The summary starts with the method's written name: "Grad-CAM++ (Chattopadhyay et al., ...".
+// The summary starts with the method's written name, then its paper: "Name (Authors, venue)."
 function methodLabel(method) {
   const head = info(method).summary.split(/ \(|[,:]/)[0].trim();
   return head || method;
