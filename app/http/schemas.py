@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.pipeline.describe import SLOW_FORWARDS
 from app.pipeline.results import ErrorDetail, JobStatus, with_example
 
 
@@ -208,7 +209,8 @@ class ModelDetail(ModelSummary):
         "runs them as jobs)",
     )
     slow_forwards: int = Field(
-        description="a method that runs this many forwards of its own per image is slow"
+        SLOW_FORWARDS,
+        description="a method that runs this many forwards of its own per image is slow",
     )
     layer_shapes: dict[str, list[int]] = Field(
         default_factory=dict,

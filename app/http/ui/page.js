@@ -125,7 +125,9 @@ function showError(error) {
     box.textContent = "";
     return;
   }
-  const code = error instanceof ApiError ? ` (${error.status} ${error.code})` : "";
+  const code = error instanceof ApiError
+    ? ` (${[error.status, error.code].filter(Boolean).join(" ")})`
+    : "";
   box.textContent = `${forPerson(error)}${code}`;
   box.hidden = false;
 }
@@ -388,6 +390,8 @@ async function explain(event) {
   $("results").replaceChildren();
   $("view").hidden = true;
   $("predictions").classList.add("stale");
+  // On a phone the answer comes below the whole form: bring it into view.
+  if (window.matchMedia("(max-width: 700px)").matches) $("output").scrollIntoView();
   let last = null;
   try {
     if (fast.length) {
@@ -451,8 +455,9 @@ async function runJob(method, index, count, run, signal) {
   if (view.status === "succeeded") return view;
   if (view.status === "cancelled" && job && job.cancelled) return view;
   const error = view.error || {};
+  // A job's error carries its code but no HTTP status: the job's own request succeeded.
   throw new ApiError(
-    view.status === "cancelled" ? 503 : 500,
+    null,
     error.code || `job_${view.status}`,
     error.message || `The job ${view.status}.`,
     error.details || null,
