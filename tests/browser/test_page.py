@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -350,6 +351,35 @@ def test_a_score_cam_family_job_shows_progress_and_cancels(shown: Watched, serve
     assert view["status"] == "cancelled"
     assert 0 < view["progress"]["done"] < view["progress"]["total"] == 2240
     assert shown.errors == [] and failures(shown) == []
+
+
+def test_a_failed_job_shows_its_error_and_keeps_the_maps_of_this_run(shown: Watched) -> None:
+    """GradCAM answers, then the Score-CAM job ends failed: its message shows, and the map that
+    this same run finished stays, said to be from the methods that finished."""
+    page = shown.page
+    view = {
+        "id": "x",
+        "status": "failed",
+        "url": "/jobs/x",
+        "created": "2026-12-06T00:00:00Z",
+        "progress": {"done": 32, "total": 64, "eta_s": None},
+        "error": {"code": "invalid_image", "message": "'star.png' could not be decoded."},
+    }
+    page.route(
+        "**/jobs/*/events",
+        lambda route: route.fulfill(
+            status=200,
+            headers={"Content-Type": "text/event-stream"},
+            body=f"id: 1\nevent: failed\ndata: {json.dumps(view)}\n\n",
+        ),
+    )
+    explain(page, EXAMPLES / "star.png", "GradCAM", "ScoreCAM", cards=0)
+    page.locator("#error").wait_for(state="visible")
+    page.wait_for_function("!document.querySelector('#explain').disabled")
+    assert page.inner_text("#error") == "'star.png' could not be decoded. (invalid_image)"
+    assert page.eval_on_selector_all(MAPS, "els => els.map(e => e.dataset.method)") == ["GradCAM"]
+    assert page.inner_text("#status") == "The maps shown are from the methods that finished."
+    assert page.locator("#job").is_hidden()
 
 
 def test_a_dropped_file_is_named_by_the_picker(shown: Watched) -> None:
