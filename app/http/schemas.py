@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.pipeline.describe import SLOW_FORWARDS
 from app.pipeline.results import ErrorDetail, JobStatus, with_example
 
 
@@ -131,6 +132,17 @@ class MethodOptionInfo(BaseModel):
     help: str
 
 
+class MethodInfo(BaseModel):
+    """What a method is and what it costs on this model (``app.pipeline.describe``)."""
+
+    summary: str = Field(description="the first line of the method's docstring: name and paper")
+    forwards: int = Field(
+        description="forwards of its own per image (masked, ablated or noisy inputs) at the "
+        "default target layers and options; 0 for methods that run none"
+    )
+    slow: bool = Field(description="forwards >= slow_forwards: worth running as a job")
+
+
 class ModelDetail(ModelSummary):
     model_config = with_example(
         {
@@ -161,6 +173,21 @@ class ModelDetail(ModelSummary):
                     }
                 ]
             },
+            "method_info": {
+                "GradCAM": {
+                    "summary": "Grad-CAM (Selvaraju et al., ICCV 2017, arXiv:1610.02391).",
+                    "forwards": 0,
+                    "slow": False,
+                },
+                "ScoreCAM": {
+                    "summary": "Score-CAM (Wang et al., CVPR-W 2020, arXiv:1910.01279), "
+                    "Algorithm 1.",
+                    "forwards": 64,
+                    "slow": True,
+                },
+            },
+            "slow_forwards": 1,
+            "layer_shapes": {"layer3": [64, 8, 8]},
         }
     )
     device: str
@@ -175,6 +202,19 @@ class ModelDetail(ModelSummary):
     method_options: dict[str, list[MethodOptionInfo]] = Field(
         default_factory=dict,
         description="method -> the options a request may set for it (form fields of /explain)",
+    )
+    method_info: dict[str, MethodInfo] = Field(
+        default_factory=dict,
+        description="method -> its summary and its cost here (the page marks slow ones and "
+        "runs them as jobs)",
+    )
+    slow_forwards: int = Field(
+        SLOW_FORWARDS,
+        description="a method that runs this many forwards of its own per image is slow",
+    )
+    layer_shapes: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="candidate layer -> the shape of its output for one image (channels, ...)",
     )
 
 

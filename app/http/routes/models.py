@@ -10,6 +10,7 @@ from app.http.admin import get_control, require_admin_key
 from app.http.deps import get_registry, require_api_key
 from app.http.routes import error_responses
 from app.http.schemas import (
+    MethodInfo,
     MethodOptionInfo,
     ModelDetail,
     ModelList,
@@ -19,6 +20,7 @@ from app.http.schemas import (
 )
 from app.models.control import ModelControl
 from app.models.registry import ModelEntry, ModelRegistry
+from app.pipeline.describe import SLOW_FORWARDS, describe
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 admin_router = APIRouter(tags=["model repository"], dependencies=[Depends(require_admin_key)])
@@ -86,6 +88,14 @@ def get_model(
                 if option.public
             ]
             for method in model.applicable_methods
+        },
+        method_info={
+            method: MethodInfo(**describe(model, METHODS[method])._asdict())
+            for method in model.applicable_methods
+        },
+        slow_forwards=SLOW_FORWARDS,
+        layer_shapes={
+            layer: list(model.layer_shapes.get(layer, ())[1:]) for layer in model.candidate_layers
         },
     )
 

@@ -1,4 +1,4 @@
-// camserve page: talks to the public API only (/models, /models/{name}, /explain).
+// camserve page: talks to the public API only (/models, /models/{name}, /explain, /jobs).
 //
 // The server is asked for each map as a grey heatmap PNG (output=heatmap, colormap=gray,
 // image_format=png): one byte per pixel holds the map's level, and transparency marks where the
@@ -6,10 +6,16 @@
 // server's own colour tables (/ui/colormaps.json) and blends them with the image in a canvas,
 // exactly as the server draws an overlay: alpha * image + (1 - alpha) * colour. Opacity and
 // colour map therefore change the picture without a new request.
+//
+// Which methods are slow is the server's word (/models/{name} method_info): fast ones go to
+// /explain in one request, each slow one runs as a job (/jobs) whose progress events drive the
+// progress bar, and whose maps are shown as soon as it ends. One press of Explain is a "run";
+// a new file, a new model or a new run makes the answers of the old one count for nothing.
 "use strict";
 
 const KEY_STORAGE = "camserve-api-key";
 const TOP_K = 5;
+const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -21,15 +27,27 @@ const state = {
   colormaps: {},
   cards: [], // {canvas, levels, mask, width, height}
   busy: false,
+  run: 0, // the current run; answers of older ones are dropped
+  abort: null, // AbortController of the current run's requests
+  job: null, // the job now running: {id, label, cancelled}
+  predictionsRun: 0, // the run whose classes the top-k buttons show
 };
 
 // ------------------------------------------------------------------ requests
 
 class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, details = null) {
     super(message);
     this.status = status;
     this.code = code;
+    this.details = details;
+  }
+}
+
+class Unreachable extends Error {
+  constructor() {
+    super("The server could not be reached: is it still running? Your choices are kept; " +
+      "press Explain to try again.");
   }
 }
 
@@ -37,30 +55,68 @@ function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
 }
 
-async function api(path, options = {}) {
-  const headers = new Headers(options.headers || {});
+function withKey(headers = {}) {
+  const all = new Headers(headers);
   const key = apiKey();
-  if (key) headers.set("X-API-Key", key);
-  const response = await fetch(path, { ...options, headers });
+  if (key) all.set("X-API-Key", key);
+  return all;
+}
+
+async function send(path, options = {}) {
+  try {
+    return await fetch(path, { ...options, headers: withKey(options.headers) });
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new Unreachable();
+  }
+}
+
+async function failure(response) {
   let body = null;
   try {
     body = await response.json();
   } catch {
     body = null;
   }
-  if (!response.ok) {
-    const error = body && body.error ? body.error : {};
-    if (response.status === 401) askForKey(error.message);
-    throw new ApiError(
-      response.status,
-      error.code || "http_error",
-      error.message || `The server answered ${response.status} ${response.statusText}.`,
-    );
-  }
-  return body;
+  const error = body && body.error ? body.error : {};
+  if (response.status === 401) askForKey();
+  return new ApiError(
+    response.status,
+    error.code || "http_error",
+    error.message || `The server answered ${response.status} ${response.statusText}.`,
+    error.details || null,
+  );
+}
+
+async function api(path, options = {}) {
+  const response = await send(path, options);
+  if (!response.ok) throw await failure(response);
+  return response.json();
 }
 
 // ------------------------------------------------------------------ messages
+
+// The server's messages say what to change, but a few speak to an API client (headers,
+// settings, other routes): those get words for a person at this page.
+function forPerson(error) {
+  if (!(error instanceof ApiError)) return error.message;
+  const details = error.details || {};
+  switch (error.code) {
+    case "unauthorized":
+      return apiKey()
+        ? "The server refused this API key: check it in the API key field above."
+        : "This server asks for an API key: enter it in the API key field above.";
+    case "timeout":
+      return "The server stopped this explanation at its time limit for one request. " +
+        "Choose fewer methods or target layers and try again.";
+    case "over_budget":
+      return `That would run ${details.forwards ?? "too many"} forwards of the model` +
+        `${details.limit ? `, more than the ${details.limit} this server allows` : ""}. ` +
+        "Choose fewer target layers, or fewer slow methods at once.";
+    default:
+      return error.message;
+  }
+}
 
 function showError(error) {
   const box = $("error");
@@ -69,8 +125,10 @@ function showError(error) {
     box.textContent = "";
     return;
   }
-  const code = error instanceof ApiError ? ` (${error.status} ${error.code})` : "";
-  box.textContent = `${error.message}${code}`;
+  const code = error instanceof ApiError
+    ? ` (${[error.status, error.code].filter(Boolean).join(" ")})`
+    : "";
+  box.textContent = `${forPerson(error)}${code}`;
   box.hidden = false;
 }
 
@@ -78,12 +136,11 @@ function setStatus(text) {
   $("status").textContent = text;
 }
 
-function askForKey(message) {
+function askForKey() {
   const box = $("key-box");
   const wasHidden = box.hidden;
   box.hidden = false;
   if (wasHidden) $("api-key").focus();
-  if (message) setStatus(message);
 }
 
 function saveKey() {
@@ -120,37 +177,86 @@ async function loadModels() {
   }
 }
 
-function checkbox(container, name, value, checked, title) {
+function info(method) {
+  const known = state.detail && state.detail.method_info ? state.detail.method_info[method] : null;
+  return known || { summary: "", forwards: 0, slow: false };
+}
+
+// The summary starts with the method's written name, then its paper: "Name (Authors, venue)."
+function methodLabel(method) {
+  const head = info(method).summary.split(/ \(|[,:]/)[0].trim();
+  return head || method;
+}
+
+function methodChoice(method, checked) {
+  const { summary, forwards, slow } = info(method);
+  const item = document.createElement("div");
+  item.className = "method";
   const label = document.createElement("label");
   const input = document.createElement("input");
   input.type = "checkbox";
-  input.name = name;
-  input.value = value;
+  input.name = "method";
+  input.value = method;
   input.checked = checked;
-  label.append(input, ` ${value}`);
-  if (title) label.title = title;
-  container.append(label);
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = methodLabel(method);
+  const cost = document.createElement("span");
+  cost.className = `cost ${slow ? "slow" : "fast"}`;
+  cost.textContent = slow ? "slow" : "fast";
+  label.append(input, " ", name, " ", cost);
+  const hint = document.createElement("span");
+  hint.className = "hint";
+  hint.id = `hint-${method}`;
+  hint.textContent = slow ? `${summary} About ${forwards} extra forwards per image.` : summary;
+  input.setAttribute("aria-describedby", hint.id);
+  item.append(label, hint);
+  return item;
+}
+
+function layerChoice(layer, checked, shape) {
+  const label = document.createElement("label");
+  const input = document.createElement("input");
+  input.type = "checkbox";
+  input.name = "target_layer";
+  input.value = layer;
+  input.checked = checked;
+  label.append(input, ` ${layer}`);
+  if (shape && shape.length >= 2) {
+    const hint = document.createElement("span");
+    hint.className = "hint";
+    hint.textContent = `${shape[0]} channels, ${shape.slice(1).join("×")}`;
+    label.append(" ", hint);
+  }
+  return label;
+}
+
+function describeModel(detail) {
+  const about = (detail.description || detail.architecture || "").trim().replace(/[.\s]+$/, "");
+  return `Model ${detail.name}, ${detail.num_classes} classes, on ${detail.device}` +
+    `${about ? `: ${about}` : ""}.`;
 }
 
 async function loadModel() {
+  stopRun();
   const name = $("model").value;
   $("methods").replaceChildren();
   $("layers").replaceChildren();
   state.detail = null;
   state.classIdx = null;
-  updateClassChoice();
+  clearResults();
   if (!name) return;
   try {
     const detail = await api(`models/${encodeURIComponent(name)}`);
     state.detail = detail;
     for (const method of detail.methods) {
-      checkbox($("methods"), "method", method, method === detail.default_method);
+      $("methods").append(methodChoice(method, method === detail.default_method));
     }
+    const shapes = detail.layer_shapes || {};
     for (const layer of detail.candidate_layers) {
-      checkbox($("layers"), "target_layer", layer, detail.target_layers.includes(layer));
+      $("layers").append(layerChoice(layer, detail.target_layers.includes(layer), shapes[layer]));
     }
-    setStatus(`${detail.name}: ${detail.description || detail.architecture}, ` +
-      `${detail.num_classes} classes, on ${detail.device}.`);
+    setStatus(describeModel(detail));
   } catch (error) {
     showError(error);
   }
@@ -160,13 +266,27 @@ function checked(containerId) {
   return [...$(containerId).querySelectorAll("input:checked")].map((input) => input.value);
 }
 
+function checkAll(containerId, on) {
+  for (const input of $(containerId).querySelectorAll("input[type=checkbox]")) input.checked = on;
+}
+
 // ------------------------------------------------------------------ the image
+
+function sizeText(bytes) {
+  if (bytes < 1024) return `${bytes} bytes`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(0)} KiB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
+}
 
 function chooseFile(file) {
   if (!file) return;
+  stopRun();
   state.file = file;
+  state.image = null;
   state.classIdx = null;
-  updateClassChoice();
+  clearResults();
+  showError(null);
+  $("file-name").textContent = `Chosen: ${file.name} (${sizeText(file.size)}).`;
   const url = URL.createObjectURL(file);
   const preview = $("preview");
   preview.hidden = false;
@@ -174,12 +294,11 @@ function chooseFile(file) {
   preview.src = url;
   const image = new Image();
   image.onload = () => {
-    state.image = image;
+    if (state.file === file) state.image = image;
   };
   // Not an image the browser can show: the server says why once asked to explain it.
   image.onerror = () => {
-    state.image = null;
-    preview.hidden = true;
+    if (state.file === file) preview.hidden = true;
   };
   image.src = url;
 }
@@ -192,7 +311,56 @@ function updateClassChoice() {
   $("class-reset").hidden = state.classIdx === null;
 }
 
+// Whatever the page shows of an earlier answer goes: maps, classes, the chosen class.
+function clearResults() {
+  state.cards = [];
+  $("results").replaceChildren();
+  $("view").hidden = true;
+  $("topk").replaceChildren();
+  $("predictions").hidden = true;
+  state.predictionsRun = 0;
+  state.classIdx = null;
+  updateClassChoice();
+}
+
 // ------------------------------------------------------------------ explain
+
+function explainForm(methods) {
+  const form = new FormData();
+  form.append("file", state.file, state.file.name);
+  form.append("model", $("model").value);
+  form.append("method", methods.join(","));
+  for (const layer of checked("layers")) form.append("target_layer", layer);
+  if (state.classIdx !== null) form.append("class_idx", String(state.classIdx));
+  form.append("top_k", String(TOP_K));
+  form.append("output", "heatmap");
+  form.append("colormap", "gray");
+  form.append("image_format", "png");
+  return form;
+}
+
+function labels(methods) {
+  return methods.map(methodLabel).join(", ");
+}
+
+// Ends the run in flight: its answers are dropped and its job (if any) is cancelled.
+function stopRun() {
+  if (!state.busy) return;
+  state.run += 1;
+  if (state.abort) state.abort.abort();
+  cancelJob();
+  finishRun();
+}
+
+function finishRun() {
+  const focusInJob = $("job").contains(document.activeElement);
+  state.busy = false;
+  state.abort = null;
+  state.job = null;
+  $("explain").disabled = false;
+  $("job").hidden = true;
+  if (focusInJob) $("explain").focus(); // the panel goes: the keyboard keeps a place
+}
 
 async function explain(event) {
   if (event) event.preventDefault();
@@ -208,31 +376,200 @@ async function explain(event) {
     showError(new Error("Choose at least one method."));
     return;
   }
-  const form = new FormData();
-  form.append("file", state.file, state.file.name);
-  form.append("model", $("model").value);
-  form.append("method", methods.join(","));
-  for (const layer of checked("layers")) form.append("target_layer", layer);
-  if (state.classIdx !== null) form.append("class_idx", String(state.classIdx));
-  form.append("top_k", String(TOP_K));
-  form.append("output", "heatmap");
-  form.append("colormap", "gray");
-  form.append("image_format", "png");
-
+  const slow = methods.filter((m) => info(m).slow);
+  const fast = methods.filter((m) => !info(m).slow);
+  const run = ++state.run;
+  const started = performance.now();
   state.busy = true;
+  state.abort = new AbortController();
+  const signal = state.abort.signal;
   $("explain").disabled = true;
-  setStatus(`Explaining ${state.file.name} with ${methods.join(", ")}…`);
+  // Old maps go at once; the classes stay, dimmed, until this run answers (a class button
+  // that started this run keeps its place for the keyboard).
+  state.cards = [];
+  $("results").replaceChildren();
+  $("view").hidden = true;
+  $("predictions").classList.add("stale");
+  // On a phone the answer comes below the whole form: bring it into view.
+  if (window.matchMedia("(max-width: 700px)").matches) $("output").scrollIntoView();
+  let last = null;
   try {
-    const answer = await api("explain", { method: "POST", body: form });
-    await showAnswer(answer);
+    if (fast.length) {
+      setStatus(`Explaining ${state.file.name} with ${labels(fast)}…`);
+      const answer = await api("explain", { method: "POST", body: explainForm(fast), signal });
+      if (run !== state.run) return;
+      await showAnswer(answer, run);
+      last = answer;
+    }
+    for (const [index, method] of slow.entries()) {
+      const view = await runJob(method, index, slow.length, run, signal);
+      if (run !== state.run) return;
+      if (view.status === "cancelled") {
+        const p = view.progress;
+        const rest = slow.slice(index + 1);
+        setStatus(`Cancelled ${methodLabel(method)}` +
+          `${p.total ? ` after ${p.done} of ${p.total} forwards` : ""}.` +
+          `${rest.length ? ` Not run: ${labels(rest)}.` : ""}` +
+          `${state.cards.length ? " The maps shown are from the methods that finished." : ""}`);
+        return;
+      }
+      await showAnswer(view.result, run);
+      last = view.result;
+    }
+    const result = last.results[0];
+    const top = result.predictions[0];
+    setStatus(`${result.filename}: ${top.label} (${(100 * top.probability).toFixed(1)} %), ` +
+      `${last.model} on ${last.device}; ${state.cards.length} map(s) in ` +
+      `${((performance.now() - started) / 1000).toFixed(1)} s.`);
   } catch (error) {
-    setStatus("");
+    if (run !== state.run || error.name === "AbortError") return;
+    // Nothing of an earlier answer may stay beside the error: classes included.
+    if (state.predictionsRun !== run) {
+      $("topk").replaceChildren();
+      $("predictions").hidden = true;
+      state.classIdx = null;
+      updateClassChoice();
+    }
+    setStatus(state.cards.length ? "The maps shown are from the methods that finished." : "");
     showError(error);
   } finally {
-    state.busy = false;
-    $("explain").disabled = false;
+    if (run === state.run) finishRun();
   }
 }
+
+// ------------------------------------------------------------------ jobs
+
+async function runJob(method, index, count, run, signal) {
+  const label = `${methodLabel(method)}${count > 1 ? ` (${index + 1} of ${count})` : ""}`;
+  setStatus(`Explaining ${state.file.name} with ${labels([method])}, as a job…`);
+  showJob(label, null);
+  // Until there is a job to cancel. aria-disabled, not disabled: that would drop the focus.
+  $("cancel").setAttribute("aria-disabled", "true");
+  const created = await api("jobs", { method: "POST", body: explainForm([method]), signal });
+  if (run !== state.run) return { status: "cancelled", progress: { done: 0, total: 0 } };
+  state.job = { id: created.id, label, cancelled: false };
+  $("cancel").removeAttribute("aria-disabled");
+  const view = await followJob(state.job, signal);
+  const job = state.job;
+  state.job = null;
+  if (view.status === "succeeded") return view;
+  if (view.status === "cancelled" && job && job.cancelled) return view;
+  const error = view.error || {};
+  // A job's error carries its code but no HTTP status: the job's own request succeeded.
+  throw new ApiError(
+    null,
+    error.code || `job_${view.status}`,
+    error.message || `The job ${view.status}.`,
+    error.details || null,
+  );
+}
+
+// Follows /jobs/{id}/events (fetch, not EventSource, so the API key goes in a header) until the
+// final event; a stream that ends early is resumed after the last event seen.
+async function followJob(job, signal) {
+  let lastId = null;
+  const path = `jobs/${encodeURIComponent(job.id)}`;
+  for (;;) {
+    const headers = lastId ? { "Last-Event-ID": lastId } : {};
+    const response = await send(`${path}/events`, { headers, signal, cache: "no-store" });
+    if (!response.ok) throw await failure(response);
+    const final = await readEvents(response.body, (name, data, id) => {
+      if (id) lastId = id;
+      const view = JSON.parse(data);
+      if (FINAL.has(name)) return view;
+      if (name === "progress") showJob(job.label, view);
+      return null;
+    });
+    if (final) return final;
+    const view = await api(path, { signal });
+    if (FINAL.has(view.status)) return view;
+    showJob(job.label, view);
+  }
+}
+
+async function readEvents(body, onEvent) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return null;
+    buffer += value;
+    let end = buffer.indexOf("\n\n");
+    while (end >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      end = buffer.indexOf("\n\n");
+      let name = "message";
+      let id = null;
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (!line || line.startsWith(":")) continue; // keep-alive comments
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") name = text;
+        else if (field === "id") id = text;
+        else if (field === "data") data.push(text);
+      }
+      if (!data.length) continue;
+      const result = onEvent(name, data.join("\n"), id);
+      if (result) {
+        drain(reader); // the server ends the stream after the final event
+        return result;
+      }
+    }
+  }
+}
+
+async function drain(reader) {
+  try {
+    while (!(await reader.read()).done);
+  } catch {
+    // aborted with its run: nothing was waiting for it
+  }
+}
+
+function timeLeft(seconds) {
+  if (seconds === null || seconds === undefined) return "estimating the time left";
+  if (seconds < 1) return "less than a second left";
+  if (seconds < 90) return `about ${Math.round(seconds)} s left`;
+  return `about ${Math.round(seconds / 60)} min left`;
+}
+
+function showJob(label, view) {
+  $("job").hidden = false;
+  const bar = $("job-progress");
+  const progress = view && view.progress;
+  let text;
+  if (!view || view.status === "queued") {
+    bar.removeAttribute("value"); // indeterminate: the job waits for the model
+    text = `${label}: waiting for the model…`;
+  } else if (!progress || !progress.total) {
+    bar.removeAttribute("value");
+    text = `${label}: starting…`;
+  } else {
+    bar.max = progress.total;
+    bar.value = progress.done;
+    text = `${label}: ${progress.done} of ${progress.total} forwards, ` +
+      `${timeLeft(progress.eta_s)}.`;
+  }
+  if (!(state.job && state.job.cancelled)) $("job-text").textContent = text;
+}
+
+async function cancelJob() {
+  const job = state.job;
+  if (!job || job.cancelled) return;
+  job.cancelled = true;
+  $("cancel").setAttribute("aria-disabled", "true");
+  $("job-text").textContent = `${job.label}: cancelling…`;
+  try {
+    await api(`jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 404)) showError(error);
+  }
+}
+
+// ------------------------------------------------------------------ answers
 
 function decodePng(base64) {
   return new Promise((resolve, reject) => {
@@ -252,17 +589,16 @@ function pixels(source, width, height) {
   return context.getImageData(0, 0, width, height).data;
 }
 
-async function showAnswer(answer) {
+async function showAnswer(answer, run) {
   const result = answer.results[0];
-  state.cards = [];
   const results = $("results");
-  results.replaceChildren();
   const base = state.image;
   for (const explanation of result.explanations) {
     const method = explanation.method || answer.method;
     const camMs = (answer.timings.cam_ms_by_method || {})[method] ?? answer.timings.cam_ms;
     for (const map of explanation.maps) {
       const heat = await decodePng(map.heatmap);
+      if (run !== state.run) return;
       const { width, height } = map;
       const grey = pixels(heat, width, height);
       const levels = new Uint8ClampedArray(width * height);
@@ -270,6 +606,9 @@ async function showAnswer(answer) {
       for (let i = 0; i < levels.length; i++) {
         levels[i] = grey[4 * i];
         mask[i] = grey[4 * i + 3] > 0 ? 1 : 0;
+      }
+      if (!results.querySelector("figure.original")) {
+        results.prepend(originalCard(result.filename, base, width, height, mask));
       }
       // Without a decodable image (a format this browser cannot show) the map is drawn alone.
       const image = base ? pixels(base, width, height) : null;
@@ -279,12 +618,74 @@ async function showAnswer(answer) {
     }
   }
   renderAll();
-  showPredictions(result);
+  if (state.predictionsRun !== run) showPredictions(result, run);
   $("view").hidden = false;
-  const t = answer.timings;
-  setStatus(`${result.filename}: ${result.predictions[0].label} ` +
-    `(${(100 * result.predictions[0].probability).toFixed(1)} %), ` +
-    `${answer.model} on ${answer.device}, ${t.total_ms.toFixed(1)} ms in all.`);
+}
+
+// The part of the picture the maps cover: the model's centre crop.
+function covered(mask, width, height) {
+  let left = width;
+  let right = -1;
+  let top = height;
+  let bottom = -1;
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      if (!mask[y * width + x]) continue;
+      if (x < left) left = x;
+      if (x > right) right = x;
+      if (y < top) top = y;
+      if (y > bottom) bottom = y;
+    }
+  }
+  return { left, top, right, bottom };
+}
+
+function originalCard(filename, image, width, height, mask) {
+  const figure = document.createElement("figure");
+  figure.className = "card original";
+  const caption = document.createElement("figcaption");
+  const title = document.createElement("strong");
+  title.textContent = "Original";
+  caption.append(title, document.createElement("br"), filename || "image");
+  const note = document.createElement("span");
+  note.className = "note";
+  if (image) {
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    canvas.setAttribute("role", "img");
+    const context = canvas.getContext("2d");
+    context.drawImage(image, 0, 0, width, height);
+    const box = covered(mask, width, height);
+    const framed = box.right >= box.left &&
+      (box.left > 0 || box.top > 0 || box.right < width - 1 || box.bottom < height - 1);
+    caption.append(` (${image.naturalWidth}×${image.naturalHeight})`);
+    if (framed) {
+      const line = Math.max(2, Math.round(Math.max(width, height) / 200));
+      context.lineWidth = line;
+      context.setLineDash([4 * line, 3 * line]);
+      context.strokeStyle = "#fff";
+      context.strokeRect(box.left + line / 2, box.top + line / 2,
+        box.right - box.left + 1 - line, box.bottom - box.top + 1 - line);
+      context.strokeStyle = "#000";
+      context.lineDashOffset = 4 * line;
+      context.strokeRect(box.left + line / 2, box.top + line / 2,
+        box.right - box.left + 1 - line, box.bottom - box.top + 1 - line);
+      const crop = state.detail ? state.detail.preprocess.crop : null;
+      note.textContent = "The model sees only the centre crop inside the dashed frame" +
+        `${crop ? `, scaled to ${crop[1]}×${crop[0]} pixels` : ""}: the maps cover that part, ` +
+        "and show the image alone outside it.";
+      canvas.setAttribute("aria-label", `${filename}, with the model's centre crop framed`);
+    } else {
+      canvas.setAttribute("aria-label", `${filename}, as uploaded`);
+    }
+    figure.append(canvas);
+  } else {
+    note.textContent = "This browser cannot show this image format; the server could read it.";
+  }
+  if (note.textContent) caption.append(note);
+  figure.append(caption);
+  return figure;
 }
 
 function makeCard(answer, explanation, method, map, camMs) {
@@ -297,10 +698,10 @@ function makeCard(answer, explanation, method, map, camMs) {
   canvas.height = map.height;
   canvas.setAttribute("role", "img");
   canvas.setAttribute("aria-label",
-    `${method} map of ${explanation.label} at ${map.layer} over the image`);
+    `${methodLabel(method)} map of ${explanation.label} at ${map.layer} over the image`);
   const caption = document.createElement("figcaption");
   const title = document.createElement("strong");
-  title.textContent = `${method} · ${map.layer}`;
+  title.textContent = `${methodLabel(method)} · ${map.layer}`;
   const label = document.createElement("span");
   label.className = "label";
   label.textContent = explanation.label;
@@ -313,7 +714,8 @@ function makeCard(answer, explanation, method, map, camMs) {
   download.type = "button";
   download.className = "link";
   download.textContent = "Download PNG";
-  download.setAttribute("aria-label", `Download the ${method} ${map.layer} picture as PNG`);
+  download.setAttribute("aria-label",
+    `Download the ${methodLabel(method)} ${map.layer} picture as PNG`);
   const stem = (answer.results[0].filename || "image").replace(/\.[^.]*$/, "");
   download.addEventListener("click", () => downloadCanvas(canvas,
     `${stem}-${method}-${map.layer}-${explanation.label}.png`));
@@ -361,8 +763,10 @@ function downloadCanvas(canvas, name) {
   }, "image/png");
 }
 
-function showPredictions(result) {
+function showPredictions(result, run) {
   const list = $("topk");
+  const focused = document.activeElement && list.contains(document.activeElement)
+    ? document.activeElement.dataset.classIdx : null;
   list.replaceChildren();
   const explained = new Set(result.explanations.map((e) => e.class_idx));
   for (const prediction of result.predictions) {
@@ -380,7 +784,10 @@ function showPredictions(result) {
     });
     item.append(button);
     list.append(item);
+    if (focused === String(prediction.class_idx)) button.focus();
   }
+  state.predictionsRun = run;
+  $("predictions").classList.remove("stale");
   $("predictions").hidden = false;
 }
 
@@ -408,8 +815,11 @@ function wireDrop() {
   drop.addEventListener("drop", (event) => {
     event.preventDefault();
     drop.classList.remove("over");
-    const file = event.dataTransfer.files[0];
-    if (file) chooseFile(file);
+    const files = event.dataTransfer.files;
+    if (!files.length) return;
+    // The picker then names the dropped file, as if it had been chosen there.
+    $("file").files = files;
+    chooseFile(files[0]);
   });
 }
 
@@ -425,6 +835,9 @@ function start() {
   $("file").addEventListener("change", (event) => chooseFile(event.target.files[0]));
   $("model").addEventListener("change", loadModel);
   $("controls").addEventListener("submit", explain);
+  $("methods-all").addEventListener("click", () => checkAll("methods", true));
+  $("methods-none").addEventListener("click", () => checkAll("methods", false));
+  $("cancel").addEventListener("click", cancelJob);
   $("class-reset").addEventListener("click", () => {
     state.classIdx = null;
     updateClassChoice();

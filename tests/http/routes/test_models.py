@@ -112,6 +112,27 @@ def test_model_detail_lists_each_methods_declared_options(client: TestClient) ->
     assert "fc_layer" not in str(options["CAM"])  # from the manifest, not the request
 
 
+def test_model_detail_describes_each_method_and_marks_the_slow_ones(client: TestClient) -> None:
+    """Summary and cost come from the declarations: the docstring's first line and the budget's
+    forward count (one image, the default layers and options); the threshold is published."""
+    body = client.get("/models/tiny").json()
+    info = body["method_info"]
+    assert set(info) == set(body["methods"])
+    assert info["GradCAM"] == {
+        "summary": "Grad-CAM (Selvaraju et al., ICCV 2017, arXiv:1610.02391).",
+        "forwards": 0,
+        "slow": False,
+    }
+    channels = body["layer_shapes"][body["target_layers"][0]][0]
+    assert info["ScoreCAM"]["forwards"] == channels  # one masked input per channel
+    assert info["SSCAM"]["forwards"] == channels * 35  # and per sample (its default)
+    assert info["SmoothGradCAMpp"]["forwards"] == 4  # noisy copies, whatever the layer
+    assert body["slow_forwards"] == 1
+    slow = {m for m, i in info.items() if i["slow"]}
+    assert slow == {"ScoreCAM", "SSCAM", "ISCAM", "AblationCAM", "SmoothGradCAMpp"}
+    assert set(body["layer_shapes"]) == set(body["candidate_layers"])
+
+
 def test_openapi_form_fields_come_from_the_declarations(client: TestClient) -> None:
     from app.cam import METHODS
 

@@ -47,3 +47,20 @@ def test_page_is_open_when_a_key_is_set(make_client: Callable[..., TestClient]) 
     keyed = make_client(api_key="k")
     assert keyed.get("/").status_code == 200  # the page asks for the key itself
     assert_error(keyed.get("/models"), 401, "unauthorized")
+
+
+def test_hidden_wins_over_every_display_rule_of_the_page(client: TestClient) -> None:
+    """`.row { display: flex }` once showed the hidden opacity and colour-map controls."""
+    css = client.get("/ui/page.css").text
+    assert re.search(r"\[hidden\]\s*\{\s*display:\s*none\s*!important;?\s*\}", css)
+
+
+def test_the_page_knows_no_method_by_name(client: TestClient) -> None:
+    """Which methods exist, what they are and which are slow comes from /models/{name}: the
+    page's script names none of them (a second list would drift from the engine's)."""
+    from app.cam import METHODS
+
+    script = client.get("/ui/page.js").text
+    named = [m for m in METHODS if re.search(rf"\b{m}\b", script)]
+    assert named == []
+    assert "method_info" in script and ".slow" in script
