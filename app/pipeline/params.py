@@ -459,16 +459,25 @@ def _refuse_unknown(
         if parameter.option or accepted is None or name in accepted
     ]
     unknown = [name for name in sent if name not in allowed]
-    if not unknown:
-        return
-    name = unknown[0]
+    if unknown:
+        raise unknown_name(unknown[0], allowed, others)
+
+
+def unknown_name(
+    name: str,
+    allowed: Sequence[str],
+    others: Collection[str] = (),
+    what: str = "explain parameter",
+) -> MalformedParameter:
+    """The refusal of a name that is none of ``allowed``, with the close matches among them and
+    ``others`` (names the protocol reads itself)."""
     close = (
         difflib.get_close_matches(name.lower(), [*allowed, *others], n=3, cutoff=0.6)
         if len(name) <= _TYPO_LIMIT
         else []
     )
     hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-    raise MalformedParameter(
-        f"Unknown explain parameter {clip(name)}{hint}; the parameters are {', '.join(allowed)}.",
-        details={"parameter": name[:40], "allowed": allowed, "did_you_mean": close},
+    return MalformedParameter(
+        f"Unknown {what} {clip(name)}{hint}; the {what}s are {', '.join(allowed)}.",
+        details={"parameter": name[:40], "allowed": list(allowed), "did_you_mean": close},
     )

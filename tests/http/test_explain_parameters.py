@@ -338,3 +338,17 @@ def test_the_form_refuses_a_repeated_field_of_its_own_and_suggests_its_names(
     )
     assert response.status_code == 200, response.text
     assert response.json()["method"] == "GradCAM,GradCAMpp"
+
+
+def test_predict_refuses_an_unknown_or_repeated_field_of_its_form(client: TestClient) -> None:
+    def predict(data: dict[str, Any]) -> tuple[int, str]:
+        return _refusal(client.post("/predict", files=files(image_bytes(seed=5)), data=data))
+
+    status, message = predict({"topk": "3"})
+    assert status == 400 and message.startswith("Unknown field 'topk' (did you mean 'top_k'?)")
+    assert predict({"top_k": ["3", "4"]}) == (
+        400,
+        "top_k was sent 2 times; it takes one value. Send it once.",
+    )
+    ok = client.post("/predict", files=files(image_bytes(seed=5)), data={"top_k": "2"})
+    assert ok.status_code == 200 and len(ok.json()["results"][0]["predictions"]) == 2

@@ -21,7 +21,14 @@ from fastapi.routing import APIRoute
 
 from app.errors import NotAcceptable
 from app.pipeline.explainer import ExplainParams
-from app.pipeline.params import PARAMETERS, ExplainParameter, build_params, one_value, read_text
+from app.pipeline.params import (
+    PARAMETERS,
+    ExplainParameter,
+    build_params,
+    one_value,
+    read_text,
+    unknown_name,
+)
 
 #: An ``Accept: image/png`` answer is the overlay itself, drawn as a PNG.
 _PNG_ANSWER = {"output": "overlay", "image_format": "png"}
@@ -73,16 +80,36 @@ def _repeatable(annotation: Any) -> bool:
     return get_origin(annotation) is list or any(_repeatable(a) for a in get_args(annotation))
 
 
-def _own_fields(route: APIRoute) -> dict[str, bool]:
-    """The form fields the route reads itself (name -> repeatable): those its signature
-    declares, the explain parameters aside."""
+def _declared_fields(route: APIRoute) -> dict[str, bool]:
+    """The form fields a route's signature declares (name -> repeatable)."""
     body = route.body_field.field_info.annotation if route.body_field is not None else None
     fields = getattr(body, "model_fields", {})
-    return {
-        field.alias or name: _repeatable(field.annotation)
-        for name, field in fields.items()
-        if (field.alias or name) not in PARAMETERS
-    }
+    return {field.alias or name: _repeatable(field.annotation) for name, field in fields.items()}
+
+
+def _own_fields(route: APIRoute) -> dict[str, bool]:
+    """The form fields the route reads itself: those it declares, the explain parameters
+    aside."""
+    return {n: many for n, many in _declared_fields(route).items() if n not in PARAMETERS}
+
+
+async def _form_parts(request: Request) -> dict[str, list[Any]]:
+    """The parts of the form by name, in order (parsed once, by FastAPI, and cached)."""
+    parts: dict[str, list[Any]] = {}
+    for name, value in (await request.form()).multi_items():
+        parts.setdefault(name, []).append(value)
+    return parts
+
+
+async def declared_fields_only(request: Request) -> None:
+    """A route dependency: the form holds only the fields the route declares, each once unless
+    it repeats (``/predict``'s form, whose fields FastAPI types itself)."""
+    declared = _declared_fields(request.scope["route"])
+    for name, values in (await _form_parts(request)).items():
+        if name not in declared:
+            raise unknown_name(name, list(declared), what="field")
+        if not declared[name]:
+            one_value(name, values)  # FastAPI would take the last of repeated parts
 
 
 async def explain_values(request: Request) -> dict[str, Any]:
@@ -90,11 +117,8 @@ async def explain_values(request: Request) -> dict[str, Any]:
     repeats), for ``read_text``; a repeated one-value field of the route's own is refused
     too."""
     own = _own_fields(request.scope["route"])
-    parts: dict[str, list[Any]] = {}
-    for name, value in (await request.form()).multi_items():  # parsed once, by FastAPI
-        parts.setdefault(name, []).append(value)
     values: dict[str, Any] = {}
-    for name, texts in parts.items():
+    for name, texts in (await _form_parts(request)).items():
         if name not in own:
             values[name] = texts if len(texts) > 1 else texts[0]
         elif not own[name]:
