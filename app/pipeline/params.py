@@ -467,10 +467,10 @@ def unknown_name(
     name: str,
     allowed: Sequence[str],
     others: Collection[str] = (),
-    what: str = "explain parameter",
+    what: tuple[str, str] = ("explain parameter", "parameters"),
 ) -> MalformedParameter:
     """The refusal of a name that is none of ``allowed``, with the close matches among them and
-    ``others`` (names the protocol reads itself)."""
+    ``others`` (names the protocol reads itself); ``what`` names one and all of them."""
     close = (
         difflib.get_close_matches(name.lower(), [*allowed, *others], n=3, cutoff=0.6)
         if len(name) <= _TYPO_LIMIT
@@ -478,6 +478,6 @@ def unknown_name(
     )
     hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     return MalformedParameter(
-        f"Unknown {what} {clip(name)}{hint}; the {what}s are {', '.join(allowed)}.",
+        f"Unknown {what[0]} {clip(name)}{hint}; the {what[1]} are {', '.join(allowed)}.",
         details={"parameter": name[:40], "allowed": list(allowed), "did_you_mean": close},
     )

@@ -107,7 +107,7 @@ async def declared_fields_only(request: Request) -> None:
     declared = _declared_fields(request.scope["route"])
     for name, values in (await _form_parts(request)).items():
         if name not in declared:
-            raise unknown_name(name, list(declared), what="field")
+            raise unknown_name(name, list(declared), what=("field", "fields"))
         if not declared[name]:
             one_value(name, values)  # FastAPI would take the last of repeated parts
 
