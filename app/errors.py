@@ -103,6 +103,15 @@ class InvalidParameter(CamserveError):
     code = "invalid_parameter"
 
 
+class MalformedParameter(InvalidParameter):
+    """A parameter that cannot be read at all: a name no parameter has, one value sent twice,
+    a value of the wrong type, a number not written in ASCII digits or beyond its kind's range.
+    The request is malformed (400); a readable value out of its bounds stays a 422."""
+
+    status_code = 400
+    code = "malformed_parameter"
+
+
 class OverBudget(CamserveError):
     """The request would run more masked forwards than one request may."""
 

@@ -16,7 +16,8 @@ from app.pipeline.rendering import DEFAULT_IMAGE_FORMAT
 @dataclass(frozen=True)
 class ExplainRequest:
     """What to explain and how; ``fields`` holds any other form field of /explain (``colormap``,
-    ``alpha``, ``top_k``, ``normalized``) and the methods' options (``num_samples``, ...)."""
+    ``alpha``, ``top_k``, ``normalized``) and the methods' options (``num_samples``, ...): a
+    value, or a list of texts for a field given several times."""
 
     methods: tuple[str, ...] = ()
     model: str | None = None
@@ -35,7 +36,7 @@ class ExplainRequest:
         form += [("target_layer", layer) for layer in self.target_layers]
         form += [("output", ",".join(self.outputs)), ("image_format", self.image_format)]
         form += [("size", self.size)] if self.size else []
-        form += [(name, _form_value(value)) for name, value in self.fields.items()]
+        form += [(name, text) for name, value in self.fields.items() for text in _texts(value)]
         return form
 
     def params(self) -> ExplainParams:
@@ -64,6 +65,14 @@ class ExplainRequest:
             for name, cls in METHODS.items()
             if name.lower() in wanted
         )
+
+
+def _texts(value: Any) -> list[str]:
+    """A field's form parts: a list of texts is a field given several times (``-O`` repeated),
+    sent as repeated parts for the service to read, or refuse, as it reads any form."""
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    return [_form_value(value)]
 
 
 def _form_value(value: Any) -> str:

@@ -11,10 +11,12 @@ def form_fields_without_null(schema: dict[str, Any]) -> dict[str, Any]:
     An optional form field is declared ``X | None`` in Python, which pydantic renders as
     ``anyOf: [X, {type: null}]`` with ``default: null``. A multipart part cannot carry a null:
     the field is simply left out. So the schema offers ``X``, and the default only when it is a
-    value."""
+    value. A form field the route does not declare is refused (``app.pipeline.params``), which
+    the schema says with ``additionalProperties: false``."""
     for name, component in schema.get("components", {}).get("schemas", {}).items():
         if not name.startswith("Body_"):
             continue
+        component["additionalProperties"] = False
         for prop in component.get("properties", {}).values():
             options = prop.get("anyOf")
             if options and {"type": "null"} in options:

@@ -8,17 +8,25 @@ adds is accepted everywhere at once. The native form, KServe's ``:explain`` inst
 ``build_params`` turns that mapping into ``ExplainParams``, or refuses it with one
 ``InvalidParameter`` message, whatever the protocol. A method option is checked against the
 method(s) it goes to (type and bounds) by the explainer, once the model says which method runs.
+
+The one rule of reading, for every protocol: a name that is no parameter is refused (with the
+close matches), as is a one-value parameter sent twice, a value of the wrong type (a JSON
+``true`` is no integer), a number written with other than ASCII digits, and a number beyond
+what its kind can hold. Those are ``MalformedParameter`` (400); a readable value out of its
+bounds is an ``InvalidParameter`` (422).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Collection, Mapping
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from app.cam import METHODS
-from app.errors import InvalidParameter, clip
+from app.errors import InvalidParameter, MalformedParameter, clip
 from app.pipeline.checks import option_takers
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.rendering import (
@@ -45,6 +53,15 @@ _JSON_TYPES: dict[str, dict[str, Any]] = {
     "size": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
 }
 _KINDS: dict[type, Kind] = {str: "str", int: "int", float: "float", list: "ints"}
+#: The kinds that take several values (a repeated field, a comma list or a JSON list).
+MANY: tuple[Kind, ...] = ("strs", "ints")
+#: What a multipart form part holds for each kind, in the form's schema (its ints are text).
+_FORM_TYPES: dict[str, dict[str, Any]] = {
+    **_JSON_TYPES,
+    "strs": {"type": "array", "items": {"type": "string"}},
+    "ints": {"type": "array", "items": {"type": "string"}},
+    "size": {"type": "string"},
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,13 @@ class ExplainParameter:
             schema["default"] = self.default
         return schema
 
+    def form_schema(self) -> dict[str, Any]:
+        """The parameter's JSON schema as a multipart form field (text, repeatable if several)."""
+        schema = {**_FORM_TYPES[self.kind], **self.hints()}
+        if self.kind not in MANY and not self.option and self.default is not None:
+            schema["default"] = self.default
+        return schema
+
     def read(self, value: Any) -> Any:
         """The raw value as ``ExplainParams`` holds it; ``InvalidParameter`` names the problem."""
         read = _READERS[self.kind](self.name, value)
@@ -88,13 +112,16 @@ class ExplainParameter:
             self._check_bounds(read)
         return read
 
+    def bounds_text(self) -> str:
+        low = "-inf" if self.low is None else _number(self.low)
+        return f"[{low}, {_number(self.high)}]"
+
     def _check_bounds(self, value: float) -> None:
         if (self.low is not None and value < self.low) or (
             self.high is not None and value > self.high
         ):
             raise InvalidParameter(
-                f"{self.name} must lie in [{_number(self.low)}, {_number(self.high)}], "
-                f"got {value!r}.",
+                f"{self.name} must lie in {self.bounds_text()}, got {_shown(value)}.",
                 details={"parameter": self.name},
             )
 
@@ -105,9 +132,32 @@ def _number(value: float | None) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def _refuse(name: str, wanted: str, value: Any) -> InvalidParameter:
-    return InvalidParameter(
+def _shown(value: float) -> str:
+    """A number for a message: a huge integer by its length, not its thousands of digits."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
+
+
+def _refuse(name: str, wanted: str, value: Any) -> MalformedParameter:
+    return MalformedParameter(
         f"{name} must be {wanted}, got {clip(value)}.", details={"parameter": name}
+    )
+
+
+def _out_of_range(name: str, shown: str) -> MalformedParameter:
+    """A number its kind cannot hold (beyond a float's range, or thousands of digits)."""
+    parameter = PARAMETERS.get(name)
+    bounds = f" in {parameter.bounds_text()}" if parameter is not None else ""
+    return MalformedParameter(
+        f"{name} must be a finite number{bounds}, got {shown}.", details={"parameter": name}
+    )
+
+
+def _not_ascii(name: str, text: str) -> MalformedParameter:
+    return MalformedParameter(
+        f"{name} must be written with ASCII digits (0-9), got {clip(text)}.",
+        details={"parameter": name},
     )
 
 
@@ -142,22 +192,27 @@ def _read_int(name: str, value: Any) -> int:
 
 
 def _read_ints(name: str, value: Any) -> tuple[int, ...]:
-    try:
-        return tuple(
-            int(part) for part in _parts(name, value, int, "an integer or a list of integers")
+    parts = _parts(name, value, int, "an integer or a list of integers")
+    return tuple(
+        part
+        if isinstance(part, int)
+        else _int_text(
+            name, part, "integers (repeat the field, separate by commas or send a list)", value
         )
-    except ValueError:
-        raise _refuse(
-            name, "integers (repeat the field, separate by commas or send a list)", value
-        ) from None
+        for part in parts
+    )
 
 
 def _read_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _refuse(name, "a number", value)
-    if not math.isfinite(value):
-        raise _refuse(name, "a finite number", value)
-    return float(value)
+    try:
+        number = float(value)  # an integer beyond 1e308 overflows here
+    except OverflowError:
+        raise _out_of_range(name, _shown(value)) from None
+    if not math.isfinite(number):
+        raise _out_of_range(name, clip(value))
+    return number
 
 
 def _read_bool(name: str, value: Any) -> bool:
@@ -169,20 +224,47 @@ def _read_bool(name: str, value: Any) -> bool:
 def _read_size(name: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _refuse(name, "'original', 'input' or a number of pixels", value)
+    if isinstance(value, str) and any(c.isdigit() for c in value) and not value.isascii():
+        raise _not_ascii(name, value)  # the size's own check reads digits with int()
     return str(value)
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _int_text(name: str, text: str, wanted: str, sent: Any) -> int:
+    """An integer written in ASCII digits (Python's ``int`` also reads other scripts' digits,
+    underscores and spaces)."""
+    stripped = text.strip()
+    if not stripped.isascii():
+        raise _not_ascii(name, text)
+    if not _INT_TEXT.fullmatch(stripped):
+        raise _refuse(name, wanted, sent)
+    try:
+        return int(stripped)
+    except ValueError:  # more digits than Python converts (4,300)
+        raise _out_of_range(name, f"a number of {len(stripped)} characters") from None
+
+
+def _float_text(name: str, text: str) -> float:
+    stripped = text.strip()
+    if not stripped.isascii():
+        raise _not_ascii(name, text)
+    if not _FLOAT_TEXT.fullmatch(stripped):
+        raise _refuse(name, "a number", text)
+    number = float(stripped)
+    if not math.isfinite(number):  # "1e999", or hundreds of digits
+        raise _out_of_range(name, clip(text))
+    return number
 
 
 def _from_text(name: str, kind: Kind, text: str) -> Any:
-    try:
-        if kind == "int":
-            return int(text.strip())
-        if kind == "float":
-            return float(text.strip())
-    except ValueError:
-        raise _refuse(name, "an integer" if kind == "int" else "a number", text) from None
+    if kind == "int":
+        return _int_text(name, text, "an integer", text)
+    if kind == "float":
+        return _float_text(name, text)
     if kind == "bool":
         word = text.strip().lower()
         if word not in _TRUE + _FALSE:
@@ -191,16 +273,44 @@ def _from_text(name: str, kind: Kind, text: str) -> Any:
     return text
 
 
+def one_value(name: str, values: Sequence[Any]) -> Any:
+    """The value of a field that takes one (``None`` if none was sent); ``MalformedParameter``
+    if it was sent several times, rather than a silent choice of one of them."""
+    sent = [value for value in values if value != ""]  # an empty part: not sent, as in a form
+    if len(sent) > 1:
+        raise MalformedParameter(
+            f"{name} was sent {len(sent)} times; it takes one value. Send it once.",
+            details={"parameter": name[:40]},
+        )
+    return sent[0] if sent else None
+
+
+def _texts(name: str, kind: Kind, texts: Sequence[str]) -> Any:
+    """The values of a repeated field (a form's parts, a repeated command-line option): kept
+    as a list for a parameter that takes several, refused for one that takes one."""
+    if kind in MANY:
+        return [text for text in texts if text != ""] or None
+    text = one_value(name, texts)
+    return None if text is None else _from_text(name, kind, text)
+
+
 def read_text(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Values that arrive as text (a command line, a query string), typed by each parameter's
-    kind as the form's fields are, so that ``build_params`` reads them like any protocol's.
-    Unknown names pass through for ``build_params`` to refuse."""
-    return {
-        name: _from_text(name, PARAMETERS[name].kind, value)
-        if isinstance(value, str) and name in PARAMETERS
-        else value
-        for name, value in values.items()
-    }
+    """Values that arrive as text (a form, a command line), typed by each parameter's kind, so
+    that ``build_params`` reads them like any protocol's. A list holds a repeated field's
+    values; an empty string is a field not sent. Unknown names pass through for
+    ``build_params`` to refuse."""
+    read: dict[str, Any] = {}
+    for name, value in values.items():
+        parameter = PARAMETERS.get(name)
+        if parameter is None or not isinstance(value, str | list | tuple):
+            read[name] = value
+        elif isinstance(value, str):
+            read[name] = None if value == "" else _from_text(name, parameter.kind, value)
+        elif all(isinstance(text, str) for text in value):
+            read[name] = _texts(name, parameter.kind, value)
+        else:
+            read[name] = value  # JSON-typed items: the kind's reader checks them
+    return read
 
 
 _READERS = {
@@ -304,13 +414,17 @@ def build_params(
     *,
     accepted: Collection[str] | None = None,
     fixed: Mapping[str, Any] | None = None,
+    others: Collection[str] = (),
 ) -> ExplainParams:
     """``ExplainParams`` from raw values as a protocol received them (``None``: not sent).
 
-    ``accepted`` narrows the general parameters a protocol takes (every method option is always
-    taken); ``fixed`` are values the protocol sets itself (after the check of the client's)."""
+    ``values`` holds every name the client sent that the protocol does not read itself, known
+    or not: an unknown one is refused here. ``accepted`` narrows the general parameters a
+    protocol takes (every method option is always taken); ``fixed`` are values the protocol
+    sets itself (after the check of the client's); ``others`` are the names the protocol reads
+    itself (``model``, the file), offered when a name is misspelt."""
     sent = {name: value for name, value in values.items() if value is not None}
-    _refuse_unknown(sent, accepted)
+    _refuse_unknown(sent, accepted, others)
     sent.update(fixed or {})
     read = {name: PARAMETERS[name].read(value) for name, value in sent.items()}
 
@@ -332,7 +446,13 @@ def build_params(
     )
 
 
-def _refuse_unknown(sent: Mapping[str, Any], accepted: Collection[str] | None) -> None:
+#: Longest name compared with the parameters' for a "did you mean" (a longer one is no typo).
+_TYPO_LIMIT = 64
+
+
+def _refuse_unknown(
+    sent: Mapping[str, Any], accepted: Collection[str] | None, others: Collection[str]
+) -> None:
     allowed = [
         name
         for name, parameter in PARAMETERS.items()
@@ -340,8 +460,24 @@ def _refuse_unknown(sent: Mapping[str, Any], accepted: Collection[str] | None) -
     ]
     unknown = [name for name in sent if name not in allowed]
     if unknown:
-        raise InvalidParameter(
-            f"Unknown explain parameter {clip(unknown[0])}; the parameters are "
-            f"{', '.join(allowed)}.",
-            details={"parameter": unknown[0][:40], "allowed": allowed},
-        )
+        raise unknown_name(unknown[0], allowed, others)
+
+
+def unknown_name(
+    name: str,
+    allowed: Sequence[str],
+    others: Collection[str] = (),
+    what: tuple[str, str] = ("explain parameter", "parameters"),
+) -> MalformedParameter:
+    """The refusal of a name that is none of ``allowed``, with the close matches among them and
+    ``others`` (names the protocol reads itself); ``what`` names one and all of them."""
+    close = (
+        difflib.get_close_matches(name.lower(), [*allowed, *others], n=3, cutoff=0.6)
+        if len(name) <= _TYPO_LIMIT
+        else []
+    )
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return MalformedParameter(
+        f"Unknown {what[0]} {clip(name)}{hint}; the {what[1]} are {', '.join(allowed)}.",
+        details={"parameter": name[:40], "allowed": list(allowed), "did_you_mean": close},
+    )

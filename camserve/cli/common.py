@@ -177,12 +177,17 @@ def build_request(
     raw: bool,
     fields: tuple[str, ...],
 ) -> ExplainRequest:
-    parsed = {}
+    given: dict[str, list[str]] = {}
     for item in fields:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="-O/--option")
-        parsed[name.strip()] = value.strip()
+        given.setdefault(name.strip(), []).append(value.strip())
+    # A name given twice stays a list: the service (or read_text here) takes it for a field
+    # that repeats and refuses it for one that takes one value, instead of keeping the last.
+    parsed: dict[str, str | list[str]] = {
+        name: values[0] if len(values) == 1 else values for name, values in given.items()
+    }
     return ExplainRequest(
         methods=split_names(methods),
         model=model,

@@ -220,7 +220,23 @@ def bad_inputs(store: Path, server: str, busy: str, images: Path) -> dict[str, t
         ),
         "unknown option": (
             ("explain", image, "-O", "nope=1", *in_process(store)),
-            "invalid_parameter",
+            "malformed_parameter",
+        ),
+        "a typo of an option there": (
+            ("explain", image, "-O", "colormp=jet", *remote(server)),
+            "malformed_parameter",
+        ),
+        "a one-value option given twice here": (
+            ("explain", image, "-O", "top_k=3", "-O", "top_k=4", *in_process(store)),
+            "malformed_parameter",
+        ),
+        "a one-value option given twice there": (
+            ("explain", image, "-O", "top_k=3", "-O", "top_k=4", *remote(server)),
+            "malformed_parameter",
+        ),
+        "a number in other digits": (
+            ("explain", image, "--size", "\u0664\u0660\u0660", *in_process(store)),
+            "malformed_parameter",
         ),
         "unreachable server": (
             ("explain", image, "--url", f"http://127.0.0.1:{free_port()}"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.errors import InvalidParameter
+from app.errors import InvalidParameter, MalformedParameter
+from camserve.cli.common import build_request
 from camserve.request import ExplainRequest, split_names
 
 
@@ -59,6 +60,9 @@ def test_params_type_each_field_as_the_form_does() -> None:
     ("fields", "message"),
     [
         ({"nope": "1"}, "Unknown explain parameter 'nope'"),
+        ({"colormp": "jet"}, r"Unknown explain parameter 'colormp' \(did you mean 'colormap'\?\)"),
+        ({"top_k": ["3", "4"]}, "top_k was sent 2 times; it takes one value"),
+        ({"num_samples": "\u0668"}, r"num_samples must be written with ASCII digits \(0-9\)"),
         ({"num_samples": "many"}, "num_samples must be an integer"),
         ({"alpha": "half"}, "alpha must be a number"),
         ({"normalized": "maybe"}, "normalized must be true or false"),
@@ -75,3 +79,14 @@ def test_long_methods_are_the_ones_that_run_many_forwards() -> None:
     assert not ExplainRequest(methods=("GradCAM", "CAM")).runs_long
     assert not ExplainRequest(methods=("Nope",)).runs_long
     assert split_names(["GradCAM, ScoreCAM", "CAM"]) == ("GradCAM", "ScoreCAM", "CAM")
+
+
+def test_an_option_given_several_times_is_sent_as_repeated_fields() -> None:
+    request = build_request((), None, None, (), None, "jpeg", False, ("top_k=3", "top_k=4"))
+    assert request.fields == {"top_k": ["3", "4"]}
+    assert request.form()[-2:] == [("top_k", "3"), ("top_k", "4")]  # the service refuses it
+    with pytest.raises(MalformedParameter, match="top_k was sent 2 times"):
+        request.params()  # and so does the pipeline here
+    repeated = ("comparison_idx=1", "comparison_idx=2", "gamma=0.5")
+    request = build_request(("FinerCAM",), None, None, (), None, "jpeg", False, repeated)
+    assert request.params().options == {"comparison_idx": (1, 2), "gamma": 0.5}

@@ -48,6 +48,7 @@ def test_form_fields_never_offer_null(
         text = json.dumps(body)
         assert '"null"' not in text and '"default": null' not in text, name
     explain = next(b for n, b in bodies.items() if "explain" in n)
+    assert all(body["additionalProperties"] is False for body in bodies.values())  # refused
     assert explain["properties"]["method"]["type"] == "array"  # several methods: repeatable
     assert explain["properties"]["method"]["items"]["type"] == "string"
     assert explain["properties"]["num_samples"]["type"] == "integer"

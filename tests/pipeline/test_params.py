@@ -7,9 +7,16 @@ from typing import Any
 import pytest
 
 from app.cam import METHODS
-from app.errors import InvalidParameter
+from app.errors import InvalidParameter, MalformedParameter
 from app.pipeline.explainer import ExplainParams
-from app.pipeline.params import GENERAL, OPTION_NAMES, PARAMETERS, build_params, read_text
+from app.pipeline.params import (
+    GENERAL,
+    OPTION_NAMES,
+    PARAMETERS,
+    build_params,
+    one_value,
+    read_text,
+)
 
 
 def test_nothing_sent_gives_the_defaults() -> None:
@@ -68,7 +75,7 @@ def test_every_public_option_of_every_method_is_a_parameter() -> None:
         ({"top_k": 0}, "top_k must lie in [1, 1000], got 0."),
         ({"alpha": 1.5}, "alpha must lie in [0, 1], got 1.5."),
         ({"alpha": "high"}, "alpha must be a number, got 'high'."),
-        ({"alpha": float("nan")}, "alpha must be a finite number, got 'nan'."),
+        ({"alpha": float("nan")}, "alpha must be a finite number in [0, 1], got 'nan'."),
         ({"top_k": True}, "top_k must be an integer, got 'True'."),
         ({"top_k": 2.5}, "top_k must be an integer, got '2.5'."),
         ({"normalized": "yes"}, "normalized must be true or false, got 'yes'."),
@@ -76,7 +83,8 @@ def test_every_public_option_of_every_method_is_a_parameter() -> None:
         ({"class_idx": [1.5]}, "class_idx must be an integer or a list of integers, got '[1.5]'."),
         ({"method": 3}, "method must be a string or a list of strings, got '3'."),
         ({"size": [512]}, "size must be 'original', 'input' or a number of pixels"),
-        ({"colour": "red"}, "Unknown explain parameter 'colour'; the parameters are method, "),
+        ({"zebra": "red"}, "Unknown explain parameter 'zebra'; the parameters are method, "),
+        ({"colour": "red"}, "Unknown explain parameter 'colour' (did you mean 'colormap'?)"),
         ({"fc_layer": "fc"}, "Unknown explain parameter 'fc_layer'"),
     ],
 )
@@ -136,3 +144,102 @@ def test_text_values_are_typed_by_their_kind_as_the_form_types_them() -> None:
     ]:
         with pytest.raises(InvalidParameter, match=message):
             read_text(values)
+
+
+def test_an_unknown_name_is_refused_with_the_close_matches() -> None:
+    with pytest.raises(MalformedParameter) as error:
+        build_params({"methd": "ScoreCAM"})
+    assert error.value.status_code == 400
+    assert error.value.message.startswith(
+        "Unknown explain parameter 'methd' (did you mean 'method'?); the parameters are method,"
+    )
+    assert error.value.details is not None and error.value.details["did_you_mean"] == ["method"]
+    # The names a protocol reads itself are offered too, and case does not hide a match.
+    with pytest.raises(MalformedParameter, match=r"\(did you mean 'model'\?\)"):
+        build_params({"modle": "tiny"}, others=("model", "file"))
+    with pytest.raises(MalformedParameter, match=r"did you mean 'num_samples'"):
+        build_params({"Num_Samples": 4})
+    with pytest.raises(MalformedParameter) as error:  # a long name is no typo
+        build_params({"x" * 10_000: 1})
+    assert "did you mean" not in error.value.message and len(error.value.message) < 600
+
+
+def test_an_unknown_name_is_refused_even_from_text() -> None:
+    with pytest.raises(MalformedParameter, match="did you mean 'method'"):
+        build_params(read_text({"methd": "ScoreCAM"}))
+
+
+@pytest.mark.parametrize(
+    "name", [p.name for p in PARAMETERS.values() if p.kind not in ("strs", "ints")]
+)
+def test_a_one_value_parameter_sent_twice_is_refused(name: str) -> None:
+    with pytest.raises(MalformedParameter) as error:
+        read_text({name: ["1", "2"]})
+    assert error.value.message == f"{name} was sent 2 times; it takes one value. Send it once."
+    assert error.value.status_code == 400
+
+
+def test_repeatable_parameters_keep_every_value_and_empty_parts_are_not_sent() -> None:
+    read = read_text({"method": ["GradCAM", "ScoreCAM"], "comparison_idx": ["1", "2"]})
+    params = build_params(read)
+    assert params.method == "GradCAM,ScoreCAM" and params.options == {"comparison_idx": (1, 2)}
+    assert read_text({"top_k": ["", "3"], "colormap": ""}) == {"top_k": 3, "colormap": None}
+    assert one_value("model", ["tiny"]) == "tiny" and one_value("model", []) is None
+    with pytest.raises(MalformedParameter, match="model was sent 2 times"):
+        one_value("model", ["tiny", "vgg"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"size": "\u0664\u0660\u0660"}, "size must be written with ASCII digits (0-9)"),  # ٤٠٠
+        ({"top_k": "\u0663"}, "top_k must be written with ASCII digits (0-9)"),
+        ({"alpha": "\u0660.\u0665"}, "alpha must be written with ASCII digits (0-9)"),
+        ({"num_samples": "\uff18"}, "num_samples must be written with ASCII digits"),  # fullwidth 8
+        ({"class_idx": "1,\u0662"}, "class_idx must be written with ASCII digits (0-9)"),
+        ({"seed": "\u00b2"}, "seed must be written with ASCII digits (0-9)"),  # superscript two
+        ({"top_k": "1_0"}, "top_k must be an integer"),
+        ({"alpha": "inf"}, "alpha must be a number"),
+        ({"alpha": "1" + "0" * 400}, "alpha must be a finite number in [0, 1], got '1000"),
+        ({"std": "1e999"}, "std must be a finite number in [0, 10], got '1e999'."),
+        ({"top_k": "9" * 5000}, "top_k must be a finite number in [1, 1000], got a number of"),
+    ],
+)
+def test_numbers_in_text_are_ascii_and_within_their_kind(
+    values: dict[str, str], message: str
+) -> None:
+    with pytest.raises(MalformedParameter) as error:
+        build_params(read_text(values))
+    assert error.value.message.startswith(message), error.value.message
+    assert error.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"class_idx": True}, "class_idx must be an integer or a list of integers, got 'True'."),
+        ({"class_idx": [1, False]}, "class_idx must be an integer or a list of integers"),
+        ({"num_samples": True}, "num_samples must be an integer, got 'True'."),
+        ({"alpha": False}, "alpha must be a number, got 'False'."),
+        ({"gamma": True}, "gamma must be a number, got 'True'."),
+        ({"size": True}, "size must be 'original', 'input' or a number of pixels"),
+        ({"size": "\u0664\u0660\u0660"}, "size must be written with ASCII digits (0-9)"),
+        ({"alpha": 10**309}, "alpha must be a finite number in [0, 1], got an integer of about"),
+        ({"std": 10**400}, "std must be a finite number in [0, 10], got an integer of about 401"),
+        ({"gamma": -(10**400)}, "gamma must be a finite number in [0, 10]"),
+        ({"alpha": float("inf")}, "alpha must be a finite number in [0, 1], got 'inf'."),
+    ],
+)
+def test_json_booleans_and_numbers_beyond_a_float_are_malformed(
+    values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(MalformedParameter) as error:
+        build_params(values)
+    assert error.value.message.startswith(message), error.value.message
+
+
+def test_a_huge_integer_out_of_bounds_is_named_by_its_length() -> None:
+    with pytest.raises(InvalidParameter) as error:
+        build_params({"top_k": 10**400})
+    assert error.value.message == "top_k must lie in [1, 1000], got an integer of about 401 digits."
+    assert not isinstance(error.value, MalformedParameter)  # readable, out of bounds: 422

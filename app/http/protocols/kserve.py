@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
 from app.http.protocols.base import (
@@ -40,7 +40,7 @@ class B64(BaseModel):
 class PredictInstance(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image: B64
-    top_k: int = Field(5, ge=1, le=1000, description="classes returned for this image")
+    top_k: StrictInt = Field(5, ge=1, le=1000, description="classes returned for this image")
 
 
 #: The general parameters an instance takes (its own ``class_idx`` is one per image).
@@ -61,7 +61,7 @@ class ExplainInstance(BaseModel):
 
     model_config = ConfigDict(extra="allow", json_schema_extra=_document_parameters)
     image: B64
-    class_idx: int | None = Field(None, description="class to explain; default top-1")
+    class_idx: StrictInt | None = Field(None, description="class to explain; default top-1")
 
     def params(self, class_idx: tuple[int, ...]) -> ExplainParams:
         return build_params(

@@ -1,31 +1,35 @@
 """The multipart form of an explanation, shared by ``POST /explain`` and ``POST /jobs``.
 
 Its fields are ``app.pipeline.params.PARAMETERS`` (the general ones and every method's options),
-read as the form sends them and handed to ``build_params`` like every other protocol's."""
+read as the form sends them and handed to ``build_params`` like every other protocol's.
+
+The route's own fields (the files, ``model``, ``version``) are the ones its signature declares;
+every other part of the form, known or not, goes as text to ``read_text`` and ``build_params``,
+which refuse an unknown name, a repeated one-value field and a number in other digits than
+ASCII, with the same message as on every protocol. So the explain fields are declared for the
+schema only: FastAPI does not type them, ``app.pipeline.params`` reads them."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args, get_origin
 
 from fastapi import Depends, File, Form, Request, UploadFile
+from fastapi.routing import APIRoute
 
 from app.errors import NotAcceptable
 from app.pipeline.explainer import ExplainParams
-from app.pipeline.params import PARAMETERS, ExplainParameter, build_params
+from app.pipeline.params import (
+    PARAMETERS,
+    ExplainParameter,
+    build_params,
+    one_value,
+    read_text,
+    unknown_name,
+)
 
-#: What a form part holds for each kind of parameter (repeated fields come as lists).
-_FORM_TYPES: dict[str, Any] = {
-    "str": str,
-    "strs": list[str],
-    "int": int,
-    "ints": list[str],
-    "float": float,
-    "bool": bool,
-    "size": str,
-}
 #: An ``Accept: image/png`` answer is the overlay itself, drawn as a PNG.
 _PNG_ANSWER = {"output": "overlay", "image_format": "png"}
 
@@ -42,40 +46,84 @@ class ExplainForm:
 
 
 def _form_field(parameter: ExplainParameter) -> inspect.Parameter:
-    """One form field for a parameter; its bounds are documented here and checked by
-    ``build_params`` or the explainer, so that every protocol refuses with one message."""
-    repeated = parameter.kind in ("strs", "ints")
-    default = None if repeated or parameter.option else parameter.default
+    """One form field for a parameter, for the schema: its type, bounds and default are
+    documented here; ``app.pipeline.params`` reads and checks the value, as on every protocol."""
     description = parameter.help + (
-        " (ints, repeat or comma list)" if parameter.option and repeated else ""
+        " (ints, repeat or comma list)" if parameter.option and parameter.kind == "ints" else ""
     )
-    # Subscripted at runtime: the type is chosen by the parameter's kind, which a checker
-    # cannot follow inside ``Annotated[...]``.
-    annotation = Annotated.__class_getitem__(  # type: ignore[attr-defined]
-        (
-            _FORM_TYPES[parameter.kind] | None,
-            Form(description=description, json_schema_extra=parameter.hints() or None),
-        )
-    )
+    annotation = Annotated[
+        Any, Form(description=description, json_schema_extra=parameter.form_schema())
+    ]
     return inspect.Parameter(
-        parameter.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+        parameter.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation
     )
 
 
-def _parameters_form() -> Callable[..., dict[str, Any]]:
-    """A dependency whose form fields are every explain parameter; it returns the raw values."""
+def _parameters_form() -> Callable[..., None]:
+    """A dependency that declares every explain parameter as a form field (the schema's)."""
 
-    def explain_values(**values: Any) -> dict[str, Any]:
-        return values
+    def explain_fields(**_: Any) -> None:
+        return None
 
-    explain_values.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [_form_field(p) for p in PARAMETERS.values()], return_annotation=dict[str, Any]
+    explain_fields.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [_form_field(p) for p in PARAMETERS.values()], return_annotation=None
     )
-    return explain_values
+    return explain_fields
 
 
 #: The explain parameters as form fields (method, class_idx, ..., num_samples, std, gamma, ...).
-explain_values = _parameters_form()
+explain_fields = _parameters_form()
+
+
+def _repeatable(annotation: Any) -> bool:
+    """Whether a declared form field takes several parts (``list[UploadFile]``)."""
+    return get_origin(annotation) is list or any(_repeatable(a) for a in get_args(annotation))
+
+
+def _declared_fields(route: APIRoute) -> dict[str, bool]:
+    """The form fields a route's signature declares (name -> repeatable)."""
+    body = route.body_field.field_info.annotation if route.body_field is not None else None
+    fields = getattr(body, "model_fields", {})
+    return {field.alias or name: _repeatable(field.annotation) for name, field in fields.items()}
+
+
+def _own_fields(route: APIRoute) -> dict[str, bool]:
+    """The form fields the route reads itself: those it declares, the explain parameters
+    aside."""
+    return {n: many for n, many in _declared_fields(route).items() if n not in PARAMETERS}
+
+
+async def _form_parts(request: Request) -> dict[str, list[Any]]:
+    """The parts of the form by name, in order (parsed once, by FastAPI, and cached)."""
+    parts: dict[str, list[Any]] = {}
+    for name, value in (await request.form()).multi_items():
+        parts.setdefault(name, []).append(value)
+    return parts
+
+
+async def declared_fields_only(request: Request) -> None:
+    """A route dependency: the form holds only the fields the route declares, each once unless
+    it repeats (``/predict``'s form, whose fields FastAPI types itself)."""
+    declared = _declared_fields(request.scope["route"])
+    for name, values in (await _form_parts(request)).items():
+        if name not in declared:
+            raise unknown_name(name, list(declared), what=("field", "fields"))
+        if not declared[name]:
+            one_value(name, values)  # FastAPI would take the last of repeated parts
+
+
+async def explain_values(request: Request) -> dict[str, Any]:
+    """The parts of the form that the route does not read itself, as text (a list when a name
+    repeats), for ``read_text``; a repeated one-value field of the route's own is refused
+    too."""
+    own = _own_fields(request.scope["route"])
+    values: dict[str, Any] = {}
+    for name, texts in (await _form_parts(request)).items():
+        if name not in own:
+            values[name] = texts if len(texts) > 1 else texts[0]
+        elif not own[name]:
+            one_value(name, texts)  # FastAPI would take the last of repeated parts
+    return values
 
 
 def _wants_png(request: Request) -> bool:
@@ -114,11 +162,16 @@ async def explain_form(
     model: Annotated[
         str | None, Form(description="model name; default: the default model", examples=["shapes"])
     ] = None,
+    _fields: Annotated[None, Depends(explain_fields)] = None,
     values: Annotated[dict[str, Any], Depends(explain_values)] = None,  # type: ignore[assignment]
 ) -> ExplainForm:
     """Parse the form into explain parameters; the explainer checks them against the model."""
     as_png = _wants_png(request)
-    params = build_params(values, fixed=_PNG_ANSWER if as_png else None)
+    params = build_params(
+        read_text(values),
+        fixed=_PNG_ANSWER if as_png else None,
+        others=_own_fields(request.scope["route"]),
+    )
     if as_png:
         _check_png_answer(params, len(file))
     return ExplainForm(files=file, model=model or None, params=params, as_png=as_png)

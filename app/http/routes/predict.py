@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from app.http.deps import get_explainer, get_settings, read_uploads, require_api_key, within_limits
 from app.http.routes import VersionField, error_responses
+from app.http.routes.forms import declared_fields_only
 from app.pipeline.explainer import Explainer
 from app.pipeline.results import PredictResponse
 from app.settings import Settings
@@ -19,6 +20,7 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)])
     "/predict",
     response_model=PredictResponse,
     responses=error_responses(400, 401, 404, 413, 415, 422, 499, 500, 503, 504),
+    dependencies=[Depends(declared_fields_only)],
 )
 async def predict_images(
     request: Request,

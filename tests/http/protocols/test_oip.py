@@ -254,13 +254,13 @@ def test_outputs_come_in_the_order_asked_and_several_layers_give_the_fused_map(
         ),
         (
             explain_body(image_bytes(), colormap="jet"),
-            422,
+            400,
             "Unknown explain parameter 'colormap'; the parameters are method, class_idx, "
             "target_layer, normalized, num_samples",
         ),
         (
             explain_body(image_bytes(), method="FinerCAM", gamma="high"),
-            422,
+            400,
             "gamma must be a number, got 'high'.",
         ),
         (explain_body(image_bytes(), class_idx=[9]), 422, "class_idx 9 is out of range"),
