@@ -13,11 +13,18 @@ import torch
 from app.errors import ModelBusy, ModelControlMode
 from app.models.control import ModelControl
 from app.models.registry import ModelEntry, ModelRegistry
+from tests.fixtures_models import fixture_access
 from tests.models.store_helpers import new_weights, put_tiny
 
 
 def control(store: Path, mode: str) -> ModelControl:
-    registry = ModelRegistry(store, torch.device("cpu"), "tiny", control=mode)  # type: ignore[arg-type]
+    registry = ModelRegistry(
+        store,
+        torch.device("cpu"),
+        "tiny",
+        control=mode,  # type: ignore[arg-type]
+        access=fixture_access(store),
+    )
     registry.discover()
     registry.load_all()
     return ModelControl(registry, mode, poll_s=0.01)  # type: ignore[arg-type]

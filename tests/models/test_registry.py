@@ -13,11 +13,12 @@ from app.errors import ModelNotFound, ModelUnavailable
 from app.models.loading import build_model
 from app.models.manifest import parse_manifest
 from app.models.registry import ModelRegistry
+from tests.fixtures_models import fixture_access
 
 
 @pytest.fixture(scope="module")
 def registry(store: Path) -> ModelRegistry:
-    registry = ModelRegistry(store, torch.device("cpu"), "tiny")
+    registry = ModelRegistry(store, torch.device("cpu"), "tiny", access=fixture_access(store))
     registry.discover()
     registry.load_all()
     return registry
@@ -82,7 +83,7 @@ def test_wrong_target_layer_fails_with_close_matches(store: Path, tmp_path: Path
     shutil.copytree(store / "tiny", tmp_path / "tiny")
     manifest = tmp_path / "tiny" / "model.toml"
     manifest.write_text(manifest.read_text().replace('"features"', '"featurs"'))
-    registry = ModelRegistry(tmp_path, torch.device("cpu"), "tiny")
+    registry = ModelRegistry(tmp_path, torch.device("cpu"), "tiny", access=fixture_access(tmp_path))
     registry.discover()
     registry.load_all()
     assert "close matches: features" in (registry.entry("tiny").error or "")

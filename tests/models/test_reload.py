@@ -12,13 +12,16 @@ import torch
 
 from app.errors import ModelBusy, ModelNotFound, ModelUnavailable
 from app.models.registry import ModelRegistry
+from tests.fixtures_models import fixture_access
 from tests.models.store_helpers import break_weights, new_weights, put_tiny
 
 X = torch.ones(1, 3, 32, 32)
 
 
 def started(store: Path) -> ModelRegistry:
-    registry = ModelRegistry(store, torch.device("cpu"), "tiny", control="explicit")
+    registry = ModelRegistry(
+        store, torch.device("cpu"), "tiny", control="explicit", access=fixture_access(store)
+    )
     registry.discover()
     registry.load_all()
     return registry
