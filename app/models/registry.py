@@ -246,10 +246,19 @@ class ModelRegistry:
         reason = self._relative(_reason(error))
         logger.error("model %s failed to load: %s", name, reason, exc_info=error)
         try:
-            print_ = fingerprint(self.store / name)
+            print_ = self._print(self.store / name)
         except (OSError, ValueError):
             print_ = ()
         self._put(ModelEntry(name, problem=reason, fingerprint=print_))
+
+    def _print(self, folder: Path) -> Fingerprint:
+        """The folder's fingerprint; a folder that leads out of the store (refused) is not
+        walked, so that a link to ``/`` costs a scan nothing."""
+        try:
+            self.access.check_resolved(folder, folder.name)
+        except AccessError:
+            return ((f"{folder.name} -> outside the store", 0, 0),)
+        return fingerprint(folder)
 
     # ------------------------------------------------------------------ changes
 
@@ -281,7 +290,7 @@ class ModelRegistry:
     def changes(self) -> tuple[list[str], list[str]]:
         """What a poll should do: (folders new or changed since their load, entries whose
         folder is gone)."""
-        on_disk = {folder.name: fingerprint(folder) for folder in model_folders(self.store)}
+        on_disk = {folder.name: self._print(folder) for folder in model_folders(self.store)}
         changed = [
             name
             for name, print_ in on_disk.items()
@@ -301,7 +310,7 @@ class ModelRegistry:
         old = before if before is not None and not before.unloaded else None
         if old is None:  # a new model shows as loading until it is done
             self._put(ModelEntry(name))
-        folder_print = fingerprint(folder)
+        folder_print = self._print(folder)
         try:
             layout = self._layout(folder)
         except (FileNotFoundError, NotADirectoryError):
@@ -325,7 +334,7 @@ class ModelRegistry:
         )
         for number, version_folder in layout.versions.items():
             previous = old.versions.get(number) if old is not None else None
-            version_print = fingerprint(version_folder) if layout.versioned else folder_print
+            version_print = self._print(version_folder) if layout.versioned else folder_print
             if previous is not None and previous.fingerprint == version_print:
                 entry.versions[number] = previous
                 continue
@@ -471,7 +480,10 @@ class ModelRegistry:
     def _not_found(self, name: str, in_store: bool = False) -> ModelNotFound:
         known = self.names()
         if in_store:
-            known = sorted(set(known) | {f.name for f in model_folders(self.store)})
+            try:
+                known = sorted(set(known) | {f.name for f in model_folders(self.store)})
+            except OSError:
+                pass  # the store cannot be listed now: name the models known
         available = close_first(name[:100], known)
         where = " in the model store" if in_store else ""
         listed = ", ".join(available) or "none"
