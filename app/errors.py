@@ -259,6 +259,13 @@ class ModelLoadFailed(CamserveError):
     code = "model_load_failed"
 
 
+class InvalidModelName(CamserveError):
+    """A model name that no folder of the store can have (too long, or with ``/`` or NUL)."""
+
+    status_code = 400
+    code = "invalid_model_name"
+
+
 class JobStoreUnavailable(CamserveError):
     """The shared job store (Redis) does not answer; jobs cannot be created or read now."""
 

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CAMSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _JOB_STORE_RE = re.compile(r"^rediss?://[^/\s]*[^/\s:@](:\d{1,5})?(/\d{1,5})?(\?\S*)?$")
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,26 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(
         15.0, gt=0, le=86_400, description="Seconds between two scans of the store in `poll` mode."
     )
+    trusted_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Python modules (each with its submodules) whose factories a manifest may "
+        'name as `architecture = "package.module:factory"`, beyond torchvision, `timm:NAME` '
+        "and the service's own `app.models.zoo`. A manifest naming any other module is refused "
+        "before that module is imported: list only code you trust as much as the service.",
+        json_schema_extra={"allowed": "comma-separated module names, e.g. `mypkg.models`"},
+    )
+    allow_links_out_of_store: bool = Field(
+        False,
+        description="Serve model folders and files that are symbolic links to places outside "
+        "`CAMSERVE_MODEL_STORE` (links inside it always work).",
+    )
+    model_load_stall_s: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description="Seconds a model may stay `loading` before `/ready` answers 503 (a load "
+        "that hangs, e.g. on a download).",
+    )
     admin_key: SecretStr | None = Field(
         None,
         description="Key of the repository API (`X-Admin-Key`). Unset: that API is off (403).",
@@ -326,6 +347,20 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            bad = [str(v) for v in value if not (isinstance(v, str) and _MODULE_RE.fullmatch(v))]
+            if bad:
+                raise ValueError(
+                    f"{', '.join(map(repr, bad))} is not a module name; give dotted Python "
+                    "module names such as mypkg.models, separated by commas"
+                )
         return value
 
     @field_validator("job_store", mode="before")

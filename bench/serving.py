@@ -117,6 +117,8 @@ def server_env(store: Path, port: int, device: str, overrides: dict[str, str]) -
         CAMSERVE_DEFAULT_MODEL="shapes",
         CAMSERVE_QUEUE_SIZE="256",
         CAMSERVE_LOG_LEVEL="WARNING",
+        # build_store links model_store/shapes in from outside the temporary store.
+        CAMSERVE_ALLOW_LINKS_OUT_OF_STORE="true",
     )
     env.update(overrides)
     return env

@@ -37,9 +37,7 @@ class LocalService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(
-            settings.model_store, resolve_device(settings.device), settings.default_model
-        )
+        self.registry = ModelRegistry.from_settings(settings, resolve_device(settings.device))
         # One thread runs every torch call, as the service's model threads do.
         self._model_threads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve")
         self.explainer = Explainer.from_settings(

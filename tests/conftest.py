@@ -18,11 +18,14 @@ from PIL import Image
 
 from app.http.app import create_app
 from app.settings import Settings
-from tests.fixtures_models import build_tiny, build_vgg_like, write_model
+from tests.fixtures_models import FIXTURE_MODULE, build_tiny, build_vgg_like, write_model
 from tests.redis_server import RedisServer
 
 for _name in [k for k in os.environ if k.startswith("CAMSERVE_")]:
     del os.environ[_name]  # a developer's shell must not change what the tests see
+# The test stores name factories of tests/fixtures_models.py; every Settings of the tests trusts
+# that module (a test of the refusal gives its own CAMSERVE_TRUSTED_MODULES).
+os.environ["CAMSERVE_TRUSTED_MODULES"] = FIXTURE_MODULE
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from app.models.access import StoreAccess
+
+FIXTURE_MODULE = "tests.fixtures_models"
+"""The module of the test factories: the tests trust it (CAMSERVE_TRUSTED_MODULES, set by
+tests/conftest.py for every Settings, and ``fixture_access`` for code that reads a store)."""
+
+
+def fixture_access(store: Path) -> StoreAccess:
+    """The rules of a test store: the fixture factories are trusted, nothing else is."""
+    return StoreAccess(root=store, trusted_modules=(FIXTURE_MODULE,))
+
 
 class TinyNet(nn.Module):
     """conv-relu-conv-relu, global average pooling, one Linear head: every CAM method applies."""

@@ -160,3 +160,12 @@ def test_refused_values_never_echo_a_secret(monkeypatch: pytest.MonkeyPatch) -> 
         load_settings()
     assert "hunter2" not in str(refused.value)
     assert "redis://:***@/0" in str(refused.value)
+
+
+def test_trusted_modules_are_module_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMSERVE_TRUSTED_MODULES", " mypkg.models, other ,")
+    assert load_settings().trusted_modules == ["mypkg.models", "other"]
+    monkeypatch.setenv("CAMSERVE_TRUSTED_MODULES", "mypkg.models, subprocess:run")
+    with pytest.raises(ConfigurationError) as error:
+        load_settings()
+    assert "CAMSERVE_TRUSTED_MODULES: 'subprocess:run' is not a module name" in str(error.value)

@@ -60,9 +60,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     logger.info("camserve %s on device %s", __version__, describe_device(device))
     warn_renamed(os.environ)
-    registry = ModelRegistry(
-        settings.model_store, device, settings.default_model, settings.model_control
-    )
+    registry = ModelRegistry.from_settings(settings, device)
     registry.discover()
     # Every torch call of the service (loading, warm-up, passes) runs on these threads. Each
     # thread that runs torch ops gets its own OpenMP team, and two teams on a CPU slow each other

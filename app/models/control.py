@@ -3,6 +3,9 @@
 ``none`` loads the store once. ``poll`` re-scans it every ``CAMSERVE_MODEL_POLL_S``: a new folder
 is loaded, a changed one reloaded, a removed one unloaded. ``explicit`` changes models only when
 the repository API asks. Either way the registry does the work, one load at a time per model.
+
+A poll reports each problem once: a folder that fails to load is logged when it fails, and not
+again until its files change; a scan that fails is logged once per reason.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from concurrent.futures import Executor
 from functools import partial
 from typing import TypeVar
 
-from app.errors import ModelBusy, ModelControlMode
+from app.errors import ModelBusy, ModelControlMode, ModelNotFound
 from app.models.registry import Control, ModelEntry, ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ class ModelControl:
         self.poll_s = poll_s
         self.executor = executor
         """Threads for loading (the service's model threads: a load runs torch like a pass)."""
+        self._reported: dict[str, str] = {}
+        """What a poll last logged as failing, per model ("" for the store): logged once."""
 
     # ------------------------------------------------------------------ the repository API
 
@@ -84,7 +89,7 @@ class ModelControl:
         """Re-scan the store every ``poll_s`` seconds until cancelled (poll mode)."""
         while True:
             await asyncio.sleep(self.poll_s)
-            if self.registry.ready:
+            if self.registry.scanned:
                 await self.poll()
 
     async def poll(self) -> None:
@@ -93,8 +98,9 @@ class ModelControl:
         try:
             changed, gone = await loop.run_in_executor(None, self.registry.changes)
         except OSError as error:
-            logger.error("cannot scan the model store %s: %s", self.registry.store, error)
+            self._report("", f"cannot scan the model store {self.registry.store}: {error}")
             return
+        self._reported.pop("", None)
         for name in gone:
             logger.info("poll: folder %s is gone; unloading it", name)
             await self._quietly(name, partial(self.registry.unload, name))
@@ -108,5 +114,17 @@ class ModelControl:
             await self._held(name, work)
         except ModelBusy:
             logger.info("poll: %s is busy; trying again at the next scan", name)
-        except Exception:  # a poll must go on whatever one folder does
-            logger.exception("poll: changing model %s failed", name)
+        except ModelNotFound:
+            logger.info("poll: folder %s went away while it was read", name)
+        except Exception as error:  # a poll must go on whatever one folder does
+            self._report(name, f"poll: changing model {name} failed: {error!r}", error)
+        else:
+            self._reported.pop(name, None)
+
+    def _report(self, key: str, message: str, error: Exception | None = None) -> None:
+        """Log ``message`` unless it is what was last logged for ``key``."""
+        if self._reported.get(key) == message:
+            logger.debug("%s (again)", message)
+            return
+        self._reported[key] = message
+        logger.error(message, exc_info=error)

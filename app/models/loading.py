@@ -1,4 +1,8 @@
-"""Build a model from its spec: weights, freezing, device, warm-up, and which CAMs apply."""
+"""Build a model from its spec: weights, freezing, device, warm-up, and which CAMs apply.
+
+The warm-up is also the load's proof: one forward on the warm-up input must give finite logits
+of the manifest's class count, or the load fails (and a reload leaves the old version serving).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from app.cam import (
     locate_candidate_layer,
 )
 from app.cam.layers import trace_forward
+from app.models.access import factory_defined_in
 from app.models.manifest import TIMM_PREFIX, ManifestError, ModelSpec
 from app.models.weights import WeightsSource, torchvision_source
 
@@ -59,6 +64,8 @@ class LoadedModel:
 
 
 def _resolve_factory(architecture: str) -> Callable[..., nn.Module]:
+    """The factory of a ``module:factory`` architecture (its module was found trusted when the
+    manifest was read: ``app.models.access``)."""
     module_name, _, attribute = architecture.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -69,6 +76,12 @@ def _resolve_factory(architecture: str) -> Callable[..., nn.Module]:
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ManifestError(f"architecture {architecture!r}: {module_name} has no {attribute}")
+    if not factory_defined_in(module_name, factory):
+        raise ManifestError(
+            f"architecture {architecture!r}: {attribute} is not defined in {module_name} (it "
+            f"comes from {getattr(factory, '__module__', None) or 'elsewhere'}); name the "
+            "module that defines the factory"
+        )
     return factory
 
 
@@ -206,7 +219,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
 
 def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """One forward on zeros (on the module's device); records every submodule's output shape
-    (its first call's) and checks the logits."""
+    (its first call's) and proves the logits: ``num_classes`` of them, all finite."""
     order, out = trace_forward(module, spec.input_shape)
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in order:
@@ -215,6 +228,13 @@ def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ManifestError(
             f"the model returns {got} for one image but num_classes is {spec.num_classes}"
+        )
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise ManifestError(
+            f"the probe forward (on the warm-up input) gave {bad} of {finite.numel()} logits "
+            "that are NaN or infinite; the weights are broken (check the checkpoint)"
         )
     return shapes
 

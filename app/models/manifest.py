@@ -3,16 +3,20 @@
 The manifest is a pydantic model (``Manifest``); its errors read like the settings' errors, one
 ``[table] key: problem`` per problem. Checks that need the folder (the weights and labels files
 exist) and the defaults a timm model brings (its preprocessing) come after, in ``parse_manifest``.
+
+Every field is bounded (``LIMITS``), and so are the manifest and labels files: a manifest is
+written by whoever can write the store, and ``/models`` sends parts of it to every client.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from app.errors import clip
+from app.models.access import AccessError, StoreAccess
 from app.models.timm_config import TimmError, pretrained_preprocess
 
 if sys.version_info >= (3, 11):
@@ -37,6 +43,21 @@ _ENUM_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 TIMM_PREFIX = "timm:"
+
+MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_LABELS_BYTES = 16 * 1024 * 1024
+MAX_LABEL_CHARS = 1000
+MAX_DESCRIPTION_CHARS = 4000
+MAX_NAME_CHARS = 256
+"""architecture, weights, labels, layer and method names."""
+MAX_KWARGS_BYTES = 16 * 1024
+"""``[model] kwargs`` written as JSON."""
+MAX_LIST_ITEMS = 64
+MAX_CLASSES = 1_000_000
+MAX_INPUT_SIDE = 4096
+MAX_RESIZE = 8192
+TIMM_PATH_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+"""timm.create_model arguments that read files from anywhere: refused in a manifest."""
 
 
 class ManifestError(ValueError):
@@ -133,13 +154,34 @@ class _Table(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+_Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
 class ModelTable(_Table):
-    architecture: str = Field(min_length=1)
+    architecture: _Name
     kwargs: dict[str, Any] = Field(default_factory=dict)
     pretrained: bool = False
-    weights: str | None = Field(None, validate_default=True)
-    num_classes: int = Field(ge=1)
-    labels: str | None = None
+    weights: str | None = Field(None, validate_default=True, max_length=MAX_NAME_CHARS)
+    num_classes: int = Field(ge=1, le=MAX_CLASSES)
+    labels: str | None = Field(None, max_length=MAX_NAME_CHARS)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _small_kwargs(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(value, default=str))
+        except (RecursionError, ValueError):
+            size = MAX_KWARGS_BYTES + 1
+        if size > MAX_KWARGS_BYTES:
+            raise ValueError(f"must be at most {MAX_KWARGS_BYTES} bytes written as JSON")
+        if str(info.data.get("architecture", "")).startswith(TIMM_PREFIX):
+            paths = sorted(set(value) & set(TIMM_PATH_KWARGS))
+            if paths:
+                raise ValueError(
+                    f"{', '.join(paths)} would read files from outside the model's folder; "
+                    "put the weights in the folder and name them with weights ="
+                )
+        return value
 
     @field_validator("pretrained")
     @classmethod
@@ -175,11 +217,11 @@ class ModelTable(_Table):
 
 
 class PreprocessTable(_Table):
-    input_shape: list[int]
-    resize: int | None = None
+    input_shape: list[Annotated[int, Field(le=MAX_INPUT_SIDE)]] = Field(max_length=3)
+    resize: int | None = Field(None, le=MAX_RESIZE)
     crop: int | list[int] | None = None
-    mean: list[float]
-    std: list[float]
+    mean: list[float] = Field(max_length=3)
+    std: list[float] = Field(max_length=3)
     interpolation: Interpolation = "bilinear"
 
     @field_validator("input_shape")
@@ -219,16 +261,16 @@ class PreprocessTable(_Table):
 
 
 class CamTable(_Table):
-    target_layers: list[str] = Field(default_factory=list)
-    fc_layer: str | None = None
-    default_method: str = "GradCAM"
-    allowed_methods: list[str] | None = Field(None, min_length=1)
+    target_layers: list[_Name] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+    fc_layer: _Name | None = None
+    default_method: _Name = "GradCAM"
+    allowed_methods: list[_Name] | None = Field(None, min_length=1, max_length=MAX_LIST_ITEMS)
 
 
 class Manifest(_Table):
     """``model.toml``: the tables a model folder's manifest may hold."""
 
-    description: str = ""
+    description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
     model: ModelTable
     preprocess: PreprocessTable | None = None
     cam: CamTable = Field(default_factory=CamTable)
@@ -260,7 +302,8 @@ def describe_manifest_error(error: ValidationError) -> str:
             continue
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
-        shown = f" (got {value!r})" if not isinstance(value, dict | list) and keys else ""
+        got = clip(value) if isinstance(value, str) else repr(value)
+        shown = f" (got {got})" if not isinstance(value, dict | list) and keys else ""
         problems.append(f"{where}: {message}{shown}" if keys else f"{where} {message}")
     for section, keys in unknown.items():
         allowed = _TABLES[section.strip("[]")] if section else _TOP_LEVEL
@@ -280,46 +323,100 @@ _TABLES: dict[str, tuple[str, ...]] = {
 _TOP_LEVEL = ("description", "[model]", "[preprocess]", "[cam]", "[version_policy]")
 
 
+def read_bounded(path: Path, limit: int, what: str) -> str:
+    """The text of ``path`` when it is a file of at most ``limit`` bytes; ManifestError else."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise ManifestError(f"{what} is not a file")
+        if size > limit:
+            raise ManifestError(f"{what} has {size} bytes; the most allowed is {limit}")
+        with path.open("rb") as file:
+            data = file.read(limit + 1)
+    except FileNotFoundError:
+        raise ManifestError(f"{what} does not exist in {path.parent}") from None
+    except OSError as error:
+        raise ManifestError(f"cannot read {what}: {error.strerror or error}") from None
+    if len(data) > limit:
+        raise ManifestError(f"{what} has more than {limit} bytes, the most allowed")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"{what} is not UTF-8 text: {error}") from None
+
+
+def read_manifest_data(folder: Path, access: StoreAccess) -> dict[str, Any]:
+    """``folder/model.toml`` as TOML data (bounded in size, inside the store); ManifestError
+    naming the problem otherwise."""
+    try:
+        path = access.inside(folder, MANIFEST_NAME, MANIFEST_NAME)
+    except AccessError as error:
+        raise ManifestError(str(error)) from None
+    if not path.exists() and not path.is_symlink():
+        raise ManifestError(f"{MANIFEST_NAME} is missing")
+    text = read_bounded(path, MAX_MANIFEST_BYTES, MANIFEST_NAME)
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ManifestError(f"{MANIFEST_NAME} is not valid TOML: {error}") from None
+    except RecursionError:
+        raise ManifestError(f"{MANIFEST_NAME} nests arrays or tables too deeply") from None
+    return data
+
+
 def read_labels(path: Path, num_classes: int) -> tuple[str, ...]:
     """One label per line; the count must match ``num_classes``."""
-    if not path.is_file():
-        raise ManifestError(f"labels file {path.name} does not exist in {path.parent}")
-    labels = tuple(
-        line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    )
+    text = read_bounded(path, MAX_LABELS_BYTES, f"labels file {path.name}")
+    labels = tuple(line.strip() for line in text.splitlines() if line.strip())
     if len(labels) != num_classes:
         raise ManifestError(
             f"{path.name} has {len(labels)} labels but num_classes is {num_classes}"
         )
+    long = next((i for i, label in enumerate(labels) if len(label) > MAX_LABEL_CHARS), None)
+    if long is not None:
+        raise ManifestError(
+            f"{path.name}: label {long + 1} has {len(labels[long])} characters; the most "
+            f"allowed is {MAX_LABEL_CHARS}"
+        )
     return labels
 
 
-def parse_manifest(folder: Path, name: str | None = None, version: int = 1) -> ModelSpec:
+def parse_manifest(
+    folder: Path,
+    name: str | None = None,
+    version: int = 1,
+    access: StoreAccess | None = None,
+) -> ModelSpec:
     """Read ``folder/model.toml``; raise ManifestError naming every problem found.
 
-    ``name`` is the model's (default: the folder's name); a version folder passes its model's."""
-    path = folder / MANIFEST_NAME
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{MANIFEST_NAME} is missing") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{MANIFEST_NAME} is not valid TOML: {error}") from None
+    ``name`` is the model's (default: the folder's name); a version folder passes its model's.
+    ``access`` holds the store's rules (default: only the built-in modules are trusted)."""
+    access = access or StoreAccess()
+    data = read_manifest_data(folder, access)
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as error:
         raise ManifestError(describe_manifest_error(error)) from None
-    return _spec(manifest, folder, name or folder.name, version)
+    except RecursionError:
+        raise ManifestError(f"{MANIFEST_NAME} nests arrays or tables too deeply") from None
+    try:
+        return _spec(manifest, folder, name or folder.name, version, access)
+    except AccessError as error:
+        raise ManifestError(str(error)) from None
 
 
-def _spec(manifest: Manifest, folder: Path, name: str, version: int) -> ModelSpec:
+def _spec(
+    manifest: Manifest, folder: Path, name: str, version: int, access: StoreAccess
+) -> ModelSpec:
     model, cam = manifest.model, manifest.cam
+    access.check_architecture(model.architecture)
     if model.weights is not None and model.weights.endswith(WEIGHT_FILE_SUFFIXES):
-        if not (folder / model.weights).is_file():
+        weights = access.inside(folder, model.weights, "weights")
+        if not weights.is_file():
             raise ManifestError(f"weights file {model.weights} does not exist in {folder}")
     labels = None
     if model.labels is not None:
-        labels = read_labels(folder / model.labels, model.num_classes)
+        labels = read_labels(access.inside(folder, model.labels, "labels"), model.num_classes)
     pre = manifest.preprocess
     if pre is None:
         if not model.architecture.startswith(TIMM_PREFIX):

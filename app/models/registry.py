@@ -4,6 +4,10 @@ Loading is copy-on-write: a (re)load builds and warms the new versions beside th
 then swaps one new ``ModelEntry`` in. A request holds the ``LoadedModel`` it got from ``get`` for
 its whole run, so it finishes on the model it started on; the old model is freed when the last
 such request lets go of it. A reload that fails keeps the old version serving and records why.
+
+Each model loads in its own guard: whatever one folder holds (an unreadable folder, a manifest
+that is not TOML, a link out of the store), that model shows ``failed`` with the reason, once in
+the log, and the others load.
 """
 
 from __future__ import annotations
@@ -22,9 +26,19 @@ import torch
 
 from app.cam.names import close_matches
 from app.errors import ModelBusy, ModelNotFound, ModelUnavailable, clip
+from app.models.access import AccessError, StoreAccess
 from app.models.loading import LoadedModel, load_model
-from app.models.manifest import ManifestError, ModelSpec, parse_manifest
-from app.models.store import Fingerprint, fingerprint, model_folders, read_layout
+from app.models.manifest import ManifestError, ModelSpec, VersionPolicy, parse_manifest
+from app.models.store import (
+    Fingerprint,
+    ModelLayout,
+    check_name,
+    fingerprint,
+    hidden,
+    model_folders,
+    read_layout,
+)
+from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +80,10 @@ class ModelEntry:
     unloaded: bool = False
     fingerprint: Fingerprint = ()
     """Of the whole folder when it was last (re)loaded: the poll compares it with the disk."""
+    reload_problem: str | None = None
+    """Why the last reload could not read the folder while the previous load goes on serving."""
+    since: float = field(default_factory=time.monotonic)
+    """When this state began (``time.monotonic``): how long a model has been loading."""
 
     @property
     def serving(self) -> ModelVersion | None:
@@ -124,6 +142,8 @@ class ModelEntry:
             for v in self.versions.values()
             if v.reload_error
         ]
+        if self.reload_problem:
+            failed.insert(0, self.reload_problem)
         return "; ".join(failed) or None
 
     @property
@@ -142,17 +162,45 @@ class ModelRegistry:
     """Models of one store, keyed by folder name; a broken model never hides the others."""
 
     def __init__(
-        self, store: Path, device: torch.device, default_model: str, control: Control = "none"
+        self,
+        store: Path,
+        device: torch.device,
+        default_model: str,
+        control: Control = "none",
+        *,
+        access: StoreAccess | None = None,
+        stall_s: float = 600.0,
     ) -> None:
         self.store = store
         self.device = device
         self.default_model = default_model
         self.control = control
+        self.access = access or StoreAccess(root=store)
+        """What the store's manifests may import and read."""
+        self.stall_s = stall_s
+        """How long a model may stay loading before the registry stops being ready."""
         self.entries: dict[str, ModelEntry] = {}
         """Replaced, never changed in place, by a (re)load: readers iterate a stable dict."""
         self._loaded = threading.Event()
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
+        self._stall_reported: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, device: torch.device) -> ModelRegistry:
+        """The registry of ``CAMSERVE_MODEL_STORE`` with the settings' rules for it."""
+        return cls(
+            settings.model_store,
+            device,
+            settings.default_model,
+            settings.model_control,
+            access=StoreAccess(
+                root=settings.model_store,
+                trusted_modules=tuple(settings.trusted_modules),
+                links_out=settings.allow_links_out_of_store,
+            ),
+            stall_s=settings.model_load_stall_s,
+        )
 
     # ------------------------------------------------------------------ startup
 
@@ -162,9 +210,15 @@ class ModelRegistry:
             logger.error("model store %s does not exist; no models are served", self.store)
             self._loaded.set()
             return
-        self.entries = {
-            folder.name: ModelEntry(folder.name) for folder in model_folders(self.store)
-        }
+        try:
+            folders = model_folders(self.store)
+        except OSError as error:
+            logger.error(
+                "cannot list the model store %s: %s; no models are served", self.store, error
+            )
+            self._loaded.set()
+            return
+        self.entries = {folder.name: ModelEntry(folder.name) for folder in folders}
         if self.default_model not in self.entries:
             logger.warning(
                 "default model %r is not in %s (found: %s)",
@@ -174,13 +228,37 @@ class ModelRegistry:
             )
 
     def load_all(self) -> None:
-        """Load every discovered model; record failures instead of raising."""
+        """Load every discovered model, each in its own guard; record failures, never raise."""
         try:
             for name in list(self.entries):
-                with self.claim(name):
-                    self.load(name)
+                try:
+                    with self.claim(name):
+                        self.load(name)
+                except ModelBusy:  # the repository API got to it first
+                    continue
+                except Exception as error:  # one folder must not stop the others
+                    self._fail(name, error)
         finally:
             self._loaded.set()
+
+    def _fail(self, name: str, error: Exception) -> None:
+        """Show ``name`` as failed with why, when its load broke outside a version's guard."""
+        reason = self._relative(_reason(error))
+        logger.error("model %s failed to load: %s", name, reason, exc_info=error)
+        try:
+            print_ = self._print(self.store / name)
+        except (OSError, ValueError):
+            print_ = ()
+        self._put(ModelEntry(name, problem=reason, fingerprint=print_))
+
+    def _print(self, folder: Path) -> Fingerprint:
+        """The folder's fingerprint; a folder that leads out of the store (refused) is not
+        walked, so that a link to ``/`` costs a scan nothing."""
+        try:
+            self.access.check_resolved(folder, folder.name)
+        except AccessError:
+            return ((f"{folder.name} -> outside the store", 0, 0),)
+        return fingerprint(folder)
 
     # ------------------------------------------------------------------ changes
 
@@ -212,7 +290,7 @@ class ModelRegistry:
     def changes(self) -> tuple[list[str], list[str]]:
         """What a poll should do: (folders new or changed since their load, entries whose
         folder is gone)."""
-        on_disk = {folder.name: fingerprint(folder) for folder in model_folders(self.store)}
+        on_disk = {folder.name: self._print(folder) for folder in model_folders(self.store)}
         changed = [
             name
             for name, print_ in on_disk.items()
@@ -224,28 +302,39 @@ class ModelRegistry:
     def load(self, name: str) -> ModelEntry:
         """(Re)load the folder ``name``: new and changed versions are built and warmed beside
         the serving ones, then swapped in; unchanged ones are kept. Call it under ``claim``."""
+        check_name(name)
         folder = self.store / name
-        if not folder.is_dir() or name != folder.name or folder.name.startswith((".", "_")):
+        if not _is_model_folder(folder, name):
             raise self._not_found(name, in_store=True)
         before = self.entries.get(name)
         old = before if before is not None and not before.unloaded else None
         if old is None:  # a new model shows as loading until it is done
             self._put(ModelEntry(name))
+        folder_print = self._print(folder)
         try:
-            folder_print = fingerprint(folder)
-            layout = read_layout(folder)
-        except OSError:  # the folder went away while we looked: leave things as they were
+            layout = self._layout(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            # The folder went away while we looked: leave things as they were.
             entries = {k: v for k, v in self.entries.items() if k != name}
             if before is not None:
                 entries[name] = before
             self.entries = entries
-            raise
+            raise self._not_found(name, in_store=True) from None
+        if layout.problem and old is not None and old.serving is not None:
+            logger.error(
+                "model %s cannot be reloaded (%s); the previous load goes on serving",
+                name,
+                layout.problem,
+            )
+            kept = replace(old, reload_problem=layout.problem, fingerprint=folder_print)
+            self._put(kept)
+            return kept
         entry = ModelEntry(
             name, versioned=layout.versioned, problem=layout.problem, fingerprint=folder_print
         )
         for number, version_folder in layout.versions.items():
             previous = old.versions.get(number) if old is not None else None
-            version_print = fingerprint(version_folder) if layout.versioned else folder_print
+            version_print = self._print(version_folder) if layout.versioned else folder_print
             if previous is not None and previous.fingerprint == version_print:
                 entry.versions[number] = previous
                 continue
@@ -263,6 +352,18 @@ class ModelRegistry:
         self._put(entry)
         self._retire(old, entry)
         return entry
+
+    def _layout(self, folder: Path) -> ModelLayout:
+        """``read_layout``, with a folder that cannot be read (or leads out of the store) as the
+        layout's problem; FileNotFoundError when the folder is gone."""
+        try:
+            self.access.check_resolved(folder, f"folder {folder.name}")
+            return read_layout(folder, self.access)
+        except (FileNotFoundError, NotADirectoryError):
+            raise
+        except Exception as error:
+            problem = self._relative(_reason(error))
+            return ModelLayout(folder.name, folder, False, {}, (), VersionPolicy(), problem)
 
     def unload(self, name: str) -> None:
         """Stop serving ``name``; the folder stays listed as unloaded while it exists. Requests
@@ -304,7 +405,7 @@ class ModelRegistry:
         version = ModelVersion(number, fingerprint=print_)
         label = name if folder.name == name else f"{name} version {number}"
         try:
-            version.spec = parse_manifest(folder, name=name, version=number)
+            version.spec = parse_manifest(folder, name=name, version=number, access=self.access)
             version.model = load_model(version.spec, self.device)
         except Exception as error:  # a broken model is reported, never fatal
             version.status = "failed"
@@ -342,9 +443,33 @@ class ModelRegistry:
     # ------------------------------------------------------------------ lookups
 
     @property
-    def ready(self) -> bool:
+    def scanned(self) -> bool:
         """True once every model of the first scan has either loaded or failed."""
         return self._loaded.is_set()
+
+    @property
+    def ready(self) -> bool:
+        """True once the first scan is done, while no model has stayed loading past
+        ``stall_s`` (a load that hangs must not pass for a served model)."""
+        return self.scanned and not self.stalled()
+
+    def stalled(self) -> list[str]:
+        """The models loading for longer than ``stall_s``; each is logged once."""
+        now = time.monotonic()
+        names = [
+            name
+            for name, entry in self.entries.items()
+            if entry.status == "loading" and now - entry.since > self.stall_s
+        ]
+        for name in set(names) - self._stall_reported:
+            logger.error(
+                "model %s has been loading for more than %.0f s (CAMSERVE_MODEL_LOAD_STALL_S); "
+                "the service is not ready until it loads or fails",
+                name,
+                self.stall_s,
+            )
+        self._stall_reported = set(names)
+        return names
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout)
@@ -355,7 +480,10 @@ class ModelRegistry:
     def _not_found(self, name: str, in_store: bool = False) -> ModelNotFound:
         known = self.names()
         if in_store:
-            known = sorted(set(known) | {f.name for f in model_folders(self.store)})
+            try:
+                known = sorted(set(known) | {f.name for f in model_folders(self.store)})
+            except OSError:
+                pass  # the store cannot be listed now: name the models known
         available = close_first(name[:100], known)
         where = " in the model store" if in_store else ""
         listed = ", ".join(available) or "none"
@@ -368,6 +496,7 @@ class ModelRegistry:
     def entry(self, name: str | None) -> ModelEntry:
         """The entry called ``name`` (the default model when None), or ModelNotFound."""
         name = name or self.default_model
+        check_name(name)
         try:
             return self.entries[name]
         except KeyError:
@@ -409,6 +538,14 @@ class ModelRegistry:
         return ModelUnavailable(f"Model {name!r} {why}. {hint}")
 
 
+def _is_model_folder(folder: Path, name: str) -> bool:
+    try:
+        return folder.is_dir() and name == folder.name and not hidden(folder)
+    except (OSError, ValueError):
+        return False
+
+
 def _reason(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
-    return text if isinstance(error, ManifestError) else f"{type(error).__name__}: {text}"
+    plain = isinstance(error, ManifestError | AccessError)
+    return text if plain else f"{type(error).__name__}: {text}"

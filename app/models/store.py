@@ -3,24 +3,30 @@
 A model folder holds either one manifest (``resnet/model.toml``: one version, numbered 1) or
 numbered version folders (``resnet/1/model.toml``, ``resnet/2/model.toml``). Which versions are
 served is the ``[version_policy]`` of the newest version's manifest: ``latest = N`` (the default,
-N = 1), ``all = true`` or ``specific = [1, 3]``. Folders whose names start with ``.`` or ``_`` are
-skipped, so a model can be copied in under ``_name`` and renamed when complete.
+N = 1), ``all = true`` or ``specific = [1, 3]``. A version folder's name is a number written with
+ASCII digits and no leading zero (``²`` or ``01`` are other folders). Folders whose names start
+with ``.`` or ``_`` are skipped, so a model can be copied in under ``_name`` and renamed when
+complete.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
-
-from app.models.manifest import MANIFEST_NAME, PolicyError, VersionPolicy, parse_policy
+from app.errors import InvalidModelName, clip
+from app.models.access import StoreAccess
+from app.models.manifest import (
+    MANIFEST_NAME,
+    ManifestError,
+    PolicyError,
+    VersionPolicy,
+    parse_policy,
+    read_manifest_data,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +35,30 @@ UNVERSIONED = 1
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 """(relative path, size, modification time in ns) of every file under a folder."""
+
+MAX_NAME_BYTES = 255
+"""The longest file name most file systems allow (NAME_MAX), in UTF-8 bytes."""
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
+
+
+def check_name(name: str) -> None:
+    """Refuse a model name that no folder can have, before any file system call: a longer one
+    would fail with ENAMETOOLONG, one with ``/`` would name another folder."""
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = -1
+    if not 0 < size <= MAX_NAME_BYTES or "/" in name or "\0" in name:
+        raise InvalidModelName(
+            f"Model name {clip(name)} is not a folder name: a model name has 1 to "
+            f"{MAX_NAME_BYTES} bytes (UTF-8) and no '/' or NUL. GET /models lists the models.",
+            details={"max_bytes": MAX_NAME_BYTES},
+        )
+
+
+def version_number(name: str) -> int | None:
+    """The version a folder called ``name`` holds, or None when it is no version folder."""
+    return int(name) if _VERSION_RE.fullmatch(name) else None
 
 
 def hidden(path: Path) -> bool:
@@ -75,25 +105,25 @@ class ModelLayout:
     """Why no version can be served at all (empty folder, broken policy)."""
 
 
-def read_layout(folder: Path) -> ModelLayout:
-    """The versions of ``folder`` and which of them its policy serves."""
-    numbered = {
-        int(p.name): p
-        for p in folder.iterdir()
-        if p.is_dir() and p.name.isdigit() and int(p.name) >= 1
-    }
+def read_layout(folder: Path, access: StoreAccess | None = None) -> ModelLayout:
+    """The versions of ``folder`` and which of them its policy serves; OSError when the folder
+    cannot be listed."""
+    numbered: dict[int, Path] = {}
+    for path in folder.iterdir():
+        number = version_number(path.name)
+        if number is not None and path.is_dir():
+            numbered[number] = path
     if not numbered:
         return ModelLayout(
             folder.name, folder, False, {UNVERSIONED: folder}, (UNVERSIONED,), VersionPolicy()
         )
-    newest = numbered[max(numbered)] / MANIFEST_NAME
     policy = VersionPolicy()
     problem = None
     try:
-        data = tomllib.loads(newest.read_text(encoding="utf-8"))
+        data = read_manifest_data(numbered[max(numbered)], access or StoreAccess())
         if "version_policy" in data:
             policy = parse_policy(data["version_policy"])
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except ManifestError:
         pass  # the newest version's own load reports its broken manifest
     except PolicyError as error:
         problem = f"{max(numbered)}/{MANIFEST_NAME}: {error}"

@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import image_bytes
+from app.models.registry import ModelEntry
+from tests.conftest import assert_error, files, image_bytes
 from tests.http.test_server import ROOT, environment, free_port
 from tests.models.store_helpers import break_weights, new_weights, put_tiny
+from tests.models.test_reload import nan_weights
 
 CLIENTS = 8
 ADMIN = {"X-Admin-Key": "admin"}
@@ -284,3 +286,147 @@ def test_versions_through_native_and_oip_routes(tmp_path: Path) -> None:
             assert predict(url, "effnet").json()["model"] == "effnet"
     finally:
         assert "Traceback" not in server.stop()
+
+
+# --------------------------------------------------------------------------- a hostile store
+
+
+def odd_store(root: Path, marker: Path) -> Path:
+    """``tiny`` and ``digits`` (version 1 beside a folder "²") serve; beside them, folders that
+    once stopped every load, ran code or served files from outside the store."""
+    put_tiny(root, "tiny", seed=0)
+    put_tiny(root, "digits", seed=1, version=1)
+    (root / "digits" / "²").mkdir()
+    nested = put_tiny(root, "nested", seed=2)
+    (nested / "model.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    evil = put_tiny(root, "evil", seed=3)
+    text = (evil / "model.toml").read_text()
+    (evil / "model.toml").write_text(
+        text.replace(
+            'architecture = "tests.fixtures_models:build_tiny"',
+            f'architecture = "subprocess:run"\nkwargs = {{ args = ["touch", "{marker}"] }}',
+        )
+    )
+    (root.parent / "secret.txt").write_text("one\ntwo\nthree\n")
+    secret = put_tiny(root, "secret", seed=4)
+    text = (secret / "model.toml").read_text()
+    (secret / "model.toml").write_text(text.replace('"labels.txt"', '"../../secret.txt"'))
+    huge = put_tiny(root, "huge", seed=5)
+    text = (huge / "model.toml").read_text()
+    (huge / "model.toml").write_text(text.replace('"test model"', '"' + "d" * 40_000_000 + '"'))
+    return root
+
+
+def test_a_hostile_store_leaves_the_good_models_serving(
+    make_client: Callable[..., Any], tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    client = make_client(model_store=odd_store(tmp_path / "store", marker), default_model="tiny")
+    assert client.get("/ready").status_code == 200
+    listing = client.get("/models")
+    assert len(listing.content) < 20_000  # no 40 MB description sent back
+    models = {m["name"]: m for m in listing.json()["models"]}
+    assert {name: m["status"] for name, m in models.items()} == {
+        "digits": "ready",
+        "evil": "failed",
+        "huge": "failed",
+        "nested": "failed",
+        "secret": "failed",
+        "tiny": "ready",
+    }
+    assert "CAMSERVE_TRUSTED_MODULES" in models["evil"]["error"] and not marker.exists()
+    assert "labels '../../secret.txt' must be a path inside" in models["secret"]["error"]
+    assert "the most allowed is 1048576" in models["huge"]["error"]
+    assert "nests arrays or tables too deeply" in models["nested"]["error"]
+    for name in ("tiny", "digits"):
+        explained = client.post(
+            "/explain", files=files(image_bytes((32, 32))), data={"model": name}
+        )
+        assert explained.status_code == 200, explained.text
+    detail = client.get("/models/secret")
+    assert detail.status_code == 503 and "three" not in detail.text
+    assert "must be a path inside" in detail.json()["error"]["message"]
+    for path in ("/v2/models/evil/ready", "/v1/models/evil"):
+        assert client.get(path).status_code == 503
+    assert client.get("/v2/models/tiny/ready").status_code == 200
+
+
+def test_names_too_long_for_a_folder_are_400_on_every_route(
+    make_client: Callable[..., Any], tmp_path: Path
+) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    client = make_client(model_store=tmp_path, model_control="explicit", admin_key="admin")
+    name = "n" * 5000
+    assert_error(client.post(f"/models/{name}/load", headers=ADMIN), 400, "invalid_model_name")
+    assert_error(client.get(f"/models/{name}"), 400, "invalid_model_name")
+    for path in (f"/v2/repository/models/{name}/load", f"/v2/models/{name}/ready"):
+        response = client.post(path, headers=ADMIN) if "load" in path else client.get(path)
+        assert response.status_code == 400 and "1 to 255 bytes" in response.json()["error"]
+    predicted = client.post("/predict", files=files(image_bytes()), data={"model": name})
+    assert_error(predicted, 400, "invalid_model_name")
+
+
+def test_a_repository_load_of_an_odd_folder_is_a_clear_422(
+    make_client: Callable[..., Any], tmp_path: Path
+) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    client = make_client(model_store=tmp_path, model_control="explicit", admin_key="admin")
+    odd = put_tiny(tmp_path, "odd", seed=1, version=1)
+    (odd / "²").mkdir()
+    (odd / "model.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    message = assert_error(client.post("/models/odd/load", headers=ADMIN), 422, "model_load_failed")
+    assert "nests arrays or tables too deeply" in message
+    oip = client.post("/v2/repository/models/odd/load", headers=ADMIN)
+    assert oip.status_code == 422 and "too deeply" in oip.json()["error"]
+    assert client.get("/ready").status_code == 200
+
+
+def test_ready_is_503_while_a_model_stays_loading_past_the_bound(
+    make_client: Callable[..., Any], tmp_path: Path
+) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    client = make_client(model_store=tmp_path, model_load_stall_s=30)
+    registry = client.app.state.registry
+    registry.entries = {**registry.entries, "stuck": ModelEntry("stuck")}
+    assert client.get("/ready").status_code == 200  # loading, within the bound
+    registry.entries["stuck"].since -= 31
+    ready = client.get("/ready")
+    assert ready.status_code == 503 and ready.json()["models"]["stuck"] == "loading"
+    assert client.get("/v2/health/ready").status_code == 503
+    assert client.post("/predict", files=files(image_bytes())).status_code == 200
+
+
+def test_a_swap_to_nan_weights_is_refused_and_the_old_version_serves(
+    make_client: Callable[..., Any], tmp_path: Path
+) -> None:
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    client = make_client(model_store=tmp_path, model_control="explicit", admin_key="admin")
+    before = client.post("/predict", files=files(image_bytes())).json()
+    nan_weights(folder)
+    message = assert_error(
+        client.post("/models/tiny/load", headers=ADMIN), 422, "model_load_failed"
+    )
+    assert "NaN or infinite" in message
+    assert "NaN or infinite" in client.get("/models/tiny").json()["reload_error"]
+    after = client.post("/predict", files=files(image_bytes()))
+    assert after.status_code == 200 and after.json()["results"] == before["results"]
+
+
+def test_poll_mode_logs_a_broken_folder_once(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    put_tiny(store, "tiny", seed=0)
+    odd = put_tiny(store, "odd", seed=1, version=1)
+    (odd / "²").mkdir()
+    server = Server(
+        store, tmp_path / "log.jsonl", CAMSERVE_MODEL_CONTROL="poll", CAMSERVE_MODEL_POLL_S="0.1"
+    )
+    try:
+        (odd / "model.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+        until(lambda: (model_state(server.url, "odd") or {}).get("reload_error"), 30, "no reload")
+        assert predict(server.url, "odd").status_code == 200  # the old load goes on serving
+        time.sleep(1.0)  # about ten more scans
+        assert predict(server.url, "tiny").status_code == 200
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log
+    assert log.count("nests arrays or tables too deeply") == 1

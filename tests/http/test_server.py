@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import image_bytes
+from tests.fixtures_models import FIXTURE_MODULE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,6 +38,7 @@ def environment(store: Path, **extra: str) -> dict[str, str]:
         CAMSERVE_DEFAULT_MODEL="tiny",
         CAMSERVE_DEVICE="cpu",
         CAMSERVE_LOG_FORMAT="json",
+        CAMSERVE_TRUSTED_MODULES=FIXTURE_MODULE,
         PYTHONPATH=str(ROOT),
     )
     env.update(extra)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -13,11 +14,18 @@ import torch
 from app.errors import ModelBusy, ModelControlMode
 from app.models.control import ModelControl
 from app.models.registry import ModelEntry, ModelRegistry
+from tests.fixtures_models import fixture_access
 from tests.models.store_helpers import new_weights, put_tiny
 
 
 def control(store: Path, mode: str) -> ModelControl:
-    registry = ModelRegistry(store, torch.device("cpu"), "tiny", control=mode)  # type: ignore[arg-type]
+    registry = ModelRegistry(
+        store,
+        torch.device("cpu"),
+        "tiny",
+        control=mode,  # type: ignore[arg-type]
+        access=fixture_access(store),
+    )
     registry.discover()
     registry.load_all()
     return ModelControl(registry, mode, poll_s=0.01)  # type: ignore[arg-type]
@@ -87,3 +95,44 @@ def test_an_api_load_holds_the_model_until_it_ends(
 
     asyncio.run(two_loads())
     asyncio.run(explicit.load("tiny"))  # released after the first
+
+
+def test_a_poll_logs_a_broken_folder_once_per_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    poller = control(tmp_path, "poll")
+    broken = put_tiny(tmp_path, "odd", seed=1, version=1)
+    (broken / "²").mkdir()  # once: int("²") raised on every scan
+    (broken / "model.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        asyncio.run(poller.poll())
+    failures = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in failures] == [
+        "model odd version 1 failed to load: model.toml nests arrays or tables too deeply"
+    ]
+    assert not any(r.exc_info for r in caplog.records)
+    assert poller.registry.entry("odd").status == "failed"
+    assert poller.registry.entry("tiny").status == "ready"
+    (broken / "model.toml").write_text("[model]\n")  # a change: reported again, once
+    for _ in range(2):
+        asyncio.run(poller.poll())
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2
+
+
+def test_a_poll_reports_an_unexpected_error_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    poller = control(tmp_path, "poll")
+    put_tiny(tmp_path, "new", seed=1)
+
+    def broken(name: str) -> ModelEntry:
+        raise RuntimeError(f"cannot load {name}")
+
+    monkeypatch.setattr(poller.registry, "load", broken)
+    for _ in range(3):
+        asyncio.run(poller.poll())
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None

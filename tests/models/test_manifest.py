@@ -121,3 +121,56 @@ def test_preprocess_is_required_for_torchvision_models(tmp_path: Path) -> None:
     start, end = GOOD.index("[preprocess]"), GOOD.index("[cam]")
     with pytest.raises(ManifestError, match="only timm models take it from their pretrained"):
         parse_manifest(write(tmp_path, GOOD[:start] + GOOD[end:]))
+
+
+def test_a_huge_manifest_is_refused_with_the_bound(tmp_path: Path) -> None:
+    huge = f'description = "{"x" * 40_000_000}"\n'
+    with pytest.raises(
+        ManifestError, match=r"model.toml has 40000\d+ bytes; the most allowed is 1048576"
+    ):
+        parse_manifest(write(tmp_path, huge + GOOD.split("\n", 1)[1]))
+
+
+def test_a_long_description_is_refused_without_being_echoed(tmp_path: Path) -> None:
+    text = GOOD.replace('"demo"', f'"{"y" * 5000}"')
+    with pytest.raises(ManifestError) as error:
+        parse_manifest(write(tmp_path, text))
+    assert "description: String should have at most 4000 characters" in str(error.value)
+    assert "(5000 characters)" in str(error.value) and "y" * 100 not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("num_classes = 2\n", "num_classes = 10000000000\n", "num_classes: Input should be less"),
+        ("[3, 64, 64]", "[3, 100000, 100000]", "input_shape.1: Input should be less than or"),
+        ("resize = 72", "resize = 100000", "resize: Input should be less than or equal to 8192"),
+        ('["layer3", "layer4"]', str([f"l{i}" for i in range(100)]), "at most 64 items"),
+        ('"resnet18"', f'"{"r" * 300}"', "architecture: String should have at most 256"),
+        ("{ num_classes = 2 }", f'{{ blob = "{"z" * 20000}" }}', "at most 16384 bytes"),
+    ],
+)
+def test_fields_are_bounded(tmp_path: Path, old: str, new: str, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(write(tmp_path, GOOD.replace(old, new, 1)))
+
+
+def test_deeply_nested_toml_is_a_manifest_error(tmp_path: Path) -> None:
+    text = GOOD.replace("{ num_classes = 2 }", "[" * 5000 + "]" * 5000)
+    with pytest.raises(ManifestError, match="nests arrays or tables too deeply"):
+        parse_manifest(write(tmp_path, text))
+
+
+def test_long_labels_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ManifestError, match="label 2 has 2000 characters; the most allowed is 1000"
+    ):
+        parse_manifest(write(tmp_path, GOOD, labels="cat\n" + "d" * 2000 + "\n"))
+
+
+def test_timm_kwargs_that_read_files_are_refused(tmp_path: Path) -> None:
+    text = GOOD.replace('"resnet18"', '"timm:resnet18"').replace(
+        "{ num_classes = 2 }", '{ checkpoint_path = "/etc/passwd" }'
+    )
+    with pytest.raises(ManifestError, match="checkpoint_path would read files from outside"):
+        parse_manifest(write(tmp_path, text))

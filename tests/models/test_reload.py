@@ -12,13 +12,16 @@ import torch
 
 from app.errors import ModelBusy, ModelNotFound, ModelUnavailable
 from app.models.registry import ModelRegistry
+from tests.fixtures_models import fixture_access
 from tests.models.store_helpers import break_weights, new_weights, put_tiny
 
 X = torch.ones(1, 3, 32, 32)
 
 
 def started(store: Path) -> ModelRegistry:
-    registry = ModelRegistry(store, torch.device("cpu"), "tiny", control="explicit")
+    registry = ModelRegistry(
+        store, torch.device("cpu"), "tiny", control="explicit", access=fixture_access(store)
+    )
     registry.discover()
     registry.load_all()
     return registry
@@ -142,3 +145,49 @@ def test_a_new_version_folder_is_picked_up_and_the_old_one_retired(tmp_path: Pat
     registry.load("v")
     assert sorted(registry.entry("v").versions) == [2]  # latest 1 by default
     assert registry.get("v").spec.version == 2
+
+
+def nan_weights(folder: Path) -> None:
+    """Weights of the right shapes whose every output is NaN."""
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    torch.save(state, folder / ".weights.pt.new")
+    (folder / ".weights.pt.new").replace(folder / "weights.pt")
+
+
+def test_a_swap_to_nan_weights_keeps_the_old_model_serving(tmp_path: Path) -> None:
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    registry = started(tmp_path)
+    before = logits(registry)
+    nan_weights(folder)
+    entry = registry.load("tiny")
+    assert entry.status == "ready"
+    assert "gave 3 of 3 logits that are NaN or infinite" in (entry.reload_error or "")
+    assert torch.equal(logits(registry), before)
+
+
+def test_a_first_load_of_nan_weights_fails_with_the_reason(tmp_path: Path) -> None:
+    nan_weights(put_tiny(tmp_path, "tiny", seed=0))
+    entry = started(tmp_path).entry("tiny")
+    assert entry.status == "failed" and "NaN or infinite" in (entry.error or "")
+
+
+def test_a_reload_whose_folder_cannot_be_read_keeps_the_old_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    registry = started(tmp_path)
+    before = logits(registry)
+    listing = Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self.name == "tiny":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    entry = registry.load("tiny")
+    assert entry.status == "ready" and "Permission denied" in (entry.reload_error or "")
+    assert torch.equal(logits(registry), before)
+    monkeypatch.undo()
+    assert registry.load("tiny").reload_error is None

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from app.errors import InvalidModelName
 from app.models.manifest import ManifestError, VersionPolicy, parse_manifest, parse_policy
-from app.models.store import fingerprint, model_folders, read_layout
+from app.models.store import check_name, fingerprint, model_folders, read_layout
 from tests.models.store_helpers import new_weights, put_tiny
 
 
@@ -69,3 +70,28 @@ def test_fingerprint_changes_with_new_weights(tmp_path: Path) -> None:
     assert fingerprint(folder) == before
     new_weights(folder, seed=1)
     assert fingerprint(folder) != before
+
+
+def test_only_ascii_numbers_are_version_folders(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "m", seed=1, version=1)
+    for odd in ("²", "٣", "01", "0", "1x"):  # "²" and "٣" pass str.isdigit()
+        (tmp_path / "m" / odd).mkdir()
+    layout = read_layout(tmp_path / "m")
+    assert layout.available == (1,) and list(layout.versions) == [1]
+
+
+def test_a_folder_of_odd_digits_only_is_one_unversioned_model(tmp_path: Path) -> None:
+    (tmp_path / "m" / "²").mkdir(parents=True)
+    layout = read_layout(tmp_path / "m")
+    assert not layout.versioned and layout.versions == {1: tmp_path / "m"}
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "é" * 128, "a/b", "a\0b", ""])
+def test_model_names_are_bounded_before_any_file_call(name: str) -> None:
+    with pytest.raises(InvalidModelName, match="1 to 255 bytes"):
+        check_name(name)
+
+
+def test_a_name_of_255_bytes_is_fine() -> None:
+    check_name("x" * 255)
+    check_name("é" * 127)

@@ -24,12 +24,15 @@ from app.pipeline.checks import (
     resolve_methods,
     split_options,
 )
+from tests.fixtures_models import fixture_access
 
 
 @pytest.fixture(scope="module")
 def tiny(store: Path) -> LoadedModel:
     """3 classes; ``features`` (4 channels) is its target layer."""
-    return load_model(parse_manifest(store / "tiny"), torch.device("cpu"))
+    return load_model(
+        parse_manifest(store / "tiny", access=fixture_access(store)), torch.device("cpu")
+    )
 
 
 def test_methods_are_found_case_insensitively(tiny: LoadedModel) -> None:

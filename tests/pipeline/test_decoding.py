@@ -22,6 +22,7 @@ from app.pipeline.decoding import (
     to_rgb,
 )
 from tests.conftest import image_bytes
+from tests.fixtures_models import fixture_access
 
 LIMIT = 10_000_000
 SHAPES = Path(__file__).resolve().parents[2] / "model_store" / "shapes"
@@ -181,7 +182,7 @@ def test_too_many_pixels_is_refused_before_decoding() -> None:
 
 
 def test_preprocess_resizes_and_crops(store) -> None:  # type: ignore[no-untyped-def]
-    spec = parse_manifest(store / "tiny")  # resize 32, crop 32
+    spec = parse_manifest(store / "tiny", access=fixture_access(store))  # resize 32, crop 32
     wide = Image.new("RGB", (80, 40), (255, 255, 255))
     prepared = [preprocess_image(image, spec) for image in (wide, Image.new("RGB", (32, 32)))]
     batch = torch.stack([tensor for tensor, _ in prepared])

@@ -16,11 +16,12 @@ from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.scheduling import Priority
 from tests.conftest import image_bytes
+from tests.fixtures_models import fixture_access
 
 
 @pytest.fixture(scope="module")
 def registry(store: Path) -> ModelRegistry:
-    registry = ModelRegistry(store, torch.device("cpu"), "tiny")
+    registry = ModelRegistry(store, torch.device("cpu"), "tiny", access=fixture_access(store))
     registry.discover()
     registry.load_all()
     return registry

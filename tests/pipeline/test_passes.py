@@ -22,11 +22,14 @@ from app.pipeline.passes import (
     run_forward_pass,
     run_shared_cam_pass,
 )
+from tests.fixtures_models import fixture_access
 
 
 @pytest.fixture(scope="module")
 def tiny(store: Path) -> LoadedModel:
-    return load_model(parse_manifest(store / "tiny"), torch.device("cpu"))
+    return load_model(
+        parse_manifest(store / "tiny", access=fixture_access(store)), torch.device("cpu")
+    )
 
 
 def images(count: int, seed: int) -> torch.Tensor:

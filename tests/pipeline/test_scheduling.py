@@ -20,7 +20,7 @@ from app.pipeline.admission import SlotLimiter
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.passes import CamItem, CamOutcome, CamPlan, run_cam_pass, run_forward_pass
 from app.pipeline.scheduling import Guest, Host, Priority
-from tests.fixtures_models import build_tiny, build_tiny_vit, write_model
+from tests.fixtures_models import build_tiny, build_tiny_vit, fixture_access, write_model
 
 # ---------------------------------------------------------------------------- the policy
 
@@ -193,7 +193,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
         input_size=32,
         target_layers=["encoder.layers.encoder_layer_1.ln_1"],
     )
-    registry = ModelRegistry(root, torch.device("cpu"), "tiny")
+    registry = ModelRegistry(root, torch.device("cpu"), "tiny", access=fixture_access(root))
     registry.discover()
     registry.load_all()
     return {name: registry.get(name) for name in ("tiny", "vit")}

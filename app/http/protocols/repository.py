@@ -78,9 +78,13 @@ def get_repository_index(
     UNAVAILABLE)."""
     rows = [row for entry in registry.entries.values() for row in _rows(entry)]
     listed = set(registry.entries)
+    try:
+        folders = model_folders(registry.store)
+    except OSError:  # the store cannot be listed now: the models known still are
+        folders = []
     rows += [
         IndexEntry(name=folder.name, state="UNAVAILABLE", reason="not loaded")
-        for folder in model_folders(registry.store)
+        for folder in folders
         if folder.name not in listed
     ]
     if body is not None and body.ready:

@@ -123,3 +123,14 @@ def test_a_load_that_races_another_is_409(explicit: TestClient) -> None:
         assert unload.status_code == 409
         assert unload.headers["retry-after"] == "1"
     assert explicit.post("/models/tiny/load", headers=ADMIN).status_code == 200
+
+
+def test_the_index_lists_the_known_models_when_the_store_cannot_be_listed(
+    explicit: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(store: Path) -> list[Path]:
+        raise PermissionError(13, "Permission denied", str(store))
+
+    monkeypatch.setattr("app.http.protocols.repository.model_folders", unreadable)
+    index = explicit.post("/v2/repository/index", headers=ADMIN)
+    assert index.status_code == 200 and [row["name"] for row in index.json()] == ["tiny"]
