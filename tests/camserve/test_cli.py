@@ -314,6 +314,55 @@ def test_concurrency_bounds_the_images_in_flight_on_a_server(tmp_path: Path) -> 
     assert most == 2
 
 
+def test_a_server_run_prints_in_the_order_of_the_images(tmp_path: Path) -> None:
+    # The server answers the first image last: it holds that request until the others are
+    # answered. The lines and the records still come in the order of the images.
+    others_answered = threading.Event()
+    answered = 0
+    lock = threading.Lock()
+
+    class FirstLast(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            nonlocal answered
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            name = body.split(b'filename="', 1)[1].split(b'"', 1)[0].decode()
+            if name == "0.png":
+                others_answered.wait(timeout=30)
+            error = {"error": {"code": "invalid_image", "message": f"{name} refused"}}
+            reply = json.dumps(error).encode()
+            self.send_response(422)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+            with lock:
+                answered += 1
+                if answered == 3:
+                    others_answered.set()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FirstLast)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(4):
+        (folder / f"{number}.png").write_bytes(b"png")
+    try:
+        result = camserve(
+            "explain", folder, "-o", tmp_path / "out",
+            "--url", f"http://127.0.0.1:{httpd.server_address[1]}",
+        )  # fmt: skip
+    finally:
+        httpd.shutdown()
+    assert others_answered.is_set()  # the first image was indeed answered last
+    names = [f"{number}.png" for number in range(4)]
+    assert [Path(line["file"]).name for line in lines(tmp_path / "out")] == names
+    printed = [line for line in result.output.splitlines() if "refused" in line]
+    assert [line.split(": invalid_image")[0].rsplit("/", 1)[1] for line in printed] == names
+
+
 def test_serve_runs_the_service_and_stops_cleanly(store: Path) -> None:
     port = free_port()
     env = environment(store)
