@@ -9,14 +9,15 @@ STAMP       := $(VENV)/.camserve-installed
 SERVE_STAMP := $(VENV)/.camserve-serve-installed
 # TORCH=cpu: PyTorch's CPU wheels (no CUDA libraries: 4.5 GB less on disk) from PyTorch's
 # CPU index (CAMSERVE_TORCH_INDEX to use a mirror), falling back to the default index when it
-# cannot be reached. tools/install.py says what it installs, how big and how long, first.
+# cannot be reached; on a new .venv (`make clean` first to swap a CUDA one). tools/install.py
+# says what it installs, how big and how long, first; pip shows its progress.
 TORCH   ?= default
 INSTALL := $(PY) tools/install.py --torch $(TORCH)
 
 .PHONY: install dev serve shell test lint typecheck lint-deploy docs browser-deps redis-deps format bench bench-quality bench-serving bench-soak docker-smoke fuzz clean
 
 $(PY):
-	@echo "camserve: creating the virtual environment $(VENV) (python3 -m venv)"
+	@echo "camserve: creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
