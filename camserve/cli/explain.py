@@ -34,6 +34,9 @@ from camserve.local import LocalService
 from camserve.outputs import OutputFolder
 from camserve.request import ExplainRequest
 
+#: Answers that may wait for their turn to be shown, per image in flight on a server.
+AHEAD_PER_SLOT = 8
+
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -171,12 +174,16 @@ async def _explain_remote(
     use_jobs: str,
 ) -> int:
     """``concurrency`` images in flight at once; their lines and records come out in the
-    order of ``images``, each as soon as the images before it are done."""
+    order of ``images``, each as soon as the images before it are done. An image starts only
+    while fewer than ``AHEAD_PER_SLOT * concurrency`` answers wait for their turn (a slow first
+    image does not make the run hold a whole folder's answers)."""
     as_job = use_jobs == "always" or (use_jobs == "auto" and request.runs_long)
     slots = asyncio.Semaphore(concurrency)
+    ahead = asyncio.Semaphore(AHEAD_PER_SLOT * concurrency)
 
     async def one(client: AsyncClient, index: int) -> tuple[int, Explained | ClientError]:
         path = images[index]
+        await ahead.acquire()  # released once this image's answer is shown
         async with slots:
             task = display.image_task(path.name, ",".join(request.methods))
             try:
@@ -211,6 +218,7 @@ async def _explain_remote(
                         folder.write(str(path), answer, "job" if as_job else "explain")
                         print_summary(path, answer)
                     shown += 1
+                    ahead.release()
         finally:
             for task in tasks:
                 task.cancel()

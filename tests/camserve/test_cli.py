@@ -3,6 +3,7 @@ every bad input ends in a message and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from camserve import cli
+from camserve import ServiceError, cli
 from camserve.cli.common import Display
 from tests.camserve.conftest import API_KEY
 from tests.camserve.test_client import explain_over_http
@@ -361,6 +362,49 @@ def test_a_server_run_prints_in_the_order_of_the_images(tmp_path: Path) -> None:
     assert [Path(line["file"]).name for line in lines(tmp_path / "out")] == names
     printed = [line for line in result.output.splitlines() if "refused" in line]
     assert [line.split(": invalid_image")[0].rsplit("/", 1)[1] for line in printed] == names
+
+
+def test_answers_waiting_for_their_turn_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first image is answered only after every other image has had its chance to start
+    # (many turns of the event loop): only those of the window do, 2 per slot with 2 slots.
+    module = sys.modules["camserve.cli.explain"]
+    monkeypatch.setattr(module, "AHEAD_PER_SLOT", 2)
+    holding: list[str] = []  # 0.png while it is held
+    while_held: list[str] = []
+
+    class HoldFirst:
+        def __init__(self, url: str, api_key: str | None = None) -> None:
+            pass
+
+        async def __aenter__(self) -> HoldFirst:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+        async def send(self, path: Path, request: object) -> None:
+            while_held.extend([path.name] if holding else [])
+            if path.name == "0.png":
+                holding.append(path.name)
+                for _ in range(100):
+                    await asyncio.sleep(0)
+                holding.clear()
+            await asyncio.sleep(0)
+            raise ServiceError(422, "invalid_image", f"{path.name} refused")
+
+    monkeypatch.setattr(module, "AsyncClient", HoldFirst)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(10):
+        (folder / f"{number}.png").write_bytes(b"png")
+    result = camserve(
+        "explain", folder, "--concurrency", "2", "-o", tmp_path / "out", "--url", "http://x"
+    )
+    assert result.exit_code == 1 and len(lines(tmp_path / "out")) == 10
+    assert while_held == ["1.png", "2.png", "3.png"]  # 4.png waited for 0.png to be shown
+    assert result.output.index("0.png refused") < result.output.index("1.png refused")
 
 
 def test_serve_runs_the_service_and_stops_cleanly(store: Path) -> None:
