@@ -32,6 +32,9 @@ def venv(tmp_path: Path) -> Path:
 
 def make(venv: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
     command = ["make", "--no-print-directory", "-C", str(ROOT), f"VENV={venv}", *args]
+    # Run from `make test`, the outer make's flags and overrides must not reach this one.
+    outer = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k not in outer}
     planned = subprocess.run([*command, "-n"], capture_output=True, text=True, env=env, check=True)
     assert "tools/install.py" not in planned.stdout  # never install into this venv's python
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
