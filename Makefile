@@ -2,25 +2,31 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PIP    := $(VENV)/bin/pip
 # Two installs: serving needs the package and its dependencies only; `make test` and the other
 # developer targets add the dev extras (pytest, ruff, mypy, playwright, ...). The dev install is
 # a superset: a venv that has it serves without installing anything.
 STAMP       := $(VENV)/.camserve-installed
 SERVE_STAMP := $(VENV)/.camserve-serve-installed
+# TORCH=cpu: PyTorch's CPU wheels (no CUDA libraries: 4.5 GB less on disk) from PyTorch's
+# CPU index (CAMSERVE_TORCH_INDEX to use a mirror), falling back to the default index when it
+# cannot be reached; on a new .venv (`make clean` first to swap a CUDA one). tools/install.py
+# says what it installs, how big and how long, first; pip shows its progress.
+TORCH   ?= default
+INSTALL := $(PY) tools/install.py --torch $(TORCH)
 
-.PHONY: install dev serve test lint typecheck lint-deploy docs browser-deps redis-deps format bench bench-quality bench-serving bench-soak docker-smoke fuzz clean
+.PHONY: install dev serve shell test lint typecheck lint-deploy docs browser-deps redis-deps format bench bench-quality bench-serving bench-soak docker-smoke fuzz clean
 
 $(PY):
+	@echo "camserve: creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --disable-pip-version-check -q -e '.[dev,timm,clients]'
+	$(INSTALL) '.[dev,timm,clients]'
 	touch $(STAMP)
 
 $(SERVE_STAMP): pyproject.toml | $(PY)
 	@if [ ! $(STAMP) -nt pyproject.toml ]; then \
-		$(PIP) install --disable-pip-version-check -q -e . ; fi
+		$(INSTALL) . ; fi
 	touch $(SERVE_STAMP)
 
 install: $(STAMP)
@@ -31,6 +37,13 @@ dev: $(STAMP)
 # `python -m app` drains on Ctrl-C or SIGTERM and exits 0, so make reports no failure.
 serve: $(SERVE_STAMP)
 	$(PY) -m app
+
+# A shell with the venv's commands (camserve, python) on PATH, as `. .venv/bin/activate` gives;
+# `make shell CMD='camserve --help'` runs one command in it instead.
+CMD ?=
+shell: $(SERVE_STAMP)
+	@VIRTUAL_ENV="$(abspath $(VENV))" PATH="$(abspath $(VENV))/bin:$$PATH" \
+		$(if $(CMD),sh -c '$(CMD)',$${SHELL:-/bin/sh})
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app camserve tests bench tools

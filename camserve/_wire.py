@@ -126,6 +126,24 @@ def build_request(
     )
 
 
+def once_per_change(progress: ProgressHandler | None) -> ProgressHandler | None:
+    """``progress``, called only when the count (done, total) differs from the last one it
+    heard: the stream repeats a count when only the job's status changes (queued, then running
+    at 0/0), and the final event repeats the last count."""
+    if progress is None:
+        return None
+    last: list[tuple[int, int]] = []
+
+    def changed(report: JobProgress) -> None:
+        count = (report.done, report.total)
+        if last and last[0] == count:
+            return
+        last[:] = [count]
+        progress(report)
+
+    return changed
+
+
 def job_event(event: ServerSentEvent, progress: ProgressHandler | None) -> JobView | None:
     """The final view from a job's event stream; progress events, and the final count, go to
     ``progress``."""

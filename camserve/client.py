@@ -37,6 +37,7 @@ from camserve._wire import (
     file_parts,
     form_data,
     job_event,
+    once_per_change,
     outcome,
     parse,
     raise_for_error,
@@ -210,9 +211,10 @@ class Job:
         return parse(self.client._call("DELETE", f"/jobs/{self.id}"), JobView)
 
     def wait(self, progress: ProgressHandler | None = None) -> Explained:
-        """Follow the job's events until it ends; ``progress`` hears every progress report.
+        """Follow the job's events until it ends; ``progress`` hears each new count once.
         Returns its result, or raises ``ServiceError`` with the job's error."""
         settings = self.client._connection
+        progress = once_per_change(progress)  # across reconnects too
         for attempt in range(settings.retry.attempts):
             try:
                 with connect_sse(
@@ -382,6 +384,7 @@ class AsyncJob:
 
     async def wait(self, progress: ProgressHandler | None = None) -> Explained:
         settings = self.client._connection
+        progress = once_per_change(progress)
         for attempt in range(settings.retry.attempts):
             try:
                 async with aconnect_sse(

@@ -34,6 +34,9 @@ from camserve.local import LocalService
 from camserve.outputs import OutputFolder
 from camserve.request import ExplainRequest
 
+#: Answers that may wait for their turn to be shown, per image in flight on a server.
+AHEAD_PER_SLOT = 8
+
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -170,30 +173,54 @@ async def _explain_remote(
     concurrency: int,
     use_jobs: str,
 ) -> int:
+    """``concurrency`` images in flight at once; their lines and records come out in the
+    order of ``images``, each as soon as the images before it are done. An image starts only
+    while fewer than ``AHEAD_PER_SLOT * concurrency`` answers wait for their turn (a slow first
+    image does not make the run hold a whole folder's answers)."""
     as_job = use_jobs == "always" or (use_jobs == "auto" and request.runs_long)
     slots = asyncio.Semaphore(concurrency)
-    failed = 0
+    ahead = asyncio.Semaphore(AHEAD_PER_SLOT * concurrency)
 
-    async def one(client: AsyncClient, path: Path) -> None:
-        nonlocal failed
+    async def one(client: AsyncClient, index: int) -> tuple[int, Explained | ClientError]:
+        path = images[index]
+        await ahead.acquire()  # released once this image's answer is shown
         async with slots:
             task = display.image_task(path.name, ",".join(request.methods))
             try:
                 if as_job:
                     job = await client.submit(path, request)
-                    explained = await job.wait(
+                    return index, await job.wait(
                         progress=lambda p: display.report(task, p.done, p.total)
                     )
-                else:
-                    explained = await client.send(path, request)
+                return index, await client.send(path, request)
             except ClientError as error:
-                _image_failed(folder, path, error)
-                failed += 1
-            else:
-                folder.write(str(path), explained, "job" if as_job else "explain")
-                print_summary(path, explained)
-            display.finish(task)
+                if error.code not in IMAGE_ERRORS:
+                    raise  # stops the run, at once: not only when its turn to print comes
+                return index, error
+            finally:
+                display.finish(task)
 
+    failed = 0
+    finished: dict[int, Explained | ClientError] = {}
+    shown = 0
     async with AsyncClient(url, api_key=api_key) as client:
-        await asyncio.gather(*(one(client, path) for path in images))
+        tasks = [asyncio.ensure_future(one(client, index)) for index in range(len(images))]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                index, answer = await next_done
+                finished[index] = answer
+                while shown in finished:
+                    path, answer = images[shown], finished.pop(shown)
+                    if isinstance(answer, ClientError):
+                        _image_failed(folder, path, answer)
+                        failed += 1
+                    else:
+                        folder.write(str(path), answer, "job" if as_job else "explain")
+                        print_summary(path, answer)
+                    shown += 1
+                    ahead.release()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     return failed

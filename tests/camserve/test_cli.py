@@ -3,6 +3,7 @@ every bad input ends in a message and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from camserve import cli
+from camserve import ServiceError, cli
 from camserve.cli.common import Display
 from tests.camserve.conftest import API_KEY
 from tests.camserve.test_client import explain_over_http
@@ -328,6 +329,98 @@ def test_concurrency_bounds_the_images_in_flight_on_a_server(tmp_path: Path) -> 
     assert result.exit_code == 1  # every image refused: recorded, and the run goes on
     assert len(lines(tmp_path / "out")) == 6
     assert most == 2
+
+
+def test_a_server_run_prints_in_the_order_of_the_images(tmp_path: Path) -> None:
+    # The server answers the first image last: it holds that request until the others are
+    # answered. The lines and the records still come in the order of the images.
+    others_answered = threading.Event()
+    answered = 0
+    lock = threading.Lock()
+
+    class FirstLast(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            nonlocal answered
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            name = body.split(b'filename="', 1)[1].split(b'"', 1)[0].decode()
+            if name == "0.png":
+                others_answered.wait(timeout=30)
+            error = {"error": {"code": "invalid_image", "message": f"{name} refused"}}
+            reply = json.dumps(error).encode()
+            self.send_response(422)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+            with lock:
+                answered += 1
+                if answered == 3:
+                    others_answered.set()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FirstLast)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(4):
+        (folder / f"{number}.png").write_bytes(b"png")
+    try:
+        result = camserve(
+            "explain", folder, "-o", tmp_path / "out",
+            "--url", f"http://127.0.0.1:{httpd.server_address[1]}",
+        )  # fmt: skip
+    finally:
+        httpd.shutdown()
+    assert others_answered.is_set()  # the first image was indeed answered last
+    names = [f"{number}.png" for number in range(4)]
+    assert [Path(line["file"]).name for line in lines(tmp_path / "out")] == names
+    printed = [line for line in result.output.splitlines() if "refused" in line]
+    assert [line.split(": invalid_image")[0].rsplit("/", 1)[1] for line in printed] == names
+
+
+def test_answers_waiting_for_their_turn_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first image is answered only after every other image has had its chance to start
+    # (many turns of the event loop): only those of the window do, 2 per slot with 2 slots.
+    module = sys.modules["camserve.cli.explain"]
+    monkeypatch.setattr(module, "AHEAD_PER_SLOT", 2)
+    holding: list[str] = []  # 0.png while it is held
+    while_held: list[str] = []
+
+    class HoldFirst:
+        def __init__(self, url: str, api_key: str | None = None) -> None:
+            pass
+
+        async def __aenter__(self) -> HoldFirst:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+        async def send(self, path: Path, request: object) -> None:
+            while_held.extend([path.name] if holding else [])
+            if path.name == "0.png":
+                holding.append(path.name)
+                for _ in range(100):
+                    await asyncio.sleep(0)
+                holding.clear()
+            await asyncio.sleep(0)
+            raise ServiceError(422, "invalid_image", f"{path.name} refused")
+
+    monkeypatch.setattr(module, "AsyncClient", HoldFirst)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(10):
+        (folder / f"{number}.png").write_bytes(b"png")
+    result = camserve(
+        "explain", folder, "--concurrency", "2", "-o", tmp_path / "out", "--url", "http://x"
+    )
+    assert result.exit_code == 1 and len(lines(tmp_path / "out")) == 10
+    assert while_held == ["1.png", "2.png", "3.png"]  # 4.png waited for 0.png to be shown
+    assert result.output.index("0.png refused") < result.output.index("1.png refused")
 
 
 def test_serve_runs_the_service_and_stops_cleanly(store: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -238,3 +239,53 @@ def test_no_server_is_unreachable() -> None:
         with pytest.raises(Unreachable) as raised:
             client.models()
     assert raised.value.code == "unreachable" and url in raised.value.message
+
+
+# ------------------------------------------------------------------ progress (stub event stream)
+
+
+def job_stream() -> httpx.Response:
+    """What /jobs/{id}/events sends for a job queued, then running its 64 masked forwards in
+    chunks of 32, then failing: the count repeats when only the status changes, and the final
+    event repeats the last count."""
+
+    def event(name: str, data: dict) -> str:  # type: ignore[type-arg]
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+    counts = [("queued", 0, 0), ("running", 0, 0), ("running", 0, 64), ("running", 32, 64)]
+    counts += [("running", 64, 64)]
+    body = "".join(
+        event("progress", {"status": s, "progress": {"done": d, "total": t}}) for s, d, t in counts
+    )
+    final = {
+        "id": "j1", "status": "failed", "url": "/jobs/j1", "created": "2026-01-01T00:00:00Z",
+        "progress": {"done": 64, "total": 64},
+        "error": {"code": "internal_error", "message": "the model broke"},
+    }  # fmt: skip
+    body += event("failed", final)
+    return httpx.Response(200, text=body, headers={"Content-Type": "text/event-stream"})
+
+
+def test_the_progress_callback_hears_each_count_once() -> None:
+    seen: list[JobProgress] = []
+    transport, _ = stub([job_stream()])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        with pytest.raises(ServiceError, match="the model broke"):
+            client.job("j1").wait(progress=seen.append)
+    assert [(p.done, p.total) for p in seen] == [(0, 0), (0, 64), (32, 64), (64, 64)]
+
+
+def test_the_async_progress_callback_hears_each_count_once() -> None:
+    seen: list[JobProgress] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return job_stream()
+
+    async def run() -> None:
+        transport = httpx.MockTransport(handle)
+        async with AsyncClient("http://camserve", retry=FAST, transport=transport) as client:
+            with pytest.raises(ServiceError, match="the model broke"):
+                await client.job("j1").wait(progress=seen.append)
+
+    asyncio.run(run())
+    assert [(p.done, p.total) for p in seen] == [(0, 0), (0, 64), (32, 64), (64, 64)]

@@ -1,0 +1,178 @@
+"""Every Python snippet of the README and docs/ runs, and prints what the page shows after it.
+
+A snippet that cannot run on its own says so with a comment on the line before its fence,
+``<!-- fragment: needs X -->``; it must still compile. A ``text`` block right after a snippet is
+its output, compared line by line; ``<!-- output: a subsequence (why) -->`` before it means a
+run prints some of those lines, in that order, and the same last line (a job's progress counts
+depend on when its stream is joined). The snippets that call a service get a real
+``python -m app`` on the shipped model store (the outputs are the default model's), on a free
+loopback port in place of the documented 8000, and run in a folder with examples/ and star.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.models.zoo.shapes_dataset import generate_sample
+from tests.http.test_server import start_server
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCUMENTED_URL = "http://127.0.0.1:8000"
+FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>\w*)\s*$")
+COMMENT = re.compile(r"<!--\s*(?P<kind>fragment|output):\s*(?P<text>.*?)\s*-->", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Block:
+    lang: str
+    code: str
+    line: int
+    comment: tuple[str, str] | None  # (kind, text) of an HTML comment just before the fence
+
+
+@dataclass(frozen=True)
+class Snippet:
+    page: Path
+    line: int
+    code: str
+    fragment: str | None
+    output: list[str] | None
+    subsequence: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def blocks(text: str) -> Iterator[Block]:
+    lines = text.splitlines()
+    number = 0
+    while number < len(lines):
+        opened = FENCE.match(lines[number])
+        if not opened:
+            number += 1
+            continue
+        indent, start = opened["indent"], number
+        end = start + 1
+        while not re.match(rf"^{indent}```\s*$", lines[end]):
+            end += 1
+        body = [line[len(indent) :] for line in lines[start + 1 : end]]
+        before = "\n".join(lines[:start]).rstrip()
+        comment = None
+        if before.endswith("-->"):
+            found = COMMENT.search(before[before.rfind("<!--") :])
+            comment = (found["kind"], found["text"]) if found else None
+        yield Block(opened["lang"], "\n".join(body) + "\n", start + 1, comment)
+        number = end + 1
+
+
+def snippets() -> list[Snippet]:
+    found = []
+    for page in PAGES:
+        listed = list(blocks(page.read_text()))
+        for index, block in enumerate(listed):
+            if block.lang != "python":
+                continue
+            after = listed[index + 1] if index + 1 < len(listed) else None
+            output = None
+            if after is not None and after.lang == "text" and _adjacent(page, block, after):
+                output = after.code.splitlines()
+            fragment = block.comment[1] if block.comment and block.comment[0] == "fragment" else ""
+            subsequence = bool(after and after.comment and after.comment[0] == "output")
+            found.append(
+                Snippet(page, block.line, block.code, fragment or None, output, subsequence)
+            )
+    return found
+
+
+def _adjacent(page: Path, block: Block, after: Block) -> bool:
+    """Only blank lines, or an output comment, between the end of one block and the next."""
+    lines = page.read_text().splitlines()
+    closing = block.line + len(block.code.splitlines())  # the index of the closing fence
+    between = "\n".join(lines[closing + 1 : after.line - 1])
+    return COMMENT.sub("", between).strip() == ""
+
+
+SNIPPETS = snippets()
+RUNNABLE = [s for s in SNIPPETS if s.fragment is None]
+FRAGMENTS = [s for s in SNIPPETS if s.fragment is not None]
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[str]:
+    process, url = start_server(
+        ROOT / "model_store", CAMSERVE_DEFAULT_MODEL="shapes", CAMSERVE_LOG_LEVEL="WARNING"
+    )
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/, and star.png as the README makes it."""
+    folder = tmp_path_factory.mktemp("snippets")
+    shutil.copytree(ROOT / "examples", folder / "examples")
+    star = generate_sample(np.random.default_rng(1)).image
+    Image.fromarray(star).save(folder / "star.png")
+    return folder
+
+
+def run(snippet: Snippet, folder: Path, url: str | None, monkeypatch: pytest.MonkeyPatch) -> str:
+    code = snippet.code if url is None else snippet.code.replace(DOCUMENTED_URL, url)
+    monkeypatch.chdir(folder)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, snippet.name, "exec"), {"__name__": "__main__"})  # noqa: S102
+    return printed.getvalue()
+
+
+def test_the_pages_have_python_snippets() -> None:
+    assert len(RUNNABLE) >= 6 and {s.page.name for s in RUNNABLE} >= {"README.md", "python.md"}
+
+
+@pytest.mark.parametrize("snippet", RUNNABLE, ids=lambda s: s.name)
+def test_a_snippet_runs_and_prints_what_the_page_shows(
+    snippet: Snippet, folder: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("service") if DOCUMENTED_URL in snippet.code else None
+    printed = run(snippet, folder, url, monkeypatch).splitlines()
+    if snippet.output is None:
+        return
+    if not snippet.subsequence:
+        assert printed == snippet.output
+        return
+    assert printed and printed[-1] == snippet.output[-1], printed
+    shown = iter(snippet.output)
+    assert all(line in shown for line in printed), (printed, snippet.output)
+
+
+@pytest.mark.parametrize("snippet", FRAGMENTS, ids=lambda s: s.name)
+def test_a_fragment_says_what_it_needs_and_compiles(snippet: Snippet) -> None:
+    assert snippet.fragment is not None and snippet.fragment.startswith("needs ")
+    compile(snippet.code, snippet.name, "exec")
+
+
+def test_the_reader_finds_indented_blocks_comments_and_outputs() -> None:
+    page = (
+        "- item\n\n  <!-- fragment: needs a model -->\n  ```python\n  x = 1\n  ```\n\n"
+        "```python\nprint(2)\n```\n\n<!-- output: a subsequence (why) -->\n```text\n2\n```\n"
+    )
+    first, second, third = blocks(page)
+    assert (first.lang, first.code) == ("python", "x = 1\n")
+    assert first.comment == ("fragment", "needs a model")
+    assert (second.code, second.comment) == ("print(2)\n", None)
+    assert (third.lang, third.comment) == ("text", ("output", "a subsequence (why)"))
