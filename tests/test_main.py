@@ -13,8 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.fixtures_models import build_tiny, write_model
+from tests.fixtures_models import FIXTURE_MODULE, build_tiny, write_model
 from tests.http.test_server import environment, start_server
+
+
+TRUSTED = f"{FIXTURE_MODULE},{__name__}"
+"""The modules this store's manifest may name (CAMSERVE_TRUSTED_MODULES)."""
 
 
 def build_marking(marker: str) -> nn.Module:
@@ -57,7 +61,12 @@ def test_a_busy_port_is_one_line_and_no_model_is_loaded(
     done = subprocess.run(
         [sys.executable, "-m", "app"],
         cwd=Path(__file__).resolve().parents[1],
-        env=environment(store, CAMSERVE_PORT=str(busy_port), CAMSERVE_HOST="127.0.0.1"),
+        env=environment(
+            store,
+            CAMSERVE_PORT=str(busy_port),
+            CAMSERVE_HOST="127.0.0.1",
+            CAMSERVE_TRUSTED_MODULES=TRUSTED,
+        ),
         capture_output=True,
         text=True,
         timeout=120,
@@ -72,7 +81,7 @@ def test_a_busy_port_is_one_line_and_no_model_is_loaded(
 def test_on_a_free_port_the_same_store_loads_its_model(marking_store: tuple[Path, Path]) -> None:
     # What the test above relies on: this store does leave its file once the service loads it.
     store, marker = marking_store
-    process, _ = start_server(store)
+    process, _ = start_server(store, CAMSERVE_TRUSTED_MODULES=TRUSTED)
     try:
         assert marker.exists()
     finally:
