@@ -7,6 +7,7 @@ import base64
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -63,19 +64,18 @@ def predict_logits(server: str, images: list[bytes], model: str) -> list[list[fl
     return rows
 
 
-def explain_raw(server: str, image: bytes, model: str, method: str) -> list[list[float]]:
-    """/explain's raw map of one image."""
+def explain_raw(server: str, images: list[bytes], model: str, method: str) -> list[Any]:
+    """/explain's raw map of each image, sent together (a batch's maps can differ from single
+    images' in the last bits of float32)."""
+    files = [("file", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
     answer = httpx.post(
         f"{server}/explain",
-        files=[("file", ("a.png", image, "image/png"))],
+        files=files,
         data={"model": model, "method": method, "output": "raw"},
         timeout=60,
     )
     assert answer.status_code == 200, answer.text
-    values: list[list[float]] = answer.json()["results"][0]["explanations"][0]["maps"][-1]["raw"][
-        "values"
-    ]
-    return values
+    return [r["explanations"][0]["maps"][-1]["raw"]["values"] for r in answer.json()["results"]]
 
 
 IMAGES = [image_bytes(seed=11), image_bytes((48, 36), seed=12)]

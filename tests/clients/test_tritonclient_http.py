@@ -84,7 +84,7 @@ def test_the_cam_output_is_the_raw_map_of_explain(
     )
     cam = result.as_numpy("cam")
     assert cam.dtype == np.float32 and cam.ndim == 3 and cam.shape[0] == 1
-    expected = np.asarray(explain_raw(server, IMAGES[0], "tiny", "GradCAM"), np.float32)
+    expected = np.asarray(explain_raw(server, IMAGES[:1], "tiny", "GradCAM")[0], np.float32)
     assert np.array_equal(cam[0], expected)
     assert result.get_output("cam")["parameters"]["method"] == "GradCAM"
 
