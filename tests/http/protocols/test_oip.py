@@ -9,6 +9,7 @@ import json
 import struct
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -721,3 +722,23 @@ def test_statistics_in_tritons_shape(make_client: Callable[..., TestClient]) -> 
 def test_the_server_lists_its_extensions(client: TestClient) -> None:
     extensions = client.get("/v2").json()["extensions"]
     assert {"binary_tensor_data", "model_repository", "classification"} <= set(extensions)
+
+
+def test_the_timeout_parameter_is_the_requests_deadline(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import app.http.protocols.oip as routes
+
+    seen = {}
+
+    async def slow(explainer: object, name: str, version: object, inference: Any) -> None:
+        seen["priority"] = inference.priority
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(routes, "run_inference", slow)
+    body = {**infer_body(image_bytes()), "parameters": {"timeout": 1000, "priority": 3}}
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 504)
+    assert "longer than 0.001 s (the request's timeout parameter)" in message
+    assert seen["priority"] == "background"
