@@ -742,3 +742,15 @@ def test_the_timeout_parameter_is_the_requests_deadline(
     message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 504)
     assert "longer than 0.001 s (the request's timeout parameter)" in message
     assert seen["priority"] == "background"
+
+
+def test_native_answers_are_not_compressed(client: TestClient) -> None:
+    # /explain's JSON carries base64 pictures: gzip would cost more CPU than it saves.
+    response = client.post(
+        "/explain",
+        files=files(image_bytes(), image_bytes(seed=2)),
+        data={"method": "GradCAM", "output": "raw"},
+        headers={"Accept-Encoding": "gzip"},
+    )
+    assert response.status_code == 200 and len(response.content) > 1024
+    assert "content-encoding" not in response.headers
