@@ -279,7 +279,7 @@ def test_explain_parameters_are_checked(
     assert words in assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), status)
 
 
-def test_parameters_of_other_extensions_are_ignored_without_cam(client: TestClient) -> None:
+def test_tritons_parameters_are_taken_without_cam(client: TestClient) -> None:
     body = explain_body(image_bytes(), outputs=("logits",), priority=1, binary_data_output=False)
     assert client.post("/v2/models/tiny/infer", json=body).status_code == 200
 
