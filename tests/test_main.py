@@ -16,7 +16,6 @@ from torch import nn
 from tests.fixtures_models import FIXTURE_MODULE, build_tiny, write_model
 from tests.http.test_server import environment, start_server
 
-
 TRUSTED = f"{FIXTURE_MODULE},{__name__}"
 """The modules this store's manifest may name (CAMSERVE_TRUSTED_MODULES)."""
 
