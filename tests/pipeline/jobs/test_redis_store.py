@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from redis import exceptions as redis_errors
 
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
@@ -225,3 +226,31 @@ def test_a_password_outside_the_url_is_used(
         assert_error(response, 503, "job_store_unavailable")
     finally:
         server.stop()
+
+
+def test_a_full_connection_pool_is_not_redis_down(replicas: Callable[..., TestClient]) -> None:
+    """The pools are sized above the event streams a replica keeps; a full pool all the same
+    answers that one request 503 overloaded, and the store stays available to everyone."""
+    client = replicas(max_event_streams=3)
+    store = store_of(client)
+    for pool in (store._redis.connection_pool, store._blocking.connection_pool):
+        assert pool.max_connections > 3 + store.workers
+    job = submit(client, method="GradCAM")
+    wait_for(client, job["id"], finished)
+    pool = store._redis.connection_pool
+    held = []
+    while True:  # take every connection the pool may open
+        try:
+            held.append(pool.get_available_connection())
+        except redis_errors.MaxConnectionsError:
+            break
+    try:
+        response = client.get(f"/jobs/{job['id']}")
+        assert "every connection" in assert_error(response, 503, "overloaded")
+        assert response.headers["retry-after"] == "1"
+        assert store.state().available
+        assert client.get("/ready").json()["job_store"]["available"] is True
+    finally:
+        for connection in held:
+            client.portal.call(pool.release, connection)  # type: ignore[union-attr]
+    assert client.get(f"/jobs/{job['id']}").status_code == 200
