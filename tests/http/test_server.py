@@ -477,3 +477,31 @@ def test_a_forwarded_for_header_is_believed_only_from_trusted_proxies(store: Pat
     trusted = Settings(model_store=store, device="cpu", forwarded_allow_ips="10.0.0.0/8")
     config = build_server(trusted).config
     assert config.proxy_headers is True and config.forwarded_allow_ips == "10.0.0.0/8"
+
+
+def test_a_closed_event_stream_gives_its_place_back(store: Path) -> None:
+    process, url = start_server(store, CAMSERVE_MAX_EVENT_STREAMS_PER_CLIENT="1")
+    slow = {"model": "resnet", "method": "SSCAM", "num_samples": "8", "batch_size": "1"}
+    try:
+        job = httpx.post(f"{url}/jobs", files=[("file", ("a.png", image_bytes()))], data=slow)
+        events = f"{url}{job.headers['location']}/events"
+        for _ in range(3):  # each time: one stream open, a second refused, then closed
+            with httpx.stream("GET", events, timeout=10) as stream:
+                assert stream.status_code == 200
+                lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+                assert next(lines).startswith("id: ")
+                refused = httpx.get(events)
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "5"
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{url}/jobs/{job.json()['id']}").status_code != 200:
+                time.sleep(0.05)  # (the job is still there)
+            while True:  # the server notices the disconnect and frees the place
+                with httpx.stream("GET", events, timeout=10) as again:
+                    if again.status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the closed stream kept its place"
+                time.sleep(0.05)
+        httpx.delete(f"{url}{job.headers['location']}")
+    finally:
+        process.kill()
+        process.communicate(timeout=30)

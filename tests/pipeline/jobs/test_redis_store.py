@@ -254,3 +254,25 @@ def test_a_full_connection_pool_is_not_redis_down(replicas: Callable[..., TestCl
         for connection in held:
             client.portal.call(pool.release, connection)  # type: ignore[union-attr]
     assert client.get(f"/jobs/{job['id']}").status_code == 200
+
+
+def test_rediss_runs_jobs_over_tls_and_refuses_an_unknown_authority(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path, tls=True)
+    server.start()
+    try:
+        assert server.url().startswith("rediss://")
+        client = make_client(job_store=server.url())
+        assert client.get("/ready").json()["job_store"] == {"backend": "redis", "available": True}
+        job = submit(client, method="GradCAM")
+        assert wait_for(client, job["id"], finished)["status"] == "succeeded"
+        assert server.client().exists(f"camserve:job:{job['id']}")  # it went through TLS
+        # Without the CA, the server's certificate is not trusted: the store is unavailable.
+        untrusted = make_client(job_store=f"rediss://127.0.0.1:{server.port}/0")
+        assert untrusted.get("/ready").json()["job_store"]["available"] is False
+        # Plain text to the TLS port is no store either.
+        plain = make_client(job_store=f"redis://127.0.0.1:{server.port}/0")
+        assert plain.get("/ready").json()["job_store"]["available"] is False
+    finally:
+        server.stop()
