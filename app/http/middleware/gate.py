@@ -165,16 +165,18 @@ class GateMiddleware:
 
     def _origin_ok(self, headers: dict[bytes, bytes]) -> bool:
         """Whether a browser page of the request's ``Origin`` may have work done: an origin of
-        ``CAMSERVE_CORS_ORIGINS``, or the service's own (the origin's host is the Host header:
-        behind a gateway the scheme may differ)."""
+        ``CAMSERVE_CORS_ORIGINS``, or the service's own: the origin's host name is the Host
+        header's. Scheme and port are not compared: behind a gateway that terminates TLS, or
+        that passes ``Host`` without the port (nginx's ``$host``), they differ from the page's."""
         origin = headers[b"origin"].rstrip(b"/")
         if self.any_origin or origin in self.allowed_origins:
             return True
         try:
-            host = urlsplit(origin.decode("latin-1")).netloc
+            page = urlsplit(origin.decode("latin-1")).hostname
+            own = urlsplit("//" + headers.get(b"host", b"").decode("latin-1")).hostname
         except ValueError:
             return False
-        return bool(host) and host.encode("latin-1") == headers.get(b"host")
+        return page is not None and page == own
 
 
 async def _refuse(

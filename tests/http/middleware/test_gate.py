@@ -217,6 +217,9 @@ def test_a_page_of_another_origin_gets_no_work_done(store: Path) -> None:
     assert inner.calls == []  # refused before any work
     assert call_from(gate, "POST", "/explain", "http://app.test")["status"] == 204  # allowed
     assert call_from(gate, "POST", "/explain", "https://camserve.test")["status"] == 204  # own
+    # The page's port: behind nginx, Host is $host, without it.
+    assert call_from(gate, "POST", "/explain", "http://camserve.test:8080")["status"] == 204
+    assert call_from(gate, "POST", "/explain", "http://camserve.test.evil")["status"] == 403
     assert call_from(gate, "GET", "/jobs/x", "http://evil.test")["status"] == 204  # reads pass
     assert call_from(gate, "POST", "/explain", "null")["status"] == 403
 
