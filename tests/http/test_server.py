@@ -252,6 +252,8 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
         header_timeout_s=7,
         shutdown_grace_s=9,
         probe_connections=5,
+        max_header_fields=50,
+        max_header_bytes=32768,
     )
     server = build_server(settings)
     assert isinstance(server, DrainingServer)
@@ -260,6 +262,8 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
     assert issubclass(config.http, HeaderDeadlineProtocol)  # type: ignore[arg-type]
     assert config.http.header_timeout_s == 7  # type: ignore[union-attr]
     assert config.http.probes.bound == 5  # type: ignore[union-attr]
+    assert config.http.max_header_fields == 50  # type: ignore[union-attr]
+    assert config.http.max_header_bytes == 32768  # type: ignore[union-attr]
     assert server.lifecycle.grace_s == 9
 
 
