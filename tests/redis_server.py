@@ -143,6 +143,7 @@ class RedisServer:
                 return
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()  # never left running behind a failed start
                     raise RuntimeError(f"{REDIS_SERVER} did not start on {self.port}") from None
                 time.sleep(0.02)
 
