@@ -280,6 +280,27 @@ class ResultTooLarge(CamserveError):
     code = "result_too_large"
 
 
+class OriginNotAllowed(CamserveError):
+    """A browser page of an origin that ``CAMSERVE_CORS_ORIGINS`` does not list asked for work."""
+
+    status_code = 403
+    code = "origin_not_allowed"
+
+
+class TooManyStreams(CamserveError):
+    """Too many job event streams open, for this client or this replica."""
+
+    status_code = 429
+    code = "too_many_streams"
+
+
+class HeadersTooLarge(CamserveError):
+    """A request's headers are over the count or size the service reads."""
+
+    status_code = 431
+    code = "headers_too_large"
+
+
 ECHO_LIMIT = 40
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from collections.abc import Mapping
@@ -15,12 +16,16 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CAMSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_KEY_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DEFAULT_KEY_NAME = "default"
+"""The name of ``CAMSERVE_API_KEY`` among the named keys."""
 _JOB_STORE_RE = re.compile(r"^rediss?://[^/\s]*[^/\s:@](:\d{1,5})?(/\d{1,5})?(\?\S*)?$")
 
 logger = logging.getLogger(__name__)
@@ -189,6 +194,55 @@ class Settings(BaseSettings):
         "(which then asks for the key) stay open.",
         json_schema_extra={"allowed": "any string"},
     )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Named API keys, `name:key` pairs separated by commas (each client its own "
+        "key). Any of them opens the routes that `CAMSERVE_API_KEY` guards; per-client caps and "
+        "metrics count by the key's name, and a job is visible only to the key that made it. "
+        "Combines with `CAMSERVE_API_KEYS_FILE` and `CAMSERVE_API_KEY` (named `default`).",
+        json_schema_extra={"allowed": "`name:key,name:key` (names: letters, digits, `._-`)"},
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of named API keys, one `name:key` a line (`#` starts a comment), "
+        "read at startup, like `CAMSERVE_API_KEYS`.",
+        json_schema_extra={"allowed": "a path"},
+    )
+    forwarded_allow_ips: str = Field(
+        "",
+        description="The proxies trusted to name the client in `X-Forwarded-For` (and the "
+        "scheme in `X-Forwarded-Proto`): their addresses or networks, or `*` for any. Behind "
+        "a gateway, set it to the gateway's address so that per-client caps count end clients. "
+        "Empty: no proxy is trusted, the client is the peer's address.",
+        json_schema_extra={"allowed": "comma-separated addresses or CIDR networks, or `*`"},
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=4096,
+        le=16 * 1024 * 1024,
+        description="Most bytes of a request's line and headers; past it 431 and the "
+        "connection is closed.",
+    )
+    max_header_fields: int = Field(
+        100,
+        ge=16,
+        le=10_000,
+        description="Most header fields in one request; past it 431.",
+    )
+    max_event_streams: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Job event streams (`GET /jobs/{id}/events`) open at once on this replica; "
+        "more get 429 with `Retry-After`. With Redis, its connection pool is sized above it.",
+    )
+    max_event_streams_per_client: int = Field(
+        16,
+        ge=1,
+        le=100_000,
+        description="Job event streams one client (API key, or address without one) may have "
+        "open at once on this replica; more get 429 with `Retry-After`.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins a browser page may call from.",
@@ -336,7 +390,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "api_key", "max_batch_size", "request_timeout_s", "job_store_password", mode="before"
+        "api_key",
+        "api_keys",
+        "api_keys_file",
+        "max_batch_size",
+        "request_timeout_s",
+        "job_store_password",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
@@ -379,6 +439,29 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _check_forwarded(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        for part in parts:
+            if part == "*":
+                continue
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{part!r} is not an address or a network; give the gateway's address "
+                    "(10.0.0.5), a network (10.0.0.0/8), or * for any proxy"
+                ) from None
+        return ",".join(parts)
+
+    @model_validator(mode="after")
+    def _check_api_keys(self) -> Settings:
+        named_api_keys(self)  # refuses a bad file or pair at startup
+        return self
+
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _normalise_case(cls, value: object) -> object:
@@ -404,16 +487,64 @@ class Settings(BaseSettings):
         return value if value.strip() else None
 
 
+def named_api_keys(settings: Settings) -> dict[str, str]:
+    """Every API key the service takes, by name: ``CAMSERVE_API_KEY`` (named ``default``), the
+    pairs of ``CAMSERVE_API_KEYS`` and the lines of ``CAMSERVE_API_KEYS_FILE``. Empty: the
+    routes are open. ValueError naming the variable for a bad pair, a repeated name or key, or
+    a file that cannot be read."""
+    keys: dict[str, str] = {}
+
+    def add(name: str, key: str, where: str) -> None:
+        if not _KEY_NAME_RE.match(name):
+            raise ValueError(
+                f"{where}: key name {name[:40]!r} must be 1 to 64 letters, digits, '.', '_' or '-'"
+            )
+        if not key:
+            raise ValueError(f"{where}: key {name!r} is empty; write name:key")
+        if name in keys:
+            raise ValueError(f"{where}: the name {name!r} is given twice; each key its own name")
+        if key in keys.values():
+            raise ValueError(f"{where}: key {name!r} repeats another key; each name its own key")
+        keys[name] = key
+
+    def add_pair(pair: str, where: str) -> None:
+        name, colon, key = pair.partition(":")
+        if not colon:
+            raise ValueError(f"{where}: {pair[:3]!r}... is not name:key")
+        add(name.strip(), key.strip(), where)
+
+    if settings.api_key is not None:
+        add(DEFAULT_KEY_NAME, settings.api_key.get_secret_value(), f"{ENV_PREFIX}API_KEY")
+    if settings.api_keys is not None:
+        for pair in settings.api_keys.get_secret_value().split(","):
+            if pair.strip():
+                add_pair(pair.strip(), f"{ENV_PREFIX}API_KEYS")
+    if settings.api_keys_file is not None:
+        where = f"{ENV_PREFIX}API_KEYS_FILE ({settings.api_keys_file})"
+        try:
+            lines = settings.api_keys_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{where}: cannot be read ({error.__class__.__name__})") from None
+        for number, line in enumerate(lines, 1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                add_pair(text, f"{where} line {number}")
+    return keys
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """Turn pydantic's report into lines naming the environment variable and what is allowed."""
     lines = []
     for item in error.errors():
-        field = str(item["loc"][0]).upper() if item["loc"] else "?"
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check over several fields names its variable itself
+            lines.append(message)
+            continue
+        field = str(item["loc"][0]).upper()
         field = field.removeprefix(ENV_PREFIX)  # a renamed field reports its variable's name
         old = RENAMED.get(field.lower())
         name = f"{ENV_PREFIX}{field}" + (f" (formerly {ENV_PREFIX}{old})" if old else "")
         shown = _shown(item.get("input"))
-        message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{name}: {message}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 

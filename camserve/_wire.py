@@ -24,9 +24,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "CAMSERVE_URL"
 API_KEY_ENV = "CAMSERVE_API_KEY"
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
-# The service refuses a request on its headers (a wrong key, a drain) and closes the connection
-# without reading the body: a client still sending it may see the connection reset instead of
-# the answer. After a broken upload, this idempotent call asks again, to report that refusal.
+# The service refuses a request on its headers (a wrong key, a drain) and reads and drops up to
+# 16 MiB of its body, so that a client still sending sees the answer. A larger upload (or one cut
+# by the body limit) may still see the connection reset instead: after a broken upload, this
+# idempotent call asks again, to report that refusal.
 PROBE = "/models"
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
 #: The service sends a comment every 15 s on a quiet event stream: 4 missed ones mean it is gone.

@@ -15,16 +15,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app import __version__
+from app.http.deps import ApiKeys
 from app.http.errors import PREFIXES, install_error_handlers
 from app.http.middleware.access import AccessMiddleware
 from app.http.middleware.body_limit import BodyLimitMiddleware
 from app.http.middleware.compression import ProtocolCompression
 from app.http.middleware.gate import GateMiddleware
+from app.http.middleware.header_cap import HeaderCapMiddleware
 from app.http.openapi import form_fields_without_null
 from app.http.protocols import kserve, oip, repository
 from app.http.protocols.base import json_body_limit
 from app.http.routes import explain, health, jobs, metrics, models, predict
 from app.http.routes.docs import install_docs
+from app.http.routes.jobs import StreamSlots
 from app.http.routes.ui import install_ui
 from app.lifecycle import Lifecycle
 from app.models.control import ModelControl
@@ -148,9 +151,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics(app.state) if settings.metrics else None
     app.state.lifecycle = Lifecycle(settings.shutdown_grace_s)
+    app.state.api_keys = ApiKeys.from_settings(settings)
+    app.state.streams = StreamSlots(
+        settings.max_event_streams, settings.max_event_streams_per_client
+    )
     install_error_handlers(app)
     _include_routes(app, settings)
-    _install_openapi(app, open_access=settings.api_key is None)
+    _install_openapi(app, open_access=not app.state.api_keys.required)
     _add_middleware(app, settings)
     return app
 
@@ -206,15 +213,16 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(
         GateMiddleware,
         routes=app.router.routes,
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        api_keys=app.state.api_keys,
         lifecycle=app.state.lifecycle,
+        allowed_origins=settings.cors_origins,
     )
     # Outside the body limit: even its 413 carries the CORS headers.
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],  # DELETE: a page cancels its jobs
             allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
             expose_headers=[
                 "Retry-After",
@@ -226,3 +234,9 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         )
     # Outermost of all: every answer, a CORS preflight or a 413 included, carries the id.
     app.add_middleware(AccessMiddleware, metrics=app.state.metrics)
+    # Before even that: a request with too many or too large headers costs nothing more.
+    app.add_middleware(
+        HeaderCapMiddleware,
+        max_fields=settings.max_header_fields,
+        max_bytes=settings.max_header_bytes,
+    )

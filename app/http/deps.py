@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from fastapi import Depends, Request, UploadFile
@@ -16,11 +15,13 @@ from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer
 from app.protocols import uploads
-from app.settings import Settings
+from app.settings import Settings, named_api_keys
 
 API_KEY_HEADER = "X-API-Key"
 _api_key_header = APIKeyHeader(
-    name=API_KEY_HEADER, auto_error=False, description="required when CAMSERVE_API_KEY is set"
+    name=API_KEY_HEADER,
+    auto_error=False,
+    description="required when CAMSERVE_API_KEY or CAMSERVE_API_KEYS is set",
 )
 _CHUNK = 1024 * 1024
 T = TypeVar("T")
@@ -39,19 +40,48 @@ def get_explainer(request: Request) -> Explainer:
 
 
 def api_key_matches(sent: bytes | None, expected: str) -> bool:
-    """The one comparison of a sent X-API-Key with the configured key, for the gate and the
+    """The one comparison of a sent X-API-Key with a configured key, for the gate and the
     routes alike: the header's raw bytes against the key's UTF-8 bytes, in constant time."""
     return sent is not None and hmac.compare_digest(sent, expected.encode("utf-8"))
 
 
+class ApiKeys:
+    """The named API keys the service takes (``app.settings.named_api_keys``); none: the routes
+    are open and a client is its address."""
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        self._keys = dict(keys)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiKeys:
+        return cls(named_api_keys(settings))
+
+    @property
+    def required(self) -> bool:
+        return bool(self._keys)
+
+    def name_of(self, sent: bytes | None) -> str | None:
+        """The name of the key ``sent`` (raw header bytes), or None. Every key is compared, so
+        the time taken does not tell which one came close."""
+        found = None
+        for name, key in self._keys.items():
+            if api_key_matches(sent, key):
+                found = name
+        return found
+
+
+def get_api_keys(request: Request) -> ApiKeys:
+    return request.app.state.api_keys
+
+
 async def require_api_key(request: Request, api_key: str | None = Depends(_api_key_header)) -> None:
-    """Reject the request unless it carries the configured key (no-op when none is set)."""
-    expected = get_settings(request).api_key
-    if expected is None:
+    """Reject the request unless it carries one of the configured keys (no-op when none is)."""
+    keys = get_api_keys(request)
+    if not keys.required:
         return
     # Starlette decodes header values as latin-1: encoding them back gives the bytes sent.
     sent = None if api_key is None else api_key.encode("latin-1")
-    if not api_key_matches(sent, expected.get_secret_value()):
+    if keys.name_of(sent) is None:
         raise Unauthorized(
             "Missing or wrong API key; send it in the X-API-Key header.",
             headers={"WWW-Authenticate": "ApiKey"},
@@ -59,12 +89,22 @@ async def require_api_key(request: Request, api_key: str | None = Depends(_api_k
 
 
 def client_identity(request: Request) -> str:
-    """Who sent the request, for per-client caps: a digest of its API key when the service
-    requires one, else its address (a key nobody checks would let a client be anyone)."""
-    key = request.headers.get("x-api-key")
-    if key and get_settings(request).api_key is not None:
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    """Who sent the request, for per-client caps and job ownership: the name of its API key
+    when the service requires one, else its address (the peer, or the end client that a
+    trusted proxy names: ``CAMSERVE_FORWARDED_ALLOW_IPS``). A key nobody checks would let a
+    client be anyone, so without keys a sent one is ignored."""
+    keys = get_api_keys(request)
+    if keys.required:
+        raw = request.headers.get("x-api-key")
+        name = keys.name_of(None if raw is None else raw.encode("latin-1"))
+        return "key:" + (name or "-")
     return "address:" + (request.client.host if request.client else "unknown")
+
+
+def job_owner(request: Request) -> str | None:
+    """Whose jobs this request may see: its key's identity when keys are required (a job is
+    visible only to the key that made it), else None (anyone who holds the job's id)."""
+    return client_identity(request) if get_api_keys(request).required else None
 
 
 async def read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:

@@ -5,6 +5,11 @@ uvicorn has no header timeout: a connection that sends half a request line holds
 for ever (20,000 of them locked everyone out). ``HeaderDeadlineProtocol`` closes it, with a 408,
 once ``CAMSERVE_HEADER_TIMEOUT_S`` has passed without complete headers.
 
+It caps each request's line and headers while they arrive (``CAMSERVE_MAX_HEADER_FIELDS``,
+``CAMSERVE_MAX_HEADER_BYTES``): past the cap it answers 431 and closes the connection, so a
+request of a million tiny headers costs the parse of the first hundred, and a 20 MB header is
+never held. ``app.http.middleware.header_cap`` is the same rule for other servers.
+
 It also answers at the connection cap (``CAMSERVE_MAX_CONNECTIONS``) itself: JSON with
 Retry-After instead of uvicorn's plain text, and the probes (``/health``, ``/ready``,
 ``/metrics``) still served, up to ``CAMSERVE_PROBE_CONNECTIONS`` of them at once, so that a few
@@ -26,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from app.errors import BadRequest, HeaderTimeout, Overloaded
 from app.http.errors import raw_refusal, send_refusal
+from app.http.middleware.header_cap import headers_too_large
 from app.lifecycle import Lifecycle
 from app.settings import Settings
 
@@ -68,19 +74,69 @@ class _Probes:
         return counted
 
 
+class _HeadersOver(Exception):
+    """Raised in a parser callback to stop the parse of headers over the cap."""
+
+
 class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with a deadline for each request's headers, JSON refusals, and
-    the connection cap decided here (probes exempt, a warning in the log when it turns
-    requests away)."""
+    """uvicorn's HTTP protocol with a deadline for each request's headers, a cap on their count
+    and size, JSON refusals, and the connection cap decided here (probes exempt, a warning in
+    the log when it turns requests away)."""
 
     header_timeout_s = 10.0
+    max_header_fields = 100
+    max_header_bytes = 64 * 1024
     probes = _Probes(8)
     _last_limit_log = 0.0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._header_timer: Any = None
+        self._in_head = False
+        self._head_fields = 0
+        self._head_bytes = 0  # of the line and the fields parsed so far
+        self._head_raw = 0  # received while the head was incomplete (an unfinished field too)
+        self._head_over = False
         self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_over:
+            return
+        continued = self._in_head
+        super().data_received(data)
+        if continued and self._in_head and not self._head_over:
+            # A field still arriving is not in the counts of the callbacks (llhttp hands it
+            # over whole): the bytes of the chunks after the one where the head began bound it.
+            self._head_raw += len(data)
+            if self._head_raw > self.max_header_bytes:
+                self._refuse_head()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url), 0)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value), 1)
+        super().on_header(name, value)
+
+    def _count_head(self, size: int, fields: int) -> None:
+        self._head_bytes += size
+        self._head_fields += fields
+        if self._head_bytes > self.max_header_bytes or self._head_fields > self.max_header_fields:
+            self._head_over = True
+            raise _HeadersOver  # stops the parse; uvicorn then calls send_400_response
+
+    def _refuse_head(self) -> None:
+        self._head_over = True
+        self._disarm_header_timer()
+        over = headers_too_large(
+            self._head_fields,
+            max(self._head_bytes, self._head_raw),
+            self.max_header_fields,
+            self.max_header_bytes,
+        )
+        self.transport.write(raw_refusal(over))
+        self.transport.close()
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
@@ -93,9 +149,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_head = True
+        self._head_fields = self._head_bytes = self._head_raw = 0
         self._arm_header_timer()  # the next request of a keep-alive connection
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._disarm_header_timer()
         limit = self.limit_concurrency
         if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
@@ -135,7 +194,10 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP (a bad header, an overlong line), as
-        JSON."""
+        JSON; 431 when it was the cap on the headers that stopped the parse."""
+        if self._head_over:
+            self._refuse_head()
+            return
         bad = BadRequest(
             "The request is not valid HTTP/1.1 (a malformed or overlong request line or "
             "header); check the client."
@@ -225,6 +287,8 @@ def build_server(settings: Settings) -> DrainingServer:
         (HeaderDeadlineProtocol,),
         {
             "header_timeout_s": settings.header_timeout_s,
+            "max_header_fields": settings.max_header_fields,
+            "max_header_bytes": settings.max_header_bytes,
             "probes": _Probes(settings.probe_connections),
         },
     )
@@ -238,6 +302,12 @@ def build_server(settings: Settings) -> DrainingServer:
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=UVICORN_SHUTDOWN_S,
+        # The end client, as a trusted proxy names it in X-Forwarded-For; nobody's word is
+        # taken without CAMSERVE_FORWARDED_ALLOW_IPS (uvicorn would trust loopback by default,
+        # and a local client could then be anyone).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or "",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     raise_open_file_limit(settings.max_connections)
     return DrainingServer(config, app.state.lifecycle)

@@ -33,6 +33,9 @@ class RequestInfo:
     """Seconds per stage of ``STAGES`` that the request went through."""
     cam_forwards: int = 0
     """Extra forwards of its CAM call: masked (Score-CAM family) or noisy (SmoothGrad)."""
+    client: str = ""
+    """The name of its API key when the service has keys ('-' for none or a wrong one), never
+    the key itself; empty without keys."""
 
 
 _current: ContextVar[RequestInfo | None] = ContextVar("camserve_request", default=None)

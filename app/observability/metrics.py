@@ -182,6 +182,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.client_requests = Counter(
+            "camserve_client_requests",
+            "Requests to the keyed routes by API key name ('-': no key or a wrong one) and "
+            "status; only when the service has API keys (the key itself is never a label).",
+            ["client", "status"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(state))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -196,6 +203,8 @@ class Metrics:
             if stage in info.stages:
                 self.duration.labels(*labels, stage).observe(info.stages[stage])
         self.duration.labels(*labels, "total").observe(seconds)
+        if info.client:
+            self.client_requests.labels(info.client, str(status)).inc()
         if info.cam_forwards:
             self.cam_forwards.labels(info.model, info.version, method).inc(info.cam_forwards)
         if info.method and status < 400:

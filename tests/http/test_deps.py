@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from app.http import deps
 from app.http.middleware import gate
-from app.settings import Settings
+from app.settings import ConfigurationError, Settings, load_settings
 from tests.conftest import assert_error, files, image_bytes
 
 
@@ -43,16 +43,83 @@ def _request(settings: Settings, key: bytes | None, host: str = "10.0.0.1") -> R
 
     app = type("App", (), {"state": State()})()
     app.state.settings = settings
+    app.state.api_keys = deps.ApiKeys.from_settings(settings)
     headers = [(b"x-api-key", key)] if key is not None else []
     return Request({"type": "http", "headers": headers, "client": (host, 1), "app": app})
 
 
-def test_a_client_is_its_key_when_one_is_required_else_its_address(settings: Settings) -> None:
+def test_a_client_is_its_keys_name_when_keys_are_required_else_its_address(
+    settings: Settings,
+) -> None:
     keyed = settings.model_copy(update={"api_key": SecretStr("k")})
-    assert deps.client_identity(_request(keyed, b"k")).startswith("key:")
+    assert deps.client_identity(_request(keyed, b"k")) == "key:default"
     assert deps.client_identity(_request(keyed, b"k")) != deps.client_identity(
         _request(keyed, b"j")
     )
     # Without a required key, a made-up one does not make a new client.
     assert deps.client_identity(_request(settings, b"made-up")) == "address:10.0.0.1"
     assert deps.client_identity(_request(settings, None, "10.0.0.2")) == "address:10.0.0.2"
+
+
+def test_named_keys_come_from_the_environment_and_a_file(settings: Settings, tmp_path) -> None:
+    listed = tmp_path / "keys"
+    listed.write_text("# the team's keys\nalice: a-key\n\nbob:b-key\n")
+    named = settings.model_copy(
+        update={
+            "api_key": SecretStr("old"),
+            "api_keys": SecretStr("carol:c-key"),
+            "api_keys_file": listed,
+        }
+    )
+    keys = deps.ApiKeys.from_settings(named)
+    assert keys.required
+    for sent, name in [
+        (b"a-key", "alice"),
+        (b"b-key", "bob"),
+        (b"c-key", "carol"),
+        (b"old", "default"),
+        (b"nope", None),
+        (None, None),
+    ]:
+        assert keys.name_of(sent) == name
+        identity = deps.client_identity(_request(named, sent, "10.0.0.9"))
+        assert identity == f"key:{name or '-'}"  # the name, never the key
+    assert not deps.ApiKeys.from_settings(settings).required
+
+
+@pytest.mark.parametrize(
+    ("variables", "names"),
+    [
+        ({"CAMSERVE_API_KEYS": "a:1,a:2"}, "given twice"),
+        ({"CAMSERVE_API_KEYS": "a:secret-value,b:secret-value"}, "repeats another key"),
+        ({"CAMSERVE_API_KEYS": "no-colon"}, "is not name:key"),
+        ({"CAMSERVE_API_KEYS": "bad name:1"}, "key name"),
+        ({"CAMSERVE_API_KEYS": "a:"}, "is empty"),
+        ({"CAMSERVE_API_KEYS_FILE": "/no/such/file"}, "cannot be read"),
+    ],
+)
+def test_bad_named_keys_stop_startup_with_the_variable_named(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], names: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings()
+    assert names in str(refused.value)
+    assert next(iter(variables)) in str(refused.value)
+    assert "secret-value" not in str(refused.value)  # keys are never echoed
+
+
+def test_each_named_key_opens_the_routes_and_counts_under_its_name(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(api_keys="alice:a-key,bob:b-key")
+    for key in ("a-key", "b-key"):
+        assert client.get("/models", headers={"X-API-Key": key}).status_code == 200
+    assert_error(client.get("/models", headers={"X-API-Key": "c-key"}), 401, "unauthorized")
+    assert_error(client.get("/models"), 401, "unauthorized")
+    metrics = client.get("/metrics").text
+    assert 'camserve_client_requests_total{client="alice",status="200"} 1.0' in metrics
+    assert 'camserve_client_requests_total{client="bob",status="200"} 1.0' in metrics
+    assert 'camserve_client_requests_total{client="-",status="401"} 2.0' in metrics
+    assert "a-key" not in metrics and "b-key" not in metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -253,6 +254,8 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
         header_timeout_s=7,
         shutdown_grace_s=9,
         probe_connections=5,
+        max_header_fields=50,
+        max_header_bytes=32768,
     )
     server = build_server(settings)
     assert isinstance(server, DrainingServer)
@@ -261,6 +264,8 @@ def test_uvicorn_gets_its_limits_from_the_settings(store: Path) -> None:
     assert issubclass(config.http, HeaderDeadlineProtocol)  # type: ignore[arg-type]
     assert config.http.header_timeout_s == 7  # type: ignore[union-attr]
     assert config.http.probes.bound == 5  # type: ignore[union-attr]
+    assert config.http.max_header_fields == 50  # type: ignore[union-attr]
+    assert config.http.max_header_bytes == 32768  # type: ignore[union-attr]
     assert server.lifecycle.grace_s == 9
 
 
@@ -381,4 +386,128 @@ def test_resident_memory_stays_within_the_decode_budget(store: Path) -> None:
         assert grown < per_request + 48 * 1024**2, f"grew {grown / 1024**2:.0f} MiB"
     finally:
         process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_an_uploader_without_the_key_gets_the_401_not_a_reset(server: str) -> None:
+    """An asyncio client sends its whole body before it reads: the gate reads (and drops) the
+    body of its refusal, so the client sees the 401 instead of a reset connection."""
+
+    async def main() -> list[int | str]:
+        outcomes: list[int | str] = []
+        async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+            for round_ in range(8):
+                sizes = [(1 + (round_ + i) % 5) * 1024 * 1024 for i in range(4)]
+
+                async def upload(size: int) -> int | str:
+                    try:
+                        response = await client.post(
+                            "/explain", files=[("file", ("a.png", b"\0" * size, "image/png"))]
+                        )
+                    except httpx.TransportError as error:
+                        return type(error).__name__
+                    assert response.json()["error"]["code"] == "unauthorized"
+                    return response.status_code
+
+                outcomes += await asyncio.gather(*(upload(size) for size in sizes))
+        return outcomes
+
+    assert asyncio.run(main()) == [401] * 32
+
+
+def test_a_flood_of_tiny_headers_is_cut_with_431(server: str) -> None:
+    """A million tiny headers: refused once the 101st arrives, the connection closed; the rest
+    is never parsed."""
+    with _raw(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(100):
+                sock.sendall(b"a: b\r\n" * 10_000)
+        except OSError:  # closed by the server, as it should be
+            pass
+        answer = _read_all(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), answer[:200]
+    error = json.loads(body)["error"]
+    assert error["code"] == "headers_too_large" and "CAMSERVE_MAX_HEADER_FIELDS" in error["message"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_a_huge_header_is_refused_with_431(server: str) -> None:
+    with _raw(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        try:
+            for _ in range(320):  # 20 MB, never ending its line
+                sock.sendall(b"v" * 65536)
+        except OSError:
+            pass
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "headers_too_large"
+    # Just under the caps is served.
+    headers = {f"x-h{i}": "v" * 400 for i in range(90)}
+    assert httpx.get(f"{server}/health", headers=headers).status_code == 200
+
+
+def test_a_forwarded_for_header_is_believed_only_from_trusted_proxies(store: Path) -> None:
+    """From loopback, a new X-Forwarded-For for each job does not make a new client unless
+    loopback is a trusted proxy (CAMSERVE_FORWARDED_ALLOW_IPS)."""
+    process, url = start_server(store, CAMSERVE_MAX_JOBS_PER_CLIENT="1")
+    slow = {"model": "resnet", "method": "SSCAM", "num_samples": "8", "batch_size": "1"}
+    try:
+        first = httpx.post(
+            f"{url}/jobs",
+            files=[("file", ("a.png", image_bytes()))],
+            data=slow,
+            headers={"X-Forwarded-For": "192.0.2.1"},
+        )
+        assert first.status_code == 202, first.text
+        for n in range(2, 5):
+            dodge = httpx.post(
+                f"{url}/jobs",
+                files=[("file", ("a.png", image_bytes()))],
+                data=slow,
+                headers={"X-Forwarded-For": f"192.0.2.{n}"},
+            )
+            assert dodge.status_code == 503, dodge.text
+            assert "CAMSERVE_MAX_JOBS_PER_CLIENT" in dodge.json()["error"]["message"]
+        httpx.delete(f"{url}{first.headers['location']}")
+    finally:
+        process.kill()  # its output is not looked at
+        process.communicate(timeout=30)
+    from app.http.server import build_server
+    from app.settings import Settings
+
+    config = build_server(Settings(model_store=store, device="cpu")).config
+    assert config.proxy_headers is False
+    trusted = Settings(model_store=store, device="cpu", forwarded_allow_ips="10.0.0.0/8")
+    config = build_server(trusted).config
+    assert config.proxy_headers is True and config.forwarded_allow_ips == "10.0.0.0/8"
+
+
+def test_a_closed_event_stream_gives_its_place_back(store: Path) -> None:
+    process, url = start_server(store, CAMSERVE_MAX_EVENT_STREAMS_PER_CLIENT="1")
+    slow = {"model": "resnet", "method": "SSCAM", "num_samples": "8", "batch_size": "1"}
+    try:
+        job = httpx.post(f"{url}/jobs", files=[("file", ("a.png", image_bytes()))], data=slow)
+        events = f"{url}{job.headers['location']}/events"
+        for _ in range(3):  # each time: one stream open, a second refused, then closed
+            with httpx.stream("GET", events, timeout=10) as stream:
+                assert stream.status_code == 200
+                lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+                assert next(lines).startswith("id: ")
+                refused = httpx.get(events)
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "5"
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{url}/jobs/{job.json()['id']}").status_code != 200:
+                time.sleep(0.05)  # (the job is still there)
+            while True:  # the server notices the disconnect and frees the place
+                with httpx.stream("GET", events, timeout=10) as again:
+                    if again.status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the closed stream kept its place"
+                time.sleep(0.05)
+        httpx.delete(f"{url}{job.headers['location']}")
+    finally:
+        process.kill()
         process.communicate(timeout=30)

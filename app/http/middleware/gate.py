@@ -1,6 +1,14 @@
 """The gate in front of the model routes, decided from the headers before any body is read:
-the API key (401) and the drain after SIGTERM (503 ``shutting_down`` for new work). It also
+the API key (401), the page's origin (403 ``origin_not_allowed``: a page of another origin
+gets no work done) and the drain after SIGTERM (503 ``shutting_down`` for new work). It also
 counts the model routes' POSTs as in flight for the drain, from their headers to their answer.
+
+A refusal reads no byte of the body into the app, but it does not leave the body unread in the
+socket either: closing a connection with unread data makes the kernel reset it, and a client
+that sends its whole body before it reads (httpx, asyncio clients) then sees the reset instead
+of the answer. So the answer goes out at once, then up to ``DRAIN_BYTES`` of the body are read
+and thrown away (for at most ``DRAIN_S``), then the connection is closed cleanly. A body
+declared larger than that is not read: its sender may see a reset.
 
 Which routes it covers is read from the routes themselves, the app's live list, so there is no
 second list to forget: a route is gated when it takes a POST (every POST of the service starts
@@ -12,19 +20,30 @@ covers them. A ``ProtocolRoute`` (KServe v1, OIP v2) gets its refusals in the pr
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import fastapi.routing
 from starlette.routing import BaseRoute, Match
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ShuttingDown, Unauthorized
+from app.errors import CamserveError, OriginNotAllowed, ShuttingDown, Unauthorized
 from app.http.admin import require_admin_key
-from app.http.deps import api_key_matches, require_api_key
+from app.http.deps import ApiKeys, api_key_matches, require_api_key
 from app.http.errors import send_refusal
 from app.http.protocols.base import ProtocolRoute, depends_on
 from app.lifecycle import Lifecycle
+from app.observability.context import current_request
+
+__all__ = ["DRAIN_BYTES", "DRAIN_S", "GateMiddleware", "api_key_matches", "endpoints"]
+
+#: Most body bytes read (and dropped) after a refusal, so the client sees the answer, not a reset.
+DRAIN_BYTES = 16 * 1024 * 1024
+#: Most seconds spent reading them.
+DRAIN_S = 10.0
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def endpoints(routes: Sequence[BaseRoute]) -> Iterator[tuple[Any, BaseRoute]]:
@@ -55,21 +74,27 @@ def takes_api_key(route: BaseRoute) -> bool:
 
 
 class GateMiddleware:
-    """Refuse a model request on its headers alone: no key (when one is set), or draining.
+    """Refuse a model request on its headers alone: no key (when keys are set), a page of an
+    origin not allowed, or draining.
 
-    ``routes`` is the app's own route list (read at each request, so routes added later count)."""
+    ``routes`` is the app's own route list (read at each request, so routes added later count).
+    ``allowed_origins``: the origins of ``CAMSERVE_CORS_ORIGINS`` (``*``: any); a request from
+    its own origin, or with no ``Origin`` (not a browser page), is never refused for it."""
 
     def __init__(
         self,
         app: ASGIApp,
         routes: Sequence[BaseRoute],
-        api_key: str | None,
+        api_keys: ApiKeys,
         lifecycle: Lifecycle,
+        allowed_origins: Sequence[str] = (),
     ) -> None:
         self.app = app
         self.routes = routes
-        self.api_key = api_key
+        self.api_keys = api_keys
         self.lifecycle = lifecycle
+        self.any_origin = "*" in allowed_origins
+        self.allowed_origins = frozenset(o.rstrip("/").encode("latin-1") for o in allowed_origins)
         self._gated: dict[int, tuple[bool, bool]] = {}
 
     def _gated_route(self, scope: Scope) -> tuple[BaseRoute, bool] | None:
@@ -88,27 +113,18 @@ class GateMiddleware:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        checks = self.api_key is not None or self.lifecycle.draining
+        headers = dict(scope["headers"])
+        unsafe = scope["method"] not in _SAFE_METHODS
+        foreign = unsafe and b"origin" in headers and not self._origin_ok(headers)
+        checks = self.api_keys.required or self.lifecycle.draining or foreign
         gated = self._gated_route(scope) if checks or scope["method"] == "POST" else None
-        model_route = gated is not None
         if gated is not None and checks:
-            route, keyed = gated
-            protocol = isinstance(route, ProtocolRoute)
-            if keyed and self.api_key is not None and not self._key_ok(scope):
-                unauthorized = Unauthorized(
-                    "Missing or wrong API key; send it in the X-API-Key header.",
-                    headers={"WWW-Authenticate": "ApiKey"},
-                )
-                await send_refusal(send, unauthorized, protocol=protocol)
+            refusal = self._refusal(scope, headers, gated[1], foreign)
+            if refusal is not None:
+                protocol = isinstance(gated[0], ProtocolRoute)
+                await _refuse(scope, headers, receive, send, refusal, protocol)
                 return
-            if self.lifecycle.draining and scope["method"] == "POST":
-                draining = ShuttingDown(
-                    "The service is shutting down and takes no new work; retry on another replica.",
-                    headers={"Retry-After": "1"},
-                )
-                await send_refusal(send, draining, protocol=protocol)
-                return
-        if model_route and scope["method"] == "POST":
+        if gated is not None and scope["method"] == "POST":
             # Work counts as in flight from its headers on, so a drain that starts while its
             # body is still arriving waits for it.
             with self.lifecycle.track():
@@ -116,6 +132,95 @@ class GateMiddleware:
             return
         await self.app(scope, receive, send)
 
-    def _key_ok(self, scope: Scope) -> bool:
-        sent = dict(scope["headers"]).get(b"x-api-key")
-        return self.api_key is not None and api_key_matches(sent, self.api_key)
+    def _refusal(
+        self, scope: Scope, headers: dict[bytes, bytes], keyed: bool, foreign: bool
+    ) -> CamserveError | None:
+        if keyed and self.api_keys.required:
+            name = self.api_keys.name_of(headers.get(b"x-api-key"))
+            info = current_request()
+            if info is not None:
+                info.client = name or "-"
+            if name is None:
+                return Unauthorized(
+                    "Missing or wrong API key; send it in the X-API-Key header.",
+                    headers={"WWW-Authenticate": "ApiKey"},
+                )
+        if foreign:
+            origin = headers[b"origin"].decode("latin-1")
+            return OriginNotAllowed(
+                f"Pages of the origin {origin[:80]!r} may not use this service; add the origin "
+                "to CAMSERVE_CORS_ORIGINS, or call it from the page's own server.",
+            )
+        if self.lifecycle.draining and scope["method"] == "POST":
+            return ShuttingDown(
+                "The service is shutting down and takes no new work; retry on another replica.",
+                headers={"Retry-After": "1"},
+            )
+        return None
+
+    def _origin_ok(self, headers: dict[bytes, bytes]) -> bool:
+        """Whether a browser page of the request's ``Origin`` may have work done: an origin of
+        ``CAMSERVE_CORS_ORIGINS``, or the service's own: the origin's host name is the Host
+        header's. Scheme and port are not compared: behind a gateway that terminates TLS, or
+        that passes ``Host`` without the port (nginx's ``$host``), they differ from the page's."""
+        origin = headers[b"origin"].rstrip(b"/")
+        if self.any_origin or origin in self.allowed_origins:
+            return True
+        try:
+            page = urlsplit(origin.decode("latin-1")).hostname
+            own = urlsplit("//" + headers.get(b"host", b"").decode("latin-1")).hostname
+        except ValueError:
+            return False
+        return page is not None and page == own
+
+
+async def _refuse(
+    scope: Scope,
+    headers: dict[bytes, bytes],
+    receive: Receive,
+    send: Send,
+    error: CamserveError,
+    protocol: bool,
+) -> None:
+    """Send ``error``; then, if the request has a body the client may still be sending, read
+    and drop up to ``DRAIN_BYTES`` of it before the answer ends (and the connection closes)."""
+    if not _drainable(headers):
+        await send_refusal(send, error, protocol=protocol)
+        return
+
+    async def held(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "more_body": True}  # ended once the body is read
+        await send(message)
+
+    await send_refusal(held, error, protocol=protocol)
+    await _drain(receive)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _drainable(headers: dict[bytes, bytes]) -> bool:
+    """A body is coming, of a size worth reading: declared up to ``DRAIN_BYTES``, or chunked.
+    Not when the client waits for ``100 Continue`` (it sends nothing unless asked)."""
+    if headers.get(b"expect", b"").lower() == b"100-continue":
+        return False
+    length = headers.get(b"content-length")
+    if length is not None:
+        return length.isdigit() and 0 < int(length) <= DRAIN_BYTES
+    return b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+
+
+async def _drain(receive: Receive) -> None:
+    async def read() -> None:
+        read = 0
+        while read <= DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    try:
+        await asyncio.wait_for(read(), DRAIN_S)
+    except asyncio.TimeoutError:
+        return

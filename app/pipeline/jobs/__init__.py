@@ -40,4 +40,5 @@ def open_job_store(settings: Settings, explainer: Explainer, lifecycle: Lifecycl
         lease_s=settings.job_lease_s,
         max_attempts=settings.job_max_attempts,
         max_result_bytes=settings.job_max_result_bytes,
+        max_streams=settings.max_event_streams,
     )

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from app.errors import JobNotFound, TooManyJobs, clip
+from app.errors import BadRequest, JobNotFound, TooManyJobs, clip
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.results import JobStatus, JobView
@@ -74,13 +74,34 @@ class JobStore(ABC):
         ``model_version`` of the model, else its newest). TooManyJobs when the store is full."""
 
     @abstractmethod
-    async def get(self, job_id: str) -> JobView:
-        """The job with its result once finished; JobNotFound for an unknown or expired id."""
+    async def get(self, job_id: str, owner: str | None = None) -> JobView:
+        """The job with its result once finished; JobNotFound for an unknown or expired id, or
+        a job that ``owner`` (when given) did not create."""
 
     @abstractmethod
-    async def cancel(self, job_id: str) -> JobView:
-        """Cancel a queued or running job (its work stops at the next chunk); forget a
-        finished one."""
+    async def cancel(self, job_id: str, owner: str | None = None) -> JobView:
+        """Cancel a queued or running job (its work stops at the next chunk) and return its
+        final state; on a finished job, return that state and forget the job (JobNotFound
+        after). The same on every backend: the shared contract tests hold them to it."""
+
+    @abstractmethod
+    def parse_event_id(self, last_event_id: str) -> object | None:
+        """``last_event_id`` in the form this backend's events carry, or None when it is not
+        one (never an exception: it is a header anyone can send)."""
+
+    def check_event_id(self, last_event_id: str | None) -> None:
+        """BadRequest for a Last-Event-ID that no event of this store could carry."""
+        if last_event_id is not None and self.parse_event_id(last_event_id) is None:
+            raise BadRequest(
+                f"Last-Event-ID {clip(last_event_id)} is not an id this service sends; send "
+                "back the id of the last event received, or none to start from the beginning."
+            )
+
+    @staticmethod
+    def visible(client: str, owner: str | None) -> bool:
+        """Whether a job made by ``client`` is shown to ``owner`` (None: to anyone who holds
+        its id; with API keys, only the key that made it sees it)."""
+        return owner is None or client == owner
 
     @abstractmethod
     def events(

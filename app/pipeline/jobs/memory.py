@@ -125,18 +125,25 @@ class MemoryJobStore(JobStore):
         for job in finished[: max(0, len(self._jobs) - self.max_jobs + 1)]:
             del self._jobs[job.id]
 
-    def _lookup(self, job_id: str) -> Job:
+    def _lookup(self, job_id: str, owner: str | None = None) -> Job:
         self.purge()
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or not self.visible(job.client, owner):
             raise self.not_found(job_id)
         return job
 
-    async def get(self, job_id: str) -> JobView:
-        return self._lookup(job_id).view()
+    async def get(self, job_id: str, owner: str | None = None) -> JobView:
+        return self._lookup(job_id, owner).view()
 
-    async def cancel(self, job_id: str) -> JobView:
-        job = self._lookup(job_id)
+    def parse_event_id(self, last_event_id: str) -> int | None:
+        """A revision: ASCII digits (``isdigit`` alone takes '²', which ``int`` refuses)."""
+        text = last_event_id.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 18:
+            return int(text)
+        return None
+
+    async def cancel(self, job_id: str, owner: str | None = None) -> JobView:
+        job = self._lookup(job_id, owner)
         if job.is_finished:
             del self._jobs[job.id]
             return job.view()
@@ -147,7 +154,8 @@ class MemoryJobStore(JobStore):
         self, job_id: str, last_event_id: str | None, keep_alive_s: float
     ) -> AsyncIterator[JobEvent | None]:
         job = self._lookup(job_id)
-        seen = int(last_event_id) if last_event_id and last_event_id.isdigit() else -1
+        parsed = self.parse_event_id(last_event_id) if last_event_id else None
+        seen = -1 if parsed is None else parsed
         last_state = None
         while True:
             if job.is_finished:

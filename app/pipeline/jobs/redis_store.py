@@ -17,6 +17,10 @@ replica creates, reads, follows and cancels any job, and runs jobs from one shar
   progress (after every chunk) and stops the pass.
 - Redis down: requests that need it answer 503 ``job_store_unavailable`` within ``op_timeout_s``;
   a watcher pings Redis every second or two and everything resumes when it answers again.
+- The connection pools are sized above what this replica may use at once (``max_streams``
+  event streams, one reader per slot, and room for the request path). A full pool all the same
+  ("Too many connections") is not Redis being down: that request gets 503 ``overloaded``
+  with Retry-After, and the store stays available for every other one.
 
 Each change that needs several keys is one Lua script (``redis_scripts``), so two replicas never
 see half of it.
@@ -38,7 +42,7 @@ from typing import Any, TypeVar, cast, get_args
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from app.errors import JobCancelled, JobNotFound, JobStoreUnavailable
+from app.errors import JobCancelled, JobNotFound, JobStoreUnavailable, Overloaded
 from app.lifecycle import Lifecycle
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -67,7 +71,10 @@ EVENTS_KEPT = 200
 RETRY_AFTER_S = 5
 _READ_BLOCK_MS = 1000
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
+_STREAM_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+_STREAM_ID_MAX = 2**64 - 1  # each half of a stream id is an unsigned 64-bit number
+#: Connections of a pool beyond the event streams and the readers: the request path's commands.
+_POOL_ROOM = 64
 #: What a lost connection looks like (AuthenticationError and BusyLoadingError are among them).
 _DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, asyncio.TimeoutError)
 
@@ -128,6 +135,7 @@ class RedisJobStore(JobStore):
         max_attempts: int = 3,
         max_result_bytes: int = 8 * 1024 * 1024,
         op_timeout_s: float = 3.0,
+        max_streams: int = 256,
     ) -> None:
         super().__init__(max_jobs, ttl_s, max_per_client)
         self.explainer = explainer
@@ -139,7 +147,13 @@ class RedisJobStore(JobStore):
         self.workers = explainer.limiter.max_running
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         # A password in the URL wins over ``password`` (redis-py reads the URL last).
-        common: dict[str, Any] = {"password": password, "socket_connect_timeout": op_timeout_s}
+        common: dict[str, Any] = {
+            "password": password,
+            "socket_connect_timeout": op_timeout_s,
+            # Above every connection this replica may hold at once: a stream holds one of each
+            # pool while it waits, and each slot's reader one blocking connection.
+            "max_connections": max_streams + self.workers + _POOL_ROOM,
+        }
         self._redis = Redis.from_url(url, socket_timeout=op_timeout_s, **common)
         # Blocking reads (the queue, event streams) wait longer than a plain command.
         self._blocking = Redis.from_url(url, socket_timeout=30 + op_timeout_s, **common)
@@ -172,10 +186,20 @@ class RedisJobStore(JobStore):
         )
 
     def _lost(self, error: BaseException) -> None:
+        if isinstance(error, redis_errors.MaxConnectionsError):
+            return  # a full pool: this replica is busy, Redis is not down
         if self._available or self._down_since is None:
             logger.warning("job store unavailable: %s", str(error) or type(error).__name__)
             self._down_since = time.monotonic()
         self._available = False
+
+    def _pool_full(self) -> Overloaded:
+        logger.warning("job store: the Redis connection pool is full (Too many connections)")
+        return Overloaded(
+            "This replica uses every connection to the job store it may open; retry after the "
+            "seconds in Retry-After.",
+            headers={"Retry-After": "1"},
+        )
 
     async def _call(self, make: Callable[[], object]) -> Any:
         """One request-path command (or script, or pipeline): 503 job_store_unavailable at once
@@ -184,6 +208,8 @@ class RedisJobStore(JobStore):
             raise self._unavailable()
         try:
             return await asyncio.wait_for(_aw(make()), self.op_timeout_s)
+        except redis_errors.MaxConnectionsError:
+            raise self._pool_full() from None
         except _DOWN as error:
             self._lost(error)
             raise self._unavailable() from None
@@ -239,6 +265,8 @@ class RedisJobStore(JobStore):
                         )
                     self._available = True
                     self._down_since = None
+            except redis_errors.MaxConnectionsError:
+                pass  # busy, not down
             except _DOWN as error:
                 self._lost(error)
             except redis_errors.RedisError as error:
@@ -353,22 +381,33 @@ class RedisJobStore(JobStore):
         views = await self._call(read)
         return [JobView.model_validate_json(v).progress.eta_s for v in views if v is not None]
 
-    async def _fields(self, job_id: str, *names: str) -> list[bytes | None]:
+    async def _fields(self, job_id: str, owner: str | None, *names: str) -> list[bytes | None]:
+        """The job's fields ``names``; JobNotFound when it does not exist or ``owner`` (when
+        given) did not make it."""
         if not _ID_RE.match(job_id):
             raise self.not_found(job_id)
         values: list[bytes | None] = await self._call(
-            lambda: self._redis.hmget(_record(job_id), list(names))
+            lambda: self._redis.hmget(_record(job_id), [*names, "client"])
         )
-        if values[0] is None:
+        if values[0] is None or not self.visible(_text(values[-1]), owner):
             raise self.not_found(job_id)
-        return values
+        return values[:-1]
 
-    async def get(self, job_id: str) -> JobView:
-        view, result = await self._fields(job_id, "view", "result")
+    async def get(self, job_id: str, owner: str | None = None) -> JobView:
+        view, result = await self._fields(job_id, owner, "view", "result")
         return _view(view, result)
 
-    async def cancel(self, job_id: str) -> JobView:
-        status, view_json, result = await self._fields(job_id, "status", "view", "result")
+    def parse_event_id(self, last_event_id: str) -> str | None:
+        """A stream id, ``ms-seq``, each part a 64-bit number (Redis refuses a larger one)."""
+        text = last_event_id.strip()
+        if not _STREAM_ID_RE.match(text):
+            return None
+        if any(int(part) > _STREAM_ID_MAX for part in text.split("-")):
+            return None
+        return text
+
+    async def cancel(self, job_id: str, owner: str | None = None) -> JobView:
+        status, view_json, result = await self._fields(job_id, owner, "status", "view", "result")
         view = _view(view_json, result)
         if _text(status) in FINISHED:
             await self._call(
@@ -384,17 +423,17 @@ class RedisJobStore(JobStore):
             error=ErrorDetail(code=JobCancelled.code, message="Cancelled by DELETE /jobs/{id}."),
         )
         if not await self._finish(job, "", ""):
-            return await self.get(job_id)  # it ended meanwhile
+            return await self.get(job_id, owner)  # it ended meanwhile
         return job.view()
 
     async def events(
         self, job_id: str, last_event_id: str | None, keep_alive_s: float
     ) -> AsyncIterator[JobEvent | None]:
         key = _events(job_id)
-        after = last_event_id if last_event_id and _STREAM_ID_RE.match(last_event_id) else "0-0"
+        after = (self.parse_event_id(last_event_id) if last_event_id else None) or "0-0"
         block_ms = int(min(keep_alive_s, 20.0) * 1000)
         try:
-            status, view_json, result = await self._fields(job_id, "status", "view", "result")
+            status, view_json, result = await self._fields(job_id, None, "status", "view", "result")
             if _text(status) in FINISHED:
                 newest = await self._call(lambda: self._redis.xrevrange(key, count=1))
                 newest_id = _text(newest[0][0]) if newest else "0-0"
@@ -416,6 +455,9 @@ class RedisJobStore(JobStore):
                     view = await self.get(job_id)
                     yield JobEvent(after, view.status, view.model_dump_json())
                     return
+        except (redis_errors.MaxConnectionsError, Overloaded):
+            # Busy, not down: the client reconnects with Last-Event-ID and goes on from here.
+            logger.warning("job %s: event stream ended, no Redis connection free", job_id[:8])
         except (*_DOWN, JobStoreUnavailable) as error:
             # The client reconnects with Last-Event-ID and goes on from here.
             if not isinstance(error, JobStoreUnavailable):
@@ -458,6 +500,9 @@ class RedisJobStore(JobStore):
                 continue
             try:
                 entry = await self._next_entry()
+            except redis_errors.MaxConnectionsError:
+                await asyncio.sleep(0.5)  # busy, not down
+                continue
             except _DOWN as error:
                 self._lost(error)
                 continue

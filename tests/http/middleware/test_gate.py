@@ -180,3 +180,63 @@ def test_the_drain_refuses_new_work_in_the_protocol_shape(
         client.post("/v1/models/tiny:predict", json={"instances": [{"image": {"b64": "x"}}]}), 503
     )
     assert client.get("/v2/health/ready").status_code == 503  # probes see the drain too
+
+
+def call_from(gate: GateMiddleware, method: str, path: str, origin: str) -> dict[str, Any]:
+    """``call`` with an Origin header, as a browser page sends it."""
+    sent: list[Message] = []
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"camserve.test"), (b"origin", origin.encode())],
+    }
+
+    async def receive() -> Message:
+        raise AssertionError("the gate must decide before reading the body")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(gate(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return {"status": sent[0]["status"], "body": json.loads(body) if body else None}
+
+
+def test_a_page_of_another_origin_gets_no_work_done(store: Path) -> None:
+    app = create_app(Settings(model_store=store, device="cpu", cors_origins="http://app.test"))
+    gate, inner, _ = gate_of(app)
+    for method, path in [("POST", "/explain"), ("POST", "/jobs"), ("DELETE", "/jobs/x")]:
+        answer = call_from(gate, method, path, "http://evil.test")
+        assert answer["status"] == 403, (method, path)
+        error = answer["body"]["error"]
+        assert error["code"] == "origin_not_allowed" and "CAMSERVE_CORS_ORIGINS" in error["message"]
+    assert inner.calls == []  # refused before any work
+    assert call_from(gate, "POST", "/explain", "http://app.test")["status"] == 204  # allowed
+    assert call_from(gate, "POST", "/explain", "https://camserve.test")["status"] == 204  # own
+    # The page's port: behind nginx, Host is $host, without it.
+    assert call_from(gate, "POST", "/explain", "http://camserve.test:8080")["status"] == 204
+    assert call_from(gate, "POST", "/explain", "http://camserve.test.evil")["status"] == 403
+    assert call_from(gate, "GET", "/jobs/x", "http://evil.test")["status"] == 204  # reads pass
+    assert call_from(gate, "POST", "/explain", "null")["status"] == 403
+
+
+def test_cors_lets_an_allowed_page_cancel_and_refuses_a_foreign_upload(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(cors_origins=["http://app.test"])
+    preflight = client.options(
+        "/jobs/some-id",
+        headers={"Origin": "http://app.test", "Access-Control-Request-Method": "DELETE"},
+    )
+    assert preflight.status_code == 200
+    assert "DELETE" in preflight.headers["access-control-allow-methods"]
+    upload = {"files": [("file", ("a.png", image_bytes(), "image/png"))]}
+    foreign = client.post("/explain", headers={"Origin": "http://evil.test"}, **upload)
+    assert foreign.status_code == 403
+    assert foreign.json()["error"]["code"] == "origin_not_allowed"
+    for headers in ({"Origin": "http://app.test"}, {"Origin": "http://testserver"}, {}):
+        assert client.post("/explain", headers=headers, **upload).status_code == 200, headers

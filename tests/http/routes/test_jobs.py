@@ -181,11 +181,17 @@ def test_explain_on_the_model_of_a_running_job_answers_between_its_chunks(
 
 
 def read_events(
-    client: TestClient, job_id: str, last_event_id: str | None = None, stop_after: int = 0
+    client: TestClient,
+    job_id: str,
+    last_event_id: str | None = None,
+    stop_after: int = 0,
+    key: str | None = None,
 ) -> list[tuple[str, str, dict]]:
     """(id, name, data) of the job's events, all of them or the first ``stop_after``."""
     events: list[tuple[str, str, dict]] = []
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    if key is not None:
+        headers["X-API-Key"] = key
     with client.stream("GET", f"/jobs/{job_id}/events", headers=headers) as stream:
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
@@ -384,3 +390,102 @@ def test_ready_names_the_job_store_in_use(client: TestClient, backend: str) -> N
     body = client.get("/ready").json()
     assert body["ready"] is True
     assert body["job_store"] == {"backend": backend, "available": True}
+
+
+def keyed(key: str) -> dict[str, str]:
+    return {"X-API-Key": key}
+
+
+def test_a_job_is_visible_only_to_the_key_that_made_it(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(api_keys="alice:a-key,bob:b-key")
+    response = client.post("/jobs", files=files(image_bytes()), headers=keyed("a-key"))
+    assert response.status_code == 202
+    url = response.headers["location"]
+    for method, path in [("GET", url), ("DELETE", url), ("GET", url + "/events")]:
+        assert_error(client.request(method, path, headers=keyed("b-key")), 404, "job_not_found")
+    assert wait_for_key(client, url, "a-key")["status"] == "succeeded"
+    assert [n for _, n, _ in read_events(client, url.rsplit("/", 1)[1], key="a-key")] == [
+        "succeeded"
+    ]
+    assert client.delete(url, headers=keyed("a-key")).status_code == 200
+
+
+def wait_for_key(client: TestClient, url: str, key: str) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        view = client.get(url, headers=keyed(key)).json()
+        if finished(view):
+            return view
+        assert time.monotonic() < deadline, view
+        time.sleep(0.02)
+
+
+def test_each_key_has_its_own_job_cap(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(api_keys="alice:a-key,bob:b-key", max_jobs_per_client=1)
+    first = client.post("/jobs", files=files(image_bytes()), data=SLOW, headers=keyed("a-key"))
+    assert first.status_code == 202
+    again = client.post("/jobs", files=files(image_bytes()), data=SLOW, headers=keyed("a-key"))
+    assert "CAMSERVE_MAX_JOBS_PER_CLIENT" in assert_error(again, 503, "too_many_jobs")
+    other = client.post("/jobs", files=files(image_bytes()), headers=keyed("b-key"))
+    assert other.status_code == 202  # another key, another client
+    client.delete(first.headers["location"], headers=keyed("a-key"))
+    client.delete(other.headers["location"], headers=keyed("b-key"))
+
+
+def test_event_streams_are_bounded_per_client_and_per_replica(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(
+        api_keys="alice:a-key,bob:b-key,carol:c-key",
+        max_event_streams=2,
+        max_event_streams_per_client=1,
+        max_model_slots=1,
+    )
+    urls = {}
+    for key in ("a-key", "b-key", "c-key"):
+        response = client.post("/jobs", files=files(image_bytes()), data=SLOW, headers=keyed(key))
+        urls[key] = response.headers["location"]
+    streams = client.app.state.streams  # type: ignore[attr-defined]
+    with client.stream("GET", urls["a-key"] + "/events", headers=keyed("a-key")) as held:
+        assert held.status_code == 200
+        mine = client.get(urls["a-key"] + "/events", headers=keyed("a-key"))
+        message = assert_error(mine, 429, "too_many_streams")
+        assert "CAMSERVE_MAX_EVENT_STREAMS_PER_CLIENT" in message
+        assert mine.headers["retry-after"] == "5"
+        with client.stream("GET", urls["b-key"] + "/events", headers=keyed("b-key")) as second:
+            assert second.status_code == 200
+            full = client.get(urls["c-key"] + "/events", headers=keyed("c-key"))
+            assert "CAMSERVE_MAX_EVENT_STREAMS)" in assert_error(full, 429, "too_many_streams")
+        assert streams.open == 2
+    for key, url in urls.items():
+        client.delete(url, headers=keyed(key))
+    # (TestClient does not tell the app that a stream was closed early; a real server does:
+    # tests/http/test_server.py checks that a closed stream gives its place back.)
+
+
+@pytest.mark.parametrize("sent", [b"\xb2", "99999999999999999999-0", "18446744073709551616-1"])
+def test_a_bad_last_event_id_gets_400_before_the_stream(client: TestClient, sent: object) -> None:
+    job = submit(client, method="GradCAM")
+    response = client.get(f"/jobs/{job['id']}/events", headers={"Last-Event-ID": sent})
+    assert "Last-Event-ID" in assert_error(response, 400, "bad_request")
+
+
+def test_repeated_deletes_answer_alike_on_every_store(client: TestClient) -> None:
+    """DELETE cancels an unfinished job and answers its final state; a DELETE of a finished job
+    answers that state and forgets it; after that, 404."""
+    running = submit(client, **SLOW)
+    wait_for(client, running["id"], lambda v: v["status"] == "running")
+    first = client.delete(f"/jobs/{running['id']}")
+    second = client.delete(f"/jobs/{running['id']}")
+    assert first.status_code == second.status_code == 200
+    assert first.json()["status"] == second.json()["status"] == "cancelled"
+    assert first.json()["error"] == second.json()["error"]
+    assert first.json()["finished"] == second.json()["finished"]
+    assert_error(client.delete(f"/jobs/{running['id']}"), 404, "job_not_found")
+    done = submit(client, method="GradCAM")
+    view = wait_for(client, done["id"], finished)
+    deleted = client.delete(f"/jobs/{done['id']}")
+    assert deleted.status_code == 200 and deleted.json() == view
+    assert_error(client.delete(f"/jobs/{done['id']}"), 404, "job_not_found")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from redis import exceptions as redis_errors
 
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
@@ -223,5 +224,55 @@ def test_a_password_outside_the_url_is_used(
         assert wrong.get("/ready").json()["job_store"]["available"] is False
         response = wrong.post("/jobs", files=files(image_bytes()))
         assert_error(response, 503, "job_store_unavailable")
+    finally:
+        server.stop()
+
+
+def test_a_full_connection_pool_is_not_redis_down(replicas: Callable[..., TestClient]) -> None:
+    """The pools are sized above the event streams a replica keeps; a full pool all the same
+    answers that one request 503 overloaded, and the store stays available to everyone."""
+    client = replicas(max_event_streams=3)
+    store = store_of(client)
+    for pool in (store._redis.connection_pool, store._blocking.connection_pool):
+        assert pool.max_connections > 3 + store.workers
+    job = submit(client, method="GradCAM")
+    wait_for(client, job["id"], finished)
+    pool = store._redis.connection_pool
+    held = []
+    while True:  # take every connection the pool may open
+        try:
+            held.append(pool.get_available_connection())
+        except redis_errors.MaxConnectionsError:
+            break
+    try:
+        response = client.get(f"/jobs/{job['id']}")
+        assert "every connection" in assert_error(response, 503, "overloaded")
+        assert response.headers["retry-after"] == "1"
+        assert store.state().available
+        assert client.get("/ready").json()["job_store"]["available"] is True
+    finally:
+        for connection in held:
+            client.portal.call(pool.release, connection)  # type: ignore[union-attr]
+    assert client.get(f"/jobs/{job['id']}").status_code == 200
+
+
+def test_rediss_runs_jobs_over_tls_and_refuses_an_unknown_authority(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    server = RedisServer(tmp_path, tls=True)
+    server.start()
+    try:
+        assert server.url().startswith("rediss://")
+        client = make_client(job_store=server.url())
+        assert client.get("/ready").json()["job_store"] == {"backend": "redis", "available": True}
+        job = submit(client, method="GradCAM")
+        assert wait_for(client, job["id"], finished)["status"] == "succeeded"
+        assert server.client().exists(f"camserve:job:{job['id']}")  # it went through TLS
+        # Without the CA, the server's certificate is not trusted: the store is unavailable.
+        untrusted = make_client(job_store=f"rediss://127.0.0.1:{server.port}/0")
+        assert untrusted.get("/ready").json()["job_store"]["available"] is False
+        # Plain text to the TLS port is no store either.
+        plain = make_client(job_store=f"redis://127.0.0.1:{server.port}/0")
+        assert plain.get("/ready").json()["job_store"]["available"] is False
     finally:
         server.stop()
