@@ -352,7 +352,7 @@ def _wanted(
         if classes and output.name != OUTPUT:
             raise BadRequest(f"Only the output {OUTPUT!r} takes 'classification'.")
         if output.name == CAM:
-            _check_names(params, (*EXPLAIN_PARAMETERS, *OPTION_NAMES), f"output {CAM!r}")
+            _check_names(params, (*EXPLAIN_PARAMETERS, *OPTION_NAMES))
             cam_options.update(params)
         elif params:
             raise BadRequest(
@@ -363,12 +363,12 @@ def _wanted(
     return tuple(wanted.values()), cam_options
 
 
-def _check_names(parameters: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+def _check_names(parameters: Mapping[str, Any], allowed: Sequence[str]) -> None:
     """Refuses a name that is none of ``allowed`` with the parameter rule's own refusal (the
-    close matches included), worded for ``where`` (``infer``, or an output)."""
+    same message as every protocol's, the close matches included)."""
     for name in parameters:
         if name not in allowed:
-            raise unknown_name(name, allowed, what=(f"{where} parameter", "parameters"))
+            raise unknown_name(name, allowed)
 
 
 def _explain_params(
@@ -376,7 +376,7 @@ def _explain_params(
 ) -> ExplainParams | None:
     """The explanation asked for (output ``cam``), from the request's parameters and ``cam``'s;
     None for the logits only (explain parameters are then refused, not ignored)."""
-    _check_names(parameters, (*TRITON_PARAMETERS, *EXPLAIN_PARAMETERS, *OPTION_NAMES), "infer")
+    _check_names(parameters, (*TRITON_PARAMETERS, *EXPLAIN_PARAMETERS, *OPTION_NAMES))
     if not explaining:
         if parameters:
             raise BadRequest(

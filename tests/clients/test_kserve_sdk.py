@@ -60,5 +60,5 @@ def test_v1_predict(results: dict[str, Any], server: str) -> None:
 def test_errors_read_through_the_client(results: dict[str, Any]) -> None:
     errors = results["errors"]
     assert "Unknown model 'nope'" in errors["unknown_model"] and "404" in errors["unknown_model"]
-    assert "no parameter 'temperature'" in errors["unknown_parameter"]
+    assert "Unknown explain parameter 'temperature'" in errors["unknown_parameter"]
     assert "not valid base64" in errors["v1_bad_base64"]

@@ -102,4 +102,4 @@ def test_errors_read_through_the_client(host: str) -> None:
 
     config, unknown = with_client(host, calls)
     assert "Unknown model 'nope'" in config
-    assert "no parameter 'colour'" in unknown
+    assert "Unknown explain parameter 'colour'" in unknown

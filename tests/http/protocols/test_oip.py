@@ -262,7 +262,7 @@ def test_outputs_come_in_the_order_asked_and_several_layers_give_the_fused_map(
         (
             explain_body(image_bytes(), colormap="jet"),
             400,
-            "Unknown infer parameter 'colormap'; the parameters are priority, timeout, "
+            "Unknown explain parameter 'colormap'; the parameters are priority, timeout, "
             "binary_data_output, method, class_idx, target_layer, normalized, num_samples",
         ),
         (
@@ -524,7 +524,7 @@ def test_sequence_parameters_are_refused_by_name(client: TestClient) -> None:
 def test_an_unknown_parameter_is_400(client: TestClient) -> None:
     body = {**infer_body(image_bytes()), "parameters": {"temperature": 0.5}}
     message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 400)
-    assert "no parameter 'temperature'" in message and "priority, timeout" in message
+    assert "Unknown explain parameter 'temperature'" in message and "priority, timeout" in message
 
 
 def test_the_classification_extension(client: TestClient) -> None:
@@ -568,10 +568,10 @@ def test_the_cam_outputs_parameters_carry_the_explain_options(client: TestClient
     assert client.post("/v2/models/tiny/infer", json=same).status_code == 200
     unknown = {**body, "outputs": [{"name": "cam", "parameters": {"colour": "red"}}]}
     message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=unknown), 400)
-    assert "Unknown output 'cam' parameter 'colour'" in message
+    assert "Unknown explain parameter 'colour'" in message
     typo = {**body, "parameters": {"methd": "ScoreCAM"}}
     message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=typo), 400)
-    assert "Unknown infer parameter 'methd' (did you mean 'method'?)" in message
+    assert "Unknown explain parameter 'methd' (did you mean 'method'?)" in message
 
 
 def test_an_input_parameter_is_not_ignored(client: TestClient) -> None:

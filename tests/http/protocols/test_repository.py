@@ -131,6 +131,6 @@ def test_the_index_lists_the_known_models_when_the_store_cannot_be_listed(
     def unreadable(store: Path) -> list[Path]:
         raise PermissionError(13, "Permission denied", str(store))
 
-    monkeypatch.setattr("app.http.protocols.repository.model_folders", unreadable)
+    monkeypatch.setattr("app.protocols.repository.model_folders", unreadable)
     index = explicit.post("/v2/repository/index", headers=ADMIN)
     assert index.status_code == 200 and [row["name"] for row in index.json()] == ["tiny"]
