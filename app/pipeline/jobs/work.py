@@ -80,6 +80,21 @@ async def run_job(
 _TUPLE_FIELDS = {f.name for f in fields(ExplainParams) if str(f.type).startswith("tuple")}
 
 
+def result_over(outcome: Outcome, limit: int) -> Outcome:
+    """``outcome``, or a failed one with ``result_too_large`` when its result's JSON is over
+    ``limit`` bytes (the estimate at creation is an upper bound; this is the proof)."""
+    if outcome.result is None or len(outcome.result.model_dump_json()) <= limit:
+        return outcome
+    return Outcome(
+        "failed",
+        error=ErrorDetail(
+            code=ResultTooLarge.code,
+            message=f"The result came to more than the {limit / 1e6:.1f} MB a job may keep "
+            "(CAMSERVE_JOB_MAX_RESULT_BYTES); ask for fewer images, outputs or a smaller size.",
+        ),
+    )
+
+
 def params_to_json(params: ExplainParams) -> str:
     return json.dumps(asdict(params))
 
