@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app.cam import blend
 from app.errors import InvalidParameter, OverBudget
 from app.pipeline.decoding import Box, DecodedImage
 from app.pipeline.rendering import (
@@ -21,6 +22,7 @@ from app.pipeline.rendering import (
     RenderBudget,
     RenderCost,
     RenderStyle,
+    _blend_in_bands,
     draw_maps,
     encode_image,
     render_cost,
@@ -198,3 +200,14 @@ def test_a_cancel_stops_the_drawing_after_the_step_that_runs() -> None:
     with threads:
         asyncio.run(main())
     assert threads.steps == 3  # of 14: the cancel took effect once the third step ended
+
+
+def test_an_overlay_blended_in_bands_is_the_overlay_blended_at_once() -> None:
+    rng = np.random.default_rng(0)
+    size = (700, 500)  # 700 px a row: bands of 187 rows, the last one shorter
+    picture, colored = (
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+        for _ in range(2)
+    )
+    banded = _blend_in_bands(picture, colored, 0.3)
+    np.testing.assert_array_equal(np.asarray(banded), np.asarray(blend(picture, colored, 0.3)))
