@@ -127,6 +127,14 @@ class Settings(BaseSettings):
         "(one per target layer, plus the fused one for several layers). Beyond it the answer "
         "is 422 `over_budget`.",
     )
+    render_budget_bytes: int = Field(
+        768 * 1024**2,
+        ge=16 * 1024**2,
+        le=1024**4,
+        description="Memory all requests and jobs together may hold while their pictures are "
+        "drawn (the largest picture's working set and the answer's pictures); a request waits "
+        "for its share, and one needing more than all of it is refused (422 `over_budget`).",
+    )
     max_batch_size: int | None = Field(
         None,
         ge=1,

@@ -124,6 +124,7 @@ class Explainer:
         pause_in_forwards: bool = True,
         render_threads: Executor | None = None,
         render_budget: RenderBudget | None = None,
+        render_memory: MemoryBudget | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -144,6 +145,8 @@ class Explainer:
         other (None: the decoding threads)."""
         self.render_budget = render_budget
         """The most one request may have drawn (None: no bound)."""
+        self.render_memory = render_memory
+        """Memory that drawing may hold at once, shared by all requests (None: no bound)."""
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
         )
@@ -191,7 +194,10 @@ class Explainer:
             on_yield=metrics.observe_yield if metrics else None,
             pause_in_forwards=settings.pause_in_forwards,
             render_threads=render_threads,
-            render_budget=RenderBudget(settings.max_render_pixels, settings.max_render_maps),
+            render_budget=RenderBudget(
+                settings.max_render_pixels, settings.max_render_maps, settings.render_budget_bytes
+            ),
+            render_memory=MemoryBudget(settings.render_budget_bytes),
         )
 
     def batcher(self, model: LoadedModel) -> Batcher:
@@ -496,12 +502,25 @@ class Explainer:
         """The render stage, in steps on the render threads: the results and their seconds."""
         started = time.perf_counter()
         maps = [_named_maps(plan, outcomes[plan]) for plan in plans]
-        drawn = await draw_maps(self.render_threads, decoded, maps, style, model.spec.crop)
+        sizes = [image.original_size for image in decoded]
+        cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
+        async with self._room_to_draw(cost.bytes):
+            drawn = await draw_maps(self.render_threads, decoded, maps, style, model.spec.crop)
         results = await run_to_the_end(
             self.render_threads,
             lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),
         )
         return results, time.perf_counter() - started
+
+    @asynccontextmanager
+    async def _room_to_draw(self, amount: int) -> AsyncIterator[None]:
+        """Hold ``amount`` bytes of the render memory for the block (admission refused more than
+        all of it; the cap covers a rotated upload priced from its header)."""
+        if self.render_memory is None or amount == 0:
+            yield
+            return
+        async with self.render_memory.hold(min(amount, self.render_memory.capacity)):
+            yield
 
     @staticmethod
     def _note(

@@ -345,6 +345,16 @@ async def draw_maps(
     return drawn
 
 
+#: Peak bytes of memory per pixel of the picture being drawn: its canvas (RGB), the map resized
+#: to it (float, then levels), the map's palette and RGB images, the blend and the encoder's
+#: buffer. bench/render_memory.py measured 13 (a heatmap) to 18 (a JPEG overlay) at 4096 px.
+WORKING_BYTES_PER_PIXEL = 20
+#: Bytes of the answer's base64 text per pixel drawn, at most: PNG may not compress (3 bytes, 4
+#: in base64); JPEG q90 4:4:4 and WebP stay under half of that even on noise (measured on smooth
+#: maps: 0.7 to 1.1 for PNG, 0.1 to 0.2 for JPEG).
+ANSWER_BYTES_PER_PIXEL = {"png": 4.0, "jpeg": 2.0, "webp": 2.0}
+
+
 @dataclass(frozen=True)
 class RenderCost:
     """What drawing a request's outputs takes, priced before any pixel is decoded."""
@@ -355,12 +365,16 @@ class RenderCost:
     """Pixels drawn: for each image, methods x maps x pictures x its pictures' area."""
     largest_side: int = 0
     """The longest side of any picture."""
+    bytes: int = 0
+    """Memory the drawing holds at its peak: the largest picture's working set, and the
+    answer's pictures."""
 
     def __add__(self, other: RenderCost) -> RenderCost:
         return RenderCost(
             self.maps + other.maps,
             self.pixels + other.pixels,
             max(self.largest_side, other.largest_side),
+            self.bytes + other.bytes,
         )
 
 
@@ -373,21 +387,26 @@ def render_cost(
     """The cost of drawing ``maps_per_image`` maps (all methods together) for uploads of these
     (width, height)s in ``style``."""
     pictures = sum(1 for name in style.outputs if OUTPUT_KINDS[name].picture)
-    pixels = largest = 0
+    pixels = largest = largest_area = 0
     if pictures:
         for size in sizes:
             width, height = style.size.canvas_size(size, crop)
             pixels += maps_per_image * pictures * width * height
             largest = max(largest, width, height)
-    return RenderCost(len(sizes) * maps_per_image, pixels, largest)
+            largest_area = max(largest_area, width * height)
+    memory = WORKING_BYTES_PER_PIXEL * largest_area
+    memory += int(ANSWER_BYTES_PER_PIXEL.get(style.image_format, 4.0) * pixels)
+    return RenderCost(len(sizes) * maps_per_image, pixels, largest, memory)
 
 
 @dataclass(frozen=True)
 class RenderBudget:
-    """The most one request may have drawn (``CAMSERVE_MAX_RENDER_PIXELS`` and ``_MAPS``)."""
+    """The most one request may have drawn (``CAMSERVE_MAX_RENDER_PIXELS`` and ``_MAPS``), and
+    the memory all drawing may hold at once (``CAMSERVE_RENDER_BUDGET_BYTES``)."""
 
     max_pixels: int
     max_maps: int
+    max_bytes: int | None = None
 
     def check(self, cost: RenderCost) -> None:
         """OverBudget (422) naming the numbers and how to fit, when ``cost`` is over."""
@@ -411,6 +430,14 @@ class RenderBudget:
                     "limit": self.max_pixels,
                     "largest_side": cost.largest_side,
                 },
+            )
+        if self.max_bytes is not None and cost.bytes > self.max_bytes:
+            raise OverBudget(
+                f"Drawing this request would take about {cost.bytes} bytes of memory (its "
+                f"largest picture is {cost.largest_side} px on its longest side), over the "
+                f"{self.max_bytes} all drawing may hold at once (CAMSERVE_RENDER_BUDGET_BYTES). "
+                "Ask for a smaller size or image_format=jpeg.",
+                details={"bytes": cost.bytes, "limit": self.max_bytes},
             )
 
 

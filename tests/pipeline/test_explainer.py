@@ -13,9 +13,10 @@ import torch
 from app.errors import InvalidParameter, OverBudget, UnsupportedMethod
 from app.models.registry import ModelRegistry
 from app.pipeline.admission import SlotLimiter
+from app.pipeline.budget import MemoryBudget
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
-from app.pipeline.rendering import RenderBudget
+from app.pipeline.rendering import RenderBudget, RenderStyle, render_cost
 from app.pipeline.scheduling import Priority
 from tests.conftest import image_bytes
 
@@ -132,21 +133,30 @@ def test_predict_ranks_the_classes_of_each_image(explainer: Explainer) -> None:
 class _RenderThreads(ThreadPoolExecutor):
     """Render threads that note, for every step, whether its request was still admitted."""
 
-    def __init__(self, limiter: SlotLimiter) -> None:
+    def __init__(self, limiter: SlotLimiter, memory: MemoryBudget) -> None:
         super().__init__(max_workers=1)
         self.limiter = limiter
+        self.memory = memory
         self.admitted: list[int] = []
+        self.held: list[int] = []
 
     def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
         self.admitted.append(self.limiter.in_flight)
+        self.held.append(self.memory.held)
         return super().submit(fn, *args, **kwargs)
 
 
 def test_a_request_stays_admitted_until_its_drawing_ends(registry: ModelRegistry) -> None:
     limiter = SlotLimiter(max_running=1, max_waiting=4)
-    with ThreadPoolExecutor(1) as images, _RenderThreads(limiter) as drawing:
+    memory = MemoryBudget(10**9)
+    with ThreadPoolExecutor(1) as images, _RenderThreads(limiter, memory) as drawing:
         explainer = Explainer(
-            registry, limiter, 10**7, image_threads=images, render_threads=drawing
+            registry,
+            limiter,
+            10**7,
+            image_threads=images,
+            render_threads=drawing,
+            render_memory=memory,
         )
         params = ExplainParams(method="GradCAM", outputs=("overlay", "heatmap"))
         answer = asyncio.run(_explain(explainer, params))
@@ -155,6 +165,10 @@ def test_a_request_stays_admitted_until_its_drawing_ends(registry: ModelRegistry
     # while the request still counted against the queue bound.
     assert drawing.admitted == [1] * 7
     assert limiter.in_flight == 0
+    # The pictures were drawn holding their memory (two 40x32 uploads: 4 pictures of 1280 px).
+    cost = render_cost([(40, 32)] * 2, 1, RenderStyle(outputs=("overlay", "heatmap")), (32, 32))
+    assert cost.pixels == 4 * 40 * 32
+    assert drawing.held == [cost.bytes] * 6 + [0] and memory.held == 0
 
 
 def test_drawing_over_the_render_budget_is_refused_before_any_pass(

@@ -16,7 +16,9 @@ from app.cam import blend
 from app.errors import InvalidParameter, OverBudget
 from app.pipeline.decoding import Box, DecodedImage
 from app.pipeline.rendering import (
+    ANSWER_BYTES_PER_PIXEL,
     OUTPUT_KINDS,
+    WORKING_BYTES_PER_PIXEL,
     NamedMap,
     PictureSize,
     RenderBudget,
@@ -129,16 +131,19 @@ def test_encode_formats() -> None:
 def test_render_cost_counts_images_maps_pictures_and_area() -> None:
     style = RenderStyle(outputs=("overlay", "heatmap", "raw"), size=PictureSize("side", 100))
     cost = render_cost([(400, 200), (50, 50)], 3, style, (32, 32))
-    # 100x50 and 100x100 pictures, 3 maps each, 2 pictures (raw draws nothing).
-    assert cost == RenderCost(maps=6, pixels=3 * 2 * (100 * 50 + 100 * 100), largest_side=100)
+    # 100x50 and 100x100 pictures, 3 maps each, 2 pictures (raw draws nothing); the memory: the
+    # largest picture's working set and the answer's JPEG pictures.
+    pixels = 3 * 2 * (100 * 50 + 100 * 100)
+    memory = WORKING_BYTES_PER_PIXEL * 100 * 100 + ANSWER_BYTES_PER_PIXEL["jpeg"] * pixels
+    assert cost == RenderCost(maps=6, pixels=pixels, largest_side=100, bytes=int(memory))
     raw_only = render_cost([(400, 200)], 3, RenderStyle(outputs=("raw",)), (32, 32))
-    assert raw_only == RenderCost(maps=3, pixels=0, largest_side=0)
-    assert cost + raw_only == RenderCost(maps=9, pixels=cost.pixels, largest_side=100)
+    assert raw_only == RenderCost(maps=3, pixels=0, largest_side=0, bytes=0)
+    assert cost + raw_only == RenderCost(9, cost.pixels, 100, cost.bytes)
 
 
 def test_the_render_budget_names_the_numbers_and_how_to_fit() -> None:
-    budget = RenderBudget(max_pixels=1000, max_maps=4)
-    budget.check(RenderCost(maps=4, pixels=1000, largest_side=10))
+    budget = RenderBudget(max_pixels=1000, max_maps=4, max_bytes=10_000)
+    budget.check(RenderCost(maps=4, pixels=1000, largest_side=10, bytes=10_000))
     with pytest.raises(OverBudget) as caught:
         budget.check(RenderCost(maps=2, pixels=1001, largest_side=31))
     message = caught.value.message
@@ -148,6 +153,9 @@ def test_the_render_budget_names_the_numbers_and_how_to_fit() -> None:
     with pytest.raises(OverBudget) as caught:
         budget.check(RenderCost(maps=5))
     assert "CAMSERVE_MAX_RENDER_MAPS" in caught.value.message
+    with pytest.raises(OverBudget) as caught:
+        budget.check(RenderCost(maps=1, pixels=10, largest_side=5, bytes=10_001))
+    assert "CAMSERVE_RENDER_BUDGET_BYTES" in caught.value.message
 
 
 class _CountingThreads(ThreadPoolExecutor):
