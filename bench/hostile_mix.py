@@ -69,6 +69,7 @@ class MixConfig:
     settle_seconds: float
     streams: int
     headers: int
+    attackers: tuple[str, ...]
     env: dict[str, str]
 
 
@@ -249,14 +250,18 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
         timeout=httpx.Timeout(30, read=None),
         limits=httpx.Limits(max_connections=config.streams + 8),
     )
-    attackers: list[Callable[[], Awaitable[None]]] = [
-        lambda: render_attacker(url, image, tally, 0),
-        lambda: render_attacker(url, image, tally, 1),
-        lambda: job_attacker(url, image, tally, jobs),
-        lambda: header_attacker(url, config.headers, tally),
-        lambda: header_attacker(url, config.headers, tally),
-    ]
-    attackers += [lambda: stream_attacker(url, stream_client, tally, jobs)] * config.streams
+    kinds: dict[str, list[Callable[[], Awaitable[None]]]] = {
+        "render": [
+            lambda: render_attacker(url, image, tally, 0),
+            lambda: render_attacker(url, image, tally, 1),
+        ],
+        "jobs": [lambda: job_attacker(url, image, tally, jobs)],
+        "streams": [lambda: stream_attacker(url, stream_client, tally, jobs)] * config.streams,
+        "headers": [lambda: header_attacker(url, config.headers, tally)] * 2,
+    }
+    if "streams" in config.attackers and "jobs" not in config.attackers:
+        kinds["streams"].append(lambda: job_attacker(url, image, tally, jobs))  # their jobs
+    attackers = [attack for kind in config.attackers for attack in kinds[kind]]
     tasks = [asyncio.create_task(attack()) for attack in attackers]
     tasks.append(asyncio.create_task(sample_peak(pid, peak)))
     started = time.monotonic()
@@ -317,6 +322,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
     parser.add_argument("--settle-seconds", type=float, default=30.0)
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--headers", type=int, help="headers a flood request (100000; quick 20000)")
+    parser.add_argument(
+        "--attackers",
+        default="render,jobs,streams,headers",
+        help="which attackers run beside the good clients (comma-separated; default all)",
+    )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hostile_mix.json")
     args = parser.parse_args(argv)
@@ -328,6 +338,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         settle_seconds=args.settle_seconds,
         streams=args.streams,
         headers=args.headers or (20_000 if args.quick else 100_000),
+        attackers=tuple(a.strip() for a in args.attackers.split(",") if a.strip()),
         env=env,
     )
     return config, args.out

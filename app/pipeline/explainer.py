@@ -9,6 +9,7 @@ stages in order and puts the answer together.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -125,6 +126,7 @@ class Explainer:
         render_threads: Executor | None = None,
         render_budget: RenderBudget | None = None,
         render_memory: MemoryBudget | None = None,
+        heavy_render_pixels: int | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -147,6 +149,10 @@ class Explainer:
         """The most one request may have drawn (None: no bound)."""
         self.render_memory = render_memory
         """Memory that drawing may hold at once, shared by all requests (None: no bound)."""
+        self.heavy_render_pixels = heavy_render_pixels
+        """A request that draws more pixels than this is heavy: the heavy ones draw one step at
+        a time between them, so the others always find a render thread (None: all alike)."""
+        self._heavy_lane: asyncio.Semaphore | None = None
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
         )
@@ -198,6 +204,7 @@ class Explainer:
                 settings.max_render_pixels, settings.max_render_maps, settings.render_budget_bytes
             ),
             render_memory=MemoryBudget(settings.render_budget_bytes),
+            heavy_render_pixels=settings.max_output_side**2,
         )
 
     def batcher(self, model: LoadedModel) -> Batcher:
@@ -504,8 +511,18 @@ class Explainer:
         maps = [_named_maps(plan, outcomes[plan]) for plan in plans]
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
+        heavy = self.heavy_render_pixels is not None and cost.pixels > self.heavy_render_pixels
+        if heavy and self._heavy_lane is None:
+            self._heavy_lane = asyncio.Semaphore(1)
         async with self._room_to_draw(cost.bytes):
-            drawn = await draw_maps(self.render_threads, decoded, maps, style, model.spec.crop)
+            drawn = await draw_maps(
+                self.render_threads,
+                decoded,
+                maps,
+                style,
+                model.spec.crop,
+                self._heavy_lane if heavy else None,
+            )
         results = await run_to_the_end(
             self.render_threads,
             lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),

@@ -211,3 +211,22 @@ def test_parts_of_one_request_are_summed_against_its_budgets(explainer: Explaine
     explainer.render_budget = RenderBudget(max_pixels=10**9, max_maps=2)
     with pytest.raises(OverBudget, match="3 maps"):
         asyncio.run(explainer.check_together("tiny", [(_uploads(1, 2), part), (_uploads(3), part)]))
+
+
+@pytest.mark.parametrize(("heavy_from", "heavy"), [(10**6, False), (1000, True)])
+def test_requests_that_draw_many_pixels_draw_in_the_heavy_lane(
+    registry: ModelRegistry, heavy_from: int, heavy: bool
+) -> None:
+    seen: list[bool] = []
+    explainer = Explainer(registry, SlotLimiter(1, 4), 10**7, heavy_render_pixels=heavy_from)
+
+    class Threads(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+            lane = explainer._heavy_lane
+            seen.append(lane is not None and lane.locked())
+            return super().submit(fn, *args, **kwargs)
+
+    with Threads(2) as threads:
+        explainer.render_threads = threads
+        asyncio.run(_explain(explainer, ExplainParams(method="GradCAM")))  # 2 x 1280 pixels
+    assert seen[:-1] == [heavy] * 4  # every drawing step; the answer's assembly is no drawing
