@@ -89,6 +89,11 @@ class Tally:
 # --------------------------------------------------------------------------- measurements
 
 
+def note(text: str) -> None:
+    """Progress, on stderr."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of process ``pid`` (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -223,9 +228,15 @@ async def sample_peak(pid: int, peak: list[int]) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+#: The service gives freed heap pages back every 10 s (``app.models.memory``): wait for one.
+TRIM_WAIT_S = 12.0
+
+
 async def settle(pid: int, seconds: float) -> int:
-    """RSS once it stops falling (two readings 2 s apart within 1 %), or after ``seconds``."""
-    deadline = time.monotonic() + seconds
+    """RSS once the service's heap trim has run and RSS stops falling (two readings 2 s apart
+    within 1 %), or after ``seconds``."""
+    deadline = time.monotonic() + max(seconds, TRIM_WAIT_S)
+    await asyncio.sleep(TRIM_WAIT_S)
     last = rss_bytes(pid)
     while time.monotonic() < deadline:
         await asyncio.sleep(2.0)
@@ -240,6 +251,7 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     image = STAR.read_bytes()
     limit_s = config.mix_seconds
     await good_clients(url, image, 4, 1, 60)  # warm-up
+    note("alone")
     alone_ms, alone_status = await good_clients(
         url, image, config.requests, config.concurrency, limit_s
     )
@@ -265,6 +277,7 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     tasks = [asyncio.create_task(attack()) for attack in attackers]
     tasks.append(asyncio.create_task(sample_peak(pid, peak)))
     started = time.monotonic()
+    note(f"mix: {len(attackers)} attackers")
     try:
         await asyncio.sleep(3.0)  # the attackers in full swing first
         mix_ms, mix_status = await good_clients(
@@ -272,9 +285,11 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
         )
     finally:
         mix_s = time.monotonic() - started
+        note("stopping the attackers")
         await stop(tasks)
         await stream_client.aclose()
         await delete_jobs(url, jobs)
+    note("settling")
     rss_after = await settle(pid, config.settle_seconds)
 
     alone_p95, mix_p95 = percentile(alone_ms, 95), percentile(mix_ms, 95)
@@ -353,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             url,
             process,
         ):
-            result = asyncio.run(measure(url, process.pid, config))
+            # Bounded whatever the server does: both phases, the stop and the settling.
+            limit_s = 3 * config.mix_seconds + config.settle_seconds + 120
+            result = asyncio.run(asyncio.wait_for(measure(url, process.pid, config), limit_s))
     result["config"] = {**config.__dict__}
     result["machine"] = machine_info(torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
