@@ -4,8 +4,13 @@ budget, layers without a 2x2 map, and the forward budget summed over KServe's in
 from __future__ import annotations
 
 import base64
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -14,6 +19,7 @@ from app.http.app import create_app
 from app.settings import Settings
 from tests.conftest import assert_error, files, image_bytes, wait_ready
 from tests.http.protocols.test_oip import assert_protocol_error, explain_body
+from tests.http.test_server import start_server
 
 
 def instance(data: bytes, **options: object) -> dict:
@@ -140,3 +146,46 @@ def test_kserve_instances_with_different_options_share_the_forward_budget(
     form = {"method": "SSCAM", "num_samples": "2", "output": "raw"}
     images = files(*(image_bytes(seed=s) for s in range(3)))
     assert_error(client.post("/explain", files=images, data=form), 422, "over_budget")
+
+
+# ------------------------------------------------- drawing stops at the drain's cut (defect 1)
+
+
+def test_sigterm_mid_drawing_answers_json_and_the_server_exits(store: Path) -> None:
+    """192 pictures of 1024 px (16 uploads x 6 maps x 2 outputs): tens of seconds of drawing,
+    cut by the drain after 1 s of grace. Drawing used to run as one block that the cut could
+    not stop: the server exited under it, and the client got a plain-text 500."""
+    process, url = start_server(
+        store,
+        CAMSERVE_SHUTDOWN_GRACE_S="1",
+        CAMSERVE_MAX_RENDER_PIXELS=str(10**9),
+        CAMSERVE_MAX_RENDER_MAPS="1000",
+        CAMSERVE_RENDER_BUDGET_BYTES=str(2 * 1024**3),
+    )
+    try:
+        form = {
+            "target_layer": "features.0,features.1,features.2,features.3,features",
+            "output": "overlay,heatmap",
+            "image_format": "png",
+            "size": "1024",
+        }
+        images = files(*(image_bytes(seed=s) for s in range(16)))
+        with httpx.Client(base_url=url, timeout=120) as client:
+            answers: list[httpx.Response] = []
+            worker = threading.Thread(
+                target=lambda: answers.append(client.post("/explain", files=images, data=form))
+            )
+            worker.start()
+            time.sleep(2.0)  # the passes of the tiny model are done by then: it draws
+            process.send_signal(signal.SIGTERM)
+            worker.join(120)
+        (cut,) = answers
+        assert cut.status_code == 503, cut.text[:300]
+        assert cut.headers["content-type"] == "application/json"
+        assert cut.json()["error"]["code"] == "shutting_down"
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "Traceback" not in output and "Internal Server Error" not in output
