@@ -150,8 +150,9 @@ class Explainer:
         self.render_memory = render_memory
         """Memory that drawing may hold at once, shared by all requests (None: no bound)."""
         self.heavy_render_pixels = heavy_render_pixels
-        """A request that draws more pixels than this is heavy: the heavy ones draw one step at
-        a time between them, so the others always find a render thread (None: all alike)."""
+        """A request that draws more pixels than this is heavy: the heavy ones draw one at a
+        time, so the others always find a render thread and room in the render memory (None:
+        all alike)."""
         self._heavy_lane: asyncio.Semaphore | None = None
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
@@ -511,23 +512,24 @@ class Explainer:
         maps = [_named_maps(plan, outcomes[plan]) for plan in plans]
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
-        heavy = self.heavy_render_pixels is not None and cost.pixels > self.heavy_render_pixels
-        if heavy and self._heavy_lane is None:
-            self._heavy_lane = asyncio.Semaphore(1)
-        async with self._room_to_draw(cost.bytes):
-            drawn = await draw_maps(
-                self.render_threads,
-                decoded,
-                maps,
-                style,
-                model.spec.crop,
-                self._heavy_lane if heavy else None,
-            )
+        async with self._heavy_lane_if(cost), self._room_to_draw(cost.bytes):
+            drawn = await draw_maps(self.render_threads, decoded, maps, style, model.spec.crop)
         results = await run_to_the_end(
             self.render_threads,
             lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),
         )
         return results, time.perf_counter() - started
+
+    @asynccontextmanager
+    async def _heavy_lane_if(self, cost: RenderCost) -> AsyncIterator[None]:
+        """The heavy drawings' lane for the block, when ``cost`` makes a drawing heavy."""
+        if self.heavy_render_pixels is None or cost.pixels <= self.heavy_render_pixels:
+            yield
+            return
+        if self._heavy_lane is None:
+            self._heavy_lane = asyncio.Semaphore(1)
+        async with self._heavy_lane:
+            yield
 
     @asynccontextmanager
     async def _room_to_draw(self, amount: int) -> AsyncIterator[None]:

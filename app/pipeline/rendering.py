@@ -13,7 +13,6 @@ a 256-entry colour table and one blend.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import re
@@ -21,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal
 
 import torch
 from PIL import Image
@@ -31,8 +30,6 @@ from app.cam import blend, colormap_lut, mask_levels, normalize_maps, palette_im
 from app.errors import InvalidParameter, OverBudget
 from app.pipeline.admission import run_to_the_end
 from app.pipeline.decoding import DecodedImage
-
-T = TypeVar("T")
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_COLORMAP = "jet"
@@ -320,24 +317,15 @@ async def draw_maps(
     maps: Sequence[Sequence[NamedMap]],
     style: RenderStyle,
     crop: tuple[int, int],
-    lane: asyncio.Semaphore | None = None,
 ) -> list[list[list[dict[str, Any]]]]:
     """[image][group][map] -> the fields of ``MapOutput``, for each group of maps (a method's).
 
     Every canvas and every output of every map is one step on ``threads``: a cancel waits for
-    the step that runs (one picture at most), never for the rest of the drawing. With ``lane``,
-    each step first takes it (the heavy drawings' lane: they cannot fill every thread)."""
-
-    async def step(func: Callable[[], T]) -> T:
-        if lane is None:
-            return await run_to_the_end(threads, func)
-        async with lane:
-            return await run_to_the_end(threads, func)
-
+    the step that runs (one picture at most), never for the rest of the drawing."""
     drawn = []
     for index, image in enumerate(decoded):
         canvas = (
-            await step(partial(Canvas.build, image, style.size, crop))
+            await run_to_the_end(threads, partial(Canvas.build, image, style.size, crop))
             if style.draws_pictures
             else None
         )
@@ -348,7 +336,9 @@ async def draw_maps(
                 job = MapJob(named.cams[index], named.normalized, canvas, style)
                 fields = _map_fields(named, canvas)
                 for name in style.outputs:
-                    fields[name] = await step(partial(OUTPUT_KINDS[name].render, job))
+                    fields[name] = await run_to_the_end(
+                        threads, partial(OUTPUT_KINDS[name].render, job)
+                    )
                 rendered.append(fields)
             per_group.append(rendered)
         drawn.append(per_group)

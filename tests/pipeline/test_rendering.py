@@ -219,22 +219,3 @@ def test_an_overlay_blended_in_bands_is_the_overlay_blended_at_once() -> None:
     )
     banded = _blend_in_bands(picture, colored, 0.3)
     np.testing.assert_array_equal(np.asarray(banded), np.asarray(blend(picture, colored, 0.3)))
-
-
-def test_heavy_drawings_take_their_lane_for_every_step() -> None:
-    decoded, maps, style = _two_maps()
-    lane = asyncio.Semaphore(1)
-    taken: list[bool] = []
-
-    class Threads(ThreadPoolExecutor):
-        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
-            taken.append(lane.locked())
-            return super().submit(fn, *args, **kwargs)
-
-    async def main() -> None:
-        with Threads(2) as threads:
-            await draw_maps(threads, decoded, maps, style, (32, 32), lane)  # heavy
-            await draw_maps(threads, decoded[:1], maps, style, (32, 32))  # not
-
-    asyncio.run(main())
-    assert taken == [True] * 14 + [False] * 7
