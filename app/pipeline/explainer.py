@@ -205,7 +205,8 @@ class Explainer:
                 settings.max_render_pixels, settings.max_render_maps, settings.render_budget_bytes
             ),
             render_memory=MemoryBudget(settings.render_budget_bytes),
-            heavy_render_pixels=settings.max_output_side**2,
+            # A quarter of what one request may draw: four default pictures draw alongside.
+            heavy_render_pixels=settings.max_render_pixels // 4,
         )
 
     def batcher(self, model: LoadedModel) -> Batcher:
