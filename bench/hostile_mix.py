@@ -43,7 +43,14 @@ from typing import Any
 
 import httpx
 import torch
-from serving import REPO, machine_info, percentile, rounded, running_process
+from serving import (
+    REPO,
+    machine_info,
+    percentile,
+    raise_on_sigterm,
+    rounded,
+    running_process,
+)
 
 STAR = REPO / "examples" / "star.png"
 P95_FACTOR = 3.0
@@ -361,6 +368,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     config, out = parse_args(argv)
+    raise_on_sigterm()  # a `timeout` or a Ctrl-C stops the server too
     overrides = {"CAMSERVE_QUEUE_SIZE": "32", "CAMSERVE_DEFAULT_MODEL": "shapes", **config.env}
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
