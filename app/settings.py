@@ -116,6 +116,31 @@ class Settings(BaseSettings):
         description="Longest side of overlays and heatmaps when a request sends no `size`; larger "
         "uploads get smaller pictures, aspect kept.",
     )
+    max_render_pixels: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        le=10_000_000_000,
+        description="Most pixels one request may have drawn: images x methods x maps x pictures "
+        "(`overlay`, `heatmap`) x each picture's area, summed over a KServe request's "
+        "instances too. Beyond it the answer is 422 `over_budget` before any pixel is decoded. "
+        "The default draws one 4096-px picture, or 16 at 1024 px.",
+    )
+    max_render_maps: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Most maps one request may have drawn or sent raw: images x methods x maps "
+        "(one per target layer, plus the fused one for several layers). Beyond it the answer "
+        "is 422 `over_budget`.",
+    )
+    render_budget_bytes: int = Field(
+        768 * 1024**2,
+        ge=16 * 1024**2,
+        le=1024**4,
+        description="Memory all requests and jobs together may hold while their pictures are "
+        "drawn (the largest picture's working set and the answer's pictures); a request waits "
+        "for its share, and one needing more than all of it is refused (422 `over_budget`).",
+    )
     max_batch_size: int | None = Field(
         None,
         ge=1,
@@ -364,8 +389,8 @@ class Settings(BaseSettings):
         8 * 1024 * 1024,
         ge=1024,
         le=512 * 1024 * 1024,
-        description="With Redis: largest result a job may keep; larger ones are refused "
-        "when the job is created (413).",
+        description="Largest result a job may keep, on either store; a job whose result could "
+        "be larger is refused when it is created (413 `result_too_large`).",
     )
     background_every: int = Field(
         3,

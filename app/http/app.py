@@ -79,6 +79,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     image_threads = ThreadPoolExecutor(
         max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-image"
     )
+    # Drawing has a pool of its own: large pictures cannot hold up every upload's decoding, nor a
+    # burst of uploads the drawing of answers whose passes already ran.
+    render_threads = ThreadPoolExecutor(
+        max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-render"
+    )
     app.state.device = device
     app.state.registry = registry
     explainer = Explainer.from_settings(
@@ -87,6 +92,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_threads=model_threads,
         image_threads=image_threads,
         metrics=app.state.metrics,
+        render_threads=render_threads,
     )
     app.state.explainer = explainer
     app.state.control = ModelControl(
@@ -111,6 +117,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await loading
         model_threads.shutdown(wait=True)
         image_threads.shutdown(wait=True)
+        render_threads.shutdown(wait=True)
 
 
 def _install_openapi(app: FastAPI, open_access: bool) -> None:

@@ -24,6 +24,7 @@ from app.errors import (
 )
 from app.models.loading import LoadedModel
 from app.pipeline.decoding import DecodeCost
+from app.pipeline.passes import CamPlan
 from app.pipeline.rendering import OUTPUT_FORMATS, OUTPUT_KINDS, draws_pictures
 
 
@@ -146,6 +147,25 @@ def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(layers))
 
 
+def check_spatial_layers(model: LoadedModel, layers: Sequence[str]) -> None:
+    """A layer asked for must give a map of at least 2x2: a Linear head (``fc``) has no grid
+    and a global pooling (``avgpool``) a 1x1 one, so every method would fail or draw nothing.
+    (Token outputs, (N, T, D), are left to the extractor's reshape.)"""
+    for layer in dict.fromkeys(layers):
+        shape = model.layer_shapes.get(layer)
+        if shape is None or len(shape) == 3:
+            continue  # not called in the forward, or tokens: the extractor says what applies
+        if len(shape) == 4 and min(shape[2], shape[3]) >= 2:
+            continue
+        what = f"a {shape[2]}x{shape[3]} map" if len(shape) == 4 else "no spatial map"
+        raise InvalidParameter(
+            f"Layer {clip(layer)} of model {model.spec.name!r} gives {what} (output shape "
+            f"{list(shape)}); class activation maps need a map of at least 2x2. Pick one of "
+            f"the candidate layers: {', '.join(model.candidate_layers)}.",
+            details={"layer": layer[:40], "candidate_layers": list(model.candidate_layers)},
+        )
+
+
 def check_classes(model: LoadedModel, class_idx: Sequence[int], count: int) -> None:
     """One class index for all images or one per image, each within the model's classes."""
     if class_idx and len(class_idx) not in (1, count):
@@ -215,6 +235,27 @@ def check_total_budget(
             f"{limit} (CAMSERVE_MAX_CAM_FORWARDS). Send fewer images or methods, lower "
             "num_samples, or pick a layer with fewer channels.",
             details={"forwards": total, "limit": limit, "per_method": counts},
+        )
+
+
+def plans_forwards(model: LoadedModel, plans: Sequence[CamPlan], images: int) -> int:
+    """The masked and noisy forwards of a request's plans on ``images`` images, all together."""
+    return sum(
+        extra_forwards(model, plan.cls, plan.layers, dict(plan.options), images).total
+        for plan in plans
+    )
+
+
+def check_forward_sum(forwards: int, limit: int, parts: int) -> None:
+    """The forwards of a request's parts (KServe instances whose options differ), summed: one
+    request may not split its work to go past the budget."""
+    if forwards > limit:
+        raise OverBudget(
+            f"The {parts} groups of instances of this request would run {forwards} masked or "
+            f"noisy forwards together; the limit is {limit} (CAMSERVE_MAX_CAM_FORWARDS), "
+            "summed over a request's instances. Send fewer instances, lower num_samples, pick "
+            "a layer with fewer channels, or split the work over several requests.",
+            details={"forwards": forwards, "limit": limit},
         )
 
 

@@ -246,6 +246,13 @@ class DecodeCost:
     """Pixels decoded (a JPEG's at its draft scale)."""
     bytes: int
     """Peak memory of decoding them, held until the request's answer is ready."""
+    sizes: tuple[tuple[int, int], ...] = ()
+    """(width, height) of each upload as stored (a rotation keeps the area the pictures take)."""
+
+    def __add__(self, other: DecodeCost) -> DecodeCost:
+        return DecodeCost(
+            self.pixels + other.pixels, self.bytes + other.bytes, self.sizes + other.sizes
+        )
 
 
 def decode_cost(
@@ -254,8 +261,10 @@ def decode_cost(
     """Open each upload's header (the per-image checks of ``open_image`` included) and add up
     the pixels and memory its decoding will take; no pixel is decoded."""
     pixels = peak = 0
+    sizes = []
     for upload in uploads:
         opened = open_image(upload.data, upload.filename, max_pixels)
+        sizes.append(opened.size)
         # Not upright_size: Pillow reads a PNG's EXIF by decoding the whole image, and the
         # scale depends on the shorter and longer side only, which a rotation keeps.
         _draft(opened, opened.size, spec, picture_side)
@@ -268,7 +277,7 @@ def decode_cost(
         )
         pixels += width * height
         peak += width * height * per_pixel
-    return DecodeCost(pixels, peak)
+    return DecodeCost(pixels, peak, tuple(sizes))
 
 
 def stack_inputs(decoded: list[DecodedImage]) -> torch.Tensor:

@@ -1,12 +1,15 @@
-"""Answer /predict and /explain: check, then decode -> batch and run -> render, off the event loop.
+"""Answer /predict and /explain: admit, decode, pass, render, answer, off the event loop.
 
-Each phase lives in its own module (``decoding``, ``batching`` with ``passes``, ``rendering``);
-this one checks the parameters against the model, moves each phase off the event loop and puts
-the answer together.
+Each stage lives in its own module (``admission``, ``decoding``, ``batching`` with ``passes``,
+``rendering``), with its own budget and pool: admission prices the whole chain (forwards,
+decoded pixels and bytes, pixels drawn) before any pixel is decoded, and a request stays
+admitted until its rendering ends. This one checks the parameters against the model, runs the
+stages in order and puts the answer together.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -52,8 +55,11 @@ from app.pipeline.rendering import (
     OUTPUT_FORMATS,
     NamedMap,
     PictureSize,
+    RenderBudget,
+    RenderCost,
     RenderStyle,
-    render_image,
+    draw_maps,
+    render_cost,
 )
 from app.pipeline.results import (
     ExplainResponse,
@@ -117,6 +123,10 @@ class Explainer:
         on_wait: Callable[[str, Priority, float], None] | None = None,
         on_yield: Callable[[str], None] | None = None,
         pause_in_forwards: bool = True,
+        render_threads: Executor | None = None,
+        render_budget: RenderBudget | None = None,
+        render_memory: MemoryBudget | None = None,
+        heavy_render_pixels: int | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -131,7 +141,19 @@ class Explainer:
         self.batch_timeout_s = batch_timeout_s
         self.model_threads = model_threads
         self.image_threads = image_threads
-        """Bounded threads for decoding and rendering (None: the event loop's default pool)."""
+        """Bounded threads for decoding (None: the event loop's default pool)."""
+        self.render_threads = render_threads if render_threads is not None else image_threads
+        """Bounded threads for drawing, apart from decoding's so that neither stage starves the
+        other (None: the decoding threads)."""
+        self.render_budget = render_budget
+        """The most one request may have drawn (None: no bound)."""
+        self.render_memory = render_memory
+        """Memory that drawing may hold at once, shared by all requests (None: no bound)."""
+        self.heavy_render_pixels = heavy_render_pixels
+        """A request that draws more pixels than this is heavy: the heavy ones draw one at a
+        time, so the others always find a render thread and room in the render memory (None:
+        all alike)."""
+        self._heavy_lane: asyncio.Semaphore | None = None
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
         )
@@ -157,6 +179,7 @@ class Explainer:
         model_threads: Executor,
         image_threads: Executor | None = None,
         metrics: Metrics | None = None,
+        render_threads: Executor | None = None,
     ) -> Explainer:
         """The explainer ``settings`` describe: the service's lifespan and the local pipeline of
         ``camserve explain`` both build theirs here, so they answer alike."""
@@ -177,6 +200,13 @@ class Explainer:
             on_wait=metrics.observe_wait if metrics else None,
             on_yield=metrics.observe_yield if metrics else None,
             pause_in_forwards=settings.pause_in_forwards,
+            render_threads=render_threads,
+            render_budget=RenderBudget(
+                settings.max_render_pixels, settings.max_render_maps, settings.render_budget_bytes
+            ),
+            render_memory=MemoryBudget(settings.render_budget_bytes),
+            # A quarter of what one request may draw: four default pictures draw alongside.
+            heavy_render_pixels=settings.max_render_pixels // 4,
         )
 
     def batcher(self, model: LoadedModel) -> Batcher:
@@ -215,7 +245,7 @@ class Explainer:
             await batcher.close()
 
     async def _on_image_thread(self, func: Callable[[], T]) -> T:
-        """Run image work (decode, render) on the bounded image threads, to the end."""
+        """Run decoding work on the bounded image threads, to the end."""
         return await run_to_the_end(self.image_threads, func)
 
     # ------------------------------------------------------------------ phase 1: decode
@@ -251,20 +281,58 @@ class Explainer:
         """Every error an explanation can be refused with before its images are decoded: the
         parameters, and the uploads' headers (a job checks this when it is created, so that it
         cannot fail later for a bad parameter or an image over a limit)."""
+        await self.check_together(model_name, [(uploads, params)], version)
+
+    async def check_together(
+        self,
+        model_name: str | None,
+        requests: Sequence[tuple[Sequence[Upload], ExplainParams]],
+        version: int | None = None,
+    ) -> None:
+        """``check_uploads`` for several explanations that one client request asks for (KServe
+        instances whose options differ), with their forwards, decoded pixels and drawing summed
+        against the budgets of one request."""
         model = self.registry.get(model_name, version)
-        _, style = self._check(model, params, len(uploads))
-        await self._decode_cost(
-            model, uploads, style.size.decode_side if style.draws_pictures else 0
-        )
+        forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
+        for uploads, params in requests:
+            plans, style = self._check(model, params, len(uploads))
+            forwards += checks.plans_forwards(model, plans, len(uploads))
+            side = style.size.decode_side if style.draws_pictures else 0
+            cost = await self._decode_cost(model, uploads, side)
+            decoding += cost
+            drawing += self._render_cost(model, plans, style, cost)
+        if len(requests) > 1:
+            checks.check_forward_sum(forwards, self.max_cam_forwards, len(requests))
+            capacity = None if self.decode_budget is None else self.decode_budget.capacity
+            checks.check_decode_cost(decoding, self.max_request_pixels, capacity)
+            if self.render_budget is not None:
+                self.render_budget.check(drawing)
+
+    def _render_cost(
+        self, model: LoadedModel, plans: Sequence[CamPlan], style: RenderStyle, cost: DecodeCost
+    ) -> RenderCost:
+        """The drawing a request asks for, refused (422) when over the render budget."""
+        maps = sum(_maps_per_image(plan) for plan in plans)
+        drawing = render_cost(cost.sizes, maps, style, model.spec.crop)
+        if self.render_budget is not None:
+            self.render_budget.check(drawing)
+        return drawing
 
     @asynccontextmanager
     async def _room_to_decode(
-        self, model: LoadedModel, uploads: Sequence[Upload], picture_side: int | None
+        self,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        picture_side: int | None,
+        drawing: tuple[Sequence[CamPlan], RenderStyle] | None = None,
     ) -> AsyncIterator[None]:
         """Read the uploads' headers (every per-image check), refuse a request whose images
-        decode to too many pixels or bytes, then hold the bytes their decoding takes in the
-        process's decode budget for the block."""
+        decode to too many pixels or bytes, or whose ``drawing`` (plans, style) is over the
+        render budget, then hold the bytes their decoding takes in the process's decode budget
+        for the block."""
         cost = await self._decode_cost(model, uploads, picture_side)
+        if drawing is not None:
+            self._render_cost(model, *drawing, cost)
         if self.decode_budget is None:
             yield
             return
@@ -363,7 +431,7 @@ class Explainer:
         model = self.registry.get(model_name, version)
         plans, style = self._check(model, params, len(uploads))
         side = style.size.decode_side if style.draws_pictures else 0
-        async with self._room_to_decode(model, uploads, side):
+        async with self._room_to_decode(model, uploads, side, (plans, style)):
             return await self._explain(
                 model, uploads, params, plans, style, side, started, progress, admit, priority
             )
@@ -381,12 +449,15 @@ class Explainer:
         admit: bool,
         priority: Priority,
     ) -> ExplainResponse:
-        """The explanation once its decoding memory is held: phases 1 to 3 and the answer."""
+        """The explanation once its decoding memory is held: the stages and the answer. The
+        request stays admitted until its drawing ends: rendering is work the queue bound counts."""
         with self.limiter.admit() if admit else nullcontext():
             decoded, decode_s = await self._decode(model, uploads, side)
             item = CamItem(stack_inputs(decoded), params.class_idx)
             ran = await self._run_plans(model, plans, item, progress, priority)
-        results, encode_s = await self._render(model, decoded, ran.outcomes, plans, style, params)
+            results, encode_s = await self._render(
+                model, decoded, ran.outcomes, plans, style, params
+            )
         cam_s = sum(outcome.cam_s for outcome in ran.outcomes.values())
         stages = {"decode": decode_s, "queue": ran.queue_s, "forward": ran.forward_s}
         self._note(model, plans, len(decoded), {**stages, "cam": cam_s, "encode": encode_s})
@@ -448,12 +519,39 @@ class Explainer:
         style: RenderStyle,
         params: ExplainParams,
     ) -> tuple[list[ExplainResult], float]:
-        """Phase 3, on the image threads: the results and the seconds they took."""
+        """The render stage, in steps on the render threads: the results and their seconds."""
         started = time.perf_counter()
-        results = await self._on_image_thread(
-            lambda: self._results(model, decoded, outcomes, plans, style, params.top_k)
+        maps = [_named_maps(plan, outcomes[plan]) for plan in plans]
+        sizes = [image.original_size for image in decoded]
+        cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
+        async with self._heavy_lane_if(cost), self._room_to_draw(cost.bytes):
+            drawn = await draw_maps(self.render_threads, decoded, maps, style, model.spec.crop)
+        results = await run_to_the_end(
+            self.render_threads,
+            lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),
         )
         return results, time.perf_counter() - started
+
+    @asynccontextmanager
+    async def _heavy_lane_if(self, cost: RenderCost) -> AsyncIterator[None]:
+        """The heavy drawings' lane for the block, when ``cost`` makes a drawing heavy."""
+        if self.heavy_render_pixels is None or cost.pixels <= self.heavy_render_pixels:
+            yield
+            return
+        if self._heavy_lane is None:
+            self._heavy_lane = asyncio.Semaphore(1)
+        async with self._heavy_lane:
+            yield
+
+    @asynccontextmanager
+    async def _room_to_draw(self, amount: int) -> AsyncIterator[None]:
+        """Hold ``amount`` bytes of the render memory for the block (admission refused more than
+        all of it; the cap covers a rotated upload priced from its header)."""
+        if self.render_memory is None or amount == 0:
+            yield
+            return
+        async with self.render_memory.hold(min(amount, self.render_memory.capacity)):
+            yield
 
     @staticmethod
     def _note(
@@ -513,6 +611,7 @@ class Explainer:
         layers = checks.check_layers(model, params.target_layers or own_default or ())
         checks.check_classes(model, params.class_idx, images)
         checks.check_rendering(params.outputs, params.image_format, params.colormap)
+        checks.check_spatial_layers(model, params.target_layers)
         checks.check_total_budget(
             model,
             [(m, cls, o) for (m, cls), o in zip(methods, per_method, strict=True)],
@@ -533,7 +632,7 @@ class Explainer:
         ]
         return plans, style
 
-    # ------------------------------------------------------------------ phase 3: render
+    # ------------------------------------------------------------------ the answer
 
     def _results(
         self,
@@ -541,19 +640,17 @@ class Explainer:
         decoded: Sequence[DecodedImage],
         outcomes: dict[CamPlan, CamOutcome],
         plans: Sequence[CamPlan],
-        style: RenderStyle,
+        drawn: list[list[list[dict[str, Any]]]],
         top_k: int,
     ) -> list[ExplainResult]:
-        named = {plan: _named_maps(plan, outcomes[plan]) for plan in plans}
         first = outcomes[plans[0]]
         results = []
         for i, image in enumerate(decoded):
             logits = first.logits[i]
             explanations = []
-            for plan in plans:
+            for plan, rendered in zip(plans, drawn[i], strict=True):
                 outcome = outcomes[plan]
                 target = outcome.class_idx[i]
-                rendered = render_image(image, i, named[plan], style, model.spec.crop)
                 explanations.append(
                     Explanation(
                         method=plan.method,
@@ -603,6 +700,13 @@ class _ChainedProgress:
     def next_pass(self) -> None:
         self.before += self.total
         self.total = 0
+
+
+def _maps_per_image(plan: CamPlan) -> int:
+    """The maps ``plan`` gives for each image: one per layer and their fusion, or one alone."""
+    if plan.cls.one_map:
+        return 1
+    return len(plan.layers) + (1 if len(plan.layers) > 1 else 0)
 
 
 def _named_maps(plan: CamPlan, outcome: CamOutcome) -> list[NamedMap]:

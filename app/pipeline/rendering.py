@@ -1,5 +1,10 @@
 """Phase 3 of a request: explanation maps -> the outputs the client asked for.
 
+The render stage has a budget and a pool of its own: ``RenderBudget`` prices a request's drawing
+at admission (maps, and pixels drawn: images x methods x maps x pictures x area), and
+``draw_maps`` draws on the render threads one picture at a time, so a cancel (the deadline, the
+drain, a cancelled job) stops it after the picture being drawn.
+
 Every output kind (``overlay``, ``heatmap``, ``raw``) is declared once in ``OUTPUT_KINDS``; the
 checks, the route's help text and the response schema derive from it. Pictures are drawn at the
 size ``size`` asks for, straight from the map at the layer's resolution: one resize, 8-bit levels,
@@ -12,8 +17,9 @@ import base64
 import io
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Final, Literal
 
 import torch
@@ -21,7 +27,8 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from app.cam import blend, colormap_lut, mask_levels, normalize_maps, palette_image
-from app.errors import InvalidParameter
+from app.errors import InvalidParameter, OverBudget
+from app.pipeline.admission import run_to_the_end
 from app.pipeline.decoding import DecodedImage
 
 DEFAULT_ALPHA = 0.5
@@ -166,14 +173,32 @@ class MapJob:
         return to_base64(encode_image(picture, self.style.image_format))
 
 
+#: Pixels blended at once: the blend's float32 arrays of a whole 4096-px picture took 40 bytes a
+#: pixel and 7 s; in bands of this size they fit the allocator's reused blocks (0.9 s, same bytes).
+_BLEND_BAND_PIXELS = 128 * 1024
+
+
+def _blend_in_bands(picture: Image.Image, colored: Image.Image, alpha: float) -> Image.Image:
+    """``blend`` of two RGB images of one size, a band of rows at a time."""
+    width, height = picture.size
+    rows = max(1, _BLEND_BAND_PIXELS // width)
+    if rows >= height:
+        return blend(picture, colored, alpha)
+    mixed = Image.new("RGB", picture.size)
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        mixed.paste(blend(picture.crop(box), colored.crop(box), alpha), box[:2])
+    return mixed
+
+
 def _render_overlay(job: MapJob) -> str:
     canvas = job.canvas
     assert canvas is not None
     if canvas.covers_all:
-        return job.encode(blend(canvas.picture, job.colored, job.style.alpha))
+        return job.encode(_blend_in_bands(canvas.picture, job.colored, job.style.alpha))
     # Outside the model's crop there is no map: the picture shows the plain image there.
     picture = canvas.picture.copy()
-    inside = blend(canvas.picture.crop(canvas.region), job.colored, job.style.alpha)
+    inside = _blend_in_bands(canvas.picture.crop(canvas.region), job.colored, job.style.alpha)
     picture.paste(inside, canvas.region[:2])
     return job.encode(picture)
 
@@ -256,6 +281,16 @@ class NamedMap:
     normalized: bool
 
 
+def _map_fields(named: NamedMap, canvas: Canvas | None) -> dict[str, Any]:
+    return {
+        "layer": named.layer,
+        "kind": named.kind,
+        "width": canvas.picture.width if canvas else None,
+        "height": canvas.picture.height if canvas else None,
+        "region": list(canvas.region) if canvas else None,
+    }
+
+
 def render_image(
     decoded: DecodedImage,
     index: int,
@@ -263,22 +298,147 @@ def render_image(
     style: RenderStyle,
     crop: tuple[int, int],
 ) -> list[dict[str, Any]]:
-    """The outputs of every map of image ``index``, as the fields of ``MapOutput``."""
+    """The outputs of every map of image ``index``, as the fields of ``MapOutput``, in one go
+    (``draw_maps`` is the same drawing in steps)."""
     canvas = Canvas.build(decoded, style.size, crop) if style.draws_pictures else None
     rendered = []
     for named in maps:
         job = MapJob(named.cams[index], named.normalized, canvas, style)
-        fields: dict[str, Any] = {
-            "layer": named.layer,
-            "kind": named.kind,
-            "width": canvas.picture.width if canvas else None,
-            "height": canvas.picture.height if canvas else None,
-            "region": list(canvas.region) if canvas else None,
-        }
+        fields = _map_fields(named, canvas)
         for name in style.outputs:
             fields[name] = OUTPUT_KINDS[name].render(job)
         rendered.append(fields)
     return rendered
+
+
+async def draw_maps(
+    threads: Executor | None,
+    decoded: Sequence[DecodedImage],
+    maps: Sequence[Sequence[NamedMap]],
+    style: RenderStyle,
+    crop: tuple[int, int],
+) -> list[list[list[dict[str, Any]]]]:
+    """[image][group][map] -> the fields of ``MapOutput``, for each group of maps (a method's).
+
+    Every canvas and every output of every map is one step on ``threads``: a cancel waits for
+    the step that runs (one picture at most), never for the rest of the drawing."""
+    drawn = []
+    for index, image in enumerate(decoded):
+        canvas = (
+            await run_to_the_end(threads, partial(Canvas.build, image, style.size, crop))
+            if style.draws_pictures
+            else None
+        )
+        per_group = []
+        for group in maps:
+            rendered = []
+            for named in group:
+                job = MapJob(named.cams[index], named.normalized, canvas, style)
+                fields = _map_fields(named, canvas)
+                for name in style.outputs:
+                    fields[name] = await run_to_the_end(
+                        threads, partial(OUTPUT_KINDS[name].render, job)
+                    )
+                rendered.append(fields)
+            per_group.append(rendered)
+        drawn.append(per_group)
+    return drawn
+
+
+#: Peak bytes of memory per pixel of the picture being drawn: its canvas (RGB), the map resized
+#: to it (float, then levels), the map's palette and RGB images, the blend and the encoder's
+#: buffer. bench/render_memory.py measured 13 (a heatmap) to 18 (a JPEG overlay) at 4096 px.
+WORKING_BYTES_PER_PIXEL = 20
+#: Bytes of the answer's base64 text per pixel drawn, at most: PNG may not compress (3 bytes, 4
+#: in base64); JPEG q90 4:4:4 and WebP stay under half of that even on noise (measured on smooth
+#: maps: 0.7 to 1.1 for PNG, 0.1 to 0.2 for JPEG).
+ANSWER_BYTES_PER_PIXEL = {"png": 4.0, "jpeg": 2.0, "webp": 2.0}
+
+
+@dataclass(frozen=True)
+class RenderCost:
+    """What drawing a request's outputs takes, priced before any pixel is decoded."""
+
+    maps: int = 0
+    """Maps drawn or sent raw: images x methods x maps per method."""
+    pixels: int = 0
+    """Pixels drawn: for each image, methods x maps x pictures x its pictures' area."""
+    largest_side: int = 0
+    """The longest side of any picture."""
+    bytes: int = 0
+    """Memory the drawing holds at its peak: the largest picture's working set, and the
+    answer's pictures."""
+
+    def __add__(self, other: RenderCost) -> RenderCost:
+        return RenderCost(
+            self.maps + other.maps,
+            self.pixels + other.pixels,
+            max(self.largest_side, other.largest_side),
+            self.bytes + other.bytes,
+        )
+
+
+def render_cost(
+    sizes: Sequence[tuple[int, int]],
+    maps_per_image: int,
+    style: RenderStyle,
+    crop: tuple[int, int],
+) -> RenderCost:
+    """The cost of drawing ``maps_per_image`` maps (all methods together) for uploads of these
+    (width, height)s in ``style``."""
+    pictures = sum(1 for name in style.outputs if OUTPUT_KINDS[name].picture)
+    pixels = largest = largest_area = 0
+    if pictures:
+        for size in sizes:
+            width, height = style.size.canvas_size(size, crop)
+            pixels += maps_per_image * pictures * width * height
+            largest = max(largest, width, height)
+            largest_area = max(largest_area, width * height)
+    memory = WORKING_BYTES_PER_PIXEL * largest_area
+    memory += int(ANSWER_BYTES_PER_PIXEL.get(style.image_format, 4.0) * pixels)
+    return RenderCost(len(sizes) * maps_per_image, pixels, largest, memory)
+
+
+@dataclass(frozen=True)
+class RenderBudget:
+    """The most one request may have drawn (``CAMSERVE_MAX_RENDER_PIXELS`` and ``_MAPS``), and
+    the memory all drawing may hold at once (``CAMSERVE_RENDER_BUDGET_BYTES``)."""
+
+    max_pixels: int
+    max_maps: int
+    max_bytes: int | None = None
+
+    def check(self, cost: RenderCost) -> None:
+        """OverBudget (422) naming the numbers and how to fit, when ``cost`` is over."""
+        if cost.maps > self.max_maps:
+            raise OverBudget(
+                f"This request would draw {cost.maps} maps (images x methods x maps per "
+                f"method); the limit is {self.max_maps} (CAMSERVE_MAX_RENDER_MAPS). Send fewer "
+                "images, methods or target layers.",
+                details={"maps": cost.maps, "limit": self.max_maps},
+            )
+        if cost.pixels > self.max_pixels:
+            raise OverBudget(
+                f"This request would draw {cost.pixels} pixels (images x methods x maps x "
+                f"pictures x each picture's area; its largest picture is {cost.largest_side} px "
+                f"on its longest side); the limit is {self.max_pixels} "
+                "(CAMSERVE_MAX_RENDER_PIXELS). Ask for a smaller size, fewer target layers, "
+                "methods or images, or fewer outputs (overlay or heatmap, not both; raw draws "
+                "nothing).",
+                details={
+                    "pixels": cost.pixels,
+                    "limit": self.max_pixels,
+                    "largest_side": cost.largest_side,
+                },
+            )
+        if self.max_bytes is not None and cost.bytes > self.max_bytes:
+            raise OverBudget(
+                f"Drawing this request would take about {cost.bytes} bytes of memory (its "
+                f"largest picture is {cost.largest_side} px on its longest side), over the "
+                f"{self.max_bytes} all drawing may hold at once (CAMSERVE_RENDER_BUDGET_BYTES). "
+                "Ask for a smaller size or image_format=jpeg.",
+                details={"bytes": cost.bytes, "limit": self.max_bytes},
+            )
 
 
 def encode_image(image: Image.Image, image_format: str) -> bytes:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from app.errors import InvalidParameter, UnsupportedMethod
+from app.errors import InvalidParameter, OverBudget, UnsupportedMethod
 from app.models.registry import ModelRegistry
 from app.pipeline.admission import SlotLimiter
+from app.pipeline.budget import MemoryBudget
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
+from app.pipeline.rendering import RenderBudget, RenderStyle, render_cost
 from app.pipeline.scheduling import Priority
 from tests.conftest import image_bytes
 from tests.fixtures_models import fixture_access
@@ -126,3 +129,105 @@ def test_predict_ranks_the_classes_of_each_image(explainer: Explainer) -> None:
     (result,) = answer.results
     probabilities = [p.probability for p in result.predictions]
     assert len(probabilities) == 2 and probabilities == sorted(probabilities, reverse=True)
+
+
+class _RenderThreads(ThreadPoolExecutor):
+    """Render threads that note, for every step, whether its request was still admitted."""
+
+    def __init__(self, limiter: SlotLimiter, memory: MemoryBudget) -> None:
+        super().__init__(max_workers=1)
+        self.limiter = limiter
+        self.memory = memory
+        self.admitted: list[int] = []
+        self.held: list[int] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.admitted.append(self.limiter.in_flight)
+        self.held.append(self.memory.held)
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_a_request_stays_admitted_until_its_drawing_ends(registry: ModelRegistry) -> None:
+    limiter = SlotLimiter(max_running=1, max_waiting=4)
+    memory = MemoryBudget(10**9)
+    with ThreadPoolExecutor(1) as images, _RenderThreads(limiter, memory) as drawing:
+        explainer = Explainer(
+            registry,
+            limiter,
+            10**7,
+            image_threads=images,
+            render_threads=drawing,
+            render_memory=memory,
+        )
+        params = ExplainParams(method="GradCAM", outputs=("overlay", "heatmap"))
+        answer = asyncio.run(_explain(explainer, params))
+    assert len(answer.results) == 2
+    # Drawing ran on its own threads (2 canvases, 2 pictures each, then the answer), every step
+    # while the request still counted against the queue bound.
+    assert drawing.admitted == [1] * 7
+    assert limiter.in_flight == 0
+    # The pictures were drawn holding their memory (two 40x32 uploads: 4 pictures of 1280 px).
+    cost = render_cost([(40, 32)] * 2, 1, RenderStyle(outputs=("overlay", "heatmap")), (32, 32))
+    assert cost.pixels == 4 * 40 * 32
+    assert drawing.held == [cost.bytes] * 6 + [0] and memory.held == 0
+
+
+def test_drawing_over_the_render_budget_is_refused_before_any_pass(
+    registry: ModelRegistry, seen: Seen
+) -> None:
+    explainer = Explainer(
+        registry,
+        SlotLimiter(1, 4),
+        10**7,
+        on_pass=seen.on_pass,
+        render_budget=RenderBudget(max_pixels=2 * 2 * 100 * 100, max_maps=4),
+    )
+    fits = ExplainParams(method="GradCAM", outputs=("overlay", "heatmap"), size="100")
+    over_pixels = ExplainParams(method="GradCAM", size="200")
+    over_maps = ExplainParams(method="GradCAM,GradCAMpp,XGradCAM")
+
+    async def main() -> None:
+        try:
+            await explainer.explain("tiny", _uploads(1, 2), fits)  # 2 x 2 pictures of 100x80
+            with pytest.raises(OverBudget, match="CAMSERVE_MAX_RENDER_PIXELS"):
+                await explainer.explain("tiny", _uploads(1, 2), over_pixels)
+            with pytest.raises(OverBudget, match="CAMSERVE_MAX_RENDER_MAPS"):
+                await explainer.explain("tiny", _uploads(1, 2), over_maps)
+        finally:
+            await explainer.close()
+
+    asyncio.run(main())
+    assert seen.passes == [("tiny", 2)]
+
+
+def test_parts_of_one_request_are_summed_against_its_budgets(explainer: Explainer) -> None:
+    """KServe instances whose options differ run as separate calls, but count as one request."""
+    part = ExplainParams(method="ScoreCAM", outputs=("raw",))  # 4 channels: 4 forwards an image
+    explainer.max_cam_forwards = 10
+    asyncio.run(explainer.check_together("tiny", [(_uploads(1, 2), part)]))
+    with pytest.raises(OverBudget, match="12 masked or noisy forwards") as caught:
+        asyncio.run(explainer.check_together("tiny", [(_uploads(1, 2), part), (_uploads(3), part)]))
+    assert caught.value.details == {"forwards": 12, "limit": 10}
+    explainer.max_cam_forwards = 10**6
+    explainer.render_budget = RenderBudget(max_pixels=10**9, max_maps=2)
+    with pytest.raises(OverBudget, match="3 maps"):
+        asyncio.run(explainer.check_together("tiny", [(_uploads(1, 2), part), (_uploads(3), part)]))
+
+
+@pytest.mark.parametrize(("heavy_from", "heavy"), [(10**6, False), (1000, True)])
+def test_requests_that_draw_many_pixels_draw_in_the_heavy_lane(
+    registry: ModelRegistry, heavy_from: int, heavy: bool
+) -> None:
+    seen: list[bool] = []
+    explainer = Explainer(registry, SlotLimiter(1, 4), 10**7, heavy_render_pixels=heavy_from)
+
+    class Threads(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+            lane = explainer._heavy_lane
+            seen.append(lane is not None and lane.locked())
+            return super().submit(fn, *args, **kwargs)
+
+    with Threads(2) as threads:
+        explainer.render_threads = threads
+        asyncio.run(_explain(explainer, ExplainParams(method="GradCAM")))  # 2 x 1280 pixels
+    assert seen[:-1] == [heavy] * 4  # every drawing step; the answer's assembly is no drawing

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from app.errors import InvalidParameter
+from app.cam import blend
+from app.errors import InvalidParameter, OverBudget
 from app.pipeline.decoding import Box, DecodedImage
 from app.pipeline.rendering import (
+    ANSWER_BYTES_PER_PIXEL,
     OUTPUT_KINDS,
+    WORKING_BYTES_PER_PIXEL,
     NamedMap,
     PictureSize,
+    RenderBudget,
+    RenderCost,
     RenderStyle,
+    _blend_in_bands,
+    draw_maps,
     encode_image,
+    render_cost,
     render_image,
 )
 
@@ -116,3 +126,96 @@ def test_encode_formats() -> None:
     image = Image.new("RGB", (8, 8), (10, 20, 30))
     for fmt, magic in (("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")):
         assert encode_image(image, fmt).startswith(magic)
+
+
+def test_render_cost_counts_images_maps_pictures_and_area() -> None:
+    style = RenderStyle(outputs=("overlay", "heatmap", "raw"), size=PictureSize("side", 100))
+    cost = render_cost([(400, 200), (50, 50)], 3, style, (32, 32))
+    # 100x50 and 100x100 pictures, 3 maps each, 2 pictures (raw draws nothing); the memory: the
+    # largest picture's working set and the answer's JPEG pictures.
+    pixels = 3 * 2 * (100 * 50 + 100 * 100)
+    memory = WORKING_BYTES_PER_PIXEL * 100 * 100 + ANSWER_BYTES_PER_PIXEL["jpeg"] * pixels
+    assert cost == RenderCost(maps=6, pixels=pixels, largest_side=100, bytes=int(memory))
+    raw_only = render_cost([(400, 200)], 3, RenderStyle(outputs=("raw",)), (32, 32))
+    assert raw_only == RenderCost(maps=3, pixels=0, largest_side=0, bytes=0)
+    assert cost + raw_only == RenderCost(9, cost.pixels, 100, cost.bytes)
+
+
+def test_the_render_budget_names_the_numbers_and_how_to_fit() -> None:
+    budget = RenderBudget(max_pixels=1000, max_maps=4, max_bytes=10_000)
+    budget.check(RenderCost(maps=4, pixels=1000, largest_side=10, bytes=10_000))
+    with pytest.raises(OverBudget) as caught:
+        budget.check(RenderCost(maps=2, pixels=1001, largest_side=31))
+    message = caught.value.message
+    assert "1001" in message and "1000" in message and "CAMSERVE_MAX_RENDER_PIXELS" in message
+    assert "smaller size" in message and "fewer target layers" in message
+    assert caught.value.details == {"pixels": 1001, "limit": 1000, "largest_side": 31}
+    with pytest.raises(OverBudget) as caught:
+        budget.check(RenderCost(maps=5))
+    assert "CAMSERVE_MAX_RENDER_MAPS" in caught.value.message
+    with pytest.raises(OverBudget) as caught:
+        budget.check(RenderCost(maps=1, pixels=10, largest_side=5, bytes=10_001))
+    assert "CAMSERVE_RENDER_BUDGET_BYTES" in caught.value.message
+
+
+class _CountingThreads(ThreadPoolExecutor):
+    """Counts the steps submitted; cancels ``victim`` when the ``cancel_at``-th one starts."""
+
+    def __init__(self, cancel_at: int | None = None) -> None:
+        super().__init__(max_workers=1)
+        self.steps = 0
+        self.cancel_at = cancel_at
+        self.victim: asyncio.Task[object] | None = None
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.steps += 1
+        if self.steps == self.cancel_at and self.victim is not None:
+            self.victim.get_loop().call_soon_threadsafe(self.victim.cancel)
+        return super().submit(fn, *args, **kwargs)
+
+
+def _two_maps() -> tuple[list[DecodedImage], list[list[NamedMap]], RenderStyle]:
+    decoded = [_decoded((60, 40), Box(0, 0, 60, 40)), _decoded((30, 30), Box(0, 0, 30, 30))]
+    cams = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0))
+    maps = [[NamedMap("a", "layer", cams, True)], [NamedMap("b", "layer", cams.flip(0), False)]]
+    return decoded, maps, RenderStyle(outputs=("overlay", "heatmap", "raw"), image_format="png")
+
+
+def test_drawing_in_steps_gives_what_drawing_at_once_gives() -> None:
+    decoded, maps, style = _two_maps()
+    threads = _CountingThreads()
+    with threads:
+        drawn = asyncio.run(draw_maps(threads, decoded, maps, style, (32, 32)))
+    at_once = [
+        [render_image(d, i, group, style, (32, 32)) for group in maps]
+        for i, d in enumerate(decoded)
+    ]
+    assert drawn == at_once
+    # A canvas per image, then every output of every map of it: each its own step.
+    assert threads.steps == 2 * (1 + 2 * 3)
+
+
+def test_a_cancel_stops_the_drawing_after_the_step_that_runs() -> None:
+    decoded, maps, style = _two_maps()
+    threads = _CountingThreads(cancel_at=3)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(draw_maps(threads, decoded, maps, style, (32, 32)))
+        threads.victim = task
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with threads:
+        asyncio.run(main())
+    assert threads.steps == 3  # of 14: the cancel took effect once the third step ended
+
+
+def test_an_overlay_blended_in_bands_is_the_overlay_blended_at_once() -> None:
+    rng = np.random.default_rng(0)
+    size = (700, 500)  # 700 px a row: bands of 187 rows, the last one shorter
+    picture, colored = (
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+        for _ in range(2)
+    )
+    banded = _blend_in_bands(picture, colored, 0.3)
+    np.testing.assert_array_equal(np.asarray(banded), np.asarray(blend(picture, colored, 0.3)))

@@ -96,13 +96,22 @@ async def explain_instances(
         (i.model_dump_json(exclude={"image", "class_idx"}), i.class_idx is None) for i in instances
     ]
 
+    grouped = groups(keys)
+    params = [
+        instances[group[0]].params(
+            tuple(c for i in group if (c := instances[i].class_idx) is not None)
+        )
+        for group in grouped
+    ]
+    # The groups together against one request's budgets: splitting the options must not split them.
+    await explainer.check_together(
+        name, [([uploads[i] for i in group], p) for group, p in zip(grouped, params, strict=True)]
+    )
+
     async def run() -> dict[int, InstanceExplanation]:
         explanations: dict[int, InstanceExplanation] = {}
-        for group in groups(keys):
-            first = instances[group[0]]
-            class_idx = tuple(c for i in group if (c := instances[i].class_idx) is not None)
-            params = first.params(class_idx)
-            answer = await explainer.explain(name, [uploads[i] for i in group], params)
+        for group, group_params in zip(grouped, params, strict=True):
+            answer = await explainer.explain(name, [uploads[i] for i in group], group_params)
             for index, result in zip(group, answer.results, strict=True):
                 explanations[index] = InstanceExplanation(
                     **result.model_dump(),

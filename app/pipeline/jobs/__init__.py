@@ -25,6 +25,7 @@ def open_job_store(settings: Settings, explainer: Explainer, lifecycle: Lifecycl
             lifecycle,
             max_per_client=settings.max_jobs_per_client,
             max_upload_bytes=settings.job_upload_budget_bytes,
+            max_result_bytes=settings.job_max_result_bytes,
         )
     from app.pipeline.jobs.redis_store import RedisJobStore  # redis-py only when asked for
 

@@ -23,7 +23,7 @@ from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.jobs.base import JobEvent, JobStore
 from app.pipeline.jobs.record import Job
-from app.pipeline.jobs.work import run_job
+from app.pipeline.jobs.work import check_result_size, result_over, run_job
 from app.pipeline.results import ErrorDetail, JobStatus, JobView
 
 logger = logging.getLogger(__name__)
@@ -43,11 +43,14 @@ class MemoryJobStore(JobStore):
         lifecycle: Lifecycle,
         max_per_client: int | None = None,
         max_upload_bytes: int | None = None,
+        max_result_bytes: int | None = None,
     ) -> None:
         super().__init__(max_jobs, ttl_s, max_per_client)
         self.explainer = explainer
         self.max_upload_bytes = max_upload_bytes
         """Upload bytes that unfinished jobs may keep in all (None: no bound)."""
+        self.max_result_bytes = max_result_bytes
+        """Largest result one job may keep, as the Redis store bounds it (None: no bound)."""
         self.lifecycle = lifecycle
         self._jobs: dict[str, Job] = {}
         self._turns = asyncio.Semaphore(explainer.limiter.max_running)
@@ -89,6 +92,10 @@ class MemoryJobStore(JobStore):
         size = sum(len(upload.data) for upload in uploads)
         self._check_upload_bytes(size, active)
         await self.explainer.check_uploads(model, uploads, params, model_version)
+        if self.max_result_bytes is not None:
+            check_result_size(
+                self.explainer, model, uploads, params, self.max_result_bytes, model_version
+            )
         self._make_room()
         job = Job(id=secrets.token_urlsafe(18), client=client, upload_bytes=size)
         self._jobs[job.id] = job
@@ -213,5 +220,7 @@ class MemoryJobStore(JobStore):
                 return
             finally:
                 del uploads[:]  # the upload bytes are not kept with the result
+            if self.max_result_bytes is not None:
+                outcome = result_over(outcome, self.max_result_bytes)
             job.finish(outcome.status, self.ttl_s, result=outcome.result, error=outcome.error)
         logger.info("job %s %s", job.id[:8], job.status)

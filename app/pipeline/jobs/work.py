@@ -17,14 +17,16 @@ from app.cam import ProgressCallback
 from app.errors import CamserveError, ResultTooLarge, error_body
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
-from app.pipeline.rendering import OUTPUT_KINDS, PictureSize, draws_pictures
+from app.pipeline.rendering import (
+    ANSWER_BYTES_PER_PIXEL,
+    OUTPUT_KINDS,
+    PictureSize,
+    draws_pictures,
+)
 from app.pipeline.results import ErrorDetail, ExplainResponse, JobStatus
 
 logger = logging.getLogger(__name__)
 
-#: Bytes of a picture's base64 text per pixel, at most: PNG may not compress (3 bytes, 4 in
-#: base64); JPEG q90 4:4:4 and WebP stay under half of that even on noise.
-_PICTURE_BYTES_PER_PIXEL = {"png": 4.0, "jpeg": 2.0, "webp": 2.0}
 #: Characters of one float of a raw map in JSON ("0.123456789012345, ").
 _RAW_BYTES_PER_VALUE = 22
 _RESULT_OVERHEAD = 4096  # predictions, logits, timings, names
@@ -80,6 +82,21 @@ async def run_job(
 _TUPLE_FIELDS = {f.name for f in fields(ExplainParams) if str(f.type).startswith("tuple")}
 
 
+def result_over(outcome: Outcome, limit: int) -> Outcome:
+    """``outcome``, or a failed one with ``result_too_large`` when its result's JSON is over
+    ``limit`` bytes (the estimate at creation is an upper bound; this is the proof)."""
+    if outcome.result is None or len(outcome.result.model_dump_json()) <= limit:
+        return outcome
+    return Outcome(
+        "failed",
+        error=ErrorDetail(
+            code=ResultTooLarge.code,
+            message=f"The result came to more than the {limit / 1e6:.1f} MB a job may keep "
+            "(CAMSERVE_JOB_MAX_RESULT_BYTES); ask for fewer images, outputs or a smaller size.",
+        ),
+    )
+
+
 def params_to_json(params: ExplainParams) -> str:
     return json.dumps(asdict(params))
 
@@ -130,7 +147,7 @@ def estimate_result_bytes(
     pictures = sum(1 for kind in params.outputs if OUTPUT_KINDS[kind].picture)
     raw = "raw" in params.outputs
     size = PictureSize.parse(params.size, explainer.max_output_side)
-    per_pixel = _PICTURE_BYTES_PER_PIXEL.get(params.image_format, 4.0)
+    per_pixel = ANSWER_BYTES_PER_PIXEL.get(params.image_format, 4.0)
     map_values = max((_area(model.layer_shapes.get(name, ())) for name in layers), default=0)
     total = _RESULT_OVERHEAD
     for upload in uploads:

@@ -9,11 +9,14 @@ from app.errors import ResultTooLarge
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.jobs.work import (
+    Outcome,
     check_result_size,
     estimate_result_bytes,
     params_from_json,
     params_to_json,
+    result_over,
 )
+from app.pipeline.results import ExplainResponse
 from tests.conftest import image_bytes
 
 
@@ -48,3 +51,15 @@ def test_the_estimate_grows_with_pictures_and_is_refused_past_the_limit(
     with pytest.raises(ResultTooLarge, match="CAMSERVE_JOB_MAX_RESULT_BYTES"):
         check_result_size(explainer, None, large, png, limit=1_000_000)
     check_result_size(explainer, None, small, png, limit=1_000_000)
+
+
+def test_a_result_over_the_limit_fails_with_result_too_large() -> None:
+    """The check after the run (the estimate at creation is an upper bound): both stores."""
+    result = ExplainResponse.model_validate(ExplainResponse.model_json_schema()["examples"][0])
+    size = len(result.model_dump_json())
+    kept = result_over(Outcome("succeeded", result=result), size)
+    assert kept.status == "succeeded" and kept.result is result
+    over = result_over(Outcome("succeeded", result=result), size - 1)
+    assert over.status == "failed" and over.result is None
+    assert over.error is not None and over.error.code == "result_too_large"
+    assert "CAMSERVE_JOB_MAX_RESULT_BYTES" in over.error.message
