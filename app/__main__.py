@@ -1,17 +1,25 @@
-"""``python -m app``: serve the model store with uvicorn, configured from CAMSERVE_* variables."""
+"""``python -m app``: serve the model store with uvicorn (HTTP) and, unless
+``CAMSERVE_GRPC_PORT`` is empty, gRPC beside it in the same event loop, configured from
+CAMSERVE_* variables."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.observability.logs import configure_logging
-from app.settings import ConfigurationError, load_settings
+from app.settings import ConfigurationError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from app.http.server import DrainingServer
+
+_WATCH_S = 0.1
 
 
 def main(**overrides: Any) -> int:
     """Validate the settings (``overrides`` win over the environment), set up logging and run
-    the server until interrupted."""
+    the servers until interrupted."""
     try:
         settings = load_settings(**overrides)
     except ConfigurationError as error:
@@ -20,7 +28,48 @@ def main(**overrides: Any) -> int:
     configure_logging(settings.log_level, settings.log_format)
     from app.http.server import build_server
 
-    build_server(settings).run()
+    server = build_server(settings)
+    if settings.grpc_port is None:
+        server.run()
+        return 0
+    from uvicorn._compat import asyncio_run
+
+    return asyncio_run(_serve_both(server, settings), loop_factory=server.config.get_loop_factory())
+
+
+async def _serve_both(server: DrainingServer, settings: Settings) -> int:
+    """HTTP and gRPC together. The drain after SIGTERM is the HTTP server's (its lifecycle
+    counts the gRPC calls in flight and refuses new ones); once it lets the server exit, gRPC
+    stops too, before the lifespan closes what the calls use."""
+    from app.grpc.server import GrpcServer
+    from app.http.server import UVICORN_SHUTDOWN_S
+
+    assert settings.grpc_port is not None
+    try:  # in the loop: a grpc.aio server belongs to the loop it is made in
+        grpc_server = GrpcServer(server.config.app.state, settings.host, settings.grpc_port)
+    except RuntimeError as error:
+        print(
+            f"camserve: cannot listen for gRPC on {settings.host}:{settings.grpc_port} "
+            f"({error}); free the port, pick another with CAMSERVE_GRPC_PORT, or set it empty "
+            "to serve HTTP only",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def stop_with_http() -> None:
+        while not server.should_exit:
+            await asyncio.sleep(_WATCH_S)
+        await grpc_server.stop(UVICORN_SHUTDOWN_S)
+
+    await grpc_server.start()
+    follower = asyncio.create_task(stop_with_http())
+    try:
+        await server.serve()
+    finally:
+        if not follower.done():
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        await grpc_server.stop(0)
     return 0
 
 

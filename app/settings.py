@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         json_schema_extra={"allowed": "an address"},
     )
     port: int = Field(8000, ge=1, le=65535, description="The port `python -m app` binds.")
+    grpc_port: int | None = Field(
+        8001,
+        ge=1,
+        le=65535,
+        description="The port of the Open Inference Protocol's gRPC service (and the standard "
+        "gRPC health service), on `CAMSERVE_HOST`, in the same process as HTTP. Empty: no gRPC.",
+    )
     max_upload_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, le=1024**3, description="Largest file part (default 10 MiB)."
     )
@@ -315,7 +322,12 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "api_key", "max_batch_size", "request_timeout_s", "job_store_password", mode="before"
+        "api_key",
+        "max_batch_size",
+        "request_timeout_s",
+        "job_store_password",
+        "grpc_port",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
