@@ -117,6 +117,7 @@ def server_env(store: Path, port: int, device: str, overrides: dict[str, str]) -
         CAMSERVE_DEFAULT_MODEL="shapes",
         CAMSERVE_QUEUE_SIZE="256",
         CAMSERVE_LOG_LEVEL="WARNING",
+        CAMSERVE_GRPC_PORT="",  # HTTP only, unless the overrides name a port
     )
     env.update(overrides)
     return env

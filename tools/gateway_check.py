@@ -109,6 +109,7 @@ def start_replica(
     env = {
         **os.environ,
         "CAMSERVE_PORT": str(port),
+        "CAMSERVE_GRPC_PORT": "",  # three replicas on one host: HTTP only
         "CAMSERVE_HOST": "127.0.0.1",
         "CAMSERVE_LOG_FORMAT": "json",
         "CAMSERVE_LOG_LEVEL": "INFO",

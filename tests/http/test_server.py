@@ -38,6 +38,7 @@ def environment(store: Path, **extra: str) -> dict[str, str]:
         CAMSERVE_DEVICE="cpu",
         CAMSERVE_LOG_FORMAT="json",
         PYTHONPATH=str(ROOT),
+        CAMSERVE_GRPC_PORT="",  # HTTP only: tests/grpc start gRPC on free ports
     )
     env.update(extra)
     return env
