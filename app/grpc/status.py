@@ -18,6 +18,7 @@ BY_STATUS: dict[int, grpc.StatusCode] = {
     # allowed here.
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
     406: grpc.StatusCode.INVALID_ARGUMENT,
     408: grpc.StatusCode.DEADLINE_EXCEEDED,
     409: grpc.StatusCode.FAILED_PRECONDITION,
