@@ -160,3 +160,18 @@ def test_refused_values_never_echo_a_secret(monkeypatch: pytest.MonkeyPatch) -> 
         load_settings()
     assert "hunter2" not in str(refused.value)
     assert "redis://:***@/0" in str(refused.value)
+
+
+@pytest.mark.parametrize(("value", "port"), [(None, 8001), ("9002", 9002), ("", None), (" ", None)])
+def test_grpc_port_defaults_to_8001_and_empty_turns_it_off(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, port: int | None
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("CAMSERVE_GRPC_PORT", value)
+    assert load_settings().grpc_port == port
+
+
+def test_grpc_port_out_of_range_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMSERVE_GRPC_PORT", "70000")
+    with pytest.raises(ConfigurationError, match="CAMSERVE_GRPC_PORT"):
+        load_settings()

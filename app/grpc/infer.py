@@ -13,13 +13,14 @@ import asyncio
 import struct
 import time
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import unknown_fields
 
 from app.errors import BadRequest, RequestTimeout, ShuttingDown, clip
 from app.grpc import messages
 from app.lifecycle import Lifecycle
+from app.pipeline.explainer import Explainer
 from app.protocols.oip import (
     InferenceRequest,
     InferenceResult,
@@ -27,9 +28,7 @@ from app.protocols.oip import (
     run_inference,
 )
 from app.protocols.validation import validated
-
-if TYPE_CHECKING:
-    from app.grpc.service import Service
+from app.settings import Settings
 
 T = TypeVar("T")
 
@@ -54,8 +53,7 @@ def parameter_value(name: str, parameter: Any) -> bool | int | str | float:
         if field.field_number == _DOUBLE and field.wire_type == _FIXED64:
             return float(struct.unpack("<d", struct.pack("<Q", field.data))[0])
     raise BadRequest(
-        f"Parameter {clip(name)} has no value; set one of bool_param, int64_param or "
-        "string_param."
+        f"Parameter {clip(name)} has no value; set one of bool_param, int64_param or string_param."
     )
 
 
@@ -153,23 +151,31 @@ def to_response(result: InferenceResult) -> Any:
     )
 
 
-async def infer(service: Service, message: Any, time_left_s: float | None) -> Any:
-    """Read, run and answer one ModelInfer call."""
+async def infer(
+    message: Any,
+    settings: Settings,
+    explainer: Explainer,
+    lifecycle: Lifecycle,
+    time_left_s: float | None,
+) -> Any:
+    """Read, run and answer one ModelInfer call (``time_left_s``: the call's own deadline)."""
     request, buffers = to_request(message)
-    inference = read_inference(request, buffers, service.settings)
+    inference = read_inference(request, buffers, settings)
     timeout_s = inference.timeout_s
     if time_left_s is not None:
         timeout_s = time_left_s if timeout_s is None else min(timeout_s, time_left_s)
-    version = _version(message.model_version)
-    work = run_inference(service.explainer, message.model_name, version, inference)
-    result = await within_limits(work, timeout_s, service.lifecycle)
-    return to_response(result)
+    version = parse_version(message.model_version)
+    work = run_inference(explainer, message.model_name, version, inference)
+    return to_response(await within_limits(work, timeout_s, lifecycle))
 
 
-def _version(text: str) -> int | None:
-    from app.grpc.service import parse_version
-
-    return parse_version(text)
+def parse_version(text: str) -> int | None:
+    """A request's ``version`` field: empty (the server picks) or a whole number."""
+    if not text:
+        return None
+    if not text.isdigit() or len(text) > 9:
+        raise BadRequest(f"Model version {clip(text)} is not a whole number; send e.g. '1'.")
+    return int(text)
 
 
 async def within_limits(

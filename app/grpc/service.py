@@ -17,15 +17,9 @@ from typing import Any, Protocol
 import grpc
 
 from app import __version__
-from app.errors import (
-    BadRequest,
-    CamserveError,
-    NotReady,
-    ShuttingDown,
-    Unauthorized,
-    clip,
-)
+from app.errors import CamserveError, NotReady, ShuttingDown, Unauthorized
 from app.grpc import messages
+from app.grpc.infer import infer, parse_version
 from app.grpc.status import status_of
 from app.lifecycle import Lifecycle
 from app.models.registry import ModelRegistry
@@ -139,10 +133,14 @@ class Service:
             raise ShuttingDown(
                 "The service is shutting down and takes no new work; retry on another replica."
             )
-        from app.grpc.infer import infer
-
         with self.lifecycle.track():
-            return await infer(self, request, context.time_remaining())
+            return await infer(
+                request,
+                self.settings,
+                self.explainer,
+                self.lifecycle,
+                context.time_remaining(),
+            )
 
     def handlers(self) -> dict[str, Handler]:
         """RPC name -> its coroutine, refusals turned into gRPC statuses."""
@@ -161,15 +159,6 @@ class Service:
 
 EXTENSIONS: tuple[str, ...] = ()
 """Protocol extensions served over gRPC (the repository RPCs are not in KServe's proto)."""
-
-
-def parse_version(text: str) -> int | None:
-    """The ``version`` field of a request: empty (the server picks) or a whole number."""
-    if not text:
-        return None
-    if not text.isdigit() or len(text) > 9:
-        raise BadRequest(f"Model version {clip(text)} is not a whole number; send e.g. '1'.")
-    return int(text)
 
 
 def _answering(method: Handler) -> Handler:

@@ -205,3 +205,65 @@ def test_typed_contents_beside_raw_contents_are_invalid(served: Served) -> None:
             stub.ModelInfer(request, metadata=tuple(KEYED.items()), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "raw_input_contents" in caught.value.details()
+
+
+# ---------------------------------------------------------------------------- in process
+
+
+def test_tritons_extra_parameter_kinds_are_read_from_unknown_fields() -> None:
+    from app.grpc import messages
+    from app.grpc.infer import parameter_value
+
+    for sent, expected in (
+        (service_pb2.InferParameter(uint64_param=7), 7),
+        (service_pb2.InferParameter(double_param=0.25), 0.25),
+        (service_pb2.InferParameter(string_param="GradCAM"), "GradCAM"),
+        (service_pb2.InferParameter(bool_param=True), True),
+    ):
+        ours = messages.InferParameter.FromString(sent.SerializeToString())
+        assert parameter_value("p", ours) == expected
+
+
+def test_a_parameter_without_a_value_is_invalid() -> None:
+    from app.errors import BadRequest
+    from app.grpc import messages
+    from app.grpc.infer import parameter_value
+
+    with pytest.raises(BadRequest, match="'p' has no value"):
+        parameter_value("p", messages.InferParameter())
+
+
+def test_work_past_its_deadline_is_stopped_with_a_timeout() -> None:
+    import asyncio
+
+    from app.errors import RequestTimeout
+    from app.grpc.infer import within_limits
+    from app.lifecycle import Lifecycle
+
+    stopped = []
+
+    async def forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.append(True)
+
+    with pytest.raises(RequestTimeout, match="deadline"):
+        asyncio.run(within_limits(forever(), 0.01, Lifecycle(grace_s=1)))
+    assert stopped == [True]
+
+
+def test_work_past_the_drains_grace_is_cut() -> None:
+    import asyncio
+
+    from app.errors import ShuttingDown
+    from app.grpc.infer import within_limits
+    from app.lifecycle import Lifecycle
+
+    async def cut_while_running() -> None:
+        lifecycle = Lifecycle(grace_s=0)
+        asyncio.get_running_loop().call_soon(lifecycle.cut.set)
+        await within_limits(asyncio.Event().wait(), None, lifecycle)
+
+    with pytest.raises(ShuttingDown, match="grace period"):
+        asyncio.run(cut_while_running())
