@@ -46,7 +46,8 @@ async def _serve_both(server: DrainingServer, settings: Settings) -> int:
 
     assert settings.grpc_port is not None
     try:  # in the loop: a grpc.aio server belongs to the loop it is made in
-        grpc_server = GrpcServer(server.config.app.state, settings.host, settings.grpc_port)
+        app: Any = server.config.app  # the FastAPI app: its state is filled by its lifespan
+        grpc_server = GrpcServer(app.state, settings.host, settings.grpc_port)
     except RuntimeError as error:
         print(
             f"camserve: cannot listen for gRPC on {settings.host}:{settings.grpc_port} "
