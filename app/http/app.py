@@ -12,16 +12,17 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app import __version__
-from app.http.errors import install_error_handlers
+from app.http.errors import PREFIXES, install_error_handlers
 from app.http.middleware.access import AccessMiddleware
 from app.http.middleware.body_limit import BodyLimitMiddleware
 from app.http.middleware.gate import GateMiddleware
 from app.http.openapi import form_fields_without_null
 from app.http.protocols import kserve, oip, repository
-from app.http.protocols.base import PREFIXES, json_body_limit
+from app.http.protocols.base import json_body_limit
 from app.http.routes import explain, health, jobs, metrics, models, predict
 from app.http.routes.docs import install_docs
 from app.http.routes.ui import install_ui
@@ -45,6 +46,8 @@ PyTorch image classifiers of a model store. Errors are always
 """
 _FORM_OVERHEAD = 64 * 1024  # room for the form fields and part headers
 _TRIM_EVERY_S = 10.0  # how often freed heap pages go back to the system (app.models.memory)
+_GZIP_MIN_BYTES = 1024  # smaller answers go as they are (compressing would save too little)
+_GZIP_LEVEL = 5  # level 9 costs three times the CPU for a few percent on JSON of floats
 
 
 @asynccontextmanager
@@ -172,11 +175,17 @@ def _include_routes(app: FastAPI, settings: Settings) -> None:
         app.include_router(metrics.router)
     install_docs(app)
     if settings.ui:
-        install_ui(app)
+        install_ui(app)  # its page at / answers KServe v1's liveness to non-browsers
+    else:
+        app.include_router(kserve.root_router)
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    """From the inside out: the body limit, the gate, CORS, the access log and request id."""
+    """From the inside out: answer compression, the body limit (and request decompression),
+    the gate, CORS, the access log and request id."""
+    # Answers (JSON, binary tensors) compressed for a client that accepts gzip; images, event
+    # streams and small answers are left alone (Starlette's exclusions and minimum size).
+    app.add_middleware(GZipMiddleware, minimum_size=_GZIP_MIN_BYTES, compresslevel=_GZIP_LEVEL)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,

@@ -11,15 +11,16 @@ from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
 from app.errors import Unauthorized
-from app.http import uploads
 from app.http.cutoff import guarded
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer
+from app.protocols import uploads
 from app.settings import Settings
 
+API_KEY_HEADER = "X-API-Key"
 _api_key_header = APIKeyHeader(
-    name="X-API-Key", auto_error=False, description="required when CAMSERVE_API_KEY is set"
+    name=API_KEY_HEADER, auto_error=False, description="required when CAMSERVE_API_KEY is set"
 )
 _CHUNK = 1024 * 1024
 T = TypeVar("T")
@@ -83,12 +84,15 @@ async def read_uploads(files: list[UploadFile], settings: Settings) -> list[Uplo
     return read
 
 
-async def within_limits(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run a synchronous request's work under its deadline, its client's presence and the
-    shutdown's grace period (``app.http.cutoff``)."""
+async def within_limits(
+    request: Request, work: Coroutine[Any, Any, T], timeout_s: float | None = None
+) -> T:
+    """Run a synchronous request's work under its deadline (``timeout_s``, or
+    CAMSERVE_REQUEST_TIMEOUT_S), its client's presence and the shutdown's grace period
+    (``app.http.cutoff``)."""
     return await guarded(
         request,
         work,
-        timeout_s=get_settings(request).request_timeout_s,
+        timeout_s=get_settings(request).request_timeout_s if timeout_s is None else timeout_s,
         lifecycle=request.app.state.lifecycle,
     )

@@ -35,8 +35,21 @@ from app.errors import (
     error_body,
 )
 from app.observability.context import REQUEST_ID_HEADER, current_request_id
+from app.protocols.validation import describe
 
 logger = logging.getLogger(__name__)
+
+PREFIXES = ("/v1/", "/v2/")
+"""Paths of the inference protocols (KServe v1, OIP v2): their body limit, and every refusal
+under them (an unknown route, a method not allowed, a crash) in their shape."""
+
+
+def _shaped(request: Request, code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The error body for ``request``'s path: ``{"error": message}`` under the protocols' paths
+    (tritonclient and the kserve SDK read nothing else), camserve's own shape elsewhere."""
+    if (request.url.path + "/").startswith(PREFIXES):
+        return {"error": message}
+    return error_body(code, message, details)
 
 
 def _refusal(error: CamserveError, protocol: bool) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -93,18 +106,7 @@ _FRAMEWORK_ERRORS: dict[int, type[CamserveError]] = {
 def describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
     """FastAPI's validation errors as one message naming each field and its problem, and the
     problems as a list."""
-    problems = []
-    for item in exc.errors():
-        place = [str(part) for part in item.get("loc", ())]
-        # "file", "inputs.0.data": the field, without its place; the place for a whole body
-        where = ".".join(p for p in place if p not in ("body", "query", "path"))
-        where = where or (place[0] if place else "request")
-        message = item.get("msg", "invalid")
-        if item.get("type") == "missing":
-            message = "is required" if where != "file" else "is required: attach an image file"
-        problems.append({"field": where, "problem": message})
-    text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
-    return f"Invalid request: {text}. See /docs for the accepted parameters.", problems
+    return describe(exc.errors())
 
 
 def _allowed_methods(request: Request) -> str:
@@ -140,7 +142,7 @@ def install_error_handlers(app: FastAPI) -> None:
         elif isinstance(exc, ClientClosedRequest):
             logger.info("%s %s: %s", request.method, request.url.path, exc.message)
         return JSONResponse(
-            error_body(exc.code, exc.message, exc.details),
+            _shaped(request, exc.code, exc.message, exc.details),
             status_code=exc.status_code,
             headers=exc.headers,
         )
@@ -149,7 +151,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, problems = describe_validation(exc)
         return JSONResponse(
-            error_body(InvalidRequest.code, message, {"problems": problems}),
+            _shaped(request, InvalidRequest.code, message, {"problems": problems}),
             status_code=InvalidRequest.status_code,
         )
 
@@ -166,13 +168,17 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"No route {request.url.path}; see /docs for the API."
         elif exc.status_code == 400 and "parsing the body" in message:
             message = "The request body could not be parsed; send multipart/form-data."
-        return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)
+        return JSONResponse(
+            _shaped(request, code, message), status_code=exc.status_code, headers=headers
+        )
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(
-            error_body(CamserveError.code, "Internal server error; the details are in the log."),
+            _shaped(
+                request, CamserveError.code, "Internal server error; the details are in the log."
+            ),
             status_code=500,
             # Rendered outside the access middleware, which tags every other answer.
             headers={REQUEST_ID_HEADER: request_id}

@@ -279,24 +279,35 @@ class Explainer:
         uploads: Sequence[Upload],
         top_k: int,
         version: int | None = None,
+        priority: Priority = "interactive",
     ) -> PredictResponse:
         """Top-k classes for each upload, from one (possibly shared) batched forward.
 
         The memory its decoding takes is held first, then admission (503 when the queue is
-        full) comes, both before any pixel is decoded."""
+        full) comes, both before any pixel is decoded. ``priority``: the request's class on
+        the model (``app.pipeline.scheduling``)."""
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
         async with self._room_to_decode(model, uploads, picture_side=0):
-            return await self._predict(model, uploads, top_k, started)
+            return await self._predict(model, uploads, top_k, started, priority)
 
     async def _predict(
-        self, model: LoadedModel, uploads: Sequence[Upload], top_k: int, started: float
+        self,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        top_k: int,
+        started: float,
+        priority: Priority = "interactive",
     ) -> PredictResponse:
         with self.limiter.admit():
             decoded, decode_s = await self._decode(model, uploads, picture_side=0)
             batch = stack_inputs(decoded)
             outcome, info = await self.batcher(model).submit(
-                ("forward",), batch, len(batch), partial(run_forward_pass, model)
+                ("forward",),
+                batch,
+                len(batch),
+                partial(run_forward_pass, model),
+                priority=priority,
             )
         results = [
             PredictResult(

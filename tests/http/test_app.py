@@ -16,7 +16,12 @@ from tests.conftest import wait_ready
 def test_middleware_order_and_the_gate_on_the_live_routes(settings: Settings) -> None:
     app = create_app(settings)
     names = [m.cls.__name__ for m in app.user_middleware]  # outermost first
-    assert names == ["AccessMiddleware", "GateMiddleware", "BodyLimitMiddleware"]
+    assert names == [
+        "AccessMiddleware",
+        "GateMiddleware",
+        "BodyLimitMiddleware",
+        "GZipMiddleware",
+    ]
     [gate] = [m for m in app.user_middleware if m.cls is GateMiddleware]
     assert gate.kwargs["routes"] is app.router.routes
 

@@ -12,11 +12,10 @@ covers them. A ``ProtocolRoute`` (KServe v1, OIP v2) gets its refusals in the pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fastapi.routing
-from fastapi.dependencies.models import Dependant
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -24,12 +23,8 @@ from app.errors import ShuttingDown, Unauthorized
 from app.http.admin import require_admin_key
 from app.http.deps import api_key_matches, require_api_key
 from app.http.errors import send_refusal
-from app.http.protocols.base import ProtocolRoute
+from app.http.protocols.base import ProtocolRoute, depends_on
 from app.lifecycle import Lifecycle
-
-
-def _depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
-    return any(d.call is call or _depends_on(d, call) for d in dependant.dependencies)
 
 
 def endpoints(routes: Sequence[BaseRoute]) -> Iterator[tuple[Any, BaseRoute]]:
@@ -49,14 +44,14 @@ def is_gated(route: BaseRoute) -> bool:
     if "POST" in (getattr(route, "methods", None) or ()):
         return True
     dependant = getattr(route, "dependant", None)
-    return dependant is not None and _depends_on(dependant, require_api_key)
+    return dependant is not None and depends_on(dependant, require_api_key)
 
 
 def takes_api_key(route: BaseRoute) -> bool:
     """Whether a gated ``route`` asks for the API key: all do but the repository API's, which
     asks for the admin key (``require_admin_key``) instead."""
     dependant = getattr(route, "dependant", None)
-    return not (dependant is not None and _depends_on(dependant, require_admin_key))
+    return not (dependant is not None and depends_on(dependant, require_admin_key))
 
 
 class GateMiddleware:

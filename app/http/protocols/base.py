@@ -2,21 +2,20 @@
 
 Their errors take the protocols' shape, ``{"error": "message"}``, with the status camserve's own
 routes would give (400 for a body the protocol does not allow). Images come base64-encoded in
-JSON, so their bodies may be a third larger than the multipart ones.
+JSON, so their bodies may be a third larger than the multipart ones. The codecs themselves are
+transport-neutral, in ``app.protocols``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import email.message
 import json
 import math
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import anyio.to_thread
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -25,21 +24,12 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import BadRequest, CamserveError, clip
-from app.http import uploads
-from app.http.deps import get_registry
+from app.http.admin import ADMIN_KEY_HEADER, require_admin_key
+from app.http.deps import API_KEY_HEADER, get_registry, require_api_key
 from app.http.errors import describe_validation
 from app.models.registry import ModelRegistry
-from app.pipeline.decoding import Upload
-from app.settings import Settings
-
-PREFIXES = ("/v1/", "/v2/")
-"""Paths of the protocol routes (the body limit and the error shape follow them)."""
-
-EXAMPLE_IMAGE_B64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8ISfHgA0wMeAAg1MCANDKARQfGKMRAAAAAElF"
-    "TkSuQmCC"
-)
-"""A whole 8x8 PNG, base64: the request examples of the schema work when sent as they are."""
+from app.protocols.binary import HEADER, header_length
+from app.protocols.oip import InferenceRequest, model_ready
 
 
 class ModelNameConvertor(Convertor[str]):
@@ -71,9 +61,8 @@ def protocol_error(message: str, status: int, headers: Mapping[str, str] | None 
 
 def get_model_ready(name: str, registry: ModelRegistry = Depends(get_registry)) -> JSONResponse:
     """Answer 200 when the model can serve, 503 while it loads or when it failed."""
-    entry = registry.entry(name)
-    ready = entry.status == "ready"
-    return JSONResponse({"name": entry.name, "ready": ready}, status_code=200 if ready else 503)
+    ready = model_ready(registry, name, None)
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
 def json_body_limit(max_upload_bytes: int, max_images: int, overhead: int) -> int:
@@ -82,37 +71,72 @@ def json_body_limit(max_upload_bytes: int, max_images: int, overhead: int) -> in
     return 4 * math.ceil(max_upload_bytes / 3) * max_images + overhead
 
 
-def _is_json(content_type: str | None) -> bool:
-    if not content_type:
-        return True  # FastAPI reads a body without a content type as JSON
-    message = email.message.Message()
-    message["content-type"] = content_type
-    subtype = message.get_content_subtype()
-    return message.get_content_maintype() == "application" and (
-        subtype == "json" or subtype.endswith("+json")
-    )
+def depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
+    """Whether ``call`` is among the dependencies of ``dependant``, at any depth."""
+    return any(d.call is call or depends_on(d, call) for d in dependant.dependencies)
+
+
+def _as_json(request: Request, parsed: Any) -> Request:
+    """The request as FastAPI's handler should see it: its body ``parsed`` already, and typed
+    JSON. FastAPI reads a body as JSON only under a JSON content type (0.132 and later), and
+    tritonclient sends none (sync) or ``application/octet-stream`` (asyncio)."""
+    scope = dict(request.scope)
+    scope["headers"] = [
+        *((name, value) for name, value in request.scope["headers"] if name != b"content-type"),
+        (b"content-type", b"application/json"),
+    ]
+    typed = Request(scope, request.receive, request._send)
+    typed._body = request._body
+    typed._json = parsed  # Starlette's cache: FastAPI parses it no more
+    return typed
 
 
 class ProtocolRoute(APIRoute):
     """A route whose every refusal (API key, body, domain error) is ``{"error": "..."}``.
 
-    Its JSON body is parsed and checked against the body model on a worker thread: a body of
-    the size the protocol limit allows (hundreds of MB) takes seconds to parse, which on the
-    event loop would stall every other request, the probes included. Only a body that passed
-    reaches FastAPI's own parse (cached) and validation (of a body the model bounds)."""
+    Its keys (API key, admin key) are checked before a byte of its body is read. Its body is
+    read as JSON whatever its Content-Type: the strict JSON check of FastAPI guards against
+    cross-site form posts, which cannot send a key header, and every protocol route takes its
+    key in a header only (docs/hardening.md). With ``Inference-Header-Content-Length`` the body
+    is the binary tensor data extension's: that much JSON, then the tensors' bytes
+    (``request.state.binary``), on the routes whose body is an ``InferenceRequest``.
+
+    The JSON is parsed and checked against the body model on a worker thread: a body of the
+    size the protocol limit allows (hundreds of MB) takes seconds to parse, which on the event
+    loop would stall every other request, the probes included. Only a body that passed reaches
+    FastAPI's own validation (of a body the model bounds)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         body_type = None if self.body_field is None else self.body_field.field_info.annotation
         checker = None if body_type is None else TypeAdapter(body_type)
+        takes_binary = body_type is InferenceRequest
+        keys = [
+            check
+            for check in (require_api_key, require_admin_key)
+            if depends_on(self.dependant, check)
+        ]
 
         async def handle(request: Request) -> Response:
             try:
-                if checker is not None and _is_json(request.headers.get("content-type")):
+                for check in keys:  # before the body: an anonymous body is never read
+                    header = API_KEY_HEADER if check is require_api_key else ADMIN_KEY_HEADER
+                    await check(request, request.headers.get(header))
+                if checker is not None:
                     body = await request.body()
+                    framing = request.headers.get(HEADER)
+                    binary = b""
+                    if framing is not None:
+                        if not takes_binary:
+                            raise BadRequest(
+                                f"This route takes no binary data; send JSON without {HEADER}."
+                            )
+                        length = header_length(framing, len(body))
+                        body, binary = body[:length], body[length:]
                     if body:
                         parsed = await anyio.to_thread.run_sync(_parse_body, checker, body)
-                        request._json = parsed  # Starlette's cache: FastAPI parses it no more
+                        request = _as_json(request, parsed)
+                    request.state.binary = binary
                 return await handler(request)
             except CamserveError as error:
                 return protocol_error(error.message, error.status_code, error.headers)
@@ -152,7 +176,9 @@ def _parse_body(checker: TypeAdapter[Any], body: bytes) -> Any:
         )
     try:
         parsed = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:
+        # JSONDecodeError, UnicodeDecodeError, and the ValueError of an integer of more than
+        # 4,300 digits (Python's guard against quadratic int parsing).
         raise BadRequest(
             f"The request body is not valid JSON ({clip(str(error), 80)}); send a JSON object."
         ) from None
@@ -165,23 +191,3 @@ def _parse_body(checker: TypeAdapter[Any], body: bytes) -> Any:
             [{**problem, "loc": ("body", *problem["loc"])} for problem in problems]
         ) from None
     return parsed
-
-
-def decode_images(encoded: Sequence[tuple[str, str]], settings: Settings) -> list[Upload]:
-    """``(name, base64 text)`` pairs -> uploads, with the limits of the multipart routes."""
-    if not encoded:
-        raise BadRequest("No image sent; send at least one base64-encoded image.")
-    uploads.check_count(len(encoded), settings)
-    decoded = []
-    for name, text in encoded:
-        compact = "".join(text.split())
-        uploads.check_size(name, len(compact) // 4 * 3 - 2, settings)  # before decoding it
-        try:
-            data = base64.b64decode(compact, validate=True)
-        except (binascii.Error, ValueError):
-            raise BadRequest(
-                f"{clip(name)} is not valid base64 (standard alphabet, with padding)."
-            ) from None
-        uploads.check_size(name, len(data), settings)
-        decoded.append(Upload(filename=name, data=data))
-    return decoded

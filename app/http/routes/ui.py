@@ -2,18 +2,19 @@
 
 The page only calls the public API (``/models``, ``/models/{name}``, ``/explain``) from the
 browser, so it needs nothing from the server beyond these files. ``CAMSERVE_UI=false`` leaves
-it out (``GET /`` is then a 404).
+it out (``GET /`` then answers KServe v1's liveness to everyone).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.cam import COLORMAPS, colormap_lut
+from app.protocols.kserve import ALIVE
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
 UI_ASSETS_PATH = "/ui"
@@ -22,9 +23,14 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/")
-def get_page() -> FileResponse:
-    """The explanation page."""
-    return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+def get_page(request: Request) -> Response:
+    """The explanation page for a browser; KServe v1's liveness answer for any other client
+    (one that does not name text/html in Accept)."""
+    if "text/html" not in request.headers.get("accept", ""):
+        return JSONResponse(ALIVE, headers={"Vary": "Accept"})
+    return FileResponse(
+        UI_DIR / "index.html", headers={"Cache-Control": "no-cache", "Vary": "Accept"}
+    )
 
 
 @router.get("/ui/colormaps.json")

@@ -1,4 +1,4 @@
-"""What the inference protocols share: base64 images to uploads, the body limit, the
+"""What the inference protocols share over HTTP: the body limit, the
 ``{"error": ...}`` shape of every refusal, one readiness answer for KServe v1 and OIP v2, and
 bodies parsed and checked off the event loop before FastAPI."""
 
@@ -6,39 +6,15 @@ from __future__ import annotations
 
 import base64
 import math
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.errors import BadRequest, InvalidParameter, PayloadTooLarge
-from app.http.protocols.base import decode_images, json_body_limit
-from app.settings import Settings
+from app.http.protocols.base import json_body_limit
 
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-@pytest.fixture
-def limits(store: Path) -> Settings:
-    return Settings(model_store=store, max_upload_bytes=1024, max_images=2)
-
-
-def test_base64_images_become_uploads(limits: Settings) -> None:
-    uploads = decode_images([("a", b64(b"first")), ("b", b64(b"sec\nond")[:4] + "\n")], limits)
-    assert [(u.filename, u.data) for u in uploads] == [("a", b"first"), ("b", b"sec")]
-
-
-def test_what_the_protocols_refuse(limits: Settings) -> None:
-    with pytest.raises(BadRequest, match="No image sent"):
-        decode_images([], limits)
-    with pytest.raises(InvalidParameter, match="CAMSERVE_MAX_IMAGES"):
-        decode_images([("a", "")] * 3, limits)
-    with pytest.raises(BadRequest, match="'a' is not valid base64"):
-        decode_images([("a", "not base64!")], limits)
-    with pytest.raises(PayloadTooLarge, match="CAMSERVE_MAX_UPLOAD_BYTES"):
-        decode_images([("a", b64(b"x" * 1025))], limits)
 
 
 def test_the_json_body_limit_holds_every_image_at_the_upload_limit() -> None:

@@ -254,9 +254,9 @@ def test_outputs_come_in_the_order_asked_and_several_layers_give_the_fused_map(
         ),
         (
             explain_body(image_bytes(), colormap="jet"),
-            422,
-            "Unknown explain parameter 'colormap'; the parameters are method, class_idx, "
-            "target_layer, normalized, num_samples",
+            400,
+            "infer takes no parameter 'colormap'; its parameters are priority, timeout, "
+            "binary_data_output, method, class_idx, target_layer, normalized, num_samples",
         ),
         (
             explain_body(image_bytes(), method="FinerCAM", gamma="high"),

@@ -1,4 +1,5 @@
-"""GET / serves the page and its assets; CAMSERVE_UI=false leaves it out."""
+"""GET / serves the page and its assets to a browser, KServe v1's liveness to other clients;
+CAMSERVE_UI=false leaves the page out."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from fastapi.testclient import TestClient
 from app.cam import COLORMAPS, colormap_lut
 from tests.conftest import assert_error
 
+HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}  # what a browser sends
+
 
 def test_page_and_its_assets(client: TestClient) -> None:
-    page = client.get("/")
+    page = client.get("/", headers=HTML)
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     # Everything the page loads is relative to the service: no CDN, no absolute URL.
@@ -38,12 +41,20 @@ def test_the_page_is_not_part_of_the_api_schema(client: TestClient) -> None:
 
 def test_ui_can_be_switched_off(make_client: Callable[..., TestClient]) -> None:
     off = make_client(ui=False)
-    assert_error(off.get("/"), 404, "not_found")
+    assert off.get("/", headers=HTML).json() == {"status": "alive"}
     assert_error(off.get("/ui/page.js"), 404, "not_found")
     assert off.get("/docs").status_code == 200  # the API docs stay
 
 
 def test_page_is_open_when_a_key_is_set(make_client: Callable[..., TestClient]) -> None:
     keyed = make_client(api_key="k")
-    assert keyed.get("/").status_code == 200  # the page asks for the key itself
+    page = keyed.get("/", headers=HTML)  # the page asks for the key itself
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert_error(keyed.get("/models"), 401, "unauthorized")
+
+
+def test_a_client_that_does_not_ask_for_html_gets_kserve_liveness(client: TestClient) -> None:
+    for accept in ("*/*", "application/json", None):
+        answer = client.get("/", headers={} if accept is None else {"Accept": accept})
+        assert (answer.status_code, answer.json()) == (200, {"status": "alive"})
+        assert answer.headers["vary"] == "Accept"

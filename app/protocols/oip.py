@@ -1,0 +1,635 @@
+"""The Open Inference Protocol (KServe v2) codec: metadata, readiness, and ``infer``.
+
+``infer`` takes images in the input ``image`` (BYTES: encoded images, base64 in JSON or raw in
+binary data; or UINT8 ``[N, H, W, 3]`` pixels in binary data) and answers the output ``logits``
+and, when asked for, ``cam``: each image's class activation map.
+
+A transport calls, in order:
+
+1. ``validated(InferenceRequest, data)`` (or its own parse) -> the request model;
+2. ``read_inference(request, buffers, settings)`` -> an ``Inference``: the uploads, the explain
+   parameters, the outputs wanted, the priority and the deadline; every refusal is a
+   ``CamserveError`` raised before any image is decoded;
+3. ``run_inference(explainer, name, version, inference)`` under the transport's own limits
+   (deadline ``inference.timeout_s``, disconnect, drain) -> an ``InferenceResult`` whose
+   ``outputs`` are ``OutputTensor``s: ``json_data()`` for JSON, ``raw()`` for binary data and
+   gRPC's ``raw_output_contents``.
+
+Triton's request parameters (``priority``, ``timeout``, ``binary_data_output``; ``sequence_*``
+refused) are consumed here; the rest are explain parameters, read by ``build_params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app import __version__
+from app.errors import BadRequest, clip
+from app.models.registry import ModelRegistry
+from app.pipeline.decoding import Upload
+from app.pipeline.explainer import Explainer, ExplainParams
+from app.pipeline.params import OPTION_NAMES, build_params
+from app.pipeline.results import ExplainResponse, Prediction
+from app.pipeline.scheduling import Priority
+from app.protocols.binary import SIZE, bytes_elements, pack_bytes
+from app.protocols.images import EXAMPLE_IMAGE_B64, decode_images, pixel_images
+from app.settings import Settings
+
+INPUT = "image"
+OUTPUT = "logits"
+CAM = "cam"
+OUTPUTS = (OUTPUT, CAM)
+#: The general explain parameters ``infer`` takes; the map is always raw (``output`` fixed).
+EXPLAIN_PARAMETERS = ("method", "class_idx", "target_layer", "normalized")
+PLATFORM = "pytorch"
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "statistics")
+"""The protocol extensions camserve serves, as the server metadata lists them."""
+MAX_RANK = 8
+"""Most dimensions of an input's shape (images need two: the batch, and rows of it)."""
+MAX_ELEMENTS = 256
+"""Most elements of an input's data (CAMSERVE_MAX_IMAGES allows at most 256 images)."""
+MAX_ID = 256
+"""Longest request ``id``: it is echoed in the answer."""
+
+#: Triton's request parameters that camserve reads (and those it refuses, below).
+TRITON_PARAMETERS = ("priority", "timeout", "binary_data_output")
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+#: ``priority`` at or under this is interactive work; above it, background work (Triton: 1 is
+#: the highest level, 0 the model's default).
+INTERACTIVE_PRIORITY = 1
+#: What an output's ``parameters`` may hold, besides the explain options of ``cam``.
+OUTPUT_PARAMETERS = ("binary_data", "classification")
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "shapes",
+                    "versions": ["1"],
+                    "platform": PLATFORM,
+                    "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+                    "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, 8]}],
+                }
+            ]
+        }
+    )
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[Annotated[int, Field(ge=-1)]] = Field(
+        max_length=MAX_RANK, description="at most one -1 (the batch size, from the data)"
+    )
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = Field(
+        None,
+        max_length=MAX_ELEMENTS,
+        description="flat, or one list per row; left out when the tensor is binary data. A "
+        "BYTES element is base64 text in JSON (``bytes`` from a transport that carries raw "
+        "bytes)",
+    )
+
+    @field_validator("shape")
+    @classmethod
+    def _one_wildcard(cls, shape: list[int]) -> list[int]:
+        if shape.count(-1) > 1:
+            raise ValueError(f"at most one dimension may be -1; got {shape}")
+        return shape
+
+    @field_validator("data")
+    @classmethod
+    def _short_rows(cls, data: list[Any] | None) -> list[Any] | None:
+        if data is not None and any(
+            isinstance(row, list) and len(row) > MAX_ELEMENTS for row in data
+        ):
+            raise ValueError(f"a row of data may hold at most {MAX_ELEMENTS} elements")
+        return data
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "42",
+                    "inputs": [
+                        {
+                            "name": INPUT,
+                            "shape": [1],
+                            "datatype": "BYTES",
+                            "data": [EXAMPLE_IMAGE_B64],
+                        }
+                    ],
+                    "outputs": [{"name": OUTPUT}],
+                }
+            ]
+        }
+    )
+    id: str | None = Field(None, max_length=MAX_ID)
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput] = Field(min_length=1, max_length=MAX_ELEMENTS)
+    outputs: list[RequestOutput] | None = Field(None, max_length=MAX_ELEMENTS)
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: Literal["FP32", "BYTES"]
+    parameters: dict[str, Any] | None = None
+    data: list[float] | list[str] | None = Field(
+        None, description="row-major; left out when the output is binary data"
+    )
+
+
+class InferenceResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "shapes",
+                    "model_version": "1",
+                    "id": "42",
+                    "outputs": [
+                        {
+                            "name": OUTPUT,
+                            "shape": [1, 3],
+                            "datatype": "FP32",
+                            "data": [4.79, 0.06, -0.1],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+# ---------------------------------------------------------------------------- health, metadata
+
+
+def server_metadata() -> ServerMetadata:
+    """The server's name, version and protocol extensions."""
+    return ServerMetadata(name="camserve", version=__version__, extensions=list(EXTENSIONS))
+
+
+def server_ready(registry: ModelRegistry, draining: bool) -> bool:
+    """Every model loaded (or failed), and the service not draining."""
+    return registry.ready and not draining
+
+
+def model_ready(registry: ModelRegistry, name: str, version: int | None) -> bool:
+    """Whether the model (that version, when given) can serve; ModelNotFound when unknown."""
+    entry = registry.entry(name)
+    if version is None:
+        return entry.status == "ready"
+    chosen = entry.versions.get(version)
+    return chosen is not None and chosen.model is not None
+
+
+def model_metadata(registry: ModelRegistry, name: str, version: int | None) -> ModelMetadata:
+    """The model's input (images) and outputs (logits, one row per image; cam, one map each)."""
+    model = registry.get(name, version)
+    return ModelMetadata(
+        name=model.spec.name,
+        versions=[str(number) for number in sorted(registry.entry(name).versions)],
+        platform=PLATFORM,
+        inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
+        outputs=[
+            TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, model.spec.num_classes]),
+            TensorMetadata(name=CAM, datatype="FP32", shape=[-1, -1, -1]),
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------- reading a request
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """An output asked for: its name, whether it comes back as binary data, and for
+    ``logits`` the classification extension's class count (0: the logits themselves)."""
+
+    name: str
+    binary: bool = False
+    classification: int = 0
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What an ``infer`` request asks of the pipeline, read and checked."""
+
+    uploads: list[Upload]
+    params: ExplainParams | None
+    """The explanation (output ``cam``); None for the logits only."""
+    outputs: tuple[Wanted, ...]
+    """In the order asked, no name twice; ``logits`` alone when the request named none."""
+    priority: Priority = "interactive"
+    timeout_s: float | None = None
+    """The request's deadline: Triton's ``timeout`` capped by CAMSERVE_REQUEST_TIMEOUT_S."""
+    id: str | None = None
+
+
+def read_inference(
+    request: InferenceRequest,
+    buffers: Sequence[bytes | memoryview | None] | None,
+    settings: Settings,
+) -> Inference:
+    """An ``infer`` request -> what it asks, every refusal (BadRequest and the upload limits)
+    raised before an image is decoded.
+
+    ``buffers``: one per input, its raw data (the binary part's slice, or gRPC's
+    ``raw_input_contents``), or None for an input whose data is in ``data``; None or empty when
+    no input is raw."""
+    parameters = dict(request.parameters or {})
+    triton = _triton_parameters(parameters, settings)
+    uploads = _uploads(request.inputs, buffers, settings)
+    outputs, cam_options = _wanted(request.outputs, triton.binary_output)
+    params = _explain_params(parameters, cam_options, any(o.name == CAM for o in outputs))
+    return Inference(
+        uploads=uploads,
+        params=params,
+        outputs=outputs,
+        priority=triton.priority,
+        timeout_s=triton.timeout_s,
+        id=request.id,
+    )
+
+
+@dataclass(frozen=True)
+class _Triton:
+    priority: Priority
+    timeout_s: float | None
+    binary_output: bool
+
+
+def _whole(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(
+            f"Parameter {name!r} must be a whole number >= 0; got {clip(repr(value))}."
+        )
+    return value
+
+
+def _triton_parameters(parameters: dict[str, Any], settings: Settings) -> _Triton:
+    """Take Triton's parameters out of ``parameters`` (what is left is for the explanation)."""
+    sequence = [name for name in SEQUENCE_PARAMETERS if name in parameters]
+    if sequence:
+        raise BadRequest(
+            f"Parameters {', '.join(sequence)} are for stateful (sequence) models; camserve's "
+            "models are stateless: send each request on its own, without them."
+        )
+    priority = _whole("priority", parameters.pop("priority", 0))
+    timeout_us = _whole("timeout", parameters.pop("timeout", 0))
+    binary = parameters.pop("binary_data_output", False)
+    if not isinstance(binary, bool):
+        raise BadRequest(f"Parameter 'binary_data_output' must be true or false; got {binary!r}.")
+    timeout_s = settings.request_timeout_s
+    if timeout_us:
+        asked = timeout_us / 1e6
+        timeout_s = asked if timeout_s is None else min(asked, timeout_s)
+    return _Triton(
+        priority="interactive" if priority <= INTERACTIVE_PRIORITY else "background",
+        timeout_s=timeout_s,
+        binary_output=binary,
+    )
+
+
+def _wanted(
+    outputs: Sequence[Any] | None, binary_default: bool
+) -> tuple[tuple[Wanted, ...], dict[str, Any]]:
+    """The outputs asked for, and the explain options given in ``cam``'s parameters."""
+    if not outputs:
+        return (Wanted(OUTPUT, binary=binary_default),), {}
+    wanted: dict[str, Wanted] = {}
+    cam_options: dict[str, Any] = {}
+    for output in outputs:
+        if output.name not in OUTPUTS:
+            raise BadRequest(
+                f"Unknown output {clip(output.name)}; this model has {' and '.join(OUTPUTS)}."
+            )
+        params = dict(output.parameters or {})
+        binary = params.pop("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise BadRequest(f"Output {output.name!r}: binary_data must be true or false.")
+        classes = _whole("classification", params.pop("classification", 0))
+        if classes and output.name != OUTPUT:
+            raise BadRequest(f"Only the output {OUTPUT!r} takes 'classification'.")
+        if output.name == CAM:
+            _check_names(params, (*EXPLAIN_PARAMETERS, *OPTION_NAMES), f"The output {CAM!r}")
+            cam_options.update(params)
+        elif params:
+            raise BadRequest(
+                f"Output {output.name!r} takes the parameters {', '.join(OUTPUT_PARAMETERS)}; "
+                f"got {clip(next(iter(params)))}."
+            )
+        wanted[output.name] = Wanted(output.name, binary=binary, classification=classes)
+    return tuple(wanted.values()), cam_options
+
+
+def _check_names(parameters: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = [name for name in parameters if name not in allowed]
+    if unknown:
+        raise BadRequest(
+            f"{where} takes no parameter {clip(unknown[0])}; its parameters are "
+            f"{', '.join(allowed)}."
+        )
+
+
+def _explain_params(
+    parameters: dict[str, Any], cam_options: Mapping[str, Any], explaining: bool
+) -> ExplainParams | None:
+    """The explanation asked for (output ``cam``), from the request's parameters and ``cam``'s;
+    None for the logits only (explain parameters are then refused, not ignored)."""
+    _check_names(parameters, (*TRITON_PARAMETERS, *EXPLAIN_PARAMETERS, *OPTION_NAMES), "infer")
+    if not explaining:
+        if parameters:
+            raise BadRequest(
+                f"Parameter {next(iter(parameters))!r} is for an explanation; add the output "
+                f"{CAM!r} to the request's outputs."
+            )
+        return None
+    for name, value in cam_options.items():
+        if name in parameters and parameters[name] != value:
+            raise BadRequest(
+                f"Parameter {name!r} is {clip(repr(parameters[name]))} in the request but "
+                f"{clip(repr(value))} in the output {CAM!r}; send it once."
+            )
+    params = build_params(
+        {**parameters, **cam_options}, accepted=EXPLAIN_PARAMETERS, fixed={"output": "raw"}
+    )
+    if params.method is not None and "," in params.method:
+        raise BadRequest(f"The output {CAM!r} holds one map per image; send one method.")
+    return params
+
+
+def _fits(shape: Sequence[int], elements: int) -> bool:
+    """Whether ``elements`` fill ``shape``, whose one -1 (if any) takes what the others leave."""
+    if not shape:
+        return False
+    known = 1
+    for dim in shape:
+        known *= dim if dim >= 0 else 1
+    if -1 in shape:
+        return known > 0 and elements % known == 0
+    return known == elements
+
+
+def _uploads(
+    inputs: Sequence[RequestInput],
+    buffers: Sequence[bytes | memoryview | None] | None,
+    settings: Settings,
+) -> list[Upload]:
+    """The images of the input ``image``, checked against its shape and datatype."""
+    names = [tensor.name for tensor in inputs]
+    if names != [INPUT]:
+        raise BadRequest(
+            f"Expected one input named {INPUT!r} (BYTES: encoded images; or UINT8 pixels "
+            f"[N, H, W, 3]); got {', '.join(clip(n) for n in names[:5])}"
+            f"{' ...' if len(names) > 5 else ''}."
+        )
+    tensor = inputs[0]
+    raw = buffers[0] if buffers else None
+    extra = [name for name in tensor.parameters or {} if name != SIZE]
+    if extra:
+        raise BadRequest(
+            f"Input {INPUT!r}: unknown parameter {clip(extra[0])}; an input takes only {SIZE}."
+        )
+    if raw is not None and tensor.data is not None:
+        raise BadRequest(f"Input {INPUT!r} has both data and binary data; send one.")
+    if raw is None and tensor.data is None:
+        raise BadRequest(f"Input {INPUT!r} has no data; send its data, or its binary data.")
+    if tensor.datatype == "UINT8":
+        if raw is None:
+            raise BadRequest(
+                f"Input {INPUT!r}: send UINT8 pixels as binary data (a JSON list of pixels "
+                "would be millions of items), or the encoded image as BYTES."
+            )
+        return pixel_images(INPUT, tensor.shape, bytes(raw), settings)
+    if tensor.datatype != "BYTES":
+        raise BadRequest(
+            f"Input {INPUT!r} must have datatype BYTES (encoded images) or UINT8 (pixels "
+            f"[N, H, W, 3]); got {clip(tensor.datatype)}."
+        )
+    if raw is not None:
+        elements: list[Any] = bytes_elements(INPUT, raw)
+    else:
+        # Row-major data may come flat or nested one level per row.
+        elements = [
+            part
+            for item in tensor.data or []
+            for part in (item if isinstance(item, list) else [item])
+        ]
+        if not all(isinstance(item, str | bytes) for item in elements):
+            raise BadRequest(f"Input {INPUT!r} must hold base64 strings, one image per batch row.")
+    if not _fits(tensor.shape, len(elements)):
+        raise BadRequest(
+            f"Input {INPUT!r} has shape {tensor.shape} but {len(elements)} element(s); use shape "
+            f"[{len(elements)}] for {len(elements)} image(s)."
+        )
+    return decode_images([(f"image{i}", item) for i, item in enumerate(elements)], settings)
+
+
+# ---------------------------------------------------------------------------- running, answering
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output of the answer. ``values``: row-major, floats for FP32, bytes for BYTES."""
+
+    name: str
+    datatype: Literal["FP32", "BYTES"]
+    shape: tuple[int, ...]
+    values: Sequence[float] | Sequence[bytes]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    binary: bool = False
+    """Asked for as binary data (HTTP's binary part); JSON data otherwise."""
+
+    def raw(self) -> bytes:
+        """The raw form: FP32 little-endian; BYTES each with its 4-byte length (as gRPC's
+        ``raw_output_contents`` and the binary part carry them)."""
+        if self.datatype == "BYTES":
+            return pack_bytes(list(self.values))  # type: ignore[arg-type]
+        return np.asarray(self.values, dtype="<f4").tobytes()
+
+    def json_data(self) -> list[float] | list[str]:
+        """The values as JSON data (BYTES as text)."""
+        if self.datatype == "BYTES":
+            return [bytes(value).decode() for value in self.values]  # type: ignore[arg-type]
+        return [float(value) for value in self.values]
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    model_name: str
+    model_version: str
+    outputs: list[OutputTensor]
+    id: str | None = None
+
+
+async def run_inference(
+    explainer: Explainer, name: str, version: int | None, inference: Inference
+) -> InferenceResult:
+    """Run what ``inference`` asks (one predict or one explain call) and render the outputs
+    wanted. The caller applies the deadline (``inference.timeout_s``) and its other limits."""
+    model = explainer.registry.get(name, version)
+    classes = model.spec.num_classes
+    made: dict[str, OutputTensor] = {}
+    if inference.params is None:
+        answer = await explainer.predict(
+            name, inference.uploads, top_k=classes, version=version, priority=inference.priority
+        )
+        model_name, served = answer.model, answer.version
+        rows = [_row(result.predictions, classes) for result in answer.results]
+    else:
+        explained = await explainer.explain(
+            name, inference.uploads, inference.params, version=version, priority=inference.priority
+        )
+        model_name, served = explained.model, explained.version
+        rows = [result.logits for result in explained.results]
+        made[CAM] = _cams(explained)
+    labels = model.spec.labels
+    outputs = []
+    for wanted in inference.outputs:
+        if wanted.name == OUTPUT:
+            tensor = (
+                classification(rows, wanted.classification, labels)
+                if wanted.classification
+                else _logits(rows)
+            )
+        else:
+            tensor = made[wanted.name]
+        outputs.append(
+            OutputTensor(
+                tensor.name,
+                tensor.datatype,
+                tensor.shape,
+                tensor.values,
+                tensor.parameters,
+                binary=wanted.binary,
+            )
+        )
+    return InferenceResult(model_name, str(served), outputs, inference.id)
+
+
+def _row(predictions: list[Prediction], classes: int) -> list[float]:
+    row = [0.0] * classes
+    for prediction in predictions:
+        row[prediction.class_idx] = prediction.logit
+    return row
+
+
+def _logits(rows: Sequence[Sequence[float]]) -> OutputTensor:
+    return OutputTensor(
+        name=OUTPUT,
+        datatype="FP32",
+        shape=(len(rows), len(rows[0]) if rows else 0),
+        values=[value for row in rows for value in row],
+    )
+
+
+def classification(
+    rows: Sequence[Sequence[float]], count: int, labels: Sequence[str] | None
+) -> OutputTensor:
+    """The classification extension: each row's ``count`` highest scores, highest first, as
+    BYTES ``"value:index:label"`` (``"value:index"`` for a model without labels), as Triton
+    writes them."""
+    count = min(count, len(rows[0]) if rows else 0)
+    values = []
+    for row in rows:
+        top = sorted(range(len(row)), key=lambda i: (-row[i], i))[:count]
+        for index in top:
+            text = f"{row[index]:f}:{index}"
+            if labels is not None and index < len(labels):
+                text += f":{labels[index]}"
+            values.append(text.encode())
+    return OutputTensor(name=OUTPUT, datatype="BYTES", shape=(len(rows), count), values=values)
+
+
+def _cams(answer: ExplainResponse) -> OutputTensor:
+    """Each image's map (the fused one when there are several layers), stacked, with what
+    made it as the output's parameters."""
+    maps = [result.explanations[0].maps[-1] for result in answer.results]
+    raws = [m.model_dump(include={"raw"})["raw"] for m in maps]
+    options = {
+        name: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+        for name, value in answer.options.items()
+    }
+    return OutputTensor(
+        name=CAM,
+        datatype="FP32",
+        shape=(len(raws), *raws[0]["shape"]),
+        values=[value for raw in raws for row in raw["values"] for value in row],
+        parameters={
+            "method": answer.method,
+            "layer": maps[0].layer,
+            "target_layers": ",".join(answer.target_layers),
+            "class_idx": ",".join(str(r.explanations[0].class_idx) for r in answer.results),
+            "normalized": raws[0]["normalized"],
+            **options,
+        },
+    )
+
+
+def answer_json(result: InferenceResult) -> tuple[dict[str, Any], list[bytes]]:
+    """The answer as the protocol's JSON object, and the binary part's buffers in order (each
+    binary output's parameters say its ``binary_data_size``; no buffers: a JSON-only answer)."""
+    outputs: list[dict[str, Any]] = []
+    buffers: list[bytes] = []
+    for tensor in result.outputs:
+        shown: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        parameters = dict(tensor.parameters)
+        if tensor.binary:
+            raw = tensor.raw()
+            buffers.append(raw)
+            parameters[SIZE] = len(raw)
+        if parameters:
+            shown["parameters"] = parameters
+        if not tensor.binary:
+            shown["data"] = tensor.json_data()
+        outputs.append(shown)
+    body: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
+    if result.id is not None:
+        body["id"] = result.id
+    body["outputs"] = outputs
+    return body, buffers
