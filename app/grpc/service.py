@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 import grpc
 
-from app import __version__
 from app.errors import CamserveError, NotReady, ShuttingDown, Unauthorized
 from app.grpc import messages
 from app.grpc.infer import infer, parse_version
@@ -24,12 +23,12 @@ from app.grpc.status import status_of
 from app.lifecycle import Lifecycle
 from app.models.registry import ModelRegistry
 from app.pipeline.explainer import Explainer
+from app.protocols import oip
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 API_KEY_METADATA = "x-api-key"
-PLATFORM = "pytorch"
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -70,7 +69,7 @@ class Service:
     def ready(self) -> bool:
         """The server's readiness, as ``/ready`` answers it: models loaded, not draining."""
         registry = getattr(self.state, "registry", None)
-        return registry is not None and registry.ready and not self.lifecycle.draining
+        return registry is not None and oip.server_ready(registry, self.lifecycle.draining)
 
     def check_key(self, context: grpc.aio.ServicerContext) -> None:
         """Refuse a call without the configured API key (no-op when none is set)."""
@@ -94,36 +93,22 @@ class Service:
         return messages.ServerReadyResponse(ready=self.ready())
 
     async def server_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = oip.server_metadata()
         return messages.ServerMetadataResponse(
-            name="camserve", version=__version__, extensions=list(EXTENSIONS)
+            name=metadata.name,
+            version=metadata.version,
+            extensions=[name for name in metadata.extensions if name in EXTENSIONS],
         )
 
     async def model_ready(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.check_key(context)
-        entry = self.registry.entry(request.name)
-        version = parse_version(request.version)
-        if version is None:
-            ready = entry.status == "ready"
-        else:
-            chosen = entry.versions.get(version)
-            ready = chosen is not None and chosen.model is not None
+        ready = oip.model_ready(self.registry, request.name, parse_version(request.version))
         return messages.ModelReadyResponse(ready=ready)
 
     async def model_metadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.check_key(context)
-        registry = self.registry
-        model = registry.get(request.name, parse_version(request.version))
-        tensor = messages.ModelMetadataResponse.TensorMetadata
-        return messages.ModelMetadataResponse(
-            name=model.spec.name,
-            versions=[str(n) for n in sorted(registry.entry(request.name).versions)],
-            platform=PLATFORM,
-            inputs=[tensor(name="image", datatype="BYTES", shape=[-1])],
-            outputs=[
-                tensor(name="logits", datatype="FP32", shape=[-1, model.spec.num_classes]),
-                tensor(name="cam", datatype="FP32", shape=[-1, -1, -1]),
-            ],
-        )
+        metadata = oip.model_metadata(self.registry, request.name, parse_version(request.version))
+        return messages.ModelMetadataResponse(**metadata.model_dump())
 
     # ------------------------------------------------------------------ inference
 
@@ -157,8 +142,10 @@ class Service:
         }
 
 
-EXTENSIONS: tuple[str, ...] = ()
-"""Protocol extensions served over gRPC (the repository RPCs are not in KServe's proto)."""
+EXTENSIONS = ("classification",)
+"""The protocol extensions (of those camserve serves over HTTP) that gRPC serves too: not the
+binary tensor data (gRPC's raw contents are its own), the repository or the statistics (KServe's
+proto has no RPCs for them)."""
 
 
 def _answering(method: Handler) -> Handler:

@@ -75,10 +75,12 @@ def test_the_cam_output_holds_the_maps_of_explain(
     np.testing.assert_allclose(
         result.as_numpy("logits"), [r["logits"] for r in explained["results"]], atol=1e-5
     )
-    parameters = result.get_output("cam", as_json=True)["parameters"]
-    assert parameters["method"] == {"string_param": "ScoreCAM"}
-    assert parameters["class_idx"] == {"string_param": "1,2"}
-    assert parameters["normalized"] == {"bool_param": False}
+    (cam_output,) = [o for o in result.get_response().outputs if o.name == "cam"]
+    parameters = cam_output.parameters
+    assert parameters["method"].string_param == "ScoreCAM"
+    assert parameters["class_idx"].string_param == "1,2"
+    assert parameters["normalized"].WhichOneof("parameter_choice") == "bool_param"
+    assert parameters["normalized"].bool_param is False
 
 
 def test_typed_contents_and_the_request_id(served: Served) -> None:
