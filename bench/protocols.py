@@ -15,9 +15,10 @@ and the raw map back, through:
 - ``grpc``: ``ModelInfer`` through tritonclient.grpc.aio, ``raw_input_contents`` and
   ``raw_output_contents``; one channel for all clients (HTTP/2 multiplexes the calls).
 
-Closed loop: ``c`` clients each send the next request when the last is answered. Each round
-runs every transport once per model and level, in a rotated order, so drift hits all alike;
-the rounds are repeated and the medians reported. The engine's own time for the same work
+At c=1 one client sends the transports' requests in turn, request by request; at c=16, a
+closed loop (16 clients, each sending the next request when the last is answered) per
+transport, the transports in a rotated order. Either way a slow moment of the machine hits
+every transport alike; the rounds are repeated and the medians reported. The engine's own time for the same work
 (GradCAM at batch 1 on the model's input size, extractor setup + forward + map, in this process
 while the server is idle) is measured in the same run; the overhead of a transport is its median
 latency at c=1 less the engine's median, and at c=16 its time per answer (1 / throughput) less
@@ -241,6 +242,26 @@ async def closed_loop(send: Send, concurrency: int, total: int) -> dict[str, Any
     return {"latencies_ms": latencies, "errors": errors, "elapsed_s": elapsed}
 
 
+async def interleaved(senders: dict[str, Send], order: Sequence[str], total: int) -> dict[str, Any]:
+    """One client: ``total`` requests per transport, the transports taking turns request by
+    request (a slow moment of the machine hits them all alike); a transport's elapsed time is
+    the sum of its own requests'."""
+    runs: dict[str, dict[str, Any]] = {
+        t: {"latencies_ms": [], "errors": 0, "elapsed_s": 0.0} for t in order
+    }
+    for _ in range(total):
+        for transport in order:
+            started = time.perf_counter()
+            status = await senders[transport]()
+            elapsed = time.perf_counter() - started
+            runs[transport]["elapsed_s"] += elapsed
+            if status == 200:
+                runs[transport]["latencies_ms"].append(elapsed * 1000)
+            else:
+                runs[transport]["errors"] += 1
+    return runs
+
+
 async def run_load(url: str, target: str, image: bytes, config: Config) -> list[dict[str, Any]]:
     rows = []
     for model in config.models:
@@ -254,6 +275,11 @@ async def run_load(url: str, target: str, image: bytes, config: Config) -> list[
                 total = concurrency * config.requests_per_client[concurrency]
                 for repeat in range(config.repeats):
                     order = TRANSPORTS[repeat % 4 :] + TRANSPORTS[: repeat % 4]
+                    if concurrency == 1:
+                        done = await interleaved(senders, order, total)
+                        for transport in order:
+                            runs[transport].append(done[transport])
+                        continue
                     for transport in order:
                         runs[transport].append(
                             await closed_loop(senders[transport], concurrency, total)
