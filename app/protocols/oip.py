@@ -301,9 +301,7 @@ class _Triton:
 
 def _whole(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(
-            f"Parameter {name!r} must be a whole number >= 0; got {clip(repr(value))}."
-        )
+        raise BadRequest(f"Parameter {name!r} must be a whole number >= 0; got {clip(value)}.")
     return value
 
 
@@ -388,8 +386,8 @@ def _explain_params(
     for name, value in cam_options.items():
         if name in parameters and parameters[name] != value:
             raise BadRequest(
-                f"Parameter {name!r} is {clip(repr(parameters[name]))} in the request but "
-                f"{clip(repr(value))} in the output {CAM!r}; send it once."
+                f"Parameter {name!r} is {clip(parameters[name])} in the request but "
+                f"{clip(value)} in the output {CAM!r}; send it once."
             )
     params = build_params(
         {**parameters, **cam_options}, accepted=EXPLAIN_PARAMETERS, fixed={"output": "raw"}

@@ -1,15 +1,25 @@
 """ASGI middleware that bounds how a request body streams in: its size, its total time and its
-pace."""
+pace; and that decompresses a body sent with ``Content-Encoding: gzip`` or ``deflate``, counting
+the decompressed bytes against the same limit."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import zlib
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import BodyTimeout, CamserveError, Overloaded, PayloadTooLarge, clip
+from app.errors import (
+    BadRequest,
+    BodyTimeout,
+    CamserveError,
+    Overloaded,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    clip,
+)
 from app.http.errors import send_refusal
 
 logger = logging.getLogger(__name__)
@@ -23,6 +33,77 @@ class _BodyRefused(Exception):
         self.error = error
 
 
+#: Content-Encoding -> zlib's window bits for it ("deflate" is the zlib format, RFC 9110).
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class _Inflater:
+    """Decompresses a body piece by piece, never to more than ``limit`` bytes in all: a small
+    bomb is refused once its output passes the limit, not after it filled the memory."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.encoding = encoding
+        self.limit = limit
+        self.size = 0
+        self.fed = 0
+        self._zlib = zlib.decompressobj(_ENCODINGS[encoding])
+
+    def feed(self, piece: bytes, last: bool) -> bytes:
+        self.fed += len(piece)
+        if last and not self.fed:
+            return b""  # no body at all (a GET that names an encoding)
+        out: list[bytes] = []
+        try:
+            data = piece
+            while data or not out:
+                chunk = self._zlib.decompress(data, self.limit - self.size + 1)
+                self.size += len(chunk)
+                if self.size > self.limit:
+                    raise _BodyRefused(
+                        PayloadTooLarge(
+                            f"The request body decompresses to over {self.limit} bytes, the "
+                            "limit of a body (CAMSERVE_MAX_UPLOAD_BYTES x CAMSERVE_MAX_IMAGES "
+                            "bounds it, decompressed); send fewer or smaller images."
+                        )
+                    )
+                out.append(chunk)
+                data = self._zlib.unconsumed_tail
+                if not chunk:
+                    break
+        except zlib.error as error:
+            raise _BodyRefused(
+                BadRequest(
+                    f"The request body is not valid {self.encoding} data ({clip(str(error), 60)}); "
+                    "compress the whole body, or send it uncompressed."
+                )
+            ) from None
+        if last and not self._zlib.eof:
+            raise _BodyRefused(
+                BadRequest(
+                    f"The request body's {self.encoding} data is truncated; send the whole "
+                    "compressed body."
+                )
+            )
+        return b"".join(out)
+
+
+def _encoding(scope: Scope) -> str | None:
+    """The body's Content-Encoding (lower case), None when there is none (or ``identity``)."""
+    value = dict(scope["headers"]).get(b"content-encoding", b"").decode("latin-1").strip().lower()
+    return None if value in ("", "identity") else value
+
+
+def _decoded_scope(scope: Scope) -> Scope:
+    """The scope the app sees once the middleware decompresses the body: no Content-Encoding,
+    and no Content-Length (which counted the compressed bytes)."""
+    headers = [
+        (name, value)
+        for name, value in scope["headers"]
+        if name not in (b"content-encoding", b"content-length")
+    ]
+    return {**scope, "headers": headers}
+
+
 class BodyLimitMiddleware:
     """Answer 413 once a body exceeds ``max_bytes`` (from Content-Length or from counting), and
     408 once it is late: not all there ``body_timeout_s`` after the headers, or arriving slower
@@ -34,7 +115,11 @@ class BodyLimitMiddleware:
     it does not fit.
 
     Paths under ``protocol_prefixes`` (the inference-protocol routes, whose images come base64
-    in JSON) get ``protocol_max_bytes`` instead, and their refusals the protocols' shape."""
+    in JSON) get ``protocol_max_bytes`` instead, and their refusals the protocols' shape.
+
+    A body with ``Content-Encoding: gzip`` (or ``x-gzip``) or ``deflate`` reaches the app
+    decompressed, and its decompressed size counts against the limit (a bomb gets 413 once it
+    passes it); any other encoding gets 415, and data that does not decompress 400."""
 
     def __init__(
         self,
@@ -108,18 +193,34 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _refuse(send, self._too_large(limit), protocol)
             return
+        encoding = _encoding(scope)
+        if encoding is not None and encoding not in _ENCODINGS:
+            unsupported = UnsupportedMediaType(
+                f"Content-Encoding {clip(encoding, 30)} is not supported; send the body "
+                "uncompressed, or compressed with gzip or deflate."
+            )
+            await send_refusal(send, unsupported, protocol=protocol)
+            return
         reserved = int(declared) if declared is not None and declared.isdigit() else 0
         if self.budget is not None and self.held + reserved > self.budget:
             await _refuse(send, self._no_room(), protocol)
             return
         self.held += reserved
+        inflater = None if encoding is None else _Inflater(encoding, limit)
         try:
-            await self._limited(scope, receive, send, limit, protocol, reserved)
+            await self._limited(scope, receive, send, limit, protocol, reserved, inflater)
         finally:
             self.held -= reserved
 
     async def _limited(
-        self, scope: Scope, receive: Receive, send: Send, limit: int, protocol: bool, reserved: int
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        limit: int,
+        protocol: bool,
+        reserved: int,
+        inflater: _Inflater | None,
     ) -> None:
         started = time.monotonic()
         received = 0
@@ -162,6 +263,13 @@ class BodyLimitMiddleware:
                         raise refused
                     self.held += extra
                     counted.append(extra)
+                if inflater is not None:
+                    try:
+                        body = inflater.feed(message.get("body", b""), body_done)
+                    except _BodyRefused as error:
+                        refused = error
+                        raise
+                    message = {**message, "body": body}
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -172,7 +280,8 @@ class BodyLimitMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, guarded_send)
+            app_scope = scope if inflater is None else _decoded_scope(scope)
+            await self.app(app_scope, limited_receive, guarded_send)
         except Exception:
             if refused is None:
                 raise

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,6 +27,7 @@ from app.protocols.oip import (
     server_metadata,
     server_ready,
 )
+from app.protocols.triton import model_config, statistics
 from app.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=ProtocolRoute)
@@ -56,6 +58,14 @@ def get_server_metadata() -> ServerMetadata:
     return server_metadata()
 
 
+@router.get("/models/stats", dependencies=guarded, responses=ERROR_RESPONSES)
+def get_all_statistics(
+    request: Request, registry: ModelRegistry = Depends(get_registry)
+) -> dict[str, Any]:
+    """Every model's statistics, in Triton's shape (from camserve's metrics)."""
+    return statistics(request.app.state.metrics, registry, None, None)
+
+
 @router.get(
     "/models/{name}",
     response_model=ModelMetadata,
@@ -78,6 +88,47 @@ def get_model_version_metadata(
 ) -> ModelMetadata:
     """One version's input (encoded images) and outputs (logits, one row per image; cam)."""
     return model_metadata(registry, name, version)
+
+
+@router.get("/models/{name}/config", dependencies=guarded, responses=ERROR_RESPONSES)
+def get_model_config(
+    name: str,
+    registry: ModelRegistry = Depends(get_registry),
+    settings: Settings = Depends(get_settings),
+) -> dict[str, Any]:
+    """The model's configuration in Triton's shape: its tensors, batching and methods."""
+    return model_config(registry.get(name), settings)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/config", dependencies=guarded, responses=ERROR_RESPONSES
+)
+def get_model_version_config(
+    name: str,
+    version: int,
+    registry: ModelRegistry = Depends(get_registry),
+    settings: Settings = Depends(get_settings),
+) -> dict[str, Any]:
+    """One version's configuration in Triton's shape."""
+    return model_config(registry.get(name, version), settings)
+
+
+@router.get("/models/{name}/stats", dependencies=guarded, responses=ERROR_RESPONSES)
+def get_model_statistics(
+    name: str, request: Request, registry: ModelRegistry = Depends(get_registry)
+) -> dict[str, Any]:
+    """The model's statistics in Triton's shape: requests, images, passes and time per phase."""
+    return statistics(request.app.state.metrics, registry, name, None)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/stats", dependencies=guarded, responses=ERROR_RESPONSES
+)
+def get_model_version_statistics(
+    name: str, version: int, request: Request, registry: ModelRegistry = Depends(get_registry)
+) -> dict[str, Any]:
+    """One version's statistics in Triton's shape."""
+    return statistics(request.app.state.metrics, registry, name, version)
 
 
 router.add_api_route(

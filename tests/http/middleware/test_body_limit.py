@@ -226,3 +226,81 @@ def test_bodies_in_flight_share_one_budget() -> None:
     assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
     assert "CAMSERVE_BODY_BUDGET_BYTES" in json.loads(refused[1]["body"])["error"]["message"]
     assert held == 0
+
+
+def encoded(chunks: list[bytes], encoding: str, path: str = "/explain") -> dict[str, Any]:
+    """Run ``chunks`` with ``Content-Encoding: encoding`` through a limited echo app."""
+    seen: dict[str, Any] = {}
+
+    async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["app_headers"] = dict(scope["headers"])
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        seen["app_body"] = body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(b"content-encoding", encoding.encode()), (b"content-length", b"9")],
+    }
+    pending = list(chunks)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": pending.pop(0), "more_body": bool(pending)}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    middleware = BodyLimitMiddleware(
+        echo, max_bytes=1000, protocol_prefixes=("/v2/",), protocol_max_bytes=1000
+    )
+    asyncio.run(middleware(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return {"status": sent[0]["status"], "body": body, **seen}
+
+
+def test_gzip_and_deflate_bodies_reach_the_app_decompressed() -> None:
+    import gzip
+    import zlib
+
+    original = b'{"inputs": []}' * 50
+    for encoding, data in (
+        ("gzip", gzip.compress(original)),
+        ("x-gzip", gzip.compress(original)),
+        ("deflate", zlib.compress(original)),
+    ):
+        cut = len(data) // 2
+        answer = encoded([data[:cut], data[cut:]], encoding)
+        assert (answer["status"], answer["app_body"]) == (200, original)
+        assert answer["app_headers"].get(b"content-encoding") is None
+        # Content-Length counted the compressed bytes
+        assert answer["app_headers"].get(b"content-length") is None
+
+
+def test_a_bomb_is_refused_once_its_output_passes_the_limit() -> None:
+    import gzip
+
+    bomb = gzip.compress(b"\0" * 100_000)  # 132 bytes that inflate to 100 kB
+    assert len(bomb) < 1000
+    answer = encoded([bomb], "gzip", path="/v2/models/m/infer")
+    assert answer["status"] == 413
+    assert "decompresses to over 1000 bytes" in json.loads(answer["body"])["error"]
+    assert "app_body" not in answer  # the app never saw it whole
+
+
+def test_other_encodings_and_broken_data_are_refused() -> None:
+    import gzip
+
+    answer = encoded([b"x"], "br", path="/v2/models/m/infer")
+    assert answer["status"] == 415 and "gzip or deflate" in json.loads(answer["body"])["error"]
+    answer = encoded([b"not gzip at all"], "gzip")
+    assert answer["status"] == 400 and "not valid gzip" in answer["body"].decode()
+    answer = encoded([gzip.compress(b"x" * 100)[:-10]], "gzip")
+    assert answer["status"] == 400 and "truncated" in answer["body"].decode()

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import base64
+import gzip
+import io
+import json
+import struct
+import zlib
 from collections.abc import Callable
 
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from tests.conftest import files, image_bytes
 
@@ -313,3 +319,405 @@ def test_rows_of_data_are_bounded(client: TestClient) -> None:
     assert "at most 256 elements" in assert_protocol_error(
         client.post("/v2/models/tiny/infer", json=body), 400
     )
+
+
+# ---------------------------------------------------------------- content types, binary data
+
+
+def binary_body(
+    *images: bytes, outputs: list[dict] | None = None, parameters: dict | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """An infer request in the binary tensor data extension: JSON, then the BYTES elements
+    (each with its 4-byte little-endian length); the body and its headers."""
+    raw = b"".join(struct.pack("<I", len(image)) + image for image in images)
+    header: dict = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [len(images)],
+                "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(raw)},
+            }
+        ]
+    }
+    if outputs is not None:
+        header["outputs"] = outputs
+    if parameters is not None:
+        header["parameters"] = parameters
+    text = json.dumps(header).encode()
+    return text + raw, {"Inference-Header-Content-Length": str(len(text))}
+
+
+def binary_outputs(response: httpx.Response) -> tuple[dict, dict[str, bytes]]:
+    """The JSON part of a binary answer, and each binary output's bytes by name."""
+    length = int(response.headers["inference-header-content-length"])
+    header = json.loads(response.content[:length])
+    rest, buffers = response.content[length:], {}
+    for output in header["outputs"]:
+        size = output.get("parameters", {}).get("binary_data_size")
+        if size is not None:
+            buffers[output["name"]], rest = rest[:size], rest[size:]
+    assert rest == b""
+    return header, buffers
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/octet-stream", "application/x-www-form-urlencoded"]
+)
+def test_a_protocol_body_is_json_whatever_its_content_type(
+    client: TestClient, content_type: str | None
+) -> None:
+    # tritonclient sends no type (sync) or application/octet-stream (asyncio); curl -d a form.
+    headers = {} if content_type is None else {"content-type": content_type}
+    text = json.dumps(infer_body(image_bytes())).encode()
+    request = client.build_request("POST", "/v2/models/tiny/infer", content=text, headers=headers)
+    assert request.headers.get("content-type") == content_type
+    response = client.send(request)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["shape"] == [1, 3]
+    v1 = client.post(
+        "/v1/models/tiny:predict",
+        content=json.dumps({"instances": [{"image": {"b64": b64(image_bytes())}}]}),
+        headers=headers,
+    )
+    assert v1.status_code == 200, v1.text
+
+
+def test_binary_inputs_and_outputs_match_json(client: TestClient) -> None:
+    images = [image_bytes(seed=1), image_bytes((50, 30), seed=2)]
+    outputs = [{"name": "logits"}, {"name": "cam"}]
+    as_json = client.post("/v2/models/tiny/infer", json={**infer_body(*images), "outputs": outputs})
+    json_outputs = {o["name"]: o for o in as_json.json()["outputs"]}
+    body, headers = binary_body(
+        *images, outputs=[{"name": n, "parameters": {"binary_data": True}} for n in json_outputs]
+    )
+    response = client.post("/v2/models/tiny/infer", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    header, buffers = binary_outputs(response)
+    for output in header["outputs"]:
+        expected = json_outputs[output["name"]]
+        assert output["shape"] == expected["shape"] and "data" not in output
+        values = np.frombuffer(buffers[output["name"]], dtype="<f4")
+        assert np.array_equal(values, np.asarray(expected["data"], dtype=np.float32))
+    cam = next(o for o in header["outputs"] if o["name"] == "cam")
+    assert cam["parameters"]["method"] == "GradCAM" and cam["shape"][0] == 2
+
+
+def test_binary_data_output_makes_every_output_binary(client: TestClient) -> None:
+    body, headers = binary_body(image_bytes(), parameters={"binary_data_output": True})
+    header, buffers = binary_outputs(
+        client.post("/v2/models/tiny/infer", content=body, headers=headers)
+    )
+    assert [o["name"] for o in header["outputs"]] == ["logits"]
+    assert len(buffers["logits"]) == 3 * 4
+    # An output's own binary_data wins over the request's default.
+    body, headers = binary_body(
+        image_bytes(),
+        outputs=[{"name": "logits", "parameters": {"binary_data": False}}],
+        parameters={"binary_data_output": True},
+    )
+    answer = client.post("/v2/models/tiny/infer", content=body, headers=headers)
+    assert "inference-header-content-length" not in answer.headers
+    assert len(answer.json()["outputs"][0]["data"]) == 3
+
+
+def test_a_uint8_pixel_tensor_is_taken_as_images(client: TestClient) -> None:
+    pixels = np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    header = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [2, 32, 32, 3],
+                "datatype": "UINT8",
+                "parameters": {"binary_data_size": pixels.nbytes},
+            }
+        ]
+    }
+    text = json.dumps(header).encode()
+    response = client.post(
+        "/v2/models/tiny/infer",
+        content=text + pixels.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(text))},
+    )
+    assert response.status_code == 200, response.text
+    pngs = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    encoded = client.post("/v2/models/tiny/infer", json=infer_body(*pngs)).json()
+    assert response.json()["outputs"][0]["data"] == encoded["outputs"][0]["data"]
+
+
+@pytest.mark.parametrize(
+    ("mangle", "words"),
+    [
+        (lambda b, h: (b, {h: "999999"}), "the body has only"),
+        (lambda b, h: (b, {h: "ten"}), "must be a number of bytes"),
+        (lambda b, h: (b[:-5], None), "runs past the end of the body"),
+        (lambda b, h: (b + b"xx", None), "2 bytes after the tensors' data"),
+    ],
+)
+def test_binary_framing_that_does_not_add_up_is_400(
+    client: TestClient, mangle: Callable, words: str
+) -> None:
+    body, headers = binary_body(image_bytes())
+    body, changed = mangle(body, "Inference-Header-Content-Length")
+    response = client.post("/v2/models/tiny/infer", content=body, headers=changed or headers)
+    assert words in assert_protocol_error(response, 400)
+
+
+def test_a_length_prefix_that_lies_is_400(client: TestClient) -> None:
+    image = image_bytes()
+    raw = struct.pack("<I", len(image) + 100) + image
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    response = client.post(
+        "/v2/models/tiny/infer",
+        content=header + raw,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+    message = assert_protocol_error(response, 400)
+    assert f"says it has {len(image) + 100} bytes but only {len(image)} follow" in message
+
+
+def test_binary_data_only_on_infer(make_client: Callable[..., TestClient]) -> None:
+    keyed = make_client(admin_key="admin")
+    response = keyed.post(
+        "/v2/repository/index",
+        content=b"{}",
+        headers={"Inference-Header-Content-Length": "2", "X-Admin-Key": "admin"},
+    )
+    assert "takes no binary data" in assert_protocol_error(response, 400)
+
+
+def test_the_body_limit_counts_the_binary_part(make_client: Callable[..., TestClient]) -> None:
+    limited = make_client(max_upload_bytes=2048, max_images=1)
+    body, headers = binary_body(image_bytes((64, 64)))  # ~12 kB of PNG
+    message = assert_protocol_error(
+        limited.post("/v2/models/tiny/infer", content=body, headers=headers), 413
+    )
+    assert "CAMSERVE_MAX_UPLOAD_BYTES" in message
+
+
+# ---------------------------------------------------------------- Triton's parameters
+
+
+def test_sequence_parameters_are_refused_by_name(client: TestClient) -> None:
+    body = {**infer_body(image_bytes()), "parameters": {"sequence_id": 7, "sequence_start": True}}
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 400)
+    assert "sequence_id, sequence_start" in message and "stateless" in message
+
+
+def test_an_unknown_parameter_is_400(client: TestClient) -> None:
+    body = {**infer_body(image_bytes()), "parameters": {"temperature": 0.5}}
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 400)
+    assert "no parameter 'temperature'" in message and "priority, timeout" in message
+
+
+def test_the_classification_extension(client: TestClient) -> None:
+    images = [image_bytes(seed=1), image_bytes(seed=2)]
+    logits = client.post("/v2/models/tiny/infer", json=infer_body(*images)).json()["outputs"][0]
+    body = {
+        **infer_body(*images),
+        "outputs": [{"name": "logits", "parameters": {"classification": 2}}],
+    }
+    (output,) = client.post("/v2/models/tiny/infer", json=body).json()["outputs"]
+    assert (output["datatype"], output["shape"]) == ("BYTES", [2, 2])
+    rows = np.asarray(logits["data"]).reshape(2, 3)
+    for row, (first, second) in zip(
+        rows, zip(*[iter(output["data"])] * 2, strict=True), strict=True
+    ):
+        best = int(np.argmax(row))
+        value, index, label = first.split(":")
+        assert (int(index), label) == (best, f"tiny_class{best}")
+        assert float(value) == pytest.approx(row[best], abs=1e-6)
+        assert float(second.split(":")[0]) <= float(value)
+    bad = {
+        **infer_body(image_bytes()),
+        "outputs": [{"name": "cam", "parameters": {"classification": 2}}],
+    }
+    assert "Only the output 'logits'" in assert_protocol_error(
+        client.post("/v2/models/tiny/infer", json=bad), 400
+    )
+
+
+def test_the_cam_outputs_parameters_carry_the_explain_options(client: TestClient) -> None:
+    body = {
+        **infer_body(image_bytes()),
+        "outputs": [{"name": "cam", "parameters": {"method": "ScoreCAM", "batch_size": 4}}],
+    }
+    (cam,) = client.post("/v2/models/tiny/infer", json=body).json()["outputs"]
+    assert cam["parameters"]["method"] == "ScoreCAM"
+    conflict = {**body, "parameters": {"method": "GradCAM"}}
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=conflict), 400)
+    assert "'method' is 'GradCAM' in the request but 'ScoreCAM' in the output 'cam'" in message
+    same = {**body, "parameters": {"method": "ScoreCAM"}}
+    assert client.post("/v2/models/tiny/infer", json=same).status_code == 200
+    unknown = {**body, "outputs": [{"name": "cam", "parameters": {"colour": "red"}}]}
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=unknown), 400)
+    assert "The output 'cam' takes no parameter 'colour'" in message
+
+
+def test_an_input_parameter_is_not_ignored(client: TestClient) -> None:
+    body = infer_body(image_bytes())
+    body["inputs"][0]["parameters"] = {"content_type": "str"}
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 400)
+    assert "unknown parameter 'content_type'" in message
+
+
+def test_a_bad_priority_or_timeout_is_400(client: TestClient) -> None:
+    for parameters, words in (
+        ({"priority": -1}, "'priority' must be a whole number"),
+        ({"timeout": "soon"}, "'timeout' must be a whole number"),
+        ({"binary_data_output": "yes"}, "true or false"),
+    ):
+        body = {**infer_body(image_bytes()), "parameters": parameters}
+        assert words in assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 400)
+
+
+# ---------------------------------------------------------------- errors, compression, keys
+
+
+def test_every_status_under_the_protocols_is_error_and_message(settings) -> None:  # type: ignore[no-untyped-def]
+    from app.http.app import create_app
+
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        from tests.conftest import wait_ready
+
+        wait_ready(client)
+        assert "No route /v2/nothing" in assert_protocol_error(client.get("/v2/nothing"), 404)
+        assert_protocol_error(client.get("/v1/nothing/here"), 404)
+        response = client.get("/v2/models/tiny/infer")
+        assert "GET is not allowed" in assert_protocol_error(response, 405)
+        assert response.headers["allow"] == "POST"
+        assert_protocol_error(client.get("/v1/models/tiny:predict"), 405)
+
+        def crash(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("boom")
+
+        import app.http.protocols.oip as routes
+
+        original = routes.model_metadata
+        routes.model_metadata = crash  # type: ignore[assignment]
+        try:
+            message = assert_protocol_error(client.get("/v2/models/tiny"), 500)
+        finally:
+            routes.model_metadata = original  # type: ignore[assignment]
+        assert "boom" not in message and "Internal server error" in message
+        # Elsewhere, camserve's own shape stays.
+        assert client.get("/nothing").json()["error"]["code"] == "not_found"
+
+
+def test_a_compressed_request_and_a_compressed_answer(client: TestClient) -> None:
+    images = [image_bytes(seed=n) for n in range(4)]
+    body = {**infer_body(*images), "outputs": [{"name": "cam"}]}
+    plain = client.post("/v2/models/tiny/infer", json=body).json()
+    for encoding, packed in (
+        ("gzip", gzip.compress(json.dumps(body).encode())),
+        ("deflate", zlib.compress(json.dumps(body).encode())),
+    ):
+        response = client.post(
+            "/v2/models/tiny/infer",
+            content=packed,
+            headers={"Content-Encoding": encoding, "Accept-Encoding": "gzip"},
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["content-encoding"] == "gzip"  # answers come back gzipped
+        assert response.json() == plain
+    small = client.get("/v2/health/live", headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in small.headers  # too small to be worth it
+
+
+def test_a_gzip_bomb_is_413(make_client: Callable[..., TestClient]) -> None:
+    limited = make_client(max_upload_bytes=1024, max_images=1)
+    bomb = gzip.compress(b" " * 50_000_000)
+    assert len(bomb) < 100_000
+    response = limited.post(
+        "/v2/models/tiny/infer", content=bomb, headers={"Content-Encoding": "gzip"}
+    )
+    assert "decompresses to over" in assert_protocol_error(response, 413)
+    response = limited.post(
+        "/v2/models/tiny/infer", content=b"x", headers={"Content-Encoding": "br"}
+    )
+    assert "gzip or deflate" in assert_protocol_error(response, 415)
+
+
+def test_an_integer_of_thousands_of_digits_is_400(client: TestClient) -> None:
+    text = '{"id": "1", "inputs": [], "parameters": {"priority": ' + "9" * 5000 + "}}"
+    response = client.post("/v2/models/tiny/infer", content=text)
+    assert "not valid JSON" in assert_protocol_error(response, 400)
+    response = client.post("/v1/models/tiny:predict", content=text)
+    assert "not valid JSON" in assert_protocol_error(response, 400)
+
+
+def test_keys_are_checked_before_the_body_is_parsed(
+    make_client: Callable[..., TestClient],
+) -> None:
+    keyed = make_client(api_key="k", admin_key="admin")
+    not_json = b"{" * 1000
+    for url in ("/v2/models/tiny/infer", "/v1/models/tiny:predict"):
+        assert_protocol_error(keyed.post(url, content=not_json), 401)
+    for url in ("/v2/repository/index", "/v2/repository/models/tiny/load"):
+        assert "admin key" in assert_protocol_error(keyed.post(url, content=not_json), 401)
+    off = make_client(admin_key=None)
+    response = off.post("/v2/repository/models/tiny/load", content=not_json)
+    assert "CAMSERVE_ADMIN_KEY" in assert_protocol_error(response, 403)
+
+
+# ---------------------------------------------------------------- configuration, statistics
+
+
+def test_the_model_configuration_in_tritons_shape(client: TestClient) -> None:
+    config = client.get("/v2/models/tiny/config").json()
+    assert config["name"] == "tiny" and config["platform"] == "pytorch"
+    assert config["max_batch_size"] == 16
+    assert config["input"] == [
+        {"name": "image", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}
+    ]
+    assert [(o["name"], o["dims"]) for o in config["output"]] == [
+        ("logits", [3]),
+        ("cam", [-1, -1]),
+    ]
+    methods = config["parameters"]["methods"]["string_value"].split(",")
+    assert "GradCAM" in methods and "ScoreCAM" in methods
+    assert client.get("/v2/models/tiny/versions/1/config").json() == config
+    assert_protocol_error(client.get("/v2/models/nope/config"), 404)
+
+
+def test_statistics_in_tritons_shape(make_client: Callable[..., TestClient]) -> None:
+    fresh = make_client()
+    for _ in range(2):
+        assert (
+            fresh.post("/v2/models/tiny/infer", json=infer_body(image_bytes())).status_code == 200
+        )
+    assert_protocol_error(fresh.post("/v2/models/tiny/infer", json=infer_body(b"junk")), 415)
+    (stats,) = fresh.get("/v2/models/tiny/stats").json()["model_stats"]
+    assert (stats["name"], stats["version"]) == ("tiny", "1")
+    phases = stats["inference_stats"]
+    assert phases["success"]["count"] == 2 and phases["success"]["ns"] > 0
+    assert phases["compute_infer"]["count"] == 2 and phases["compute_infer"]["ns"] > 0
+    assert stats["inference_count"] == 2 and stats["execution_count"] == 2
+    assert phases["cache_hit"] == {"count": 0, "ns": 0}
+    every = fresh.get("/v2/models/stats").json()["model_stats"]
+    assert {"tiny", "resnet", "vgg"} <= {s["name"] for s in every}
+    assert fresh.get("/v2/models/tiny/versions/1/stats").json()["model_stats"] == [stats]
+    off = make_client(metrics=False)
+    assert "CAMSERVE_METRICS" in assert_protocol_error(off.get("/v2/models/tiny/stats"), 400)
+
+
+def test_the_server_lists_its_extensions(client: TestClient) -> None:
+    extensions = client.get("/v2").json()["extensions"]
+    assert {"binary_tensor_data", "model_repository", "classification"} <= set(extensions)
