@@ -59,10 +59,12 @@ class GrpcServer:
         self.service = Service(state)
         limit = max_message_bytes(settings.max_upload_bytes, settings.max_images)
         self.server = grpc.aio.server(
+            # HTTP's cap on requests in flight, for calls: more are refused (RESOURCE_EXHAUSTED).
+            maximum_concurrent_rpcs=settings.max_connections,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
