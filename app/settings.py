@@ -163,7 +163,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="Open connections and requests uvicorn allows; more get 503 (logged). The "
-        "open-file limit is raised to fit.",
+        "open-file limit is raised to fit. gRPC calls in flight have the same cap (beyond it: "
+        "RESOURCE_EXHAUSTED).",
     )
     header_timeout_s: float = Field(
         10.0,
