@@ -309,9 +309,11 @@ def _triton_parameters(parameters: dict[str, Any], settings: Settings) -> _Trito
     """Take Triton's parameters out of ``parameters`` (what is left is for the explanation)."""
     sequence = [name for name in SEQUENCE_PARAMETERS if name in parameters]
     if sequence:
+        several = len(sequence) > 1
         raise BadRequest(
-            f"Parameters {', '.join(sequence)} are for stateful (sequence) models; camserve's "
-            "models are stateless: send each request on its own, without them."
+            f"{'Parameters' if several else 'Parameter'} {', '.join(sequence)} "
+            f"{'are' if several else 'is'} for stateful (sequence) models; camserve's models "
+            f"are stateless: send each request on its own, without {'them' if several else 'it'}."
         )
     priority = _whole("priority", parameters.pop("priority", 0))
     timeout_us = _whole("timeout", parameters.pop("timeout", 0))

@@ -58,8 +58,6 @@ def model_config(model: LoadedModel, settings: Settings) -> dict[str, Any]:
             "input_size": text(f"{spec.input_shape[2]}x{spec.input_shape[1]}"),
         },
     }
-    if spec.labels is not None:
-        config["output"][0]["label_filename"] = "labels (from the model's manifest)"
     if settings.max_batch_size != 1:
         config["dynamic_batching"] = {
             "max_queue_delay_microseconds": round(settings.batch_timeout_ms * 1000)

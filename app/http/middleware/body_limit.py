@@ -9,6 +9,7 @@ import logging
 import time
 import zlib
 
+import anyio.to_thread
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
@@ -119,7 +120,8 @@ class BodyLimitMiddleware:
 
     A body with ``Content-Encoding: gzip`` (or ``x-gzip``) or ``deflate`` reaches the app
     decompressed, and its decompressed size counts against the limit (a bomb gets 413 once it
-    passes it); any other encoding gets 415, and data that does not decompress 400."""
+    passes it) and the budget; any other encoding gets 415, and data that does not decompress
+    400."""
 
     def __init__(
         self,
@@ -256,20 +258,26 @@ class BodyLimitMiddleware:
                 if received > limit:
                     refused = self._too_large(limit)
                     raise refused
-                if received > reserved:  # no Content-Length, or more than it said
-                    extra = min(piece, received - reserved)
+                if inflater is not None:
+                    try:
+                        # On a worker thread (zlib lets go of the GIL): a small piece of a
+                        # bomb can inflate to many MB, which would stall the event loop.
+                        body = await anyio.to_thread.run_sync(
+                            inflater.feed, message.get("body", b""), body_done
+                        )
+                    except _BodyRefused as error:
+                        refused = error
+                        raise
+                    message = {**message, "body": body}
+                # The budget counts what the app holds: the bytes as received, or decompressed.
+                held = received if inflater is None else max(received, inflater.size)
+                extra = held - reserved - sum(counted)
+                if extra > 0:  # no Content-Length, more than it said, or decompressed bytes
                     if self.budget is not None and self.held + extra > self.budget:
                         refused = self._no_room()
                         raise refused
                     self.held += extra
                     counted.append(extra)
-                if inflater is not None:
-                    try:
-                        body = inflater.feed(message.get("body", b""), body_done)
-                    except _BodyRefused as error:
-                        refused = error
-                        raise
-                    message = {**message, "body": body}
             return message
 
         async def guarded_send(message: Message) -> None:

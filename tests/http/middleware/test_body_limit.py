@@ -304,3 +304,28 @@ def test_other_encodings_and_broken_data_are_refused() -> None:
     assert answer["status"] == 400 and "not valid gzip" in answer["body"].decode()
     answer = encoded([gzip.compress(b"x" * 100)[:-10]], "gzip")
     assert answer["status"] == 400 and "truncated" in answer["body"].decode()
+
+
+def test_the_budget_counts_a_bodys_decompressed_bytes() -> None:
+    import gzip
+
+    middleware = BodyLimitMiddleware(ReadingApp(), max_bytes=10_000, budget=5_000)
+    packed = gzip.compress(b"a" * 8_000)  # 8 kB that travel as ~50 bytes
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/explain",
+        "headers": [(b"content-encoding", b"gzip"), (b"content-length", str(len(packed)).encode())],
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": packed, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(middleware(scope, receive, send))
+    assert sent[0]["status"] == 503
+    assert "CAMSERVE_BODY_BUDGET_BYTES" in json.loads(sent[1]["body"])["error"]["message"]
+    assert middleware.held == 0
