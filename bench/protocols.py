@@ -18,11 +18,12 @@ and the raw map back, through:
 At c=1 one client sends the transports' requests in turn, request by request; at c=16, a
 closed loop (16 clients, each sending the next request when the last is answered) per
 transport, the transports in a rotated order. Either way a slow moment of the machine hits
-every transport alike; the rounds are repeated and the medians reported. The engine's own time for the same work
-(GradCAM at batch 1 on the model's input size, extractor setup + forward + map, in this process
-while the server is idle) is measured in the same run; the overhead of a transport is its median
-latency at c=1 less the engine's median, and at c=16 its time per answer (1 / throughput) less
-the engine's (which batching can beat: then it is negative).
+every transport alike; the rounds are repeated and the medians reported. The engine's own
+time for the same work (GradCAM at batch 1 on the model's input size, extractor setup + forward
++ map, in this process while the server is idle, before and after the load) is measured in the
+same run; the overhead of a transport is its median latency at c=1 less the engine's median,
+and at c=16 its time per answer (1 / throughput) less the engine's (which batching can beat:
+then it is negative).
 
 Markdown tables to stdout, everything to ``bench/results/protocols.json`` (``--out``).
 """
