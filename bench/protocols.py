@@ -19,11 +19,14 @@ At c=1 one client sends the transports' requests in turn, request by request; at
 closed loop (16 clients, each sending the next request when the last is answered) per
 transport, the transports in a rotated order. Either way a slow moment of the machine hits
 every transport alike; the rounds are repeated and the medians reported. The engine's own
-time for the same work (GradCAM at batch 1 on the model's input size, extractor setup + forward
-+ map, in this process while the server is idle, before and after the load) is measured in the
-same run; the overhead of a transport is its median latency at c=1 less the engine's median,
-and at c=16 its time per answer (1 / throughput) less the engine's (which batching can beat:
-then it is negative).
+time for the same work is measured in the same run, twice: in the server (``forward_ms +
+cam_ms`` of /explain's timings at c=1, the same process and threads as every transport) and
+alone in this process (GradCAM at batch 1 on the model's input size, extractor setup + forward
++ map, while the server is idle, before and after the load). The overhead of a transport is its
+median latency at c=1 less the engine's median in the server, and at c=16 its time per answer
+(1 / throughput) less that (which batching can beat: then it is negative). On a busy machine
+the engine alone in this process is the less reliable of the two (its torch threads compete
+with the server's and everyone else's).
 
 Markdown tables to stdout, everything to ``bench/results/protocols.json`` (``--out``).
 """
@@ -141,6 +144,8 @@ class Transports:
         self.grpcclient = grpcclient
         self.url = url
         self.image = image
+        self.server_engine_ms: list[float] = []
+        """forward_ms + cam_ms of each multipart answer: the engine's time in the server."""
         self.json_body = _json_body(image)
         self.binary_body, self.binary_header = _binary_body(image)
         self.sizes = {
@@ -163,6 +168,9 @@ class Transports:
                     files={"file": ("image.jpg", self.image, "image/jpeg")},
                     data={"model": model, "method": METHOD, "output": "raw"},
                 )
+                if answer.status_code == 200:
+                    timings = answer.json()["timings"]
+                    self.server_engine_ms.append(timings["forward_ms"] + timings["cam_ms"])
                 return answer.status_code
 
             return multipart
@@ -285,9 +293,15 @@ async def run_load(url: str, target: str, image: bytes, config: Config) -> list[
                         runs[transport].append(
                             await closed_loop(senders[transport], concurrency, total)
                         )
+                server_engine = (
+                    round(statistics.median(transports.server_engine_ms), 2)
+                    if concurrency == 1 and transports.server_engine_ms
+                    else None
+                )
                 for transport in TRANSPORTS:
                     row = summarize(model, concurrency, transport, runs[transport])
                     row["request_bytes"] = transports.sizes[transport]
+                    row["server_engine_ms"] = server_engine
                     rows.append(row)
                     print(_progress(row), flush=True)
             finally:
@@ -335,8 +349,14 @@ def engine_times(store: Path, models: Sequence[str], repeats: int) -> dict[str, 
 
 
 def add_overheads(rows: list[dict[str, Any]], engine_ms: dict[str, float]) -> None:
+    """The overhead over the engine's time in the server (forward + map, from /explain's
+    timings at c=1) where there is one, else over the engine alone in this process."""
+    in_server = {
+        row["model"]: row["server_engine_ms"] for row in rows if row.get("server_engine_ms")
+    }
     for row in rows:
-        engine = engine_ms[row["model"]]
+        row["engine_alone_ms"] = engine_ms[row["model"]]
+        engine = in_server.get(row["model"], engine_ms[row["model"]])
         row["engine_ms"] = engine
         if row["concurrency"] == 1:
             row["overhead_ms"] = None if row["p50_ms"] is None else round(row["p50_ms"] - engine, 1)
@@ -379,6 +399,7 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def render(report: dict[str, Any]) -> str:
     keys = ("model", "concurrency", "transport", "throughput_rps", "p50_ms", "engine_ms")
     headers = ("model", "c", "transport", "req/s", "p50 ms", "engine ms", "overhead ms", "bytes")
+    # engine ms: in the server (forward + map, from /explain's timings at c=1)
     rows = [
         [*(row[k] for k in keys), row["overhead_ms"], row["request_bytes"]]
         for row in report["rows"]
