@@ -12,13 +12,13 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app import __version__
 from app.http.errors import PREFIXES, install_error_handlers
 from app.http.middleware.access import AccessMiddleware
 from app.http.middleware.body_limit import BodyLimitMiddleware
+from app.http.middleware.compression import ProtocolCompression
 from app.http.middleware.gate import GateMiddleware
 from app.http.openapi import form_fields_without_null
 from app.http.protocols import kserve, oip, repository
@@ -181,11 +181,16 @@ def _include_routes(app: FastAPI, settings: Settings) -> None:
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    """From the inside out: answer compression, the body limit (and request decompression),
-    the gate, CORS, the access log and request id."""
-    # Answers (JSON, binary tensors) compressed for a client that accepts gzip; images, event
-    # streams and small answers are left alone (Starlette's exclusions and minimum size).
-    app.add_middleware(GZipMiddleware, minimum_size=_GZIP_MIN_BYTES, compresslevel=_GZIP_LEVEL)
+    """From the inside out: the protocols' answer compression, the body limit (and request
+    decompression), the gate, CORS, the access log and request id."""
+    # The protocols' answers (JSON, binary tensors) compressed for a client that accepts gzip;
+    # small answers are left alone.
+    app.add_middleware(
+        ProtocolCompression,
+        prefixes=PREFIXES,
+        minimum_size=_GZIP_MIN_BYTES,
+        compresslevel=_GZIP_LEVEL,
+    )
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes * settings.max_images + _FORM_OVERHEAD,

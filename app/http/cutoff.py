@@ -25,9 +25,11 @@ async def guarded(
     *,
     timeout_s: float | None = None,
     lifecycle: Lifecycle | None = None,
+    timeout_source: str = "CAMSERVE_REQUEST_TIMEOUT_S",
 ) -> T:
     """Await ``work`` unless the client disconnects, ``timeout_s`` passes or the shutdown cuts
-    in; in each of those cases cancel it and raise the matching error."""
+    in; in each of those cases cancel it and raise the matching error. ``timeout_source``: what
+    set the deadline, as the 504 names it."""
     task = asyncio.ensure_future(work)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
@@ -35,7 +37,7 @@ async def guarded(
             done, _ = await asyncio.wait({task}, timeout=POLL_S)
             if done:
                 return task.result()
-            stop = await _reason_to_stop(request, deadline, timeout_s, lifecycle)
+            stop = await _reason_to_stop(request, deadline, timeout_s, lifecycle, timeout_source)
             if stop is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -50,12 +52,13 @@ async def _reason_to_stop(
     deadline: float | None,
     timeout_s: float | None,
     lifecycle: Lifecycle | None,
+    timeout_source: str,
 ) -> CamserveError | None:
     if await request.is_disconnected():
         return ClientClosedRequest("The client closed the connection before the answer.")
     if deadline is not None and time.monotonic() >= deadline:
         return RequestTimeout(
-            f"The request took longer than {timeout_s:g} s (CAMSERVE_REQUEST_TIMEOUT_S) and was "
+            f"The request took longer than {timeout_s:g} s ({timeout_source}) and was "
             "stopped. Run long explanations as a job: POST the same form to /jobs, then follow "
             "GET /jobs/{id} or /jobs/{id}/events."
         )

@@ -87,12 +87,15 @@ async def read_uploads(files: list[UploadFile], settings: Settings) -> list[Uplo
 async def within_limits(
     request: Request, work: Coroutine[Any, Any, T], timeout_s: float | None = None
 ) -> T:
-    """Run a synchronous request's work under its deadline (``timeout_s``, or
-    CAMSERVE_REQUEST_TIMEOUT_S), its client's presence and the shutdown's grace period
-    (``app.http.cutoff``)."""
+    """Run a synchronous request's work under its deadline (CAMSERVE_REQUEST_TIMEOUT_S, or the
+    shorter ``timeout_s`` the request asked for), its client's presence and the shutdown's grace
+    period (``app.http.cutoff``)."""
+    server = get_settings(request).request_timeout_s
+    asked = timeout_s is not None and (server is None or timeout_s < server)
     return await guarded(
         request,
         work,
-        timeout_s=get_settings(request).request_timeout_s if timeout_s is None else timeout_s,
+        timeout_s=timeout_s if asked else server,
         lifecycle=request.app.state.lifecycle,
+        timeout_source="the request's timeout parameter" if asked else "CAMSERVE_REQUEST_TIMEOUT_S",
     )

@@ -20,7 +20,7 @@ def test_middleware_order_and_the_gate_on_the_live_routes(settings: Settings) ->
         "AccessMiddleware",
         "GateMiddleware",
         "BodyLimitMiddleware",
-        "GZipMiddleware",
+        "ProtocolCompression",
     ]
     [gate] = [m for m in app.user_middleware if m.cls is GateMiddleware]
     assert gate.kwargs["routes"] is app.router.routes

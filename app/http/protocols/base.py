@@ -125,14 +125,15 @@ class ProtocolRoute(APIRoute):
                 if checker is not None:
                     body = await request.body()
                     framing = request.headers.get(HEADER)
-                    binary = b""
+                    binary: bytes | memoryview = b""
                     if framing is not None:
                         if not takes_binary:
                             raise BadRequest(
                                 f"This route takes no binary data; send JSON without {HEADER}."
                             )
                         length = header_length(framing, len(body))
-                        body, binary = body[:length], body[length:]
+                        # A view: the binary part (up to the body limit) is not copied.
+                        body, binary = body[:length], memoryview(body)[length:]
                     if body:
                         parsed = await anyio.to_thread.run_sync(_parse_body, checker, body)
                         request = _as_json(request, parsed)

@@ -213,7 +213,7 @@ async def _infer(
     settings: Settings,
 ) -> Response:
     explainer.registry.get(name, version)  # an unknown model is named before any image
-    binary: bytes = getattr(request.state, "binary", b"")
+    binary: bytes | memoryview = getattr(request.state, "binary", b"")
     buffers = (
         split_buffers([tensor.parameters for tensor in body.inputs], binary)
         if request.headers.get(HEADER) is not None

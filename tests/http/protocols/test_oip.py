@@ -9,6 +9,7 @@ import json
 import struct
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -278,7 +279,7 @@ def test_explain_parameters_are_checked(
     assert words in assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), status)
 
 
-def test_parameters_of_other_extensions_are_ignored_without_cam(client: TestClient) -> None:
+def test_tritons_parameters_are_taken_without_cam(client: TestClient) -> None:
     body = explain_body(image_bytes(), outputs=("logits",), priority=1, binary_data_output=False)
     assert client.post("/v2/models/tiny/infer", json=body).status_code == 200
 
@@ -721,3 +722,35 @@ def test_statistics_in_tritons_shape(make_client: Callable[..., TestClient]) -> 
 def test_the_server_lists_its_extensions(client: TestClient) -> None:
     extensions = client.get("/v2").json()["extensions"]
     assert {"binary_tensor_data", "model_repository", "classification"} <= set(extensions)
+
+
+def test_the_timeout_parameter_is_the_requests_deadline(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import app.http.protocols.oip as routes
+
+    seen = {}
+
+    async def slow(explainer: object, name: str, version: object, inference: Any) -> None:
+        seen["priority"] = inference.priority
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(routes, "run_inference", slow)
+    body = {**infer_body(image_bytes()), "parameters": {"timeout": 1000, "priority": 3}}
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 504)
+    assert "longer than 0.001 s (the request's timeout parameter)" in message
+    assert seen["priority"] == "background"
+
+
+def test_native_answers_are_not_compressed(client: TestClient) -> None:
+    # /explain's JSON carries base64 pictures: gzip would cost more CPU than it saves.
+    response = client.post(
+        "/explain",
+        files=files(image_bytes(), image_bytes(seed=2)),
+        data={"method": "GradCAM", "output": "raw"},
+        headers={"Accept-Encoding": "gzip"},
+    )
+    assert response.status_code == 200 and len(response.content) > 1024
+    assert "content-encoding" not in response.headers
