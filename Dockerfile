@@ -79,7 +79,8 @@ COPY app/ /app/app/
 COPY model_store/ /app/model_store/
 
 USER 10001:10001
-EXPOSE 8000
+# HTTP, and the Open Inference Protocol over gRPC (CAMSERVE_GRPC_PORT).
+EXPOSE 8000 8001
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('CAMSERVE_PORT', '8000'), timeout=4)"]

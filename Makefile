@@ -14,7 +14,7 @@ SERVE_STAMP := $(VENV)/.camserve-serve-installed
 TORCH   ?= default
 INSTALL := $(PY) tools/install.py --torch $(TORCH)
 
-.PHONY: install dev serve shell test lint typecheck lint-deploy docs browser-deps redis-deps format bench bench-quality bench-serving bench-soak docker-smoke fuzz clean
+.PHONY: install dev serve shell test lint typecheck lint-deploy docs browser-deps redis-deps format bench bench-quality bench-serving bench-soak docker-smoke fuzz grpc-stubs clean
 
 $(PY):
 	@echo "camserve: creating the virtual environment $(VENV) ($(PYTHON) -m venv)"
@@ -100,6 +100,11 @@ bench-soak: $(STAMP)
 FUZZ_S ?= 600
 fuzz: $(STAMP)
 	$(PY) tools/fuzz.py --max-time $(FUZZ_S)
+
+# The OIP gRPC messages: protoc (grpcio-tools) compiles app/grpc/proto/grpc_predict_v2.proto
+# into the descriptor set committed beside it; tests/grpc/test_stubs.py checks it is current.
+grpc-stubs: $(STAMP)
+	$(PY) tools/grpc_stubs.py
 
 # Builds and runs the Docker image end to end (minutes, GBs); not part of `make test`.
 docker-smoke:

@@ -1,38 +1,89 @@
-"""``python -m app``: serve the model store with uvicorn, configured from CAMSERVE_* variables."""
+"""``python -m app``: serve the model store with uvicorn (HTTP) and, unless
+``CAMSERVE_GRPC_PORT`` is empty, gRPC beside it in the same event loop, configured from
+CAMSERVE_* variables."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.observability.logs import configure_logging
-from app.settings import ConfigurationError, load_settings
+from app.settings import ConfigurationError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from app.http.server import DrainingServer
+
+_WATCH_S = 0.1
 
 
 def main(**overrides: Any) -> int:
     """Validate the settings (``overrides`` win over the environment), set up logging and run
-    the server until interrupted."""
+    the servers until interrupted."""
     try:
         settings = load_settings(**overrides)
     except ConfigurationError as error:
         print(f"camserve: {error}", file=sys.stderr)
         return 2
-    refusal = port_refusal(settings.host, settings.port)
+    refusal = port_refusal(settings.host, settings.port, taken=(settings.grpc_port,))
     if refusal is not None:
         print(f"camserve: {refusal}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level, settings.log_format)
     from app.http.server import build_server
 
-    build_server(settings).run()
+    server = build_server(settings)
+    if settings.grpc_port is None:
+        server.run()
+        return 0
+    from uvicorn._compat import asyncio_run
+
+    return asyncio_run(_serve_both(server, settings), loop_factory=server.config.get_loop_factory())
+
+
+async def _serve_both(server: DrainingServer, settings: Settings) -> int:
+    """HTTP and gRPC together. The drain after SIGTERM is the HTTP server's (its lifecycle
+    counts the gRPC calls in flight and refuses new ones); once it lets the server exit, gRPC
+    stops too, before the lifespan closes what the calls use."""
+    from app.grpc.server import GrpcServer
+    from app.http.server import UVICORN_SHUTDOWN_S
+
+    assert settings.grpc_port is not None
+    try:  # in the loop: a grpc.aio server belongs to the loop it is made in
+        app: Any = server.config.app  # the FastAPI app: its state is filled by its lifespan
+        grpc_server = GrpcServer(app.state, settings.host, settings.grpc_port)
+    except RuntimeError as error:
+        print(
+            f"camserve: cannot listen for gRPC on {settings.host}:{settings.grpc_port} "
+            f"({error}); free the port, pick another with CAMSERVE_GRPC_PORT, or set it empty "
+            "to serve HTTP only",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def stop_with_http() -> None:
+        while not server.should_exit:
+            await asyncio.sleep(_WATCH_S)
+        await grpc_server.stop(UVICORN_SHUTDOWN_S)
+
+    await grpc_server.start()
+    follower = asyncio.create_task(stop_with_http())
+    try:
+        await server.serve()
+    finally:
+        if not follower.done():
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        await grpc_server.stop(0)
     return 0
 
 
-def port_refusal(host: str, port: int) -> str | None:
+def port_refusal(host: str, port: int, taken: tuple[int | None, ...] = ()) -> str | None:
     """Why the server could not listen on ``host:port``, or None when it can: checked before
-    anything is loaded, by binding each address as uvicorn (asyncio) does, then letting go."""
+    anything is loaded, by binding each address as uvicorn (asyncio) does, then letting go.
+    The port it suggests instead is none of ``taken`` (the service's other ports)."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
@@ -46,7 +97,8 @@ def port_refusal(host: str, port: int) -> str | None:
                 sock.bind(address)
             except OSError as error:
                 if error.errno == errno.EADDRINUSE:
-                    other = port + 1 if port < 65535 else 8000
+                    other = next(p for p in range(port + 1, port + 4) if p not in taken)
+                    other = other if other <= 65535 else 8000
                     return (
                         f"port {port} on {host} is already in use; stop what listens there or "
                         f"pick another port with CAMSERVE_PORT (CAMSERVE_PORT={other} make serve)."

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
         json_schema_extra={"allowed": "an address"},
     )
     port: int = Field(8000, ge=1, le=65535, description="The port `python -m app` binds.")
+    grpc_port: int | None = Field(
+        8001,
+        ge=1,
+        le=65535,
+        description="The port of the Open Inference Protocol's gRPC service (and the standard "
+        "gRPC health service), on `CAMSERVE_HOST`, in the same process as HTTP. Empty: no gRPC.",
+    )
     max_upload_bytes: int = Field(
         10 * 1024 * 1024, ge=1024, le=1024**3, description="Largest file part (default 10 MiB)."
     )
@@ -187,7 +194,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="Open connections and requests uvicorn allows; more get 503 (logged). The "
-        "open-file limit is raised to fit.",
+        "open-file limit is raised to fit. gRPC calls in flight have the same cap (beyond it: "
+        "RESOURCE_EXHAUSTED).",
     )
     header_timeout_s: float = Field(
         10.0,
@@ -421,6 +429,7 @@ class Settings(BaseSettings):
         "max_batch_size",
         "request_timeout_s",
         "job_store_password",
+        "grpc_port",
         mode="before",
     )
     @classmethod

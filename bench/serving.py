@@ -119,6 +119,7 @@ def server_env(store: Path, port: int, device: str, overrides: dict[str, str]) -
         CAMSERVE_LOG_LEVEL="WARNING",
         # build_store links model_store/shapes in from outside the temporary store.
         CAMSERVE_ALLOW_LINKS_OUT_OF_STORE="true",
+        CAMSERVE_GRPC_PORT="",  # HTTP only, unless the overrides name a port
     )
     env.update(overrides)
     return env

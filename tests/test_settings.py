@@ -169,3 +169,18 @@ def test_trusted_modules_are_module_names(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ConfigurationError) as error:
         load_settings()
     assert "CAMSERVE_TRUSTED_MODULES: 'subprocess:run' is not a module name" in str(error.value)
+
+
+@pytest.mark.parametrize(("value", "port"), [(None, 8001), ("9002", 9002), ("", None), (" ", None)])
+def test_grpc_port_defaults_to_8001_and_empty_turns_it_off(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, port: int | None
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("CAMSERVE_GRPC_PORT", value)
+    assert load_settings().grpc_port == port
+
+
+def test_grpc_port_out_of_range_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAMSERVE_GRPC_PORT", "70000")
+    with pytest.raises(ConfigurationError, match="CAMSERVE_GRPC_PORT"):
+        load_settings()

@@ -76,21 +76,36 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def gateway_conf(ports: list[int], listen: int, work: Path, memory_jobs: bool = True) -> str:
-    """The shipped nginx.conf with local replicas, port and log (and, for replicas that keep
-    their jobs in memory, /jobs hashed by client address)."""
-    text = CONF.read_text()
-    servers = "".join(
+def _servers(ports: list[int]) -> str:
+    return "".join(
         f"        server 127.0.0.1:{port} max_fails=2 fail_timeout=10s;\n" for port in ports
     )
-    text, count = re.subn(
-        r"( *# replicas:begin\n).*?( *# replicas:end\n)",
-        lambda m: m.group(1) + servers + m.group(2),
-        text,
-        flags=re.S,
-    )
-    if count == 0:
-        raise SystemExit(f"{CONF}: no replicas:begin/end block")
+
+
+def gateway_conf(
+    ports: list[int],
+    listen: int,
+    work: Path,
+    memory_jobs: bool = True,
+    grpc_ports: list[int] | None = None,
+    grpc_listen: int | None = None,
+) -> str:
+    """The shipped nginx.conf with local replicas, port and log (and, for replicas that keep
+    their jobs in memory, /jobs hashed by client address). The gRPC upstream gets
+    ``grpc_ports`` (default: ``ports``, enough for nginx to accept the file) and listens on
+    ``grpc_listen`` (default: a free port)."""
+    text = CONF.read_text()
+    for marker, chosen in (("replicas", ports), ("grpc-replicas", grpc_ports or ports)):
+        text, count = re.subn(
+            rf"( *# {marker}:begin\n).*?( *# {marker}:end\n)",
+            lambda m, servers=_servers(chosen): m.group(1) + servers + m.group(2),
+            text,
+            flags=re.S,
+        )
+        if count == 0:
+            raise SystemExit(f"{CONF}: no {marker}:begin/end block")
+    grpc_at = grpc_listen if grpc_listen is not None else free_port()
+    text = text.replace("listen 8081 http2;", f"listen 127.0.0.1:{grpc_at} http2;")
     if memory_jobs:
         if "proxy_pass http://camserve;  # jobs:upstream" in text:
             # These replicas keep their jobs in memory: /jobs by client address.
@@ -109,6 +124,7 @@ def start_replica(
     env = {
         **os.environ,
         "CAMSERVE_PORT": str(port),
+        "CAMSERVE_GRPC_PORT": "",  # three replicas on one host: HTTP only
         "CAMSERVE_HOST": "127.0.0.1",
         "CAMSERVE_LOG_FORMAT": "json",
         "CAMSERVE_LOG_LEVEL": "INFO",

@@ -36,6 +36,7 @@ def _start(**extra: str) -> tuple[subprocess.Popen[str], str]:
         CAMSERVE_DEFAULT_MODEL="shapes",
         CAMSERVE_DEVICE="cpu",
         CAMSERVE_PORT=str(port),
+        CAMSERVE_GRPC_PORT="",
         CAMSERVE_LOG_LEVEL="WARNING",
         PYTHONPATH=str(ROOT),
         **extra,

@@ -6,15 +6,19 @@ its output, compared line by line; ``<!-- output: a subsequence (why) -->`` befo
 run prints some of those lines, in that order, and the same last line (a job's progress counts
 depend on when its stream is joined). The snippets that call a service get a real
 ``python -m app`` on the shipped model store (the outputs are the default model's), on a free
-loopback port in place of the documented 8000, and run in a folder with examples/ and star.png.
+loopback port in place of the documented 8000 (and gRPC's 8001), and run in a folder with
+examples/ and star.png. Each snippet runs in a Python process of its own, as a reader runs it:
+some client libraries cannot be imported together (the kserve SDK and tritonclient.grpc both
+register the protobuf package ``inference``), and a snippet must not lean on another's imports.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +28,12 @@ import pytest
 from PIL import Image
 
 from app.models.zoo.shapes_dataset import generate_sample
-from tests.http.test_server import start_server
+from tests.http.test_server import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-DOCUMENTED_URL = "http://127.0.0.1:8000"
+DOCUMENTED_HTTP = ("127.0.0.1:8000", "localhost:8000")
+DOCUMENTED_GRPC = ("127.0.0.1:8001", "localhost:8001")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>\w*)\s*$")
 COMMENT = re.compile(r"<!--\s*(?P<kind>fragment|output):\s*(?P<text>.*?)\s*-->", re.DOTALL)
 
@@ -109,13 +114,37 @@ RUNNABLE = [s for s in SNIPPETS if s.fragment is None]
 FRAGMENTS = [s for s in SNIPPETS if s.fragment is not None]
 
 
+@dataclass(frozen=True)
+class Service:
+    http: str
+    """host:port of its HTTP server"""
+    grpc: str
+    """host:port of its gRPC server"""
+
+    def place(self, code: str) -> str:
+        """``code`` with the documented addresses replaced by this service's."""
+        for documented in DOCUMENTED_HTTP:
+            code = code.replace(documented, self.http)
+        for documented in DOCUMENTED_GRPC:
+            code = code.replace(documented, self.grpc)
+        return code
+
+
+def calls_a_service(code: str) -> bool:
+    return any(address in code for address in (*DOCUMENTED_HTTP, *DOCUMENTED_GRPC))
+
+
 @pytest.fixture(scope="module")
-def service() -> Iterator[str]:
+def service() -> Iterator[Service]:
+    grpc_port = free_port()
     process, url = start_server(
-        ROOT / "model_store", CAMSERVE_DEFAULT_MODEL="shapes", CAMSERVE_LOG_LEVEL="WARNING"
+        ROOT / "model_store",
+        CAMSERVE_DEFAULT_MODEL="shapes",
+        CAMSERVE_LOG_LEVEL="WARNING",
+        CAMSERVE_GRPC_PORT=str(grpc_port),
     )
     try:
-        yield url
+        yield Service(http=url.removeprefix("http://"), grpc=f"127.0.0.1:{grpc_port}")
     finally:
         process.terminate()
         process.communicate(timeout=30)
@@ -131,13 +160,19 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def run(snippet: Snippet, folder: Path, url: str | None, monkeypatch: pytest.MonkeyPatch) -> str:
-    code = snippet.code if url is None else snippet.code.replace(DOCUMENTED_URL, url)
-    monkeypatch.chdir(folder)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, snippet.name, "exec"), {"__name__": "__main__"})  # noqa: S102
-    return printed.getvalue()
+def run(snippet: Snippet, folder: Path, service: Service | None) -> str:
+    """What ``snippet`` prints, run by a Python process of its own in ``folder``."""
+    code = snippet.code if service is None else service.place(snippet.code)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=folder,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, f"{snippet.name} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
 def test_the_pages_have_python_snippets() -> None:
@@ -146,10 +181,10 @@ def test_the_pages_have_python_snippets() -> None:
 
 @pytest.mark.parametrize("snippet", RUNNABLE, ids=lambda s: s.name)
 def test_a_snippet_runs_and_prints_what_the_page_shows(
-    snippet: Snippet, folder: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    snippet: Snippet, folder: Path, request: pytest.FixtureRequest
 ) -> None:
-    url = request.getfixturevalue("service") if DOCUMENTED_URL in snippet.code else None
-    printed = run(snippet, folder, url, monkeypatch).splitlines()
+    service = request.getfixturevalue("service") if calls_a_service(snippet.code) else None
+    printed = run(snippet, folder, service).splitlines()
     if snippet.output is None:
         return
     if not snippet.subsequence:

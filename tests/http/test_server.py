@@ -41,6 +41,7 @@ def environment(store: Path, **extra: str) -> dict[str, str]:
         CAMSERVE_LOG_FORMAT="json",
         CAMSERVE_TRUSTED_MODULES=FIXTURE_MODULE,
         PYTHONPATH=str(ROOT),
+        CAMSERVE_GRPC_PORT="",  # HTTP only: tests/grpc start gRPC on free ports
     )
     env.update(extra)
     return env

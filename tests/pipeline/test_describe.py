@@ -12,12 +12,14 @@ from app.models.loading import LoadedModel, load_model
 from app.models.manifest import parse_manifest
 from app.pipeline.checks import extra_forwards
 from app.pipeline.describe import SLOW_FORWARDS, describe, summary
+from tests.fixtures_models import fixture_access
 
 
 @pytest.fixture(scope="module")
 def tiny(store: Path) -> LoadedModel:
     """3 classes; ``features`` (4 channels) is its target layer."""
-    return load_model(parse_manifest(store / "tiny"), torch.device("cpu"))
+    manifest = parse_manifest(store / "tiny", access=fixture_access(store))
+    return load_model(manifest, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("method", list(METHODS))

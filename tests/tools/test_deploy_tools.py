@@ -22,9 +22,20 @@ def test_gateway_conf_swaps_replicas_listen_and_log(tmp_path: Path) -> None:
         assert f"server 127.0.0.1:{port} max_fails=2 fail_timeout=10s;" in text
     assert "listen 127.0.0.1:9100;" in text and "listen 8080;" not in text
     assert f"access_log {tmp_path}/access.log camserve;" in text
-    # Both upstreams (models, jobs) get the replicas; everything else is the shipped file.
-    assert text.count("server 127.0.0.1:9001 ") == 2
-    assert text.count("\n") == CONF.read_text().count("\n") + 4
+    # Both HTTP upstreams (models, jobs) get the replicas, and the gRPC one too (no gRPC
+    # ports given); everything else is the shipped file.
+    assert text.count("server 127.0.0.1:9001 ") == 3
+    assert text.count("\n") == CONF.read_text().count("\n") + 6
+    assert "camserve-replica:8001" not in text and "listen 8081 http2;" not in text
+
+
+def test_gateway_conf_passes_grpc_to_the_replicas_grpc_ports(tmp_path: Path) -> None:
+    text = gateway_conf([9001], 9100, tmp_path, grpc_ports=[9201, 9202], grpc_listen=9300)
+    grpc_block = text.split("upstream camserve_grpc {", 1)[1].split("}", 1)[0]
+    assert "server 127.0.0.1:9201 " in grpc_block and "server 127.0.0.1:9202 " in grpc_block
+    assert "9001" not in grpc_block
+    assert "listen 127.0.0.1:9300 http2;" in text
+    assert "grpc_pass grpc://camserve_grpc;" in text
 
 
 def test_jobs_are_hashed_by_client_only_for_replicas_that_keep_them_in_memory(

@@ -1,0 +1,114 @@
+"""The gRPC server: the inference service and the standard health service on
+``CAMSERVE_GRPC_PORT``, in the event loop of the HTTP server, drained with it.
+
+Started and stopped by ``python -m app`` (``app.__main__``): the app's state, which the HTTP
+lifespan fills, is what the service reads. The health service answers for the whole server
+(service ``""``) and for ``inference.GRPCInferenceService``: SERVING when ``/ready`` would say
+200 (models loaded, not draining), NOT_SERVING otherwise, so a Kubernetes gRPC readiness probe
+reads what the HTTP one reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from app.grpc import messages
+from app.grpc.service import Service, ServiceState
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_OVERHEAD = 64 * 1024
+"""Room in a request for everything but the images (names, shapes, parameters)."""
+_HEALTH_EVERY_S = 0.5
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def max_message_bytes(max_upload_bytes: int, max_images: int) -> int:
+    """Largest request: every image at the upload limit, with its 4-byte length prefix."""
+    return (max_upload_bytes + 4) * max_images + MESSAGE_OVERHEAD
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """The health service, its statuses read from the service at each check."""
+
+    def __init__(self, service: Service) -> None:
+        super().__init__()
+        self.service = service
+
+    async def refresh(self) -> None:
+        status = _SERVING if self.service.ready() else _NOT_SERVING
+        for name in ("", messages.SERVICE):
+            await self.set(name, status)
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await self.refresh()
+        return await super().Check(request, context)
+
+
+class GrpcServer:
+    """One ``grpc.aio`` server: start, bound port, drain-aware stop."""
+
+    def __init__(self, state: ServiceState, host: str, port: int) -> None:
+        settings = state.settings
+        self.service = Service(state)
+        limit = max_message_bytes(settings.max_upload_bytes, settings.max_images)
+        self.server = grpc.aio.server(
+            # HTTP's cap on requests in flight, for calls: more are refused (RESOURCE_EXHAUSTED).
+            maximum_concurrent_rpcs=settings.max_connections,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                handler,
+                request_deserializer=request_type.FromString,
+                response_serializer=response_type.SerializeToString,
+            )
+            for (name, handler), (request_type, response_type) in _paired(
+                self.service.handlers(), messages.methods()
+            )
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(messages.SERVICE, handlers),)
+        )
+        self.health = _Health(self.service)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self.server.add_insecure_port(address)
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.health.refresh()
+        await self.server.start()
+        self._watch = asyncio.create_task(self._keep_health())
+        logger.info("gRPC (Open Inference Protocol, health) on port %d", self.port)
+
+    async def _keep_health(self) -> None:
+        # Watch streams hear of a change only when the status is set again.
+        while True:
+            await asyncio.sleep(_HEALTH_EVERY_S)
+            await self.health.refresh()
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, give those in flight ``grace_s``, then close."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+def _paired(handlers: dict[str, Any], types: dict[str, tuple[Any, Any]]) -> Any:
+    missing = set(types) ^ set(handlers)
+    if missing:  # the proto and the service must list the same RPCs
+        raise RuntimeError(f"RPCs without a handler or a message type: {sorted(missing)}")
+    return ((item, types[item[0]]) for item in handlers.items())

@@ -1,0 +1,127 @@
+"""The OIP gRPC service's health and metadata RPCs, and its refusals, through tritonclient.grpc
+against a real server; the health service through grpcio's own stub."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from app.grpc import messages
+from app.grpc.service import Service
+from app.lifecycle import Lifecycle
+from app.settings import Settings
+from tests.grpc.conftest import KEYED, Served
+
+
+def test_server_live_ready_and_metadata_need_no_key(
+    triton: grpcclient.InferenceServerClient,
+) -> None:
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    metadata = triton.get_server_metadata(as_json=True)
+    assert metadata["name"] == "camserve" and metadata["version"]
+
+
+def test_model_metadata_lists_the_image_input_and_both_outputs(
+    triton: grpcclient.InferenceServerClient,
+) -> None:
+    metadata = triton.get_model_metadata("tiny", headers=KEYED, as_json=True)
+    assert metadata["name"] == "tiny" and metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": ["-1"]}]
+    assert [(o["name"], o["shape"]) for o in metadata["outputs"]] == [
+        ("logits", ["-1", "3"]),
+        ("cam", ["-1", "-1", "-1"]),
+    ]
+
+
+def test_model_ready_by_name_and_version(triton: grpcclient.InferenceServerClient) -> None:
+    assert triton.is_model_ready("tiny", headers=KEYED)
+    assert triton.is_model_ready("tiny", "1", headers=KEYED)
+    assert not triton.is_model_ready("tiny", "7", headers=KEYED)
+    assert not triton.is_model_ready("broken", headers=KEYED)
+
+
+def status_of(call: Any) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return str(caught.value.status()), caught.value.message()
+
+
+def test_an_unknown_model_is_not_found_and_names_the_models(
+    triton: grpcclient.InferenceServerClient,
+) -> None:
+    code, message = status_of(lambda: triton.get_model_metadata("nope", headers=KEYED))
+    assert code == "StatusCode.NOT_FOUND"
+    assert "Unknown model 'nope'" in message and "tiny" in message
+
+
+def test_a_missing_or_wrong_key_is_unauthenticated(
+    triton: grpcclient.InferenceServerClient,
+) -> None:
+    for headers in (None, {"x-api-key": "wrong"}):
+        code, message = status_of(lambda h=headers: triton.get_model_metadata("tiny", headers=h))
+        assert code == "StatusCode.UNAUTHENTICATED"
+        assert "x-api-key" in message
+
+
+def test_a_version_that_is_not_a_number_is_invalid(
+    triton: grpcclient.InferenceServerClient,
+) -> None:
+    code, message = status_of(lambda: triton.is_model_ready("tiny", "one", headers=KEYED))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "'one'" in message
+
+
+@pytest.mark.parametrize("service", ["", messages.SERVICE])
+def test_the_health_service_serves_once_models_are_loaded(served: Served, service: str) -> None:
+    with grpc.insecure_channel(served.target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """The part of a grpc.aio context the service uses."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.metadata = metadata
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+        raise _Aborted
+
+
+def test_draining_refuses_new_inference_and_reports_not_ready() -> None:
+    lifecycle = Lifecycle(grace_s=1)
+    state = SimpleNamespace(
+        settings=Settings(), lifecycle=lifecycle, registry=SimpleNamespace(ready=True)
+    )
+    service = Service(state)  # type: ignore[arg-type]
+    assert service.ready()
+    lifecycle.begin_drain()
+    assert not service.ready()
+    context = _Context()
+    with pytest.raises(_Aborted):
+        asyncio.run(service.handlers()["ModelInfer"](messages.ModelInferRequest(), context))
+    assert context.code == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in context.details
+    assert lifecycle.in_flight == 0
