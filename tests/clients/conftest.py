@@ -4,7 +4,6 @@ tests, with the repository API on and limits small enough to reach."""
 from __future__ import annotations
 
 import base64
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import image_bytes
-from tests.http.test_server import start_server
+from tests.http.test_server import start_server, stop_server
 
 ADMIN_KEY = "admin-secret"
 MAX_UPLOAD_BYTES = 65_536
@@ -33,13 +32,7 @@ def server(store: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        process.terminate()
-        try:
-            output = process.communicate(timeout=20)[0]
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output = process.communicate()[0]
-        assert "Traceback" not in output, output
+        stop_server(process)
 
 
 @pytest.fixture(scope="package")

@@ -72,6 +72,18 @@ def start_server(store: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
         time.sleep(0.1)
 
 
+def stop_server(process: subprocess.Popen[str]) -> str:
+    """SIGTERM to a server of ``start_server``, and what it printed; a traceback there fails."""
+    process.terminate()
+    try:
+        output = process.communicate(timeout=20)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output = process.communicate()[0]
+    assert "Traceback" not in output, output
+    return output
+
+
 @pytest.fixture(scope="module")
 def server(store: Path) -> Iterator[str]:
     process, url = start_server(
@@ -85,13 +97,7 @@ def server(store: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        process.terminate()
-        try:
-            output = process.communicate(timeout=20)[0]
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output = process.communicate()[0]
-        assert "Traceback" not in output, output
+        output = stop_server(process)
         records = [json.loads(line) for line in output.splitlines() if line.strip()]  # json logs
         assert sum("camserve 0.1.0 on device cpu" in r["message"] for r in records) == 1
 
