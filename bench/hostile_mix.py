@@ -15,6 +15,8 @@ phases side by side in this one run:
      overlay (one map), or 16 maps of 1024 px (15 layers and their fusion);
    - *jobs*: Score-CAM jobs submitted until the service refuses more, topped up as they end;
    - *streams*: ``--streams`` event streams (``GET /jobs/{id}/events``) held open on those jobs;
+     a refused one waits out its ``Retry-After`` (with ``--impatient-streams`` it does not, and
+     the refused streams become a flood of requests);
    - *headers*: requests of ``--headers`` tiny headers each, two at a time.
    Attackers may be refused (413, 422, 429, 431, 503, a closed connection): that is the service
    defending itself, counted per attacker and status, not as a good client's error.
@@ -78,6 +80,7 @@ class MixConfig:
     headers: int
     attackers: tuple[str, ...]
     env: dict[str, str]
+    impatient_streams: bool = False
 
 
 @dataclass
@@ -171,21 +174,26 @@ async def job_attacker(url: str, image: bytes, tally: Tally, jobs: list[str]) ->
 
 
 async def stream_attacker(
-    url: str, client: httpx.AsyncClient, tally: Tally, jobs: list[str]
+    url: str, client: httpx.AsyncClient, tally: Tally, jobs: list[str], patient: bool
 ) -> None:
-    """One event stream held open, on the newest job; reopened when it ends."""
+    """One event stream held open, on the newest job; reopened when it ends. A refused one
+    (429) waits out its ``Retry-After`` when ``patient``; otherwise it tries again at once, and
+    200 of them become a flood of requests (``--impatient-streams``)."""
     while True:
         if not jobs:
             await asyncio.sleep(0.2)
             continue
+        pause = 0.2
         try:
             async with client.stream("GET", f"{url}/jobs/{jobs[-1]}/events") as answer:
                 tally.add("streams", answer.status_code)
+                if answer.status_code == 429 and patient:
+                    pause = float(answer.headers.get("retry-after", "1"))
                 async for _ in answer.aiter_raw():
                     pass
         except httpx.HTTPError:
             tally.add("streams", 0)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(pause)
 
 
 async def header_attacker(url: str, headers: int, tally: Tally) -> None:
@@ -213,10 +221,17 @@ async def header_attacker(url: str, headers: int, tally: Tally) -> None:
         await asyncio.sleep(0.05)
 
 
-async def stop(tasks: list[asyncio.Task[None]]) -> None:
+#: Longest wait for the cancelled attackers: one that does not end by then is left behind (and
+#: counted) so that the run still ends and reports.
+STOP_WAIT_S = 30.0
+
+
+async def stop(tasks: list[asyncio.Task[None]]) -> int:
+    """Cancels ``tasks``; how many had not ended ``STOP_WAIT_S`` later."""
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    _, pending = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+    return len(pending)
 
 
 async def delete_jobs(url: str, jobs: list[str]) -> None:
@@ -275,7 +290,10 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
             lambda: render_attacker(url, image, tally, 1),
         ],
         "jobs": [lambda: job_attacker(url, image, tally, jobs)],
-        "streams": [lambda: stream_attacker(url, stream_client, tally, jobs)] * config.streams,
+        "streams": [
+            lambda: stream_attacker(url, stream_client, tally, jobs, not config.impatient_streams)
+        ]
+        * config.streams,
         "headers": [lambda: header_attacker(url, config.headers, tally)] * 2,
     }
     if "streams" in config.attackers and "jobs" not in config.attackers:
@@ -293,8 +311,11 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     finally:
         mix_s = time.monotonic() - started
         note("stopping the attackers")
-        await stop(tasks)
-        await stream_client.aclose()
+        left = await stop(tasks)
+        if left:
+            note(f"{left} attackers did not stop within {STOP_WAIT_S:.0f} s; left behind")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(stream_client.aclose(), STOP_WAIT_S)
         await delete_jobs(url, jobs)
     note("settling")
     rss_after = await settle(pid, config.settle_seconds)
@@ -349,6 +370,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         default="render,jobs,streams,headers",
         help="which attackers run beside the good clients (comma-separated; default all)",
     )
+    parser.add_argument(
+        "--impatient-streams",
+        action="store_true",
+        help="refused event streams retry after 0.2 s, ignoring Retry-After (a request flood)",
+    )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hostile_mix.json")
     args = parser.parse_args(argv)
@@ -361,6 +387,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         streams=args.streams,
         headers=args.headers or (20_000 if args.quick else 100_000),
         attackers=tuple(a.strip() for a in args.attackers.split(",") if a.strip()),
+        impatient_streams=args.impatient_streams,
         env=env,
     )
     return config, args.out

@@ -38,6 +38,7 @@ from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import open_job_store
+from app.pipeline.rendering import lower_thread_priority
 from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     render_threads = ThreadPoolExecutor(
         max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-render"
     )
+    # The heavy drawings draw one at a time anyway; on a thread of lower CPU priority, so that a
+    # 4096-px picture does not slow the small requests' passes and pictures beside it.
+    heavy_render_threads = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="camserve-render-heavy", initializer=lower_thread_priority
+    )
     app.state.device = device
     app.state.registry = registry
     explainer = Explainer.from_settings(
@@ -93,6 +99,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         image_threads=image_threads,
         metrics=app.state.metrics,
         render_threads=render_threads,
+        heavy_render_threads=heavy_render_threads,
     )
     app.state.explainer = explainer
     app.state.control = ModelControl(
@@ -118,6 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_threads.shutdown(wait=True)
         image_threads.shutdown(wait=True)
         render_threads.shutdown(wait=True)
+        heavy_render_threads.shutdown(wait=True)
 
 
 def _install_openapi(app: FastAPI, open_access: bool) -> None:

@@ -127,6 +127,7 @@ class Explainer:
         render_budget: RenderBudget | None = None,
         render_memory: MemoryBudget | None = None,
         heavy_render_pixels: int | None = None,
+        heavy_render_threads: Executor | None = None,
     ) -> None:
         self.registry = registry
         self.limiter = limiter
@@ -153,6 +154,10 @@ class Explainer:
         """A request that draws more pixels than this is heavy: the heavy ones draw one at a
         time, so the others always find a render thread and room in the render memory (None:
         all alike)."""
+        self.heavy_render_threads = heavy_render_threads
+        """Where the heavy drawings draw (None: the render threads): the service gives them a
+        thread of lower CPU priority, so that on a busy machine the small requests' passes and
+        pictures go first (``rendering.lower_thread_priority``)."""
         self._heavy_lane: asyncio.Semaphore | None = None
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
@@ -180,6 +185,7 @@ class Explainer:
         image_threads: Executor | None = None,
         metrics: Metrics | None = None,
         render_threads: Executor | None = None,
+        heavy_render_threads: Executor | None = None,
     ) -> Explainer:
         """The explainer ``settings`` describe: the service's lifespan and the local pipeline of
         ``camserve explain`` both build theirs here, so they answer alike."""
@@ -207,6 +213,7 @@ class Explainer:
             render_memory=MemoryBudget(settings.render_budget_bytes),
             # A quarter of what one request may draw: four default pictures draw alongside.
             heavy_render_pixels=settings.max_render_pixels // 4,
+            heavy_render_threads=heavy_render_threads,
         )
 
     def batcher(self, model: LoadedModel) -> Batcher:
@@ -524,8 +531,8 @@ class Explainer:
         maps = [_named_maps(plan, outcomes[plan]) for plan in plans]
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
-        async with self._heavy_lane_if(cost), self._room_to_draw(cost.bytes):
-            drawn = await draw_maps(self.render_threads, decoded, maps, style, model.spec.crop)
+        async with self._heavy_lane_if(cost) as threads, self._room_to_draw(cost.bytes):
+            drawn = await draw_maps(threads, decoded, maps, style, model.spec.crop)
         results = await run_to_the_end(
             self.render_threads,
             lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),
@@ -533,15 +540,16 @@ class Explainer:
         return results, time.perf_counter() - started
 
     @asynccontextmanager
-    async def _heavy_lane_if(self, cost: RenderCost) -> AsyncIterator[None]:
-        """The heavy drawings' lane for the block, when ``cost`` makes a drawing heavy."""
+    async def _heavy_lane_if(self, cost: RenderCost) -> AsyncIterator[Executor | None]:
+        """The heavy drawings' lane for the block, when ``cost`` makes a drawing heavy; the
+        threads to draw on."""
         if self.heavy_render_pixels is None or cost.pixels <= self.heavy_render_pixels:
-            yield
+            yield self.render_threads
             return
         if self._heavy_lane is None:
             self._heavy_lane = asyncio.Semaphore(1)
         async with self._heavy_lane:
-            yield
+            yield self.heavy_render_threads or self.render_threads
 
     @asynccontextmanager
     async def _room_to_draw(self, amount: int) -> AsyncIterator[None]:

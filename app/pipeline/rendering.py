@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,6 +33,8 @@ from app.cam import blend, colormap_lut, mask_levels, normalize_maps, palette_im
 from app.errors import InvalidParameter, OverBudget
 from app.pipeline.admission import run_to_the_end
 from app.pipeline.decoding import DecodedImage
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.5
 DEFAULT_COLORMAP = "jet"
@@ -439,6 +444,22 @@ class RenderBudget:
                 "Ask for a smaller size or image_format=jpeg.",
                 details={"bytes": cost.bytes, "limit": self.max_bytes},
             )
+
+
+#: How much nicer (Linux ``nice``) a heavy drawing's thread is than the service's others.
+HEAVY_NICENESS = 10
+
+
+def lower_thread_priority(niceness: int = HEAVY_NICENESS) -> None:
+    """Makes the calling thread ``niceness`` nicer, where the platform allows it per thread
+    (Linux): a thread pool's initializer for the heavy drawings, so that a 4096-px picture
+    takes the CPU the small requests leave instead of sharing it evenly with them."""
+    try:
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + niceness))
+    except (AttributeError, OSError):  # no per-thread priority here: the thread stays as it is
+        logger.debug("the heavy drawing thread keeps its priority", exc_info=True)
 
 
 def encode_image(image: Image.Image, image_format: str) -> bytes:

@@ -231,3 +231,32 @@ def test_requests_that_draw_many_pixels_draw_in_the_heavy_lane(
         explainer.render_threads = threads
         asyncio.run(_explain(explainer, ExplainParams(method="GradCAM")))  # 2 x 1280 pixels
     assert seen[:-1] == [heavy] * 4  # every drawing step; the answer's assembly is no drawing
+
+
+def test_heavy_drawings_draw_on_their_own_threads(registry: ModelRegistry) -> None:
+    """The heavy lane draws on ``heavy_render_threads`` (the service's are of lower priority);
+    the small requests keep the render threads."""
+    used: list[str] = []
+
+    class Threads(ThreadPoolExecutor):
+        def __init__(self, name: str) -> None:
+            super().__init__(1)
+            self.name = name
+
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+            used.append(self.name)
+            return super().submit(fn, *args, **kwargs)
+
+    with Threads("render") as render, Threads("heavy") as heavy:
+        for heavy_from, lane in ((10**6, "render"), (1000, "heavy")):
+            used.clear()
+            explainer = Explainer(
+                registry,
+                SlotLimiter(1, 4),
+                10**7,
+                heavy_render_pixels=heavy_from,
+                render_threads=render,
+                heavy_render_threads=heavy,
+            )
+            asyncio.run(_explain(explainer, ExplainParams(method="GradCAM")))  # 2 x 1280 pixels
+            assert used[:-1] == [lane] * 4 and used[-1] == "render"  # the answer's assembly

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -219,3 +222,18 @@ def test_an_overlay_blended_in_bands_is_the_overlay_blended_at_once() -> None:
     )
     banded = _blend_in_bands(picture, colored, 0.3)
     np.testing.assert_array_equal(np.asarray(banded), np.asarray(blend(picture, colored, 0.3)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
+def test_a_heavy_drawing_thread_runs_at_a_lower_priority() -> None:
+    from app.pipeline.rendering import HEAVY_NICENESS, lower_thread_priority
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority) as heavy:
+        niced = heavy.submit(priority).result()
+    with ThreadPoolExecutor(1) as plain:
+        ordinary = plain.submit(priority).result()
+    assert niced == min(19, ordinary + HEAVY_NICENESS)
+    assert priority() == ordinary  # the caller's thread keeps its own
