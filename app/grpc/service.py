@@ -2,9 +2,11 @@
 own state (the registry, the explainer, the drain), as thin as the HTTP routes.
 
 Like HTTP: ServerLive, ServerReady and ServerMetadata are open; ModelReady, ModelMetadata and
-ModelInfer need the API key (metadata ``x-api-key``) when ``CAMSERVE_API_KEY`` is set. Every
-refusal is a camserve error turned into its gRPC code (``app.grpc.status``), its message the
-status details.
+ModelInfer need the API key (metadata ``x-api-key``) when ``CAMSERVE_API_KEY`` is set; the
+repository RPCs (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) are off without
+``CAMSERVE_ADMIN_KEY`` (PERMISSION_DENIED) and need it in metadata ``x-admin-key`` (HTTP's
+X-Admin-Key header). Every refusal is a camserve error turned into its gRPC code
+(``app.grpc.status``), its message the status details.
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ from typing import Any, Protocol
 
 import grpc
 
-from app.errors import CamserveError, NotReady, ShuttingDown, Unauthorized
+from app.errors import BadRequest, CamserveError, NotReady, ShuttingDown, Unauthorized, clip
 from app.grpc import messages
 from app.grpc.infer import infer, parse_version
 from app.grpc.status import status_of
 from app.lifecycle import Lifecycle
+from app.models.control import ModelControl
 from app.models.registry import ModelRegistry
 from app.pipeline.explainer import Explainer
-from app.protocols import oip
+from app.protocols import oip, repository
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 API_KEY_METADATA = "x-api-key"
+ADMIN_KEY_METADATA = "x-admin-key"
+"""HTTP's X-Admin-Key header, as gRPC metadata names it (lowercase)."""
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -63,6 +68,13 @@ class Service:
         return explainer
 
     @property
+    def control(self) -> ModelControl:
+        control: ModelControl | None = getattr(self.state, "control", None)
+        if control is None:
+            raise NotReady("The service is starting; retry in a moment.")
+        return control
+
+    @property
     def lifecycle(self) -> Lifecycle:
         return self.state.lifecycle
 
@@ -83,6 +95,15 @@ class Service:
             raise Unauthorized(
                 f"Missing or wrong API key; send it in the call's metadata as {API_KEY_METADATA!r}."
             )
+
+    def check_admin_key(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a repository call: the API off without CAMSERVE_ADMIN_KEY, or the key not
+        sent."""
+        repository.require_admin_key(
+            self.settings.admin_key,
+            dict(context.invocation_metadata() or ()).get(ADMIN_KEY_METADATA),
+            f"the call's metadata as {ADMIN_KEY_METADATA!r}",
+        )
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -127,6 +148,35 @@ class Service:
                 context.time_remaining(),
             )
 
+    # ------------------------------------------------------------------ model repository
+
+    async def repository_index(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.check_admin_key(context)
+        _one_store(request.repository_name)
+        rows = repository.repository_index(self.registry, ready_only=request.ready)
+        return messages.RepositoryIndexResponse(
+            models=[
+                {"name": r.name, "version": r.version or "", "state": r.state, "reason": r.reason}
+                for r in rows
+            ]
+        )
+
+    async def repository_model_load(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.check_admin_key(context)
+        _one_store(request.repository_name)
+        await repository.load_model(
+            self.control, request.model_name, _parameters(request.parameters)
+        )
+        return messages.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.check_admin_key(context)
+        _one_store(request.repository_name)
+        await repository.unload_model(
+            self.control, request.model_name, _parameters(request.parameters)
+        )
+        return messages.RepositoryModelUnloadResponse()
+
     def handlers(self) -> dict[str, Handler]:
         """RPC name -> its coroutine, refusals turned into gRPC statuses."""
         return {
@@ -138,14 +188,35 @@ class Service:
                 "ModelReady": self.model_ready,
                 "ModelMetadata": self.model_metadata,
                 "ModelInfer": self.model_infer,
+                "RepositoryIndex": self.repository_index,
+                "RepositoryModelLoad": self.repository_model_load,
+                "RepositoryModelUnload": self.repository_model_unload,
             }.items()
         }
 
 
-EXTENSIONS = ("classification",)
+EXTENSIONS = ("classification", "model_repository")
 """The protocol extensions (of those camserve serves over HTTP) that gRPC serves too: not the
-binary tensor data (gRPC's raw contents are its own), the repository or the statistics (KServe's
-proto has no RPCs for them)."""
+binary tensor data (gRPC's raw contents are its own) or the statistics (no ModelStatistics RPC
+in the proto)."""
+
+
+def _one_store(repository_name: str) -> None:
+    """camserve has one model store, unnamed: a request that names a repository is refused
+    rather than answered from a store it did not name."""
+    if repository_name:
+        raise BadRequest(
+            f"camserve has one model store and no repository {clip(repository_name)}; "
+            "send repository_name empty."
+        )
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """A request's ``map<string, ModelRepositoryParameter>`` as plain values."""
+    return {
+        name: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+        for name, value in parameters.items()
+    }
 
 
 def _answering(method: Handler) -> Handler:

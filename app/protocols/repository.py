@@ -1,14 +1,18 @@
-"""The Open Inference Protocol's model-repository extension: the index's rows and what a load
-or unload request may carry. The shapes are the extension's, as Triton and KServe answer them."""
+"""The Open Inference Protocol's model-repository extension: the index's rows, what a load or
+unload request may carry, the admin key that guards them, and the load and unload themselves.
+The shapes are the extension's, as Triton and KServe answer them; HTTP (``/v2/repository``) and
+gRPC (the Repository* RPCs) are thin adapters over these functions."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
-from app.errors import BadRequest, clip
+from app.errors import BadRequest, ModelLoadFailed, RepositoryOff, Unauthorized, clip
+from app.models.control import ModelControl
 from app.models.registry import ModelEntry, ModelRegistry
 from app.models.store import model_folders
 
@@ -91,3 +95,55 @@ def check_parameters(
             f"{'A load' if action == 'load' else 'An unload'} takes no parameter "
             f"{clip(name)}; send it without."
         )
+
+
+def require_admin_key(expected: SecretStr | None, sent: str | bytes | None, where: str) -> None:
+    """Refuse a repository call unless ``CAMSERVE_ADMIN_KEY`` is set (RepositoryOff, 403) and
+    ``sent`` is it (Unauthorized, 401). ``where`` says how the transport carries the key (the
+    X-Admin-Key header, the call's metadata), for the messages."""
+    if expected is None:
+        raise RepositoryOff(
+            "The repository API (load, unload, index) is off. Set CAMSERVE_ADMIN_KEY to a "
+            f"secret to turn it on, and send that secret in {where}."
+        )
+    if isinstance(sent, str):
+        sent = sent.encode()
+    if sent is None or not secrets.compare_digest(sent, expected.get_secret_value().encode()):
+        raise Unauthorized(
+            f"Missing or wrong admin key; send CAMSERVE_ADMIN_KEY in {where}.",
+            headers={"WWW-Authenticate": "ApiKey"},
+        )
+
+
+def loaded_or_refused(entry: ModelEntry) -> ModelEntry:
+    """``entry`` when the load left every version serving; else ModelLoadFailed with why."""
+    why = entry.reload_error or entry.error
+    if why is None and entry.status != "ready":
+        why = f"the model is {entry.status}"
+    if why is not None:
+        serving = entry.serving
+        raise ModelLoadFailed(
+            f"Loading model {entry.name!r} failed: {why}",
+            details={
+                "status": entry.status,
+                "serving_version": serving.number if serving else None,
+            },
+        )
+    return entry
+
+
+async def load_model(
+    control: ModelControl, name: str, parameters: Mapping[str, Any] | None
+) -> ModelEntry:
+    """The extension's load: refuse what it cannot apply, (re)load, and answer only once the
+    model serves (ModelLoadFailed with why otherwise)."""
+    check_parameters(parameters, "load")
+    return loaded_or_refused(await control.load(name))
+
+
+async def unload_model(
+    control: ModelControl, name: str, parameters: Mapping[str, Any] | None
+) -> None:
+    """The extension's unload: stop serving ``name``; running requests finish on it."""
+    check_parameters(parameters, "unload")
+    await control.unload(name)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.http.test_server import free_port, start_server
+from tests.http.test_server import free_port, start_server, stop_server
 
 API_KEY = "key"
 KEYED = {"x-api-key": API_KEY}
@@ -69,5 +69,36 @@ def served(store: Path) -> Iterator[Served]:
 def triton(served: Served) -> Iterator[grpcclient.InferenceServerClient]:
     """tritonclient.grpc with its defaults."""
     client = grpcclient.InferenceServerClient(served.target)
+    yield client
+    client.close()
+
+
+ADMIN_KEY = "admin-secret"
+ADMIN = {"x-admin-key": ADMIN_KEY}
+
+
+@pytest.fixture(scope="package")
+def admin_served(store: Path) -> Iterator[Served]:
+    """A second server with the repository API on (an admin key, explicit model control), kept
+    apart so that its loads and unloads do not reach the other tests' server."""
+    port = free_port()
+    process, url = start_server(
+        store,
+        CAMSERVE_GRPC_PORT=str(port),
+        CAMSERVE_ADMIN_KEY=ADMIN_KEY,
+        CAMSERVE_MODEL_CONTROL="explicit",
+        CAMSERVE_LOG_LEVEL="WARNING",
+    )
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_for_grpc(target, process)
+        yield Served(url, target)
+    finally:
+        stop_server(process)
+
+
+@pytest.fixture(scope="package")
+def admin_triton(admin_served: Served) -> Iterator[grpcclient.InferenceServerClient]:
+    client = grpcclient.InferenceServerClient(admin_served.target)
     yield client
     client.close()

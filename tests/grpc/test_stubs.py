@@ -37,7 +37,31 @@ def test_every_rpc_of_the_proto_has_its_messages() -> None:
         "ServerMetadata",
         "ModelMetadata",
         "ModelInfer",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
     }
+
+
+def _shape(descriptor):  # type: ignore[no-untyped-def]
+    """A message's wire contract: each field's name, number, type and repetition, nested
+    messages (map entries included) and oneofs."""
+    return (
+        sorted((f.name, f.number, f.type, f.is_repeated) for f in descriptor.fields),
+        sorted((n.name, _shape(n)) for n in descriptor.nested_types),
+        sorted((o.name, sorted(f.name for f in o.fields)) for o in descriptor.oneofs),
+    )
+
+
+def test_the_repository_messages_are_tritons_on_the_wire() -> None:
+    """The repository RPCs are Triton's (not in KServe's proto): ours must match what
+    tritonclient.grpc sends and reads, field for field."""
+    theirs = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for name in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"):
+        method = theirs.methods_by_name[name]
+        request, response = messages.methods()[name]
+        assert _shape(request.DESCRIPTOR) == _shape(method.input_type), name
+        assert _shape(response.DESCRIPTOR) == _shape(method.output_type), name
 
 
 def test_our_messages_and_tritonclients_share_the_wire_format() -> None:

@@ -14,15 +14,15 @@ from fastapi import APIRouter, Body, Depends
 from app.http.admin import get_control, require_admin_key
 from app.http.deps import get_registry
 from app.http.protocols.base import ERROR_RESPONSES, ProtocolRoute
-from app.http.routes.models import loaded_or_refused
 from app.models.control import ModelControl
 from app.models.registry import ModelRegistry
 from app.protocols.repository import (
     IndexEntry,
     IndexRequest,
     LoadRequest,
-    check_parameters,
+    load_model,
     repository_index,
+    unload_model,
 )
 
 router = APIRouter(
@@ -57,8 +57,7 @@ async def load_repository_model(
 ) -> dict[str, Any]:
     """Load (or reload and swap) the model's folder; 200 once it serves (a `config` is
     refused: the folder's model.toml is the configuration)."""
-    check_parameters(body.parameters if body else None, "load")
-    loaded_or_refused(await control.load(name))
+    await load_model(control, name, body.parameters if body else None)
     return {}
 
 
@@ -69,6 +68,5 @@ async def unload_repository_model(
     control: ModelControl = Depends(get_control),
 ) -> dict[str, Any]:
     """Stop serving the model; running requests finish on it."""
-    check_parameters(body.parameters if body else None, "unload")
-    await control.unload(name)
+    await unload_model(control, name, body.parameters if body else None)
     return {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 
 from app.cam import METHODS
-from app.errors import ModelLoadFailed
 from app.http.admin import get_control, require_admin_key
 from app.http.deps import get_registry, require_api_key
 from app.http.routes import error_responses
@@ -21,6 +20,7 @@ from app.http.schemas import (
 from app.models.control import ModelControl
 from app.models.registry import ModelEntry, ModelRegistry
 from app.pipeline.describe import SLOW_FORWARDS, describe
+from app.protocols.repository import loaded_or_refused
 
 router = APIRouter(tags=["models"], dependencies=[Depends(require_api_key)])
 admin_router = APIRouter(tags=["model repository"], dependencies=[Depends(require_admin_key)])
@@ -98,19 +98,6 @@ def get_model(
             layer: list(model.layer_shapes.get(layer, ())[1:]) for layer in model.candidate_layers
         },
     )
-
-
-def loaded_or_refused(entry: ModelEntry) -> ModelEntry:
-    """``entry`` when the load left every version serving; else ModelLoadFailed with why."""
-    why = entry.reload_error or entry.error
-    if why is None and entry.status != "ready":
-        why = f"the model is {entry.status}"
-    if why is not None:
-        raise ModelLoadFailed(
-            f"Loading model {entry.name!r} failed: {why}",
-            details={"status": entry.status, "serving_version": summarize(entry).version},
-        )
-    return entry
 
 
 @admin_router.post(
