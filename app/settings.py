@@ -320,7 +320,10 @@ class Settings(BaseSettings):
     )
     admin_key: SecretStr | None = Field(
         None,
-        description="Key of the repository API (`X-Admin-Key`). Unset: that API is off (403).",
+        description=(
+            "Key of the repository API (`X-Admin-Key` over HTTP, `x-admin-key` metadata over "
+            "gRPC). Unset: that API is off (403; PERMISSION_DENIED over gRPC)."
+        ),
     )
     body_min_rate: float = Field(
         1024.0,
