@@ -188,16 +188,22 @@ function methodLabel(method) {
   return head || method;
 }
 
+// A form checkbox: the methods' and the layers' choices are made alike.
+function checkbox(name, value, checked) {
+  const input = document.createElement("input");
+  input.type = "checkbox";
+  input.name = name;
+  input.value = value;
+  input.checked = checked;
+  return input;
+}
+
 function methodChoice(method, checked) {
   const { summary, forwards, slow } = info(method);
   const item = document.createElement("div");
   item.className = "method";
   const label = document.createElement("label");
-  const input = document.createElement("input");
-  input.type = "checkbox";
-  input.name = "method";
-  input.value = method;
-  input.checked = checked;
+  const input = checkbox("method", method, checked);
   const name = document.createElement("span");
   name.className = "name";
   name.textContent = methodLabel(method);
@@ -216,11 +222,7 @@ function methodChoice(method, checked) {
 
 function layerChoice(layer, checked, shape) {
   const label = document.createElement("label");
-  const input = document.createElement("input");
-  input.type = "checkbox";
-  input.name = "target_layer";
-  input.value = layer;
-  input.checked = checked;
+  const input = checkbox("target_layer", layer, checked);
   label.append(input, ` ${layer}`);
   if (shape && shape.length >= 2) {
     const hint = document.createElement("span");
