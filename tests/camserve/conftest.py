@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import image_bytes
-from tests.http.test_server import start_server
+from tests.http.test_server import start_server, stop_server
 
 API_KEY = "key"
 
@@ -20,12 +19,7 @@ def server(store: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+        stop_server(process)
 
 
 @pytest.fixture(scope="package")

@@ -57,12 +57,7 @@ def served(store: Path) -> Iterator[Served]:
         wait_for_grpc(target, process)
         yield Served(url, target)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(process)
 
 
 @pytest.fixture(scope="package")
