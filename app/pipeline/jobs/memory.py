@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import get_args
@@ -22,7 +21,7 @@ from app.lifecycle import Lifecycle
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.jobs.base import JobEvent, JobStore
-from app.pipeline.jobs.record import Job
+from app.pipeline.jobs.record import Job, new_job_id
 from app.pipeline.jobs.work import check_result_size, result_over, run_job
 from app.pipeline.results import ErrorDetail, JobStatus, JobView
 
@@ -97,7 +96,7 @@ class MemoryJobStore(JobStore):
                 self.explainer, model, uploads, params, self.max_result_bytes, model_version
             )
         self._make_room()
-        job = Job(id=secrets.token_urlsafe(18), client=client, upload_bytes=size)
+        job = Job(id=new_job_id(), client=client, upload_bytes=size)
         self._jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(
             self._run(job, model, list(uploads), params, model_version), name=f"job-{job.id[:8]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -15,6 +16,17 @@ FINISHED: frozenset[JobStatus] = frozenset({"succeeded", "failed", "cancelled"})
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def new_job_id() -> str:
+    """A fresh job id: 18 random bytes in URL-safe base64 that never starts with '-'.
+
+    An id like ``-T3x...`` reads as an option to every command line (``camserve jobs watch``,
+    curl, shells), so those are drawn again.
+    """
+    while (job_id := secrets.token_urlsafe(18)).startswith("-"):
+        pass
+    return job_id
 
 
 def job_url(job_id: str) -> str:

@@ -47,7 +47,7 @@ from app.lifecycle import Lifecycle
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.jobs.base import JobEvent, JobStore, StoreState
-from app.pipeline.jobs.record import FINISHED, Job
+from app.pipeline.jobs.record import FINISHED, Job, new_job_id
 from app.pipeline.jobs.redis_scripts import SCRIPTS
 from app.pipeline.jobs.work import (
     Outcome,
@@ -310,7 +310,7 @@ class RedisJobStore(JobStore):
         check_result_size(
             self.explainer, model, uploads, params, self.max_result_bytes, model_version
         )
-        job = Job(id=secrets.token_urlsafe(18), client=client)
+        job = Job(id=new_job_id(), client=client)
         admitted, active, mine = await self._call(
             lambda: self._script(
                 "admit", [ACTIVE], [job.id, client, self.max_jobs, self.max_per_client]
