@@ -17,6 +17,7 @@ from PIL import Image
 
 from app.cam import blend
 from app.errors import InvalidParameter, OverBudget
+from app.pipeline import rendering
 from app.pipeline.decoding import Box, DecodedImage
 from app.pipeline.rendering import (
     ANSWER_BYTES_PER_PIXEL,
@@ -237,3 +238,13 @@ def test_a_heavy_drawing_thread_runs_at_a_lower_priority() -> None:
         ordinary = plain.submit(priority).result()
     assert niced == min(19, ordinary + HEAVY_NICENESS)
     assert priority() == ordinary  # the caller's thread keeps its own
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 2, 3])
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_base64_in_pieces_is_one_encoding(
+    monkeypatch: pytest.MonkeyPatch, pieces: int, extra: int
+) -> None:
+    monkeypatch.setattr(rendering, "_BASE64_PIECE", 6)
+    data = os.urandom(6 * pieces + extra)
+    assert rendering.to_base64(data) == base64.b64encode(data).decode("ascii")

@@ -8,6 +8,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from app.http.answers import json_answer
 from app.http.deps import get_explainer, get_settings, read_uploads, require_api_key, within_limits
 from app.http.routes import VersionField, error_responses
 from app.http.routes.forms import ExplainForm, explain_form
@@ -55,4 +56,4 @@ async def explain_images(
                 "X-Camserve-Label": quote(answer.results[0].explanations[0].label),
             },
         )
-    return answer
+    return await json_answer(answer)

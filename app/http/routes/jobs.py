@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.errors import TooManyStreams
+from app.http.answers import json_answer
 from app.http.deps import client_identity, get_settings, job_owner, read_uploads, require_api_key
 from app.http.routes import VersionField, error_responses
 from app.http.routes.forms import ExplainForm, explain_form
@@ -113,16 +114,20 @@ async def create_job(
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=error_responses(401, 404, 503))
-async def get_job(request: Request, job_id: str, jobs: JobStore = Depends(get_jobs)) -> JobView:
+async def get_job(
+    request: Request, job_id: str, jobs: JobStore = Depends(get_jobs)
+) -> StreamingResponse:
     """A job's status, progress with ETA, times, and its result or error once finished."""
-    return await jobs.get(job_id, job_owner(request))
+    return await json_answer(await jobs.get(job_id, job_owner(request)))
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses=error_responses(401, 404, 503))
-async def cancel_job(request: Request, job_id: str, jobs: JobStore = Depends(get_jobs)) -> JobView:
+async def cancel_job(
+    request: Request, job_id: str, jobs: JobStore = Depends(get_jobs)
+) -> StreamingResponse:
     """Cancel a queued or running job (its work stops at the next chunk) and answer its final
     state; on a finished job, answer that state and forget the job (then 404)."""
-    return await jobs.cancel(job_id, job_owner(request))
+    return await json_answer(await jobs.cancel(job_id, job_owner(request)))
 
 
 @router.get(
