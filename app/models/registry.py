@@ -489,7 +489,7 @@ class ModelRegistry:
         listed = ", ".join(available) or "none"
         return ModelNotFound(
             f"Unknown model {clip(name)}{where}. Available models: {listed}."
-            + (" Pick one with the `model` parameter." if available and not in_store else ""),
+            + (" Ask for one of them by name." if available and not in_store else ""),
             details={"available": available},
         )
 
