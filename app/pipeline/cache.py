@@ -113,7 +113,9 @@ def model_build(registry: ModelRegistry, model: LoadedModel) -> str:
 
 def _plain(value: Any) -> Any:
     """A dataclass as plain data for the key; anything JSON cannot write by its ``repr``."""
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
 
 
 def explanation_key(
