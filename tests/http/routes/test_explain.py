@@ -57,6 +57,7 @@ def test_every_method(client: TestClient, method: str) -> None:
         "total_ms",
         "batch_images",
         "cam_ms_by_method",
+        "cache",
     }
     assert body["timings"]["batch_images"] == 1
     result = body["results"][0]
