@@ -232,10 +232,11 @@ class Metrics:
         )
         self.cache_evictions = Counter(
             "camserve_cache_evictions",
-            "Answers dropped from this process's cache: `lru` to make room under "
-            "CAMSERVE_CACHE_MB, `expired` past CAMSERVE_CACHE_TTL_S, `too_large` never kept "
-            "(over a quarter of the cache).",
-            ["reason"],
+            "Answers dropped from the explanation cache, by tier (memory: this process; redis: "
+            "the shared one, counted by the replica whose write made room) and reason: `lru` to "
+            "make room under CAMSERVE_CACHE_MB, `expired` past CAMSERVE_CACHE_TTL_S, "
+            "`too_large` never kept (over a quarter of the cache).",
+            ["tier", "reason"],
             registry=self.registry,
         )
         self.registry.register(_StateCollector(state))
@@ -283,7 +284,7 @@ class Metrics:
             self.cache_bypasses.inc()
         else:
             reason = {"eviction": "lru", "expiry": "expired"}.get(event, event)
-            self.cache_evictions.labels(reason).inc()
+            self.cache_evictions.labels(tier, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

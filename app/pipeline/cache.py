@@ -21,8 +21,8 @@ only with a seed; without one, two calls differ and the request bypasses the cac
 
 Entries are kept in this process's memory, bounded in bytes and dropped least recently used
 first (``MemoryTier``). With a Redis job store a second tier (``SharedTier``, in
-``app.pipeline.jobs.redis_cache``) keeps them in Redis as well, for every replica, for
-``CAMSERVE_CACHE_TTL_S``.
+``app.pipeline.jobs.redis_cache``) keeps them in Redis as well, for every replica, under the
+same bound, for ``CAMSERVE_CACHE_TTL_S``.
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ class SharedTier(Protocol):
 
     async def get(self, key: str) -> bytes | None: ...
 
-    async def put(self, key: str, value: bytes) -> None: ...
+    async def put(self, key: str, value: bytes) -> int:
+        """Keep ``value``; the number of entries dropped to make room."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,8 @@ class ExplanationCache:
             return answer
         value = await run_to_the_end(self.threads, lambda: answer.model_dump_json().encode())
         if self.memory.put(lookup.key, value) and self.shared is not None:
-            await self.shared.put(lookup.key, value)
+            for _ in range(await self.shared.put(lookup.key, value)):
+                self._tell("eviction", self.shared.name)
         return answer
 
     async def _digests(self, uploads: Sequence[Upload]) -> list[str]:

@@ -47,12 +47,13 @@ def open_job_store(settings: Settings, explainer: Explainer, lifecycle: Lifecycl
 
 
 def share_cache(cache: ExplanationCache | None, store: JobStore, settings: Settings) -> None:
-    """Give the explanation cache a tier in the job store's Redis, shared by the replicas, when
-    the store is Redis and ``CAMSERVE_CACHE_TTL_S`` is not 0 (entries there expire)."""
+    """Give the explanation cache a tier in the job store's Redis, shared by the replicas and
+    bounded like this process's (``CAMSERVE_CACHE_MB``), when the store is Redis and
+    ``CAMSERVE_CACHE_TTL_S`` is not 0 (entries there expire)."""
     if cache is None or store.backend != "redis" or not settings.cache_ttl_s:
         return
     from app.pipeline.jobs.redis_cache import RedisTier  # redis-py only when asked for
     from app.pipeline.jobs.redis_store import RedisJobStore
 
     if isinstance(store, RedisJobStore):
-        cache.shared = RedisTier(store, settings.cache_ttl_s)
+        cache.shared = RedisTier(store, cache.memory.capacity, settings.cache_ttl_s)

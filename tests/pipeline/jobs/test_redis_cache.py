@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.pipeline.jobs.redis_cache import PREFIX, RedisTier
+from app.pipeline.jobs.redis_cache import INDEX, PREFIX, SIZES, TOTAL, RedisTier
 from tests.conftest import files, image_bytes
 from tests.http.routes.test_jobs import finished, submit, wait_for
 from tests.observability.test_metrics import scrape, value
@@ -58,14 +58,36 @@ def test_a_replica_answers_from_what_another_computed(
     assert value(scrape(b), "camserve_cache_hits_total", tier="memory") == 1
 
     redis = redis_server.client(db)
-    (key,) = redis.keys(PREFIX + "*")
-    assert 0 < redis.pttl(key) <= 120_000
+    (key,) = redis.zrange(INDEX, 0, -1)
+    assert 0 < redis.pttl(PREFIX + key.decode()) <= 120_000
     # A job asks the cache too: its result is the hit's.
     job = submit(b, image_bytes(seed=5), **FORM)
     view = wait_for(b, job["id"], finished)
     assert view["status"] == "succeeded"
     assert view["result"]["timings"]["cache"] == "hit"
     assert view["result"]["results"] == computed.json()["results"]
+
+
+def test_the_shared_tier_stays_under_its_bound(
+    replicas: tuple[Callable[..., TestClient], int], redis_server: RedisServer
+) -> None:
+    start, db = replicas
+    a = start(cache_mb=1)
+    redis = redis_server.client(db)
+    explain(a, seed=100)
+    size = int(redis.get(TOTAL) or 0)
+    (first,) = redis.zrange(INDEX, 0, -1)
+    assert size > 0 and redis.get(PREFIX + first.decode()) is not None
+    for seed in range(101, 103 + int(1024 * 1024 / size)):
+        explain(a, seed=seed)
+    total, sizes = int(redis.get(TOTAL) or 0), redis.hgetall(SIZES)
+    assert total <= 1024 * 1024 and total == sum(int(v) for v in sizes.values())
+    answers = {k for k in redis.keys(PREFIX + "*") if k.decode() not in (INDEX, SIZES, TOTAL)}
+    assert len(answers) == len(sizes) == redis.zcard(INDEX) < 103 + int(1024 * 1024 / size) - 100
+    dropped = value(scrape(a), "camserve_cache_evictions_total", tier="redis", reason="lru")
+    assert dropped is not None and dropped >= 1
+    # The oldest answer left Redis, index and all.
+    assert redis.get(PREFIX + first.decode()) is None and redis.zscore(INDEX, first) is None
 
 
 def test_ttl_0_keeps_the_cache_in_each_replica_only(
@@ -77,7 +99,7 @@ def test_ttl_0_keeps_the_cache_in_each_replica_only(
     assert explain(a).headers["x-camserve-cache"] == "miss"
     assert explain(b).headers["x-camserve-cache"] == "miss"
     assert explain(b).headers["x-camserve-cache"] == "hit"
-    assert redis_server.client(db).keys(PREFIX + "*") == []
+    assert redis_server.client(db).keys("camserve:cache:*") == []
 
 
 def test_without_redis_answers_are_computed(
