@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from app import __version__
@@ -94,7 +95,9 @@ _builds_lock = threading.Lock()
 
 def model_build(registry: ModelRegistry, model: LoadedModel) -> str:
     """What tells this load of a model from any other under its name and version: the digest
-    of its version folder's files (paths, sizes, modification times) and of its manifest. A
+    of its version folder's files (relative paths, sizes, modification times: the registry's own
+    test of a change, ``app.models.store.fingerprint``) and of its manifest. Replicas share
+    entries when their model files agree in all three (a shared volume, the same image); a
     model the registry does not list with a fingerprint (one built by hand) gets a random token
     of its own, which no other load ever shares."""
     with _builds_lock:
@@ -104,7 +107,9 @@ def model_build(registry: ModelRegistry, model: LoadedModel) -> str:
         entry = registry.entries.get(model.spec.name)
         version = entry.versions.get(model.spec.version) if entry is not None else None
         if version is not None and version.model is model and version.fingerprint:
-            build = _digest(repr((version.fingerprint, model.spec)).encode())
+            # The folder's place differs between machines; its files and manifest are the model.
+            spec = dataclasses.replace(model.spec, folder=Path(model.spec.folder.name))
+            build = _digest(repr((version.fingerprint, spec)).encode())
         else:
             build = "token-" + secrets.token_hex(16)
         _builds[model] = build
