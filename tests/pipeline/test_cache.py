@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.cam import METHODS
-from app.errors import InvalidParameter
+from app.errors import InvalidParameter, Overloaded
 from app.models.registry import ModelRegistry
 from app.pipeline.admission import SlotLimiter
 from app.pipeline.cache import (
@@ -314,3 +314,23 @@ def test_a_bad_parameter_is_refused_even_when_cached(registry: ModelRegistry) ->
             await explainer.close()
 
     asyncio.run(both())
+
+
+def test_a_hit_answers_while_the_service_is_full(registry: ModelRegistry) -> None:
+    """The cache stage comes before admission: a full queue refuses misses, not hits."""
+    seen = Seen()
+    explainer = cached_explainer(registry, seen)
+    explainer.limiter = SlotLimiter(max_running=1, max_waiting=0)
+
+    async def full() -> ExplainResponse:
+        try:
+            await explainer.explain("tiny", uploads(1), GRAD)
+            with explainer.limiter.admit():  # another request holds the only place
+                with pytest.raises(Overloaded):
+                    await explainer.explain("tiny", uploads(2), GRAD)
+                return await explainer.explain("tiny", uploads(1), GRAD)
+        finally:
+            await explainer.close()
+
+    assert asyncio.run(full()).timings.cache == "hit"
+    assert seen.passes == 1
