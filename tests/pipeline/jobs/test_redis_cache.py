@@ -17,7 +17,7 @@ from tests.observability.test_metrics import scrape, value
 from tests.redis_server import RedisServer
 
 FORM = {"method": "GradCAM", "output": "overlay,raw"}
-# Databases of their own: test_redis_store.py cycles through the lower ones.
+# Each test empties the database it takes first (test_redis_store.py takes them in turn too).
 _databases = itertools.cycle(range(48, 64))
 
 
