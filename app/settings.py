@@ -416,6 +416,25 @@ class Settings(BaseSettings):
         "each leaf module (they wait for one layer, not a whole chunk); off: between chunks "
         "only. Turn off for a model whose forward keeps per-call state on its modules.",
     )
+    cache_mb: int = Field(
+        128,
+        ge=0,
+        le=1024 * 1024,
+        description="Memory of the explanation cache, in MiB: an explanation asked for again "
+        "(the same image bytes, model build, method and parameters) is answered from it "
+        "without the model; the least recently used answers go first. An answer over a "
+        "quarter of it is not kept. `0`: no cache. The default holds a few hundred answers "
+        "with 512-px pictures, a small share beside the decode and render budgets.",
+    )
+    cache_ttl_s: float = Field(
+        3600.0,
+        ge=0,
+        le=30 * 86_400,
+        description="How long a cached explanation is answered after it was computed. With a "
+        "Redis job store (`CAMSERVE_JOB_STORE=redis://...`) the cache is also kept in that "
+        "Redis, shared by every replica, each entry for this long. `0`: no expiry in memory, "
+        "and no shared cache in Redis.",
+    )
 
     @field_validator("device")
     @classmethod

@@ -26,6 +26,10 @@ for _name in [k for k in os.environ if k.startswith("CAMSERVE_")]:
 # The test stores name factories of tests/fixtures_models.py; every Settings of the tests trusts
 # that module (a test of the refusal gives its own CAMSERVE_TRUSTED_MODULES).
 os.environ["CAMSERVE_TRUSTED_MODULES"] = FIXTURE_MODULE
+# The tests send the same seeded images again and again and check the work each one causes (its
+# passes, timings, progress, metrics): the explanation cache is off unless a test turns it on
+# (cache_mb=..., as the cache's own tests do).
+os.environ["CAMSERVE_CACHE_MB"] = "0"
 
 
 @pytest.fixture(scope="session")

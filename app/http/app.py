@@ -37,7 +37,7 @@ from app.models.registry import ModelRegistry
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.pipeline.explainer import Explainer
-from app.pipeline.jobs import open_job_store
+from app.pipeline.jobs import open_job_store, share_cache
 from app.pipeline.rendering import lower_thread_priority
 from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
 
@@ -106,6 +106,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry, settings.model_control, settings.model_poll_s, model_threads
     )
     app.state.jobs = open_job_store(settings, explainer, app.state.lifecycle)
+    share_cache(explainer.cache, app.state.jobs, settings)
     await app.state.jobs.start()
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)

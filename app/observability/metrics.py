@@ -84,6 +84,8 @@ class _StateCollector(Collector):
         admitted.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
         yield admitted
 
+        yield from _cache_gauges(getattr(explainer, "cache", None))
+
         store = getattr(self.state, "jobs", None)
         background = GaugeMetricFamily(
             "camserve_background_jobs",
@@ -107,6 +109,28 @@ class _StateCollector(Collector):
 
         if device is not None and device.type == "cuda":
             yield from _gpu_memory()
+
+
+def _cache_gauges(cache: Any) -> Iterable[Metric]:
+    """The explanation cache's memory tier (nothing without a cache)."""
+    if cache is None:
+        return
+    held = GaugeMetricFamily(
+        "camserve_cache_bytes",
+        "Bytes the explanation cache holds in this process (keys and answers).",
+    )
+    held.add_metric([], cache.memory.held_bytes)
+    yield held
+    capacity = GaugeMetricFamily(
+        "camserve_cache_capacity_bytes", "The explanation cache's bound (CAMSERVE_CACHE_MB)."
+    )
+    capacity.add_metric([], cache.memory.capacity)
+    yield capacity
+    entries = GaugeMetricFamily(
+        "camserve_cache_entries", "Answers the explanation cache holds in this process."
+    )
+    entries.add_metric([], len(cache.memory))
+    yield entries
 
 
 def _gpu_memory() -> Iterable[Metric]:
@@ -189,6 +213,32 @@ class Metrics:
             ["client", "status"],
             registry=self.registry,
         )
+        self.cache_hits = Counter(
+            "camserve_cache_hits",
+            "Explanations answered from the explanation cache, by the tier that held them "
+            "(memory: this process; redis: shared by the replicas).",
+            ["tier"],
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "camserve_cache_misses",
+            "Explanations looked up in the cache and not found (computed, then kept).",
+            registry=self.registry,
+        )
+        self.cache_bypasses = Counter(
+            "camserve_cache_bypasses",
+            "Explanations never cached: a random method (SSCAM, SmoothGradCAMpp) without a seed.",
+            registry=self.registry,
+        )
+        self.cache_evictions = Counter(
+            "camserve_cache_evictions",
+            "Answers dropped from the explanation cache, by tier (memory: this process; redis: "
+            "the shared one, counted by the replica whose write made room) and reason: `lru` to "
+            "make room under CAMSERVE_CACHE_MB, `expired` past CAMSERVE_CACHE_TTL_S, "
+            "`too_large` never kept (over a quarter of the cache).",
+            ["tier", "reason"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(state))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -222,6 +272,19 @@ class Metrics:
     def observe_yield(self, model: str) -> None:
         """A long pass on ``model`` let other passes run (called from its thread)."""
         self.yields.labels(model).inc()
+
+    def observe_cache(self, event: str, tier: str) -> None:
+        """The explanation cache's ``event`` (hit, miss, bypass, eviction, expiry, too_large);
+        ``tier`` names where a hit was found."""
+        if event == "hit":
+            self.cache_hits.labels(tier).inc()
+        elif event == "miss":
+            self.cache_misses.inc()
+        elif event == "bypass":
+            self.cache_bypasses.inc()
+        else:
+            reason = {"eviction": "lru", "expiry": "expired"}.get(event, event)
+            self.cache_evictions.labels(tier, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,6 +31,7 @@ from app.pipeline import checks
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
 from app.pipeline.budget import MemoryBudget
+from app.pipeline.cache import ExplanationCache, Lookup, model_build
 from app.pipeline.decoding import (
     DecodeCost,
     DecodedImage,
@@ -128,8 +129,11 @@ class Explainer:
         render_memory: MemoryBudget | None = None,
         heavy_render_pixels: int | None = None,
         heavy_render_threads: Executor | None = None,
+        cache: ExplanationCache | None = None,
     ) -> None:
         self.registry = registry
+        self.cache = cache
+        """The explanation cache stage (None: every explanation is computed)."""
         self.limiter = limiter
         self.max_pixels = max_pixels
         self.max_request_pixels = max_request_pixels
@@ -214,6 +218,11 @@ class Explainer:
             # A quarter of what one request may draw: four default pictures draw alongside.
             heavy_render_pixels=settings.max_render_pixels // 4,
             heavy_render_threads=heavy_render_threads,
+            cache=ExplanationCache.from_settings(
+                settings,
+                threads=image_threads,
+                on_event=metrics.observe_cache if metrics else None,
+            ),
         )
 
     def batcher(self, model: LoadedModel) -> Batcher:
@@ -437,11 +446,33 @@ class Explainer:
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
         plans, style = self._check(model, params, len(uploads))
+        lookup = await self._look_up(model, uploads, params, plans, style, started)
+        if lookup.answer is not None:
+            spec = model.spec
+            note_work(spec.name, lookup.answer.method, len(uploads), {}, version=spec.version)
+            return lookup.answer
         side = style.size.decode_side if style.draws_pictures else 0
         async with self._room_to_decode(model, uploads, side, (plans, style)):
-            return await self._explain(
+            answer = await self._explain(
                 model, uploads, params, plans, style, side, started, progress, admit, priority
             )
+        return answer if self.cache is None else await self.cache.keep(lookup, answer)
+
+    async def _look_up(
+        self,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        params: ExplainParams,
+        plans: Sequence[CamPlan],
+        style: RenderStyle,
+        started: float,
+    ) -> Lookup:
+        """The cache stage, before admission and decoding: a hit is the whole answer."""
+        if self.cache is None:
+            return Lookup("off")
+        spec = model.spec
+        identity = (spec.name, spec.version, str(model.device), model_build(self.registry, model))
+        return await self.cache.look_up(identity, uploads, params, plans, style, started)
 
     async def _explain(
         self,

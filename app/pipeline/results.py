@@ -135,6 +135,13 @@ class ExplainTimings(BaseModel):
     cam_ms_by_method: dict[str, float] = Field(
         description="cam_ms of each method, in the order asked (they add up to cam_ms)"
     )
+    cache: Literal["hit", "miss", "bypass", "off"] = Field(
+        "off",
+        description="the explanation cache: `hit` (answered from it, without the model: the "
+        "stage times are 0), `miss` (computed, then kept), `bypass` (a random method without "
+        "a seed: computed, never kept) or `off` (CAMSERVE_CACHE_MB=0); also in the "
+        "X-Camserve-Cache header of /explain",
+    )
 
 
 class ExplainResponse(BaseModel):
@@ -157,6 +164,7 @@ class ExplainResponse(BaseModel):
                 "total_ms": 16.6,
                 "batch_images": 1,
                 "cam_ms_by_method": {"GradCAM": 3.9},
+                "cache": "miss",
             },
             "results": [
                 {

@@ -69,6 +69,33 @@ def test_counts_and_stages_of_predict_and_explain(make_client: Callable[..., Tes
     assert value(samples, "camserve_gpu_memory_allocated_bytes", device="cuda:0") is None
 
 
+def test_the_explanation_cache_counts_hits_misses_bytes_and_evictions(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(cache_mb=1)
+    form = {"method": "GradCAM", "output": "raw"}
+    for seed in (1, 1, 2):
+        assert client.post("/explain", files=files(image_bytes(seed=seed)), data=form).is_success
+    random = {"method": "SmoothGradCAMpp", "num_samples": "2", "output": "raw"}
+    assert client.post("/explain", files=files(image_bytes()), data=random).is_success
+    samples = scrape(client)
+    assert value(samples, "camserve_cache_hits_total", tier="memory") == 1
+    assert value(samples, "camserve_cache_misses_total") == 2
+    assert value(samples, "camserve_cache_bypasses_total") == 1
+    assert value(samples, "camserve_cache_entries") == 2
+    assert 0 < value(samples, "camserve_cache_bytes") <= 1024 * 1024  # type: ignore[operator]
+    assert value(samples, "camserve_cache_capacity_bytes") == 1024 * 1024
+    assert value(samples, "camserve_cache_evictions_total", tier="memory", reason="lru") is None
+    # Fill the 1 MiB with answers of about the first ones' size: the oldest make room.
+    size = value(samples, "camserve_cache_bytes") / 2  # type: ignore[operator]
+    for seed in range(10, 12 + int(1024 * 1024 / size)):
+        assert client.post("/explain", files=files(image_bytes(seed=seed)), data=form).is_success
+    samples = scrape(client)
+    lru = {"tier": "memory", "reason": "lru"}
+    assert value(samples, "camserve_cache_evictions_total", **lru)  # some were dropped
+    assert value(samples, "camserve_cache_bytes") <= 1024 * 1024  # type: ignore[operator]
+
+
 def test_scrapes_are_counted_under_their_route(make_client: Callable[..., TestClient]) -> None:
     client = make_client()
     client.get("/metrics")

@@ -12,6 +12,7 @@ from app.http.answers import json_answer
 from app.http.deps import get_explainer, get_settings, read_uploads, require_api_key, within_limits
 from app.http.routes import VersionField, error_responses
 from app.http.routes.forms import ExplainForm, explain_form
+from app.pipeline.cache import CACHE_HEADER
 from app.pipeline.explainer import Explainer
 from app.pipeline.results import ExplainResponse
 from app.settings import Settings
@@ -26,6 +27,12 @@ router = APIRouter(tags=["explanation"], dependencies=[Depends(require_api_key)]
         200: {
             "content": {"image/png": {}},
             "description": "JSON, or with `Accept: image/png` and one image the overlay itself",
+            "headers": {
+                CACHE_HEADER: {
+                    "description": "hit, miss, bypass or off: as `timings.cache`",
+                    "schema": {"type": "string"},
+                }
+            },
         },
         **error_responses(400, 401, 404, 406, 413, 415, 422, 499, 500, 503, 504),
     },
@@ -54,6 +61,7 @@ async def explain_images(
                 "X-Camserve-Class": str(answer.results[0].explanations[0].class_idx),
                 # Percent-encoded: header values must be latin-1, labels need not be.
                 "X-Camserve-Label": quote(answer.results[0].explanations[0].label),
+                CACHE_HEADER: answer.timings.cache,
             },
         )
-    return await json_answer(answer)
+    return await json_answer(answer, headers={CACHE_HEADER: answer.timings.cache})

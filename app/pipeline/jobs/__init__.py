@@ -7,12 +7,13 @@ One interface (``base.JobStore``), two backends chosen by ``CAMSERVE_JOB_STORE``
 from __future__ import annotations
 
 from app.lifecycle import Lifecycle
+from app.pipeline.cache import ExplanationCache
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs.base import JobEvent, JobStore, StoreState
 from app.pipeline.jobs.memory import MemoryJobStore
 from app.settings import Settings
 
-__all__ = ["JobEvent", "JobStore", "StoreState", "open_job_store"]
+__all__ = ["JobEvent", "JobStore", "StoreState", "open_job_store", "share_cache"]
 
 
 def open_job_store(settings: Settings, explainer: Explainer, lifecycle: Lifecycle) -> JobStore:
@@ -43,3 +44,16 @@ def open_job_store(settings: Settings, explainer: Explainer, lifecycle: Lifecycl
         max_result_bytes=settings.job_max_result_bytes,
         max_streams=settings.max_event_streams,
     )
+
+
+def share_cache(cache: ExplanationCache | None, store: JobStore, settings: Settings) -> None:
+    """Give the explanation cache a tier in the job store's Redis, shared by the replicas and
+    bounded like this process's (``CAMSERVE_CACHE_MB``), when the store is Redis and
+    ``CAMSERVE_CACHE_TTL_S`` is not 0 (entries there expire)."""
+    if cache is None or store.backend != "redis" or not settings.cache_ttl_s:
+        return
+    from app.pipeline.jobs.redis_cache import RedisTier  # redis-py only when asked for
+    from app.pipeline.jobs.redis_store import RedisJobStore
+
+    if isinstance(store, RedisJobStore):
+        cache.shared = RedisTier(store, cache.memory.capacity, settings.cache_ttl_s)

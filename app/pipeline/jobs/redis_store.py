@@ -174,6 +174,12 @@ class RedisJobStore(JobStore):
         return StoreState(self.backend, self._available)
 
     @property
+    def client(self) -> Redis:
+        """The request path's connection to Redis (the explanation cache shares it:
+        ``app.pipeline.jobs.redis_cache``)."""
+        return self._redis
+
+    @property
     def jobs_run(self) -> int:
         """Jobs this replica ran to their end (any outcome)."""
         return self._ran

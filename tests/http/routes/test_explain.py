@@ -57,6 +57,7 @@ def test_every_method(client: TestClient, method: str) -> None:
         "total_ms",
         "batch_images",
         "cam_ms_by_method",
+        "cache",
     }
     assert body["timings"]["batch_images"] == 1
     result = body["results"][0]
@@ -156,6 +157,32 @@ def test_accept_png_answers_the_overlay(client: TestClient) -> None:
         headers={"Accept": "image/png"},
     )
     assert_error(two, 406, "not_acceptable")
+
+
+def test_a_repeated_explanation_says_hit_in_its_header_and_timings(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(cache_mb=8)
+    form = {"method": "ScoreCAM", "output": "overlay"}
+    first = explain(client, image_bytes(seed=3), **form)
+    again = explain(client, image_bytes(seed=3), **form)
+    assert first.status_code == again.status_code == 200, again.text
+    assert first.headers["x-camserve-cache"] == first.json()["timings"]["cache"] == "miss"
+    assert again.headers["x-camserve-cache"] == again.json()["timings"]["cache"] == "hit"
+    assert again.json()["results"] == first.json()["results"]
+    # The overlay itself is a PNG: another format, so another entry.
+    pngs = [
+        client.post(
+            "/explain", files=files(image_bytes(seed=3)), data=form, headers={"Accept": "image/png"}
+        )
+        for _ in range(2)
+    ]
+    assert [png.headers["x-camserve-cache"] for png in pngs] == ["miss", "hit"]
+    assert pngs[0].content == pngs[1].content and pngs[1].headers["content-type"] == "image/png"
+    random = {"method": "SmoothGradCAMpp", "num_samples": "2"}
+    assert explain(client, image_bytes(seed=3), **random).headers["x-camserve-cache"] == "bypass"
+    # The tests' own services run without a cache (tests/conftest.py).
+    assert explain(make_client(), image_bytes()).headers["x-camserve-cache"] == "off"
 
 
 def test_cam_on_chosen_layer(client: TestClient) -> None:
