@@ -8,7 +8,7 @@ recorded during the forward.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,9 @@ class _GradientCAM(_CAM):
 
     requires_grad = True
     uses_scores = True
+    #: ``explain_classes``: the classes' gradients from one batched vector-Jacobian product
+    #: (``is_grads_batched``) instead of one backward per class from the retained graph.
+    batched_class_grads: ClassVar[bool] = False
 
     def _check_graph(self, scores: Any) -> None:
         activations = [a for a in self._activations if a is not None]
@@ -77,6 +80,65 @@ class _GradientCAM(_CAM):
         return [
             self._transformed(torch.zeros_like(a) if g is None else g)
             for g, a in zip(grads, activations, strict=True)
+        ]
+
+    def _maps_many(
+        self,
+        objectives: Sequence[Objective | None],
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[list[Tensor]]:
+        batched = (
+            self.batched_class_grads
+            and len(objectives) > 1
+            and type(self)._get_weights is _GradientCAM._get_weights
+            and isinstance(scores, Tensor)
+            and scores.ndim == 2
+            and all(o is not None and o.classes is not None for o in objectives)
+        )
+        if not batched:
+            return super()._maps_many(objectives, scores, retain_graph, activations)
+        per_class = self._backprop_classes(scores, cast(list[Objective], objectives), retain_graph)
+        with torch.no_grad():
+            return [
+                [
+                    self._combine(self._weights_from(g, a), a)
+                    for g, a in zip(grads, activations, strict=True)
+                ]
+                for grads in per_class
+            ]
+
+    def _backprop_classes(
+        self, scores: Tensor, objectives: Sequence[Objective], retain_graph: bool
+    ) -> list[list[Tensor]]:
+        """Per objective (class indices), the gradients of its logits with respect to each
+        hooked activation, from one batched vector-Jacobian product: the rows of the one-hot
+        ``grad_outputs`` are the classes."""
+        self._check_graph(scores)
+        activations = self._recorded()
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        one_hot = torch.zeros(
+            (len(objectives), *scores.shape), dtype=scores.dtype, device=scores.device
+        )
+        for k, objective in enumerate(objectives):
+            classes = cast(Tensor, objective.classes).to(scores.device)
+            self._check_range(classes, scores.shape[1])
+            one_hot[k, rows, classes] = 1
+        grads = torch.autograd.grad(
+            [scores],
+            activations,
+            grad_outputs=[one_hot],
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        return [
+            [
+                self._transformed(torch.zeros_like(a) if g is None else g[k])
+                for g, a in zip(grads, activations, strict=True)
+            ]
+            for k in range(len(objectives))
         ]
 
     def _get_weights(
@@ -212,6 +274,8 @@ class SmoothGradCAMpp(_GradientCAM):
     uses_scores = False
     uses_input = True
     noisy_forwards = True
+    #: its noisy forwards and their backward run per call: one call per class
+    shares_classes = False
     options = (
         num_samples(4, "noisy copies of the input"),
         noise_std(0.3, "standard deviation of the noise added to the input"),
