@@ -92,6 +92,31 @@ def hook_scope(scope: object) -> Iterator[None]:
         _state.scope, _state.owner = previous
 
 
+class ForwardCount:
+    """The forwards of a model counted by ``counting_forwards``."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+
+@contextmanager
+def counting_forwards(model: nn.Module) -> Iterator[ForwardCount]:
+    """Within this block, count the calls of ``model``'s forward run on this thread in the
+    current hook scope: the hooked forward, masked, ablated, noisy and re-run forwards alike
+    (each batch once), and none of the passes that other scopes run in a pause of them."""
+    count, scope, thread = ForwardCount(), getattr(_state, "scope", None), threading.get_ident()
+
+    def counted(_module: nn.Module, _args: Any) -> None:
+        if threading.get_ident() == thread and getattr(_state, "scope", None) is scope:
+            count.calls += 1
+
+    handle = model.register_forward_pre_hook(counted)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 class CamInterrupted(RuntimeError):
     """An extractor call stopped early because its ``should_stop`` check said so."""
 
@@ -611,7 +636,11 @@ class _CAM:
             last = len(asked) - 1
             return [
                 self(
-                    c, scores, normalized=normalized, retain_graph=retain_graph or i < last, **kwargs
+                    c,
+                    scores,
+                    normalized=normalized,
+                    retain_graph=retain_graph or i < last,
+                    **kwargs,
                 )
                 for i, c in enumerate(asked)
             ]

@@ -135,6 +135,12 @@ class ExplainTimings(BaseModel):
     cam_ms_by_method: dict[str, float] = Field(
         description="cam_ms of each method, in the order asked (they add up to cam_ms)"
     )
+    forwards: int = Field(
+        0,
+        description="the model's forwards that the passes of this request ran, each batch once "
+        "(the hooked forward, and the masked or noisy forwards of methods that run them); a pass "
+        "shared with other requests counts for each of them",
+    )
 
 
 class ExplainResponse(BaseModel):
