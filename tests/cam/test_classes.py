@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.cam import METHODS, _CAM
+from app.cam import _CAM, METHODS
 from app.cam.gradient import _GradientCAM
 from tests.fixtures_models import build_tiny, build_tiny_vit
 

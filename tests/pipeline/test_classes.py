@@ -98,12 +98,11 @@ def test_k_classes_take_one_forward(tiny: LoadedModel, method: str) -> None:
     [out] = run_cam_pass(tiny, _plan(method), [CamItem(_images(2, 0), classes=(2, 0, 1))])
     assert out.forwards == 1
     assert [one.class_idx for one in out.per_class()] == [[2, 2], [0, 0], [1, 1]]
-    for k, one in enumerate(out.per_class()):
-        [alone] = run_cam_pass(
-            tiny, _plan(method), [CamItem(_images(2, 0), class_idx=(one.class_idx[0],))]
-        )
+    for one in out.per_class():
+        item = CamItem(_images(2, 0), class_idx=(one.class_idx[0],))
+        [alone] = run_cam_pass(tiny, _plan(method), [item])
         assert alone.forwards == 1
-        torch.testing.assert_close(one.cams[0], alone.cams[0], atol=1e-5, rtol=1e-5), k
+        torch.testing.assert_close(one.cams[0], alone.cams[0], atol=1e-5, rtol=1e-5)
 
 
 def test_score_cam_runs_its_masked_forwards_once_for_k_classes(tiny: LoadedModel) -> None:
@@ -197,12 +196,11 @@ def test_the_render_budget_counts_every_class(explainer: Explainer) -> None:
 
 
 def test_a_method_that_runs_per_class_counts_its_forwards_per_class(explainer: Explainer) -> None:
-    # SmoothGrad-CAM++ draws 4 noisy copies per image and class: 2 x 4 x 3 = 24 <= 40 for
-    # 3 classes, but 2 x 4 x 6 > 40 is refused; the tiny model has 3 classes, so send 3 images.
+    # SmoothGrad-CAM++ draws 4 noisy copies per image and class: 4 images x 4 x 3 classes = 48
+    # are over the budget of 40, though 16 for one class would not be.
     params = ExplainParams(method="SmoothGradCAMpp", outputs=("raw",), top_classes=3)
     with pytest.raises(OverBudget, match="48 noisy forwards"):
         _explain(explainer, params, images=4)
     answer = _explain(explainer, params, images=1)
-    assert (
-        answer.timings.forwards == 1 + 3
-    )  # the hooked one, then 4 noisy copies in one batch per class
+    # The hooked forward, then per class one batched forward of its 4 noisy copies.
+    assert answer.timings.forwards == 1 + 3
