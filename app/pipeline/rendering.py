@@ -424,8 +424,9 @@ class RenderBudget:
             )
         if cost.pixels > self.max_pixels:
             raise OverBudget(
-                f"This request would draw {cost.pixels} pixels (images x methods x classes x maps x "
-                f"pictures x each picture's area; its largest picture is {cost.largest_side} px "
+                f"This request would draw {cost.pixels} pixels (images x methods x classes x "
+                f"maps x pictures x each picture's area; its largest picture is "
+                f"{cost.largest_side} px "
                 f"on its longest side); the limit is {self.max_pixels} "
                 "(CAMSERVE_MAX_RENDER_PIXELS). Ask for a smaller size, fewer target layers, "
                 "methods or images, or fewer outputs (overlay or heatmap, not both; raw draws "
