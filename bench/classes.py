@@ -1,0 +1,151 @@
+"""Several classes in one request against one request per class (issue #27), side by side.
+
+    python bench/classes.py                 # resnet50, CPU, K=3, 7 rounds
+    python bench/classes.py --rounds 3      # a quicker run
+
+Two measurements, each in interleaved rounds (so that the machine's drift hits both alike),
+reporting medians:
+
+1. The engine: after one forward of resnet50 (random weights, frozen, eval), Grad-CAM's K maps
+   by one backward per class from the retained graph (``loop``) against one batched
+   vector-Jacobian product (``batched``, ``torch.autograd.grad(is_grads_batched=True)``), with
+   the single-class call as the reference.
+2. The service's pipeline in this process (decode, pass, render; an overlay per map): one
+   request with ``classes=a,b,c`` against three requests with ``class_idx`` each, one after the
+   other, on the same resnet50. The target is a ratio of at most 0.5.
+
+The results go to bench/results/classes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serving import photo_jpeg, write_torchvision_model  # noqa: E402  (bench/, this folder)
+
+from app.cam import GradCAM  # noqa: E402
+from app.cam.gradient import _GradientCAM  # noqa: E402
+from app.models.registry import ModelRegistry  # noqa: E402
+from app.pipeline.admission import SlotLimiter  # noqa: E402
+from app.pipeline.decoding import Upload  # noqa: E402
+from app.pipeline.explainer import Explainer, ExplainParams  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "classes.json"
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+def engine(classes: list[int], rounds: int) -> dict[str, float]:
+    """Medians (ms) of the forward + K maps, by a loop of backwards and by one batched one."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval().requires_grad_(False)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    times: dict[str, list[float]] = {"one_class": [], "loop": [], "batched": []}
+    maps: dict[str, list[torch.Tensor]] = {}
+    with GradCAM(model, "layer4", input_shape=(3, 224, 224)) as extractor:
+        for round_idx in range(rounds + 1):  # one warm-up round
+            for mode in times:
+                _GradientCAM.batched_class_grads = mode == "batched"
+                start = time.perf_counter()
+                with torch.enable_grad():
+                    scores = model(x)
+                if mode == "one_class":
+                    extractor(classes[:1], scores)
+                else:
+                    got = extractor.explain_classes([[c] for c in classes], scores)
+                    maps[mode] = [m[0] for m in got]
+                if round_idx:
+                    times[mode].append(_ms(start))
+    _GradientCAM.batched_class_grads = False
+    difference = max(
+        float((a - b).abs().max()) for a, b in zip(maps["loop"], maps["batched"], strict=True)
+    )
+    result = {mode: statistics.median(values) for mode, values in times.items()}
+    return {**result, "max_difference_loop_vs_batched": difference}
+
+
+async def _pipeline(store: Path, classes: list[int], rounds: int) -> dict[str, Any]:
+    registry = ModelRegistry(store, torch.device("cpu"), "resnet50")
+    registry.discover()
+    registry.load_all()
+    explainer = Explainer(
+        registry,
+        SlotLimiter(max_running=1, max_waiting=8),
+        10**8,
+        model_threads=ThreadPoolExecutor(1),
+        image_threads=ThreadPoolExecutor(1),
+    )
+    uploads = [Upload("photo.jpg", photo_jpeg(320, 240, seed=3))]
+    together = ExplainParams(method="GradCAM", classes=tuple(classes))
+    apart = [ExplainParams(method="GradCAM", class_idx=(c,)) for c in classes]
+    times: dict[str, list[float]] = {"one_request": [], "k_requests": []}
+    forwards: dict[str, int] = {}
+    try:
+        for round_idx in range(rounds + 1):  # one warm-up round
+            start = time.perf_counter()
+            answer = await explainer.explain("resnet50", uploads, together)
+            one = _ms(start)
+            forwards["one_request"] = answer.timings.forwards
+            assert [e.class_idx for e in answer.results[0].explanations] == classes
+            start = time.perf_counter()
+            count = 0
+            for params in apart:
+                count += (await explainer.explain("resnet50", uploads, params)).timings.forwards
+            several = _ms(start)
+            forwards["k_requests"] = count
+            if round_idx:
+                times["one_request"].append(one)
+                times["k_requests"].append(several)
+    finally:
+        await explainer.close()
+    medians = {mode: statistics.median(values) for mode, values in times.items()}
+    return {
+        **medians,
+        "ratio": medians["one_request"] / medians["k_requests"],
+        "forwards": forwards,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--classes", default="3,7,11", help="the K classes, comma-separated")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    classes = [int(c) for c in args.classes.split(",")]
+    report: dict[str, Any] = {
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "classes": classes,
+        "rounds": args.rounds,
+        "engine_ms": engine(classes, args.rounds),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        write_torchvision_model(store / "resnet50", "resnet50")
+        report["pipeline_ms"] = asyncio.run(_pipeline(store, classes, args.rounds))
+    print(json.dumps(report, indent=2))
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
