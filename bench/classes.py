@@ -53,19 +53,23 @@ def _ms(start: float) -> float:
 
 
 def engine(classes: list[int], rounds: int) -> dict[str, float]:
-    """Medians (ms) of the forward + K maps, by a loop of backwards and by one batched one."""
+    """Medians (ms) of the forward, and of the maps after it: one class, then K classes by a
+    loop of backwards and by one batched backward."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().requires_grad_(False)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    times: dict[str, list[float]] = {"one_class": [], "loop": [], "batched": []}
+    modes = ("one_class", "loop", "batched")
+    times: dict[str, list[float]] = {"forward": [], **{mode: [] for mode in modes}}
     maps: dict[str, list[torch.Tensor]] = {}
     with GradCAM(model, "layer4", input_shape=(3, 224, 224)) as extractor:
         for round_idx in range(rounds + 1):  # one warm-up round
-            for mode in times:
+            for mode in modes:
                 _GradientCAM.batched_class_grads = mode == "batched"
                 start = time.perf_counter()
                 with torch.enable_grad():
                     scores = model(x)
+                forward = _ms(start)
+                start = time.perf_counter()
                 if mode == "one_class":
                     extractor(classes[:1], scores)
                 else:
@@ -73,6 +77,7 @@ def engine(classes: list[int], rounds: int) -> dict[str, float]:
                     maps[mode] = [m[0] for m in got]
                 if round_idx:
                     times[mode].append(_ms(start))
+                    times["forward"].append(forward)
     _GradientCAM.batched_class_grads = False
     difference = max(
         float((a - b).abs().max()) for a, b in zip(maps["loop"], maps["batched"], strict=True)
@@ -96,7 +101,14 @@ async def _pipeline(store: Path, classes: list[int], rounds: int) -> dict[str, A
     together = ExplainParams(method="GradCAM", classes=tuple(classes))
     apart = [ExplainParams(method="GradCAM", class_idx=(c,)) for c in classes]
     times: dict[str, list[float]] = {"one_request": [], "k_requests": []}
+    stages: dict[str, dict[str, list[float]]] = {mode: {} for mode in times}
     forwards: dict[str, int] = {}
+
+    def note(mode: str, answers: list[Any]) -> None:
+        for stage in ("decode_ms", "queue_ms", "forward_ms", "cam_ms", "encode_ms"):
+            spent = sum(getattr(a.timings, stage) for a in answers)
+            stages[mode].setdefault(stage, []).append(spent)
+
     try:
         for round_idx in range(rounds + 1):  # one warm-up round
             start = time.perf_counter()
@@ -105,14 +117,14 @@ async def _pipeline(store: Path, classes: list[int], rounds: int) -> dict[str, A
             forwards["one_request"] = answer.timings.forwards
             assert [e.class_idx for e in answer.results[0].explanations] == classes
             start = time.perf_counter()
-            count = 0
-            for params in apart:
-                count += (await explainer.explain("resnet50", uploads, params)).timings.forwards
+            answers = [await explainer.explain("resnet50", uploads, p) for p in apart]
             several = _ms(start)
-            forwards["k_requests"] = count
+            forwards["k_requests"] = sum(a.timings.forwards for a in answers)
             if round_idx:
                 times["one_request"].append(one)
                 times["k_requests"].append(several)
+                note("one_request", [answer])
+                note("k_requests", answers)
     finally:
         await explainer.close()
     medians = {mode: statistics.median(values) for mode, values in times.items()}
@@ -120,6 +132,10 @@ async def _pipeline(store: Path, classes: list[int], rounds: int) -> dict[str, A
         **medians,
         "ratio": medians["one_request"] / medians["k_requests"],
         "forwards": forwards,
+        "stages_ms": {
+            mode: {stage: statistics.median(v) for stage, v in spent.items()}
+            for mode, spent in stages.items()
+        },
     }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi import FastAPI
 
 from app.cam import METHODS
 from app.errors import MalformedParameter, OverBudget
@@ -19,6 +20,7 @@ from app.pipeline.admission import SlotLimiter
 from app.pipeline.classes import MAX_CLASSES, by_rank, check_choice, class_count, per_image
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
+from app.pipeline.jobs.work import estimate_result_bytes, params_from_json, params_to_json
 from app.pipeline.params import build_params
 from app.pipeline.passes import CamItem, CamPlan, run_cam_pass, run_shared_cam_pass
 from app.pipeline.rendering import RenderBudget
@@ -204,3 +206,15 @@ def test_a_method_that_runs_per_class_counts_its_forwards_per_class(explainer: E
     answer = _explain(explainer, params, images=1)
     # The hooked forward, then per class one batched forward of its 4 noisy copies.
     assert answer.timings.forwards == 1 + 3
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def test_a_job_keeps_its_classes_and_prices_every_class(app: FastAPI, client: object) -> None:
+    for params in (ExplainParams(classes=(2, 0)), ExplainParams(top_classes=3)):
+        assert params_from_json(params_to_json(params)) == params
+    uploads = [Upload("a.png", image_bytes(size=(400, 320)))]
+    one = estimate_result_bytes(app.state.explainer, None, uploads, ExplainParams())
+    three = estimate_result_bytes(app.state.explainer, None, uploads, ExplainParams(top_classes=3))
+    assert three > 2.5 * one
