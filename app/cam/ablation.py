@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM, hooks_silenced, positive_int
+from app.cam.core import _CAM, hooks_silenced, note_forward, positive_int
 from app.cam.layers import LayerSpec
 from app.cam.options import BATCH_SIZE
 from app.cam.tail import model_tail
@@ -109,6 +109,7 @@ class AblationCAM(_CAM):
             if tail is not None:
                 with torch.inference_mode(), hooks_silenced(), self._work.pausable():
                     output = tail(ablated)
+                    note_forward()
                     values = torch.stack([o(output, samples) for o in objectives])
             else:
                 handle = module.register_forward_hook(partial(self._ablate, ablated))

@@ -95,8 +95,9 @@ def hook_scope(scope: object) -> Iterator[None]:
 class ForwardCount:
     """The forwards of a model counted by ``counting_forwards``."""
 
-    def __init__(self) -> None:
+    def __init__(self, scope: object) -> None:
         self.calls = 0
+        self.scope = scope
 
 
 @contextmanager
@@ -104,17 +105,28 @@ def counting_forwards(model: nn.Module) -> Iterator[ForwardCount]:
     """Within this block, count the calls of ``model``'s forward run on this thread in the
     current hook scope: the hooked forward, masked, ablated, noisy and re-run forwards alike
     (each batch once), and none of the passes that other scopes run in a pause of them."""
-    count, scope, thread = ForwardCount(), getattr(_state, "scope", None), threading.get_ident()
+    scope, thread = getattr(_state, "scope", None), threading.get_ident()
+    count = ForwardCount(scope)
 
     def counted(_module: nn.Module, _args: Any) -> None:
         if threading.get_ident() == thread and getattr(_state, "scope", None) is scope:
             count.calls += 1
 
     handle = model.register_forward_pre_hook(counted)
+    previous, _state.count = getattr(_state, "count", None), count
     try:
         yield count
     finally:
+        _state.count = previous
         handle.remove()
+
+
+def note_forward() -> None:
+    """Count a forward that does not go through the model's own forward (Ablation-CAM's run of
+    the model's tail from the ablated layer) in the ``counting_forwards`` of this thread."""
+    count = getattr(_state, "count", None)
+    if count is not None and count.scope is getattr(_state, "scope", None):
+        count.calls += 1
 
 
 class CamInterrupted(RuntimeError):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from app.cam import _CAM, METHODS
+from app.cam.core import counting_forwards, hook_scope
 from app.cam.gradient import _GradientCAM
 from tests.fixtures_models import build_tiny, build_tiny_vit
 
@@ -149,3 +150,18 @@ def test_explain_classes_refuses_a_bad_list() -> None:
             extractor.explain_classes([], scores)
         with pytest.raises(ValueError, match="out of range"):
             extractor.explain_classes([0, 7], scores)
+
+
+def test_counting_forwards_counts_this_scope_and_the_tails() -> None:
+    model = _model()
+    x = torch.randn(1, *SHAPE)
+    with hook_scope(object()), counting_forwards(model) as count:
+        with torch.inference_mode():
+            model(x)
+            with hook_scope(object()):  # another pass, run in a pause of this one
+                model(x)
+        assert count.calls == 1
+        with _extractor("AblationCAM", model, batch_size=2) as extractor:
+            extractor([0], _forward(extractor, model, x))
+        # The hooked forward, then 4 channels in batches of 2 through the model's tail.
+        assert count.calls == 1 + 1 + 2
