@@ -638,9 +638,10 @@ class _CAM:
         The model's forward is never re-run for another class: the gradient methods take one
         backward per class from the retained graph (or one batched backward,
         ``batched_class_grads``), CAM reads one row of the head per class, and the Score-CAM
-        family and Ablation-CAM score every class on the logits of the same masked forwards
-        (``shares_classes``). The others (SmoothGrad-CAM++, whose noisy forwards are drawn per
-        call) make one call per class."""
+        family and Ablation-CAM score every class on the logits of the same masked forwards,
+        and SmoothGrad-CAM++ takes one backward per class from each noisy forward. A method
+        that cannot share (``shares_classes = False``), and one with a call of its own (the
+        composites, which call their base), make one call per class."""
         asked = _class_list(classes)
         if type(self).__call__ is not _CAM.__call__ or not self.shares_classes:
             # A method with a call of its own (composites) or extra forwards per call: one call

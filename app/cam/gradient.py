@@ -274,8 +274,6 @@ class SmoothGradCAMpp(_GradientCAM):
     uses_scores = False
     uses_input = True
     noisy_forwards = True
-    #: its noisy forwards and their backward run per call: one call per class
-    shares_classes = False
     options = (
         num_samples(4, "noisy copies of the input"),
         noise_std(0.3, "standard deviation of the noise added to the input"),
@@ -312,6 +310,27 @@ class SmoothGradCAMpp(_GradientCAM):
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
+        return self._weights_many([cast(Objective, objective)], activations)[0]
+
+    def _maps_many(
+        self,
+        objectives: Sequence[Objective | None],
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[list[Tensor]]:
+        weights = self._weights_many(cast(list[Objective], objectives), activations)
+        with torch.no_grad():
+            return [
+                [self._combine(w, a) for w, a in zip(per_layer, activations, strict=True)]
+                for per_layer in weights
+            ]
+
+    def _weights_many(
+        self, objectives: Sequence[Objective], activations: list[Tensor]
+    ) -> list[list[Tensor]]:
+        """Per objective, per layer, the weights: every objective takes its backward from the
+        same noisy forwards (one backward each, the graph kept for the next)."""
         if self._input is None:
             raise RuntimeError(
                 "SmoothGradCAMpp recorded no model input: run the forward of the model with the "
@@ -321,7 +340,9 @@ class SmoothGradCAMpp(_GradientCAM):
         clean_activations = list(self._activations)
         generator = seeded_generator(self.seed, clean_input.device)
         n_layers = len(clean_activations)
-        moments: list[list[Tensor | None]] = [[None, None, None] for _ in range(n_layers)]
+        moments: list[list[list[Tensor | None]]] = [
+            [[None, None, None] for _ in range(n_layers)] for _ in objectives
+        ]
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 base = clean_input.detach().clone()
@@ -348,20 +369,27 @@ class SmoothGradCAMpp(_GradientCAM):
                     with hooks_only_for(self), self._work.pausable():
                         out = self.model(noisy)
                     samples = torch.arange(batch).repeat(draws)
-                    grads = self._backprop(out, objective, samples, retain_graph=False)  # type: ignore[arg-type]
-                    with torch.no_grad():
-                        for layer, grad in enumerate(grads):
-                            grad = grad.unflatten(0, (draws, batch))
-                            for power in range(3):
-                                term = (grad ** (power + 1)).sum(dim=0)
-                                acc = moments[layer][power]
-                                moments[layer][power] = term if acc is None else acc + term
+                    last = len(objectives) - 1
+                    for k, objective in enumerate(objectives):
+                        grads = self._backprop(out, objective, samples, retain_graph=k < last)
+                        with torch.no_grad():
+                            for layer, grad in enumerate(grads):
+                                grad = grad.unflatten(0, (draws, batch))
+                                for power in range(3):
+                                    term = (grad ** (power + 1)).sum(dim=0)
+                                    acc = moments[k][layer][power]
+                                    moments[k][layer][power] = term if acc is None else acc + term
                     self._work.advance(draws * batch)
         finally:
             # The noisy forwards were recorded by this extractor's hooks: put the clean forward
             # back, so that a second call (retain_graph=True) starts from the user's input again.
             self._activations = clean_activations
             self._input = clean_input
+        return [self._moment_weights(per_layer, activations) for per_layer in moments]
+
+    def _moment_weights(
+        self, moments: list[list[Tensor | None]], activations: list[Tensor]
+    ) -> list[Tensor]:
         weights = []
         with torch.no_grad():
             for sums, activation in zip(moments, activations, strict=True):

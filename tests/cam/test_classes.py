@@ -120,9 +120,29 @@ def test_score_cam_masked_forwards_serve_every_class() -> None:
     assert counts[0] == counts[1] > 1
 
 
-def test_smoothgrad_runs_its_noisy_forwards_per_class() -> None:
+@pytest.mark.parametrize("name", ["SmoothGradCAMpp", "AblationCAM", "SSCAM"])
+def test_extra_forwards_serve_every_class(name: str) -> None:
     model = _model()
     x = torch.randn(1, *SHAPE)
+    counts = []
+    for classes in ([0], [0, 1, 2]):
+        counter = _Counting(model)
+        with (
+            _extractor(name, model, fast_path=False)
+            if name == "AblationCAM"
+            else _extractor(name, model) as extractor
+        ):
+            extractor.explain_classes(classes, _forward(extractor, model, x))
+        counts.append(counter.calls)
+    assert counts[0] == counts[1] > 1
+
+
+def test_a_method_that_does_not_share_makes_one_call_per_class(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _model()
+    x = torch.randn(1, *SHAPE)
+    monkeypatch.setattr(METHODS["SmoothGradCAMpp"], "shares_classes", False)
     counts = []
     for classes in ([0], [0, 1]):
         counter = _Counting(model)

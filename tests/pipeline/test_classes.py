@@ -197,9 +197,20 @@ def test_the_render_budget_counts_every_class(explainer: Explainer) -> None:
         _explain(explainer, ExplainParams(method="GradCAM,CAM", top_classes=3), images=3)
 
 
-def test_a_method_that_runs_per_class_counts_its_forwards_per_class(explainer: Explainer) -> None:
-    # SmoothGrad-CAM++ draws 4 noisy copies per image and class: 4 images x 4 x 3 classes = 48
-    # are over the budget of 40, though 16 for one class would not be.
+def test_noisy_forwards_serve_every_class(explainer: Explainer) -> None:
+    # SmoothGrad-CAM++ draws 4 noisy copies per image, whatever the classes: 4 images x 4 = 16.
+    params = ExplainParams(method="SmoothGradCAMpp", outputs=("raw",), top_classes=3)
+    answer = _explain(explainer, params, images=4)
+    # The hooked forward, then one batched forward of the noisy copies (8 a batch on the CPU).
+    assert answer.timings.forwards == 1 + 2
+
+
+def test_a_method_that_does_not_share_counts_its_forwards_per_class(
+    explainer: Explainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(METHODS["SmoothGradCAMpp"], "shares_classes", False)
+    # 4 noisy copies per image and class: 4 images x 4 x 3 classes = 48 are over the budget
+    # of 40, though 16 for one class would not be.
     params = ExplainParams(method="SmoothGradCAMpp", outputs=("raw",), top_classes=3)
     with pytest.raises(OverBudget, match="48 noisy forwards"):
         _explain(explainer, params, images=4)
