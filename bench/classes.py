@@ -62,8 +62,7 @@ def engine(classes: list[int], rounds: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().requires_grad_(False)
     model = model.to(memory_format=torch.channels_last)  # as the service loads it
-    # A photo-like input, normalised as the service does (a randn input drives a random
-    # resnet50 into denormal numbers, which the CPU computes many times slower).
+    # A photo-like input, normalised as the service does.
     picture = Image.open(io.BytesIO(photo_jpeg(224, 224, seed=1))).convert("RGB")
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)
     mean, std = (
