@@ -127,8 +127,8 @@ class Settings(BaseSettings):
         16 * 1024 * 1024,
         ge=1024,
         le=10_000_000_000,
-        description="Most pixels one request may have drawn: images x methods x maps x pictures "
-        "(`overlay`, `heatmap`) x each picture's area, summed over a KServe request's "
+        description="Most pixels one request may have drawn: images x methods x classes x maps "
+        "x pictures (`overlay`, `heatmap`) x each picture's area, summed over a KServe request's "
         "instances too. Beyond it the answer is 422 `over_budget` before any pixel is decoded. "
         "The default draws one 4096-px picture, or 16 at 1024 px.",
     )
@@ -136,9 +136,9 @@ class Settings(BaseSettings):
         64,
         ge=1,
         le=100_000,
-        description="Most maps one request may have drawn or sent raw: images x methods x maps "
-        "(one per target layer, plus the fused one for several layers). Beyond it the answer "
-        "is 422 `over_budget`.",
+        description="Most maps one request may have drawn or sent raw: images x methods x "
+        "classes x maps (one per target layer, plus the fused one for several layers). Beyond "
+        "it the answer is 422 `over_budget`.",
     )
     render_budget_bytes: int = Field(
         768 * 1024**2,

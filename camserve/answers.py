@@ -80,7 +80,17 @@ class Explained:
 
     @property
     def methods(self) -> dict[str, MethodMaps]:
-        return {e.method: MethodMaps(e) for e in self.result.explanations}
+        """Each method's (first) explanation; with several classes, ``explanations`` has all."""
+        first: dict[str, MethodMaps] = {}
+        for explanation in self.result.explanations:
+            first.setdefault(explanation.method, MethodMaps(explanation))
+        return first
+
+    @property
+    def explanations(self) -> list[MethodMaps]:
+        """Every explanation, method by method and, within a method, class by class (several
+        with ``classes`` or ``top_classes``)."""
+        return [MethodMaps(e) for e in self.result.explanations]
 
     def __getitem__(self, method: str) -> MethodMaps:
         for name, maps in self.methods.items():

@@ -42,16 +42,21 @@ class OutputFolder:
         response = explained.response
         suffix = _SUFFIXES.get(response.image_format, f".{response.image_format}")
         explanations = []
-        for method, maps in explained.methods.items():
+        every = explained.explanations
+        several = len(every) > len(explained.methods)  # several classes per method
+        for maps in every:
+            method = maps.method
+            # One file per method; with several classes, one per method and class.
+            name = f"{stem}.{method}" + (f".class{maps.class_idx}" if several else "")
             files: dict[str, str] = {}
             overlay = maps.map_fields()["overlay"]
             if overlay is not None:
-                path = self.folder / f"{stem}.{method}{suffix}"
+                path = self.folder / f"{name}{suffix}"
                 path.write_bytes(base64.b64decode(overlay))
                 files["overlay"] = path.name
             raw = maps.raw
             if raw is not None:
-                path = self.folder / f"{stem}.{method}.npy"
+                path = self.folder / f"{name}.npy"
                 np.save(path, raw)
                 files["raw"] = path.name
             explanations.append(

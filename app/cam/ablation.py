@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM, hooks_silenced, positive_int
+from app.cam.core import _CAM, hooks_silenced, note_forward, positive_int
 from app.cam.layers import LayerSpec
 from app.cam.options import BATCH_SIZE
 from app.cam.tail import model_tail
@@ -83,13 +83,21 @@ class AblationCAM(_CAM):
         return ablated if self._in_scope() else None
 
     def _ablated_scores(
-        self, name: str, module: nn.Module, raw: Tensor, inputs: Tensor, objective: Objective
+        self,
+        name: str,
+        module: nn.Module,
+        raw: Tensor,
+        inputs: Tensor,
+        objectives: Sequence[Objective],
     ) -> Tensor:
-        """y_c^(k) for every (sample, channel): (N, K)."""
+        """y_c^(k) for every objective, sample and channel, from the same ablated forwards
+        (their logits hold every class): (objectives, N, K)."""
         positions = self._channel_positions(raw)
         tail = self._tail(name)
         n_samples, n_channels = raw.shape[0], positions.shape[0]
-        scores = torch.zeros(n_samples, n_channels, dtype=torch.float32, device=raw.device)
+        scores = torch.zeros(
+            len(objectives), n_samples, n_channels, dtype=torch.float32, device=raw.device
+        )
         jobs = torch.cartesian_prod(
             torch.arange(n_samples, device=raw.device), torch.arange(n_channels, device=raw.device)
         ).reshape(-1, 2)
@@ -100,16 +108,18 @@ class AblationCAM(_CAM):
             ablated = ablated.reshape(samples.shape[0], *raw.shape[1:])
             if tail is not None:
                 with torch.inference_mode(), hooks_silenced(), self._work.pausable():
-                    values = objective(tail(ablated), samples)
+                    output = tail(ablated)
+                    note_forward()
+                    values = torch.stack([o(output, samples) for o in objectives])
             else:
                 handle = module.register_forward_hook(partial(self._ablate, ablated))
                 try:
                     with torch.inference_mode(), hooks_silenced(), self._work.pausable():
                         output = self.model(inputs.index_select(0, samples.to(inputs.device)))
-                        values = objective(output, samples)
+                        values = torch.stack([o(output, samples) for o in objectives])
                 finally:
                     handle.remove()
-            scores[samples, channels] = values.to(scores.device)
+            scores[:, samples, channels] = values.to(scores.device)
             self._work.advance(samples.shape[0])
         return scores
 
@@ -120,22 +130,42 @@ class AblationCAM(_CAM):
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
+        assert objective is not None
+        return self._weights_many([objective], scores, activations)[0]
+
+    def _maps_many(
+        self,
+        objectives: Sequence[Objective | None],
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[list[Tensor]]:
+        weights = self._weights_many(cast(list[Objective], objectives), scores, activations)
+        with torch.no_grad():
+            return [
+                [self._combine(w, a) for w, a in zip(per_layer, activations, strict=True)]
+                for per_layer in weights
+            ]
+
+    def _weights_many(
+        self, objectives: Sequence[Objective], scores: Any, activations: list[Tensor]
+    ) -> list[list[Tensor]]:
+        """Per objective, per layer, the channel weights from the same ablated forwards."""
         if self._input is None:
             raise RuntimeError(
                 "AblationCAM recorded no model input: run the forward of the model with the "
                 "extractor's hooks enabled before calling it."
             )
-        assert objective is not None
         inputs = self._input.detach()
         n_samples = inputs.shape[0]
         with torch.no_grad():
-            base = objective(scores, torch.arange(n_samples))
+            base = torch.stack([o(scores, torch.arange(n_samples)) for o in objectives])
         self._work.begin(sum(a.shape[0] * a.shape[1] for a in activations))
-        weights = []
+        per_layer = []
         layers = zip(self.target_names, self._target_modules, self._activations, strict=True)
         for name, module, raw in layers:
-            ablated = self._ablated_scores(name, module, raw.detach(), inputs, objective)  # type: ignore[union-attr]
-            y = base.to(ablated.device)[:, None]
+            ablated = self._ablated_scores(name, module, raw.detach(), inputs, objectives)  # type: ignore[union-attr]
+            y = base.to(ablated.device)[:, :, None]
             safe = torch.where(y != 0, y, torch.ones_like(y))
-            weights.append(torch.where(y != 0, (y - ablated) / safe, torch.zeros_like(ablated)))
-        return weights
+            per_layer.append(torch.where(y != 0, (y - ablated) / safe, torch.zeros_like(ablated)))
+        return [[weights[k] for weights in per_layer] for k in range(len(objectives))]

@@ -267,17 +267,24 @@ class _ScoreFamily(_CAM):
         with torch.inference_mode(), hooks_silenced(), self._work.pausable():
             return self.model(masked)
 
-    def _class_scores(self, masked: Tensor, objective: Objective, samples: Tensor) -> Tensor:
-        """The score to explain (the class logit) of each masked input's sample: (B,)."""
+    def _class_scores(
+        self, masked: Tensor, objectives: Sequence[Objective], samples: Tensor
+    ) -> Tensor:
+        """The score to explain (the class logit) of each masked input's sample, for every
+        objective, from one forward (the logits hold every class): (objectives, B)."""
         with torch.inference_mode():
-            return objective(self._logits(masked), samples)
+            logits = self._logits(masked)
+            return torch.stack([objective(logits, samples) for objective in objectives])
 
     def _chunks(self, total: int) -> Iterator[slice]:
         for start in range(0, total, self.batch_size):
             yield slice(start, min(start + self.batch_size, total))
 
-    def _channel_scores(self, activation: Tensor, inputs: Tensor, objective: Objective) -> Tensor:
-        """Mean class score over variants for every (sample, channel): (N, K)."""
+    def _channel_scores(
+        self, activation: Tensor, inputs: Tensor, objectives: Sequence[Objective]
+    ) -> Tensor:
+        """Mean class score over variants for every objective, sample and channel:
+        (objectives, N, K)."""
         n_samples, n_channels = activation.shape[:2]
         size = inputs.shape[2:]
         if activation.ndim != inputs.ndim:
@@ -295,7 +302,9 @@ class _ScoreFamily(_CAM):
                 masks.flatten(1).amax(dim=1).reshape(n_samples, -1) == 0
             )
         variants = self._variants
-        totals = torch.zeros(n_samples, n_channels, dtype=torch.float32, device=activation.device)
+        totals = torch.zeros(
+            len(objectives), n_samples, n_channels, dtype=torch.float32, device=activation.device
+        )
         # Flat channels cost at most one shared input each; they count as done at once.
         self._work.advance(int(flat.sum()) * variants)
         # Pass 2: one masked forward per (sample, live channel, variant), in chunks.
@@ -307,16 +316,20 @@ class _ScoreFamily(_CAM):
             variant_idx = job_variants[part]
             masks = self._masks(activation[sample_idx, channel_idx], size)
             masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
-            scores = self._class_scores(masked, objective, sample_idx)
-            totals.index_put_((sample_idx, channel_idx), scores.to(totals.device), accumulate=True)
+            scores = self._class_scores(masked, objectives, sample_idx)
+            for k in range(len(objectives)):
+                totals[k].index_put_(
+                    (sample_idx, channel_idx), scores[k].to(totals.device), accumulate=True
+                )
             self._work.advance(sample_idx.shape[0])
         # Flat channels: a zero mask, one shared masked input per (sample, variant) at most.
         if bool(flat.any()):
-            totals += flat * self._flat_scores(inputs, objective)[:, None]
+            totals += flat * self._flat_scores(inputs, objectives)[:, :, None]
         return totals / variants
 
-    def _flat_scores(self, inputs: Tensor, objective: Objective) -> Tensor:
-        """Summed class score over variants of the zero-mask input, per sample: (N,)."""
+    def _flat_scores(self, inputs: Tensor, objectives: Sequence[Objective]) -> Tensor:
+        """Summed class score over variants of the zero-mask input, per objective and sample:
+        (objectives, N)."""
         n_samples = inputs.shape[0]
         zero_masks = torch.zeros((1, *inputs.shape[2:]), device=inputs.device)
         if self._flat_input_is_shared():
@@ -326,8 +339,10 @@ class _ScoreFamily(_CAM):
             everyone = torch.arange(n_samples)
             shared = take_rows(self._logits(masked), torch.zeros(n_samples, dtype=torch.long))
             with torch.inference_mode():
-                return objective(shared, everyone).to(inputs.device) * self._variants
-        sums = torch.zeros(n_samples, device=inputs.device)
+                return torch.stack([o(shared, everyone) for o in objectives]).to(inputs.device) * (
+                    self._variants
+                )
+        sums = torch.zeros(len(objectives), n_samples, device=inputs.device)
         pairs = torch.cartesian_prod(
             torch.arange(n_samples, device=inputs.device),
             torch.arange(self._variants, device=inputs.device),
@@ -336,8 +351,9 @@ class _ScoreFamily(_CAM):
             sample_idx, variant_idx = pairs[part, 0], pairs[part, 1]
             masks = zero_masks.expand(sample_idx.shape[0], *zero_masks.shape[1:])
             masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
-            scores = self._class_scores(masked, objective, sample_idx)
-            sums.index_put_((sample_idx,), scores.to(sums.device), accumulate=True)
+            scores = self._class_scores(masked, objectives, sample_idx)
+            for k in range(len(objectives)):
+                sums[k].index_put_((sample_idx,), scores[k].to(sums.device), accumulate=True)
         return sums
 
     def _get_weights(
@@ -347,6 +363,13 @@ class _ScoreFamily(_CAM):
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
+        return self._weights_many([cast(Objective, objective)], activations)[0]
+
+    def _weights_many(
+        self, objectives: Sequence[Objective], activations: list[Tensor]
+    ) -> list[list[Tensor]]:
+        """Per objective, per layer, the channel weights: every objective is scored on the
+        logits of the same masked forwards."""
         if self._input is None:
             raise RuntimeError(
                 f"{type(self).__name__} recorded no model input: run the forward of the model "
@@ -356,11 +379,25 @@ class _ScoreFamily(_CAM):
             inputs = self._input.detach().clone()
         self._prepare_call(inputs)
         self._work.begin(sum(a.shape[0] * a.shape[1] for a in activations) * self._variants)
-        weights = []
-        for activation in activations:
-            channel_scores = self._channel_scores(activation, inputs, objective)  # type: ignore[arg-type]
-            weights.append(torch.softmax(channel_scores, dim=1))
-        return weights
+        per_layer = [
+            torch.softmax(self._channel_scores(activation, inputs, objectives), dim=2)
+            for activation in activations
+        ]
+        return [[weights[k] for weights in per_layer] for k in range(len(objectives))]
+
+    def _maps_many(
+        self,
+        objectives: Sequence[Objective | None],
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[list[Tensor]]:
+        weights = self._weights_many(cast(list[Objective], objectives), activations)
+        with torch.no_grad():
+            return [
+                [self._combine(w, a) for w, a in zip(per_layer, activations, strict=True)]
+                for per_layer in weights
+            ]
 
 
 class ScoreCAM(_ScoreFamily):

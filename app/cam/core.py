@@ -92,6 +92,43 @@ def hook_scope(scope: object) -> Iterator[None]:
         _state.scope, _state.owner = previous
 
 
+class ForwardCount:
+    """The forwards of a model counted by ``counting_forwards``."""
+
+    def __init__(self, scope: object) -> None:
+        self.calls = 0
+        self.scope = scope
+
+
+@contextmanager
+def counting_forwards(model: nn.Module) -> Iterator[ForwardCount]:
+    """Within this block, count the calls of ``model``'s forward run on this thread in the
+    current hook scope: the hooked forward, masked, ablated, noisy and re-run forwards alike
+    (each batch once), and none of the passes that other scopes run in a pause of them."""
+    scope, thread = getattr(_state, "scope", None), threading.get_ident()
+    count = ForwardCount(scope)
+
+    def counted(_module: nn.Module, _args: Any) -> None:
+        if threading.get_ident() == thread and getattr(_state, "scope", None) is scope:
+            count.calls += 1
+
+    handle = model.register_forward_pre_hook(counted)
+    previous, _state.count = getattr(_state, "count", None), count
+    try:
+        yield count
+    finally:
+        _state.count = previous
+        handle.remove()
+
+
+def note_forward() -> None:
+    """Count a forward that does not go through the model's own forward (Ablation-CAM's run of
+    the model's tail from the ablated layer) in the ``counting_forwards`` of this thread."""
+    count = getattr(_state, "count", None)
+    if count is not None and count.scope is getattr(_state, "scope", None):
+        count.calls += 1
+
+
 class CamInterrupted(RuntimeError):
     """An extractor call stopped early because its ``should_stop`` check said so."""
 
@@ -201,6 +238,18 @@ def resize_maps(cams: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(cams.unsqueeze(1), size=tuple(size), mode=mode, align_corners=False)[:, 0]
 
 
+def _class_list(classes: Sequence[ClassIndex]) -> list[ClassIndex]:
+    """The entries of ``explain_classes``'s ``classes``: a non-empty list of class indices."""
+    if isinstance(classes, str | Tensor | int) or not isinstance(classes, Sequence):
+        raise TypeError(
+            "classes must be a list with one entry per class to explain (each an int for every "
+            f"sample, or one per sample), not {type(classes).__name__}."
+        )
+    if not classes:
+        raise ValueError("classes is empty: give at least one class to explain.")
+    return list(classes)
+
+
 class _CAM:
     """Base class of all extractors. Not used directly: pick a method such as ``GradCAM``.
 
@@ -235,6 +284,9 @@ class _CAM:
     one_map: ClassVar[bool] = False
     #: reads the class weights of the model's head (CAM): the manifest's ``fc_layer`` applies
     reads_head: ClassVar[bool] = False
+    #: ``explain_classes`` computes every class from the same work (the hooked forward, and the
+    #: masked forwards' logits): its extra forwards do not grow with the number of classes
+    shares_classes: ClassVar[bool] = True
     #: the method's options, declared once (see ``app.cam.options``)
     options: ClassVar[tuple[MethodOption, ...]] = ()
     #: the names of ``options`` (derived)
@@ -565,23 +617,109 @@ class _CAM:
                 ``hook_scope`` of its own, and leave the model as they found it. The forward
                 then resumes; the maps do not change.
         """
+        asked = [(class_idx, targets)]
+        return self._explain(asked, scores, normalized, retain_graph, progress, should_stop, pause)[
+            0
+        ]
+
+    def explain_classes(
+        self,
+        classes: Sequence[ClassIndex],
+        scores: Any = None,
+        normalized: bool = True,
+        retain_graph: bool = False,
+        **kwargs: Any,
+    ) -> list[list[Tensor]]:
+        """Maps of several classes after one hooked forward: per entry of ``classes`` (a class
+        index for every sample, or one per sample, as ``class_idx`` takes), what ``__call__``
+        would return for it; ``kwargs`` go to each call (``progress``, ``should_stop``,
+        ``pause``, a method's call options).
+
+        The model's forward is never re-run for another class: the gradient methods take one
+        backward per class from the retained graph (or one batched backward,
+        ``batched_class_grads``), CAM reads one row of the head per class, and the Score-CAM
+        family and Ablation-CAM score every class on the logits of the same masked forwards,
+        and SmoothGrad-CAM++ takes one backward per class from each noisy forward. A method
+        that cannot share (``shares_classes = False``), and one with a call of its own (the
+        composites, which call their base), make one call per class."""
+        asked = _class_list(classes)
+        if type(self).__call__ is not _CAM.__call__ or not self.shares_classes:
+            # A method with a call of its own (composites) or extra forwards per call: one call
+            # per class, each keeping the graph for the next.
+            last = len(asked) - 1
+            return [
+                self(
+                    c,
+                    scores,
+                    normalized=normalized,
+                    retain_graph=retain_graph or i < last,
+                    **kwargs,
+                )
+                for i, c in enumerate(asked)
+            ]
+        calls = {k: kwargs.pop(k, None) for k in ("progress", "should_stop", "pause")}
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} takes no call options {sorted(kwargs)}.")
+        return self._explain(
+            [(c, None) for c in asked],
+            scores,
+            normalized,
+            retain_graph,
+            calls["progress"],
+            calls["should_stop"],
+            calls["pause"],
+        )
+
+    def _explain(
+        self,
+        asked: Sequence[tuple[ClassIndex | None, Target | Sequence[Target] | None]],
+        scores: Any,
+        normalized: bool,
+        retain_graph: bool,
+        progress: ProgressCallback | None,
+        should_stop: StopCheck | None,
+        pause: PauseCallback | None,
+    ) -> list[list[Tensor]]:
+        """Maps for each (class_idx, targets) of ``asked``, from the one hooked forward."""
         extra = self.masked_forwards or self.noisy_forwards
         self._work = Work(progress, should_stop, pause if extra else None)
         self._work.check()
         batch = self._batch_size()
         device = self._recorded()[0].device
-        objective = self._objective(class_idx, targets, batch, device)
+        objectives = [self._objective(c, t, batch, device) for c, t in asked]
         if self.uses_scores:
-            scores = self._check_scores(scores, batch, objective)
+            for objective in objectives:
+                scores = self._check_scores(scores, batch, objective)
         activations = self._activations_for_use()
         with self._work.pause_points(self.model):
-            raw = self._maps(objective, scores, retain_graph, activations)
-        cams = []
+            raw = self._maps_many(objectives, scores, retain_graph, activations)
+        results = []
         with torch.no_grad():
-            for cam in raw:
-                cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
-                cams.append(normalize_maps(cam) if normalized else cam)
-        return cams
+            for maps in raw:
+                cams = []
+                for cam in maps:
+                    cam = torch.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+                    cams.append(normalize_maps(cam) if normalized else cam)
+                results.append(cams)
+        return results
+
+    def _maps_many(
+        self,
+        objectives: Sequence[Objective | None],
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[list[Tensor]]:
+        """The raw maps of each objective. By default one ``_maps`` per objective, the graph
+        kept for the next; a class-agnostic map is computed once and serves every objective."""
+        if self.class_agnostic:
+            once = self._maps(None, scores, retain_graph, activations)
+            return [once for _ in objectives]
+        last = len(objectives) - 1
+        return [
+            self._maps(objective, scores, retain_graph or i < last, activations)
+            for i, objective in enumerate(objectives)
+        ]
 
     @staticmethod
     def _combine(weights: Tensor, activation: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ recorded during the forward.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,9 @@ class _GradientCAM(_CAM):
 
     requires_grad = True
     uses_scores = True
+    #: ``explain_classes``: the classes' gradients from one batched vector-Jacobian product
+    #: (``is_grads_batched``) instead of one backward per class from the retained graph.
+    batched_class_grads: ClassVar[bool] = False
 
     def _check_graph(self, scores: Any) -> None:
         activations = [a for a in self._activations if a is not None]
@@ -77,6 +80,65 @@ class _GradientCAM(_CAM):
         return [
             self._transformed(torch.zeros_like(a) if g is None else g)
             for g, a in zip(grads, activations, strict=True)
+        ]
+
+    def _maps_many(
+        self,
+        objectives: Sequence[Objective | None],
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[list[Tensor]]:
+        batched = (
+            self.batched_class_grads
+            and len(objectives) > 1
+            and type(self)._get_weights is _GradientCAM._get_weights
+            and isinstance(scores, Tensor)
+            and scores.ndim == 2
+            and all(o is not None and o.classes is not None for o in objectives)
+        )
+        if not batched:
+            return super()._maps_many(objectives, scores, retain_graph, activations)
+        per_class = self._backprop_classes(scores, cast(list[Objective], objectives), retain_graph)
+        with torch.no_grad():
+            return [
+                [
+                    self._combine(self._weights_from(g, a), a)
+                    for g, a in zip(grads, activations, strict=True)
+                ]
+                for grads in per_class
+            ]
+
+    def _backprop_classes(
+        self, scores: Tensor, objectives: Sequence[Objective], retain_graph: bool
+    ) -> list[list[Tensor]]:
+        """Per objective (class indices), the gradients of its logits with respect to each
+        hooked activation, from one batched vector-Jacobian product: the rows of the one-hot
+        ``grad_outputs`` are the classes."""
+        self._check_graph(scores)
+        activations = self._recorded()
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        one_hot = torch.zeros(
+            (len(objectives), *scores.shape), dtype=scores.dtype, device=scores.device
+        )
+        for k, objective in enumerate(objectives):
+            classes = cast(Tensor, objective.classes).to(scores.device)
+            self._check_range(classes, scores.shape[1])
+            one_hot[k, rows, classes] = 1
+        grads = torch.autograd.grad(
+            [scores],
+            activations,
+            grad_outputs=[one_hot],
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        return [
+            [
+                self._transformed(torch.zeros_like(a) if g is None else g[k])
+                for g, a in zip(grads, activations, strict=True)
+            ]
+            for k in range(len(objectives))
         ]
 
     def _get_weights(
@@ -248,6 +310,27 @@ class SmoothGradCAMpp(_GradientCAM):
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
+        return self._weights_many([cast(Objective, objective)], activations)[0]
+
+    def _maps_many(
+        self,
+        objectives: Sequence[Objective | None],
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[list[Tensor]]:
+        weights = self._weights_many(cast(list[Objective], objectives), activations)
+        with torch.no_grad():
+            return [
+                [self._combine(w, a) for w, a in zip(per_layer, activations, strict=True)]
+                for per_layer in weights
+            ]
+
+    def _weights_many(
+        self, objectives: Sequence[Objective], activations: list[Tensor]
+    ) -> list[list[Tensor]]:
+        """Per objective, per layer, the weights: every objective takes its backward from the
+        same noisy forwards (one backward each, the graph kept for the next)."""
         if self._input is None:
             raise RuntimeError(
                 "SmoothGradCAMpp recorded no model input: run the forward of the model with the "
@@ -257,7 +340,9 @@ class SmoothGradCAMpp(_GradientCAM):
         clean_activations = list(self._activations)
         generator = seeded_generator(self.seed, clean_input.device)
         n_layers = len(clean_activations)
-        moments: list[list[Tensor | None]] = [[None, None, None] for _ in range(n_layers)]
+        moments: list[list[list[Tensor | None]]] = [
+            [[None, None, None] for _ in range(n_layers)] for _ in objectives
+        ]
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 base = clean_input.detach().clone()
@@ -284,20 +369,27 @@ class SmoothGradCAMpp(_GradientCAM):
                     with hooks_only_for(self), self._work.pausable():
                         out = self.model(noisy)
                     samples = torch.arange(batch).repeat(draws)
-                    grads = self._backprop(out, objective, samples, retain_graph=False)  # type: ignore[arg-type]
-                    with torch.no_grad():
-                        for layer, grad in enumerate(grads):
-                            grad = grad.unflatten(0, (draws, batch))
-                            for power in range(3):
-                                term = (grad ** (power + 1)).sum(dim=0)
-                                acc = moments[layer][power]
-                                moments[layer][power] = term if acc is None else acc + term
+                    last = len(objectives) - 1
+                    for k, objective in enumerate(objectives):
+                        grads = self._backprop(out, objective, samples, retain_graph=k < last)
+                        with torch.no_grad():
+                            for layer, grad in enumerate(grads):
+                                grad = grad.unflatten(0, (draws, batch))
+                                for power in range(3):
+                                    term = (grad ** (power + 1)).sum(dim=0)
+                                    acc = moments[k][layer][power]
+                                    moments[k][layer][power] = term if acc is None else acc + term
                     self._work.advance(draws * batch)
         finally:
             # The noisy forwards were recorded by this extractor's hooks: put the clean forward
             # back, so that a second call (retain_graph=True) starts from the user's input again.
             self._activations = clean_activations
             self._input = clean_input
+        return [self._moment_weights(per_layer, activations) for per_layer in moments]
+
+    def _moment_weights(
+        self, moments: list[list[Tensor | None]], activations: list[Tensor]
+    ) -> list[Tensor]:
         weights = []
         with torch.no_grad():
             for sums, activation in zip(moments, activations, strict=True):

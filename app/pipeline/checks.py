@@ -182,11 +182,18 @@ def check_classes(model: LoadedModel, class_idx: Sequence[int], count: int) -> N
 
 
 def extra_forwards(
-    model: LoadedModel, cls: type[_CAM], layers: Sequence[str], options: dict[str, Any], images: int
+    model: LoadedModel,
+    cls: type[_CAM],
+    layers: Sequence[str],
+    options: dict[str, Any],
+    images: int,
+    classes: int = 1,
 ) -> ExtraForwards:
-    """The forwards ``cls`` would run on ``layers`` of ``model`` besides the model's own."""
+    """The forwards ``cls`` would run on ``layers`` of ``model`` besides the model's own, for
+    ``classes`` classes per image (a method that does not share its extra forwards between
+    classes runs them once per class: they count as that many more images)."""
     shapes = [model.layer_shapes.get(layer, ()) for layer in layers]
-    return cls.extra_forwards(shapes, options, images)
+    return cls.extra_forwards(shapes, options, images * (1 if cls.shares_classes else classes))
 
 
 def check_budget(
@@ -197,14 +204,15 @@ def check_budget(
     options: dict[str, Any],
     images: int,
     limit: int,
+    classes: int = 1,
 ) -> None:
     """Refuse requests whose masked or noisy forwards exceed the budget."""
-    count = extra_forwards(model, cls, layers, options, images)
+    count = extra_forwards(model, cls, layers, options, images, classes)
     forwards, channels, samples = count.total, count.channels, count.samples
     if forwards > limit:
         kind = "masked" if cls.masked_forwards else "noisy"
         raise OverBudget(
-            f"{method} would run {forwards} {kind} forwards ({images} image(s) x {channels} "
+            f"{method} would run {forwards} {kind} forwards ({count.images} image(s) x {channels} "
             f"channels x {samples} sample(s)); the limit is {limit} "
             "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
             "layer with fewer channels, or use a gradient method such as GradCAM.",
@@ -218,13 +226,15 @@ def check_total_budget(
     layers: Sequence[str],
     images: int,
     limit: int,
+    classes: int = 1,
 ) -> None:
     """Several methods in one request: their masked forwards count together."""
     if len(methods) == 1:
-        check_budget(model, methods[0][0], methods[0][1], layers, methods[0][2], images, limit)
+        method, cls, options = methods[0]
+        check_budget(model, method, cls, layers, options, images, limit, classes)
         return
     counts = {
-        method: extra_forwards(model, cls, layers, options, images).total
+        method: extra_forwards(model, cls, layers, options, images, classes).total
         for method, cls, options in methods
     }
     total = sum(counts.values())
@@ -238,10 +248,13 @@ def check_total_budget(
         )
 
 
-def plans_forwards(model: LoadedModel, plans: Sequence[CamPlan], images: int) -> int:
-    """The masked and noisy forwards of a request's plans on ``images`` images, all together."""
+def plans_forwards(
+    model: LoadedModel, plans: Sequence[CamPlan], images: int, classes: int = 1
+) -> int:
+    """The masked and noisy forwards of a request's plans on ``images`` images (``classes``
+    classes each), all together."""
     return sum(
-        extra_forwards(model, plan.cls, plan.layers, dict(plan.options), images).total
+        extra_forwards(model, plan.cls, plan.layers, dict(plan.options), images, classes).total
         for plan in plans
     )
 

@@ -32,6 +32,7 @@ from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
 from app.pipeline.budget import MemoryBudget
 from app.pipeline.cache import ExplanationCache, Lookup, model_build
+from app.pipeline.classes import check_choice, class_count
 from app.pipeline.decoding import (
     DecodeCost,
     DecodedImage,
@@ -96,6 +97,10 @@ class ExplainParams:
     size: str | None = None
     """``original``, ``input`` or a longest side; None: CAMSERVE_MAX_OUTPUT_SIDE as a cap."""
     options: dict[str, Any] = field(default_factory=dict)
+    classes: tuple[int, ...] = ()
+    """Classes explained for every image, one explanation each (``app.pipeline.classes``)."""
+    top_classes: int | None = None
+    """Explain each image's ``top_classes`` most probable classes (``app.pipeline.classes``)."""
 
 
 def _ms(seconds: float) -> float:
@@ -312,11 +317,12 @@ class Explainer:
         forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
         for uploads, params in requests:
             plans, style = self._check(model, params, len(uploads))
-            forwards += checks.plans_forwards(model, plans, len(uploads))
+            count = class_count(params)
+            forwards += checks.plans_forwards(model, plans, len(uploads), count)
             side = style.size.decode_side if style.draws_pictures else 0
             cost = await self._decode_cost(model, uploads, side)
             decoding += cost
-            drawing += self._render_cost(model, plans, style, cost)
+            drawing += self._render_cost(model, plans, style, cost, count)
         if len(requests) > 1:
             checks.check_forward_sum(forwards, self.max_cam_forwards, len(requests))
             capacity = None if self.decode_budget is None else self.decode_budget.capacity
@@ -325,10 +331,16 @@ class Explainer:
                 self.render_budget.check(drawing)
 
     def _render_cost(
-        self, model: LoadedModel, plans: Sequence[CamPlan], style: RenderStyle, cost: DecodeCost
+        self,
+        model: LoadedModel,
+        plans: Sequence[CamPlan],
+        style: RenderStyle,
+        cost: DecodeCost,
+        classes: int = 1,
     ) -> RenderCost:
-        """The drawing a request asks for, refused (422) when over the render budget."""
-        maps = sum(_maps_per_image(plan) for plan in plans)
+        """The drawing a request asks for (``classes`` explained per image), refused (422) when
+        over the render budget."""
+        maps = classes * sum(_maps_per_image(plan) for plan in plans)
         drawing = render_cost(cost.sizes, maps, style, model.spec.crop)
         if self.render_budget is not None:
             self.render_budget.check(drawing)
@@ -340,15 +352,16 @@ class Explainer:
         model: LoadedModel,
         uploads: Sequence[Upload],
         picture_side: int | None,
-        drawing: tuple[Sequence[CamPlan], RenderStyle] | None = None,
+        drawing: tuple[Sequence[CamPlan], RenderStyle, int] | None = None,
     ) -> AsyncIterator[None]:
         """Read the uploads' headers (every per-image check), refuse a request whose images
-        decode to too many pixels or bytes, or whose ``drawing`` (plans, style) is over the
-        render budget, then hold the bytes their decoding takes in the process's decode budget
-        for the block."""
+        decode to too many pixels or bytes, or whose ``drawing`` (plans, style, classes per
+        image) is over the render budget, then hold the bytes their decoding takes in the
+        process's decode budget for the block."""
         cost = await self._decode_cost(model, uploads, picture_side)
         if drawing is not None:
-            self._render_cost(model, *drawing, cost)
+            plans, style, classes = drawing
+            self._render_cost(model, plans, style, cost, classes)
         if self.decode_budget is None:
             yield
             return
@@ -452,7 +465,8 @@ class Explainer:
             note_work(spec.name, lookup.answer.method, len(uploads), {}, version=spec.version)
             return lookup.answer
         side = style.size.decode_side if style.draws_pictures else 0
-        async with self._room_to_decode(model, uploads, side, (plans, style)):
+        drawing = (plans, style, class_count(params))
+        async with self._room_to_decode(model, uploads, side, drawing):
             answer = await self._explain(
                 model, uploads, params, plans, style, side, started, progress, admit, priority
             )
@@ -491,14 +505,22 @@ class Explainer:
         request stays admitted until its drawing ends: rendering is work the queue bound counts."""
         with self.limiter.admit() if admit else nullcontext():
             decoded, decode_s = await self._decode(model, uploads, side)
-            item = CamItem(stack_inputs(decoded), params.class_idx)
+            item = CamItem(
+                stack_inputs(decoded), params.class_idx, params.classes, params.top_classes
+            )
             ran = await self._run_plans(model, plans, item, progress, priority)
             results, encode_s = await self._render(
                 model, decoded, ran.outcomes, plans, style, params
             )
         cam_s = sum(outcome.cam_s for outcome in ran.outcomes.values())
         stages = {"decode": decode_s, "queue": ran.queue_s, "forward": ran.forward_s}
-        self._note(model, plans, len(decoded), {**stages, "cam": cam_s, "encode": encode_s})
+        self._note(
+            model,
+            plans,
+            len(decoded),
+            {**stages, "cam": cam_s, "encode": encode_s},
+            class_count(params),
+        )
         timings = ExplainTimings(
             decode_ms=_ms(decode_s),
             queue_ms=_ms(ran.queue_s),
@@ -508,6 +530,7 @@ class Explainer:
             total_ms=_ms(time.perf_counter() - started),
             batch_images=ran.batch_images,
             cam_ms_by_method={plan.method: _ms(ran.outcomes[plan].cam_s) for plan in plans},
+            forwards=ran.forwards,
         )
         return self._explain_response(model, plans, params, style, timings, results)
 
@@ -543,6 +566,7 @@ class Explainer:
             ran.outcomes.update(zip(group, shared, strict=True))
             ran.queue_s += info.queue_s
             ran.forward_s += shared[0].forward_s
+            ran.forwards += shared[0].forwards
             ran.batch_images = max(ran.batch_images, info.batch_images)
             if chained is not None:
                 chained.next_pass()
@@ -559,7 +583,7 @@ class Explainer:
     ) -> tuple[list[ExplainResult], float]:
         """The render stage, in steps on the render threads: the results and their seconds."""
         started = time.perf_counter()
-        maps = [_named_maps(plan, outcomes[plan]) for plan in plans]
+        maps = [_named_maps(plan, one) for plan in plans for one in outcomes[plan].per_class()]
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
         async with self._heavy_lane_if(cost) as threads, self._room_to_draw(cost.bytes):
@@ -594,7 +618,11 @@ class Explainer:
 
     @staticmethod
     def _note(
-        model: LoadedModel, plans: Sequence[CamPlan], images: int, stages: dict[str, float]
+        model: LoadedModel,
+        plans: Sequence[CamPlan],
+        images: int,
+        stages: dict[str, float],
+        classes: int = 1,
     ) -> None:
         """What the request did, for its access log line and the metrics."""
         shapes = [model.layer_shapes.get(layer, ()) for layer in plans[0].layers]
@@ -604,7 +632,9 @@ class Explainer:
             images,
             stages,
             sum(
-                plan.cls.extra_forwards(shapes, dict(plan.options), images).total for plan in plans
+                plan.cls.extra_forwards(shapes, dict(plan.options), images).total
+                * (1 if plan.cls.shares_classes else classes)
+                for plan in plans
             ),
             version=model.spec.version,
         )
@@ -649,6 +679,7 @@ class Explainer:
             own_default = methods[0][1].default_layers(model.module)
         layers = checks.check_layers(model, params.target_layers or own_default or ())
         checks.check_classes(model, params.class_idx, images)
+        check_choice(params, model.spec.name, model.spec.num_classes)
         checks.check_rendering(params.outputs, params.image_format, params.colormap)
         checks.check_spatial_layers(model, params.target_layers)
         checks.check_total_budget(
@@ -657,6 +688,7 @@ class Explainer:
             layers,
             images,
             self.max_cam_forwards,
+            class_count(params),
         )
         style = RenderStyle(
             outputs=tuple(dict.fromkeys(params.outputs)),
@@ -687,8 +719,8 @@ class Explainer:
         for i, image in enumerate(decoded):
             logits = first.logits[i]
             explanations = []
-            for plan, rendered in zip(plans, drawn[i], strict=True):
-                outcome = outcomes[plan]
+            asked = [(plan, one) for plan in plans for one in outcomes[plan].per_class()]
+            for (plan, outcome), rendered in zip(asked, drawn[i], strict=True):
                 target = outcome.class_idx[i]
                 explanations.append(
                     Explanation(
@@ -721,6 +753,7 @@ class _PlansRun:
     queue_s: float = 0.0
     forward_s: float = 0.0
     batch_images: int = 0
+    forwards: int = 0
 
 
 class _ChainedProgress:

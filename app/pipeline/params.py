@@ -28,6 +28,7 @@ from typing import Any, Literal
 from app.cam import METHODS
 from app.errors import InvalidParameter, MalformedParameter, clip
 from app.pipeline.checks import option_takers
+from app.pipeline.classes import MAX_CLASSES
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.rendering import (
     DEFAULT_ALPHA,
@@ -339,6 +340,23 @@ GENERAL: tuple[ExplainParameter, ...] = (
         "class to explain: one for all images or one per image; default top-1",
         example=["3"],
     ),
+    ExplainParameter(
+        "classes",
+        "ints",
+        (),
+        "classes to explain for every image, one explanation per class and method (repeat "
+        "or comma list); instead of class_idx",
+        example=["3", "5"],
+    ),
+    ExplainParameter(
+        "top_classes",
+        "int",
+        None,
+        "explain the K most probable classes of each image, one explanation per class and "
+        "method; instead of class_idx",
+        1,
+        MAX_CLASSES,
+    ),
     ExplainParameter("top_k", "int", 5, "predictions returned per image", 1, 1000),
     ExplainParameter(
         "target_layer",
@@ -443,6 +461,8 @@ def build_params(
         normalized=general("normalized"),
         size=general("size"),
         options={name: value for name, value in read.items() if PARAMETERS[name].option},
+        classes=general("classes"),
+        top_classes=general("top_classes"),
     )
 
 

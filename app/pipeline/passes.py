@@ -14,16 +14,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
 
 from app.cam import normalize_maps
-from app.cam.core import _CAM, hook_scope
+from app.cam.core import _CAM, counting_forwards, hook_scope
 from app.errors import MethodNotApplicable, ModelError, OutOfMemory
 from app.models.device import release_cached_memory, synchronize
 from app.models.loading import LoadedModel
+from app.pipeline.classes import by_rank, per_image
 
 
 class Control(Protocol):
@@ -124,6 +125,10 @@ class CamItem:
     """(n, C, H, W) on the CPU."""
     class_idx: tuple[int, ...] = ()
     """Empty: each image's top-1; one value: for all its images; else one per image."""
+    classes: tuple[int, ...] = ()
+    """Several classes for every image (``app.pipeline.classes``)."""
+    top_classes: int | None = None
+    """Each image's this many most probable classes (``app.pipeline.classes``)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,14 @@ class CamOutcome:
     fused: torch.Tensor | None
     forward_s: float
     cam_s: float
+    forwards: int = 0
+    """The model's forwards the pass ran (each batch once), shared with its other requests."""
+    others: tuple[CamOutcome, ...] = ()
+    """The request's further classes (``classes``, ``top_classes``), in order, same pass."""
+
+    def per_class(self) -> list[CamOutcome]:
+        """This outcome, then one per further class."""
+        return [self, *self.others]
 
 
 @dataclass(frozen=True)
@@ -166,14 +179,6 @@ def run_forward_pass(
         elapsed = time.perf_counter() - started
         logits = check_finite(model, logits.float().cpu())
     return [ForwardOutcome(logits[part], elapsed) for part in _offsets([len(t) for t in items])]
-
-
-def _classes(item: CamItem, top1: list[int]) -> list[int]:
-    if not item.class_idx:
-        return top1
-    if len(item.class_idx) == 1:
-        return list(item.class_idx) * len(top1)
-    return list(item.class_idx)
 
 
 def run_cam_pass(
@@ -221,6 +226,7 @@ def run_shared_cam_pass(
     needs_grad = any(plan.cls.requires_grad for plan in plans)
     last_grad = max((i for i, p in enumerate(plans) if p.cls.requires_grad), default=-1)
     with own_pass(model), ExitStack() as hooks:
+        counted = hooks.enter_context(counting_forwards(model.module))
         x = torch.cat([item.batch for item in items]).to(model.device)
         # Every extractor hooks the same forward: the first gradient one makes the layer's output
         # require grad and hands that tensor on, so the later ones record the very same tensor.
@@ -231,69 +237,107 @@ def run_shared_cam_pass(
             synchronize(model.device)
             forward_s = time.perf_counter() - t0
             check_finite(model, scores.detach())
-            top1 = scores.argmax(dim=1).tolist()
-            idx = [
-                c
-                for item, part in zip(items, parts, strict=True)
-                for c in _classes(item, top1[part])
+            detached = scores.detach()
+            asked = [
+                per_image(item, detached[part]) for item, part in zip(items, parts, strict=True)
             ]
+            # K lists of one class per image of the pass (the requests' K may differ).
+            ranks = by_rank([classes for lists in asked for classes in lists])
             computed = []
             for number, (plan, extractor) in enumerate(zip(plans, extractors, strict=True)):
                 started = time.perf_counter()
                 # The graph of the shared forward serves every gradient method's backward.
-                cams, fused = _maps(plan, extractor, idx, scores, number < last_grad, calls)
+                maps = _maps(plan, extractor, ranks, scores, number < last_grad, calls)
                 synchronize(model.device)
-                computed.append((cams, fused, time.perf_counter() - started))
+                computed.append((maps, time.perf_counter() - started))
         logits = scores.detach().float().cpu()
     return [
         [
-            CamOutcome(
-                logits=logits[part],
-                class_idx=idx[part],
-                cams=[c[part] for c in cams],
-                fused=None if fused is None else fused[part],
-                forward_s=forward_s,
-                cam_s=cam_s,
-            )
-            for cams, fused, cam_s in computed
+            _outcome(logits, ranks, maps, part, len(lists[0]), forward_s, cam_s, counted.calls)
+            for maps, cam_s in computed
         ]
-        for part in parts
+        for part, lists in zip(parts, asked, strict=True)
     ]
+
+
+def _outcome(
+    logits: torch.Tensor,
+    ranks: list[list[int]],
+    maps: list[tuple[list[torch.Tensor], torch.Tensor | None]],
+    part: slice,
+    count: int,
+    forward_s: float,
+    cam_s: float,
+    forwards: int,
+) -> CamOutcome:
+    """One request's outcome of a plan: its rows of the first ``count`` classes' maps."""
+    outcomes = [
+        CamOutcome(
+            logits=logits[part],
+            class_idx=ranks[k][part],
+            cams=[c[part] for c in cams],
+            fused=None if fused is None else fused[part],
+            forward_s=forward_s,
+            cam_s=cam_s,
+            forwards=forwards,
+        )
+        for k, (cams, fused) in enumerate(maps[:count])
+    ]
+    return replace(outcomes[0], others=tuple(outcomes[1:]))
 
 
 def _maps(
     plan: CamPlan,
     extractor: Any,
-    idx: list[int],
+    ranks: list[list[int]],
     scores: torch.Tensor,
     retain_graph: bool,
     calls: dict[str, Any],
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The plan's maps (one per layer, on the CPU) and their fusion when there are several."""
+) -> list[tuple[list[torch.Tensor], torch.Tensor | None]]:
+    """Per class (``ranks``: K lists of one class per image), the plan's maps (one per layer,
+    on the CPU) and their fusion when there are several."""
     at_call = {o.name for o in plan.cls.options if o.at == "call"}
     call_options = {k: v for k, v in plan.options if k in at_call}
     try:
-        cams = extractor(
-            idx,
-            scores,
-            normalized=plan.normalized,
-            retain_graph=retain_graph,
-            **call_options,
-            **calls,
-        )
-        fused = None
-        if plan.cls.one_map:
-            # One map for all the layers (RefineCAM, LeGrad): it is the fused map.
-            fused, cams = normalize_maps(cams[0]), []
-        elif len(cams) > 1:
-            # Fusion takes the per-pixel max, which only means something on a common
-            # scale: fuse normalised maps even when raw ones were asked for.
-            scaled = cams if plan.normalized else [normalize_maps(c) for c in cams]
-            fused = extractor.fuse_cams(scaled)
+        if len(ranks) == 1:
+            per_class = [
+                extractor(
+                    ranks[0],
+                    scores,
+                    normalized=plan.normalized,
+                    retain_graph=retain_graph,
+                    **call_options,
+                    **calls,
+                )
+            ]
+        else:
+            per_class = extractor.explain_classes(
+                ranks,
+                scores,
+                normalized=plan.normalized,
+                retain_graph=retain_graph,
+                **call_options,
+                **calls,
+            )
+        return [_fuse(plan, extractor, cams) for cams in per_class]
     except ValueError as error:
         # Class indices were checked before: what is left is about the layers/head.
         raise MethodNotApplicable(
             f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
         ) from None
+
+
+def _fuse(
+    plan: CamPlan, extractor: Any, cams: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    fused = None
+    if plan.cls.one_map:
+        # One map for all the layers (RefineCAM, LeGrad): it is the fused map.
+        fused, cams = normalize_maps(cams[0]), []
+    elif len(cams) > 1:
+        # Fusion takes the per-pixel max, which only means something on a common
+        # scale: fuse normalised maps even when raw ones were asked for.
+        scaled = cams if plan.normalized else [normalize_maps(c) for c in cams]
+        fused = extractor.fuse_cams(scaled)
     cams = [c.detach().float().cpu() for c in cams]
     return cams, None if fused is None else fused.detach().float().cpu()

@@ -365,7 +365,7 @@ class RenderCost:
     """What drawing a request's outputs takes, priced before any pixel is decoded."""
 
     maps: int = 0
-    """Maps drawn or sent raw: images x methods x maps per method."""
+    """Maps drawn or sent raw: images x methods x classes x maps per method."""
     pixels: int = 0
     """Pixels drawn: for each image, methods x maps x pictures x its pictures' area."""
     largest_side: int = 0
@@ -417,15 +417,16 @@ class RenderBudget:
         """OverBudget (422) naming the numbers and how to fit, when ``cost`` is over."""
         if cost.maps > self.max_maps:
             raise OverBudget(
-                f"This request would draw {cost.maps} maps (images x methods x maps per "
-                f"method); the limit is {self.max_maps} (CAMSERVE_MAX_RENDER_MAPS). Send fewer "
-                "images, methods or target layers.",
+                f"This request would draw {cost.maps} maps (images x methods x classes x maps "
+                f"per method); the limit is {self.max_maps} (CAMSERVE_MAX_RENDER_MAPS). Send "
+                "fewer images, methods, classes or target layers.",
                 details={"maps": cost.maps, "limit": self.max_maps},
             )
         if cost.pixels > self.max_pixels:
             raise OverBudget(
-                f"This request would draw {cost.pixels} pixels (images x methods x maps x "
-                f"pictures x each picture's area; its largest picture is {cost.largest_side} px "
+                f"This request would draw {cost.pixels} pixels (images x methods x classes x "
+                f"maps x pictures x each picture's area; its largest picture is "
+                f"{cost.largest_side} px "
                 f"on its longest side); the limit is {self.max_pixels} "
                 "(CAMSERVE_MAX_RENDER_PIXELS). Ask for a smaller size, fewer target layers, "
                 "methods or images, or fewer outputs (overlay or heatmap, not both; raw draws "

@@ -142,6 +142,12 @@ class ExplainTimings(BaseModel):
         "a seed: computed, never kept) or `off` (CAMSERVE_CACHE_MB=0); also in the "
         "X-Camserve-Cache header of /explain",
     )
+    forwards: int = Field(
+        0,
+        description="the model's forwards that the passes of this request ran, each batch once "
+        "(the hooked forward, and the masked or noisy forwards of methods that run them); a pass "
+        "shared with other requests counts for each of them",
+    )
 
 
 class ExplainResponse(BaseModel):

@@ -45,7 +45,14 @@ OUTPUT = "logits"
 CAM = "cam"
 OUTPUTS = (OUTPUT, CAM)
 #: The general explain parameters ``infer`` takes; the map is always raw (``output`` fixed).
-EXPLAIN_PARAMETERS = ("method", "class_idx", "target_layer", "normalized")
+EXPLAIN_PARAMETERS = (
+    "method",
+    "class_idx",
+    "classes",
+    "top_classes",
+    "target_layer",
+    "normalized",
+)
 PLATFORM = "pytorch"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "statistics")
 """The protocol extensions camserve serves, as the server metadata lists them."""
@@ -583,8 +590,12 @@ def classification(
 
 def _cams(answer: ExplainResponse) -> OutputTensor:
     """Each image's map (the fused one when there are several layers), stacked, with what
-    made it as the output's parameters."""
-    maps = [result.explanations[0].maps[-1] for result in answer.results]
+    made it as the output's parameters. With several classes (``classes``, ``top_classes``)
+    each image gives one map per class, image by image: the rows are images x classes, and
+    ``class_idx`` lists the class of each row."""
+    explained = [e for result in answer.results for e in result.explanations]
+    maps = [e.maps[-1] for e in explained]
+    per_image = len(answer.results[0].explanations)
     raws = [m.model_dump(include={"raw"})["raw"] for m in maps]
     options = {
         name: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
@@ -599,8 +610,9 @@ def _cams(answer: ExplainResponse) -> OutputTensor:
             "method": answer.method,
             "layer": maps[0].layer,
             "target_layers": ",".join(answer.target_layers),
-            "class_idx": ",".join(str(r.explanations[0].class_idx) for r in answer.results),
+            "class_idx": ",".join(str(e.class_idx) for e in explained),
             "normalized": raws[0]["normalized"],
+            **({"classes_per_image": per_image} if per_image > 1 else {}),
             **options,
         },
     )

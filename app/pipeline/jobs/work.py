@@ -15,6 +15,7 @@ from PIL import Image
 
 from app.cam import ProgressCallback
 from app.errors import CamserveError, ResultTooLarge, error_body
+from app.pipeline.classes import class_count
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.rendering import (
@@ -142,6 +143,7 @@ def estimate_result_bytes(
 ) -> int:
     model = explainer.registry.get(model_name, model_version)
     methods = len(params.method.split(",")) if params.method else 1
+    methods *= class_count(params)  # one explanation per method and class
     layers = params.target_layers or model.target_layers
     maps = len(layers) + (1 if len(layers) > 1 else 0)
     pictures = sum(1 for kind in params.outputs if OUTPUT_KINDS[kind].picture)

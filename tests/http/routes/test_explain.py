@@ -58,8 +58,13 @@ def test_every_method(client: TestClient, method: str) -> None:
         "batch_images",
         "cam_ms_by_method",
         "cache",
+        "forwards",
     }
     assert body["timings"]["batch_images"] == 1
+    # One forward, plus the batches of masked or noisy forwards for the methods that run them.
+    cls = METHODS[method]
+    runs_more = cls.masked_forwards or cls.noisy_forwards
+    assert (body["timings"]["forwards"] > 1) if runs_more else (body["timings"]["forwards"] == 1)
     result = body["results"][0]
     assert len(result["logits"]) == 3
     explanation = result["explanations"][0]
