@@ -48,6 +48,7 @@ from app.cam.options import SEED
 from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.pipeline.admission import run_to_the_end
+from app.pipeline.answers import answer_parts
 from app.pipeline.decoding import Upload
 from app.pipeline.passes import CamPlan
 from app.pipeline.rendering import RenderStyle
@@ -320,7 +321,12 @@ class ExplanationCache:
         answer.timings.cache = lookup.state
         if lookup.state != "miss":
             return answer
-        value = await run_to_the_end(self.threads, lambda: answer.model_dump_json().encode())
+        # Sliced like the HTTP answer: one serializer call over a big answer would hold the GIL
+        # (and every request on the event loop) for tens of milliseconds.
+        parts = await answer_parts(answer)
+        if sum(map(len, parts)) > self.max_entry_bytes:
+            return answer
+        value = b"".join(parts)
         if self.memory.put(lookup.key, value) and self.shared is not None:
             for _ in range(await self.shared.put(lookup.key, value)):
                 self._tell("eviction", self.shared.name)

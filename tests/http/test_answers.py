@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from app.http import answers
+from app.pipeline import answers as slicing
 
 
 class Picture(BaseModel):
@@ -34,8 +35,8 @@ def body_of(model: BaseModel) -> tuple[bytes, dict[str, str]]:
 
 @pytest.fixture
 def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(answers, "LONG_STRING", 8)
-    monkeypatch.setattr(answers, "SLICE", 5)
+    monkeypatch.setattr(slicing, "LONG_STRING", 8)
+    monkeypatch.setattr(slicing, "SLICE", 5)
 
 
 @pytest.mark.usefixtures("small_slices")
@@ -75,7 +76,7 @@ def test_the_loop_runs_between_the_slices_of_a_long_string(
         yields += 1
         await real_sleep(delay)
 
-    monkeypatch.setattr(answers.asyncio, "sleep", counting_sleep)
+    monkeypatch.setattr(slicing.asyncio, "sleep", counting_sleep)
     overlay = "A" * 50  # 10 slices of 5
     body, _ = body_of(
         Answer(model="m", pictures=[Picture(label="l", overlay=overlay, score=0)], extra={})
