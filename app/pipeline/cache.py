@@ -130,10 +130,13 @@ def explanation_key(
     params: Any,
     plans: Sequence[CamPlan],
     style: RenderStyle,
+    scope: str | None = None,
 ) -> str:
     """The cache key of an explanation: ``model`` is (name, version, device, build), ``params``
-    the request's ``ExplainParams`` (every field counts)."""
+    the request's ``ExplainParams`` (every field counts), ``scope`` whose entries these are
+    (None: everyone's)."""
     payload = {
+        "scope": scope,
         "layout": KEY_LAYOUT,
         "camserve": __version__,
         "model": list(model),
@@ -291,14 +294,15 @@ class ExplanationCache:
         plans: Sequence[CamPlan],
         style: RenderStyle,
         started: float,
+        scope: str | None = None,
     ) -> Lookup:
         """The request's key, and its answer when kept (``started``: when the request began,
-        for the hit's ``total_ms``)."""
+        for the hit's ``total_ms``; ``scope``: whose entries it may see, None for everyone's)."""
         if not cacheable(plans):
             self._tell("bypass", "")
             return Lookup("bypass")
         digests = await self._digests(uploads)
-        key = explanation_key(model, digests, params, plans, style)
+        key = explanation_key(model, digests, params, plans, style, scope)
         tier = "memory"
         kept = self.memory.get(key)
         if kept is None and self.shared is not None:

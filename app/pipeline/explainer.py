@@ -449,17 +449,21 @@ class Explainer:
         admit: bool = True,
         version: int | None = None,
         priority: Priority = "interactive",
+        scope: str | None = None,
     ) -> ExplainResponse:
         """Predictions and class activation maps for every upload, with one or several methods.
 
         ``progress(done, total)`` hears from the pass thread how far the masked or noisy forwards
         got (each pass of a several-method request counts its own). ``admit=False`` skips the
         admission check (jobs, bounded by their own count, wait for a slot instead of being
-        refused). ``priority``: the request's class on the model (``app.pipeline.scheduling``)."""
+        refused). ``priority``: the request's class on the model (``app.pipeline.scheduling``).
+        ``scope``: whose cached answers the request may be given and whose it makes, such as the
+        name of the client's API key (None: everyone's), so that one client cannot learn what
+        another sent."""
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
         plans, style = self._check(model, params, len(uploads))
-        lookup = await self._look_up(model, uploads, params, plans, style, started)
+        lookup = await self._look_up(model, uploads, params, plans, style, started, scope)
         if lookup.answer is not None:
             spec = model.spec
             note_work(spec.name, lookup.answer.method, len(uploads), {}, version=spec.version)
@@ -480,13 +484,14 @@ class Explainer:
         plans: Sequence[CamPlan],
         style: RenderStyle,
         started: float,
+        scope: str | None,
     ) -> Lookup:
         """The cache stage, before admission and decoding: a hit is the whole answer."""
         if self.cache is None:
             return Lookup("off")
         spec = model.spec
         identity = (spec.name, spec.version, str(model.device), model_build(self.registry, model))
-        return await self.cache.look_up(identity, uploads, params, plans, style, started)
+        return await self.cache.look_up(identity, uploads, params, plans, style, started, scope)
 
     async def _explain(
         self,

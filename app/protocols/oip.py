@@ -510,10 +510,15 @@ class InferenceResult:
 
 
 async def run_inference(
-    explainer: Explainer, name: str, version: int | None, inference: Inference
+    explainer: Explainer,
+    name: str,
+    version: int | None,
+    inference: Inference,
+    scope: str | None = None,
 ) -> InferenceResult:
     """Run what ``inference`` asks (one predict or one explain call) and render the outputs
-    wanted. The caller applies the deadline (``inference.timeout_s``) and its other limits."""
+    wanted. The caller applies the deadline (``inference.timeout_s``) and its other limits;
+    ``scope``: whose cached explanations it may use (``Explainer.explain``)."""
     model = explainer.registry.get(name, version)
     classes = model.spec.num_classes
     made: dict[str, OutputTensor] = {}
@@ -525,7 +530,12 @@ async def run_inference(
         rows = [_row(result.predictions, classes) for result in answer.results]
     else:
         explained = await explainer.explain(
-            name, inference.uploads, inference.params, version=version, priority=inference.priority
+            name,
+            inference.uploads,
+            inference.params,
+            version=version,
+            priority=inference.priority,
+            scope=scope,
         )
         model_name, served = explained.model, explained.version
         rows = [result.logits for result in explained.results]

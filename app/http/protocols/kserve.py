@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
+from app.http.deps import (
+    get_explainer,
+    get_registry,
+    get_settings,
+    job_owner,
+    require_api_key,
+    within_limits,
+)
 from app.http.protocols.base import ERROR_RESPONSES, ProtocolRoute, get_model_ready
 from app.models.registry import ModelRegistry
 from app.pipeline.explainer import Explainer
@@ -111,7 +118,9 @@ async def explain_instances(
     async def run() -> dict[int, InstanceExplanation]:
         explanations: dict[int, InstanceExplanation] = {}
         for group, group_params in zip(grouped, params, strict=True):
-            answer = await explainer.explain(name, [uploads[i] for i in group], group_params)
+            answer = await explainer.explain(
+                name, [uploads[i] for i in group], group_params, scope=job_owner(request)
+            )
             for index, result in zip(group, answer.results, strict=True):
                 explanations[index] = InstanceExplanation(
                     **result.model_dump(),

@@ -9,7 +9,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.http.deps import get_explainer, get_registry, get_settings, require_api_key, within_limits
+from app.http.deps import (
+    get_explainer,
+    get_registry,
+    get_settings,
+    job_owner,
+    require_api_key,
+    within_limits,
+)
 from app.http.protocols.base import ERROR_RESPONSES, ProtocolRoute, get_model_ready
 from app.models.registry import ModelRegistry
 from app.pipeline.explainer import Explainer
@@ -221,7 +228,9 @@ async def _infer(
     )
     inference = read_inference(body, buffers, settings)
     result = await within_limits(
-        request, run_inference(explainer, name, version, inference), inference.timeout_s
+        request,
+        run_inference(explainer, name, version, inference, job_owner(request)),
+        inference.timeout_s,
     )
     answer, tail = answer_json(result)
     text = json.dumps(answer, separators=(",", ":")).encode()

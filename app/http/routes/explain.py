@@ -9,7 +9,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from app.http.answers import json_answer
-from app.http.deps import get_explainer, get_settings, read_uploads, require_api_key, within_limits
+from app.http.deps import (
+    get_explainer,
+    get_settings,
+    job_owner,
+    read_uploads,
+    require_api_key,
+    within_limits,
+)
 from app.http.routes import VersionField, error_responses
 from app.http.routes.forms import ExplainForm, explain_form
 from app.pipeline.cache import CACHE_HEADER
@@ -47,7 +54,10 @@ async def explain_images(
     """Predict and explain the uploaded images with a class activation map method."""
     uploads = await read_uploads(form.files, settings)
     answer = await within_limits(
-        request, explainer.explain(form.model, uploads, form.params, version=version)
+        request,
+        explainer.explain(
+            form.model, uploads, form.params, version=version, scope=job_owner(request)
+        ),
     )
     if form.as_png:
         # MapOutput's fields are made from OUTPUT_KINDS at runtime; a checker cannot see them.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import SecretStr
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -420,6 +421,27 @@ def test_bad_output_and_colormap(client: TestClient) -> None:
     assert_error(explain(client, image_bytes(), output="overlay,pdf"), 422, "invalid_parameter")
     response = explain(client, image_bytes(), colormap="rainbowz")
     assert "viridis" in assert_error(response, 422, "invalid_parameter")
+
+
+def test_cached_answers_are_not_shared_between_api_keys(
+    make_client: Callable[..., TestClient],
+) -> None:
+    # A hit would tell one client that another sent this very image: each key has its own.
+    client = make_client(cache_mb=8, api_keys=SecretStr("alice:a-key,bob:b-key"))
+
+    def cache_state(key: str) -> str:
+        response = client.post(
+            "/explain", files=files(image_bytes(seed=4)), headers={"X-API-Key": key}
+        )
+        assert response.status_code == 200, response.text
+        return response.headers["x-camserve-cache"]
+
+    assert [cache_state("a-key"), cache_state("b-key"), cache_state("a-key")] == [
+        "miss",
+        "miss",
+        "hit",
+    ]
+    assert cache_state("b-key") == "hit"
 
 
 def test_api_key_on_explain(make_client: Callable[..., TestClient]) -> None:
