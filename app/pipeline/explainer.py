@@ -27,7 +27,7 @@ from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.observability.context import note_work
 from app.observability.metrics import Metrics
-from app.pipeline import checks
+from app.pipeline import checks, faithfulness
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
 from app.pipeline.budget import MemoryBudget
@@ -39,6 +39,7 @@ from app.pipeline.decoding import (
     decode_upload,
     stack_inputs,
 )
+from app.pipeline.faithfulness import DEFAULT_STEPS
 from app.pipeline.passes import (
     CamItem,
     CamOutcome,
@@ -95,6 +96,9 @@ class ExplainParams:
     size: str | None = None
     """``original``, ``input`` or a longest side; None: CAMSERVE_MAX_OUTPUT_SIDE as a cap."""
     options: dict[str, Any] = field(default_factory=dict)
+    faithfulness: tuple[str, ...] = ()
+    """Metrics that score each map (``app.pipeline.faithfulness``); empty: none."""
+    faithfulness_steps: int = DEFAULT_STEPS
 
 
 def _ms(seconds: float) -> float:
@@ -284,17 +288,21 @@ class Explainer:
         uploads: Sequence[Upload],
         params: ExplainParams,
         version: int | None = None,
+        *,
+        job: bool = False,
     ) -> None:
         """Every error an explanation can be refused with before its images are decoded: the
         parameters, and the uploads' headers (a job checks this when it is created, so that it
-        cannot fail later for a bad parameter or an image over a limit)."""
-        await self.check_together(model_name, [(uploads, params)], version)
+        cannot fail later for a bad parameter or an image over a limit; ``job``: it is one)."""
+        await self.check_together(model_name, [(uploads, params)], version, job=job)
 
     async def check_together(
         self,
         model_name: str | None,
         requests: Sequence[tuple[Sequence[Upload], ExplainParams]],
         version: int | None = None,
+        *,
+        job: bool = False,
     ) -> None:
         """``check_uploads`` for several explanations that one client request asks for (KServe
         instances whose options differ), with their forwards, decoded pixels and drawing summed
@@ -302,8 +310,9 @@ class Explainer:
         model = self.registry.get(model_name, version)
         forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
         for uploads, params in requests:
-            plans, style = self._check(model, params, len(uploads))
+            plans, style = self._check(model, params, len(uploads), job)
             forwards += checks.plans_forwards(model, plans, len(uploads))
+            forwards += _scoring_forwards(params, plans, len(uploads))
             side = style.size.decode_side if style.draws_pictures else 0
             cost = await self._decode_cost(model, uploads, side)
             decoding += cost
@@ -427,16 +436,18 @@ class Explainer:
         admit: bool = True,
         version: int | None = None,
         priority: Priority = "interactive",
+        job: bool = False,
     ) -> ExplainResponse:
         """Predictions and class activation maps for every upload, with one or several methods.
 
         ``progress(done, total)`` hears from the pass thread how far the masked or noisy forwards
         got (each pass of a several-method request counts its own). ``admit=False`` skips the
         admission check (jobs, bounded by their own count, wait for a slot instead of being
-        refused). ``priority``: the request's class on the model (``app.pipeline.scheduling``)."""
+        refused). ``priority``: the request's class on the model (``app.pipeline.scheduling``).
+        ``job``: it runs as a job (what only jobs may ask for is allowed)."""
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
-        plans, style = self._check(model, params, len(uploads))
+        plans, style = self._check(model, params, len(uploads), job)
         side = style.size.decode_side if style.draws_pictures else 0
         async with self._room_to_decode(model, uploads, side, (plans, style)):
             return await self._explain(
@@ -462,9 +473,11 @@ class Explainer:
             decoded, decode_s = await self._decode(model, uploads, side)
             item = CamItem(stack_inputs(decoded), params.class_idx)
             ran = await self._run_plans(model, plans, item, progress, priority)
+            scored = await self._score(model, plans, item, ran, params, priority)
             results, encode_s = await self._render(
                 model, decoded, ran.outcomes, plans, style, params
             )
+            faithfulness.attach(results, scored)
         cam_s = sum(outcome.cam_s for outcome in ran.outcomes.values())
         stages = {"decode": decode_s, "queue": ran.queue_s, "forward": ran.forward_s}
         self._note(model, plans, len(decoded), {**stages, "cam": cam_s, "encode": encode_s})
@@ -477,6 +490,7 @@ class Explainer:
             total_ms=_ms(time.perf_counter() - started),
             batch_images=ran.batch_images,
             cam_ms_by_method={plan.method: _ms(ran.outcomes[plan].cam_s) for plan in plans},
+            faithfulness_ms=None if scored is None else _ms(scored.seconds),
         )
         return self._explain_response(model, plans, params, style, timings, results)
 
@@ -491,7 +505,7 @@ class Explainer:
         """Phase 2: the passes of every plan, one after the other (the methods that can share a
         forward in one pass, every other method alone), each batched with other requests."""
         ran = _PlansRun()
-        chained = None if progress is None else _ChainedProgress(progress)
+        chained = ran.progress = None if progress is None else _ChainedProgress(progress)
         for group in group_plans(plans):
             run = (
                 partial(run_cam_pass, model, group[0])
@@ -516,6 +530,36 @@ class Explainer:
             if chained is not None:
                 chained.next_pass()
         return ran
+
+    async def _score(
+        self,
+        model: LoadedModel,
+        plans: Sequence[CamPlan],
+        item: CamItem,
+        ran: _PlansRun,
+        params: ExplainParams,
+        priority: Priority,
+    ) -> faithfulness.Scored | None:
+        """The faithfulness stage (``app.pipeline.faithfulness``), when asked for: every map
+        scored in a pass of its own on the model, after the CAM passes."""
+        wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
+        if wanted is None:
+            return None
+        maps = [
+            (named.cams, ran.outcomes[plan].class_idx)
+            for plan in plans
+            for named in _named_maps(plan, ran.outcomes[plan])
+        ]
+        return await faithfulness.score_maps(
+            self.batcher(model),
+            model,
+            wanted,
+            item.batch,
+            maps,
+            progress=ran.progress,
+            priority=priority,
+            threads=self.image_threads,
+        )
 
     async def _render(
         self,
@@ -601,7 +645,7 @@ class Explainer:
         )
 
     def _check(
-        self, model: LoadedModel, params: ExplainParams, images: int
+        self, model: LoadedModel, params: ExplainParams, images: int, job: bool = False
     ) -> tuple[list[CamPlan], RenderStyle]:
         """Every parameter against the model, before any pixel is decoded: one plan per method."""
         own_layers = bool(params.target_layers) and (
@@ -638,6 +682,14 @@ class Explainer:
             CamPlan(method, cls, layers, tuple(sorted(options.items())), params.normalized)
             for (method, cls), options in zip(methods, per_method, strict=True)
         ]
+        faithfulness.check(
+            faithfulness.scoring(params.faithfulness, params.faithfulness_steps),
+            sum(_maps_per_image(plan) for plan in plans),
+            images,
+            checks.plans_forwards(model, plans, images),
+            self.max_cam_forwards,
+            job,
+        )
         return plans, style
 
     # ------------------------------------------------------------------ the answer
@@ -690,6 +742,8 @@ class _PlansRun:
     queue_s: float = 0.0
     forward_s: float = 0.0
     batch_images: int = 0
+    progress: _ChainedProgress | None = None
+    """The request's progress over its passes; the faithfulness pass goes on counting it."""
 
 
 class _ChainedProgress:
@@ -708,6 +762,13 @@ class _ChainedProgress:
     def next_pass(self) -> None:
         self.before += self.total
         self.total = 0
+
+
+def _scoring_forwards(params: ExplainParams, plans: Sequence[CamPlan], images: int) -> int:
+    """The faithfulness stage's forwards for a request (0 when it asks for none)."""
+    wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
+    maps = sum(_maps_per_image(plan) for plan in plans)
+    return 0 if wanted is None else wanted.forwards(maps, images)
 
 
 def _maps_per_image(plan: CamPlan) -> int:
