@@ -54,6 +54,7 @@ class OutputFolder:
                 path = self.folder / f"{stem}.{method}.npy"
                 np.save(path, raw)
                 files["raw"] = path.name
+            scored = maps.faithfulness
             explanations.append(
                 {
                     "method": method,
@@ -61,6 +62,7 @@ class OutputFolder:
                     "label": maps.label,
                     "probability": maps.probability,
                     **files,
+                    **({"faithfulness": scored} if scored else {}),
                 }
             )
         line = {
