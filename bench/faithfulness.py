@@ -128,6 +128,7 @@ async def _cost(repeats: int) -> dict[str, Any]:
         "model": "resnet50, random weights, 224 x 224, CPU, 1 image, Grad-CAM at layer4, overlay",
         "repeats": repeats,
         "median_s": medians,
+        "rounds_s": times,
         "extra_s": extra,
         "extra_in_forwards": extra / medians["forward"],
         "request_in_forwards": medians["faithfulness"] / medians["forward"],

@@ -689,6 +689,7 @@ class Explainer:
             checks.plans_forwards(model, plans, images),
             self.max_cam_forwards,
             job,
+            image_input=len(model.spec.input_shape) == 3,
         )
         return plans, style
 

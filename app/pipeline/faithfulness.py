@@ -42,7 +42,7 @@ from app.cam.faithfulness import (
     road_inputs,
     road_probabilities,
 )
-from app.errors import BadRequest, OverBudget
+from app.errors import BadRequest, InvalidParameter, OverBudget
 from app.models.loading import LoadedModel
 from app.pipeline.admission import run_to_the_end
 from app.pipeline.batching import Batcher, PassControl
@@ -108,11 +108,19 @@ def check(
     method_forwards: int,
     limit: int,
     job: bool,
+    image_input: bool = True,
 ) -> int:
-    """Refuse what the stage would not run: ROAD outside a job (400), and forwards that, with the
-    methods' own (``method_forwards``), exceed ``limit``. The stage's forwards."""
+    """Refuse what the stage would not run: ROAD outside a job (400), a model whose input is no
+    2-D image (``image_input`` False: volumes have no pixel order to delete in), and forwards
+    that, with the methods' own (``method_forwards``), exceed ``limit``. The stage's forwards."""
     if wanted is None:
         return 0
+    if not image_input:
+        raise InvalidParameter(
+            "faithfulness scores 2-D image maps; this model's input is not a 2-D image. "
+            "Leave faithfulness out for it.",
+            details={"parameter": "faithfulness"},
+        )
     if not job and any(m in JOB_ONLY for m in wanted.metrics):
         raise BadRequest(
             "faithfulness=road runs only as a job: its imputation solves a linear system for "

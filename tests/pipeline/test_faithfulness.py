@@ -224,3 +224,14 @@ def test_the_metrics_are_read_case_insensitively_without_repeats() -> None:
     assert params.faithfulness == ("deletion", "insertion")
     assert build_params({}).faithfulness == () and build_params({}).faithfulness_steps == 16
     assert set(METRICS) == {"deletion", "insertion", "road"}
+
+
+def test_a_model_without_2d_image_inputs_is_refused_clearly() -> None:
+    from app.errors import InvalidParameter
+    from app.pipeline.faithfulness import check
+
+    wanted = Scoring(("deletion",), 4)
+    assert check(wanted, 2, 3, 0, 100, job=False) == 2 * 3 * 5
+    with pytest.raises(InvalidParameter, match="2-D image"):
+        check(wanted, 1, 1, 0, 100, job=False, image_input=False)
+    assert check(None, 1, 1, 0, 100, job=False, image_input=False) == 0
