@@ -263,7 +263,8 @@ def test_outputs_come_in_the_order_asked_and_several_layers_give_the_fused_map(
             explain_body(image_bytes(), colormap="jet"),
             400,
             "Unknown explain parameter 'colormap'; the parameters are priority, timeout, "
-            "binary_data_output, method, class_idx, target_layer, normalized, num_samples",
+            "binary_data_output, method, class_idx, target_layer, normalized, faithfulness, "
+            "faithfulness_steps, num_samples",
         ),
         (
             explain_body(image_bytes(), method="FinerCAM", gamma="high"),
