@@ -18,8 +18,10 @@ synthetic shapes dataset with the default model of ``model_store/shapes`` and re
 The explained class is the model's prediction (argmax of the logits). Every sample subset
 is a prefix of the held-out set, so the second table compares all rows on the same
 images. A second section, class sensitivity, explains both classes of images holding two
-shapes (``bench/quality/sensitivity.py``). Results go to ``bench/results/cam_quality.{json,md}``;
-``--sections sensitivity`` reruns that section alone and keeps the other one's results.
+shapes (``bench/quality/sensitivity.py``); a third scores Grad-CAM's and random maps through the
+service's faithfulness stage (``bench/quality/faithfulness.py``). Results go to
+``bench/results/cam_quality.{json,md}``; ``--sections sensitivity`` reruns that section alone and
+keeps the other ones' results.
 
 The parts: ``bench/quality/data.py`` (model, images), ``evaluation.py`` (rows, metrics),
 ``sensitivity.py`` (class sensitivity), ``report.py`` (markdown).
@@ -29,6 +31,7 @@ Usage::
     .venv/bin/python bench/cam_quality.py            # full run (<= 15 min on 2 CPU cores)
     .venv/bin/python bench/cam_quality.py --quick    # smoke run (~1 min)
     .venv/bin/python bench/cam_quality.py --sections sensitivity   # class sensitivity only
+    .venv/bin/python bench/cam_quality.py --sections faithfulness  # the faithfulness stage only
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ if str(ROOT) not in sys.path:
 import app.cam as cam_lib  # noqa: E402
 from app.cam.localization import DEFAULT_IOU_THRESHOLDS  # noqa: E402
 from app.models.zoo.shapes_dataset import CLASSES, make_dataset  # noqa: E402
+from bench.quality import faithfulness as faithfulness_stage  # noqa: E402
 from bench.quality.data import (  # noqa: E402
     HELD_OUT_SEED,
     PAIRS_SEED,
@@ -354,9 +358,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-pairs-noise", type=int, default=10, help="two-shape images, SSCAM, ISCAM")
     p.add_argument(
         "--sections",
-        default="quality,sensitivity",
-        help="comma-separated: quality, sensitivity; a section left out keeps its results "
-        "from the existing JSON",
+        default="quality,sensitivity,faithfulness",
+        help="comma-separated: quality, sensitivity, faithfulness (the service's faithfulness "
+        "stage: Grad-CAM against random maps); a section left out keeps its results from the "
+        "existing JSON",
     )
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--quick", action="store_true", help="smoke run on a few images")
@@ -368,9 +373,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.crosscheck_images = 8
         args.n_pairs, args.n_pairs_score, args.n_pairs_noise = 8, 2, 2
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(args.sections) - {"quality", "sensitivity"}
+    unknown = set(args.sections) - {"quality", "sensitivity", "faithfulness"}
     if unknown or not args.sections:
-        raise SystemExit(f"--sections takes quality and/or sensitivity, got {args.sections}")
+        raise SystemExit(
+            f"--sections takes quality, sensitivity and/or faithfulness, got {args.sections}"
+        )
     if args.steps < 20 and not args.quick:
         raise SystemExit("--steps must be >= 20")
     return args
@@ -396,7 +403,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{json_path} does not exist: run the quality section first")
     if "sensitivity" in args.sections:
         report["class_sensitivity"] = run_sensitivity(args, bench)
+    if "faithfulness" in args.sections:
+        report["faithfulness_stage"] = faithfulness_stage.run(
+            ROOT / "model_store", args.n_faith, args.seed
+        )
     md = markdown(report)
+    if "faithfulness_stage" in report:
+        md += "\n## The service's faithfulness stage\n\n"
+        md += faithfulness_stage.markdown(report["faithfulness_stage"])
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / f"cam_quality{suffix}.md").write_text(md)
     print(md)

@@ -44,6 +44,17 @@ class MethodMaps:
         return fields
 
     @property
+    def faithfulness(self) -> dict[str, dict[str, Any]] | None:
+        """Each map's faithfulness scores by layer (``fused`` for the fusion), the metrics that
+        were not asked for left out; None unless ``faithfulness`` was asked for."""
+        scored = {
+            m.layer: m.faithfulness.model_dump(exclude_none=True)
+            for m in self.explanation.maps
+            if m.faithfulness is not None
+        }
+        return scored or None
+
+    @property
     def overlay(self) -> Image.Image | None:
         """The map blended over the image (None unless ``overlay`` was asked for)."""
         return _picture(self.map_fields()["overlay"])

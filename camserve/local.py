@@ -62,12 +62,15 @@ class LocalService:
         request: ExplainRequest,
         progress: ProgressCallback | None = None,
     ) -> ExplainResponse:
-        """What ``POST /explain`` answers for this one image and request."""
+        """What ``POST /explain`` answers for this one image and request (or ``/jobs``: no
+        request timeout binds a run in this process, so what only a job may ask for, such as
+        ROAD, runs here too)."""
         return await self.explainer.explain(
             request.model,
             [Upload(filename=filename, data=data)],
             request.params(),
             progress=progress,
+            job=True,
         )
 
     def models(self) -> list[ModelRow]:

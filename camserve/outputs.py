@@ -59,6 +59,7 @@ class OutputFolder:
                 path = self.folder / f"{name}.npy"
                 np.save(path, raw)
                 files["raw"] = path.name
+            scored = maps.faithfulness
             explanations.append(
                 {
                     "method": method,
@@ -66,6 +67,7 @@ class OutputFolder:
                     "label": maps.label,
                     "probability": maps.probability,
                     **files,
+                    **({"faithfulness": scored} if scored else {}),
                 }
             )
         line = {

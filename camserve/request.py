@@ -57,9 +57,11 @@ class ExplainRequest:
     @property
     def runs_long(self) -> bool:
         """Whether a method asked for runs many forwards per image (the Score-CAM family,
-        Ablation-CAM, SmoothGrad-CAM++): such work reports its progress, and a server runs it
-        as a job. Unknown names are left for the service to refuse."""
+        Ablation-CAM, SmoothGrad-CAM++), or ROAD is asked for: such work reports its progress,
+        and a server runs it as a job. Unknown names are left for the service to refuse."""
         wanted = {name.strip().lower() for name in self.methods}
+        if "road" in str(self.fields.get("faithfulness", "")).lower():
+            return True  # ROAD runs only as a job
         return any(
             cls.masked_forwards or cls.noisy_forwards
             for name, cls in METHODS.items()

@@ -3,6 +3,9 @@
 * :func:`deletion_curve`, :func:`insertion_curve`, :func:`deletion_auc`,
   :func:`insertion_auc` -- the causal metrics of Petsiuk et al., "RISE: Randomized Input
   Sampling for Explanation of Black-box Models", BMVC 2018, Sec. 4.1.
+* :func:`noisy_linear_imputation`, :func:`road_inputs`, :func:`road_curve` -- ROAD, "remove
+  and debias", of Rong et al., "A Consistent and Efficient Evaluation Strategy for Attribution
+  Methods", ICML 2022.
 * :func:`spearman_correlation`, :func:`randomize_model`, :func:`randomization_check` --
   the model-parameter randomisation test of Adebayo et al., "Sanity Checks for Saliency
   Maps", NeurIPS 2018, Sec. 3.
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ROAD_PERCENTILES",
+    "Forward",
     "MapFn",
     "auc",
     "deletion_auc",
@@ -30,10 +35,14 @@ __all__ = [
     "gaussian_blur",
     "insertion_auc",
     "insertion_curve",
+    "noisy_linear_imputation",
     "perturbation_curve",
     "randomization_check",
     "randomize_model",
     "rankdata",
+    "road_curve",
+    "road_inputs",
+    "road_probabilities",
     "spearman_correlation",
 ]
 
@@ -41,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 #: ``map_fn(model, images, class_idx) -> maps (N, h, w)`` for :func:`randomization_check`.
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: What the curves call for logits: a model, or any ``forward(x) -> (B, K)`` (a caller that
+#: counts, pauses or schedules its forwards wraps the model in one).
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------
@@ -80,14 +92,14 @@ def _saliency_ranks(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
 
 def perturbation_curve(
-    model: nn.Module,
+    model: nn.Module | Forward,
     images: torch.Tensor,
     saliency: torch.Tensor,
     class_idx: torch.Tensor | list[int],
     mode: str,
     n_steps: int = 32,
     baseline: torch.Tensor | str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probability while pixels are deleted from / inserted into the image (RISE).
 
@@ -116,7 +128,8 @@ def perturbation_curve(
         n_steps: number of steps (RISE's curve has ``n_steps + 1`` points); ``>= 1``.
         baseline: ``"zeros"``, ``"blur"``, or a tensor broadcastable to ``images``;
             ``None`` picks the mode's default.
-        batch_size: forwards per model call.
+        batch_size: forwards per model call; ``None``: ``n_steps + 1``, one call per curve
+            (the inputs are ordered image by image, so each call is one image's whole curve).
 
     Returns:
         ``(fractions, probs)``: ``fractions`` ``(n_steps + 1,)`` is ``m_k / M`` and
@@ -126,6 +139,8 @@ def perturbation_curve(
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if batch_size is None:
+        batch_size = n_steps + 1
     n, c, h, w = images.shape
     device = images.device
     cls = torch.as_tensor(class_idx, device=device, dtype=torch.long).flatten()
@@ -239,6 +254,196 @@ def insertion_auc(
     See :func:`perturbation_curve` for the protocol and :func:`auc` for the integral.
     """
     return auc(*insertion_curve(model, images, saliency, class_idx, n_steps, baseline, batch_size))
+
+
+# --------------------------------------------------------------------------------------
+# ROAD: remove and debias (Rong et al.)
+# --------------------------------------------------------------------------------------
+
+#: The removal percentiles at which ROAD reads the model (10 % to 90 % in steps of 10, as the
+#: curves of Rong et al., ICML 2022, are drawn).
+ROAD_PERCENTILES: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+
+# Noisy linear imputation: a removed pixel is the weighted mean of its eight neighbours, the four
+# that share an edge weighing twice the four that share a corner (1/6 and 1/12: they sum to 1).
+_NEIGHBOUR_WEIGHTS = ((1 / 12, 1 / 6, 1 / 12), (1 / 6, 0.0, 1 / 6), (1 / 12, 1 / 6, 1 / 12))
+
+
+def noisy_linear_imputation(
+    images: torch.Tensor,
+    removed: torch.Tensor,
+    noise_std: float = 0.01,
+    generator: torch.Generator | None = None,
+    tolerance: float = 1e-3,
+    max_iterations: int = 200,
+) -> torch.Tensor:
+    """Fill the ``removed`` pixels of ``images`` from the pixels kept (Rong et al., Sec. 4).
+
+    Each removed pixel ``i`` must equal the weighted mean of its neighbours ``j`` in the image
+    (edge neighbours weigh 1/6, corner ones 1/12; at the border the mean is over the neighbours
+    that exist): ``d_i x_i - sum_j w_ij x_j = 0`` with ``d_i = sum_j w_ij``. The kept pixels are
+    known, so this is a sparse linear system in the removed ones; with the terms of the kept
+    neighbours moved to the right it is symmetric and positive definite (every connected hole
+    borders a kept pixel, unless the whole image is removed), and conjugate gradients solve it,
+    every image and channel at once, each from the solution at half the resolution. Zero-mean
+    Gaussian noise of ``noise_std`` is then added to the imputed pixels only, so that a smooth
+    fill does not give the removed region away by its smoothness.
+
+    Args:
+        images: ``(N, C, H, W)``.
+        removed: ``(N, H, W)`` or ``(N, 1, H, W)`` booleans, True where a pixel is removed.
+        noise_std: standard deviation of the noise, in the units of ``images``.
+        generator: the noise's random numbers (seed it for reproducible scores).
+        tolerance: stop once every system's residual is under this fraction of its right side.
+        max_iterations: conjugate-gradient iterations at most, on the coarsest level (a level
+            of twice the side gets half as many, down to 20).
+
+    Returns:
+        ``(N, C, H, W)``: the kept pixels unchanged, the removed ones imputed.
+    """
+    n, c, h, w = images.shape
+    hole = removed.reshape(n, 1, h, w).to(images.device, images.dtype)
+    filled = _solve_holes(images, hole, tolerance, max_iterations)
+    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+    return filled + hole * noise.to(images.device) * noise_std
+
+
+#: Sides under which the holes are solved outright rather than from a coarser solution first.
+_COARSEST = 16
+
+
+def _solve_holes(
+    images: torch.Tensor, hole: torch.Tensor, tolerance: float, max_iterations: int
+) -> torch.Tensor:
+    """The linear system of :func:`noisy_linear_imputation`, by conjugate gradients started from
+    the solution at half the resolution (cascadic multigrid): a large hole's fill is smooth, so
+    the coarse solution is most of it and the fine iterations only add the detail."""
+    n, c, h, w = images.shape
+    kept = 1.0 - hole
+    if min(h, w) > _COARSEST:
+        coarse_kept = F.avg_pool2d(kept, 2, ceil_mode=True)
+        coarse_images = F.avg_pool2d(images * kept, 2, ceil_mode=True) / coarse_kept.clamp_min(1e-6)
+        coarse_hole = (coarse_kept == 0).to(images.dtype)  # a coarse pixel with no kept pixel
+        coarse = _solve_holes(coarse_images, coarse_hole, tolerance, max_iterations)
+        guess = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    else:
+        blurred_kept = gaussian_blur(kept.contiguous(), 5, 2.0)
+        guess = gaussian_blur(images * kept, 5, 2.0) / blurred_kept.clamp_min(1e-6)
+    kernel = torch.tensor(_NEIGHBOUR_WEIGHTS, device=images.device, dtype=images.dtype)
+    per_channel = kernel.expand(c, 1, 3, 3)
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, per_channel, padding=1, groups=c)  # zeros outside: no neighbour there
+
+    ones = torch.ones(1, 1, h, w, device=images.device, dtype=images.dtype)
+    degree = F.conv2d(ones, kernel.view(1, 1, 3, 3), padding=1)
+
+    def system(v: torch.Tensor) -> torch.Tensor:  # A v, for v zero on the kept pixels
+        return hole * (degree * v - neighbours(v))
+
+    right = hole * neighbours(images * kept)
+    x = hole * guess
+    residual = right - system(x)
+    direction = residual.clone()
+    rho = (residual * residual).sum(dim=(2, 3), keepdim=True)
+    floor = (tolerance**2) * (right * right).sum(dim=(2, 3), keepdim=True).clamp_min(1e-30)
+    # A finer level starts closer (its error is mostly detail, which conjugate gradients remove
+    # first) and costs more per iteration: it gets fewer, down to 20.
+    iterations = max(20, max_iterations * _COARSEST // max(min(h, w), _COARSEST))
+    for _ in range(iterations):
+        if bool((rho <= floor).all()):
+            break
+        pushed = system(direction)
+        curvature = (direction * pushed).sum(dim=(2, 3), keepdim=True)
+        step = torch.where(curvature > 0, rho / curvature.clamp_min(1e-30), 0.0)
+        x = x + step * direction
+        residual = residual - step * pushed
+        rho_next = (residual * residual).sum(dim=(2, 3), keepdim=True)
+        ratio = torch.where(rho > 0, rho_next / rho.clamp_min(1e-30), 0.0)
+        direction = residual + ratio * direction
+        rho = rho_next
+    return images * kept + x * hole
+
+
+def road_inputs(
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    order: str,
+    percentiles: Sequence[int] = ROAD_PERCENTILES,
+    noise_std: float = 0.01,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The images ROAD shows the model (Rong et al., ICML 2022): ``(N, P, C, H, W)``.
+
+    Pixels are ranked by the map as in :func:`perturbation_curve`. At each percentile ``p`` the
+    ``round(p * M / 100)`` pixels of ``M`` that ``order`` picks are removed, all channels
+    together -- ``"morf"``: the most relevant first; ``"lerf"``: the least relevant first -- and
+    imputed by :func:`noisy_linear_imputation` (the "debias" step: the fill carries no trace of
+    the removal mask's shape, which a constant fill leaks to the model). The noise is seeded
+    (``seed``), so the same request gives the same inputs.
+    """
+    if order not in ("morf", "lerf"):
+        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
+    if not percentiles or not all(0 < p < 100 for p in percentiles):
+        raise ValueError(f"percentiles must lie in (0, 100), got {list(percentiles)}")
+    n, c, h, w = images.shape
+    if saliency.shape[0] != n:
+        raise ValueError("images and saliency must have the same batch size")
+    m = h * w
+    ranks = _saliency_ranks(saliency.to(images.device), (h, w))
+    counts = torch.tensor([round(p * m / 100) for p in percentiles], device=images.device)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.inference_mode():
+        for i in range(n):
+            if order == "morf":
+                removed = ranks[i][None, :] < counts[:, None]
+            else:
+                removed = ranks[i][None, :] >= (m - counts)[:, None]
+            batch = images[i : i + 1].expand(len(percentiles), -1, -1, -1)
+            rows.append(
+                noisy_linear_imputation(batch, removed.view(-1, h, w), noise_std, generator)
+            )
+    return torch.stack(rows)
+
+
+def road_curve(
+    model: nn.Module | Forward,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    class_idx: torch.Tensor | list[int],
+    order: str,
+    percentiles: Sequence[int] = ROAD_PERCENTILES,
+    noise_std: float = 0.01,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Class probability after ROAD removes each share of the pixels (Rong et al., ICML 2022):
+    ``p_k = softmax(model(x_k))[c]`` for the inputs of :func:`road_inputs`, each image's
+    percentiles in one forward.
+
+    Returns:
+        ``(N, len(percentiles))`` probabilities. A faithful map makes MoRF fall fast (a low
+        mean) and LeRF stay high (a high mean).
+    """
+    n = images.shape[0]
+    cls = torch.as_tensor(class_idx, device=images.device, dtype=torch.long).flatten()
+    if cls.numel() != n:
+        raise ValueError("images and class_idx must have the same batch size")
+    inputs = road_inputs(images, saliency, order, percentiles, noise_std, seed)
+    return road_probabilities(model, inputs, cls)
+
+
+def road_probabilities(
+    model: nn.Module | Forward, inputs: torch.Tensor, class_idx: torch.Tensor
+) -> torch.Tensor:
+    """``softmax(model(x))[c]`` for :func:`road_inputs`' ``(N, P, C, H, W)``: one forward per
+    image, ``(N, P)``."""
+    probs = torch.empty(inputs.shape[:2], device=inputs.device, dtype=torch.float32)
+    with torch.inference_mode():
+        for i in range(inputs.shape[0]):
+            p = torch.softmax(model(inputs[i]).float(), dim=1)
+            probs[i] = p[:, int(class_idx[i])]
+    return probs
 
 
 # --------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.observability.context import note_work
 from app.observability.metrics import Metrics
-from app.pipeline import checks
+from app.pipeline import checks, faithfulness
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
 from app.pipeline.budget import MemoryBudget
@@ -41,6 +41,7 @@ from app.pipeline.decoding import (
     decode_upload,
     stack_inputs,
 )
+from app.pipeline.faithfulness import DEFAULT_STEPS
 from app.pipeline.passes import (
     CamItem,
     CamOutcome,
@@ -101,6 +102,9 @@ class ExplainParams:
     """Classes explained for every image, one explanation each (``app.pipeline.classes``)."""
     top_classes: int | None = None
     """Explain each image's ``top_classes`` most probable classes (``app.pipeline.classes``)."""
+    faithfulness: tuple[str, ...] = ()
+    """Metrics that score each map (``app.pipeline.faithfulness``); empty: none."""
+    faithfulness_steps: int = DEFAULT_STEPS
 
 
 def _ms(seconds: float) -> float:
@@ -298,17 +302,21 @@ class Explainer:
         uploads: Sequence[Upload],
         params: ExplainParams,
         version: int | None = None,
+        *,
+        job: bool = False,
     ) -> None:
         """Every error an explanation can be refused with before its images are decoded: the
         parameters, and the uploads' headers (a job checks this when it is created, so that it
-        cannot fail later for a bad parameter or an image over a limit)."""
-        await self.check_together(model_name, [(uploads, params)], version)
+        cannot fail later for a bad parameter or an image over a limit; ``job``: it is one)."""
+        await self.check_together(model_name, [(uploads, params)], version, job=job)
 
     async def check_together(
         self,
         model_name: str | None,
         requests: Sequence[tuple[Sequence[Upload], ExplainParams]],
         version: int | None = None,
+        *,
+        job: bool = False,
     ) -> None:
         """``check_uploads`` for several explanations that one client request asks for (KServe
         instances whose options differ), with their forwards, decoded pixels and drawing summed
@@ -316,9 +324,10 @@ class Explainer:
         model = self.registry.get(model_name, version)
         forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
         for uploads, params in requests:
-            plans, style = self._check(model, params, len(uploads))
+            plans, style = self._check(model, params, len(uploads), job)
             count = class_count(params)
             forwards += checks.plans_forwards(model, plans, len(uploads), count)
+            forwards += _scoring_forwards(params, plans, len(uploads) * count)
             side = style.size.decode_side if style.draws_pictures else 0
             cost = await self._decode_cost(model, uploads, side)
             decoding += cost
@@ -450,6 +459,7 @@ class Explainer:
         version: int | None = None,
         priority: Priority = "interactive",
         scope: str | None = None,
+        job: bool = False,
     ) -> ExplainResponse:
         """Predictions and class activation maps for every upload, with one or several methods.
 
@@ -459,10 +469,10 @@ class Explainer:
         refused). ``priority``: the request's class on the model (``app.pipeline.scheduling``).
         ``scope``: whose cached answers the request may be given and whose it makes, such as the
         name of the client's API key (None: everyone's), so that one client cannot learn what
-        another sent."""
+        another sent. ``job``: it runs as a job (what only jobs may ask for is allowed)."""
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
-        plans, style = self._check(model, params, len(uploads))
+        plans, style = self._check(model, params, len(uploads), job)
         lookup = await self._look_up(model, uploads, params, plans, style, started, scope)
         if lookup.answer is not None:
             spec = model.spec
@@ -514,9 +524,11 @@ class Explainer:
                 stack_inputs(decoded), params.class_idx, params.classes, params.top_classes
             )
             ran = await self._run_plans(model, plans, item, progress, priority)
+            scored = await self._score(model, plans, item, ran, params, priority)
             results, encode_s = await self._render(
                 model, decoded, ran.outcomes, plans, style, params
             )
+            faithfulness.attach(results, scored)
         cam_s = sum(outcome.cam_s for outcome in ran.outcomes.values())
         stages = {"decode": decode_s, "queue": ran.queue_s, "forward": ran.forward_s}
         self._note(
@@ -536,6 +548,7 @@ class Explainer:
             batch_images=ran.batch_images,
             cam_ms_by_method={plan.method: _ms(ran.outcomes[plan].cam_s) for plan in plans},
             forwards=ran.forwards,
+            faithfulness_ms=None if scored is None else _ms(scored.seconds),
         )
         return self._explain_response(model, plans, params, style, timings, results)
 
@@ -550,7 +563,7 @@ class Explainer:
         """Phase 2: the passes of every plan, one after the other (the methods that can share a
         forward in one pass, every other method alone), each batched with other requests."""
         ran = _PlansRun()
-        chained = None if progress is None else _ChainedProgress(progress)
+        chained = ran.progress = None if progress is None else _ChainedProgress(progress)
         for group in group_plans(plans):
             run = (
                 partial(run_cam_pass, model, group[0])
@@ -576,6 +589,38 @@ class Explainer:
             if chained is not None:
                 chained.next_pass()
         return ran
+
+    async def _score(
+        self,
+        model: LoadedModel,
+        plans: Sequence[CamPlan],
+        item: CamItem,
+        ran: _PlansRun,
+        params: ExplainParams,
+        priority: Priority,
+    ) -> faithfulness.Scored | None:
+        """The faithfulness stage (``app.pipeline.faithfulness``), when asked for: every map
+        scored in a pass of its own on the model, after the CAM passes."""
+        wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
+        if wanted is None:
+            return None
+        # In the answer's order: method by method, class by class, then the maps.
+        maps = [
+            (named.cams, one.class_idx)
+            for plan in plans
+            for one in ran.outcomes[plan].per_class()
+            for named in _named_maps(plan, one)
+        ]
+        return await faithfulness.score_maps(
+            self.batcher(model),
+            model,
+            wanted,
+            item.batch,
+            maps,
+            progress=ran.progress,
+            priority=priority,
+            threads=self.image_threads,
+        )
 
     async def _render(
         self,
@@ -667,7 +712,7 @@ class Explainer:
         )
 
     def _check(
-        self, model: LoadedModel, params: ExplainParams, images: int
+        self, model: LoadedModel, params: ExplainParams, images: int, job: bool = False
     ) -> tuple[list[CamPlan], RenderStyle]:
         """Every parameter against the model, before any pixel is decoded: one plan per method."""
         own_layers = bool(params.target_layers) and (
@@ -706,6 +751,15 @@ class Explainer:
             CamPlan(method, cls, layers, tuple(sorted(options.items())), params.normalized)
             for (method, cls), options in zip(methods, per_method, strict=True)
         ]
+        faithfulness.check(
+            faithfulness.scoring(params.faithfulness, params.faithfulness_steps),
+            sum(_maps_per_image(plan) for plan in plans) * class_count(params),
+            images,
+            checks.plans_forwards(model, plans, images, class_count(params)),
+            self.max_cam_forwards,
+            job,
+            image_input=len(model.spec.input_shape) == 3,
+        )
         return plans, style
 
     # ------------------------------------------------------------------ the answer
@@ -759,6 +813,8 @@ class _PlansRun:
     forward_s: float = 0.0
     batch_images: int = 0
     forwards: int = 0
+    progress: _ChainedProgress | None = None
+    """The request's progress over its passes; the faithfulness pass goes on counting it."""
 
 
 class _ChainedProgress:
@@ -777,6 +833,13 @@ class _ChainedProgress:
     def next_pass(self) -> None:
         self.before += self.total
         self.total = 0
+
+
+def _scoring_forwards(params: ExplainParams, plans: Sequence[CamPlan], images: int) -> int:
+    """The faithfulness stage's forwards for a request (0 when it asks for none)."""
+    wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
+    maps = sum(_maps_per_image(plan) for plan in plans)
+    return 0 if wanted is None else wanted.forwards(maps, images)
 
 
 def _maps_per_image(plan: CamPlan) -> int:

@@ -30,6 +30,7 @@ from app.errors import InvalidParameter, MalformedParameter, clip
 from app.pipeline.checks import option_takers
 from app.pipeline.classes import MAX_CLASSES
 from app.pipeline.explainer import ExplainParams
+from app.pipeline.faithfulness import DEFAULT_STEPS, MAX_STEPS, METRICS
 from app.pipeline.rendering import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
@@ -79,6 +80,9 @@ class ExplainParameter:
     example: Any = None
     option: bool = False
     """A method option: its bounds depend on the method, so the explainer checks them."""
+    strict: bool = False
+    """Checked here against its choices and bounds, and refused with a 400 that lists what is
+    allowed (the faithfulness parameters: no later stage reads them before the passes run)."""
 
     def hints(self) -> dict[str, Any]:
         """JSON-schema keywords that document (not enforce) the bounds, choices and example."""
@@ -109,9 +113,29 @@ class ExplainParameter:
     def read(self, value: Any) -> Any:
         """The raw value as ``ExplainParams`` holds it; ``InvalidParameter`` names the problem."""
         read = _READERS[self.kind](self.name, value)
-        if isinstance(read, int | float) and not self.option:
+        if self.strict:
+            self._check_strictly(read)
+        elif isinstance(read, int | float) and not self.option:
             self._check_bounds(read)
         return read
+
+    def _check_strictly(self, value: Any) -> None:
+        """A strict parameter's value against its choices (case-insensitive) and bounds."""
+        if self.choices:
+            wrong = [v for v in value if v.strip().lower() not in self.choices]
+            if wrong:
+                raise MalformedParameter(
+                    f"Unknown {self.name} value {clip(wrong[0])}; the allowed values are "
+                    f"{', '.join(self.choices)} (repeat the field or separate by commas).",
+                    details={"parameter": self.name, "allowed": list(self.choices)},
+                )
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            try:
+                self._check_bounds(value)
+            except InvalidParameter as error:
+                raise MalformedParameter(
+                    error.message, details={"parameter": self.name, "allowed": self.bounds_text()}
+                ) from None
 
     def bounds_text(self) -> str:
         low = "-inf" if self.low is None else _number(self.low)
@@ -391,6 +415,26 @@ GENERAL: tuple[ExplainParameter, ...] = (
         example="512",
     ),
     ExplainParameter("normalized", "bool", True, "raw maps min-max scaled to [0, 1]"),
+    ExplainParameter(
+        "faithfulness",
+        "strs",
+        (),
+        "score each map: deletion and insertion AUC (RISE) or road (ROAD, in /jobs only); "
+        "repeat or comma list",
+        choices=METRICS,
+        example=["deletion", "insertion"],
+        strict=True,
+    ),
+    ExplainParameter(
+        "faithfulness_steps",
+        "int",
+        DEFAULT_STEPS,
+        "steps of the deletion and insertion curves: each curve is one pass of steps + 1 "
+        "forwards per map and image",
+        1,
+        MAX_STEPS,
+        strict=True,
+    ),
 )
 
 
@@ -463,6 +507,8 @@ def build_params(
         options={name: value for name, value in read.items() if PARAMETERS[name].option},
         classes=general("classes"),
         top_classes=general("top_classes"),
+        faithfulness=tuple(dict.fromkeys(m.strip().lower() for m in general("faithfulness"))),
+        faithfulness_steps=general("faithfulness_steps"),
     )
 
 

@@ -79,6 +79,36 @@ class PredictResponse(BaseModel):
     results: list[PredictResult]
 
 
+class Faithfulness(BaseModel):
+    """How far to trust a map: the scores of the metrics the request named (the others null).
+
+    Probabilities are the model's softmax for the explained class; every score lies in [0, 1]."""
+
+    deletion_auc: float | None = Field(
+        None,
+        description="area under the class probability while the most salient pixels are "
+        "replaced by the mean colour (RISE deletion); lower is better",
+    )
+    insertion_auc: float | None = Field(
+        None,
+        description="area under the class probability while the most salient pixels are "
+        "restored into a blurred copy (RISE insertion); higher is better",
+    )
+    steps: int | None = Field(None, description="steps of the deletion and insertion curves")
+    road_morf: float | None = Field(
+        None,
+        description="ROAD: mean class probability once the most relevant pixels are removed "
+        "and imputed, over road_percentiles; lower is better",
+    )
+    road_lerf: float | None = Field(
+        None,
+        description="ROAD: the same with the least relevant pixels removed first; higher is better",
+    )
+    road_percentiles: list[int] | None = Field(
+        None, description="the shares of pixels (in %) that ROAD removed"
+    )
+
+
 class _MapBase(BaseModel):
     layer: str = Field(description="target layer name, or 'fused' for the fusion of all layers")
     kind: Literal["layer", "fused"]
@@ -90,6 +120,9 @@ class _MapBase(BaseModel):
         None,
         description="[left, top, right, bottom] of the pictures that the map covers (the model's "
         "crop of the upload), in the pictures' pixels",
+    )
+    faithfulness: Faithfulness | None = Field(
+        None, description="the map's faithfulness scores, when the request asked for them"
     )
 
 
@@ -147,6 +180,9 @@ class ExplainTimings(BaseModel):
         description="the model's forwards that the passes of this request ran, each batch once "
         "(the hooked forward, and the masked or noisy forwards of methods that run them); a pass "
         "shared with other requests counts for each of them",
+    )
+    faithfulness_ms: float | None = Field(
+        None, description="scoring the maps' faithfulness (its pass and waits); null if none"
     )
 
 

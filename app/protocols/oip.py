@@ -34,7 +34,7 @@ from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.params import OPTION_NAMES, build_params, unknown_name
-from app.pipeline.results import ExplainResponse, Prediction
+from app.pipeline.results import ExplainResponse, MapOutput, Prediction
 from app.pipeline.scheduling import Priority
 from app.protocols.binary import SIZE, bytes_elements, pack_bytes
 from app.protocols.images import EXAMPLE_IMAGE_B64, decode_images, pixel_images
@@ -52,6 +52,8 @@ EXPLAIN_PARAMETERS = (
     "top_classes",
     "target_layer",
     "normalized",
+    "faithfulness",
+    "faithfulness_steps",
 )
 PLATFORM = "pytorch"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "statistics")
@@ -624,8 +626,27 @@ def _cams(answer: ExplainResponse) -> OutputTensor:
             "normalized": raws[0]["normalized"],
             **({"classes_per_image": per_image} if per_image > 1 else {}),
             **options,
+            **_scores(maps),
         },
     )
+
+
+def _scores(maps: Sequence[MapOutput]) -> dict[str, Any]:
+    """The maps' faithfulness scores (when asked for), each as one value per image separated by
+    commas, like ``class_idx``: a parameter holds no list."""
+    scored = [m.faithfulness for m in maps]
+    if any(score is None for score in scored):
+        return {}
+    fields = [s.model_dump(exclude_none=True) for s in scored if s is not None]
+    shown: dict[str, Any] = {}
+    for name, value in fields[0].items():
+        if name in ("steps", "road_percentiles"):
+            shown[f"faithfulness_{name}" if name == "steps" else name] = (
+                value if name == "steps" else ",".join(map(str, value))
+            )
+        else:
+            shown[name] = ",".join(str(f[name]) for f in fields)
+    return shown
 
 
 def answer_json(result: InferenceResult) -> tuple[dict[str, Any], list[bytes]]:

@@ -153,6 +153,12 @@ def request_options(func: F) -> F:
         ),
         click.option("--raw", is_flag=True, help="also write each raw map as a .npy file"),
         click.option(
+            "--faithfulness",
+            metavar="METRICS",
+            help="score each map: deletion,insertion (RISE) or road (ROAD: runs as a job); "
+            "the scores go to results.jsonl. Steps: -O faithfulness_steps=16",
+        ),
+        click.option(
             "-O",
             "--option",
             "fields",
@@ -176,6 +182,7 @@ def build_request(
     image_format: str,
     raw: bool,
     fields: tuple[str, ...],
+    faithfulness: str | None = None,
 ) -> ExplainRequest:
     given: dict[str, list[str]] = {}
     for item in fields:
@@ -185,6 +192,8 @@ def build_request(
         given.setdefault(name.strip(), []).append(value.strip())
     # A name given twice stays a list: the service (or read_text here) takes it for a field
     # that repeats and refuses it for one that takes one value, instead of keeping the last.
+    if faithfulness:
+        given.setdefault("faithfulness", []).append(faithfulness)
     parsed: dict[str, str | list[str]] = {
         name: values[0] if len(values) == 1 else values for name, values in given.items()
     }

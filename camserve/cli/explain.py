@@ -79,6 +79,7 @@ def explain(
     size: str | None,
     image_format: str,
     raw: bool,
+    faithfulness: str | None,
     fields: tuple[str, ...],
     out: Path,
     url: str | None,
@@ -92,7 +93,9 @@ def explain(
 ) -> None:
     """Explain images (files or folders of them): one overlay per image and method in OUT,
     .npy raw maps with --raw, and results.jsonl with the predictions and timings."""
-    request = build_request(methods, model, class_idx, layers, size, image_format, raw, fields)
+    request = build_request(
+        methods, model, class_idx, layers, size, image_format, raw, fields, faithfulness
+    )
     with reported_errors():
         missing = [str(p) for p in paths if not p.exists()]
         if missing:

@@ -45,12 +45,15 @@ def submit_job(
     size: str | None,
     image_format: str,
     raw: bool,
+    faithfulness: str | None,
     fields: tuple[str, ...],
     url: str | None,
     api_key: str | None,
 ) -> None:
     """Start explaining IMAGE as a job; prints the job's id (follow it with `jobs watch ID`)."""
-    request = build_request(methods, model, class_idx, layers, size, image_format, raw, fields)
+    request = build_request(
+        methods, model, class_idx, layers, size, image_format, raw, fields, faithfulness
+    )
     with reported_errors():
         if not image.is_file():
             raise Failed("file_not_found", f"no such file: {image}")

@@ -531,3 +531,21 @@ def test_api_docs_load_offline(browser: object, server: str, path: str, title: s
         assert outside == []
         assert watched.failed == [] and watched.errors == []
     page.context.close()
+
+
+def test_the_faithfulness_box_shows_each_maps_scores_under_it(shown: Watched) -> None:
+    page = shown.page
+    explain(page, EXAMPLES / "star.png", "GradCAM")
+    assert page.locator(f"{MAPS} .faithfulness").count() == 0  # not asked for: not computed
+    page.check("#faithfulness")
+    explain(page, EXAMPLES / "star.png", "GradCAM")  # the scores come only when asked for
+    line = page.locator(f"{MAPS} .faithfulness").inner_text()
+    found = re.fullmatch(
+        r"deletion AUC (\d\.\d{3}) \(lower is better\) · insertion AUC (\d\.\d{3}) "
+        r"\(higher is better\)",
+        line,
+    )
+    assert found, line
+    assert 0 <= float(found[1]) <= 1 and 0 <= float(found[2]) <= 1
+    shot(page, "faithfulness")
+    assert shown.errors == [] and failures(shown) == []

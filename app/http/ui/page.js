@@ -338,6 +338,7 @@ function explainForm(methods) {
   form.append("output", "heatmap");
   form.append("colormap", "gray");
   form.append("image_format", "png");
+  if ($("faithfulness").checked) form.append("faithfulness", "deletion,insertion");
   return form;
 }
 
@@ -712,6 +713,7 @@ function makeCard(answer, explanation, method, map, camMs) {
   time.textContent = ` · ${camMs.toFixed(1)} ms`;
   caption.append(title, document.createElement("br"), "class ", label,
     ` (${(100 * explanation.probability).toFixed(1)} %)`, time);
+  if (map.faithfulness) caption.append(document.createElement("br"), scores(map.faithfulness));
   const download = document.createElement("button");
   download.type = "button";
   download.className = "link";
@@ -723,6 +725,22 @@ function makeCard(answer, explanation, method, map, camMs) {
     `${stem}-${method}-${map.layer}-${explanation.label}.png`));
   figure.append(canvas, caption, download);
   return { figure, canvas };
+}
+
+// A map's faithfulness scores, each with the direction that is better.
+function scores(faithfulness) {
+  const line = document.createElement("span");
+  line.className = "faithfulness";
+  const parts = [];
+  if (faithfulness.deletion_auc !== null && faithfulness.deletion_auc !== undefined) {
+    parts.push(`deletion AUC ${faithfulness.deletion_auc.toFixed(3)} (lower is better)`);
+  }
+  if (faithfulness.insertion_auc !== null && faithfulness.insertion_auc !== undefined) {
+    parts.push(`insertion AUC ${faithfulness.insertion_auc.toFixed(3)} (higher is better)`);
+  }
+  line.textContent = parts.join(" · ");
+  line.title = `${faithfulness.steps} steps per curve`;
+  return line;
 }
 
 function renderAll() {

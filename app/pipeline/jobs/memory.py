@@ -90,7 +90,7 @@ class MemoryJobStore(JobStore):
         )
         size = sum(len(upload.data) for upload in uploads)
         self._check_upload_bytes(size, active)
-        await self.explainer.check_uploads(model, uploads, params, model_version)
+        await self.explainer.check_uploads(model, uploads, params, model_version, job=True)
         if self.max_result_bytes is not None:
             check_result_size(
                 self.explainer, model, uploads, params, self.max_result_bytes, model_version

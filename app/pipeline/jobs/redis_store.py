@@ -312,7 +312,7 @@ class RedisJobStore(JobStore):
         model_version: int | None = None,
         client: str = "",
     ) -> JobView:
-        await self.explainer.check_uploads(model, uploads, params, model_version)
+        await self.explainer.check_uploads(model, uploads, params, model_version, job=True)
         check_result_size(
             self.explainer, model, uploads, params, self.max_result_bytes, model_version
         )

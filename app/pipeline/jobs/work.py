@@ -62,6 +62,7 @@ async def run_job(
             admit=False,
             version=model_version,
             priority="background",
+            job=True,
         )
     except asyncio.CancelledError:
         raise

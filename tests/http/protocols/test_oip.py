@@ -264,7 +264,7 @@ def test_outputs_come_in_the_order_asked_and_several_layers_give_the_fused_map(
             400,
             "Unknown explain parameter 'colormap'; the parameters are priority, timeout, "
             "binary_data_output, method, class_idx, classes, top_classes, target_layer, "
-            "normalized, num_samples",
+            "normalized, faithfulness, faithfulness_steps, num_samples",
         ),
         (
             explain_body(image_bytes(), method="FinerCAM", gamma="high"),
@@ -737,7 +737,9 @@ def test_the_timeout_parameter_is_the_requests_deadline(
 
     seen = {}
 
-    async def slow(explainer: object, name: str, version: object, inference: Any) -> None:
+    async def slow(
+        explainer: object, name: str, version: object, inference: Any, scope: object = None
+    ) -> None:
         seen["priority"] = inference.priority
         await asyncio.sleep(30)
 

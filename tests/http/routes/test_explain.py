@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import SecretStr
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import SecretStr
 
 from app.cam import METHODS
 from app.pipeline import explainer as explainer_module

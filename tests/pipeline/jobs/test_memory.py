@@ -114,7 +114,10 @@ class FakeExplainer:
         uploads: Sequence[Upload],
         params: ExplainParams,
         version: int | None = None,
+        *,
+        job: bool = False,
     ) -> None:
+        assert job  # a job is checked as one: what only jobs may ask for (ROAD) is allowed
         self.checked.append((model, len(uploads), params, version))
         if params.method == "bad":
             raise InvalidParameter("Unknown method 'bad'.")
@@ -129,9 +132,11 @@ class FakeExplainer:
         admit: bool = True,
         version: int | None = None,
         priority: str = "interactive",
+        job: bool = False,
     ) -> ExplainResponse:
         assert progress is not None
         assert priority == "background"  # a job never goes before interactive requests
+        assert job  # and runs as one
         run = Run(model, len(uploads), params, admit, version, progress)
         self.runs.put_nowait(run)
         try:

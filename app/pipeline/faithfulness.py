@@ -1,0 +1,268 @@
+"""The faithfulness stage: how far to trust each map, scored after the CAM passes, on their lane.
+
+A request that asks for ``faithfulness`` gets, for every map of every image, the scores of the
+metrics it named (the engine's, ``app.cam.faithfulness``):
+
+- ``deletion``: the area under the class probability while the map's most salient pixels are
+  replaced by the data set's mean colour, ``steps`` at a time (RISE, Petsiuk et al. 2018);
+  lower is better.
+- ``insertion``: the area while they are copied into a blurred copy of the image; higher is
+  better.
+- ``road``: the class probability once the most (MoRF) or least (LeRF) relevant 10 %, 20 %, ...,
+  90 % of the pixels are removed and imputed (ROAD, Rong et al. 2022), averaged over the
+  percentiles; MoRF lower, LeRF higher is better. Its imputation solves a linear system per
+  input, so it runs only in a job (``check`` refuses it elsewhere), and the imputation runs on
+  the image threads before the pass, not in it.
+
+Each curve is one forward of ``steps + 1`` inputs (one pass per curve and image), each ROAD
+order one of 9. These are extra forwards like the Score-CAM family's: they count toward
+``CAMSERVE_MAX_CAM_FORWARDS`` with the methods' own, and they run in a chunked pass of their
+own (``Batcher.submit(chunked=True)``), so that the model's other passes get their turns at the
+curves' boundaries and at the pauses inside their forwards, background work waits for
+interactive work, a cancelled request stops at the next curve, and a job's progress counts them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from app.cam import ProgressCallback
+from app.cam.core import Work
+from app.cam.faithfulness import (
+    ROAD_PERCENTILES,
+    auc,
+    perturbation_curve,
+    road_inputs,
+    road_probabilities,
+)
+from app.errors import BadRequest, InvalidParameter, OverBudget
+from app.models.loading import LoadedModel
+from app.pipeline.admission import run_to_the_end
+from app.pipeline.batching import Batcher, PassControl
+from app.pipeline.passes import own_pass
+from app.pipeline.results import ExplainResult, Faithfulness
+from app.pipeline.scheduling import Priority
+
+#: The metrics a request may name, in the order they are reported.
+METRICS: tuple[str, ...] = ("deletion", "insertion", "road")
+#: The metrics that draw a curve of ``steps`` steps.
+CURVES: tuple[str, ...] = ("deletion", "insertion")
+#: The metrics that only a job runs (their cost is in seconds per map, not forwards).
+JOB_ONLY: tuple[str, ...] = ("road",)
+DEFAULT_STEPS = 16
+"""Steps of a curve by default: 17 inputs in one forward, 34 for both curves."""
+MAX_STEPS = 64
+"""The most steps a curve may take. A curve is one forward of ``steps + 1`` inputs, all held at
+once on the model's device: 65 inputs of 224 x 224 keep a ResNet-50's activations near 1 GB,
+and its two curves cost 130 forwards a map. Past 16 steps the AUC moves little (docs: the
+shapes benchmark), so the bound costs nothing in resolution."""
+ROAD_NOISE_STD = 0.01
+"""Noise added to ROAD's imputed pixels, in the model's normalised input units."""
+ROAD_SEED = 0
+"""ROAD's noise is seeded: the same request gets the same scores."""
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a request asks the stage to score, and with how many steps."""
+
+    metrics: tuple[str, ...]
+    steps: int = DEFAULT_STEPS
+
+    @property
+    def curves(self) -> tuple[str, ...]:
+        return tuple(m for m in CURVES if m in self.metrics)
+
+    @property
+    def road(self) -> bool:
+        return "road" in self.metrics
+
+    @property
+    def forwards_per_map(self) -> int:
+        """The forwards that scoring one map of one image runs."""
+        road = 2 * len(ROAD_PERCENTILES) if self.road else 0
+        return len(self.curves) * (self.steps + 1) + road
+
+    def forwards(self, maps_per_image: int, images: int) -> int:
+        return self.forwards_per_map * maps_per_image * images
+
+
+def scoring(metrics: Sequence[str], steps: int = DEFAULT_STEPS) -> Scoring | None:
+    """The stage's work for a request's ``faithfulness`` and ``faithfulness_steps``; None when
+    it asked for none."""
+    wanted = tuple(m for m in METRICS if m in metrics)
+    return Scoring(wanted, steps) if wanted else None
+
+
+def check(
+    wanted: Scoring | None,
+    maps_per_image: int,
+    images: int,
+    method_forwards: int,
+    limit: int,
+    job: bool,
+    image_input: bool = True,
+) -> int:
+    """Refuse what the stage would not run: ROAD outside a job (400), a model whose input is no
+    2-D image (``image_input`` False: volumes have no pixel order to delete in), and forwards
+    that, with the methods' own (``method_forwards``), exceed ``limit``. The stage's forwards."""
+    if wanted is None:
+        return 0
+    if not image_input:
+        raise InvalidParameter(
+            "faithfulness scores 2-D image maps; this model's input is not a 2-D image. "
+            "Leave faithfulness out for it.",
+            details={"parameter": "faithfulness"},
+        )
+    if not job and any(m in JOB_ONLY for m in wanted.metrics):
+        raise BadRequest(
+            "faithfulness=road runs only as a job: its imputation solves a linear system for "
+            "every removed share of every map. Send the same request to POST /jobs, or ask "
+            "for faithfulness=deletion,insertion here.",
+            details={"parameter": "faithfulness", "jobs_only": list(JOB_ONLY)},
+        )
+    forwards = wanted.forwards(maps_per_image, images)
+    if method_forwards + forwards > limit:
+        raise OverBudget(
+            f"Scoring faithfulness ({', '.join(wanted.metrics)}) would run {forwards} forwards "
+            f"({images} image(s) x {maps_per_image} map(s) x {wanted.forwards_per_map}), "
+            f"{method_forwards + forwards} with the method's own; the limit is {limit} "
+            "(CAMSERVE_MAX_CAM_FORWARDS). Lower faithfulness_steps, send fewer images, "
+            "layers or methods, or ask for fewer metrics.",
+            details={"forwards": method_forwards + forwards, "limit": limit},
+        )
+    return forwards
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One request's share of a scoring pass: its inputs and the maps to score."""
+
+    batch: torch.Tensor
+    """(n, C, H, W) on the CPU."""
+    maps: tuple[tuple[torch.Tensor, tuple[int, ...]], ...]
+    """Each map (n, h, w) with the class it explains in each image."""
+    road: tuple[dict[str, torch.Tensor], ...] = ()
+    """Per map, ROAD's imputed inputs per order ((n, P, C, H, W)), made before the pass."""
+
+
+def run_scoring_pass(
+    model: LoadedModel,
+    wanted: Scoring,
+    items: Sequence[ScoreItem],
+    control: PassControl | None = None,
+) -> list[list[list[Faithfulness]]]:
+    """The scores of every map of every item (per item, per map, per image), in one pass: each
+    curve is one forward of ``steps + 1`` inputs, each ROAD order one of its percentiles. The
+    pass reports its progress in forwards, lets the model's other passes run between its
+    forwards and at the pauses inside them, and stops when all its callers are gone."""
+    work = (
+        Work() if control is None else Work(control.progress, control.at_boundary, control.at_pause)
+    )
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with work.pausable():
+            logits: torch.Tensor = model.module(x)
+        work.advance(len(x))
+        return logits
+
+    with own_pass(model), work.pause_points(model.module):
+        work.begin(sum(wanted.forwards(len(i.maps), len(i.batch)) for i in items))
+        return [_score_item(model, wanted, item, forward) for item in items]
+
+
+def _score_item(
+    model: LoadedModel, wanted: Scoring, item: ScoreItem, forward: Any
+) -> list[list[Faithfulness]]:
+    x = item.batch.to(model.device)
+    scored = []
+    for index, (cams, classes) in enumerate(item.maps):
+        cls = torch.tensor(classes, device=model.device)
+        found: dict[str, list[float]] = {}
+        for curve in wanted.curves:
+            fractions, probs = perturbation_curve(
+                forward, x, cams, cls, curve, wanted.steps, batch_size=None
+            )
+            found[f"{curve}_auc"] = auc(fractions, probs).tolist()
+        for order, inputs in (item.road[index] if item.road else {}).items():
+            probs = road_probabilities(forward, inputs.to(model.device), cls)
+            found[f"road_{order}"] = probs.mean(dim=1).tolist()
+        scored.append(
+            [
+                Faithfulness(
+                    steps=wanted.steps if wanted.curves else None,
+                    road_percentiles=list(ROAD_PERCENTILES) if wanted.road else None,
+                    **{name: values[i] for name, values in found.items()},
+                )
+                for i in range(len(x))
+            ]
+        )
+    return scored
+
+
+def road_item(batch: torch.Tensor, maps: Sequence[torch.Tensor]) -> tuple[dict[str, Any], ...]:
+    """ROAD's imputed inputs for every map, on the CPU (before the pass: the imputation does
+    not need the model, so it does not hold the model's lane)."""
+    return tuple(
+        {
+            order: road_inputs(batch, cams, order, ROAD_PERCENTILES, ROAD_NOISE_STD, ROAD_SEED)
+            for order in ("morf", "lerf")
+        }
+        for cams in maps
+    )
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The stage's answer: per map (in the request's order of plans and maps), per image."""
+
+    scores: list[list[Faithfulness]]
+    seconds: float
+
+
+async def score_maps(
+    batcher: Batcher,
+    model: LoadedModel,
+    wanted: Scoring,
+    batch: torch.Tensor,
+    maps: Sequence[tuple[torch.Tensor, Sequence[int]]],
+    *,
+    progress: ProgressCallback | None = None,
+    priority: Priority = "interactive",
+    threads: Executor | None = None,
+) -> Scored:
+    """Score ``maps`` (each (n, h, w), with its classes) of the images ``batch`` in one chunked
+    pass on the model's batcher, after ROAD's imputation (when asked) on ``threads``."""
+    started = time.perf_counter()
+    road: tuple[dict[str, Any], ...] = ()
+    if wanted.road:
+        road = await run_to_the_end(threads, lambda: road_item(batch, [m for m, _ in maps]))
+    item = ScoreItem(batch, tuple((cams, tuple(classes)) for cams, classes in maps), road)
+    scores, _ = await batcher.submit(
+        ("faithfulness", wanted),
+        item,
+        len(batch),
+        partial(run_scoring_pass, model, wanted),
+        batchable=False,
+        progress=progress,
+        priority=priority,
+        chunked=True,
+    )
+    return Scored(scores, time.perf_counter() - started)
+
+
+def attach(results: Sequence[ExplainResult], scored: Scored | None) -> None:
+    """Give every map of ``results`` its scores (maps in the order they were scored)."""
+    if scored is None:
+        return
+    for i, result in enumerate(results):
+        maps = [m for explanation in result.explanations for m in explanation.maps]
+        for output, per_image in zip(maps, scored.scores, strict=True):
+            output.faithfulness = per_image[i]

@@ -1,0 +1,237 @@
+"""The faithfulness stage: scores against a direct computation, forwards counted, budgets, ROAD."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.cam.faithfulness import gaussian_blur
+from app.errors import BadRequest, MalformedParameter, OverBudget
+from app.models.registry import ModelRegistry
+from app.pipeline.admission import SlotLimiter
+from app.pipeline.decoding import Upload
+from app.pipeline.explainer import Explainer, ExplainParams
+from app.pipeline.faithfulness import (
+    DEFAULT_STEPS,
+    MAX_STEPS,
+    METRICS,
+    ScoreItem,
+    Scoring,
+    road_item,
+    run_scoring_pass,
+)
+from app.pipeline.params import build_params
+from tests.conftest import image_bytes
+from tests.fixtures_models import fixture_access
+
+
+@pytest.fixture(scope="module")
+def registry(store: Path) -> ModelRegistry:
+    registry = ModelRegistry(store, torch.device("cpu"), "tiny", access=fixture_access(store))
+    registry.discover()
+    registry.load_all()
+    return registry
+
+
+def _explainer(registry: ModelRegistry, limit: int = 20_000) -> Explainer:
+    return Explainer(registry, SlotLimiter(max_running=1, max_waiting=4), 10**7, limit)
+
+
+def _uploads(*seeds: int) -> list[Upload]:
+    return [Upload(f"{seed}.png", image_bytes(seed=seed)) for seed in seeds]
+
+
+async def _explain(explainer: Explainer, params: ExplainParams, seeds=(1, 2), **kwargs):  # type: ignore[no-untyped-def]
+    try:
+        return await explainer.explain("tiny", _uploads(*seeds), params, **kwargs)
+    finally:
+        await explainer.close()
+
+
+class Forwards:
+    """The batch size of every forward of a model, counted by a hook."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.sizes: list[int] = []
+        self.handle = module.register_forward_pre_hook(self._seen)
+
+    def _seen(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self.sizes.append(len(args[0]))
+
+
+@pytest.fixture
+def forwards(registry: ModelRegistry) -> Iterator[Forwards]:
+    counted = Forwards(registry.get("tiny").module)
+    yield counted
+    counted.handle.remove()
+
+
+def _direct_auc(
+    model: torch.nn.Module, image: torch.Tensor, order: list[int], cls: int, steps: int, mode: str
+) -> float:
+    """The RISE curve's area by hand: pixel by pixel, one input at a time, trapezoids summed."""
+    _, h, w = image.shape
+    blurred = gaussian_blur(image[None])[0]
+    probs = []
+    for k in range(steps + 1):
+        count = round(k * h * w / steps)
+        x = image.clone() if mode == "deletion" else blurred.clone()
+        for pixel in order[:count]:
+            row, col = divmod(pixel, w)
+            x[:, row, col] = 0.0 if mode == "deletion" else image[:, row, col]
+        with torch.no_grad():
+            probs.append(float(torch.softmax(model(x[None]), dim=1)[0, cls]))
+    return sum((probs[k] + probs[k + 1]) / 2 / steps for k in range(steps))
+
+
+def test_the_scores_equal_a_direct_computation(registry: ModelRegistry) -> None:
+    model = registry.get("tiny")
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, 32, 32)
+    cams = torch.rand(2, 32, 32)  # distinct values: one order, no ties
+    classes = (2, 0)
+    item = ScoreItem(images, ((cams, classes),))
+    [[scores]] = run_scoring_pass(model, Scoring(("deletion", "insertion"), 4), [item])
+    for i, score in enumerate(scores):
+        order = sorted(range(32 * 32), key=lambda p: -float(cams[i].flatten()[p]))
+        for mode in ("deletion", "insertion"):
+            direct = _direct_auc(model.module, images[i], order, classes[i], 4, mode)
+            assert getattr(score, f"{mode}_auc") == pytest.approx(direct, abs=1e-5)
+        assert score.steps == 4 and score.road_morf is None
+
+
+def test_each_curve_is_one_forward_of_steps_plus_one(
+    registry: ModelRegistry, forwards: Forwards
+) -> None:
+    model = registry.get("tiny")
+    item = ScoreItem(torch.randn(2, 3, 32, 32), ((torch.rand(2, 8, 8), (0, 1)),))
+    run_scoring_pass(model, Scoring(("deletion", "insertion"), 5), [item])
+    assert forwards.sizes == [6, 6, 6, 6]  # 2 images x 2 curves, one forward each
+
+
+def test_an_explanation_runs_its_pass_then_two_curves_per_map_and_image(
+    registry: ModelRegistry, forwards: Forwards
+) -> None:
+    params = build_params(
+        {"method": "GradCAM", "output": "raw", "faithfulness": "deletion,insertion"}
+    )
+    answer = asyncio.run(_explain(_explainer(registry), params))
+    steps = DEFAULT_STEPS + 1
+    assert forwards.sizes == [2, steps, steps, steps, steps]  # 1 + 34 forwards' worth per image
+    for result in answer.results:
+        [explanation] = result.explanations
+        [map_] = explanation.maps
+        assert map_.faithfulness is not None
+        assert 0 <= map_.faithfulness.deletion_auc <= 1
+        assert 0 <= map_.faithfulness.insertion_auc <= 1
+        assert map_.faithfulness.steps == DEFAULT_STEPS
+    assert answer.timings.faithfulness_ms is not None
+
+
+def test_without_faithfulness_nothing_more_runs(
+    registry: ModelRegistry, forwards: Forwards
+) -> None:
+    answer = asyncio.run(_explain(_explainer(registry), ExplainParams(method="GradCAM")))
+    assert forwards.sizes == [2]
+    assert answer.results[0].explanations[0].maps[0].faithfulness is None
+    assert answer.timings.faithfulness_ms is None
+
+
+def test_every_map_of_every_method_is_scored(registry: ModelRegistry) -> None:
+    params = build_params(
+        {
+            "method": "GradCAM,ScoreCAM",
+            "output": "raw",
+            "target_layer": ["features.0", "features.2"],
+            "faithfulness": ["insertion"],
+            "faithfulness_steps": 2,
+        }
+    )
+    answer = asyncio.run(_explain(_explainer(registry), params))
+    for result in answer.results:
+        for explanation in result.explanations:
+            assert [m.layer for m in explanation.maps] == ["features.0", "features.2", "fused"]
+            for map_ in explanation.maps:
+                assert map_.faithfulness is not None
+                assert map_.faithfulness.insertion_auc is not None
+                assert map_.faithfulness.deletion_auc is None
+
+
+def test_the_forwards_count_toward_the_budget_with_the_methods(registry: ModelRegistry) -> None:
+    # ScoreCAM on the tiny model: 4 channels x 2 images = 8 masked forwards; the curves 2 x 2 x 5.
+    params = ExplainParams(
+        method="ScoreCAM", faithfulness=("deletion", "insertion"), faithfulness_steps=4
+    )
+    asyncio.run(_explain(_explainer(registry, limit=8 + 20), params))
+    with pytest.raises(OverBudget, match="CAMSERVE_MAX_CAM_FORWARDS") as refused:
+        asyncio.run(_explain(_explainer(registry, limit=8 + 19), params))
+    assert refused.value.details == {"forwards": 28, "limit": 27}
+
+
+def test_progress_counts_the_scoring_forwards(registry: ModelRegistry) -> None:
+    seen: list[tuple[int, int]] = []
+    params = ExplainParams(method="ScoreCAM", faithfulness=("deletion",), faithfulness_steps=3)
+    asyncio.run(_explain(_explainer(registry), params, progress=lambda d, t: seen.append((d, t))))
+    assert seen[-1] == (8 + 2 * 4, 8 + 2 * 4)  # the masked forwards, then the curves'
+
+
+def test_road_on_explain_is_refused_and_runs_in_a_job(registry: ModelRegistry) -> None:
+    params = ExplainParams(method="GradCAM", outputs=("raw",), faithfulness=("road",))
+    with pytest.raises(BadRequest, match="/jobs"):
+        asyncio.run(_explain(_explainer(registry), params))
+    answer = asyncio.run(_explain(_explainer(registry), params, seeds=(1,), job=True))
+    score = answer.results[0].explanations[0].maps[0].faithfulness
+    assert score is not None and score.deletion_auc is None and score.steps is None
+    assert 0 <= score.road_morf <= 1 and 0 <= score.road_lerf <= 1
+    assert score.road_percentiles == [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    again = asyncio.run(_explain(_explainer(registry), params, seeds=(1,), job=True))
+    assert again.results[0].explanations[0].maps[0].faithfulness == score  # seeded noise
+
+
+def test_road_runs_two_forwards_of_nine_per_map(
+    registry: ModelRegistry, forwards: Forwards
+) -> None:
+    model = registry.get("tiny")
+    images, cams = torch.randn(1, 3, 32, 32), torch.rand(1, 8, 8)
+    item = ScoreItem(images, ((cams, (1,)),), road_item(images, [cams]))
+    run_scoring_pass(model, Scoring(("road",)), [item])
+    assert forwards.sizes == [9, 9]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"faithfulness": "deletion,sufficiency"}, "deletion, insertion, road"),
+        ({"faithfulness": ["insertion", 3]}, "a string"),
+        ({"faithfulness_steps": MAX_STEPS + 1}, f"[1, {MAX_STEPS}]"),
+        ({"faithfulness_steps": 0}, f"[1, {MAX_STEPS}]"),
+        ({"faithfulness_steps": "16"}, "an integer"),
+    ],
+)
+def test_bad_faithfulness_is_a_400_naming_what_is_allowed(values: dict, message: str) -> None:
+    with pytest.raises(MalformedParameter) as refused:
+        build_params(values)
+    assert MalformedParameter.status_code == 400
+    assert message in refused.value.message
+
+
+def test_the_metrics_are_read_case_insensitively_without_repeats() -> None:
+    params = build_params({"faithfulness": ["Deletion", "insertion,deletion"]})
+    assert params.faithfulness == ("deletion", "insertion")
+    assert build_params({}).faithfulness == () and build_params({}).faithfulness_steps == 16
+    assert set(METRICS) == {"deletion", "insertion", "road"}
+
+
+def test_a_model_without_2d_image_inputs_is_refused_clearly() -> None:
+    from app.errors import InvalidParameter
+    from app.pipeline.faithfulness import check
+
+    wanted = Scoring(("deletion",), 4)
+    assert check(wanted, 2, 3, 0, 100, job=False) == 2 * 3 * 5
+    with pytest.raises(InvalidParameter, match="2-D image"):
+        check(wanted, 1, 1, 0, 100, job=False, image_input=False)
+    assert check(None, 1, 1, 0, 100, job=False, image_input=False) == 0
