@@ -203,11 +203,16 @@ def check_budget(
     forwards, channels, samples = count.total, count.channels, count.samples
     if forwards > limit:
         kind = "masked" if cls.masked_forwards else "noisy"
+        count_text = f"{images} image(s) x {channels} channels x {samples} sample(s)"
+        if options.get("aug_smooth"):
+            own = cls.masked_forwards or cls.noisy_forwards
+            kind = f"{kind} and augmented" if own else "augmented"
+            count_text = f"aug_smooth's 6 variants of {images} image(s), each explained"
         raise OverBudget(
-            f"{method} would run {forwards} {kind} forwards ({images} image(s) x {channels} "
-            f"channels x {samples} sample(s)); the limit is {limit} "
+            f"{method} would run {forwards} {kind} forwards ({count_text}); the limit is {limit} "
             "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
-            "layer with fewer channels, or use a gradient method such as GradCAM.",
+            "layer with fewer channels, drop aug_smooth, or use a gradient method such as "
+            "GradCAM.",
             details={"forwards": forwards, "limit": limit},
         )
 

@@ -52,7 +52,7 @@ _JSON_TYPES: dict[str, dict[str, Any]] = {
     "bool": {"type": "boolean"},
     "size": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
 }
-_KINDS: dict[type, Kind] = {str: "str", int: "int", float: "float", list: "ints"}
+_KINDS: dict[type, Kind] = {str: "str", int: "int", float: "float", bool: "bool", list: "ints"}
 #: The kinds that take several values (a repeated field, a comma list or a JSON list).
 MANY: tuple[Kind, ...] = ("strs", "ints")
 #: What a multipart form part holds for each kind, in the form's schema (its ints are text).
