@@ -56,7 +56,8 @@ def is_hierarchical(model: nn.Module) -> bool:
 
 def channels_last_layers(model: nn.Module) -> frozenset[str]:
     """The modules of a hierarchical transformer whose outputs are channels-last grids (or
-    windows of tokens inside them): its trunk and final norm; empty for any other model."""
+    windows of tokens inside them): its trunk and final norm but the patch embedding's
+    convolution; empty for any other model."""
     if _is_torchvision_swin(model):
         trunk: tuple[Any, ...] = (model.features, model.norm)
     elif _is_timm_channels_last(model):
@@ -64,7 +65,8 @@ def channels_last_layers(model: nn.Module) -> frozenset[str]:
         trunk = tuple(m for m in model.children() if m is not head)
     else:
         return frozenset()
-    inside = {id(m) for part in trunk for m in part.modules()}
+    # The patch embedding's convolution still writes (N, C, H, W); the layers after it do not.
+    inside = {id(m) for part in trunk for m in part.modules() if not isinstance(m, nn.Conv2d)}
     return frozenset(name for name, m in model.named_modules() if name and id(m) in inside)
 
 
