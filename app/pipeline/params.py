@@ -386,6 +386,9 @@ def _from_option(name: str) -> ExplainParameter:
         method + ("" if option.default is None else f" ({option.default})")
         for method, option in takers
     )
+    if first.type is bool:  # a switch, off unless sent: the methods' names say enough
+        others = [method for method in METHODS if method not in dict(takers)]
+        taken_by = "every method" + (f" but {', '.join(others)}" if others else "")
     return ExplainParameter(
         name,
         _KINDS[first.type],
