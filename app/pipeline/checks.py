@@ -131,6 +131,18 @@ def check_options(method: str, cls: type[_CAM], options: dict[str, Any]) -> dict
     return checked
 
 
+def check_flip(model: LoadedModel, per_method: Sequence[dict[str, Any]]) -> None:
+    """``aug_smooth`` averages over horizontally flipped inputs: refused for a model whose
+    manifest says a flip changes the class (``[cam] flip = false``)."""
+    if not model.spec.flip and any(options.get("aug_smooth") for options in per_method):
+        raise InvalidParameter(
+            f"aug_smooth averages the maps of horizontally flipped inputs, but model "
+            f"{model.spec.name!r} cannot be flipped: its manifest says a flip changes the class "
+            "([cam] flip = false). Drop aug_smooth (eigen_smooth smooths without flipping).",
+            details={"option": "aug_smooth", "model": model.spec.name},
+        )
+
+
 def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
     """The requested layers (deduplicated), or the model's defaults; unknown names refused."""
     if not layers:

@@ -609,6 +609,7 @@ class Explainer:
         )
         methods = checks.resolve_methods(model, params.method, own_layers)
         per_method = checks.split_options(methods, params.options)
+        checks.check_flip(model, per_method)
         for (_, cls), options in zip(methods, per_method, strict=True):
             if cls.reads_head and model.spec.fc_layer:
                 options.setdefault("fc_layer", model.spec.fc_layer)

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.cam import METHODS, MethodOption
 from app.errors import CamserveError
 from camserve.request import ExplainRequest
 from tests.conftest import files, image_bytes
-from tests.fixtures_models import write_tiny_vit
+from tests.fixtures_models import build_tiny, write_model, write_tiny_vit
 
 #: (method, option) for every public option every method declares.
 DECLARED = [
@@ -417,3 +418,33 @@ def test_a_smoothing_option_that_is_no_bool_is_a_400_everywhere(client: TestClie
     assert {message for _, message in answers.values()} == {
         "aug_smooth must be true or false, got 'maybe'."
     }, answers
+
+
+def test_aug_smooth_on_a_model_that_cannot_be_flipped_is_refused_everywhere(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    write_model(
+        tmp_path,
+        "tiny",
+        build_tiny(),
+        architecture="tests.fixtures_models:build_tiny",
+        num_classes=3,
+        input_size=32,
+        target_layers=["features"],
+        extra_cam="flip = false",
+    )
+    client = make_client(model_store=tmp_path, default_model="tiny")
+    answers = {
+        name: send(client, "GradCAM", "aug_smooth", True) for name, send in PROTOCOLS.items()
+    }
+    assert {status for status, _ in answers.values()} == {422}, answers
+    (message,) = {message for _, message in answers.values()}
+    assert message.startswith("aug_smooth averages the maps of horizontally flipped inputs, but")
+    assert "[cam] flip = false" in message
+    # eigen_smooth needs no flip.
+    assert send_ok(client, "eigen_smooth") == (200, {"eigen_smooth": True})
+
+
+def send_ok(client: TestClient, option: str) -> tuple[int, Any]:
+    return via_kserve(client, "GradCAM", option, True)
