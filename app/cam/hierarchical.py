@@ -79,7 +79,7 @@ def hierarchical_target(model: nn.Module) -> ViTTarget:
             "SwinTransformer, or a timm model with output_fmt 'NHWC'). Hook a stage yourself and "
             "pass reshape_transform=ChannelsLast() if its output is (N, H, W, C)."
         )
-    layer = model.norm
+    layer = getattr(model, "norm", None)
     if not isinstance(layer, nn.Module):
         raise ValueError(f"{type(model).__name__} has no final norm module to hook.")
     return ViTTarget(layer, _name_of(model, layer), ChannelsLast())

@@ -211,10 +211,9 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         )
     if spec.fc_layer is not None and spec.fc_layer not in layer_names:
         raise ManifestError(f"[cam] fc_layer {spec.fc_layer!r} is not a module of the model")
-    if not spec.target_layers and is_hierarchical(module):
-        target_layers: tuple[str, ...] = (hierarchical_target(module).layer_name,)
-    else:
-        target_layers = spec.target_layers or _default_layers(module, spec, candidates)
+    target_layers = (
+        spec.target_layers or _preset_layers(module) or _default_layers(module, spec, candidates)
+    )
     methods, allowed = applicable_methods(module, spec, target_layers)
     return LoadedModel(
         spec=spec,
@@ -251,6 +250,16 @@ def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             "that are NaN or infinite; the weights are broken (check the checkpoint)"
         )
     return shapes
+
+
+def _preset_layers(module: nn.Module) -> tuple[str, ...]:
+    """The target layer preset for a hierarchical transformer (Swin: its final norm), if any."""
+    if not is_hierarchical(module):
+        return ()
+    try:
+        return (hierarchical_target(module).layer_name,)
+    except ValueError:  # channels-last, but no final norm to hook: the generic search decides
+        return ()
 
 
 def _default_layers(

@@ -130,3 +130,21 @@ def test_legrad_says_it_does_not_apply_to_a_swin(swin: nn.Module, timm_swin: nn.
     for model in (swin, timm_swin):
         reason = LeGrad.unavailable_reason(model, "norm", SHAPE)
         assert reason is not None and "Vision Transformer" in reason
+
+
+def test_a_channels_last_model_without_a_final_norm_is_refused_clearly() -> None:
+    class Grid(nn.Module):
+        output_fmt = "NHWC"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Identity()
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.stem(x.permute(0, 2, 3, 1)).mean(dim=(1, 2)))
+
+    model = Grid()
+    assert is_hierarchical(model) and channels_last_layers(model) == {"stem"}
+    with pytest.raises(ValueError, match="no final norm"):
+        hierarchical_target(model)
