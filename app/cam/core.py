@@ -666,15 +666,16 @@ class _CAM:
     ) -> list[Tensor]:
         """``aug_smooth``: run the six variants of the recorded input as one batch (with only this
         extractor's hooks recording), explain them, flip back and average."""
+        batch = self._batch_size()  # the caller's forward was recorded
         inputs = self._input
-        refusal = flip_refusal(inputs)
-        if refusal is not None or inputs is None:
+        if inputs is None:
             raise ValueError(
-                refusal
-                or f"aug_smooth: {type(self).__name__} recorded no model input: run the forward "
-                "of the model with the extractor's hooks enabled before calling it."
+                f"aug_smooth: {type(self).__name__} recorded no model input (one tensor): run "
+                "the forward of the model with the extractor's hooks enabled before calling it."
             )
-        batch = self._batch_size()
+        refusal = flip_refusal(inputs)
+        if refusal is not None:
+            raise ValueError(refusal)
         if not self.class_agnostic and class_idx is not None:
             class_idx = self._class_tensor(class_idx, batch, inputs.device).repeat(AUG_VARIANTS)
         targets = calls.pop("targets")

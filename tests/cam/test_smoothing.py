@@ -253,3 +253,14 @@ def test_aug_smooth_refuses_maps_off_the_inputs_grid(tiny_net: nn.Module) -> Non
         assert extractor([1], scores, retain_graph=True)[0].shape == (1, 64)
         with pytest.raises(ValueError, match="aug_smooth flips the maps back"):
             extractor([1], scores, aug_smooth=True)
+
+
+def test_aug_smooth_needs_the_recorded_input(tiny_net: nn.Module) -> None:
+    with GradCAM(tiny_net, "feat", input_shape=(3, 16, 16), enable_hooks=False) as extractor:
+        extractor.enable_hooks()
+        with pytest.raises(RuntimeError, match="No activation recorded"):
+            extractor([1], None, aug_smooth=True)
+        scores = tiny_net(torch.randn(1, 3, 16, 16))
+        extractor._input = None  # a forward whose input was no tensor (a dict, say)
+        with pytest.raises(ValueError, match="aug_smooth: GradCAM recorded no model input"):
+            extractor([1], scores, aug_smooth=True)
