@@ -246,6 +246,8 @@ class _CAM:
     eigen_smoothable: ClassVar[bool] = True
     #: takes ``aug_smooth`` (every map method does, unless a class says otherwise)
     aug_smoothable: ClassVar[bool] = True
+    #: whether the call running now asked for ``eigen_smooth`` (read by ``_combine``)
+    _eigen_smooth: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -325,7 +327,6 @@ class _CAM:
         self._activations: list[Tensor | None] = [None] * len(resolved)
         self._input: Tensor | None = None
         self._work = Work()
-        self._eigen_smooth = False
         self._scope = getattr(_state, "scope", None)
         self._hooks_enabled = enable_hooks
         self._handles: list[Any] = []
@@ -546,19 +547,10 @@ class _CAM:
         retain_graph: bool,
         activations: list[Tensor],
     ) -> list[Tensor]:
-        """The raw maps (N, *S), one per layer: ReLU(sum_k w_k A_k) unless a method says else;
-        with ``eigen_smooth``, ReLU of the weighted activations' first principal component."""
+        """The raw maps (N, *S), one per layer: ReLU(sum_k w_k A_k) unless a method says else."""
         weights = self._get_weights(objective, scores, retain_graph, activations)
-        combine = self._principal if self._eigen_smooth else self._combine
         with torch.no_grad():
-            return [combine(w, a) for w, a in zip(weights, activations, strict=True)]
-
-    @staticmethod
-    def _principal(weights: Tensor, activation: Tensor) -> Tensor:
-        """``eigen_smooth``: the first principal component of X_k = w_k A_k (N, K, *S)."""
-        if weights.ndim == 2:
-            weights = weights.reshape(*weights.shape, *([1] * (activation.ndim - 2)))
-        return principal_map(weights.to(activation.dtype) * activation)
+            return [self._combine(w, a) for w, a in zip(weights, activations, strict=True)]
 
     def _transformed(self, tensor: Tensor) -> Tensor:
         return self.reshape_transform(tensor) if self.reshape_transform is not None else tensor
@@ -616,7 +608,22 @@ class _CAM:
                 pause=pause,
                 eigen_smooth=eigen_smooth,
             )
-        self._eigen_smooth = eigen_smooth
+        if eigen_smooth:
+            # ``_combine`` reads the switch; it is off again once the call is done.
+            self._eigen_smooth = True
+            try:
+                return self(
+                    class_idx,
+                    scores,
+                    normalized,
+                    retain_graph,
+                    targets=targets,
+                    progress=progress,
+                    should_stop=should_stop,
+                    pause=pause,
+                )
+            finally:
+                self._eigen_smooth = False
         extra = self.masked_forwards or self.noisy_forwards
         self._work = Work(progress, should_stop, pause if extra else None)
         self._work.check()
@@ -705,13 +712,16 @@ class _CAM:
                 smoothed.append(normalize_maps(mean) if normalized else mean)
         return smoothed
 
-    @staticmethod
-    def _combine(weights: Tensor, activation: Tensor) -> Tensor:
-        """ReLU of the weighted sum over channels: (N, K, *S) → (N, *S)."""
+    def _combine(self, weights: Tensor, activation: Tensor) -> Tensor:
+        """ReLU of the weighted sum over channels: (N, K, *S) → (N, *S); with ``eigen_smooth``,
+        ReLU of the first principal component of the weighted activations X_k = w_k A_k."""
         if weights.ndim == 2:
             spatial = activation.ndim - 2
             weights = weights.reshape(*weights.shape, *([1] * spatial))
-        return torch.relu((weights.to(activation.dtype) * activation).sum(dim=1))
+        weighted = weights.to(activation.dtype) * activation
+        if self._eigen_smooth:
+            return principal_map(weighted)
+        return torch.relu(weighted.sum(dim=1))
 
     # ----------------------------------------------------------------------------- fusion
     @classmethod

@@ -264,3 +264,15 @@ def test_aug_smooth_needs_the_recorded_input(tiny_net: nn.Module) -> None:
         extractor._input = None  # a forward whose input was no tensor (a dict, say)
         with pytest.raises(ValueError, match="aug_smooth: GradCAM recorded no model input"):
             extractor([1], scores, aug_smooth=True)
+
+
+def test_eigen_smooth_lasts_one_call(quadratic: nn.Module) -> None:
+    torch.manual_seed(9)
+    a = torch.randn(2, 4, 5, 6)
+    with GradCAM(quadratic, "feat", input_shape=(4, 5, 6)) as extractor:
+        scores = quadratic(a)
+        (plain,) = extractor([0, 1], scores, retain_graph=True)
+        (smooth,) = extractor([0, 1], scores, eigen_smooth=True, retain_graph=True)
+        (again,) = extractor([0, 1], scores)
+    assert not torch.allclose(plain, smooth) and torch.equal(plain, again)
+    assert extractor._eigen_smooth is False
