@@ -135,3 +135,50 @@ def write_tiny_vit(store: Path, name: str = "vit") -> None:
         input_size=32,
         target_layers=["encoder.layers.encoder_layer_1.ln_1"],
     )
+
+
+def build_tiny_swin(num_classes: int = 3) -> nn.Module:
+    """A two-stage torchvision SwinTransformer on 32x32 images: stages of 8x8 and 4x4 windows of
+    tokens kept as (N, H, W, C) grids."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=[2, 2],
+        num_classes=num_classes,
+    )
+
+
+def build_tiny_timm_swin(num_classes: int = 3) -> nn.Module:
+    """A two-stage timm Swin transformer on 32x32 images (random weights, no download)."""
+    import timm
+
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=32,
+        embed_dim=8,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        window_size=2,
+        num_classes=num_classes,
+    )
+
+
+def write_tiny_swin(store: Path, name: str = "swin", factory: str = "build_tiny_swin") -> None:
+    """A served tiny Swin (seeded) in ``store``/``name``, with no target layers given: the
+    service presets them."""
+    torch.manual_seed(0)
+    swin = globals()[factory]()
+    write_model(
+        store,
+        name,
+        swin,
+        architecture=f"tests.fixtures_models:{factory}",
+        num_classes=3,
+        input_size=32,
+        target_layers=[],
+    )

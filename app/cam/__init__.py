@@ -39,6 +39,7 @@ from app.cam.gradient import (
     SmoothGradCAMpp,
     XGradCAM,
 )
+from app.cam.hierarchical import ChannelsLast, hierarchical_target
 from app.cam.layers import locate_candidate_layer
 from app.cam.legrad import LeGrad
 from app.cam.localization import best_iou, energy_pointing_game, iou_sweep, mask_iou, pointing_game
@@ -95,6 +96,8 @@ def find_method(name: str) -> tuple[str, type[_CAM]]:
 
 __all__ = [
     "AblationCAM",
+    "ChannelsLast",
+    "hierarchical_target",
     "CAM",
     "EigenCAM",
     "EigenGradCAM",

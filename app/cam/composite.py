@@ -138,8 +138,11 @@ class RefineCAM(_Composite):
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
         pause: PauseCallback | None = None,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
     ) -> list[Tensor]:
-        """One fused map (N, *S) in a list: the product of the layers' normalised maps."""
+        """One fused map (N, *S) in a list: the product of the layers' normalised maps (each
+        smoothed as asked by the base method)."""
         maps = self.base(
             class_idx,
             scores,
@@ -149,6 +152,8 @@ class RefineCAM(_Composite):
             progress=progress,
             should_stop=should_stop,
             pause=pause,
+            eigen_smooth=eigen_smooth,
+            aug_smooth=aug_smooth,
         )
         size = max((tuple(m.shape[1:]) for m in maps), key=lambda s: math.prod(s))
         product = torch.stack([resize_maps(m.float(), size) for m in maps]).prod(dim=0)
@@ -244,6 +249,8 @@ class FinerCAM(_Composite):
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
         pause: PauseCallback | None = None,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
     ) -> list[Tensor]:
         """Maps of y_c - gamma * mean(y_refs); ``comparison_idx``: an int, a list shared by the
         batch, or one list per sample (``None``: the ``num_references`` nearest logits)."""
@@ -277,6 +284,8 @@ class FinerCAM(_Composite):
             progress=progress,
             should_stop=should_stop,
             pause=pause,
+            eigen_smooth=eigen_smooth,
+            aug_smooth=aug_smooth,
         )
 
 

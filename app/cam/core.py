@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.cam.layers import LayerSpec, locate_candidate_layer, resolve_layers
-from app.cam.options import MethodOption
+from app.cam.options import AUG_VARIANTS, SMOOTHING, SMOOTHING_NAMES, MethodOption
+from app.cam.smoothing import augmented, flip_refusal, merged, principal_map
 from app.cam.targets import Objective, Target, output_length, target_list
 
 logger = logging.getLogger(__name__)
@@ -291,9 +292,27 @@ class _CAM:
     options: ClassVar[tuple[MethodOption, ...]] = ()
     #: the names of ``options`` (derived)
     option_names: ClassVar[tuple[str, ...]] = ()
+    #: takes ``eigen_smooth``: its map is a sum over channels of weighted activations. Derived
+    #: (unless a class sets it): a method that computes its maps otherwise (its own ``_maps``)
+    #: has none
+    eigen_smoothable: ClassVar[bool] = True
+    #: takes ``aug_smooth`` (every map method does, unless a class says otherwise)
+    aug_smoothable: ClassVar[bool] = True
+    #: whether the call running now asked for ``eigen_smooth`` (read by ``_combine``)
+    _eigen_smooth: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "eigen_smoothable" not in cls.__dict__:
+            cls.eigen_smoothable = cls.eigen_smoothable and cls._maps is _CAM._maps
+        # The smoothing options are declared once (app.cam.options) and added to every method
+        # that takes them, after its own.
+        smoothing = {o.name for o in SMOOTHING}
+        takes = {"eigen_smooth": cls.eigen_smoothable, "aug_smooth": cls.aug_smoothable}
+        cls.options = (
+            *(o for o in cls.options if o.name not in smoothing),
+            *(o for o in SMOOTHING if takes[o.name]),
+        )
         cls.option_names = tuple(option.name for option in cls.options)
 
     @classmethod
@@ -309,14 +328,20 @@ class _CAM:
         output shapes (N, C, ...) of its target layers and its options: with
         ``masked_forwards`` one forward per image, channel and sample; with ``noisy_forwards``
         one forward and backward per image and sample; none otherwise. ``num_samples`` defaults
-        to the declared default."""
+        to the declared default. ``aug_smooth`` explains six variants of each image: six times
+        those forwards, plus the six variants' own (counted as one more channel)."""
+        variants = AUG_VARIANTS if options.get("aug_smooth") else 1
         if not (cls.masked_forwards or cls.noisy_forwards):
+            if variants > 1:
+                return ExtraForwards(images * variants, 1, 1)
             return ExtraForwards(0, 0, 0)
         declared = cls.option("num_samples")
         samples = int(options.get("num_samples", declared.default)) if declared else 1
         channels = 1
         if cls.masked_forwards:
             channels = sum(shape[1] if len(shape) >= 2 else 1 for shape in layer_shapes)
+        if variants > 1:
+            return ExtraForwards(images * variants, channels * samples + 1, 1)
         return ExtraForwards(images, channels, samples)
 
     def __init__(
@@ -377,8 +402,9 @@ class _CAM:
     def _register_hooks(self) -> None:
         for idx, module in enumerate(self._target_modules):
             self._handles.append(module.register_forward_hook(partial(self._record, idx)))
-        if self.uses_input:
-            self._handles.append(self.model.register_forward_pre_hook(self._record_input))
+        # Every method records the model's input: its own extra forwards (``uses_input``) and
+        # ``aug_smooth`` run on it.
+        self._handles.append(self.model.register_forward_pre_hook(self._record_input))
 
     def _in_scope(self) -> bool:
         """Whether the forward running on this thread is one of this extractor's scope (not
@@ -595,6 +621,8 @@ class _CAM:
         progress: ProgressCallback | None = None,
         should_stop: StopCheck | None = None,
         pause: PauseCallback | None = None,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
     ) -> list[Tensor]:
         """Class activation maps for ``class_idx`` (or ``targets``): one (N, *S) per target layer.
 
@@ -616,11 +644,49 @@ class _CAM:
                 runs (on this thread): other passes on the model may run there, each in a
                 ``hook_scope`` of its own, and leave the model as they found it. The forward
                 then resumes; the maps do not change.
+            eigen_smooth: keep the first principal component of the weighted activations
+                (``app.cam.smoothing``); not for methods without them (``eigen_smoothable``).
+            aug_smooth: the mean map over six variants of the recorded input (flip x input scale
+                0.9/1.0/1.1), run as one batch through the model (``app.cam.smoothing``).
         """
+        self._check_smoothing(eigen_smooth, aug_smooth)
+        if aug_smooth:
+            return self._aug_smoothed(
+                class_idx,
+                normalized,
+                targets=targets,
+                progress=progress,
+                should_stop=should_stop,
+                pause=pause,
+                eigen_smooth=eigen_smooth,
+            )
+        if eigen_smooth:
+            # ``_combine`` reads the switch; it is off again once the call is done.
+            self._eigen_smooth = True
+            try:
+                return self(
+                    class_idx,
+                    scores,
+                    normalized,
+                    retain_graph,
+                    targets=targets,
+                    progress=progress,
+                    should_stop=should_stop,
+                    pause=pause,
+                )
+            finally:
+                self._eigen_smooth = False
         asked = [(class_idx, targets)]
         return self._explain(asked, scores, normalized, retain_graph, progress, should_stop, pause)[
             0
         ]
+
+    @classmethod
+    def shares_classes_with(cls, options: Mapping[str, Any]) -> bool:
+        """Whether ``explain_classes`` shares its work between classes with these call options:
+        a smoothing switch makes it one call per class (``aug_smooth`` runs its six variants,
+        and a Score-CAM method its masked forwards, once per class)."""
+        return cls.shares_classes and not any(options.get(name) for name in SMOOTHING_NAMES)
 
     def explain_classes(
         self,
@@ -643,7 +709,7 @@ class _CAM:
         that cannot share (``shares_classes = False``), and one with a call of its own (the
         composites, which call their base), make one call per class."""
         asked = _class_list(classes)
-        if type(self).__call__ is not _CAM.__call__ or not self.shares_classes:
+        if type(self).__call__ is not _CAM.__call__ or not self.shares_classes_with(kwargs):
             # A method with a call of its own (composites) or extra forwards per call: one call
             # per class, each keeping the graph for the next.
             last = len(asked) - 1
@@ -657,6 +723,8 @@ class _CAM:
                 )
                 for i, c in enumerate(asked)
             ]
+        for name in SMOOTHING_NAMES:  # off (shares_classes_with): nothing to pass on
+            kwargs.pop(name, None)
         calls = {k: kwargs.pop(k, None) for k in ("progress", "should_stop", "pause")}
         if kwargs:
             raise TypeError(f"{type(self).__name__} takes no call options {sorted(kwargs)}.")
@@ -721,13 +789,86 @@ class _CAM:
             for i, objective in enumerate(objectives)
         ]
 
-    @staticmethod
-    def _combine(weights: Tensor, activation: Tensor) -> Tensor:
-        """ReLU of the weighted sum over channels: (N, K, *S) → (N, *S)."""
+    # ----------------------------------------------------------------------------- smoothing
+    def _check_smoothing(self, eigen_smooth: object, aug_smooth: object) -> None:
+        for name, value, takes in (
+            ("eigen_smooth", eigen_smooth, self.eigen_smoothable),
+            ("aug_smooth", aug_smooth, self.aug_smoothable),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}.")
+            if value and not takes:
+                raise ValueError(
+                    f"{type(self).__name__} does not take {name}: "
+                    + (
+                        "its map is no sum of weighted activations."
+                        if name == "eigen_smooth"
+                        else "it cannot explain flipped variants."
+                    )
+                )
+
+    def _recorded_state(self) -> dict[str, Any]:
+        """What the hooks recorded from the caller's forward, to put back after ``aug_smooth``'s
+        own forward (a method that records more extends it)."""
+        return {"_activations": list(self._activations), "_input": self._input}
+
+    def _aug_smoothed(
+        self,
+        class_idx: ClassIndex | None,
+        normalized: bool,
+        **calls: Any,
+    ) -> list[Tensor]:
+        """``aug_smooth``: run the six variants of the recorded input as one batch (with only this
+        extractor's hooks recording), explain them, flip back and average."""
+        batch = self._batch_size()  # the caller's forward was recorded
+        inputs = self._input
+        if inputs is None:
+            raise ValueError(
+                f"aug_smooth: {type(self).__name__} recorded no model input (one tensor): run "
+                "the forward of the model with the extractor's hooks enabled before calling it."
+            )
+        refusal = flip_refusal(inputs)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if not self.class_agnostic and class_idx is not None:
+            class_idx = self._class_tensor(class_idx, batch, inputs.device).repeat(AUG_VARIANTS)
+        targets = calls.pop("targets")
+        if targets is not None:
+            targets = target_list(targets, batch) * AUG_VARIANTS
+        saved = self._recorded_state()
+        self.reset_hooks()
+        try:
+            # A fresh leaf outside inference mode, so that the variants' forward can be recorded.
+            variants = augmented(inputs.detach().clone())
+            with (
+                torch.enable_grad() if self.requires_grad else torch.no_grad(),
+                hooks_only_for(self),
+            ):
+                scores = self.model(variants)
+                maps = self(class_idx, scores, normalized, targets=targets, **calls)
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+        smoothed = []
+        with torch.no_grad():
+            for cam in maps:
+                refusal = flip_refusal(inputs, cam.ndim)
+                if refusal is not None:
+                    raise ValueError(refusal)
+                mean = merged(cam, batch)
+                smoothed.append(normalize_maps(mean) if normalized else mean)
+        return smoothed
+
+    def _combine(self, weights: Tensor, activation: Tensor) -> Tensor:
+        """ReLU of the weighted sum over channels: (N, K, *S) → (N, *S); with ``eigen_smooth``,
+        ReLU of the first principal component of the weighted activations X_k = w_k A_k."""
         if weights.ndim == 2:
             spatial = activation.ndim - 2
             weights = weights.reshape(*weights.shape, *([1] * spatial))
-        return torch.relu((weights.to(activation.dtype) * activation).sum(dim=1))
+        weighted = weights.to(activation.dtype) * activation
+        if self._eigen_smooth:
+            return principal_map(weighted)
+        return torch.relu(weighted.sum(dim=1))
 
     # ----------------------------------------------------------------------------- fusion
     @classmethod

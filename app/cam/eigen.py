@@ -15,25 +15,16 @@ from torch import Tensor
 
 from app.cam.core import _CAM
 from app.cam.gradient import _GradientCAM
+from app.cam.smoothing import first_component
 from app.cam.targets import Objective
 
 
-def first_component(features: Tensor) -> Tensor:
-    """v1 (N, K) of each sample's centred (positions x K) matrix, signed so that the projection
-    correlates positively with the channel sum (a zero correlation keeps the SVD's sign)."""
-    matrix = features.flatten(2).transpose(1, 2).double()  # (N, P, K)
-    centred = matrix - matrix.mean(dim=1, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    v1 = vh[:, 0, :]  # (N, K)
-    projection = torch.einsum("npk,nk->np", centred, v1)
-    total = matrix.sum(dim=2)
-    agreement = (projection * (total - total.mean(dim=1, keepdim=True))).sum(dim=1)
-    sign = torch.where(agreement < 0, -1.0, 1.0).to(v1.dtype)
-    return (v1 * sign[:, None]).to(features.dtype)
-
-
 class _EigenMap(_CAM):
-    """Shared step: ReLU of the projection minus its spatial mean, i.e. of the centred data."""
+    """Shared step: ReLU of the projection minus its spatial mean, i.e. of the centred data.
+
+    Their map already is a first principal component, so they do not take ``eigen_smooth``."""
+
+    eigen_smoothable = False
 
     @staticmethod
     def _combine(weights: Tensor, activation: Tensor) -> Tensor:

@@ -137,6 +137,9 @@ class LeGrad(_CAM):
         super().reset_hooks()
         self._attentions = [None] * len(self._attention_modules)
 
+    def _recorded_state(self) -> dict[str, Any]:
+        return {**super()._recorded_state(), "_attentions": list(self._attentions)}
+
     def _attend(
         self,
         idx: int,

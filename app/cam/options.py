@@ -20,7 +20,7 @@ class MethodOption:
     """One option of a CAM method."""
 
     name: str
-    type: type  # int, float, str, or list (of ints)
+    type: type  # int, float, str, bool, or list (of ints)
     default: Any
     help: str
     low: float | None = None
@@ -35,6 +35,10 @@ class MethodOption:
         ``ValueError`` (``TypeError`` for a wrong type) that names the option."""
         if value is None and self.default is None:
             return None
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise TypeError(f"{self.name} must be true or false, got {value!r}.")
+            return value
         if self.type is list:
             items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
             if not isinstance(items, list | tuple) or any(
@@ -69,9 +73,13 @@ class MethodOption:
         """Plain data for an API: name, type, default, bounds, help."""
         return {
             "name": self.name,
-            "type": {int: "integer", float: "number", str: "string", list: "integer list"}[
-                self.type
-            ],
+            "type": {
+                int: "integer",
+                float: "number",
+                str: "string",
+                bool: "boolean",
+                list: "integer list",
+            }[self.type],
             "default": self.default,
             "minimum": self.low,
             "maximum": self.high,
@@ -116,3 +124,26 @@ COMPARISON_IDX = MethodOption(
     low=0,
     at="call",
 )
+
+EIGEN_SMOOTH = MethodOption(
+    "eigen_smooth",
+    bool,
+    False,
+    "replace the map by the first principal component of the weighted activations (one SVD "
+    "per image and layer: denoises, costs no forward)",
+    at="call",
+)
+AUG_SMOOTH = MethodOption(
+    "aug_smooth",
+    bool,
+    False,
+    "mean map over a horizontal flip x input scale 0.9/1.0/1.1: six variants in one batch, "
+    "so six times the forwards (and backwards) of the method",
+    at="call",
+)
+#: The options every map method takes, declared here once and added by ``_CAM`` to each.
+SMOOTHING: tuple[MethodOption, ...] = (EIGEN_SMOOTH, AUG_SMOOTH)
+SMOOTHING_NAMES: tuple[str, ...] = tuple(option.name for option in SMOOTHING)
+#: How many variants ``aug_smooth`` runs: flip (no, yes) x input scale (0.9, 1.0, 1.1).
+AUG_SCALES: tuple[float, ...] = (0.9, 1.0, 1.1)
+AUG_VARIANTS = 2 * len(AUG_SCALES)

@@ -13,6 +13,7 @@ the patch tokens out as a grid (N, dim, H, W).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,12 @@ class TokensToGrid:
 
 @dataclass(frozen=True)
 class ViTTarget:
-    """The layer to hook on a ViT and the transform that makes its tokens a grid."""
+    """The layer to hook on a ViT (or a hierarchical transformer, ``app.cam.hierarchical``) and
+    the transform that makes its tokens a (N, C, H, W) grid."""
 
     layer: nn.Module
     layer_name: str
-    reshape_transform: TokensToGrid
+    reshape_transform: Callable[[Tensor], Tensor]
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

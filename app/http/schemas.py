@@ -125,8 +125,8 @@ class MethodOptionInfo(BaseModel):
     """One option of a method, as the method declares it (``app.cam.options``)."""
 
     name: str
-    type: Literal["integer", "number", "string", "integer list"]
-    default: int | float | str | None = Field(description="the method's default")
+    type: Literal["integer", "number", "string", "boolean", "integer list"]
+    default: bool | int | float | str | None = Field(description="the method's default")
     minimum: float | None = Field(description="lowest value accepted")
     maximum: float | None = Field(description="highest value accepted")
     help: str

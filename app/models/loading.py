@@ -26,6 +26,7 @@ from app.cam import (
     find_method,
     locate_candidate_layer,
 )
+from app.cam.hierarchical import channels_last_layers, hierarchical_target, is_hierarchical
 from app.cam.layers import trace_forward
 from app.models.access import factory_defined_in
 from app.models.manifest import TIMM_PREFIX, ManifestError, ModelSpec
@@ -54,6 +55,9 @@ class LoadedModel:
     """Output shape of every submodule for one warm-up image, e.g. (1, 256, 16, 16)."""
     allowed_methods: frozenset[str] = frozenset()
     """Methods the manifest permits (all by default), whatever the target layer."""
+    channels_last: frozenset[str] = frozenset()
+    """Modules whose outputs are (N, H, W, C) grids (Swin, ``app.cam.hierarchical``); their
+    ``layer_shapes`` are given as the extractors see them, (N, C, H, W)."""
     lock: threading.RLock = field(default_factory=threading.RLock)
     """Held for every pass: extractors hook the shared module, so passes of two threads must not
     overlap. Reentrant: a short pass may run between two chunks of a long one, on its thread."""
@@ -185,7 +189,13 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     if len(labels) != spec.num_classes:
         raise ManifestError(f"{len(labels)} labels but num_classes is {spec.num_classes}")
 
-    shapes = _warm_up(module, spec)
+    channels_last = channels_last_layers(module)
+    shapes = {
+        name: (shape[0], shape[3], shape[1], shape[2])
+        if name in channels_last and len(shape) == 4
+        else shape
+        for name, shape in _warm_up(module, spec).items()
+    }
     layer_names = frozenset(name for name, _ in module.named_modules() if name)
     candidates = tuple(
         name
@@ -201,7 +211,9 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         )
     if spec.fc_layer is not None and spec.fc_layer not in layer_names:
         raise ManifestError(f"[cam] fc_layer {spec.fc_layer!r} is not a module of the model")
-    target_layers = spec.target_layers or _default_layers(module, spec, candidates)
+    target_layers = (
+        spec.target_layers or _preset_layers(module) or _default_layers(module, spec, candidates)
+    )
     methods, allowed = applicable_methods(module, spec, target_layers)
     return LoadedModel(
         spec=spec,
@@ -214,6 +226,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         methods=methods,
         allowed_methods=allowed,
         layer_shapes=shapes,
+        channels_last=channels_last,
     )
 
 
@@ -237,6 +250,16 @@ def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             "that are NaN or infinite; the weights are broken (check the checkpoint)"
         )
     return shapes
+
+
+def _preset_layers(module: nn.Module) -> tuple[str, ...]:
+    """The target layer preset for a hierarchical transformer (Swin: its final norm), if any."""
+    if not is_hierarchical(module):
+        return ()
+    try:
+        return (hierarchical_target(module).layer_name,)
+    except ValueError:  # channels-last, but no final norm to hook: the generic search decides
+        return ()
 
 
 def _default_layers(

@@ -90,6 +90,9 @@ class ModelSpec:
     interpolation: Interpolation = "bilinear"
     pretrained: bool = False
     """timm only: the weights come from timm's pretrained checkpoint (downloaded once)."""
+    flip: bool = True
+    """Whether a horizontal flip of an input keeps its class, so that ``aug_smooth`` may
+    average over flipped variants (false for arrows, text, left/right classes)."""
 
     @property
     def weights_path(self) -> Path | None:
@@ -265,6 +268,7 @@ class CamTable(_Table):
     fc_layer: _Name | None = None
     default_method: _Name = "GradCAM"
     allowed_methods: list[_Name] | None = Field(None, min_length=1, max_length=MAX_LIST_ITEMS)
+    flip: bool = True
 
 
 class Manifest(_Table):
@@ -452,4 +456,5 @@ def _spec(
         version=version,
         interpolation=pre.interpolation,
         pretrained=model.pretrained,
+        flip=cam.flip,
     )

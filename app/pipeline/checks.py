@@ -131,6 +131,18 @@ def check_options(method: str, cls: type[_CAM], options: dict[str, Any]) -> dict
     return checked
 
 
+def check_flip(model: LoadedModel, per_method: Sequence[dict[str, Any]]) -> None:
+    """``aug_smooth`` averages over horizontally flipped inputs: refused for a model whose
+    manifest says a flip changes the class (``[cam] flip = false``)."""
+    if not model.spec.flip and any(options.get("aug_smooth") for options in per_method):
+        raise InvalidParameter(
+            f"aug_smooth averages the maps of horizontally flipped inputs, but model "
+            f"{model.spec.name!r} cannot be flipped: its manifest says a flip changes the class "
+            "([cam] flip = false). Drop aug_smooth (eigen_smooth smooths without flipping).",
+            details={"option": "aug_smooth", "model": model.spec.name},
+        )
+
+
 def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
     """The requested layers (deduplicated), or the model's defaults; unknown names refused."""
     if not layers:
@@ -193,7 +205,8 @@ def extra_forwards(
     ``classes`` classes per image (a method that does not share its extra forwards between
     classes runs them once per class: they count as that many more images)."""
     shapes = [model.layer_shapes.get(layer, ()) for layer in layers]
-    return cls.extra_forwards(shapes, options, images * (1 if cls.shares_classes else classes))
+    shared = cls.shares_classes_with(options)
+    return cls.extra_forwards(shapes, options, images * (1 if shared else classes))
 
 
 def check_budget(
@@ -211,11 +224,16 @@ def check_budget(
     forwards, channels, samples = count.total, count.channels, count.samples
     if forwards > limit:
         kind = "masked" if cls.masked_forwards else "noisy"
+        count_text = f"{count.images} image(s) x {channels} channels x {samples} sample(s)"
+        if options.get("aug_smooth"):
+            own = cls.masked_forwards or cls.noisy_forwards
+            kind = f"{kind} and augmented" if own else "augmented"
+            count_text = f"aug_smooth's 6 variants of {images} image(s), each explained"
         raise OverBudget(
-            f"{method} would run {forwards} {kind} forwards ({count.images} image(s) x {channels} "
-            f"channels x {samples} sample(s)); the limit is {limit} "
+            f"{method} would run {forwards} {kind} forwards ({count_text}); the limit is {limit} "
             "(CAMSERVE_MAX_CAM_FORWARDS). Send fewer images, lower num_samples, pick a "
-            "layer with fewer channels, or use a gradient method such as GradCAM.",
+            "layer with fewer channels, drop aug_smooth, or use a gradient method such as "
+            "GradCAM.",
             details={"forwards": forwards, "limit": limit},
         )
 

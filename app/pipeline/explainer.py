@@ -683,7 +683,7 @@ class Explainer:
             stages,
             sum(
                 plan.cls.extra_forwards(shapes, dict(plan.options), images).total
-                * (1 if plan.cls.shares_classes else classes)
+                * (1 if plan.cls.shares_classes_with(dict(plan.options)) else classes)
                 for plan in plans
             ),
             version=model.spec.version,
@@ -720,6 +720,7 @@ class Explainer:
         )
         methods = checks.resolve_methods(model, params.method, own_layers)
         per_method = checks.split_options(methods, params.options)
+        checks.check_flip(model, per_method)
         for (_, cls), options in zip(methods, per_method, strict=True):
             if cls.reads_head and model.spec.fc_layer:
                 options.setdefault("fc_layer", model.spec.fc_layer)

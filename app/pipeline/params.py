@@ -54,7 +54,7 @@ _JSON_TYPES: dict[str, dict[str, Any]] = {
     "bool": {"type": "boolean"},
     "size": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
 }
-_KINDS: dict[type, Kind] = {str: "str", int: "int", float: "float", list: "ints"}
+_KINDS: dict[type, Kind] = {str: "str", int: "int", float: "float", bool: "bool", list: "ints"}
 #: The kinds that take several values (a repeated field, a comma list or a JSON list).
 MANY: tuple[Kind, ...] = ("strs", "ints")
 #: What a multipart form part holds for each kind, in the form's schema (its ints are text).
@@ -448,6 +448,9 @@ def _from_option(name: str) -> ExplainParameter:
         method + ("" if option.default is None else f" ({option.default})")
         for method, option in takers
     )
+    if first.type is bool:  # a switch, off unless sent: the methods' names say enough
+        others = [method for method in METHODS if method not in dict(takers)]
+        taken_by = "every method" + (f" but {', '.join(others)}" if others else "")
     return ExplainParameter(
         name,
         _KINDS[first.type],

@@ -21,6 +21,7 @@ import torch
 
 from app.cam import normalize_maps
 from app.cam.core import _CAM, counting_forwards, hook_scope
+from app.cam.hierarchical import layout_transform
 from app.errors import MethodNotApplicable, ModelError, OutOfMemory
 from app.models.device import release_cached_memory, synchronize
 from app.models.loading import LoadedModel
@@ -193,11 +194,15 @@ def run_cam_pass(
 def _extractor(model: LoadedModel, plan: CamPlan) -> Any:
     at_call = {o.name for o in plan.cls.options if o.at == "call"}
     try:
+        # A Swin's (N, H, W, C) layers are read through a transform (app.cam.hierarchical).
+        transform = layout_transform(model.channels_last, plan.layers)
+        layout = {} if transform is None else {"reshape_transform": transform}
         # Layers go positionally: composite methods name them layers/layer/blocks.
         return plan.cls(
             model.module,
             list(plan.layers),
             input_shape=model.spec.input_shape,
+            **layout,
             **{k: v for k, v in plan.options if k not in at_call},
         )
     except ValueError as error:

@@ -459,6 +459,23 @@ def test_fast_and_slow_methods_together(shown: Watched) -> None:
         image.quantize(256, method=Image.Quantize.MEDIANCUT).save(ROOT / target, optimize=True)
 
 
+def test_a_smoothing_switch_goes_to_the_methods_that_take_it(shown: Watched) -> None:
+    """The switches are the server's boolean options; eigen_smooth with EigenCAM in the same
+    request goes to GradCAM only (EigenCAM does not take it), so nothing is refused."""
+    page = shown.page
+    names = page.eval_on_selector_all("#switches input", "els => els.map(e => e.value)")
+    assert names == ["eigen_smooth", "aug_smooth"]
+    assert "principal component" in page.inner_text("#switches")
+    explain(page, EXAMPLES / "star.png", "GradCAM", "EigenCAM", cards=2)
+    plain, eigen = picture(page, "GradCAM"), picture(page, "EigenCAM")
+    page.check("#switches input[value=eigen_smooth]")
+    explain(page, EXAMPLES / "star.png", "GradCAM", "EigenCAM", cards=2)
+    assert picture(page, "GradCAM") != plain  # smoothed
+    assert picture(page, "EigenCAM") == eigen  # not sent to EigenCAM
+    assert posts(shown) == ["explain", "explain"]
+    assert shown.errors == [] and failures(shown) == []
+
+
 def test_download_gives_a_png(shown: Watched) -> None:
     page = shown.page
     explain(page, EXAMPLES / "star.png", "GradCAM")

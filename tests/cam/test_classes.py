@@ -185,3 +185,24 @@ def test_counting_forwards_counts_this_scope_and_the_tails() -> None:
             extractor([0], _forward(extractor, model, x))
         # The hooked forward, then 4 channels in batches of 2 through the model's tail.
         assert count.calls == 1 + 1 + 2
+
+
+@pytest.mark.parametrize("name", ["GradCAM", "ScoreCAM"])
+@pytest.mark.parametrize("smoothing", ["eigen_smooth", "aug_smooth"])
+def test_smoothed_classes_equal_smoothed_single_class_calls(name: str, smoothing: str) -> None:
+    # A smoothing switch makes explain_classes one call per class, with the switch on each.
+    model = _model()
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with _extractor(name, model) as extractor:
+        scores = _forward(extractor, model, x)
+        together = extractor.explain_classes([2, [0, 1]], scores, **{smoothing: True})
+    with _extractor(name, model) as extractor:
+        alone = []
+        for classes in ([2, 2], [0, 1]):
+            scores = _forward(extractor, model, x)
+            alone.append(extractor(classes, scores, **{smoothing: True}))
+    assert not METHODS[name].shares_classes_with({smoothing: True})
+    assert METHODS[name].shares_classes_with({smoothing: False})
+    for got, want in zip(together, alone, strict=True):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -75,3 +75,53 @@ def test_a_pass_run_in_every_pause_on_the_gpu_leaves_both_answers_as_if_alone(ti
     torch.testing.assert_close(hosted, alone, rtol=1e-5, atol=1e-5)
     for maps in seen:
         torch.testing.assert_close(maps, guest_alone, rtol=1e-5, atol=1e-5)
+
+
+#: Both smoothing options where the method takes them (aug_smooth: every method).
+SMOOTHING = {
+    name: {o: True for o in ("eigen_smooth", "aug_smooth") if o in METHODS[name].option_names}
+    for name in METHODS
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_the_smoothing_options_run_on_the_gpu_and_match_the_cpu(tiny_net, name):
+    torch.manual_seed(0)
+    if name == "LeGrad":
+        net, shape = build_tiny_vit().eval(), (3, 32, 32)
+    else:
+        net, shape = tiny_net, (3, 16, 16)
+    layers = LAYERS.get(name, ["feat"])
+    x = torch.randn(2, *shape)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = net.to(device)
+        with METHODS[name](model, layers, input_shape=shape, **OPTIONS.get(name, {})) as ext:
+            context = torch.enable_grad() if ext.requires_grad else torch.inference_mode()
+            with context:
+                scores = model(x.to(device))
+            maps = ext([0, 2], scores, **SMOOTHING[name])[0]
+        assert maps.device.type == device and maps.shape[0] == 2
+        results[device] = maps
+    if name not in ("SmoothGradCAMpp", "SSCAM"):  # their noise comes from per-device generators
+        torch.testing.assert_close(results["cuda"].cpu(), results["cpu"], rtol=1e-3, atol=1e-3)
+
+
+def test_gradcam_on_a_swin_runs_on_the_gpu_and_matches_the_cpu():
+    from app.cam import GradCAM, hierarchical_target
+    from tests.fixtures_models import build_tiny_timm_swin
+
+    torch.manual_seed(0)
+    net, shape = build_tiny_timm_swin().eval(), (3, 32, 32)
+    x = torch.randn(2, *shape)
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = net.to(device)
+        target = hierarchical_target(model)
+        with GradCAM(
+            model, target.layer, input_shape=shape, reshape_transform=target.reshape_transform
+        ) as ext:
+            maps = ext([0, 2], model(x.to(device)), aug_smooth=True, eigen_smooth=True)[0]
+        assert maps.device.type == device and maps.shape == (2, 4, 4)
+        results[device] = maps
+    torch.testing.assert_close(results["cuda"].cpu(), results["cpu"], rtol=1e-3, atol=1e-3)

@@ -7,15 +7,18 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.cam import METHODS, MethodOption
 from app.errors import CamserveError
 from camserve.request import ExplainRequest
 from tests.conftest import files, image_bytes
+from tests.fixtures_models import build_tiny, write_model, write_tiny_vit
 
 #: (method, option) for every public option every method declares.
 DECLARED = [
@@ -26,10 +29,16 @@ DECLARED = [
 ]
 #: Sent with every request, so that a comparison class (FinerCAM) differs from the target.
 CLASS_IDX = 1
+#: The target layers a method needs on the tiny model (RefineCAM multiplies several layers' maps).
+LAYERS: dict[str, list[str]] = {"RefineCAM": ["features.1", "features.3"]}
+#: The model of a method that does not apply to the tiny one (served by ``own_client``).
+MODELS: dict[str, str] = {"LeGrad": "vit"}
 
 
 def valid_value(option: MethodOption) -> Any:
     """A value within the declared bounds, cheap to run (the low end for counts)."""
+    if option.type is bool:
+        return not option.default
     if option.type is list:
         return [int(option.low or 0)]
     if option.type is float:
@@ -47,6 +56,8 @@ def out_of_bounds(option: MethodOption) -> Any:
 
 
 def _form_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
@@ -54,8 +65,13 @@ def _b64() -> str:
     return base64.b64encode(image_bytes(seed=5)).decode()
 
 
+def _text_fields(method: str) -> dict[str, Any]:
+    return {"target_layer": LAYERS[method]} if method in LAYERS else {}
+
+
 def via_form(client: TestClient, method: str, name: str, value: Any) -> tuple[int, Any]:
     data = {"method": method, "class_idx": str(CLASS_IDX), "output": "raw", name: _form_text(value)}
+    data.update(_text_fields(method))
     response = client.post("/explain", files=files(image_bytes(seed=5)), data=data)
     body = response.json()
     return response.status_code, body["options"] if response.is_success else body["error"][
@@ -65,6 +81,7 @@ def via_form(client: TestClient, method: str, name: str, value: Any) -> tuple[in
 
 def via_jobs(client: TestClient, method: str, name: str, value: Any) -> tuple[int, Any]:
     data = {"method": method, "class_idx": str(CLASS_IDX), "output": "raw", name: _form_text(value)}
+    data.update(_text_fields(method))
     response = client.post("/jobs", files=files(image_bytes(seed=5)), data=data)
     if not response.is_success:
         return response.status_code, response.json()["error"]["message"]
@@ -86,8 +103,10 @@ def via_kserve(client: TestClient, method: str, name: str, value: Any) -> tuple[
         "class_idx": CLASS_IDX,
         "output": "raw",
         name: value,
+        **_text_fields(method),
     }
-    response = client.post("/v1/models/tiny:explain", json={"instances": [instance]})
+    model = MODELS.get(method, "tiny")
+    response = client.post(f"/v1/models/{model}:explain", json={"instances": [instance]})
     body = response.json()
     if not response.is_success:
         return response.status_code, body["error"]
@@ -98,9 +117,14 @@ def via_oip(client: TestClient, method: str, name: str, value: Any) -> tuple[int
     body = {
         "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [_b64()]}],
         "outputs": [{"name": "cam"}],
-        "parameters": {"method": method, "class_idx": CLASS_IDX, name: value},
+        "parameters": {
+            "method": method,
+            "class_idx": CLASS_IDX,
+            name: value,
+            **{k: ",".join(v) for k, v in _text_fields(method).items()},
+        },
     }
-    response = client.post("/v2/models/tiny/infer", json=body)
+    response = client.post(f"/v2/models/{MODELS.get(method, 'tiny')}/infer", json=body)
     answer = response.json()
     if not response.is_success:
         return response.status_code, answer["error"]
@@ -123,13 +147,28 @@ def test_every_method_with_options_is_covered() -> None:
     covered = {param.values[0] for param in DECLARED}
     assert covered == {m for m, c in METHODS.items() if any(o.public for o in c.options)}
     assert {"gamma", "num_references", "comparison_idx"} <= {p.values[1].name for p in DECLARED}
+    # The smoothing options, declared once, reach every method that takes them.
+    smoothing = {(p.values[0], p.values[1].name) for p in DECLARED}
+    assert {(m, "aug_smooth") for m in METHODS} <= smoothing
+    assert ("GradCAM", "eigen_smooth") in smoothing and (
+        "EigenCAM",
+        "eigen_smooth",
+    ) not in smoothing
+
+
+@pytest.fixture
+def own_client(make_client: Callable[..., TestClient], tmp_path: Path) -> TestClient:
+    """A client whose default model is a tiny ViT (for the methods of ``MODELS``)."""
+    write_tiny_vit(tmp_path)
+    return make_client(model_store=tmp_path, default_model="vit")
 
 
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))
 @pytest.mark.parametrize(("method", "option"), DECLARED)
 def test_a_valid_value_reaches_the_engine(
-    client: TestClient, protocol: str, method: str, option: MethodOption
+    request: pytest.FixtureRequest, protocol: str, method: str, option: MethodOption
 ) -> None:
+    client = request.getfixturevalue("own_client" if method in MODELS else "client")
     value = valid_value(option)
     assert value != option.default  # the answer reports what was sent, not a default
     status, options = PROTOCOLS[protocol](client, method, option.name, value)
@@ -137,7 +176,15 @@ def test_a_valid_value_reaches_the_engine(
     assert options == {option.name: value}
 
 
-@pytest.mark.parametrize(("method", "option"), DECLARED)
+#: The options with bounds (a bool has none: see the test of a wrong value below).
+BOUNDED = [
+    param
+    for param in DECLARED
+    if param.values[1].type is not bool and param.values[0] not in MODELS
+]
+
+
+@pytest.mark.parametrize(("method", "option"), BOUNDED)
 def test_a_value_out_of_bounds_gets_one_message_everywhere(
     client: TestClient, method: str, option: MethodOption
 ) -> None:
@@ -352,3 +399,52 @@ def test_predict_refuses_an_unknown_or_repeated_field_of_its_form(client: TestCl
     )
     ok = client.post("/predict", files=files(image_bytes(seed=5)), data={"top_k": "2"})
     assert ok.status_code == 200 and len(ok.json()["results"][0]["predictions"]) == 2
+
+
+def test_eigen_smooth_on_a_method_without_it_is_refused_everywhere(client: TestClient) -> None:
+    # EigenCAM's map already is a first principal component (every method takes aug_smooth).
+    answers = {
+        name: send(client, "EigenCAM", "eigen_smooth", True) for name, send in PROTOCOLS.items()
+    }
+    assert {status for status, _ in answers.values()} == {422}, answers
+    (message,) = {message for _, message in answers.values()}
+    assert message.startswith("EigenCAM does not take the option 'eigen_smooth'; CAM, GradCAM")
+
+
+def test_a_smoothing_option_that_is_no_bool_is_a_400_everywhere(client: TestClient) -> None:
+    fields = {"method": "GradCAM", "aug_smooth": "maybe"}
+    answers = {**send_text(client, dict(fields)), **send_json(client, dict(fields))}
+    assert {status for status, _ in answers.values()} == {400}, answers
+    assert {message for _, message in answers.values()} == {
+        "aug_smooth must be true or false, got 'maybe'."
+    }, answers
+
+
+def test_aug_smooth_on_a_model_that_cannot_be_flipped_is_refused_everywhere(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    write_model(
+        tmp_path,
+        "tiny",
+        build_tiny(),
+        architecture="tests.fixtures_models:build_tiny",
+        num_classes=3,
+        input_size=32,
+        target_layers=["features"],
+        extra_cam="flip = false",
+    )
+    client = make_client(model_store=tmp_path, default_model="tiny")
+    answers = {
+        name: send(client, "GradCAM", "aug_smooth", True) for name, send in PROTOCOLS.items()
+    }
+    assert {status for status, _ in answers.values()} == {422}, answers
+    (message,) = {message for _, message in answers.values()}
+    assert message.startswith("aug_smooth averages the maps of horizontally flipped inputs, but")
+    assert "[cam] flip = false" in message
+    # eigen_smooth needs no flip.
+    assert send_ok(client, "eigen_smooth") == (200, {"eigen_smooth": True})
+
+
+def send_ok(client: TestClient, option: str) -> tuple[int, Any]:
+    return via_kserve(client, "GradCAM", option, True)

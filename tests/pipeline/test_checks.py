@@ -110,6 +110,18 @@ def test_the_budget_refuses_past_its_limit_and_names_the_cause(tiny: LoadedModel
         check_budget(tiny, "SmoothGradCAMpp", smooth, ["features"], {"num_samples": 3}, 2, 5)
 
 
+def test_aug_smooth_counts_in_the_budget_six_times(tiny: LoadedModel) -> None:
+    grad, score = METHODS["GradCAM"], METHODS["ScoreCAM"]
+    aug = {"aug_smooth": True}
+    check_budget(tiny, "GradCAM", grad, ["features"], aug, images=2, limit=12)
+    with pytest.raises(OverBudget, match=r"12 augmented forwards \(aug_smooth's 6 variants"):
+        check_budget(tiny, "GradCAM", grad, ["features"], aug, images=2, limit=11)
+    # 6 variants x 2 images x (their own forward + 4 masked ones)
+    with pytest.raises(OverBudget, match="60 masked and augmented forwards") as caught:
+        check_budget(tiny, "ScoreCAM", score, ["features"], aug, images=2, limit=59)
+    assert caught.value.details == {"forwards": 60, "limit": 59}
+
+
 def test_several_methods_share_one_budget(tiny: LoadedModel) -> None:
     methods = [
         ("ScoreCAM", METHODS["ScoreCAM"], {}),

@@ -66,6 +66,8 @@ def test_every_public_option_of_every_method_is_a_parameter() -> None:
     assert set(OPTION_NAMES) == declared
     assert all(PARAMETERS[name].option for name in declared)
     assert "fc_layer" not in PARAMETERS  # from the manifest, never from a client
+    assert PARAMETERS["aug_smooth"].kind == "bool" and PARAMETERS["eigen_smooth"].kind == "bool"
+    assert PARAMETERS["aug_smooth"].json_schema()["type"] == "boolean"
     assert [p.name for p in GENERAL] == list(PARAMETERS)[: len(GENERAL)]
 
 
@@ -101,7 +103,9 @@ def test_accepted_narrows_the_general_parameters_but_never_the_options() -> None
     assert build_params({"gamma": 1.0}, accepted=accepted).options == {"gamma": 1.0}
     with pytest.raises(InvalidParameter) as error:
         build_params({"colormap": "jet"}, accepted=accepted)
-    assert "the parameters are method, normalized, num_samples" in error.value.message
+    assert "the parameters are method, normalized, eigen_smooth, aug_smooth, num_samples" in (
+        error.value.message
+    )
 
 
 def test_fixed_values_override_the_client_after_its_check() -> None:
@@ -243,3 +247,11 @@ def test_a_huge_integer_out_of_bounds_is_named_by_its_length() -> None:
         build_params({"top_k": 10**400})
     assert error.value.message == "top_k must lie in [1, 1000], got an integer of about 401 digits."
     assert not isinstance(error.value, MalformedParameter)  # readable, out of bounds: 422
+
+
+def test_a_bool_option_is_read_from_text_and_json() -> None:
+    assert build_params(read_text({"aug_smooth": "true"})).options == {"aug_smooth": True}
+    assert build_params(read_text({"eigen_smooth": "off"})).options == {"eigen_smooth": False}
+    assert build_params({"aug_smooth": True}).options == {"aug_smooth": True}
+    with pytest.raises(MalformedParameter, match="aug_smooth must be true or false, got '1'"):
+        build_params({"aug_smooth": 1})

@@ -220,6 +220,41 @@ function methodChoice(method, checked) {
   return item;
 }
 
+// The methods' switches (boolean options: eigen_smooth, aug_smooth), each once, as the server
+// declares them; a switch goes with a request only to the methods that take it.
+function switches(detail) {
+  const found = new Map();
+  for (const options of Object.values(detail.method_options || {})) {
+    for (const option of options) {
+      if (option.type === "boolean" && !found.has(option.name)) found.set(option.name, option);
+    }
+  }
+  return [...found.values()];
+}
+
+function switchChoice(option) {
+  const item = document.createElement("div");
+  item.className = "method";
+  const label = document.createElement("label");
+  const input = checkbox("switch", option.name, false);
+  const name = document.createElement("span");
+  name.className = "name";
+  name.textContent = option.name;
+  label.append(input, " ", name);
+  const hint = document.createElement("span");
+  hint.className = "hint";
+  hint.id = `hint-switch-${option.name}`;
+  hint.textContent = option.help;
+  input.setAttribute("aria-describedby", hint.id);
+  item.append(label, hint);
+  return item;
+}
+
+function takes(method, name) {
+  const options = (state.detail && state.detail.method_options[method]) || [];
+  return options.some((option) => option.name === name);
+}
+
 function layerChoice(layer, checked, shape) {
   const label = document.createElement("label");
   const input = checkbox("target_layer", layer, checked);
@@ -244,6 +279,7 @@ async function loadModel() {
   const name = $("model").value;
   $("methods").replaceChildren();
   $("layers").replaceChildren();
+  $("switches").replaceChildren();
   state.detail = null;
   state.classIdx = null;
   clearResults();
@@ -254,6 +290,7 @@ async function loadModel() {
     for (const method of detail.methods) {
       $("methods").append(methodChoice(method, method === detail.default_method));
     }
+    for (const option of switches(detail)) $("switches").append(switchChoice(option));
     const shapes = detail.layer_shapes || {};
     for (const layer of detail.candidate_layers) {
       $("layers").append(layerChoice(layer, detail.target_layers.includes(layer), shapes[layer]));
@@ -334,6 +371,9 @@ function explainForm(methods) {
   form.append("method", methods.join(","));
   for (const layer of checked("layers")) form.append("target_layer", layer);
   if (state.classIdx !== null) form.append("class_idx", String(state.classIdx));
+  for (const name of checked("switches")) {
+    if (methods.some((method) => takes(method, name))) form.append(name, "true");
+  }
   form.append("top_k", String(TOP_K));
   form.append("output", "heatmap");
   form.append("colormap", "gray");

@@ -100,3 +100,26 @@ def test_a_job_on_cuda_reports_progress_and_stops_when_deleted(
     quick = gpu.post("/explain", files=files(image_bytes()), data={"model": "resnet"})
     assert quick.status_code == 200
     assert gpu.get(job["url"]).json()["progress"]["done"] < total
+
+
+@pytest.mark.parametrize("factory", ["", "build_tiny_swin", "build_tiny_timm_swin"])
+def test_the_smoothing_options_and_a_swin_on_cuda_answer_as_on_the_cpu(
+    client: TestClient, make_client: Callable[..., TestClient], factory: str, tmp_path: Path
+) -> None:
+    from tests.fixtures_models import write_tiny_swin
+
+    if factory:
+        write_tiny_swin(tmp_path, factory=factory)
+        client = make_client(model_store=tmp_path, default_model="swin")
+        gpu = make_client(model_store=tmp_path, default_model="swin", device="cuda")
+    else:
+        gpu = make_client(device="cuda")
+    form = {"method": "GradCAM,ScoreCAM", "output": "raw", "eigen_smooth": "true"}
+    form["aug_smooth"] = "true"
+    images = files(image_bytes(seed=1), image_bytes(seed=2))
+    on_cpu = client.post("/explain", files=images, data=form)
+    on_gpu = gpu.post("/explain", files=images, data=form)
+    assert on_cpu.status_code == 200 and on_gpu.status_code == 200, on_gpu.text
+    assert on_gpu.json()["device"].startswith("cuda")
+    for a, b in zip(raw_maps(on_gpu.json()), raw_maps(on_cpu.json()), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-3)

@@ -626,3 +626,33 @@ def test_legrad_explains_a_served_vit_over_its_blocks(
     ]
     (layer_map,) = body["results"][0]["explanations"][0]["maps"]
     assert layer_map["layer"] == "fused" and layer_map["raw"]["shape"] == [4, 4]
+
+
+@pytest.mark.parametrize("factory", ["build_tiny_swin", "build_tiny_timm_swin"])
+def test_a_served_swin_is_explained_on_its_preset_grid(
+    make_client: Callable[..., TestClient], tmp_path: Path, factory: str
+) -> None:
+    from tests.fixtures_models import write_tiny_swin
+
+    write_tiny_swin(tmp_path, factory=factory)
+    client = make_client(model_store=tmp_path, default_model="swin")
+    info = client.get("/models/swin").json()
+    assert info["target_layers"] == ["norm"]
+    assert info["layer_shapes"]["norm"] == [16, 4, 4]  # (C, H, W) as the extractors read it
+    assert "LeGrad" in info["not_applicable"]
+    for form in ({}, {"aug_smooth": "true", "eigen_smooth": "true"}):
+        response = explain(client, image_bytes((40, 32)), method="GradCAM", output="raw", **form)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["target_layers"] == ["norm"] and body["options"] == {k: True for k in form}
+        (layer_map,) = body["results"][0]["explanations"][0]["maps"]
+        assert layer_map["raw"]["shape"] == [4, 4]
+    # ScoreCAM masks the 16 channels of the final norm (not its width of 16 read as channels
+    # of a 4x16 map): 16 forwards per image.
+    assert info["method_info"]["ScoreCAM"]["forwards"] == 16
+    conv = "features.0.0" if factory == "build_tiny_swin" else "patch_embed.proj"
+    mixed = explain(client, image_bytes((40, 32)), target_layer=["norm", conv])
+    assert "separate requests" in assert_error(mixed, 422, "method_not_applicable")
+    alone = explain(client, image_bytes((40, 32)), target_layer=conv, output="raw")
+    assert alone.status_code == 200, alone.text  # the patch convolution is channels-first
+    assert alone.json()["results"][0]["explanations"][0]["maps"][0]["raw"]["shape"] == [8, 8]

@@ -96,7 +96,7 @@ def test_model_detail_lists_each_methods_declared_options(client: TestClient) ->
     body = client.get("/models/tiny").json()
     options = body["method_options"]
     assert set(options) == set(body["methods"])
-    assert options["GradCAM"] == []
+    assert [o["name"] for o in options["GradCAM"]] == ["eigen_smooth", "aug_smooth"]
     assert options["SSCAM"] == [
         {
             "name": o.name,
@@ -108,7 +108,15 @@ def test_model_detail_lists_each_methods_declared_options(client: TestClient) ->
         }
         for o in METHODS["SSCAM"].options
     ]
-    assert [o["name"] for o in options["FinerCAM"]] == ["gamma", "num_references", "comparison_idx"]
+    assert [o["name"] for o in options["FinerCAM"]] == [
+        "gamma",
+        "num_references",
+        "comparison_idx",
+        "eigen_smooth",
+        "aug_smooth",
+    ]
+    (aug,) = [o for o in options["EigenCAM"] if o["name"] != "fc_layer"]
+    assert aug["name"] == "aug_smooth" and aug["type"] == "boolean" and aug["default"] is False
     assert "fc_layer" not in str(options["CAM"])  # from the manifest, not the request
 
 
