@@ -60,6 +60,7 @@ def test_every_method(client: TestClient, method: str) -> None:
         "cam_ms_by_method",
         "cache",
         "forwards",
+        "faithfulness_ms",
     }
     assert body["timings"]["batch_images"] == 1
     # One forward, plus the batches of masked or noisy forwards for the methods that run them.
