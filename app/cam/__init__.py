@@ -20,6 +20,7 @@ from app.cam.core import (
     normalize_maps,
     resize_maps,
 )
+from app.cam.dff import DFF, Concepts, nmf
 from app.cam.eigen import EigenCAM, EigenGradCAM
 from app.cam.faithfulness import (
     deletion_auc,
@@ -39,6 +40,7 @@ from app.cam.gradient import (
     SmoothGradCAMpp,
     XGradCAM,
 )
+from app.cam.guided import GuidedBackprop, GuidedGradCAM, guided_relus
 from app.cam.layers import locate_candidate_layer
 from app.cam.legrad import LeGrad
 from app.cam.localization import best_iou, energy_pointing_game, iou_sweep, mask_iou, pointing_game
@@ -69,6 +71,9 @@ METHODS: dict[str, type[_CAM]] = {
         RefineCAM,
         FinerCAM,
         LeGrad,
+        GuidedBackprop,
+        GuidedGradCAM,
+        DFF,
     )
 }
 
@@ -94,6 +99,12 @@ def find_method(name: str) -> tuple[str, type[_CAM]]:
 
 
 __all__ = [
+    "Concepts",
+    "DFF",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "guided_relus",
+    "nmf",
     "AblationCAM",
     "CAM",
     "EigenCAM",

@@ -235,6 +235,8 @@ class _CAM:
     one_map: ClassVar[bool] = False
     #: reads the class weights of the model's head (CAM): the manifest's ``fc_layer`` applies
     reads_head: ClassVar[bool] = False
+    #: besides its maps, keeps the concepts it found in ``concepts`` after a call (DFF)
+    gives_concepts: ClassVar[bool] = False
     #: the method's options, declared once (see ``app.cam.options``)
     options: ClassVar[tuple[MethodOption, ...]] = ()
     #: the names of ``options`` (derived)
@@ -306,6 +308,14 @@ class _CAM:
         self._hooks_enabled = enable_hooks
         self._handles: list[Any] = []
         self._register_hooks()
+
+    @classmethod
+    def option_problem(
+        cls, layer_shapes: Sequence[Sequence[int]], options: Mapping[str, Any]
+    ) -> str | None:
+        """Why ``options`` do not fit target layers of these output shapes (N, C, ...), e.g.
+        more DFF concepts than channels; ``None`` when they fit (decided without a forward)."""
+        return None
 
     @classmethod
     def unavailable_reason(

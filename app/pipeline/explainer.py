@@ -620,6 +620,8 @@ class Explainer:
         checks.check_classes(model, params.class_idx, images)
         checks.check_rendering(params.outputs, params.image_format, params.colormap)
         checks.check_spatial_layers(model, params.target_layers)
+        for (method, cls), options in zip(methods, per_method, strict=True):
+            checks.check_option_fit(model, method, cls, layers, options)
         checks.check_total_budget(
             model,
             [(m, cls, o) for (m, cls), o in zip(methods, per_method, strict=True)],
