@@ -31,6 +31,12 @@ from app.pipeline import checks
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
 from app.pipeline.budget import MemoryBudget
+from app.pipeline.concepts import (
+    CONCEPT,
+    concept_answers,
+    concept_maps,
+    concepts_per_image,
+)
 from app.pipeline.decoding import (
     DecodeCost,
     DecodedImage,
@@ -528,7 +534,10 @@ class Explainer:
     ) -> tuple[list[ExplainResult], float]:
         """The render stage, in steps on the render threads: the results and their seconds."""
         started = time.perf_counter()
-        maps = [_named_maps(plan, outcomes[plan]) for plan in plans]
+        maps = [
+            _named_maps(plan, outcomes[plan]) + concept_maps(outcomes[plan], plan.normalized)
+            for plan in plans
+        ]
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
         async with self._heavy_lane_if(cost) as threads, self._room_to_draw(cost.bytes):
@@ -668,7 +677,14 @@ class Explainer:
                         label=model.labels[target],
                         logit=float(outcome.logits[i][target]),
                         probability=float(outcome.logits[i].softmax(-1)[target]),
-                        maps=[MapOutput(**fields) for fields in rendered],
+                        maps=[MapOutput(**f) for f in rendered if f["kind"] != CONCEPT],
+                        concepts=concept_answers(
+                            model,
+                            outcome.concepts,
+                            i,
+                            [f for f in rendered if f["kind"] == CONCEPT],
+                            top_k,
+                        ),
                     )
                 )
             results.append(
@@ -713,10 +729,11 @@ class _ChainedProgress:
 
 
 def _maps_per_image(plan: CamPlan) -> int:
-    """The maps ``plan`` gives for each image: one per layer and their fusion, or one alone."""
+    """The maps ``plan`` gives for each image: one per layer and their fusion, or one alone;
+    and its concepts' maps (DFF)."""
     if plan.cls.one_map:
-        return 1
-    return len(plan.layers) + (1 if len(plan.layers) > 1 else 0)
+        return 1 + concepts_per_image(plan)
+    return len(plan.layers) + (1 if len(plan.layers) > 1 else 0) + concepts_per_image(plan)
 
 
 def _named_maps(plan: CamPlan, outcome: CamOutcome) -> list[NamedMap]:

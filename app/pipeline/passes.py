@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from app.cam import normalize_maps
+from app.cam import Concepts, normalize_maps
 from app.cam.core import _CAM, hook_scope
 from app.errors import MethodNotApplicable, ModelError, OutOfMemory
 from app.models.device import release_cached_memory, synchronize
@@ -137,6 +137,9 @@ class CamOutcome:
     fused: torch.Tensor | None
     forward_s: float
     cam_s: float
+    concepts: list[Concepts] | None = None
+    """A method that finds concepts (DFF): per layer, each image's concepts (maps (n, K, h, w)
+    at the layer's resolution, embeddings, head scores)."""
 
 
 @dataclass(frozen=True)
@@ -242,8 +245,9 @@ def run_shared_cam_pass(
                 started = time.perf_counter()
                 # The graph of the shared forward serves every gradient method's backward.
                 cams, fused = _maps(plan, extractor, idx, scores, number < last_grad, calls)
+                found = _concepts(plan, extractor)
                 synchronize(model.device)
-                computed.append((cams, fused, time.perf_counter() - started))
+                computed.append((cams, fused, found, time.perf_counter() - started))
         logits = scores.detach().float().cpu()
     return [
         [
@@ -254,11 +258,39 @@ def run_shared_cam_pass(
                 fused=None if fused is None else fused[part],
                 forward_s=forward_s,
                 cam_s=cam_s,
+                concepts=None if found is None else [_rows(c, part) for c in found],
             )
-            for cams, fused, cam_s in computed
+            for cams, fused, found, cam_s in computed
         ]
         for part in parts
     ]
+
+
+def _concepts(plan: CamPlan, extractor: Any) -> list[Concepts] | None:
+    """The concepts a method that finds them kept from its call, on the CPU (float32); the
+    maps normalised per concept when the plan's maps are."""
+    if not plan.cls.gives_concepts:
+        return None
+    found = []
+    for concepts in extractor.concepts:
+        maps = concepts.maps.detach().float()
+        if plan.normalized:
+            maps = normalize_maps(maps.flatten(0, 1)).reshape(maps.shape)
+        found.append(
+            Concepts(
+                concepts.layer,
+                maps.cpu(),
+                concepts.embeddings.detach().float().cpu(),
+                concepts.scores.detach().float().cpu(),
+            )
+        )
+    return found
+
+
+def _rows(concepts: Concepts, part: slice) -> Concepts:
+    return Concepts(
+        concepts.layer, concepts.maps[part], concepts.embeddings[part], concepts.scores[part]
+    )
 
 
 def _maps(

@@ -280,7 +280,7 @@ class NamedMap:
     """The maps of one layer (or of the fusion) for every image of a request."""
 
     layer: str
-    kind: Literal["layer", "fused"]
+    kind: Literal["layer", "fused", "concept"]
     cams: torch.Tensor
     """(N, h, w) on the CPU."""
     normalized: bool
