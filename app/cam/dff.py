@@ -67,7 +67,8 @@ def nmf(
 
     Each update keeps the factors non-negative and does not increase ||V - W H||_F. ``v``
     (N, P, C) must be non-negative; the factors start from uniform noise drawn from ``seed``
-    (on ``v``'s device) scaled to V's mean, so equal inputs give equal factors.
+    (the same on every device and for every matrix) scaled to V's mean, so a matrix gives the
+    same factors alone, in a batch or on a GPU (up to rounding).
     """
     positive_int("k", k)
     positive_int("iterations", iterations)
@@ -77,11 +78,12 @@ def nmf(
         raise ValueError("nmf needs a non-negative matrix.")
     v = v.float()
     batch, rows, cols = v.shape
-    generator = torch.Generator(device=v.device)
-    generator.manual_seed(seed)
+    # Drawn on the CPU, so that a GPU starts from the same factors; one draw shared by every
+    # matrix, so that a matrix's factors do not depend on its batch companions.
+    generator = torch.Generator().manual_seed(seed)
     scale = (v.mean(dim=(1, 2), keepdim=True) / k).sqrt()
-    w = torch.rand(batch, rows, k, generator=generator, device=v.device) * scale
-    h = torch.rand(batch, k, cols, generator=generator, device=v.device) * scale
+    w = torch.rand(1, rows, k, generator=generator).to(v.device).expand(batch, -1, -1) * scale
+    h = torch.rand(1, k, cols, generator=generator).to(v.device).expand(batch, -1, -1) * scale
     errors = []
     for step in range(1, iterations + 1):
         h = h * (w.transpose(1, 2) @ v) / (w.transpose(1, 2) @ w @ h + _EPS)

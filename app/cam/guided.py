@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +97,8 @@ class _InputResolution(_CAM):
     """Family base: a forward of its own on the recorded input, for the guided gradient."""
 
     uses_input = True
+    #: its maps have the input's spatial size, not the target layer's
+    input_resolution: ClassVar[bool] = True
     #: the last call's guided gradient, per channel (N, C, *S): what the served map collapses
     input_gradients: Tensor | None = None
 
