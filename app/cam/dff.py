@@ -152,6 +152,8 @@ class DFF(CAM):
                 enable_hooks=enable_hooks,
             )
         except ValueError as error:
+            if getattr(self, "_handles", None):  # CAM refused its layers after hooking them
+                self.remove_hooks()
             raise ValueError(f"DFF reads the model's head as CAM does: {error}") from None
 
     @classmethod
