@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,7 @@ class DFF(CAM):
     """
 
     gives_concepts = True
-    options: ClassVar[tuple[MethodOption, ...]] = (N_COMPONENTS, FC_LAYER)
+    options = (N_COMPONENTS, FC_LAYER)  # type: ignore[assignment]
 
     def __init__(
         self,

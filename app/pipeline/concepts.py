@@ -7,7 +7,7 @@ and budget as the method's maps); its top labels come from the head's scores of 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final, Literal
 
 from app.cam import Concepts
 from app.models.loading import LoadedModel
@@ -15,7 +15,7 @@ from app.pipeline.passes import CamOutcome, CamPlan
 from app.pipeline.rendering import NamedMap
 from app.pipeline.results import Concept, ConceptLabel, MapOutput
 
-CONCEPT = "concept"
+CONCEPT: Final[Literal["concept"]] = "concept"
 
 
 def concepts_per_image(plan: CamPlan) -> int:

@@ -119,7 +119,7 @@ class Concept(BaseModel):
     top_labels: list[ConceptLabel] = Field(
         description="the classes the head scores highest for this concept (top_k of them)"
     )
-    map: MapOutput = Field(  # type: ignore[valid-type]
+    map: MapOutput = Field(
         description="where the image shows the concept, with the outputs asked for"
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.cam import DFF, normalize_maps, nmf
+from app.cam import DFF, nmf, normalize_maps
 from app.cam.dff import relative_error
 
 
@@ -86,7 +86,7 @@ def test_the_normalised_map_is_the_chosen_concept_normalised(tiny_net):
 
 
 def test_more_concepts_than_channels_is_refused(tiny_net):
-    with pytest.raises(ValueError, match="n_components=5 is more concepts than the target layer's 4"):
+    with pytest.raises(ValueError, match="n_components=5 is more concepts than the target layer"):
         _run(tiny_net, torch.randn(1, 3, 16, 16), [0], n_components=5)
     assert DFF.option_problem([(1, 4, 8, 8)], {"n_components": 4}) is None
     assert "from 1 to 4" in (DFF.option_problem([(1, 4, 8, 8)], {"n_components": 5}) or "")

@@ -48,7 +48,8 @@ def test_guided_gradient_of_a_two_layer_net_is_the_guided_rule(inplace: bool) ->
     torch.testing.assert_close(got, _guided_by_hand(model, x, classes), rtol=1e-5, atol=1e-6)
     # ... and it is not the plain gradient (some upstream gradients are negative here).
     x_plain = x.clone().requires_grad_(True)
-    (plain,) = torch.autograd.grad(model(x_plain).gather(1, torch.tensor(classes)[:, None]).sum(), x_plain)
+    score = model(x_plain).gather(1, torch.tensor(classes)[:, None]).sum()
+    (plain,) = torch.autograd.grad(score, x_plain)
     assert not torch.allclose(got, plain, atol=1e-4)
 
 
