@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from camserve.answers import Explained
+from camserve.answers import Explained, MethodMaps
 
 _SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 RESULTS = "results.jsonl"
@@ -60,16 +60,17 @@ class OutputFolder:
                 np.save(path, raw)
                 files["raw"] = path.name
             scored = maps.faithfulness
-            explanations.append(
-                {
-                    "method": method,
-                    "class_idx": maps.class_idx,
-                    "label": maps.label,
-                    "probability": maps.probability,
-                    **files,
-                    **({"faithfulness": scored} if scored else {}),
-                }
-            )
+            entry = {
+                "method": method,
+                "class_idx": maps.class_idx,
+                "label": maps.label,
+                "probability": maps.probability,
+                **files,
+                **({"faithfulness": scored} if scored else {}),
+            }
+            if maps.explanation.concepts is not None:
+                entry["concepts"] = self._concepts(stem, method, suffix, maps)
+            explanations.append(entry)
         line = {
             "file": source,
             "via": via,
@@ -81,6 +82,33 @@ class OutputFolder:
         }
         self._append(line)
         return line
+
+    def _concepts(
+        self, stem: str, method: str, suffix: str, maps: MethodMaps
+    ) -> list[dict[str, Any]]:
+        """DFF's concepts: each one's top labels, and its picture and raw map as files
+        (``<image>.<method>.concept<k>.<ext>``) when they were asked for."""
+        written = []
+        for concept in maps.explanation.concepts or []:
+            name = f"{stem}.{method}.concept{concept.index}"
+            files: dict[str, str] = {}
+            fields = concept.map.model_dump()
+            if fields.get("overlay") is not None:
+                path = self.folder / f"{name}{suffix}"
+                path.write_bytes(base64.b64decode(fields["overlay"]))
+                files["overlay"] = path.name
+            if fields.get("raw") is not None:
+                path = self.folder / f"{name}.npy"
+                np.save(path, np.asarray(fields["raw"]["values"], dtype=np.float32))
+                files["raw"] = path.name
+            written.append(
+                {
+                    "index": concept.index,
+                    "top_labels": [label.model_dump() for label in concept.top_labels],
+                    **files,
+                }
+            )
+        return written
 
     def write_error(self, source: str, code: str, message: str) -> None:
         self._append({"file": source, "error": {"code": code, "message": message}})

@@ -20,6 +20,7 @@ from app.cam.core import (
     normalize_maps,
     resize_maps,
 )
+from app.cam.dff import DFF, Concepts, nmf
 from app.cam.eigen import EigenCAM, EigenGradCAM
 from app.cam.faithfulness import (
     deletion_auc,
@@ -39,6 +40,7 @@ from app.cam.gradient import (
     SmoothGradCAMpp,
     XGradCAM,
 )
+from app.cam.guided import GuidedBackprop, GuidedGradCAM, guided_relus
 from app.cam.hierarchical import ChannelsLast, hierarchical_target
 from app.cam.layers import locate_candidate_layer
 from app.cam.legrad import LeGrad
@@ -70,6 +72,9 @@ METHODS: dict[str, type[_CAM]] = {
         RefineCAM,
         FinerCAM,
         LeGrad,
+        GuidedBackprop,
+        GuidedGradCAM,
+        DFF,
     )
 }
 
@@ -95,6 +100,12 @@ def find_method(name: str) -> tuple[str, type[_CAM]]:
 
 
 __all__ = [
+    "Concepts",
+    "DFF",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "guided_relus",
+    "nmf",
     "AblationCAM",
     "ChannelsLast",
     "hierarchical_target",

@@ -288,6 +288,8 @@ class _CAM:
     #: ``explain_classes`` computes every class from the same work (the hooked forward, and the
     #: masked forwards' logits): its extra forwards do not grow with the number of classes
     shares_classes: ClassVar[bool] = True
+    #: besides its maps, keeps the concepts it found in ``concepts`` after a call (DFF)
+    gives_concepts: ClassVar[bool] = False
     #: the method's options, declared once (see ``app.cam.options``)
     options: ClassVar[tuple[MethodOption, ...]] = ()
     #: the names of ``options`` (derived)
@@ -383,6 +385,14 @@ class _CAM:
         self._hooks_enabled = enable_hooks
         self._handles: list[Any] = []
         self._register_hooks()
+
+    @classmethod
+    def option_problem(
+        cls, layer_shapes: Sequence[Sequence[int]], options: Mapping[str, Any]
+    ) -> str | None:
+        """Why ``options`` do not fit target layers of these output shapes (N, C, ...), e.g.
+        more DFF concepts than channels; ``None`` when they fit (decided without a forward)."""
+        return None
 
     @classmethod
     def unavailable_reason(

@@ -93,6 +93,7 @@ class _GradientCAM(_CAM):
             self.batched_class_grads
             and len(objectives) > 1
             and type(self)._get_weights is _GradientCAM._get_weights
+            and type(self)._maps is _CAM._maps  # a method that makes its maps itself (Guided)
             and isinstance(scores, Tensor)
             and scores.ndim == 2
             and all(o is not None and o.classes is not None for o in objectives)

@@ -209,6 +209,18 @@ def extra_forwards(
     return cls.extra_forwards(shapes, options, images * (1 if shared else classes))
 
 
+def check_option_fit(
+    model: LoadedModel, method: str, cls: type[_CAM], layers: Sequence[str], options: dict[str, Any]
+) -> None:
+    """Options that do not fit the target layers (``_CAM.option_problem``: DFF's n_components
+    past the channels), refused before any pixel is decoded."""
+    problem = cls.option_problem([model.layer_shapes.get(layer, ()) for layer in layers], options)
+    if problem is not None:
+        raise InvalidParameter(
+            f"{method}: {problem}", details={"method": method, "layers": list(layers)}
+        )
+
+
 def check_budget(
     model: LoadedModel,
     method: str,

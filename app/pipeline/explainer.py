@@ -33,6 +33,12 @@ from app.pipeline.batching import Batcher
 from app.pipeline.budget import MemoryBudget
 from app.pipeline.cache import ExplanationCache, Lookup, model_build
 from app.pipeline.classes import check_choice, class_count
+from app.pipeline.concepts import (
+    CONCEPT,
+    concept_answers,
+    concept_maps,
+    concepts_per_image,
+)
 from app.pipeline.decoding import (
     DecodeCost,
     DecodedImage,
@@ -633,7 +639,11 @@ class Explainer:
     ) -> tuple[list[ExplainResult], float]:
         """The render stage, in steps on the render threads: the results and their seconds."""
         started = time.perf_counter()
-        maps = [_named_maps(plan, one) for plan in plans for one in outcomes[plan].per_class()]
+        maps = [
+            _named_maps(plan, one) + concept_maps(one, plan.normalized)
+            for plan in plans
+            for one in outcomes[plan].per_class()
+        ]
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
         async with self._heavy_lane_if(cost) as threads, self._room_to_draw(cost.bytes):
@@ -733,6 +743,8 @@ class Explainer:
         check_choice(params, model.spec.name, model.spec.num_classes)
         checks.check_rendering(params.outputs, params.image_format, params.colormap)
         checks.check_spatial_layers(model, params.target_layers)
+        for (method, cls), options in zip(methods, per_method, strict=True):
+            checks.check_option_fit(model, method, cls, layers, options)
         checks.check_total_budget(
             model,
             [(m, cls, o) for (m, cls), o in zip(methods, per_method, strict=True)],
@@ -789,7 +801,14 @@ class Explainer:
                         label=model.labels[target],
                         logit=float(outcome.logits[i][target]),
                         probability=float(outcome.logits[i].softmax(-1)[target]),
-                        maps=[MapOutput(**fields) for fields in rendered],
+                        maps=[MapOutput(**f) for f in rendered if f["kind"] != CONCEPT],
+                        concepts=concept_answers(
+                            model,
+                            outcome.concepts,
+                            i,
+                            [f for f in rendered if f["kind"] == CONCEPT],
+                            top_k,
+                        ),
                     )
                 )
             results.append(
@@ -844,10 +863,11 @@ def _scoring_forwards(params: ExplainParams, plans: Sequence[CamPlan], images: i
 
 
 def _maps_per_image(plan: CamPlan) -> int:
-    """The maps ``plan`` gives for each image: one per layer and their fusion, or one alone."""
+    """The maps ``plan`` gives for each image: one per layer and their fusion, or one alone;
+    and its concepts' maps (DFF)."""
     if plan.cls.one_map:
-        return 1
-    return len(plan.layers) + (1 if len(plan.layers) > 1 else 0)
+        return 1 + concepts_per_image(plan)
+    return len(plan.layers) + (1 if len(plan.layers) > 1 else 0) + concepts_per_image(plan)
 
 
 def _named_maps(plan: CamPlan, outcome: CamOutcome) -> list[NamedMap]:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from app.cam import normalize_maps
+from app.cam import Concepts, normalize_maps
 from app.cam.core import _CAM, counting_forwards, hook_scope
 from app.cam.hierarchical import layout_transform
 from app.errors import MethodNotApplicable, ModelError, OutOfMemory
@@ -145,6 +145,9 @@ class CamOutcome:
     cam_s: float
     forwards: int = 0
     """The model's forwards the pass ran (each batch once), shared with its other requests."""
+    concepts: list[Concepts] | None = None
+    """A method that finds concepts (DFF): per layer, each image's concepts (maps (n, K, h, w)
+    at the layer's resolution, embeddings, head scores)."""
     others: tuple[CamOutcome, ...] = ()
     """The request's further classes (``classes``, ``top_classes``), in order, same pass."""
 
@@ -253,13 +256,16 @@ def run_shared_cam_pass(
                 started = time.perf_counter()
                 # The graph of the shared forward serves every gradient method's backward.
                 maps = _maps(plan, extractor, ranks, scores, number < last_grad, calls)
+                found = _concepts(plan, extractor)
                 synchronize(model.device)
-                computed.append((maps, time.perf_counter() - started))
+                computed.append((maps, found, time.perf_counter() - started))
         logits = scores.detach().float().cpu()
     return [
         [
-            _outcome(logits, ranks, maps, part, len(lists[0]), forward_s, cam_s, counted.calls)
-            for maps, cam_s in computed
+            _outcome(
+                logits, ranks, maps, found, part, len(lists[0]), forward_s, cam_s, counted.calls
+            )
+            for maps, found, cam_s in computed
         ]
         for part, lists in zip(parts, asked, strict=True)
     ]
@@ -269,13 +275,15 @@ def _outcome(
     logits: torch.Tensor,
     ranks: list[list[int]],
     maps: list[tuple[list[torch.Tensor], torch.Tensor | None]],
+    found: list[Concepts] | None,
     part: slice,
     count: int,
     forward_s: float,
     cam_s: float,
     forwards: int,
 ) -> CamOutcome:
-    """One request's outcome of a plan: its rows of the first ``count`` classes' maps."""
+    """One request's outcome of a plan: its rows of the first ``count`` classes' maps (and of
+    the concepts found, which every class shares)."""
     outcomes = [
         CamOutcome(
             logits=logits[part],
@@ -285,10 +293,38 @@ def _outcome(
             forward_s=forward_s,
             cam_s=cam_s,
             forwards=forwards,
+            concepts=None if found is None else [_rows(c, part) for c in found],
         )
         for k, (cams, fused) in enumerate(maps[:count])
     ]
     return replace(outcomes[0], others=tuple(outcomes[1:]))
+
+
+def _concepts(plan: CamPlan, extractor: Any) -> list[Concepts] | None:
+    """The concepts a method that finds them kept from its call, on the CPU (float32); the
+    maps normalised per concept when the plan's maps are."""
+    if not plan.cls.gives_concepts:
+        return None
+    found = []
+    for concepts in extractor.concepts:
+        maps = concepts.maps.detach().float()
+        if plan.normalized:
+            maps = normalize_maps(maps.flatten(0, 1)).reshape(maps.shape)
+        found.append(
+            Concepts(
+                concepts.layer,
+                maps.cpu(),
+                concepts.embeddings.detach().float().cpu(),
+                concepts.scores.detach().float().cpu(),
+            )
+        )
+    return found
+
+
+def _rows(concepts: Concepts, part: slice) -> Concepts:
+    return Concepts(
+        concepts.layer, concepts.maps[part], concepts.embeddings[part], concepts.scores[part]
+    )
 
 
 def _maps(

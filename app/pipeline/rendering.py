@@ -54,7 +54,10 @@ OUTPUT_FORMATS = {
 
 
 class RawMap(BaseModel):
-    shape: list[int] = Field(description="[h, w] of the map at the layer's resolution")
+    shape: list[int] = Field(
+        description="[h, w] of the map at the layer's resolution (the input's for the guided "
+        "methods)"
+    )
     normalized: bool
     values: list[list[float]]
 
@@ -261,7 +264,8 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
         ),
         OutputKind(
             "raw",
-            "the map's values at the layer's resolution",
+            "the map's values at the layer's resolution (the input's for GuidedBackprop and "
+            "GuidedGradCAM)",
             picture=False,
             value_type=RawMap,
             render=_render_raw,
@@ -280,7 +284,7 @@ class NamedMap:
     """The maps of one layer (or of the fusion) for every image of a request."""
 
     layer: str
-    kind: Literal["layer", "fused"]
+    kind: Literal["layer", "fused", "concept"]
     cams: torch.Tensor
     """(N, h, w) on the CPU."""
     normalized: bool

@@ -110,8 +110,11 @@ class Faithfulness(BaseModel):
 
 
 class _MapBase(BaseModel):
-    layer: str = Field(description="target layer name, or 'fused' for the fusion of all layers")
-    kind: Literal["layer", "fused"]
+    layer: str = Field(
+        description="target layer name, or 'fused' for the fusion of all layers (a concept's "
+        "map: the layer it was found in)"
+    )
+    kind: Literal["layer", "fused", "concept"]
     width: int | None = Field(
         None, description="width of the overlay/heatmap pictures; null when none was asked for"
     )
@@ -137,6 +140,23 @@ MapOutput = create_model(  # type: ignore[call-overload]
 )
 
 
+class ConceptLabel(BaseModel):
+    class_idx: int
+    label: str
+    score: float = Field(description="the model's head applied to the concept: fc(H_k)[class]")
+    probability: float = Field(description="softmax of those scores over the classes")
+
+
+class Concept(BaseModel):
+    index: int = Field(description="the concept's number k, from 0")
+    top_labels: list[ConceptLabel] = Field(
+        description="the classes the head scores highest for this concept (top_k of them)"
+    )
+    map: MapOutput = Field(
+        description="where the image shows the concept, with the outputs asked for"
+    )
+
+
 class Explanation(BaseModel):
     method: str = Field(description="the CAM method of these maps")
     class_idx: int
@@ -144,6 +164,11 @@ class Explanation(BaseModel):
     logit: float
     probability: float
     maps: list[MapOutput] = Field(description="one per target layer, then 'fused' if several")
+    concepts: list[Concept] | None = Field(
+        None,
+        description="DFF only: the concepts its factorization found in the image, each with its "
+        "map and top labels; null for every other method",
+    )
 
 
 class ExplainResult(BaseModel):

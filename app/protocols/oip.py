@@ -2,7 +2,8 @@
 
 ``infer`` takes images in the input ``image`` (BYTES: encoded images, base64 in JSON or raw in
 binary data; or UINT8 ``[N, H, W, 3]`` pixels in binary data) and answers the output ``logits``
-and, when asked for, ``cam``: each image's class activation map.
+and, when asked for, ``cam``: each image's class activation map; with DFF, ``concepts`` (each
+image's concept maps) and ``concept_labels`` (each concept's top labels).
 
 A transport calls, in order:
 
@@ -29,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app import __version__
+from app.cam import METHODS, UnknownMethod, find_method
 from app.errors import BadRequest, clip
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
@@ -43,7 +45,12 @@ from app.settings import Settings
 INPUT = "image"
 OUTPUT = "logits"
 CAM = "cam"
-OUTPUTS = (OUTPUT, CAM)
+#: DFF's concepts: their maps (FP32 [N, K, h, w]) and top labels (BYTES [N, K, top]).
+CONCEPTS = "concepts"
+CONCEPT_LABELS = "concept_labels"
+OUTPUTS = (OUTPUT, CAM, CONCEPTS, CONCEPT_LABELS)
+#: The outputs that need an explanation.
+EXPLAINED = (CAM, CONCEPTS, CONCEPT_LABELS)
 #: The general explain parameters ``infer`` takes; the map is always raw (``output`` fixed).
 EXPLAIN_PARAMETERS = (
     "method",
@@ -290,7 +297,7 @@ def read_inference(
     triton = _triton_parameters(parameters, settings)
     uploads = _uploads(request.inputs, buffers, settings)
     outputs, cam_options = _wanted(request.outputs, triton.binary_output)
-    params = _explain_params(parameters, cam_options, any(o.name == CAM for o in outputs))
+    params = _explain_params(parameters, cam_options, any(o.name in EXPLAINED for o in outputs))
     return Inference(
         uploads=uploads,
         params=params,
@@ -351,7 +358,7 @@ def _wanted(
     for output in outputs:
         if output.name not in OUTPUTS:
             raise BadRequest(
-                f"Unknown output {clip(output.name)}; this model has {' and '.join(OUTPUTS)}."
+                f"Unknown output {clip(output.name)}; this model has {', '.join(OUTPUTS)}."
             )
         params = dict(output.parameters or {})
         binary = params.pop("binary_data", binary_default)
@@ -531,6 +538,7 @@ async def run_inference(
         model_name, served = answer.model, answer.version
         rows = [_row(result.predictions, classes) for result in answer.results]
     else:
+        _check_concepts_wanted(model.spec.default_method, inference)
         explained = await explainer.explain(
             name,
             inference.uploads,
@@ -542,6 +550,7 @@ async def run_inference(
         model_name, served = explained.model, explained.version
         rows = [result.logits for result in explained.results]
         made[CAM] = _cams(explained)
+        made.update(concept_outputs(explained))
     labels = model.spec.labels
     outputs = []
     for wanted in inference.outputs:
@@ -647,6 +656,58 @@ def _scores(maps: Sequence[MapOutput]) -> dict[str, Any]:
         else:
             shown[name] = ",".join(str(f[name]) for f in fields)
     return shown
+
+
+def _check_concepts_wanted(default_method: str, inference: Inference) -> None:
+    """The concept outputs need a method that finds concepts (DFF): refused before the work."""
+    wanted = [o.name for o in inference.outputs if o.name in (CONCEPTS, CONCEPT_LABELS)]
+    if not wanted or inference.params is None:
+        return
+    try:
+        method, cls = find_method(inference.params.method or default_method)
+    except UnknownMethod:
+        return  # the explainer refuses it, with the model's methods
+    if not cls.gives_concepts:
+        finders = [name for name, c in METHODS.items() if c.gives_concepts]
+        raise BadRequest(
+            f"The output {wanted[0]!r} holds the concepts of {', '.join(finders)}; {method} "
+            f"finds none. Ask for method={finders[0]} or drop the output {wanted[0]!r}."
+        )
+
+
+def concept_outputs(answer: ExplainResponse) -> dict[str, OutputTensor]:
+    """DFF's concepts: each image's concept maps stacked (FP32 [N, K, h, w], raw maps) and
+    their top labels (BYTES [N, K, top], ``"probability:index:label"``, as the classification
+    extension writes a class); none for a method without concepts."""
+    found = [result.explanations[0].concepts for result in answer.results]
+    if any(concepts is None for concepts in found) or not found or not found[0]:
+        return {}
+    rows = [concepts or [] for concepts in found]
+    raws = [[c.map.model_dump(include={"raw"})["raw"] for c in row] for row in rows]
+    shape = raws[0][0]["shape"]
+    top = len(rows[0][0].top_labels)
+    parameters = {"method": answer.method, "layer": rows[0][0].map.layer}
+    return {
+        CONCEPTS: OutputTensor(
+            name=CONCEPTS,
+            datatype="FP32",
+            shape=(len(rows), len(rows[0]), *shape),
+            values=[v for row in raws for raw in row for line in raw["values"] for v in line],
+            parameters={**parameters, "normalized": raws[0][0]["normalized"]},
+        ),
+        CONCEPT_LABELS: OutputTensor(
+            name=CONCEPT_LABELS,
+            datatype="BYTES",
+            shape=(len(rows), len(rows[0]), top),
+            values=[
+                f"{label.probability:f}:{label.class_idx}:{label.label}".encode()
+                for row in rows
+                for concept in row
+                for label in concept.top_labels
+            ],
+            parameters=parameters,
+        ),
+    }
 
 
 def answer_json(result: InferenceResult) -> tuple[dict[str, Any], list[bytes]]:

@@ -21,6 +21,11 @@ OPTIONS = {
 LAYERS = {"RefineCAM": ["conv", "feat"]}
 
 
+def _shape(method, layer_shape, input_shape):
+    """A method's map shape: the target layer's, or the input's for the guided methods."""
+    return input_shape if getattr(method, "input_resolution", False) else layer_shape
+
+
 def _run(method, model, x, classes, layer="feat", **kwargs):
     shape = tuple(x.shape[1:])
     opts = OPTIONS.get(method.__name__, {})
@@ -51,6 +56,9 @@ def test_methods_registry_names():
         "RefineCAM",
         "FinerCAM",
         "LeGrad",
+        "GuidedBackprop",
+        "GuidedGradCAM",
+        "DFF",
     ]
     assert all(issubclass(cls, _CAM) for cls in METHODS.values())
 
@@ -61,7 +69,7 @@ def test_batch_maps_equal_single_sample_maps(tiny_net, method):
     x = torch.randn(3, 3, 16, 16)
     classes = [2, 0, 1]
     batch = _run(method, tiny_net, x, classes)[0]
-    assert batch.shape == (3, 8, 8)
+    assert batch.shape == (3, *_shape(method, (8, 8), (16, 16)))
     for i in range(3):
         single = _run(method, tiny_net, x[i : i + 1], [classes[i]])[0]
         torch.testing.assert_close(batch[i : i + 1], single, rtol=1e-5, atol=1e-5)
@@ -91,7 +99,7 @@ def test_class_idx_checks(tiny_net, method):
 def test_3d_inputs_give_volumetric_maps(tiny_net3d, method):
     x = torch.randn(2, 3, 6, 8, 8)
     maps = _run(method, tiny_net3d, x, [0, 2])[0]
-    assert maps.shape == (2, 3, 4, 4)
+    assert maps.shape == (2, *_shape(method, (3, 4, 4), (6, 8, 8)))
     assert torch.isfinite(maps).all()
 
 
@@ -117,14 +125,17 @@ def test_several_layers_one_map_each_and_fusion():
     x = torch.randn(2, 3, 64, 64)
     layers = ["layer2", "layer3", "layer4"]
     for method in ALL:
-        if method.__name__ == "CAM":
-            continue  # CAM reads the head's weights: only the pooled layer applies
+        if method.reads_head:
+            continue  # CAM and DFF read the head's weights: only the pooled layer applies
         if method.masked_forwards or method.noisy_forwards:
             continue  # covered on the tiny model; too slow on a ResNet for a unit test
-        if method.__name__ == "RefineCAM":
-            continue  # one fused map for all its layers: tests/cam/test_composite.py
+        if method.one_map:
+            continue  # one map for all its layers: tests/cam/test_composite.py, test_guided.py
         with method(model, layers, input_shape=(3, 64, 64)) as extractor:
             maps = extractor([0, 1], model(x))
+            if getattr(method, "input_resolution", False):
+                assert [m.shape for m in maps] == [(2, 64, 64)] * 3
+                continue
             assert [m.shape for m in maps] == [(2, 8, 8), (2, 4, 4), (2, 2, 2)]
             fused = extractor.fuse_cams(maps)
             assert fused.shape == (2, 8, 8)

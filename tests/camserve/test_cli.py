@@ -493,3 +493,21 @@ def test_the_client_and_the_cli_never_import_the_web_framework() -> None:
         "assert not {'fastapi', 'starlette'} & set(sys.modules), 'fastapi imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_dff_writes_each_concept_and_its_top_labels(
+    store: Path, images: Path, tmp_path: Path
+) -> None:
+    path = images / "a.png"
+    where = in_process(store)
+    args = ["explain", path, "-m", "DFF", "-O", "n_components=2", "--raw", "-o", tmp_path]
+    result = camserve(*args, *where)
+    assert result.exit_code == 0, result.output
+    (line,) = lines(tmp_path)
+    (explanation,) = line["explanations"]
+    concepts = explanation["concepts"]
+    assert [c["index"] for c in concepts] == [0, 1]
+    for concept in concepts:
+        assert concept["top_labels"] and {"class_idx", "label"} <= set(concept["top_labels"][0])
+        assert (tmp_path / concept["overlay"]).name == f"a.DFF.concept{concept['index']}.jpg"
+        assert np.load(tmp_path / concept["raw"]).shape == (32, 32)

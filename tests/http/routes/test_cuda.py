@@ -22,8 +22,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 NOISY = {"SmoothGradCAMpp", "SSCAM"}  # per-device generators: same seed, other noise
 
 
-#: The one-map methods need their own models or layers: RefineCAM two layers, LeGrad a ViT.
-ONE_MAP = {"RefineCAM": {"target_layer": "features.1,features.3"}, "LeGrad": {}}
+#: The one-map methods need their own models or layers: RefineCAM two layers, LeGrad a ViT;
+#: GuidedBackprop's one map comes from the input, whatever the layer.
+ONE_MAP = {
+    "RefineCAM": {"target_layer": "features.1,features.3"},
+    "LeGrad": {},
+    "GuidedBackprop": {},
+}
 
 
 @pytest.mark.parametrize("method", PER_LAYER + list(ONE_MAP))
