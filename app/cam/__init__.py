@@ -8,6 +8,7 @@ with GradCAM(model, target_layer="layer4") as extractor:
 
 from app.cam.ablation import AblationCAM
 from app.cam.activation import CAM, ISCAM, SSCAM, ScoreCAM, find_fc_layer
+from app.cam.baseline import RandomCAM
 from app.cam.colormaps import COLORMAPS, apply_colormap, colormap_lut
 from app.cam.composite import FinerCAM, RefineCAM
 from app.cam.core import (
@@ -30,6 +31,8 @@ from app.cam.faithfulness import (
     randomize_model,
     spearman_correlation,
 )
+from app.cam.fem import FEM
+from app.cam.fullgrad import FullGrad
 from app.cam.gradient import (
     GradCAM,
     GradCAMElementWise,
@@ -39,6 +42,7 @@ from app.cam.gradient import (
     SmoothGradCAMpp,
     XGradCAM,
 )
+from app.cam.kpca import KPCACAM
 from app.cam.layers import locate_candidate_layer
 from app.cam.legrad import LeGrad
 from app.cam.localization import best_iou, energy_pointing_game, iou_sweep, mask_iou, pointing_game
@@ -46,6 +50,7 @@ from app.cam.metrics import ClassificationMetric
 from app.cam.names import close_matches, did_you_mean
 from app.cam.options import MethodOption
 from app.cam.overlay import blend, colorize, heatmap, mask_levels, overlay_mask, palette_image
+from app.cam.shapley import ShapleyCAM
 from app.cam.targets import Target
 from app.cam.vit import TokensToGrid, ViTTarget, vit_target
 
@@ -69,6 +74,11 @@ METHODS: dict[str, type[_CAM]] = {
         RefineCAM,
         FinerCAM,
         LeGrad,
+        FullGrad,
+        ShapleyCAM,
+        KPCACAM,
+        FEM,
+        RandomCAM,
     )
 }
 
@@ -95,6 +105,11 @@ def find_method(name: str) -> tuple[str, type[_CAM]]:
 
 __all__ = [
     "AblationCAM",
+    "FEM",
+    "FullGrad",
+    "KPCACAM",
+    "RandomCAM",
+    "ShapleyCAM",
     "CAM",
     "EigenCAM",
     "EigenGradCAM",

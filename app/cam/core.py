@@ -235,6 +235,9 @@ class _CAM:
     one_map: ClassVar[bool] = False
     #: reads the class weights of the model's head (CAM): the manifest's ``fc_layer`` applies
     reads_head: ClassVar[bool] = False
+    #: explains the target layers it is given; ``False``: it reads the whole network and takes
+    #: none (FullGrad), so a client's ``target_layer`` is refused for it
+    takes_layers: ClassVar[bool] = True
     #: the method's options, declared once (see ``app.cam.options``)
     options: ClassVar[tuple[MethodOption, ...]] = ()
     #: the names of ``options`` (derived)

@@ -105,6 +105,7 @@ def test_model_detail_lists_each_methods_declared_options(client: TestClient) ->
             "minimum": o.low,
             "maximum": o.high,
             "help": o.help,
+            "choices": None,
         }
         for o in METHODS["SSCAM"].options
     ]
