@@ -74,7 +74,7 @@ from bench.quality.evaluation import (  # noqa: E402
     gaussian_map,
     identity_checks,
     layer_side,
-    method_specs,
+    selected_specs,
 )
 from bench.quality.report import cpu_model, markdown  # noqa: E402
 from bench.quality.sensitivity import SensitivityRow, evaluate, pair_set  # noqa: E402
@@ -134,7 +134,7 @@ def run_quality(args: argparse.Namespace, bench: BenchModel, seeds: list[int]) -
     tl = loaded.target_layer
     n_cheap, n_faith, n_sanity = args.n_images, args.n_faith, args.n_sanity
     rows: list[Row] = []
-    for spec in method_specs(args, tl):
+    for spec in selected_specs(args, tl):
         nm, nf, ns = sizes(spec, args)
         make, batched = extractor_map_fns(spec.cls, spec.target, spec.options, spec.fuse, shape)
         rows.append(
@@ -264,7 +264,7 @@ def run_sensitivity(args: argparse.Namespace, bench: BenchModel) -> dict[str, An
     model = bench.model
     counts = {"cheap": args.n_pairs, "score": args.n_pairs_score, "noise": args.n_pairs_noise}
     rows = []
-    for spec in method_specs(args, layer):
+    for spec in selected_specs(args, layer):
         _, batched = extractor_map_fns(spec.cls, spec.target, spec.options, spec.fuse, shape)
         rows.append(
             SensitivityRow(
@@ -357,6 +357,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="quality,sensitivity",
         help="comma-separated: quality, sensitivity; a section left out keeps its results "
         "from the existing JSON",
+    )
+    p.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated method rows to run (default: all); the baselines always run",
     )
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--quick", action="store_true", help="smoke run on a few images")

@@ -115,7 +115,44 @@ def method_specs(args: argparse.Namespace, layer: str) -> list[MethodSpec]:
             c.FinerCAM,
             layer,
         ),
+        MethodSpec(
+            "ISCAM-linear",
+            f"IS-CAM, schedule='linear' (c_i = i/n; num_samples={args.iscam_samples})",
+            c.ISCAM,
+            layer,
+            {"num_samples": args.iscam_samples, "schedule": "linear"},
+            cost="noise",
+        ),
+        MethodSpec(
+            "AblationCAM-0.25",
+            "Ablation-CAM, ablation_ratio=0.25 (the quarter of channels of largest mean)",
+            c.AblationCAM,
+            layer,
+            {"ablation_ratio": 0.25},
+            cost="score",
+        ),
+        MethodSpec("FullGrad", "FullGrad (input and every bias; no layer)", c.FullGrad, layer),
+        MethodSpec("ShapleyCAM", "ShapleyCAM (gradient - 1/2 Hessian-vector)", c.ShapleyCAM, layer),
+        MethodSpec("KPCACAM", "KPCA-CAM (RBF, gamma 1/K; class-agnostic)", c.KPCACAM, layer),
+        MethodSpec("FEM", "FEM (k_std=2; class-agnostic)", c.FEM, layer),
+        MethodSpec(
+            "RandomCAM",
+            "RandomCAM, the floor (U(-1,1) per cell, seed 0; class-agnostic)",
+            c.RandomCAM,
+            layer,
+            {"seed": NOISE_SEED},
+        ),
     ]
+
+
+def selected_specs(args: argparse.Namespace, layer: str) -> list[MethodSpec]:
+    """``method_specs`` narrowed to the rows ``--methods`` names (all when it names none)."""
+    specs = method_specs(args, layer)
+    wanted = [name for name in (getattr(args, "methods", "") or "").split(",") if name]
+    unknown = set(wanted) - {spec.name for spec in specs}
+    if unknown:
+        raise SystemExit(f"--methods: no row {sorted(unknown)}; rows: {[s.name for s in specs]}")
+    return [spec for spec in specs if not wanted or spec.name in wanted]
 
 
 #: Methods of ``app.cam`` that do not apply to the benchmark's CNN, with the reason.
