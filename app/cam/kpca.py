@@ -21,7 +21,8 @@ KERNEL_GAMMA = MethodOption(
     "kernel_gamma",
     float,
     None,
-    "gamma of KPCA-CAM's RBF kernel exp(-gamma |a_i - a_j|^2) (none: 1 / channels)",
+    "gamma of KPCA-CAM's RBF kernel exp(-gamma d^2), d the distance of two positions' channel "
+    "vectors (none: 1 / channels)",
     1e-6,
     1e3,
 )

@@ -16,6 +16,7 @@ OPTIONS = {
     "SSCAM": {"num_samples": 2, "seed": 0},
     "ISCAM": {"num_samples": 2},
     "AblationCAM": {"batch_size": 3},
+    "RandomCAM": {"seed": 0},
 }
 #: RefineCAM multiplies the maps of several layers.
 LAYERS = {"RefineCAM": ["conv", "feat"]}
@@ -51,6 +52,11 @@ def test_methods_registry_names():
         "RefineCAM",
         "FinerCAM",
         "LeGrad",
+        "FullGrad",
+        "ShapleyCAM",
+        "KPCACAM",
+        "FEM",
+        "RandomCAM",
     ]
     assert all(issubclass(cls, _CAM) for cls in METHODS.values())
 
@@ -61,7 +67,8 @@ def test_batch_maps_equal_single_sample_maps(tiny_net, method):
     x = torch.randn(3, 3, 16, 16)
     classes = [2, 0, 1]
     batch = _run(method, tiny_net, x, classes)[0]
-    assert batch.shape == (3, 8, 8)
+    # FullGrad takes no layer: its one map is at the input's resolution.
+    assert batch.shape == ((3, 8, 8) if method.takes_layers else (3, 16, 16))
     for i in range(3):
         single = _run(method, tiny_net, x[i : i + 1], [classes[i]])[0]
         torch.testing.assert_close(batch[i : i + 1], single, rtol=1e-5, atol=1e-5)
@@ -91,7 +98,7 @@ def test_class_idx_checks(tiny_net, method):
 def test_3d_inputs_give_volumetric_maps(tiny_net3d, method):
     x = torch.randn(2, 3, 6, 8, 8)
     maps = _run(method, tiny_net3d, x, [0, 2])[0]
-    assert maps.shape == (2, 3, 4, 4)
+    assert maps.shape == ((2, 3, 4, 4) if method.takes_layers else (2, 6, 8, 8))
     assert torch.isfinite(maps).all()
 
 
@@ -105,7 +112,10 @@ def test_unnormalised_maps_are_the_raw_relu_sum(tiny_net, method):
     x = torch.randn(2, 3, 16, 16)
     raw = _run(method, tiny_net, x, [1, 2], normalized=False)[0]
     norm = _run(method, tiny_net, x, [1, 2])[0]
-    assert raw.min() >= 0
+    if method.__name__ == "RandomCAM":
+        assert raw.min() >= -1 and raw.max() <= 1  # the draw itself, U(-1, 1)
+    else:
+        assert raw.min() >= 0
     torch.testing.assert_close(normalize_maps(raw), norm, rtol=1e-5, atol=1e-5)
 
 
@@ -123,6 +133,8 @@ def test_several_layers_one_map_each_and_fusion():
             continue  # covered on the tiny model; too slow on a ResNet for a unit test
         if method.__name__ == "RefineCAM":
             continue  # one fused map for all its layers: tests/cam/test_composite.py
+        if not method.takes_layers:
+            continue  # FullGrad: one map of the whole network, tests/cam/test_fullgrad.py
         with method(model, layers, input_shape=(3, 64, 64)) as extractor:
             maps = extractor([0, 1], model(x))
             assert [m.shape for m in maps] == [(2, 8, 8), (2, 4, 4), (2, 2, 2)]
