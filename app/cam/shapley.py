@@ -40,7 +40,7 @@ class ShapleyCAM(_GradientCAM):
                 "to the target layer: run the forward with gradients enabled."
             )
         try:
-            grads = torch.autograd.grad(target, recorded, create_graph=True, allow_unused=True)
+            first = torch.autograd.grad(target, recorded, create_graph=True, allow_unused=True)
         except RuntimeError as exc:
             if any(hint in str(exc) for hint in _FREED_GRAPH_HINTS):
                 raise RuntimeError(
@@ -50,10 +50,10 @@ class ShapleyCAM(_GradientCAM):
                 ) from exc
             raise
         grads = [
-            torch.zeros_like(a) if g is None else g for g, a in zip(grads, recorded, strict=True)
+            torch.zeros_like(a) if g is None else g for g, a in zip(first, recorded, strict=True)
         ]
         curved = [(g, a) for g, a in zip(grads, recorded, strict=True) if g.requires_grad]
-        products = dict.fromkeys(range(len(recorded)))
+        products: dict[int, Tensor | None] = dict.fromkeys(range(len(recorded)))
         if curved:
             # d/dA <g, v> with v = A held fixed: the Hessian-vector product H A.
             hvps = torch.autograd.grad(
