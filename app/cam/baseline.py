@@ -19,9 +19,11 @@ class RandomCAM(_CAM):
 
     L ~ U(-1, 1) independently at every position of the target layer's grid: it reads neither
     the model, the class nor the image. A method whose score does not beat it on a metric says
-    nothing there. One grid is drawn per call and shared by the batch (like SS-CAM's noise), so
-    a sample's map does not depend on its batch. Raw maps lie in [-1, 1] (the one method whose
-    raw map is not ReLU'd: it is the draw itself); normalised ones in [0, 1].
+    nothing there. Each sample of a batch gets a draw of its own (a grid shared by the batch
+    would point every image at the same place), so with a seed sample i's map is the i-th draw
+    and depends on its place in the batch, unlike every other method's. Raw maps lie in
+    [-1, 1] (the one method whose raw map is not ReLU'd: it is the draw itself); normalised ones
+    in [0, 1].
 
     Args:
         seed: seeds the draws of every call (``None``: torch's global generator).
@@ -56,7 +58,7 @@ class RandomCAM(_CAM):
         device = activations[0].device
         generator = seeded_generator(self.seed, device)
         for activation in activations:
-            grid = tuple(activation.shape[2:])
-            draw = torch.rand(grid, generator=generator, device=device, dtype=torch.float32)
-            maps.append((2 * draw - 1).expand(activation.shape[0], *grid).clone())
+            shape = (activation.shape[0], *activation.shape[2:])
+            draw = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+            maps.append(2 * draw - 1)
         return maps

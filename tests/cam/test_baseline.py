@@ -19,8 +19,9 @@ def test_a_seeded_uniform_map_in_minus_one_one_at_the_layers_resolution(tiny_net
     raw = _maps(tiny_net, 7)
     assert raw.shape == (2, 8, 8)
     assert float(raw.min()) >= -1 and float(raw.max()) <= 1
-    expected = 2 * torch.rand((8, 8), generator=torch.Generator().manual_seed(7)) - 1
-    torch.testing.assert_close(raw, expected.expand(2, 8, 8))  # one draw, shared by the batch
+    expected = 2 * torch.rand((2, 8, 8), generator=torch.Generator().manual_seed(7)) - 1
+    torch.testing.assert_close(raw, expected)  # a draw per sample: the images differ
+    assert not torch.equal(raw[0], raw[1])
     torch.testing.assert_close(_maps(tiny_net, 7, class_idx=2, x=torch.zeros(2, 3, 16, 16)), raw)
     assert not torch.equal(_maps(tiny_net, 8), raw)
     normalized = _maps(tiny_net, 7, normalized=True)
