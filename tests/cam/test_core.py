@@ -63,7 +63,7 @@ def test_methods_registry_names():
 
 @pytest.mark.parametrize("method", [m for m in ALL if m.__name__ != "RandomCAM"])
 def test_batch_maps_equal_single_sample_maps(tiny_net, method):
-    """(RandomCAM draws a map per sample: sample i gets the i-th draw, tests/cam/test_baseline.py)"""
+    """(Not RandomCAM: sample i gets the i-th draw, tests/cam/test_baseline.py.)"""
     torch.manual_seed(0)
     x = torch.randn(3, 3, 16, 16)
     classes = [2, 0, 1]

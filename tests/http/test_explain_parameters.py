@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -421,3 +422,16 @@ def test_predict_refuses_an_unknown_or_repeated_field_of_its_form(client: TestCl
     )
     ok = client.post("/predict", files=files(image_bytes(seed=5)), data={"top_k": "2"})
     assert ok.status_code == 200 and len(ok.json()["results"][0]["predictions"]) == 2
+
+
+def test_shapleycam_shares_the_gradient_pass_and_fullgrad_runs_beside(client: TestClient) -> None:
+    """GradCAM and ShapleyCAM share one forward (the graph serves both backwards, the double one
+    too); on the tiny model's piecewise-linear head the Hessian term is 0, so their maps agree."""
+    data = {"method": "GradCAM,ShapleyCAM,FullGrad", "class_idx": str(CLASS_IDX), "output": "raw"}
+    response = client.post("/explain", files=files(image_bytes(seed=5)), data=data)
+    assert response.status_code == 200, response.text
+    explanations = response.json()["results"][0]["explanations"]
+    assert [e["method"] for e in explanations] == ["GradCAM", "ShapleyCAM", "FullGrad"]
+    grad, shapley, full = (e["maps"] for e in explanations)
+    np.testing.assert_allclose(grad[0]["raw"]["values"], shapley[0]["raw"]["values"], atol=1e-5)
+    assert [m["layer"] for m in full] == ["fused"]  # one map of the whole network
