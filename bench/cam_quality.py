@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.manual_seed(NOISE_SEED)  # RandomCAM's draws (the other rows seed their own)
     out_dir = ROOT / args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
