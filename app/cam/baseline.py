@@ -26,7 +26,8 @@ class RandomCAM(_CAM):
     in [0, 1].
 
     Args:
-        seed: seeds the draws of every call (``None``: torch's global generator).
+        seed: seeds the draws of every call (``None``: torch's global generator). A seed restarts
+            them at each call: one-image calls with one seed all get the same map.
     """
 
     class_agnostic = True
