@@ -78,7 +78,7 @@ from bench.quality.evaluation import (  # noqa: E402
     gaussian_map,
     identity_checks,
     layer_side,
-    method_specs,
+    selected_specs,
 )
 from bench.quality.report import cpu_model, markdown  # noqa: E402
 from bench.quality.sensitivity import SensitivityRow, evaluate, pair_set  # noqa: E402
@@ -138,7 +138,7 @@ def run_quality(args: argparse.Namespace, bench: BenchModel, seeds: list[int]) -
     tl = loaded.target_layer
     n_cheap, n_faith, n_sanity = args.n_images, args.n_faith, args.n_sanity
     rows: list[Row] = []
-    for spec in method_specs(args, tl):
+    for spec in selected_specs(args, tl):
         nm, nf, ns = sizes(spec, args)
         make, batched = extractor_map_fns(spec.cls, spec.target, spec.options, spec.fuse, shape)
         rows.append(
@@ -268,7 +268,7 @@ def run_sensitivity(args: argparse.Namespace, bench: BenchModel) -> dict[str, An
     model = bench.model
     counts = {"cheap": args.n_pairs, "score": args.n_pairs_score, "noise": args.n_pairs_noise}
     rows = []
-    for spec in method_specs(args, layer):
+    for spec in selected_specs(args, layer):
         _, batched = extractor_map_fns(spec.cls, spec.target, spec.options, spec.fuse, shape)
         rows.append(
             SensitivityRow(
@@ -363,6 +363,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "stage: Grad-CAM against random maps); a section left out keeps its results from the "
         "existing JSON",
     )
+    p.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated method rows to run (default: all); the baselines always run",
+    )
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--quick", action="store_true", help="smoke run on a few images")
     args = p.parse_args(argv)
@@ -387,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.manual_seed(NOISE_SEED)  # RandomCAM's draws (the other rows seed their own)
     out_dir = ROOT / args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""

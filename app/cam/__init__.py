@@ -8,6 +8,7 @@ with GradCAM(model, target_layer="layer4") as extractor:
 
 from app.cam.ablation import AblationCAM
 from app.cam.activation import CAM, ISCAM, SSCAM, ScoreCAM, find_fc_layer
+from app.cam.baseline import RandomCAM
 from app.cam.colormaps import COLORMAPS, apply_colormap, colormap_lut
 from app.cam.composite import FinerCAM, RefineCAM
 from app.cam.core import (
@@ -31,6 +32,8 @@ from app.cam.faithfulness import (
     randomize_model,
     spearman_correlation,
 )
+from app.cam.fem import FEM
+from app.cam.fullgrad import FullGrad
 from app.cam.gradient import (
     GradCAM,
     GradCAMElementWise,
@@ -42,6 +45,7 @@ from app.cam.gradient import (
 )
 from app.cam.guided import GuidedBackprop, GuidedGradCAM, guided_relus
 from app.cam.hierarchical import ChannelsLast, hierarchical_target
+from app.cam.kpca import KPCACAM
 from app.cam.layers import locate_candidate_layer
 from app.cam.legrad import LeGrad
 from app.cam.localization import best_iou, energy_pointing_game, iou_sweep, mask_iou, pointing_game
@@ -49,6 +53,7 @@ from app.cam.metrics import ClassificationMetric
 from app.cam.names import close_matches, did_you_mean
 from app.cam.options import MethodOption
 from app.cam.overlay import blend, colorize, heatmap, mask_levels, overlay_mask, palette_image
+from app.cam.shapley import ShapleyCAM
 from app.cam.targets import Target
 from app.cam.vit import TokensToGrid, ViTTarget, vit_target
 
@@ -75,6 +80,11 @@ METHODS: dict[str, type[_CAM]] = {
         GuidedBackprop,
         GuidedGradCAM,
         DFF,
+        FullGrad,
+        ShapleyCAM,
+        KPCACAM,
+        FEM,
+        RandomCAM,
     )
 }
 
@@ -109,6 +119,11 @@ __all__ = [
     "AblationCAM",
     "ChannelsLast",
     "hierarchical_target",
+    "FEM",
+    "FullGrad",
+    "KPCACAM",
+    "RandomCAM",
+    "ShapleyCAM",
     "CAM",
     "EigenCAM",
     "EigenGradCAM",

@@ -5,7 +5,8 @@ Gradient-free, like the Score-CAM family: the forward may run under ``torch.infe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any, cast
@@ -13,9 +14,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM, hooks_silenced, note_forward, positive_int
+from app.cam.core import _CAM, ExtraForwards, hooks_silenced, note_forward, positive_int
 from app.cam.layers import LayerSpec
-from app.cam.options import BATCH_SIZE
+from app.cam.options import BATCH_SIZE, MethodOption
 from app.cam.tail import model_tail
 from app.cam.targets import Objective
 
@@ -33,16 +34,41 @@ class AblationCAM(_CAM):
     part of the model after the layer runs, from the ablated activation. ``scores`` may be left
     out: the recorded input is re-run to read y_c.
 
+    ``ablation_ratio`` < 1 ablates, per sample, only the ceil(ratio * K) channels with the
+    largest mean activation (at least one); the others get w_k = 0. The cost shrinks in
+    proportion (``bench/ablation_ratio.py`` measures time and the maps' rank correlation).
+
     Args:
         batch_size: ablated inputs per forward (memory grows with it; the result does not).
         fast_path: run only the model's tail after the layer when that is exact (torch.fx).
+        ablation_ratio: the share of channels ablated, in (0, 1]; 1 ablates every channel.
     """
 
     uses_scores = True
     scores_optional = True
     uses_input = True
     masked_forwards = True
-    options = (replace(BATCH_SIZE, help="ablated inputs per forward (memory, not the result)"),)
+    options = (
+        replace(BATCH_SIZE, help="ablated inputs per forward (memory, not the result)"),
+        MethodOption(
+            "ablation_ratio",
+            float,
+            1.0,
+            "share of the channels ablated, those of largest mean activation (the rest weigh 0)",
+            0.01,
+            1.0,
+        ),
+    )
+
+    @classmethod
+    def extra_forwards(
+        cls, layer_shapes: Sequence[Sequence[int]], options: Mapping[str, Any], images: int
+    ) -> ExtraForwards:
+        ratio = float(options.get("ablation_ratio", 1.0))
+        channels = sum(
+            ablated_channels(shape[1] if len(shape) >= 2 else 1, ratio) for shape in layer_shapes
+        )
+        return ExtraForwards(images, channels, 1)
 
     def __init__(
         self,
@@ -53,11 +79,19 @@ class AblationCAM(_CAM):
         *,
         batch_size: int = 32,
         fast_path: bool = True,
+        ablation_ratio: float = 1.0,
         enable_hooks: bool = True,
     ) -> None:
         positive_int("batch_size", batch_size)
+        if (
+            isinstance(ablation_ratio, bool)
+            or not isinstance(ablation_ratio, int | float)
+            or not 0 < ablation_ratio <= 1
+        ):
+            raise ValueError(f"ablation_ratio must lie in (0, 1], got {ablation_ratio!r}.")
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.batch_size = batch_size
+        self.ablation_ratio = float(ablation_ratio)
         self.fast_path = fast_path
         self._tails: dict[str, nn.Module | None] = {}
 
@@ -82,6 +116,16 @@ class AblationCAM(_CAM):
         output, in the forward of another pass that runs in a pause of it)."""
         return ablated if self._in_scope() else None
 
+    def chosen_channels(self, activation: Tensor) -> Tensor:
+        """(N, K) bool: the channels each sample ablates, those of largest mean activation."""
+        n_samples, n_channels = activation.shape[:2]
+        count = ablated_channels(n_channels, self.ablation_ratio)
+        chosen = torch.zeros(n_samples, n_channels, dtype=torch.bool, device=activation.device)
+        if count >= n_channels:
+            return chosen.fill_(True)
+        means = activation.float().flatten(2).mean(dim=2)
+        return chosen.scatter_(1, means.topk(count, dim=1).indices, True)
+
     def _ablated_scores(
         self,
         name: str,
@@ -89,18 +133,17 @@ class AblationCAM(_CAM):
         raw: Tensor,
         inputs: Tensor,
         objectives: Sequence[Objective],
+        chosen: Tensor,
     ) -> Tensor:
-        """y_c^(k) for every objective, sample and channel, from the same ablated forwards
-        (their logits hold every class): (objectives, N, K)."""
+        """y_c^(k) for every objective and every (sample, channel) that ``chosen`` (N, K) marks,
+        from the same ablated forwards (their logits hold every class): (objectives, N, K)."""
         positions = self._channel_positions(raw)
         tail = self._tail(name)
         n_samples, n_channels = raw.shape[0], positions.shape[0]
         scores = torch.zeros(
             len(objectives), n_samples, n_channels, dtype=torch.float32, device=raw.device
         )
-        jobs = torch.cartesian_prod(
-            torch.arange(n_samples, device=raw.device), torch.arange(n_channels, device=raw.device)
-        ).reshape(-1, 2)
+        jobs = torch.nonzero(chosen.to(raw.device)).reshape(-1, 2)
         for start in range(0, jobs.shape[0], self.batch_size):
             samples, channels = jobs[start : start + self.batch_size].unbind(1)
             ablated = raw.index_select(0, samples).flatten(1).clone()
@@ -160,12 +203,19 @@ class AblationCAM(_CAM):
         n_samples = inputs.shape[0]
         with torch.no_grad():
             base = torch.stack([o(scores, torch.arange(n_samples)) for o in objectives])
-        self._work.begin(sum(a.shape[0] * a.shape[1] for a in activations))
+        chosen = [self.chosen_channels(a) for a in activations]
+        self._work.begin(sum(int(c.sum()) for c in chosen))
         per_layer = []
         layers = zip(self.target_names, self._target_modules, self._activations, strict=True)
-        for name, module, raw in layers:
-            ablated = self._ablated_scores(name, module, raw.detach(), inputs, objectives)  # type: ignore[union-attr]
+        for (name, module, raw), picked in zip(layers, chosen, strict=True):
+            ablated = self._ablated_scores(name, module, raw.detach(), inputs, objectives, picked)  # type: ignore[union-attr]
             y = base.to(ablated.device)[:, :, None]
             safe = torch.where(y != 0, y, torch.ones_like(y))
-            per_layer.append(torch.where(y != 0, (y - ablated) / safe, torch.zeros_like(ablated)))
+            kept = (y != 0) & picked.to(ablated.device)[None]
+            per_layer.append(torch.where(kept, (y - ablated) / safe, torch.zeros_like(ablated)))
         return [[weights[k] for weights in per_layer] for k in range(len(objectives))]
+
+
+def ablated_channels(channels: int, ratio: float) -> int:
+    """How many of ``channels`` a ratio ablates: ceil(ratio * channels), at least one."""
+    return min(channels, max(1, math.ceil(ratio * channels - 1e-9)))

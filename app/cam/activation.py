@@ -22,7 +22,15 @@ from app.cam.core import (
     seeded_generator,
 )
 from app.cam.layers import LayerSpec, resolve_layer
-from app.cam.options import BATCH_SIZE, FC_LAYER, SEED, MethodOption, noise_std, num_samples
+from app.cam.options import (
+    BATCH_SIZE,
+    FC_LAYER,
+    SCHEDULE,
+    SEED,
+    MethodOption,
+    noise_std,
+    num_samples,
+)
 from app.cam.targets import Objective, take_rows
 
 logger = logging.getLogger(__name__)
@@ -485,15 +493,27 @@ class SSCAM(_ScoreFamily):
 class ISCAM(_ScoreFamily):
     """IS-CAM, Integrated Score-CAM (Naidu et al., 2020, arXiv:2010.03023).
 
-    S_k = mean_{i=1..n} f_c(x * (i/n) M_k), the class score integrated along the path from the
-    zero mask to M_k; w = softmax_k(S); L = ReLU(sum_k w_k A_k).
+    S_k = mean_{i=1..n} f_c(x * c_i M_k), the class score integrated along a path of scaled
+    masks; w = softmax_k(S); L = ReLU(sum_k w_k A_k). The schedule c_i:
+
+    - ``"cumulative"`` (default), the authors' code: the coefficient grows by i/n at step i
+      (``new_map += x * 0.1 * i`` at n = 10), so c_i = sum_{j<=i} j/n = i(i+1)/(2n), which
+      reaches (n+1)/2 = 5.5 at n = 10. TorchCAM's ISCAM follows it too.
+    - ``"linear"``: c_i = i/n, the straight path from the zero mask to M_k that the paper's
+      integral describes and camserve used before (on 40 shape pairs its pointing game was
+      0.575 against 0.662 for the authors' schedule).
 
     Args:
         batch_size: masked inputs per forward.
         num_samples: integration steps.
+        schedule: ``"cumulative"`` or ``"linear"``.
     """
 
-    options = (BATCH_SIZE, num_samples(10, "integration steps from the zero mask to the mask"))
+    options = (
+        BATCH_SIZE,
+        num_samples(10, "integration steps from the zero mask to the mask"),
+        SCHEDULE,
+    )
 
     def __init__(
         self,
@@ -504,9 +524,14 @@ class ISCAM(_ScoreFamily):
         *,
         batch_size: int = 32,
         num_samples: int = 10,
+        schedule: str = "cumulative",
         enable_hooks: bool = True,
     ) -> None:
         positive_int("num_samples", num_samples)
+        if schedule not in SCHEDULE.choices:
+            raise ValueError(
+                f"schedule must be one of {', '.join(SCHEDULE.choices)}, got {schedule!r}."
+            )
         super().__init__(
             model,
             target_layer,
@@ -516,11 +541,19 @@ class ISCAM(_ScoreFamily):
             enable_hooks=enable_hooks,
         )
         self.num_samples = num_samples
+        self.schedule = schedule
         self._variants = num_samples
+
+    def coefficients(self) -> Tensor:
+        """c_i for i = 1..n, the scale of the mask at each step: (n,)."""
+        steps = torch.arange(1, self.num_samples + 1, dtype=torch.float64)
+        if self.schedule == "linear":
+            return (steps / self.num_samples).float()
+        return (steps * (steps + 1) / (2 * self.num_samples)).float()
 
     def _masked_inputs(
         self, inputs: Tensor, masks: Tensor, sample_idx: Tensor, variant_idx: Tensor
     ) -> Tensor:
-        steps = (variant_idx.to(masks.device, torch.float32) + 1) / self.num_samples
+        steps = self.coefficients().to(masks.device)[variant_idx.to(masks.device).long()]
         scaled = masks * steps.reshape(-1, *([1] * (masks.ndim - 1)))
         return inputs * scaled.unsqueeze(1).to(inputs.dtype)

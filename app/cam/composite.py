@@ -49,6 +49,11 @@ class _Composite(_CAM):
         self.reshape_transform = base.reshape_transform
         self.target_names = base.target_names
 
+    @property
+    def base_cam(self) -> _CAM:
+        """The extractor this one wraps (it owns the hooks, removed when this one exits)."""
+        return self.base
+
     def enable_hooks(self) -> None:
         self.base.enable_hooks()
 

@@ -290,6 +290,9 @@ class _CAM:
     shares_classes: ClassVar[bool] = True
     #: besides its maps, keeps the concepts it found in ``concepts`` after a call (DFF)
     gives_concepts: ClassVar[bool] = False
+    #: explains the target layers it is given; ``False``: it reads the whole network and takes
+    #: none (FullGrad), so a client's ``target_layer`` is refused for it
+    takes_layers: ClassVar[bool] = True
     #: the method's options, declared once (see ``app.cam.options``)
     options: ClassVar[tuple[MethodOption, ...]] = ()
     #: the names of ``options`` (derived)

@@ -123,6 +123,8 @@ class DFF(CAM):
     """
 
     gives_concepts = True
+    #: its concepts are each image's own factorisation: six variants' concepts do not average
+    aug_smoothable = False
     options = (N_COMPONENTS, FC_LAYER)  # type: ignore[assignment]
 
     def __init__(

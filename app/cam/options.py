@@ -29,6 +29,8 @@ class MethodOption:
     at: Literal["init", "call"] = "init"
     #: whether a client of the service may set it (``fc_layer`` comes from the model's manifest)
     public: bool = True
+    #: the values a ``str`` option takes (empty: any string)
+    choices: tuple[str, ...] = ()
 
     def check(self, value: Any) -> Any:
         """``value`` if it has the option's type and lies within its bounds, else a
@@ -52,6 +54,10 @@ class MethodOption:
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, self.type):
             raise TypeError(f"{self.name} must be {self.type.__name__}, got {value!r}.")
+        if self.choices and value not in self.choices:
+            raise ValueError(
+                f"{self.name} must be one of {', '.join(self.choices)}, got {str(value)[:40]!r}."
+            )
         if isinstance(value, int | float):
             if not math.isfinite(value):
                 raise ValueError(f"{self.name} must be a finite number, got {value!r}.")
@@ -84,6 +90,7 @@ class MethodOption:
             "minimum": self.low,
             "maximum": self.high,
             "help": self.help,
+            "choices": list(self.choices) or None,
         }
 
 
@@ -147,3 +154,11 @@ SMOOTHING_NAMES: tuple[str, ...] = tuple(option.name for option in SMOOTHING)
 #: How many variants ``aug_smooth`` runs: flip (no, yes) x input scale (0.9, 1.0, 1.1).
 AUG_SCALES: tuple[float, ...] = (0.9, 1.0, 1.1)
 AUG_VARIANTS = 2 * len(AUG_SCALES)
+
+SCHEDULE = MethodOption(
+    "schedule",
+    str,
+    "cumulative",
+    "IS-CAM's mask scales: cumulative (the authors' code, i(i+1)/2n at step i) or linear (i/n)",
+    choices=("cumulative", "linear"),
+)

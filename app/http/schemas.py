@@ -130,6 +130,7 @@ class MethodOptionInfo(BaseModel):
     minimum: float | None = Field(description="lowest value accepted")
     maximum: float | None = Field(description="highest value accepted")
     help: str
+    choices: list[str] | None = Field(None, description="the values a string option takes")
 
 
 class MethodInfo(BaseModel):

@@ -143,6 +143,20 @@ def check_flip(model: LoadedModel, per_method: Sequence[dict[str, Any]]) -> None
         )
 
 
+def check_layers_taken(methods: Sequence[tuple[str, type[_CAM]]], layers: Sequence[str]) -> None:
+    """A ``target_layer`` sent must go to a method that takes layers (FullGrad reads the whole
+    network and takes none): one method must take it; of several, at least one of them."""
+    if not layers or any(cls.takes_layers for _, cls in methods):
+        return
+    names = [method for method, _ in methods]
+    takers = [name for name, cls in METHODS.items() if cls.takes_layers]
+    raise InvalidParameter(
+        f"{', '.join(names)} explain(s) the whole network and take(s) no target_layer. "
+        "Drop target_layer, or add a method that takes one (e.g. GradCAM).",
+        details={"parameter": "target_layer", "methods": takers},
+    )
+
+
 def check_layers(model: LoadedModel, layers: Sequence[str]) -> tuple[str, ...]:
     """The requested layers (deduplicated), or the model's defaults; unknown names refused."""
     if not layers:

@@ -729,6 +729,7 @@ class Explainer:
             tuple(dict.fromkeys(params.target_layers)) != model.target_layers
         )
         methods = checks.resolve_methods(model, params.method, own_layers)
+        checks.check_layers_taken(methods, params.target_layers)
         per_method = checks.split_options(methods, params.options)
         checks.check_flip(model, per_method)
         for (_, cls), options in zip(methods, per_method, strict=True):

@@ -100,3 +100,40 @@ def test_the_fx_tail_gives_the_hooked_forwards_results():
     # A skip connection goes around layer4.0.conv1: no tail, the hooked forward is used.
     assert model_tail(model, "layer4.0.conv1") is None
     assert model_tail(model, "layer4.0.relu") is None  # called twice per block
+
+
+@pytest.mark.parametrize(("ratio", "kept"), [(0.5, 2), (0.3, 2), (0.01, 1), (1.0, 4)])
+def test_ablation_ratio_ablates_the_channels_of_largest_mean_only(quadratic, ratio, kept):
+    """The chosen channels keep the full run's weights; the others weigh 0."""
+    a = torch.rand(2, 4, 5, 6) + 0.1
+    a[0, 3] += 2.0  # sample 0: channel 3 has the largest mean
+    classes = [2, 0]
+    w = quadratic.weight.detach()[classes].double()
+    a64 = a.double()
+    y = (0.5 * w * a64**2).sum((1, 2, 3))
+    weights = (0.5 * w * a64**2).sum((2, 3)) / y[:, None]
+    top = a64.mean((2, 3)).topk(kept, dim=1).indices
+    chosen = torch.zeros(2, 4, dtype=torch.bool).scatter_(1, top, True)
+    assert bool(chosen[0, 3])
+    expected = torch.relu((torch.where(chosen, weights, 0)[:, :, None, None] * a64).sum(1))
+    with AblationCAM(
+        quadratic, "feat", input_shape=(4, 5, 6), batch_size=3, ablation_ratio=ratio
+    ) as extractor:
+        done: list[tuple[int, int]] = []
+        with torch.inference_mode():
+            scores = quadratic(a)
+        raw = extractor(
+            classes, scores, normalized=False, progress=lambda d, t: done.append((d, t))
+        )[0]
+        torch.testing.assert_close(extractor.chosen_channels(a), chosen)
+    # float32 y_c - y_c^(k) with a large channel: a few 1e-6 of rounding
+    torch.testing.assert_close(raw.double(), expected, rtol=1e-4, atol=1e-5)
+    assert done[-1] == (2 * kept, 2 * kept)  # only the chosen channels run
+    shapes = [(2, 4, 5, 6)]
+    assert AblationCAM.extra_forwards(shapes, {"ablation_ratio": ratio}, 2).total == 2 * kept
+
+
+def test_ablation_ratio_is_checked(tiny_net):
+    for bad in (0.0, 1.5, -1.0, True):
+        with pytest.raises(ValueError, match=r"ablation_ratio must lie in \(0, 1\]"):
+            AblationCAM(tiny_net, "feat", input_shape=(3, 16, 16), ablation_ratio=bad)

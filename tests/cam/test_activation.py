@@ -39,9 +39,15 @@ def _naive_channel_scores(model, x, classes, method, **opts) -> torch.Tensor:
             mask = _minmax(up)
             if method is ScoreCAM:
                 variants = [mask]
-            elif method is ISCAM:
+            elif method is ISCAM and opts.get("schedule") == "linear":
                 steps = opts["num_samples"]
                 variants = [mask * (s + 1) / steps for s in range(steps)]
+            elif method is ISCAM:
+                # The authors' loop: the coefficient accumulates i/n at step i.
+                steps, coefficient, variants = opts["num_samples"], 0.0, []
+                for s in range(1, steps + 1):
+                    coefficient += s / steps
+                    variants.append(mask * coefficient)
             else:
                 variants = [mask + noise[s] for s in range(opts["num_samples"])]
             probs = [model(x[i : i + 1] * v)[0, classes[i]] for v in variants]
@@ -54,6 +60,7 @@ def _naive_channel_scores(model, x, classes, method, **opts) -> torch.Tensor:
     [
         (ScoreCAM, {}),
         (ISCAM, {"num_samples": 3}),
+        (ISCAM, {"num_samples": 3, "schedule": "linear"}),
         (SSCAM, {"num_samples": 3, "std": 0.5, "seed": 11}),
     ],
 )
@@ -284,3 +291,18 @@ def test_cam_takes_a_1x1_convolution_head():
     model.classifier = strided
     with pytest.raises(ValueError, match="1x1 convolution"):
         CAM(model, "body", input_shape=(3, 8, 8), fc_layer=strided)
+
+
+def test_iscam_cumulative_schedule_reaches_n_plus_one_over_two():
+    """The authors' code at n = 10 (``new_map += x * 0.1 * i``) ends at 5.5; linear ends at 1."""
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU())
+    with ISCAM(model, "1", input_shape=(3, 8, 8)) as extractor:
+        assert extractor.schedule == "cumulative"
+        torch.testing.assert_close(
+            extractor.coefficients(),
+            torch.tensor([0.1, 0.3, 0.6, 1.0, 1.5, 2.1, 2.8, 3.6, 4.5, 5.5]),
+        )
+    with ISCAM(model, "1", input_shape=(3, 8, 8), schedule="linear") as extractor:
+        torch.testing.assert_close(extractor.coefficients(), torch.arange(1, 11) / 10)
+    with pytest.raises(ValueError, match="schedule must be one of cumulative, linear"):
+        ISCAM(model, "1", input_shape=(3, 8, 8), schedule="quadratic")

@@ -16,7 +16,11 @@ from tests.fixtures_models import build_tiny, build_tiny_vit
 
 #: Classes asked, as explain_classes takes them: one for the batch, then one per sample.
 CLASSES: list[Any] = [2, [0, 1], 1, [4, 3]]
-SEEDED = {"SSCAM": {"seed": 3, "num_samples": 2}, "SmoothGradCAMpp": {"seed": 3}}
+SEEDED = {
+    "SSCAM": {"seed": 3, "num_samples": 2},
+    "SmoothGradCAMpp": {"seed": 3},
+    "RandomCAM": {"seed": 3},
+}
 SHAPE = (3, 12, 12)
 
 

@@ -150,3 +150,14 @@ def test_composite_repr_names_the_base_method_and_the_layers():
     assert repr(refine) == "RefineCAM(base_method=GradCAMpp, target_layer=['a', 'b'])"
     finer = FinerCAM(model, "b", input_shape=(3, 16, 16))
     assert repr(finer) == "FinerCAM(base_method=GradCAM, target_layer=['b'])"
+
+
+def test_refinecam_exposes_its_base_cam_whose_hooks_go_on_exit():
+    model = TwoStages().eval()
+    with RefineCAM(model, ["a", "b"], input_shape=(3, 16, 16)) as refine:
+        base = refine.base_cam
+        assert isinstance(base, GradCAMpp) and base.target_names == ["a", "b"]
+        assert base._handles and model.a._forward_hooks and model.b._forward_hooks
+        refine([0], model(torch.randn(1, 3, 16, 16)))
+    assert base._handles == []
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

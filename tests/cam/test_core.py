@@ -16,14 +16,17 @@ OPTIONS = {
     "SSCAM": {"num_samples": 2, "seed": 0},
     "ISCAM": {"num_samples": 2},
     "AblationCAM": {"batch_size": 3},
+    "RandomCAM": {"seed": 0},
 }
 #: RefineCAM multiplies the maps of several layers.
 LAYERS = {"RefineCAM": ["conv", "feat"]}
 
 
 def _shape(method, layer_shape, input_shape):
-    """A method's map shape: the target layer's, or the input's for the guided methods."""
-    return input_shape if getattr(method, "input_resolution", False) else layer_shape
+    """A method's map shape: the target layer's, or the input's for the guided methods and for
+    FullGrad (it takes no layer)."""
+    at_input = getattr(method, "input_resolution", False) or not method.takes_layers
+    return input_shape if at_input else layer_shape
 
 
 def _run(method, model, x, classes, layer="feat", **kwargs):
@@ -59,16 +62,23 @@ def test_methods_registry_names():
         "GuidedBackprop",
         "GuidedGradCAM",
         "DFF",
+        "FullGrad",
+        "ShapleyCAM",
+        "KPCACAM",
+        "FEM",
+        "RandomCAM",
     ]
     assert all(issubclass(cls, _CAM) for cls in METHODS.values())
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", [m for m in ALL if m.__name__ != "RandomCAM"])
 def test_batch_maps_equal_single_sample_maps(tiny_net, method):
+    """(Not RandomCAM: sample i gets the i-th draw, tests/cam/test_baseline.py.)"""
     torch.manual_seed(0)
     x = torch.randn(3, 3, 16, 16)
     classes = [2, 0, 1]
     batch = _run(method, tiny_net, x, classes)[0]
+    # FullGrad takes no layer, and the guided methods map the input: input resolution.
     assert batch.shape == (3, *_shape(method, (8, 8), (16, 16)))
     for i in range(3):
         single = _run(method, tiny_net, x[i : i + 1], [classes[i]])[0]
@@ -113,7 +123,10 @@ def test_unnormalised_maps_are_the_raw_relu_sum(tiny_net, method):
     x = torch.randn(2, 3, 16, 16)
     raw = _run(method, tiny_net, x, [1, 2], normalized=False)[0]
     norm = _run(method, tiny_net, x, [1, 2])[0]
-    assert raw.min() >= 0
+    if method.__name__ == "RandomCAM":
+        assert raw.min() >= -1 and raw.max() <= 1  # the draw itself, U(-1, 1)
+    else:
+        assert raw.min() >= 0
     torch.testing.assert_close(normalize_maps(raw), norm, rtol=1e-5, atol=1e-5)
 
 
@@ -131,6 +144,8 @@ def test_several_layers_one_map_each_and_fusion():
             continue  # covered on the tiny model; too slow on a ResNet for a unit test
         if method.one_map:
             continue  # one map for all its layers: tests/cam/test_composite.py, test_guided.py
+        if not method.takes_layers:
+            continue  # FullGrad: one map of the whole network, tests/cam/test_fullgrad.py
         with method(model, layers, input_shape=(3, 64, 64)) as extractor:
             maps = extractor([0, 1], model(x))
             if getattr(method, "input_resolution", False):

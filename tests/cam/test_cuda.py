@@ -10,7 +10,14 @@ from tests.fixtures_models import build_tiny_vit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
-OPTIONS = {"SmoothGradCAMpp": {"seed": 0}, "SSCAM": {"num_samples": 2, "seed": 0}}
+OPTIONS = {
+    "SmoothGradCAMpp": {"seed": 0},
+    "SSCAM": {"num_samples": 2, "seed": 0},
+    "RandomCAM": {"seed": 0},
+    "AblationCAM": {"ablation_ratio": 0.5},
+}
+#: Their draws come from per-device generators: the CPU and the GPU maps differ.
+PER_DEVICE_NOISE = ("SmoothGradCAMpp", "SSCAM", "RandomCAM")
 
 
 #: RefineCAM fuses several layers; LeGrad reads a Vision Transformer's blocks (found by itself).
@@ -36,7 +43,7 @@ def test_maps_stay_on_the_gpu_and_match_the_cpu(tiny_net, name):
             maps = ext([0, 2], scores)[0]
         assert maps.device.type == device
         results[device] = maps
-    if name not in ("SmoothGradCAMpp", "SSCAM"):  # their noise comes from per-device generators
+    if name not in PER_DEVICE_NOISE:
         torch.testing.assert_close(results["cuda"].cpu(), results["cpu"], rtol=1e-4, atol=1e-4)
 
 
@@ -125,3 +132,40 @@ def test_gradcam_on_a_swin_runs_on_the_gpu_and_matches_the_cpu():
         assert maps.device.type == device and maps.shape == (2, 4, 4)
         results[device] = maps
     torch.testing.assert_close(results["cuda"].cpu(), results["cpu"], rtol=1e-3, atol=1e-3)
+
+
+def test_the_new_methods_formulas_hold_on_the_gpu(quadratic):
+    """ShapleyCAM's double backward, FullGrad's input and bias gradients and KPCA-CAM's eigh run
+    on the device and give the CPU's maps (the formula tests check the CPU's)."""
+    from app.cam import KPCACAM, FullGrad, ShapleyCAM
+
+    a = torch.rand(2, 4, 5, 6)
+    cpu = ShapleyCAM(quadratic, "feat", input_shape=(4, 5, 6))
+    with cpu:
+        expected = cpu([2, 0], quadratic(a), normalized=False)[0]
+    model = quadratic.to("cuda")
+    with ShapleyCAM(model, "feat", input_shape=(4, 5, 6)) as ext:
+        got = ext([2, 0], model(a.cuda()), normalized=False)[0]
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(inplace=True),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    for cls in (FullGrad, KPCACAM):
+        maps = {}
+        for device in ("cpu", "cuda"):
+            net.to(device)
+            layer = "2" if cls is KPCACAM else None
+            with cls(net, layer, input_shape=(3, 8, 8)) as ext:
+                context = torch.enable_grad() if ext.requires_grad else torch.inference_mode()
+                with context:
+                    scores = net(x.to(device))
+                maps[device] = ext([0, 1], scores)[0]
+        assert maps["cuda"].is_cuda
+        torch.testing.assert_close(maps["cuda"].cpu(), maps["cpu"], rtol=1e-4, atol=1e-4)

@@ -90,3 +90,11 @@ def test_an_option_given_several_times_is_sent_as_repeated_fields() -> None:
     repeated = ("comparison_idx=1", "comparison_idx=2", "gamma=0.5")
     request = build_request(("FinerCAM",), None, None, (), None, "jpeg", False, repeated)
     assert request.params().options == {"comparison_idx": (1, 2), "gamma": 0.5}
+
+
+def test_the_command_lines_text_options_reach_the_new_options() -> None:
+    """``-O schedule=linear -O k_std=1.5``: read by each option's kind, as /explain does."""
+    request = ExplainRequest(
+        methods=("ISCAM", "FEM"), fields={"schedule": "linear", "k_std": "1.5", "seed": "4"}
+    )
+    assert request.params().options == {"schedule": "linear", "k_std": 1.5, "seed": 4}

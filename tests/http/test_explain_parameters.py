@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -46,10 +47,14 @@ def valid_value(option: MethodOption) -> Any:
         return option.low + (option.high - option.low) / 20
     if option.type is int:
         return int(option.low if option.low is not None else 1)
+    if option.type is str and option.choices:
+        return next(choice for choice in option.choices if choice != option.default)
     raise AssertionError(f"no valid value for {option}")
 
 
 def out_of_bounds(option: MethodOption) -> Any:
+    if option.choices:
+        return "no-such-" + option.name
     value = option.high + 1 if option.high is not None else (option.low or 0) - 1
     value = int(value) if option.type in (int, list) else float(value)
     return [value] if option.type is list else value
@@ -193,7 +198,72 @@ def test_a_value_out_of_bounds_gets_one_message_everywhere(
     assert {status for status, _ in answers.values()} == {422}, answers
     messages = {message for _, message in answers.values()}
     assert len(messages) == 1, answers
-    assert messages.pop().startswith(f"{method}: {option.name} must lie in [")
+    bounds = "be one of " if option.choices else "lie in ["
+    assert messages.pop().startswith(f"{method}: {option.name} must {bounds}")
+
+
+#: The methods of issue #28, options or none: each runs on every protocol.
+NEW_METHODS = ["FullGrad", "ShapleyCAM", "KPCACAM", "FEM", "RandomCAM"]
+
+
+def test_the_new_methods_and_options_are_walked() -> None:
+    walked = {(param.values[0], param.values[1].name) for param in DECLARED}
+    assert {
+        ("ISCAM", "schedule"),
+        ("AblationCAM", "ablation_ratio"),
+        ("KPCACAM", "kernel_gamma"),
+        ("FEM", "k_std"),
+        ("RandomCAM", "seed"),
+    } <= walked
+    assert set(NEW_METHODS) <= set(METHODS)
+
+
+def _explanation_method(protocol: str, client: TestClient, method: str) -> tuple[int, Any]:
+    """Send ``method`` with normalized=false (RandomCAM: a seed, which every protocol reports)."""
+    if method == "RandomCAM":
+        return PROTOCOLS[protocol](client, method, "seed", 3)
+    return PROTOCOLS[protocol](client, method, "normalized", False)
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_every_new_method_runs_on_every_protocol(
+    client: TestClient, protocol: str, method: str
+) -> None:
+    status, answer = _explanation_method(protocol, client, method)
+    assert status == 200, answer
+    if method == "RandomCAM":
+        assert answer == {"seed": 3}
+
+
+def test_fullgrad_refuses_a_target_layer_with_one_message_everywhere(client: TestClient) -> None:
+    answers = {
+        "form": text_form(client, "/explain", {"method": "FullGrad", "target_layer": "features"}),
+        "jobs": text_form(client, "/jobs", {"method": "FullGrad", "target_layer": "features"}),
+        "kserve": json_kserve(client, {"method": "FullGrad", "target_layer": "features"}),
+        "oip": json_oip(client, {"method": "FullGrad", "target_layer": "features"}),
+    }
+    assert {status for status, _ in answers.values()} == {422}, answers
+    messages = {message for _, message in answers.values()}
+    assert messages == {
+        "FullGrad explain(s) the whole network and take(s) no target_layer. Drop "
+        "target_layer, or add a method that takes one (e.g. GradCAM)."
+    }, answers
+
+
+def test_an_option_of_another_method_is_a_422_naming_its_takers(client: TestClient) -> None:
+    for method, name, value in (
+        ("GradCAM", "schedule", "linear"),
+        ("ScoreCAM", "ablation_ratio", 0.5),
+        ("FullGrad", "k_std", 1.0),
+        ("EigenCAM", "kernel_gamma", 0.5),
+    ):
+        answers = {
+            protocol: send(client, method, name, value) for protocol, send in PROTOCOLS.items()
+        }
+        assert {status for status, _ in answers.values()} == {422}, answers
+        (message,) = {message for _, message in answers.values()}
+        assert message.startswith(f"{method} does not take the option {name!r}"), message
 
 
 # Malformed parameters: one rule (app.pipeline.params) refuses them with a 400 on every protocol.
@@ -448,3 +518,16 @@ def test_aug_smooth_on_a_model_that_cannot_be_flipped_is_refused_everywhere(
 
 def send_ok(client: TestClient, option: str) -> tuple[int, Any]:
     return via_kserve(client, "GradCAM", option, True)
+
+
+def test_shapleycam_shares_the_gradient_pass_and_fullgrad_runs_beside(client: TestClient) -> None:
+    """GradCAM and ShapleyCAM share one forward (the graph serves both backwards, the double one
+    too); on the tiny model's piecewise-linear head the Hessian term is 0, so their maps agree."""
+    data = {"method": "GradCAM,ShapleyCAM,FullGrad", "class_idx": str(CLASS_IDX), "output": "raw"}
+    response = client.post("/explain", files=files(image_bytes(seed=5)), data=data)
+    assert response.status_code == 200, response.text
+    explanations = response.json()["results"][0]["explanations"]
+    assert [e["method"] for e in explanations] == ["GradCAM", "ShapleyCAM", "FullGrad"]
+    grad, shapley, full = (e["maps"] for e in explanations)
+    np.testing.assert_allclose(grad[0]["raw"]["values"], shapley[0]["raw"]["values"], atol=1e-5)
+    assert [m["layer"] for m in full] == ["fused"]  # one map of the whole network

@@ -105,6 +105,7 @@ def test_model_detail_lists_each_methods_declared_options(client: TestClient) ->
             "minimum": o.low,
             "maximum": o.high,
             "help": o.help,
+            "choices": None,
         }
         for o in METHODS["SSCAM"].options
     ]
@@ -180,3 +181,15 @@ def test_the_version_field_picks_a_version_on_every_model_route(
     assert_error(
         client.post("/predict", files=image, data={"version": "0"}), 422, "validation_error"
     )
+
+
+def test_the_new_methods_and_a_string_options_choices_reach_the_page(client: TestClient) -> None:
+    """The page lists /models/{name}'s methods and options: the methods of issue #28 are there,
+    and IS-CAM's schedule names its choices."""
+    body = client.get("/models/tiny").json()
+    assert {"FullGrad", "ShapleyCAM", "KPCACAM", "FEM", "RandomCAM"} <= set(body["methods"])
+    (schedule,) = [o for o in body["method_options"]["ISCAM"] if o["name"] == "schedule"]
+    assert schedule["type"] == "string" and schedule["default"] == "cumulative"
+    assert schedule["choices"] == ["cumulative", "linear"]
+    assert body["method_info"]["FullGrad"]["summary"].startswith("FullGrad (Srinivas & Fleuret")
+    assert not body["method_info"]["FullGrad"]["slow"]
