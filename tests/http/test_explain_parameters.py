@@ -154,7 +154,8 @@ def test_every_method_with_options_is_covered() -> None:
     assert {"gamma", "num_references", "comparison_idx"} <= {p.values[1].name for p in DECLARED}
     # The smoothing options, declared once, reach every method that takes them.
     smoothing = {(p.values[0], p.values[1].name) for p in DECLARED}
-    assert {(m, "aug_smooth") for m in METHODS} <= smoothing
+    assert {(m, "aug_smooth") for m, c in METHODS.items() if c.aug_smoothable} <= smoothing
+    assert ("DFF", "aug_smooth") not in smoothing
     assert ("GradCAM", "eigen_smooth") in smoothing and (
         "EigenCAM",
         "eigen_smooth",
