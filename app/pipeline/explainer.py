@@ -31,14 +31,9 @@ from app.pipeline import checks
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
 from app.pipeline.budget import MemoryBudget
-from app.pipeline.decoding import (
-    DecodeCost,
-    DecodedImage,
-    Upload,
-    decode_cost,
-    decode_upload,
-    stack_inputs,
-)
+from app.pipeline.decoding import DecodeCost, DecodedImage, Upload, decode_cost
+from app.pipeline.lanes import DeviceLane, lane_for
+from app.pipeline.lanes.cpu import CpuLane
 from app.pipeline.passes import (
     CamItem,
     CamOutcome,
@@ -128,8 +123,12 @@ class Explainer:
         render_memory: MemoryBudget | None = None,
         heavy_render_pixels: int | None = None,
         heavy_render_threads: Executor | None = None,
+        image_lane: str = "device",
     ) -> None:
         self.registry = registry
+        self.image_lane = image_lane
+        """``device``: each model's image work runs in its device's lane; ``cpu``: on the CPU."""
+        self._lanes: dict[torch.device, DeviceLane] = {}
         self.limiter = limiter
         self.max_pixels = max_pixels
         self.max_request_pixels = max_request_pixels
@@ -214,7 +213,15 @@ class Explainer:
             # A quarter of what one request may draw: four default pictures draw alongside.
             heavy_render_pixels=settings.max_render_pixels // 4,
             heavy_render_threads=heavy_render_threads,
+            image_lane=settings.image_lane,
         )
+
+    def lane(self, model: LoadedModel) -> DeviceLane:
+        """The image lane of a model's device, made once per device."""
+        device = model.device if self.image_lane == "device" else torch.device("cpu")
+        if device not in self._lanes:
+            self._lanes[device] = CpuLane(device) if device.type == "cpu" else lane_for(device)
+        return self._lanes[device]
 
     def batcher(self, model: LoadedModel) -> Batcher:
         """The model's batcher, made on first use (inside the running event loop)."""
@@ -262,7 +269,7 @@ class Explainer:
     ) -> tuple[list[DecodedImage], float]:
         def work() -> tuple[list[DecodedImage], float]:
             started = time.perf_counter()
-            decoded = [decode_upload(u, model.spec, self.max_pixels, picture_side) for u in uploads]
+            decoded = self.lane(model).decode(uploads, model.spec, self.max_pixels, picture_side)
             return decoded, time.perf_counter() - started
 
         return await self._on_image_thread(work)
@@ -376,7 +383,7 @@ class Explainer:
     ) -> PredictResponse:
         with self.limiter.admit():
             decoded, decode_s = await self._decode(model, uploads, picture_side=0)
-            batch = stack_inputs(decoded)
+            batch = self.lane(model).stack(decoded)
             outcome, info = await self.batcher(model).submit(
                 ("forward",),
                 batch,
@@ -460,7 +467,7 @@ class Explainer:
         request stays admitted until its drawing ends: rendering is work the queue bound counts."""
         with self.limiter.admit() if admit else nullcontext():
             decoded, decode_s = await self._decode(model, uploads, side)
-            item = CamItem(stack_inputs(decoded), params.class_idx)
+            item = CamItem(self.lane(model).stack(decoded), params.class_idx)
             ran = await self._run_plans(model, plans, item, progress, priority)
             results, encode_s = await self._render(
                 model, decoded, ran.outcomes, plans, style, params
