@@ -539,7 +539,9 @@ class Explainer:
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
         async with self._heavy_lane_if(cost) as threads, self._room_to_draw(cost.bytes):
-            drawn = await draw_maps(threads, decoded, maps, style, model.spec.crop)
+            drawn = await draw_maps(
+                threads, decoded, maps, style, model.spec.crop, self.lane(model).painter
+            )
         results = await run_to_the_end(
             self.render_threads,
             lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),

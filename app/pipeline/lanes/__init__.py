@@ -16,6 +16,7 @@ import torch
 
 from app.models.manifest import ModelSpec
 from app.pipeline.decoding import DecodedImage, Upload
+from app.pipeline.rendering import Painter
 
 
 class DeviceLane(Protocol):
@@ -23,6 +24,11 @@ class DeviceLane(Protocol):
 
     name: str
     device: torch.device
+
+    @property
+    def painter(self) -> Painter | None:
+        """Draws the pictures of the images it decoded on its device (None: Pillow does)."""
+        ...
 
     def decode(
         self,

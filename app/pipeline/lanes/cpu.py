@@ -8,10 +8,13 @@ import torch
 
 from app.models.manifest import ModelSpec
 from app.pipeline.decoding import DecodedImage, Upload, decode_upload, stack_inputs
+from app.pipeline.rendering import Painter
 
 
 class CpuLane:
     name = "cpu"
+    painter: Painter | None = None
+    """Pillow draws (``rendering``)."""
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device if device is not None else torch.device("cpu")

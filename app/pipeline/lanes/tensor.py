@@ -35,6 +35,7 @@ from app.pipeline.decoding import (
 )
 from app.pipeline.lanes import tensor_image
 from app.pipeline.lanes.combining import Combiner
+from app.pipeline.lanes.drawing import TensorPainter
 from app.pipeline.lanes.staging import PinnedStaging
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class TensorLane:
         self.channels_last = channels_last
         self.staging = PinnedStaging(device)
         self.jpegs: Combiner[bytes, Tensor | None] = Combiner(self._decode_jpegs, max_jpegs)
+        self.painter = TensorPainter()
+        """Draws the pictures of the images this lane decoded (``rendering.draw_maps``)."""
         self.fallbacks = 0
         """JPEGs the tensor decoder rejected and the CPU lane decoded (or refused)."""
 

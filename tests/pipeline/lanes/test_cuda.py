@@ -84,3 +84,28 @@ def test_concurrent_requests_share_nvjpeg_calls_and_memory_stays_flat(lane, spec
         torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= before + 1024 * 1024
     assert sum(lane.jpegs.calls) >= 16 * 6
+
+
+@pytest.mark.parametrize("image_format", ["jpeg", "png"])
+def test_gpu_pictures_agree_with_pillow(lane, spec, image_format) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    from app.pipeline.rendering import NamedMap, RenderStyle, draw_maps
+    from tests.pipeline.lanes.test_drawing import _pixels, _psnr
+
+    upload = Upload("p.jpg", encoded(photo((640, 480)), "JPEG", 6))
+    style = RenderStyle(outputs=("overlay", "heatmap"), image_format=image_format)
+    cams = torch.rand(1, 7, 7, generator=torch.Generator().manual_seed(0))
+    drawn = []
+    for each in (CpuLane(), lane):
+        decoded = each.decode([upload], spec, LIMIT, 1024)
+        maps = [[NamedMap("feat", "layer", cams, normalized=False)]]
+        drawn.append(asyncio.run(draw_maps(None, decoded, maps, style, spec.crop, each.painter)))
+    want, got = drawn[0][0][0][0], drawn[1][0][0][0]
+    assert (got["width"], got["height"], got["region"]) == (
+        want["width"],
+        want["height"],
+        want["region"],
+    )
+    for name in ("overlay", "heatmap"):
+        assert _psnr(_pixels(got[name]), _pixels(want[name])) >= 40
