@@ -29,6 +29,8 @@ class MethodOption:
     at: Literal["init", "call"] = "init"
     #: whether a client of the service may set it (``fc_layer`` comes from the model's manifest)
     public: bool = True
+    #: the values a ``str`` option takes (empty: any)
+    choices: tuple[str, ...] = ()
 
     def check(self, value: Any) -> Any:
         """``value`` if it has the option's type and lies within its bounds, else a
@@ -48,6 +50,10 @@ class MethodOption:
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, self.type):
             raise TypeError(f"{self.name} must be {self.type.__name__}, got {value!r}.")
+        if self.choices and value not in self.choices:
+            raise ValueError(
+                f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}."
+            )
         if isinstance(value, int | float):
             if not math.isfinite(value):
                 raise ValueError(f"{self.name} must be a finite number, got {value!r}.")
@@ -76,6 +82,7 @@ class MethodOption:
             "minimum": self.low,
             "maximum": self.high,
             "help": self.help,
+            **({"choices": list(self.choices)} if self.choices else {}),
         }
 
 
@@ -96,6 +103,26 @@ SEED = MethodOption(
 )
 BATCH_SIZE = MethodOption(
     "batch_size", int, 32, "masked inputs per forward (memory, not the result)", 1, 256
+)
+CHUNK_MS = MethodOption(
+    "chunk_ms",
+    float,
+    20.0,
+    "on CUDA, the device time a chunk of masked forwards aims at: chunks grow or shrink to it "
+    "(batch_size is the first chunk's size), so other passes get turns that often; on CPU "
+    "chunks keep batch_size",
+    1.0,
+    1000.0,
+)
+#: Masked inputs per chunk at most when chunk_ms sizes the chunks (CUDA).
+MAX_TIMED_CHUNK = 256
+PRECISION = MethodOption(
+    "precision",
+    str,
+    "fp32",
+    "number format of the masked forwards (the map's arithmetic stays fp32): bf16 is faster "
+    "on GPUs with bf16 tensor cores and moves the map slightly",
+    choices=("fp32", "bf16"),
 )
 FC_LAYER = MethodOption(
     "fc_layer",

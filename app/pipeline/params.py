@@ -393,6 +393,7 @@ def _from_option(name: str) -> ExplainParameter:
         f"{first.help}; taken by {taken_by}",
         low=min(lows) if lows else None,
         high=max(highs) if highs else None,
+        choices=first.choices,
         example=["3"] if first.type is list else None,
         option=True,
     )
