@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["throughput_c32"] = after["c32"]["throughput_rps"]
         report["throughput_c32_before"] = before["c32"]["throughput_rps"]
         report.update(peer(store, args.device, image, seconds, repeats, after, root))
-    report.update(scorecam(spec, device, args.quick, max(1, repeats // 4)))
+        report.update(scorecam(spec, device, args.quick, max(1, repeats // 4)))
     return report
 
 
