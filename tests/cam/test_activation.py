@@ -304,7 +304,11 @@ def test_bf16_masked_forwards_keep_the_map_s_ranking(method):
             with torch.inference_mode():
                 scores = model(x)
             maps[precision] = extractor([3], scores)[0]
+        assert extractor._logits(x).dtype == (
+            torch.bfloat16 if precision == "bf16" else torch.float32
+        )
     assert maps["bf16"].dtype == torch.float32
+    assert not torch.equal(maps["bf16"], maps["fp32"])  # bf16 did run
     assert float(spearman_correlation(maps["bf16"], maps["fp32"])[0]) >= 0.9
 
 
