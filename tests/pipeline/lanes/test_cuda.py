@@ -109,3 +109,22 @@ def test_gpu_pictures_agree_with_pillow(lane, spec, image_format) -> None:  # ty
     )
     for name in ("overlay", "heatmap"):
         assert _psnr(_pixels(got[name]), _pixels(want[name])) >= 40
+
+
+def test_the_service_on_cuda_uses_the_cuda_lane(make_client) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import files
+
+    gpu = make_client(device="cuda")
+    explainer = gpu.app.state.explainer
+    assert isinstance(explainer.lane(explainer.registry.get("tiny")), CudaLane)
+    data = encoded(photo((160, 120)), "JPEG", 6)
+    form = {"model": "tiny", "method": "GradCAM", "output": "overlay,raw"}
+    for image_format in ("jpeg", "png"):
+        response = gpu.post(
+            "/explain",
+            files=files(data, name="p.jpg"),
+            data={**form, "image_format": image_format},
+        )
+        assert response.status_code == 200, response.text
+        first = response.json()["results"][0]["explanations"][0]["maps"][0]
+        assert (first["width"], first["height"]) == (120, 160)
