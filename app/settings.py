@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         "and reported by `/health`.",
         json_schema_extra={"allowed": "`auto`, `cpu`, `cuda`, `cuda:N`"},
     )
+    image_lane: Literal["device", "cpu"] = Field(
+        "device",
+        description="Where the image work (decode, resize, crop, normalise, drawing) runs: "
+        "`device` follows the model's device (nvJPEG and the GPU on CUDA, Pillow on CPU); `cpu` "
+        "keeps it on the CPU decode and render threads whatever the device.",
+    )
     model_store: Path = Field(Path("model_store"), description="One subfolder per model.")
     default_model: str = Field(
         "shapes",

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
+from app.cam.chunking import ChunkSizer
 from app.cam.core import (
     _CAM,
     hooks_silenced,
@@ -24,7 +25,10 @@ from app.cam.core import (
 from app.cam.layers import LayerSpec, resolve_layer
 from app.cam.options import (
     BATCH_SIZE,
+    CHUNK_MS,
     FC_LAYER,
+    MAX_TIMED_CHUNK,
+    PRECISION,
     SCHEDULE,
     SEED,
     MethodOption,
@@ -216,14 +220,18 @@ class _ScoreFamily(_CAM):
     A channel whose activation is flat has a zero mask; those channels share one masked input
     (per noise draw), so they cost one forward in all instead of one each. Masked forwards run
     in chunks of ``batch_size`` with every extractor's hooks off; masks are built per chunk, so
-    memory grows with ``batch_size`` and not with the number of channels.
+    memory grows with ``batch_size`` and not with the number of channels. On CUDA the chunks
+    are sized by time instead (``chunk_ms``, ``app.cam.chunking``), up to 256 inputs.
+
+    ``precision="bf16"`` runs the masked forwards under bf16 autocast; the scores, the softmax
+    and the map stay fp32.
     """
 
     uses_scores = True
     scores_optional = True
     uses_input = True
     masked_forwards = True
-    options: ClassVar[tuple[MethodOption, ...]] = (BATCH_SIZE,)
+    options: ClassVar[tuple[MethodOption, ...]] = (BATCH_SIZE, CHUNK_MS, PRECISION)
     #: masked inputs per (sample, channel): noise draws or integration steps.
     _variants = 1
 
@@ -235,11 +243,20 @@ class _ScoreFamily(_CAM):
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
         *,
         batch_size: int = 32,
+        chunk_ms: float = 20.0,
+        precision: str = "fp32",
         enable_hooks: bool = True,
     ) -> None:
         positive_int("batch_size", batch_size)
+        if not 0 < chunk_ms < math.inf:
+            raise ValueError(f"chunk_ms must be a positive number, got {chunk_ms!r}.")
+        PRECISION.check(precision)
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.batch_size = batch_size
+        self.chunk_ms = float(chunk_ms)
+        self.precision = precision
+        self.chunk_sizes: list[int] = []
+        """Inputs per chunk of the last call's masked forwards."""
 
     # --- what a method says
     def _masked_inputs(
@@ -272,17 +289,23 @@ class _ScoreFamily(_CAM):
             # with the contiguous layout to float rounding.
             layout = torch.channels_last if masked.ndim == 4 else torch.channels_last_3d
             masked = masked.contiguous(memory_format=layout)
-        with torch.inference_mode(), hooks_silenced(), self._work.pausable():
+        autocast = torch.autocast(
+            masked.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+        )
+        with torch.inference_mode(), hooks_silenced(), self._work.pausable(), autocast:
             return self.model(masked)
 
     def _class_scores(
         self, masked: Tensor, objectives: Sequence[Objective], samples: Tensor
     ) -> Tensor:
         """The score to explain (the class logit) of each masked input's sample, for every
-        objective, from one forward (the logits hold every class): (objectives, B)."""
+        objective, from one forward (the logits hold every class): (objectives, B), fp32."""
         with torch.inference_mode():
             logits = self._logits(masked)
-            return torch.stack([objective(logits, samples) for objective in objectives])
+            return torch.stack([objective(logits, samples).float() for objective in objectives])
+
+    def _sizer(self, device: torch.device) -> ChunkSizer:
+        return ChunkSizer(self.batch_size, self.chunk_ms, device, MAX_TIMED_CHUNK)
 
     def _chunks(self, total: int) -> Iterator[slice]:
         for start in range(0, total, self.batch_size):
@@ -319,16 +342,19 @@ class _ScoreFamily(_CAM):
         live = torch.nonzero(~flat)  # (J, 2)
         jobs = live.repeat_interleave(variants, dim=0)
         job_variants = torch.arange(variants, device=live.device).repeat(live.shape[0])
-        for part in self._chunks(jobs.shape[0]):
+        sizer = self._sizer(inputs.device)
+        self.chunk_sizes = sizer.sizes
+        for part in sizer.slices(jobs.shape[0]):
             sample_idx, channel_idx = jobs[part, 0], jobs[part, 1]
-            variant_idx = job_variants[part]
-            masks = self._masks(activation[sample_idx, channel_idx], size)
-            masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
-            scores = self._class_scores(masked, objectives, sample_idx)
-            for k in range(len(objectives)):
-                totals[k].index_put_(
-                    (sample_idx, channel_idx), scores[k].to(totals.device), accumulate=True
-                )
+            with sizer.timing(sample_idx.shape[0]):
+                variant_idx = job_variants[part]
+                masks = self._masks(activation[sample_idx, channel_idx], size)
+                masked = self._masked_inputs(inputs[sample_idx], masks, sample_idx, variant_idx)
+                scores = self._class_scores(masked, objectives, sample_idx)
+                for k in range(len(objectives)):
+                    totals[k].index_put_(
+                        (sample_idx, channel_idx), scores[k].to(totals.device), accumulate=True
+                    )
             self._work.advance(sample_idx.shape[0])
         # Flat channels: a zero mask, one shared masked input per (sample, variant) at most.
         if bool(flat.any()):
@@ -347,9 +373,8 @@ class _ScoreFamily(_CAM):
             everyone = torch.arange(n_samples)
             shared = take_rows(self._logits(masked), torch.zeros(n_samples, dtype=torch.long))
             with torch.inference_mode():
-                return torch.stack([o(shared, everyone) for o in objectives]).to(inputs.device) * (
-                    self._variants
-                )
+                scores = torch.stack([o(shared, everyone).float() for o in objectives])
+                return scores.to(inputs.device) * self._variants
         sums = torch.zeros(len(objectives), n_samples, device=inputs.device)
         pairs = torch.cartesian_prod(
             torch.arange(n_samples, device=inputs.device),
@@ -434,6 +459,8 @@ class SSCAM(_ScoreFamily):
 
     options = (
         BATCH_SIZE,
+        CHUNK_MS,
+        PRECISION,
         num_samples(35, "noise draws per mask"),
         noise_std(2.0, "standard deviation of the noise added to the [0, 1] masks"),
         SEED,
@@ -447,6 +474,8 @@ class SSCAM(_ScoreFamily):
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
         *,
         batch_size: int = 32,
+        chunk_ms: float = 20.0,
+        precision: str = "fp32",
         num_samples: int = 35,
         std: float = 2.0,
         seed: int | None = None,
@@ -461,6 +490,8 @@ class SSCAM(_ScoreFamily):
             input_shape,
             reshape_transform,
             batch_size=batch_size,
+            chunk_ms=chunk_ms,
+            precision=precision,
             enable_hooks=enable_hooks,
         )
         self.num_samples = num_samples
@@ -511,6 +542,8 @@ class ISCAM(_ScoreFamily):
 
     options = (
         BATCH_SIZE,
+        CHUNK_MS,
+        PRECISION,
         num_samples(10, "integration steps from the zero mask to the mask"),
         SCHEDULE,
     )
@@ -523,6 +556,8 @@ class ISCAM(_ScoreFamily):
         reshape_transform: Callable[[Tensor], Tensor] | None = None,
         *,
         batch_size: int = 32,
+        chunk_ms: float = 20.0,
+        precision: str = "fp32",
         num_samples: int = 10,
         schedule: str = "cumulative",
         enable_hooks: bool = True,
@@ -538,6 +573,8 @@ class ISCAM(_ScoreFamily):
             input_shape,
             reshape_transform,
             batch_size=batch_size,
+            chunk_ms=chunk_ms,
+            precision=precision,
             enable_hooks=enable_hooks,
         )
         self.num_samples = num_samples

@@ -112,6 +112,26 @@ SEED = MethodOption(
 BATCH_SIZE = MethodOption(
     "batch_size", int, 32, "masked inputs per forward (memory, not the result)", 1, 256
 )
+CHUNK_MS = MethodOption(
+    "chunk_ms",
+    float,
+    20.0,
+    "on CUDA, the device time a chunk of masked forwards aims at: chunks grow or shrink to it "
+    "(batch_size is the first chunk's size), so other passes get turns that often; on CPU "
+    "chunks keep batch_size",
+    1.0,
+    1000.0,
+)
+#: Masked inputs per chunk at most when chunk_ms sizes the chunks (CUDA).
+MAX_TIMED_CHUNK = 256
+PRECISION = MethodOption(
+    "precision",
+    str,
+    "fp32",
+    "number format of the masked forwards (the map's arithmetic stays fp32): bf16 is faster "
+    "on GPUs with bf16 tensor cores and moves the map slightly",
+    choices=("fp32", "bf16"),
+)
 FC_LAYER = MethodOption(
     "fc_layer",
     str,

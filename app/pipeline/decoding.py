@@ -207,6 +207,9 @@ class DecodedImage:
     """The normalised model input, (C, H, W)."""
     box: Box
     """Where the model's crop lies in ``image``, in its pixels."""
+    pixels: torch.Tensor | None = None
+    """``image`` as uint8 (3, H, W) on the device lane's device, where a lane decoded it there
+    (``app.pipeline.lanes``); None on the CPU lane."""
 
 
 def decode_upload(

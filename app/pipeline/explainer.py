@@ -39,15 +39,10 @@ from app.pipeline.concepts import (
     concept_maps,
     concepts_per_image,
 )
-from app.pipeline.decoding import (
-    DecodeCost,
-    DecodedImage,
-    Upload,
-    decode_cost,
-    decode_upload,
-    stack_inputs,
-)
+from app.pipeline.decoding import DecodeCost, DecodedImage, Upload, decode_cost
 from app.pipeline.faithfulness import DEFAULT_STEPS
+from app.pipeline.lanes import DeviceLane, lane_for
+from app.pipeline.lanes.cpu import CpuLane
 from app.pipeline.passes import (
     CamItem,
     CamOutcome,
@@ -145,10 +140,14 @@ class Explainer:
         heavy_render_pixels: int | None = None,
         heavy_render_threads: Executor | None = None,
         cache: ExplanationCache | None = None,
+        image_lane: str = "device",
     ) -> None:
         self.registry = registry
         self.cache = cache
         """The explanation cache stage (None: every explanation is computed)."""
+        self.image_lane = image_lane
+        """``device``: each model's image work runs in its device's lane; ``cpu``: on the CPU."""
+        self._lanes: dict[torch.device, DeviceLane] = {}
         self.limiter = limiter
         self.max_pixels = max_pixels
         self.max_request_pixels = max_request_pixels
@@ -238,7 +237,15 @@ class Explainer:
                 threads=image_threads,
                 on_event=metrics.observe_cache if metrics else None,
             ),
+            image_lane=settings.image_lane,
         )
+
+    def lane(self, model: LoadedModel) -> DeviceLane:
+        """The image lane of a model's device, made once per device."""
+        device = model.device if self.image_lane == "device" else torch.device("cpu")
+        if device not in self._lanes:
+            self._lanes[device] = CpuLane(device) if device.type == "cpu" else lane_for(device)
+        return self._lanes[device]
 
     def batcher(self, model: LoadedModel) -> Batcher:
         """The model's batcher, made on first use (inside the running event loop)."""
@@ -286,7 +293,7 @@ class Explainer:
     ) -> tuple[list[DecodedImage], float]:
         def work() -> tuple[list[DecodedImage], float]:
             started = time.perf_counter()
-            decoded = [decode_upload(u, model.spec, self.max_pixels, picture_side) for u in uploads]
+            decoded = self.lane(model).decode(uploads, model.spec, self.max_pixels, picture_side)
             return decoded, time.perf_counter() - started
 
         return await self._on_image_thread(work)
@@ -413,7 +420,7 @@ class Explainer:
     ) -> PredictResponse:
         with self.limiter.admit():
             decoded, decode_s = await self._decode(model, uploads, picture_side=0)
-            batch = stack_inputs(decoded)
+            batch = self.lane(model).stack(decoded)
             outcome, info = await self.batcher(model).submit(
                 ("forward",),
                 batch,
@@ -527,7 +534,10 @@ class Explainer:
         with self.limiter.admit() if admit else nullcontext():
             decoded, decode_s = await self._decode(model, uploads, side)
             item = CamItem(
-                stack_inputs(decoded), params.class_idx, params.classes, params.top_classes
+                self.lane(model).stack(decoded),
+                params.class_idx,
+                params.classes,
+                params.top_classes,
             )
             ran = await self._run_plans(model, plans, item, progress, priority)
             scored = await self._score(model, plans, item, ran, params, priority)
@@ -647,7 +657,9 @@ class Explainer:
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
         async with self._heavy_lane_if(cost) as threads, self._room_to_draw(cost.bytes):
-            drawn = await draw_maps(threads, decoded, maps, style, model.spec.crop)
+            drawn = await draw_maps(
+                threads, decoded, maps, style, model.spec.crop, self.lane(model).painter
+            )
         results = await run_to_the_end(
             self.render_threads,
             lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),

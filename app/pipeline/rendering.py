@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import torch
 from PIL import Image
@@ -300,6 +300,31 @@ def _map_fields(named: NamedMap, canvas: Canvas | None) -> dict[str, Any]:
     }
 
 
+class Painter(Protocol):
+    """Draws pictures where a device lane decoded the image (``app.pipeline.lanes``)."""
+
+    def canvas(self, decoded: DecodedImage, size: PictureSize, crop: tuple[int, int]) -> Any:
+        """The image's canvas on the lane's device; None: Pillow draws this image."""
+        ...
+
+    def render(
+        self, name: str, cam: torch.Tensor, normalized: bool, canvas: Any, style: RenderStyle
+    ) -> str:
+        """Output kind ``name`` (a picture) of one map, base64."""
+        ...
+
+
+def _painted_fields(named: NamedMap, canvas: Any) -> dict[str, Any]:
+    width, height = canvas.size
+    return {
+        "layer": named.layer,
+        "kind": named.kind,
+        "width": width,
+        "height": height,
+        "region": list(canvas.region),
+    }
+
+
 def render_image(
     decoded: DecodedImage,
     index: int,
@@ -326,13 +351,22 @@ async def draw_maps(
     maps: Sequence[Sequence[NamedMap]],
     style: RenderStyle,
     crop: tuple[int, int],
+    painter: Painter | None = None,
 ) -> list[list[list[dict[str, Any]]]]:
     """[image][group][map] -> the fields of ``MapOutput``, for each group of maps (a method's).
 
     Every canvas and every output of every map is one step on ``threads``: a cancel waits for
-    the step that runs (one picture at most), never for the rest of the drawing."""
+    the step that runs (one picture at most), never for the rest of the drawing. ``painter``:
+    the device lane's, which draws the images it decoded."""
     drawn = []
     for index, image in enumerate(decoded):
+        if painter is not None and style.draws_pictures:
+            painted = await run_to_the_end(
+                threads, partial(painter.canvas, image, style.size, crop)
+            )
+            if painted is not None:
+                drawn.append(await _paint(threads, painter, painted, index, maps, style))
+                continue
         canvas = (
             await run_to_the_end(threads, partial(Canvas.build, image, style.size, crop))
             if style.draws_pictures
@@ -352,6 +386,38 @@ async def draw_maps(
             per_group.append(rendered)
         drawn.append(per_group)
     return drawn
+
+
+async def _paint(
+    threads: Executor | None,
+    painter: Painter,
+    canvas: Any,
+    index: int,
+    maps: Sequence[Sequence[NamedMap]],
+    style: RenderStyle,
+) -> list[list[dict[str, Any]]]:
+    """``draw_maps`` of one image on a device lane's canvas, one picture a step."""
+    per_group = []
+    for group in maps:
+        rendered = []
+        for named in group:
+            fields = _painted_fields(named, canvas)
+            for name in style.outputs:
+                kind = OUTPUT_KINDS[name]
+                if kind.picture:
+                    fields[name] = await run_to_the_end(
+                        threads,
+                        partial(
+                            painter.render, name, named.cams[index], named.normalized, canvas, style
+                        ),
+                    )
+                else:
+                    fields[name] = kind.render(
+                        MapJob(named.cams[index], named.normalized, None, style)
+                    )
+            rendered.append(fields)
+        per_group.append(rendered)
+    return per_group
 
 
 #: Peak bytes of memory per pixel of the picture being drawn: its canvas (RGB), the map resized

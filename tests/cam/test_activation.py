@@ -306,3 +306,45 @@ def test_iscam_cumulative_schedule_reaches_n_plus_one_over_two():
         torch.testing.assert_close(extractor.coefficients(), torch.arange(1, 11) / 10)
     with pytest.raises(ValueError, match="schedule must be one of cumulative, linear"):
         ISCAM(model, "1", input_shape=(3, 8, 8), schedule="quadratic")
+
+
+@pytest.mark.parametrize("method", SCORE_METHODS)
+def test_bf16_masked_forwards_keep_the_map_s_ranking(method):
+    """bf16 autocast on the CPU: the maps stay fp32 and rank their pixels as fp32's do."""
+    from app.cam import spearman_correlation
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    opts = {"num_samples": 2, "seed": 0} if method is SSCAM else {}
+    opts = {"num_samples": 2} if method is ISCAM else opts
+    maps = {}
+    for precision in ("fp32", "bf16"):
+        with method(
+            model, "layer3", input_shape=(3, 64, 64), precision=precision, **opts
+        ) as extractor:
+            with torch.inference_mode():
+                scores = model(x)
+            maps[precision] = extractor([3], scores)[0]
+        assert extractor._logits(x).dtype == (
+            torch.bfloat16 if precision == "bf16" else torch.float32
+        )
+    assert maps["bf16"].dtype == torch.float32
+    assert not torch.equal(maps["bf16"], maps["fp32"])  # bf16 did run
+    assert float(spearman_correlation(maps["bf16"], maps["fp32"])[0]) >= 0.9
+
+
+def test_precision_and_chunk_ms_are_checked():
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        ScoreCAM(nn.Sequential(nn.Conv2d(3, 2, 1)), "0", precision="fp16")
+    with pytest.raises(ValueError, match="chunk_ms"):
+        ScoreCAM(nn.Sequential(nn.Conv2d(3, 2, 1)), "0", chunk_ms=0)
+
+
+def test_on_the_cpu_chunks_keep_batch_size(tiny_net):
+    x = torch.randn(2, 3, 16, 16)
+    with ScoreCAM(tiny_net, "feat", input_shape=(3, 16, 16), batch_size=3) as extractor:
+        with torch.inference_mode():
+            scores = tiny_net(x)
+        extractor([0, 1], scores)
+    assert extractor.chunk_sizes and set(extractor.chunk_sizes[:-1]) == {3}

@@ -169,3 +169,22 @@ def test_the_new_methods_formulas_hold_on_the_gpu(quadratic):
                 maps[device] = ext([0, 1], scores)[0]
         assert maps["cuda"].is_cuda
         torch.testing.assert_close(maps["cuda"].cpu(), maps["cpu"], rtol=1e-4, atol=1e-4)
+
+
+def test_score_cam_on_cuda_sizes_chunks_by_time_and_bf16_keeps_the_ranking():
+    import torchvision
+
+    from app.cam import ScoreCAM, spearman_correlation
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval().cuda()
+    x = torch.randn(1, 3, 96, 96, device="cuda")
+    maps = {}
+    for precision in ("fp32", "bf16"):
+        with ScoreCAM(model, "layer3", input_shape=(3, 96, 96), precision=precision) as cam:
+            with torch.inference_mode():
+                scores = model(x)
+            maps[precision] = cam([3], scores)[0]
+        assert cam.chunk_sizes[0] == 32 and max(cam.chunk_sizes) <= 256
+    assert maps["bf16"].dtype == torch.float32
+    assert float(spearman_correlation(maps["bf16"][None], maps["fp32"][None])[0]) >= 0.9

@@ -40,6 +40,8 @@ def valid_value(option: MethodOption) -> Any:
     """A value within the declared bounds, cheap to run (the low end for counts)."""
     if option.type is bool:
         return not option.default
+    if option.choices:
+        return next(choice for choice in option.choices if choice != option.default)
     if option.type is list:
         return [int(option.low or 0)]
     if option.type is float:
@@ -47,8 +49,6 @@ def valid_value(option: MethodOption) -> Any:
         return option.low + (option.high - option.low) / 20
     if option.type is int:
         return int(option.low if option.low is not None else 1)
-    if option.type is str and option.choices:
-        return next(choice for choice in option.choices if choice != option.default)
     raise AssertionError(f"no valid value for {option}")
 
 

@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from app.cam import METHODS
 from app.pipeline import explainer as explainer_module
+from app.pipeline.lanes import cpu as cpu_lane_module
 from tests.conftest import assert_error, files, image_bytes
 
 TINY_OPTIONS = {
@@ -270,14 +271,14 @@ def test_overload_is_503_with_retry_after(
         return original(*args, **kwargs)
 
     decoded: list[str] = []
-    original_decode = explainer_module.decode_upload
+    original_decode = cpu_lane_module.decode_upload
 
     def counting_decode(upload, *args):  # type: ignore[no-untyped-def]
         decoded.append(upload.filename)
         return original_decode(upload, *args)
 
     monkeypatch.setattr(explainer_module, "run_cam_pass", slow)
-    monkeypatch.setattr(explainer_module, "decode_upload", counting_decode)
+    monkeypatch.setattr(cpu_lane_module, "decode_upload", counting_decode)
     with ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(explain, client, image_bytes())
         assert started.wait(10)

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.pipeline import explainer as explainer_module
 from app.pipeline import passes
+from app.pipeline.lanes import cpu as cpu_lane_module
 from tests.conftest import assert_error, files, image_bytes
 
 #: 4,096 masked forwards of resnet18 at 64x64 (256 channels x 16 draws): many seconds of work.
@@ -206,13 +207,13 @@ def test_decoding_runs_on_a_bounded_pool_of_image_threads(
     client = make_client(queue_size=64)
     pool = client.app.state.explainer.image_threads  # type: ignore[attr-defined]
     threads: set[threading.Thread] = set()
-    original = explainer_module.decode_upload
+    original = cpu_lane_module.decode_upload
 
     def noting_thread(*args):  # type: ignore[no-untyped-def]
         threads.add(threading.current_thread())
         return original(*args)
 
-    monkeypatch.setattr(explainer_module, "decode_upload", noting_thread)
+    monkeypatch.setattr(cpu_lane_module, "decode_upload", noting_thread)
     with ThreadPoolExecutor(max_workers=24) as senders:
         answers = list(
             senders.map(

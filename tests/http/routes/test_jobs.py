@@ -17,9 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.http.app import create_app
-from app.pipeline import explainer as explainer_module
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
+from app.pipeline.lanes import cpu as cpu_lane_module
 from app.settings import Settings
 from tests.conftest import assert_error, files, image_bytes, wait_ready
 from tests.redis_server import RedisServer
@@ -314,13 +314,13 @@ def test_a_queued_job_decodes_only_when_its_turn_comes(
     make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoded: list[str] = []
-    real = explainer_module.decode_upload
+    real = cpu_lane_module.decode_upload
 
     def counting(upload: Upload, *args: object, **kwargs: object) -> object:
         decoded.append(upload.filename)
         return real(upload, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(explainer_module, "decode_upload", counting)
+    monkeypatch.setattr(cpu_lane_module, "decode_upload", counting)
     client = make_client(max_model_slots=1)
     first = submit(client, **SLOW)
     wait_for(client, first["id"], lambda v: v["progress"]["done"] > 0)
