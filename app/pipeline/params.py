@@ -373,6 +373,23 @@ GENERAL: tuple[ExplainParameter, ...] = (
         example="512",
     ),
     ExplainParameter("normalized", "bool", True, "raw maps min-max scaled to [0, 1]"),
+    ExplainParameter(
+        "box",
+        "strs",
+        (),
+        "detection models: the detection(s) to explain, by index in /predict's detections "
+        "(repeatable), or 'all' (up to 10); default the top one",
+        example=["0"],
+    ),
+    ExplainParameter(
+        "region",
+        "str",
+        None,
+        "segmentation models: where class_idx is explained: 'mask' (its predicted mask, the "
+        "default), 'box:x0,y0,x1,y1' (upload pixels) or 'png:<base64 PNG>' (a mask of the "
+        "upload's size, non-zero inside)",
+        example="box:0,0,32,32",
+    ),
 )
 
 
@@ -443,6 +460,8 @@ def build_params(
         normalized=general("normalized"),
         size=general("size"),
         options={name: value for name, value in read.items() if PARAMETERS[name].option},
+        boxes=general("box"),
+        region=general("region"),
     )
 
 
