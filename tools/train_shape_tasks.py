@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from app.models.zoo.shapes_dataset import DEFAULT_MEAN, DEFAULT_STD, make_pairs  # noqa: E402
-from app.models.zoo.shapes_tasks import NUM_CLASSES, ShapesSegmenter  # noqa: E402
+from app.models.zoo.shapes_tasks import ShapesSegmenter  # noqa: E402
 
 SIZE = 64
 
