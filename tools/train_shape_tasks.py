@@ -6,7 +6,7 @@ Usage (from the repository root)::
     .venv/bin/python tools/train_shape_tasks.py            # writes model_store/shapes-segment/
     .venv/bin/python tools/train_shape_tasks.py --quick    # tiny dry run, to a temp dir
 
-Seeded (torch, numpy, Python), 2 CPU threads; scenes are ``make_pairs`` at 64x64 with the
+Seeded (torch, numpy, Python), one CPU thread; scenes are ``make_pairs`` at 64x64 with the
 service's preprocessing; augmentation: flips and 90-degree rotations (exact symmetries). The
 detector's state_dict is the segmenter's under ``segmenter.``.
 """
@@ -54,14 +54,14 @@ def inputs(images: np.ndarray) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--train", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--train", type=int, default=1500)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=26)
     parser.add_argument("--out", type=Path, default=REPO / "model_store")
     args = parser.parse_args()
     if args.quick:
         args.train, args.epochs, args.out = 64, 1, Path(tempfile.mkdtemp())
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -95,8 +95,11 @@ def main() -> None:
             predicted = model(hx).argmax(1)
         shapes = hy > 0
         accuracy = float((predicted[shapes] == hy[shapes]).float().mean())
-        print(f"epoch {epoch + 1}: loss {loss.item():.3f}, held-out shape-pixel accuracy "
-              f"{accuracy:.3f} ({time.time() - started:.0f} s)")
+        print(
+            f"epoch {epoch + 1}: loss {loss.item():.3f}, held-out shape-pixel accuracy "
+            f"{accuracy:.3f} ({time.time() - started:.0f} s)",
+            flush=True,
+        )
     state = {k: v for k, v in model.state_dict().items()}
     segment = args.out / "shapes-segment"
     segment.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app import __version__
-from app.errors import BadRequest, clip
+from app.errors import BadRequest, InvalidTarget, clip
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -508,6 +508,15 @@ async def run_inference(
     """Run what ``inference`` asks (one predict or one explain call) and render the outputs
     wanted. The caller applies the deadline (``inference.timeout_s``) and its other limits."""
     model = explainer.registry.get(name, version)
+    if model.spec.task != "classification":
+        # Outputs boxes, scores and labels are not there yet: never logits of zeros.
+        raise InvalidTarget(
+            f"Model {model.spec.name!r} is a {model.spec.task} model; the Open Inference "
+            "Protocol here answers classifiers' logits and maps. Use /predict and /explain (or "
+            "KServe v1's :predict and :explain), which answer its "
+            + ("boxes." if model.spec.task == "detection" else "segments."),
+            details={"task": model.spec.task},
+        )
     classes = model.spec.num_classes
     made: dict[str, OutputTensor] = {}
     if inference.params is None:

@@ -237,3 +237,18 @@ def test_a_job_explains_a_box(client: TestClient, tmp_path: Path) -> None:
         time.sleep(0.05)
     assert view["status"] == "succeeded", view
     assert view["result"]["results"][0]["explanations"][0]["detection"] == 0
+
+
+def test_kserve_answers_boxes_and_oip_refuses_clearly(client: TestClient) -> None:
+    b64 = base64.b64encode(image_bytes((WIDTH, HEIGHT), seed=3)).decode()
+    response = client.post("/v1/models/det:predict", json={"instances": [{"image": {"b64": b64}}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["detections"]
+    body = {"instances": [{"image": {"b64": b64}, "box": "1"}]}
+    response = client.post("/v1/models/det:explain", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["explanations"][0]["explanations"][0]["detection"] == 1
+    inputs = [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]
+    response = client.post("/v2/models/det/infer", json={"inputs": inputs})
+    assert response.status_code == 400, response.text
+    assert "is a detection model" in response.text
