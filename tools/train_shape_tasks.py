@@ -54,8 +54,8 @@ def inputs(images: np.ndarray) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--train", type=int, default=1500)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--seed", type=int, default=26)
     parser.add_argument("--out", type=Path, default=REPO / "model_store")
     args = parser.parse_args()

@@ -3,11 +3,19 @@ its pixels, scored by its mean probability there."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from app.cam.task_targets import box_iou
+from app.models.loading import load_model
+from app.models.manifest import parse_manifest
 from app.models.zoo.shapes_tasks import NUM_CLASSES, ShapesDetector, build_segmenter
+from app.pipeline.decoding import Upload
+from app.pipeline.tasks import PIPELINES
+from app.pipeline.tasks.common import decode_whole
 
 
 def test_the_segmenter_answers_logits_at_the_input_size() -> None:
@@ -45,3 +53,26 @@ def test_a_scene_without_shapes_has_no_boxes() -> None:
     detector.segmenter = _Fixed(logits)  # type: ignore[assignment]
     (found,) = detector(torch.zeros(1, 3, 8, 8))
     assert found["boxes"].shape == (0, 4) and found["labels"].numel() == 0
+
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize("name", ["shapes-detect", "shapes-segment"])
+def test_the_shipped_models_find_the_example_scenes_shapes(name: str) -> None:
+    model = load_model(parse_manifest(ROOT / "model_store" / name), torch.device("cpu"))
+    data = (ROOT / "examples" / "scene.png").read_bytes()
+    decoded = decode_whole(Upload("scene.png", data), model.spec, 10**6)
+    pipeline = PIPELINES[model.spec.task]
+    answer = pipeline.answer(model, decoded, pipeline.forward(model, decoded), ())
+    truth = {"hexagon": [50, 6, 96, 57], "ring": [5, 75, 62, 122]}
+    if name == "shapes-detect":
+        found = {d.label: d.box for d in answer["detections"]}
+    else:
+        found = {s.label: s.box for s in answer["segments"] if s.class_idx != 0}
+    assert set(found) == set(truth)
+    for label, box in truth.items():
+        iou = float(
+            box_iou(torch.tensor(box, dtype=torch.float32), torch.tensor([found[label]]))[0]
+        )
+        assert iou >= 0.7, (label, found[label])
