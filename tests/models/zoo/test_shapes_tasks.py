@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.mark.parametrize("name", ["shapes-detect", "shapes-segment"])
 def test_the_shipped_models_find_the_example_scenes_shapes(name: str) -> None:
     model = load_model(parse_manifest(ROOT / "model_store" / name), torch.device("cpu"))
-    data = (ROOT / "examples" / "scene.png").read_bytes()
+    data = (ROOT / "examples" / "scenes" / "scene.png").read_bytes()
     decoded = decode_whole(Upload("scene.png", data), model.spec, 10**6)
     pipeline = PIPELINES[model.spec.task]
     answer = pipeline.answer(model, decoded, pipeline.forward(model, decoded), ())
