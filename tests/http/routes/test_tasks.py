@@ -252,3 +252,12 @@ def test_kserve_answers_boxes_and_oip_refuses_clearly(client: TestClient) -> Non
     response = client.post("/v2/models/det/infer", json={"inputs": inputs})
     assert response.status_code == 400, response.text
     assert "is a detection model" in response.text
+
+
+def test_kserve_takes_box_as_a_json_list_of_integers(client: TestClient) -> None:
+    b64 = base64.b64encode(image_bytes((WIDTH, HEIGHT), seed=3)).decode()
+    body = {"instances": [{"image": {"b64": b64}, "box": [1, 0]}]}
+    response = client.post("/v1/models/det:explain", json=body)
+    assert response.status_code == 200, response.text
+    explained = response.json()["explanations"][0]["explanations"]
+    assert [e["detection"] for e in explained] == [1, 0]
