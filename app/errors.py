@@ -112,6 +112,15 @@ class MalformedParameter(InvalidParameter):
     code = "malformed_parameter"
 
 
+class InvalidTarget(CamserveError):
+    """What to explain does not fit the model's task or answer: a box index past the detections,
+    a region outside the image, a mask of the wrong size, ``box`` on a classifier, a method that
+    cannot explain the task."""
+
+    status_code = 400
+    code = "invalid_target"
+
+
 class OverBudget(CamserveError):
     """The request would run more masked forwards than one request may."""
 

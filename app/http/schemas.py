@@ -91,6 +91,9 @@ class ModelSummary(BaseModel):
     architecture: str | None = None
     num_classes: int | None = None
     input_shape: list[int] | None = None
+    task: str | None = Field(
+        None, description="classification, detection or segmentation (the manifest's task)"
+    )
 
 
 class ModelList(BaseModel):

@@ -7,6 +7,7 @@ of the manifest's class count, or the load fails (and a reload leaves the old ve
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -29,7 +30,8 @@ from app.cam import (
 from app.cam.hierarchical import channels_last_layers, hierarchical_target, is_hierarchical
 from app.cam.layers import trace_forward
 from app.models.access import factory_defined_in
-from app.models.manifest import TIMM_PREFIX, ManifestError, ModelSpec
+from app.models.manifest import RANDOM_WEIGHTS, TIMM_PREFIX, ManifestError, ModelSpec
+from app.models.tasks import task_of
 from app.models.weights import WeightsSource, torchvision_source
 
 logger = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def build_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...] | None]:
         with downloads(spec, pretrained_source(spec) if spec.pretrained else None):
             model = build_timm(spec)
     elif ":" in spec.architecture:
-        if spec.weights_path is None:
+        if spec.weights_path is None and spec.weights != RANDOM_WEIGHTS:
             raise ManifestError(
                 f"weights {spec.weights!r} names torchvision weights, which only torchvision "
                 "architectures take; point weights at a state_dict file instead"
@@ -118,7 +120,13 @@ def build_model(spec: ModelSpec) -> tuple[nn.Module, tuple[str, ...] | None]:
                 + (f"; did you mean {', '.join(close)}?" if close else "")
                 + " (or use package.module:factory)"
             ) from None
-        if spec.weights_path is None:
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            # A detector's or segmenter's backbone would download ImageNet weights by default:
+            # the manifest's weights (a file, or random) hold the whole model.
+            kwargs.setdefault("weights_backbone", None)
+        if spec.weights == RANDOM_WEIGHTS:
+            model = builder(weights=None, **kwargs)
+        elif spec.weights_path is None:
             # Torchvision downloads these into TORCH_HOME on first use; that needs internet.
             try:
                 weights = tvm.get_model_weights(spec.architecture)[spec.weights]
@@ -180,6 +188,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     """Build, freeze, move and warm up one model, and work out which CAM methods apply."""
     module, categories = build_model(spec)
+    task = task_of(spec.task)
+    task.prepare(module, spec)
     module.eval().requires_grad_(False).to(device)
     if device.type == "cpu" and len(spec.input_shape) == 3:
         # oneDNN's CPU convolutions run about 1.25x faster with channels-last weights (measured on
@@ -212,9 +222,14 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     if spec.fc_layer is not None and spec.fc_layer not in layer_names:
         raise ManifestError(f"[cam] fc_layer {spec.fc_layer!r} is not a module of the model")
     target_layers = (
-        spec.target_layers or _preset_layers(module) or _default_layers(module, spec, candidates)
+        spec.target_layers
+        or task.preset_layers(spec, layer_names)
+        or _preset_layers(module)
+        or _default_layers(module, spec, candidates)
     )
     methods, allowed = applicable_methods(module, spec, target_layers)
+    for name in methods:
+        methods[name] = methods[name] or task.method_reason(name)
     return LoadedModel(
         spec=spec,
         module=module,
@@ -232,23 +247,13 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
 
 def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """One forward on zeros (on the module's device); records every submodule's output shape
-    (its first call's) and proves the logits: ``num_classes`` of them, all finite."""
+    (its first call's) and proves the output is the task's (for a classifier: ``num_classes``
+    logits, all finite)."""
     order, out = trace_forward(module, spec.input_shape)
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in order:
         shapes.setdefault(name, shape or ())
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ManifestError(
-            f"the model returns {got} for one image but num_classes is {spec.num_classes}"
-        )
-    finite = torch.isfinite(out)
-    if not bool(finite.all()):
-        bad = int(finite.numel() - finite.sum())
-        raise ManifestError(
-            f"the probe forward (on the warm-up input) gave {bad} of {finite.numel()} logits "
-            "that are NaN or infinite; the weights are broken (check the checkpoint)"
-        )
+    task_of(spec.task).check_output(out, spec)
     return shapes
 
 

@@ -42,7 +42,12 @@ WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _ENUM_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
+Task = Literal["classification", "detection", "segmentation"]
+"""What a model does: the top-level ``task`` of its manifest (``app.models.tasks``)."""
 TIMM_PREFIX = "timm:"
+RANDOM_WEIGHTS = "random"
+"""``weights = "random"``: the architecture's own random initialisation, nothing read or
+downloaded (to try an architecture or test the service; its answers mean nothing)."""
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_LABELS_BYTES = 16 * 1024 * 1024
@@ -93,6 +98,14 @@ class ModelSpec:
     flip: bool = True
     """Whether a horizontal flip of an input keeps its class, so that ``aug_smooth`` may
     average over flipped variants (false for arrows, text, left/right classes)."""
+    task: Task = "classification"
+    score_threshold: float = 0.5
+    """Detection: the lowest score of a detection that is answered."""
+    max_detections: int = 100
+    """Detection: the most detections answered per image, best first."""
+    max_side: int = 1333
+    """Detection and segmentation: an upload's longest side is scaled down to this for the
+    model (its answer is mapped back to the upload's pixels); no square resize."""
 
     @property
     def weights_path(self) -> Path | None:
@@ -207,13 +220,16 @@ class ModelTable(_Table):
                 "weights is required: a state_dict file"
                 + (", or pretrained = true" if timm else " or a torchvision weights name")
             )
+        if value == RANDOM_WEIGHTS and not timm:
+            return value
         if not value.endswith(WEIGHT_FILE_SUFFIXES) and (timm or not _ENUM_RE.match(value)):
             raise ValueError(
                 f"neither a file ({', '.join(WEIGHT_FILE_SUFFIXES)})"
                 + (
                     " nor pretrained = true"
                     if timm
-                    else " nor a torchvision weights name such as IMAGENET1K_V2 or DEFAULT"
+                    else " nor a torchvision weights name such as IMAGENET1K_V2 or DEFAULT, "
+                    f"nor {RANDOM_WEIGHTS!r}"
                 )
             )
         return value
@@ -271,11 +287,28 @@ class CamTable(_Table):
     flip: bool = True
 
 
+class DetectionTable(_Table):
+    """``[detection]``: how a detector's answers are cut (``task = "detection"`` only)."""
+
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1, le=1000)
+    max_side: int = Field(1333, ge=16, le=MAX_RESIZE)
+
+
+class SegmentationTable(_Table):
+    """``[segmentation]``: how a segmenter sees an upload (``task = "segmentation"`` only)."""
+
+    max_side: int = Field(1024, ge=16, le=MAX_RESIZE)
+
+
 class Manifest(_Table):
     """``model.toml``: the tables a model folder's manifest may hold."""
 
     description: str = Field("", max_length=MAX_DESCRIPTION_CHARS)
+    task: Task = "classification"
     model: ModelTable
+    detection: DetectionTable | None = None
+    segmentation: SegmentationTable | None = None
     preprocess: PreprocessTable | None = None
     cam: CamTable = Field(default_factory=CamTable)
     version_policy: dict[str, Any] | None = None
@@ -286,6 +319,15 @@ class Manifest(_Table):
         if value is not None:
             parse_policy(value)
         return value
+
+    @model_validator(mode="after")
+    def _task_tables(self) -> Manifest:
+        for table in ("detection", "segmentation"):
+            if getattr(self, table) is not None and self.task != table:
+                raise ValueError(
+                    f"[{table}] is for task = {table!r} models; this one's task is {self.task!r}"
+                )
+        return self
 
 
 def describe_manifest_error(error: ValidationError) -> str:
@@ -322,9 +364,20 @@ _TABLES: dict[str, tuple[str, ...]] = {
     "model": tuple(ModelTable.model_fields),
     "preprocess": tuple(PreprocessTable.model_fields),
     "cam": tuple(CamTable.model_fields),
+    "detection": tuple(DetectionTable.model_fields),
+    "segmentation": tuple(SegmentationTable.model_fields),
     "version_policy": ("latest", "all", "specific"),
 }
-_TOP_LEVEL = ("description", "[model]", "[preprocess]", "[cam]", "[version_policy]")
+_TOP_LEVEL = (
+    "description",
+    "task",
+    "[model]",
+    "[preprocess]",
+    "[cam]",
+    "[detection]",
+    "[segmentation]",
+    "[version_policy]",
+)
 
 
 def read_bounded(path: Path, limit: int, what: str) -> str:
@@ -435,6 +488,8 @@ def _spec(
         pre = PreprocessTable.model_validate(table)
     channels, height, width = pre.input_shape
     crop = pre.crop_size
+    detection = manifest.detection or DetectionTable()
+    side = (manifest.segmentation or SegmentationTable()).max_side
     return ModelSpec(
         name=name,
         folder=folder,
@@ -457,4 +512,8 @@ def _spec(
         interpolation=pre.interpolation,
         pretrained=model.pretrained,
         flip=cam.flip,
+        task=manifest.task,
+        score_threshold=detection.score_threshold,
+        max_detections=detection.max_detections,
+        max_side=detection.max_side if manifest.task == "detection" else side,
     )

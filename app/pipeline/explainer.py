@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from app.cam import ProgressCallback
+from app.errors import InvalidTarget
 from app.models.device import default_batch_size
 from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
@@ -77,6 +78,7 @@ from app.pipeline.results import (
     PredictTimings,
 )
 from app.pipeline.scheduling import Priority
+from app.pipeline.tasks import pipeline_for, refuse_task_parameters
 from app.settings import Settings
 
 FUSED = "fused"
@@ -106,6 +108,10 @@ class ExplainParams:
     faithfulness: tuple[str, ...] = ()
     """Metrics that score each map (``app.pipeline.faithfulness``); empty: none."""
     faithfulness_steps: int = DEFAULT_STEPS
+    boxes: tuple[str, ...] = ()
+    """Detection: the detections to explain (indices, or ``all``); default the top one."""
+    region: str | None = None
+    """Segmentation: ``mask`` (default), ``box:x0,y0,x1,y1`` or ``png:<base64>``."""
 
 
 def _ms(seconds: float) -> float:
@@ -335,6 +341,11 @@ class Explainer:
         instances whose options differ), with their forwards, decoded pixels and drawing summed
         against the budgets of one request."""
         model = self.registry.get(model_name, version)
+        task = pipeline_for(model.spec.task)
+        if task is not None:  # a detector's or segmenter's checks are its task's
+            for uploads, params in requests:
+                task.check(self, model, params, len(uploads))
+            return
         forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
         for uploads, params in requests:
             plans, style = self._check(model, params, len(uploads), job)
@@ -399,14 +410,27 @@ class Explainer:
         top_k: int,
         version: int | None = None,
         priority: Priority = "interactive",
+        outputs: tuple[str, ...] = (),
     ) -> PredictResponse:
-        """Top-k classes for each upload, from one (possibly shared) batched forward.
+        """Top-k classes for each upload, from one (possibly shared) batched forward; a
+        detector's boxes or a segmenter's classes (``outputs``: ``mask``) from its task.
 
         The memory its decoding takes is held first, then admission (503 when the queue is
         full) comes, both before any pixel is decoded. ``priority``: the request's class on
         the model (``app.pipeline.scheduling``)."""
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
+        task = pipeline_for(model.spec.task)
+        if task is not None:
+            task.check_predict_outputs(outputs)
+            async with self._room_to_decode(model, uploads, picture_side=None):
+                return await task.predict(self, model, uploads, outputs)
+        if outputs:
+            raise InvalidTarget(
+                f"output={outputs[0]} is for segmentation models; a classifier's /predict "
+                "answers its top-k classes.",
+                details={"parameter": "output"},
+            )
         async with self._room_to_decode(model, uploads, picture_side=0):
             return await self._predict(model, uploads, top_k, started, priority)
 
@@ -485,6 +509,14 @@ class Explainer:
         another sent. ``job``: it runs as a job (what only jobs may ask for is allowed)."""
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
+        task = pipeline_for(model.spec.task)
+        if task is not None:  # a detector or a segmenter: its task's flow
+            task.check(self, model, params, len(uploads))
+            async with self._room_to_decode(model, uploads, None):
+                return await task.explain(
+                    self, model, uploads, params, progress=progress, admit=admit
+                )
+        refuse_task_parameters(params)
         plans, style = self._check(model, params, len(uploads), job)
         lookup = await self._look_up(model, uploads, params, plans, style, started, scope)
         if lookup.answer is not None:

@@ -43,7 +43,7 @@ from app.pipeline.rendering import (
 
 #: How a raw value is read: one string, strings (repeated or comma-separated), an integer,
 #: integers (repeated or comma-separated), a number, a boolean, or a size (a word or pixels).
-Kind = Literal["str", "strs", "int", "ints", "float", "bool", "size"]
+Kind = Literal["str", "strs", "int", "ints", "float", "bool", "size", "picks"]
 
 _JSON_TYPES: dict[str, dict[str, Any]] = {
     "str": {"type": "string"},
@@ -53,16 +53,24 @@ _JSON_TYPES: dict[str, dict[str, Any]] = {
     "float": {"type": "number"},
     "bool": {"type": "boolean"},
     "size": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    "picks": {
+        "anyOf": [
+            {"type": "integer"},
+            {"type": "string"},
+            {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "string"}]}},
+        ]
+    },
 }
 _KINDS: dict[type, Kind] = {str: "str", int: "int", float: "float", bool: "bool", list: "ints"}
 #: The kinds that take several values (a repeated field, a comma list or a JSON list).
-MANY: tuple[Kind, ...] = ("strs", "ints")
+MANY: tuple[Kind, ...] = ("strs", "ints", "picks")
 #: What a multipart form part holds for each kind, in the form's schema (its ints are text).
 _FORM_TYPES: dict[str, dict[str, Any]] = {
     **_JSON_TYPES,
     "strs": {"type": "array", "items": {"type": "string"}},
     "ints": {"type": "array", "items": {"type": "string"}},
     "size": {"type": "string"},
+    "picks": {"type": "array", "items": {"type": "string"}},
 }
 
 
@@ -210,6 +218,11 @@ def _read_strs(name: str, value: Any) -> tuple[str, ...]:
     return tuple(_parts(name, value, str, "a string or a list of strings"))
 
 
+def _read_picks(name: str, value: Any) -> tuple[str, ...]:
+    """Indices (integers or their text) or words such as ``all``, as text: ``box``."""
+    return tuple(str(part) for part in _parts(name, value, int, "indices or 'all'"))
+
+
 def _read_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _refuse(name, "an integer", value)
@@ -346,6 +359,7 @@ _READERS = {
     "float": _read_float,
     "bool": _read_bool,
     "size": _read_size,
+    "picks": _read_picks,
 }
 
 GENERAL: tuple[ExplainParameter, ...] = (
@@ -435,6 +449,23 @@ GENERAL: tuple[ExplainParameter, ...] = (
         MAX_STEPS,
         strict=True,
     ),
+    ExplainParameter(
+        "box",
+        "picks",
+        (),
+        "detection models: the detection(s) to explain, by index in /predict's detections "
+        "(repeatable), or 'all' (up to 10); default the top one",
+        example=["0"],
+    ),
+    ExplainParameter(
+        "region",
+        "str",
+        None,
+        "segmentation models: where class_idx is explained: 'mask' (its predicted mask, the "
+        "default), 'box:x0,y0,x1,y1' (upload pixels) or 'png:<base64 PNG>' (a mask of the "
+        "upload's size, non-zero inside)",
+        example="box:0,0,32,32",
+    ),
 )
 
 
@@ -513,6 +544,8 @@ def build_params(
         top_classes=general("top_classes"),
         faithfulness=tuple(dict.fromkeys(m.strip().lower() for m in general("faithfulness"))),
         faithfulness_steps=general("faithfulness_steps"),
+        boxes=general("box"),
+        region=general("region"),
     )
 
 

@@ -28,11 +28,45 @@ class Prediction(BaseModel):
     probability: float
 
 
+class Detection(BaseModel):
+    """One box of a detector's answer."""
+
+    box: list[float] = Field(description="[x0, y0, x1, y1] in the upload's pixels")
+    class_idx: int
+    label: str
+    score: float
+
+
+class Segment(BaseModel):
+    """One class present in a segmenter's answer."""
+
+    class_idx: int
+    label: str
+    pixels: int = Field(description="pixels of the upload predicted as this class")
+    box: list[int] = Field(
+        description="[x0, y0, x1, y1] bounding the class's predicted mask, in the upload's pixels"
+    )
+
+
 class PredictResult(BaseModel):
     filename: str
     width: int
     height: int
-    predictions: list[Prediction] = Field(description="top-k classes, most probable first")
+    predictions: list[Prediction] = Field(
+        description="top-k classes, most probable first (empty for detection and segmentation)"
+    )
+    detections: list[Detection] | None = Field(
+        None,
+        description="detection models: the boxes above the model's score threshold, best first",
+    )
+    segments: list[Segment] | None = Field(
+        None, description="segmentation models: every class present, largest first"
+    )
+    mask: str | None = Field(
+        None,
+        description="segmentation with output=mask: the label mask at the upload's size, a base64 "
+        "8-bit PNG whose pixel values are class indices",
+    )
 
 
 class PredictTimings(BaseModel):
@@ -169,6 +203,18 @@ class Explanation(BaseModel):
         description="DFF only: the concepts its factorization found in the image, each with its "
         "map and top labels; null for every other method",
     )
+    box: list[float] | None = Field(
+        None,
+        description="detection: the explained box, [x0, y0, x1, y1] in the upload's pixels; "
+        "segmentation: the bounds of the explained region",
+    )
+    score: float | None = Field(
+        None, description="detection: the explained box's score (logit and probability hold it too)"
+    )
+    detection: int | None = Field(None, description="detection: the index of the explained box")
+    region: str | None = Field(
+        None, description="segmentation: the explained region (mask, box:x0,y0,x1,y1 or upload)"
+    )
 
 
 class ExplainResult(BaseModel):
@@ -178,6 +224,12 @@ class ExplainResult(BaseModel):
     predictions: list[Prediction]
     logits: list[float]
     explanations: list[Explanation]
+    detections: list[Detection] | None = Field(
+        None, description="detection models: every box of the explained pass, best first"
+    )
+    segments: list[Segment] | None = Field(
+        None, description="segmentation models: every class present, largest first"
+    )
 
 
 class ExplainTimings(BaseModel):

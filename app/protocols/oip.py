@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app import __version__
 from app.cam import METHODS, UnknownMethod, find_method
-from app.errors import BadRequest, clip
+from app.errors import BadRequest, InvalidTarget, clip
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -529,6 +529,15 @@ async def run_inference(
     wanted. The caller applies the deadline (``inference.timeout_s``) and its other limits;
     ``scope``: whose cached explanations it may use (``Explainer.explain``)."""
     model = explainer.registry.get(name, version)
+    if model.spec.task != "classification":
+        # Outputs boxes, scores and labels are not there yet: never logits of zeros.
+        raise InvalidTarget(
+            f"Model {model.spec.name!r} is a {model.spec.task} model; the Open Inference "
+            "Protocol here answers classifiers' logits and maps. Use /predict and /explain (or "
+            "KServe v1's :predict and :explain), which answer its "
+            + ("boxes." if model.spec.task == "detection" else "segments."),
+            details={"task": model.spec.task},
+        )
     classes = model.spec.num_classes
     made: dict[str, OutputTensor] = {}
     if inference.params is None:

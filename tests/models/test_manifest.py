@@ -100,7 +100,8 @@ def test_every_problem_is_named_at_once_like_the_settings(tmp_path: Path) -> Non
         "unknown key(s) in [model]: colour",
         "allowed: architecture, kwargs, pretrained, weights, num_classes, labels",
         "unknown top-level key(s): flavour",
-        "allowed: description, [model], [preprocess], [cam], [version_policy]",
+        "allowed: description, task, [model], [preprocess], [cam], [detection], "
+        "[segmentation], [version_policy]",
     ]
 
 

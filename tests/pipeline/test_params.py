@@ -11,6 +11,7 @@ from app.errors import InvalidParameter, MalformedParameter
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.params import (
     GENERAL,
+    MANY,
     OPTION_NAMES,
     PARAMETERS,
     build_params,
@@ -173,9 +174,7 @@ def test_an_unknown_name_is_refused_even_from_text() -> None:
         build_params(read_text({"methd": "ScoreCAM"}))
 
 
-@pytest.mark.parametrize(
-    "name", [p.name for p in PARAMETERS.values() if p.kind not in ("strs", "ints")]
-)
+@pytest.mark.parametrize("name", [p.name for p in PARAMETERS.values() if p.kind not in MANY])
 def test_a_one_value_parameter_sent_twice_is_refused(name: str) -> None:
     with pytest.raises(MalformedParameter) as error:
         read_text({name: ["1", "2"]})

@@ -46,6 +46,7 @@ def summarize(entry: ModelEntry) -> ModelSummary:
         architecture=spec.architecture if spec else None,
         num_classes=spec.num_classes if spec else None,
         input_shape=list(spec.input_shape) if spec else None,
+        task=spec.task if spec else None,
     )
 
 

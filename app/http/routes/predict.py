@@ -34,9 +34,19 @@ async def predict_images(
     model: Annotated[str | None, Form(description="model name; default: the default model")] = None,
     top_k: Annotated[int, Form(ge=1, le=1000, description="classes returned per image")] = 5,
     version: VersionField = None,
+    output: Annotated[
+        list[str] | None,
+        Form(description="segmentation models: mask adds the label mask as a PNG"),
+    ] = None,
     explainer: Explainer = Depends(get_explainer),
     settings: Settings = Depends(get_settings),
 ) -> PredictResponse:
-    """Classify the uploaded images with one batched forward: top-k labels per image."""
+    """Classify the uploaded images with one batched forward: top-k labels per image (a
+    detector's boxes, a segmenter's classes)."""
     uploads = await read_uploads(file, settings)
-    return await within_limits(request, explainer.predict(model or None, uploads, top_k, version))
+    outputs = tuple(
+        dict.fromkeys(p.strip().lower() for o in output or () for p in o.split(",") if p.strip())
+    )
+    return await within_limits(
+        request, explainer.predict(model or None, uploads, top_k, version, outputs=outputs)
+    )

@@ -1,0 +1,64 @@
+"""Targets (``app.cam.targets``) for detectors and segmenters: the score of one box, the logits
+of one class over a region.
+
+    with GradCAM(detector, "backbone.body.layer4") as cam:
+        out = detector(x)                                    # [{boxes, scores, labels}]
+        maps = cam(scores=out, targets=BoxScore(box, label))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: The overlap above which a box of the explained pass is the box being explained.
+MATCH_IOU = 0.5
+
+
+def box_iou(box: Tensor, boxes: Tensor) -> Tensor:
+    """IoU of one (4,) box with each of (K, 4) boxes, all x0, y0, x1, y1: (K,)."""
+    x0 = torch.maximum(box[0], boxes[:, 0])
+    y0 = torch.maximum(box[1], boxes[:, 1])
+    x1 = torch.minimum(box[2], boxes[:, 2])
+    y1 = torch.minimum(box[3], boxes[:, 3])
+    inter = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (area + areas - inter).clamp(min=1e-9)
+
+
+class BoxScore:
+    """The score of the detection of class ``label`` that overlaps ``box`` with IoU >= ``iou``
+    (the best overlap when several do) in one image's detector output; 0 when none does (a
+    masked or ablated input that loses the box scores nothing)."""
+
+    def __init__(self, box: Tensor, label: int, iou: float = MATCH_IOU) -> None:
+        self.box = box.detach().float()
+        self.label = int(label)
+        self.iou = iou
+
+    def __call__(self, output: dict[str, Any]) -> Tensor:
+        boxes, labels, scores = output["boxes"], output["labels"], output["scores"]
+        if boxes.numel() == 0:
+            return scores.sum() * 0
+        overlap = box_iou(self.box.to(boxes.device), boxes.detach().float())
+        match = (labels == self.label) & (overlap >= self.iou)
+        if not bool(match.any()):
+            return scores.sum() * 0
+        best = torch.where(match, overlap, torch.full_like(overlap, -1.0)).argmax()
+        return scores[best]
+
+
+class RegionScore:
+    """The sum of class ``class_idx``'s logits over ``region`` ((H, W) booleans at the output's
+    resolution) in one image's (classes, H, W) segmentation output."""
+
+    def __init__(self, class_idx: int, region: Tensor) -> None:
+        self.class_idx = int(class_idx)
+        self.region = region.bool()
+
+    def __call__(self, output: Tensor) -> Tensor:
+        region = self.region.to(output.device)
+        return (output[self.class_idx] * region).sum()

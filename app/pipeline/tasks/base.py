@@ -1,0 +1,417 @@
+"""The request flow of a task other than classification: admit, decode (whole), pass, render,
+answer, as the classifier's ``Explainer`` does it, with what to explain and what to answer left
+to the task (``detection``, ``segmentation``).
+
+A request's images run one pass each on the model's threads under its lock (detectors take
+images of any size, so there is no batch to share); the admission, the decode and render
+budgets and the forward budget are the explainer's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+
+from app.cam import ProgressCallback, UnknownMethod, find_method
+from app.errors import InvalidTarget
+from app.models.loading import LoadedModel
+from app.models.tasks import task_of
+from app.observability.context import note_work
+from app.pipeline import checks
+from app.pipeline.admission import SlotLimiter, run_to_the_end
+from app.pipeline.decoding import DecodedImage, Upload
+from app.pipeline.passes import CamPlan, own_pass
+from app.pipeline.rendering import (
+    OUTPUT_FORMATS,
+    PictureSize,
+    RenderBudget,
+    RenderStyle,
+    render_cost,
+)
+from app.pipeline.results import (
+    ExplainResponse,
+    ExplainResult,
+    ExplainTimings,
+    Explanation,
+    MapOutput,
+    PredictResponse,
+    PredictResult,
+    PredictTimings,
+)
+from app.pipeline.tasks.common import Outline, decode_whole, render_map
+
+T = TypeVar("T")
+
+
+class ExplainParams(Protocol):
+    """The explain parameters a task reads (``app.pipeline.explainer.ExplainParams``: the
+    explainer imports this package, so a protocol keeps the package graph acyclic)."""
+
+    @property
+    def method(self) -> str | None: ...
+    @property
+    def class_idx(self) -> tuple[int, ...]: ...
+    @property
+    def target_layers(self) -> tuple[str, ...]: ...
+    @property
+    def outputs(self) -> tuple[str, ...]: ...
+    @property
+    def colormap(self) -> str: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def image_format(self) -> str: ...
+    @property
+    def normalized(self) -> bool: ...
+    @property
+    def size(self) -> str | None: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
+    @property
+    def classes(self) -> tuple[int, ...]: ...
+    @property
+    def top_classes(self) -> int | None: ...
+    @property
+    def faithfulness(self) -> tuple[str, ...]: ...
+    @property
+    def boxes(self) -> tuple[str, ...]: ...
+    @property
+    def region(self) -> str | None: ...
+
+
+class Explainer(Protocol):
+    """What a task uses of the explainer (``app.pipeline.explainer.Explainer``): its limits,
+    admission and threads."""
+
+    @property
+    def limiter(self) -> SlotLimiter: ...
+    @property
+    def max_pixels(self) -> int: ...
+    @property
+    def max_cam_forwards(self) -> int: ...
+    @property
+    def max_output_side(self) -> int: ...
+    @property
+    def model_threads(self) -> Executor | None: ...
+    @property
+    def image_threads(self) -> Executor | None: ...
+    @property
+    def render_threads(self) -> Executor | None: ...
+    @property
+    def render_budget(self) -> RenderBudget | None: ...
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+@dataclass
+class Explained:
+    """One map a task computed, with what the answer says about it."""
+
+    plan: CamPlan
+    cam: torch.Tensor
+    """(h, w) on the CPU."""
+    fields: dict[str, Any]
+    """Explanation fields besides method and maps (class_idx, label, logit, box, ...)."""
+    outlines: list[Outline] = field(default_factory=list)
+    cam_s: float = 0.0
+
+
+@dataclass
+class ImageRun:
+    """What one image's pass gave."""
+
+    answer: dict[str, Any]
+    """PredictResult fields of the task (detections, segments, mask)."""
+    explained: list[Explained] = field(default_factory=list)
+    forward_s: float = 0.0
+    cam_s: float = 0.0
+
+
+class TaskPipeline:
+    """The flow; a task fills in ``answer`` (predict) and ``explain_image``."""
+
+    task: ClassVar[str] = ""
+    #: Explain parameters of this task (the others are refused with a 400).
+    own_parameters: ClassVar[tuple[str, ...]] = ()
+    #: What ``output`` of /predict may ask for.
+    predict_outputs: ClassVar[tuple[str, ...]] = ()
+
+    # -------------------------------------------------------------- the task's part
+
+    def answer(
+        self, model: LoadedModel, decoded: DecodedImage, output: Any, outputs: Sequence[str]
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def check_params(self, model: LoadedModel, params: ExplainParams, images: int) -> int:
+        """Refuse what cannot fit the task before decoding; the explanations per image and
+        plan (the bound for the budgets)."""
+        raise NotImplementedError
+
+    def explain_image(
+        self,
+        model: LoadedModel,
+        decoded: DecodedImage,
+        index: int,
+        plans: Sequence[CamPlan],
+        params: ExplainParams,
+        calls: dict[str, Any],
+    ) -> ImageRun:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- shared flow
+
+    def forward(self, model: LoadedModel, decoded: DecodedImage) -> Any:
+        """The model's output for one image (inference mode; call under ``own_pass``)."""
+        with torch.inference_mode():
+            output = model.module(decoded.tensor[None].to(model.device))
+        return output[0]
+
+    async def _decode(
+        self, explainer: Explainer, model: LoadedModel, uploads: Sequence[Upload]
+    ) -> tuple[list[DecodedImage], float]:
+        """Decode on the image threads (the explainer has checked and holds the decode cost)."""
+
+        def work() -> tuple[list[DecodedImage], float]:
+            started = time.perf_counter()
+            decoded = [decode_whole(u, model.spec, explainer.max_pixels) for u in uploads]
+            return decoded, time.perf_counter() - started
+
+        return await run_to_the_end(explainer.image_threads, work)
+
+    def check_predict_outputs(self, outputs: Sequence[str]) -> None:
+        """``output`` of /predict: only ``mask``, and only for a segmenter."""
+        wrong = [o for o in outputs if o not in self.predict_outputs]
+        if wrong:
+            allowed = ", ".join(self.predict_outputs) or "none"
+            raise InvalidTarget(
+                f"/predict of a {self.task} model takes output {allowed}; got {wrong[0][:40]!r}.",
+                details={"parameter": "output"},
+            )
+
+    async def _on_model(
+        self, explainer: Explainer, admit: bool, func: Callable[[], T]
+    ) -> tuple[T, float]:
+        """``func`` on the model's threads, admitted (unless ``admit`` is False); its wait."""
+        queued = time.perf_counter()
+        with explainer.limiter.admit() if admit else nullcontext():
+            waited = time.perf_counter() - queued
+            return await run_to_the_end(explainer.model_threads, func), waited
+
+    async def predict(
+        self,
+        explainer: Explainer,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        outputs: Sequence[str] = (),
+    ) -> PredictResponse:
+        started = time.perf_counter()
+        decoded, decode_s = await self._decode(explainer, model, uploads)
+
+        def work() -> tuple[list[dict[str, Any]], float]:
+            begun = time.perf_counter()
+            answers = []
+            for image in decoded:
+                with own_pass(model):
+                    output = self.forward(model, image)
+                answers.append(self.answer(model, image, output, outputs))
+            return answers, time.perf_counter() - begun
+
+        (answers, forward_s), queue_s = await self._on_model(explainer, True, work)
+        note_work(
+            model.spec.name,
+            None,
+            len(decoded),
+            {"decode": decode_s, "queue": queue_s, "forward": forward_s},
+            version=model.spec.version,
+        )
+        return PredictResponse(
+            model=model.spec.name,
+            version=model.spec.version,
+            device=str(model.device),
+            timings=PredictTimings(
+                decode_ms=_ms(decode_s),
+                queue_ms=_ms(queue_s),
+                forward_ms=_ms(forward_s),
+                total_ms=_ms(time.perf_counter() - started),
+                batch_images=1,
+            ),
+            results=[
+                PredictResult(
+                    filename=d.filename,
+                    width=d.original_size[0],
+                    height=d.original_size[1],
+                    predictions=[],
+                    **answer,
+                )
+                for d, answer in zip(decoded, answers, strict=True)
+            ],
+        )
+
+    def check(
+        self, explainer: Explainer, model: LoadedModel, params: ExplainParams, images: int
+    ) -> tuple[list[CamPlan], RenderStyle]:
+        """Every parameter against the model and the task, before any pixel is decoded."""
+        task = task_of(model.spec.task)
+        for name, value in (
+            ("classes", params.classes),
+            ("top_classes", params.top_classes),
+            ("faithfulness", params.faithfulness),
+        ):
+            if value:
+                pick = "box" if model.spec.task == "detection" else "class_idx with region"
+                raise InvalidTarget(
+                    f"{name} is for classifiers; {model.spec.name!r} is a {model.spec.task} "
+                    f"model. Leave {name} out and pick what to explain with {pick}.",
+                    details={"parameter": name},
+                )
+        for wanted in (params.method or model.spec.default_method).split(","):
+            try:
+                method, _ = find_method(wanted)
+            except UnknownMethod:
+                continue  # resolve_methods names the close matches
+            reason = task.method_reason(method)
+            if reason is not None:
+                raise InvalidTarget(f"{reason}.", details={"methods": model.applicable_methods})
+        methods = checks.resolve_methods(model, params.method, bool(params.target_layers))
+        per_method = checks.split_options(methods, params.options)
+        layers = checks.check_layers(model, params.target_layers)
+        checks.check_spatial_layers(model, params.target_layers)
+        checks.check_rendering(params.outputs, params.image_format, params.colormap)
+        per_image = self.check_params(model, params, images)
+        checks.check_total_budget(
+            model,
+            [(m, cls, o) for (m, cls), o in zip(methods, per_method, strict=True)],
+            layers,
+            images * per_image,
+            explainer.max_cam_forwards,
+        )
+        style = RenderStyle(
+            outputs=tuple(dict.fromkeys(params.outputs)),
+            colormap=params.colormap,
+            alpha=params.alpha,
+            image_format=params.image_format,
+            size=PictureSize.parse(params.size, explainer.max_output_side),
+        )
+        plans = [
+            CamPlan(method, cls, layers, tuple(sorted(options.items())), params.normalized)
+            for (method, cls), options in zip(methods, per_method, strict=True)
+        ]
+        return plans, style
+
+    async def explain(
+        self,
+        explainer: Explainer,
+        model: LoadedModel,
+        uploads: Sequence[Upload],
+        params: ExplainParams,
+        *,
+        progress: ProgressCallback | None = None,
+        admit: bool = True,
+    ) -> ExplainResponse:
+        started = time.perf_counter()
+        plans, style = self.check(explainer, model, params, len(uploads))
+        decoded, decode_s = await self._decode(explainer, model, uploads)
+        if explainer.render_budget is not None and style.draws_pictures:
+            sizes = tuple(d.original_size for d in decoded)
+            per_image = self.check_params(model, params, len(uploads)) * len(plans)
+            explainer.render_budget.check(
+                render_cost(sizes, per_image, style, tuple(decoded[0].tensor.shape[-2:]))  # type: ignore[arg-type]
+            )
+        calls: dict[str, Any] = {} if progress is None else {"progress": progress}
+
+        def work() -> list[ImageRun]:
+            return [
+                self.explain_image(model, image, i, plans, params, calls)
+                for i, image in enumerate(decoded)
+            ]
+
+        runs, queue_s = await self._on_model(explainer, admit, work)
+        encode_started = time.perf_counter()
+        results = await run_to_the_end(
+            explainer.render_threads, lambda: self._results(model, decoded, runs, style)
+        )
+        encode_s = time.perf_counter() - encode_started
+        forward_s = sum(run.forward_s for run in runs)
+        cam_s = sum(run.cam_s for run in runs)
+        note_work(
+            model.spec.name,
+            ",".join(plan.method for plan in plans),
+            len(decoded),
+            {
+                "decode": decode_s,
+                "queue": queue_s,
+                "forward": forward_s,
+                "cam": cam_s,
+                "encode": encode_s,
+            },
+            version=model.spec.version,
+        )
+        return ExplainResponse(
+            model=model.spec.name,
+            version=model.spec.version,
+            device=str(model.device),
+            method=",".join(plan.method for plan in plans),
+            target_layers=list(plans[0].layers),
+            options={k: v for plan in plans for k, v in plan.options if k in params.options},
+            image_format=style.image_format,
+            media_type=OUTPUT_FORMATS[style.image_format][1],
+            timings=ExplainTimings(
+                decode_ms=_ms(decode_s),
+                queue_ms=_ms(queue_s),
+                forward_ms=_ms(forward_s),
+                cam_ms=_ms(cam_s),
+                encode_ms=_ms(encode_s),
+                total_ms=_ms(time.perf_counter() - started),
+                batch_images=1,
+                cam_ms_by_method={
+                    plan.method: _ms(
+                        sum(e.cam_s for run in runs for e in run.explained if e.plan == plan)
+                    )
+                    for plan in plans
+                },
+            ),
+            results=results,
+        )
+
+    def _results(
+        self,
+        model: LoadedModel,
+        decoded: Sequence[DecodedImage],
+        runs: Sequence[ImageRun],
+        style: RenderStyle,
+    ) -> list[ExplainResult]:
+        results = []
+        for image, run in zip(decoded, runs, strict=True):
+            explanations = []
+            for item in run.explained:
+                fields = render_map(image, item.cam, item.plan.normalized, style, item.outlines)
+                layer = item.plan.layers[0] if len(item.plan.layers) == 1 else "fused"
+                kind = "layer" if len(item.plan.layers) == 1 else "fused"
+                explanations.append(
+                    Explanation(
+                        method=item.plan.method,
+                        maps=[MapOutput(layer=layer, kind=kind, **fields)],
+                        **item.fields,
+                    )
+                )
+            results.append(
+                ExplainResult(
+                    filename=image.filename,
+                    width=image.original_size[0],
+                    height=image.original_size[1],
+                    predictions=[],
+                    logits=[],
+                    explanations=explanations,
+                    **run.answer,
+                )
+            )
+        return results

@@ -1,0 +1,60 @@
+"""One map of one image for one target, under the model's lock (the pass stage of a task)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from app.cam import Target, normalize_maps
+from app.errors import MethodNotApplicable
+from app.models.device import synchronize
+from app.models.loading import LoadedModel
+from app.pipeline.decoding import DecodedImage
+from app.pipeline.passes import CamPlan, own_pass
+
+
+def one_map(
+    model: LoadedModel,
+    plan: CamPlan,
+    decoded: DecodedImage,
+    target: Target,
+    calls: dict[str, Any],
+) -> tuple[torch.Tensor, float]:
+    """The plan's map of ``decoded`` for ``target``: (h, w) on the CPU (the fusion when the plan
+    has several layers), and the seconds it took."""
+    at_call = {o.name for o in plan.cls.options if o.at == "call"}
+    started = time.perf_counter()
+    with own_pass(model):
+        x = decoded.tensor[None].to(model.device)
+        try:
+            extractor = plan.cls(
+                model.module,
+                list(plan.layers),
+                input_shape=tuple(x.shape[1:]),
+                **{k: v for k, v in plan.options if k not in at_call},
+            )
+        except ValueError as error:
+            raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
+        with extractor, torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode():
+            scores = model.module(x)
+            try:
+                cams = extractor(
+                    scores=scores,
+                    targets=[target],
+                    normalized=plan.normalized,
+                    **{k: v for k, v in plan.options if k in at_call},
+                    **calls,
+                )
+            except ValueError as error:
+                raise MethodNotApplicable(
+                    f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
+                ) from None
+            if len(cams) > 1:
+                scaled = cams if plan.normalized else [normalize_maps(c) for c in cams]
+                cam = extractor.fuse_cams(scaled)
+            else:
+                cam = cams[0]
+        synchronize(model.device)
+    return cam[0].detach().float().cpu(), time.perf_counter() - started

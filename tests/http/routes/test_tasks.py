@@ -1,0 +1,266 @@
+"""/models, /predict and /explain for a detector and a segmenter (random torchvision models),
+and the 400s of what cannot be explained."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.http.app import create_app
+from app.settings import Settings
+from tests.conftest import assert_error, files, image_bytes, wait_ready
+from tests.fixtures_models import build_tiny, write_model
+from tests.fixtures_tasks import DETECTORS, write_task_model
+
+WIDTH, HEIGHT = 96, 64
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    store = tmp_path_factory.mktemp("tasks-store")
+    torch.manual_seed(0)
+    # max_side 48: the model sees the 96x64 upload at 48x32, and answers in the upload's pixels.
+    write_task_model(
+        store,
+        "det",
+        "fcos_resnet50_fpn",
+        "detection",
+        kwargs=DETECTORS["fcos_resnet50_fpn"],
+        extra="[detection]\nscore_threshold = 0.0\nmax_detections = 4\nmax_side = 48\n",
+    )
+    write_task_model(store, "seg", "lraspp_mobilenet_v3_large", "segmentation")
+    write_model(
+        store,
+        "tiny",
+        build_tiny(),
+        architecture="tests.fixtures_models:build_tiny",
+        num_classes=3,
+        input_size=32,
+        target_layers=["features"],
+    )
+    settings = Settings(model_store=store, default_model="det", device="cpu")
+    with TestClient(create_app(settings)) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def _image() -> list[tuple[str, tuple[str, bytes, str]]]:
+    return files(image_bytes((WIDTH, HEIGHT), seed=3))
+
+
+def test_models_show_the_task(client: TestClient) -> None:
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert {name: m["task"] for name, m in models.items()} == {
+        "det": "detection",
+        "seg": "segmentation",
+        "tiny": "classification",
+    }
+    assert client.get("/models/det").json()["target_layers"] == ["backbone.body.layer4"]
+
+
+def test_predict_detection_boxes_in_upload_pixels_best_first(client: TestClient) -> None:
+    response = client.post("/predict", files=_image(), data={"model": "det"})
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert result["predictions"] == [] and result["segments"] is None
+    found = result["detections"]
+    assert 1 <= len(found) <= 4
+    scores = [d["score"] for d in found]
+    assert scores == sorted(scores, reverse=True)
+    for detection in found:
+        x0, y0, x1, y1 = detection["box"]
+        assert 0 <= x0 <= x1 <= WIDTH and 0 <= y0 <= y1 <= HEIGHT
+        assert detection["label"] == ["background", "thing1", "thing2"][detection["class_idx"]]
+    # The model saw a 48x32 input: boxes come back scaled by 2 (some reach past 48 or 32).
+    assert max(max(d["box"][0], d["box"][2]) for d in found) > 0
+
+
+def test_explain_boxes_carry_box_label_score(client: TestClient) -> None:
+    predicted = client.post("/predict", files=_image(), data={"model": "det"}).json()
+    found = predicted["results"][0]["detections"]
+    response = client.post(
+        "/explain",
+        files=_image(),
+        data={"model": "det", "box": ["1", "0"], "output": "overlay,raw", "image_format": "png"},
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert result["detections"] == found
+    explained = result["explanations"]
+    assert [e["detection"] for e in explained] == [1, 0]
+    for item in explained:
+        expected = found[item["detection"]]
+        assert (item["box"], item["label"], item["score"]) == (
+            expected["box"],
+            expected["label"],
+            expected["score"],
+        )
+        overlay = Image.open(io.BytesIO(base64.b64decode(item["maps"][0]["overlay"])))
+        assert overlay.size == (WIDTH, HEIGHT)
+        assert item["maps"][0]["raw"]["shape"][0] >= 1
+
+
+def test_explain_all_boxes(client: TestClient) -> None:
+    response = client.post("/explain", files=_image(), data={"model": "det", "box": "all"})
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert [e["detection"] for e in result["explanations"]] == list(
+        range(len(result["detections"]))
+    )
+
+
+def test_the_overlay_draws_the_explained_box(client: TestClient) -> None:
+    data = {"model": "det", "box": "0", "image_format": "png", "alpha": "1"}
+    response = client.post("/explain", files=_image(), data=data)
+    item = response.json()["results"][0]["explanations"][0]
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(item["maps"][0]["overlay"]))))
+    plain = np.asarray(Image.open(io.BytesIO(image_bytes((WIDTH, HEIGHT), seed=3))))
+    changed = np.argwhere((overlay != plain).any(axis=2))
+    x0, y0, x1, y1 = item["box"]
+    # alpha=1 shows the image alone: only the outline and its caption differ, near the box.
+    assert len(changed)
+    assert changed[:, 1].min() >= int(x0) - 1 and changed[:, 1].max() <= max(x1, x0 + 60)
+    assert changed[:, 0].max() <= int(y1) + 1
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"box": "99"}, "box 99 is past the detections"),
+        ({"box": "x"}, "box must be a detection's index"),
+        ({"method": "ScoreCAM"}, "ScoreCAM cannot explain a detection model"),
+        ({"region": "mask"}, "region is for segmentation models"),
+        ({"class_idx": "1"}, "class_idx does not apply to a detector"),
+        ({"top_classes": "2"}, "top_classes is for classifiers; 'det' is a detection model"),
+        ({"faithfulness": "deletion"}, "faithfulness is for classifiers"),
+    ],
+)
+def test_detection_bad_input_is_a_400(client: TestClient, data: dict[str, str], words: str) -> None:
+    response = client.post("/explain", files=_image(), data={"model": "det", **data})
+    assert words in assert_error(response, 400, "invalid_target")
+
+
+def test_box_on_a_classifier_is_a_400(client: TestClient) -> None:
+    response = client.post("/explain", files=_image(), data={"model": "tiny", "box": "0"})
+    assert "box is for detection models" in assert_error(response, 400, "invalid_target")
+    response = client.post("/predict", files=_image(), data={"model": "tiny", "output": "mask"})
+    assert "output=mask is for segmentation" in assert_error(response, 400, "invalid_target")
+
+
+def test_predict_segmentation_segments_and_mask(client: TestClient) -> None:
+    response = client.post("/predict", files=_image(), data={"model": "seg", "output": "mask"})
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["mask"]))))
+    assert mask.shape == (HEIGHT, WIDTH)
+    segments = result["segments"]
+    assert sum(s["pixels"] for s in segments) == WIDTH * HEIGHT
+    for segment in segments:
+        assert segment["pixels"] == int((mask == segment["class_idx"]).sum())
+        rows, cols = np.nonzero(mask == segment["class_idx"])
+        assert segment["box"] == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+
+
+def _mask_png(width: int, height: int) -> str:
+    picture = np.zeros((height, width), dtype=np.uint8)
+    picture[4:20, 8:40] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    return "png:" + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("region", "kind", "box"),
+    [
+        ("box:8,4,40,20", "box", [8.0, 4.0, 40.0, 20.0]),
+        (None, "mask", None),
+        ("png", "png", [8.0, 4.0, 40.0, 20.0]),
+    ],
+)
+def test_explain_segmentation_regions(
+    client: TestClient, region: str | None, kind: str, box: list[float] | None
+) -> None:
+    predicted = client.post("/predict", files=_image(), data={"model": "seg"}).json()
+    top = predicted["results"][0]["segments"][0]
+    data = {"model": "seg", "class_idx": str(top["class_idx"]), "method": "GradCAM,EigenCAM"}
+    if region is not None:
+        data["region"] = _mask_png(WIDTH, HEIGHT) if region == "png" else region
+    response = client.post("/explain", files=_image(), data=data)
+    assert response.status_code == 200, response.text
+    explained = response.json()["results"][0]["explanations"]
+    assert [e["method"] for e in explained] == ["GradCAM", "EigenCAM"]
+    for item in explained:
+        assert item["region"] == kind and item["class_idx"] == top["class_idx"]
+        assert item["box"] == (box or [float(v) for v in top["box"]])
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"region": "box:0,0,200,20"}, "is not inside"),
+        ({"region": "box:1,2,3"}, "four numbers"),
+        ({"region": "circle"}, "region must be 'mask'"),
+        ({"region": "png:" + base64.b64encode(b"nope").decode()}, "must hold a base64 PNG"),
+        ({"box": "0"}, "box is for detection models"),
+        ({"classes": "1,2"}, "Leave classes out and pick what to explain with class_idx with"),
+    ],
+)
+def test_segmentation_bad_input_is_a_400(
+    client: TestClient, data: dict[str, str], words: str
+) -> None:
+    response = client.post("/explain", files=_image(), data={"model": "seg", **data})
+    assert words in assert_error(response, 400, "invalid_target")
+
+
+def test_a_mask_of_the_wrong_size_is_a_400(client: TestClient) -> None:
+    data = {"model": "seg", "class_idx": "1", "region": _mask_png(WIDTH // 2, HEIGHT)}
+    response = client.post("/explain", files=_image(), data=data)
+    message = assert_error(response, 400, "invalid_target")
+    assert f"region mask is {WIDTH // 2}x{HEIGHT} but" in message
+
+
+def test_a_job_explains_a_box(client: TestClient, tmp_path: Path) -> None:
+    created = client.post("/jobs", files=_image(), data={"model": "det", "box": "0"})
+    assert created.status_code in (200, 201, 202), created.text
+    url = created.json()["url"]
+    for _ in range(600):
+        view = client.get(url).json()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        import time
+
+        time.sleep(0.05)
+    assert view["status"] == "succeeded", view
+    assert view["result"]["results"][0]["explanations"][0]["detection"] == 0
+
+
+def test_kserve_answers_boxes_and_oip_refuses_clearly(client: TestClient) -> None:
+    b64 = base64.b64encode(image_bytes((WIDTH, HEIGHT), seed=3)).decode()
+    response = client.post("/v1/models/det:predict", json={"instances": [{"image": {"b64": b64}}]})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["detections"]
+    body = {"instances": [{"image": {"b64": b64}, "box": "1"}]}
+    response = client.post("/v1/models/det:explain", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["explanations"][0]["explanations"][0]["detection"] == 1
+    inputs = [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]
+    response = client.post("/v2/models/det/infer", json={"inputs": inputs})
+    assert response.status_code == 400, response.text
+    assert "is a detection model" in response.text
+
+
+def test_kserve_takes_box_as_a_json_list_of_integers(client: TestClient) -> None:
+    b64 = base64.b64encode(image_bytes((WIDTH, HEIGHT), seed=3)).decode()
+    body = {"instances": [{"image": {"b64": b64}, "box": [1, 0]}]}
+    response = client.post("/v1/models/det:explain", json=body)
+    assert response.status_code == 200, response.text
+    explained = response.json()["explanations"][0]["explanations"]
+    assert [e["detection"] for e in explained] == [1, 0]
