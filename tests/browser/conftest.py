@@ -38,6 +38,9 @@ def _start(**extra: str) -> tuple[subprocess.Popen[str], str]:
         CAMSERVE_PORT=str(port),
         CAMSERVE_GRPC_PORT="",
         CAMSERVE_LOG_LEVEL="WARNING",
+        # The page's tests explain the same examples again and again; the progress and cancel
+        # tests need the work to run, not an answer from the cache (tested in tests/pipeline).
+        CAMSERVE_CACHE_MB="0",
         PYTHONPATH=str(ROOT),
         **extra,
     )

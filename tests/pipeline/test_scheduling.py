@@ -294,7 +294,8 @@ def _host_plan(model: LoadedModel) -> CamPlan:
     return _plan(model, "AblationCAM", ("features.0", "features.2"))
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+#: RandomCAM draws noise at every call (unseeded here): two runs never agree, hosted or not.
+@pytest.mark.parametrize("method", [name for name in METHODS if name != "RandomCAM"])
 def test_a_pass_between_the_chunks_of_another_answers_as_if_alone(
     models: dict[str, LoadedModel], method: str
 ) -> None:

@@ -75,7 +75,11 @@ def _run_held(
         return [f.result() for f in futures]
 
 
-@pytest.mark.parametrize("method", [n for n, c in METHODS.items() if not c.one_map])
+#: RandomCAM's seeded draws follow the samples' places in the batch (its docstring): its maps
+#: are noise by design, and a batch changes which draw an image gets.
+@pytest.mark.parametrize(
+    "method", [n for n, c in METHODS.items() if not c.one_map and n != "RandomCAM"]
+)
 def test_batched_answers_equal_answers_alone(
     make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:

@@ -105,7 +105,7 @@ def test_model_detail_lists_each_methods_declared_options(client: TestClient) ->
             "minimum": o.low,
             "maximum": o.high,
             "help": o.help,
-            "choices": None,
+            "choices": list(o.choices) or None,
         }
         for o in METHODS["SSCAM"].options
     ]
