@@ -378,7 +378,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hostile_mix.json")
     args = parser.parse_args(argv)
-    env = dict(item.split("=", 1) for item in args.env)
+    # Without the explanation cache: the good clients and the attackers repeat their requests,
+    # and hits would measure the cache (a real attacker varies its images), not the defences.
+    env = {"CAMSERVE_CACHE_MB": "0", **dict(item.split("=", 1) for item in args.env)}
     config = MixConfig(
         requests=args.requests or (30 if args.quick else 40),
         concurrency=args.concurrency,
