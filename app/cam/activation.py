@@ -153,6 +153,7 @@ class CAM(_CAM):
         self._fc_input: Tensor | None = None
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         if len(self.target_names) != 1:
+            self.remove_hooks()  # refused: the model is left as it was given
             raise ValueError("CAM takes exactly one target layer: the one the head pools.")
 
     def _register_hooks(self) -> None:

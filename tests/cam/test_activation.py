@@ -348,3 +348,11 @@ def test_on_the_cpu_chunks_keep_batch_size(tiny_net):
             scores = tiny_net(x)
         extractor([0, 1], scores)
     assert extractor.chunk_sizes and set(extractor.chunk_sizes[:-1]) == {3}
+
+
+def test_cam_refusing_its_layers_leaves_no_hook_on_the_model(tiny_net):
+    with pytest.raises(ValueError, match="exactly one target layer"):
+        CAM(tiny_net, ["conv", "feat"], input_shape=(3, 16, 16))
+    assert not any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in tiny_net.modules()
+    )
