@@ -59,7 +59,6 @@ from app.pipeline.rendering import (
     DEFAULT_IMAGE_FORMAT,
     OUTPUT_FORMATS,
     NamedMap,
-    PictureSize,
     RenderBudget,
     RenderCost,
     RenderStyle,
@@ -798,17 +797,8 @@ class Explainer:
             self.max_cam_forwards,
             class_count(params),
         )
-        style = RenderStyle(
-            outputs=tuple(dict.fromkeys(params.outputs)),
-            colormap=params.colormap,
-            alpha=params.alpha,
-            image_format=params.image_format,
-            size=PictureSize.parse(params.size, self.max_output_side),
-        )
-        plans = [
-            CamPlan(method, cls, layers, tuple(sorted(options.items())), params.normalized)
-            for (method, cls), options in zip(methods, per_method, strict=True)
-        ]
+        style = RenderStyle.of(params, self.max_output_side)
+        plans = CamPlan.each(methods, per_method, layers, params.normalized)
         faithfulness.check(
             faithfulness.scoring(params.faithfulness, params.faithfulness_steps),
             sum(_maps_per_image(plan) for plan in plans) * class_count(params),

@@ -109,6 +109,20 @@ class CamPlan:
             getattr(self.cls, "masked_forwards", False) or getattr(self.cls, "uses_input", False)
         )
 
+    @classmethod
+    def each(
+        cls,
+        methods: Sequence[tuple[str, type[_CAM]]],
+        per_method: Sequence[dict[str, Any]],
+        layers: Sequence[str],
+        normalized: bool,
+    ) -> list[CamPlan]:
+        """One plan per checked method, with its options (``checks.split_options``)."""
+        return [
+            cls(method, method_cls, tuple(layers), tuple(sorted(options.items())), normalized)
+            for (method, method_cls), options in zip(methods, per_method, strict=True)
+        ]
+
 
 def group_plans(plans: Sequence[CamPlan]) -> list[tuple[CamPlan, ...]]:
     """The passes that several methods of one request take: the methods that can share a forward

@@ -122,6 +122,18 @@ class RenderStyle:
     def draws_pictures(self) -> bool:
         return draws_pictures(self.outputs)
 
+    @classmethod
+    def of(cls, params: Any, max_output_side: int) -> RenderStyle:
+        """The style a request's parameters ask for (``ExplainParams`` or a task's view of it):
+        each output once, in order; ``size`` read against ``CAMSERVE_MAX_OUTPUT_SIDE``."""
+        return cls(
+            outputs=tuple(dict.fromkeys(params.outputs)),
+            colormap=params.colormap,
+            alpha=params.alpha,
+            image_format=params.image_format,
+            size=PictureSize.parse(params.size, max_output_side),
+        )
+
 
 @dataclass(frozen=True)
 class Canvas:

@@ -29,7 +29,6 @@ from app.pipeline.decoding import DecodedImage, Upload
 from app.pipeline.passes import CamPlan, own_pass
 from app.pipeline.rendering import (
     OUTPUT_FORMATS,
-    PictureSize,
     RenderBudget,
     RenderStyle,
     render_cost,
@@ -294,17 +293,8 @@ class TaskPipeline:
             images * per_image,
             explainer.max_cam_forwards,
         )
-        style = RenderStyle(
-            outputs=tuple(dict.fromkeys(params.outputs)),
-            colormap=params.colormap,
-            alpha=params.alpha,
-            image_format=params.image_format,
-            size=PictureSize.parse(params.size, explainer.max_output_side),
-        )
-        plans = [
-            CamPlan(method, cls, layers, tuple(sorted(options.items())), params.normalized)
-            for (method, cls), options in zip(methods, per_method, strict=True)
-        ]
+        style = RenderStyle.of(params, explainer.max_output_side)
+        plans = CamPlan.each(methods, per_method, layers, params.normalized)
         return plans, style
 
     async def explain(
