@@ -20,11 +20,13 @@ import grpc
 
 from app.errors import BadRequest, CamserveError, NotReady, ShuttingDown, Unauthorized, clip
 from app.grpc import messages
+from app.grpc.access import accessed
 from app.grpc.infer import infer, parse_version
 from app.grpc.status import status_of
 from app.lifecycle import Lifecycle
 from app.models.control import ModelControl
 from app.models.registry import ModelRegistry
+from app.observability.metrics import Metrics
 from app.pipeline.explainer import Explainer
 from app.protocols import oip, repository
 from app.settings import Settings
@@ -73,6 +75,9 @@ class Service:
         if control is None:
             raise NotReady("The service is starting; retry in a moment.")
         return control
+
+    def _metrics(self) -> Metrics | None:
+        return getattr(self.state, "metrics", None)
 
     @property
     def lifecycle(self) -> Lifecycle:
@@ -178,9 +183,10 @@ class Service:
         return messages.RepositoryModelUnloadResponse()
 
     def handlers(self) -> dict[str, Handler]:
-        """RPC name -> its coroutine, refusals turned into gRPC statuses."""
+        """RPC name -> its coroutine, logged and counted as HTTP requests are, refusals turned
+        into gRPC statuses."""
         return {
-            name: _answering(method)
+            name: _answering(accessed(f"/{messages.SERVICE}/{name}", method, self._metrics))
             for name, method in {
                 "ServerLive": self.server_live,
                 "ServerReady": self.server_ready,

@@ -14,6 +14,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     Histogram,
     PlatformCollector,
@@ -179,6 +180,20 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.pass_seconds = Histogram(
+            "camserve_pass_seconds",
+            "Seconds of each model pass, by the number of images it ran (Triton's batch "
+            "statistics are read from it).",
+            ["model", "version", "images"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.last_pass = Gauge(
+            "camserve_last_pass_timestamp_seconds",
+            "When the last model pass on each version ended (Unix time).",
+            ["model", "version"],
+            registry=self.registry,
+        )
         self.explanations = Counter(
             "camserve_explanations",
             "Explanations answered, each method of a request counted under its own name.",
@@ -261,9 +276,11 @@ class Metrics:
             for name in info.method.split(","):
                 self.explanations.labels(info.model, name).inc()
 
-    def observe_pass(self, model: str, version: int, images: int) -> None:
-        """One model pass of ``images`` images ran on that version of the model."""
+    def observe_pass(self, model: str, version: int, images: int, seconds: float) -> None:
+        """One model pass of ``images`` images ran on that version of the model in ``seconds``."""
         self.batch_images.labels(model, str(version)).observe(images)
+        self.pass_seconds.labels(model, str(version), str(images)).observe(seconds)
+        self.last_pass.labels(model, str(version)).set_to_current_time()
 
     def observe_wait(self, model: str, priority: str, seconds: float) -> None:
         """A request of class ``priority`` waited ``seconds`` for its pass on ``model``."""

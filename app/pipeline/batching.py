@@ -140,7 +140,7 @@ class Batcher:
         max_images: int,
         timeout_s: float,
         executor: Executor | None = None,
-        on_pass: Callable[[int], None] | None = None,
+        on_pass: Callable[[int, float], None] | None = None,
         *,
         background_every: int = 3,
         on_wait: Callable[[Priority, float], None] | None = None,
@@ -162,7 +162,8 @@ class Batcher:
         self.executor = executor
         """Threads for the passes (the service's model threads); None: anyio's pool."""
         self.on_pass = on_pass
-        """Told the number of images of every pass that ran (the metrics' batch histogram)."""
+        """Told the number of images and the seconds of every pass that ran (the metrics' batch
+        histogram, Triton's batch statistics)."""
         self.on_wait = on_wait
         """Told (priority, seconds) for every request whose pass started (the queue wait)."""
         self.on_yield = on_yield
@@ -433,7 +434,7 @@ class Batcher:
                     started.set()
         if isinstance(outcome, Exception):
             return outcome
-        _observe(self.on_pass, sum(p.images for p in group))
+        _observe(self.on_pass, sum(p.images for p in group), time.perf_counter() - outcome[0])
         return outcome[0], outcome[1], guest
 
     @staticmethod

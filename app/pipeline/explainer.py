@@ -132,7 +132,7 @@ class Explainer:
         batch_timeout_s: float = 0.005,
         model_threads: Executor | None = None,
         image_threads: Executor | None = None,
-        on_pass: Callable[[str, int, int], None] | None = None,
+        on_pass: Callable[[str, int, int, float], None] | None = None,
         max_request_pixels: int | None = None,
         decode_budget: MemoryBudget | None = None,
         background_every: int = 3,

@@ -91,7 +91,9 @@ def statistics(
         if version is not None and version not in entry.versions:
             registry.get(name, version)  # raises the registry's not-found, naming the versions
         keys = [(entry.name, str(v)) for v in numbers]
-    zero = {"count": 0, "ns": 0}  # cache_hit and cache_miss stay so: camserve caches nothing
+    # cache_hit and cache_miss stay zero: the explanation cache counts per tier, not per model
+    # (camserve_cache_hits and camserve_cache_misses on /metrics).
+    zero = {"count": 0, "ns": 0}
     stats: dict[tuple[str, str], dict[str, Any]] = {
         key: {
             "name": key[0],
@@ -125,7 +127,31 @@ def statistics(
             stats[key]["inference_count"] = int(value)
         elif key in stats and sample.endswith("_count"):
             stats[key]["execution_count"] = int(value)
+    for _sample, labels, value in _samples(metrics.last_pass):
+        key = (labels["model"], labels["version"])
+        if key in stats:
+            stats[key]["last_inference"] = round(value * 1000)  # Triton's: ms since the epoch
+    batches: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(
+        lambda: defaultdict(lambda: [0.0, 0.0])
+    )
+    for sample, labels, value in _samples(metrics.pass_seconds):
+        key = (labels["model"], labels["version"])
+        if sample.endswith("_count"):
+            batches[key][int(labels["images"])][0] += value
+        elif sample.endswith("_sum"):
+            batches[key][int(labels["images"])][1] += value
     for key, entry_stats in stats.items():
+        # Per pass size, the pass itself; decoding and drawing run per request, outside the
+        # pass, so compute_input and compute_output are counted in inference_stats only.
+        entry_stats["batch_stats"] = [
+            {
+                "batch_size": size,
+                "compute_input": dict(zero),
+                "compute_infer": {"count": int(count), "ns": round(seconds * 1e9)},
+                "compute_output": dict(zero),
+            }
+            for size, (count, seconds) in sorted(batches[key].items())
+        ]
         phases = entry_stats["inference_stats"]
         seconds = totals[(key[0], key[1], "total")][1]
         ok, fail = requests[key]["ok"], requests[key]["fail"]

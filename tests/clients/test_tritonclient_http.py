@@ -171,6 +171,10 @@ def test_statistics_count_the_inferences(client: httpclient.InferenceServerClien
     success = after["inference_stats"]["success"]
     assert success["count"] == before["inference_stats"]["success"]["count"] + 1
     assert after["inference_count"] == before["inference_count"] + 2 and success["ns"] > 0
+    assert after["last_inference"] >= before["last_inference"] and after["last_inference"] > 0
+    assert (
+        sum(b["compute_infer"]["count"] for b in after["batch_stats"]) == after["execution_count"]
+    )
 
 
 def test_the_repository_through_the_client(client: httpclient.InferenceServerClient) -> None:

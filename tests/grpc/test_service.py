@@ -105,6 +105,9 @@ class _Context:
     def time_remaining(self) -> float | None:
         return None
 
+    async def send_initial_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.sent = metadata
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.code, self.details = code, details
         raise _Aborted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 
 import pytest
@@ -57,6 +58,12 @@ def test_counts_and_stages_of_predict_and_explain(make_client: Callable[..., Tes
     # One pass of 2 images (the predict) and one of 1 (the explain).
     assert value(samples, "camserve_batch_images_count", model="tiny", version="1") == 2
     assert value(samples, "camserve_batch_images_sum", model="tiny", version="1") == 3
+    for images in ("1", "2"):  # and each pass's seconds, by its size
+        passes = {"model": "tiny", "version": "1", "images": images}
+        assert value(samples, "camserve_pass_seconds_count", **passes) == 1
+        assert value(samples, "camserve_pass_seconds_sum", **passes) > 0
+    ended = value(samples, "camserve_last_pass_timestamp_seconds", model="tiny", version="1")
+    assert ended is not None and abs(ended - time.time()) < 600
     # ScoreCAM on tiny's `features` (4 channels): one masked forward per channel.
     forwards = {"model": "tiny", "version": "1", "method": "ScoreCAM"}
     assert value(samples, "camserve_cam_forwards_total", **forwards) == 4

@@ -47,7 +47,7 @@ class Seen:
         self.passes = 0
         self.events: list[tuple[str, str]] = []
 
-    def on_pass(self, model: str, version: int, images: int) -> None:
+    def on_pass(self, model: str, version: int, images: int, seconds: float) -> None:
         self.passes += 1
 
     def on_event(self, event: str, tier: str) -> None:

@@ -37,7 +37,7 @@ class Seen:
         self.passes: list[tuple[str, int]] = []
         self.waits: list[tuple[str, Priority, float]] = []
 
-    def on_pass(self, model: str, version: int, images: int) -> None:
+    def on_pass(self, model: str, version: int, images: int, seconds: float) -> None:
         assert version == 1  # the tiny model's folder has no versions
         self.passes.append((model, images))
 

@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -704,6 +705,9 @@ def test_the_model_configuration_in_tritons_shape(client: TestClient) -> None:
 
 def test_statistics_in_tritons_shape(make_client: Callable[..., TestClient]) -> None:
     fresh = make_client()
+    (idle,) = fresh.get("/v2/models/tiny/stats").json()["model_stats"]
+    assert idle["last_inference"] == 0 and idle["batch_stats"] == []
+    before_ms = time.time() * 1000
     for _ in range(2):
         assert (
             fresh.post("/v2/models/tiny/infer", json=infer_body(image_bytes())).status_code == 200
@@ -716,6 +720,11 @@ def test_statistics_in_tritons_shape(make_client: Callable[..., TestClient]) -> 
     assert phases["compute_infer"]["count"] == 2 and phases["compute_infer"]["ns"] > 0
     assert stats["inference_count"] == 2 and stats["execution_count"] == 2
     assert phases["cache_hit"] == {"count": 0, "ns": 0}
+    # When the last pass ended (ms since the epoch), and the passes by their number of images.
+    assert before_ms - 1 <= stats["last_inference"] <= time.time() * 1000 + 1
+    (one,) = stats["batch_stats"]
+    assert one["batch_size"] == 1 and one["compute_infer"]["count"] == 2
+    assert 0 < one["compute_infer"]["ns"] <= phases["success"]["ns"]
     every = fresh.get("/v2/models/stats").json()["model_stats"]
     assert {"tiny", "resnet", "vgg"} <= {s["name"] for s in every}
     assert fresh.get("/v2/models/tiny/versions/1/stats").json()["model_stats"] == [stats]

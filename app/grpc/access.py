@@ -1,0 +1,84 @@
+"""Each gRPC call as HTTP's access middleware sees each request: a request id (metadata
+``x-request-id`` when valid, else a new one, sent back in the initial metadata), one access-log
+line and the metrics, under the route ``/inference.GRPCInferenceService/<RPC>``.
+
+The status counted is the HTTP status the same refusal has on HTTP (200 for an answer, 500 for
+an internal error), so the request counters, Triton's statistics and the dashboards read gRPC
+calls beside HTTP ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from app.errors import CamserveError
+from app.observability.context import REQUEST_ID_HEADER, start_request
+from app.observability.metrics import Metrics
+
+logger = logging.getLogger("app.grpc.access")
+
+REQUEST_ID_METADATA = REQUEST_ID_HEADER.lower()
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def http_status(error: BaseException | None) -> int:
+    """The HTTP status of a call's outcome: 200, the refusal's own status, 499 for a call its
+    client cancelled (nginx's code for it), or 500."""
+    if error is None:
+        return 200
+    if isinstance(error, CamserveError):
+        return error.status_code
+    if isinstance(error, asyncio.CancelledError):
+        return 499
+    return 500
+
+
+def accessed(route: str, method: Handler, metrics: Callable[[], Metrics | None]) -> Handler:
+    """``method`` with its call logged and counted; ``metrics`` is read at each call (the app's
+    state holds them once the lifespan ran)."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA)
+        info = start_request(given if isinstance(given, str) else None)
+        await context.send_initial_metadata(((REQUEST_ID_METADATA, info.request_id),))
+        outcome: BaseException | None = None
+        try:
+            return await method(request, context)
+        except BaseException as error:  # turned into the call's gRPC status outside this wrapper
+            outcome = error
+            raise
+        finally:
+            seconds = time.perf_counter() - started
+            status = http_status(outcome)
+            logger.info(
+                "gRPC %s %d %.1f ms model=%s method=%s images=%d",
+                route,
+                status,
+                seconds * 1000,
+                info.model or "-",
+                info.method or "-",
+                info.images,
+                extra={
+                    "access": {
+                        "http_method": "gRPC",
+                        "path": route,
+                        "status": status,
+                        "ms": round(seconds * 1000, 3),
+                        "model": info.model or None,
+                        "method": info.method or None,
+                        "images": info.images,
+                    }
+                },
+            )
+            if (counted := metrics()) is not None:
+                counted.observe_request(route, status, seconds, info)
+
+    call.__name__ = getattr(method, "__name__", "call")
+    return call

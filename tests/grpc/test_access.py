@@ -1,0 +1,123 @@
+"""Each gRPC call is logged and counted as an HTTP request is (app/grpc/access.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from app.errors import BadRequest
+from app.grpc.access import accessed
+from app.observability.context import note_work
+from tests.conftest import image_bytes
+from tests.grpc.conftest import KEYED, Served
+
+ROUTE = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _counted(served: Served, status: str) -> float:
+    text = httpx.get(f"{served.url}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("camserve_requests_total{") and f'route="{ROUTE}"' in line:
+            if f'status="{status}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _infer(served: Served, metadata: tuple[tuple[str, str], ...]) -> Any:
+    request = service_pb2.ModelInferRequest(model_name="tiny")
+    tensor = request.inputs.add(name="image", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(image_bytes())
+    with grpc.insecure_channel(served.target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return stub.ModelInfer.with_call(request, metadata=metadata, timeout=30)
+
+
+def test_calls_are_counted_under_their_rpc_with_their_http_status(served: Served) -> None:
+    ok, refused = _counted(served, "200"), _counted(served, "401")
+    _, call = _infer(served, (*KEYED.items(), ("x-request-id", "grpc-call-7")))
+    assert dict(call.initial_metadata())["x-request-id"] == "grpc-call-7"
+    with pytest.raises(grpc.RpcError) as raised:
+        _infer(served, ())
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _counted(served, "200") == ok + 1
+    assert _counted(served, "401") == refused + 1
+    text = httpx.get(f"{served.url}/metrics", timeout=10).text
+    # Its stage times too, under the model that served it.
+    stage = f'model="tiny",route="{ROUTE}",stage="forward"'
+    assert re.search(r"camserve_request_duration_seconds_count\{[^}]*" + re.escape(stage), text)
+
+
+class _Context:
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+        self.sent: tuple[tuple[str, str], ...] = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    async def send_initial_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.sent = metadata
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, str, str]] = []
+
+    def observe_request(self, route: str, status: int, seconds: float, info: Any) -> None:
+        self.seen.append((route, status, info.model, info.request_id))
+
+
+def test_one_access_line_and_one_count_per_call(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = _Metrics()
+
+    async def answer(request: Any, context: Any) -> str:
+        note_work("tiny", "GradCAM", 1, {"forward": 0.01}, version=1)
+        return "answer"
+
+    async def refuse(request: Any, context: Any) -> str:
+        raise BadRequest("no such thing; send another")
+
+    good = accessed("/svc/Answer", answer, lambda: metrics)  # type: ignore[arg-type]
+    bad = accessed("/svc/Refuse", refuse, lambda: metrics)  # type: ignore[arg-type]
+    forged = "x\r\nINFO forged line"
+    with caplog.at_level(logging.INFO, logger="app.grpc.access"):
+        context = _Context((("x-request-id", "given-1"),))
+        assert asyncio.run(good(None, context)) == "answer"  # type: ignore[arg-type]
+        assert context.sent == (("x-request-id", "given-1"),)
+        fresh = _Context((("x-request-id", forged),))
+        with pytest.raises(BadRequest):
+            asyncio.run(bad(None, fresh))  # type: ignore[arg-type]
+    assert fresh.sent[0][1] != forged  # an invalid id is replaced, never echoed
+    assert metrics.seen[0] == ("/svc/Answer", 200, "tiny", "given-1")
+    assert metrics.seen[1][:3] == ("/svc/Refuse", 400, "")
+    lines = [r for r in caplog.records if r.name == "app.grpc.access"]
+    assert [r.access["status"] for r in lines] == [200, 400]  # type: ignore[attr-defined]
+    assert "gRPC /svc/Answer 200" in lines[0].getMessage()
+    assert "model=tiny method=GradCAM images=1" in lines[0].getMessage()
+
+
+def test_a_cancelled_call_counts_as_499() -> None:
+    metrics = _Metrics()
+
+    async def hang(request: Any, context: Any) -> None:
+        await asyncio.sleep(30)
+
+    call = accessed("/svc/Hang", hang, lambda: metrics)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        task = asyncio.create_task(call(None, _Context(())))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert [status for _, status, _, _ in metrics.seen] == [499]
