@@ -41,12 +41,12 @@ class CompiledForward:
     def __init__(self, module: nn.Module, mode: CompileMode, backend: str = "inductor") -> None:
         self.mode = mode
         self.pad = mode == "cudagraphs"
-        options: dict[str, object] = (
-            {"mode": "reduce-overhead", "dynamic": False} if self.pad else {"dynamic": None}
-        )
         self._compiled: Callable[[Tensor], Tensor] = torch.compile(
-            module, backend=backend, **options
-        )  # type: ignore[assignment]
+            module,
+            backend=backend,
+            mode="reduce-overhead" if self.pad else None,
+            dynamic=False if self.pad else None,
+        )
 
     def __call__(self, batch: Tensor) -> Tensor:
         if not self.pad:
@@ -55,7 +55,7 @@ class CompiledForward:
         padded = padded_size(size)
         if padded > size:
             batch = torch.cat([batch, batch.new_zeros((padded - size, *batch.shape[1:]))])
-        torch.compiler.cudagraph_mark_step_begin()
+        torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
         # A CUDA graph's outputs are overwritten by its next replay: this pass keeps a copy.
         return self._compiled(batch)[:size].clone()
 
