@@ -44,8 +44,14 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 class Supervisor:
     """Starts the worker processes and passes signals on to them."""
 
-    def __init__(self, count: int, overrides: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        count: int,
+        overrides: dict[str, Any] | None = None,
+        command: tuple[str, ...] = (sys.executable, "-m", "app", WORKER_FLAG),
+    ) -> None:
         self.count = count
+        self.command = command
         # Settings given as arguments (camserve serve --port ...) reach the workers as variables.
         self.env = {f"CAMSERVE_{k.upper()}": str(v) for k, v in (overrides or {}).items()}
         self.children: list[subprocess.Popen[bytes]] = []
@@ -68,7 +74,7 @@ class Supervisor:
         try:
             for _ in range(self.count):
                 self.children.append(
-                    subprocess.Popen([sys.executable, "-m", "app", WORKER_FLAG], env=env)
+                    subprocess.Popen(list(self.command), env=env)
                 )
             logger.info(
                 "camserve: %d workers (pids %s)",

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 
+from app.workers import Supervisor
 from tests.conftest import image_bytes
 from tests.http.test_server import ROOT, environment
 from tests.redis_server import RedisServer, free_port
@@ -36,6 +40,14 @@ def _all_ready(url: str, tries: int = 16) -> bool:
     return True
 
 
+def _listens_on(process: psutil.Process) -> set[int]:
+    return {
+        s.laddr.port  # type: ignore[attr-defined]
+        for s in _connections(process)
+        if s.status == psutil.CONN_LISTEN  # type: ignore[attr-defined]
+    }
+
+
 def _holder(children: list[psutil.Process], port: int, client_port: int) -> int:
     """The worker holding the server end of the connection from ``client_port``."""
     for child in children:
@@ -48,12 +60,17 @@ def _holder(children: list[psutil.Process], port: int, client_port: int) -> int:
 def test_two_workers_share_the_port_and_stop_on_sigterm(
     store: Path, redis_server: RedisServer
 ) -> None:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     parent = subprocess.Popen(
         [sys.executable, "-m", "app", "--workers", "2"],
         cwd=ROOT,
-        env=environment(store, CAMSERVE_PORT=str(port), CAMSERVE_JOB_STORE=redis_server.url(3)),
+        env=environment(
+            store,
+            CAMSERVE_PORT=str(port),
+            CAMSERVE_GRPC_PORT=str(grpc_port),
+            CAMSERVE_JOB_STORE=redis_server.url(3),
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -65,14 +82,8 @@ def test_two_workers_share_the_port_and_stop_on_sigterm(
             assert parent.poll() is None, parent.communicate()[0]
             assert time.monotonic() < deadline, "the workers did not start"
             children = psutil.Process(parent.pid).children()
-            listening = [
-                c
-                for c in children
-                if any(
-                    s.status == psutil.CONN_LISTEN and s.laddr.port == port  # type: ignore[attr-defined]
-                    for s in _connections(c)
-                )
-            ]
+            # Each worker listens on both ports, HTTP's and gRPC's.
+            listening = [c for c in children if _listens_on(c) >= {port, grpc_port}]
             if len(listening) == 2 and _all_ready(url):
                 break
             time.sleep(0.2)
@@ -124,3 +135,41 @@ def test_several_workers_need_a_shared_job_store(store: Path) -> None:
     assert done.returncode == 2
     assert "CAMSERVE_WORKERS=2 needs a shared job store" in done.stderr
     assert "CAMSERVE_JOB_STORE=redis://" in done.stderr
+
+
+_CHILD = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # drains, as a worker does
+mark = os.environ.get("CAMSERVE_FAIL_MARK")
+if mark:  # the first child to get here fails with status 3
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL))
+        sys.exit(3)
+    except FileExistsError:
+        pass
+time.sleep(60)
+sys.exit(5)  # never reached in the tests: they stop the children first
+"""
+
+
+def test_a_signal_to_the_supervisor_reaches_every_worker() -> None:
+    supervisor = Supervisor(3, command=(sys.executable, "-c", _CHILD))
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert supervisor.run() == 0
+    finally:
+        timer.cancel()
+    assert len(supervisor.children) == 3
+    assert [child.returncode for child in supervisor.children] == [0, 0, 0]
+
+
+def test_a_worker_that_dies_stops_the_rest_and_gives_its_status(tmp_path: Path) -> None:
+    # Settings given as arguments reach the children as CAMSERVE_ variables.
+    mark = tmp_path / "failed"
+    supervisor = Supervisor(2, {"fail_mark": mark}, command=(sys.executable, "-c", _CHILD))
+    assert supervisor.run() == 3
+    assert mark.exists()
+    codes = sorted(child.returncode for child in supervisor.children)
+    # The other was stopped: drained (0), or by the signal itself if it had not set up yet.
+    assert codes in ([0, 3], [-signal.SIGTERM, 3]), codes
