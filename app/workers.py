@@ -73,9 +73,7 @@ class Supervisor:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for _ in range(self.count):
-                self.children.append(
-                    subprocess.Popen(list(self.command), env=env)
-                )
+                self.children.append(subprocess.Popen(list(self.command), env=env))
             logger.info(
                 "camserve: %d workers (pids %s)",
                 self.count,
