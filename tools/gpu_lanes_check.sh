@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue #25, in device sessions of at most 10 minutes a command.
 #
-#   tools/gpu_lanes_check.sh          # about 6 minutes, at most 8: the CUDA tests of the device
+#   tools/gpu_lanes_check.sh          # about 6 minutes, at most 9.5: the CUDA tests of the device
 #                                     # lanes, the engine and the compiled forward, then
 #                                     # bench/gpu_pipeline.py on CUDA, then a short
 #                                     # bench/compile_forward.py (eager against compile and
@@ -36,6 +36,6 @@ timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -o addop
 timeout "${BENCH_TIMEOUT:-300}" python3 bench/gpu_pipeline.py --device cuda \
     --seconds "${SECONDS_PER_RUN:-15}" --repeats 15 --soak-seconds "${SOAK_IN_RUN_SECONDS:-0}" \
     --out "$OUT/gpu_pipeline.json" 2>&1 | tee "$OUT/gpu_pipeline.txt" | tail -40
-timeout "${COMPILE_TIMEOUT:-150}" python3 bench/compile_forward.py --device cuda \
+timeout "${COMPILE_TIMEOUT:-120}" python3 bench/compile_forward.py --device cuda \
     --modes compile,cudagraphs --batches 1,32 --rounds 20 --out "$OUT/compile_forward.json" \
     2>&1 | tee "$OUT/compile_forward.txt" | tail -12
