@@ -73,7 +73,13 @@ class Supervisor:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for _ in range(self.count):
-                self.children.append(subprocess.Popen(list(self.command), env=env))
+                if self.stopping:  # a signal while starting: no more workers
+                    break
+                # A session of their own: Ctrl-C in a terminal reaches only this process, which
+                # passes it on once (a worker given a second signal stops without draining).
+                self.children.append(
+                    subprocess.Popen(list(self.command), env=env, start_new_session=True)
+                )
             logger.info(
                 "camserve: %d workers (pids %s)",
                 self.count,

@@ -154,7 +154,13 @@ sys.exit(5)  # never reached in the tests: they stop the children first
 
 def test_a_signal_to_the_supervisor_reaches_every_worker() -> None:
     supervisor = Supervisor(3, command=(sys.executable, "-c", _CHILD))
-    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    sessions: list[int] = []
+
+    def stop() -> None:
+        sessions.extend(os.getsid(child.pid) for child in supervisor.children)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Timer(2.0, stop)
     timer.start()
     try:
         assert supervisor.run() == 0
@@ -162,6 +168,9 @@ def test_a_signal_to_the_supervisor_reaches_every_worker() -> None:
         timer.cancel()
     assert len(supervisor.children) == 3
     assert [child.returncode for child in supervisor.children] == [0, 0, 0]
+    # Each in a session of its own: a terminal's Ctrl-C reaches the supervisor alone, and each
+    # worker gets the signal once (a second one would cut its drain short).
+    assert len(sessions) == 3 and os.getsid(0) not in sessions
 
 
 def test_a_worker_that_dies_stops_the_rest_and_gives_its_status(tmp_path: Path) -> None:
