@@ -1,17 +1,21 @@
 """``python -m app``: serve the model store with uvicorn (HTTP) and, unless
 ``CAMSERVE_GRPC_PORT`` is empty, gRPC beside it in the same event loop, configured from
-CAMSERVE_* variables."""
+CAMSERVE_* variables. ``--workers N`` (``CAMSERVE_WORKERS``) runs N such processes on the same
+ports (``app.workers``)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
 import socket
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.observability.logs import configure_logging
 from app.settings import ConfigurationError, Settings, load_settings
+from app.workers import WORKER_FLAG, Supervisor, reuse_port_socket
 
 if TYPE_CHECKING:
     from app.http.server import DrainingServer
@@ -19,31 +23,67 @@ if TYPE_CHECKING:
 _WATCH_S = 0.1
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m app [--workers N]``."""
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="service processes on the port (CAMSERVE_WORKERS)"
+    )
+    parser.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    overrides = {} if args.workers is None else {"workers": args.workers}
+    return serve(overrides, worker=args.worker)
+
+
 def main(**overrides: Any) -> int:
     """Validate the settings (``overrides`` win over the environment), set up logging and run
-    the servers until interrupted."""
+    the servers until interrupted; with several workers, start and watch them instead."""
+    return serve(overrides)
+
+
+def serve(overrides: dict[str, Any], *, worker: bool = False) -> int:
+    """``main``; ``worker``: this process is one of several (it shares the ports with its
+    siblings)."""
     try:
         settings = load_settings(**overrides)
     except ConfigurationError as error:
         print(f"camserve: {error}", file=sys.stderr)
         return 2
-    refusal = port_refusal(settings.host, settings.port, taken=(settings.grpc_port,))
-    if refusal is not None:
-        print(f"camserve: {refusal}", file=sys.stderr)
-        return 1
+    if not worker:  # a worker's siblings hold the port already
+        refusal = port_refusal(settings.host, settings.port, taken=(settings.grpc_port,))
+        if refusal is not None:
+            print(f"camserve: {refusal}", file=sys.stderr)
+            return 1
     configure_logging(settings.log_level, settings.log_format)
+    if settings.workers > 1 and not worker:
+        return Supervisor(settings.workers, overrides).run()
     from app.http.server import build_server
 
+    sockets = None
+    if worker:
+        try:
+            sockets = [reuse_port_socket(settings.host, settings.port)]
+        except OSError as error:
+            print(
+                f"camserve: worker cannot listen on {settings.host} port {settings.port} "
+                f"({error.strerror}); another program holds it",
+                file=sys.stderr,
+            )
+            return 1
     server = build_server(settings)
     if settings.grpc_port is None:
-        server.run()
+        server.run(sockets=sockets)
         return 0
     from uvicorn._compat import asyncio_run
 
-    return asyncio_run(_serve_both(server, settings), loop_factory=server.config.get_loop_factory())
+    return asyncio_run(
+        _serve_both(server, settings, sockets), loop_factory=server.config.get_loop_factory()
+    )
 
 
-async def _serve_both(server: DrainingServer, settings: Settings) -> int:
+async def _serve_both(
+    server: DrainingServer, settings: Settings, sockets: list[socket.socket] | None = None
+) -> int:
     """HTTP and gRPC together. The drain after SIGTERM is the HTTP server's (its lifecycle
     counts the gRPC calls in flight and refuses new ones); once it lets the server exit, gRPC
     stops too, before the lifespan closes what the calls use."""
@@ -53,7 +93,9 @@ async def _serve_both(server: DrainingServer, settings: Settings) -> int:
     assert settings.grpc_port is not None
     try:  # in the loop: a grpc.aio server belongs to the loop it is made in
         app: Any = server.config.app  # the FastAPI app: its state is filled by its lifespan
-        grpc_server = GrpcServer(app.state, settings.host, settings.grpc_port)
+        grpc_server = GrpcServer(
+            app.state, settings.host, settings.grpc_port, reuse_port=sockets is not None
+        )
     except RuntimeError as error:
         print(
             f"camserve: cannot listen for gRPC on {settings.host}:{settings.grpc_port} "
@@ -71,7 +113,7 @@ async def _serve_both(server: DrainingServer, settings: Settings) -> int:
     await grpc_server.start()
     follower = asyncio.create_task(stop_with_http())
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         if not follower.done():
             follower.cancel()
@@ -111,4 +153,4 @@ def port_refusal(host: str, port: int, taken: tuple[int | None, ...] = ()) -> st
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

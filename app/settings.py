@@ -389,6 +389,15 @@ class Settings(BaseSettings):
         "`rediss://host:port/db` for TLS (shared by every replica).",
         json_schema_extra={"allowed": "`memory`, `redis://...`, `rediss://...`"},
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Service processes on the one port (`python -m app --workers N` sets it "
+        "too): each loads its own copy of every model on the same device, and the kernel "
+        "spreads the connections over them (SO_REUSEPORT). More than 1 needs a Redis job store, "
+        "so that every process sees every job.",
+    )
     job_store_password: SecretStr | None = Field(
         None, description="The Redis password, when the URL of `CAMSERVE_JOB_STORE` has none."
     )
@@ -518,6 +527,17 @@ class Settings(BaseSettings):
                     "(10.0.0.5), a network (10.0.0.0/8), or * for any proxy"
                 ) from None
         return ",".join(parts)
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> Settings:
+        if self.workers > 1 and self.job_store == "memory":
+            raise ValueError(
+                f"CAMSERVE_WORKERS={self.workers} needs a shared job store: with "
+                "CAMSERVE_JOB_STORE=memory each process would keep its own jobs, and a job's "
+                "status or result would be found only by the process that took it. Set "
+                "CAMSERVE_JOB_STORE=redis://host:port/db, or CAMSERVE_WORKERS=1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_api_keys(self) -> Settings:

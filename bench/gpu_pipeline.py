@@ -4,6 +4,7 @@ and against a FastAPI + pytorch-grad-cam peer (issue #25).
     python bench/gpu_pipeline.py --device cuda            # on a GPU: about 4 minutes
     python bench/gpu_pipeline.py --device cpu --quick     # the same keys on the CPU, ~3 minutes
     python bench/gpu_pipeline.py --device cuda --soak-seconds 300   # plus a soak at c=32
+    python bench/gpu_pipeline.py --device cuda --soak-only          # only the soak: 5 minutes
 
 Writes ``bench/results/gpu_pipeline_<card>.json`` (``--out``), ``<card>`` the device's name
 ("cpu", "nvidia_h200", ...), with:
@@ -24,7 +25,12 @@ Writes ``bench/results/gpu_pipeline_<card>.json`` (``--out``), ``<card>`` the de
   the bf16 map against fp32's. On the CPU in ``--quick`` mode a 64x64 input and ``layer3``
   (``scorecam_setup`` says which), so that it takes seconds.
 - ``soak`` (``--soak-seconds``): device memory (NVML's used MiB; the server's RSS on the CPU)
-  after warm-up and at the end of c=32 for that long.
+  after warm-up and at the end of c=32 for that long, and every sample (``memory_mib_series``,
+  one each 2 s).
+
+``--soak-only`` starts one server with the device's lanes and runs only the soak (default 300
+s), into ``bench/results/gpu_soak_<card>.json``: a step of its own, for a device session that
+has the time.
 """
 
 from __future__ import annotations
@@ -315,7 +321,25 @@ def soak(url: str, image: bytes, device: torch.device, pid: int, seconds: float)
         "memory_mib_end": round(memory[-1], 1) if memory else None,
         "memory_mib_max": round(max(memory), 1) if memory else None,
         "growth_mib": round(memory[-1] - warm, 1) if memory and warm is not None else None,
+        "memory_mib_series": [round(m, 1) for m in memory],
     }
+
+
+def run_soak(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the soak, on one server with the device's lanes."""
+    device = torch.device(args.device)
+    report: dict[str, Any] = {"card": card_name(device), "machine": serving.machine_info(device)}
+    image = serving.photo_jpeg(640, 480, seed=1)
+    with tempfile.TemporaryDirectory(prefix="camserve-soak-") as tmp:
+        root = Path(tmp)
+        store = serving.build_store(root, [MODEL])
+        env = {"CAMSERVE_IMAGE_LANE": "device"}
+        with serving.running_process(store, args.device, env, root / "server.log", [MODEL]) as (
+            url,
+            proc,
+        ):
+            report["soak"] = soak(url, image, device, proc.pid, args.soak_seconds or 300.0)
+    return report
 
 
 def main() -> None:
@@ -325,13 +349,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="sequential rounds at c=1")
     parser.add_argument("--quick", action="store_true", help="short runs (the CPU check)")
     parser.add_argument("--soak-seconds", type=float, default=0.0)
+    parser.add_argument(
+        "--soak-only", action="store_true", help="only the soak at c=32 (300 s by default)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     serving.raise_on_sigterm()
-    report = run(args)
-    out = args.out or REPO / "bench" / "results" / f"gpu_pipeline_{report['card']}.json"
+    report = run_soak(args) if args.soak_only else run(args)
+    name = "gpu_soak" if args.soak_only else "gpu_pipeline"
+    out = args.out or REPO / "bench" / "results" / f"{name}_{report['card']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    keys = [k for k in report if k not in ("machine", "after", "before", "peer")]
+    keys = [k for k in report if k not in ("machine", "after", "before", "peer", "soak")]
+    if "soak" in report:
+        print(json.dumps({k: v for k, v in report["soak"].items() if k != "memory_mib_series"}))
     print(json.dumps({k: report[k] for k in keys}, indent=2))
     print(f"wrote {out}")
 

@@ -56,7 +56,9 @@ class ChunkSizer:
         started = self.clock()
         yield
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            # This stream's chunk only: a whole-device wait would count the pictures that other
+            # requests draw on the lane's drawing stream meanwhile, and shrink the chunks.
+            torch.cuda.current_stream(self.device).synchronize()
         elapsed = max(self.clock() - started, 1e-9)
         fits = round(self.budget_s * count / elapsed)
         self.size = max(1, min(self.cap, fits, 2 * max(count, self.size)))

@@ -54,7 +54,9 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc]
 class GrpcServer:
     """One ``grpc.aio`` server: start, bound port, drain-aware stop."""
 
-    def __init__(self, state: ServiceState, host: str, port: int) -> None:
+    def __init__(
+        self, state: ServiceState, host: str, port: int, *, reuse_port: bool = False
+    ) -> None:
         settings = state.settings
         self.service = Service(state)
         limit = max_message_bytes(settings.max_upload_bytes, settings.max_images)
@@ -63,7 +65,8 @@ class GrpcServer:
             maximum_concurrent_rpcs=settings.max_connections,
             options=[
                 ("grpc.max_receive_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                # Off, so that a taken port is an error; on for the workers sharing it.
+                ("grpc.so_reuseport", int(reuse_port)),
             ],
         )
         handlers = {

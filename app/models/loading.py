@@ -30,6 +30,7 @@ from app.cam import (
 from app.cam.hierarchical import channels_last_layers, hierarchical_target, is_hierarchical
 from app.cam.layers import trace_forward
 from app.models.access import factory_defined_in
+from app.models.compiling import CompiledForward, CompileRefused, compiled_forward
 from app.models.manifest import RANDOM_WEIGHTS, TIMM_PREFIX, ManifestError, ModelSpec
 from app.models.tasks import task_of
 from app.models.weights import WeightsSource, torchvision_source
@@ -60,9 +61,16 @@ class LoadedModel:
     channels_last: frozenset[str] = frozenset()
     """Modules whose outputs are (N, H, W, C) grids (Swin, ``app.cam.hierarchical``); their
     ``layer_shapes`` are given as the extractors see them, (N, C, H, W)."""
+    compiled: CompiledForward | None = None
+    """The compiled plain forward (``[model] compile``); None: the eager module."""
     lock: threading.RLock = field(default_factory=threading.RLock)
     """Held for every pass: extractors hook the shared module, so passes of two threads must not
     overlap. Reentrant: a short pass may run between two chunks of a long one, on its thread."""
+
+    def plain_forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model's output for a batch without hooks (logits only): compiled when the
+        manifest asks. CAM passes call ``module``, which takes their hooks."""
+        return (self.compiled or self.module)(batch)
 
     @property
     def applicable_methods(self) -> list[str]:
@@ -230,6 +238,10 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     methods, allowed = applicable_methods(module, spec, target_layers)
     for name in methods:
         methods[name] = methods[name] or task.method_reason(name)
+    try:
+        compiled = compiled_forward(module, spec.compile, device, spec.input_shape)
+    except CompileRefused as error:
+        raise ManifestError(str(error)) from None
     return LoadedModel(
         spec=spec,
         module=module,
@@ -242,6 +254,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         allowed_methods=allowed,
         layer_shapes=shapes,
         channels_last=channels_last,
+        compiled=compiled,
     )
 
 

@@ -44,6 +44,9 @@ _ENUM_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 Task = Literal["classification", "detection", "segmentation"]
 """What a model does: the top-level ``task`` of its manifest (``app.models.tasks``)."""
+CompileMode = Literal["off", "compile", "cudagraphs"]
+"""``[model] compile``: the plain forward eager, through torch.compile, or also in CUDA graphs
+(``app.models.compiling``)."""
 TIMM_PREFIX = "timm:"
 RANDOM_WEIGHTS = "random"
 """``weights = "random"``: the architecture's own random initialisation, nothing read or
@@ -106,6 +109,8 @@ class ModelSpec:
     max_side: int = 1333
     """Detection and segmentation: an upload's longest side is scaled down to this for the
     model (its answer is mapped back to the upload's pixels); no square resize."""
+    compile: CompileMode = "off"
+    """How the plain (logits-only) forward runs: ``app.models.compiling``."""
 
     @property
     def weights_path(self) -> Path | None:
@@ -180,6 +185,7 @@ class ModelTable(_Table):
     weights: str | None = Field(None, validate_default=True, max_length=MAX_NAME_CHARS)
     num_classes: int = Field(ge=1, le=MAX_CLASSES)
     labels: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    compile: CompileMode = "off"
 
     @field_validator("kwargs")
     @classmethod
@@ -322,6 +328,11 @@ class Manifest(_Table):
 
     @model_validator(mode="after")
     def _task_tables(self) -> Manifest:
+        if self.model.compile != "off" and self.task != "classification":
+            raise ValueError(
+                f"[model] compile = {self.model.compile!r} is for classification models (their "
+                f'plain forward); this one\'s task is {self.task!r}: set compile = "off"'
+            )
         for table in ("detection", "segmentation"):
             if getattr(self, table) is not None and self.task != table:
                 raise ValueError(
@@ -516,4 +527,5 @@ def _spec(
         score_threshold=detection.score_threshold,
         max_detections=detection.max_detections,
         max_side=detection.max_side if manifest.task == "detection" else side,
+        compile=model.compile,
     )

@@ -192,7 +192,7 @@ def run_forward_pass(
         batch = torch.cat(list(items)).to(model.device)
         started = time.perf_counter()
         with torch.inference_mode():
-            logits = model.module(batch)
+            logits = model.plain_forward(batch)
         synchronize(model.device)
         elapsed = time.perf_counter() - started
         logits = check_finite(model, logits.float().cpu())

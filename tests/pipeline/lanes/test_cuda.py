@@ -128,3 +128,48 @@ def test_the_service_on_cuda_uses_the_cuda_lane(make_client) -> None:  # type: i
         assert response.status_code == 200, response.text
         first = response.json()["results"][0]["explanations"][0]["maps"][0]
         assert (first["width"], first["height"]) == (120, 160)
+
+
+def _pictures(spec, lane, painter, upload, cams, threads=1):  # type: ignore[no-untyped-def]
+    """The overlay and heatmap JPEGs of ``cams`` over ``upload``, drawn by ``painter`` from
+    ``threads`` threads at once (each the same picture)."""
+    from app.pipeline.rendering import PictureSize, RenderStyle
+
+    style = RenderStyle(
+        outputs=("overlay", "heatmap"),
+        colormap="jet",
+        image_format="jpeg",
+        size=PictureSize.parse("original", 1024),
+    )
+    (decoded,) = lane.decode([upload], spec, LIMIT, 1024)
+
+    def draw(_: int) -> tuple[str, str]:
+        canvas = painter.canvas(decoded, style.size, spec.crop)
+        return tuple(  # type: ignore[return-value]
+            painter.render(name, cams, False, canvas, style) for name in ("overlay", "heatmap")
+        )
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(draw, range(threads)))
+
+
+def test_the_lane_draws_on_a_stream_of_its_own(lane) -> None:  # type: ignore[no-untyped-def]
+    from app.pipeline.lanes.cuda import StreamPainter
+
+    assert isinstance(lane.painter, StreamPainter)
+    assert lane.painter.stream != torch.cuda.default_stream(lane.device)
+    assert lane.painter.stream != lane.stream
+
+
+def test_the_drawing_stream_draws_what_the_default_stream_draws(lane, spec) -> None:  # type: ignore[no-untyped-def]
+    from app.pipeline.lanes.drawing import TensorPainter
+
+    upload = Upload("p.jpg", encoded(photo((640, 480)), "JPEG"))
+    cams = torch.rand(8, 8, generator=torch.Generator().manual_seed(2)).cuda()
+    [want] = _pictures(spec, lane, TensorPainter(), upload, cams)
+    # Eight threads on the one drawing stream while the default stream is kept busy.
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy / 4096
+    got = _pictures(spec, lane, lane.painter, upload, cams, threads=8)
+    assert got == [want] * 8  # nvJPEG is deterministic: the same bytes
