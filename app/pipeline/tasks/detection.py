@@ -1,6 +1,7 @@
 """Detection: /predict answers the boxes; /explain explains boxes (``box=K``, repeatable, or
 ``box=all``), each by the score of its class on the box that matches it on the explained pass
-(``app.cam.task_targets.BoxScore``)."""
+(``app.cam.task_targets.BoxScore``); D-RISE by the similarity of each masked image's detections
+to it (``DetectionSimilarity``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from app.cam.task_targets import BoxScore
+from app.cam import Target
+from app.cam.task_targets import BoxScore, DetectionSimilarity
 from app.errors import InvalidTarget
 from app.models.loading import LoadedModel
 from app.pipeline.decoding import DecodedImage
@@ -131,7 +133,11 @@ class DetectionPipeline(TaskPipeline):
         for plan in plans:
             for k in chosen:
                 row = rows[k]
-                target = BoxScore(output["boxes"][row], int(output["labels"][row]))
+                target: Target = (
+                    DetectionSimilarity.of(output, row)
+                    if plan.cls.explains_detections
+                    else BoxScore(output["boxes"][row], int(output["labels"][row]))
+                )
                 cam, cam_s = one_map(model, plan, decoded, target, calls)
                 found = answered[k]
                 caption = f"{found.label} {found.score:.2f}"
