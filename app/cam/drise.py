@@ -30,7 +30,12 @@ GRID = MethodOption(
     "grid", int, 16, "cells per side of a mask before it is upsampled (the paper's 16)", 2, 64
 )
 KEEP = MethodOption(
-    "keep", float, 0.5, "the share of a mask's cells that keep the image (the paper's 0.5)", 0.05, 0.95
+    "keep",
+    float,
+    0.5,
+    "the share of a mask's cells that keep the image (the paper's 0.5)",
+    0.05,
+    0.95,
 )
 
 
@@ -73,7 +78,7 @@ def masks_at(cells: Tensor, shifts: Tensor, size: Sequence[int]) -> Tensor:
 class DRISE(_CAM):
     """D-RISE (Petsiuk et al., CVPR 2021, arXiv:2006.03204): black-box saliency of a detection.
 
-    S = (1 / N) sum_i w_i M_i over N random masks M_i (RISE's upsampled, shifted binary
+    S = ReLU((1 / N) sum_i w_i M_i) over N random masks M_i (RISE's upsampled, shifted binary
     grids), with w_i = max_j IoU(L_t, L_j) x cos(P_t, P_j) x O_j over the detections j of the
     masked image I * M_i (``app.cam.task_targets.DetectionSimilarity``). It hooks no layer and
     needs no gradient; each mask costs one forward per image, run in chunks of ``batch_size``.
@@ -179,7 +184,9 @@ class DRISE(_CAM):
             inputs = activations[0].detach().clone()
         n_images, size = inputs.shape[0], inputs.shape[2:]
         if len(size) != 2:
-            raise ValueError(f"DRISE masks images (N, C, H, W); the input is {tuple(inputs.shape)}.")
+            raise ValueError(
+                f"DRISE masks images (N, C, H, W); the input is {tuple(inputs.shape)}."
+            )
         generator = seeded_generator(self.seed, inputs.device)
         cells, shifts = random_masks(
             self.masks, self.grid, self.keep, size, generator, inputs.device
@@ -206,4 +213,5 @@ class DRISE(_CAM):
                         weights = objective(output, samples).float().to(masks.device)
                         sums[k].index_add_(0, samples, weights[:, None, None] * masks)
             self._work.advance(samples.shape[0])
-        return [[sums[k] / self.masks] for k in range(len(objectives))]
+        # ReLU as every map's: a classifier's logit as the weight (RISE) may be negative.
+        return [[torch.relu(sums[k] / self.masks)] for k in range(len(objectives))]
