@@ -1,8 +1,10 @@
-"""One map of one image for one target, under the model's lock (the pass stage of a task)."""
+"""The maps of a batch of images, one target each, under the model's lock (the pass stage of a
+task)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,19 +17,20 @@ from app.pipeline.decoding import DecodedImage
 from app.pipeline.passes import CamPlan, own_pass
 
 
-def one_map(
+def batch_maps(
     model: LoadedModel,
     plan: CamPlan,
-    decoded: DecodedImage,
-    target: Target,
+    x: torch.Tensor,
+    targets: Sequence[Target],
     calls: dict[str, Any],
 ) -> tuple[torch.Tensor, float]:
-    """The plan's map of ``decoded`` for ``target``: (h, w) on the CPU (the fusion when the plan
-    has several layers), and the seconds it took."""
+    """The plan's maps of the images ``x`` (N, C, H, W, all one size), image i for
+    ``targets[i]``: (N, h, w) on the CPU (the fusion when the plan has several layers), from one
+    hooked forward of the batch; and the seconds it took."""
     at_call = {o.name for o in plan.cls.options if o.at == "call"}
     started = time.perf_counter()
     with own_pass(model):
-        x = decoded.tensor[None].to(model.device)
+        x = x.to(model.device)
         try:
             extractor = plan.cls(
                 model.module,
@@ -42,7 +45,7 @@ def one_map(
             try:
                 cams = extractor(
                     scores=scores,
-                    targets=[target],
+                    targets=list(targets),
                     normalized=plan.normalized,
                     **{k: v for k, v in plan.options if k in at_call},
                     **calls,
@@ -57,4 +60,16 @@ def one_map(
             else:
                 cam = cams[0]
         synchronize(model.device)
-    return cam[0].detach().float().cpu(), time.perf_counter() - started
+    return cam.detach().float().cpu(), time.perf_counter() - started
+
+
+def one_map(
+    model: LoadedModel,
+    plan: CamPlan,
+    decoded: DecodedImage,
+    target: Target,
+    calls: dict[str, Any],
+) -> tuple[torch.Tensor, float]:
+    """The plan's map of ``decoded`` for ``target``: (h, w) on the CPU, and the seconds."""
+    cams, seconds = batch_maps(model, plan, decoded.tensor[None], [target], calls)
+    return cams[0], seconds
