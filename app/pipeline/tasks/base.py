@@ -50,7 +50,7 @@ from app.pipeline.results import (
     PredictTimings,
 )
 from app.pipeline.tasks.common import Outline, decode_whole, render_map
-from app.pipeline.tasks.maps import batch_maps
+from app.pipeline.tasks.maps import batch_maps, maps_per_explanation
 
 T = TypeVar("T")
 
@@ -123,12 +123,17 @@ class Explained:
     """One map a task computed, with what the answer says about it."""
 
     plan: CamPlan
-    cam: torch.Tensor
-    """(h, w) on the CPU."""
+    maps: list[tuple[str, str, torch.Tensor]]
+    """(layer, kind, (h, w) on the CPU): one per layer, then their fusion (several layers)."""
     fields: dict[str, Any]
     """Explanation fields besides method and maps (class_idx, label, logit, box, ...)."""
     outlines: list[Outline] = field(default_factory=list)
     cam_s: float = 0.0
+
+    @property
+    def cam(self) -> torch.Tensor:
+        """The map that sums up the plan: the fusion of its layers, or its one layer's."""
+        return self.maps[-1][2]
 
 
 @dataclass
@@ -243,14 +248,20 @@ class TaskPipeline:
         for plan in plans:
             for rank in range(max((len(w) for w in wants), default=0)):
                 targets = [w[rank].target(plan) if rank < len(w) else _no_target for w in wants]
-                cams, cam_s = batch_maps(model, plan, x, targets, calls)
+                named, cam_s = batch_maps(model, plan, x, targets, calls)
                 users = [i for i, w in enumerate(wants) if rank < len(w)]
                 for i in users:
                     one = wants[i][rank]
                     share = cam_s / len(users)
                     runs[i].cam_s += share
                     runs[i].explained.append(
-                        Explained(plan, cams[i], one.fields, one.outlines, share)
+                        Explained(
+                            plan,
+                            [(m.layer, m.kind, m.cams[i]) for m in named],
+                            one.fields,
+                            one.outlines,
+                            share,
+                        )
                     )
         return runs
 
@@ -453,7 +464,9 @@ class TaskPipeline:
         decoded, decode_s = await self._decode(explainer, model, uploads)
         if explainer.render_budget is not None and style.draws_pictures:
             sizes = tuple(d.original_size for d in decoded)
-            per_image = self.check_params(model, params, len(uploads)) * len(plans)
+            per_image = self.check_params(model, params, len(uploads)) * sum(
+                maps_per_explanation(plan) for plan in plans
+            )
             explainer.render_budget.check(
                 render_cost(sizes, per_image, style, tuple(decoded[0].tensor.shape[-2:]))  # type: ignore[arg-type]
             )
@@ -526,16 +539,21 @@ class TaskPipeline:
         for image, run in zip(decoded, runs, strict=True):
             explanations = []
             for item in run.explained:
-                fields = render_map(image, item.cam, item.plan.normalized, style, item.outlines)
-                layer = item.plan.layers[0] if len(item.plan.layers) == 1 else "fused"
-                kind = "layer" if len(item.plan.layers) == 1 else "fused"
-                explanations.append(
-                    Explanation(
-                        method=item.plan.method,
-                        maps=[MapOutput(layer=layer, kind=kind, **fields)],
-                        **item.fields,
+                maps = [
+                    MapOutput(
+                        layer=layer,
+                        kind=kind,
+                        **render_map(
+                            image,
+                            cam,
+                            item.plan.normalized or kind == "fused",
+                            style,
+                            item.outlines,
+                        ),
                     )
-                )
+                    for layer, kind, cam in item.maps
+                ]
+                explanations.append(Explanation(method=item.plan.method, maps=maps, **item.fields))
             results.append(
                 ExplainResult(
                     filename=image.filename,

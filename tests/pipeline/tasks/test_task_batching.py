@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -251,3 +252,26 @@ def test_predict_of_compatible_requests_shares_a_forward(client: TestClient) -> 
         alone = post(_scene(i)).json()
         assert got["timings"]["batch_images"] == 2
         assert got["results"] == alone["results"]
+
+
+def test_several_layers_give_one_map_each_and_their_fusion(client: TestClient) -> None:
+    from app.cam import LayerCAM
+
+    layers = ["segmenter.layer1", "segmenter.layer2"]
+    form = {"box": "0", "output": "raw", "method": "LayerCAM", "target_layer": layers}
+    response = _explain(client, _scene(0), form)
+    assert response.status_code == 200, response.text
+    maps = response.json()["results"][0]["explanations"][0]["maps"]
+    assert [(m["layer"], m["kind"]) for m in maps] == [
+        ("segmenter.layer1", "layer"),
+        ("segmenter.layer2", "layer"),
+        ("fused", "fused"),
+    ]
+    per_layer = [torch.tensor(m["raw"]["values"])[None] for m in maps[:2]]
+    assert [tuple(c.shape[1:]) for c in per_layer] == [(16, 16), (8, 8)]
+    fused = LayerCAM.fuse_cams(per_layer)[0]
+    np.testing.assert_allclose(maps[2]["raw"]["values"], fused.numpy(), atol=1e-5)
+    alone = _explain(client, _scene(0), {**form, "target_layer": layers[0]}).json()
+    (only,) = alone["results"][0]["explanations"][0]["maps"]
+    assert (only["layer"], only["kind"]) == ("segmenter.layer1", "layer")
+    np.testing.assert_allclose(only["raw"]["values"], maps[0]["raw"]["values"], atol=1e-5)
