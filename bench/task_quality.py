@@ -4,8 +4,8 @@ On held-out synthetic scenes of two shapes (``make_pairs``, a seed the training 
 for every shape:
 
 * ``shapes-detect``: the detection of the shape's class is explained (Grad-CAM on its box's
-  score, as ``/explain box=K`` does); a hit when the map's peak lies inside the shape's true
-  box.
+  score, as ``/explain box=K`` does; D-RISE by the similarity of masked images' detections to
+  it); a hit when the map's peak lies inside the shape's true box.
 * ``shapes-segment``: the shape's class is explained over its predicted mask (``region=mask``);
   a hit when the map's peak lies inside the shape's true mask (``peak_in_true_box``: inside
   its true box, the looser test).
@@ -17,6 +17,7 @@ miss for the method and is reported. Usage::
 
     .venv/bin/python bench/task_quality.py            # 100 scenes (200 shapes)
     .venv/bin/python bench/task_quality.py --quick    # 20 scenes
+    .venv/bin/python bench/task_quality.py --only DRISE --drise-scenes 25  # D-RISE's rows alone
 
 Results go to ``bench/results/task_quality.json``.
 """
@@ -53,6 +54,8 @@ from app.pipeline.tasks.common import decode_whole  # noqa: E402
 HELD_OUT_SEED = 2026
 SIZE = 64
 METHODS_RUN = ("GradCAM", "LayerCAM", "HiResCAM", "EigenCAM")
+#: Detectors only: D-RISE, black-box (its masks are its cost: one forward each per box).
+DETECTOR_METHODS_RUN = ("DRISE",)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -80,10 +83,16 @@ def _inside_box(point: tuple[int, int], box: tuple[int, int, int, int]) -> bool:
     return box[0] <= col < box[2] and box[1] <= row < box[3]
 
 
-def run(model: LoadedModel, method: str, scenes: int, seed: int) -> dict[str, Any]:
+def run(
+    model: LoadedModel,
+    method: str,
+    scenes: int,
+    seed: int,
+    options: tuple[tuple[str, Any], ...] = (),
+) -> dict[str, Any]:
     images, masks, labels = make_pairs(scenes, seed, SIZE)
     pipeline = PIPELINES[model.spec.task]
-    plan = CamPlan(method, METHODS[method], model.target_layers, (), True)
+    plan = CamPlan(method, METHODS[method], model.target_layers, options, True)
     rng = np.random.default_rng(seed)
     hits = random_hits = missed = shapes = in_box = 0
     started = time.perf_counter()
@@ -123,7 +132,8 @@ def run(model: LoadedModel, method: str, scenes: int, seed: int) -> dict[str, An
         "model": model.spec.name,
         "method": method,
         "target": "true box" if model.spec.task == "detection" else "true mask",
-        "layer": model.target_layers[0],
+        "layer": None if not METHODS[method].takes_layers else model.target_layers[0],
+        "options": dict(options),
         "shapes": shapes,
         "missed_by_model": missed,
         "pointing_game": round(hits / shapes, 4),
@@ -138,18 +148,37 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scenes", type=int, default=100)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/task_quality.json")
+    parser.add_argument("--drise-masks", type=int, default=500, help="D-RISE's masks")
+    parser.add_argument(
+        "--drise-scenes", type=int, default=None, help="scenes for D-RISE (default: --scenes)"
+    )
+    parser.add_argument(
+        "--only", default=None, help="run this method only; its rows replace its old ones"
+    )
     args = parser.parse_args()
     scenes = 20 if args.quick else args.scenes
     torch.set_num_threads(1)
     rows = []
     for name in ("shapes-detect", "shapes-segment"):
         model = load_model(parse_manifest(ROOT / "model_store" / name), torch.device("cpu"))
-        for method in METHODS_RUN:
-            row = run(model, method, scenes, HELD_OUT_SEED)
+        runs: list[tuple[str, int, tuple[tuple[str, Any], ...]]] = [
+            (method, scenes, ()) for method in METHODS_RUN
+        ]
+        if model.spec.task == "detection":
+            drise = (("masks", args.drise_masks), ("seed", 0))
+            runs += [(m, args.drise_scenes or scenes, drise) for m in DETECTOR_METHODS_RUN]
+        for method, count, options in runs:
+            if args.only is not None and method != args.only:
+                continue
+            row = run(model, method, count, HELD_OUT_SEED, options)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if not args.quick:
-        args.out.write_text(json.dumps({"held_out_seed": HELD_OUT_SEED, "rows": rows}, indent=2))
+    if args.quick:
+        return
+    if args.only is not None and args.out.exists():
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if r["method"] != args.only]
+        rows = kept + rows
+    args.out.write_text(json.dumps({"held_out_seed": HELD_OUT_SEED, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

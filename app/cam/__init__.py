@@ -22,6 +22,7 @@ from app.cam.core import (
     resize_maps,
 )
 from app.cam.dff import DFF, Concepts, nmf
+from app.cam.drise import DRISE
 from app.cam.eigen import EigenCAM, EigenGradCAM
 from app.cam.faithfulness import (
     deletion_auc,
@@ -85,6 +86,7 @@ METHODS: dict[str, type[_CAM]] = {
         KPCACAM,
         FEM,
         RandomCAM,
+        DRISE,
     )
 }
 
@@ -112,6 +114,7 @@ def find_method(name: str) -> tuple[str, type[_CAM]]:
 __all__ = [
     "Concepts",
     "DFF",
+    "DRISE",
     "GuidedBackprop",
     "GuidedGradCAM",
     "guided_relus",

@@ -293,6 +293,12 @@ class _CAM:
     #: explains the target layers it is given; ``False``: it reads the whole network and takes
     #: none (FullGrad), so a client's ``target_layer`` is refused for it
     takes_layers: ClassVar[bool] = True
+    #: hooks target layers; ``False``: it reads only the model's input and output (D-RISE, a
+    #: black-box method), so it resolves no layer and needs no dummy forward to find one
+    hooks_layers: ClassVar[bool] = True
+    #: explains a detection by comparing it with the detections of masked inputs (D-RISE): a
+    #: detector's pipeline gives it a ``DetectionSimilarity`` target rather than a box's score
+    explains_detections: ClassVar[bool] = False
     #: the method's options, declared once (see ``app.cam.options``)
     options: ClassVar[tuple[MethodOption, ...]] = ()
     #: the names of ``options`` (derived)
@@ -368,7 +374,9 @@ class _CAM:
         if reshape_transform is not None and not callable(reshape_transform):
             raise TypeError("reshape_transform must be callable or None.")
         self.reshape_transform = reshape_transform
-        if target_layer is None:
+        if not self.hooks_layers:
+            target_layer = []
+        elif target_layer is None:
             found = locate_candidate_layer(model, self.input_shape)
             if found is None:
                 raise ValueError(
@@ -378,7 +386,7 @@ class _CAM:
                 )
             logger.info("%s: target layer resolved automatically to %r", type(self).__name__, found)
             target_layer = found
-        resolved = resolve_layers(model, target_layer)
+        resolved = resolve_layers(model, target_layer) if self.hooks_layers else []
         self.target_names: list[str] = [name for name, _ in resolved]
         self._target_modules: list[nn.Module] = [module for _, module in resolved]
         self._activations: list[Tensor | None] = [None] * len(resolved)

@@ -62,3 +62,52 @@ class RegionScore:
     def __call__(self, output: Tensor) -> Tensor:
         region = self.region.to(output.device)
         return (output[self.class_idx] * region).sum()
+
+
+class DetectionSimilarity:
+    """D-RISE's similarity (Petsiuk et al., CVPR 2021, eq. 3) of one image's detector output to
+    a target detection: max over the output's detections j of
+    IoU(L_t, L_j) x cos(P_t, P_j) x O_j; 0 when the output has no detection.
+
+    ``P`` is a detection's class-probability vector: the output's ``probabilities`` (K,
+    classes) when the detector answers them, else the one-hot vector of its label (torchvision's
+    detectors answer a label and its score only; then the cosine is 1 for the same label and 0
+    for another). ``O`` is the output's ``objectness`` when the detector answers it; without it,
+    the detection's score stands in when ``P`` is one-hot (the only confidence such a detector
+    gives, so that a mask that weakens the box weighs less), and 1 when ``P`` is the full vector
+    (its score is one of ``P``'s entries already).
+    """
+
+    def __init__(self, box: Tensor, label: int, probabilities: Tensor | None = None) -> None:
+        self.box = box.detach().float()
+        self.label = int(label)
+        self.probabilities = None if probabilities is None else probabilities.detach().float()
+
+    @classmethod
+    def of(cls, output: dict[str, Any], row: int) -> DetectionSimilarity:
+        """The target of detection ``row`` of a detector's output."""
+        probabilities = output.get("probabilities")
+        return cls(
+            output["boxes"][row],
+            int(output["labels"][row]),
+            None if probabilities is None else probabilities[row],
+        )
+
+    def __call__(self, output: dict[str, Any]) -> Tensor:
+        boxes, labels, scores = output["boxes"], output["labels"], output["scores"]
+        if boxes.numel() == 0:
+            return scores.float().sum() * 0
+        overlap = box_iou(self.box.to(boxes.device), boxes.detach().float())
+        probabilities = output.get("probabilities")
+        if self.probabilities is not None and probabilities is not None:
+            target = self.probabilities.to(boxes.device)
+            cosine = torch.nn.functional.cosine_similarity(
+                probabilities.float(), target[None], dim=1
+            )
+            objectness = torch.ones_like(cosine)
+        else:
+            cosine = (labels == self.label).float()
+            objectness = scores.float()
+        if "objectness" in output:
+            objectness = output["objectness"].float()
+        return (overlap * cosine * objectness).max()

@@ -20,6 +20,7 @@ SEEDED = {
     "SSCAM": {"seed": 3, "num_samples": 2},
     "SmoothGradCAMpp": {"seed": 3},
     "RandomCAM": {"seed": 3},
+    "DRISE": {"seed": 3, "masks": 16, "grid": 4},
 }
 SHAPE = (3, 12, 12)
 

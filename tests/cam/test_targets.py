@@ -15,6 +15,7 @@ OPTIONS = {
     "SmoothGradCAMpp": {"num_samples": 2, "seed": 0},
     "SSCAM": {"num_samples": 2, "seed": 0},
     "ISCAM": {"num_samples": 2},
+    "DRISE": {"masks": 16, "grid": 4, "seed": 0},
 }
 
 

@@ -21,12 +21,15 @@ from camserve.request import ExplainRequest
 from tests.conftest import files, image_bytes
 from tests.fixtures_models import build_tiny, write_model, write_tiny_vit
 
-#: (method, option) for every public option every method declares.
+#: The methods served for detectors only (D-RISE): a classifier refuses them, OIP serves no
+#: detector, so their options are walked in tests/http/routes/test_drise.py.
+DETECTOR_ONLY = {method for method, cls in METHODS.items() if cls.explains_detections}
+#: (method, option) for every public option every method of a classifier declares.
 DECLARED = [
     pytest.param(method, option, id=f"{method}-{option.name}")
     for method, cls in METHODS.items()
     for option in cls.options
-    if option.public
+    if option.public and method not in DETECTOR_ONLY
 ]
 #: Sent with every request, so that a comparison class (FinerCAM) differs from the target.
 CLASS_IDX = 1
@@ -150,11 +153,16 @@ PROTOCOLS: dict[str, Callable[[TestClient, str, str, Any], tuple[int, Any]]] = {
 
 def test_every_method_with_options_is_covered() -> None:
     covered = {param.values[0] for param in DECLARED}
-    assert covered == {m for m, c in METHODS.items() if any(o.public for o in c.options)}
+    assert covered == {
+        m for m, c in METHODS.items() if any(o.public for o in c.options) and m not in DETECTOR_ONLY
+    }
+    assert DETECTOR_ONLY == {"DRISE"}
     assert {"gamma", "num_references", "comparison_idx"} <= {p.values[1].name for p in DECLARED}
     # The smoothing options, declared once, reach every method that takes them.
     smoothing = {(p.values[0], p.values[1].name) for p in DECLARED}
-    assert {(m, "aug_smooth") for m, c in METHODS.items() if c.aug_smoothable} <= smoothing
+    assert {
+        (m, "aug_smooth") for m, c in METHODS.items() if c.aug_smoothable and m not in DETECTOR_ONLY
+    } <= smoothing
     assert ("DFF", "aug_smooth") not in smoothing
     assert ("GradCAM", "eigen_smooth") in smoothing and (
         "EigenCAM",

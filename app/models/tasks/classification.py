@@ -6,12 +6,23 @@ from typing import Any, ClassVar
 
 import torch
 
+from app.cam import METHODS
 from app.models.manifest import ManifestError, ModelSpec
 from app.models.tasks.base import ModelTask
 
 
 class Classification(ModelTask):
     name: ClassVar[str] = "classification"
+
+    def method_reason(self, method: str) -> str | None:
+        cls = METHODS.get(method)
+        if cls is not None and cls.explains_detections:
+            return (
+                f"{method} explains a detector's boxes (it compares the detections of masked "
+                "images); a classification model has none. For a black-box map of a class use "
+                "ScoreCAM or AblationCAM"
+            )
+        return None
 
     def check_output(self, output: Any, spec: ModelSpec) -> None:
         if not isinstance(output, torch.Tensor) or tuple(output.shape) != (1, spec.num_classes):

@@ -12,7 +12,7 @@ from app.models.tasks.base import ModelTask
 
 #: The methods whose target may be any scalar of the output (a box's class score) and that need
 #: no classifier head: the gradient family, the Eigen methods and Ablation-CAM.
-DETECTION_METHODS = (
+MAP_METHODS = (
     "GradCAM",
     "GradCAMpp",
     "XGradCAM",
@@ -23,6 +23,8 @@ DETECTION_METHODS = (
     "EigenGradCAM",
     "AblationCAM",
 )
+#: A detector's: those, and D-RISE (black-box, it compares the detections of masked images).
+DETECTION_METHODS = (*MAP_METHODS, "DRISE")
 
 
 class Detection(ModelTask):

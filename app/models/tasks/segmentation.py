@@ -10,9 +10,10 @@ from torch import nn
 
 from app.models.manifest import ManifestError, ModelSpec
 from app.models.tasks.base import ModelTask
-from app.models.tasks.detection import DETECTION_METHODS
+from app.models.tasks.detection import MAP_METHODS
 
-SEGMENTATION_METHODS = DETECTION_METHODS
+#: D-RISE compares detections, which a segmenter has none of.
+SEGMENTATION_METHODS = MAP_METHODS
 
 
 def _main_output(_module: nn.Module, _inputs: Any, output: Any) -> Any:

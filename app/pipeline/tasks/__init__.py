@@ -3,7 +3,9 @@ each; the explainer hands a detector's or segmenter's request to its task's pipe
 
 from __future__ import annotations
 
+from app.cam import UnknownMethod, find_method
 from app.errors import InvalidTarget
+from app.models.tasks import task_of
 from app.pipeline.tasks.base import ExplainParams, TaskPipeline
 from app.pipeline.tasks.detection import DetectionPipeline
 from app.pipeline.tasks.segmentation import SegmentationPipeline
@@ -31,6 +33,15 @@ def refuse_task_parameters(params: ExplainParams, outputs: tuple[str, ...] = ())
             "region is for segmentation models; this model is a classifier.",
             details={"parameter": "region"},
         )
+    classification = task_of("classification")
+    for wanted in (params.method or "").split(","):
+        try:
+            method, _ = find_method(wanted)
+        except UnknownMethod:
+            continue  # resolve_methods names the close matches
+        reason = classification.method_reason(method)
+        if reason is not None:
+            raise InvalidTarget(f"{reason}.", details={"parameter": "method", "method": method})
 
 
 __all__ = ["PIPELINES", "TaskPipeline", "pipeline_for", "refuse_task_parameters"]

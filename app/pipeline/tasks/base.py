@@ -2,29 +2,35 @@
 answer, as the classifier's ``Explainer`` does it, with what to explain and what to answer left
 to the task (``detection``, ``segmentation``).
 
-A request's images run one pass each on the model's threads under its lock (detectors take
-images of any size, so there is no batch to share); the admission, the decode and render
-budgets and the forward budget are the explainer's.
+Each image is one item of the model's batcher (``app.pipeline.batching``), as the classifier's
+requests are: images of one size whose plans are equal share a pass (one forward, and one map
+call per plan and explained box or region, each image with its own target), whatever request
+they came from; images of other sizes never do (a batch is one tensor, and a detector's answer
+depends on its input's size). The admission, the decode and render budgets and the forward
+budget are the explainer's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
-from app.cam import ProgressCallback, UnknownMethod, find_method
+from app.cam import ProgressCallback, Target, UnknownMethod, find_method
 from app.errors import InvalidTarget
 from app.models.loading import LoadedModel
 from app.models.tasks import task_of
 from app.observability.context import note_work
 from app.pipeline import checks
 from app.pipeline.admission import SlotLimiter, run_to_the_end
+from app.pipeline.batching import Batcher, PassControl, PassInfo
 from app.pipeline.decoding import DecodedImage, Upload
 from app.pipeline.passes import CamPlan, own_pass
 from app.pipeline.rendering import (
@@ -44,6 +50,7 @@ from app.pipeline.results import (
     PredictTimings,
 )
 from app.pipeline.tasks.common import Outline, decode_whole, render_map
+from app.pipeline.tasks.maps import batch_maps, maps_per_explanation
 
 T = TypeVar("T")
 
@@ -104,6 +111,7 @@ class Explainer(Protocol):
     def render_threads(self) -> Executor | None: ...
     @property
     def render_budget(self) -> RenderBudget | None: ...
+    def batcher(self, model: LoadedModel) -> Batcher: ...
 
 
 def _ms(seconds: float) -> float:
@@ -115,12 +123,47 @@ class Explained:
     """One map a task computed, with what the answer says about it."""
 
     plan: CamPlan
-    cam: torch.Tensor
-    """(h, w) on the CPU."""
+    maps: list[tuple[str, str, torch.Tensor]]
+    """(layer, kind, (h, w) on the CPU): one per layer, then their fusion (several layers)."""
     fields: dict[str, Any]
     """Explanation fields besides method and maps (class_idx, label, logit, box, ...)."""
     outlines: list[Outline] = field(default_factory=list)
     cam_s: float = 0.0
+
+    @property
+    def cam(self) -> torch.Tensor:
+        """The map that sums up the plan: the fusion of its layers, or its one layer's."""
+        return self.maps[-1][2]
+
+
+@dataclass
+class Wanted:
+    """One thing to explain in an image: its target for a plan and what the answer says about
+    it."""
+
+    target: Callable[[CamPlan], Target]
+    fields: dict[str, Any]
+    outlines: list[Outline] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One image of a request, as the batcher carries it: the request's parameters travel with
+    it (images of several requests may share a pass, each explained as its request asks)."""
+
+    decoded: DecodedImage
+    index: int
+    """Its place in its request (a per-image ``class_idx`` is read there)."""
+    params: ExplainParams | None = None
+    outputs: tuple[str, ...] = ()
+    """What /predict asked for (``mask``)."""
+
+
+def _no_target(output: Any) -> torch.Tensor:
+    """Nothing to explain: an image of a shared pass that has fewer boxes than another (its map
+    of this call is dropped). Zero, on the output's graph."""
+    tensor: torch.Tensor = output["scores"] if isinstance(output, dict) else output
+    return tensor.sum() * 0
 
 
 @dataclass
@@ -155,6 +198,73 @@ class TaskPipeline:
         plan (the bound for the budgets)."""
         raise NotImplementedError
 
+    def wanted(
+        self,
+        model: LoadedModel,
+        decoded: DecodedImage,
+        index: int,
+        output: Any,
+        params: ExplainParams,
+    ) -> tuple[dict[str, Any], list[Wanted]]:
+        """From one image's output on the explained pass: the answer's task fields
+        (detections, segments) and what to explain, in the answer's order."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- shared flow
+
+    def forward(self, model: LoadedModel, decoded: DecodedImage) -> Any:
+        """The model's output for one image (inference mode; call under ``own_pass``)."""
+        return self.forward_many(model, [decoded])[0]
+
+    def forward_many(self, model: LoadedModel, decoded: Sequence[DecodedImage]) -> list[Any]:
+        """The model's output for each image, from one forward of the batch (all one size;
+        inference mode; call under ``own_pass``)."""
+        x = torch.stack([d.tensor for d in decoded]).to(model.device)
+        with torch.inference_mode():
+            output = model.module(x)
+        return [output[i] for i in range(len(decoded))]
+
+    def explain_images(
+        self,
+        model: LoadedModel,
+        items: Sequence[TaskItem],
+        plans: Sequence[CamPlan],
+        calls: dict[str, Any],
+    ) -> list[ImageRun]:
+        """One pass over images of one size: one forward for the answers, then per plan one map
+        call per rank of the things explained (the first box of every image, then the second,
+        ...), each image with its own target."""
+        started = time.perf_counter()
+        with own_pass(model):
+            outputs = self.forward_many(model, [item.decoded for item in items])
+        forward_s = (time.perf_counter() - started) / len(items)
+        runs, wants = [], []
+        for item, output in zip(items, outputs, strict=True):
+            assert item.params is not None
+            answer, wanted = self.wanted(model, item.decoded, item.index, output, item.params)
+            runs.append(ImageRun(answer, forward_s=forward_s))
+            wants.append(wanted)
+        x = torch.stack([item.decoded.tensor for item in items])
+        for plan in plans:
+            for rank in range(max((len(w) for w in wants), default=0)):
+                targets = [w[rank].target(plan) if rank < len(w) else _no_target for w in wants]
+                named, cam_s = batch_maps(model, plan, x, targets, calls)
+                users = [i for i, w in enumerate(wants) if rank < len(w)]
+                for i in users:
+                    one = wants[i][rank]
+                    share = cam_s / len(users)
+                    runs[i].cam_s += share
+                    runs[i].explained.append(
+                        Explained(
+                            plan,
+                            [(m.layer, m.kind, m.cams[i]) for m in named],
+                            one.fields,
+                            one.outlines,
+                            share,
+                        )
+                    )
+        return runs
+
     def explain_image(
         self,
         model: LoadedModel,
@@ -164,15 +274,65 @@ class TaskPipeline:
         params: ExplainParams,
         calls: dict[str, Any],
     ) -> ImageRun:
-        raise NotImplementedError
+        """One image alone (the quality benchmark's call)."""
+        return self.explain_images(model, [TaskItem(decoded, index, params)], plans, calls)[0]
 
-    # -------------------------------------------------------------- shared flow
+    def _explain_pass(
+        self,
+        model: LoadedModel,
+        plans: Sequence[CamPlan],
+        items: Sequence[TaskItem],
+        control: PassControl,
+    ) -> list[ImageRun]:
+        calls = {
+            "progress": control.progress,
+            "should_stop": control.at_boundary,
+            "pause": control.at_pause,
+        }
+        return self.explain_images(model, items, plans, calls)
 
-    def forward(self, model: LoadedModel, decoded: DecodedImage) -> Any:
-        """The model's output for one image (inference mode; call under ``own_pass``)."""
-        with torch.inference_mode():
-            output = model.module(decoded.tensor[None].to(model.device))
-        return output[0]
+    def _predict_pass(
+        self, model: LoadedModel, items: Sequence[TaskItem], control: PassControl
+    ) -> list[tuple[dict[str, Any], float]]:
+        started = time.perf_counter()
+        with own_pass(model):
+            outputs = self.forward_many(model, [item.decoded for item in items])
+        forward_s = time.perf_counter() - started
+        return [
+            (self.answer(model, item.decoded, output, item.outputs), forward_s)
+            for item, output in zip(items, outputs, strict=True)
+        ]
+
+    async def _submit_each(
+        self,
+        explainer: Explainer,
+        model: LoadedModel,
+        admit: bool,
+        key: Hashable,
+        items: Sequence[TaskItem],
+        run: Callable[[Sequence[Any], PassControl], Sequence[Any]],
+        plans: Sequence[CamPlan] = (),
+        progress: ProgressCallback | None = None,
+    ) -> tuple[list[Any], list[PassInfo]]:
+        """Every image to the model's batcher (admitted, unless ``admit`` is False): images of
+        one size under one ``key`` may share a pass, with each other and with other
+        requests'."""
+        batcher = explainer.batcher(model)
+        chunked = any(plan.chunked for plan in plans)
+        batchable = all(plan.batchable for plan in plans)
+
+        async def one(item: TaskItem) -> tuple[Any, PassInfo]:
+            size = tuple(item.decoded.tensor.shape)
+            return await batcher.submit(
+                (key, size), item, 1, run, batchable, progress, chunked=chunked
+            )
+
+        with explainer.limiter.admit() if admit else nullcontext():
+            if chunked:  # a long pass at a time: the request's images one after the other
+                done = [await one(item) for item in items]
+            else:
+                done = list(await asyncio.gather(*(one(item) for item in items)))
+        return [result for result, _ in done], [info for _, info in done]
 
     async def _decode(
         self, explainer: Explainer, model: LoadedModel, uploads: Sequence[Upload]
@@ -196,15 +356,6 @@ class TaskPipeline:
                 details={"parameter": "output"},
             )
 
-    async def _on_model(
-        self, explainer: Explainer, admit: bool, func: Callable[[], T]
-    ) -> tuple[T, float]:
-        """``func`` on the model's threads, admitted (unless ``admit`` is False); its wait."""
-        queued = time.perf_counter()
-        with explainer.limiter.admit() if admit else nullcontext():
-            waited = time.perf_counter() - queued
-            return await run_to_the_end(explainer.model_threads, func), waited
-
     async def predict(
         self,
         explainer: Explainer,
@@ -214,17 +365,18 @@ class TaskPipeline:
     ) -> PredictResponse:
         started = time.perf_counter()
         decoded, decode_s = await self._decode(explainer, model, uploads)
-
-        def work() -> tuple[list[dict[str, Any]], float]:
-            begun = time.perf_counter()
-            answers = []
-            for image in decoded:
-                with own_pass(model):
-                    output = self.forward(model, image)
-                answers.append(self.answer(model, image, output, outputs))
-            return answers, time.perf_counter() - begun
-
-        (answers, forward_s), queue_s = await self._on_model(explainer, True, work)
+        items = [TaskItem(image, i, outputs=tuple(outputs)) for i, image in enumerate(decoded)]
+        done, infos = await self._submit_each(
+            explainer,
+            model,
+            True,
+            ("task-forward", self.task),
+            items,
+            partial(self._predict_pass, model),
+        )
+        answers = [answer for answer, _ in done]
+        forward_s = max(seconds for _, seconds in done)
+        queue_s = max(info.queue_s for info in infos)
         note_work(
             model.spec.name,
             None,
@@ -241,7 +393,7 @@ class TaskPipeline:
                 queue_ms=_ms(queue_s),
                 forward_ms=_ms(forward_s),
                 total_ms=_ms(time.perf_counter() - started),
-                batch_images=1,
+                batch_images=max(info.batch_images for info in infos),
             ),
             results=[
                 PredictResult(
@@ -312,19 +464,23 @@ class TaskPipeline:
         decoded, decode_s = await self._decode(explainer, model, uploads)
         if explainer.render_budget is not None and style.draws_pictures:
             sizes = tuple(d.original_size for d in decoded)
-            per_image = self.check_params(model, params, len(uploads)) * len(plans)
+            per_image = self.check_params(model, params, len(uploads)) * sum(
+                maps_per_explanation(plan) for plan in plans
+            )
             explainer.render_budget.check(
                 render_cost(sizes, per_image, style, tuple(decoded[0].tensor.shape[-2:]))  # type: ignore[arg-type]
             )
-        calls: dict[str, Any] = {} if progress is None else {"progress": progress}
-
-        def work() -> list[ImageRun]:
-            return [
-                self.explain_image(model, image, i, plans, params, calls)
-                for i, image in enumerate(decoded)
-            ]
-
-        runs, queue_s = await self._on_model(explainer, admit, work)
+        runs, infos = await self._submit_each(
+            explainer,
+            model,
+            admit,
+            ("task-cam", self.task, tuple(plans)),
+            [TaskItem(image, i, params) for i, image in enumerate(decoded)],
+            partial(self._explain_pass, model, plans),
+            plans,
+            progress,
+        )
+        queue_s = max(info.queue_s for info in infos)
         encode_started = time.perf_counter()
         results = await run_to_the_end(
             explainer.render_threads, lambda: self._results(model, decoded, runs, style)
@@ -361,7 +517,7 @@ class TaskPipeline:
                 cam_ms=_ms(cam_s),
                 encode_ms=_ms(encode_s),
                 total_ms=_ms(time.perf_counter() - started),
-                batch_images=1,
+                batch_images=max(info.batch_images for info in infos),
                 cam_ms_by_method={
                     plan.method: _ms(
                         sum(e.cam_s for run in runs for e in run.explained if e.plan == plan)
@@ -383,16 +539,21 @@ class TaskPipeline:
         for image, run in zip(decoded, runs, strict=True):
             explanations = []
             for item in run.explained:
-                fields = render_map(image, item.cam, item.plan.normalized, style, item.outlines)
-                layer = item.plan.layers[0] if len(item.plan.layers) == 1 else "fused"
-                kind = "layer" if len(item.plan.layers) == 1 else "fused"
-                explanations.append(
-                    Explanation(
-                        method=item.plan.method,
-                        maps=[MapOutput(layer=layer, kind=kind, **fields)],
-                        **item.fields,
+                maps = [
+                    MapOutput(
+                        layer=layer,
+                        kind=kind,
+                        **render_map(
+                            image,
+                            cam,
+                            item.plan.normalized or kind == "fused",
+                            style,
+                            item.outlines,
+                        ),
                     )
-                )
+                    for layer, kind, cam in item.maps
+                ]
+                explanations.append(Explanation(method=item.plan.method, maps=maps, **item.fields))
             results.append(
                 ExplainResult(
                     filename=image.filename,

@@ -1,26 +1,35 @@
 """Detection: /predict answers the boxes; /explain explains boxes (``box=K``, repeatable, or
 ``box=all``), each by the score of its class on the box that matches it on the explained pass
-(``app.cam.task_targets.BoxScore``)."""
+(``app.cam.task_targets.BoxScore``); D-RISE by the similarity of each masked image's detections
+to it (``DetectionSimilarity``)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 
-from app.cam.task_targets import BoxScore
+from app.cam import Target
+from app.cam.task_targets import BoxScore, DetectionSimilarity
 from app.errors import InvalidTarget
 from app.models.loading import LoadedModel
 from app.pipeline.decoding import DecodedImage
-from app.pipeline.passes import CamPlan, own_pass
+from app.pipeline.passes import CamPlan
 from app.pipeline.results import Detection
-from app.pipeline.tasks.base import Explained, ExplainParams, ImageRun, TaskPipeline
+from app.pipeline.tasks.base import ExplainParams, TaskPipeline, Wanted
 from app.pipeline.tasks.common import MAX_EXPLAINED_BOXES, Outline, Scale
-from app.pipeline.tasks.maps import one_map
 
 ALL = "all"
+
+
+def _target(output: dict[str, torch.Tensor], row: int, plan: CamPlan) -> Target:
+    """What ``plan`` explains of detection ``row``: a method that compares detections (D-RISE)
+    gets the detection itself; the others its class's score on the matching box."""
+    if plan.cls.explains_detections:
+        return DetectionSimilarity.of(output, row)
+    return BoxScore(output["boxes"][row], int(output["labels"][row]))
 
 
 def kept(model: LoadedModel, output: dict[str, torch.Tensor]) -> list[int]:
@@ -101,19 +110,14 @@ class DetectionPipeline(TaskPipeline):
         chosen = chosen_boxes(params.boxes)
         return MAX_EXPLAINED_BOXES if chosen is None else len(chosen)
 
-    def explain_image(
+    def wanted(
         self,
         model: LoadedModel,
         decoded: DecodedImage,
         index: int,
-        plans: Sequence[CamPlan],
+        output: Any,
         params: ExplainParams,
-        calls: dict[str, Any],
-    ) -> ImageRun:
-        started = time.perf_counter()
-        with own_pass(model):
-            output = self.forward(model, decoded)
-        forward_s = time.perf_counter() - started
+    ) -> tuple[dict[str, Any], list[Wanted]]:
         answered = detections(model, decoded, output)
         rows = kept(model, output)
         chosen = chosen_boxes(params.boxes)
@@ -127,30 +131,22 @@ class DetectionPipeline(TaskPipeline):
                 + (f"(valid: 0..{len(rows) - 1})." if rows else "(none to explain)."),
                 details={"parameter": "box", "detections": len(rows)},
             )
-        run = ImageRun({"detections": answered}, forward_s=forward_s)
-        for plan in plans:
-            for k in chosen:
-                row = rows[k]
-                target = BoxScore(output["boxes"][row], int(output["labels"][row]))
-                cam, cam_s = one_map(model, plan, decoded, target, calls)
-                found = answered[k]
-                caption = f"{found.label} {found.score:.2f}"
-                run.cam_s += cam_s
-                run.explained.append(
-                    Explained(
-                        plan,
-                        cam,
-                        {
-                            "class_idx": found.class_idx,
-                            "label": found.label,
-                            "logit": found.score,
-                            "probability": found.score,
-                            "box": found.box,
-                            "score": found.score,
-                            "detection": k,
-                        },
-                        [Outline(found.box, caption)],
-                        cam_s,
-                    )
+        wanted = []
+        for k in chosen:
+            found = answered[k]
+            wanted.append(
+                Wanted(
+                    partial(_target, output, rows[k]),
+                    {
+                        "class_idx": found.class_idx,
+                        "label": found.label,
+                        "logit": found.score,
+                        "probability": found.score,
+                        "box": found.box,
+                        "score": found.score,
+                        "detection": k,
+                    },
+                    [Outline(found.box, f"{found.label} {found.score:.2f}")],
                 )
-        return run
+            )
+        return {"detections": answered}, wanted

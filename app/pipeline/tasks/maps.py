@@ -1,9 +1,11 @@
-"""One map of one image for one target, under the model's lock (the pass stage of a task)."""
+"""The maps of a batch of images, one target each, under the model's lock (the pass stage of a
+task)."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -14,20 +16,34 @@ from app.models.loading import LoadedModel
 from app.pipeline.decoding import DecodedImage
 from app.pipeline.passes import CamPlan, own_pass
 
+#: The name of the map that fuses several layers' (as the classifier's answer calls it).
+FUSED = "fused"
 
-def one_map(
+
+class LayerMaps(NamedTuple):
+    """The maps of one layer (``kind="layer"``) or of the fusion of several (``"fused"``)."""
+
+    layer: str
+    kind: str
+    cams: torch.Tensor
+    """(N, h, w) on the CPU."""
+
+
+def batch_maps(
     model: LoadedModel,
     plan: CamPlan,
-    decoded: DecodedImage,
-    target: Target,
+    x: torch.Tensor,
+    targets: Sequence[Target],
     calls: dict[str, Any],
-) -> tuple[torch.Tensor, float]:
-    """The plan's map of ``decoded`` for ``target``: (h, w) on the CPU (the fusion when the plan
-    has several layers), and the seconds it took."""
+) -> tuple[list[LayerMaps], float]:
+    """The plan's maps of the images ``x`` (N, C, H, W, all one size), image i for
+    ``targets[i]``, from one hooked forward of the batch: one per layer and, with several
+    layers, their fusion last, as a classifier's answer has them (a one-map method's single map
+    is the fusion of its layers); and the seconds it took."""
     at_call = {o.name for o in plan.cls.options if o.at == "call"}
     started = time.perf_counter()
     with own_pass(model):
-        x = decoded.tensor[None].to(model.device)
+        x = x.to(model.device)
         try:
             extractor = plan.cls(
                 model.module,
@@ -42,7 +58,7 @@ def one_map(
             try:
                 cams = extractor(
                     scores=scores,
-                    targets=[target],
+                    targets=list(targets),
                     normalized=plan.normalized,
                     **{k: v for k, v in plan.options if k in at_call},
                     **calls,
@@ -51,10 +67,42 @@ def one_map(
                 raise MethodNotApplicable(
                     f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
                 ) from None
-            if len(cams) > 1:
-                scaled = cams if plan.normalized else [normalize_maps(c) for c in cams]
-                cam = extractor.fuse_cams(scaled)
-            else:
-                cam = cams[0]
+            named = _named(plan, cams, extractor.fuse_cams)
         synchronize(model.device)
-    return cam[0].detach().float().cpu(), time.perf_counter() - started
+    maps = [LayerMaps(m.layer, m.kind, m.cams.detach().float().cpu()) for m in named]
+    return maps, time.perf_counter() - started
+
+
+def _named(
+    plan: CamPlan, cams: Sequence[torch.Tensor], fuse: Callable[[list[torch.Tensor]], torch.Tensor]
+) -> list[LayerMaps]:
+    """As a classifier's answer names its maps: a one-map method's (RefineCAM, D-RISE) is the
+    fused one; several layers give one map each, then their fusion; one layer its map. Fused
+    maps are normalised whatever was asked (the layers' raw scales differ)."""
+    if plan.cls.one_map:
+        return [LayerMaps(FUSED, "fused", normalize_maps(cams[0]))]
+    if len(cams) == 1:
+        return [LayerMaps(plan.layers[0], "layer", cams[0])]
+    scaled = list(cams) if plan.normalized else [normalize_maps(c) for c in cams]
+    per_layer = [LayerMaps(layer, "layer", c) for layer, c in zip(plan.layers, cams, strict=True)]
+    return [*per_layer, LayerMaps(FUSED, "fused", fuse(scaled))]
+
+
+def maps_per_explanation(plan: CamPlan) -> int:
+    """How many maps ``_named`` gives for one thing explained (the render budget's count)."""
+    if plan.cls.one_map or len(plan.layers) == 1:
+        return 1
+    return len(plan.layers) + 1
+
+
+def one_map(
+    model: LoadedModel,
+    plan: CamPlan,
+    decoded: DecodedImage,
+    target: Target,
+    calls: dict[str, Any],
+) -> tuple[torch.Tensor, float]:
+    """The plan's map of ``decoded`` for ``target`` (h, w) on the CPU (the fusion when it has
+    several layers), and the seconds."""
+    maps, seconds = batch_maps(model, plan, decoded.tensor[None], [target], calls)
+    return maps[-1].cams[0], seconds

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -22,9 +21,8 @@ from app.errors import InvalidTarget
 from app.models.loading import LoadedModel
 from app.pipeline import checks
 from app.pipeline.decoding import DecodedImage
-from app.pipeline.passes import CamPlan, own_pass
 from app.pipeline.results import Segment
-from app.pipeline.tasks.base import Explained, ExplainParams, ImageRun, TaskPipeline
+from app.pipeline.tasks.base import ExplainParams, TaskPipeline, Wanted
 from app.pipeline.tasks.common import Outline, Scale, label_png
 
 MASK, BOX, PNG = "mask", "box:", "png:"
@@ -183,21 +181,14 @@ class SegmentationPipeline(TaskPipeline):
         read_region(params.region)
         return 1
 
-    def explain_image(
+    def wanted(
         self,
         model: LoadedModel,
         decoded: DecodedImage,
         index: int,
-        plans: Sequence[CamPlan],
+        output: Any,
         params: ExplainParams,
-        calls: dict[str, Any],
-    ) -> ImageRun:
-        from app.pipeline.tasks.maps import one_map
-
-        started = time.perf_counter()
-        with own_pass(model):
-            output = self.forward(model, decoded)
-        forward_s = time.perf_counter() - started
+    ) -> tuple[dict[str, Any], list[Wanted]]:
         labels = upload_labels(decoded, output)
         found = segments(model, labels)
         if params.class_idx:
@@ -218,28 +209,21 @@ class SegmentationPipeline(TaskPipeline):
         mean_logit = float((logits[class_idx] * inside).sum() / area)
         probability = float((logits.softmax(0)[class_idx] * inside).sum() / area)
         label = model.labels[class_idx]
-        run = ImageRun({"segments": found}, forward_s=forward_s)
         target = RegionScore(class_idx, out_mask)
-        for plan in plans:
-            cam, cam_s = one_map(model, plan, decoded, target, calls)
-            run.cam_s += cam_s
-            run.explained.append(
-                Explained(
-                    plan,
-                    cam,
-                    {
-                        "class_idx": class_idx,
-                        "label": label,
-                        "logit": round(mean_logit, 6),
-                        "probability": round(probability, 6),
-                        "box": bounds,
-                        "region": MASK if region == MASK else region.split(":")[0],
-                    },
-                    [Outline(bounds, f"{label} {probability:.2f}")],
-                    cam_s,
-                )
+        return {"segments": found}, [
+            Wanted(
+                lambda _plan: target,
+                {
+                    "class_idx": class_idx,
+                    "label": label,
+                    "logit": round(mean_logit, 6),
+                    "probability": round(probability, 6),
+                    "box": bounds,
+                    "region": MASK if region == MASK else region.split(":")[0],
+                },
+                [Outline(bounds, f"{label} {probability:.2f}")],
             )
-        return run
+        ]
 
 
 __all__ = ["SegmentationPipeline", "Scale"]

@@ -1,0 +1,142 @@
+"""D-RISE over HTTP: /explain and /jobs explain a box of ``shapes-detect`` (the default store's
+detector); a classifier and a segmenter refuse it with a 400 that names the methods to use."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.http.app import create_app
+from app.models.zoo.shapes_dataset import make_pairs
+from app.settings import Settings
+from tests.conftest import assert_error, wait_ready
+from tests.fixtures_models import build_tiny, write_model
+
+ROOT = Path(__file__).resolve().parents[3]
+DRISE = {"method": "DRISE", "masks": "60", "seed": "5", "output": "raw"}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    store = tmp_path_factory.mktemp("drise-store")
+    for name in ("shapes-detect", "shapes-segment"):
+        shutil.copytree(ROOT / "model_store" / name, store / name)
+    torch.manual_seed(0)
+    write_model(
+        store,
+        "tiny",
+        build_tiny(),
+        architecture="tests.fixtures_models:build_tiny",
+        num_classes=3,
+        input_size=32,
+        target_layers=["features"],
+    )
+    settings = Settings(model_store=store, default_model="shapes-detect", device="cpu", cache_mb=0)
+    with TestClient(create_app(settings)) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def _scene() -> list[tuple[str, tuple[str, bytes, str]]]:
+    images, _, _ = make_pairs(1, 2026, 64)
+    buffer = io.BytesIO()
+    Image.fromarray(images[0]).save(buffer, format="PNG")
+    return [("file", ("scene.png", buffer.getvalue(), "image/png"))]
+
+
+def _peak(raw: dict[str, object]) -> tuple[int, int]:
+    cam = np.asarray(raw["values"], dtype=np.float32)
+    flat = int(cam.argmax())
+    return flat // cam.shape[1], flat % cam.shape[1]
+
+
+def test_explain_a_box_with_drise(client: TestClient) -> None:
+    models = client.get("/models/shapes-detect").json()
+    assert "DRISE" in models["methods"]
+    response = client.post("/explain", files=_scene(), data={**DRISE, "box": ["0", "1"]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == "DRISE" and body["options"] == {"masks": 60, "seed": 5}
+    explained = body["results"][0]["explanations"]
+    assert [e["detection"] for e in explained] == [0, 1]
+    for item in explained:
+        x0, y0, x1, y1 = item["box"]
+        row, col = _peak(item["maps"][0]["raw"])
+        assert x0 <= col < x1 and y0 <= row < y1, (item["box"], row, col)
+    again = client.post("/explain", files=_scene(), data={**DRISE, "box": ["0", "1"]})
+    assert again.json()["results"][0]["explanations"] == explained  # the seed fixes the masks
+
+
+def test_a_job_explains_a_box_with_drise(client: TestClient) -> None:
+    created = client.post("/jobs", files=_scene(), data={**DRISE, "box": "0"})
+    assert created.status_code in (200, 201, 202), created.text
+    url = created.json()["url"]
+    for _ in range(1200):
+        view = client.get(url).json()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.05)
+    assert view["status"] == "succeeded", view
+    item = view["result"]["results"][0]["explanations"][0]
+    assert item["method"] == "DRISE" and item["detection"] == 0
+
+
+def test_drise_counts_against_the_forward_budget(client: TestClient) -> None:
+    data = {**DRISE, "masks": "20000", "box": "all"}
+    message = assert_error(client.post("/explain", files=_scene(), data=data), 422, "over_budget")
+    assert "DRISE would run" in message and "CAMSERVE_MAX_CAM_FORWARDS" in message
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ("tiny", "DRISE explains a detector's boxes"),
+        ("shapes-segment", "DRISE cannot explain a segmentation model"),
+    ],
+)
+def test_drise_on_a_classifier_or_segmenter_is_a_400(
+    client: TestClient, model: str, words: str
+) -> None:
+    data = {"model": model, "method": "DRISE"}
+    if model == "shapes-segment":
+        data["class_idx"] = "1"
+    message = assert_error(
+        client.post("/explain", files=_scene(), data=data), 400, "invalid_target"
+    )
+    assert words in message
+    described = client.get(f"/models/{model}").json()
+    assert "DRISE" not in described["methods"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("masks", "0", "DRISE: masks must lie in [1, 20000]"),
+        ("grid", "65", "DRISE: grid must lie in [2, 64]"),
+        ("keep", "1", "DRISE: keep must lie in [0.05, 0.95]"),
+        ("aug_smooth", "true", "DRISE does not take the option 'aug_smooth'"),
+    ],
+)
+def test_drise_options_out_of_bounds_are_a_422(
+    client: TestClient, option: str, value: str, words: str
+) -> None:
+    data = {"method": "DRISE", option: value}
+    message = assert_error(
+        client.post("/explain", files=_scene(), data=data), 422, "invalid_parameter"
+    )
+    assert message.startswith(words), message
+
+
+def test_the_model_page_says_drise_is_slow(client: TestClient) -> None:
+    info = client.get("/models/shapes-detect").json()["method_info"]["DRISE"]
+    assert info["slow"] and info["forwards"] == 1000
+    assert info["summary"].startswith("D-RISE (Petsiuk et al., CVPR 2021")
