@@ -230,7 +230,7 @@ function drawMask(context, found) {
 
 function drawBoxes(context, detections, width, height) {
   const line = Math.max(2, Math.round(Math.max(width, height) / 150));
-  const size = Math.max(10, Math.round(Math.max(width, height) / 22));
+  const size = Math.max(8, Math.round(Math.max(width, height) / 28));
   context.font = `${size}px system-ui, sans-serif`;
   context.textBaseline = "top";
   detections.forEach((detection, index) => {
@@ -242,11 +242,13 @@ function drawBoxes(context, detections, width, height) {
     context.strokeRect(x0 + line / 2, y0 + line / 2, x1 - x0 - line, y1 - y0 - line);
     const text = `${index}: ${detection.label} ${detection.score.toFixed(2)}`;
     const textWidth = context.measureText(text).width + 4;
+    // Above the box when there is room, and never past the picture's right edge.
     const top = y0 >= size + 2 ? y0 - size - 2 : y0;
+    const left = Math.max(0, Math.min(x0, width - textWidth));
     context.fillStyle = `rgb(${r}, ${g}, ${b})`;
-    context.fillRect(x0, top, textWidth, size + 2);
-    context.fillStyle = "#fff";
-    context.fillText(text, x0 + 2, top + 1);
+    context.fillRect(left, top, textWidth, size + 2);
+    context.fillStyle = 0.299 * r + 0.587 * g + 0.114 * b > 150 ? "#000" : "#fff";
+    context.fillText(text, left + 2, top + 1);
   });
 }
 
