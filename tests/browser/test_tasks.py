@@ -144,6 +144,7 @@ def test_a_detectors_boxes_are_drawn_and_a_click_explains_one(shown: Watched, se
     assert buttons.nth(1).get_attribute("aria-pressed") == "true"
     assert buttons.nth(0).get_attribute("aria-pressed") == "false"
     assert page.inner_text("#class-choice").startswith(f"box 1: {found[1]['label']}")
+    assert page.inner_text("#class-reset") == "Back to the top box"
     assert page.inner_text("#status").startswith(f"scene.png: {found[1]['label']}")
     shot(page, "detector-box-explained")
 
@@ -155,6 +156,16 @@ def test_a_detectors_boxes_are_drawn_and_a_click_explains_one(shown: Watched, se
     )
     wait_for_card(page)
     assert page.locator(MAPS).locator(".label").inner_text() == found[0]["label"]
+    assert last_explain(page)["box"] == "0"
+
+    # Back to the default: the server's top box, no box sent.
+    sent = len(page.evaluate("window.sentForms"))
+    page.click("#class-reset")
+    page.wait_for_function(f"window.sentForms.length > {sent}")
+    wait_for_card(page)
+    assert "box" not in last_explain(page)
+    assert page.inner_text("#class-choice") == "the top detection"
+    assert page.is_hidden("#class-reset")
     assert shown.errors == [] and failures(shown) == []
 
 
@@ -212,4 +223,5 @@ def test_a_classifier_leaves_the_task_view_hidden(shown: Watched) -> None:
     page.select_option("#model", "shapes")
     page.wait_for_function("state.detail && state.detail.name === 'shapes'")
     assert page.is_hidden("#task-view") and page.is_visible("#faithfulness")
+    assert page.eval_on_selector("#class-reset", "b => b.textContent") == "Back to top-1"
     assert page.locator("#task-list button").count() == 0

@@ -42,6 +42,8 @@ function taskModelChosen() {
   clearTaskView();
   const task = isTaskModel();
   $("faithfulness").closest(".row").hidden = task;
+  $("class-reset").textContent = !task ? "Back to top-1"
+    : modelTask() === "detection" ? "Back to the top box" : "Back to the largest shape";
   if (task) taskPredict();
 }
 
