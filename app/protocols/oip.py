@@ -3,7 +3,9 @@
 ``infer`` takes images in the input ``image`` (BYTES: encoded images, base64 in JSON or raw in
 binary data; or UINT8 ``[N, H, W, 3]`` pixels in binary data) and answers the output ``logits``
 and, when asked for, ``cam``: each image's class activation map; with DFF, ``concepts`` (each
-image's concept maps) and ``concept_labels`` (each concept's top labels).
+image's concept maps) and ``concept_labels`` (each concept's top labels). A detector answers
+``boxes``, ``scores`` and ``labels`` instead of ``logits``, a segmenter ``mask``, and both
+``cam`` for what ``box`` or ``class_idx`` and ``region`` explain (``app.protocols.oip_tasks``).
 
 A transport calls, in order:
 
@@ -23,10 +25,9 @@ refused) are consumed here; the rest are explain parameters, read by ``build_par
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app import __version__
@@ -38,8 +39,17 @@ from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.params import OPTION_NAMES, build_params, unknown_name
 from app.pipeline.results import ExplainResponse, MapOutput, Prediction
 from app.pipeline.scheduling import Priority
-from app.protocols.binary import SIZE, bytes_elements, pack_bytes
+from app.protocols.binary import SIZE, bytes_elements
 from app.protocols.images import EXAMPLE_IMAGE_B64, decode_images, pixel_images
+from app.protocols.oip_tasks import (
+    MASK,
+    TASK_OUTPUT_NAMES,
+    TASK_OUTPUTS,
+    output_names,
+    predicted_outputs,
+    task_cam,
+)
+from app.protocols.tensors import OutputTensor
 from app.settings import Settings
 
 INPUT = "image"
@@ -48,7 +58,9 @@ CAM = "cam"
 #: DFF's concepts: their maps (FP32 [N, K, h, w]) and top labels (BYTES [N, K, top]).
 CONCEPTS = "concepts"
 CONCEPT_LABELS = "concept_labels"
-OUTPUTS = (OUTPUT, CAM, CONCEPTS, CONCEPT_LABELS)
+#: A classifier's outputs; detectors and segmenters answer their own and ``cam``.
+CLASSIFIER_OUTPUTS = (OUTPUT, CAM, CONCEPTS, CONCEPT_LABELS)
+OUTPUTS = (*CLASSIFIER_OUTPUTS, *TASK_OUTPUT_NAMES)
 #: The outputs that need an explanation.
 EXPLAINED = (CAM, CONCEPTS, CONCEPT_LABELS)
 #: The general explain parameters ``infer`` takes; the map is always raw (``output`` fixed).
@@ -61,6 +73,8 @@ EXPLAIN_PARAMETERS = (
     "normalized",
     "faithfulness",
     "faithfulness_steps",
+    "box",
+    "region",
 )
 PLATFORM = "pytorch"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "statistics")
@@ -183,9 +197,9 @@ class InferenceRequest(BaseModel):
 class ResponseOutput(BaseModel):
     name: str
     shape: list[int]
-    datatype: Literal["FP32", "BYTES"]
+    datatype: Literal["FP32", "INT32", "BYTES"]
     parameters: dict[str, Any] | None = None
-    data: list[float] | list[str] | None = Field(
+    data: list[float] | list[int] | list[str] | None = Field(
         None, description="row-major; left out when the output is binary data"
     )
 
@@ -240,17 +254,20 @@ def model_ready(registry: ModelRegistry, name: str, version: int | None) -> bool
 
 
 def model_metadata(registry: ModelRegistry, name: str, version: int | None) -> ModelMetadata:
-    """The model's input (images) and outputs (logits, one row per image; cam, one map each)."""
+    """The model's input (images) and outputs: a classifier's logits (one row per image), a
+    detector's or a segmenter's own (``TASK_OUTPUTS``); cam, one map per explanation."""
     model = registry.get(name, version)
+    task = model.spec.task
+    own = [
+        TensorMetadata(name=o.name, datatype=o.datatype, shape=list(o.shape))
+        for o in TASK_OUTPUTS.get(task, ())
+    ] or [TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, model.spec.num_classes])]
     return ModelMetadata(
         name=model.spec.name,
         versions=[str(number) for number in sorted(registry.entry(name).versions)],
         platform=PLATFORM,
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
-        outputs=[
-            TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, model.spec.num_classes]),
-            TensorMetadata(name=CAM, datatype="FP32", shape=[-1, -1, -1]),
-        ],
+        outputs=[*own, TensorMetadata(name=CAM, datatype="FP32", shape=[-1, -1, -1])],
     )
 
 
@@ -276,6 +293,9 @@ class Inference:
     """The explanation (output ``cam``); None for the logits only."""
     outputs: tuple[Wanted, ...]
     """In the order asked, no name twice; ``logits`` alone when the request named none."""
+    named: bool = True
+    """Whether the request named its outputs (a detector or segmenter answers its own, not
+    ``logits``, when it named none)."""
     priority: Priority = "interactive"
     timeout_s: float | None = None
     """The request's deadline: Triton's ``timeout`` capped by CAMSERVE_REQUEST_TIMEOUT_S."""
@@ -302,6 +322,7 @@ def read_inference(
         uploads=uploads,
         params=params,
         outputs=outputs,
+        named=bool(request.outputs),
         priority=triton.priority,
         timeout_s=triton.timeout_s,
         id=request.id,
@@ -485,32 +506,6 @@ def _uploads(
 
 
 @dataclass(frozen=True)
-class OutputTensor:
-    """One output of the answer. ``values``: row-major, floats for FP32, bytes for BYTES."""
-
-    name: str
-    datatype: Literal["FP32", "BYTES"]
-    shape: tuple[int, ...]
-    values: Sequence[float] | Sequence[bytes]
-    parameters: dict[str, Any] = field(default_factory=dict)
-    binary: bool = False
-    """Asked for as binary data (HTTP's binary part); JSON data otherwise."""
-
-    def raw(self) -> bytes:
-        """The raw form: FP32 little-endian; BYTES each with its 4-byte length (as gRPC's
-        ``raw_output_contents`` and the binary part carry them)."""
-        if self.datatype == "BYTES":
-            return pack_bytes(list(self.values))  # type: ignore[arg-type]
-        return np.asarray(self.values, dtype="<f4").tobytes()
-
-    def json_data(self) -> list[float] | list[str]:
-        """The values as JSON data (BYTES as text)."""
-        if self.datatype == "BYTES":
-            return [bytes(value).decode() for value in self.values]  # type: ignore[arg-type]
-        return [float(value) for value in self.values]
-
-
-@dataclass(frozen=True)
 class InferenceResult:
     model_name: str
     model_version: str
@@ -529,15 +524,16 @@ async def run_inference(
     wanted. The caller applies the deadline (``inference.timeout_s``) and its other limits;
     ``scope``: whose cached explanations it may use (``Explainer.explain``)."""
     model = explainer.registry.get(name, version)
-    if model.spec.task != "classification":
-        # Outputs boxes, scores and labels are not there yet: never logits of zeros.
-        raise InvalidTarget(
-            f"Model {model.spec.name!r} is a {model.spec.task} model; the Open Inference "
-            "Protocol here answers classifiers' logits and maps. Use /predict and /explain (or "
-            "KServe v1's :predict and :explain), which answer its "
-            + ("boxes." if model.spec.task == "detection" else "segments."),
-            details={"task": model.spec.task},
-        )
+    if model.spec.task in TASK_OUTPUTS:
+        return await _run_task(explainer, name, version, inference, scope)
+    for wanted in inference.outputs:
+        if wanted.name in TASK_OUTPUT_NAMES:
+            raise InvalidTarget(
+                f"The output {wanted.name!r} is a {TASK_OUTPUT_NAMES[wanted.name]} model's; "
+                f"{model.spec.name!r} is a classifier, whose outputs are "
+                f"{', '.join(CLASSIFIER_OUTPUTS)}.",
+                details={"output": wanted.name, "task": model.spec.task},
+            )
     classes = model.spec.num_classes
     made: dict[str, OutputTensor] = {}
     if inference.params is None:
@@ -581,6 +577,67 @@ async def run_inference(
                 binary=wanted.binary,
             )
         )
+    return InferenceResult(model_name, str(served), outputs, inference.id)
+
+
+async def _run_task(
+    explainer: Explainer,
+    name: str,
+    version: int | None,
+    inference: Inference,
+    scope: str | None,
+) -> InferenceResult:
+    """A detector's or a segmenter's ``infer``: its own outputs (all of them when the request
+    named none) from /predict's pass, or with ``cam`` from /explain's (which carries the
+    detections; a segmenter's ``mask`` then takes a pass of its own)."""
+    model = explainer.registry.get(name, version)
+    task = model.spec.task
+    allowed = (*output_names(task), CAM)
+    wanted = (
+        inference.outputs
+        if inference.named
+        else tuple(Wanted(n, binary=inference.outputs[0].binary) for n in output_names(task))
+    )
+    for one in wanted:
+        if one.name not in allowed:
+            raise InvalidTarget(
+                f"{model.spec.name!r} is a {task} model; its outputs are {', '.join(allowed)}, "
+                f"not {one.name!r}.",
+                details={"output": one.name, "task": task},
+            )
+        if one.classification:
+            raise BadRequest(f"Only a classifier's output {OUTPUT!r} takes 'classification'.")
+    names = {one.name for one in wanted}
+    mask = ("mask",) if MASK in names else ()
+    made: dict[str, OutputTensor] = {}
+    if inference.params is None:
+        predicted = await explainer.predict(
+            name, inference.uploads, 1, version=version, priority=inference.priority, outputs=mask
+        )
+        model_name, served = predicted.model, predicted.version
+        made.update(predicted_outputs(predicted.results))
+    else:
+        explained = await explainer.explain(
+            name,
+            inference.uploads,
+            inference.params,
+            version=version,
+            priority=inference.priority,
+            scope=scope,
+        )
+        model_name, served = explained.model, explained.version
+        made[CAM] = task_cam(CAM, explained)
+        made.update(predicted_outputs(explained.results))
+        if mask:
+            predicted = await explainer.predict(
+                name, inference.uploads, 1, served, inference.priority, outputs=mask
+            )
+            made.update(predicted_outputs(predicted.results))
+    outputs = [
+        OutputTensor(t.name, t.datatype, t.shape, t.values, t.parameters, binary=one.binary)
+        for one in wanted
+        for t in (made[one.name],)
+    ]
     return InferenceResult(model_name, str(served), outputs, inference.id)
 
 

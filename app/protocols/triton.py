@@ -2,7 +2,8 @@
 shapes tritonclient's ``get_model_config`` and ``get_inference_statistics`` read.
 
 The configuration is camserve's, written in Triton's words: the input ``image`` (one encoded
-image per batch row), the outputs ``logits`` and ``cam``, the batching, and the explain methods
+image per batch row), the outputs ``logits`` (a detector's or segmenter's own instead) and
+``cam``, the batching, and the explain methods
 as parameters. The statistics are read from the metrics camserve keeps anyway (Prometheus
 counters and histograms), so they cost nothing per request; durations are in nanoseconds.
 """
@@ -18,6 +19,7 @@ from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.observability.metrics import Metrics
 from app.protocols.oip import CAM, INPUT, OUTPUT, PLATFORM
+from app.protocols.oip_tasks import TASK_OUTPUTS
 from app.settings import Settings
 
 #: camserve's stages of a request -> Triton's phases of an inference.
@@ -27,6 +29,9 @@ _PHASES = {
     "compute_infer": ("forward", "cam"),
     "compute_output": ("encode",),
 }
+
+#: Triton's config names of the protocol's datatypes.
+_TYPES = {"FP32": "TYPE_FP32", "INT32": "TYPE_INT32", "BYTES": "TYPE_STRING"}
 
 
 def model_config(model: LoadedModel, settings: Settings) -> dict[str, Any]:
@@ -48,7 +53,14 @@ def model_config(model: LoadedModel, settings: Settings) -> dict[str, Any]:
             {"name": INPUT, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}
         ],
         "output": [
-            {"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [spec.num_classes]},
+            *(
+                [
+                    {"name": o.name, "data_type": _TYPES[o.datatype], "dims": list(o.shape[1:])}
+                    for o in TASK_OUTPUTS[spec.task]
+                ]
+                if spec.task in TASK_OUTPUTS
+                else [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [spec.num_classes]}]
+            ),
             {"name": CAM, "data_type": "TYPE_FP32", "dims": [-1, -1]},
         ],
         "parameters": {

@@ -296,6 +296,7 @@ async function loadModel() {
       $("layers").append(layerChoice(layer, detail.target_layers.includes(layer), shapes[layer]));
     }
     setStatus(describeModel(detail));
+    taskModelChosen();
   } catch (error) {
     showError(error);
   }
@@ -340,14 +341,16 @@ function chooseFile(file) {
     if (state.file === file) preview.hidden = true;
   };
   image.src = url;
+  taskImageChosen();
 }
 
 function updateClassChoice() {
   const labels = state.detail ? state.detail.labels : [];
-  $("class-choice").textContent = state.classIdx === null
+  const task = taskChoice(); // a detector's box or a segmenter's class (tasks.js)
+  $("class-choice").textContent = task ? task.text : state.classIdx === null
     ? "top-1 of the answer"
     : `${labels[state.classIdx] ?? state.classIdx} (class ${state.classIdx})`;
-  $("class-reset").hidden = state.classIdx === null;
+  $("class-reset").hidden = task ? !task.picked : state.classIdx === null;
 }
 
 // Whatever the page shows of an earlier answer goes: maps, classes, the chosen class.
@@ -359,6 +362,7 @@ function clearResults() {
   $("predictions").hidden = true;
   state.predictionsRun = 0;
   state.classIdx = null;
+  clearTaskView();
   updateClassChoice();
 }
 
@@ -379,6 +383,7 @@ function explainForm(methods) {
   form.append("colormap", "gray");
   form.append("image_format", "png");
   if ($("faithfulness").checked) form.append("faithfulness", "deletion,insertion");
+  taskFields(form);
   return form;
 }
 
@@ -460,7 +465,7 @@ async function explain(event) {
       last = view.result;
     }
     const result = last.results[0];
-    const top = result.predictions[0];
+    const top = result.predictions[0] || result.explanations[0]; // a task model's: its target
     setStatus(`${result.filename}: ${top.label} (${(100 * top.probability).toFixed(1)} %), ` +
       `${last.model} on ${last.device}; ${state.cards.length} map(s) in ` +
       `${((performance.now() - started) / 1000).toFixed(1)} s.`);
@@ -661,7 +666,8 @@ async function showAnswer(answer, run) {
     }
   }
   renderAll();
-  if (state.predictionsRun !== run) showPredictions(result, run);
+  if (isTaskModel()) showTaskAnswer(result);
+  else if (state.predictionsRun !== run) showPredictions(result, run);
   $("view").hidden = false;
 }
 
@@ -754,6 +760,8 @@ function makeCard(answer, explanation, method, map, camMs) {
   caption.append(title, document.createElement("br"), "class ", label,
     ` (${(100 * explanation.probability).toFixed(1)} %)`, time);
   if (map.faithfulness) caption.append(document.createElement("br"), scores(map.faithfulness));
+  const target = taskCaption(explanation);
+  if (target) caption.append(document.createElement("br"), target);
   const download = document.createElement("button");
   download.type = "button";
   download.className = "link";
@@ -900,12 +908,14 @@ function start() {
   $("cancel").addEventListener("click", cancelJob);
   $("class-reset").addEventListener("click", () => {
     state.classIdx = null;
+    resetTaskPick();
     updateClassChoice();
     explain();
   });
   $("opacity").addEventListener("input", renderAll);
   $("colormap").addEventListener("change", renderAll);
   wireDrop();
+  wireTasks();
   loadColormaps();
   loadModels();
 }

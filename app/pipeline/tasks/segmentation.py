@@ -37,7 +37,7 @@ def upload_labels(decoded: DecodedImage, output: torch.Tensor) -> np.ndarray:
     if labels.shape == (height, width):
         return labels
     picture = Image.fromarray(labels, mode="I").resize((width, height), Image.Resampling.NEAREST)
-    resized: np.ndarray = np.asarray(picture)
+    resized: np.ndarray = np.array(picture)  # writable: torch.from_numpy takes it
     return resized
 
 

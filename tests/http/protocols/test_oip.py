@@ -265,7 +265,14 @@ def test_outputs_come_in_the_order_asked_and_several_layers_give_the_fused_map(
             400,
             "Unknown explain parameter 'colormap'; the parameters are priority, timeout, "
             "binary_data_output, method, class_idx, classes, top_classes, target_layer, "
-            "normalized, faithfulness, faithfulness_steps, eigen_smooth, aug_smooth, num_samples",
+            "normalized, faithfulness, faithfulness_steps, box, region, eigen_smooth, aug_smooth, "
+            "num_samples",
+        ),
+        (explain_body(image_bytes(), box="0"), 400, "box is for detection models"),
+        (
+            explain_body(image_bytes(), outputs=("boxes",)),
+            400,
+            "The output 'boxes' is a detection model's; 'tiny' is a classifier",
         ),
         (
             explain_body(image_bytes(), method="FinerCAM", gamma="high"),

@@ -242,19 +242,47 @@ def test_a_job_explains_a_box(client: TestClient, tmp_path: Path) -> None:
     assert view["result"]["results"][0]["explanations"][0]["detection"] == 0
 
 
-def test_kserve_answers_boxes_and_oip_refuses_clearly(client: TestClient) -> None:
+def test_kserve_and_oip_answer_boxes(client: TestClient) -> None:
     b64 = base64.b64encode(image_bytes((WIDTH, HEIGHT), seed=3)).decode()
     response = client.post("/v1/models/det:predict", json={"instances": [{"image": {"b64": b64}}]})
     assert response.status_code == 200, response.text
-    assert response.json()["predictions"][0]["detections"]
+    found = response.json()["predictions"][0]["detections"]
+    assert found
     body = {"instances": [{"image": {"b64": b64}, "box": "1"}]}
     response = client.post("/v1/models/det:explain", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["explanations"][0]["explanations"][0]["detection"] == 1
     inputs = [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]
     response = client.post("/v2/models/det/infer", json={"inputs": inputs})
+    assert response.status_code == 200, response.text
+    shown = {o["name"]: o for o in response.json()["outputs"]}
+    assert list(shown) == ["boxes", "scores", "labels"]
+    assert shown["boxes"]["shape"] == [len(found), 4]
+    assert shown["boxes"]["data"] == [v for d in found for v in d["box"]]
+    assert shown["labels"]["data"] == [d["label"] for d in found]
+
+
+def test_kserve_explains_a_segmenters_region(client: TestClient) -> None:
+    b64 = base64.b64encode(image_bytes((WIDTH, HEIGHT), seed=3)).decode()
+    response = client.post("/v1/models/seg:predict", json={"instances": [{"image": {"b64": b64}}]})
+    assert response.status_code == 200, response.text
+    segments = response.json()["predictions"][0]["segments"]
+    assert segments and sum(s["pixels"] for s in segments) == WIDTH * HEIGHT
+    body = {
+        "instances": [
+            {"image": {"b64": b64}, "class_idx": 1, "region": "box:0,0,40,30", "output": "raw"}
+        ]
+    }
+    response = client.post("/v1/models/seg:explain", json=body)
+    assert response.status_code == 200, response.text
+    explanation = response.json()["explanations"][0]["explanations"][0]
+    assert (explanation["class_idx"], explanation["region"]) == (1, "box")
+    assert explanation["box"] == [0, 0, 40, 30]
+    assert explanation["maps"][-1]["raw"]["values"]
+    body["instances"][0]["region"] = "box:0,0,400,30"
+    response = client.post("/v1/models/seg:explain", json=body)
     assert response.status_code == 400, response.text
-    assert "is a detection model" in response.text
+    assert "is not inside" in response.json()["error"]
 
 
 def test_kserve_takes_box_as_a_json_list_of_integers(client: TestClient) -> None:

@@ -21,11 +21,16 @@ def test_page_and_its_assets(client: TestClient) -> None:
     # Everything the page loads is relative to the service: no CDN, no absolute URL.
     sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert sources and all(not re.match(r"[a-z]+://|//", s) for s in sources), sources
-    for asset, media in (("ui/page.js", "javascript"), ("ui/page.css", "text/css")):
+    for asset, media in (
+        ("ui/tasks.js", "javascript"),
+        ("ui/page.js", "javascript"),
+        ("ui/page.css", "text/css"),
+    ):
         assert f'"{asset}"' in page.text
         response = client.get(f"/{asset}")
         assert response.status_code == 200 and media in response.headers["content-type"]
-    assert re.search(r"https?://", client.get("/ui/page.js").text) is None
+    for script in ("ui/page.js", "ui/tasks.js"):
+        assert re.search(r"https?://", client.get(f"/{script}").text) is None
 
 
 def test_colormaps_are_the_servers_own(client: TestClient) -> None:

@@ -1,0 +1,45 @@
+"""An output tensor of the Open Inference Protocol, as every transport sends it: JSON data, the
+binary tensor data extension's raw bytes, or gRPC's ``raw_output_contents``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from app.protocols.binary import pack_bytes
+
+Datatype = Literal["FP32", "INT32", "BYTES"]
+#: The raw (little-endian) numpy type of each numeric datatype.
+_RAW = {"FP32": "<f4", "INT32": "<i4"}
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output of the answer. ``values``: row-major, floats for FP32, whole numbers for
+    INT32, bytes for BYTES."""
+
+    name: str
+    datatype: Datatype
+    shape: tuple[int, ...]
+    values: Sequence[float] | Sequence[int] | Sequence[bytes]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    binary: bool = False
+    """Asked for as binary data (HTTP's binary part); JSON data otherwise."""
+
+    def raw(self) -> bytes:
+        """The raw form: numbers little-endian; BYTES each with its 4-byte length (as gRPC's
+        ``raw_output_contents`` and the binary part carry them)."""
+        if self.datatype == "BYTES":
+            return pack_bytes(list(self.values))  # type: ignore[arg-type]
+        return np.asarray(self.values, dtype=_RAW[self.datatype]).tobytes()
+
+    def json_data(self) -> list[float] | list[int] | list[str]:
+        """The values as JSON data (BYTES as text)."""
+        if self.datatype == "BYTES":
+            return [bytes(value).decode() for value in self.values]  # type: ignore[arg-type]
+        if self.datatype == "INT32":
+            return [int(value) for value in self.values]
+        return [float(value) for value in self.values]
