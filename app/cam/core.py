@@ -277,6 +277,9 @@ class _CAM:
     masked_forwards: ClassVar[bool] = False
     #: runs extra forwards and backwards on noisy copies of the input
     noisy_forwards: ClassVar[bool] = False
+    #: forwards (each with its backward) it runs of its own on the recorded input, per image and
+    #: class, besides the hooked one (the guided methods' guided pass: 1)
+    own_forwards: ClassVar[int] = 0
     #: explains ``targets=`` callables as well as class indices
     supports_targets: ClassVar[bool] = True
     #: the map does not depend on the class: ``class_idx`` and ``targets`` are ignored
@@ -332,14 +335,18 @@ class _CAM:
         """What a call on ``images`` images would run besides the model's forward, from the
         output shapes (N, C, ...) of its target layers and its options: with
         ``masked_forwards`` one forward per image, channel and sample; with ``noisy_forwards``
-        one forward and backward per image and sample; none otherwise. ``num_samples`` defaults
-        to the declared default. ``aug_smooth`` explains six variants of each image: six times
-        those forwards, plus the six variants' own (counted as one more channel)."""
+        one forward and backward per image and sample; ``own_forwards`` per image (the guided
+        pass; counted as channels); none otherwise. ``num_samples`` defaults to the declared
+        default. ``aug_smooth`` explains six variants of each image: six times those forwards,
+        plus the six variants' own (counted as one more channel)."""
         variants = AUG_VARIANTS if options.get("aug_smooth") else 1
         if not (cls.masked_forwards or cls.noisy_forwards):
-            if variants > 1:
-                return ExtraForwards(images * variants, 1, 1)
-            return ExtraForwards(0, 0, 0)
+            channels = cls.own_forwards + (1 if variants > 1 else 0)
+            return (
+                ExtraForwards(images * variants, channels, 1)
+                if channels
+                else ExtraForwards(0, 0, 0)
+            )
         declared = cls.option("num_samples")
         samples = int(options.get("num_samples", declared.default)) if declared else 1
         channels = 1
