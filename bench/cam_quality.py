@@ -370,7 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         default="",
-        help="comma-separated method rows to run (default: all); the baselines always run",
+        help="comma-separated method rows to run (default: all); the baselines and GradCAM "
+        "always run",
     )
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--quick", action="store_true", help="smoke run on a few images")

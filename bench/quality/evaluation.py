@@ -198,13 +198,15 @@ def method_specs(args: argparse.Namespace, layer: str) -> list[MethodSpec]:
 
 
 def selected_specs(args: argparse.Namespace, layer: str) -> list[MethodSpec]:
-    """``method_specs`` narrowed to the rows ``--methods`` names (all when it names none)."""
+    """``method_specs`` narrowed to the rows ``--methods`` names (all when it names none), and
+    Grad-CAM's."""
     specs = method_specs(args, layer)
     wanted = [name for name in (getattr(args, "methods", "") or "").split(",") if name]
     unknown = set(wanted) - {spec.name for spec in specs}
     if unknown:
         raise SystemExit(f"--methods: no row {sorted(unknown)}; rows: {[s.name for s in specs]}")
-    return [spec for spec in specs if not wanted or spec.name in wanted]
+    # Grad-CAM always runs: the AD/IC cross-check with the engine reads its row.
+    return [spec for spec in specs if not wanted or spec.name in {*wanted, "GradCAM"}]
 
 
 #: Methods of ``app.cam`` that do not apply to the benchmark's CNN, with the reason.
@@ -313,12 +315,15 @@ def average_drop_increase(
 #: linear layer: dS_c/dA_k(i,j) = w_ck / (h w) is constant, so Grad-CAM's weights are CAM's up to
 #: a factor, XGrad-CAM's weights sum_ij A/sum(A) * g equal Grad-CAM's, and Smooth Grad-CAM++
 #: averages gradients that do not depend on the (noisy) input, which gives Grad-CAM++. The score
-#: is linear in A, so its Hessian-vector term is 0 and ShapleyCAM is Grad-CAM.
+#: is linear in A, so its Hessian-vector term is 0 and ShapleyCAM is Grad-CAM. Grad-CAM with
+#: eigen_smooth takes the principal component of w_k A_k, w_k constant over positions: the
+#: component of g_k A_k that EigenGrad-CAM takes.
 IDENTITIES = (
     ("CAM", "GradCAM"),
     ("GradCAM", "XGradCAM"),
     ("GradCAMpp", "SmoothGradCAMpp"),
     ("GradCAM", "ShapleyCAM"),
+    ("EigenGradCAM", "GradCAM-eigen"),
 )
 
 
