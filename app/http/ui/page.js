@@ -26,7 +26,7 @@ const state = {
   classIdx: null, // null: the top-1 of the answer
   colormaps: {},
   cards: [], // {canvas, levels, mask, width, height}
-  concepts: [], // DFF's concept cards, drawn like the maps but not counted as maps
+  concepts: [], // the concept cards of a method that finds concepts, drawn like the maps but not counted as maps
   busy: false,
   run: 0, // the current run; answers of older ones are dropped
   abort: null, // AbortController of the current run's requests
@@ -669,7 +669,7 @@ async function showAnswer(answer, run) {
   $("view").hidden = false;
 }
 
-// ------------------------------------------------------------------ DFF's concepts
+// ------------------------------------------------------------------ concepts
 
 // A grey heatmap's levels (its red channel) and where it covers the picture (alpha > 0).
 function heatLevels(heat, width, height) {
@@ -683,7 +683,7 @@ function heatLevels(heat, width, height) {
   return { levels, mask };
 }
 
-// Under the DFF card: each concept's map, drawn like the maps (colour map, opacity), and the
+// Under the card of a method that finds concepts: each concept's map, drawn like the maps (colour map, opacity), and the
 // classes the model's head gives it. The map above is the concept that scores highest for the
 // explained class.
 async function showConcepts(explanation, method, run) {
