@@ -683,9 +683,9 @@ function heatLevels(heat, width, height) {
   return { levels, mask };
 }
 
-// Under the card of a method that finds concepts: each concept's map, drawn like the maps (colour map, opacity), and the
-// classes the model's head gives it. The map above is the concept that scores highest for the
-// explained class.
+// Under the card of a method that finds concepts: each concept's map, drawn like the maps
+// (colour map, opacity), and the classes the model's head gives it. The map above is the
+// concept that scores highest for the explained class.
 async function showConcepts(explanation, method, run) {
   const section = document.createElement("section");
   section.className = "concepts";
