@@ -8,6 +8,7 @@ only says how its channel weights are computed (``_get_weights``) and what it ne
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -209,6 +210,39 @@ def positive_int(name: str, value: object) -> int:
     """``value`` if it is an int >= 1, else a ``ValueError`` naming the option."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return value
+
+
+def finite_number(
+    name: str, value: object, low: float = 0.0, *, above: bool = False, high: float | None = None
+) -> float:
+    """``value`` as a float if it is a finite real number >= ``low`` (> ``low`` when ``above``)
+    and <= ``high``, else a ``ValueError`` naming the option and the range: the one rule of the
+    constructors' number options (the service's tighter bounds are the declared ones)."""
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
+    ok = (
+        math.isfinite(number)
+        and (number > low if above else number >= low)
+        and (high is None or number <= high)
+    )
+    if not ok:
+        if high is not None:
+            span = f"lie in {'(' if above else '['}{low:g}, {high:g}]"
+        else:
+            span = f"be a finite number {'>' if above else '>='} {low:g}"
+        raise ValueError(f"{name} must {span}, got {value!r}.")
+    return number
+
+
+def optional_int(name: str, value: object) -> int | None:
+    """``value`` if it is an int or ``None`` (a seed), else a ``ValueError`` naming it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an int or None, got {value!r}.")
     return value
 
 
