@@ -118,7 +118,8 @@ class Settings(BaseSettings):
         le=10_000_000,
         description="Budget for the methods that run extra forwards: masked ones (Score-CAM "
         "family, Ablation-CAM: images x target-layer channels x `num_samples`) and noisy ones "
-        "(SmoothGradCAMpp: images x `num_samples`) in one request, all its methods together. "
+        "(SmoothGradCAMpp: images x `num_samples`), and the guided methods' guided pass (images x "
+        "classes) in one request, all its methods together. "
         "Beyond it the answer is 422 `over_budget`. (ScoreCAM on resnet18's `layer4` costs 512 "
         "forwards per image.)",
     )

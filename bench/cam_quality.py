@@ -140,7 +140,9 @@ def run_quality(args: argparse.Namespace, bench: BenchModel, seeds: list[int]) -
     rows: list[Row] = []
     for spec in selected_specs(args, tl):
         nm, nf, ns = sizes(spec, args)
-        make, batched = extractor_map_fns(spec.cls, spec.target, spec.options, spec.fuse, shape)
+        make, batched = extractor_map_fns(
+            spec.cls, spec.target, spec.options, spec.fuse, shape, spec.call
+        )
         rows.append(
             Row(spec.name, spec.description, nm, min(nf, nm), min(ns, nm), make, None, batched)
         )
@@ -269,7 +271,9 @@ def run_sensitivity(args: argparse.Namespace, bench: BenchModel) -> dict[str, An
     counts = {"cheap": args.n_pairs, "score": args.n_pairs_score, "noise": args.n_pairs_noise}
     rows = []
     for spec in selected_specs(args, layer):
-        _, batched = extractor_map_fns(spec.cls, spec.target, spec.options, spec.fuse, shape)
+        _, batched = extractor_map_fns(
+            spec.cls, spec.target, spec.options, spec.fuse, shape, spec.call
+        )
         rows.append(
             SensitivityRow(
                 spec.name,
@@ -366,7 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         default="",
-        help="comma-separated method rows to run (default: all); the baselines always run",
+        help="comma-separated method rows to run (default: all); the baselines and GradCAM "
+        "always run",
     )
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--quick", action="store_true", help="smoke run on a few images")

@@ -14,7 +14,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM, ExtraForwards, hooks_silenced, note_forward, positive_int
+from app.cam.core import (
+    _CAM,
+    ExtraForwards,
+    finite_number,
+    hooks_silenced,
+    note_forward,
+    positive_int,
+)
 from app.cam.layers import LayerSpec
 from app.cam.options import BATCH_SIZE, MethodOption
 from app.cam.tail import model_tail
@@ -83,15 +90,10 @@ class AblationCAM(_CAM):
         enable_hooks: bool = True,
     ) -> None:
         positive_int("batch_size", batch_size)
-        if (
-            isinstance(ablation_ratio, bool)
-            or not isinstance(ablation_ratio, int | float)
-            or not 0 < ablation_ratio <= 1
-        ):
-            raise ValueError(f"ablation_ratio must lie in (0, 1], got {ablation_ratio!r}.")
+        ratio = finite_number("ablation_ratio", ablation_ratio, above=True, high=1.0)
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.batch_size = batch_size
-        self.ablation_ratio = float(ablation_ratio)
+        self.ablation_ratio = ratio
         self.fast_path = fast_path
         self._tails: dict[str, nn.Module | None] = {}
 

@@ -6,7 +6,6 @@ None of them needs gradients, so the forward may run under ``torch.inference_mod
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, cast
 
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from app.cam.chunking import ChunkSizer
 from app.cam.core import (
     _CAM,
+    finite_number,
     hooks_silenced,
     normalize_maps,
     positive_int,
@@ -249,12 +249,10 @@ class _ScoreFamily(_CAM):
         enable_hooks: bool = True,
     ) -> None:
         positive_int("batch_size", batch_size)
-        if not 0 < chunk_ms < math.inf:
-            raise ValueError(f"chunk_ms must be a positive number, got {chunk_ms!r}.")
+        self.chunk_ms = finite_number("chunk_ms", chunk_ms, above=True)
         PRECISION.check(precision)
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.batch_size = batch_size
-        self.chunk_ms = float(chunk_ms)
         self.precision = precision
         self.chunk_sizes: list[int] = []
         """Inputs per chunk of the last call's masked forwards."""
@@ -483,8 +481,7 @@ class SSCAM(_ScoreFamily):
         enable_hooks: bool = True,
     ) -> None:
         positive_int("num_samples", num_samples)
-        if not std >= 0 or math.isinf(std):
-            raise ValueError(f"std must be a finite number >= 0, got {std!r}.")
+        finite_number("std", std)
         super().__init__(
             model,
             target_layer,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM, seeded_generator
+from app.cam.core import _CAM, optional_int, seeded_generator
 from app.cam.layers import LayerSpec
 from app.cam.options import SEED
 from app.cam.targets import Objective
@@ -43,10 +43,8 @@ class RandomCAM(_CAM):
         seed: int | None = None,
         enable_hooks: bool = True,
     ) -> None:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}.")
+        self.seed = optional_int("seed", seed)
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
-        self.seed = seed
 
     def _maps(
         self,

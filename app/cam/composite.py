@@ -16,6 +16,7 @@ from app.cam.core import (
     PauseCallback,
     ProgressCallback,
     StopCheck,
+    finite_number,
     normalize_maps,
     positive_int,
     resize_maps,
@@ -201,12 +202,8 @@ class FinerCAM(_Composite):
         base_method = _check_base(base_method, _GradientCAM, "GradCAM")
         if not base_method.uses_scores:
             raise TypeError(f"FinerCAM needs a base that reads the scores, not {base_method}.")
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not gamma >= 0:
-            raise ValueError(f"gamma must be a number >= 0, got {gamma!r}.")
-        if math.isinf(gamma):
-            raise ValueError("gamma must be finite.")
+        self.gamma = finite_number("gamma", gamma)
         positive_int("num_references", num_references)
-        self.gamma = float(gamma)
         self.num_references = num_references
         self._adopt(
             base_method(

@@ -8,6 +8,7 @@ only says how its channel weights are computed (``_get_weights``) and what it ne
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -212,6 +213,39 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def finite_number(
+    name: str, value: object, low: float = 0.0, *, above: bool = False, high: float | None = None
+) -> float:
+    """``value`` as a float if it is a finite real number >= ``low`` (> ``low`` when ``above``)
+    and <= ``high``, else a ``ValueError`` naming the option and the range: the one rule of the
+    constructors' number options (the service's tighter bounds are the declared ones)."""
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
+    ok = (
+        math.isfinite(number)
+        and (number > low if above else number >= low)
+        and (high is None or number <= high)
+    )
+    if not ok:
+        if high is not None:
+            span = f"lie in {'(' if above else '['}{low:g}, {high:g}]"
+        else:
+            span = f"be a finite number {'>' if above else '>='} {low:g}"
+        raise ValueError(f"{name} must {span}, got {value!r}.")
+    return number
+
+
+def optional_int(name: str, value: object) -> int | None:
+    """``value`` if it is an int or ``None`` (a seed), else a ``ValueError`` naming it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an int or None, got {value!r}.")
+    return value
+
+
 def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     """A generator seeded with ``seed`` on ``device``; ``None`` (torch's global one) without."""
     if seed is None:
@@ -277,6 +311,9 @@ class _CAM:
     masked_forwards: ClassVar[bool] = False
     #: runs extra forwards and backwards on noisy copies of the input
     noisy_forwards: ClassVar[bool] = False
+    #: forwards (each with its backward) it runs of its own on the recorded input, per image and
+    #: class, besides the hooked one (the guided methods' guided pass: 1)
+    own_forwards: ClassVar[int] = 0
     #: explains ``targets=`` callables as well as class indices
     supports_targets: ClassVar[bool] = True
     #: the map does not depend on the class: ``class_idx`` and ``targets`` are ignored
@@ -338,14 +375,18 @@ class _CAM:
         """What a call on ``images`` images would run besides the model's forward, from the
         output shapes (N, C, ...) of its target layers and its options: with
         ``masked_forwards`` one forward per image, channel and sample; with ``noisy_forwards``
-        one forward and backward per image and sample; none otherwise. ``num_samples`` defaults
-        to the declared default. ``aug_smooth`` explains six variants of each image: six times
-        those forwards, plus the six variants' own (counted as one more channel)."""
+        one forward and backward per image and sample; ``own_forwards`` per image (the guided
+        pass; counted as channels); none otherwise. ``num_samples`` defaults to the declared
+        default. ``aug_smooth`` explains six variants of each image: six times those forwards,
+        plus the six variants' own (counted as one more channel)."""
         variants = AUG_VARIANTS if options.get("aug_smooth") else 1
         if not (cls.masked_forwards or cls.noisy_forwards):
-            if variants > 1:
-                return ExtraForwards(images * variants, 1, 1)
-            return ExtraForwards(0, 0, 0)
+            channels = cls.own_forwards + (1 if variants > 1 else 0)
+            return (
+                ExtraForwards(images * variants, channels, 1)
+                if channels
+                else ExtraForwards(0, 0, 0)
+            )
         declared = cls.option("num_samples")
         samples = int(options.get("num_samples", declared.default)) if declared else 1
         channels = 1

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM
+from app.cam.core import _CAM, finite_number
 from app.cam.layers import LayerSpec
 from app.cam.options import MethodOption
 from app.cam.targets import Objective
@@ -59,10 +59,8 @@ class FEM(_CAM):
         k_std: float = 2.0,
         enable_hooks: bool = True,
     ) -> None:
-        if isinstance(k_std, bool) or not isinstance(k_std, int | float) or not 0 <= k_std < 1e9:
-            raise ValueError(f"k_std must be a finite number >= 0, got {k_std!r}.")
+        self.k_std = finite_number("k_std", k_std)
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
-        self.k_std = float(k_std)
 
     def _maps(
         self,

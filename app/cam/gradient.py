@@ -13,7 +13,14 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM, hooks_only_for, positive_int, seeded_generator
+from app.cam.core import (
+    _CAM,
+    finite_number,
+    hooks_only_for,
+    optional_int,
+    positive_int,
+    seeded_generator,
+)
 from app.cam.layers import LayerSpec
 from app.cam.options import SEED, noise_std, num_samples
 from app.cam.targets import Objective
@@ -297,12 +304,10 @@ class SmoothGradCAMpp(_GradientCAM):
         enable_hooks: bool = True,
     ) -> None:
         positive_int("num_samples", num_samples)
-        if not std >= 0:
-            raise ValueError(f"std must be >= 0, got {std!r}.")
+        self.std = finite_number("std", std)
+        self.seed = optional_int("seed", seed)
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.num_samples = num_samples
-        self.std = float(std)
-        self.seed = seed
 
     def _get_weights(
         self,

@@ -97,6 +97,10 @@ class _InputResolution(_CAM):
     """Family base: a forward of its own on the recorded input, for the guided gradient."""
 
     uses_input = True
+    #: the guided pass: one forward and backward per image, and per class (a class's guided
+    #: gradient is a backward of its own), so its forwards grow with the classes asked
+    own_forwards = 1
+    shares_classes = False
     #: its maps have the input's spatial size, not the target layer's
     input_resolution: ClassVar[bool] = True
     #: the last call's guided gradient, per channel (N, C, *S): what the served map collapses

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from app.cam.core import _CAM
+from app.cam.core import _CAM, finite_number
 from app.cam.layers import LayerSpec
 from app.cam.options import MethodOption
 from app.cam.targets import Objective
@@ -76,14 +76,10 @@ class KPCACAM(_CAM):
         kernel_gamma: float | None = None,
         enable_hooks: bool = True,
     ) -> None:
-        if kernel_gamma is not None and (
-            isinstance(kernel_gamma, bool)
-            or not isinstance(kernel_gamma, int | float)
-            or not 0 < kernel_gamma < float("inf")
-        ):
-            raise ValueError(f"kernel_gamma must be a finite number > 0, got {kernel_gamma!r}.")
+        if kernel_gamma is not None:
+            kernel_gamma = finite_number("kernel_gamma", kernel_gamma, above=True)
+        self.kernel_gamma = kernel_gamma
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
-        self.kernel_gamma = None if kernel_gamma is None else float(kernel_gamma)
 
     def _maps(
         self,

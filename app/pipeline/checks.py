@@ -245,14 +245,17 @@ def check_budget(
     limit: int,
     classes: int = 1,
 ) -> None:
-    """Refuse requests whose masked or noisy forwards exceed the budget."""
+    """Refuse requests whose masked, noisy or guided forwards exceed the budget."""
     count = extra_forwards(model, cls, layers, options, images, classes)
     forwards, channels, samples = count.total, count.channels, count.samples
     if forwards > limit:
         kind = "masked" if cls.masked_forwards else "noisy"
         count_text = f"{count.images} image(s) x {channels} channels x {samples} sample(s)"
+        own = cls.masked_forwards or cls.noisy_forwards
+        if cls.own_forwards and not own:
+            kind, own = "guided", True
+            count_text = f"{count.images} image(s) x {cls.own_forwards} guided pass(es)"
         if options.get("aug_smooth"):
-            own = cls.masked_forwards or cls.noisy_forwards
             kind = f"{kind} and augmented" if own else "augmented"
             count_text = f"aug_smooth's 6 variants of {images} image(s), each explained"
         raise OverBudget(

@@ -36,4 +36,6 @@ def summary(cls: type[_CAM]) -> str:
 def describe(model: LoadedModel, cls: type[_CAM]) -> MethodNote:
     """``cls`` on ``model``: its summary, its forwards per image at the defaults, whether slow."""
     forwards = extra_forwards(model, cls, model.target_layers, {}, 1).total
-    return MethodNote(summary(cls), forwards, forwards >= SLOW_FORWARDS)
+    # The guided pass (``own_forwards``) is one forward and backward, a gradient method's cost:
+    # it counts in the budget, but it is not chunked and reports no progress.
+    return MethodNote(summary(cls), forwards, forwards - cls.own_forwards >= SLOW_FORWARDS)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app import __version__
 from app.cam import METHODS, UnknownMethod, find_method
 from app.errors import BadRequest, InvalidTarget, clip
+from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -253,21 +254,33 @@ def model_ready(registry: ModelRegistry, name: str, version: int | None) -> bool
     return chosen is not None and chosen.model is not None
 
 
-def model_metadata(registry: ModelRegistry, name: str, version: int | None) -> ModelMetadata:
-    """The model's input (images) and outputs: a classifier's logits (one row per image), a
-    detector's or a segmenter's own (``TASK_OUTPUTS``); cam, one map per explanation."""
-    model = registry.get(name, version)
-    task = model.spec.task
+def model_outputs(model: LoadedModel) -> list[TensorMetadata]:
+    """The outputs an ``infer`` on ``model`` may ask for, batch dimension first: a classifier's
+    ``logits`` (one row per image) or a detector's or a segmenter's own (``TASK_OUTPUTS``),
+    ``cam`` (one map each) and, where a method that finds concepts (DFF) applies
+    to the model, ``concepts`` (FP32 [N, K, h, w]) and ``concept_labels`` (BYTES [N, K, top])."""
     own = [
         TensorMetadata(name=o.name, datatype=o.datatype, shape=list(o.shape))
-        for o in TASK_OUTPUTS.get(task, ())
+        for o in TASK_OUTPUTS.get(model.spec.task, ())
     ] or [TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, model.spec.num_classes])]
+    outputs = [*own, TensorMetadata(name=CAM, datatype="FP32", shape=[-1, -1, -1])]
+    if any(METHODS[name].gives_concepts for name in model.applicable_methods):
+        outputs += [
+            TensorMetadata(name=CONCEPTS, datatype="FP32", shape=[-1, -1, -1, -1]),
+            TensorMetadata(name=CONCEPT_LABELS, datatype="BYTES", shape=[-1, -1, -1]),
+        ]
+    return outputs
+
+
+def model_metadata(registry: ModelRegistry, name: str, version: int | None) -> ModelMetadata:
+    """The model's input (images) and outputs (``model_outputs``)."""
+    model = registry.get(name, version)
     return ModelMetadata(
         name=model.spec.name,
         versions=[str(number) for number in sorted(registry.entry(name).versions)],
         platform=PLATFORM,
         inputs=[TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
-        outputs=[*own, TensorMetadata(name=CAM, datatype="FP32", shape=[-1, -1, -1])],
+        outputs=model_outputs(model),
     )
 
 

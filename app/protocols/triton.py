@@ -2,8 +2,8 @@
 shapes tritonclient's ``get_model_config`` and ``get_inference_statistics`` read.
 
 The configuration is camserve's, written in Triton's words: the input ``image`` (one encoded
-image per batch row), the outputs ``logits`` (a detector's or segmenter's own instead) and
-``cam``, the batching, and the explain methods
+image per batch row), the outputs of the model's metadata (``logits``, ``cam``, DFF's
+``concepts`` and ``concept_labels``; a detector's or a segmenter's own instead of ``logits``), the batching, and the explain methods
 as parameters. The statistics are read from the metrics camserve keeps anyway (Prometheus
 counters and histograms), so they cost nothing per request; durations are in nanoseconds.
 """
@@ -18,8 +18,7 @@ from app.errors import BadRequest
 from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.observability.metrics import Metrics
-from app.protocols.oip import CAM, INPUT, OUTPUT, PLATFORM
-from app.protocols.oip_tasks import TASK_OUTPUTS
+from app.protocols.oip import INPUT, PLATFORM, model_outputs
 from app.settings import Settings
 
 #: camserve's stages of a request -> Triton's phases of an inference.
@@ -53,15 +52,8 @@ def model_config(model: LoadedModel, settings: Settings) -> dict[str, Any]:
             {"name": INPUT, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}
         ],
         "output": [
-            *(
-                [
-                    {"name": o.name, "data_type": _TYPES[o.datatype], "dims": list(o.shape[1:])}
-                    for o in TASK_OUTPUTS[spec.task]
-                ]
-                if spec.task in TASK_OUTPUTS
-                else [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [spec.num_classes]}]
-            ),
-            {"name": CAM, "data_type": "TYPE_FP32", "dims": [-1, -1]},
+            {"name": o.name, "data_type": _TYPES[o.datatype], "dims": o.shape[1:]}
+            for o in model_outputs(model)
         ],
         "parameters": {
             "methods": text(",".join(model.applicable_methods)),

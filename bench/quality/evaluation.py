@@ -40,7 +40,8 @@ class MethodSpec:
     """A method row: the extractor, its layer(s) and options, and how costly it is.
 
     ``cost`` picks the image counts: ``"cheap"`` (one backward or none), ``"score"`` (one forward
-    per channel), ``"noise"`` (one forward per channel and sample).
+    per channel), ``"noise"`` (one forward per channel and sample). ``call`` holds the options
+    given when the extractor is called (``eigen_smooth``, ``aug_smooth``).
     """
 
     name: str
@@ -50,6 +51,7 @@ class MethodSpec:
     options: dict[str, Any] = field(default_factory=dict)
     fuse: bool = False
     cost: str = "cheap"
+    call: dict[str, Any] = field(default_factory=dict)
 
 
 def method_specs(args: argparse.Namespace, layer: str) -> list[MethodSpec]:
@@ -135,6 +137,54 @@ def method_specs(args: argparse.Namespace, layer: str) -> list[MethodSpec]:
         MethodSpec("ShapleyCAM", "ShapleyCAM (gradient - 1/2 Hessian-vector)", c.ShapleyCAM, layer),
         MethodSpec("KPCACAM", "KPCA-CAM (RBF, gamma 1/K; class-agnostic)", c.KPCACAM, layer),
         MethodSpec("FEM", "FEM (k_std=2; class-agnostic)", c.FEM, layer),
+        MethodSpec(
+            "GuidedBackprop",
+            "Guided Backpropagation (max_c |G_c| at the input's 128x128, scored as any map: "
+            "its maximum pixel, its mass in the mask, deletion by its pixel order)",
+            c.GuidedBackprop,
+            layer,
+        ),
+        MethodSpec(
+            "GuidedGradCAM",
+            "Guided Grad-CAM (max_c |G_c x up(Grad-CAM)| at the input's 128x128)",
+            c.GuidedGradCAM,
+            layer,
+        ),
+        MethodSpec(
+            "DFF",
+            "DFF (K=4, 200 NMF steps): the map of the concept whose head score for the "
+            "explained class is highest",
+            c.DFF,
+            layer,
+        ),
+        MethodSpec(
+            "GradCAM-eigen",
+            "Grad-CAM, eigen_smooth (first principal component of w_k A_k)",
+            c.GradCAM,
+            layer,
+            call={"eigen_smooth": True},
+        ),
+        MethodSpec(
+            "GradCAM-aug",
+            "Grad-CAM, aug_smooth (mean over flip x scale 0.9/1.0/1.1)",
+            c.GradCAM,
+            layer,
+            call={"aug_smooth": True},
+        ),
+        MethodSpec(
+            "GradCAMpp-eigen",
+            "Grad-CAM++, eigen_smooth",
+            c.GradCAMpp,
+            layer,
+            call={"eigen_smooth": True},
+        ),
+        MethodSpec(
+            "GradCAMpp-aug",
+            "Grad-CAM++, aug_smooth",
+            c.GradCAMpp,
+            layer,
+            call={"aug_smooth": True},
+        ),
         # No seed: a seed restarts the draws at every call, and the benchmark calls once per
         # image, so every image would get the same map. torch's global generator is seeded
         # once by main().
@@ -148,13 +198,15 @@ def method_specs(args: argparse.Namespace, layer: str) -> list[MethodSpec]:
 
 
 def selected_specs(args: argparse.Namespace, layer: str) -> list[MethodSpec]:
-    """``method_specs`` narrowed to the rows ``--methods`` names (all when it names none)."""
+    """``method_specs`` narrowed to the rows ``--methods`` names (all when it names none), and
+    Grad-CAM's."""
     specs = method_specs(args, layer)
     wanted = [name for name in (getattr(args, "methods", "") or "").split(",") if name]
     unknown = set(wanted) - {spec.name for spec in specs}
     if unknown:
         raise SystemExit(f"--methods: no row {sorted(unknown)}; rows: {[s.name for s in specs]}")
-    return [spec for spec in specs if not wanted or spec.name in wanted]
+    # Grad-CAM always runs: the AD/IC cross-check with the engine reads its row.
+    return [spec for spec in specs if not wanted or spec.name in {*wanted, "GradCAM"}]
 
 
 #: Methods of ``app.cam`` that do not apply to the benchmark's CNN, with the reason.
@@ -176,20 +228,27 @@ class Row:
 
 
 def extractor_map_fns(
-    cls: type, target: str | list[str], opts: dict[str, Any], fuse: bool, image_shape: tuple
+    cls: type,
+    target: str | list[str],
+    opts: dict[str, Any],
+    fuse: bool,
+    image_shape: tuple,
+    call: dict[str, Any] | None = None,
 ) -> tuple[Callable[[nn.Module], Any], MapFn]:
-    """Per-image and batched map functions for an extractor class of :mod:`app.cam`."""
+    """Per-image and batched map functions for an extractor class of :mod:`app.cam`; ``call``:
+    keywords of each call of the extractor (the smoothing options)."""
     needs_grad = bool(getattr(cls, "requires_grad", False))
+    call = call or {}
 
     def compute(ext: Any, model: nn.Module, x: torch.Tensor, classes: list[int]) -> torch.Tensor:
         if needs_grad:
             with torch.enable_grad():
                 scores = model(x)
-                cams = ext(classes, scores)
+                cams = ext(classes, scores, **call)
         else:
             with torch.inference_mode():
                 scores = model(x)
-                cams = ext(classes, scores)
+                cams = ext(classes, scores, **call)
         cam = ext.fuse_cams(cams) if fuse else cams[0]
         return cam.detach().float().cpu()
 
@@ -256,12 +315,15 @@ def average_drop_increase(
 #: linear layer: dS_c/dA_k(i,j) = w_ck / (h w) is constant, so Grad-CAM's weights are CAM's up to
 #: a factor, XGrad-CAM's weights sum_ij A/sum(A) * g equal Grad-CAM's, and Smooth Grad-CAM++
 #: averages gradients that do not depend on the (noisy) input, which gives Grad-CAM++. The score
-#: is linear in A, so its Hessian-vector term is 0 and ShapleyCAM is Grad-CAM.
+#: is linear in A, so its Hessian-vector term is 0 and ShapleyCAM is Grad-CAM. Grad-CAM with
+#: eigen_smooth takes the principal component of w_k A_k, w_k constant over positions: the
+#: component of g_k A_k that EigenGrad-CAM takes.
 IDENTITIES = (
     ("CAM", "GradCAM"),
     ("GradCAM", "XGradCAM"),
     ("GradCAMpp", "SmoothGradCAMpp"),
     ("GradCAM", "ShapleyCAM"),
+    ("EigenGradCAM", "GradCAM-eigen"),
 )
 
 

@@ -566,3 +566,33 @@ def test_the_faithfulness_box_shows_each_maps_scores_under_it(shown: Watched) ->
     assert 0 <= float(found[1]) <= 1 and 0 <= float(found[2]) <= 1
     shot(page, "faithfulness")
     assert shown.errors == [] and failures(shown) == []
+
+
+def test_dff_shows_its_concepts_under_its_map(shown: Watched) -> None:
+    """DFF's answer holds its concepts: each is drawn under the DFF card, with its top labels,
+    redrawn by the colour map like the maps, and not counted as a map."""
+    page = shown.page
+    explain(page, EXAMPLES / "star.png", "GradCAM", "DFF", cards=2)
+    figures = "#results section.concepts[data-concepts-of=DFF] figure.concept"
+    page.wait_for_selector(figures)
+    assert page.locator(figures).count() == 4  # n_components' default
+    first = page.locator(figures).first
+    assert first.locator("strong").inner_text() == "Concept 1"
+    tops = first.locator(".concept-labels li").all_inner_texts()
+    assert len(tops) == 5 and all(re.fullmatch(r".+ \(\d+\.\d %\)", t) for t in tops)
+    # The section follows the DFF card, and only DFF has one.
+    after = page.evaluate(
+        "document.querySelector('section.concepts').previousElementSibling.dataset.method"
+    )
+    assert after == "DFF" and page.locator("section.concepts").count() == 1
+    concept = f"{figures} canvas"
+    drawn = page.eval_on_selector_all(concept, "cs => cs.map(c => c.toDataURL())")
+    assert len(set(drawn)) == 4  # four maps, each its own
+    page.select_option("#colormap", "viridis")
+    assert page.eval_on_selector(concept, "c => c.toDataURL()") != drawn[0]
+    assert "2 map(s)" in page.inner_text("#status")
+    shot(page, "dff-concepts")
+    # Another run without DFF takes the concepts away.
+    explain(page, EXAMPLES / "star.png", "GradCAM", cards=1)
+    assert page.locator("section.concepts").count() == 0
+    assert shown.errors == [] and failures(shown) == []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.cam import METHODS, GradCAM, LayerCAM, LeGrad, ScoreCAM, normalize_maps
-from app.cam.core import _CAM
+from app.cam.core import _CAM, finite_number, optional_int
 
 # LeGrad reads the attention of transformer blocks: its generic checks run on a ViT
 # (tests/cam/test_legrad.py).
@@ -400,3 +400,47 @@ def test_an_unscoped_ablation_hook_would_corrupt_a_pass_run_in_a_pause(tiny_net,
         isinstance(maps, ValueError) or not torch.allclose(maps, guest_alone, atol=1e-5)
         for maps in seen
     )
+
+
+def test_the_constructors_number_rule_refuses_what_no_method_can_use() -> None:
+    assert finite_number("k_std", 2) == 2.0 and finite_number("x", 0) == 0.0
+    assert finite_number("ablation_ratio", 1, above=True, high=1.0) == 1.0
+    for bad in (float("inf"), float("nan"), -1, True, "2", 10**400):
+        with pytest.raises(ValueError, match=r"^k_std must be a finite number >= 0, got "):
+            finite_number("k_std", bad)
+    with pytest.raises(ValueError, match=r"kernel_gamma must be a finite number > 0, got 0"):
+        finite_number("kernel_gamma", 0, above=True)
+    with pytest.raises(ValueError, match=r"ablation_ratio must lie in \(0, 1\], got 1.5"):
+        finite_number("ablation_ratio", 1.5, above=True, high=1.0)
+    assert optional_int("seed", None) is None and optional_int("seed", 3) == 3
+    with pytest.raises(ValueError, match="seed must be an int or None, got 1.5"):
+        optional_int("seed", 1.5)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("SmoothGradCAMpp", {"std": float("inf")}),  # was taken: every noisy copy was NaN
+        ("SmoothGradCAMpp", {"seed": "7"}),  # was taken, then failed inside torch at the call
+        ("SSCAM", {"std": float("nan")}),
+        ("FEM", {"k_std": 1e12}),  # was refused as "not finite"; it is only absurd: now taken
+        ("ScoreCAM", {"chunk_ms": float("nan")}),
+    ],
+)
+def test_each_constructor_checks_its_numbers_by_the_one_rule(method: str, options: dict) -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
+    name, value = next(iter(options.items()))
+    cls = METHODS[method]
+    if method == "FEM":
+        with cls(model, "1", input_shape=(3, 8, 8), **options) as extractor:
+            assert extractor.k_std == value
+        return
+    with pytest.raises(ValueError, match=rf"^{name} must "):
+        cls(model, "1", input_shape=(3, 8, 8), **options)
+    assert not model[1]._forward_hooks  # refused before any hook was registered

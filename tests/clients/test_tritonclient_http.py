@@ -47,9 +47,22 @@ def test_metadata_and_readiness(client: httpclient.InferenceServerClient) -> Non
     model = client.get_model_metadata("resnet")
     assert model["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert model["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, 5]}
+    # DFF reads the head as CAM does, and resnet's target layer3 is not what its head pools: no
+    # concept outputs. On tiny DFF applies, and its two concept outputs are listed.
+    assert [o["name"] for o in model["outputs"][1:]] == ["cam"]
+    tiny = client.get_model_metadata("tiny")
+    assert [(o["name"], o["datatype"], o["shape"]) for o in tiny["outputs"][2:]] == [
+        ("concepts", "FP32", [-1, -1, -1, -1]),
+        ("concept_labels", "BYTES", [-1, -1, -1]),
+    ]
     config = client.get_model_config("resnet")
     assert config["name"] == "resnet" and config["max_batch_size"] == 4
     assert [o["dims"] for o in config["output"]] == [[5], [-1, -1]]
+    tiny_config = client.get_model_config("tiny")
+    assert [(o["name"], o["data_type"], o["dims"]) for o in tiny_config["output"][2:]] == [
+        ("concepts", "TYPE_FP32", [-1, -1, -1]),
+        ("concept_labels", "TYPE_STRING", [-1, -1]),
+    ]
 
 
 def test_infer_with_the_clients_defaults_gives_the_logits_of_predict(

@@ -29,15 +29,17 @@ def test_server_live_ready_and_metadata_need_no_key(
     assert metadata["name"] == "camserve" and metadata["version"]
 
 
-def test_model_metadata_lists_the_image_input_and_both_outputs(
+def test_model_metadata_lists_the_image_input_and_the_outputs(
     triton: grpcclient.InferenceServerClient,
 ) -> None:
     metadata = triton.get_model_metadata("tiny", headers=KEYED, as_json=True)
     assert metadata["name"] == "tiny" and metadata["versions"] == ["1"]
     assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": ["-1"]}]
-    assert [(o["name"], o["shape"]) for o in metadata["outputs"]] == [
-        ("logits", ["-1", "3"]),
-        ("cam", ["-1", "-1", "-1"]),
+    assert [(o["name"], o["datatype"], o["shape"]) for o in metadata["outputs"]] == [
+        ("logits", "FP32", ["-1", "3"]),
+        ("cam", "FP32", ["-1", "-1", "-1"]),
+        ("concepts", "FP32", ["-1", "-1", "-1", "-1"]),  # DFF applies to tiny
+        ("concept_labels", "BYTES", ["-1", "-1", "-1"]),
     ]
 
 

@@ -122,6 +122,25 @@ def test_aug_smooth_counts_in_the_budget_six_times(tiny: LoadedModel) -> None:
     assert caught.value.details == {"forwards": 60, "limit": 59}
 
 
+@pytest.mark.parametrize("method", ["GuidedBackprop", "GuidedGradCAM"])
+def test_the_guided_pass_counts_in_the_budget(tiny: LoadedModel, method: str) -> None:
+    cls = METHODS[method]
+    # One guided forward (and backward) per image and class, on the recorded input.
+    assert extra_forwards(tiny, cls, ["features"], {}, images=3).total == 3
+    assert extra_forwards(tiny, cls, ["features"], {}, images=3, classes=2).total == 6
+    # 6 variants x 2 images x (the variant's own forward + its guided one)
+    aug = {"aug_smooth": True}
+    assert extra_forwards(tiny, cls, ["features"], aug, images=2).total == 24
+    check_budget(tiny, method, cls, ["features"], {}, images=3, limit=3)
+    with pytest.raises(
+        OverBudget, match=r"3 guided forwards \(3 image\(s\) x 1 guided pass\(es\)"
+    ) as c:
+        check_budget(tiny, method, cls, ["features"], {}, images=3, limit=2)
+    assert c.value.details == {"forwards": 3, "limit": 2}
+    with pytest.raises(OverBudget, match="24 guided and augmented forwards"):
+        check_budget(tiny, method, cls, ["features"], aug, images=2, limit=23)
+
+
 def test_several_methods_share_one_budget(tiny: LoadedModel) -> None:
     methods = [
         ("ScoreCAM", METHODS["ScoreCAM"], {}),

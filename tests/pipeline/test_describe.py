@@ -34,7 +34,7 @@ def test_the_cost_is_the_budgets_count_at_the_defaults(tiny: LoadedModel, method
     cls = METHODS[method]
     note = describe(tiny, cls)
     assert note.forwards == extra_forwards(tiny, cls, tiny.target_layers, {}, 1).total
-    assert note.slow == (note.forwards >= SLOW_FORWARDS)
+    assert note.slow == (note.forwards - cls.own_forwards >= SLOW_FORWARDS)
     # Slow exactly when the method runs forwards of its own: those are what report progress.
     assert note.slow == bool(cls.masked_forwards or cls.noisy_forwards)
 
@@ -45,3 +45,5 @@ def test_counts_follow_the_layer_and_the_samples(tiny: LoadedModel) -> None:
     assert describe(tiny, METHODS["ISCAM"]).forwards == channels * 10
     assert describe(tiny, METHODS["SmoothGradCAMpp"]).forwards == 4
     assert describe(tiny, METHODS["GradCAM"]) == (summary(METHODS["GradCAM"]), 0, False)
+    guided = METHODS["GuidedBackprop"]
+    assert describe(tiny, guided) == (summary(guided), 1, False)  # its guided pass, not slow

@@ -26,6 +26,7 @@ const state = {
   classIdx: null, // null: the top-1 of the answer
   colormaps: {},
   cards: [], // {canvas, levels, mask, width, height}
+  concepts: [], // the concept cards of a method that finds concepts, drawn like the maps but not counted as maps
   busy: false,
   run: 0, // the current run; answers of older ones are dropped
   abort: null, // AbortController of the current run's requests
@@ -356,6 +357,7 @@ function updateClassChoice() {
 // Whatever the page shows of an earlier answer goes: maps, classes, the chosen class.
 function clearResults() {
   state.cards = [];
+  state.concepts = [];
   $("results").replaceChildren();
   $("view").hidden = true;
   $("topk").replaceChildren();
@@ -435,6 +437,7 @@ async function explain(event) {
   // Old maps go at once; the classes stay, dimmed, until this run answers (a class button
   // that started this run keeps its place for the keyboard).
   state.cards = [];
+  state.concepts = [];
   $("results").replaceChildren();
   $("view").hidden = true;
   $("predictions").classList.add("stale");
@@ -664,11 +667,77 @@ async function showAnswer(answer, run) {
       results.append(card.figure);
       state.cards.push({ ...card, levels, mask, image, width, height });
     }
+    if (explanation.concepts) await showConcepts(explanation, method, run);
   }
   renderAll();
   if (isTaskModel()) showTaskAnswer(result);
   else if (state.predictionsRun !== run) showPredictions(result, run);
   $("view").hidden = false;
+}
+
+// ------------------------------------------------------------------ concepts
+
+// A grey heatmap's levels (its red channel) and where it covers the picture (alpha > 0).
+function heatLevels(heat, width, height) {
+  const grey = pixels(heat, width, height);
+  const levels = new Uint8ClampedArray(width * height);
+  const mask = new Uint8Array(width * height);
+  for (let i = 0; i < levels.length; i++) {
+    levels[i] = grey[4 * i];
+    mask[i] = grey[4 * i + 3] > 0 ? 1 : 0;
+  }
+  return { levels, mask };
+}
+
+// Under the card of a method that finds concepts: each concept's map, drawn like the maps
+// (colour map, opacity), and the classes the model's head gives it. The map above is the
+// concept that scores highest for the explained class.
+async function showConcepts(explanation, method, run) {
+  const section = document.createElement("section");
+  section.className = "concepts";
+  section.dataset.conceptsOf = method;
+  const heading = document.createElement("h3");
+  heading.textContent = `${methodLabel(method)}: ${explanation.concepts.length} concepts`;
+  const hint = document.createElement("p");
+  hint.className = "hint";
+  hint.textContent = "The parts of the image the factorization found, each with the classes " +
+    "the model's head gives it. The map above is the concept that scores highest for " +
+    `${explanation.label}.`;
+  const grid = document.createElement("div");
+  grid.className = "concept-grid";
+  section.append(heading, hint, grid);
+  for (const concept of explanation.concepts) {
+    const { map } = concept;
+    const heat = await decodePng(map.heatmap);
+    if (run !== state.run) return;
+    const { width, height } = map;
+    const figure = document.createElement("figure");
+    figure.className = "concept";
+    figure.dataset.concept = String(concept.index);
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    canvas.setAttribute("role", "img");
+    const names = concept.top_labels.map((top) => top.label);
+    canvas.setAttribute("aria-label",
+      `Concept ${concept.index + 1} of ${methodLabel(method)} over the image: ${names.join(", ")}`);
+    const caption = document.createElement("figcaption");
+    const title = document.createElement("strong");
+    title.textContent = `Concept ${concept.index + 1}`;
+    const tops = document.createElement("ol");
+    tops.className = "concept-labels";
+    for (const top of concept.top_labels) {
+      const item = document.createElement("li");
+      item.textContent = `${top.label} (${(100 * top.probability).toFixed(1)} %)`;
+      tops.append(item);
+    }
+    caption.append(title, tops);
+    figure.append(canvas, caption);
+    grid.append(figure);
+    const image = state.image ? pixels(state.image, width, height) : null;
+    state.concepts.push({ figure, canvas, ...heatLevels(heat, width, height), image, width, height });
+  }
+  $("results").append(section);
 }
 
 // The part of the picture the maps cover: the model's centre crop.
@@ -796,7 +865,7 @@ function renderAll() {
   $("opacity-value").textContent = alpha.toFixed(2);
   const lut = state.colormaps[$("colormap").value] || state.colormaps.jet;
   if (!lut) return;
-  for (const card of state.cards) {
+  for (const card of [...state.cards, ...state.concepts]) {
     const context = card.canvas.getContext("2d");
     const out = context.createImageData(card.width, card.height);
     const o = out.data;

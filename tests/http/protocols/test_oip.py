@@ -65,8 +65,13 @@ def test_model_metadata_and_ready(client: TestClient) -> None:
         "outputs": [
             {"name": "logits", "datatype": "FP32", "shape": [-1, 3]},
             {"name": "cam", "datatype": "FP32", "shape": [-1, -1, -1]},
+            {"name": "concepts", "datatype": "FP32", "shape": [-1, -1, -1, -1]},
+            {"name": "concept_labels", "datatype": "BYTES", "shape": [-1, -1, -1]},
         ],
     }
+    # DFF reads the model's head as CAM does: on vgg neither applies, so no concept outputs.
+    vgg = client.get("/v2/models/vgg").json()
+    assert [o["name"] for o in vgg["outputs"]] == ["logits", "cam"]
     assert client.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
     broken = client.get("/v2/models/broken/ready")
     assert broken.status_code == 503 and broken.json() == {"name": "broken", "ready": False}
@@ -703,6 +708,8 @@ def test_the_model_configuration_in_tritons_shape(client: TestClient) -> None:
     assert [(o["name"], o["dims"]) for o in config["output"]] == [
         ("logits", [3]),
         ("cam", [-1, -1]),
+        ("concepts", [-1, -1, -1]),
+        ("concept_labels", [-1, -1]),
     ]
     methods = config["parameters"]["methods"]["string_value"].split(",")
     assert "GradCAM" in methods and "ScoreCAM" in methods

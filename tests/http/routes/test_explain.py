@@ -414,6 +414,17 @@ def test_score_cam_budget(make_client: Callable[..., TestClient]) -> None:
     assert explain(client, *images, method="GradCAM").status_code == 200  # not counted
 
 
+def test_the_guided_pass_counts_in_the_budget(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_cam_forwards=2)  # one guided forward per image and class
+    images = [image_bytes(seed=s) for s in range(3)]
+    assert explain(client, *images[:2], method="GuidedBackprop").status_code == 200
+    response = explain(client, *images, method="GuidedGradCAM")
+    message = assert_error(response, 422, "over_budget")
+    assert "3 guided forwards (3 image(s) x 1 guided pass(es))" in message
+    response = explain(client, images[0], method="GuidedBackprop", top_classes="3")
+    assert "3 guided forwards" in assert_error(response, 422, "over_budget")
+
+
 def test_option_the_method_does_not_take(client: TestClient) -> None:
     response = explain(client, image_bytes(), method="GradCAM", num_samples="4")
     message = assert_error(response, 422, "invalid_parameter")
