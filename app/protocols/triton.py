@@ -2,10 +2,11 @@
 shapes tritonclient's ``get_model_config`` and ``get_inference_statistics`` read.
 
 The configuration is camserve's, written in Triton's words: the input ``image`` (one encoded
-image per batch row), the outputs of the model's metadata (``logits``, ``cam``, DFF's
-``concepts`` and ``concept_labels``; a detector's or a segmenter's own instead of ``logits``), the batching, and the explain methods
-as parameters. The statistics are read from the metrics camserve keeps anyway (Prometheus
-counters and histograms), so they cost nothing per request; durations are in nanoseconds.
+image per batch row), the outputs of the model's metadata (``logits``, or a detector's or a
+segmenter's own; ``cam``; DFF's ``concepts`` and ``concept_labels``), the batching, and the
+explain methods as parameters. The statistics are read from the metrics camserve keeps anyway
+(Prometheus counters and histograms), so they cost nothing per request; durations are in
+nanoseconds.
 """
 
 from __future__ import annotations
