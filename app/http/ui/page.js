@@ -640,6 +640,18 @@ function pixels(source, width, height) {
   return context.getImageData(0, 0, width, height).data;
 }
 
+// A grey heatmap's levels (its red channel) and where it covers the picture (alpha > 0).
+function heatLevels(heat, width, height) {
+  const grey = pixels(heat, width, height);
+  const levels = new Uint8ClampedArray(width * height);
+  const mask = new Uint8Array(width * height);
+  for (let i = 0; i < levels.length; i++) {
+    levels[i] = grey[4 * i];
+    mask[i] = grey[4 * i + 3] > 0 ? 1 : 0;
+  }
+  return { levels, mask };
+}
+
 async function showAnswer(answer, run) {
   const result = answer.results[0];
   const results = $("results");
@@ -651,13 +663,7 @@ async function showAnswer(answer, run) {
       const heat = await decodePng(map.heatmap);
       if (run !== state.run) return;
       const { width, height } = map;
-      const grey = pixels(heat, width, height);
-      const levels = new Uint8ClampedArray(width * height);
-      const mask = new Uint8Array(width * height);
-      for (let i = 0; i < levels.length; i++) {
-        levels[i] = grey[4 * i];
-        mask[i] = grey[4 * i + 3] > 0 ? 1 : 0;
-      }
+      const { levels, mask } = heatLevels(heat, width, height);
       if (!results.querySelector("figure.original")) {
         results.prepend(originalCard(result.filename, base, width, height, mask));
       }
@@ -676,18 +682,6 @@ async function showAnswer(answer, run) {
 }
 
 // ------------------------------------------------------------------ concepts
-
-// A grey heatmap's levels (its red channel) and where it covers the picture (alpha > 0).
-function heatLevels(heat, width, height) {
-  const grey = pixels(heat, width, height);
-  const levels = new Uint8ClampedArray(width * height);
-  const mask = new Uint8Array(width * height);
-  for (let i = 0; i < levels.length; i++) {
-    levels[i] = grey[4 * i];
-    mask[i] = grey[4 * i + 3] > 0 ? 1 : 0;
-  }
-  return { levels, mask };
-}
 
 // Under the card of a method that finds concepts: each concept's map, drawn like the maps
 // (colour map, opacity), and the classes the model's head gives it. The map above is the
