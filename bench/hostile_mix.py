@@ -377,6 +377,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
     )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hostile_mix.json")
+    parser.add_argument("--server-log", type=Path, help="keep the server's log here")
     args = parser.parse_args(argv)
     # Without the explanation cache: the good clients and the attackers repeat their requests,
     # and hits would measure the cache (a real attacker varies its images), not the defences.
@@ -392,15 +393,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         impatient_streams=args.impatient_streams,
         env=env,
     )
-    return config, args.out
+    return config, args.out, args.server_log
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, out = parse_args(argv)
+    config, out, server_log = parse_args(argv)
     raise_on_sigterm()  # a `timeout` or a Ctrl-C stops the server too
     overrides = {"CAMSERVE_QUEUE_SIZE": "32", "CAMSERVE_DEFAULT_MODEL": "shapes", **config.env}
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "server.log"
+        log = server_log or Path(tmp) / "server.log"
         with running_process(REPO / "model_store", "cpu", overrides, log, ["shapes"]) as (
             url,
             process,
