@@ -117,6 +117,7 @@ async def good_clients(url: str, image: bytes, requests: int, concurrency: int, 
     tickets = iter(range(requests))
     wall_ms: list[float] = []
     statuses: Counter[int] = Counter()
+    failures: Counter[str] = Counter()
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
@@ -128,14 +129,17 @@ async def good_clients(url: str, image: bytes, requests: int, concurrency: int, 
                     f"{url}/explain", files={"file": ("star.png", image, "image/png")}
                 )
                 status = answer.status_code
-            except httpx.HTTPError:
+            except httpx.HTTPError as error:
                 status = 0
+                failures[f"{type(error).__name__}: {error}"[:200]] += 1
             statuses[status] += 1
             if status == 200:
                 wall_ms.append((time.perf_counter() - started) * 1000)
 
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
         await asyncio.gather(*(loop(client) for _ in range(concurrency)))
+    if failures:
+        note(f"good requests that failed: {dict(failures)}")
     return wall_ms, statuses
 
 
@@ -408,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         ):
             # Bounded whatever the server does: both phases, the stop and the settling.
             limit_s = 3 * config.mix_seconds + config.settle_seconds + 120
-            result = asyncio.run(asyncio.wait_for(measure(url, process.pid, config), limit_s))
+            try:
+                result = asyncio.run(asyncio.wait_for(measure(url, process.pid, config), limit_s))
+            except Exception:
+                if process.poll() is not None:
+                    note(f"the server ended with exit code {process.returncode}")
+                raise
     result["config"] = {**config.__dict__}
     result["machine"] = machine_info(torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
