@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from app.errors import RenderUnavailable, ShuttingDown
+from app.models.memory import trim_heap
 from app.pipeline.admission import run_to_the_end
 from app.pipeline.decoding import Box, DecodedImage
 from app.pipeline.rendering import (
@@ -69,7 +71,8 @@ def serve(connection: Connection, niceness: int) -> None:
 
     ``("canvas", image, box, original_size, size, crop)`` builds the image's canvas (kept until
     the next one) and answers its size and region; ``("draw", name, cam, normalized, style)``
-    answers output kind ``name`` of that map over the canvas, base64. Every answer is
+    answers output kind ``name`` of that map over the canvas, base64; ``("release",)`` drops
+    them once the drawing is over. Every answer is
     ``("ok", value)`` or ``("error", exception)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the service's to handle
     with contextlib.suppress(OSError):
@@ -84,12 +87,17 @@ def serve(connection: Connection, niceness: int) -> None:
         except (EOFError, OSError):  # the service closed its end: nothing more to draw
             return
         try:
-            if message[0] == "canvas":
+            if message[0] == "release":
+                # The drawing is over: its canvas and pictures go, and the heap pages with them
+                # (a 4096-px canvas, its map's images and the encoder's buffers: ~300 MB).
+                canvas = job = drawn_for = None
+                answer: Any = trim_heap()
+            elif message[0] == "canvas":
                 _, image, box, original_size, size, crop = message
                 decoded = DecodedImage("", image, original_size, _NO_INPUT, box)
                 canvas = Canvas.build(decoded, size, crop)
                 job = drawn_for = None
-                answer: Any = (canvas.picture.size, canvas.region)
+                answer = (canvas.picture.size, canvas.region)
             else:
                 _, name, cam, normalized, style = message
                 # The pictures of one map (overlay and heatmap) share its colour map.
@@ -222,6 +230,9 @@ class RenderProcesses:
             try:
                 yield ProcessPainter(process)
             finally:
+                if process.alive and not self._closed:
+                    with contextlib.suppress(RenderUnavailable):
+                        await run_to_the_end(self.threads, partial(process.call, ("release",)))
                 self._busy.discard(process)
                 if process.alive and not self._closed:
                     self._idle.append(process)
