@@ -72,8 +72,7 @@ def serve(connection: Connection, niceness: int) -> None:
     ``("canvas", image, box, original_size, size, crop)`` builds the image's canvas (kept until
     the next one) and answers its size and region; ``("draw", name, cam, normalized, style)``
     answers output kind ``name`` of that map over the canvas, base64; ``("release",)`` drops
-    them once the drawing is over. Every answer is
-    ``("ok", value)`` or ``("error", exception)``."""
+    them once the drawing is over. Every answer is ``("ok", value)`` or ``("error", error)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the service's to handle
     with contextlib.suppress(OSError):
         os.nice(niceness)
