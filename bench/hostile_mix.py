@@ -8,6 +8,8 @@ service's default settings (``--env NAME=VALUE`` changes one). The good clients 
 ``examples/star.png`` with the default fields, closed loop at ``--concurrency`` (2), in two
 phases side by side in this one run:
 
+0. **warm-up**: 4 good requests and one heavy drawing (the first heavy drawing spawns the
+   service's drawing process, ``CAMSERVE_RENDER_PROCESSES``: once per replica, in no phase).
 1. **alone**: ``--requests`` requests; p50 and p95 of the wall time, and the server's RSS after.
 2. **beside the mix**: the same requests, while these attackers run (and for at most
    ``--mix-seconds``):
@@ -277,6 +279,12 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     image = STAR.read_bytes()
     limit_s = config.mix_seconds
     await good_clients(url, image, 4, 1, 60)  # warm-up
+    # One heavy drawing too: the service spawns its drawing process for the first one (a few
+    # seconds of imports, once per replica), which belongs to no phase.
+    async with httpx.AsyncClient(timeout=180) as client:
+        await client.post(
+            f"{url}/explain", files={"file": ("star.png", image, "image/png")}, data=RENDERS[0]
+        )
     note("alone")
     alone_ms, alone_status = await good_clients(
         url, image, config.requests, config.concurrency, limit_s
