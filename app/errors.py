@@ -164,6 +164,14 @@ class OutOfMemory(CamserveError):
     code = "out_of_memory"
 
 
+class RenderUnavailable(CamserveError):
+    """The process drawing a request's pictures ended before it was done (comes with
+    Retry-After; the next request gets a fresh process)."""
+
+    status_code = 503
+    code = "render_unavailable"
+
+
 class ModelError(CamserveError):
     """The model itself misbehaved (non-finite logits, say): not the client's fault."""
 

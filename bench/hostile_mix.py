@@ -8,6 +8,8 @@ service's default settings (``--env NAME=VALUE`` changes one). The good clients 
 ``examples/star.png`` with the default fields, closed loop at ``--concurrency`` (2), in two
 phases side by side in this one run:
 
+0. **warm-up**: 4 good requests and one heavy drawing (the first heavy drawing spawns the
+   service's drawing process, ``CAMSERVE_RENDER_PROCESSES``: once per replica, in no phase).
 1. **alone**: ``--requests`` requests; p50 and p95 of the wall time, and the server's RSS after.
 2. **beside the mix**: the same requests, while these attackers run (and for at most
    ``--mix-seconds``):
@@ -117,6 +119,7 @@ async def good_clients(url: str, image: bytes, requests: int, concurrency: int, 
     tickets = iter(range(requests))
     wall_ms: list[float] = []
     statuses: Counter[int] = Counter()
+    failures: Counter[str] = Counter()
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
@@ -128,14 +131,17 @@ async def good_clients(url: str, image: bytes, requests: int, concurrency: int, 
                     f"{url}/explain", files={"file": ("star.png", image, "image/png")}
                 )
                 status = answer.status_code
-            except httpx.HTTPError:
+            except httpx.HTTPError as error:
                 status = 0
+                failures[f"{type(error).__name__}: {error}"[:200]] += 1
             statuses[status] += 1
             if status == 200:
                 wall_ms.append((time.perf_counter() - started) * 1000)
 
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
         await asyncio.gather(*(loop(client) for _ in range(concurrency)))
+    if failures:
+        note(f"good requests that failed: {dict(failures)}")
     return wall_ms, statuses
 
 
@@ -273,6 +279,12 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     image = STAR.read_bytes()
     limit_s = config.mix_seconds
     await good_clients(url, image, 4, 1, 60)  # warm-up
+    # One heavy drawing too: the service spawns its drawing process for the first one (a few
+    # seconds of imports, once per replica), which belongs to no phase.
+    async with httpx.AsyncClient(timeout=180) as client:
+        await client.post(
+            f"{url}/explain", files={"file": ("star.png", image, "image/png")}, data=RENDERS[0]
+        )
     note("alone")
     alone_ms, alone_status = await good_clients(
         url, image, config.requests, config.concurrency, limit_s
@@ -377,6 +389,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
     )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hostile_mix.json")
+    parser.add_argument("--server-log", type=Path, help="keep the server's log here")
     args = parser.parse_args(argv)
     # Without the explanation cache: the good clients and the attackers repeat their requests,
     # and hits would measure the cache (a real attacker varies its images), not the defences.
@@ -392,22 +405,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         impatient_streams=args.impatient_streams,
         env=env,
     )
-    return config, args.out
+    return config, args.out, args.server_log
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, out = parse_args(argv)
+    config, out, server_log = parse_args(argv)
     raise_on_sigterm()  # a `timeout` or a Ctrl-C stops the server too
     overrides = {"CAMSERVE_QUEUE_SIZE": "32", "CAMSERVE_DEFAULT_MODEL": "shapes", **config.env}
     with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "server.log"
+        log = server_log or Path(tmp) / "server.log"
         with running_process(REPO / "model_store", "cpu", overrides, log, ["shapes"]) as (
             url,
             process,
         ):
             # Bounded whatever the server does: both phases, the stop and the settling.
             limit_s = 3 * config.mix_seconds + config.settle_seconds + 120
-            result = asyncio.run(asyncio.wait_for(measure(url, process.pid, config), limit_s))
+            try:
+                result = asyncio.run(asyncio.wait_for(measure(url, process.pid, config), limit_s))
+            except Exception:
+                if process.poll() is not None:
+                    note(f"the server ended with exit code {process.returncode}")
+                raise
     result["config"] = {**config.__dict__}
     result["machine"] = machine_info(torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)

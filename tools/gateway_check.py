@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -233,6 +234,47 @@ def follow_jobs(client: httpx.Client, images: list[bytes], timeout: float = 60.0
     return statuses
 
 
+def client_from(address: str, listen: int) -> httpx.Client:
+    """A client whose connections to the gateway come from ``address`` (a loopback one)."""
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{listen}",
+        timeout=60,
+        transport=httpx.HTTPTransport(local_address=address),
+    )
+
+
+FLOOD = 150
+
+
+def flood(listen: int) -> bool:
+    """``FLOOD`` requests at once from one address: past the gateway's burst they get 429
+    ``rate_limited`` with Retry-After, while another address is still answered. Whether it
+    held."""
+    with (
+        client_from("127.0.0.2", listen) as flooder,
+        client_from("127.0.0.3", listen) as other,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        answers = list(pool.map(lambda _: flooder.get("/models"), range(FLOOD)))
+        bystander = other.get("/models").status_code
+    statuses = Counter(a.status_code for a in answers)
+    refused = [a for a in answers if a.status_code == 429]
+    told = sum(
+        1
+        for a in refused
+        if a.headers.get("retry-after") == "1"
+        and a.json().get("error", {}).get("code") == "rate_limited"
+        and a.headers.get("x-request-id")
+    )
+    print(
+        f"flood: {FLOOD} GET /models at once from one address: "
+        + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))
+        + f"; {told}/{len(refused)} of the 429s with Retry-After, a JSON `rate_limited` and an "
+        f"X-Request-ID; another address meanwhile: {bystander}"
+    )
+    return bool(refused) and told == len(refused) and bystander == 200 and 200 in statuses
+
+
 def access_ids(log: Path) -> list[str]:
     """Request ids of the access lines of a replica's JSON log."""
     ids = []
@@ -276,13 +318,18 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
         killed_at = None
         kill_time = None
         started = time.perf_counter()
+        # Each worker is a client of its own address (loopback's 127.0.0.10, .11, ...): the
+        # gateway limits requests per address, and this phase is about a replica dying.
+        clients = [client_from(f"127.0.0.{10 + n}", listen) for n in range(concurrency)]
         with (
-            httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=60) as client,
+            contextlib.ExitStack() as stack,
             ThreadPoolExecutor(concurrency) as pool,
             ThreadPoolExecutor(1) as pool_watch,
         ):
+            for client in clients:
+                stack.enter_context(client)
             futures: list[Future[Outcome]] = [
-                pool.submit(send, client, i, images) for i in range(requests)
+                pool.submit(send, clients[i % concurrency], i, images) for i in range(requests)
             ]
             while killed_at is None:
                 done = sum(f.done() for f in futures)
@@ -306,7 +353,7 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
             "followed to 'succeeded' with GET /jobs/{id} through the gateway "
             f"({', '.join(sorted(set(jobs)))})"
         )
-        return 0
+        return 0 if flood(listen) else 1
     finally:
         if gateway is not None:
             gateway.terminate()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
-from app.http.deps import get_settings
+from app.http.deps import settings_of
 from app.models.control import ModelControl
 from app.protocols.repository import require_admin_key as check_admin_key
 
@@ -25,8 +25,8 @@ async def require_admin_key(
     request: Request, admin_key: str | None = Depends(_admin_key_header)
 ) -> None:
     """Refuse unless the admin key is set (403) and sent (401)."""
-    check_admin_key(get_settings(request).admin_key, admin_key, f"the {ADMIN_KEY_HEADER} header")
+    check_admin_key(settings_of(request).admin_key, admin_key, f"the {ADMIN_KEY_HEADER} header")
 
 
-def get_control(request: Request) -> ModelControl:
+async def get_control(request: Request) -> ModelControl:
     return request.app.state.control  # type: ignore[no-any-return]

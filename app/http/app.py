@@ -38,6 +38,7 @@ from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import open_job_store, share_cache
+from app.pipeline.render_processes import RenderProcesses
 from app.pipeline.rendering import lower_thread_priority
 from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
 
@@ -90,6 +91,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     heavy_render_threads = ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="camserve-render-heavy", initializer=lower_thread_priority
     )
+    # Where Pillow would draw them on that thread, processes of their own draw them instead,
+    # outside this process's GIL (a nice value does not reach the GIL). Started by the first
+    # heavy drawing: most replicas and tests never draw one.
+    render_processes = (
+        RenderProcesses(settings.render_processes) if settings.render_processes else None
+    )
     app.state.device = device
     app.state.registry = registry
     explainer = Explainer.from_settings(
@@ -100,6 +107,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics=app.state.metrics,
         render_threads=render_threads,
         heavy_render_threads=heavy_render_threads,
+        render_processes=render_processes,
     )
     app.state.explainer = explainer
     app.state.control = ModelControl(
@@ -127,6 +135,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         image_threads.shutdown(wait=True)
         render_threads.shutdown(wait=True)
         heavy_render_threads.shutdown(wait=True)
+        if render_processes is not None:
+            render_processes.close()
 
 
 def _install_openapi(app: FastAPI, open_access: bool) -> None:

@@ -53,12 +53,14 @@ from app.pipeline.passes import (
     run_forward_pass,
     run_shared_cam_pass,
 )
+from app.pipeline.render_processes import RenderProcesses
 from app.pipeline.rendering import (
     DEFAULT_ALPHA,
     DEFAULT_COLORMAP,
     DEFAULT_IMAGE_FORMAT,
     OUTPUT_FORMATS,
     NamedMap,
+    Painter,
     RenderBudget,
     RenderCost,
     RenderStyle,
@@ -144,6 +146,7 @@ class Explainer:
         render_memory: MemoryBudget | None = None,
         heavy_render_pixels: int | None = None,
         heavy_render_threads: Executor | None = None,
+        render_processes: RenderProcesses | None = None,
         cache: ExplanationCache | None = None,
         image_lane: str = "device",
     ) -> None:
@@ -181,6 +184,9 @@ class Explainer:
         """Where the heavy drawings draw (None: the render threads): the service gives them a
         thread of lower CPU priority, so that on a busy machine the small requests' passes and
         pictures go first (``rendering.lower_thread_priority``)."""
+        self.render_processes = render_processes
+        """Where the heavy drawings that Pillow draws go instead (None: the heavy thread): in
+        processes of their own, outside the service's GIL (``app.pipeline.render_processes``)."""
         self._heavy_lane: asyncio.Semaphore | None = None
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
@@ -209,6 +215,7 @@ class Explainer:
         metrics: Metrics | None = None,
         render_threads: Executor | None = None,
         heavy_render_threads: Executor | None = None,
+        render_processes: RenderProcesses | None = None,
     ) -> Explainer:
         """The explainer ``settings`` describe: the service's lifespan and the local pipeline of
         ``camserve explain`` both build theirs here, so they answer alike."""
@@ -237,6 +244,7 @@ class Explainer:
             # A quarter of what one request may draw: four default pictures draw alongside.
             heavy_render_pixels=settings.max_render_pixels // 4,
             heavy_render_threads=heavy_render_threads,
+            render_processes=render_processes,
             cache=ExplanationCache.from_settings(
                 settings,
                 threads=image_threads,
@@ -687,10 +695,12 @@ class Explainer:
         ]
         sizes = [image.original_size for image in decoded]
         cost = render_cost(sizes, sum(len(group) for group in maps), style, model.spec.crop)
-        async with self._heavy_lane_if(cost) as threads, self._room_to_draw(cost.bytes):
-            drawn = await draw_maps(
-                threads, decoded, maps, style, model.spec.crop, self.lane(model).painter
-            )
+        painter = self.lane(model).painter
+        async with (
+            self._heavy_lane_if(cost, painter) as (threads, painter),
+            self._room_to_draw(cost.bytes),
+        ):
+            drawn = await draw_maps(threads, decoded, maps, style, model.spec.crop, painter)
         results = await run_to_the_end(
             self.render_threads,
             lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),
@@ -698,16 +708,23 @@ class Explainer:
         return results, time.perf_counter() - started
 
     @asynccontextmanager
-    async def _heavy_lane_if(self, cost: RenderCost) -> AsyncIterator[Executor | None]:
-        """The heavy drawings' lane for the block, when ``cost`` makes a drawing heavy; the
-        threads to draw on."""
+    async def _heavy_lane_if(
+        self, cost: RenderCost, painter: Painter | None
+    ) -> AsyncIterator[tuple[Executor | None, Painter | None]]:
+        """The heavy drawings' lane for the block, when ``cost`` makes a drawing heavy: the
+        threads to draw on, and the painter (the device lane's ``painter``, or a drawing
+        process's where Pillow would draw)."""
         if self.heavy_render_pixels is None or cost.pixels <= self.heavy_render_pixels:
-            yield self.render_threads
+            yield self.render_threads, painter
             return
         if self._heavy_lane is None:
             self._heavy_lane = asyncio.Semaphore(1)
         async with self._heavy_lane:
-            yield self.heavy_render_threads or self.render_threads
+            if painter is None and self.render_processes is not None:
+                async with self.render_processes.painter() as drawing:
+                    yield self.render_processes.threads, drawing
+                return
+            yield self.heavy_render_threads or self.render_threads, painter
 
     @asynccontextmanager
     async def _room_to_draw(self, amount: int) -> AsyncIterator[None]:

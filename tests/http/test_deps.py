@@ -123,3 +123,35 @@ def test_each_named_key_opens_the_routes_and_counts_under_its_name(
     assert 'camserve_client_requests_total{client="bob",status="200"} 1.0' in metrics
     assert 'camserve_client_requests_total{client="-",status="401"} 2.0' in metrics
     assert "a-key" not in metrics and "b-key" not in metrics
+
+
+def _sync_dependencies(dependant) -> list[str]:  # type: ignore[no-untyped-def]
+    """The plain functions among a route's dependencies, at any depth (FastAPI runs each on a
+    worker thread)."""
+    from fastapi.dependencies.utils import _is_coroutine_callable
+
+    found = []
+    for sub in dependant.dependencies:
+        if sub.call is not None and not _is_coroutine_callable(sub.call):
+            found.append(getattr(sub.call, "__qualname__", repr(sub.call)))
+        found += _sync_dependencies(sub)
+    return found
+
+
+def test_the_work_routes_take_no_thread_hop_for_their_dependencies(app) -> None:  # type: ignore[no-untyped-def]
+    """/explain, /predict, /jobs and the protocols' inference routes resolve their dependencies
+    on the event loop: each hop to a worker thread waits twice for the GIL behind a pass or a
+    drawing."""
+    from fastapi.routing import APIRoute
+
+    from app.http.errors import _flat
+
+    routes = [
+        route
+        for route in _flat(app.router.routes)
+        if isinstance(route, APIRoute)
+        and ("POST" in route.methods or route.path == "/jobs/{job_id}/events")
+    ]
+    assert {"/explain", "/predict", "/jobs", "/jobs/{job_id}/events"} <= {r.path for r in routes}
+    hops = {r.path: _sync_dependencies(r.dependant) for r in routes}
+    assert {path: calls for path, calls in hops.items() if calls} == {}

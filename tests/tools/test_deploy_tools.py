@@ -50,6 +50,21 @@ def test_jobs_are_hashed_by_client_only_for_replicas_that_keep_them_in_memory(
     assert "\n            proxy_pass http://camserve_jobs;" in memory
 
 
+def test_every_http_route_to_the_replicas_is_limited_per_client_address() -> None:
+    import re
+
+    text = CONF.read_text()
+    assert "limit_req_zone $binary_remote_addr zone=camserve_clients" in text
+    http = text.split("listen 8080;", 1)[1]
+    proxied = re.findall(r"location ([^{]+)\{([^}]*proxy_pass[^}]*)\}", http)
+    assert {where.strip() for where, _ in proxied} == {"/", "/jobs", "~ ^/v[12]/"}
+    for where, block in proxied:
+        assert "limit_req zone=camserve_clients" in block, where
+    refused = http.split("location @rate_limited {", 1)[1].split("}", 1)[0]
+    assert "add_header Retry-After 1 always;" in refused and '"code":"rate_limited"' in refused
+    assert "error_page 429 = @rate_limited;" in http and "limit_req_status 429;" in text
+
+
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
 @pytest.mark.parametrize("memory_jobs", [True, False])
 def test_the_shipped_gateway_conf_is_valid_nginx(tmp_path: Path, memory_jobs: bool) -> None:

@@ -12,7 +12,7 @@ schema only: FastAPI does not type them, ``app.pipeline.params`` reads them."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, get_args, get_origin
 
@@ -59,10 +59,10 @@ def _form_field(parameter: ExplainParameter) -> inspect.Parameter:
     )
 
 
-def _parameters_form() -> Callable[..., None]:
+def _parameters_form() -> Callable[..., Awaitable[None]]:
     """A dependency that declares every explain parameter as a form field (the schema's)."""
 
-    def explain_fields(**_: Any) -> None:
+    async def explain_fields(**_: Any) -> None:  # a coroutine: no worker thread (deps.py)
         return None
 
     explain_fields.__signature__ = inspect.Signature(  # type: ignore[attr-defined]

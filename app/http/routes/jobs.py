@@ -83,11 +83,11 @@ class StreamSlot:
             self._slots = None
 
 
-def get_jobs(request: Request) -> JobStore:
+async def get_jobs(request: Request) -> JobStore:
     return request.app.state.jobs
 
 
-def get_streams(request: Request) -> StreamSlots:
+async def get_streams(request: Request) -> StreamSlots:
     return request.app.state.streams
 
 
