@@ -156,15 +156,16 @@ class Settings(BaseSettings):
         "for its share, and one needing more than all of it is refused (422 `over_budget`).",
     )
     render_processes: int = Field(
-        1,
+        0,
         ge=0,
         le=16,
         description="Processes that draw the heavy pictures (a request drawing over a quarter of "
         "`CAMSERVE_MAX_RENDER_PIXELS`), niced and outside the service's GIL, so that they do not "
         "hold up the other requests. Each is spawned by the first heavy drawing and then holds "
         "about 390 MB of its own at rest (torch imported), 250 MB more while it draws a 4096-px "
-        "picture. `0` draws them on "
-        "a niced thread of the service instead.",
+        "picture. `0` (the default) draws them on a niced thread of the service instead: on 2 "
+        "idle cores the hostile mix's good clients fared worse beside a drawing process "
+        "(bench/hostile_mix.py; docs/hardening.md).",
     )
     max_batch_size: int | None = Field(
         None,

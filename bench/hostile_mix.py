@@ -20,6 +20,8 @@ phases side by side in this one run:
      a refused one waits out its ``Retry-After`` (with ``--impatient-streams`` it does not, and
      the refused streams become a flood of requests);
    - *headers*: requests of ``--headers`` tiny headers each, two at a time.
+   The attackers run in a spawned process with their own event loop (``AttackProcess``), so
+   that their client work (200 streams' connection pool) does not delay the good clients' loop.
    Attackers may be refused (413, 422, 429, 431, 503, a closed connection): that is the service
    defending itself, counted per attacker and status, not as a good client's error.
 3. **after**: the attackers are stopped (their jobs deleted, their streams closed); the server's
@@ -36,6 +38,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
+import queue
 import sys
 import tempfile
 import time
@@ -253,6 +257,83 @@ async def sample_peak(pid: int, peak: list[int]) -> None:
         await asyncio.sleep(0.25)
 
 
+# --------------------------------------------------------------------------- the attack process
+
+
+async def attack(url: str, config: MixConfig, started: Any, stopping: Any) -> dict[str, Any]:
+    """Every attacker of ``config``, until ``stopping`` is set; then their jobs are deleted and
+    their streams closed. Returns the tally, the jobs made and the attackers left behind."""
+    image = STAR.read_bytes()
+    tally, jobs = Tally(), []
+    stream_client = httpx.AsyncClient(
+        timeout=httpx.Timeout(30, read=None),
+        limits=httpx.Limits(max_connections=config.streams + 8),
+    )
+    kinds: dict[str, list[Callable[[], Awaitable[None]]]] = {
+        "render": [
+            lambda: render_attacker(url, image, tally, 0),
+            lambda: render_attacker(url, image, tally, 1),
+        ],
+        "jobs": [lambda: job_attacker(url, image, tally, jobs)],
+        "streams": [
+            lambda: stream_attacker(url, stream_client, tally, jobs, not config.impatient_streams)
+        ]
+        * config.streams,
+        "headers": [lambda: header_attacker(url, config.headers, tally)] * 2,
+    }
+    if "streams" in config.attackers and "jobs" not in config.attackers:
+        kinds["streams"].append(lambda: job_attacker(url, image, tally, jobs))  # their jobs
+    attackers = [attack for kind in config.attackers for attack in kinds[kind]]
+    tasks = [asyncio.create_task(attack()) for attack in attackers]
+    started.put(len(attackers))
+    try:
+        while not stopping.is_set():
+            await asyncio.sleep(0.1)
+    finally:
+        left = await stop(tasks)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(stream_client.aclose(), STOP_WAIT_S)
+        await delete_jobs(url, jobs)
+    return {"left": left, "tally": tally.as_dict(), "jobs": len(jobs)}
+
+
+def attack_main(url: str, config: MixConfig, started: Any, stopping: Any, done: Any) -> None:
+    done.put(asyncio.run(attack(url, config, started, stopping)))
+
+
+class AttackProcess:
+    """The attackers in a process of their own, with their own event loop: 200 event streams
+    and their connection pool keep a loop busy, and the good clients' times must not wait on
+    the attackers' client code (they share the machine's cores, as attackers on one host do)."""
+
+    def __init__(self, url: str, config: MixConfig) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.started, self.done = context.Queue(), context.Queue()
+        self.stopping = context.Event()
+        self.process = context.Process(
+            target=attack_main,
+            args=(url, config, self.started, self.stopping, self.done),
+            daemon=True,
+        )
+
+    async def start(self) -> int:
+        """Starts the process; the number of attackers once they all run."""
+        self.process.start()
+        return int(await asyncio.to_thread(self.started.get, True, 120))
+
+    async def stop(self) -> tuple[int, dict[str, Any], int]:
+        """(attackers left behind, the tally, jobs made), once the process cleaned up."""
+        self.stopping.set()
+        try:
+            result = await asyncio.to_thread(self.done.get, True, STOP_WAIT_S + 60)
+        except queue.Empty:
+            result = {"left": -1, "tally": {}, "jobs": 0}
+        await asyncio.to_thread(self.process.join, 10)
+        if self.process.is_alive():
+            self.process.kill()
+        return result["left"], result["tally"], result["jobs"]
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -291,31 +372,12 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     )
     rss_alone = rss_bytes(pid)
 
-    tally, jobs, peak = Tally(), [], [rss_alone]
-    stream_client = httpx.AsyncClient(
-        timeout=httpx.Timeout(30, read=None),
-        limits=httpx.Limits(max_connections=config.streams + 8),
-    )
-    kinds: dict[str, list[Callable[[], Awaitable[None]]]] = {
-        "render": [
-            lambda: render_attacker(url, image, tally, 0),
-            lambda: render_attacker(url, image, tally, 1),
-        ],
-        "jobs": [lambda: job_attacker(url, image, tally, jobs)],
-        "streams": [
-            lambda: stream_attacker(url, stream_client, tally, jobs, not config.impatient_streams)
-        ]
-        * config.streams,
-        "headers": [lambda: header_attacker(url, config.headers, tally)] * 2,
-    }
-    if "streams" in config.attackers and "jobs" not in config.attackers:
-        kinds["streams"].append(lambda: job_attacker(url, image, tally, jobs))  # their jobs
-    attackers = [attack for kind in config.attackers for attack in kinds[kind]]
-    tasks = [asyncio.create_task(attack()) for attack in attackers]
-    tasks.append(asyncio.create_task(sample_peak(pid, peak)))
+    peak = [rss_alone]
+    attack = AttackProcess(url, config)
+    sampling = asyncio.create_task(sample_peak(pid, peak))
     started = time.monotonic()
-    note(f"mix: {len(attackers)} attackers")
     try:
+        note(f"mix: {await attack.start()} attackers")
         await asyncio.sleep(3.0)  # the attackers in full swing first
         mix_ms, mix_status = await good_clients(
             url, image, config.requests, config.concurrency, limit_s
@@ -323,12 +385,10 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     finally:
         mix_s = time.monotonic() - started
         note("stopping the attackers")
-        left = await stop(tasks)
+        left, tally, jobs = await attack.stop()
         if left:
             note(f"{left} attackers did not stop within {STOP_WAIT_S:.0f} s; left behind")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(stream_client.aclose(), STOP_WAIT_S)
-        await delete_jobs(url, jobs)
+        sampling.cancel()
     note("settling")
     rss_after = await settle(pid, config.settle_seconds)
 
@@ -349,8 +409,8 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
             "p95_ms": rounded(mix_p95),
             "statuses": dict(mix_status),
             "seconds": rounded(mix_s),
-            "jobs_created": len(jobs),
-            "attackers": tally.as_dict(),
+            "jobs_created": jobs,
+            "attackers": tally,
         },
         "p95_ratio": rounded(ratio, 2),
         "good_errors": good_errors,
