@@ -120,6 +120,9 @@ def server_env(store: Path, port: int, device: str, overrides: dict[str, str]) -
         # build_store links model_store/shapes in from outside the temporary store.
         CAMSERVE_ALLOW_LINKS_OUT_OF_STORE="true",
         CAMSERVE_GRPC_PORT="",  # HTTP only, unless the overrides name a port
+        # The benchmarks repeat one upload: with the explanation cache on, every request after
+        # the first would be a hit, and they would measure the cache (bench/cache.py does that).
+        CAMSERVE_CACHE_MB="0",
     )
     env.update(overrides)
     return env
