@@ -286,15 +286,17 @@ async def attack(url: str, config: MixConfig, started: Any, stopping: Any) -> di
     attackers = [attack for kind in config.attackers for attack in kinds[kind]]
     tasks = [asyncio.create_task(attack()) for attack in attackers]
     started.put(len(attackers))
+    cpu_start = time.process_time()
     try:
         while not stopping.is_set():
             await asyncio.sleep(0.1)
     finally:
+        cpu_s = time.process_time() - cpu_start
         left = await stop(tasks)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(stream_client.aclose(), STOP_WAIT_S)
         await delete_jobs(url, jobs)
-    return {"left": left, "tally": tally.as_dict(), "jobs": len(jobs)}
+    return {"left": left, "tally": tally.as_dict(), "jobs": len(jobs), "cpu_s": cpu_s}
 
 
 def attack_main(url: str, config: MixConfig, started: Any, stopping: Any, done: Any) -> None:
@@ -321,17 +323,18 @@ class AttackProcess:
         self.process.start()
         return int(await asyncio.to_thread(self.started.get, True, 120))
 
-    async def stop(self) -> tuple[int, dict[str, Any], int]:
-        """(attackers left behind, the tally, jobs made), once the process cleaned up."""
+    async def stop(self) -> tuple[int, dict[str, Any], int, float]:
+        """(attackers left behind, the tally, jobs made, the CPU seconds the attackers' own
+        client work took while they ran), once the process cleaned up."""
         self.stopping.set()
         try:
             result = await asyncio.to_thread(self.done.get, True, STOP_WAIT_S + 60)
         except queue.Empty:
-            result = {"left": -1, "tally": {}, "jobs": 0}
+            result = {"left": -1, "tally": {}, "jobs": 0, "cpu_s": float("nan")}
         await asyncio.to_thread(self.process.join, 10)
         if self.process.is_alive():
             self.process.kill()
-        return result["left"], result["tally"], result["jobs"]
+        return result["left"], result["tally"], result["jobs"], result["cpu_s"]
 
 
 # --------------------------------------------------------------------------- the run
@@ -385,7 +388,7 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     finally:
         mix_s = time.monotonic() - started
         note("stopping the attackers")
-        left, tally, jobs = await attack.stop()
+        left, tally, jobs, attack_cpu_s = await attack.stop()
         if left:
             note(f"{left} attackers did not stop within {STOP_WAIT_S:.0f} s; left behind")
         sampling.cancel()
@@ -411,6 +414,8 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
             "seconds": rounded(mix_s),
             "jobs_created": jobs,
             "attackers": tally,
+            # The attackers' client work shares the machine's cores with the server.
+            "attackers_cpu_s": rounded(attack_cpu_s),
         },
         "p95_ratio": rounded(ratio, 2),
         "good_errors": good_errors,
@@ -503,7 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['good_errors']}; RSS MB after alone {rss['after_alone']}, peak "
         f"{rss['peak_in_mix']}, after {rss['after_mix']} (ratio {rss['ratio_after']})"
     )
-    print(f"attackers: {json.dumps(mix['attackers'])}; jobs created {mix['jobs_created']}")
+    print(
+        f"attackers: {json.dumps(mix['attackers'])}; jobs created {mix['jobs_created']}; "
+        f"the attackers' own client work took {mix['attackers_cpu_s']} CPU s in "
+        f"{mix['seconds']} s of mix"
+    )
     print(f"goals: {json.dumps(result['goals'])}")
     return 0
 
