@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from app.cam.chunking import ChunkSizer
-from app.cam.core import _CAM, ExtraForwards, hooks_silenced, positive_int, seeded_generator
+from app.cam.core import (
+    _CAM,
+    ExtraForwards,
+    finite_number,
+    hooks_silenced,
+    optional_int,
+    positive_int,
+    seeded_generator,
+)
 from app.cam.layers import LayerSpec
 from app.cam.options import BATCH_SIZE, CHUNK_MS, MAX_TIMED_CHUNK, SEED, MethodOption
 from app.cam.targets import Objective
@@ -130,17 +138,15 @@ class DRISE(_CAM):
             raise ValueError(f"grid must be an int >= 2, got {grid!r}.")
         if not 0.0 < keep < 1.0:
             raise ValueError(f"keep must lie strictly between 0 and 1, got {keep!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}.")
-        if not 0 < chunk_ms < math.inf:
-            raise ValueError(f"chunk_ms must be a positive number, got {chunk_ms!r}.")
+        optional_int("seed", seed)
+        chunk_ms = finite_number("chunk_ms", chunk_ms, above=True)
         super().__init__(model, None, input_shape, None, enable_hooks)
         self.masks = masks
         self.grid = grid
         self.keep = float(keep)
         self.seed = seed
         self.batch_size = batch_size
-        self.chunk_ms = float(chunk_ms)
+        self.chunk_ms = chunk_ms
         self.chunk_sizes: list[int] = []
         """Inputs per chunk of the last call's masked forwards."""
 
