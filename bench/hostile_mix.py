@@ -118,10 +118,17 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+#: The stages of an answer's ``timings`` that the bench reports, and ``outside``: the wall time
+#: the server's ``total_ms`` does not count (the HTTP layers, the event loop, the client).
+STAGES = ("decode_ms", "queue_ms", "forward_ms", "cam_ms", "encode_ms", "total_ms")
+
+
 async def good_clients(url: str, image: bytes, requests: int, concurrency: int, seconds: float):  # type: ignore[no-untyped-def]
-    """Closed-loop Grad-CAM with default fields; returns (milliseconds of the 200s, statuses)."""
+    """Closed-loop Grad-CAM with default fields; returns (milliseconds of the 200s, statuses,
+    the stages' milliseconds of the 200s)."""
     tickets = iter(range(requests))
     wall_ms: list[float] = []
+    stages: dict[str, list[float]] = {name: [] for name in (*STAGES, "outside_ms")}
     statuses: Counter[int] = Counter()
     failures: Counter[str] = Counter()
     deadline = time.monotonic() + seconds
@@ -141,12 +148,24 @@ async def good_clients(url: str, image: bytes, requests: int, concurrency: int, 
             statuses[status] += 1
             if status == 200:
                 wall_ms.append((time.perf_counter() - started) * 1000)
+                timings = answer.json()["timings"]  # parsed after the clock stopped
+                for name in STAGES:
+                    stages[name].append(float(timings[name]))
+                stages["outside_ms"].append(wall_ms[-1] - float(timings["total_ms"]))
 
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
         await asyncio.gather(*(loop(client) for _ in range(concurrency)))
     if failures:
         note(f"good requests that failed: {dict(failures)}")
-    return wall_ms, statuses
+    return wall_ms, statuses, stages
+
+
+def stage_table(stages: dict[str, list[float]]) -> dict[str, dict[str, float | None]]:
+    """p50 and p95 of each stage: which part of a good request grew beside the mix."""
+    return {
+        name: {"p50": rounded(percentile(v, 50)), "p95": rounded(percentile(v, 95))}
+        for name, v in stages.items()
+    }
 
 
 # --------------------------------------------------------------------------- attackers
@@ -370,7 +389,7 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
             f"{url}/explain", files={"file": ("star.png", image, "image/png")}, data=RENDERS[0]
         )
     note("alone")
-    alone_ms, alone_status = await good_clients(
+    alone_ms, alone_status, alone_stages = await good_clients(
         url, image, config.requests, config.concurrency, limit_s
     )
     rss_alone = rss_bytes(pid)
@@ -382,7 +401,7 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
     try:
         note(f"mix: {await attack.start()} attackers")
         await asyncio.sleep(3.0)  # the attackers in full swing first
-        mix_ms, mix_status = await good_clients(
+        mix_ms, mix_status, mix_stages = await good_clients(
             url, image, config.requests, config.concurrency, limit_s
         )
     finally:
@@ -405,12 +424,14 @@ async def measure(url: str, pid: int, config: MixConfig) -> dict[str, Any]:
             "p50_ms": rounded(percentile(alone_ms, 50)),
             "p95_ms": rounded(alone_p95),
             "statuses": dict(alone_status),
+            "stages_ms": stage_table(alone_stages),
         },
         "mix": {
             "requests": len(mix_ms),
             "p50_ms": rounded(percentile(mix_ms, 50)),
             "p95_ms": rounded(mix_p95),
             "statuses": dict(mix_status),
+            "stages_ms": stage_table(mix_stages),
             "seconds": rounded(mix_s),
             "jobs_created": jobs,
             "attackers": tally,
@@ -513,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         f"the attackers' own client work took {mix['attackers_cpu_s']} CPU s in "
         f"{mix['seconds']} s of mix"
     )
+    print("\n| stage (ms) | p50 alone | p50 mix | p95 alone | p95 mix |")
+    print("|---|---|---|---|---|")
+    for name in (*STAGES, "outside_ms"):
+        a, m = alone["stages_ms"][name], mix["stages_ms"][name]
+        print(f"| {name} | {a['p50']} | {m['p50']} | {a['p95']} | {m['p95']} |")
     print(f"goals: {json.dumps(result['goals'])}")
     return 0
 

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,6 +35,7 @@ from app.models.memory import trim_periodically
 from app.models.registry import ModelRegistry
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
+from app.pipeline.cpu_share import CountedThreads, CpuShare
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import open_job_store, share_cache
 from app.pipeline.render_processes import RenderProcesses
@@ -73,23 +73,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Every torch call of the service (loading, warm-up, passes) runs on these threads. Each
     # thread that runs torch ops gets its own OpenMP team, and two teams on a CPU slow each other
     # down: resnet50's forward took 79 ms instead of 68 ms once a second thread had run one.
-    model_threads = ThreadPoolExecutor(
-        max_workers=settings.max_model_slots, thread_name_prefix="camserve-model"
+    # Every thread below counts its tasks as CPU work in flight: a pass on the CPU takes an
+    # intra-op team only as wide as the cores the rest leaves free (``app.pipeline.cpu_share``).
+    share = CpuShare()
+    model_threads = CountedThreads(
+        share, max_workers=settings.max_model_slots, thread_name_prefix="camserve-model"
     )
     # Decoding and rendering get their own bounded pool: a burst of uploads waits here instead of
     # growing the event loop's default pool by a thread (and its memory arena) per request.
-    image_threads = ThreadPoolExecutor(
-        max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-image"
+    image_threads = CountedThreads(
+        share, max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-image"
     )
     # Drawing has a pool of its own: large pictures cannot hold up every upload's decoding, nor a
     # burst of uploads the drawing of answers whose passes already ran.
-    render_threads = ThreadPoolExecutor(
-        max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-render"
+    render_threads = CountedThreads(
+        share, max_workers=min(8, max(2, os.cpu_count() or 2)), thread_name_prefix="camserve-render"
     )
     # The heavy drawings draw one at a time anyway; on a thread of lower CPU priority, so that a
     # 4096-px picture does not slow the small requests' passes and pictures beside it.
-    heavy_render_threads = ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="camserve-render-heavy", initializer=lower_thread_priority
+    heavy_render_threads = CountedThreads(
+        share,
+        max_workers=1,
+        thread_name_prefix="camserve-render-heavy",
+        initializer=lower_thread_priority,
     )
     # Where Pillow would draw them on that thread, processes of their own draw them instead,
     # outside this process's GIL (a nice value does not reach the GIL). Started by the first

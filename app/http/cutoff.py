@@ -5,18 +5,17 @@ chunk) and the request answers 499, 504 or 503."""
 from __future__ import annotations
 
 import asyncio
-import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from app.errors import CamserveError, ClientClosedRequest, RequestTimeout, ShuttingDown
 from app.lifecycle import Lifecycle
 
 T = TypeVar("T")
-
-POLL_S = 0.05
 
 
 async def guarded(
@@ -29,43 +28,53 @@ async def guarded(
 ) -> T:
     """Await ``work`` unless the client disconnects, ``timeout_s`` passes or the shutdown cuts
     in; in each of those cases cancel it and raise the matching error. ``timeout_source``: what
-    set the deadline, as the 504 names it."""
+    set the deadline, as the 504 names it.
+
+    Nothing polls: the work, a reader of the connection's next ASGI message (the body has been
+    read, so the next one is ``http.disconnect``), the shutdown's cut and the deadline's timer
+    are awaited together. Polling ``Request.is_disconnected`` 20 times a second cost every
+    request in flight a few hundred microseconds of the event loop each time (it opens and
+    cancels a cancel scope, which formats the task's repr), on the loop every request shares."""
     task = asyncio.ensure_future(work)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    gone = asyncio.ensure_future(_disconnect(request.receive))
+    cut = asyncio.ensure_future(lifecycle.cut.wait()) if lifecycle is not None else None
+    waits = {task, gone} if cut is None else {task, gone, cut}
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=POLL_S)
-            if done:
-                return task.result()
-            stop = await _reason_to_stop(request, deadline, timeout_s, lifecycle, timeout_source)
-            if stop is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise stop
+        done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise _reason_to_stop(gone in done, timeout_s, cut in done, timeout_source)
     finally:
-        if not task.done():
-            task.cancel()
+        for waiting in waits:
+            if not waiting.done():
+                waiting.cancel()
 
 
-async def _reason_to_stop(
-    request: Request,
-    deadline: float | None,
-    timeout_s: float | None,
-    lifecycle: Lifecycle | None,
-    timeout_source: str,
-) -> CamserveError | None:
-    if await request.is_disconnected():
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (``http.disconnect``, or a connection that fails to
+    read); a request message (a body the route left unread) is passed over."""
+    try:
+        while (await receive()).get("type") != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - a broken connection: the client is as good as gone
+        return
+
+
+def _reason_to_stop(
+    gone: bool, timeout_s: float | None, cut: bool, timeout_source: str
+) -> CamserveError:
+    if gone:
         return ClientClosedRequest("The client closed the connection before the answer.")
-    if deadline is not None and time.monotonic() >= deadline:
+    if not cut:
         return RequestTimeout(
             f"The request took longer than {timeout_s:g} s ({timeout_source}) and was "
             "stopped. Run long explanations as a job: POST the same form to /jobs, then follow "
             "GET /jobs/{id} or /jobs/{id}/events."
         )
-    if lifecycle is not None and lifecycle.cut.is_set():
-        return ShuttingDown(
-            "The service is shutting down and this request ran past its grace period; "
-            "retry it on another replica.",
-            headers={"Retry-After": "1"},
-        )
-    return None
+    return ShuttingDown(
+        "The service is shutting down and this request ran past its grace period; "
+        "retry it on another replica.",
+        headers={"Retry-After": "1"},
+    )

@@ -48,9 +48,15 @@ class PassControl:
     """What a running pass may ask of its requests, from its worker thread: whether all of them
     were cancelled (then it stops at its next chunk) and where to report its progress."""
 
-    def __init__(self, pending: Sequence[_Pending], host: Host | None = None) -> None:
+    def __init__(
+        self,
+        pending: Sequence[_Pending],
+        host: Host | None = None,
+        fit: Callable[[], None] | None = None,
+    ) -> None:
         self._pending = list(pending)
         self._host = host
+        self._fit = fit
 
     def should_stop(self) -> bool:
         return all(p.abandoned.is_set() for p in self._pending)
@@ -59,12 +65,16 @@ class PassControl:
         """Between two chunks: a host runs the passes whose turn it is, then asks to stop."""
         if self._host is not None:
             self._host.boundary()
+        if self._fit is not None:
+            self._fit()
         return self.should_stop()
 
     def at_pause(self) -> None:
         """Inside a chunk's forward: a host runs the passes whose turn it is."""
         if self._host is not None:
             self._host.pause()
+        if self._fit is not None:
+            self._fit()
 
     def progress(self, done: int, total: int) -> None:
         for pending in self._pending:
@@ -146,6 +156,7 @@ class Batcher:
         on_wait: Callable[[Priority, float], None] | None = None,
         on_yield: Callable[[], None] | None = None,
         pause_in_forwards: bool = True,
+        fit: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.limiter = limiter
@@ -171,6 +182,9 @@ class Batcher:
         self.pause_in_forwards = pause_in_forwards
         """Whether short passes also run inside a chunked pass's forwards (else between chunks
         only)."""
+        self.fit = fit
+        """Called on the pass's thread when a pass starts, and at every boundary and pause of a
+        chunked one: sizes the thread's intra-op team (``app.pipeline.cpu_share``)."""
 
     @property
     def waiting(self) -> int:
@@ -404,7 +418,9 @@ class Batcher:
             began = time.perf_counter()
             if seal is not None:
                 seal.close()  # the group is final from here on
-            control = PassControl(group, host)
+            control = PassControl(group, host, self.fit)
+            if self.fit is not None:
+                self.fit()
             if started is not None:
                 loop.call_soon_threadsafe(started.set)
             try:

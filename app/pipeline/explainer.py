@@ -40,6 +40,7 @@ from app.pipeline.concepts import (
     concept_maps,
     concepts_per_image,
 )
+from app.pipeline.cpu_share import fit_of
 from app.pipeline.decoding import DecodeCost, DecodedImage, Upload, decode_cost
 from app.pipeline.faithfulness import DEFAULT_STEPS
 from app.pipeline.lanes import DeviceLane, lane_for
@@ -281,6 +282,7 @@ class Explainer:
                 on_wait=None if self.on_wait is None else partial(self.on_wait, name),
                 on_yield=None if self.on_yield is None else partial(self.on_yield, name),
                 pause_in_forwards=self.pause_in_forwards,
+                fit=fit_of(self.model_threads),
             )
             self._batchers[model] = batcher
         return batcher

@@ -13,13 +13,23 @@ from app.lifecycle import Lifecycle
 
 
 class FakeRequest:
-    def __init__(self, gone_after: int) -> None:
-        self.polls = 0
-        self.gone_after = gone_after
+    """A request whose connection's next ASGI message is ``http.disconnect`` after
+    ``gone_after_s`` (None: never), after ``leftovers`` body messages the route left unread."""
 
-    async def is_disconnected(self) -> bool:
-        self.polls += 1
-        return self.polls > self.gone_after
+    def __init__(self, gone_after_s: float | None, leftovers: int = 0) -> None:
+        self.gone_after_s = gone_after_s
+        self.leftovers = leftovers
+        self.reads = 0
+
+    async def receive(self) -> dict[str, object]:
+        self.reads += 1
+        if self.leftovers:
+            self.leftovers -= 1
+            return {"type": "http.request", "body": b"x", "more_body": True}
+        if self.gone_after_s is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.gone_after_s or 0)
+        return {"type": "http.disconnect"}
 
 
 async def _cancellable(cancelled: asyncio.Event) -> str:
@@ -35,7 +45,7 @@ def test_work_is_cancelled_when_the_client_leaves() -> None:
     async def scenario() -> None:
         cancelled = asyncio.Event()
         with pytest.raises(ClientClosedRequest):
-            await guarded(FakeRequest(gone_after=1), _cancellable(cancelled))  # type: ignore[arg-type]
+            await guarded(FakeRequest(0.05, leftovers=2), _cancellable(cancelled))  # type: ignore[arg-type]
         assert cancelled.is_set()
 
     asyncio.run(scenario())
@@ -47,9 +57,9 @@ def test_work_finishes_while_the_client_stays() -> None:
             await asyncio.sleep(0.12)
             return "done"
 
-        request = FakeRequest(gone_after=10**6)
+        request = FakeRequest(None)
         assert await guarded(request, work()) == "done"  # type: ignore[arg-type]
-        assert request.polls >= 1
+        assert request.reads == 1  # one read waits for the disconnect: nothing polls
 
     asyncio.run(scenario())
 
@@ -57,7 +67,7 @@ def test_work_finishes_while_the_client_stays() -> None:
 def test_work_past_its_deadline_is_cancelled_with_a_timeout_naming_jobs() -> None:
     async def scenario() -> None:
         cancelled = asyncio.Event()
-        request = FakeRequest(gone_after=10**6)
+        request = FakeRequest(None)
         with pytest.raises(RequestTimeout) as caught:
             await guarded(request, _cancellable(cancelled), timeout_s=0.1)  # type: ignore[arg-type]
         assert cancelled.is_set()
@@ -75,7 +85,7 @@ def test_the_shutdown_cut_stops_work_and_the_drain_counts_it() -> None:
         async def request() -> str:
             with lifecycle.track():  # what the gate does for a model route's POST
                 return await guarded(
-                    FakeRequest(10**6),  # type: ignore[arg-type]
+                    FakeRequest(None),  # type: ignore[arg-type]
                     _cancellable(cancelled),
                     lifecycle=lifecycle,
                 )
@@ -100,3 +110,20 @@ def test_a_drain_with_nothing_in_flight_ends_at_once() -> None:
     lifecycle.begin_drain()
     assert lifecycle.ready_to_exit() is True
     assert not lifecycle.cut.is_set()
+
+
+def test_nothing_is_left_waiting_once_the_work_is_done() -> None:
+    """The disconnect reader and the shutdown's wait end with the request (no task leaks)."""
+
+    async def scenario() -> None:
+        async def work() -> str:
+            return "done"
+
+        before = len(asyncio.all_tasks())
+        lifecycle = Lifecycle(grace_s=0.0)
+        for _ in range(20):
+            assert await guarded(FakeRequest(None), work(), lifecycle=lifecycle) == "done"  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # the cancelled waits run their cancellation
+        assert len(asyncio.all_tasks()) == before
+
+    asyncio.run(scenario())

@@ -1,0 +1,82 @@
+"""How many intra-op threads a pass may take: every core while nothing else of the service runs
+on the CPU, only the cores the rest leaves free otherwise (at least one).
+
+torch runs a CPU pass's operators on an OpenMP team of ``torch.get_num_threads()`` threads, and
+every operator ends at a barrier where the team waits for its slowest thread. While another of
+the service's threads draws a picture, decodes an upload or runs another model's pass, a team
+as wide as the machine has a thread that must wait for a core at every barrier. Measured on 2
+cores (bench/hostile_mix.py, the render attacker alone, the shapes model): the good requests'
+forward, 2 ms at its median, took 65-85 ms at its p95 with a team of 2, and 14 ms with a team
+of 1; beside no other work, a team of 2 runs resnet50's forward in 70 ms, a team of 1 in 120.
+
+So the service counts the CPU work it has in flight: every task its decoding, drawing and model
+threads run (``CountedThreads``). A pass sets its own thread's team (``fit``) when it starts and
+again at each chunk boundary and pause of a chunked pass, to the cores less the other work in
+flight. ``torch.set_num_threads`` is per thread for the OpenMP teams and costs well under a
+microsecond; the widest team is what torch had at startup (``OMP_NUM_THREADS`` sets it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class CpuShare:
+    """The service's CPU work in flight (thread-safe), and the team a pass may take."""
+
+    def __init__(self, cores: int | None = None) -> None:
+        self.cores = max(1, cores if cores is not None else torch.get_num_threads())
+        """The widest team: the intra-op threads torch had at startup."""
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        """Tasks of the counted threads running now."""
+        return self._running
+
+    def counting(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``func`` counted as CPU work in flight."""
+        with self._lock:
+            self._running += 1
+        try:
+            return func(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def team(self) -> int:
+        """The threads a pass running now on a counted thread may use: the cores less the other
+        counted work in flight, at least one."""
+        others = max(0, self._running - 1)
+        return max(1, self.cores - others)
+
+    def fit(self) -> None:
+        """Size the calling thread's team for the pass it runs (a no-op when it has that size)."""
+        wanted = self.team()
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
+
+class CountedThreads(ThreadPoolExecutor):
+    """A thread pool whose tasks count as CPU work in flight in ``share``."""
+
+    def __init__(self, share: CpuShare, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.share = share
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return super().submit(self.share.counting, fn, *args, **kwargs)
+
+
+def fit_of(executor: Any) -> Callable[[], None] | None:
+    """The ``fit`` of the share that counts ``executor``'s tasks (None: not counted, the passes
+    keep torch's threads as they are)."""
+    return executor.share.fit if isinstance(executor, CountedThreads) else None
