@@ -444,6 +444,13 @@ class Settings(BaseSettings):
         "each leaf module (they wait for one layer, not a whole chunk); off: between chunks "
         "only. Turn off for a model whose forward keeps per-call state on its modules.",
     )
+    fit_pass_threads: bool = Field(
+        True,
+        description="A pass on the CPU takes an intra-op thread team only as wide as the cores "
+        "that the service's other CPU work in flight (decoding, drawing, other passes) leaves "
+        "free, at least one; off: every pass keeps torch's threads (`OMP_NUM_THREADS`), which "
+        "suits a replica that serves throughput rather than latency under mixed load.",
+    )
     cache_mb: int = Field(
         128,
         ge=0,

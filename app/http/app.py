@@ -75,7 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # down: resnet50's forward took 79 ms instead of 68 ms once a second thread had run one.
     # Every thread below counts its tasks as CPU work in flight: a pass on the CPU takes an
     # intra-op team only as wide as the cores the rest leaves free (``app.pipeline.cpu_share``).
-    share = CpuShare()
+    share = CpuShare(fit_teams=settings.fit_pass_threads)
     model_threads = CountedThreads(
         share, max_workers=settings.max_model_slots, thread_name_prefix="camserve-model"
     )

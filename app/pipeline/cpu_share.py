@@ -31,9 +31,12 @@ T = TypeVar("T")
 class CpuShare:
     """The service's CPU work in flight (thread-safe), and the team a pass may take."""
 
-    def __init__(self, cores: int | None = None) -> None:
+    def __init__(self, cores: int | None = None, *, fit_teams: bool = True) -> None:
         self.cores = max(1, cores if cores is not None else torch.get_num_threads())
         """The widest team: the intra-op threads torch had at startup."""
+        self.fit_teams = fit_teams
+        """Whether passes fit their teams (``CAMSERVE_FIT_PASS_THREADS``); else they keep
+        torch's threads."""
         self._running = 0
         self._lock = threading.Lock()
 
@@ -77,6 +80,8 @@ class CountedThreads(ThreadPoolExecutor):
 
 
 def fit_of(executor: Any) -> Callable[[], None] | None:
-    """The ``fit`` of the share that counts ``executor``'s tasks (None: not counted, the passes
-    keep torch's threads as they are)."""
-    return executor.share.fit if isinstance(executor, CountedThreads) else None
+    """The ``fit`` of the share that counts ``executor``'s tasks (None: not counted, or a share
+    whose passes keep torch's threads as they are)."""
+    if isinstance(executor, CountedThreads) and executor.share.fit_teams:
+        return executor.share.fit
+    return None

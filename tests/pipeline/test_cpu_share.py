@@ -132,3 +132,12 @@ def test_a_pass_and_its_chunks_take_the_team_the_other_work_leaves() -> None:
 
     asyncio.run(scenario())
     assert teams == {"start": 2, "pause beside other work": 1, "boundary alone": 2}
+
+
+def test_a_share_that_does_not_fit_teams_gives_the_passes_no_fit() -> None:
+    """``CAMSERVE_FIT_PASS_THREADS=false``: the work is still counted, the passes keep torch's
+    threads."""
+    share = CpuShare(cores=2, fit_teams=False)
+    with CountedThreads(share, max_workers=1) as counted:
+        assert fit_of(counted) is None
+        assert counted.submit(lambda: share.running).result(10) == 1
