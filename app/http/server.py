@@ -78,6 +78,25 @@ class _HeadersOver(Exception):
     """Raised in a parser callback to stop the parse of headers over the cap."""
 
 
+class _QuietAfterOurRefusal(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """uvicorn's logger for one connection, less uvicorn's warning for bytes that are not HTTP
+    when it was our header cap that stopped the parse: the protocol logs those refusals itself,
+    at most once every ``_LIMIT_LOG_EVERY_S``, so that a flood of them cannot flood the log."""
+
+    def __init__(self, logger: logging.Logger, protocol: HeaderDeadlineProtocol) -> None:
+        super().__init__(logger, {})
+        self.protocol = protocol
+
+    @property
+    def level(self) -> int:  # uvicorn reads it to decide on its trace lines
+        return int(self.logger.level)
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level == logging.WARNING and self.protocol._head_over:
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's HTTP protocol with a deadline for each request's headers, a cap on their count
     and size, JSON refusals, and the connection cap decided here (probes exempt, a warning in
@@ -89,8 +108,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     probes = _Probes(8)
     _last_limit_log = 0.0
 
+    _header_refusals = 0
+    """Requests refused for their headers since the last line in the log."""
+    _last_header_log = 0.0
+
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        # uvicorn's methods only call it as a logger: an adapter serves them.
+        self.logger = _QuietAfterOurRefusal(self.logger, self)  # type: ignore[assignment]
         self._header_timer: Any = None
         self._in_head = False
         self._head_fields = 0
@@ -129,6 +154,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def _refuse_head(self) -> None:
         self._head_over = True
         self._disarm_header_timer()
+        self._log_header_refusal()
         over = headers_too_large(
             self._head_fields,
             max(self._head_bytes, self._head_raw),
@@ -179,6 +205,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             return httptools.parse_url(self.url).path in PROBE_PATHS
         except httptools.HttpParserInvalidURLError:
             return False
+
+    @classmethod
+    def _log_header_refusal(cls) -> None:
+        cls._header_refusals += 1
+        now = time.monotonic()
+        if now - cls._last_header_log > _LIMIT_LOG_EVERY_S:
+            logger.warning(
+                "refused %d request(s) with headers over the cap (CAMSERVE_MAX_HEADER_FIELDS=%d, "
+                "CAMSERVE_MAX_HEADER_BYTES=%d) with 431 since the last such line",
+                cls._header_refusals,
+                cls.max_header_fields,
+                cls.max_header_bytes,
+            )
+            cls._last_header_log, cls._header_refusals = now, 0
 
     def _log_at_capacity(self, limit: int) -> None:
         now = time.monotonic()

@@ -518,3 +518,24 @@ def test_a_closed_event_stream_gives_its_place_back(store: Path) -> None:
     finally:
         process.kill()
         process.communicate(timeout=30)
+
+
+def test_a_flood_of_refused_headers_does_not_flood_the_log(store: Path) -> None:
+    """Each request over the header cap gets its 431, but the log gets one line for them all
+    (uvicorn's warning per request is dropped), and a request refused for being malformed
+    still gets uvicorn's warning."""
+    process, url = start_server(store)
+    try:
+        for _ in range(20):
+            with _raw(url) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"a: b\r\n" * 200 + b"\r\n")
+                assert _read_all(sock).startswith(b"HTTP/1.1 431")
+        with _raw(url) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            assert _read_all(sock).startswith(b"HTTP/1.1 400")
+    finally:
+        output = stop_server(process)
+    messages = [json.loads(line)["message"] for line in output.splitlines() if line.strip()]
+    refusals = [m for m in messages if "headers over the cap" in m]
+    assert len(refusals) == 1 and "refused 1 request(s)" in refusals[0], refusals
+    assert sum("Invalid HTTP request" in m for m in messages) == 1  # the malformed one
