@@ -6,6 +6,7 @@ redis-server; each app gets a database of its own, so that no other app's worker
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -434,9 +435,18 @@ def test_each_key_has_its_own_job_cap(make_client: Callable[..., TestClient]) ->
     client.delete(other.headers["location"], headers=keyed("b-key"))
 
 
+async def _never_ends(*args: object, **kwargs: object) -> None:
+    """A job's work that runs until it is cancelled: its event stream stays open."""
+    await asyncio.Event().wait()
+
+
 def test_event_streams_are_bounded_per_client_and_per_replica(
-    make_client: Callable[..., TestClient],
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The jobs never end while the test holds their streams (a job that ended would close its
+    # stream and give its place back: on a loaded machine that made this test flaky).
+    for store in ("memory", "redis_store"):
+        monkeypatch.setattr(f"app.pipeline.jobs.{store}.run_job", _never_ends)
     client = make_client(
         api_keys="alice:a-key,bob:b-key,carol:c-key",
         max_event_streams=2,
