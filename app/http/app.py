@@ -105,6 +105,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.device = device
     app.state.registry = registry
+    app.state.cpu_share = share
     explainer = Explainer.from_settings(
         settings,
         registry,

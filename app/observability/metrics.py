@@ -85,6 +85,15 @@ class _StateCollector(Collector):
         admitted.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
         yield admitted
 
+        share = getattr(self.state, "cpu_share", None)
+        cpu = GaugeMetricFamily(
+            "camserve_cpu_work_in_flight",
+            "Tasks running now on the service's decoding, drawing and model threads; a CPU pass "
+            "takes an intra-op team of the cores less the others (CAMSERVE_FIT_PASS_THREADS).",
+        )
+        cpu.add_metric([], share.running if share is not None else 0)
+        yield cpu
+
         yield from _cache_gauges(getattr(explainer, "cache", None))
 
         store = getattr(self.state, "jobs", None)

@@ -72,6 +72,7 @@ def test_counts_and_stages_of_predict_and_explain(make_client: Callable[..., Tes
     assert value(samples, "camserve_model_ready", model="broken", version="1") == 0
     assert value(samples, "camserve_queue_depth") == 0
     assert value(samples, "camserve_admitted_requests") == 0
+    assert value(samples, "camserve_cpu_work_in_flight") == 0
     assert value(samples, "process_resident_memory_bytes") > 0
     assert value(samples, "camserve_gpu_memory_allocated_bytes", device="cuda:0") is None
 
