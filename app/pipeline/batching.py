@@ -57,6 +57,7 @@ class PassControl:
         self._pending = list(pending)
         self._host = host
         self._fit = fit
+        """Sizes the pass's thread team again (after the guests it ran sized it for theirs)."""
 
     def should_stop(self) -> bool:
         return all(p.abandoned.is_set() for p in self._pending)
@@ -156,7 +157,7 @@ class Batcher:
         on_wait: Callable[[Priority, float], None] | None = None,
         on_yield: Callable[[], None] | None = None,
         pause_in_forwards: bool = True,
-        fit: Callable[[], None] | None = None,
+        fit: Callable[[Priority], None] | None = None,
     ) -> None:
         self.name = name
         self.limiter = limiter
@@ -183,8 +184,9 @@ class Batcher:
         """Whether short passes also run inside a chunked pass's forwards (else between chunks
         only)."""
         self.fit = fit
-        """Called on the pass's thread when a pass starts, and at every boundary and pause of a
-        chunked one: sizes the thread's intra-op team (``app.pipeline.cpu_share``)."""
+        """Called with the pass's class on its thread when a pass starts, and at every boundary
+        and pause of a chunked one: sizes the thread's intra-op team
+        (``app.pipeline.cpu_share``)."""
 
     @property
     def waiting(self) -> int:
@@ -418,9 +420,10 @@ class Batcher:
             began = time.perf_counter()
             if seal is not None:
                 seal.close()  # the group is final from here on
-            control = PassControl(group, host, self.fit)
-            if self.fit is not None:
-                self.fit()
+            fit = None if self.fit is None else partial(self.fit, group[0].priority)
+            control = PassControl(group, host, fit)
+            if fit is not None:
+                fit()
             if started is not None:
                 loop.call_soon_threadsafe(started.set)
             try:

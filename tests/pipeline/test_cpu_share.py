@@ -11,7 +11,7 @@ import torch
 
 from app.pipeline.admission import SlotLimiter
 from app.pipeline.batching import Batcher, PassControl
-from app.pipeline.cpu_share import CountedThreads, CpuShare, fit_of
+from app.pipeline.cpu_share import LASTING_S, CountedThreads, CpuShare, fit_of
 
 
 @pytest.fixture(autouse=True)
@@ -75,8 +75,8 @@ def test_a_task_that_fails_is_no_longer_counted() -> None:
 def test_fit_sizes_the_calling_threads_torch_team() -> None:
     share = CpuShare(cores=2)
 
-    def fitted() -> int:
-        share.fit()
+    def fitted(priority: str = "interactive") -> int:
+        share.fit(priority)  # type: ignore[arg-type]
         return torch.get_num_threads()
 
     with CountedThreads(share, max_workers=3) as threads:
@@ -87,6 +87,23 @@ def test_fit_sizes_the_calling_threads_torch_team() -> None:
         for future in futures:
             future.result(10)
         assert threads.submit(fitted).result(10) == 2  # wide again once the other work ended
+
+
+def test_a_job_gives_a_core_only_to_work_that_lasts() -> None:
+    """A background pass counts the other tasks that have run for LASTING_S: a request's few
+    milliseconds of decoding or drawing do not narrow it, a drawing of seconds does."""
+    now = [100.0]
+    share = CpuShare(cores=2, clock=lambda: now[0])
+    with CountedThreads(share, max_workers=2) as threads:
+        release, futures = _busy(threads, 1)
+        assert threads.submit(share.team, "background").result(10) == 2  # just started
+        assert threads.submit(share.team, "interactive").result(10) == 1
+        now[0] += 2 * LASTING_S
+        assert threads.submit(share.team, "background").result(10) == 1  # it lasts
+        release.set()
+        for future in futures:
+            future.result(10)
+        assert threads.submit(share.team, "background").result(10) == 2
 
 
 def test_only_counted_threads_have_a_fit() -> None:
@@ -141,3 +158,49 @@ def test_a_share_that_does_not_fit_teams_gives_the_passes_no_fit() -> None:
     with CountedThreads(share, max_workers=1) as counted:
         assert fit_of(counted) is None
         assert counted.submit(lambda: share.running).result(10) == 1
+
+
+def test_a_job_takes_every_core_back_after_the_guests_it_ran() -> None:
+    """A background chunked pass keeps every core beside other work; an interactive guest that
+    it runs at a pause narrows the thread for itself, and the job widens it again at its next
+    pause."""
+    share = CpuShare(cores=2, clock=lambda: 0.0)  # the drawing never lasts for the job
+    teams: list[tuple[str, int]] = []
+    other_release = threading.Event()
+
+    def job(items: Sequence[str], control: PassControl) -> list[str]:
+        teams.append(("job start", torch.get_num_threads()))
+        while not guest_offered.is_set():
+            control.at_pause()
+            threading.Event().wait(0.005)
+        control.at_pause()  # the guest runs here, then the job goes on
+        teams.append(("job after the guest", torch.get_num_threads()))
+        return list(items)
+
+    def guest(items: Sequence[str], control: PassControl) -> list[str]:
+        teams.append(("guest", torch.get_num_threads()))
+        return list(items)
+
+    guest_offered = threading.Event()
+
+    async def scenario() -> None:
+        with CountedThreads(share, max_workers=3) as threads:
+            batcher = Batcher("m", SlotLimiter(1, 10), 8, 0.0, threads, fit=fit_of(threads))
+            drawing = asyncio.get_running_loop().run_in_executor(
+                threads, lambda: other_release.wait(10)
+            )
+            hosting = asyncio.ensure_future(
+                batcher.submit("j", "a", 1, job, priority="background", chunked=True)
+            )
+            await asyncio.sleep(0.05)
+            asking = asyncio.ensure_future(batcher.submit("g", "b", 1, guest))
+            await asyncio.sleep(0.05)
+            guest_offered.set()
+            assert (await asyncio.wait_for(asking, 10))[0] == "b"
+            assert (await asyncio.wait_for(hosting, 10))[0] == "a"
+            other_release.set()
+            await drawing
+            await batcher.close()
+
+    asyncio.run(scenario())
+    assert teams == [("job start", 2), ("guest", 1), ("job after the guest", 2)]
