@@ -206,10 +206,12 @@ class Work:
             self._armed = armed
 
 
-def positive_int(name: str, value: object) -> int:
-    """``value`` if it is an int >= 1, else a ``ValueError`` naming the option."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+def positive_int(name: str, value: object, low: int = 1) -> int:
+    """``value`` if it is an int >= ``low`` (1: a positive int), else a ``ValueError`` naming the
+    option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
     return value
 
 

@@ -134,8 +134,7 @@ class DRISE(_CAM):
         # used: D-RISE reads no layer.
         positive_int("masks", masks)
         positive_int("batch_size", batch_size)
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-            raise ValueError(f"grid must be an int >= 2, got {grid!r}.")
+        positive_int("grid", grid, low=2)
         if not 0.0 < keep < 1.0:
             raise ValueError(f"keep must lie strictly between 0 and 1, got {keep!r}.")
         optional_int("seed", seed)

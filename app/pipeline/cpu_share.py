@@ -84,12 +84,11 @@ class CpuShare:
         other counted tasks in flight, at least one. A background pass counts only the tasks
         that have run for ``LASTING_S`` or more."""
         me = threading.get_ident()
+        least = LASTING_S if priority == "background" else 0.0
+        now = self.clock()
         with self._lock:
-            started = [t for thread, t in self._started.items() if thread != me]
-        if priority == "background":
-            now = self.clock()
-            started = [t for t in started if now - t >= LASTING_S]
-        return max(1, self.cores - len(started))
+            others = sum(1 for th, t in self._started.items() if th != me and now - t >= least)
+        return max(1, self.cores - others)
 
     def fit(self, priority: Priority = "interactive") -> None:
         """Size the calling thread's team for the pass it runs (a no-op when it has that size)."""
