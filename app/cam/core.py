@@ -275,16 +275,30 @@ def resize_maps(cams: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(cams.unsqueeze(1), size=tuple(size), mode=mode, align_corners=False)[:, 0]
 
 
-def _class_list(classes: Sequence[ClassIndex]) -> list[ClassIndex]:
-    """The entries of ``explain_classes``'s ``classes``: a non-empty list of class indices."""
-    if isinstance(classes, str | Tensor | int) or not isinstance(classes, Sequence):
-        raise TypeError(
-            "classes must be a list with one entry per class to explain (each an int for every "
-            f"sample, or one per sample), not {type(classes).__name__}."
+def _asked_list(
+    classes: Sequence[ClassIndex] | None, targets: Sequence[Target | Sequence[Target]] | None
+) -> list[tuple[ClassIndex | None, Target | Sequence[Target] | None]]:
+    """The entries of ``explain_classes``: from exactly one of ``classes`` and ``targets``, a
+    non-empty list, each entry as ``(class_idx, targets)`` of one call."""
+    if (classes is None) == (targets is None):
+        raise ValueError(
+            "explain_classes takes exactly one of classes (one entry per class to explain) and "
+            "targets= (one entry per target)."
         )
-    if not classes:
-        raise ValueError("classes is empty: give at least one class to explain.")
-    return list(classes)
+    name, each = (
+        ("classes", ("class", "an int")) if targets is None else ("targets", ("target", "a target"))
+    )
+    given: object = classes if targets is None else targets
+    if isinstance(given, str | Tensor | int) or not isinstance(given, Sequence):
+        raise TypeError(
+            f"{name} must be a list with one entry per {each[0]} to explain (each {each[1]} for "
+            f"every sample, or one per sample), not {type(given).__name__}."
+        )
+    if not given:
+        raise ValueError(f"{name} is empty: give at least one {each[0]} to explain.")
+    if targets is None:
+        return [(c, None) for c in list(classes or ())]
+    return [(None, t) for t in targets]
 
 
 class _CAM:
@@ -754,25 +768,29 @@ class _CAM:
 
     def explain_classes(
         self,
-        classes: Sequence[ClassIndex],
+        classes: Sequence[ClassIndex] | None = None,
         scores: Any = None,
         normalized: bool = True,
         retain_graph: bool = False,
+        *,
+        targets: Sequence[Target | Sequence[Target]] | None = None,
         **kwargs: Any,
     ) -> list[list[Tensor]]:
         """Maps of several classes after one hooked forward: per entry of ``classes`` (a class
         index for every sample, or one per sample, as ``class_idx`` takes), what ``__call__``
-        would return for it; ``kwargs`` go to each call (``progress``, ``should_stop``,
-        ``pause``, a method's call options).
+        would return for it; or, instead of ``classes``, per entry of ``targets`` (a target for
+        every sample, or one per sample, as ``targets=`` takes) what ``__call__(targets=entry)``
+        would. ``kwargs`` go to each call (``progress``, ``should_stop``, ``pause``, a method's
+        call options).
 
         The model's forward is never re-run for another class: the gradient methods take one
         backward per class from the retained graph (or one batched backward,
         ``batched_class_grads``), CAM reads one row of the head per class, and the Score-CAM
-        family and Ablation-CAM score every class on the logits of the same masked forwards,
-        and SmoothGrad-CAM++ takes one backward per class from each noisy forward. A method
-        that cannot share (``shares_classes = False``), and one with a call of its own (the
-        composites, which call their base), make one call per class."""
-        asked = _class_list(classes)
+        family, Ablation-CAM and D-RISE score every class (target) on the outputs of the same
+        masked forwards, and SmoothGrad-CAM++ takes one backward per class from each noisy
+        forward. A method that cannot share (``shares_classes = False``), and one with a call of
+        its own (the composites, which call their base), make one call per class."""
+        asked = _asked_list(classes, targets)
         if type(self).__call__ is not _CAM.__call__ or not self.shares_classes_with(kwargs):
             # A method with a call of its own (composites) or extra forwards per call: one call
             # per class, each keeping the graph for the next.
@@ -783,9 +801,10 @@ class _CAM:
                     scores,
                     normalized=normalized,
                     retain_graph=retain_graph or i < last,
+                    targets=t,
                     **kwargs,
                 )
-                for i, c in enumerate(asked)
+                for i, (c, t) in enumerate(asked)
             ]
         for name in SMOOTHING_NAMES:  # off (shares_classes_with): nothing to pass on
             kwargs.pop(name, None)
@@ -793,7 +812,7 @@ class _CAM:
         if kwargs:
             raise TypeError(f"{type(self).__name__} takes no call options {sorted(kwargs)}.")
         return self._explain(
-            [(c, None) for c in asked],
+            asked,
             scores,
             normalized,
             retain_graph,

@@ -255,8 +255,9 @@ class ExplainTimings(BaseModel):
     forwards: int = Field(
         0,
         description="the model's forwards that the passes of this request ran, each batch once "
-        "(the hooked forward, and the masked or noisy forwards of methods that run them); a pass "
-        "shared with other requests counts for each of them",
+        "(the hooked forward, a detector's or segmenter's forward for its answer, and the masked "
+        "or noisy forwards of methods that run them); a pass shared with other requests counts "
+        "for each of them",
     )
     faithfulness_ms: float | None = Field(
         None, description="scoring the maps' faithfulness (its pass and waits); null if none"

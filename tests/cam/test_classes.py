@@ -73,6 +73,65 @@ def test_legrad_k_classes_equal_k_single_class_calls() -> None:
         torch.testing.assert_close(maps[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def _pick(k: int) -> Any:
+    return lambda output: output[k]
+
+
+def _contrast(output: torch.Tensor) -> torch.Tensor:
+    return output[1] - output[0]
+
+
+#: Targets asked, as explain_classes(targets=) takes them: one for the batch, then one per sample.
+TARGETS: list[Any] = [_pick(2), [_contrast, _pick(4)], _contrast]
+TARGET_METHODS = [name for name in CNN_METHODS if METHODS[name].supports_targets]
+
+
+@pytest.mark.parametrize("name", TARGET_METHODS)
+def test_k_targets_equal_k_single_target_calls(name: str) -> None:
+    model = _model()
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with _extractor(name, model) as extractor:
+        together = extractor.explain_classes(targets=TARGETS, scores=_forward(extractor, model, x))
+    assert len(together) == len(TARGETS)
+    for asked, maps in zip(TARGETS, together, strict=True):
+        with _extractor(name, model) as extractor:
+            alone = extractor(scores=_forward(extractor, model, x), targets=asked)
+        assert len(maps) == len(alone)
+        for got, want in zip(maps, alone, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ScoreCAM", "DRISE"])
+def test_masked_forwards_serve_every_target(name: str) -> None:
+    model = _model()
+    x = torch.randn(1, *SHAPE)
+    counts = []
+    for targets in ([_pick(0)], [_pick(0), _contrast, _pick(3)]):
+        counter = _Counting(model)
+        with _extractor(name, model, batch_size=1) as extractor:
+            extractor.explain_classes(targets=targets, scores=_forward(extractor, model, x))
+        counts.append(counter.calls)
+    assert counts[0] == counts[1] > 1
+
+
+def test_explain_classes_takes_exactly_one_of_classes_and_targets() -> None:
+    model = _model()
+    with _extractor("GradCAM", model) as extractor:
+        scores = _forward(extractor, model, torch.randn(1, *SHAPE))
+        with pytest.raises(ValueError, match="exactly one of classes"):
+            extractor.explain_classes([0], scores, targets=[_pick(0)])
+        with pytest.raises(ValueError, match="exactly one of classes"):
+            extractor.explain_classes(scores=scores)
+        with pytest.raises(TypeError, match="one entry per target"):
+            extractor.explain_classes(targets=_pick(0), scores=scores)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="targets is empty"):
+            extractor.explain_classes(targets=[], scores=scores)
+    with _extractor("CAM", model) as extractor:
+        scores = _forward(extractor, model, torch.randn(1, *SHAPE))
+        with pytest.raises(ValueError, match="does not take targets"):
+            extractor.explain_classes(targets=[_pick(0)], scores=scores)
+
+
 GRADIENT = [n for n, c in METHODS.items() if issubclass(c, _GradientCAM) and c.shares_classes]
 
 

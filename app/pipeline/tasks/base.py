@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import torch
 
 from app.cam import ProgressCallback, Target, UnknownMethod, find_method
+from app.cam.core import ForwardCount, counting_forwards
 from app.errors import InvalidTarget
 from app.models.loading import LoadedModel
 from app.models.tasks import task_of
@@ -175,6 +176,14 @@ class ImageRun:
     explained: list[Explained] = field(default_factory=list)
     forward_s: float = 0.0
     cam_s: float = 0.0
+    counted: ForwardCount | None = None
+    """The forwards of the pass that ran this image, shared by the pass's images."""
+
+
+def pass_forwards(runs: Sequence[ImageRun]) -> int:
+    """The model's forwards of the passes that ran ``runs``, each pass once."""
+    passes = {id(run.counted): run.counted for run in runs if run.counted is not None}
+    return sum(count.calls for count in passes.values())
 
 
 class TaskPipeline:
@@ -232,34 +241,52 @@ class TaskPipeline:
         calls: dict[str, Any],
     ) -> list[ImageRun]:
         """One pass over images of one size: one forward for the answers, then per plan one map
-        call per rank of the things explained (the first box of every image, then the second,
-        ...), each image with its own target."""
+        call for every rank of the things explained (the first box of every image, the second,
+        ...; each image with its own target), the ranks sharing the method's extra forwards."""
+        # One hook scope for the pass, so that its forwards are counted (``counting_forwards``).
+        with own_pass(model), counting_forwards(model.module) as counted:
+            return self._explain_counted(model, items, plans, calls, counted)
+
+    def _explain_counted(
+        self,
+        model: LoadedModel,
+        items: Sequence[TaskItem],
+        plans: Sequence[CamPlan],
+        calls: dict[str, Any],
+        counted: ForwardCount,
+    ) -> list[ImageRun]:
         started = time.perf_counter()
-        with own_pass(model):
-            outputs = self.forward_many(model, [item.decoded for item in items])
+        outputs = self.forward_many(model, [item.decoded for item in items])
         forward_s = (time.perf_counter() - started) / len(items)
         runs, wants = [], []
         for item, output in zip(items, outputs, strict=True):
             assert item.params is not None
             answer, wanted = self.wanted(model, item.decoded, item.index, output, item.params)
-            runs.append(ImageRun(answer, forward_s=forward_s))
+            runs.append(ImageRun(answer, forward_s=forward_s, counted=counted))
             wants.append(wanted)
         x = torch.stack([item.decoded.tensor for item in items])
+        ranks = max((len(w) for w in wants), default=0)
+        if not ranks:
+            return runs
         for plan in plans:
-            for rank in range(max((len(w) for w in wants), default=0)):
-                targets = [w[rank].target(plan) if rank < len(w) else _no_target for w in wants]
-                named, cam_s = batch_maps(model, plan, x, targets, calls)
-                users = [i for i, w in enumerate(wants) if rank < len(w)]
-                for i in users:
-                    one = wants[i][rank]
-                    share = cam_s / len(users)
+            targets = [
+                [w[rank].target(plan) if rank < len(w) else _no_target for w in wants]
+                for rank in range(ranks)
+            ]
+            per_rank, cam_s = batch_maps(model, plan, x, targets, calls)
+            # The call's seconds, shared by the things it explained.
+            share = cam_s / sum(len(w) for w in wants)
+            for rank, named in enumerate(per_rank):
+                for i, w in enumerate(wants):
+                    if rank >= len(w):
+                        continue
                     runs[i].cam_s += share
                     runs[i].explained.append(
                         Explained(
                             plan,
                             [(m.layer, m.kind, m.cams[i]) for m in named],
-                            one.fields,
-                            one.outlines,
+                            w[rank].fields,
+                            w[rank].outlines,
                             share,
                         )
                     )
@@ -442,8 +469,9 @@ class TaskPipeline:
             model,
             [(m, cls, o) for (m, cls), o in zip(methods, per_method, strict=True)],
             layers,
-            images * per_image,
+            images,
             explainer.max_cam_forwards,
+            classes=per_image,  # the things explained of an image share its extra forwards
         )
         style = RenderStyle.of(params, explainer.max_output_side)
         plans = CamPlan.each(methods, per_method, layers, params.normalized)
@@ -518,6 +546,7 @@ class TaskPipeline:
                 encode_ms=_ms(encode_s),
                 total_ms=_ms(time.perf_counter() - started),
                 batch_images=max(info.batch_images for info in infos),
+                forwards=pass_forwards(runs),
                 cam_ms_by_method={
                     plan.method: _ms(
                         sum(e.cam_s for run in runs for e in run.explained if e.plan == plan)

@@ -1,5 +1,5 @@
-"""The maps of a batch of images, one target each, under the model's lock (the pass stage of a
-task)."""
+"""The maps of a batch of images, one target each per rank (the pass stage of a task, run under
+the model's lock)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from app.cam import Target, normalize_maps
 from app.errors import MethodNotApplicable
 from app.models.device import synchronize
 from app.models.loading import LoadedModel
-from app.pipeline.decoding import DecodedImage
-from app.pipeline.passes import CamPlan, own_pass
+from app.pipeline.passes import CamPlan
 
 #: The name of the map that fuses several layers' (as the classifier's answer calls it).
 FUSED = "fused"
@@ -33,43 +32,46 @@ def batch_maps(
     model: LoadedModel,
     plan: CamPlan,
     x: torch.Tensor,
-    targets: Sequence[Target],
+    ranks: Sequence[Sequence[Target]],
     calls: dict[str, Any],
-) -> tuple[list[LayerMaps], float]:
-    """The plan's maps of the images ``x`` (N, C, H, W, all one size), image i for
-    ``targets[i]``, from one hooked forward of the batch: one per layer and, with several
-    layers, their fusion last, as a classifier's answer has them (a one-map method's single map
-    is the fusion of its layers); and the seconds it took."""
+) -> tuple[list[list[LayerMaps]], float]:
+    """The plan's maps of the images ``x`` (N, C, H, W, all one size) for each rank of
+    ``ranks`` (one target per image: image i for ``rank[i]``), from one hooked forward of the
+    batch, the ranks sharing the method's extra forwards (``explain_classes``): per rank, one
+    map per layer and, with several layers, their fusion last, as a classifier's answer has
+    them (a one-map method's single map is the fusion of its layers); and the seconds it took.
+    Call under ``own_pass``."""
     at_call = {o.name for o in plan.cls.options if o.at == "call"}
     started = time.perf_counter()
-    with own_pass(model):
-        x = x.to(model.device)
+    x = x.to(model.device)
+    try:
+        extractor = plan.cls(
+            model.module,
+            list(plan.layers),
+            input_shape=tuple(x.shape[1:]),
+            **{k: v for k, v in plan.options if k not in at_call},
+        )
+    except ValueError as error:
+        raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
+    with extractor, torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode():
+        scores = model.module(x)
         try:
-            extractor = plan.cls(
-                model.module,
-                list(plan.layers),
-                input_shape=tuple(x.shape[1:]),
-                **{k: v for k, v in plan.options if k not in at_call},
+            per_rank = extractor.explain_classes(
+                targets=[list(rank) for rank in ranks],
+                scores=scores,
+                normalized=plan.normalized,
+                **{k: v for k, v in plan.options if k in at_call},
+                **calls,
             )
         except ValueError as error:
-            raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
-        with extractor, torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode():
-            scores = model.module(x)
-            try:
-                cams = extractor(
-                    scores=scores,
-                    targets=list(targets),
-                    normalized=plan.normalized,
-                    **{k: v for k, v in plan.options if k in at_call},
-                    **calls,
-                )
-            except ValueError as error:
-                raise MethodNotApplicable(
-                    f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
-                ) from None
-            named = _named(plan, cams, extractor.fuse_cams)
-        synchronize(model.device)
-    maps = [LayerMaps(m.layer, m.kind, m.cams.detach().float().cpu()) for m in named]
+            raise MethodNotApplicable(
+                f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
+            ) from None
+        named = [_named(plan, cams, extractor.fuse_cams) for cams in per_rank]
+    synchronize(model.device)
+    maps = [
+        [LayerMaps(m.layer, m.kind, m.cams.detach().float().cpu()) for m in rank] for rank in named
+    ]
     return maps, time.perf_counter() - started
 
 
@@ -93,16 +95,3 @@ def maps_per_explanation(plan: CamPlan) -> int:
     if plan.cls.one_map or len(plan.layers) == 1:
         return 1
     return len(plan.layers) + 1
-
-
-def one_map(
-    model: LoadedModel,
-    plan: CamPlan,
-    decoded: DecodedImage,
-    target: Target,
-    calls: dict[str, Any],
-) -> tuple[torch.Tensor, float]:
-    """The plan's map of ``decoded`` for ``target`` (h, w) on the CPU (the fusion when it has
-    several layers), and the seconds."""
-    maps, seconds = batch_maps(model, plan, decoded.tensor[None], [target], calls)
-    return maps[-1].cams[0], seconds

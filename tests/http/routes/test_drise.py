@@ -23,6 +23,8 @@ from tests.fixtures_models import build_tiny, write_model
 
 ROOT = Path(__file__).resolve().parents[3]
 DRISE = {"method": "DRISE", "masks": "60", "seed": "5", "output": "raw"}
+BUDGET = 1000
+"""The service's CAMSERVE_MAX_CAM_FORWARDS here."""
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,13 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         input_size=32,
         target_layers=["features"],
     )
-    settings = Settings(model_store=store, default_model="shapes-detect", device="cpu", cache_mb=0)
+    settings = Settings(
+        model_store=store,
+        default_model="shapes-detect",
+        device="cpu",
+        cache_mb=0,
+        max_cam_forwards=BUDGET,
+    )
     with TestClient(create_app(settings)) as test_client:
         wait_ready(test_client)
         yield test_client
@@ -90,10 +98,39 @@ def test_a_job_explains_a_box_with_drise(client: TestClient) -> None:
     assert item["method"] == "DRISE" and item["detection"] == 0
 
 
+def test_the_boxes_of_an_image_share_its_masked_forwards(client: TestClient) -> None:
+    pair = client.post("/explain", files=_scene(), data={**DRISE, "box": ["0", "1"]})
+    first = client.post("/explain", files=_scene(), data={**DRISE, "box": "0"})
+    second = client.post("/explain", files=_scene(), data={**DRISE, "box": "1"})
+    for response in (pair, first, second):
+        assert response.status_code == 200, response.text
+    # The detector's forward, the hooked one, then 60 masks in chunks of 32: two boxes alike.
+    assert pair.json()["timings"]["forwards"] == first.json()["timings"]["forwards"] == 4
+    together = pair.json()["results"][0]["explanations"]
+    alone = [r.json()["results"][0]["explanations"][0] for r in (first, second)]
+    for got, want in zip(together, alone, strict=True):
+        assert got["detection"] == want["detection"]
+        np.testing.assert_allclose(
+            got["maps"][0]["raw"]["values"], want["maps"][0]["raw"]["values"], atol=1e-5
+        )
+
+
 def test_drise_counts_against_the_forward_budget(client: TestClient) -> None:
-    data = {**DRISE, "masks": "20000", "box": "all"}
+    data = {**DRISE, "masks": str(BUDGET + 1), "box": "0"}
     message = assert_error(client.post("/explain", files=_scene(), data=data), 422, "over_budget")
-    assert "DRISE would run" in message and "CAMSERVE_MAX_CAM_FORWARDS" in message
+    assert f"DRISE would run {BUDGET + 1}" in message and "CAMSERVE_MAX_CAM_FORWARDS" in message
+    two = _scene() + [("file", ("again.png", _scene()[0][1][1], "image/png"))]
+    data = {**DRISE, "masks": str(BUDGET // 2 + 1), "box": "0"}
+    message = assert_error(client.post("/explain", files=two, data=data), 422, "over_budget")
+    assert f"DRISE would run {2 * (BUDGET // 2 + 1)}" in message
+
+
+def test_every_box_of_an_image_costs_its_masks_once(client: TestClient) -> None:
+    # box=all asks for up to 10 boxes: priced once per image, as they run, not once per box.
+    data = {**DRISE, "masks": str(BUDGET // 2), "box": "all"}
+    response = client.post("/explain", files=_scene(), data=data)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"][0]["explanations"]) == 2
 
 
 @pytest.mark.parametrize(
