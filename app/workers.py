@@ -6,20 +6,26 @@ the HTTP port, and the gRPC port, with SO_REUSEPORT, so that the kernel spreads 
 over the children. A signal to the parent (SIGTERM, SIGINT) is passed to every child, each of
 which drains as a single process does; the parent exits once all have. A child that exits on
 its own stops the others (an orchestrator restarts the whole), and the parent exits with its
-status.
+status. The workers share their metrics through a folder the parent makes for the run
+(``app.observability.shared``), so that a scrape answers for all of them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from app.observability.shared import SHARED_METRICS_ENV, clear, forget, shared_folder
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,10 @@ class Supervisor:
         self.env = {f"CAMSERVE_{k.upper()}": str(v) for k, v in (overrides or {}).items()}
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
+        self.metrics_folder = Path(tempfile.gettempdir())
+        """The folder of the workers' shared metrics (made by ``run``)."""
+        self.forgotten: set[int] = set()
+        """Workers that exited, whose live gauges no longer count."""
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if not self.stopping:
@@ -69,7 +79,25 @@ class Supervisor:
                 child.send_signal(signum)
 
     def run(self) -> int:
-        env = {**os.environ, **self.env, "CAMSERVE_WORKERS": str(self.count)}
+        # The workers share their metrics through files in one folder
+        # (``app.observability.shared``): the operator's, or one of ours for this run.
+        given = shared_folder()
+        folder = given or Path(tempfile.mkdtemp(prefix="camserve-metrics-"))
+        clear(folder)
+        self.metrics_folder = folder
+        try:
+            return self._run(folder)
+        finally:
+            if given is None:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _run(self, folder: Path) -> int:
+        env = {
+            **os.environ,
+            **self.env,
+            "CAMSERVE_WORKERS": str(self.count),
+            SHARED_METRICS_ENV: str(folder),
+        }
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for _ in range(self.count):
@@ -98,6 +126,10 @@ class Supervisor:
                 if failed is not None:
                     return failed
                 return max((abs(code) for code in codes if code), default=0)
+            for child, code in zip(self.children, codes, strict=True):
+                if code is not None and child.pid not in self.forgotten:
+                    self.forgotten.add(child.pid)
+                    forget(child.pid, self.metrics_folder)
             if not self.stopping:
                 for child, code in zip(self.children, codes, strict=True):
                     if code is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.workers import Supervisor
 from tests.conftest import image_bytes
@@ -55,6 +56,21 @@ def _holder(children: list[psutil.Process], port: int, client_port: int) -> int:
             if s.laddr.port == port and s.raddr and s.raddr.port == client_port:  # type: ignore[attr-defined]
                 return int(child.pid)
     raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics on a new connection, as Prometheus reads it: each sample's value, summed over
+    the labels other than route, model, version and pid."""
+    kept = {"route", "model", "version", "pid"}
+    with httpx.Client() as client:
+        text = client.get(f"{url}/metrics", timeout=10).text
+    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k in kept))
+            key = (sample.name, labels)
+            values[key] = values.get(key, 0.0) + sample.value
+    return values
 
 
 def test_two_workers_share_the_port_and_stop_on_sigterm(
@@ -109,6 +125,19 @@ def test_two_workers_share_the_port_and_stop_on_sigterm(
             finally:
                 connection.close()
         assert set(answered_by) == {c.pid for c in children}, answered_by
+        # Each worker answered some: a scrape, whichever worker answers it, counts all 16.
+        for _ in range(6):
+            scraped = _scrape(url)
+            explained = (("model", "tiny"), ("route", "/explain"), ("version", "1"))
+            assert scraped[("camserve_requests_total", explained)] == 16, scraped
+            assert scraped[("camserve_queue_depth", ())] == 0
+            assert scraped[("camserve_model_ready", (("model", "tiny"), ("version", "1")))] == 1
+            pids = {
+                dict(labels)["pid"]
+                for name, labels in scraped
+                if name == "camserve_worker_resident_memory_bytes"
+            }
+            assert pids == {str(c.pid) for c in children}
     finally:
         parent.terminate()
         try:

@@ -127,6 +127,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
     trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))
     background = [trimming]
+    if app.state.metrics is not None and app.state.metrics.shared is not None:
+        # Several workers: the others' scrapes read this worker's gauges from the shared files.
+        background.append(asyncio.create_task(app.state.metrics.publish_periodically()))
     if settings.model_control == "poll":
         background.append(asyncio.create_task(app.state.control.watch()))
     try:

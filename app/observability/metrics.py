@@ -2,12 +2,19 @@
 
 Each app has its own ``CollectorRegistry`` (tests build many apps in one process). Counters and
 histograms are fed as requests end; gauges are read from the app's state at scrape time.
+
+With ``--workers N`` the workers share their metrics (``app.observability.shared``): a scrape,
+whichever worker answers it, reads every worker's counters and histograms from the shared files
+and adds them up, and the state gauges each worker writes there (``PUBLISH_EVERY_S``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import asyncio
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from prometheus_client import (
@@ -22,9 +29,11 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from app.observability.context import STAGES, RequestInfo
+from app.observability.shared import shared_folder
 
 # Seconds: a tiny model's forward (~1 ms) up to a Score-CAM family request (~minutes).
 DURATION_BUCKETS = (
@@ -49,6 +58,8 @@ DURATION_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED_ROUTE = "unmatched"
 SEVERAL_METHODS = "several"
+PUBLISH_EVERY_S = 1.0
+"""With shared metrics, how often each worker writes its state gauges for the others' scrapes."""
 """The ``method`` label of a request that asked for several methods (each is counted under its
 own name in ``camserve_explanations``)."""
 
@@ -60,106 +71,193 @@ def method_label(methods: str) -> str:
     return SEVERAL_METHODS if "," in methods else methods
 
 
+SharedMode = Literal["livesum", "livemax", "livemin", "liveall"]
+"""How a gauge adds up over the workers (prometheus_client's multiprocess modes)."""
+Reading = tuple[tuple[str, ...], float]
+"""A gauge's label values and value."""
+
+
+@dataclass(frozen=True)
+class StateGauge:
+    """A gauge read from the app's state (``read(state)`` gives its readings) at scrape time;
+    ``shared`` says how the workers of ``--workers N`` add up (a prometheus_client
+    multiprocess mode: "live" ones count only the running workers)."""
+
+    name: str
+    documentation: str
+    read: Callable[[Any], Iterable[Reading]]
+    labels: tuple[str, ...] = ()
+    shared: SharedMode = "livesum"
+    optional: bool = False
+    """Left out of a scrape when it has no reading (the app has no cache, no GPU)."""
+
+
+def _explainer(state: Any) -> Any:
+    return getattr(state, "explainer", None)
+
+
+def _cache(state: Any) -> Any:
+    return getattr(_explainer(state), "cache", None)
+
+
+def _one(value: Any) -> list[Reading]:
+    return [((), float(value))]
+
+
+def _jobs(state: Any) -> list[Reading]:
+    store = getattr(state, "jobs", None)
+    return [((status,), count) for status, count in (store.counts() if store else {}).items()]
+
+
+def _models(state: Any) -> list[Reading]:
+    registry = getattr(state, "registry", None)
+    return [
+        ((name, str(number)), 1.0 if version.model is not None else 0.0)
+        for name, entry in (registry.entries if registry is not None else {}).items()
+        for number, version in entry.versions.items()
+    ]
+
+
+def _gpu(read: Callable[[int], int]) -> Callable[[Any], list[Reading]]:
+    def readings(state: Any) -> list[Reading]:
+        device = getattr(state, "device", None)
+        if device is None or device.type != "cuda":
+            return []
+        return [((f"cuda:{i}",), float(read(i))) for i in range(torch.cuda.device_count())]
+
+    return readings
+
+
+def _resident_bytes(_state: Any) -> list[Reading]:
+    for family in ProcessCollector(registry=None).collect():
+        if family.name == "process_resident_memory_bytes":
+            return [((), sample.value) for sample in family.samples]
+    return []
+
+
+STATE_GAUGES = (
+    StateGauge(
+        "camserve_queue_depth",
+        "Requests waiting for a model pass (all models).",
+        lambda state: _one(getattr(_explainer(state), "waiting", 0)),
+    ),
+    StateGauge(
+        "camserve_admitted_requests",
+        "Requests admitted to model work: running in a model slot or waiting for one "
+        "(503 beyond CAMSERVE_MAX_MODEL_SLOTS + CAMSERVE_QUEUE_SIZE).",
+        lambda state: _one(_explainer(state).limiter.in_flight if _explainer(state) else 0),
+    ),
+    StateGauge(
+        "camserve_cpu_work_in_flight",
+        "Tasks running now on the service's decoding, drawing and model threads; a CPU pass "
+        "takes an intra-op team of the cores less the others (CAMSERVE_FIT_PASS_THREADS).",
+        lambda state: _one(getattr(getattr(state, "cpu_share", None), "running", 0)),
+    ),
+    StateGauge(
+        "camserve_cache_bytes",
+        "Bytes the explanation cache holds in this process (keys and answers).",
+        lambda state: _one(_cache(state).memory.held_bytes) if _cache(state) else [],
+        optional=True,
+    ),
+    StateGauge(
+        "camserve_cache_capacity_bytes",
+        "The explanation cache's bound (CAMSERVE_CACHE_MB).",
+        lambda state: _one(_cache(state).memory.capacity) if _cache(state) else [],
+        optional=True,
+    ),
+    StateGauge(
+        "camserve_cache_entries",
+        "Answers the explanation cache holds in this process.",
+        lambda state: _one(len(_cache(state).memory)) if _cache(state) else [],
+        optional=True,
+    ),
+    StateGauge(
+        "camserve_background_jobs",
+        "Jobs of /jobs in the job store, by status (finished ones until they expire; with "
+        "Redis, those of every replica).",
+        _jobs,
+        ("status",),
+        shared="livemax",  # every worker reads the same Redis store
+    ),
+    StateGauge(
+        "camserve_model_ready",
+        "1 when the model's version is loaded and serving, else 0.",
+        _models,
+        ("model", "version"),
+        shared="livemin",  # with several workers: loaded and serving in every one
+    ),
+    StateGauge(
+        "camserve_gpu_memory_allocated_bytes",
+        "GPU memory held by tensors (torch.cuda.memory_allocated).",
+        _gpu(torch.cuda.memory_allocated),
+        ("device",),
+        optional=True,
+    ),
+    StateGauge(
+        "camserve_gpu_memory_reserved_bytes",
+        "GPU memory held by torch's caching allocator (torch.cuda.memory_reserved).",
+        _gpu(torch.cuda.memory_reserved),
+        ("device",),
+        optional=True,
+    ),
+)
+"""The gauges read from the app's state; with several workers, each adds up over them."""
+
+WORKER_GAUGES = (
+    StateGauge(
+        "camserve_worker_resident_memory_bytes",
+        "Resident memory of each worker process of --workers N, by pid (one process: "
+        "process_resident_memory_bytes).",
+        _resident_bytes,
+        shared="liveall",
+    ),
+)
+"""With several workers, in place of the process collector's metrics (of one process)."""
+
+
 class _StateCollector(Collector):
-    """Gauges read from the app at scrape time."""
+    """The state gauges, read at scrape time (one process)."""
 
     def __init__(self, state: Any) -> None:
         self.state = state
 
     def collect(self) -> Iterable[Metric]:
-        explainer = getattr(self.state, "explainer", None)
-        registry = getattr(self.state, "registry", None)
-        device = getattr(self.state, "device", None)
-
-        queue = GaugeMetricFamily(
-            "camserve_queue_depth", "Requests waiting for a model pass (all models)."
-        )
-        queue.add_metric([], explainer.waiting if explainer is not None else 0)
-        yield queue
-
-        admitted = GaugeMetricFamily(
-            "camserve_admitted_requests",
-            "Requests admitted to model work: running in a model slot or waiting for one "
-            "(503 beyond CAMSERVE_MAX_MODEL_SLOTS + CAMSERVE_QUEUE_SIZE).",
-        )
-        admitted.add_metric([], explainer.limiter.in_flight if explainer is not None else 0)
-        yield admitted
-
-        share = getattr(self.state, "cpu_share", None)
-        cpu = GaugeMetricFamily(
-            "camserve_cpu_work_in_flight",
-            "Tasks running now on the service's decoding, drawing and model threads; a CPU pass "
-            "takes an intra-op team of the cores less the others (CAMSERVE_FIT_PASS_THREADS).",
-        )
-        cpu.add_metric([], share.running if share is not None else 0)
-        yield cpu
-
-        yield from _cache_gauges(getattr(explainer, "cache", None))
-
-        store = getattr(self.state, "jobs", None)
-        background = GaugeMetricFamily(
-            "camserve_background_jobs",
-            "Jobs of /jobs in the job store, by status (finished ones until they expire; with "
-            "Redis, those of every replica).",
-            labels=["status"],
-        )
-        for status, count in (store.counts() if store is not None else {}).items():
-            background.add_metric([status], count)
-        yield background
-
-        ready = GaugeMetricFamily(
-            "camserve_model_ready",
-            "1 when the model's version is loaded and serving, else 0.",
-            labels=["model", "version"],
-        )
-        for name, entry in (registry.entries if registry is not None else {}).items():
-            for number, version in entry.versions.items():
-                ready.add_metric([name, str(number)], 1.0 if version.model is not None else 0.0)
-        yield ready
-
-        if device is not None and device.type == "cuda":
-            yield from _gpu_memory()
+        for gauge in STATE_GAUGES:
+            readings = list(gauge.read(self.state))
+            if not readings and gauge.optional:
+                continue
+            family = GaugeMetricFamily(gauge.name, gauge.documentation, labels=gauge.labels)
+            for labels, value in readings:
+                family.add_metric(list(labels), value)
+            yield family
 
 
-def _cache_gauges(cache: Any) -> Iterable[Metric]:
-    """The explanation cache's memory tier (nothing without a cache)."""
-    if cache is None:
-        return
-    held = GaugeMetricFamily(
-        "camserve_cache_bytes",
-        "Bytes the explanation cache holds in this process (keys and answers).",
-    )
-    held.add_metric([], cache.memory.held_bytes)
-    yield held
-    capacity = GaugeMetricFamily(
-        "camserve_cache_capacity_bytes", "The explanation cache's bound (CAMSERVE_CACHE_MB)."
-    )
-    capacity.add_metric([], cache.memory.capacity)
-    yield capacity
-    entries = GaugeMetricFamily(
-        "camserve_cache_entries", "Answers the explanation cache holds in this process."
-    )
-    entries.add_metric([], len(cache.memory))
-    yield entries
+class _SharedGauges:
+    """The state gauges of this worker, written to the shared files for every worker's scrape
+    (multiprocess mode: a scrape cannot read the other workers' state). Each worker writes its
+    own every ``PUBLISH_EVERY_S`` and before it answers a scrape; a label set that is gone (a
+    model removed, a job status with no job left) is written as 0."""
 
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.gauges = {
+            g.name: Gauge(
+                g.name, g.documentation, g.labels, registry=None, multiprocess_mode=g.shared
+            )
+            for g in (*STATE_GAUGES, *WORKER_GAUGES)
+        }
+        self.written: dict[str, set[tuple[str, ...]]] = {name: set() for name in self.gauges}
+        self.lock = threading.Lock()
 
-def _gpu_memory() -> Iterable[Metric]:
-    allocated = GaugeMetricFamily(
-        "camserve_gpu_memory_allocated_bytes",
-        "GPU memory held by tensors (torch.cuda.memory_allocated).",
-        labels=["device"],
-    )
-    reserved = GaugeMetricFamily(
-        "camserve_gpu_memory_reserved_bytes",
-        "GPU memory held by torch's caching allocator (torch.cuda.memory_reserved).",
-        labels=["device"],
-    )
-    for index in range(torch.cuda.device_count()):
-        name = f"cuda:{index}"
-        allocated.add_metric([name], float(torch.cuda.memory_allocated(index)))
-        reserved.add_metric([name], float(torch.cuda.memory_reserved(index)))
-    yield allocated
-    yield reserved
+    def publish(self) -> None:
+        with self.lock:
+            for spec in (*STATE_GAUGES, *WORKER_GAUGES):
+                gauge, now = self.gauges[spec.name], dict(spec.read(self.state))
+                for labels in self.written[spec.name] - now.keys():
+                    now[labels] = 0.0
+                for labels, value in now.items():
+                    (gauge.labels(*labels) if labels else gauge).set(value)
+                self.written[spec.name] = set(now)
 
 
 class Metrics:
@@ -202,6 +300,7 @@ class Metrics:
             "When the last model pass on each version ended (Unix time).",
             ["model", "version"],
             registry=self.registry,
+            multiprocess_mode="max",  # several workers: the latest of their passes
         )
         self.explanations = Counter(
             "camserve_explanations",
@@ -263,6 +362,9 @@ class Metrics:
             ["tier", "reason"],
             registry=self.registry,
         )
+        self.shared = shared_folder()
+        """The folder of the workers' shared metrics (None: this process's alone)."""
+        self.shared_gauges = _SharedGauges(state) if self.shared is not None else None
         self.registry.register(_StateCollector(state))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -313,4 +415,18 @@ class Metrics:
             self.cache_evictions.labels(tier, reason).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared is None or self.shared_gauges is None:
+            return generate_latest(self.registry)
+        self.shared_gauges.publish()  # this worker's state as of now
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=str(self.shared))  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker)
+
+    async def publish_periodically(self, every_s: float = PUBLISH_EVERY_S) -> None:
+        """With shared metrics, write this worker's state gauges every ``every_s`` (on a
+        thread: reading the job store's counts may wait for Redis) until cancelled."""
+        if self.shared_gauges is None:
+            return
+        while True:
+            await asyncio.to_thread(self.shared_gauges.publish)
+            await asyncio.sleep(every_s)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.observability.metrics import _SharedGauges
 from tests.conftest import files, image_bytes
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -170,3 +172,39 @@ def test_method_orders_do_not_grow_the_series(make_client: Callable[..., TestCli
         if name == "camserve_explanations_total"
     }
     assert set(counted) == set(names) and sum(counted.values()) == 150
+
+
+class _Version:
+    def __init__(self, loaded: bool) -> None:
+        self.model = object() if loaded else None
+
+
+class _Entry:
+    def __init__(self, **versions: bool) -> None:
+        self.versions = {int(n): _Version(v) for n, v in versions.items()}
+
+
+def test_shared_gauges_write_this_workers_state_and_zero_what_is_gone() -> None:
+    # With --workers N each worker writes its state gauges for the others' scrapes; a label set
+    # that is gone (a model removed) is written as 0, not left at its last value.
+    state = SimpleNamespace(
+        registry=SimpleNamespace(entries={"a": _Entry(**{"1": True}), "b": _Entry(**{"2": False})})
+    )
+    shared = _SharedGauges(state)
+    ready = shared.gauges["camserve_model_ready"]
+
+    def readings() -> dict[tuple[str, ...], float]:
+        return {
+            (s.labels["model"], s.labels["version"]): s.value
+            for family in ready.collect()
+            for s in family.samples
+        }
+
+    shared.publish()
+    assert readings() == {("a", "1"): 1.0, ("b", "2"): 0.0}
+    assert shared.gauges["camserve_queue_depth"].collect()[0].samples[0].value == 0
+    state.registry.entries = {"b": _Entry(**{"2": True})}
+    shared.publish()
+    assert readings() == {("a", "1"): 0.0, ("b", "2"): 1.0}
+    memory = shared.gauges["camserve_worker_resident_memory_bytes"].collect()[0].samples
+    assert memory[0].value > 0
