@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import time
 from types import FrameType
 from typing import Any
 
@@ -33,6 +32,7 @@ from app.errors import BadRequest, HeaderTimeout, Overloaded
 from app.http.errors import raw_refusal, send_refusal
 from app.http.middleware.header_cap import headers_too_large
 from app.lifecycle import Lifecycle
+from app.observability.logs import Throttle
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     max_header_fields = 100
     max_header_bytes = 64 * 1024
     probes = _Probes(8)
-    _last_limit_log = 0.0
-
-    _header_refusals = 0
-    """Requests refused for their headers since the last line in the log."""
-    _last_header_log = 0.0
+    # Each refusal's line in the log at most once every 10 s, with the count since the last.
+    _capacity_log = Throttle(_LIMIT_LOG_EVERY_S)
+    _header_log = Throttle(_LIMIT_LOG_EVERY_S)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -208,28 +206,27 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     @classmethod
     def _log_header_refusal(cls) -> None:
-        cls._header_refusals += 1
-        now = time.monotonic()
-        if now - cls._last_header_log > _LIMIT_LOG_EVERY_S:
+        refused = cls._header_log.due()
+        if refused:
             logger.warning(
                 "refused %d request(s) with headers over the cap (CAMSERVE_MAX_HEADER_FIELDS=%d, "
                 "CAMSERVE_MAX_HEADER_BYTES=%d) with 431 since the last such line",
-                cls._header_refusals,
+                refused,
                 cls.max_header_fields,
                 cls.max_header_bytes,
             )
-            cls._last_header_log, cls._header_refusals = now, 0
 
     def _log_at_capacity(self, limit: int) -> None:
-        now = time.monotonic()
-        if now - HeaderDeadlineProtocol._last_limit_log > _LIMIT_LOG_EVERY_S:
-            HeaderDeadlineProtocol._last_limit_log = now
+        refused = self._capacity_log.due()
+        if refused:
             logger.warning(
                 "connection limit reached (%d connections, %d requests; "
-                "CAMSERVE_MAX_CONNECTIONS=%d): answering 503",
+                "CAMSERVE_MAX_CONNECTIONS=%d): answering 503 (%d time(s) since the last such "
+                "line)",
                 len(self.connections),
                 len(self.tasks),
                 limit,
+                refused,
             )
 
     def send_400_response(self, msg: str) -> None:

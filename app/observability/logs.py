@@ -9,12 +9,35 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import threading
 import time
 
 from app.observability.context import RequestIdFilter
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class Throttle:
+    """A warning that repeats with its cause (a flood of refusals) written at most once every
+    ``every_s``: ``due()`` counts one occasion and answers how many there were since the last
+    line when a line is due now, else 0."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self.every_s = every_s
+        self._count = 0
+        self._last = -math.inf
+        self._lock = threading.Lock()
+
+    def due(self) -> int:
+        with self._lock:
+            self._count += 1
+            now = time.monotonic()
+            if now - self._last < self.every_s:
+                return 0
+            count, self._count, self._last = self._count, 0, now
+            return count
 
 
 def escape_controls(text: str) -> str:

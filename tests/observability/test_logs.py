@@ -10,7 +10,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.observability.context import RequestIdFilter
-from app.observability.logs import JsonFormatter, TextFormatter, configure_logging, escape_controls
+from app.observability.logs import (
+    JsonFormatter,
+    TextFormatter,
+    Throttle,
+    configure_logging,
+    escape_controls,
+)
 
 
 def test_json_formatter_includes_traceback() -> None:
@@ -76,3 +82,18 @@ def test_a_client_cannot_forge_a_log_line(client: TestClient, formatter: logging
 def test_escape_controls_keeps_text_and_escapes_the_rest() -> None:
     assert escape_controls("plain é ✓") == "plain é ✓"
     assert escape_controls("a\r\nb\x00\x1b\x7f\u2028") == "a\\r\\nb\\x00\\x1b\\x7f\\u2028"
+
+
+def test_a_throttle_lets_one_line_through_per_period_with_the_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr("app.observability.logs.time.monotonic", lambda: now[0])
+    throttle = Throttle(10.0)
+    assert throttle.due() == 1  # the first occasion is written at once
+    assert [throttle.due() for _ in range(3)] == [0, 0, 0]
+    now[0] += 9.9
+    assert throttle.due() == 0
+    now[0] += 0.1
+    assert throttle.due() == 5  # the four held back and this one
+    assert throttle.due() == 0

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
 from app.errors import BadRequest, JobNotFound, TooManyJobs, clip
+from app.observability.logs import Throttle
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.results import JobStatus, JobView
@@ -50,8 +50,7 @@ class JobStore(ABC):
         self.max_jobs = max_jobs
         self.ttl_s = ttl_s
         self.max_per_client = max_per_client or max_jobs
-        self._refusals = 0
-        self._refusal_logged = -math.inf
+        self._refusal_log = Throttle(_REFUSAL_LOG_EVERY_S)
 
     @abstractmethod
     async def start(self) -> None:
@@ -140,16 +139,11 @@ class JobStore(ABC):
     def _refuse(self, etas: Sequence[float | None], retry_s: int, message: str) -> NoReturn:
         """TooManyJobs, with Retry-After from when the first blocking job should end (else
         ``retry_s``); logged at most once per ``_REFUSAL_LOG_EVERY_S``."""
-        self._refusals += 1
-        now = time.monotonic()
-        if now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
+        refused = self._refusal_log.due()
+        if refused:
             logger.warning(
-                "refusing jobs: %s (%d refusal(s) since the last such line)",
-                message,
-                self._refusals,
+                "refusing jobs: %s (%d refusal(s) since the last such line)", message, refused
             )
-            self._refusal_logged = now
-            self._refusals = 0
         known = [eta for eta in etas if eta is not None]
         retry = math.ceil(min(known)) if known else retry_s
         raise TooManyJobs(message, headers={"Retry-After": str(max(1, retry))})
