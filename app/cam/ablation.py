@@ -9,14 +9,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from app.cam.core import (
-    _CAM,
     ExtraForwards,
+    _SharedExtraForwards,
     finite_number,
     hooks_silenced,
     note_forward,
@@ -28,7 +28,7 @@ from app.cam.tail import model_tail
 from app.cam.targets import Objective
 
 
-class AblationCAM(_CAM):
+class AblationCAM(_SharedExtraForwards):
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020).
 
     w_k = (y_c - y_c^(k)) / y_c, with y_c^(k) the class score when channel k of the target
@@ -168,40 +168,11 @@ class AblationCAM(_CAM):
             self._work.advance(samples.shape[0])
         return scores
 
-    def _get_weights(
-        self,
-        objective: Objective | None,
-        scores: Any,
-        retain_graph: bool,
-        activations: list[Tensor],
-    ) -> list[Tensor]:
-        assert objective is not None
-        return self._weights_many([objective], scores, activations)[0]
-
-    def _maps_many(
-        self,
-        objectives: Sequence[Objective | None],
-        scores: Any,
-        retain_graph: bool,
-        activations: list[Tensor],
-    ) -> list[list[Tensor]]:
-        weights = self._weights_many(cast(list[Objective], objectives), scores, activations)
-        with torch.no_grad():
-            return [
-                [self._combine(w, a) for w, a in zip(per_layer, activations, strict=True)]
-                for per_layer in weights
-            ]
-
     def _weights_many(
         self, objectives: Sequence[Objective], scores: Any, activations: list[Tensor]
     ) -> list[list[Tensor]]:
         """Per objective, per layer, the channel weights from the same ablated forwards."""
-        if self._input is None:
-            raise RuntimeError(
-                "AblationCAM recorded no model input: run the forward of the model with the "
-                "extractor's hooks enabled before calling it."
-            )
-        inputs = self._input.detach()
+        inputs = self._recorded_input().detach()
         n_samples = inputs.shape[0]
         with torch.no_grad():
             base = torch.stack([o(scores, torch.arange(n_samples)) for o in objectives])

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from app.cam.chunking import ChunkSizer
 from app.cam.core import (
     _CAM,
+    _SharedExtraForwards,
     finite_number,
     hooks_silenced,
     normalize_maps,
@@ -210,7 +211,7 @@ class CAM(_CAM):
         return [weight.index_select(0, class_idx.to(weight.device))]  # type: ignore[union-attr]
 
 
-class _ScoreFamily(_CAM):
+class _ScoreFamily(_SharedExtraForwards):
     """Family base: channel weights from the class score (logit) of the input masked by each
     channel's upsampled, min-max normalised activation, softmaxed over the channels.
 
@@ -388,27 +389,14 @@ class _ScoreFamily(_CAM):
                 sums[k].index_put_((sample_idx,), scores[k].to(sums.device), accumulate=True)
         return sums
 
-    def _get_weights(
-        self,
-        objective: Objective | None,
-        scores: Any,
-        retain_graph: bool,
-        activations: list[Tensor],
-    ) -> list[Tensor]:
-        return self._weights_many([cast(Objective, objective)], activations)[0]
-
     def _weights_many(
-        self, objectives: Sequence[Objective], activations: list[Tensor]
+        self, objectives: Sequence[Objective], scores: Any, activations: list[Tensor]
     ) -> list[list[Tensor]]:
         """Per objective, per layer, the channel weights: every objective is scored on the
         logits of the same masked forwards."""
-        if self._input is None:
-            raise RuntimeError(
-                f"{type(self).__name__} recorded no model input: run the forward of the model "
-                "with the extractor's hooks enabled before calling it."
-            )
+        recorded = self._recorded_input()
         with torch.inference_mode(False):
-            inputs = self._input.detach().clone()
+            inputs = recorded.detach().clone()
         self._prepare_call(inputs)
         self._work.begin(sum(a.shape[0] * a.shape[1] for a in activations) * self._variants)
         per_layer = [
@@ -416,20 +404,6 @@ class _ScoreFamily(_CAM):
             for activation in activations
         ]
         return [[weights[k] for weights in per_layer] for k in range(len(objectives))]
-
-    def _maps_many(
-        self,
-        objectives: Sequence[Objective | None],
-        scores: Any,
-        retain_graph: bool,
-        activations: list[Tensor],
-    ) -> list[list[Tensor]]:
-        weights = self._weights_many(cast(list[Objective], objectives), activations)
-        with torch.no_grad():
-            return [
-                [self._combine(w, a) for w, a in zip(per_layer, activations, strict=True)]
-                for per_layer in weights
-            ]
 
 
 class ScoreCAM(_ScoreFamily):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -624,13 +624,18 @@ class _CAM:
 
     def _rerun_input(self) -> Any:
         """The model's output on the recorded input, with every extractor's hooks off."""
+        recorded = self._recorded_input()
+        with torch.inference_mode(), hooks_silenced():
+            return self.model(recorded)
+
+    def _recorded_input(self) -> Tensor:
+        """The model's input of the hooked forward (the methods that run the model again)."""
         if self._input is None:
             raise RuntimeError(
                 f"{type(self).__name__} recorded no model input: run the forward of the model "
                 "with the extractor's hooks enabled before calling it."
             )
-        with torch.inference_mode(), hooks_silenced():
-            return self.model(self._input)
+        return self._input
 
     def _check_scores(self, scores: Any, batch: int, objective: Objective | None) -> Any:
         if scores is None and self.scores_optional:
@@ -982,3 +987,37 @@ class _CAM:
     @staticmethod
     def _scale_cams(cams: Tensor) -> Tensor:
         return cams
+
+
+class _SharedExtraForwards(_CAM):
+    """A method whose extra forwards (masked, ablated or noisy inputs) serve every objective of
+    a call: ``_weights_many`` gives each objective's weights (one per layer) from one run of
+    them, and one objective's weights and every objective's maps are read from it."""
+
+    def _weights_many(
+        self, objectives: Sequence[Objective], scores: Any, activations: list[Tensor]
+    ) -> list[list[Tensor]]:
+        raise NotImplementedError
+
+    def _get_weights(
+        self,
+        objective: Objective | None,
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[Tensor]:
+        return self._weights_many([cast(Objective, objective)], scores, activations)[0]
+
+    def _maps_many(
+        self,
+        objectives: Sequence[Objective | None],
+        scores: Any,
+        retain_graph: bool,
+        activations: list[Tensor],
+    ) -> list[list[Tensor]]:
+        weights = self._weights_many(cast(list[Objective], objectives), scores, activations)
+        with torch.no_grad():
+            return [
+                [self._combine(w, a) for w, a in zip(per_layer, activations, strict=True)]
+                for per_layer in weights
+            ]

@@ -158,12 +158,7 @@ class DRISE(_CAM):
 
     def _recorded(self) -> list[Tensor]:
         """The model's input of the hooked forward (D-RISE records nothing else)."""
-        if self._input is None:
-            raise RuntimeError(
-                "DRISE recorded no model input: run the forward of the model with the "
-                "extractor's hooks enabled before calling it."
-            )
-        return [self._input]
+        return [self._recorded_input()]
 
     def _activations_for_use(self) -> list[Tensor]:
         return [t.detach() for t in self._recorded()]

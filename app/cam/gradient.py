@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from app.cam.core import (
     _CAM,
+    _SharedExtraForwards,
     finite_number,
     hooks_only_for,
     optional_int,
@@ -264,7 +265,7 @@ class GradCAMElementWise(_GradientCAM):
         return torch.where(grad * activation > 0, grad, torch.zeros_like(grad))
 
 
-class SmoothGradCAMpp(_GradientCAM):
+class SmoothGradCAMpp(_SharedExtraForwards, _GradientCAM):
     """Smooth Grad-CAM++ (Omeiza et al., 2019, arXiv:1908.01224).
 
     Grad-CAM++ whose derivatives are averaged over ``num_samples`` noisy copies of the input
@@ -309,40 +310,12 @@ class SmoothGradCAMpp(_GradientCAM):
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         self.num_samples = num_samples
 
-    def _get_weights(
-        self,
-        objective: Objective | None,
-        scores: Any,
-        retain_graph: bool,
-        activations: list[Tensor],
-    ) -> list[Tensor]:
-        return self._weights_many([cast(Objective, objective)], activations)[0]
-
-    def _maps_many(
-        self,
-        objectives: Sequence[Objective | None],
-        scores: Any,
-        retain_graph: bool,
-        activations: list[Tensor],
-    ) -> list[list[Tensor]]:
-        weights = self._weights_many(cast(list[Objective], objectives), activations)
-        with torch.no_grad():
-            return [
-                [self._combine(w, a) for w, a in zip(per_layer, activations, strict=True)]
-                for per_layer in weights
-            ]
-
     def _weights_many(
-        self, objectives: Sequence[Objective], activations: list[Tensor]
+        self, objectives: Sequence[Objective], scores: Any, activations: list[Tensor]
     ) -> list[list[Tensor]]:
         """Per objective, per layer, the weights: every objective takes its backward from the
         same noisy forwards (one backward each, the graph kept for the next)."""
-        if self._input is None:
-            raise RuntimeError(
-                "SmoothGradCAMpp recorded no model input: run the forward of the model with the "
-                "extractor's hooks enabled before calling it."
-            )
-        clean_input = self._input
+        clean_input = self._recorded_input()
         clean_activations = list(self._activations)
         generator = seeded_generator(self.seed, clean_input.device)
         n_layers = len(clean_activations)

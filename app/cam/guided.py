@@ -109,12 +109,7 @@ class _InputResolution(_CAM):
     def _guided(self, objective: Objective | None) -> Tensor:
         if objective is None:  # neither method is class-agnostic
             raise ValueError(f"{type(self).__name__} needs what to explain.")
-        if self._input is None:
-            raise RuntimeError(
-                f"{type(self).__name__} recorded no model input: run the forward of the model "
-                "with the extractor's hooks enabled before calling it."
-            )
-        self.input_gradients = guided_gradients(self.model, self._input, objective)
+        self.input_gradients = guided_gradients(self.model, self._recorded_input(), objective)
         return self.input_gradients
 
 
