@@ -747,17 +747,12 @@ class Explainer:
         classes: int = 1,
     ) -> None:
         """What the request did, for its access log line and the metrics."""
-        shapes = [model.layer_shapes.get(layer, ()) for layer in plans[0].layers]
         note_work(
             model.spec.name,
             ",".join(plan.method for plan in plans),
             images,
             stages,
-            sum(
-                plan.cls.extra_forwards(shapes, dict(plan.options), images).total
-                * (1 if plan.cls.shares_classes_with(dict(plan.options)) else classes)
-                for plan in plans
-            ),
+            checks.plans_forwards(model, plans, images, classes),
             version=model.spec.version,
         )
 

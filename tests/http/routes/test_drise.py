@@ -14,6 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.http.app import create_app
 from app.models.zoo.shapes_dataset import make_pairs
@@ -113,6 +114,25 @@ def test_the_boxes_of_an_image_share_its_masked_forwards(client: TestClient) -> 
         np.testing.assert_allclose(
             got["maps"][0]["raw"]["values"], want["maps"][0]["raw"]["values"], atol=1e-5
         )
+
+
+def _cam_forwards(client: TestClient) -> float:
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "camserve_cam_forwards_total" and sample.labels == {
+                "model": "shapes-detect",
+                "version": "1",
+                "method": "DRISE",
+            }:
+                return sample.value
+    return 0.0
+
+
+def test_the_masked_forwards_are_counted_in_the_metrics(client: TestClient) -> None:
+    before = _cam_forwards(client)
+    response = client.post("/explain", files=_scene(), data={**DRISE, "box": ["0", "1"]})
+    assert response.status_code == 200, response.text
+    assert _cam_forwards(client) - before == 60  # the masks, once for both boxes
 
 
 def test_drise_counts_against_the_forward_budget(client: TestClient) -> None:
