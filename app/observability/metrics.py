@@ -118,11 +118,14 @@ def _models(state: Any) -> list[Reading]:
     ]
 
 
-def _gpu(read: Callable[[int], int]) -> Callable[[Any], list[Reading]]:
+def _gpu(reading: str) -> Callable[[Any], list[Reading]]:
+    """``torch.cuda.<reading>(index)`` of every CUDA device, when the app serves on CUDA."""
+
     def readings(state: Any) -> list[Reading]:
         device = getattr(state, "device", None)
         if device is None or device.type != "cuda":
             return []
+        read = getattr(torch.cuda, reading)
         return [((f"cuda:{i}",), float(read(i))) for i in range(torch.cuda.device_count())]
 
     return readings
@@ -189,14 +192,14 @@ STATE_GAUGES = (
     StateGauge(
         "camserve_gpu_memory_allocated_bytes",
         "GPU memory held by tensors (torch.cuda.memory_allocated).",
-        _gpu(torch.cuda.memory_allocated),
+        _gpu("memory_allocated"),
         ("device",),
         optional=True,
     ),
     StateGauge(
         "camserve_gpu_memory_reserved_bytes",
         "GPU memory held by torch's caching allocator (torch.cuda.memory_reserved).",
-        _gpu(torch.cuda.memory_reserved),
+        _gpu("memory_reserved"),
         ("device",),
         optional=True,
     ),

@@ -12,7 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.observability.metrics import _SharedGauges
+from app.observability.metrics import _SharedGauges, _StateCollector
 from tests.conftest import files, image_bytes
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -208,3 +208,21 @@ def test_shared_gauges_write_this_workers_state_and_zero_what_is_gone() -> None:
     assert readings() == {("a", "1"): 0.0, ("b", "2"): 1.0}
     memory = shared.gauges["camserve_worker_resident_memory_bytes"].collect()[0].samples
     assert memory[0].value > 0
+
+
+def test_the_gpu_gauges_read_every_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read from torch at scrape time, one series per device; none when serving on the CPU.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 100 + i)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 200 + i)
+    families = {
+        f.name: f for f in _StateCollector(SimpleNamespace(device=torch.device("cuda"))).collect()
+    }
+    allocated = families["camserve_gpu_memory_allocated_bytes"].samples
+    assert [(s.labels["device"], s.value) for s in allocated] == [("cuda:0", 100), ("cuda:1", 101)]
+    assert families["camserve_gpu_memory_reserved_bytes"].samples[1].value == 201
+    on_cpu = {
+        f.name for f in _StateCollector(SimpleNamespace(device=torch.device("cpu"))).collect()
+    }
+    assert "camserve_gpu_memory_allocated_bytes" not in on_cpu
+    assert "camserve_queue_depth" in on_cpu
