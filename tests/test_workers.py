@@ -138,6 +138,10 @@ def test_two_workers_share_the_port_and_stop_on_sigterm(
                 if name == "camserve_worker_resident_memory_bytes"
             }
             assert pids == {str(c.pid) for c in children}
+            # Triton's statistics are read from the same shared metrics.
+            with httpx.Client() as client:
+                stats = client.get(f"{url}/v2/models/tiny/stats", timeout=10).json()
+            assert stats["model_stats"][0]["inference_stats"]["success"]["count"] == 16
     finally:
         parent.terminate()
         try:

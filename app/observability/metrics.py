@@ -425,6 +425,17 @@ class Metrics:
         MultiProcessCollector(every_worker, path=str(self.shared))  # type: ignore[no-untyped-call]
         return generate_latest(every_worker)
 
+    def every_worker(self, metric: Any) -> list[Metric]:
+        """``metric``'s families as a scrape reads them: this process's, or with shared metrics
+        every worker's (what Triton's statistics are read from)."""
+        own = list(metric.collect())
+        if self.shared is None:
+            return own
+        names = {family.name for family in own}
+        every = MultiProcessCollector(None, path=str(self.shared))  # type: ignore[no-untyped-call]
+        collected = every.collect()  # type: ignore[no-untyped-call]
+        return [family for family in collected if family.name in names]
+
     async def publish_periodically(self, every_s: float = PUBLISH_EVERY_S) -> None:
         """With shared metrics, write this worker's state gauges every ``every_s`` (on a
         thread: reading the job store's counts may wait for Redis) until cancelled."""
