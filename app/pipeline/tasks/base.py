@@ -26,6 +26,7 @@ import torch
 from app.cam import ProgressCallback, Target, UnknownMethod, find_method
 from app.cam.core import ForwardCount, counting_forwards
 from app.errors import InvalidTarget
+from app.models.device import synchronize
 from app.models.loading import LoadedModel
 from app.models.tasks import task_of
 from app.observability.context import note_work
@@ -51,7 +52,13 @@ from app.pipeline.results import (
     PredictTimings,
 )
 from app.pipeline.tasks.common import Outline, decode_whole, render_map
-from app.pipeline.tasks.maps import batch_maps, maps_per_explanation
+from app.pipeline.tasks.maps import (
+    LayerMaps,
+    batch_maps,
+    hooked,
+    maps_per_explanation,
+    plan_maps,
+)
 
 T = TypeVar("T")
 
@@ -167,6 +174,43 @@ def _no_target(output: Any) -> torch.Tensor:
     return tensor.sum() * 0
 
 
+def ranked_targets(wants: Sequence[Sequence[Wanted]], plan: CamPlan) -> list[list[Target]]:
+    """Per rank (every image's first thing explained, the second, ...), each image's target for
+    ``plan``; an image with fewer things than another has ``_no_target`` for the ranks it
+    lacks."""
+    ranks = max((len(w) for w in wants), default=0)
+    return [
+        [w[rank].target(plan) if rank < len(w) else _no_target for w in wants]
+        for rank in range(ranks)
+    ]
+
+
+def _keep(
+    runs: Sequence[ImageRun],
+    wants: Sequence[Sequence[Wanted]],
+    plan: CamPlan,
+    per_rank: Sequence[Sequence[LayerMaps]],
+    cam_s: float,
+) -> None:
+    """Each image's explanations of ``plan`` from its maps of every rank; the call's seconds
+    are shared by the things it explained."""
+    share = cam_s / sum(len(w) for w in wants)
+    for rank, named in enumerate(per_rank):
+        for i, w in enumerate(wants):
+            if rank >= len(w):
+                continue
+            runs[i].cam_s += share
+            runs[i].explained.append(
+                Explained(
+                    plan,
+                    [(m.layer, m.kind, m.cams[i]) for m in named],
+                    w[rank].fields,
+                    w[rank].outlines,
+                    share,
+                )
+            )
+
+
 @dataclass
 class ImageRun:
     """What one image's pass gave."""
@@ -240,9 +284,11 @@ class TaskPipeline:
         plans: Sequence[CamPlan],
         calls: dict[str, Any],
     ) -> list[ImageRun]:
-        """One pass over images of one size: one forward for the answers, then per plan one map
-        call for every rank of the things explained (the first box of every image, the second,
-        ...; each image with its own target), the ranks sharing the method's extra forwards."""
+        """One pass over images of one size: the first plan's hooked forward gives the answers
+        (detections, segments) too, then per plan one map call for every rank of the things
+        explained (the first box of every image, the second, ...; each image with its own
+        target), the ranks sharing the method's extra forwards; every later plan hooks a
+        forward of its own."""
         # One hook scope for the pass, so that its forwards are counted (``counting_forwards``).
         with own_pass(model), counting_forwards(model.module) as counted:
             return self._explain_counted(model, items, plans, calls, counted)
@@ -255,41 +301,30 @@ class TaskPipeline:
         calls: dict[str, Any],
         counted: ForwardCount,
     ) -> list[ImageRun]:
-        started = time.perf_counter()
-        outputs = self.forward_many(model, [item.decoded for item in items])
-        forward_s = (time.perf_counter() - started) / len(items)
-        runs, wants = [], []
-        for item, output in zip(items, outputs, strict=True):
-            assert item.params is not None
-            answer, wanted = self.wanted(model, item.decoded, item.index, output, item.params)
-            runs.append(ImageRun(answer, forward_s=forward_s, counted=counted))
-            wants.append(wanted)
-        x = torch.stack([item.decoded.tensor for item in items])
-        ranks = max((len(w) for w in wants), default=0)
-        if not ranks:
-            return runs
-        for plan in plans:
-            targets = [
-                [w[rank].target(plan) if rank < len(w) else _no_target for w in wants]
-                for rank in range(ranks)
-            ]
-            per_rank, cam_s = batch_maps(model, plan, x, targets, calls)
-            # The call's seconds, shared by the things it explained.
-            share = cam_s / sum(len(w) for w in wants)
-            for rank, named in enumerate(per_rank):
-                for i, w in enumerate(wants):
-                    if rank >= len(w):
-                        continue
-                    runs[i].cam_s += share
-                    runs[i].explained.append(
-                        Explained(
-                            plan,
-                            [(m.layer, m.kind, m.cams[i]) for m in named],
-                            w[rank].fields,
-                            w[rank].outlines,
-                            share,
-                        )
-                    )
+        x = torch.stack([item.decoded.tensor for item in items]).to(model.device)
+        first, later = plans[0], plans[1:]
+        with hooked(model, first, x) as extractor:
+            started = time.perf_counter()
+            scores = model.module(x)
+            synchronize(model.device)
+            forward_s = (time.perf_counter() - started) / len(items)
+            runs, wants = [], []
+            for index, item in enumerate(items):
+                assert item.params is not None
+                answer, wanted = self.wanted(
+                    model, item.decoded, item.index, scores[index], item.params
+                )
+                runs.append(ImageRun(answer, forward_s=forward_s, counted=counted))
+                wants.append(wanted)
+            if not any(wants):
+                return runs
+            started = time.perf_counter()
+            maps = plan_maps(model, first, extractor, scores, ranked_targets(wants, first), calls)
+            _keep(runs, wants, first, maps, time.perf_counter() - started)
+        for plan in later:
+            _keep(
+                runs, wants, plan, *batch_maps(model, plan, x, ranked_targets(wants, plan), calls)
+            )
         return runs
 
     def explain_image(

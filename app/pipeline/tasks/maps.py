@@ -4,12 +4,14 @@ the model's lock)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 
 from app.cam import Target, normalize_maps
+from app.cam.core import _CAM
 from app.errors import MethodNotApplicable
 from app.models.device import synchronize
 from app.models.loading import LoadedModel
@@ -28,22 +30,11 @@ class LayerMaps(NamedTuple):
     """(N, h, w) on the CPU."""
 
 
-def batch_maps(
-    model: LoadedModel,
-    plan: CamPlan,
-    x: torch.Tensor,
-    ranks: Sequence[Sequence[Target]],
-    calls: dict[str, Any],
-) -> tuple[list[list[LayerMaps]], float]:
-    """The plan's maps of the images ``x`` (N, C, H, W, all one size) for each rank of
-    ``ranks`` (one target per image: image i for ``rank[i]``), from one hooked forward of the
-    batch, the ranks sharing the method's extra forwards (``explain_classes``): per rank, one
-    map per layer and, with several layers, their fusion last, as a classifier's answer has
-    them (a one-map method's single map is the fusion of its layers); and the seconds it took.
-    Call under ``own_pass``."""
+@contextmanager
+def hooked(model: LoadedModel, plan: CamPlan, x: torch.Tensor) -> Iterator[_CAM]:
+    """The plan's extractor on the model, its hooks on, in the autograd mode its method needs:
+    run the model's forward of ``x`` inside, then ``plan_maps``. Call under ``own_pass``."""
     at_call = {o.name for o in plan.cls.options if o.at == "call"}
-    started = time.perf_counter()
-    x = x.to(model.device)
     try:
         extractor = plan.cls(
             model.module,
@@ -54,24 +45,55 @@ def batch_maps(
     except ValueError as error:
         raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
     with extractor, torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode():
-        scores = model.module(x)
-        try:
-            per_rank = extractor.explain_classes(
-                targets=[list(rank) for rank in ranks],
-                scores=scores,
-                normalized=plan.normalized,
-                **{k: v for k, v in plan.options if k in at_call},
-                **calls,
-            )
-        except ValueError as error:
-            raise MethodNotApplicable(
-                f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
-            ) from None
-        named = [_named(plan, cams, extractor.fuse_cams) for cams in per_rank]
+        yield extractor
+
+
+def plan_maps(
+    model: LoadedModel,
+    plan: CamPlan,
+    extractor: _CAM,
+    scores: Any,
+    ranks: Sequence[Sequence[Target]],
+    calls: dict[str, Any],
+) -> list[list[LayerMaps]]:
+    """The plan's maps, from the forward ``extractor`` hooked (``scores``, its output), for
+    each rank of ``ranks`` (one target per image: image i for ``rank[i]``), the ranks sharing
+    the method's extra forwards (``explain_classes``): per rank, one map per layer and, with
+    several layers, their fusion last, as a classifier's answer has them (a one-map method's
+    single map is the fusion of its layers)."""
+    at_call = {o.name for o in plan.cls.options if o.at == "call"}
+    try:
+        per_rank = extractor.explain_classes(
+            targets=[list(rank) for rank in ranks],
+            scores=scores,
+            normalized=plan.normalized,
+            **{k: v for k, v in plan.options if k in at_call},
+            **calls,
+        )
+    except ValueError as error:
+        raise MethodNotApplicable(
+            f"{plan.method} cannot explain {', '.join(plan.layers)}: {error}"
+        ) from None
+    named = [_named(plan, cams, extractor.fuse_cams) for cams in per_rank]
     synchronize(model.device)
-    maps = [
+    return [
         [LayerMaps(m.layer, m.kind, m.cams.detach().float().cpu()) for m in rank] for rank in named
     ]
+
+
+def batch_maps(
+    model: LoadedModel,
+    plan: CamPlan,
+    x: torch.Tensor,
+    ranks: Sequence[Sequence[Target]],
+    calls: dict[str, Any],
+) -> tuple[list[list[LayerMaps]], float]:
+    """``plan_maps`` of the images ``x`` (N, C, H, W, all one size) from a hooked forward of
+    their own, and the seconds it took. Call under ``own_pass``."""
+    started = time.perf_counter()
+    x = x.to(model.device)
+    with hooked(model, plan, x) as extractor:
+        maps = plan_maps(model, plan, extractor, model.module(x), ranks, calls)
     return maps, time.perf_counter() - started
 
 

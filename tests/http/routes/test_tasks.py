@@ -117,6 +117,23 @@ def test_explain_all_boxes(client: TestClient) -> None:
     )
 
 
+@pytest.mark.parametrize("model", ["det", "seg"])
+def test_the_first_methods_forward_gives_the_answer(client: TestClient, model: str) -> None:
+    # The detections (segments) come from the first method's hooked forward: one forward for
+    # a gradient method, whatever the boxes; a second method hooks one of its own.
+    data = {"model": model, "output": "raw", **({"box": "all"} if model == "det" else {})}
+    one = client.post("/explain", files=_image(), data={**data, "method": "LayerCAM"})
+    two = client.post("/explain", files=_image(), data={**data, "method": "LayerCAM,GradCAM"})
+    assert one.status_code == two.status_code == 200, (one.text, two.text)
+    assert one.json()["timings"]["forwards"] == 1
+    assert two.json()["timings"]["forwards"] == 2
+    first, both = one.json()["results"][0], two.json()["results"][0]
+    assert first.get("detections") == both.get("detections")
+    assert first.get("segments") == both.get("segments")
+    layer_cam = [e for e in both["explanations"] if e["method"] == "LayerCAM"]
+    assert [e["maps"] for e in layer_cam] == [e["maps"] for e in first["explanations"]]
+
+
 def test_the_overlay_draws_the_explained_box(client: TestClient) -> None:
     data = {"model": "det", "box": "0", "image_format": "png", "alpha": "1"}
     response = client.post("/explain", files=_image(), data=data)
