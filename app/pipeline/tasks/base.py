@@ -285,10 +285,10 @@ class TaskPipeline:
         calls: dict[str, Any],
     ) -> list[ImageRun]:
         """One pass over images of one size: the first plan's hooked forward gives the answers
-        (detections, segments) too, then per plan one map call for every rank of the things
-        explained (the first box of every image, the second, ...; each image with its own
-        target), the ranks sharing the method's extra forwards; every later plan hooks a
-        forward of its own."""
+        (detections, segments) too, and every plan that works from one forward records it;
+        then per plan one map call for every rank of the things explained (the first box of
+        every image, the second, ...; each image with its own target), the ranks sharing the
+        method's extra forwards. A method with forwards of its own hooks another forward."""
         # One hook scope for the pass, so that its forwards are counted (``counting_forwards``).
         with own_pass(model), counting_forwards(model.module) as counted:
             return self._explain_counted(model, items, plans, calls, counted)
@@ -302,8 +302,16 @@ class TaskPipeline:
         counted: ForwardCount,
     ) -> list[ImageRun]:
         x = torch.stack([item.decoded.tensor for item in items]).to(model.device)
-        first, later = plans[0], plans[1:]
-        with hooked(model, first, x) as extractor:
+        # The first plan's forward gives the answers; the plans that work from one forward
+        # alone (CAM, the gradient methods: ``shares_forward``) all record it, as a
+        # classifier's pass does; a method with forwards of its own hooks another.
+        together = (
+            [plan for plan in plans if plan.shares_forward]
+            if plans[0].shares_forward
+            else [plans[0]]
+        )
+        maps: dict[CamPlan, tuple[list[list[LayerMaps]], float]] = {}
+        with hooked(model, together, x) as extractors:
             started = time.perf_counter()
             scores = model.module(x)
             synchronize(model.device)
@@ -318,13 +326,17 @@ class TaskPipeline:
                 wants.append(wanted)
             if not any(wants):
                 return runs
-            started = time.perf_counter()
-            maps = plan_maps(model, first, extractor, scores, ranked_targets(wants, first), calls)
-            _keep(runs, wants, first, maps, time.perf_counter() - started)
-        for plan in later:
-            _keep(
-                runs, wants, plan, *batch_maps(model, plan, x, ranked_targets(wants, plan), calls)
-            )
+            last_grad = max((i for i, p in enumerate(together) if p.cls.requires_grad), default=-1)
+            for number, (plan, extractor) in enumerate(zip(together, extractors, strict=True)):
+                started = time.perf_counter()
+                ranks = ranked_targets(wants, plan)
+                # The forward's graph serves every gradient method's backward.
+                kept = plan_maps(model, plan, extractor, scores, ranks, calls, number < last_grad)
+                maps[plan] = kept, time.perf_counter() - started
+        for plan in plans:
+            if plan not in maps:
+                maps[plan] = batch_maps(model, plan, x, ranked_targets(wants, plan), calls)
+            _keep(runs, wants, plan, *maps[plan])
         return runs
 
     def explain_image(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -31,12 +31,21 @@ class LayerMaps(NamedTuple):
 
 
 @contextmanager
-def hooked(model: LoadedModel, plan: CamPlan, x: torch.Tensor) -> Iterator[_CAM]:
-    """The plan's extractor on the model, its hooks on, in the autograd mode its method needs:
-    run the model's forward of ``x`` inside, then ``plan_maps``. Call under ``own_pass``."""
+def hooked(model: LoadedModel, plans: Sequence[CamPlan], x: torch.Tensor) -> Iterator[list[_CAM]]:
+    """The plans' extractors on the model, their hooks on, in the autograd mode their methods
+    need: run the model's forward of ``x`` inside (one forward that every plan records), then
+    ``plan_maps`` for each. Call under ``own_pass``."""
+    needs_grad = any(plan.cls.requires_grad for plan in plans)
+    with ExitStack() as stack:
+        extractors = [stack.enter_context(_extractor(model, plan, x)) for plan in plans]
+        stack.enter_context(torch.enable_grad() if needs_grad else torch.inference_mode())
+        yield extractors
+
+
+def _extractor(model: LoadedModel, plan: CamPlan, x: torch.Tensor) -> _CAM:
     at_call = {o.name for o in plan.cls.options if o.at == "call"}
     try:
-        extractor = plan.cls(
+        return plan.cls(
             model.module,
             list(plan.layers),
             input_shape=tuple(x.shape[1:]),
@@ -44,8 +53,6 @@ def hooked(model: LoadedModel, plan: CamPlan, x: torch.Tensor) -> Iterator[_CAM]
         )
     except ValueError as error:
         raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
-    with extractor, torch.enable_grad() if plan.cls.requires_grad else torch.inference_mode():
-        yield extractor
 
 
 def plan_maps(
@@ -55,18 +62,21 @@ def plan_maps(
     scores: Any,
     ranks: Sequence[Sequence[Target]],
     calls: dict[str, Any],
+    retain_graph: bool = False,
 ) -> list[list[LayerMaps]]:
     """The plan's maps, from the forward ``extractor`` hooked (``scores``, its output), for
     each rank of ``ranks`` (one target per image: image i for ``rank[i]``), the ranks sharing
     the method's extra forwards (``explain_classes``): per rank, one map per layer and, with
     several layers, their fusion last, as a classifier's answer has them (a one-map method's
-    single map is the fusion of its layers)."""
+    single map is the fusion of its layers). ``retain_graph`` keeps the forward's graph for
+    another plan's backward."""
     at_call = {o.name for o in plan.cls.options if o.at == "call"}
     try:
         per_rank = extractor.explain_classes(
             targets=[list(rank) for rank in ranks],
             scores=scores,
             normalized=plan.normalized,
+            retain_graph=retain_graph,
             **{k: v for k, v in plan.options if k in at_call},
             **calls,
         )
@@ -92,7 +102,7 @@ def batch_maps(
     their own, and the seconds it took. Call under ``own_pass``."""
     started = time.perf_counter()
     x = x.to(model.device)
-    with hooked(model, plan, x) as extractor:
+    with hooked(model, [plan], x) as (extractor,):
         maps = plan_maps(model, plan, extractor, model.module(x), ranks, calls)
     return maps, time.perf_counter() - started
 

@@ -7,6 +7,7 @@ import base64
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -118,20 +119,34 @@ def test_explain_all_boxes(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("model", ["det", "seg"])
-def test_the_first_methods_forward_gives_the_answer(client: TestClient, model: str) -> None:
-    # The detections (segments) come from the first method's hooked forward: one forward for
-    # a gradient method, whatever the boxes; a second method hooks one of its own.
+def test_one_forward_gives_the_answer_and_every_gradient_methods_maps(
+    client: TestClient, model: str
+) -> None:
+    # The detections (segments) come from the first method's hooked forward, which every
+    # gradient method records: one forward for two of them, whatever the boxes; a method with
+    # forwards of its own (D-RISE) hooks one of its own.
     data = {"model": model, "output": "raw", **({"box": "all"} if model == "det" else {})}
-    one = client.post("/explain", files=_image(), data={**data, "method": "LayerCAM"})
-    two = client.post("/explain", files=_image(), data={**data, "method": "LayerCAM,GradCAM"})
-    assert one.status_code == two.status_code == 200, (one.text, two.text)
-    assert one.json()["timings"]["forwards"] == 1
-    assert two.json()["timings"]["forwards"] == 2
-    first, both = one.json()["results"][0], two.json()["results"][0]
-    assert first.get("detections") == both.get("detections")
-    assert first.get("segments") == both.get("segments")
-    layer_cam = [e for e in both["explanations"] if e["method"] == "LayerCAM"]
-    assert [e["maps"] for e in layer_cam] == [e["maps"] for e in first["explanations"]]
+
+    def explain(methods: str, **extra: str) -> dict[str, Any]:
+        response = client.post(
+            "/explain", files=_image(), data={**data, "method": methods, **extra}
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    alone = {m: explain(m) for m in ("LayerCAM", "GradCAM")}
+    both = explain("LayerCAM,GradCAM")
+    assert [a["timings"]["forwards"] for a in alone.values()] == [1, 1]
+    assert both["timings"]["forwards"] == 1
+    result = both["results"][0]
+    for method, answer in alone.items():
+        one = answer["results"][0]
+        assert one.get("detections") == result.get("detections")
+        assert one.get("segments") == result.get("segments")
+        mine = [e for e in result["explanations"] if e["method"] == method]
+        assert [e["maps"] for e in mine] == [e["maps"] for e in one["explanations"]]
+    if model == "det":  # the answer's forward, then D-RISE's hooked one and 40 masks in 2 chunks
+        assert explain("LayerCAM,DRISE", masks="40")["timings"]["forwards"] == 4
 
 
 def test_the_overlay_draws_the_explained_box(client: TestClient) -> None:
