@@ -8,11 +8,11 @@ Two sections:
   shapes, so two boxes each), per method: the map stage with every box explained, the ratio,
   the forwards each way (counted) and the largest difference between the maps (a seeded D-RISE
   draws the same masks).
-- ``answer``: the pass's answer (detections, segments) read from the first method's hooked
-  forward (``TaskPipeline.explain_images``), against a forward of its own for the answer, then
-  the hooked one: Layer-CAM of box 0 (of the predicted mask for a segmenter) on
-  ``shapes-detect``, a random-weight Faster R-CNN (ResNet-50 FPN v2) at 320 px and a
-  random-weight DeepLabV3 (ResNet-50) at 224 px.
+- ``answer``: one forward gives the pass's answer (detections, segments) and every gradient
+  method's maps (``TaskPipeline.explain_images``), against a forward of its own for the answer,
+  then one hooked forward per method: Layer-CAM, then Layer-CAM and Grad-CAM, of box 0 (of the
+  predicted mask for a segmenter) on ``shapes-detect``, a random-weight Faster R-CNN (ResNet-50
+  FPN v2) at 320 px and a random-weight DeepLabV3 (ResNet-50) at 224 px.
 
 Each way runs ``--repeats`` times, alternating; medians. Usage::
 
@@ -157,8 +157,8 @@ def _random_model(
     return load_model(parse_manifest(folder), torch.device("cpu"))
 
 
-def answer(model: LoadedModel, name: str, repeats: int) -> dict[str, Any]:
-    plan = CamPlan("LayerCAM", METHODS["LayerCAM"], model.target_layers, (), True)
+def answer(model: LoadedModel, name: str, methods: tuple[str, ...], repeats: int) -> dict[str, Any]:
+    plans = [CamPlan(m, METHODS[m], model.target_layers, (), True) for m in methods]
     pipeline = PIPELINES[model.spec.task]
     side = model.spec.input_shape[-1]
     images, _, _ = make_pairs(1, HELD_OUT_SEED, side)
@@ -167,23 +167,27 @@ def answer(model: LoadedModel, name: str, repeats: int) -> dict[str, Any]:
     item = TaskItem(decoded, 0, params)
 
     def shared() -> tuple[int, list[torch.Tensor]]:
-        run = pipeline.explain_images(model, [item], [plan], {})[0]
+        run = pipeline.explain_images(model, [item], plans, {})[0]
         assert run.counted is not None
-        return run.counted.calls, [run.explained[0].cam]
+        return run.counted.calls, [one.cam for one in run.explained]
 
     def apart() -> tuple[int, list[torch.Tensor]]:
         with own_pass(model), counting_forwards(model.module) as counted:
             output = pipeline.forward_many(model, [decoded])[0]
             wanted = pipeline.wanted(model, decoded, 0, output, params)[1]
-            maps = batch_maps(
-                model, plan, decoded.tensor[None], ranked_targets([wanted], plan), {}
-            )[0]
-        return counted.calls, [maps[0][-1].cams[0]]
+            x = decoded.tensor[None]
+            maps = [batch_maps(model, p, x, ranked_targets([wanted], p), {})[0] for p in plans]
+        return counted.calls, [m[0][-1].cams[0] for m in maps]
 
-    row = _side_by_side(
-        {"answer_from_the_hooked_forward": shared, "answer_forward_of_its_own": apart}, repeats
-    )
-    return {"model": name, "task": model.spec.task, "input": list(decoded.tensor.shape[-2:]), **row}
+    ways = {"one_forward": shared, "a_forward_each": apart}
+    row = _side_by_side(ways, repeats)
+    return {
+        "model": name,
+        "task": model.spec.task,
+        "methods": list(methods),
+        "input": list(decoded.tensor.shape[-2:]),
+        **row,
+    }
 
 
 def main() -> None:
@@ -229,9 +233,10 @@ def main() -> None:
                 ),
             }
             for name, model in models.items():
-                row = answer(model, name, args.repeats)
-                runs.append(row)
-                print(json.dumps(row), flush=True)
+                for methods in (("LayerCAM",), ("LayerCAM", "GradCAM")):
+                    row = answer(model, name, methods, args.repeats)
+                    runs.append(row)
+                    print(json.dumps(row), flush=True)
         (args.out / "task_pass_answer.json").write_text(
             json.dumps({"threads": torch.get_num_threads(), "runs": runs}, indent=2) + "\n"
         )
