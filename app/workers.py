@@ -62,7 +62,7 @@ class Supervisor:
         self.env = {f"CAMSERVE_{k.upper()}": str(v) for k, v in (overrides or {}).items()}
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
-        self.metrics_folder = Path(tempfile.gettempdir())
+        self.metrics_folder: Path | None = None
         """The folder of the workers' shared metrics (made by ``run``)."""
         self.forgotten: set[int] = set()
         """Workers that exited, whose live gauges no longer count."""
@@ -129,7 +129,8 @@ class Supervisor:
             for child, code in zip(self.children, codes, strict=True):
                 if code is not None and child.pid not in self.forgotten:
                     self.forgotten.add(child.pid)
-                    forget(child.pid, self.metrics_folder)
+                    if self.metrics_folder is not None:
+                        forget(child.pid, self.metrics_folder)
             if not self.stopping:
                 for child, code in zip(self.children, codes, strict=True):
                     if code is not None:

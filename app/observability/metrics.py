@@ -58,10 +58,10 @@ DURATION_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED_ROUTE = "unmatched"
 SEVERAL_METHODS = "several"
-PUBLISH_EVERY_S = 1.0
-"""With shared metrics, how often each worker writes its state gauges for the others' scrapes."""
 """The ``method`` label of a request that asked for several methods (each is counted under its
 own name in ``camserve_explanations``)."""
+PUBLISH_EVERY_S = 1.0
+"""With shared metrics, how often each worker writes its state gauges for the others' scrapes."""
 
 
 def method_label(methods: str) -> str:
@@ -106,7 +106,8 @@ def _one(value: Any) -> list[Reading]:
 
 def _jobs(state: Any) -> list[Reading]:
     store = getattr(state, "jobs", None)
-    return [((status,), count) for status, count in (store.counts() if store else {}).items()]
+    counts = store.counts() if store is not None else {}
+    return [((status,), count) for status, count in counts.items()]
 
 
 def _models(state: Any) -> list[Reading]:
