@@ -285,17 +285,18 @@ def _asked_list(
             "explain_classes takes exactly one of classes (one entry per class to explain) and "
             "targets= (one entry per target)."
         )
-    name, each = (
-        ("classes", ("class", "an int")) if targets is None else ("targets", ("target", "a target"))
-    )
-    given: object = classes if targets is None else targets
+    given: object
+    if targets is None:
+        name, one, entry, given = "classes", "class", "an int", classes
+    else:
+        name, one, entry, given = "targets", "target", "a target", targets
     if isinstance(given, str | Tensor | int) or not isinstance(given, Sequence):
         raise TypeError(
-            f"{name} must be a list with one entry per {each[0]} to explain (each {each[1]} for "
-            f"every sample, or one per sample), not {type(given).__name__}."
+            f"{name} must be a list with one entry per {one} to explain (each {entry} for every "
+            f"sample, or one per sample), not {type(given).__name__}."
         )
     if not given:
-        raise ValueError(f"{name} is empty: give at least one {each[0]} to explain.")
+        raise ValueError(f"{name} is empty: give at least one {one} to explain.")
     if targets is None:
         return [(c, None) for c in list(classes or ())]
     return [(None, t) for t in targets]
