@@ -2,7 +2,8 @@
 # The GPU checks of issue #25, in device sessions of at most 10 minutes a command.
 #
 #   tools/gpu_lanes_check.sh          # about 6 minutes, at most 9.5: the CUDA tests of the device
-#                                     # lanes, the engine and the compiled forward, then
+#                                     # lanes, the engine, the compiled forward and the task
+#                                     # passes, then
 #                                     # bench/gpu_pipeline.py on CUDA, then a short
 #                                     # bench/compile_forward.py (eager against compile and
 #                                     # cudagraphs, resnet50)
@@ -31,7 +32,7 @@ if [ "${1:-}" = "soak" ]; then
 fi
 timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs \
     tests/pipeline/lanes tests/cam/test_cuda.py tests/cam/test_chunking.py \
-    tests/models/test_compiling.py \
+    tests/models/test_compiling.py tests/pipeline/tasks/test_cuda.py \
     2>&1 | tee "$OUT/lanes_tests.txt" | tail -25
 timeout "${BENCH_TIMEOUT:-300}" python3 bench/gpu_pipeline.py --device cuda \
     --seconds "${SECONDS_PER_RUN:-15}" --repeats 15 --soak-seconds "${SOAK_IN_RUN_SECONDS:-0}" \
