@@ -102,6 +102,13 @@ class CamPlan:
         return bool(self.cls.masked_forwards or self.cls.noisy_forwards)
 
     @property
+    def call_options(self) -> dict[str, Any]:
+        """The options that go to each call of the extractor (``MethodOption.at == "call"``);
+        the others go to its constructor."""
+        at_call = {o.name for o in self.cls.options if o.at == "call"}
+        return {k: v for k, v in self.options if k in at_call}
+
+    @property
     def shares_forward(self) -> bool:
         """Whether the method works from the one hooked forward (and its scores) alone: CAM and
         the gradient methods. The Score-CAM family and SmoothGradCAMpp run forwards of their own."""
@@ -208,8 +215,12 @@ def run_cam_pass(
     return [outcomes[0] for outcomes in run_shared_cam_pass(model, (plan,), items, control)]
 
 
-def _extractor(model: LoadedModel, plan: CamPlan) -> Any:
-    at_call = {o.name for o in plan.cls.options if o.at == "call"}
+def extractor_for(
+    model: LoadedModel, plan: CamPlan, input_shape: Sequence[int] | None = None
+) -> _CAM:
+    """The plan's extractor on the model (its hooks on once entered); ``input_shape`` of one
+    input when it is not the manifest's (a detector takes an upload at its own size)."""
+    call = plan.call_options
     try:
         # A Swin's (N, H, W, C) layers are read through a transform (app.cam.hierarchical).
         transform = layout_transform(model.channels_last, plan.layers)
@@ -218,9 +229,9 @@ def _extractor(model: LoadedModel, plan: CamPlan) -> Any:
         return plan.cls(
             model.module,
             list(plan.layers),
-            input_shape=model.spec.input_shape,
+            input_shape=tuple(input_shape or model.spec.input_shape),
             **layout,
-            **{k: v for k, v in plan.options if k not in at_call},
+            **{k: v for k, v in plan.options if k not in call},
         )
     except ValueError as error:
         raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
@@ -252,7 +263,7 @@ def run_shared_cam_pass(
         x = torch.cat([item.batch for item in items]).to(model.device)
         # Every extractor hooks the same forward: the first gradient one makes the layer's output
         # require grad and hands that tensor on, so the later ones record the very same tensor.
-        extractors = [hooks.enter_context(_extractor(model, plan)) for plan in plans]
+        extractors = [hooks.enter_context(extractor_for(model, plan)) for plan in plans]
         with torch.enable_grad() if needs_grad else torch.inference_mode():
             t0 = time.perf_counter()
             scores = model.module(x)
@@ -351,8 +362,7 @@ def _maps(
 ) -> list[tuple[list[torch.Tensor], torch.Tensor | None]]:
     """Per class (``ranks``: K lists of one class per image), the plan's maps (one per layer,
     on the CPU) and their fusion when there are several."""
-    at_call = {o.name for o in plan.cls.options if o.at == "call"}
-    call_options = {k: v for k, v in plan.options if k in at_call}
+    call_options = plan.call_options
     try:
         if len(ranks) == 1:
             per_class = [

@@ -34,7 +34,7 @@ from app.pipeline import checks
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher, PassControl, PassInfo
 from app.pipeline.decoding import DecodedImage, Upload
-from app.pipeline.passes import CamPlan, own_pass
+from app.pipeline.passes import CamPlan, group_plans, own_pass
 from app.pipeline.rendering import (
     OUTPUT_FORMATS,
     RenderBudget,
@@ -302,14 +302,10 @@ class TaskPipeline:
         counted: ForwardCount,
     ) -> list[ImageRun]:
         x = torch.stack([item.decoded.tensor for item in items]).to(model.device)
-        # The first plan's forward gives the answers; the plans that work from one forward
-        # alone (CAM, the gradient methods: ``shares_forward``) all record it, as a
-        # classifier's pass does; a method with forwards of its own hooks another.
-        together = (
-            [plan for plan in plans if plan.shares_forward]
-            if plans[0].shares_forward
-            else [plans[0]]
-        )
+        # The first group of plans that share a forward (``group_plans``: every method that
+        # works from one forward, as a classifier's pass groups them) records the forward that
+        # gives the answers; a method with forwards of its own hooks another.
+        together = group_plans(plans)[0]
         maps: dict[CamPlan, tuple[list[list[LayerMaps]], float]] = {}
         with hooked(model, together, x) as extractors:
             started = time.perf_counter()

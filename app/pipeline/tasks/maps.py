@@ -15,7 +15,7 @@ from app.cam.core import _CAM
 from app.errors import MethodNotApplicable
 from app.models.device import synchronize
 from app.models.loading import LoadedModel
-from app.pipeline.passes import CamPlan
+from app.pipeline.passes import CamPlan, extractor_for
 
 #: The name of the map that fuses several layers' (as the classifier's answer calls it).
 FUSED = "fused"
@@ -37,22 +37,10 @@ def hooked(model: LoadedModel, plans: Sequence[CamPlan], x: torch.Tensor) -> Ite
     ``plan_maps`` for each. Call under ``own_pass``."""
     needs_grad = any(plan.cls.requires_grad for plan in plans)
     with ExitStack() as stack:
-        extractors = [stack.enter_context(_extractor(model, plan, x)) for plan in plans]
+        shape = tuple(x.shape[1:])
+        extractors = [stack.enter_context(extractor_for(model, p, shape)) for p in plans]
         stack.enter_context(torch.enable_grad() if needs_grad else torch.inference_mode())
         yield extractors
-
-
-def _extractor(model: LoadedModel, plan: CamPlan, x: torch.Tensor) -> _CAM:
-    at_call = {o.name for o in plan.cls.options if o.at == "call"}
-    try:
-        return plan.cls(
-            model.module,
-            list(plan.layers),
-            input_shape=tuple(x.shape[1:]),
-            **{k: v for k, v in plan.options if k not in at_call},
-        )
-    except ValueError as error:
-        raise MethodNotApplicable(f"{plan.method} cannot run here: {error}") from None
 
 
 def plan_maps(
@@ -70,14 +58,13 @@ def plan_maps(
     several layers, their fusion last, as a classifier's answer has them (a one-map method's
     single map is the fusion of its layers). ``retain_graph`` keeps the forward's graph for
     another plan's backward."""
-    at_call = {o.name for o in plan.cls.options if o.at == "call"}
     try:
         per_rank = extractor.explain_classes(
             targets=[list(rank) for rank in ranks],
             scores=scores,
             normalized=plan.normalized,
             retain_graph=retain_graph,
-            **{k: v for k, v in plan.options if k in at_call},
+            **plan.call_options,
             **calls,
         )
     except ValueError as error:
