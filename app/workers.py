@@ -62,10 +62,6 @@ class Supervisor:
         self.env = {f"CAMSERVE_{k.upper()}": str(v) for k, v in (overrides or {}).items()}
         self.children: list[subprocess.Popen[bytes]] = []
         self.stopping = False
-        self.metrics_folder: Path | None = None
-        """The folder of the workers' shared metrics (made by ``run``)."""
-        self.forgotten: set[int] = set()
-        """Workers that exited, whose live gauges no longer count."""
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if not self.stopping:
@@ -84,7 +80,6 @@ class Supervisor:
         given = shared_folder()
         folder = given or Path(tempfile.mkdtemp(prefix="camserve-metrics-"))
         clear(folder)
-        self.metrics_folder = folder
         try:
             return self._run(folder)
         finally:
@@ -113,13 +108,14 @@ class Supervisor:
                 self.count,
                 ", ".join(str(c.pid) for c in self.children),
             )
-            return self._wait()
+            return self._wait(folder)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
-    def _wait(self) -> int:
+    def _wait(self, folder: Path) -> int:
         failed: int | None = None
+        forgotten: set[int] = set()  # workers that exited: their live gauges no longer count
         while True:
             codes = [child.poll() for child in self.children]
             if all(code is not None for code in codes):
@@ -127,10 +123,9 @@ class Supervisor:
                     return failed
                 return max((abs(code) for code in codes if code), default=0)
             for child, code in zip(self.children, codes, strict=True):
-                if code is not None and child.pid not in self.forgotten:
-                    self.forgotten.add(child.pid)
-                    if self.metrics_folder is not None:
-                        forget(child.pid, self.metrics_folder)
+                if code is not None and child.pid not in forgotten:
+                    forgotten.add(child.pid)
+                    forget(child.pid, folder)
             if not self.stopping:
                 for child, code in zip(self.children, codes, strict=True):
                     if code is not None:

@@ -96,12 +96,18 @@ def _explainer(state: Any) -> Any:
     return getattr(state, "explainer", None)
 
 
-def _cache(state: Any) -> Any:
-    return getattr(_explainer(state), "cache", None)
-
-
 def _one(value: Any) -> list[Reading]:
     return [((), float(value))]
+
+
+def _cache(read: Callable[[Any], float]) -> Callable[[Any], list[Reading]]:
+    """``read`` of the explanation cache's memory tier; no reading without a cache."""
+
+    def readings(state: Any) -> list[Reading]:
+        cache = getattr(_explainer(state), "cache", None)
+        return [] if cache is None else _one(read(cache.memory))
+
+    return readings
 
 
 def _jobs(state: Any) -> list[Reading]:
@@ -149,7 +155,7 @@ STATE_GAUGES = (
         "camserve_admitted_requests",
         "Requests admitted to model work: running in a model slot or waiting for one "
         "(503 beyond CAMSERVE_MAX_MODEL_SLOTS + CAMSERVE_QUEUE_SIZE).",
-        lambda state: _one(_explainer(state).limiter.in_flight if _explainer(state) else 0),
+        lambda state: _one(getattr(getattr(_explainer(state), "limiter", None), "in_flight", 0)),
     ),
     StateGauge(
         "camserve_cpu_work_in_flight",
@@ -160,19 +166,19 @@ STATE_GAUGES = (
     StateGauge(
         "camserve_cache_bytes",
         "Bytes the explanation cache holds in this process (keys and answers).",
-        lambda state: _one(_cache(state).memory.held_bytes) if _cache(state) else [],
+        _cache(lambda memory: memory.held_bytes),
         optional=True,
     ),
     StateGauge(
         "camserve_cache_capacity_bytes",
         "The explanation cache's bound (CAMSERVE_CACHE_MB).",
-        lambda state: _one(_cache(state).memory.capacity) if _cache(state) else [],
+        _cache(lambda memory: memory.capacity),
         optional=True,
     ),
     StateGauge(
         "camserve_cache_entries",
         "Answers the explanation cache holds in this process.",
-        lambda state: _one(len(_cache(state).memory)) if _cache(state) else [],
+        _cache(len),
         optional=True,
     ),
     StateGauge(
@@ -422,20 +428,20 @@ class Metrics:
         if self.shared is None or self.shared_gauges is None:
             return generate_latest(self.registry)
         self.shared_gauges.publish()  # this worker's state as of now
-        every_worker = CollectorRegistry()
-        MultiProcessCollector(every_worker, path=str(self.shared))  # type: ignore[no-untyped-call]
-        return generate_latest(every_worker)
+        workers = CollectorRegistry()
+        MultiProcessCollector(workers, path=str(self.shared))  # type: ignore[no-untyped-call]
+        return generate_latest(workers)
 
-    def every_worker(self, metric: Any) -> list[Metric]:
-        """``metric``'s families as a scrape reads them: this process's, or with shared metrics
-        every worker's (what Triton's statistics are read from)."""
-        own = list(metric.collect())
+    def every_worker(self, *metrics: Any) -> list[list[Metric]]:
+        """Each metric's families as a scrape reads them: this process's, or with shared
+        metrics every worker's, from one read of the shared files (what Triton's statistics
+        are read from)."""
+        own = [list(metric.collect()) for metric in metrics]
         if self.shared is None:
             return own
-        names = {family.name for family in own}
         every = MultiProcessCollector(None, path=str(self.shared))  # type: ignore[no-untyped-call]
-        collected = every.collect()  # type: ignore[no-untyped-call]
-        return [family for family in collected if family.name in names]
+        by_name = {family.name: family for family in every.collect()}  # type: ignore[no-untyped-call]
+        return [[by_name[f.name] for f in families if f.name in by_name] for families in own]
 
     async def publish_periodically(self, every_s: float = PUBLISH_EVERY_S) -> None:
         """With shared metrics, write this worker's state gauges every ``every_s`` (on a

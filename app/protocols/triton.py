@@ -70,8 +70,8 @@ def model_config(model: LoadedModel, settings: Settings) -> dict[str, Any]:
     return config
 
 
-def _samples(metrics: Metrics, metric: Any) -> Iterable[tuple[str, dict[str, str], float]]:
-    for family in metrics.every_worker(metric):
+def _samples(families: Iterable[Any]) -> Iterable[tuple[str, dict[str, str], float]]:
+    for family in families:
         for sample in family.samples:
             yield sample.name, sample.labels, sample.value
 
@@ -114,32 +114,39 @@ def statistics(
         }
         for key in keys
     }
+    answered, durations, images, last_pass, passes = metrics.every_worker(
+        metrics.requests,
+        metrics.duration,
+        metrics.batch_images,
+        metrics.last_pass,
+        metrics.pass_seconds,
+    )
     requests: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: {"ok": 0, "fail": 0})
-    for sample, labels, value in _samples(metrics, metrics.requests):
+    for sample, labels, value in _samples(answered):
         if sample.endswith("_total"):
             key = (labels["model"], labels["version"])
             requests[key]["ok" if int(labels["status"]) < 400 else "fail"] += int(value)
     totals: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for sample, labels, value in _samples(metrics, metrics.duration):
+    for sample, labels, value in _samples(durations):
         key3 = (labels["model"], labels["version"], labels["stage"])
         if sample.endswith("_sum"):
             totals[key3][1] += value
         elif sample.endswith("_count"):
             totals[key3][0] += value
-    for sample, labels, value in _samples(metrics, metrics.batch_images):
+    for sample, labels, value in _samples(images):
         key = (labels["model"], labels["version"])
         if key in stats and sample.endswith("_sum"):
             stats[key]["inference_count"] = int(value)
         elif key in stats and sample.endswith("_count"):
             stats[key]["execution_count"] = int(value)
-    for _sample, labels, value in _samples(metrics, metrics.last_pass):
+    for _sample, labels, value in _samples(last_pass):
         key = (labels["model"], labels["version"])
         if key in stats:
             stats[key]["last_inference"] = round(value * 1000)  # Triton's: ms since the epoch
     batches: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(
         lambda: defaultdict(lambda: [0.0, 0.0])
     )
-    for sample, labels, value in _samples(metrics, metrics.pass_seconds):
+    for sample, labels, value in _samples(passes):
         key = (labels["model"], labels["version"])
         if sample.endswith("_count"):
             batches[key][int(labels["images"])][0] += value
