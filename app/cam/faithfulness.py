@@ -20,10 +20,13 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from app.cam.targets import Objective, Target, target_list
 
 __all__ = [
     "ROAD_PERCENTILES",
@@ -43,6 +46,7 @@ __all__ = [
     "road_curve",
     "road_inputs",
     "road_probabilities",
+    "scored_probability",
     "spearman_correlation",
 ]
 
@@ -50,9 +54,42 @@ logger = logging.getLogger(__name__)
 
 #: ``map_fn(model, images, class_idx) -> maps (N, h, w)`` for :func:`randomization_check`.
 MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-#: What the curves call for logits: a model, or any ``forward(x) -> (B, K)`` (a caller that
-#: counts, pauses or schedules its forwards wraps the model in one).
-Forward = Callable[[torch.Tensor], torch.Tensor]
+#: What the curves call for the model's output: a model, or any ``forward(x)`` (a caller that
+#: counts, pauses or schedules its forwards wraps the model in one). With ``class_idx`` the
+#: output is logits ``(B, K)``; with ``targets`` it is anything the targets read.
+Forward = Callable[[torch.Tensor], Any]
+#: ``probability(output, samples) -> (B,)``: what a curve reads from a forward of perturbed
+#: inputs, row ``i`` a copy of sample ``samples[i]``.
+Probability = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def scored_probability(
+    class_idx: torch.Tensor | Sequence[int] | None,
+    targets: Target | Sequence[Target] | None,
+    batch: int,
+) -> Probability:
+    """What the faithfulness metrics follow for each perturbed input of a batch of ``batch``
+    samples: with ``class_idx``, the softmax probability of its sample's class; with
+    ``targets`` (one callable for all samples or one per sample, as the extractors take them),
+    its sample's target applied to its row of the model's output -- a detector's or a
+    segmenter's score. The curves' areas lie in [0, 1] when the targets' scores do (a
+    detection's similarity or score, a region's mean class probability); logits or sums do not
+    make comparable areas."""
+    if (class_idx is None) == (targets is None):
+        raise ValueError("pass either class_idx (a classifier's classes) or targets, not both")
+    if targets is not None:
+        objective = Objective(targets=target_list(targets, batch))
+        return lambda output, samples: objective(output, samples)
+    cls = torch.as_tensor(class_idx, dtype=torch.long).flatten()
+    if cls.numel() != batch:
+        raise ValueError("images, saliency and class_idx must have the same batch size")
+
+    def probability(output: Any, samples: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(output.float(), dim=1)
+        picked = cls.to(p.device).index_select(0, samples.to(p.device))
+        return p.gather(1, picked[:, None])[:, 0]
+
+    return probability
 
 
 # --------------------------------------------------------------------------------------
@@ -95,11 +132,13 @@ def perturbation_curve(
     model: nn.Module | Forward,
     images: torch.Tensor,
     saliency: torch.Tensor,
-    class_idx: torch.Tensor | list[int],
+    class_idx: torch.Tensor | list[int] | None,
     mode: str,
     n_steps: int = 32,
     baseline: torch.Tensor | str | None = None,
     batch_size: int | None = 32,
+    *,
+    targets: Target | Sequence[Target] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class probability while pixels are deleted from / inserted into the image (RISE).
 
@@ -115,21 +154,25 @@ def perturbation_curve(
       default baseline ``"blur"`` -- the image blurred with an 11x11, sigma-5 Gaussian,
       as in RISE.
 
-    ``p_k = softmax(model(x_k))[c]`` for the class ``c`` being explained. The
-    ``N * (n_steps + 1)`` perturbed inputs are built chunk by chunk and forwarded in
-    batches of ``batch_size`` under :func:`torch.inference_mode`.
+    ``p_k = softmax(model(x_k))[c]`` for the class ``c`` being explained, or, for a model
+    whose output is no logits (a detector, a segmenter), ``p_k = target(model(x_k))`` for the
+    sample's target (:func:`scored_probability`). The ``N * (n_steps + 1)`` perturbed inputs
+    are built chunk by chunk and forwarded in batches of ``batch_size`` under
+    :func:`torch.inference_mode`.
 
     Args:
         model: classifier returning logits ``(B, K)``; used as given (call ``eval()``).
         images: model inputs ``(N, C, H, W)`` (already normalised).
         saliency: maps ``(N, h, w)`` or ``(N, 1, h, w)``.
-        class_idx: class per sample, ``(N,)``.
+        class_idx: class per sample, ``(N,)``; None with ``targets``.
         mode: ``"deletion"`` or ``"insertion"``.
         n_steps: number of steps (RISE's curve has ``n_steps + 1`` points); ``>= 1``.
         baseline: ``"zeros"``, ``"blur"``, or a tensor broadcastable to ``images``;
             ``None`` picks the mode's default.
         batch_size: forwards per model call; ``None``: ``n_steps + 1``, one call per curve
             (the inputs are ordered image by image, so each call is one image's whole curve).
+        targets: instead of ``class_idx``, a callable (or one per sample) from one sample's
+            output to its score in [0, 1], e.g. ``app.cam.task_targets.DetectionSimilarity``.
 
     Returns:
         ``(fractions, probs)``: ``fractions`` ``(n_steps + 1,)`` is ``m_k / M`` and
@@ -143,8 +186,8 @@ def perturbation_curve(
         batch_size = n_steps + 1
     n, c, h, w = images.shape
     device = images.device
-    cls = torch.as_tensor(class_idx, device=device, dtype=torch.long).flatten()
-    if cls.numel() != n or saliency.shape[0] != n:
+    probability = scored_probability(class_idx, targets, n)
+    if saliency.shape[0] != n:
         raise ValueError("images, saliency and class_idx must have the same batch size")
     if baseline is None:
         baseline = "zeros" if mode == "deletion" else "blur"
@@ -176,8 +219,7 @@ def perturbation_curve(
                 x = torch.where(changed, base[img_i], images[img_i])
             else:
                 x = torch.where(changed, images[img_i], base[img_i])
-            p = torch.softmax(model(x).float(), dim=1)
-            probs[start : start + len(items)] = p.gather(1, cls[img_i][:, None])[:, 0]
+            probs[start : start + len(items)] = probability(model(x), img_i).to(device)
     return fractions, probs.view(n, steps).clone()
 
 
@@ -185,14 +227,24 @@ def deletion_curve(
     model: nn.Module,
     images: torch.Tensor,
     saliency: torch.Tensor,
-    class_idx: torch.Tensor | list[int],
+    class_idx: torch.Tensor | list[int] | None,
     n_steps: int = 32,
     baseline: torch.Tensor | str = "zeros",
     batch_size: int = 32,
+    *,
+    targets: Target | Sequence[Target] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion curve (RISE): :func:`perturbation_curve` with ``mode="deletion"``."""
     return perturbation_curve(
-        model, images, saliency, class_idx, "deletion", n_steps, baseline, batch_size
+        model,
+        images,
+        saliency,
+        class_idx,
+        "deletion",
+        n_steps,
+        baseline,
+        batch_size,
+        targets=targets,
     )
 
 
@@ -200,14 +252,24 @@ def insertion_curve(
     model: nn.Module,
     images: torch.Tensor,
     saliency: torch.Tensor,
-    class_idx: torch.Tensor | list[int],
+    class_idx: torch.Tensor | list[int] | None,
     n_steps: int = 32,
     baseline: torch.Tensor | str = "blur",
     batch_size: int = 32,
+    *,
+    targets: Target | Sequence[Target] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Insertion curve (RISE): :func:`perturbation_curve` with ``mode="insertion"``."""
     return perturbation_curve(
-        model, images, saliency, class_idx, "insertion", n_steps, baseline, batch_size
+        model,
+        images,
+        saliency,
+        class_idx,
+        "insertion",
+        n_steps,
+        baseline,
+        batch_size,
+        targets=targets,
     )
 
 
@@ -224,10 +286,12 @@ def deletion_auc(
     model: nn.Module,
     images: torch.Tensor,
     saliency: torch.Tensor,
-    class_idx: torch.Tensor | list[int],
+    class_idx: torch.Tensor | list[int] | None,
     n_steps: int = 32,
     baseline: torch.Tensor | str = "zeros",
     batch_size: int = 32,
+    *,
+    targets: Target | Sequence[Target] | None = None,
 ) -> torch.Tensor:
     """Deletion AUC per sample (Petsiuk et al., BMVC 2018) -- lower is better.
 
@@ -235,17 +299,22 @@ def deletion_auc(
     makes the class probability drop fast and the area under the curve small.
     See :func:`perturbation_curve` for the protocol and :func:`auc` for the integral.
     """
-    return auc(*deletion_curve(model, images, saliency, class_idx, n_steps, baseline, batch_size))
+    curve = deletion_curve(
+        model, images, saliency, class_idx, n_steps, baseline, batch_size, targets=targets
+    )
+    return auc(*curve)
 
 
 def insertion_auc(
     model: nn.Module,
     images: torch.Tensor,
     saliency: torch.Tensor,
-    class_idx: torch.Tensor | list[int],
+    class_idx: torch.Tensor | list[int] | None,
     n_steps: int = 32,
     baseline: torch.Tensor | str = "blur",
     batch_size: int = 32,
+    *,
+    targets: Target | Sequence[Target] | None = None,
 ) -> torch.Tensor:
     """Insertion AUC per sample (Petsiuk et al., BMVC 2018) -- higher is better.
 
@@ -253,7 +322,10 @@ def insertion_auc(
     probability back quickly, giving a large area under the curve.
     See :func:`perturbation_curve` for the protocol and :func:`auc` for the integral.
     """
-    return auc(*insertion_curve(model, images, saliency, class_idx, n_steps, baseline, batch_size))
+    curve = insertion_curve(
+        model, images, saliency, class_idx, n_steps, baseline, batch_size, targets=targets
+    )
+    return auc(*curve)
 
 
 # --------------------------------------------------------------------------------------
@@ -411,38 +483,44 @@ def road_curve(
     model: nn.Module | Forward,
     images: torch.Tensor,
     saliency: torch.Tensor,
-    class_idx: torch.Tensor | list[int],
+    class_idx: torch.Tensor | list[int] | None,
     order: str,
     percentiles: Sequence[int] = ROAD_PERCENTILES,
     noise_std: float = 0.01,
     seed: int = 0,
+    *,
+    targets: Target | Sequence[Target] | None = None,
 ) -> torch.Tensor:
     """Class probability after ROAD removes each share of the pixels (Rong et al., ICML 2022):
     ``p_k = softmax(model(x_k))[c]`` for the inputs of :func:`road_inputs`, each image's
-    percentiles in one forward.
+    percentiles in one forward; ``targets`` in place of ``class_idx`` as in
+    :func:`perturbation_curve`.
 
     Returns:
         ``(N, len(percentiles))`` probabilities. A faithful map makes MoRF fall fast (a low
         mean) and LeRF stay high (a high mean).
     """
-    n = images.shape[0]
-    cls = torch.as_tensor(class_idx, device=images.device, dtype=torch.long).flatten()
-    if cls.numel() != n:
-        raise ValueError("images and class_idx must have the same batch size")
+    scored_probability(class_idx, targets, images.shape[0])  # refuses a wrong pairing early
     inputs = road_inputs(images, saliency, order, percentiles, noise_std, seed)
-    return road_probabilities(model, inputs, cls)
+    return road_probabilities(model, inputs, class_idx, targets=targets)
 
 
 def road_probabilities(
-    model: nn.Module | Forward, inputs: torch.Tensor, class_idx: torch.Tensor
+    model: nn.Module | Forward,
+    inputs: torch.Tensor,
+    class_idx: torch.Tensor | Sequence[int] | None,
+    *,
+    targets: Target | Sequence[Target] | None = None,
 ) -> torch.Tensor:
-    """``softmax(model(x))[c]`` for :func:`road_inputs`' ``(N, P, C, H, W)``: one forward per
-    image, ``(N, P)``."""
-    probs = torch.empty(inputs.shape[:2], device=inputs.device, dtype=torch.float32)
+    """``softmax(model(x))[c]`` (or the sample's target's score) for :func:`road_inputs`'
+    ``(N, P, C, H, W)``: one forward per image, ``(N, P)``."""
+    n, percentiles = inputs.shape[:2]
+    probability = scored_probability(class_idx, targets, n)
+    probs = torch.empty((n, percentiles), device=inputs.device, dtype=torch.float32)
     with torch.inference_mode():
-        for i in range(inputs.shape[0]):
-            p = torch.softmax(model(inputs[i]).float(), dim=1)
-            probs[i] = p[:, int(class_idx[i])]
+        for i in range(n):
+            samples = torch.full((percentiles,), i, dtype=torch.long)
+            probs[i] = probability(model(inputs[i]), samples).to(inputs.device)
     return probs
 
 

@@ -1,5 +1,6 @@
 """Targets (``app.cam.targets``) for detectors and segmenters: the score of one box, the logits
-of one class over a region.
+of one class over a region (and, for the faithfulness curves, scores in [0, 1]: a detection's
+similarity, a region's mean class probability).
 
     with GradCAM(detector, "backbone.body.layer4") as cam:
         out = detector(x)                                    # [{boxes, scores, labels}]
@@ -62,6 +63,22 @@ class RegionScore:
     def __call__(self, output: Tensor) -> Tensor:
         region = self.region.to(output.device)
         return (output[self.class_idx] * region).sum()
+
+
+class RegionProbability:
+    """The mean probability (a softmax over the classes) of class ``class_idx`` over ``region``
+    ((H, W) booleans at the output's resolution) in one image's (classes, H, W) segmentation
+    output: a score in [0, 1], what a segmenter's faithfulness curves follow (``RegionScore``'s
+    sum of logits is unbounded)."""
+
+    def __init__(self, class_idx: int, region: Tensor) -> None:
+        self.class_idx = int(class_idx)
+        self.region = region.bool()
+
+    def __call__(self, output: Tensor) -> Tensor:
+        region = self.region.to(output.device)
+        probability = output.float().softmax(0)[self.class_idx]
+        return (probability * region).sum() / region.sum().clamp(min=1)
 
 
 class DetectionSimilarity:

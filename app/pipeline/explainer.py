@@ -54,6 +54,7 @@ from app.pipeline.passes import (
     run_forward_pass,
     run_shared_cam_pass,
 )
+from app.pipeline.progress import ChainedProgress, chain_progress
 from app.pipeline.render_processes import RenderProcesses
 from app.pipeline.rendering import (
     DEFAULT_ALPHA,
@@ -353,7 +354,7 @@ class Explainer:
         task = pipeline_for(model.spec.task)
         if task is not None:  # a detector's or segmenter's checks are its task's
             for uploads, params in requests:
-                task.check(self, model, params, len(uploads))
+                task.check(self, model, params, len(uploads), job)
             return
         forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
         for uploads, params in requests:
@@ -433,7 +434,7 @@ class Explainer:
         if task is not None:
             task.check_predict_outputs(outputs)
             async with self._room_to_decode(model, uploads, picture_side=None):
-                return await task.predict(self, model, uploads, outputs)
+                return await task.predict(self, model, uploads, outputs, priority)
         if outputs:
             raise InvalidTarget(
                 f"output={outputs[0]} is for segmentation models; a classifier's /predict "
@@ -520,10 +521,17 @@ class Explainer:
         model = self.registry.get(model_name, version)
         task = pipeline_for(model.spec.task)
         if task is not None:  # a detector or a segmenter: its task's flow
-            task.check(self, model, params, len(uploads))
+            task.check(self, model, params, len(uploads), job)
             async with self._room_to_decode(model, uploads, None):
                 return await task.explain(
-                    self, model, uploads, params, progress=progress, admit=admit
+                    self,
+                    model,
+                    uploads,
+                    params,
+                    progress=progress,
+                    admit=admit,
+                    priority=priority,
+                    job=job,
                 )
         refuse_task_parameters(params)
         plans, style = self._check(model, params, len(uploads), job)
@@ -620,7 +628,7 @@ class Explainer:
         """Phase 2: the passes of every plan, one after the other (the methods that can share a
         forward in one pass, every other method alone), each batched with other requests."""
         ran = _PlansRun()
-        chained = ran.progress = None if progress is None else _ChainedProgress(progress)
+        chained = ran.progress = chain_progress(progress)
         for group in group_plans(plans):
             run = (
                 partial(run_cam_pass, model, group[0])
@@ -882,26 +890,8 @@ class _PlansRun:
     forward_s: float = 0.0
     batch_images: int = 0
     forwards: int = 0
-    progress: _ChainedProgress | None = None
+    progress: ChainedProgress | None = None
     """The request's progress over its passes; the faithfulness pass goes on counting it."""
-
-
-class _ChainedProgress:
-    """The progress of the passes of one request, one after the other, as one count: each
-    report adds what the passes before it did (their totals are known once they ran)."""
-
-    def __init__(self, progress: ProgressCallback) -> None:
-        self.progress = progress
-        self.before = 0
-        self.total = 0
-
-    def __call__(self, done: int, total: int) -> None:  # called in the pass thread
-        self.total = total
-        self.progress(self.before + done, self.before + total)
-
-    def next_pass(self) -> None:
-        self.before += self.total
-        self.total = 0
 
 
 def _scoring_forwards(params: ExplainParams, plans: Sequence[CamPlan], images: int) -> int:

@@ -14,6 +14,12 @@ metrics it named (the engine's, ``app.cam.faithfulness``):
   input, so it runs only in a job (``check`` refuses it elsewhere), and the imputation runs on
   the image threads before the pass, not in it.
 
+A classifier's map follows the probability of the class it explains. A detector's follows the
+explained detection's similarity to the detections of each perturbed input (D-RISE's: IoU x
+class agreement x score, Petsiuk et al. 2021; it starts at the detection's score), and a
+segmenter's the mean probability of its class over the explained region (the answer's
+``probability``): scores in [0, 1] both, so that the areas read as a classifier's do.
+
 Each curve is one forward of ``steps + 1`` inputs (one pass per curve and image), each ROAD
 order one of 9. These are extra forwards like the Score-CAM family's: they count toward
 ``CAMSERVE_MAX_CAM_FORWARDS`` with the methods' own, and they run in a chunked pass of their
@@ -33,7 +39,7 @@ from typing import Any
 
 import torch
 
-from app.cam import ProgressCallback
+from app.cam import ProgressCallback, Target
 from app.cam.core import Work
 from app.cam.faithfulness import (
     ROAD_PERCENTILES,
@@ -141,14 +147,28 @@ def check(
     return forwards
 
 
+ScoredBy = Sequence[int] | Sequence[Target]
+"""Per image, what a map's curves follow: the class it explains (a classifier: the class's
+probability), or its target's score in [0, 1] (a detector: the explained detection's similarity,
+``DetectionSimilarity``; a segmenter: the class's mean probability over the region,
+``RegionProbability``)."""
+
+
+def _objective(scored_by: ScoredBy) -> tuple[list[int] | None, list[Target] | None]:
+    """``scored_by`` as the engine's curves take it: (class_idx, None) or (None, targets)."""
+    if all(isinstance(c, int) for c in scored_by):
+        return [int(c) for c in scored_by], None  # type: ignore[arg-type]
+    return None, list(scored_by)  # type: ignore[arg-type]
+
+
 @dataclass(frozen=True)
 class ScoreItem:
     """One request's share of a scoring pass: its inputs and the maps to score."""
 
     batch: torch.Tensor
     """(n, C, H, W) on the CPU."""
-    maps: tuple[tuple[torch.Tensor, tuple[int, ...]], ...]
-    """Each map (n, h, w) with the class it explains in each image."""
+    maps: tuple[tuple[torch.Tensor, ScoredBy], ...]
+    """Each map (n, h, w) with what it explains in each image."""
     road: tuple[dict[str, torch.Tensor], ...] = ()
     """Per map, ROAD's imputed inputs per order ((n, P, C, H, W)), made before the pass."""
 
@@ -167,11 +187,11 @@ def run_scoring_pass(
         Work() if control is None else Work(control.progress, control.at_boundary, control.at_pause)
     )
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> Any:
         with work.pausable():
-            logits: torch.Tensor = model.module(x)
+            output = model.module(x)
         work.advance(len(x))
-        return logits
+        return output
 
     with own_pass(model), work.pause_points(model.module):
         work.begin(sum(wanted.forwards(len(i.maps), len(i.batch)) for i in items))
@@ -183,16 +203,16 @@ def _score_item(
 ) -> list[list[Faithfulness]]:
     x = item.batch.to(model.device)
     scored = []
-    for index, (cams, classes) in enumerate(item.maps):
-        cls = torch.tensor(classes, device=model.device)
+    for index, (cams, scored_by) in enumerate(item.maps):
+        classes, targets = _objective(scored_by)
         found: dict[str, list[float]] = {}
         for curve in wanted.curves:
             fractions, probs = perturbation_curve(
-                forward, x, cams, cls, curve, wanted.steps, batch_size=None
+                forward, x, cams, classes, curve, wanted.steps, batch_size=None, targets=targets
             )
             found[f"{curve}_auc"] = auc(fractions, probs).tolist()
         for order, inputs in (item.road[index] if item.road else {}).items():
-            probs = road_probabilities(forward, inputs.to(model.device), cls)
+            probs = road_probabilities(forward, inputs.to(model.device), classes, targets=targets)
             found[f"road_{order}"] = probs.mean(dim=1).tolist()
         scored.append(
             [
@@ -232,19 +252,20 @@ async def score_maps(
     model: LoadedModel,
     wanted: Scoring,
     batch: torch.Tensor,
-    maps: Sequence[tuple[torch.Tensor, Sequence[int]]],
+    maps: Sequence[tuple[torch.Tensor, ScoredBy]],
     *,
     progress: ProgressCallback | None = None,
     priority: Priority = "interactive",
     threads: Executor | None = None,
 ) -> Scored:
-    """Score ``maps`` (each (n, h, w), with its classes) of the images ``batch`` in one chunked
-    pass on the model's batcher, after ROAD's imputation (when asked) on ``threads``."""
+    """Score ``maps`` (each (n, h, w), with what it explains in each image) of the images
+    ``batch`` in one chunked pass on the model's batcher, after ROAD's imputation (when asked)
+    on ``threads``."""
     started = time.perf_counter()
     road: tuple[dict[str, Any], ...] = ()
     if wanted.road:
         road = await run_to_the_end(threads, lambda: road_item(batch, [m for m, _ in maps]))
-    item = ScoreItem(batch, tuple((cams, tuple(classes)) for cams, classes in maps), road)
+    item = ScoreItem(batch, tuple(maps), road)
     scores, _ = await batcher.submit(
         ("faithfulness", wanted),
         item,

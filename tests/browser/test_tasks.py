@@ -1,11 +1,12 @@
 """The page with a detector and a segmenter (model_store's shapes-detect and shapes-segment) in
 headless chromium: the boxes or the mask drawn over the image after /predict, and a click on a
-box or a class explaining it."""
+box or a class explaining it, with its faithfulness scores when asked for."""
 
 from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -214,6 +215,29 @@ def test_a_segmenters_mask_is_drawn_and_a_class_explains_its_region(
         " && !document.querySelector('#explain').disabled"
     )
     assert last_explain(page)["class_idx"] == str(other["class_idx"])
+    assert shown.errors == [] and failures(shown) == []
+
+
+def test_the_faithfulness_box_scores_an_explained_box(shown: Watched) -> None:
+    page = shown.page
+    record_forms(page)
+    open_with(page, "shapes-detect")
+    assert page.is_visible("#faithfulness")
+    page.check("#faithfulness")
+    page.locator("#task-list button").nth(0).click()
+    wait_for_card(page)
+    sent = last_explain(page)
+    assert sent["box"] == "0" and sent["faithfulness"] == "deletion,insertion"
+    line = page.locator(f"{MAPS} .faithfulness").inner_text()
+    found = re.fullmatch(
+        r"deletion AUC (\d\.\d{3}) \(lower is better\) · insertion AUC (\d\.\d{3}) "
+        r"\(higher is better\)",
+        line,
+    )
+    assert found, line
+    # shapes-detect is trained: its top box's Grad-CAM deletes the shape faster than it comes
+    # back in the insertion curve.
+    assert float(found[1]) < float(found[2])
     assert shown.errors == [] and failures(shown) == []
 
 

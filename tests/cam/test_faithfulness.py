@@ -15,11 +15,13 @@ from app.cam.faithfulness import (
     gaussian_blur,
     insertion_auc,
     insertion_curve,
+    perturbation_curve,
     randomization_check,
     randomize_model,
     rankdata,
     spearman_correlation,
 )
+from app.cam.task_targets import DetectionSimilarity
 
 
 class CountingModel(nn.Module):
@@ -121,6 +123,78 @@ def test_perturbation_rejects_bad_arguments() -> None:
         deletion_curve(model, torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2), [0], n_steps=0)
     with pytest.raises(ValueError):
         deletion_curve(model, torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2), [0], baseline="x")
+
+
+class BoxDetector(nn.Module):
+    """A detector's output from a one-channel image: one detection per image, the box of the
+    kept (non-zero) pixels of ``region``, its score the share of the region kept."""
+
+    def __init__(self, region: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("region", region.bool())
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        found = []
+        for image in x:
+            kept = (image[0] != 0) & self.region
+            share = kept.sum().float() / self.region.sum()
+            rows, cols = torch.nonzero(kept if kept.any() else self.region, as_tuple=True)
+            box = torch.stack([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]).float()
+            found.append({"boxes": box[None], "labels": torch.tensor([1]), "scores": share[None]})
+        return found
+
+
+def test_curves_follow_targets_as_they_follow_classes() -> None:
+    """``targets=`` in place of ``class_idx``: a target that reads the class's probability
+    draws the same curves; a detection's similarity draws a detector's."""
+    model = CountingModel(torch.ones(4, 4))
+    images = torch.ones(2, 1, 4, 4)
+    sal = torch.cat([_ramp_map(4, 4), _ramp_map(4, 4).flip(-1)])
+    for mode in ("deletion", "insertion"):
+        by_class = perturbation_curve(model, images, sal, [0, 1], mode, 4, "zeros")
+        by_target = perturbation_curve(
+            model,
+            images,
+            sal,
+            None,
+            mode,
+            4,
+            "zeros",
+            targets=[lambda o: o.softmax(-1)[0], lambda o: o.softmax(-1)[1]],
+        )
+        assert torch.equal(by_class[0], by_target[0])
+        assert torch.allclose(by_class[1], by_target[1], atol=1e-6)
+    assert torch.allclose(
+        deletion_auc(model, images, sal, None, 4, targets=lambda o: o.softmax(-1)[0]),
+        deletion_auc(model, images, sal, [0, 0], 4),
+        atol=1e-6,
+    )
+    region = torch.zeros(4, 4)
+    region[:2] = 1
+    detector = BoxDetector(region)
+    target = DetectionSimilarity(torch.tensor([0.0, 0.0, 4.0, 2.0]), 1)
+    image = torch.ones(1, 1, 4, 4)
+    f, p = deletion_curve(detector, image, _ramp_map(4, 4), None, 4, targets=target)
+    # The map deletes the region's top row first, then its bottom row: the box of what is left
+    # is half the region (IoU 1/2), then gone; the score falls with it.
+    assert torch.allclose(p, torch.tensor([[1.0, 0.25, 0.0, 0.0, 0.0]]))
+    f, p = insertion_curve(
+        detector, image, _ramp_map(4, 4), None, 4, torch.zeros(1), targets=target
+    )
+    assert torch.allclose(p, torch.tensor([[0.0, 0.25, 1.0, 1.0, 1.0]]))
+
+
+def test_curves_take_classes_or_targets_not_both() -> None:
+    model = CountingModel(torch.ones(2, 2))
+    image, sal = torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2)
+    with pytest.raises(ValueError, match="either class_idx"):
+        deletion_curve(model, image, sal, None)
+    with pytest.raises(ValueError, match="either class_idx"):
+        deletion_curve(model, image, sal, [0], targets=lambda o: o[0])
+    with pytest.raises(ValueError, match="2 callables but the batch has 1"):
+        deletion_curve(model, image, sal, None, targets=[lambda o: o[0]] * 2)
+    with pytest.raises(ValueError, match="scalar tensor"):
+        deletion_curve(model, image, sal, None, targets=lambda o: o)
 
 
 def test_rankdata_averages_ties() -> None:
@@ -276,6 +350,10 @@ def test_road_ranks_a_map_of_the_evidence_above_its_reverse() -> None:
     # At 20 % (115 of 576 pixels) the good map's MoRF removed the whole 8x8 region: the fill
     # comes from the zeros around it, so the evidence is gone; the reverse map removed zeros.
     assert morf_good[0, 1] < 0.05 < 0.95 < morf_bad[0, 1]
+    by_target = road_curve(
+        model, image, good, None, "morf", noise_std=0.0, targets=lambda o: o.softmax(-1)[0]
+    )
+    assert torch.allclose(by_target, morf_good, atol=1e-6)
     inputs = road_inputs(image, good, "lerf", (10, 50))
     assert inputs.shape == (1, 2, 3, 24, 24)
     with pytest.raises(ValueError, match="order"):

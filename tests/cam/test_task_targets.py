@@ -1,11 +1,14 @@
-"""BoxScore and RegionScore: the score of a matched box, the logits of a class over a region."""
+"""BoxScore, RegionScore and RegionProbability: the score of a matched box, the logits and the
+mean probability of a class over a region."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from app.cam.task_targets import BoxScore, RegionScore, box_iou
+from app.cam.task_targets import BoxScore, RegionProbability, RegionScore, box_iou
 
 
 def _output() -> dict[str, torch.Tensor]:
@@ -55,3 +58,13 @@ def test_region_score_sums_the_class_logits_inside() -> None:
     region[2, 3] = True
     assert float(RegionScore(1, region)(logits)) == 12 + 13 + 23
     assert float(RegionScore(0, region)(logits)) == 0 + 1 + 11
+
+
+def test_region_probability_is_the_mean_class_probability_inside() -> None:
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]], [[0.0, 1.0], [0.0, 0.0]]])  # (2, 2, 2)
+    region = torch.tensor([[True, True], [True, False]])
+    # class 1 per pixel: 1/2, e/(1+e), 1/(1+e^2); the fourth pixel is outside.
+    expected = (0.5 + math.e / (1 + math.e) + 1 / (1 + math.e**2)) / 3
+    assert float(RegionProbability(1, region)(logits)) == pytest.approx(expected, abs=1e-6)
+    both = float(RegionProbability(0, region)(logits)) + float(RegionProbability(1, region)(logits))
+    assert both == pytest.approx(1.0, abs=1e-6)

@@ -41,7 +41,6 @@ function taskColour(classIdx) {
 function taskModelChosen() {
   clearTaskView();
   const task = isTaskModel();
-  $("faithfulness").closest(".row").hidden = task;
   $("class-reset").textContent = !task ? "Back to top-1"
     : modelTask() === "detection" ? "Back to the top box" : "Back to the largest shape";
   if (task) taskPredict();
@@ -66,7 +65,6 @@ function clearTaskView() {
 function taskFields(form) {
   if (!isTaskModel()) return;
   form.delete("class_idx");
-  form.delete("faithfulness");
   form.delete("top_k");
   const pick = taskState.pick;
   if (modelTask() === "detection") {

@@ -30,11 +30,12 @@ from app.models.device import synchronize
 from app.models.loading import LoadedModel
 from app.models.tasks import task_of
 from app.observability.context import note_work
-from app.pipeline import checks
+from app.pipeline import checks, faithfulness
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher, PassControl, PassInfo
 from app.pipeline.decoding import DecodedImage, Upload
 from app.pipeline.passes import CamPlan, group_plans, own_pass
+from app.pipeline.progress import ChainedProgress, chain_progress
 from app.pipeline.rendering import (
     OUTPUT_FORMATS,
     RenderBudget,
@@ -51,6 +52,7 @@ from app.pipeline.results import (
     PredictResult,
     PredictTimings,
 )
+from app.pipeline.scheduling import Priority
 from app.pipeline.tasks.common import Outline, decode_whole, render_map
 from app.pipeline.tasks.maps import (
     LayerMaps,
@@ -94,6 +96,8 @@ class ExplainParams(Protocol):
     @property
     def faithfulness(self) -> tuple[str, ...]: ...
     @property
+    def faithfulness_steps(self) -> int: ...
+    @property
     def boxes(self) -> tuple[str, ...]: ...
     @property
     def region(self) -> str | None: ...
@@ -135,6 +139,8 @@ class Explained:
     """(layer, kind, (h, w) on the CPU): one per layer, then their fusion (several layers)."""
     fields: dict[str, Any]
     """Explanation fields besides method and maps (class_idx, label, logit, box, ...)."""
+    judged_by: Target
+    """What its maps' faithfulness curves follow (``Wanted.judged_by``)."""
     outlines: list[Outline] = field(default_factory=list)
     cam_s: float = 0.0
 
@@ -151,6 +157,9 @@ class Wanted:
 
     target: Callable[[CamPlan], Target]
     fields: dict[str, Any]
+    judged_by: Target
+    """The score in [0, 1] that its maps' faithfulness curves follow (a detection's
+    similarity, a region's class probability: ``app.pipeline.faithfulness``)."""
     outlines: list[Outline] = field(default_factory=list)
 
 
@@ -205,6 +214,7 @@ def _keep(
                     plan,
                     [(m.layer, m.kind, m.cams[i]) for m in named],
                     w[rank].fields,
+                    w[rank].judged_by,
                     w[rank].outlines,
                     share,
                 )
@@ -382,11 +392,12 @@ class TaskPipeline:
         items: Sequence[TaskItem],
         run: Callable[[Sequence[Any], PassControl], Sequence[Any]],
         plans: Sequence[CamPlan] = (),
-        progress: ProgressCallback | None = None,
+        progress: ChainedProgress | None = None,
+        priority: Priority = "interactive",
     ) -> tuple[list[Any], list[PassInfo]]:
         """Every image to the model's batcher (admitted, unless ``admit`` is False): images of
         one size under one ``key`` may share a pass, with each other and with other
-        requests'."""
+        requests'. A long (chunked) pass at a time, its progress counted on from the last."""
         batcher = explainer.batcher(model)
         chunked = any(plan.chunked for plan in plans)
         batchable = all(plan.batchable for plan in plans)
@@ -394,14 +405,20 @@ class TaskPipeline:
         async def one(item: TaskItem) -> tuple[Any, PassInfo]:
             size = tuple(item.decoded.tensor.shape)
             return await batcher.submit(
-                (key, size), item, 1, run, batchable, progress, chunked=chunked
+                (key, size), item, 1, run, batchable, progress, chunked=chunked, priority=priority
             )
 
         with explainer.limiter.admit() if admit else nullcontext():
             if chunked:  # a long pass at a time: the request's images one after the other
-                done = [await one(item) for item in items]
+                done = []
+                for item in items:
+                    done.append(await one(item))
+                    if progress is not None:
+                        progress.next_pass()
             else:
                 done = list(await asyncio.gather(*(one(item) for item in items)))
+                if progress is not None:
+                    progress.next_pass()
         return [result for result, _ in done], [info for _, info in done]
 
     async def _decode(
@@ -432,6 +449,7 @@ class TaskPipeline:
         model: LoadedModel,
         uploads: Sequence[Upload],
         outputs: Sequence[str] = (),
+        priority: Priority = "interactive",
     ) -> PredictResponse:
         started = time.perf_counter()
         decoded, decode_s = await self._decode(explainer, model, uploads)
@@ -443,6 +461,7 @@ class TaskPipeline:
             ("task-forward", self.task),
             items,
             partial(self._predict_pass, model),
+            priority=priority,
         )
         answers = [answer for answer, _ in done]
         forward_s = max(seconds for _, seconds in done)
@@ -478,15 +497,17 @@ class TaskPipeline:
         )
 
     def check(
-        self, explainer: Explainer, model: LoadedModel, params: ExplainParams, images: int
+        self,
+        explainer: Explainer,
+        model: LoadedModel,
+        params: ExplainParams,
+        images: int,
+        job: bool = False,
     ) -> tuple[list[CamPlan], RenderStyle]:
-        """Every parameter against the model and the task, before any pixel is decoded."""
+        """Every parameter against the model and the task, before any pixel is decoded
+        (``job``: the request runs as a job, where what only jobs may ask for is allowed)."""
         task = task_of(model.spec.task)
-        for name, value in (
-            ("classes", params.classes),
-            ("top_classes", params.top_classes),
-            ("faithfulness", params.faithfulness),
-        ):
+        for name, value in (("classes", params.classes), ("top_classes", params.top_classes)):
             if value:
                 pick = "box" if model.spec.task == "detection" else "class_idx with region"
                 raise InvalidTarget(
@@ -518,6 +539,14 @@ class TaskPipeline:
         )
         style = RenderStyle.of(params, explainer.max_output_side)
         plans = CamPlan.each(methods, per_method, layers, params.normalized)
+        faithfulness.check(
+            faithfulness.scoring(params.faithfulness, params.faithfulness_steps),
+            per_image * sum(maps_per_explanation(plan) for plan in plans),
+            images,
+            checks.plans_forwards(model, plans, images, per_image),
+            explainer.max_cam_forwards,
+            job,
+        )
         return plans, style
 
     async def explain(
@@ -529,9 +558,15 @@ class TaskPipeline:
         *,
         progress: ProgressCallback | None = None,
         admit: bool = True,
+        priority: Priority = "interactive",
+        job: bool = False,
     ) -> ExplainResponse:
+        """The request's explanations: its images' passes, the faithfulness stage when asked
+        for, and the drawing. ``progress`` counts every pass of the request as one count;
+        ``priority``: its class on the model (``app.pipeline.scheduling``); ``job``: it runs as
+        a job."""
         started = time.perf_counter()
-        plans, style = self.check(explainer, model, params, len(uploads))
+        plans, style = self.check(explainer, model, params, len(uploads), job)
         decoded, decode_s = await self._decode(explainer, model, uploads)
         if explainer.render_budget is not None and style.draws_pictures:
             sizes = tuple(d.original_size for d in decoded)
@@ -541,6 +576,7 @@ class TaskPipeline:
             explainer.render_budget.check(
                 render_cost(sizes, per_image, style, tuple(decoded[0].tensor.shape[-2:]))  # type: ignore[arg-type]
             )
+        chained = chain_progress(progress)
         runs, infos = await self._submit_each(
             explainer,
             model,
@@ -549,14 +585,18 @@ class TaskPipeline:
             [TaskItem(image, i, params) for i, image in enumerate(decoded)],
             partial(self._explain_pass, model, plans),
             plans,
-            progress,
+            chained,
+            priority,
         )
         queue_s = max(info.queue_s for info in infos)
+        scored = await self._score(explainer, model, params, decoded, runs, chained, priority)
         encode_started = time.perf_counter()
         results = await run_to_the_end(
             explainer.render_threads, lambda: self._results(model, decoded, runs, style)
         )
         encode_s = time.perf_counter() - encode_started
+        for result, image_scored in zip(results, scored, strict=True):
+            faithfulness.attach([result], image_scored)
         forward_s = sum(run.forward_s for run in runs)
         cam_s = sum(run.cam_s for run in runs)
         note_work(
@@ -596,6 +636,11 @@ class TaskPipeline:
                 total_ms=_ms(time.perf_counter() - started),
                 batch_images=max(info.batch_images for info in infos),
                 forwards=pass_forwards(runs),
+                faithfulness_ms=(
+                    None
+                    if not any(scored)
+                    else _ms(sum(one.seconds for one in scored if one is not None))
+                ),
                 cam_ms_by_method={
                     plan.method: _ms(
                         sum(e.cam_s for run in runs for e in run.explained if e.plan == plan)
@@ -605,6 +650,48 @@ class TaskPipeline:
             ),
             results=results,
         )
+
+    async def _score(
+        self,
+        explainer: Explainer,
+        model: LoadedModel,
+        params: ExplainParams,
+        decoded: Sequence[DecodedImage],
+        runs: Sequence[ImageRun],
+        progress: ChainedProgress | None,
+        priority: Priority,
+    ) -> list[faithfulness.Scored | None]:
+        """The faithfulness stage (``app.pipeline.faithfulness``), when asked for: each image's
+        maps, in the answer's order, scored in a pass of its own after the CAM passes (a task's
+        images may differ in size, so they are no one batch); None for an image without."""
+        wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
+        if wanted is None:
+            return [None] * len(runs)
+        scored: list[faithfulness.Scored | None] = []
+        for image, run in zip(decoded, runs, strict=True):
+            maps = [
+                (cam[None], (explained.judged_by,))
+                for explained in run.explained
+                for _, _, cam in explained.maps
+            ]
+            if not maps:
+                scored.append(None)
+                continue
+            scored.append(
+                await faithfulness.score_maps(
+                    explainer.batcher(model),
+                    model,
+                    wanted,
+                    image.tensor[None],
+                    maps,
+                    progress=progress,
+                    priority=priority,
+                    threads=explainer.image_threads,
+                )
+            )
+            if progress is not None:
+                progress.next_pass()
+        return scored
 
     def _results(
         self,

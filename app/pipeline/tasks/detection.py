@@ -1,7 +1,7 @@
 """Detection: /predict answers the boxes; /explain explains boxes (``box=K``, repeatable, or
 ``box=all``), each by the score of its class on the box that matches it on the explained pass
 (``app.cam.task_targets.BoxScore``); D-RISE by the similarity of each masked image's detections
-to it (``DetectionSimilarity``)."""
+to it (``DetectionSimilarity``), which the faithfulness curves of every method follow too."""
 
 from __future__ import annotations
 
@@ -146,6 +146,7 @@ class DetectionPipeline(TaskPipeline):
                         "score": found.score,
                         "detection": k,
                     },
+                    DetectionSimilarity.of(output, rows[k]),
                     [Outline(found.box, f"{found.label} {found.score:.2f}")],
                 )
             )

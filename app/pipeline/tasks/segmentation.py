@@ -2,7 +2,8 @@
 /explain explains ``class_idx`` over ``region``: ``mask`` (the class's predicted mask, the
 default), ``box:x0,y0,x1,y1`` (upload pixels) or ``png:<base64>`` (an uploaded mask of the
 upload's size, non-zero inside), by the sum of the class's logits there
-(``app.cam.task_targets.RegionScore``)."""
+(``app.cam.task_targets.RegionScore``); its faithfulness curves follow the class's mean
+probability there (``RegionProbability``, the answer's ``probability``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.cam.task_targets import RegionScore
+from app.cam.task_targets import RegionProbability, RegionScore
 from app.errors import InvalidTarget
 from app.models.loading import LoadedModel
 from app.pipeline import checks
@@ -207,7 +208,8 @@ class SegmentationPipeline(TaskPipeline):
         inside = out_mask.to(logits.device)
         area = max(1, int(inside.sum()))
         mean_logit = float((logits[class_idx] * inside).sum() / area)
-        probability = float((logits.softmax(0)[class_idx] * inside).sum() / area)
+        judged_by = RegionProbability(class_idx, out_mask)
+        probability = float(judged_by(logits))
         label = model.labels[class_idx]
         target = RegionScore(class_idx, out_mask)
         return {"segments": found}, [
@@ -221,6 +223,7 @@ class SegmentationPipeline(TaskPipeline):
                     "box": bounds,
                     "region": MASK if region == MASK else region.split(":")[0],
                 },
+                judged_by,
                 [Outline(bounds, f"{label} {probability:.2f}")],
             )
         ]

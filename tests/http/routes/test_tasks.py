@@ -172,7 +172,7 @@ def test_the_overlay_draws_the_explained_box(client: TestClient) -> None:
         ({"region": "mask"}, "region is for segmentation models"),
         ({"class_idx": "1"}, "class_idx does not apply to a detector"),
         ({"top_classes": "2"}, "top_classes is for classifiers; 'det' is a detection model"),
-        ({"faithfulness": "deletion"}, "faithfulness is for classifiers"),
+        ({"classes": "1,2"}, "classes is for classifiers; 'det' is a detection model"),
     ],
 )
 def test_detection_bad_input_is_a_400(client: TestClient, data: dict[str, str], words: str) -> None:

@@ -1,0 +1,229 @@
+"""Faithfulness scores for a detector's and a segmenter's maps (the shipped, trained
+``shapes-detect`` and ``shapes-segment``): every map of every box or region is scored, the scores
+are the engine's curves of the answer's own map with the task's score (a detection's similarity,
+a region's class probability), computed again here from the model alone; a map that points at
+the object deletes it faster than its reverse; the budget and ROAD's job-only rule hold; a job
+scores at the background priority and its progress counts the scoring forwards."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.cam.faithfulness import auc, perturbation_curve
+from app.cam.task_targets import DetectionSimilarity, RegionProbability
+from app.http.app import create_app
+from app.models.loading import LoadedModel, load_model
+from app.models.manifest import parse_manifest
+from app.models.zoo.shapes_dataset import make_pairs
+from app.pipeline.batching import Batcher
+from app.pipeline.decoding import Upload
+from app.pipeline.tasks.common import decode_whole
+from app.pipeline.tasks.detection import kept
+from app.pipeline.tasks.segmentation import _to_output, region_mask, upload_labels
+from app.settings import Settings
+from tests.conftest import assert_error, wait_ready
+
+ROOT = Path(__file__).resolve().parents[3]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    store = tmp_path_factory.mktemp("task-faithfulness")
+    for name in ("shapes-detect", "shapes-segment"):
+        shutil.copytree(ROOT / "model_store" / name, store / name)
+    settings = Settings(model_store=store, default_model="shapes-detect", device="cpu", cache_mb=0)
+    with TestClient(create_app(settings)) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def _scene(index: int, size: int = 64) -> bytes:
+    images, _, _ = make_pairs(3, 2026, 64)
+    picture = Image.fromarray(images[index])
+    if size != 64:
+        picture = picture.resize((size, size))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _explain(client: TestClient, model: str, scenes: list[bytes], **data: str) -> Any:
+    files = [("file", (f"s{i}.png", scene, "image/png")) for i, scene in enumerate(scenes)]
+    response = client.post(
+        "/explain",
+        files=files,
+        data={
+            "model": model,
+            "output": "raw",
+            "faithfulness": "deletion,insertion",
+            "faithfulness_steps": str(STEPS),
+            **data,
+        },
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _model(name: str) -> LoadedModel:
+    return load_model(parse_manifest(ROOT / "model_store" / name), torch.device("cpu"))
+
+
+def _aucs(model: LoadedModel, x: torch.Tensor, raw: dict[str, Any], target: Any) -> list[float]:
+    cam = torch.tensor(raw["values"], dtype=torch.float32)[None]
+    found = []
+    for mode in ("deletion", "insertion"):
+        curve = perturbation_curve(
+            model.module, x, cam, None, mode, STEPS, batch_size=None, targets=target
+        )
+        found.append(float(auc(*curve)[0]))
+    return found
+
+
+def test_every_box_map_is_scored_by_the_detections_similarity(client: TestClient) -> None:
+    scenes = [_scene(0), _scene(1, size=80)]  # two sizes: each image is scored on its own
+    answer = _explain(client, "shapes-detect", scenes, box="all", method="GradCAM,LayerCAM")
+    assert answer["timings"]["faithfulness_ms"] > 0
+    model = _model("shapes-detect")
+    checked = 0
+    for scene, result in zip(scenes, answer["results"], strict=True):
+        decoded = decode_whole(Upload("s.png", scene), model.spec, 10**6)
+        x = decoded.tensor[None]
+        with torch.inference_mode():
+            output = model.module(x)[0]
+        rows = kept(model, output)
+        explanations = result["explanations"]
+        assert {e["method"] for e in explanations} == {"GradCAM", "LayerCAM"}
+        assert len(explanations) == 2 * len(result["detections"]) > 0
+        for explanation in explanations:
+            row = rows[explanation["detection"]]
+            target = DetectionSimilarity.of(output, row)
+            # The curve starts at the detection itself: its similarity is its score.
+            assert float(target(output)) == pytest.approx(explanation["score"], abs=1e-6)
+            for one in explanation["maps"]:
+                scores = one["faithfulness"]
+                assert scores["steps"] == STEPS
+                deletion, insertion = _aucs(model, x, one["raw"], target)
+                assert scores["deletion_auc"] == pytest.approx(deletion, abs=1e-5)
+                assert scores["insertion_auc"] == pytest.approx(insertion, abs=1e-5)
+                assert 0.0 <= scores["deletion_auc"] <= 1.0
+                assert 0.0 <= scores["insertion_auc"] <= 1.0
+                checked += 1
+    assert checked >= 4
+
+
+def test_a_map_on_the_object_deletes_it_faster_than_its_reverse(client: TestClient) -> None:
+    """The scores rank maps: the answer's map (on the object, for a trained detector) against
+    the same map reversed, each scored by the engine with the same target."""
+    answer = _explain(client, "shapes-detect", [_scene(0)], box="0", method="GradCAM")
+    explanation = answer["results"][0]["explanations"][0]
+    model = _model("shapes-detect")
+    decoded = decode_whole(Upload("s.png", _scene(0)), model.spec, 10**6)
+    x = decoded.tensor[None]
+    with torch.inference_mode():
+        output = model.module(x)[0]
+    target = DetectionSimilarity.of(output, kept(model, output)[0])
+    raw = explanation["maps"][0]["raw"]
+    reversed_raw = {"values": (-torch.tensor(raw["values"])).tolist()}
+    deletion, insertion = _aucs(model, x, raw, target)
+    reversed_deletion, reversed_insertion = _aucs(model, x, reversed_raw, target)
+    assert explanation["maps"][0]["faithfulness"]["deletion_auc"] == pytest.approx(deletion, 1e-5)
+    assert deletion < reversed_deletion
+    assert insertion > reversed_insertion
+
+
+def test_a_region_map_is_scored_by_the_class_probability_there(client: TestClient) -> None:
+    scene = _scene(2)
+    answer = _explain(client, "shapes-segment", [scene], method="LayerCAM")
+    explanation = answer["results"][0]["explanations"][0]
+    model = _model("shapes-segment")
+    decoded = decode_whole(Upload("s.png", scene), model.spec, 10**6)
+    x = decoded.tensor[None]
+    with torch.inference_mode():
+        output = model.module(x)[0]
+    class_idx = explanation["class_idx"]
+    mask = region_mask("mask", decoded, upload_labels(decoded, output), class_idx)
+    target = RegionProbability(class_idx, _to_output(mask, tuple(output.shape[-2:])))
+    assert float(target(output)) == pytest.approx(explanation["probability"], abs=1e-6)
+    (one,) = explanation["maps"]
+    deletion, insertion = _aucs(model, x, one["raw"], target)
+    assert one["faithfulness"]["deletion_auc"] == pytest.approx(deletion, abs=1e-5)
+    assert one["faithfulness"]["insertion_auc"] == pytest.approx(insertion, abs=1e-5)
+
+
+def test_the_scoring_forwards_count_against_the_budget(client: TestClient) -> None:
+    limit = client.app.state.explainer.max_cam_forwards  # type: ignore[attr-defined]
+    steps = 64
+    # box=all: up to 10 boxes, 2 curves of 65 forwards each per map.
+    data = {"faithfulness": "deletion,insertion", "faithfulness_steps": str(steps), "box": "all"}
+    images = limit // (10 * 2 * (steps + 1)) + 1
+    files = [("file", (f"s{i}.png", _scene(0), "image/png")) for i in range(images)]
+    response = client.post("/explain", files=files, data={"model": "shapes-detect", **data})
+    message = assert_error(response, 422, "over_budget")
+    assert "Scoring faithfulness (deletion, insertion)" in message
+
+
+def test_road_on_a_task_runs_only_as_a_job(client: TestClient) -> None:
+    files = [("file", ("s.png", _scene(0), "image/png"))]
+    data = {"model": "shapes-segment", "faithfulness": "road"}
+    response = client.post("/explain", files=files, data=data)
+    assert "runs only as a job" in assert_error(response, 400, "bad_request")
+    view = _job(client, data)
+    scores = view["result"]["results"][0]["explanations"][0]["maps"][0]["faithfulness"]
+    assert 0.0 <= scores["road_morf"] <= 1.0 and 0.0 <= scores["road_lerf"] <= 1.0
+    assert scores["road_percentiles"] == [10, 20, 30, 40, 50, 60, 70, 80, 90]
+
+
+def _job(client: TestClient, data: dict[str, str]) -> Any:
+    files = [("file", ("s.png", _scene(0), "image/png"))]
+    created = client.post("/jobs", files=files, data=data)
+    assert created.status_code in (200, 201, 202), created.text
+    url = created.json()["url"]
+    for _ in range(1200):
+        view = client.get(url).json()
+        if view["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.05)
+    assert view["status"] == "succeeded", view
+    return view
+
+
+def test_a_task_job_runs_in_the_background_class_and_counts_its_scoring(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A detector's job waits behind interactive requests as a classifier's does: its CAM
+    passes and its scoring pass are submitted as background work; its progress ends at the
+    forwards of both (D-RISE's masks, then 2 curves of STEPS + 1)."""
+    seen: list[tuple[str, bool]] = []
+    submit = Batcher.submit
+
+    async def recording(self: Batcher, *args: Any, **kwargs: Any) -> Any:
+        seen.append((kwargs.get("priority", "interactive"), bool(kwargs.get("chunked"))))
+        return await submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Batcher, "submit", recording)
+    masks = 40
+    data = {
+        "model": "shapes-detect",
+        "box": "0",
+        "method": "DRISE",
+        "masks": str(masks),
+        "faithfulness": "deletion,insertion",
+        "faithfulness_steps": str(STEPS),
+    }
+    view = _job(client, data)
+    assert seen and all(priority == "background" for priority, _ in seen)
+    assert len(seen) == 2  # the D-RISE pass, then the scoring pass
+    progress = view["progress"]
+    assert progress["done"] == progress["total"]
+    assert progress["total"] >= masks + 2 * (STEPS + 1)
