@@ -38,10 +38,11 @@ from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.params import OPTION_NAMES, build_params, unknown_name
-from app.pipeline.results import ExplainResponse, MapOutput, Prediction
+from app.pipeline.results import ExplainResponse, Prediction
 from app.pipeline.scheduling import Priority
 from app.protocols.binary import SIZE, bytes_elements
 from app.protocols.images import EXAMPLE_IMAGE_B64, decode_images, pixel_images
+from app.protocols.oip_maps import map_tensor
 from app.protocols.oip_tasks import (
     MASK,
     TASK_OUTPUT_NAMES,
@@ -694,47 +695,15 @@ def _cams(answer: ExplainResponse) -> OutputTensor:
     each image gives one map per class, image by image: the rows are images x classes, and
     ``class_idx`` lists the class of each row."""
     explained = [e for result in answer.results for e in result.explanations]
-    maps = [e.maps[-1] for e in explained]
     per_image = len(answer.results[0].explanations)
-    raws = [m.model_dump(include={"raw"})["raw"] for m in maps]
-    options = {
-        name: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
-        for name, value in answer.options.items()
-    }
-    return OutputTensor(
-        name=CAM,
-        datatype="FP32",
-        shape=(len(raws), *raws[0]["shape"]),
-        values=[value for raw in raws for row in raw["values"] for value in row],
-        parameters={
-            "method": answer.method,
-            "layer": maps[0].layer,
-            "target_layers": ",".join(answer.target_layers),
+    return map_tensor(
+        CAM,
+        answer,
+        {
             "class_idx": ",".join(str(e.class_idx) for e in explained),
-            "normalized": raws[0]["normalized"],
             **({"classes_per_image": per_image} if per_image > 1 else {}),
-            **options,
-            **_scores(maps),
         },
     )
-
-
-def _scores(maps: Sequence[MapOutput]) -> dict[str, Any]:
-    """The maps' faithfulness scores (when asked for), each as one value per image separated by
-    commas, like ``class_idx``: a parameter holds no list."""
-    scored = [m.faithfulness for m in maps]
-    if any(score is None for score in scored):
-        return {}
-    fields = [s.model_dump(exclude_none=True) for s in scored if s is not None]
-    shown: dict[str, Any] = {}
-    for name, value in fields[0].items():
-        if name in ("steps", "road_percentiles"):
-            shown[f"faithfulness_{name}" if name == "steps" else name] = (
-                value if name == "steps" else ",".join(map(str, value))
-            )
-        else:
-            shown[name] = ",".join(str(f[name]) for f in fields)
-    return shown
 
 
 def _check_concepts_wanted(default_method: str, inference: Inference) -> None:

@@ -7,7 +7,8 @@
   image (with several images, ``detections_per_image`` says how many rows each has);
 - segmentation: ``mask`` (INT32 [N, H, W]: each pixel's predicted class, at the upload's size);
 - both: the map of what was explained (``box``; ``class_idx`` over ``region``) as ``cam`` (FP32
-  [E, h, w], one row per explanation, image after image), built here too.
+  [E, h, w], one row per explanation, image after image: ``app.protocols.oip_maps``), with what
+  each row explains, and its faithfulness scores when asked for.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import base64
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from app.errors import BadRequest
 from app.pipeline.results import ExplainResponse, ExplainResult, PredictResult
+from app.protocols.oip_maps import map_tensor
 from app.protocols.tensors import Datatype, OutputTensor
 
 BOXES, SCORES, LABELS, MASK = "boxes", "scores", "labels", "mask"
@@ -111,10 +112,9 @@ def _one_size(name: str, shapes: Sequence[tuple[int, ...]]) -> None:
 
 
 def task_cam(name: str, answer: ExplainResponse) -> OutputTensor:
-    """The explained maps (the fused one when there are several layers), one row per
-    explanation, with what each explains as comma-separated parameters: ``class_idx``, and a
-    detector's ``detection`` (its index in ``boxes``) and ``score``, a segmenter's
-    ``region``; ``explanations_per_image`` with several images."""
+    """The explained maps (``map_tensor``), with what each explains as comma-separated
+    parameters: ``class_idx``, and a detector's ``detection`` (its index in ``boxes``) and
+    ``score``, a segmenter's ``region``; ``explanations_per_image`` with several images."""
     explained = [e for result in answer.results for e in result.explanations]
     raws = [e.maps[-1].model_dump(include={"raw"})["raw"] for e in explained]
     _one_size(name, [tuple(raw["shape"]) for raw in raws])
@@ -126,20 +126,10 @@ def task_cam(name: str, answer: ExplainResponse) -> OutputTensor:
         return {field: ",".join(map(str, values))}
 
     per_image = [len(result.explanations) for result in answer.results]
-    options: dict[str, Any] = {
-        option: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
-        for option, value in answer.options.items()
-    }
-    return OutputTensor(
-        name=name,
-        datatype="FP32",
-        shape=(len(raws), *raws[0]["shape"]),
-        values=[value for raw in raws for row in raw["values"] for value in row],
-        parameters={
-            "method": answer.method,
-            "layer": explained[0].maps[-1].layer,
-            "target_layers": ",".join(answer.target_layers),
-            "normalized": raws[0]["normalized"],
+    return map_tensor(
+        name,
+        answer,
+        {
             **listed("class_idx"),
             **listed("detection"),
             **listed("score"),
@@ -149,6 +139,5 @@ def task_cam(name: str, answer: ExplainResponse) -> OutputTensor:
                 if len(per_image) > 1
                 else {}
             ),
-            **options,
         },
     )

@@ -7,6 +7,7 @@ scores at the background priority and its progress counts the scoring forwards."
 
 from __future__ import annotations
 
+import base64
 import io
 import shutil
 import time
@@ -227,3 +228,38 @@ def test_a_task_job_runs_in_the_background_class_and_counts_its_scoring(
     progress = view["progress"]
     assert progress["done"] == progress["total"]
     assert progress["total"] >= masks + 2 * (STEPS + 1)
+
+
+def test_oip_and_kserve_carry_the_scores_of_explain(client: TestClient) -> None:
+    """OIP's ``cam`` output lists each row's scores as parameters (comma-separated, as its
+    ``detection`` and ``score``); KServe's ``:explain`` answers them in every map, as /explain."""
+    scene = _scene(0)
+    explained = _explain(client, "shapes-detect", [scene], box="all")
+    rows = explained["results"][0]["explanations"]
+    expected = {
+        name: [e["maps"][-1]["faithfulness"][name] for e in rows]
+        for name in ("deletion_auc", "insertion_auc")
+    }
+    b64 = base64.b64encode(scene).decode()
+    parameters = {"faithfulness": "deletion,insertion", "faithfulness_steps": STEPS, "box": "all"}
+    body = {
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
+        "outputs": [{"name": "cam"}],
+        "parameters": parameters,
+    }
+    response = client.post("/v2/models/shapes-detect/infer", json=body)
+    assert response.status_code == 200, response.text
+    (cam,) = [o for o in response.json()["outputs"] if o["name"] == "cam"]
+    shown = cam["parameters"]
+    assert shown["faithfulness_steps"] == STEPS
+    assert shown["detection"] == ",".join(str(e["detection"]) for e in rows)
+    for name, values in expected.items():
+        got = [float(v) for v in shown[name].split(",")]
+        assert got == pytest.approx(values, abs=1e-6)
+    instance = {"image": {"b64": b64}, **parameters}
+    response = client.post("/v1/models/shapes-detect:explain", json={"instances": [instance]})
+    assert response.status_code == 200, response.text
+    answered = response.json()["explanations"][0]["explanations"]
+    for name, values in expected.items():
+        got = [e["maps"][-1]["faithfulness"][name] for e in answered]
+        assert got == pytest.approx(values, abs=1e-6)
