@@ -520,10 +520,19 @@ class Explainer:
         started = time.perf_counter()
         model = self.registry.get(model_name, version)
         task = pipeline_for(model.spec.task)
-        if task is not None:  # a detector or a segmenter: its task's flow
-            task.check(self, model, params, len(uploads), job)
+        if task is None:
+            refuse_task_parameters(params)
+            plans, style = self._check(model, params, len(uploads), job)
+        else:  # a detector or a segmenter: its task's checks, then its task's flow
+            plans, style = task.check(self, model, params, len(uploads), job)
+        lookup = await self._look_up(model, uploads, params, plans, style, started, scope)
+        if lookup.answer is not None:
+            spec = model.spec
+            note_work(spec.name, lookup.answer.method, len(uploads), {}, version=spec.version)
+            return lookup.answer
+        if task is not None:
             async with self._room_to_decode(model, uploads, None):
-                return await task.explain(
+                answer = await task.explain(
                     self,
                     model,
                     uploads,
@@ -533,19 +542,13 @@ class Explainer:
                     priority=priority,
                     job=job,
                 )
-        refuse_task_parameters(params)
-        plans, style = self._check(model, params, len(uploads), job)
-        lookup = await self._look_up(model, uploads, params, plans, style, started, scope)
-        if lookup.answer is not None:
-            spec = model.spec
-            note_work(spec.name, lookup.answer.method, len(uploads), {}, version=spec.version)
-            return lookup.answer
-        side = style.size.decode_side if style.draws_pictures else 0
-        drawing = (plans, style, class_count(params))
-        async with self._room_to_decode(model, uploads, side, drawing):
-            answer = await self._explain(
-                model, uploads, params, plans, style, side, started, progress, admit, priority
-            )
+        else:
+            side = style.size.decode_side if style.draws_pictures else 0
+            drawing = (plans, style, class_count(params))
+            async with self._room_to_decode(model, uploads, side, drawing):
+                answer = await self._explain(
+                    model, uploads, params, plans, style, side, started, progress, admit, priority
+                )
         return answer if self.cache is None else await self.cache.keep(lookup, answer)
 
     async def _look_up(

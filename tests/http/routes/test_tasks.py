@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.http.app import create_app
+from app.pipeline.tasks.base import TaskPipeline
 from app.settings import Settings
 from tests.conftest import assert_error, files, image_bytes, wait_ready
 from tests.fixtures_models import build_tiny, write_model
@@ -25,7 +26,7 @@ WIDTH, HEIGHT = 96, 64
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("tasks-store")
     torch.manual_seed(0)
     # max_side 48: the model sees the 96x64 upload at 48x32, and answers in the upload's pixels.
@@ -47,7 +48,21 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         input_size=32,
         target_layers=["features"],
     )
+    return store
+
+
+@pytest.fixture(scope="module")
+def client(store: Path) -> Iterator[TestClient]:
     settings = Settings(model_store=store, default_model="det", device="cpu")
+    with TestClient(create_app(settings)) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def cached(store: Path) -> Iterator[TestClient]:
+    """The same models with the explanation cache on (the tests' default is off)."""
+    settings = Settings(model_store=store, default_model="det", device="cpu", cache_mb=8)
     with TestClient(create_app(settings)) as test_client:
         wait_ready(test_client)
         yield test_client
@@ -324,3 +339,50 @@ def test_kserve_takes_box_as_a_json_list_of_integers(client: TestClient) -> None
     assert response.status_code == 200, response.text
     explained = response.json()["explanations"][0]["explanations"]
     assert [e["detection"] for e in explained] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [
+        ("det", {"box": "1"}),
+        ("seg", {"class_idx": "1", "region": "box:0,0,48,32"}),
+    ],
+)
+def test_a_repeated_task_explanation_is_answered_from_the_cache(
+    cached: TestClient, monkeypatch: pytest.MonkeyPatch, model: str, data: dict[str, str]
+) -> None:
+    """A detector's or segmenter's answer is kept like a classifier's: the same image and
+    parameters again are a hit that runs no pass and answers the same boxes, regions and maps;
+    another box or region misses; D-RISE (random) is kept only with a seed."""
+    passes: list[int] = []
+    original = TaskPipeline.explain_images
+
+    def counted(self: TaskPipeline, *args: Any) -> Any:
+        passes.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(TaskPipeline, "explain_images", counted)
+    upload = files(image_bytes((WIDTH, HEIGHT), seed=41))  # an image no other test sends
+    asked = {"model": model, "output": "raw", **data}
+
+    def explain(**more: str) -> Any:
+        response = cached.post("/explain", files=upload, data={**asked, **more})
+        assert response.status_code == 200, response.text
+        return response
+
+    first = explain()
+    assert first.headers["X-Camserve-Cache"] == "miss" and len(passes) == 1
+    again = explain()
+    assert again.headers["X-Camserve-Cache"] == "hit" and len(passes) == 1
+    assert again.json()["results"] == first.json()["results"]
+    assert again.json()["timings"]["cache"] == "hit"
+    other = {"box": "0"} if model == "det" else {"region": "box:0,0,24,32"}
+    assert explain(**other).headers["X-Camserve-Cache"] == "miss" and len(passes) == 2
+    if model == "det":
+        drise = {"method": "DRISE", "masks": "8"}
+        assert explain(**drise).headers["X-Camserve-Cache"] == "bypass"
+        assert explain(**drise).headers["X-Camserve-Cache"] == "bypass"
+        seeded = {**drise, "seed": "3"}
+        assert explain(**seeded).headers["X-Camserve-Cache"] == "miss"
+        assert explain(**seeded).headers["X-Camserve-Cache"] == "hit"
+        assert len(passes) == 5  # 1 + the other box + 2 unseeded + 1 seeded
