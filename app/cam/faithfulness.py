@@ -511,16 +511,22 @@ def road_probabilities(
     class_idx: torch.Tensor | Sequence[int] | None,
     *,
     targets: Target | Sequence[Target] | None = None,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """``softmax(model(x))[c]`` (or the sample's target's score) for :func:`road_inputs`'
-    ``(N, P, C, H, W)``: one forward per image, ``(N, P)``."""
+    ``(N, P, C, H, W)``: ``(N, P)``, one forward per image, or per ``batch_size`` of an image's
+    inputs."""
     n, percentiles = inputs.shape[:2]
     probability = scored_probability(class_idx, targets, n)
+    step = percentiles if batch_size is None else max(1, batch_size)
     probs = torch.empty((n, percentiles), device=inputs.device, dtype=torch.float32)
     with torch.inference_mode():
         for i in range(n):
-            samples = torch.full((percentiles,), i, dtype=torch.long)
-            probs[i] = probability(model(inputs[i]), samples).to(inputs.device)
+            for start in range(0, percentiles, step):
+                part = inputs[i, start : start + step]
+                samples = torch.full((len(part),), i, dtype=torch.long)
+                found = probability(model(part), samples).to(inputs.device)
+                probs[i, start : start + len(part)] = found
     return probs
 
 

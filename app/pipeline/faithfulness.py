@@ -69,6 +69,12 @@ MAX_STEPS = 64
 once on the model's device: 65 inputs of 224 x 224 keep a ResNet-50's activations near 1 GB,
 and its two curves cost 130 forwards a map. Past 16 steps the AUC moves little (docs: the
 shapes benchmark), so the bound costs nothing in resolution."""
+PIXELS_PER_FORWARD = (MAX_STEPS + 1) * 224 * 224
+"""The most input pixels one forward of the stage holds: a whole curve of ``MAX_STEPS`` at a
+classifier's 224 x 224. A larger input (a detector's or segmenter's, up to its ``max_side``)
+splits its curve (and ROAD's percentiles) into forwards of fewer inputs, so that no request can
+make one forward hold tens of GB of activations: a curve of 1333 x 1000 inputs goes 2 at a time.
+The forwards counted, and the scores, are the same."""
 ROAD_NOISE_STD = 0.01
 """Noise added to ROAD's imputed pixels, in the model's normalised input units."""
 ROAD_SEED = 0
@@ -198,21 +204,32 @@ def run_scoring_pass(
         return [_score_item(model, wanted, item, forward) for item in items]
 
 
+def inputs_per_forward(inputs: int, height: int, width: int) -> int:
+    """How many of a curve's ``inputs`` (each ``height`` x ``width``) one forward takes: all of
+    them, or as many as ``PIXELS_PER_FORWARD`` holds (at least one)."""
+    return max(1, min(inputs, PIXELS_PER_FORWARD // max(1, height * width)))
+
+
 def _score_item(
     model: LoadedModel, wanted: Scoring, item: ScoreItem, forward: Any
 ) -> list[list[Faithfulness]]:
     x = item.batch.to(model.device)
+    height, width = x.shape[-2:]
+    curve_batch = inputs_per_forward(wanted.steps + 1, height, width)
+    road_batch = inputs_per_forward(len(ROAD_PERCENTILES), height, width)
     scored = []
     for index, (cams, scored_by) in enumerate(item.maps):
         classes, targets = _objective(scored_by)
         found: dict[str, list[float]] = {}
         for curve in wanted.curves:
             fractions, probs = perturbation_curve(
-                forward, x, cams, classes, curve, wanted.steps, batch_size=None, targets=targets
+                forward, x, cams, classes, curve, wanted.steps, None, curve_batch, targets=targets
             )
             found[f"{curve}_auc"] = auc(fractions, probs).tolist()
         for order, inputs in (item.road[index] if item.road else {}).items():
-            probs = road_probabilities(forward, inputs.to(model.device), classes, targets=targets)
+            probs = road_probabilities(
+                forward, inputs.to(model.device), classes, targets=targets, batch_size=road_batch
+            )
             found[f"road_{order}"] = probs.mean(dim=1).tolist()
         scored.append(
             [

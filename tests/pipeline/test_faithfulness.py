@@ -12,6 +12,7 @@ import torch
 from app.cam.faithfulness import gaussian_blur
 from app.errors import BadRequest, MalformedParameter, OverBudget
 from app.models.registry import ModelRegistry
+from app.pipeline import faithfulness
 from app.pipeline.admission import SlotLimiter
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -235,3 +236,26 @@ def test_a_model_without_2d_image_inputs_is_refused_clearly() -> None:
     with pytest.raises(InvalidParameter, match="2-D image"):
         check(wanted, 1, 1, 0, 100, job=False, image_input=False)
     assert check(None, 1, 1, 0, 100, job=False, image_input=False) == 0
+
+
+def test_a_large_input_splits_its_curves_into_forwards_of_fewer_inputs(
+    registry: ModelRegistry, forwards: Forwards, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward holds at most PIXELS_PER_FORWARD input pixels (a detector's 1333-px uploads
+    cannot make one forward of 65 of them): the curves and ROAD's percentiles go in parts, with
+    the same scores."""
+    model = registry.get("tiny")
+    images, cams = torch.randn(1, 3, 32, 32), torch.rand(1, 8, 8)
+    item = ScoreItem(images, ((cams, (1,)),), road_item(images, [cams]))
+    assert faithfulness.inputs_per_forward(65, 1000, 1333) == 2
+    assert faithfulness.inputs_per_forward(65, 224, 224) == 65
+    assert faithfulness.inputs_per_forward(65, 4000, 4000) == 1
+    wanted = Scoring(("deletion", "insertion", "road"), 6)
+    [[whole]] = run_scoring_pass(model, wanted, [item])
+    assert forwards.sizes == [7, 7, 9, 9]
+    forwards.sizes.clear()
+    monkeypatch.setattr(faithfulness, "PIXELS_PER_FORWARD", 3 * 32 * 32)
+    [[parts]] = run_scoring_pass(model, wanted, [item])
+    assert forwards.sizes == [3, 3, 1] * 2 + [3, 3, 3] * 2
+    for name in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf"):
+        assert getattr(parts[0], name) == pytest.approx(getattr(whole[0], name), abs=1e-6)
