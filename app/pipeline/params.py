@@ -390,8 +390,8 @@ GENERAL: tuple[ExplainParameter, ...] = (
         "top_classes",
         "int",
         None,
-        "explain the K most probable classes of each image, one explanation per class and "
-        "method; instead of class_idx",
+        "explain the K most probable classes of each image (a segmenter's: its K largest but "
+        "the background), one explanation per class and method; instead of class_idx",
         1,
         MAX_CLASSES,
     ),

@@ -240,12 +240,20 @@ def pass_forwards(runs: Sequence[ImageRun]) -> int:
     return sum(count.calls for count in passes.values())
 
 
+#: A classifier's parameters that choose several classes: a task takes those among its
+#: ``own_parameters`` (a segmenter's regions), and refuses the others.
+CLASS_CHOOSERS = ("classes", "top_classes")
+
+
 class TaskPipeline:
     """The flow; a task fills in ``answer`` (predict) and ``explain_image``."""
 
     task: ClassVar[str] = ""
-    #: Explain parameters of this task (the others are refused with a 400).
+    #: Explain parameters this task takes besides the common ones: its own (``box``,
+    #: ``region``) and the ``CLASS_CHOOSERS`` it accepts (those it does not are a 400).
     own_parameters: ClassVar[tuple[str, ...]] = ()
+    #: How a request picks what this task explains (named in the refusals).
+    picked_by: ClassVar[str] = ""
     #: What ``output`` of /predict may ask for.
     predict_outputs: ClassVar[tuple[str, ...]] = ()
 
@@ -507,12 +515,12 @@ class TaskPipeline:
         """Every parameter against the model and the task, before any pixel is decoded
         (``job``: the request runs as a job, where what only jobs may ask for is allowed)."""
         task = task_of(model.spec.task)
-        for name, value in (("classes", params.classes), ("top_classes", params.top_classes)):
-            if value:
-                pick = "box" if model.spec.task == "detection" else "class_idx with region"
+        for name in CLASS_CHOOSERS:
+            if getattr(params, name) and name not in self.own_parameters:
                 raise InvalidTarget(
-                    f"{name} is for classifiers; {model.spec.name!r} is a {model.spec.task} "
-                    f"model. Leave {name} out and pick what to explain with {pick}.",
+                    f"{name} is for classifiers and segmenters; {model.spec.name!r} is a "
+                    f"{model.spec.task} model. Leave {name} out and pick what to explain with "
+                    f"{self.picked_by}.",
                     details={"parameter": name},
                 )
         for wanted in (params.method or model.spec.default_method).split(","):

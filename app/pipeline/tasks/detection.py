@@ -89,6 +89,7 @@ def chosen_boxes(wanted: Sequence[str]) -> list[int] | None:
 class DetectionPipeline(TaskPipeline):
     task: ClassVar[str] = "detection"
     own_parameters: ClassVar[tuple[str, ...]] = ("box",)
+    picked_by: ClassVar[str] = "box (box=all for every detection)"
 
     def answer(
         self, model: LoadedModel, decoded: DecodedImage, output: Any, outputs: Sequence[str]

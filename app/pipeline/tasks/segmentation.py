@@ -1,7 +1,8 @@
 """Segmentation: /predict answers the classes present (and ``output=mask``, the label mask);
-/explain explains ``class_idx`` over ``region``: ``mask`` (the class's predicted mask, the
-default), ``box:x0,y0,x1,y1`` (upload pixels) or ``png:<base64>`` (an uploaded mask of the
-upload's size, non-zero inside), by the sum of the class's logits there
+/explain explains ``class_idx`` (or several: ``classes``, ``top_classes``) over ``region``:
+``mask`` (the class's predicted mask, the default), ``box:x0,y0,x1,y1`` (upload pixels) or
+``png:<base64>`` (an uploaded mask of the upload's size, non-zero inside), by the sum of the
+class's logits there
 (``app.cam.task_targets.RegionScore``); its faithfulness curves follow the class's mean
 probability there (``RegionProbability``, the answer's ``probability``)."""
 
@@ -21,6 +22,7 @@ from app.cam.task_targets import RegionProbability, RegionScore
 from app.errors import InvalidTarget
 from app.models.loading import LoadedModel
 from app.pipeline import checks
+from app.pipeline.classes import check_choice, class_count
 from app.pipeline.decoding import DecodedImage
 from app.pipeline.results import Segment
 from app.pipeline.tasks.base import ExplainParams, TaskPipeline, Wanted
@@ -157,9 +159,25 @@ def _to_output(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(resized)
 
 
+def explained_classes(params: ExplainParams, index: int, found: Sequence[Segment]) -> list[int]:
+    """The classes image ``index`` explains, in the answer's order: ``classes`` as listed;
+    ``top_classes=K`` the K largest classes present other than the background (class 0), fewer
+    when fewer are present; ``class_idx`` (one for all images or one per image); by default the
+    largest class other than the background. With nothing but the background, the background."""
+    others = [s.class_idx for s in found if s.class_idx != 0] or [s.class_idx for s in found]
+    if params.classes:
+        return list(params.classes)
+    if params.top_classes:
+        return others[: params.top_classes]
+    if params.class_idx:
+        return [params.class_idx[index if len(params.class_idx) > 1 else 0]]
+    return others[:1]
+
+
 class SegmentationPipeline(TaskPipeline):
     task: ClassVar[str] = "segmentation"
-    own_parameters: ClassVar[tuple[str, ...]] = ("region",)
+    own_parameters: ClassVar[tuple[str, ...]] = ("region", "classes", "top_classes")
+    picked_by: ClassVar[str] = "class_idx, classes or top_classes with region"
     predict_outputs: ClassVar[tuple[str, ...]] = ("mask",)
 
     def answer(
@@ -179,8 +197,9 @@ class SegmentationPipeline(TaskPipeline):
                 details={"parameter": "box"},
             )
         checks.check_classes(model, params.class_idx, images)
+        check_choice(params, model.spec.name, model.spec.num_classes)
         read_region(params.region)
-        return 1
+        return class_count(params)
 
     def wanted(
         self,
@@ -192,13 +211,23 @@ class SegmentationPipeline(TaskPipeline):
     ) -> tuple[dict[str, Any], list[Wanted]]:
         labels = upload_labels(decoded, output)
         found = segments(model, labels)
-        if params.class_idx:
-            class_idx = params.class_idx[index if len(params.class_idx) > 1 else 0]
-        else:
-            # The largest class that is not the background (class 0), when there is one.
-            others = [s for s in found if s.class_idx != 0]
-            class_idx = (others or found)[0].class_idx
         region = read_region(params.region)
+        wanted = [
+            self._wanted_class(model, decoded, output, labels, region, class_idx)
+            for class_idx in explained_classes(params, index, found)
+        ]
+        return {"segments": found}, wanted
+
+    def _wanted_class(
+        self,
+        model: LoadedModel,
+        decoded: DecodedImage,
+        output: torch.Tensor,
+        labels: np.ndarray,
+        region: str,
+        class_idx: int,
+    ) -> Wanted:
+        """Class ``class_idx`` over ``region`` of one image: its target, scores and fields."""
         mask = region_mask(region, decoded, labels, class_idx)
         out_mask = _to_output(mask, (int(output.shape[-2]), int(output.shape[-1])))
         rows = np.flatnonzero(mask.any(axis=1))
@@ -212,21 +241,19 @@ class SegmentationPipeline(TaskPipeline):
         probability = float(judged_by(logits))
         label = model.labels[class_idx]
         target = RegionScore(class_idx, out_mask)
-        return {"segments": found}, [
-            Wanted(
-                lambda _plan: target,
-                {
-                    "class_idx": class_idx,
-                    "label": label,
-                    "logit": round(mean_logit, 6),
-                    "probability": round(probability, 6),
-                    "box": bounds,
-                    "region": MASK if region == MASK else region.split(":")[0],
-                },
-                judged_by,
-                [Outline(bounds, f"{label} {probability:.2f}")],
-            )
-        ]
+        return Wanted(
+            lambda _plan: target,
+            {
+                "class_idx": class_idx,
+                "label": label,
+                "logit": round(mean_logit, 6),
+                "probability": round(probability, 6),
+                "box": bounds,
+                "region": MASK if region == MASK else region.split(":")[0],
+            },
+            judged_by,
+            [Outline(bounds, f"{label} {probability:.2f}")],
+        )
 
 
 __all__ = ["SegmentationPipeline", "Scale"]

@@ -186,8 +186,8 @@ def test_the_overlay_draws_the_explained_box(client: TestClient) -> None:
         ({"method": "ScoreCAM"}, "ScoreCAM cannot explain a detection model"),
         ({"region": "mask"}, "region is for segmentation models"),
         ({"class_idx": "1"}, "class_idx does not apply to a detector"),
-        ({"top_classes": "2"}, "top_classes is for classifiers; 'det' is a detection model"),
-        ({"classes": "1,2"}, "classes is for classifiers; 'det' is a detection model"),
+        ({"top_classes": "2"}, "top_classes is for classifiers and segmenters; 'det' is a"),
+        ({"classes": "1,2"}, "Leave classes out and pick what to explain with box (box=all"),
     ],
 )
 def test_detection_bad_input_is_a_400(client: TestClient, data: dict[str, str], words: str) -> None:
@@ -257,7 +257,6 @@ def test_explain_segmentation_regions(
         ({"region": "circle"}, "region must be 'mask'"),
         ({"region": "png:" + base64.b64encode(b"nope").decode()}, "must hold a base64 PNG"),
         ({"box": "0"}, "box is for detection models"),
-        ({"classes": "1,2"}, "Leave classes out and pick what to explain with class_idx with"),
     ],
 )
 def test_segmentation_bad_input_is_a_400(
@@ -265,6 +264,39 @@ def test_segmentation_bad_input_is_a_400(
 ) -> None:
     response = client.post("/explain", files=_image(), data={"model": "seg", **data})
     assert words in assert_error(response, 400, "invalid_target")
+
+
+def test_a_segmenter_explains_several_classes_each_over_its_region(client: TestClient) -> None:
+    """``classes`` and ``top_classes`` choose several classes of a segmenter's image, each
+    over its own mask (or the one box), refused as a classifier's are when they clash or
+    exceed the model's classes."""
+    predicted = client.post("/predict", files=_image(), data={"model": "seg"}).json()
+    present = [s["class_idx"] for s in predicted["results"][0]["segments"]]
+    others = [c for c in present if c != 0] or present
+    response = client.post("/explain", files=_image(), data={"model": "seg", "top_classes": "2"})
+    assert response.status_code == 200, response.text
+    explained = response.json()["results"][0]["explanations"]
+    assert [e["class_idx"] for e in explained] == others[:2]
+    # A box region takes any class, present or not: each explains its logits there.
+    data = {"model": "seg", "classes": "2,0", "region": "box:0,0,48,32", "output": "raw"}
+    response = client.post("/explain", files=_image(), data=data)
+    assert response.status_code == 200, response.text
+    explained = response.json()["results"][0]["explanations"]
+    assert [e["class_idx"] for e in explained] == [2, 0]
+    assert explained[0]["maps"][0]["raw"] != explained[1]["maps"][0]["raw"]
+    assert all(e["region"] == "box" and e["box"] == [0.0, 0.0, 48.0, 32.0] for e in explained)
+    clash = {"model": "seg", "classes": "1", "class_idx": "1"}
+    response = client.post("/explain", files=_image(), data=clash)
+    assert "choose the classes one way" in assert_error(response, 400, "malformed_parameter")
+    response = client.post("/explain", files=_image(), data={"model": "seg", "classes": "1,1"})
+    assert "names a class twice" in assert_error(response, 400, "malformed_parameter")
+    response = client.post("/explain", files=_image(), data={"model": "seg", "classes": "9"})
+    assert "out of range: model 'seg' has 3" in assert_error(response, 400, "malformed_parameter")
+    # A class the image lacks (the random segmenter labels this image one class) has no mask.
+    absent = [c for c in range(3) if c not in present]
+    data = {"model": "seg", "classes": f"{present[0]},{absent[0]}"}
+    response = client.post("/explain", files=_image(), data=data)
+    assert "is predicted nowhere" in assert_error(response, 400, "invalid_target")
 
 
 def test_a_mask_of_the_wrong_size_is_a_400(client: TestClient) -> None:
