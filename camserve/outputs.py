@@ -14,6 +14,15 @@ from camserve.answers import Explained, MethodMaps
 
 _SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 RESULTS = "results.jsonl"
+#: What a detector's or segmenter's explanation says it explains, kept in ``results.jsonl``.
+_TASK_FIELDS = ("detection", "box", "score", "region")
+
+
+def _each(maps: MethodMaps) -> str:
+    """The file-name part of one of several explanations of a method: a detector's box (two
+    boxes may be of one class), else the class."""
+    detection = maps.explanation.detection
+    return f".box{detection}" if detection is not None else f".class{maps.class_idx}"
 
 
 class OutputFolder:
@@ -46,8 +55,8 @@ class OutputFolder:
         several = len(every) > len(explained.methods)  # several classes per method
         for maps in every:
             method = maps.method
-            # One file per method; with several classes, one per method and class.
-            name = f"{stem}.{method}" + (f".class{maps.class_idx}" if several else "")
+            # One file per method; with several classes (or boxes), one per method and each.
+            name = f"{stem}.{method}" + (_each(maps) if several else "")
             files: dict[str, str] = {}
             overlay = maps.map_fields()["overlay"]
             if overlay is not None:
@@ -60,11 +69,13 @@ class OutputFolder:
                 np.save(path, raw)
                 files["raw"] = path.name
             scored = maps.faithfulness
+            explained_what = maps.explanation.model_dump(include=set(_TASK_FIELDS))
             entry = {
                 "method": method,
                 "class_idx": maps.class_idx,
                 "label": maps.label,
                 "probability": maps.probability,
+                **{k: v for k, v in explained_what.items() if v is not None},
                 **files,
                 **({"faithfulness": scored} if scored else {}),
             }

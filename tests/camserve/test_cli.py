@@ -511,3 +511,34 @@ def test_dff_writes_each_concept_and_its_top_labels(
         assert concept["top_labels"] and {"class_idx", "label"} <= set(concept["top_labels"][0])
         assert (tmp_path / concept["overlay"]).name == f"a.DFF.concept{concept['index']}.jpg"
         assert np.load(tmp_path / concept["raw"]).shape == (32, 32)
+
+
+def test_a_detectors_boxes_and_a_segmenters_classes_get_their_files_and_lines(
+    tmp_path: Path,
+) -> None:
+    """``-O box=all``: one overlay per box, named by the box's index (two boxes may be of one
+    class), and each results.jsonl entry says which detection, box and score it explains."""
+    scene = ROOT / "examples" / "scenes" / "scene.png"
+    store = ROOT / "model_store"
+    args = ("--model-store", store, "--device", "cpu", "--model", "shapes-detect")
+    result = camserve("explain", scene, "-O", "box=all", "-o", tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    [line] = lines(tmp_path)
+    entries = line["explanations"]
+    assert [e["detection"] for e in entries] == list(range(len(entries))) and len(entries) >= 2
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(
+        [f"scene.LayerCAM.box{k}.jpg" for k in range(len(entries))] + ["results.jsonl"]
+    )
+    for entry in entries:
+        assert entry["overlay"] == f"scene.LayerCAM.box{entry['detection']}.jpg"
+        assert len(entry["box"]) == 4 and 0 < entry["score"] <= 1
+        assert "region" not in entry
+    # The summary line names the boxes (a detector has no top class; this crashed once).
+    assert f"{len(entries)} detection(s)  [LayerCAM: box 0 " in result.output
+    segmenter = (*args[:-1], "shapes-segment")
+    result = camserve("explain", scene, "-O", "top_classes=2", "-o", tmp_path / "s", *segmenter)
+    assert result.exit_code == 0, result.output
+    [line] = lines(tmp_path / "s")
+    assert [e["region"] for e in line["explanations"]] == ["mask", "mask"]
+    assert "class(es)  [LayerCAM: " in result.output
