@@ -212,23 +212,31 @@ class SegmentationPipeline(TaskPipeline):
         labels = upload_labels(decoded, output)
         found = segments(model, labels)
         region = read_region(params.region)
+        classes = explained_classes(params, index, found)
+        # A box or an uploaded mask is every class's region: read (a PNG decoded) once.
+        shared = None if region == MASK else region_mask(region, decoded, labels, classes[0])
         wanted = [
-            self._wanted_class(model, decoded, output, labels, region, class_idx)
-            for class_idx in explained_classes(params, index, found)
+            self._wanted_class(
+                model,
+                output,
+                region,
+                class_idx,
+                region_mask(region, decoded, labels, class_idx) if shared is None else shared,
+            )
+            for class_idx in classes
         ]
         return {"segments": found}, wanted
 
     def _wanted_class(
         self,
         model: LoadedModel,
-        decoded: DecodedImage,
         output: torch.Tensor,
-        labels: np.ndarray,
         region: str,
         class_idx: int,
+        mask: np.ndarray,
     ) -> Wanted:
-        """Class ``class_idx`` over ``region`` of one image: its target, scores and fields."""
-        mask = region_mask(region, decoded, labels, class_idx)
+        """Class ``class_idx`` over ``mask`` (the region, at the upload's size) of one image:
+        its target, scores and fields."""
         out_mask = _to_output(mask, (int(output.shape[-2]), int(output.shape[-1])))
         rows = np.flatnonzero(mask.any(axis=1))
         cols = np.flatnonzero(mask.any(axis=0))
