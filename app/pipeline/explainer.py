@@ -353,8 +353,15 @@ class Explainer:
         model = self.registry.get(model_name, version)
         task = pipeline_for(model.spec.task)
         if task is not None:  # a detector's or segmenter's checks are its task's
+            decoding = DecodeCost(0, 0)
             for uploads, params in requests:
-                task.check(self, model, params, len(uploads), job)
+                plans, _ = task.check(self, model, params, len(uploads), job)
+                cost = await self._decode_cost(model, uploads, None)
+                task.check_sizes(model, params, plans, cost.sizes)
+                decoding += cost
+            if len(requests) > 1:
+                capacity = None if self.decode_budget is None else self.decode_budget.capacity
+                checks.check_decode_cost(decoding, self.max_request_pixels, capacity)
             return
         forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
         for uploads, params in requests:
@@ -396,15 +403,19 @@ class Explainer:
         uploads: Sequence[Upload],
         picture_side: int | None,
         drawing: tuple[Sequence[CamPlan], RenderStyle, int] | None = None,
+        sized: Callable[[Sequence[tuple[int, int]]], None] | None = None,
     ) -> AsyncIterator[None]:
         """Read the uploads' headers (every per-image check), refuse a request whose images
         decode to too many pixels or bytes, or whose ``drawing`` (plans, style, classes per
-        image) is over the render budget, then hold the bytes their decoding takes in the
-        process's decode budget for the block."""
+        image) is over the render budget, or that ``sized`` refuses (told the uploads' sizes),
+        then hold the bytes their decoding takes in the process's decode budget for the
+        block."""
         cost = await self._decode_cost(model, uploads, picture_side)
         if drawing is not None:
             plans, style, classes = drawing
             self._render_cost(model, plans, style, cost, classes)
+        if sized is not None:
+            sized(cost.sizes)
         if self.decode_budget is None:
             yield
             return
@@ -531,7 +542,8 @@ class Explainer:
             note_work(spec.name, lookup.answer.method, len(uploads), {}, version=spec.version)
             return lookup.answer
         if task is not None:
-            async with self._room_to_decode(model, uploads, None):
+            sized = partial(task.check_sizes, model, params, plans)
+            async with self._room_to_decode(model, uploads, None, sized=sized):
                 answer = await task.explain(
                     self,
                     model,
@@ -824,15 +836,19 @@ class Explainer:
         )
         style = RenderStyle.of(params, self.max_output_side)
         plans = CamPlan.each(methods, per_method, layers, params.normalized)
+        wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
+        maps = sum(_maps_per_image(plan) for plan in plans) * class_count(params)
         faithfulness.check(
-            faithfulness.scoring(params.faithfulness, params.faithfulness_steps),
-            sum(_maps_per_image(plan) for plan in plans) * class_count(params),
+            wanted,
+            maps,
             images,
             checks.plans_forwards(model, plans, images, class_count(params)),
             self.max_cam_forwards,
             job,
             image_input=len(model.spec.input_shape) == 3,
         )
+        height, width = model.spec.crop  # every classifier input is the crop
+        faithfulness.check_road(wanted, images * maps * height * width)
         return plans, style
 
     # ------------------------------------------------------------------ the answer

@@ -75,6 +75,11 @@ classifier's 224 x 224. A larger input (a detector's or segmenter's, up to its `
 splits its curve (and ROAD's percentiles) into forwards of fewer inputs, so that no request can
 make one forward hold tens of GB of activations: a curve of 1333 x 1000 inputs goes 2 at a time.
 The forwards counted, and the scores, are the same."""
+ROAD_MAX_PIXELS = 128 * 224 * 224
+"""The most input pixels ROAD imputes for one request (its maps' input pixels, summed over
+images and maps): 128 maps at 224 x 224, some 4 to 8 minutes of one core. The imputation runs
+on the image threads, which interactive requests decode on: a detector's 1333-px inputs with
+``box=all`` would hold one for an hour."""
 ROAD_NOISE_STD = 0.01
 """Noise added to ROAD's imputed pixels, in the model's normalised input units."""
 ROAD_SEED = 0
@@ -165,6 +170,20 @@ def _objective(scored_by: ScoredBy) -> tuple[list[int] | None, list[Target] | No
     if all(isinstance(c, int) for c in scored_by):
         return [int(c) for c in scored_by], None  # type: ignore[arg-type]
     return None, list(scored_by)  # type: ignore[arg-type]
+
+
+def check_road(wanted: Scoring | None, pixels: int) -> None:
+    """Refuse (422) ROAD whose imputation would cover more than ``ROAD_MAX_PIXELS``:
+    ``pixels`` is the model input's pixels of every map the request scores, summed."""
+    if wanted is None or not wanted.road or pixels <= ROAD_MAX_PIXELS:
+        return
+    raise OverBudget(
+        f"faithfulness=road would impute {pixels:,} input pixels (each map's model input, "
+        f"over the request's images and maps); a request may impute {ROAD_MAX_PIXELS:,} "
+        "(128 maps at 224 x 224). Explain fewer boxes, classes, layers or methods, send fewer "
+        "or smaller images, or ask for faithfulness=deletion,insertion.",
+        details={"parameter": "faithfulness", "pixels": pixels, "limit": ROAD_MAX_PIXELS},
+    )
 
 
 @dataclass(frozen=True)

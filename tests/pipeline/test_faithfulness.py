@@ -193,6 +193,18 @@ def test_road_on_explain_is_refused_and_runs_in_a_job(registry: ModelRegistry) -
     assert again.results[0].explanations[0].maps[0].faithfulness == score  # seeded noise
 
 
+def test_road_is_bounded_by_the_pixels_it_imputes(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ROAD's imputation is bounded per request (images x maps x the crop's pixels), before
+    any image is decoded."""
+    monkeypatch.setattr(faithfulness, "ROAD_MAX_PIXELS", 2 * 32 * 32)
+    params = ExplainParams(method="GradCAM", outputs=("raw",), faithfulness=("road",))
+    asyncio.run(_explain(_explainer(registry), params, seeds=(1, 2), job=True))  # 2 maps: at it
+    with pytest.raises(OverBudget, match="would impute 3,072 input pixels"):
+        asyncio.run(_explain(_explainer(registry), params, seeds=(1, 2, 3), job=True))
+
+
 def test_road_runs_two_forwards_of_nine_per_map(
     registry: ModelRegistry, forwards: Forwards
 ) -> None:

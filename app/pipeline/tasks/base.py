@@ -53,7 +53,7 @@ from app.pipeline.results import (
     PredictTimings,
 )
 from app.pipeline.scheduling import Priority
-from app.pipeline.tasks.common import Outline, decode_whole, render_map
+from app.pipeline.tasks.common import Outline, decode_whole, input_size, render_map
 from app.pipeline.tasks.maps import (
     LayerMaps,
     batch_maps,
@@ -556,6 +556,22 @@ class TaskPipeline:
             job,
         )
         return plans, style
+
+    def check_sizes(
+        self,
+        model: LoadedModel,
+        params: ExplainParams,
+        plans: Sequence[CamPlan],
+        sizes: Sequence[tuple[int, int]],
+    ) -> None:
+        """What the uploads' sizes (read from their headers, before decoding) decide: the
+        pixels ROAD would impute (``faithfulness.check_road``), at the model input's size."""
+        maps = self.check_params(model, params, len(sizes)) * sum(
+            maps_per_explanation(plan) for plan in plans
+        )
+        inputs = [input_size(size, model.spec) for size in sizes]
+        wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
+        faithfulness.check_road(wanted, maps * sum(width * height for width, height in inputs))
 
     async def explain(
         self,

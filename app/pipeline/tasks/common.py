@@ -26,6 +26,16 @@ MAX_EXPLAINED_BOXES = 10
 OUTLINE = (255, 255, 255)
 
 
+def input_size(size: tuple[int, int], spec: ModelSpec) -> tuple[int, int]:
+    """The model input's (width, height) for an upload of ``size``: scaled down so that its
+    longest side is at most ``spec.max_side``, never up."""
+    width, height = size
+    scale = min(1.0, spec.max_side / max(width, height))
+    if scale >= 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def decode_whole(upload: Upload, spec: ModelSpec, max_pixels: int) -> DecodedImage:
     """The upload as the model's input at its own aspect ratio: scaled down so that its longest
     side is at most ``spec.max_side``, never cropped or squared. The box is the whole image."""
@@ -33,10 +43,9 @@ def decode_whole(upload: Upload, spec: ModelSpec, max_pixels: int) -> DecodedIma
     original = upright_size(opened)
     image = load_image(opened, upload.filename)
     width, height = image.size
-    scale = min(1.0, spec.max_side / max(width, height))
+    size = input_size(image.size, spec)
     model_input = image
-    if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size != image.size:
         model_input = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     if spec.input_shape[0] == 1:
         model_input = model_input.convert("L")

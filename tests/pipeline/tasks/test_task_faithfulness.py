@@ -26,6 +26,7 @@ from app.http.app import create_app
 from app.models.loading import LoadedModel, load_model
 from app.models.manifest import parse_manifest
 from app.models.zoo.shapes_dataset import make_pairs
+from app.pipeline import faithfulness
 from app.pipeline.batching import Batcher
 from app.pipeline.decoding import Upload
 from app.pipeline.tasks.common import decode_whole
@@ -263,3 +264,41 @@ def test_oip_and_kserve_carry_the_scores_of_explain(client: TestClient) -> None:
     for name, values in expected.items():
         got = [e["maps"][-1]["faithfulness"][name] for e in answered]
         assert got == pytest.approx(values, abs=1e-6)
+
+
+def test_road_is_bounded_by_the_pixels_it_imputes(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ROAD's imputation (on the image threads) is bounded per request, counted at the model
+    input's size (an upload past ``max_side`` counts scaled down), and a job over it is refused
+    when it is created, not when it runs."""
+    monkeypatch.setattr(faithfulness, "ROAD_MAX_PIXELS", 64 * 64)
+    big = _scene(0, size=128)  # shapes-segment sees it at 64 x 64: 4096 pixels, one map
+    files = [("file", ("s.png", big, "image/png"))]
+    data = {"model": "shapes-segment", "faithfulness": "road"}
+    created = client.post("/jobs", files=files, data=data)
+    assert created.status_code in (200, 201, 202), created.text
+    data["top_classes"] = "2"  # two maps: 8192 pixels
+    created = client.post("/jobs", files=files, data=data)
+    message = assert_error(created, 422, "over_budget")
+    assert "would impute 8,192 input pixels" in message and "4,096" in message
+
+
+def test_a_task_job_with_an_image_over_the_limit_is_refused_when_created(
+    tmp_path: Path,
+) -> None:
+    """A detector's job reads its uploads' headers when it is created, as a classifier's does:
+    an image over ``CAMSERVE_MAX_IMAGE_PIXELS`` is refused then, not failed later."""
+    shutil.copytree(ROOT / "model_store" / "shapes-detect", tmp_path / "shapes-detect")
+    settings = Settings(
+        model_store=tmp_path,
+        default_model="shapes-detect",
+        device="cpu",
+        cache_mb=0,
+        max_image_pixels=64 * 64,
+    )
+    with TestClient(create_app(settings)) as small:
+        wait_ready(small)
+        files = [("file", ("s.png", _scene(0, size=80), "image/png"))]
+        created = small.post("/jobs", files=files, data={"model": "shapes-detect"})
+        assert "80x80" in assert_error(created, 413, "image_too_large")
