@@ -12,8 +12,10 @@ of both: a lower deletion AUC, a higher insertion AUC. Usage::
 
     .venv/bin/python bench/task_faithfulness.py            # 50 scenes (100 shapes)
     .venv/bin/python bench/task_faithfulness.py --quick    # 10 scenes
+    .venv/bin/python bench/task_faithfulness.py --cost     # the cost, Faster R-CNN, DeepLabV3
 
-Results go to ``bench/results/task_faithfulness.json`` (CPU, one thread).
+Results go to ``bench/results/task_faithfulness.json`` (CPU, one thread), the cost's to
+``bench/results/task_faithfulness_cost.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import io
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,12 @@ from app.models.manifest import parse_manifest  # noqa: E402
 from app.models.zoo.shapes_dataset import make_pairs  # noqa: E402
 from app.pipeline.decoding import Upload  # noqa: E402
 from app.pipeline.explainer import ExplainParams  # noqa: E402
-from app.pipeline.faithfulness import DEFAULT_STEPS  # noqa: E402
+from app.pipeline.faithfulness import (  # noqa: E402
+    DEFAULT_STEPS,
+    ScoreItem,
+    Scoring,
+    run_scoring_pass,
+)
 from app.pipeline.passes import CamPlan  # noqa: E402
 from app.pipeline.tasks import PIPELINES  # noqa: E402
 from app.pipeline.tasks.base import Explained  # noqa: E402
@@ -149,13 +157,85 @@ def run(
     }
 
 
+def cost(repeats: int) -> list[dict[str, Any]]:
+    """What scoring costs beside explaining: one box's (region's) Layer-CAM map of a 320 x 320
+    scene on a Faster R-CNN (ResNet-50 FPN v2, random weights, 320 px) and a DeepLabV3
+    (ResNet-50, random weights, 224 px), explained, then scored as the service scores it (both
+    curves, 16 steps: one forward of 17 inputs per curve), alternating, medians."""
+    from bench.task_pass import _random_model
+
+    rows = []
+    images, _, _ = make_pairs(1, HELD_OUT_SEED, SIZE)
+    scene = _png(np.asarray(Image.fromarray(images[0]).resize((320, 320))))
+    wanted = Scoring(("deletion", "insertion"), DEFAULT_STEPS)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, model in (
+            (
+                "fasterrcnn_resnet50_fpn_v2",
+                _random_model(
+                    Path(folder) / "frcnn",
+                    "fasterrcnn_resnet50_fpn_v2",
+                    "detection",
+                    "min_size = 320, max_size = 320, box_score_thresh = 0.0",
+                    320,
+                ),
+            ),
+            (
+                "deeplabv3_resnet50",
+                _random_model(
+                    Path(folder) / "deeplab", "deeplabv3_resnet50", "segmentation", "", 224
+                ),
+            ),
+        ):
+            decoded = decode_whole(Upload("scene.png", scene), model.spec, 10**6)
+            plan = CamPlan("LayerCAM", METHODS["LayerCAM"], model.target_layers, (), True)
+            params = ExplainParams(boxes=("0",)) if model.spec.task == "detection" else None
+            params = params or ExplainParams()
+            pipeline = PIPELINES[model.spec.task]
+            explain_s, score_s = [], []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                started = time.perf_counter()
+                run_ = pipeline.explain_image(model, decoded, 0, [plan], params, {})
+                explain_s.append(time.perf_counter() - started)
+                explained = run_.explained[0]
+                item = ScoreItem(
+                    decoded.tensor[None], ((explained.cam[None], (explained.judged_by,)),)
+                )
+                started = time.perf_counter()
+                run_scoring_pass(model, wanted, [item])
+                score_s.append(time.perf_counter() - started)
+            explain_ms = 1000 * statistics.median(explain_s[1:])
+            score_ms = 1000 * statistics.median(score_s[1:])
+            row = {
+                "model": name,
+                "input": list(decoded.tensor.shape[-2:]),
+                "explain_ms": round(explain_ms, 1),
+                "scoring_ms": round(score_ms, 1),
+                "scored_over_explained": round((explain_ms + score_ms) / explain_ms, 2),
+                "scoring_forwards": wanted.forwards_per_map,
+                "threads": torch.get_num_threads(),
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scenes", type=int, default=50)
     parser.add_argument("--drise-masks", type=int, default=500)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/task_faithfulness.json")
+    parser.add_argument(
+        "--cost", action="store_true", help="only what scoring costs on two real architectures"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.cost:
+        rows = cost(args.repeats)
+        path = args.out.with_name("task_faithfulness_cost.json")
+        path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        return
     scenes = 10 if args.quick else args.scenes
     torch.set_num_threads(1)
     rows = []

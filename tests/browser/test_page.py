@@ -555,7 +555,19 @@ def test_the_faithfulness_box_shows_each_maps_scores_under_it(shown: Watched) ->
     explain(page, EXAMPLES / "star.png", "GradCAM")
     assert page.locator(f"{MAPS} .faithfulness").count() == 0  # not asked for: not computed
     page.check("#faithfulness")
+    page.evaluate(
+        """() => {
+          const original = window.fetch;
+          window.posted = [];
+          window.fetch = (url, options = {}) => {
+            if (options.method === "POST") window.posted.push(String(url));
+            return original(url, options);
+          };
+        }"""
+    )
     explain(page, EXAMPLES / "star.png", "GradCAM")  # the scores come only when asked for
+    # The scores are 34 forwards per map: the method ran as a job, with its progress.
+    assert page.evaluate("window.posted") == ["jobs"]
     line = page.locator(f"{MAPS} .faithfulness").inner_text()
     found = re.fullmatch(
         r"deletion AUC (\d\.\d{3}) \(lower is better\) · insertion AUC (\d\.\d{3}) "
