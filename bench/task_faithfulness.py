@@ -21,7 +21,6 @@ Results go to ``bench/results/task_faithfulness.json`` (CPU, one thread), the co
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -40,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from app.cam import METHODS  # noqa: E402
 from app.cam.faithfulness import auc, perturbation_curve  # noqa: E402
+from app.errors import InvalidTarget  # noqa: E402
 from app.models.loading import LoadedModel, load_model  # noqa: E402
 from app.models.manifest import parse_manifest  # noqa: E402
 from app.models.zoo.shapes_dataset import make_pairs  # noqa: E402
@@ -56,16 +56,14 @@ from app.pipeline.tasks import PIPELINES  # noqa: E402
 from app.pipeline.tasks.base import Explained  # noqa: E402
 from app.pipeline.tasks.common import decode_whole  # noqa: E402
 
-HELD_OUT_SEED = 2026
-SIZE = 64
-METHODS_RUN = ("GradCAM", "LayerCAM", "HiResCAM", "EigenCAM")
-DETECTOR_METHODS_RUN = ("DRISE",)
-
-
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+# The pointing game's scenes and methods: the two benchmarks read the same maps.
+from bench.task_quality import (  # noqa: E402
+    DETECTOR_METHODS_RUN,
+    HELD_OUT_SEED,
+    METHODS_RUN,
+    SIZE,
+    _png,
+)
 
 
 def _aucs(model: LoadedModel, x: torch.Tensor, cam: torch.Tensor, target: Any) -> list[float]:
@@ -99,7 +97,7 @@ def _explained(
         params = ExplainParams(class_idx=(class_idx,))
         try:
             explained += pipeline.explain_image(model, x_image, 0, [plan], params, {}).explained
-        except Exception:  # the class is predicted nowhere: nothing to explain
+        except InvalidTarget:  # the class is predicted nowhere: nothing to explain
             continue
     return explained
 

@@ -1,9 +1,16 @@
 """Manifests of torchvision detectors and segmenters with random weights (nothing downloaded),
-small enough to load and explain on the CPU in a test."""
+small enough to load and explain on the CPU in a test; the shipped shapes task models and their
+held-out scenes."""
 
 from __future__ import annotations
 
+import io
+import shutil
 from pathlib import Path
+
+from PIL import Image
+
+from app.models.zoo.shapes_dataset import make_pairs
 
 #: (architecture, kwargs) of every torchvision detector the service serves; the inputs are kept
 #: tiny (the R-CNN family, RetinaNet and FCOS resize to min_size; SSD to its own size), and no
@@ -86,3 +93,26 @@ def loaded_task_model(tmp_root: Path, architecture: str) -> object:
         torch.manual_seed(0)
         _LOADED[architecture] = load_model(parse_manifest(folder), torch.device("cpu"))
     return _LOADED[architecture]
+
+
+#: The shipped model store (``shapes-detect`` and ``shapes-segment``: trained, tiny).
+SHIPPED_STORE = Path(__file__).resolve().parents[1] / "model_store"
+SHAPES_TASK_MODELS = ("shapes-detect", "shapes-segment")
+
+
+def copy_shapes_task_models(store: Path) -> None:
+    """Put the shipped ``shapes-detect`` and ``shapes-segment`` into ``store``."""
+    for name in SHAPES_TASK_MODELS:
+        shutil.copytree(SHIPPED_STORE / name, store / name)
+
+
+def shapes_scene(index: int, size: int = 64) -> bytes:
+    """Held-out scene ``index`` (0 to 2) of two shapes (``make_pairs``, seed 2026), as a PNG
+    of ``size`` pixels a side."""
+    images, _, _ = make_pairs(3, 2026, 64)
+    picture = Image.fromarray(images[index])
+    if size != 64:
+        picture = picture.resize((size, size))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()

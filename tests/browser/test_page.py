@@ -550,6 +550,18 @@ def test_api_docs_load_offline(browser: object, server: str, path: str, title: s
     page.context.close()
 
 
+def shown_scores(page: object) -> tuple[float, float]:
+    """The deletion and insertion AUCs under the (one) map, as the page words them."""
+    line = page.locator(f"{MAPS} .faithfulness").inner_text()
+    found = re.fullmatch(
+        r"deletion AUC (\d\.\d{3}) \(lower is better\) · insertion AUC (\d\.\d{3}) "
+        r"\(higher is better\)",
+        line,
+    )
+    assert found, line
+    return float(found[1]), float(found[2])
+
+
 def test_the_faithfulness_box_shows_each_maps_scores_under_it(shown: Watched) -> None:
     page = shown.page
     explain(page, EXAMPLES / "star.png", "GradCAM")
@@ -568,14 +580,8 @@ def test_the_faithfulness_box_shows_each_maps_scores_under_it(shown: Watched) ->
     explain(page, EXAMPLES / "star.png", "GradCAM")  # the scores come only when asked for
     # The scores are 34 forwards per map: the method ran as a job, with its progress.
     assert page.evaluate("window.posted") == ["jobs"]
-    line = page.locator(f"{MAPS} .faithfulness").inner_text()
-    found = re.fullmatch(
-        r"deletion AUC (\d\.\d{3}) \(lower is better\) · insertion AUC (\d\.\d{3}) "
-        r"\(higher is better\)",
-        line,
-    )
-    assert found, line
-    assert 0 <= float(found[1]) <= 1 and 0 <= float(found[2]) <= 1
+    deletion, insertion = shown_scores(page)
+    assert 0 <= deletion <= 1 and 0 <= insertion <= 1
     shot(page, "faithfulness")
     assert shown.errors == [] and failures(shown) == []
 

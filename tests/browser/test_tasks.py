@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 from collections.abc import Iterator
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.browser.conftest import ROOT
-from tests.browser.test_page import MAPS, Watched, failures, shot, watch
+from tests.browser.test_page import MAPS, Watched, failures, shot, shown_scores, watch
 
 SCENE = ROOT / "examples" / "scenes" / "scene.png"
 
@@ -230,16 +229,10 @@ def test_the_faithfulness_box_scores_an_explained_box(shown: Watched) -> None:
     [(url, sent)] = [(u, f) for u, f in page.evaluate("window.sentForms") if u != "predict"]
     assert url == "jobs"
     assert sent["box"] == "0" and sent["faithfulness"] == "deletion,insertion"
-    line = page.locator(f"{MAPS} .faithfulness").inner_text()
-    found = re.fullmatch(
-        r"deletion AUC (\d\.\d{3}) \(lower is better\) · insertion AUC (\d\.\d{3}) "
-        r"\(higher is better\)",
-        line,
-    )
-    assert found, line
-    # shapes-detect is trained: its top box's Grad-CAM deletes the shape faster than it comes
-    # back in the insertion curve.
-    assert float(found[1]) < float(found[2])
+    deletion, insertion = shown_scores(page)
+    # shapes-detect is trained: its top box's Layer-CAM map deletes the detection faster than
+    # the insertion curve brings it back.
+    assert deletion < insertion
     assert shown.errors == [] and failures(shown) == []
 
 

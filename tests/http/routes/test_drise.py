@@ -4,10 +4,7 @@ detector); a classifier and a segmenter refuse it with a 400 that names the meth
 from __future__ import annotations
 
 import io
-import shutil
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +18,9 @@ from app.models.zoo.shapes_dataset import make_pairs
 from app.settings import Settings
 from tests.conftest import assert_error, wait_ready
 from tests.fixtures_models import build_tiny, write_model
+from tests.fixtures_tasks import copy_shapes_task_models
+from tests.http.routes.test_jobs import finished, wait_for
 
-ROOT = Path(__file__).resolve().parents[3]
 DRISE = {"method": "DRISE", "masks": "60", "seed": "5", "output": "raw"}
 BUDGET = 1000
 """The service's CAMSERVE_MAX_CAM_FORWARDS here."""
@@ -31,8 +29,7 @@ BUDGET = 1000
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     store = tmp_path_factory.mktemp("drise-store")
-    for name in ("shapes-detect", "shapes-segment"):
-        shutil.copytree(ROOT / "model_store" / name, store / name)
+    copy_shapes_task_models(store)
     torch.manual_seed(0)
     write_model(
         store,
@@ -87,13 +84,8 @@ def test_explain_a_box_with_drise(client: TestClient) -> None:
 
 def test_a_job_explains_a_box_with_drise(client: TestClient) -> None:
     created = client.post("/jobs", files=_scene(), data={**DRISE, "box": "0"})
-    assert created.status_code in (200, 201, 202), created.text
-    url = created.json()["url"]
-    for _ in range(1200):
-        view = client.get(url).json()
-        if view["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.05)
+    assert created.status_code == 202, created.text
+    view = wait_for(client, created.json()["id"], finished)
     assert view["status"] == "succeeded", view
     item = view["result"]["results"][0]["explanations"][0]
     assert item["method"] == "DRISE" and item["detection"] == 0

@@ -21,6 +21,7 @@ from app.settings import Settings
 from tests.conftest import assert_error, files, image_bytes, wait_ready
 from tests.fixtures_models import build_tiny, write_model
 from tests.fixtures_tasks import DETECTORS, write_task_model
+from tests.http.routes.test_jobs import finished, wait_for
 
 WIDTH, HEIGHT = 96, 64
 
@@ -308,15 +309,8 @@ def test_a_mask_of_the_wrong_size_is_a_400(client: TestClient) -> None:
 
 def test_a_job_explains_a_box(client: TestClient, tmp_path: Path) -> None:
     created = client.post("/jobs", files=_image(), data={"model": "det", "box": "0"})
-    assert created.status_code in (200, 201, 202), created.text
-    url = created.json()["url"]
-    for _ in range(600):
-        view = client.get(url).json()
-        if view["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        import time
-
-        time.sleep(0.05)
+    assert created.status_code == 202, created.text
+    view = wait_for(client, created.json()["id"], finished)
     assert view["status"] == "succeeded", view
     assert view["result"]["results"][0]["explanations"][0]["detection"] == 0
 

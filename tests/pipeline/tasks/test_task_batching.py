@@ -4,35 +4,28 @@ and image size) share one pass and answer as they do alone; other sizes or metho
 from __future__ import annotations
 
 import copy
-import io
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from app.http.app import create_app
-from app.models.zoo.shapes_dataset import make_pairs
 from app.pipeline.tasks.base import TaskPipeline
 from app.settings import Settings
 from tests.conftest import wait_ready
-
-ROOT = Path(__file__).resolve().parents[3]
+from tests.fixtures_tasks import copy_shapes_task_models, shapes_scene
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     store = tmp_path_factory.mktemp("task-batching")
-    for name in ("shapes-detect", "shapes-segment"):
-        shutil.copytree(ROOT / "model_store" / name, store / name)
+    copy_shapes_task_models(store)
     settings = Settings(
         model_store=store,
         default_model="shapes-detect",
@@ -42,16 +35,6 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:
         wait_ready(test_client)
         yield test_client
-
-
-def _scene(index: int, size: int = 64) -> bytes:
-    images, _, _ = make_pairs(3, 2026, 64)
-    picture = Image.fromarray(images[index])
-    if size != 64:
-        picture = picture.resize((size, size))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class HeldPasses:
@@ -93,7 +76,7 @@ def _behind_a_blocker(
     """A blocker holds the model; the cases queue behind it and may share the next pass."""
     batchers = client.app.state.explainer._batchers  # type: ignore[attr-defined]
     with ThreadPoolExecutor(max_workers=len(cases) + 1) as pool:
-        blocker = pool.submit(_explain, client, _scene(2), {"box": "0"})
+        blocker = pool.submit(_explain, client, shapes_scene(2), {"box": "0"})
         assert held.started.wait(30)
         futures = [pool.submit(_explain, client, image, form) for image, form in cases]
         deadline = time.monotonic() + 30
@@ -155,7 +138,7 @@ def test_two_compatible_requests_share_one_pass_and_answer_as_alone(
         {"box": "0", "output": "raw", "method": "LayerCAM"},
         {"box": "all", "output": "raw", "method": "LayerCAM"},
     ]
-    cases = [(_scene(0), forms[0]), (_scene(1), forms[1])]
+    cases = [(shapes_scene(0), forms[0]), (shapes_scene(1), forms[1])]
     together = _behind_a_blocker(client, held, cases)
     assert held.sizes == [1, 2]  # the blocker alone, then both in one pass
     assert [r.status_code for r in together] == [200, 200], [r.text for r in together]
@@ -173,9 +156,9 @@ def test_a_segmenter_batches_its_regions_too(client: TestClient, held: HeldPasse
     form = {"model": "shapes-segment", "output": "raw"}
     batchers = client.app.state.explainer._batchers  # type: ignore[attr-defined]
     with ThreadPoolExecutor(max_workers=3) as pool:
-        blocker = pool.submit(_explain, client, _scene(2), form)
+        blocker = pool.submit(_explain, client, shapes_scene(2), form)
         assert held.started.wait(30)
-        futures = [pool.submit(_explain, client, _scene(i), form) for i in (0, 1)]
+        futures = [pool.submit(_explain, client, shapes_scene(i), form) for i in (0, 1)]
         deadline = time.monotonic() + 30
         while sum(b.waiting for b in batchers.values()) < 2:
             assert time.monotonic() < deadline
@@ -185,7 +168,7 @@ def test_a_segmenter_batches_its_regions_too(client: TestClient, held: HeldPasse
         together = [f.result() for f in futures]
     assert held.sizes == [1, 2]
     for i, got in enumerate(together):
-        _same(got.json(), _explain(client, _scene(i), form).json())
+        _same(got.json(), _explain(client, shapes_scene(i), form).json())
 
 
 @pytest.mark.parametrize(
@@ -200,8 +183,8 @@ def test_incompatible_requests_never_share(
 ) -> None:
     size, form = second
     cases = [
-        (_scene(0), {"box": "0", "output": "raw", "method": "LayerCAM"}),
-        (_scene(1, size), form),
+        (shapes_scene(0), {"box": "0", "output": "raw", "method": "LayerCAM"}),
+        (shapes_scene(1, size), form),
     ]
     answers = _behind_a_blocker(client, held, cases)
     assert [r.status_code for r in answers] == [200, 200]
@@ -210,8 +193,8 @@ def test_incompatible_requests_never_share(
 
 def test_a_bad_box_in_a_shared_pass_fails_alone(client: TestClient, held: HeldPasses) -> None:
     cases = [
-        (_scene(0), {"box": "0", "output": "raw", "method": "LayerCAM"}),
-        (_scene(1), {"box": "7", "output": "raw", "method": "LayerCAM"}),
+        (shapes_scene(0), {"box": "0", "output": "raw", "method": "LayerCAM"}),
+        (shapes_scene(1), {"box": "7", "output": "raw", "method": "LayerCAM"}),
     ]
     good, bad = _behind_a_blocker(client, held, cases)
     assert good.status_code == 200
@@ -237,9 +220,9 @@ def test_predict_of_compatible_requests_shares_a_forward(client: TestClient) -> 
             "/predict", files=[("file", ("s.png", image, "image/png"))]
         )
         with ThreadPoolExecutor(max_workers=3) as pool:
-            blocker = pool.submit(post, _scene(2))
+            blocker = pool.submit(post, shapes_scene(2))
             assert started.wait(30)
-            futures = [pool.submit(post, _scene(i)) for i in (0, 1)]
+            futures = [pool.submit(post, shapes_scene(i)) for i in (0, 1)]
             deadline = time.monotonic() + 30
             while sum(b.waiting for b in batchers.values()) < 2:
                 assert time.monotonic() < deadline
@@ -249,7 +232,7 @@ def test_predict_of_compatible_requests_shares_a_forward(client: TestClient) -> 
             together = [f.result().json() for f in futures]
     assert seen == [1, 2]
     for i, got in enumerate(together):
-        alone = post(_scene(i)).json()
+        alone = post(shapes_scene(i)).json()
         assert got["timings"]["batch_images"] == 2
         assert got["results"] == alone["results"]
 
@@ -259,7 +242,7 @@ def test_several_layers_give_one_map_each_and_their_fusion(client: TestClient) -
 
     layers = ["segmenter.layer1", "segmenter.layer2"]
     form = {"box": "0", "output": "raw", "method": "LayerCAM", "target_layer": layers}
-    response = _explain(client, _scene(0), form)
+    response = _explain(client, shapes_scene(0), form)
     assert response.status_code == 200, response.text
     maps = response.json()["results"][0]["explanations"][0]["maps"]
     assert [(m["layer"], m["kind"]) for m in maps] == [
@@ -271,7 +254,7 @@ def test_several_layers_give_one_map_each_and_their_fusion(client: TestClient) -
     assert [tuple(c.shape[1:]) for c in per_layer] == [(16, 16), (8, 8)]
     fused = LayerCAM.fuse_cams(per_layer)[0]
     np.testing.assert_allclose(maps[2]["raw"]["values"], fused.numpy(), atol=1e-5)
-    alone = _explain(client, _scene(0), {**form, "target_layer": layers[0]}).json()
+    alone = _explain(client, shapes_scene(0), {**form, "target_layer": layers[0]}).json()
     (only,) = alone["results"][0]["explanations"][0]["maps"]
     assert (only["layer"], only["kind"]) == ("segmenter.layer1", "layer")
     np.testing.assert_allclose(only["raw"]["values"], maps[0]["raw"]["values"], atol=1e-5)

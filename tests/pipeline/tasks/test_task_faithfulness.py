@@ -8,9 +8,7 @@ scores at the background priority and its progress counts the scoring forwards."
 from __future__ import annotations
 
 import base64
-import io
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,14 +16,12 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from app.cam.faithfulness import auc, perturbation_curve
 from app.cam.task_targets import DetectionSimilarity, RegionProbability
 from app.http.app import create_app
 from app.models.loading import LoadedModel, load_model
 from app.models.manifest import parse_manifest
-from app.models.zoo.shapes_dataset import make_pairs
 from app.pipeline import faithfulness
 from app.pipeline.batching import Batcher
 from app.pipeline.decoding import Upload
@@ -34,30 +30,20 @@ from app.pipeline.tasks.detection import kept
 from app.pipeline.tasks.segmentation import _to_output, region_mask, upload_labels
 from app.settings import Settings
 from tests.conftest import assert_error, wait_ready
+from tests.fixtures_tasks import SHIPPED_STORE, copy_shapes_task_models, shapes_scene
+from tests.http.routes.test_jobs import finished, wait_for
 
-ROOT = Path(__file__).resolve().parents[3]
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     store = tmp_path_factory.mktemp("task-faithfulness")
-    for name in ("shapes-detect", "shapes-segment"):
-        shutil.copytree(ROOT / "model_store" / name, store / name)
+    copy_shapes_task_models(store)
     settings = Settings(model_store=store, default_model="shapes-detect", device="cpu", cache_mb=0)
     with TestClient(create_app(settings)) as test_client:
         wait_ready(test_client)
         yield test_client
-
-
-def _scene(index: int, size: int = 64) -> bytes:
-    images, _, _ = make_pairs(3, 2026, 64)
-    picture = Image.fromarray(images[index])
-    if size != 64:
-        picture = picture.resize((size, size))
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _explain(client: TestClient, model: str, scenes: list[bytes], **data: str) -> Any:
@@ -78,7 +64,7 @@ def _explain(client: TestClient, model: str, scenes: list[bytes], **data: str) -
 
 
 def _model(name: str) -> LoadedModel:
-    return load_model(parse_manifest(ROOT / "model_store" / name), torch.device("cpu"))
+    return load_model(parse_manifest(SHIPPED_STORE / name), torch.device("cpu"))
 
 
 def _aucs(model: LoadedModel, x: torch.Tensor, raw: dict[str, Any], target: Any) -> list[float]:
@@ -93,7 +79,10 @@ def _aucs(model: LoadedModel, x: torch.Tensor, raw: dict[str, Any], target: Any)
 
 
 def test_every_box_map_is_scored_by_the_detections_similarity(client: TestClient) -> None:
-    scenes = [_scene(0), _scene(1, size=80)]  # two sizes: each image is scored on its own
+    scenes = [
+        shapes_scene(0),
+        shapes_scene(1, size=80),
+    ]  # two sizes: each image is scored on its own
     answer = _explain(client, "shapes-detect", scenes, box="all", method="GradCAM,LayerCAM")
     assert answer["timings"]["faithfulness_ms"] > 0
     model = _model("shapes-detect")
@@ -127,10 +116,10 @@ def test_every_box_map_is_scored_by_the_detections_similarity(client: TestClient
 def test_a_map_on_the_object_deletes_it_faster_than_its_reverse(client: TestClient) -> None:
     """The scores rank maps: the answer's map (on the object, for a trained detector) against
     the same map reversed, each scored by the engine with the same target."""
-    answer = _explain(client, "shapes-detect", [_scene(0)], box="0", method="GradCAM")
+    answer = _explain(client, "shapes-detect", [shapes_scene(0)], box="0", method="GradCAM")
     explanation = answer["results"][0]["explanations"][0]
     model = _model("shapes-detect")
-    decoded = decode_whole(Upload("s.png", _scene(0)), model.spec, 10**6)
+    decoded = decode_whole(Upload("s.png", shapes_scene(0)), model.spec, 10**6)
     x = decoded.tensor[None]
     with torch.inference_mode():
         output = model.module(x)[0]
@@ -145,7 +134,7 @@ def test_a_map_on_the_object_deletes_it_faster_than_its_reverse(client: TestClie
 
 
 def test_a_region_map_is_scored_by_the_class_probability_there(client: TestClient) -> None:
-    scene = _scene(2)
+    scene = shapes_scene(2)
     answer = _explain(client, "shapes-segment", [scene], method="LayerCAM")
     explanation = answer["results"][0]["explanations"][0]
     model = _model("shapes-segment")
@@ -169,14 +158,14 @@ def test_the_scoring_forwards_count_against_the_budget(client: TestClient) -> No
     # box=all: up to 10 boxes, 2 curves of 65 forwards each per map.
     data = {"faithfulness": "deletion,insertion", "faithfulness_steps": str(steps), "box": "all"}
     images = limit // (10 * 2 * (steps + 1)) + 1
-    files = [("file", (f"s{i}.png", _scene(0), "image/png")) for i in range(images)]
+    files = [("file", (f"s{i}.png", shapes_scene(0), "image/png")) for i in range(images)]
     response = client.post("/explain", files=files, data={"model": "shapes-detect", **data})
     message = assert_error(response, 422, "over_budget")
     assert "Scoring faithfulness (deletion, insertion)" in message
 
 
 def test_road_on_a_task_runs_only_as_a_job(client: TestClient) -> None:
-    files = [("file", ("s.png", _scene(0), "image/png"))]
+    files = [("file", ("s.png", shapes_scene(0), "image/png"))]
     data = {"model": "shapes-segment", "faithfulness": "road"}
     response = client.post("/explain", files=files, data=data)
     assert "runs only as a job" in assert_error(response, 400, "bad_request")
@@ -187,15 +176,10 @@ def test_road_on_a_task_runs_only_as_a_job(client: TestClient) -> None:
 
 
 def _job(client: TestClient, data: dict[str, str]) -> Any:
-    files = [("file", ("s.png", _scene(0), "image/png"))]
+    files = [("file", ("s.png", shapes_scene(0), "image/png"))]
     created = client.post("/jobs", files=files, data=data)
-    assert created.status_code in (200, 201, 202), created.text
-    url = created.json()["url"]
-    for _ in range(1200):
-        view = client.get(url).json()
-        if view["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.05)
+    assert created.status_code == 202, created.text
+    view = wait_for(client, created.json()["id"], finished)
     assert view["status"] == "succeeded", view
     return view
 
@@ -234,7 +218,7 @@ def test_a_task_job_runs_in_the_background_class_and_counts_its_scoring(
 def test_oip_and_kserve_carry_the_scores_of_explain(client: TestClient) -> None:
     """OIP's ``cam`` output lists each row's scores as parameters (comma-separated, as its
     ``detection`` and ``score``); KServe's ``:explain`` answers them in every map, as /explain."""
-    scene = _scene(0)
+    scene = shapes_scene(0)
     explained = _explain(client, "shapes-detect", [scene], box="all")
     rows = explained["results"][0]["explanations"]
     expected = {
@@ -273,7 +257,7 @@ def test_road_is_bounded_by_the_pixels_it_imputes(
     input's size (an upload past ``max_side`` counts scaled down), and a job over it is refused
     when it is created, not when it runs."""
     monkeypatch.setattr(faithfulness, "ROAD_MAX_PIXELS", 64 * 64)
-    big = _scene(0, size=128)  # shapes-segment sees it at 64 x 64: 4096 pixels, one map
+    big = shapes_scene(0, size=128)  # shapes-segment sees it at 64 x 64: 4096 pixels, one map
     files = [("file", ("s.png", big, "image/png"))]
     data = {"model": "shapes-segment", "faithfulness": "road"}
     created = client.post("/jobs", files=files, data=data)
@@ -289,7 +273,7 @@ def test_a_task_job_with_an_image_over_the_limit_is_refused_when_created(
 ) -> None:
     """A detector's job reads its uploads' headers when it is created, as a classifier's does:
     an image over ``CAMSERVE_MAX_IMAGE_PIXELS`` is refused then, not failed later."""
-    shutil.copytree(ROOT / "model_store" / "shapes-detect", tmp_path / "shapes-detect")
+    shutil.copytree(SHIPPED_STORE / "shapes-detect", tmp_path / "shapes-detect")
     settings = Settings(
         model_store=tmp_path,
         default_model="shapes-detect",
@@ -299,6 +283,6 @@ def test_a_task_job_with_an_image_over_the_limit_is_refused_when_created(
     )
     with TestClient(create_app(settings)) as small:
         wait_ready(small)
-        files = [("file", ("s.png", _scene(0, size=80), "image/png"))]
+        files = [("file", ("s.png", shapes_scene(0, size=80), "image/png"))]
         created = small.post("/jobs", files=files, data={"model": "shapes-detect"})
         assert "80x80" in assert_error(created, 413, "image_too_large")
