@@ -16,9 +16,10 @@ metrics it named (the engine's, ``app.cam.faithfulness``):
 
 A classifier's map follows the probability of the class it explains. A detector's follows the
 explained detection's similarity to the detections of each perturbed input (D-RISE's: IoU x
-class agreement x score, Petsiuk et al. 2021; it starts at the detection's score), and a
-segmenter's the mean probability of its class over the explained region (the answer's
-``probability``): scores in [0, 1] both, so that the areas read as a classifier's do.
+class agreement x score, Petsiuk et al. 2021; for a detector that answers labels and scores
+it starts at the detection's score), and a segmenter's the mean probability of its class over
+the explained region (the answer's ``probability``): scores in [0, 1] both, so that the areas
+read as a classifier's do.
 
 Each curve is one forward of ``steps + 1`` inputs (one pass per curve and image), each ROAD
 order one of 9. These are extra forwards like the Score-CAM family's: they count toward
