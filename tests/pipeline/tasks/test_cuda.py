@@ -1,7 +1,7 @@
 """A detector's and a segmenter's pass on a CUDA device answer as on the CPU: the shipped
 ``shapes-detect`` and ``shapes-segment``, one forward for the answer and both gradient methods'
-maps, every box in one map call, and D-RISE's masks drawn and run on the device. Skipped
-without CUDA."""
+maps, every box in one map call, D-RISE's masks drawn and run on the device, and the maps'
+faithfulness scores. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from app.cam import METHODS
 from app.models.loading import LoadedModel, load_model
 from app.models.manifest import parse_manifest
 from app.models.zoo.shapes_dataset import make_pairs
-from app.pipeline.decoding import Upload
+from app.pipeline.decoding import DecodedImage, Upload
 from app.pipeline.explainer import ExplainParams
+from app.pipeline.faithfulness import ScoreItem, Scoring, run_scoring_pass
 from app.pipeline.passes import CamPlan
 from app.pipeline.tasks import PIPELINES
 from app.pipeline.tasks.base import ImageRun, TaskItem
@@ -29,12 +30,16 @@ STORE = Path(__file__).resolve().parents[3] / "model_store"
 DEVICES = ("cpu", "cuda")
 
 
-def _run(name: str, device: str, methods: tuple[str, ...], **options: object) -> ImageRun:
-    model: LoadedModel = load_model(parse_manifest(STORE / name), torch.device(device))
+def _decoded(model: LoadedModel) -> DecodedImage:
     images, _, _ = make_pairs(1, 2026, 64)
     buffer = io.BytesIO()
     Image.fromarray(images[0]).save(buffer, format="PNG")
-    decoded = decode_whole(Upload("scene.png", buffer.getvalue()), model.spec, 10**6)
+    return decode_whole(Upload("scene.png", buffer.getvalue()), model.spec, 10**6)
+
+
+def _run(name: str, device: str, methods: tuple[str, ...], **options: object) -> ImageRun:
+    model: LoadedModel = load_model(parse_manifest(STORE / name), torch.device(device))
+    decoded = _decoded(model)
     detector = model.spec.task == "detection"
     params = ExplainParams(boxes=("all",)) if detector else ExplainParams()
     plans = [
@@ -72,3 +77,25 @@ def test_drise_runs_its_masks_on_cuda() -> None:
     for item in run.explained:
         assert item.cam.shape == (64, 64) and bool(torch.isfinite(item.cam).all())
         assert 0.0 <= float(item.cam.min()) and float(item.cam.max()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["shapes-detect", "shapes-segment"])
+def test_a_task_maps_faithfulness_scores_on_cuda_as_on_the_cpu(name: str) -> None:
+    """The scoring pass of a box's or region's map on CUDA: the detection's similarity or the
+    region's probability read from outputs on the device, the same areas as on the CPU."""
+    scores = {}
+    for device in DEVICES:
+        model = load_model(parse_manifest(STORE / name), torch.device(device))
+        run = _run(name, device, ("LayerCAM",))
+        decoded_tensor = _decoded(model).tensor[None]
+        items = [ScoreItem(decoded_tensor, ((e.cam[None], (e.judged_by,)),)) for e in run.explained]
+        wanted = Scoring(("deletion", "insertion"), 8)
+        scores[device] = [
+            (s.deletion_auc, s.insertion_auc)
+            for per_item in run_scoring_pass(model, wanted, items)
+            for per_map in per_item
+            for s in per_map
+        ]
+    assert len(scores["cuda"]) == len(scores["cpu"]) > 0
+    for (d_gpu, i_gpu), (d_cpu, i_cpu) in zip(scores["cuda"], scores["cpu"], strict=True):
+        assert d_gpu == pytest.approx(d_cpu, abs=2e-2) and i_gpu == pytest.approx(i_cpu, abs=2e-2)
