@@ -591,34 +591,37 @@ class TaskPipeline:
         a job."""
         started = time.perf_counter()
         plans, style = self.check(explainer, model, params, len(uploads), job)
-        decoded, decode_s = await self._decode(explainer, model, uploads)
-        if explainer.render_budget is not None and style.draws_pictures:
-            sizes = tuple(d.original_size for d in decoded)
-            per_image = self.check_params(model, params, len(uploads)) * sum(
-                maps_per_explanation(plan) for plan in plans
+        # Admitted from the decoding to the drawing, as a classifier's request is: the scoring
+        # and the drawing are work the queue bound counts.
+        with explainer.limiter.admit() if admit else nullcontext():
+            decoded, decode_s = await self._decode(explainer, model, uploads)
+            if explainer.render_budget is not None and style.draws_pictures:
+                sizes = tuple(d.original_size for d in decoded)
+                per_image = self.check_params(model, params, len(uploads)) * sum(
+                    maps_per_explanation(plan) for plan in plans
+                )
+                explainer.render_budget.check(
+                    render_cost(sizes, per_image, style, tuple(decoded[0].tensor.shape[-2:]))  # type: ignore[arg-type]
+                )
+            chained = chain_progress(progress)
+            runs, infos = await self._submit_each(
+                explainer,
+                model,
+                False,
+                ("task-cam", self.task, tuple(plans)),
+                [TaskItem(image, i, params) for i, image in enumerate(decoded)],
+                partial(self._explain_pass, model, plans),
+                plans,
+                chained,
+                priority,
             )
-            explainer.render_budget.check(
-                render_cost(sizes, per_image, style, tuple(decoded[0].tensor.shape[-2:]))  # type: ignore[arg-type]
+            queue_s = max(info.queue_s for info in infos)
+            scored = await self._score(explainer, model, params, decoded, runs, chained, priority)
+            encode_started = time.perf_counter()
+            results = await run_to_the_end(
+                explainer.render_threads, lambda: self._results(model, decoded, runs, style)
             )
-        chained = chain_progress(progress)
-        runs, infos = await self._submit_each(
-            explainer,
-            model,
-            admit,
-            ("task-cam", self.task, tuple(plans)),
-            [TaskItem(image, i, params) for i, image in enumerate(decoded)],
-            partial(self._explain_pass, model, plans),
-            plans,
-            chained,
-            priority,
-        )
-        queue_s = max(info.queue_s for info in infos)
-        scored = await self._score(explainer, model, params, decoded, runs, chained, priority)
-        encode_started = time.perf_counter()
-        results = await run_to_the_end(
-            explainer.render_threads, lambda: self._results(model, decoded, runs, style)
-        )
-        encode_s = time.perf_counter() - encode_started
+            encode_s = time.perf_counter() - encode_started
         for result, image_scored in zip(results, scored, strict=True):
             faithfulness.attach([result], image_scored)
         forward_s = sum(run.forward_s for run in runs)

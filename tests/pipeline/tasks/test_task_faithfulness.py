@@ -25,6 +25,7 @@ from app.models.manifest import parse_manifest
 from app.pipeline import faithfulness
 from app.pipeline.batching import Batcher
 from app.pipeline.decoding import Upload
+from app.pipeline.tasks.base import TaskPipeline
 from app.pipeline.tasks.common import decode_whole
 from app.pipeline.tasks.detection import kept
 from app.pipeline.tasks.segmentation import _to_output, region_mask, upload_labels
@@ -286,3 +287,28 @@ def test_a_task_job_with_an_image_over_the_limit_is_refused_when_created(
         files = [("file", ("s.png", shapes_scene(0, size=80), "image/png"))]
         created = small.post("/jobs", files=files, data={"model": "shapes-detect"})
         assert "80x80" in assert_error(created, 413, "image_too_large")
+
+
+def test_a_task_request_stays_admitted_through_its_scoring_and_drawing(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue bound counts a detector's request until its answer is drawn, as a
+    classifier's: its scoring pass and its pictures are work too (a flood of them could
+    otherwise queue past the bound once their CAM passes ended)."""
+    limiter = client.app.state.explainer.limiter  # type: ignore[attr-defined]
+    seen: dict[str, int] = {}
+    score_maps, results = faithfulness.score_maps, TaskPipeline._results
+
+    async def scoring(*args: Any, **kwargs: Any) -> Any:
+        seen["scoring"] = limiter.in_flight
+        return await score_maps(*args, **kwargs)
+
+    def drawing(self: TaskPipeline, *args: Any) -> Any:
+        seen["drawing"] = limiter.in_flight
+        return results(self, *args)
+
+    monkeypatch.setattr(faithfulness, "score_maps", scoring)
+    monkeypatch.setattr(TaskPipeline, "_results", drawing)
+    _explain(client, "shapes-detect", [shapes_scene(0)], box="0")
+    assert seen == {"scoring": 1, "drawing": 1}
+    assert limiter.in_flight == 0
