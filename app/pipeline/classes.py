@@ -62,7 +62,7 @@ def check_choice(choice: ClassChoice, model: str, num_classes: int) -> None:
         raise MalformedParameter(
             f"{' and '.join(sent)} were both sent; choose the classes one way: class_idx (one "
             "for all images or one per image), classes (every listed class for every image) or "
-            "top_classes (the K most probable of each image).",
+            "top_classes (the K most probable of each image; a segmenter's K largest).",
             details={"parameter": sent[1], "allowed": list(CHOOSERS)},
         )
     count = class_count(choice)
