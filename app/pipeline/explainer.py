@@ -353,13 +353,15 @@ class Explainer:
         model = self.registry.get(model_name, version)
         task = pipeline_for(model.spec.task)
         if task is not None:  # a detector's or segmenter's checks are its task's
-            decoding = DecodeCost(0, 0)
+            forwards, decoding = 0, DecodeCost(0, 0)
             for uploads, params in requests:
                 plans, _ = task.check(self, model, params, len(uploads), job)
                 cost = await self._decode_cost(model, uploads, None)
                 task.check_sizes(model, params, plans, cost.sizes)
+                forwards += task.forwards(model, params, plans, len(uploads))
                 decoding += cost
             if len(requests) > 1:
+                checks.check_forward_sum(forwards, self.max_cam_forwards, len(requests))
                 capacity = None if self.decode_budget is None else self.decode_budget.capacity
                 checks.check_decode_cost(decoding, self.max_request_pixels, capacity)
             return

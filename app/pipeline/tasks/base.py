@@ -557,6 +557,17 @@ class TaskPipeline:
         )
         return plans, style
 
+    def forwards(
+        self, model: LoadedModel, params: ExplainParams, plans: Sequence[CamPlan], images: int
+    ) -> int:
+        """The masked and scoring forwards a request may run (its bound: ``box=all`` counts
+        its most boxes), for the sum over a request's parts."""
+        per_image = self.check_params(model, params, images)
+        wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
+        maps = per_image * sum(maps_per_explanation(plan) for plan in plans)
+        scoring = 0 if wanted is None else wanted.forwards(maps, images)
+        return checks.plans_forwards(model, plans, images, per_image) + scoring
+
     def check_sizes(
         self,
         model: LoadedModel,

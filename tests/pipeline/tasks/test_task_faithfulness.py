@@ -7,6 +7,7 @@ scores at the background priority and its progress counts the scoring forwards."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import shutil
 from collections.abc import Iterator
@@ -19,12 +20,14 @@ from fastapi.testclient import TestClient
 
 from app.cam.faithfulness import auc, perturbation_curve
 from app.cam.task_targets import DetectionSimilarity, RegionProbability
+from app.errors import OverBudget
 from app.http.app import create_app
 from app.models.loading import LoadedModel, load_model
 from app.models.manifest import parse_manifest
 from app.pipeline import faithfulness
 from app.pipeline.batching import Batcher
 from app.pipeline.decoding import Upload
+from app.pipeline.params import build_params
 from app.pipeline.tasks.base import TaskPipeline
 from app.pipeline.tasks.common import decode_whole
 from app.pipeline.tasks.detection import kept
@@ -312,3 +315,21 @@ def test_a_task_request_stays_admitted_through_its_scoring_and_drawing(
     _explain(client, "shapes-detect", [shapes_scene(0)], box="0")
     assert seen == {"scoring": 1, "drawing": 1}
     assert limiter.in_flight == 0
+
+
+def test_parts_of_one_task_request_are_summed_against_the_forward_budget(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KServe instances whose options differ are checked together: a detector's masks and
+    scoring forwards of every part count toward one request's budget, as a classifier's do."""
+    explainer = client.app.state.explainer  # type: ignore[attr-defined]
+    monkeypatch.setattr(explainer, "max_cam_forwards", 100)
+    part = build_params({"method": "DRISE", "masks": 60, "seed": 1, "box": "0"})
+    uploads = [Upload("s.png", shapes_scene(0))]
+    asyncio.run(explainer.check_together("shapes-detect", [(uploads, part)]))
+    with pytest.raises(OverBudget, match="120 masked or noisy forwards"):
+        asyncio.run(explainer.check_together("shapes-detect", [(uploads, part), (uploads, part)]))
+    scored = build_params({"box": "0", "faithfulness": "deletion", "faithfulness_steps": 30})
+    two = [(uploads, part), (uploads, scored), (uploads, scored)]
+    with pytest.raises(OverBudget, match="122 masked or noisy forwards"):  # 60 + 2 x 31
+        asyncio.run(explainer.check_together("shapes-detect", two))
