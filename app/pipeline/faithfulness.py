@@ -168,7 +168,7 @@ probability), or its target's score in [0, 1] (a detector: the explained detecti
 
 def _objective(scored_by: ScoredBy) -> tuple[list[int] | None, list[Target] | None]:
     """``scored_by`` as the engine's curves take it: (class_idx, None) or (None, targets)."""
-    if all(isinstance(c, int) for c in scored_by):
+    if not any(callable(c) for c in scored_by):  # class indices (ints of any kind)
         return [int(c) for c in scored_by], None  # type: ignore[arg-type]
     return None, list(scored_by)  # type: ignore[arg-type]
 
