@@ -80,7 +80,7 @@ ROAD_MAX_PIXELS = 128 * 224 * 224
 """The most input pixels ROAD imputes for one request (its maps' input pixels, summed over
 images and maps): 128 maps at 224 x 224, some 4 to 8 minutes of one core. The imputation runs
 on the image threads, which interactive requests decode on: a detector's 1333-px inputs with
-``box=all`` would hold one for an hour."""
+``box=all`` would hold one for 20 minutes a layer (about a minute per order and map)."""
 ROAD_NOISE_STD = 0.01
 """Noise added to ROAD's imputed pixels, in the model's normalised input units."""
 ROAD_SEED = 0
