@@ -126,21 +126,31 @@ def region_mask(
         mask = np.zeros((height, width), dtype=bool)
         mask[int(y0) : max(int(y0) + 1, round(y1)), int(x0) : max(int(x0) + 1, round(x1))] = True
         return mask
+    unreadable = InvalidTarget(
+        "region png:... must hold a base64 PNG (or other image) of the upload's size.",
+        details={"parameter": "region"},
+    )
     try:
         data = base64.b64decode(region[len(PNG) :], validate=True)
-        picture = Image.open(io.BytesIO(data))
-        picture.load()
-    except (binascii.Error, ValueError, OSError):
+        picture = Image.open(io.BytesIO(data))  # the header only: the size is checked first
+    except Image.DecompressionBombError:
         raise InvalidTarget(
-            "region png:... must hold a base64 PNG (or other image) of the upload's size.",
+            f"region mask declares far more pixels than {name} ({width}x{height}) has; send a "
+            "mask of the upload's size.",
             details={"parameter": "region"},
         ) from None
+    except (binascii.Error, ValueError, OSError):
+        raise unreadable from None
     if picture.size != (width, height):
         raise InvalidTarget(
             f"region mask is {picture.width}x{picture.height} but {name} is {width}x{height}; "
             "send a mask of the upload's size.",
             details={"parameter": "region"},
         )
+    try:  # a mask of the upload's size: no more pixels than the upload, which was checked
+        picture.load()
+    except (ValueError, OSError):
+        raise unreadable from None
     mask = np.asarray(picture.convert("L")) > 0
     if not mask.any():
         raise InvalidTarget("region mask is empty (all zero).", details={"parameter": "region"})

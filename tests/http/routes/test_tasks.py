@@ -300,6 +300,26 @@ def test_a_segmenter_explains_several_classes_each_over_its_region(client: TestC
     assert "is predicted nowhere" in assert_error(response, 400, "invalid_target")
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_region_png_that_decodes_huge_or_truncated_is_a_400(client: TestClient) -> None:
+    """A hostile region: a 48 kB PNG declaring 20000 x 20000 pixels is refused from its header
+    (it was a 500: Pillow's bomb error escaped), one of 10000 x 10000 too, without decoding
+    its pixels; a truncated mask of the right size is a 400 naming the form."""
+    for side, words in ((20000, "declares far more pixels"), (10000, "region mask is 10000x10000")):
+        buffer = io.BytesIO()
+        Image.new("1", (side, side)).save(buffer, format="PNG", optimize=True)
+        assert len(buffer.getvalue()) < 64 * 1024
+        region = "png:" + base64.b64encode(buffer.getvalue()).decode()
+        data = {"model": "seg", "class_idx": "1", "region": region}
+        response = client.post("/explain", files=_image(), data=data)
+        assert words in assert_error(response, 400, "invalid_target")
+    whole = base64.b64decode(_mask_png(WIDTH, HEIGHT)[len("png:") :])
+    truncated = "png:" + base64.b64encode(whole[: len(whole) // 2]).decode()
+    data = {"model": "seg", "class_idx": "1", "region": truncated}
+    response = client.post("/explain", files=_image(), data=data)
+    assert "must hold a base64 PNG" in assert_error(response, 400, "invalid_target")
+
+
 def test_a_mask_of_the_wrong_size_is_a_400(client: TestClient) -> None:
     data = {"model": "seg", "class_idx": "1", "region": _mask_png(WIDTH // 2, HEIGHT)}
     response = client.post("/explain", files=_image(), data=data)
