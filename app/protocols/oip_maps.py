@@ -22,16 +22,17 @@ def map_tensor(name: str, answer: ExplainResponse, rows: dict[str, Any]) -> Outp
         option: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
         for option, value in answer.options.items()
     }
+    # No explanation at all (``box=all`` on images without a detection): an empty tensor.
+    made = {"layer": maps[0].layer, "normalized": raws[0]["normalized"]} if maps else {}
     return OutputTensor(
         name=name,
         datatype="FP32",
-        shape=(len(raws), *raws[0]["shape"]),
+        shape=(len(raws), *raws[0]["shape"]) if raws else (0, 0, 0),
         values=[value for raw in raws for row in raw["values"] for value in row],
         parameters={
             "method": answer.method,
-            "layer": maps[0].layer,
             "target_layers": ",".join(answer.target_layers),
-            "normalized": raws[0]["normalized"],
+            **made,
             **rows,
             **options,
             **_scores(maps),
@@ -43,7 +44,7 @@ def _scores(maps: Sequence[MapOutput]) -> dict[str, Any]:
     """The maps' faithfulness scores (when asked for), each as one value per row separated by
     commas, like ``class_idx``."""
     scored = [m.faithfulness for m in maps]
-    if any(score is None for score in scored):
+    if not scored or any(score is None for score in scored):
         return {}
     fields = [s.model_dump(exclude_none=True) for s in scored if s is not None]
     shown: dict[str, Any] = {}

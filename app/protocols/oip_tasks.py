@@ -121,7 +121,7 @@ def task_cam(name: str, answer: ExplainResponse) -> OutputTensor:
 
     def listed(field: str) -> dict[str, str]:
         values = [getattr(e, field) for e in explained]
-        if any(value is None for value in values):
+        if not values or any(value is None for value in values):
             return {}
         return {field: ",".join(map(str, values))}
 
