@@ -137,7 +137,7 @@ def _wants_png(request: Request) -> bool:
 
 
 def _check_png_answer(params: ExplainParams, images: int) -> None:
-    """An ``image/png`` answer holds one overlay: one image, one method."""
+    """An ``image/png`` answer holds one overlay: one image, one method, one class or box."""
     if images != 1:
         raise NotAcceptable(
             "An image/png answer holds one image; send one file or accept application/json."
@@ -147,6 +147,21 @@ def _check_png_answer(params: ExplainParams, images: int) -> None:
         raise NotAcceptable(
             "An image/png answer holds one method's overlay; send one method or accept "
             "application/json."
+        )
+    several = [
+        name
+        for name, asks in (
+            ("classes", len(params.classes) > 1),
+            ("top_classes", (params.top_classes or 1) > 1),
+            ("box", len(params.boxes) > 1 or any(b.strip().lower() == "all" for b in params.boxes)),
+        )
+        if asks
+    ]
+    if several:
+        raise NotAcceptable(
+            f"An image/png answer holds one explanation's overlay, and {several[0]} asks for "
+            "several; explain one class (or one box=K) or accept application/json.",
+            details={"parameter": several[0]},
         )
 
 

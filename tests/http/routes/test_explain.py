@@ -167,6 +167,15 @@ def test_accept_png_answers_the_overlay(client: TestClient) -> None:
         headers={"Accept": "image/png"},
     )
     assert_error(two, 406, "not_acceptable")
+    # One overlay: several classes are refused, not cut to the first (they were, silently).
+    for data, name in (({"classes": "0,1"}, "classes"), ({"top_classes": "2"}, "top_classes")):
+        several = client.post(
+            "/explain", files=files(image_bytes()), data=data, headers={"Accept": "image/png"}
+        )
+        assert f"and {name} asks for several" in assert_error(several, 406, "not_acceptable")
+    png = {"Accept": "image/png"}
+    one = client.post("/explain", files=files(image_bytes()), data={"classes": "1"}, headers=png)
+    assert one.status_code == 200 and one.headers["content-type"] == "image/png"
 
 
 def test_a_repeated_explanation_says_hit_in_its_header_and_timings(

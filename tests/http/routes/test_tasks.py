@@ -196,6 +196,21 @@ def test_detection_bad_input_is_a_400(client: TestClient, data: dict[str, str], 
     assert words in assert_error(response, 400, "invalid_target")
 
 
+def test_a_png_answer_holds_one_box_or_class(client: TestClient) -> None:
+    """``Accept: image/png`` answers one overlay: ``box=all``, several boxes or a segmenter's
+    several classes are a 406 (the first overlay was answered alone before, silently)."""
+    png = {"Accept": "image/png"}
+    for data in ({"model": "det", "box": "all"}, {"model": "det", "box": ["0", "1"]}):
+        response = client.post("/explain", files=_image(), data=data, headers=png)
+        assert "box asks for several" in assert_error(response, 406, "not_acceptable")
+    data = {"model": "det", "box": "1"}
+    response = client.post("/explain", files=_image(), data=data, headers=png)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    data = {"model": "seg", "top_classes": "2"}
+    response = client.post("/explain", files=_image(), data=data, headers=png)
+    assert "top_classes asks for several" in assert_error(response, 406, "not_acceptable")
+
+
 def test_box_on_a_classifier_is_a_400(client: TestClient) -> None:
     response = client.post("/explain", files=_image(), data={"model": "tiny", "box": "0"})
     assert "box is for detection models" in assert_error(response, 400, "invalid_target")
