@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.pipeline.results import ExplainResponse, ExplainResult, Explanation, Prediction
+from app.pipeline.results import (
+    Detection,
+    ExplainResponse,
+    ExplainResult,
+    Explanation,
+    Prediction,
+    Segment,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,27 @@ class MethodMaps:
     @property
     def probability(self) -> float:
         return self.explanation.probability
+
+    @property
+    def detection(self) -> int | None:
+        """A detector's: the index of the explained box in the image's ``detections``."""
+        return self.explanation.detection
+
+    @property
+    def box(self) -> list[float] | None:
+        """A detector's explained box, or a segmenter's region's bounds: [x0, y0, x1, y1] in
+        the upload's pixels."""
+        return self.explanation.box
+
+    @property
+    def score(self) -> float | None:
+        """A detector's: the explained box's score."""
+        return self.explanation.score
+
+    @property
+    def region(self) -> str | None:
+        """A segmenter's: the explained region's kind (``mask``, ``box``, ``png``)."""
+        return self.explanation.region
 
     def map_fields(self, index: int = -1) -> dict[str, Any]:
         """The fields of map ``index`` (MapOutput's fields come from the output kinds)."""
@@ -88,6 +116,16 @@ class Explained:
     @property
     def predictions(self) -> list[Prediction]:
         return self.result.predictions
+
+    @property
+    def detections(self) -> list[Detection] | None:
+        """A detector's boxes of the explained pass, best first (None for other models)."""
+        return self.result.detections
+
+    @property
+    def segments(self) -> list[Segment] | None:
+        """A segmenter's classes present, largest first (None for other models)."""
+        return self.result.segments
 
     @property
     def methods(self) -> dict[str, MethodMaps]:

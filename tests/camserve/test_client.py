@@ -13,8 +13,19 @@ from PIL import Image
 
 from app.http.schemas import ModelList
 from app.pipeline.results import JobProgress
-from camserve import AsyncClient, Client, RetryPolicy, ServiceError, Unreachable
+from app.settings import Settings
+from camserve import (
+    AsyncClient,
+    Client,
+    Explained,
+    ExplainRequest,
+    RetryPolicy,
+    ServiceError,
+    Unreachable,
+)
+from camserve.local import LocalService
 from tests.camserve.conftest import API_KEY
+from tests.fixtures_tasks import SHIPPED_STORE, shapes_scene
 from tests.http.test_server import free_port
 
 METHODS = ["GradCAM", "ScoreCAM"]
@@ -289,3 +300,36 @@ def test_the_async_progress_callback_hears_each_count_once() -> None:
 
     asyncio.run(run())
     assert [(p.done, p.total) for p in seen] == [(0, 0), (0, 64), (32, 64), (64, 64)]
+
+
+def test_a_detectors_and_a_segmenters_answers_read_through_the_client() -> None:
+    """``Explained.detections``/``segments`` and each explanation's ``detection``, ``box``,
+    ``score`` and ``region``: the service's own answer (run in this process, the shipped
+    store), read as the client reads it."""
+
+    async def run() -> tuple[Explained, Explained]:
+        settings = Settings(model_store=SHIPPED_STORE, device="cpu", cache_mb=0)
+        async with LocalService(settings) as local:
+            boxes = await local.explain(
+                "s.png",
+                shapes_scene(0),
+                ExplainRequest(model="shapes-detect", fields={"box": "all"}),
+            )
+            classes = await local.explain(
+                "s.png",
+                shapes_scene(0),
+                ExplainRequest(model="shapes-segment", fields={"top_classes": 2}),
+            )
+        return Explained(boxes), Explained(classes)
+
+    detected, segmented = asyncio.run(run())
+    assert detected.detections is not None and len(detected.detections) >= 2
+    assert detected.segments is None and detected.predictions == []
+    for k, maps in enumerate(detected.explanations):
+        found = detected.detections[k]
+        assert (maps.detection, maps.box, maps.score) == (k, found.box, found.score)
+        assert maps.region is None and maps.raw is not None
+    assert segmented.segments is not None and segmented.detections is None
+    shapes = [s.class_idx for s in segmented.segments if s.class_idx != 0]
+    assert [m.class_idx for m in segmented.explanations] == shapes[:2]
+    assert all(m.region == "mask" and m.detection is None for m in segmented.explanations)
