@@ -572,17 +572,24 @@ def test_the_faithfulness_box_shows_each_maps_scores_under_it(shown: Watched) ->
           const original = window.fetch;
           window.posted = [];
           window.fetch = (url, options = {}) => {
-            if (options.method === "POST") window.posted.push(String(url));
+            if (options.method === "POST") {
+              window.posted.push([String(url), options.body.get("method")]);
+            }
             return original(url, options);
           };
         }"""
     )
     explain(page, EXAMPLES / "star.png", "GradCAM")  # the scores come only when asked for
     # The scores are 34 forwards per map: the method ran as a job, with its progress.
-    assert page.evaluate("window.posted") == ["jobs"]
+    assert page.evaluate("window.posted") == [["jobs", "GradCAM"]]
     deletion, insertion = shown_scores(page)
     assert 0 <= deletion <= 1 and 0 <= insertion <= 1
     shot(page, "faithfulness")
+    # Fast methods share one job (and its forward); a slow one has its own.
+    page.evaluate("window.posted = []")
+    explain(page, EXAMPLES / "star.png", "GradCAM", "LayerCAM", "ScoreCAM", cards=3)
+    assert page.evaluate("window.posted") == [["jobs", "GradCAM,LayerCAM"], ["jobs", "ScoreCAM"]]
+    assert page.locator(f"{MAPS} .faithfulness").count() == 3
     assert shown.errors == [] and failures(shown) == []
 
 

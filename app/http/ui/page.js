@@ -10,7 +10,7 @@
 // Which methods are slow is the server's word (/models/{name} method_info): fast ones go to
 // /explain in one request, each slow one runs as a job (/jobs) whose progress events drive the
 // progress bar, and whose maps are shown as soon as it ends (with the Faithfulness box ticked,
-// every method is slow: the scores are many forwards). One press of Explain is a "run";
+// the fast ones run as one job too: the scores are many forwards). One press of Explain is a "run";
 // a new file, a new model or a new run makes the answers of the old one count for nothing.
 "use strict";
 
@@ -427,12 +427,15 @@ async function explain(event) {
     showError(new Error("Choose at least one method."));
     return;
   }
-  // Faithfulness scores add 2 x 17 forwards of the model per map: slow by the server's own
-  // rule (slow_forwards), so every method then runs as a job, with its progress (a detector's
-  // scores take a minute on a CPU, past a request's deadline).
+  const slow = methods.filter((m) => info(m).slow);
+  const fast = methods.filter((m) => !info(m).slow);
+  // Each slow method is a job of its own. Faithfulness scores add 2 x 17 forwards of the model
+  // per map, slow by the server's own rule (slow_forwards): with them the fast methods run as
+  // one job too, sharing their forward, with its progress (a detector's scores take a minute on
+  // a CPU, past a request's deadline).
   const scored = $("faithfulness").checked;
-  const slow = methods.filter((m) => scored || info(m).slow);
-  const fast = methods.filter((m) => !slow.includes(m));
+  const jobs = [...(scored && fast.length ? [fast] : []), ...slow.map((m) => [m])];
+  const direct = scored ? [] : fast;
   const run = ++state.run;
   const started = performance.now();
   state.busy = true;
@@ -450,20 +453,20 @@ async function explain(event) {
   if (window.matchMedia("(max-width: 700px)").matches) $("output").scrollIntoView();
   let last = null;
   try {
-    if (fast.length) {
-      setStatus(`Explaining ${state.file.name} with ${labels(fast)}…`);
-      const answer = await api("explain", { method: "POST", body: explainForm(fast), signal });
+    if (direct.length) {
+      setStatus(`Explaining ${state.file.name} with ${labels(direct)}…`);
+      const answer = await api("explain", { method: "POST", body: explainForm(direct), signal });
       if (run !== state.run) return;
       await showAnswer(answer, run);
       last = answer;
     }
-    for (const [index, method] of slow.entries()) {
-      const view = await runJob(method, index, slow.length, run, signal);
+    for (const [index, group] of jobs.entries()) {
+      const view = await runJob(group, index, jobs.length, run, signal);
       if (run !== state.run) return;
       if (view.status === "cancelled") {
         const p = view.progress;
-        const rest = slow.slice(index + 1);
-        setStatus(`Cancelled ${methodLabel(method)}` +
+        const rest = jobs.slice(index + 1).flat();
+        setStatus(`Cancelled ${labels(group)}` +
           `${p.total ? ` after ${p.done} of ${p.total} forwards` : ""}.` +
           `${rest.length ? ` Not run: ${labels(rest)}.` : ""}` +
           `${state.cards.length ? " The maps shown are from the methods that finished." : ""}`);
@@ -495,13 +498,14 @@ async function explain(event) {
 
 // ------------------------------------------------------------------ jobs
 
-async function runJob(method, index, count, run, signal) {
-  const label = `${methodLabel(method)}${count > 1 ? ` (${index + 1} of ${count})` : ""}`;
-  setStatus(`Explaining ${state.file.name} with ${labels([method])}, as a job…`);
+// One job for `methods` (one slow method, or the fast ones with their faithfulness scores).
+async function runJob(methods, index, count, run, signal) {
+  const label = `${labels(methods)}${count > 1 ? ` (${index + 1} of ${count})` : ""}`;
+  setStatus(`Explaining ${state.file.name} with ${labels(methods)}, as a job…`);
   showJob(label, null);
   // Until there is a job to cancel. aria-disabled, not disabled: that would drop the focus.
   $("cancel").setAttribute("aria-disabled", "true");
-  const created = await api("jobs", { method: "POST", body: explainForm([method]), signal });
+  const created = await api("jobs", { method: "POST", body: explainForm(methods), signal });
   if (run !== state.run) return { status: "cancelled", progress: { done: 0, total: 0 } };
   state.job = { id: created.id, label, cancelled: false };
   $("cancel").removeAttribute("aria-disabled");
