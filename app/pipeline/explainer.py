@@ -355,9 +355,9 @@ class Explainer:
         if task is not None:  # a detector's or segmenter's checks are its task's
             forwards, decoding = 0, DecodeCost(0, 0)
             for uploads, params in requests:
-                plans, _ = task.check(self, model, params, len(uploads), job)
+                plans, style = task.check(self, model, params, len(uploads), job)
                 cost = await self._decode_cost(model, uploads, None)
-                task.check_sizes(model, params, plans, cost.sizes)
+                task.check_sizes(self, model, params, plans, style, cost.sizes)
                 forwards += task.forwards(model, params, plans, len(uploads))
                 decoding += cost
             if len(requests) > 1:
@@ -544,7 +544,7 @@ class Explainer:
             note_work(spec.name, lookup.answer.method, len(uploads), {}, version=spec.version)
             return lookup.answer
         if task is not None:
-            sized = partial(task.check_sizes, model, params, plans)
+            sized = partial(task.check_sizes, self, model, params, plans, style)
             async with self._room_to_decode(model, uploads, None, sized=sized):
                 answer = await task.explain(
                     self,

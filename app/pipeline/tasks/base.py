@@ -570,17 +570,23 @@ class TaskPipeline:
 
     def check_sizes(
         self,
+        explainer: Explainer,
         model: LoadedModel,
         params: ExplainParams,
         plans: Sequence[CamPlan],
+        style: RenderStyle,
         sizes: Sequence[tuple[int, int]],
     ) -> None:
         """What the uploads' sizes (read from their headers, before decoding) decide: the
-        pixels ROAD would impute (``faithfulness.check_road``), at the model input's size."""
+        drawing against the render budget, and the pixels ROAD would impute
+        (``faithfulness.check_road``), at the model input's size."""
         maps = self.check_params(model, params, len(sizes)) * sum(
             maps_per_explanation(plan) for plan in plans
         )
         inputs = [input_size(size, model.spec) for size in sizes]
+        if explainer.render_budget is not None and style.draws_pictures and sizes:
+            width, height = inputs[0]  # size=input: the first image's input, as when drawn
+            explainer.render_budget.check(render_cost(sizes, maps, style, (height, width)))
         wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
         faithfulness.check_road(wanted, maps * sum(width * height for width, height in inputs))
 
@@ -605,15 +611,9 @@ class TaskPipeline:
         # Admitted from the decoding to the drawing, as a classifier's request is: the scoring
         # and the drawing are work the queue bound counts.
         with explainer.limiter.admit() if admit else nullcontext():
+            # The drawing was checked against the render budget from the headers
+            # (``check_sizes``, before the decode budget was taken).
             decoded, decode_s = await self._decode(explainer, model, uploads)
-            if explainer.render_budget is not None and style.draws_pictures:
-                sizes = tuple(d.original_size for d in decoded)
-                per_image = self.check_params(model, params, len(uploads)) * sum(
-                    maps_per_explanation(plan) for plan in plans
-                )
-                explainer.render_budget.check(
-                    render_cost(sizes, per_image, style, tuple(decoded[0].tensor.shape[-2:]))  # type: ignore[arg-type]
-                )
             chained = chain_progress(progress)
             runs, infos = await self._submit_each(
                 explainer,

@@ -272,11 +272,10 @@ def test_road_is_bounded_by_the_pixels_it_imputes(
     assert "would impute 8,192 input pixels" in message and "4,096" in message
 
 
-def test_a_task_job_with_an_image_over_the_limit_is_refused_when_created(
-    tmp_path: Path,
-) -> None:
+def test_a_task_job_over_a_limit_is_refused_when_created(tmp_path: Path) -> None:
     """A detector's job reads its uploads' headers when it is created, as a classifier's does:
-    an image over ``CAMSERVE_MAX_IMAGE_PIXELS`` is refused then, not failed later."""
+    an image over ``CAMSERVE_MAX_IMAGE_PIXELS``, or a drawing over the render budget
+    (``box=all`` counts its most boxes), is refused then, not failed later."""
     shutil.copytree(SHIPPED_STORE / "shapes-detect", tmp_path / "shapes-detect")
     settings = Settings(
         model_store=tmp_path,
@@ -284,12 +283,21 @@ def test_a_task_job_with_an_image_over_the_limit_is_refused_when_created(
         device="cpu",
         cache_mb=0,
         max_image_pixels=64 * 64,
+        max_render_maps=2,
     )
     with TestClient(create_app(settings)) as small:
         wait_ready(small)
         files = [("file", ("s.png", shapes_scene(0, size=80), "image/png"))]
         created = small.post("/jobs", files=files, data={"model": "shapes-detect"})
         assert "80x80" in assert_error(created, 413, "image_too_large")
+        files = [("file", ("s.png", shapes_scene(0), "image/png"))]
+        data = {"model": "shapes-detect", "box": "all"}
+        created = small.post("/jobs", files=files, data=data)
+        assert "CAMSERVE_MAX_RENDER_MAPS" in assert_error(created, 422, "over_budget")
+        explained = small.post("/explain", files=files, data=data)
+        assert "CAMSERVE_MAX_RENDER_MAPS" in assert_error(explained, 422, "over_budget")
+        created = small.post("/jobs", files=files, data={**data, "output": "raw"})
+        assert created.status_code == 202, created.text  # raw maps are not drawn
 
 
 def test_a_task_request_stays_admitted_through_its_scoring_and_drawing(
