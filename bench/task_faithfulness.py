@@ -39,7 +39,6 @@ if str(ROOT) not in sys.path:
 
 from app.cam import METHODS  # noqa: E402
 from app.cam.faithfulness import auc, perturbation_curve  # noqa: E402
-from app.errors import InvalidTarget  # noqa: E402
 from app.models.loading import LoadedModel, load_model  # noqa: E402
 from app.models.manifest import parse_manifest  # noqa: E402
 from app.models.zoo.shapes_dataset import make_pairs  # noqa: E402
@@ -53,7 +52,6 @@ from app.pipeline.faithfulness import (  # noqa: E402
 )
 from app.pipeline.passes import CamPlan  # noqa: E402
 from app.pipeline.tasks import PIPELINES  # noqa: E402
-from app.pipeline.tasks.base import Explained  # noqa: E402
 from app.pipeline.tasks.common import decode_whole  # noqa: E402
 
 # The pointing game's scenes and methods: the two benchmarks read the same maps.
@@ -63,6 +61,7 @@ from bench.task_quality import (  # noqa: E402
     METHODS_RUN,
     SIZE,
     _png,
+    explained_shapes,
 )
 
 
@@ -74,32 +73,6 @@ def _aucs(model: LoadedModel, x: torch.Tensor, cam: torch.Tensor, target: Any) -
         )
         found.append(float(auc(*curve)[0]))
     return found
-
-
-def _explained(
-    model: LoadedModel, x_image: Any, plan: CamPlan, classes: list[int]
-) -> list[Explained]:
-    """Each shape's explanation, as /explain gives it: a detector's boxes of the shapes' classes
-    in one call; a segmenter's class over its predicted mask (a class predicted nowhere: none)."""
-    pipeline = PIPELINES[model.spec.task]
-    if model.spec.task == "detection":
-        answer = pipeline.answer(model, x_image, pipeline.forward(model, x_image), ())
-        rows = []
-        for class_idx in classes:
-            found = [j for j, d in enumerate(answer["detections"]) if d.class_idx == class_idx]
-            rows += found[:1]
-        if not rows:
-            return []
-        params = ExplainParams(boxes=tuple(str(row) for row in dict.fromkeys(rows)))
-        return pipeline.explain_image(model, x_image, 0, [plan], params, {}).explained
-    explained = []
-    for class_idx in classes:
-        params = ExplainParams(class_idx=(class_idx,))
-        try:
-            explained += pipeline.explain_image(model, x_image, 0, [plan], params, {}).explained
-        except InvalidTarget:  # the class is predicted nowhere: nothing to explain
-            continue
-    return explained
 
 
 def run(
@@ -121,7 +94,7 @@ def run(
         decoded = decode_whole(Upload(f"{i}.png", _png(images[i])), model.spec, 10**6)
         x = decoded.tensor[None]
         classes = [int(labels[i, k]) + 1 for k in range(2)]
-        for explained in _explained(model, decoded, plan, classes):
+        for explained in explained_shapes(model, decoded, plan, classes).values():
             cam = explained.cam.float()
             noise = torch.rand(cam.shape, generator=generator)
             found = {
@@ -187,8 +160,8 @@ def cost(repeats: int) -> list[dict[str, Any]]:
         ):
             decoded = decode_whole(Upload("scene.png", scene), model.spec, 10**6)
             plan = CamPlan("LayerCAM", METHODS["LayerCAM"], model.target_layers, (), True)
-            params = ExplainParams(boxes=("0",)) if model.spec.task == "detection" else None
-            params = params or ExplainParams()
+            detector = model.spec.task == "detection"
+            params = ExplainParams(boxes=("0",)) if detector else ExplainParams()
             pipeline = PIPELINES[model.spec.task]
             explain_s, score_s = [], []
             for _ in range(repeats + 1):  # the first is a warm-up

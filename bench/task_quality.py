@@ -49,6 +49,7 @@ from app.pipeline.decoding import DecodedImage, Upload  # noqa: E402
 from app.pipeline.explainer import ExplainParams  # noqa: E402
 from app.pipeline.passes import CamPlan  # noqa: E402
 from app.pipeline.tasks import PIPELINES  # noqa: E402
+from app.pipeline.tasks.base import Explained  # noqa: E402
 from app.pipeline.tasks.common import decode_whole  # noqa: E402
 
 HELD_OUT_SEED = 2026
@@ -83,25 +84,36 @@ def _inside_box(point: tuple[int, int], box: tuple[int, int, int, int]) -> bool:
     return box[0] <= col < box[2] and box[1] <= row < box[3]
 
 
-def _detection_maps(
+def explained_shapes(
     model: LoadedModel, decoded: DecodedImage, plan: CamPlan, classes: list[int]
-) -> dict[int, torch.Tensor]:
-    """The map of the first detection of each class of ``classes`` that the detector found, as
-    /explain with ``box=`` gives them: every box of the scene in one call (the boxes share its
-    extra forwards, D-RISE's masks among them)."""
-    pipeline = PIPELINES["detection"]
+) -> dict[int, Explained]:
+    """Each class of ``classes`` explained as /explain explains it, by class; a class the model
+    misses is left out. A detector: the first detection of each class, every box of the scene
+    in one call (``box=``: the boxes share its extra forwards, D-RISE's masks among them). A
+    segmenter: each class over its predicted mask (``region=mask``)."""
+    pipeline = PIPELINES[model.spec.task]
+    if model.spec.task != "detection":
+        found = {}
+        for class_idx in classes:
+            params = ExplainParams(class_idx=(class_idx,))
+            try:
+                run_ = pipeline.explain_image(model, decoded, 0, [plan], params, {})
+            except InvalidTarget:  # the class is predicted nowhere: nothing to explain
+                continue
+            found[class_idx] = run_.explained[0]
+        return found
     answer = pipeline.answer(model, decoded, pipeline.forward(model, decoded), ())
     rows = {}
     for class_idx in classes:
-        found = [j for j, d in enumerate(answer["detections"]) if d.class_idx == class_idx]
-        if found:
-            rows[class_idx] = found[0]
+        detected = [j for j, d in enumerate(answer["detections"]) if d.class_idx == class_idx]
+        if detected:
+            rows[class_idx] = detected[0]
     if not rows:
         return {}
     boxes = list(dict.fromkeys(rows.values()))
     params = ExplainParams(boxes=tuple(str(row) for row in boxes))
     explained = pipeline.explain_image(model, decoded, 0, [plan], params, {}).explained
-    by_row = {row: one.cam for row, one in zip(boxes, explained, strict=True)}
+    by_row = dict(zip(boxes, explained, strict=True))
     return {class_idx: by_row[row] for class_idx, row in rows.items()}
 
 
@@ -113,7 +125,6 @@ def run(
     options: tuple[tuple[str, Any], ...] = (),
 ) -> dict[str, Any]:
     images, masks, labels = make_pairs(scenes, seed, SIZE)
-    pipeline = PIPELINES[model.spec.task]
     plan = CamPlan(method, METHODS[method], model.target_layers, options, True)
     rng = np.random.default_rng(seed)
     hits = random_hits = missed = shapes = in_box = 0
@@ -121,27 +132,16 @@ def run(
     for i in range(scenes):
         decoded = decode_whole(Upload(f"{i}.png", _png(images[i])), model.spec, 10**6)
         classes = [int(labels[i, k]) + 1 for k in range(2)]
-        detected = (
-            _detection_maps(model, decoded, plan, classes) if model.spec.task == "detection" else {}
-        )
+        explained = explained_shapes(model, decoded, plan, classes)
         for k in range(2):
             shapes += 1
             class_idx = classes[k]
             truth = masks[i, k]
             box = _box(truth)
-            if model.spec.task == "detection":
-                if class_idx not in detected:
-                    missed += 1
-                    continue
-                cam = detected[class_idx]
-            else:
-                params = ExplainParams(class_idx=(class_idx,))
-                try:
-                    run_ = pipeline.explain_image(model, decoded, 0, [plan], params, {})
-                except InvalidTarget:  # the class is predicted nowhere: nothing to explain
-                    missed += 1
-                    continue
-                cam = run_.explained[0].cam
+            if class_idx not in explained:
+                missed += 1
+                continue
+            cam = explained[class_idx].cam
             point = _peak(cam)
             noise = torch.from_numpy(rng.random(cam.shape).astype(np.float32))
             random_point = _peak(noise)

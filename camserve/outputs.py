@@ -21,8 +21,7 @@ _TASK_FIELDS = ("detection", "box", "score", "region")
 def _each(maps: MethodMaps) -> str:
     """The file-name part of one of several explanations of a method: a detector's box (two
     boxes may be of one class), else the class."""
-    detection = maps.explanation.detection
-    return f".box{detection}" if detection is not None else f".class{maps.class_idx}"
+    return f".box{maps.detection}" if maps.detection is not None else f".class{maps.class_idx}"
 
 
 class OutputFolder:
@@ -69,7 +68,7 @@ class OutputFolder:
                 np.save(path, raw)
                 files["raw"] = path.name
             scored = maps.faithfulness
-            explained_what = maps.explanation.model_dump(include=set(_TASK_FIELDS))
+            explained_what = {name: getattr(maps, name) for name in _TASK_FIELDS}
             entry = {
                 "method": method,
                 "class_idx": maps.class_idx,

@@ -78,8 +78,7 @@ def scored_probability(
     if (class_idx is None) == (targets is None):
         raise ValueError("pass either class_idx (a classifier's classes) or targets, not both")
     if targets is not None:
-        objective = Objective(targets=target_list(targets, batch))
-        return lambda output, samples: objective(output, samples)
+        return Objective(targets=target_list(targets, batch))
     cls = torch.as_tensor(class_idx, dtype=torch.long).flatten()
     if cls.numel() != batch:
         raise ValueError("images, saliency and class_idx must have the same batch size")

@@ -352,29 +352,22 @@ class Explainer:
         against the budgets of one request."""
         model = self.registry.get(model_name, version)
         task = pipeline_for(model.spec.task)
-        if task is not None:  # a detector's or segmenter's checks are its task's
-            forwards, decoding = 0, DecodeCost(0, 0)
-            for uploads, params in requests:
+        forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
+        for uploads, params in requests:
+            if task is not None:  # a detector's or segmenter's checks are its task's
                 plans, style = task.check(self, model, params, len(uploads), job)
                 cost = await self._decode_cost(model, uploads, None)
                 task.check_sizes(self, model, params, plans, style, cost.sizes)
                 forwards += task.forwards(model, params, plans, len(uploads))
-                decoding += cost
-            if len(requests) > 1:
-                checks.check_forward_sum(forwards, self.max_cam_forwards, len(requests))
-                capacity = None if self.decode_budget is None else self.decode_budget.capacity
-                checks.check_decode_cost(decoding, self.max_request_pixels, capacity)
-            return
-        forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
-        for uploads, params in requests:
-            plans, style = self._check(model, params, len(uploads), job)
-            count = class_count(params)
-            forwards += checks.plans_forwards(model, plans, len(uploads), count)
-            forwards += _scoring_forwards(params, plans, len(uploads) * count)
-            side = style.size.decode_side if style.draws_pictures else 0
-            cost = await self._decode_cost(model, uploads, side)
+            else:
+                plans, style = self._check(model, params, len(uploads), job)
+                count = class_count(params)
+                forwards += checks.plans_forwards(model, plans, len(uploads), count)
+                forwards += _scoring_forwards(params, plans, len(uploads) * count)
+                side = style.size.decode_side if style.draws_pictures else 0
+                cost = await self._decode_cost(model, uploads, side)
+                drawing += self._render_cost(model, plans, style, cost, count)
             decoding += cost
-            drawing += self._render_cost(model, plans, style, cost, count)
         if len(requests) > 1:
             checks.check_forward_sum(forwards, self.max_cam_forwards, len(requests))
             capacity = None if self.decode_budget is None else self.decode_budget.capacity
@@ -551,10 +544,11 @@ class Explainer:
                     model,
                     uploads,
                     params,
+                    plans,
+                    style,
                     progress=progress,
                     admit=admit,
                     priority=priority,
-                    job=job,
                 )
         else:
             side = style.size.decode_side if style.draws_pictures else 0

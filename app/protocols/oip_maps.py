@@ -8,16 +8,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.pipeline.results import ExplainResponse, MapOutput
-from app.protocols.tensors import OutputTensor
+from app.protocols.tensors import OutputTensor, one_size
 
 
 def map_tensor(name: str, answer: ExplainResponse, rows: dict[str, Any]) -> OutputTensor:
-    """Every explanation's map, stacked (the caller has checked they are one shape), with the
-    method, its layers, ``normalized``, the options it ran with and the maps' faithfulness
-    scores (when asked for) as parameters, and ``rows``: what each row explains
-    (comma-separated: a parameter holds no list)."""
+    """Every explanation's map, stacked (refused when they differ in shape: a detector's or
+    segmenter's images of several sizes), with the method, its layers, ``normalized``, the
+    options it ran with and the maps' faithfulness scores (when asked for) as parameters, and
+    ``rows``: what each row explains (comma-separated: a parameter holds no list)."""
     maps = [e.maps[-1] for result in answer.results for e in result.explanations]
     raws = [m.model_dump(include={"raw"})["raw"] for m in maps]
+    one_size(name, [tuple(raw["shape"]) for raw in raws])
     options = {
         option: ",".join(map(str, value)) if isinstance(value, list | tuple) else value
         for option, value in answer.options.items()

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from app.errors import BadRequest
 from app.pipeline.results import ExplainResponse, ExplainResult, PredictResult
 from app.protocols.oip_maps import map_tensor
-from app.protocols.tensors import Datatype, OutputTensor
+from app.protocols.tensors import Datatype, OutputTensor, one_size
 
 BOXES, SCORES, LABELS, MASK = "boxes", "scores", "labels", "mask"
 
@@ -85,7 +84,7 @@ def predicted_outputs(results: Sequence[PredictResult | ExplainResult]) -> dict[
     masks = [getattr(result, "mask", None) for result in results]
     if results and all(mask is not None for mask in masks):
         arrays = [_label_mask(mask) for mask in masks if mask is not None]
-        _one_size(MASK, [a.shape for a in arrays])
+        one_size(MASK, [a.shape for a in arrays])
         made[MASK] = OutputTensor(
             MASK,
             "INT32",
@@ -101,23 +100,11 @@ def _label_mask(png: str) -> np.ndarray:
         return np.asarray(picture, dtype=np.int32)
 
 
-def _one_size(name: str, shapes: Sequence[tuple[int, ...]]) -> None:
-    """A stacked output needs every image's part to be the same shape."""
-    if len(set(shapes)) > 1:
-        raise BadRequest(
-            f"The output {name!r} stacks one tensor per image, but the images give "
-            f"{', '.join('x'.join(map(str, s)) for s in dict.fromkeys(shapes))}; send images of "
-            "one size, or one image per request."
-        )
-
-
 def task_cam(name: str, answer: ExplainResponse) -> OutputTensor:
     """The explained maps (``map_tensor``), with what each explains as comma-separated
     parameters: ``class_idx``, and a detector's ``detection`` (its index in ``boxes``) and
     ``score``, a segmenter's ``region``; ``explanations_per_image`` with several images."""
     explained = [e for result in answer.results for e in result.explanations]
-    raws = [e.maps[-1].model_dump(include={"raw"})["raw"] for e in explained]
-    _one_size(name, [tuple(raw["shape"]) for raw in raws])
 
     def listed(field: str) -> dict[str, str]:
         values = [getattr(e, field) for e in explained]

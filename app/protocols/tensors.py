@@ -9,11 +9,22 @@ from typing import Any, Literal
 
 import numpy as np
 
+from app.errors import BadRequest
 from app.protocols.binary import pack_bytes
 
 Datatype = Literal["FP32", "INT32", "BYTES"]
 #: The raw (little-endian) numpy type of each numeric datatype.
 _RAW = {"FP32": "<f4", "INT32": "<i4"}
+
+
+def one_size(name: str, shapes: Sequence[tuple[int, ...]]) -> None:
+    """A stacked output needs every image's part to be the same shape."""
+    if len(set(shapes)) > 1:
+        raise BadRequest(
+            f"The output {name!r} stacks one tensor per image, but the images give "
+            f"{', '.join('x'.join(map(str, s)) for s in dict.fromkeys(shapes))}; send images of "
+            "one size, or one image per request."
+        )
 
 
 @dataclass(frozen=True)

@@ -239,18 +239,16 @@ class Display:
 def print_summary(path: Path, explained: Explained) -> None:
     """One line per image: its top class and what each method explained; a detector's boxes or
     a segmenter's classes (it has no top class) and what was explained of them."""
-    result = explained.result
     if not explained.predictions:
-        if result.detections is not None:
-            found = f"{len(result.detections)} detection(s)"
+        if explained.detections is not None:
+            found = f"{len(explained.detections)} detection(s)"
         else:
-            found = f"{len(result.segments or [])} class(es)"
+            found = f"{len(explained.segments or [])} class(es)"
         what = ", ".join(
             f"{m.method}: "
-            + (f"box {e.detection} " if e.detection is not None else "")
-            + f"{e.label} {e.probability:.2f}"
+            + (f"box {m.detection} " if m.detection is not None else "")
+            + f"{m.label} {m.probability:.2f}"
             for m in explained.explanations
-            for e in (m.explanation,)
         )
         out.print(f"{path}  {found}  [{what}]", highlight=False, soft_wrap=True)
         return

@@ -10,8 +10,8 @@
 // Which methods are slow is the server's word (/models/{name} method_info): fast ones go to
 // /explain in one request, each slow one runs as a job (/jobs) whose progress events drive the
 // progress bar, and whose maps are shown as soon as it ends (with the Faithfulness box ticked,
-// the fast ones run as one job too: the scores are many forwards). One press of Explain is a "run";
-// a new file, a new model or a new run makes the answers of the old one count for nothing.
+// the fast ones run as one job too: the scores are many forwards). One press of Explain is a
+// "run"; a new file, a new model or a new run makes the answers of the old one count for nothing.
 "use strict";
 
 const KEY_STORAGE = "camserve-api-key";

@@ -58,7 +58,7 @@ from app.pipeline.tasks.maps import (
     LayerMaps,
     batch_maps,
     hooked,
-    maps_per_explanation,
+    maps_per_image,
     plan_maps,
 )
 
@@ -246,7 +246,7 @@ CLASS_CHOOSERS = ("classes", "top_classes")
 
 
 class TaskPipeline:
-    """The flow; a task fills in ``answer`` (predict) and ``explain_image``."""
+    """The flow; a task fills in ``answer`` (predict), ``check_params`` and ``wanted``."""
 
     task: ClassVar[str] = ""
     #: Explain parameters this task takes besides the common ones: its own (``box``,
@@ -549,7 +549,7 @@ class TaskPipeline:
         plans = CamPlan.each(methods, per_method, layers, params.normalized)
         faithfulness.check(
             faithfulness.scoring(params.faithfulness, params.faithfulness_steps),
-            per_image * sum(maps_per_explanation(plan) for plan in plans),
+            maps_per_image(plans, per_image),
             images,
             checks.plans_forwards(model, plans, images, per_image),
             explainer.max_cam_forwards,
@@ -564,7 +564,7 @@ class TaskPipeline:
         its most boxes), for the sum over a request's parts."""
         per_image = self.check_params(model, params, images)
         wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
-        maps = per_image * sum(maps_per_explanation(plan) for plan in plans)
+        maps = maps_per_image(plans, per_image)
         scoring = 0 if wanted is None else wanted.forwards(maps, images)
         return checks.plans_forwards(model, plans, images, per_image) + scoring
 
@@ -580,9 +580,7 @@ class TaskPipeline:
         """What the uploads' sizes (read from their headers, before decoding) decide: the
         drawing against the render budget, and the pixels ROAD would impute
         (``faithfulness.check_road``), at the model input's size."""
-        maps = self.check_params(model, params, len(sizes)) * sum(
-            maps_per_explanation(plan) for plan in plans
-        )
+        maps = maps_per_image(plans, self.check_params(model, params, len(sizes)))
         inputs = [input_size(size, model.spec) for size in sizes]
         if explainer.render_budget is not None and style.draws_pictures and sizes:
             width, height = inputs[0]  # size=input: the first image's input, as when drawn
@@ -596,18 +594,18 @@ class TaskPipeline:
         model: LoadedModel,
         uploads: Sequence[Upload],
         params: ExplainParams,
+        plans: Sequence[CamPlan],
+        style: RenderStyle,
         *,
         progress: ProgressCallback | None = None,
         admit: bool = True,
         priority: Priority = "interactive",
-        job: bool = False,
     ) -> ExplainResponse:
-        """The request's explanations: its images' passes, the faithfulness stage when asked
-        for, and the drawing. ``progress`` counts every pass of the request as one count;
-        ``priority``: its class on the model (``app.pipeline.scheduling``); ``job``: it runs as
-        a job."""
+        """The request's explanations, once ``check`` gave its ``plans`` and ``style``: its
+        images' passes, the faithfulness stage when asked for, and the drawing. ``progress``
+        counts every pass of the request as one count; ``priority``: its class on the model
+        (``app.pipeline.scheduling``)."""
         started = time.perf_counter()
-        plans, style = self.check(explainer, model, params, len(uploads), job)
         # Admitted from the decoding to the drawing, as a classifier's request is: the scoring
         # and the drawing are work the queue bound counts.
         with explainer.limiter.admit() if admit else nullcontext():

@@ -109,8 +109,13 @@ def _named(
     return [*per_layer, LayerMaps(FUSED, "fused", fuse(scaled))]
 
 
-def maps_per_explanation(plan: CamPlan) -> int:
-    """How many maps ``_named`` gives for one thing explained (the render budget's count)."""
+def maps_per_image(plans: Sequence[CamPlan], explained: int) -> int:
+    """How many maps ``_named`` gives for an image of ``explained`` things (boxes, classes)
+    under every plan (the render budget's and the scoring's count)."""
+    return explained * sum(_maps_per_explanation(plan) for plan in plans)
+
+
+def _maps_per_explanation(plan: CamPlan) -> int:
     if plan.cls.one_map or len(plan.layers) == 1:
         return 1
     return len(plan.layers) + 1

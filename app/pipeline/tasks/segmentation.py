@@ -2,9 +2,8 @@
 /explain explains ``class_idx`` (or several: ``classes``, ``top_classes``) over ``region``:
 ``mask`` (the class's predicted mask, the default), ``box:x0,y0,x1,y1`` (upload pixels) or
 ``png:<base64>`` (an uploaded mask of the upload's size, non-zero inside), by the sum of the
-class's logits there
-(``app.cam.task_targets.RegionScore``); its faithfulness curves follow the class's mean
-probability there (``RegionProbability``, the answer's ``probability``)."""
+class's logits there (``app.cam.task_targets.RegionScore``); its faithfulness curves follow the
+class's mean probability there (``RegionProbability``, the answer's ``probability``)."""
 
 from __future__ import annotations
 
