@@ -38,7 +38,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app.cam import METHODS  # noqa: E402
-from app.cam.faithfulness import auc, perturbation_curve  # noqa: E402
+from app.cam.faithfulness import (  # noqa: E402
+    auc,
+    confidence_change,
+    confidence_drop,
+    perturbation_curve,
+)
 from app.models.loading import LoadedModel, load_model  # noqa: E402
 from app.models.manifest import parse_manifest  # noqa: E402
 from app.models.zoo.shapes_dataset import make_pairs  # noqa: E402
@@ -66,12 +71,15 @@ from bench.task_quality import (  # noqa: E402
 
 
 def _aucs(model: LoadedModel, x: torch.Tensor, cam: torch.Tensor, target: Any) -> list[float]:
+    """Deletion AUC, insertion AUC and confidence drop of one map."""
     found = []
     for mode in ("deletion", "insertion"):
         curve = perturbation_curve(
             model.module, x, cam[None], None, mode, DEFAULT_STEPS, batch_size=None, targets=target
         )
         found.append(float(auc(*curve)[0]))
+    before, after = confidence_change(model.module, x, cam[None], None, targets=target)
+    found.append(float(confidence_drop(before, after)[0]))
     return found
 
 
@@ -86,9 +94,11 @@ def run(
     plan = CamPlan(method, METHODS[method], model.target_layers, options, True)
     generator = torch.Generator().manual_seed(seed)
     scores: dict[str, list[float]] = {
-        f"{kind}_{curve}": [] for kind in ("map", "random", "reversed") for curve in ("del", "ins")
+        f"{kind}_{curve}": []
+        for kind in ("map", "random", "reversed")
+        for curve in ("del", "ins", "drop")
     }
-    beats_random = {"del": 0, "ins": 0}
+    beats_random = {"del": 0, "ins": 0, "drop": 0}
     started = time.perf_counter()
     for i in range(scenes):
         decoded = decode_whole(Upload(f"{i}.png", _png(images[i])), model.spec, 10**6)
@@ -102,11 +112,13 @@ def run(
                 "random": _aucs(model, x, noise, explained.judged_by),
                 "reversed": _aucs(model, x, -cam, explained.judged_by),
             }
-            for kind, (deletion, insertion) in found.items():
+            for kind, (deletion, insertion, drop) in found.items():
                 scores[f"{kind}_del"].append(deletion)
                 scores[f"{kind}_ins"].append(insertion)
+                scores[f"{kind}_drop"].append(drop)
             beats_random["del"] += found["map"][0] < found["random"][0]
             beats_random["ins"] += found["map"][1] > found["random"][1]
+            beats_random["drop"] += found["map"][2] < found["random"][2]
     maps = len(scores["map_del"])
     return {
         "model": model.spec.name,
@@ -118,12 +130,15 @@ def run(
         "maps": maps,
         "steps": DEFAULT_STEPS,
         **{
-            f"{name}_auc_mean": round(statistics.fmean(values), 4)
+            (f"{name}_mean" if name.endswith("drop") else f"{name}_auc_mean"): round(
+                statistics.fmean(values), 4
+            )
             for name, values in scores.items()
             if values
         },
         "deletion_beats_random": round(beats_random["del"] / max(1, maps), 4),
         "insertion_beats_random": round(beats_random["ins"] / max(1, maps), 4),
+        "drop_beats_random": round(beats_random["drop"] / max(1, maps), 4),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -132,13 +147,15 @@ def cost(repeats: int) -> list[dict[str, Any]]:
     """What scoring costs beside explaining: one box's (region's) Layer-CAM map of a 320 x 320
     scene on a Faster R-CNN (ResNet-50 FPN v2, random weights, 320 px) and a DeepLabV3
     (ResNet-50, random weights, 224 px), explained, then scored as the service scores it (both
-    curves, 16 steps: one forward of 17 inputs per curve), alternating, medians."""
+    curves, 16 steps: one forward of 17 inputs per curve; then ``confidence`` alone: one forward
+    of 2), alternating, medians."""
     from bench.task_pass import _random_model
 
     rows = []
     images, _, _ = make_pairs(1, HELD_OUT_SEED, SIZE)
     scene = _png(np.asarray(Image.fromarray(images[0]).resize((320, 320))))
     wanted = Scoring(("deletion", "insertion"), DEFAULT_STEPS)
+    cheap = Scoring(("confidence",))
     with tempfile.TemporaryDirectory() as folder:
         for name, model in (
             (
@@ -163,7 +180,7 @@ def cost(repeats: int) -> list[dict[str, Any]]:
             detector = model.spec.task == "detection"
             params = ExplainParams(boxes=("0",)) if detector else ExplainParams()
             pipeline = PIPELINES[model.spec.task]
-            explain_s, score_s = [], []
+            explain_s, score_s, confidence_s = [], [], []
             for _ in range(repeats + 1):  # the first is a warm-up
                 started = time.perf_counter()
                 run_ = pipeline.explain_image(model, decoded, 0, [plan], params, {})
@@ -175,8 +192,12 @@ def cost(repeats: int) -> list[dict[str, Any]]:
                 started = time.perf_counter()
                 run_scoring_pass(model, wanted, [item])
                 score_s.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                run_scoring_pass(model, cheap, [item])
+                confidence_s.append(time.perf_counter() - started)
             explain_ms = 1000 * statistics.median(explain_s[1:])
             score_ms = 1000 * statistics.median(score_s[1:])
+            confidence_ms = 1000 * statistics.median(confidence_s[1:])
             row = {
                 "model": name,
                 "input": list(decoded.tensor.shape[-2:]),
@@ -184,6 +205,9 @@ def cost(repeats: int) -> list[dict[str, Any]]:
                 "scoring_ms": round(score_ms, 1),
                 "scored_over_explained": round((explain_ms + score_ms) / explain_ms, 2),
                 "scoring_forwards": wanted.forwards_per_map,
+                "confidence_ms": round(confidence_ms, 1),
+                "confidence_over_explained": round((explain_ms + confidence_ms) / explain_ms, 2),
+                "confidence_forwards": cheap.forwards_per_map,
                 "threads": torch.get_num_threads(),
             }
             print(json.dumps(row), flush=True)

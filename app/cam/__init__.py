@@ -25,6 +25,9 @@ from app.cam.dff import DFF, Concepts, nmf
 from app.cam.drise import DRISE
 from app.cam.eigen import EigenCAM, EigenGradCAM
 from app.cam.faithfulness import (
+    confidence_change,
+    confidence_drop,
+    confidence_increase,
     deletion_auc,
     deletion_curve,
     insertion_auc,
@@ -164,6 +167,9 @@ __all__ = [
     "colorize",
     "colormap_lut",
     "best_iou",
+    "confidence_change",
+    "confidence_drop",
+    "confidence_increase",
     "deletion_auc",
     "deletion_curve",
     "energy_pointing_game",

@@ -3,6 +3,10 @@
 * :func:`deletion_curve`, :func:`insertion_curve`, :func:`deletion_auc`,
   :func:`insertion_auc` -- the causal metrics of Petsiuk et al., "RISE: Randomized Input
   Sampling for Explanation of Black-box Models", BMVC 2018, Sec. 4.1.
+* :func:`explanation_map_inputs`, :func:`confidence_change`, :func:`confidence_drop`,
+  :func:`confidence_increase` -- the score on the image multiplied by its map, against the
+  image's: the Average Drop and Increase in Confidence of Chattopadhyay et al., "Grad-CAM++",
+  WACV 2018, Sec. 5.1, per sample.
 * :func:`noisy_linear_imputation`, :func:`road_inputs`, :func:`road_curve` -- ROAD, "remove
   and debias", of Rong et al., "A Consistent and Efficient Evaluation Strategy for Attribution
   Methods", ICML 2022.
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.cam.core import normalize_maps, resize_maps
 from app.cam.targets import Objective, Target, target_list
 
 __all__ = [
@@ -33,8 +38,12 @@ __all__ = [
     "Forward",
     "MapFn",
     "auc",
+    "confidence_change",
+    "confidence_drop",
+    "confidence_increase",
     "deletion_auc",
     "deletion_curve",
+    "explanation_map_inputs",
     "gaussian_blur",
     "insertion_auc",
     "insertion_curve",
@@ -325,6 +334,78 @@ def insertion_auc(
         model, images, saliency, class_idx, n_steps, baseline, batch_size, targets=targets
     )
     return auc(*curve)
+
+
+# --------------------------------------------------------------------------------------
+# Average Drop and Increase in Confidence (Grad-CAM++)
+# --------------------------------------------------------------------------------------
+
+
+def explanation_map_inputs(images: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """Each image multiplied by its map: Grad-CAM++'s "explanation map" ``E = I * L``.
+
+    The map (``(N, h, w)`` or ``(N, 1, h, w)``; ``(N, d, h, w)`` for volumes ``(N, C, D, H, W)``)
+    is min-max normalised to [0, 1] per sample (a flat map becomes zeros, as
+    :func:`app.cam.core.normalize_maps` has it), upsampled (bi- or trilinearly) to the images'
+    size and multiplied into every channel: where the map is 0 the input becomes 0, the data
+    set's mean colour in the normalised input space, as deletion's."""
+    if saliency.dim() == images.dim():  # a channel dimension of one
+        saliency = saliency[:, 0]
+    if saliency.shape[0] != images.shape[0]:
+        raise ValueError("images and saliency must have the same batch size")
+    maps = normalize_maps(saliency.to(images.device).float())
+    mask = resize_maps(maps, images.shape[2:]).clamp_(0.0, 1.0)
+    return images * mask[:, None].to(images.dtype)
+
+
+def confidence_change(
+    model: nn.Module | Forward,
+    images: torch.Tensor,
+    saliency: torch.Tensor,
+    class_idx: torch.Tensor | Sequence[int] | None,
+    *,
+    targets: Target | Sequence[Target] | None = None,
+    batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score of each image and of its explanation map (:func:`explanation_map_inputs`):
+    ``Y = softmax(model(x))[c]`` and ``O = softmax(model(x * L))[c]``, or the sample's target's
+    score as in :func:`perturbation_curve`.
+
+    Each image goes with its explanation map (``2 N`` inputs, an image's two side by side), in
+    one forward, or in forwards of ``batch_size`` inputs. :func:`confidence_drop` and
+    :func:`confidence_increase` read the pair.
+
+    Returns:
+        ``(before, after)``, ``(N,)`` each.
+    """
+    n = images.shape[0]
+    probability = scored_probability(class_idx, targets, n)
+    pairs = torch.stack((images, explanation_map_inputs(images, saliency)), dim=1).flatten(0, 1)
+    samples = torch.arange(n, device=images.device).repeat_interleave(2)
+    step = len(pairs) if batch_size is None else max(1, batch_size)
+    found = torch.empty(len(pairs), device=images.device, dtype=torch.float32)
+    with torch.inference_mode():
+        for start in range(0, len(pairs), step):
+            end = start + step
+            found[start:end] = probability(model(pairs[start:end]), samples[start:end]).to(
+                images.device
+            )
+    found = found.view(n, 2)
+    return found[:, 0].clone(), found[:, 1].clone()
+
+
+def confidence_drop(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``max(0, Y - O) / Y`` per sample (0 where ``Y`` is 0): the share of the score lost when
+    only what the map shows is kept. Its mean over a data set is Grad-CAM++'s Average Drop
+    (as a fraction); lower is better."""
+    safe = torch.where(before > 0, before, torch.ones_like(before))
+    return torch.where(before > 0, torch.relu(before - after) / safe, torch.zeros_like(before))
+
+
+def confidence_increase(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``O > Y`` per sample: what the map shows scores higher than the whole image. Its mean
+    over a data set is Grad-CAM++'s Increase in Confidence; higher is better."""
+    return after > before
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Faithfulness of explanations by Average Drop and Increase in Confidence.
 
 Both are defined in the Grad-CAM++ paper (Chattopadhyay et al., WACV 2018, section 5.1): the input
-is multiplied by the upsampled map and the class probability is read again.
+is multiplied by the upsampled map and the class probability is read again
+(``app.cam.faithfulness.confidence_change`` gives the same per sample, for any target).
   Average Drop = mean_i max(0, Y_i - O_i) / Y_i;  Increase in Confidence = mean_i [O_i > Y_i],
 with Y_i the probability of the explained class on the image and O_i on the masked image. Both are
 reported as fractions in [0, 1] (multiply by 100 for the paper's percentages).
@@ -14,7 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from app.cam.core import _CAM, hooks_silenced, resize_maps
+from app.cam.core import _CAM, hooks_silenced
+from app.cam.faithfulness import confidence_drop, confidence_increase, explanation_map_inputs
 
 
 class ClassificationMetric:
@@ -58,18 +60,15 @@ class ClassificationMetric:
     def update(self, input_tensor: Tensor, class_idx: int | list[int] | None = None) -> None:
         """Add a batch: explain ``class_idx`` (default: the predicted class) of each sample."""
         probs, classes, cam = self._explain(input_tensor, class_idx)
-        mask = resize_maps(cam, input_tensor.shape[2:]).unsqueeze(1)
         with torch.inference_mode(), hooks_silenced():
             masked_probs = self.logits_fn(
-                self.cam_extractor.model(input_tensor * mask.to(input_tensor.dtype)).float()
+                self.cam_extractor.model(explanation_map_inputs(input_tensor, cam)).float()
             )
         picked = classes[:, None].to(probs.device)
         before = probs.gather(1, picked)[:, 0]
-        after = masked_probs.gather(1, picked.to(masked_probs.device))[:, 0]
-        safe = torch.where(before > 0, before, torch.ones_like(before))
-        drop = torch.where(before > 0, torch.relu(before - after) / safe, torch.zeros_like(before))
-        self.drop += float(drop.sum())
-        self.increase += float((after > before).sum())
+        after = masked_probs.gather(1, picked.to(masked_probs.device))[:, 0].to(before.device)
+        self.drop += float(confidence_drop(before, after).sum())
+        self.increase += float(confidence_increase(before, after).sum())
         self.total += int(input_tensor.shape[0])
 
     def summary(self) -> dict[str, float]:

@@ -8,6 +8,10 @@ metrics it named (the engine's, ``app.cam.faithfulness``):
   lower is better.
 - ``insertion``: the area while they are copied into a blurred copy of the image; higher is
   better.
+- ``confidence``: the class probability on the image multiplied by its map, against the
+  image's (Grad-CAM++'s Average Drop and Increase in Confidence, Chattopadhyay et al. 2018,
+  per map): the share of the probability lost (lower is better) and whether it rose. Two
+  forwards a map: the cheap score.
 - ``road``: the class probability once the most (MoRF) or least (LeRF) relevant 10 %, 20 %, ...,
   90 % of the pixels are removed and imputed (ROAD, Rong et al. 2022), averaged over the
   percentiles; MoRF lower, LeRF higher is better. Its imputation solves a linear system per
@@ -21,7 +25,8 @@ it starts at the detection's score), and a segmenter's the mean probability of i
 the explained region (the answer's ``probability``): scores in [0, 1] both, so that the areas
 read as a classifier's do.
 
-Each curve is one forward of ``steps + 1`` inputs (one pass per curve and image), each ROAD
+Each curve is one forward of ``steps + 1`` inputs (one pass per curve and image), ``confidence``
+one of 2 per image (each image and its explanation map, a map's images together), each ROAD
 order one of 9. These are extra forwards like the Score-CAM family's: they count toward
 ``CAMSERVE_MAX_CAM_FORWARDS`` with the methods' own, and they run in a chunked pass of their
 own (``Batcher.submit(chunked=True)``), so that the model's other passes get their turns at the
@@ -45,6 +50,9 @@ from app.cam.core import Work
 from app.cam.faithfulness import (
     ROAD_PERCENTILES,
     auc,
+    confidence_change,
+    confidence_drop,
+    confidence_increase,
     perturbation_curve,
     road_inputs,
     road_probabilities,
@@ -58,9 +66,11 @@ from app.pipeline.results import ExplainResult, Faithfulness
 from app.pipeline.scheduling import Priority
 
 #: The metrics a request may name, in the order they are reported.
-METRICS: tuple[str, ...] = ("deletion", "insertion", "road")
+METRICS: tuple[str, ...] = ("deletion", "insertion", "confidence", "road")
 #: The metrics that draw a curve of ``steps`` steps.
 CURVES: tuple[str, ...] = ("deletion", "insertion")
+CONFIDENCE_FORWARDS = 2
+"""Forwards of ``confidence`` per map and image: the image and its explanation map."""
 #: The metrics that only a job runs (their cost is in seconds per map, not forwards).
 JOB_ONLY: tuple[str, ...] = ("road",)
 DEFAULT_STEPS = 16
@@ -103,10 +113,15 @@ class Scoring:
         return "road" in self.metrics
 
     @property
+    def confidence(self) -> bool:
+        return "confidence" in self.metrics
+
+    @property
     def forwards_per_map(self) -> int:
         """The forwards that scoring one map of one image runs."""
         road = 2 * len(ROAD_PERCENTILES) if self.road else 0
-        return len(self.curves) * (self.steps + 1) + road
+        confidence = CONFIDENCE_FORWARDS if self.confidence else 0
+        return len(self.curves) * (self.steps + 1) + confidence + road
 
     def forwards(self, maps_per_image: int, images: int) -> int:
         return self.forwards_per_map * maps_per_image * images
@@ -236,6 +251,7 @@ def _score_item(
     x = item.batch.to(model.device)
     height, width = x.shape[-2:]
     curve_batch = inputs_per_forward(wanted.steps + 1, height, width)
+    pair_batch = inputs_per_forward(CONFIDENCE_FORWARDS * len(x), height, width)
     road_batch = inputs_per_forward(len(ROAD_PERCENTILES), height, width)
     scored = []
     for index, (cams, scored_by) in enumerate(item.maps):
@@ -246,6 +262,12 @@ def _score_item(
                 forward, x, cams, classes, curve, wanted.steps, None, curve_batch, targets=targets
             )
             found[f"{curve}_auc"] = auc(fractions, probs).tolist()
+        if wanted.confidence:
+            before, after = confidence_change(
+                forward, x, cams, classes, targets=targets, batch_size=pair_batch
+            )
+            found["confidence_drop"] = confidence_drop(before, after).tolist()
+            found["confidence_increase"] = confidence_increase(before, after).tolist()
         for order, inputs in (item.road[index] if item.road else {}).items():
             probs = road_probabilities(
                 forward, inputs.to(model.device), classes, targets=targets, batch_size=road_batch

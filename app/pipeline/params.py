@@ -433,8 +433,9 @@ GENERAL: tuple[ExplainParameter, ...] = (
         "faithfulness",
         "strs",
         (),
-        "score each map: deletion and insertion AUC (RISE) or road (ROAD, in /jobs only); "
-        "repeat or comma list",
+        "score each map: deletion and insertion AUC (RISE), confidence (the probability "
+        "kept by the image times its map, 2 forwards) or road (ROAD, in /jobs only); repeat "
+        "or comma list",
         choices=METRICS,
         example=["deletion", "insertion"],
         strict=True,

@@ -116,7 +116,7 @@ class PredictResponse(BaseModel):
 class Faithfulness(BaseModel):
     """How far to trust a map: the scores of the metrics the request named (the others null).
 
-    Probabilities are the model's softmax for the explained class; every score lies in [0, 1]."""
+    Probabilities are the model's softmax for the explained class; every number lies in [0, 1]."""
 
     deletion_auc: float | None = Field(
         None,
@@ -129,6 +129,16 @@ class Faithfulness(BaseModel):
         "restored into a blurred copy (RISE insertion); higher is better",
     )
     steps: int | None = Field(None, description="steps of the deletion and insertion curves")
+    confidence_drop: float | None = Field(
+        None,
+        description="share of the class probability lost when the image is multiplied by its "
+        "map, max(0, p - p_map) / p (Grad-CAM++'s Average Drop, per map); lower is better",
+    )
+    confidence_increase: bool | None = Field(
+        None,
+        description="whether the image multiplied by its map scores higher than the image "
+        "(Grad-CAM++'s Increase in Confidence, per map)",
+    )
     road_morf: float | None = Field(
         None,
         description="ROAD: mean class probability once the most relevant pixels are removed "

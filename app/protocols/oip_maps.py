@@ -43,7 +43,7 @@ def map_tensor(name: str, answer: ExplainResponse, rows: dict[str, Any]) -> Outp
 
 def _scores(maps: Sequence[MapOutput]) -> dict[str, Any]:
     """The maps' faithfulness scores (when asked for), each as one value per row separated by
-    commas, like ``class_idx``."""
+    commas, like ``class_idx`` (``confidence_increase`` as ``true``/``false``)."""
     scored = [m.faithfulness for m in maps]
     if not scored or any(score is None for score in scored):
         return {}
@@ -55,5 +55,10 @@ def _scores(maps: Sequence[MapOutput]) -> dict[str, Any]:
                 value if name == "steps" else ",".join(map(str, value))
             )
         else:
-            shown[name] = ",".join(str(f[name]) for f in fields)
+            shown[name] = ",".join(_text(f[name]) for f in fields)
     return shown
+
+
+def _text(value: Any) -> str:
+    """A score as text: a number as Python writes it, a truth as JSON does (``true``)."""
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)

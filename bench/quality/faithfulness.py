@@ -4,8 +4,10 @@ The maps come from the service's own CAM pass (``app.pipeline.passes.run_cam_pas
 scores from its faithfulness pass (``app.pipeline.faithfulness.run_scoring_pass``, one forward
 per curve), on the held-out images of the quality benchmark. A random map (uniform noise at the
 layer's resolution, seeded) is the baseline: a map that reflects what the model uses has a
-higher insertion AUC and a lower deletion AUC than it. The AUCs at 16, 32 and 64 steps of the
-same maps say how much the steps change the score (the reason for the bound on them).
+higher insertion AUC and a lower deletion AUC than it, and keeps more of the class's
+probability when the image is multiplied by it (a lower ``confidence_drop``: Grad-CAM++'s Average
+Drop, its mean). The AUCs at 16, 32 and 64 steps of the same maps say how much the steps change
+the score (the reason for the bound on them).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ CURVES = ("deletion", "insertion")
 
 def _scores(model: Any, x: torch.Tensor, cams: torch.Tensor, classes: list[int], steps: int):  # type: ignore[no-untyped-def]
     item = ScoreItem(x, ((cams, tuple(classes)),))
-    [[scored]] = run_scoring_pass(model, Scoring(CURVES, steps), [item])
-    return [(s.deletion_auc, s.insertion_auc) for s in scored]
+    [[scored]] = run_scoring_pass(model, Scoring((*CURVES, "confidence"), steps), [item])
+    return [
+        (s.deletion_auc, s.insertion_auc, s.confidence_drop, s.confidence_increase) for s in scored
+    ]
 
 
 def run(store: Path, n_images: int, seed: int, batch: int = 16) -> dict[str, Any]:
@@ -46,8 +50,8 @@ def run(store: Path, n_images: int, seed: int, batch: int = 16) -> dict[str, Any
     x_all = to_input(images, model.spec.mean, model.spec.std)
     plan = CamPlan("GradCAM", _gradcam(), model.target_layers, (), True)
     generator = torch.Generator().manual_seed(RANDOM_MAP_SEED)
-    rows: dict[str, list[tuple[float, float]]] = {"GradCAM": [], "random map": []}
-    by_steps: dict[int, list[tuple[float, float]]] = {16: [], 32: [], 64: []}
+    rows: dict[str, list[tuple[float, float, float, bool]]] = {"GradCAM": [], "random map": []}
+    by_steps: dict[int, list[tuple[float, float, float, bool]]] = {16: [], 32: [], 64: []}
     correct = 0
     for start in range(0, n_images, batch):
         x = x_all[start : start + batch]
@@ -64,8 +68,10 @@ def run(store: Path, n_images: int, seed: int, batch: int = 16) -> dict[str, Any
                 by_steps[steps] += _scores(model, x, cams, classes, steps)
     table = {
         name: {
-            "deletion_auc": statistics.fmean(d for d, _ in values),
-            "insertion_auc": statistics.fmean(i for _, i in values),
+            "deletion_auc": statistics.fmean(v[0] for v in values),
+            "insertion_auc": statistics.fmean(v[1] for v in values),
+            "average_drop": statistics.fmean(v[2] for v in values),
+            "increase_in_confidence": statistics.fmean(float(v[3]) for v in values),
             "n_images": len(values),
         }
         for name, values in rows.items()
@@ -80,6 +86,10 @@ def run(store: Path, n_images: int, seed: int, batch: int = 16) -> dict[str, Any
         "rows": table,
         "gradcam_insertion_above_random": grad["insertion_auc"] > rand["insertion_auc"],
         "gradcam_deletion_below_random": grad["deletion_auc"] < rand["deletion_auc"],
+        "gradcam_drop_below_random": grad["average_drop"] < rand["average_drop"],
+        "gradcam_drop_below_random_per_image": statistics.fmean(
+            float(g[2] < r[2]) for g, r in zip(rows["GradCAM"], rows["random map"], strict=True)
+        ),
         "steps_effect": {
             str(steps): {
                 f"mean_abs_change_vs_64_{curve}": statistics.fmean(
@@ -106,13 +116,15 @@ def markdown(section: dict[str, Any]) -> str:
         f"Faithfulness stage on {section['model']}, held-out seed {section['held_out_seed']}, "
         f"{section['steps']} steps per curve:",
         "",
-        "| maps | images | deletion AUC (lower is better) | insertion AUC (higher is better) |",
-        "|---|---|---|---|",
+        "| maps | images | deletion AUC (lower is better) | insertion AUC (higher is better) "
+        "| average drop (lower is better) | increase in confidence |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in section["rows"].items():
         lines.append(
             f"| {name} | {row['n_images']} | {row['deletion_auc']:.3f} | "
-            f"{row['insertion_auc']:.3f} |"
+            f"{row['insertion_auc']:.3f} | {row['average_drop']:.3f} | "
+            f"{row['increase_in_confidence']:.3f} |"
         )
     effect = section["steps_effect"]
     lines += [

@@ -155,8 +155,9 @@ def request_options(func: F) -> F:
         click.option(
             "--faithfulness",
             metavar="METRICS",
-            help="score each map: deletion,insertion (RISE) or road (ROAD: runs as a job); "
-            "the scores go to results.jsonl. Steps: -O faithfulness_steps=16",
+            help="score each map: deletion,insertion (RISE), confidence (Grad-CAM++'s drop, "
+            "2 forwards) or road (ROAD: runs as a job); the scores go to results.jsonl. "
+            "Steps: -O faithfulness_steps=16",
         ),
         click.option(
             "-O",

@@ -550,16 +550,17 @@ def test_api_docs_load_offline(browser: object, server: str, path: str, title: s
     page.context.close()
 
 
-def shown_scores(page: object) -> tuple[float, float]:
-    """The deletion and insertion AUCs under the (one) map, as the page words them."""
+def shown_scores(page: object) -> tuple[float, float, float]:
+    """The deletion and insertion AUCs and the confidence drop (a fraction) under the (one)
+    map, as the page words them."""
     line = page.locator(f"{MAPS} .faithfulness").inner_text()
     found = re.fullmatch(
         r"deletion AUC (\d\.\d{3}) \(lower is better\) · insertion AUC (\d\.\d{3}) "
-        r"\(higher is better\)",
+        r"\(higher is better\) · confidence drop (\d+\.\d) % \(lower is better\)",
         line,
     )
     assert found, line
-    return float(found[1]), float(found[2])
+    return float(found[1]), float(found[2]), float(found[3]) / 100
 
 
 def test_the_faithfulness_box_shows_each_maps_scores_under_it(shown: Watched) -> None:
@@ -580,10 +581,10 @@ def test_the_faithfulness_box_shows_each_maps_scores_under_it(shown: Watched) ->
         }"""
     )
     explain(page, EXAMPLES / "star.png", "GradCAM")  # the scores come only when asked for
-    # The scores are 34 forwards per map: the method ran as a job, with its progress.
+    # The scores are 36 forwards per map: the method ran as a job, with its progress.
     assert page.evaluate("window.posted") == [["jobs", "GradCAM"]]
-    deletion, insertion = shown_scores(page)
-    assert 0 <= deletion <= 1 and 0 <= insertion <= 1
+    deletion, insertion, drop = shown_scores(page)
+    assert 0 <= deletion <= 1 and 0 <= insertion <= 1 and 0 <= drop <= 1
     shot(page, "faithfulness")
     # Fast methods share one job (and its forward); a slow one has its own.
     page.evaluate("window.posted = []")

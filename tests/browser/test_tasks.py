@@ -228,8 +228,8 @@ def test_the_faithfulness_box_scores_an_explained_box(shown: Watched) -> None:
     # With the scores asked for, the method runs as a job (a detector's take long on a CPU).
     [(url, sent)] = [(u, f) for u, f in page.evaluate("window.sentForms") if u != "predict"]
     assert url == "jobs"
-    assert sent["box"] == "0" and sent["faithfulness"] == "deletion,insertion"
-    deletion, insertion = shown_scores(page)
+    assert sent["box"] == "0" and sent["faithfulness"] == "deletion,insertion,confidence"
+    deletion, insertion, _drop = shown_scores(page)
     # shapes-detect is trained: its top box's Layer-CAM map deletes the detection faster than
     # the insertion curve brings it back.
     assert deletion < insertion

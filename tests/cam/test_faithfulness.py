@@ -10,8 +10,12 @@ from torch import nn
 
 from app.cam.faithfulness import (
     auc,
+    confidence_change,
+    confidence_drop,
+    confidence_increase,
     deletion_auc,
     deletion_curve,
+    explanation_map_inputs,
     gaussian_blur,
     insertion_auc,
     insertion_curve,
@@ -360,3 +364,40 @@ def test_road_ranks_a_map_of_the_evidence_above_its_reverse() -> None:
         road_inputs(image, good, "middle")
     with pytest.raises(ValueError, match="percentiles"):
         road_inputs(image, good, "morf", (0, 50))
+
+
+def test_confidence_change_by_hand() -> None:
+    """The image times its map: a map on the region keeps the class's probability, its
+    complement deletes the region (p from 5/6 to 1/6: a drop of 4/5)."""
+    region = torch.zeros(4, 4)
+    region[:2, :2] = 1
+    model = CountingModel(region)
+    images = torch.ones(3, 1, 4, 4)
+    maps = torch.stack([region * 3 + 1, 1 - region, torch.full((4, 4), 2.0)])  # raw, any scale
+    before, after = confidence_change(model, images, maps, [0, 0, 0])
+    assert torch.allclose(before, torch.full((3,), 5 / 6))
+    assert torch.allclose(after, torch.tensor([5 / 6, 1 / 6, 1 / 6]))  # a flat map keeps nothing
+    assert torch.allclose(confidence_drop(before, after), torch.tensor([0.0, 0.8, 0.8]))
+    assert confidence_increase(before, after).tolist() == [False, False, False]
+    by_target = confidence_change(
+        model, images, maps, None, targets=lambda o: o.softmax(-1)[0], batch_size=1
+    )
+    assert torch.allclose(by_target[0], before) and torch.allclose(by_target[1], after)
+    # Class 1 counts what was removed: deleting the region raises it.
+    up = confidence_change(model, images[1:2], maps[1:2], [1])
+    assert confidence_increase(*up).tolist() == [True] and confidence_drop(*up).item() == 0.0
+
+
+def test_explanation_map_inputs_scale_and_upsample_the_map() -> None:
+    images = torch.full((1, 2, 4, 4), 2.0)
+    low = torch.tensor([[[0.0, 4.0], [4.0, 4.0]]])  # 2 x 2, max 4: scaled to [0, 1]
+    inputs = explanation_map_inputs(images, low[:, None])  # (N, 1, h, w) taken too
+    expected = 2.0 * torch.nn.functional.interpolate(
+        (low / 4)[:, None], size=(4, 4), mode="bilinear", align_corners=False
+    )
+    assert torch.allclose(inputs, expected.expand(1, 2, 4, 4))
+    volume = explanation_map_inputs(torch.ones(1, 1, 2, 4, 4), torch.rand(1, 1, 2, 2))
+    assert volume.shape == (1, 1, 2, 4, 4)
+    with pytest.raises(ValueError, match="same batch size"):
+        explanation_map_inputs(images, torch.rand(2, 2, 2))
+    assert confidence_drop(torch.tensor([0.0]), torch.tensor([0.5])).item() == 0.0

@@ -60,7 +60,8 @@ def test_the_cli_refuses_an_unknown_metric_with_the_allowed_ones(
         *in_process(store),
     )  # fmt: skip
     assert result.exit_code == 1
-    assert "deletion, insertion, road" in result.output and "Traceback" not in result.output
+    assert "deletion, insertion, confidence, road" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_road_goes_to_a_job_on_a_server(server: str, images: Path, tmp_path: Path) -> None:

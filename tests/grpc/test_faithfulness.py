@@ -49,7 +49,7 @@ def test_the_cam_output_carries_the_scores_of_explain(
 @pytest.mark.parametrize(
     ("parameters", "words"),
     [
-        ({"faithfulness": "deletion,comprehensiveness"}, "deletion, insertion, road"),
+        ({"faithfulness": "deletion,comprehensiveness"}, "deletion, insertion, confidence, road"),
         ({"faithfulness": "road"}, "/jobs"),
     ],
 )

@@ -41,6 +41,23 @@ def test_explain_gives_each_map_its_scores(client: TestClient) -> None:
     assert _scores(_native(client, method="GradCAM", output="raw")) == [None]
 
 
+def test_confidence_alone_is_two_forwards_and_its_two_numbers(client: TestClient) -> None:
+    body = _native(client, method="GradCAM", output="raw", faithfulness="confidence")
+    [score] = _scores(body)
+    assert 0 <= score["confidence_drop"] <= 1
+    assert isinstance(score["confidence_increase"], bool)
+    assert score["deletion_auc"] is None and score["steps"] is None
+    response = client.post(
+        "/jobs",
+        files=files(image_bytes(seed=5)),
+        data={"method": "GradCAM", "output": "raw", "faithfulness": "confidence"},
+    )
+    assert response.status_code == 202, response.text
+    view = _finished(client, response.json()["id"])
+    assert view["progress"]["total"] == 2  # the image and its explanation map
+    assert _scores(view["result"]) == [score]
+
+
 def test_each_class_of_several_gets_the_scores_of_its_own_map(client: TestClient) -> None:
     together = _native(client, **ASKED, classes="2,0")
     assert [e["class_idx"] for e in together["results"][0]["explanations"]] == [2, 0]
@@ -92,7 +109,7 @@ def test_oip_gives_the_scores_as_the_cam_outputs_parameters(client: TestClient) 
     body = {
         **infer_body(image_bytes(seed=5), image_bytes(seed=6)),
         "outputs": [{"name": "cam"}],
-        "parameters": {"method": "GradCAM", "faithfulness": "deletion,insertion"},
+        "parameters": {"method": "GradCAM", "faithfulness": "deletion,insertion,confidence"},
     }
     response = client.post("/v2/models/tiny/infer", json=body)
     assert response.status_code == 200, response.text
@@ -100,19 +117,23 @@ def test_oip_gives_the_scores_as_the_cam_outputs_parameters(client: TestClient) 
     parameters = cam["parameters"]
     assert parameters["faithfulness_steps"] == 16
     native = client.post(
-        "/explain", files=files(image_bytes(seed=5), image_bytes(seed=6)), data=ASKED
+        "/explain",
+        files=files(image_bytes(seed=5), image_bytes(seed=6)),
+        data={**ASKED, "faithfulness": "deletion,insertion,confidence"},
     ).json()
     expected = _scores(native)
-    for name in ("deletion_auc", "insertion_auc"):
+    for name in ("deletion_auc", "insertion_auc", "confidence_drop"):
         assert [float(v) for v in parameters[name].split(",")] == pytest.approx(
             [s[name] for s in expected]
         )
+    increases = [str(s["confidence_increase"]).lower() for s in expected]
+    assert parameters["confidence_increase"].split(",") == increases
 
 
 @pytest.mark.parametrize(
     ("form", "words"),
     [
-        ({"faithfulness": "deletion,accuracy"}, "deletion, insertion, road"),
+        ({"faithfulness": "deletion,accuracy"}, "deletion, insertion, confidence, road"),
         (
             {"faithfulness": "deletion", "faithfulness_steps": str(MAX_STEPS + 1)},
             f"[1, {MAX_STEPS}]",

@@ -218,7 +218,7 @@ def test_road_runs_two_forwards_of_nine_per_map(
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"faithfulness": "deletion,sufficiency"}, "deletion, insertion, road"),
+        ({"faithfulness": "deletion,sufficiency"}, "deletion, insertion, confidence, road"),
         ({"faithfulness": ["insertion", 3]}, "a string"),
         ({"faithfulness_steps": MAX_STEPS + 1}, f"[1, {MAX_STEPS}]"),
         ({"faithfulness_steps": 0}, f"[1, {MAX_STEPS}]"),
@@ -236,7 +236,7 @@ def test_the_metrics_are_read_case_insensitively_without_repeats() -> None:
     params = build_params({"faithfulness": ["Deletion", "insertion,deletion"]})
     assert params.faithfulness == ("deletion", "insertion")
     assert build_params({}).faithfulness == () and build_params({}).faithfulness_steps == 16
-    assert set(METRICS) == {"deletion", "insertion", "road"}
+    assert set(METRICS) == {"deletion", "insertion", "confidence", "road"}
 
 
 def test_a_model_without_2d_image_inputs_is_refused_clearly() -> None:
@@ -262,12 +262,75 @@ def test_a_large_input_splits_its_curves_into_forwards_of_fewer_inputs(
     assert faithfulness.inputs_per_forward(65, 1000, 1333) == 2
     assert faithfulness.inputs_per_forward(65, 224, 224) == 65
     assert faithfulness.inputs_per_forward(65, 4000, 4000) == 1
-    wanted = Scoring(("deletion", "insertion", "road"), 6)
+    wanted = Scoring(("deletion", "insertion", "confidence", "road"), 6)
     [[whole]] = run_scoring_pass(model, wanted, [item])
-    assert forwards.sizes == [7, 7, 9, 9]
+    assert forwards.sizes == [7, 7, 2, 9, 9]
     forwards.sizes.clear()
     monkeypatch.setattr(faithfulness, "PIXELS_PER_FORWARD", 3 * 32 * 32)
     [[parts]] = run_scoring_pass(model, wanted, [item])
-    assert forwards.sizes == [3, 3, 1] * 2 + [3, 3, 3] * 2
-    for name in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf"):
+    assert forwards.sizes == [3, 3, 1] * 2 + [2] + [3, 3, 3] * 2
+    forwards.sizes.clear()
+    monkeypatch.setattr(faithfulness, "PIXELS_PER_FORWARD", 32 * 32)
+    plain = ScoreItem(images, item.maps)
+    [[single]] = run_scoring_pass(model, Scoring(("confidence",)), [plain])
+    assert forwards.sizes == [1, 1] and single[0].confidence_drop == whole[0].confidence_drop
+    names = ("deletion_auc", "insertion_auc", "confidence_drop", "road_morf", "road_lerf")
+    for name in names:
         assert getattr(parts[0], name) == pytest.approx(getattr(whole[0], name), abs=1e-6)
+
+
+def _direct_confidence(
+    model: torch.nn.Module, image: torch.Tensor, cam: torch.Tensor, cls: int
+) -> tuple[float, bool]:
+    """Grad-CAM++'s per-image drop and increase by hand: the map min-max scaled, upsampled to
+    the image, multiplied into it; the class's softmax before and after."""
+    scaled = (cam - cam.min()) / (cam.max() - cam.min())
+    mask = torch.nn.functional.interpolate(
+        scaled[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False
+    )[0]
+    with torch.no_grad():
+        before = float(torch.softmax(model(image[None]), dim=1)[0, cls])
+        after = float(torch.softmax(model((image * mask)[None]), dim=1)[0, cls])
+    return max(0.0, before - after) / before, after > before
+
+
+def test_confidence_equals_a_direct_computation_in_one_forward_per_map(
+    registry: ModelRegistry, forwards: Forwards
+) -> None:
+    model = registry.get("tiny")
+    torch.manual_seed(5)
+    images = torch.randn(3, 3, 32, 32)
+    cams = (torch.rand(3, 8, 8), torch.rand(3, 8, 8) * 7 - 2)  # one raw, not in [0, 1]
+    classes = (2, 0, 1)
+    item = ScoreItem(images, tuple((c, classes) for c in cams))
+    scored = run_scoring_pass(model, Scoring(("confidence",)), [item])[0]
+    assert forwards.sizes == [6, 6]  # per map, every image with its explanation map
+    for per_image, cam in zip(scored, cams, strict=True):
+        for i, score in enumerate(per_image):
+            drop, increase = _direct_confidence(model.module, images[i], cam[i], classes[i])
+            assert score.confidence_drop == pytest.approx(drop, abs=1e-5)
+            assert score.confidence_increase is increase
+            assert 0 <= score.confidence_drop <= 1
+            assert score.deletion_auc is None and score.steps is None
+    increases = {s.confidence_increase for per_image in scored for s in per_image}
+    assert increases == {True, False}  # the seeded case sees both outcomes
+
+
+def test_confidence_is_two_forwards_a_map_in_the_budget_and_the_progress(
+    registry: ModelRegistry, forwards: Forwards
+) -> None:
+    wanted = Scoring(("confidence",))
+    assert wanted.forwards_per_map == 2 and wanted.forwards(3, 2) == 12
+    assert Scoring(("deletion", "confidence"), 4).forwards_per_map == 5 + 2
+    params = ExplainParams(method="ScoreCAM", outputs=("raw",), faithfulness=("confidence",))
+    seen: list[tuple[int, int]] = []
+    answer = asyncio.run(
+        _explain(_explainer(registry), params, progress=lambda d, t: seen.append((d, t)))
+    )
+    assert seen[-1] == (8 + 2 * 2, 8 + 2 * 2)  # ScoreCAM's 8 masked forwards, then 2 x 2
+    assert forwards.sizes[-1] == 4  # the two images with their explanation maps, one forward
+    score = answer.results[0].explanations[0].maps[0].faithfulness
+    assert score is not None and score.confidence_drop is not None
+    assert score.confidence_increase is not None and score.insertion_auc is None
+    with pytest.raises(OverBudget, match="CAMSERVE_MAX_CAM_FORWARDS"):
+        asyncio.run(_explain(_explainer(registry, limit=8 + 3), params))

@@ -385,7 +385,7 @@ function explainForm(methods) {
   form.append("output", "heatmap");
   form.append("colormap", "gray");
   form.append("image_format", "png");
-  if ($("faithfulness").checked) form.append("faithfulness", "deletion,insertion");
+  if ($("faithfulness").checked) form.append("faithfulness", "deletion,insertion,confidence");
   taskFields(form);
   return form;
 }
@@ -429,8 +429,8 @@ async function explain(event) {
   }
   const slow = methods.filter((m) => info(m).slow);
   const fast = methods.filter((m) => !info(m).slow);
-  // Each slow method is a job of its own. Faithfulness scores add 2 x 17 forwards of the model
-  // per map, slow by the server's own rule (slow_forwards): with them the fast methods run as
+  // Each slow method is a job of its own. Faithfulness scores add 2 x 17 + 2 forwards of the
+  // model per map, slow by the server's own rule (slow_forwards): with them the fast methods run as
   // one job too, sharing their forward, with its progress (a detector's scores take a minute on
   // a CPU, past a request's deadline).
   const scored = $("faithfulness").checked;
@@ -857,6 +857,10 @@ function scores(faithfulness) {
   }
   if (faithfulness.insertion_auc !== null && faithfulness.insertion_auc !== undefined) {
     parts.push(`insertion AUC ${faithfulness.insertion_auc.toFixed(3)} (higher is better)`);
+  }
+  if (faithfulness.confidence_drop !== null && faithfulness.confidence_drop !== undefined) {
+    const drop = (100 * faithfulness.confidence_drop).toFixed(1);
+    parts.push(`confidence drop ${drop} % (lower is better)`);
   }
   line.textContent = parts.join(" · ");
   line.title = `${faithfulness.steps} steps per curve`;

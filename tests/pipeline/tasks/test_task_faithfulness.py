@@ -18,7 +18,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.cam.faithfulness import auc, perturbation_curve
+from app.cam.faithfulness import auc, confidence_change, confidence_drop, perturbation_curve
 from app.cam.task_targets import DetectionSimilarity, RegionProbability
 from app.errors import OverBudget
 from app.http.app import create_app
@@ -58,7 +58,7 @@ def _explain(client: TestClient, model: str, scenes: list[bytes], **data: str) -
         data={
             "model": model,
             "output": "raw",
-            "faithfulness": "deletion,insertion",
+            "faithfulness": "deletion,insertion,confidence",
             "faithfulness_steps": str(STEPS),
             **data,
         },
@@ -80,6 +80,13 @@ def _aucs(model: LoadedModel, x: torch.Tensor, raw: dict[str, Any], target: Any)
         )
         found.append(float(auc(*curve)[0]))
     return found
+
+
+def _confidence(model: LoadedModel, x: torch.Tensor, raw: dict[str, Any], target: Any) -> Any:
+    """The engine's (drop, increase) of the answer's map, with the task's score."""
+    cam = torch.tensor(raw["values"], dtype=torch.float32)[None]
+    before, after = confidence_change(model.module, x, cam, None, targets=target)
+    return float(confidence_drop(before, after)[0]), bool(after[0] > before[0])
 
 
 def test_every_box_map_is_scored_by_the_detections_similarity(client: TestClient) -> None:
@@ -111,6 +118,9 @@ def test_every_box_map_is_scored_by_the_detections_similarity(client: TestClient
                 deletion, insertion = _aucs(model, x, one["raw"], target)
                 assert scores["deletion_auc"] == pytest.approx(deletion, abs=1e-5)
                 assert scores["insertion_auc"] == pytest.approx(insertion, abs=1e-5)
+                drop, increase = _confidence(model, x, one["raw"], target)
+                assert scores["confidence_drop"] == pytest.approx(drop, abs=1e-5)
+                assert scores["confidence_increase"] is increase
                 assert 0.0 <= scores["deletion_auc"] <= 1.0
                 assert 0.0 <= scores["insertion_auc"] <= 1.0
                 checked += 1
@@ -154,6 +164,9 @@ def test_a_region_map_is_scored_by_the_class_probability_there(client: TestClien
     deletion, insertion = _aucs(model, x, one["raw"], target)
     assert one["faithfulness"]["deletion_auc"] == pytest.approx(deletion, abs=1e-5)
     assert one["faithfulness"]["insertion_auc"] == pytest.approx(insertion, abs=1e-5)
+    drop, increase = _confidence(model, x, one["raw"], target)
+    assert one["faithfulness"]["confidence_drop"] == pytest.approx(drop, abs=1e-5)
+    assert one["faithfulness"]["confidence_increase"] is increase
 
 
 def test_the_scoring_forwards_count_against_the_budget(client: TestClient) -> None:
@@ -227,10 +240,15 @@ def test_oip_and_kserve_carry_the_scores_of_explain(client: TestClient) -> None:
     rows = explained["results"][0]["explanations"]
     expected = {
         name: [e["maps"][-1]["faithfulness"][name] for e in rows]
-        for name in ("deletion_auc", "insertion_auc")
+        for name in ("deletion_auc", "insertion_auc", "confidence_drop")
     }
+    increases = [e["maps"][-1]["faithfulness"]["confidence_increase"] for e in rows]
     b64 = base64.b64encode(scene).decode()
-    parameters = {"faithfulness": "deletion,insertion", "faithfulness_steps": STEPS, "box": "all"}
+    parameters = {
+        "faithfulness": "deletion,insertion,confidence",
+        "faithfulness_steps": STEPS,
+        "box": "all",
+    }
     body = {
         "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}],
         "outputs": [{"name": "cam"}],
@@ -245,6 +263,7 @@ def test_oip_and_kserve_carry_the_scores_of_explain(client: TestClient) -> None:
     for name, values in expected.items():
         got = [float(v) for v in shown[name].split(",")]
         assert got == pytest.approx(values, abs=1e-6)
+    assert shown["confidence_increase"] == ",".join(str(v).lower() for v in increases)
     instance = {"image": {"b64": b64}, **parameters}
     response = client.post("/v1/models/shapes-detect:explain", json={"instances": [instance]})
     assert response.status_code == 200, response.text
