@@ -58,7 +58,7 @@ from app.cam.names import close_matches, did_you_mean
 from app.cam.options import MethodOption
 from app.cam.overlay import blend, colorize, heatmap, mask_levels, overlay_mask, palette_image
 from app.cam.shapley import ShapleyCAM
-from app.cam.targets import Target
+from app.cam.targets import ClassProbability, Target, class_probabilities
 from app.cam.vit import TokensToGrid, ViTTarget, vit_target
 
 METHODS: dict[str, type[_CAM]] = {
@@ -145,6 +145,7 @@ __all__ = [
     "RefineCAM",
     "Target",
     "CamInterrupted",
+    "ClassProbability",
     "ExtraForwards",
     "PauseCallback",
     "ProgressCallback",
@@ -167,6 +168,7 @@ __all__ = [
     "colorize",
     "colormap_lut",
     "best_iou",
+    "class_probabilities",
     "confidence_change",
     "confidence_drop",
     "confidence_increase",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.cam.core import normalize_maps, resize_maps
-from app.cam.targets import Objective, Target, target_list
+from app.cam.targets import Objective, Target, class_probabilities, target_list
 
 __all__ = [
     "ROAD_PERCENTILES",
@@ -93,7 +93,7 @@ def scored_probability(
         raise ValueError("images, saliency and class_idx must have the same batch size")
 
     def probability(output: Any, samples: torch.Tensor) -> torch.Tensor:
-        p = torch.softmax(output.float(), dim=1)
+        p = class_probabilities(output)
         picked = cls.to(p.device).index_select(0, samples.to(p.device))
         return p.gather(1, picked[:, None])[:, 0]
 

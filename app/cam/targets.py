@@ -12,13 +12,43 @@ per-image dicts. One callable serves the whole batch, or a list gives one per sa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 #: ``target(output_of_one_sample) -> scalar tensor``: the score a map explains.
 Target = Callable[[Any], Tensor]
+
+Probabilities = Literal["softmax", "sigmoid"]
+"""How a classifier's logits become class probabilities: ``softmax`` over the classes (one class
+per image), or ``sigmoid`` of each logit on its own (a multi-label model: each class is present
+or not, and an image's probabilities need not sum to 1)."""
+PROBABILITIES: tuple[str, ...] = get_args(Probabilities)
+
+
+def class_probabilities(logits: Tensor, kind: Probabilities = "softmax") -> Tensor:
+    """The class probabilities of logits ``(..., classes)``, by ``kind``: the one rule that
+    predictions, explanations and faithfulness scores read a classifier's probabilities by."""
+    if kind == "sigmoid":
+        return logits.float().sigmoid()
+    if kind == "softmax":
+        return logits.float().softmax(-1)
+    raise ValueError(f"probabilities must be one of {', '.join(PROBABILITIES)}, not {kind!r}")
+
+
+class ClassProbability:
+    """The probability of class ``class_idx`` in one sample's ``(classes,)`` logits, by
+    ``kind`` (:func:`class_probabilities`): a target in [0, 1] for the faithfulness curves of a
+    model whose probabilities are no softmax (a multi-label model's sigmoid)."""
+
+    def __init__(self, class_idx: int, kind: Probabilities = "softmax") -> None:
+        class_probabilities(torch.zeros(1), kind)  # refuses an unknown kind here
+        self.class_idx = int(class_idx)
+        self.kind = kind
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return class_probabilities(output, self.kind)[self.class_idx]
 
 
 def take_rows(output: Any, rows: Tensor) -> Any:

@@ -94,6 +94,11 @@ class ModelSummary(BaseModel):
     task: str | None = Field(
         None, description="classification, detection or segmentation (the manifest's task)"
     )
+    probabilities: str | None = Field(
+        None,
+        description="a classifier's rule from logits to probabilities: softmax (one class per "
+        "image) or sigmoid (multi-label: each class on its own)",
+    )
 
 
 class ModelList(BaseModel):

@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.cam.targets import Probabilities
 from app.errors import clip
 from app.models.access import AccessError, StoreAccess
 from app.models.timm_config import TimmError, pretrained_preprocess
@@ -111,6 +112,10 @@ class ModelSpec:
     model (its answer is mapped back to the upload's pixels); no square resize."""
     compile: CompileMode = "off"
     """How the plain (logits-only) forward runs: ``app.models.compiling``."""
+    probabilities: Probabilities = "softmax"
+    """Classification: how the logits become class probabilities (``sigmoid``: a multi-label
+    model), for its predictions, its explanations and their faithfulness scores
+    (``app.cam.targets.class_probabilities``)."""
 
     @property
     def weights_path(self) -> Path | None:
@@ -186,6 +191,7 @@ class ModelTable(_Table):
     num_classes: int = Field(ge=1, le=MAX_CLASSES)
     labels: str | None = Field(None, max_length=MAX_NAME_CHARS)
     compile: CompileMode = "off"
+    probabilities: Probabilities = "softmax"
 
     @field_validator("kwargs")
     @classmethod
@@ -328,6 +334,11 @@ class Manifest(_Table):
 
     @model_validator(mode="after")
     def _task_tables(self) -> Manifest:
+        if self.model.probabilities != "softmax" and self.task != "classification":
+            raise ValueError(
+                f"[model] probabilities = {self.model.probabilities!r} is for classification "
+                f"models; a {self.task} model's scores are its own: leave probabilities out"
+            )
         if self.model.compile != "off" and self.task != "classification":
             raise ValueError(
                 f"[model] compile = {self.model.compile!r} is for classification models (their "
@@ -528,4 +539,5 @@ def _spec(
         max_detections=detection.max_detections,
         max_side=detection.max_side if manifest.task == "detection" else side,
         compile=model.compile,
+        probabilities=model.probabilities,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final, Literal
 
-from app.cam import Concepts
+from app.cam import Concepts, class_probabilities
 from app.models.loading import LoadedModel
 from app.pipeline.passes import CamOutcome, CamPlan
 from app.pipeline.rendering import NamedMap
@@ -38,7 +38,7 @@ def concept_maps(outcome: CamOutcome, normalized: bool) -> list[NamedMap]:
 
 
 def _top_labels(model: LoadedModel, scores: Any, top_k: int) -> list[ConceptLabel]:
-    probabilities = scores.softmax(-1)
+    probabilities = class_probabilities(scores, model.spec.probabilities)
     top = probabilities.topk(min(top_k, scores.numel()))
     return [
         ConceptLabel(

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from app.cam import ProgressCallback
+from app.cam import ProgressCallback, class_probabilities
 from app.errors import InvalidTarget
 from app.models.device import default_batch_size
 from app.models.loading import LoadedModel
@@ -682,7 +682,7 @@ class Explainer:
             return None
         # In the answer's order: method by method, class by class, then the maps.
         maps = [
-            (named.cams, one.class_idx)
+            (named.cams, faithfulness.class_objective(model, one.class_idx))
             for plan in plans
             for one in ran.outcomes[plan].per_class()
             for named in _named_maps(plan, one)
@@ -872,7 +872,9 @@ class Explainer:
                         class_idx=target,
                         label=model.labels[target],
                         logit=float(outcome.logits[i][target]),
-                        probability=float(outcome.logits[i].softmax(-1)[target]),
+                        probability=float(
+                            class_probabilities(outcome.logits[i], model.spec.probabilities)[target]
+                        ),
                         maps=[MapOutput(**f) for f in rendered if f["kind"] != CONCEPT],
                         concepts=concept_answers(
                             model,
@@ -934,7 +936,7 @@ def _named_maps(plan: CamPlan, outcome: CamOutcome) -> list[NamedMap]:
 
 
 def _predictions(model: LoadedModel, logits: torch.Tensor, k: int) -> list[Prediction]:
-    probs = logits.softmax(-1)
+    probs = class_probabilities(logits, model.spec.probabilities)
     top = probs.topk(min(k, logits.numel()))
     return [
         Prediction(

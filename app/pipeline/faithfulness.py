@@ -18,7 +18,8 @@ metrics it named (the engine's, ``app.cam.faithfulness``):
   input, so it runs only in a job (``check`` refuses it elsewhere), and the imputation runs on
   the image threads before the pass, not in it.
 
-A classifier's map follows the probability of the class it explains. A detector's follows the
+A classifier's map follows the probability of the class it explains (its softmax, or a
+multi-label model's sigmoid: ``[model] probabilities``). A detector's follows the
 explained detection's similarity to the detections of each perturbed input (D-RISE's: IoU x
 class agreement x score, Petsiuk et al. 2021; for a detector that answers labels and scores
 it starts at the detection's score), and a segmenter's the mean probability of its class over
@@ -45,7 +46,7 @@ from typing import Any
 
 import torch
 
-from app.cam import ProgressCallback, Target
+from app.cam import ClassProbability, ProgressCallback, Target
 from app.cam.core import Work
 from app.cam.faithfulness import (
     ROAD_PERCENTILES,
@@ -179,6 +180,17 @@ ScoredBy = Sequence[int] | Sequence[Target]
 probability), or its target's score in [0, 1] (a detector: the explained detection's similarity,
 ``DetectionSimilarity``; a segmenter: the class's mean probability over the region,
 ``RegionProbability``)."""
+
+
+def class_objective(model: LoadedModel, class_idx: Sequence[int]) -> ScoredBy:
+    """What a classifier's maps of ``class_idx`` (one class per image) follow: the class's
+    probability by the model's rule (``[model] probabilities``): the class indices for a
+    softmax (the engine's own path), a ``ClassProbability`` per image for a multi-label
+    model's sigmoid."""
+    kind = model.spec.probabilities
+    if kind == "softmax":
+        return tuple(class_idx)
+    return tuple(ClassProbability(c, kind) for c in class_idx)
 
 
 def _objective(scored_by: ScoredBy) -> tuple[list[int] | None, list[Target] | None]:

@@ -25,7 +25,10 @@ class Prediction(BaseModel):
     class_idx: int
     label: str
     logit: float
-    probability: float
+    probability: float = Field(
+        description="the class's softmax over the classes, or its logit's sigmoid for a "
+        "multi-label model (its manifest's probabilities)"
+    )
 
 
 class Detection(BaseModel):
@@ -116,7 +119,8 @@ class PredictResponse(BaseModel):
 class Faithfulness(BaseModel):
     """How far to trust a map: the scores of the metrics the request named (the others null).
 
-    Probabilities are the model's softmax for the explained class; every number lies in [0, 1]."""
+    Probabilities are the explained class's, by the model's rule (softmax, or a multi-label
+    model's sigmoid); every number lies in [0, 1]."""
 
     deletion_auc: float | None = Field(
         None,
@@ -188,7 +192,10 @@ class ConceptLabel(BaseModel):
     class_idx: int
     label: str
     score: float = Field(description="the model's head applied to the concept: fc(H_k)[class]")
-    probability: float = Field(description="softmax of those scores over the classes")
+    probability: float = Field(
+        description="those scores as probabilities, by the model's rule (softmax over the "
+        "classes, or each score's sigmoid for a multi-label model)"
+    )
 
 
 class Concept(BaseModel):

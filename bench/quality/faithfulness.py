@@ -3,10 +3,10 @@
 The maps come from the service's own CAM pass (``app.pipeline.passes.run_cam_pass``) and the
 scores from its faithfulness pass (``app.pipeline.faithfulness.run_scoring_pass``, one forward
 per curve), on the held-out images of the quality benchmark. A random map (uniform noise at the
-layer's resolution, seeded) is the baseline: a map that reflects what the model uses has a
-higher insertion AUC and a lower deletion AUC than it, and keeps more of the class's
-probability when the image is multiplied by it (a lower ``confidence_drop``: Grad-CAM++'s Average
-Drop, its mean). The AUCs at 16, 32 and 64 steps of the same maps say how much the steps change
+layer's resolution, seeded) is the baseline, and Grad-CAM's map reversed (least salient first) a
+second one: a map that reflects what the model uses has a higher insertion AUC and a lower
+deletion AUC than both, and keeps more of the class's probability when the image is multiplied
+by it (a lower ``confidence_drop``: Grad-CAM++'s Average Drop, its mean). The AUCs at 16, 32 and 64 steps of the same maps say how much the steps change
 the score (the reason for the bound on them).
 """
 
@@ -50,7 +50,11 @@ def run(store: Path, n_images: int, seed: int, batch: int = 16) -> dict[str, Any
     x_all = to_input(images, model.spec.mean, model.spec.std)
     plan = CamPlan("GradCAM", _gradcam(), model.target_layers, (), True)
     generator = torch.Generator().manual_seed(RANDOM_MAP_SEED)
-    rows: dict[str, list[tuple[float, float, float, bool]]] = {"GradCAM": [], "random map": []}
+    rows: dict[str, list[tuple[float, float, float, bool]]] = {
+        "GradCAM": [],
+        "random map": [],
+        "GradCAM reversed": [],
+    }
     by_steps: dict[int, list[tuple[float, float, float, bool]]] = {16: [], 32: [], 64: []}
     correct = 0
     for start in range(0, n_images, batch):
@@ -63,6 +67,7 @@ def run(store: Path, n_images: int, seed: int, batch: int = 16) -> dict[str, Any
         noise = torch.rand(cams.shape, generator=generator)
         rows["GradCAM"] += _scores(model, x, cams, classes, DEFAULT_STEPS)
         rows["random map"] += _scores(model, x, noise, classes, DEFAULT_STEPS)
+        rows["GradCAM reversed"] += _scores(model, x, -cams, classes, DEFAULT_STEPS)
         if start < 64:  # the steps' effect on the first 64 images
             for steps in by_steps:
                 by_steps[steps] += _scores(model, x, cams, classes, steps)
@@ -89,6 +94,10 @@ def run(store: Path, n_images: int, seed: int, batch: int = 16) -> dict[str, Any
         "gradcam_drop_below_random": grad["average_drop"] < rand["average_drop"],
         "gradcam_drop_below_random_per_image": statistics.fmean(
             float(g[2] < r[2]) for g, r in zip(rows["GradCAM"], rows["random map"], strict=True)
+        ),
+        "gradcam_drop_below_reversed_per_image": statistics.fmean(
+            float(g[2] < r[2])
+            for g, r in zip(rows["GradCAM"], rows["GradCAM reversed"], strict=True)
         ),
         "steps_effect": {
             str(steps): {

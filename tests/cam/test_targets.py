@@ -3,6 +3,8 @@ score; the same maps as ``class_idx`` on a model whose logit is that score."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,3 +162,19 @@ def test_methods_that_explain_classes_only_say_so(tiny_net):
             with pytest.raises(ValueError, match="does not take targets"):
                 extractor(scores=tiny_net(x), targets=lambda o: o[0])
     assert not LeGrad.supports_targets
+
+
+def test_class_probabilities_by_rule() -> None:
+    from app.cam import ClassProbability, class_probabilities
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0]])
+    assert torch.allclose(class_probabilities(logits), logits.softmax(-1))
+    assert torch.allclose(class_probabilities(logits, "sigmoid"), logits.sigmoid())
+    assert torch.allclose(class_probabilities(logits).sum(-1), torch.ones(2))
+    assert float(class_probabilities(logits, "sigmoid")[1].sum()) == pytest.approx(1.5)
+    assert float(ClassProbability(0, "sigmoid")(logits[0])) == pytest.approx(
+        1 / (1 + math.exp(-2.0))
+    )
+    assert float(ClassProbability(2)(logits[0])) == pytest.approx(float(logits[0].softmax(-1)[2]))
+    with pytest.raises(ValueError, match="softmax, sigmoid"):
+        ClassProbability(0, "relu")  # type: ignore[arg-type]

@@ -98,7 +98,8 @@ def test_every_problem_is_named_at_once_like_the_settings(tmp_path: Path) -> Non
         "[model] num_classes: Input should be a valid integer (got True)",
         "[preprocess] crop [60, 60] must equal input_shape's H, W [64, 64]",
         "unknown key(s) in [model]: colour",
-        "allowed: architecture, kwargs, pretrained, weights, num_classes, labels, compile",
+        "allowed: architecture, kwargs, pretrained, weights, num_classes, labels, compile, "
+        "probabilities",
         "unknown top-level key(s): flavour",
         "allowed: description, task, [model], [preprocess], [cam], [detection], "
         "[segmentation], [version_policy]",

@@ -47,6 +47,7 @@ def summarize(entry: ModelEntry) -> ModelSummary:
         num_classes=spec.num_classes if spec else None,
         input_shape=list(spec.input_shape) if spec else None,
         task=spec.task if spec else None,
+        probabilities=spec.probabilities if spec and spec.task == "classification" else None,
     )
 
 
