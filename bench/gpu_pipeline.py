@@ -300,11 +300,18 @@ def peer(
         outcomes, elapsed = asyncio.run(closed_loop(url, image, fields, 32, 10**6, seconds))
         level = summarize_level(outcomes, elapsed)
     c1 = statistics.median(walls)
+    failed = level["errors"] or not level["ok"]
     return {
         "peer": {"c1_ms": round(c1, 1), "c32": level},
         "peer_c1_ratio": round(after["request"]["wall_ms"] / c1, 3),
-        "peer_c32_ratio": round(
-            after["c32"]["throughput_rps"] / max(level["throughput_rps"], 1e-9), 2
+        # A peer that failed requests at c=32 has no throughput to compare with.
+        "peer_c32_ratio": None
+        if failed
+        else round(after["c32"]["throughput_rps"] / level["throughput_rps"], 2),
+        **(
+            {"peer_c32_failed": f"{level['errors']} of {level['requests']} failed"}
+            if failed
+            else {}
         ),
     }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,10 @@ preprocess = transforms.Compose(
     ]
 )
 cam = GradCAM(model=model, target_layers=[model.layer4[-1]])
+# pytorch-grad-cam's GradCAM keeps the activations and gradients of its last call on the object,
+# and FastAPI runs a sync route on a pool of threads: requests at once must take turns on it (a
+# shared extractor without this lock fails most requests at c=32).
+turn = threading.Lock()
 app = FastAPI()
 
 
@@ -51,9 +56,10 @@ app = FastAPI()
 def explain(file: UploadFile = File(...)) -> dict[str, object]:  # noqa: B008 (FastAPI's idiom)
     image = Image.open(io.BytesIO(file.file.read())).convert("RGB")
     x = preprocess(image).unsqueeze(0).to(DEVICE)
-    with torch.no_grad():
-        label = int(model(x).argmax(1))
-    grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(label)])[0]
+    with turn:
+        with torch.no_grad():
+            label = int(model(x).argmax(1))
+        grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(label)])[0]
     heat = np.asarray(Image.fromarray(np.uint8(grayscale * 255)).resize(image.size)) / 255.0
     overlay = show_cam_on_image(np.asarray(image, dtype=np.float32) / 255, heat, use_rgb=True)
     buffer = io.BytesIO()

@@ -6,8 +6,9 @@ per curve), on the held-out images of the quality benchmark. A random map (unifo
 layer's resolution, seeded) is the baseline, and Grad-CAM's map reversed (least salient first) a
 second one: a map that reflects what the model uses has a higher insertion AUC and a lower
 deletion AUC than both, and keeps more of the class's probability when the image is multiplied
-by it (a lower ``confidence_drop``: Grad-CAM++'s Average Drop, its mean). The AUCs at 16, 32 and 64 steps of the same maps say how much the steps change
-the score (the reason for the bound on them).
+by it (a lower ``confidence_drop``: Grad-CAM++'s Average Drop, its mean). The AUCs at 16, 32
+and 64 steps of the same maps say how much the steps change the score (the reason for the bound
+on them).
 """
 
 from __future__ import annotations
