@@ -93,18 +93,38 @@ class ExplainParameter:
     allowed (the faithfulness parameters: no later stage reads them before the passes run)."""
 
     def hints(self) -> dict[str, Any]:
-        """JSON-schema keywords that document (not enforce) the bounds, choices and example."""
+        """JSON-schema keywords that document (not enforce) the bounds, choices and example. A
+        list's choices go on its strings (``_with_choices``), not here."""
         hints: dict[str, Any] = {
             "minimum": self.low,
             "maximum": self.high,
-            "enum": list(self.choices) or None,
+            "enum": (list(self.choices) or None) if self.kind not in MANY else None,
             "examples": None if self.example is None else [self.example],
         }
         return {key: value for key, value in hints.items() if value is not None}
 
+    def _with_choices(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """``schema`` (a list kind's) with each of its strings held to the choices as the
+        server reads them: any case, separated by commas (``choices_pattern``)."""
+        if not self.choices or self.kind not in MANY:
+            return schema
+        pattern = choices_pattern(self.choices)
+
+        def held(part: dict[str, Any]) -> dict[str, Any]:
+            if part.get("type") == "string":
+                return {**part, "pattern": pattern}
+            if part.get("type") == "array":
+                return {**part, "items": held(part["items"])}
+            if "anyOf" in part:
+                return {**part, "anyOf": [held(p) for p in part["anyOf"]]}
+            return part
+
+        return held(schema)
+
     def json_schema(self) -> dict[str, Any]:
         """The parameter's JSON schema as a JSON body (KServe's instance, OIP's parameters)."""
-        schema = {**_JSON_TYPES[self.kind], "description": self.help, **self.hints()}
+        typed = self._with_choices(_JSON_TYPES[self.kind])
+        schema = {**typed, "description": self.help, **self.hints()}
         if self.kind == "ints" and self.example is not None:
             schema["examples"] = [[int(v) for v in self.example]]  # the form's are strings
         if self.default not in (None, ()):
@@ -113,7 +133,7 @@ class ExplainParameter:
 
     def form_schema(self) -> dict[str, Any]:
         """The parameter's JSON schema as a multipart form field (text, repeatable if several)."""
-        schema = {**_FORM_TYPES[self.kind], **self.hints()}
+        schema = {**self._with_choices(_FORM_TYPES[self.kind]), **self.hints()}
         if self.kind not in MANY and not self.option and self.default is not None:
             schema["default"] = self.default
         return schema
@@ -192,6 +212,20 @@ def _not_ascii(name: str, text: str) -> MalformedParameter:
         f"{name} must be written with ASCII digits (0-9), got {clip(text)}.",
         details={"parameter": name},
     )
+
+
+def choices_pattern(choices: Sequence[str]) -> str:
+    """A JSON-schema pattern (ECMA regex, which has no case flag) of what a list parameter's
+    string may hold, as ``_parts`` splits it: choices in any case, separated by commas, with
+    spaces and empty parts around them."""
+
+    def any_case(choice: str) -> str:
+        return "".join(
+            f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in choice
+        )
+
+    item = "(?:" + "|".join(any_case(choice) for choice in choices) + ")"
+    return rf"^[\s,]*(?:{item}(?:\s*,[\s,]*{item})*)?[\s,]*$"
 
 
 def _parts(name: str, value: Any, item: type, what: str) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import pytest
 
 from app.cam import METHODS
@@ -127,6 +128,30 @@ def test_json_schema_documents_types_bounds_and_defaults() -> None:
     gamma = PARAMETERS["gamma"].json_schema()
     assert gamma["type"] == "number" and "FinerCAM (0.6)" in gamma["description"]
     assert PARAMETERS["image_format"].json_schema()["enum"] == ["png", "jpeg", "webp"]
+
+
+@pytest.mark.parametrize("name", [n for n, p in PARAMETERS.items() if p.choices and p.kind in MANY])
+def test_a_lists_choices_hold_each_of_its_strings_as_the_server_reads_them(name: str) -> None:
+    """A list parameter's choices (``faithfulness``) hold its strings, in any case and comma
+    lists: what the server takes validates, what it refuses does not (an enum on the array,
+    as the schema once had, took nothing)."""
+    parameter = PARAMETERS[name]
+    first, second = parameter.choices[:2]
+    taken = [[first], [f"{first.upper()}, {second}"], [f" {first},"], [""], [first, second]]
+    refused = [["nothing-of-the-sort"], [f"{first}{second}"], [f"{first},unknown"]]
+    for schema, wrap in (
+        (parameter.form_schema(), lambda v: v),
+        (parameter.json_schema(), lambda v: v),
+        (parameter.json_schema(), lambda v: v[0]),  # one string, not a list
+    ):
+        for value in taken:
+            jsonschema.validate(wrap(value), schema)
+            assert build_params({name: wrap(value)}) is not None
+        for value in refused:
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(wrap(value), schema)
+            with pytest.raises(MalformedParameter):
+                build_params({name: wrap(value)})
 
 
 def test_text_values_are_typed_by_their_kind_as_the_form_types_them() -> None:
