@@ -334,7 +334,7 @@ class Manifest(_Table):
 
     @model_validator(mode="after")
     def _task_tables(self) -> Manifest:
-        if self.model.probabilities != "softmax" and self.task != "classification":
+        if "probabilities" in self.model.model_fields_set and self.task != "classification":
             raise ValueError(
                 f"[model] probabilities = {self.model.probabilities!r} is for classification "
                 f"models; a {self.task} model's scores are its own: leave probabilities out"

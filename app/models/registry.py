@@ -495,12 +495,23 @@ class ModelRegistry:
 
     def entry(self, name: str | None) -> ModelEntry:
         """The entry called ``name`` (the default model when None), or ModelNotFound."""
+        named = bool(name)
         name = name or self.default_model
         check_name(name)
         try:
             return self.entries[name]
         except KeyError:
-            raise self._not_found(name) from None
+            raise (self._not_found(name) if named else self._no_default(name)) from None
+
+    def _no_default(self, name: str) -> ModelNotFound:
+        """A request that names no model, where the default model is not in the store."""
+        ready = [n for n, entry in self.entries.items() if entry.status == "ready"]
+        return ModelNotFound(
+            f"No model was named, and the default model {clip(name)} (CAMSERVE_DEFAULT_MODEL) "
+            "is not in the store. Name a model (the form field or path's model), or set "
+            f"CAMSERVE_DEFAULT_MODEL to one of the ready models: {', '.join(ready) or 'none'}.",
+            details={"default_model": name, "available": ready},
+        )
 
     def get(self, name: str | None, version: int | None = None) -> LoadedModel:
         """The loaded model called ``name`` (its newest ready version unless ``version`` is

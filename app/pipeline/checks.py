@@ -306,17 +306,33 @@ def plans_forwards(
     )
 
 
-def check_forward_sum(forwards: int, limit: int, parts: int) -> None:
+def check_forward_sum(masked: int, scoring: int, limit: int, parts: int) -> None:
     """The forwards of a request's parts (KServe instances whose options differ), summed: one
-    request may not split its work to go past the budget."""
-    if forwards > limit:
-        raise OverBudget(
-            f"The {parts} groups of instances of this request would run {forwards} masked or "
-            f"noisy forwards together; the limit is {limit} (CAMSERVE_MAX_CAM_FORWARDS), "
-            "summed over a request's instances. Send fewer instances, lower num_samples, pick "
-            "a layer with fewer channels, or split the work over several requests.",
-            details={"forwards": forwards, "limit": limit},
+    request may not split its work to go past the budget. ``masked``: the methods' masked or
+    noisy forwards; ``scoring``: the faithfulness stage's."""
+    forwards = masked + scoring
+    if forwards <= limit:
+        return
+    shares = [
+        text
+        for count, text in (
+            (masked, f"{masked} masked or noisy forwards of the methods"),
+            (scoring, f"{scoring} scoring faithfulness"),
         )
+        if count
+    ]
+    fixes = ["send fewer instances"]
+    if masked:
+        fixes.append("lower num_samples or pick a layer with fewer channels")
+    if scoring:
+        fixes.append("ask for fewer faithfulness metrics, classes or boxes")
+    raise OverBudget(
+        f"The {parts} groups of instances of this request would run {forwards} forwards "
+        f"together ({' and '.join(shares)}); the limit is {limit} "
+        "(CAMSERVE_MAX_CAM_FORWARDS), summed over a request's instances. "
+        f"{'; '.join(fixes).capitalize()}, or split the work over several requests.",
+        details={"forwards": forwards, "limit": limit, "scoring": scoring},
+    )
 
 
 def check_rendering(outputs: Sequence[str], image_format: str, colormap: str) -> None:

@@ -352,24 +352,25 @@ class Explainer:
         against the budgets of one request."""
         model = self.registry.get(model_name, version)
         task = pipeline_for(model.spec.task)
-        forwards, decoding, drawing = 0, DecodeCost(0, 0), RenderCost()
+        masked, scoring, decoding, drawing = 0, 0, DecodeCost(0, 0), RenderCost()
         for uploads, params in requests:
             if task is not None:  # a detector's or segmenter's checks are its task's
                 plans, style = task.check(self, model, params, len(uploads), job)
                 cost = await self._decode_cost(model, uploads, None)
                 task.check_sizes(self, model, params, plans, style, cost.sizes)
-                forwards += task.forwards(model, params, plans, len(uploads))
+                methods, scored = task.forwards(model, params, plans, len(uploads))
+                masked, scoring = masked + methods, scoring + scored
             else:
                 plans, style = self._check(model, params, len(uploads), job)
                 count = class_count(params)
-                forwards += checks.plans_forwards(model, plans, len(uploads), count)
-                forwards += _scoring_forwards(params, plans, len(uploads) * count)
+                masked += checks.plans_forwards(model, plans, len(uploads), count)
+                scoring += _scoring_forwards(params, plans, len(uploads) * count)
                 side = style.size.decode_side if style.draws_pictures else 0
                 cost = await self._decode_cost(model, uploads, side)
                 drawing += self._render_cost(model, plans, style, cost, count)
             decoding += cost
         if len(requests) > 1:
-            checks.check_forward_sum(forwards, self.max_cam_forwards, len(requests))
+            checks.check_forward_sum(masked, scoring, self.max_cam_forwards, len(requests))
             capacity = None if self.decode_budget is None else self.decode_budget.capacity
             checks.check_decode_cost(decoding, self.max_request_pixels, capacity)
             if self.render_budget is not None:

@@ -164,12 +164,21 @@ def check(
         )
     forwards = wanted.forwards(maps_per_image, images)
     if method_forwards + forwards > limit:
+        fixes = ["lower faithfulness_steps"] if wanted.curves else []
+        fixes.append(
+            "send fewer images, layers, methods, classes or boxes (box=all counts the most "
+            "boxes it may explain)"
+        )
+        if wanted.metrics != ("confidence",):
+            fixes.append(
+                f"ask for fewer metrics, or confidence alone ({CONFIDENCE_FORWARDS} forwards a map)"
+            )
+        advice = ", ".join(fixes[:-1]) + (", or " if len(fixes) > 1 else "") + fixes[-1]
         raise OverBudget(
             f"Scoring faithfulness ({', '.join(wanted.metrics)}) would run {forwards} forwards "
             f"({images} image(s) x {maps_per_image} map(s) x {wanted.forwards_per_map}), "
             f"{method_forwards + forwards} with the method's own; the limit is {limit} "
-            "(CAMSERVE_MAX_CAM_FORWARDS). Lower faithfulness_steps, send fewer images, "
-            "layers or methods, or ask for fewer metrics.",
+            f"(CAMSERVE_MAX_CAM_FORWARDS). {advice[0].upper()}{advice[1:]}.",
             details={"forwards": method_forwards + forwards, "limit": limit},
         )
     return forwards

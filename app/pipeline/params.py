@@ -220,9 +220,7 @@ def choices_pattern(choices: Sequence[str]) -> str:
     spaces and empty parts around them."""
 
     def any_case(choice: str) -> str:
-        return "".join(
-            f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in choice
-        )
+        return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in choice)
 
     item = "(?:" + "|".join(any_case(choice) for choice in choices) + ")"
     return rf"^[\s,]*(?:{item}(?:\s*,[\s,]*{item})*)?[\s,]*$"

@@ -143,6 +143,7 @@ def test_dff_concepts_labels_use_the_sigmoid(client: TestClient) -> None:
     [
         ("classification", 'probabilities = "relu"', "softmax"),
         ("detection", SIGMOID, "is for classification models"),
+        ("segmentation", 'probabilities = "softmax"', "is for classification models"),
     ],
 )
 def test_the_manifest_refuses_a_rule_it_cannot_use(

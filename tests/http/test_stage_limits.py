@@ -142,11 +142,26 @@ def test_kserve_instances_with_different_options_share_the_forward_budget(
     # Each instance alone fits, but their seeds differ: each ran as its own call, unchecked.
     body = {"instances": [instance(image_bytes(seed=s), seed=s, **options) for s in range(3)]}
     message = assert_protocol_error(client.post("/v1/models/tiny:explain", json=body), 422)
-    assert "24 masked or noisy forwards" in message and "CAMSERVE_MAX_CAM_FORWARDS" in message
+    assert "24 forwards together (24 masked or noisy forwards of the methods)" in message
+    assert "CAMSERVE_MAX_CAM_FORWARDS" in message and "faithfulness" not in message
     # /explain refuses the same work in one call.
     form = {"method": "SSCAM", "num_samples": "2", "output": "raw"}
     images = files(*(image_bytes(seed=s) for s in range(3)))
     assert_error(client.post("/explain", files=images, data=form), 422, "over_budget")
+    # Scoring forwards count in the sum too, and the message names them and their fix (it
+    # blamed masked forwards that a gradient method does not run).
+    # 2 groups (the methods differ) of 6 images, 2 forwards each: 12 apiece fit, 24 do not.
+    body = {
+        "instances": [
+            instance(image_bytes(seed=s), method=m, output="raw", faithfulness="confidence")
+            for m in ("GradCAM", "LayerCAM")
+            for s in range(6)
+        ]
+    }
+    message = assert_protocol_error(client.post("/v1/models/tiny:explain", json=body), 422)
+    assert "24 forwards together (24 scoring faithfulness)" in message
+    assert "masked" not in message
+    assert "fewer faithfulness metrics" in message and "num_samples" not in message
 
 
 # ------------------------------------------------- drawing stops at the drain's cut (defect 1)

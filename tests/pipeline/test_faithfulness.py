@@ -334,3 +334,19 @@ def test_confidence_is_two_forwards_a_map_in_the_budget_and_the_progress(
     assert score.confidence_increase is not None and score.insertion_auc is None
     with pytest.raises(OverBudget, match="CAMSERVE_MAX_CAM_FORWARDS"):
         asyncio.run(_explain(_explainer(registry, limit=8 + 3), params))
+
+
+def test_the_budget_refusal_names_the_fixes_that_apply() -> None:
+    """Steps only when a curve was asked for; confidence alone as the cheap way out when more
+    was asked; the boxes and classes that multiply the maps."""
+    from app.pipeline.faithfulness import check
+
+    with pytest.raises(OverBudget) as alone:
+        check(Scoring(("confidence",)), 10, 1, 0, 5, job=False)
+    assert "faithfulness_steps" not in alone.value.message
+    assert "fewer metrics" not in alone.value.message
+    assert "classes or boxes (box=all counts" in alone.value.message
+    with pytest.raises(OverBudget) as curves:
+        check(Scoring(("deletion",), 8), 10, 1, 0, 5, job=False)
+    assert curves.value.message.count("Lower faithfulness_steps") == 1
+    assert "confidence alone (2 forwards a map)" in curves.value.message

@@ -137,7 +137,8 @@ def _wants_png(request: Request) -> bool:
 
 
 def _check_png_answer(params: ExplainParams, images: int) -> None:
-    """An ``image/png`` answer holds one overlay: one image, one method, one class or box."""
+    """An ``image/png`` answer holds one overlay: one image, one method, one class or box, and
+    no scores."""
     if images != 1:
         raise NotAcceptable(
             "An image/png answer holds one image; send one file or accept application/json."
@@ -162,6 +163,12 @@ def _check_png_answer(params: ExplainParams, images: int) -> None:
             f"An image/png answer holds one explanation's overlay, and {several[0]} asks for "
             "several; explain one class (or one box=K) or accept application/json.",
             details={"parameter": several[0]},
+        )
+    if params.faithfulness:
+        raise NotAcceptable(
+            "An image/png answer holds the overlay alone, and faithfulness asks for scores it "
+            "has no room for; leave faithfulness out or accept application/json.",
+            details={"parameter": "faithfulness"},
         )
 
 

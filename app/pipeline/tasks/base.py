@@ -559,14 +559,14 @@ class TaskPipeline:
 
     def forwards(
         self, model: LoadedModel, params: ExplainParams, plans: Sequence[CamPlan], images: int
-    ) -> int:
-        """The masked and scoring forwards a request may run (its bound: ``box=all`` counts
-        its most boxes), for the sum over a request's parts."""
+    ) -> tuple[int, int]:
+        """The masked and the scoring forwards a request may run (its bound: ``box=all``
+        counts its most boxes), for the sum over a request's parts."""
         per_image = self.check_params(model, params, images)
         wanted = faithfulness.scoring(params.faithfulness, params.faithfulness_steps)
         maps = maps_per_image(plans, per_image)
         scoring = 0 if wanted is None else wanted.forwards(maps, images)
-        return checks.plans_forwards(model, plans, images, per_image) + scoring
+        return checks.plans_forwards(model, plans, images, per_image), scoring
 
     def check_sizes(
         self,

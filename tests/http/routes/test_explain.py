@@ -176,6 +176,11 @@ def test_accept_png_answers_the_overlay(client: TestClient) -> None:
     png = {"Accept": "image/png"}
     one = client.post("/explain", files=files(image_bytes()), data={"classes": "1"}, headers=png)
     assert one.status_code == 200 and one.headers["content-type"] == "image/png"
+    # The overlay has no room for scores: refused before any forward, not computed and dropped.
+    scored = client.post(
+        "/explain", files=files(image_bytes()), data={"faithfulness": "confidence"}, headers=png
+    )
+    assert "faithfulness asks for scores" in assert_error(scored, 406, "not_acceptable")
 
 
 def test_a_repeated_explanation_says_hit_in_its_header_and_timings(
@@ -357,6 +362,22 @@ def test_too_many_files(make_client: Callable[..., TestClient]) -> None:
 def test_unknown_model(client: TestClient) -> None:
     message = assert_error(explain(client, image_bytes(), model="resnt"), 404, "model_not_found")
     assert message.index("resnet") < message.index("tiny")
+
+
+def test_no_model_named_and_no_default_model_says_so(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """A request that names no model, on a store without the default model: the error says the
+    default is missing and how to fix it (it said 'Unknown model' of a name never sent, and
+    listed failed models as available)."""
+    client = make_client(default_model="shapes")
+    message = assert_error(explain(client, image_bytes()), 404, "model_not_found")
+    assert "No model was named" in message and "CAMSERVE_DEFAULT_MODEL" in message
+    ready = message.split("ready models: ")[1]
+    assert "tiny" in ready and "broken" not in ready
+    assert "Unknown model 'nope'" in assert_error(
+        explain(client, image_bytes(), model="nope"), 404, "model_not_found"
+    )
 
 
 def test_unknown_method(client: TestClient) -> None:

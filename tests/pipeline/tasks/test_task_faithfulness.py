@@ -354,9 +354,10 @@ def test_parts_of_one_task_request_are_summed_against_the_forward_budget(
     part = build_params({"method": "DRISE", "masks": 60, "seed": 1, "box": "0"})
     uploads = [Upload("s.png", shapes_scene(0))]
     asyncio.run(explainer.check_together("shapes-detect", [(uploads, part)]))
-    with pytest.raises(OverBudget, match="120 masked or noisy forwards"):
+    with pytest.raises(OverBudget, match=r"120 forwards together \(120 masked or noisy"):
         asyncio.run(explainer.check_together("shapes-detect", [(uploads, part), (uploads, part)]))
     scored = build_params({"box": "0", "faithfulness": "deletion", "faithfulness_steps": 30})
     two = [(uploads, part), (uploads, scored), (uploads, scored)]
-    with pytest.raises(OverBudget, match="122 masked or noisy forwards"):  # 60 + 2 x 31
+    # 60 + 2 x 31, each share named
+    with pytest.raises(OverBudget, match=r"122 forwards .*60 masked .* and 62 scoring"):
         asyncio.run(explainer.check_together("shapes-detect", two))
