@@ -207,7 +207,7 @@ def test_parts_of_one_request_are_summed_against_its_budgets(explainer: Explaine
     asyncio.run(explainer.check_together("tiny", [(_uploads(1, 2), part)]))
     with pytest.raises(OverBudget, match="12 masked or noisy forwards") as caught:
         asyncio.run(explainer.check_together("tiny", [(_uploads(1, 2), part), (_uploads(3), part)]))
-    assert caught.value.details == {"forwards": 12, "limit": 10}
+    assert caught.value.details == {"forwards": 12, "limit": 10, "scoring": 0}
     explainer.max_cam_forwards = 10**6
     explainer.render_budget = RenderBudget(max_pixels=10**9, max_maps=2)
     with pytest.raises(OverBudget, match="3 maps"):
