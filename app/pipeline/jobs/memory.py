@@ -78,6 +78,29 @@ class MemoryJobStore(JobStore):
         model_version: int | None = None,
         client: str = "",
     ) -> JobView:
+        size = sum(len(upload.data) for upload in uploads)
+        self._admit(client, size)  # a full store refuses before the checks' work
+        await self.explainer.check_uploads(model, uploads, params, model_version, job=True)
+        if self.max_result_bytes is not None:
+            check_result_size(
+                self.explainer, model, uploads, params, self.max_result_bytes, model_version
+            )
+        # Again, with no await between this check and the job's place: the requests that
+        # passed the first check together while the uploads were checked must not all get in.
+        self._admit(client, size)
+        self._make_room()
+        job = Job(id=new_job_id(), client=client, upload_bytes=size)
+        self._jobs[job.id] = job
+        job.task = asyncio.get_running_loop().create_task(
+            self._run(job, model, list(uploads), params, model_version), name=f"job-{job.id[:8]}"
+        )
+        logger.info("job %s created (%d image(s))", job.id[:8], len(uploads))
+        return job.view()
+
+    def _admit(self, client: str, size: int) -> None:
+        """Refuse (429) a job past the client's or the store's count of unfinished jobs, or
+        whose uploads would go past what all jobs may keep. Synchronous: ``create`` calls it
+        last right before the job takes its place."""
         self.purge()
         active = [job for job in self._jobs.values() if not job.is_finished]
         mine = [job for job in active if job.client == client]
@@ -88,21 +111,7 @@ class MemoryJobStore(JobStore):
             [job.eta_s() for job in blocking],
             self.explainer.limiter.retry_after(),
         )
-        size = sum(len(upload.data) for upload in uploads)
         self._check_upload_bytes(size, active)
-        await self.explainer.check_uploads(model, uploads, params, model_version, job=True)
-        if self.max_result_bytes is not None:
-            check_result_size(
-                self.explainer, model, uploads, params, self.max_result_bytes, model_version
-            )
-        self._make_room()
-        job = Job(id=new_job_id(), client=client, upload_bytes=size)
-        self._jobs[job.id] = job
-        job.task = asyncio.get_running_loop().create_task(
-            self._run(job, model, list(uploads), params, model_version), name=f"job-{job.id[:8]}"
-        )
-        logger.info("job %s created (%d image(s))", job.id[:8], len(uploads))
-        return job.view()
 
     def _check_upload_bytes(self, size: int, active: list[Job]) -> None:
         """The uploads a queued job keeps in this process, against what all jobs may keep."""

@@ -455,6 +455,37 @@ def test_one_client_may_keep_only_max_per_client_jobs(monkeypatch: pytest.Monkey
     play(monkeypatch, body, max_jobs=4, max_per_client=1)
 
 
+def test_jobs_sent_at_once_cannot_pass_the_limits_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The uploads' check awaits (a header read, a decode estimate): jobs created at once all
+    passed the count before any of them took its place, and 100 at once kept 75 (a hostile
+    review). The count is checked again with no await before the place is taken."""
+
+    async def body(w: World) -> None:
+        checking = w.explainer.check_uploads
+
+        async def slow(*args: object, **kwargs: object) -> None:
+            await asyncio.sleep(0.01)  # every request passes the first count meanwhile
+            await checking(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(w.explainer, "check_uploads", slow)
+        sent = await asyncio.gather(
+            *(w.submit(client="x") for _ in range(10)), return_exceptions=True
+        )
+        kept = [one for one in sent if not isinstance(one, BaseException)]
+        refused = [one for one in sent if isinstance(one, TooManyJobs)]
+        assert len(kept) == 2 and len(refused) == 8
+        assert w.store.counts() == counts(queued=2)
+        others = await asyncio.gather(
+            *(w.submit(client=f"c{i}") for i in range(6)), return_exceptions=True
+        )
+        assert sum(not isinstance(one, BaseException) for one in others) == 2  # max_jobs 4
+        assert w.store.counts() == counts(queued=4)
+
+    play(monkeypatch, body, max_jobs=4, max_per_client=2)
+
+
 def test_retry_after_comes_from_the_blocking_jobs_etas(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(w: World) -> None:
         await w.submit(client="x")
