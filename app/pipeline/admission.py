@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
@@ -27,6 +28,21 @@ async def run_to_the_end(executor: Executor | None, func: Callable[[], T]) -> T:
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+        await asyncio.wait({future})
+        _ = future.exception()
+        raise
+
+
+async def run_stoppable(executor: Executor | None, func: Callable[[Callable[[], bool]], T]) -> T:
+    """``func(stopped)`` on one of ``executor``'s threads, as ``run_to_the_end`` runs work: a
+    cancelled caller first tells the work to stop (``stopped()`` turns true, for the work to
+    check between its pieces), then waits for the thread to finish before it goes."""
+    stop = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(executor, func, stop.is_set)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
         await asyncio.wait({future})
         _ = future.exception()
         raise

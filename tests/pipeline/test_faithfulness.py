@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -350,3 +351,39 @@ def test_the_budget_refusal_names_the_fixes_that_apply() -> None:
         check(Scoring(("deletion",), 8), 10, 1, 0, 5, job=False)
     assert curves.value.message.count("Lower faithfulness_steps") == 1
     assert "confidence alone (2 forwards a map)" in curves.value.message
+
+
+def test_a_cancelled_request_stops_roads_imputation_at_its_next_piece(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ROAD imputes each map's two orders on the image threads before its pass; a cancelled job
+    went on imputing every map (20 s of two cores in a hostile review, its slot held). Now the
+    imputation asks between pieces and stops at the next one."""
+    model = registry.get("tiny")
+    pieces: list[int] = []
+    impute = faithfulness.road_inputs
+
+    def slow(*args: object, **kwargs: object) -> torch.Tensor:
+        pieces.append(1)
+        time.sleep(0.2)
+        return impute(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(faithfulness, "road_inputs", slow)
+
+    async def main() -> None:
+        explainer = _explainer(registry)
+        maps = [(torch.rand(1, 8, 8), (0,)) for _ in range(5)]  # 10 pieces: 5 maps x 2 orders
+        scoring = asyncio.create_task(
+            faithfulness.score_maps(
+                explainer.batcher(model), model, Scoring(("road",)), torch.randn(1, 3, 32, 32), maps
+            )
+        )
+        while not pieces:
+            await asyncio.sleep(0.01)
+        scoring.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scoring
+        await explainer.close()
+
+    asyncio.run(main())
+    assert 1 <= len(pieces) <= 2  # the piece under way (and at most one that began meanwhile)
