@@ -82,6 +82,9 @@ class ModelEntry:
     """Of the whole folder when it was last (re)loaded: the poll compares it with the disk."""
     reload_problem: str | None = None
     """Why the last reload could not read the folder while the previous load goes on serving."""
+    policy: VersionPolicy | None = None
+    """The ``[version_policy]`` its versions were chosen by: a reload whose newest manifest
+    cannot be read keeps choosing by it (``read_layout``'s ``fallback``)."""
     since: float = field(default_factory=time.monotonic)
     """When this state began (``time.monotonic``): how long a model has been loading."""
 
@@ -312,7 +315,7 @@ class ModelRegistry:
             self._put(ModelEntry(name))
         folder_print = self._print(folder)
         try:
-            layout = self._layout(folder)
+            layout = self._layout(folder, old.policy if old is not None else None)
         except (FileNotFoundError, NotADirectoryError):
             # The folder went away while we looked: leave things as they were.
             entries = {k: v for k, v in self.entries.items() if k != name}
@@ -330,7 +333,11 @@ class ModelRegistry:
             self._put(kept)
             return kept
         entry = ModelEntry(
-            name, versioned=layout.versioned, problem=layout.problem, fingerprint=folder_print
+            name,
+            versioned=layout.versioned,
+            problem=layout.problem,
+            fingerprint=folder_print,
+            policy=layout.policy,
         )
         for number, version_folder in layout.versions.items():
             previous = old.versions.get(number) if old is not None else None
@@ -353,12 +360,12 @@ class ModelRegistry:
         self._retire(old, entry)
         return entry
 
-    def _layout(self, folder: Path) -> ModelLayout:
+    def _layout(self, folder: Path, fallback: VersionPolicy | None = None) -> ModelLayout:
         """``read_layout``, with a folder that cannot be read (or leads out of the store) as the
         layout's problem; FileNotFoundError when the folder is gone."""
         try:
             self.access.check_resolved(folder, f"folder {folder.name}")
-            return read_layout(folder, self.access)
+            return read_layout(folder, self.access, fallback)
         except (FileNotFoundError, NotADirectoryError):
             raise
         except Exception as error:

@@ -105,9 +105,13 @@ class ModelLayout:
     """Why no version can be served at all (empty folder, broken policy)."""
 
 
-def read_layout(folder: Path, access: StoreAccess | None = None) -> ModelLayout:
+def read_layout(
+    folder: Path, access: StoreAccess | None = None, fallback: VersionPolicy | None = None
+) -> ModelLayout:
     """The versions of ``folder`` and which of them its policy serves; OSError when the folder
-    cannot be listed."""
+    cannot be listed. When the newest version's manifest cannot be read, its policy is unknown:
+    ``fallback`` (the policy the serving versions were chosen by) chooses, so that a broken
+    newest manifest does not drop the versions a policy serves; without one, the default."""
     numbered: dict[int, Path] = {}
     for path in folder.iterdir():
         number = version_number(path.name)
@@ -124,7 +128,8 @@ def read_layout(folder: Path, access: StoreAccess | None = None) -> ModelLayout:
         if "version_policy" in data:
             policy = parse_policy(data["version_policy"])
     except ManifestError:
-        pass  # the newest version's own load reports its broken manifest
+        # The newest version's own load reports its broken manifest.
+        policy = fallback or policy
     except PolicyError as error:
         problem = f"{max(numbered)}/{MANIFEST_NAME}: {error}"
     selected = policy.select(list(numbered))

@@ -136,6 +136,24 @@ def test_a_broken_newest_version_leaves_the_older_one_serving(tmp_path: Path) ->
         registry.get("v", 2)
 
 
+def test_a_newest_manifest_that_breaks_keeps_the_policys_versions_serving(tmp_path: Path) -> None:
+    """``latest = 2`` serves versions 1 and 2; version 2's manifest then stops being TOML. Its
+    policy can no longer be read: the reload keeps choosing by the one it had, so version 1
+    goes on serving (the default policy, latest 1, dropped it: a hostile review)."""
+    put_tiny(tmp_path, "tiny", seed=0)
+    put_tiny(tmp_path, "v", seed=1, version=1)
+    newest = put_tiny(tmp_path, "v", seed=2, version=2, policy="[version_policy]\nlatest = 2")
+    registry = started(tmp_path)
+    assert sorted(registry.entry("v").versions) == [1, 2]
+    (newest / "model.toml").write_text("garbage = [\n")
+    assert registry.changes() == (["v"], [])
+    registry.load("v")
+    assert sorted(registry.entry("v").versions) == [1, 2]
+    assert registry.get("v", 1).spec.version == 1
+    assert registry.get("v").spec.version == 2  # its previous load serves, with its error
+    assert registry.entry("v").versions[2].reload_error is not None
+
+
 def test_a_new_version_folder_is_picked_up_and_the_old_one_retired(tmp_path: Path) -> None:
     put_tiny(tmp_path, "tiny", seed=0)
     put_tiny(tmp_path, "v", seed=1, version=1)
