@@ -485,18 +485,26 @@ class ModelRegistry:
         return list(self.entries)
 
     def _not_found(self, name: str, in_store: bool = False) -> ModelNotFound:
+        """``name`` is no model (``in_store``: no folder of the store, where a load looks)."""
         known = self.names()
         if in_store:
             try:
-                known = sorted(set(known) | {f.name for f in model_folders(self.store)})
+                known = sorted({f.name for f in model_folders(self.store)})
             except OSError:
                 pass  # the store cannot be listed now: name the models known
         available = close_first(name[:100], known)
         where = " in the model store" if in_store else ""
         listed = ", ".join(available) or "none"
+        gone = in_store and name in self.entries and name not in known
         return ModelNotFound(
             f"Unknown model {clip(name)}{where}. Available models: {listed}."
-            + (" Ask for one of them by name." if available and not in_store else ""),
+            + (" Ask for one of them by name." if available and not in_store else "")
+            + (
+                f" {clip(name)} was loaded from a folder that is gone now; put the folder back, "
+                f"or POST /models/{name}/unload."
+                if gone
+                else ""
+            ),
             details={"available": available},
         )
 

@@ -209,3 +209,17 @@ def test_a_reload_whose_folder_cannot_be_read_keeps_the_old_model(
     assert torch.equal(logits(registry), before)
     monkeypatch.undo()
     assert registry.load("tiny").reload_error is None
+
+
+def test_loading_a_model_whose_folder_is_gone_says_so(tmp_path: Path) -> None:
+    """It listed the model itself among the available ones (it is still loaded), which
+    contradicted 'Unknown model' (a hostile review)."""
+    put_tiny(tmp_path, "tiny", seed=0)
+    folder = put_tiny(tmp_path, "other", seed=1)
+    registry = started(tmp_path)
+    shutil.rmtree(folder)
+    with pytest.raises(ModelNotFound) as caught:
+        registry.load("other")
+    message = caught.value.message
+    assert "Available models: tiny." in message
+    assert "folder that is gone" in message and "/models/other/unload" in message
