@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
 
 import httpx
 from httpx_sse import ServerSentEvent
@@ -60,7 +61,18 @@ class RetryPolicy:
 
 
 def retryable_status(response: httpx.Response) -> bool:
-    return response.status_code == 503 and "retry-after" in response.headers
+    """A refusal that names when to come back: a full queue or a job store that is down (503),
+    too many job event streams open (429)."""
+    return response.status_code in (429, 503) and "retry-after" in response.headers
+
+
+def retry_wait_s(retry: RetryPolicy, attempt: int, response: httpx.Response) -> float | None:
+    """How long to wait before asking again after ``response`` to try number ``attempt`` (from
+    0); None when it is the answer to keep: a success, an error that asking again does not
+    change, or the last try's. The one rule of every call, a job's event stream included."""
+    if attempt >= retry.attempts - 1 or not retryable_status(response):
+        return None
+    return retry.wait_s(attempt, response.headers.get("retry-after"))
 
 
 def retryable_failure(method: str, error: httpx.TransportError) -> bool:
@@ -68,18 +80,78 @@ def retryable_failure(method: str, error: httpx.TransportError) -> bool:
     return isinstance(error, httpx.ConnectError) or method in IDEMPOTENT
 
 
-def raise_for_error(response: httpx.Response) -> None:
-    """``ServiceError`` with the service's code and message for any answer that is not 2xx."""
-    if response.is_success:
-        return
-    request_id = response.headers.get("x-request-id")
+def service_url(url: str, source: str = "the service URL") -> str:
+    """``url`` without its trailing slash; ``ValueError`` unless it is an http(s) URL with a
+    host (``localhost:8000`` would otherwise read as the scheme ``localhost``)."""
+    try:
+        parts = urlsplit(url.strip())
+        valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a malformed address, such as an unclosed [IPv6
+        valid = False
+    if valid:
+        return url.strip().rstrip("/")
+    example = f"http://{url.strip()}" if "://" not in url else DEFAULT_URL
+    raise ValueError(
+        f"{source} {url!r} is not an http:// or https:// URL with a host; write it in full, "
+        f"e.g. {example}"
+    )
+
+
+def segment(value: str) -> str:
+    """``value`` as one segment of a URL path: a model name or a job id can neither leave its
+    place (``../etc``) nor end the path (``?``, ``#``)."""
+    quoted = quote(value, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def _error_fields(response: httpx.Response) -> tuple[str, str, Any] | None:
+    """The code, message and details of an answer in camserve's error shape, else None."""
     try:
         error = response.json()["error"]
-        code, message, details = error["code"], error["message"], error.get("details")
+        return str(error["code"]), str(error["message"]), error.get("details")
     except (ValueError, KeyError, TypeError):
+        return None
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """``ServiceError`` with the service's code and message for any answer that is not 2xx."""
+    if not response.is_success:
+        raise service_error(response)
+
+
+def service_error(response: httpx.Response) -> ServiceError:
+    """The ``ServiceError`` that an error answer reads as."""
+    request_id = response.headers.get("x-request-id")
+    found = _error_fields(response)
+    if found is None:
         code, details = f"http_{response.status_code}", None
         message = response.text.strip()[:300] or response.reason_phrase
-    raise ServiceError(response.status_code, code, message, details, request_id)
+    else:
+        code, message, details = found
+    return ServiceError(response.status_code, code, message, details, request_id)
+
+
+def from_camserve(response: httpx.Response, url: str) -> httpx.Response:
+    """``response``, unless it is a 404 that camserve did not write (a route of another server,
+    or of a camserve server's other protocols under a path such as /v2): then ``ServiceError``
+    ``not_camserve``, which says that ``url`` is not a camserve server's root."""
+    if response.status_code != 404 or _error_fields(response) is not None:
+        return response
+    parts = urlsplit(url)
+    root = f"{parts.scheme}://{parts.netloc}"
+    answered = response.text.strip()[:120] or response.reason_phrase
+    hint = (
+        f"point --url / CAMSERVE_URL at the server's root, e.g. {root}"
+        if root != url
+        else "is a camserve server (`camserve serve`) listening there?"
+    )
+    raise ServiceError(
+        404,
+        "not_camserve",
+        f"{url} does not look like the root of a camserve server: {response.request.method} "
+        f"{response.request.url.path} answered 404 ({answered}); {hint}",
+        request_id=response.headers.get("x-request-id"),
+    )
 
 
 def parse(response: httpx.Response, model: type[M]) -> M:
@@ -180,7 +252,9 @@ class Connection:
         request_id: str | None,
         retry: RetryPolicy,
     ) -> None:
-        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        given = url or os.environ.get(URL_ENV)
+        source = "the service URL" if url or not given else URL_ENV
+        self.url = service_url(given or DEFAULT_URL, source)
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.request_id = request_id
         self.retry = retry

@@ -7,9 +7,9 @@ retry loops or job polling by hand.
         explained.overlay.save("cat-gradcam.png")
 
 Answers are the service's own pydantic models (``app.pipeline.results``, ``app.http.schemas``).
-A 503 that carries ``Retry-After`` is retried after the time it asks for (bounded), and so are
-connection failures: always when nothing was sent, and for idempotent calls (GET, DELETE) also
-when the connection broke mid-call.
+A 503 or 429 that carries ``Retry-After`` is retried after the time it asks for (bounded), a job's
+event stream as every other call, and so are connection failures: always when nothing was sent,
+and for idempotent calls (GET, DELETE) also when the connection broke mid-call.
 """
 
 from __future__ import annotations
@@ -36,13 +36,16 @@ from camserve._wire import (
     build_request,
     file_parts,
     form_data,
+    from_camserve,
     job_event,
     once_per_change,
     outcome,
     parse,
     raise_for_error,
+    retry_wait_s,
     retryable_failure,
-    retryable_status,
+    segment,
+    service_error,
 )
 from camserve.answers import Explained
 from camserve.errors import Unreachable
@@ -98,13 +101,15 @@ class Client:
                 if last or not retryable_failure(method, error):
                     if method not in IDEMPOTENT and not isinstance(error, httpx.ConnectError):
                         with contextlib.suppress(httpx.TransportError):
-                            raise_for_error(self._http.get(PROBE, headers=headers))
+                            probe = self._http.get(PROBE, headers=headers)
+                            raise_for_error(from_camserve(probe, self.url))
                     raise Unreachable(self.url, str(error) or type(error).__name__) from None
                 time.sleep(retry.wait_s(attempt))
                 continue
-            if last or not retryable_status(response):
-                return response
-            time.sleep(retry.wait_s(attempt, response.headers.get("retry-after")))
+            wait = retry_wait_s(retry, attempt, response)
+            if wait is None:
+                return from_camserve(response, self.url)
+            time.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def models(self) -> ModelList:
@@ -113,7 +118,7 @@ class Client:
 
     def model(self, name: str) -> ModelDetail:
         """One model: labels, layers, the methods that apply and their options."""
-        return parse(self._call("GET", f"/models/{name}"), ModelDetail)
+        return parse(self._call("GET", f"/models/{segment(name)}"), ModelDetail)
 
     def predict(
         self,
@@ -204,38 +209,57 @@ class Job:
 
     def status(self) -> JobView:
         """The job's state now (with its result once it succeeded)."""
-        return parse(self.client._call("GET", f"/jobs/{self.id}"), JobView)
+        return parse(self.client._call("GET", f"/jobs/{segment(self.id)}"), JobView)
 
     def cancel(self) -> JobView:
         """Stop the job (a finished one is forgotten)."""
-        return parse(self.client._call("DELETE", f"/jobs/{self.id}"), JobView)
+        return parse(self.client._call("DELETE", f"/jobs/{segment(self.id)}"), JobView)
 
     def wait(self, progress: ProgressHandler | None = None) -> Explained:
         """Follow the job's events until it ends; ``progress`` hears each new count once.
-        Returns its result, or raises ``ServiceError`` with the job's error."""
-        settings = self.client._connection
+        Returns its result, or raises ``ServiceError`` with the job's error. A broken stream is
+        opened again, and a refused one as every call is asked again (a 503 or 429 with
+        Retry-After: a job store that is down, too many streams open)."""
+        retry = self.client._connection.retry
         progress = once_per_change(progress)  # across reconnects too
-        for attempt in range(settings.retry.attempts):
+        for attempt in range(retry.attempts):
             try:
-                with connect_sse(
-                    self.client._http,
-                    "GET",
-                    f"/jobs/{self.id}/events",
-                    headers=settings.headers(),
-                    timeout=EVENTS_TIMEOUT,
-                ) as source:
-                    if not source.response.is_success:
-                        source.response.read()
-                        raise_for_error(source.response)
-                    for event in source.iter_sse():
-                        view = job_event(event, progress)
-                        if view is not None:
-                            return outcome(view)
+                view, refused = self._follow(progress)
             except httpx.TransportError as error:
-                if attempt == settings.retry.attempts - 1:
+                if attempt == retry.attempts - 1:
                     raise Unreachable(self.client.url, str(error) or type(error).__name__) from None
-                time.sleep(settings.retry.wait_s(attempt))
+                time.sleep(retry.wait_s(attempt))
+                continue
+            if view is not None:
+                return outcome(view)
+            if refused is not None:
+                wait = retry_wait_s(retry, attempt, refused)
+                if wait is None:
+                    raise service_error(from_camserve(refused, self.client.url))
+                time.sleep(wait)
         return outcome(self.status())  # the stream kept ending early: ask once more
+
+    def _follow(
+        self, progress: ProgressHandler | None
+    ) -> tuple[JobView | None, httpx.Response | None]:
+        """One connection to the job's event stream: the job's final view, or the answer that
+        refused the stream, or neither when the stream ended early."""
+        settings = self.client._connection
+        with connect_sse(
+            self.client._http,
+            "GET",
+            f"/jobs/{segment(self.id)}/events",
+            headers=settings.headers(),
+            timeout=EVENTS_TIMEOUT,
+        ) as source:
+            if not source.response.is_success:
+                source.response.read()
+                return None, source.response
+            for event in source.iter_sse():
+                view = job_event(event, progress)
+                if view is not None:
+                    return view, None
+        return None, None
 
 
 class AsyncClient:
@@ -282,20 +306,22 @@ class AsyncClient:
                 if last or not retryable_failure(method, error):
                     if method not in IDEMPOTENT and not isinstance(error, httpx.ConnectError):
                         with contextlib.suppress(httpx.TransportError):
-                            raise_for_error(await self._http.get(PROBE, headers=headers))
+                            probe = await self._http.get(PROBE, headers=headers)
+                            raise_for_error(from_camserve(probe, self.url))
                     raise Unreachable(self.url, str(error) or type(error).__name__) from None
                 await asyncio.sleep(retry.wait_s(attempt))
                 continue
-            if last or not retryable_status(response):
-                return response
-            await asyncio.sleep(retry.wait_s(attempt, response.headers.get("retry-after")))
+            wait = retry_wait_s(retry, attempt, response)
+            if wait is None:
+                return from_camserve(response, self.url)
+            await asyncio.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def models(self) -> ModelList:
         return parse(await self._call("GET", "/models"), ModelList)
 
     async def model(self, name: str) -> ModelDetail:
-        return parse(await self._call("GET", f"/models/{name}"), ModelDetail)
+        return parse(await self._call("GET", f"/models/{segment(name)}"), ModelDetail)
 
     async def predict(
         self,
@@ -377,35 +403,50 @@ class AsyncJob:
         return f"AsyncJob({self.id!r})"
 
     async def status(self) -> JobView:
-        return parse(await self.client._call("GET", f"/jobs/{self.id}"), JobView)
+        return parse(await self.client._call("GET", f"/jobs/{segment(self.id)}"), JobView)
 
     async def cancel(self) -> JobView:
-        return parse(await self.client._call("DELETE", f"/jobs/{self.id}"), JobView)
+        return parse(await self.client._call("DELETE", f"/jobs/{segment(self.id)}"), JobView)
 
     async def wait(self, progress: ProgressHandler | None = None) -> Explained:
-        settings = self.client._connection
+        retry = self.client._connection.retry
         progress = once_per_change(progress)
-        for attempt in range(settings.retry.attempts):
+        for attempt in range(retry.attempts):
             try:
-                async with aconnect_sse(
-                    self.client._http,
-                    "GET",
-                    f"/jobs/{self.id}/events",
-                    headers=settings.headers(),
-                    timeout=EVENTS_TIMEOUT,
-                ) as source:
-                    if not source.response.is_success:
-                        await source.response.aread()
-                        raise_for_error(source.response)
-                    async for event in source.aiter_sse():
-                        view = job_event(event, progress)
-                        if view is not None:
-                            return outcome(view)
+                view, refused = await self._follow(progress)
             except httpx.TransportError as error:
-                if attempt == settings.retry.attempts - 1:
+                if attempt == retry.attempts - 1:
                     raise Unreachable(self.client.url, str(error) or type(error).__name__) from None
-                await asyncio.sleep(settings.retry.wait_s(attempt))
+                await asyncio.sleep(retry.wait_s(attempt))
+                continue
+            if view is not None:
+                return outcome(view)
+            if refused is not None:
+                wait = retry_wait_s(retry, attempt, refused)
+                if wait is None:
+                    raise service_error(from_camserve(refused, self.client.url))
+                await asyncio.sleep(wait)
         return outcome(await self.status())
+
+    async def _follow(
+        self, progress: ProgressHandler | None
+    ) -> tuple[JobView | None, httpx.Response | None]:
+        settings = self.client._connection
+        async with aconnect_sse(
+            self.client._http,
+            "GET",
+            f"/jobs/{segment(self.id)}/events",
+            headers=settings.headers(),
+            timeout=EVENTS_TIMEOUT,
+        ) as source:
+            if not source.response.is_success:
+                await source.response.aread()
+                return None, source.response
+            async for event in source.aiter_sse():
+                view = job_event(event, progress)
+                if view is not None:
+                    return view, None
+        return None, None
 
 
 __all__ = [

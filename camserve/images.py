@@ -43,9 +43,28 @@ def _as_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.floating):
-        scaled: np.ndarray = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        _check_unit_range(array)
+        scaled: np.ndarray = (array * 255).round().astype(np.uint8)
         return scaled
     raise ValueError(f"an image array is uint8 or floats in [0, 1]; got {array.dtype}")
+
+
+def _check_unit_range(array: np.ndarray) -> None:
+    """``ValueError`` unless every value of a float array is in [0, 1] (no NaN, no infinity):
+    anything else would be sent as other pixels than the caller's."""
+    if array.size == 0:
+        raise ValueError(f"an image array holds at least one pixel; got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(
+            "an image array of floats holds values in [0, 1]; this one holds NaN or infinity: "
+            "replace them (np.nan_to_num) before sending it"
+        )
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"an image array of floats holds values in [0, 1]; this one holds {low:g} to {high:g}: "
+            "scale it (divide 0-255 values by 255) or pass it as uint8"
+        )
 
 
 def find_images(paths: list[Path]) -> list[Path]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from camserve.answers import Explained, MethodMaps
+from camserve.errors import ClientError
 
 _SUFFIXES = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 RESULTS = "results.jsonl"
@@ -29,10 +32,26 @@ class OutputFolder:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
         self.results = folder / RESULTS
-        self.results.write_text("")
+        with self._writing():
+            folder.mkdir(parents=True, exist_ok=True)
+            self.results.write_text("")
         self._stems: set[str] = set()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """``ClientError`` ``output_not_writable``, naming the folder, for a failed write."""
+        try:
+            yield
+        except OSError as error:
+            reason = error.strerror or str(error)
+            if isinstance(error, FileExistsError):
+                reason = "a file of that name is in the way"
+            raise ClientError(
+                "output_not_writable",
+                f"cannot write to the output folder {str(self.folder)!r} ({reason}); pick "
+                "another with -o/--out, or make this one writable",
+            ) from None
 
     def _stem(self, source: str) -> str:
         """A file name stem for ``source`` not used yet in this run (``a``, ``a-2``, ...)."""
@@ -46,6 +65,10 @@ class OutputFolder:
 
     def write(self, source: str, explained: Explained, via: str) -> dict[str, Any]:
         """Write the pictures and raw maps of ``explained``; return its ``results.jsonl`` line."""
+        with self._writing():
+            return self._write(source, explained, via)
+
+    def _write(self, source: str, explained: Explained, via: str) -> dict[str, Any]:
         stem = self._stem(source)
         response = explained.response
         suffix = _SUFFIXES.get(response.image_format, f".{response.image_format}")
@@ -121,7 +144,8 @@ class OutputFolder:
         return written
 
     def write_error(self, source: str, code: str, message: str) -> None:
-        self._append({"file": source, "error": {"code": code, "message": message}})
+        with self._writing():
+            self._append({"file": source, "error": {"code": code, "message": message}})
 
     def _append(self, line: dict[str, Any]) -> None:
         with self.results.open("a") as stream:

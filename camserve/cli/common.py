@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,14 +24,27 @@ from rich.progress import (
 
 from app.errors import CamserveError
 from app.settings import ConfigurationError, Settings, load_settings
+from camserve._wire import service_url
 from camserve.answers import Explained
 from camserve.errors import ClientError
 from camserve.request import ExplainRequest, split_names
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: Errors about one file of the command line (or of a folder named there), found here.
+FILE_ERRORS = frozenset({"file_not_found", "not_a_file", "unreadable_file"})
 #: Errors about one image: the others of a folder still get explained.
-IMAGE_ERRORS = frozenset(
-    {"invalid_image", "unsupported_media_type", "image_too_large", "payload_too_large"}
+IMAGE_ERRORS = FILE_ERRORS | {
+    "invalid_image",
+    "unsupported_media_type",
+    "image_too_large",
+    "payload_too_large",
+}
+#: What a file that is neither a regular file nor a folder is, by its mode.
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
 )
 err = Console(stderr=True)
 out = Console()
@@ -43,6 +57,62 @@ class Failed(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def check_image_file(path: Path) -> None:
+    """``ClientError`` (a ``FILE_ERRORS`` code) unless ``path`` is a regular file; found without
+    opening it: the read of a FIFO would wait for a writer forever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise file_error(path, error) from None
+    if stat.S_ISDIR(mode):
+        raise ClientError(
+            "not_a_file",
+            "a folder, not an image file (the folders in a folder are not searched); name it "
+            "on the command line to explain its images",
+        )
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+        raise ClientError(
+            "not_a_file",
+            f"{kind}, not a regular file: skipped without opening it; save the image as a file",
+        )
+
+
+def file_error(path: Path, error: OSError) -> ClientError:
+    """What a failed look at (or read of) ``path`` means, as an error about that file alone."""
+    if isinstance(error, FileNotFoundError):
+        if path.is_symlink():
+            return ClientError(
+                "file_not_found",
+                f"a broken link: its target {str(path.readlink())!r} does not exist; fix the "
+                "link or remove it",
+            )
+        return ClientError("file_not_found", "no such file (was it removed during the run?)")
+    if isinstance(error, IsADirectoryError):
+        return ClientError("not_a_file", "a folder, not an image file")
+    if isinstance(error, PermissionError):
+        return ClientError(
+            "unreadable_file",
+            "permission denied: this user cannot read it; fix its permissions (chmod +r)",
+        )
+    return ClientError("unreadable_file", f"cannot be read: {error.strerror or error}")
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the image file ``path``; ``ClientError`` (a ``FILE_ERRORS`` code) when it is
+    not a regular file or cannot be read."""
+    check_image_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise file_error(path, error) from None
+
+
+def about(path: Path, error: ClientError) -> Failed:
+    """``error`` about the one file of a command, as the error that stops it, naming the file."""
+    return Failed(error.code, f"{path}: {error.message}")
 
 
 @contextmanager
@@ -97,6 +167,16 @@ def local_settings(model_store: Path | None, device: str | None) -> Settings:
     return settings
 
 
+def _server_url(context: click.Context, param: click.Parameter, url: str | None) -> str | None:
+    """``--url`` checked: an http(s) URL with a host, else a usage error that says so."""
+    if not url:
+        return None
+    try:
+        return service_url(url, "the URL")
+    except ValueError as error:
+        raise click.BadParameter(str(error), context, param) from None
+
+
 def server_options(func: F) -> F:
     func = click.option(
         "--api-key",
@@ -106,6 +186,7 @@ def server_options(func: F) -> F:
     return click.option(
         "--url",
         envvar="CAMSERVE_URL",
+        callback=_server_url,
         help="a camserve server to send the work to, e.g. http://127.0.0.1:8000; without it the "
         "model store is loaded in this process [env: CAMSERVE_URL]",
     )(func)

@@ -18,10 +18,13 @@ from camserve.cli.common import (
     Display,
     Failed,
     build_request,
+    check_image_file,
     err,
+    file_error,
     local_settings,
     print_summary,
     quiet_logs,
+    read_image_file,
     reported_errors,
     request_options,
     server_options,
@@ -151,11 +154,11 @@ async def _explain_local(
             try:
                 response = await service.explain(
                     path.name,
-                    path.read_bytes(),
+                    read_image_file(path),
                     request,
                     progress=functools.partial(display.report, task),
                 )
-            except CamserveError as error:
+            except (CamserveError, ClientError) as error:
                 _image_failed(folder, path, error)
                 failed += 1
             else:
@@ -190,12 +193,17 @@ async def _explain_remote(
         async with slots:
             task = display.image_task(path.name, ",".join(request.methods))
             try:
+                check_image_file(path)
                 if as_job:
                     job = await client.submit(path, request)
                     return index, await job.wait(
                         progress=lambda p: display.report(task, p.done, p.total)
                     )
                 return index, await client.send(path, request)
+            except OSError as error:  # the client's read of the file
+                if error.filename is None:
+                    raise
+                return index, file_error(path, error)
             except ClientError as error:
                 if error.code not in IMAGE_ERRORS:
                     raise  # stops the run, at once: not only when its turn to print comes

@@ -10,7 +10,10 @@ from app.pipeline.results import JobProgress
 from camserve.cli.common import (
     Display,
     Failed,
+    about,
     build_request,
+    check_image_file,
+    file_error,
     out,
     print_summary,
     reported_errors,
@@ -18,6 +21,7 @@ from camserve.cli.common import (
     server_options,
 )
 from camserve.client import Client
+from camserve.errors import ClientError
 from camserve.outputs import OutputFolder
 
 
@@ -55,11 +59,32 @@ def submit_job(
         methods, model, class_idx, layers, size, image_format, raw, fields, faithfulness
     )
     with reported_errors():
-        if not image.is_file():
-            raise Failed("file_not_found", f"no such file: {image}")
+        _check_one_file(image)
         with Client(_server(url), api_key=api_key) as client:
-            job = client.submit(image, request)
+            try:
+                job = client.submit(image, request)
+            except OSError as error:  # the client's read of the file
+                if error.filename is None:
+                    raise
+                raise about(image, file_error(image, error)) from None
         out.print(job.id, highlight=False, soft_wrap=True)
+
+
+def _check_one_file(image: Path) -> None:
+    """``Failed``, naming ``image``, unless it is one image file that exists."""
+    if image.is_dir():
+        raise Failed(
+            "not_a_file",
+            f"{image} is a folder; `jobs submit` takes one image file: name one of its images, "
+            f"or explain the whole folder on the server with `camserve explain {image} --jobs "
+            "always --url ...`",
+        )
+    if not image.exists() and not image.is_symlink():
+        raise Failed("file_not_found", f"no such file: {image}")
+    try:
+        check_image_file(image)
+    except ClientError as error:
+        raise about(image, error) from None
 
 
 @jobs.command("watch")

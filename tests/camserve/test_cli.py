@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -255,6 +256,11 @@ def bad_inputs(store: Path, server: str, busy: str, images: Path) -> dict[str, t
             "model_store_missing",
         ),
         "jobs without a server": (("jobs", "cancel", "x"), "no_server"),
+        "a folder to jobs submit": (("jobs", "submit", images, *remote(server)), "not_a_file"),
+        "a server URL that is not its root": (
+            ("models", "--url", f"{server}/v2", "--api-key", API_KEY),
+            "not_camserve",
+        ),
     }
 
 
@@ -287,6 +293,109 @@ def test_one_bad_image_of_a_folder_is_recorded_and_the_rest_explained(
     bad, good = lines(tmp_path / "out")
     assert bad["error"]["code"] == "unsupported_media_type" and good["predictions"]
     assert_no_traceback(result)
+
+
+@pytest.mark.parametrize("where", ["in-process", "url"])
+def test_entries_of_a_folder_that_are_not_readable_files_are_reported_and_skipped(
+    store: Path,
+    server: str,
+    images: Path,
+    tmp_path: Path,
+    where: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.png").write_bytes((images / "a.png").read_bytes())
+    (folder / "broken.png").symlink_to(folder / "gone.png")
+    (folder / "d.png").mkdir()
+    (folder / "locked.png").write_bytes((images / "b.png").read_bytes())
+    fifo = folder / "fifo.png"
+    os.mkfifo(fifo)
+    # Root reads a file of mode 000: its read fails as it would for another user.
+    read_bytes = Path.read_bytes
+
+    def refuse_locked(path: Path) -> bytes:
+        if path.name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_locked)
+    # Were the FIFO opened, its read would wait for a writer: this one comes after a while, so
+    # that the test fails instead of hanging.
+    unblock = threading.Timer(20, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    unblock.start()
+    try:
+        where_args = in_process(store) if where == "in-process" else remote(server)
+        result = camserve("explain", folder, "-o", tmp_path / "out", *where_args)
+    finally:
+        unblock.cancel()
+    assert result.exit_code == 1, result.output
+    expected = {
+        "broken.png": "file_not_found",
+        "d.png": "not_a_file",
+        "fifo.png": "not_a_file",
+        "locked.png": "unreadable_file",
+    }
+    for name, code in expected.items():
+        assert f"{name}: {code}" in result.output, (name, result.output)
+    assert "a broken link" in result.output and "a FIFO" in result.output
+    assert "permission denied" in result.output and "a folder" in result.output
+    records = {Path(line["file"]).name: line for line in lines(tmp_path / "out")}
+    assert {name: records[name]["error"]["code"] for name in expected} == expected
+    assert records["good.png"]["predictions"]
+    assert "1 of 5 images explained" in result.output
+    assert_no_traceback(result)
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(
+    store: Path, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_the_way = tmp_path / "file"
+    in_the_way.write_text("")
+    image = images / "a.png"
+    for out in (in_the_way, in_the_way / "out"):
+        result = camserve("explain", image, "-o", out, *in_process(store))
+        assert result.exit_code == 1, result.output
+        assert "error output_not_writable:" in result.output, result.output
+        assert repr(str(out)) in result.output and "-o/--out" in result.output
+        assert_no_traceback(result)
+    write_text = Path.write_text
+
+    def read_only(path: Path, *args: object, **kwargs: object) -> int:
+        if path.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return write_text(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", read_only)  # root writes in a folder of mode 555
+    result = camserve("explain", image, "-o", tmp_path / "locked", *in_process(store))
+    assert result.exit_code == 1, result.output
+    assert "output_not_writable" in result.output and "Permission denied" in result.output
+    assert_no_traceback(result)
+
+
+def test_jobs_submit_of_a_folder_says_it_takes_one_file(images: Path) -> None:
+    result = camserve("jobs", "submit", images, "--url", "http://127.0.0.1:1")
+    assert result.exit_code == 1
+    assert f"{images} is a folder; `jobs submit` takes one image file" in result.output
+    assert "no such file" not in result.output
+
+
+def test_a_url_without_a_scheme_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for command in (("models",), ("jobs", "cancel", "x"), ("explain", "x.png")):
+        result = camserve(*command, "--url", "localhost:18741")
+        assert result.exit_code == 2, result.output
+        assert "http:// or https://" in result.output and "http://localhost:18741" in result.output
+    monkeypatch.setenv("CAMSERVE_URL", "localhost:18741")
+    result = camserve("models")
+    assert result.exit_code == 2 and "http:// or https://" in result.output
+
+
+def test_a_url_below_the_servers_root_is_named_with_the_root(server: str) -> None:
+    result = camserve("models", "--url", f"{server}/v2", "--api-key", API_KEY)
+    assert result.exit_code == 1, result.output
+    assert f"{server}/v2 does not look like the root of a camserve server" in result.output
+    assert f"e.g. {server}" in result.output
 
 
 def test_concurrency_bounds_the_images_in_flight_on_a_server(tmp_path: Path) -> None:

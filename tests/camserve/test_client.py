@@ -244,6 +244,54 @@ def test_the_wait_is_bounded_and_follows_retry_after() -> None:
     assert policy.wait_s(2, "Wed, 21 Oct 2015 07:28:00 GMT") == 2.0
 
 
+def test_a_url_without_a_scheme_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    for make in (Client, AsyncClient):
+        with pytest.raises(ValueError, match=r"http:// or https://.*e\.g\. http://localhost:1"):
+            make("localhost:1")
+    monkeypatch.setenv("CAMSERVE_URL", "ftp://camserve")
+    with pytest.raises(ValueError, match="CAMSERVE_URL 'ftp://camserve'"):
+        Client()
+    assert Client("HTTPS://camserve:8000/").url == "HTTPS://camserve:8000"
+
+
+def test_a_404_that_camserve_did_not_write_says_the_url_is_not_its_root() -> None:
+    foreign = httpx.Response(404, json={"error": "No route /v2/models; see /docs for the API."})
+    transport, _ = stub([foreign])
+    with Client("http://camserve:8000/v2", retry=FAST, transport=transport) as client:
+        with pytest.raises(ServiceError) as raised:
+            client.models()
+    error = raised.value
+    assert (error.status, error.code) == (404, "not_camserve")
+    assert "http://camserve:8000/v2 does not look like the root" in error.message
+    assert "e.g. http://camserve:8000" in error.message and "No route" in error.message
+    missing = {"error": {"code": "model_not_found", "message": "No model 'x'."}}
+    transport, _ = stub([httpx.Response(404, json=missing)])
+    with Client("http://camserve:8000", retry=FAST, transport=transport) as client:
+        with pytest.raises(ServiceError, match="model_not_found"):
+            client.model("x")  # camserve's own 404 stays what it is
+
+
+def test_names_and_ids_stay_one_segment_of_the_path() -> None:
+    transport, calls = stub([httpx.Response(404, json={"error": {"code": "x", "message": "x"}})])
+    with Client("http://camserve/api", retry=FAST, transport=transport) as client:
+        for call in (
+            lambda: client.model("../etc"),
+            lambda: client.model(".."),
+            lambda: client.job("a/b?c#d").status(),
+            lambda: client.job("..").cancel(),
+            lambda: client.job("../x").wait(),
+        ):
+            with pytest.raises(ServiceError):
+                call()
+    assert [c.url.raw_path.decode() for c in calls] == [
+        "/api/models/..%2Fetc",
+        "/api/models/%2E%2E",
+        "/api/jobs/a%2Fb%3Fc%23d",
+        "/api/jobs/%2E%2E",
+        "/api/jobs/..%2Fx/events",
+    ]
+
+
 def test_no_server_is_unreachable() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with Client(url, retry=RetryPolicy(attempts=2, backoff_s=0.0)) as client:
@@ -300,6 +348,63 @@ def test_the_async_progress_callback_hears_each_count_once() -> None:
 
     asyncio.run(run())
     assert [(p.done, p.total) for p in seen] == [(0, 0), (0, 64), (32, 64), (64, 64)]
+
+
+def refused_stream(status: int, code: str, retry_after: str | None = "0") -> httpx.Response:
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    body = {"error": {"code": code, "message": f"{code} refused the stream."}}
+    return httpx.Response(status, json=body, headers=headers)
+
+
+STORE_DOWN = (503, "job_store_unavailable")
+TOO_MANY = (429, "too_many_streams")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_wait_asks_again_after_a_refusal_with_retry_after(asynchronous: bool) -> None:
+    answers = [refused_stream(*STORE_DOWN), refused_stream(*TOO_MANY), job_stream()]
+    seen, calls = wait_on_stub(answers, asynchronous, match="the model broke")
+    assert len(calls) == 3 and {c.url.path for c in calls} == {"/jobs/j1/events"}
+    assert seen[-1] == (64, 64)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_wait_gives_up_on_a_refusal_that_persists_or_names_no_wait(asynchronous: bool) -> None:
+    _, calls = wait_on_stub([refused_stream(*STORE_DOWN)], asynchronous, "job_store_unavailable")
+    assert len(calls) == FAST.attempts
+    no_wait = refused_stream(*STORE_DOWN, retry_after=None)
+    _, calls = wait_on_stub([no_wait], asynchronous, "job_store_unavailable")
+    assert len(calls) == 1
+
+
+def wait_on_stub(
+    answers: list,
+    asynchronous: bool,
+    match: str,  # type: ignore[type-arg]
+) -> tuple[list[tuple[int, int]], list[httpx.Request]]:
+    """``Job("j1").wait()`` through a stub transport that gives ``answers`` in turn: the counts
+    the progress callback heard and the requests sent; it must raise ``ServiceError(match)``."""
+    seen: list[tuple[int, int]] = []
+    transport, calls = stub(answers)
+
+    def heard(progress: JobProgress) -> None:
+        seen.append((progress.done, progress.total))
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        return transport.handle_request(request)
+
+    async def run_async() -> None:
+        mock = httpx.MockTransport(handle)
+        async with AsyncClient("http://camserve", retry=FAST, transport=mock) as client:
+            await client.job("j1").wait(progress=heard)
+
+    with pytest.raises(ServiceError, match=match):
+        if asynchronous:
+            asyncio.run(run_async())
+        else:
+            with Client("http://camserve", retry=FAST, transport=transport) as client:
+                client.job("j1").wait(progress=heard)
+    return seen, calls
 
 
 def test_a_detectors_and_a_segmenters_answers_read_through_the_client() -> None:

@@ -35,6 +35,21 @@ def test_float_arrays_in_0_1_are_scaled_and_bad_arrays_refused() -> None:
         as_upload(np.zeros((2, 3), dtype=np.int64))
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [(np.nan, "NaN or infinity"), (np.inf, "NaN or infinity"), (1.5, "to 1.5"), (-0.5, "-0.5")],
+)
+def test_float_arrays_outside_0_1_are_refused_not_clipped(value: float, problem: str) -> None:
+    array = np.random.default_rng(0).random((32, 32, 3))
+    array[3, 4, 1] = value
+    with pytest.raises(ValueError, match=r"floats holds values in \[0, 1\]") as raised:
+        as_upload(array)
+    assert problem in str(raised.value)
+    array[3, 4, 1], array[0, 0, 0] = 1.0, 0.0  # the edges themselves are fine
+    _, data = as_upload(array)
+    assert decoded(data).shape == (32, 32, 3)
+
+
 def test_a_folder_gives_its_image_files_sorted(tmp_path: Path) -> None:
     for name in ("b.PNG", "a.jpg", "notes.txt", "c.webp"):
         (tmp_path / name).write_bytes(b"")
