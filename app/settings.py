@@ -8,6 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -26,7 +27,12 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _KEY_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DEFAULT_KEY_NAME = "default"
 """The name of ``CAMSERVE_API_KEY`` among the named keys."""
-_JOB_STORE_RE = re.compile(r"^rediss?://[^/\s]*[^/\s:@](:\d{1,5})?(/\d{1,5})?(\?\S*)?$")
+_JOB_STORE_RE = re.compile(r"^rediss?://[^/?#\s]+(/\d{0,5})?(\?\S*)?$")
+_JOB_STORE_SHAPE = (
+    "must be memory, redis://host:port/db or rediss://host:port/db (TLS); a password may be in "
+    "the URL (redis://:password@host:6379/0) or in CAMSERVE_JOB_STORE_PASSWORD"
+)
+_UNKNOWN_OPTION_RE = re.compile(r"keyword argument '([^']+)'")
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +406,10 @@ class Settings(BaseSettings):
         "memory",
         description="Where jobs live: `memory` (this process) or `redis://host:port/db`, "
         "`rediss://host:port/db` for TLS (shared by every replica).",
-        json_schema_extra={"allowed": "`memory`, `redis://...`, `rediss://...`"},
+        json_schema_extra={
+            "allowed": "`memory`, `redis://...`, `rediss://...` (port 1 to 65535, options that "
+            "redis-py knows)"
+        },
     )
     workers: int = Field(
         1,
@@ -522,12 +531,9 @@ class Settings(BaseSettings):
         value = value.strip()
         if value.lower() == "memory":
             return "memory"
-        if not _JOB_STORE_RE.match(value):
-            raise ValueError(
-                "must be memory, redis://host:port/db or rediss://host:port/db (TLS); "
-                "a password may be in the URL (redis://:password@host:6379/0) or in "
-                "CAMSERVE_JOB_STORE_PASSWORD"
-            )
+        problem = redis_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("forwarded_allow_ips", mode="before")
@@ -587,6 +593,56 @@ class Settings(BaseSettings):
         if info.field_name == "model_control":
             return value.strip().lower()
         return value if value.strip() else None
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as ``CAMSERVE_JOB_STORE``, and how to write it instead; None
+    when redis-py can connect with it (whether a server answers there is not asked here)."""
+    if not _JOB_STORE_RE.match(url):
+        return _JOB_STORE_SHAPE
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return _JOB_STORE_SHAPE
+    return _redis_port_problem(parts) or _redis_option_problem(url)
+
+
+def _redis_port_problem(parts: SplitResult) -> str | None:
+    """Why the URL's port is none (a number from 1 to 65535, 6379 when left out)."""
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535
+        port = None
+    else:
+        if port is None or 1 <= port <= 65535:
+            return None
+    text = parts.netloc.rpartition("@")[2].rpartition("]")[2].rpartition(":")[2]
+    return (
+        f"the port {text!r} is not a number from 1 to 65535; write the port Redis listens on "
+        "(6379 unless it was changed), as in redis://host:6379/0, or leave it out for 6379"
+    )
+
+
+def _redis_option_problem(url: str) -> str | None:
+    """Why an option of the URL's query string (``?ssl_ca_certs=...``) would make redis-py fail
+    at the first connection: a value it cannot read, or a name it does not know."""
+    if "?" not in url:
+        return None
+    from redis.asyncio.connection import Connection, parse_url  # redis-py only when asked for
+
+    try:
+        options: dict[str, Any] = dict(parse_url(url))
+        connection_class = options.pop("connection_class", Connection)
+        connection_class(**options)  # no I/O: it only checks the names
+    except ValueError as error:
+        return f"{str(error).rstrip('.')}: fix that option of the query string, or remove it"
+    except TypeError as error:
+        found = _UNKNOWN_OPTION_RE.search(str(error))
+        name = repr(found.group(1)) if found else "an option"
+        return (
+            f"{name} is not a connection option that redis-py knows here; fix its name or remove "
+            "it (the TLS options, such as ssl_ca_certs, need rediss://)"
+        )
+    return None
 
 
 def named_api_keys(settings: Settings) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """``python -m app`` (and ``make serve``) on a port that is taken: one line that names the port
-and CAMSERVE_PORT, a non-zero exit, and no model loaded."""
+and CAMSERVE_PORT, a non-zero exit, and no model loaded. The same for a job store URL that
+cannot be right, or a Redis that refuses the service."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from tests.fixtures_models import FIXTURE_MODULE, build_tiny, write_model
 from tests.http.test_server import environment, start_server
+from tests.redis_server import RedisServer, free_port
 
 TRUSTED = f"{FIXTURE_MODULE},{__name__}"
 """The modules this store's manifest may name (CAMSERVE_TRUSTED_MODULES)."""
@@ -94,3 +96,41 @@ def test_the_check_names_other_reasons_too(busy_port: int) -> None:
     assert port_refusal("127.0.0.1", 0) is None
     assert "CAMSERVE_HOST" in (port_refusal("host.invalid", 8000) or "")
     assert "already in use" in (port_refusal("localhost", busy_port) or "")  # every address
+
+
+def run_app(store: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m app`` with these settings, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=environment(store, CAMSERVE_TRUSTED_MODULES=TRUSTED, **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_job_store_port_out_of_range_is_refused_with_the_settings(
+    marking_store: tuple[Path, Path],
+) -> None:
+    store, marker = marking_store
+    done = run_app(store, CAMSERVE_JOB_STORE="redis://127.0.0.1:99999/0")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("camserve: invalid configuration:")
+    assert "CAMSERVE_JOB_STORE: the port '99999' is not a number from 1 to 65535" in done.stderr
+    assert not marker.exists()
+
+
+def test_a_redis_without_the_database_stops_startup_before_any_model_loads(
+    marking_store: tuple[Path, Path], redis_server: RedisServer
+) -> None:
+    store, marker = marking_store
+    port = str(free_port())
+    done = run_app(store, CAMSERVE_JOB_STORE=redis_server.url(99), CAMSERVE_PORT=port)
+    assert done.returncode != 0
+    refusal = "cannot start: CAMSERVE_JOB_STORE: the Redis server at"
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if refusal in line]
+    assert len(lines) == 1 and "has no database 99" in lines[0], done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr  # the line, not uvicorn's traceback
+    assert not marker.exists()

@@ -162,6 +162,45 @@ def test_refused_values_never_echo_a_secret(monkeypatch: pytest.MonkeyPatch) -> 
     assert "redis://:***@/0" in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "redis://[::1]:6379/1",
+        "redis://redis.example",
+        "redis://redis.example:6379/",
+        "rediss://redis.example:6380/0?ssl_ca_certs=/etc/ssl/redis-ca.pem",
+        "redis://redis.example:6379/0?socket_timeout=2.5",
+    ],
+)
+def test_job_store_takes_any_url_redis_py_connects_with(value: str) -> None:
+    assert Settings(job_store=value).job_store == value
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "0", "abc"])
+def test_job_store_port_must_be_1_to_65535(port: str) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings(job_store=f"redis://:hunter2@127.0.0.1:{port}/0")
+    message = str(refused.value)
+    assert f"CAMSERVE_JOB_STORE: the port '{port}' is not a number from 1 to 65535" in message
+    assert "redis://host:6379/0" in message  # how to write it
+    assert "hunter2" not in message and "redis://:***@127.0.0.1" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("redis://h:6379/0?sokcet_timeout=2", "'sokcet_timeout' is not a connection option"),
+        ("redis://h:6379/0?ssl_ca_certs=/ca.pem", "the TLS options, such as ssl_ca_certs, need"),
+        ("redis://h:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis://h:6379/zero", "must be memory, redis://host:port/db"),
+    ],
+)
+def test_job_store_options_are_checked_before_startup(value: str, expected: str) -> None:
+    with pytest.raises(ConfigurationError, match="CAMSERVE_JOB_STORE: ") as refused:
+        load_settings(job_store=value)
+    assert expected in str(refused.value)
+
+
 def test_trusted_modules_are_module_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CAMSERVE_TRUSTED_MODULES", " mypkg.models, other ,")
     assert load_settings().trusted_modules == ["mypkg.models", "other"]

@@ -21,6 +21,7 @@ from app.http.middleware.body_limit import BodyLimitMiddleware
 from app.http.middleware.compression import ProtocolCompression
 from app.http.middleware.gate import GateMiddleware
 from app.http.middleware.header_cap import HeaderCapMiddleware
+from app.http.middleware.startup import QuietRefusal, refuse_start
 from app.http.openapi import form_fields_without_null
 from app.http.protocols import kserve, oip, repository
 from app.http.protocols.base import json_body_limit
@@ -64,7 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         device = resolve_device(settings.device)
     except ConfigurationError as error:
-        logger.critical("cannot start: %s", error)
+        refuse_start(app.state, error)
         raise
     logger.info("camserve %s on device %s", __version__, describe_device(device))
     warn_renamed(os.environ)
@@ -122,7 +123,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.jobs = open_job_store(settings, explainer, app.state.lifecycle)
     share_cache(explainer.cache, app.state.jobs, settings)
-    await app.state.jobs.start()
+    try:
+        await app.state.jobs.start()
+    except ConfigurationError as error:  # Redis answers, but refuses the job store
+        refuse_start(app.state, error)
+        raise
     # Loading in a worker thread lets /health answer (and /ready say 503) while models load.
     loading = asyncio.get_running_loop().run_in_executor(model_threads, registry.load_all)
     trimming = asyncio.create_task(trim_periodically(_TRIM_EVERY_S, image_threads))
@@ -276,3 +281,5 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         max_fields=settings.max_header_fields,
         max_bytes=settings.max_header_bytes,
     )
+    # The lifespan's: a start refused for a setting is logged in one line, not a traceback.
+    app.add_middleware(QuietRefusal, state=app.state)

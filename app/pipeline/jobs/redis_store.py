@@ -17,6 +17,10 @@ replica creates, reads, follows and cancels any job, and runs jobs from one shar
   progress (after every chunk) and stops the pass.
 - Redis down: requests that need it answer 503 ``job_store_unavailable`` within ``op_timeout_s``;
   a watcher pings Redis every second or two and everything resumes when it answers again.
+- Redis refusing this replica (a missing or wrong password, no database of the URL's index, a
+  server that is no Redis: ``redis_refusal``) stops startup with a ConfigurationError naming the
+  setting to fix; when it happens later, the 503s name the cause and the fix, not "does not
+  answer".
 - The connection pools are sized above what this replica may use at once (``max_streams``
   event streams, one reader per slot, and room for the request path). A full pool all the same
   ("Too many connections") is not Redis being down: that request gets 503 ``overloaded``
@@ -48,6 +52,7 @@ from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.jobs.base import JobEvent, JobStore, StoreState
 from app.pipeline.jobs.record import FINISHED, Job, new_job_id
+from app.pipeline.jobs.redis_refusal import Refusal, Target, refusal
 from app.pipeline.jobs.redis_scripts import SCRIPTS
 from app.pipeline.jobs.work import (
     Outcome,
@@ -57,6 +62,7 @@ from app.pipeline.jobs.work import (
     run_job,
 )
 from app.pipeline.results import ErrorDetail, ExplainResponse, JobStatus, JobView
+from app.settings import ConfigurationError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,6 +152,9 @@ class RedisJobStore(JobStore):
         self.op_timeout_s = op_timeout_s
         self.workers = explainer.limiter.max_running
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._target = Target.of(url, password)
+        self._refused: Refusal | None = None
+        """Why Redis refuses this replica, while it does (None while it is only away)."""
         # A password in the URL wins over ``password`` (redis-py reads the URL last).
         common: dict[str, Any] = {
             "password": password,
@@ -185,18 +194,46 @@ class RedisJobStore(JobStore):
         return self._ran
 
     def _unavailable(self) -> JobStoreUnavailable:
-        return JobStoreUnavailable(
-            "The job store (Redis, CAMSERVE_JOB_STORE) does not answer, so jobs cannot be "
-            f"created or read now; retry after {RETRY_AFTER_S} s. POST /explain still works.",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+        """The 503 while the store cannot be used: why (Redis refuses this replica, or does not
+        answer) and what to do."""
+        refused = self._refused
+        if refused is not None:
+            message = (
+                f"The job store (Redis) refuses this replica: {refused.cause}; {refused.fix}. "
+                "Jobs cannot be created or read until that is fixed. POST /explain still works."
+            )
+        else:
+            message = (
+                "The job store (Redis, CAMSERVE_JOB_STORE) does not answer, so jobs cannot be "
+                f"created or read now; retry after {RETRY_AFTER_S} s. POST /explain still works."
+            )
+        return JobStoreUnavailable(message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def _refusal(self, error: BaseException) -> Refusal | None:
+        """The refusal ``error`` is (see ``redis_refusal``), or None."""
+        return refusal(error, self._target)
+
+    def _unusable(self, error: BaseException) -> bool:
+        """Whether ``error`` says that Redis cannot be used now (away, or refusing this
+        replica), rather than that a command was wrong."""
+        return isinstance(error, _DOWN) or self._refusal(error) is not None
 
     def _lost(self, error: BaseException) -> None:
+        """Mark the store unavailable because of ``error``; log it when it went down, or when
+        the reason changed (Redis came back, but refuses this replica)."""
         if isinstance(error, redis_errors.MaxConnectionsError):
             return  # a full pool: this replica is busy, Redis is not down
+        refused = self._refusal(error)
         if self._available or self._down_since is None:
-            logger.warning("job store unavailable: %s", str(error) or type(error).__name__)
             self._down_since = time.monotonic()
+        elif refused == self._refused:
+            self._available = False
+            return  # said already
+        if refused is not None:
+            logger.error("job store unavailable: %s", refused.line())
+        else:
+            logger.warning("job store unavailable: %s", str(error) or type(error).__name__)
+        self._refused = refused
         self._available = False
 
     def _pool_full(self) -> Overloaded:
@@ -216,7 +253,9 @@ class RedisJobStore(JobStore):
             return await asyncio.wait_for(_aw(make()), self.op_timeout_s)
         except redis_errors.MaxConnectionsError:
             raise self._pool_full() from None
-        except _DOWN as error:
+        except (*_DOWN, redis_errors.RedisError) as error:
+            if not self._unusable(error):
+                raise
             self._lost(error)
             raise self._unavailable() from None
 
@@ -226,13 +265,20 @@ class RedisJobStore(JobStore):
         return await _aw(self._scripts[name](keys=list(keys), args=list(args)))
 
     async def start(self) -> None:
-        """Learn whether Redis answers (a second at most: the service starts either way), then
-        start the watcher and one reader per model slot."""
+        """Learn whether Redis answers (a second at most: the service starts whether it does or
+        not), then start the watcher and one reader per model slot. ConfigurationError, naming
+        the setting to fix, when Redis answers but refuses this replica."""
         try:
             await asyncio.wait_for(_aw(self._redis.ping()), min(1.0, self.op_timeout_s))
             await self._ensure_group()
             self._available = True
-        except _DOWN as error:
+        except (*_DOWN, redis_errors.RedisError) as error:
+            refused = self._refusal(error)
+            if refused is not None:  # the lifespan logs it, in one line
+                await self._close_clients()
+                raise ConfigurationError(refused.line()) from None
+            if not isinstance(error, _DOWN):
+                raise
             self._lost(error)
         self._tasks.append(asyncio.create_task(self._watch(), name="jobs-redis-watch"))
         for slot in range(self.workers):
@@ -246,6 +292,10 @@ class RedisJobStore(JobStore):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        """Close both connection pools."""
         await self._redis.aclose()
         await self._blocking.aclose()
 
@@ -271,12 +321,14 @@ class RedisJobStore(JobStore):
                         )
                     self._available = True
                     self._down_since = None
+                    self._refused = None
             except redis_errors.MaxConnectionsError:
                 pass  # busy, not down
-            except _DOWN as error:
-                self._lost(error)
-            except redis_errors.RedisError as error:
-                logger.error("job store: %s", error)
+            except (*_DOWN, redis_errors.RedisError) as error:
+                if self._unusable(error):
+                    self._lost(error)
+                else:
+                    logger.error("job store: %s", error)
             await asyncio.sleep(2.0 if self._available else 1.0)
 
     async def _refresh_counts(self) -> None:

@@ -220,10 +220,7 @@ def test_a_password_outside_the_url_is_used(
         client = make_client(job_store=server.url(), job_store_password="s3cret")
         job = submit(client, method="GradCAM")
         assert wait_for(client, job["id"], finished)["status"] == "succeeded"
-        wrong = make_client(job_store=server.url(), job_store_password="nope")
-        assert wrong.get("/ready").json()["job_store"]["available"] is False
-        response = wrong.post("/jobs", files=files(image_bytes()))
-        assert_error(response, 503, "job_store_unavailable")
+        # A wrong one stops startup: test_redis_refusal.py.
     finally:
         server.stop()
 
