@@ -17,6 +17,7 @@ def test_middleware_order_and_the_gate_on_the_live_routes(settings: Settings) ->
     app = create_app(settings)
     names = [m.cls.__name__ for m in app.user_middleware]  # outermost first
     assert names == [
+        "QuietRefusal",  # the lifespan's only: a refused start's traceback
         "HeaderCapMiddleware",
         "AccessMiddleware",
         "GateMiddleware",
