@@ -354,6 +354,8 @@ async def score_maps(
     started = time.perf_counter()
     road: tuple[dict[str, Any], ...] = ()
     if wanted.road:
+        if progress is not None:  # the pass's forwards are known now: a job shows 0 of them,
+            progress(0, wanted.forwards(len(maps), len(batch)))  # not 0 of 0, while imputing
         road = await run_stoppable(
             threads, lambda stopped: road_item(batch, [m for m, _ in maps], stopped)
         )

@@ -16,8 +16,10 @@ class ChainedProgress:
         self.total = 0
 
     def __call__(self, done: int, total: int) -> None:  # called in the pass thread
-        self.total = total
-        self.progress(self.before + done, self.before + total)
+        # A pass's total only grows; a stage that knows it before its pass starts (ROAD, before
+        # its imputation) says so, and the pass's opening (0, 0) does not take it back.
+        self.total = max(self.total, total)
+        self.progress(self.before + done, self.before + self.total)
 
     def next_pass(self) -> None:
         self.before += self.total

@@ -27,6 +27,7 @@ from app.pipeline.faithfulness import (
     run_scoring_pass,
 )
 from app.pipeline.params import build_params
+from app.pipeline.progress import chain_progress
 from tests.conftest import image_bytes
 from tests.fixtures_models import fixture_access
 
@@ -387,3 +388,32 @@ def test_a_cancelled_request_stops_roads_imputation_at_its_next_piece(
 
     asyncio.run(main())
     assert 1 <= len(pieces) <= 2  # the piece under way (and at most one that began meanwhile)
+
+
+def test_a_road_job_shows_its_scoring_forwards_while_it_imputes(registry: ModelRegistry) -> None:
+    """ROAD imputes for seconds before its pass: the progress said 0 of 0 then (the pass had not
+    begun its count). It now says 0 of the pass's forwards from the start (the pass's opening
+    report does not take that back), then counts them."""
+    model = registry.get("tiny")
+    wanted = Scoring(("road",))
+    reports: list[tuple[int, int]] = []
+
+    async def main() -> None:
+        explainer = _explainer(registry)
+        maps = [(torch.rand(1, 8, 8), (0,)) for _ in range(2)]
+        await faithfulness.score_maps(
+            explainer.batcher(model),
+            model,
+            wanted,
+            torch.randn(1, 3, 32, 32),
+            maps,
+            progress=chain_progress(lambda done, total: reports.append((done, total))),
+        )
+        await explainer.close()
+
+    asyncio.run(main())
+    total = wanted.forwards(2, 1)
+    assert total == 2 * 2 * 9
+    assert reports[0] == (0, total)
+    assert reports[-1] == (total, total)
+    assert all(t == total for _, t in reports), reports
