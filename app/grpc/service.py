@@ -29,7 +29,7 @@ from app.models.registry import ModelRegistry
 from app.observability.metrics import Metrics
 from app.pipeline.explainer import Explainer
 from app.protocols import oip, repository
-from app.settings import Settings
+from app.settings import Settings, named_api_keys
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class Service:
     def __init__(self, state: ServiceState) -> None:
         self.state = state
         self.settings = state.settings
+        # Every key HTTP takes (CAMSERVE_API_KEY, CAMSERVE_API_KEYS, CAMSERVE_API_KEYS_FILE),
+        # read once at startup as HTTP reads them.
+        self._api_keys = [key.encode() for key in named_api_keys(self.settings).values()]
 
     # ------------------------------------------------------------------ state
 
@@ -89,14 +92,15 @@ class Service:
         return registry is not None and oip.server_ready(registry, self.lifecycle.draining)
 
     def check_key(self, context: grpc.aio.ServicerContext) -> None:
-        """Refuse a call without the configured API key (no-op when none is set)."""
-        expected = self.settings.api_key
-        if expected is None:
+        """Refuse a call without one of the configured API keys (no-op when none is set)."""
+        if not self._api_keys:
             return
         sent = dict(context.invocation_metadata() or ()).get(API_KEY_METADATA)
         if isinstance(sent, str):
             sent = sent.encode("utf-8")
-        if sent is None or not hmac.compare_digest(sent, expected.get_secret_value().encode()):
+        # Every key is compared, so the time taken does not tell which one came close.
+        matches = [sent is not None and hmac.compare_digest(sent, key) for key in self._api_keys]
+        if not any(matches):
             raise Unauthorized(
                 f"Missing or wrong API key; send it in the call's metadata as {API_KEY_METADATA!r}."
             )

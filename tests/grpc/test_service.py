@@ -130,3 +130,27 @@ def test_draining_refuses_new_inference_and_reports_not_ready() -> None:
     assert context.code == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in context.details
     assert lifecycle.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"api_keys": "alice:alice-key,bob:bob-key"},
+        {"api_key": "one-key", "api_keys": "bob:bob-key"},
+    ],
+)
+def test_the_named_api_keys_guard_grpc_as_they_guard_http(keys: dict[str, str]) -> None:
+    # CAMSERVE_API_KEYS (and its file) opened HTTP's routes only: gRPC read CAMSERVE_API_KEY
+    # alone, so with named keys and no CAMSERVE_API_KEY every call went through without a key.
+    state = SimpleNamespace(settings=Settings(**keys), lifecycle=Lifecycle(grace_s=1))
+    request = messages.message("ModelMetadataRequest")(name="tiny")
+    handler = Service(state).handlers()["ModelMetadata"]  # type: ignore[arg-type]
+    for sent in ((), (("x-api-key", "wrong"),), (("x-api-key", "alice"),)):
+        context = _Context(sent)
+        with pytest.raises(_Aborted):
+            asyncio.run(handler(request, context))
+        assert context.code == grpc.StatusCode.UNAUTHENTICATED, sent
+    context = _Context((("x-api-key", "bob-key"),))
+    with pytest.raises(_Aborted):  # past the key: the state has no registry yet
+        asyncio.run(handler(request, context))
+    assert context.code == grpc.StatusCode.UNAVAILABLE
