@@ -173,7 +173,8 @@ def parse_version(text: str) -> int | None:
     """A request's ``version`` field: empty (the server picks) or a whole number."""
     if not text:
         return None
-    if not text.isdigit() or len(text) > 9:
+    # ASCII digits only: ``isdigit`` takes '²', which ``int`` refuses, and '٣'.
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
         raise BadRequest(f"Model version {clip(text)} is not a whole number; send e.g. '1'.")
     return int(text)
 

@@ -22,13 +22,18 @@ HEADER = "Inference-Header-Content-Length"
 SIZE = "binary_data_size"
 """A tensor's parameter: how many bytes of the binary part are its data."""
 _PREFIX = struct.Struct("<I")
+_MOST_DIGITS = 18
+"""Most digits of a byte count in a header (an exabyte less one)."""
 
 
 def header_length(value: str, body_length: int) -> int:
     """The ``Inference-Header-Content-Length`` header, checked against the body it frames."""
-    if not value.strip().isdigit():
-        raise BadRequest(f"The {HEADER} header must be a number of bytes; got {clip(value, 20)!r}.")
-    length = int(value)
+    text = value.strip()
+    # ASCII digits only: ``isdigit`` takes '²', which ``int`` refuses, and thousands of digits
+    # are more than ``int`` converts; no body is that long anyway.
+    if not (text.isascii() and text.isdigit()) or len(text) > _MOST_DIGITS:
+        raise BadRequest(f"The {HEADER} header must be a number of bytes; got {clip(value, 20)}.")
+    length = int(text)
     if length > body_length:
         raise BadRequest(
             f"The {HEADER} header says the JSON part is {length} bytes, but the body has only "

@@ -78,6 +78,10 @@ def test_a_version_that_is_not_a_number_is_invalid(
 ) -> None:
     code, message = status_of(lambda: triton.is_model_ready("tiny", "one", headers=KEYED))
     assert code == "StatusCode.INVALID_ARGUMENT" and "'one'" in message
+    # Digits that are not ASCII: '²' passed isdigit, then int() failed (INTERNAL).
+    for version in ("²", "٣"):
+        code, message = status_of(lambda v=version: triton.is_model_ready("tiny", v, headers=KEYED))
+        assert code == "StatusCode.INVALID_ARGUMENT" and repr(version) in message
 
 
 @pytest.mark.parametrize("service", ["", messages.SERVICE])

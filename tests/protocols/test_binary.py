@@ -56,3 +56,11 @@ def test_the_header_length_is_a_number_within_the_body() -> None:
         header_length("-3", 20)
     with pytest.raises(BadRequest, match="only 20"):
         header_length("21", 20)
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "9" * 5000, "1e3", "0x10", "+5"])
+def test_a_header_length_that_is_not_ascii_digits_is_refused(value: str) -> None:
+    # '²' passed isdigit and then failed int(); 5,000 digits passed both checks and failed
+    # int()'s 4,300-digit guard: each a 500.
+    with pytest.raises(BadRequest, match="must be a number of bytes"):
+        header_length(value, 20)

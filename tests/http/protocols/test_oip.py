@@ -470,6 +470,9 @@ def test_a_uint8_pixel_tensor_is_taken_as_images(client: TestClient) -> None:
     [
         (lambda b, h: (b, {h: "999999"}), "the body has only"),
         (lambda b, h: (b, {h: "ten"}), "must be a number of bytes"),
+        # '²' (latin-1 0xB2) passed isdigit, then int() failed; 5,000 digits int() refused: 500s
+        (lambda b, h: (b, {h: b"\xb2"}), "must be a number of bytes"),
+        (lambda b, h: (b, {h: "9" * 5000}), "must be a number of bytes"),
         (lambda b, h: (b[:-5], None), "runs past the end of the body"),
         (lambda b, h: (b + b"xx", None), "2 bytes after the tensors' data"),
     ],
