@@ -88,6 +88,8 @@ MAX_ELEMENTS = 256
 MAX_ID = 256
 """Longest request ``id``: it is echoed in the answer."""
 
+MAX_WHOLE = 2**64 - 1
+"""Largest whole-number parameter (``priority``, ``timeout``, ``classification``): uint64's."""
 #: Triton's request parameters that camserve reads (and those it refuses, below).
 TRITON_PARAMETERS = ("priority", "timeout", "binary_data_output")
 SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
@@ -351,8 +353,12 @@ class _Triton:
 
 
 def _whole(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"Parameter {name!r} must be a whole number >= 0; got {clip(value)}.")
+    # At most Triton's uint64: a larger JSON number (``timeout`` of 400 digits) is no
+    # parameter a client means, and overflowed the float of the deadline (a 500).
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WHOLE:
+        raise BadRequest(
+            f"Parameter {name!r} must be a whole number from 0 to {MAX_WHOLE}; got {clip(value)}."
+        )
     return value
 
 

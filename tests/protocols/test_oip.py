@@ -64,6 +64,17 @@ def test_triton_parameters_become_priority_deadline_and_binary(settings: Setting
     assert read_inference(request({"priority": 1}), None, settings).priority == "interactive"
 
 
+@pytest.mark.parametrize("name", ["timeout", "priority"])
+@pytest.mark.parametrize("value", [-1, 2**64, 10**400, 1.5, True, "5"])
+def test_a_triton_parameter_that_is_no_uint64_is_refused(
+    settings: Settings, name: str, value: Any
+) -> None:
+    # A timeout of 400 digits overflowed the float of the deadline: a 500.
+    with pytest.raises(BadRequest, match=f"'{name}' must be a whole number from 0 to"):
+        read_inference(request({name: value}), None, settings)
+    assert read_inference(request({name: 2**64 - 1}), None, settings)
+
+
 def test_the_explanation_comes_from_the_request_and_the_cam_output(settings: Settings) -> None:
     inference = read_inference(
         request({"class_idx": 1}, [{"name": "cam", "parameters": {"method": "ScoreCAM"}}]),
