@@ -22,7 +22,7 @@ from app.errors import BadRequest, CamserveError, NotReady, ShuttingDown, Unauth
 from app.grpc import messages
 from app.grpc.access import accessed
 from app.grpc.infer import infer, parse_version
-from app.grpc.status import status_of
+from app.grpc.status import status_of, trailing_metadata
 from app.lifecycle import Lifecycle
 from app.models.control import ModelControl
 from app.models.registry import ModelRegistry
@@ -234,7 +234,7 @@ def _answering(method: Handler) -> Handler:
         try:
             return await method(request, context)
         except CamserveError as error:
-            await context.abort(status_of(error), error.message)
+            await context.abort(status_of(error), error.message, trailing_metadata(error))
         except Exception:
             logger.exception("gRPC %s failed", method.__name__)
             await context.abort(

@@ -2,7 +2,8 @@
 
 Each error class declares its HTTP status (``app.errors``); the code a gRPC client reads follows
 from it, so a new error class needs no second entry here. The message (the problem and its fix)
-becomes the status details, the same text HTTP answers.
+becomes the status details, the same text HTTP answers; a refusal's ``Retry-After`` (a busy
+queue, a crashed drawing process) becomes the trailing metadata ``retry-after``.
 """
 
 from __future__ import annotations
@@ -49,3 +50,16 @@ def status_of(error: CamserveError) -> grpc.StatusCode:
         if cls in BY_CLASS:
             return BY_CLASS[cls]
     return BY_STATUS.get(error.status_code, grpc.StatusCode.INTERNAL)
+
+
+RETRY_AFTER = "retry-after"
+"""HTTP's Retry-After header as trailing metadata (gRPC's names are lowercase)."""
+
+
+def trailing_metadata(error: CamserveError) -> tuple[tuple[str, str], ...]:
+    """What a refusal's headers tell a client to do next, as trailing metadata: its
+    ``Retry-After`` (the seconds to wait), which its message asks the client to read."""
+    for name, value in (error.headers or {}).items():
+        if name.lower() == RETRY_AFTER:
+            return ((RETRY_AFTER, value),)
+    return ()

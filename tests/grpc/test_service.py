@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from app.errors import Overloaded
 from app.grpc import messages
 from app.grpc.service import Service
 from app.lifecycle import Lifecycle
@@ -114,8 +115,8 @@ class _Context:
     async def send_initial_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.sent = metadata
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code, self.details = code, details
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any = ()) -> None:
+        self.code, self.details, self.trailing = code, details, tuple(trailing_metadata)
         raise _Aborted
 
 
@@ -158,3 +159,27 @@ def test_the_named_api_keys_guard_grpc_as_they_guard_http(keys: dict[str, str]) 
     with pytest.raises(_Aborted):  # past the key: the state has no registry yet
         asyncio.run(handler(request, context))
     assert context.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_busy_refusal_sends_its_retry_after_as_trailing_metadata() -> None:
+    # The message asks the client to wait the seconds in Retry-After, which gRPC dropped.
+    def busy(name: str, version: int | None) -> None:
+        raise Overloaded(
+            "The service is busy; retry after the seconds in Retry-After.",
+            headers={"Retry-After": "7"},
+        )
+
+    explainer = SimpleNamespace(registry=SimpleNamespace(get=busy))
+    state = SimpleNamespace(
+        settings=Settings(), lifecycle=Lifecycle(grace_s=1), explainer=explainer
+    )
+    request = messages.ModelInferRequest(
+        model_name="tiny",
+        inputs=[{"name": "image", "datatype": "BYTES", "shape": [1]}],
+        raw_input_contents=[b"\x03\x00\x00\x00png"],
+    )
+    context = _Context()
+    with pytest.raises(_Aborted):
+        asyncio.run(Service(state).handlers()["ModelInfer"](request, context))  # type: ignore[arg-type]
+    assert context.code == grpc.StatusCode.UNAVAILABLE
+    assert context.trailing == (("retry-after", "7"),)

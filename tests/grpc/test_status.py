@@ -10,13 +10,14 @@ from app.errors import (
     BadRequest,
     ModelNotFound,
     OverBudget,
+    Overloaded,
     PayloadTooLarge,
     RepositoryOff,
     RequestTimeout,
     ShuttingDown,
     Unauthorized,
 )
-from app.grpc.status import BY_STATUS, status_of
+from app.grpc.status import BY_STATUS, status_of, trailing_metadata
 
 
 @pytest.mark.parametrize("cls", sorted(ERROR_CODES.values(), key=lambda c: c.code))
@@ -39,3 +40,10 @@ def test_every_error_status_has_a_grpc_code(cls: type) -> None:
 )
 def test_the_codes_clients_read(error: Exception, code: grpc.StatusCode) -> None:
     assert status_of(error) == code  # type: ignore[arg-type]
+
+
+def test_retry_after_becomes_trailing_metadata() -> None:
+    busy = Overloaded("busy; retry after the seconds in Retry-After.", headers={"Retry-After": "3"})
+    assert trailing_metadata(busy) == (("retry-after", "3"),)
+    assert trailing_metadata(Unauthorized("x", headers={"WWW-Authenticate": "ApiKey"})) == ()
+    assert trailing_metadata(BadRequest("x")) == ()
