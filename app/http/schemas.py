@@ -48,6 +48,12 @@ ModelStatus = Literal["loading", "ready", "failed", "unloaded"]
 class JobStoreState(BaseModel):
     backend: Literal["memory", "redis"]
     available: bool = Field(description="whether the store answers (always true in memory)")
+    problem: str | None = Field(
+        None,
+        description="why the store is unavailable, naming the setting and the fix (a Redis that "
+        "does not answer, or refuses this replica: a password, database or ACL); null while "
+        "it is available",
+    )
 
 
 class ReadyResponse(BaseModel):

@@ -52,7 +52,9 @@ def get_ready(request: Request, registry: ModelRegistry = Depends(get_registry))
         ready=registry.ready and not draining,
         draining=draining,
         models={name: entry.status for name, entry in registry.entries.items()},
-        job_store=JobStoreState(backend=store.backend, available=store.available)
+        job_store=JobStoreState(
+            backend=store.backend, available=store.available, problem=store.problem
+        )
         if store
         else None,
     )

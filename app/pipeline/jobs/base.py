@@ -37,6 +37,8 @@ class StoreState:
 
     backend: str
     available: bool
+    problem: str | None = None
+    """Why the store is unavailable, and the fix, in one line (None while it is available)."""
 
 
 class JobStore(ABC):

@@ -52,7 +52,7 @@ from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.jobs.base import JobEvent, JobStore, StoreState
 from app.pipeline.jobs.record import FINISHED, Job, new_job_id
-from app.pipeline.jobs.redis_refusal import Refusal, Target, refusal
+from app.pipeline.jobs.redis_refusal import STORE, Refusal, Target, refusal
 from app.pipeline.jobs.redis_scripts import SCRIPTS
 from app.pipeline.jobs.work import (
     Outcome,
@@ -180,7 +180,16 @@ class RedisJobStore(JobStore):
     # ------------------------------------------------------------------ plumbing
 
     def state(self) -> StoreState:
-        return StoreState(self.backend, self._available)
+        if self._available:
+            return StoreState(self.backend, True)
+        refused = self._refused
+        problem = (
+            refused.line()
+            if refused is not None
+            else f"{STORE}: the Redis server at {self._target.where} does not answer; /jobs "
+            "answers 503 until it does (POST /explain still works)"
+        )
+        return StoreState(self.backend, False, problem)
 
     @property
     def client(self) -> Redis:

@@ -30,7 +30,7 @@ def test_ready_when_loaded(client: TestClient) -> None:
         "ready": True,
         "draining": False,
         "models": {"broken": "failed", "resnet": "ready", "tiny": "ready", "vgg": "ready"},
-        "job_store": {"backend": "memory", "available": True},
+        "job_store": {"backend": "memory", "available": True, "problem": None},
     }
 
 

@@ -390,7 +390,7 @@ def test_a_queued_job_cancelled_never_runs(make_client: Callable[..., TestClient
 def test_ready_names_the_job_store_in_use(client: TestClient, backend: str) -> None:
     body = client.get("/ready").json()
     assert body["ready"] is True
-    assert body["job_store"] == {"backend": backend, "available": True}
+    assert body["job_store"] == {"backend": backend, "available": True, "problem": None}
 
 
 def keyed(key: str) -> dict[str, str]:

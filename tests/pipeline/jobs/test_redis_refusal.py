@@ -146,6 +146,10 @@ def test_redis_away_at_startup_then_refusing_names_the_cause_in_the_503(
     client = make_client(job_store=server.url(db), **changes)
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["job_store"]["available"] is False
+    assert ready.json()["job_store"]["problem"] == (
+        f"CAMSERVE_JOB_STORE: the Redis server at 127.0.0.1:{server.port}/{db} does not answer; "
+        "/jobs answers 503 until it does (POST /explain still works)"
+    )
     assert "does not answer" in (job_store_refusal(client) or "")
     server.start()
     try:
@@ -156,6 +160,9 @@ def test_redis_away_at_startup_then_refusing_names_the_cause_in_the_503(
         assert "POST /explain still works" in message and PASSWORD not in message
         ready = client.get("/ready")
         assert ready.status_code == 200 and ready.json()["job_store"]["available"] is False
+        problem = ready.json()["job_store"]["problem"]
+        assert problem.startswith("CAMSERVE_JOB_STORE") and PASSWORD not in problem
+        assert expected.format(port=server.port) in problem
     finally:
         server.stop()
 
@@ -170,7 +177,8 @@ def test_the_store_comes_back_once_redis_stops_refusing(
         until(lambda: "authentication failed" in (job_store_refusal(client) or ""), timeout=20)
         server.client().config_set("requirepass", "")  # the server drops its password
         until(lambda: job_store_refusal(client) is None, timeout=20)
-        assert client.get("/ready").json()["job_store"]["available"] is True
+        store = client.get("/ready").json()["job_store"]
+        assert store["available"] is True and store["problem"] is None
         job = submit(client, method="GradCAM")
         assert wait_for(client, job["id"], finished)["status"] == "succeeded"
     finally:

@@ -261,7 +261,11 @@ def test_rediss_runs_jobs_over_tls_and_refuses_an_unknown_authority(
     try:
         assert server.url().startswith("rediss://")
         client = make_client(job_store=server.url())
-        assert client.get("/ready").json()["job_store"] == {"backend": "redis", "available": True}
+        assert client.get("/ready").json()["job_store"] == {
+            "backend": "redis",
+            "available": True,
+            "problem": None,
+        }
         job = submit(client, method="GradCAM")
         assert wait_for(client, job["id"], finished)["status"] == "succeeded"
         assert server.client().exists(f"camserve:job:{job['id']}")  # it went through TLS
