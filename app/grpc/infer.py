@@ -123,6 +123,13 @@ def _typed(tensor: Any) -> tuple[list[Any] | None, bytes | None]:
     field = _CONTENTS.get(tensor.datatype)
     if field is None:
         return [], None  # the codec refuses the datatype, naming what it takes
+    misplaced = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if misplaced:
+        raise BadRequest(
+            f"Input {clip(tensor.name)} of datatype {tensor.datatype} takes its typed contents "
+            f"in {field}; got {misplaced[0]}. Move the values there, or send them in "
+            "raw_input_contents."
+        )
     values = getattr(tensor.contents, field)
     if tensor.datatype == "UINT8":
         if any(value > 255 for value in values):

@@ -34,6 +34,11 @@ def header_length(value: str, body_length: int) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > _MOST_DIGITS:
         raise BadRequest(f"The {HEADER} header must be a number of bytes; got {clip(value, 20)}.")
     length = int(text)
+    if length == 0:
+        raise BadRequest(
+            f"The {HEADER} header says the JSON part is 0 bytes; the body starts with the "
+            "request's JSON: send its length in bytes."
+        )
     if length > body_length:
         raise BadRequest(
             f"The {HEADER} header says the JSON part is {length} bytes, but the body has only "

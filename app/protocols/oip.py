@@ -514,6 +514,9 @@ def _uploads(
         ]
         if not all(isinstance(item, str | bytes) for item in elements):
             raise BadRequest(f"Input {INPUT!r} must hold base64 strings, one image per batch row.")
+    if not elements:
+        # Not "use shape [0]": an image is what the request is for.
+        raise BadRequest(f"No image in input {INPUT!r}; send at least one encoded image.")
     if not _fits(tensor.shape, len(elements)):
         raise BadRequest(
             f"Input {INPUT!r} has shape {tensor.shape} but {len(elements)} element(s); use shape "

@@ -212,6 +212,31 @@ def test_typed_contents_beside_raw_contents_are_invalid(served: Served) -> None:
 # ---------------------------------------------------------------------------- in process
 
 
+@pytest.mark.parametrize(
+    ("datatype", "contents", "words"),
+    [
+        ("UINT8", {"bytes_contents": [b"x" * 12]}, "in uint_contents; got bytes_contents"),
+        ("BYTES", {"fp32_contents": [1.0]}, "in bytes_contents; got fp32_contents"),
+    ],
+)
+def test_typed_contents_in_another_field_are_named(
+    datatype: str, contents: dict[str, Any], words: str
+) -> None:
+    # They read as no data at all: "0 bytes of data", "use shape [0] for 0 image(s)".
+    from app.errors import BadRequest
+    from app.grpc import messages
+    from app.grpc.infer import to_request
+
+    request = messages.ModelInferRequest(
+        model_name="tiny",
+        inputs=[
+            {"name": "image", "datatype": datatype, "shape": [1, 2, 2, 3], "contents": contents}
+        ],
+    )
+    with pytest.raises(BadRequest, match=words):
+        to_request(request)
+
+
 def test_tritons_extra_parameter_kinds_are_read_from_unknown_fields() -> None:
     from app.grpc import messages
     from app.grpc.infer import parameter_value

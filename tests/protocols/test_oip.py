@@ -103,6 +103,16 @@ def test_raw_buffers_carry_the_images(settings: Settings) -> None:
     assert read_inference(carried, None, settings).uploads[0].data == image
     with pytest.raises(BadRequest, match="has no data"):
         read_inference(model, None, settings)
+    # An empty buffer said "use shape [0] for 0 image(s)", which then said "no image sent".
+    for shape in ([0], [1]):
+        empty = validated(
+            InferenceRequest,
+            {"inputs": [{"name": "image", "shape": shape, "datatype": "BYTES", "data": []}]},
+        )
+        with pytest.raises(BadRequest, match="No image in input 'image'; send at least one"):
+            read_inference(empty, None, settings)
+    with pytest.raises(BadRequest, match="No image in input 'image'; send at least one"):
+        read_inference(model, [b""], settings)
 
 
 def test_a_request_that_does_not_fit_is_bad_request() -> None:
