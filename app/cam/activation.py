@@ -23,7 +23,7 @@ from app.cam.core import (
     resize_maps,
     seeded_generator,
 )
-from app.cam.layers import LayerSpec, resolve_layer
+from app.cam.layers import LayerSpec, eval_mode, resolve_layer
 from app.cam.options import (
     BATCH_SIZE,
     CHUNK_MS,
@@ -111,14 +111,9 @@ def find_fc_layer(
     with CAM(model, target_layer, input_shape) as extractor:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                model(torch.zeros((1, *extractor.input_shape), device=device, dtype=dtype))
-                extractor._check_head(extractor._activations_for_use())
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.inference_mode():
+            model(torch.zeros((1, *extractor.input_shape), device=device, dtype=dtype))
+            extractor._check_head(extractor._activations_for_use())
         return extractor.fc_name
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -79,6 +80,20 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within this block ``model`` is in eval mode; on leaving, every submodule gets back its own
+    mode. ``model.train(was_training)`` would not do: it would also put a train-mode model's
+    frozen submodules (a BatchNorm kept in eval) in train mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def trace_output_shapes(
     model: nn.Module, input_shape: Sequence[int]
 ) -> list[tuple[str, tuple[int, ...] | None]]:
@@ -86,7 +101,7 @@ def trace_output_shapes(
     finished, each submodule's name with its output shape (``None`` when it is not a tensor).
 
     The model is put in eval mode for the pass (so BatchNorm statistics are not updated) and
-    restored afterwards.
+    every submodule's mode is restored afterwards.
     """
     return trace_forward(model, input_shape)[0]
 
@@ -109,15 +124,12 @@ def trace_forward(
     for name, module in model.named_modules():
         if name:
             handles.append(module.register_forward_hook(make_hook(name)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             output = model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return order, output
 
 

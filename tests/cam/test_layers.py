@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from app.cam import GradCAM, LayerCAM, locate_candidate_layer
+from app.cam import GradCAM, LayerCAM, find_fc_layer, locate_candidate_layer
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,34 @@ def test_automatic_resolution_keeps_training_mode_and_bn_stats():
     locate_candidate_layer(model, (3, 32, 32))
     assert model.training
     torch.testing.assert_close(model.bn1.running_mean, before)
+
+
+def _frozen_bn_net() -> nn.Module:
+    """A train-mode model whose BatchNorm was frozen (kept in eval mode) by its user."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    ).train()
+    model[1].eval()
+    return model
+
+
+def test_automatic_resolution_gives_each_submodule_its_own_mode_back():
+    model = _frozen_bn_net()
+    GradCAM(model, input_shape=(3, 8, 8)).remove_hooks()
+    assert model.training and model[0].training
+    assert not model[1].training  # was put back in train mode: its statistics would move
+
+
+def test_find_fc_layer_gives_each_submodule_its_own_mode_back():
+    model = _frozen_bn_net()
+    assert find_fc_layer(model, "2", (3, 8, 8)) == "5"
+    assert model.training and not model[1].training
 
 
 def test_wrong_input_shape_for_automatic_resolution_is_explained():
