@@ -69,15 +69,13 @@ class GrpcServer:
                 ("grpc.so_reuseport", int(reuse_port)),
             ],
         )
+        types = messages.methods()
         handlers = {
+            # No request_deserializer: each handler parses its request's bytes itself.
             name: grpc.unary_unary_rpc_method_handler(
-                handler,
-                request_deserializer=request_type.FromString,
-                response_serializer=response_type.SerializeToString,
+                handler, response_serializer=types[name][1].SerializeToString
             )
-            for (name, handler), (request_type, response_type) in _paired(
-                self.service.handlers(), messages.methods()
-            )
+            for name, handler in self.service.handlers().items()
         }
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(messages.SERVICE, handlers),)
@@ -108,10 +106,3 @@ class GrpcServer:
             self._watch = None
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
-
-
-def _paired(handlers: dict[str, Any], types: dict[str, tuple[Any, Any]]) -> Any:
-    missing = set(types) ^ set(handlers)
-    if missing:  # the proto and the service must list the same RPCs
-        raise RuntimeError(f"RPCs without a handler or a message type: {sorted(missing)}")
-    return ((item, types[item[0]]) for item in handlers.items())

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from app.errors import BadRequest, CamserveError, NotReady, ShuttingDown, Unauthorized, clip
 from app.grpc import messages
@@ -187,21 +188,31 @@ class Service:
         return messages.RepositoryModelUnloadResponse()
 
     def handlers(self) -> dict[str, Handler]:
-        """RPC name -> its coroutine, logged and counted as HTTP requests are, refusals turned
-        into gRPC statuses."""
+        """RPC name -> its coroutine, taking the request's bytes (parsed here: a malformed
+        message is refused like any other bad request), logged and counted as HTTP requests
+        are, refusals turned into gRPC statuses."""
+        methods = {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ServerMetadata": self.server_metadata,
+            "ModelReady": self.model_ready,
+            "ModelMetadata": self.model_metadata,
+            "ModelInfer": self.model_infer,
+            "RepositoryIndex": self.repository_index,
+            "RepositoryModelLoad": self.repository_model_load,
+            "RepositoryModelUnload": self.repository_model_unload,
+        }
+        types = messages.methods()
+        missing = set(types) ^ set(methods)
+        if missing:  # the proto and the service must list the same RPCs
+            raise RuntimeError(f"RPCs without a handler or a message type: {sorted(missing)}")
         return {
-            name: _answering(accessed(f"/{messages.SERVICE}/{name}", method, self._metrics))
-            for name, method in {
-                "ServerLive": self.server_live,
-                "ServerReady": self.server_ready,
-                "ServerMetadata": self.server_metadata,
-                "ModelReady": self.model_ready,
-                "ModelMetadata": self.model_metadata,
-                "ModelInfer": self.model_infer,
-                "RepositoryIndex": self.repository_index,
-                "RepositoryModelLoad": self.repository_model_load,
-                "RepositoryModelUnload": self.repository_model_unload,
-            }.items()
+            name: _answering(
+                accessed(
+                    f"/{messages.SERVICE}/{name}", _parsing(method, types[name][0]), self._metrics
+                )
+            )
+            for name, method in methods.items()
         }
 
 
@@ -227,6 +238,25 @@ def _parameters(parameters: Any) -> dict[str, Any]:
         name: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
         for name, value in parameters.items()
     }
+
+
+def _parsing(method: Handler, request_type: Any) -> Handler:
+    """``method`` called with its request parsed from the call's bytes; BadRequest for bytes
+    that are not that message (grpc's own parse answered UNKNOWN and logged a traceback)."""
+
+    async def parsed(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = request_type.FromString(data)
+        except DecodeError:
+            raise BadRequest(
+                f"The request is not a valid {request_type.DESCRIPTOR.full_name} message "
+                "(malformed protobuf, or a string field that is not UTF-8); send one built from "
+                "the service's proto (grpc_predict_v2.proto)."
+            ) from None
+        return await method(request, context)
+
+    parsed.__name__ = method.__name__
+    return parsed
 
 
 def _answering(method: Handler) -> Handler:

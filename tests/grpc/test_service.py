@@ -131,7 +131,8 @@ def test_draining_refuses_new_inference_and_reports_not_ready() -> None:
     assert not service.ready()
     context = _Context()
     with pytest.raises(_Aborted):
-        asyncio.run(service.handlers()["ModelInfer"](messages.ModelInferRequest(), context))
+        request = messages.ModelInferRequest().SerializeToString()
+        asyncio.run(service.handlers()["ModelInfer"](request, context))
     assert context.code == grpc.StatusCode.UNAVAILABLE
     assert "shutting down" in context.details
     assert lifecycle.in_flight == 0
@@ -148,7 +149,7 @@ def test_the_named_api_keys_guard_grpc_as_they_guard_http(keys: dict[str, str]) 
     # CAMSERVE_API_KEYS (and its file) opened HTTP's routes only: gRPC read CAMSERVE_API_KEY
     # alone, so with named keys and no CAMSERVE_API_KEY every call went through without a key.
     state = SimpleNamespace(settings=Settings(**keys), lifecycle=Lifecycle(grace_s=1))
-    request = messages.message("ModelMetadataRequest")(name="tiny")
+    request = messages.message("ModelMetadataRequest")(name="tiny").SerializeToString()
     handler = Service(state).handlers()["ModelMetadata"]  # type: ignore[arg-type]
     for sent in ((), (("x-api-key", "wrong"),), (("x-api-key", "alice"),)):
         context = _Context(sent)
@@ -177,9 +178,30 @@ def test_a_busy_refusal_sends_its_retry_after_as_trailing_metadata() -> None:
         model_name="tiny",
         inputs=[{"name": "image", "datatype": "BYTES", "shape": [1]}],
         raw_input_contents=[b"\x03\x00\x00\x00png"],
-    )
+    ).SerializeToString()
     context = _Context()
     with pytest.raises(_Aborted):
         asyncio.run(Service(state).handlers()["ModelInfer"](request, context))  # type: ignore[arg-type]
     assert context.code == grpc.StatusCode.UNAVAILABLE
     assert context.trailing == (("retry-after", "7"),)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x0a\x02\xff\xfe", b"\xff\xff\xff\xff\xff", b"\x0a\x10ab"],
+    ids=["name not utf-8", "garbage", "truncated"],
+)
+def test_a_malformed_message_is_invalid_argument(served: Served, data: bytes) -> None:
+    # grpc's own parse answered UNKNOWN ("Unexpected DecodeError") and logged a traceback,
+    # outside the access log and the metrics.
+    with grpc.insecure_channel(served.target) as channel:
+        for rpc in ("ModelInfer", "ModelReady"):
+            call = channel.unary_unary(
+                f"/{messages.SERVICE}/{rpc}",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                call(data, metadata=tuple(KEYED.items()), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
+            assert f"not a valid inference.{rpc}Request message" in caught.value.details()
