@@ -143,12 +143,17 @@ class Service:
 
     # ------------------------------------------------------------------ inference
 
-    async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self.check_key(context)
+    def check_not_draining(self) -> None:
+        """Refuse new work (an inference, a load or unload) once the drain has begun, as HTTP's
+        gate refuses every POST."""
         if self.lifecycle.draining:
             raise ShuttingDown(
                 "The service is shutting down and takes no new work; retry on another replica."
             )
+
+    async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.check_key(context)
+        self.check_not_draining()
         with self.lifecycle.track():
             return await infer(
                 request,
@@ -174,17 +179,21 @@ class Service:
     async def repository_model_load(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.check_admin_key(context)
         _one_store(request.repository_name)
-        await repository.load_model(
-            self.control, request.model_name, _parameters(request.parameters)
-        )
+        self.check_not_draining()
+        with self.lifecycle.track():
+            await repository.load_model(
+                self.control, request.model_name, _parameters(request.parameters)
+            )
         return messages.RepositoryModelLoadResponse()
 
     async def repository_model_unload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.check_admin_key(context)
         _one_store(request.repository_name)
-        await repository.unload_model(
-            self.control, request.model_name, _parameters(request.parameters)
-        )
+        self.check_not_draining()
+        with self.lifecycle.track():
+            await repository.unload_model(
+                self.control, request.model_name, _parameters(request.parameters)
+            )
         return messages.RepositoryModelUnloadResponse()
 
     def handlers(self) -> dict[str, Handler]:

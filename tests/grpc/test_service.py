@@ -138,6 +138,23 @@ def test_draining_refuses_new_inference_and_reports_not_ready() -> None:
     assert lifecycle.in_flight == 0
 
 
+@pytest.mark.parametrize("rpc", ["RepositoryModelLoad", "RepositoryModelUnload"])
+def test_draining_refuses_loads_and_unloads(rpc: str) -> None:
+    # HTTP's gate refuses every POST once the drain began; gRPC loaded and unloaded models.
+    lifecycle = Lifecycle(grace_s=1)
+    control = SimpleNamespace()  # any use of it fails the test
+    state = SimpleNamespace(
+        settings=Settings(admin_key="admin"), lifecycle=lifecycle, control=control
+    )
+    lifecycle.begin_drain()
+    request = messages.methods()[rpc][0](model_name="tiny").SerializeToString()
+    context = _Context((("x-admin-key", "admin"),))
+    with pytest.raises(_Aborted):
+        asyncio.run(Service(state).handlers()[rpc](request, context))  # type: ignore[arg-type]
+    assert context.code == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in context.details
+
+
 @pytest.mark.parametrize(
     "keys",
     [
