@@ -401,6 +401,12 @@ def _wanted(
             raise BadRequest(
                 f"Unknown output {clip(output.name)}; this model has {', '.join(OUTPUTS)}."
             )
+        if output.name in wanted:
+            # Not merged: the second's parameters (another method, binary_data) won silently.
+            raise BadRequest(
+                f"The output {output.name!r} is asked for twice; ask for each output once "
+                "(another method or class: another request)."
+            )
         params = dict(output.parameters or {})
         binary = params.pop("binary_data", binary_default)
         if not isinstance(binary, bool):

@@ -115,6 +115,20 @@ def test_raw_buffers_carry_the_images(settings: Settings) -> None:
         read_inference(model, [b""], settings)
 
 
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        [{"name": "cam", "parameters": {"method": "GradCAM"}}, {"name": "cam"}],
+        [{"name": "logits", "parameters": {"classification": 3}}, {"name": "logits"}],
+        [{"name": "logits"}, {"name": "logits"}],
+    ],
+)
+def test_an_output_asked_for_twice_is_refused(settings: Settings, outputs: list) -> None:
+    # The second's parameters won silently: GradCAM then LayerCAM answered one LayerCAM map.
+    with pytest.raises(BadRequest, match="'(cam|logits)' is asked for twice"):
+        read_inference(request(outputs=outputs), None, settings)
+
+
 def test_a_request_that_does_not_fit_is_bad_request() -> None:
     with pytest.raises(BadRequest, match="inputs: is required"):
         validated(InferenceRequest, {"id": "1"})
