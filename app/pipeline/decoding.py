@@ -90,14 +90,31 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened image once its EXIF orientation is applied."""
-    width, height = image.size
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of an image (1 when absent or unreadable). For a JPEG Pillow
+    read it with the header; for a PNG it decodes the pixels first (call ``load_image`` before,
+    so that a damaged one is refused rather than read again)."""
     try:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # an unreadable EXIF block is ignored by load_image as well
-        orientation = 1
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return 1
+
+
+def original_size(
+    opened: Image.Image, stored: tuple[int, int], image: Image.Image
+) -> tuple[int, int]:
+    """(width, height) of an upload itself, upright: ``opened`` (``stored`` is its size as
+    opened) once ``load_image`` made it the upright ``image``.
+
+    That is ``image``'s size, unless a JPEG draft decoded it smaller: then the stored size,
+    turned by the EXIF orientation. Never read before the pixels: Pillow reports a TIFF's size
+    upright already (turning it again drew its pictures squashed), and it reads a PNG's EXIF by
+    decoding the pixels (whose failure was swallowed there, and the second decode returned the
+    image half black)."""
+    if opened.size == stored:
+        return image.size
+    width, height = stored
+    return (height, width) if exif_orientation(opened) in (5, 6, 7, 8) else (width, height)
 
 
 def load_image(image: Image.Image, filename: str) -> Image.Image:
@@ -223,21 +240,21 @@ def decode_upload(
     cheap; other formats are decoded whole.
     """
     opened = open_image(upload.data, upload.filename, max_pixels)
-    original = upright_size(opened)
-    _draft(opened, original, spec, picture_side)
+    stored = opened.size
+    _draft(opened, spec, picture_side)
     image = load_image(opened, upload.filename)
     tensor, box = preprocess_image(image, spec)
-    return DecodedImage(upload.filename, image, original, tensor, box)
+    return DecodedImage(upload.filename, image, original_size(opened, stored, image), tensor, box)
 
 
-def _draft(
-    opened: Image.Image, original: tuple[int, int], spec: ModelSpec, picture_side: int | None
-) -> None:
-    """Have a large JPEG decoded at the smallest scale the model and the pictures need."""
+def _draft(opened: Image.Image, spec: ModelSpec, picture_side: int | None) -> None:
+    """Have a large JPEG decoded at the smallest scale the model and the pictures need. Its size
+    as stored serves: the scale depends on the shorter and the longer side only, which a
+    rotation keeps (and Pillow reads a PNG's EXIF by decoding the whole image)."""
     if opened.format == "JPEG" and picture_side is not None:
-        scale = _needed_scale(original, spec, picture_side)
+        width, height = opened.size
+        scale = _needed_scale((width, height), spec, picture_side)
         if scale <= 0.5:
-            width, height = opened.size
             opened.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
@@ -268,9 +285,7 @@ def decode_cost(
     for upload in uploads:
         opened = open_image(upload.data, upload.filename, max_pixels)
         sizes.append(opened.size)
-        # Not upright_size: Pillow reads a PNG's EXIF by decoding the whole image, and the
-        # scale depends on the shorter and longer side only, which a rotation keeps.
-        _draft(opened, opened.size, spec, picture_side)
+        _draft(opened, spec, picture_side)
         width, height = opened.size
         has_alpha = "transparency" in opened.info
         per_pixel = (

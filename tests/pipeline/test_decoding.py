@@ -21,6 +21,7 @@ from app.pipeline.decoding import (
     preprocess_image,
     to_rgb,
 )
+from app.pipeline.tasks.common import decode_whole
 from tests.conftest import image_bytes
 from tests.fixtures_models import fixture_access
 
@@ -255,3 +256,43 @@ def test_the_decode_cost_decodes_no_pixel(monkeypatch: pytest.MonkeyPatch) -> No
     uploads = [Upload("a.png", _flat((300, 200))), Upload("b.jpg", _jpeg((400, 300)))]
     decode_cost(uploads, spec, LIMIT, picture_side=None)
     assert loaded == []
+
+
+def _damaged_png() -> bytes:
+    """A PNG whose compressed pixels are damaged halfway through: zlib stops there."""
+    data = bytearray(image_bytes((300, 200)))
+    middle = len(data) // 2
+    data[middle : middle + 50] = bytes(255 - b for b in data[middle : middle + 50])
+    return bytes(data)
+
+
+def test_damaged_pixels_are_refused_on_every_decode_path() -> None:
+    # Reading a PNG's EXIF decodes its pixels: the orientation was read first, its failed decode
+    # swallowed, and the second decode returned the image with its lower half black.
+    spec = parse_manifest(SHAPES)
+    segmenter = parse_manifest(SHAPES.parent / "shapes-segment")
+    damaged = _damaged_png()
+    for decode in (
+        lambda: decode_image(damaged, "d.png", LIMIT),
+        lambda: decode_upload(Upload("d.png", damaged), spec, LIMIT, 1024),
+        lambda: decode_whole(Upload("d.png", damaged), segmenter, LIMIT),
+    ):
+        with pytest.raises(InvalidImage, match="truncated or corrupt"):
+            decode()
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
+def test_the_original_size_is_upright_in_every_format(fmt: str, orientation: int) -> None:
+    # Pillow opens a TIFF at its upright size already: turning that size again reported 80x60
+    # for an upright 60x80 image, and drew its pictures squashed to 80x60.
+    spec = parse_manifest(SHAPES)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = image_bytes((80, 60), fmt=fmt, exif=exif.tobytes())
+    upright = (60, 80) if orientation in (6, 8) else (80, 60)
+    decoded = decode_upload(Upload(f"r.{fmt.lower()}", data), spec, LIMIT, 1024)
+    assert decoded.image.size == upright
+    assert decoded.original_size == upright
+    segmenter = parse_manifest(SHAPES.parent / "shapes-segment")
+    assert decode_whole(Upload("r", data), segmenter, LIMIT).original_size == upright

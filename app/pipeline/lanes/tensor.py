@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -29,9 +29,10 @@ from app.pipeline.decoding import (
     Upload,
     _draft,
     decode_upload,
+    exif_orientation,
     load_image,
     open_image,
-    upright_size,
+    original_size,
 )
 from app.pipeline.lanes import tensor_image
 from app.pipeline.lanes.combining import Combiner
@@ -42,15 +43,6 @@ logger = logging.getLogger(__name__)
 
 #: JPEG modes the tensor decoders read as RGB (Pillow's names).
 _TENSOR_JPEG_MODES = ("RGB", "L")
-
-
-def exif_orientation(opened: Image.Image) -> int:
-    """The EXIF orientation tag of an opened image (1 when absent or unreadable): for a JPEG
-    Pillow read it with the header, no pixel decoded."""
-    try:
-        return int(opened.getexif().get(ExifTags.Base.Orientation, 1))
-    except Exception:  # an unreadable EXIF block is ignored by the CPU lane as well
-        return 1
 
 
 class TensorLane:
@@ -95,21 +87,27 @@ class TensorLane:
         )
         results = []
         for index, (upload, image) in enumerate(zip(uploads, opened, strict=True)):
-            original = upright_size(image)
-            _draft(image, original, spec, picture_side)
+            stored = image.size
+            _draft(image, spec, picture_side)
             if index in decoded_jpegs:
-                stored = decoded_jpegs[index]
-                if stored is None:
+                decoded = decoded_jpegs[index]
+                if decoded is None:
                     self.fallbacks += 1
                     logger.debug("%s: refused by the tensor decoder; CPU lane", upload.filename)
                     results.append(self._from_cpu_lane(upload, spec, max_pixels, picture_side))
                     continue
-                orientation = exif_orientation(image)
+                orientation = exif_orientation(image)  # a JPEG's: read with its header
+                turned = orientation in (5, 6, 7, 8)
                 width, height = image.size  # at the draft's scale, as stored
-                upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-                pixels = tensor_image.resize(tensor_image.orient(stored, orientation), upright)
+                pixels = tensor_image.resize(
+                    tensor_image.orient(decoded, orientation),
+                    (height, width) if turned else (width, height),
+                )
+                original = (stored[1], stored[0]) if turned else stored
             else:
-                pixels = self._upload_pixels(load_image(image, upload.filename))
+                loaded = load_image(image, upload.filename)
+                pixels = self._upload_pixels(loaded)
+                original = original_size(image, stored, loaded)
             results.append(self._decoded(upload.filename, pixels, original, spec))
         return results
 

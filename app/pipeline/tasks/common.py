@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from app.models.manifest import ModelSpec
-from app.pipeline.decoding import Box, DecodedImage, Upload, load_image, open_image, upright_size
+from app.pipeline.decoding import Box, DecodedImage, Upload, load_image, open_image
 from app.pipeline.rendering import (
     OUTPUT_KINDS,
     Canvas,
@@ -40,8 +40,8 @@ def decode_whole(upload: Upload, spec: ModelSpec, max_pixels: int) -> DecodedIma
     """The upload as the model's input at its own aspect ratio: scaled down so that its longest
     side is at most ``spec.max_side``, never cropped or squared. The box is the whole image."""
     opened = open_image(upload.data, upload.filename, max_pixels)
-    original = upright_size(opened)
     image = load_image(opened, upload.filename)
+    original = image.size  # upright, and decoded whole (no JPEG draft)
     width, height = image.size
     size = input_size(image.size, spec)
     model_input = image
