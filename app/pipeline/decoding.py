@@ -21,6 +21,9 @@ from app.models.manifest import ModelSpec
 logger = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+#: Pillow's names for JPEGs. MPO is a JPEG with more pictures after the first (phones and
+#: cameras write depth maps and HDR gain maps there); its first picture is the photo.
+JPEG_FORMATS = ("JPEG", "MPO")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 #: Longest side / shortest side beyond which an upload is refused: past it the model's square crop
 #: sees under 1 % of the image, and the answer's pictures would be a line of pixels.
@@ -72,7 +75,7 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
         raise InvalidImage(
             f"{name}: the image header is truncated or corrupt; upload the complete file."
         ) from None
-    if image.format not in ACCEPTED_FORMATS:
+    if image.format not in ACCEPTED_FORMATS and image.format not in JPEG_FORMATS:
         raise UnsupportedMediaType(
             f"{name}: {image.format} images are not supported; send {', '.join(ACCEPTED_FORMATS)}."
         )
@@ -251,7 +254,7 @@ def _draft(opened: Image.Image, spec: ModelSpec, picture_side: int | None) -> No
     """Have a large JPEG decoded at the smallest scale the model and the pictures need. Its size
     as stored serves: the scale depends on the shorter and the longer side only, which a
     rotation keeps (and Pillow reads a PNG's EXIF by decoding the whole image)."""
-    if opened.format == "JPEG" and picture_side is not None:
+    if opened.format in JPEG_FORMATS and picture_side is not None:
         width, height = opened.size
         scale = _needed_scale((width, height), spec, picture_side)
         if scale <= 0.5:

@@ -296,3 +296,23 @@ def test_the_original_size_is_upright_in_every_format(fmt: str, orientation: int
     assert decoded.original_size == upright
     segmenter = parse_manifest(SHAPES.parent / "shapes-segment")
     assert decode_whole(Upload("r", data), segmenter, LIMIT).original_size == upright
+
+
+def _mpo(size: tuple[int, int]) -> bytes:
+    """A multi-picture JPEG (what phones write with a depth map or an HDR gain map after the
+    photo): Pillow opens it as format MPO."""
+    first = Image.open(io.BytesIO(_jpeg(size)))
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[Image.new("RGB", (64, 48))])
+    return buffer.getvalue()
+
+
+def test_a_multi_picture_jpeg_is_decoded_as_its_first_picture(spec) -> None:  # type: ignore[no-untyped-def]
+    # It was refused with 415 "MPO images are not supported; send ... JPEG".
+    data = _mpo((4000, 3000))
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    decoded = decode_upload(Upload("photo.jpg", data), spec, 10**8, 1024)
+    assert decoded.original_size == (4000, 3000)
+    assert decoded.image.size == (1000, 750)  # at the draft scale, as a JPEG
+    cost = decode_cost([Upload("photo.jpg", data)], spec, 10**8, 1024)
+    assert cost.pixels == 1000 * 750
