@@ -164,15 +164,17 @@ async def infer(
     explainer: Explainer,
     lifecycle: Lifecycle,
     time_left_s: float | None,
+    scope: str | None = None,
 ) -> Any:
-    """Read, run and answer one ModelInfer call (``time_left_s``: the call's own deadline)."""
+    """Read, run and answer one ModelInfer call (``time_left_s``: the call's own deadline;
+    ``scope``: whose cached explanations it may use, ``Explainer.explain``)."""
     request, buffers = to_request(message)
     inference = read_inference(request, buffers, settings)
     timeout_s = inference.timeout_s
     if time_left_s is not None:
         timeout_s = time_left_s if timeout_s is None else min(timeout_s, time_left_s)
     version = parse_version(message.model_version)
-    work = run_inference(explainer, message.model_name, version, inference)
+    work = run_inference(explainer, message.model_name, version, inference, scope)
     return to_response(await within_limits(work, timeout_s, lifecycle))
 
 

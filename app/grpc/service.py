@@ -55,7 +55,7 @@ class Service:
         self.settings = state.settings
         # Every key HTTP takes (CAMSERVE_API_KEY, CAMSERVE_API_KEYS, CAMSERVE_API_KEYS_FILE),
         # read once at startup as HTTP reads them.
-        self._api_keys = [key.encode() for key in named_api_keys(self.settings).values()]
+        self._api_keys = {name: key.encode() for name, key in named_api_keys(self.settings).items()}
 
     # ------------------------------------------------------------------ state
 
@@ -92,19 +92,24 @@ class Service:
         registry = getattr(self.state, "registry", None)
         return registry is not None and oip.server_ready(registry, self.lifecycle.draining)
 
-    def check_key(self, context: grpc.aio.ServicerContext) -> None:
-        """Refuse a call without one of the configured API keys (no-op when none is set)."""
+    def check_key(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Refuse a call without one of the configured API keys (no-op when none is set); the
+        caller's identity as HTTP names it (``key:<name>``), None without keys."""
         if not self._api_keys:
-            return
+            return None
         sent = dict(context.invocation_metadata() or ()).get(API_KEY_METADATA)
         if isinstance(sent, str):
             sent = sent.encode("utf-8")
+        found = None
         # Every key is compared, so the time taken does not tell which one came close.
-        matches = [sent is not None and hmac.compare_digest(sent, key) for key in self._api_keys]
-        if not any(matches):
+        for name, key in self._api_keys.items():
+            if sent is not None and hmac.compare_digest(sent, key):
+                found = name
+        if found is None:
             raise Unauthorized(
                 f"Missing or wrong API key; send it in the call's metadata as {API_KEY_METADATA!r}."
             )
+        return f"key:{found}"
 
     def check_admin_key(self, context: grpc.aio.ServicerContext) -> None:
         """Refuse a repository call: the API off without CAMSERVE_ADMIN_KEY, or the key not
@@ -152,7 +157,9 @@ class Service:
             )
 
     async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self.check_key(context)
+        # With keys, the cached explanations a call may be given and makes are its key's, as
+        # over HTTP: one client cannot learn from a cache hit what another sent.
+        scope = self.check_key(context)
         self.check_not_draining()
         with self.lifecycle.track():
             return await infer(
@@ -161,6 +168,7 @@ class Service:
                 self.explainer,
                 self.lifecycle,
                 context.time_remaining(),
+                scope,
             )
 
     # ------------------------------------------------------------------ model repository

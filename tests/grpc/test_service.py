@@ -222,3 +222,28 @@ def test_a_malformed_message_is_invalid_argument(served: Served, data: bytes) ->
                 call(data, metadata=tuple(KEYED.items()), timeout=10)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
             assert f"not a valid inference.{rpc}Request message" in caught.value.details()
+
+
+def test_inference_uses_the_cache_scope_of_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over HTTP a key's cached explanations are its own; gRPC shared one scope among all keys,
+    # so a cache hit told one client what another had sent.
+    scopes: list[str | None] = []
+
+    async def infer(*args: Any) -> Any:
+        scopes.append(args[5])
+        return messages.ModelInferResponse(model_name="tiny")
+
+    monkeypatch.setattr("app.grpc.service.infer", infer)
+    request = messages.ModelInferRequest(model_name="tiny").SerializeToString()
+    for settings, sent, scope in (
+        (Settings(api_keys="alice:alice-key,bob:bob-key"), "bob-key", "key:bob"),
+        (Settings(api_key="one-key"), "one-key", "key:default"),
+        (Settings(), None, None),
+    ):
+        state = SimpleNamespace(
+            settings=settings, lifecycle=Lifecycle(grace_s=1), explainer=SimpleNamespace()
+        )
+        metadata = () if sent is None else (("x-api-key", sent),)
+        handler = Service(state).handlers()["ModelInfer"]  # type: ignore[arg-type]
+        asyncio.run(handler(request, _Context(metadata)))
+        assert scopes[-1] == scope
