@@ -24,6 +24,11 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 #: Pillow's names for JPEGs. MPO is a JPEG with more pictures after the first (phones and
 #: cameras write depth maps and HDR gain maps there); its first picture is the photo.
 JPEG_FORMATS = ("JPEG", "MPO")
+#: Most scans a JPEG may have. Each scan of a progressive JPEG is a pass over the blocks of the
+#: whole image, whatever the draft scale; an encoder writes about 10 (libjpeg's progression),
+#: a few more per picture of an MPO. Counted as the SOS marker's bytes anywhere in the file,
+#: which can only overcount.
+MAX_JPEG_SCANS = 100
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 #: Longest side / shortest side beyond which an upload is refused: past it the model's square crop
 #: sees under 1 % of the image, and the answer's pictures would be a line of pixels.
@@ -78,6 +83,11 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     if image.format not in ACCEPTED_FORMATS and image.format not in JPEG_FORMATS:
         raise UnsupportedMediaType(
             f"{name}: {image.format} images are not supported; send {', '.join(ACCEPTED_FORMATS)}."
+        )
+    if image.format in JPEG_FORMATS and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise InvalidImage(
+            f"{name}: the JPEG has over {MAX_JPEG_SCANS} scans, each a pass over the whole image "
+            "(an encoder writes about 10); re-encode it."
         )
     width, height = image.size
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):

@@ -14,6 +14,7 @@ from PIL import Image, ImageFile
 from app.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 from app.models.manifest import parse_manifest
 from app.pipeline.decoding import (
+    MAX_JPEG_SCANS,
     Upload,
     decode_cost,
     decode_image,
@@ -316,3 +317,23 @@ def test_a_multi_picture_jpeg_is_decoded_as_its_first_picture(spec) -> None:  # 
     assert decoded.image.size == (1000, 750)  # at the draft scale, as a JPEG
     cost = decode_cost([Upload("photo.jpg", data)], spec, 10**8, 1024)
     assert cost.pixels == 1000 * 750
+
+
+def _progressive(scans: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has ``scans`` scans (libjpeg
+    warns of a bogus progression and decodes each one over the whole image)."""
+    data = _jpeg((64, 48), progressive=True)
+    last = data[data.rindex(b"\xff\xda") : -2]  # the last scan, up to the end-of-image marker
+    extra = scans - data.count(b"\xff\xda")
+    return data[:-2] + last * extra + data[-2:]
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_from_its_bytes() -> None:
+    # Each scan is a pass over every block of the image: a 1.1 MB file of 20,000 scans of a
+    # 6000x6000 image (under the pixel limit) took 55 s of a core to decode, and a 10 MB one
+    # would take minutes, past any deadline, on a decode thread that nothing can stop.
+    assert decode_image(_progressive(MAX_JPEG_SCANS), "ok.jpg", LIMIT).size == (64, 48)
+    with pytest.raises(InvalidImage, match=f"over {MAX_JPEG_SCANS} scans"):
+        decode_image(_progressive(MAX_JPEG_SCANS + 1), "scans.jpg", LIMIT)
+    with pytest.raises(InvalidImage, match="scans"):
+        decode_cost([Upload("scans.jpg", _progressive(1000))], parse_manifest(SHAPES), LIMIT, 0)
