@@ -31,7 +31,7 @@ def header_length(value: str, body_length: int) -> int:
     text = value.strip()
     # ASCII digits only: ``isdigit`` takes '²', which ``int`` refuses, and thousands of digits
     # are more than ``int`` converts; no body is that long anyway.
-    if not (text.isascii() and text.isdigit()) or len(text) > _MOST_DIGITS:
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > _MOST_DIGITS:
         raise BadRequest(f"The {HEADER} header must be a number of bytes; got {clip(value, 20)}.")
     length = int(text)
     if length == 0:
