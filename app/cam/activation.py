@@ -181,8 +181,12 @@ class CAM(_CAM):
         if fed is None or fed.shape != (activation.shape[0], channels):
             return
         pooled = activation.float().mean(dim=tuple(range(2, activation.ndim)))
+        # An image with a NaN or inf pixel pools to NaN on both sides: compare the finite rest
+        # (a NaN scale made the tolerance itself NaN).
+        pooled = torch.nan_to_num(pooled, nan=0.0, posinf=0.0, neginf=0.0)
+        fed = torch.nan_to_num(fed.float(), nan=0.0, posinf=0.0, neginf=0.0)
         scale = pooled.abs().max().clamp_min(1e-12)
-        if not torch.allclose(pooled, fed.float(), rtol=1e-3, atol=1e-4 * float(scale)):
+        if not torch.allclose(pooled, fed, rtol=1e-3, atol=1e-4 * float(scale)):
             message = (
                 f"fc_layer {self.fc_name!r} is not fed by the global average pool of target "
                 f"layer {self.target_names[0]!r}, so CAM's weights do not apply to its channels."
@@ -362,8 +366,13 @@ class _ScoreFamily(_SharedExtraForwards):
         n_samples = inputs.shape[0]
         zero_masks = torch.zeros((1, *inputs.shape[2:]), device=inputs.device)
         if self._flat_input_is_shared():
+            # Zeros, not the first image times its zero mask: a NaN or inf pixel times 0 is NaN,
+            # and would be every image's flat input.
             masked = self._masked_inputs(
-                inputs[:1], zero_masks, torch.zeros(1, dtype=torch.long), torch.zeros(1)
+                torch.zeros_like(inputs[:1]),
+                zero_masks,
+                torch.zeros(1, dtype=torch.long),
+                torch.zeros(1),
             )
             everyone = torch.arange(n_samples)
             shared = take_rows(self._logits(masked), torch.zeros(n_samples, dtype=torch.long))

@@ -33,6 +33,9 @@ def kernel_component(features: Tensor, gamma: float | None = None) -> Tensor:
     the centred RBF kernel matrix of its (P x K) activations, signed so that it correlates
     positively with the channel sum (as Eigen-CAM's; a zero correlation keeps eigh's sign)."""
     matrix = features.flatten(2).transpose(1, 2).double()  # (N, P, K)
+    # A NaN or inf (from a non-finite input pixel) would fail the batch's eigh, every image's: it
+    # counts as 0, as in the maps.
+    matrix = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
     channels = matrix.shape[2]
     scale = 1.0 / channels if gamma is None else gamma
     kernel = torch.exp(-scale * torch.cdist(matrix, matrix).square())

@@ -26,6 +26,9 @@ def first_component(features: Tensor) -> Tensor:
     correlates positively with the channel sum (a zero correlation keeps the SVD's sign)."""
     exact = torch.float32 if features.device.type == "mps" else torch.float64
     matrix = features.flatten(2).transpose(1, 2).to(exact)  # (N, P, K)
+    # A NaN or inf (from a non-finite input pixel) would fail the batch's SVD, every image's: it
+    # counts as 0, as in the maps.
+    matrix = torch.nan_to_num(matrix, nan=0.0, posinf=0.0, neginf=0.0)
     centred = matrix - matrix.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     v1 = vh[:, 0, :]  # (N, K)

@@ -94,6 +94,21 @@ def test_maps_are_finite_and_normalised(tiny_net, method):
     assert maps.min() >= 0 and maps.max() <= 1
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", [m for m in ALL if m.__name__ != "RandomCAM"])
+def test_a_non_finite_image_leaves_the_other_maps_of_its_batch_alone(tiny_net, method, bad):
+    """A NaN or inf pixel in one image gives that image a finite map (non-finite values count
+    as 0, as everywhere in the engine) and changes no other image's map."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    poisoned = x.clone()
+    poisoned[0, :, 5, 5] = bad
+    batch = _run(method, tiny_net, poisoned, [1, 2])[0]
+    assert torch.isfinite(batch).all()
+    assert batch.min() >= 0 and batch.max() <= 1
+    alone = _run(method, tiny_net, x[1:], [2])[0]
+    torch.testing.assert_close(batch[1:], alone, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", [m for m in ALL if not m.class_agnostic])
 def test_class_idx_checks(tiny_net, method):
     x = torch.randn(2, 3, 16, 16)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from app.cam import KPCACAM
+from app.cam.kpca import kernel_component
 
 
 def _direct(features: np.ndarray, gamma: float) -> np.ndarray:
@@ -54,3 +55,12 @@ def test_class_agnostic_and_bounded_in_positions():
             extractor(0)
     with pytest.raises(ValueError, match="kernel_gamma must be a finite number > 0"):
         KPCACAM(net, "0", input_shape=(2, 4, 4), kernel_gamma=0.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_image_does_not_fail_its_batch(bad: float) -> None:
+    features = torch.rand(2, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    features[0, :, 1, 1] = bad
+    projection = kernel_component(features)
+    assert torch.isfinite(projection).all()
+    torch.testing.assert_close(projection[1:], kernel_component(features[1:]))

@@ -295,3 +295,12 @@ def test_eigen_smooth_lasts_one_call(quadratic: nn.Module) -> None:
         (again,) = extractor([0, 1], scores)
     assert not torch.allclose(plain, smooth) and torch.equal(plain, again)
     assert extractor._eigen_smooth is False
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_eigen_smooth_of_a_batch_with_a_non_finite_image(bad: float) -> None:
+    """The batch's SVD failed for every image; the bad image's values count as 0."""
+    weighted = torch.rand(2, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    weighted[0, :, 1, 1] = bad
+    maps = principal_map(weighted)
+    torch.testing.assert_close(maps[1:], principal_map(weighted[1:]))
