@@ -553,6 +553,13 @@ class _CAM:
             missing = [
                 n for n, a in zip(self.target_names, self._activations, strict=True) if a is None
             ]
+            if self._input is not None:
+                # The model's own forward was recorded, so it ran: it never called these layers.
+                raise RuntimeError(
+                    f"No activation recorded for {missing}: the model's forward ran but never "
+                    "called this target layer. Pick a layer that the forward uses (one listed by "
+                    "`model.named_modules()` is not necessarily called)."
+                )
             raise RuntimeError(
                 f"No activation recorded for {missing}: run a forward pass of the model with the "
                 "extractor's hooks enabled before calling it."

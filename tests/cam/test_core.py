@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from app.cam import METHODS, GradCAM, LayerCAM, LeGrad, ScoreCAM, normalize_maps
 from app.cam.core import _CAM, finite_number, optional_int
@@ -231,6 +232,27 @@ def test_hook_lifecycle(tiny_net):
     extractor.remove_hooks()
     extractor.remove_hooks()  # idempotent
     assert not tiny_net.feat._forward_hooks and not tiny_net._forward_pre_hooks
+
+
+class _UnusedBranch(nn.Module):
+    """A model with a submodule its forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Conv2d(3, 4, 3)
+        self.unused = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.used(x).mean(dim=(2, 3)))
+
+
+def test_a_target_layer_the_forward_never_calls_is_named_as_such():
+    model = _UnusedBranch()
+    with GradCAM(model, "unused", input_shape=(3, 8, 8)) as extractor:
+        scores = model(torch.randn(1, 3, 8, 8))
+        with pytest.raises(RuntimeError, match=r"\['unused'\].*forward ran but never called"):
+            extractor(0, scores)
 
 
 def test_two_extractors_on_one_model_do_not_corrupt_each_other(tiny_net):
