@@ -15,6 +15,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
+import anyio.to_thread
 from google.protobuf import unknown_fields
 
 from app.errors import BadRequest, RequestTimeout, ShuttingDown, clip
@@ -22,6 +23,7 @@ from app.grpc import messages
 from app.lifecycle import Lifecycle
 from app.pipeline.explainer import Explainer
 from app.protocols.oip import (
+    Inference,
     InferenceRequest,
     InferenceResult,
     read_inference,
@@ -168,14 +170,21 @@ async def infer(
 ) -> Any:
     """Read, run and answer one ModelInfer call (``time_left_s``: the call's own deadline;
     ``scope``: whose cached explanations it may use, ``Explainer.explain``)."""
-    request, buffers = to_request(message)
-    inference = read_inference(request, buffers, settings)
+    # Off the event loop, as HTTP reads its images: a message of CAMSERVE_MAX_IMAGES pixel
+    # tensors takes most of a second to turn into uploads, and the loop serves HTTP too.
+    inference = await anyio.to_thread.run_sync(read_message, message, settings)
     timeout_s = inference.timeout_s
     if time_left_s is not None:
         timeout_s = time_left_s if timeout_s is None else min(timeout_s, time_left_s)
     version = parse_version(message.model_version)
     work = run_inference(explainer, message.model_name, version, inference, scope)
     return to_response(await within_limits(work, timeout_s, lifecycle))
+
+
+def read_message(message: Any, settings: Settings) -> Inference:
+    """A ModelInferRequest -> what it asks (the codec's ``read_inference``)."""
+    request, buffers = to_request(message)
+    return read_inference(request, buffers, settings)
 
 
 def parse_version(text: str) -> int | None:

@@ -294,3 +294,29 @@ def test_work_past_the_drains_grace_is_cut() -> None:
 
     with pytest.raises(ShuttingDown, match="grace period"):
         asyncio.run(cut_while_running())
+
+
+def test_the_message_is_read_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Turning a message of pixel tensors into uploads took most of a second on the loop that
+    # serves HTTP and gRPC alike.
+    import asyncio
+
+    from app.errors import BadRequest
+    from app.grpc import infer, messages
+    from app.lifecycle import Lifecycle
+    from app.settings import Settings
+    from tests.http.protocols.test_oip import on_the_event_loop
+
+    seen: list[bool] = []
+
+    def recorded(*args: Any) -> Any:
+        seen.append(on_the_event_loop())
+        raise BadRequest("stop here")
+
+    monkeypatch.setattr(infer, "read_inference", recorded)
+    request = messages.ModelInferRequest(
+        model_name="tiny", inputs=[{"name": "image", "datatype": "BYTES", "shape": [1]}]
+    )
+    with pytest.raises(BadRequest, match="stop here"):
+        asyncio.run(infer.infer(request, Settings(), None, Lifecycle(grace_s=1), None))  # type: ignore[arg-type]
+    assert seen == [False]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 
 from app.http.deps import (
@@ -66,7 +67,9 @@ async def predict_instances(
 ) -> PredictAnswer:
     """Top-k classes per instance, through the same batched forward as /predict."""
     explainer.registry.get(name)  # an unknown model is named before any image is looked at
-    uploads = decode_images(
+    # Off the event loop, as the OIP route decodes its base64 (seconds for a full request).
+    uploads = await anyio.to_thread.run_sync(
+        decode_images,
         list(zip(names(len(body.instances)), [i.image.b64 for i in body.instances], strict=True)),
         settings,
     )
@@ -95,8 +98,10 @@ async def explain_instances(
     """camserve's explanation of each instance; its fields are /explain's options."""
     explainer.registry.get(name)  # an unknown model is named before any image is looked at
     instances = body.instances
-    uploads = decode_images(
-        list(zip(names(len(instances)), [i.image.b64 for i in instances], strict=True)), settings
+    uploads = await anyio.to_thread.run_sync(
+        decode_images,
+        list(zip(names(len(instances)), [i.image.b64 for i in instances], strict=True)),
+        settings,
     )
     # Instances with equal options (and all with or all without class_idx) share one call.
     keys = [

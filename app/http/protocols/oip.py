@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -226,7 +227,10 @@ async def _infer(
         if request.headers.get(HEADER) is not None
         else None
     )
-    inference = read_inference(body, buffers, settings)
+    # Off the event loop: base64 text of CAMSERVE_MAX_IMAGES images takes over a second to
+    # decode and UINT8 pixels become BMPs; on the loop, every other request (probes included)
+    # would wait for it.
+    inference = await anyio.to_thread.run_sync(read_inference, body, buffers, settings)
     result = await within_limits(
         request,
         run_inference(explainer, name, version, inference, job_owner(request)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import io
@@ -18,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.protocols.oip import read_inference
 from tests.conftest import files, image_bytes
 
 
@@ -786,3 +788,29 @@ def test_native_answers_are_not_compressed(client: TestClient) -> None:
     )
     assert response.status_code == 200 and len(response.content) > 1024
     assert "content-encoding" not in response.headers
+
+
+def on_the_event_loop() -> bool:
+    """Whether the caller runs on the thread of a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_the_images_are_read_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # base64 text of CAMSERVE_MAX_IMAGES images decoded on the loop for over a second, and
+    # every other request (the probes included) waited for it.
+    seen: list[bool] = []
+
+    def recorded(*args: Any) -> Any:
+        seen.append(on_the_event_loop())
+        return read_inference(*args)
+
+    monkeypatch.setattr("app.http.protocols.oip.read_inference", recorded)
+    response = client.post("/v2/models/tiny/infer", json=infer_body(image_bytes()))
+    assert response.status_code == 200, response.text
+    assert seen == [False]
