@@ -1,6 +1,6 @@
 """ASGI middleware that bounds how a request body streams in: its size, its total time and its
-pace; and that decompresses a body sent with ``Content-Encoding: gzip`` or ``deflate``, counting
-the decompressed bytes against the same limit."""
+pace; that decompresses a body sent with ``Content-Encoding: gzip`` or ``deflate``, counting
+the decompressed bytes against the same limit; and that refuses a multipart body cut short."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import zlib
 
 import anyio.to_thread
+from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
@@ -94,6 +95,33 @@ def _encoding(scope: Scope) -> str | None:
     return None if value in ("", "identity") else value
 
 
+class _ClosingBoundary:
+    """Watches a ``multipart/form-data`` body for its closing delimiter (``--boundary--`` at
+    the start of a line). The form parser takes a body that ends before it as complete: the
+    part being read is dropped without a word, and the parts before it are answered."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self.delimiter = b"\r\n--" + boundary + b"--"
+        self._tail = b"\r\n"  # a body may open with its closing delimiter (no parts at all)
+        self.seen = False
+
+    @classmethod
+    def of(cls, scope: Scope) -> _ClosingBoundary | None:
+        """A watcher for the scope's multipart body; None for any other body (and for one
+        without a boundary, which the form parser refuses itself)."""
+        content_type = dict(scope["headers"]).get(b"content-type", b"")
+        kind, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        return cls(boundary) if kind == b"multipart/form-data" and boundary else None
+
+    def feed(self, piece: bytes) -> None:
+        if self.seen:
+            return
+        keep = len(self.delimiter) - 1
+        self.seen = self.delimiter in self._tail + piece[:keep] or self.delimiter in piece
+        self._tail = (self._tail + piece)[-keep:] if len(piece) < keep else piece[-keep:]
+
+
 def _decoded_scope(scope: Scope) -> Scope:
     """The scope the app sees once the middleware decompresses the body: no Content-Encoding,
     and no Content-Length (which counted the compressed bytes)."""
@@ -121,7 +149,11 @@ class BodyLimitMiddleware:
     A body with ``Content-Encoding: gzip`` (or ``x-gzip``) or ``deflate`` reaches the app
     decompressed, and its decompressed size counts against the limit (a bomb gets 413 once it
     passes it) and the budget; any other encoding gets 415, and data that does not decompress
-    400."""
+    400.
+
+    A ``multipart/form-data`` body (outside ``protocol_prefixes``) that ends before its closing
+    boundary gets 400: a Content-Length short of the body, or a chunked body ended early, cut
+    its last part, which the form parser dropped in silence (two images sent, one answered)."""
 
     def __init__(
         self,
@@ -209,8 +241,9 @@ class BodyLimitMiddleware:
             return
         self.held += reserved
         inflater = None if encoding is None else _Inflater(encoding, limit)
+        closing = None if protocol else _ClosingBoundary.of(scope)
         try:
-            await self._limited(scope, receive, send, limit, protocol, reserved, inflater)
+            await self._limited(scope, receive, send, limit, protocol, reserved, inflater, closing)
         finally:
             self.held -= reserved
 
@@ -223,6 +256,7 @@ class BodyLimitMiddleware:
         protocol: bool,
         reserved: int,
         inflater: _Inflater | None,
+        closing: _ClosingBoundary | None,
     ) -> None:
         started = time.monotonic()
         received = 0
@@ -269,6 +303,11 @@ class BodyLimitMiddleware:
                         refused = error
                         raise
                     message = {**message, "body": body}
+                if closing is not None:
+                    closing.feed(message.get("body", b""))
+                    if body_done and not closing.seen:
+                        refused = _cut_short()
+                        raise refused
                 # The budget counts what the app holds: the bytes as received, or decompressed.
                 held = received if inflater is None else max(received, inflater.size)
                 extra = held - reserved - sum(counted)
@@ -297,6 +336,16 @@ class BodyLimitMiddleware:
             self.held -= sum(counted)
         if refused is not None and not answered:
             await _refuse(send, refused, protocol)
+
+
+def _cut_short() -> _BodyRefused:
+    return _BodyRefused(
+        BadRequest(
+            "The multipart body ended before its closing boundary (--boundary--): the upload "
+            "was cut short, and its last part would be lost; send the whole body (a "
+            "Content-Length that counts every byte)."
+        )
+    )
 
 
 async def _refuse(send: Send, refused: _BodyRefused, protocol: bool) -> None:

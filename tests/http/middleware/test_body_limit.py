@@ -40,9 +40,12 @@ def run(
     chunks: list[bytes | None],
     path: str = "/explain",
     content_length: int | None = None,
+    content_type: bytes | None = None,
 ) -> dict[str, Any]:
     """Send ``chunks`` as the body (``None``: the client pauses for good); the answer."""
     headers = [] if content_length is None else [(b"content-length", str(content_length).encode())]
+    if content_type is not None:
+        headers.append((b"content-type", content_type))
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
     pending = list(chunks)
     sent: list[Message] = []
@@ -329,3 +332,26 @@ def test_the_budget_counts_a_bodys_decompressed_bytes() -> None:
     assert sent[0]["status"] == 503
     assert "CAMSERVE_BODY_BUDGET_BYTES" in json.loads(sent[1]["body"])["error"]["message"]
     assert middleware.held == 0
+
+
+MULTIPART = b'multipart/form-data; boundary="a b"'
+FORM = b'--a b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--a b--\r\n'
+
+
+def test_a_multipart_body_must_reach_its_closing_boundary() -> None:
+    app = ReadingApp()
+    for pieces in ([FORM], [FORM[:-5], FORM[-5:]], [bytes([b]) for b in FORM], [FORM, b"epilogue"]):
+        answer = run(limited(app), pieces, content_type=MULTIPART)  # type: ignore[arg-type]
+        assert answer["status"] == 200, pieces
+    assert run(limited(app), [b"--a b--"], content_type=MULTIPART)["status"] == 200  # no parts
+    for cut in (FORM[:-9], FORM[:-3], FORM[:10]):
+        answer = run(limited(app), [cut[:4], cut[4:]], content_type=MULTIPART)
+        error = json.loads(answer["body"])["error"]
+        assert answer["status"] == 400 and error["code"] == "bad_request"
+        assert "closing boundary" in error["message"]
+    # The protocols read any body as JSON, and other bodies have no boundary to reach.
+    assert (
+        run(limited(app), [FORM[:-9]], "/v2/models/m/infer", content_type=MULTIPART)["status"]
+        == 200
+    )
+    assert run(limited(app), [b"x" * 10], content_type=b"application/json")["status"] == 200

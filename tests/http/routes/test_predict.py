@@ -75,3 +75,31 @@ def test_the_pixels_of_a_request_are_bounded_from_the_headers(
     big = files(image_bytes((300, 300), mode="RGBA"))  # 16 bytes a pixel at the peak
     message = assert_error(client.post("/predict", files=big), 413, "image_too_large")
     assert "CAMSERVE_DECODE_BUDGET_BYTES" in message
+
+
+def _part(filename: str, data: bytes) -> bytes:
+    return (
+        b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="'
+        + filename.encode()
+        + b'"\r\nContent-Type: image/png\r\n\r\n'
+        + data
+        + b"\r\n"
+    )
+
+
+@pytest.mark.parametrize("route", ["/predict", "/explain"])
+def test_a_multipart_body_cut_short_is_refused_not_answered_in_part(
+    client: TestClient, route: str
+) -> None:
+    # A Content-Length short of the body (or a chunked body ended early) cut the second file:
+    # the form parser dropped it in silence, and the first was answered 200 alone.
+    first, second = _part("a.png", image_bytes(seed=1)), _part("b.png", image_bytes(seed=2))
+    whole = first + second + b"--b0undary--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    answer = client.post(route, content=whole, headers=headers)
+    assert [r["filename"] for r in answer.json()["results"]] == ["a.png", "b.png"]
+    for cut in (len(first) + 100, len(whole) - len(b"--b0undary--\r\n"), len(first)):
+        message = assert_error(
+            client.post(route, content=whole[:cut], headers=headers), 400, "bad_request"
+        )
+        assert "closing boundary" in message and "cut short" in message
