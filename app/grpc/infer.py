@@ -178,7 +178,9 @@ async def infer(
         timeout_s = time_left_s if timeout_s is None else min(timeout_s, time_left_s)
     version = parse_version(message.model_version)
     work = run_inference(explainer, message.model_name, version, inference, scope)
-    return to_response(await within_limits(work, timeout_s, lifecycle))
+    result = await within_limits(work, timeout_s, lifecycle)
+    # Off the event loop too: a segmenter's mask is a number per pixel.
+    return await anyio.to_thread.run_sync(to_response, result)
 
 
 def read_message(message: Any, settings: Settings) -> Inference:

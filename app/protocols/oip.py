@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app import __version__
@@ -38,7 +39,7 @@ from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.params import OPTION_NAMES, build_params, unknown_name
-from app.pipeline.results import ExplainResponse, Prediction
+from app.pipeline.results import ExplainResponse, ExplainResult, Prediction, PredictResult
 from app.pipeline.scheduling import Priority
 from app.protocols.binary import SIZE, bytes_elements
 from app.protocols.images import EXAMPLE_IMAGE_B64, decode_images, pixel_images
@@ -644,7 +645,7 @@ async def _run_task(
             name, inference.uploads, 1, version=version, priority=inference.priority, outputs=mask
         )
         model_name, served = predicted.model, predicted.version
-        made.update(predicted_outputs(predicted.results))
+        made.update(await _predicted_outputs(predicted.results))
     else:
         explained = await explainer.explain(
             name,
@@ -656,18 +657,26 @@ async def _run_task(
         )
         model_name, served = explained.model, explained.version
         made[CAM] = task_cam(CAM, explained)
-        made.update(predicted_outputs(explained.results))
+        made.update(await _predicted_outputs(explained.results))
         if mask:
             predicted = await explainer.predict(
                 name, inference.uploads, 1, served, inference.priority, outputs=mask
             )
-            made.update(predicted_outputs(predicted.results))
+            made.update(await _predicted_outputs(predicted.results))
     outputs = [
         OutputTensor(t.name, t.datatype, t.shape, t.values, t.parameters, binary=one.binary)
         for one in wanted
         for t in (made[one.name],)
     ]
     return InferenceResult(model_name, str(served), outputs, inference.id)
+
+
+async def _predicted_outputs(
+    results: Sequence[PredictResult | ExplainResult],
+) -> dict[str, OutputTensor]:
+    """``predicted_outputs`` on a worker thread: a segmenter's masks (a PNG each, decoded and
+    stacked: millions of pixels) took a second on the event loop."""
+    return await anyio.to_thread.run_sync(predicted_outputs, results)
 
 
 def _row(predictions: list[Prediction], classes: int) -> list[float]:

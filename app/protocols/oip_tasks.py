@@ -89,7 +89,7 @@ def predicted_outputs(results: Sequence[PredictResult | ExplainResult]) -> dict[
             MASK,
             "INT32",
             (len(arrays), *arrays[0].shape),
-            np.stack(arrays).astype(np.int32).ravel().tolist(),
+            np.stack(arrays).astype(np.int32).ravel(),
         )
     return made
 

@@ -15,6 +15,8 @@ from app.protocols.binary import pack_bytes
 Datatype = Literal["FP32", "INT32", "BYTES"]
 #: The raw (little-endian) numpy type of each numeric datatype.
 _RAW = {"FP32": "<f4", "INT32": "<i4"}
+#: The numpy type whose ``tolist`` gives each numeric datatype's JSON numbers.
+_JSON = {"FP32": np.float64, "INT32": np.int64}
 
 
 def one_size(name: str, shapes: Sequence[tuple[int, ...]]) -> None:
@@ -35,7 +37,8 @@ class OutputTensor:
     name: str
     datatype: Datatype
     shape: tuple[int, ...]
-    values: Sequence[float] | Sequence[int] | Sequence[bytes]
+    values: Sequence[float] | Sequence[int] | Sequence[bytes] | np.ndarray
+    """A large numeric output (a segmenter's mask: a pixel each) is a flat ndarray."""
     parameters: dict[str, Any] = field(default_factory=dict)
     binary: bool = False
     """Asked for as binary data (HTTP's binary part); JSON data otherwise."""
@@ -51,6 +54,10 @@ class OutputTensor:
         """The values as JSON data (BYTES as text)."""
         if self.datatype == "BYTES":
             return [bytes(value).decode() for value in self.values]  # type: ignore[arg-type]
+        if isinstance(self.values, np.ndarray):
+            # One C call for millions of pixels (a loop over them took seconds).
+            listed: list[int] | list[float] = self.values.astype(_JSON[self.datatype]).tolist()
+            return listed
         if self.datatype == "INT32":
             return [int(value) for value in self.values]
         return [float(value) for value in self.values]

@@ -320,3 +320,34 @@ def test_the_message_is_read_off_the_event_loop(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(BadRequest, match="stop here"):
         asyncio.run(infer.infer(request, Settings(), None, Lifecycle(grace_s=1), None))  # type: ignore[arg-type]
     assert seen == [False]
+
+
+def test_the_answer_is_made_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A segmenter's mask is a number per pixel, packed into raw_output_contents.
+    import asyncio
+    from types import SimpleNamespace
+
+    from app.grpc import infer
+    from app.lifecycle import Lifecycle
+    from app.protocols.oip import InferenceResult
+    from app.settings import Settings
+    from tests.http.protocols.test_oip import on_the_event_loop
+
+    seen: list[bool] = []
+    result = InferenceResult("tiny", "1", [])
+    to_response = infer.to_response
+
+    async def run(*args: Any) -> InferenceResult:
+        return result
+
+    def recorded(answer: InferenceResult) -> Any:
+        seen.append(on_the_event_loop())
+        return to_response(answer)
+
+    monkeypatch.setattr(infer, "read_message", lambda *args: SimpleNamespace(timeout_s=None))
+    monkeypatch.setattr(infer, "run_inference", run)
+    monkeypatch.setattr(infer, "to_response", recorded)
+    request = infer.messages.ModelInferRequest(model_name="tiny")
+    lifecycle = Lifecycle(grace_s=1)
+    answer = asyncio.run(infer.infer(request, Settings(), None, lifecycle, None))  # type: ignore[arg-type]
+    assert answer.model_name == "tiny" and seen == [False]

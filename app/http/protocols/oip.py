@@ -25,6 +25,7 @@ from app.protocols.binary import HEADER, split_buffers
 from app.protocols.oip import (
     InferenceRequest,
     InferenceResponse,
+    InferenceResult,
     ModelMetadata,
     ServerMetadata,
     answer_json,
@@ -236,8 +237,8 @@ async def _infer(
         run_inference(explainer, name, version, inference, job_owner(request)),
         inference.timeout_s,
     )
-    answer, tail = answer_json(result)
-    text = json.dumps(answer, separators=(",", ":")).encode()
+    # Off the event loop too: a segmenter's mask in JSON is a number per pixel (seconds).
+    text, tail = await anyio.to_thread.run_sync(_encoded, result)
     if not tail:
         return Response(text, media_type="application/json")
     return Response(
@@ -245,3 +246,9 @@ async def _infer(
         media_type="application/octet-stream",
         headers={HEADER: str(len(text))},
     )
+
+
+def _encoded(result: InferenceResult) -> tuple[bytes, list[bytes]]:
+    """The answer's JSON text and its binary part's buffers."""
+    answer, tail = answer_json(result)
+    return json.dumps(answer, separators=(",", ":")).encode(), tail

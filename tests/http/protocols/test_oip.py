@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.protocols.oip import read_inference
+from app.protocols.oip import answer_json, read_inference
 from tests.conftest import files, image_bytes
 
 
@@ -811,6 +811,23 @@ def test_the_images_are_read_off_the_event_loop(
         return read_inference(*args)
 
     monkeypatch.setattr("app.http.protocols.oip.read_inference", recorded)
+    response = client.post("/v2/models/tiny/infer", json=infer_body(image_bytes()))
+    assert response.status_code == 200, response.text
+    assert seen == [False]
+
+
+def test_the_answer_is_encoded_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A segmenter's mask in JSON is a number per pixel: 16 images of 1024x1024 took seconds
+    # of json.dumps on the loop.
+    seen: list[bool] = []
+
+    def recorded(*args: Any) -> Any:
+        seen.append(on_the_event_loop())
+        return answer_json(*args)
+
+    monkeypatch.setattr("app.http.protocols.oip.answer_json", recorded)
     response = client.post("/v2/models/tiny/infer", json=infer_body(image_bytes()))
     assert response.status_code == 200, response.text
     assert seen == [False]
