@@ -183,6 +183,41 @@ def test_accept_png_answers_the_overlay(client: TestClient) -> None:
     assert "faithfulness asks for scores" in assert_error(scored, 406, "not_acceptable")
 
 
+@pytest.mark.parametrize(
+    ("accept", "answer"),
+    [
+        ("image/png", "image/png"),
+        ("image/*", "image/png"),
+        ("*/*", "application/json"),
+        ("text/html,application/xhtml+xml,*/*;q=0.8", "application/json"),  # a browser's
+        ("image/png, application/json", "image/png"),
+        ("application/json, image/png", "application/json"),
+        ("*/*, image/png", "image/png"),
+        # The quality (q) decides before the order (RFC 9110, 12.5.1): these were answered by
+        # their first range, and image/png;q=0 ("not PNG") with a PNG.
+        ("image/png;q=0", "application/json"),
+        ("image/png;q=0, application/json", "application/json"),
+        ("image/png; q=0, image/*", "application/json"),
+        ("application/json;q=0.1, image/png", "image/png"),
+        ("application/json;q=0.1, image/png;q=0.9", "image/png"),
+        ("image/*;q=0.5, application/json;q=0.9", "application/json"),
+        ("IMAGE/PNG;Q=1", "image/png"),
+        ("image/png;q=2, application/json;q=0.5", "application/json"),  # q over 1: not a range
+        ("image/jpeg", "application/json"),
+    ],
+)
+def test_accept_is_negotiated_by_quality(client: TestClient, accept: str, answer: str) -> None:
+    response = client.post("/explain", files=files(image_bytes()), headers={"Accept": accept})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == answer
+
+
+def test_repeated_accept_headers_are_one_list(client: TestClient) -> None:
+    headers = [("Accept", "application/json;q=0.5"), ("Accept", "image/png")]
+    response = client.post("/explain", files=files(image_bytes()), headers=headers)
+    assert response.headers["content-type"] == "image/png"
+
+
 def test_a_repeated_explanation_says_hit_in_its_header_and_timings(
     make_client: Callable[..., TestClient],
 ) -> None:
