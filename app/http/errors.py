@@ -103,10 +103,23 @@ _FRAMEWORK_ERRORS: dict[int, type[CamserveError]] = {
 }
 
 
+#: What FastAPI says of a text part where a file part is declared (``curl -F 'file=<x.png'``).
+_NOT_A_FILE = "Expected UploadFile"
+
+
 def describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
     """FastAPI's validation errors as one message naming each field and its problem, and the
     problems as a list."""
-    return describe(exc.errors())
+    return describe(
+        {
+            **error,
+            "msg": "is a text field, not a file: attach the image as a file part "
+            "(curl -F file=@image.png, with @)",
+        }
+        if _NOT_A_FILE in str(error.get("msg", ""))
+        else error
+        for error in exc.errors()
+    )
 
 
 def _allowed_methods(request: Request) -> str:

@@ -103,3 +103,13 @@ def test_a_multipart_body_cut_short_is_refused_not_answered_in_part(
             client.post(route, content=whole[:cut], headers=headers), 400, "bad_request"
         )
         assert "closing boundary" in message and "cut short" in message
+
+
+@pytest.mark.parametrize("route", ["/predict", "/explain"])
+def test_a_file_sent_as_text_is_told_how_to_attach_it(client: TestClient, route: str) -> None:
+    # curl -F 'file=<star.png' (not @) sends the bytes as a text part: the message was
+    # "Value error, Expected UploadFile, received: <class 'str'>".
+    form = {"file": "\x89PNG not attached"}
+    message = assert_error(client.post(route, data=form), 422, "validation_error")
+    assert "a text field, not a file" in message and "file=@" in message
+    assert "class" not in message
