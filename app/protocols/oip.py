@@ -24,6 +24,7 @@ refused) are consumed here; the rest are explain parameters, read by ``build_par
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -782,9 +783,12 @@ def concept_outputs(answer: ExplainResponse) -> dict[str, OutputTensor]:
     }
 
 
-def answer_json(result: InferenceResult) -> tuple[dict[str, Any], list[bytes]]:
+def answer_json(
+    result: InferenceResult, with_data: bool = True
+) -> tuple[dict[str, Any], list[bytes]]:
     """The answer as the protocol's JSON object, and the binary part's buffers in order (each
-    binary output's parameters say its ``binary_data_size``; no buffers: a JSON-only answer)."""
+    binary output's parameters say its ``binary_data_size``; no buffers: a JSON-only answer).
+    ``with_data=False``: without the JSON outputs' ``data`` (``answer_text`` writes it)."""
     outputs: list[dict[str, Any]] = []
     buffers: list[bytes] = []
     for tensor in result.outputs:
@@ -800,7 +804,7 @@ def answer_json(result: InferenceResult) -> tuple[dict[str, Any], list[bytes]]:
             parameters[SIZE] = len(raw)
         if parameters:
             shown["parameters"] = parameters
-        if not tensor.binary:
+        if not tensor.binary and with_data:
             shown["data"] = tensor.json_data()
         outputs.append(shown)
     body: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
@@ -808,3 +812,23 @@ def answer_json(result: InferenceResult) -> tuple[dict[str, Any], list[bytes]]:
         body["id"] = result.id
     body["outputs"] = outputs
     return body, buffers
+
+
+def answer_text(result: InferenceResult) -> tuple[bytes, list[bytes]]:
+    """``answer_json`` written as JSON text (compact), each output's data a piece at a time
+    (``OutputTensor.json_text``), and the binary part's buffers."""
+    body, buffers = answer_json(result, with_data=False)
+    compact = (",", ":")
+    parts = [json.dumps({k: v for k, v in body.items() if k != "outputs"}, separators=compact)]
+    parts[0] = parts[0][:-1] + ',"outputs":['
+    for number, (shown, tensor) in enumerate(zip(body["outputs"], result.outputs, strict=True)):
+        text = json.dumps(shown, separators=compact)
+        if number:
+            parts.append(",")
+        if tensor.binary:
+            parts.append(text)
+            continue
+        pieces = [piece for piece in tensor.json_text() if piece]
+        parts += [text[:-1], ',"data":[', ",".join(pieces), "]}"]
+    parts.append("]}")
+    return "".join(parts).encode(), buffers

@@ -3,7 +3,8 @@ binary tensor data extension's raw bytes, or gRPC's ``raw_output_contents``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ Datatype = Literal["FP32", "INT32", "BYTES"]
 _RAW = {"FP32": "<f4", "INT32": "<i4"}
 #: The numpy type whose ``tolist`` gives each numeric datatype's JSON numbers.
 _JSON = {"FP32": np.float64, "INT32": np.int64}
+JSON_SLICE = 1 << 16
+"""Elements of an array output written as JSON per ``json.dumps`` call (about 10 ms each)."""
 
 
 def one_size(name: str, shapes: Sequence[tuple[int, ...]]) -> None:
@@ -49,6 +52,18 @@ class OutputTensor:
         if self.datatype == "BYTES":
             return pack_bytes(list(self.values))  # type: ignore[arg-type]
         return np.asarray(self.values, dtype=_RAW[self.datatype]).tobytes()
+
+    def json_text(self) -> Iterator[str]:
+        """The values as JSON text, without the brackets, in pieces: a large array (a mask's
+        millions of pixels) a slice at a time, so that no one ``json.dumps`` holds the GIL,
+        and with it the event loop, for seconds."""
+        if not isinstance(self.values, np.ndarray):
+            yield json.dumps(self.json_data(), separators=(",", ":"))[1:-1]
+            return
+        kind = _JSON[self.datatype]
+        for start in range(0, len(self.values), JSON_SLICE):
+            part = self.values[start : start + JSON_SLICE].astype(kind).tolist()
+            yield json.dumps(part, separators=(",", ":"))[1:-1]
 
     def json_data(self) -> list[float] | list[int] | list[str]:
         """The values as JSON data (BYTES as text)."""

@@ -4,6 +4,7 @@ parameters consumed first), and the output tensors in their JSON and raw forms."
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from app.protocols.oip import (
     OutputTensor,
     Wanted,
     answer_json,
+    answer_text,
     classification,
     read_inference,
 )
@@ -146,3 +148,32 @@ def test_output_tensors_in_json_and_raw() -> None:
     assert body["id"] == "x" and buffers == [logits.raw()]
     assert body["outputs"][0]["parameters"] == {"binary_data_size": 8}
     assert body["outputs"][1]["data"] == top.json_data()
+
+
+def test_the_answer_text_is_the_answers_json_written_in_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One json.dumps of a mask's millions of numbers held the GIL (and the event loop) for
+    # seconds; the text is now written a slice at a time, and must read as the same JSON.
+    monkeypatch.setattr("app.protocols.tensors.JSON_SLICE", 7)
+    mask = np.arange(30, dtype=np.int32) % 5
+    outputs = [
+        OutputTensor("mask", "INT32", (1, 5, 6), mask, {"k": "v"}),
+        OutputTensor("empty", "INT32", (0, 4), np.zeros(0, dtype=np.int32)),
+        OutputTensor("logits", "FP32", (1, 2), [0.5, -1.25]),
+        OutputTensor("labels", "BYTES", (2,), [b"a", b"b:c"], binary=True),
+        OutputTensor("cam", "FP32", (1, 2), [0.1, 0.2], binary=True),
+    ]
+    for result in (
+        InferenceResult("m", "1", outputs, id="x"),
+        InferenceResult("m", "1", outputs[:1]),
+        InferenceResult("m", "1", []),
+    ):
+        text, buffers = answer_text(result)
+        body, expected = answer_json(result)
+        assert json.loads(text) == body and buffers == expected
+        assert text == json.dumps(body, separators=(",", ":")).encode()
+    assert (
+        json.loads(answer_text(InferenceResult("m", "1", outputs[:1]))[0])["outputs"][0]["data"]
+        == mask.tolist()
+    )

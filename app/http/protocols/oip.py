@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import anyio.to_thread
@@ -25,10 +24,9 @@ from app.protocols.binary import HEADER, split_buffers
 from app.protocols.oip import (
     InferenceRequest,
     InferenceResponse,
-    InferenceResult,
     ModelMetadata,
     ServerMetadata,
-    answer_json,
+    answer_text,
     model_metadata,
     model_ready,
     read_inference,
@@ -238,7 +236,7 @@ async def _infer(
         inference.timeout_s,
     )
     # Off the event loop too: a segmenter's mask in JSON is a number per pixel (seconds).
-    text, tail = await anyio.to_thread.run_sync(_encoded, result)
+    text, tail = await anyio.to_thread.run_sync(answer_text, result)
     if not tail:
         return Response(text, media_type="application/json")
     return Response(
@@ -246,9 +244,3 @@ async def _infer(
         media_type="application/octet-stream",
         headers={HEADER: str(len(text))},
     )
-
-
-def _encoded(result: InferenceResult) -> tuple[bytes, list[bytes]]:
-    """The answer's JSON text and its binary part's buffers."""
-    answer, tail = answer_json(result)
-    return json.dumps(answer, separators=(",", ":")).encode(), tail

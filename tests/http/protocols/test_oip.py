@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.protocols.oip import answer_json, read_inference
+from app.protocols.oip import answer_text, read_inference
 from tests.conftest import files, image_bytes
 
 
@@ -825,9 +825,9 @@ def test_the_answer_is_encoded_off_the_event_loop(
 
     def recorded(*args: Any) -> Any:
         seen.append(on_the_event_loop())
-        return answer_json(*args)
+        return answer_text(*args)
 
-    monkeypatch.setattr("app.http.protocols.oip.answer_json", recorded)
+    monkeypatch.setattr("app.http.protocols.oip.answer_text", recorded)
     response = client.post("/v2/models/tiny/infer", json=infer_body(image_bytes()))
     assert response.status_code == 200, response.text
     assert seen == [False]
