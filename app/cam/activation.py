@@ -147,6 +147,7 @@ class CAM(_CAM):
         self._explicit_fc = fc_layer is not None
         self.fc_name, self.fc = resolve_fc_layer(model, fc_layer)
         self._fc_input: Tensor | None = None
+        self._fc_training = False
         super().__init__(model, target_layer, input_shape, reshape_transform, enable_hooks)
         if len(self.target_names) != 1:
             self.remove_hooks()  # refused: the model is left as it was given
@@ -156,9 +157,10 @@ class CAM(_CAM):
         super()._register_hooks()
         self._handles.append(self.fc.register_forward_pre_hook(self._record_fc_input))
 
-    def _record_fc_input(self, _module: nn.Module, args: tuple[object, ...]) -> None:
+    def _record_fc_input(self, module: nn.Module, args: tuple[object, ...]) -> None:
         if self._recording() and args and isinstance(args[0], Tensor):
             self._fc_input = args[0]
+            self._fc_training = module.training
 
     def reset_hooks(self) -> None:
         super().reset_hooks()
@@ -191,8 +193,15 @@ class CAM(_CAM):
                 f"fc_layer {self.fc_name!r} is not fed by the global average pool of target "
                 f"layer {self.target_names[0]!r}, so CAM's weights do not apply to its channels."
             )
+            if self._fc_training:
+                message += (
+                    " The forward ran in train mode, where a dropout before the head changes its "
+                    "input: put the model in eval mode (model.eval())."
+                )
             if self._explicit_fc:
                 logger.warning("%s Using it because it was passed explicitly.", message)
+            elif self._fc_training:
+                raise ValueError(message)
             else:
                 raise ValueError(message + " Use GradCAM, LayerCAM or ScoreCAM instead.")
 

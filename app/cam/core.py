@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.cam.layers import LayerSpec, locate_candidate_layer, resolve_layers
+from app.cam.layers import LayerSpec, eval_mode, locate_candidate_layer, resolve_layers
 from app.cam.options import AUG_VARIANTS, SMOOTHING, SMOOTHING_NAMES, MethodOption
 from app.cam.smoothing import augmented, flip_refusal, merged, principal_map
 from app.cam.targets import Objective, Target, output_length, target_list
@@ -844,19 +844,24 @@ class _CAM:
         should_stop: StopCheck | None,
         pause: PauseCallback | None,
     ) -> list[list[Tensor]]:
-        """Maps for each (class_idx, targets) of ``asked``, from the one hooked forward."""
-        extra = self.masked_forwards or self.noisy_forwards
-        self._work = Work(progress, should_stop, pause if extra else None)
-        self._work.check()
-        batch = self._batch_size()
-        device = self._recorded()[0].device
-        objectives = [self._objective(c, t, batch, device) for c, t in asked]
-        if self.uses_scores:
-            for objective in objectives:
-                scores = self._check_scores(scores, batch, objective)
-        activations = self._activations_for_use()
-        with self._work.pause_points(self.model):
-            raw = self._maps_many(objectives, scores, retain_graph, activations)
+        """Maps for each (class_idx, targets) of ``asked``, from the one hooked forward.
+
+        The forwards the engine runs itself (masked, noisy, guided, a re-run for missing scores)
+        run with the model in eval mode: on a model in train mode they would move its BatchNorm
+        statistics, and normalise each chunk of masked inputs by its own batch statistics."""
+        with eval_mode(self.model):
+            extra = self.masked_forwards or self.noisy_forwards
+            self._work = Work(progress, should_stop, pause if extra else None)
+            self._work.check()
+            batch = self._batch_size()
+            device = self._recorded()[0].device
+            objectives = [self._objective(c, t, batch, device) for c, t in asked]
+            if self.uses_scores:
+                for objective in objectives:
+                    scores = self._check_scores(scores, batch, objective)
+            activations = self._activations_for_use()
+            with self._work.pause_points(self.model):
+                raw = self._maps_many(objectives, scores, retain_graph, activations)
         results = []
         with torch.no_grad():
             for maps in raw:
@@ -939,6 +944,7 @@ class _CAM:
             with (
                 torch.enable_grad() if self.requires_grad else torch.no_grad(),
                 hooks_only_for(self),
+                eval_mode(self.model),
             ):
                 scores = self.model(variants)
                 maps = self(class_idx, scores, normalized, targets=targets, **calls)

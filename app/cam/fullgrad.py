@@ -130,6 +130,13 @@ class FullGrad(_GradientCAM):
     def _activations_for_use(self) -> list[Tensor]:
         return [a.detach() for a in self._recorded()]
 
+    def _explain(self, *args: Any, **kwargs: Any) -> list[list[Tensor]]:
+        # Before the base puts the model in eval mode for the call: the biases must be those of
+        # the forward that was hooked, and a batch norm in train mode used its batch statistics.
+        for module in self._target_modules:
+            effective_bias(module)
+        return super()._explain(*args, **kwargs)
+
     def _maps(
         self,
         objective: Objective | None,

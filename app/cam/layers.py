@@ -84,8 +84,12 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Within this block ``model`` is in eval mode; on leaving, every submodule gets back its own
     mode. ``model.train(was_training)`` would not do: it would also put a train-mode model's
-    frozen submodules (a BatchNorm kept in eval) in train mode."""
+    frozen submodules (a BatchNorm kept in eval) in train mode. A model already in eval mode is
+    not touched (no flag is written, so a forward of it on another thread is not disturbed)."""
     modes = [(module, module.training) for module in model.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
     model.eval()
     try:
         yield

@@ -255,6 +255,67 @@ def test_a_target_layer_the_forward_never_calls_is_named_as_such():
             extractor(0, scores)
 
 
+class _BatchNormNet(nn.Module):
+    """conv → BN → ReLU → conv → BN → ReLU (``feat``) → GAP → dropout → Linear, with running
+    statistics of its own; its second BatchNorm frozen (eval mode) in a train-mode model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.feat = nn.ReLU()
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(6, 3)
+        )
+        with torch.no_grad():
+            for bn in (self.bn, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+        self.train()
+        self.bn2.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(self.feat(self.bn2(self.conv2(x))))
+
+
+def _bn_state(model: nn.Module) -> list[torch.Tensor]:
+    return [t.clone() for t in model.buffers()]
+
+
+@pytest.mark.parametrize("aug_smooth", [False, True])
+@pytest.mark.parametrize("method", ALL)
+def test_a_call_on_a_train_mode_model_leaves_its_statistics_and_modes(method, aug_smooth):
+    """The engine's own forwards (masked, noisy, guided, aug_smooth's variants) run in eval mode:
+    they moved a train-mode model's BatchNorm statistics, and each chunk of masked inputs was
+    normalised by its own batch statistics."""
+    if aug_smooth and not method.aug_smoothable:
+        pytest.skip("takes no aug_smooth")
+    model = _BatchNormNet()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with method(
+        model,
+        LAYERS.get(method.__name__, "feat"),
+        input_shape=(3, 8, 8),
+        **OPTIONS.get(method.__name__, {}),
+    ) as extractor:
+        with torch.enable_grad() if method.requires_grad else torch.inference_mode():
+            scores = model(x)
+        before = _bn_state(model)
+        if method.__name__ in ("FullGrad", "CAM", "DFF") and not aug_smooth:
+            # FullGrad reads the running statistics, which the hooked forward did not use; the
+            # dropout of the hooked forward fed CAM's head something else than the pooled layer.
+            with pytest.raises(ValueError, match=r"eval mode \(model.eval\(\)\)"):
+                extractor([0, 1], scores)
+        else:
+            maps = extractor([0, 1], scores, aug_smooth=aug_smooth)[0]
+            assert torch.isfinite(maps).all()
+        for got, want in zip(_bn_state(model), before, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [m.training for m in model.modules()] == [m is not model.bn2 for m in model.modules()]
+
+
 def test_two_extractors_on_one_model_do_not_corrupt_each_other(tiny_net):
     x = torch.randn(2, 3, 16, 16)
     expected = _run(GradCAM, tiny_net, x, [0, 1])[0]
