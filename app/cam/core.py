@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from numbers import Integral
 from typing import Any, ClassVar, NamedTuple, TypeVar, cast
 
 import torch
@@ -578,12 +579,13 @@ class _CAM:
                 values = values * batch
         elif isinstance(class_idx, bool):
             raise TypeError("class_idx must be an int or a list of ints, not a bool.")
-        elif isinstance(class_idx, int):
-            values = [class_idx] * batch
+        elif isinstance(class_idx, Integral):  # numpy's ints too (np.argmax)
+            values = [int(class_idx)] * batch
         elif isinstance(class_idx, Sequence) and not isinstance(class_idx, str):
             values = list(class_idx)
-            if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            if any(isinstance(v, bool) or not isinstance(v, Integral) for v in values):
                 raise TypeError("class_idx must be an int or a list of ints.")
+            values = [int(v) for v in values]
         else:
             raise TypeError(f"class_idx must be an int or a list of ints, not {type(class_idx)}.")
         if len(values) != batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -121,6 +122,16 @@ def test_class_idx_checks(tiny_net, method):
         _run(method, tiny_net, x, [-1, 0])
     with pytest.raises(TypeError):
         _run(method, tiny_net, x, "0")
+
+
+def test_numpy_class_indices_are_ints(tiny_net):
+    """np.argmax gives numpy ints: the guide's "int or list[int]" takes them."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    want = _run(GradCAM, tiny_net, x, [2, 0])[0]
+    torch.testing.assert_close(_run(GradCAM, tiny_net, x, list(np.array([2, 0])))[0], want)
+    torch.testing.assert_close(_run(GradCAM, tiny_net, x[:1], np.int64(2))[0], want[:1])
+    with pytest.raises(TypeError):
+        _run(GradCAM, tiny_net, x, [np.float32(2), 0])
 
 
 @pytest.mark.parametrize("method", [m for m in ALL if m.__name__ != "DRISE"])
