@@ -69,17 +69,17 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise UnsupportedMediaType(
-            f"{name}: not a recognised image; send {', '.join(ACCEPTED_FORMATS)}."
-        ) from None
+        if _signature(data) is None:
+            raise UnsupportedMediaType(
+                f"{name}: not a recognised image; send {', '.join(ACCEPTED_FORMATS)}."
+            ) from None
+        raise _corrupt_header(name, data) from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(
             f"{name}: the image declares far more pixels than allowed; downscale it."
         ) from None
     except Exception:
-        raise InvalidImage(
-            f"{name}: the image header is truncated or corrupt; upload the complete file."
-        ) from None
+        raise _corrupt_header(name, data) from None
     if image.format not in ACCEPTED_FORMATS and image.format not in JPEG_FORMATS:
         raise UnsupportedMediaType(
             f"{name}: {image.format} images are not supported; send {', '.join(ACCEPTED_FORMATS)}."
@@ -101,6 +101,32 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
             f"{max_pixels} (CAMSERVE_MAX_IMAGE_PIXELS); downscale the image."
         )
     return image
+
+
+#: The first bytes of the accepted formats (WebP's and BMP's are checked in ``_signature``).
+_SIGNATURES = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (b"\xff\xd8\xff",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+}
+
+
+def _signature(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, if any: Pillow cannot tell a
+    damaged header from an unknown format, and a cut PNG is not a format to refuse."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM" and data[6:10] == bytes(4):  # "BM", the file's size, 4 reserved zeros
+        return "BMP"
+    return next((fmt for fmt, starts in _SIGNATURES.items() if data.startswith(starts)), None)
+
+
+def _corrupt_header(name: str, data: bytes) -> InvalidImage:
+    return InvalidImage(
+        f"{name}: the {_signature(data) or 'image'} header is truncated or corrupt; upload the "
+        "complete file."
+    )
 
 
 def exif_orientation(image: Image.Image) -> int:

@@ -337,3 +337,21 @@ def test_a_jpeg_of_too_many_scans_is_refused_from_its_bytes() -> None:
         decode_image(_progressive(MAX_JPEG_SCANS + 1), "scans.jpg", LIMIT)
     with pytest.raises(InvalidImage, match="scans"):
         decode_cost([Upload("scans.jpg", _progressive(1000))], parse_manifest(SHAPES), LIMIT, 0)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_a_truncated_header_is_corrupt_not_unsupported(fmt: str) -> None:
+    # Pillow cannot tell a damaged header from an unknown format: a PNG, GIF or TIFF cut in
+    # its header was refused with 415 "not a recognised image; send PNG, JPEG, ...".
+    data = image_bytes((48, 40), fmt=fmt)
+    for cut in range(12, 60):
+        with pytest.raises(InvalidImage, match="truncated or corrupt"):
+            decode_image(data[:cut], "cut", LIMIT)
+    with pytest.raises(InvalidImage, match=f"the {fmt} header is truncated or corrupt"):
+        decode_image(data[:12], "cut", LIMIT)
+
+
+def test_an_image_of_no_pixels_is_corrupt() -> None:
+    empty = _flat((1, 1)).replace(b"IHDR\x00\x00\x00\x01", b"IHDR\x00\x00\x00\x00", 1)
+    with pytest.raises(InvalidImage, match="the PNG header is truncated or corrupt"):
+        decode_image(empty, "0x1.png", LIMIT)
