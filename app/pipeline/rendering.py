@@ -51,6 +51,8 @@ OUTPUT_FORMATS = {
     "jpeg": ("JPEG", "image/jpeg"),
     "webp": ("WEBP", "image/webp"),
 }
+#: The longest side a format can encode (WebP stores 14 bits of it, JPEG 16); PNG has room.
+MAX_FORMAT_SIDE = {"webp": 16383, "jpeg": 65535}
 
 
 class RawMap(BaseModel):
@@ -481,6 +483,14 @@ def render_cost(
             pixels += maps_per_image * pictures * width * height
             largest = max(largest, width, height)
             largest_area = max(largest_area, width * height)
+    limit = MAX_FORMAT_SIDE.get(style.image_format)
+    if limit is not None and largest > limit:
+        raise InvalidParameter(
+            f"image_format={style.image_format}: {style.image_format} pictures are at most "
+            f"{limit} px on a side, and this request's largest would be {largest} px; ask for "
+            "a smaller size or image_format=png.",
+            details={"parameter": "image_format", "largest_side": largest, "limit": limit},
+        )
     memory = WORKING_BYTES_PER_PIXEL * largest_area
     memory += int(ANSWER_BYTES_PER_PIXEL.get(style.image_format, 4.0) * pixels)
     return RenderCost(len(sizes) * maps_per_image, pixels, largest, memory)

@@ -145,6 +145,20 @@ def test_render_cost_counts_images_maps_pictures_and_area() -> None:
     assert cost + raw_only == RenderCost(9, cost.pixels, 100, cost.bytes)
 
 
+def test_a_picture_past_what_its_format_encodes_is_refused_when_priced() -> None:
+    # WebP stores 14 bits a side: size=original of a 20000x200 upload in webp was drawn, then
+    # failed in the encoder (a 500, after the whole pass).
+    original = PictureSize("original")
+    for fmt, side in (("webp", 16383), ("jpeg", 65535)):
+        style = RenderStyle(image_format=fmt, size=original)
+        assert render_cost([(side, 200)], 1, style, (32, 32)).largest_side == side
+        with pytest.raises(InvalidParameter, match=f"{fmt} pictures are at most {side} px"):
+            render_cost([(200, side + 1)], 1, style, (32, 32))
+    assert render_cost([(70000, 700)], 1, RenderStyle(image_format="png", size=original), (32, 32))
+    raw = RenderStyle(outputs=("raw",), image_format="webp", size=original)
+    assert render_cost([(20000, 200)], 1, raw, (32, 32)).largest_side == 0
+
+
 def test_the_render_budget_names_the_numbers_and_how_to_fit() -> None:
     budget = RenderBudget(max_pixels=1000, max_maps=4, max_bytes=10_000)
     budget.check(RenderCost(maps=4, pixels=1000, largest_side=10, bytes=10_000))

@@ -218,6 +218,16 @@ def test_repeated_accept_headers_are_one_list(client: TestClient) -> None:
     assert response.headers["content-type"] == "image/png"
 
 
+def test_a_webp_picture_too_wide_for_webp_is_a_422_before_any_work(client: TestClient) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16400, 164), (40, 90, 200)).save(buffer, format="PNG")
+    wide = buffer.getvalue()
+    form = {"size": "original", "image_format": "webp"}
+    message = assert_error(explain(client, wide, **form), 422, "invalid_parameter")
+    assert "webp pictures are at most 16383 px" in message and "16400" in message
+    assert explain(client, wide, size="original", image_format="png").status_code == 200
+
+
 def test_a_repeated_explanation_says_hit_in_its_header_and_timings(
     make_client: Callable[..., TestClient],
 ) -> None:
