@@ -220,7 +220,7 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Open connections and requests uvicorn allows; more get 503 (logged). The "
         "open-file limit is raised to fit. gRPC calls in flight have the same cap (beyond it: "
-        "RESOURCE_EXHAUSTED).",
+        "UNAVAILABLE, with `retry-after`; health checks have `CAMSERVE_PROBE_CONNECTIONS` more).",
     )
     header_timeout_s: float = Field(
         10.0,
@@ -364,8 +364,9 @@ class Settings(BaseSettings):
         8,
         ge=1,
         le=1000,
-        description="Requests to `/health`, `/ready` and `/metrics` answered beyond "
-        "`CAMSERVE_MAX_CONNECTIONS`, so that probes pass while the service is full.",
+        description="Requests to `/health`, `/ready` and `/metrics` (and gRPC health checks) "
+        "answered beyond `CAMSERVE_MAX_CONNECTIONS`, so that probes pass while the service is "
+        "full.",
     )
     max_jobs_per_client: int = Field(
         16,

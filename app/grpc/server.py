@@ -61,8 +61,11 @@ class GrpcServer:
         self.service = Service(state)
         limit = max_message_bytes(settings.max_upload_bytes, settings.max_images)
         self.server = grpc.aio.server(
-            # HTTP's cap on requests in flight, for calls: more are refused (RESOURCE_EXHAUSTED).
-            maximum_concurrent_rpcs=settings.max_connections,
+            # grpc's own cap, which refuses a call before its message is read: the service's
+            # calls are capped at CAMSERVE_MAX_CONNECTIONS by the service itself (a named
+            # refusal), and health checks have CAMSERVE_PROBE_CONNECTIONS more, as HTTP's probes
+            # do, so that a full service is not taken for a dead one.
+            maximum_concurrent_rpcs=settings.max_connections + settings.probe_connections,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 # Off, so that a taken port is an error; on for the workers sharing it.

@@ -19,7 +19,15 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 
-from app.errors import BadRequest, CamserveError, NotReady, ShuttingDown, Unauthorized, clip
+from app.errors import (
+    BadRequest,
+    CamserveError,
+    NotReady,
+    Overloaded,
+    ShuttingDown,
+    Unauthorized,
+    clip,
+)
 from app.grpc import messages
 from app.grpc.access import accessed
 from app.grpc.infer import infer, parse_version
@@ -55,6 +63,8 @@ class Service:
         self.settings = state.settings
         # Every key HTTP takes (CAMSERVE_API_KEY, CAMSERVE_API_KEYS, CAMSERVE_API_KEYS_FILE),
         # read once at startup as HTTP reads them.
+        self._calls = 0
+        """Calls of the service in flight (health checks are not among them)."""
         self._api_keys = {name: key.encode() for name, key in named_api_keys(self.settings).items()}
 
     # ------------------------------------------------------------------ state
@@ -226,11 +236,35 @@ class Service:
         return {
             name: _answering(
                 accessed(
-                    f"/{messages.SERVICE}/{name}", _parsing(method, types[name][0]), self._metrics
+                    f"/{messages.SERVICE}/{name}",
+                    self._capped(_parsing(method, types[name][0])),
+                    self._metrics,
                 )
             )
             for name, method in methods.items()
         }
+
+    def _capped(self, method: Handler) -> Handler:
+        """``method`` refused (Overloaded) while CAMSERVE_MAX_CONNECTIONS calls are in flight,
+        HTTP's cap on requests: grpc's own refusal said only 'Concurrent RPC limit exceeded!',
+        and counted the health checks, which it then refused too."""
+
+        async def capped(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+            if self._calls >= self.settings.max_connections:
+                raise Overloaded(
+                    f"The service has as many gRPC calls in flight as it accepts "
+                    f"({self.settings.max_connections}, CAMSERVE_MAX_CONNECTIONS); retry after "
+                    "the seconds in the trailing metadata retry-after.",
+                    headers={"Retry-After": "1"},
+                )
+            self._calls += 1
+            try:
+                return await method(data, context)
+            finally:
+                self._calls -= 1
+
+        capped.__name__ = method.__name__
+        return capped
 
 
 EXTENSIONS = ("classification", "model_repository")

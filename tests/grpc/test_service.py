@@ -247,3 +247,34 @@ def test_inference_uses_the_cache_scope_of_its_key(monkeypatch: pytest.MonkeyPat
         handler = Service(state).handlers()["ModelInfer"]  # type: ignore[arg-type]
         asyncio.run(handler(request, _Context(metadata)))
         assert scopes[-1] == scope
+
+
+def test_calls_past_max_connections_are_refused_by_name() -> None:
+    # grpc's own cap answered RESOURCE_EXHAUSTED 'Concurrent RPC limit exceeded!' and refused
+    # the health checks as well (a full service read as a dead one).
+    state = SimpleNamespace(settings=Settings(max_connections=1), lifecycle=Lifecycle(grace_s=1))
+    service = Service(state)  # type: ignore[arg-type]
+    release = asyncio.Event()
+
+    async def slow(request: Any, context: Any) -> Any:
+        await release.wait()
+        return messages.ServerLiveResponse(live=True)
+
+    service.server_live = slow  # type: ignore[method-assign]
+    live = service.handlers()["ServerLive"]
+    request = messages.message("ServerLiveRequest")().SerializeToString()
+
+    async def scenario() -> tuple[Any, _Context, Any]:
+        first = asyncio.create_task(live(request, _Context()))
+        await asyncio.sleep(0)
+        refused = _Context()
+        with pytest.raises(_Aborted):
+            await live(request, refused)
+        release.set()
+        return await first, refused, await live(request, _Context())
+
+    first, refused, after = asyncio.run(scenario())
+    assert first.live and after.live
+    assert refused.code == grpc.StatusCode.UNAVAILABLE
+    assert "CAMSERVE_MAX_CONNECTIONS" in refused.details
+    assert refused.trailing == (("retry-after", "1"),)
