@@ -76,7 +76,9 @@ class GrpcServer:
         handlers = {
             # No request_deserializer: each handler parses its request's bytes itself.
             name: grpc.unary_unary_rpc_method_handler(
-                handler, response_serializer=types[name][1].SerializeToString
+                handler,
+                # None for the RPCs it refuses (UNSERVED): they answer no message.
+                response_serializer=types[name][1].SerializeToString if name in types else None,
             )
             for name, handler in self.service.handlers().items()
         }

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from app.errors import (
     BadRequest,
     CamserveError,
+    HttpMethodNotAllowed,
     NotReady,
     Overloaded,
     ShuttingDown,
@@ -233,7 +234,7 @@ class Service:
         missing = set(types) ^ set(methods)
         if missing:  # the proto and the service must list the same RPCs
             raise RuntimeError(f"RPCs without a handler or a message type: {sorted(missing)}")
-        return {
+        served = {
             name: _answering(
                 accessed(
                     f"/{messages.SERVICE}/{name}",
@@ -243,6 +244,13 @@ class Service:
             )
             for name, method in methods.items()
         }
+        refused = {
+            name: _answering(
+                accessed(f"/{messages.SERVICE}/{name}", _unserved(name, fix), self._metrics)
+            )
+            for name, fix in UNSERVED.items()
+        }
+        return {**served, **refused}
 
     def _capped(self, method: Handler) -> Handler:
         """``method`` refused (Overloaded) while CAMSERVE_MAX_CONNECTIONS calls are in flight,
@@ -265,6 +273,36 @@ class Service:
 
         capped.__name__ = method.__name__
         return capped
+
+
+_SHARED_MEMORY = (
+    "camserve takes images in the request, not in shared memory: send them in raw_input_contents."
+)
+UNSERVED: dict[str, str] = {
+    "ModelStreamInfer": "camserve does not stream: send each request with ModelInfer.",
+    "ModelConfig": "camserve serves a model's configuration (Triton's shape) over HTTP: "
+    "GET /v2/models/{name}/config.",
+    "ModelStatistics": "camserve serves the statistics (Triton's shape) over HTTP: "
+    "GET /v2/models/{name}/stats.",
+    **{
+        f"{kind}SharedMemory{verb}": _SHARED_MEMORY
+        for kind in ("System", "Cuda")
+        for verb in ("Status", "Register", "Unregister")
+    },
+    "TraceSetting": "camserve has no trace settings: each call's x-request-id, access log line "
+    "and metrics do that job.",
+    "LogSettings": "camserve's log level is CAMSERVE_LOG_LEVEL, set at startup.",
+}
+"""Triton's RPCs that camserve does not serve, and what to do instead: each is refused
+(UNIMPLEMENTED) with that, where grpc's own answer said only 'Method not found!'."""
+
+
+def _unserved(name: str, fix: str) -> Handler:
+    async def unserved(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        raise HttpMethodNotAllowed(f"{name} is a Triton RPC that camserve does not serve; {fix}")
+
+    unserved.__name__ = name
+    return unserved
 
 
 EXTENSIONS = ("classification", "model_repository")

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -278,3 +279,30 @@ def test_calls_past_max_connections_are_refused_by_name() -> None:
     assert refused.code == grpc.StatusCode.UNAVAILABLE
     assert "CAMSERVE_MAX_CONNECTIONS" in refused.details
     assert refused.trailing == (("retry-after", "1"),)
+
+
+def test_tritons_rpcs_that_are_not_served_say_what_to_do_instead(
+    triton: grpcclient.InferenceServerClient,
+) -> None:
+    # grpc's own answer was UNIMPLEMENTED 'Method not found!', naming no other way.
+    for call, words in (
+        (lambda: triton.get_model_config("tiny", headers=KEYED), "GET /v2/models/{name}/config"),
+        (lambda: triton.get_inference_statistics("tiny", headers=KEYED), "/stats"),
+        (lambda: triton.get_system_shared_memory_status(headers=KEYED), "raw_input_contents"),
+        (lambda: triton.get_trace_settings(headers=KEYED), "x-request-id"),
+    ):
+        code, message = status_of(call)
+        assert code == "StatusCode.UNIMPLEMENTED" and words in message
+        assert "camserve does not serve" in message
+
+
+def test_a_stream_is_refused_with_what_to_do_instead(served: Served) -> None:
+    errors: list[Any] = []
+    client = grpcclient.InferenceServerClient(served.target)
+    client.start_stream(callback=lambda result, error: errors.append(error))
+    tensor = grpcclient.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    client.async_stream_infer("tiny", [tensor])
+    client.stop_stream()
+    client.close()
+    assert errors and "UNIMPLEMENTED" in str(errors[0]) and "ModelInfer" in str(errors[0])
