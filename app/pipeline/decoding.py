@@ -29,6 +29,10 @@ JPEG_FORMATS = ("JPEG", "MPO")
 #: a few more per picture of an MPO. Counted as the SOS marker's bytes anywhere in the file,
 #: which can only overcount.
 MAX_JPEG_SCANS = 100
+#: Most chunks a PNG may have. Pillow reads each one in Python (about 11 us a chunk, to open
+#: and again to decode); an encoder writes a few and its pixels in 8 to 64 KiB chunks (65536 of
+#: 8 KiB hold 512 MiB).
+MAX_PNG_CHUNKS = 65536
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 #: Longest side / shortest side beyond which an upload is refused: past it the model's square crop
 #: sees under 1 % of the image, and the answer's pictures would be a line of pixels.
@@ -66,6 +70,12 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     name = shown(filename)
     if not data:
         raise InvalidImage(f"{name}: the file is empty; attach the image's bytes.")
+    # Before Pillow's open, which reads every chunk before the pixels.
+    if _signature(data) == "PNG" and _png_chunks(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:
+        raise InvalidImage(
+            f"{name}: the PNG has over {MAX_PNG_CHUNKS} chunks (an encoder writes a few, and its "
+            "pixels in chunks of kilobytes); re-encode it."
+        )
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -120,6 +130,18 @@ def _signature(data: bytes) -> str | None:
     if data[:2] == b"BM" and data[6:10] == bytes(4):  # "BM", the file's size, 4 reserved zeros
         return "BMP"
     return next((fmt for fmt, starts in _SIGNATURES.items() if data.startswith(starts)), None)
+
+
+def _png_chunks(data: bytes, most: int) -> int:
+    """The chunks of a PNG up to its IEND (or its end), counted up to ``most + 1``: their
+    lengths only, a step a chunk."""
+    position, count = 8, 0
+    while position + 8 <= len(data) and count <= most:
+        count += 1
+        if data[position + 4 : position + 8] == b"IEND":
+            break
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+    return count
 
 
 def _corrupt_header(name: str, data: bytes) -> InvalidImage:
