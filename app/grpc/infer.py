@@ -134,9 +134,12 @@ def _typed(tensor: Any) -> tuple[list[Any] | None, bytes | None]:
         )
     values = getattr(tensor.contents, field)
     if tensor.datatype == "UINT8":
-        if any(value > 255 for value in values):
-            raise BadRequest(f"Input {clip(tensor.name)}: a UINT8 value is over 255.")
-        return None, bytes(values)
+        try:
+            # bytes() refuses a value over 255 itself, in C: a Python loop over the values
+            # first took 2 s more for 20M pixel values.
+            return None, bytes(values)
+        except ValueError:
+            raise BadRequest(f"Input {clip(tensor.name)}: a UINT8 value is over 255.") from None
     return list(values), None
 
 

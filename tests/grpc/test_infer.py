@@ -351,3 +351,19 @@ def test_the_answer_is_made_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) 
     lifecycle = Lifecycle(grace_s=1)
     answer = asyncio.run(infer.infer(request, Settings(), None, lifecycle, None))  # type: ignore[arg-type]
     assert answer.model_name == "tiny" and seen == [False]
+
+
+def test_uint8_typed_contents_become_the_pixel_bytes_and_values_over_255_are_refused() -> None:
+    from app.errors import BadRequest
+    from app.grpc import messages
+    from app.grpc.infer import to_request
+
+    def request(values: list[int]) -> Any:
+        tensor = {"name": "image", "datatype": "UINT8", "shape": [1, 1, 2, 3]}
+        contents = {"uint_contents": values}
+        return messages.ModelInferRequest(inputs=[{**tensor, "contents": contents}])
+
+    _, buffers = to_request(request([0, 1, 2, 253, 254, 255]))
+    assert buffers == [bytes([0, 1, 2, 253, 254, 255])]
+    with pytest.raises(BadRequest, match="a UINT8 value is over 255"):
+        to_request(request([0, 1, 2, 3, 4, 256]))
