@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,15 @@ MAX_JPEG_SCANS = 100
 #: and again to decode); an encoder writes a few and its pixels in 8 to 64 KiB chunks (65536 of
 #: 8 KiB hold 512 MiB).
 MAX_PNG_CHUNKS = 65536
+#: Most marker segments a JPEG's header may have before its first scan. Pillow reads them (and
+#: any 0xFF fill byte between them) one at a time in Python; an encoder writes about ten, a
+#: camera a few more (EXIF, ICC profile and XMP pieces of 64 KiB).
+MAX_JPEG_MARKERS = 1000
+#: Most bytes a JPEG's header may have between its marker segments (0xFF fill, or junk), which
+#: Pillow skips a byte at a time in Python (about 1 us each).
+MAX_JPEG_STRAY_BYTES = 65536
+#: A marker: fill bytes, then its code (0xFF 0x00 is no marker).
+_JPEG_MARKER = re.compile(rb"\xff+([^\xff\x00])")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 #: Longest side / shortest side beyond which an upload is refused: past it the model's square crop
 #: sees under 1 % of the image, and the answer's pictures would be a line of pixels.
@@ -70,11 +80,19 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     name = shown(filename)
     if not data:
         raise InvalidImage(f"{name}: the file is empty; attach the image's bytes.")
-    # Before Pillow's open, which reads every chunk before the pixels.
-    if _signature(data) == "PNG" and _png_chunks(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:
+    # Before Pillow's open, which reads every chunk or marker before the pixels in Python.
+    signature = _signature(data)
+    if signature == "PNG" and _png_chunks(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:
         raise InvalidImage(
             f"{name}: the PNG has over {MAX_PNG_CHUNKS} chunks (an encoder writes a few, and its "
             "pixels in chunks of kilobytes); re-encode it."
+        )
+    markers, stray = _jpeg_header(data) if signature == "JPEG" else (0, 0)
+    if markers > MAX_JPEG_MARKERS or stray > MAX_JPEG_STRAY_BYTES:
+        raise InvalidImage(
+            f"{name}: the JPEG has over {MAX_JPEG_MARKERS} marker segments or "
+            f"{MAX_JPEG_STRAY_BYTES} stray bytes between them before its pixels (an encoder "
+            "writes about ten segments, and no stray bytes); re-encode it."
         )
     try:
         image = Image.open(io.BytesIO(data))
@@ -142,6 +160,23 @@ def _png_chunks(data: bytes, most: int) -> int:
             break
         position += 12 + int.from_bytes(data[position : position + 4], "big")
     return count
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int]:
+    """The marker segments of a JPEG before its first scan (counted to ``MAX_JPEG_MARKERS +
+    1``), and the bytes between them that are not a marker's own two: a search a segment."""
+    position = 2
+    count = stray = 0
+    while count <= MAX_JPEG_MARKERS and (marker := _JPEG_MARKER.search(data, position)):
+        stray += marker.end() - 2 - position
+        code = marker.group(1)[0]
+        if code in (0xDA, 0xD9):  # the first scan, or the end of the image
+            break
+        count += 1
+        position = marker.end()
+        if not (code == 0x01 or 0xD0 <= code <= 0xD7):  # those stand alone, without a length
+            position += int.from_bytes(data[position : position + 2], "big")
+    return count, stray
 
 
 def _corrupt_header(name: str, data: bytes) -> InvalidImage:
