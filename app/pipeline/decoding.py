@@ -41,6 +41,9 @@ MAX_JPEG_MARKERS = 1000
 #: Most bytes a JPEG's header may have between its marker segments (0xFF fill, or junk), which
 #: Pillow skips a byte at a time in Python (about 1 us each).
 MAX_JPEG_STRAY_BYTES = 65536
+#: Most blocks (extensions and their sub-blocks) a GIF may have before its first frame, which
+#: Pillow reads one at a time in Python; an encoder writes a few (a loop count, a comment).
+MAX_GIF_BLOCKS = 65536
 #: A marker: fill bytes, then its code (0xFF 0x00 is no marker).
 _JPEG_MARKER = re.compile(rb"\xff+([^\xff\x00])")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -86,6 +89,11 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
         raise InvalidImage(
             f"{name}: the PNG has over {MAX_PNG_CHUNKS} chunks (an encoder writes a few, and its "
             "pixels in chunks of kilobytes); re-encode it."
+        )
+    if signature == "GIF" and _gif_blocks(data) > MAX_GIF_BLOCKS:
+        raise InvalidImage(
+            f"{name}: the GIF has over {MAX_GIF_BLOCKS} blocks before its first frame (an "
+            "encoder writes a few); re-encode it."
         )
     markers, stray = _jpeg_header(data) if signature == "JPEG" else (0, 0)
     if markers > MAX_JPEG_MARKERS or stray > MAX_JPEG_STRAY_BYTES:
@@ -159,6 +167,23 @@ def _png_chunks(data: bytes, most: int) -> int:
         if data[position + 4 : position + 8] == b"IEND":
             break
         position += 12 + int.from_bytes(data[position : position + 4], "big")
+    return count
+
+
+def _gif_blocks(data: bytes) -> int:
+    """The extension blocks and sub-blocks of a GIF before its first frame, counted up to
+    ``MAX_GIF_BLOCKS + 1``: a step a block."""
+    flags = data[10] if len(data) > 10 else 0
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the colour table
+    count = 0
+    while count <= MAX_GIF_BLOCKS and data[position : position + 1] == b"!":
+        position += 2  # the introducer and the extension's label
+        while count <= MAX_GIF_BLOCKS and position < len(data):
+            count += 1
+            size = data[position]
+            position += 1 + size
+            if not size:  # the block terminator
+                break
     return count
 
 
