@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from google.protobuf import unknown_fields
 
+from app.digits import whole_number
 from app.errors import BadRequest, RequestTimeout, ShuttingDown, clip
 from app.grpc import messages
 from app.lifecycle import Lifecycle
@@ -196,10 +197,10 @@ def parse_version(text: str) -> int | None:
     """A request's ``version`` field: empty (the server picks) or a whole number."""
     if not text:
         return None
-    # ASCII digits only: ``isdigit`` takes '²', which ``int`` refuses, and '٣'.
-    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+    version = whole_number(text, most_digits=9)
+    if version is None:
         raise BadRequest(f"Model version {clip(text)} is not a whole number; send e.g. '1'.")
-    return int(text)
+    return version
 
 
 async def within_limits(

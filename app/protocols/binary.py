@@ -15,6 +15,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from app.digits import whole_number
 from app.errors import BadRequest, clip
 
 HEADER = "Inference-Header-Content-Length"
@@ -22,18 +23,13 @@ HEADER = "Inference-Header-Content-Length"
 SIZE = "binary_data_size"
 """A tensor's parameter: how many bytes of the binary part are its data."""
 _PREFIX = struct.Struct("<I")
-_MOST_DIGITS = 18
-"""Most digits of a byte count in a header (an exabyte less one)."""
 
 
 def header_length(value: str, body_length: int) -> int:
     """The ``Inference-Header-Content-Length`` header, checked against the body it frames."""
-    text = value.strip()
-    # ASCII digits only: ``isdigit`` takes '²', which ``int`` refuses, and thousands of digits
-    # are more than ``int`` converts; no body is that long anyway.
-    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > _MOST_DIGITS:
+    length = whole_number(value)
+    if length is None:
         raise BadRequest(f"The {HEADER} header must be a number of bytes; got {clip(value, 20)}.")
-    length = int(text)
     if length == 0:
         raise BadRequest(
             f"The {HEADER} header says the JSON part is 0 bytes; the body starts with the "

@@ -13,6 +13,7 @@ import anyio.to_thread
 from python_multipart.multipart import parse_options_header
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.digits import whole_number
 from app.errors import (
     BadRequest,
     BodyTimeout,
@@ -224,7 +225,8 @@ class BodyLimitMiddleware:
         protocol = bool(self.protocol_prefixes) and scope["path"].startswith(self.protocol_prefixes)
         limit = self.protocol_max_bytes if protocol else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        length = None if declared is None else whole_number(declared)
+        if length is not None and length > limit:
             await _refuse(send, self._too_large(limit), protocol)
             return
         encoding = _encoding(scope)
@@ -235,7 +237,7 @@ class BodyLimitMiddleware:
             )
             await send_refusal(send, unsupported, protocol=protocol)
             return
-        reserved = int(declared) if declared is not None and declared.isdigit() else 0
+        reserved = length or 0
         if self.budget is not None and self.held + reserved > self.budget:
             await _refuse(send, self._no_room(), protocol)
             return

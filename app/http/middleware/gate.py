@@ -29,6 +29,7 @@ import fastapi.routing
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.digits import whole_number
 from app.errors import CamserveError, OriginNotAllowed, ShuttingDown, Unauthorized
 from app.http.admin import require_admin_key
 from app.http.deps import ApiKeys, api_key_matches, require_api_key
@@ -203,9 +204,10 @@ def _drainable(headers: dict[bytes, bytes]) -> bool:
     Not when the client waits for ``100 Continue`` (it sends nothing unless asked)."""
     if headers.get(b"expect", b"").lower() == b"100-continue":
         return False
-    length = headers.get(b"content-length")
-    if length is not None:
-        return length.isdigit() and 0 < int(length) <= DRAIN_BYTES
+    declared = headers.get(b"content-length")
+    if declared is not None:
+        length = whole_number(declared)
+        return length is not None and 0 < length <= DRAIN_BYTES
     return b"chunked" in headers.get(b"transfer-encoding", b"").lower()
 
 

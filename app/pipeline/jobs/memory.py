@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import get_args
 
+from app.digits import whole_number
 from app.errors import JobCancelled, PayloadTooLarge, ShuttingDown
 from app.lifecycle import Lifecycle
 from app.pipeline.decoding import Upload
@@ -151,11 +152,8 @@ class MemoryJobStore(JobStore):
         return self._lookup(job_id, owner).view()
 
     def parse_event_id(self, last_event_id: str) -> int | None:
-        """A revision: ASCII digits (``isdigit`` alone takes '²', which ``int`` refuses)."""
-        text = last_event_id.strip()
-        if text.isascii() and text.isdigit() and len(text) <= 18:
-            return int(text)
-        return None
+        """A revision (``app.digits``), or None."""
+        return whole_number(last_event_id)
 
     async def cancel(self, job_id: str, owner: str | None = None) -> JobView:
         job = self._lookup(job_id, owner)

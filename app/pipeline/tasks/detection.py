@@ -13,6 +13,7 @@ import torch
 
 from app.cam import Target
 from app.cam.task_targets import BoxScore, DetectionSimilarity
+from app.digits import whole_number
 from app.errors import InvalidTarget
 from app.models.loading import LoadedModel
 from app.pipeline.decoding import DecodedImage
@@ -70,13 +71,13 @@ def chosen_boxes(wanted: Sequence[str]) -> list[int] | None:
         return None
     indices = []
     for text in wanted:
-        stripped = text.strip()
-        if not (stripped.isascii() and stripped.isdigit()):
+        index = whole_number(text)
+        if index is None:
             raise InvalidTarget(
                 f"box must be a detection's index (0 for the top one) or 'all', got {text[:40]!r}.",
                 details={"parameter": "box"},
             )
-        indices.append(int(stripped))
+        indices.append(index)
     if len(set(indices)) > MAX_EXPLAINED_BOXES:
         raise InvalidTarget(
             f"box names {len(set(indices))} detections; at most {MAX_EXPLAINED_BOXES} are "

@@ -39,11 +39,12 @@ def run(
     middleware: BodyLimitMiddleware,
     chunks: list[bytes | None],
     path: str = "/explain",
-    content_length: int | None = None,
+    content_length: int | bytes | None = None,
     content_type: bytes | None = None,
 ) -> dict[str, Any]:
     """Send ``chunks`` as the body (``None``: the client pauses for good); the answer."""
-    headers = [] if content_length is None else [(b"content-length", str(content_length).encode())]
+    declared = str(content_length).encode() if isinstance(content_length, int) else content_length
+    headers = [] if declared is None else [(b"content-length", declared)]
     if content_type is not None:
         headers.append((b"content-type", content_type))
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
@@ -74,6 +75,16 @@ def test_a_body_within_the_limit_passes_untouched() -> None:
     app = ReadingApp()
     answer = run(limited(app), [b"x" * 60, b"x" * 40], content_length=100)
     assert (answer["status"], answer["body"]) == (200, b"100")
+
+
+def test_a_declared_length_with_thousands_of_leading_zeros_is_read_as_its_number() -> None:
+    """HTTP servers take ``Content-Length: 000...0100`` as 100; ``int`` refused its 5,003
+    digits, and the middleware answered 500 (found by a hostile review)."""
+    zeros = b"0" * 5000
+    answer = run(limited(ReadingApp()), [b"x" * 100], content_length=zeros + b"100")
+    assert (answer["status"], answer["body"]) == (200, b"100")
+    refused = run(limited(ReadingApp()), [b"x" * 101], content_length=zeros + b"101")
+    assert refused["status"] == 413
 
 
 def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
