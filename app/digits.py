@@ -23,3 +23,13 @@ def whole_number(text: str | bytes, most_digits: int = MOST_DIGITS) -> int | Non
     if len(significant) > most_digits:
         return None
     return int(significant or "0")
+
+
+def number_text(value: int, most_digits: int = MOST_DIGITS) -> str:
+    """``str(value)`` for a message, or its size in words past ``most_digits`` digits: ``str``
+    refuses an int of over 4,300 digits (a 500 where a message echoed a client's number), and
+    an error needs no more."""
+    if abs(value) < 10**most_digits:
+        return str(value)
+    digits = int(abs(value).bit_length() * 0.30103) + 1  # log10(2): within a digit
+    return f"{'a negative' if value < 0 else 'an'} integer of about {digits:,} digits"

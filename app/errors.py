@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from app.digits import number_text
 from app.observability.context import current_request_id
 
 
@@ -324,7 +325,10 @@ ECHO_LIMIT = 40
 def clip(value: object, limit: int = ECHO_LIMIT) -> str:
     """``repr`` of client input for a message, cut to ``limit`` characters: an error names what
     it refuses without echoing a megabyte back."""
-    text = value if isinstance(value, str) else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = number_text(value)
+    else:
+        text = value if isinstance(value, str) else str(value)
     if len(text) > limit:
         return repr(text[:limit]) + f"... ({len(text)} characters)"
     return repr(text)

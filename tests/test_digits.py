@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.digits import MOST_DIGITS, whole_number
+from app.digits import MOST_DIGITS, number_text, whole_number
+from app.errors import clip
 
 
 @pytest.mark.parametrize(
@@ -49,3 +50,14 @@ def test_the_digits_allowed_are_the_callers() -> None:
     assert whole_number("123456789", most_digits=9) == 123456789
     assert whole_number("1234567890", most_digits=9) is None
     assert whole_number("000000000001", most_digits=9) == 1
+
+
+def test_a_number_is_shown_by_its_digits_or_its_size() -> None:
+    assert number_text(12) == "12" and number_text(-(10**17)) == str(-(10**17))
+    assert number_text(10**400) == "an integer of about 401 digits"
+    assert number_text(-(10**5000)) == "a negative integer of about 5,001 digits"  # str() refuses
+
+
+def test_clip_echoes_a_huge_number_by_its_size() -> None:
+    assert clip(10**5000) == "'an integer of about 5,001 digits'"
+    assert clip(7) == "'7'"

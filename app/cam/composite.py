@@ -25,6 +25,7 @@ from app.cam.gradient import GradCAM, GradCAMpp, _GradientCAM
 from app.cam.layers import LayerSpec
 from app.cam.options import COMPARISON_IDX, GAMMA, NUM_REFERENCES
 from app.cam.targets import Target
+from app.digits import number_text
 
 _CAPABILITIES = (
     "requires_grad",
@@ -232,8 +233,9 @@ class FinerCAM(_Composite):
             if not row:
                 raise ValueError("comparison_idx holds an empty row: give at least one class.")
             if any(c < 0 or c >= num_classes for c in row):
+                shown = ", ".join(number_text(c) for c in row)
                 raise ValueError(
-                    f"comparison_idx {row} out of range: the model has {num_classes} classes."
+                    f"comparison_idx [{shown}] out of range: the model has {num_classes} classes."
                 )
             if cls in row:
                 raise ValueError(f"comparison_idx {row} holds the explained class {cls}.")

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from app.digits import number_text
+
 
 @dataclass(frozen=True)
 class MethodOption:
@@ -46,20 +48,23 @@ class MethodOption:
             if not isinstance(items, list | tuple) or any(
                 isinstance(v, bool) or not isinstance(v, int) for v in items
             ):
-                raise TypeError(f"{self.name} must be an int or a list of ints, got {value!r}.")
+                raise TypeError(
+                    f"{self.name} must be an int or a list of ints, got {_shown(value)}."
+                )
             for item in items:
                 self._check_bounds(item)
             return tuple(items)
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            self._check_bounds(value)  # exact for any int; float() overflows past 1e308
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, self.type):
-            raise TypeError(f"{self.name} must be {self.type.__name__}, got {value!r}.")
+            raise TypeError(f"{self.name} must be {self.type.__name__}, got {_shown(value)}.")
         if self.choices and value not in self.choices:
             raise ValueError(
                 f"{self.name} must be one of {', '.join(self.choices)}, got {str(value)[:40]!r}."
             )
         if isinstance(value, int | float):
-            if not math.isfinite(value):
+            if isinstance(value, float) and not math.isfinite(value):  # an int always is
                 raise ValueError(f"{self.name} must be a finite number, got {value!r}.")
             self._check_bounds(value)
         return value
@@ -68,7 +73,9 @@ class MethodOption:
         if (self.low is not None and value < self.low) or (
             self.high is not None and value > self.high
         ):
-            raise ValueError(f"{self.name} must lie in [{self.bounds_text()}], got {value!r}.")
+            raise ValueError(
+                f"{self.name} must lie in [{self.bounds_text()}], got {_shown(value)}."
+            )
 
     def bounds_text(self) -> str:
         low = "-inf" if self.low is None else _number(self.low)
@@ -182,3 +189,15 @@ SCHEDULE = MethodOption(
     "IS-CAM's mask scales: cumulative (the authors' code, i(i+1)/2n at step i) or linear (i/n)",
     choices=("cumulative", "linear"),
 )
+
+
+def _shown(value: object) -> str:
+    """A refused value for a message: an int's digits (or its size, past 18 of them), else its
+    ``repr`` cut to 40 characters."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return number_text(value)
+    try:
+        text = repr(value)
+    except ValueError:  # a list holding an int past str()'s 4,300 digits
+        return f"a {type(value).__name__} holding a number too long to show"
+    return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"

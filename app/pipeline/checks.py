@@ -14,6 +14,7 @@ from app.cam import (
     find_method,
 )
 from app.cam.core import _CAM, ExtraForwards
+from app.digits import number_text
 from app.errors import (
     ImageTooLarge,
     InvalidParameter,
@@ -202,7 +203,7 @@ def check_classes(model: LoadedModel, class_idx: Sequence[int], count: int) -> N
     for idx in class_idx:
         if not 0 <= idx < model.spec.num_classes:
             raise InvalidParameter(
-                f"class_idx {idx} is out of range: model {model.spec.name!r} has "
+                f"class_idx {number_text(idx)} is out of range: model {model.spec.name!r} has "
                 f"{model.spec.num_classes} classes (0..{model.spec.num_classes - 1})."
             )
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from app.digits import number_text
 from app.errors import MalformedParameter
 
 MAX_CLASSES = 32
@@ -82,7 +83,8 @@ def check_choice(choice: ClassChoice, model: str, num_classes: int) -> None:
     for idx in choice.classes:
         if not 0 <= idx < num_classes:
             raise MalformedParameter(
-                f"classes holds {idx}, out of range: model {model!r} has {num_classes} classes "
+                f"classes holds {number_text(idx)}, out of range: model {model!r} has "
+                f"{num_classes} classes "
                 f"(0..{num_classes - 1}).",
                 details={"parameter": "classes", "num_classes": num_classes},
             )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from app.cam import METHODS
+from app.digits import number_text
 from app.errors import InvalidParameter, MalformedParameter, clip
 from app.pipeline.checks import option_takers
 from app.pipeline.classes import MAX_CLASSES
@@ -187,8 +188,8 @@ def _number(value: float | None) -> str:
 
 def _shown(value: float) -> str:
     """A number for a message: a huge integer by its length, not its thousands of digits."""
-    if isinstance(value, int) and value.bit_length() > 128:
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return number_text(value, most_digits=38)
     return repr(value)
 
 

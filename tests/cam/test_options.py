@@ -38,6 +38,23 @@ def test_option_checks_type_and_bounds():
     assert SSCAM.option("fc_layer") is None
 
 
+@pytest.mark.parametrize("huge", [10**400, -(10**400), 10**5000], ids=["1e400", "-1e400", "1e5000"])
+def test_a_number_past_floats_and_str_is_refused_by_its_bounds(huge):
+    """JSON carries integers of any size: ``math.isfinite`` and ``float`` overflowed on 10**400
+    (a 500 over OIP and KServe v1), and ``repr`` refuses an int of over 4,300 digits. Now the
+    bounds refuse it, and the message gives its size, not its digits."""
+    for option in (SSCAM.option("num_samples"), SSCAM.option("std")):
+        with pytest.raises(
+            ValueError, match=r"must lie in .*got (a negative|an) integer of about"
+        ) as info:
+            option.check(huge)
+        assert len(str(info.value)) < 120
+    with pytest.raises(ValueError, match="must lie in"):
+        FinerCAM.option("comparison_idx").check([-abs(huge)])
+    with pytest.raises(TypeError, match="a list holding a number too long to show"):
+        FinerCAM.option("comparison_idx").check(["x", 10**5000])
+
+
 def test_find_method_is_case_insensitive_and_suggests():
     assert find_method(" gradcampp ") == ("GradCAMpp", METHODS["GradCAMpp"])
     with pytest.raises(UnknownMethod, match="Did you mean ScoreCAM") as info:

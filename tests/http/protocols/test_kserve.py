@@ -109,6 +109,26 @@ def test_bad_bodies_are_400(client: TestClient, route: str, body: dict, words: s
         ({"image_format": "gif"}, "image_format must be one of png, jpeg, webp"),
         ({"method": "SSCAM", "num_samples": 0}, "SSCAM: num_samples must lie in [1, 64], got 0."),
         ({"class_idx": -1}, "class_idx -1 is out of range"),
+        # JSON integers of any size: 10**400 was a 500 (float() and isfinite overflowed), and
+        # the class messages echoed its 401 digits
+        (
+            {"method": "SmoothGradCAMpp", "num_samples": 10**400},
+            "num_samples must lie in [1, 64], got an integer of about 401 digits.",
+        ),
+        ({"class_idx": 10**400}, "class_idx an integer of about 401 digits is out of range"),
+        (
+            {"method": "FinerCAM", "comparison_idx": [10**400]},
+            "comparison_idx [an integer of about 401 digits] out of range",
+        ),
+    ],
+    ids=[
+        "alpha",
+        "format",
+        "samples",
+        "class",
+        "samples-1e400",
+        "class-1e400",
+        "comparison-1e400",
     ],
 )
 def test_bad_explain_parameters_are_422_with_the_pipelines_message(
@@ -116,7 +136,7 @@ def test_bad_explain_parameters_are_422_with_the_pipelines_message(
 ) -> None:
     body = {"instances": [instance(image_bytes(), **fields)]}
     message = assert_protocol_error(client.post("/v1/models/tiny:explain", json=body), 422)
-    assert words in message
+    assert words in message and len(message) < 300
 
 
 @pytest.mark.parametrize(
