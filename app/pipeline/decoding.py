@@ -9,6 +9,7 @@ import io
 import logging
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,13 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 #: Longest side / shortest side beyond which an upload is refused: past it the model's square crop
 #: sees under 1 % of the image, and the answer's pictures would be a line of pixels.
 MAX_ASPECT_RATIO = 100
+
+# Pillow's own bomb guard (Image.MAX_IMAGE_PIXELS, process-wide) warns past its limit and refuses
+# past twice it, at open. The service's limit (CAMSERVE_MAX_IMAGE_PIXELS, checked right after the
+# open, before any pixel is decoded) is the one that counts: ``open_image`` raises Pillow's to it
+# where it is lower (it refused a 200M-pixel image that a 300M setting allows), and its warnings,
+# for sizes that the service's check refuses or allows, are not logged.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 #: Peak bytes of memory per decoded pixel while an image of this mode is decoded and converted
 #: to RGB (Pillow keeps RGB in 4 bytes a pixel; transparency is composited on a second RGBA
 #: canvas; 16-bit and float images go through a float32 array). Measured with RSS at 9 MP.
@@ -102,6 +110,8 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
             f"{MAX_JPEG_STRAY_BYTES} stray bytes between them before its pixels (an encoder "
             "writes about ten segments, and no stray bytes); re-encode it."
         )
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # only ever raised: a request's limit holds below
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -112,7 +122,8 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
         raise _corrupt_header(name, data) from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(
-            f"{name}: the image declares far more pixels than allowed; downscale it."
+            f"{name}: the image declares far more pixels than the {max_pixels} allowed "
+            "(CAMSERVE_MAX_IMAGE_PIXELS); downscale it."
         ) from None
     except Exception:
         raise _corrupt_header(name, data) from None

@@ -24,6 +24,7 @@ from app.pipeline.decoding import (
     decode_cost,
     decode_image,
     decode_upload,
+    open_image,
     preprocess_image,
     to_rgb,
 )
@@ -411,3 +412,30 @@ def test_a_gif_of_too_many_blocks_before_its_frame_is_refused_from_its_bytes() -
     assert decode_image(_gif_with_blocks(MAX_GIF_BLOCKS - 1), "ok.gif", LIMIT).size == (4, 4)
     with pytest.raises(InvalidImage, match=f"over {MAX_GIF_BLOCKS} blocks"):
         decode_image(_gif_with_blocks(MAX_GIF_BLOCKS), "blocks.gif", LIMIT)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (its pixels are never read)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = zlib.crc32(header).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets filters
+def test_the_services_pixel_limit_holds_past_pillows_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow refuses an image of over twice its MAX_IMAGE_PIXELS (about 179M) at open, so a
+    CAMSERVE_MAX_IMAGE_PIXELS of 300M still refused a 225M-pixel upload, in Pillow's words.
+    The service's limit is the one that counts now, in its own words, above or below Pillow's."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default, restored after
+    opened = open_image(_png_declaring(15_000, 15_000), "wide.png", 300_000_000)
+    assert opened.size == (15_000, 15_000)  # the header only: nothing decoded
+    with pytest.raises(ImageTooLarge, match=r"= 361000000 pixels is over the limit of 300000000"):
+        open_image(_png_declaring(19_000, 19_000), "wider.png", 300_000_000)
+    with pytest.raises(ImageTooLarge, match="CAMSERVE_MAX_IMAGE_PIXELS"):
+        open_image(_png_declaring(15_000, 15_000), "wide.png", 40_000_000)
+    with pytest.raises(ImageTooLarge, match="the 40000000 allowed .CAMSERVE_MAX_IMAGE_PIXELS"):
+        open_image(_png_declaring(30_000, 30_000), "huge.png", 40_000_000)  # past Pillow's 2x
