@@ -72,6 +72,8 @@ async def explain_images(
                 # Percent-encoded: header values must be latin-1, labels need not be.
                 "X-Camserve-Label": quote(answer.results[0].explanations[0].label),
                 CACHE_HEADER: answer.timings.cache,
+                "Vary": "Accept",
             },
         )
-    return await json_answer(answer, headers={CACHE_HEADER: answer.timings.cache})
+    # The answer's kind follows Accept (JSON, or the overlay itself): a cache must key on it.
+    return await json_answer(answer, headers={CACHE_HEADER: answer.timings.cache, "Vary": "Accept"})

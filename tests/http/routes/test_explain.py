@@ -210,6 +210,7 @@ def test_accept_is_negotiated_by_quality(client: TestClient, accept: str, answer
     response = client.post("/explain", files=files(image_bytes()), headers={"Accept": accept})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == answer
+    assert response.headers["vary"] == "Accept"  # either kind: a cache keys on Accept
 
 
 def test_repeated_accept_headers_are_one_list(client: TestClient) -> None:
