@@ -17,6 +17,17 @@ from app.lifecycle import Lifecycle
 
 T = TypeVar("T")
 
+FORM_ADVICE = (
+    "Run long explanations as a job: POST the same form to /jobs, then follow GET /jobs/{id} or "
+    "/jobs/{id}/events."
+)
+"""What a 504 of camserve's own routes advises (their forms are what /jobs takes)."""
+PROTOCOL_ADVICE = (
+    "Run long explanations as a job: POST the images as a form, with the same parameters, to "
+    "camserve's /jobs (the inference protocols have no jobs), then follow GET /jobs/{id}."
+)
+"""What a 504 of the inference-protocol routes advises: their bodies are not /jobs' form."""
+
 
 async def guarded(
     request: Request,
@@ -25,10 +36,11 @@ async def guarded(
     timeout_s: float | None = None,
     lifecycle: Lifecycle | None = None,
     timeout_source: str = "CAMSERVE_REQUEST_TIMEOUT_S",
+    advice: str = FORM_ADVICE,
 ) -> T:
     """Await ``work`` unless the client disconnects, ``timeout_s`` passes or the shutdown cuts
     in; in each of those cases cancel it and raise the matching error. ``timeout_source``: what
-    set the deadline, as the 504 names it.
+    set the deadline, as the 504 names it; ``advice``: what the 504 says to do instead.
 
     Nothing polls: the work, a reader of the connection's next ASGI message (the body has been
     read, so the next one is ``http.disconnect``), the shutdown's cut and the deadline's timer
@@ -45,7 +57,7 @@ async def guarded(
             return task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        raise _reason_to_stop(gone in done, timeout_s, cut in done, timeout_source)
+        raise _reason_to_stop(gone in done, timeout_s, cut in done, timeout_source, advice)
     finally:
         for waiting in waits:
             if not waiting.done():
@@ -63,15 +75,14 @@ async def _disconnect(receive: Receive) -> None:
 
 
 def _reason_to_stop(
-    gone: bool, timeout_s: float | None, cut: bool, timeout_source: str
+    gone: bool, timeout_s: float | None, cut: bool, timeout_source: str, advice: str
 ) -> CamserveError:
     if gone:
         return ClientClosedRequest("The client closed the connection before the answer.")
     if not cut:
         return RequestTimeout(
             f"The request took longer than {timeout_s:g} s ({timeout_source}) and was "
-            "stopped. Run long explanations as a job: POST the same form to /jobs, then follow "
-            "GET /jobs/{id} or /jobs/{id}/events."
+            f"stopped. {advice}"
         )
     return ShuttingDown(
         "The service is shutting down and this request ran past its grace period; "

@@ -10,7 +10,7 @@ from fastapi import Depends, Request, UploadFile
 from fastapi.security import APIKeyHeader
 
 from app.errors import Unauthorized
-from app.http.cutoff import guarded
+from app.http.cutoff import FORM_ADVICE, guarded
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer
@@ -134,7 +134,10 @@ async def read_uploads(files: list[UploadFile], settings: Settings) -> list[Uplo
 
 
 async def within_limits(
-    request: Request, work: Coroutine[Any, Any, T], timeout_s: float | None = None
+    request: Request,
+    work: Coroutine[Any, Any, T],
+    timeout_s: float | None = None,
+    advice: str = FORM_ADVICE,
 ) -> T:
     """Run a synchronous request's work under its deadline (CAMSERVE_REQUEST_TIMEOUT_S, or the
     shorter ``timeout_s`` the request asked for), its client's presence and the shutdown's grace
@@ -147,4 +150,5 @@ async def within_limits(
         timeout_s=timeout_s if asked else server,
         lifecycle=request.app.state.lifecycle,
         timeout_source="the request's timeout parameter" if asked else "CAMSERVE_REQUEST_TIMEOUT_S",
+        advice=advice,
     )

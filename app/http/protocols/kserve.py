@@ -6,6 +6,7 @@ from __future__ import annotations
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 
+from app.http.cutoff import PROTOCOL_ADVICE
 from app.http.deps import (
     get_explainer,
     get_registry,
@@ -83,7 +84,7 @@ async def predict_instances(
         return results
 
     # One deadline (CAMSERVE_REQUEST_TIMEOUT_S) for the whole request, whatever its groups.
-    results = await within_limits(request, run())
+    results = await within_limits(request, run(), advice=PROTOCOL_ADVICE)
     return PredictAnswer(predictions=[results[i] for i in range(len(uploads))])
 
 
@@ -138,5 +139,5 @@ async def explain_instances(
                 )
         return explanations
 
-    explanations = await within_limits(request, run())
+    explanations = await within_limits(request, run(), advice=PROTOCOL_ADVICE)
     return ExplainAnswer(explanations=[explanations[i] for i in range(len(instances))])

@@ -9,6 +9,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.http.cutoff import PROTOCOL_ADVICE
 from app.http.deps import (
     get_explainer,
     get_registry,
@@ -234,6 +235,7 @@ async def _infer(
         request,
         run_inference(explainer, name, version, inference, job_owner(request)),
         inference.timeout_s,
+        advice=PROTOCOL_ADVICE,
     )
     # Off the event loop too: a segmenter's mask in JSON is a number per pixel (seconds).
     text, tail = await anyio.to_thread.run_sync(answer_text, result)

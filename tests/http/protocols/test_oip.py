@@ -775,6 +775,10 @@ def test_the_timeout_parameter_is_the_requests_deadline(
     body = {**infer_body(image_bytes()), "parameters": {"timeout": 1000, "priority": 3}}
     message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 504)
     assert "longer than 0.001 s (the request's timeout parameter)" in message
+    # An OIP body is not /jobs' form: the advice says how to send it there (it said "the same
+    # form", which an inference-protocol client never sent).
+    assert "POST the images as a form, with the same parameters, to camserve's /jobs" in message
+    assert "the same form" not in message
     assert seen["priority"] == "background"
 
 
