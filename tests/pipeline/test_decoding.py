@@ -398,6 +398,21 @@ def test_a_jpeg_header_of_too_many_markers_is_refused_from_its_bytes() -> None:
             decode_image(bad, "markers.jpg", LIMIT)
 
 
+@pytest.mark.parametrize("run", [MAX_JPEG_STRAY_BYTES // 2, 2_000_000])
+def test_a_run_of_fill_bytes_is_read_once(run: int) -> None:
+    """The header's scan found a marker with a regex (a run of 0xFF, then a code) that went back
+    through every run ending in 0x00: 32 KB of 0xFF then 0x00 took 10 s, and this test's 2 MB
+    run would take most of an hour. Each run is read once now; the long one is refused, and the
+    short one costs no more than the bytes it has."""
+    data = _jpeg((64, 48))
+    fill = data[:2] + b"\xff" * run + b"\x00" + data[2:]
+    if run > MAX_JPEG_STRAY_BYTES:
+        with pytest.raises(InvalidImage, match="stray bytes"):
+            decode_image(fill, "fill.jpg", LIMIT)
+    else:
+        assert decode_image(fill, "fill.jpg", LIMIT).size == (64, 48)
+
+
 def _gif_with_blocks(blocks: int) -> bytes:
     """A 4x4 GIF with a comment of ``blocks`` one-byte sub-blocks before its first frame."""
     data = encode(Image.new("P", (4, 4)), "GIF")
