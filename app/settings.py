@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import re
@@ -644,6 +645,37 @@ def _redis_option_problem(url: str) -> str | None:
             "it (the TLS options, such as ssl_ca_certs, need rediss://)"
         )
     return None
+
+
+def api_key_matches(sent: bytes | None, expected: str) -> bool:
+    """The one comparison of a sent API key with a configured key, for every transport (HTTP's
+    gate and routes, gRPC): the raw bytes sent against the key's UTF-8 bytes, in constant time."""
+    return sent is not None and hmac.compare_digest(sent, expected.encode("utf-8"))
+
+
+class ApiKeys:
+    """The named API keys the service takes (``named_api_keys``); none: calls are open and a
+    client is its address."""
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        self._keys = dict(keys)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiKeys:
+        return cls(named_api_keys(settings))
+
+    @property
+    def required(self) -> bool:
+        return bool(self._keys)
+
+    def name_of(self, sent: bytes | None) -> str | None:
+        """The name of the key ``sent`` (raw bytes), or None. Every key is compared, so the time
+        taken does not tell which one came close."""
+        found = None
+        for name, key in self._keys.items():
+            if api_key_matches(sent, key):
+                found = name
+        return found
 
 
 def named_api_keys(settings: Settings) -> dict[str, str]:

@@ -11,7 +11,6 @@ X-Admin-Key header). Every refusal is a camserve error turned into its gRPC code
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -39,7 +38,7 @@ from app.models.registry import ModelRegistry
 from app.observability.metrics import Metrics
 from app.pipeline.explainer import Explainer
 from app.protocols import oip, repository
-from app.settings import Settings, named_api_keys
+from app.settings import ApiKeys, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +61,11 @@ class Service:
     def __init__(self, state: ServiceState) -> None:
         self.state = state
         self.settings = state.settings
-        # Every key HTTP takes (CAMSERVE_API_KEY, CAMSERVE_API_KEYS, CAMSERVE_API_KEYS_FILE),
-        # read once at startup as HTTP reads them.
         self._calls = 0
         """Calls of the service in flight (health checks are not among them)."""
-        self._api_keys = {name: key.encode() for name, key in named_api_keys(self.settings).items()}
+        # Every key HTTP takes (CAMSERVE_API_KEY, CAMSERVE_API_KEYS, CAMSERVE_API_KEYS_FILE),
+        # read once at startup and matched by the same rule as HTTP's.
+        self._api_keys = ApiKeys.from_settings(self.settings)
 
     # ------------------------------------------------------------------ state
 
@@ -106,16 +105,12 @@ class Service:
     def check_key(self, context: grpc.aio.ServicerContext) -> str | None:
         """Refuse a call without one of the configured API keys (no-op when none is set); the
         caller's identity as HTTP names it (``key:<name>``), None without keys."""
-        if not self._api_keys:
+        if not self._api_keys.required:
             return None
         sent = dict(context.invocation_metadata() or ()).get(API_KEY_METADATA)
         if isinstance(sent, str):
             sent = sent.encode("utf-8")
-        found = None
-        # Every key is compared, so the time taken does not tell which one came close.
-        for name, key in self._api_keys.items():
-            if sent is not None and hmac.compare_digest(sent, key):
-                found = name
+        found = self._api_keys.name_of(sent)
         if found is None:
             raise Unauthorized(
                 f"Missing or wrong API key; send it in the call's metadata as {API_KEY_METADATA!r}."

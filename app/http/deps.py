@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from fastapi import Depends, Request, UploadFile
@@ -15,7 +14,9 @@ from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer
 from app.protocols import uploads
-from app.settings import Settings, named_api_keys
+from app.settings import ApiKeys, Settings, api_key_matches
+
+__all__ = ["ApiKeys", "api_key_matches"]  # the keys' rule, for the gate and the routes
 
 API_KEY_HEADER = "X-API-Key"
 _api_key_header = APIKeyHeader(
@@ -46,37 +47,6 @@ async def get_registry(request: Request) -> ModelRegistry:
 
 async def get_explainer(request: Request) -> Explainer:
     return request.app.state.explainer
-
-
-def api_key_matches(sent: bytes | None, expected: str) -> bool:
-    """The one comparison of a sent X-API-Key with a configured key, for the gate and the
-    routes alike: the header's raw bytes against the key's UTF-8 bytes, in constant time."""
-    return sent is not None and hmac.compare_digest(sent, expected.encode("utf-8"))
-
-
-class ApiKeys:
-    """The named API keys the service takes (``app.settings.named_api_keys``); none: the routes
-    are open and a client is its address."""
-
-    def __init__(self, keys: Mapping[str, str]) -> None:
-        self._keys = dict(keys)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ApiKeys:
-        return cls(named_api_keys(settings))
-
-    @property
-    def required(self) -> bool:
-        return bool(self._keys)
-
-    def name_of(self, sent: bytes | None) -> str | None:
-        """The name of the key ``sent`` (raw header bytes), or None. Every key is compared, so
-        the time taken does not tell which one came close."""
-        found = None
-        for name, key in self._keys.items():
-            if api_key_matches(sent, key):
-                found = name
-        return found
 
 
 def get_api_keys(request: Request) -> ApiKeys:
