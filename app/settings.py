@@ -28,7 +28,7 @@ _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _KEY_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DEFAULT_KEY_NAME = "default"
 """The name of ``CAMSERVE_API_KEY`` among the named keys."""
-_JOB_STORE_RE = re.compile(r"^rediss?://[^/?#\s]+(/\d{0,5})?(\?\S*)?$")
+_JOB_STORE_RE = re.compile(r"^rediss?://[^/?#\s]+(/[0-9]{0,5})?(\?\S*)?$")
 _JOB_STORE_SHAPE = (
     "must be memory, redis://host:port/db or rediss://host:port/db (TLS); a password may be in "
     "the URL (redis://:password@host:6379/0) or in CAMSERVE_JOB_STORE_PASSWORD"

@@ -148,7 +148,9 @@ def test_job_store_takes_memory_or_a_redis_url(value: str, kept: str) -> None:
     assert Settings(job_store=value).job_store == kept
 
 
-@pytest.mark.parametrize("value", ["http://redis:6379", "redis://", "redis:///0", "postgres://x"])
+@pytest.mark.parametrize(
+    "value", ["http://redis:6379", "redis://", "redis:///0", "postgres://x", "redis://h:6379/٣"]
+)
 def test_job_store_refuses_anything_else_naming_the_choices(value: str) -> None:
     with pytest.raises(ConfigurationError, match="CAMSERVE_JOB_STORE: must be memory, redis://"):
         load_settings(job_store=value)

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from redis import exceptions as redis_errors
 
+from app.digits import whole_number
+
 STORE = "CAMSERVE_JOB_STORE"
 PASSWORD = "CAMSERVE_JOB_STORE_PASSWORD"
 
@@ -47,8 +49,7 @@ class Target:
         parts = urlsplit(url)
         host = parts.hostname or "localhost"
         host = f"[{host}]" if ":" in host else host
-        db_text = parts.path.strip("/")
-        db = int(db_text) if db_text.isdigit() else 0
+        db = whole_number(parts.path.strip("/")) or 0
         in_url = bool(parts.password)
         return cls(f"{host}:{parts.port or 6379}/{db}", db, in_url, in_url or bool(password))
 
