@@ -115,18 +115,18 @@ def open_image(data: bytes, filename: str, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        if _signature(data) is None:
+        if signature is None:
             raise UnsupportedMediaType(
                 f"{name}: not a recognised image; send {', '.join(ACCEPTED_FORMATS)}."
             ) from None
-        raise _corrupt_header(name, data) from None
+        raise _corrupt_header(name, signature) from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(
             f"{name}: the image declares far more pixels than the {max_pixels} allowed "
             "(CAMSERVE_MAX_IMAGE_PIXELS); downscale it."
         ) from None
     except Exception:
-        raise _corrupt_header(name, data) from None
+        raise _corrupt_header(name, signature) from None
     if image.format not in ACCEPTED_FORMATS and image.format not in JPEG_FORMATS:
         raise UnsupportedMediaType(
             f"{name}: {image.format} images are not supported; send {', '.join(ACCEPTED_FORMATS)}."
@@ -237,9 +237,9 @@ def _next_marker(data: bytes, position: int, end: int) -> tuple[int, int] | None
     return None
 
 
-def _corrupt_header(name: str, data: bytes) -> InvalidImage:
+def _corrupt_header(name: str, signature: str | None) -> InvalidImage:
     return InvalidImage(
-        f"{name}: the {_signature(data) or 'image'} header is truncated or corrupt; upload the "
+        f"{name}: the {signature or 'image'} header is truncated or corrupt; upload the "
         "complete file."
     )
 
