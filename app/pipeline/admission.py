@@ -24,19 +24,13 @@ async def run_to_the_end(executor: Executor | None, func: Callable[[], T]) -> T:
     """``func`` on one of ``executor``'s threads (None: the loop's default pool). A cancelled
     caller waits for the thread to finish before it goes, so no work runs on unseen (and the
     work's own error, if any, is retrieved: nobody is left to read it)."""
-    future = asyncio.get_running_loop().run_in_executor(executor, func)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait({future})
-        _ = future.exception()
-        raise
+    return await run_stoppable(executor, lambda _stopped: func())
 
 
 async def run_stoppable(executor: Executor | None, func: Callable[[Callable[[], bool]], T]) -> T:
-    """``func(stopped)`` on one of ``executor``'s threads, as ``run_to_the_end`` runs work: a
-    cancelled caller first tells the work to stop (``stopped()`` turns true, for the work to
-    check between its pieces), then waits for the thread to finish before it goes."""
+    """``func(stopped)`` on one of ``executor``'s threads: a cancelled caller first tells the
+    work to stop (``stopped()`` turns true, for the work to check between its pieces), then waits
+    for the thread to finish before it goes (``run_to_the_end``: work that does not ask)."""
     stop = threading.Event()
     future = asyncio.get_running_loop().run_in_executor(executor, func, stop.is_set)
     try:
