@@ -267,8 +267,14 @@ def original_size(
     image half black)."""
     if opened.size == stored:
         return image.size
-    width, height = stored
-    return (height, width) if exif_orientation(opened) in (5, 6, 7, 8) else (width, height)
+    return upright(stored, exif_orientation(opened))
+
+
+def upright(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) ``size`` as stored, once EXIF ``orientation`` is applied: 5 to 8 turn
+    the image a quarter, swapping its sides."""
+    width, height = size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def load_image(image: Image.Image, filename: str) -> Image.Image:

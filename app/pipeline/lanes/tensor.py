@@ -33,6 +33,7 @@ from app.pipeline.decoding import (
     load_image,
     open_image,
     original_size,
+    upright,
 )
 from app.pipeline.lanes import tensor_image
 from app.pipeline.lanes.combining import Combiner
@@ -97,13 +98,11 @@ class TensorLane:
                     results.append(self._from_cpu_lane(upload, spec, max_pixels, picture_side))
                     continue
                 orientation = exif_orientation(image)  # a JPEG's: read with its header
-                turned = orientation in (5, 6, 7, 8)
-                width, height = image.size  # at the draft's scale, as stored
                 pixels = tensor_image.resize(
                     tensor_image.orient(decoded, orientation),
-                    (height, width) if turned else (width, height),
+                    upright(image.size, orientation),  # at the draft's scale
                 )
-                original = (stored[1], stored[0]) if turned else stored
+                original = upright(stored, orientation)
             else:
                 loaded = load_image(image, upload.filename)
                 pixels = self._upload_pixels(loaded)
