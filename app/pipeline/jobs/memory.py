@@ -99,9 +99,9 @@ class MemoryJobStore(JobStore):
         return job.view()
 
     def _admit(self, client: str, size: int) -> None:
-        """Refuse (429) a job past the client's or the store's count of unfinished jobs, or
-        whose uploads would go past what all jobs may keep. Synchronous: ``create`` calls it
-        last right before the job takes its place."""
+        """Refuse a job past the client's or the store's count of unfinished jobs (503
+        ``too_many_jobs``), or whose uploads would go past what all jobs may keep. Synchronous:
+        ``create`` calls it last right before the job takes its place."""
         self.purge()
         active = [job for job in self._jobs.values() if not job.is_finished]
         mine = [job for job in active if job.client == client]
