@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import io
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,3 +152,29 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+def _on_the_event_loop() -> bool:
+    """Whether the caller runs on the thread of a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def calls_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch, target: str, instead: Callable[..., Any] | None = None
+) -> list[bool]:
+    """Record, for each call of ``target`` (``module.name``), whether it ran on the event loop's
+    thread; the call goes on to the original, or to ``instead``. The list fills as calls come."""
+    module, name = target.rsplit(".", 1)
+    original = instead or getattr(importlib.import_module(module), name)
+    seen: list[bool] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        seen.append(_on_the_event_loop())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, recorded)
+    return seen

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import image_bytes
+from tests.conftest import calls_on_the_loop, image_bytes
 from tests.grpc.conftest import API_KEY, KEYED, MAX_UPLOAD_BYTES, Served
 
 IMAGES = [image_bytes(seed=1), image_bytes((64, 48), seed=2)]
@@ -305,15 +305,11 @@ def test_the_message_is_read_off_the_event_loop(monkeypatch: pytest.MonkeyPatch)
     from app.grpc import infer, messages
     from app.lifecycle import Lifecycle
     from app.settings import Settings
-    from tests.http.protocols.test_oip import on_the_event_loop
 
-    seen: list[bool] = []
-
-    def recorded(*args: Any) -> Any:
-        seen.append(on_the_event_loop())
+    def stop(*args: Any) -> Any:
         raise BadRequest("stop here")
 
-    monkeypatch.setattr(infer, "read_inference", recorded)
+    seen = calls_on_the_loop(monkeypatch, "app.grpc.infer.read_inference", instead=stop)
     request = messages.ModelInferRequest(
         model_name="tiny", inputs=[{"name": "image", "datatype": "BYTES", "shape": [1]}]
     )
@@ -331,22 +327,15 @@ def test_the_answer_is_made_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) 
     from app.lifecycle import Lifecycle
     from app.protocols.oip import InferenceResult
     from app.settings import Settings
-    from tests.http.protocols.test_oip import on_the_event_loop
 
-    seen: list[bool] = []
     result = InferenceResult("tiny", "1", [])
-    to_response = infer.to_response
 
     async def run(*args: Any) -> InferenceResult:
         return result
 
-    def recorded(answer: InferenceResult) -> Any:
-        seen.append(on_the_event_loop())
-        return to_response(answer)
-
     monkeypatch.setattr(infer, "read_message", lambda *args: SimpleNamespace(timeout_s=None))
     monkeypatch.setattr(infer, "run_inference", run)
-    monkeypatch.setattr(infer, "to_response", recorded)
+    seen = calls_on_the_loop(monkeypatch, "app.grpc.infer.to_response")
     request = infer.messages.ModelInferRequest(model_name="tiny")
     lifecycle = Lifecycle(grace_s=1)
     answer = asyncio.run(infer.infer(request, Settings(), None, lifecycle, None))  # type: ignore[arg-type]

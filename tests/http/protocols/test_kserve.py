@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.protocols.images import decode_images
-from tests.conftest import files, image_bytes
-from tests.http.protocols.test_oip import assert_protocol_error, on_the_event_loop
+from tests.conftest import calls_on_the_loop, files, image_bytes
+from tests.http.protocols.test_oip import assert_protocol_error
 
 
 def instance(data: bytes, **options: object) -> dict:
@@ -229,13 +227,7 @@ def test_the_images_are_decoded_off_the_event_loop(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, verb: str
 ) -> None:
     # As the OIP route's: base64 of a full request took over a second on the loop.
-    seen: list[bool] = []
-
-    def recorded(*args: Any) -> Any:
-        seen.append(on_the_event_loop())
-        return decode_images(*args)
-
-    monkeypatch.setattr("app.http.protocols.kserve.decode_images", recorded)
+    seen = calls_on_the_loop(monkeypatch, "app.http.protocols.kserve.decode_images")
     image = base64.b64encode(image_bytes()).decode()
     response = client.post(
         f"/v1/models/tiny:{verb}", json={"instances": [{"image": {"b64": image}}]}

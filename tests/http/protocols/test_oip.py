@@ -19,8 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.protocols.oip import answer_text, read_inference
-from tests.conftest import files, image_bytes
+from tests.conftest import calls_on_the_loop, files, image_bytes
 
 
 def b64(data: bytes) -> str:
@@ -759,7 +758,6 @@ def test_the_server_lists_its_extensions(client: TestClient) -> None:
 def test_the_timeout_parameter_is_the_requests_deadline(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import asyncio
 
     import app.http.protocols.oip as routes
 
@@ -794,27 +792,12 @@ def test_native_answers_are_not_compressed(client: TestClient) -> None:
     assert "content-encoding" not in response.headers
 
 
-def on_the_event_loop() -> bool:
-    """Whether the caller runs on the thread of a running event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 def test_the_images_are_read_off_the_event_loop(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # base64 text of CAMSERVE_MAX_IMAGES images decoded on the loop for over a second, and
     # every other request (the probes included) waited for it.
-    seen: list[bool] = []
-
-    def recorded(*args: Any) -> Any:
-        seen.append(on_the_event_loop())
-        return read_inference(*args)
-
-    monkeypatch.setattr("app.http.protocols.oip.read_inference", recorded)
+    seen = calls_on_the_loop(monkeypatch, "app.http.protocols.oip.read_inference")
     response = client.post("/v2/models/tiny/infer", json=infer_body(image_bytes()))
     assert response.status_code == 200, response.text
     assert seen == [False]
@@ -825,13 +808,7 @@ def test_the_answer_is_encoded_off_the_event_loop(
 ) -> None:
     # A segmenter's mask in JSON is a number per pixel: 16 images of 1024x1024 took seconds
     # of json.dumps on the loop.
-    seen: list[bool] = []
-
-    def recorded(*args: Any) -> Any:
-        seen.append(on_the_event_loop())
-        return answer_text(*args)
-
-    monkeypatch.setattr("app.http.protocols.oip.answer_text", recorded)
+    seen = calls_on_the_loop(monkeypatch, "app.http.protocols.oip.answer_text")
     response = client.post("/v2/models/tiny/infer", json=infer_body(image_bytes()))
     assert response.status_code == 200, response.text
     assert seen == [False]

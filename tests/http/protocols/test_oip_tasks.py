@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -14,11 +13,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.http.app import create_app
-from app.protocols.oip_tasks import predicted_outputs
 from app.settings import Settings
-from tests.conftest import wait_ready
+from tests.conftest import calls_on_the_loop, wait_ready
 from tests.fixtures_tasks import copy_shapes_task_models
-from tests.http.protocols.test_oip import binary_body, binary_outputs, on_the_event_loop
+from tests.http.protocols.test_oip import binary_body, binary_outputs
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +74,7 @@ def test_the_mask_is_made_off_the_event_loop(
 ) -> None:
     # Each image's mask PNG decoded and stacked into a pixel list on the loop: a second for 16
     # images of 1024x1024, every other request waiting.
-    seen: list[bool] = []
-
-    def recorded(results: Any) -> Any:
-        seen.append(on_the_event_loop())
-        return predicted_outputs(results)
-
-    monkeypatch.setattr("app.protocols.oip.predicted_outputs", recorded)
+    seen = calls_on_the_loop(monkeypatch, "app.protocols.oip.predicted_outputs")
     body = {
         "inputs": [
             {
