@@ -20,6 +20,7 @@ from fastapi import Depends, File, Form, Request, UploadFile
 from fastapi.routing import APIRoute
 
 from app.errors import NotAcceptable
+from app.http.negotiation import prefers
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.params import (
     PARAMETERS,
@@ -126,47 +127,10 @@ async def explain_values(request: Request) -> dict[str, Any]:
     return values
 
 
-def _media_ranges(accept: str) -> list[tuple[str, float]]:
-    """An Accept header's media ranges with their quality (``q``, 1 by default), in order; a
-    range whose ``q`` is not a number from 0 to 1 is left out."""
-    ranges = []
-    for item in accept.split(","):
-        media, *params = (part.strip().lower() for part in item.split(";"))
-        quality = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = -1.0
-        if media and 0.0 <= quality <= 1.0:
-            ranges.append((media, quality))
-    return ranges
-
-
-def _preference(ranges: list[tuple[str, float]], media: str) -> tuple[float, bool, int]:
-    """How much the client wants ``media``: the quality of the most specific range that covers
-    it, whether that range names its type (``*/*`` does not), and its place (earlier first)."""
-    covering = (media, media.split("/")[0] + "/*", "*/*")
-    found = [
-        (covering.index(range_), -place, quality)
-        for place, (range_, quality) in enumerate(ranges)
-        if range_ in covering
-    ]
-    if not found:
-        return (0.0, False, 0)
-    specificity, place, quality = min(found, key=lambda f: (f[0], -f[1]))
-    return (quality, specificity < 2, place)
-
-
 def _wants_png(request: Request) -> bool:
-    """Whether the client prefers the overlay as ``image/png`` to JSON (RFC 9110, 12.5.1): the
-    higher quality wins, then a range that names the type over ``*/*``, then the range listed
-    first; JSON when it takes neither."""
-    ranges = _media_ranges(", ".join(request.headers.getlist("accept")))
-    png = _preference(ranges, "image/png")
-    return png[0] > 0 and png > _preference(ranges, "application/json")
+    """Whether the client prefers the overlay as ``image/png`` to JSON; JSON when it takes
+    neither."""
+    return prefers(request, "image/png", over="application/json")
 
 
 def _check_png_answer(params: ExplainParams, images: int) -> None:

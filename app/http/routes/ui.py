@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.cam import COLORMAPS, colormap_lut
+from app.http.negotiation import prefers
 from app.protocols.kserve import ALIVE
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
@@ -25,8 +26,9 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 def get_page(request: Request) -> Response:
     """The explanation page for a browser; KServe v1's liveness answer for any other client
-    (one that does not name text/html in Accept)."""
-    if "text/html" not in request.headers.get("accept", ""):
+    (one whose Accept does not prefer text/html to JSON: curl's ``*/*``, no Accept, or
+    ``text/html;q=0``)."""
+    if not prefers(request, "text/html", over="application/json"):
         return JSONResponse(ALIVE, headers={"Vary": "Accept"})
     return FileResponse(
         UI_DIR / "index.html", headers={"Cache-Control": "no-cache", "Vary": "Accept"}

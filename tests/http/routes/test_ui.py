@@ -76,7 +76,16 @@ def test_the_page_knows_no_method_by_name(client: TestClient) -> None:
 
 
 def test_a_client_that_does_not_ask_for_html_gets_kserve_liveness(client: TestClient) -> None:
-    for accept in ("*/*", "application/json", None):
+    refusing = ("text/html;q=0, application/json", "application/json, text/html;q=0.5")
+    for accept in ("*/*", "application/json", None, "text/html;q=0", *refusing):
         answer = client.get("/", headers={} if accept is None else {"Accept": accept})
-        assert (answer.status_code, answer.json()) == (200, {"status": "alive"})
+        assert (answer.status_code, answer.json()) == (200, {"status": "alive"}), accept
         assert answer.headers["vary"] == "Accept"
+
+
+def test_the_page_goes_to_whoever_prefers_html(client: TestClient) -> None:
+    """Accept is read by quality, as /explain reads it (the page once went to any Accept that
+    held the text "text/html", even at q=0)."""
+    for accept in (HTML["Accept"], "TEXT/HTML", "application/json;q=0.5, text/html", "text/*"):
+        answer = client.get("/", headers={"Accept": accept})
+        assert answer.headers["content-type"].startswith("text/html"), accept
