@@ -35,6 +35,7 @@ from app.grpc.status import status_of, trailing_metadata
 from app.lifecycle import Lifecycle
 from app.models.control import ModelControl
 from app.models.registry import ModelRegistry
+from app.observability.context import current_request
 from app.observability.metrics import Metrics
 from app.pipeline.explainer import Explainer
 from app.protocols import oip, repository
@@ -111,6 +112,8 @@ class Service:
         if isinstance(sent, str):
             sent = sent.encode("utf-8")
         found = self._api_keys.name_of(sent)
+        if (info := current_request()) is not None:  # counted per key, as HTTP's gate does
+            info.client = found or "-"
         if found is None:
             raise Unauthorized(
                 f"Missing or wrong API key; send it in the call's metadata as {API_KEY_METADATA!r}."

@@ -180,6 +180,29 @@ def test_the_named_api_keys_guard_grpc_as_they_guard_http(keys: dict[str, str]) 
     assert context.code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_calls_are_counted_per_api_key_as_http_requests_are() -> None:
+    # camserve_client_requests counted HTTP requests per key and no gRPC call at all.
+    counted: list[tuple[str, int]] = []
+
+    class Counting:
+        def observe_request(self, route: str, status: int, seconds: float, info: Any) -> None:
+            counted.append((info.client, status))
+
+    state = SimpleNamespace(
+        settings=Settings(api_keys="alice:alice-key,bob:bob-key"),
+        lifecycle=Lifecycle(grace_s=1),
+        metrics=Counting(),
+    )
+    request = messages.message("ModelMetadataRequest")(name="tiny").SerializeToString()
+    handler = Service(state).handlers()["ModelMetadata"]  # type: ignore[arg-type]
+    for sent in ((("x-api-key", "bob-key"),), (("x-api-key", "wrong"),), ()):
+        with pytest.raises(_Aborted):  # bob's passes the key: the state has no registry yet
+            asyncio.run(handler(request, _Context(sent)))
+    assert counted == [("bob", 503), ("-", 401), ("-", 401)]
+    asyncio.run(Service(state).handlers()["ServerLive"](b"", _Context()))  # type: ignore[arg-type]
+    assert counted[-1] == ("", 200)  # an open RPC names no client, as an open route does
+
+
 def test_a_busy_refusal_sends_its_retry_after_as_trailing_metadata() -> None:
     # The message asks the client to wait the seconds in Retry-After, which gRPC dropped.
     def busy(name: str, version: int | None) -> None:
