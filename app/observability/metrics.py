@@ -341,8 +341,9 @@ class Metrics:
         )
         self.client_requests = Counter(
             "camserve_client_requests",
-            "Requests to the keyed routes and gRPC calls by API key name ('-': no key or a wrong one) and "
-            "status; only when the service has API keys (the key itself is never a label).",
+            "Requests to the keyed routes and gRPC calls by API key name ('-': no key or a wrong "
+            "one) and status; only when the service has API keys (the key itself is never a "
+            "label).",
             ["client", "status"],
             registry=self.registry,
         )
