@@ -11,6 +11,7 @@ complete.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -66,10 +67,31 @@ def hidden(path: Path) -> bool:
 
 
 def model_folders(store: Path) -> list[Path]:
-    """The store's model folders, sorted by name (empty when the store does not exist)."""
+    """The store's model folders, sorted by name (empty when the store does not exist). A
+    folder whose name is not UTF-8 is skipped (and logged once): no request can name it and no
+    JSON answer can carry its name."""
     if not store.is_dir():
         return []
-    return sorted(p for p in store.iterdir() if p.is_dir() and not hidden(p))
+    return sorted(p for p in store.iterdir() if p.is_dir() and not hidden(p) and _named(p))
+
+
+def _named(folder: Path) -> bool:
+    try:
+        folder.name.encode("utf-8")
+    except UnicodeEncodeError:
+        _skip_unnamed(folder)
+        return False
+    return True
+
+
+@functools.cache
+def _skip_unnamed(folder: Path) -> None:
+    logger.warning(
+        "model folder %r in %s is skipped: its name is not UTF-8, so no request can name it "
+        "and no answer can show it; rename it with a UTF-8 name",
+        os.fsencode(folder.name),
+        folder.parent,
+    )
 
 
 def fingerprint(folder: Path) -> Fingerprint:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import assert_error, files, image_bytes
+from tests.models.store_helpers import put_tiny
 
 
 def test_list_models(client: TestClient) -> None:
@@ -193,3 +196,18 @@ def test_the_new_methods_and_a_string_options_choices_reach_the_page(client: Tes
     assert schedule["choices"] == ["cumulative", "linear"]
     assert body["method_info"]["FullGrad"]["summary"].startswith("FullGrad (Srinivas & Fleuret")
     assert not body["method_info"]["FullGrad"]["slow"]
+
+
+def test_a_folder_whose_name_is_not_utf8_is_skipped_not_a_500(
+    make_client: Callable[..., TestClient], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder named with bytes that are not UTF-8 became a model whose name no JSON answer
+    can carry: /models, /ready and the repository index answered 500 (a hostile review)."""
+    put_tiny(tmp_path, "tiny", seed=0)
+    os.mkdir(os.fsencode(tmp_path) + b"/bad\xff")
+    client = make_client(model_store=tmp_path, model_control="explicit", admin_key="admin")
+    assert [m["name"] for m in client.get("/models").json()["models"]] == ["tiny"]
+    assert client.get("/ready").json()["models"] == {"tiny": "ready"}
+    index = client.post("/v2/repository/index", headers={"X-Admin-Key": "admin"})
+    assert [row["name"] for row in index.json()] == ["tiny"]
+    assert "b'bad\\xff'" in caplog.text and "rename it with a UTF-8 name" in caplog.text
