@@ -356,6 +356,8 @@ class ModelRegistry:
             entry.versions[number] = fresh
         if layout.problem:
             logger.warning("model %s cannot be served: %s", name, layout.problem)
+        if old is not None and entry.serving is None:
+            entry = _keep_serving(old, entry)
         self._put(entry)
         self._retire(old, entry)
         return entry
@@ -562,6 +564,27 @@ class ModelRegistry:
     def _unavailable(self, name: str, why: str) -> ModelUnavailable:
         hint = _FIX_HINT[self.control].format(name=name)
         return ModelUnavailable(f"Model {name!r} {why}. {hint}")
+
+
+def _keep_serving(old: ModelEntry, entry: ModelEntry) -> ModelEntry:
+    """``entry``, none of whose versions serves, with ``old``'s serving versions kept beside
+    them: a new version that fails must not take down the ones its policy would retire for it
+    (they serve until a version it selects loads)."""
+    kept = {
+        n: v for n, v in old.versions.items() if v.model is not None and n not in entry.versions
+    }
+    if not kept:
+        return entry
+    failed = "; ".join(f"version {v.number}: {v.error}" for v in entry.versions.values() if v.error)
+    serving = ", ".join(map(str, sorted(kept)))
+    plural = len(kept) > 1
+    problem = (
+        f"no version that [version_policy] selects loaded ({failed or 'none ready'}); the "
+        f"previous version{'s' if plural else ''} {serving} go{'' if plural else 'es'} on "
+        "serving until one does"
+    )
+    logger.error("model %s: %s", entry.name, problem)
+    return replace(entry, versions={**entry.versions, **kept}, reload_problem=problem)
 
 
 def _is_model_folder(folder: Path, name: str) -> bool:

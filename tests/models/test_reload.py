@@ -223,3 +223,27 @@ def test_loading_a_model_whose_folder_is_gone_says_so(tmp_path: Path) -> None:
     message = caught.value.message
     assert "Available models: tiny." in message
     assert "folder that is gone" in message and "/models/other/unload" in message
+
+
+def test_a_new_version_that_fails_leaves_the_one_it_retires_serving(tmp_path: Path) -> None:
+    """Under ``latest = 1``, a broken version 2 beside a serving version 1 retired version 1:
+    the model stopped serving (a hostile review). It serves on until version 2 loads."""
+    put_tiny(tmp_path, "tiny", seed=0)
+    put_tiny(tmp_path, "v", seed=1, version=1)
+    registry = started(tmp_path)
+    before = logits(registry, "v")
+    newest = put_tiny(tmp_path, "v", seed=2, version=2)
+    break_weights(newest)
+    entry = registry.load("v")
+    assert entry.status == "ready" and entry.serving is not None and entry.serving.number == 1
+    assert entry.versions[2].status == "failed"
+    assert "version 2: cannot read weights" in (entry.reload_error or "")
+    assert "previous version 1 goes on serving" in (entry.reload_error or "")
+    assert torch.equal(logits(registry, "v"), before)
+    assert registry.changes() == ([], [])
+    assert registry.load("v").serving is entry.serving  # the same broken files: still serving
+
+    new_weights(newest, seed=2)
+    entry = registry.load("v")
+    assert sorted(entry.versions) == [2] and entry.reload_error is None
+    assert registry.get("v").spec.version == 2
