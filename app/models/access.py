@@ -8,8 +8,9 @@ Whoever can write the store chooses the manifests, so a manifest is treated as u
   The check is on the name, before anything is imported; the factory must then be defined in
   that module (a name it merely imports, such as ``subprocess.run``, is refused too).
 - Files a manifest names (``weights``, ``labels``) are paths inside its own folder: no absolute
-  path, no ``..``. The files read (the manifest too) must also lie inside the store once
-  symbolic links are followed, unless ``CAMSERVE_ALLOW_LINKS_OUT_OF_STORE`` is on.
+  path, no ``..``, nothing the scans pass over (``watched``). The files read (the manifest too)
+  must also lie inside the store once symbolic links are followed, unless
+  ``CAMSERVE_ALLOW_LINKS_OUT_OF_STORE`` is on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ TRUST_SETTING = "CAMSERVE_TRUSTED_MODULES"
 LINKS_SETTING = "CAMSERVE_ALLOW_LINKS_OUT_OF_STORE"
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _ATTRIBUTE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+SKIPPED_FILES = (".",)
+SKIPPED_FOLDERS = (".", "_")
+"""Name prefixes of the files and folders that the store's scans pass over
+(``app.models.store.fingerprint``): staging copies, editor files."""
+
+
+def watched(relative: PurePosixPath) -> bool:
+    """Whether the scans see the file at ``relative`` (under a model folder) change."""
+    *folders, name = relative.parts
+    return not name.startswith(SKIPPED_FILES) and not any(
+        folder.startswith(SKIPPED_FOLDERS) for folder in folders
+    )
 
 
 class AccessError(ValueError):
@@ -81,6 +96,12 @@ class StoreAccess:
             raise AccessError(
                 f"{what} {relative!r} must be a path inside the model's folder (no absolute "
                 "path, no '..')"
+            )
+        if not watched(written):
+            raise AccessError(
+                f"{what} {relative!r} is hidden from the scans that see a model's files change "
+                "(a file name that starts with '.', a folder that starts with '.' or '_'): a "
+                "reload would keep the old file's contents. Rename it"
             )
         path = folder / written
         self.check_resolved(path, what)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import InvalidModelName, clip
-from app.models.access import StoreAccess
+from app.models.access import SKIPPED_FILES, SKIPPED_FOLDERS, StoreAccess
 from app.models.manifest import (
     MANIFEST_NAME,
     ManifestError,
@@ -63,7 +63,7 @@ def version_number(name: str) -> int | None:
 
 
 def hidden(path: Path) -> bool:
-    return path.name.startswith((".", "_"))
+    return path.name.startswith(SKIPPED_FOLDERS)
 
 
 def model_folders(store: Path) -> list[Path]:
@@ -98,9 +98,9 @@ def fingerprint(folder: Path) -> Fingerprint:
     """What changes when a file under ``folder`` is added, removed, rewritten or touched."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(SKIPPED_FOLDERS))
         for name in files:
-            if name.startswith("."):
+            if name.startswith(SKIPPED_FILES):
                 continue
             path = Path(root) / name
             try:

@@ -148,3 +148,23 @@ def test_a_version_folder_linked_from_outside_is_refused(tmp_path: Path) -> None
     entry = registry_of(store).entry("v")
     assert entry.versions[2].status == "failed"
     assert "model.toml leads outside the model store" in (entry.versions[2].error or "")
+
+
+@pytest.mark.parametrize(
+    ("key", "path"),
+    [("weights", ".w.pt"), ("weights", "_staged/w.pt"), ("labels", ".cache/labels.txt")],
+)
+def test_a_manifest_may_not_name_a_file_the_scans_pass_over(
+    tmp_path: Path, key: str, path: str
+) -> None:
+    """The scans skip dotfiles and folders starting with '.' or '_'. Weights named there
+    loaded; new weights written over them were never seen: a reload answered 200 and went on
+    serving the old weights (a hostile review)."""
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    (folder / path).parent.mkdir(exist_ok=True)
+    (folder / ("weights.pt" if key == "weights" else "labels.txt")).rename(folder / path)
+    set_model(folder, **{key: f'"{path}"'})
+    entry = registry_of(tmp_path).entry("tiny")
+    assert entry.status == "failed"
+    assert f"{key} {path!r} is hidden from the scans" in (entry.error or "")
+    assert "Rename it" in (entry.error or "")
