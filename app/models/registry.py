@@ -261,7 +261,7 @@ class ModelRegistry:
             self.access.check_resolved(folder, folder.name)
         except AccessError:
             return ((f"{folder.name} -> outside the store", 0, 0),)
-        return fingerprint(folder)
+        return fingerprint(folder, self.store)
 
     # ------------------------------------------------------------------ changes
 

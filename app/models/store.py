@@ -94,11 +94,14 @@ def _skip_unnamed(folder: Path) -> None:
     )
 
 
-def fingerprint(folder: Path) -> Fingerprint:
-    """What changes when a file under ``folder`` is added, removed, rewritten or touched."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(SKIPPED_FOLDERS))
+def fingerprint(folder: Path, store: Path | None = None) -> Fingerprint:
+    """What changes when a file under ``folder`` is added, removed, rewritten or touched. A
+    link to a folder is listed with its target and followed while it stays inside ``store``
+    (None: never), each real folder once: a loop of links ends, a link out is not walked."""
+    found: list[tuple[str, int, int]] = []
+    walk = _Walk(folder, store.resolve() if store is not None else None, found)
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in sorted(dirs) if walk.enters(Path(root) / d)]
         for name in files:
             if name.startswith(SKIPPED_FILES):
                 continue
@@ -109,6 +112,51 @@ def fingerprint(folder: Path) -> Fingerprint:
                 continue
             found.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
     return tuple(sorted(found))
+
+
+class _Walk:
+    """Which subfolders a fingerprint goes into (``fingerprint``)."""
+
+    def __init__(self, folder: Path, store: Path | None, found: list[tuple[str, int, int]]):
+        self.folder = folder
+        self.store = store
+        self.found = found
+        self.visited = {_identity(folder)}
+
+    def enters(self, path: Path) -> bool:
+        if path.name.startswith(SKIPPED_FOLDERS):
+            return False
+        try:
+            if path.is_symlink():
+                target = os.readlink(path)
+                self.found.append((f"{path.relative_to(self.folder)} -> {target}", 0, 0))
+                if not self._inside_store(path):
+                    return False
+        except OSError:  # removed while we looked: the next scan sees the rest
+            return False
+        identity = _identity(path)
+        if identity is None or identity in self.visited:
+            return False
+        self.visited.add(identity)
+        return True
+
+    def _inside_store(self, path: Path) -> bool:
+        if self.store is None:
+            return False
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # a loop of links
+            return False
+        return resolved == self.store or self.store in resolved.parents
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The real folder ``path`` leads to (device, inode); None when it cannot be read."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 @dataclass(frozen=True)

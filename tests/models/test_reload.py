@@ -247,3 +247,31 @@ def test_a_new_version_that_fails_leaves_the_one_it_retires_serving(tmp_path: Pa
     entry = registry.load("v")
     assert sorted(entry.versions) == [2] and entry.reload_error is None
     assert registry.get("v").spec.version == 2
+
+
+def test_weights_in_a_linked_folder_are_seen_to_change(tmp_path: Path) -> None:
+    """A link to a folder inside the store is served, but the scans did not look into it: new
+    weights there were never seen, so a reload kept serving the old ones (a hostile review)."""
+    shared = put_tiny(tmp_path, "_shared", seed=0)
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    (folder / "weights.pt").unlink()
+    (folder / "shared").symlink_to("../_shared")
+    text = (folder / "model.toml").read_text()
+    (folder / "model.toml").write_text(text.replace('"weights.pt"', '"shared/weights.pt"'))
+    registry = started(tmp_path)
+    before = logits(registry)
+    new_weights(shared, seed=1)
+    assert registry.changes() == (["tiny"], [])
+    registry.load("tiny")
+    assert not torch.equal(logits(registry), before)
+
+
+def test_a_new_version_folder_that_is_a_link_is_picked_up(tmp_path: Path) -> None:
+    put_tiny(tmp_path, "tiny", seed=0)
+    put_tiny(tmp_path, "v", seed=1, version=1)
+    put_tiny(tmp_path, "_v2", seed=2)
+    registry = started(tmp_path)
+    (tmp_path / "v" / "2").symlink_to("../_v2")
+    assert registry.changes() == (["v"], [])
+    registry.load("v")
+    assert registry.get("v").spec.version == 2

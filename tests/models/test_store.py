@@ -95,3 +95,22 @@ def test_model_names_are_bounded_before_any_file_call(name: str) -> None:
 def test_a_name_of_255_bytes_is_fine() -> None:
     check_name("x" * 255)
     check_name("é" * 127)
+
+
+def test_fingerprint_follows_links_inside_the_store_once_and_never_out(tmp_path: Path) -> None:
+    """Links to folders are followed so that their files are watched; a hostile store's links
+    (a loop, the store itself, the file system's root) must not make a scan endless or long."""
+    store = tmp_path / "store"
+    folder = put_tiny(store, "m", seed=0)
+    put_tiny(store, "other", seed=1)
+    (folder / "loop").symlink_to(".")
+    (folder / "store").symlink_to("..")
+    (folder / "root").symlink_to("/")
+    (folder / "a").symlink_to("b")
+    (folder / "b").symlink_to("a")
+    names = [path for path, _, _ in fingerprint(folder, store)]
+    assert "store/other/weights.pt" in names  # the store is inside the store: walked once
+    assert not any(name.startswith(("root/", "loop/", "store/m/")) for name in names)
+    assert {"root -> /", "loop -> ."} <= set(names)
+    assert len(names) == len(set(names))
+    assert not any(n.startswith("store/") for n, _, _ in fingerprint(folder))  # no store
