@@ -4,12 +4,17 @@ A snippet that cannot run on its own says so with a comment on the line before i
 ``<!-- fragment: needs X -->``; it must still compile. A ``text`` block right after a snippet is
 its output, compared line by line; ``<!-- output: a subsequence (why) -->`` before it means a
 run prints some of those lines, in that order, and the same last line (a job's progress counts
-depend on when its stream is joined). The snippets that call a service get a real
-``python -m app`` on the shipped model store (the outputs are the default model's), on a free
-loopback port in place of the documented 8000 (and gRPC's 8001), and run in a folder with
-examples/ and star.png. Each snippet runs in a Python process of its own, as a reader runs it:
-some client libraries cannot be imported together (the kserve SDK and tritonclient.grpc both
-register the protobuf package ``inference``), and a snippet must not lean on another's imports.
+depend on when its stream is joined). A ``console`` block with ``<!-- checked: ... -->`` before
+it is a shell session against the service: its ``$`` commands run in one bash, in order (after
+the assignments, such as ``B64=...``, of the page's checked blocks above it), and each one's
+answer must match the lines shown after it, up to what varies between runs: numbers, request
+ids (shown or cut), white space, the cache's ``hit`` or ``miss``, and whatever the page elides
+as ``...``. The snippets and sessions that call a service get a real ``python -m app`` on the
+shipped model store (the outputs are the default model's), on a free loopback port in place of
+the documented 8000 (and gRPC's 8001), and run in a folder with examples/ and star.png. Each
+snippet runs in a Python process of its own, as a reader runs it: some client libraries cannot
+be imported together (the kserve SDK and tritonclient.grpc both register the protobuf package
+``inference``), and a snippet must not lean on another's imports.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 DOCUMENTED_HTTP = ("127.0.0.1:8000", "localhost:8000")
 DOCUMENTED_GRPC = ("127.0.0.1:8001", "localhost:8001")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>\w*)\s*$")
-COMMENT = re.compile(r"<!--\s*(?P<kind>fragment|output):\s*(?P<text>.*?)\s*-->", re.DOTALL)
+COMMENT = re.compile(r"<!--\s*(?P<kind>fragment|output|checked):\s*(?P<text>.*?)\s*-->", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,83 @@ def _adjacent(page: Path, block: Block, after: Block) -> bool:
     return COMMENT.sub("", between).strip() == ""
 
 
+@dataclass(frozen=True)
+class Command:
+    line: str
+    """the command, continuation lines included"""
+    shown: str
+    """the answer the page shows after it"""
+
+
+@dataclass(frozen=True)
+class Session:
+    page: Path
+    line: int
+    setup: tuple[str, ...]
+    """the assignments of the page's checked sessions above this one"""
+    commands: tuple[Command, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+ASSIGNMENT = re.compile(r"^[A-Za-z_]\w*=")
+
+
+def commands(code: str) -> list[Command]:
+    """A console block's ``$`` commands, each with the lines after it up to the next one."""
+    found: list[tuple[list[str], list[str]]] = []
+    continued = False
+    for line in code.splitlines():
+        if continued:
+            found[-1][0].append(line)
+        elif line.startswith("$ "):
+            found.append(([line[2:]], []))
+        elif found:
+            found[-1][1].append(line)
+        continued = line.endswith("\\")
+    return [Command("\n".join(cmd), "\n".join(shown).strip()) for cmd, shown in found]
+
+
+def sessions() -> list[Session]:
+    found = []
+    for page in PAGES:
+        setup: list[str] = []
+        for block in blocks(page.read_text()):
+            if block.lang != "console" or not block.comment or block.comment[0] != "checked":
+                continue
+            listed = commands(block.code)
+            found.append(Session(page, block.line, tuple(setup), tuple(listed)))
+            setup += [c.line for c in listed if ASSIGNMENT.match(c.line)]
+    return found
+
+
+VARIES = [
+    (re.compile(r',\s*"request_id":\s*"[^"]*"'), ""),  # shown, or cut
+    (re.compile(r'"cache":\s*"(hit|miss)"'), '"cache":"miss"'),
+    (re.compile(r"-?\d+(\.\d+)?(e[-+]?\d+)?"), "#"),
+    (re.compile(r"\s+"), ""),
+]
+
+
+def steady(text: str) -> str:
+    """``text`` without what varies between runs (numbers, request ids, white space)."""
+    for pattern, replacement in VARIES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def matches(shown: str, answer: str) -> bool:
+    """The answer is what the page shows, ``...`` standing for anything."""
+    pattern = ".*?".join(re.escape(part) for part in steady(shown).split("..."))
+    return re.fullmatch(pattern, steady(answer), re.DOTALL) is not None
+
+
 SNIPPETS = snippets()
 RUNNABLE = [s for s in SNIPPETS if s.fragment is None]
 FRAGMENTS = [s for s in SNIPPETS if s.fragment is not None]
+SESSIONS = sessions()
 
 
 @dataclass(frozen=True)
@@ -199,6 +278,48 @@ def test_a_snippet_runs_and_prints_what_the_page_shows(
 def test_a_fragment_says_what_it_needs_and_compiles(snippet: Snippet) -> None:
     assert snippet.fragment is not None and snippet.fragment.startswith("needs ")
     compile(snippet.code, snippet.name, "exec")
+
+
+def test_the_pages_have_checked_sessions() -> None:
+    names = {s.page.name for s in SESSIONS}
+    assert len(SESSIONS) >= 6 and names >= {"README.md", "api.md", "parameters.md", "clients.md"}
+
+
+@pytest.mark.parametrize("session", SESSIONS, ids=lambda s: s.name)
+def test_a_checked_session_answers_what_the_page_shows(
+    session: Session, folder: Path, service: Service
+) -> None:
+    marker = "=== camserve docs: the next command ==="
+    script = [*session.setup]
+    for command in session.commands:
+        script += [f"echo '{marker}'", command.line]
+    done = subprocess.run(
+        ["bash", "-c", service.place("\n".join(script))],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    answers = done.stdout.split(marker + "\n")[1:]
+    assert len(answers) == len(session.commands), done.stderr
+    for command, answer in zip(session.commands, answers, strict=True):
+        assert matches(command.shown, answer), (
+            f"{session.name}: $ {command.line}\nthe page shows:\n{command.shown}\n"
+            f"the service answered:\n{answer}"
+        )
+
+
+def test_a_session_is_read_as_a_reader_runs_it() -> None:
+    code = (
+        "$ B64=$(base64 -w0 star.png)\n$ curl -s localhost:8000/a \\\n    -d x\n"
+        '{"error":"no", "request_id":"f6"}\n\n$ curl -s localhost:8000/b\n[1.5, ...]\n'
+    )
+    first, second, third = commands(code)
+    assert (first.line, first.shown) == ("B64=$(base64 -w0 star.png)", "")
+    assert second.line == "curl -s localhost:8000/a \\\n    -d x"
+    assert matches(second.shown, '{"error": "no", "request_id": "0a1b"}\n')
+    assert not matches(second.shown, '{"error": "yes", "request_id": "0a1b"}')
+    assert matches(third.shown, "[2.25, 3, 4]") and not matches(third.shown, '{"a": 1}')
 
 
 def test_the_reader_finds_indented_blocks_comments_and_outputs() -> None:
