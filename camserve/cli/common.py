@@ -177,19 +177,31 @@ def _server_url(context: click.Context, param: click.Parameter, url: str | None)
         raise click.BadParameter(str(error), context, param) from None
 
 
-def server_options(func: F) -> F:
+def _url_options(func: F, url_help: str) -> F:
     func = click.option(
         "--api-key",
         envvar="CAMSERVE_API_KEY",
         help="the server's API key (sent as X-API-Key) [env: CAMSERVE_API_KEY]",
     )(func)
-    return click.option(
-        "--url",
-        envvar="CAMSERVE_URL",
-        callback=_server_url,
-        help="a camserve server to send the work to, e.g. http://127.0.0.1:8000; without it the "
+    return click.option("--url", envvar="CAMSERVE_URL", callback=_server_url, help=url_help)(func)
+
+
+def server_options(func: F) -> F:
+    """``--url`` and ``--api-key`` of a command that runs in this process without ``--url``."""
+    return _url_options(
+        func,
+        "a camserve server to send the work to, e.g. http://127.0.0.1:8000; without it the "
         "model store is loaded in this process [env: CAMSERVE_URL]",
-    )(func)
+    )
+
+
+def jobs_server_options(func: F) -> F:
+    """``--url`` and ``--api-key`` of a ``jobs`` command, which needs a server."""
+    return _url_options(
+        func,
+        "the camserve server that runs the jobs, e.g. http://127.0.0.1:8000 (required: jobs "
+        "need a server) [env: CAMSERVE_URL]",
+    )
 
 
 def store_options(func: F) -> F:

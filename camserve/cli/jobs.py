@@ -17,8 +17,8 @@ from camserve.cli.common import (
     out,
     print_summary,
     reported_errors,
+    jobs_server_options,
     request_options,
-    server_options,
 )
 from camserve.client import Client
 from camserve.errors import ClientError
@@ -39,7 +39,7 @@ def _server(url: str | None) -> str:
 @jobs.command("submit")
 @click.argument("image", type=click.Path(path_type=Path))
 @request_options
-@server_options
+@jobs_server_options
 def submit_job(
     image: Path,
     methods: tuple[str, ...],
@@ -97,7 +97,7 @@ def _check_one_file(image: Path) -> None:
     show_default=True,
     help="folder for the job's overlays, raw maps and results.jsonl",
 )
-@server_options
+@jobs_server_options
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def watch_job(job_id: str, out: Path, url: str | None, api_key: str | None, quiet: bool) -> None:
     """Follow a job's progress until it ends, then write its results like `explain`."""
@@ -119,7 +119,7 @@ def watch_job(job_id: str, out: Path, url: str | None, api_key: str | None, quie
 
 @jobs.command("cancel")
 @click.argument("job_id")
-@server_options
+@jobs_server_options
 def cancel_job(job_id: str, url: str | None, api_key: str | None) -> None:
     """Cancel a queued or running job (a finished one is forgotten)."""
     with reported_errors():

@@ -596,6 +596,13 @@ def test_help_explains_every_option() -> None:
                 assert param.help and param.help.split()[0] in shown.output, (path, param.name)
 
 
+@pytest.mark.parametrize("command", ["submit", "watch", "cancel"])
+def test_the_jobs_commands_say_that_they_need_a_server(command: str) -> None:
+    shown = " ".join(camserve("jobs", command, "--help").output.split())
+    assert "loaded in this process" not in shown
+    assert "the camserve server that runs the jobs" in shown and "required" in shown
+
+
 def test_the_client_and_the_cli_never_import_the_web_framework() -> None:
     code = (
         "import sys, camserve, camserve.local, camserve.cli; "
