@@ -14,10 +14,10 @@ from camserve.cli.common import (
     build_request,
     check_image_file,
     file_error,
+    jobs_server_options,
     out,
     print_summary,
     reported_errors,
-    jobs_server_options,
     request_options,
 )
 from camserve.client import Client
