@@ -187,6 +187,8 @@ class ModelRegistry:
         self._loaded = threading.Event()
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
+        self._entries_lock = threading.Lock()
+        """Held while ``entries`` is copied and replaced: two swaps never lose one another."""
         self._stall_reported: set[str] = set()
 
     @classmethod
@@ -318,10 +320,7 @@ class ModelRegistry:
             layout = self._layout(folder, old.policy if old is not None else None)
         except (FileNotFoundError, NotADirectoryError):
             # The folder went away while we looked: leave things as they were.
-            entries = {k: v for k, v in self.entries.items() if k != name}
-            if before is not None:
-                entries[name] = before
-            self.entries = entries
+            self._set(name, before)
             raise self._not_found(name, in_store=True) from None
         if layout.problem and old is not None and old.serving is not None:
             logger.error(
@@ -380,17 +379,25 @@ class ModelRegistry:
         old = self.entries.get(name)
         if old is None:
             raise self._not_found(name)
-        entries = dict(self.entries)
-        if (self.store / name).is_dir():
-            entries[name] = ModelEntry(name, unloaded=True)
-        else:
-            del entries[name]
-        self.entries = entries
-        self._retire(old, entries.get(name))
+        new = ModelEntry(name, unloaded=True) if (self.store / name).is_dir() else None
+        self._set(name, new)
+        self._retire(old, new)
         logger.info("model %s unloaded", name)
 
     def _put(self, entry: ModelEntry) -> None:
-        self.entries = {**self.entries, entry.name: entry}
+        self._set(entry.name, entry)
+
+    def _set(self, name: str, entry: ModelEntry | None) -> None:
+        """Swap ``entry`` in as ``name`` (None: forget ``name``). A new dict replaces the old, so
+        readers iterate a stable one; the lock keeps a swap made by another model's load (on
+        another thread) from being lost to this one's copy."""
+        with self._entries_lock:
+            entries = dict(self.entries)
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+            self.entries = entries
 
     def _retire(self, old: ModelEntry | None, new: ModelEntry | None) -> None:
         """Log when each model no longer served is freed (after its last request)."""

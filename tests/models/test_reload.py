@@ -275,3 +275,29 @@ def test_a_new_version_folder_that_is_a_link_is_picked_up(tmp_path: Path) -> Non
     assert registry.changes() == (["v"], [])
     registry.load("v")
     assert registry.get("v").spec.version == 2
+
+
+def test_an_unload_does_not_undo_a_swap_that_lands_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unload copied the entries, looked at the folder (a file system call, other threads
+    run), then wrote its copy back: a reload of another model that swapped in meanwhile was
+    undone, and that model served its old weights after its load answered (a hostile review)."""
+    put_tiny(tmp_path, "tiny", seed=0)
+    other = put_tiny(tmp_path, "other", seed=1)
+    registry = started(tmp_path)
+    new_weights(other, seed=2)
+    is_dir = Path.is_dir
+    swapped: list[torch.Tensor] = []
+
+    def reload_meanwhile(self: Path) -> bool:  # the other model's load ends on another thread
+        if self == tmp_path / "tiny" and not swapped:
+            registry.load("other")
+            swapped.append(logits(registry, "other"))
+        return is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", reload_meanwhile)
+    registry.unload("tiny")
+    assert swapped and torch.equal(logits(registry, "other"), swapped[0])
+    assert registry.entry("tiny").status == "unloaded"
+    assert "other" not in registry.changes()[0]
