@@ -1,20 +1,21 @@
 """Every Python snippet of the README and docs/ runs, and prints what the page shows after it.
 
 A snippet that cannot run on its own says so with a comment on the line before its fence,
-``<!-- fragment: needs X -->``; it must still compile. A ``text`` block right after a snippet is
-its output, compared line by line; ``<!-- output: a subsequence (why) -->`` before it means a
-run prints some of those lines, in that order, and the same last line (a job's progress counts
+``<!-- fragment: needs X -->``; it must still compile. A ``text`` block right after a snippet is its
+output, compared line by line; ``<!-- output: a subsequence (why) -->`` before it means a run
+prints some of those lines, in that order, and the same last line (a job's progress counts
 depend on when its stream is joined). A ``console`` block with ``<!-- checked: ... -->`` before
-it is a shell session against the service: its ``$`` commands run in one bash, in order (after
-the assignments, such as ``B64=...``, of the page's checked blocks above it), and each one's
-answer must match the lines shown after it, up to what varies between runs: numbers, request
-ids (shown or cut), white space, the cache's ``hit`` or ``miss``, and whatever the page elides
-as ``...``. The snippets and sessions that call a service get a real ``python -m app`` on the
-shipped model store (the outputs are the default model's), on a free loopback port in place of
-the documented 8000 (and gRPC's 8001), and run in a folder with examples/ and star.png. Each
-snippet runs in a Python process of its own, as a reader runs it: some client libraries cannot
-be imported together (the kserve SDK and tritonclient.grpc both register the protobuf package
-``inference``), and a snippet must not lean on another's imports.
+it is a shell session against the service: its ``$`` commands run in one bash (``camserve`` on
+the PATH), in order (after the assignments, such as ``B64=...``, of the page's checked blocks
+above it), and each one's answer (stdout and stderr) must match the lines shown after it, up to
+what varies between runs: numbers, request ids (shown or cut), white space, the cache's ``hit``
+or ``miss``, and whatever the page elides as ``...``. The snippets and sessions that call a
+service get a real ``python -m app`` on the shipped model store (the outputs are the default
+model's), on a free loopback port in place of the documented 8000 (and gRPC's 8001), and run in
+a folder with examples/ and star.png. Each snippet runs in a Python process of its own, as a
+reader runs it: some client libraries cannot be imported together (the kserve SDK and
+tritonclient.grpc both register the protobuf package ``inference``), and a snippet must not lean
+on another's imports.
 """
 
 from __future__ import annotations
@@ -293,15 +294,27 @@ def test_a_checked_session_answers_what_the_page_shows(
     script = [*session.setup]
     for command in session.commands:
         script += [f"echo '{marker}'", command.line]
+    # camserve on the PATH as in `make shell`, its in-process runs on the shipped store, and
+    # its tables as wide as a terminal's 80 columns
+    bin_folder = str(Path(sys.executable).parent)
     done = subprocess.run(
         ["bash", "-c", service.place("\n".join(script))],
         cwd=folder,
-        capture_output=True,
+        env={
+            **os.environ,
+            "PATH": f"{bin_folder}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(ROOT),
+            "CAMSERVE_MODEL_STORE": str(ROOT / "model_store"),
+            "CAMSERVE_DEVICE": "cpu",
+            "COLUMNS": "80",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         timeout=240,
     )
     answers = done.stdout.split(marker + "\n")[1:]
-    assert len(answers) == len(session.commands), done.stderr
+    assert len(answers) == len(session.commands), done.stdout
     for command, answer in zip(session.commands, answers, strict=True):
         assert matches(command.shown, answer), (
             f"{session.name}: $ {command.line}\nthe page shows:\n{command.shown}\n"
