@@ -53,3 +53,18 @@ def test_the_home_page_shows_the_readmes_commands() -> None:
     readme = commands_block((ROOT / "README.md").read_text())
     assert commands_block((ROOT / "docs" / "index.md").read_text()) == readme
     assert "apt-get" in readme and "make shell" in readme  # what make test needs; the PATH
+
+
+def test_the_api_page_names_every_form_field_and_method_of_explain() -> None:
+    from app.cam import METHODS
+    from app.http.app import create_app
+
+    schema = create_app().openapi()["components"]["schemas"]["Body_explain_images_explain_post"]
+    api = (ROOT / "docs" / "api.md").read_text()
+    table = api[api.index("Form fields of `/explain`:") :]
+    table = table[: table.index("\n\n", table.index("| Field |"))]
+    rows = [row.split("|")[1] for row in table.splitlines() if row.startswith("| `")]
+    named = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    assert set(schema["properties"]) - {"file"} - named == set()
+    method_row = next(row for row in table.splitlines() if row.startswith("| `method` |"))
+    assert {m for m in METHODS if f"`{m}`" not in method_row} == set()
