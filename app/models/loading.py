@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import pickle
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -185,12 +187,33 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ManifestError(f"cannot read weights {path.name}: {error}") from None
+        raise ManifestError(f"cannot read weights {path.name}: {_unreadable(error)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ManifestError(f"{path.name} does not hold a state_dict")
     return state
+
+
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_PICKLE_OPCODE = re.compile(r"Unsupported operand \d+")
+
+
+def _unreadable(error: Exception) -> str:
+    """Why torch.load could not read a weights file, in the service's terms (torch's refusal
+    of a pickle advises weights_only=False, which the service never does)."""
+    if isinstance(error, EOFError):
+        return "the file ends too early (it is empty or truncated); copy it again"
+    text = str(error).strip()
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in text:
+        named, opcode = _PICKLED_GLOBAL.search(text), _PICKLE_OPCODE.search(text)
+        what = f"it names {named[1]}" if named else opcode[0] if opcode else "not a state_dict"
+        return (
+            f"it holds more than tensors ({what}). Weights are read as data (torch.load with "
+            "weights_only=True), never run as code: save the state_dict with "
+            "torch.save(model.state_dict(), path)"
+        )
+    return text or type(error).__name__
 
 
 def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:

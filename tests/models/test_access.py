@@ -168,3 +168,32 @@ def test_a_manifest_may_not_name_a_file_the_scans_pass_over(
     assert entry.status == "failed"
     assert f"{key} {path!r} is hidden from the scans" in (entry.error or "")
     assert "Rename it" in (entry.error or "")
+
+
+class _RunsCode:
+    """Unpickled without weights_only, this touches ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, ...]]:
+        return (Path.touch, (str(self.marker),))
+
+
+def test_weights_that_would_run_code_are_refused_and_never_run(tmp_path: Path) -> None:
+    """torch's own refusal advised re-running with weights_only=False (code from the store)
+    and to file an issue with torch; the message now says what the file holds and how to save
+    weights (a hostile review). An empty file said 'cannot read weights weights.pt:', no why."""
+    store = tmp_path / "store"
+    marker = tmp_path / "ran"
+    torch.save({"fc.weight": _RunsCode(marker)}, put_tiny(store, "evil", seed=0) / "weights.pt")
+    (put_tiny(store, "empty", seed=1) / "weights.pt").write_bytes(b"")
+    registry = registry_of(store)
+    assert not marker.exists()
+    error = registry.entry("evil").error or ""
+    assert "weights.pt: it holds more than tensors (it names " in error
+    assert "torch.save(model.state_dict()" in error
+    assert "weights_only` set to `False`" not in error and "file an issue" not in error
+    assert "the file ends too early (it is empty or truncated)" in (
+        registry.entry("empty").error or ""
+    )
