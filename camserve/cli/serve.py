@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from camserve.cli.common import store_options
-
 
 @click.command()
 @click.option("--host", help="address to bind [env: CAMSERVE_HOST; default 127.0.0.1]")
@@ -19,7 +17,12 @@ from camserve.cli.common import store_options
     help="service processes on the port, each with its own models [env: CAMSERVE_WORKERS; "
     "default 1; more needs CAMSERVE_JOB_STORE=redis://...]",
 )
-@store_options
+@click.option(
+    "--model-store",
+    type=click.Path(path_type=Path),
+    help="folder with one folder per model [env: CAMSERVE_MODEL_STORE; default model_store]",
+)
+@click.option("--device", help="auto, cpu, cuda or cuda:N [env: CAMSERVE_DEVICE; default auto]")
 def serve(
     host: str | None,
     port: int | None,

@@ -596,6 +596,12 @@ def test_help_explains_every_option() -> None:
                 assert param.help and param.help.split()[0] in shown.output, (path, param.name)
 
 
+def test_serve_says_its_store_and_device_are_the_services() -> None:
+    shown = " ".join(camserve("serve", "--help").output.split())
+    assert "in-process" not in shown
+    assert "[env: CAMSERVE_MODEL_STORE; default model_store]" in shown
+
+
 @pytest.mark.parametrize("command", ["submit", "watch", "cancel"])
 def test_the_jobs_commands_say_that_they_need_a_server(command: str) -> None:
     shown = " ".join(camserve("jobs", command, "--help").output.split())
