@@ -141,7 +141,7 @@ def from_camserve(response: httpx.Response, url: str) -> httpx.Response:
     root = f"{parts.scheme}://{parts.netloc}"
     answered = response.text.strip()[:120] or response.reason_phrase
     hint = (
-        f"point --url / CAMSERVE_URL at the server's root, e.g. {root}"
+        f"point the URL (--url, CAMSERVE_URL or Client(url)) at the server's root, e.g. {root}"
         if root != url
         else "is a camserve server (`camserve serve`) listening there?"
     )

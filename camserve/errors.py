@@ -39,6 +39,6 @@ class Unreachable(ClientError):
         super().__init__(
             "unreachable",
             f"cannot reach the service at {url}: {reason}. Start it (`camserve serve`) or "
-            "point --url / CAMSERVE_URL at a running one.",
+            "point the URL (--url, CAMSERVE_URL or Client(url)) at a running one.",
         )
         self.url = url

@@ -264,6 +264,7 @@ def test_a_404_that_camserve_did_not_write_says_the_url_is_not_its_root() -> Non
     assert (error.status, error.code) == (404, "not_camserve")
     assert "http://camserve:8000/v2 does not look like the root" in error.message
     assert "e.g. http://camserve:8000" in error.message and "No route" in error.message
+    assert "Client(url)" in error.message  # the way a Python caller sets it, beside --url
     missing = {"error": {"code": "model_not_found", "message": "No model 'x'."}}
     transport, _ = stub([httpx.Response(404, json=missing)])
     with Client("http://camserve:8000", retry=FAST, transport=transport) as client:
@@ -298,6 +299,7 @@ def test_no_server_is_unreachable() -> None:
         with pytest.raises(Unreachable) as raised:
             client.models()
     assert raised.value.code == "unreachable" and url in raised.value.message
+    assert "Client(url)" in raised.value.message
 
 
 # ------------------------------------------------------------------ progress (stub event stream)
