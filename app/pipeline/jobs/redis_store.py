@@ -725,13 +725,13 @@ class RedisJobStore(JobStore):
         ttl_ms = UNFINISHED_TTL_S * 1000
         # Python 3.11's wait_for (in Job.changed) may swallow a cancel that arrives as the wait
         # ends: the end of the run is checked too, or this loop would outlive the job.
+        refused = False
         while not run.task.done():
             await job.changed(min(1.0, beat_every))
             if run.task.done():
                 return
-            view = data = ""
-            if job.revision != written:
-                written = job.revision
+            revision, view, data = job.revision, "", ""
+            if revision != written:
                 view, data = job.view(with_result=False).model_dump_json(), _state(job)
             try:
                 state = _text(
@@ -741,6 +741,7 @@ class RedisJobStore(JobStore):
                         [self.consumer, view, data, ttl_ms, EVENTS_KEPT],
                     )
                 )
+                written = revision
                 if time.monotonic() - last_beat >= beat_every:
                     await _aw(
                         self._redis.xclaim(QUEUE, GROUP, self.consumer, 0, [run.entry], justid=True)
@@ -749,6 +750,15 @@ class RedisJobStore(JobStore):
             except _DOWN as error:
                 self._lost(error)
                 continue  # the pass goes on; its lease runs out only if Redis stays away
+            except redis_errors.RedisError as error:
+                # Redis refused this write (full past maxmemory, read-only after a failover):
+                # try again at the next turn. A follower that died here would leave the run
+                # with no lease (another replica would run the job too) and no cancel.
+                if not refused:
+                    logger.warning("job %s: Redis refused its progress: %s", job.id[:8], error)
+                refused = True
+                continue
+            refused = False
             if state != "running":
                 run.stopped = "cancelled" if state == "cancelled" else "lost"
                 run.task.cancel()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -164,6 +164,43 @@ def test_a_jobs_follower_ends_with_its_run_even_without_a_cancel(
         await asyncio.wait_for(store._follow(_Running(job, "0-0", task)), 5)
 
     client.portal.call(scenario)  # type: ignore[union-attr]
+
+
+def test_a_jobs_follower_outlives_a_write_that_redis_refuses(
+    replicas: Callable[..., TestClient], redis_server: RedisServer
+) -> None:
+    """Redis full past maxmemory (or read-only after a failover) refuses a progress write with
+    an error that is no lost connection: the follower must try again at its next turn. If it
+    died, the run would go on with no lease (another replica runs the job too) and a DELETE
+    would not stop it."""
+    client = replicas()
+    store = store_of(client)
+    job = Job(id="g" * 24)
+    redis_server.client(db_of(client)).hset(
+        f"camserve:job:{job.id}", mapping={"status": "cancelled", "owner": store.consumer}
+    )
+    script = store._script
+    refused: list[str] = []
+
+    async def full_once(name: str, keys: Sequence[str], args: Sequence[object]) -> object:
+        if name == "progress" and not refused:
+            refused.append(name)
+            raise redis_errors.OutOfMemoryError(
+                "command not allowed when used memory > 'maxmemory'"
+            )
+        return await script(name, keys, args)  # type: ignore[arg-type]
+
+    store._script = full_once  # type: ignore[method-assign]
+
+    async def scenario() -> _Running:
+        task: asyncio.Task[Outcome] = asyncio.create_task(asyncio.Event().wait())  # type: ignore[arg-type]
+        run = _Running(job, "0-0", task)
+        await asyncio.wait_for(store._follow(run), 10)
+        await asyncio.gather(task, return_exceptions=True)
+        return run
+
+    run = client.portal.call(scenario)  # type: ignore[union-attr]
+    assert refused and run.stopped == "cancelled" and run.task.cancelled()
 
 
 def test_results_too_large_to_keep_are_refused_at_creation(
