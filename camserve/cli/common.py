@@ -331,8 +331,9 @@ class Display:
 
 
 def print_summary(path: Path, explained: Explained) -> None:
-    """One line per image: its top class and what each method explained; a detector's boxes or
-    a segmenter's classes (it has no top class) and what was explained of them."""
+    """One line per image: its top class and what each method explained (each class, with
+    ``classes`` or ``top_classes``); a detector's boxes or a segmenter's classes (it has no top
+    class) and what was explained of them."""
     if not explained.predictions:
         if explained.detections is not None:
             found = f"{len(explained.detections)} detection(s)"
@@ -349,7 +350,7 @@ def print_summary(path: Path, explained: Explained) -> None:
     top = explained.predictions[0]
     methods = ", ".join(
         f"{m.method}: {m.label}" + ("" if m.class_idx == top.class_idx else " (asked)")
-        for m in explained.methods.values()
+        for m in explained.explanations
     )
     out.print(
         f"{path}  {top.label} {top.probability:.2f}  [{methods}]", highlight=False, soft_wrap=True

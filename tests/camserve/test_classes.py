@@ -18,6 +18,8 @@ def test_the_cli_writes_a_file_per_method_and_class(
         "-o", tmp_path, *in_process(store),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    [summary] = [line for line in result.output.splitlines() if line.startswith(str(images))]
+    assert summary.count("GradCAM: ") == 2  # both classes, not the first alone
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         "a.GradCAM.class0.jpg",
