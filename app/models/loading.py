@@ -237,6 +237,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         else shape
         for name, shape in _warm_up(module, spec).items()
     }
+    _check_finite(module)
     layer_names = frozenset(name for name, _ in module.named_modules() if name)
     candidates = tuple(
         name
@@ -279,6 +280,20 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         channels_last=channels_last,
         compiled=compiled,
     )
+
+
+def _check_finite(module: nn.Module) -> None:
+    """Refuse weights with a NaN or infinite parameter (after the warm-up, whose probe names
+    them in a classifier's logits): a detector drops NaN scores and a segmenter's output is not
+    probed, so such weights served, answering no box or only background."""
+    for name, parameter in module.named_parameters():
+        finite = torch.isfinite(parameter)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise ManifestError(
+                f"parameter {name} holds {bad} of {finite.numel()} values that are NaN or "
+                "infinite; the weights are broken (check the checkpoint)"
+            )
 
 
 def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:

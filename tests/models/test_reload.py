@@ -301,3 +301,24 @@ def test_an_unload_does_not_undo_a_swap_that_lands_while_it_runs(
     assert swapped and torch.equal(logits(registry, "other"), swapped[0])
     assert registry.entry("tiny").status == "unloaded"
     assert "other" not in registry.changes()[0]
+
+
+@pytest.mark.parametrize("model", ["shapes-segment", "shapes-detect"])
+def test_nan_weights_of_a_detector_or_segmenter_fail_the_load(tmp_path: Path, model: str) -> None:
+    """Only a classifier's logits were probed for NaN: a detector with NaN weights answered no
+    box and a segmenter only background, and a swap to them replaced good weights (a hostile
+    review)."""
+    put_tiny(tmp_path, "tiny", seed=0)
+    folder = tmp_path / model
+    shutil.copytree(Path(__file__).parents[2] / "model_store" / model, folder)
+    registry = started(tmp_path)
+    before = registry.get(model)
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    name = next(k for k, v in state.items() if k.endswith("weight") and v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("nan"))
+    torch.save(state, folder / ".weights.pt.new")
+    (folder / ".weights.pt.new").replace(folder / "weights.pt")
+    entry = registry.load(model)
+    assert entry.status == "ready" and registry.get(model) is before
+    assert f"parameter {name} holds" in (entry.reload_error or "")
+    assert "NaN or infinite" in (entry.reload_error or "")
