@@ -48,6 +48,7 @@ from redis.asyncio import Redis
 
 from app.errors import JobCancelled, JobNotFound, JobStoreUnavailable, Overloaded
 from app.lifecycle import Lifecycle
+from app.observability.logs import Throttle
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.jobs.base import JobEvent, JobStore, StoreState
@@ -155,6 +156,7 @@ class RedisJobStore(JobStore):
         self._target = Target.of(url, password)
         self._refused: Refusal | None = None
         """Why Redis refuses this replica, while it does (None while it is only away)."""
+        self._full_log = Throttle()
         # A password in the URL wins over ``password`` (redis-py reads the URL last).
         common: dict[str, Any] = {
             "password": password,
@@ -253,15 +255,40 @@ class RedisJobStore(JobStore):
             headers={"Retry-After": "1"},
         )
 
+    def _note_full(self) -> None:
+        """Say (at most every 10 s) that Redis refuses writes because it is full."""
+        if self._full_log.due():
+            logger.error(
+                "job store: the Redis server at %s is full (used memory over its maxmemory) and "
+                "refuses writes: no job can be created, started, cancelled or finished; raise its "
+                "maxmemory, or lower CAMSERVE_MAX_JOBS, CAMSERVE_JOB_TTL_S or "
+                "CAMSERVE_JOB_MAX_RESULT_BYTES",
+                self._target.where,
+            )
+
+    def _full(self) -> JobStoreUnavailable:
+        """The 503 of a write while Redis is full (``maxmemory`` with ``noeviction``): reads
+        still work, so the store stays available."""
+        self._note_full()
+        return JobStoreUnavailable(
+            "The job store (Redis) is full: it refuses to store more (its memory is over its "
+            "maxmemory), so jobs cannot be created or cancelled now; retry after "
+            f"{RETRY_AFTER_S} s. POST /explain still works.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
     async def _call(self, make: Callable[[], object]) -> Any:
         """One request-path command (or script, or pipeline): 503 job_store_unavailable at once
-        while Redis is known to be down, and after ``op_timeout_s`` at most otherwise."""
+        while Redis is known to be down, and after ``op_timeout_s`` at most otherwise (or when
+        Redis is full and refuses a write)."""
         if not self._available:
             raise self._unavailable()
         try:
             return await asyncio.wait_for(_aw(make()), self.op_timeout_s)
         except redis_errors.MaxConnectionsError:
             raise self._pool_full() from None
+        except redis_errors.OutOfMemoryError:
+            raise self._full() from None
         except (*_DOWN, redis_errors.RedisError) as error:
             if not self._unusable(error):
                 raise
@@ -311,6 +338,8 @@ class RedisJobStore(JobStore):
     async def _ensure_group(self) -> None:
         try:
             await _aw(self._redis.xgroup_create(QUEUE, GROUP, id="0", mkstream=True))
+        except redis_errors.OutOfMemoryError:
+            self._note_full()  # made at a later ping, once Redis has room
         except redis_errors.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
@@ -333,6 +362,8 @@ class RedisJobStore(JobStore):
                     self._refused = None
             except redis_errors.MaxConnectionsError:
                 pass  # busy, not down
+            except redis_errors.OutOfMemoryError:
+                self._note_full()  # full, not down: reads still work
             except (*_DOWN, redis_errors.RedisError) as error:
                 if self._unusable(error):
                     self._lost(error)
@@ -595,6 +626,10 @@ class RedisJobStore(JobStore):
                     # Its entry stays pending: it runs again once Redis is back and the lease
                     # is over.
                     logger.warning("job %s: the job store went away while it ran", job_id[:8])
+                except redis_errors.OutOfMemoryError:
+                    # Its entry stays pending: it runs again once Redis has room.
+                    self._note_full()
+                    await asyncio.sleep(1.0)
                 except Exception:
                     # A bug must not cost the slot its reader; the lease brings the job back.
                     logger.exception("job %s: its run failed in the job store", job_id[:8])

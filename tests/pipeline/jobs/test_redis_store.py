@@ -248,6 +248,32 @@ def test_redis_down_fails_jobs_fast_but_not_explain_and_comes_back(
     assert wait_for(client, again["id"], finished)["status"] == "succeeded"
 
 
+def test_a_full_redis_refuses_new_jobs_with_503_and_still_answers_reads(
+    make_client: Callable[..., TestClient], own_server: RedisServer
+) -> None:
+    """Past its maxmemory (with noeviction, as the docs advise) Redis refuses writes: POST
+    /jobs answers 503 with Retry-After, as the docs say, not a 500; reads still work, the store
+    stays available, and jobs are taken again once Redis has room."""
+    client = make_client(job_store=own_server.url())
+    done = submit(client, method="GradCAM")
+    wait_for(client, done["id"], finished)
+    redis = own_server.client()
+    redis.config_set("maxmemory-policy", "noeviction")
+    redis.config_set("maxmemory", 1)
+    try:
+        response = client.post("/jobs", files=files(image_bytes()), data={"method": "GradCAM"})
+        message = assert_error(response, 503, "job_store_unavailable")
+        assert "full" in message and "maxmemory" in message
+        assert response.headers["retry-after"] == "5"
+        assert client.get(f"/jobs/{done['id']}").json()["status"] == "succeeded"
+        assert client.get("/ready").json()["job_store"]["available"] is True
+        assert redis.hlen("camserve:jobs:active") == 0  # the refused job holds no place
+    finally:
+        redis.config_set("maxmemory", 0)
+    again = submit(client, method="GradCAM")
+    assert wait_for(client, again["id"], finished)["status"] == "succeeded"
+
+
 def test_a_password_outside_the_url_is_used(
     make_client: Callable[..., TestClient], tmp_path: Path
 ) -> None:
