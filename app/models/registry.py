@@ -294,7 +294,13 @@ class ModelRegistry:
 
     def changes(self) -> tuple[list[str], list[str]]:
         """What a poll should do: (folders new or changed since their load, entries whose
-        folder is gone)."""
+        folder is gone). OSError when the store itself is no folder now: a store that is
+        unmounted or swapped for a moment does not unload every model."""
+        if not self.store.is_dir():
+            raise OSError(
+                "it is not a folder now (removed, renamed or unmounted); the models loaded go "
+                "on serving, and the first scan that finds it again compares their folders"
+            )
         on_disk = {folder.name: self._print(folder) for folder in model_folders(self.store)}
         changed = [
             name

@@ -136,3 +136,25 @@ def test_a_poll_reports_an_unexpected_error_once(
         asyncio.run(poller.poll())
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_a_store_that_is_gone_for_a_scan_unloads_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store renamed away (a deploy that swaps it) or unmounted for one scan unloaded every
+    model: requests got 404 and /ready stayed 200 with no model, then all loaded again (a
+    hostile review). The scan reports it, once, and changes nothing."""
+    store = tmp_path / "store"
+    put_tiny(store, "tiny", seed=0)
+    poller = control(store, "poll")
+    before = poller.registry.get("tiny")
+    store.rename(tmp_path / "away")
+    for _ in range(2):
+        asyncio.run(poller.poll())
+    assert poller.registry.get("tiny") is before
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cannot scan the model store" in errors[0]
+    assert "the models loaded go on serving" in errors[0]
+    (tmp_path / "away").rename(store)
+    asyncio.run(poller.poll())
+    assert poller.registry.get("tiny") is before
