@@ -75,6 +75,24 @@ def retry_wait_s(retry: RetryPolicy, attempt: int, response: httpx.Response) -> 
     return retry.wait_s(attempt, response.headers.get("retry-after"))
 
 
+def not_http(error: httpx.TransportError) -> bool:
+    """Whether ``error`` is an answer that is not HTTP/1.1 (what camserve's gRPC port sends an
+    HTTP client), rather than a connection that broke."""
+    return isinstance(error, httpx.RemoteProtocolError) and "disconnected" not in str(error)
+
+
+def failure_reason(error: httpx.TransportError) -> str:
+    """What ``Unreachable`` says of ``error``; an answer that is not HTTP/1.1 names the likely
+    mix-up of ports."""
+    reason = str(error) or type(error).__name__
+    if not_http(error):
+        reason += (
+            " (what listens there does not answer HTTP/1.1: a gRPC port? camserve serves HTTP on "
+            "CAMSERVE_PORT, 8000 by default, and gRPC on CAMSERVE_GRPC_PORT, 8001)"
+        )
+    return reason
+
+
 def retryable_failure(method: str, error: httpx.TransportError) -> bool:
     # A refused connection sent nothing; a broken one may have: only idempotent calls go again.
     return isinstance(error, httpx.ConnectError) or method in IDEMPOTENT

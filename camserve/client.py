@@ -15,7 +15,6 @@ and for idempotent calls (GET, DELETE) also when the connection broke mid-call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -34,10 +33,12 @@ from camserve._wire import (
     ProgressHandler,
     RetryPolicy,
     build_request,
+    failure_reason,
     file_parts,
     form_data,
     from_camserve,
     job_event,
+    not_http,
     once_per_change,
     outcome,
     parse,
@@ -99,11 +100,16 @@ class Client:
                 response = self._http.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as error:
                 if last or not retryable_failure(method, error):
+                    reason = failure_reason(error)
                     if method not in IDEMPOTENT and not isinstance(error, httpx.ConnectError):
-                        with contextlib.suppress(httpx.TransportError):
+                        try:
                             probe = self._http.get(PROBE, headers=headers)
+                        except httpx.TransportError as probed:
+                            if not_http(probed):  # a POST's error is often a reset: say why
+                                reason = failure_reason(probed)
+                        else:
                             raise_for_error(from_camserve(probe, self.url))
-                    raise Unreachable(self.url, str(error) or type(error).__name__) from None
+                    raise Unreachable(self.url, reason) from None
                 time.sleep(retry.wait_s(attempt))
                 continue
             wait = retry_wait_s(retry, attempt, response)
@@ -227,7 +233,7 @@ class Job:
                 view, refused = self._follow(progress)
             except httpx.TransportError as error:
                 if attempt == retry.attempts - 1:
-                    raise Unreachable(self.client.url, str(error) or type(error).__name__) from None
+                    raise Unreachable(self.client.url, failure_reason(error)) from None
                 time.sleep(retry.wait_s(attempt))
                 continue
             if view is not None:
@@ -304,11 +310,16 @@ class AsyncClient:
                 response = await self._http.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as error:
                 if last or not retryable_failure(method, error):
+                    reason = failure_reason(error)
                     if method not in IDEMPOTENT and not isinstance(error, httpx.ConnectError):
-                        with contextlib.suppress(httpx.TransportError):
+                        try:
                             probe = await self._http.get(PROBE, headers=headers)
+                        except httpx.TransportError as probed:
+                            if not_http(probed):  # a POST's error is often a reset: say why
+                                reason = failure_reason(probed)
+                        else:
                             raise_for_error(from_camserve(probe, self.url))
-                    raise Unreachable(self.url, str(error) or type(error).__name__) from None
+                    raise Unreachable(self.url, reason) from None
                 await asyncio.sleep(retry.wait_s(attempt))
                 continue
             wait = retry_wait_s(retry, attempt, response)
@@ -416,7 +427,7 @@ class AsyncJob:
                 view, refused = await self._follow(progress)
             except httpx.TransportError as error:
                 if attempt == retry.attempts - 1:
-                    raise Unreachable(self.client.url, str(error) or type(error).__name__) from None
+                    raise Unreachable(self.client.url, failure_reason(error)) from None
                 await asyncio.sleep(retry.wait_s(attempt))
                 continue
             if view is not None:

@@ -224,6 +224,27 @@ def test_a_reset_is_retried_for_idempotent_calls_only() -> None:
     assert [c.method for c in calls] == ["POST", "GET"]  # the GET asks why it broke
 
 
+def test_an_answer_that_is_not_http_names_the_grpc_port() -> None:
+    # What httpx raises when the URL names camserve's gRPC port (8001) instead of its HTTP one
+    transport, _ = stub([httpx.RemoteProtocolError("illegal request line")])
+    with Client("http://camserve:8001", retry=FAST, transport=transport) as client:
+        with pytest.raises(Unreachable, match="illegal request line") as raised:
+            client.models()
+    assert "a gRPC port?" in raised.value.message and "CAMSERVE_PORT" in raised.value.message
+    # an upload there breaks with a reset; the GET that asks why gets the answer that says it
+    not_http = httpx.RemoteProtocolError("illegal request line")
+    transport, _ = stub([httpx.ReadError("reset"), not_http])
+    with Client("http://camserve:8001", retry=FAST, transport=transport) as client:
+        with pytest.raises(Unreachable, match="a gRPC port"):
+            client.explain(b"png", "GradCAM")
+    gone = httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    transport, _ = stub([gone])
+    with Client("http://camserve", retry=FAST, transport=transport) as client:
+        with pytest.raises(Unreachable) as raised:
+            client.models()
+    assert "gRPC" not in raised.value.message  # a dropped connection is no mix-up of ports
+
+
 def test_a_refusal_lost_in_a_reset_upload_is_still_reported() -> None:
     # The service answers 401 on the headers and closes without reading the body: the client,
     # still uploading, may see a reset instead. It asks once more with a GET, which gets the 401.
