@@ -238,6 +238,8 @@ class ModelRegistry:
             for name in list(self.entries):
                 try:
                     with self.claim(name):
+                        if self._unloaded_meanwhile(name):
+                            continue
                         self.load(name)
                 except ModelBusy:  # the repository API got to it first
                     continue
@@ -245,6 +247,12 @@ class ModelRegistry:
                     self._fail(name, error)
         finally:
             self._loaded.set()
+
+    def _unloaded_meanwhile(self, name: str) -> bool:
+        """Whether the repository API unloaded ``name`` (or it went away) before the first
+        scan came to it: that scan must not load it again."""
+        entry = self.entries.get(name)
+        return entry is None or entry.unloaded
 
     def _fail(self, name: str, error: Exception) -> None:
         """Show ``name`` as failed with why, when its load broke outside a version's guard."""

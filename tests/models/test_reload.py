@@ -322,3 +322,19 @@ def test_nan_weights_of_a_detector_or_segmenter_fail_the_load(tmp_path: Path, mo
     assert entry.status == "ready" and registry.get(model) is before
     assert f"parameter {name} holds" in (entry.reload_error or "")
     assert "NaN or infinite" in (entry.reload_error or "")
+
+
+def test_an_unload_before_the_first_scan_reaches_the_model_holds(tmp_path: Path) -> None:
+    """The repository API answers while the first scan loads the store: a model it unloaded
+    before the scan came to it was then loaded by the scan, and served (a hostile review)."""
+    put_tiny(tmp_path, "tiny", seed=0)
+    put_tiny(tmp_path, "late", seed=1)
+    registry = ModelRegistry(
+        tmp_path, torch.device("cpu"), "tiny", control="explicit", access=fixture_access(tmp_path)
+    )
+    registry.discover()
+    with registry.claim("late"):
+        registry.unload("late")
+    registry.load_all()
+    assert registry.entry("late").status == "unloaded"
+    assert registry.entry("tiny").status == "ready" and registry.scanned
