@@ -105,6 +105,23 @@ redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return 1
 """
 
+# KEYS: queue. ARGV: group, idle ms, consumer ('' = any). -> consumers deleted
+# A consumer with no pending entry holds nothing: deleting it loses no job (a replica's next
+# XREADGROUP makes its consumer again). Replicas that died or restarted leave theirs behind.
+_FORGET_CONSUMERS = """
+local deleted = 0
+for _, info in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local c = {}
+  for i = 1, #info, 2 do c[info[i]] = info[i + 1] end
+  if c['pending'] == 0 and c['idle'] >= tonumber(ARGV[2])
+      and (ARGV[3] == '' or c['name'] == ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c['name'])
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
+
 
 SCRIPTS = {
     "admit": _ADMIT,
@@ -113,4 +130,5 @@ SCRIPTS = {
     "finish": _FINISH,
     "forget": _FORGET,
     "hand_back": _HAND_BACK,
+    "forget_consumers": _FORGET_CONSUMERS,
 }

@@ -74,6 +74,10 @@ GROUP = "camserve-workers"
 ACTIVE = "camserve:jobs:active"
 FINISHED_SET = "camserve:jobs:finished"
 UNFINISHED_TTL_S = 86_400
+#: A consumer of the queue with nothing pending and idle this long is deleted (a replica that
+#: died leaves its consumer behind, one per start; a live replica's next read makes its own
+#: again, even one that waits in Redis at the time).
+CONSUMER_IDLE_MS = 600_000
 EVENTS_KEPT = 200
 RETRY_AFTER_S = 5
 _READ_BLOCK_MS = 1000
@@ -328,6 +332,8 @@ class RedisJobStore(JobStore):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._blocking.aclose()  # no read of this consumer is left waiting in Redis
+        await asyncio.gather(self._forget_consumers(0, self.consumer), return_exceptions=True)
         await self._close_clients()
 
     async def _close_clients(self) -> None:
@@ -344,6 +350,15 @@ class RedisJobStore(JobStore):
             if "BUSYGROUP" not in str(error):
                 raise
 
+    async def _forget_consumers(self, idle_ms: int, consumer: str = "") -> int:
+        """Delete the queue's consumers (``consumer`` only, when given) that have no pending
+        entry and were idle ``idle_ms``; how many."""
+        deleted = await asyncio.wait_for(
+            self._script("forget_consumers", [QUEUE], [GROUP, idle_ms, consumer]),
+            self.op_timeout_s,
+        )
+        return int(deleted)
+
     async def _watch(self) -> None:
         """Ping Redis every 2 s (every second while it is down); keep the counts fresh."""
         while not self._closing:  # not only the cancel: wait_for may swallow it
@@ -351,6 +366,7 @@ class RedisJobStore(JobStore):
                 await asyncio.wait_for(_aw(self._redis.ping()), self.op_timeout_s)
                 await self._ensure_group()
                 await asyncio.wait_for(self._refresh_counts(), self.op_timeout_s)
+                await self._forget_consumers(CONSUMER_IDLE_MS)
                 if not self._available:
                     if self._down_since is not None:
                         logger.warning(

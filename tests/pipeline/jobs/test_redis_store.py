@@ -143,6 +143,33 @@ def test_a_draining_replica_hands_its_job_back_to_another(
     assert store_of(second).jobs_run == 1 and store_of(first).jobs_run == 0
 
 
+def test_consumers_of_replicas_gone_are_deleted_but_not_those_holding_a_job(
+    replicas: Callable[..., TestClient], redis_server: RedisServer
+) -> None:
+    """Every replica start adds a consumer to the queue's group; one that died (SIGKILL, OOM)
+    never deletes its own. The watcher deletes those idle with nothing pending, and a replica
+    that closes deletes its own, so the group does not grow with every restart."""
+    first = replicas()
+    job_id = queue_without_running(first)
+    claim_as_dead_replica(redis_server, db_of(first), job_id, attempts=1)  # holds a job
+    redis = redis_server.client(db_of(first))
+    for name in ("gone-1", "gone-2"):
+        redis.xgroup_createconsumer(QUEUE, GROUP, name)
+    store = store_of(first)
+
+    def names() -> set[str]:
+        return {c["name"].decode() for c in redis.xinfo_consumers(QUEUE, GROUP)}
+
+    assert {"gone-1", "gone-2", "dead-replica"} <= names()
+    assert first.portal.call(store._forget_consumers, 0) >= 2  # type: ignore[union-attr]
+    assert "dead-replica" in names() and not {"gone-1", "gone-2"} & names()
+    second = replicas(job_lease_s=1)
+    wait_for(second, job_id, finished)
+    until(lambda: store_of(second).consumer in names(), timeout=10)
+    second.portal.call(store_of(second).close)  # type: ignore[union-attr]
+    assert store_of(second).consumer not in names()
+
+
 def test_a_jobs_follower_ends_with_its_run_even_without_a_cancel(
     replicas: Callable[..., TestClient], redis_server: RedisServer
 ) -> None:
