@@ -161,6 +161,7 @@ class RedisJobStore(JobStore):
         self._refused: Refusal | None = None
         """Why Redis refuses this replica, while it does (None while it is only away)."""
         self._full_log = Throttle()
+        self._foreign_log = Throttle()
         # A password in the URL wins over ``password`` (redis-py reads the URL last).
         common: dict[str, Any] = {
             "password": password,
@@ -281,6 +282,24 @@ class RedisJobStore(JobStore):
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
+    def _foreign(self, error: redis_errors.ResponseError) -> JobStoreUnavailable:
+        """The 503 when a key of the store holds another type than the store wrote there:
+        another program writes ``camserve:`` keys in this database."""
+        if self._foreign_log.due():
+            logger.error(
+                "job store: a camserve: key of the Redis database at %s holds another type than "
+                "the job store writes there (%s): another program uses these keys; give the "
+                "service a database of its own (the /N at the end of CAMSERVE_JOB_STORE)",
+                self._target.where,
+                error,
+            )
+        return JobStoreUnavailable(
+            "The job store (Redis) holds a key of the wrong type where this job's data should "
+            "be: another program writes into the service's keys. Tell the operator; POST "
+            "/explain still works.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
     async def _call(self, make: Callable[[], object]) -> Any:
         """One request-path command (or script, or pipeline): 503 job_store_unavailable at once
         while Redis is known to be down, and after ``op_timeout_s`` at most otherwise (or when
@@ -294,6 +313,8 @@ class RedisJobStore(JobStore):
         except redis_errors.OutOfMemoryError:
             raise self._full() from None
         except (*_DOWN, redis_errors.RedisError) as error:
+            if isinstance(error, redis_errors.ResponseError) and _wrong_type(error):
+                raise self._foreign(error) from None
             if not self._unusable(error):
                 raise
             self._lost(error)
@@ -579,6 +600,10 @@ class RedisJobStore(JobStore):
             logger.info("job %s: event stream ended, the job store is unavailable", job_id[:8])
         except JobNotFound:
             return  # forgotten (DELETE) or expired while followed
+        except redis_errors.ResponseError as error:
+            if not _wrong_type(error):
+                raise
+            self._foreign(error)  # logged; the stream ends
 
     # ------------------------------------------------------------------ workers
 
@@ -846,6 +871,11 @@ class RedisJobStore(JobStore):
             return
         if handed:
             logger.info("job %s handed back to the queue", job.id[:8])
+
+
+def _wrong_type(error: redis_errors.ResponseError) -> bool:
+    """Whether Redis refused a command because its key holds another type."""
+    return str(error).startswith("WRONGTYPE")
 
 
 def _view(view: bytes | None, result: bytes | None) -> JobView:

@@ -230,6 +230,29 @@ def test_a_jobs_follower_outlives_a_write_that_redis_refuses(
     assert refused and run.stopped == "cancelled" and run.task.cancelled()
 
 
+def test_a_key_of_another_type_is_a_503_that_says_so_not_a_500(
+    replicas: Callable[..., TestClient], redis_server: RedisServer
+) -> None:
+    """Another program that writes the service's keys (a string where a job's hash or the
+    active jobs' hash should be) makes Redis answer WRONGTYPE: the routes answer 503 with a
+    message that names the problem, and the stream ends, instead of a 500."""
+    client = replicas()
+    redis = redis_server.client(db_of(client))
+    redis.set("camserve:job:foreign", "not a hash")
+    for response in (client.get("/jobs/foreign"), client.delete("/jobs/foreign")):
+        assert "wrong type" in assert_error(response, 503, "job_store_unavailable")
+    assert "wrong type" in assert_error(
+        client.get("/jobs/foreign/events"), 503, "job_store_unavailable"
+    )
+    redis.set("camserve:jobs:active", "not a hash")
+    response = client.post("/jobs", files=files(image_bytes()), data={"method": "GradCAM"})
+    assert "wrong type" in assert_error(response, 503, "job_store_unavailable")
+    assert client.get("/ready").json()["job_store"]["available"] is True
+    redis.delete("camserve:jobs:active")
+    job = submit(client, method="GradCAM")
+    assert wait_for(client, job["id"], finished)["status"] == "succeeded"
+
+
 def test_results_too_large_to_keep_are_refused_at_creation(
     replicas: Callable[..., TestClient],
 ) -> None:
