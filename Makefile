@@ -54,7 +54,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format app camserve tests bench tools
 	$(VENV)/bin/ruff check --fix app camserve tests bench tools
 
-# mypy on app/ (settings in pyproject.toml: [tool.mypy]).
+# mypy --strict on app/ and camserve/ (settings in pyproject.toml: [tool.mypy]).
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
