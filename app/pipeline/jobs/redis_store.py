@@ -568,17 +568,19 @@ class RedisJobStore(JobStore):
         after = (self.parse_event_id(last_event_id) if last_event_id else None) or "0-0"
         block_ms = int(min(keep_alive_s, 20.0) * 1000)
         try:
-            status, view_json, result = await self._fields(job_id, None, "status", "view", "result")
-            if _text(status) in FINISHED:
-                newest = await self._call(lambda: self._redis.xrevrange(key, count=1))
-                newest_id = _text(newest[0][0]) if newest else "0-0"
-                yield JobEvent(newest_id, _text(status), _view(view_json, result).model_dump_json())
+            final = await self._final_event(job_id)
+            if final is not None:
+                yield final
                 return
             while True:
                 read = await _aw(self._blocking.xread({key: after}, count=50, block=block_ms))
                 if not read:
-                    if not await _aw(self._redis.exists(_record(job_id))):
-                        return  # expired or forgotten
+                    # Its end may lie behind ``after`` (a Last-Event-ID past the stream's end):
+                    # the final event is sent all the same, as by the memory store.
+                    final = await self._final_event(job_id)  # JobNotFound once forgotten
+                    if final is not None:
+                        yield final
+                        return
                     yield None
                     continue
                 for entry_id, fields in read[0][1]:
@@ -604,6 +606,17 @@ class RedisJobStore(JobStore):
             if not _wrong_type(error):
                 raise
             self._foreign(error)  # logged; the stream ends
+
+    async def _final_event(self, job_id: str) -> JobEvent | None:
+        """The job's final event (the whole job, with the id of its stream's newest entry), or
+        None while it has not ended; JobNotFound once it is gone."""
+        status, view_json, result = await self._fields(job_id, None, "status", "view", "result")
+        if _text(status) not in FINISHED:
+            return None
+        key = _events(job_id)
+        newest = await self._call(lambda: self._redis.xrevrange(key, count=1))
+        newest_id = _text(newest[0][0]) if newest else "0-0"
+        return JobEvent(newest_id, _text(status), _view(view_json, result).model_dump_json())
 
     # ------------------------------------------------------------------ workers
 

@@ -16,6 +16,7 @@ from redis import exceptions as redis_errors
 
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
+from app.pipeline.jobs.base import JobEvent
 from app.pipeline.jobs.record import Job
 from app.pipeline.jobs.redis_store import GROUP, QUEUE, RedisJobStore, _Running
 from app.pipeline.jobs.work import Outcome
@@ -251,6 +252,32 @@ def test_a_key_of_another_type_is_a_503_that_says_so_not_a_500(
     redis.delete("camserve:jobs:active")
     job = submit(client, method="GradCAM")
     assert wait_for(client, job["id"], finished)["status"] == "succeeded"
+
+
+def test_an_event_stream_resumed_past_its_end_still_gets_the_final_event(
+    replicas: Callable[..., TestClient],
+) -> None:
+    """A Last-Event-ID past the newest entry of the job's stream (a client's id from another
+    stream, or Redis restored from an older snapshot) once kept the stream open with keep-alives
+    until the job expired, after the job ended; the memory store sends the final event."""
+    client = replicas()
+    store = store_of(client)
+    job_id = queue_without_running(client)
+
+    async def follow() -> list[JobEvent | None]:
+        seen: list[JobEvent | None] = []
+        async for event in store.events(job_id, "99999999999999-0", 0.05):
+            seen.append(event)
+            if event is None and len(seen) == 1:
+                await store.cancel(job_id)
+            if len(seen) > 20:
+                break
+        return seen
+
+    seen = client.portal.call(follow)  # type: ignore[union-attr]
+    assert seen[0] is None  # a keep-alive while it is queued
+    last = seen[-1]
+    assert last is not None and last.name == "cancelled" and len(seen) <= 3, seen
 
 
 def test_results_too_large_to_keep_are_refused_at_creation(
