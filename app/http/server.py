@@ -10,6 +10,12 @@ It caps each request's line and headers while they arrive (``CAMSERVE_MAX_HEADER
 request of a million tiny headers costs the parse of the first hundred, and a 20 MB header is
 never held. ``app.http.middleware.header_cap`` is the same rule for other servers.
 
+After an answer, the rest of its request's body (which the app did not read) does not keep the
+connection open: uvicorn cancels its keep-alive timer on every byte received, so a client
+trickling the rest of a large Content-Length after its answer held the connection for ever,
+past every deadline. Those bytes now leave the timer running: the connection closes
+``CAMSERVE_KEEP_ALIVE_S`` after the answer unless a new request has begun by then.
+
 It also answers at the connection cap (``CAMSERVE_MAX_CONNECTIONS``) itself: JSON with
 Retry-After instead of uvicorn's plain text, and the probes (``/health``, ``/ready``,
 ``/metrics``) still served, up to ``CAMSERVE_PROBE_CONNECTIONS`` of them at once, so that a few
@@ -120,19 +126,42 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # of the line and the fields parsed so far
         self._head_raw = 0  # received while the head was incomplete (an unfinished field too)
         self._head_over = False
+        self._message_done = False  # the current request's body has arrived whole
+        self._messages_begun = 0
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._head_over:
             return
         continued = self._in_head
-        super().data_received(data)
+        if self._leftover_body():
+            self._feed_keeping_timer(data)
+        else:
+            super().data_received(data)
         if continued and self._in_head and not self._head_over:
             # A field still arriving is not in the counts of the callbacks (llhttp hands it
             # over whole): the bytes of the chunks after the one where the head began bound it.
             self._head_raw += len(data)
             if self._head_raw > self.max_header_bytes:
                 self._refuse_head()
+
+    def _leftover_body(self) -> bool:
+        """Whether bytes arriving now are the rest of the body of a request already answered."""
+        cycle = self.cycle
+        return cycle is not None and cycle.response_complete and not self._message_done
+
+    def _feed_keeping_timer(self, data: bytes) -> None:
+        """Parse ``data`` without cancelling the keep-alive timer (uvicorn cancels it on every
+        byte): the rest of an answered request's body is dropped, and a client trickling it
+        would otherwise hold the connection for ever. A new request beginning in ``data``
+        cancels the timer, as any byte of a request does."""
+        timer, self.timeout_keep_alive_task = self.timeout_keep_alive_task, None
+        begun = self._messages_begun
+        super().data_received(data)
+        if self._messages_begun == begun and self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = timer
+        elif timer is not None:
+            timer.cancel()
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url), 0)
@@ -174,8 +203,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
+        self._message_done = False
+        self._messages_begun += 1
         self._head_fields = self._head_bytes = self._head_raw = 0
         self._arm_header_timer()  # the next request of a keep-alive connection
+
+    def on_message_complete(self) -> None:
+        self._message_done = True
+        super().on_message_complete()
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -18,8 +18,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import uvicorn
 from PIL import Image
+from starlette.types import Receive, Scope, Send
+from uvicorn.server import ServerState
 
+from app.http.server import HeaderDeadlineProtocol
 from tests.conftest import image_bytes
 from tests.fixtures_models import FIXTURE_MODULE
 
@@ -541,3 +545,89 @@ def test_a_flood_of_refused_headers_does_not_flood_the_log(store: Path) -> None:
     refusals = [m for m in messages if "headers over the cap" in m]
     assert len(refusals) == 1 and "refused 1 request(s)" in refusals[0], refusals
     assert sum("Invalid HTTP request" in m for m in messages) == 1  # the malformed one
+
+
+class _Transport(asyncio.Transport):
+    """A connection's transport that keeps what is written, for a protocol driven by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5555)}.get(name)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _answer_without_reading(scope: Scope, receive: Receive, send: Send) -> None:
+    await send(
+        {"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"2")]}
+    )
+    await send({"type": "http.response.body", "body": b"no"})
+
+
+async def _answered_connection() -> tuple[HeaderDeadlineProtocol, _Transport]:
+    """A protocol that has answered a request declaring a 1 MB body without reading it."""
+    config = uvicorn.Config(_answer_without_reading, timeout_keep_alive=5, log_config=None)
+    config.load()
+    protocol = HeaderDeadlineProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = _Transport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"GET /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert transport.written.startswith(b"HTTP/1.1 404")
+    assert protocol.timeout_keep_alive_task is not None
+    return protocol, transport
+
+
+def test_the_rest_of_an_answered_body_does_not_keep_the_connection_open() -> None:
+    """A client that trickles the rest of a large Content-Length after its answer held the
+    connection for ever: every byte cancelled uvicorn's keep-alive timer and nothing armed it
+    again. The timer now keeps running through those bytes."""
+
+    async def main() -> None:
+        protocol, transport = await _answered_connection()
+        timer = protocol.timeout_keep_alive_task
+        for _ in range(3):
+            protocol.data_received(b"x")
+        assert protocol.timeout_keep_alive_task is timer
+        assert timer is not None and not timer.cancelled()
+        timer._run()  # its time has come: the connection closes
+        assert transport.closed
+
+    asyncio.run(main())
+
+
+def test_a_request_after_an_answered_body_cancels_the_keep_alive_timer() -> None:
+    """The end of the dropped body and the next request in one piece: the next request is
+    served, and the old timer cannot close the connection under it."""
+
+    async def main() -> None:
+        protocol, transport = await _answered_connection()
+        timer = protocol.timeout_keep_alive_task
+        protocol.data_received(b"x" * (1000000 - 1))
+        assert protocol.timeout_keep_alive_task is timer  # the body ended, nothing began
+        protocol.data_received(b"x" + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert timer is not None and timer.cancelled()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert transport.written.count(b"HTTP/1.1 404") == 2
+        assert not transport.closed
+
+    asyncio.run(main())
