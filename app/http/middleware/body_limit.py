@@ -140,9 +140,10 @@ class BodyLimitMiddleware:
     than ``min_rate`` bytes per second on average once ``grace_s`` has passed (so a client that
     trickles a few bytes every second cannot hold its connection until the deadline).
 
-    The bodies of all requests in flight share ``budget`` bytes: a body is counted from its
-    Content-Length (or as it arrives) until its request is answered, and refused with 503 when
-    it does not fit.
+    The bodies of all requests in flight share ``budget`` bytes: a body is counted as it
+    arrives until its request is answered, and refused with 503 when it does not fit: on its
+    headers when its Content-Length does not fit beside the bytes the others hold, else when
+    a piece of it does not.
 
     Paths under ``protocol_prefixes`` (the inference-protocol routes, whose images come base64
     in JSON) get ``protocol_max_bytes`` instead, and their refusals the protocols' shape.
@@ -237,17 +238,16 @@ class BodyLimitMiddleware:
             )
             await send_refusal(send, unsupported, protocol=protocol)
             return
-        reserved = length or 0
-        if self.budget is not None and self.held + reserved > self.budget:
+        # Refused on its headers when its Content-Length could not fit beside the bytes the
+        # others hold; but counted only as its bytes arrive: a declared length held from the
+        # headers on let two connections trickling 1.5 kB/s under 150 MB Content-Lengths hold
+        # the whole budget for the body deadline, and every other upload got 503.
+        if self.budget is not None and self.held + (length or 0) > self.budget:
             await _refuse(send, self._no_room(), protocol)
             return
-        self.held += reserved
         inflater = None if encoding is None else _Inflater(encoding, limit)
         closing = None if protocol else _ClosingBoundary.of(scope)
-        try:
-            await self._limited(scope, receive, send, limit, protocol, reserved, inflater, closing)
-        finally:
-            self.held -= reserved
+        await self._limited(scope, receive, send, limit, protocol, inflater, closing)
 
     async def _limited(
         self,
@@ -256,13 +256,12 @@ class BodyLimitMiddleware:
         send: Send,
         limit: int,
         protocol: bool,
-        reserved: int,
         inflater: _Inflater | None,
         closing: _ClosingBoundary | None,
     ) -> None:
         started = time.monotonic()
         received = 0
-        counted: list[int] = []  # bytes beyond the reservation, held until the answer
+        counted: list[int] = []  # bytes held until the answer
         refused: _BodyRefused | None = None
         answered = False
         body_done = False
@@ -312,8 +311,8 @@ class BodyLimitMiddleware:
                         raise refused
                 # The budget counts what the app holds: the bytes as received, or decompressed.
                 held = received if inflater is None else max(received, inflater.size)
-                extra = held - reserved - sum(counted)
-                if extra > 0:  # no Content-Length, more than it said, or decompressed bytes
+                extra = held - sum(counted)
+                if extra > 0:
                     if self.budget is not None and self.held + extra > self.budget:
                         refused = self._no_room()
                         raise refused

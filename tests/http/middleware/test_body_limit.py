@@ -366,3 +366,97 @@ def test_a_multipart_body_must_reach_its_closing_boundary() -> None:
         == 200
     )
     assert run(limited(app), [b"x" * 10], content_type=b"application/json")["status"] == 200
+
+
+def _budget_call(
+    limit: BodyLimitMiddleware, length: int, pieces: list[bytes | None]
+) -> tuple[Any, list[Message]]:
+    """A request declaring ``length`` bytes whose body arrives as ``pieces`` (``None``: the
+    client pauses for good), read whole by an app that answers 200."""
+    sent: list[Message] = []
+    pending = list(pieces)
+
+    async def receive() -> Message:
+        piece = pending.pop(0)
+        if piece is None:
+            await asyncio.Event().wait()
+        return {"type": "http.request", "body": piece, "more_body": bool(pending)}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = [(b"content-length", str(length).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/p", "headers": headers}
+    return limit(scope, receive, send), sent
+
+
+def test_a_declared_body_that_does_not_come_holds_none_of_the_budget() -> None:
+    """Two connections declaring 150 MB each and trickling 1.5 kB/s held the whole budget
+    until the body deadline: every other upload got 503. A body now holds what has arrived."""
+
+    async def main() -> tuple[list[Message], int, int]:
+        limit = BodyLimitMiddleware(ReadingApp(), 10**6, budget=100)
+        stalled, _ = _budget_call(limit, 90, [b"x" * 5, None])
+        hog = asyncio.create_task(stalled)
+        await asyncio.sleep(0.01)
+        held_by_hog = limit.held
+        work, answer = _budget_call(limit, 60, [b"y" * 60])
+        await work
+        hog.cancel()
+        await asyncio.gather(hog, return_exceptions=True)
+        return answer, held_by_hog, limit.held
+
+    answer, held_by_hog, held_after = asyncio.run(main())
+    assert held_by_hog == 5
+    assert answer[0]["status"] == 200
+    assert held_after == 0
+
+
+def test_bodies_that_fit_on_their_headers_are_refused_once_their_bytes_do_not() -> None:
+    """Both bodies fit on their headers beside the bytes held then; the first's later bytes do
+    not fit beside the second's: 503, and the bytes held never pass the budget."""
+
+    async def main() -> tuple[list[Message], list[Message], int, int]:
+        resume, release = asyncio.Event(), asyncio.Event()
+        peak = 0
+
+        async def holding_app(scope: Scope, receive: Receive, send: Send) -> None:
+            nonlocal peak
+            more = True
+            while more:
+                message = await receive()
+                more = message.get("more_body", False)
+                peak = max(peak, limit.held)
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        limit = BodyLimitMiddleware(holding_app, 10**6, budget=100)
+        first: list[Message] = []
+        pieces = [b"x" * 10, b"x" * 50]
+
+        async def first_receive() -> Message:
+            if len(pieces) == 1:
+                await resume.wait()
+            return {"type": "http.request", "body": pieces.pop(0), "more_body": bool(pieces)}
+
+        async def first_send(message: Message) -> None:
+            first.append(message)
+
+        headers = [(b"content-length", b"60")]
+        scope = {"type": "http", "method": "POST", "path": "/p", "headers": headers}
+        first_task = asyncio.create_task(limit(scope, first_receive, first_send))
+        await asyncio.sleep(0.01)  # the first holds 10 bytes
+        second_work, second = _budget_call(limit, 60, [b"y" * 60])
+        second_task = asyncio.create_task(second_work)  # 10 + 60 fit: it holds 60
+        await asyncio.sleep(0.01)
+        resume.set()  # the first's 50 more: 120 > 100
+        await first_task
+        release.set()
+        await second_task
+        return first, second, peak, limit.held
+
+    first, second, peak, held = asyncio.run(main())
+    assert first[0]["status"] == 503
+    assert second[0]["status"] == 200
+    assert peak <= 100 and held == 0
