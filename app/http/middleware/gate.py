@@ -127,9 +127,10 @@ class GateMiddleware:
                 return
         if gated is not None and scope["method"] == "POST":
             # Work counts as in flight from its headers on, so a drain that starts while its
-            # body is still arriving waits for it.
+            # body is still arriving waits for it, until the cut.
+            protocol = isinstance(gated[0], ProtocolRoute)
             with self.lifecycle.track():
-                await self.app(scope, receive, send)
+                await _cut_while_uploading(self.app, scope, receive, send, self.lifecycle, protocol)
             return
         await self.app(scope, receive, send)
 
@@ -173,6 +174,71 @@ class GateMiddleware:
         except ValueError:
             return False
         return page is not None and page == own
+
+
+class _CutWhileUploading(Exception):
+    """Raised into the app's body read when the drain's cut comes while the body arrives."""
+
+
+async def _cut_while_uploading(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    lifecycle: Lifecycle,
+    protocol: bool,
+) -> None:
+    """Run ``app``, but answer 503 ``shutting_down`` (JSON) if the drain's cut comes while the
+    request's body is still arriving. Cut work is stopped by ``app.http.cutoff``, which waits
+    for the cut only once the body is read: a body trickling in at the allowed pace past the
+    grace kept its request until uvicorn cancelled it, with a plain-text 500."""
+    body_done = False
+    started = False
+    cut_off = False
+    cut: asyncio.Future[Any] | None = None
+
+    async def receive_until_cut() -> Message:
+        nonlocal body_done, cut, cut_off
+        if body_done:
+            return await receive()
+        if cut is None:
+            cut = asyncio.ensure_future(lifecycle.cut.wait())
+        message = asyncio.ensure_future(receive())
+        await asyncio.wait({message, cut}, return_when=asyncio.FIRST_COMPLETED)
+        if not message.done():
+            message.cancel()
+            cut_off = True
+            raise _CutWhileUploading
+        received: Message = message.result()
+        body_done = received["type"] != "http.request" or not received.get("more_body", False)
+        return received
+
+    async def watched_send(message: Message) -> None:
+        nonlocal started
+        if cut_off and not started:
+            return  # the app's answer to the aborted read is replaced by ours
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive_until_cut, watched_send)
+    except Exception:
+        if not cut_off or started:
+            raise
+    finally:
+        if cut is not None and not cut.done():
+            cut.cancel()
+    if cut_off and not started:
+        await send_refusal(
+            send,
+            ShuttingDown(
+                "The service is shutting down and this request's body was still arriving when "
+                "its grace period ran out; retry it on another replica, sending the body at "
+                "once.",
+                headers={"Retry-After": "1"},
+            ),
+            protocol=protocol,
+        )
 
 
 async def _refuse(

@@ -240,3 +240,93 @@ def test_cors_lets_an_allowed_page_cancel_and_refuses_a_foreign_upload(
     assert foreign.json()["error"]["code"] == "origin_not_allowed"
     for headers in ({"Origin": "http://app.test"}, {"Origin": "http://testserver"}, {}):
         assert client.post("/explain", headers=headers, **upload).status_code == 200, headers
+
+
+class _Uploading:
+    """An app that reads the body and, as FastAPI does, answers 400 when the read fails."""
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            while (message := await receive()).get("more_body", False):
+                self.read += len(message.get("body", b""))
+        except Exception:  # noqa: BLE001 - FastAPI: "There was an error parsing the body"
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b"parse error"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+
+def test_the_cut_answers_a_body_still_arriving_with_json_503(store: Path) -> None:
+    """A body trickling in at the allowed pace past the drain's grace kept its request until
+    uvicorn cancelled it at shutdown, with a plain-text 500. The cut now answers it 503."""
+    app = create_app(Settings(model_store=store, device="cpu"))
+    gate, _, lifecycle = gate_of(app)
+    uploading = _Uploading()
+    gate.app = uploading
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/explain",
+        "raw_path": b"/explain",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test"), (b"content-length", b"100000")],
+    }
+    sent: list[Message] = []
+    pieces = [b"x" * 10]
+
+    async def receive() -> Message:
+        if not pieces:
+            await asyncio.Event().wait()  # the rest of the body never comes
+        return {"type": "http.request", "body": pieces.pop(), "more_body": True}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        request = asyncio.create_task(gate(scope, receive, send))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert lifecycle.in_flight == 1 and sent == []
+        lifecycle.begin_drain()
+        lifecycle.cut.set()
+        await asyncio.wait_for(request, 30)  # before: it waited for the body for ever
+
+    asyncio.run(main())
+    assert uploading.read == 10
+    assert sent[0]["status"] == 503
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["error"]["code"] == "shutting_down"
+    assert lifecycle.in_flight == 0
+
+
+def test_a_body_read_whole_is_not_cut_by_the_gate(store: Path) -> None:
+    gate, _, lifecycle = gate_of(create_app(Settings(model_store=store, device="cpu")))
+    uploading = _Uploading()
+    gate.app = uploading
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/explain",
+        "raw_path": b"/explain",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"test")],
+    }
+    pieces = [{"type": "http.request", "body": b"x", "more_body": True}] * 2 + [
+        {"type": "http.request", "body": b"", "more_body": False}
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return pieces.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(gate(scope, receive, send))
+    assert sent[0]["status"] == 200 and uploading.read == 2
