@@ -261,13 +261,13 @@ class BodyLimitMiddleware:
     ) -> None:
         started = time.monotonic()
         received = 0
-        counted: list[int] = []  # bytes held until the answer
+        counted = 0  # bytes of the budget this body holds until the answer
         refused: _BodyRefused | None = None
         answered = False
         body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received, refused, body_done
+            nonlocal received, refused, body_done, counted
             if body_done:  # after the body, only a disconnect is left to hear: no deadline
                 return await receive()
             elapsed = time.monotonic() - started
@@ -311,13 +311,13 @@ class BodyLimitMiddleware:
                         raise refused
                 # The budget counts what the app holds: the bytes as received, or decompressed.
                 held = received if inflater is None else max(received, inflater.size)
-                extra = held - sum(counted)
+                extra = held - counted
                 if extra > 0:
                     if self.budget is not None and self.held + extra > self.budget:
                         refused = self._no_room()
                         raise refused
                     self.held += extra
-                    counted.append(extra)
+                    counted += extra
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -334,7 +334,7 @@ class BodyLimitMiddleware:
             if refused is None:
                 raise
         finally:
-            self.held -= sum(counted)
+            self.held -= counted
         if refused is not None and not answered:
             await _refuse(send, refused, protocol)
 
