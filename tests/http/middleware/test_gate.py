@@ -48,10 +48,9 @@ def gate_of(app: FastAPI) -> tuple[GateMiddleware, Inner, Lifecycle]:
     return GateMiddleware(inner, *middleware.args, **middleware.kwargs), inner, lifecycle
 
 
-def call(gate: GateMiddleware, method: str, path: str, key: str | None = None) -> dict[str, Any]:
-    """One request through ``gate``: its status, headers and (JSON) body."""
-    headers = [(b"host", b"test")] + ([(b"x-api-key", key.encode())] if key else [])
-    scope = {
+def http_scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> Scope:
+    """An ASGI HTTP scope of ``method path`` with these headers, as the server hands it over."""
+    return {
         "type": "http",
         "method": method,
         "path": path,
@@ -60,6 +59,12 @@ def call(gate: GateMiddleware, method: str, path: str, key: str | None = None) -
         "query_string": b"",
         "headers": headers,
     }
+
+
+def call(gate: GateMiddleware, method: str, path: str, key: str | None = None) -> dict[str, Any]:
+    """One request through ``gate``: its status, headers and (JSON) body."""
+    headers = [(b"host", b"test")] + ([(b"x-api-key", key.encode())] if key else [])
+    scope = http_scope(method, path, headers)
     sent: list[Message] = []
 
     async def receive() -> Message:
@@ -185,15 +190,7 @@ def test_the_drain_refuses_new_work_in_the_protocol_shape(
 def call_from(gate: GateMiddleware, method: str, path: str, origin: str) -> dict[str, Any]:
     """``call`` with an Origin header, as a browser page sends it."""
     sent: list[Message] = []
-    scope = {
-        "type": "http",
-        "method": method,
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"camserve.test"), (b"origin", origin.encode())],
-    }
+    scope = http_scope(method, path, [(b"host", b"camserve.test"), (b"origin", origin.encode())])
 
     async def receive() -> Message:
         raise AssertionError("the gate must decide before reading the body")
@@ -267,15 +264,7 @@ def test_the_cut_answers_a_body_still_arriving_with_json_503(store: Path) -> Non
     gate, _, lifecycle = gate_of(app)
     uploading = _Uploading()
     gate.app = uploading
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/explain",
-        "raw_path": b"/explain",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test"), (b"content-length", b"100000")],
-    }
+    scope = http_scope("POST", "/explain", [(b"host", b"test"), (b"content-length", b"100000")])
     sent: list[Message] = []
     pieces = [b"x" * 10]
 
@@ -308,15 +297,7 @@ def test_a_body_read_whole_is_not_cut_by_the_gate(store: Path) -> None:
     gate, _, lifecycle = gate_of(create_app(Settings(model_store=store, device="cpu")))
     uploading = _Uploading()
     gate.app = uploading
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/explain",
-        "raw_path": b"/explain",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"test")],
-    }
+    scope = http_scope("POST", "/explain", [(b"host", b"test")])
     pieces = [{"type": "http.request", "body": b"x", "more_body": True}] * 2 + [
         {"type": "http.request", "body": b"", "more_body": False}
     ]
