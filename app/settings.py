@@ -117,7 +117,8 @@ class Settings(BaseSettings):
         ge=0,
         le=10_000,
         description="Requests allowed to wait for a model slot. Beyond that the answer is 503 "
-        "with `Retry-After`.",
+        "with `Retry-After`, unless another client holds at least two more places than the "
+        "newcomer's: then that client's newest request still waiting gives its place up (503).",
     )
     max_cam_forwards: int = Field(
         20_000,

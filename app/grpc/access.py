@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from app.errors import CamserveError
-from app.observability.context import REQUEST_ID_HEADER, start_request
+from app.observability.context import REQUEST_ID_HEADER, identity, start_request
 from app.observability.metrics import Metrics
 
 logger = logging.getLogger("app.grpc.access")
@@ -39,6 +39,19 @@ def http_status(error: BaseException | None) -> int:
     return 500
 
 
+def peer_host(peer: str | None) -> str | None:
+    """The address in a gRPC peer string (``ipv4:10.0.0.5:51234``, ``ipv6:[::1]:51234``,
+    ``unix:/path``): what HTTP's peer address is for per-client rules."""
+    if not peer:
+        return None
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        return rest.rpartition("]")[0].lstrip("[") or rest
+    return peer
+
+
 def accessed(route: str, method: Handler, metrics: Callable[[], Metrics | None]) -> Handler:
     """``method`` with its call logged and counted; ``metrics`` is read at each call (the app's
     state holds them once the lifespan ran)."""
@@ -47,6 +60,7 @@ def accessed(route: str, method: Handler, metrics: Callable[[], Metrics | None])
         started = time.perf_counter()
         given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA)
         info = start_request(given if isinstance(given, str) else None)
+        info.caller = identity(peer_host(context.peer()))  # check_key names a key's client
         await context.send_initial_metadata(((REQUEST_ID_METADATA, info.request_id),))
         outcome: BaseException | None = None
         try:

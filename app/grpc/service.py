@@ -35,7 +35,7 @@ from app.grpc.status import status_of, trailing_metadata
 from app.lifecycle import Lifecycle
 from app.models.control import ModelControl
 from app.models.registry import ModelRegistry
-from app.observability.context import current_request
+from app.observability.context import current_request, identity
 from app.observability.metrics import Metrics
 from app.pipeline.explainer import Explainer
 from app.protocols import oip, repository
@@ -114,11 +114,12 @@ class Service:
         found = self._api_keys.name_of(sent)
         if (info := current_request()) is not None:  # counted per key, as HTTP's gate does
             info.client = found or "-"
+            info.caller = identity(None, found, keyed=True)
         if found is None:
             raise Unauthorized(
                 f"Missing or wrong API key; send it in the call's metadata as {API_KEY_METADATA!r}."
             )
-        return f"key:{found}"
+        return identity(None, found, keyed=True)
 
     def check_admin_key(self, context: grpc.aio.ServicerContext) -> None:
         """Refuse a repository call: the API off without CAMSERVE_ADMIN_KEY, or the key not

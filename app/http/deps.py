@@ -11,6 +11,7 @@ from fastapi.security import APIKeyHeader
 from app.errors import Unauthorized
 from app.http.cutoff import FORM_ADVICE, guarded
 from app.models.registry import ModelRegistry
+from app.observability.context import identity
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer
 from app.protocols import uploads
@@ -68,16 +69,16 @@ async def require_api_key(request: Request, api_key: str | None = Depends(_api_k
 
 
 def client_identity(request: Request) -> str:
-    """Who sent the request, for per-client caps and job ownership: the name of its API key
-    when the service requires one, else its address (the peer, or the end client that a
-    trusted proxy names: ``CAMSERVE_FORWARDED_ALLOW_IPS``). A key nobody checks would let a
-    client be anyone, so without keys a sent one is ignored."""
+    """Who sent the request (``app.observability.context.identity``): the name of its API key
+    when the service requires one, else its address (the peer, or the end client that a trusted
+    proxy names: ``CAMSERVE_FORWARDED_ALLOW_IPS``). A key nobody checks would let a client be
+    anyone, so without keys a sent one is ignored."""
     keys = get_api_keys(request)
+    host = request.client.host if request.client else None
     if keys.required:
         raw = request.headers.get("x-api-key")
-        name = keys.name_of(None if raw is None else raw.encode("latin-1"))
-        return "key:" + (name or "-")
-    return "address:" + (request.client.host if request.client else "unknown")
+        return identity(host, keys.name_of(None if raw is None else raw.encode("latin-1")), True)
+    return identity(host)
 
 
 def job_owner(request: Request) -> str | None:

@@ -36,9 +36,21 @@ class RequestInfo:
     client: str = ""
     """The name of its API key when the service has keys ('-' for none or a wrong one), never
     the key itself; empty without keys."""
+    caller: str = ""
+    """Who sent it, as the per-client rules count (``identity``): fair admission to model work
+    among others; empty outside a request."""
 
 
 _current: ContextVar[RequestInfo | None] = ContextVar("camserve_request", default=None)
+
+
+def identity(host: str | None, key_name: str | None = None, keyed: bool = False) -> str:
+    """Who a request is, for per-client caps, fair admission and job ownership: ``key:<name>``
+    when the service requires API keys (``-`` for none or a wrong one), else ``address:<host>``
+    (the peer, or the end client that a trusted proxy names). The key itself is never used."""
+    if keyed:
+        return "key:" + (key_name or "-")
+    return "address:" + (host or "unknown")
 
 
 def valid_request_id(value: str | None) -> TypeGuard[str]:

@@ -339,6 +339,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.displaced = Counter(
+            "camserve_requests_displaced",
+            "Requests that gave their admitted place, still waiting for their first pass, to "
+            "another client's while the service was full: their client held the most places "
+            "(answered 503 overloaded).",
+            registry=self.registry,
+        )
         self.client_requests = Counter(
             "camserve_client_requests",
             "Requests to the keyed routes and gRPC calls by API key name ('-': no key or a wrong "
@@ -411,6 +418,10 @@ class Metrics:
     def observe_yield(self, model: str) -> None:
         """A long pass on ``model`` let other passes run (called from its thread)."""
         self.yields.labels(model).inc()
+
+    def observe_displaced(self) -> None:
+        """A waiting request gave its place to another client's (``app.pipeline.admission``)."""
+        self.displaced.inc()
 
     def observe_cache(self, event: str, tier: str) -> None:
         """The explanation cache's ``event`` (hit, miss, bypass, eviction, expiry, too_large);

@@ -3,12 +3,18 @@
 One ``Batcher`` per model. A request is submitted with a key (what must match for two requests to
 share a pass: the kind of pass, method, layers, options, ``normalized``), its images and the
 function that runs a pass over several requests. While the model is idle a request runs at once,
-alone. While a pass runs, newcomers queue; when it ends, the oldest waiting request and the later
-ones with the same key form the next pass, up to ``max_images`` images, waiting at most
-``timeout_s`` after the oldest arrived for more company.
+alone. While a pass runs, newcomers queue; when it ends, the first waiting request in turn order
+(below) and the later ones with the same key form the next pass, up to ``max_images`` images,
+waiting at most ``timeout_s`` after the first arrived for more company.
 
-Every request has a priority class (``app.pipeline.scheduling``): the oldest waiting interactive
-request goes first, then the oldest background one; a batch holds requests of one class.
+Every request has a priority class (``app.pipeline.scheduling``): interactive requests go before
+background ones, and a batch holds requests of one class. Within a class turns go round robin
+among clients (start-time fair queueing, every image one turn): a request is tagged on arrival
+with one more than the later of its client's last tag and the tag of the last request that
+started, and the smallest tag goes first, the oldest among equals. So a client with many
+requests queued delays another client's next one by at most one of its own, and a client that
+was idle gets no credit for it. (An admitted request's client and place:
+``app.pipeline.admission``.)
 
 A chunked pass (``submit(chunked=True)``: the Score-CAM family, Ablation-CAM, SmoothGrad-CAM++)
 does not keep the model to itself: while it runs it is the model's ``Host``, and the next short
@@ -38,8 +44,8 @@ from functools import partial
 from typing import Any
 
 from app.cam import CamInterrupted, ProgressCallback
-from app.pipeline.admission import SlotLimiter
-from app.pipeline.scheduling import Guest, Host, Priority
+from app.pipeline.admission import SlotLimiter, Ticket, current_ticket
+from app.pipeline.scheduling import PRIORITIES, Guest, Host, Priority
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +120,36 @@ class _Pending:
     chunked: bool = False
     """Its pass has chunk boundaries (and may host other passes)."""
     """Called from the worker thread between chunks of the pass (must be thread-safe)."""
+    ticket: Ticket | None = None
+    """Its request's admitted place (None for work not admitted: background jobs)."""
     submitted: float = field(default_factory=time.perf_counter)
     abandoned: threading.Event = field(default_factory=threading.Event)
     """Set when the caller is gone; read by the pass's thread."""
+    tag: int = 0
+    """Its turn among its class's requests (round robin among clients: ``Batcher._tag``)."""
 
     @property
     def live(self) -> bool:
         return not self.future.done()
 
     @property
-    def order(self) -> tuple[int, float]:
-        return (0 if self.priority == "interactive" else 1, self.submitted)
+    def order(self) -> tuple[int, int, float]:
+        """Turn order: class, then tag, then age."""
+        return (PRIORITIES.index(self.priority), self.tag, self.submitted)
+
+    @property
+    def client(self) -> str:
+        return self.ticket.caller if self.ticket is not None else ""
+
+    def fail(self, error: Exception) -> None:
+        """Answer it with ``error`` while it waits (its place was given to another client)."""
+        if self.live:
+            self.future.set_exception(error)
+
+    def taken(self) -> None:
+        """It left the queue for a pass."""
+        if self.ticket is not None:
+            self.ticket.dequeued(self, into_pass=True)
 
 
 class _Seal:
@@ -166,6 +191,10 @@ class Batcher:
         self.background_every = background_every
         """While background work waits, it gets at least one turn in every this many."""
         self._queue: list[_Pending] = []
+        self._clock: dict[Priority, int] = {}
+        """Per class: the tag of the last request whose pass started."""
+        self._tags: dict[tuple[Priority, str], int] = {}
+        """Per class and client: the tag of its last request, while above the class's clock."""
         self._arrived = asyncio.Event()
         self._forming = False
         self._worker: asyncio.Task[None] | None = None
@@ -224,7 +253,11 @@ class Batcher:
             progress,
             priority,
             chunked,
+            current_ticket(),
         )
+        if pending.ticket is not None:
+            pending.ticket.queued(pending, pending.fail)
+        pending.tag = self._tag(priority, pending.client)
         self._queue.append(pending)
         self._arrived.set()
         self._ensure_worker()
@@ -235,6 +268,8 @@ class Batcher:
                 pending.abandoned.set()
             if pending in self._queue:
                 self._queue.remove(pending)
+            if pending.ticket is not None:
+                pending.ticket.dequeued(pending)
 
     async def close(self) -> None:
         """Stop the worker; requests still queued fail with a cancellation."""
@@ -309,9 +344,28 @@ class Batcher:
             waiter.cancel()
         return bool(done)
 
+    def _tag(self, priority: Priority, client: str) -> int:
+        """A new request's turn: one after the later of its client's last one and the last one
+        that started in its class."""
+        tag = max(self._clock.get(priority, 0), self._tags.get((priority, client), 0)) + 1
+        self._tags[(priority, client)] = tag
+        return tag
+
+    def _started(self, pending: _Pending) -> None:
+        """``pending`` left the queue for a pass: its class's clock moves to its tag, and the
+        clients whose last tag it passed are forgotten (their next tag starts from the clock)."""
+        pending.taken()
+        clock = max(self._clock.get(pending.priority, 0), pending.tag)
+        self._clock[pending.priority] = clock
+        self._tags = {
+            mine: tag
+            for mine, tag in self._tags.items()
+            if tag > clock or mine[0] != pending.priority
+        }
+
     def _eligible(self) -> list[_Pending]:
-        """Live requests that may start now, in turn order: while a chunked pass holds the
-        model, a second chunked one waits for it to end."""
+        """Live requests that may start now, in turn order (``_Pending.order``): while a
+        chunked pass holds the model, a second chunked one waits for it to end."""
         live = [p for p in self._queue if p.live and not (self._host and p.chunked)]
         return sorted(live, key=lambda p: p.order)
 
@@ -352,6 +406,7 @@ class Batcher:
         group = [p for p in group if p.live]
         for pending in group:
             self._queue.remove(pending)
+            self._started(pending)
         return group
 
     async def _join_until_started(
@@ -378,6 +433,7 @@ class Batcher:
                     return
                 group.append(other)
             self._queue.remove(other)
+            self._started(other)
 
     async def _run_group(
         self,

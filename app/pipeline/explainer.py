@@ -223,7 +223,11 @@ class Explainer:
         ``camserve explain`` both build theirs here, so they answer alike."""
         return cls(
             registry,
-            SlotLimiter(settings.max_model_slots, settings.queue_size),
+            SlotLimiter(
+                settings.max_model_slots,
+                settings.queue_size,
+                on_displace=metrics.observe_displaced if metrics else None,
+            ),
             settings.max_image_pixels,
             settings.max_cam_forwards,
             max_output_side=settings.max_output_side,

@@ -13,8 +13,8 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from app.errors import BadRequest
-from app.grpc.access import accessed
-from app.observability.context import note_work
+from app.grpc.access import accessed, peer_host
+from app.observability.context import current_request, note_work
 from tests.conftest import image_bytes
 from tests.grpc.conftest import KEYED, Served
 
@@ -56,12 +56,18 @@ def test_calls_are_counted_under_their_rpc_with_their_http_status(served: Served
 
 
 class _Context:
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self, metadata: tuple[tuple[str, str], ...], peer: str = "ipv4:127.0.0.1:50000"
+    ) -> None:
         self.metadata = metadata
         self.sent: tuple[tuple[str, str], ...] = ()
+        self._peer = peer
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self.metadata
+
+    def peer(self) -> str:
+        return self._peer
 
     async def send_initial_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.sent = metadata
@@ -121,3 +127,32 @@ def test_a_cancelled_call_counts_as_499() -> None:
 
     asyncio.run(run())
     assert [status for _, status, _, _ in metrics.seen] == [499]
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv4:10.0.0.5:51234", "10.0.0.5"),
+        ("ipv6:[::1]:51234", "::1"),
+        ("ipv6:[2001:db8::7]:443", "2001:db8::7"),
+        ("unix:/tmp/camserve.sock", "unix:/tmp/camserve.sock"),
+        ("", None),
+    ],
+)
+def test_a_calls_peer_names_its_client_as_http_names_an_address(peer: str, host: str) -> None:
+    assert peer_host(peer) == host
+
+
+def test_a_call_is_its_peers_client_for_the_per_client_rules() -> None:
+    seen: list[str] = []
+
+    async def answer(request: Any, context: Any) -> str:
+        info = current_request()
+        assert info is not None
+        seen.append(info.caller)
+        return "answer"
+
+    call = accessed("/svc/Answer", answer, lambda: None)  # type: ignore[arg-type]
+    asyncio.run(call(None, _Context((), "ipv6:[fd00::2]:4000")))  # type: ignore[arg-type]
+    asyncio.run(call(None, _Context((), "ipv4:10.9.8.7:1")))  # type: ignore[arg-type]
+    assert seen == ["address:fd00::2", "address:10.9.8.7"]

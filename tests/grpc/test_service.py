@@ -113,6 +113,9 @@ class _Context:
     def time_remaining(self) -> float | None:
         return None
 
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
     async def send_initial_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.sent = metadata
 

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import pytest
 
 from app.cam import CamInterrupted
-from app.errors import InvalidParameter
+from app.errors import InvalidParameter, Overloaded
 from app.pipeline.admission import SlotLimiter
-from app.pipeline.batching import Batcher, PassControl
+from app.pipeline.batching import Batcher, PassControl, RunPass
 
 
 class Recorder:
@@ -507,6 +507,61 @@ def test_a_cancelled_host_serves_its_waiting_guests_then_stops_at_that_boundary(
         assert (await asyncio.wait_for(short, 10))[0] == "A"
         await _wait_until(lambda: not batcher._hosting)
         assert log == ["job0", "a"]  # no second chunk ran
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+async def _admitted(batcher: Batcher, caller: str, name: str, run: RunPass) -> str:
+    """A request of ``caller`` as the explainer sends one: admitted, then submitted alone."""
+    with batcher.limiter.admit(caller):
+        result, _ = await batcher.submit(name, name, 1, run, batchable=False)
+        return str(result)
+
+
+def test_turns_go_round_robin_among_clients_within_a_class() -> None:
+    async def scenario() -> None:
+        batcher = _batcher()
+        log: list[str] = []
+        hold = Recorder(hold_first=True)
+        first = await _hold(batcher, hold)
+        run = Short(log)
+        submitted = []
+        for caller, name in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1")]:
+            submitted.append(asyncio.ensure_future(_admitted(batcher, caller, name, run)))
+            await asyncio.sleep(0.01)  # arrival order as listed
+        submitted.append(
+            asyncio.ensure_future(batcher.submit("j", "j1", 1, run, priority="background"))
+        )
+        await asyncio.sleep(0.05)
+        hold.release.set()
+        await asyncio.wait_for(asyncio.gather(first, *submitted), 10)
+        # each client's first waiting request, oldest first, then each one's second...; the
+        # background class after every interactive request
+        assert log == ["a1", "b1", "c1", "a2", "a3", "j1"]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_displaced_request_leaves_the_queue_and_the_newcomer_runs() -> None:
+    async def scenario() -> None:
+        batcher = Batcher("m", SlotLimiter(max_running=1, max_waiting=2), 8, 0.0)
+        log: list[str] = []
+        hold = Recorder(hold_first=True)
+        first = asyncio.ensure_future(_admitted(batcher, "a", "a0", hold))
+        await _wait_until(hold.started.is_set)
+        run = Short(log)
+        a1 = asyncio.ensure_future(_admitted(batcher, "a", "a1", run))
+        a2 = asyncio.ensure_future(_admitted(batcher, "a", "a2", run))
+        await _wait_until(lambda: batcher.waiting == 2)
+        b1 = asyncio.ensure_future(_admitted(batcher, "b", "b1", run))
+        with pytest.raises(Overloaded, match="gave its place"):
+            await asyncio.wait_for(a2, 10)
+        assert batcher.limiter.in_flight == 3 and batcher.waiting == 2
+        hold.release.set()
+        assert await asyncio.wait_for(asyncio.gather(first, a1, b1), 10) == ["A0", "A1", "B1"]
+        assert log == ["a1", "b1"] and batcher.limiter.in_flight == 0
         await batcher.close()
 
     asyncio.run(scenario())

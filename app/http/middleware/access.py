@@ -8,7 +8,7 @@ import time
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.observability.context import REQUEST_ID_HEADER, RequestInfo, start_request
+from app.observability.context import REQUEST_ID_HEADER, RequestInfo, identity, start_request
 from app.observability.metrics import UNMATCHED_ROUTE, Metrics
 
 logger = logging.getLogger("app.http.middleware.access")
@@ -36,6 +36,8 @@ class AccessMiddleware:
         started = time.perf_counter()
         client_id = dict(scope["headers"]).get(_HEADER, b"").decode("latin-1") or None
         info = start_request(client_id)
+        peer = scope.get("client")
+        info.caller = identity(peer[0] if peer else None)  # the gate names a key's client
         status = 500
         sent = 0
         received = 0

@@ -36,7 +36,7 @@ from app.http.deps import ApiKeys, api_key_matches, require_api_key
 from app.http.errors import send_refusal
 from app.http.protocols.base import ProtocolRoute, depends_on
 from app.lifecycle import Lifecycle
-from app.observability.context import current_request
+from app.observability.context import current_request, identity
 
 __all__ = ["DRAIN_BYTES", "DRAIN_S", "GateMiddleware", "api_key_matches", "endpoints"]
 
@@ -142,6 +142,7 @@ class GateMiddleware:
             info = current_request()
             if info is not None:
                 info.client = name or "-"
+                info.caller = identity(None, name, keyed=True)
             if name is None:
                 return Unauthorized(
                     "Missing or wrong API key; send it in the X-API-Key header.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -9,8 +10,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
-from app.observability.context import RequestIdFilter, valid_request_id
+from app.http.middleware.access import AccessMiddleware
+from app.observability.context import RequestIdFilter, current_request, valid_request_id
 from app.observability.logs import JsonFormatter, TextFormatter
 from app.pipeline import explainer as explainer_module
 from app.settings import Settings
@@ -160,3 +163,26 @@ def test_text_format_tags_request_lines_only() -> None:
     plain = logging.LogRecord("app.x", logging.INFO, __file__, 1, "hello", (), None)
     RequestIdFilter().filter(plain)  # outside a request
     assert "app.x: hello" in TextFormatter().format(plain)
+
+
+def test_a_request_is_its_peers_client_for_the_per_client_rules() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        info = current_request()
+        assert info is not None
+        seen.append(info.caller)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        pass
+
+    middleware = AccessMiddleware(app)
+    for client in [("10.1.2.3", 5000), None]:
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "client": client}
+        asyncio.run(middleware(scope, receive, send))
+    assert seen == ["address:10.1.2.3", "address:unknown"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -350,6 +351,55 @@ def test_overload_is_503_with_retry_after(
     assert_error(refused, 503, "overloaded")
     assert int(refused.headers["retry-after"]) >= 1
     assert "refused.png" not in decoded  # refused before a pixel of it was decoded
+
+
+def test_a_full_service_gives_a_place_of_the_client_holding_the_most_to_another(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(max_model_slots=1, queue_size=2, api_keys="alice:a-key,bob:b-key")
+    explainer = client.app.state.explainer  # type: ignore[attr-defined]
+    started, release = threading.Event(), threading.Event()
+    original = explainer_module.run_cam_pass
+
+    def slow(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        started.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    def send(key: str, name: str):  # type: ignore[no-untyped-def]
+        return client.post(
+            "/explain",
+            files=[("file", (name, image_bytes(), "image/png"))],
+            headers={"X-API-Key": key},
+        )
+
+    def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, "never happened"
+            time.sleep(0.01)
+
+    monkeypatch.setattr(explainer_module, "run_cam_pass", slow)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        alice = [pool.submit(send, "a-key", "alice0.png")]
+        assert started.wait(10)
+        alice += [pool.submit(send, "a-key", f"alice{i}.png") for i in (1, 2)]
+        until(lambda: explainer.limiter.in_flight == 3 and explainer.waiting == 2)
+        bob = pool.submit(send, "b-key", "bob.png")  # every place is alice's: one becomes bob's
+        until(lambda: explainer.limiter.held_by("key:bob") == 1 and explainer.waiting == 2)
+        # alice holds 2, bob 1: taking another of alice's would only swap who is ahead
+        assert "busy" in assert_error(send("b-key", "bob2.png"), 503, "overloaded")
+        release.set()
+        answers = [future.result() for future in alice]
+        assert bob.result().status_code == 200, bob.result().text
+    assert answers[0].status_code == 200  # its pass had started: never displaced
+    displaced = [r for r in answers if r.status_code == 503]
+    assert len(displaced) == 1 and sum(r.status_code == 200 for r in answers) == 2
+    message = assert_error(displaced[0], 503, "overloaded")
+    assert "gave its place" in message and int(displaced[0].headers["retry-after"]) >= 1
+    assert explainer.limiter.in_flight == 0
+    metrics = client.get("/metrics").text
+    assert "camserve_requests_displaced_total 1.0" in metrics
 
 
 # ---------------------------------------------------------------------------- bad input
