@@ -20,6 +20,7 @@ from app.http.middleware.access import AccessMiddleware
 from app.http.middleware.body_limit import BodyLimitMiddleware
 from app.http.middleware.compression import ProtocolCompression
 from app.http.middleware.gate import GateMiddleware
+from app.http.middleware.head import HeadMiddleware
 from app.http.middleware.header_cap import HeaderCapMiddleware
 from app.http.middleware.startup import QuietRefusal, refuse_start
 from app.http.openapi import form_fields_without_null
@@ -228,7 +229,7 @@ def _include_routes(app: FastAPI, settings: Settings) -> None:
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     """From the inside out: the protocols' answer compression, the body limit (and request
-    decompression), the gate, CORS, the access log and request id."""
+    decompression), the gate, CORS, HEAD as GET, the access log and request id."""
     # The protocols' answers (JSON, binary tensors) compressed for a client that accepts gzip;
     # small answers are left alone.
     app.add_middleware(
@@ -273,6 +274,8 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
                 "X-Camserve-Label",
             ],
         )
+    # HEAD on every GET route, seen by everything inside as the GET it answers like.
+    app.add_middleware(HeadMiddleware)
     # Outermost of all: every answer, a CORS preflight or a 413 included, carries the id.
     app.add_middleware(AccessMiddleware, metrics=app.state.metrics)
     # Before even that: a request with too many or too large headers costs nothing more.

@@ -20,6 +20,7 @@ def test_middleware_order_and_the_gate_on_the_live_routes(settings: Settings) ->
         "QuietRefusal",  # the lifespan's only: a refused start's traceback
         "HeaderCapMiddleware",
         "AccessMiddleware",
+        "HeadMiddleware",  # inside the access log (which names HEAD), outside everything else
         "GateMiddleware",
         "BodyLimitMiddleware",
         "ProtocolCompression",

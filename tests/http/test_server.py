@@ -130,6 +130,23 @@ def test_health_and_explain_over_http(server: str) -> None:
     assert png.content.startswith(b"\x89PNG")
 
 
+def test_curl_head_gets_the_headers_of_get(server: str) -> None:
+    # uptime checkers and load balancers probe with HEAD; FastAPI's routes answered it 405
+    head = subprocess.run(
+        ["curl", "-sS", "-I", "--max-time", "10", f"{server}/health"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = head.splitlines()
+    assert lines[0].split()[1] == "200", head
+    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    fields = {name.lower(): value for name, value in fields.items()}
+    got = httpx.get(f"{server}/health")
+    assert fields["content-length"] == got.headers["content-length"]
+    assert fields["content-type"] == got.headers["content-type"]
+
+
 def test_oversized_upload_is_refused_over_http(server: str) -> None:
     body = b"x" * (1024 * 1024)  # over 2 images x 64 KiB + the form allowance
     response = httpx.post(

@@ -153,6 +153,17 @@ def test_delete_stops_a_running_job_within_a_chunk(client: TestClient) -> None:
     assert_error(client.get(f"/jobs/{job['id']}"), 404, "job_not_found")
 
 
+def test_head_of_a_running_jobs_event_stream_ends_with_its_headers(client: TestClient) -> None:
+    job = submit(client, **SLOW)
+    wait_for(client, job["id"], lambda v: v["status"] == "running")
+    head = client.head(f"/jobs/{job['id']}/events")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"].startswith("text/event-stream")
+    # The stream ended with its headers, not with the job: the job is still running.
+    assert client.get(f"/jobs/{job['id']}").json()["status"] == "running"
+    assert client.delete(f"/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
 def test_explain_on_the_model_of_a_running_job_answers_between_its_chunks(
     client: TestClient,
 ) -> None:
