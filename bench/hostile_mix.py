@@ -19,7 +19,15 @@ phases side by side in this one run:
    - *streams*: ``--streams`` event streams (``GET /jobs/{id}/events``) held open on those jobs;
      a refused one waits out its ``Retry-After`` (with ``--impatient-streams`` it does not, and
      the refused streams become a flood of requests);
-   - *headers*: requests of ``--headers`` tiny headers each, two at a time.
+   - *headers*: requests of ``--headers`` tiny headers each, two at a time;
+   - *flood* (not in the default mix; ``--attackers flood``): ``--flood`` interactive Score-CAM
+     ``/explain`` requests kept in flight (default 34: every place of the default
+     ``CAMSERVE_MAX_MODEL_SLOTS + CAMSERVE_QUEUE_SIZE``), each sent again at once when answered
+     or refused, ``Retry-After`` ignored.
+   The good clients and the attackers are different clients to the service: the server trusts
+   127.0.0.1 to name them (``CAMSERVE_FORWARDED_ALLOW_IPS``), the good clients send
+   ``X-Forwarded-For: 198.51.100.7`` and the attackers ``203.0.113.66``, as two hosts behind a
+   gateway would be seen.
    The attackers run in a spawned process with their own event loop (``AttackProcess``), so
    that their client work (200 streams' connection pool) does not delay the good clients' loop.
    Attackers may be refused (413, 422, 429, 431, 503, a closed connection): that is the service
@@ -74,6 +82,11 @@ RENDERS = (
     {"size": "1024", "output": "overlay", "target_layer": MANY_LAYERS},
 )
 JOB_FIELDS = {"method": "ScoreCAM", "output": "raw"}
+FLOOD_FIELDS = {"method": "ScoreCAM", "output": "raw"}
+#: Who the good clients and the attackers are (documentation addresses, RFC 5737), named to the
+#: service in X-Forwarded-For by the trusted loopback.
+GOOD_CLIENT = {"X-Forwarded-For": "198.51.100.7"}
+ATTACKER = {"X-Forwarded-For": "203.0.113.66"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class MixConfig:
     attackers: tuple[str, ...]
     env: dict[str, str]
     impatient_streams: bool = False
+    flood: int = 34
 
 
 @dataclass
@@ -153,7 +167,7 @@ async def good_clients(url: str, image: bytes, requests: int, concurrency: int, 
                     stages[name].append(float(timings[name]))
                 stages["outside_ms"].append(wall_ms[-1] - float(timings["total_ms"]))
 
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=120, headers=GOOD_CLIENT) as client:
         await asyncio.gather(*(loop(client) for _ in range(concurrency)))
     if failures:
         note(f"good requests that failed: {dict(failures)}")
@@ -172,7 +186,7 @@ def stage_table(stages: dict[str, list[float]]) -> dict[str, dict[str, float | N
 
 
 async def render_attacker(url: str, image: bytes, tally: Tally, turn: int) -> None:
-    async with httpx.AsyncClient(timeout=180) as client:
+    async with httpx.AsyncClient(timeout=180, headers=ATTACKER) as client:
         for number in range(turn, 10**9):
             fields = RENDERS[number % len(RENDERS)]
             try:
@@ -187,7 +201,7 @@ async def render_attacker(url: str, image: bytes, tally: Tally, turn: int) -> No
 
 async def job_attacker(url: str, image: bytes, tally: Tally, jobs: list[str]) -> None:
     """Keep the job queue full: submit until refused, then retry once a second."""
-    async with httpx.AsyncClient(timeout=60) as client:
+    async with httpx.AsyncClient(timeout=60, headers=ATTACKER) as client:
         while True:
             try:
                 answer = await client.post(
@@ -223,6 +237,22 @@ async def stream_attacker(
         except httpx.HTTPError:
             tally.add("streams", 0)
         await asyncio.sleep(pause)
+
+
+async def flood_attacker(url: str, client: httpx.AsyncClient, image: bytes, tally: Tally) -> None:
+    """One interactive Score-CAM request in flight at all times: sent again at once when
+    answered or refused (``Retry-After`` ignored; a short pause after a failed connection)."""
+    while True:
+        try:
+            answer = await client.post(
+                f"{url}/explain",
+                files={"file": ("star.png", image, "image/png")},
+                data=FLOOD_FIELDS,
+            )
+            tally.add("flood", answer.status_code)
+        except httpx.HTTPError:
+            tally.add("flood", 0)
+            await asyncio.sleep(0.5)
 
 
 async def header_attacker(url: str, headers: int, tally: Tally) -> None:
@@ -264,7 +294,7 @@ async def stop(tasks: list[asyncio.Task[None]]) -> int:
 
 
 async def delete_jobs(url: str, jobs: list[str]) -> None:
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(timeout=30, headers=ATTACKER) as client:
         for job in jobs:
             with contextlib.suppress(httpx.HTTPError):
                 await client.delete(f"{url}/jobs/{job}")
@@ -287,6 +317,10 @@ async def attack(url: str, config: MixConfig, started: Any, stopping: Any) -> di
     stream_client = httpx.AsyncClient(
         timeout=httpx.Timeout(30, read=None),
         limits=httpx.Limits(max_connections=config.streams + 8),
+        headers=ATTACKER,
+    )
+    flood_client = httpx.AsyncClient(
+        timeout=300, limits=httpx.Limits(max_connections=config.flood + 8), headers=ATTACKER
     )
     kinds: dict[str, list[Callable[[], Awaitable[None]]]] = {
         "render": [
@@ -299,6 +333,7 @@ async def attack(url: str, config: MixConfig, started: Any, stopping: Any) -> di
         ]
         * config.streams,
         "headers": [lambda: header_attacker(url, config.headers, tally)] * 2,
+        "flood": [lambda: flood_attacker(url, flood_client, image, tally)] * config.flood,
     }
     if "streams" in config.attackers and "jobs" not in config.attackers:
         kinds["streams"].append(lambda: job_attacker(url, image, tally, jobs))  # their jobs
@@ -312,8 +347,9 @@ async def attack(url: str, config: MixConfig, started: Any, stopping: Any) -> di
     finally:
         cpu_s = time.process_time() - cpu_start
         left = await stop(tasks)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(stream_client.aclose(), STOP_WAIT_S)
+        for client in (stream_client, flood_client):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), STOP_WAIT_S)
         await delete_jobs(url, jobs)
     return {"left": left, "tally": tally.as_dict(), "jobs": len(jobs), "cpu_s": cpu_s}
 
@@ -473,6 +509,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         action="store_true",
         help="refused event streams retry after 0.2 s, ignoring Retry-After (a request flood)",
     )
+    parser.add_argument(
+        "--flood",
+        type=int,
+        default=34,
+        help="requests the flood attacker keeps in flight (34: every place by default)",
+    )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hostile_mix.json")
     parser.add_argument("--server-log", type=Path, help="keep the server's log here")
@@ -489,6 +531,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         headers=args.headers or (20_000 if args.quick else 100_000),
         attackers=tuple(a.strip() for a in args.attackers.split(",") if a.strip()),
         impatient_streams=args.impatient_streams,
+        flood=args.flood,
         env=env,
     )
     return config, args.out, args.server_log
@@ -497,7 +540,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
 def main(argv: list[str] | None = None) -> int:
     config, out, server_log = parse_args(argv)
     raise_on_sigterm()  # a `timeout` or a Ctrl-C stops the server too
-    overrides = {"CAMSERVE_QUEUE_SIZE": "32", "CAMSERVE_DEFAULT_MODEL": "shapes", **config.env}
+    overrides = {
+        "CAMSERVE_QUEUE_SIZE": "32",
+        "CAMSERVE_DEFAULT_MODEL": "shapes",
+        "CAMSERVE_FORWARDED_ALLOW_IPS": "127.0.0.1",  # the clients name themselves (see above)
+        **config.env,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         log = server_log or Path(tmp) / "server.log"
         with running_process(REPO / "model_store", "cpu", overrides, log, ["shapes"]) as (
