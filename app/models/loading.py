@@ -283,17 +283,24 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
 
 
 def _check_finite(module: nn.Module) -> None:
-    """Refuse weights with a NaN or infinite parameter (after the warm-up, whose probe names
-    them in a classifier's logits): a detector drops NaN scores and a segmenter's output is not
-    probed, so such weights served, answering no box or only background."""
+    """Refuse weights with a NaN or infinite parameter, or a NaN buffer (a norm's running
+    statistics), after the warm-up, whose probe names them in a classifier's logits: a detector
+    drops NaN scores and a segmenter's output is not probed, so such weights served, answering
+    no box or only background. A buffer may hold infinities on purpose (an attention mask's
+    -inf), so only its NaNs are refused."""
     for name, parameter in module.named_parameters():
-        finite = torch.isfinite(parameter)
-        if not bool(finite.all()):
-            bad = int(finite.numel() - finite.sum())
-            raise ManifestError(
-                f"parameter {name} holds {bad} of {finite.numel()} values that are NaN or "
-                "infinite; the weights are broken (check the checkpoint)"
-            )
+        _refuse_where(name, "parameter", ~torch.isfinite(parameter), "NaN or infinite")
+    for name, buffer in module.named_buffers():
+        if buffer.is_floating_point() or buffer.is_complex():
+            _refuse_where(name, "buffer", torch.isnan(buffer), "NaN")
+
+
+def _refuse_where(name: str, kind: str, bad: torch.Tensor, what: str) -> None:
+    if bool(bad.any()):
+        raise ManifestError(
+            f"{kind} {name} holds {int(bad.sum())} of {bad.numel()} values that are {what}; the "
+            "weights are broken (check the checkpoint)"
+        )
 
 
 def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:

@@ -324,6 +324,40 @@ def test_nan_weights_of_a_detector_or_segmenter_fail_the_load(tmp_path: Path, mo
     assert "NaN or infinite" in (entry.reload_error or "")
 
 
+@pytest.mark.parametrize("model", ["shapes", "shapes-segment", "shapes-detect"])
+def test_nan_running_statistics_fail_the_load(tmp_path: Path, model: str) -> None:
+    """A norm's running statistics are buffers, not parameters: NaN there made every answer NaN
+    (a classifier's probe caught it; a detector's and a segmenter's did not), and were not
+    checked (a hostile review)."""
+    put_tiny(tmp_path, "tiny", seed=0)
+    folder = tmp_path / model
+    shutil.copytree(Path(__file__).parents[2] / "model_store" / model, folder)
+    registry = started(tmp_path)
+    before = registry.get(model)
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    name = next(k for k in state if k.endswith("running_var"))
+    state[name][0] = float("nan")
+    torch.save(state, folder / ".weights.pt.new")
+    (folder / ".weights.pt.new").replace(folder / "weights.pt")
+    entry = registry.load(model)
+    assert entry.status == "ready" and registry.get(model) is before
+    error = entry.reload_error or ""
+    # A classifier's warm-up probe sees NaN logits first; the others get the buffer's name.
+    expected = "logits that are NaN" if model == "shapes" else f"buffer {name} holds 1 of"
+    assert expected in error, error
+
+
+def test_an_infinite_buffer_is_allowed_as_an_attention_mask(tmp_path: Path) -> None:
+    from app.models.loading import _check_finite
+
+    module = torch.nn.Linear(2, 2)
+    module.register_buffer("mask", torch.tensor([0.0, float("-inf")]))
+    _check_finite(module)  # no error: -inf masks are how attention leaves positions out
+    module.mask[0] = float("nan")
+    with pytest.raises(Exception, match="buffer mask holds 1 of 2 values that are NaN"):
+        _check_finite(module)
+
+
 def test_an_unload_before_the_first_scan_reaches_the_model_holds(tmp_path: Path) -> None:
     """The repository API answers while the first scan loads the store: a model it unloaded
     before the scan came to it was then loaded by the scan, and served (a hostile review)."""
