@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import shutil
 import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -303,23 +305,38 @@ def test_an_unload_does_not_undo_a_swap_that_lands_while_it_runs(
     assert "other" not in registry.changes()[0]
 
 
-@pytest.mark.parametrize("model", ["shapes-segment", "shapes-detect"])
-def test_nan_weights_of_a_detector_or_segmenter_fail_the_load(tmp_path: Path, model: str) -> None:
-    """Only a classifier's logits were probed for NaN: a detector with NaN weights answered no
-    box and a segmenter only background, and a swap to them replaced good weights (a hostile
-    review)."""
+def _reload_spoilt(
+    tmp_path: Path, model: str, spoil: Callable[[dict[str, torch.Tensor]], str]
+) -> tuple[Any, str]:
+    """Serve a copy of the shipped ``model``, spoil its weights on disk (``spoil`` changes the
+    state dict and names what it changed), reload it: the entry, and that name. The version
+    that served before still serves."""
     put_tiny(tmp_path, "tiny", seed=0)
     folder = tmp_path / model
     shutil.copytree(Path(__file__).parents[2] / "model_store" / model, folder)
     registry = started(tmp_path)
     before = registry.get(model)
     state = torch.load(folder / "weights.pt", weights_only=True)
-    name = next(k for k, v in state.items() if k.endswith("weight") and v.is_floating_point())
-    state[name] = torch.full_like(state[name], float("nan"))
+    name = spoil(state)
     torch.save(state, folder / ".weights.pt.new")
     (folder / ".weights.pt.new").replace(folder / "weights.pt")
     entry = registry.load(model)
     assert entry.status == "ready" and registry.get(model) is before
+    return entry, name
+
+
+@pytest.mark.parametrize("model", ["shapes-segment", "shapes-detect"])
+def test_nan_weights_of_a_detector_or_segmenter_fail_the_load(tmp_path: Path, model: str) -> None:
+    """Only a classifier's logits were probed for NaN: a detector with NaN weights answered no
+    box and a segmenter only background, and a swap to them replaced good weights (a hostile
+    review)."""
+
+    def spoil(state: dict[str, torch.Tensor]) -> str:
+        name = next(k for k, v in state.items() if k.endswith("weight") and v.is_floating_point())
+        state[name] = torch.full_like(state[name], float("nan"))
+        return name
+
+    entry, name = _reload_spoilt(tmp_path, model, spoil)
     assert f"parameter {name} holds" in (entry.reload_error or "")
     assert "NaN or infinite" in (entry.reload_error or "")
 
@@ -329,18 +346,13 @@ def test_nan_running_statistics_fail_the_load(tmp_path: Path, model: str) -> Non
     """A norm's running statistics are buffers, not parameters: NaN there made every answer NaN
     (a classifier's probe caught it; a detector's and a segmenter's did not), and were not
     checked (a hostile review)."""
-    put_tiny(tmp_path, "tiny", seed=0)
-    folder = tmp_path / model
-    shutil.copytree(Path(__file__).parents[2] / "model_store" / model, folder)
-    registry = started(tmp_path)
-    before = registry.get(model)
-    state = torch.load(folder / "weights.pt", weights_only=True)
-    name = next(k for k in state if k.endswith("running_var"))
-    state[name][0] = float("nan")
-    torch.save(state, folder / ".weights.pt.new")
-    (folder / ".weights.pt.new").replace(folder / "weights.pt")
-    entry = registry.load(model)
-    assert entry.status == "ready" and registry.get(model) is before
+
+    def spoil(state: dict[str, torch.Tensor]) -> str:
+        name = next(k for k in state if k.endswith("running_var"))
+        state[name][0] = float("nan")
+        return name
+
+    entry, name = _reload_spoilt(tmp_path, model, spoil)
     error = entry.reload_error or ""
     # A classifier's warm-up probe sees NaN logits first; the others get the buffer's name.
     expected = "logits that are NaN" if model == "shapes" else f"buffer {name} holds 1 of"

@@ -319,18 +319,25 @@ def test_concurrent_requests_equal_sequential(client: TestClient) -> None:
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_overload_is_503_with_retry_after(
-    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    client = make_client(max_model_slots=1, queue_size=0)
+def held_passes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Every CAM pass waits (at most 10 s) for ``release`` once it has set ``started``."""
     started, release = threading.Event(), threading.Event()
     original = explainer_module.run_cam_pass
 
-    def slow(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+    def held(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         started.set()
         release.wait(10)
         return original(*args, **kwargs)
 
+    monkeypatch.setattr(explainer_module, "run_cam_pass", held)
+    return started, release
+
+
+def test_overload_is_503_with_retry_after(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(max_model_slots=1, queue_size=0)
+    started, release = held_passes(monkeypatch)
     decoded: list[str] = []
     original_decode = cpu_lane_module.decode_upload
 
@@ -338,7 +345,6 @@ def test_overload_is_503_with_retry_after(
         decoded.append(upload.filename)
         return original_decode(upload, *args)
 
-    monkeypatch.setattr(explainer_module, "run_cam_pass", slow)
     monkeypatch.setattr(cpu_lane_module, "decode_upload", counting_decode)
     with ThreadPoolExecutor(max_workers=1) as pool:
         first = pool.submit(explain, client, image_bytes())
@@ -358,13 +364,7 @@ def test_a_full_service_gives_a_place_of_the_client_holding_the_most_to_another(
 ) -> None:
     client = make_client(max_model_slots=1, queue_size=2, api_keys="alice:a-key,bob:b-key")
     explainer = client.app.state.explainer  # type: ignore[attr-defined]
-    started, release = threading.Event(), threading.Event()
-    original = explainer_module.run_cam_pass
-
-    def slow(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        started.set()
-        release.wait(10)
-        return original(*args, **kwargs)
+    started, release = held_passes(monkeypatch)
 
     def send(key: str, name: str):  # type: ignore[no-untyped-def]
         return client.post(
@@ -379,7 +379,6 @@ def test_a_full_service_gives_a_place_of_the_client_holding_the_most_to_another(
             assert time.monotonic() < deadline, "never happened"
             time.sleep(0.01)
 
-    monkeypatch.setattr(explainer_module, "run_cam_pass", slow)
     with ThreadPoolExecutor(max_workers=4) as pool:
         alice = [pool.submit(send, "a-key", "alice0.png")]
         assert started.wait(10)
