@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app import __version__
 from app.cam import METHODS, UnknownMethod, find_method
-from app.errors import BadRequest, InvalidTarget, clip
+from app.errors import BadRequest, InvalidParameter, InvalidTarget, clip
 from app.models.loading import LoadedModel
 from app.models.registry import ModelRegistry
 from app.pipeline.decoding import Upload
@@ -512,7 +512,13 @@ def _uploads(
             f"[N, H, W, 3]); got {clip(tensor.datatype)}."
         )
     if raw is not None:
-        elements: list[Any] = bytes_elements(INPUT, raw)
+        elements: list[Any] = bytes_elements(INPUT, raw, most=settings.max_images)
+        if len(elements) > settings.max_images:  # the rest was not read
+            raise InvalidParameter(
+                f"More than {settings.max_images} images sent in input {INPUT!r}, but at most "
+                f"{settings.max_images} are accepted per request (CAMSERVE_MAX_IMAGES); split "
+                "the batch."
+            )
     else:
         # Row-major data may come flat or nested one level per row.
         elements = [

@@ -1,0 +1,41 @@
+"""What a hostile or careless gRPC client sends, and what it must not get: a message that costs
+the service far more than its bytes, a call that holds a place it does not use."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import pytest
+
+from app.errors import InvalidParameter
+from app.grpc import messages
+from app.grpc.infer import read_message
+from app.settings import Settings
+
+
+def bytes_request(raw: bytes, count: int) -> object:
+    request = messages.ModelInferRequest(
+        model_name="tiny",
+        inputs=[{"name": "image", "datatype": "BYTES", "shape": [count]}],
+    )
+    request.raw_input_contents.append(raw)
+    return request
+
+
+def test_a_bytes_tensor_is_read_no_further_than_one_element_past_the_image_limit() -> None:
+    # Three empty elements, then a prefix that lies: the lie is past what the limit lets in.
+    raw = struct.pack("<I", 0) * 3 + struct.pack("<I", 1000)
+    with pytest.raises(InvalidParameter, match="More than 2 images .*CAMSERVE_MAX_IMAGES"):
+        read_message(bytes_request(raw, 4), Settings(max_images=2))
+
+
+def test_millions_of_empty_elements_are_refused_at_once() -> None:
+    # 4 bytes each: a 16 MB buffer of them took 9 s of the GIL to read element by element (a
+    # message at the default limit, 95 s), all to be refused for their number.
+    count = 4_000_000
+    request = bytes_request(bytes(4 * count), count)
+    started = time.monotonic()
+    with pytest.raises(InvalidParameter, match="More than 16 images"):
+        read_message(request, Settings())
+    assert time.monotonic() - started < 3
