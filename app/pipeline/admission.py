@@ -26,7 +26,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from app.errors import Overloaded
-from app.observability.context import current_request
+from app.pipeline.fairness import current_caller
 
 T = TypeVar("T")
 
@@ -140,8 +140,7 @@ class SlotLimiter:
         for the block. When every place is taken, a place of a client holding at least two more
         than ``caller`` is taken back (``_displace_for``); else Overloaded."""
         if caller is None:
-            info = current_request()
-            caller = info.caller if info is not None else ""
+            caller = current_caller()
         if self._admitted >= self.max_running + self.max_waiting and not self._displace_for(caller):
             raise Overloaded(
                 f"The service is busy ({self._admitted} requests running or queued); "

@@ -9,12 +9,9 @@ waiting at most ``timeout_s`` after the first arrived for more company.
 
 Every request has a priority class (``app.pipeline.scheduling``): interactive requests go before
 background ones, and a batch holds requests of one class. Within a class turns go round robin
-among clients (start-time fair queueing, every image one turn): a request is tagged on arrival
-with one more than the later of its client's last tag and the tag of the last request that
-started, and the smallest tag goes first, the oldest among equals. So a client with many
-requests queued delays another client's next one by at most one of its own, and a client that
-was idle gets no credit for it. (An admitted request's client and place:
-``app.pipeline.admission``.)
+among clients (``app.pipeline.fairness``, every image one turn): a client with many requests
+queued delays another client's next one by at most one of its own. (An admitted request's client
+and place: ``app.pipeline.admission``.)
 
 A chunked pass (``submit(chunked=True)``: the Score-CAM family, Ablation-CAM, SmoothGrad-CAM++)
 does not keep the model to itself: while it runs it is the model's ``Host``, and the next short
@@ -45,6 +42,7 @@ from typing import Any
 
 from app.cam import CamInterrupted, ProgressCallback
 from app.pipeline.admission import SlotLimiter, Ticket, current_ticket
+from app.pipeline.fairness import FairTurns
 from app.pipeline.scheduling import PRIORITIES, Guest, Host, Priority
 
 logger = logging.getLogger(__name__)
@@ -126,7 +124,7 @@ class _Pending:
     abandoned: threading.Event = field(default_factory=threading.Event)
     """Set when the caller is gone; read by the pass's thread."""
     tag: int = 0
-    """Its turn among its class's requests (round robin among clients: ``Batcher._tag``)."""
+    """Its turn among its class's requests (``app.pipeline.fairness``)."""
 
     @property
     def live(self) -> bool:
@@ -191,10 +189,8 @@ class Batcher:
         self.background_every = background_every
         """While background work waits, it gets at least one turn in every this many."""
         self._queue: list[_Pending] = []
-        self._clock: dict[Priority, int] = {}
-        """Per class: the tag of the last request whose pass started."""
-        self._tags: dict[tuple[Priority, str], int] = {}
-        """Per class and client: the tag of its last request, while above the class's clock."""
+        self._turns = {priority: FairTurns() for priority in PRIORITIES}
+        """Per class: the round robin among clients."""
         self._arrived = asyncio.Event()
         self._forming = False
         self._worker: asyncio.Task[None] | None = None
@@ -257,7 +253,7 @@ class Batcher:
         )
         if pending.ticket is not None:
             pending.ticket.queued(pending, pending.fail)
-        pending.tag = self._tag(priority, pending.client)
+        pending.tag = self._turns[priority].tag(pending.client)
         self._queue.append(pending)
         self._arrived.set()
         self._ensure_worker()
@@ -344,24 +340,10 @@ class Batcher:
             waiter.cancel()
         return bool(done)
 
-    def _tag(self, priority: Priority, client: str) -> int:
-        """A new request's turn: one after the later of its client's last one and the last one
-        that started in its class."""
-        tag = max(self._clock.get(priority, 0), self._tags.get((priority, client), 0)) + 1
-        self._tags[(priority, client)] = tag
-        return tag
-
     def _started(self, pending: _Pending) -> None:
-        """``pending`` left the queue for a pass: its class's clock moves to its tag, and the
-        clients whose last tag it passed are forgotten (their next tag starts from the clock)."""
+        """``pending`` left the queue for a pass: its turn in its class is taken."""
         pending.taken()
-        clock = max(self._clock.get(pending.priority, 0), pending.tag)
-        self._clock[pending.priority] = clock
-        self._tags = {
-            mine: tag
-            for mine, tag in self._tags.items()
-            if tag > clock or mine[0] != pending.priority
-        }
+        self._turns[pending.priority].turn(pending.tag)
 
     def _eligible(self) -> list[_Pending]:
         """Live requests that may start now, in turn order (``_Pending.order``): while a

@@ -1,4 +1,5 @@
-"""The memory budget: a FIFO weighted semaphore that never lets more than its capacity be held."""
+"""The memory budget: a weighted semaphore that never lets more than its capacity be held,
+serving its waiters in turn, round robin among clients."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 
 import pytest
 
+from app.observability.context import start_request
 from app.pipeline.budget import MemoryBudget
 
 
@@ -59,3 +61,58 @@ def test_more_than_the_capacity_is_refused() -> None:
 
     with pytest.raises(ValueError, match="exceed the budget"):
         asyncio.run(main())
+
+
+def test_turns_go_round_robin_among_clients() -> None:
+    async def main() -> list[str]:
+        budget = MemoryBudget(10)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def user(name: str, client: str, amount: int) -> None:
+            async with budget.hold(amount, client):
+                order.append(name)
+                await release.wait()
+
+        first = asyncio.create_task(user("a0", "a", 8))
+        await asyncio.sleep(0)
+        waiting = []
+        for name, client, amount in [
+            ("a1", "a", 6),
+            ("a2", "a", 6),
+            ("a3", "a", 6),
+            ("b1", "b", 2),
+            ("c1", "c", 6),
+        ]:
+            waiting.append(asyncio.create_task(user(name, client, amount)))
+            await asyncio.sleep(0)
+        assert budget.waiting == 5 and order == ["a0"]
+        release.set()  # everything holds only until the release: turns decide the order
+        await asyncio.wait_for(asyncio.gather(first, *waiting), 5)
+        assert budget.held == 0 and budget.waiting == 0
+        return order
+
+    # Each client's first waiter (oldest first), then each one's second...: before, b1 and c1
+    # waited behind every one of a's.
+    assert asyncio.run(main()) == ["a0", "a1", "b1", "c1", "a2", "a3"]
+
+
+def test_the_client_defaults_to_the_current_requests() -> None:
+    async def main() -> list[str]:
+        budget = MemoryBudget(10)
+        order: list[str] = []
+
+        async def user(name: str, client: str) -> None:
+            start_request(None).caller = client  # in this task's own context
+            async with budget.hold(10):
+                order.append(name)
+                await asyncio.sleep(0.01)
+
+        tasks = []
+        for name, client in [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b")]:
+            tasks.append(asyncio.create_task(user(name, client)))
+            await asyncio.sleep(0)
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return order
+
+    assert asyncio.run(main()) == ["a1", "a2", "b1", "a3"]
