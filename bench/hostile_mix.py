@@ -23,7 +23,10 @@ phases side by side in this one run:
    - *flood* (not in the default mix; ``--attackers flood``): ``--flood`` interactive Score-CAM
      ``/explain`` requests kept in flight (default 34: every place of the default
      ``CAMSERVE_MAX_MODEL_SLOTS + CAMSERVE_QUEUE_SIZE``), each sent again at once when answered
-     or refused, ``Retry-After`` ignored.
+     or refused, ``Retry-After`` ignored;
+   - *huge* (not in the default mix; ``--attackers huge``): ``--huge`` requests in flight, each
+     a 6000 x 6000 PNG of one colour (a 100 kB upload that decodes to 288 MB: three of them hold
+     the whole default ``CAMSERVE_DECODE_BUDGET_BYTES``), sent again at once when answered.
    The good clients and the attackers are different clients to the service: the server trusts
    127.0.0.1 to name them (``CAMSERVE_FORWARDED_ALLOW_IPS``), the good clients send
    ``X-Forwarded-For: 198.51.100.7`` and the attackers ``203.0.113.66``, as two hosts behind a
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import multiprocessing
 import queue
@@ -59,6 +63,7 @@ from typing import Any
 
 import httpx
 import torch
+from PIL import Image
 from serving import (
     REPO,
     machine_info,
@@ -101,6 +106,7 @@ class MixConfig:
     env: dict[str, str]
     impatient_streams: bool = False
     flood: int = 34
+    huge: int = 10
 
 
 @dataclass
@@ -239,20 +245,33 @@ async def stream_attacker(
         await asyncio.sleep(pause)
 
 
-async def flood_attacker(url: str, client: httpx.AsyncClient, image: bytes, tally: Tally) -> None:
-    """One interactive Score-CAM request in flight at all times: sent again at once when
-    answered or refused (``Retry-After`` ignored; a short pause after a failed connection)."""
+async def flood_attacker(
+    url: str,
+    client: httpx.AsyncClient,
+    image: bytes,
+    tally: Tally,
+    kind: str = "flood",
+    fields: dict[str, str] = FLOOD_FIELDS,
+) -> None:
+    """One interactive request in flight at all times (Score-CAM by default): sent again at
+    once when answered or refused (``Retry-After`` ignored; a short pause after a failed
+    connection)."""
     while True:
         try:
             answer = await client.post(
-                f"{url}/explain",
-                files={"file": ("star.png", image, "image/png")},
-                data=FLOOD_FIELDS,
+                f"{url}/explain", files={"file": ("x.png", image, "image/png")}, data=fields
             )
-            tally.add("flood", answer.status_code)
+            tally.add(kind, answer.status_code)
         except httpx.HTTPError:
-            tally.add("flood", 0)
+            tally.add(kind, 0)
             await asyncio.sleep(0.5)
+
+
+def huge_png() -> bytes:
+    """6000 x 6000 pixels of one colour: about 100 kB that decode to 288 MB."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 140, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 async def header_attacker(url: str, headers: int, tally: Tally) -> None:
@@ -313,6 +332,7 @@ async def attack(url: str, config: MixConfig, started: Any, stopping: Any) -> di
     """Every attacker of ``config``, until ``stopping`` is set; then their jobs are deleted and
     their streams closed. Returns the tally, the jobs made and the attackers left behind."""
     image = STAR.read_bytes()
+    huge = huge_png() if "huge" in config.attackers else b""
     tally, jobs = Tally(), []
     stream_client = httpx.AsyncClient(
         timeout=httpx.Timeout(30, read=None),
@@ -320,7 +340,9 @@ async def attack(url: str, config: MixConfig, started: Any, stopping: Any) -> di
         headers=ATTACKER,
     )
     flood_client = httpx.AsyncClient(
-        timeout=300, limits=httpx.Limits(max_connections=config.flood + 8), headers=ATTACKER
+        timeout=300,
+        limits=httpx.Limits(max_connections=config.flood + config.huge + 8),
+        headers=ATTACKER,
     )
     kinds: dict[str, list[Callable[[], Awaitable[None]]]] = {
         "render": [
@@ -334,6 +356,8 @@ async def attack(url: str, config: MixConfig, started: Any, stopping: Any) -> di
         * config.streams,
         "headers": [lambda: header_attacker(url, config.headers, tally)] * 2,
         "flood": [lambda: flood_attacker(url, flood_client, image, tally)] * config.flood,
+        "huge": [lambda: flood_attacker(url, flood_client, huge, tally, "huge", {"output": "raw"})]
+        * config.huge,
     }
     if "streams" in config.attackers and "jobs" not in config.attackers:
         kinds["streams"].append(lambda: job_attacker(url, image, tally, jobs))  # their jobs
@@ -515,6 +539,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         default=34,
         help="requests the flood attacker keeps in flight (34: every place by default)",
     )
+    parser.add_argument(
+        "--huge", type=int, default=10, help="huge-PNG requests the huge attacker keeps in flight"
+    )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "hostile_mix.json")
     parser.add_argument("--server-log", type=Path, help="keep the server's log here")
@@ -532,6 +559,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[MixConfig, Path]:
         attackers=tuple(a.strip() for a in args.attackers.split(",") if a.strip()),
         impatient_streams=args.impatient_streams,
         flood=args.flood,
+        huge=args.huge,
         env=env,
     )
     return config, args.out, args.server_log
