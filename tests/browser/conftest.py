@@ -78,9 +78,10 @@ def _stop(process: subprocess.Popen[str]) -> str:
         return process.communicate()[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def servers() -> Iterator[dict[str, str]]:
-    """Two services on model_store/shapes, started together: open, and one that wants a key."""
+    """Two services on model_store/shapes, started together: open, and one that wants a key;
+    shared by test_page.py and test_tasks.py (the same settings; no test counts on a fresh one)."""
     started = {"open": _start(), "keyed": _start(CAMSERVE_API_KEY=API_KEY)}
     try:
         for process, url in started.values():
@@ -92,7 +93,7 @@ def servers() -> Iterator[dict[str, str]]:
             assert "Traceback" not in output, output
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def server(servers: dict[str, str]) -> str:
     return servers["open"]
 
