@@ -253,7 +253,7 @@ class Batcher:
         )
         if pending.ticket is not None:
             pending.ticket.queued(pending, pending.fail)
-        pending.tag = self._turns[priority].tag(pending.client)
+        pending.tag = self._turns[priority].tag(pending.client, images)
         self._queue.append(pending)
         self._arrived.set()
         self._ensure_worker()
@@ -343,7 +343,7 @@ class Batcher:
     def _started(self, pending: _Pending) -> None:
         """``pending`` left the queue for a pass: its turn in its class is taken."""
         pending.taken()
-        self._turns[pending.priority].turn(pending.tag)
+        self._turns[pending.priority].turn(pending.tag, pending.images)
 
     def _eligible(self) -> list[_Pending]:
         """Live requests that may start now, in turn order (``_Pending.order``): while a

@@ -3,8 +3,9 @@
 One budget is shared by every request and job of a process, so the memory decoded images hold
 at once stays under ``capacity`` bytes whatever the clients send. Waiters are served in turn,
 never overtaken by a later one that would fit (a large request is not starved by a stream of
-small ones), and turns go round robin among clients (``app.pipeline.fairness``): a client
-with many large requests waiting delays another client's next one by at most one of its own.
+small ones), and turns go round robin among clients, weighed by their bytes
+(``app.pipeline.fairness``): a client with many large requests waiting delays another client's
+next one by at most one of its own.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ class MemoryBudget:
         not exceed the capacity (the caller refuses such work instead)."""
         if amount > self.capacity:
             raise ValueError(f"{amount} bytes exceed the budget of {self.capacity}")
-        tag = self._turns.tag(current_caller() if client is None else client)
+        tag = self._turns.tag(current_caller() if client is None else client, amount)
         if not self._waiters and self.held + amount <= self.capacity:
             self.held += amount
-            self._turns.turn(tag)
+            self._turns.turn(tag, amount)
         else:
             granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             waiter = _Waiter(tag, next(self._arrivals), amount, granted)
             bisect.insort(self._waiters, waiter)
+            self._wake()  # its turn may come before the waiters' it was put ahead of
             try:
                 await granted
             except asyncio.CancelledError:
@@ -79,5 +81,5 @@ class MemoryBudget:
         while self._waiters and self.held + self._waiters[0].amount <= self.capacity:
             waiter = self._waiters.pop(0)
             self.held += waiter.amount
-            self._turns.turn(waiter.tag)
+            self._turns.turn(waiter.tag, waiter.amount)
             waiter.granted.set_result(None)

@@ -1,0 +1,52 @@
+"""Start-time fair queueing: the tags that order waiters among clients."""
+
+from __future__ import annotations
+
+from app.pipeline.fairness import FairTurns
+
+
+def _served(turns: FairTurns, waiters: list[tuple[str, str, int]]) -> list[str]:
+    """Tag ``(name, client, cost)`` waiters in arrival order and give turns in tag order (the
+    oldest first among equals)."""
+    tagged = [
+        (turns.tag(client, cost), arrival, name)
+        for arrival, (name, client, cost) in enumerate(waiters)
+    ]
+    order = []
+    costs = {name: cost for name, _, cost in waiters}
+    for tag, _, name in sorted(tagged):
+        turns.turn(tag, costs[name])
+        order.append(name)
+    return order
+
+
+def test_turns_go_round_robin_among_clients() -> None:
+    waiters = [("a1", "a", 1), ("a2", "a", 1), ("a3", "a", 1), ("b1", "b", 1), ("c1", "c", 1)]
+    assert _served(FairTurns(), waiters) == ["a1", "b1", "c1", "a2", "a3"]
+
+
+def test_a_costly_waiter_delays_its_clients_next_by_its_cost() -> None:
+    waiters = [("a1", "a", 10), ("a2", "a", 10), ("b1", "b", 1), ("b2", "b", 1), ("b3", "b", 1)]
+    # a1 ends at 10: every one of b's (1 each) goes before a2
+    assert _served(FairTurns(), waiters) == ["a1", "b1", "b2", "b3", "a2"]
+
+
+def test_an_idle_client_gets_no_credit_for_its_idle_time() -> None:
+    turns = FairTurns()
+    assert _served(turns, [(f"a{i}", "a", 1) for i in range(5)]) == [f"a{i}" for i in range(5)]
+    # b was idle while a had five turns: its tag starts from the clock, not from 0, so it does
+    # not take five turns in a row ahead of a's next
+    later = [("b1", "b", 1), ("b2", "b", 1), ("b3", "b", 1), ("a5", "a", 1)]
+    assert _served(turns, later) == ["b1", "a5", "b2", "b3"]
+
+
+def test_clients_past_the_clock_are_forgotten() -> None:
+    turns = FairTurns()
+    for client in range(1000):  # one after another, each served at once
+        turns.turn(turns.tag(f"client{client}"))
+    assert len(turns._ends) == 0
+    waiting = [turns.tag(f"waiting{client}") for client in range(50)]
+    assert len(turns._ends) == 50  # the clients with waiters are remembered
+    for tag in waiting:
+        turns.turn(tag)
+    assert len(turns._ends) == 0
