@@ -343,7 +343,7 @@ class Batcher:
     def _started(self, pending: _Pending) -> None:
         """``pending`` left the queue for a pass: its turn in its class is taken."""
         pending.taken()
-        self._turns[pending.priority].turn(pending.tag, pending.images)
+        self._turns[pending.priority].turn(pending.tag)
 
     def _eligible(self) -> list[_Pending]:
         """Live requests that may start now, in turn order (``_Pending.order``): while a

@@ -53,7 +53,7 @@ class MemoryBudget:
         tag = self._turns.tag(current_caller() if client is None else client, amount)
         if not self._waiters and self.held + amount <= self.capacity:
             self.held += amount
-            self._turns.turn(tag, amount)
+            self._turns.turn(tag)
         else:
             granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             waiter = _Waiter(tag, next(self._arrivals), amount, granted)
@@ -81,5 +81,5 @@ class MemoryBudget:
         while self._waiters and self.held + self._waiters[0].amount <= self.capacity:
             waiter = self._waiters.pop(0)
             self.held += waiter.amount
-            self._turns.turn(waiter.tag, waiter.amount)
+            self._turns.turn(waiter.tag)
             waiter.granted.set_result(None)

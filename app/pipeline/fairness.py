@@ -1,12 +1,13 @@
-"""Turns shared fairly among clients: start-time fair queueing.
+"""Turns shared fairly among clients: fair queueing by virtual finish tags.
 
-Each waiter has a *cost* (an image of a pass; a byte of a memory budget) and is *tagged* when it
-starts to wait with the later of two times: where its client's previous waiter ends (that one's
-tag plus its cost) and where the last waiter that got its turn ends (the *clock*). Waiters go in
-tag order, the oldest first among equal tags. So turns go round robin among the clients
-that wait, weighed by what each asks for: a client with thirty requests waiting delays another
-client's next one by at most one of its own, a small request is not made to wait as long as a
-large one, and a client that was idle gets no credit for it (its next tag is the clock).
+Each waiter has a *cost* (an image of a pass; a byte of a memory budget). When it starts to wait
+it *starts*, in virtual time, at the later of where its client's previous waiter ends and where
+the last waiter served ends (the *clock*), and its *tag* is where it ends: that start plus its
+cost. Waiters go in tag order, the oldest first among equal tags. So turns go round robin among
+the clients that wait, weighed by what each asks for: a client with thirty requests waiting delays
+another client's next one by at most one of its own, a small request goes before a large one
+that started with it (the large one's turn still comes: the clock passes its tag), and a client
+that was idle gets no credit for it (its next waiter starts at the clock).
 
 Used by a model's batcher for its queue (``app.pipeline.batching``) and by the memory budgets
 that decoding and drawing wait for (``app.pipeline.budget``). A request's client is
@@ -30,19 +31,19 @@ class FairTurns:
     def __init__(self) -> None:
         self._clock = 0
         self._ends: dict[str, int] = {}
-        """Where each client's last waiter ends (its tag plus its cost), while past the clock:
-        so it holds only clients with waiters, or served just now, however many clients come."""
+        """Where each client's last waiter ends, while past the clock: so it holds only clients
+        with waiters, or served just now, however many clients come."""
 
     def tag(self, client: str, cost: int = 1) -> int:
-        """A new waiter's tag: the later of the clock and the end of its client's last one."""
-        tag = max(self._clock, self._ends.get(client, 0))
-        self._ends[client] = tag + max(1, cost)
+        """A new waiter's tag: where it ends, starting at the later of the clock and the end of
+        its client's last one."""
+        tag = max(self._clock, self._ends.get(client, 0)) + max(1, cost)
+        self._ends[client] = tag
         return tag
 
-    def turn(self, tag: int, cost: int = 1) -> None:
-        """The waiter tagged ``tag`` (of ``cost``) got its turn: the clock moves on to where it
-        ends, and the clients whose last waiter ends before that are forgotten."""
-        end = tag + max(1, cost)
-        if end > self._clock:
-            self._clock = end
-            self._ends = {client: last for client, last in self._ends.items() if last > end}
+    def turn(self, tag: int) -> None:
+        """The waiter tagged ``tag`` got its turn: the clock moves on to where it ends, and the
+        clients whose last waiter ends before that are forgotten."""
+        if tag > self._clock:
+            self._clock = tag
+            self._ends = {client: end for client, end in self._ends.items() if end > tag}

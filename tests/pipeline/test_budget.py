@@ -86,16 +86,15 @@ def test_turns_go_round_robin_among_clients() -> None:
         ]:
             waiting.append(asyncio.create_task(user(name, client, amount)))
             await asyncio.sleep(0)
-        # b1 would fit beside a0 but does not overtake a1, whose turn comes first
-        assert budget.waiting == 5 and order == ["a0"]
+        assert budget.waiting == 4 and order == ["a0", "b1"]
         release.set()  # everything holds only until the release: turns decide the order
         await asyncio.wait_for(asyncio.gather(first, *waiting), 5)
         assert budget.held == 0 and budget.waiting == 0
         return order
 
-    # Each client's first waiter (the oldest first among equal tags), then each one's next:
-    # before, b1 and c1 waited behind every one of a's.
-    assert asyncio.run(main()) == ["a0", "a1", "b1", "c1", "a2", "a3"]
+    # Weighed by bytes: b1 (2) ends before a1 (6), and fits beside a0 at once; c1 then goes
+    # with a's next. Before, b1 and c1 waited behind every one of a's.
+    assert asyncio.run(main()) == ["a0", "b1", "a1", "c1", "a2", "a3"]
 
 
 def test_the_client_defaults_to_the_current_requests() -> None:
