@@ -15,6 +15,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ from app.observability.metrics import Metrics
 from app.pipeline import checks, faithfulness
 from app.pipeline.admission import SlotLimiter, run_to_the_end
 from app.pipeline.batching import Batcher
-from app.pipeline.budget import MemoryBudget
+from app.pipeline.budget import Budget, FairThreads
 from app.pipeline.cache import ExplanationCache, Lookup, model_build
 from app.pipeline.classes import check_choice, class_count
 from app.pipeline.concepts import (
@@ -87,6 +88,10 @@ from app.settings import Settings
 FUSED = "fused"
 T = TypeVar("T")
 
+_decoding: ContextVar[int] = ContextVar("camserve_decoding_bytes", default=1)
+"""The bytes the current request's images decode to (from their headers): the weight of its
+decoding's turn on the image threads."""
+
 
 @dataclass(frozen=True)
 class ExplainParams:
@@ -138,14 +143,14 @@ class Explainer:
         image_threads: Executor | None = None,
         on_pass: Callable[[str, int, int, float], None] | None = None,
         max_request_pixels: int | None = None,
-        decode_budget: MemoryBudget | None = None,
+        decode_budget: Budget | None = None,
         background_every: int = 3,
         on_wait: Callable[[str, Priority, float], None] | None = None,
         on_yield: Callable[[str], None] | None = None,
         pause_in_forwards: bool = True,
         render_threads: Executor | None = None,
         render_budget: RenderBudget | None = None,
-        render_memory: MemoryBudget | None = None,
+        render_memory: Budget | None = None,
         heavy_render_pixels: int | None = None,
         heavy_render_threads: Executor | None = None,
         render_processes: RenderProcesses | None = None,
@@ -170,6 +175,8 @@ class Explainer:
         self.batch_timeout_s = batch_timeout_s
         self.model_threads = model_threads
         self.image_threads = image_threads
+        self.image_turns = FairThreads(image_threads)
+        """The image threads for decoding work, in fair turns among clients."""
         """Bounded threads for decoding (None: the event loop's default pool)."""
         self.render_threads = render_threads if render_threads is not None else image_threads
         """Bounded threads for drawing, apart from decoding's so that neither stage starves the
@@ -237,7 +244,7 @@ class Explainer:
             image_threads=image_threads,
             on_pass=metrics.observe_pass if metrics else None,
             max_request_pixels=settings.max_request_pixels,
-            decode_budget=MemoryBudget(settings.decode_budget_bytes),
+            decode_budget=Budget(settings.decode_budget_bytes),
             background_every=settings.background_every,
             on_wait=metrics.observe_wait if metrics else None,
             on_yield=metrics.observe_yield if metrics else None,
@@ -246,7 +253,7 @@ class Explainer:
             render_budget=RenderBudget(
                 settings.max_render_pixels, settings.max_render_maps, settings.render_budget_bytes
             ),
-            render_memory=MemoryBudget(settings.render_budget_bytes),
+            render_memory=Budget(settings.render_budget_bytes),
             # A quarter of what one request may draw: four default pictures draw alongside.
             heavy_render_pixels=settings.max_render_pixels // 4,
             heavy_render_threads=heavy_render_threads,
@@ -302,9 +309,11 @@ class Explainer:
         for batcher in list(self._batchers.values()):
             await batcher.close()
 
-    async def _on_image_thread(self, func: Callable[[], T]) -> T:
-        """Run decoding work on the bounded image threads, to the end."""
-        return await run_to_the_end(self.image_threads, func)
+    async def on_image_thread(self, func: Callable[[], T], cost: int | None = None) -> T:
+        """Run decoding work on the bounded image threads, to the end, in its turn among
+        clients (``FairThreads``); ``cost`` weighs the turn (default: the bytes the current
+        request's images decode to, held since ``_room_to_decode``)."""
+        return await self.image_turns.run(func, _decoding.get() if cost is None else cost)
 
     # ------------------------------------------------------------------ phase 1: decode
 
@@ -316,14 +325,14 @@ class Explainer:
             decoded = self.lane(model).decode(uploads, model.spec, self.max_pixels, picture_side)
             return decoded, time.perf_counter() - started
 
-        return await self._on_image_thread(work)
+        return await self.on_image_thread(work)
 
     async def _decode_cost(
         self, model: LoadedModel, uploads: Sequence[Upload], picture_side: int | None
     ) -> DecodeCost:
         """What decoding the uploads takes, from their headers; refused when over a limit."""
-        cost = await self._on_image_thread(
-            lambda: decode_cost(uploads, model.spec, self.max_pixels, picture_side)
+        cost = await self.on_image_thread(
+            lambda: decode_cost(uploads, model.spec, self.max_pixels, picture_side), cost=1
         )
         capacity = None if self.decode_budget is None else self.decode_budget.capacity
         checks.check_decode_cost(cost, self.max_request_pixels, capacity)
@@ -416,11 +425,15 @@ class Explainer:
             self._render_cost(model, plans, style, cost, classes)
         if sized is not None:
             sized(cost.sizes)
-        if self.decode_budget is None:
-            yield
-            return
-        async with self.decode_budget.hold(cost.bytes):
-            yield
+        decoding = _decoding.set(max(1, cost.bytes))
+        try:
+            if self.decode_budget is None:
+                yield
+                return
+            async with self.decode_budget.hold(cost.bytes):
+                yield
+        finally:
+            _decoding.reset(decoding)
 
     # ------------------------------------------------------------------ /predict
 

@@ -4,16 +4,18 @@ serving its waiters in turn, round robin among clients."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from app.observability.context import start_request
-from app.pipeline.budget import MemoryBudget
+from app.pipeline.budget import Budget, FairThreads
 
 
 def test_holders_never_exceed_the_capacity_and_go_in_order() -> None:
     async def main() -> tuple[list[int], list[str]]:
-        budget = MemoryBudget(10)
+        budget = Budget(10)
         peaks: list[int] = []
         order: list[str] = []
 
@@ -34,7 +36,7 @@ def test_holders_never_exceed_the_capacity_and_go_in_order() -> None:
 
 def test_a_cancelled_waiter_gives_its_place_back() -> None:
     async def main() -> None:
-        budget = MemoryBudget(10)
+        budget = Budget(10)
         async with budget.hold(8):
             big = asyncio.create_task(_hold(budget, 9))
             await asyncio.sleep(0)
@@ -49,14 +51,14 @@ def test_a_cancelled_waiter_gives_its_place_back() -> None:
     asyncio.run(main())
 
 
-async def _hold(budget: MemoryBudget, amount: int) -> None:
+async def _hold(budget: Budget, amount: int) -> None:
     async with budget.hold(amount):
         await asyncio.sleep(0)
 
 
 def test_more_than_the_capacity_is_refused() -> None:
     async def main() -> None:
-        async with MemoryBudget(10).hold(11):
+        async with Budget(10).hold(11):
             pass
 
     with pytest.raises(ValueError, match="exceed the budget"):
@@ -65,7 +67,7 @@ def test_more_than_the_capacity_is_refused() -> None:
 
 def test_turns_go_round_robin_among_clients() -> None:
     async def main() -> list[str]:
-        budget = MemoryBudget(10)
+        budget = Budget(10)
         order: list[str] = []
         release = asyncio.Event()
 
@@ -99,7 +101,7 @@ def test_turns_go_round_robin_among_clients() -> None:
 
 def test_the_client_defaults_to_the_current_requests() -> None:
     async def main() -> list[str]:
-        budget = MemoryBudget(10)
+        budget = Budget(10)
         order: list[str] = []
 
         async def user(name: str, client: str) -> None:
@@ -116,3 +118,43 @@ def test_the_client_defaults_to_the_current_requests() -> None:
         return order
 
     assert asyncio.run(main()) == ["a1", "a2", "b1", "a3"]  # before: b1 last
+
+
+def test_fair_threads_run_a_light_task_of_another_client_before_heavy_queued_ones() -> None:
+    async def main() -> list[str]:
+        order: list[str] = []
+        release = threading.Event()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            threads = FairThreads(pool)
+
+            def work(name: str) -> None:
+                if name == "a0":
+                    release.wait(5)
+                order.append(name)
+
+            async def task(name: str, client: str, cost: int) -> None:
+                start_request(None).caller = client
+                await threads.run(lambda: work(name), cost)
+
+            tasks = []
+            for name, client, cost in [
+                ("a0", "a", 100),
+                ("a1", "a", 100),
+                ("a2", "a", 100),
+                ("b1", "b", 1),
+            ]:
+                tasks.append(asyncio.create_task(task(name, client, cost)))
+                await asyncio.sleep(0.01)
+            release.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return order
+
+    # first come first served in the pool's own queue would be a0, a1, a2, b1
+    assert asyncio.run(main()) == ["a0", "b1", "a1", "a2"]
+
+
+def test_fair_threads_of_a_pool_of_unknown_size_run_at_once() -> None:
+    async def main() -> int:
+        return await FairThreads(None).run(lambda: 7)
+
+    assert asyncio.run(main()) == 7

@@ -13,7 +13,7 @@ import torch
 from app.errors import InvalidParameter, OverBudget, UnsupportedMethod
 from app.models.registry import ModelRegistry
 from app.pipeline.admission import SlotLimiter
-from app.pipeline.budget import MemoryBudget
+from app.pipeline.budget import Budget
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.rendering import RenderBudget, RenderStyle, render_cost
@@ -134,7 +134,7 @@ def test_predict_ranks_the_classes_of_each_image(explainer: Explainer) -> None:
 class _RenderThreads(ThreadPoolExecutor):
     """Render threads that note, for every step, whether its request was still admitted."""
 
-    def __init__(self, limiter: SlotLimiter, memory: MemoryBudget) -> None:
+    def __init__(self, limiter: SlotLimiter, memory: Budget) -> None:
         super().__init__(max_workers=1)
         self.limiter = limiter
         self.memory = memory
@@ -149,7 +149,7 @@ class _RenderThreads(ThreadPoolExecutor):
 
 def test_a_request_stays_admitted_until_its_drawing_ends(registry: ModelRegistry) -> None:
     limiter = SlotLimiter(max_running=1, max_waiting=4)
-    memory = MemoryBudget(10**9)
+    memory = Budget(10**9)
     with ThreadPoolExecutor(1) as images, _RenderThreads(limiter, memory) as drawing:
         explainer = Explainer(
             registry,

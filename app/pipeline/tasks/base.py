@@ -124,6 +124,7 @@ class Explainer(Protocol):
     @property
     def render_budget(self) -> RenderBudget | None: ...
     def batcher(self, model: LoadedModel) -> Batcher: ...
+    async def on_image_thread(self, func: Callable[[], T], cost: int | None = None) -> T: ...
 
 
 def _ms(seconds: float) -> float:
@@ -439,7 +440,7 @@ class TaskPipeline:
             decoded = [decode_whole(u, model.spec, explainer.max_pixels) for u in uploads]
             return decoded, time.perf_counter() - started
 
-        return await run_to_the_end(explainer.image_threads, work)
+        return await explainer.on_image_thread(work)
 
     def check_predict_outputs(self, outputs: Sequence[str]) -> None:
         """``output`` of /predict: only ``mask``, and only for a segmenter."""
