@@ -28,22 +28,32 @@ def current_caller() -> str:
 class FairTurns:
     """The tags of one queue (not thread-safe: used from the event loop)."""
 
+    _SMALLEST_PRUNE = 64
+
     def __init__(self) -> None:
         self._clock = 0
         self._ends: dict[str, int] = {}
-        """Where each client's last waiter ends, while past the clock: so it holds only clients
-        with waiters, or served just now, however many clients come."""
+        """Where each client's last waiter ends. An end the clock has passed counts as none, and
+        such entries are dropped whenever the table has doubled since the last drop: so it
+        holds about the clients with waiters, or served just now, however many clients come,
+        at a constant cost a turn."""
+        self._prune_at = self._SMALLEST_PRUNE
 
     def tag(self, client: str, cost: int = 1) -> int:
         """A new waiter's tag: where it ends, starting at the later of the clock and the end of
         its client's last one."""
         tag = max(self._clock, self._ends.get(client, 0)) + max(1, cost)
         self._ends[client] = tag
+        if len(self._ends) >= self._prune_at:
+            self._ends = {client: end for client, end in self._ends.items() if end > self._clock}
+            self._prune_at = max(self._SMALLEST_PRUNE, 2 * len(self._ends))
         return tag
 
     def turn(self, tag: int) -> None:
-        """The waiter tagged ``tag`` got its turn: the clock moves on to where it ends, and the
-        clients whose last waiter ends before that are forgotten."""
-        if tag > self._clock:
-            self._clock = tag
-            self._ends = {client: end for client, end in self._ends.items() if end > tag}
+        """The waiter tagged ``tag`` got its turn: the clock moves on to where it ends."""
+        self._clock = max(self._clock, tag)
+
+    @property
+    def remembered(self) -> int:
+        """Clients in the table (for tests: it stays bounded)."""
+        return len(self._ends)
