@@ -38,4 +38,9 @@ class HeadMiddleware:
                 return {"type": "http.disconnect"}
             return await receive()
 
-        await self.app({**scope, "method": "GET"}, gone_once_answered, headers_only)
+        inner = {**scope, "method": "GET"}
+        try:
+            await self.app(inner, gone_once_answered, headers_only)
+        finally:
+            if "route" in inner:  # the route the router matched, for the access log and metrics
+                scope["route"] = inner["route"]

@@ -35,3 +35,16 @@ def test_head_where_get_is_not_answered_is_what_get_gets(client: TestClient) -> 
     refused = client.head("/explain")
     assert refused.status_code == 405 and refused.content == b""
     assert "POST" in refused.headers["allow"]
+
+
+def _health_heads(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("camserve_requests_total{") and 'route="/health"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_head_is_counted_under_its_route(client: TestClient) -> None:
+    before = _health_heads(client)
+    client.head("/health")
+    assert _health_heads(client) == before + 1  # not under "unmatched"
