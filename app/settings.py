@@ -236,7 +236,7 @@ class Settings(BaseSettings):
         gt=0,
         le=3600,
         description="Time a client has to send a request's whole body, from its headers on. "
-        "Then 408.",
+        "Then 408. A gRPC call's message too (DEADLINE_EXCEEDED).",
     )
     keep_alive_s: float = Field(
         5.0,

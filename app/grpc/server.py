@@ -74,8 +74,10 @@ class GrpcServer:
         )
         types = messages.methods()
         handlers = {
-            # No request_deserializer: each handler parses its request's bytes itself.
-            name: grpc.unary_unary_rpc_method_handler(
+            # Stream-unary (the same on the wire as unary): grpc calls the handler before the
+            # message arrives, and the handler reads it after its checks, within a deadline
+            # (Service._reading). No request_deserializer: each handler parses its bytes itself.
+            name: grpc.stream_unary_rpc_method_handler(
                 handler,
                 # None for the RPCs it refuses (UNSERVED): they answer no message.
                 response_serializer=types[name][1].SerializeToString if name in types else None,

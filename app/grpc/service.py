@@ -11,8 +11,9 @@ X-Admin-Key header). Every refusal is a camserve error turned into its gRPC code
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -20,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from app.errors import (
     BadRequest,
+    BodyTimeout,
     CamserveError,
     HttpMethodNotAllowed,
     NotReady,
@@ -47,6 +49,8 @@ API_KEY_METADATA = "x-api-key"
 ADMIN_KEY_METADATA = "x-admin-key"
 """HTTP's X-Admin-Key header, as gRPC metadata names it (lowercase)."""
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Gate = Callable[[grpc.aio.ServicerContext], object]
+"""A check of a call's metadata, made before its message is read (it raises to refuse)."""
 
 
 class ServiceState(Protocol):
@@ -229,6 +233,16 @@ class Service:
             "RepositoryModelLoad": self.repository_model_load,
             "RepositoryModelUnload": self.repository_model_unload,
         }
+        # What each RPC checks on its metadata, before its message is read (HTTP's gate checks
+        # the headers before the body): an anonymous 160 MB message is refused unread.
+        gates: dict[str, Gate] = {
+            "ModelReady": self.check_key,
+            "ModelMetadata": self.check_key,
+            "ModelInfer": self._new_work(self.check_key),
+            "RepositoryIndex": self.check_admin_key,
+            "RepositoryModelLoad": self._new_work(self.check_admin_key),
+            "RepositoryModelUnload": self._new_work(self.check_admin_key),
+        }
         types = messages.methods()
         missing = set(types) ^ set(methods)
         if missing:  # the proto and the service must list the same RPCs
@@ -237,19 +251,51 @@ class Service:
             name: _answering(
                 accessed(
                     f"/{messages.SERVICE}/{name}",
-                    self._capped(_parsing(method, types[name][0])),
+                    self._capped(self._reading(gates.get(name), _parsing(method, types[name][0]))),
                     self._metrics,
                 )
             )
             for name, method in methods.items()
         }
         refused = {
+            # Refused once the first message came, as before (tritonclient's stream reports
+            # the refusal through its callback then, not as a broken stream); counted, and read
+            # within the deadline, as the served calls are.
             name: _answering(
-                accessed(f"/{messages.SERVICE}/{name}", _unserved(name, fix), self._metrics)
+                accessed(
+                    f"/{messages.SERVICE}/{name}",
+                    self._capped(self._reading(None, _unserved(name, fix))),
+                    self._metrics,
+                )
             )
             for name, fix in UNSERVED.items()
         }
         return {**served, **refused}
+
+    def _new_work(self, check: Gate) -> Gate:
+        """``check``, then the drain's refusal of new work."""
+
+        def gate(context: grpc.aio.ServicerContext) -> None:
+            check(context)
+            self.check_not_draining()
+
+        return gate
+
+    def _reading(self, gate: Gate | None, method: Handler) -> Handler:
+        """``method`` called with the call's message, read once ``gate`` passed it, within
+        CAMSERVE_BODY_TIMEOUT_S. ``request`` is the call's stream of messages (the server's
+        handlers are stream-unary, so that nothing is read before the checks), or the message
+        itself."""
+
+        async def reading(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if gate is not None:
+                gate(context)
+            if not isinstance(request, bytes):
+                request = await read_one(request, self.settings.body_timeout_s)
+            return await method(request, context)
+
+        reading.__name__ = method.__name__
+        return reading
 
     def _capped(self, method: Handler) -> Handler:
         """``method`` refused (Overloaded) while CAMSERVE_MAX_CONNECTIONS calls are in flight,
@@ -294,6 +340,25 @@ UNSERVED: dict[str, str] = {
 }
 """Triton's RPCs that camserve does not serve, and what to do instead: each is refused
 (UNIMPLEMENTED) with that, where grpc's own answer said only 'Method not found!'."""
+
+
+async def read_one(
+    requests: AsyncIterator[bytes], timeout_s: float, setting: str = "CAMSERVE_BODY_TIMEOUT_S"
+) -> bytes:
+    """The one message of a unary call, from its stream of messages, within ``timeout_s``.
+
+    grpc reads a unary handler's message before it calls the handler, with no time limit: a
+    call that sent its headers and never its message held one of grpc's places for ever, and
+    a thousand of them (one connection) locked out every call, health checks included."""
+    try:
+        return await asyncio.wait_for(anext(requests), timeout_s)
+    except StopAsyncIteration:
+        raise BadRequest("The call ended without its request message; send one.") from None
+    except TimeoutError:
+        raise BodyTimeout(
+            f"The call's request message did not arrive within {timeout_s:g} s ({setting}); "
+            "send it with the call."
+        ) from None
 
 
 def _unserved(name: str, fix: str) -> Handler:

@@ -3,16 +3,25 @@ the service far more than its bytes, a call that holds a place it does not use."
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import time
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from app.errors import BadRequest, InvalidParameter
 from app.grpc import messages
 from app.grpc.infer import read_message
+from app.grpc.service import Service
+from app.lifecycle import Lifecycle
 from app.settings import Settings
+from tests.grpc.conftest import KEYED, Served
+from tests.grpc.test_service import _Aborted, _Context
 
 BOOL = messages.InferParameter(bool_param=True)
 
@@ -83,3 +92,79 @@ def test_lists_and_maps_past_the_request_models_bounds_are_refused_before_they_a
     with pytest.raises(BadRequest, match=words):
         infer.to_request(request)
     assert read == [], field
+
+
+# ------------------------------------------------------------------ calls without their message
+
+
+async def _never() -> AsyncIterator[bytes]:
+    await asyncio.Event().wait()
+    yield b""
+
+
+def test_calls_that_never_send_their_message_do_not_lock_out_the_health_checks(
+    served: Served,
+) -> None:
+    # grpc read a unary call's message before the service saw the call, with no time limit: a
+    # thousand calls that sent their headers and never their message, on one connection, held
+    # every one of grpc's places for ever, and every call got RESOURCE_EXHAUSTED 'Concurrent RPC
+    # limit exceeded!', the health checks included. Now the service counts a call before its
+    # message, refuses the calls past CAMSERVE_MAX_CONNECTIONS by name, and the probes pass.
+    async def scenario() -> tuple[Any, grpc.aio.AioRpcError, Any]:
+        async with grpc.aio.insecure_channel(served.target) as channel:
+            infer = channel.stream_unary(f"/{messages.SERVICE}/ModelInfer")
+            idle = [infer(_never(), metadata=tuple(KEYED.items())) for _ in range(1005)]
+            await asyncio.sleep(1)
+            async with grpc.aio.insecure_channel(served.target) as probe:
+                health = await health_pb2_grpc.HealthStub(probe).Check(
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
+                live = probe.unary_unary(f"/{messages.SERVICE}/ServerLive")
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await live(b"", timeout=10)
+                for call in idle:
+                    call.cancel()
+                await asyncio.sleep(0.5)
+                after = await live(b"", timeout=10)
+        return health, refused.value, after
+
+    health, refused, after = asyncio.run(scenario())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE
+    assert "CAMSERVE_MAX_CONNECTIONS" in (refused.details() or "")
+    assert after == messages.ServerLiveResponse(live=True).SerializeToString()
+
+
+def test_a_call_without_its_key_is_refused_before_its_message(served: Served) -> None:
+    # Like HTTP's gate, which refuses on the headers: grpc read (and the service parsed) an
+    # anonymous message of up to the whole message limit before the key was checked.
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(served.target) as channel:
+            call = channel.stream_unary(f"/{messages.SERVICE}/ModelInfer")(_never(), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            return refused.value
+
+    started = time.monotonic()
+    refused = asyncio.run(scenario())
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, refused.details()
+    assert time.monotonic() - started < 5
+
+
+def test_a_message_that_does_not_come_is_a_deadline_naming_the_setting() -> None:
+    state = SimpleNamespace(settings=Settings(body_timeout_s=0.05), lifecycle=Lifecycle(1))
+    live = Service(state).handlers()["ServerLive"]  # type: ignore[arg-type]
+    context = _Context()
+    with pytest.raises(_Aborted):
+        asyncio.run(live(_never(), context))
+    assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "CAMSERVE_BODY_TIMEOUT_S" in context.details
+
+
+def test_the_message_is_read_from_the_calls_stream() -> None:
+    async def one() -> AsyncIterator[bytes]:
+        yield messages.message("ServerLiveRequest")().SerializeToString()
+
+    state = SimpleNamespace(settings=Settings(), lifecycle=Lifecycle(1))
+    live = Service(state).handlers()["ServerLive"]  # type: ignore[arg-type]
+    assert asyncio.run(live(one(), _Context())).live
