@@ -229,7 +229,7 @@ class Settings(BaseSettings):
         gt=0,
         le=600,
         description="Time a connection has to send a request's headers. Then 408 and the "
-        "connection is closed.",
+        "connection is closed. A gRPC health check's request too (DEADLINE_EXCEEDED).",
     )
     body_timeout_s: float = Field(
         60.0,
@@ -368,7 +368,7 @@ class Settings(BaseSettings):
         le=1000,
         description="Requests to `/health`, `/ready` and `/metrics` (and gRPC health checks) "
         "answered beyond `CAMSERVE_MAX_CONNECTIONS`, so that probes pass while the service is "
-        "full.",
+        "full. Also the most gRPC health Watch streams open at once.",
     )
     max_jobs_per_client: int = Field(
         16,

@@ -168,3 +168,90 @@ def test_the_message_is_read_from_the_calls_stream() -> None:
     state = SimpleNamespace(settings=Settings(), lifecycle=Lifecycle(1))
     live = Service(state).handlers()["ServerLive"]  # type: ignore[arg-type]
     assert asyncio.run(live(one(), _Context())).live
+
+
+# ---------------------------------------------------------------------------- health
+
+
+class _Watching(_Context):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[int] = []
+        self.wrote = asyncio.Event()
+
+    async def write(self, answer: Any) -> None:
+        self.written.append(answer.status)
+        self.wrote.set()
+
+
+async def _asking(service: str) -> AsyncIterator[bytes]:
+    yield health_pb2.HealthCheckRequest(service=service).SerializeToString()
+
+
+def _health(most_watching: int = 8) -> tuple[Any, SimpleNamespace]:
+    from app.grpc.server import _Health
+
+    service = SimpleNamespace(ready=lambda: service.is_ready, is_ready=True)
+    health = _Health(service, timeout_s=0.05, most_watching=most_watching)  # type: ignore[arg-type]
+    health.refresh()
+    return health, service
+
+
+def test_a_watcher_hears_the_change_after_another_watcher_of_its_service_left() -> None:
+    # grpc_health's Watch deleted the service's shared wait when one of its watchers left: the
+    # others never heard of a change again (NOT_SERVING at the drain included).
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def scenario() -> list[int]:
+        health, service = _health()
+        first, second = _Watching(), _Watching()
+        leaving = asyncio.create_task(health.watch(_asking(""), first))
+        staying = asyncio.create_task(health.watch(_asking(""), second))
+        await asyncio.wait_for(asyncio.gather(first.wrote.wait(), second.wrote.wait()), 5)
+        leaving.cancel()
+        await asyncio.gather(leaving, return_exceptions=True)
+        second.wrote.clear()
+        service.is_ready = False
+        health.refresh()
+        await asyncio.wait_for(second.wrote.wait(), 5)
+        staying.cancel()
+        await asyncio.gather(staying, return_exceptions=True)
+        assert health.watching == 0
+        return second.written
+
+    assert asyncio.run(scenario()) == [serving, not_serving]
+
+
+def test_watch_streams_past_the_probe_places_are_refused() -> None:
+    async def scenario() -> _Watching:
+        health, _ = _health(most_watching=1)
+        held = asyncio.create_task(health.watch(_asking(""), _Watching()))
+        await asyncio.sleep(0.01)
+        refused = _Watching()
+        with pytest.raises(_Aborted):
+            await health.watch(_asking(""), refused)
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        return refused
+
+    refused = asyncio.run(scenario())
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "CAMSERVE_PROBE_CONNECTIONS" in refused.details
+
+
+def test_a_health_check_whose_request_does_not_come_is_cut() -> None:
+    health, _ = _health()
+    context = _Context()
+    with pytest.raises(_Aborted):
+        asyncio.run(health.check(_never(), context))
+    assert context.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "CAMSERVE_HEADER_TIMEOUT_S" in context.details
+
+
+def test_a_health_check_of_an_unknown_service_is_not_found() -> None:
+    health, _ = _health()
+    context = _Context()
+    with pytest.raises(_Aborted):
+        asyncio.run(health.check(_asking("other"), context))
+    assert context.code == grpc.StatusCode.NOT_FOUND
