@@ -34,6 +34,7 @@ from app.grpc import messages
 from app.grpc.access import accessed
 from app.grpc.infer import infer, parse_version
 from app.grpc.status import status_of, trailing_metadata
+from app.grpc.wire import check_fields
 from app.lifecycle import Lifecycle
 from app.models.control import ModelControl
 from app.models.registry import ModelRegistry
@@ -398,6 +399,7 @@ def _parsing(method: Handler, request_type: Any) -> Handler:
     that are not that message (grpc's own parse answered UNKNOWN and logged a traceback)."""
 
     async def parsed(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        check_fields(data, request_type.DESCRIPTOR)
         try:
             request = request_type.FromString(data)
         except DecodeError:
