@@ -396,7 +396,8 @@ class Settings(BaseSettings):
         ge=1024**2,
         le=1024**4,
         description="Request bodies all requests together may be sending or holding at once "
-        "(503 with `Retry-After` beyond it).",
+        "(503 with `Retry-After` beyond it). The gRPC messages that calls hold have a budget of "
+        "this size of their own (UNAVAILABLE with `retry-after`).",
     )
     job_upload_budget_bytes: int = Field(
         256 * 1024**2,
