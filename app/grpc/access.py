@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 
@@ -41,10 +42,15 @@ def http_status(error: BaseException | None) -> int:
 
 def peer_host(peer: str | None) -> str | None:
     """The address in a gRPC peer string (``ipv4:10.0.0.5:51234``, ``ipv6:[::1]:51234``,
-    ``unix:/path``): what HTTP's peer address is for per-client rules."""
+    ``unix:/path``): what HTTP's peer address is for per-client rules.
+
+    grpc writes the peer as a URI, its brackets percent-encoded (``ipv6:%5B::1%5D:51234``):
+    read as it came, an IPv6 address kept its port, and each connection of one client was a
+    client of its own for fair admission."""
     if not peer:
         return None
     kind, _, rest = peer.partition(":")
+    rest = unquote(rest)
     if kind == "ipv4":
         return rest.rpartition(":")[0] or rest
     if kind == "ipv6":

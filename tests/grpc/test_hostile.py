@@ -358,3 +358,25 @@ def test_the_messages_that_calls_hold_have_a_budget_as_http_bodies_do(
     assert "CAMSERVE_BODY_BUDGET_BYTES" in refused.details
     assert refused.trailing == (("retry-after", "1"),)
     assert after.model_name == "tiny"
+
+
+# ---------------------------------------------------------------------------- who a call is
+
+
+@pytest.mark.parametrize(
+    ("peer", "host"),
+    [
+        ("ipv6:%5B::1%5D:50960", "::1"),
+        ("ipv6:%5B2001:db8::7%5D:443", "2001:db8::7"),
+        ("ipv6:%5Bfe80::1%25eth0%5D:443", "fe80::1%eth0"),
+    ],
+)
+def test_an_ipv6_peer_as_grpc_writes_it_is_its_address_without_the_port(
+    peer: str, host: str
+) -> None:
+    # grpc 1.85 names an IPv6 peer 'ipv6:%5B::1%5D:50960' (a URI): the port stayed in the
+    # client's name, so each connection of one client was a client of its own, and a flood
+    # over many connections was as many light clients for fair admission.
+    from app.grpc.access import peer_host
+
+    assert peer_host(peer) == host
