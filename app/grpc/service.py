@@ -297,7 +297,7 @@ class Service:
             if isinstance(request, bytes):
                 data = request
             else:
-                data = await read_one(request, self.settings.body_timeout_s)
+                data = await read_one(request, self.settings.body_timeout_s, cut=self.lifecycle.cut)
             with self._messages.holding(len(data)):
                 if request_type is None:
                     return await method(data, context)
@@ -354,22 +354,42 @@ UNSERVED: dict[str, str] = {
 
 
 async def read_one(
-    requests: AsyncIterator[bytes], timeout_s: float, setting: str = "CAMSERVE_BODY_TIMEOUT_S"
+    requests: AsyncIterator[bytes],
+    timeout_s: float,
+    setting: str = "CAMSERVE_BODY_TIMEOUT_S",
+    cut: asyncio.Event | None = None,
 ) -> bytes:
-    """The one message of a unary call, from its stream of messages, within ``timeout_s``.
+    """The one message of a unary call, from its stream of messages, within ``timeout_s`` and
+    before the drain's ``cut`` (then ShuttingDown, as HTTP answers a body still arriving).
 
     grpc reads a unary handler's message before it calls the handler, with no time limit: a
     call that sent its headers and never its message held one of grpc's places for ever, and
     a thousand of them (one connection) locked out every call, health checks included."""
+    message = asyncio.ensure_future(anext(requests))
+    waits: set[asyncio.Future[Any]] = {message}
+    if cut is not None:
+        waits.add(asyncio.ensure_future(cut.wait()))
     try:
-        return await asyncio.wait_for(anext(requests), timeout_s)
-    except StopAsyncIteration:
-        raise BadRequest("The call ended without its request message; send one.") from None
-    except TimeoutError:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if message.done():
+            return message.result()
+        if cut is not None and cut.is_set():
+            # A call still sending its message at the cut was cancelled by grpc's own stop:
+            # 'Cancelling all calls', logged as a 400 with two tracebacks.
+            raise ShuttingDown(
+                "The service is shutting down and this call's request message had not arrived "
+                "when its grace period ended; retry it on another replica."
+            )
         raise BodyTimeout(
             f"The call's request message did not arrive within {timeout_s:g} s ({setting}); "
             "send it with the call."
-        ) from None
+        )
+    except StopAsyncIteration:
+        raise BadRequest("The call ended without its request message; send one.") from None
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 def _unserved(name: str, fix: str) -> Handler:

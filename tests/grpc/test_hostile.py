@@ -161,6 +161,25 @@ def test_a_message_that_does_not_come_is_a_deadline_naming_the_setting() -> None
     assert "CAMSERVE_BODY_TIMEOUT_S" in context.details
 
 
+def test_a_message_still_awaited_at_the_drains_cut_is_answered_shutting_down() -> None:
+    # grpc's own stop cancelled it ('Cancelling all calls'), logged as a 400 with tracebacks.
+    lifecycle = Lifecycle(grace_s=0)
+    state = SimpleNamespace(settings=Settings(body_timeout_s=5), lifecycle=lifecycle)
+    live = Service(state).handlers()["ServerLive"]  # type: ignore[arg-type]
+    context = _Context()
+
+    async def cut_while_waiting() -> None:
+        asyncio.get_running_loop().call_later(0.05, lifecycle.cut.set)
+        await live(_never(), context)
+
+    started = time.monotonic()
+    with pytest.raises(_Aborted):
+        asyncio.run(cut_while_waiting())
+    assert time.monotonic() - started < 3
+    assert context.code == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in context.details
+
+
 def test_the_message_is_read_from_the_calls_stream() -> None:
     async def one() -> AsyncIterator[bytes]:
         yield messages.message("ServerLiveRequest")().SerializeToString()
