@@ -10,6 +10,7 @@ calls beside HTTP ones.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from app.observability.metrics import Metrics
 logger = logging.getLogger("app.grpc.access")
 
 REQUEST_ID_METADATA = REQUEST_ID_HEADER.lower()
+FORWARDED_METADATA = "x-forwarded-for"
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -58,15 +60,61 @@ def peer_host(peer: str | None) -> str | None:
     return peer
 
 
-def accessed(route: str, method: Handler, metrics: Callable[[], Metrics | None]) -> Handler:
+class Proxies:
+    """The proxies whose ``x-forwarded-for`` names a call's client: CAMSERVE_FORWARDED_ALLOW_IPS,
+    as uvicorn reads it for HTTP (addresses, networks, or ``*``)."""
+
+    def __init__(self, allowed: str) -> None:
+        parts = [part.strip() for part in allowed.split(",") if part.strip()]
+        self.any = "*" in parts
+        self.networks = [ipaddress.ip_network(part, strict=False) for part in parts if part != "*"]
+
+    def trusts(self, host: str | None) -> bool:
+        if host is None:
+            return False
+        if self.any:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def client(self, peer: str | None, forwarded: str | None) -> str | None:
+        """The call's client address: the peer's, or where a trusted proxy sent the call, the
+        nearest address of ``forwarded`` that is not a trusted proxy (uvicorn's rule)."""
+        host = peer_host(peer)
+        if not forwarded or not self.trusts(host):
+            return host
+        hops = [hop.strip().strip("[]") for hop in forwarded.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self.trusts(hop):
+                return hop
+        return hops[0] if hops else host
+
+
+NO_PROXIES = Proxies("")
+
+
+def accessed(
+    route: str,
+    method: Handler,
+    metrics: Callable[[], Metrics | None],
+    proxies: Proxies = NO_PROXIES,
+) -> Handler:
     """``method`` with its call logged and counted; ``metrics`` is read at each call (the app's
-    state holds them once the lifespan ran)."""
+    state holds them once the lifespan ran). A call's client is its peer's address, or the one
+    that a trusted proxy (``proxies``) names in ``x-forwarded-for``: behind the gateway, every
+    gRPC call was the gateway's, one client for fair admission."""
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
-        given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA)
+        metadata = dict(context.invocation_metadata() or ())
+        given = metadata.get(REQUEST_ID_METADATA)
         info = start_request(given if isinstance(given, str) else None)
-        info.caller = identity(peer_host(context.peer()))  # check_key names a key's client
+        forwarded = metadata.get(FORWARDED_METADATA)
+        client = proxies.client(context.peer(), forwarded if isinstance(forwarded, str) else None)
+        info.caller = identity(client)  # check_key names a key's client
         await context.send_initial_metadata(((REQUEST_ID_METADATA, info.request_id),))
         outcome: BaseException | None = None
         try:

@@ -32,7 +32,7 @@ from app.errors import (
     clip,
 )
 from app.grpc import messages
-from app.grpc.access import accessed
+from app.grpc.access import Proxies, accessed
 from app.grpc.infer import infer, parse_version
 from app.grpc.status import status_of, trailing_metadata
 from app.grpc.wire import check_fields
@@ -71,6 +71,7 @@ class Service:
         self._calls = 0
         """Calls of the service in flight (health checks are not among them)."""
         self._messages = MessageBudget(self.settings.body_budget_bytes)
+        self._proxies = Proxies(self.settings.forwarded_allow_ips)
         # Every key HTTP takes (CAMSERVE_API_KEY, CAMSERVE_API_KEYS, CAMSERVE_API_KEYS_FILE),
         # read once at startup and matched by the same rule as HTTP's.
         self._api_keys = ApiKeys.from_settings(self.settings)
@@ -256,6 +257,7 @@ class Service:
                     f"/{messages.SERVICE}/{name}",
                     self._capped(self._reading(gates.get(name), types[name][0], method)),
                     self._metrics,
+                    self._proxies,
                 )
             )
             for name, method in methods.items()
@@ -269,6 +271,7 @@ class Service:
                     f"/{messages.SERVICE}/{name}",
                     self._capped(self._reading(None, None, _unserved(name, fix))),
                     self._metrics,
+                    self._proxies,
                 )
             )
             for name, fix in UNSERVED.items()

@@ -399,3 +399,48 @@ def test_an_ipv6_peer_as_grpc_writes_it_is_its_address_without_the_port(
     from app.grpc.access import peer_host
 
     assert peer_host(peer) == host
+
+
+@pytest.mark.parametrize(
+    ("allowed", "peer", "forwarded", "client"),
+    [
+        ("10.0.0.0/8", "ipv4:10.0.0.5:4000", "203.0.113.7", "203.0.113.7"),
+        # The rightmost address that is not a trusted proxy: a client cannot pick its identity.
+        ("10.0.0.0/8", "ipv4:10.0.0.5:4000", "1.2.3.4, 203.0.113.7, 10.0.0.9", "203.0.113.7"),
+        ("*", "ipv6:%5B::1%5D:4000", "2001:db8::7", "2001:db8::7"),
+        ("10.0.0.0/8", "ipv4:192.0.2.1:4000", "203.0.113.7", "192.0.2.1"),  # not trusted
+        ("", "ipv4:10.0.0.5:4000", "203.0.113.7", "10.0.0.5"),  # nobody trusted
+        ("10.0.0.0/8", "ipv4:10.0.0.5:4000", None, "10.0.0.5"),
+    ],
+)
+def test_a_trusted_proxy_names_the_calls_client_as_it_does_over_http(
+    allowed: str, peer: str, forwarded: str | None, client: str
+) -> None:
+    # Behind the gateway every gRPC call was the gateway's: one client for fair admission, so
+    # one end client's flood of Score-CAM calls locked every other gRPC client out.
+    from app.grpc.access import Proxies, accessed
+    from app.observability.context import current_request
+
+    seen: list[str] = []
+
+    async def answer(request: Any, context: Any) -> str:
+        info = current_request()
+        assert info is not None
+        seen.append(info.caller)
+        return "answer"
+
+    call = accessed("/svc/Answer", answer, lambda: None, Proxies(allowed))  # type: ignore[arg-type]
+    metadata = () if forwarded is None else (("x-forwarded-for", forwarded),)
+    context = _Context(metadata)
+    context.peer = lambda: peer  # type: ignore[method-assign]
+    asyncio.run(call(None, context))  # type: ignore[arg-type]
+    assert seen == [f"address:{client}"]
+
+
+def test_the_gateway_sends_x_forwarded_for_with_each_grpc_call() -> None:
+    from pathlib import Path
+
+    conf = (Path(__file__).parents[2] / "deploy" / "gateway" / "nginx.conf").read_text()
+    grpc_server = conf[conf.index("listen 8081") :]
+    grpc_server = grpc_server[: grpc_server.index("\n    }\n")]
+    assert "grpc_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in grpc_server
