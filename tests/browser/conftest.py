@@ -57,16 +57,17 @@ def _start(**extra: str) -> tuple[subprocess.Popen[str], str]:
 
 def _wait_ready(process: subprocess.Popen[str], url: str) -> None:
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start:\n{process.communicate()[0]}")
-        time.sleep(0.1)
+    with httpx.Client(timeout=1) as client:  # one client (and TLS context) for every poll
+        while True:
+            try:
+                if client.get(f"{url}/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"server did not start:\n{process.communicate()[0]}")
+            time.sleep(0.1)
 
 
 def _stop(process: subprocess.Popen[str]) -> str:

@@ -541,11 +541,15 @@ def test_serve_runs_the_service_and_stops_cleanly(store: Path) -> None:
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
+        # One client (and TLS context) for every poll, polling no faster than a new client each
+        # time did: each answer is an access-log line in the pipe read only once it stops.
+        with httpx.Client(timeout=1) as poll:
+            while time.monotonic() < deadline:
+                try:
+                    if poll.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
                 time.sleep(0.1)
         models = httpx.get(f"http://127.0.0.1:{port}/models", timeout=5).json()
         assert models["default_model"] == "tiny"

@@ -42,13 +42,14 @@ class Server:
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-        until(lambda: self.ready(), 60, f"server did not start:\n{self.output()}")
+        with httpx.Client(timeout=1) as client:  # one client (and TLS context) for every poll
+            until(lambda: self.ready(client), 60, f"server did not start:\n{self.output()}")
 
-    def ready(self) -> bool:
+    def ready(self, client: httpx.Client) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(self.output())
         try:
-            return httpx.get(f"{self.url}/ready", timeout=1).status_code == 200
+            return client.get(f"{self.url}/ready").status_code == 200
         except httpx.TransportError:
             return False
 
