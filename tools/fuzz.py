@@ -51,16 +51,17 @@ def start(store: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
     environment["PYTHONPATH"] = str(REPO)
     process = subprocess.Popen([sys.executable, "-m", "app"], cwd=REPO, env=environment)
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("the server did not start")
-        time.sleep(0.2)
+    with httpx.Client(timeout=2) as client:  # one client (and TLS context) for every poll
+        while True:
+            try:
+                if client.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                    return process
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.2)
 
 
 def fuzz(url: str, max_time: int, extra: list[str]) -> int:
