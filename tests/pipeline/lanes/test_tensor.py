@@ -3,6 +3,7 @@ CPU lane: the same sizes, boxes, errors, and pixels within 2 levels on average."
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -85,7 +86,10 @@ def test_channels_last_batches(spec) -> None:  # type: ignore[no-untyped-def]
     assert lane.stack(decoded).is_contiguous(memory_format=torch.channels_last)
 
 
+@functools.cache
 def _bad_uploads() -> dict[str, bytes]:
+    """Read, never changed: made once (the 12000 x 9000 PNG takes seconds to encode, and each
+    test of the parametrization used to make all of them again)."""
     data = encoded(photo((640, 480)))
     corrupt = bytearray(data)
     corrupt[len(data) // 2 :] = b"\x00" * (len(data) - len(data) // 2)
