@@ -222,14 +222,16 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Open connections and requests uvicorn allows; more get 503 (logged). The "
         "open-file limit is raised to fit. gRPC calls in flight have the same cap (beyond it: "
-        "UNAVAILABLE, with `retry-after`; health checks have `CAMSERVE_PROBE_CONNECTIONS` more).",
+        "UNAVAILABLE, with `retry-after`; health checks have `CAMSERVE_PROBE_CONNECTIONS` more), "
+        "and gRPC connections another (more are closed at once).",
     )
     header_timeout_s: float = Field(
         10.0,
         gt=0,
         le=600,
         description="Time a connection has to send a request's headers. Then 408 and the "
-        "connection is closed. A gRPC health check's request too (DEADLINE_EXCEEDED).",
+        "connection is closed. A gRPC connection's HTTP/2 handshake and a gRPC health check's "
+        "request too (DEADLINE_EXCEEDED).",
     )
     body_timeout_s: float = Field(
         60.0,
@@ -244,7 +246,8 @@ class Settings(BaseSettings):
         le=600,
         description="How long an idle keep-alive connection stays open. Clients that pool "
         "connections should drop idle ones sooner (httpx's default is also 5 s, which races: see "
-        "the soak benchmark).",
+        "the soak benchmark). A gRPC connection without calls is closed (GOAWAY) after it too; "
+        "its client's channel connects again at its next call.",
     )
     api_key: SecretStr | None = Field(
         None,

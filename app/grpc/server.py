@@ -157,6 +157,15 @@ class GrpcServer:
             maximum_concurrent_rpcs=settings.max_connections + 2 * settings.probe_connections,
             options=[
                 ("grpc.max_receive_message_length", limit),
+                # Connections as HTTP bounds its own: at most CAMSERVE_MAX_CONNECTIONS (more are
+                # closed at once), the HTTP/2 handshake within CAMSERVE_HEADER_TIMEOUT_S (grpc
+                # waits 120 s), closed once CAMSERVE_KEEP_ALIVE_S pass without a call (a
+                # client's channel connects again at its next call). grpc had no bound: 15,000
+                # idle connections held 173 MB and 15,000 file descriptors, and past the
+                # open-file limit HTTP could accept no connection either.
+                ("grpc.max_allowed_incoming_connections", settings.max_connections),
+                ("grpc.server_handshake_timeout_ms", round(settings.header_timeout_s * 1000)),
+                ("grpc.max_connection_idle_ms", round(settings.keep_alive_s * 1000)),
                 # Off, so that a taken port is an error; on for the workers sharing it.
                 ("grpc.so_reuseport", int(reuse_port)),
             ],

@@ -4,6 +4,7 @@ the service far more than its bytes, a call that holds a place it does not use."
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -444,3 +445,55 @@ def test_the_gateway_sends_x_forwarded_for_with_each_grpc_call() -> None:
     grpc_server = conf[conf.index("listen 8081") :]
     grpc_server = grpc_server[: grpc_server.index("\n    }\n")]
     assert "grpc_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in grpc_server
+
+
+# ---------------------------------------------------------------------------- connections
+
+
+def _h2_connection(target: str) -> socket.socket:
+    """A TCP connection that opened HTTP/2 (the preface and empty SETTINGS) and sends no call."""
+    host, port = target.rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=15)
+    connection.sendall(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    )
+    return connection
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_time(served: Served) -> None:
+    # grpc kept a connection without calls open for ever: 15,000 of them held 173 MB and as
+    # many file descriptors, and past the open-file limit HTTP could accept no connection.
+    connection = _h2_connection(served.target)
+    started = time.monotonic()
+    received = b""
+    try:
+        while chunk := connection.recv(65536):  # until the server closes it
+            received += chunk
+    finally:
+        connection.close()
+    assert time.monotonic() - started < 12  # CAMSERVE_KEEP_ALIVE_S is 5
+    assert b"\x07\x00\x00\x00\x00\x00" in received  # a GOAWAY frame on stream 0
+
+
+def test_connections_are_bounded_as_http_bounds_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.grpc import server
+
+    given: dict[str, Any] = {}
+    real = grpc.aio.server
+
+    def recording(**kwargs: Any) -> Any:
+        given.update(kwargs.get("options") or ())
+        return real(**kwargs)
+
+    monkeypatch.setattr(server.grpc.aio, "server", recording)
+    settings = Settings(max_connections=123, header_timeout_s=7, keep_alive_s=3)
+    state = SimpleNamespace(settings=settings, lifecycle=Lifecycle(1))
+
+    async def build() -> None:
+        grpc_server = server.GrpcServer(state, "127.0.0.1", 0)  # type: ignore[arg-type]
+        await grpc_server.server.stop(0)
+
+    asyncio.run(build())
+    assert given["grpc.max_allowed_incoming_connections"] == 123
+    assert given["grpc.server_handshake_timeout_ms"] == 7000
+    assert given["grpc.max_connection_idle_ms"] == 3000
