@@ -342,8 +342,8 @@ def raise_open_file_limit(wanted: int) -> None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < wanted + 64:
         logger.warning(
-            "CAMSERVE_MAX_CONNECTIONS=%d is close to the open-file limit %d; lower it or raise "
-            "the limit (ulimit -n)",
+            "%d connections (CAMSERVE_MAX_CONNECTIONS, for HTTP and again for gRPC) come close "
+            "to the open-file limit %d; lower it or raise the limit (ulimit -n)",
             wanted,
             soft,
         )
@@ -381,5 +381,7 @@ def build_server(settings: Settings) -> DrainingServer:
         forwarded_allow_ips=settings.forwarded_allow_ips or "",
         h11_max_incomplete_event_size=settings.max_header_bytes,
     )
-    raise_open_file_limit(settings.max_connections)
+    # gRPC, when it listens, has as many connections again.
+    listeners = 1 if settings.grpc_port is None else 2
+    raise_open_file_limit(listeners * settings.max_connections)
     return DrainingServer(config, app.state.lifecycle)

@@ -652,3 +652,18 @@ def test_a_request_after_an_answered_body_cancels_the_keep_alive_timer() -> None
         assert not transport.closed
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("grpc_port", "wanted"), [(None, 123), (50051, 246)])
+def test_the_open_file_limit_is_raised_for_grpc_connections_too(
+    store: Path, monkeypatch: pytest.MonkeyPatch, grpc_port: int | None, wanted: int
+) -> None:
+    # gRPC's connections have their own cap of CAMSERVE_MAX_CONNECTIONS beside HTTP's.
+    from app.http import server
+    from app.settings import Settings
+
+    asked: list[int] = []
+    monkeypatch.setattr(server, "raise_open_file_limit", asked.append)
+    settings = Settings(model_store=store, device="cpu", max_connections=123, grpc_port=grpc_port)
+    server.build_server(settings)
+    assert asked == [wanted]
