@@ -183,6 +183,12 @@ def _parse_body(checker: TypeAdapter[Any], body: bytes) -> Any:
         raise BadRequest(
             f"The request body is not valid JSON ({clip(str(error), 80)}); send a JSON object."
         ) from None
+    except RecursionError:
+        # The C parser's guard, past about sys.getrecursionlimit() levels: not a ValueError.
+        raise BadRequest(
+            "The request body is JSON nested too deeply (over a thousand levels); a protocol "
+            "body needs fewer than ten: send a JSON object of the protocol's shape."
+        ) from None
     try:
         checker.validate_python(parsed)
     except ValidationError as error:

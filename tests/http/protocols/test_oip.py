@@ -685,6 +685,17 @@ def test_an_integer_of_thousands_of_digits_is_400(client: TestClient) -> None:
     assert "not valid JSON" in assert_protocol_error(response, 400)
 
 
+@pytest.mark.parametrize("depth", [1_100, 100_000])
+def test_json_nested_past_the_parsers_depth_is_400(client: TestClient, depth: int) -> None:
+    # json.loads raised RecursionError (not a ValueError) past about 1,000 levels: a 500 with
+    # two tracebacks in the log, for any place in the body, on both protocols.
+    nested = "[" * depth + "]" * depth
+    text = '{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": %s}]}'
+    for url in ("/v2/models/tiny/infer", "/v1/models/tiny:predict"):
+        response = client.post(url, content=text % nested)
+        assert "nested too deeply" in assert_protocol_error(response, 400)
+
+
 def test_keys_are_checked_before_the_body_is_parsed(
     make_client: Callable[..., TestClient],
 ) -> None:
