@@ -124,7 +124,7 @@ class ProtocolRoute(APIRoute):
                     await check(request, request.headers.get(header))
                 if checker is not None:
                     body = await request.body()
-                    framing = request.headers.get(HEADER)
+                    framing = _framing(request)
                     binary: bytes | memoryview = b""
                     if framing is not None:
                         if not takes_binary:
@@ -147,6 +147,15 @@ class ProtocolRoute(APIRoute):
                 return protocol_error(str(error.detail), error.status_code, error.headers)
 
         return handle
+
+
+def _framing(request: Request) -> str | None:
+    """The ``Inference-Header-Content-Length`` header, given at most once: with two, the first
+    framed the body here, and a proxy that reads the other frames it differently."""
+    values = request.headers.getlist(HEADER)
+    if len(values) > 1:
+        raise BadRequest(f"The {HEADER} header is given {len(values)} times; send it once.")
+    return values[0] if values else None
 
 
 MAX_JSON_ITEMS = 65_536

@@ -487,6 +487,18 @@ def test_binary_framing_that_does_not_add_up_is_400(
     assert words in assert_protocol_error(response, 400)
 
 
+def test_the_framing_header_given_twice_is_400(client: TestClient) -> None:
+    # The first was taken and the second ignored: a proxy that reads the other one frames the
+    # same body differently.
+    body, headers = binary_body(image_bytes())
+    (name, length), *_ = headers.items()
+    for second in (length, "5"):
+        response = client.post(
+            "/v2/models/tiny/infer", content=body, headers=[(name, length), (name, second)]
+        )
+        assert "given 2 times" in assert_protocol_error(response, 400)
+
+
 def test_a_length_prefix_that_lies_is_400(client: TestClient) -> None:
     image = image_bytes()
     raw = struct.pack("<I", len(image) + 100) + image
