@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import logging
 import socket
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.observability.logs import configure_logging
+from app.openmp import WAIT_POLICY, prefer_passive_waits
 from app.settings import ConfigurationError, Settings, load_settings
 from app.workers import WORKER_FLAG, Supervisor, reuse_port_socket
 
@@ -44,6 +46,7 @@ def main(**overrides: Any) -> int:
 def serve(overrides: dict[str, Any], *, worker: bool = False) -> int:
     """``main``; ``worker``: this process is one of several (it shares the ports with its
     siblings)."""
+    passive = prefer_passive_waits()  # before torch loads (app.http.server imports it)
     try:
         settings = load_settings(**overrides)
     except ConfigurationError as error:
@@ -55,6 +58,12 @@ def serve(overrides: dict[str, Any], *, worker: bool = False) -> int:
             print(f"camserve: {refusal}", file=sys.stderr)
             return 1
     configure_logging(settings.log_level, settings.log_format)
+    if not passive:
+        logging.getLogger("app.openmp").info(
+            "torch was loaded before the service could set %s=PASSIVE: its threads spin after "
+            "each operator; set it in the environment",
+            WAIT_POLICY,
+        )
     if settings.workers > 1 and not worker:
         return Supervisor(settings.workers, overrides).run()
     from app.http.server import build_server

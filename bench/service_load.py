@@ -355,9 +355,12 @@ def measure_level(
     return summarize_level(outcomes, elapsed)
 
 
-def run_load(urls: dict[str, str], image: bytes, config: Config) -> list[dict[str, Any]]:
+def run_load(
+    urls: dict[str, str], image: bytes, config: Config, label: str = "batching "
+) -> list[dict[str, Any]]:
     """Every model x concurrency level on every server (mode -> URL); the servers take turns
-    level by level, first one first then the other, so that the machine's drift hits both."""
+    level by level, first one first then the other, so that the machine's drift hits both.
+    ``label``: what the progress lines call a mode."""
     rows = []
     modes = list(urls)
     for model in config.models:
@@ -367,13 +370,13 @@ def run_load(urls: dict[str, str], image: bytes, config: Config) -> list[dict[st
                 row = {"mode": mode, "model": model, "concurrency": concurrency}
                 row.update(measure_level(urls[mode], image, fields, concurrency, config))
                 rows.append(row)
-                print(_progress(row), flush=True)
+                print(_progress(row, label), flush=True)
     return rows
 
 
-def _progress(row: dict[str, Any]) -> str:
+def _progress(row: dict[str, Any], label: str) -> str:
     return (
-        f"  batching {row['mode']:3s} {row['model']} c={row['concurrency']}: "
+        f"  {label}{row['mode']:3s} {row['model']} c={row['concurrency']}: "
         f"{row['throughput_rps']} req/s, p50 {row['p50_ms']} ms, "
         f"errors {row['errors']} (+{row['errors_503']} 503)"
     )

@@ -134,3 +134,38 @@ def test_a_redis_without_the_database_stops_startup_before_any_model_loads(
     assert len(lines) == 1 and "has no database 99" in lines[0], done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr  # the line, not uvicorn's traceback
     assert not marker.exists()
+
+
+# The service's first import of torch, reported and ended there: what OpenMP will read.
+_POLICY_AT_TORCH = """
+import builtins, os, sys
+real = builtins.__import__
+def spy(name, *args, **kwargs):
+    if name.split(".")[0] == "torch" and "torch" not in sys.modules:
+        print("policy:", os.environ.get("OMP_WAIT_POLICY"), flush=True)
+        os._exit(0)
+    return real(name, *args, **kwargs)
+builtins.__import__ = spy
+from app.__main__ import cli
+sys.exit(cli([]))
+"""
+
+
+@pytest.mark.parametrize(("given", "read"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_environment_says(
+    tmp_path: Path, given: str | None, read: str
+) -> None:
+    # Passive, set before torch loads (OpenMP reads it then); an operator's choice is kept.
+    env = environment(tmp_path, CAMSERVE_PORT=str(free_port()))
+    env.pop("OMP_WAIT_POLICY", None)  # tests/__init__.py sets it for the test processes
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    done = subprocess.run(
+        [sys.executable, "-c", _POLICY_AT_TORCH],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip() == f"policy: {read}", done.stdout + done.stderr

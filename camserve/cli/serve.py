@@ -1,11 +1,14 @@
-"""``camserve serve``: the HTTP service, as ``python -m app`` runs it."""
+"""``camserve serve``: the HTTP service, `python -m app` run in this process's place."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
+
+from app.settings import ENV_PREFIX
 
 
 @click.command()
@@ -33,8 +36,6 @@ def serve(
     """Run the HTTP service (what `python -m app` does); Ctrl-C drains and stops it.
 
     Every other setting comes from CAMSERVE_* variables (see the configuration docs)."""
-    from app.__main__ import main as serve_main
-
     given = {
         "host": host,
         "port": port,
@@ -42,4 +43,9 @@ def serve(
         "model_store": model_store,
         "device": device,
     }
-    sys.exit(serve_main(**{k: v for k, v in given.items() if v is not None}))
+    env = dict(os.environ)
+    env.update({ENV_PREFIX + k.upper(): str(v) for k, v in given.items() if v is not None})
+    # The service, in this process's place: this process has loaded torch (the client checks
+    # requests with the engine's rules), too early for the OpenMP wait policy that
+    # `python -m app` sets before torch loads (app.openmp).
+    os.execve(sys.executable, [sys.executable, "-m", "app"], env)
