@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app import __version__
 from app.cam import METHODS, UnknownMethod, find_method
@@ -159,6 +159,18 @@ class RequestInput(BaseModel):
         if shape.count(-1) > 1:
             raise ValueError(f"at most one dimension may be -1; got {shape}")
         return shape
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _no_json_pixels(cls, data: Any, info: ValidationInfo) -> Any:
+        # Before the bound on elements: an image's pixels are thousands of them, and "at most
+        # 256 items" named neither the datatype nor the fix.
+        if data is not None and info.data.get("datatype") == "UINT8":
+            raise ValueError(
+                "send UINT8 pixels as binary data (a JSON list of pixels would be millions of "
+                "items), or the encoded image as BYTES"
+            )
+        return data
 
     @field_validator("data")
     @classmethod
@@ -499,13 +511,8 @@ def _uploads(
         raise BadRequest(f"Input {INPUT!r} has both data and binary data; send one.")
     if raw is None and tensor.data is None:
         raise BadRequest(f"Input {INPUT!r} has no data; send its data, or its binary data.")
-    if tensor.datatype == "UINT8":
-        if raw is None:
-            raise BadRequest(
-                f"Input {INPUT!r}: send UINT8 pixels as binary data (a JSON list of pixels "
-                "would be millions of items), or the encoded image as BYTES."
-            )
-        return pixel_images(INPUT, tensor.shape, bytes(raw), settings)
+    if tensor.datatype == "UINT8":  # raw: RequestInput refuses UINT8 data in JSON
+        return pixel_images(INPUT, tensor.shape, bytes(raw or b""), settings)
     if tensor.datatype != "BYTES":
         raise BadRequest(
             f"Input {INPUT!r} must have datatype BYTES (encoded images) or UINT8 (pixels "

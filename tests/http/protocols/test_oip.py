@@ -466,6 +466,18 @@ def test_a_uint8_pixel_tensor_is_taken_as_images(client: TestClient) -> None:
     assert response.json()["outputs"][0]["data"] == encoded["outputs"][0]["data"]
 
 
+@pytest.mark.parametrize("side", [2, 32])
+def test_uint8_pixels_in_json_are_refused_by_name(client: TestClient, side: int) -> None:
+    # tritonclient's set_data_from_numpy(binary_data=False): the 32 x 32 image's 3,072 values
+    # met the 256-element bound first, "List should have at most 256 items", which names
+    # neither the datatype nor the fix.
+    pixels = [0] * (side * side * 3)
+    body = {"inputs": [{"name": "image", "shape": [1, side, side, 3], "datatype": "UINT8"}]}
+    body["inputs"][0]["data"] = pixels
+    message = assert_protocol_error(client.post("/v2/models/tiny/infer", json=body), 400)
+    assert "UINT8 pixels as binary data" in message and "256" not in message
+
+
 @pytest.mark.parametrize(
     ("mangle", "words"),
     [
