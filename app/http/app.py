@@ -22,6 +22,7 @@ from app.http.middleware.compression import ProtocolCompression
 from app.http.middleware.gate import GateMiddleware
 from app.http.middleware.head import HeadMiddleware
 from app.http.middleware.header_cap import HeaderCapMiddleware
+from app.http.middleware.security_headers import SecurityHeaders
 from app.http.middleware.startup import QuietRefusal, refuse_start
 from app.http.openapi import form_fields_without_null
 from app.http.protocols import kserve, oip, repository
@@ -229,7 +230,8 @@ def _include_routes(app: FastAPI, settings: Settings) -> None:
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     """From the inside out: the protocols' answer compression, the body limit (and request
-    decompression), the gate, CORS, HEAD as GET, the access log and request id."""
+    decompression), the gate, CORS, HEAD as GET, the access log and request id, the header
+    caps, the browser's security headers."""
     # The protocols' answers (JSON, binary tensors) compressed for a client that accepts gzip;
     # small answers are left alone.
     app.add_middleware(
@@ -284,5 +286,8 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         max_fields=settings.max_header_fields,
         max_bytes=settings.max_header_bytes,
     )
+    # Every answer, a 431 included, tells a browser it is no page to sniff, frame or run
+    # scripts in (the page and the docs set a policy of their own).
+    app.add_middleware(SecurityHeaders)
     # The lifespan's: a start refused for a setting is logged in one line, not a traceback.
     app.add_middleware(QuietRefusal, state=app.state)

@@ -28,7 +28,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(**extra: str) -> tuple[subprocess.Popen[str], str]:
+def start(**extra: str) -> tuple[subprocess.Popen[str], str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMSERVE_")}
     env.update(
@@ -42,8 +42,8 @@ def _start(**extra: str) -> tuple[subprocess.Popen[str], str]:
         # tests need the work to run, not an answer from the cache (tested in tests/pipeline).
         CAMSERVE_CACHE_MB="0",
         PYTHONPATH=str(ROOT),
-        **extra,
     )
+    env.update(extra)  # a test's own store, origins, keys
     process = subprocess.Popen(
         [sys.executable, "-m", "app"],
         cwd=ROOT,
@@ -55,7 +55,7 @@ def _start(**extra: str) -> tuple[subprocess.Popen[str], str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def _wait_ready(process: subprocess.Popen[str], url: str) -> None:
+def wait_ready(process: subprocess.Popen[str], url: str) -> None:
     deadline = time.monotonic() + 60
     with httpx.Client(timeout=1) as client:  # one client (and TLS context) for every poll
         while True:
@@ -70,7 +70,7 @@ def _wait_ready(process: subprocess.Popen[str], url: str) -> None:
             time.sleep(0.1)
 
 
-def _stop(process: subprocess.Popen[str]) -> str:
+def stop(process: subprocess.Popen[str]) -> str:
     process.terminate()
     try:
         return process.communicate(timeout=20)[0]
@@ -83,14 +83,14 @@ def _stop(process: subprocess.Popen[str]) -> str:
 def servers() -> Iterator[dict[str, str]]:
     """Two services on model_store/shapes, started together: open, and one that wants a key;
     shared by test_page.py and test_tasks.py (the same settings; no test counts on a fresh one)."""
-    started = {"open": _start(), "keyed": _start(CAMSERVE_API_KEY=API_KEY)}
+    started = {"open": start(), "keyed": start(CAMSERVE_API_KEY=API_KEY)}
     try:
         for process, url in started.values():
-            _wait_ready(process, url)
+            wait_ready(process, url)
         yield {name: url for name, (_, url) in started.items()}
     finally:
         for process, _ in started.values():
-            output = _stop(process)
+            output = stop(process)
             assert "Traceback" not in output, output
 
 

@@ -76,7 +76,7 @@ def explain(page: object, image: Path | dict, *methods: str, cards: int = 1) -> 
     page.keyboard.press("Enter")
     if cards:
         page.wait_for_function(
-            f"document.querySelectorAll({MAPS!r}).length === {cards}"
+            f"() => document.querySelectorAll({MAPS!r}).length === {cards}"
             " && !document.querySelector('#explain').disabled"
         )
 
@@ -160,7 +160,9 @@ def test_class_from_the_top_k_is_explained(shown: Watched) -> None:
     second = page.locator("#topk button").nth(1)
     label = second.inner_text().split()[0]
     second.click()
-    page.wait_for_function(f"document.querySelector('#results .label')?.textContent === {label!r}")
+    page.wait_for_function(
+        f"() => document.querySelector('#results .label')?.textContent === {label!r}"
+    )
     assert page.locator("#topk button").nth(1).get_attribute("aria-pressed") == "true"
     assert label in page.inner_text("#class-choice")
 
@@ -182,7 +184,7 @@ def test_a_failed_upload_after_a_success_leaves_nothing_stale(shown: Watched) ->
     explain(page, EXAMPLES / "star.png", "GradCAM")
     page.locator("#topk button").nth(1).click()  # a class of the first image
     page.wait_for_function(
-        "document.querySelector('#topk button[aria-pressed=true]')"
+        "() => document.querySelector('#topk button[aria-pressed=true]')"
         "?.dataset.classIdx !== undefined && !document.querySelector("
         "'#explain').disabled && document.querySelector('#class-reset')"
         ".hidden === false"
@@ -191,7 +193,7 @@ def test_a_failed_upload_after_a_success_leaves_nothing_stale(shown: Watched) ->
     text = {"name": "notes.png", "mimeType": "image/png", "buffer": b"just some words\n" * 4}
     explain(page, text, "GradCAM", cards=0)
     page.locator("#error").wait_for(state="visible")
-    page.wait_for_function("!document.querySelector('#explain').disabled")
+    page.wait_for_function("() => !document.querySelector('#explain').disabled")
     shot(page, "failed-after-success")
     assert "415" in page.inner_text("#error")
     assert page.locator("#results figure").count() == 0  # no map, no original of the old image
@@ -219,7 +221,7 @@ def test_a_timeout_clears_the_maps_and_speaks_to_a_person(shown: Watched) -> Non
     page.focus("#explain")
     page.keyboard.press("Enter")
     page.locator("#error").wait_for(state="visible")
-    page.wait_for_function("!document.querySelector('#explain').disabled")
+    page.wait_for_function("() => !document.querySelector('#explain').disabled")
     message = page.inner_text("#error")
     assert "time limit" in message and "fewer methods" in message
     assert "POST" not in message and "/jobs" not in message and "CAMSERVE" not in message
@@ -305,7 +307,7 @@ def test_score_cam_runs_as_a_job_with_a_progress_bar(shown: Watched, server: str
     page = shown.page
     job = start_job(page, EXAMPLES / "star.png", "ScoreCAM")
     page.wait_for_function(
-        f"document.querySelectorAll({MAPS!r}).length === 1"
+        f"() => document.querySelectorAll({MAPS!r}).length === 1"
         " && !document.querySelector('#explain').disabled"
     )
     assert posts(shown) == ["jobs"]
@@ -328,7 +330,7 @@ def test_a_score_cam_family_job_shows_progress_and_cancels(shown: Watched, serve
     page = shown.page
     job = start_job(page, EXAMPLES / "star.png", "SSCAM")
     page.wait_for_function(
-        "Number(document.querySelector('#job-progress').getAttribute('value')) > 0"
+        "() => Number(document.querySelector('#job-progress').getAttribute('value')) > 0"
     )
     text = page.inner_text("#job-text")
     assert re.fullmatch(
@@ -339,7 +341,7 @@ def test_a_score_cam_family_job_shows_progress_and_cancels(shown: Watched, serve
     shot(page, "job-progress")
     page.focus("#cancel")
     page.keyboard.press("Enter")
-    page.wait_for_function("!document.querySelector('#explain').disabled")
+    page.wait_for_function("() => !document.querySelector('#explain').disabled")
     shot(page, "job-cancelled")
     assert re.fullmatch(
         r"Cancelled SS-CAM after \d+ of 2240 forwards\.", page.inner_text("#status")
@@ -375,7 +377,7 @@ def test_a_failed_job_shows_its_error_and_keeps_the_maps_of_this_run(shown: Watc
     )
     explain(page, EXAMPLES / "star.png", "GradCAM", "ScoreCAM", cards=0)
     page.locator("#error").wait_for(state="visible")
-    page.wait_for_function("!document.querySelector('#explain').disabled")
+    page.wait_for_function("() => !document.querySelector('#explain').disabled")
     assert page.inner_text("#error") == "'star.png' could not be decoded. (invalid_image)"
     assert page.eval_on_selector_all(MAPS, "els => els.map(e => e.dataset.method)") == ["GradCAM"]
     assert page.inner_text("#status") == "The maps shown are from the methods that finished."
@@ -399,7 +401,7 @@ def test_a_dropped_file_is_named_by_the_picker(shown: Watched) -> None:
     choose(page, "GradCAM")
     page.focus("#explain")
     page.keyboard.press("Enter")
-    page.wait_for_function(f"document.querySelectorAll({MAPS!r}).length === 1")
+    page.wait_for_function(f"() => document.querySelectorAll({MAPS!r}).length === 1")
     assert page.locator("#results .label").inner_text() == "star"
 
 

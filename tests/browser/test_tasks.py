@@ -37,7 +37,7 @@ def predicted(server: str, model: str, **form: str) -> dict:
 def open_with(page: object, model: str) -> None:
     """Pick the model, then the scene; wait for the task view to draw /predict's answer."""
     page.select_option("#model", model)
-    page.wait_for_function(f"state.detail && state.detail.name === {model!r}")
+    page.wait_for_function(f"() => state.detail && state.detail.name === {model!r}")
     page.set_input_files("#file", SCENE)
     page.wait_for_selector("#task-view:not([hidden]) #task-list button")
 
@@ -93,7 +93,7 @@ def last_explain(page: object) -> dict[str, str]:
 
 def wait_for_card(page: object) -> None:
     page.wait_for_function(
-        f"document.querySelectorAll({MAPS!r}).length === 1"
+        f"() => document.querySelectorAll({MAPS!r}).length === 1"
         " && !document.querySelector('#explain').disabled"
     )
 
@@ -152,7 +152,7 @@ def test_a_detectors_boxes_are_drawn_and_a_click_explains_one(shown: Watched, se
     buttons.nth(0).focus()
     page.keyboard.press("Enter")
     page.wait_for_function(
-        "document.querySelector('#task-list button').getAttribute('aria-pressed') === 'true'"
+        "() => document.querySelector('#task-list button').getAttribute('aria-pressed') === 'true'"
     )
     wait_for_card(page)
     assert page.locator(MAPS).locator(".label").inner_text() == found[0]["label"]
@@ -161,7 +161,7 @@ def test_a_detectors_boxes_are_drawn_and_a_click_explains_one(shown: Watched, se
     # Back to the default: the server's top box, no box sent.
     sent = len(page.evaluate("window.sentForms"))
     page.click("#class-reset")
-    page.wait_for_function(f"window.sentForms.length > {sent}")
+    page.wait_for_function(f"() => window.sentForms.length > {sent}")
     wait_for_card(page)
     assert "box" not in last_explain(page)
     assert page.inner_text("#class-choice") == "the top detection"
@@ -210,7 +210,7 @@ def test_a_segmenters_mask_is_drawn_and_a_class_explains_its_region(
     middle = len(ys) // 2
     click_at(page, xs[middle] + 0.5, ys[middle] + 0.5)
     page.wait_for_function(
-        f"document.querySelector({MAPS + ' .label'!r})?.textContent === {other['label']!r}"
+        f"() => document.querySelector({MAPS + ' .label'!r})?.textContent === {other['label']!r}"
         " && !document.querySelector('#explain').disabled"
     )
     assert last_explain(page)["class_idx"] == str(other["class_idx"])
@@ -240,7 +240,7 @@ def test_a_classifier_leaves_the_task_view_hidden(shown: Watched) -> None:
     page = shown.page
     open_with(page, "shapes-detect")
     page.select_option("#model", "shapes")
-    page.wait_for_function("state.detail && state.detail.name === 'shapes'")
+    page.wait_for_function("() => state.detail && state.detail.name === 'shapes'")
     assert page.is_hidden("#task-view") and page.is_visible("#faithfulness")
     assert page.eval_on_selector("#class-reset", "b => b.textContent") == "Back to top-1"
     assert page.locator("#task-list button").count() == 0

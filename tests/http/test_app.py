@@ -18,6 +18,7 @@ def test_middleware_order_and_the_gate_on_the_live_routes(settings: Settings) ->
     names = [m.cls.__name__ for m in app.user_middleware]  # outermost first
     assert names == [
         "QuietRefusal",  # the lifespan's only: a refused start's traceback
+        "SecurityHeaders",  # on every answer, a 431 included
         "HeaderCapMiddleware",
         "AccessMiddleware",
         "HeadMiddleware",  # inside the access log (which names HEAD), outside everything else

@@ -15,6 +15,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from app.http.middleware.security_headers import page_policy
+
 ASSETS_PATH = "/static/docs"
 ASSETS_DIR = Path(str(files("fastapi_offline") / "static"))
 
@@ -32,13 +34,14 @@ def _openapi_url(request: Request) -> str:
 @router.get("/docs")
 def get_swagger_ui(request: Request) -> HTMLResponse:
     """Swagger UI, served with local assets."""
-    return get_swagger_ui_html(
+    page = get_swagger_ui_html(
         openapi_url=_openapi_url(request),
         title=f"{request.app.title} - API docs",
         swagger_js_url=_asset(request, "swagger-ui-bundle.js"),
         swagger_css_url=_asset(request, "swagger-ui.css"),
         swagger_favicon_url=_asset(request, "favicon.png"),
     )
+    return _with_policy(page)
 
 
 @router.get("/redoc")
@@ -52,9 +55,17 @@ def get_redoc(request: Request) -> HTMLResponse:
         with_google_fonts=False,
     )
     # ReDoc's bundle still fetches its attribution logo from cdn.redoc.ly (Redocly/redoc#2108;
-    # it hides the image when the load fails). Pictures from elsewhere are refused up front, so
-    # the page asks nothing of the outside world, online or not.
-    page.headers["Content-Security-Policy"] = "img-src 'self' data:"
+    # it hides the image when the load fails). The policy refuses pictures from elsewhere up
+    # front, so the page asks nothing of the outside world, online or not. Its styled-components
+    # add <style> elements.
+    return _with_policy(page, inline_styles=True)
+
+
+def _with_policy(page: HTMLResponse, *, inline_styles: bool = False) -> HTMLResponse:
+    """``page`` with the service's page policy: FastAPI's inline script that starts Swagger UI
+    runs by its hash, no other inline script does, and nothing comes from another origin."""
+    html = bytes(page.body).decode()
+    page.headers["Content-Security-Policy"] = page_policy(html, inline_styles=inline_styles)
     return page
 
 

@@ -14,11 +14,18 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.cam import COLORMAPS, colormap_lut
+from app.http.middleware.security_headers import page_policy
 from app.http.negotiation import prefers
 from app.protocols.kserve import ALIVE
 
 UI_DIR = Path(__file__).resolve().parents[1] / "ui"
 UI_ASSETS_PATH = "/ui"
+#: The page has no inline script or style: only its own files run and style it.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Vary": "Accept",
+    "Content-Security-Policy": page_policy(),
+}
 
 router = APIRouter(include_in_schema=False)
 
@@ -30,9 +37,7 @@ def get_page(request: Request) -> Response:
     ``text/html;q=0``)."""
     if not prefers(request, "text/html", over="application/json"):
         return JSONResponse(ALIVE, headers={"Vary": "Accept"})
-    return FileResponse(
-        UI_DIR / "index.html", headers={"Cache-Control": "no-cache", "Vary": "Accept"}
-    )
+    return FileResponse(UI_DIR / "index.html", headers=_PAGE_HEADERS)
 
 
 @router.get("/ui/colormaps.json")
