@@ -107,7 +107,12 @@ async def create_job(
     """Run an explanation in the background (same form as /explain); follow it at `url`."""
     uploads = await read_uploads(form.files, settings)
     job = await jobs.create(
-        form.model, uploads, form.params, version, client=client_identity(request)
+        form.model,
+        uploads,
+        form.params,
+        version,
+        client=client_identity(request),
+        scope=job_owner(request),
     )
     body = JobCreated(id=job.id, status=job.status, url=job.url)
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": job.url})

@@ -70,9 +70,12 @@ class JobStore(ABC):
         params: ExplainParams,
         model_version: int | None = None,
         client: str = "",
+        scope: str | None = None,
     ) -> JobView:
         """Check the parameters and the uploads' headers, then queue the job (on
-        ``model_version`` of the model, else its newest). TooManyJobs when the store is full."""
+        ``model_version`` of the model, else its newest). TooManyJobs when the store is full.
+        ``scope``: whose cached explanations the job may use and fill (``Explainer.explain``'s;
+        None: everyone's)."""
 
     @abstractmethod
     async def get(self, job_id: str, owner: str | None = None) -> JobView:

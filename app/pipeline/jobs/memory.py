@@ -78,6 +78,7 @@ class MemoryJobStore(JobStore):
         params: ExplainParams,
         model_version: int | None = None,
         client: str = "",
+        scope: str | None = None,
     ) -> JobView:
         size = sum(len(upload.data) for upload in uploads)
         self._admit(client, size)  # a full store refuses before the checks' work
@@ -93,7 +94,8 @@ class MemoryJobStore(JobStore):
         job = Job(id=new_job_id(), client=client, upload_bytes=size)
         self._jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(
-            self._run(job, model, list(uploads), params, model_version), name=f"job-{job.id[:8]}"
+            self._run(job, model, list(uploads), params, model_version, scope),
+            name=f"job-{job.id[:8]}",
         )
         logger.info("job %s created (%d image(s))", job.id[:8], len(uploads))
         return job.view()
@@ -206,6 +208,7 @@ class MemoryJobStore(JobStore):
         uploads: list[Upload],
         params: ExplainParams,
         model_version: int | None = None,
+        scope: str | None = None,
     ) -> None:
         loop = asyncio.get_running_loop()
 
@@ -216,7 +219,7 @@ class MemoryJobStore(JobStore):
             try:
                 async with self._turns:  # decoded only once the job can go on to its pass
                     outcome = await run_job(
-                        self.explainer, model, uploads, params, report, job.id, model_version
+                        self.explainer, model, uploads, params, report, job.id, model_version, scope
                     )
             except asyncio.CancelledError:
                 # Cancelled by DELETE or the shutdown, which set the status.

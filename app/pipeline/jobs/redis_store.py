@@ -440,6 +440,7 @@ class RedisJobStore(JobStore):
         params: ExplainParams,
         model_version: int | None = None,
         client: str = "",
+        scope: str | None = None,
     ) -> JobView:
         await self.explainer.check_uploads(model, uploads, params, model_version, job=True)
         check_result_size(
@@ -458,6 +459,7 @@ class RedisJobStore(JobStore):
             "model": model or "",
             "model_version": "" if model_version is None else model_version,
             "params": params_to_json(params),
+            "scope": scope or "",
             "count": len(uploads),
         }
         for index, upload in enumerate(uploads):
@@ -757,6 +759,7 @@ class RedisJobStore(JobStore):
         version_text = _text(fields.get(b"model_version"))
         model_version = int(version_text) if version_text else None
         params = params_from_json(fields[b"params"])
+        scope = _text(fields.get(b"scope")) or None
         uploads = [
             Upload(_text(fields[f"name:{i}".encode()]), fields[f"data:{i}".encode()])
             for i in range(int(fields[b"count"]))
@@ -767,7 +770,7 @@ class RedisJobStore(JobStore):
             loop.call_soon_threadsafe(job.on_progress, done, total)
 
         task = asyncio.create_task(
-            run_job(self.explainer, model, uploads, params, report, job_id, model_version)
+            run_job(self.explainer, model, uploads, params, report, job_id, model_version, scope)
         )
         run = _Running(job, entry_id, task)
         self._running[job_id] = run

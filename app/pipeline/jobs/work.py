@@ -48,11 +48,13 @@ async def run_job(
     progress: ProgressCallback,
     job_id: str,
     model_version: int | None = None,
+    scope: str | None = None,
 ) -> Outcome:
     """Run the explanation without admission (a job waits for its slot instead of being
     refused), in the background priority class: interactive requests on its model go first, at
     its pauses and chunk boundaries (``app.pipeline.scheduling``). A cancellation propagates:
-    the caller knows why it cancelled."""
+    the caller knows why it cancelled. ``scope``: whose cached explanations it may use and
+    fill, its key's as on /explain (None: everyone's)."""
     try:
         result = await explainer.explain(
             model,
@@ -63,6 +65,7 @@ async def run_job(
             version=model_version,
             priority="background",
             job=True,
+            scope=scope,
         )
     except asyncio.CancelledError:
         raise

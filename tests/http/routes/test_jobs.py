@@ -434,6 +434,25 @@ def wait_for_key(client: TestClient, url: str, key: str) -> dict:
         time.sleep(0.02)
 
 
+def test_a_jobs_cached_explanations_are_its_keys(make_client: Callable[..., TestClient]) -> None:
+    # Jobs kept their answers in one scope for every key: bob's job of alice's image was a hit,
+    # done at once, telling bob that another client had sent that very image; and a key's job
+    # never filled the cache for that key's own /explain.
+    client = make_client(cache_mb=8, api_keys="alice:a-key,bob:b-key")
+    image = image_bytes(seed=41)
+
+    def job_cache(key: str) -> str:
+        response = client.post("/jobs", files=files(image), headers=keyed(key))
+        assert response.status_code == 202, response.text
+        view = wait_for_key(client, response.headers["location"], key)
+        assert view["status"] == "succeeded", view
+        return view["result"]["timings"]["cache"]
+
+    assert [job_cache("a-key"), job_cache("b-key"), job_cache("a-key")] == ["miss", "miss", "hit"]
+    explained = client.post("/explain", files=files(image), headers=keyed("a-key"))
+    assert explained.headers["x-camserve-cache"] == "hit"
+
+
 def test_each_key_has_its_own_job_cap(make_client: Callable[..., TestClient]) -> None:
     client = make_client(api_keys="alice:a-key,bob:b-key", max_jobs_per_client=1)
     first = client.post("/jobs", files=files(image_bytes()), data=SLOW, headers=keyed("a-key"))

@@ -107,6 +107,7 @@ class FakeExplainer:
         self.limiter = FakeLimiter(max_running)
         self.checked: list[tuple[str | None, int, ExplainParams, int | None]] = []
         self.runs: asyncio.Queue[Run] = asyncio.Queue()
+        self.scopes: list[str | None] = []
 
     async def check_uploads(
         self,
@@ -133,8 +134,10 @@ class FakeExplainer:
         version: int | None = None,
         priority: str = "interactive",
         job: bool = False,
+        scope: str | None = None,
     ) -> ExplainResponse:
         assert progress is not None
+        self.scopes.append(scope)
         assert priority == "background"  # a job never goes before interactive requests
         assert job  # and runs as one
         run = Run(model, len(uploads), params, admit, version, progress)
@@ -244,7 +247,9 @@ def test_a_job_is_created_queued_and_runs_without_admission(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def body(w: World) -> None:
-        view = await w.store.create("tiny", uploads(3, 4), PARAMS, model_version=3, client="c")
+        view = await w.store.create(
+            "tiny", uploads(3, 4), PARAMS, model_version=3, client="key:c", scope="key:c"
+        )
         assert view.status == "queued" and view.url == f"/jobs/{view.id}"
         assert len(view.id) >= 24  # 18 random bytes in URL-safe base64
         assert view.started is None and view.finished is None and view.result is None
@@ -259,6 +264,7 @@ def test_a_job_is_created_queued_and_runs_without_admission(
             False,
             3,
         )
+        assert w.explainer.scopes == ["key:c"]  # its key's cached explanations, as /explain's
         assert await w.store.get(view.id) == view  # queued until the pass reports
         await run.report(0, 0)
         running = await w.store.get(view.id)
