@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import os
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from app.errors import InvalidParameter, Overloaded
 from app.models.registry import ModelRegistry
 from app.pipeline.admission import SlotLimiter
 from app.pipeline.cache import (
+    ENTRY_OVERHEAD,
     ExplanationCache,
     MemoryTier,
     cacheable,
@@ -156,26 +160,43 @@ def test_random_methods_are_those_with_a_seed_option() -> None:
 
 def test_the_memory_tier_drops_the_least_recently_used_at_its_bound() -> None:
     events: list[str] = []
-    tier = MemoryTier(400, on_event=events.append)
+    entry = 100 + ENTRY_OVERHEAD  # 4 bytes of key, 96 of value
+    tier = MemoryTier(4 * entry, on_event=events.append)
     for name in "abcd":
-        assert tier.put(name * 4, bytes(96))  # 100 bytes each with the key: 4 fit exactly
-    assert tier.held_bytes == 400 and len(tier) == 4 and events == []
+        assert tier.put(name * 4, bytes(96))  # 4 fit exactly
+    assert tier.held_bytes == 4 * entry and len(tier) == 4 and events == []
     assert tier.get("aaaa") == bytes(96)  # a is used again: b is now the least recent
     tier.put("eeee", bytes(96))
     assert tier.get("bbbb") is None
     assert [tier.get(k) is not None for k in ("aaaa", "cccc", "dddd", "eeee")] == [True] * 4
-    assert events == ["eviction"] and tier.held_bytes == 400
-    big = MemoryTier(1000, on_event=events.append)
+    assert events == ["eviction"] and tier.held_bytes == 4 * entry
+    big = MemoryTier(10 * entry, on_event=events.append)
     for number in range(10):
         big.put(f"{number:04}", bytes(96))
-    big.put("ffff", bytes(196))  # twice as large: the two least recent go
-    assert events == ["eviction"] * 3 and big.held_bytes == 1000 and len(big) == 9
+    big.put("ffff", bytes(96 + entry))  # twice as large: the two least recent go
+    assert events == ["eviction"] * 3 and big.held_bytes == 10 * entry and len(big) == 9
     assert big.get("0000") is None and big.get("0001") is None and big.get("0002") is not None
+
+
+def test_many_small_answers_stay_within_the_bound() -> None:
+    # Only the keys' and values' data were counted: at the smallest answers (1.7 kB) Python's
+    # own bytes per entry (the index's node, the tuple, the objects' headers: 227) took the
+    # tier 13% past its bound; at 600 bytes, 34%.
+    capacity = 1 << 20
+    tracemalloc.start()
+    try:
+        tier = MemoryTier(capacity)
+        for number in range(5_000):
+            tier.put(hashlib.blake2b(bytes(number)).hexdigest()[:64], os.urandom(600))
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held <= capacity and tier.held_bytes <= capacity
 
 
 def test_an_answer_over_a_quarter_of_the_cache_is_not_kept() -> None:
     events: list[str] = []
-    tier = MemoryTier(400, on_event=events.append)
+    tier = MemoryTier(4 * (100 + ENTRY_OVERHEAD), on_event=events.append)
     tier.put("aaaa", bytes(96))
     assert not tier.put("bbbb", bytes(97))
     assert events == ["too_large"] and tier.get("bbbb") is None and tier.get("aaaa") is not None
@@ -185,7 +206,7 @@ def test_an_entry_past_its_ttl_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1000.0]
     monkeypatch.setattr("app.pipeline.cache.time.monotonic", lambda: now[0])
     events: list[str] = []
-    tier = MemoryTier(400, ttl_s=60, on_event=events.append)
+    tier = MemoryTier(4 * (100 + ENTRY_OVERHEAD), ttl_s=60, on_event=events.append)
     tier.put("aaaa", b"x")
     now[0] += 59
     assert tier.get("aaaa") == b"x"
