@@ -4,9 +4,15 @@ run."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import re
 import shutil
+import threading
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from tests.browser.conftest import ROOT, start, stop, wait_ready
@@ -119,4 +125,66 @@ def test_a_script_that_got_into_the_page_would_not_run(browser: object, server: 
     # The page itself still works under its policy.
     explain(page, EXAMPLES / "star.png", "GradCAM")
     assert page.locator(f"{MAPS} .label").inner_text() == "star"
+    page.context.close()
+
+
+@pytest.fixture(scope="module")
+def other_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A blank page on another loopback port: another site, as a browser sees it."""
+    folder = tmp_path_factory.mktemp("other-origin")
+    (folder / "index.html").write_text("<!doctype html><title>another site</title>")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        thread.join()
+
+
+#: From the other site's page: the API read, and an upload to /explain, each "read STATUS" or
+#: "refused: MESSAGE".
+FROM_ANOTHER_SITE = """async ([service, png]) => {
+  const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
+  const form = new FormData();
+  form.append('file', new Blob([bytes], { type: 'image/png' }), 'star.png');
+  const tries = { models: [service + '/models', {}],
+    explain: [service + '/explain', { method: 'POST', body: form }] };
+  const out = {};
+  for (const [name, [url, init]] of Object.entries(tries)) {
+    try { out[name] = `read ${(await fetch(url, init)).status}`; }
+    catch (error) { out[name] = `refused: ${error.message}`; }
+  }
+  return out;
+}"""
+
+
+def forbidden_answers(server: str) -> float:
+    """The service's count of 403 answers, from its metrics (the gate's refusals are counted
+    under the route ``unmatched``)."""
+    text = httpx.get(f"{server}/metrics").text
+    pattern = r'^camserve_requests_total\{[^}]*status="403"[^}]*\} (\S+)$'
+    return sum(float(n) for n in re.findall(pattern, text, re.MULTILINE))
+
+
+def test_a_page_on_another_port_can_neither_read_nor_run_explain(
+    browser: object, server: str, other_origin: str
+) -> None:
+    """The service's host name, another port: another site. Without CAMSERVE_CORS_ORIGINS it
+    reads nothing (no CORS answer) and its upload is refused before any work (the gate's 403:
+    a multipart POST needs no preflight)."""
+    assert other_origin.rsplit(":", 1)[0] == server.rsplit(":", 1)[0]
+    page = browser.new_context().new_page()  # type: ignore[attr-defined]
+    page.goto(other_origin)
+    before = forbidden_answers(server)
+    png = base64.b64encode((EXAMPLES / "star.png").read_bytes()).decode()
+    answers = page.evaluate(FROM_ANOTHER_SITE, [server, png])
+    assert answers == {"models": "refused: Failed to fetch", "explain": "refused: Failed to fetch"}
+    assert forbidden_answers(server) == before + 1
     page.context.close()

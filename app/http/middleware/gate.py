@@ -45,6 +45,8 @@ DRAIN_BYTES = 16 * 1024 * 1024
 #: Most seconds spent reading them.
 DRAIN_S = 10.0
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The port of an origin that names none (a browser leaves the default out of Origin and Host).
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def endpoints(routes: Sequence[BaseRoute]) -> Iterator[tuple[Any, BaseRoute]]:
@@ -164,17 +166,23 @@ class GateMiddleware:
     def _origin_ok(self, headers: dict[bytes, bytes]) -> bool:
         """Whether a browser page of the request's ``Origin`` may have work done: an origin of
         ``CAMSERVE_CORS_ORIGINS``, or the service's own: the origin's host name is the Host
-        header's. Scheme and port are not compared: behind a gateway that terminates TLS, or
-        that passes ``Host`` without the port (nginx's ``$host``), they differ from the page's."""
+        header's, and so is its port when Host names one (a page on another port of the same
+        host is another site: any other service there, a dev server, a local tool). The scheme
+        is not compared, nor the port when Host has none: behind a gateway that terminates TLS,
+        or that passes ``Host`` without the port (nginx's ``$host``), they differ from the
+        page's."""
         origin = headers[b"origin"].rstrip(b"/")
         if self.any_origin or origin in self.allowed_origins:
             return True
         try:
-            page = urlsplit(origin.decode("latin-1")).hostname
-            own = urlsplit("//" + headers.get(b"host", b"").decode("latin-1")).hostname
+            page = urlsplit(origin.decode("latin-1"))
+            own = urlsplit("//" + headers.get(b"host", b"").decode("latin-1"))
+            page_port = page.port or _DEFAULT_PORTS.get(page.scheme)
+            own_port = own.port
         except ValueError:
             return False
-        return page is not None and page == own
+        same_host = page.hostname is not None and page.hostname == own.hostname
+        return same_host and (own_port is None or own_port == page_port)
 
 
 class _CutWhileUploading(Exception):

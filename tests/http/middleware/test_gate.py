@@ -187,10 +187,12 @@ def test_the_drain_refuses_new_work_in_the_protocol_shape(
     assert client.get("/v2/health/ready").status_code == 503  # probes see the drain too
 
 
-def call_from(gate: GateMiddleware, method: str, path: str, origin: str) -> dict[str, Any]:
+def call_from(
+    gate: GateMiddleware, method: str, path: str, origin: str, host: str = "camserve.test"
+) -> dict[str, Any]:
     """``call`` with an Origin header, as a browser page sends it."""
     sent: list[Message] = []
-    scope = http_scope(method, path, [(b"host", b"camserve.test"), (b"origin", origin.encode())])
+    scope = http_scope(method, path, [(b"host", host.encode()), (b"origin", origin.encode())])
 
     async def receive() -> Message:
         raise AssertionError("the gate must decide before reading the body")
@@ -219,6 +221,29 @@ def test_a_page_of_another_origin_gets_no_work_done(store: Path) -> None:
     assert call_from(gate, "POST", "/explain", "http://camserve.test.evil")["status"] == 403
     assert call_from(gate, "GET", "/jobs/x", "http://evil.test")["status"] == 204  # reads pass
     assert call_from(gate, "POST", "/explain", "null")["status"] == 403
+
+
+def test_a_page_on_another_port_of_the_services_host_gets_no_work_done(store: Path) -> None:
+    """Found by a hostile review: any page of the service's host name had work done, whatever
+    its port (another service on 127.0.0.1, a dev server)."""
+    gate, inner, _ = gate_of(create_app(Settings(model_store=store, device="cpu")))
+    for host, origin, status in [
+        ("127.0.0.1:8000", "http://127.0.0.1:8000", 204),  # the page the service serves
+        ("127.0.0.1:8000", "http://127.0.0.1:9999", 403),
+        ("127.0.0.1:8000", "http://127.0.0.1", 403),
+        ("[::1]:8000", "http://[::1]:8000", 204),
+        ("[::1]:8000", "http://[::1]:8001", 403),
+        ("camserve.test:443", "https://camserve.test", 204),  # a default port, left out
+        ("camserve.test:8443", "https://camserve.test:8443", 204),
+        (
+            "camserve.test",
+            "https://camserve.test:8443",
+            204,
+        ),  # Host without its port: nginx's $host
+        ("camserve.test:8000", "http://camserve.test:80", 403),
+    ]:
+        assert call_from(gate, "POST", "/explain", origin, host)["status"] == status, (host, origin)
+    assert len(inner.calls) == 5  # only the 204s reached the app
 
 
 def test_cors_lets_an_allowed_page_cancel_and_refuses_a_foreign_upload(
