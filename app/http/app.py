@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app import __version__
-from app.http.deps import ApiKeys
+from app.http.deps import API_KEY_HEADER, ApiKeys
 from app.http.errors import PREFIXES, install_error_handlers
 from app.http.middleware.access import AccessMiddleware
 from app.http.middleware.body_limit import BodyLimitMiddleware
@@ -36,13 +36,16 @@ from app.models.control import ModelControl
 from app.models.device import describe_device, resolve_device
 from app.models.memory import trim_periodically
 from app.models.registry import ModelRegistry
+from app.observability.context import REQUEST_ID_HEADER
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
+from app.pipeline.cache import CACHE_HEADER
 from app.pipeline.cpu_share import CountedThreads, CpuShare
 from app.pipeline.explainer import Explainer
 from app.pipeline.jobs import open_job_store, share_cache
 from app.pipeline.render_processes import RenderProcesses
 from app.pipeline.rendering import lower_thread_priority
+from app.protocols import binary
 from app.settings import ConfigurationError, Settings, load_settings, warn_renamed
 
 logger = logging.getLogger(__name__)
@@ -267,10 +270,23 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],  # DELETE: a page cancels its jobs
-            allow_headers=["X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
+            # Every header a route reads: a job's stream is taken up again with Last-Event-ID,
+            # OIP's binary bodies are framed by theirs, and a body may come compressed.
+            allow_headers=[
+                API_KEY_HEADER,
+                "Content-Type",
+                "Content-Encoding",
+                "Accept",
+                REQUEST_ID_HEADER,
+                "Last-Event-ID",
+                binary.HEADER,
+            ],
             expose_headers=[
                 "Retry-After",
-                "X-Request-ID",
+                "Location",  # of a new job
+                REQUEST_ID_HEADER,
+                CACHE_HEADER,
+                binary.HEADER,
                 "X-Camserve-Method",
                 "X-Camserve-Class",
                 "X-Camserve-Label",
