@@ -30,7 +30,7 @@ from app.models.registry import ModelRegistry
 from app.observability.context import note_work
 from app.observability.metrics import Metrics
 from app.pipeline import checks, faithfulness
-from app.pipeline.admission import SlotLimiter, run_to_the_end
+from app.pipeline.admission import SlotLimiter
 from app.pipeline.batching import Batcher
 from app.pipeline.budget import Budget, FairThreads
 from app.pipeline.cache import ExplanationCache, Lookup, model_build
@@ -175,9 +175,9 @@ class Explainer:
         self.batch_timeout_s = batch_timeout_s
         self.model_threads = model_threads
         self.image_threads = image_threads
-        self.image_turns = FairThreads(image_threads)
-        """The image threads for decoding work, in fair turns among clients."""
         """Bounded threads for decoding (None: the event loop's default pool)."""
+        self._turns: dict[int, FairThreads] = {}
+        """Each pool's ``FairThreads`` (``turns_on``), by the pool's id."""
         self.render_threads = render_threads if render_threads is not None else image_threads
         """Bounded threads for drawing, apart from decoding's so that neither stage starves the
         other (None: the decoding threads)."""
@@ -309,11 +309,25 @@ class Explainer:
         for batcher in list(self._batchers.values()):
             await batcher.close()
 
+    def turns_on(self, threads: Executor | None) -> FairThreads:
+        """``threads`` in fair turns among clients: one ``FairThreads`` per pool, so that every
+        stage that uses a pool takes the same turns."""
+        turns = self._turns.get(id(threads))
+        if turns is None or turns.executor is not threads:
+            turns = self._turns[id(threads)] = FairThreads(threads)
+        return turns
+
     async def on_image_thread(self, func: Callable[[], T], cost: int | None = None) -> T:
         """Run decoding work on the bounded image threads, to the end, in its turn among
         clients (``FairThreads``); ``cost`` weighs the turn (default: the bytes the current
         request's images decode to, held since ``_room_to_decode``)."""
-        return await self.image_turns.run(func, _decoding.get() if cost is None else cost)
+        turns = self.turns_on(self.image_threads)
+        return await turns.run(func, _decoding.get() if cost is None else cost)
+
+    async def on_render_thread(self, func: Callable[[], T]) -> T:
+        """Run drawing work on the render threads, to the end, in its turn among clients (a
+        turn is one step: a picture, or an answer's assembly)."""
+        return await self.turns_on(self.render_threads).run(func)
 
     # ------------------------------------------------------------------ phase 1: decode
 
@@ -740,30 +754,29 @@ class Explainer:
             self._room_to_draw(cost.bytes),
         ):
             drawn = await draw_maps(threads, decoded, maps, style, model.spec.crop, painter)
-        results = await run_to_the_end(
-            self.render_threads,
-            lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k),
+        results = await self.on_render_thread(
+            lambda: self._results(model, decoded, outcomes, plans, drawn, params.top_k)
         )
         return results, time.perf_counter() - started
 
     @asynccontextmanager
     async def _heavy_lane_if(
         self, cost: RenderCost, painter: Painter | None
-    ) -> AsyncIterator[tuple[Executor | None, Painter | None]]:
+    ) -> AsyncIterator[tuple[FairThreads, Painter | None]]:
         """The heavy drawings' lane for the block, when ``cost`` makes a drawing heavy: the
-        threads to draw on, and the painter (the device lane's ``painter``, or a drawing
-        process's where Pillow would draw)."""
+        threads to draw on (in turns among clients), and the painter (the device lane's
+        ``painter``, or a drawing process's where Pillow would draw)."""
         if self.heavy_render_pixels is None or cost.pixels <= self.heavy_render_pixels:
-            yield self.render_threads, painter
+            yield self.turns_on(self.render_threads), painter
             return
         if self._heavy_lane is None:
             self._heavy_lane = asyncio.Semaphore(1)
         async with self._heavy_lane:
             if painter is None and self.render_processes is not None:
                 async with self.render_processes.painter() as drawing:
-                    yield self.render_processes.threads, drawing
+                    yield self.turns_on(self.render_processes.threads), drawing
                 return
-            yield self.heavy_render_threads or self.render_threads, painter
+            yield self.turns_on(self.heavy_render_threads or self.render_threads), painter
 
     @asynccontextmanager
     async def _room_to_draw(self, amount: int) -> AsyncIterator[None]:

@@ -20,7 +20,6 @@ import os
 import re
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Any, Final, Literal, Protocol
@@ -31,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from app.cam import blend, colormap_lut, mask_levels, normalize_maps, palette_image
 from app.errors import InvalidParameter, OverBudget
-from app.pipeline.admission import run_to_the_end
+from app.pipeline.budget import FairThreads
 from app.pipeline.decoding import DecodedImage
 
 logger = logging.getLogger(__name__)
@@ -360,7 +359,7 @@ def render_image(
 
 
 async def draw_maps(
-    threads: Executor | None,
+    threads: FairThreads,
     decoded: Sequence[DecodedImage],
     maps: Sequence[Sequence[NamedMap]],
     style: RenderStyle,
@@ -369,20 +368,19 @@ async def draw_maps(
 ) -> list[list[list[dict[str, Any]]]]:
     """[image][group][map] -> the fields of ``MapOutput``, for each group of maps (a method's).
 
-    Every canvas and every output of every map is one step on ``threads``: a cancel waits for
-    the step that runs (one picture at most), never for the rest of the drawing. ``painter``:
+    Every canvas and every output of every map is one step on ``threads``, in its turn among
+    clients: a cancel waits for the step that runs (one picture at most), never for the rest of
+    the drawing, and another client's picture waits for one of this request's at most. ``painter``:
     the device lane's, which draws the images it decoded."""
     drawn = []
     for index, image in enumerate(decoded):
         if painter is not None and style.draws_pictures:
-            painted = await run_to_the_end(
-                threads, partial(painter.canvas, image, style.size, crop)
-            )
+            painted = await threads.run(partial(painter.canvas, image, style.size, crop))
             if painted is not None:
                 drawn.append(await _paint(threads, painter, painted, index, maps, style))
                 continue
         canvas = (
-            await run_to_the_end(threads, partial(Canvas.build, image, style.size, crop))
+            await threads.run(partial(Canvas.build, image, style.size, crop))
             if style.draws_pictures
             else None
         )
@@ -393,9 +391,7 @@ async def draw_maps(
                 job = MapJob(named.cams[index], named.normalized, canvas, style)
                 fields = _map_fields(named, canvas)
                 for name in style.outputs:
-                    fields[name] = await run_to_the_end(
-                        threads, partial(OUTPUT_KINDS[name].render, job)
-                    )
+                    fields[name] = await threads.run(partial(OUTPUT_KINDS[name].render, job))
                 rendered.append(fields)
             per_group.append(rendered)
         drawn.append(per_group)
@@ -403,7 +399,7 @@ async def draw_maps(
 
 
 async def _paint(
-    threads: Executor | None,
+    threads: FairThreads,
     painter: Painter,
     canvas: Any,
     index: int,
@@ -419,11 +415,10 @@ async def _paint(
             for name in style.outputs:
                 kind = OUTPUT_KINDS[name]
                 if kind.picture:
-                    fields[name] = await run_to_the_end(
-                        threads,
+                    fields[name] = await threads.run(
                         partial(
                             painter.render, name, named.cams[index], named.normalized, canvas, style
-                        ),
+                        )
                     )
                 else:
                     fields[name] = kind.render(

@@ -260,3 +260,55 @@ def test_heavy_drawings_draw_on_their_own_threads(registry: ModelRegistry) -> No
             )
             asyncio.run(_explain(explainer, ExplainParams(method="GradCAM")))  # 2 x 1280 pixels
             assert used[:-1] == [lane] * 4 and used[-1] == "render"  # the answer's assembly
+
+
+def test_drawing_steps_take_turns_among_clients(registry: ModelRegistry) -> None:
+    # One render thread; client a has six requests drawing, client b one. First come first
+    # served, b's steps (canvases, pictures, the answer's assembly) came one in seven, its last
+    # one last; in turns, b gets at least one step in three whatever a's number of requests
+    # (b's next step joins the queue only once its last one is done, after the thread went on).
+    from app.observability.context import start_request
+    from app.pipeline.fairness import current_caller
+
+    steps: list[str] = []
+
+    class Threads(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+            steps.append(current_caller())
+            return super().submit(fn, *args, **kwargs)
+
+    async def main(explainer: Explainer, pool: Threads) -> None:
+        release = asyncio.Event()
+        turns = explainer.turns_on(pool)
+
+        async def blocker() -> None:
+            start_request(None).caller = "x"
+            await explainer.on_render_thread(lambda: release_seen.wait(10))
+
+        async def request(client: str) -> None:
+            start_request(None).caller = client
+            await explainer.explain("tiny", _uploads(1, 2), ExplainParams(method="GradCAM"))
+
+        import threading
+
+        release_seen = threading.Event()
+        held = asyncio.create_task(blocker())
+        await asyncio.sleep(0.05)
+        clients = [asyncio.create_task(request(c)) for c in ("a",) * 6 + ("b",)]
+        async with asyncio.timeout(30):
+            while turns._threads is not None and turns._threads.waiting < 7:
+                await asyncio.sleep(0.01)  # every request waits to draw its first step
+        release.set()
+        release_seen.set()
+        await asyncio.gather(held, *clients)
+        await explainer.close()
+
+    with Threads(1) as pool:
+        explainer = Explainer(
+            registry, SlotLimiter(max_running=4, max_waiting=8), 10**7, render_threads=pool
+        )
+        asyncio.run(main(explainer, pool))
+    drawn = steps[1:]  # after the blocker
+    assert drawn.count("b") * 6 == drawn.count("a") > 0  # the same steps per request
+    last_b = max(i for i, client in enumerate(drawn) if client == "b")
+    assert last_b < 3 * drawn.count("b"), " ".join(drawn)

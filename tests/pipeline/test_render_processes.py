@@ -21,6 +21,7 @@ from app.errors import RenderUnavailable
 from app.http.app import create_app
 from app.models.registry import ModelRegistry
 from app.pipeline.admission import SlotLimiter
+from app.pipeline.budget import FairThreads
 from app.pipeline.decoding import Box, DecodedImage
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.render_processes import RenderProcesses
@@ -84,7 +85,7 @@ async def _in_process(pool: RenderProcesses, threads: Executor | None = None, **
     decoded, maps, style = _drawing()
     async with pool.painter() as painter:
         return await draw_maps(
-            threads or pool.threads, decoded, maps, style, CROP, painter, **kwargs
+            FairThreads(threads or pool.threads), decoded, maps, style, CROP, painter, **kwargs
         )
 
 
@@ -97,7 +98,7 @@ def test_a_drawing_process_draws_the_threads_bytes(
 
     async def main() -> Any:
         async with pool.painter() as painter:
-            return await draw_maps(pool.threads, decoded, maps, style, CROP, painter)
+            return await draw_maps(FairThreads(pool.threads), decoded, maps, style, CROP, painter)
 
     assert asyncio.run(main()) == _by_threads(decoded, maps, style)
     assert len(pool.pids) == 1

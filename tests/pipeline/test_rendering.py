@@ -18,6 +18,7 @@ from PIL import Image
 from app.cam import blend
 from app.errors import InvalidParameter, OverBudget
 from app.pipeline import rendering
+from app.pipeline.budget import FairThreads
 from app.pipeline.decoding import Box, DecodedImage
 from app.pipeline.rendering import (
     ANSWER_BYTES_PER_PIXEL,
@@ -203,7 +204,7 @@ def test_drawing_in_steps_gives_what_drawing_at_once_gives() -> None:
     decoded, maps, style = _two_maps()
     threads = _CountingThreads()
     with threads:
-        drawn = asyncio.run(draw_maps(threads, decoded, maps, style, (32, 32)))
+        drawn = asyncio.run(draw_maps(FairThreads(threads), decoded, maps, style, (32, 32)))
     at_once = [
         [render_image(d, i, group, style, (32, 32)) for group in maps]
         for i, d in enumerate(decoded)
@@ -218,7 +219,8 @@ def test_a_cancel_stops_the_drawing_after_the_step_that_runs() -> None:
     threads = _CountingThreads(cancel_at=3)
 
     async def main() -> None:
-        task = asyncio.ensure_future(draw_maps(threads, decoded, maps, style, (32, 32)))
+        drawing = draw_maps(FairThreads(threads), decoded, maps, style, (32, 32))
+        task = asyncio.ensure_future(drawing)
         threads.victim = task
         with pytest.raises(asyncio.CancelledError):
             await task

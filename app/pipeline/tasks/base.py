@@ -31,7 +31,7 @@ from app.models.loading import LoadedModel
 from app.models.tasks import task_of
 from app.observability.context import note_work
 from app.pipeline import checks, faithfulness
-from app.pipeline.admission import SlotLimiter, run_to_the_end
+from app.pipeline.admission import SlotLimiter
 from app.pipeline.batching import Batcher, PassControl, PassInfo
 from app.pipeline.decoding import DecodedImage, Upload
 from app.pipeline.passes import CamPlan, group_plans, own_pass
@@ -120,11 +120,10 @@ class Explainer(Protocol):
     @property
     def image_threads(self) -> Executor | None: ...
     @property
-    def render_threads(self) -> Executor | None: ...
-    @property
     def render_budget(self) -> RenderBudget | None: ...
     def batcher(self, model: LoadedModel) -> Batcher: ...
     async def on_image_thread(self, func: Callable[[], T], cost: int | None = None) -> T: ...
+    async def on_render_thread(self, func: Callable[[], T]) -> T: ...
 
 
 def _ms(seconds: float) -> float:
@@ -628,8 +627,8 @@ class TaskPipeline:
             queue_s = max(info.queue_s for info in infos)
             scored = await self._score(explainer, model, params, decoded, runs, chained, priority)
             encode_started = time.perf_counter()
-            results = await run_to_the_end(
-                explainer.render_threads, lambda: self._results(model, decoded, runs, style)
+            results = await explainer.on_render_thread(
+                lambda: self._results(model, decoded, runs, style)
             )
             encode_s = time.perf_counter() - encode_started
         for result, image_scored in zip(results, scored, strict=True):

@@ -90,6 +90,7 @@ def test_concurrent_requests_share_nvjpeg_calls_and_memory_stays_flat(lane, spec
 def test_gpu_pictures_agree_with_pillow(lane, spec, image_format) -> None:  # type: ignore[no-untyped-def]
     import asyncio
 
+    from app.pipeline.budget import FairThreads
     from app.pipeline.rendering import NamedMap, RenderStyle, draw_maps
     from tests.pipeline.lanes.test_drawing import _pixels, _psnr
 
@@ -100,7 +101,8 @@ def test_gpu_pictures_agree_with_pillow(lane, spec, image_format) -> None:  # ty
     for each in (CpuLane(), lane):
         decoded = each.decode([upload], spec, LIMIT, 1024)
         maps = [[NamedMap("feat", "layer", cams, normalized=False)]]
-        drawn.append(asyncio.run(draw_maps(None, decoded, maps, style, spec.crop, each.painter)))
+        threads = FairThreads(None)
+        drawn.append(asyncio.run(draw_maps(threads, decoded, maps, style, spec.crop, each.painter)))
     want, got = drawn[0][0][0][0], drawn[1][0][0][0]
     assert (got["width"], got["height"], got["region"]) == (
         want["width"],

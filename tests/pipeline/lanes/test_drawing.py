@@ -16,6 +16,7 @@ from PIL import Image
 
 from app.cam.overlay import _mask_array
 from app.models.manifest import parse_manifest
+from app.pipeline.budget import FairThreads
 from app.pipeline.decoding import Upload
 from app.pipeline.lanes import drawing
 from app.pipeline.lanes.cpu import CpuLane
@@ -55,7 +56,8 @@ def test_upsampled_maps_agree_with_pillow_to_1e3() -> None:
 def _draw(spec, lane, upload, style, cams):  # type: ignore[no-untyped-def]
     decoded = lane.decode([upload], spec, 10**8, style.size.decode_side)
     maps = [[NamedMap("feat", "layer", cams, normalized=False)]]
-    return asyncio.run(draw_maps(None, decoded, maps, style, spec.crop, lane.painter))[0][0][0]
+    drawn = draw_maps(FairThreads(None), decoded, maps, style, spec.crop, lane.painter)
+    return asyncio.run(drawn)[0][0][0]
 
 
 @pytest.mark.parametrize("image_format", ["jpeg", "png", "webp"])
