@@ -33,6 +33,7 @@ from app.models.store import (
     Fingerprint,
     ModelLayout,
     check_name,
+    content_digest,
     fingerprint,
     hidden,
     model_folders,
@@ -66,6 +67,9 @@ class ModelVersion:
     model: LoadedModel | None = None
     load_seconds: float | None = None
     fingerprint: Fingerprint = ()
+    content: str = ""
+    """The digest of its files' bytes (``content_digest``), read before the load: the
+    explanation cache tells builds apart by it."""
 
 
 @dataclass
@@ -432,7 +436,7 @@ class ModelRegistry:
         self, name: str, number: int, folder: Path, print_: Fingerprint
     ) -> ModelVersion:
         started = time.perf_counter()
-        version = ModelVersion(number, fingerprint=print_)
+        version = ModelVersion(number, fingerprint=print_, content=content_digest(folder, print_))
         label = name if folder.name == name else f"{name} version {number}"
         try:
             version.spec = parse_manifest(folder, name=name, version=number, access=self.access)

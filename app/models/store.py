@@ -12,6 +12,7 @@ complete.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -112,6 +113,26 @@ def fingerprint(folder: Path, store: Path | None = None) -> Fingerprint:
                 continue
             found.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
     return tuple(sorted(found))
+
+
+_READ = 1 << 20
+
+
+def content_digest(folder: Path, print_: Fingerprint) -> str:
+    """A BLAKE2b digest of the bytes of the files ``print_`` lists under ``folder``: what tells
+    apart two builds whose files agree in names, sizes and times (a reproducible image fixes
+    every file's time, and new weights of one architecture have the old ones' size). A file
+    that cannot be read counts by its name alone."""
+    digest = hashlib.blake2b(digest_size=32)
+    for relative, _, _ in print_:
+        digest.update(relative.encode() + b"\0")
+        try:
+            with (folder / relative).open("rb") as file:
+                while chunk := file.read(_READ):
+                    digest.update(chunk)
+        except OSError:
+            digest.update(b"\0unreadable")
+    return digest.hexdigest()
 
 
 class _Walk:

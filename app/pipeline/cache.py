@@ -102,10 +102,10 @@ _builds_lock = threading.Lock()
 def model_build(registry: ModelRegistry, model: LoadedModel) -> str:
     """What tells this load of a model from any other under its name and version: the digest
     of its version folder's files (relative paths, sizes, modification times: the registry's own
-    test of a change, ``app.models.store.fingerprint``) and of its manifest. Replicas share
-    entries when their model files agree in all three (a shared volume, the same image); a
-    model the registry does not list with a fingerprint (one built by hand) gets a random token
-    of its own, which no other load ever shares."""
+    test of a change, ``app.models.store.fingerprint``; and their bytes, read when it loaded)
+    and of its manifest. Replicas share entries when their model files agree (a shared volume,
+    the same image); a model the registry does not list with a fingerprint (one built by hand)
+    gets a random token of its own, which no other load ever shares."""
     with _builds_lock:
         known = _builds.get(model)
         if known is not None:
@@ -115,7 +115,7 @@ def model_build(registry: ModelRegistry, model: LoadedModel) -> str:
         if version is not None and version.model is model and version.fingerprint:
             # The folder's place differs between machines; its files and manifest are the model.
             spec = dataclasses.replace(model.spec, folder=Path(model.spec.folder.name))
-            build = _digest(repr((version.fingerprint, spec)).encode())
+            build = _digest(repr((version.fingerprint, version.content, spec)).encode())
         else:
             build = "token-" + secrets.token_hex(16)
         _builds[model] = build

@@ -24,6 +24,7 @@ from app.pipeline.cache import (
     cacheable,
     explanation_key,
     is_random,
+    model_build,
 )
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
@@ -274,6 +275,28 @@ def test_a_swapped_model_never_meets_the_old_models_entries(tmp_path: Path) -> N
     assert new.timings.cache == "miss" and seen.passes == 2
     assert new.version == old.version == 1
     assert new.results[0].logits != old.results[0].logits
+
+
+def test_builds_whose_files_agree_in_size_and_time_are_told_apart(tmp_path: Path) -> None:
+    # Two images of a reproducible build (every file's time fixed) with new weights of the
+    # same size: the build was the files' names, sizes and times, so replicas of the new image
+    # read the old model's explanations from the shared tier.
+    builds = []
+    for seed in (0, 1):
+        folder = put_tiny(tmp_path / str(seed), "tiny", seed=seed)
+        for path in folder.rglob("*"):
+            os.utime(path, ns=(315_532_800 * 10**9,) * 2)
+        registry = ModelRegistry(
+            folder.parent,
+            torch.device("cpu"),
+            "tiny",
+            control="explicit",
+            access=fixture_access(folder.parent),
+        )
+        registry.discover()
+        registry.load_all()
+        builds.append(model_build(registry, registry.get("tiny")))
+    assert builds[0] != builds[1]
 
 
 def test_a_random_method_is_cached_only_with_a_seed(registry: ModelRegistry) -> None:
