@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.browser.conftest import API_KEY, ROOT
+from tests.browser.conftest import API_KEY, ROOT, start, stop, wait_ready
 
 EXAMPLES = ROOT / "examples"
 
@@ -624,3 +624,51 @@ def test_dff_shows_its_concepts_under_its_map(shown: Watched) -> None:
     explain(page, EXAMPLES / "star.png", "GradCAM", cards=1)
     assert page.locator("section.concepts").count() == 0
     assert shown.errors == [] and failures(shown) == []
+
+
+def test_a_server_gone_mid_job_is_said_in_words(browser: object) -> None:
+    """Found by a hostile review: the server killed while a job's stream was open left the page
+    saying only 'network error' (the broken stream's own message)."""
+    process, url = start()
+    try:
+        wait_ready(process, url)
+        watched = watch(browser, f"{url}/")
+        page = watched.page
+        page.wait_for_selector("#methods input[value=SSCAM]")
+        start_job(page, EXAMPLES / "star.png", "SSCAM")
+        page.wait_for_function(
+            "() => Number(document.querySelector('#job-progress').getAttribute('value')) > 0"
+        )
+        process.kill()
+        page.wait_for_function("() => !document.querySelector('#explain').disabled")
+        assert page.inner_text("#error") == (
+            "The server could not be reached: is it still running? Your choices are kept; "
+            "press Explain to try again."
+        )
+        assert page.locator("#job").is_hidden()
+        assert page.is_checked("#methods input[value=SSCAM]")  # the choices are kept
+        page.context.close()
+    finally:
+        stop(process)
+
+
+def test_a_job_the_server_no_longer_has_is_said_in_words(shown: Watched, server: str) -> None:
+    """The stream ends before its final event and the job is gone (another replica, or the
+    server restarted): the page says so, not the API's 'Submit it again'."""
+    page = shown.page
+
+    def forget_then_end(route: object) -> None:
+        job = route.request.url.split("/jobs/")[1].split("/")[0]  # type: ignore[attr-defined]
+        with httpx.Client(base_url=server) as client:
+            client.delete(f"/jobs/{job}")  # cancelled
+            assert client.delete(f"/jobs/{job}").status_code == 200  # and forgotten
+        route.fulfill(status=200, content_type="text/event-stream", body="")  # type: ignore[attr-defined]
+
+    page.route("**/jobs/*/events", forget_then_end)
+    start_job(page, EXAMPLES / "star.png", "SSCAM")
+    page.locator("#error").wait_for(state="visible")
+    assert page.inner_text("#error") == (
+        "The server no longer has this job: it may have restarted. Your choices are kept; "
+        "press Explain to run it again. (404 job_not_found)"
+    )
+    page.wait_for_function("() => !document.querySelector('#explain').disabled")

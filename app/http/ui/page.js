@@ -108,6 +108,11 @@ function forPerson(error) {
       return apiKey()
         ? "The server refused this API key: check it in the API key field above."
         : "This server asks for an API key: enter it in the API key field above.";
+    case "job_not_found":
+      // Its stream broke and the server no longer knows the job: it restarted, or the job's
+      // store was emptied.
+      return "The server no longer has this job: it may have restarted. Your choices are " +
+        "kept; press Explain to run it again.";
     case "timeout":
       return "The server stopped this explanation at its time limit for one request. " +
         "Choose fewer methods or target layers and try again.";
@@ -547,11 +552,20 @@ async function followJob(job, signal) {
   }
 }
 
+// The final event's answer, or null when the stream ends or breaks before it (the server
+// restarted or a proxy cut the connection): the caller then asks for the job itself.
 async function readEvents(body, onEvent) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      return null;
+    }
+    const { value, done } = chunk;
     if (done) return null;
     buffer += value;
     let end = buffer.indexOf("\n\n");
