@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -672,3 +673,26 @@ def test_a_job_the_server_no_longer_has_is_said_in_words(shown: Watched, server:
         "press Explain to run it again. (404 job_not_found)"
     )
     page.wait_for_function("() => !document.querySelector('#explain').disabled")
+
+
+def test_a_closed_tab_cancels_its_job(browser: object, server: str) -> None:
+    """Found by a hostile review: a tab closed mid-job gave its stream's place back, but the job
+    ran to its end for no one, and the next request waited behind it."""
+    watched = watch(browser, f"{server}/")
+    page = watched.page
+    page.wait_for_selector("#methods input[value=SSCAM]")
+    job = start_job(page, EXAMPLES / "star.png", "SSCAM")
+    page.wait_for_function(
+        "() => Number(document.querySelector('#job-progress').getAttribute('value')) > 0"
+    )
+    page.context.close()
+    final = {"succeeded", "failed", "cancelled"}
+    with httpx.Client(base_url=server, timeout=10) as client:
+        view = client.get(f"/jobs/{job}").json()
+        for _ in range(600):  # the DELETE the page sent as it closed may still be on its way
+            if view["status"] in final:
+                break
+            time.sleep(0.1)
+            view = client.get(f"/jobs/{job}").json()
+    assert view["status"] == "cancelled"
+    assert view["progress"]["done"] < view["progress"]["total"] == 2240

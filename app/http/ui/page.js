@@ -643,6 +643,15 @@ async function cancelJob() {
   }
 }
 
+// A closed or reloaded tab cancels its job: no one is left to see its maps, and the model's
+// time goes to the next request (the job would otherwise run to its end for nobody).
+function cancelJobOnLeave() {
+  const job = state.job;
+  if (!job || job.cancelled) return;
+  const path = `jobs/${encodeURIComponent(job.id)}`;
+  fetch(path, { method: "DELETE", headers: withKey(), keepalive: true }).catch(() => {});
+}
+
 // ------------------------------------------------------------------ answers
 
 function decodePng(base64) {
@@ -996,6 +1005,7 @@ function start() {
   $("methods-all").addEventListener("click", () => checkAll("methods", true));
   $("methods-none").addEventListener("click", () => checkAll("methods", false));
   $("cancel").addEventListener("click", cancelJob);
+  window.addEventListener("pagehide", cancelJobOnLeave);
   $("class-reset").addEventListener("click", () => {
     state.classIdx = null;
     resetTaskPick();
