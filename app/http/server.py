@@ -84,10 +84,41 @@ class _HeadersOver(Exception):
     """Raised in a parser callback to stop the parse of headers over the cap."""
 
 
+class _Tally:
+    """A warning of uvicorn's that each request can cause, written as one line with the count
+    at most once every ``_LIMIT_LOG_EVERY_S``."""
+
+    def __init__(self, line: str) -> None:
+        self.line = line
+        self.throttle = Throttle(_LIMIT_LOG_EVERY_S)
+
+    def count(self) -> None:
+        if occasions := self.throttle.due():
+            logger.warning(self.line, occasions)
+
+
+_UVICORN_PER_REQUEST: dict[str, _Tally | None] = {
+    "Invalid HTTP request received": _Tally(
+        "answered %d request(s) that were not valid HTTP/1.1 (a malformed or overlong request "
+        "line or header, an unknown method) with 400 since the last such line"
+    ),
+    "Unsupported upgrade request": _Tally(
+        "served %d request(s) asking to upgrade the connection to another protocol "
+        "(Connection: Upgrade) as plain HTTP/1.1 since the last such line"
+    ),
+    "No supported WebSocket library": None,  # follows the one above; camserve has no WebSocket
+}
+"""uvicorn's warnings that a client can cause once per request (the start of each), and the
+line that counts them instead: 1000 requests of an unknown method wrote 1000 lines, and 1000
+upgrade requests on one kept-alive connection 1000 more."""
+
+
 class _QuietAfterOurRefusal(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """uvicorn's logger for one connection, less uvicorn's warning for bytes that are not HTTP
-    when it was our header cap that stopped the parse: the protocol logs those refusals itself,
-    at most once every ``_LIMIT_LOG_EVERY_S``, so that a flood of them cannot flood the log."""
+    """uvicorn's logger for one connection, less its warnings that a client can cause once per
+    request (``_UVICORN_PER_REQUEST``): those are counted into a line at most once every
+    ``_LIMIT_LOG_EVERY_S``, and the one for bytes that are not HTTP is dropped when it was our
+    header cap that stopped the parse (the protocol counts those refusals itself), so that a
+    flood of bad requests cannot flood the log."""
 
     def __init__(self, logger: logging.Logger, protocol: HeaderDeadlineProtocol) -> None:
         super().__init__(logger, {})
@@ -98,8 +129,14 @@ class _QuietAfterOurRefusal(logging.LoggerAdapter):  # type: ignore[type-arg]
         return int(self.logger.level)
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if level == logging.WARNING and self.protocol._head_over:
-            return
+        if level == logging.WARNING:
+            if self.protocol._head_over:
+                return
+            for start, tally in _UVICORN_PER_REQUEST.items():
+                if str(msg).startswith(start):
+                    if tally is not None:
+                        tally.count()
+                    return
         super().log(level, msg, *args, **kwargs)
 
 
