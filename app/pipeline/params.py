@@ -141,7 +141,17 @@ class ExplainParameter:
 
     def read(self, value: Any) -> Any:
         """The raw value as ``ExplainParams`` holds it; ``InvalidParameter`` names the problem."""
-        read = _READERS[self.kind](self.name, value)
+        try:
+            read = _READERS[self.kind](self.name, value)
+        except MalformedParameter as error:
+            if not self.choices:
+                raise
+            # A value of the wrong type (``true`` for a list of names) hears the names too.
+            raise MalformedParameter(
+                f"{error.message.rstrip('.')}; the allowed values are {', '.join(self.choices)} "
+                "(repeat the field or separate by commas).",
+                details={"parameter": self.name, "allowed": list(self.choices)},
+            ) from None
         if self.strict:
             self._check_strictly(read)
         elif isinstance(read, int | float) and not self.option:

@@ -86,6 +86,12 @@ def test_every_public_option_of_every_method_is_a_parameter() -> None:
         ({"class_idx": ["one"]}, "class_idx must be integers (repeat the field, separate"),
         ({"class_idx": [1.5]}, "class_idx must be an integer or a list of integers, got '[1.5]'."),
         ({"method": 3}, "method must be a string or a list of strings, got '3'."),
+        (
+            {"faithfulness": True},  # a value of the wrong type hears the names it may take
+            "faithfulness must be a string or a list of strings, got 'True'; the allowed values "
+            "are deletion, insertion, confidence, road",
+        ),
+        ({"image_format": 5}, "image_format must be a string, got '5'; the allowed values are "),
         ({"size": [512]}, "size must be 'original', 'input' or a number of pixels"),
         ({"zebra": "red"}, "Unknown explain parameter 'zebra'; the parameters are method, "),
         ({"colour": "red"}, "Unknown explain parameter 'colour' (did you mean 'colormap'?)"),
