@@ -35,6 +35,7 @@ from app.errors import (
     error_body,
 )
 from app.observability.context import REQUEST_ID_HEADER, current_request_id
+from app.observability.logs import logged_field
 from app.protocols.validation import describe
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,11 @@ def _flat(routes: Sequence[Any]) -> Iterator[Any]:
             yield route
 
 
+def _logged(request: Request) -> tuple[str, str]:
+    """The request's method and path as a log line names them."""
+    return logged_field(request.method), logged_field(request.url.path)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render domain errors, validation errors, HTTP errors and crashes in one shape."""
 
@@ -151,9 +157,9 @@ def install_error_handlers(app: FastAPI) -> None:
         # TooManyJobs logs its refusals itself, at a bounded rate.
         quiet = Overloaded | NotReady | ShuttingDown | TooManyJobs
         if exc.status_code >= 500 and not isinstance(exc, quiet):
-            logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+            logger.warning("%s %s: %s", *_logged(request), exc.message)
         elif isinstance(exc, ClientClosedRequest):
-            logger.info("%s %s: %s", request.method, request.url.path, exc.message)
+            logger.info("%s %s: %s", *_logged(request), exc.message)
         return JSONResponse(
             _shaped(request, exc.code, exc.message, exc.details),
             status_code=exc.status_code,
@@ -187,7 +193,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        logger.exception("unhandled error on %s %s", *_logged(request))
         return JSONResponse(
             _shaped(
                 request, CamserveError.code, "Internal server error; the details are in the log."

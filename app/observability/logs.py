@@ -2,7 +2,7 @@
 
 Every field a client can reach (a path, a filename, a header) is written with its control
 characters escaped, in both formats: a percent-encoded CR LF in a path would otherwise start a
-forged line of its own.
+forged line of its own. A client's string that a line names is cut (``logged_field``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import time
 from app.observability.context import RequestIdFilter
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+LOGGED_FIELD_LIMIT = 1024
+"""Most characters of a client's string (a path, a method) that a log line carries."""
 
 
 class Throttle:
@@ -44,6 +46,15 @@ def escape_controls(text: str) -> str:
     """``text`` with each control character (and Unicode line separator) written as its
     Python escape (``\\r``, ``\\x1b``, ``\\u2028``): one record, one line."""
     return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
+
+
+def logged_field(text: str, limit: int = LOGGED_FIELD_LIMIT) -> str:
+    """A client's string as a log line carries it: its first ``limit`` characters, then how
+    many it had. A path runs up to CAMSERVE_MAX_HEADER_BYTES (64 KiB, up to 16 MiB), and each
+    request's access line carried it whole."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class TextFormatter(logging.Formatter):

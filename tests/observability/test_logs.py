@@ -16,6 +16,7 @@ from app.observability.logs import (
     Throttle,
     configure_logging,
     escape_controls,
+    logged_field,
 )
 
 
@@ -82,6 +83,13 @@ def test_a_client_cannot_forge_a_log_line(client: TestClient, formatter: logging
 def test_escape_controls_keeps_text_and_escapes_the_rest() -> None:
     assert escape_controls("plain é ✓") == "plain é ✓"
     assert escape_controls("a\r\nb\x00\x1b\x7f\u2028") == "a\\r\\nb\\x00\\x1b\\x7f\\u2028"
+
+
+def test_a_logged_field_is_cut_and_says_how_long_it_was() -> None:
+    assert logged_field("/health") == "/health"
+    assert logged_field("x" * 1024) == "x" * 1024
+    assert logged_field("x" * 5000) == "x" * 1024 + "... (5000 characters)"
+    assert logged_field("abcdef", limit=3) == "abc... (6 characters)"
 
 
 def test_a_throttle_lets_one_line_through_per_period_with_the_count(

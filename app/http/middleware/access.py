@@ -9,6 +9,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.observability.context import REQUEST_ID_HEADER, RequestInfo, identity, start_request
+from app.observability.logs import logged_field
 from app.observability.metrics import UNMATCHED_ROUTE, Metrics
 
 logger = logging.getLogger("app.http.middleware.access")
@@ -68,10 +69,10 @@ class AccessMiddleware:
     def _finish(
         self, scope: Scope, info: RequestInfo, status: int, seconds: float, received: int, sent: int
     ) -> None:
-        path = scope.get("path", "")
+        method, path = logged_field(scope.get("method", "")), logged_field(scope.get("path", ""))
         logger.info(
             "%s %s %d %.1f ms model=%s method=%s images=%d bytes=%d",
-            scope.get("method", ""),
+            method,
             path,
             status,
             seconds * 1000,
@@ -81,7 +82,7 @@ class AccessMiddleware:
             sent,
             extra={
                 "access": {
-                    "http_method": scope.get("method", ""),
+                    "http_method": method,
                     "path": path,
                     "status": status,
                     "ms": round(seconds * 1000, 3),

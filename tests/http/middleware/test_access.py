@@ -156,6 +156,19 @@ def test_access_line_of_a_route_without_model(client: TestClient, json_log: io.S
     assert line["images"] == 0
 
 
+def test_a_long_path_is_cut_in_the_access_line(client: TestClient, json_log: io.StringIO) -> None:
+    """A path runs up to CAMSERVE_MAX_HEADER_BYTES; its access line carried it whole (found by a
+    hostile review: a 60,000-character path made a 60,151-character line, one per request)."""
+    assert client.get("/" + "a" * 59_999).status_code == 404
+    (line,) = [r for r in lines(json_log) if r["logger"] == "app.http.middleware.access"]
+    assert line["path"] == "/" + "a" * 1023 + "... (60000 characters)"
+    assert (
+        line["message"].startswith("GET /aaa") and "... (60000 characters) 404 " in line["message"]
+    )
+    ours = [line for line in json_log.getvalue().splitlines() if '"logger": "app.' in line]
+    assert ours and all(len(line) < 3000 for line in ours)  # the path twice, cut
+
+
 def test_text_format_tags_request_lines_only() -> None:
     record = logging.LogRecord("app.x", logging.INFO, __file__, 1, "hello", (), None)
     record.request_id = "t-1"
