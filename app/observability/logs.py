@@ -16,7 +16,9 @@ import time
 
 from app.observability.context import RequestIdFilter
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters, Unicode's line separators, and its bidirectional controls: a path with
+# U+202E shows the rest of its line reversed in a terminal or a log viewer.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 LOGGED_FIELD_LIMIT = 1024
 """Most characters of a client's string (a path, a method) that a log line carries."""
 
@@ -43,8 +45,9 @@ class Throttle:
 
 
 def escape_controls(text: str) -> str:
-    """``text`` with each control character (and Unicode line separator) written as its
-    Python escape (``\\r``, ``\\x1b``, ``\\u2028``): one record, one line."""
+    """``text`` with each control character (and Unicode line separator or bidirectional
+    control) written as its Python escape (``\\r``, ``\\x1b``, ``\\u2028``, ``\\u202e``): one
+    record, one line, read in the order it was written."""
     return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)
 
 

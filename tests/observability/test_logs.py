@@ -83,6 +83,8 @@ def test_a_client_cannot_forge_a_log_line(client: TestClient, formatter: logging
 def test_escape_controls_keeps_text_and_escapes_the_rest() -> None:
     assert escape_controls("plain é ✓") == "plain é ✓"
     assert escape_controls("a\r\nb\x00\x1b\x7f\u2028") == "a\\r\\nb\\x00\\x1b\\x7f\\u2028"
+    # Bidirectional controls: "/\u202enimda" shows as "/admin" (found by a hostile review).
+    assert escape_controls("/\u202enimda\u2066\u200f") == "/\\u202enimda\\u2066\\u200f"
 
 
 def test_a_logged_field_is_cut_and_says_how_long_it_was() -> None:
