@@ -305,6 +305,14 @@ class OriginNotAllowed(CamserveError):
     code = "origin_not_allowed"
 
 
+class HostNotAllowed(CamserveError):
+    """A browser reached the service by a host name it does not answer to
+    (``CAMSERVE_ALLOWED_HOSTS``: a site whose name was made to resolve here, DNS rebinding)."""
+
+    status_code = 403
+    code = "host_not_allowed"
+
+
 class TooManyStreams(CamserveError):
     """Too many job event streams open, for this client or this replica."""
 

@@ -25,6 +25,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 ENV_PREFIX = "CAMSERVE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+#: An allowed host: a name or address (IPv6 without brackets), ``*.`` and a domain, or ``*``.
+_HOST_RE = re.compile(r"^(\*|(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?|[0-9a-f:.]*:[0-9a-f:.]*)$")
 _KEY_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DEFAULT_KEY_NAME = "default"
 """The name of ``CAMSERVE_API_KEY`` among the named keys."""
@@ -306,6 +308,18 @@ class Settings(BaseSettings):
         description="Job event streams one client (API key, or address without one) may have "
         "open at once on this replica; more get 429 with `Retry-After`.",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names the service answers to besides IP addresses and the loopback "
+        "names (`localhost`, `*.localhost`): a request whose `Host` names another gets 403 "
+        "`host_not_allowed`, so that a site whose name was made to resolve to this machine "
+        "(DNS rebinding) cannot use the service from its visitors' browsers. Empty: only those "
+        "when `CAMSERVE_HOST` is a loopback address, any name otherwise. `*`: any name. Behind "
+        "a gateway on the same machine that passes its own name in `Host`, list that name.",
+        json_schema_extra={
+            "allowed": "comma-separated host names (`*.example.com`: its subdomains), or `*`"
+        },
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins a browser page may call from.",
@@ -508,6 +522,20 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _check_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            value = [v.lower().strip("[]") if isinstance(v, str) else v for v in value]
+            bad = [str(v) for v in value if not (isinstance(v, str) and _HOST_RE.fullmatch(v))]
+            if bad:
+                raise ValueError(
+                    f"{', '.join(bad)}: a host name, an IP address, `*.` and a domain, or `*`"
+                )
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ def flood(host: str, port: int, headers: int, answers: list[bytes]) -> None:
     chunk = b"a: b\r\n" * 10_000
     with socket.create_connection((host, port), timeout=60) as sock:
         try:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
             for _ in range(headers // 10_000):
                 sock.sendall(chunk)
             sock.sendall(b"\r\n")

@@ -278,7 +278,7 @@ async def header_attacker(url: str, headers: int, tally: Tally) -> None:
     """GET /health with ``headers`` tiny headers, over a raw connection (no client caps)."""
     host, port = url.removeprefix("http://").split(":")
     flood = "".join(f"X-F{i}: v\r\n" for i in range(headers)).encode()
-    request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + flood + b"\r\n"
+    request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + flood + b"\r\n"
     while True:
         status = 0
         try:

@@ -33,6 +33,9 @@ os.environ["CAMSERVE_TRUSTED_MODULES"] = FIXTURE_MODULE
 # passes, timings, progress, metrics): the explanation cache is off unless a test turns it on
 # (cache_mb=..., as the cache's own tests do).
 os.environ["CAMSERVE_CACHE_MB"] = "0"
+# Starlette's TestClient names the host "testserver", a name that a service on a loopback address
+# does not answer to unless it is allowed (CAMSERVE_ALLOWED_HOSTS: DNS rebinding).
+os.environ["CAMSERVE_ALLOWED_HOSTS"] = "testserver"
 
 
 @pytest.fixture(scope="session")

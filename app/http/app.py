@@ -17,6 +17,7 @@ from app import __version__
 from app.http.deps import API_KEY_HEADER, ApiKeys
 from app.http.errors import PREFIXES, install_error_handlers
 from app.http.middleware.access import AccessMiddleware
+from app.http.middleware.allowed_hosts import AllowedHostsMiddleware, allowed_hosts
 from app.http.middleware.body_limit import BodyLimitMiddleware
 from app.http.middleware.compression import ProtocolCompression
 from app.http.middleware.gate import GateMiddleware
@@ -233,8 +234,8 @@ def _include_routes(app: FastAPI, settings: Settings) -> None:
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     """From the inside out: the protocols' answer compression, the body limit (and request
-    decompression), the gate, CORS, HEAD as GET, the access log and request id, the header
-    caps, the browser's security headers."""
+    decompression), the gate, CORS, the allowed host names, HEAD as GET, the access log and
+    request id, the header caps, the browser's security headers."""
     # The protocols' answers (JSON, binary tensors) compressed for a client that accepts gzip;
     # small answers are left alone.
     app.add_middleware(
@@ -292,6 +293,11 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
                 "X-Camserve-Label",
             ],
         )
+    # A request by a name the service does not answer to (a site rebound to this machine: DNS
+    # rebinding) is refused before CORS or the gate, which trust the page's name, look at it.
+    hosts = allowed_hosts(settings.allowed_hosts, settings.host)
+    if hosts is not None:
+        app.add_middleware(AllowedHostsMiddleware, hosts=hosts)
     # HEAD on every GET route, seen by everything inside as the GET it answers like.
     app.add_middleware(HeadMiddleware)
     # Outermost of all: every answer, a CORS preflight or a 413 included, carries the id.

@@ -11,11 +11,12 @@ import shutil
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.browser.conftest import ROOT, start, stop, wait_ready
+from tests.browser.conftest import CHROMIUM, ROOT, start, stop, wait_ready
 from tests.browser.test_page import EXAMPLES, MAPS, explain, watch
 
 #: Each sets ``window.pwned`` if it ever runs: as an element's handler, a script, a frame's script.
@@ -188,3 +189,70 @@ def test_a_page_on_another_port_can_neither_read_nor_run_explain(
     assert answers == {"models": "refused: Failed to fetch", "explain": "refused: Failed to fetch"}
     assert forbidden_answers(server) == before + 1
     page.context.close()
+
+
+#: What the rebound site's page does once its name resolves to this machine: read the models,
+#: and run an explanation, as the page's own origin (no CORS is involved).
+FROM_THE_REBOUND_SITE = """async (png) => {
+    const models = await fetch("/models");
+    const form = new FormData();
+    const bytes = Uint8Array.from(atob(png), c => c.charCodeAt(0));
+    form.append("file", new Blob([bytes], {type: "image/png"}), "star.png");
+    const explain = await fetch("/explain", {method: "POST", body: form});
+    const code = async (answer) => answer.ok ? "ok" : (await answer.json()).error.code;
+    return {models: [models.status, await code(models)],
+            explain: [explain.status, await code(explain)]};
+}"""
+
+
+@pytest.fixture(scope="module")
+def open_to_any_host() -> Iterator[str]:
+    """A service that answers browsers by any name, as every service did before the rule."""
+    process, url = start(CAMSERVE_ALLOWED_HOSTS="*")
+    try:
+        wait_ready(process, url)
+        yield url
+    finally:
+        assert "Traceback" not in stop(process)
+
+
+@pytest.mark.parametrize("answers_any_name", [False, True])
+def test_a_site_rebound_to_this_machine_cannot_use_the_service(
+    browser: object, server: str, open_to_any_host: str, answers_any_name: bool
+) -> None:
+    """DNS rebinding: rebound.test served its page, then made its name resolve to 127.0.0.1
+    (here chromium's resolver maps it, and the page comes from a route). Its scripts then call
+    the service as their own origin; only the Host header still names rebound.test."""
+    target = open_to_any_host if answers_any_name else server
+    port = target.rsplit(":", 1)[1]
+    rebound = browser.browser_type.launch(  # type: ignore[attr-defined]
+        executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+        headless=True,
+        args=[
+            "--disable-gpu",
+            "--host-resolver-rules=MAP rebound.test 127.0.0.1",
+            # Chromium's own guard, which asks the user before a page of the internet calls
+            # this machine, is off: as in Firefox and Safari, or once the user said yes.
+            "--disable-features=LocalNetworkAccessChecks,BlockInsecurePrivateNetworkRequests,"
+            "PrivateNetworkAccessSendPreflights,PrivateNetworkAccessRespectPreflightResults",
+        ],
+    )
+    try:
+        page = rebound.new_page()
+        site = f"http://rebound.test:{port}"
+        page.route(
+            f"{site}/",
+            lambda route: route.fulfill(content_type="text/html", body="<p>a cat picture</p>"),
+        )
+        page.goto(f"{site}/")
+        png = base64.b64encode((EXAMPLES / "star.png").read_bytes()).decode()
+        answers = page.evaluate(FROM_THE_REBOUND_SITE, png)
+        if answers_any_name:  # the attack, where the service answers any name
+            assert answers == {"models": [200, "ok"], "explain": [200, "ok"]}
+        else:
+            refused = [403, "host_not_allowed"]
+            assert answers == {"models": refused, "explain": refused}
+            # The service's own page by this machine's names still works.
+            assert page.goto(f"http://localhost:{port}/").status == 200  # type: ignore[union-attr]
+    finally:
+        rebound.close()

@@ -23,6 +23,7 @@ def test_middleware_order_and_the_gate_on_the_live_routes(settings: Settings) ->
         "HeaderCapMiddleware",
         "AccessMiddleware",
         "HeadMiddleware",  # inside the access log (which names HEAD), outside everything else
+        "AllowedHostsMiddleware",  # before CORS and the gate, which trust the page's host name
         "GateMiddleware",
         "BodyLimitMiddleware",
         "ProtocolCompression",

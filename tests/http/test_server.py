@@ -208,7 +208,7 @@ def test_the_key_is_checked_before_the_body_is_read(server: str) -> None:
     """Headers announcing 150 MB without a key: the 401 comes before one body byte is sent."""
     with _raw(server) as sock:
         sock.sendall(
-            b"POST /explain HTTP/1.1\r\nHost: x\r\n"
+            b"POST /explain HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: multipart/form-data; boundary=x\r\n"
             b"Content-Length: 150000000\r\n\r\n"
         )
@@ -220,7 +220,7 @@ def test_the_key_is_checked_before_the_body_is_read(server: str) -> None:
 
 def test_half_sent_headers_are_closed_with_408(server: str) -> None:
     with _raw(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # and never the blank line
         answer = _read_all(sock)  # a socket timeout would raise here, not read a 408
     assert answer.startswith(b"HTTP/1.1 408")
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_timeout"
@@ -232,7 +232,7 @@ def test_half_sent_headers_are_closed_with_408(server: str) -> None:
 def test_a_stalled_body_is_answered_408(server: str) -> None:
     with _raw(server) as sock:
         sock.sendall(
-            b"POST /explain HTTP/1.1\r\nHost: x\r\nX-API-Key: key\r\n"
+            b"POST /explain HTTP/1.1\r\nHost: localhost\r\nX-API-Key: key\r\n"
             b"Content-Type: multipart/form-data; boundary=x\r\n"
             b"Content-Length: 5000\r\n\r\n--x\r\n"
         )
@@ -314,7 +314,7 @@ def test_a_drained_server_exits_0_so_make_serve_reports_no_failure(store: Path) 
 def _keep_open(url: str) -> socket.socket:
     """A connection that asked for /health and now idles (kept alive), holding its place."""
     sock = _raw(url)
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(65536)
@@ -345,8 +345,8 @@ def test_probes_pass_and_refusals_are_json_at_the_connection_cap(store: Path) ->
 
 def test_bytes_that_are_not_http_get_a_json_400(server: str) -> None:
     for request in (
-        b"GET /health HTTP/1.1\r\nHost: x\r\nBad\x01Header: y\r\n\r\n",
-        b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nBad\x01Header: y\r\n\r\n",
+        b"GET /\x7f HTTP/1.1\r\nHost: localhost\r\n\r\n",
     ):
         with _raw(server) as sock:
             sock.sendall(request)
@@ -359,7 +359,7 @@ def test_bytes_that_are_not_http_get_a_json_400(server: str) -> None:
 
 def test_a_long_url_gets_json(server: str) -> None:
     with _raw(server) as sock:
-        sock.sendall(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
         answer = _read_all(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-type: application/json" in head.lower(), answer[:300]
@@ -453,7 +453,7 @@ def test_a_flood_of_tiny_headers_is_cut_with_431(server: str) -> None:
     """A million tiny headers: refused once the 101st arrives, the connection closed; the rest
     is never parsed."""
     with _raw(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
         try:
             for _ in range(100):
                 sock.sendall(b"a: b\r\n" * 10_000)
@@ -469,7 +469,7 @@ def test_a_flood_of_tiny_headers_is_cut_with_431(server: str) -> None:
 
 def test_a_huge_header_is_refused_with_431(server: str) -> None:
     with _raw(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: ")
         try:
             for _ in range(320):  # 20 MB, never ending its line
                 sock.sendall(b"v" * 65536)
@@ -571,16 +571,16 @@ def test_a_flood_of_bad_requests_does_not_flood_the_log(store: Path) -> None:
     try:
         for _ in range(20):
             with _raw(url) as sock:
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"a: b\r\n" * 200 + b"\r\n")
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"a: b\r\n" * 200 + b"\r\n")
                 assert _read_all(sock).startswith(b"HTTP/1.1 431")
-        for request in (b"NOT HTTP AT ALL\r\n\r\n", b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n") * 10:
+        for request in (b"NOT HTTP AT ALL\r\n\r\n", b"BREW / HTTP/1.1\r\nHost: localhost\r\n\r\n") * 10:
             with _raw(url) as sock:
                 sock.sendall(request)
                 assert _read_all(sock).startswith(b"HTTP/1.1 400")
         with _raw(url) as sock:
             for _ in range(20):
                 sock.sendall(
-                    b"GET /health HTTP/1.1\r\nHost: x\r\n"
+                    b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
                     b"Connection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
                 )
                 assert _answer(sock).startswith(b"HTTP/1.1 200")
@@ -637,7 +637,7 @@ async def _answered_connection() -> tuple[HeaderDeadlineProtocol, _Transport]:
     protocol = HeaderDeadlineProtocol(config=config, server_state=ServerState(), app_state={})
     transport = _Transport()
     protocol.connection_made(transport)
-    protocol.data_received(b"GET /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    protocol.data_received(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n")
     for _ in range(10):
         await asyncio.sleep(0)
     assert transport.written.startswith(b"HTTP/1.1 404")
@@ -672,7 +672,7 @@ def test_a_request_after_an_answered_body_cancels_the_keep_alive_timer() -> None
         timer = protocol.timeout_keep_alive_task
         protocol.data_received(b"x" * (1000000 - 1))
         assert protocol.timeout_keep_alive_task is timer  # the body ended, nothing began
-        protocol.data_received(b"x" + b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        protocol.data_received(b"x" + b"GET /next HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert timer is not None and timer.cancelled()
         for _ in range(10):
             await asyncio.sleep(0)
