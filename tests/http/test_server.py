@@ -571,9 +571,14 @@ def test_a_flood_of_bad_requests_does_not_flood_the_log(store: Path) -> None:
     try:
         for _ in range(20):
             with _raw(url) as sock:
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"a: b\r\n" * 200 + b"\r\n")
+                sock.sendall(
+                    b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"a: b\r\n" * 200 + b"\r\n"
+                )
                 assert _read_all(sock).startswith(b"HTTP/1.1 431")
-        for request in (b"NOT HTTP AT ALL\r\n\r\n", b"BREW / HTTP/1.1\r\nHost: localhost\r\n\r\n") * 10:
+        for request in (
+            b"NOT HTTP AT ALL\r\n\r\n",
+            b"BREW / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        ) * 10:
             with _raw(url) as sock:
                 sock.sendall(request)
                 assert _read_all(sock).startswith(b"HTTP/1.1 400")
@@ -637,7 +642,9 @@ async def _answered_connection() -> tuple[HeaderDeadlineProtocol, _Transport]:
     protocol = HeaderDeadlineProtocol(config=config, server_state=ServerState(), app_state={})
     transport = _Transport()
     protocol.connection_made(transport)
-    protocol.data_received(b"GET /nothing HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n")
+    protocol.data_received(
+        b"GET /nothing HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n"
+    )
     for _ in range(10):
         await asyncio.sleep(0)
     assert transport.written.startswith(b"HTTP/1.1 404")
