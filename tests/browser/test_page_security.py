@@ -167,8 +167,7 @@ FROM_ANOTHER_SITE = """async ([service, png]) => {
 
 
 def forbidden_answers(server: str) -> float:
-    """The service's count of 403 answers, from its metrics (the gate's refusals are counted
-    under the route ``unmatched``)."""
+    """The service's count of 403 answers over every route, from its metrics."""
     text = httpx.get(f"{server}/metrics").text
     pattern = r'^camserve_requests_total\{[^}]*status="403"[^}]*\} (\S+)$'
     return sum(float(n) for n in re.findall(pattern, text, re.MULTILINE))

@@ -124,6 +124,7 @@ class GateMiddleware:
         if gated is not None and checks:
             refusal = self._refusal(scope, headers, gated[1], foreign)
             if refusal is not None:
+                scope["route"] = gated[0]  # the access log and the metrics name the route
                 protocol = isinstance(gated[0], ProtocolRoute)
                 await _refuse(scope, headers, receive, send, refusal, protocol)
                 return

@@ -19,7 +19,7 @@ from app.http.app import create_app
 from app.http.middleware.gate import GateMiddleware
 from app.lifecycle import Lifecycle
 from app.settings import Settings
-from tests.conftest import image_bytes
+from tests.conftest import files, image_bytes
 from tests.http.protocols.test_oip import assert_protocol_error, infer_body
 
 KEY = "s3cret"
@@ -336,3 +336,14 @@ def test_a_body_read_whole_is_not_cut_by_the_gate(store: Path) -> None:
 
     asyncio.run(gate(scope, receive, send))
     assert sent[0]["status"] == 200 and uploading.read == 2
+
+
+def test_a_refusal_is_counted_under_its_route(make_client: Callable[..., TestClient]) -> None:
+    # It was counted under 'unmatched': the gate answers before the router sets the route.
+    client = make_client(api_key=KEY)
+    assert client.post("/explain", files=files(image_bytes())).status_code == 401
+    assert client.post("/v2/models/tiny/infer", json={}).status_code == 401
+    text = client.get("/metrics").text
+    for route in ("/explain", "/v2/models/{name}/infer"):
+        pattern = rf'^camserve_requests_total\{{[^}}]*route="{re.escape(route)}"[^}}]*status="401"'
+        assert re.search(pattern, text, re.MULTILINE), route
