@@ -13,6 +13,7 @@ import math
 import re
 import threading
 import time
+from typing import Any
 
 from app.observability.context import RequestIdFilter
 
@@ -69,13 +70,20 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None)
         record.request_tag = f" [{escape_controls(request_id)}]" if request_id else ""
-        # The message is escaped, not the traceback after it (its lines are ours).
+        # The message is escaped here, the traceback after it in ``formatException``.
         saved = record.msg, record.args
         record.msg, record.args = escape_controls(record.getMessage()), None
         try:
             return super().format(record)
         finally:
             record.msg, record.args = saved
+
+    def formatException(self, ei: Any) -> str:
+        """The traceback with every line indented and its control characters escaped: an
+        exception's message may carry a client's string, CR LF included, and no line of it may
+        then start like a record of its own."""
+        text = super().formatException(ei)
+        return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
 
 
 class JsonFormatter(logging.Formatter):

@@ -107,3 +107,25 @@ def test_a_throttle_lets_one_line_through_per_period_with_the_count(
     now[0] += 0.1
     assert throttle.due() == 5  # the four held back and this one
     assert throttle.due() == 0
+
+
+def test_a_traceback_cannot_forge_a_log_line_either() -> None:
+    # An exception's message may carry a client's string: in the text format every line of the
+    # traceback is indented and its controls escaped (the JSON format holds it in one field).
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("tests.forged")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ValueError("bad name 'x\r\n2026-12-02 03:30:00,000 ERROR app: forged\x1b[31m'")
+        except ValueError:
+            logger.exception("a request failed")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert "a request failed" in lines[0]
+    assert len(lines) > 3 and all(line.startswith("    ") for line in lines[1:]), lines
+    assert all("\x1b" not in line and "\r" not in line for line in lines)
+    assert any("ValueError: bad name 'x\\r" in line for line in lines)
