@@ -179,12 +179,13 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _FRAMEWORK_ERRORS.get(exc.status_code, HttpError).code
         message = str(exc.detail)
         headers = exc.headers
+        method, path = _logged(request)  # cut as the log cuts them: no 64 kB echoed back
         if exc.status_code == 405:
             allowed = _allowed_methods(request)
             headers = {**(headers or {}), "Allow": allowed}
-            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}."
+            message = f"{method} is not allowed on {path}; use {allowed}."
         if exc.status_code == 404 and message == "Not Found":
-            message = f"No route {request.url.path}; see /docs for the API."
+            message = f"No route {path}; see /docs for the API."
         elif exc.status_code == 400 and "parsing the body" in message:
             message = "The request body could not be parsed; send multipart/form-data."
         return JSONResponse(

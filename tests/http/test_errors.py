@@ -53,3 +53,13 @@ def test_validation_errors_name_each_field(client: TestClient) -> None:
 def test_framework_refusals_take_the_codes_of_the_table(client: TestClient) -> None:
     assert "see /docs" in assert_error(client.get("/nowhere"), 404, "not_found")
     assert_error(client.delete("/predict"), 405, "method_not_allowed")
+
+
+def test_a_long_path_is_echoed_cut(client: TestClient) -> None:
+    # A 404 or 405 names the path as the log does: cut to 1024 characters, with its length.
+    path = "/" + "a" * 60_000
+    for answer, status in ((client.get(path), 404), (client.delete("/health"), 405)):
+        assert answer.status_code == status
+        assert len(answer.content) < 2_000
+    message = client.get(path).json()["error"]["message"]
+    assert message.startswith("No route /aaa") and "(60001 characters)" in message
