@@ -112,8 +112,10 @@ def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
     """Start a separate service with some settings changed; closed after the test."""
     opened: list[TestClient] = []
 
-    def factory(**changes: object) -> TestClient:
-        test_client = TestClient(create_app(Settings(**{**settings.model_dump(), **changes})))
+    def factory(base_url: str = "http://testserver", **changes: object) -> TestClient:
+        """``base_url``: where the client says it calls (its Host header)."""
+        app = create_app(Settings(**{**settings.model_dump(), **changes}))
+        test_client = TestClient(app, base_url=base_url)
         test_client.__enter__()
         opened.append(test_client)
         wait_ready(test_client)

@@ -4,40 +4,26 @@ tests/browser/test_page_security.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from app.http.app import create_app
 from app.http.middleware.allowed_hosts import allowed_hosts, is_address, is_loopback
 from app.settings import Settings
-from tests.conftest import files, image_bytes, wait_ready
+from tests.conftest import files, image_bytes
 
 
-@pytest.fixture
-def make_client(settings: Settings) -> Iterator[Callable[..., TestClient]]:
+def by_address(make_client: Callable[..., TestClient], **changes: Any) -> TestClient:
     """A service with these settings, called by its address (TestClient's own host name,
     "testserver", is not one it need answer to)."""
-    opened: list[TestClient] = []
-
-    def factory(**changes: Any) -> TestClient:
-        app = create_app(Settings(**{**settings.model_dump(), **changes}))
-        client = TestClient(app, base_url="http://127.0.0.1")
-        client.__enter__()
-        opened.append(client)
-        wait_ready(client)
-        return client
-
-    yield factory
-    for client in opened:
-        client.__exit__(None, None, None)
+    return make_client(base_url="http://127.0.0.1", **changes)
 
 
 def test_a_rebound_name_is_refused(make_client: Callable[..., TestClient]) -> None:
-    client = make_client(host="127.0.0.1", allowed_hosts=[])
+    client = by_address(make_client, host="127.0.0.1", allowed_hosts=[])
     rebound = {"Host": "rebound.test:8000"}
     for answer in (
         client.get("/models", headers=rebound),
@@ -63,7 +49,7 @@ def test_a_rebound_name_is_refused(make_client: Callable[..., TestClient]) -> No
 def test_addresses_and_loopback_names_are_answered(
     make_client: Callable[..., TestClient], host: str
 ) -> None:
-    client = make_client(host="127.0.0.1", allowed_hosts=[])
+    client = by_address(make_client, host="127.0.0.1", allowed_hosts=[])
     assert client.get("/models", headers={"Host": host}).status_code == 200
 
 
@@ -91,7 +77,7 @@ def test_allowed_hosts_name_what_the_service_answers_to(
     host: str,
     answered: bool,
 ) -> None:
-    client = make_client(host=bound, allowed_hosts=allowed)
+    client = by_address(make_client, host=bound, allowed_hosts=allowed)
     status = client.get("/models", headers={"Host": host}).status_code
     assert (status == 200) is answered, status
 
@@ -112,7 +98,7 @@ def test_a_request_without_a_host_is_no_browsers_and_is_answered(
     make_client: Callable[..., TestClient],
 ) -> None:
     # HTTP/1.0 allows it; a browser always sends Host.
-    client = make_client(host="127.0.0.1", allowed_hosts=[])
+    client = by_address(make_client, host="127.0.0.1", allowed_hosts=[])
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
