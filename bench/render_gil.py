@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from PIL import Image  # noqa: E402
 
+from app.pipeline.budget import FairThreads  # noqa: E402
 from app.pipeline.decoding import Box, DecodedImage  # noqa: E402
 from app.pipeline.render_processes import RenderProcesses  # noqa: E402
 from app.pipeline.rendering import (  # noqa: E402
@@ -85,7 +86,7 @@ async def one_drawing(way: str, threads: Any, processes: RenderProcesses) -> dic
     )
     async with lane as painter:
         where = processes.threads if way == "process" else threads
-        await draw_maps(where, decoded, maps, STYLE, CROP, painter)
+        await draw_maps(FairThreads(where), decoded, maps, STYLE, CROP, painter)
     seconds = time.perf_counter() - started
     ticks.cancel()
     stop.set()

@@ -50,6 +50,7 @@ def _draw(side: int, maps: int, outputs: tuple[str, ...], image_format: str) -> 
     import torch
     from PIL import Image
 
+    from app.pipeline.budget import FairThreads
     from app.pipeline.decoding import Box, DecodedImage
     from app.pipeline.rendering import NamedMap, PictureSize, RenderStyle, draw_maps, render_cost
 
@@ -61,7 +62,8 @@ def _draw(side: int, maps: int, outputs: tuple[str, ...], image_format: str) -> 
     named = [[NamedMap(f"l{i}", "layer", cams[i], True) for i in range(maps)]]
     style = RenderStyle(outputs=outputs, image_format=image_format, size=PictureSize("side", side))
     small = RenderStyle(outputs=outputs, image_format=image_format, size=PictureSize("side", 64))
-    with ThreadPoolExecutor(1) as threads:
+    with ThreadPoolExecutor(1) as pool:
+        threads = FairThreads(pool)
         asyncio.run(draw_maps(threads, [decoded], named, small, (128, 128)))  # warm-up
         before = _status("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
