@@ -71,9 +71,10 @@ class AllowedHostsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             raw = dict(scope["headers"]).get(b"host")
-            if raw is not None and not self._answers(raw.decode("latin-1")):
-                # (No Host at all, as HTTP/1.0 allows, is no browser's: browsers always send one.)
-                await send_refusal(send, _refusal(raw.decode("latin-1")))
+            # (No Host at all, as HTTP/1.0 allows, is no browser's: browsers always send one.)
+            host = None if raw is None else raw.decode("latin-1")
+            if host is not None and not self._answers(host):
+                await send_refusal(send, _refusal(host))
                 return
         await self.app(scope, receive, send)
 
