@@ -305,6 +305,14 @@ class OriginNotAllowed(CamserveError):
     code = "origin_not_allowed"
 
 
+class PreflightRefused(CamserveError):
+    """A browser's CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``) asked for
+    an origin, a method or headers that the service does not allow across origins."""
+
+    status_code = 400
+    code = "preflight_refused"
+
+
 class HostNotAllowed(CamserveError):
     """A browser reached the service by a host name it does not answer to
     (``CAMSERVE_ALLOWED_HOSTS``: a site whose name was made to resolve here, DNS rebinding)."""

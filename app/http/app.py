@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app import __version__
@@ -20,6 +19,7 @@ from app.http.middleware.access import AccessMiddleware
 from app.http.middleware.allowed_hosts import AllowedHostsMiddleware, allowed_hosts
 from app.http.middleware.body_limit import BodyLimitMiddleware
 from app.http.middleware.compression import ProtocolCompression
+from app.http.middleware.cors import Cors
 from app.http.middleware.gate import GateMiddleware
 from app.http.middleware.head import HeadMiddleware
 from app.http.middleware.header_cap import HeaderCapMiddleware
@@ -268,7 +268,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     # Outside the body limit: even its 413 carries the CORS headers.
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            Cors,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],  # DELETE: a page cancels its jobs
             # Every header a route reads: a job's stream is taken up again with Last-Event-ID,
