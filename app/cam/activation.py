@@ -182,13 +182,17 @@ class CAM(_CAM):
             fed = fed.mean(dim=tuple(range(2, fed.ndim)))
         if fed is None or fed.shape != (activation.shape[0], channels):
             return
+        eps = max(torch.finfo(activation.dtype).eps, torch.finfo(fed.dtype).eps)
         pooled = activation.float().mean(dim=tuple(range(2, activation.ndim)))
         # An image with a NaN or inf pixel pools to NaN on both sides: compare the finite rest
         # (a NaN scale made the tolerance itself NaN).
         pooled = torch.nan_to_num(pooled, nan=0.0, posinf=0.0, neginf=0.0)
         fed = torch.nan_to_num(fed.float(), nan=0.0, posinf=0.0, neginf=0.0)
         scale = pooled.abs().max().clamp_min(1e-12)
-        if not torch.allclose(pooled, fed, rtol=1e-3, atol=1e-4 * float(scale)):
+        # A bf16 or fp16 model pools and rounds in its own precision (bf16: up to eps/2 = 0.4%
+        # apart), so the tolerance grows with the coarser of the two dtypes.
+        rtol = max(1e-3, 2 * eps)
+        if not torch.allclose(pooled, fed, rtol=rtol, atol=max(1e-4, 2 * eps) * float(scale)):
             message = (
                 f"fc_layer {self.fc_name!r} is not fed by the global average pool of target "
                 f"layer {self.target_names[0]!r}, so CAM's weights do not apply to its channels."

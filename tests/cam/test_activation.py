@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,6 +256,22 @@ def test_cam_on_a_layer_the_head_does_not_pool_says_why():
             model(torch.randn(1, 3, 64, 64))
         with pytest.raises(ValueError, match="256 channels"):
             extractor(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cam_on_a_reduced_precision_model_matches_its_fp32_map(dtype):
+    """A bf16 model pools layer4 in bf16 (0.4% from the fp32 mean of its bf16 output): the head
+    check allows its dtype's rounding, and the map is the fp32 model's."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    maps = {}
+    for precision, net in ((torch.float32, model), (dtype, copy.deepcopy(model).to(dtype))):
+        with CAM(net, "layer4", input_shape=(3, 64, 64)) as extractor:
+            with torch.inference_mode():
+                net(x.to(precision))
+            maps[precision] = extractor([1, 3], normalized=False)[0].float()
+    torch.testing.assert_close(maps[dtype], maps[torch.float32], rtol=0.05, atol=0.05)
 
 
 def test_cam_class_index_out_of_range(tiny_net):
