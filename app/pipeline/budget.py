@@ -63,7 +63,8 @@ class Budget:
         if amount > self.capacity:
             raise ValueError(f"{amount} bytes exceed the budget of {self.capacity}")
         weight = amount if cost is None else cost
-        tag = self._turns.tag(current_caller() if client is None else client, weight)
+        who = current_caller() if client is None else client
+        tag = self._turns.tag(who, weight)
         if not self._waiters and self.held + amount <= self.capacity:
             self.held += amount
             self._turns.turn(tag)
@@ -84,6 +85,7 @@ class Budget:
         try:
             yield
         finally:
+            self._turns.left(who)  # before the next waiter's turn: see FairTurns
             self._release(amount)
 
     def _release(self, amount: int) -> None:

@@ -158,3 +158,39 @@ def test_fair_threads_of_a_pool_of_unknown_size_run_at_once() -> None:
         return await FairThreads(None).run(lambda: 7)
 
     assert asyncio.run(main()) == 7
+
+
+def test_a_client_working_step_after_step_gets_every_other_turn_beside_a_flood() -> None:
+    # One unit (a thread): a has twelve one-step holders waiting, b one request of six steps,
+    # each asked for only once its last one ended (by then the unit went to a's next). b's
+    # next step starts where the clock was when its last one left: one turn in two, not three.
+    async def main() -> list[str]:
+        budget = Budget(1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def step(client: str) -> None:
+            async with budget.hold(1, client):
+                order.append(client)
+                await release.wait()
+                await asyncio.sleep(0)
+
+        async def steps(client: str, count: int) -> None:
+            for _ in range(count):
+                await step(client)
+
+        tasks = []
+        for _ in range(12):
+            tasks.append(asyncio.create_task(step("a")))
+            await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(steps("b", 6)))
+        await asyncio.sleep(0)
+        assert budget.waiting == 12  # a's first holds the unit
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return order
+
+    order = asyncio.run(main())
+    b = [i for i, client in enumerate(order) if client == "b"]
+    # from its first step on, every other one (before: b's steps came at 2, 5, 8, ...)
+    assert len(b) == 6 and b[-1] - b[0] == 10 and b[0] <= 2, " ".join(order)

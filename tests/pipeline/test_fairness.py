@@ -64,3 +64,13 @@ def test_clients_past_the_clock_are_forgotten() -> None:
     for client in range(200):
         turns.turn(turns.tag(f"later{client}"))
     assert turns.remembered <= 1000  # dropped again once the table doubled
+
+
+def test_credit_for_leaving_lasts_one_turn() -> None:
+    turns = FairTurns()
+    first = turns.tag("b")
+    turns.turn(first)
+    turns.left("b")
+    for other in ("x", "y"):  # two turns given to others before b asks again
+        turns.turn(turns.tag(other))
+    assert turns.tag("b") == turns.tag("z")  # b starts at the clock, like a newcomer
