@@ -11,7 +11,8 @@
 #                                     # c=32 for SOAK_SECONDS (300) watching device memory
 #
 # Run on a machine with a GPU and torch; missing pure-Python packages (pytorch-grad-cam and its
-# dependencies for the peer) may come as wheels in .whl/. Results go to $OUT (or
+# dependencies for the peer) may come as wheels in .whl/ (python tools/gpu_wheels.py fills it;
+# carry .whl). Results go to $OUT (or
 # /tmp/camserve-gpu-lanes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
