@@ -275,10 +275,7 @@ class FinerCAM(_Composite):
         self._check_range(classes, scores.shape[1])
         refs = self.references(classes, scores, comparison_idx)
         gamma = self.gamma
-        contrasts = [
-            _contrast(c, torch.tensor(r, dtype=torch.long), gamma)
-            for c, r in zip(classes.tolist(), refs, strict=True)
-        ]
+        contrasts = [_contrast(c, r, gamma) for c, r in zip(classes.tolist(), refs, strict=True)]
         return self.base(
             None,
             scores,
@@ -293,11 +290,14 @@ class FinerCAM(_Composite):
         )
 
 
-def _contrast(cls: int, refs: Tensor, gamma: float) -> Target:
+def _contrast(cls: int, refs: list[int], gamma: float) -> Target:
     def target(logits: Tensor) -> Tensor:
-        if refs.numel() == 0:
+        if not refs:
             return logits[cls]
-        return logits[cls] - gamma * logits[refs.to(logits.device)].mean()
+        # The index is made here, in the backward's grad mode: one made in the caller's
+        # ``torch.inference_mode()`` could not be saved for the backward.
+        index = torch.tensor(refs, dtype=torch.long, device=logits.device)
+        return logits[cls] - gamma * logits[index].mean()
 
     return target
 

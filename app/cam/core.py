@@ -862,7 +862,7 @@ class _CAM:
                 for objective in objectives:
                     scores = self._check_scores(scores, batch, objective)
             activations = self._activations_for_use()
-            with self._work.pause_points(self.model):
+            with self._work.pause_points(self.model), self._backward_mode():
                 raw = self._maps_many(objectives, scores, retain_graph, activations)
         results = []
         with torch.no_grad():
@@ -873,6 +873,19 @@ class _CAM:
                     cams.append(normalize_maps(cam) if normalized else cam)
                 results.append(cams)
         return results
+
+    @contextmanager
+    def _backward_mode(self) -> Iterator[None]:
+        """Gradients on, for a method that takes them, whatever mode the call itself runs in.
+
+        The graph is the hooked forward's: a call wrapped in ``torch.no_grad()`` or
+        ``torch.inference_mode()`` (as explanation code often is) would otherwise score the
+        class on a copy of the logits detached from it, and find no gradient to take."""
+        if not self.requires_grad:
+            yield
+            return
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
 
     def _maps_many(
         self,
@@ -941,13 +954,14 @@ class _CAM:
         saved = self._recorded_state()
         self.reset_hooks()
         try:
-            # A fresh leaf outside inference mode, so that the variants' forward can be recorded.
-            variants = augmented(inputs.detach().clone())
             with (
-                torch.enable_grad() if self.requires_grad else torch.no_grad(),
+                self._backward_mode() if self.requires_grad else torch.no_grad(),
                 hooks_only_for(self),
                 eval_mode(self.model),
             ):
+                # A fresh leaf outside inference mode, so that the variants' forward can be
+                # recorded.
+                variants = augmented(inputs.detach().clone())
                 scores = self.model(variants)
                 maps = self(class_idx, scores, normalized, targets=targets, **calls)
         finally:

@@ -245,6 +245,33 @@ def test_hook_lifecycle(tiny_net):
     assert not tiny_net.feat._forward_hooks and not tiny_net._forward_pre_hooks
 
 
+GRADIENT_METHODS = [m for m in ALL if m.requires_grad]
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("aug_smooth", [False, True])
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_a_gradient_method_called_under_no_grad_after_a_grad_forward_works(
+    tiny_net, method, aug_smooth, mode
+):
+    """``with torch.no_grad(): extractor(c, scores)`` after a forward with gradients: the call
+    takes its backward anyway (it raised 'the score carries no autograd graph', and FullGrad
+    torch's own 'element 0 of tensors does not require grad')."""
+    if aug_smooth and not method.aug_smoothable:
+        pytest.skip("no aug_smooth")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = _run(method, tiny_net, x, [0, 2], aug_smooth=aug_smooth)
+    opts = OPTIONS.get(method.__name__, {})
+    layers = LAYERS.get(method.__name__, "feat")
+    with method(tiny_net, layers, input_shape=(3, 16, 16), **opts) as extractor:
+        scores = tiny_net(x)
+        with mode():
+            got = extractor([0, 2], scores, aug_smooth=aug_smooth)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert all(p.grad is None for p in tiny_net.parameters())
+
+
 class _UnusedBranch(nn.Module):
     """A model with a submodule its forward never calls."""
 
