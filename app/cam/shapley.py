@@ -6,9 +6,19 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from app.cam.core import hooks_only_for
 from app.cam.gradient import _FREED_GRAPH_HINTS, _GradientCAM, _spatial_dims
+from app.cam.layers import eval_mode
 from app.cam.targets import Objective
+
+
+def _no_second_derivative(exc: RuntimeError) -> bool:
+    """Whether autograd refused the double backward: an op of the forward whose backward has
+    no derivative of its own (PyTorch's fused attention kernels)."""
+    text = str(exc)
+    return "derivative for" in text and "is not implemented" in text
 
 
 class ShapleyCAM(_GradientCAM):
@@ -32,6 +42,44 @@ class ShapleyCAM(_GradientCAM):
         if scores is None or objective is None:
             raise ValueError("ShapleyCAM needs the model's scores.")
         self._check_graph(scores)
+        try:
+            return self._shapley_weights(objective, scores, retain_graph, activations)
+        except RuntimeError as exc:
+            if not _no_second_derivative(exc):
+                raise
+            first_error = exc
+        # A Vision Transformer's forward ran F.scaled_dot_product_attention on a fused kernel
+        # (flash on CPU, flash or memory-efficient on CUDA), whose backward has no derivative:
+        # run the recorded input again with the attention's plain formula, which has one (one
+        # more forward). The flag sdpa_kernel sets is process-wide: another thread's forward
+        # meanwhile takes the plain formula too (the same values, slower).
+        inputs = self._recorded_input()
+        saved = self._recorded_state()
+        self.reset_hooks()
+        try:
+            with (
+                sdpa_kernel(SDPBackend.MATH),
+                hooks_only_for(self),
+                eval_mode(self.model),
+                torch.enable_grad(),
+            ):
+                again = self.model(inputs.detach())
+                return self._shapley_weights(objective, again, retain_graph, activations)
+        except RuntimeError as exc:
+            if not _no_second_derivative(exc):
+                raise
+            raise RuntimeError(
+                f"ShapleyCAM takes a second derivative (a Hessian-vector product), and PyTorch "
+                f"has none for an operation of this model ({first_error}). Use GradCAM, or "
+                "LayerCAM, which need the first derivative only."
+            ) from exc
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
+    def _shapley_weights(
+        self, objective: Objective, scores: Any, retain_graph: bool, activations: list[Tensor]
+    ) -> list[Tensor]:
         recorded = self._recorded()
         target = objective(scores, torch.arange(len(objective))).sum()
         if not target.requires_grad:
