@@ -161,17 +161,22 @@ def stop_server(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def running_process(
-    store: Path, device: str, overrides: dict[str, str], log: Path, needed: Sequence[str]
+    store: Path,
+    device: str,
+    overrides: dict[str, str],
+    log: Path,
+    needed: Sequence[str],
+    cwd: Path = REPO,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """Run ``python -m app`` until the block ends; yields its base URL and process once the
-    models are up."""
+    models are up. ``cwd``: the tree whose ``app`` it runs (default this one)."""
     port = free_port()
     env = server_env(store, port, device, overrides)
     with log.open("wb") as log_file:
         # Own session: a Ctrl-C in the terminal reaches only us, and we stop the server.
         process = subprocess.Popen(
             [sys.executable, "-m", "app"],
-            cwd=REPO,
+            cwd=cwd,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
