@@ -58,14 +58,33 @@ def colorize(levels: np.ndarray, colormap: str = "jet") -> Image.Image:
     return palette_image(levels, colormap).convert("RGB")
 
 
+def _rgb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
+def _half_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(a + b) / 2`` of uint8 arrays rounded half to even, in uint8: what the float blend
+    gives for ``alpha = 0.5`` (its halves and their sum are exact in float32), bit for bit."""
+    out = a >> 1
+    out += b >> 1
+    carry = a & b  # both odd: the halves lost a whole level
+    odd = a ^ b
+    odd &= out  # one odd: half a level, which goes up when the sum so far is odd
+    carry |= odd
+    carry &= 1
+    out += carry
+    return out
+
+
 def blend(img: Image.Image, colored: Image.Image, alpha: float) -> Image.Image:
     """``alpha * img + (1 - alpha) * colored``, rounded to the nearest level (RGB images)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
-    mixed = np.multiply(np.asarray(img.convert("RGB")), np.float32(alpha), dtype=np.float32)
-    mixed += np.multiply(
-        np.asarray(colored.convert("RGB")), np.float32(1 - alpha), dtype=np.float32
-    )
+    if alpha == 0.5:
+        # The default alpha, in integers: 2.5x faster than float32, and the same pixels.
+        return Image.fromarray(_half_sum(_rgb(img), _rgb(colored)), mode="RGB")
+    mixed = np.multiply(_rgb(img), np.float32(alpha), dtype=np.float32)
+    mixed += np.multiply(_rgb(colored), np.float32(1 - alpha), dtype=np.float32)
     np.rint(mixed, out=mixed)
     return Image.fromarray(mixed.astype(np.uint8), mode="RGB")
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from app.cam import COLORMAPS, apply_colormap, overlay_mask
+from app.cam.overlay import blend
 
 
 def test_overlay_size_mode_and_blend():
@@ -34,6 +35,27 @@ def test_tensor_and_pil_masks_agree():
     a = np.asarray(overlay_mask(img, values), dtype=int)
     b = np.asarray(overlay_mask(img, pil_mask), dtype=int)
     assert np.abs(a - b).max() <= 3
+
+
+def _float_blend(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    mixed = a.astype(np.float32) * np.float32(alpha) + b.astype(np.float32) * np.float32(1 - alpha)
+    return np.rint(mixed).astype(np.uint8)
+
+
+def test_the_default_alpha_blends_every_pair_of_levels_as_the_float_formula():
+    # Every (image, colour) pair of levels, once per channel: the integer path of alpha 0.5
+    # rounds half to even exactly as float32 does.
+    levels = np.arange(256, dtype=np.uint8)
+    a, b = (np.repeat(g[..., None], 3, axis=2) for g in np.meshgrid(levels, levels))
+    out = np.asarray(blend(Image.fromarray(a), Image.fromarray(b), 0.5))
+    assert np.array_equal(out, _float_blend(a, b, 0.5))
+
+
+def test_blend_takes_any_mode_at_any_alpha():
+    gray = Image.new("L", (4, 4), 3)
+    colored = Image.new("RGB", (4, 4), (0, 255, 8))
+    assert np.asarray(blend(gray, colored, 0.5))[0, 0].tolist() == [2, 129, 6]
+    assert np.asarray(blend(gray, colored, 0.3))[0, 0].tolist() == [1, 179, 6]
 
 
 def test_jet_endpoints():
