@@ -130,10 +130,27 @@ class FullGrad(_GradientCAM):
     def _activations_for_use(self) -> list[Tensor]:
         return [a.detach() for a in self._recorded()]
 
+    def _called(self) -> list[nn.Module]:
+        """The bias layers the hooked forward called, in the order of ``_recorded``."""
+        return [
+            module
+            for module, output in zip(self._target_modules, self._activations, strict=True)
+            if output is not None
+        ]
+
+    def _recorded(self) -> list[Tensor]:
+        # A model may hold bias layers its forward does not call (GoogLeNet's and Inception
+        # v3's auxiliary heads in eval mode): they add no term, and the caller chose none of
+        # them, so only a forward that was not recorded at all is an error.
+        recorded = [a for a in self._activations if a is not None]
+        if not recorded or self._input is None:
+            return super()._recorded()
+        return recorded
+
     def _explain(self, *args: Any, **kwargs: Any) -> list[list[Tensor]]:
         # Before the base puts the model in eval mode for the call: the biases must be those of
         # the forward that was hooked, and a batch norm in train mode used its batch statistics.
-        for module in self._target_modules:
+        for module in self._called():
             effective_bias(module)
         return super()._explain(*args, **kwargs)
 
@@ -154,7 +171,7 @@ class FullGrad(_GradientCAM):
                 "gradients enabled and the extractor's hooks on."
             )
         outputs = self._recorded()
-        biases = [effective_bias(m).detach() for m in self._target_modules]
+        biases = [effective_bias(m).detach() for m in self._called()]
         target = objective(scores, torch.arange(len(objective))).sum()
         grads = torch.autograd.grad(
             target, [x, *outputs], retain_graph=retain_graph, allow_unused=True

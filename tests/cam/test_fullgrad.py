@@ -131,3 +131,34 @@ def test_refusals():
             scores = net(torch.randn(1, 3, 8, 8))
         with pytest.raises(RuntimeError, match="inference_mode"):
             extractor(0, scores)
+
+
+class _WithAuxHead(nn.Module):
+    """``_net()`` and an auxiliary head (conv + BN) that the forward calls only in train mode,
+    as GoogLeNet's and Inception v3's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+        self.aux = nn.Sequential(nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.aux(self.net[:3](x))
+        return self.net(x)
+
+
+def test_bias_layers_the_forward_does_not_call_add_nothing():
+    """GoogLeNet and Inception v3 in eval mode raised 'No activation recorded for
+    ['aux1.conv.bn', 'aux2.conv.bn'] ... Pick a layer that the forward uses', though FullGrad
+    takes no layer: the uncalled layers now add no term, and the map is the one without them."""
+    model = _WithAuxHead().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    maps = []
+    for net in (model, model.net):
+        with FullGrad(net, input_shape=(3, 8, 8)) as extractor:
+            maps.append(extractor([0, 2], net(x))[0])
+    torch.testing.assert_close(maps[0], maps[1])
+    with FullGrad(model, input_shape=(3, 8, 8)) as extractor:
+        with pytest.raises(RuntimeError, match="run a forward pass"):
+            extractor(0, torch.zeros(2, 3))
