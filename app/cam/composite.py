@@ -24,7 +24,7 @@ from app.cam.core import (
 from app.cam.gradient import GradCAM, GradCAMpp, _GradientCAM
 from app.cam.layers import LayerSpec
 from app.cam.options import COMPARISON_IDX, GAMMA, NUM_REFERENCES
-from app.cam.targets import Target
+from app.cam.targets import Target, not_logits
 from app.digits import number_text
 
 _CAPABILITIES = (
@@ -266,11 +266,13 @@ class FinerCAM(_Composite):
         if class_idx is None:
             raise ValueError("FinerCAM needs class_idx: the class to explain.")
         batch = self.base._batch_size()
-        if not isinstance(scores, Tensor) or scores.ndim != 2:
+        if scores is None:
             raise ValueError(
                 "FinerCAM needs the model's logits: call extractor(class_idx, scores) with "
                 "scores = model(input), a tensor of shape (N, classes)."
             )
+        if not isinstance(scores, Tensor) or scores.ndim != 2:
+            raise ValueError(not_logits(scores, takes_targets=False))
         classes = self.base._class_tensor(class_idx, batch, scores.device)
         self._check_range(classes, scores.shape[1])
         refs = self.references(classes, scores, comparison_idx)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from app.cam.layers import LayerSpec, eval_mode, locate_candidate_layer, resolve_layers
 from app.cam.options import AUG_VARIANTS, SMOOTHING, SMOOTHING_NAMES, MethodOption
 from app.cam.smoothing import augmented, flip_refusal, merged, principal_map
-from app.cam.targets import Objective, Target, output_length, target_list
+from app.cam.targets import Objective, Target, not_logits, output_length, target_list
 
 logger = logging.getLogger(__name__)
 _Self = TypeVar("_Self", bound="_CAM")
@@ -657,11 +657,7 @@ class _CAM:
             )
         if objective is not None and objective.classes is not None:
             if not isinstance(scores, Tensor) or scores.ndim != 2:
-                raise ValueError(
-                    "scores must be the model's logits, a tensor of shape (N, classes); for "
-                    "other outputs pass targets= callables that turn each sample's output into "
-                    "a score."
-                )
+                raise ValueError(not_logits(scores))
         held = output_length(scores)
         if held != batch:
             raise ValueError(

@@ -11,7 +11,7 @@ per-image dicts. One callable serves the whole batch, or a list gives one per sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
@@ -97,11 +97,7 @@ class Objective:
         if self.classes is None:
             return
         if not isinstance(output, Tensor) or output.ndim != 2:
-            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-            raise ValueError(
-                f"class_idx explains logits of shape (N, classes), but the model's output is "
-                f"{shape}: pass targets= callables that turn each sample's output into a score."
-            )
+            raise ValueError(not_logits(output))
         if self.classes.numel() and int(self.classes.max()) >= output.shape[1]:
             raise ValueError(
                 f"class_idx {self.classes.tolist()} out of range: the model has "
@@ -128,6 +124,47 @@ class Objective:
                 )
             values.append(value.reshape(()))
         return torch.stack(values).float()
+
+
+def not_logits(output: Any, takes_targets: bool = True) -> str:
+    """Why ``output`` is not the logits tensor (N, classes) that ``class_idx`` explains, and the
+    fixes: the one message of every method (``takes_targets``: whether it may offer
+    ``targets=``)."""
+    targets = (
+        " or pass targets= callables that turn each sample's output into a score."
+        if takes_targets
+        else ""
+    )
+    if isinstance(output, Tensor):
+        return (
+            f"class_idx explains logits of shape (N, classes), but the model's output has shape "
+            f"{tuple(output.shape)}."
+            + (targets.replace(" or pass", " Pass") if targets else " Pass the model's logits.")
+        )
+    name = type(output).__name__
+    if isinstance(getattr(output, "logits", None), Tensor):
+        what, access = f"of type {name} (its logits in .logits)", ".logits"
+    elif isinstance(output, Mapping):
+        keys = [str(k)[:40] for k in list(output)[:8]]
+        access = "['logits']" if "logits" in output else "[<the logits' key>]"
+        what = f"of type {name} (keys {keys})"
+    elif isinstance(output, tuple | list):
+        items = f"{len(output)} item" + ("" if len(output) == 1 else "s")
+        what, access = f"of type {name} ({items})", "[0]"
+    else:
+        what, access = f"of type {name}", ""
+    message = (
+        f"class_idx explains the model's logits, a tensor of shape (N, classes), but its "
+        f"output is {what}. Wrap the model so that its forward returns the logits tensor alone "
+        f"(the usage guide's LogitsOnly wrapper, whose forward returns self.model(x){access}; "
+        "a gradient method also takes that tensor as scores)" + (f",{targets}" if targets else ".")
+    )
+    if isinstance(output, tuple):
+        message += (
+            " GoogLeNet and Inception v3 add their auxiliary logits in train mode only: "
+            "model.eval() gives the logits alone."
+        )
+    return message
 
 
 def _describe(value: object) -> str:

@@ -4,6 +4,7 @@ score; the same maps as ``class_idx`` on a model whose logit is that score."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -178,3 +179,81 @@ def test_class_probabilities_by_rule() -> None:
     assert float(ClassProbability(2)(logits[0])) == pytest.approx(float(logits[0].softmax(-1)[2]))
     with pytest.raises(ValueError, match="softmax, sigmoid"):
         ClassProbability(0, "relu")  # type: ignore[arg-type]
+
+
+class _Logits:
+    """A Hugging Face-style output: the logits in ``.logits``."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class _NotLogits(nn.Module):
+    """``tiny_net`` whose forward returns its logits inside a tuple, a dict or an object."""
+
+    def __init__(self, net: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x: torch.Tensor):
+        logits = self.net(x)
+        if self.kind == "tuple":
+            return logits, logits.detach()
+        if self.kind == "dict":
+            return {"logits": logits, "aux": logits.detach()}
+        return _Logits(logits)
+
+
+class _LogitsOnly(nn.Module):
+    """The usage guide's wrapper."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return (
+            out[0]
+            if isinstance(out, tuple)
+            else out["logits"]
+            if isinstance(out, dict)
+            else out.logits
+        )
+
+
+CLASS_METHODS = [m for m in METHODS.values() if not m.class_agnostic and m is not LeGrad]
+
+
+@pytest.mark.parametrize(
+    ("kind", "access"), [("tuple", "[0]"), ("dict", "['logits']"), ("hf", ".logits")]
+)
+@pytest.mark.parametrize("method", [m for m in CLASS_METHODS if m.uses_scores or m.uses_input])
+def test_an_output_that_is_not_the_logits_names_the_wrapper_that_gives_them(
+    tiny_net, method, kind, access
+):
+    """A tuple, a dict or an object with .logits: every method that reads the output says what
+    it got and the guide's fix (it said 'scores must be the model's logits ... pass targets='),
+    and the guide's LogitsOnly wrapper gives the map of the bare model."""
+    if method is CAM:
+        pytest.skip("CAM reads the head, not the output")
+    model = _NotLogits(tiny_net, kind).eval()
+    opts = {**OPTIONS.get(method.__name__, {}), "input_shape": (3, 16, 16)}
+    layers = ["net.conv", "net.feat"] if method.__name__ == "RefineCAM" else "net.feat"
+    x = torch.randn(2, 3, 16, 16)
+    with method(model, layers, **opts) as extractor:
+        with pytest.raises(ValueError, match=rf"LogitsOnly.*self\.model\(x\){re.escape(access)}"):
+            extractor([0, 2], model(x))
+    wrapped = _LogitsOnly(model)
+    with method(
+        wrapped,
+        ["model." + n for n in layers] if isinstance(layers, list) else "model." + layers,
+        **opts,
+    ) as extractor:
+        got = extractor([0, 2], wrapped(x))
+    with method(
+        tiny_net, [n[4:] for n in layers] if isinstance(layers, list) else "feat", **opts
+    ) as extractor:
+        want = extractor([0, 2], tiny_net(x))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
