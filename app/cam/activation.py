@@ -171,10 +171,18 @@ class CAM(_CAM):
         channels = activation.shape[1]
         in_features = head_weight(self.fc).shape[1]
         if in_features != channels:
+            why = (
+                f"{in_features} = {in_features // channels} x {channels}: a pooling that "
+                "concatenates several pools of the layer (timm's global_pool='catavgmax') or "
+                "other features feeds it, so CAM does not apply to this head. Use GradCAM, "
+                "LayerCAM or ScoreCAM instead."
+                if in_features % channels == 0
+                else "Use the layer whose output the head pools (e.g. 'layer4' on a ResNet), "
+                "or GradCAM, LayerCAM or ScoreCAM, which need no particular head."
+            )
             raise ValueError(
                 f"CAM does not apply to target layer {self.target_names[0]!r}: it has {channels} "
-                f"channels but fc_layer {self.fc_name!r} takes {in_features} features. "
-                "Use the layer whose output the head pools (e.g. 'layer4' on a ResNet)."
+                f"channels but fc_layer {self.fc_name!r} takes {in_features} features. {why}"
             )
         fed = self._fc_input
         if fed is not None and fed.ndim > 2:

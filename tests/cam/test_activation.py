@@ -274,6 +274,33 @@ def test_cam_on_a_reduced_precision_model_matches_its_fp32_map(dtype):
     torch.testing.assert_close(maps[dtype], maps[torch.float32], rtol=0.05, atol=0.05)
 
 
+class _CatAvgMax(nn.Module):
+    """conv → ``feat`` (6 channels) → cat(global avg, global max) → Linear(12 → 3): timm's
+    global_pool='catavgmax'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.feat(x)
+        return self.fc(torch.cat([a.mean((2, 3)), a.amax((2, 3))], dim=1))
+
+
+def test_cam_on_a_concatenating_pool_says_it_does_not_apply():
+    """timm's resnet18 with global_pool='catavgmax' feeds its head 2 x 512 features of layer4:
+    the message told to 'use the layer whose output the head pools (e.g. layer4)', the very
+    layer given."""
+    torch.manual_seed(0)
+    model = _CatAvgMax().eval()
+    with CAM(model, "feat", input_shape=(3, 8, 8)) as extractor:
+        with torch.inference_mode():
+            model(torch.randn(1, 3, 8, 8))
+        with pytest.raises(ValueError, match=r"12 = 2 x 6: a pooling that concatenates.*GradCAM"):
+            extractor(0)
+
+
 def test_cam_class_index_out_of_range(tiny_net):
     with CAM(tiny_net, "feat", input_shape=(3, 16, 16)) as extractor:
         tiny_net(torch.randn(1, 3, 16, 16))
