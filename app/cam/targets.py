@@ -142,6 +142,17 @@ def not_logits(output: Any, takes_targets: bool = True) -> str:
             + (targets.replace(" or pass", " Pass") if targets else " Pass the model's logits.")
         )
     name = type(output).__name__
+    if (
+        isinstance(output, tuple | list)
+        and output
+        and all(isinstance(t, Tensor) and t.ndim >= 3 for t in output)
+    ):
+        return (
+            f"class_idx explains the model's logits, a tensor of shape (N, classes), but its "
+            f"output is a {name} of {len(output)} feature maps: a backbone without a head "
+            "(timm's features_only=True) has no class scores to explain. Explain the layers "
+            "with a class-agnostic method (EigenCAM, KPCACAM, FEM), or the whole classifier."
+        )
     if isinstance(getattr(output, "logits", None), Tensor):
         what, access = f"of type {name} (its logits in .logits)", ".logits"
     elif isinstance(output, Mapping):

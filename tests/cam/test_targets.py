@@ -257,3 +257,31 @@ def test_an_output_that_is_not_the_logits_names_the_wrapper_that_gives_them(
         want = extractor([0, 2], tiny_net(x))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+
+
+class _Backbone(nn.Module):
+    """Two stages whose feature maps are the output, as timm's features_only=True."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.stage2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        first = self.stage1(x)
+        return [first, self.stage2(first)]
+
+
+@pytest.mark.parametrize("name", ["GradCAM", "ScoreCAM", "SmoothGradCAMpp"])
+def test_a_backbone_s_feature_maps_name_the_class_agnostic_methods(name):
+    """A features_only backbone: the message said to wrap it so that it returns its logits
+    (self.model(x)[0], a feature map); it has none, and the class-agnostic methods work."""
+    torch.manual_seed(0)
+    model = _Backbone().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with METHODS[name](model, "stage2", input_shape=(3, 16, 16)) as extractor:
+        with pytest.raises(ValueError, match=r"list of 2 feature maps.*EigenCAM, KPCACAM, FEM"):
+            extractor(0, model(x))
+    with METHODS["EigenCAM"](model, "stage2", input_shape=(3, 16, 16)) as extractor:
+        model(x)
+        assert extractor(0)[0].shape == (1, 4, 4)
