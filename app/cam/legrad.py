@@ -79,6 +79,16 @@ class LeGrad(_CAM):
         enable_hooks: bool = True,
     ) -> None:
         torchvision_vit = _is_torchvision_vit(model)
+        if isinstance(model, nn.Module) and not any(
+            isinstance(m, nn.MultiheadAttention) for m in model.modules()
+        ):
+            raise ValueError(
+                "LeGrad reads the softmax attention of the nn.MultiheadAttention in a Vision "
+                "Transformer's blocks, and this model has none: a CNN, or a transformer whose "
+                "attention is a module of its own (timm's ViT, DeiT and Swin). Use GradCAM or "
+                "LayerCAM instead: on a CNN as they are, on a ViT with vit_target(model), on a "
+                "Swin with hierarchical_target(model)."
+            )
         if blocks is None:
             if not torchvision_vit:
                 raise ValueError(

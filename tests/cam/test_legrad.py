@@ -110,7 +110,15 @@ def test_legrad_checks(vit):
             scores = vit(x)
         with pytest.raises(RuntimeError, match="gradients"):
             extractor([0, 1], scores)
+    # A CNN or a timm ViT (its own attention module): it said "LeGrad finds the blocks of
+    # torchvision's VisionTransformer only: pass blocks (and a score_projection)", which cannot
+    # work for them either.
+    cnn = nn.Sequential(nn.Conv2d(3, 3, 1))
+    for blocks in (None, ["0"]):
+        with pytest.raises(ValueError, match=r"has none: a CNN.*Use GradCAM.*vit_target"):
+            LeGrad(cnn, blocks)
+    assert not cnn[0]._forward_hooks
     with pytest.raises(ValueError, match="score_projection"):
-        LeGrad(nn.Sequential(nn.Conv2d(3, 3, 1)), ["0"])
+        LeGrad(nn.Sequential(nn.MultiheadAttention(4, 1)), ["0"])
     with pytest.raises(ValueError, match="MultiheadAttention"):
         LeGrad(vit, ["conv_proj"], score_projection=lambda t: t[:, 0])
