@@ -25,7 +25,7 @@ from app.http.middleware.head import HeadMiddleware
 from app.http.middleware.header_cap import HeaderCapMiddleware
 from app.http.middleware.security_headers import SecurityHeaders
 from app.http.middleware.startup import QuietRefusal, refuse_start
-from app.http.openapi import form_fields_without_null
+from app.http.openapi import form_fields_without_null, with_explain_fields
 from app.http.protocols import kserve, oip, repository
 from app.http.protocols.base import json_body_limit
 from app.http.routes import explain, health, jobs, metrics, models, predict
@@ -178,7 +178,7 @@ def _install_openapi(app: FastAPI, open_access: bool) -> None:
                     for operation in operations.values():
                         operation.pop("security", None)
                 schema.get("components", {}).pop("securitySchemes", None)
-            app.openapi_schema = form_fields_without_null(schema)
+            app.openapi_schema = form_fields_without_null(with_explain_fields(schema, app.routes))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

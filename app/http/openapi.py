@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import fastapi.routing
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
+
+from app.http.routes.forms import explain_field_schemas, takes_explain_form
+
+
+def api_routes(routes: Sequence[BaseRoute]) -> list[APIRoute]:
+    """Every API route, inside the routers included too (FastAPI 0.16x keeps them nested)."""
+    contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    found = routes if contexts is None else [c.original_route for c in contexts(routes)]
+    return [route for route in found if isinstance(route, APIRoute)]
+
+
+def with_explain_fields(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict[str, Any]:
+    """Add the explain parameters to the form body of each route that takes the explain form,
+    after the route's own fields (``app.http.routes.forms`` declares them for the schema only)."""
+    components = schema.get("components", {}).get("schemas", {})
+    for route in api_routes(routes):
+        body_model = route.body_field.field_info.annotation if route.body_field else None
+        if body_model is not None and takes_explain_form(route):
+            body = components[getattr(body_model, "__name__", "")]
+            body["properties"] = {**body["properties"], **explain_field_schemas()}
+    return schema
 
 
 def form_fields_without_null(schema: dict[str, Any]) -> dict[str, Any]:
