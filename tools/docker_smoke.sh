@@ -5,7 +5,8 @@
 #   1. installs docker.io, docker-compose (v1) and debootstrap if they are missing (needs root);
 #   2. starts a private dockerd (no bridge, no iptables, registry pulls fail at once);
 #   3. builds the python:3.11-slim base image with debootstrap (rootfs tarball cached);
-#   4. downloads the runtime wheels on the host with pip (cached) and builds the image offline
+#   4. downloads the runtime wheels on the host with pip (cached), adds those that the image's
+#      Python needs beyond the host's (tools/image_wheels.py), and builds the image offline
 #      with them (`--network none`; the Dockerfile installs from ./wheels with --no-index);
 #   5. runs the image with --network host on a free port, waits for its HEALTHCHECK, then calls
 #      GET /health, GET /models and a real POST /explain and checks the answers;
@@ -165,6 +166,20 @@ if ! cmp -s "$REQS" "$WHEELS/.requirements"; then
     "$HOST_PY" -m pip download -q --only-binary=:all: -d "$WHEELS" -r "$REQS"
     cp "$REQS" "$WHEELS/.requirements"
 fi
+# pip chose the wheels for the host's Python; the image's may need more (python_full_version
+# markers: redis wants async-timeout below 3.11.3, bookworm has 3.11.2). tools/image_wheels.py
+# names what is missing under the image's marker environment.
+IMAGE_ENV="$SMOKE_DIR/image-environment.json"
+$DOCKER run --rm --network none -v "$ROOT/tools/image_wheels.py:/image_wheels.py:ro" \
+    "$BASE_IMAGE" python /image_wheels.py environment >"$IMAGE_ENV"
+for round in 1 2 3 4 5 6; do
+    more="$("$HOST_PY" "$ROOT/tools/image_wheels.py" missing "$WHEELS" "$REQS" "$IMAGE_ENV")"
+    [[ -n "$more" ]] || break
+    ((round < 6)) || die "wheels still missing for the image's Python: $(echo $more)"
+    mapfile -t more_list <<<"$more"
+    log "downloading what the image's Python needs beyond the host's: ${more_list[*]}"
+    "$HOST_PY" -m pip download -q --only-binary=:all: -d "$WHEELS" "${more_list[@]}"
+done
 echo "wheels: $(find "$WHEELS" -name '*.whl' | wc -l) files, $(du -sh "$WHEELS" | cut -f1)"
 
 log "assembling the build context (working tree + wheels/)"
