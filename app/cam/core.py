@@ -21,6 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from app.cam.hierarchical import (
+    channels_last_layers,
+    hierarchical_target,
+    is_hierarchical,
+    layout_transform,
+)
 from app.cam.layers import LayerSpec, eval_mode, locate_candidate_layer, resolve_layers
 from app.cam.options import AUG_VARIANTS, SMOOTHING, SMOOTHING_NAMES, MethodOption
 from app.cam.smoothing import augmented, flip_refusal, merged, principal_map
@@ -436,17 +442,11 @@ class _CAM:
         if not self.hooks_layers:
             target_layer = []
         elif target_layer is None:
-            found = locate_candidate_layer(model, self.input_shape)
-            if found is None:
-                raise ValueError(
-                    "No layer with a spatial output was found by a dummy forward of shape "
-                    f"(1, *{self.input_shape}). Give target_layer explicitly; for a Vision "
-                    "Transformer use app.cam.vit_target(model)."
-                )
-            logger.info("%s: target layer resolved automatically to %r", type(self).__name__, found)
-            target_layer = found
+            target_layer = self._automatic_layer(model)
         resolved = resolve_layers(model, target_layer) if self.hooks_layers else []
         self.target_names: list[str] = [name for name, _ in resolved]
+        if reshape_transform is None and self.takes_layers:
+            self.reshape_transform = self._layout_of(model)
         self._target_modules: list[nn.Module] = [module for _, module in resolved]
         self._activations: list[Tensor | None] = [None] * len(resolved)
         self._input: Tensor | None = None
@@ -455,6 +455,41 @@ class _CAM:
         self._hooks_enabled = enable_hooks
         self._handles: list[Any] = []
         self._register_hooks()
+
+    def _automatic_layer(self, model: nn.Module) -> str:
+        """The layer explained when none is given: a Swin's final norm (the grid its head
+        pools, which a dummy forward cannot tell from a (N, H, W, C) grid's other axes), else
+        the last layer with a spatial output."""
+        final_norm = getattr(model, "norm", None)
+        if is_hierarchical(model) and isinstance(final_norm, nn.Module):
+            found: str | None = hierarchical_target(model).layer_name
+        else:
+            found = locate_candidate_layer(model, self.input_shape)
+        if found is None:
+            raise ValueError(
+                "No layer with a spatial output was found by a dummy forward of shape "
+                f"(1, *{self.input_shape}). Give target_layer explicitly; for a Vision "
+                "Transformer use app.cam.vit_target(model)."
+            )
+        logger.info("%s: target layer resolved automatically to %r", type(self).__name__, found)
+        return found
+
+    def _layout_of(self, model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+        """``ChannelsLast()`` when the target layers emit (N, H, W, C) grids (a Swin's trunk and
+        final norm): read as (N, C, H, W) they gave maps over the grid's width and channels."""
+        try:
+            transform = layout_transform(
+                channels_last_layers(model), self.target_names, fix="use one extractor for each"
+            )
+        except ValueError as exc:
+            raise ValueError(f"{type(self).__name__}: {exc}") from None
+        if transform is not None:
+            logger.info(
+                "%s: %s give (N, H, W, C) grids, read with reshape_transform=ChannelsLast()",
+                type(self).__name__,
+                self.target_names,
+            )
+        return cast(Callable[[Tensor], Tensor] | None, transform)
 
     @classmethod
     def option_problem(

@@ -85,10 +85,14 @@ def hierarchical_target(model: nn.Module) -> ViTTarget:
     return ViTTarget(layer, _name_of(model, layer), ChannelsLast())
 
 
-def layout_transform(channels_last: Collection[str], layers: Collection[str]) -> Any:
+def layout_transform(
+    channels_last: Collection[str],
+    layers: Collection[str],
+    fix: str = "explain them in separate requests",
+) -> Any:
     """The transform for ``layers`` of a model whose ``channels_last`` modules emit (N, H, W, C):
     ``ChannelsLast()`` when all of them do, ``None`` when none does; a ``ValueError`` for a mix
-    (one extractor reads every layer in one layout)."""
+    (one extractor reads every layer in one layout) that ends with ``fix``."""
     last = [layer for layer in layers if layer in channels_last]
     if not last:
         return None
@@ -97,5 +101,5 @@ def layout_transform(channels_last: Collection[str], layers: Collection[str]) ->
     first = [layer for layer in layers if layer not in channels_last]
     raise ValueError(
         f"layers {', '.join(last)} give channels-last grids (N, H, W, C) and "
-        f"{', '.join(first)} channels-first maps: explain them in separate requests."
+        f"{', '.join(first)} channels-first maps: {fix}."
     )

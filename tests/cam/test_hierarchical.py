@@ -148,3 +148,32 @@ def test_a_channels_last_model_without_a_final_norm_is_refused_clearly() -> None
     assert is_hierarchical(model) and channels_last_layers(model) == {"stem"}
     with pytest.raises(ValueError, match="no final norm"):
         hierarchical_target(model)
+
+
+@pytest.mark.parametrize("which", ["torchvision", "timm"])
+@pytest.mark.parametrize("layer", [None, "norm"])
+def test_a_swin_without_a_transform_is_read_channels_last(
+    swin: nn.Module, timm_swin: nn.Module, which: str, layer: str | None
+) -> None:
+    """Automatic or by name, a Swin's (N, H, W, C) final norm was read as (N, C, H, W): timm's
+    Swin gave maps of shape (N, W, C) = (1, 4, 16) (swin_tiny at 224 px: (1, 7, 768)). It now
+    gets ChannelsLast() itself, and the map of hierarchical_target's preset."""
+    model = swin if which == "torchvision" else timm_swin
+    torch.manual_seed(4)
+    x = torch.randn(2, *SHAPE)
+    target = hierarchical_target(model)
+    with GradCAM(model, layer, input_shape=SHAPE) as extractor:
+        (got,) = extractor([0, 2], model(x))
+    assert extractor.target_names == ["norm"]
+    with GradCAM(
+        model, target.layer, input_shape=SHAPE, reshape_transform=target.reshape_transform
+    ) as extractor:
+        (want,) = extractor([0, 2], model(x))
+    assert got.shape == (2, 4, 4)
+    torch.testing.assert_close(got, want)
+
+
+def test_a_mix_of_layouts_in_one_extractor_is_refused(timm_swin: nn.Module) -> None:
+    with pytest.raises(ValueError, match="channels-first maps: use one extractor for each"):
+        GradCAM(timm_swin, ["patch_embed.proj", "norm"], input_shape=SHAPE)
+    assert not any(m._forward_hooks for m in timm_swin.modules())
