@@ -8,8 +8,9 @@
 #   4. downloads the runtime wheels on the host with pip (cached), adds those that the image's
 #      Python needs beyond the host's (tools/image_wheels.py), and builds the image offline
 #      with them (`--network none`; the Dockerfile installs from ./wheels with --no-index);
-#   5. runs the image with --network host on a free port, waits for its HEALTHCHECK, then calls
-#      GET /health, GET /models and a real POST /explain and checks the answers;
+#   5. runs the image with --network host on free ports, waits for its HEALTHCHECK, then calls
+#      GET /health, GET /models and a real POST /explain and checks the answers, and asks the
+#      gRPC server for its health;
 #   6. validates the compose file with docker-compose, brings the service up through it (with a
 #      host-network override generated here), checks /health, and takes it down;
 #   7. always stops the containers and the private dockerd on exit.
@@ -22,6 +23,7 @@
 #                        repository so the engine's data never enters a build context)
 #   CAMSERVE_SMOKE_IMAGE tag of the image built (default camserve:smoke)
 #   CAMSERVE_SMOKE_PORT  host port to serve on (default: 8000 if free, else any free port)
+#   CAMSERVE_SMOKE_GRPC_PORT       host port for gRPC (default: 8001 if free, else any free port)
 #   CAMSERVE_SMOKE_MODEL_STORE     a model store folder to mount over the baked-in one (tests
 #                                  the volume override; default: serve the baked-in store)
 #   CAMSERVE_SMOKE_SKIP_COMPOSE=1  skip step 6
@@ -37,7 +39,7 @@ CLEAN=0
 for arg in "$@"; do
     case "$arg" in
         --clean) CLEAN=1 ;;
-        -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -203,8 +205,10 @@ echo "built $IMAGE in ${BUILD_S}s, size $IMAGE_SIZE"
 $DOCKER image ls
 
 # --- 5. docker run --network host ------------------------------------------------------------
-PORT="${CAMSERVE_SMOKE_PORT:-$("$HOST_PY" - <<'EOF'
+free_port() { # the port wanted if it is free, else any free one; never the second argument
+    "$HOST_PY" - "$@" <<'EOF'
 import socket
+import sys
 
 def free(port):
     with socket.socket() as s:
@@ -214,9 +218,29 @@ def free(port):
             return None
         return s.getsockname()[1]
 
-print(free(8000) or free(0))
+wanted, taken = int(sys.argv[1]), int(sys.argv[2])
+found = free(wanted) if wanted != taken else None
+while found in (None, taken):
+    found = free(0)
+print(found)
 EOF
-)}"
+}
+# The container shares the host's network: gRPC (8001 in the image) needs a free port too, or
+# the service exits at start ('cannot listen for gRPC').
+PORT="${CAMSERVE_SMOKE_PORT:-$(free_port 8000 0)}"
+GRPC_PORT="${CAMSERVE_SMOKE_GRPC_PORT:-$(free_port 8001 "$PORT")}"
+
+grpc_health() { # container, port, label: the gRPC health service, asked inside the container
+    $DOCKER exec "$1" python -c "
+import sys, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+with grpc.insecure_channel('127.0.0.1:' + sys.argv[1]) as channel:
+    answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+print(sys.argv[2], 'gRPC health on port', sys.argv[1] + ':', status)
+sys.exit(answer.status != health_pb2.HealthCheckResponse.SERVING)
+" "$2" "$3"
+}
 
 wait_healthy() { # container, timeout_s
     local status=""
@@ -242,10 +266,10 @@ if [[ -n "${CAMSERVE_SMOKE_MODEL_STORE:-}" ]]; then
     echo "mounting $CAMSERVE_SMOKE_MODEL_STORE over /app/model_store"
 fi
 
-log "running $IMAGE with --network host on port $PORT"
+log "running $IMAGE with --network host on port $PORT (gRPC $GRPC_PORT)"
 run_start=$SECONDS
 $DOCKER run -d --name "$CONTAINER" --network host --memory 4g \
-    -e CAMSERVE_PORT="$PORT" --health-interval 3s ${STORE_MOUNT[@]+"${STORE_MOUNT[@]}"} "$IMAGE" >/dev/null
+    -e CAMSERVE_PORT="$PORT" -e CAMSERVE_GRPC_PORT="$GRPC_PORT" --health-interval 3s ${STORE_MOUNT[@]+"${STORE_MOUNT[@]}"} "$IMAGE" >/dev/null
 wait_healthy "$CONTAINER" 300 || die "the container did not become healthy"
 echo "healthy after $((SECONDS - run_start))s"
 $DOCKER exec "$CONTAINER" id
@@ -253,12 +277,13 @@ $DOCKER exec "$CONTAINER" id
 log "calling the API on http://127.0.0.1:$PORT"
 "$HOST_PY" "$ROOT/tools/smoke_api.py" "$PORT" "$ROOT/examples" \
     || { $DOCKER logs --tail 40 "$CONTAINER"; die "API checks failed"; }
+grpc_health "$CONTAINER" "$GRPC_PORT" run || die "the gRPC server is not serving"
 $DOCKER logs --tail 15 "$CONTAINER" 2>&1 | sed 's/^/  container| /'
 $DOCKER rm -f "$CONTAINER" >/dev/null
 
 # --- 6. docker-compose -----------------------------------------------------------------------
 if [[ "${CAMSERVE_SMOKE_SKIP_COMPOSE:-0}" != 1 ]]; then
-    log "docker-compose: config and up (host network, port $PORT)"
+    log "docker-compose: config and up (host network, port $PORT, gRPC $GRPC_PORT)"
     # The repository's file publishes 8000:8000 like any ordinary setup, but here containers must
     # stay on the host network, and Compose v1 refuses `network_mode: host` beside published
     # ports (an override can only add ports, not remove them). So the file as Compose resolves
@@ -272,10 +297,11 @@ service.pop("ports", None)
 service.pop("build", None)
 service["network_mode"] = "host"
 service["environment"]["CAMSERVE_PORT"] = sys.argv[1]
+service["environment"]["CAMSERVE_GRPC_PORT"] = sys.argv[2]
 service["healthcheck"]["interval"] = "3s"
 config["services"] = {"camserve": service}
 yaml.safe_dump(config, sys.stdout, sort_keys=False)
-' "$PORT" >"$OVERRIDE"
+' "$PORT" "$GRPC_PORT" >"$OVERRIDE"
     compose() {
         docker-compose -p "$PROJECT" --project-directory "$ROOT" -f "$OVERRIDE" "$@"
     }
@@ -290,10 +316,11 @@ yaml.safe_dump(config, sys.stdout, sort_keys=False)
         "$HOST_PY" -c "import sys, urllib.request as u; r = u.urlopen(sys.argv[1], timeout=10); print('compose GET', sys.argv[2] + ':', r.status, r.read().decode()[:300])" \
             "http://127.0.0.1:$PORT$path" "$path"
     done
+    grpc_health "$cid" "$GRPC_PORT" compose || die "the compose service's gRPC is not serving"
     $DOCKER inspect -f 'mounts: {{range .Mounts}}{{.Source}} -> {{.Destination}} (rw={{.RW}}) {{end}}' "$cid"
     compose down
     COMPOSE_UP=0
     $DOCKER network ls --format '{{.Name}} ({{.Driver}})' | paste -sd' ' | sed 's/^/networks left: /'
 fi
 
-log "SMOKE PASSED: image $IMAGE ($IMAGE_SIZE, built in ${BUILD_S}s), port $PORT"
+log "SMOKE PASSED: image $IMAGE ($IMAGE_SIZE, built in ${BUILD_S}s), port $PORT, gRPC $GRPC_PORT"
