@@ -205,6 +205,8 @@ def send(client: httpx.Client, index: int, images: list[bytes]) -> Outcome:
 
 
 JOBS = 5
+#: Between polls of a job: the gateway answers one address 10 requests a second (bursts of 50).
+POLL_S = 0.1
 
 
 def follow_jobs(client: httpx.Client, images: list[bytes], timeout: float = 60.0) -> list[str]:
@@ -229,7 +231,7 @@ def follow_jobs(client: httpx.Client, images: list[bytes], timeout: float = 60.0
             status = polled.json()["status"]
             if status not in ("queued", "running"):
                 break
-            time.sleep(0.05)
+            time.sleep(POLL_S)
         statuses.append(status)
     return statuses
 
@@ -345,7 +347,9 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
         outcomes = [f.result() for f in futures]
         replicas[victim].wait()
         time.sleep(0.5)  # the last access lines
-        report(outcomes, ports, victim, killed_at, kill_time, closed_time, elapsed, work, nginx)
+        errors = report(
+            outcomes, ports, victim, killed_at, kill_time, closed_time, elapsed, work, nginx
+        )
         with httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=60) as client:
             jobs = follow_jobs(client, images[:JOBS])
         print(
@@ -353,7 +357,9 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
             "followed to 'succeeded' with GET /jobs/{id} through the gateway "
             f"({', '.join(sorted(set(jobs)))})"
         )
-        return 0 if flood(listen) else 1
+        failures = verdict(errors, jobs, flood(listen))
+        print("check: " + ("FAILED: " + "; ".join(failures) if failures else "ok"))
+        return 1 if failures else 0
     finally:
         if gateway is not None:
             gateway.terminate()
@@ -379,7 +385,8 @@ def report(
     elapsed: float,
     work: Path,
     nginx: str,
-) -> None:
+) -> int:
+    """Print what the clients, the gateway and the replicas saw; the client-side errors."""
     version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
     gateway = gateway_lines(work / "access.log")
     # Only what came through the gateway (not this script's own /ready polls).
@@ -449,6 +456,19 @@ def report(
             f"  replica{i + 1}: {len(set(ids))} ids ({chosen} client-chosen, "
             f"{len(set(ids)) - chosen} made by the gateway), e.g. {sample}"
         )
+    return len(failed)
+
+
+def verdict(client_errors: int, jobs: list[str], flood_held: bool) -> list[str]:
+    """What failed: a client saw the kill, a job did not succeed, the flood was not limited."""
+    failures = []
+    if client_errors:
+        failures.append(f"{client_errors} request(s) ended in an error at the client")
+    if any(status != "succeeded" for status in jobs):
+        failures.append(f"jobs after the kill: {', '.join(jobs)}")
+    if not flood_held:
+        failures.append("the flood from one address was not limited")
+    return failures
 
 
 def main() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.gateway_check import CONF, gateway_conf
+from tools.gateway_check import CONF, POLL_S, gateway_conf, verdict
 from tools.kserve_pod import predictor_pod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,8 +52,6 @@ def test_jobs_are_hashed_by_client_only_for_replicas_that_keep_them_in_memory(
 
 
 def test_every_http_route_to_the_replicas_is_limited_per_client_address() -> None:
-    import re
-
     text = CONF.read_text()
     assert "limit_req_zone $binary_remote_addr zone=camserve_clients" in text
     http = text.split("listen 8080;", 1)[1]
@@ -63,6 +62,22 @@ def test_every_http_route_to_the_replicas_is_limited_per_client_address() -> Non
     refused = http.split("location @rate_limited {", 1)[1].split("}", 1)[0]
     assert "add_header Retry-After 1 always;" in refused and '"code":"rate_limited"' in refused
     assert "error_page 429 = @rate_limited;" in http and "limit_req_status 429;" in text
+
+
+def test_the_gateway_check_fails_on_what_a_client_saw_not_only_on_the_flood() -> None:
+    assert verdict(0, ["succeeded"] * 5, flood_held=True) == []
+    assert verdict(2, ["succeeded"] * 5, flood_held=True) == [
+        "2 request(s) ended in an error at the client"
+    ]
+    assert verdict(0, ["succeeded", "GET 429"], flood_held=True) == [
+        "jobs after the kill: succeeded, GET 429"
+    ]
+    assert verdict(0, [], flood_held=False) == ["the flood from one address was not limited"]
+
+
+def test_the_gateway_checks_job_polls_stay_within_the_rate_per_address() -> None:
+    rate = re.search(r"zone=camserve_clients:\S+ rate=(\d+)r/s;", CONF.read_text())
+    assert rate is not None and 1 / POLL_S <= int(rate.group(1))
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
