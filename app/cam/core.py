@@ -732,7 +732,35 @@ class _CAM:
         return self.reshape_transform(tensor) if self.reshape_transform is not None else tensor
 
     def _activations_for_use(self) -> list[Tensor]:
-        return [self._transformed(a.detach()) for a in self._recorded()]
+        used = [self._transformed(a.detach()) for a in self._recorded()]
+        inputs = self._input
+        # A reshape_transform may lay the maps out as it likes; without one, a layer whose
+        # output is no grid like the input's is a mistake.
+        if isinstance(inputs, Tensor) and self.reshape_transform is None:
+            for name, activation in zip(self.target_names, used, strict=True):
+                if activation.ndim != inputs.ndim:
+                    raise ValueError(self._not_a_map(name, activation, inputs))
+        return used
+
+    @staticmethod
+    def _not_a_map(name: str, activation: Tensor, inputs: Tensor) -> str:
+        """Why a target layer's output is no map over the input's grid: without this, a ViT
+        block's tokens (N, T, D) were read as channels T over a 1-D "grid" D."""
+        shape, given = tuple(activation.shape), tuple(inputs.shape)
+        if activation.ndim == 3 and inputs.ndim == 4:
+            return (
+                f"Target layer {name!r} gives {shape}: tokens (N, tokens, dim), not a map "
+                f"(N, C, H, W) over the input's grid {given}, as a transformer's layers do. Lay "
+                "its tokens on their grid with reshape_transform: for a ViT, target = "
+                "vit_target(model), then GradCAM(model, target.layer, "
+                "reshape_transform=target.reshape_transform); for a Swin, hierarchical_target."
+            )
+        return (
+            f"Target layer {name!r} gives {shape}, not a map (N, C, *S) with the "
+            f"input's {inputs.ndim - 2} spatial dimension(s) {given}: pick a layer before the "
+            "global pooling (a convolution's or a stage's output), or pass a reshape_transform "
+            "that gives one."
+        )
 
     def __call__(
         self,

@@ -123,6 +123,10 @@ class GuidedBackprop(_InputResolution):
 
     one_map = True
 
+    def _activations_for_use(self) -> list[Tensor]:
+        # The target layers play no part in its map: any layer will do, a ViT's tokens too.
+        return [a.detach() for a in self._recorded()]
+
     def _maps(
         self,
         objective: Objective | None,

@@ -191,6 +191,10 @@ class LeGrad(_CAM):
             out = out.transpose(0, 1)
         return out, None
 
+    def _activations_for_use(self) -> list[Tensor]:
+        # Its blocks' tokens are read as tokens (through score_projection), never as maps.
+        return [a.detach() for a in self._recorded()]
+
     def _maps(
         self,
         objective: Objective | None,

@@ -104,3 +104,44 @@ def test_timm_style_vit():
 def test_not_a_vit():
     with pytest.raises(ValueError, match="not a recognised Vision Transformer"):
         vit_target(nn.Sequential(nn.Linear(2, 2)))
+
+
+#: Methods whose maps are read from the target layers' grid (LeGrad reads tokens, FullGrad,
+#: D-RISE and Guided Backpropagation no layer; CAM and DFF refuse the ViT's head first).
+GRID_METHODS = [
+    n
+    for n, cls in METHODS.items()
+    if cls.takes_layers
+    and cls.hooks_layers
+    and not cls.reads_head
+    and n not in ("LeGrad", "GuidedBackprop")
+]
+OPTIONS = {
+    "SmoothGradCAMpp": {"num_samples": 2, "seed": 0},
+    "SSCAM": {"num_samples": 2},
+    "ISCAM": {"num_samples": 2},
+}
+
+
+@pytest.mark.parametrize("name", GRID_METHODS)
+def test_a_token_layer_without_a_transform_names_vit_target(vit, name):
+    """A ViT block's (N, tokens, dim) output hooked with no reshape_transform was read as
+    channels over a 1-D grid: GradCAM gave maps of shape (N, dim), EigenCAM too, silently.
+    Every grid method now refuses it and names vit_target."""
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    layers = [layer, "encoder.layers.encoder_layer_0.ln_1"] if name == "RefineCAM" else layer
+    x = torch.randn(2, 3, 32, 32)
+    with METHODS[name](vit, layers, input_shape=(3, 32, 32), **OPTIONS.get(name, {})) as ext:
+        scores = vit(x)
+        with pytest.raises(ValueError, match=r"gives \(2, 17, 16\): tokens.*vit_target\(model\)"):
+            ext([1, 3], scores)
+    assert not any(m._forward_hooks for m in vit.modules())
+
+
+def test_guided_backprop_reads_no_layer_so_a_token_layer_will_do(vit):
+    x = torch.randn(2, 3, 32, 32)
+    maps = []
+    for layer in ("encoder.layers.encoder_layer_1.ln_1", "conv_proj"):
+        with METHODS["GuidedBackprop"](vit, layer, input_shape=(3, 32, 32)) as extractor:
+            maps.append(extractor([1, 3], vit(x))[0])
+    torch.testing.assert_close(maps[0], maps[1])
