@@ -170,37 +170,24 @@ class CAM(_CAM):
         activation = activations[0]
         channels = activation.shape[1]
         in_features = head_weight(self.fc).shape[1]
+        fed = self._fc_input
+        if fed is not None and fed.ndim > 2:
+            # A 1x1-convolution head sees the map itself (or its pool); pooling commutes with it.
+            fed = fed.mean(dim=tuple(range(2, fed.ndim)))
         if in_features != channels:
             why = (
-                f"{in_features} = {in_features // channels} x {channels}: a pooling that "
-                "concatenates several pools of the layer (timm's global_pool='catavgmax') or "
-                "other features feeds it, so CAM does not apply to this head. Use GradCAM, "
-                "LayerCAM or ScoreCAM instead."
-                if in_features % channels == 0
-                else "Use the layer whose output the head pools (e.g. 'layer4' on a ResNet), "
-                "or GradCAM, LayerCAM or ScoreCAM, which need no particular head."
+                "The head pools another layer, or more than this layer's average pool (timm's "
+                "global_pool='catavgmax' concatenates its max pool). Use the layer whose output "
+                "the head pools (e.g. 'layer4' on a ResNet) if there is one, or GradCAM, "
+                "LayerCAM or ScoreCAM, which need no particular head."
             )
             raise ValueError(
                 f"CAM does not apply to target layer {self.target_names[0]!r}: it has {channels} "
                 f"channels but fc_layer {self.fc_name!r} takes {in_features} features. {why}"
             )
-        fed = self._fc_input
-        if fed is not None and fed.ndim > 2:
-            # A 1x1-convolution head sees the map itself (or its pool); pooling commutes with it.
-            fed = fed.mean(dim=tuple(range(2, fed.ndim)))
         if fed is None or fed.shape != (activation.shape[0], channels):
             return
-        eps = max(torch.finfo(activation.dtype).eps, torch.finfo(fed.dtype).eps)
-        pooled = activation.float().mean(dim=tuple(range(2, activation.ndim)))
-        # An image with a NaN or inf pixel pools to NaN on both sides: compare the finite rest
-        # (a NaN scale made the tolerance itself NaN).
-        pooled = torch.nan_to_num(pooled, nan=0.0, posinf=0.0, neginf=0.0)
-        fed = torch.nan_to_num(fed.float(), nan=0.0, posinf=0.0, neginf=0.0)
-        scale = pooled.abs().max().clamp_min(1e-12)
-        # A bf16 or fp16 model pools and rounds in its own precision (bf16: up to eps/2 = 0.4%
-        # apart), so the tolerance grows with the coarser of the two dtypes.
-        rtol = max(1e-3, 2 * eps)
-        if not torch.allclose(pooled, fed, rtol=rtol, atol=max(1e-4, 2 * eps) * float(scale)):
+        if not _average_pool_of(activation, fed):
             message = (
                 f"fc_layer {self.fc_name!r} is not fed by the global average pool of target "
                 f"layer {self.target_names[0]!r}, so CAM's weights do not apply to its channels."
@@ -229,6 +216,21 @@ class CAM(_CAM):
         self._check_range(class_idx, weight.shape[0])  # type: ignore[arg-type]
         self._check_head(activations)
         return [weight.index_select(0, class_idx.to(weight.device))]  # type: ignore[union-attr]
+
+
+def _average_pool_of(activation: Tensor, fed: Tensor) -> bool:
+    """Whether ``fed`` (N, K) is the global average pool of ``activation`` (N, K, *S)."""
+    eps = max(torch.finfo(activation.dtype).eps, torch.finfo(fed.dtype).eps)
+    pooled = activation.float().mean(dim=tuple(range(2, activation.ndim)))
+    # An image with a NaN or inf pixel pools to NaN on both sides: compare the finite rest
+    # (a NaN scale made the tolerance itself NaN).
+    pooled = torch.nan_to_num(pooled, nan=0.0, posinf=0.0, neginf=0.0)
+    fed = torch.nan_to_num(fed.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    scale = pooled.abs().max().clamp_min(1e-12)
+    # A bf16 or fp16 model pools and rounds in its own precision (bf16: up to eps/2 = 0.4%
+    # apart), so the tolerance grows with the coarser of the two dtypes.
+    rtol = max(1e-3, 2 * eps)
+    return torch.allclose(pooled, fed, rtol=rtol, atol=max(1e-4, 2 * eps) * float(scale))
 
 
 class _ScoreFamily(_SharedExtraForwards):
