@@ -91,11 +91,14 @@ def resolve_fc_layer(
         )
     if len(linears) > 1:
         names = [n for n, _ in linears]
+        if len(names) > 4:  # a transformer's blocks hold dozens: the first ones and the last
+            names = [*names[:3], f"... {len(names) - 4} more", names[-1]]
         raise ValueError(
             f"CAM does not apply: the model has {len(linears)} nn.Linear layers ({names}), so the "
-            "class weights are not those of a single head fed by global pooling (e.g. VGG, "
-            "MobileNet v3). Use GradCAM, LayerCAM or ScoreCAM instead, or pass fc_layer="
-            "explicitly if one of them is a Linear head fed by global average pooling."
+            "class weights are not those of a single head fed by global pooling (a head of "
+            "several layers, as VGG's and MobileNet v3's, or Linear layers inside the blocks, as "
+            "in ConvNeXt and transformers). Use GradCAM, LayerCAM or ScoreCAM instead, or pass "
+            "fc_layer= explicitly if one of them is a Linear head fed by global average pooling."
         )
     return linears[0]
 

@@ -222,6 +222,18 @@ def test_cam_refuses_multi_linear_and_linearless_heads(builder, reason):
     assert "GradCAM" in str(info.value)
 
 
+def test_cam_on_a_model_with_linear_layers_in_its_blocks_lists_a_few():
+    """convnext_tiny's 37 nn.Linear layers (vit_tiny's 49, swin_tiny's 52) were all listed in
+    the message, and only VGG and MobileNet v3 given as the reason."""
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(10)])
+    with pytest.raises(
+        ValueError, match=r"10 nn.Linear layers \(\['0', '1', '2', '... 6 more', '9'\]\)"
+    ):
+        CAM(model, "0", input_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="inside the blocks, as in ConvNeXt and transformers"):
+        CAM(model, "0", input_shape=(3, 8, 8))
+
+
 def test_cam_uses_an_explicit_compatible_fc_layer():
     class TwoLinears(nn.Module):
         def __init__(self):
