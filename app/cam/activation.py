@@ -91,7 +91,7 @@ def resolve_fc_layer(
         )
     if len(linears) > 1:
         names = [n for n, _ in linears]
-        if len(names) > 4:  # a transformer's blocks hold dozens: the first ones and the last
+        if len(names) > 5:  # a transformer's blocks hold dozens: the first ones and the last
             names = [*names[:3], f"... {len(names) - 4} more", names[-1]]
         raise ValueError(
             f"CAM does not apply: the model has {len(linears)} nn.Linear layers ({names}), so the "
