@@ -290,7 +290,9 @@ def _host_plan(model: LoadedModel) -> CamPlan:
     """A chunked pass on two layers where the model has them (a per-layer loop is the place
     where a host re-reads what its hooks recorded)."""
     if model.spec.name == "vit":
-        return _plan(model, "SmoothGradCAMpp")
+        # The patch embedding: the ViT's one layer with a grid (its blocks give tokens, which
+        # the service does not lay on a grid: refused since 3a78600)
+        return _plan(model, "SmoothGradCAMpp", ("conv_proj",))
     return _plan(model, "AblationCAM", ("features.0", "features.2"))
 
 
