@@ -31,6 +31,7 @@ from app.cam.layers import LayerSpec, eval_mode, locate_candidate_layer, resolve
 from app.cam.options import AUG_VARIANTS, SMOOTHING, SMOOTHING_NAMES, MethodOption
 from app.cam.smoothing import augmented, flip_refusal, merged, principal_map
 from app.cam.targets import Objective, Target, not_logits, output_length, target_list
+from app.cam.vit import token_grid
 
 logger = logging.getLogger(__name__)
 _Self = TypeVar("_Self", bound="_CAM")
@@ -735,8 +736,20 @@ class _CAM:
         used = [self._transformed(a.detach()) for a in self._recorded()]
         inputs = self._input
         # A reshape_transform may lay the maps out as it likes; without one, a layer whose
-        # output is no grid like the input's is a mistake.
+        # output is no grid like the input's is a mistake, unless it is a recognised ViT's
+        # tokens, which are laid on their grid as vit_target's transform lays them.
         if isinstance(inputs, Tensor) and self.reshape_transform is None:
+            if any(a.ndim != inputs.ndim for a in used) and inputs.ndim == 4:
+                grid = token_grid(self.model)
+                if grid is not None and all(grid.fits(tuple(a.shape)) for a in used):
+                    logger.info(
+                        "%s: %s give a ViT's tokens, read with reshape_transform=%r",
+                        type(self).__name__,
+                        self.target_names,
+                        grid,
+                    )
+                    self.reshape_transform = grid
+                    return [self._transformed(a.detach()) for a in self._recorded()]
             for name, activation in zip(self.target_names, used, strict=True):
                 if activation.ndim != inputs.ndim:
                     raise ValueError(self._not_a_map(name, activation, inputs))

@@ -44,6 +44,20 @@ class TokensToGrid:
             )
         return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether a layer's output of ``shape`` is tokens this transform lays on its grid."""
+        if len(shape) != 3:
+            return False
+        count = shape[1] - self.prefix_tokens
+        if self.grid_size is not None:
+            return count == self.grid_size[0] * self.grid_size[1]
+        return count > 0 and math.isqrt(count) ** 2 == count
+
+    def grid_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """The (N, dim, H, W) shape that tokens of ``shape`` (N, tokens, dim) are laid out as."""
+        height, width = self.grid_size or (math.isqrt(shape[1] - self.prefix_tokens),) * 2
+        return (shape[0], shape[2], height, width)
+
     def __repr__(self) -> str:
         return f"TokensToGrid(prefix_tokens={self.prefix_tokens}, grid_size={self.grid_size})"
 
@@ -92,3 +106,13 @@ def vit_target(model: nn.Module) -> ViTTarget:
         "VisionTransformer or timm-style ViT). Hook a block yourself and pass "
         "reshape_transform=TokensToGrid(prefix_tokens, grid_size)."
     )
+
+
+def token_grid(model: nn.Module) -> TokensToGrid | None:
+    """The transform that lays a recognised ViT's tokens on their grid (``vit_target``'s), or
+    None for any other model: used when a ViT's token layer is hooked without a transform."""
+    try:
+        transform = vit_target(model).reshape_transform
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return transform if isinstance(transform, TokensToGrid) else None

@@ -31,6 +31,7 @@ from app.cam import (
 )
 from app.cam.hierarchical import channels_last_layers, hierarchical_target, is_hierarchical
 from app.cam.layers import trace_forward
+from app.cam.vit import token_grid, vit_target
 from app.models.access import factory_defined_in
 from app.models.compiling import CompiledForward, CompileRefused, compiled_forward
 from app.models.manifest import RANDOM_WEIGHTS, TIMM_PREFIX, ManifestError, ModelSpec
@@ -231,9 +232,13 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         raise ManifestError(f"{len(labels)} labels but num_classes is {spec.num_classes}")
 
     channels_last = channels_last_layers(module)
+    tokens = token_grid(module)
     shapes = {
         name: (shape[0], shape[3], shape[1], shape[2])
         if name in channels_last and len(shape) == 4
+        # A ViT's token layers as the extractors lay them out (app.cam.vit.token_grid).
+        else tokens.grid_shape(shape)
+        if tokens is not None and len(spec.input_shape) == 3 and tokens.fits(shape)
         else shape
         for name, shape in _warm_up(module, spec).items()
     }
@@ -316,7 +321,10 @@ def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 def _preset_layers(module: nn.Module) -> tuple[str, ...]:
-    """The target layer preset for a hierarchical transformer (Swin: its final norm), if any."""
+    """The target layer preset for a transformer, if any: a Swin's final norm, a ViT's last
+    block's first norm (``vit_target``: the class token still reads its patch tokens there)."""
+    if token_grid(module) is not None:
+        return (vit_target(module).layer_name,)
     if not is_hierarchical(module):
         return ()
     try:

@@ -118,24 +118,55 @@ GRID_METHODS = [
 ]
 OPTIONS = {
     "SmoothGradCAMpp": {"num_samples": 2, "seed": 0},
-    "SSCAM": {"num_samples": 2},
+    "SSCAM": {"num_samples": 2, "seed": 0},
     "ISCAM": {"num_samples": 2},
 }
 
 
 @pytest.mark.parametrize("name", GRID_METHODS)
-def test_a_token_layer_without_a_transform_names_vit_target(vit, name):
+def test_a_vits_token_layer_without_a_transform_is_laid_on_its_grid(vit, name):
     """A ViT block's (N, tokens, dim) output hooked with no reshape_transform was read as
     channels over a 1-D grid: GradCAM gave maps of shape (N, dim), EigenCAM too, silently.
-    Every grid method now refuses it and names vit_target."""
+    On a recognised ViT its tokens are laid on their grid as vit_target's transform lays them:
+    the same maps as with that transform given."""
     layer = "encoder.layers.encoder_layer_1.ln_1"
     layers = [layer, "encoder.layers.encoder_layer_0.ln_1"] if name == "RefineCAM" else layer
     x = torch.randn(2, 3, 32, 32)
-    with METHODS[name](vit, layers, input_shape=(3, 32, 32), **OPTIONS.get(name, {})) as ext:
-        scores = vit(x)
-        with pytest.raises(ValueError, match=r"gives \(2, 17, 16\): tokens.*vit_target\(model\)"):
-            ext([1, 3], scores)
+    maps = []
+    for transform in (None, vit_target(vit).reshape_transform):
+        options = {**OPTIONS.get(name, {}), "reshape_transform": transform}
+        with METHODS[name](vit, layers, input_shape=(3, 32, 32), **options) as extractor:
+            maps.append(extractor([1, 3], vit(x)))
     assert not any(m._forward_hooks for m in vit.modules())
+    automatic, given = maps
+    # the 4x4 patch grid (GuidedGradCAM's at the input's size), not (2, 16)
+    assert automatic[0].shape == given[0].shape and automatic[0].ndim == 3
+    if name != "RandomCAM":  # noise drawn at each call
+        for a, b in zip(automatic, given, strict=True):
+            torch.testing.assert_close(a, b)
+
+
+class _Tokens(nn.Module):
+    """A transformer that is no recognised ViT: tokens of its own making."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 8, stride=8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        tokens = self.mix(self.embed(x).flatten(2).transpose(1, 2))
+        return self.head(tokens.mean(1))
+
+
+def test_tokens_of_another_transformer_without_a_transform_name_vit_target():
+    model = _Tokens().eval()
+    with METHODS["GradCAM"](model, "mix", input_shape=(3, 32, 32)) as extractor:
+        scores = model(torch.randn(2, 3, 32, 32))
+        with pytest.raises(ValueError, match=r"gives \(2, 16, 8\): tokens.*vit_target\(model\)"):
+            extractor([1, 2], scores)
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_guided_backprop_reads_no_layer_so_a_token_layer_will_do(vit):

@@ -95,8 +95,11 @@ def test_timm_models_load_with_default_layers_from_the_trial(timm_store: Path) -
     assert registry.get("efficientnet").target_layers == ("bn2",)
     assert registry.get("convnext").methods["CAM"] is None
     assert registry.get("efficientnet").methods["CAM"] is None
-    # A ViT's blocks emit tokens: the trial keeps the last grid, its patch embedding.
-    assert registry.get("vit").target_layers == ("patch_embed.proj",)
+    # A ViT's blocks emit tokens, laid on the patch grid: its last block's first norm, where
+    # the class token still reads the patch tokens (vit_target), not the patch embedding.
+    vit = registry.get("vit")
+    assert vit.target_layers == ("blocks.1.norm1",)
+    assert len(vit.layer_shapes["blocks.1.norm1"]) == 4  # (N, dim, H, W) as extractors read it
     reason = registry.get("vit").methods["LeGrad"] or ""
     assert "timm's own Attention" in reason and "[model] architecture" in reason
 

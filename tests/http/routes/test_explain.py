@@ -768,6 +768,49 @@ def test_legrad_explains_a_served_vit_over_its_blocks(
     assert layer_map["layer"] == "fused" and layer_map["raw"]["shape"] == [4, 4]
 
 
+def test_a_served_vit_is_explained_on_its_patch_grid(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Its blocks give tokens (N, 17, 16): read as a 1-D map they were a 500 (before the
+    engine refused them, a 422 naming a reshape_transform no HTTP client can send); now they
+    are laid on the 4x4 patch grid as vit_target lays them, for every method."""
+    from tests.fixtures_models import write_tiny_vit
+
+    write_tiny_vit(tmp_path)
+    client = make_client(model_store=tmp_path, default_model="vit")
+    info = client.get("/models/vit").json()
+    assert info["target_layers"] == ["encoder.layers.encoder_layer_1.ln_1"]
+    # ScoreCAM masks the 16 features of each patch token, not the 17 tokens
+    assert info["method_info"]["ScoreCAM"]["forwards"] == 16
+    for method in ("GradCAM", "ScoreCAM", "EigenCAM", "LayerCAM"):
+        response = explain(client, image_bytes((40, 32)), method=method, output="raw")
+        assert response.status_code == 200, response.text
+        (layer_map,) = response.json()["results"][0]["explanations"][0]["maps"]
+        assert layer_map["raw"]["shape"] == [4, 4]
+    mixed = explain(client, image_bytes((40, 32)), target_layer=["conv_proj", "encoder.ln"])
+    assert assert_error(mixed, 422, "method_not_applicable")
+
+
+def test_a_served_vit_without_target_layers_gets_its_last_blocks_first_norm(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    from tests.fixtures_models import build_tiny_vit, write_model
+
+    torch.manual_seed(0)
+    write_model(
+        tmp_path,
+        "vit",
+        build_tiny_vit(),
+        architecture="tests.fixtures_models:build_tiny_vit",
+        num_classes=3,
+        input_size=32,
+        target_layers=[],
+    )
+    client = make_client(model_store=tmp_path, default_model="vit")
+    info = client.get("/models/vit").json()
+    assert info["target_layers"] == ["encoder.layers.encoder_layer_1.ln_1"]  # vit_target's
+
+
 @pytest.mark.parametrize("factory", ["build_tiny_swin", "build_tiny_timm_swin"])
 def test_a_served_swin_is_explained_on_its_preset_grid(
     make_client: Callable[..., TestClient], tmp_path: Path, factory: str
