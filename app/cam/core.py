@@ -31,7 +31,7 @@ from app.cam.layers import LayerSpec, eval_mode, locate_candidate_layer, resolve
 from app.cam.options import AUG_VARIANTS, SMOOTHING, SMOOTHING_NAMES, MethodOption
 from app.cam.smoothing import augmented, flip_refusal, merged, principal_map
 from app.cam.targets import Objective, Target, not_logits, output_length, target_list
-from app.cam.vit import token_grid
+from app.cam.vit import TokensToGrid, token_grid
 
 logger = logging.getLogger(__name__)
 _Self = TypeVar("_Self", bound="_CAM")
@@ -358,6 +358,10 @@ class _CAM:
     #: hooks target layers; ``False``: it reads only the model's input and output (D-RISE, a
     #: black-box method), so it resolves no layer and needs no dummy forward to find one
     hooks_layers: ClassVar[bool] = True
+    #: reads what it records as maps over the input's grid (N, C, *S), laid out by the
+    #: ``reshape_transform``; ``False``: it takes what it records as it is (LeGrad's tokens,
+    #: FullGrad's bias terms, D-RISE's input, Guided Backpropagation's unused layers)
+    reads_grids: ClassVar[bool] = True
     #: explains a detection by comparing it with the detections of masked inputs (D-RISE): a
     #: detector's pipeline gives it a ``DetectionSimilarity`` target rather than a box's score
     explains_detections: ClassVar[bool] = False
@@ -733,27 +737,36 @@ class _CAM:
         return self.reshape_transform(tensor) if self.reshape_transform is not None else tensor
 
     def _activations_for_use(self) -> list[Tensor]:
-        used = [self._transformed(a.detach()) for a in self._recorded()]
+        recorded = [a.detach() for a in self._recorded()]
+        if not self.reads_grids:
+            return recorded
         inputs = self._input
         # A reshape_transform may lay the maps out as it likes; without one, a layer whose
         # output is no grid like the input's is a mistake, unless it is a recognised ViT's
         # tokens, which are laid on their grid as vit_target's transform lays them.
         if isinstance(inputs, Tensor) and self.reshape_transform is None:
-            if any(a.ndim != inputs.ndim for a in used) and inputs.ndim == 4:
-                grid = token_grid(self.model)
-                if grid is not None and all(grid.fits(tuple(a.shape)) for a in used):
-                    logger.info(
-                        "%s: %s give a ViT's tokens, read with reshape_transform=%r",
-                        type(self).__name__,
-                        self.target_names,
-                        grid,
-                    )
-                    self.reshape_transform = grid
-                    return [self._transformed(a.detach()) for a in self._recorded()]
-            for name, activation in zip(self.target_names, used, strict=True):
-                if activation.ndim != inputs.ndim:
-                    raise ValueError(self._not_a_map(name, activation, inputs))
-        return used
+            self.reshape_transform = self._token_layout(recorded, inputs)
+            if self.reshape_transform is None:
+                for name, activation in zip(self.target_names, recorded, strict=True):
+                    if activation.ndim != inputs.ndim:
+                        raise ValueError(self._not_a_map(name, activation, inputs))
+        return [self._transformed(a) for a in recorded]
+
+    def _token_layout(self, recorded: list[Tensor], inputs: Tensor) -> TokensToGrid | None:
+        """A recognised ViT's ``TokensToGrid`` when every target layer gives its tokens (an
+        image model's layers that are not all maps like the input's), else None."""
+        if inputs.ndim != 4 or all(a.ndim == inputs.ndim for a in recorded):
+            return None
+        grid = token_grid(self.model)
+        if grid is None or not all(grid.fits(tuple(a.shape)) for a in recorded):
+            return None
+        logger.info(
+            "%s: %s give a ViT's tokens, read with reshape_transform=%r",
+            type(self).__name__,
+            self.target_names,
+            grid,
+        )
+        return grid
 
     @staticmethod
     def _not_a_map(name: str, activation: Tensor, inputs: Tensor) -> str:

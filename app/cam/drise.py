@@ -109,6 +109,7 @@ class DRISE(_CAM):
     one_map = True
     takes_layers = False
     hooks_layers = False
+    reads_grids = False  # the recorded input
     explains_detections = True
     eigen_smoothable = False
     # A flipped image's detections lie elsewhere: its target box would no longer match them.
@@ -159,9 +160,6 @@ class DRISE(_CAM):
     def _recorded(self) -> list[Tensor]:
         """The model's input of the hooked forward (D-RISE records nothing else)."""
         return [self._recorded_input()]
-
-    def _activations_for_use(self) -> list[Tensor]:
-        return [t.detach() for t in self._recorded()]
 
     def _maps(
         self,

@@ -77,6 +77,7 @@ class FullGrad(_GradientCAM):
     uses_input = True
     one_map = True
     takes_layers = False
+    reads_grids = False  # its bias layers' outputs, as they are
 
     def __init__(
         self,
@@ -126,9 +127,6 @@ class FullGrad(_GradientCAM):
         # The next module may change its input in place (a BatchNorm followed by
         # ReLU(inplace=True)): hand it a copy, so the recorded tensor keeps its own gradient.
         return output.clone() if output.requires_grad else None
-
-    def _activations_for_use(self) -> list[Tensor]:
-        return [a.detach() for a in self._recorded()]
 
     def _called(self) -> list[nn.Module]:
         """The bias layers the hooked forward called, in the order of ``_recorded``."""

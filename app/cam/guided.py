@@ -122,10 +122,7 @@ class GuidedBackprop(_InputResolution):
     """
 
     one_map = True
-
-    def _activations_for_use(self) -> list[Tensor]:
-        # The target layers play no part in its map: any layer will do, a ViT's tokens too.
-        return [a.detach() for a in self._recorded()]
+    reads_grids = False  # its target layers play no part in its map: a ViT's tokens will do
 
     def _maps(
         self,

@@ -66,6 +66,7 @@ class LeGrad(_CAM):
     uses_scores = True
     supports_targets = False
     one_map = True
+    reads_grids = False  # its blocks' tokens, read through score_projection
 
     def __init__(
         self,
@@ -190,10 +191,6 @@ class LeGrad(_CAM):
         if not module.batch_first:
             out = out.transpose(0, 1)
         return out, None
-
-    def _activations_for_use(self) -> list[Tensor]:
-        # Its blocks' tokens are read as tokens (through score_projection), never as maps.
-        return [a.detach() for a in self._recorded()]
 
     def _maps(
         self,
