@@ -5,18 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import fastapi.routing
-from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
 from app.http.routes.forms import explain_field_schemas, takes_explain_form
-
-
-def api_routes(routes: Sequence[BaseRoute]) -> list[APIRoute]:
-    """Every API route, inside the routers included too (FastAPI 0.16x keeps them nested)."""
-    contexts = getattr(fastapi.routing, "iter_route_contexts", None)
-    found = routes if contexts is None else [c.original_route for c in contexts(routes)]
-    return [route for route in found if isinstance(route, APIRoute)]
+from app.http.routing import api_routes
 
 
 def with_explain_fields(schema: dict[str, Any], routes: Sequence[BaseRoute]) -> dict[str, Any]:

@@ -21,11 +21,10 @@ covers them. A ``ProtocolRoute`` (KServe v1, OIP v2) gets its refusals in the pr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import fastapi.routing
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,11 +33,12 @@ from app.errors import CamserveError, OriginNotAllowed, ShuttingDown, Unauthoriz
 from app.http.admin import require_admin_key
 from app.http.deps import ApiKeys, api_key_matches, require_api_key
 from app.http.errors import send_refusal
-from app.http.protocols.base import ProtocolRoute, depends_on
+from app.http.protocols.base import ProtocolRoute
+from app.http.routing import depends_on, endpoints
 from app.lifecycle import Lifecycle
 from app.observability.context import current_request, identity
 
-__all__ = ["DRAIN_BYTES", "DRAIN_S", "GateMiddleware", "api_key_matches", "endpoints"]
+__all__ = ["DRAIN_BYTES", "DRAIN_S", "GateMiddleware", "api_key_matches"]
 
 #: Most body bytes read (and dropped) after a refusal, so the client sees the answer, not a reset.
 DRAIN_BYTES = 16 * 1024 * 1024
@@ -47,18 +47,6 @@ DRAIN_S = 10.0
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: The port of an origin that names none (a browser leaves the default out of Origin and Host).
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def endpoints(routes: Sequence[BaseRoute]) -> Iterator[tuple[Any, BaseRoute]]:
-    """Every route of ``routes`` with what matches a request to it, routes of included routers
-    too: recent FastAPI keeps an included router whole in the app's list (one entry holding
-    its routes), older ones copy its routes into the list."""
-    walk = getattr(fastapi.routing, "iter_route_contexts", None)
-    if walk is None:
-        yield from ((route, route) for route in routes)
-        return
-    for context in walk(routes):
-        yield context, context.original_route
 
 
 def is_gated(route: BaseRoute) -> bool:

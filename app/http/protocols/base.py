@@ -15,7 +15,6 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import Depends, Request
-from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -27,6 +26,7 @@ from app.errors import BadRequest, CamserveError, clip
 from app.http.admin import ADMIN_KEY_HEADER, require_admin_key
 from app.http.deps import API_KEY_HEADER, get_registry, require_api_key
 from app.http.errors import describe_validation
+from app.http.routing import depends_on
 from app.models.registry import ModelRegistry
 from app.protocols.binary import HEADER, header_length
 from app.protocols.oip import InferenceRequest, model_ready
@@ -69,11 +69,6 @@ def json_body_limit(max_upload_bytes: int, max_images: int, overhead: int) -> in
     """Largest protocol body: every image at the upload limit, base64-encoded, plus room for
     the JSON around them."""
     return 4 * math.ceil(max_upload_bytes / 3) * max_images + overhead
-
-
-def depends_on(dependant: Dependant, call: Callable[..., Any]) -> bool:
-    """Whether ``call`` is among the dependencies of ``dependant``, at any depth."""
-    return any(d.call is call or depends_on(d, call) for d in dependant.dependencies)
 
 
 def _as_json(request: Request, parsed: Any) -> Request:

@@ -27,6 +27,7 @@ from fastapi.routing import APIRoute
 
 from app.errors import NotAcceptable
 from app.http.negotiation import prefers
+from app.http.routing import depends_on
 from app.pipeline.explainer import ExplainParams
 from app.pipeline.params import (
     PARAMETERS,
@@ -99,13 +100,7 @@ def explain_field_schemas() -> dict[str, dict[str, Any]]:
 
 def takes_explain_form(route: APIRoute) -> bool:
     """Whether a route reads the explain form (its body's schema lists the explain fields)."""
-    pending = list(route.dependant.dependencies)
-    while pending:
-        dependency = pending.pop()
-        if dependency.call is explain_form:
-            return True
-        pending.extend(dependency.dependencies)
-    return False
+    return depends_on(route.dependant, explain_form)
 
 
 def _repeatable(annotation: Any) -> bool:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from app.http.openapi import api_routes
 from app.http.routes.forms import explain_field_schemas, takes_explain_form
+from app.http.routing import api_routes
 from app.pipeline.params import PARAMETERS
 
 
