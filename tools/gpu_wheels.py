@@ -82,9 +82,8 @@ MODULES = (
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
-def pinned(name: str, newest: bool) -> str:
-    if newest:
-        return name
+def pinned(name: str) -> str:
+    """``name`` at the version this environment runs (the one the suite passed with)."""
     try:
         return f"{name}=={version(name)}"
     except PackageNotFoundError:
@@ -146,7 +145,7 @@ def check(python: str) -> None:
         sys.exit(f".whl/ holds two versions of {', '.join(sorted(twice))}: keep one of each")
     image = Path(tempfile.gettempdir()) / "camserve-device-image-wheels"
     if not list(image.glob("*.whl")):
-        download([pinned(name, newest=False) for name in DEVICE_HAS], image)
+        download([pinned(name) for name in DEVICE_HAS], image)
     with tempfile.TemporaryDirectory() as target:
         subprocess.run(
             [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
@@ -170,8 +169,8 @@ def main() -> None:
     parser.add_argument("--python", help="a Python 3.12 to check with (default: found)")
     args = parser.parse_args()
     if not args.check:
-        download([pinned(name, newest=False) for name in SERVICE])
-        download([pinned(name, newest=True) for name in PEER])
+        download([pinned(name) for name in SERVICE])
+        download(list(PEER))  # the newest releases
     check(python312(args.python))
 
 
