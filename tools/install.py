@@ -15,9 +15,12 @@ Runs under the venv's own Python with the standard library only (nothing is inst
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -33,9 +36,54 @@ SIZES = {
     "5 to 10 minutes on a fast connection)",
     "cpu": "PyTorch's CPU wheels, about 1.1 GB on disk (about 0.3 GB to download; a few minutes)",
 }
+# What the install writes, in GB: the venv (the developer extras add about 1 GB: a dev venv holds
+# 6.6 GB) and pip's downloads, unpacked in the temporary folder while it installs.
+ON_DISK_GB = {"default": 5.6, "cpu": 1.1}
+EXTRAS_GB = 1.0
+DOWNLOAD_GB = {"default": 3.0, "cpu": 0.3}
 
 Runner = Callable[[Sequence[str]], int]
 Probe = Callable[[str], str | None]
+Free = Callable[[str], int]
+"""Free bytes on the file system that holds a path."""
+
+
+def free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def space_problem(
+    target: str,
+    torch: str,
+    *,
+    free: Free = free_bytes,
+    has_torch: bool | None = None,
+    temp: str | None = None,
+) -> str | None:
+    """Why the install cannot fit on disk, or None. pip stops half way with "No space left on
+    device" otherwise, minutes in and with a venv half written. A venv that already holds torch
+    (a reinstall after pyproject.toml changed) keeps it, so it needs little and is not checked."""
+    if has_torch is None:
+        has_torch = importlib.util.find_spec("torch") is not None
+    if has_torch:
+        return None
+    venv_gb = ON_DISK_GB[torch] + (EXTRAS_GB if "[" in target else 0.0)
+    need = {sys.prefix: venv_gb}
+    temp = temp or tempfile.gettempdir()
+    if os.stat(temp).st_dev == os.stat(sys.prefix).st_dev:
+        need[sys.prefix] += DOWNLOAD_GB[torch]
+    else:
+        need[temp] = DOWNLOAD_GB[torch]
+    for path, gb in need.items():
+        have = free(path) / 1e9
+        if have < gb:
+            return (
+                f"{path} has {have:.1f} GB free and this install needs about {gb:.1f} GB there "
+                "(the venv, and pip's downloads when the temporary folder is on the same disk). "
+                "Free some space, point TMPDIR at another disk for the downloads, or install "
+                "PyTorch's CPU wheels (`make serve TORCH=cpu`: 4.5 GB less)."
+            )
+    return None
 
 
 def say(message: str) -> None:
@@ -69,9 +117,11 @@ def install(
     run: Runner = subprocess.call,
     probe: Probe = unreachable,
     cpu_index: str | None = None,
+    free: Free = free_bytes,
+    has_torch: bool | None = None,
 ) -> int:
     """Install ``target`` (pip's requirement, e.g. ``.[dev]``) with the wheels of ``torch``;
-    returns pip's exit status."""
+    returns pip's exit status (1 before pip when the disk cannot hold it)."""
     index, asked = None, torch
     if torch == "cpu":
         index = cpu_index or os.environ.get(CPU_INDEX_ENV) or CPU_INDEX
@@ -86,6 +136,10 @@ def install(
     say(f"installing camserve ({target}) and its dependencies{where}: {SIZES[torch]}.")
     if asked == "default":
         say("no NVIDIA GPU here? `make serve TORCH=cpu` installs the CPU wheels (4.5 GB less).")
+    problem = space_problem(target, torch, free=free, has_torch=has_torch)
+    if problem is not None:
+        say(f"not enough disk space: {problem}")
+        return 1
     status = _run(pip_command(target, index), run, dry_run)
     if status != 0 and index is not None:
         say(f"pip failed with PyTorch's CPU index {index}; trying again from the default index.")

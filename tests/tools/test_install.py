@@ -4,6 +4,7 @@ fallback to the default index when PyTorch's CPU index cannot be reached. Nothin
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -112,3 +113,51 @@ def test_pip_failing_with_the_cpu_index_tries_the_default_one(
 def test_the_probe_names_why_an_index_cannot_be_read(refusing_url: str, answering_url: str) -> None:
     assert "refused" in (install.unreachable(refusing_url) or "")
     assert install.unreachable(answering_url + "/torch/") is None
+
+
+def test_a_disk_too_small_for_it_is_said_before_pip_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ran: list[Sequence[str]] = []
+
+    def pip(command: Sequence[str]) -> int:
+        ran.append(command)
+        return 0
+
+    status = install.install(".[dev]", "default", run=pip, free=lambda _: int(2e9), has_torch=False)
+    # 2 GB holds neither the venv (6.6 GB) nor, wherever they go, the downloads (3 GB)
+    out = capsys.readouterr().out
+    assert status == 1 and ran == []
+    assert "not enough disk space" in out and "2.0 GB free" in out and "TORCH=cpu" in out
+
+
+@pytest.mark.parametrize(
+    ("target", "torch", "free_gb", "fits"),
+    [
+        (".", "cpu", 1.5, True),  # 1.1 + 0.3 of downloads
+        (".", "cpu", 1.3, False),
+        (".[dev]", "cpu", 2.3, False),  # the developer extras add about 1 GB
+        (".[dev]", "default", 9.7, True),
+        (".", "default", 8.0, False),
+    ],
+)
+def test_the_space_asked_for_follows_the_wheels_and_extras(
+    target: str, torch: str, free_gb: float, fits: bool
+) -> None:
+    free = lambda _: int(free_gb * 1e9)  # noqa: E731
+    # pip's temporary folder on the venv's disk: both count there
+    problem = install.space_problem(target, torch, free=free, has_torch=False, temp=sys.prefix)
+    assert (problem is None) == fits, problem
+
+
+def test_a_venv_that_holds_torch_already_is_not_asked_for_space() -> None:
+    assert install.space_problem(".[dev]", "default", free=lambda _: 0, has_torch=True) is None
+
+
+def test_downloads_on_another_disk_are_counted_there() -> None:
+    other = "/dev/shm"
+    if not Path(other).is_dir() or os.stat(other).st_dev == os.stat(sys.prefix).st_dev:
+        pytest.skip("no second file system here")
+    free = {sys.prefix: int(1.2e9), other: int(0.2e9)}  # the venv fits, the downloads do not
+    problem = install.space_problem(".", "cpu", free=free.__getitem__, has_torch=False, temp=other)
+    assert problem is not None and problem.startswith(other) and "0.3 GB" in problem
