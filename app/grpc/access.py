@@ -1,6 +1,7 @@
 """Each gRPC call as HTTP's access middleware sees each request: a request id (metadata
-``x-request-id`` when valid, else a new one, sent back in the initial metadata), one access-log
-line and the metrics, under the route ``/inference.GRPCInferenceService/<RPC>``.
+``x-request-id`` when valid, else a new one, sent back in the initial metadata with the call's
+outcome), one access-log line and the metrics, under the route
+``/inference.GRPCInferenceService/<RPC>``.
 
 The status counted is the HTTP status the same refusal has on HTTP (200 for an answer, 500 for
 an internal error), so the request counters, Triton's statistics and the dashboards read gRPC
@@ -10,6 +11,7 @@ calls beside HTTP ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -115,12 +117,23 @@ def accessed(
         forwarded = metadata.get(FORWARDED_METADATA)
         client = proxies.client(context.peer(), forwarded if isinstance(forwarded, str) else None)
         info.caller = identity(client)  # check_key names a key's client
-        await context.send_initial_metadata(((REQUEST_ID_METADATA, info.request_id),))
         outcome: BaseException | None = None
+        # The id goes back once the outcome is known, not when the call begins: initial
+        # metadata tells a proxy that the call is answered, so when a replica died mid-call,
+        # nginx could only reset the stream (INTERNAL at the client, 200 in its log) instead of
+        # answering 502 (UNAVAILABLE, which a client may retry).
+        sent_id = ((REQUEST_ID_METADATA, info.request_id),)
         try:
-            return await method(request, context)
+            answer = await method(request, context)
+            await context.send_initial_metadata(sent_id)
+            return answer
+        except asyncio.CancelledError as error:
+            outcome = error
+            raise
         except BaseException as error:  # turned into the call's gRPC status outside this wrapper
             outcome = error
+            with contextlib.suppress(Exception):  # the refusal, not a failure to send the id
+                await context.send_initial_metadata(sent_id)
             raise
         finally:
             seconds = time.perf_counter() - started

@@ -129,6 +129,53 @@ def test_a_cancelled_call_counts_as_499() -> None:
     assert [status for _, status, _, _ in metrics.seen] == [499]
 
 
+def test_the_request_id_goes_back_with_the_outcome_not_before_the_work() -> None:
+    # Sent when the call began, the initial metadata told a proxy that the call had its answer:
+    # nginx passed it on, and when the replica died mid-call it could only reset the stream
+    # (the client read INTERNAL and the gateway logged 200), where a call without metadata yet
+    # gets nginx's 502, which a gRPC client reads as UNAVAILABLE and may retry.
+    order: list[str] = []
+
+    class Recording(_Context):
+        async def send_initial_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+            order.append("id")
+            await super().send_initial_metadata(metadata)
+
+    async def answer(request: Any, context: Any) -> str:
+        order.append("work")
+        return "answer"
+
+    async def refuse(request: Any, context: Any) -> str:
+        order.append("work")
+        raise BadRequest("no such thing; send another")
+
+    async def hang(request: Any, context: Any) -> None:
+        order.append("work")
+        await asyncio.sleep(30)
+
+    good = Recording((("x-request-id", "given-2"),))
+    call = accessed("/svc/Answer", answer, lambda: None)  # type: ignore[arg-type]
+    assert asyncio.run(call(None, good)) == "answer"  # type: ignore[arg-type]
+    assert order == ["work", "id"] and good.sent == (("x-request-id", "given-2"),)
+    order.clear()
+    refused = Recording((("x-request-id", "given-3"),))
+    with pytest.raises(BadRequest):
+        asyncio.run(accessed("/svc/Refuse", refuse, lambda: None)(None, refused))  # type: ignore[arg-type]
+    assert order == ["work", "id"] and refused.sent == (("x-request-id", "given-3"),)
+    order.clear()
+
+    async def cancelled() -> None:
+        call = accessed("/svc/Hang", hang, lambda: None)  # type: ignore[arg-type]
+        task = asyncio.create_task(call(None, Recording(())))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    assert order == ["work"]  # nothing is sent on a call its client gave up
+
+
 @pytest.mark.parametrize(
     ("peer", "host"),
     [
