@@ -8,9 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import tritonclient.grpc as grpcclient
 import yaml
+from tritonclient.utils import InferenceServerException
 
-from tools.gateway_check import CONF, POLL_S, gateway_conf, verdict
+from app.grpc.status import BY_STATUS
+from tools.gateway_check import CONF, POLL_S, free_port, gateway_conf, verdict, wait_ready
 from tools.kserve_pod import predictor_pod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +95,50 @@ def test_the_shipped_gateway_conf_is_valid_nginx(tmp_path: Path, memory_jobs: bo
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def grpc_server_block() -> str:
+    return CONF.read_text().split("listen 8081 http2;", 1)[1].split("listen 8080;", 1)[0]
+
+
+def test_the_gateways_own_grpc_refusals_are_grpc_statuses_of_camserves_meaning() -> None:
+    # nginx's default was an HTML page, which a client read as UNKNOWN (413) or UNAVAILABLE
+    # (502, 504) 'Received http2 header with status: ...', naming no fix.
+    block = grpc_server_block()
+    pages = re.findall(r"error_page ([\d ]+) = (@\w+);", block)
+    assert {int(s) for statuses, _ in pages for s in statuses.split()} == {413, 502, 503, 504}
+    for statuses, name in pages:
+        answer = block.split(f"location {name} {{", 1)[1].split("}", 1)[0]
+        assert "default_type application/grpc;" in answer and "return 204;" in answer
+        code = re.search(r"add_header grpc-status (\d+) always;", answer)
+        assert code is not None and re.search(r'add_header grpc-message "[^"]+" always;', answer)
+        for status in map(int, statuses.split()):
+            # 502 is a replica that did not answer: UNAVAILABLE, as camserve's 503.
+            assert int(code.group(1)) == BY_STATUS[503 if status == 502 else status].value[0]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
+def test_a_grpc_call_with_no_replica_to_answer_it_is_unavailable_saying_so(
+    tmp_path: Path,
+) -> None:
+    replica, listen, grpc_listen = free_port(), free_port(), free_port()  # no replica listens
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        gateway_conf([replica], listen, tmp_path, grpc_ports=[replica], grpc_listen=grpc_listen)
+    )
+    directives = f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"
+    nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf), "-g", directives])
+    try:
+        wait_ready(f"http://127.0.0.1:{listen}/gateway/health", timeout=20)
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_listen}")
+        with pytest.raises(InferenceServerException) as raised:
+            client.is_server_live(client_timeout=10)
+        client.close()
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=10)
+    assert raised.value.status() == "StatusCode.UNAVAILABLE"
+    assert raised.value.message() == "No camserve replica answered; retry shortly."
 
 
 def test_predictor_pod_keeps_the_pod_spec_only() -> None:
