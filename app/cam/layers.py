@@ -137,14 +137,30 @@ def trace_forward(
     return order, output
 
 
+_RESAMPLERS = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+)
+"""Layers that only resample the grid they are given to a size of their own: a map read there
+is the previous layer's grid, stretched or shrunk (VGG's ``avgpool`` brings a 64 px input's 2x2
+features to 7x7), so they never become the automatic target layer."""
+
+
 def locate_candidate_layer(
     model: nn.Module, input_shape: Sequence[int] = (3, 224, 224)
 ) -> str | None:
     """Name of the last layer (in forward order) whose output still has spatial dimensions.
 
     A dummy input of shape ``(1, *input_shape)`` is run through the model; a layer qualifies when
-    its output is a tensor of shape (N, C, *S) with at least one spatial size above 1. Returns
-    ``None`` when no layer qualifies (e.g. a Vision Transformer, whose blocks emit token sequences).
+    its output is a tensor of shape (N, C, *S) with at least one spatial size above 1 and it does
+    more than resample its input's grid (adaptive pooling, upsampling: the layer before it is
+    taken). Returns ``None`` when no layer qualifies (e.g. a Vision Transformer, whose blocks emit
+    token sequences).
     """
     n_spatial = len(input_shape) - 1
     try:
@@ -155,12 +171,14 @@ def locate_candidate_layer(
             f"failed ({type(exc).__name__}: {exc}). Pass the model's real input_shape, or give "
             "target_layer explicitly."
         ) from exc
+    modules = dict(model.named_modules())
     candidate = None
     for name, shape in order:
         if shape is None:
             continue
         if len(shape) == 2 + n_spatial and any(size > 1 for size in shape[2:]):
-            candidate = name
+            if not isinstance(modules.get(name), _RESAMPLERS):
+                candidate = name
         elif candidate is not None and n_spatial == 2 and len(shape) == 3 and shape[1] > 1:
             # Token sequences (N, tokens, dim) after the last grid: a transformer, whose patch
             # embedding is not a meaningful CAM layer (see app.cam.vit).

@@ -10,6 +10,8 @@ import torchvision
 from torch import nn
 
 from app.cam import GradCAM, LayerCAM, find_fc_layer, locate_candidate_layer
+from app.cam.layers import trace_output_shapes
+from tests.fixtures_models import build_vgg_like
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,18 @@ def test_automatic_layer_is_the_last_spatial_one(builder, expected, caplog):
         extractor = GradCAM(model, input_shape=(3, 64, 64))
     assert extractor.target_names == [expected]
     assert expected in caplog.text
+
+
+def test_a_layer_that_only_resamples_its_grid_is_not_the_automatic_layer():
+    # VGG's avgpool brings 64 px features (2x2) to 7x7: the map would be that 2x2 grid stretched
+    vgg = torchvision.models.vgg11(num_classes=3).eval()
+    assert dict(trace_output_shapes(vgg, (3, 64, 64)))["avgpool"] == (1, 512, 7, 7)
+    assert locate_candidate_layer(vgg, (3, 64, 64)) == "features"
+    assert locate_candidate_layer(build_vgg_like(), (3, 32, 32)) == "features"
+    upsampled = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Upsample(scale_factor=4), nn.Flatten()
+    )
+    assert locate_candidate_layer(upsampled, (3, 32, 32)) == "1"
 
 
 def test_automatic_resolution_keeps_training_mode_and_bn_stats():
