@@ -1,10 +1,11 @@
 """Run the gateway topology here and break it: nginx in front of 3 replicas, one killed midway.
 
-Starts 3 ``python -m app`` replicas on local ports (JSON logs to files) and nginx with
-deploy/gateway/nginx.conf (its upstream, listen and log lines swapped for local ones), sends
-mixed requests through the gateway a few at a time, kills one replica with SIGKILL once half of
-them are answered, and reports: requests per replica, the client-side errors (and which replica
-the gateway had sent them to), and the request ids found in each replica's log.
+Starts 3 ``python -m app`` replicas on local ports, HTTP and gRPC (JSON logs to files), and nginx
+with deploy/gateway/nginx.conf (its upstreams, listen and log lines swapped for local ones),
+sends mixed requests through the gateway a few at a time, HTTP ones and gRPC calls with
+tritonclient.grpc, kills one replica with SIGKILL once half of them are answered (while a gRPC
+call is in flight), and reports: requests per replica, the client-side errors (and which
+replica the gateway had sent them to), and the request ids found in each replica's log.
 
     tools/gateway_check.sh            # installs nginx from apt if missing, then runs this
     python tools/gateway_check.py --requests 200 --concurrency 4
@@ -30,10 +31,13 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
+import tritonclient.grpc as grpcclient
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,7 +46,7 @@ from app.models.zoo.shapes_dataset import generate_sample  # noqa: E402
 
 CONF = ROOT / "deploy" / "gateway" / "nginx.conf"
 MODEL = "shapes"
-KINDS = (
+HTTP_KINDS = (
     "predict",
     "explain",
     "oip-infer",
@@ -52,6 +56,23 @@ KINDS = (
     "health",
     "bad-method",
 )
+#: Calls to the gRPC listener, with tritonclient.grpc: their outcome is a gRPC status code.
+GRPC_KINDS = (
+    "grpc-live",
+    "grpc-ready",
+    "grpc-metadata",
+    "grpc-infer",
+    "grpc-explain",
+    "grpc-bad-model",
+)
+KINDS = HTTP_KINDS + GRPC_KINDS
+#: The code each gRPC call must end with; anything else is an error.
+GRPC_EXPECTED = {kind: "OK" for kind in GRPC_KINDS} | {"grpc-bad-model": "NOT_FOUND"}
+INFER_KINDS = ("grpc-infer", "grpc-explain")
+#: Every gRPC call's request id starts so (tritonclient does not read the answer's metadata).
+GRPC_ID = "grpc-"
+#: Once half the requests are answered, how long the kill may wait for a ModelInfer in flight.
+KILL_WAIT_S = 2.0
 
 
 @dataclass
@@ -60,9 +81,31 @@ class Outcome:
     kind: str
     sent_id: str | None
     status: int | None
+    """The HTTP status; None for no answer and for a gRPC call."""
     returned_id: str | None
     error: str | None = None
     sent_at: float = 0.0
+    code: str | None = None
+    """A gRPC call's status code (``OK``, ``NOT_FOUND``, ...); None for HTTP."""
+    ended_at: float = 0.0
+
+    @property
+    def grpc(self) -> bool:
+        return self.kind in GRPC_KINDS
+
+    @property
+    def failed(self) -> bool:
+        """HTTP: no answer or a 5xx. gRPC: a code other than its kind's (OK, or NOT_FOUND for
+        an unknown model), or an answer that is not what was asked."""
+        if self.grpc:
+            return self.code != GRPC_EXPECTED[self.kind] or self.error is not None
+        return self.status is None or self.status >= 500
+
+    @property
+    def answer(self) -> str:
+        if self.grpc:
+            return self.code or "no answer"
+        return str(self.status) if self.status is not None else "no answer"
 
 
 def free_port() -> int:
@@ -120,12 +163,13 @@ def gateway_conf(
 
 
 def start_replica(
-    port: int, log: Path, extra_env: dict[str, str] | None = None
+    port: int, log: Path, extra_env: dict[str, str] | None = None, grpc_port: int | None = None
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "CAMSERVE_PORT": str(port),
-        "CAMSERVE_GRPC_PORT": "",  # three replicas on one host: HTTP only
+        # Three replicas on one host: gRPC on a port of its own each, or none.
+        "CAMSERVE_GRPC_PORT": str(grpc_port) if grpc_port is not None else "",
         "CAMSERVE_HOST": "127.0.0.1",
         "CAMSERVE_LOG_FORMAT": "json",
         "CAMSERVE_LOG_LEVEL": "INFO",
@@ -167,8 +211,76 @@ def wait_ready(url: str, timeout: float = 180.0) -> None:
     raise SystemExit(f"not ready in {timeout:.0f} s: {url}")
 
 
-def send(client: httpx.Client, index: int, images: list[bytes]) -> Outcome:
+def wait_grpc_ready(target: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with contextlib.closing(grpcclient.InferenceServerClient(target)) as client:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(InferenceServerException):
+                if client.is_server_ready(client_timeout=2):
+                    return
+            time.sleep(0.5)
+    raise SystemExit(f"gRPC not ready in {timeout:.0f} s: {target}")
+
+
+def send(
+    client: httpx.Client, triton: grpcclient.InferenceServerClient, index: int, images: list[bytes]
+) -> Outcome:
     kind = KINDS[index % len(KINDS)]
+    if kind in GRPC_KINDS:
+        return call_grpc(triton, index, kind, images[index % len(images)])
+    outcome = send_http(client, index, kind, images)
+    outcome.ended_at = time.perf_counter()
+    return outcome
+
+
+def call_grpc(
+    triton: grpcclient.InferenceServerClient, index: int, kind: str, image: bytes
+) -> Outcome:
+    """One gRPC call through the gateway, with its own request id (metadata ``x-request-id``:
+    tritonclient does not give back the answer's metadata, so the id is how the gateway's and
+    the replicas' logs are matched)."""
+    sent_id = f"{GRPC_ID}{index:03d}"
+    headers = {"x-request-id": sent_id}
+    outcome = Outcome(index, kind, sent_id, None, None, sent_at=time.perf_counter())
+    try:
+        outcome.error = grpc_call(triton, kind, image, headers)
+        outcome.code = "OK"
+    except InferenceServerException as error:
+        outcome.code = (error.status() or "UNKNOWN").removeprefix("StatusCode.")
+        outcome.error = error.message()
+    outcome.ended_at = time.perf_counter()
+    if outcome.code == GRPC_EXPECTED[kind] and outcome.code != "OK":
+        outcome.error = None  # the refusal asked for
+    return outcome
+
+
+def grpc_call(
+    triton: grpcclient.InferenceServerClient, kind: str, image: bytes, headers: dict[str, str]
+) -> str | None:
+    """Make the call; what is wrong with its answer, or None."""
+    if kind == "grpc-live":
+        return None if triton.is_server_live(headers=headers) else "not live"
+    if kind == "grpc-ready":
+        return None if triton.is_server_ready(headers=headers) else "not ready"
+    if kind == "grpc-metadata":
+        metadata = triton.get_model_metadata(MODEL, headers=headers)
+        return None if metadata.name == MODEL else f"metadata of {metadata.name!r}"
+    tensor = grpcclient.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+    if kind == "grpc-bad-model":
+        triton.infer(MODEL + "-nope", [tensor], headers=headers)
+        return "an unknown model answered"
+    names = ["logits", "cam"] if kind == "grpc-explain" else ["logits"]
+    outputs = [grpcclient.InferRequestedOutput(name) for name in names]
+    parameters = {"method": "GradCAM"} if kind == "grpc-explain" else None
+    result = triton.infer(MODEL, [tensor], outputs=outputs, headers=headers, parameters=parameters)
+    shapes = {name: result.as_numpy(name).shape for name in names}
+    if shapes["logits"][0] != 1 or ("cam" in shapes and shapes["cam"][0] != 1):
+        return f"shapes {shapes}"
+    return None
+
+
+def send_http(client: httpx.Client, index: int, kind: str, images: list[bytes]) -> Outcome:
     sent_id = f"gw-{index:03d}" if index % 2 == 0 else None
     headers = {"X-Request-ID": sent_id} if sent_id else {}
     image = images[index % len(images)]
@@ -205,6 +317,7 @@ def send(client: httpx.Client, index: int, images: list[bytes]) -> Outcome:
 
 
 JOBS = 5
+IMAGES = 16
 #: Between polls of a job: the gateway answers one address 10 requests a second (bursts of 50).
 POLL_S = 0.1
 
@@ -277,15 +390,18 @@ def flood(listen: int) -> bool:
     return bool(refused) and told == len(refused) and bystander == 200 and 200 in statuses
 
 
+ACCESS_LOGGERS = ("app.http.middleware.access", "app.grpc.access")
+
+
 def access_ids(log: Path) -> list[str]:
-    """Request ids of the access lines of a replica's JSON log."""
+    """Request ids of the access lines of a replica's JSON log, HTTP and gRPC."""
     ids = []
     for line in log.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if entry.get("logger") == "app.http.middleware.access" and entry.get("request_id"):
+        if entry.get("logger") in ACCESS_LOGGERS and entry.get("request_id"):
             ids.append(entry["request_id"])
     return ids
 
@@ -302,40 +418,58 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     work = Path(tempfile.mkdtemp(prefix="camserve-gateway-"))
     ports = [free_port() for _ in range(3)]
+    grpc_ports = [free_port() for _ in range(3)]
     listen = free_port()
-    replicas = [start_replica(port, work / f"replica{i + 1}.log") for i, port in enumerate(ports)]
+    grpc_listen = free_port()
+    replicas = [
+        start_replica(port, work / f"replica{i + 1}.log", grpc_port=grpc_port)
+        for i, (port, grpc_port) in enumerate(zip(ports, grpc_ports, strict=True))
+    ]
     gateway: subprocess.Popen[bytes] | None = None
     try:
-        for port in ports:
+        for port, grpc_port in zip(ports, grpc_ports, strict=True):
             wait_ready(f"http://127.0.0.1:{port}/ready")
-        (work / "nginx.conf").write_text(gateway_conf(ports, listen, work))
+            wait_grpc_ready(f"127.0.0.1:{grpc_port}")
+        conf = gateway_conf(ports, listen, work, grpc_ports=grpc_ports, grpc_listen=grpc_listen)
+        (work / "nginx.conf").write_text(conf)
         directives = f"daemon off; pid {work}/nginx.pid; error_log {work}/error.log;"
         gateway = subprocess.Popen(
             [nginx, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", directives]
         )
         wait_ready(f"http://127.0.0.1:{listen}/gateway/health", timeout=20)
 
-        images = [png(seed) for seed in range(16)]
+        images = [png(seed) for seed in range(IMAGES)]
         victim = 1
         killed_at = None
         kill_time = None
+        due = None
         started = time.perf_counter()
         # Each worker is a client of its own address (loopback's 127.0.0.10, .11, ...): the
         # gateway limits requests per address, and this phase is about a replica dying.
         clients = [client_from(f"127.0.0.{10 + n}", listen) for n in range(concurrency)]
+        # And has a gRPC channel of its own to the gateway's gRPC listener.
+        tritons = [
+            grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_listen}") for _ in range(concurrency)
+        ]
         with (
             contextlib.ExitStack() as stack,
             ThreadPoolExecutor(concurrency) as pool,
             ThreadPoolExecutor(1) as pool_watch,
         ):
-            for client in clients:
+            for client, triton in zip(clients, tritons, strict=True):
                 stack.enter_context(client)
+                stack.callback(triton.close)
             futures: list[Future[Outcome]] = [
-                pool.submit(send, clients[i % concurrency], i, images) for i in range(requests)
+                pool.submit(send, clients[i % concurrency], tritons[i % concurrency], i, images)
+                for i in range(requests)
             ]
+            infers = [f for i, f in enumerate(futures) if KINDS[i % len(KINDS)] in INFER_KINDS]
             while killed_at is None:
                 done = sum(f.done() for f in futures)
-                if done >= kill_after:
+                if done >= kill_after and due is None:
+                    due = time.monotonic() + KILL_WAIT_S
+                # Once half are answered: at a moment when a ModelInfer call is in flight.
+                if due is not None and (any(f.running() for f in infers) or time.monotonic() > due):
                     replicas[victim].send_signal(signal.SIGKILL)
                     kill_time = time.perf_counter()
                     killed_at = done
@@ -347,8 +481,19 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
         outcomes = [f.result() for f in futures]
         replicas[victim].wait()
         time.sleep(0.5)  # the last access lines
+        names = {f"127.0.0.1:{port}": f"replica{i + 1}" for i, port in enumerate(ports)}
+        names |= {f"127.0.0.1:{port}": f"replica{i + 1}" for i, port in enumerate(grpc_ports)}
         errors = report(
-            outcomes, ports, victim, killed_at, kill_time, closed_time, elapsed, work, nginx
+            outcomes, names, victim, killed_at, kill_time, closed_time, elapsed, work, nginx
+        )
+        grpc_errors = report_grpc(
+            outcomes,
+            names,
+            f"127.0.0.1:{grpc_ports[victim]}",
+            kill_time,
+            closed_time,
+            work,
+            grpc_listen,
         )
         with httpx.Client(base_url=f"http://127.0.0.1:{listen}", timeout=60) as client:
             jobs = follow_jobs(client, images[:JOBS])
@@ -357,7 +502,7 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
             "followed to 'succeeded' with GET /jobs/{id} through the gateway "
             f"({', '.join(sorted(set(jobs)))})"
         )
-        failures = verdict(errors, jobs, flood(listen))
+        failures = verdict(errors, jobs, flood(listen), grpc_errors)
         print("check: " + ("FAILED: " + "; ".join(failures) if failures else "ok"))
         return 1 if failures else 0
     finally:
@@ -375,9 +520,16 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def upstreams(entry: dict[str, Any], names: dict[str, str]) -> str:
+    """The replicas that the gateway's line names, in the order it tried them."""
+    return " -> ".join(
+        names.get(a.strip(), a.strip()) for a in entry.get("upstream", "").split(",") if a.strip()
+    )
+
+
 def report(
     outcomes: list[Outcome],
-    ports: list[int],
+    names: dict[str, str],
     victim: int,
     killed_at: int | None,
     kill_time: float | None,
@@ -386,84 +538,185 @@ def report(
     work: Path,
     nginx: str,
 ) -> int:
-    """Print what the clients, the gateway and the replicas saw; the client-side errors."""
+    """Print what the clients, the gateway and the replicas saw; the HTTP client-side errors."""
     version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
     gateway = gateway_lines(work / "access.log")
     # Only what came through the gateway (not this script's own /ready polls).
     per_replica = [
         [i for i in access_ids(work / f"replica{n + 1}.log") if i in gateway] for n in range(3)
     ]
-    name = {f"127.0.0.1:{port}": f"replica{i + 1}" for i, port in enumerate(ports)}
+    http = [o for o in outcomes if not o.grpc]
+    # names: the replicas' HTTP addresses, then their gRPC ones.
+    ports = [address.rpartition(":")[2] for address in names]
 
     print(
         f"gateway_check: {version.removeprefix('nginx version: ')} in front of 3 replicas "
-        f"(python -m app, ports {', '.join(map(str, ports))}); {len(outcomes)} mixed requests "
-        f"in turn ({', '.join(KINDS)}), half with a client X-Request-ID; replica{victim + 1} "
+        f"(python -m app, HTTP ports {', '.join(ports[:3])}, gRPC {', '.join(ports[3:])}); "
+        f"{len(outcomes)} mixed requests in turn "
+        f"({len(http)} HTTP: {', '.join(HTTP_KINDS)}, half with a client X-Request-ID; "
+        f"{len(outcomes) - len(http)} gRPC calls with tritonclient.grpc: "
+        f"{', '.join(k.removeprefix('grpc-') for k in GRPC_KINDS)}); replica{victim + 1} "
         f"killed (SIGKILL) after {killed_at} answers; {elapsed:.1f} s"
     )
     print("requests per replica (access lines in its log):")
     for i, ids in enumerate(per_replica):
         note = "  <- killed" if i == victim else ""
-        print(f"  replica{i + 1}: {len(ids)}{note}")
-    statuses = Counter(str(o.status) if o.status is not None else "no answer" for o in outcomes)
-    print("answers: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
+        calls = sum(1 for x in ids if x.startswith(GRPC_ID))
+        print(f"  replica{i + 1}: {len(ids)} ({len(ids) - calls} HTTP, {calls} gRPC){note}")
+    statuses = Counter(o.answer for o in http)
+    print("HTTP answers: " + ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
 
     if kill_time is not None and closed_time is not None:
         print(
             f"replica{victim + 1}'s port refused connections {(closed_time - kill_time) * 1000:.0f}"
             " ms after the SIGKILL (until then the kernel still queued connections for it)"
         )
-    failed = [o for o in outcomes if o.status is None or o.status >= 500]
-    print(f"client-side errors: {len(failed)}")
+    failed = [o for o in http if o.failed]
+    print(f"HTTP client-side errors: {len(failed)}")
     for o in failed:
         entry = gateway.get(o.returned_id or o.sent_id or "", {})
-        upstream = ", ".join(
-            name.get(a.strip(), a.strip()) for a in entry.get("upstream", "").split(",")
-        )
         offset = (o.sent_at - kill_time) * 1000 if kill_time is not None else float("nan")
         print(
             f"  request #{o.index} ({o.kind}, sent {offset:+.0f} ms from the kill): "
             f"{o.status or o.error}, id {o.returned_id}; the gateway had sent it to "
-            f"{upstream or '?'} (upstream status {entry.get('upstream_status')})"
+            f"{upstreams(entry, names) or '?'} (upstream status {entry.get('upstream_status')})"
         )
     retried = [e for e in gateway.values() if "," in e.get("upstream", "")]
     print(
         f"sent to a failing replica, then answered by another (the gateway's retry): {len(retried)}"
     )
     for entry in retried:
-        chain = " -> ".join(name.get(a.strip(), a.strip()) for a in entry["upstream"].split(","))
         print(
-            f"  {entry['method']} {entry['uri']} id {entry['request_id']}: {chain} "
-            f"(upstream statuses {entry['upstream_status']}), answered {entry['status']}"
+            f"  {entry['method']} {entry['uri']} id {entry['request_id']}: "
+            f"{upstreams(entry, names)} (upstream statuses {entry['upstream_status']}), "
+            f"answered {entry['status']}"
         )
 
-    answered = [o for o in outcomes if o.status is not None and o.status < 500]
+    answered = [o for o in http if not o.failed]
     seen = Counter(i for ids in per_replica for i in ids)
     in_one = sum(1 for o in answered if seen.get(o.returned_id or "") == 1)
-    kept = sum(1 for o in outcomes if o.sent_id and o.returned_id == o.sent_id)
-    sent = sum(1 for o in outcomes if o.sent_id)
-    in_gateway = sum(1 for o in outcomes if (o.returned_id or "") in gateway)
+    kept = sum(1 for o in http if o.sent_id and o.returned_id == o.sent_id)
+    sent = sum(1 for o in http if o.sent_id)
+    in_gateway = sum(1 for o in http if (o.returned_id or "") in gateway)
     print(
-        f"ids: {in_one}/{len(answered)} answered requests' X-Request-ID found in exactly one "
-        f"replica's log; {in_gateway}/{len(outcomes)} in the gateway's log; client-chosen ids "
+        f"HTTP ids: {in_one}/{len(answered)} answered requests' X-Request-ID found in exactly one "
+        f"replica's log; {in_gateway}/{len(http)} in the gateway's log; client-chosen ids "
         f"kept: {kept}/{sent}"
     )
-    print("ids seen in each replica's log:")
+    print("HTTP ids seen in each replica's log:")
     for i, ids in enumerate(per_replica):
-        chosen = sum(1 for x in ids if x.startswith("gw-"))
-        sample = ", ".join(ids[:3])
+        unique = {x for x in ids if not x.startswith(GRPC_ID)}
+        chosen = sum(1 for x in unique if x.startswith("gw-"))
+        sample = ", ".join([x for x in ids if x in unique][:3])
         print(
-            f"  replica{i + 1}: {len(set(ids))} ids ({chosen} client-chosen, "
-            f"{len(set(ids)) - chosen} made by the gateway), e.g. {sample}"
+            f"  replica{i + 1}: {len(unique)} ids ({chosen} client-chosen, "
+            f"{len(unique) - chosen} made by the gateway), e.g. {sample}"
         )
     return len(failed)
 
 
-def verdict(client_errors: int, jobs: list[str], flood_held: bool) -> list[str]:
-    """What failed: a client saw the kill, a job did not succeed, the flood was not limited."""
+def excused(o: Outcome, entry: dict[str, Any], victim: str, closed_at: float | None) -> bool:
+    """A gRPC call that the gateway could not replay: UNAVAILABLE at the client, the gateway's
+    line names the killed replica as its one upstream, with nginx's 502, and it was sent before
+    that replica's port refused connections (so nginx had connected and written the call).
+
+    nginx passes a gRPC call's message on as it arrives and keeps no copy (its grpc module
+    never buffers a request body), so a call written to a replica that dies is not sent to
+    another one; HTTP requests, buffered, are. UNAVAILABLE is the code a client retries."""
+    return (
+        o.grpc
+        and o.code == "UNAVAILABLE"
+        and entry.get("upstream") == victim
+        and entry.get("upstream_status") == "502"
+        and closed_at is not None
+        and o.sent_at <= closed_at
+    )
+
+
+def report_grpc(
+    outcomes: list[Outcome],
+    names: dict[str, str],
+    victim: str,
+    kill_time: float | None,
+    closed_time: float | None,
+    work: Path,
+    grpc_listen: int,
+) -> int:
+    """Print the gRPC calls' outcomes, the ones in flight at the kill, the errors (each excused
+    one retried once, as a client retries UNAVAILABLE); the errors that count."""
+    calls = [o for o in outcomes if o.grpc]
+    gateway = gateway_lines(work / "access.log")
+    seen = Counter(i for n in range(3) for i in access_ids(work / f"replica{n + 1}.log"))
+    kinds = Counter(o.kind.removeprefix("grpc-") for o in calls)
+    codes = Counter(o.answer for o in calls)
+    print(
+        f"gRPC calls through the gateway: {len(calls)} ("
+        + ", ".join(f"{k} {n}" for k, n in kinds.items())
+        + "); codes: "
+        + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items()))
+    )
+    if kill_time is not None:
+        flying = [o for o in calls if o.sent_at <= kill_time < o.ended_at]
+        where = Counter(upstreams(gateway.get(o.sent_id or "", {}), names) or "?" for o in flying)
+        print(
+            f"gRPC calls in flight at the kill: {len(flying)} ("
+            + ", ".join(f"{r}: {n}" for r, n in sorted(where.items()))
+            + ")"
+        )
+    failed = [o for o in calls if o.failed]
+    forgiven = [
+        o for o in failed if excused(o, gateway.get(o.sent_id or "", {}), victim, closed_time)
+    ]
+    again: dict[int, Outcome] = {}
+    if forgiven:
+        with contextlib.closing(
+            grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_listen}")
+        ) as triton:
+            again = {
+                o.index: call_grpc(triton, o.index + 1000, o.kind, png(o.index % IMAGES))
+                for o in forgiven
+            }
+    print(f"gRPC client-side errors: {len(failed)}")
+    for o in failed:
+        entry = gateway.get(o.sent_id or "", {})
+        offset = (o.sent_at - kill_time) * 1000 if kill_time is not None else float("nan")
+        note = ""
+        if o.index in again:
+            note = (
+                "; excused (written to the killed replica before its port closed: nginx cannot "
+                f"replay a gRPC call), retried once: {again[o.index].answer}"
+            )
+        print(
+            f"  call #{o.index} ({o.kind}, id {o.sent_id}, sent {offset:+.0f} ms from the kill, "
+            f"{(o.ended_at - o.sent_at) * 1000:.0f} ms): {o.answer} {o.error!r}; the gateway had "
+            f"sent it to {upstreams(entry, names) or '?'} (upstream status "
+            f"{entry.get('upstream_status')}){note}"
+        )
+    retried = [
+        e for e in gateway.values() if e["request_id"].startswith(GRPC_ID) and "," in e["upstream"]
+    ]
+    print(f"gRPC calls refused by a replica's port, then answered by another: {len(retried)}")
+    answered = [o for o in calls if not o.failed]
+    in_one = sum(1 for o in answered if seen.get(o.sent_id or "") == 1)
+    in_gateway = sum(1 for o in calls if (o.sent_id or "") in gateway)
+    print(
+        f"gRPC ids (metadata x-request-id): {in_one}/{len(answered)} answered calls' id found in "
+        f"exactly one replica's log; {in_gateway}/{len(calls)} in the gateway's log"
+    )
+    return sum(1 for o in failed if o.index not in again or again[o.index].failed)
+
+
+def verdict(
+    client_errors: int, jobs: list[str], flood_held: bool, grpc_errors: int = 0
+) -> list[str]:
+    """What failed: a client saw the kill (over HTTP, or over gRPC other than a call the gateway
+    could not replay and whose retry succeeded), a job did not succeed, the flood was not
+    limited."""
     failures = []
     if client_errors:
         failures.append(f"{client_errors} request(s) ended in an error at the client")
+    if grpc_errors:
+        failures.append(f"{grpc_errors} gRPC call(s) ended in an error at the client")
     if any(status != "succeeded" for status in jobs):
         failures.append(f"jobs after the kill: {', '.join(jobs)}")
     if not flood_held:

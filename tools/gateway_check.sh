@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the gateway topology here: nginx (from apt, installed if missing; needs root for that)
 # with deploy/gateway/nginx.conf in front of 3 `python -m app` replicas on local ports, 200
-# mixed requests through it, one replica killed midway. See tools/gateway_check.py.
+# mixed requests through it (HTTP and gRPC), one replica killed midway. See
+# tools/gateway_check.py.
 # Loopback only; about a minute. Not part of `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

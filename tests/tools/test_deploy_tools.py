@@ -13,7 +13,16 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 from app.grpc.status import BY_STATUS
-from tools.gateway_check import CONF, POLL_S, free_port, gateway_conf, verdict, wait_ready
+from tools.gateway_check import (
+    CONF,
+    POLL_S,
+    Outcome,
+    excused,
+    free_port,
+    gateway_conf,
+    verdict,
+    wait_ready,
+)
 from tools.kserve_pod import predictor_pod
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +85,40 @@ def test_the_gateway_check_fails_on_what_a_client_saw_not_only_on_the_flood() ->
         "jobs after the kill: succeeded, GET 429"
     ]
     assert verdict(0, [], flood_held=False) == ["the flood from one address was not limited"]
+    assert verdict(0, ["succeeded"], flood_held=True, grpc_errors=1) == [
+        "1 gRPC call(s) ended in an error at the client"
+    ]
+
+
+def test_a_grpc_call_fails_the_check_unless_it_ends_with_its_kinds_code() -> None:
+    def call(kind: str, code: str | None, error: str | None = None) -> Outcome:
+        return Outcome(1, kind, "grpc-001", None, None, error, code=code)
+
+    assert not call("grpc-infer", "OK").failed and not call("grpc-bad-model", "NOT_FOUND").failed
+    assert call("grpc-infer", "UNAVAILABLE").failed and call("grpc-bad-model", "OK").failed
+    assert call("grpc-live", "OK", "not live").failed  # answered, but not what was asked
+    assert call("grpc-infer", None).failed
+    assert Outcome(1, "predict", None, 503, None).failed
+    assert not Outcome(1, "bad-method", None, 422, None).failed
+
+
+def test_only_a_grpc_call_written_to_the_killed_replica_before_its_port_closed_is_excused() -> None:
+    victim = "127.0.0.1:9202"
+    lost = Outcome(7, "grpc-infer", "grpc-007", None, None, "gone", sent_at=1.0, code="UNAVAILABLE")
+    line = {"upstream": victim, "upstream_status": "502"}
+    assert excused(lost, line, victim, closed_at=1.1)
+    # Sent once the port refused connections: the gateway must have sent it elsewhere.
+    assert not excused(lost, line, victim, closed_at=0.9)
+    # Another replica, a retry that failed too, or a call that got another code.
+    assert not excused(lost, {**line, "upstream": "127.0.0.1:9201"}, victim, closed_at=1.1)
+    assert not excused(
+        lost, {"upstream": f"{victim}, 127.0.0.1:9201", "upstream_status": "502, 502"}, victim, 1.1
+    )
+    internal = Outcome(
+        7, "grpc-infer", "grpc-007", None, None, "reset", sent_at=1.0, code="INTERNAL"
+    )
+    assert not excused(internal, line, victim, closed_at=1.1)
+    assert not excused(lost, line, victim, closed_at=None)
 
 
 def test_the_gateway_checks_job_polls_stay_within_the_rate_per_address() -> None:
