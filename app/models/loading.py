@@ -244,11 +244,8 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     }
     _check_finite(module)
     layer_names = frozenset(name for name, _ in module.named_modules() if name)
-    candidates = tuple(
-        name
-        for name, shape in shapes.items()
-        if len(shape) == 4 and shape[2] * shape[3] > 1 and name.count(".") <= 1
-    )
+    preset = _preset_layers(module)
+    candidates = _candidate_layers(shapes, preset[0] if tokens is not None and preset else None)
     missing = [name for name in spec.target_layers if name not in layer_names]
     if missing:
         close = close_matches(missing[0], sorted(layer_names))
@@ -261,7 +258,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     target_layers = (
         spec.target_layers
         or task.preset_layers(spec, layer_names)
-        or _preset_layers(module)
+        or preset
         or _default_layers(module, spec, candidates)
     )
     methods, allowed = applicable_methods(module, spec, target_layers)
@@ -285,6 +282,21 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         channels_last=channels_last,
         compiled=compiled,
     )
+
+
+def _candidate_layers(shapes: dict[str, tuple[int, ...]], last: str | None) -> tuple[str, ...]:
+    """The layers worth trying, offered in ``/models`` and on the page: those with a grid, at
+    most one dot deep, in forward order. A ViT's end at ``last``, its preset (included): past
+    its last block's first norm the patch tokens no longer reach the class token that the head
+    reads, so every gradient map there is blank (torchvision's ``encoder.layers``,
+    ``encoder.ln`` and ``encoder`` were offered and gave zeros)."""
+    names: list[str] = []
+    for name, shape in shapes.items():
+        if name == last:
+            return (*names, name)
+        if len(shape) == 4 and shape[2] * shape[3] > 1 and name.count(".") <= 1:
+            names.append(name)
+    return tuple(names)
 
 
 def _check_finite(module: nn.Module) -> None:

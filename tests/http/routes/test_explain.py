@@ -791,6 +791,27 @@ def test_a_served_vit_is_explained_on_its_patch_grid(
     assert assert_error(mixed, 422, "method_not_applicable")
 
 
+def test_a_served_vits_candidate_layers_end_at_its_preset(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Past the last block's first norm, patch tokens no longer reach the class token the head
+    reads: encoder.layers, encoder.ln and encoder were offered and their Grad-CAM maps were
+    all zeros."""
+    from tests.fixtures_models import write_tiny_vit
+
+    write_tiny_vit(tmp_path)
+    client = make_client(model_store=tmp_path, default_model="vit")
+    info = client.get("/models/vit").json()
+    preset = "encoder.layers.encoder_layer_1.ln_1"
+    assert info["candidate_layers"] == ["conv_proj", "encoder.dropout", preset]
+    for layer in [*info["candidate_layers"], "encoder.ln"]:
+        response = explain(client, image_bytes((40, 32)), target_layer=layer, output="raw")
+        assert response.status_code == 200, response.text
+        (layer_map,) = response.json()["results"][0]["explanations"][0]["maps"]
+        peak = float(np.max(layer_map["raw"]["values"]))
+        assert (peak > 0) == (layer != "encoder.ln"), layer  # the one left out is blank
+
+
 def test_a_served_vit_without_target_layers_gets_its_last_blocks_first_norm(
     make_client: Callable[..., TestClient], tmp_path: Path
 ) -> None:
