@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from app.cam import DRISE, METHODS, find_method
+from app.cam import DRISE, METHODS, ClassProbability, find_method
 from app.cam.drise import masks_at, random_masks
 from app.cam.task_targets import DetectionSimilarity
 
@@ -162,7 +162,7 @@ def test_bad_options_are_refused(options: dict[str, Any], words: str) -> None:
         DRISE(BlobDetector(False), **options)
 
 
-def test_with_a_class_index_it_is_rise_on_a_classifier() -> None:
+def test_with_a_class_index_masks_are_weighed_by_its_logit() -> None:
     torch.manual_seed(0)
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 2)).eval()
     x = torch.rand(1, 3, SIZE, SIZE)
@@ -173,3 +173,26 @@ def test_with_a_class_index_it_is_rise_on_a_classifier() -> None:
     masks = masks_at(cells, shifts, (SIZE, SIZE))
     scores = classifier(x * masks[:, None])[:, 1]
     assert torch.allclose(cam[0], torch.relu((scores[:, None, None] * masks).mean(0)), atol=1e-5)
+
+
+def test_rise_as_its_paper_has_it_weighs_masks_by_the_class_probability() -> None:
+    # A class index weighs each mask by the class's logit, as every method reads class_idx; a
+    # logit negative under every mask then leaves only negative weights and a blank map. RISE
+    # weighs by the softmax probability: targets=ClassProbability(c).
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 2)).eval()
+    with torch.no_grad():
+        classifier[1].bias[1] = -20.0
+    x = torch.rand(1, 3, SIZE, SIZE)
+    with DRISE(classifier, masks=30, grid=4, seed=2, batch_size=8) as drise:
+        classifier(x)
+        (by_logit,) = drise(1, normalized=False)
+        (by_probability,) = drise(targets=ClassProbability(1), normalized=False)
+    cells, shifts = random_masks(30, 4, 0.5, (SIZE, SIZE), torch.Generator().manual_seed(2))
+    masks = masks_at(cells, shifts, (SIZE, SIZE))
+    with torch.no_grad():
+        probabilities = classifier(x * masks[:, None]).softmax(1)[:, 1]
+    assert float(by_logit.abs().max()) == 0.0
+    expected = torch.relu((probabilities[:, None, None] * masks).mean(0))
+    assert float(expected.max()) > 0
+    torch.testing.assert_close(by_probability[0], expected, rtol=1e-4, atol=1e-12)
