@@ -5,7 +5,8 @@ with deploy/gateway/nginx.conf (its upstreams, listen and log lines swapped for 
 sends mixed requests through the gateway a few at a time, HTTP ones and gRPC calls with
 tritonclient.grpc, kills one replica with SIGKILL once half of them are answered (while a gRPC
 call is in flight), and reports: requests per replica, the client-side errors (and which
-replica the gateway had sent them to), and the request ids found in each replica's log.
+replica the gateway had sent them to), and the request ids found in each replica's log. Then it
+floods each door, HTTP and gRPC, from one address, which the gateway must limit.
 
     tools/gateway_check.sh            # installs nginx from apt if missing, then runs this
     python tools/gateway_check.py --requests 200 --concurrency 4
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -318,7 +321,8 @@ def send_http(client: httpx.Client, index: int, kind: str, images: list[bytes]) 
 
 JOBS = 5
 IMAGES = 16
-#: Between polls of a job: the gateway answers one address 10 requests a second (bursts of 50).
+#: Between polls of a job: the gateway answers one address 10 requests a second (bursts of 50),
+#: gRPC calls included.
 POLL_S = 0.1
 
 
@@ -358,6 +362,50 @@ def client_from(address: str, listen: int) -> httpx.Client:
     )
 
 
+class Relay:
+    """A TCP relay on 127.0.0.1 whose connections to ``port`` leave from ``address`` (a loopback
+    one): a gRPC channel cannot choose its source address, as httpx's ``local_address`` does,
+    and the gateway limits calls per address."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address, self.target = address, port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def target_url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(
+                    ("127.0.0.1", self.target), source_address=(self.address, 0)
+                )
+            except OSError:
+                return
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        """Copy until either side ends; then end both (HTTP/2 never half-closes)."""
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        for side in (source, sink):
+            with contextlib.suppress(OSError):
+                side.shutdown(socket.SHUT_RDWR)
+            side.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self.listener.close()
+
+
 FLOOD = 150
 
 
@@ -388,6 +436,106 @@ def flood(listen: int) -> bool:
         f"X-Request-ID; another address meanwhile: {bystander}"
     )
     return bool(refused) and told == len(refused) and bystander == 200 and 200 in statuses
+
+
+@dataclass
+class Call:
+    """One call of a gRPC burst: its code, message, and (made with grpc itself, not
+    tritonclient, which does not give them) the x-request-id sent and the trailing metadata."""
+
+    code: str
+    message: str
+    sent_id: str | None = None
+    trailers: dict[str, str] | None = None
+
+
+def grpc_burst(target: str, count: int = FLOOD) -> list[Call]:
+    """``count`` ServerLive calls at once (8 at a time) on one channel to ``target``, every
+    other one with tritonclient.grpc, what clients use, the rest with grpc itself."""
+
+    def live(index: int) -> Call:
+        if index % 2 == 0:
+            try:
+                triton.is_server_live(client_timeout=10)
+            except InferenceServerException as error:
+                return Call(
+                    (error.status() or "UNKNOWN").removeprefix("StatusCode."), error.message()
+                )
+            return Call("OK", "")
+        sent_id = f"grpc-burst-{index:03d}"
+        try:
+            call(b"", timeout=10, metadata=(("x-request-id", sent_id),))
+        except grpc.RpcError as error:
+            return Call(
+                error.code().name,
+                error.details() or "",
+                sent_id,
+                dict(error.trailing_metadata() or ()),
+            )
+        return Call("OK", "", sent_id, {})
+
+    with (
+        contextlib.closing(grpcclient.InferenceServerClient(target)) as triton,
+        grpc.insecure_channel(target) as channel,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        call = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+        return list(pool.map(live, range(count)))
+
+
+def told_to_wait(call: Call) -> bool:
+    """A refusal of the gateway's rate: RESOURCE_EXHAUSTED whose message names retry-after, and
+    (where seen) retry-after 1 and the call's id in its trailing metadata."""
+    return (
+        call.code == "RESOURCE_EXHAUSTED"
+        and "retry-after" in call.message
+        and (
+            call.trailers is None
+            or (
+                call.trailers.get("retry-after") == "1"
+                and call.trailers.get("x-request-id") == call.sent_id
+            )
+        )
+    )
+
+
+def flood_grpc(grpc_listen: int, listen: int) -> bool:
+    """``FLOOD`` gRPC calls at once from one address (``grpc_burst``): past the burst they are
+    refused, ``told_to_wait``; right after, 20 HTTP requests at once from that address are
+    refused too (one budget for both doors: a zone of its own would answer them all), while
+    another address is still answered. Whether it held."""
+    with (
+        contextlib.closing(Relay("127.0.0.4", grpc_listen)) as via,
+        contextlib.closing(Relay("127.0.0.5", grpc_listen)) as other_via,
+        client_from("127.0.0.4", listen) as same,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        calls = grpc_burst(via.target_url)
+        over_http = Counter(pool.map(lambda _: same.get("/models").status_code, range(20)))
+        bystander = grpc_burst(other_via.target_url, 2)
+    codes = Counter(c.code for c in calls)
+    refused = [c for c in calls if c.code != "OK"]
+    told = sum(1 for c in refused if told_to_wait(c))
+    seen = sum(1 for c in refused if c.trailers is not None)
+    print(
+        f"gRPC flood: {FLOOD} ServerLive calls at once from one address (half with "
+        "tritonclient.grpc, half with grpc): "
+        + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items()))
+        + f"; {told}/{len(refused)} refusals RESOURCE_EXHAUSTED naming retry-after "
+        + (f"({refused[0].message!r})" if refused else "")
+        + f", {seen} of them with retry-after 1 and their x-request-id in the trailing "
+        "metadata; then 20 GET /models at once from that address: "
+        + ", ".join(f"{s}: {n}" for s, n in sorted(over_http.items()))
+        + "; another address meanwhile: "
+        + ", ".join(c.code for c in bystander)
+    )
+    return (
+        bool(refused)
+        and told == len(refused)
+        and "OK" in codes
+        and 429 in over_http
+        and all(c.code == "OK" for c in bystander)
+    )
 
 
 ACCESS_LOGGERS = ("app.http.middleware.access", "app.grpc.access")
@@ -447,17 +595,18 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
         # Each worker is a client of its own address (loopback's 127.0.0.10, .11, ...): the
         # gateway limits requests per address, and this phase is about a replica dying.
         clients = [client_from(f"127.0.0.{10 + n}", listen) for n in range(concurrency)]
-        # And has a gRPC channel of its own to the gateway's gRPC listener.
-        tritons = [
-            grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_listen}") for _ in range(concurrency)
-        ]
+        # And a gRPC channel of its own to the gateway's gRPC listener, from an address of its
+        # own too (127.0.0.30, .31, ...; the gateway counts gRPC calls in the same zone).
+        relays = [Relay(f"127.0.0.{30 + n}", grpc_listen) for n in range(concurrency)]
+        tritons = [grpcclient.InferenceServerClient(relay.target_url) for relay in relays]
         with (
             contextlib.ExitStack() as stack,
             ThreadPoolExecutor(concurrency) as pool,
             ThreadPoolExecutor(1) as pool_watch,
         ):
-            for client, triton in zip(clients, tritons, strict=True):
+            for client, triton, relay in zip(clients, tritons, relays, strict=True):
                 stack.enter_context(client)
+                stack.callback(relay.close)
                 stack.callback(triton.close)
             futures: list[Future[Outcome]] = [
                 pool.submit(send, clients[i % concurrency], tritons[i % concurrency], i, images)
@@ -502,7 +651,9 @@ def run(requests: int, concurrency: int, kill_after: int) -> int:
             "followed to 'succeeded' with GET /jobs/{id} through the gateway "
             f"({', '.join(sorted(set(jobs)))})"
         )
-        failures = verdict(errors, jobs, flood(listen), grpc_errors)
+        failures = verdict(
+            errors, jobs, flood(listen), grpc_errors, flood_grpc(grpc_listen, listen)
+        )
         print("check: " + ("FAILED: " + "; ".join(failures) if failures else "ok"))
         return 1 if failures else 0
     finally:
@@ -707,11 +858,15 @@ def report_grpc(
 
 
 def verdict(
-    client_errors: int, jobs: list[str], flood_held: bool, grpc_errors: int = 0
+    client_errors: int,
+    jobs: list[str],
+    flood_held: bool,
+    grpc_errors: int = 0,
+    grpc_flood_held: bool = True,
 ) -> list[str]:
     """What failed: a client saw the kill (over HTTP, or over gRPC other than a call the gateway
-    could not replay and whose retry succeeded), a job did not succeed, the flood was not
-    limited."""
+    could not replay and whose retry succeeded), a job did not succeed, a flood (HTTP, gRPC)
+    was not limited."""
     failures = []
     if client_errors:
         failures.append(f"{client_errors} request(s) ended in an error at the client")
@@ -721,6 +876,8 @@ def verdict(
         failures.append(f"jobs after the kill: {', '.join(jobs)}")
     if not flood_held:
         failures.append("the flood from one address was not limited")
+    if not grpc_flood_held:
+        failures.append("the gRPC flood from one address was not limited")
     return failures
 
 

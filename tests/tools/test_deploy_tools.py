@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,14 +14,17 @@ import tritonclient.grpc as grpcclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from app.grpc.status import BY_STATUS
+from app.grpc.status import BY_STATUS, RETRY_AFTER
 from tools.gateway_check import (
     CONF,
     POLL_S,
     Outcome,
+    Relay,
     excused,
     free_port,
     gateway_conf,
+    grpc_burst,
+    told_to_wait,
     verdict,
     wait_ready,
 )
@@ -88,6 +93,9 @@ def test_the_gateway_check_fails_on_what_a_client_saw_not_only_on_the_flood() ->
     assert verdict(0, ["succeeded"], flood_held=True, grpc_errors=1) == [
         "1 gRPC call(s) ended in an error at the client"
     ]
+    assert verdict(0, ["succeeded"], flood_held=True, grpc_flood_held=False) == [
+        "the gRPC flood from one address was not limited"
+    ]
 
 
 def test_a_grpc_call_fails_the_check_unless_it_ends_with_its_kinds_code() -> None:
@@ -149,7 +157,13 @@ def test_the_gateways_own_grpc_refusals_are_grpc_statuses_of_camserves_meaning()
     # (502, 504) 'Received http2 header with status: ...', naming no fix.
     block = grpc_server_block()
     pages = re.findall(r"error_page ([\d ]+) = (@\w+);", block)
-    assert {int(s) for statuses, _ in pages for s in statuses.split()} == {413, 502, 503, 504}
+    assert {int(s) for statuses, _ in pages for s in statuses.split()} == {
+        413,
+        429,
+        502,
+        503,
+        504,
+    }
     for statuses, name in pages:
         answer = block.split(f"location {name} {{", 1)[1].split("}", 1)[0]
         assert "default_type application/grpc;" in answer and "return 204;" in answer
@@ -160,11 +174,44 @@ def test_the_gateways_own_grpc_refusals_are_grpc_statuses_of_camserves_meaning()
             assert int(code.group(1)) == BY_STATUS[503 if status == 502 else status].value[0]
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
-def test_a_grpc_call_with_no_replica_to_answer_it_is_unavailable_saying_so(
-    tmp_path: Path,
-) -> None:
-    replica, listen, grpc_listen = free_port(), free_port(), free_port()  # no replica listens
+def test_grpc_calls_are_limited_per_client_address_with_http_requests() -> None:
+    # The gRPC server had no limit: one address flooded the replicas over gRPC while HTTP was
+    # limited. One zone for both doors: an address has one budget whichever it uses.
+    block = grpc_server_block()
+    proxied = re.findall(r"location ([^{]+)\{([^}]*grpc_pass[^}]*)\}", block)
+    assert [where.strip() for where, _ in proxied] == ["/"]
+    limit = re.search(r"limit_req zone=(\w+) burst=(\d+) nodelay;", proxied[0][1])
+    http_limit = re.search(
+        r"limit_req zone=(\w+) burst=(\d+) nodelay;", CONF.read_text().split("listen 8080;")[1]
+    )
+    assert limit is not None and http_limit is not None
+    assert limit.groups() == http_limit.groups() == ("camserve_clients", limit.group(2))
+    assert "error_page 429 = @grpc_rate_limited;" in block
+    refused = block.split("location @grpc_rate_limited {", 1)[1].split("}", 1)[0]
+    assert f"add_header {RETRY_AFTER} 1 always;" in refused  # as a replica's refusals carry it
+    assert "add_header x-request-id $camserve_request_id always;" in refused
+
+
+def test_both_doors_refusals_state_the_zones_rate_and_burst() -> None:
+    text = CONF.read_text()
+    zone = re.search(r"zone=camserve_clients:\S+ rate=(\d+)r/s;", text)
+    burst = re.search(r"limit_req zone=camserve_clients burst=(\d+) nodelay;", text)
+    assert zone is not None and burst is not None
+    rate = zone.group(1)
+    http = text.split("location @rate_limited {", 1)[1].split("}", 1)[0]
+    grpc_page = grpc_server_block().split("location @grpc_rate_limited {", 1)[1].split("}", 1)[0]
+    for page, unit in ((http, "requests"), (grpc_page, "calls")):
+        message = re.search(r"[Mm]essage\W+(Over [^\"]+)\"", page)
+        assert message is not None, page
+        assert message.group(1).startswith(f"Over {rate} {unit} a second from this address")
+        assert f"(bursts of {burst.group(1)})" in message.group(1)
+        assert message.group(1).endswith(f"at most {rate} a second.")
+
+
+@contextlib.contextmanager
+def gateway_without_replicas(tmp_path: Path) -> Iterator[int]:
+    """nginx with the shipped file and no replica listening; its gRPC port."""
+    replica, listen, grpc_listen = free_port(), free_port(), free_port()
     conf = tmp_path / "nginx.conf"
     conf.write_text(
         gateway_conf([replica], listen, tmp_path, grpc_ports=[replica], grpc_listen=grpc_listen)
@@ -173,15 +220,50 @@ def test_a_grpc_call_with_no_replica_to_answer_it_is_unavailable_saying_so(
     nginx = subprocess.Popen(["nginx", "-p", str(tmp_path), "-c", str(conf), "-g", directives])
     try:
         wait_ready(f"http://127.0.0.1:{listen}/gateway/health", timeout=20)
+        yield grpc_listen
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=10)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
+def test_a_grpc_call_with_no_replica_to_answer_it_is_unavailable_saying_so(
+    tmp_path: Path,
+) -> None:
+    with gateway_without_replicas(tmp_path) as grpc_listen:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_listen}")
         with pytest.raises(InferenceServerException) as raised:
             client.is_server_live(client_timeout=10)
         client.close()
-    finally:
-        nginx.terminate()
-        nginx.wait(timeout=10)
     assert raised.value.status() == "StatusCode.UNAVAILABLE"
     assert raised.value.message() == "No camserve replica answered; retry shortly."
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (apt-get install nginx)")
+def test_a_burst_of_grpc_calls_from_one_address_is_refused_resource_exhausted(
+    tmp_path: Path,
+) -> None:
+    # Before: 150 calls at once from one address all went on to the (absent) replicas.
+    with (
+        gateway_without_replicas(tmp_path) as grpc_listen,
+        contextlib.closing(Relay("127.0.0.6", grpc_listen)) as flooder,
+        contextlib.closing(Relay("127.0.0.7", grpc_listen)) as other,
+    ):
+        calls = grpc_burst(flooder.target_url, 150)
+        bystander = grpc_burst(other.target_url, 2)
+    refused = [c for c in calls if c.code == "RESOURCE_EXHAUSTED"]
+    passed = [c for c in calls if c.code == "UNAVAILABLE"]  # on to the replicas: none here
+    assert refused and passed and len(refused) + len(passed) == len(calls)
+    assert all(told_to_wait(c) for c in refused)
+    assert {c.message for c in refused} == {
+        "Over 10 calls a second from this address, HTTP requests included (bursts of 50); "
+        "wait for retry-after seconds, then make at most 10 a second."
+    }
+    # With tritonclient.grpc and with grpc (whose error gives the trailing metadata).
+    assert {c.trailers is None for c in refused} == {True, False}
+    assert all(c.trailers[RETRY_AFTER] == "1" for c in refused if c.trailers is not None)
+    # Another address is not refused: its calls go on to the replicas.
+    assert [c.code for c in bystander] == ["UNAVAILABLE", "UNAVAILABLE"]
 
 
 def test_predictor_pod_keeps_the_pod_spec_only() -> None:
