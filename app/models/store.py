@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import re
+import stat as stat_mode
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ UNVERSIONED = 1
 """The version number of a model folder without version folders."""
 
 Fingerprint = tuple[tuple[str, int, int], ...]
-"""(relative path, size, modification time in ns) of every file under a folder."""
+"""(relative path, size, modification time in ns) of every regular file under a folder."""
 
 MAX_NAME_BYTES = 255
 """The longest file name most file systems allow (NAME_MAX), in UTF-8 bytes."""
@@ -111,8 +112,29 @@ def fingerprint(folder: Path, store: Path | None = None) -> Fingerprint:
                 stat = path.stat()
             except OSError:  # removed while we looked: the next scan sees the rest
                 continue
+            if not stat_mode.S_ISREG(stat.st_mode):
+                _skip_special(path, stat.st_mode)
+                continue
             found.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
     return tuple(sorted(found))
+
+
+@functools.cache
+def _skip_special(path: Path, mode: int) -> None:
+    logger.warning(
+        "%s is skipped: it is no regular file (a %s), so it is no part of a model; reading a "
+        "FIFO would wait for a writer forever, a device such as /dev/zero never ends",
+        path,
+        _KINDS.get(stat_mode.S_IFMT(mode), "special file"),
+    )
+
+
+_KINDS = {
+    stat_mode.S_IFIFO: "FIFO",
+    stat_mode.S_IFSOCK: "socket",
+    stat_mode.S_IFCHR: "character device",
+    stat_mode.S_IFBLK: "block device",
+}
 
 
 _READ = 1 << 20
@@ -122,16 +144,24 @@ def content_digest(folder: Path, print_: Fingerprint) -> str:
     """A BLAKE2b digest of the bytes of the files ``print_`` lists under ``folder``: what tells
     apart two builds whose files agree in names, sizes and times (a reproducible image fixes
     every file's time, and new weights of one architecture have the old ones' size). A file
-    that cannot be read counts by its name alone."""
+    that cannot be read, or is no regular file by the time it is opened, counts by its name
+    alone (opened without blocking, so a FIFO put in a file's place is never waited on)."""
     digest = hashlib.blake2b(digest_size=32)
     for relative, _, _ in print_:
         digest.update(relative.encode() + b"\0")
         try:
-            with (folder / relative).open("rb") as file:
-                while chunk := file.read(_READ):
-                    digest.update(chunk)
+            descriptor = os.open(folder / relative, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             digest.update(b"\0unreadable")
+            continue
+        with os.fdopen(descriptor, "rb") as file:
+            try:
+                if not stat_mode.S_ISREG(os.fstat(descriptor).st_mode):
+                    raise OSError("no regular file")
+                while chunk := file.read(_READ):
+                    digest.update(chunk)
+            except OSError:
+                digest.update(b"\0unreadable")
     return digest.hexdigest()
 
 

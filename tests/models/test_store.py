@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from app.errors import InvalidModelName
 from app.models.manifest import ManifestError, VersionPolicy, parse_manifest, parse_policy
-from app.models.store import check_name, fingerprint, model_folders, read_layout
+from app.models.store import (
+    check_name,
+    content_digest,
+    fingerprint,
+    model_folders,
+    read_layout,
+)
 from tests.models.store_helpers import new_weights, put_tiny
 
 
@@ -114,3 +125,49 @@ def test_fingerprint_follows_links_inside_the_store_once_and_never_out(tmp_path:
     assert {"root -> /", "loop -> ."} <= set(names)
     assert len(names) == len(set(names))
     assert not any(n.startswith("store/") for n, _, _ in fingerprint(folder))  # no store
+
+
+def _specials(folder: Path) -> list[str]:
+    """A FIFO, a socket and a link to /dev/zero in ``folder``: the names put there."""
+    os.mkfifo(folder / "notes.fifo")
+    with socket.socket(socket.AF_UNIX) as held:
+        held.bind(str(folder / "agent.sock"))
+    (folder / "zeros.bin").symlink_to("/dev/zero")
+    return ["agent.sock", "notes.fifo", "zeros.bin"]
+
+
+def _within(seconds: float, work: Callable[[], str]) -> str:
+    """``work()``, run on a daemon thread: a reader stuck on a FIFO fails the test, not the run."""
+    done: list[str] = []
+    thread = threading.Thread(target=lambda: done.append(work()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert done, f"still reading after {seconds} s"
+    return done[0]
+
+
+def test_files_that_are_no_regular_files_are_no_part_of_a_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A FIFO in a model folder held its load "loading" for ever (the digest waited for a
+    # writer) and the service's shutdown waited on that load; /dev/zero never ends.
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    before = fingerprint(folder)
+    with caplog.at_level(logging.WARNING, logger="app.models.store"):
+        special = _specials(folder)
+        assert fingerprint(folder) == before
+    assert all(name in caplog.text for name in special) and "FIFO" in caplog.text
+    assert _within(10, lambda: content_digest(folder, fingerprint(folder))) == content_digest(
+        folder, before
+    )
+
+
+def test_a_special_file_in_a_files_place_counts_by_its_name_alone(tmp_path: Path) -> None:
+    folder = put_tiny(tmp_path, "tiny", seed=0)
+    special = _specials(folder)
+    listed = tuple((name, 0, 0) for name in special)  # listed, then swapped before the read
+    first = _within(10, lambda: content_digest(folder, listed))
+    for name in special:
+        (folder / name).unlink()
+        (folder / name).write_bytes(b"")
+    assert _within(10, lambda: content_digest(folder, listed)) != first
