@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -82,12 +83,26 @@ def serve(overrides: dict[str, Any], *, worker: bool = False) -> int:
     server = build_server(settings)
     if settings.grpc_port is None:
         server.run(sockets=sockets)
-        return 0
+        return leave(server, 0)
     from uvicorn._compat import asyncio_run
 
-    return asyncio_run(
+    status = asyncio_run(
         _serve_both(server, settings, sockets), loop_factory=server.config.get_loop_factory()
     )
+    return leave(server, status)
+
+
+def leave(server: DrainingServer, status: int) -> int:
+    """``status``; or the process ends at once with it when the lifespan left model threads
+    busy (``app.state.threads_left``: a load stuck in the file system): the interpreter joins
+    a thread pool's threads at its exit, so a SIGTERM would never end the process."""
+    state = getattr(server.config.app, "state", None)
+    if getattr(state, "threads_left", False) is True:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 async def _serve_both(

@@ -4,9 +4,13 @@ cannot be right, or a Redis that refuses the service."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +48,60 @@ def marking_store(tmp_path: Path) -> tuple[Path, Path]:
         target_layers=["features"],
     )
     return tmp_path / "store", marker
+
+
+def build_stuck(marker: str, fifo: str) -> nn.Module:
+    """A model whose load never ends by itself: it reads a FIFO that nobody writes (as a load
+    from a hung network mount would wait)."""
+    Path(marker).touch()
+    with open(fifo, "rb") as stuck:  # blocks until a writer opens it
+        stuck.read()
+    return build_tiny()
+
+
+def test_sigterm_ends_the_service_while_a_load_is_stuck(tmp_path: Path) -> None:
+    # The lifespan awaited the load and joined the model threads: SIGTERM never ended the
+    # process ("Waiting for application shutdown." for ever).
+    marker, fifo = tmp_path / "loading", tmp_path / "never.fifo"
+    os.mkfifo(fifo)
+    write_model(
+        tmp_path / "store",
+        "tiny",
+        build_tiny(),
+        architecture="tests.test_main:build_stuck",
+        kwargs=f'kwargs = {{ marker = "{marker}", fifo = "{fifo}" }}',
+        num_classes=3,
+        input_size=32,
+        target_layers=["features"],
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=environment(
+            tmp_path / "store",
+            CAMSERVE_PORT=str(free_port()),
+            CAMSERVE_TRUSTED_MODULES=TRUSTED,
+            CAMSERVE_SHUTDOWN_GRACE_S="0",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the load never began"
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        with contextlib.suppress(OSError):  # let the stuck reader go, if it is still there
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert process.returncode == 0, output
+    assert "still busy" in output and "tiny" in output
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from app.http.routes import explain, health, jobs, metrics, models, predict
 from app.http.routes.docs import install_docs
 from app.http.routes.jobs import StreamSlots
 from app.http.routes.ui import install_ui
-from app.lifecycle import Lifecycle
+from app.lifecycle import THREADS_MIN_S, Lifecycle, joined_within
 from app.models.control import ModelControl
 from app.models.device import describe_device, resolve_device
 from app.models.memory import trim_periodically
@@ -151,8 +151,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(*background, return_exceptions=True)
         await app.state.jobs.close()
         await explainer.close()
-        await loading
-        model_threads.shutdown(wait=True)
+        within = max(THREADS_MIN_S, app.state.lifecycle.grace_left())
+        if not await joined_within(within, loading, model_threads):
+            loading_now = [n for n, e in registry.entries.items() if e.status == "loading"]
+            logger.error(
+                "the model threads are still busy %.0f s into the shutdown (models loading: "
+                "%s); leaving without them (a load stuck in the file system, such as a hung "
+                "network mount)",
+                within,
+                ", ".join(loading_now) or "none",
+            )
+            app.state.threads_left = True
         image_threads.shutdown(wait=True)
         render_threads.shutdown(wait=True)
         heavy_render_threads.shutdown(wait=True)
@@ -198,6 +207,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics(app.state) if settings.metrics else None
     app.state.lifecycle = Lifecycle(settings.shutdown_grace_s)
+    app.state.threads_left = False
+    """Set when the lifespan ended with model threads still busy (``app.__main__`` exits)."""
     app.state.api_keys = ApiKeys.from_settings(settings)
     app.state.streams = StreamSlots(
         settings.max_event_streams, settings.max_event_streams_per_client
