@@ -31,7 +31,7 @@ from app.cam import (
 )
 from app.cam.hierarchical import channels_last_layers, hierarchical_target, is_hierarchical
 from app.cam.layers import trace_forward
-from app.cam.vit import token_grid, vit_target
+from app.cam.vit import TokensToGrid, token_grid, vit_target
 from app.models.access import factory_defined_in
 from app.models.compiling import CompiledForward, CompileRefused, compiled_forward
 from app.models.manifest import RANDOM_WEIGHTS, TIMM_PREFIX, ManifestError, ModelSpec
@@ -244,8 +244,8 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     }
     _check_finite(module)
     layer_names = frozenset(name for name, _ in module.named_modules() if name)
-    preset = _preset_layers(module)
-    candidates = _candidate_layers(shapes, preset[0] if tokens is not None and preset else None)
+    preset = _preset_layers(module, tokens)
+    candidates = _candidate_layers(shapes, preset[0] if tokens is not None else None)
     missing = [name for name in spec.target_layers if name not in layer_names]
     if missing:
         close = close_matches(missing[0], sorted(layer_names))
@@ -332,10 +332,11 @@ def _warm_up(module: nn.Module, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _preset_layers(module: nn.Module) -> tuple[str, ...]:
+def _preset_layers(module: nn.Module, tokens: TokensToGrid | None) -> tuple[str, ...]:
     """The target layer preset for a transformer, if any: a Swin's final norm, a ViT's last
-    block's first norm (``vit_target``: the class token still reads its patch tokens there)."""
-    if token_grid(module) is not None:
+    block's first norm (``vit_target``: the class token still reads its patch tokens there).
+    ``tokens``: the model's ``token_grid``, None when it is no recognised ViT."""
+    if tokens is not None:
         return (vit_target(module).layer_name,)
     if not is_hierarchical(module):
         return ()
