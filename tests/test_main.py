@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tests.fixtures_models import FIXTURE_MODULE, build_tiny, write_model
-from tests.http.test_server import environment, start_server
+from tests.http.test_server import environment, spawn_server, start_server
 from tests.redis_server import RedisServer, free_port
 
 TRUSTED = f"{FIXTURE_MODULE},{__name__}"
@@ -32,21 +32,26 @@ def build_marking(marker: str) -> nn.Module:
     return build_tiny()
 
 
-@pytest.fixture
-def marking_store(tmp_path: Path) -> tuple[Path, Path]:
-    """A store whose one model leaves a file behind when the service builds it."""
-    marker = tmp_path / "loaded"
+def write_built_by(store: Path, factory: str, **kwargs: Path) -> None:
+    """The tiny model as ``store/tiny``, built by ``factory`` of this module with ``kwargs``."""
     torch.manual_seed(0)
     write_model(
-        tmp_path / "store",
+        store,
         "tiny",
         build_tiny(),
-        architecture="tests.test_main:build_marking",
-        kwargs=f'kwargs = {{ marker = "{marker}" }}',
+        architecture=f"tests.test_main:{factory}",
+        kwargs="kwargs = { " + ", ".join(f'{k} = "{v}"' for k, v in kwargs.items()) + " }",
         num_classes=3,
         input_size=32,
         target_layers=["features"],
     )
+
+
+@pytest.fixture
+def marking_store(tmp_path: Path) -> tuple[Path, Path]:
+    """A store whose one model leaves a file behind when the service builds it."""
+    marker = tmp_path / "loaded"
+    write_built_by(tmp_path / "store", "build_marking", marker=marker)
     return tmp_path / "store", marker
 
 
@@ -64,28 +69,9 @@ def test_sigterm_ends_the_service_while_a_load_is_stuck(tmp_path: Path) -> None:
     # process ("Waiting for application shutdown." for ever).
     marker, fifo = tmp_path / "loading", tmp_path / "never.fifo"
     os.mkfifo(fifo)
-    write_model(
-        tmp_path / "store",
-        "tiny",
-        build_tiny(),
-        architecture="tests.test_main:build_stuck",
-        kwargs=f'kwargs = {{ marker = "{marker}", fifo = "{fifo}" }}',
-        num_classes=3,
-        input_size=32,
-        target_layers=["features"],
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app"],
-        cwd=Path(__file__).resolve().parents[1],
-        env=environment(
-            tmp_path / "store",
-            CAMSERVE_PORT=str(free_port()),
-            CAMSERVE_TRUSTED_MODULES=TRUSTED,
-            CAMSERVE_SHUTDOWN_GRACE_S="0",
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    write_built_by(tmp_path / "store", "build_stuck", marker=marker, fifo=fifo)
+    process, _ = spawn_server(
+        tmp_path / "store", CAMSERVE_TRUSTED_MODULES=TRUSTED, CAMSERVE_SHUTDOWN_GRACE_S="0"
     )
     try:
         deadline = time.monotonic() + 60

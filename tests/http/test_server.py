@@ -51,8 +51,8 @@ def environment(store: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def start_server(store: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
-    """``python -m app`` on a free port with these settings, once ``/ready`` says 200."""
+def spawn_server(store: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """``python -m app`` on a free port with these settings, just started (output piped)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "app"],
@@ -62,7 +62,12 @@ def start_server(store: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start_server(store: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """``spawn_server``, once ``/ready`` says 200."""
+    process, url = spawn_server(store, **env)
     deadline = time.monotonic() + 60
     # One client for every poll: httpx.get built a client, and its TLS context, each time (~50
     # ms of CPU, beside a server starting on the same 2 cores). Polls no more often than those
