@@ -465,8 +465,19 @@ class Settings(BaseSettings):
         3,
         ge=2,
         le=1000,
-        description="While `/jobs` work waits for a model that interactive requests keep busy, "
-        "at least one turn (a chunk or a short pass) in every N goes to it.",
+        description="While `/jobs` short passes wait for a model that an interactive long pass "
+        "(Score-CAM `/explain`) holds, at least one turn (its chunk or a short pass) in every N "
+        "goes to them.",
+    )
+    background_share: float = Field(
+        0.85,
+        ge=0.0,
+        lt=1.0,
+        description="While a `/jobs` long pass (Score-CAM family, Ablation-CAM, SmoothGrad-CAM++) "
+        "holds a model and its own client's interactive requests wait for it, the job keeps at "
+        "least this share of the model's time, counted in seconds; the requests run at its "
+        "pauses in between (0.85: it runs 5.7 times as long as they did). Against other "
+        "clients' requests a job keeps at most half. Lower: requests wait less, jobs take longer.",
     )
     pause_in_forwards: bool = Field(
         True,

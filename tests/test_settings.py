@@ -78,6 +78,8 @@ def test_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         ("CAMSERVE_MAX_CONNECTIONS", "0", "greater than or equal to 1"),
         ("CAMSERVE_HEADER_TIMEOUT_S", "0", "greater than 0"),
         ("CAMSERVE_BACKGROUND_EVERY", "1", "greater than or equal to 2"),
+        ("CAMSERVE_BACKGROUND_SHARE", "1", "less than 1"),
+        ("CAMSERVE_BACKGROUND_SHARE", "-0.5", "greater than or equal to 0"),
     ],
 )
 def test_invalid_value_names_variable(

@@ -42,8 +42,8 @@ from typing import Any
 
 from app.cam import CamInterrupted, ProgressCallback
 from app.pipeline.admission import SlotLimiter, Ticket, current_ticket
-from app.pipeline.fairness import FairTurns
-from app.pipeline.scheduling import PRIORITIES, Guest, Host, Priority
+from app.pipeline.fairness import FairTurns, current_caller
+from app.pipeline.scheduling import PRIORITIES, Guest, Host, Priority, TurnRules
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ class _Pending:
     """Set when the caller is gone; read by the pass's thread."""
     tag: int = 0
     """Its turn among its class's requests (``app.pipeline.fairness``)."""
+    caller: str = field(default_factory=current_caller)
+    """Who submitted it (a job: the client that created it)."""
 
     @property
     def live(self) -> bool:
@@ -137,7 +139,7 @@ class _Pending:
 
     @property
     def client(self) -> str:
-        return self.ticket.caller if self.ticket is not None else ""
+        return self.ticket.caller if self.ticket is not None else self.caller
 
     def fail(self, error: Exception) -> None:
         """Answer it with ``error`` while it waits (its place was given to another client)."""
@@ -176,18 +178,17 @@ class Batcher:
         executor: Executor | None = None,
         on_pass: Callable[[int, float], None] | None = None,
         *,
-        background_every: int = 3,
+        turns: TurnRules = TurnRules(),
         on_wait: Callable[[Priority, float], None] | None = None,
         on_yield: Callable[[], None] | None = None,
-        pause_in_forwards: bool = True,
         fit: Callable[[Priority], None] | None = None,
     ) -> None:
         self.name = name
         self.limiter = limiter
         self.max_images = max(1, max_images)
         self.timeout_s = max(0.0, timeout_s)
-        self.background_every = background_every
-        """While background work waits, it gets at least one turn in every this many."""
+        self.turns = turns
+        """How a chunked pass shares the model with the short passes offered to it."""
         self._queue: list[_Pending] = []
         self._turns = {priority: FairTurns() for priority in PRIORITIES}
         """Per class: the round robin among clients."""
@@ -205,9 +206,6 @@ class Batcher:
         """Told (priority, seconds) for every request whose pass started (the queue wait)."""
         self.on_yield = on_yield
         """Told (from a pass thread) whenever a chunked pass let other passes run."""
-        self.pause_in_forwards = pause_in_forwards
-        """Whether short passes also run inside a chunked pass's forwards (else between chunks
-        only)."""
         self.fit = fit
         """Called with the pass's class on its thread when a pass starts, and at every boundary
         and pause of a chunked one: sizes the thread's intra-op team
@@ -303,12 +301,7 @@ class Batcher:
                 self._start(self._run_group(group, started=started, seal=seal))
                 await self._join_until_started(group, seal, started)
             elif group[0].chunked:
-                host = Host(
-                    group[0].priority,
-                    self.background_every,
-                    self.on_yield,
-                    pauses=self.pause_in_forwards,
-                )
+                host = Host(group[0].priority, self.turns, self.on_yield, caller=group[0].client)
                 self._host = host
                 task = self._start(self._run_group(group, host=host))
                 task.add_done_callback(partial(self._unhost, host))
@@ -477,7 +470,7 @@ class Batcher:
         guest = host is None and self._host is not None and not group[0].chunked
         if guest:
             assert self._host is not None
-            outcome = await self._as_guest(self._host, group[0].priority, group.__len__, work)
+            outcome = await self._as_guest(self._host, group, work)
             guest = outcome is not None
         if outcome is None:  # alone, as the host, or declined by a host that ended
             try:
@@ -496,13 +489,10 @@ class Batcher:
 
     @staticmethod
     async def _as_guest(
-        host: Host,
-        priority: Priority,
-        requests: Callable[[], int],
-        work: Callable[[], tuple[float, Sequence[Any]]],
+        host: Host, group: list[_Pending], work: Callable[[], tuple[float, Sequence[Any]]]
     ) -> tuple[float, Sequence[Any]] | Exception | None:
         """``work``'s outcome once ``host`` ran it (at a pause or boundary); None if the host
-        ended first."""
+        ended first. ``group`` may grow until ``work`` starts."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[float, Sequence[Any]] | Exception | None]
         done = loop.create_future()
@@ -522,7 +512,11 @@ class Batcher:
         def decline() -> None:
             loop.call_soon_threadsafe(deliver, None)
 
-        if not host.offer(Guest(priority, run, decline, requests)):
+        def callers() -> list[str]:
+            return [pending.client for pending in group]
+
+        guest = Guest(group[0].priority, run, decline, group.__len__, callers)
+        if not host.offer(guest):
             return None
         # Not abandoned on cancel: the host may be running it, and delivers its outcome anyway.
         return await asyncio.shield(done)

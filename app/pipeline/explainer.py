@@ -81,7 +81,7 @@ from app.pipeline.results import (
     PredictResult,
     PredictTimings,
 )
-from app.pipeline.scheduling import Priority
+from app.pipeline.scheduling import Priority, TurnRules
 from app.pipeline.tasks import pipeline_for, refuse_task_parameters
 from app.settings import Settings
 
@@ -144,10 +144,9 @@ class Explainer:
         on_pass: Callable[[str, int, int, float], None] | None = None,
         max_request_pixels: int | None = None,
         decode_budget: Budget | None = None,
-        background_every: int = 3,
+        turns: TurnRules = TurnRules(),
         on_wait: Callable[[str, Priority, float], None] | None = None,
         on_yield: Callable[[str], None] | None = None,
-        pause_in_forwards: bool = True,
         render_threads: Executor | None = None,
         render_budget: RenderBudget | None = None,
         render_memory: Budget | None = None,
@@ -204,14 +203,12 @@ class Explainer:
         name never share a pass, and a retired model's batcher goes with it."""
         self.on_pass = on_pass
         """Told (model, version, images) for every pass that ran."""
-        self.background_every = background_every
-        """While background work waits on a model, it gets at least one turn in this many."""
+        self.turns = turns
+        """How a chunked pass shares its model with the short passes offered to it."""
         self.on_wait = on_wait
         """Told (model, priority, seconds) for every request's wait for its pass."""
         self.on_yield = on_yield
         """Told (model), from a pass thread, whenever a chunked pass let other passes run."""
-        self.pause_in_forwards = pause_in_forwards
-        """Whether short passes also run in the pauses inside a chunked pass's forwards."""
 
     @classmethod
     def from_settings(
@@ -245,10 +242,11 @@ class Explainer:
             on_pass=metrics.observe_pass if metrics else None,
             max_request_pixels=settings.max_request_pixels,
             decode_budget=Budget(settings.decode_budget_bytes),
-            background_every=settings.background_every,
+            turns=TurnRules(
+                settings.background_every, settings.background_share, settings.pause_in_forwards
+            ),
             on_wait=metrics.observe_wait if metrics else None,
             on_yield=metrics.observe_yield if metrics else None,
-            pause_in_forwards=settings.pause_in_forwards,
             render_threads=render_threads,
             render_budget=RenderBudget(
                 settings.max_render_pixels, settings.max_render_maps, settings.render_budget_bytes
@@ -290,10 +288,9 @@ class Explainer:
                     if self.on_pass is None
                     else partial(self.on_pass, name, model.spec.version)
                 ),
-                background_every=self.background_every,
+                turns=self.turns,
                 on_wait=None if self.on_wait is None else partial(self.on_wait, name),
                 on_yield=None if self.on_yield is None else partial(self.on_yield, name),
-                pause_in_forwards=self.pause_in_forwards,
                 fit=fit_of(self.model_threads),
             )
             self._batchers[model] = batcher

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import pytest
 
 from app.cam import CamInterrupted
 from app.errors import InvalidParameter, Overloaded
+from app.observability.context import start_request
 from app.pipeline.admission import SlotLimiter
 from app.pipeline.batching import Batcher, PassControl, RunPass
+from app.pipeline.scheduling import TurnRules
 
 
 class Recorder:
@@ -370,7 +373,7 @@ def test_a_short_request_runs_at_a_pause_inside_the_chunk_unless_pauses_are_off(
             SlotLimiter(max_running=1, max_waiting=10),
             8,
             0.0,
-            pause_in_forwards=pause_in_forwards,
+            turns=TurnRules(pauses=pause_in_forwards),
         )
         log: list[str] = []
         long = Halves(log)
@@ -388,6 +391,40 @@ def test_a_short_request_runs_at_a_pause_inside_the_chunk_unless_pauses_are_off(
         long.go[1].set()
         await asyncio.wait_for(asyncio.gather(job, short), 10)
         assert log == order
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_host_and_its_guests_know_their_clients() -> None:
+    """A job's pass hosts as the client that submitted it, and a guest names its requests'
+    clients (the share fair among clients, ``app.pipeline.scheduling``)."""
+
+    async def as_client(caller: str, work: Coroutine[Any, Any, Any]) -> Any:
+        start_request(None).caller = caller  # this task's own context
+        return await work
+
+    async def scenario() -> None:
+        batcher = Batcher("m", SlotLimiter(max_running=1, max_waiting=10), 8, 0.0)
+        log: list[str] = []
+        long = Halves(log)
+        job = asyncio.ensure_future(
+            as_client(
+                "key:batch",
+                batcher.submit("s", "j", 1, long, False, priority="background", chunked=True),
+            )
+        )
+        await _wait_until(long.waiting.is_set)
+        short = asyncio.ensure_future(
+            as_client("address:198.51.100.7", batcher.submit("k", "a", 1, Short(log)))
+        )
+        await _wait_until(lambda: batcher.waiting == 1)
+        host = batcher._host
+        assert host is not None and host.caller == "key:batch"
+        assert list(host._guests[0].callers()) == ["address:198.51.100.7"]
+        for go in long.go:
+            go.set()
+        await asyncio.wait_for(asyncio.gather(job, short), 10)
         await batcher.close()
 
     asyncio.run(scenario())

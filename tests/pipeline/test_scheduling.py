@@ -9,6 +9,8 @@ to 1e-5, for every registered method.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +21,37 @@ from app.models.registry import ModelRegistry
 from app.pipeline.admission import SlotLimiter
 from app.pipeline.explainer import Explainer, ExplainParams
 from app.pipeline.passes import CamItem, CamOutcome, CamPlan, run_cam_pass, run_forward_pass
-from app.pipeline.scheduling import Guest, Host, Priority
+from app.pipeline.scheduling import Guest, Host, Priority, TurnRules
+from app.settings import Settings
 from tests.fixtures_models import build_tiny, build_tiny_vit, fixture_access, write_model
 
 # ---------------------------------------------------------------------------- the policy
 
 
-def _guest(log: list[str], name: str, priority: Priority) -> Guest:
-    return Guest(priority, lambda: log.append(name), lambda: log.append(f"declined {name}"))
+class Clock:
+    """A clock that moves only when a test says that work took time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _guest(
+    log: list[str],
+    name: str,
+    priority: Priority,
+    clock: Clock | None = None,
+    took: float = 0.0,
+    callers: tuple[str, ...] = (),
+) -> Guest:
+    def run() -> None:
+        log.append(name)
+        if clock is not None:
+            clock.now += took
+
+    return Guest(priority, run, lambda: log.append(f"declined {name}"), callers=lambda: callers)
 
 
 def _chunks(host: Host, log: list[str], count: int) -> None:
@@ -36,29 +61,134 @@ def _chunks(host: Host, log: list[str], count: int) -> None:
         host.boundary()
 
 
+def _slices(host: Host, log: list[str], clock: Clock, count: int, took: float = 1.0) -> None:
+    """The host works ``count`` times for ``took`` seconds, pausing after each."""
+    for number in range(count):
+        log.append(f"s{number}")
+        clock.now += took
+        host.pause()
+
+
+# A background host: its share of the model's time while interactive guests wait.
+
+
+def test_a_background_host_keeps_its_share_of_the_time_in_seconds() -> None:
+    """Share 0.8: after each interactive guest the host runs four times as long as it did, at
+    its pauses, whatever its chunks are; then the next guest goes."""
+    log: list[str] = []
+    clock = Clock()
+    host = Host("background", TurnRules(background_share=0.8), clock=clock)
+    for name in "abc":
+        host.offer(_guest(log, name, "interactive", clock, took=1.0))
+    _slices(host, log, clock, 10)
+    assert log == ["s0", "a", "s1", "s2", "s3", "s4", "b", "s5", "s6", "s7", "s8", "c", "s9"]
+    assert host.yields == 3
+
+
+@pytest.mark.parametrize(
+    ("share", "expected"),
+    [
+        (0.5, ["s0", "a", "s1", "b", "s2", "c", "s3"]),
+        (0.0, ["s0", "a", "b", "c", "s1", "s2", "s3"]),
+    ],
+)
+def test_the_share_sets_how_long_guests_wait(share: float, expected: list[str]) -> None:
+    log: list[str] = []
+    clock = Clock()
+    host = Host("background", TurnRules(background_share=share), clock=clock)
+    for name in "abc":
+        host.offer(_guest(log, name, "interactive", clock, took=1.0))
+    _slices(host, log, clock, 4)
+    assert log == expected
+
+
+def test_a_guest_waits_for_the_hosts_time_not_for_the_end_of_its_chunk() -> None:
+    """A guest that arrives while the host is owed time runs at the first pause after the host
+    caught up, in the middle of a chunk (before: at the chunk's end)."""
+    log: list[str] = []
+    clock = Clock()
+    host = Host("background", TurnRules(background_share=0.75), clock=clock)
+    host.offer(_guest(log, "a", "interactive", clock, took=2.0))
+    host.boundary()  # owed 3 x 2 s
+    host.offer(_guest(log, "b", "interactive", clock, took=2.0))
+    for piece in range(20):  # a chunk of twenty 0.5 s pieces
+        log.append(f"p{piece}")
+        clock.now += 0.5
+        host.pause()
+    host.boundary()
+    # Twelve pieces make the 6 s owed: b runs in the middle of the chunk.
+    assert log[:2] == ["a", "p0"]
+    assert log[log.index("b") - 1] == "p11"
+
+
+def test_time_that_the_host_ran_alone_is_no_credit() -> None:
+    """However long the host ran while nobody waited, the next guest runs at its next pause."""
+    log: list[str] = []
+    clock = Clock()
+    host = Host("background", TurnRules(background_share=0.9), clock=clock)
+    _slices(host, log, clock, 3, took=100.0)
+    host.boundary()
+    host.offer(_guest(log, "a", "interactive", clock, took=1.0))
+    host.offer(_guest(log, "b", "interactive", clock, took=1.0))
+    _slices(host, log, clock, 10)
+    # a ran at its first pause; b waited for the nine seconds owed for a.
+    assert log == ["s0", "s1", "s2", "s0", "a", *(f"s{n}" for n in range(1, 10)), "b"]
+
+
+@pytest.mark.parametrize(
+    ("host_caller", "callers", "expected"),
+    [
+        # The job's own client's requests: the share (0.8: four seconds a second).
+        ("address:a", ("address:a",), ["s0", "a", "s1", "s2", "s3", "s4", "b", "s5"]),
+        # Another client's, or a batch with one: an equal share at most (a second a second).
+        ("address:a", ("address:b",), ["s0", "a", "s1", "b", "s2", "s3", "s4", "s5"]),
+        ("address:a", ("address:a", "address:b"), ["s0", "a", "s1", "b", "s2", "s3", "s4", "s5"]),
+        # A job of an unknown client: every request counts as its own.
+        ("", ("address:b",), ["s0", "a", "s1", "s2", "s3", "s4", "b", "s5"]),
+    ],
+)
+def test_against_other_clients_a_job_keeps_an_equal_share_at_most(
+    host_caller: str, callers: tuple[str, ...], expected: list[str]
+) -> None:
+    log: list[str] = []
+    clock = Clock()
+    host = Host("background", TurnRules(background_share=0.8), caller=host_caller, clock=clock)
+    for name in "ab":
+        host.offer(_guest(log, name, "interactive", clock, took=1.0, callers=callers))
+    _slices(host, log, clock, 6)
+    assert log == expected
+
+
+def test_background_guests_of_a_background_host_spend_what_it_is_owed() -> None:
+    """Interactive work first; then the background guests that asked before the host's turn go
+    before the host, and their time counts as the background's."""
+    log: list[str] = []
+    clock = Clock()
+    host = Host("background", TurnRules(background_share=0.5), clock=clock)
+    host.offer(_guest(log, "job", "background", clock, took=1.0))
+    host.offer(_guest(log, "click", "interactive", clock, took=1.0))
+    host.offer(_guest(log, "click2", "interactive", clock, took=1.0))
+    _slices(host, log, clock, 2)
+    assert log == ["s0", "click", "job", "click2", "s1"]
+
+
 def test_interactive_guests_run_at_the_next_boundary_of_a_background_host() -> None:
     log: list[str] = []
-    host = Host("background", background_every=4)
+    host = Host("background", TurnRules(), clock=Clock())
     for name in ("a", "b"):
         assert host.offer(_guest(log, name, "interactive"))
     _chunks(host, log, 2)
+    # Guests that take no time leave the host owed nothing: both run at the first boundary.
     assert log == ["chunk0", "a", "b", "chunk1"]
     assert host.yields == 1
 
 
-def test_a_background_host_keeps_one_turn_in_n_while_interactive_work_waits() -> None:
-    log: list[str] = []
-    host = Host("background", background_every=3)
-    for name in "abcde":
-        host.offer(_guest(log, name, "interactive"))
-    _chunks(host, log, 3)
-    # At most N - 1 = 2 interactive turns in a row; then the host's chunk.
-    assert log == ["chunk0", "a", "b", "chunk1", "c", "d", "chunk2", "e"]
+# An interactive host: turns, and the starvation guard of background guests.
 
 
 def test_within_a_class_turns_go_in_the_order_they_were_asked_for() -> None:
     log: list[str] = []
-    host = Host("interactive", background_every=4)
+    host = Host("interactive", TurnRules(background_every=4))
     host.offer(_guest(log, "early", "interactive"))
     log.append("chunk0")
     # A guest offered while the boundary is being served asks after the host: it waits a chunk.
@@ -72,7 +202,7 @@ def test_within_a_class_turns_go_in_the_order_they_were_asked_for() -> None:
 
 def test_interactive_work_goes_before_background_work_at_a_boundary() -> None:
     log: list[str] = []
-    host = Host("interactive", background_every=10)
+    host = Host("interactive", TurnRules(background_every=10))
     host.offer(_guest(log, "job", "background"))
     host.offer(_guest(log, "click", "interactive"))
     _chunks(host, log, 1)
@@ -83,7 +213,7 @@ def test_interactive_work_goes_before_background_work_at_a_boundary() -> None:
 
 def test_background_guests_of_an_interactive_host_are_not_starved() -> None:
     log: list[str] = []
-    host = Host("interactive", background_every=3)
+    host = Host("interactive", TurnRules(background_every=3))
     log.append("chunk0")  # the host's first turn, before the job asked
     host.offer(_guest(log, "job", "background"))
     for number in (1, 2, 3):
@@ -91,6 +221,19 @@ def test_background_guests_of_an_interactive_host_are_not_starved() -> None:
         log.append(f"chunk{number}")
     # Of the turns since the job asked (chunk1, chunk2, job), one in N = 3 is the job's.
     assert log == ["chunk0", "chunk1", "chunk2", "job", "chunk3"]
+
+
+def test_an_interactive_host_goes_on_at_its_pauses_while_background_guests_wait() -> None:
+    log: list[str] = []
+    host = Host("interactive", TurnRules(background_every=2))
+    host.offer(_guest(log, "job", "background"))
+    log.append("chunk0")
+    for _ in range(3):
+        host.pause()  # going on at a pause is not a turn: the job waits for a boundary
+    host.boundary()
+    log.append("chunk1")
+    host.boundary()
+    assert log == ["chunk0", "chunk1", "job"]
 
 
 def _chunk_with_pauses(host: Host, log: list[str], number: int, pauses: int) -> None:
@@ -103,7 +246,7 @@ def _chunk_with_pauses(host: Host, log: list[str], number: int, pauses: int) -> 
 
 def test_interactive_guests_run_at_a_pause_inside_the_chunk_of_a_background_host() -> None:
     log: list[str] = []
-    host = Host("background", background_every=4)
+    host = Host("background", TurnRules(background_every=4))
     log.append("chunk0")
     host.pause()  # nobody waits: the chunk goes on
     host.offer(_guest(log, "a", "interactive"))
@@ -114,28 +257,9 @@ def test_interactive_guests_run_at_a_pause_inside_the_chunk_of_a_background_host
     assert host.yields == 1
 
 
-def test_pauses_keep_a_background_host_one_whole_chunk_in_n() -> None:
-    """An interactive guest always waits: of every N = 3 turns, the host's chunk is one, however
-    many pauses the chunk has (the host going on at a pause is not a turn)."""
-    log: list[str] = []
-    host = Host("background", background_every=3)
-    guests = iter(range(100))
-
-    def offer_one() -> None:
-        name = f"g{next(guests)}"
-        host.offer(Guest("interactive", lambda: (log.append(name), offer_one()), lambda: None))
-
-    offer_one()
-    for number in range(3):
-        _chunk_with_pauses(host, log, number, pauses=5)
-    # The first chunk took its two guests at its pauses, each later one at the boundary that
-    # ended the chunk before it (counted when a chunk ends: then the longest waiter goes first).
-    assert log == ["chunk0", "g0", "g1", "g2", "g3", "chunk1", "g4", "g5", "chunk2", "g6", "g7"]
-
-
 def test_a_host_without_pauses_serves_its_guests_at_boundaries_only() -> None:
     log: list[str] = []
-    host = Host("background", background_every=4, pauses=False)
+    host = Host("background", TurnRules(background_every=4, pauses=False))
     host.offer(_guest(log, "a", "interactive"))
     _chunk_with_pauses(host, log, 0, pauses=3)
     assert log == ["chunk0", "a"]
@@ -143,16 +267,34 @@ def test_a_host_without_pauses_serves_its_guests_at_boundaries_only() -> None:
 
 def test_a_closed_host_declines_what_still_waits_and_refuses_more() -> None:
     log: list[str] = []
-    host = Host("background", background_every=4)
+    host = Host("background", TurnRules(background_every=4))
     host.offer(_guest(log, "a", "interactive"))
     assert len(host.close()) == 1
     assert log == ["declined a"]
     assert not host.offer(_guest(log, "b", "interactive"))
 
 
-def test_the_guard_needs_room_for_the_host() -> None:
-    with pytest.raises(ValueError, match="background_every"):
-        Host("background", background_every=1)
+@pytest.mark.parametrize(
+    ("rules", "match"),
+    [
+        ({"background_every": 1}, "background_every"),
+        ({"background_share": 1.0}, "background_share"),
+        ({"background_share": -0.1}, "background_share"),
+    ],
+)
+def test_the_rules_are_checked(rules: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TurnRules(**rules)  # type: ignore[arg-type]
+
+
+def test_the_settings_give_every_batcher_its_rules(tmp_path: Path) -> None:
+    settings = Settings(
+        model_store=tmp_path, background_every=5, background_share=0.5, pause_in_forwards=False
+    )
+    with ThreadPoolExecutor(1) as threads:
+        explainer = Explainer.from_settings(settings, None, model_threads=threads)  # type: ignore[arg-type]
+    assert explainer.turns == TurnRules(background_every=5, background_share=0.5, pauses=False)
+    assert Settings(model_store=tmp_path).background_share == TurnRules().background_share
 
 
 # ---------------------------------------------------------------------------- interleavings
@@ -277,7 +419,7 @@ def _hosted(
     """The host's answer with ``guest`` run at each of its boundaries and pauses (an interactive
     host: a guest asked before the host's turn goes first, once per boundary or pause); the
     guests' answers; the control (its counts)."""
-    host = Host("interactive", background_every=2)
+    host = Host("interactive", TurnRules(background_every=2))
     seen: list[object] = []
     _every_turn(host, guest, seen)
     control = _Hosting(host)

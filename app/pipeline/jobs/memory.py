@@ -219,7 +219,15 @@ class MemoryJobStore(JobStore):
             try:
                 async with self._turns:  # decoded only once the job can go on to its pass
                     outcome = await run_job(
-                        self.explainer, model, uploads, params, report, job.id, model_version, scope
+                        self.explainer,
+                        model,
+                        uploads,
+                        params,
+                        report,
+                        job.id,
+                        model_version,
+                        scope,
+                        client=job.client,
                     )
             except asyncio.CancelledError:
                 # Cancelled by DELETE or the shutdown, which set the status.

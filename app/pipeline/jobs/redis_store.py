@@ -736,8 +736,8 @@ class RedisJobStore(JobStore):
             await self._ack(entry_id)  # expired, cancelled while queued, or done
             return
         fields: dict[bytes, bytes] = await _aw(self._redis.hgetall(_input(job_id)))
-        view_json = await _aw(self._redis.hget(_record(job_id), "view"))
-        job = Job.from_view(JobView.model_validate_json(view_json))
+        view_json, client = await _aw(self._redis.hmget(_record(job_id), ["view", "client"]))
+        job = Job.from_view(JobView.model_validate_json(view_json), _text(client))
         job.status, job.started, job.done, job.total = "queued", None, 0, 0  # from the start
         if attempts > self.max_attempts or not fields:
             message = (
@@ -770,7 +770,17 @@ class RedisJobStore(JobStore):
             loop.call_soon_threadsafe(job.on_progress, done, total)
 
         task = asyncio.create_task(
-            run_job(self.explainer, model, uploads, params, report, job_id, model_version, scope)
+            run_job(
+                self.explainer,
+                model,
+                uploads,
+                params,
+                report,
+                job_id,
+                model_version,
+                scope,
+                client=job.client,
+            )
         )
         run = _Running(job, entry_id, task)
         self._running[job_id] = run

@@ -15,9 +15,11 @@ from PIL import Image
 
 from app.cam import ProgressCallback
 from app.errors import CamserveError, ResultTooLarge, error_body
+from app.observability.context import start_request
 from app.pipeline.classes import class_count
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import Explainer, ExplainParams
+from app.pipeline.fairness import current_caller
 from app.pipeline.rendering import (
     ANSWER_BYTES_PER_PIXEL,
     OUTPUT_KINDS,
@@ -49,12 +51,18 @@ async def run_job(
     job_id: str,
     model_version: int | None = None,
     scope: str | None = None,
+    *,
+    client: str = "",
 ) -> Outcome:
     """Run the explanation without admission (a job waits for its slot instead of being
     refused), in the background priority class: interactive requests on its model go first, at
     its pauses and chunk boundaries (``app.pipeline.scheduling``). A cancellation propagates:
     the caller knows why it cancelled. ``scope``: whose cached explanations it may use and
-    fill, its key's as on /explain (None: everyone's)."""
+    fill, its key's as on /explain (None: everyone's). ``client``: who created the job, for the
+    turns that are fair among clients; its work runs as that client's (the request that created
+    it is gone, or ran on another replica)."""
+    if client and current_caller() != client:  # this task's own context: a worker's
+        start_request(job_id).caller = client
     try:
         result = await explainer.explain(
             model,

@@ -16,6 +16,7 @@ from redis import exceptions as redis_errors
 
 from app.pipeline.decoding import Upload
 from app.pipeline.explainer import ExplainParams
+from app.pipeline.fairness import current_caller
 from app.pipeline.jobs.base import JobEvent
 from app.pipeline.jobs.record import Job
 from app.pipeline.jobs.redis_store import GROUP, QUEUE, RedisJobStore, _Running
@@ -417,3 +418,32 @@ def test_rediss_runs_jobs_over_tls_and_refuses_an_unknown_authority(
         assert plain.get("/ready").json()["job_store"]["available"] is False
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_a_job_runs_as_the_client_that_created_it(
+    where: str,
+    make_client: Callable[..., TestClient],
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its passes count as its creator's (the turns fair among clients), also on a replica
+    where no request of that client ever was (Redis: the worker's own task)."""
+    if where == "redis":
+        db = next(_databases)
+        redis_server.client(db).flushdb()
+        client = make_client(job_store=redis_server.url(db))
+    else:
+        client = make_client()
+    explainer = client.app.state.explainer  # type: ignore[attr-defined]
+    seen: list[str] = []
+    explain = explainer.explain
+
+    async def recording(*args: object, **kwargs: object) -> object:
+        seen.append(current_caller())
+        return await explain(*args, **kwargs)
+
+    monkeypatch.setattr(explainer, "explain", recording)
+    job = submit(client, method="GradCAM")
+    assert wait_for(client, job["id"], finished)["status"] == "succeeded"
+    assert seen == ["address:testclient"]
