@@ -15,6 +15,10 @@ resnet18/resnet50, as the load scenario builds it) and one 640x480 JPEG. For eac
    its own scheduler) with GradCAM on M at concurrency 1: only the CPU is shared, no turns are
    taken. This splits the job's growth at level 3 into what the CPU sharing costs (here) and
    what the turns add (the rest).
+5. The job on M again, with GradCAM on M at concurrency 1 from *another client* (the requests
+   name 198.51.100.7 through ``X-Forwarded-For``, which the server trusts from 127.0.0.1): the
+   job keeps an equal share of the model against them, not ``CAMSERVE_BACKGROUND_SHARE``
+   (``app.pipeline.scheduling``). Levels 1 to 4 come from one client, 127.0.0.1.
 
 A job's duration runs from its ``POST`` to its end; with ``--job-forwards N`` (``--quick``: 256)
 it ends once N masked forwards are done (its progress), and is then cancelled, so that resnet50's
@@ -42,6 +46,8 @@ JOB_BATCH = 32
 P95_FACTOR = 3.0  # same-model p95 beside a job <= this x idle p95 + one chunk
 JOB_GROWTH = 1.25  # the job's duration beside GradCAM at c=1 <= this x alone
 POLL_S = 0.02
+OTHER_CLIENT = "198.51.100.7"
+"""The address that the level of another client's requests sends as X-Forwarded-For."""
 
 
 @dataclass(frozen=True)
@@ -151,14 +157,27 @@ async def _job(
 
 
 async def _beside_job(
-    url: str, image: bytes, model: str, job_model: str, concurrency: int, goal: int | None
+    url: str,
+    image: bytes,
+    model: str,
+    job_model: str,
+    concurrency: int,
+    goal: int | None,
+    other_client: bool = False,
 ) -> tuple[list[Outcome], JobRun]:
-    """GradCAM on ``model`` at ``concurrency`` for as long as a job runs on ``job_model``."""
-    async with new_client(concurrency + 1) as client:
+    """GradCAM on ``model`` at ``concurrency`` for as long as a job runs on ``job_model``;
+    ``other_client``: the GradCAM requests come from another client than the job (the server
+    trusts 127.0.0.1 to name it: ``OTHER_CLIENT``)."""
+    async with new_client(concurrency + 1) as client, new_client(concurrency) as others:
+        if other_client:
+            others.headers["X-Forwarded-For"] = OTHER_CLIENT
+        load_client = others if other_client else client
         stop, running = asyncio.Event(), asyncio.Event()
         job = asyncio.ensure_future(_job(client, url, image, job_model, goal, running, stop))
         await running.wait()  # the job's first chunk is done: it holds the model
-        load = asyncio.ensure_future(_gradcam_until(client, url, image, model, concurrency, stop))
+        load = asyncio.ensure_future(
+            _gradcam_until(load_client, url, image, model, concurrency, stop)
+        )
         run = await job  # it set ``stop`` when it reached its goal, before its cancellation
         return await load, run
 
@@ -193,6 +212,7 @@ LEVELS = (
     ("same1", "GradCAM beside the job (same model), c=1", "same", 1),
     ("same4", "GradCAM beside the job (same model), c=4", "same", 4),
     ("twin1", "GradCAM beside the job on a twin model, c=1", "twin", 1),
+    ("other1", "GradCAM of another client beside the job (same model), c=1", "other", 1),
 )
 
 
@@ -214,9 +234,17 @@ def measure_model(url: str, image: bytes, model: str, config: MixedConfig) -> di
         idle += asyncio.run(_alone(url, image, model, per_round))
         alone.append(asyncio.run(_job_alone(url, image, model, config.job_forwards)))
         for key, _label, where, concurrency in LEVELS:
-            job_model = model if where == "same" else twin(model)
+            job_model = twin(model) if where == "twin" else model
             outcomes, run = asyncio.run(
-                _beside_job(url, image, model, job_model, concurrency, config.job_forwards)
+                _beside_job(
+                    url,
+                    image,
+                    model,
+                    job_model,
+                    concurrency,
+                    config.job_forwards,
+                    other_client=where == "other",
+                )
             )
             beside[key] += outcomes
             runs[key].append(run)
@@ -263,7 +291,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
     "One chunk" is measured from the job's progress (``chunk_seconds``, the median of the rounds)
     two ways: as the job's chunks ran alone, and as they ran beside the same-model GradCAM load
     at c=1 (the turns included), which is the chunk a request there actually waits for."""
-    idle, alone, same1, _same4, twin1 = result["rows"]
+    idle, alone, same1, _same4, twin1, *_ = result["rows"]
     chunk, loaded_chunk = alone["chunk_ms"] or 0.0, same1["chunk_ms"] or 0.0
     idle_p95 = idle["p95_ms"] or 0.0
     same_p95 = same1["p95_ms"]
@@ -299,9 +327,9 @@ def run_mixed(config: MixedConfig) -> dict[str, Any]:
         for model in config.models:
             (store / twin(model)).symlink_to(store / model, target_is_directory=True)
         needed = sorted({*config.models, *map(twin, config.models)})
-        with running_server(
-            store, config.device, config.extra_env, root / "server.log", needed
-        ) as url:
+        # 127.0.0.1 may name another client (the level of another client's requests).
+        env = {"CAMSERVE_FORWARDED_ALLOW_IPS": "127.0.0.1", **config.extra_env}
+        with running_server(store, config.device, env, root / "server.log", needed) as url:
             report["models"] = []
             for model in config.models:
                 result = measure_model(url, image, model, config)
