@@ -23,7 +23,9 @@ At a boundary (and at a pause) every waiting pass, the host's next chunk include
   interactive guests that ran since it last caught up (0.85: 5.7 times as long), then the next
   guest runs at its next pause. Its time is counted in seconds at its pauses and boundaries, not
   in chunks: a guest waits for the host's slice (a few times its own pass), never for the rest of
-  a chunk that is long on a slow device. What the host ran while nobody waited is no credit.
+  a chunk that is long on a slow device. What the host ran while nobody waited is no credit, and
+  the host is never owed more than its longest chunk so far: after a long guest (a large batch)
+  the next one waits no longer than when a turn was a whole chunk.
   Against the requests of *other* clients than the job's (``app.pipeline.fairness``) the job
   keeps at most an equal share (``OTHERS_SHARE``): one client's jobs take no more of a model
   from the others' requests than those requests take;
@@ -120,9 +122,14 @@ class Host:
         waited."""
         self._owed = 0.0
         """A background host: seconds of the model's time still owed to background work for the
-        interactive guests that ran (never below 0: running alone is no credit)."""
+        interactive guests that ran (never below 0: running alone is no credit; never above its
+        longest chunk)."""
         self._resumed = clock()
         """When the host last went on with its own work."""
+        self._chunk_s = 0.0
+        """The host's own seconds since its last boundary."""
+        self._longest_chunk_s = 0.0
+        """Its longest chunk so far, in its own seconds (0: none seen)."""
 
     @property
     def waiting(self) -> int:
@@ -153,7 +160,12 @@ class Host:
     def _serve(self, pause: bool) -> None:
         own = next(_asked)
         if self.priority == "background":
-            self._spent("background", self._clock() - self._resumed)
+            ran = self._clock() - self._resumed
+            self._chunk_s += ran
+            if not pause:
+                self._longest_chunk_s = max(self._longest_chunk_s, self._chunk_s)
+                self._chunk_s = 0.0
+            self._spent("background", ran)
         served = 0
         while (guest := self._next_guest(own, pause)) is not None:
             served += 1
@@ -177,6 +189,8 @@ class Host:
                 if self.caller and any(caller != self.caller for caller in callers):
                     share = min(share, OTHERS_SHARE)  # fair among clients
                 self._owed += seconds * share / (1.0 - share)
+                if self._longest_chunk_s > 0.0:  # no longer than a whole chunk made a guest wait
+                    self._owed = min(self._owed, self._longest_chunk_s)
             else:
                 left = self._owed - seconds
                 self._owed = left if left > _PAID_S else 0.0

@@ -121,6 +121,21 @@ def test_a_guest_waits_for_the_hosts_time_not_for_the_end_of_its_chunk() -> None
     assert log[log.index("b") - 1] == "p11"
 
 
+def test_the_host_is_owed_no_more_than_its_longest_chunk() -> None:
+    """A long guest (a large batch) makes the next one wait at most a chunk of the host's, as
+    long as a turn of a whole chunk did (before any chunk ended, nothing bounds it)."""
+    log: list[str] = []
+    clock = Clock()
+    host = Host("background", TurnRules(background_share=0.8), clock=clock)
+    _slices(host, log, clock, 2)  # a chunk of 2 s, then its boundary
+    host.boundary()
+    log.clear()
+    host.offer(_guest(log, "batch", "interactive", clock, took=10.0))  # would be owed 40 s
+    host.offer(_guest(log, "next", "interactive", clock, took=1.0))
+    _slices(host, log, clock, 4)
+    assert log == ["s0", "batch", "s1", "s2", "next", "s3"]
+
+
 def test_time_that_the_host_ran_alone_is_no_credit() -> None:
     """However long the host ran while nobody waited, the next guest runs at its next pause."""
     log: list[str] = []
