@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from tests.fixtures_models import FIXTURE_MODULE, build_tiny, write_model
-from tests.http.test_server import environment, spawn_server, start_server
+from tests.http.test_server import environment, spawn_server, start_server, stop_server
 from tests.redis_server import RedisServer, free_port
 
 TRUSTED = f"{FIXTURE_MODULE},{__name__}"
@@ -78,8 +77,7 @@ def test_sigterm_ends_the_service_while_a_load_is_stuck(tmp_path: Path) -> None:
         while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert marker.exists(), "the load never began"
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
+        output = stop_server(process)
     finally:
         if process.poll() is None:
             process.kill()
